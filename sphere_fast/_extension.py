@@ -1,0 +1,50 @@
+"""Build and load the C++/CUDA extensions of csrc/ on first use (ninja, cached by torch)."""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import os
+import shutil
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+
+def csrc_dir() -> Path:
+    return Path(str(importlib.resources.files("sphere_fast.csrc")))
+
+
+def cuda_build_possible() -> bool:
+    """CUDA sources are compiled when torch is a CUDA build and nvcc is found."""
+    return torch.version.cuda is not None and (
+        shutil.which("nvcc") is not None or bool(os.environ.get("CUDA_HOME"))
+    )
+
+
+@functools.cache
+def load_extension(name: str, cpu_sources: tuple[str, ...], cuda_sources: tuple[str, ...] = ()) -> ModuleType:
+    """Compile ``csrc/<source>`` files into the extension ``name`` and import it.
+
+    CUDA sources are added (and ``SPHERE_FAST_WITH_CUDA`` defined) only when a CUDA build is possible, so
+    the same op builds CPU-only on CPU torch. Raises RuntimeError with the compiler output on failure.
+    """
+    from torch.utils.cpp_extension import load
+
+    root = csrc_dir()
+    sources = [str(root / s) for s in cpu_sources]
+    flags = ["-O3", "-std=c++17"]
+    cuda_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+    if cuda_sources and cuda_build_possible():
+        sources += [str(root / s) for s in cuda_sources]
+        flags.append("-DSPHERE_FAST_WITH_CUDA")
+        cuda_flags.append("-DSPHERE_FAST_WITH_CUDA")
+    return load(
+        name=name,
+        sources=sources,
+        extra_include_paths=[str(root)],
+        extra_cflags=flags,
+        extra_cuda_cflags=cuda_flags,
+        verbose=os.environ.get("SPHERE_FAST_VERBOSE_BUILD") == "1",
+    )

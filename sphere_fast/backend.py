@@ -1,0 +1,119 @@
+"""Backend registry: which implementation runs each fused op.
+
+Backends: ``eager`` (plain torch, the executable spec), ``triton`` (kernels/), ``cpp`` (the C++/CUDA
+extension in csrc/). ``auto`` picks the best available one per op and device. The choice comes from, in
+order: the ``backend=`` argument of a call, the innermost ``use_backend(...)`` context, the
+``SPHERE_FAST_BACKEND`` environment variable, then ``auto``. Every concrete choice is logged once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib.util
+import logging
+import os
+from collections.abc import Iterator
+
+import torch
+
+BACKENDS = ("eager", "triton", "cpp")
+CHOICES = BACKENDS + ("auto",)
+
+logger = logging.getLogger("sphere_fast")
+_active: contextvars.ContextVar[str | None] = contextvars.ContextVar("sphere_fast_backend", default=None)
+_logged: set[tuple[str, str, str]] = set()
+
+
+def _check_name(name: str, what: str = "backend") -> str:
+    if not isinstance(name, str) or name not in CHOICES:
+        raise ValueError(f"{what} must be one of {CHOICES}, got {name!r}")
+    return name
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Triton kernels run on CUDA tensors, and on CPU tensors only under TRITON_INTERPRET=1."""
+    if not triton_importable():
+        return False
+    if device.type == "cuda":
+        return not triton_interpreting()
+    return device.type == "cpu" and triton_interpreting()
+
+
+@functools.cache
+def cpp_buildable() -> bool:
+    """The C++ extension is built on first use with ninja and a C++ compiler."""
+    import shutil
+
+    from torch.utils.cpp_extension import verify_ninja_availability
+
+    try:
+        verify_ninja_availability()
+    except RuntimeError:
+        return False
+    return shutil.which(os.environ.get("CXX", "c++")) is not None
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """Backends that can run on ``device`` (default: CUDA if present, else CPU)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    names = ["eager"]
+    if triton_usable(device):
+        names.append("triton")
+    if cpp_buildable() and (device.type == "cpu" or torch.version.cuda is not None):
+        names.append("cpp")
+    return names
+
+
+def active_backend() -> str:
+    """The backend requested now (a name or ``auto``), before per-op resolution."""
+    name = _active.get()
+    if name is None:
+        name = _check_name(os.environ.get("SPHERE_FAST_BACKEND", "auto"), "SPHERE_FAST_BACKEND")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[str]:
+    """Run the ops inside the block on ``name`` (``eager``, ``triton``, ``cpp`` or ``auto``)."""
+    token = _active.set(_check_name(name))
+    try:
+        yield name
+    finally:
+        _active.reset(token)
+
+
+@torch.compiler.assume_constant_result
+def resolve_backend(op: str, device: torch.device, requested: str | None, auto_order: tuple[str, ...]) -> str:
+    """The concrete backend for one call of ``op`` on ``device``.
+
+    ``auto_order`` lists the op's preferred backends on CUDA; on CPU ``auto`` is always eager (the CPU
+    kernels exist to prove the CUDA math without a GPU, not to be fast). Under torch.compile it runs once
+    at trace time and its answer is a constant, so it causes no graph break.
+    """
+    name = _check_name(requested, "backend") if requested is not None else active_backend()
+    if name == "auto":
+        usable = available_backends(device) if device.type == "cuda" else ["eager"]
+        name = next((b for b in auto_order if b in usable), "eager")
+    elif name not in available_backends(device):
+        raise RuntimeError(
+            f"backend {name!r} is not available for {op} on {device.type} "
+            f"(available: {available_backends(device)}; triton on CPU needs TRITON_INTERPRET=1)"
+        )
+    key = (op, device.type, name)
+    if key not in _logged:
+        _logged.add(key)
+        logger.info("sphere_fast: %s on %s uses the %s backend", op, device.type, name)
+    return name
