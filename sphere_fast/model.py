@@ -1,0 +1,436 @@
+"""SphereEncoder: a drop-in replacement for the official Sphere Encoder model (``sphere.model.G``).
+
+Same constructor arguments, same state_dict keys and shapes, same encoder/decoder/f/reconstruct/generate
+functions; every hot op goes through sphere_fast.ops, so a backend switch swaps the kernels under the
+same weights."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from sphere_fast import ops
+from sphere_fast.nn.layers import (
+    Block,
+    LabelEmbedder,
+    MLPMixer,
+    ModulatedLinear,
+    rope_2d,
+    sincos_pos_embed_2d,
+    xavier_uniform_flat_,
+)
+
+# (width, layers, heads) of the official model sizes; "tiny" is the size of the reference golden data.
+MODEL_SIZES: dict[str, dict[str, int]] = {
+    "tiny": {"width": 64, "layers": 2, "heads": 2},
+    "small": {"width": 512, "layers": 8, "heads": 8},
+    "base": {"width": 768, "layers": 12, "heads": 12},
+    "large": {"width": 1024, "layers": 24, "heads": 16},
+    "xlarge": {"width": 1152, "layers": 28, "heads": 16},
+    "huge": {"width": 1280, "layers": 32, "heads": 16},
+    "giant": {"width": 1664, "layers": 40, "heads": 16},
+}
+
+CFG_POSITIONS = ("enc", "dec", "combo")
+
+
+def resolve_model_size(size: str | Mapping[str, int], argument: str) -> dict[str, int]:
+    if isinstance(size, str):
+        if size not in MODEL_SIZES:
+            raise ValueError(f"{argument} must be one of {sorted(MODEL_SIZES)} or a dict, got {size!r}")
+        return dict(MODEL_SIZES[size])
+    if isinstance(size, Mapping):
+        keys = {"width", "layers", "heads"}
+        if set(size) != keys or not all(isinstance(size[k], int) and size[k] > 0 for k in keys):
+            raise ValueError(f"{argument} as a dict needs positive int 'width', 'layers', 'heads', got {dict(size)}")
+        return dict(size)
+    raise TypeError(f"{argument} must be a size name or a dict, got {type(size).__name__}")
+
+
+class ViT(nn.Module):
+    """The encoder (pixels -> latent [B, N, C]) or the decoder (latent -> pixels in [-1, 1])."""
+
+    def __init__(
+        self,
+        kind: str,
+        input_size: int,
+        patch_size: int,
+        size: dict[str, int],
+        token_channels: int,
+        num_classes: int,
+        mixer_depth: int,
+        affine_mixer: bool,
+        pixel_head_type: str = "linear",
+        spherify_blocks: bool = False,
+    ):
+        super().__init__()
+        self.kind = kind
+        self.grid = input_size // patch_size
+        self.patch_size = patch_size
+        self.num_tokens = self.grid**2
+        self.token_channels = token_channels
+        self.num_classes = num_classes
+        self.spherify_blocks = spherify_blocks
+        width, heads = size["width"], size["heads"]
+        modulated = num_classes > 0
+
+        if kind == "encoder":
+            self.x_embedder = nn.Sequential(
+                nn.Conv2d(3, width, patch_size, patch_size, bias=False), nn.Conv2d(width, width, 1)
+            )
+        elif mixer_depth > 0:
+            self.x_embedder = nn.Sequential(
+                nn.Linear(token_channels, width), MLPMixer(self.num_tokens, width, mixer_depth, affine_mixer)
+            )
+        else:
+            self.x_embedder = nn.Linear(token_channels, width)
+        # a frozen parameter (not a buffer) because official checkpoints hold it
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, width), requires_grad=False)
+        self.register_buffer("rope", rope_2d(width // heads, self.grid), persistent=False)
+        self.y_embedder = LabelEmbedder(num_classes, width) if modulated else None
+        self.blocks = nn.ModuleList(Block(width, heads, modulated) for _ in range(size["layers"]))
+
+        if kind == "encoder":
+            self.ffn = ModulatedLinear(width, token_channels, modulated)
+            self.out = MLPMixer(self.num_tokens, token_channels, mixer_depth, affine_mixer) if mixer_depth > 0 else nn.Identity()
+        else:
+            self.pixel_head_type = pixel_head_type
+            if pixel_head_type == "linear":
+                self.ffn = ModulatedLinear(width, 3 * patch_size**2, modulated)
+                # indices 0 and 1 are the parameter-free unpatchify steps of the official Sequential
+                self.out = nn.Sequential(
+                    nn.Identity(), nn.Identity(), nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect"), nn.Tanh()
+                )
+            else:
+                self.ffn = ModulatedLinear(width, 32, modulated)
+                self.out = nn.Sequential(
+                    nn.Identity(),
+                    nn.Identity(),
+                    nn.Conv2d(32, 32, 3, padding=1, padding_mode="reflect"),
+                    nn.SiLU(),
+                    nn.ConvTranspose2d(32, 3, patch_size + 2, stride=patch_size, padding=1),
+                    nn.Tanh(),
+                )
+
+    def check_input(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
+        """Shapes always; label values only outside graph capture and compilation (they need a sync)."""
+        if self.kind == "encoder":
+            name, shape = "x", (3, self.grid * self.patch_size, self.grid * self.patch_size)
+        else:
+            name, shape = "z", (self.num_tokens, self.token_channels)
+        if not isinstance(x, torch.Tensor) or x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != shape:
+            raise ValueError(f"{name} must have shape [B, {', '.join(map(str, shape))}], got {tuple(getattr(x, 'shape', ()))}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        if x.shape[0] == 0:
+            raise ValueError(f"{name} is an empty batch")
+        if self.num_classes == 0:
+            if y is not None:
+                raise ValueError("y (labels) given to an unconditional model (num_classes=0)")
+            return
+        if not isinstance(y, torch.Tensor) or y.dtype != torch.long or tuple(y.shape) != (x.shape[0],):
+            raise TypeError(
+                f"y must be an int64 tensor of shape ({x.shape[0]},) with labels in [0, {self.num_classes}] "
+                f"({self.num_classes} = null label), got {getattr(y, 'dtype', type(y).__name__)} {tuple(getattr(y, 'shape', ()))}"
+            )
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not capturing and not torch.compiler.is_compiling():
+            low, high = int(y.min()), int(y.max())
+            if low < 0 or high > self.num_classes:
+                raise ValueError(f"y labels must be in [0, {self.num_classes}], got range [{low}, {high}]")
+
+    def embed_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "encoder":
+            return self.x_embedder(x).flatten(2).transpose(1, 2)
+        return self.x_embedder(x)
+
+    def to_pixels(self, h: torch.Tensor) -> torch.Tensor:
+        b, g, p = h.shape[0], self.grid, self.patch_size
+        if self.pixel_head_type == "linear":
+            # "b (h w) (c p1 p2) -> b c (h p1) (w p2)"
+            img = h.reshape(b, g, g, 3, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, 3, g * p, g * p)
+        else:
+            img = h.transpose(1, 2).reshape(b, -1, g, g)
+        return self.out[2:](img.contiguous())
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        self.check_input(x, y)
+        c = self.y_embedder(y) if self.y_embedder is not None else None
+        x = self.embed_input(x)
+        x = (x + self.pos_embed).to(x.dtype)
+        rope = self.rope
+        # The residual add that closes one sub-layer and the norm that opens the next run as one op.
+        shift, scale, gate, shift2, scale2, gate2 = self.blocks[0].modulation(c)
+        h = ops.adaln_modulate(x, self.blocks[0].norm1.weight, shift, scale)
+        for i, block in enumerate(self.blocks):
+            x, h = ops.gated_residual_adaln(x, block.attn(h, rope), gate, block.norm2.weight, shift2, scale2)
+            branch, gate = block.mlp(h), gate2
+            if i + 1 < len(self.blocks):
+                shift, scale, next_gate, shift2, scale2, gate2 = self.blocks[i + 1].modulation(c)
+                if self.spherify_blocks:
+                    x = ops.spherify(x + branch if gate is None else x + gate * branch)
+                    h = ops.adaln_modulate(x, self.blocks[i + 1].norm1.weight, shift, scale)
+                else:
+                    x, h = ops.gated_residual_adaln(x, branch, gate, self.blocks[i + 1].norm1.weight, shift, scale)
+                gate = next_gate
+        head = self.ffn
+        if head.adaLN_modulation is not None:
+            head_shift, head_scale = head.adaLN_modulation(c)
+            _, h = ops.gated_residual_adaln(x, branch, gate, head.norm.weight, head_shift, head_scale)
+        else:
+            h = x + branch
+        h = head.linear(h)
+        return self.out(h) if self.kind == "encoder" else self.to_pixels(h)
+
+
+def _read_presets() -> dict[str, dict[str, Any]]:
+    return json.loads(resources.files("sphere_fast").joinpath("presets.json").read_text())
+
+
+PRESETS: dict[str, dict[str, Any]] = _read_presets()
+
+
+class SphereEncoder(nn.Module):
+    """The Sphere Encoder generator: ``encoder``, ``decoder``, the spherify function ``f``, training
+    ``forward``, ``reconstruct`` and ``generate``, with the official arguments and checkpoint keys."""
+
+    def __init__(
+        self,
+        input_size: int = 256,
+        patch_size: int = 16,
+        vit_enc_model_size: str | Mapping[str, int] = "base",
+        vit_dec_model_size: str | Mapping[str, int] = "base",
+        token_channels: int = 16,
+        num_classes: int = 0,
+        in_context_size: int = 0,
+        pixel_head_type: str = "linear",
+        halve_model_size: bool = False,
+        spherify_model: bool = False,
+        use_pixel_consistency: bool = False,
+        use_latent_consistency: bool = False,
+        noise_sigma_max_angle: float = 85.0,
+        vit_enc_latent_mlp_mixer_depth: int = 0,
+        vit_dec_latent_mlp_mixer_depth: int = 0,
+        affine_latent_mlp_mixer: bool = True,
+        mix_hard_cases: bool = False,
+        mix_hard_cases_prob: float = 0.1,
+        mix_hard_cases_max_angle: float = 89.0,
+    ):
+        super().__init__()
+        for name, value in (("input_size", input_size), ("patch_size", patch_size), ("token_channels", token_channels)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if input_size % patch_size:
+            raise ValueError(f"input_size ({input_size}) must be divisible by patch_size ({patch_size})")
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
+        if in_context_size != 0:
+            raise ValueError(f"in_context_size > 0 is not supported by sphere_fast, got {in_context_size}")
+        if pixel_head_type not in ("linear", "conv"):
+            raise ValueError(f"pixel_head_type must be 'linear' or 'conv', got {pixel_head_type!r}")
+        for name, depth in (("vit_enc_latent_mlp_mixer_depth", vit_enc_latent_mlp_mixer_depth), ("vit_dec_latent_mlp_mixer_depth", vit_dec_latent_mlp_mixer_depth)):
+            if not isinstance(depth, int) or depth < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {depth!r}")
+        if not 0 < noise_sigma_max_angle < 90 or not 0 < mix_hard_cases_max_angle < 90:
+            raise ValueError(
+                f"noise_sigma_max_angle and mix_hard_cases_max_angle must be in (0, 90) degrees, "
+                f"got {noise_sigma_max_angle} and {mix_hard_cases_max_angle}"
+            )
+        if noise_sigma_max_angle > mix_hard_cases_max_angle:
+            raise ValueError("noise_sigma_max_angle must be <= mix_hard_cases_max_angle")
+        enc_size = resolve_model_size(vit_enc_model_size, "vit_enc_model_size")
+        dec_size = resolve_model_size(vit_dec_model_size, "vit_dec_model_size")
+        if halve_model_size:
+            enc_size["layers"] //= 2
+            dec_size["layers"] //= 2
+
+        self.config = {
+            "input_size": input_size,
+            "patch_size": patch_size,
+            "vit_enc_model_size": vit_enc_model_size if isinstance(vit_enc_model_size, str) else dict(vit_enc_model_size),
+            "vit_dec_model_size": vit_dec_model_size if isinstance(vit_dec_model_size, str) else dict(vit_dec_model_size),
+            "token_channels": token_channels,
+            "num_classes": num_classes,
+            "in_context_size": in_context_size,
+            "pixel_head_type": pixel_head_type,
+            "halve_model_size": halve_model_size,
+            "spherify_model": spherify_model,
+            "use_pixel_consistency": use_pixel_consistency,
+            "use_latent_consistency": use_latent_consistency,
+            "noise_sigma_max_angle": noise_sigma_max_angle,
+            "vit_enc_latent_mlp_mixer_depth": vit_enc_latent_mlp_mixer_depth,
+            "vit_dec_latent_mlp_mixer_depth": vit_dec_latent_mlp_mixer_depth,
+            "affine_latent_mlp_mixer": affine_latent_mlp_mixer,
+            "mix_hard_cases": mix_hard_cases,
+            "mix_hard_cases_prob": mix_hard_cases_prob,
+            "mix_hard_cases_max_angle": mix_hard_cases_max_angle,
+        }
+        common = dict(input_size=input_size, patch_size=patch_size, token_channels=token_channels, num_classes=num_classes, affine_mixer=affine_latent_mlp_mixer)
+        self.encoder = ViT("encoder", size=enc_size, mixer_depth=vit_enc_latent_mlp_mixer_depth, **common)
+        self.decoder = ViT(
+            "decoder",
+            size=dec_size,
+            mixer_depth=vit_dec_latent_mlp_mixer_depth,
+            pixel_head_type=pixel_head_type,
+            spherify_blocks=spherify_model,
+            **common,
+        )
+        self.input_size = input_size
+        self.num_classes = num_classes
+        self.latent_shape = (1, self.decoder.num_tokens, token_channels)
+        self.noise_sigma_max_angle = noise_sigma_max_angle
+        self.use_pix_con = use_pixel_consistency
+        self.use_lat_con = use_latent_consistency
+        self.mix_hard_cases = mix_hard_cases
+        self.mix_hard_cases_prob = mix_hard_cases_prob
+        self.mix_hard_cases_max_angle = mix_hard_cases_max_angle
+        self.initialize_weights()
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> SphereEncoder:
+        """One of the released configurations (see ``PRESETS``), e.g. ``"sphere-l-imagenet"``."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name]["config"], **overrides})
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """The official init: xavier Linears, N(0,1) decoder input layers, zeroed AdaLN and heads."""
+        if self.encoder.pos_embed.is_meta:
+            return
+        for vit in (self.encoder, self.decoder):
+            for m in vit.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.xavier_uniform_(m.weight)
+                    nn.init.zeros_(m.bias)
+            vit.pos_embed.copy_(sincos_pos_embed_2d(vit.pos_embed.shape[-1], vit.grid).unsqueeze(0))
+            if vit.y_embedder is not None:
+                nn.init.normal_(vit.y_embedder.embedding_table.weight, std=0.02)
+            for block in vit.blocks:
+                if block.adaLN_modulation is not None:
+                    nn.init.zeros_(block.adaLN_modulation[1].weight)
+                    nn.init.zeros_(block.adaLN_modulation[1].bias)
+            if vit.ffn.adaLN_modulation is not None:
+                nn.init.zeros_(vit.ffn.adaLN_modulation[1].weight)
+                nn.init.zeros_(vit.ffn.adaLN_modulation[1].bias)
+            nn.init.zeros_(vit.ffn.linear.weight)
+            nn.init.zeros_(vit.ffn.linear.bias)
+        for conv in self.encoder.x_embedder:
+            xavier_uniform_flat_(conv.weight)
+        nn.init.zeros_(self.encoder.x_embedder[1].bias)
+        for m in self.decoder.x_embedder.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in self.decoder.out:
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                xavier_uniform_flat_(m.weight, gain=0.01)
+                nn.init.zeros_(m.bias)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """Load an official (or sphere_fast) state_dict; with ``strict`` every missing, unexpected or
+        mis-shaped key is listed by name in one ValueError."""
+        if strict:
+            own = self.state_dict()
+            missing = sorted(set(own) - set(state_dict))
+            unexpected = sorted(set(state_dict) - set(own))
+            shapes = sorted(
+                f"{k}: expected {tuple(own[k].shape)}, got {tuple(state_dict[k].shape)}"
+                for k in set(own) & set(state_dict)
+                if tuple(own[k].shape) != tuple(state_dict[k].shape)
+            )
+            if missing or unexpected or shapes:
+                parts = [f"missing keys: {missing}"] * bool(missing) + [f"unexpected keys: {unexpected}"] * bool(unexpected)
+                parts += [f"mis-shaped keys: {shapes}"] * bool(shapes)
+                raise ValueError("state_dict does not match this SphereEncoder; " + "; ".join(parts))
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    # ---- the three functions of the method ---------------------------------------------------
+    @property
+    def sigma_max(self) -> float:
+        return math.tan(math.radians(self.noise_sigma_max_angle))
+
+    def f(self, z: torch.Tensor) -> torch.Tensor:
+        """Spherify: project each sample's whole latent onto the sphere of radius sqrt(L)."""
+        return ops.spherify(z)
+
+    # ---- training ------------------------------------------------------------------------------
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor]:
+        """The official training forward: (decoded images [2B or B, ...], extra losses, re-encoded
+        latent of the big-noise images or None, clean latent). See sphere_fast.training for the losses."""
+        from sphere_fast.training import noisy_latent_pair
+
+        z = self.encoder(x, y)
+        z_clean = z.detach()
+        v_big, v_small = noisy_latent_pair(self, z)
+        if self.use_pix_con:
+            latents = torch.cat([v_big, v_small])
+            labels = torch.cat([y, y]) if y is not None else None
+        else:
+            latents, labels = v_big, y
+        images = self.decoder(latents, labels)
+        u_big = None
+        if self.training and self.use_lat_con:
+            u_big = self.encoder(images[: x.shape[0]], y)
+        return images, {}, u_big, z_clean
+
+    # ---- inference -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None, noise_scaler: float = 1.0, sampling: bool = False) -> torch.Tensor:
+        """E(x, y or null) -> f (-> noisy re-projection when ``sampling``) -> D; images in [0, 1]."""
+        if y is None and self.num_classes > 0:
+            y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
+        z = self.encoder(x, y)
+        if sampling and noise_scaler > 0:
+            z = ops.spherify_noise(z, noise_scaler * self.sigma_max, noise=torch.randn_like(z))
+        else:
+            z = self.f(z)
+        return (self.decoder(z, y) * 0.5 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        batch_size: int,
+        y: torch.Tensor | None = None,
+        cfg: float = 1.0,
+        cfg_position: str = "combo",
+        forward_steps: int = 1,
+        use_sampling_scheduler: bool = False,
+        cache_sampling_noise: bool = False,
+        device: torch.device | str | None = None,
+        *,
+        noise: Sequence[torch.Tensor] | None = None,
+        seeds: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample images; returns (first-step image, final image), both [B, 3, H, W] in [0, 1].
+
+        Noise: by default from torch's global generator (like the official code); ``noise`` replays a
+        list of draws (the initial point first, then the refinement draws in order); ``seeds`` ([B]
+        int64) draws by the sphere_fast convention, so a sample's image depends only on its seed.
+        ``dtype`` (e.g. torch.bfloat16) runs the networks under autocast."""
+        from sphere_fast.sampling import sample
+
+        return sample(
+            self,
+            batch_size,
+            y=y,
+            cfg=cfg,
+            cfg_position=cfg_position,
+            steps=forward_steps,
+            scheduler=use_sampling_scheduler,
+            cache_noise=cache_sampling_noise,
+            device=device,
+            noise=noise,
+            seeds=seeds,
+            dtype=dtype,
+        )

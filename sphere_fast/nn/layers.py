@@ -1,0 +1,196 @@
+"""Building blocks of the Sphere Encoder ViTs, made only from sphere_fast.ops.
+
+Module and parameter names follow the official implementation so its state_dicts load unchanged."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from sphere_fast import ops
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim (eps 1e-6), optionally without a weight."""
+
+    def __init__(self, dim: int, affine: bool = True, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.adaln_modulate(x, self.weight, eps=self.eps)
+
+
+class AdaLNModulation(nn.Sequential):
+    """SiLU -> Linear(W, k*W) on the class embedding, split in k chunks (the official adaLN_modulation)."""
+
+    def __init__(self, width: int, chunks: int):
+        super().__init__(nn.SiLU(), nn.Linear(width, chunks * width))
+        self.chunks = chunks
+
+    def forward(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return super().forward(c).chunk(self.chunks, dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width ({width}) must be divisible by heads ({heads})")
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        b, n, w = x.shape
+        # [B, N, 3, H, D] viewed as three [B, H, N, D] tensors: no transposing copy before the kernel
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        out = ops.attention(q, k, v, rope)
+        return self.proj(out.transpose(1, 2).reshape(b, n, w))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        hidden = int(width * 8 / 3)
+        self.w12 = nn.Linear(width, 2 * hidden)
+        self.w3 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w3(ops.swiglu(self.w12(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm AdaLN block. Its forward is driven by ViT.forward so that the residual add of one
+    sub-layer and the norm of the next run as one fused op."""
+
+    def __init__(self, width: int, heads: int, modulated: bool):
+        super().__init__()
+        self.norm1 = RMSNorm(width)
+        self.norm2 = RMSNorm(width)
+        self.attn = Attention(width, heads)
+        self.mlp = SwiGLU(width)
+        self.adaLN_modulation = AdaLNModulation(width, 6) if modulated else None
+
+    def modulation(self, c: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        """(shift1, scale1, gate1, shift2, scale2, gate2); all None for an unconditional block."""
+        if self.adaLN_modulation is None:
+            return (None,) * 6
+        return self.adaLN_modulation(c)
+
+
+class ModulatedLinear(nn.Module):
+    """The official head: RMSNorm + AdaLN modulation + Linear when conditional, a plain Linear otherwise."""
+
+    def __init__(self, width: int, out_features: int, modulated: bool):
+        super().__init__()
+        self.linear = nn.Linear(width, out_features)
+        if modulated:
+            self.norm = RMSNorm(width)
+            self.adaLN_modulation = AdaLNModulation(width, 2)
+        else:
+            self.norm = None
+            self.adaLN_modulation = None
+
+
+class LabelEmbedder(nn.Module):
+    """Embedding(num_classes + 1, W); the last row is the null label. Label dropout in training."""
+
+    def __init__(self, num_classes: int, width: int, dropout_prob: float = 0.1):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, width)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        if self.training and self.dropout_prob > 0:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+            labels = torch.where(drop, self.num_classes, labels)
+        return self.embedding_table(labels).unsqueeze(1)
+
+
+class TokenMixer(nn.Module):
+    def __init__(self, tokens: int):
+        super().__init__()
+        self.mix = nn.Sequential(nn.Linear(tokens, tokens), nn.SiLU(), nn.Linear(tokens, tokens))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mix(x.transpose(1, 2)).transpose(1, 2)
+
+
+class ChannelMixer(nn.Module):
+    def __init__(self, dim: int, expansion: int = 2):
+        super().__init__()
+        self.mix = nn.Sequential(nn.Linear(dim, expansion * dim), nn.SiLU(), nn.Linear(expansion * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mix(x)
+
+
+class MixerBlock(nn.Module):
+    def __init__(self, tokens: int, dim: int):
+        super().__init__()
+        self.norm1 = RMSNorm(dim)
+        self.tok_mixer = TokenMixer(tokens)
+        self.norm2 = RMSNorm(dim)
+        self.chn_mixer = ChannelMixer(dim)
+        self.alpha1 = nn.Parameter(torch.zeros(1))
+        self.alpha2 = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.alpha1 * self.tok_mixer(self.norm1(x))
+        return x + self.alpha2 * self.chn_mixer(self.norm2(x))
+
+
+class MLPMixer(nn.Module):
+    """MLP-Mixer over a latent [B, N, D], ending in RMSNorm (affine or not)."""
+
+    def __init__(self, tokens: int, dim: int, depth: int, affine: bool = True):
+        super().__init__()
+        self.blocks = nn.ModuleList(MixerBlock(tokens, dim) for _ in range(depth))
+        self.norm = RMSNorm(dim, affine=affine)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x).to(dtype)
+
+
+def sincos_pos_embed_2d(width: int, grid: int) -> torch.Tensor:
+    """MAE-style fixed 2-D sin-cos position embedding [grid*grid, width] (first half: column, second: row)."""
+    if width % 4:
+        raise ValueError(f"width must be divisible by 4 for the 2-D sin-cos embedding, got {width}")
+    omega = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float64) / (width / 4))
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+
+    def embed_1d(pos: torch.Tensor) -> torch.Tensor:
+        out = pos.reshape(-1, 1) * omega
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    return torch.cat([embed_1d(cols), embed_1d(rows)], dim=1).float()
+
+
+def rope_2d(head_dim: int, grid: int, theta: float = 10000.0) -> torch.Tensor:
+    """2-D axial RoPE table [grid*grid, 2*head_dim] = cos | sin; rows fill the first half of each, columns
+    the second; frequencies repeated twice for interleaved pairs."""
+    if head_dim % 4:
+        raise ValueError(f"head dim must be divisible by 4 for 2-D RoPE, got {head_dim}")
+    half = head_dim // 2
+    freqs = (1.0 / theta ** (torch.arange(0, half, 2).float() / half)).repeat_interleave(2)
+    pos = torch.arange(grid).float()
+    f_rows = torch.outer(pos, freqs)[:, None, :].expand(grid, grid, half)
+    f_cols = torch.outer(pos, freqs)[None, :, :].expand(grid, grid, half)
+    angles = torch.cat([f_rows, f_cols], dim=-1).reshape(grid * grid, head_dim)
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+def xavier_uniform_flat_(weight: torch.Tensor, gain: float = 1.0) -> None:
+    """Xavier-uniform on a conv weight seen as [out, in*kh*kw] (fan computed on the flattened view)."""
+    fan_out, fan_in = weight.shape[0], weight[0].numel()
+    bound = gain * math.sqrt(6.0 / (fan_in + fan_out))
+    with torch.no_grad():
+        weight.uniform_(-bound, bound)

@@ -1,0 +1,51 @@
+import torch
+import pytest
+
+from sphere_fast import SphereEncoder
+
+TOL = 5e-5
+
+
+@pytest.fixture(scope="module")
+def golden(reference):
+    return torch.load(reference / "golden" / "tiny_cond_linear.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def model(golden):
+    m = SphereEncoder(**golden["config"]).eval()
+    m.load_state_dict(golden["state_dict"], strict=True)
+    return m
+
+
+def max_err(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+def test_forward_parity(model, golden):
+    c = golden["cases"]["forward"]
+    with torch.no_grad():
+        z = model.encoder(c["x"], c["y"])
+        assert max_err(z, c["z"]) < TOL
+        v = model.f(c["z"])
+        assert max_err(v, c["v"]) < TOL
+        noisy = torch.where(c["r"] == 0, c["v"], model.f(c["v"] + c["r"] * c["sigma"] * c["e"]))
+        assert max_err(noisy, c["v_noisy"]) < TOL
+        x = model.decoder(c["v_noisy"], c["y"])
+        assert max_err(x, c["x_dec"]) < TOL
+
+
+def test_reconstruct_parity(model, golden):
+    c = golden["cases"]["reconstruct"]
+    assert max_err(model.reconstruct(c["x"]), c["out"]) < TOL
+
+
+def test_generate_parity(model, golden):
+    for case in golden["cases"]["generate"]:
+        first, out = model.generate(
+            case["y"].shape[0], y=case["y"], cfg=case["cfg"], cfg_position=case["cfg_position"],
+            forward_steps=case["steps"], cache_sampling_noise=case["cache_noise"], noise=case["noise_draws"],
+        )
+        label = {k: case[k] for k in ("steps", "cfg_position", "cache_noise")}
+        assert max_err(first, case["first"]) < TOL, label
+        assert max_err(out, case["out"]) < TOL, label
