@@ -1,0 +1,168 @@
+"""Model structure (presets, state_dict keys, configs) and bad-input errors."""
+
+import json
+
+import pytest
+import torch
+
+from sphere_fast import SphereEncoder
+from tests import spec_reference
+
+
+def official_keys(path):
+    keys = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            continue
+        name, rest = line.split(" ", 1)
+        shape = rest.rsplit(" ", 1)[0].strip("()").replace(" ", "")
+        keys[name] = tuple(int(s) for s in shape.split(",") if s)
+    return keys
+
+
+PRESET_NAMES = ["sphere-l-af", "sphere-l-of", "sphere-l-imagenet", "sphere-xl-imagenet", "sphere-b-cifar10", "sphere-s-cifar10"]
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_preset_matches_official(reference, name):
+    expected = json.loads((reference / "official_state_dict" / "presets.json").read_text())[name]
+    with torch.device("meta"):
+        model = SphereEncoder.from_preset(name)
+    assert sum(p.numel() for p in model.parameters()) == expected["parameters"]
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert got == official_keys(reference / "official_state_dict" / f"{name}.txt")
+    assert len(got) == expected["tensors"]
+    assert model.config == {**model.config, **expected["config"]}
+
+
+def tiny(**kw):
+    cfg = dict(input_size=16, patch_size=4, vit_enc_model_size={"width": 32, "layers": 2, "heads": 2},
+               vit_dec_model_size={"width": 32, "layers": 2, "heads": 2}, token_channels=4, num_classes=5,
+               vit_enc_latent_mlp_mixer_depth=1, vit_dec_latent_mlp_mixer_depth=1, noise_sigma_max_angle=80,
+               mix_hard_cases_max_angle=85)
+    cfg.update(kw)
+    return SphereEncoder(**cfg).eval()
+
+
+def perturb(model):
+    """Random weights everywhere (the official init zeroes heads and AdaLN, which would hide paths)."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+CONFIGS = {
+    "cond-linear": {},
+    "uncond-linear": dict(num_classes=0),
+    "cond-conv": dict(pixel_head_type="conv"),
+    "uncond-conv-32px": dict(num_classes=0, pixel_head_type="conv", input_size=32, patch_size=2),
+    "no-mixer": dict(vit_enc_latent_mlp_mixer_depth=0, vit_dec_latent_mlp_mixer_depth=0),
+    "affine-free-mixer": dict(affine_latent_mlp_mixer=False, vit_enc_latent_mlp_mixer_depth=2),
+    "spherified-blocks": dict(spherify_model=True),
+    "asymmetric-64px": dict(input_size=64, patch_size=8, vit_dec_model_size={"width": 48, "layers": 3, "heads": 4}),
+    "halved": dict(halve_model_size=True, vit_enc_model_size={"width": 32, "layers": 4, "heads": 2}),
+}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_matches_spec_reference(name):
+    model = perturb(tiny(**CONFIGS[name]))
+    cfg = {**model.config}
+    sd = model.state_dict()
+    enc, dec = model.encoder, model.decoder
+    B = 2
+    x = torch.rand(B, 3, cfg["input_size"], cfg["input_size"]) * 2 - 1
+    y = torch.tensor([1, 3]) if cfg["num_classes"] else None
+    with torch.no_grad():
+        z = model.encoder(x, y)
+        z_ref = spec_reference.vit(sd, "encoder", "encoder", cfg, x, y, enc.blocks[0].attn.heads, len(enc.blocks))
+        torch.testing.assert_close(z, z_ref, atol=5e-5, rtol=1e-4)
+        v = model.f(z)
+        img = model.decoder(v, y)
+        img_ref = spec_reference.vit(sd, "decoder", "decoder", cfg, v, y, dec.blocks[0].attn.heads, len(dec.blocks), cfg["spherify_model"])
+        torch.testing.assert_close(img, img_ref, atol=5e-5, rtol=1e-4)
+    assert img.shape == x.shape
+
+
+def test_state_dict_round_trip():
+    a, b = perturb(tiny()), tiny()
+    b.load_state_dict(a.state_dict(), strict=True)
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(a.reconstruct(x), b.reconstruct(x), rtol=0, atol=0)
+
+
+def test_state_dict_errors_list_keys():
+    model = tiny()
+    sd = model.state_dict()
+    sd.pop("encoder.blocks.0.norm1.weight")
+    sd["encoder.extra"] = torch.zeros(1)
+    sd["decoder.ffn.linear.bias"] = torch.zeros(7)
+    with pytest.raises(ValueError) as err:
+        model.load_state_dict(sd)
+    msg = str(err.value)
+    assert "encoder.blocks.0.norm1.weight" in msg and "encoder.extra" in msg and "decoder.ffn.linear.bias" in msg
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(vit_enc_model_size="enormous"), "vit_enc_model_size"),
+        (dict(vit_dec_model_size={"width": 32}), "vit_dec_model_size"),
+        (dict(input_size=18), "divisible"),
+        (dict(pixel_head_type="mlp"), "pixel_head_type"),
+        (dict(num_classes=-1), "num_classes"),
+    ],
+)
+def test_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(**kwargs)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown preset"):
+        SphereEncoder.from_preset("sphere-q-mnist")
+
+
+def test_bad_inputs():
+    model = tiny()
+    y = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match=r"x must have shape \[B, 3, 16, 16\]"):
+        model.encoder(torch.rand(2, 3, 32, 32), y)
+    with pytest.raises(ValueError, match="x must have shape"):
+        model.encoder(torch.rand(2, 1, 16, 16), y)
+    with pytest.raises(ValueError, match="z must have shape"):
+        model.decoder(torch.rand(2, 16, 5), y)
+    with pytest.raises(ValueError, match="empty batch"):
+        model.decoder(torch.rand(0, 16, 4), y[:0])
+    with pytest.raises(ValueError, match="labels must be in"):
+        model.encoder(torch.rand(2, 3, 16, 16), torch.tensor([0, 6]))
+    with pytest.raises(TypeError, match="y must be an int64"):
+        model.encoder(torch.rand(2, 3, 16, 16), None)
+    with pytest.raises(ValueError, match="unconditional"):
+        tiny(num_classes=0).decoder(torch.rand(2, 16, 4), y)
+    for kwargs, match in [
+        (dict(cfg=0.5), "cfg"),
+        (dict(cfg=float("nan")), "cfg"),
+        (dict(forward_steps=0), "forward_steps"),
+        (dict(cfg_position="both"), "cfg_position"),
+        (dict(y=torch.tensor([0, 5])), "labels must be in"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            model.generate(2, **kwargs)
+    with pytest.raises(ValueError, match="batch_size"):
+        model.generate(0)
+    with pytest.raises(ValueError, match="noise"):
+        model.generate(2, forward_steps=3, noise=[torch.randn(2, 16, 4)])
+
+
+def test_generate_options_shapes_and_range():
+    model = perturb(tiny())
+    for kwargs in [dict(), dict(cfg=1.5, cfg_position="dec"), dict(cfg=2.0, cfg_position="enc", forward_steps=3, use_sampling_scheduler=True),
+                   dict(forward_steps=2, cache_sampling_noise=True, dtype=torch.bfloat16)]:
+        first, out = model.generate(3, **kwargs)
+        assert first.shape == out.shape == (3, 3, 16, 16)
+        assert first.dtype == out.dtype == torch.float32
+        assert out.min() >= 0 and out.max() <= 1
