@@ -23,6 +23,7 @@ from sphere_fast.nn.layers import (
     ModulatedLinear,
     rope_2d,
     sincos_pos_embed_2d,
+    weight_like,
     xavier_uniform_flat_,
 )
 
@@ -167,22 +168,22 @@ class ViT(nn.Module):
         rope = self.rope
         # The residual add that closes one sub-layer and the norm that opens the next run as one op.
         shift, scale, gate, shift2, scale2, gate2 = self.blocks[0].modulation(c)
-        h = ops.adaln_modulate(x, self.blocks[0].norm1.weight, shift, scale)
+        h = ops.adaln_modulate(x, weight_like(self.blocks[0].norm1.weight, x), shift, scale)
         for i, block in enumerate(self.blocks):
-            x, h = ops.gated_residual_adaln(x, block.attn(h, rope), gate, block.norm2.weight, shift2, scale2)
+            x, h = ops.gated_residual_adaln(x, block.attn(h, rope), gate, weight_like(block.norm2.weight, x), shift2, scale2)
             branch, gate = block.mlp(h), gate2
             if i + 1 < len(self.blocks):
                 shift, scale, next_gate, shift2, scale2, gate2 = self.blocks[i + 1].modulation(c)
                 if self.spherify_blocks:
                     x = ops.spherify(x + branch if gate is None else x + gate * branch)
-                    h = ops.adaln_modulate(x, self.blocks[i + 1].norm1.weight, shift, scale)
+                    h = ops.adaln_modulate(x, weight_like(self.blocks[i + 1].norm1.weight, x), shift, scale)
                 else:
-                    x, h = ops.gated_residual_adaln(x, branch, gate, self.blocks[i + 1].norm1.weight, shift, scale)
+                    x, h = ops.gated_residual_adaln(x, branch, gate, weight_like(self.blocks[i + 1].norm1.weight, x), shift, scale)
                 gate = next_gate
         head = self.ffn
         if head.adaLN_modulation is not None:
             head_shift, head_scale = head.adaLN_modulation(c)
-            _, h = ops.gated_residual_adaln(x, branch, gate, head.norm.weight, head_shift, head_scale)
+            _, h = ops.gated_residual_adaln(x, branch, gate, weight_like(head.norm.weight, x), head_shift, head_scale)
         else:
             h = x + branch
         h = head.linear(h)

@@ -21,7 +21,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.adaln_modulate(x, self.weight, eps=self.eps)
+        return ops.adaln_modulate(x, weight_like(self.weight, x), eps=self.eps)
+
+
+def weight_like(weight: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """A norm weight in the activations' dtype: under autocast the fp32 master weight meets bf16
+    activations, and the fused ops take one dtype."""
+    return weight if weight is None or weight.dtype == x.dtype else weight.to(x.dtype)
 
 
 class AdaLNModulation(nn.Sequential):

@@ -1,12 +1,25 @@
-"""AdaLN ops: RMSNorm -> (1 + scale) -> + shift, and the gated residual that precedes it."""
+"""AdaLN ops: RMSNorm -> (1 + scale) -> + shift, and the gated residual that precedes it.
+
+Layers: the eager references (the executable spec), input checks, launchers for the Triton kernels
+(``kernels/adaln.py``) and the C++/CUDA extension (``csrc/adaln_*``), and the ``torch.library`` custom ops
+(with fake kernels and autograd) through which every non-eager backend runs, so torch.compile sees one
+opaque node per call and CUDA graphs capture it.
+
+Dtypes: x, branch, gate, weight, shift and scale must share one floating dtype (a mismatch raises
+TypeError); math is fp32 inside every kernel, outputs have x's dtype.
+"""
 
 from __future__ import annotations
 
+import math
+
 import torch
+from torch import Tensor
 
 from sphere_fast.backend import resolve_backend
 
 AUTO_ORDER = ("triton", "cpp", "eager")
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def adaln_modulate_reference(
@@ -40,11 +53,352 @@ def gated_residual_adaln_reference(
     return res, adaln_modulate_reference(res, weight, shift, scale, eps)
 
 
-def adaln_modulate(x, weight=None, shift=None, scale=None, eps: float = 1e-6, *, backend: str | None = None):
-    resolve_backend("adaln_modulate", x.device, backend, AUTO_ORDER)
-    return adaln_modulate_reference(x, weight, shift, scale, eps)
+# ----------------------------------------------------------------------------------------------- checks
 
 
-def gated_residual_adaln(x, branch, gate, weight, shift, scale, eps: float = 1e-6, *, backend: str | None = None):
-    resolve_backend("gated_residual_adaln", x.device, backend, AUTO_ORDER)
-    return gated_residual_adaln_reference(x, branch, gate, weight, shift, scale, eps)
+def _check_inputs(
+    x: object,
+    branch: object,
+    gate: object,
+    weight: object,
+    shift: object,
+    scale: object,
+    eps: object,
+    *,
+    gated: bool,
+) -> None:
+    """Raise TypeError / ValueError naming the first bad argument; nothing has run yet."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 3:
+        raise ValueError(f"x must have shape [B, S, D], got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    B, S, D = x.shape
+    if D == 0:
+        raise ValueError("x must have a non-empty last dim D, got D=0")
+    modulation = f"({B}, 1, {D}) or ({B}, {S}, {D})"
+    specs = [
+        ("weight", weight, {(D,)}, f"({D},)"),
+        ("shift", shift, {(B, 1, D), (B, S, D)}, modulation),
+        ("scale", scale, {(B, 1, D), (B, S, D)}, modulation),
+    ]
+    if gated:
+        specs += [
+            ("branch", branch, {(B, S, D)}, f"({B}, {S}, {D}) like x"),
+            ("gate", gate, {(B, 1, D), (B, S, D)}, modulation),
+        ]
+    for name, t, shapes, expected in specs:
+        if t is None:
+            if name == "branch":
+                raise TypeError("branch must be a torch.Tensor, got None")
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all inputs must share one device")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
+        if tuple(t.shape) not in shapes:
+            raise ValueError(f"{name} must have shape {expected}, got {tuple(t.shape)}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"eps must be a finite positive number, got {eps!r}")
+
+
+# --------------------------------------------------------------------------------------------- launchers
+
+
+def _rows(t: Tensor | None) -> Tensor | None:
+    """Kernels address [B, S, D] by (stride_b, stride_s) and need a unit last stride."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def _bs_strides(t: Tensor | None) -> tuple[int, int]:
+    # A (B, 1, D) modulation is broadcast over tokens by giving it a zero token stride.
+    if t is None:
+        return 0, 0
+    return t.stride(0), (0 if t.shape[1] == 1 else t.stride(1))
+
+
+def _is_token(t: Tensor | None, S: int) -> bool:
+    return t is not None and t.shape[1] == S and S > 1
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _row_block(D: int) -> tuple[int, int, int]:
+    """(rows per program, padded width, warps) of the forward: about 4k elements per program."""
+    block_d = _next_pow2(D)
+    block_m = max(1, min(64, 4096 // block_d))
+    num_warps = 4 if block_d * block_m <= 4096 and block_d <= 1024 else 8
+    return block_m, block_d, num_warps
+
+
+def _bwd_row_block(D: int) -> tuple[int, int, int]:
+    """The backward keeps ~7 row tiles and 4 column accumulators live: 2k elements over 8 warps, no spills."""
+    block_d = _next_pow2(D)
+    return max(1, min(64, 2048 // block_d)), block_d, 8
+
+
+def _n_programs_target(device: torch.device) -> int:
+    """How many programs the backward spreads a batch over: enough to fill the GPU a few times."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter / CPU: few programs keep the tests fast
+
+
+def _chunking(B: int, S: int, block_m: int, device: torch.device) -> tuple[int, int]:
+    chunks = max(1, min(-(-_n_programs_target(device) // B), -(-S // block_m)))
+    rows_per_prog = -(-S // chunks)
+    rows_per_prog = -(-rows_per_prog // block_m) * block_m
+    return -(-S // rows_per_prog), rows_per_prog
+
+
+def _triton_fwd(
+    x: Tensor, branch: Tensor | None, gate: Tensor | None, weight: Tensor | None,
+    shift: Tensor | None, scale: Tensor | None, eps: float,
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    from sphere_fast.kernels.adaln import adaln_fwd_kernel
+
+    x, branch, gate, shift, scale = (_rows(t) for t in (x, branch, gate, shift, scale))
+    weight = None if weight is None else weight.contiguous()
+    B, S, D = x.shape
+    y = torch.empty((B, S, D), dtype=x.dtype, device=x.device)
+    res = torch.empty_like(y) if branch is not None else None
+    rstd = torch.empty((B, S), dtype=torch.float32, device=x.device)
+    M = B * S
+    if M == 0:
+        return res, y, rstd
+    block_m, block_d, num_warps = _row_block(D)
+    dummy = y  # pointer for absent inputs; never read (its HAS_* flag is off)
+    adaln_fwd_kernel[(-(-M // block_m),)](
+        x, _or(branch, dummy), _or(gate, dummy), _or(weight, dummy), _or(shift, dummy), _or(scale, dummy),
+        _or(res, dummy), y, rstd,
+        M, S, D, eps,
+        *_bs_strides(x), *_bs_strides(branch), *_bs_strides(gate), *_bs_strides(shift), *_bs_strides(scale),
+        HAS_BRANCH=branch is not None, HAS_GATE=gate is not None, HAS_W=weight is not None,
+        HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None,
+        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+    )
+    return res, y, rstd
+
+
+def _or(t: Tensor | None, other: Tensor) -> Tensor:
+    return other if t is None else t
+
+
+def _triton_bwd(
+    dy: Tensor, dres: Tensor | None, res: Tensor, branch: Tensor | None, gate: Tensor | None,
+    weight: Tensor | None, shift: Tensor | None, scale: Tensor | None, rstd: Tensor,
+) -> tuple[Tensor, ...]:
+    from sphere_fast.kernels.adaln import adaln_bwd_kernel
+
+    B, S, D = res.shape
+    if B * S == 0:
+        return tuple(None if t is None else torch.zeros_like(t) for t in (res, branch, gate, weight, shift, scale))
+    dy, res, rstd = dy.contiguous(), res.contiguous(), rstd.contiguous()
+    dres = None if dres is None else dres.contiguous()
+    branch, gate, scale = _rows(branch), _rows(gate), _rows(scale)
+    weight = None if weight is None else weight.contiguous()
+    block_m, block_d, num_warps = _bwd_row_block(D)
+    chunks, rows_per_prog = _chunking(B, S, block_m, res.device)
+    gate_tok, shift_tok, scale_tok = _is_token(gate, S), _is_token(shift, S), _is_token(scale, S)
+
+    dx = torch.empty((B, S, D), dtype=res.dtype, device=res.device)
+    dbranch = torch.empty_like(dx) if branch is not None else None
+
+    def partial(t: Tensor | None, tok: bool) -> Tensor | None:
+        return torch.empty((B * chunks, D), dtype=torch.float32, device=res.device) if t is not None and not tok else None
+
+    def per_token(t: Tensor | None, tok: bool) -> Tensor | None:
+        return torch.empty_like(dx) if t is not None and tok else None
+
+    pw = partial(weight, False)
+    pg, psh, psc = partial(gate, gate_tok), partial(shift, shift_tok), partial(scale, scale_tok)
+    dg, dsh, dsc = per_token(gate, gate_tok), per_token(shift, shift_tok), per_token(scale, scale_tok)
+    d = dx
+    adaln_bwd_kernel[(B, chunks)](
+        dy, _or(dres, d), res, _or(branch, d), _or(gate, d), _or(weight, d), _or(scale, d), rstd,
+        dx, _or(dbranch, d), _or(dg, d), _or(dsh, d), _or(dsc, d),
+        _or(pw, rstd), _or(pg, rstd), _or(psh, rstd), _or(psc, rstd),
+        S, D, rows_per_prog, chunks,
+        *_bs_strides(branch), *_bs_strides(gate), *_bs_strides(scale),
+        HAS_DRES=dres is not None, HAS_BRANCH=branch is not None, HAS_GATE=gate is not None,
+        HAS_W=weight is not None, HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None,
+        GATE_TOK=gate_tok, SHIFT_TOK=shift_tok, SCALE_TOK=scale_tok,
+        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+    )
+
+    # Second stage: B*chunks partials per column -> the grads (small, bounded by the program count).
+    dweight = None if pw is None else pw.sum(0).to(res.dtype)
+
+    def finish(t: Tensor | None, p: Tensor | None, full: Tensor | None) -> Tensor | None:
+        if t is None:
+            return None
+        if full is not None:
+            return full
+        return p.view(B, chunks, D).sum(1, keepdim=True).to(res.dtype)
+
+    return dx, dbranch, finish(gate, pg, dg), dweight, finish(shift, psh, dsh), finish(scale, psc, dsc)
+
+
+def _cpp_ext():
+    from sphere_fast._extension import load_extension
+
+    load_extension("sphere_fast_adaln_ext", ("adaln_binding.cpp", "adaln_cpu.cpp"), ("adaln_cuda.cu",))
+    return torch.ops.sphere_fast_adaln
+
+
+def _forward(
+    backend: str, x: Tensor, branch: Tensor | None, gate: Tensor | None, weight: Tensor | None,
+    shift: Tensor | None, scale: Tensor | None, eps: float,
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    if backend == "triton":
+        return _triton_fwd(x, branch, gate, weight, shift, scale, eps)
+    if backend == "cpp":
+        x, branch, gate, shift, scale = (_rows(t) for t in (x, branch, gate, shift, scale))
+        res, y, rstd = _cpp_ext().fwd(x, branch, gate, weight, shift, scale, eps)
+        return (res if branch is not None else None), y, rstd
+    raise ValueError(f"no fused adaln kernels for backend {backend!r}")
+
+
+def _backward(backend: str, *args: Tensor | None) -> tuple[Tensor | None, ...]:
+    if backend == "triton":
+        return _triton_bwd(*args)
+    if backend == "cpp":
+        dy, dres, res, branch, gate, weight, shift, scale, rstd = args
+        dy, dres, res = (None if t is None else t.contiguous() for t in (dy, dres, res))
+        branch, gate, shift, scale = (_rows(t) for t in (branch, gate, shift, scale))
+        out = _cpp_ext().bwd(dy, dres, res, branch, gate, weight, shift, scale, rstd)
+        present = (True, branch is not None, gate is not None, weight is not None, shift is not None, scale is not None)
+        return tuple(g if p else None for g, p in zip(out, present))
+    raise ValueError(f"no fused adaln kernels for backend {backend!r}")
+
+
+# --------------------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("sphere_fast::adaln_modulate_fwd", mutates_args=())
+def _modulate_fwd(
+    x: Tensor, weight: Tensor | None, shift: Tensor | None, scale: Tensor | None, eps: float, backend: str
+) -> tuple[Tensor, Tensor]:
+    _, y, rstd = _forward(backend, x, None, None, weight, shift, scale, eps)
+    return y, rstd
+
+
+@torch.library.custom_op("sphere_fast::gated_residual_adaln_fwd", mutates_args=())
+def _gated_fwd(
+    x: Tensor, branch: Tensor, gate: Tensor | None, weight: Tensor | None, shift: Tensor | None,
+    scale: Tensor | None, eps: float, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    res, y, rstd = _forward(backend, x, branch, gate, weight, shift, scale, eps)
+    return res, y, rstd
+
+
+@torch.library.custom_op("sphere_fast::adaln_bwd", mutates_args=())
+def _adaln_bwd(
+    dy: Tensor, dres: Tensor | None, res: Tensor, branch: Tensor | None, gate: Tensor | None,
+    weight: Tensor | None, shift: Tensor | None, scale: Tensor | None, rstd: Tensor, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = _backward(backend, dy, dres, res, branch, gate, weight, shift, scale, rstd)
+    # custom ops cannot return None: an absent input gets an empty gradient.
+    return tuple(res.new_empty(0) if g is None else g for g in grads)
+
+
+@_modulate_fwd.register_fake
+def _(x, weight, shift, scale, eps, backend):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape[:2], dtype=torch.float32)
+
+
+@_gated_fwd.register_fake
+def _(x, branch, gate, weight, shift, scale, eps, backend):
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return torch.empty_like(y), y, x.new_empty(x.shape[:2], dtype=torch.float32)
+
+
+@_adaln_bwd.register_fake
+def _(dy, dres, res, branch, gate, weight, shift, scale, rstd, backend):
+    def like(t: Tensor | None) -> Tensor:
+        return res.new_empty(0) if t is None else torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+    return like(res), like(branch), like(gate), like(weight), like(shift), like(scale)
+
+
+def _grad(g: Tensor, t: Tensor | None) -> Tensor | None:
+    return None if t is None else g
+
+
+def _modulate_setup(ctx, inputs, output) -> None:
+    x, weight, shift, scale, _, backend = inputs
+    ctx.save_for_backward(x, weight, shift, scale, output[1])
+    ctx.backend = backend
+
+
+def _modulate_backward(ctx, dy: Tensor, _drstd: Tensor):
+    x, weight, shift, scale, rstd = ctx.saved_tensors
+    dx, _, _, dw, dsh, dsc = _adaln_bwd(dy, None, x, None, None, weight, shift, scale, rstd, ctx.backend)
+    return dx, _grad(dw, weight), _grad(dsh, shift), _grad(dsc, scale), None, None
+
+
+def _gated_setup(ctx, inputs, output) -> None:
+    _, branch, gate, weight, shift, scale, _, backend = inputs
+    ctx.save_for_backward(output[0], branch, gate, weight, shift, scale, output[2])
+    ctx.backend = backend
+
+
+def _gated_backward(ctx, dres: Tensor, dy: Tensor, _drstd: Tensor):
+    res, branch, gate, weight, shift, scale, rstd = ctx.saved_tensors
+    dx, db, dg, dw, dsh, dsc = _adaln_bwd(dy, dres, res, branch, gate, weight, shift, scale, rstd, ctx.backend)
+    return dx, db, _grad(dg, gate), _grad(dw, weight), _grad(dsh, shift), _grad(dsc, scale), None, None
+
+
+_modulate_fwd.register_autograd(_modulate_backward, setup_context=_modulate_setup)
+_gated_fwd.register_autograd(_gated_backward, setup_context=_gated_setup)
+
+
+# ------------------------------------------------------------------------------------------ public ops
+
+
+def adaln_modulate(
+    x: Tensor,
+    weight: Tensor | None = None,
+    shift: Tensor | None = None,
+    scale: Tensor | None = None,
+    eps: float = 1e-6,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """RMSNorm(x; weight) * (1 + scale) + shift for x [B, S, D]; shift/scale (B, 1, D), (B, S, D) or None.
+
+    Without shift and scale (a plain RMSNorm) x may have any number of leading dims.
+    """
+    if isinstance(x, Tensor) and x.ndim not in (0, 3) and shift is None and scale is None:
+        # The kernels see [1, rows, D]; a view when x allows it.
+        return adaln_modulate(x.reshape(1, -1, x.shape[-1]), weight, None, None, eps, backend=backend).view(x.shape)
+    _check_inputs(x, None, None, weight, shift, scale, eps, gated=False)
+    name = resolve_backend("adaln_modulate", x.device, backend, AUTO_ORDER)
+    if name == "eager":
+        return adaln_modulate_reference(x, weight, shift, scale, eps)
+    return _modulate_fwd(x, weight, shift, scale, float(eps), name)[0]
+
+
+def gated_residual_adaln(
+    x: Tensor,
+    branch: Tensor,
+    gate: Tensor | None,
+    weight: Tensor | None,
+    shift: Tensor | None,
+    scale: Tensor | None,
+    eps: float = 1e-6,
+    *,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(res, y) with res = x + gate * branch (gate None means 1) and y = adaln_modulate(res, ...), one pass."""
+    _check_inputs(x, branch, gate, weight, shift, scale, eps, gated=True)
+    name = resolve_backend("gated_residual_adaln", x.device, backend, AUTO_ORDER)
+    if name == "eager":
+        return gated_residual_adaln_reference(x, branch, gate, weight, shift, scale, eps)
+    res, y, _ = _gated_fwd(x, branch, gate, weight, shift, scale, float(eps), name)
+    return res, y

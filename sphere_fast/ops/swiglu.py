@@ -1,13 +1,19 @@
-"""SwiGLU activation: silu(a) * b for h = cat(a, b) on the last dim."""
+"""SwiGLU activation: silu(a) * b for h = cat(a, b) on the last dim.
+
+The fused kernels read a and b straight out of h (the Linear output), so the split never materialises;
+non-eager backends run through the ``sphere_fast::swiglu_fwd`` custom op (fake kernel + autograd).
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from sphere_fast.backend import resolve_backend
 
 AUTO_ORDER = ("triton", "cpp", "eager")
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def swiglu_reference(h: torch.Tensor) -> torch.Tensor:
@@ -15,6 +21,109 @@ def swiglu_reference(h: torch.Tensor) -> torch.Tensor:
     return F.silu(a) * b
 
 
+def _check_input(h: object) -> None:
+    if not isinstance(h, Tensor):
+        raise TypeError(f"h must be a torch.Tensor, got {type(h).__name__}")
+    if h.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"h must be float32, bfloat16 or float16, got {h.dtype}")
+    if h.ndim < 1 or h.shape[-1] % 2 != 0 or h.shape[-1] == 0:
+        raise ValueError(f"h must have an even, non-zero last dim (cat(a, b)), got shape {tuple(h.shape)}")
+
+
+def _as_rows(h: Tensor) -> Tensor:
+    """[M, 2H] view of h with a unit last stride (copies only when no such view exists)."""
+    h2 = h.reshape(-1, h.shape[-1])
+    return h2 if h2.stride(-1) == 1 else h2.contiguous()
+
+
+def _blocks(H: int) -> tuple[int, int]:
+    block_n = min(1024, 1 << max(0, (H - 1).bit_length()))
+    return max(1, 2048 // block_n), block_n
+
+
+def _triton_fwd(h: Tensor) -> Tensor:
+    from sphere_fast.kernels.swiglu import swiglu_fwd_kernel
+
+    h2 = _as_rows(h)
+    M, H = h2.shape[0], h2.shape[1] // 2
+    out = torch.empty((M, H), dtype=h.dtype, device=h.device)
+    if M:
+        block_m, block_n = _blocks(H)
+        swiglu_fwd_kernel[(-(-M // block_m), -(-H // block_n))](
+            h2, out, M, H, h2.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4
+        )
+    return out.view(*h.shape[:-1], H)
+
+
+def _triton_bwd(dout: Tensor, h: Tensor) -> Tensor:
+    from sphere_fast.kernels.swiglu import swiglu_bwd_kernel
+
+    h2 = _as_rows(h)
+    M, H = h2.shape[0], h2.shape[1] // 2
+    dout = dout.reshape(M, H).contiguous()
+    dh = torch.empty((M, 2 * H), dtype=h.dtype, device=h.device)
+    if M:
+        block_m, block_n = _blocks(H)
+        swiglu_bwd_kernel[(-(-M // block_m), -(-H // block_n))](
+            dout, h2, dh, M, H, h2.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4
+        )
+    return dh.view(h.shape)
+
+
+def _cpp_ext():
+    from sphere_fast._extension import load_extension
+
+    load_extension("sphere_fast_swiglu_ext", ("swiglu_binding.cpp", "swiglu_cpu.cpp"), ("swiglu_cuda.cu",))
+    return torch.ops.sphere_fast_swiglu
+
+
+@torch.library.custom_op("sphere_fast::swiglu_fwd", mutates_args=())
+def _swiglu_fwd(h: Tensor, backend: str) -> Tensor:
+    if backend == "triton":
+        return _triton_fwd(h)
+    if backend == "cpp":
+        out = _cpp_ext().fwd(_as_rows(h))
+        return out.view(*h.shape[:-1], h.shape[-1] // 2)
+    raise ValueError(f"no fused swiglu kernels for backend {backend!r}")
+
+
+@torch.library.custom_op("sphere_fast::swiglu_bwd", mutates_args=())
+def _swiglu_bwd(dout: Tensor, h: Tensor, backend: str) -> Tensor:
+    if backend == "triton":
+        return _triton_bwd(dout, h)
+    if backend == "cpp":
+        h2 = _as_rows(h)
+        return _cpp_ext().bwd(dout.reshape(h2.shape[0], -1).contiguous(), h2).view(h.shape)
+    raise ValueError(f"no fused swiglu kernels for backend {backend!r}")
+
+
+@_swiglu_fwd.register_fake
+def _(h, backend):
+    return h.new_empty((*h.shape[:-1], h.shape[-1] // 2))
+
+
+@_swiglu_bwd.register_fake
+def _(dout, h, backend):
+    return h.new_empty(h.shape)
+
+
+def _setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[0])
+    ctx.backend = inputs[1]
+
+
+def _backward(ctx, dout: Tensor):
+    (h,) = ctx.saved_tensors
+    return _swiglu_bwd(dout, h, ctx.backend), None
+
+
+_swiglu_fwd.register_autograd(_backward, setup_context=_setup)
+
+
 def swiglu(h: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
-    resolve_backend("swiglu", h.device, backend, AUTO_ORDER)
-    return swiglu_reference(h)
+    """silu(a) * b for h = cat(a, b) on the last dim: [..., 2H] -> [..., H] (H may be odd)."""
+    _check_input(h)
+    name = resolve_backend("swiglu", h.device, backend, AUTO_ORDER)
+    if name == "eager":
+        return swiglu_reference(h)
+    return _swiglu_fwd(h, name)

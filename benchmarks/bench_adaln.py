@@ -1,0 +1,94 @@
+"""AdaLN (gated residual + RMSNorm + modulate) and SwiGLU: eager, torch.compile, Triton, CUDA.
+
+Byte model (minimal HBM traffic, e = element size, M = B*N rows, W width, (B, 1, W) modulation):
+  gated_residual_adaln fwd: read x, branch; write res, y            -> 4*M*W*e (+ 3*B*W*e modulation, W*e weight,
+                                                                       4*M rstd)
+  gated_residual_adaln bwd: read dy, dres, res, branch; write dx, dbranch -> 6*M*W*e (+ rstd, the small grads)
+  swiglu fwd (H = 8W/3 hidden): read h [M, 2H]; write out [M, H]    -> 3*M*H*e
+  swiglu bwd: read dout, h; write dh                                -> 5*M*H*e
+Rates are reported against the measured copy ceiling; the goal (issue 4) is fwd >= 85 %, bwd >= 75 % at
+M >= 32k rows, and never slower than eager or torch.compile.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+
+import pytest
+import torch
+
+from benchmarks.harness import DEVICE, cuda_time_ms, impls, pick, record
+
+adaln = importlib.import_module("sphere_fast.ops.adaln")
+swiglu = importlib.import_module("sphere_fast.ops.swiglu")
+
+DTYPE = torch.bfloat16
+SHAPES = pick(real=list(itertools.product((1, 8, 64), (256, 1024), (768, 1024, 1152))), smoke=[(1, 7, 96)])
+
+
+def _hidden(W: int) -> int:
+    return round(W * 8 / 3)  # the SwiGLU MLP width of a W-wide block (1024 -> 2731 ~ the model's 2730)
+
+
+def _adaln_inputs(B: int, N: int, W: int, requires_grad: bool) -> list[torch.Tensor]:
+    def t(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=DEVICE, dtype=DTYPE).requires_grad_(requires_grad)
+
+    return [t(B, N, W), t(B, N, W), t(B, 1, W), t(W), t(B, 1, W), t(B, 1, W)]
+
+
+def _id(shape: tuple[int, int, int]) -> str:
+    return "B{}-N{}-W{}".format(*shape)
+
+
+GATED = impls(adaln.gated_residual_adaln, adaln.gated_residual_adaln_reference)
+SWIGLU = impls(swiglu.swiglu, swiglu.swiglu_reference)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+@pytest.mark.parametrize("impl", GATED)
+def test_gated_residual_adaln_fwd(benchmark, ceilings, impl, shape) -> None:
+    B, N, W = shape
+    inputs = _adaln_inputs(B, N, W, requires_grad=False)
+    e, M = inputs[0].element_size(), B * N
+    ms = cuda_time_ms(lambda: impl(*inputs))
+    record(benchmark, op="gated_residual_adaln_fwd", impl=impl.name, shape=shape, dtype=DTYPE, ms=ms,
+           bytes_moved=4 * M * W * e + (3 * B * W + W) * e + 4 * M, ceilings=ceilings)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+@pytest.mark.parametrize("impl", GATED)
+def test_gated_residual_adaln_bwd(benchmark, ceilings, impl, shape) -> None:
+    B, N, W = shape
+    inputs = _adaln_inputs(B, N, W, requires_grad=True)
+    res, y = impl(*inputs)
+    grads = (torch.randn_like(res), torch.randn_like(y))
+    e, M = res.element_size(), B * N
+    ms = cuda_time_ms(lambda: torch.autograd.grad((res, y), inputs, grads, retain_graph=True))
+    record(benchmark, op="gated_residual_adaln_bwd", impl=impl.name, shape=shape, dtype=DTYPE, ms=ms,
+           bytes_moved=6 * M * W * e + 4 * M + (3 * B * W + W) * e, ceilings=ceilings)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+@pytest.mark.parametrize("impl", SWIGLU)
+def test_swiglu_fwd(benchmark, ceilings, impl, shape) -> None:
+    B, N, W = shape
+    H = _hidden(W)
+    h = torch.randn(B, N, 2 * H, device=DEVICE, dtype=DTYPE)
+    ms = cuda_time_ms(lambda: impl(h))
+    record(benchmark, op="swiglu_fwd", impl=impl.name, shape=(B, N, 2 * H), dtype=DTYPE, ms=ms,
+           bytes_moved=3 * B * N * H * h.element_size(), ceilings=ceilings)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+@pytest.mark.parametrize("impl", SWIGLU)
+def test_swiglu_bwd(benchmark, ceilings, impl, shape) -> None:
+    B, N, W = shape
+    H = _hidden(W)
+    h = torch.randn(B, N, 2 * H, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    out = impl(h)
+    dout = torch.randn_like(out)
+    ms = cuda_time_ms(lambda: torch.autograd.grad(out, h, dout, retain_graph=True))
+    record(benchmark, op="swiglu_bwd", impl=impl.name, shape=(B, N, 2 * H), dtype=DTYPE, ms=ms,
+           bytes_moved=5 * B * N * H * h.element_size(), ceilings=ceilings)

@@ -1,0 +1,182 @@
+// CUDA AdaLN kernels (torch-free; launched from adaln_binding.cpp). Math in adaln_math.h, shared with
+// the CPU kernels. Thread t of a block owns columns t, t + blockDim, ... (at most MAXC of them), so a row
+// lives in registers between its reduction and its output pass and every access is coalesced.
+#include <cuda_runtime.h>
+
+#include "adaln_math.h"
+#include "sf_cuda_util.cuh"
+
+namespace sphere_fast {
+namespace {
+
+// At most 256 threads per block, so that up to 255 registers per thread still fit an SM.
+constexpr int kMaxThreads = 256;
+
+template <typename T>
+__device__ __forceinline__ float ldg(const void* p, int64_t i) {
+  return to_f(static_cast<const T*>(p)[i]);
+}
+
+template <typename T>
+__device__ __forceinline__ void stg(void* p, int64_t i, float v) {
+  static_cast<T*>(p)[i] = from_f<T>(v);
+}
+
+// One block per row.
+template <typename T, int MAXC>
+__global__ __launch_bounds__(kMaxThreads) void adaln_fwd_kernel(const AdalnFwdParams p) {
+  __shared__ float smem[32];
+  const int64_t row = blockIdx.x, D = p.D;
+  const int64_t b = row / p.S, s = row % p.S;
+  const int64_t xo = b * p.sx_b + s * p.sx_s, bro = b * p.sbr_b + s * p.sbr_s, go = b * p.sg_b + s * p.sg_s;
+  float r[MAXC];
+  float sum_sq = 0.f;
+#pragma unroll
+  for (int i = 0; i < MAXC; ++i) {
+    const int64_t d = threadIdx.x + static_cast<int64_t>(i) * blockDim.x;
+    r[i] = 0.f;
+    if (d < D) {
+      float v = ldg<T>(p.x, xo + d);
+      if (p.branch) {
+        const float g = p.gate ? ldg<T>(p.gate, go + d) : 1.f;
+        const T rounded = from_f<T>(adaln_residual(v, g, ldg<T>(p.branch, bro + d)));
+        static_cast<T*>(p.res)[row * D + d] = rounded;
+        v = to_f(rounded);  // normalise the stored residual, as an unfused model would
+      }
+      r[i] = v;
+      sum_sq += v * v;
+    }
+  }
+  const float rstd = adaln_rstd(block_sum(sum_sq, smem), D, p.eps);
+  if (threadIdx.x == 0) p.rstd[row] = rstd;
+  const int64_t sho = b * p.ssh_b + s * p.ssh_s, sco = b * p.ssc_b + s * p.ssc_s;
+#pragma unroll
+  for (int i = 0; i < MAXC; ++i) {
+    const int64_t d = threadIdx.x + static_cast<int64_t>(i) * blockDim.x;
+    if (d < D) {
+      const float w = p.weight ? ldg<T>(p.weight, d) : 1.f;
+      const float sc = p.scale ? ldg<T>(p.scale, sco + d) : 0.f;
+      const float sh = p.shift ? ldg<T>(p.shift, sho + d) : 0.f;
+      stg<T>(p.y, row * D + d, adaln_out(r[i], rstd, w, sc, sh));
+    }
+  }
+}
+
+// Block (c, b) walks rows [c * rows_per_prog, ...) of sample b and writes one row of column partials.
+template <typename T, int MAXC>
+__global__ __launch_bounds__(kMaxThreads) void adaln_bwd_kernel(const AdalnBwdParams p) {
+  __shared__ float smem[32];
+  const int64_t c = blockIdx.x, b = blockIdx.y, D = p.D;
+  const int64_t s_begin = c * p.rows_per_prog;
+  const int64_t s_end = s_begin + p.rows_per_prog < p.S ? s_begin + p.rows_per_prog : p.S;
+  float w[MAXC], aw[MAXC], ag[MAXC], ash[MAXC], asc[MAXC];
+#pragma unroll
+  for (int i = 0; i < MAXC; ++i) {
+    const int64_t d = threadIdx.x + static_cast<int64_t>(i) * blockDim.x;
+    w[i] = (p.weight && d < D) ? ldg<T>(p.weight, d) : 1.f;
+    aw[i] = ag[i] = ash[i] = asc[i] = 0.f;
+  }
+  for (int64_t s = s_begin; s < s_end; ++s) {
+    const int64_t row = b * p.S + s, ro = row * D;
+    const int64_t sco = b * p.ssc_b + s * p.ssc_s, go = b * p.sg_b + s * p.sg_s, bro = b * p.sbr_b + s * p.sbr_s;
+    const float rstd = p.rstd[row];
+    float n[MAXC], dn[MAXC];
+    float dot = 0.f;
+#pragma unroll
+    for (int i = 0; i < MAXC; ++i) {
+      const int64_t d = threadIdx.x + static_cast<int64_t>(i) * blockDim.x;
+      n[i] = dn[i] = 0.f;
+      if (d < D) {
+        const float dy = ldg<T>(p.dy, ro + d);
+        const float one_sc = 1.f + (p.scale ? ldg<T>(p.scale, sco + d) : 0.f);
+        n[i] = ldg<T>(p.res, ro + d) * rstd;
+        dn[i] = dy * w[i] * one_sc;
+        dot += dn[i] * n[i];
+        aw[i] += dy * n[i] * one_sc;
+        if (p.scale) {
+          if (p.dscale) stg<T>(p.dscale, ro + d, dy * n[i] * w[i]);
+          else asc[i] += dy * n[i] * w[i];
+        }
+        if (p.has_shift) {
+          if (p.dshift) stg<T>(p.dshift, ro + d, dy);
+          else ash[i] += dy;
+        }
+      }
+    }
+    const float mean_dn_n = block_sum(dot, smem) / static_cast<float>(D);
+#pragma unroll
+    for (int i = 0; i < MAXC; ++i) {
+      const int64_t d = threadIdx.x + static_cast<int64_t>(i) * blockDim.x;
+      if (d < D) {
+        const float dres = p.dres ? ldg<T>(p.dres, ro + d) : 0.f;
+        const float dr = adaln_dres(dn[i], n[i], mean_dn_n, rstd, dres);
+        stg<T>(p.dx, ro + d, dr);
+        if (p.branch) {
+          const float g = p.gate ? ldg<T>(p.gate, go + d) : 1.f;
+          stg<T>(p.dbranch, ro + d, dr * g);
+          if (p.gate) {
+            const float dg = dr * ldg<T>(p.branch, bro + d);
+            if (p.dgate) stg<T>(p.dgate, ro + d, dg);
+            else ag[i] += dg;
+          }
+        }
+      }
+    }
+  }
+  const int64_t po = (b * p.chunks + c) * D;
+#pragma unroll
+  for (int i = 0; i < MAXC; ++i) {
+    const int64_t d = threadIdx.x + static_cast<int64_t>(i) * blockDim.x;
+    if (d < D) {
+      if (p.pw) p.pw[po + d] = aw[i];
+      if (p.pg) p.pg[po + d] = ag[i];
+      if (p.psh) p.psh[po + d] = ash[i];
+      if (p.psc) p.psc[po + d] = asc[i];
+    }
+  }
+}
+
+// Threads per block for MAXC columns per thread: a multiple of 32, at most kMaxThreads.
+unsigned threads_for(int64_t D, int maxc) {
+  const int64_t t = (D + maxc - 1) / maxc;
+  return static_cast<unsigned>(((t + 31) / 32) * 32);
+}
+
+template <typename T>
+void fwd_launch(const AdalnFwdParams& p, cudaStream_t st) {
+  const dim3 grid(static_cast<unsigned>(p.B * p.S));
+  if (p.D <= 4 * kMaxThreads) adaln_fwd_kernel<T, 4><<<grid, threads_for(p.D, 4), 0, st>>>(p);
+  else if (p.D <= 8 * kMaxThreads) adaln_fwd_kernel<T, 8><<<grid, threads_for(p.D, 8), 0, st>>>(p);
+  else adaln_fwd_kernel<T, 16><<<grid, threads_for(p.D, 16), 0, st>>>(p);
+}
+
+template <typename T>
+void bwd_launch(const AdalnBwdParams& p, cudaStream_t st) {
+  const dim3 grid(static_cast<unsigned>(p.chunks), static_cast<unsigned>(p.B));
+  if (p.D <= 4 * kMaxThreads) adaln_bwd_kernel<T, 4><<<grid, threads_for(p.D, 4), 0, st>>>(p);
+  else if (p.D <= 8 * kMaxThreads) adaln_bwd_kernel<T, 8><<<grid, threads_for(p.D, 8), 0, st>>>(p);
+  else adaln_bwd_kernel<T, 16><<<grid, threads_for(p.D, 16), 0, st>>>(p);
+}
+
+}  // namespace
+
+// The binding guarantees D <= 4096 (16 columns per thread x 256 threads).
+void adaln_fwd_cuda(const AdalnFwdParams& p, DType dt, void* stream) {
+  auto st = static_cast<cudaStream_t>(stream);
+  switch (dt) {
+    case DType::kFloat32: return fwd_launch<float>(p, st);
+    case DType::kFloat16: return fwd_launch<__half>(p, st);
+    case DType::kBFloat16: return fwd_launch<__nv_bfloat16>(p, st);
+  }
+}
+
+void adaln_bwd_cuda(const AdalnBwdParams& p, DType dt, void* stream) {
+  auto st = static_cast<cudaStream_t>(stream);
+  switch (dt) {
+    case DType::kFloat32: return bwd_launch<float>(p, st);
+    case DType::kFloat16: return bwd_launch<__half>(p, st);
+    case DType::kBFloat16: return bwd_launch<__nv_bfloat16>(p, st);
+  }
+}
+
+}  // namespace sphere_fast

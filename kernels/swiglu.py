@@ -1,0 +1,41 @@
+"""Triton kernels for SwiGLU: out = silu(a) * b where h = cat(a, b) on the last dim.
+
+Raw device code only; launchers and autograd live in ``sphere_fast/ops/swiglu.py``. h is [M, 2H] with row
+stride ``stride_h`` and a unit last stride, so the split costs nothing: a is columns [0, H), b is [H, 2H).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def swiglu_fwd_kernel(H_PTR, OUT, M, H, stride_h, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < M)[:, None] & (cols < H)[None, :]
+    h_off = rows.to(tl.int64)[:, None] * stride_h + cols[None, :]
+    a = tl.load(H_PTR + h_off, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(H_PTR + h_off + H, mask=mask, other=0.0).to(tl.float32)
+    out = a * tl.sigmoid(a) * b
+    tl.store(OUT + rows.to(tl.int64)[:, None] * H + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def swiglu_bwd_kernel(DOUT, H_PTR, DH, M, H, stride_h, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < M)[:, None] & (cols < H)[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    h_off = r64 * stride_h + cols[None, :]
+    a = tl.load(H_PTR + h_off, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(H_PTR + h_off + H, mask=mask, other=0.0).to(tl.float32)
+    dout = tl.load(DOUT + r64 * H + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(a)
+    # silu'(a) = sig * (1 + a * (1 - sig))
+    da = dout * b * sig * (1.0 + a * (1.0 - sig))
+    db = dout * a * sig
+    dh_off = r64 * (2 * H) + cols[None, :]
+    tl.store(DH + dh_off, da.to(DH.dtype.element_ty), mask=mask)
+    tl.store(DH + dh_off + H, db.to(DH.dtype.element_ty), mask=mask)

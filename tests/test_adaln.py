@@ -1,0 +1,222 @@
+"""AdaLN ops (adaln_modulate, gated_residual_adaln): every fused backend against the eager reference.
+
+Tolerances: fp32 within 1e-5 relative (atol 1e-5 x the tensor's max magnitude). bf16 / fp16 are compared
+with the fp32 reference evaluated on the same (rounded) inputs: within 2 ulp (2**-6 for bf16, 2**-9 for
+fp16) relative to the tensor's max magnitude, which also covers the interpreter's truncating fp32->bf16.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from sphere_fast.backend import available_backends
+
+adaln = importlib.import_module("sphere_fast.ops.adaln")
+
+FUSED = [pytest.param(b, marks=pytest.mark.skipif(b not in available_backends("cpu"), reason=f"{b} unavailable"))
+         for b in ("triton", "cpp")]
+WIDTHS = [64, 96, 512, 768, 1024, 1152, 97]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2.0**-6, torch.float16: 2.0**-9}
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -> None:
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    expected = expected.float()
+    atol = tol * max(expected.abs().max().item(), 1e-6)
+    torch.testing.assert_close(actual.float(), expected, rtol=tol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def make_inputs(B: int, S: int, D: int, *, tokens: bool, dtype=torch.float32, seed: int = 0, gated: bool = True):
+    g = torch.Generator().manual_seed(seed)
+    mod = (B, S, D) if tokens else (B, 1, D)
+
+    def rnd(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g) * s).to(dtype)
+
+    x = rnd(B, S, D)
+    branch = rnd(B, S, D) if gated else None
+    gate = rnd(*mod, s=0.5) if gated else None
+    return x, branch, gate, 1 + rnd(D, s=0.1), rnd(*mod, s=0.5), rnd(*mod, s=0.5)
+
+
+def run_gated(fn, inputs, grads_out):
+    """Forward and backward of gated_residual_adaln-like ``fn``; returns outputs and every input grad."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in inputs]
+    res, y = fn(*leaves)
+    dres, dy = grads_out
+    ((res.float() * dres).sum() + (y.float() * dy).sum()).backward()
+    return (res, y), [None if t is None else t.grad for t in leaves]
+
+
+def run_modulate(fn, inputs, dy):
+    leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in inputs]
+    y = fn(*leaves)
+    (y.float() * dy).sum().backward()
+    return y, [None if t is None else t.grad for t in leaves]
+
+
+NAMES = ("x", "branch", "gate", "weight", "shift", "scale")
+
+
+def check_gated(backend: str, inputs, tol: float, truth_inputs=None) -> None:
+    """The fused backend's outputs and grads against the reference (run on ``truth_inputs`` if given)."""
+    truth_inputs = inputs if truth_inputs is None else truth_inputs
+    B, S, D = inputs[0].shape
+    g = torch.Generator().manual_seed(1)
+    dres, dy = torch.randn(B, S, D, generator=g), torch.randn(B, S, D, generator=g)
+    (res, y), grads = run_gated(lambda *t: adaln.gated_residual_adaln(*t, backend=backend), inputs, (dres, dy))
+    (res0, y0), grads0 = run_gated(adaln.gated_residual_adaln_reference, truth_inputs, (dres, dy))
+    assert res.dtype == y.dtype == inputs[0].dtype
+    close(res, res0, tol, "res")
+    close(y, y0, tol, "y")
+    for name, a, b in zip(NAMES, grads, grads0):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert a.dtype == inputs[NAMES.index(name)].dtype, name
+            close(a, b, tol, f"d{name}")
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("D", WIDTHS)
+def test_gated_widths_fp32(backend: str, D: int) -> None:
+    check_gated(backend, make_inputs(2, 3, D, tokens=False, seed=D), TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("S,D", [(1, 96), (7, 96), (256, 768)])
+@pytest.mark.parametrize("tokens", [False, True], ids=["broadcast", "per_token"])
+def test_gated_tokens_and_modulation(backend: str, S: int, D: int, tokens: bool) -> None:
+    B = 1 if S == 256 else 2  # B=1, S=256: the backward splits one sample over several programs
+    check_gated(backend, make_inputs(B, S, D, tokens=tokens, seed=S), TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("absent", ["gate", "weight", "shift", "scale", "all"])
+def test_gated_optional_inputs(backend: str, absent: str) -> None:
+    x, br, gate, w, sh, sc = make_inputs(2, 7, 96, tokens=True, seed=3)
+    drop = {"gate", "weight", "shift", "scale"} if absent == "all" else {absent}
+    inputs = [x, br] + [None if n in drop else t for n, t in zip(NAMES[2:], (gate, w, sh, sc))]
+    check_gated(backend, inputs, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("D", [64, 1152, 97])
+@pytest.mark.parametrize("variant", ["full", "plain_rmsnorm", "per_token_no_weight"])
+def test_modulate(backend: str, D: int, variant: str) -> None:
+    x, _, _, w, sh, sc = make_inputs(2, 7, D, tokens=variant == "per_token_no_weight", seed=D, gated=False)
+    inputs = {"full": [x, w, sh, sc], "plain_rmsnorm": [x, None, None, None],
+              "per_token_no_weight": [x, None, sh, sc]}[variant]
+    dy = torch.randn(2, 7, D, generator=torch.Generator().manual_seed(2))
+    y, grads = run_modulate(lambda *t: adaln.adaln_modulate(*t, backend=backend), inputs, dy)
+    y0, grads0 = run_modulate(adaln.adaln_modulate_reference, inputs, dy)
+    close(y, y0, TOL[torch.float32], "y")
+    for name, a, b in zip(("x", "weight", "shift", "scale"), grads, grads0):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            close(a, b, TOL[torch.float32], f"d{name}")
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("shape", [(4, 2, 3, 32), (5, 64), (33,)])
+def test_plain_rmsnorm_any_rank(backend: str, shape: tuple[int, ...]) -> None:
+    """RMSNorm modules (q/k norms on [B, H, N, d], 2-D features) call adaln_modulate without modulation."""
+    x = torch.randn(*shape)
+    w = 1 + 0.1 * torch.randn(shape[-1])
+    dy = torch.randn(*shape)
+    y, grads = run_modulate(lambda *t: adaln.adaln_modulate(*t, backend=backend), [x, w], dy)
+    y0, grads0 = run_modulate(adaln.adaln_modulate_reference, [x, w], dy)
+    close(y, y0, TOL[torch.float32], "y")
+    for name, a, b in zip(("x", "weight"), grads, grads0):
+        close(a, b, TOL[torch.float32], f"d{name}")
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("tokens", [False, True], ids=["broadcast", "per_token"])
+def test_gated_low_precision(backend: str, dtype: torch.dtype, tokens: bool) -> None:
+    inputs = make_inputs(2, 7, 768, tokens=tokens, dtype=dtype, seed=5)
+    check_gated(backend, inputs, TOL[dtype], truth_inputs=[t.float() for t in inputs])
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_non_contiguous_inputs(backend: str) -> None:
+    B, S, D = 2, 5, 96
+    x, br, gate, w, sh, sc = make_inputs(B, S, D, tokens=True, seed=7)
+    # x strided over tokens, branch with a non-unit last stride, a stride-0 expanded gate, a sliced weight.
+    x_nc = torch.cat([x, x], dim=1)[:, ::2]
+    br_nc = br.transpose(1, 2).contiguous().transpose(1, 2)
+    gate_nc = gate[:, :1].expand(B, S, D)
+    w_nc = torch.stack([w, w], dim=1)[:, 0]
+    sh_nc = sh.transpose(0, 1).contiguous().transpose(0, 1)
+    inputs = [x_nc, br_nc, gate_nc, w_nc, sh_nc, sc]
+    assert not any(t.is_contiguous() for t in inputs[:5])
+    check_gated(backend, inputs, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", ["eager"] + FUSED)
+def test_bad_inputs_raise(backend: str) -> None:
+    x, br, gate, w, sh, sc = make_inputs(2, 3, 64, tokens=False)
+    gated = adaln.gated_residual_adaln
+    with pytest.raises(ValueError, match="shift"):
+        adaln.adaln_modulate(x, w, sh[:, :, :32], sc, backend=backend)
+    with pytest.raises(ValueError, match="scale"):
+        adaln.adaln_modulate(x, w, sh, torch.zeros(2, 2, 64), backend=backend)
+    with pytest.raises(ValueError, match="x must have shape"):
+        adaln.adaln_modulate(x[0], w, sh, sc, backend=backend)
+    with pytest.raises(TypeError, match="weight"):
+        adaln.adaln_modulate(x, w.half(), sh, sc, backend=backend)
+    with pytest.raises(TypeError, match="x must be"):
+        adaln.adaln_modulate(x.long(), backend=backend)
+    with pytest.raises(ValueError, match="weight is on meta"):
+        adaln.adaln_modulate(x, w.to("meta"), sh, sc, backend=backend)
+    with pytest.raises(ValueError, match="eps"):
+        adaln.adaln_modulate(x, w, sh, sc, eps=float("nan"), backend=backend)
+    with pytest.raises(ValueError, match="branch"):
+        gated(x, br[:, :2], gate, w, sh, sc, backend=backend)
+    with pytest.raises(TypeError, match="gate"):
+        gated(x, br, gate.double(), w, sh, sc, backend=backend)
+    with pytest.raises(TypeError, match="branch"):
+        gated(x, None, gate, w, sh, sc, backend=backend)
+
+
+def test_backward_splits_a_sample_over_programs() -> None:
+    """The column reduction never runs on one program per sample: long samples get several chunks."""
+    chunks, rows = adaln._chunking(1, 1024, 4, torch.device("cpu"))
+    assert chunks > 1 and chunks * rows >= 1024
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_opcheck(backend: str) -> None:
+    x, br, gate, w, sh, sc = (t.requires_grad_(True) for t in make_inputs(2, 3, 96, tokens=False))
+    torch.library.opcheck(torch.ops.sphere_fast.gated_residual_adaln_fwd.default, (x, br, gate, w, sh, sc, 1e-6, backend))
+    torch.library.opcheck(torch.ops.sphere_fast.adaln_modulate_fwd.default, (x, w, sh, sc, 1e-6, backend))
+    torch.library.opcheck(torch.ops.sphere_fast.adaln_modulate_fwd.default, (x, None, None, None, 1e-6, backend))
+    res = (x + gate * br).detach()
+    rstd = torch.rsqrt(res.square().mean(-1) + 1e-6)
+    dy, dres = torch.randn_like(res), torch.randn_like(res)
+    args = (dy, dres, res, br.detach(), gate.detach(), w.detach(), sh.detach(), sc.detach(), rstd, backend)
+    torch.library.opcheck(torch.ops.sphere_fast.adaln_bwd.default, args)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_torch_compile_fullgraph(backend: str) -> None:
+    x, br, gate, w, sh, sc = make_inputs(2, 3, 96, tokens=False)
+
+    def block(x, br, gate, w, sh, sc):
+        res, y = adaln.gated_residual_adaln(x, br, gate, w, sh, sc, backend=backend)
+        return res, adaln.adaln_modulate(y, w, sh, sc, backend=backend) * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    leaves = [t.clone().requires_grad_(True) for t in (x, br, gate, w, sh, sc)]
+    res, out = compiled(*leaves)
+    (res.sum() + out.square().sum()).backward()
+    ref_leaves = [t.clone().requires_grad_(True) for t in (x, br, gate, w, sh, sc)]
+    res0, out0 = block(*ref_leaves)
+    (res0.sum() + out0.square().sum()).backward()
+    close(out, out0, 1e-5, "compiled out")
+    for name, a, b in zip(NAMES, leaves, ref_leaves):
+        close(a.grad, b.grad, 1e-5, f"compiled d{name}")

@@ -1,0 +1,109 @@
+"""SwiGLU (silu(a) * b, h = cat(a, b)): every fused backend against the eager reference.
+
+Tolerances: fp32 within 1e-5 relative (atol 1e-5 x the tensor's max magnitude); bf16 / fp16 against the
+fp32 reference on the same rounded inputs within 2 ulp (2**-6, 2**-9) of the tensor's max magnitude (the
+eager bf16 reference itself rounds twice; the interpreter truncates fp32->bf16).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from sphere_fast.backend import available_backends
+
+sw = importlib.import_module("sphere_fast.ops.swiglu")
+
+FUSED = [pytest.param(b, marks=pytest.mark.skipif(b not in available_backends("cpu"), reason=f"{b} unavailable"))
+         for b in ("triton", "cpp")]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2.0**-6, torch.float16: 2.0**-9}
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -> None:
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    expected = expected.float()
+    atol = tol * max(expected.abs().max().item(), 1e-6)
+    torch.testing.assert_close(actual.float(), expected, rtol=tol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def fwd_bwd(fn, h: torch.Tensor, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    leaf = h.detach().clone().requires_grad_(True)
+    out = fn(leaf)
+    (out.float() * dout).sum().backward()
+    return out, leaf.grad
+
+
+def check(backend: str, h: torch.Tensor, tol: float, truth: torch.Tensor | None = None) -> None:
+    truth = h if truth is None else truth
+    dout = torch.randn(*h.shape[:-1], h.shape[-1] // 2, generator=torch.Generator().manual_seed(1))
+    out, dh = fwd_bwd(lambda t: sw.swiglu(t, backend=backend), h, dout)
+    out0, dh0 = fwd_bwd(sw.swiglu_reference, truth, dout)
+    assert out.dtype == dh.dtype == h.dtype
+    close(out, out0, tol, "out")
+    close(dh, dh0, tol, "dh")
+
+
+def randn(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
+    return (2 * torch.randn(*shape, generator=torch.Generator().manual_seed(seed))).to(dtype)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("H", [64, 170, 513, 2730, 1])
+def test_widths_fp32(backend: str, H: int) -> None:
+    check(backend, randn(2, 3, 2 * H, seed=H), TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("S", [1, 7, 256])
+def test_tokens(backend: str, S: int) -> None:
+    check(backend, randn(1, S, 2 * 170, seed=S), TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision(backend: str, dtype: torch.dtype) -> None:
+    h = randn(2, 7, 2 * 170, dtype=dtype)
+    check(backend, h, TOL[dtype], truth=h.float())
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_non_contiguous(backend: str) -> None:
+    base = randn(2, 5, 2 * 170 + 6)
+    row_strided = base[..., : 2 * 170]  # unit last stride, padded rows: read in place
+    transposed = randn(2, 2 * 170, 5).transpose(1, 2)  # non-unit last stride: copied
+    for h in (row_strided, transposed):
+        assert not h.is_contiguous()
+        check(backend, h, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", ["eager"] + FUSED)
+def test_bad_inputs_raise(backend: str) -> None:
+    with pytest.raises(ValueError, match="h must have an even"):
+        sw.swiglu(randn(2, 3, 7), backend=backend)
+    with pytest.raises(TypeError, match="h must be float32"):
+        sw.swiglu(torch.ones(2, 4, dtype=torch.int32), backend=backend)
+    with pytest.raises(TypeError, match="h must be a torch.Tensor"):
+        sw.swiglu([1.0, 2.0], backend=backend)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_opcheck(backend: str) -> None:
+    h = randn(2, 3, 2 * 85).requires_grad_(True)
+    torch.library.opcheck(torch.ops.sphere_fast.swiglu_fwd.default, (h, backend))
+    torch.library.opcheck(torch.ops.sphere_fast.swiglu_bwd.default, (randn(2, 3, 85), h.detach(), backend))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_torch_compile_fullgraph(backend: str) -> None:
+    def mlp(h: torch.Tensor) -> torch.Tensor:
+        return sw.swiglu(h * 2, backend=backend).sum(-1)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(mlp, fullgraph=True, backend="aot_eager")
+    h = randn(2, 3, 2 * 85)
+    out, dh = fwd_bwd(compiled, h, torch.ones(2, 3))
+    out0, dh0 = fwd_bwd(mlp, h, torch.ones(2, 3))
+    close(out, out0, 1e-5, "out")
+    close(dh, dh0, 1e-5, "dh")
