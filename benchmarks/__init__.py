@@ -1,0 +1,1 @@
+"""pytest-benchmark suites (bench_<op>.py), their shared harness, the report and the one-command GPU check."""

@@ -1,0 +1,274 @@
+"""Every GPU check in one command: build the CUDA extensions for sm_90a, run the GPU-marked tests, run the
+benchmark suites at real sizes, and write JSON plus a markdown report to a folder; the report prints last.
+
+    bash benchmarks/gpu_check.sh OUTDIR            # or: python -m benchmarks.gpu_check OUTDIR
+
+Each phase runs in its own process group under a timeout, all inside --budget seconds (default 450, so
+the whole check ends inside 8 minutes on an H200). Without a CUDA device the GPU phases are skipped, and
+the report says so. Files in OUTDIR (at most 7, flat, as the device tool returns them): env.json,
+<phase>.log, bench-<date>-<device>.json (copy it to benchmarks/results/ to publish it), report.md.
+Exit status 1 if a phase failed or ran out of time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PHASES = ("install", "build", "tests", "bench")
+PHASE_LIMITS_S = {"install": 90, "build": 150, "tests": 110, "bench": 180}
+MIN_PHASE_S = 10  # below this a phase is not started
+PER_TEST_TIMEOUT_S = 120
+JSON_MARGIN_S = 30  # bench cases stop starting this long before the phase limit
+
+# One tiny CUDA call per op that has a C++ backend: its first call compiles the op's extension (lazily,
+# through sphere_fast._extension.load_extension). Keep in step with the ops' signatures.
+BUILD_CALLS: dict[str, str] = {
+    "spherify": "ops.spherify(torch.randn(2, 3, 8, 8, device='cuda'), backend='cpp')",
+    "spherify_noise": (
+        "ops.spherify_noise(torch.randn(2, 3, 8, 8, device='cuda'), 0.5, "
+        "seeds=torch.arange(2, device='cuda'), backend='cpp')"
+    ),
+    "adaln_modulate": (
+        "ops.adaln_modulate(torch.randn(2, 4, 64, device='cuda'), torch.randn(64, device='cuda'), "
+        "torch.randn(2, 1, 64, device='cuda'), torch.randn(2, 1, 64, device='cuda'), backend='cpp')"
+    ),
+    "swiglu": "ops.swiglu(torch.randn(2, 4, 128, device='cuda'), backend='cpp')",
+}
+
+
+@dataclass
+class Phase:
+    name: str
+    status: str  # ok | failed | timeout | skipped
+    seconds: float
+    note: str = ""
+
+
+def _stop(proc: subprocess.Popen[bytes], timeout: float) -> int | None:
+    """Wait for ``proc``; at ``timeout`` kill its process group (its ninja / nvcc / pytest children too)."""
+    try:
+        return proc.wait(timeout=max(timeout, 0.1))
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return None
+
+
+def run_logged(
+    cmd: Sequence[str], log: Path, timeout: float, env: Mapping[str, str] | None = None, ok_codes: Sequence[int] = (0,)
+) -> tuple[str, float]:
+    """Run ``cmd`` in its own process group with output appended to ``log``; (ok | failed | timeout, seconds)."""
+    start = time.monotonic()
+    with log.open("a") as out:
+        out.write(f"$ {' '.join(cmd)}\n")
+        out.flush()
+        proc = subprocess.Popen(
+            list(cmd), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=dict(env or os.environ),
+            start_new_session=True,
+        )
+        rc = _stop(proc, timeout)
+        if rc is None:
+            out.write(f"\n[gpu_check] killed after {timeout:.0f} s\n")
+    status = "timeout" if rc is None else ("ok" if rc in ok_codes else "failed")
+    return status, time.monotonic() - start
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+
+class Check:
+    """Runs the phases in order against one deadline and collects what the report shows."""
+
+    def __init__(self, out: Path, budget_s: float, phases: Sequence[str], cuda: bool) -> None:
+        self.out = out
+        self.deadline = time.monotonic() + budget_s
+        self.phases = phases
+        self.cuda = cuda
+        self.results: list[Phase] = []
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.env.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")  # sm_90a: wgmma / setmaxnreg kernels
+        self.env.setdefault("MAX_JOBS", str(os.cpu_count() or 4))
+        self.bench_json: Path | None = None
+
+    def skip(self, name: str, why: str) -> None:
+        self.results.append(Phase(name, "skipped", 0.0, why))
+        print(f"[gpu_check] {name}: skipped ({why})", flush=True)
+
+    def limit(self, name: str) -> float | None:
+        """Seconds phase ``name`` may take, or None (recorded as skipped) when the budget is spent."""
+        left = min(PHASE_LIMITS_S[name], self.deadline - time.monotonic())
+        if left < MIN_PHASE_S:
+            self.skip(name, "out of time budget")
+            return None
+        return left
+
+    def done(self, phase: Phase) -> None:
+        self.results.append(phase)
+        print(f"[gpu_check] {phase.name}: {phase.status} in {phase.seconds:.0f} s; {phase.note}", flush=True)
+
+    def timed(
+        self,
+        name: str,
+        cmd: Sequence[str],
+        note: str,
+        ok_codes: Sequence[int] = (0,),
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        limit = self.limit(name)
+        if limit is not None:
+            status, secs = run_logged(cmd, self.out / f"{name}.log", limit, {**self.env, **(env or {})}, ok_codes)
+            self.done(Phase(name, status, secs, note if status == "ok" else f"see {name}.log"))
+
+    def run(self, name: str) -> None:
+        if name not in self.phases:
+            self.skip(name, "not requested (--phases)")
+        elif name == "install":
+            self.install()
+        elif not self.cuda:
+            self.skip(name, "no CUDA device: torch.cuda.is_available() is False")
+        else:
+            getattr(self, name)()
+
+    def install(self) -> None:
+        # setup.py maps sphere_fast.csrc / .kernels onto csrc/ and kernels/: only an install makes them
+        # importable, and the lazy extension builds look for their sources there.
+        start = time.monotonic()
+        spec = importlib.util.find_spec("sphere_fast.csrc")
+        if spec is not None and spec.origin and Path(spec.origin).resolve().is_relative_to(ROOT):
+            self.done(Phase("install", "ok", time.monotonic() - start, "sphere_fast installed from this checkout"))
+            return
+        self.timed(
+            "install",
+            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", str(ROOT)],
+            "pip install -e . (editable, no deps)",
+        )
+
+    def build(self) -> None:
+        limit = self.limit("build")
+        if limit is None:
+            return
+        start = time.monotonic()
+        # One process per op, all at once: each extension is its own ninja build.
+        procs = {}
+        for name, call in BUILD_CALLS.items():
+            op_log = self.out / f".build-{name}.log"
+            script = (f"import torch\nfrom sphere_fast import ops\n{call}\n"
+                      "if torch.cuda.is_available():\n    torch.cuda.synchronize()  # surface launch errors here\n")
+            with op_log.open("w") as out:
+                procs[name] = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=out,
+                                               stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        failed = []
+        with (self.out / "build.log").open("a") as log:
+            for name, proc in procs.items():
+                rc = _stop(proc, limit - (time.monotonic() - start))
+                if rc != 0:
+                    failed.append(f"{name} ({'timeout' if rc is None else 'failed'})")
+                op_log = self.out / f".build-{name}.log"
+                log.write(f"===== {name}: {BUILD_CALLS[name]} -> {'timeout' if rc is None else f'exit {rc}'}\n")
+                log.write(op_log.read_text(errors="replace"))
+                op_log.unlink()
+        if not failed:
+            phase = Phase("build", "ok", time.monotonic() - start, f"{len(procs)} ops built and ran with backend='cpp'")
+        else:
+            status = "timeout" if all("timeout" in f for f in failed) else "failed"
+            phase = Phase("build", status, time.monotonic() - start, "; ".join(failed) + "; see build.log")
+        self.done(phase)
+
+    def pytest(self, *args: str) -> list[str]:
+        # A hung case fails alone (pytest-timeout) instead of eating the phase.
+        per_test = ["--timeout", str(PER_TEST_TIMEOUT_S)] if importlib.util.find_spec("pytest_timeout") else []
+        return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *per_test, *args]
+
+    def tests(self) -> None:
+        # Exit 5 means no test was selected: not a failure of the check.
+        self.timed("tests", self.pytest("tests", "-m", "gpu"), "pytest tests -m gpu", ok_codes=(0, 5))
+
+    def bench(self) -> None:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M")
+        device = re.sub(r"[^a-z0-9]+", "-", _device_name().lower()).strip("-")
+        self.bench_json = self.out / f"bench-{stamp}-{device}.json"
+        # Cases starting after the deadline are skipped, so pytest still ends and writes the JSON in time.
+        left = self.deadline - time.monotonic()
+        deadline = time.time() + min(PHASE_LIMITS_S["bench"], left) - JSON_MARGIN_S
+        self.timed("bench", self.pytest("benchmarks", "--benchmark-enable", f"--benchmark-json={self.bench_json}"),
+                   "benchmarks at real sizes", env={"SPHERE_FAST_BENCH_DEADLINE": f"{deadline:.0f}"})
+
+    def report(self, env_info: Mapping[str, object], total_s: float) -> str:
+        from benchmarks import report
+
+        smi = env_info.get("nvidia_smi") or {}
+        lines = [
+            "# GPU check",
+            "",
+            f"Device {env_info['device']}, driver {smi.get('driver_version', '–')}, torch {env_info['torch']} "
+            f"(CUDA {env_info['cuda']}), triton {env_info['triton']}, Python {sys.version.split()[0]}; "
+            f"clocks before: SM {smi.get('clocks.sm', '–')}, memory {smi.get('clocks.mem', '–')}. "
+            f"Total {total_s:.0f} s.",
+        ]
+        if not self.cuda:
+            lines += ["", "**No CUDA device: the build, GPU tests and benchmarks were skipped.**"]
+        lines += ["", "| phase | status | seconds | note |", "|---|---|---|---|"]
+        lines += [f"| {p.name} | {p.status} | {p.seconds:.0f} | {p.note} |" for p in self.results]
+        for p in self.results:
+            if p.status in ("failed", "timeout"):
+                lines += ["", f"{p.name}.log (end):", "```", tail(self.out / f"{p.name}.log"), "```"]
+        lines.append("")
+        if self.bench_json is not None and self.bench_json.exists():
+            lines.append(report.render(json.loads(self.bench_json.read_text())))
+        else:
+            lines.append("No benchmark results in this run.")
+        return "\n".join(lines) + "\n"
+
+
+def _device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path, help="folder for the JSON, logs and report.md")
+    parser.add_argument("--budget", type=float, default=450.0, help="seconds for all phases (default %(default)s)")
+    parser.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset of " + ",".join(PHASES))
+    args = parser.parse_args(argv)
+    phases = [p for p in args.phases.split(",") if p]
+    unknown = set(phases) - set(PHASES)
+    if unknown:
+        parser.error(f"unknown phases {sorted(unknown)}; choose from {PHASES}")
+
+    import torch
+
+    from benchmarks import harness
+
+    start = time.monotonic()
+    args.out.mkdir(parents=True, exist_ok=True)
+    env_info = harness.environment()
+    (args.out / "env.json").write_text(json.dumps(env_info, indent=2))
+    check = Check(args.out, args.budget, phases, torch.cuda.is_available())
+    if not check.cuda:
+        print("[gpu_check] no CUDA device: skipping the build, GPU tests and benchmarks", flush=True)
+    for name in PHASES:
+        check.run(name)
+    text = check.report(env_info, time.monotonic() - start)
+    (args.out / "report.md").write_text(text)
+    print(text, flush=True)  # last, so the device tool's output tail holds the table
+    return 1 if any(p.status in ("failed", "timeout") for p in check.results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

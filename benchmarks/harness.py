@@ -1,0 +1,366 @@
+"""Shared benchmark harness: CUDA-event timing, the device ceilings, and one row per (op, impl, shape, dtype).
+
+A bench file (``benchmarks/bench_<op>.py``) parametrizes over ``impls(...)`` and shapes, times one
+implementation per test with ``cuda_time_ms`` and calls ``record``; ``report.py`` pivots the rows into
+eager / torch.compile / ours / vendor columns. Bench files import it as
+``from benchmarks.harness import ...``.
+
+A bench file, in full::
+
+    import pytest, torch
+    from benchmarks.harness import DEVICE, cuda_time_ms, impls, pick, record, tensor_bytes
+    from sphere_fast.ops import swiglu, swiglu_reference
+
+    SHAPES = pick(real=[(8, 256, 8192), (64, 256, 8192)], smoke=[(2, 4, 64)])
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16])
+    @pytest.mark.parametrize("shape", SHAPES, ids=str)
+    @pytest.mark.parametrize("impl", impls(swiglu, swiglu_reference))
+    def test_swiglu(benchmark, ceilings, impl, shape, dtype):
+        h = torch.randn(shape, dtype=dtype, device=DEVICE)
+        out = impl(h)  # also the correctness gate: compare out with the reference before timing
+        ms = cuda_time_ms(lambda: impl(h))
+        record(benchmark, op="swiglu", impl=impl.name, shape=shape, dtype=dtype, ms=ms,
+               bytes_moved=tensor_bytes(h, out), ceilings=ceilings)
+
+Smoke mode (no CUDA device, or ``SPHERE_FAST_BENCH_SMOKE=1``): tiny sizes, one timed call, wall clock; every
+body still runs inside the normal test command, so suites cannot rot. Its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, TypeVar
+
+import pytest
+import torch
+
+SMOKE: bool = os.environ.get("SPHERE_FAST_BENCH_SMOKE") == "1" or not torch.cuda.is_available()
+DEVICE: torch.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+L2_FLUSH_BYTES = 256 * 1024 * 1024  # several times the H200's 60 MB L2
+OURS = ("triton", "cpp")  # the impl names that are this project's kernels
+
+T = TypeVar("T")
+
+
+def pick(real: T, smoke: T) -> T:
+    """``real`` normally, ``smoke`` in smoke mode: ``SHAPES = pick(real=[...], smoke=[...])``."""
+    return smoke if SMOKE else real
+
+
+def dtype_name(dtype: torch.dtype | str) -> str:
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+    return dtype if isinstance(dtype, str) else names.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def tensor_bytes(*tensors: torch.Tensor) -> int:
+    """Bytes of the given tensors: inputs read once plus outputs written once is the minimal traffic."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# ----------------------------------------------------------------------------------------------- timing
+
+
+class Timing(float):
+    """A median in milliseconds that also carries every sample (``record`` hands them to pytest-benchmark)."""
+
+    samples_ms: tuple[float, ...]
+
+    def __new__(cls, samples_ms: Sequence[float]) -> Timing:
+        if not samples_ms:
+            raise ValueError("no timing samples")
+        self = super().__new__(cls, statistics.median(samples_ms))
+        self.samples_ms = tuple(float(s) for s in samples_ms)
+        return self
+
+
+@functools.cache
+def _flush_buffer() -> torch.Tensor:
+    return torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device="cuda")
+
+
+def cuda_time_ms(
+    fn: Callable[..., Any],
+    *,
+    warmup: int = 10,
+    rep: int = 50,
+    rotate: Sequence[Sequence[Any]] | None = None,
+    flush_l2: bool = True,
+) -> Timing:
+    """Median milliseconds of ``fn()`` (or ``fn(*rotate[i % len(rotate)])``) over ``rep`` timed calls.
+
+    CUDA events around each call, one synchronize at the end (none per iteration); ``warmup`` calls first
+    (compilation, autotuning, allocator) are not timed. Before each call a 256 MB memset evicts L2, so
+    inputs come from HBM as in a real model step; it also gives the CPU a head start so launch latency
+    stays out of the events. ``rotate`` cycles through input sets, for cases where flushing is not enough
+    or not wanted (then pass flush_l2=False). In smoke mode: one call, wall clock without a GPU.
+    """
+    if rotate is not None and len(rotate) == 0:
+        raise ValueError("rotate must hold at least one argument tuple")
+    args: Callable[[int], Sequence[Any]] = (lambda i: rotate[i % len(rotate)]) if rotate else (lambda i: ())
+    if SMOKE:
+        warmup, rep = 0, 1
+    if not torch.cuda.is_available():  # then SMOKE is set: the wall clock only checks that fn runs
+        start = time.perf_counter()
+        fn(*args(0))
+        return Timing([(time.perf_counter() - start) * 1e3])
+    for i in range(warmup):
+        fn(*args(i))
+    flush = _flush_buffer() if flush_l2 else None
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
+    torch.cuda.synchronize()
+    for i in range(rep):
+        if flush is not None:
+            flush.zero_()
+        starts[i].record()
+        fn(*args(warmup + i))
+        ends[i].record()
+    torch.cuda.synchronize()
+    return Timing([s.elapsed_time(e) for s, e in zip(starts, ends)])
+
+
+# --------------------------------------------------------------------------------------------- ceilings
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    """The device's measured limits, in the same run as the benchmarks they scale."""
+
+    copy_gbps: float  # device-to-device copy, bytes read + written
+    matmul_tflops: float  # bf16 matmul through torch (cuBLAS)
+    copy_bytes: int
+    matmul_size: int
+
+
+def copy_rate(nbytes: int, ms: float) -> float:
+    """GB/s of a copy of ``nbytes``: it reads and writes each byte."""
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def matmul_rate(n: int, ms: float) -> float:
+    """TFLOP/s of an n x n x n matmul."""
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def measure_ceilings(copy_bytes: int | None = None, matmul_size: int | None = None) -> Ceilings | None:
+    """Copy bandwidth and bf16 matmul rate of this device; None without CUDA (nothing to scale against).
+
+    Defaults: a 2 GiB copy and an 8192^3 matmul (tiny in smoke mode). Random data, not zeros: the matmul
+    runs measurably faster on zeros (METHOD.md).
+    """
+    if not torch.cuda.is_available():
+        return None
+    copy_bytes = copy_bytes or pick(real=2 << 30, smoke=1 << 20)
+    matmul_size = matmul_size or pick(real=8192, smoke=256)
+    src = torch.randint(-128, 127, (copy_bytes,), dtype=torch.int8, device="cuda")
+    dst = torch.empty_like(src)
+    copy_ms = cuda_time_ms(lambda: dst.copy_(src), warmup=3, rep=20, flush_l2=False)
+    del src, dst
+    a = torch.randn(matmul_size, matmul_size, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(matmul_size, matmul_size, dtype=torch.bfloat16, device="cuda")
+    mm_ms = cuda_time_ms(lambda: a @ b, warmup=3, rep=20, flush_l2=False)
+    return Ceilings(
+        copy_gbps=copy_rate(copy_bytes, copy_ms),
+        matmul_tflops=matmul_rate(matmul_size, mm_ms),
+        copy_bytes=copy_bytes,
+        matmul_size=matmul_size,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- records
+
+
+def _finite_positive(name: str, value: float | None) -> None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+
+
+def derived_metrics(
+    ms: float,
+    *,
+    bytes_moved: int | None = None,
+    flops: int | None = None,
+    ceilings: Ceilings | None = None,
+    baseline_ms: float | None = None,
+) -> dict[str, float | None]:
+    """GB/s, TFLOP/s, their % of the ceilings and the speedup over ``baseline_ms`` (None where unknown)."""
+    _finite_positive("ms", ms)
+    _finite_positive("baseline_ms", baseline_ms)
+    seconds = ms * 1e-3
+    gbps = bytes_moved / seconds / 1e9 if bytes_moved is not None else None
+    tflops = flops / seconds / 1e12 if flops is not None else None
+    return {
+        "gbps": gbps,
+        "tflops": tflops,
+        "pct_copy": 100 * gbps / ceilings.copy_gbps if gbps is not None and ceilings else None,
+        "pct_matmul": 100 * tflops / ceilings.matmul_tflops if tflops is not None and ceilings else None,
+        "speedup": baseline_ms / ms if baseline_ms is not None else None,
+    }
+
+
+def _replay_timer(samples_ms: Sequence[float]) -> Callable[[], float]:
+    """A clock for pytest-benchmark that makes each round last one of our CUDA-event samples."""
+    ticks: Iterator[float] = iter([t for s in samples_ms for t in (0.0, s * 1e-3)])
+
+    def cuda_events() -> float:  # the name pytest-benchmark stores as the timer
+        return next(ticks)
+
+    return cuda_events
+
+
+def record(
+    benchmark: Any,
+    *,
+    op: str,
+    impl: str,
+    shape: Sequence[int] | str,
+    dtype: torch.dtype | str,
+    ms: float,
+    bytes_moved: int | None = None,
+    flops: int | None = None,
+    ceilings: Ceilings | None = None,
+    baseline_ms: float | None = None,
+) -> dict[str, Any]:
+    """Store one measured case in pytest-benchmark's JSON (``extra_info``) and return that info.
+
+    ``ms`` is the median (a ``Timing`` from cuda_time_ms also passes its samples, which then become
+    pytest-benchmark's rounds, so its own table and ``pytest-benchmark compare`` show device times).
+    """
+    info: dict[str, Any] = {
+        "op": op,
+        "impl": impl,
+        "shape": shape if isinstance(shape, str) else [int(d) for d in shape],
+        "dtype": dtype_name(dtype),
+        "ms": float(ms),
+        **derived_metrics(ms, bytes_moved=bytes_moved, flops=flops, ceilings=ceilings, baseline_ms=baseline_ms),
+        "bytes_moved": bytes_moved,
+        "flops": flops,
+        "smoke": SMOKE,
+        "device": device_name(),
+    }
+    benchmark.extra_info.update(info)
+    benchmark.group = f"{op} {info['shape']} {info['dtype']}"
+    samples = getattr(ms, "samples_ms", (float(ms),))
+    # pytest-benchmark 5.3.1 reads the clock from benchmark._timer when pedantic builds its runner.
+    benchmark._timer = _replay_timer(samples)
+    benchmark.pedantic(lambda: None, rounds=len(samples), iterations=1, warmup_rounds=0)
+    return info
+
+
+# ------------------------------------------------------------------------------------------------ impls
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One implementation of an op for a bench to time; ``fn`` is None when it is skipped."""
+
+    name: str
+    fn: Callable[..., Any] | None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.fn is None:
+            raise RuntimeError(f"implementation {self.name} is not available here")
+        return self.fn(*args, **kwargs)
+
+
+def _param(name: str, fn: Callable[..., Any] | None, skip_reason: str | None = None) -> Any:
+    marks = [pytest.mark.skip(reason=skip_reason)] if skip_reason else []
+    return pytest.param(Impl(name, fn), id=name, marks=marks)
+
+
+def impls(
+    op: Callable[..., Any],
+    reference: Callable[..., Any],
+    *,
+    device: torch.device | str | None = None,
+    backends: Sequence[str] = OURS,
+    vendor: Mapping[str, Callable[[], Callable[..., Any]]] | None = None,
+) -> list[Any]:
+    """pytest params (ids: eager, compile, triton, cpp, then vendor names) of the implementations to time.
+
+    ``reference`` is the eager spec and also what torch.compile compiles (fullgraph); ``op`` is the
+    sphere_fast op, called with ``backend=<name>`` for each of ``backends`` that ``available_backends``
+    lists for the device (others are skipped with the reason). ``vendor`` maps a name to a loader that
+    returns the callable or raises ImportError / RuntimeError (skipped with its message). In smoke mode
+    on CPU torch.compile uses its ``eager`` backend: the graph is still traced, without minutes of C++
+    compilation.
+    """
+    from sphere_fast.backend import available_backends
+
+    device = torch.device(device) if device is not None else DEVICE
+    compile_backend = "eager" if device.type == "cpu" and SMOKE else "inductor"
+    # Each shape x dtype case is its own static compile (dynamic=False, as a fixed-shape model would get);
+    # past dynamo's default limit of 8 per function it would silently run eager.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    params = [
+        _param("eager", reference),
+        _param("compile", torch.compile(reference, fullgraph=True, dynamic=False, backend=compile_backend)),
+    ]
+    usable = available_backends(device)
+    for name in backends:
+        if name in usable:
+            params.append(_param(name, functools.partial(op, backend=name)))
+        else:
+            params.append(_param(name, None, f"backend {name} not available on {device.type} (have: {usable})"))
+    for name, load in (vendor or {}).items():
+        try:
+            params.append(_param(name, load()))
+        except (ImportError, RuntimeError) as exc:
+            params.append(_param(name, None, f"{name} unavailable: {exc}"))
+    return params
+
+
+# ------------------------------------------------------------------------------------------ environment
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def nvidia_smi() -> dict[str, str] | None:
+    """Name, driver, clocks, power and temperature from nvidia-smi (read only), or None without it."""
+    fields = (
+        "name,driver_version,clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem,"
+        "power.draw,power.limit,temperature.gpu,pstate"
+    )
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=20, check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    first_gpu = out.strip().splitlines()[0] if out.strip() else ""
+    return dict(zip(fields.split(","), (v.strip() for v in first_gpu.split(",")))) if first_gpu else None
+
+
+def environment(ceilings: Ceilings | None = None) -> dict[str, Any]:
+    """What a result depends on: device, driver, clocks, versions, smoke flag and the ceilings."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    env: dict[str, Any] = {
+        "device": device_name(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "smoke": SMOKE,
+        "nvidia_smi": nvidia_smi(),
+        "ceilings": asdict(ceilings) if ceilings else None,
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env["sm_count"] = props.multi_processor_count
+        env["capability"] = f"{props.major}.{props.minor}"
+    return env

@@ -1,0 +1,189 @@
+"""Turn a pytest-benchmark JSON written through benchmarks/harness.py into a markdown table, and regenerate
+the README's performance section from the latest GPU results file.
+
+    python -m benchmarks.report RESULTS.json                 # print the table
+    python -m benchmarks.report --readme README.md           # rewrite <!-- perf:start --> ... <!-- perf:end -->
+    python -m benchmarks.report --readme README.md --check   # exit 1 if that section is stale
+
+The README section comes only from files in benchmarks/results/ measured on a GPU (not smoke runs), so no
+number reaches the README without a results file behind it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+START = "<!-- perf:start -->"
+END = "<!-- perf:end -->"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+IMPL_ORDER = ("eager", "compile", "triton", "cpp")
+OURS = ("triton", "cpp")
+NOT_MEASURED = (
+    "Not measured on a GPU yet: no speed is claimed until a results file under `benchmarks/results/` backs it."
+)
+
+
+def _fmt(value: float | None, kind: str) -> str:
+    if value is None:
+        return "–"
+    if kind == "x":
+        return f"{value:.2f}x"
+    if kind == "%":
+        return f"{value:.0f}%"
+    if value >= 100:
+        return f"{value:.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}" if value >= 1 else f"{value:#.3g}"
+
+
+def _shape(shape: Any) -> str:
+    return shape if isinstance(shape, str) else "×".join(str(d) for d in shape)
+
+
+def rows(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The harness rows (extra_info) of a pytest-benchmark JSON; cases without them are ignored."""
+    return [b["extra_info"] for b in data.get("benchmarks", []) if "op" in b.get("extra_info", {})]
+
+
+def environment(data: dict[str, Any]) -> dict[str, Any]:
+    return data.get("machine_info", {}).get("sphere_fast") or {}
+
+
+def is_gpu_result(data: dict[str, Any]) -> bool:
+    env = environment(data)
+    return bool(env) and not env.get("smoke", True) and env.get("device", "cpu") != "cpu"
+
+
+def header(data: dict[str, Any]) -> str:
+    """One paragraph: when, on what, with which versions and clocks, under which ceilings."""
+    env = environment(data)
+    smi = env.get("nvidia_smi") or {}
+    when = data.get("datetime", "unknown date")
+    try:
+        when = datetime.fromisoformat(when).strftime("%Y-%m-%d %H:%M UTC")
+    except ValueError:
+        pass
+    commit = data.get("commit_info", {})
+    parts = [f"Measured {when} on {env.get('device', 'an unknown device')}"]
+    if smi:
+        parts.append(
+            f"driver {smi.get('driver_version')}, clocks at the end SM {smi.get('clocks.sm')} "
+            f"(max {smi.get('clocks.max.sm')}), memory {smi.get('clocks.mem')}, {smi.get('power.draw')}"
+        )
+    parts.append(f"torch {env.get('torch')} (CUDA {env.get('cuda')}), triton {env.get('triton')}")
+    if commit.get("id"):
+        parts.append(f"commit {commit['id'][:10]}{' (dirty)' if commit.get('dirty') else ''}")
+    lines = [", ".join(parts) + "."]
+    ceilings = env.get("ceilings")
+    if ceilings:
+        lines.append(
+            f"Ceilings in the same run: copy {_fmt(ceilings['copy_gbps'], 'n')} GB/s (read + written, "
+            f"{ceilings['copy_bytes'] >> 20} MiB), bf16 matmul {_fmt(ceilings['matmul_tflops'], 'n')} TFLOP/s "
+            f"({ceilings['matmul_size']}³)."
+        )
+    if env.get("smoke", True):
+        lines.append("**Smoke run (tiny sizes, one call, no GPU timing): these numbers are not measurements.**")
+    return "\n\n".join(lines)
+
+
+def table(records: Sequence[dict[str, Any]]) -> str:
+    """One row per (op, shape, dtype); one ms column per implementation; speedup and rates of ours.
+
+    "ours" is the faster of the triton / cpp rows; where an op has neither (ceiling rows), the rate
+    columns describe its fastest implementation.
+    """
+    groups: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["op"], _shape(r["shape"]), r["dtype"]), {})[r["impl"]] = r
+    seen = {impl for g in groups.values() for impl in g}
+    impl_cols = [i for i in IMPL_ORDER if i in seen]
+    impl_cols += sorted(seen - set(IMPL_ORDER), key=lambda i: next(k for k, r in enumerate(records) if r["impl"] == i))
+    cols = ["op", "shape", "dtype", *(f"{i} ms" for i in impl_cols), "ours vs eager", "ours vs compile",
+            "GB/s", "% of copy", "TFLOP/s", "% of matmul"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for (op, shape, dtype), by_impl in groups.items():
+        ours = [by_impl[i] for i in OURS if i in by_impl]
+        best = min(ours or by_impl.values(), key=lambda r: r["ms"])
+        speedups = [
+            by_impl[base]["ms"] / best["ms"] if ours and base in by_impl else None for base in ("eager", "compile")
+        ]
+        cells = [op, shape, dtype, *(_fmt(by_impl[i]["ms"], "n") if i in by_impl else "–" for i in impl_cols)]
+        cells += [_fmt(s, "x") for s in speedups]
+        cells += [_fmt(best.get("gbps"), "n"), _fmt(best.get("pct_copy"), "%"),
+                  _fmt(best.get("tflops"), "n"), _fmt(best.get("pct_matmul"), "%")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render(data: dict[str, Any]) -> str:
+    recs = rows(data)
+    body = table(recs) if recs else "No benchmark rows in this file."
+    return (
+        f"{header(data)}\n\n{body}\n\nTimes are medians of CUDA-event timings with L2 flushed; speedups "
+        "and rates are those of the faster of our triton / cpp kernels."
+    )
+
+
+def latest_result(results_dir: Path = RESULTS_DIR) -> tuple[Path, dict[str, Any]] | None:
+    """The newest GPU (non-smoke) results file by its recorded date, or None."""
+    found = []
+    for path in sorted(results_dir.glob("*.json")):
+        data = json.loads(path.read_text())
+        if is_gpu_result(data):
+            found.append((data.get("datetime", ""), path, data))
+    if not found:
+        return None
+    _, path, data = max(found, key=lambda f: f[0])
+    return path, data
+
+
+def readme_section(results_dir: Path = RESULTS_DIR) -> str:
+    latest = latest_result(results_dir)
+    if latest is None:
+        return NOT_MEASURED
+    path, data = latest
+    return f"From `benchmarks/results/{path.name}`.\n\n{render(data)}"
+
+
+def replace_section(text: str, section: str) -> str:
+    """``text`` with everything between the perf markers replaced by ``section``."""
+    if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
+        raise ValueError(f"README must hold exactly one {START} followed by one {END}")
+    head, rest = text.split(START)
+    _, tail = rest.split(END)
+    return f"{head}{START}\n{section}\n{END}{tail}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("json", nargs="?", type=Path, help="a pytest-benchmark JSON to print as a table")
+    parser.add_argument("--readme", type=Path, help="regenerate this README's perf section")
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="results folder (default: %(default)s)")
+    parser.add_argument("--check", action="store_true", help="with --readme: exit 1 if the section is stale")
+    args = parser.parse_args(argv)
+    if args.json is None and args.readme is None:
+        parser.error("give a results JSON or --readme")
+    if args.json is not None:
+        print(render(json.loads(args.json.read_text())))
+    if args.readme is not None:
+        text = args.readme.read_text()
+        new = replace_section(text, readme_section(args.results))
+        if args.check:
+            if new != text:
+                print(f"{args.readme}: performance section is stale; "
+                      f"run python -m benchmarks.report --readme {args.readme}")
+                return 1
+        elif new != text:
+            args.readme.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,373 @@
+"""Compile checks for Hopper (sm_90a) without a GPU: Triton kernels ahead of time, CUDA sources with nvcc.
+
+Not a test file: test modules import it (``from tests import sm90``). Both compilers produce a cubin;
+``cuobjdump --dump-resource-usage`` reports per kernel REG / STACK / SHARED / LOCAL, and ``--dump-sass``
+the instructions (look for HGMMA in matrix kernels, LDG.E.128 in memory-bound ones, and no LDL/STL).
+
+Under ``TRITON_INTERPRET=1`` (set by the root conftest on CPU machines) ``@triton.jit`` returns
+interpreter objects that the compiler rejects, so Triton kernels are then compiled in a child process
+with the interpreter off; the kernel must be defined at module level there.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+NVCC_FLAGS = ("-gencode=arch=compute_90a,code=sm_90a", "-O3", "-std=c++17", "--use_fast_math", "-lineinfo")
+
+
+class CompileError(RuntimeError):
+    """A compiler or cuobjdump failed; the message holds its command and output."""
+
+
+@dataclass(frozen=True)
+class KernelResources:
+    """Per-kernel numbers from cuobjdump (bytes, per thread for stack/local) and ptxas -v where known."""
+
+    name: str
+    registers: int
+    stack: int  # stack frame: local arrays and spills live here
+    shared: int  # static shared memory, with sm_90's 1 KB per-block reserve; Triton's is dynamic (launch_shared)
+    local: int
+    constant: int
+    spill_stores: int | None = None  # ptxas -v only (None for Triton, whose ptxas log is not kept)
+    spill_loads: int | None = None
+
+
+@dataclass(frozen=True)
+class CompiledKernelInfo:
+    """A Triton kernel compiled for sm_90a."""
+
+    name: str
+    cubin: bytes
+    ptx: str
+    resources: KernelResources
+    launch_shared: int  # dynamic shared memory bytes the launcher will request
+    num_warps: int
+    num_stages: int
+
+    def sass(self) -> str:
+        return dump_sass(self.cubin)
+
+
+class CudaKernels(dict[str, KernelResources]):
+    """compile_cuda_sm90's result: mangled kernel name -> resources, plus the cubin and the nvcc log."""
+
+    def __init__(self, resources: Mapping[str, KernelResources], cubin: bytes, log: str) -> None:
+        super().__init__(resources)
+        self.cubin = cubin
+        self.log = log
+
+    def find(self, fragment: str) -> KernelResources:
+        """The one kernel whose (mangled) name contains ``fragment``."""
+        hits = [name for name in self if fragment in name]
+        if len(hits) != 1:
+            raise KeyError(f"{len(hits)} kernels match {fragment!r}; kernels: {sorted(self)}")
+        return self[hits[0]]
+
+    def sass(self) -> str:
+        return dump_sass(self.cubin)
+
+
+# ------------------------------------------------------------------------------------------------ tools
+
+
+def find_cuobjdump() -> str | None:
+    """cuobjdump from $SPHERE_FAST_CUOBJDUMP, PATH, nvcc's toolkit, or the copy bundled with Triton."""
+    candidates = [os.environ.get("SPHERE_FAST_CUOBJDUMP"), shutil.which("cuobjdump")]
+    nvcc = find_nvcc()
+    if nvcc:
+        candidates.append(str(Path(os.path.realpath(nvcc)).parent / "cuobjdump"))
+    if os.environ.get("CUDA_HOME"):
+        candidates.append(str(Path(os.environ["CUDA_HOME"]) / "bin" / "cuobjdump"))
+    try:
+        import triton
+
+        candidates.append(str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"))
+    except ImportError:
+        pass
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+def find_nvcc() -> str | None:
+    if os.environ.get("CUDA_HOME"):
+        nvcc = Path(os.environ["CUDA_HOME"]) / "bin" / "nvcc"
+        if os.access(nvcc, os.X_OK):
+            return str(nvcc)
+    return shutil.which("nvcc")
+
+
+def _run(cmd: Sequence[str], what: str) -> str:
+    proc = subprocess.run(list(cmd), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise CompileError(f"{what} failed (exit {proc.returncode}): {' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
+    return proc.stdout + proc.stderr
+
+
+def _cuobjdump(cubin: bytes, flag: str) -> str:
+    tool = find_cuobjdump()
+    if tool is None:
+        raise CompileError("cuobjdump not found (PATH, nvcc's folder, CUDA_HOME or triton's bundled copy)")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        proc = subprocess.run([tool, flag, str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise CompileError(f"cuobjdump {flag} failed (exit {proc.returncode}):\n{proc.stdout}{proc.stderr}")
+    return proc.stdout
+
+
+_FUNCTION = re.compile(r"^\s*Function (\S+):\s*$")
+_FIELD = re.compile(r"([A-Z]+(?:\[\d+\])?):(\d+)")
+
+
+def resource_usage(cubin: bytes) -> dict[str, KernelResources]:
+    """Parse ``cuobjdump --dump-resource-usage`` into KernelResources per function."""
+    out: dict[str, KernelResources] = {}
+    name: str | None = None
+    for line in _cuobjdump(cubin, "--dump-resource-usage").splitlines():
+        m = _FUNCTION.match(line)
+        if m:
+            name = m.group(1)
+            continue
+        fields = dict(_FIELD.findall(line))
+        if name is not None and "REG" in fields:
+            out[name] = KernelResources(
+                name=name,
+                registers=int(fields["REG"]),
+                stack=int(fields.get("STACK", 0)),
+                shared=int(fields.get("SHARED", 0)),
+                local=int(fields.get("LOCAL", 0)),
+                constant=int(fields.get("CONSTANT[0]", 0)),
+            )
+            name = None
+    if not out:
+        raise CompileError("cuobjdump reported no functions in the cubin")
+    return out
+
+
+def dump_sass(cubin: bytes) -> str:
+    return _cuobjdump(cubin, "--dump-sass")
+
+
+_OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
+
+
+def count_opcodes(sass: str) -> Counter[str]:
+    """Opcode (with modifiers, e.g. ``LDG.E.128``) -> count, predicates stripped."""
+    return Counter(_OPCODE.findall(sass))
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def assert_no_spills(info: CompiledKernelInfo | KernelResources | Mapping[str, KernelResources]) -> None:
+    """Fail if any kernel uses local memory: a stack frame, LOCAL bytes or ptxas-reported spills."""
+    if isinstance(info, CompiledKernelInfo):
+        kernels = [info.resources]
+    elif isinstance(info, KernelResources):
+        kernels = [info]
+    else:
+        kernels = list(info.values())
+    bad = [
+        k
+        for k in kernels
+        if k.stack or k.local or (k.spill_stores or 0) or (k.spill_loads or 0)
+    ]
+    if bad:
+        lines = [
+            f"{k.name}: STACK={k.stack} LOCAL={k.local} spill stores={k.spill_stores} loads={k.spill_loads} "
+            f"(REG={k.registers})"
+            for k in bad
+        ]
+        raise AssertionError(
+            "kernel uses local memory (spills or a register array indexed at run time): "
+            + "; ".join(lines)
+            + ". Shrink the block / num_stages, or index register arrays with compile-time constants only."
+        )
+
+
+# ---------------------------------------------------------------------------------------------- triton
+
+
+def _unwrap(fn: Any) -> Any:
+    """The JITFunction (or interpreter object) under @triton.autotune / @triton.heuristics wrappers."""
+    from triton.runtime.jit import JITFunction
+
+    while not isinstance(fn, JITFunction) and type(fn).__name__ != "InterpretedFunction" and hasattr(fn, "fn"):
+        fn = fn.fn
+    return fn
+
+
+def _compile_in_process(fn: Any, spec: dict[str, Any]) -> dict[str, Any]:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    arg_names: list[str] = list(fn.arg_names)
+    unknown = set(spec["signature"]) - set(arg_names)
+    if unknown:
+        raise ValueError(f"signature names {sorted(unknown)} are not arguments of {fn.__name__}: {arg_names}")
+    # Every argument needs a type; constexpr arguments are typed "constexpr" with their value in constexprs.
+    signature = {name: spec["signature"].get(name, "constexpr") for name in arg_names}
+    missing = [n for n, t in signature.items() if t == "constexpr" and n not in spec["constexprs"]]
+    if missing:
+        raise ValueError(f"arguments {missing} of {fn.__name__} have neither a type in signature nor a constexpr value")
+    aligned = spec["aligned"]
+    if aligned is None:  # torch allocations are 16-byte aligned: the JIT specializes pointers the same way
+        aligned = [n for n, t in signature.items() if t.startswith("*")]
+    attrs = {(arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    src = ASTSource(fn=fn, signature=signature, constexprs=spec["constexprs"], attrs=attrs)
+    options = {"num_warps": spec["num_warps"], "num_stages": spec["num_stages"], **spec["options"]}
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    return {
+        "name": kernel.metadata.name,
+        "cubin": kernel.asm["cubin"],
+        "ptx": kernel.asm["ptx"],
+        "shared": kernel.metadata.shared,
+    }
+
+
+def _compile_in_child(fn: Any, spec: dict[str, Any]) -> dict[str, Any]:
+    raw = fn.fn  # InterpretedFunction keeps the plain Python function
+    if "<locals>" in raw.__qualname__:
+        raise ValueError(
+            f"{raw.__qualname__}: define the kernel at module level to compile it under TRITON_INTERPRET=1"
+        )
+    spec = {**spec, "module": raw.__module__, "qualname": raw.__qualname__}
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    # The child must import the kernel's module the way this process did.
+    env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [env.get("PYTHONPATH", "")])
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, out_path = Path(tmp) / "spec.pkl", Path(tmp) / "out.pkl"
+        spec_path.write_bytes(pickle.dumps(spec))
+        proc = subprocess.run(
+            [sys.executable, __file__, str(spec_path), str(out_path)], capture_output=True, text=True, env=env
+        )
+        if proc.returncode != 0:
+            raise CompileError(f"Triton compile of {raw.__qualname__} for sm_90 failed:\n{proc.stdout}{proc.stderr}")
+        return pickle.loads(out_path.read_bytes())
+
+
+def compile_triton_sm90(
+    fn: Any,
+    signature: Mapping[str, str],
+    constexprs: Mapping[str, Any] | None = None,
+    num_warps: int = 4,
+    num_stages: int = 3,
+    *,
+    aligned: Iterable[str] | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> CompiledKernelInfo:
+    """Compile a ``@triton.jit`` kernel (autotune/heuristics wrappers are unwrapped) for sm_90a.
+
+    signature: argument name -> Triton type (``"*fp32"``, ``"*bf16"``, ``"i32"``, ``"fp32"``...); arguments
+    given in ``constexprs`` (name -> value) may be left out. aligned: arguments to mark 16-divisible, as the
+    JIT does at run time for 16-byte aligned pointers and ints divisible by 16 (default: every pointer, no
+    int; name the size arguments too to see the code a launch with n % 16 == 0 gets). options: extra
+    triton.compile options.
+    """
+    fn = _unwrap(fn)
+    spec = {
+        "signature": dict(signature),
+        "constexprs": dict(constexprs or {}),
+        "num_warps": num_warps,
+        "num_stages": num_stages,
+        "aligned": None if aligned is None else list(aligned),
+        "options": dict(options or {}),
+    }
+    if type(fn).__name__ == "InterpretedFunction":
+        out = _compile_in_child(fn, spec)
+    else:
+        out = _compile_in_process(fn, spec)
+    resources = resource_usage(out["cubin"])
+    if out["name"] not in resources:
+        raise CompileError(f"cuobjdump lists {sorted(resources)}, not the kernel {out['name']}")
+    return CompiledKernelInfo(
+        name=out["name"],
+        cubin=out["cubin"],
+        ptx=out["ptx"],
+        resources=resources[out["name"]],
+        launch_shared=out["shared"],
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ cuda
+
+
+_PTXAS_ENTRY = re.compile(r"Compiling entry function '([^']+)' for 'sm_")
+_PTXAS_SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def _ptxas_spills(log: str) -> dict[str, tuple[int, int]]:
+    """Kernel -> (spill store bytes, spill load bytes) from ``-Xptxas -v`` output."""
+    spills: dict[str, tuple[int, int]] = {}
+    current: str | None = None
+    for line in log.splitlines():
+        entry = _PTXAS_ENTRY.search(line)
+        if entry:
+            current = entry.group(1)
+            continue
+        m = _PTXAS_SPILLS.search(line)
+        if m and current is not None:
+            spills[current] = (int(m.group(2)), int(m.group(3)))
+            current = None
+    return spills
+
+
+def compile_cuda_sm90(
+    cu_path: str | os.PathLike[str],
+    include_dirs: Iterable[str | os.PathLike[str]] = (),
+    *,
+    defines: Iterable[str] = (),
+    extra_flags: Iterable[str] = (),
+) -> CudaKernels:
+    """nvcc a (torch-free) .cu for sm_90a into a cubin; kernel name -> resources, with ptxas spill counts.
+
+    Uses the project's nvcc flags (-O3 --use_fast_math -lineinfo, as sphere_fast._extension). Raises
+    CompileError with nvcc's output on failure.
+    """
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise CompileError("nvcc not found (PATH or CUDA_HOME)")
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin_path = Path(tmp) / "out.cubin"
+        cmd = [nvcc, *NVCC_FLAGS, "-cubin", "-Xptxas", "-v", "-o", str(cubin_path)]
+        cmd += [f"-I{d}" for d in include_dirs] + [f"-D{d}" for d in defines] + list(extra_flags)
+        cmd.append(str(cu_path))
+        log = _run(cmd, "nvcc")
+        cubin = cubin_path.read_bytes()
+    spills = _ptxas_spills(log)
+    resources = {}
+    for name, r in resource_usage(cubin).items():
+        stores, loads = spills.get(name, (None, None))
+        resources[name] = replace(r, spill_stores=stores, spill_loads=loads)
+    return CudaKernels(resources, cubin, log)
+
+
+def _child_main(spec_path: str, out_path: str) -> None:
+    """Entry point of the child process that compiles with the interpreter off."""
+    import importlib
+
+    spec = pickle.loads(Path(spec_path).read_bytes())
+    obj: Any = importlib.import_module(spec["module"])
+    for part in spec["qualname"].split("."):
+        obj = getattr(obj, part)
+    Path(out_path).write_bytes(pickle.dumps(_compile_in_process(_unwrap(obj), spec)))
+
+
+if __name__ == "__main__":
+    _child_main(sys.argv[1], sys.argv[2])

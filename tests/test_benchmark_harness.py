@@ -1,0 +1,278 @@
+"""The benchmark harness's arithmetic, its pytest-benchmark records, the report and the GPU check's CPU path."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import gpu_check, harness, report
+
+ROOT = Path(__file__).resolve().parents[1]
+CEILINGS = harness.Ceilings(copy_gbps=4000.0, matmul_tflops=800.0, copy_bytes=2 << 30, matmul_size=8192)
+
+
+# --------------------------------------------------------------------------------------------- arithmetic
+
+
+def test_rates_and_percentages_from_given_numbers() -> None:
+    m = harness.derived_metrics(2.0, bytes_moved=4 * 10**9, flops=4 * 10**11, ceilings=CEILINGS, baseline_ms=6.0)
+    assert m["gbps"] == pytest.approx(2000.0)  # 4 GB in 2 ms
+    assert m["pct_copy"] == pytest.approx(50.0)
+    assert m["tflops"] == pytest.approx(200.0)  # 0.4 TFLOP in 2 ms
+    assert m["pct_matmul"] == pytest.approx(25.0)
+    assert m["speedup"] == pytest.approx(3.0)
+
+
+def test_unknown_models_stay_none() -> None:
+    m = harness.derived_metrics(1.0, bytes_moved=10**9)
+    assert m["gbps"] == pytest.approx(1000.0)
+    assert m["pct_copy"] is None and m["tflops"] is None and m["pct_matmul"] is None and m["speedup"] is None
+
+
+@pytest.mark.parametrize("ms", [0.0, -1.0, math.nan, math.inf])
+def test_bad_times_are_refused(ms: float) -> None:
+    with pytest.raises(ValueError, match="ms"):
+        harness.derived_metrics(ms, bytes_moved=1)
+
+
+def test_ceiling_rates() -> None:
+    assert harness.copy_rate(10**9, 1.0) == pytest.approx(2000.0)  # read + written
+    assert harness.matmul_rate(1000, 1.0) == pytest.approx(2.0)  # 2 n^3 flops
+
+
+def test_timing_is_the_median_and_keeps_samples() -> None:
+    t = harness.Timing([3.0, 1.0, 2.0, 10.0])
+    assert float(t) == 2.5 and t.samples_ms == (3.0, 1.0, 2.0, 10.0)
+    with pytest.raises(ValueError):
+        harness.Timing([])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU smoke path")
+def test_smoke_timer_calls_once_with_rotated_args() -> None:
+    assert harness.SMOKE
+    calls: list[tuple[int, ...]] = []
+    ms = harness.cuda_time_ms(lambda *a: calls.append(a) or time.sleep(0.01), warmup=5, rep=7, rotate=[(1,), (2,)])
+    assert calls == [(1,)]  # smoke mode: one timed call, no warm-up
+    assert 5.0 <= ms < 1000.0 and len(ms.samples_ms) == 1
+    assert harness.measure_ceilings() is None
+
+
+def test_record_fills_extra_info(benchmark) -> None:
+    # An op name no bench uses: this row must never be mistaken for a measurement.
+    info = harness.record(benchmark, op="unit-test", impl="triton", shape=(8, 256, 4096), dtype=torch.bfloat16,
+                          ms=harness.Timing([0.5, 0.25, 0.25]), bytes_moved=10**9, ceilings=CEILINGS, baseline_ms=1.0)
+    assert benchmark.extra_info == info
+    assert info["shape"] == [8, 256, 4096] and info["dtype"] == "bf16" and info["ms"] == 0.25
+    assert info["gbps"] == pytest.approx(4000.0) and info["pct_copy"] == pytest.approx(100.0)
+    assert info["speedup"] == pytest.approx(4.0) and info["tflops"] is None
+
+
+def test_record_stores_event_samples_as_pytest_benchmark_rounds(tmp_path: Path) -> None:
+    # Run a real pytest-benchmark session: its stats must be our samples, not a wall-clock no-op.
+    (tmp_path / "bench_fake.py").write_text(textwrap.dedent("""
+        from benchmarks.harness import Timing, record
+
+        def test_fake(benchmark):
+            record(benchmark, op="fake", impl="triton", shape=[4], dtype="fp32",
+                   ms=Timing([1.0, 2.0, 3.0, 10.0]), bytes_moved=4000)
+    """))
+    out = tmp_path / "out.json"
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", str(tmp_path / "bench_fake.py"), "-q", "-p", "no:cacheprovider",
+         f"--rootdir={tmp_path}", "-o", "python_files=bench_*.py", "--benchmark-enable", f"--benchmark-json={out}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    case = json.loads(out.read_text())["benchmarks"][0]
+    stats = case["stats"]
+    assert stats["rounds"] == 4
+    assert stats["min"] == pytest.approx(1e-3) and stats["max"] == pytest.approx(10e-3)
+    assert stats["median"] == pytest.approx(2.5e-3) and case["extra_info"]["ms"] == pytest.approx(2.5)
+    assert case["options"]["timer"] == "cuda_events" and case["group"] == "fake [4] fp32"
+
+
+def test_impls_lists_and_skips_with_reasons() -> None:
+    def reference(x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    def op(x: torch.Tensor, *, backend: str) -> torch.Tensor:
+        return x * 2 + (backend == "none")
+
+    def missing_vendor():
+        raise ImportError("no module named flash_attn")
+
+    params = harness.impls(op, reference, device="cpu", backends=("triton", "nope"),
+                           vendor={"flash": missing_vendor, "sdpa": lambda: reference})
+    by_id = {p.id: p for p in params}
+    assert list(by_id) == ["eager", "compile", "triton", "nope", "flash", "sdpa"]
+    skip_reasons = {k: [m.kwargs["reason"] for m in p.marks] for k, p in by_id.items()}
+    assert skip_reasons["nope"] and "not available" in skip_reasons["nope"][0]
+    assert skip_reasons["flash"] == ["flash unavailable: no module named flash_attn"]
+    assert not skip_reasons["eager"] and not skip_reasons["compile"] and not skip_reasons["sdpa"]
+    x = torch.arange(4.0)
+    for name in ("eager", "compile", "sdpa"):
+        assert torch.equal(by_id[name].values[0](x), x * 2), name
+    with pytest.raises(RuntimeError, match="nope"):
+        by_id["nope"].values[0](x)
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def _result(datetime_: str = "2026-11-28T12:00:00+00:00", smoke: bool = False, device: str = "NVIDIA H200") -> dict:
+    def row(op: str, impl: str, ms: float, **kw) -> dict:
+        return {"extra_info": {"op": op, "impl": impl, "shape": [8, 256, 4096], "dtype": "bf16", "ms": ms,
+                               "gbps": None, "tflops": None, "pct_copy": None, "pct_matmul": None, **kw}}
+
+    return {
+        "datetime": datetime_,
+        "commit_info": {"id": "0123456789abcdef", "dirty": False},
+        "machine_info": {"sphere_fast": {
+            "device": device, "torch": "2.11.0+cu130", "cuda": "13.0", "triton": "3.6.0", "smoke": smoke,
+            "nvidia_smi": {"driver_version": "580.159.03", "clocks.sm": "1980 MHz", "clocks.max.sm": "1980 MHz",
+                           "clocks.mem": "3201 MHz", "power.draw": "400 W"},
+            "ceilings": {"copy_gbps": 4300.0, "matmul_tflops": 790.0, "copy_bytes": 2 << 30, "matmul_size": 8192},
+        }},
+        "benchmarks": [
+            row("swiglu", "eager", 1.0, gbps=500.0),
+            row("swiglu", "compile", 0.5),
+            row("swiglu", "triton", 0.25, gbps=2000.0, pct_copy=46.6),
+            row("swiglu", "cpp", 0.4, gbps=1250.0, pct_copy=29.1),
+            row("copy", "torch", 2.0, gbps=4300.0, pct_copy=100.0),
+            {"extra_info": {}},  # a case written without the harness is ignored
+        ],
+    }
+
+
+def test_report_renders_pivoted_table() -> None:
+    text = report.render(_result())
+    assert "Measured 2026-11-28 12:00 UTC on NVIDIA H200" in text
+    assert "driver 580.159.03" in text and "torch 2.11.0+cu130" in text and "commit 0123456789" in text
+    assert "copy 4300 GB/s" in text and "bf16 matmul 790 TFLOP/s" in text
+    lines = text.splitlines()
+    assert ("| op | shape | dtype | eager ms | compile ms | triton ms | cpp ms | torch ms | ours vs eager | "
+            "ours vs compile | GB/s | % of copy | TFLOP/s | % of matmul |") in lines
+    swiglu = "| swiglu | 8×256×4096 | bf16 | 1.00 | 0.500 | 0.250 | 0.400 | – | 4.00x | 2.00x | 2000 | 47% | – | – |"
+    assert swiglu in lines
+    assert "| copy | 8×256×4096 | bf16 | – | – | – | – | 2.00 | – | – | 4300 | 100% | – | – |" in lines
+    assert "Smoke run" not in text
+
+
+def test_report_flags_smoke_runs() -> None:
+    assert "not measurements" in report.render(_result(smoke=True))
+
+
+def test_readme_section_uses_latest_gpu_result(tmp_path: Path) -> None:
+    assert report.readme_section(tmp_path) == report.NOT_MEASURED
+    (tmp_path / "smoke.json").write_text(json.dumps(_result("2026-12-01T00:00:00+00:00", smoke=True, device="cpu")))
+    assert report.readme_section(tmp_path) == report.NOT_MEASURED
+    (tmp_path / "a.json").write_text(json.dumps(_result("2026-11-01T00:00:00+00:00")))
+    (tmp_path / "b.json").write_text(json.dumps(_result("2026-11-20T08:30:00+00:00")))
+    section = report.readme_section(tmp_path)
+    assert section.startswith("From `benchmarks/results/b.json`.") and "2026-11-20 08:30 UTC" in section
+
+
+def test_readme_markers_are_rewritten_and_checked(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n## Performance\n\n{report.START}\nold numbers\n{report.END}\n\n## Layout\n")
+    results = tmp_path / "results"
+    results.mkdir()
+    args = ["--readme", str(readme), "--results", str(results)]
+    assert report.main([*args, "--check"]) == 1
+    assert report.main(args) == 0
+    text = readme.read_text()
+    assert "old numbers" not in text and report.NOT_MEASURED in text and text.endswith("## Layout\n")
+    assert report.main([*args, "--check"]) == 0
+    with pytest.raises(ValueError, match="perf:start"):
+        report.replace_section("no markers here", "x")
+
+
+def test_readme_performance_section_comes_from_the_results_files() -> None:
+    # No number in the README without a results file: regenerate with python -m benchmarks.report --readme README.md
+    assert report.main(["--readme", str(ROOT / "README.md"), "--check"]) == 0
+
+
+# --------------------------------------------------------------------------------------------- gpu check
+
+
+def test_phase_timeout_kills_the_command(tmp_path: Path) -> None:
+    log = tmp_path / "slow.log"
+    start = time.monotonic()
+    status, secs = gpu_check.run_logged([sys.executable, "-c", "import time; time.sleep(30)"], log, timeout=0.5)
+    assert status == "timeout" and time.monotonic() - start < 10
+    assert "killed after" in log.read_text()
+    assert gpu_check.run_logged([sys.executable, "-c", "raise SystemExit(5)"], log, 30)[0] == "failed"
+    assert gpu_check.run_logged([sys.executable, "-c", "raise SystemExit(5)"], log, 30, ok_codes=(0, 5))[0] == "ok"
+
+
+def test_build_phase_reports_each_failing_op(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gpu_check, "BUILD_CALLS", {"fine": "ops.swiglu_reference(torch.ones(2, 4))",
+                                                   "broken": "ops.no_such_op()"})
+    check = gpu_check.Check(tmp_path, budget_s=120, phases=gpu_check.PHASES, cuda=True)
+    check.build()
+    (phase,) = check.results
+    assert phase.status == "failed" and "broken (failed)" in phase.note and "fine" not in phase.note
+    log = (tmp_path / "build.log").read_text()
+    assert "===== fine" in log and "no_such_op" in log and "AttributeError" in log
+    assert not list(tmp_path.glob(".build-*"))
+
+
+def test_bench_phase_passes_a_deadline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict = {}
+
+    def fake_run(cmd, log, timeout, env=None, ok_codes=(0,)):
+        seen.update(cmd=cmd, timeout=timeout, env=env)
+        return "ok", 1.0
+
+    monkeypatch.setattr(gpu_check, "run_logged", fake_run)
+    check = gpu_check.Check(tmp_path, budget_s=100, phases=gpu_check.PHASES, cuda=True)
+    check.bench()
+    deadline = float(seen["env"]["SPHERE_FAST_BENCH_DEADLINE"])
+    expected = time.time() + 100 - gpu_check.JSON_MARGIN_S
+    assert expected - 5 < deadline <= expected + 1
+    assert seen["timeout"] <= 100 and f"--benchmark-json={check.bench_json}" in seen["cmd"]
+    assert check.bench_json.parent == tmp_path and check.bench_json.name.startswith("bench-")
+    assert "--benchmark-enable" in seen["cmd"] and seen["env"]["TORCH_CUDA_ARCH_LIST"]
+
+
+def test_bench_cases_after_the_deadline_are_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import conftest
+
+    monkeypatch.setenv("SPHERE_FAST_BENCH_DEADLINE", str(time.time() + 60))
+    conftest.pytest_runtest_setup(None)  # before the deadline: runs
+    monkeypatch.setenv("SPHERE_FAST_BENCH_DEADLINE", str(time.time() - 1))
+    with pytest.raises(pytest.skip.Exception, match="budget"):
+        conftest.pytest_runtest_setup(None)
+
+
+def test_spent_budget_skips_phases(tmp_path: Path) -> None:
+    check = gpu_check.Check(tmp_path, budget_s=0, phases=gpu_check.PHASES, cuda=True)
+    for name in ("build", "tests", "bench"):
+        check.run(name)
+    assert [(p.name, p.status, p.note) for p in check.results] == [
+        (n, "skipped", "out of time budget") for n in ("build", "tests", "bench")
+    ]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only path")
+def test_gpu_check_on_cpu_skips_gpu_parts_and_prints_report_last(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert gpu_check.main([str(tmp_path)]) == 0
+    report_md = (tmp_path / "report.md").read_text()
+    assert "No CUDA device" in report_md and "| bench | skipped |" in report_md
+    assert "| install | ok |" in report_md  # this checkout is installed (editable) for the test run
+    assert capsys.readouterr().out.rstrip().endswith(report_md.rstrip())
+    assert json.loads((tmp_path / "env.json").read_text())["device"] == "cpu"
+    wrapper = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True)
+    assert wrapper.returncode == 0, wrapper.stderr
