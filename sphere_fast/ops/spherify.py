@@ -1,14 +1,37 @@
 """Spherify f(z) = z * rsqrt(mean(z^2 over non-batch dims) + eps): one sphere of radius sqrt(L) per sample,
-and the noisy re-projection f(f(z) + s*e) used by training and sampling."""
+and the noisy re-projection f(f(z) + s*e) used by training and sampling.
+
+Layers here: the eager references (the executable spec), input checks, the Triton launchers, the bridge to
+the C++ extension (csrc/spherify_*), and two ``torch.library`` custom ops shared by both kernel backends:
+``sphere_fast::spherify_fwd`` -> (out [P, *z.shape], stats [B, 3] = |z|^2, z.e, |e|^2 in fp32) and
+``sphere_fast::spherify_bwd``. P is 1 (one scale) or 2 (the training pair from one read of z). Backward
+saves only z, the per-sample sums and the seeds: e is regenerated, never stored.
+"""
 
 from __future__ import annotations
+
+import functools
+import math
+from types import ModuleType
 
 import torch
 
 from sphere_fast.backend import resolve_backend
+from sphere_fast.ops.philox import check_seeds, check_stream, sphere_noise
 
 EPS = 1e-6
 AUTO_ORDER = ("triton", "cpp", "eager")
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_NUM_WARPS = 8  # 2048-wide tiles: 8 values per thread (tests/test_sm90_spherify.py checks registers)
+
+__all__ = [
+    "spherify",
+    "spherify_noise",
+    "spherify_noise_pair",
+    "spherify_noise_reference",
+    "spherify_reference",
+    "sphere_noise",
+]
 
 
 def spherify_reference(z: torch.Tensor, eps: float = EPS) -> torch.Tensor:
@@ -30,12 +53,303 @@ def spherify_noise_reference(z: torch.Tensor, scale: torch.Tensor | float, noise
     return torch.where(s == 0, v, spherify_reference(v + s * noise))
 
 
+# ---------------------------------------------------------------------------------------------- input checks
+
+
+def _values_checkable(t: torch.Tensor) -> bool:
+    """Value checks read the tensor on the host: skipped while tracing (compile) or capturing a CUDA graph."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _check_z(z: object, backend: str) -> torch.Tensor:
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(f"z must be a torch.Tensor of shape [B, ...], got {type(z).__name__}")
+    if z.ndim < 2 or z.numel() == 0:
+        raise ValueError(f"z must have shape [B, ...] with at least 2 dims and no empty dim, got {tuple(z.shape)}")
+    allowed = KERNEL_DTYPES + ((torch.float64,) if backend == "eager" else ())
+    if z.dtype not in allowed:
+        raise TypeError(f"z must have dtype in {allowed} for the {backend} backend, got {z.dtype}")
+    return z
+
+
+def _check_scale(name: str, scale: object, z: torch.Tensor) -> torch.Tensor | float:
+    """A finite float, or a finite floating tensor of shape [] or [B] on z's device."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, torch.Tensor)):
+        raise TypeError(f"{name} must be a float or a tensor of shape [B], got {type(scale).__name__}")
+    if not isinstance(scale, torch.Tensor):
+        if not math.isfinite(scale):
+            raise ValueError(f"{name} must be finite, got {scale}")
+        return float(scale)
+    if not scale.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {scale.dtype}")
+    if scale.shape not in ((), (z.shape[0],)):
+        raise ValueError(f"{name} must have shape [] or [B]=[{z.shape[0]}], got {tuple(scale.shape)}")
+    if scale.device != z.device:
+        raise ValueError(f"{name} must be on {z.device} (the device of z), got {scale.device}")
+    if _values_checkable(scale) and not bool(torch.isfinite(scale).all()):
+        raise ValueError(f"{name} must be finite, got {scale}")
+    return scale
+
+
+def _check_noise_source(
+    z: torch.Tensor, noise: torch.Tensor | None, seeds: torch.Tensor | None, stream: int
+) -> None:
+    check_stream(stream)
+    if (noise is None) == (seeds is None):
+        raise ValueError("give exactly one of noise= (explicit e) or seeds= ([B] int64 per-sample seeds)")
+    if noise is not None:
+        if not isinstance(noise, torch.Tensor):
+            raise TypeError(f"noise must be a torch.Tensor, got {type(noise).__name__}")
+        if not noise.is_floating_point():
+            raise TypeError(f"noise must be a floating tensor, got {noise.dtype}")
+        if noise.shape != z.shape:
+            raise ValueError(f"noise must have the shape of z {tuple(z.shape)}, got {tuple(noise.shape)}")
+        if noise.device != z.device:
+            raise ValueError(f"noise must be on {z.device} (the device of z), got {noise.device}")
+    else:
+        check_seeds(seeds, batch=z.shape[0], device=z.device)
+
+
+def _scales_tensor(z: torch.Tensor, *scales: torch.Tensor | float) -> torch.Tensor:
+    """[P, B] float32 per-sample scales for the kernels (keeps autograd to tensor scales)."""
+    rows = []
+    for s in scales:
+        if isinstance(s, torch.Tensor):
+            rows.append(s.to(torch.float32).expand(z.shape[0]))
+        else:
+            rows.append(torch.full((z.shape[0],), s, dtype=torch.float32, device=z.device))
+    return torch.stack(rows)
+
+
+# ---------------------------------------------------------------------------------------------- Triton launchers
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """[B, L] view with unit column stride (copies only when the per-sample values are not contiguous)."""
+    t2 = t.reshape(t.shape[0], -1)
+    return t2 if t2.stride(1) == 1 else t2.contiguous()
+
+
+def _noise_args(z2: torch.Tensor, noise: torch.Tensor | None, seeds: torch.Tensor | None, stream: int):
+    """(mode, noise [B, L] or a dummy, seeds or a dummy, row stride of noise, 64-bit offset base)."""
+    from sphere_fast.kernels.spherify import NOISE_PHILOX, NOISE_TENSOR
+
+    length = z2.shape[1]
+    if noise is not None:
+        n2 = _rows(noise)
+        return NOISE_TENSOR, n2, z2, n2.stride(0), 0
+    return NOISE_PHILOX, z2, seeds, 0, stream * length
+
+
+def _triton_fwd(z, scales, noise, seeds, stream):
+    from sphere_fast.kernels import spherify as K
+
+    z2 = _rows(z)
+    batch, length = z2.shape
+    pairs = 1 if scales is None else scales.shape[0]
+    block, chunk, nsplit = K.launch_config(length)
+    if scales is None:
+        mode, n2, sd, stride_n, base = K.NOISE_NONE, z2, z2, 0, 0
+        scales_arg = z2
+    else:
+        mode, n2, sd, stride_n, base = _noise_args(z2, noise, seeds, stream)
+        scales_arg = scales.contiguous()
+    partial = torch.empty((batch, nsplit, 4), dtype=torch.float32, device=z.device)
+    out = torch.empty((pairs, *z.shape), dtype=z.dtype, device=z.device)
+    stats = torch.empty((batch, 3), dtype=torch.float32, device=z.device)
+    grid = (batch, nsplit)
+    K._fwd_partials[grid](
+        z2, n2, sd, partial, length, z2.stride(0), stride_n, base, CHUNK=chunk, BLOCK=block, NOISE=mode, num_warps=_NUM_WARPS
+    )
+    K._fwd_apply[grid](
+        z2, n2, sd, scales_arg, partial, out, stats, batch, length, z2.stride(0), stride_n, base, EPS,
+        SPLIT_P2=triton_next_pow2(nsplit), CHUNK=chunk, BLOCK=block, NOISE=mode, PAIR=pairs == 2, num_warps=_NUM_WARPS,
+    )
+    return out, stats
+
+
+def _triton_bwd(grad, z, scales, noise, seeds, stats, stream):
+    from sphere_fast.kernels import spherify as K
+
+    z2 = _rows(z)
+    batch, length = z2.shape
+    pairs = grad.shape[0]
+    block, chunk, nsplit = K.launch_config(length)
+    g = grad.reshape(pairs, batch, length).contiguous()
+    if scales is None:
+        mode, n2, sd, stride_n, base = K.NOISE_NONE, z2, z2, 0, 0
+        scales_arg = z2
+    else:
+        mode, n2, sd, stride_n, base = _noise_args(z2, noise, seeds, stream)
+        scales_arg = scales.contiguous()
+    partial = torch.empty((batch, nsplit, 4), dtype=torch.float32, device=z.device)
+    dz = torch.empty(z.shape, dtype=z.dtype, device=z.device)
+    dscales = torch.zeros((pairs, batch), dtype=torch.float32, device=z.device)
+    grid = (batch, nsplit)
+    K._bwd_partials[grid](
+        g, z2, n2, sd, partial, batch, length, z2.stride(0), stride_n, base,
+        CHUNK=chunk, BLOCK=block, NOISE=mode, PAIR=pairs == 2, num_warps=_NUM_WARPS,
+    )
+    K._bwd_apply[grid](
+        g, z2, n2, sd, scales_arg, stats.contiguous(), partial, dz, dscales, batch, length, z2.stride(0),
+        stride_n, base, EPS,
+        SPLIT_P2=triton_next_pow2(nsplit), CHUNK=chunk, BLOCK=block, NOISE=mode, PAIR=pairs == 2, num_warps=_NUM_WARPS,
+    )
+    return dz, dscales
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def triton_sphere_noise(seeds: torch.Tensor, shape: tuple[int, ...] | torch.Size, stream: int = 0) -> torch.Tensor:
+    """sphere_noise drawn by the Triton kernel (for cross-backend checks)."""
+    from sphere_fast.kernels.spherify import _noise_kernel
+
+    seeds = check_seeds(seeds)
+    length = math.prod(shape)
+    block = min(4096, triton_next_pow2(length))
+    out = torch.empty((seeds.shape[0], length), dtype=torch.float32, device=seeds.device)
+    _noise_kernel[(seeds.shape[0], -(-length // block))](seeds, out, length, check_stream(stream) * length, BLOCK=block)
+    return out.view(seeds.shape[0], *shape)
+
+
+# ---------------------------------------------------------------------------------------------- C++ bridge
+
+
+@functools.cache
+def _cpp() -> ModuleType:
+    """Build/load the extension and give its ops (schemas defined in C++) fake kernels for tracing."""
+    from sphere_fast._extension import load_extension
+
+    module = load_extension(
+        "sphere_fast_spherify", ("spherify_binding.cpp", "spherify_cpu.cpp"), ("spherify_cuda.cu",)
+    )
+    torch.library.register_fake("sphere_fast_cpp::spherify_fwd", _fake_fwd_impl)
+    torch.library.register_fake("sphere_fast_cpp::spherify_bwd", _fake_bwd_impl)
+    torch.library.register_fake("sphere_fast_cpp::sphere_noise", _fake_noise_impl)
+    return module
+
+
+def cpp_sphere_noise(seeds: torch.Tensor, shape: tuple[int, ...] | torch.Size, stream: int = 0) -> torch.Tensor:
+    """sphere_noise drawn by the C++ extension (CPU or CUDA by the device of seeds)."""
+    _cpp()
+    seeds = check_seeds(seeds)
+    length = math.prod(shape)
+    out = torch.ops.sphere_fast_cpp.sphere_noise(seeds, length, check_stream(stream))
+    return out.view(seeds.shape[0], *shape)
+
+
+# ---------------------------------------------------------------------------------------------- custom ops
+
+
+def _fake_fwd_impl(z, scales, noise, seeds, stream):
+    pairs = 1 if scales is None else scales.shape[0]
+    return z.new_empty((pairs, *z.shape)), z.new_empty((z.shape[0], 3), dtype=torch.float32)
+
+
+def _fake_bwd_impl(grad, z, scales, noise, seeds, stats, stream):
+    return torch.empty_like(z, memory_format=torch.contiguous_format), grad.new_empty(
+        (grad.shape[0], z.shape[0]), dtype=torch.float32
+    )
+
+
+def _fake_noise_impl(seeds, length, stream):
+    return seeds.new_empty((seeds.shape[0], length), dtype=torch.float32)
+
+
+@torch.library.custom_op("sphere_fast::spherify_fwd", mutates_args=())
+def _spherify_fwd(
+    z: torch.Tensor,
+    scales: torch.Tensor | None,
+    noise: torch.Tensor | None,
+    seeds: torch.Tensor | None,
+    stream: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        return _triton_fwd(z, scales, noise, seeds, stream)
+    _cpp()
+    return torch.ops.sphere_fast_cpp.spherify_fwd(z, scales, noise, seeds, stream)
+
+
+@_spherify_fwd.register_fake
+def _(z, scales, noise, seeds, stream, backend):
+    return _fake_fwd_impl(z, scales, noise, seeds, stream)
+
+
+@torch.library.custom_op("sphere_fast::spherify_bwd", mutates_args=())
+def _spherify_bwd(
+    grad: torch.Tensor,
+    z: torch.Tensor,
+    scales: torch.Tensor | None,
+    noise: torch.Tensor | None,
+    seeds: torch.Tensor | None,
+    stats: torch.Tensor,
+    stream: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        return _triton_bwd(grad, z, scales, noise, seeds, stats, stream)
+    _cpp()
+    return torch.ops.sphere_fast_cpp.spherify_bwd(grad, z, scales, noise, seeds, stats, stream)
+
+
+@_spherify_bwd.register_fake
+def _(grad, z, scales, noise, seeds, stats, stream, backend):
+    return _fake_bwd_impl(grad, z, scales, noise, seeds, stats, stream)
+
+
+def _setup_context(ctx, inputs, output):
+    z, scales, noise, seeds, stream, backend = inputs
+    ctx.save_for_backward(z, scales, noise, seeds, output[1])
+    ctx.stream = stream
+    ctx.backend = backend
+
+
+def _backward(ctx, grad_out, grad_stats):
+    z, scales, noise, seeds, stats = ctx.saved_tensors
+    dz, dscales = _spherify_bwd(grad_out, z, scales, noise, seeds, stats, ctx.stream, ctx.backend)
+    return dz, (dscales if ctx.needs_input_grad[1] else None), None, None, None, None
+
+
+_spherify_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------- public ops
+
+
 def spherify(z: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """f(z) for z of shape [B, ...]."""
-    if not isinstance(z, torch.Tensor) or z.ndim < 2:
-        raise ValueError(f"z must be a tensor of shape [B, ...] with at least 2 dims, got {getattr(z, 'shape', type(z))}")
-    resolve_backend("spherify", z.device, backend, AUTO_ORDER)
-    return spherify_reference(z)
+    device = z.device if isinstance(z, torch.Tensor) else torch.device("cpu")
+    name = resolve_backend("spherify", device, backend, AUTO_ORDER)
+    _check_z(z, name)
+    if name == "eager":
+        return spherify_reference(z)
+    return _spherify_fwd(z, None, None, None, 0, name)[0][0]
+
+
+def _noisy(
+    op: str,
+    z: torch.Tensor,
+    scales: tuple[tuple[str, torch.Tensor | float], ...],
+    noise: torch.Tensor | None,
+    seeds: torch.Tensor | None,
+    stream: int,
+    backend: str | None,
+) -> list[torch.Tensor]:
+    device = z.device if isinstance(z, torch.Tensor) else torch.device("cpu")
+    name = resolve_backend(op, device, backend, AUTO_ORDER)
+    _check_z(z, name)
+    values = [_check_scale(label, s, z) for label, s in scales]
+    _check_noise_source(z, noise, seeds, stream)
+    if name == "eager":
+        e = noise if noise is not None else sphere_noise(seeds, z.shape[1:], stream=stream).to(z.dtype)
+        return [spherify_noise_reference(z, s, e) for s in values]
+    out, _ = _spherify_fwd(z, _scales_tensor(z, *values), noise, seeds, stream, name)
+    return list(out.unbind(0))
 
 
 def spherify_noise(
@@ -47,13 +361,11 @@ def spherify_noise(
     stream: int = 0,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """f(f(z) + scale[b] * e); e is ``noise`` if given, else drawn from ``seeds`` and ``stream``."""
-    resolve_backend("spherify_noise", z.device, backend, AUTO_ORDER)
-    if noise is None:
-        from sphere_fast.ops.philox import sphere_noise
+    """f(f(z) + scale[b] * e); e is ``noise`` if given, else drawn from ``seeds`` and ``stream``.
 
-        noise = sphere_noise(seeds, z.shape[1:], stream=stream).to(z.dtype)
-    return spherify_noise_reference(z, scale, noise)
+    ``scale`` is a float or a [B] tensor (differentiable); where scale[b] == 0 the result is exactly f(z)[b].
+    """
+    return _noisy("spherify_noise", z, (("scale", scale),), noise, seeds, stream, backend)[0]
 
 
 def spherify_noise_pair(
@@ -66,10 +378,9 @@ def spherify_noise_pair(
     stream: int = 0,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(f(f(z) + scale_big*e), f(f(z) + scale_small*e)) with one shared e (the training step)."""
-    resolve_backend("spherify_noise_pair", z.device, backend, AUTO_ORDER)
-    if noise is None:
-        from sphere_fast.ops.philox import sphere_noise
-
-        noise = sphere_noise(seeds, z.shape[1:], stream=stream).to(z.dtype)
-    return spherify_noise_reference(z, scale_big, noise), spherify_noise_reference(z, scale_small, noise)
+    """(f(f(z) + scale_big*e), f(f(z) + scale_small*e)) with one shared e, from one read of z (the training step)."""
+    big, small = _noisy(
+        "spherify_noise_pair", z, (("scale_big", scale_big), ("scale_small", scale_small)), noise, seeds, stream,
+        backend,
+    )
+    return big, small

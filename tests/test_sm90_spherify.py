@@ -1,0 +1,68 @@
+"""Hopper compile checks of the spherify kernels without a GPU: the Triton kernels ahead of time for sm_90a
+and the CUDA source with nvcc; every kernel must be free of local memory (spills)."""
+
+import inspect
+
+import pytest
+
+from sphere_fast import _extension
+from tests.sm90 import CompileError, assert_no_spills, compile_cuda_sm90, compile_triton_sm90, find_nvcc
+
+K = pytest.importorskip("sphere_fast.kernels.spherify")
+NUM_WARPS = 8  # as the launcher (sphere_fast.ops.spherify._NUM_WARPS)
+BLOCK, CHUNK = 2048, 8192  # launch_config for L >= 8192
+
+
+def _signature(names, dtype):
+    types = {
+        "z_ptr": f"*{dtype}", "g_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "dz_ptr": f"*{dtype}",
+        "noise_ptr": "*fp32", "seeds_ptr": "*i64", "scale_ptr": "*fp32", "partial_ptr": "*fp32",
+        "stats_ptr": "*fp32", "dscale_ptr": "*fp32", "B": "i32", "L": "i32", "stride_z": "i32",
+        "stride_n": "i32", "noise_base": "i64", "eps": "fp32",
+    }
+    return {n: types[n] for n in names if n in types}
+
+
+# the largest variant of each kernel (pair, Philox) in fp32 and bf16, plus plain and explicit-noise fp32
+CASES = [
+    (kernel, dtype, noise, pair)
+    for kernel in ("_fwd_partials", "_fwd_apply", "_bwd_partials", "_bwd_apply")
+    for dtype, noise, pair in (
+        ("fp32", K.NOISE_NONE, False),
+        ("fp32", K.NOISE_TENSOR, True),
+        ("fp32", K.NOISE_PHILOX, True),
+        ("bf16", K.NOISE_PHILOX, True),
+    )
+    if not (kernel == "_fwd_partials" and pair and noise == K.NOISE_TENSOR)
+]
+
+
+@pytest.mark.parametrize("kernel, dtype, noise, pair", CASES)
+def test_triton_kernels_no_spills(kernel, dtype, noise, pair):
+    fn = getattr(K, kernel)
+    constexprs = {"CHUNK": CHUNK, "BLOCK": BLOCK, "NOISE": noise}
+    if kernel != "_fwd_partials":
+        constexprs["PAIR"] = pair  # _fwd_partials has no PAIR: its "pair" case is the Philox one
+    if kernel.endswith("apply"):
+        constexprs["SPLIT_P2"] = 16
+    names = list(inspect.signature(fn.fn).parameters)  # JITFunction and the interpreter both keep .fn
+    try:
+        info = compile_triton_sm90(fn, _signature(names, dtype), constexprs, num_warps=NUM_WARPS)
+    except CompileError as exc:
+        pytest.fail(str(exc))
+    if noise == K.NOISE_PHILOX:
+        # tl.randn's libdevice cosf keeps a 28-32 byte stack array for its Payne-Hanek path (|x| > 105615),
+        # never taken here (|x| < 2 pi); anything beyond that frame, or any LOCAL, is a real spill.
+        r = info.resources
+        assert r.local == 0 and r.stack <= 32, r
+    else:
+        assert_no_spills(info)
+
+
+@pytest.mark.skipif(find_nvcc() is None, reason="nvcc not found")
+def test_cuda_kernels_no_spills():
+    root = _extension.csrc_dir()
+    kernels = compile_cuda_sm90(root / "spherify_cuda.cu", include_dirs=[root])
+    # 3 element types x (3 modes for fwd_partials + 5 (mode, pairs) variants x 3 other kernels) + the noise kernel
+    assert len(kernels) == 55, sorted(kernels)
+    assert_no_spills(kernels)

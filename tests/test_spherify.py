@@ -1,0 +1,320 @@
+"""Spherify ops (sphere_fast.ops.spherify) on the triton (interpreter) and cpp (CPU C++) backends vs eager.
+
+Tolerances (kernel vs the eager reference on the same inputs):
+  fp32: rtol = atol = 1e-5 (values have RMS 1: the sphere has radius sqrt(L)); gradients atol 1e-5 * max|ref|.
+  bf16 / fp16: the reference is evaluated in fp32 on the same low-precision inputs and the kernel output must be
+  within 2 ulp of it (rtol 2^-7 / 2^-10, atol 1e-2 / 2e-3): the kernels compute in fp32 and round once, and the
+  interpreter truncates fp32 -> bf16 (environment.md).
+Interpreter cost: Philox runs at about 40k values/s, so the in-kernel-noise Triton cases use L in {2048, 2049}
+(plus 65536 at B = 1; C++ runs 65536 and 131072 at B = 1); plain spherify runs the whole grid, explicit noise
+too except Triton at B = 3 with the big L.
+"""
+
+import importlib
+
+import pytest
+import torch
+
+import sphere_fast
+from sphere_fast.ops.philox import sphere_noise
+
+S = importlib.import_module("sphere_fast.ops.spherify")
+
+KERNELS = ["triton", "cpp"]
+SMALL_L = [2048, 2049]
+BIG_L = [65536, 131072]
+TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.bfloat16: dict(rtol=2 ** -7, atol=1e-2),
+    torch.float16: dict(rtol=2 ** -10, atol=2e-3),
+}
+
+
+def _z(batch, length, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed + 7 * length + batch)
+    # per-sample shape [C, N] like a latent when L allows, with a non-unit radius
+    shape = (4, length // 4) if length % 4 == 0 else (length,)
+    return (3.0 * torch.randn(batch, *shape, generator=g)).to(dtype)
+
+
+def _seeds(batch):
+    return torch.tensor([5, -3, 2**40 + 1][:batch], dtype=torch.int64)
+
+
+def _scale(batch):
+    return torch.tensor([0.7, 0.0, 2.5][:batch])
+
+
+def _ref_noise(z, noise=None, seeds=None, stream=0):
+    return noise if noise is not None else sphere_noise(seeds, z.shape[1:], stream=stream)
+
+
+def _close(actual, expected, dtype=torch.float32):
+    torch.testing.assert_close(actual.float(), expected.float(), **TOL[dtype])
+
+
+def _grad_close(actual, expected):
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * max(scale, 1.0))
+
+
+# --------------------------------------------------------------------------------------------- forward
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("length", SMALL_L + BIG_L)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_spherify_forward(backend, dtype, length, batch):
+    z = _z(batch, length, dtype)
+    out = S.spherify(z, backend=backend)
+    assert out.shape == z.shape and out.dtype == dtype
+    _close(out, S.spherify_reference(z.float()), dtype)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("length", SMALL_L + BIG_L)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_noise_forward_explicit(backend, length, batch):
+    if backend == "triton" and batch == 3 and length in BIG_L:
+        pytest.skip("interpreter time: big L runs at B = 1 for this path")
+    z = _z(batch, length)
+    noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(1))
+    out = S.spherify_noise(z, _scale(batch), noise=noise, backend=backend)
+    _close(out, S.spherify_noise_reference(z, _scale(batch), noise))
+    big, small = S.spherify_noise_pair(z, 1.5, _scale(batch), noise=noise, backend=backend)
+    _close(big, S.spherify_noise_reference(z, 1.5, noise))
+    _close(small, S.spherify_noise_reference(z, _scale(batch), noise))
+
+
+def _philox_cases():
+    cases = [(b, length, bk) for bk in KERNELS for b in (1, 3) for length in SMALL_L]
+    cases += [(1, 65536, "triton")]
+    cases += [(1, length, "cpp") for length in BIG_L]
+    return cases
+
+
+@pytest.mark.parametrize("batch, length, backend", _philox_cases())
+def test_noise_forward_and_backward_seeded(batch, length, backend):
+    z = _z(batch, length)
+    seeds, scale = _seeds(batch), _scale(batch)
+    g = torch.Generator().manual_seed(2)
+    zk = z.clone().requires_grad_()
+    sk = scale.clone().requires_grad_()
+    out = S.spherify_noise(zk, sk, seeds=seeds, stream=1, backend=backend)
+    zr = z.clone().requires_grad_()
+    sr = scale.clone().requires_grad_()
+    ref = S.spherify_noise_reference(zr, sr, _ref_noise(z, seeds=seeds, stream=1))
+    _close(out, ref)
+    grad = torch.randn(out.shape, generator=g)
+    (out * grad).sum().backward()
+    (ref * grad).sum().backward()
+    _grad_close(zk.grad, zr.grad)
+    _grad_close(sk.grad, sr.grad)
+    if batch > 1:
+        assert sk.grad[1] == 0  # scale 0: the output is f(z), constant in s
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["seeds", "noise"])
+def test_noise_low_precision(backend, dtype, mode):
+    batch, length = 3, 2049
+    z = _z(batch, length, dtype)
+    noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(4))
+    kw = dict(seeds=_seeds(batch)) if mode == "seeds" else dict(noise=noise.to(dtype))
+    big, small = S.spherify_noise_pair(z, 2.0, _scale(batch), **kw, backend=backend)
+    e = _ref_noise(z, noise=noise.to(dtype).float() if mode == "noise" else None, seeds=kw.get("seeds"))
+    _close(big, S.spherify_noise_reference(z.float(), 2.0, e), dtype)
+    _close(small, S.spherify_noise_reference(z.float(), _scale(batch), e), dtype)
+    assert big.dtype == dtype
+
+
+# -------------------------------------------------------------------------------------------- backward
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("length", SMALL_L + BIG_L)
+def test_spherify_backward(backend, length):
+    batch = 3 if length in SMALL_L else 1
+    z = _z(batch, length)
+    grad = torch.randn(z.shape, generator=torch.Generator().manual_seed(3))
+    zk, zr = z.clone().requires_grad_(), z.clone().requires_grad_()
+    (S.spherify(zk, backend=backend) * grad).sum().backward()
+    (S.spherify_reference(zr) * grad).sum().backward()
+    _grad_close(zk.grad, zr.grad)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("mode", ["seeds", "noise"])
+@pytest.mark.parametrize("length", SMALL_L)
+def test_pair_backward(backend, mode, length):
+    batch = 3
+    z = _z(batch, length)
+    noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(5))
+    kw = dict(seeds=_seeds(batch)) if mode == "seeds" else dict(noise=noise)
+    e = _ref_noise(z, noise=kw.get("noise"), seeds=kw.get("seeds"))
+    g1, g2 = (torch.randn(z.shape, generator=torch.Generator().manual_seed(s)) for s in (6, 7))
+    small = _scale(batch)
+
+    zk, bk, sk = z.clone().requires_grad_(), torch.tensor(1.3).requires_grad_(), small.clone().requires_grad_()
+    vb, vs = S.spherify_noise_pair(zk, bk, sk, **kw, backend=backend)
+    ((vb * g1).sum() + (vs * g2).sum()).backward()
+    zr, br, sr = z.clone().requires_grad_(), torch.tensor(1.3).requires_grad_(), small.clone().requires_grad_()
+    rb, rs = S.spherify_noise_reference(zr, br, e), S.spherify_noise_reference(zr, sr, e)
+    ((rb * g1).sum() + (rs * g2).sum()).backward()
+    _close(vb, rb)
+    _close(vs, rs)
+    _grad_close(zk.grad, zr.grad)
+    _grad_close(bk.grad, br.grad)
+    _grad_close(sk.grad, sr.grad)
+
+
+def test_eager_gradcheck_fp64():
+    z = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor([0.8, 1.7], dtype=torch.float64, requires_grad=True)
+    noise = torch.randn(2, 3, 5, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda z, s: S.spherify_noise(z, s, noise=noise, backend="eager"), (z, scale))
+    assert torch.autograd.gradcheck(lambda z: S.spherify(z, backend="eager"), (z,))
+
+
+# ---------------------------------------------------------------------------------------- noise & invariants
+
+
+def test_noise_identical_across_backends():
+    seeds = torch.tensor([0, 9, -(2**40), 2**62 + 3], dtype=torch.int64)
+    shape = (3, 700)
+    eager = sphere_noise(seeds, shape, stream=2)
+    # log/cos differ by an ulp or two between torch, numpy (interpreter) and libm: see test_philox.py
+    torch.testing.assert_close(S.triton_sphere_noise(seeds, shape, stream=2), eager, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(S.cpp_sphere_noise(seeds, shape, stream=2), eager, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", KERNELS + ["eager"])
+def test_deterministic_and_batch_independent(backend):
+    z = _z(3, 2049)
+    seeds, scale = _seeds(3), _scale(3)
+    out = S.spherify_noise(z, scale, seeds=seeds, backend=backend)
+    assert torch.equal(out, S.spherify_noise(z, scale, seeds=seeds, backend=backend))
+    for b in range(3):
+        alone = S.spherify_noise(z[b : b + 1], scale[b : b + 1], seeds=seeds[b : b + 1], backend=backend)
+        if backend == "eager":
+            _close(alone[0], out[b])
+        else:  # the split of a sample over programs depends on L only
+            assert torch.equal(alone[0], out[b])
+
+
+@pytest.mark.parametrize("backend", KERNELS + ["eager"])
+def test_zero_scale_is_exactly_spherify(backend):
+    z = _z(3, 2048)
+    plain = S.spherify(z, backend=backend)
+    assert torch.equal(S.spherify_noise(z, 0.0, seeds=_seeds(3), backend=backend), plain)
+    mixed = S.spherify_noise(z, _scale(3), seeds=_seeds(3), backend=backend)
+    assert torch.equal(mixed[1], plain[1])
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_non_contiguous(backend):
+    base = _z(3, 4096).reshape(3, 64, 64)
+    z = base.transpose(1, 2)[:, :, ::2]  # [3, 64, 32], no unit stride
+    noise = torch.randn(3, 32, 64).transpose(1, 2)
+    _close(S.spherify(z, backend=backend), S.spherify_reference(z.contiguous()))
+    _close(
+        S.spherify_noise(z, _scale(3), noise=noise, backend=backend),
+        S.spherify_noise_reference(z.contiguous(), _scale(3), noise.contiguous()),
+    )
+    zb = _z(6, 2048)[::2]  # batch-strided rows stay views
+    _close(
+        S.spherify_noise(zb, _scale(3), seeds=_seeds(3), backend=backend),
+        S.spherify_noise_reference(zb, _scale(3), _ref_noise(zb, seeds=_seeds(3))),
+    )
+
+
+def test_use_backend_context():
+    z = _z(1, 2048)
+    with sphere_fast.use_backend("cpp"):
+        _close(S.spherify(z), S.spherify_reference(z))
+
+
+# -------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("backend", KERNELS + ["eager"])
+@pytest.mark.parametrize(
+    "kwargs, err, match",
+    [
+        (dict(z=torch.ones(2, 8, dtype=torch.int32)), TypeError, "z"),
+        (dict(z=torch.ones(8)), ValueError, "z"),
+        (dict(seeds=torch.tensor([1, 2, 3])), ValueError, "seeds"),
+        (dict(seeds=torch.tensor([1.0, 2.0])), TypeError, "seeds"),
+        (dict(seeds=torch.tensor([1, 2], device="meta")), ValueError, "seeds"),
+        (dict(scale=torch.ones(3)), ValueError, "scale"),
+        (dict(scale=torch.tensor([1.0, float("nan")])), ValueError, "scale"),
+        (dict(scale=float("inf")), ValueError, "scale"),
+        (dict(scale="1"), TypeError, "scale"),
+        (dict(noise=torch.ones(2, 8)), ValueError, "noise"),
+        (dict(seeds=None), ValueError, "noise"),
+        (dict(noise=torch.ones(2, 7), seeds=None), ValueError, "noise"),
+        (dict(stream=-2), ValueError, "stream"),
+    ],
+)
+def test_bad_input(backend, kwargs, err, match):
+    args = dict(z=torch.ones(2, 8), scale=torch.ones(2), seeds=torch.tensor([1, 2]), stream=0)
+    args.update(kwargs)
+    z, scale = args.pop("z"), args.pop("scale")
+    with pytest.raises(err, match=match):
+        S.spherify_noise(z, scale, **args, backend=backend)
+
+
+def test_fp64_rejected_by_kernels():
+    with pytest.raises(TypeError, match="z"):
+        S.spherify(torch.ones(2, 8, dtype=torch.float64), backend="cpp")
+
+
+# ------------------------------------------------------------------------------------- torch.library
+
+
+def _opcheck_args(backend):
+    z = _z(2, 72)
+    scales = torch.tensor([[0.5, 0.0], [1.5, 2.0]], requires_grad=True)
+    noise = torch.randn(z.shape)
+    seeds = _seeds(2)
+    return [
+        (z.clone().requires_grad_(), None, None, None, 0, backend),
+        (z.clone().requires_grad_(), scales[:1], None, seeds, 3, backend),
+        (z.clone().requires_grad_(), scales, noise, None, 0, backend),
+    ]
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_opcheck(backend):
+    for args in _opcheck_args(backend):
+        torch.library.opcheck(torch.ops.sphere_fast.spherify_fwd.default, args)
+        z, scales, noise, seeds, stream, _ = args
+        with torch.no_grad():
+            out, stats = torch.ops.sphere_fast.spherify_fwd(z, scales, noise, seeds, stream, backend)
+        grad = torch.randn(out.shape)
+        bwd = (grad, z.detach(), None if scales is None else scales.detach(), noise, seeds, stats, stream, backend)
+        torch.library.opcheck(torch.ops.sphere_fast.spherify_bwd.default, bwd)
+        if backend == "cpp":  # the C++ ops themselves (fake kernels registered from Python)
+            torch.library.opcheck(torch.ops.sphere_fast_cpp.spherify_fwd.default, args[:5], test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("backend", KERNELS + ["eager"])
+def test_compile_fullgraph(backend):
+    torch._dynamo.reset()
+
+    def step(z, s, seeds):
+        big, small = S.spherify_noise_pair(z, s, 0.5, seeds=seeds, stream=2, backend=backend)
+        return (big * small).sum() + S.spherify(z, backend=backend).square().sum()
+
+    z = _z(2, 256)
+    s = torch.tensor([1.0, 0.3])
+    zc, zr = z.clone().requires_grad_(), z.clone().requires_grad_()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    out_c = compiled(zc, s, _seeds(2))
+    out_r = step(zr, s, _seeds(2))
+    out_c.backward()
+    out_r.backward()
+    torch.testing.assert_close(out_c, out_r)
+    torch.testing.assert_close(zc.grad, zr.grad)
