@@ -1,6 +1,7 @@
-import torch
 import pytest
+import torch
 
+import sphere_fast
 from sphere_fast import SphereEncoder
 
 TOL = 5e-5
@@ -49,3 +50,27 @@ def test_generate_parity(model, golden):
         label = {k: case[k] for k in ("steps", "cfg_position", "cache_noise")}
         assert max_err(first, case["first"]) < TOL, label
         assert max_err(out, case["out"]) < TOL, label
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_forward_parity_on_fused_backends(model, golden, backend):
+    """The same weights through the fused kernels (C++ CPU implementation; Triton in the interpreter)."""
+    if backend not in sphere_fast.available_backends("cpu"):
+        pytest.skip(f"{backend} backend not available on this machine")
+    c = golden["cases"]["forward"]
+    with sphere_fast.use_backend(backend), torch.no_grad():
+        assert max_err(model.encoder(c["x"], c["y"]), c["z"]) < TOL
+        assert max_err(model.decoder(c["v_noisy"], c["y"]), c["x_dec"]) < TOL
+
+
+def test_generate_parity_on_cpp_backend(model, golden):
+    if "cpp" not in sphere_fast.available_backends("cpu"):
+        pytest.skip("cpp backend not available on this machine")
+    case = golden["cases"]["generate"][-1]
+    with sphere_fast.use_backend("cpp"):
+        first, out = model.generate(
+            case["y"].shape[0], y=case["y"], cfg=case["cfg"], cfg_position=case["cfg_position"],
+            forward_steps=case["steps"], cache_sampling_noise=case["cache_noise"], noise=case["noise_draws"],
+        )
+    assert max_err(first, case["first"]) < TOL
+    assert max_err(out, case["out"]) < TOL
