@@ -1,13 +1,37 @@
-"""Non-causal attention with 2-D axial RoPE applied to q and k (official layout: cos | sin, interleaved pairs)."""
+"""Non-causal attention with 2-D axial RoPE applied to q and k (official layout: cos | sin, interleaved pairs).
+
+Implementations ("impl"), all computing softmax(rope(q) rope(k)^T / sqrt(D)) v on [B, H, N, D]:
+  ``sdpa``       eager RoPE + ``torch.nn.functional.scaled_dot_product_attention`` (the reference; torch
+                 picks its own flash / efficient / cuDNN / math kernel). What backend ``eager`` runs.
+  ``triton``     the fused Triton kernel in ``kernels/attention.py`` (RoPE applied on load, forward and
+                 backward), registered as ``torch.ops.sphere_fast.attention_triton_fwd/_bwd``.
+                 What backend ``triton`` runs.
+  ``flash_attn`` eager RoPE + the flash-attn package, only when it is importable (CUDA, fp16/bf16).
+Attention has no C++ kernel of its own: backend ``cpp`` means the vendor C++/CUDA kernels, i.e.
+``flash_attn`` when usable, else ``sdpa``. ``auto`` (on CUDA) takes ``triton`` when the head dim is
+supported, else ``flash_attn``, else ``sdpa``; on CPU it is ``sdpa``. ``impl=`` on a call overrides the
+backend. The choice is logged once per (device, impl) and returned by ``attention_impl``.
+"""
 
 from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import math
 
 import torch
 import torch.nn.functional as F
 
-from sphere_fast.backend import resolve_backend
+from sphere_fast.backend import active_backend, resolve_backend, triton_interpreting, triton_usable
 
 AUTO_ORDER = ("triton", "eager")
+IMPLS = ("sdpa", "triton", "flash_attn")
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TRITON_HEAD_DIMS = "even head dims from 16 to 128"
+
+logger = logging.getLogger("sphere_fast")
+_logged: set[tuple[str, str]] = set()
 
 
 def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
@@ -29,7 +53,307 @@ def attention_reference(q, k, v, rope=None):
     return F.scaled_dot_product_attention(q, k, v)
 
 
-def attention(q, k, v, rope=None, *, backend: str | None = None):
-    """softmax(q k^T / sqrt(D)) v on [B, H, N, D], with q and k rotated by ``rope`` first."""
-    resolve_backend("attention", q.device, backend, AUTO_ORDER)
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor | None) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"attention: {name} must be [B, H, N, D] (4-D), got shape {tuple(t.shape)}")
+        if t.dtype not in DTYPES:
+            raise TypeError(f"attention: {name} must be float16, bfloat16 or float32, got {t.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(f"attention: {name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"attention: {name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"attention: {name} must be on q's device {q.device}, got {t.device}")
+    if rope is None:
+        return
+    if not isinstance(rope, torch.Tensor):
+        raise TypeError(f"attention: rope must be a torch.Tensor or None, got {type(rope).__name__}")
+    n, d = q.shape[2], q.shape[3]
+    if d % 2:
+        raise ValueError(f"attention: rope needs an even head dim (interleaved pairs), got head dim {d}")
+    if tuple(rope.shape) != (n, 2 * d):
+        raise ValueError(f"attention: rope must be [N, 2*D] = [{n}, {2 * d}] (cos | sin), got {tuple(rope.shape)}")
+    if rope.dtype != torch.float32:
+        raise TypeError(f"attention: rope must be float32, got {rope.dtype}")
+    if rope.device != q.device:
+        raise ValueError(f"attention: rope must be on q's device {q.device}, got {rope.device}")
+
+
+def triton_supports_head_dim(head_dim: int) -> bool:
+    return head_dim % 2 == 0 and 16 <= head_dim <= 128
+
+
+@functools.cache
+def flash_attn_importable() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def _flash_attn_usable(device_type: str, dtype: torch.dtype, head_dim: int) -> bool:
+    return (
+        flash_attn_importable()
+        and device_type == "cuda"
+        and dtype in (torch.float16, torch.bfloat16)
+        and head_dim % 8 == 0
+        and head_dim <= 256
+    )
+
+
+def attention_impls(
+    device: torch.device | str, dtype: torch.dtype = torch.bfloat16, head_dim: int = 64
+) -> list[str]:
+    """The implementations that can run attention for this device, dtype and head dim."""
+    device = torch.device(device)
+    names = ["sdpa"]
+    if triton_usable(device) and triton_supports_head_dim(head_dim):
+        names.append("triton")
+    if _flash_attn_usable(device.type, dtype, head_dim):
+        names.append("flash_attn")
+    return names
+
+
+@torch.compiler.assume_constant_result
+def _choose_impl(device: torch.device, dtype: torch.dtype, head_dim: int, backend: str | None, impl: str | None) -> str:
+    # a constant under torch.compile: runs once at trace time, so the logging here breaks no graph
+    usable = attention_impls(device, dtype, head_dim)
+    if impl is not None:
+        if impl not in IMPLS:
+            raise ValueError(f"attention: impl must be one of {IMPLS}, got {impl!r}")
+        if impl not in usable:
+            raise ValueError(
+                f"attention: impl {impl!r} cannot run on {device.type} with {dtype}, head dim {head_dim} "
+                f"(usable: {usable}; triton takes {TRITON_HEAD_DIMS}, flash_attn needs CUDA fp16/bf16)"
+            )
+        name, why = impl, "impl="
+    else:
+        requested = backend if backend is not None else active_backend()
+        resolved = resolve_backend("attention", device, backend, AUTO_ORDER)
+        why = f"backend {resolved}" + (" via auto" if requested == "auto" else "")
+        if resolved == "eager":
+            name = "sdpa"
+        elif resolved == "cpp":
+            name = "flash_attn" if "flash_attn" in usable else "sdpa"
+        elif "triton" in usable:
+            name = "triton"
+        elif requested == "triton":
+            raise ValueError(f"attention: head dim {head_dim} is not supported by triton ({TRITON_HEAD_DIMS})")
+        else:
+            name = "flash_attn" if "flash_attn" in usable else "sdpa"
+    key = (device.type, name)
+    if key not in _logged:
+        _logged.add(key)
+        logger.info("sphere_fast: attention on %s uses impl %s (%s)", device.type, name, why)
+    return name
+
+
+def attention_impl(q: torch.Tensor, *, backend: str | None = None, impl: str | None = None) -> str:
+    """Which implementation ``attention`` runs for inputs like ``q``: ``sdpa``, ``triton`` or ``flash_attn``."""
+    return _choose_impl(q.device, q.dtype, q.shape[-1], backend, impl)
+
+
+# -------------------------------------------------------------------------------------- triton launch
+
+
+def _head_chunks(head_dim: int) -> tuple[int, int, bool]:
+    """(DA, DB, HAS_B): DA = largest power of two <= D, DB = the rest padded to a power of two >= 16."""
+    da = 1 << (head_dim.bit_length() - 1)
+    rest = head_dim - da
+    if rest == 0:
+        return da, 16, False
+    return da, max(16, 1 << (rest - 1).bit_length()), True
+
+
+def _configs(
+    head_dim: int, dtype: torch.dtype, interpret: bool | None = None
+) -> dict[str, tuple[int, int, int, int]]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the fwd, dkdv and dq kernels.
+
+    Interpreter: small square blocks (fast on CPU, and N = 17 / 64 exercise tails and several blocks).
+    Hopper, fp16/bf16: per padded head width, the largest tiles that compile for sm_90a without
+    local-memory spills (tests/test_sm90_attention.py checks each). fp32 (a correctness path, TF32 dots):
+    tiles that fit shared memory; its backward spills at head dims above 64. None tuned by measurement yet.
+    """
+    if triton_interpreting() if interpret is None else interpret:
+        return {"fwd": (32, 32, 4, 1), "dkdv": (32, 32, 4, 1), "dq": (32, 32, 4, 1)}
+    if dtype == torch.float32:
+        return {"fwd": (64, 64, 4, 2), "dkdv": (32, 64, 8, 2), "dq": (64, 32, 8, 2)}
+    da, db, has_b = _head_chunks(head_dim)
+    width = da + db if has_b else da
+    if width <= 64:
+        return {"fwd": (128, 64, 4, 3), "dkdv": (32, 128, 8, 3), "dq": (128, 32, 8, 3)}
+    if width <= 80:
+        return {"fwd": (128, 64, 8, 2), "dkdv": (32, 128, 8, 2), "dq": (128, 32, 8, 2)}
+    return {"fwd": (128, 64, 8, 2), "dkdv": (32, 64, 8, 2), "dq": (64, 32, 8, 2)}
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _bnhd_empty(q: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """[B, H, N, D] with [B, N, H, D] memory, so the model's transpose(1, 2).reshape(B, N, H*D) is free."""
+    b, h, n, d = q.shape
+    return torch.empty_strided((b, h, n, d), (n * h * d, d, h * d, 1), dtype=dtype or q.dtype, device=q.device)
+
+
+def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
+    # the kernels index the head dim as contiguous; any other layout is read through its strides
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _strides(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _triton_forward(q, k, v, rope):
+    from sphere_fast.kernels.attention import attention_fwd_kernel
+
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    b, h, n, d = q.shape
+    o = _bnhd_empty(q)
+    lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
+    if o.numel() == 0:
+        return o, lse
+    da, db, has_b = _head_chunks(d)
+    block_m, block_n, warps, stages = _configs(d, q.dtype)["fwd"]
+    emulate = triton_interpreting() and q.dtype == torch.bfloat16
+    rope_arg = rope.contiguous() if rope is not None else q  # q stands in for the unused pointer
+    attention_fwd_kernel[(_cdiv(n, block_m), b * h)](
+        q, k, v, o, lse, rope_arg,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        h, n, math.log2(math.e) / math.sqrt(d),
+        HEAD_DIM=d, DA=da, DB=db, HAS_B=has_b, BLOCK_M=block_m, BLOCK_N=block_n,
+        HAS_ROPE=rope is not None, EMULATE_BF16=emulate, num_warps=warps, num_stages=stages,
+    )
+    return o, lse
+
+
+def _triton_backward(do, q, k, v, o, lse, rope):
+    from sphere_fast.kernels.attention import (
+        attention_bwd_dkdv_kernel,
+        attention_bwd_dq_kernel,
+        attention_bwd_preprocess_kernel,
+    )
+
+    do, q, k, v = (_unit_last_stride(t) for t in (do, q, k, v))
+    b, h, n, d = q.shape
+    dq, dk, dv = _bnhd_empty(q), _bnhd_empty(q), _bnhd_empty(q)
+    if q.numel() == 0:
+        return dq, dk, dv
+    da, db, has_b = _head_chunks(d)
+    cfg = _configs(d, q.dtype)
+    emulate = triton_interpreting() and q.dtype == torch.bfloat16
+    rope_arg = rope.contiguous() if rope is not None else q
+    sm_scale = 1.0 / math.sqrt(d)
+    qk_scale = math.log2(math.e) * sm_scale
+    common = dict(HEAD_DIM=d, DA=da, DB=db, HAS_B=has_b, HAS_ROPE=rope is not None, EMULATE_BF16=emulate)
+
+    delta = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
+    attention_bwd_preprocess_kernel[(_cdiv(n, 64), b * h)](
+        o, do, delta, *_strides(o), *_strides(do), h, n,
+        HEAD_DIM=d, D_PAD=1 << (d - 1).bit_length(), BLOCK_M=64,
+    )
+    block_m, block_n, warps, stages = cfg["dkdv"]
+    attention_bwd_dkdv_kernel[(_cdiv(n, block_n), b * h)](
+        q, k, v, do, dk, dv, lse, delta, rope_arg,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+        h, n, qk_scale, sm_scale,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common,
+    )
+    block_m, block_n, warps, stages = cfg["dq"]
+    attention_bwd_dq_kernel[(_cdiv(n, block_m), b * h)](
+        q, k, v, do, dq, lse, delta, rope_arg,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+        h, n, qk_scale, sm_scale,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common,
+    )
+    return dq, dk, dv
+
+
+@torch.library.custom_op("sphere_fast::attention_triton_fwd", mutates_args=())
+def attention_triton_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused-RoPE flash attention forward: (o [B, H, N, D], lse [B, H, N] float32, log2-based)."""
+    return _triton_forward(q, k, v, rope)
+
+
+@attention_triton_fwd.register_fake
+def _(q, k, v, rope):
+    return _bnhd_empty(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("sphere_fast::attention_triton_bwd", mutates_args=())
+def attention_triton_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    rope: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused-RoPE flash attention backward: (dq, dk, dv) w.r.t. the un-rotated q, k and v."""
+    return _triton_backward(do, q, k, v, o, lse, rope)
+
+
+@attention_triton_bwd.register_fake
+def _(do, q, k, v, o, lse, rope):
+    return _bnhd_empty(q), _bnhd_empty(q), _bnhd_empty(q)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, rope = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, rope)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse, rope = ctx.saved_tensors
+    dq, dk, dv = attention_triton_bwd(do, q, k, v, o, lse, rope)
+    return dq, dk, dv, None
+
+
+attention_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------ public op
+
+
+def _flash_attn(q, k, v, rope):
+    from flash_attn import flash_attn_func
+
+    if rope is not None:
+        q = apply_rope_reference(q, rope).to(v.dtype)
+        k = apply_rope_reference(k, rope).to(v.dtype)
+    # flash-attn wants [B, N, H, D]: a transpose view, no copy
+    return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rope: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+    impl: str | None = None,
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v on [B, H, N, D] (strided views allowed), with q and k rotated by
+    ``rope`` [N, 2D] float32 (cos | sin, interleaved pairs) first. ``impl`` forces one of ``IMPLS``."""
+    _check_inputs(q, k, v, rope)
+    name = attention_impl(q, backend=backend, impl=impl)
+    if name == "triton":
+        if rope is not None and rope.requires_grad and torch.is_grad_enabled():
+            raise ValueError("attention: rope must not require grad with impl 'triton' (it is a constant table)")
+        return attention_triton_fwd(q, k, v, rope)[0]
+    if name == "flash_attn":
+        return _flash_attn(q, k, v, rope)
     return attention_reference(q, k, v, rope)

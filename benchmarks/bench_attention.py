@@ -1,0 +1,122 @@
+"""Attention with 2-D RoPE on q and k: eager, torch.compile, the fused Triton kernel, each torch SDPA backend,
+and flash-attn when installed.
+
+Every implementation computes the whole op the model needs, RoPE included: the vendor rows rotate q and k
+eagerly (two extra elementwise passes) and then call their kernel; ours rotates on load. Inputs are the
+strided q, k, v views of one [B, N, 3*H*D] projection output, as the model passes them.
+
+FLOP model (non-causal, RoPE not counted): forward 4*B*H*N^2*D (q k^T and p v, 2 FLOPs per multiply-add);
+backward 2.5x that (dv, dp, dq, dk: four matmuls, plus recomputing q k^T counted as half of one).
+Goal (issue 5, H200): forward >= 1.0x and backward >= 0.9x the best SDPA backend at N = 1024, D = 64 and
+72, B*H >= 256.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from benchmarks.harness import DEVICE, cuda_time_ms, impls, pick, record
+
+attn = importlib.import_module("sphere_fast.ops.attention")
+
+DTYPE = torch.bfloat16
+HEADS = 16
+# (B, H, N, D) with B*H in {16, 256, 1024}
+SHAPES = pick(
+    real=[(bh // HEADS, HEADS, n, d) for bh, n, d in itertools.product((16, 256, 1024), (256, 1024), (64, 72))],
+    smoke=[(1, 2, 17, 72)],
+)
+
+
+def rope_table(n: int, d: int) -> torch.Tensor:
+    """The official 2-D axial RoPE [N, 2D] (cos | sin) for a sqrt(N) x sqrt(N) token grid."""
+    half = d // 2
+    freqs = (1.0 / 10000 ** (torch.arange(0, half, 2, dtype=torch.float64) / half)).repeat_interleave(2)
+    side = math.ceil(math.sqrt(n))
+    idx = torch.arange(n, dtype=torch.float64)
+    angles = torch.cat([(idx // side)[:, None] * freqs, (idx % side)[:, None] * freqs], dim=-1)
+    return torch.cat([angles.cos(), angles.sin()], dim=-1).float().to(DEVICE)
+
+
+def _sdpa_with(backend_name: str) -> Callable[[], Callable[..., torch.Tensor]]:
+    """Loader for eager RoPE + SDPA pinned to one of torch's SDPA backends (RuntimeError if unusable)."""
+
+    def load() -> Callable[..., torch.Tensor]:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = getattr(SDPBackend, backend_name)
+
+        def run(q, k, v, rope):
+            with sdpa_kernel(backend):
+                return attn.attention_reference(q, k, v, rope)
+
+        q = torch.randn(1, 2, 16, 64, device=DEVICE, dtype=DTYPE)
+        run(q, q, q, rope_table(16, 64))  # raises RuntimeError when this backend cannot run here
+        return run
+
+    return load
+
+
+def _flash_attn() -> Callable[..., torch.Tensor]:
+    if "flash_attn" not in attn.attention_impls(DEVICE, DTYPE, 64):
+        raise ImportError("flash_attn is not importable (or no CUDA)")
+    return lambda q, k, v, rope: attn.attention(q, k, v, rope, impl="flash_attn")
+
+
+VENDOR = {
+    "sdpa_flash": _sdpa_with("FLASH_ATTENTION"),
+    "sdpa_efficient": _sdpa_with("EFFICIENT_ATTENTION"),
+    "sdpa_cudnn": _sdpa_with("CUDNN_ATTENTION"),
+    "sdpa_math": _sdpa_with("MATH"),
+    "flash_attn": _flash_attn,
+}
+IMPLS = impls(attn.attention, attn.attention_reference, backends=("triton",), vendor=VENDOR)
+
+
+def _inputs(shape: tuple[int, int, int, int], requires_grad: bool):
+    b, h, n, d = shape
+    qkv = torch.randn(b, n, 3 * h * d, device=DEVICE, dtype=DTYPE, requires_grad=requires_grad)
+    q, k, v = qkv.view(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+    return qkv, q, k, v, rope_table(n, d)
+
+
+def _flops(shape: tuple[int, int, int, int]) -> int:
+    b, h, n, d = shape
+    return 4 * b * h * n * n * d
+
+
+def _id(shape: tuple[int, int, int, int]) -> str:
+    return "B{}-H{}-N{}-D{}".format(*shape)
+
+
+def _check(out: torch.Tensor, q, k, v, rope) -> None:
+    # correctness gate before timing: bf16 against the fp32 reference
+    ref = attn.attention_reference(q.float(), k.float(), v.float(), rope)
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_attention_fwd(benchmark, ceilings, impl, shape) -> None:
+    _, q, k, v, rope = _inputs(shape, requires_grad=False)
+    _check(impl(q, k, v, rope), q, k, v, rope)
+    ms = cuda_time_ms(lambda: impl(q, k, v, rope))
+    record(benchmark, op="attention_fwd", impl=impl.name, shape=shape, dtype=DTYPE, ms=ms,
+           flops=_flops(shape), ceilings=ceilings)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_attention_bwd(benchmark, ceilings, impl, shape) -> None:
+    qkv, q, k, v, rope = _inputs(shape, requires_grad=True)
+    out = impl(q, k, v, rope)
+    grad = torch.randn_like(out)
+    ms = cuda_time_ms(lambda: torch.autograd.grad(out, qkv, grad, retain_graph=True))
+    record(benchmark, op="attention_bwd", impl=impl.name, shape=shape, dtype=DTYPE, ms=ms,
+           flops=int(2.5 * _flops(shape)), ceilings=ceilings)

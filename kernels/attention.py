@@ -1,0 +1,329 @@
+"""Non-causal flash attention with 2-D RoPE applied to q and k on load (Triton, forward and backward).
+
+Layout: q, k, v, o are [B, H, N, D] given by strides (head dim contiguous), so the model's
+``qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)`` views are read in place. ``rope`` is [N, 2D] float32
+(cos | sin per token, official interleaved-pairs layout): x_rot = x*cos + rotate(x)*sin with
+rotate: (x1, x2) -> (-x2, x1) on pairs. Rotation happens in registers after the load; rotated q/k are
+never written. The backward rotates on load the same way and un-rotates dq/dk before the store:
+d(x) = R^T d(x_rot) = g*cos - rotate(g*sin).
+
+Head dim: tiles must be powers of two, so the head dim is split into chunk A (the largest power of two
+<= D, never masked) and an optional chunk B (the rest, padded to a power of two >= 16, the smallest
+K of a tensor-core dot). D = 72 runs as 64 + 16 (80 columns, not 128); 80 as 64 + 16 (exact);
+104 as 64 + 64 (same as padding to 128); 32, 64, 128 as one chunk. Every product over the head dim is a
+sum of one dot per chunk.
+
+Softmax is computed in base 2: scores are multiplied by qk_scale = log2(e)/sqrt(D) and the saved LSE is
+log2-based, so the backward recomputes p = exp2(s*qk_scale - lse) exactly as the forward did.
+
+EMULATE_BF16 is only set by the launcher under TRITON_INTERPRET=1 with bf16 inputs (see _to_dtype).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rotate_pairs(x, ROWS: tl.constexpr, COLS: tl.constexpr):
+    # (x1, x2) -> (-x2, x1) on interleaved pairs, done on the register tile
+    even, odd = tl.split(tl.reshape(x, (ROWS, COLS // 2, 2)))
+    return tl.reshape(tl.join(-odd, even), (ROWS, COLS))
+
+
+@triton.jit
+def _to_dtype(x, dtype: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """Round x to dtype. EMULATE_BF16 (interpreter, bf16): the interpreter truncates fp32 -> bf16 and its
+    bf16 dot is wrong, so round to nearest even by hand and keep the value in fp32 for the dot."""
+    if EMULATE_BF16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _load_tile(base, stride_n, offs_n, mask_n, offs_d, HEAD_DIM: tl.constexpr, MASK_D: tl.constexpr):
+    ptrs = base + offs_n[:, None] * stride_n + offs_d[None, :]
+    if MASK_D:
+        return tl.load(ptrs, mask=mask_n[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    return tl.load(ptrs, mask=mask_n[:, None], other=0.0)
+
+
+@triton.jit
+def _load_rope(rope, offs_n, mask_n, offs_d, HEAD_DIM: tl.constexpr, MASK_D: tl.constexpr):
+    cos = _load_tile(rope, 2 * HEAD_DIM, offs_n, mask_n, offs_d, HEAD_DIM, MASK_D)
+    sin = _load_tile(rope + HEAD_DIM, 2 * HEAD_DIM, offs_n, mask_n, offs_d, HEAD_DIM, MASK_D)
+    return cos, sin
+
+
+@triton.jit
+def _load_operand(
+    base, stride_n, rope, offs_n, mask_n, offs_d,
+    HEAD_DIM: tl.constexpr, MASK_D: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
+    ROTATE: tl.constexpr, EMULATE_BF16: tl.constexpr,
+):
+    """A dot operand tile: loaded, and rotated by RoPE in fp32 then rounded back to the input dtype (as the
+    eager reference does)."""
+    x = _load_tile(base, stride_n, offs_n, mask_n, offs_d, HEAD_DIM, MASK_D)
+    if ROTATE:
+        cos, sin = _load_rope(rope, offs_n, mask_n, offs_d, HEAD_DIM, MASK_D)
+        xf = x.to(tl.float32)
+        return _to_dtype(xf * cos + _rotate_pairs(xf, ROWS, COLS) * sin, x.dtype, EMULATE_BF16)
+    if EMULATE_BF16:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _unrotate(g, rope, offs_n, mask_n, offs_d, HEAD_DIM: tl.constexpr, MASK_D: tl.constexpr,
+              ROWS: tl.constexpr, COLS: tl.constexpr):
+    # R^T g for R = diag(cos) + diag(sin) P, P^T = -P
+    cos, sin = _load_rope(rope, offs_n, mask_n, offs_d, HEAD_DIM, MASK_D)
+    return g * cos - _rotate_pairs(g * sin, ROWS, COLS)
+
+
+@triton.jit
+def _store_tile(base, stride_n, offs_n, mask_n, offs_d, x, HEAD_DIM: tl.constexpr, MASK_D: tl.constexpr,
+                EMULATE_BF16: tl.constexpr):
+    ptrs = base + offs_n[:, None] * stride_n + offs_d[None, :]
+    x = _to_dtype(x, base.dtype.element_ty, EMULATE_BF16).to(base.dtype.element_ty)
+    if MASK_D:
+        tl.store(ptrs, x, mask=mask_n[:, None] & (offs_d[None, :] < HEAD_DIM))
+    else:
+        tl.store(ptrs, x, mask=mask_n[:, None])
+
+
+@triton.jit
+def _cast(x, like, EMULATE_BF16: tl.constexpr):
+    # a dot operand made from an fp32 value (p, ds): rounded to the input dtype, as flash attention does
+    return _to_dtype(x, like.dtype.element_ty, EMULATE_BF16)
+
+
+@triton.jit
+def attention_fwd_kernel(
+    Q, K, V, O, LSE, ROPE,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    H, N, qk_scale,
+    HEAD_DIM: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, HAS_B: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ROPE: tl.constexpr, EMULATE_BF16: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    o_base = O + b * stride_ob + h * stride_oh
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < N
+    offs_a = tl.arange(0, DA)
+    qa = _load_operand(q_base, stride_qn, ROPE, offs_m, mask_m, offs_a, HEAD_DIM, False, BLOCK_M, DA, HAS_ROPE, EMULATE_BF16)
+    acc_a = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
+    if HAS_B:
+        offs_b = DA + tl.arange(0, DB)
+        qb = _load_operand(q_base, stride_qn, ROPE, offs_m, mask_m, offs_b, HEAD_DIM, True, BLOCK_M, DB, HAS_ROPE, EMULATE_BF16)
+        acc_b = tl.zeros([BLOCK_M, DB], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        ka = _load_operand(k_base, stride_kn, ROPE, offs_n, mask_n, offs_a, HEAD_DIM, False, BLOCK_N, DA, HAS_ROPE, EMULATE_BF16)
+        s = tl.dot(qa, tl.trans(ka))
+        if HAS_B:
+            kb = _load_operand(k_base, stride_kn, ROPE, offs_n, mask_n, offs_b, HEAD_DIM, True, BLOCK_N, DB, HAS_ROPE, EMULATE_BF16)
+            s += tl.dot(qb, tl.trans(kb))
+        # every key block holds at least one valid key, so the row max stays finite
+        s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        p_dot = _cast(p, V, EMULATE_BF16)
+        va = _load_operand(v_base, stride_vn, ROPE, offs_n, mask_n, offs_a, HEAD_DIM, False, BLOCK_N, DA, False, EMULATE_BF16)
+        acc_a = tl.dot(p_dot, va, acc_a * alpha[:, None])
+        if HAS_B:
+            vb = _load_operand(v_base, stride_vn, ROPE, offs_n, mask_n, offs_b, HEAD_DIM, True, BLOCK_N, DB, False, EMULATE_BF16)
+            acc_b = tl.dot(p_dot, vb, acc_b * alpha[:, None])
+        m_i = m_new
+
+    inv_l = 1.0 / l_i
+    _store_tile(o_base, stride_on, offs_m, mask_m, offs_a, acc_a * inv_l[:, None], HEAD_DIM, False, EMULATE_BF16)
+    if HAS_B:
+        _store_tile(o_base, stride_on, offs_m, mask_m, offs_b, acc_b * inv_l[:, None], HEAD_DIM, True, EMULATE_BF16)
+    tl.store(LSE + bh.to(tl.int64) * N + offs_m, m_i + tl.log2(l_i), mask=mask_m)
+
+
+@triton.jit
+def attention_bwd_preprocess_kernel(
+    O, DO, DELTA,
+    stride_ob, stride_oh, stride_on,
+    stride_dob, stride_doh, stride_don,
+    H, N,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    # delta_i = sum_d o_id * do_id, the softmax-backward row term
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < N
+    offs_d = tl.arange(0, D_PAD)
+    o = _load_tile(O + b * stride_ob + h * stride_oh, stride_on, offs_m, mask_m, offs_d, HEAD_DIM, True)
+    do = _load_tile(DO + b * stride_dob + h * stride_doh, stride_don, offs_m, mask_m, offs_d, HEAD_DIM, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * N + offs_m, delta, mask=mask_m)
+
+
+@triton.jit
+def attention_bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA, ROPE,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    H, N, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, HAS_B: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ROPE: tl.constexpr, EMULATE_BF16: tl.constexpr,
+):
+    """One key block per program; loops over all query blocks (transposed scores, no atomics)."""
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    do_base = DO + b * stride_dob + h * stride_doh
+    row_base = bh.to(tl.int64) * N
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_a = tl.arange(0, DA)
+    ka = _load_operand(k_base, stride_kn, ROPE, offs_n, mask_n, offs_a, HEAD_DIM, False, BLOCK_N, DA, HAS_ROPE, EMULATE_BF16)
+    va = _load_operand(v_base, stride_vn, ROPE, offs_n, mask_n, offs_a, HEAD_DIM, False, BLOCK_N, DA, False, EMULATE_BF16)
+    dk_a = tl.zeros([BLOCK_N, DA], dtype=tl.float32)
+    dv_a = tl.zeros([BLOCK_N, DA], dtype=tl.float32)
+    if HAS_B:
+        offs_b = DA + tl.arange(0, DB)
+        kb = _load_operand(k_base, stride_kn, ROPE, offs_n, mask_n, offs_b, HEAD_DIM, True, BLOCK_N, DB, HAS_ROPE, EMULATE_BF16)
+        vb = _load_operand(v_base, stride_vn, ROPE, offs_n, mask_n, offs_b, HEAD_DIM, True, BLOCK_N, DB, False, EMULATE_BF16)
+        dk_b = tl.zeros([BLOCK_N, DB], dtype=tl.float32)
+        dv_b = tl.zeros([BLOCK_N, DB], dtype=tl.float32)
+
+    for start_m in range(0, N, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < N
+        qa = _load_operand(q_base, stride_qn, ROPE, offs_m, mask_m, offs_a, HEAD_DIM, False, BLOCK_M, DA, HAS_ROPE, EMULATE_BF16)
+        doa = _load_operand(do_base, stride_don, ROPE, offs_m, mask_m, offs_a, HEAD_DIM, False, BLOCK_M, DA, False, EMULATE_BF16)
+        s_t = tl.dot(ka, tl.trans(qa))
+        dp_t = tl.dot(va, tl.trans(doa))
+        if HAS_B:
+            qb = _load_operand(q_base, stride_qn, ROPE, offs_m, mask_m, offs_b, HEAD_DIM, True, BLOCK_M, DB, HAS_ROPE, EMULATE_BF16)
+            dob = _load_operand(do_base, stride_don, ROPE, offs_m, mask_m, offs_b, HEAD_DIM, True, BLOCK_M, DB, False, EMULATE_BF16)
+            s_t += tl.dot(kb, tl.trans(qb))
+            dp_t += tl.dot(vb, tl.trans(dob))
+        lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0)
+        delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0)
+        # padded query rows load q = do = 0 and lse = delta = 0: p = 1 there but dv and dk get 0 from them
+        p_t = tl.exp2(s_t * qk_scale - lse[None, :])
+        ds_t = p_t * (dp_t - delta[None, :])
+        p_dot = _cast(p_t, DO, EMULATE_BF16)
+        ds_dot = _cast(ds_t, Q, EMULATE_BF16)
+        dv_a = tl.dot(p_dot, doa, dv_a)
+        dk_a = tl.dot(ds_dot, qa, dk_a)
+        if HAS_B:
+            dv_b = tl.dot(p_dot, dob, dv_b)
+            dk_b = tl.dot(ds_dot, qb, dk_b)
+
+    dk_base = DK + b * stride_dkb + h * stride_dkh
+    dv_base = DV + b * stride_dvb + h * stride_dvh
+    dk_a = dk_a * sm_scale
+    if HAS_ROPE:
+        dk_a = _unrotate(dk_a, ROPE, offs_n, mask_n, offs_a, HEAD_DIM, False, BLOCK_N, DA)
+    _store_tile(dk_base, stride_dkn, offs_n, mask_n, offs_a, dk_a, HEAD_DIM, False, EMULATE_BF16)
+    _store_tile(dv_base, stride_dvn, offs_n, mask_n, offs_a, dv_a, HEAD_DIM, False, EMULATE_BF16)
+    if HAS_B:
+        dk_b = dk_b * sm_scale
+        if HAS_ROPE:
+            dk_b = _unrotate(dk_b, ROPE, offs_n, mask_n, offs_b, HEAD_DIM, True, BLOCK_N, DB)
+        _store_tile(dk_base, stride_dkn, offs_n, mask_n, offs_b, dk_b, HEAD_DIM, True, EMULATE_BF16)
+        _store_tile(dv_base, stride_dvn, offs_n, mask_n, offs_b, dv_b, HEAD_DIM, True, EMULATE_BF16)
+
+
+@triton.jit
+def attention_bwd_dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA, ROPE,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    stride_dqb, stride_dqh, stride_dqn,
+    H, N, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, HAS_B: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ROPE: tl.constexpr, EMULATE_BF16: tl.constexpr,
+):
+    """One query block per program; loops over all key blocks."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    do_base = DO + b * stride_dob + h * stride_doh
+    row_base = bh.to(tl.int64) * N
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < N
+    offs_a = tl.arange(0, DA)
+    qa = _load_operand(q_base, stride_qn, ROPE, offs_m, mask_m, offs_a, HEAD_DIM, False, BLOCK_M, DA, HAS_ROPE, EMULATE_BF16)
+    doa = _load_operand(do_base, stride_don, ROPE, offs_m, mask_m, offs_a, HEAD_DIM, False, BLOCK_M, DA, False, EMULATE_BF16)
+    dq_a = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
+    if HAS_B:
+        offs_b = DA + tl.arange(0, DB)
+        qb = _load_operand(q_base, stride_qn, ROPE, offs_m, mask_m, offs_b, HEAD_DIM, True, BLOCK_M, DB, HAS_ROPE, EMULATE_BF16)
+        dob = _load_operand(do_base, stride_don, ROPE, offs_m, mask_m, offs_b, HEAD_DIM, True, BLOCK_M, DB, False, EMULATE_BF16)
+        dq_b = tl.zeros([BLOCK_M, DB], dtype=tl.float32)
+    lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0)
+    delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0)
+
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        ka = _load_operand(k_base, stride_kn, ROPE, offs_n, mask_n, offs_a, HEAD_DIM, False, BLOCK_N, DA, HAS_ROPE, EMULATE_BF16)
+        va = _load_operand(v_base, stride_vn, ROPE, offs_n, mask_n, offs_a, HEAD_DIM, False, BLOCK_N, DA, False, EMULATE_BF16)
+        s = tl.dot(qa, tl.trans(ka))
+        dp = tl.dot(doa, tl.trans(va))
+        if HAS_B:
+            kb = _load_operand(k_base, stride_kn, ROPE, offs_n, mask_n, offs_b, HEAD_DIM, True, BLOCK_N, DB, HAS_ROPE, EMULATE_BF16)
+            vb = _load_operand(v_base, stride_vn, ROPE, offs_n, mask_n, offs_b, HEAD_DIM, True, BLOCK_N, DB, False, EMULATE_BF16)
+            s += tl.dot(qb, tl.trans(kb))
+            dp += tl.dot(dob, tl.trans(vb))
+        # padded keys load as 0, so s = 0 and exp2(-lse) overflows to inf when every real score is very
+        # negative (inf * 0 = nan in ds @ k): zero them explicitly
+        p = tl.where(mask_n[None, :], tl.exp2(s * qk_scale - lse[:, None]), 0.0)
+        ds_dot = _cast(p * (dp - delta[:, None]), K, EMULATE_BF16)
+        dq_a = tl.dot(ds_dot, ka, dq_a)
+        if HAS_B:
+            dq_b = tl.dot(ds_dot, kb, dq_b)
+
+    dq_base = DQ + b * stride_dqb + h * stride_dqh
+    dq_a = dq_a * sm_scale
+    if HAS_ROPE:
+        dq_a = _unrotate(dq_a, ROPE, offs_m, mask_m, offs_a, HEAD_DIM, False, BLOCK_M, DA)
+    _store_tile(dq_base, stride_dqn, offs_m, mask_m, offs_a, dq_a, HEAD_DIM, False, EMULATE_BF16)
+    if HAS_B:
+        dq_b = dq_b * sm_scale
+        if HAS_ROPE:
+            dq_b = _unrotate(dq_b, ROPE, offs_m, mask_m, offs_b, HEAD_DIM, True, BLOCK_M, DB)
+        _store_tile(dq_base, stride_dqn, offs_m, mask_m, offs_b, dq_b, HEAD_DIM, True, EMULATE_BF16)

@@ -1,0 +1,258 @@
+"""Fused-RoPE attention (sphere_fast.ops.attention): the Triton kernel against a float64 reference.
+
+Rule for fp16/bf16 (as in the flash-attn tests): the max error of our output and of each gradient against
+float64 must be within 2x the error PyTorch's own SDPA makes in the same dtype (plus a tiny floor for
+cases where SDPA is exact). fp32 must be within a TF32-sized tolerance (the GPU dots run in TF32).
+On CPU the kernels run in the Triton interpreter (root conftest sets TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+
+import pytest
+import torch
+
+from sphere_fast.ops.attention import apply_rope_reference, attention, attention_impl, attention_reference
+
+pytest.importorskip("triton")
+# the package re-exports the function under the module's name, so fetch the module itself
+attn_mod = importlib.import_module("sphere_fast.ops.attention")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+HEAD_DIMS = (32, 64, 72, 80, 104, 128)
+
+
+def official_rope(n: int, d: int) -> torch.Tensor:
+    """[n, 2d] cos | sin for tokens on a sqrt(n)-wide grid, per the spec: half = d/2,
+    freqs = 1/10000^(arange(0, half, 2)/half) repeated twice; rows fill the first half, columns the last."""
+    half = d // 2
+    freqs = (1.0 / 10000 ** (torch.arange(0, half, 2, dtype=torch.float64) / half)).repeat_interleave(2)
+    side = math.ceil(math.sqrt(n))
+    idx = torch.arange(n, dtype=torch.float64)
+    angles = torch.cat([(idx // side)[:, None] * freqs, (idx % side)[:, None] * freqs], dim=-1)
+    return torch.cat([angles.cos(), angles.sin()], dim=-1).float().to(DEVICE)
+
+
+def qkv_leaf(b: int, h: int, n: int, d: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """The model's fused projection output [B, N, 3*H*D]."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, n, 3 * h * d, generator=g, dtype=torch.float64).to(DEVICE, dtype).requires_grad_()
+
+
+def split_qkv(qkv: torch.Tensor, h: int, d: int):
+    """q, k, v as the model makes them: strided [B, H, N, D] views of qkv, no copy."""
+    b, n, _ = qkv.shape
+    return qkv.view(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def run(fn, qkv: torch.Tensor, h: int, d: int, rope, grad_out: torch.Tensor):
+    """Output and (dq, dk, dv) of fn on the strided q, k, v views of qkv."""
+    q, k, v = split_qkv(qkv, h, d)
+    out = fn(q, k, v, rope)
+    (dqkv,) = torch.autograd.grad(out, qkv, grad_out.to(out.dtype))
+    b, n, _ = qkv.shape
+    return [out.detach()] + list(dqkv.view(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0))
+
+
+def triton_attention(q, k, v, rope):
+    return attention(q, k, v, rope, impl="triton")
+
+
+def check_against_fp64(b: int, h: int, n: int, d: int, dtype: torch.dtype, with_rope: bool = True) -> None:
+    qkv = qkv_leaf(b, h, n, d, dtype)
+    rope = official_rope(n, d) if with_rope else None
+    g = torch.Generator().manual_seed(1)
+    grad_out = torch.randn(b, h, n, d, generator=g, dtype=torch.float64).to(DEVICE)
+    ours = run(triton_attention, qkv, h, d, rope, grad_out)
+    ref = run(attention_reference, qkv.detach().double().requires_grad_(), h, d, rope, grad_out)
+    names = ("out", "dq", "dk", "dv")
+    if dtype == torch.float32:
+        for name, x, r in zip(names, ours, ref):
+            # TF32 on the GPU: 10-bit mantissa inputs, fp32 accumulation
+            tol = 2e-3 * max(1.0, r.abs().max().item())
+            err = (x.double() - r).abs().max().item()
+            assert err <= tol, f"{name}: fp32 error {err:.3g} > TF32 tolerance {tol:.3g} (D={d}, N={n})"
+        return
+    torch_lp = run(attention_reference, qkv, h, d, rope, grad_out)
+    for name, x, p, r in zip(names, ours, torch_lp, ref):
+        err = (x.double() - r).abs().max().item()
+        err_torch = (p.double() - r).abs().max().item()
+        assert err <= 2 * err_torch + 1e-4 * max(1.0, r.abs().max().item()), (
+            f"{name}: {dtype} error {err:.3g} vs float64 is over 2x torch SDPA's {err_torch:.3g} (D={d}, N={n})"
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("d", HEAD_DIMS)
+def test_head_dims_match_fp64(d: int, dtype: torch.dtype) -> None:
+    check_against_fp64(1, 2, 17, d, dtype)
+
+
+@pytest.mark.parametrize(
+    "n, d, dtype, with_rope",
+    [
+        (1, 64, torch.bfloat16, True),
+        (1, 72, torch.float32, True),
+        (64, 80, torch.float16, True),
+        (64, 104, torch.float32, False),
+        (256, 64, torch.bfloat16, True),
+        (256, 72, torch.float16, True),
+    ],
+)
+def test_token_counts_match_fp64(n: int, d: int, dtype: torch.dtype, with_rope: bool) -> None:
+    check_against_fp64(2 if n < 256 else 1, 1, n, d, dtype, with_rope)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_rope_equals_eager_rope(dtype: torch.dtype) -> None:
+    """Rotating on load (and un-rotating dq/dk) equals rotating eagerly and running the same kernel without
+    RoPE, with autograd differentiating the eager rotation."""
+    h, n, d = 2, 40, 72
+    qkv = qkv_leaf(1, h, n, d, dtype)
+    rope = official_rope(n, d)
+    grad_out = torch.randn(1, h, n, d, dtype=torch.float64).to(DEVICE)
+
+    def eager_rope_then_kernel(q, k, v, rope):
+        q, k = (apply_rope_reference(x, rope).to(dtype) for x in (q, k))
+        return attention(q, k, v, impl="triton")
+
+    fused = run(triton_attention, qkv, h, d, rope, grad_out)
+    eager = run(eager_rope_then_kernel, qkv, h, d, rope, grad_out)
+    sdpa = run(attention_reference, qkv, h, d, rope, grad_out)
+    # fp32: same math, tight; bf16: the interpreter rounds fp32->bf16 by truncation, allow a few ulp
+    atol, rtol = (1e-5, 1e-5) if dtype == torch.float32 else (2e-2, 2e-2)
+    for name, x, y, z in zip(("out", "dq", "dk", "dv"), fused, eager, sdpa):
+        torch.testing.assert_close(x, y, atol=atol, rtol=rtol, msg=lambda m: f"{name} vs eager rope: {m}")
+        torch.testing.assert_close(x, z, atol=atol * 5, rtol=rtol * 5, msg=lambda m: f"{name} vs SDPA: {m}")
+
+
+def test_very_negative_scores_stay_finite() -> None:
+    """All scores far below zero (a padded key scores 0 > every real one): no inf/nan from the tail."""
+    h, n, d = 1, 17, 32
+    q = torch.full((1, h, n, d), 8.0, device=DEVICE, requires_grad=True)
+    k = torch.full((1, h, n, d), -8.0, device=DEVICE, requires_grad=True)
+    v = torch.randn(1, h, n, d, device=DEVICE, requires_grad=True)
+    grad_out = torch.randn(1, h, n, d, device=DEVICE)
+    ours = [attention(q, k, v, impl="triton")]
+    ours += torch.autograd.grad(ours[0], (q, k, v), grad_out)
+    ref = [attention_reference(q, k, v)]
+    ref += torch.autograd.grad(ref[0], (q, k, v), grad_out)
+    for name, x, r in zip(("out", "dq", "dk", "dv"), ours, ref):
+        torch.testing.assert_close(x, r, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_layouts_and_output_layout() -> None:
+    """Contiguous [B, H, N, D], strided qkv views and a non-unit head-dim stride give the same result;
+    the output is [B, H, N, D] over [B, N, H, D] memory so the model's transpose + reshape is free."""
+    b, h, n, d = 2, 2, 20, 32
+    qkv = qkv_leaf(b, h, n, d, torch.float32).detach()
+    rope = official_rope(n, d)
+    q, k, v = split_qkv(qkv, h, d)
+    out_view = attention(q, k, v, rope, impl="triton")
+    out_contig = attention(q.contiguous(), k.contiguous(), v.contiguous(), rope, impl="triton")
+    odd = q.transpose(2, 3).contiguous().transpose(2, 3)  # head dim stride N
+    assert odd.stride(-1) != 1
+    out_odd = attention(odd, k, v, rope, impl="triton")
+    torch.testing.assert_close(out_view, out_contig, atol=0, rtol=0)
+    torch.testing.assert_close(out_odd, out_contig, atol=0, rtol=0)
+    torch.testing.assert_close(out_view, attention_reference(q, k, v, rope), atol=1e-5, rtol=1e-5)
+    assert out_view.transpose(1, 2).is_contiguous()
+
+
+def test_empty_batch() -> None:
+    q = torch.zeros(0, 2, 8, 32, device=DEVICE)
+    assert attention(q, q, q, official_rope(8, 32), impl="triton").shape == q.shape
+
+
+def test_opcheck() -> None:
+    h, n, d = 1, 9, 24
+    q, k, v = (t.detach().contiguous().requires_grad_() for t in split_qkv(qkv_leaf(1, h, n, d, torch.float32), h, d))
+    rope = official_rope(n, d)
+    torch.library.opcheck(torch.ops.sphere_fast.attention_triton_fwd, (q, k, v, rope))
+    torch.library.opcheck(torch.ops.sphere_fast.attention_triton_fwd, (q, k, v, None))
+
+
+def test_compile_fullgraph_no_graph_break() -> None:
+    """The op is a torch.library custom op with a fake kernel: one graph, same values and gradients."""
+    h, n, d = 2, 16, 32
+    qkv = qkv_leaf(1, h, n, d, torch.float32)
+    rope = official_rope(n, d)
+
+    def block(qkv, rope):
+        q, k, v = split_qkv(qkv, h, d)
+        return attention(q, k, v, rope, backend="triton").transpose(1, 2).reshape(1, n, h * d)
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    out_c = compiled(qkv, rope)
+    (g_c,) = torch.autograd.grad(out_c.square().sum(), qkv)
+    out_e = block(qkv, rope)
+    (g_e,) = torch.autograd.grad(out_e.square().sum(), qkv)
+    torch.testing.assert_close(out_c, out_e, atol=0, rtol=0)
+    torch.testing.assert_close(g_c, g_e, atol=0, rtol=0)
+
+
+def test_impl_choice_is_visible(caplog: pytest.LogCaptureFixture) -> None:
+    q = torch.zeros(1, 1, 4, 32, device=DEVICE)
+    if DEVICE == "cpu":
+        assert attention_impl(q) == "sdpa"  # auto on CPU: the kernels run only to prove the math
+    assert attention_impl(q, backend="eager") == "sdpa"
+    assert attention_impl(q, backend="triton") == "triton"
+    assert attention_impl(q, impl="triton") == "triton"
+    attn_mod._logged.discard((q.device.type, "triton"))
+    with caplog.at_level(logging.INFO, logger="sphere_fast"):
+        attention(q, q, q, backend="triton")
+        attention(q, q, q, backend="triton")
+    assert sum("attention on" in r.getMessage() and "impl triton" in r.getMessage() for r in caplog.records) == 1
+
+
+def _inputs(b=1, h=2, n=8, d=32, dtype=torch.float32):
+    return [torch.randn(b, h, n, d, device=DEVICE, dtype=dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize(
+    "make, exc, match",
+    [
+        (lambda q, k, v: (q, k[:, :, :4], v, None), ValueError, r"\bk\b.*shape"),
+        (lambda q, k, v: (q, k, v[:, :1], None), ValueError, r"\bv\b.*shape"),
+        (lambda q, k, v: (q[0], k[0], v[0], None), ValueError, r"\bq\b.*4-D"),
+        (lambda q, k, v: (q, k, v, official_rope(7, 32)), ValueError, r"rope.*\[8, 64\]"),
+        (lambda q, k, v: (q, k, v, official_rope(8, 16)), ValueError, r"rope.*\[8, 64\]"),
+        (lambda q, k, v: (q, k, v, official_rope(8, 32).double()), TypeError, r"rope.*float32"),
+        (lambda q, k, v: (q, k, v, official_rope(8, 32).tolist()), TypeError, r"rope.*Tensor"),
+        (lambda q, k, v: (q.double(), k, v, None), TypeError, r"\bq\b.*float16"),
+        (lambda q, k, v: (q, k.half(), v, None), TypeError, r"\bk\b.*dtype"),
+        (lambda q, k, v: (q, k, v.int(), None), TypeError, r"\bv\b.*float16"),
+        (lambda q, k, v: (q.numpy(), k, v, None), TypeError, r"\bq\b.*Tensor"),
+        (lambda q, k, v: (q[..., :7], k[..., :7], v[..., :7], official_rope(8, 32)), ValueError, "even head dim"),
+    ],
+)
+def test_bad_input(make, exc, match) -> None:
+    q, k, v, rope = make(*_inputs())
+    with pytest.raises(exc, match=match):
+        attention(q, k, v, rope, impl="triton")
+
+
+@pytest.mark.parametrize("d", [8, 136, 33])
+def test_unsupported_head_dim_for_triton(d: int) -> None:
+    q, k, v = _inputs(d=d)
+    with pytest.raises(ValueError, match=f"head dim {d}"):
+        attention(q, k, v, backend="triton")
+    with pytest.raises(ValueError, match=f"head dim {d}"):
+        attention(q, k, v, impl="triton")
+    # the reference path takes any head dim
+    torch.testing.assert_close(attention(q, k, v, backend="eager"), attention_reference(q, k, v))
+
+
+def test_bad_impl_name_and_rope_grad() -> None:
+    q, k, v = _inputs()
+    with pytest.raises(ValueError, match="impl must be one of"):
+        attention(q, k, v, impl="cudnn")
+    if DEVICE == "cpu":
+        with pytest.raises(ValueError, match="impl 'flash_attn' cannot run"):
+            attention(q, k, v, impl="flash_attn")
+    rope = official_rope(8, 32).requires_grad_()
+    with pytest.raises(ValueError, match="rope must not require grad"):
+        attention(q, k, v, rope, impl="triton")
