@@ -7,7 +7,13 @@ from sphere_fast.ops.adaln import (
     gated_residual_adaln,
     gated_residual_adaln_reference,
 )
-from sphere_fast.ops.attention import apply_rope_reference, attention, attention_reference
+from sphere_fast.ops.attention import (
+    apply_rope_reference,
+    attention,
+    attention_impl,
+    attention_impls,
+    attention_reference,
+)
 from sphere_fast.ops.philox import philox_randn, sphere_noise
 from sphere_fast.ops.spherify import (
     spherify,
@@ -23,6 +29,8 @@ __all__ = [
     "adaln_modulate_reference",
     "apply_rope_reference",
     "attention",
+    "attention_impl",
+    "attention_impls",
     "attention_reference",
     "gated_residual_adaln",
     "gated_residual_adaln_reference",
