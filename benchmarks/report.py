@@ -22,8 +22,8 @@ from typing import Any
 START = "<!-- perf:start -->"
 END = "<!-- perf:end -->"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-IMPL_ORDER = ("eager", "compile", "triton", "cpp")
-OURS = ("triton", "cpp")
+IMPL_ORDER = ("eager", "compile", "triton", "cpp", "uncaptured", "graph")
+OURS = ("triton", "cpp", "uncaptured", "graph")
 NOT_MEASURED = (
     "Not measured on a GPU yet: no speed is claimed until a results file under `benchmarks/results/` backs it."
 )

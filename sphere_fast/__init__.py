@@ -3,5 +3,6 @@
 from sphere_fast import ops
 from sphere_fast.backend import active_backend, available_backends, use_backend
 from sphere_fast.model import MODEL_SIZES, PRESETS, SphereEncoder
+from sphere_fast.sampling import Sampler
 
-__all__ = ["MODEL_SIZES", "PRESETS", "SphereEncoder", "active_backend", "available_backends", "ops", "use_backend"]
+__all__ = ["MODEL_SIZES", "PRESETS", "Sampler", "SphereEncoder", "active_backend", "available_backends", "ops", "use_backend"]

@@ -119,6 +119,13 @@ class ViT(nn.Module):
                     nn.Tanh(),
                 )
 
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        # The RoPE table stays float32 when the model is cast (e.g. to bf16): positions need the precision.
+        if self.rope.dtype != torch.float32:
+            self.rope = rope_2d(self.rope.shape[-1] // 2, self.grid).to(self.rope.device)
+        return self
+
     def check_input(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
         """Shapes always; label values only outside graph capture and compilation (they need a sync)."""
         if self.kind == "encoder":

@@ -1,75 +1,163 @@
 """Few-step sampling (spec section 6): decode a random point of the sphere, then refine with
-encode -> noisy re-projection -> decode. Both CFG branches run as one batch of 2B."""
+encode -> noisy re-projection -> decode. Both CFG branches run as one batch of 2B.
+
+``sample`` is the un-captured loop behind ``SphereEncoder.generate``. ``Sampler`` runs the same loop; on CUDA
+it captures the whole loop as one CUDA graph per (batch bucket, steps, guidance, cache_noise, scheduler) and
+replays it, with labels, seeds and the CFG weight read from static device buffers."""
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from sphere_fast import ops
 
 CFG_POSITIONS = ("enc", "dec", "combo")
+SAMPLER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def check_sampling_args(batch_size: int, cfg: float, cfg_position: str, steps: int) -> None:
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    if not isinstance(cfg, (int, float)) or not math.isfinite(cfg) or cfg < 1:
+def check_count(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def check_sampling_args(
+    batch_size: int, cfg: float, cfg_position: str, steps: int, steps_name: str = "forward_steps"
+) -> None:
+    check_count("batch_size", batch_size)
+    if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not math.isfinite(cfg) or cfg < 1:
         raise ValueError(f"cfg must be a finite number >= 1, got {cfg!r}")
     if cfg_position not in CFG_POSITIONS:
         raise ValueError(f"cfg_position must be one of {CFG_POSITIONS}, got {cfg_position!r}")
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"forward_steps must be an int >= 1, got {steps!r}")
+    check_count(steps_name, steps)
 
 
 def check_seeds(seeds: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
     if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64 or seeds.shape != (batch_size,):
         raise TypeError(f"seeds must be an int64 tensor of shape ({batch_size},), got {getattr(seeds, 'dtype', type(seeds).__name__)} {tuple(getattr(seeds, 'shape', ()))}")
-    return seeds.to(device)
+    # non_blocking: a host tensor is staged at once, and the device queue is not drained
+    return seeds.to(device, non_blocking=True)
 
 
-def sample_labels(model: torch.nn.Module, batch_size: int, y: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    """Given labels (checked) or uniform random ones; None for an unconditional model."""
+def fresh_seeds(batch_size: int, device: torch.device) -> torch.Tensor:
+    """Seeds from torch's generator on ``device`` (so torch.manual_seed makes a run repeatable)."""
+    return torch.randint(0, 2**62, (batch_size,), dtype=torch.int64, device=device)
+
+
+def sample_labels(
+    model: torch.nn.Module,
+    batch_size: int,
+    y: torch.Tensor | None,
+    device: torch.device,
+    name: str = "y",
+    allow_null: bool = False,
+) -> torch.Tensor | None:
+    """Given labels (checked; reads them on the host) or uniform random ones; None for an unconditional model.
+    ``allow_null`` admits the null label ``num_classes``."""
     if model.num_classes == 0:
         if y is not None:
-            raise ValueError("y (labels) given to an unconditional model (num_classes=0)")
+            raise ValueError(f"{name} (labels) given to an unconditional model (num_classes=0)")
         return None
     if y is None:
         return torch.randint(0, model.num_classes, (batch_size,), device=device)
     if not isinstance(y, torch.Tensor) or y.dtype != torch.long or y.shape != (batch_size,):
-        raise TypeError(f"y must be an int64 tensor of shape ({batch_size},), got {getattr(y, 'dtype', type(y).__name__)} {tuple(getattr(y, 'shape', ()))}")
-    if int(y.min()) < 0 or int(y.max()) >= model.num_classes:
-        raise ValueError(f"y labels must be in [0, {model.num_classes - 1}], got range [{int(y.min())}, {int(y.max())}]")
-    return y.to(device)
+        raise TypeError(f"{name} must be an int64 tensor of shape ({batch_size},), got {getattr(y, 'dtype', type(y).__name__)} {tuple(getattr(y, 'shape', ()))}")
+    high = model.num_classes if allow_null else model.num_classes - 1
+    if int(y.min()) < 0 or int(y.max()) > high:
+        raise ValueError(f"{name} labels must be in [0, {high}], got range [{int(y.min())}, {int(y.max())}]")
+    return y.to(device, non_blocking=True)
+
+
+def guidance(model: torch.nn.Module, cfg: float, cfg_position: str) -> str | None:
+    """Where CFG acts: ``cfg_position``, or None when it is off (scale 1 or an unconditional model)."""
+    return cfg_position if cfg > 1 and model.num_classes > 0 else None
+
+
+def guidance_weight(cfg: float, cfg_position: str) -> float:
+    # combo guides in both places with sqrt(w) each, to avoid double dipping
+    return math.sqrt(cfg) if cfg_position == "combo" else cfg
 
 
 class GuidedNetworks:
-    """E and D with classifier-free guidance: the conditional and null branches run as one 2B batch."""
+    """E and D with classifier-free guidance: the conditional and null branches run as one 2B batch.
 
-    def __init__(self, model: torch.nn.Module, y: torch.Tensor | None, cfg: float, cfg_position: str):
-        use_cfg = cfg > 1 and y is not None
+    ``guide`` is "enc", "dec", "combo" or None (no CFG); ``weight`` the lerp weight as a float32 device tensor,
+    so a captured graph reads it from memory and the scale can change between replays."""
+
+    def __init__(
+        self, model: torch.nn.Module, y: torch.Tensor | None, guide: str | None, weight: torch.Tensor | None = None
+    ):
+        if guide is not None and (y is None or weight is None):
+            raise ValueError("CFG needs labels y and a weight tensor")
         self.model = model
         self.y = y
-        self.enc_cfg = use_cfg and cfg_position in ("enc", "combo")
-        self.dec_cfg = use_cfg and cfg_position in ("dec", "combo")
-        # combo guides in both places with sqrt(w) each, to avoid double dipping
-        self.w = math.sqrt(cfg) if cfg_position == "combo" else cfg
-        self.y2 = torch.cat([y, torch.full_like(y, model.num_classes)]) if use_cfg else None
+        self.weight = weight
+        self.enc_cfg = guide in ("enc", "combo")
+        self.dec_cfg = guide in ("dec", "combo")
+        self.y2 = torch.cat([y, torch.full_like(y, model.num_classes)]) if guide is not None else None
+
+    @classmethod
+    def from_scale(
+        cls, model: torch.nn.Module, y: torch.Tensor | None, cfg: float, cfg_position: str
+    ) -> GuidedNetworks:
+        guide = guidance(model, cfg, cfg_position)
+        weight = None
+        if guide is not None:
+            # torch.full fills on the device; torch.tensor would copy from the host and wait for the queue
+            weight = torch.full((), guidance_weight(cfg, cfg_position), dtype=torch.float32, device=y.device)
+        return cls(model, y, guide, weight)
+
+    def _guided(self, net: torch.nn.Module, inp: torch.Tensor) -> torch.Tensor:
+        cond, uncond = net(torch.cat([inp, inp]), self.y2).chunk(2)
+        # float32 like torch.lerp with a Python-float weight (opmath), rounded once to the network's dtype
+        return torch.lerp(uncond.float(), cond.float(), self.weight).to(cond.dtype)
 
     def decode(self, v: torch.Tensor) -> torch.Tensor:
         if not self.dec_cfg:
             return self.model.decoder(v, self.y)
-        cond, uncond = self.model.decoder(torch.cat([v, v]), self.y2).chunk(2)
-        return torch.lerp(uncond, cond, self.w).clamp(-1, 1)
+        return self._guided(self.model.decoder, v).clamp(-1, 1)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enc_cfg:
             return self.model.encoder(x, self.y)
-        cond, uncond = self.model.encoder(torch.cat([x, x]), self.y2).chunk(2)
-        return torch.lerp(uncond, cond, self.w)
+        return self._guided(self.model.encoder, x)
+
+
+class SeededNoise:
+    """Noise by the sphere_fast convention: sample b's draws depend only on seeds[b] and the stream
+    (0 the initial point, 1 the cached refinement noise, t step t's fresh noise)."""
+
+    def __init__(self, seeds: torch.Tensor, shape: Sequence[int]):
+        self.seeds = seeds
+        self.shape = tuple(shape)
+
+    def draw(self, stream: int) -> torch.Tensor:
+        return ops.sphere_noise(self.seeds, self.shape, stream=stream)
+
+    def perturb(self, z: torch.Tensor, scale: float, stream: int) -> torch.Tensor:
+        # the seeds go to the op, so a fused kernel makes the noise in registers
+        return ops.spherify_noise(z, scale, seeds=self.seeds, stream=stream)
+
+
+class DrawnNoise:
+    """Explicit draws: ``make(stream)`` runs on a stream's first use and its draw is kept, so the cached
+    refinement noise is one draw and draws are made in the order the loop first needs them."""
+
+    def __init__(self, make: Callable[[int], torch.Tensor]):
+        self.make = make
+        self.draws: dict[int, torch.Tensor] = {}
+
+    def draw(self, stream: int) -> torch.Tensor:
+        if stream not in self.draws:
+            self.draws[stream] = self.make(stream)
+        return self.draws[stream]
+
+    def perturb(self, z: torch.Tensor, scale: float, stream: int) -> torch.Tensor:
+        return ops.spherify_noise(z, scale, noise=self.draw(stream).to(z.dtype))
 
 
 def noise_stream(
@@ -87,6 +175,57 @@ def noise_stream(
     yield torch.randn(shape).to(device)
     while True:
         yield torch.randn(shape, device=device)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None, cache: bool = True) -> contextlib.AbstractContextManager:
+    """Autocast to ``dtype`` (none for None or float32). A graph capture needs ``cache=False``: cached weight
+    casts would be freed when the context exits while the graph still points at them."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache)
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """Decoder output in [-1, 1] -> float32 image in [0, 1]."""
+    return (x.float() * 0.5 + 0.5).clamp(0, 1)
+
+
+def refine(
+    model: torch.nn.Module,
+    nets: GuidedNetworks,
+    x: torch.Tensor,
+    noise: SeededNoise | DrawnNoise,
+    steps: int,
+    *,
+    scheduler: bool,
+    cache_noise: bool,
+    noise_scaler: float = 1.0,
+) -> Iterator[torch.Tensor]:
+    """Steps 1 .. steps-1 from the image x in [-1, 1]: z = E(x), v = f(f(z) + s*r*sigma*e), x = D(v);
+    yields each step's image in [-1, 1]."""
+    sigma = noise_scaler * model.sigma_max
+    for t in range(1, steps):
+        r = 1 - t / steps if scheduler else 1.0
+        x = nets.decode(noise.perturb(nets.encode(x), r * sigma, stream=1 if cache_noise else t))
+        yield x
+
+
+def run_loop(
+    model: torch.nn.Module,
+    nets: GuidedNetworks,
+    noise: SeededNoise | DrawnNoise,
+    steps: int,
+    *,
+    scheduler: bool,
+    cache_noise: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampling loop from the initial draw; (first-step image, final image) in [0, 1]."""
+    # spherify the fp32 draw, then feed the decoder in its weights' dtype (bf16 weights take bf16 input)
+    weight_dtype = next(model.decoder.parameters()).dtype
+    first = x = nets.decode(model.f(noise.draw(0)).to(weight_dtype))
+    for x in refine(model, nets, first, noise, steps, scheduler=scheduler, cache_noise=cache_noise):
+        pass
+    return to_unit(first), to_unit(x)
 
 
 @torch.no_grad()
@@ -111,29 +250,167 @@ def sample(
         raise ValueError("give at most one of noise and seeds")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     y = sample_labels(model, batch_size, y, device)
-    nets = GuidedNetworks(model, y, cfg, cfg_position)
-    sigma = model.sigma_max
+    nets = GuidedNetworks.from_scale(model, y, cfg, cfg_position)
     if seeds is not None:
-        seeds = check_seeds(seeds, batch_size, device)
-        draws = None
+        source: SeededNoise | DrawnNoise = SeededNoise(check_seeds(seeds, batch_size, device), model.latent_shape[1:])
     else:
         draws = noise_stream(model, batch_size, device, noise)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-    with autocast:
-        shape = model.latent_shape[1:]
-        e0 = ops.sphere_noise(seeds, shape, stream=0).to(device) if draws is None else next(draws)
-        x = nets.decode(model.f(e0))
-        first = (x.float() * 0.5 + 0.5).clamp(0, 1)
-        cached = None
-        for t in range(1, steps):
-            z = nets.encode(x)
-            r = 1 - t / steps if scheduler else 1.0
-            stream = 1 if cache_noise else t
-            if draws is None:
-                v = ops.spherify_noise(z, r * sigma, seeds=seeds, stream=stream)
-            else:
-                if cached is None or not cache_noise:
-                    cached = next(draws)
-                v = ops.spherify_noise(z, r * sigma, noise=cached.to(z.dtype))
-            x = nets.decode(v)
-    return first, (x.float() * 0.5 + 0.5).clamp(0, 1)
+        source = DrawnNoise(lambda stream: next(draws))
+    with autocast(device, dtype):
+        return run_loop(model, nets, source, steps, scheduler=scheduler, cache_noise=cache_noise)
+
+
+def bucket_for(n: int, batch_size: int) -> int:
+    """The padded batch a batch of n runs in: the next power of two, capped at batch_size."""
+    if not 1 <= n <= batch_size:
+        raise ValueError(f"batch must hold 1 to batch_size={batch_size} samples, got {n}")
+    return min(batch_size, 1 << (n - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class GraphKey:
+    """What a captured loop is specialised on (everything else is read from its static buffers)."""
+
+    bucket: int
+    steps: int
+    guide: str | None
+    cache_noise: bool
+    scheduler: bool
+
+
+class _CapturedLoop:
+    """One sampling loop captured as a CUDA graph, with static labels, seeds and CFG weight in and the
+    (first, final) images of its whole bucket out."""
+
+    def __init__(self, sampler: Sampler, key: GraphKey, pool: tuple[int, int]):
+        device = sampler.device
+        self.labels = torch.zeros(key.bucket, dtype=torch.long, device=device) if sampler.model.num_classes else None
+        self.seeds = torch.zeros(key.bucket, dtype=torch.int64, device=device)
+        self.weight = torch.ones((), dtype=torch.float32, device=device)
+        weight = self.weight if key.guide is not None else None
+        # Warm-up on a side stream: Triton autotuning, lazy initialisation and cuBLAS workspaces happen
+        # here, not in the capture.
+        with torch.cuda.device(device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                sampler.loop(key, self.labels, self.seeds, weight, capture=True)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=pool):
+                self.first, self.final = sampler.loop(key, self.labels, self.seeds, weight, capture=True)
+
+    def __call__(
+        self, labels: torch.Tensor | None, seeds: torch.Tensor, weight: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Rows past n keep earlier valid values: each sample is computed independently, so they only pad.
+        n = seeds.shape[0]
+        self.seeds[:n].copy_(seeds, non_blocking=True)
+        if labels is not None:
+            self.labels[:n].copy_(labels, non_blocking=True)
+        self.weight.fill_(weight)
+        self.graph.replay()
+        # cloned out: the next replay of any graph in the shared pool overwrites the static outputs
+        return self.first[:n].clone(), self.final[:n].clone()
+
+
+class Sampler:
+    """Batch sampler: ``sampler(labels=None, seeds=None, return_first=False)`` gives the final images
+    [B, 3, H, W] in [0, 1] (and, with ``return_first``, ``(first, final)`` like ``generate``).
+
+    Labels None means uniform random ones; seeds None means fresh ones; B is the length of labels or seeds,
+    else ``batch_size``; labels on the device are range-checked on the host (one sync). A sample's image depends only on its seed, label, steps and cfg (the sphere_fast
+    noise convention). ``steps``, ``cfg``, ``cfg_position``, ``cache_noise`` and ``scheduler`` may be changed
+    between calls. On CUDA with ``cuda_graph`` the loop is captured once per ``GraphKey`` (batches padded to
+    power-of-two buckets, all graphs in one memory pool) and replayed; elsewhere it runs un-captured. For
+    speed pass a model already cast to ``dtype``; a captured graph holds the model's parameters in place, so
+    do not move or re-create them after the first call."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        batch_size: int,
+        steps: int,
+        cfg: float = 1.0,
+        cfg_position: str = "combo",
+        cache_noise: bool = True,
+        scheduler: bool = False,
+        dtype: torch.dtype = torch.bfloat16,
+        cuda_graph: bool = True,
+    ):
+        if not isinstance(cuda_graph, bool):
+            raise TypeError(f"cuda_graph must be a bool, got {cuda_graph!r}")
+        if model.training:
+            raise ValueError("model is in training mode (label dropout would apply): call model.eval() first")
+        self.model = model
+        self.batch_size = batch_size
+        self.steps = steps
+        self.cfg = cfg
+        self.cfg_position = cfg_position
+        self.cache_noise = cache_noise
+        self.scheduler = scheduler
+        self.dtype = dtype
+        self.device = next(model.parameters()).device
+        self.use_graphs = cuda_graph and self.device.type == "cuda"
+        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self._graphs: dict[GraphKey, _CapturedLoop] = {}
+        self._check_settings()
+
+    def _check_settings(self) -> None:
+        """The settings, checked at construction and at each call (they may be changed in between)."""
+        check_sampling_args(self.batch_size, self.cfg, self.cfg_position, self.steps, steps_name="steps")
+        if self.dtype not in SAMPLER_DTYPES:
+            raise ValueError(f"dtype must be one of {SAMPLER_DTYPES}, got {self.dtype!r}")
+        for name in ("cache_noise", "scheduler"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+    @property
+    def graph_keys(self) -> tuple[GraphKey, ...]:
+        """The loops captured so far, in capture order."""
+        return tuple(self._graphs)
+
+    def loop(
+        self,
+        key: GraphKey,
+        labels: torch.Tensor | None,
+        seeds: torch.Tensor,
+        weight: torch.Tensor | None,
+        capture: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loop for ``key`` on device tensors: the body of every graph and the un-captured path."""
+        nets = GuidedNetworks(self.model, labels, key.guide, weight)
+        noise = SeededNoise(seeds, self.model.latent_shape[1:])
+        with autocast(self.device, self.dtype, cache=not capture):
+            return run_loop(self.model, nets, noise, key.steps, scheduler=key.scheduler, cache_noise=key.cache_noise)
+
+    def _batch_length(self, labels: object, seeds: object) -> int:
+        given = (("labels", labels), ("seeds", seeds))
+        sizes = {name: t.shape[0] for name, t in given if isinstance(t, torch.Tensor) and t.ndim >= 1}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"labels and seeds must have the same length, got {sizes}")
+        n = next(iter(sizes.values()), self.batch_size)
+        if not 1 <= n <= self.batch_size:
+            raise ValueError(f"labels/seeds must hold 1 to batch_size={self.batch_size} samples, got {n}")
+        return n
+
+    @torch.no_grad()
+    def __call__(
+        self, labels: torch.Tensor | None = None, seeds: torch.Tensor | None = None, return_first: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        self._check_settings()
+        n = self._batch_length(labels, seeds)
+        labels = sample_labels(self.model, n, labels, self.device, name="labels")
+        seeds = fresh_seeds(n, self.device) if seeds is None else check_seeds(seeds, n, self.device)
+        guide = guidance(self.model, self.cfg, self.cfg_position)
+        weight = guidance_weight(self.cfg, self.cfg_position)
+        bucket = bucket_for(n, self.batch_size) if self.use_graphs else n
+        key = GraphKey(bucket, self.steps, guide, self.cache_noise, self.scheduler)
+        if self.use_graphs:
+            if key not in self._graphs:
+                self._graphs[key] = _CapturedLoop(self, key, self._pool)
+            first, final = self._graphs[key](labels, seeds, weight)
+        else:
+            w = torch.full((), weight, dtype=torch.float32, device=self.device) if guide is not None else None
+            first, final = self.loop(key, labels, seeds, w)
+        return (first, final) if return_first else final

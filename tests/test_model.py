@@ -195,3 +195,18 @@ def test_generate_seeds_follow_the_noise_convention():
         seeded = model.generate(2, y=y, forward_steps=3, cache_sampling_noise=cache, seeds=seeds)
         replayed = model.generate(2, y=y, forward_steps=3, cache_sampling_noise=cache, noise=draws)
         torch.testing.assert_close(seeded, replayed, atol=1e-5, rtol=0)
+
+
+def test_bf16_weights_generate_close_to_fp32():
+    """bf16 weights (the official evaluation cast): RoPE stays fp32, images stay near the fp32 ones."""
+    model = tiny()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    seeds = torch.tensor([3, 4])
+    _, ref = model.generate(2, y=torch.tensor([1, 2]), forward_steps=2, seeds=seeds)
+    half = model.to(torch.bfloat16)
+    assert half.decoder.rope.dtype == torch.float32
+    _, out = half.generate(2, y=torch.tensor([1, 2]), forward_steps=2, seeds=seeds)
+    assert out.dtype == torch.float32
+    assert (out - ref).abs().max() < 0.05

@@ -61,7 +61,8 @@ def _philox_c0_c1(seed: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tenso
 def _uint_to_uniform(x: torch.Tensor) -> torch.Tensor:
     # Triton bitcasts to int32 and maps negative v to -v - 1; for v = x - 2^32 that is 0xFFFFFFFF - x.
     x = torch.where(x > 0x7FFFFFFF, _M32 - x, x)
-    return x.to(torch.float32) * torch.tensor(_UINT_TO_FLOAT, dtype=torch.float32, device=x.device)
+    # torch.full, not torch.tensor: no host-to-device copy, so a CUDA graph can capture it
+    return x.to(torch.float32) * torch.full((), _UINT_TO_FLOAT, dtype=torch.float32, device=x.device)
 
 
 def _check_int64(name: str, t: object) -> torch.Tensor:
@@ -81,7 +82,7 @@ def philox_randn(seed: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     c0, c1 = _philox_c0_c1(seed, offset)
     u1 = _uint_to_uniform(c0).clamp_min(_U1_MIN)
     u2 = _uint_to_uniform(c1)
-    two_pi = torch.tensor(_TWO_PI, dtype=torch.float32, device=u2.device)
+    two_pi = torch.full((), _TWO_PI, dtype=torch.float32, device=u2.device)
     r = torch.sqrt(-2.0 * torch.log(u1))
     return r * torch.cos(two_pi * u2)
 

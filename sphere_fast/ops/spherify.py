@@ -40,8 +40,8 @@ def spherify_reference(z: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     return z * torch.rsqrt(m + eps).to(z.dtype)
 
 
-def _per_sample(scale: torch.Tensor | float, z: torch.Tensor) -> torch.Tensor:
-    s = torch.as_tensor(scale, dtype=z.dtype, device=z.device)
+def _per_sample(scale: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    s = scale.to(z.dtype)
     if s.ndim == 0:
         s = s.expand(z.shape[0])
     return s.reshape(-1, *[1] * (z.ndim - 1))
@@ -49,6 +49,9 @@ def _per_sample(scale: torch.Tensor | float, z: torch.Tensor) -> torch.Tensor:
 
 def spherify_noise_reference(z: torch.Tensor, scale: torch.Tensor | float, noise: torch.Tensor) -> torch.Tensor:
     v = spherify_reference(z)
+    if not isinstance(scale, torch.Tensor):
+        # a Python scale stays a scalar: no host-to-device copy inside a captured graph
+        return v if scale == 0 else spherify_reference(v + scale * noise)
     s = _per_sample(scale, z)
     return torch.where(s == 0, v, spherify_reference(v + s * noise))
 

@@ -1,0 +1,182 @@
+"""Sampling benchmark (issue 6): latency and images/s of the whole few-step loop, and time to first image.
+
+Models sphere-l-imagenet and sphere-xl-imagenet (random weights, cast to bf16) at batch 1, 8, 64, 256, steps
+1, 2, 4, without CFG and with combo CFG 1.4, for four implementations of the same loop and seeds:
+  eager       the eager reference (sphere_fast's "eager" backend, un-captured loop)
+  compile     that loop under torch.compile(mode="max-autotune", fullgraph=True) (inductor's own CUDA graphs)
+  uncaptured  sphere_fast.Sampler(cuda_graph=False) on the best backend
+  graph       sphere_fast.Sampler: the loop captured as one CUDA graph per bucket and replayed
+Each row's model FLOP utilisation (% of matmul) divides the spec's FLOPs (decoder / encoder pass per image at
+batch 1: L 671 / 623 GFLOP, XL 977 / 918 GFLOP; T*D + (T-1)*E passes, doubled by combo CFG) by the time,
+against the bf16 matmul rate measured in the same run. Time to first image runs each implementation in a
+fresh process (import, model build on the device, first call, synchronize) from the parent's clock.
+Smoke mode (CPU): a tiny float32 model, batch 1 and 2, one call per case.
+
+The full grid takes long on a GPU (every compile case is a max-autotune compile); select rows with -k,
+e.g. ``-k "graph and b64"``. The compile and cold-start rows are marked slow.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.harness import DEVICE, SMOKE, cuda_time_ms, pick, record
+from sphere_fast import SphereEncoder, use_backend
+from sphere_fast.sampling import GraphKey, Sampler, guidance, guidance_weight
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = pick(real=["sphere-l-imagenet", "sphere-xl-imagenet"], smoke=["tiny"])
+BATCHES = pick(real=[1, 8, 64, 256], smoke=[2])
+STEPS = pick(real=[1, 2, 4], smoke=[1, 2])
+CFGS = [1.0, 1.4]  # no CFG, and combo CFG at the ImageNet scale
+IMPLS = ("eager", "compile", "uncaptured", "graph")
+DTYPE = pick(real=torch.bfloat16, smoke=torch.float32)
+TINY = {
+    "input_size": 16, "patch_size": 4, "vit_enc_model_size": {"width": 32, "layers": 1, "heads": 2},
+    "vit_dec_model_size": {"width": 32, "layers": 1, "heads": 2}, "token_channels": 4, "num_classes": 10,
+}
+# GFLOP of one (decoder, encoder) pass per image at batch 1 (spec section 6)
+PASS_GFLOP = {"sphere-l-imagenet": (671, 623), "sphere-xl-imagenet": (977, 918)}
+TARGET_TIMED_MS = 2000  # timed calls per case: about this long, 3 to 20 of them
+COLD_TIMEOUT_S = 1800
+
+
+def flops_per_image(name: str, steps: int, cfg: float) -> int | None:
+    """T decoder and T-1 encoder passes, both doubled by combo CFG; None for models without spec FLOPs."""
+    if name not in PASS_GFLOP:
+        return None
+    dec, enc = PASS_GFLOP[name]
+    return int((steps * dec + (steps - 1) * enc) * 1e9 * (2 if cfg > 1 else 1))
+
+
+def build_model(name: str) -> SphereEncoder:
+    """Built on the device with random weights (zeros would make the matmuls unrealistically fast)."""
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = SphereEncoder(**TINY) if name == "tiny" else SphereEncoder.from_preset(name)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p), alpha=0.02)
+    return model.to(DTYPE).eval()
+
+
+cached_model = functools.cache(build_model)
+
+
+def case_inputs(batch: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels and seeds on the host, as a caller would hand them over."""
+    return torch.arange(batch) % num_classes, torch.arange(batch, dtype=torch.int64) + 1000
+
+
+def make_runner(
+    impl: str, model: SphereEncoder, batch: int, steps: int, cfg: float
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A callable (labels, seeds) -> final images for one implementation of the loop."""
+    if impl in ("uncaptured", "graph"):
+        sampler = Sampler(model, batch, steps, cfg=cfg, dtype=DTYPE, cuda_graph=impl == "graph")
+        return lambda labels, seeds: sampler(labels, seeds)
+    reference = Sampler(model, batch, steps, cfg=cfg, dtype=DTYPE, cuda_graph=False)
+    if impl == "eager":
+
+        def eager(labels: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+            with use_backend("eager"):
+                return reference(labels, seeds)
+
+        return eager
+    key = GraphKey(batch, steps, guidance(model, cfg, "combo"), True, False)
+    weight = torch.tensor(guidance_weight(cfg, "combo"), dtype=torch.float32, device=DEVICE) if key.guide else None
+    # On CPU (smoke) dynamo traces the graph without minutes of C++ compilation, as the harness does.
+    options = {"backend": "eager"} if DEVICE.type == "cpu" else {"mode": "max-autotune"}
+    compiled = torch.compile(reference.loop, fullgraph=True, dynamic=False, **options)
+
+    def compile_run(labels: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        with use_backend("eager"), torch.no_grad():
+            return compiled(key, labels.to(DEVICE), seeds.to(DEVICE), weight)[1]
+
+    return compile_run
+
+
+def case_id(batch: int, steps: int, cfg: float) -> str:
+    return f"b{batch} t{steps} " + (f"cfg{cfg} combo" if cfg > 1 else "no cfg")
+
+
+def impl_params() -> list:
+    return [pytest.param(i, id=i, marks=[pytest.mark.slow] if i == "compile" and not SMOKE else []) for i in IMPLS]
+
+
+_reference_images: dict[tuple, torch.Tensor] = {}
+
+
+@pytest.mark.parametrize("cfg", CFGS, ids=lambda c: f"cfg{c}")
+@pytest.mark.parametrize("steps", STEPS, ids=lambda t: f"t{t}")
+@pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"b{b}")
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("impl", impl_params())
+def test_sampling(benchmark, ceilings, impl: str, name: str, batch: int, steps: int, cfg: float) -> None:
+    model = cached_model(name)
+    labels, seeds = case_inputs(batch, model.num_classes)
+    ref_key = (name, batch, steps, cfg)
+    if ref_key not in _reference_images:
+        _reference_images[ref_key] = make_runner("eager", model, batch, steps, cfg)(labels, seeds).clone()
+    run = make_runner(impl, model, batch, steps, cfg)
+    images = run(labels, seeds).clone()  # first call: capture / compile / autotune, and the correctness gate
+    assert images.shape == (batch, 3, model.input_size, model.input_size) and bool(images.isfinite().all())
+    diff = (images - _reference_images[ref_key]).abs().mean().item()
+    # float32 on CPU: the same loop; bf16 on the GPU: kernel rounding only, never different images
+    assert diff < (1e-5 if SMOKE else 0.1), f"{impl} differs from eager by {diff} on average"
+    probe = cuda_time_ms(lambda: run(labels, seeds), warmup=0, rep=1, flush_l2=False)
+    rep = max(3, min(20, int(TARGET_TIMED_MS / probe)))
+    ms = cuda_time_ms(lambda: run(labels, seeds), warmup=1, rep=rep, flush_l2=False)
+    flops = flops_per_image(name, steps, cfg)
+    record(benchmark, op=f"sample {name}", impl=impl, shape=case_id(batch, steps, cfg), dtype=DTYPE, ms=ms,
+           flops=flops * batch if flops else None, ceilings=ceilings)
+    benchmark.extra_info.update({"images_per_s": batch / (ms * 1e-3), "mean_abs_diff_vs_eager": diff})
+
+
+# ------------------------------------------------------------------------------------- time to first image
+
+COLD_CASE = pick(real=(1, 4, 1.4), smoke=(1, 2, 1.4))  # batch, steps, cfg: one image, the paper's best setting
+
+
+def cold_start(name: str, impl: str, batch: int, steps: int, cfg: float) -> dict[str, float]:
+    """Run in a fresh process: build the model, make the sampler, first images ready on the host."""
+    start = time.time()
+    model = build_model(name)
+    built = time.time()
+    images = make_runner(impl, model, batch, steps, cfg)(*case_inputs(batch, model.num_classes)).cpu()
+    assert bool(images.isfinite().all())
+    done = time.time()
+    return {"done_at": done, "build_s": built - start, "first_call_s": done - built}
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("impl", [pytest.param(i, id=i, marks=[] if SMOKE else [pytest.mark.slow]) for i in IMPLS])
+def test_time_to_first_image(benchmark, impl: str, name: str) -> None:
+    batch, steps, cfg = COLD_CASE
+    spawned = time.time()
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_sampling", name, impl, str(batch), str(steps), str(cfg)],
+        cwd=ROOT, env=os.environ.copy(), capture_output=True, text=True, timeout=COLD_TIMEOUT_S,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    child = json.loads(proc.stdout.strip().splitlines()[-1])
+    seconds = child["done_at"] - spawned
+    record(benchmark, op=f"first image {name}", impl=impl, shape=case_id(batch, steps, cfg), dtype=DTYPE,
+           ms=seconds * 1e3)
+    benchmark.extra_info.update({"build_s": child["build_s"], "first_call_s": child["first_call_s"],
+                                 "startup_s": seconds - child["build_s"] - child["first_call_s"]})
+
+
+if __name__ == "__main__":
+    model_name, impl_name, b, t, w = sys.argv[1:]
+    print(json.dumps(cold_start(model_name, impl_name, int(b), int(t), float(w))))

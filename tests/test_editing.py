@@ -1,0 +1,200 @@
+"""Training-free edits (spec section 7) on a tiny CPU model, checked against hand-written loops."""
+
+import pytest
+import torch
+
+from sphere_fast import ops
+from sphere_fast.editing import (
+    bilinear,
+    crossover,
+    crossover_mask,
+    given_class_embeddings,
+    interpolate,
+    manipulate,
+    reconstruct_images,
+    slerp,
+)
+from tests.test_sampler import tiny_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def images():
+    torch.manual_seed(1)
+    return torch.rand(3, 3, 16, 16)
+
+
+SEEDS = torch.tensor([5, 6, 7], dtype=torch.int64)
+
+
+def test_reconstruct(model, images):
+    out = reconstruct_images(model, images)
+    assert out.shape == images.shape and out.dtype == torch.float32
+    assert torch.equal(out, model.reconstruct(images * 2 - 1))
+    labels = torch.tensor([1, 2, 10])
+    assert torch.equal(reconstruct_images(model, images, labels), model.reconstruct(images * 2 - 1, labels))
+    assert not torch.equal(reconstruct_images(model, images, labels), out)
+
+
+@pytest.mark.parametrize(
+    "bad,error,match",
+    [
+        (torch.rand(3, 3, 16, 16) + 1, ValueError, r"\[0, 1\]"),
+        (torch.full((1, 3, 16, 16), float("nan")), ValueError, r"\[0, 1\]"),
+        (torch.rand(3, 3, 8, 8), ValueError, "shape"),
+        (torch.rand(0, 3, 16, 16), ValueError, "shape"),
+        (torch.zeros(3, 3, 16, 16, dtype=torch.uint8), TypeError, "floating"),
+        ([[0.5]], TypeError, "images"),
+    ],
+)
+def test_bad_images(model, bad, error, match):
+    with pytest.raises(error, match=match):
+        reconstruct_images(model, bad)
+
+
+def hand_manipulation(model, images, labels, steps, scaler, seeds, scheduler=False):
+    """Spec 7 written out: each step encodes, re-projects with scaled cached noise, decodes."""
+    x = images * 2 - 1
+    e = ops.sphere_noise(seeds, model.latent_shape[1:], stream=1)
+    outs = []
+    with torch.no_grad():
+        for t in range(1, steps + 1):
+            r = 1 - t / (steps + 1) if scheduler else 1.0
+            z = model.encoder(x, labels)
+            x = model.decoder(ops.spherify_noise(z, scaler * model.sigma_max * r, noise=e), labels)
+            outs.append((x * 0.5 + 0.5).clamp(0, 1))
+    return outs
+
+
+@pytest.mark.parametrize("scheduler", [False, True])
+def test_manipulate_matches_hand_loop(model, images, scheduler):
+    labels = torch.tensor([4, 4, 8])
+    outs = manipulate(model, images, labels, steps=3, noise_scaler=0.25, seeds=SEEDS, scheduler=scheduler)
+    ref = hand_manipulation(model, images, labels, 3, 0.25, SEEDS, scheduler)
+    assert len(outs) == 3
+    for out, expected in zip(outs, ref):
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+
+
+def test_manipulate_target_forms(model, images):
+    by_int = manipulate(model, images, 4, steps=1, seeds=SEEDS)[0]
+    assert torch.equal(by_int, manipulate(model, images, torch.full((3,), 4), steps=1, seeds=SEEDS)[0])
+    assert (by_int - manipulate(model, images, 5, steps=1, seeds=SEEDS)[0]).abs().max() > 1e-3
+    null = manipulate(model, images, None, steps=1, seeds=SEEDS)[0]
+    assert torch.equal(null, manipulate(model, images, 10, steps=1, seeds=SEEDS)[0])
+    # without noise one step is a reconstruction (null class)
+    near = manipulate(model, images, None, steps=1, noise_scaler=0.0, seeds=SEEDS)[0]
+    assert torch.equal(near, reconstruct_images(model, images))
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"target": 11}, ValueError, "target"),
+        ({"target": torch.tensor([1, 2])}, TypeError, "target"),
+        ({"steps": 0}, ValueError, "steps"),
+        ({"noise_scaler": -0.1}, ValueError, "noise_scaler"),
+        ({"noise_scaler": float("inf")}, ValueError, "noise_scaler"),
+        ({"seeds": torch.tensor([1, 2, 3], dtype=torch.int32)}, TypeError, "seeds"),
+    ],
+)
+def test_manipulate_bad_args(model, images, kwargs, error, match):
+    args = {"target": 3, **kwargs}
+    with pytest.raises(error, match=match):
+        manipulate(model, images, args.pop("target"), **args)
+
+
+def test_crossover_masks():
+    t, f = True, False
+    assert crossover_mask("vertical", 4).tolist() == [[t, t, f, f]] * 4
+    assert crossover_mask("horizontal", 4).tolist() == [[t] * 4, [t] * 4, [f] * 4, [f] * 4]
+    assert crossover_mask("upper_triangular", 3).tolist() == [[t, t, t], [f, t, t], [f, f, t]]
+    assert crossover_mask("flipped_triangular", 3).tolist() == [[t, t, t], [t, t, f], [t, f, f]]
+    with pytest.raises(ValueError, match="mask"):
+        crossover_mask("diagonal", 4)
+
+
+def test_crossover(model, images):
+    a, b = images[:2], images[1:]
+    composite, outs = crossover(model, a, b, "vertical", steps=2, seeds=SEEDS[:2])
+    assert torch.equal(composite[..., :8], a[..., :8]) and torch.equal(composite[..., 8:], b[..., 8:])
+    expected = manipulate(model, composite, None, steps=2, noise_scaler=0.25, seeds=SEEDS[:2])
+    assert len(outs) == 2 and all(torch.equal(o, e) for o, e in zip(outs, expected))
+    swapped, _ = crossover(model, a, b, "horizontal", swap=True, steps=1, seeds=SEEDS[:2])
+    assert torch.equal(swapped[..., :8, :], b[..., :8, :]) and torch.equal(swapped[..., 8:, :], a[..., 8:, :])
+    with pytest.raises(ValueError, match="same shape"):
+        crossover(model, images, images[:2])
+
+
+def test_slerp_and_bilinear():
+    torch.manual_seed(2)
+    a, b = torch.randn(6, 4), torch.randn(6, 4)
+    b = b / b.norm(dim=-1, keepdim=True) * a.norm(dim=-1, keepdim=True)  # equal norms per token
+    w = torch.tensor([[0.0], [0.3], [1.0]]).reshape(3, 1, 1)
+    out = slerp(a, b, w)
+    assert torch.equal(out[0], a) and torch.equal(out[2], b)
+    torch.testing.assert_close(out[1].norm(dim=-1), a.norm(dim=-1))  # stays on each token's sphere
+    assert (out[1].norm(dim=-1) - torch.lerp(a, b, 0.3).norm(dim=-1) > 1e-4).all()  # lerp cuts inside
+    assert torch.equal(slerp(a, a.clone(), torch.tensor(0.5)), a)  # parallel: lerp fallback, no NaN
+    corners = torch.randn(4, 5, 2)
+    for method in ("lerp", "slerp"):
+        grid = bilinear(corners, 3, 4, method).reshape(3, 4, 5, 2)
+        for (i, j), k in (((0, 0), 0), ((0, 3), 1), ((2, 0), 2), ((2, 3), 3)):
+            assert torch.equal(grid[i, j], corners[k])
+    grid = bilinear(corners, 3, 3).reshape(3, 3, 5, 2)
+    torch.testing.assert_close(grid[1, 1], corners.mean(0))
+    with pytest.raises(ValueError, match="method"):
+        bilinear(corners, 2, 2, "cubic")
+
+
+def test_class_embeddings_interpolated_and_restored(model):
+    corner_labels = torch.tensor([2, 7, 2, 7])
+    table = model.decoder.y_embedder.embedding_table.weight
+    original = model.decoder.y_embedder
+    with given_class_embeddings(model, corner_labels, 1, 3):
+        emb = model.decoder.y_embedder(torch.tensor([0, 0, 0, 10, 10, 10]))[:, 0]
+    assert model.decoder.y_embedder is original
+    torch.testing.assert_close(emb[:3], torch.stack([table[2], (table[2] + table[7]) / 2, table[7]]))
+    assert torch.equal(emb[3:], table[[10, 10, 10]])  # the null branch keeps the null row
+    with pytest.raises(RuntimeError), given_class_embeddings(model, corner_labels, 1, 3):
+        raise RuntimeError
+    assert model.encoder.y_embedder is not None and model.decoder.y_embedder is original
+
+
+@pytest.mark.parametrize("method", ["lerp", "slerp"])
+def test_interpolate_corners_are_samples(model, method):
+    seeds = torch.tensor([1, 2, 3, 4], dtype=torch.int64)
+    labels = torch.tensor([0, 5, 9, 5])
+    grid = interpolate(model, seeds, labels, rows=3, cols=3, method=method, steps=2, cfg=1.4)
+    assert grid.shape == (3, 3, 3, 16, 16)
+    _, ref = model.generate(4, y=labels, cfg=1.4, forward_steps=2, cache_sampling_noise=True, seeds=seeds)
+    corners = torch.stack([grid[0, 0], grid[0, 2], grid[2, 0], grid[2, 2]])
+    torch.testing.assert_close(corners, ref, atol=1e-5, rtol=0)
+    assert (grid[1, 1] - grid[0, 0]).abs().max() > 1e-3
+
+
+def test_interpolate_lerp_and_slerp_differ(model):
+    seeds = torch.tensor([1, 2, 3, 4], dtype=torch.int64)
+    labels = torch.tensor([0, 0, 0, 0])
+    lerped = interpolate(model, seeds, labels, rows=1, cols=3, method="lerp")
+    slerped = interpolate(model, seeds, labels, rows=1, cols=3, method="slerp")
+    assert torch.equal(lerped[:, [0, 2]], slerped[:, [0, 2]])
+    assert (lerped[0, 1] - slerped[0, 1]).abs().max() > 1e-4
+
+
+def test_interpolate_unconditional_and_bad_args(model):
+    m = tiny_model(num_classes=0)
+    seeds = torch.tensor([1, 2, 3, 4], dtype=torch.int64)
+    assert interpolate(m, seeds, rows=2, cols=2).shape == (2, 2, 3, 16, 16)
+    with pytest.raises(TypeError, match="seeds"):
+        interpolate(model, seeds[:3])
+    with pytest.raises(ValueError, match="rows"):
+        interpolate(model, seeds, rows=0)
+    with pytest.raises(ValueError, match="method"):
+        interpolate(model, seeds, method="cubic")
+    with pytest.raises(ValueError, match="labels"):
+        interpolate(model, seeds, torch.tensor([0, 1, 2, 10]))  # the null label is no corner class

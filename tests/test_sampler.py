@@ -1,0 +1,264 @@
+"""Sampler: the un-captured path and bucket logic on CPU; the captured path on CUDA (gpu-marked)."""
+
+import math
+
+import pytest
+import torch
+
+from sphere_fast import SphereEncoder
+from sphere_fast.sampling import GraphKey, Sampler, bucket_for
+
+TINY = {"width": 32, "layers": 1, "heads": 2}
+
+
+def tiny_model(device: str = "cpu", num_classes: int = 10) -> SphereEncoder:
+    torch.manual_seed(0)
+    m = SphereEncoder(
+        input_size=16, patch_size=4, vit_enc_model_size=TINY, vit_dec_model_size=TINY, token_channels=4,
+        num_classes=num_classes, noise_sigma_max_angle=80.0,
+    )
+    # the official init zeroes the heads and AdaLN; perturb every weight so all paths carry signal
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return m.eval().to(device)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+SEEDS = torch.tensor([11, 22, 33, 44, 55], dtype=torch.int64)
+LABELS = torch.tensor([0, 3, 9, 3, 5])
+
+
+@pytest.mark.parametrize(
+    "steps,cfg,position,cache,scheduler,dtype",
+    [
+        (1, 1.0, "combo", True, False, torch.float32),
+        (3, 1.4, "combo", True, False, torch.float32),
+        (3, 1.6, "enc", False, True, torch.float32),
+        (2, 1.4, "dec", True, False, torch.bfloat16),
+    ],
+)
+def test_uncaptured_equals_generate(model, steps, cfg, position, cache, scheduler, dtype):
+    sampler = Sampler(
+        model, 8, steps, cfg=cfg, cfg_position=position, cache_noise=cache, scheduler=scheduler, dtype=dtype
+    )
+    first, final = sampler(LABELS, SEEDS, return_first=True)
+    ref_first, ref_final = model.generate(
+        5, y=LABELS, cfg=cfg, cfg_position=position, forward_steps=steps, use_sampling_scheduler=scheduler,
+        cache_sampling_noise=cache, seeds=SEEDS, dtype=dtype,
+    )
+    assert final.shape == (5, 3, 16, 16) and final.dtype == torch.float32
+    assert 0 <= final.min() and final.max() <= 1
+    assert torch.equal(first, ref_first) and torch.equal(final, ref_final)
+    assert torch.equal(sampler(LABELS, SEEDS), final)  # return_first=False gives the final images alone
+
+
+def test_seeds_decide_the_image(model):
+    sampler = Sampler(model, 8, 2, cfg=1.4, dtype=torch.float32)
+    a = sampler(LABELS, SEEDS)
+    assert torch.equal(a, sampler(LABELS, SEEDS.clone()))
+    b = sampler(LABELS, SEEDS + 1000)
+    assert ((a - b).abs().flatten(1).amax(1) > 1e-3).all()  # every sample changed
+    # no seeds: fresh ones each call
+    assert not torch.equal(sampler(LABELS), sampler(LABELS))
+
+
+def test_labels_matter_and_random_labels(model):
+    sampler = Sampler(model, 8, 2, cfg=1.4, dtype=torch.float32)
+    a = sampler(LABELS, SEEDS)
+    b = sampler((LABELS + 1) % 10, SEEDS)
+    assert (a - b).abs().max() > 1e-3
+    torch.manual_seed(5)
+    out = sampler()
+    assert out.shape == (8, 3, 16, 16)
+
+
+@pytest.mark.parametrize("steps,cfg", [(1, 1.0), (3, 1.4)])
+def test_image_independent_of_batch(model, steps, cfg):
+    sampler = Sampler(model, 8, steps, cfg=cfg, dtype=torch.float32)
+    alone = sampler(LABELS[1:2], SEEDS[1:2])
+    together = sampler(LABELS, SEEDS)
+    shuffled = sampler(LABELS.flip(0), SEEDS.flip(0))
+    padded = sampler(torch.cat([LABELS, LABELS[:3]]), torch.cat([SEEDS, torch.tensor([1, 2, 3])]))
+    torch.testing.assert_close(alone[0], together[1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(shuffled.flip(0), together, atol=1e-5, rtol=0)
+    torch.testing.assert_close(padded[:5], together, atol=1e-5, rtol=0)
+
+
+def test_unconditional_model():
+    m = tiny_model(num_classes=0)
+    sampler = Sampler(m, 4, 2, cfg=1.4, dtype=torch.float32)  # cfg has nothing to guide: ignored
+    seeds = SEEDS[:3]
+    _, ref = m.generate(3, forward_steps=2, cache_sampling_noise=True, seeds=seeds)
+    assert torch.equal(sampler(seeds=seeds), ref)
+    with pytest.raises(ValueError, match="labels"):
+        sampler(torch.zeros(3, dtype=torch.long), seeds)
+
+
+def test_cpu_never_captures(model):
+    sampler = Sampler(model, 8, 2, dtype=torch.float32, cuda_graph=True)
+    assert not sampler.use_graphs
+    sampler(LABELS, SEEDS)
+    assert sampler.graph_keys == ()
+
+
+def test_bucket_for():
+    assert [bucket_for(n, 8) for n in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
+    assert [bucket_for(n, 6) for n in (1, 2, 3, 4, 5, 6)] == [1, 2, 4, 4, 6, 6]
+    assert bucket_for(1, 1) == 1 and bucket_for(200, 256) == 256 and bucket_for(65, 100) == 100
+    for bad in (0, 9):
+        with pytest.raises(ValueError, match="batch_size=8"):
+            bucket_for(bad, 8)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"cfg": 0.5}, ValueError, "cfg"),
+        ({"cfg": math.nan}, ValueError, "cfg"),
+        ({"cfg": math.inf}, ValueError, "cfg"),
+        ({"steps": 0}, ValueError, "steps"),
+        ({"batch_size": 0}, ValueError, "batch_size"),
+        ({"cfg_position": "both"}, ValueError, "cfg_position"),
+        ({"dtype": torch.int32}, ValueError, "dtype"),
+        ({"cache_noise": 1}, TypeError, "cache_noise"),
+    ],
+)
+def test_bad_constructor_args(model, kwargs, error, match):
+    args = {"batch_size": 4, "steps": 2, **kwargs}
+    with pytest.raises(error, match=match):
+        Sampler(model, **args)
+
+
+def test_training_mode_refused():
+    m = tiny_model().train()
+    with pytest.raises(ValueError, match="eval"):
+        Sampler(m, 4, 1)
+
+
+@pytest.mark.parametrize(
+    "labels,seeds,error,match",
+    [
+        (torch.zeros(0, dtype=torch.long), None, ValueError, "labels/seeds"),
+        (None, torch.zeros(0, dtype=torch.int64), ValueError, "labels/seeds"),
+        (torch.zeros(9, dtype=torch.long), None, ValueError, "batch_size=8"),
+        (None, torch.arange(3, dtype=torch.int32), TypeError, "seeds"),
+        (None, torch.arange(3.0), TypeError, "seeds"),
+        (None, [1, 2, 3], TypeError, "seeds"),
+        (torch.zeros(3, dtype=torch.long), torch.arange(4), ValueError, "same length"),
+        (torch.tensor([0, 10, 1]), None, ValueError, "labels"),
+        (torch.tensor([0, -1, 1]), None, ValueError, "labels"),
+        (torch.zeros(3, dtype=torch.int32), None, TypeError, "labels"),
+    ],
+)
+def test_bad_call_args(model, labels, seeds, error, match):
+    sampler = Sampler(model, 8, 1, dtype=torch.float32)
+    with pytest.raises(error, match=match):
+        sampler(labels, seeds)
+
+
+def test_bad_attribute_change_caught_at_call(model):
+    sampler = Sampler(model, 8, 1, dtype=torch.float32)
+    sampler.steps = 0
+    with pytest.raises(ValueError, match="steps"):
+        sampler()
+    sampler.steps, sampler.cfg = 1, 0.0
+    with pytest.raises(ValueError, match="cfg"):
+        sampler()
+
+
+def test_compile_decoder_fullgraph(model):
+    v = model.f(torch.randn(3, *model.latent_shape[1:]))
+    y = torch.tensor([1, 2, 10])  # 10 = null label
+    compiled = torch.compile(model.decoder, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(v, y), model.decoder(v, y), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_compile_sampler_loop_fullgraph(model):
+    sampler = Sampler(model, 4, 2, cfg=1.4, dtype=torch.float32)
+    key = GraphKey(4, 2, "combo", True, False)
+    labels, seeds = LABELS[:4], SEEDS[:4]
+    w = torch.tensor(math.sqrt(1.4))
+    compiled = torch.compile(sampler.loop, fullgraph=True)
+    with torch.no_grad():
+        expected = sampler.loop(key, labels, seeds, w)
+        torch.testing.assert_close(compiled(key, labels, seeds, w), expected, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- CUDA graphs
+
+
+@pytest.fixture(scope="module")
+def cuda_model():
+    return tiny_model("cuda").to(torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_captured_equals_uncaptured(cuda_model):
+    labels, seeds = LABELS.cuda(), SEEDS.cuda()
+    for steps, cfg, position in ((1, 1.0, "combo"), (4, 1.4, "combo"), (3, 1.6, "enc")):
+        graphed = Sampler(cuda_model, 8, steps, cfg=cfg, cfg_position=position)
+        plain = Sampler(cuda_model, 8, steps, cfg=cfg, cfg_position=position, cuda_graph=False)
+        first, final = graphed(labels, seeds, return_first=True)
+        ref_first, ref_final = plain(labels, seeds, return_first=True)
+        # the graph runs the padded bucket (8 rows), the plain path 5: GEMM rounding may differ slightly
+        torch.testing.assert_close(final, ref_final, atol=2e-2, rtol=0)
+        torch.testing.assert_close(first, ref_first, atol=2e-2, rtol=0)
+        # a full bucket: the same shapes on both paths (cuBLAS may still pick other algorithms in a capture)
+        full_labels, full_seeds = torch.cat([labels, labels[:3]]), torch.cat([seeds, seeds[:3] + 7])
+        out = graphed(full_labels, full_seeds)
+        _, ref_generate = cuda_model.generate(
+            8, y=full_labels, cfg=cfg, cfg_position=position, forward_steps=steps, cache_sampling_noise=True,
+            seeds=full_seeds, dtype=torch.bfloat16,
+        )
+        for ref in (plain(full_labels, full_seeds), ref_generate):
+            torch.testing.assert_close(out, ref, atol=2e-2, rtol=0)
+            assert (out - ref).abs().mean() < 2e-3
+
+
+@pytest.mark.gpu
+def test_replays_bit_identical_and_seeds_matter(cuda_model):
+    sampler = Sampler(cuda_model, 8, 2, cfg=1.4)
+    labels, seeds = LABELS.cuda(), SEEDS.cuda()
+    a = sampler(labels, seeds)
+    assert torch.equal(a, sampler(labels, seeds))
+    assert torch.equal(a, sampler(labels.cpu(), seeds.cpu()))
+    b = sampler(labels, seeds + 1)
+    assert ((a - b).abs().flatten(1).amax(1) > 1e-3).all()
+    assert not torch.equal(sampler(labels), sampler(labels))
+    assert len(sampler.graph_keys) == 1
+    torch.testing.assert_close(sampler(labels[1:2], seeds[1:2])[0], a[1], atol=2e-2, rtol=0)
+
+
+@pytest.mark.gpu
+def test_graph_selection(cuda_model):
+    sampler = Sampler(cuda_model, 8, 2, cfg=1.4)
+    labels, seeds = LABELS.cuda(), SEEDS.cuda()
+    a = sampler(labels, seeds)
+    assert sampler.graph_keys == (GraphKey(8, 2, "combo", True, False),)
+    sampler.cfg = 2.0  # same graph, new weight in its buffer
+    b = sampler(labels, seeds)
+    assert len(sampler.graph_keys) == 1 and (a - b).abs().max() > 1e-3
+    plain = Sampler(cuda_model, 8, 2, cfg=2.0, cuda_graph=False)
+    torch.testing.assert_close(b, plain(labels, seeds), atol=2e-2, rtol=0)
+    sampler.cfg = 1.0  # guidance off: a graph without the null branch
+    sampler(labels, seeds)
+    sampler.steps = 3
+    sampler(labels, seeds)
+    sampler(labels[:3], seeds[:3])
+    sampler(labels[:3], seeds[:3])  # replays the bucket-4 graph
+    assert sampler.graph_keys == (
+        GraphKey(8, 2, "combo", True, False),
+        GraphKey(8, 2, None, True, False),
+        GraphKey(8, 3, None, True, False),
+        GraphKey(4, 3, None, True, False),
+    )
+    sampler.steps, sampler.cfg = 2, 1.4
+    assert torch.equal(sampler(labels, seeds), a)  # back to the first graph
+    assert len(sampler.graph_keys) == 4
