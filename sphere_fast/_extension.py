@@ -34,8 +34,9 @@ def load_extension(name: str, cpu_sources: tuple[str, ...], cuda_sources: tuple[
 
     root = csrc_dir()
     sources = [str(root / s) for s in cpu_sources]
-    flags = ["-O3", "-std=c++17"]
-    cuda_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+    # no -std flag: torch.utils.cpp_extension picks the standard its headers need (C++20 from torch 2.14)
+    flags = ["-O3"]
+    cuda_flags = ["-O3", "--use_fast_math", "-lineinfo"]
     if cuda_sources and cuda_build_possible():
         sources += [str(root / s) for s in cuda_sources]
         flags.append("-DSPHERE_FAST_WITH_CUDA")
