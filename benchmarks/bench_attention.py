@@ -13,9 +13,9 @@ Goal (issue 5, H200): forward >= 1.0x and backward >= 0.9x the best SDPA backend
 
 from __future__ import annotations
 
+import functools
 import importlib
 import itertools
-import math
 from collections.abc import Callable
 
 import pytest
@@ -24,6 +24,7 @@ import torch
 from benchmarks.harness import DEVICE, cuda_time_ms, impls, pick, record
 
 attn = importlib.import_module("sphere_fast.ops.attention")
+rope_table = functools.partial(attn.rope_table_reference, device=DEVICE)
 
 DTYPE = torch.bfloat16
 HEADS = 16
@@ -32,16 +33,6 @@ SHAPES = pick(
     real=[(bh // HEADS, HEADS, n, d) for bh, n, d in itertools.product((16, 256, 1024), (256, 1024), (64, 72))],
     smoke=[(1, 2, 17, 72)],
 )
-
-
-def rope_table(n: int, d: int) -> torch.Tensor:
-    """The official 2-D axial RoPE [N, 2D] (cos | sin) for a sqrt(N) x sqrt(N) token grid."""
-    half = d // 2
-    freqs = (1.0 / 10000 ** (torch.arange(0, half, 2, dtype=torch.float64) / half)).repeat_interleave(2)
-    side = math.ceil(math.sqrt(n))
-    idx = torch.arange(n, dtype=torch.float64)
-    angles = torch.cat([(idx // side)[:, None] * freqs, (idx % side)[:, None] * freqs], dim=-1)
-    return torch.cat([angles.cos(), angles.sin()], dim=-1).float().to(DEVICE)
 
 
 def _sdpa_with(backend_name: str) -> Callable[[], Callable[..., torch.Tensor]]:

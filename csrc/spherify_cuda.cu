@@ -5,10 +5,9 @@
 //             (spherify_math.h) and writes out = cz*z + ce*e (forward) or dz (backward).
 // e is regenerated with Philox in both passes and never stored.
 #define SPHERIFY_CUDA_ONLY
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "sf_cuda_util.cuh"
 #include "spherify_math.h"
 #include "spherify_ops.h"
 
@@ -18,19 +17,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-
 template <int MODE>
 __device__ __forceinline__ float noise_at(const float* noise, int64_t seed, int64_t base, int64_t b, int64_t length,
                                           int64_t j) {
@@ -39,8 +25,9 @@ __device__ __forceinline__ float noise_at(const float* noise, int64_t seed, int6
   return 0.0f;
 }
 
-// Sums four per-thread values over the block; thread 0 gets the totals (fixed order: deterministic).
-__device__ __forceinline__ void block_sum4(float v[4]) {
+// Sums four per-thread values over the block (fixed order: deterministic); thread 0 writes the totals to
+// out[0..3], this (sample, chunk)'s row of the partials that the apply pass adds up.
+__device__ __forceinline__ void store_block_sums4(float v[4], float* out) {
   __shared__ float warp_sums[4][kWarps];
 #pragma unroll
   for (int i = 0; i < 4; ++i)
@@ -57,7 +44,7 @@ __device__ __forceinline__ void block_sum4(float v[4]) {
       float s = 0.0f;
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) s += warp_sums[i][w];
-      v[i] = s;
+      out[i] = s;
     }
 }
 
@@ -75,7 +62,7 @@ __global__ void __launch_bounds__(kThreads) fwd_partials(SpherifyArgs a) {
   const int64_t end = min(a.length, (k + 1) * kChunk);
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   for (int64_t j = k * kChunk + threadIdx.x; j < end; j += kThreads) {
-    const float zv = to_float(z[j]);
+    const float zv = to_f(z[j]);
     acc[0] += zv * zv;
     if constexpr (MODE != kNoiseNone) {
       const float e = noise_at<MODE>(a.noise, seed, a.base, b, a.length, j);
@@ -83,9 +70,7 @@ __global__ void __launch_bounds__(kThreads) fwd_partials(SpherifyArgs a) {
       acc[2] += e * e;
     }
   }
-  block_sum4(acc);
-  if (threadIdx.x == 0)
-    for (int i = 0; i < 4; ++i) a.partial[(b * nsplit + k) * 4 + i] = acc[i];
+  store_block_sums4(acc, a.partial + (b * nsplit + k) * 4);
 }
 
 template <typename T, int MODE, int PAIRS>
@@ -109,11 +94,11 @@ __global__ void __launch_bounds__(kThreads) fwd_apply(SpherifyArgs a) {
   const int64_t seed = MODE == kNoisePhilox ? a.seeds[b] : 0;
   const int64_t end = min(a.length, (k + 1) * kChunk);
   for (int64_t j = k * kChunk + threadIdx.x; j < end; j += kThreads) {
-    const float zv = to_float(z[j]);
+    const float zv = to_f(z[j]);
     const float e = noise_at<MODE>(a.noise, seed, a.base, b, a.length, j);
 #pragma unroll
     for (int p = 0; p < PAIRS; ++p)
-      out[(p * a.batch + b) * a.length + j] = from_float<T>(coeffs[p].cz * zv + coeffs[p].ce * e);
+      out[(p * a.batch + b) * a.length + j] = from_f<T>(coeffs[p].cz * zv + coeffs[p].ce * e);
   }
 }
 
@@ -126,18 +111,16 @@ __global__ void __launch_bounds__(kThreads) bwd_partials(SpherifyArgs a) {
   const int64_t end = min(a.length, (k + 1) * kChunk);
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // z.g0, e.g0, z.g1, e.g1
   for (int64_t j = k * kChunk + threadIdx.x; j < end; j += kThreads) {
-    const float zv = to_float(z[j]);
+    const float zv = to_f(z[j]);
     const float e = noise_at<MODE>(a.noise, seed, a.base, b, a.length, j);
 #pragma unroll
     for (int p = 0; p < PAIRS; ++p) {
-      const float gv = to_float(g[(p * a.batch + b) * a.length + j]);
+      const float gv = to_f(g[(p * a.batch + b) * a.length + j]);
       acc[2 * p] += zv * gv;
       acc[2 * p + 1] += e * gv;
     }
   }
-  block_sum4(acc);
-  if (threadIdx.x == 0)
-    for (int i = 0; i < 4; ++i) a.partial[(b * nsplit + k) * 4 + i] = acc[i];
+  store_block_sums4(acc, a.partial + (b * nsplit + k) * 4);
 }
 
 template <typename T, int MODE, int PAIRS>
@@ -166,11 +149,11 @@ __global__ void __launch_bounds__(kThreads) bwd_apply(SpherifyArgs a) {
   const int64_t seed = MODE == kNoisePhilox ? a.seeds[b] : 0;
   const int64_t end = min(a.length, (k + 1) * kChunk);
   for (int64_t j = k * kChunk + threadIdx.x; j < end; j += kThreads) {
-    float acc = coeffs.cz * to_float(z[j]);
+    float acc = coeffs.cz * to_f(z[j]);
     if constexpr (MODE != kNoiseNone) acc += coeffs.ce * noise_at<MODE>(a.noise, seed, a.base, b, a.length, j);
 #pragma unroll
-    for (int p = 0; p < PAIRS; ++p) acc += coeffs.cg[p] * to_float(g[(p * a.batch + b) * a.length + j]);
-    dz[j] = from_float<T>(acc);
+    for (int p = 0; p < PAIRS; ++p) acc += coeffs.cg[p] * to_f(g[(p * a.batch + b) * a.length + j]);
+    dz[j] = from_f<T>(acc);
   }
 }
 

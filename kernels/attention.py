@@ -75,14 +75,6 @@ def _load_operand(
 
 
 @triton.jit
-def _unrotate(g, rope, offs_n, mask_n, offs_d, HEAD_DIM: tl.constexpr, MASK_D: tl.constexpr,
-              ROWS: tl.constexpr, COLS: tl.constexpr):
-    # R^T g for R = diag(cos) + diag(sin) P, P^T = -P
-    cos, sin = _load_rope(rope, offs_n, mask_n, offs_d, HEAD_DIM, MASK_D)
-    return g * cos - _rotate_pairs(g * sin, ROWS, COLS)
-
-
-@triton.jit
 def _store_tile(base, stride_n, offs_n, mask_n, offs_d, x, HEAD_DIM: tl.constexpr, MASK_D: tl.constexpr,
                 EMULATE_BF16: tl.constexpr):
     ptrs = base + offs_n[:, None] * stride_n + offs_d[None, :]
@@ -91,6 +83,21 @@ def _store_tile(base, stride_n, offs_n, mask_n, offs_d, x, HEAD_DIM: tl.constexp
         tl.store(ptrs, x, mask=mask_n[:, None] & (offs_d[None, :] < HEAD_DIM))
     else:
         tl.store(ptrs, x, mask=mask_n[:, None])
+
+
+@triton.jit
+def _store_grad(
+    base, stride_n, rope, offs_n, mask_n, offs_d, acc, sm_scale,
+    HEAD_DIM: tl.constexpr, MASK_D: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
+    ROTATE: tl.constexpr, EMULATE_BF16: tl.constexpr,
+):
+    """A dq / dk tile: acc * sm_scale, un-rotated when the operand was rotated on load, stored."""
+    g = acc * sm_scale
+    if ROTATE:
+        # R^T g for R = diag(cos) + diag(sin) P, P^T = -P
+        cos, sin = _load_rope(rope, offs_n, mask_n, offs_d, HEAD_DIM, MASK_D)
+        g = g * cos - _rotate_pairs(g * sin, ROWS, COLS)
+    _store_tile(base, stride_n, offs_n, mask_n, offs_d, g, HEAD_DIM, MASK_D, EMULATE_BF16)
 
 
 @triton.jit
@@ -247,16 +254,10 @@ def attention_bwd_dkdv_kernel(
 
     dk_base = DK + b * stride_dkb + h * stride_dkh
     dv_base = DV + b * stride_dvb + h * stride_dvh
-    dk_a = dk_a * sm_scale
-    if HAS_ROPE:
-        dk_a = _unrotate(dk_a, ROPE, offs_n, mask_n, offs_a, HEAD_DIM, False, BLOCK_N, DA)
-    _store_tile(dk_base, stride_dkn, offs_n, mask_n, offs_a, dk_a, HEAD_DIM, False, EMULATE_BF16)
+    _store_grad(dk_base, stride_dkn, ROPE, offs_n, mask_n, offs_a, dk_a, sm_scale, HEAD_DIM, False, BLOCK_N, DA, HAS_ROPE, EMULATE_BF16)
     _store_tile(dv_base, stride_dvn, offs_n, mask_n, offs_a, dv_a, HEAD_DIM, False, EMULATE_BF16)
     if HAS_B:
-        dk_b = dk_b * sm_scale
-        if HAS_ROPE:
-            dk_b = _unrotate(dk_b, ROPE, offs_n, mask_n, offs_b, HEAD_DIM, True, BLOCK_N, DB)
-        _store_tile(dk_base, stride_dkn, offs_n, mask_n, offs_b, dk_b, HEAD_DIM, True, EMULATE_BF16)
+        _store_grad(dk_base, stride_dkn, ROPE, offs_n, mask_n, offs_b, dk_b, sm_scale, HEAD_DIM, True, BLOCK_N, DB, HAS_ROPE, EMULATE_BF16)
         _store_tile(dv_base, stride_dvn, offs_n, mask_n, offs_b, dv_b, HEAD_DIM, True, EMULATE_BF16)
 
 
@@ -318,12 +319,6 @@ def attention_bwd_dq_kernel(
             dq_b = tl.dot(ds_dot, kb, dq_b)
 
     dq_base = DQ + b * stride_dqb + h * stride_dqh
-    dq_a = dq_a * sm_scale
-    if HAS_ROPE:
-        dq_a = _unrotate(dq_a, ROPE, offs_m, mask_m, offs_a, HEAD_DIM, False, BLOCK_M, DA)
-    _store_tile(dq_base, stride_dqn, offs_m, mask_m, offs_a, dq_a, HEAD_DIM, False, EMULATE_BF16)
+    _store_grad(dq_base, stride_dqn, ROPE, offs_m, mask_m, offs_a, dq_a, sm_scale, HEAD_DIM, False, BLOCK_M, DA, HAS_ROPE, EMULATE_BF16)
     if HAS_B:
-        dq_b = dq_b * sm_scale
-        if HAS_ROPE:
-            dq_b = _unrotate(dq_b, ROPE, offs_m, mask_m, offs_b, HEAD_DIM, True, BLOCK_M, DB)
-        _store_tile(dq_base, stride_dqn, offs_m, mask_m, offs_b, dq_b, HEAD_DIM, True, EMULATE_BF16)
+        _store_grad(dq_base, stride_dqn, ROPE, offs_m, mask_m, offs_b, dq_b, sm_scale, HEAD_DIM, True, BLOCK_M, DB, HAS_ROPE, EMULATE_BF16)

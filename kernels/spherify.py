@@ -26,15 +26,40 @@ NOISE_PHILOX = 2
 
 
 @triton.jit
+def _load_f32(ptrs, mask):
+    """Masked-off lanes read 0, so they drop out of every sum."""
+    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _noise_tile(noise_row, seed, noise_base, offs, mask, NOISE: tl.constexpr):
     """e for columns ``offs`` of one sample, 0 outside ``mask`` (so it drops out of the sums)."""
     if NOISE == 1:
-        e = tl.load(noise_row + offs, mask=mask, other=0.0).to(tl.float32)
+        e = _load_f32(noise_row + offs, mask)
     else:
         # 64-bit offsets: stream * L + j can pass 2^31 (design.md, random numbers).
         e = tl.randn(seed, noise_base.to(tl.int64) + offs.to(tl.int64))
         e = tl.where(mask, e, 0.0)
     return e
+
+
+@triton.jit
+def _sample_rows(z_ptr, noise_ptr, seeds_ptr, b, stride_z, stride_n, NOISE: tl.constexpr):
+    """Sample b's rows of z and noise (64-bit offsets) and its Philox seed (0 unless NOISE == 2)."""
+    z_row = z_ptr + b.to(tl.int64) * stride_z
+    noise_row = noise_ptr + b.to(tl.int64) * stride_n
+    seed = tl.load(seeds_ptr + b) if NOISE == 2 else 0
+    return z_row, noise_row, seed
+
+
+@triton.jit
+def _store_partials(partial_ptr, b, k, NSPLIT, s0, s1, s2, s3):
+    """Row (b, k) of partial[B, NSPLIT, 4]: what _sample_sums adds up."""
+    out = partial_ptr + (b * NSPLIT + k) * 4
+    tl.store(out + 0, s0)
+    tl.store(out + 1, s1)
+    tl.store(out + 2, s2)
+    tl.store(out + 3, s3)
 
 
 @triton.jit
@@ -69,9 +94,7 @@ def _fwd_partials(
     b = tl.program_id(0)
     k = tl.program_id(1)
     nsplit = tl.num_programs(1)
-    z_row = z_ptr + b.to(tl.int64) * stride_z
-    noise_row = noise_ptr + b.to(tl.int64) * stride_n
-    seed = tl.load(seeds_ptr + b) if NOISE == 2 else 0
+    z_row, noise_row, seed = _sample_rows(z_ptr, noise_ptr, seeds_ptr, b, stride_z, stride_n, NOISE)
     cols = tl.arange(0, BLOCK)
     acc_zz = tl.zeros([BLOCK], dtype=tl.float32)
     acc_ze = tl.zeros([BLOCK], dtype=tl.float32)
@@ -79,17 +102,15 @@ def _fwd_partials(
     for i in range(0, CHUNK, BLOCK):
         offs = k * CHUNK + i + cols
         mask = offs < L
-        z = tl.load(z_row + offs, mask=mask, other=0.0).to(tl.float32)
+        z = _load_f32(z_row + offs, mask)
         acc_zz += z * z
         if NOISE != 0:
             e = _noise_tile(noise_row, seed, noise_base, offs, mask, NOISE)
             acc_ze += z * e
             acc_ee += e * e
-    out = partial_ptr + (b * nsplit + k) * 4
-    tl.store(out + 0, tl.sum(acc_zz, axis=0))
-    tl.store(out + 1, tl.sum(acc_ze, axis=0))
-    tl.store(out + 2, tl.sum(acc_ee, axis=0))
-    tl.store(out + 3, 0.0)
+    _store_partials(
+        partial_ptr, b, k, nsplit, tl.sum(acc_zz, axis=0), tl.sum(acc_ze, axis=0), tl.sum(acc_ee, axis=0), 0.0
+    )
 
 
 @triton.jit
@@ -116,16 +137,14 @@ def _fwd_apply(
     tl.store(stats_ptr + b * 3 + 1, sze, mask=first)
     tl.store(stats_ptr + b * 3 + 2, see, mask=first)
 
-    z_row = z_ptr + b.to(tl.int64) * stride_z
-    noise_row = noise_ptr + b.to(tl.int64) * stride_n
+    z_row, noise_row, seed = _sample_rows(z_ptr, noise_ptr, seeds_ptr, b, stride_z, stride_n, NOISE)
     out0 = out_ptr + b.to(tl.int64) * L
     out1 = out_ptr + (B + b).to(tl.int64) * L
-    seed = tl.load(seeds_ptr + b) if NOISE == 2 else 0
     cols = tl.arange(0, BLOCK)
     for i in range(0, CHUNK, BLOCK):
         offs = k * CHUNK + i + cols
         mask = offs < L
-        z = tl.load(z_row + offs, mask=mask, other=0.0).to(tl.float32)
+        z = _load_f32(z_row + offs, mask)
         if NOISE == 0:
             y0 = cz0 * z
         else:
@@ -146,11 +165,9 @@ def _bwd_partials(
     b = tl.program_id(0)
     k = tl.program_id(1)
     nsplit = tl.num_programs(1)
-    z_row = z_ptr + b.to(tl.int64) * stride_z
-    noise_row = noise_ptr + b.to(tl.int64) * stride_n
+    z_row, noise_row, seed = _sample_rows(z_ptr, noise_ptr, seeds_ptr, b, stride_z, stride_n, NOISE)
     g0_row = g_ptr + b.to(tl.int64) * L
     g1_row = g_ptr + (B + b).to(tl.int64) * L
-    seed = tl.load(seeds_ptr + b) if NOISE == 2 else 0
     cols = tl.arange(0, BLOCK)
     acc_zg0 = tl.zeros([BLOCK], dtype=tl.float32)
     acc_eg0 = tl.zeros([BLOCK], dtype=tl.float32)
@@ -159,21 +176,20 @@ def _bwd_partials(
     for i in range(0, CHUNK, BLOCK):
         offs = k * CHUNK + i + cols
         mask = offs < L
-        z = tl.load(z_row + offs, mask=mask, other=0.0).to(tl.float32)
-        g0 = tl.load(g0_row + offs, mask=mask, other=0.0).to(tl.float32)
+        z = _load_f32(z_row + offs, mask)
+        g0 = _load_f32(g0_row + offs, mask)
         acc_zg0 += z * g0
         if NOISE != 0:
             e = _noise_tile(noise_row, seed, noise_base, offs, mask, NOISE)
             acc_eg0 += e * g0
             if PAIR:
-                g1 = tl.load(g1_row + offs, mask=mask, other=0.0).to(tl.float32)
+                g1 = _load_f32(g1_row + offs, mask)
                 acc_zg1 += z * g1
                 acc_eg1 += e * g1
-    out = partial_ptr + (b * nsplit + k) * 4
-    tl.store(out + 0, tl.sum(acc_zg0, axis=0))
-    tl.store(out + 1, tl.sum(acc_eg0, axis=0))
-    tl.store(out + 2, tl.sum(acc_zg1, axis=0))
-    tl.store(out + 3, tl.sum(acc_eg1, axis=0))
+    _store_partials(
+        partial_ptr, b, k, nsplit,
+        tl.sum(acc_zg0, axis=0), tl.sum(acc_eg0, axis=0), tl.sum(acc_zg1, axis=0), tl.sum(acc_eg1, axis=0),
+    )
 
 
 @triton.jit
@@ -230,24 +246,22 @@ def _bwd_apply(
         cz = -a * a * ksum - a * a * a / L * zdv
         ce = -a * kssum
 
-    z_row = z_ptr + b.to(tl.int64) * stride_z
-    noise_row = noise_ptr + b.to(tl.int64) * stride_n
+    z_row, noise_row, seed = _sample_rows(z_ptr, noise_ptr, seeds_ptr, b, stride_z, stride_n, NOISE)
     g0_row = g_ptr + b.to(tl.int64) * L
     g1_row = g_ptr + (B + b).to(tl.int64) * L
     dz_row = dz_ptr + b.to(tl.int64) * L
-    seed = tl.load(seeds_ptr + b) if NOISE == 2 else 0
     cols = tl.arange(0, BLOCK)
     for i in range(0, CHUNK, BLOCK):
         offs = k * CHUNK + i + cols
         mask = offs < L
-        z = tl.load(z_row + offs, mask=mask, other=0.0).to(tl.float32)
-        g0 = tl.load(g0_row + offs, mask=mask, other=0.0).to(tl.float32)
+        z = _load_f32(z_row + offs, mask)
+        g0 = _load_f32(g0_row + offs, mask)
         dz = cg0 * g0 + cz * z
         if NOISE != 0:
             e = _noise_tile(noise_row, seed, noise_base, offs, mask, NOISE)
             dz += ce * e
             if PAIR:
-                g1 = tl.load(g1_row + offs, mask=mask, other=0.0).to(tl.float32)
+                g1 = _load_f32(g1_row + offs, mask)
                 dz += cg1 * g1
         tl.store(dz_row + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
 

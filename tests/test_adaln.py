@@ -12,21 +12,11 @@ import importlib
 import pytest
 import torch
 
-from sphere_fast.backend import available_backends
+from tests.helpers import FUSED, TOL, close
 
 adaln = importlib.import_module("sphere_fast.ops.adaln")
 
-FUSED = [pytest.param(b, marks=pytest.mark.skipif(b not in available_backends("cpu"), reason=f"{b} unavailable"))
-         for b in ("triton", "cpp")]
 WIDTHS = [64, 96, 512, 768, 1024, 1152, 97]
-TOL = {torch.float32: 1e-5, torch.bfloat16: 2.0**-6, torch.float16: 2.0**-9}
-
-
-def close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -> None:
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    expected = expected.float()
-    atol = tol * max(expected.abs().max().item(), 1e-6)
-    torch.testing.assert_close(actual.float(), expected, rtol=tol, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
 def make_inputs(B: int, S: int, D: int, *, tokens: bool, dtype=torch.float32, seed: int = 0, gated: bool = True):

@@ -8,32 +8,28 @@ On CPU the kernels run in the Triton interpreter (root conftest sets TRITON_INTE
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
-import math
 
 import pytest
 import torch
 
-from sphere_fast.ops.attention import apply_rope_reference, attention, attention_impl, attention_reference
+from sphere_fast.ops.attention import (
+    apply_rope_reference,
+    attention,
+    attention_impl,
+    attention_reference,
+    rope_table_reference,
+)
 
 pytest.importorskip("triton")
 # the package re-exports the function under the module's name, so fetch the module itself
 attn_mod = importlib.import_module("sphere_fast.ops.attention")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+official_rope = functools.partial(rope_table_reference, device=DEVICE)  # [n, 2d] cos | sin, per the spec
 HEAD_DIMS = (32, 64, 72, 80, 104, 128)
-
-
-def official_rope(n: int, d: int) -> torch.Tensor:
-    """[n, 2d] cos | sin for tokens on a sqrt(n)-wide grid, per the spec: half = d/2,
-    freqs = 1/10000^(arange(0, half, 2)/half) repeated twice; rows fill the first half, columns the last."""
-    half = d // 2
-    freqs = (1.0 / 10000 ** (torch.arange(0, half, 2, dtype=torch.float64) / half)).repeat_interleave(2)
-    side = math.ceil(math.sqrt(n))
-    idx = torch.arange(n, dtype=torch.float64)
-    angles = torch.cat([(idx // side)[:, None] * freqs, (idx % side)[:, None] * freqs], dim=-1)
-    return torch.cat([angles.cos(), angles.sin()], dim=-1).float().to(DEVICE)
 
 
 def qkv_leaf(b: int, h: int, n: int, d: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:

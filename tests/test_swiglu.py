@@ -12,20 +12,9 @@ import importlib
 import pytest
 import torch
 
-from sphere_fast.backend import available_backends
+from tests.helpers import FUSED, TOL, close
 
 sw = importlib.import_module("sphere_fast.ops.swiglu")
-
-FUSED = [pytest.param(b, marks=pytest.mark.skipif(b not in available_backends("cpu"), reason=f"{b} unavailable"))
-         for b in ("triton", "cpp")]
-TOL = {torch.float32: 1e-5, torch.bfloat16: 2.0**-6, torch.float16: 2.0**-9}
-
-
-def close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -> None:
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    expected = expected.float()
-    atol = tol * max(expected.abs().max().item(), 1e-6)
-    torch.testing.assert_close(actual.float(), expected, rtol=tol, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
 def fwd_bwd(fn, h: torch.Tensor, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -46,6 +46,18 @@ def apply_rope_reference(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     return x * cos + rotate_pairs(x) * sin
 
 
+def rope_table_reference(n: int, d: int, device: torch.device | str) -> torch.Tensor:
+    """The official 2-D axial RoPE [n, 2d] (cos | sin) for n tokens on a ceil(sqrt(n))-wide grid, any n: half = d/2,
+    freqs = 1/10000^(arange(0, half, 2)/half) repeated twice; rows fill the first half, columns the last.
+    Built in float64 (tests and benchmarks compare against it), returned as float32."""
+    half = d // 2
+    freqs = (1.0 / 10000 ** (torch.arange(0, half, 2, dtype=torch.float64) / half)).repeat_interleave(2)
+    side = math.ceil(math.sqrt(n))
+    idx = torch.arange(n, dtype=torch.float64)
+    angles = torch.cat([(idx // side)[:, None] * freqs, (idx % side)[:, None] * freqs], dim=-1)
+    return torch.cat([angles.cos(), angles.sin()], dim=-1).float().to(device)
+
+
 def attention_reference(q, k, v, rope=None):
     if rope is not None:
         q = apply_rope_reference(q, rope).to(v.dtype)

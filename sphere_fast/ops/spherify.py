@@ -135,15 +135,21 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(1) == 1 else t2.contiguous()
 
 
-def _noise_args(z2: torch.Tensor, noise: torch.Tensor | None, seeds: torch.Tensor | None, stream: int):
-    """(mode, noise [B, L] or a dummy, seeds or a dummy, row stride of noise, 64-bit offset base)."""
-    from sphere_fast.kernels.spherify import NOISE_PHILOX, NOISE_TENSOR
+def _noise_args(
+    z2: torch.Tensor, scales: torch.Tensor | None, noise: torch.Tensor | None, seeds: torch.Tensor | None, stream: int
+):
+    """(mode, noise [B, L] or a dummy, seeds or a dummy, row stride of noise, 64-bit offset base, scales or a
+    dummy); without scales (plain spherify) the kernels read no noise."""
+    from sphere_fast.kernels.spherify import NOISE_NONE, NOISE_PHILOX, NOISE_TENSOR
 
+    if scales is None:
+        return NOISE_NONE, z2, z2, 0, 0, z2
+    scales = scales.contiguous()
     length = z2.shape[1]
     if noise is not None:
         n2 = _rows(noise)
-        return NOISE_TENSOR, n2, z2, n2.stride(0), 0
-    return NOISE_PHILOX, z2, seeds, 0, stream * length
+        return NOISE_TENSOR, n2, z2, n2.stride(0), 0, scales
+    return NOISE_PHILOX, z2, seeds, 0, stream * length, scales
 
 
 def _triton_fwd(z, scales, noise, seeds, stream):
@@ -153,12 +159,7 @@ def _triton_fwd(z, scales, noise, seeds, stream):
     batch, length = z2.shape
     pairs = 1 if scales is None else scales.shape[0]
     block, chunk, nsplit = K.launch_config(length)
-    if scales is None:
-        mode, n2, sd, stride_n, base = K.NOISE_NONE, z2, z2, 0, 0
-        scales_arg = z2
-    else:
-        mode, n2, sd, stride_n, base = _noise_args(z2, noise, seeds, stream)
-        scales_arg = scales.contiguous()
+    mode, n2, sd, stride_n, base, scales_arg = _noise_args(z2, scales, noise, seeds, stream)
     partial = torch.empty((batch, nsplit, 4), dtype=torch.float32, device=z.device)
     out = torch.empty((pairs, *z.shape), dtype=z.dtype, device=z.device)
     stats = torch.empty((batch, 3), dtype=torch.float32, device=z.device)
@@ -181,12 +182,7 @@ def _triton_bwd(grad, z, scales, noise, seeds, stats, stream):
     pairs = grad.shape[0]
     block, chunk, nsplit = K.launch_config(length)
     g = grad.reshape(pairs, batch, length).contiguous()
-    if scales is None:
-        mode, n2, sd, stride_n, base = K.NOISE_NONE, z2, z2, 0, 0
-        scales_arg = z2
-    else:
-        mode, n2, sd, stride_n, base = _noise_args(z2, noise, seeds, stream)
-        scales_arg = scales.contiguous()
+    mode, n2, sd, stride_n, base, scales_arg = _noise_args(z2, scales, noise, seeds, stream)
     partial = torch.empty((batch, nsplit, 4), dtype=torch.float32, device=z.device)
     dz = torch.empty(z.shape, dtype=z.dtype, device=z.device)
     dscales = torch.zeros((pairs, batch), dtype=torch.float32, device=z.device)
