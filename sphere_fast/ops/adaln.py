@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from sphere_fast.backend import resolve_backend
+from sphere_fast.ops._util import next_pow2
 
 AUTO_ORDER = ("triton", "cpp", "eager")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -124,13 +125,9 @@ def _is_token(t: Tensor | None, S: int) -> bool:
     return t is not None and t.shape[1] == S and S > 1
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def _row_block(D: int) -> tuple[int, int, int]:
     """(rows per program, padded width, warps) of the forward: about 4k elements per program."""
-    block_d = _next_pow2(D)
+    block_d = next_pow2(D)
     block_m = max(1, min(64, 4096 // block_d))
     num_warps = 4 if block_d * block_m <= 4096 and block_d <= 1024 else 8
     return block_m, block_d, num_warps
@@ -138,7 +135,7 @@ def _row_block(D: int) -> tuple[int, int, int]:
 
 def _bwd_row_block(D: int) -> tuple[int, int, int]:
     """The backward keeps ~7 row tiles and 4 column accumulators live: 2k elements over 8 warps, no spills."""
-    block_d = _next_pow2(D)
+    block_d = next_pow2(D)
     return max(1, min(64, 2048 // block_d)), block_d, 8
 
 

@@ -17,6 +17,7 @@ from types import ModuleType
 import torch
 
 from sphere_fast.backend import resolve_backend
+from sphere_fast.ops._util import next_pow2
 from sphere_fast.ops.philox import check_seeds, check_stream, sphere_noise
 
 EPS = 1e-6
@@ -169,7 +170,7 @@ def _triton_fwd(z, scales, noise, seeds, stream):
     )
     K._fwd_apply[grid](
         z2, n2, sd, scales_arg, partial, out, stats, batch, length, z2.stride(0), stride_n, base, EPS,
-        SPLIT_P2=triton_next_pow2(nsplit), CHUNK=chunk, BLOCK=block, NOISE=mode, PAIR=pairs == 2, num_warps=_NUM_WARPS,
+        SPLIT_P2=next_pow2(nsplit), CHUNK=chunk, BLOCK=block, NOISE=mode, PAIR=pairs == 2, num_warps=_NUM_WARPS,
     )
     return out, stats
 
@@ -194,13 +195,9 @@ def _triton_bwd(grad, z, scales, noise, seeds, stats, stream):
     K._bwd_apply[grid](
         g, z2, n2, sd, scales_arg, stats.contiguous(), partial, dz, dscales, batch, length, z2.stride(0),
         stride_n, base, EPS,
-        SPLIT_P2=triton_next_pow2(nsplit), CHUNK=chunk, BLOCK=block, NOISE=mode, PAIR=pairs == 2, num_warps=_NUM_WARPS,
+        SPLIT_P2=next_pow2(nsplit), CHUNK=chunk, BLOCK=block, NOISE=mode, PAIR=pairs == 2, num_warps=_NUM_WARPS,
     )
     return dz, dscales
-
-
-def triton_next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def triton_sphere_noise(seeds: torch.Tensor, shape: tuple[int, ...] | torch.Size, stream: int = 0) -> torch.Tensor:
@@ -209,7 +206,7 @@ def triton_sphere_noise(seeds: torch.Tensor, shape: tuple[int, ...] | torch.Size
 
     seeds = check_seeds(seeds)
     length = math.prod(shape)
-    block = min(4096, triton_next_pow2(length))
+    block = min(4096, next_pow2(length))
     out = torch.empty((seeds.shape[0], length), dtype=torch.float32, device=seeds.device)
     _noise_kernel[(seeds.shape[0], -(-length // block))](seeds, out, length, check_stream(stream) * length, BLOCK=block)
     return out.view(seeds.shape[0], *shape)
