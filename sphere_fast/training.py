@@ -1,12 +1,27 @@
-"""Training step pieces of spec section 4."""
+"""Training with the paper's recipe (spec section 4): the loss of one step, the optimiser schedule, EMA,
+DistributedDataParallel under torchrun, and the training loop with checkpoints."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import dataclasses
+import json
 import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
 
 from sphere_fast import ops
+
+# ---- noise levels --------------------------------------------------------------------------------
 
 
 def stratified_radii(batch: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> torch.Tensor:
@@ -19,21 +34,439 @@ def stratified_radii(batch: int, device: torch.device | str = "cpu", generator: 
     return r[torch.randperm(batch, device=device, generator=generator)]
 
 
-def noise_scales(model: torch.nn.Module, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def noise_scales(
+    model: nn.Module, batch: int, device: torch.device, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(r_big, r_small) per sample, times sigma_max: the hard-case rule and the second stratified draw."""
     sigma = model.sigma_max
-    r = stratified_radii(batch, device)
+    r = stratified_radii(batch, device, generator)
     r_big = r
     if model.mix_hard_cases:
-        s = torch.rand(batch, device=device)
+        s = torch.rand(batch, device=device, generator=generator)
         # the same s picks and sizes the hard cases (kept from the official code)
         r_mix = 1 + s * (math.tan(math.radians(model.mix_hard_cases_max_angle)) / sigma - 1)
         r_big = torch.where(s > model.mix_hard_cases_prob, r, r_mix)
-    r_small = r * stratified_radii(batch, device) * 0.5
+    r_small = r * stratified_radii(batch, device, generator) * 0.5
     return r_big * sigma, r_small * sigma
 
 
-def noisy_latent_pair(model: torch.nn.Module, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def noisy_latent_pair(model: nn.Module, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(v_big, v_small) = f(f(z) + s*e) at the two noise levels, one shared e, one fused op."""
     big, small = noise_scales(model, z.shape[0], z.device)
     return ops.spherify_noise_pair(z, big, small, noise=torch.randn_like(z))
+
+
+# ---- losses ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """(w_rd, w_rp, w_cd, w_cp, w_lat): pixel reconstruction distance / perceptual, pixel consistency
+    distance / perceptual, latent consistency."""
+
+    recon_dist: float
+    recon_perc: float
+    con_dist: float
+    con_perc: float
+    latent: float
+
+
+LOSS_PRESETS: dict[str, LossWeights] = {
+    "cifar10": LossWeights(1.0, 1.0, 0.5, 0.5, 0.1),
+    "af-of": LossWeights(25.0, 1.0, 1.0, 1.0, 0.1),  # Animal-Faces and Oxford-Flowers
+    "imagenet": LossWeights(50.0, 1.0, 25.0, 1.0, 0.1),
+}
+
+
+def loss_weights(spec: str | Mapping[str, float] | LossWeights) -> LossWeights:
+    """A preset name (``LOSS_PRESETS``), a dict with the five ``LossWeights`` fields, or LossWeights."""
+    if isinstance(spec, LossWeights):
+        return spec
+    if isinstance(spec, str):
+        if spec not in LOSS_PRESETS:
+            raise ValueError(f"loss weights preset must be one of {sorted(LOSS_PRESETS)} or a dict, got {spec!r}")
+        return LOSS_PRESETS[spec]
+    names = [f.name for f in dataclasses.fields(LossWeights)]
+    if not isinstance(spec, Mapping) or set(spec) != set(names):
+        raise ValueError(f"custom loss weights need exactly the keys {names}, got {spec!r}")
+    values = {k: float(v) for k, v in spec.items()}
+    if not all(math.isfinite(v) and v >= 0 for v in values.values()):
+        raise ValueError(f"loss weights must be finite and >= 0, got {values}")
+    return LossWeights(**values)
+
+
+def smooth_l1_per_sample(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """[B] mean Huber distance (beta 1) between images in [0, 1] (equals 0.5*MSE there)."""
+    return F.smooth_l1_loss(pred, target, reduction="none", beta=1.0).flatten(1).mean(1)
+
+
+def latent_cosine_per_sample(u: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """[B] 1 - cosine similarity of the flattened latents (eps 1e-6)."""
+    return 1 - F.cosine_similarity(u.flatten(1), z.flatten(1), dim=1, eps=1e-6)
+
+
+class PerceptualLoss(nn.Module):
+    """perc = (LPIPS-VGG16 + 0.1 * MSE of ConvNeXt-Small ImageNet logits at 224 px) / 1.1, frozen.
+
+    Needs pretrained weight files (no network access is assumed): ``torch.load``-able state_dicts of
+    torchvision's ``vgg16`` and ``convnext_small`` and the ``lpips`` package's ``vgg.pth`` linear
+    layers. The networks themselves are not bundled in sphere_fast: pass ``networks``, a callable
+    building (lpips_vgg, convnext) modules from the three state_dicts, e.g. wrapping the ``lpips`` and
+    ``torchvision`` packages where they import."""
+
+    def __init__(self, lpips_vgg: nn.Module, convnext: nn.Module):
+        super().__init__()
+        self.lpips_vgg = lpips_vgg.eval().requires_grad_(False)
+        self.convnext = convnext.eval().requires_grad_(False)
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+
+    @classmethod
+    def from_files(
+        cls,
+        paths: Mapping[str, str | os.PathLike] | None,
+        networks: Callable[[dict, dict, dict], tuple[nn.Module, nn.Module]] | None = None,
+    ) -> PerceptualLoss:
+        need = ("vgg16", "lpips", "convnext_small")
+        missing = [k for k in need if not paths or not paths.get(k)]
+        if missing:
+            raise ValueError(
+                f"the perceptual loss needs local weight files for {need}; missing {missing}. Give their paths "
+                "(e.g. --perceptual-weights vgg16=vgg16.pth lpips=vgg.pth convnext_small=convnext_small.pth) "
+                "or set the perceptual loss weights to 0"
+            )
+        absent = [f"{k}={paths[k]}" for k in need if not Path(paths[k]).is_file()]
+        if absent:
+            raise FileNotFoundError(f"perceptual loss weight files not found: {absent}")
+        if networks is None:
+            raise NotImplementedError(
+                "sphere_fast does not bundle the LPIPS-VGG16 and ConvNeXt-Small networks; pass networks= "
+                "(a callable building them from the loaded state_dicts) to PerceptualLoss.from_files"
+            )
+        states = [torch.load(paths[k], map_location="cpu", weights_only=True) for k in need]
+        return cls(*networks(*states))
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """[B] perceptual distance between images in [0, 1]."""
+        lp = self.lpips_vgg(pred * 2 - 1, target * 2 - 1).flatten(1).mean(1)  # LPIPS takes [-1, 1]
+
+        def logits(img: torch.Tensor) -> torch.Tensor:
+            img = F.interpolate(img, size=(224, 224), mode="bilinear", align_corners=False)
+            return self.convnext((img - self.mean) / self.std)
+
+        return (lp + 0.1 * (logits(pred) - logits(target)).square().mean(1)) / 1.1
+
+
+class SphereLoss(nn.Module):
+    """One training step's loss (spec section 4), as a module so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: nn.Module, weights: LossWeights, perceptual: PerceptualLoss | None = None):
+        super().__init__()
+        if perceptual is None and (weights.recon_perc or weights.con_perc):
+            raise ValueError(
+                f"loss weights {weights} use the perceptual loss but no perceptual network was given; load it "
+                "with PerceptualLoss.from_files or set recon_perc and con_perc to 0"
+            )
+        self.model = model
+        self.weights = weights
+        # a plain attribute: frozen, so DDP has nothing to broadcast or reduce for it
+        self.__dict__["perceptual"] = perceptual
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor | None,
+        scale_big: torch.Tensor,
+        scale_small: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        seeds: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(total loss, per-term batch means detached). ``noise`` [B, N, C] or ``seeds`` [B] give e."""
+        m, w, b = self.model, self.weights, x.shape[0]
+        z = m.encoder(x, y)
+        z_clean = z.detach()
+        v_big, v_small = ops.spherify_noise_pair(z, scale_big, scale_small, noise=noise, seeds=seeds)
+        if m.use_pix_con:
+            out = m.decoder(torch.cat([v_big, v_small]), None if y is None else torch.cat([y, y]))
+            x_big, x_small = out[:b], out[b:]
+        else:  # the official single-output variant: the big-noise image is the reconstruction
+            x_big = x_small = m.decoder(v_big, y)
+        # losses in fp32 on [0, 1] images
+        target, small, big = (t.float() * 0.5 + 0.5 for t in (x, x_small, x_big))
+        terms = {"recon": smooth_l1_per_sample(small, target)}
+        total = w.recon_dist * terms["recon"].mean()
+        if m.use_pix_con:
+            terms["pix_con"] = smooth_l1_per_sample(big, small.detach())
+            total = total + w.con_dist * terms["pix_con"].mean()
+        if self.perceptual is not None:
+            terms["recon_perc"] = self.perceptual(small, target)
+            total = total + w.recon_perc * terms["recon_perc"].mean()
+            if m.use_pix_con:
+                terms["pix_con_perc"] = self.perceptual(big, small.detach())
+                total = total + w.con_perc * terms["pix_con_perc"].mean()
+        if m.use_lat_con:
+            u_big = m.encoder(x_big, y)  # not detached: the gradient reaches D and E
+            terms["lat_con"] = latent_cosine_per_sample(u_big.float(), z_clean.float())
+            total = total + w.latent * terms["lat_con"].mean()
+        return total, {k: v.detach().mean() for k, v in terms.items()}
+
+
+# ---- optimiser, schedule, EMA -------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """The recipe's knobs. Learning rates are per 256 images of global batch (scaled linearly)."""
+
+    global_batch: int = 256
+    total_steps: int = 1000
+    warmup_steps: int = 100
+    base_lr: float = 1e-4
+    min_lr: float = 1e-6
+    encoder_lr_scale: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9997
+    loss_weights: str | dict[str, float] = "cifar10"
+    perceptual_weights: dict[str, str] | None = None
+    autocast: str = "auto"  # "auto": bf16 on CUDA, fp32 on CPU; "bf16"; "off"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("global_batch", "total_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
+        if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps <= self.total_steps:
+            raise ValueError(f"warmup_steps must be an int in [0, total_steps], got {self.warmup_steps!r}")
+        for name in ("base_lr", "min_lr", "encoder_lr_scale", "weight_decay", "grad_clip", "ema_decay"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if not self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be < 1, got {self.ema_decay}")
+        if self.autocast not in ("auto", "bf16", "off"):
+            raise ValueError(f"autocast must be 'auto', 'bf16' or 'off', got {self.autocast!r}")
+        self.betas = tuple(self.betas)
+        loss_weights(self.loss_weights)
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    """Decoder lr at ``step``: linear warmup to base_lr*B/256, then cosine down to min_lr*B/256."""
+    scale = config.global_batch / 256
+    peak, floor = config.base_lr * scale, config.min_lr * scale
+    if step < config.warmup_steps:
+        return peak * (step + 1) / config.warmup_steps
+    span = max(1, config.total_steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+
+def init_distributed() -> DistInfo:
+    """Join the torchrun process group (NCCL on GPUs, gloo on CPU); a plain run is rank 0 of 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return DistInfo()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Optimiser, schedule, EMA and (under torchrun) DDP around a SphereEncoder.
+
+    ``train_step(x, y)`` draws the noise levels (per process: one r = 0 and one r = 1 in each
+    process's batch) and per-sample noise seeds from torch's global RNG, which the checkpoint saves;
+    tests inject ``scales`` and ``noise`` instead to make runs comparable across process counts.
+    ``perceptual`` is a ready PerceptualLoss; without it one is loaded from config.perceptual_weights
+    when the loss weights use it."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig,
+        device: torch.device | str | None = None,
+        dist_info: DistInfo | None = None,
+        perceptual: PerceptualLoss | None = None,
+    ):
+        self.config = config
+        self.dist = dist_info or DistInfo()
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        self.model = model.to(self.device).train()
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        weights = loss_weights(config.loss_weights)
+        if perceptual is None and (weights.recon_perc or weights.con_perc):
+            perceptual = PerceptualLoss.from_files(config.perceptual_weights)
+        perceptual = None if perceptual is None else perceptual.to(self.device)
+        self.loss = SphereLoss(self.model, weights, perceptual)
+        self.engine: nn.Module = self.loss
+        if self.dist.world_size > 1:
+            ids = [self.dist.local_rank] if self.device.type == "cuda" else None
+            self.engine = nn.parallel.DistributedDataParallel(self.loss, device_ids=ids)
+        encoder = [p for p in self.model.encoder.parameters() if p.requires_grad]
+        decoder = [p for p in self.model.decoder.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": encoder, "lr_scale": config.encoder_lr_scale}, {"params": decoder, "lr_scale": 1.0}],
+            lr=learning_rate(0, config),
+            betas=config.betas,
+            weight_decay=config.weight_decay,
+        )
+        self.step = 0
+        use_bf16 = config.autocast == "bf16" or (config.autocast == "auto" and self.device.type == "cuda")
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+
+    def train_step(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor | None,
+        *,
+        scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> dict[str, float]:
+        """One optimiser step on this process's batch; returns the losses before the update, the lr
+        and the gradient norm (losses averaged over processes)."""
+        x = x.to(self.device, non_blocking=True)
+        y = None if y is None else y.to(self.device, non_blocking=True)
+        lr = learning_rate(self.step, self.config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        if scales is None:
+            scales = noise_scales(self.model, x.shape[0], self.device)
+        seeds = None
+        if noise is None:  # e is generated from per-sample seeds inside the fused op
+            seeds = torch.randint(0, 2**62, (x.shape[0],), dtype=torch.int64, device=self.device)
+        with self.autocast():
+            total, terms = self.engine(x, y, scales[0], scales[1], noise, seeds)
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.update_ema()
+        self.step += 1
+        logged = torch.stack([total.detach(), *terms.values()])
+        if self.dist.world_size > 1:
+            dist.all_reduce(logged)
+            logged /= self.dist.world_size
+        out = dict(zip(["loss", *terms], logged.tolist()))
+        return {**out, "lr": lr, "grad_norm": float(grad_norm)}
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        ema = list(self.ema.parameters())
+        torch._foreach_lerp_(ema, list(self.model.parameters()), 1 - self.config.ema_decay)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything but the live weights: step, optimiser, EMA weights, this process's RNG, config."""
+        return {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "ema": self.ema.state_dict(),
+            "rng": rng_state(),
+            "train_config": dataclasses.asdict(self.config),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.ema.load_state_dict(state["ema"])
+        set_rng_state(state["rng"])
+
+
+# ---- the training loop --------------------------------------------------------------------------
+
+
+@dataclass
+class RunConfig:
+    """A whole run: model constructor arguments, recipe, data and output options."""
+
+    model: dict[str, Any]
+    train: TrainConfig
+    data: str = "fashion-mnist"
+    out: str = "outputs/run"
+    checkpoint_every: int = 500
+    log_every: int = 10
+    workers: int = 1
+    synthetic_fallback: bool = True
+
+
+def fit(run: RunConfig, *, resume: bool = True, progress: bool = True) -> Trainer:
+    """Train ``run`` to ``run.train.total_steps``, resuming from ``out/checkpoints`` when present;
+    losses go to ``out/losses.jsonl`` (one line per step) and checkpoints to ``out/checkpoints``."""
+    from tqdm import tqdm
+
+    from sphere_fast.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from sphere_fast.data import make_loader, open_dataset, random_hflip
+    from sphere_fast.model import SphereEncoder
+
+    info = init_distributed()
+    cfg = run.train
+    if cfg.global_batch % info.world_size:
+        raise ValueError(f"global_batch {cfg.global_batch} is not divisible by the {info.world_size} processes")
+    device = torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(cfg.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
+    model = SphereEncoder(**run.model)
+    dataset = open_dataset(run.data, model.input_size, synthetic_fallback=run.synthetic_fallback)
+    if model.num_classes and getattr(dataset, "num_classes", model.num_classes) > model.num_classes:
+        raise ValueError(f"the data has {dataset.num_classes} classes but the model only {model.num_classes}")
+    trainer = Trainer(model, cfg, device, info)
+    out = Path(run.out)
+    ckpt_dir = out / "checkpoints"
+    last = latest_checkpoint(ckpt_dir) if resume else None
+    if last is not None:
+        load_checkpoint(last, trainer=trainer)
+    else:
+        torch.manual_seed(cfg.seed + 1000 * info.rank)  # per-process noise, flips and label dropout
+    loader = make_loader(
+        dataset, cfg.global_batch // info.world_size, rank=info.rank, world_size=info.world_size,
+        seed=cfg.seed, start_step=trainer.step, workers=run.workers,
+    )
+    log_path = out / "losses.jsonl"
+    if info.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run_config.json").write_text(json.dumps(dataclasses.asdict(run), indent=1))
+        kept = [l for l in log_path.read_text().splitlines() if json.loads(l)["step"] < trainer.step] if log_path.exists() else []
+        log_path.write_text("".join(l + "\n" for l in kept))
+    bar = tqdm(total=cfg.total_steps, initial=trainer.step, desc="train", disable=not progress or info.rank != 0, dynamic_ncols=True)
+    batches = iter(loader)
+    with open(log_path, "a") if info.rank == 0 else contextlib.nullcontext() as log:
+        while trainer.step < cfg.total_steps:
+            x, y = next(batches)
+            x = random_hflip(x)
+            losses = trainer.train_step(x, y if model.num_classes else None)
+            if log is not None:
+                log.write(json.dumps({"step": trainer.step - 1, **losses}) + "\n")
+                if trainer.step % run.log_every == 0:
+                    log.flush()
+                    bar.set_postfix(loss=f"{losses['loss']:.4f}", lr=f"{losses['lr']:.2e}")
+            bar.update(1)
+            if trainer.step % run.checkpoint_every == 0 or trainer.step == cfg.total_steps:
+                if log is not None:
+                    log.flush()
+                save_checkpoint(ckpt_dir, model, trainer=trainer, run_config=dataclasses.asdict(run))
+    bar.close()
+    return trainer

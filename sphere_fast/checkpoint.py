@@ -1,0 +1,257 @@
+"""Checkpoints: one folder per save, written atomically.
+
+    <dir>/step-00000500/model.safetensors   live weights, official key names, config in the metadata
+                        ema.safetensors     EMA weights (training checkpoints)
+                        trainer_state.pt    step, optimiser state, every process's RNG state
+                        config.json         model constructor arguments (+ the run config)
+                        manifest.json       format tag, step and the SHA-256 of every file above
+    <dir>/latest                            name of the newest complete checkpoint
+
+A save writes a hidden temporary folder, fsyncs it, renames it into place and only then repoints
+``latest`` (write + os.replace), so a process killed during a save leaves the previous checkpoint
+intact. Loading checks the manifest's hashes and the model config before touching any weights."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from sphere_fast.model import SphereEncoder
+
+if TYPE_CHECKING:
+    from sphere_fast.training import Trainer
+
+FORMAT = "sphere_fast-checkpoint/1"
+MODEL_FILE, EMA_FILE, STATE_FILE, CONFIG_FILE, MANIFEST_FILE = (
+    "model.safetensors", "ema.safetensors", "trainer_state.pt", "config.json", "manifest.json",
+)
+LATEST = "latest"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_safetensors(state: Mapping[str, torch.Tensor], path: Path, config: Mapping[str, Any]) -> None:
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    save_file(tensors, str(path), metadata={"format": FORMAT, "config": json.dumps(config)})
+
+
+def _replace_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    directory: str | Path,
+    model: SphereEncoder,
+    *,
+    trainer: Trainer | None = None,
+    run_config: Mapping[str, Any] | None = None,
+    name: str | None = None,
+    keep: int = 2,
+) -> Path | None:
+    """Save under ``directory/name`` (default ``step-<step>``) and point ``latest`` at it; keep the
+    newest ``keep`` checkpoints. Under torchrun every process must call it (RNG states are gathered);
+    rank 0 writes and returns the path, the others return None."""
+    directory = Path(directory)
+    state = trainer.state_dict() if trainer is not None else None
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    rank = dist.get_rank() if distributed else 0
+    if state is not None:
+        rngs = [state["rng"]]
+        if distributed:
+            rngs = [None] * dist.get_world_size()
+            dist.all_gather_object(rngs, state["rng"])
+        state["rng"] = rngs
+    if rank != 0:
+        dist.barrier()
+        return None
+    step = trainer.step if trainer is not None else 0
+    name = name or f"step-{step:08d}"
+    final = directory / name
+    tmp = directory / f".tmp-{name}-{os.getpid()}"
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob(".tmp-*"):  # left by a save that was killed (only rank 0 writes here)
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir()
+    config = {"model": model.config, "run": dict(run_config) if run_config is not None else None}
+    _write_safetensors(model.state_dict(), tmp / MODEL_FILE, model.config)
+    files = [MODEL_FILE, CONFIG_FILE]
+    if state is not None:
+        _write_safetensors(state.pop("ema"), tmp / EMA_FILE, model.config)
+        torch.save(state, tmp / STATE_FILE)
+        files += [EMA_FILE, STATE_FILE]
+    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+    for f in files:
+        _fsync(tmp / f)
+    manifest = {"format": FORMAT, "step": step, "files": {f: sha256_file(tmp / f) for f in files}}
+    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+    _fsync(tmp / MANIFEST_FILE)
+    if final.exists():  # re-saving the same name: move the old one aside first
+        old = directory / f".old-{name}-{os.getpid()}"
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, final)
+    _fsync(directory)
+    _replace_text(directory / LATEST, name + "\n")
+    _prune(directory, keep, current=name)
+    if distributed:
+        dist.barrier()
+    return final
+
+
+def _prune(directory: Path, keep: int, current: str) -> None:
+    saved = sorted(p for p in directory.glob("step-*") if (p / MANIFEST_FILE).exists())
+    for p in saved[: max(0, len(saved) - keep)]:
+        if p.name != current:
+            shutil.rmtree(p)
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    """The checkpoint ``directory/latest`` names, or None when there is none yet."""
+    pointer = Path(directory) / LATEST
+    if not pointer.exists():
+        return None
+    path = Path(directory) / pointer.read_text().strip()
+    if not (path / MANIFEST_FILE).exists():
+        raise ValueError(f"{pointer} names {path.name}, which is not a complete checkpoint (no {MANIFEST_FILE})")
+    return path
+
+
+def verify_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The manifest of a checkpoint folder after checking its format and every file's SHA-256."""
+    path = Path(path)
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.exists():
+        raise ValueError(f"{path} is not a sphere_fast checkpoint: no {MANIFEST_FILE} (an interrupted save leaves none)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{manifest_path} is corrupt: {err}") from None
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: unsupported checkpoint format {manifest.get('format')!r}, expected {FORMAT!r}")
+    for f, digest in manifest["files"].items():
+        if not (path / f).exists():
+            raise ValueError(f"checkpoint {path} is incomplete: {f} is missing")
+        actual = sha256_file(path / f)
+        if actual != digest:
+            raise ValueError(f"checkpoint {path} is corrupt: {f} has SHA-256 {actual[:16]}..., the manifest says {digest[:16]}...")
+    return manifest
+
+
+def _resolve(path: str | Path) -> Path:
+    """A checkpoint folder, or a run's checkpoint folder holding ``latest``."""
+    path = Path(path)
+    if (path / LATEST).exists() and not (path / MANIFEST_FILE).exists():
+        found = latest_checkpoint(path)
+        assert found is not None
+        return found
+    if (path / "checkpoints" / LATEST).exists():
+        return _resolve(path / "checkpoints")
+    return path
+
+
+def _check_config(model: SphereEncoder, saved: Mapping[str, Any], where: Path) -> None:
+    diff = {k: (saved.get(k), v) for k, v in model.config.items() if saved.get(k) != v}
+    if diff or set(saved) - set(model.config):
+        detail = ", ".join(f"{k}: checkpoint {a!r} vs model {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"checkpoint {where} was saved for a different model config ({detail or sorted(set(saved) - set(model.config))})")
+
+
+def load_checkpoint(
+    path: str | Path, model: SphereEncoder | None = None, *, trainer: Trainer | None = None, ema: bool = False
+) -> tuple[SphereEncoder, dict[str, Any]]:
+    """Load weights (``ema`` picks the EMA weights) into ``model`` (built from the saved config when
+    None) and, with ``trainer``, its optimiser, EMA, step and RNG state. Returns (model, config.json)."""
+    path = _resolve(path)
+    verify_checkpoint(path)
+    config = json.loads((path / CONFIG_FILE).read_text())
+    if trainer is not None:
+        model = trainer.model
+    if model is None:
+        model = SphereEncoder(**config["model"])
+    _check_config(model, config["model"], path)
+    if ema and not (path / EMA_FILE).exists():
+        raise ValueError(f"checkpoint {path} holds no EMA weights")
+    model.load_state_dict(load_file(str(path / (EMA_FILE if ema else MODEL_FILE))))
+    if trainer is not None:
+        if not (path / STATE_FILE).exists():
+            raise ValueError(f"checkpoint {path} holds weights only (no trainer state): it cannot resume training")
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        rngs = state["rng"]
+        if len(rngs) != trainer.dist.world_size:
+            raise ValueError(f"checkpoint {path} was written by {len(rngs)} processes; resuming exactly needs the same number, got {trainer.dist.world_size}")
+        state["rng"] = rngs[trainer.dist.rank]
+        state["ema"] = load_file(str(path / EMA_FILE))
+        trainer.load_state_dict(state)
+    return model, config
+
+
+# ---- official .pth checkpoints ------------------------------------------------------------------
+
+
+def read_official(path: str | Path, key: str = "model") -> dict[str, torch.Tensor]:
+    """The state_dict of an official ``.pth``: a plain state_dict or a dict holding it under ``key``."""
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+        obj = obj[key]
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path} is neither a state_dict nor a dict with a state_dict under {key!r}")
+    state = dict(obj)
+    for prefix in ("module.", "_orig_mod."):  # saved from DDP / torch.compile wrappers
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def official_to_checkpoint(pth: str | Path, out: str | Path, model_config: Mapping[str, Any], key: str = "model") -> Path:
+    """Convert an official ``.pth`` to a weights-only sphere_fast checkpoint folder under ``out``."""
+    model = SphereEncoder(**model_config)
+    model.load_state_dict(read_official(pth, key))
+    path = save_checkpoint(out, model, name="converted")
+    assert path is not None
+    return path
+
+
+def checkpoint_to_official(path: str | Path, out: str | Path) -> Path:
+    """Write ``{"model": state_dict[, "ema": state_dict]}`` with official keys, loadable by the official code."""
+    path = _resolve(path)
+    verify_checkpoint(path)
+    with torch.device("meta"):  # only for the official key order (safetensors stores keys sorted)
+        order = list(SphereEncoder(**json.loads((path / CONFIG_FILE).read_text())["model"]).state_dict())
+    state = {}
+    for key, f in (("model", MODEL_FILE), ("ema", EMA_FILE)):
+        if (path / f).exists():
+            tensors = load_file(str(path / f))
+            state[key] = {k: tensors[k] for k in order}
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,378 @@
+"""The ``sphere-fast`` command: train, sample, reconstruct, interpolate, crossover, manipulate, convert, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Training presets: model constructor arguments + recipe. "fashion-mnist-demo" is the few-minute CPU
+# job of the README: 28 px garments centred on 32 px, patch 8 (4x4 tokens x 16 channels, L = 256),
+# about 0.35 CPU-seconds a step. 1000 steps give blurry but class-typical garment silhouettes.
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    "fashion-mnist-demo": {
+        "model": {
+            "input_size": 32,
+            "patch_size": 8,
+            "vit_enc_model_size": {"width": 128, "layers": 2, "heads": 4},
+            "vit_dec_model_size": {"width": 128, "layers": 2, "heads": 4},
+            "token_channels": 16,
+            "num_classes": 10,
+            "pixel_head_type": "conv",
+            "use_pixel_consistency": True,
+            "use_latent_consistency": True,
+            "noise_sigma_max_angle": 80.0,
+            "mix_hard_cases": True,
+            "mix_hard_cases_max_angle": 85.0,
+            "vit_enc_latent_mlp_mixer_depth": 2,
+            "vit_dec_latent_mlp_mixer_depth": 2,
+        },
+        # a short run needs a far larger lr than the paper's 1e-4 per 256 and a fast EMA; no perceptual
+        # loss (its pretrained weights are not installed), otherwise the CIFAR-10 weights
+        "train": {
+            "global_batch": 64,
+            "total_steps": 1000,
+            "warmup_steps": 50,
+            "base_lr": 4e-3,
+            "min_lr": 4e-5,
+            "ema_decay": 0.99,
+            "loss_weights": {"recon_dist": 1.0, "recon_perc": 0.0, "con_dist": 0.5, "con_perc": 0.0, "latent": 0.1},
+        },
+        "data": "fashion-mnist",
+        "cfg": 1.0,
+    },
+}
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int) -> Path:
+    """Write [B, 3, H, W] images in [0, 1] as one PNG, ``nrow`` images a row, 2 px white gaps."""
+    from PIL import Image
+
+    b, _, h, w = images.shape
+    rows = -(-b // nrow)
+    canvas = torch.ones(3, rows * (h + 2) + 2, nrow * (w + 2) + 2)
+    for i, img in enumerate(images.float().clamp(0, 1).cpu()):
+        r, c = divmod(i, nrow)
+        canvas[:, 2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + c * (w + 2) : 2 + c * (w + 2) + w] = img
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((canvas.permute(1, 2, 0) * 255).round().byte().numpy()).save(path)
+    return path
+
+
+def plot_losses(log_path: str | Path, png: str | Path) -> Path:
+    """Loss curves (total and each term, raw and smoothed) of a ``losses.jsonl`` on a log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    if not rows:
+        raise ValueError(f"{log_path} holds no losses to plot")
+    steps = [r["step"] for r in rows]
+    keys = [k for k in rows[0] if k not in ("step", "lr", "grad_norm")]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    window = max(1, len(rows) // 30)
+    lowest = []
+    for k in keys:
+        vals = torch.tensor([r[k] for r in rows], dtype=torch.float64)
+        smooth = vals.unfold(0, window, 1).mean(1)
+        line, = ax.plot(steps[window - 1 :], smooth.tolist(), label=k)
+        ax.plot(steps, vals.tolist(), color=line.get_color(), alpha=0.2, linewidth=0.7)
+        lowest.append(smooth[len(smooth) // 10 :].min().item())
+    ax.set_yscale("log")
+    # terms that start at exactly 0 (the consistency loss of a zero-initialised model) would squash the plot
+    ax.set_ylim(bottom=max(min(lowest) / 2, 1e-12))
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (batch mean)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+    return Path(png)
+
+
+def class_grid(model: torch.nn.Module, per_class: int, *, steps: int, cfg: float, seed: int) -> tuple[torch.Tensor, int]:
+    """Samples with one row per class (or a square grid when unconditional); (images, images a row)."""
+    from sphere_fast.sampling import sample
+
+    if model.num_classes:
+        rows = min(model.num_classes, 16)
+        y = torch.arange(rows).repeat_interleave(per_class)
+        nrow = per_class
+    else:
+        y, nrow = None, per_class
+        rows = per_class
+    n = rows * per_class
+    seeds = torch.arange(n, dtype=torch.int64) + (seed or 0) * 1_000_003
+    y = None if y is None else y.to(next(model.parameters()).device)
+    _, images = sample(model, n, y=y, cfg=cfg, steps=steps, seeds=seeds)
+    return images, nrow
+
+
+def load_model(args: argparse.Namespace) -> torch.nn.Module:
+    """A model from --checkpoint (EMA weights with --ema) or, at random init, from --preset."""
+    from sphere_fast.checkpoint import load_checkpoint
+    from sphere_fast.model import PRESETS, SphereEncoder
+
+    if args.checkpoint:
+        model, _ = load_checkpoint(args.checkpoint, ema=args.ema)
+    elif args.preset in TRAIN_PRESETS:
+        torch.manual_seed(args.seed)
+        model = SphereEncoder(**TRAIN_PRESETS[args.preset]["model"])
+    elif args.preset in PRESETS:
+        torch.manual_seed(args.seed)
+        model = SphereEncoder.from_preset(args.preset)
+    else:
+        raise SystemExit(f"give --checkpoint or --preset (one of {sorted([*TRAIN_PRESETS, *PRESETS])})")
+    return model.to(args.device).eval()
+
+
+# ---- commands -----------------------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from sphere_fast.training import RunConfig, TrainConfig, fit
+
+    preset = TRAIN_PRESETS[args.preset]
+    model_cfg = {**preset["model"], **json.loads(args.model_config or "{}")}
+    overrides = {"total_steps": args.steps, "global_batch": args.batch_size, "base_lr": args.lr, "seed": args.seed,
+                 "autocast": args.autocast, "warmup_steps": args.warmup}
+    train_cfg = {**preset["train"], **{k: v for k, v in overrides.items() if v is not None}}
+    if args.perceptual_weights:
+        train_cfg["perceptual_weights"] = dict(kv.split("=", 1) for kv in args.perceptual_weights)
+    if args.loss_weights:
+        train_cfg["loss_weights"] = json.loads(args.loss_weights) if args.loss_weights.startswith("{") else args.loss_weights
+    if args.steps is not None and args.warmup is None:
+        train_cfg["warmup_steps"] = min(train_cfg["warmup_steps"], args.steps)
+    run = RunConfig(
+        model=model_cfg,
+        train=TrainConfig(**train_cfg),
+        data=args.data or preset["data"],
+        out=args.out,
+        checkpoint_every=args.checkpoint_every,
+        workers=args.workers,
+        synthetic_fallback=not args.no_synthetic_fallback,
+    )
+    start = time.perf_counter()
+    trainer = fit(run, resume=not args.no_resume)
+    if trainer.dist.rank != 0:
+        return 0
+    out = Path(args.out)
+    print(f"trained {trainer.step} steps in {time.perf_counter() - start:.0f} s")
+    print(f"loss curve: {plot_losses(out / 'losses.jsonl', out / 'loss.png')}")
+    if args.sample_steps:
+        model = trainer.ema
+        for steps in args.sample_steps:
+            images, nrow = class_grid(model, args.per_class, steps=steps, cfg=preset["cfg"], seed=args.seed)
+            print(f"samples ({steps} step{'s' * (steps > 1)}): {save_grid(images, out / f'samples_{steps}step.png', nrow)}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    model = load_model(args)
+    images, nrow = class_grid(model, args.per_class, steps=args.steps, cfg=args.cfg, seed=args.seed)
+    print(save_grid(images, args.out, nrow))
+    return 0
+
+
+def _editing():
+    try:
+        from sphere_fast import editing
+    except ImportError as err:
+        raise SystemExit(f"this command needs sphere_fast.editing, which is not available here ({err})") from None
+    return editing
+
+
+def _read_images(paths: Sequence[str], size: int, device: str) -> torch.Tensor:
+    from PIL import Image
+
+    from sphere_fast.data import resize_center_crop, to_tensor
+
+    out = []
+    for p in paths:
+        with Image.open(p) as img:
+            out.append(to_tensor(resize_center_crop(img, size)) * 0.5 + 0.5)
+    return torch.stack(out).to(device)  # [0, 1], what sphere_fast.editing takes
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    editing, model = _editing(), load_model(args)
+    x = _read_images(args.images, model.input_size, args.device)
+    out = editing.reconstruct_images(model, x)
+    print(save_grid(torch.cat([x, out]), args.out, len(args.images)))
+    return 0
+
+
+def cmd_interpolate(args: argparse.Namespace) -> int:
+    editing, model = _editing(), load_model(args)
+    seeds = torch.tensor(args.seeds if args.seeds else [args.seed + i for i in range(4)], dtype=torch.int64)
+    labels = torch.tensor(args.labels, dtype=torch.long) if args.labels else None
+    images = editing.interpolate(model, seeds, labels, rows=args.rows, cols=args.cols, method=args.method, steps=args.steps, cfg=args.cfg)
+    print(save_grid(images.flatten(0, 1), args.out, args.cols))
+    return 0
+
+
+def cmd_crossover(args: argparse.Namespace) -> int:
+    editing, model = _editing(), load_model(args)
+    a, b = _read_images([args.first, args.second], model.input_size, args.device)
+    composite, steps = editing.crossover(model, a[None], b[None], args.mask, swap=args.swap, steps=args.steps)
+    row = [a[None], b[None], composite, *steps[1:]]
+    print(save_grid(torch.cat(row), args.out, len(row)))
+    return 0
+
+
+def cmd_manipulate(args: argparse.Namespace) -> int:
+    editing, model = _editing(), load_model(args)
+    x = _read_images(args.images, model.input_size, args.device)
+    steps = editing.manipulate(model, x, args.target_class, steps=args.steps, noise_scaler=args.noise_scaler)
+    # one column per input image: the input, then each step's image below it
+    print(save_grid(torch.stack(steps).flatten(0, 1), args.out, x.shape[0]))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from sphere_fast.checkpoint import checkpoint_to_official, official_to_checkpoint
+    from sphere_fast.model import PRESETS
+
+    if args.to_official:
+        print(checkpoint_to_official(args.source, args.dest))
+        return 0
+    if args.config:
+        text = args.config.strip()
+        config = json.loads(text if text.startswith("{") else Path(text).read_text())
+    elif args.preset in PRESETS:
+        config = PRESETS[args.preset]["config"]
+    elif args.preset in TRAIN_PRESETS:
+        config = TRAIN_PRESETS[args.preset]["model"]
+    else:
+        raise SystemExit("converting an official .pth needs the model config: --preset NAME or --config JSON")
+    print(official_to_checkpoint(args.source, args.dest, config, key=args.key))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    root = Path(__file__).resolve().parents[1]
+    script = root / "benchmarks" / "gpu_check.sh"
+    if not script.exists():
+        print(f"the benchmark runner {script} is not in this installation (it ships with the source tree)")
+        return 2
+    return subprocess.call(["bash", str(script), args.out])
+
+
+# ---- argument parsing ---------------------------------------------------------------------------
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", help="a checkpoint folder or a run folder (uses its latest checkpoint)")
+    p.add_argument("--preset", default="fashion-mnist-demo", help="model preset at random init when no --checkpoint")
+    p.add_argument("--ema", action="store_true", help="use the EMA weights of the checkpoint")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sphere-fast", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train (under torchrun: DDP), then plot losses and write sample grids")
+    p.add_argument("--preset", default="fashion-mnist-demo", choices=sorted(TRAIN_PRESETS))
+    p.add_argument("--data", help="fashion-mnist, synthetic, an image folder or a .jsonl list (default: the preset's)")
+    p.add_argument("--out", default="outputs/demo")
+    p.add_argument("--steps", type=int, help="total optimiser steps")
+    p.add_argument("--batch-size", type=int, help="global batch (split over processes)")
+    p.add_argument("--lr", type=float, help="base lr per 256 images of global batch")
+    p.add_argument("--warmup", type=int, help="warmup steps")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--autocast", choices=["auto", "bf16", "off"])
+    p.add_argument("--loss-weights", help="cifar10, af-of, imagenet or a JSON dict of the five weights")
+    p.add_argument("--perceptual-weights", nargs="+", metavar="NAME=PATH", help="vgg16=... lpips=... convnext_small=...")
+    p.add_argument("--model-config", help="JSON dict overriding model constructor arguments")
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--workers", type=int, default=1, help="DataLoader worker processes")
+    p.add_argument("--no-resume", action="store_true", help="start afresh even if OUT/checkpoints exists")
+    p.add_argument("--no-synthetic-fallback", action="store_true", help="fail instead of using synthetic data")
+    p.add_argument("--sample-steps", type=int, nargs="*", default=[1, 4], help="sample grids to write after training")
+    p.add_argument("--per-class", type=int, default=8, help="samples per class in the grids")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="write a PNG grid of samples (one row per class)")
+    _model_args(p)
+    p.add_argument("--steps", type=int, default=1, help="forward steps")
+    p.add_argument("--cfg", type=float, default=1.0)
+    p.add_argument("--per-class", type=int, default=8)
+    p.add_argument("--out", default="samples.png")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("reconstruct", help="encode and decode images (top row inputs, bottom row outputs)")
+    _model_args(p)
+    p.add_argument("images", nargs="+")
+    p.add_argument("--out", default="reconstruct.png")
+    p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("interpolate", help="interpolate between noise points (and classes)")
+    _model_args(p)
+    p.add_argument("--seeds", type=int, nargs=4, help="noise seeds of the four corners (default: seed .. seed+3)")
+    p.add_argument("--labels", type=int, nargs=4, help="classes of the four corners (default: random)")
+    p.add_argument("--rows", type=int, default=5)
+    p.add_argument("--cols", type=int, default=5)
+    p.add_argument("--method", choices=["lerp", "slerp"], default="slerp")
+    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--cfg", type=float, default=1.0)
+    p.add_argument("--out", default="interpolate.png")
+    p.set_defaults(func=cmd_interpolate)
+
+    p = sub.add_parser("crossover", help="stitch two images and let the model blend them")
+    _model_args(p)
+    p.add_argument("first")
+    p.add_argument("second")
+    p.add_argument("--mask", choices=["vertical", "horizontal", "upper_triangular", "flipped_triangular"], default="vertical")
+    p.add_argument("--swap", action="store_true")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--out", default="crossover.png")
+    p.set_defaults(func=cmd_crossover)
+
+    p = sub.add_parser("manipulate", help="move images towards a target class")
+    _model_args(p)
+    p.add_argument("images", nargs="+")
+    p.add_argument("--target-class", type=int, required=True)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--noise-scaler", type=float, default=0.25)
+    p.add_argument("--out", default="manipulate.png")
+    p.set_defaults(func=cmd_manipulate)
+
+    p = sub.add_parser("convert", help="official .pth <-> sphere_fast checkpoint folder")
+    p.add_argument("source", help="an official .pth, or with --to-official a sphere_fast checkpoint")
+    p.add_argument("dest", help="output folder (from .pth) or .pth file (with --to-official)")
+    p.add_argument("--to-official", action="store_true")
+    p.add_argument("--preset", help="model preset giving the config of the .pth")
+    p.add_argument("--config", help="model config as JSON text or a JSON file")
+    p.add_argument("--key", default="model", help="key holding the state_dict in a .pth dict (e.g. ema)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("bench", help="run the benchmark suite / GPU check (benchmarks/gpu_check.sh)")
+    p.add_argument("--out", default="bench-results")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, NotImplementedError) as err:
+        print(f"sphere-fast {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

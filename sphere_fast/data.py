@@ -1,0 +1,259 @@
+"""Training data: image folders, the official JSON-lines lists, Fashion-MNIST from Debian's files and a
+synthetic set, all as [3, S, S] float images in [-1, 1] with int labels.
+
+Preprocessing follows spec section 4: resize the short side (bicubic; nearest at <= 64 px) then center
+crop. The random horizontal flip is applied per batch by the trainer (``random_hflip``) from the
+training RNG, so a resumed run sees the same flips and worker processes stay deterministic."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+
+
+def _check_size(image_size: int) -> int:
+    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
+        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    return image_size
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL image -> [3, H, W] float in [-1, 1] (mean 0.5, std 0.5)."""
+    arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Resize the short side to ``size`` (bicubic, nearest for <= 64 px), then center crop."""
+    w, h = img.size
+    scale = size / min(w, h)
+    new = (max(size, round(w * scale)), max(size, round(h * scale)))
+    img = img.resize(new, Image.NEAREST if size <= 64 else Image.BICUBIC)
+    left, top = (new[0] - size) // 2, (new[1] - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def random_hflip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Flip each image of [B, C, H, W] left-right with probability 1/2."""
+    flip = torch.rand(x.shape[0], generator=generator, device=x.device) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+
+
+class FileListDataset(Dataset):
+    """Images from a list of (path, class_id) with a class-name table."""
+
+    def __init__(self, items: Sequence[tuple[Path, int]], class_names: Sequence[str], image_size: int):
+        if not items:
+            raise ValueError("the dataset holds no images")
+        self.items = list(items)
+        self.class_names = list(class_names)
+        self.num_classes = len(self.class_names)
+        self.image_size = _check_size(image_size)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path, label = self.items[i]
+        with Image.open(path) as img:
+            return to_tensor(resize_center_crop(img, self.image_size)), label
+
+
+def image_folder(root: str | Path, image_size: int) -> FileListDataset:
+    """``root/<class name>/<image>``: classes in sorted order get ids 0..K-1."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    items = [
+        (p, k)
+        for k, name in enumerate(classes)
+        for p in sorted((root / name).rglob("*"))
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+    ]
+    if not items:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in class subfolders of {root}")
+    return FileListDataset(items, classes, image_size)
+
+
+def jsonl_list(list_file: str | Path, image_size: int, root: str | Path | None = None) -> FileListDataset:
+    """The official list format: one JSON object a line with class_id, class_name, image_path and
+    is_absolute_path; relative paths are taken from ``root`` (default: the list file's folder)."""
+    list_file = Path(list_file)
+    base = Path(root) if root is not None else list_file.parent
+    items, names = [], {}
+    with open(list_file) as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                cid, name, path, absolute = (rec[k] for k in ("class_id", "class_name", "image_path", "is_absolute_path"))
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(
+                    f"{list_file}:{n}: expected a JSON object with class_id, class_name, image_path, "
+                    f"is_absolute_path, got {line.strip()[:120]!r} ({err})"
+                ) from None
+            if not isinstance(cid, int) or cid < 0:
+                raise ValueError(f"{list_file}:{n}: class_id must be an int >= 0, got {cid!r}")
+            if names.setdefault(cid, name) != name:
+                raise ValueError(f"{list_file}:{n}: class_id {cid} named both {names[cid]!r} and {name!r}")
+            items.append((Path(path) if absolute else base / path, cid))
+    if not items:
+        raise ValueError(f"{list_file} lists no images")
+    num_classes = max(names) + 1
+    return FileListDataset(items, [names.get(k, str(k)) for k in range(num_classes)], image_size)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as fh:
+        data = fh.read()
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    if data[2] != 0x08:
+        raise ValueError(f"{path}: expected an unsigned-byte IDX file, got type code {data[2]:#x}")
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+class FashionMNIST(Dataset):
+    """Fashion-MNIST read from the IDX files of Debian's ``dataset-fashion-mnist``. The 28 px images are
+    centred on a black canvas of ``image_size`` (padding keeps the garments undistorted); smaller sizes
+    are resized (nearest). Grey is repeated over 3 channels."""
+
+    class_names = list(FASHION_MNIST_CLASSES)
+    num_classes = 10
+
+    def __init__(self, image_size: int = 32, split: str = "train", root: str | Path | None = None):
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        prefix = "train" if split == "train" else "t10k"
+        root = Path(root) if root is not None else FASHION_MNIST_DIR
+        images, labels = root / f"{prefix}-images-idx3-ubyte.gz", root / f"{prefix}-labels-idx1-ubyte.gz"
+        if not images.exists() or not labels.exists():
+            raise FileNotFoundError(
+                f"Fashion-MNIST files not found in {root}: install the Debian package {FASHION_MNIST_PACKAGE} "
+                f"(apt-get install {FASHION_MNIST_PACKAGE}) or use the synthetic data set"
+            )
+        self.image_size = _check_size(image_size)
+        self.images = torch.from_numpy(_read_idx(images).copy())
+        self.labels = torch.from_numpy(_read_idx(labels).astype(np.int64))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        img = self.images[i].float() / 127.5 - 1.0
+        s = self.image_size
+        if s >= img.shape[-1]:
+            lo = (s - img.shape[-1]) // 2
+            img = torch.nn.functional.pad(img, (lo, s - img.shape[-1] - lo, lo, s - img.shape[-2] - lo), value=-1.0)
+        else:
+            img = torch.nn.functional.interpolate(img[None, None], size=(s, s), mode="nearest")[0, 0]
+        return img.expand(3, s, s).contiguous(), int(self.labels[i])
+
+
+class SyntheticShapes(Dataset):
+    """Deterministic coloured shapes, one shape kind and colour per class, jittered per index: learnable
+    in minutes, for tests and as the fallback when no real data is installed."""
+
+    KINDS = ("square", "disc", "bar", "cross", "ring")
+    COLOURS = ((1.0, 0.3, 0.2), (0.2, 0.6, 1.0), (0.3, 0.9, 0.3), (1.0, 0.9, 0.2))
+
+    def __init__(self, size: int = 1024, image_size: int = 32, num_classes: int = 10, seed: int = 0):
+        if not isinstance(size, int) or size < 1 or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"size and num_classes must be positive ints, got {size!r}, {num_classes!r}")
+        self.size, self.image_size, self.num_classes, self.seed = size, _check_size(image_size), num_classes, seed
+        self.class_names = [f"shape-{k}" for k in range(num_classes)]
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        label = i % self.num_classes
+        s = self.image_size
+        cy, cx = (torch.rand(2, generator=g) * 0.3 + 0.35).tolist()
+        radius = float(torch.rand((), generator=g)) * 0.1 + 0.2
+        yy, xx = torch.meshgrid(torch.linspace(0, 1, s), torch.linspace(0, 1, s), indexing="ij")
+        dy, dx = (yy - cy).abs(), (xx - cx).abs()
+        dist = (dy.square() + dx.square()).sqrt()
+        kind = self.KINDS[label % len(self.KINDS)]
+        mask = {
+            "square": torch.maximum(dy, dx) < radius,
+            "disc": dist < radius,
+            "bar": (dx < radius * 0.35) & (dy < radius * 1.3),
+            "cross": ((dx < radius * 0.3) | (dy < radius * 0.3)) & (torch.maximum(dy, dx) < radius * 1.2),
+            "ring": (dist < radius * 1.1) & (dist > radius * 0.6),
+        }[kind]
+        colour = torch.tensor(self.COLOURS[(label // len(self.KINDS)) % len(self.COLOURS)]).view(3, 1, 1)
+        return torch.where(mask, colour * 2 - 1, torch.full((3, 1, 1), -1.0)), label
+
+
+def open_dataset(spec: str, image_size: int, *, synthetic_fallback: bool = False, list_root: str | None = None) -> Dataset:
+    """``fashion-mnist``, ``synthetic``, a ``.jsonl`` list file or an image folder. With
+    ``synthetic_fallback`` a missing Fashion-MNIST install falls back to synthetic data with a warning."""
+    if spec == "synthetic":
+        return SyntheticShapes(size=4096, image_size=image_size)
+    if spec == "fashion-mnist":
+        try:
+            return FashionMNIST(image_size)
+        except FileNotFoundError as err:
+            if not synthetic_fallback:
+                raise
+            import warnings
+
+            warnings.warn(f"{err}; falling back to synthetic shapes", stacklevel=2)
+            return SyntheticShapes(size=4096, image_size=image_size)
+    if spec.endswith(".jsonl") or spec.endswith(".json"):
+        return jsonl_list(spec, image_size, root=list_root)
+    return image_folder(spec, image_size)
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """Endless batches of one rank: epoch e shuffles with seed + e, cuts global batches (dropping the
+    tail), and rank r takes rows [r*b, (r+1)*b) of each. It starts at global step ``start_step``, so a
+    resumed run reads exactly the batches an uninterrupted run would have read."""
+
+    def __init__(self, n: int, batch_per_rank: int, *, rank: int = 0, world_size: int = 1, seed: int = 0, start_step: int = 0):
+        self.global_batch = batch_per_rank * world_size
+        if n < self.global_batch:
+            raise ValueError(f"the dataset has {n} images, fewer than one global batch ({self.global_batch})")
+        self.n, self.b, self.rank, self.seed, self.start_step = n, batch_per_rank, rank, seed, start_step
+        self.steps_per_epoch = n // self.global_batch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, step = divmod(self.start_step, self.steps_per_epoch)
+        while True:
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+            for s in range(step, self.steps_per_epoch):
+                lo = s * self.global_batch + self.rank * self.b
+                yield perm[lo : lo + self.b].tolist()
+            epoch, step = epoch + 1, 0
+
+
+def make_loader(
+    dataset: Dataset, batch_per_rank: int, *, rank: int = 0, world_size: int = 1, seed: int = 0, start_step: int = 0, workers: int = 0
+) -> DataLoader:
+    """A DataLoader over ``StepBatchSampler``; its own generator keeps worker seeding off the global RNG."""
+    sampler = StepBatchSampler(len(dataset), batch_per_rank, rank=rank, world_size=world_size, seed=seed, start_step=start_step)
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(seed),
+    )

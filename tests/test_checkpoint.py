@@ -1,0 +1,153 @@
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sphere_fast.checkpoint import (
+    checkpoint_to_official,
+    latest_checkpoint,
+    load_checkpoint,
+    official_to_checkpoint,
+    save_checkpoint,
+)
+from sphere_fast.training import RunConfig, TrainConfig, Trainer, fit
+from tests.tiny import NO_PERCEPTUAL, TINY_CONFIG, tiny_batch, tiny_model
+
+
+def small_trainer(steps: int = 1) -> Trainer:
+    trainer = Trainer(tiny_model(), TrainConfig(global_batch=6, total_steps=10, warmup_steps=2, loss_weights=NO_PERCEPTUAL))
+    for _ in range(steps):
+        trainer.train_step(*tiny_batch(6))
+    return trainer
+
+
+def test_roundtrip_keeps_weights_ema_optimizer_and_official_keys(tmp_path):
+    trainer = small_trainer(2)
+    path = save_checkpoint(tmp_path, trainer.model, trainer=trainer)
+    assert path.name == "step-00000002" and latest_checkpoint(tmp_path) == path
+    assert set(load_file(str(path / "model.safetensors"))) == set(trainer.model.state_dict())
+    other = Trainer(tiny_model(seed=9), TrainConfig(global_batch=6, total_steps=10, warmup_steps=2, loss_weights=NO_PERCEPTUAL))
+    load_checkpoint(tmp_path, trainer=other)
+    assert other.step == 2
+    for a, b in [(trainer.model, other.model), (trainer.ema, other.ema)]:
+        for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
+            torch.testing.assert_close(v, w, rtol=0, atol=0, msg=k)
+    assert other.optimizer.state_dict()["state"][0]["step"] == 2
+    ema_model, _ = load_checkpoint(path, ema=True)
+    torch.testing.assert_close(ema_model.decoder.ffn.linear.weight, trainer.ema.decoder.ffn.linear.weight)
+
+
+def test_resume_gives_the_same_next_losses(tmp_path):
+    def run(out: Path, steps: int) -> RunConfig:
+        return RunConfig(
+            model=TINY_CONFIG,
+            train=TrainConfig(global_batch=6, total_steps=steps, warmup_steps=1, base_lr=1e-2, loss_weights=NO_PERCEPTUAL),
+            data="synthetic", out=str(out), checkpoint_every=2, workers=1,
+        )
+
+    fit(run(tmp_path / "a", 4), progress=False)
+    straight = (tmp_path / "a" / "losses.jsonl").read_text().splitlines()
+    # interrupted after step 2: only the step-2 checkpoint survives
+    fit(run(tmp_path / "b", 4), progress=False)
+    ckpts = tmp_path / "b" / "checkpoints"
+    (ckpts / "latest").write_text("step-00000002\n")
+    shutil.rmtree(ckpts / "step-00000004")
+    fit(run(tmp_path / "b", 4), progress=False)
+    resumed = (tmp_path / "b" / "losses.jsonl").read_text().splitlines()
+    assert [json.loads(l)["step"] for l in resumed] == [0, 1, 2, 3]
+    for a, b in zip(straight[2:], resumed[2:]):
+        assert json.loads(a) == json.loads(b)
+    # and a different RNG/data position would not have matched
+    assert json.loads(straight[2])["loss"] != json.loads(straight[1])["loss"]
+
+
+KILLED_SAVE = """
+import os, sys, time
+import sphere_fast.checkpoint as ck
+from tests.test_checkpoint import small_trainer
+trainer = small_trainer(1)
+ck.save_checkpoint(sys.argv[1], trainer.model, trainer=trainer)
+trainer.train_step(*__import__("tests.tiny", fromlist=["x"]).tiny_batch(6))
+real = ck._fsync
+def stall(path):
+    real(path)
+    if path.name == "model.safetensors":  # mid-save: weights written, the rest not yet
+        open(sys.argv[2], "w").close()
+        time.sleep(120)
+ck._fsync = stall
+ck.save_checkpoint(sys.argv[1], trainer.model, trainer=trainer)
+"""
+
+
+def test_process_killed_during_save_leaves_previous_checkpoint_loadable(tmp_path):
+    flag = tmp_path / "saving"
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_SAVE, str(tmp_path / "ck"), str(flag)], cwd=root)
+    try:
+        deadline = time.time() + 120
+        while not flag.exists():
+            assert proc.poll() is None and time.time() < deadline, "the saving process ended early"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        proc.kill()
+    assert any(p.name.startswith(".tmp-step-00000002") for p in (tmp_path / "ck").iterdir())
+    assert latest_checkpoint(tmp_path / "ck").name == "step-00000001"
+    trainer = Trainer(tiny_model(seed=3), TrainConfig(global_batch=6, total_steps=10, warmup_steps=2, loss_weights=NO_PERCEPTUAL))
+    load_checkpoint(tmp_path / "ck", trainer=trainer)
+    assert trainer.step == 1
+    # the next save sweeps the debris
+    save_checkpoint(tmp_path / "ck", trainer.model, trainer=trainer, name="again")
+    assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "ck").iterdir())
+
+
+def test_corrupt_incomplete_and_mismatched_checkpoints_are_refused(tmp_path):
+    trainer = small_trainer(1)
+    path = save_checkpoint(tmp_path, trainer.model, trainer=trainer)
+    weights = path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="corrupt: model.safetensors"):
+        load_checkpoint(path)
+    path = save_checkpoint(tmp_path, trainer.model, trainer=trainer, name="good")
+    with pytest.raises(ValueError, match="different model config.*width"):
+        load_checkpoint(path, tiny_model(vit_dec_model_size={"width": 64, "layers": 1, "heads": 2}))
+    (path / "manifest.json").unlink()
+    with pytest.raises(ValueError, match="not a sphere_fast checkpoint"):
+        load_checkpoint(path)
+    weights_only = save_checkpoint(tmp_path, trainer.model, name="weights")
+    with pytest.raises(ValueError, match="cannot resume"):
+        load_checkpoint(weights_only, trainer=small_trainer(0))
+
+
+@pytest.mark.parametrize("layout", ["plain", "model_key", "ddp_prefix"])
+def test_official_pth_converts_both_ways(tmp_path, layout):
+    model = tiny_model()
+    sd = model.state_dict()
+    obj = {
+        "plain": sd,
+        "model_key": {"model": sd, "optimizer": {}, "epoch": 3},
+        "ddp_prefix": {"model": {f"module.{k}": v for k, v in sd.items()}},
+    }[layout]
+    torch.save(obj, tmp_path / "official.pth")
+    path = official_to_checkpoint(tmp_path / "official.pth", tmp_path / "ours", TINY_CONFIG)
+    loaded, config = load_checkpoint(path)
+    assert config["model"] == json.loads(json.dumps(loaded.config)) and loaded.config["vit_enc_model_size"]["width"] == 32
+    back = checkpoint_to_official(path, tmp_path / "back.pth")
+    state = torch.load(back, weights_only=True)["model"]
+    assert list(state) == list(sd)
+    for k in sd:
+        torch.testing.assert_close(state[k], sd[k], rtol=0, atol=0)
+        torch.testing.assert_close(loaded.state_dict()[k], sd[k], rtol=0, atol=0)
+    torch.save({"weights": 1}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="neither a state_dict"):
+        official_to_checkpoint(tmp_path / "bad.pth", tmp_path / "x", TINY_CONFIG)

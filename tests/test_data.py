@@ -1,0 +1,105 @@
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from sphere_fast.data import (
+    FASHION_MNIST_DIR,
+    FashionMNIST,
+    StepBatchSampler,
+    SyntheticShapes,
+    image_folder,
+    jsonl_list,
+    make_loader,
+    open_dataset,
+    random_hflip,
+    resize_center_crop,
+)
+
+
+def write_image(path, w, h, colour):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (w, h), colour).save(path)
+
+
+def test_image_folder_and_jsonl_list(tmp_path):
+    write_image(tmp_path / "cats" / "a.png", 40, 20, (255, 0, 0))
+    write_image(tmp_path / "dogs" / "b.jpg", 20, 30, (0, 0, 255))
+    ds = image_folder(tmp_path, 16)
+    assert ds.class_names == ["cats", "dogs"] and len(ds) == 2
+    x, y = ds[0]
+    assert x.shape == (3, 16, 16) and y == 0
+    torch.testing.assert_close(x[:, 0, 0], torch.tensor([1.0, -1.0, -1.0]))
+
+    lines = [
+        {"class_id": 1, "class_name": "dogs", "image_path": "dogs/b.jpg", "is_absolute_path": False},
+        {"class_id": 0, "class_name": "cats", "image_path": str(tmp_path / "cats" / "a.png"), "is_absolute_path": True},
+    ]
+    (tmp_path / "list.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    ds = jsonl_list(tmp_path / "list.jsonl", 16)
+    assert ds.class_names == ["cats", "dogs"] and [ds[i][1] for i in range(2)] == [1, 0]
+    assert ds[0][0][2].mean() > 0.9  # blue image
+    (tmp_path / "bad.jsonl").write_text('{"class_id": 0}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        jsonl_list(tmp_path / "bad.jsonl", 16)
+    with pytest.raises(FileNotFoundError):
+        image_folder(tmp_path / "missing", 16)
+
+
+def test_resize_center_crop_short_side():
+    img = Image.new("RGB", (64, 32))
+    img.paste((255, 255, 255), (0, 0, 16, 32))  # white left quarter is cropped away
+    out = resize_center_crop(img, 16)
+    assert out.size == (16, 16) and out.getextrema() == ((0, 0), (0, 0), (0, 0))
+
+
+@pytest.mark.skipif(not FASHION_MNIST_DIR.exists(), reason="dataset-fashion-mnist not installed")
+def test_fashion_mnist_from_debian_files():
+    ds = FashionMNIST(32)
+    assert len(ds) == 60000 and len(FashionMNIST(32, "test")) == 10000
+    x, y = ds[0]
+    assert x.shape == (3, 32, 32) and 0 <= y < 10
+    assert torch.all(x[:, :2] == -1)  # the 2-px border added around the 28-px image is black
+    assert x.max() > 0.5
+
+
+def test_fashion_mnist_missing_names_the_package_and_falls_back(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+        FashionMNIST(32, root=tmp_path)
+    monkeypatch.setattr("sphere_fast.data.FASHION_MNIST_DIR", tmp_path)
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        open_dataset("fashion-mnist", 32)
+    with pytest.warns(UserWarning, match="dataset-fashion-mnist.*synthetic"):
+        assert isinstance(open_dataset("fashion-mnist", 32, synthetic_fallback=True), SyntheticShapes)
+
+
+def test_synthetic_shapes_are_deterministic_and_open_dataset():
+    ds = SyntheticShapes(size=20, image_size=16)
+    x, y = ds[7]
+    torch.testing.assert_close(x, ds[7][0])
+    assert x.shape == (3, 16, 16) and y == 7 and x.min() == -1 and x.max() > 0
+    assert isinstance(open_dataset("synthetic", 16), SyntheticShapes)
+
+
+def test_sampler_shards_the_global_batch_and_resumes():
+    full = iter(StepBatchSampler(20, 6, seed=3))
+    global_batches = [next(full) for _ in range(7)]  # 3 steps an epoch, so this crosses two epochs
+    assert sorted(sum(global_batches[:3], [])) == sorted(set(sum(global_batches[:3], [])))
+    assert global_batches[:3] != global_batches[3:6]
+    ranks = [iter(StepBatchSampler(20, 3, rank=r, world_size=2, seed=3)) for r in range(2)]
+    for g in global_batches:
+        assert next(ranks[0]) + next(ranks[1]) == g
+    resumed = iter(StepBatchSampler(20, 6, seed=3, start_step=4))
+    assert [next(resumed) for _ in range(3)] == global_batches[4:7]
+
+
+def test_loader_with_worker_processes_and_flip():
+    ds = SyntheticShapes(size=24, image_size=16)
+    x, y = next(iter(make_loader(ds, 8, workers=2, seed=1)))
+    first = next(iter(StepBatchSampler(24, 8, seed=1)))
+    assert x.shape == (8, 3, 16, 16) and y.tolist() == [ds[i][1] for i in first]
+    flipped = random_hflip(x, torch.Generator().manual_seed(0))
+    same = [(f == i).all().item() for f, i in zip(flipped, x)]
+    mirrored = [(f == i.flip(-1)).all().item() for f, i in zip(flipped, x)]
+    assert all(s or m for s, m in zip(same, mirrored)) and not all(same)

@@ -1,0 +1,67 @@
+"""Two gloo processes (DDP) end with the same parameters as one process on the same global batch."""
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from sphere_fast.training import DistInfo, TrainConfig, Trainer, init_distributed
+from tests.tiny import NO_PERCEPTUAL, no_label_dropout, tiny_batch, tiny_model
+
+GLOBAL_BATCH, STEPS = 8, 3
+# a large lr so that un-synchronised gradients would move the weights far beyond the tolerance
+CONFIG = dict(global_batch=GLOBAL_BATCH, total_steps=STEPS, warmup_steps=0, base_lr=0.3, min_lr=0.3, loss_weights=NO_PERCEPTUAL)
+
+
+def global_step_inputs(step: int):
+    """The global batch of a step with its per-sample noise levels and noise, fixed by the step."""
+    x, y = tiny_batch(GLOBAL_BATCH, seed=100 + step)
+    g = torch.Generator().manual_seed(200 + step)
+    big = torch.rand(GLOBAL_BATCH, generator=g) * 5
+    small = torch.rand(GLOBAL_BATCH, generator=g)
+    big[0] = small[1] = 0.0
+    return x, y, big, small, torch.randn(GLOBAL_BATCH, 16, 4, generator=g)
+
+
+def train(info: DistInfo, rows: slice | None = None) -> dict[str, torch.Tensor]:
+    """STEPS steps on this process's share of each global batch (``rows`` overrides the share)."""
+    trainer = Trainer(no_label_dropout(tiny_model()), TrainConfig(**CONFIG), "cpu", info)
+    b = GLOBAL_BATCH // info.world_size
+    share = rows or slice(info.rank * b, (info.rank + 1) * b)
+    for step in range(STEPS):
+        x, y, big, small, e = global_step_inputs(step)
+        trainer.train_step(x[share], y[share], scales=(big[share], small[share]), noise=e[share])
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    info = init_distributed()
+    assert dist.get_backend() == "gloo"
+    state = train(info)
+    torch.save(state, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_match_one_process(tmp_path):
+    mp.spawn(worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    single = train(DistInfo())
+    initial = tiny_model().state_dict()
+    half_batch_only = train(DistInfo(), rows=slice(0, GLOBAL_BATCH // 2))
+    moved = max((single[k] - initial[k]).abs().max().item() for k in single)
+    assert moved > 1e-2  # the steps really changed the weights
+    for k in single:
+        torch.testing.assert_close(ranks[0][k], ranks[1][k], rtol=0, atol=0, msg=k)
+        torch.testing.assert_close(ranks[0][k], single[k], rtol=1e-4, atol=1e-5, msg=k)
+    # negative control: training on one process's share alone does not match
+    assert max((half_batch_only[k] - single[k]).abs().max().item() for k in single) > 1e-3

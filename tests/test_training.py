@@ -1,0 +1,152 @@
+import math
+
+import pytest
+import torch
+from tests.tiny import NO_PERCEPTUAL, no_label_dropout, tiny_batch, tiny_model
+
+from sphere_fast.ops import spherify_reference
+from sphere_fast.training import (
+    LOSS_PRESETS,
+    SphereLoss,
+    TrainConfig,
+    Trainer,
+    learning_rate,
+    loss_weights,
+    noise_scales,
+    stratified_radii,
+)
+
+
+def test_stratified_radii_one_per_stratum_plus_zero_and_one():
+    for b in (3, 8, 33):
+        r = stratified_radii(b, generator=torch.Generator().manual_seed(b))
+        assert r.shape == (b,)
+        assert (r == 0).sum() == 1 and (r == 1).sum() == 1
+        inner = r[(r != 0) & (r != 1)].sort().values
+        m = b - 2
+        # stratum i holds exactly one value in [(i + 1e-3)/M, (i + 1)/M)
+        assert torch.all(inner >= (torch.arange(m) + 1e-3) / m) and torch.all(inner < (torch.arange(m) + 1) / m)
+    with pytest.raises(ValueError, match="at least 3"):
+        stratified_radii(2)
+
+
+def test_noise_scales_follow_the_hard_case_rule():
+    model = tiny_model()
+    b, sigma = 16, model.sigma_max
+    big, small = noise_scales(model, b, torch.device("cpu"), torch.Generator().manual_seed(5))
+    # replay the same draws by hand: r, then s, then the second stratified draw
+    g = torch.Generator().manual_seed(5)
+    r = stratified_radii(b, generator=g)
+    s = torch.rand(b, generator=g)
+    r2 = stratified_radii(b, generator=g)
+    r_mix = 1 + s * (math.tan(math.radians(85.0)) / sigma - 1)
+    torch.testing.assert_close(big, torch.where(s > 0.1, r, r_mix) * sigma)
+    torch.testing.assert_close(small, r * r2 * 0.5 * sigma)  # uses r, not r_big
+
+
+def hand_losses(model, x, y, big, small, e, w):
+    """Spec section 4 written out with reference ops only."""
+    z = model.encoder(x, y)
+    v = spherify_reference(z)
+    v_big = torch.where(big.view(-1, 1, 1) == 0, v, spherify_reference(v + big.view(-1, 1, 1) * e))
+    v_small = torch.where(small.view(-1, 1, 1) == 0, v, spherify_reference(v + small.view(-1, 1, 1) * e))
+    out = model.decoder(torch.cat([v_big, v_small]), torch.cat([y, y]))
+    x_big, x_small = out.chunk(2)
+    t, s_, b_ = x * 0.5 + 0.5, x_small * 0.5 + 0.5, x_big * 0.5 + 0.5
+    recon = (0.5 * (s_ - t) ** 2).mean((1, 2, 3)).mean()  # |d| < 1 on [0, 1]: Huber = 0.5 d^2
+    pix = (0.5 * (b_ - s_.detach()) ** 2).mean((1, 2, 3)).mean()
+    u = model.encoder(x_big, y).flatten(1)
+    zc = z.detach().flatten(1)
+    lat = (1 - (u * zc).sum(1) / (u.norm(dim=1) * zc.norm(dim=1))).mean()
+    total = w["recon_dist"] * recon + w["con_dist"] * pix + w["latent"] * lat
+    return total, {"recon": recon, "pix_con": pix, "lat_con": lat}
+
+
+def test_one_step_losses_and_gradients_match_hand_computation():
+    x, y = tiny_batch(6)
+    big = torch.tensor([0.0, 0.3, 1.2, 5.67, 0.9, 2.0])
+    small = torch.tensor([0.1, 0.0, 0.4, 2.0, 0.05, 1.0])
+    e = torch.randn(6, 16, 4, generator=torch.Generator().manual_seed(3))
+
+    hand_model = no_label_dropout(tiny_model()).train()
+    total, terms = hand_losses(hand_model, x, y, big, small, e, NO_PERCEPTUAL)
+    total.backward()
+
+    model = no_label_dropout(tiny_model())
+    trainer = Trainer(model, TrainConfig(global_batch=6, total_steps=4, warmup_steps=1, loss_weights=NO_PERCEPTUAL, grad_clip=1e9))
+    loss_module = SphereLoss(model, loss_weights(NO_PERCEPTUAL))
+    ours, our_terms = loss_module(x, y, big, small, e)
+    ours.backward()
+    for k in terms:
+        torch.testing.assert_close(our_terms[k], terms[k].detach(), rtol=1e-5, atol=1e-6)
+    grads = {n: p.grad for n, p in hand_model.named_parameters() if p.grad is not None}
+    assert any(n.startswith("decoder.") for n in grads) and any(n.startswith("encoder.") for n in grads)
+    for n, p in model.named_parameters():
+        if n in grads:
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+    model.zero_grad()
+    logged = trainer.train_step(x, y, scales=(big, small), noise=e)
+    assert logged["loss"] == pytest.approx(total.item(), rel=1e-5)
+    for k in terms:
+        assert logged[k] == pytest.approx(terms[k].item(), rel=1e-5, abs=1e-7)
+
+
+def test_latent_consistency_gradient_reaches_the_decoder():
+    model = no_label_dropout(tiny_model())
+    x, y = tiny_batch(4)
+    only_latent = {**{k: 0.0 for k in NO_PERCEPTUAL}, "latent": 1.0}
+    total, _ = SphereLoss(model, loss_weights(only_latent))(x, y, torch.full((4,), 0.5), torch.full((4,), 0.2), torch.randn(4, 16, 4))
+    total.backward()
+    assert model.decoder.blocks[0].mlp.w3.weight.grad.abs().sum() > 0
+
+
+def test_learning_rate_schedule_and_encoder_scale():
+    cfg = TrainConfig(global_batch=512, total_steps=100, warmup_steps=10)
+    assert learning_rate(0, cfg) == pytest.approx(2e-4 / 10)
+    assert learning_rate(9, cfg) == pytest.approx(2e-4)
+    assert learning_rate(55, cfg) == pytest.approx(1e-6 * 2 + 0.5 * (2e-4 - 2e-6))
+    assert learning_rate(100, cfg) == pytest.approx(2e-6)
+    trainer = Trainer(tiny_model(), TrainConfig(global_batch=6, total_steps=10, warmup_steps=2, loss_weights=NO_PERCEPTUAL))
+    trainer.train_step(*tiny_batch(6))
+    enc, dec = trainer.optimizer.param_groups
+    assert enc["lr"] == pytest.approx(0.1 * dec["lr"]) and dec["lr"] == pytest.approx(learning_rate(0, trainer.config))
+    assert dec["betas"] == (0.9, 0.95) and dec["weight_decay"] == 0
+
+
+def test_ema_and_grad_clip():
+    model = tiny_model()
+    trainer = Trainer(model, TrainConfig(global_batch=6, total_steps=10, warmup_steps=1, loss_weights=NO_PERCEPTUAL, grad_clip=1e-3))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    logged = trainer.train_step(*tiny_batch(6))
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert logged["grad_norm"] > 1e-3
+    assert torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) <= 1e-3 * 1.001
+    ema = dict(trainer.ema.named_parameters())
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(ema[n], 0.9997 * before[n] + 0.0003 * p.detach())
+
+
+def test_bf16_autocast_on_cpu_gives_finite_losses():
+    trainer = Trainer(tiny_model(), TrainConfig(global_batch=6, total_steps=3, warmup_steps=1, loss_weights=NO_PERCEPTUAL, autocast="bf16"))
+    logged = trainer.train_step(*tiny_batch(6))
+    assert all(math.isfinite(v) for v in logged.values())
+
+
+def test_loss_weight_presets_and_validation():
+    assert LOSS_PRESETS["imagenet"] == loss_weights("imagenet")
+    assert loss_weights("cifar10").con_dist == 0.5 and loss_weights("af-of").recon_dist == 25
+    with pytest.raises(ValueError, match="preset"):
+        loss_weights("mnist")
+    with pytest.raises(ValueError, match="keys"):
+        loss_weights({"recon_dist": 1.0})
+    with pytest.raises(ValueError, match="warmup_steps"):
+        TrainConfig(total_steps=5, warmup_steps=10)
+
+
+def test_perceptual_loss_without_weight_files_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="local weight files"):
+        Trainer(tiny_model(), TrainConfig(global_batch=6, loss_weights="cifar10"))
+    paths = {"vgg16": tmp_path / "nope.pth", "lpips": tmp_path / "vgg.pth", "convnext_small": tmp_path / "c.pth"}
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        Trainer(tiny_model(), TrainConfig(global_batch=6, loss_weights="cifar10", perceptual_weights={k: str(v) for k, v in paths.items()}))

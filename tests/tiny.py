@@ -1,0 +1,52 @@
+"""Shared tiny configuration for the training, checkpoint, CLI and distributed tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from sphere_fast import SphereEncoder
+
+TINY_SIZE = {"width": 32, "layers": 1, "heads": 2}
+TINY_CONFIG: dict[str, Any] = {
+    "input_size": 16,
+    "patch_size": 4,
+    "vit_enc_model_size": TINY_SIZE,
+    "vit_dec_model_size": TINY_SIZE,
+    "token_channels": 4,
+    "num_classes": 10,
+    "pixel_head_type": "conv",
+    "use_pixel_consistency": True,
+    "use_latent_consistency": True,
+    "noise_sigma_max_angle": 80.0,
+    "mix_hard_cases": True,
+    "mix_hard_cases_max_angle": 85.0,
+    "vit_enc_latent_mlp_mixer_depth": 1,
+    "vit_dec_latent_mlp_mixer_depth": 1,
+}
+NO_PERCEPTUAL = {"recon_dist": 2.0, "recon_perc": 0.0, "con_dist": 3.0, "con_perc": 0.0, "latent": 0.7}
+
+
+def tiny_model(seed: int = 0, **overrides: Any) -> SphereEncoder:
+    """A tiny model whose zero-initialised layers are perturbed, so every path carries gradient."""
+    torch.manual_seed(seed)
+    model = SphereEncoder(**{**TINY_CONFIG, **overrides})
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def tiny_batch(batch: int = 6, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 3, 16, 16, generator=g) * 2 - 1, torch.randint(0, 10, (batch,), generator=g)
+
+
+def no_label_dropout(model: SphereEncoder) -> SphereEncoder:
+    """Label dropout draws from the global RNG per call; tests comparing runs switch it off."""
+    for vit in (model.encoder, model.decoder):
+        if vit.y_embedder is not None:
+            vit.y_embedder.dropout_prob = 0.0
+    return model
