@@ -295,7 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--autocast", choices=["auto", "bf16", "off"])
     p.add_argument("--loss-weights", help="cifar10, af-of, imagenet or a JSON dict of the five weights")
-    p.add_argument("--perceptual-weights", nargs="+", metavar="NAME=PATH", help="vgg16=... lpips=... convnext_small=...")
+    p.add_argument(
+        "--perceptual-weights",
+        nargs="+",
+        metavar="NAME=PATH",
+        help="local weight files of the perceptual loss: vgg16=<torchvision vgg16 .pth> "
+        "lpips=<lpips v0.1 vgg.pth> convnext_small=<torchvision convnext_small .pth>",
+    )
     p.add_argument("--model-config", help="JSON dict overriding model constructor arguments")
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--workers", type=int, default=1, help="DataLoader worker processes")

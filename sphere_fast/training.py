@@ -9,7 +9,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sphere_fast import ops
+from sphere_fast.perceptual import LPIPS, ConvNeXt, load_state_dict_file
 
 # ---- noise levels --------------------------------------------------------------------------------
 
@@ -106,13 +107,13 @@ def latent_cosine_per_sample(u: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 
 class PerceptualLoss(nn.Module):
-    """perc = (LPIPS-VGG16 + 0.1 * MSE of ConvNeXt-Small ImageNet logits at 224 px) / 1.1, frozen.
+    """perc = (LPIPS-VGG16 + 0.1 * MSE of ConvNeXt-Small ImageNet logits at 224 px) / 1.1, frozen, eval mode.
 
-    Needs pretrained weight files (no network access is assumed): ``torch.load``-able state_dicts of
-    torchvision's ``vgg16`` and ``convnext_small`` and the ``lpips`` package's ``vgg.pth`` linear
-    layers. The networks themselves are not bundled in sphere_fast: pass ``networks``, a callable
-    building (lpips_vgg, convnext) modules from the three state_dicts, e.g. wrapping the ``lpips`` and
-    ``torchvision`` packages where they import."""
+    The networks are sphere_fast's own (``sphere_fast.perceptual``); their pretrained weights come from local
+    files (no network access is assumed): ``torch.load``-able state_dicts of torchvision's ``vgg16`` (its
+    ``features``; ``classifier.*`` keys are ignored) and ``convnext_small``, and the ``lpips`` package's
+    v0.1 ``vgg.pth`` linear layers. Load them with ``from_files``. ``lpips_vgg(in0, in1)`` gives [B]
+    distances between images in [-1, 1], ``convnext`` ImageNet logits of normalised 224 px images."""
 
     def __init__(self, lpips_vgg: nn.Module, convnext: nn.Module):
         super().__init__()
@@ -120,15 +121,27 @@ class PerceptualLoss(nn.Module):
         self.convnext = convnext.eval().requires_grad_(False)
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> PerceptualLoss:
+        """Stays in eval mode: the networks are frozen."""
+        return super().train(False)
 
     @classmethod
     def from_files(
         cls,
-        paths: Mapping[str, str | os.PathLike] | None,
-        networks: Callable[[dict, dict, dict], tuple[nn.Module, nn.Module]] | None = None,
+        paths: Mapping[str, str | os.PathLike] | None = None,
+        *,
+        vgg16: str | os.PathLike | None = None,
+        lpips: str | os.PathLike | None = None,
+        convnext_small: str | os.PathLike | None = None,
     ) -> PerceptualLoss:
-        need = ("vgg16", "lpips", "convnext_small")
-        missing = [k for k in need if not paths or not paths.get(k)]
+        """Build both networks and load their weight files strictly: ``paths`` maps the names ``vgg16``,
+        ``lpips``, ``convnext_small`` to files, or give them as keywords (which take precedence)."""
+        given = {"vgg16": vgg16, "lpips": lpips, "convnext_small": convnext_small}
+        paths = {**(paths or {}), **{k: v for k, v in given.items() if v is not None}}
+        need = tuple(given)
+        missing = [k for k in need if not paths.get(k)]
         if missing:
             raise ValueError(
                 f"the perceptual loss needs local weight files for {need}; missing {missing}. Give their paths "
@@ -138,23 +151,21 @@ class PerceptualLoss(nn.Module):
         absent = [f"{k}={paths[k]}" for k in need if not Path(paths[k]).is_file()]
         if absent:
             raise FileNotFoundError(f"perceptual loss weight files not found: {absent}")
-        if networks is None:
-            raise NotImplementedError(
-                "sphere_fast does not bundle the LPIPS-VGG16 and ConvNeXt-Small networks; pass networks= "
-                "(a callable building them from the loaded state_dicts) to PerceptualLoss.from_files"
-            )
-        states = [torch.load(paths[k], map_location="cpu", weights_only=True) for k in need]
-        return cls(*networks(*states))
+        lpips_vgg = LPIPS()
+        load_state_dict_file(lpips_vgg.net, paths["vgg16"], "torchvision vgg16", ("classifier.",))
+        load_state_dict_file(lpips_vgg.lin, paths["lpips"], "lpips v0.1 vgg.pth")
+        convnext = ConvNeXt()
+        load_state_dict_file(convnext, paths["convnext_small"], "torchvision convnext_small")
+        return cls(lpips_vgg, convnext)
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """[B] perceptual distance between images in [0, 1]."""
-        lp = self.lpips_vgg(pred * 2 - 1, target * 2 - 1).flatten(1).mean(1)  # LPIPS takes [-1, 1]
-
-        def logits(img: torch.Tensor) -> torch.Tensor:
-            img = F.interpolate(img, size=(224, 224), mode="bilinear", align_corners=False)
-            return self.convnext((img - self.mean) / self.std)
-
-        return (lp + 0.1 * (logits(pred) - logits(target)).square().mean(1)) / 1.1
+        lp = self.lpips_vgg(pred * 2 - 1, target * 2 - 1)  # LPIPS takes [-1, 1]
+        both = torch.cat([pred, target])
+        img = F.interpolate(both, size=(224, 224), mode="bilinear", align_corners=False, antialias=True)
+        logits = self.convnext((img - self.mean) / self.std)  # one pass over both images
+        b = pred.shape[0]
+        return (lp + 0.1 * (logits[:b] - logits[b:]).square().mean(1)) / 1.1
 
 
 class SphereLoss(nn.Module):

@@ -1,0 +1,216 @@
+"""The perceptual loss networks: torchvision/lpips checkpoint layouts, LPIPS behaviour, strict file loading."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tests.tiny import tiny_batch, tiny_model
+
+from sphere_fast.perceptual import LPIPS, VGG16_TAPS, ConvNeXt, LPIPSLinear, VGG16Features, load_state_dict_file
+from sphere_fast.training import PerceptualLoss, SphereLoss, loss_weights
+
+
+def small_convnext() -> ConvNeXt:
+    return ConvNeXt(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), num_classes=10)
+
+
+def images(b: int = 2, size: int = 16, seed: int = 0) -> torch.Tensor:
+    """Smooth structured images in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.linspace(0, 2 * math.pi, size)
+    phase = torch.rand(b, 3, 1, 1, generator=g) * 6
+    return 0.5 + 0.4 * torch.sin(t.view(1, 1, -1, 1) + phase) * torch.cos(t.view(1, 1, 1, -1) * 2 - phase)
+
+
+def nparams(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+@pytest.fixture(scope="module")
+def full_nets() -> tuple[VGG16Features, ConvNeXt]:
+    torch.manual_seed(0)
+    return VGG16Features(), ConvNeXt()
+
+
+def test_vgg16_matches_torchvision_layout(full_nets):
+    sd = full_nets[0].state_dict()
+    convs = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
+    assert set(sd) == {f"features.{i}.{p}" for i in convs for p in ("weight", "bias")}
+    assert sd["features.0.weight"].shape == (64, 3, 3, 3)
+    assert sd["features.7.weight"].shape == (128, 128, 3, 3)
+    assert sd["features.28.weight"].shape == (512, 512, 3, 3) and sd["features.28.bias"].shape == (512,)
+    assert nparams(full_nets[0]) == 14_714_688  # torchvision vgg16 minus its classifier
+
+
+def test_convnext_small_matches_torchvision_layout(full_nets):
+    net = full_nets[1]
+    sd = net.state_dict()
+    expected = {
+        "features.0.0.weight": (96, 3, 4, 4),
+        "features.0.1.weight": (96,),
+        "features.1.0.block.0.weight": (96, 1, 7, 7),
+        "features.1.0.block.2.bias": (96,),
+        "features.1.0.block.3.weight": (384, 96),
+        "features.1.0.block.5.weight": (96, 384),
+        "features.1.2.layer_scale": (96, 1, 1),
+        "features.2.0.weight": (96,),
+        "features.2.1.weight": (192, 96, 2, 2),
+        "features.5.26.block.3.bias": (1536,),
+        "features.6.1.weight": (768, 384, 2, 2),
+        "features.7.2.layer_scale": (768, 1, 1),
+        "classifier.0.weight": (768,),
+        "classifier.2.weight": (1000, 768),
+        "classifier.2.bias": (1000,),
+    }
+    assert {k: tuple(sd[k].shape) for k in expected} == expected
+    assert len(sd) == 344 and not any(k.startswith(("features.8", "features.5.27")) for k in sd)
+    assert nparams(net) == 50_223_688  # torchvision's ConvNeXt_Small_Weights num_params
+    with torch.no_grad():
+        assert net(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
+
+
+def test_lpips_linear_layers_match_the_lpips_vgg_pth():
+    sd = LPIPSLinear().state_dict()
+    assert {k: tuple(v.shape) for k, v in sd.items()} == {
+        f"lin{k}.model.1.weight": (1, c, 1, 1) for k, c in enumerate((64, 128, 256, 512, 512))
+    }
+
+
+def test_vgg_taps_are_relu1_2_to_relu5_3():
+    torch.manual_seed(0)
+    net = VGG16Features()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        taps = net(x)
+        assert [tuple(t.shape[1:]) for t in taps] == [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 2, 2)]
+        for t, i in zip(taps, VGG16_TAPS):
+            assert isinstance(net.features[i], torch.nn.ReLU)
+            torch.testing.assert_close(t, net.features[: i + 1](x.clone()))
+
+
+def test_lpips_follows_the_v0_1_formula():
+    torch.manual_seed(0)
+    lp = LPIPS()
+    with torch.no_grad():
+        for k in range(5):  # distinct positive channel weights, as trained
+            getattr(lp.lin, f"lin{k}").model[1].weight.uniform_(0, 1)
+        a, b = images(2, seed=1) * 2 - 1, images(2, seed=2) * 2 - 1
+        shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+        scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+        expected = torch.zeros(2)
+        for k, f in enumerate(lp.net((torch.cat([a, b]) - shift) / scale)):
+            f = f / (f.norm(dim=1, keepdim=True) + 1e-10)
+            w = getattr(lp.lin, f"lin{k}").model[1].weight.view(1, -1, 1, 1)
+            expected += ((f[:2] - f[2:]).square() * w).sum(1).mean((1, 2))
+        torch.testing.assert_close(lp(a, b), expected)
+
+
+def test_lpips_is_zero_for_identical_images_symmetric_and_grows_with_corruption():
+    torch.manual_seed(0)
+    lp = LPIPS().eval().requires_grad_(False)
+    x = images(2) * 2 - 1
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    levels = (0.0, 0.05, 0.2, 0.6)
+    d = lp(x.repeat(4, 1, 1, 1), torch.cat([x + s * noise for s in levels])).view(4, 2)  # one batched call
+    assert torch.all(d[0].abs() < 1e-6)
+    assert torch.all(d[1] > 0) and torch.all(d[1] < d[2]) and torch.all(d[2] < d[3])
+    swapped = lp(torch.cat([x + noise, x]), torch.cat([x, x + noise])).view(2, 2)
+    torch.testing.assert_close(swapped[0], swapped[1])
+
+
+def test_perceptual_loss_combines_lpips_and_convnext_logits():
+    torch.manual_seed(0)
+    lpips_only = PerceptualLoss(LPIPS(), small_convnext())
+    convnext_only = PerceptualLoss(LPIPS(), small_convnext())
+    with torch.no_grad():
+        lpips_only.convnext.classifier[2].weight.zero_()  # constant logits
+        for p in convnext_only.lpips_vgg.lin.parameters():
+            p.zero_()  # LPIPS 0
+    pred, target = images(3, seed=4), images(3, seed=5)
+    both = (torch.cat([pred, target]), torch.cat([target, target]))
+    out_lpips, out_convnext = lpips_only(*both), convnext_only(*both)
+    assert out_lpips.shape == out_convnext.shape == (6,)
+    assert torch.all(out_lpips[3:].abs() < 1e-6) and torch.all(out_convnext[3:].abs() < 1e-9)
+    with torch.no_grad():
+        torch.testing.assert_close(out_lpips[:3], lpips_only.lpips_vgg(pred * 2 - 1, target * 2 - 1) / 1.1)
+
+        def logits(img: torch.Tensor) -> torch.Tensor:  # one image at a time
+            img = F.interpolate(img[None], size=(224, 224), mode="bilinear", antialias=True)
+            mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+            return convnext_only.convnext((img - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1))[0]
+
+        mse = torch.stack([(logits(p) - logits(t)).square().mean() for p, t in zip(pred, target)])
+    assert torch.all(mse > 0)
+    torch.testing.assert_close(out_convnext[:3], 0.1 * mse / 1.1, rtol=1e-4, atol=0)
+
+
+def test_perceptual_gradients_reach_the_input_not_the_frozen_weights():
+    torch.manual_seed(0)
+    pl = PerceptualLoss(LPIPS(), small_convnext())
+    assert not pl.lpips_vgg.training and not pl.convnext.training
+    pred = images(2, seed=6).requires_grad_(True)
+    pl(pred, images(2, seed=7)).sum().backward()
+    assert pred.grad is not None and pred.grad.isfinite().all() and pred.grad.abs().sum() > 0
+    assert all(not p.requires_grad and p.grad is None for p in pl.parameters())
+
+
+def test_sphere_loss_uses_the_perceptual_term():
+    torch.manual_seed(0)
+    pl = PerceptualLoss(LPIPS(), small_convnext())
+    x, y = tiny_batch()
+    scales = (torch.full((6,), 0.3), torch.full((6,), 0.1))
+    noise = torch.randn(6, 16, 4, generator=torch.Generator().manual_seed(2))
+    model = tiny_model()
+    total, terms = SphereLoss(model, loss_weights("cifar10"), pl)(x, y, *scales, noise=noise)
+    assert terms["recon_perc"] > 0 and terms["pix_con_perc"] > 0
+    total.backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.decoder.parameters() if p.requires_grad)
+
+
+def test_from_files_round_trips_and_freezes(full_nets, tmp_path):
+    vgg, convnext = full_nets
+    lin = LPIPSLinear()
+    with torch.no_grad():
+        for p in lin.parameters():
+            p.uniform_(0, 1)
+    # a full torchvision vgg16 state_dict also holds the (unused) classifier
+    torch.save({**vgg.state_dict(), "classifier.0.weight": torch.zeros(4, 4)}, tmp_path / "vgg16.pth")
+    torch.save(lin.state_dict(), tmp_path / "vgg.pth")
+    torch.save(convnext.state_dict(), tmp_path / "convnext_small.pth")
+    paths = {"vgg16": str(tmp_path / "vgg16.pth"), "lpips": tmp_path / "vgg.pth", "convnext_small": tmp_path / "convnext_small.pth"}
+    pl = PerceptualLoss.from_files(paths)
+    for saved, loaded in ((vgg, pl.lpips_vgg.net), (lin, pl.lpips_vgg.lin), (convnext, pl.convnext)):
+        want = saved.state_dict()
+        assert all(torch.equal(v, want[k]) for k, v in loaded.state_dict().items()) and len(want) == len(loaded.state_dict())
+    assert all(not p.requires_grad for p in pl.parameters())
+    assert not any(m.training for m in pl.train().modules())
+
+
+def test_from_files_errors_name_the_file_and_keys(tmp_path):
+    with pytest.raises(ValueError, match="local weight files"):
+        PerceptualLoss.from_files()
+    with pytest.raises(ValueError, match="missing \\['convnext_small'\\]"):
+        PerceptualLoss.from_files(vgg16="a", lpips="b")
+    sd = VGG16Features().state_dict()
+    sd["features.1.weight"] = sd.pop("features.0.weight")  # a wrong key
+    torch.save(sd, tmp_path / "bad_vgg.pth")
+    torch.save(LPIPSLinear().state_dict(), tmp_path / "vgg.pth")
+    (tmp_path / "c.pth").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"bad_vgg\.pth.*features\.0\.weight.*features\.1\.weight"):
+        PerceptualLoss.from_files(vgg16=tmp_path / "bad_vgg.pth", lpips=tmp_path / "vgg.pth", convnext_small=tmp_path / "c.pth")
+
+
+def test_load_state_dict_file_rejects_wrong_shapes_and_non_state_dicts(tmp_path):
+    net = small_convnext()
+    sd = net.state_dict()
+    sd["classifier.2.weight"] = torch.zeros(10, 3)
+    torch.save(sd, tmp_path / "shape.pth")
+    with pytest.raises(ValueError, match=r"shape\.pth.*classifier\.2\.weight \(10, 3\) != \(10, 64\)"):
+        load_state_dict_file(net, tmp_path / "shape.pth", "convnext")
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(ValueError, match=r"list\.pth: expected a state_dict"):
+        load_state_dict_file(net, tmp_path / "list.pth", "convnext")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"junk\.pth: not a loadable state_dict"):
+        load_state_dict_file(net, tmp_path / "junk.pth", "convnext")
