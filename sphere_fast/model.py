@@ -6,9 +6,11 @@ same weights."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from importlib import resources
 from typing import Any
 
@@ -39,6 +41,19 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
 }
 
 CFG_POSITIONS = ("enc", "dec", "combo")
+
+_labels_checked: contextvars.ContextVar[bool] = contextvars.ContextVar("sphere_fast_labels_checked", default=False)
+
+
+@contextlib.contextmanager
+def labels_checked() -> Iterator[None]:
+    """Inside, encoder/decoder calls skip the label range check (a host sync per call): for loops whose
+    labels were validated once up front."""
+    token = _labels_checked.set(True)
+    try:
+        yield
+    finally:
+        _labels_checked.reset(token)
 
 
 def resolve_model_size(size: str | Mapping[str, int], argument: str) -> dict[str, int]:
@@ -148,8 +163,8 @@ class ViT(nn.Module):
                 f"({self.num_classes} = null label), got {getattr(y, 'dtype', type(y).__name__)} {tuple(getattr(y, 'shape', ()))}"
             )
         capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-        if not capturing and not torch.compiler.is_compiling():
-            low, high = int(y.min()), int(y.max())
+        if not capturing and not torch.compiler.is_compiling() and not _labels_checked.get():
+            low, high = torch.stack(torch.aminmax(y)).tolist()  # one host sync
             if low < 0 or high > self.num_classes:
                 raise ValueError(f"y labels must be in [0, {self.num_classes}], got range [{low}, {high}]")
 

@@ -210,3 +210,17 @@ def test_bf16_weights_generate_close_to_fp32():
     _, out = half.generate(2, y=torch.tensor([1, 2]), forward_steps=2, seeds=seeds)
     assert out.dtype == torch.float32
     assert (out - ref).abs().max() < 0.05
+
+
+def test_sampling_loop_checks_labels_once(monkeypatch):
+    """The loop validates labels up front; the networks' per-call range check (a host sync) is skipped."""
+    model = tiny()
+    calls = []
+    original = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda *a, **k: calls.append(1) or original(*a, **k))
+    model.generate(2, y=torch.tensor([0, 1]), cfg=1.5, forward_steps=3)
+    assert calls == []
+    model.encoder(torch.rand(2, 3, 16, 16), torch.tensor([0, 1]))
+    assert calls == [1]
+    with pytest.raises(ValueError, match="labels must be in"):
+        model.decoder(torch.rand(2, 16, 4), torch.tensor([0, 9]))
