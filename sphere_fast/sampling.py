@@ -221,13 +221,22 @@ def run_loop(
     cache_noise: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The sampling loop from the initial draw; (first-step image, final image) in [0, 1]. The labels were
-    checked once by the caller, so the networks skip their per-call check (a host sync each)."""
+    checked once by the caller, so the networks skip their per-call check (a host sync each); under
+    torch.compile the check is skipped anyway and the context manager is left out of the trace."""
+    if torch.compiler.is_compiling():
+        return _loop(model, nets, noise, steps, scheduler, cache_noise)
+    with labels_checked():
+        return _loop(model, nets, noise, steps, scheduler, cache_noise)
+
+
+def _loop(
+    model: torch.nn.Module, nets: GuidedNetworks, noise: SeededNoise | DrawnNoise, steps: int, scheduler: bool, cache_noise: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     # spherify the fp32 draw, then feed the decoder in its weights' dtype (bf16 weights take bf16 input)
     weight_dtype = next(model.decoder.parameters()).dtype
-    with labels_checked():
-        first = x = nets.decode(model.f(noise.draw(0)).to(weight_dtype))
-        for x in refine(model, nets, first, noise, steps, scheduler=scheduler, cache_noise=cache_noise):
-            pass
+    first = x = nets.decode(model.f(noise.draw(0)).to(weight_dtype))
+    for x in refine(model, nets, first, noise, steps, scheduler=scheduler, cache_noise=cache_noise):
+        pass
     return to_unit(first), to_unit(x)
 
 
