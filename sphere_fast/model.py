@@ -40,7 +40,6 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
     "giant": {"width": 1664, "layers": 40, "heads": 16},
 }
 
-CFG_POSITIONS = ("enc", "dec", "combo")
 
 _labels_checked: contextvars.ContextVar[bool] = contextvars.ContextVar("sphere_fast_labels_checked", default=False)
 
