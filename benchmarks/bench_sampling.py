@@ -139,8 +139,8 @@ def test_sampling(benchmark, ceilings, impl: str, name: str, batch: int, steps: 
     ms = cuda_time_ms(lambda: run(labels, seeds), warmup=1, rep=rep, flush_l2=False)
     flops = flops_per_image(name, steps, cfg)
     record(benchmark, op=f"sample {name}", impl=impl, shape=case_id(batch, steps, cfg), dtype=DTYPE, ms=ms,
-           flops=flops * batch if flops else None, ceilings=ceilings)
-    benchmark.extra_info.update({"images_per_s": batch / (ms * 1e-3), "mean_abs_diff_vs_eager": diff})
+           flops=flops * batch if flops else None, ceilings=ceilings,
+           extra={"images_per_s": batch / (ms * 1e-3), "mean_abs_diff_vs_eager": diff})
 
 
 # ------------------------------------------------------------------------------------- time to first image
@@ -172,9 +172,8 @@ def test_time_to_first_image(benchmark, impl: str, name: str) -> None:
     child = json.loads(proc.stdout.strip().splitlines()[-1])
     seconds = child["done_at"] - spawned
     record(benchmark, op=f"first image {name}", impl=impl, shape=case_id(batch, steps, cfg), dtype=DTYPE,
-           ms=seconds * 1e3)
-    benchmark.extra_info.update({"build_s": child["build_s"], "first_call_s": child["first_call_s"],
-                                 "startup_s": seconds - child["build_s"] - child["first_call_s"]})
+           ms=seconds * 1e3, extra={"build_s": child["build_s"], "first_call_s": child["first_call_s"],
+                                    "startup_s": seconds - child["build_s"] - child["first_call_s"]})
 
 
 if __name__ == "__main__":

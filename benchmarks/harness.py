@@ -30,6 +30,7 @@ body still runs inside the normal test command, so suites cannot rot. Its number
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import statistics
@@ -42,10 +43,13 @@ from typing import Any, TypeVar
 import pytest
 import torch
 
-SMOKE: bool = os.environ.get("SPHERE_FAST_BENCH_SMOKE") == "1" or not torch.cuda.is_available()
+# "1" forces smoke mode; "0" keeps the real sizes even without CUDA (to list the real grid with --collect-only)
+_SMOKE_ENV = os.environ.get("SPHERE_FAST_BENCH_SMOKE")
+SMOKE: bool = _SMOKE_ENV == "1" or (_SMOKE_ENV != "0" and not torch.cuda.is_available())
 DEVICE: torch.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 L2_FLUSH_BYTES = 256 * 1024 * 1024  # several times the H200's 60 MB L2
 OURS = ("triton", "cpp")  # the impl names that are this project's kernels
+ROWS_ENV = "SPHERE_FAST_BENCH_ROWS"  # gpu_check sets it: a JSON-lines file each recorded case is appended to
 
 T = TypeVar("T")
 
@@ -228,11 +232,13 @@ def record(
     flops: int | None = None,
     ceilings: Ceilings | None = None,
     baseline_ms: float | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Store one measured case in pytest-benchmark's JSON (``extra_info``) and return that info.
 
     ``ms`` is the median (a ``Timing`` from cuda_time_ms also passes its samples, which then become
     pytest-benchmark's rounds, so its own table and ``pytest-benchmark compare`` show device times).
+    ``extra`` adds case-specific fields (images/s, ...). The row is also streamed (``stream_row``).
     """
     info: dict[str, Any] = {
         "op": op,
@@ -245,14 +251,27 @@ def record(
         "flops": flops,
         "smoke": SMOKE,
         "device": device_name(),
+        **(extra or {}),
     }
     benchmark.extra_info.update(info)
+    stream_row("case", {"name": getattr(benchmark, "fullname", benchmark.name), "extra_info": info})
     benchmark.group = f"{op} {info['shape']} {info['dtype']}"
     samples = getattr(ms, "samples_ms", (float(ms),))
     # pytest-benchmark 5.3.1 reads the clock from benchmark._timer when pedantic builds its runner.
     benchmark._timer = _replay_timer(samples)
     benchmark.pedantic(lambda: None, rounds=len(samples), iterations=1, warmup_rounds=0)
     return info
+
+
+def stream_row(kind: str, payload: Mapping[str, Any]) -> None:
+    """Append ``{"kind": kind, **payload}`` as one line to the file named by $SPHERE_FAST_BENCH_ROWS, if set.
+
+    pytest-benchmark writes its JSON only when the session ends; these lines survive a run that is killed
+    at its time limit, and gpu_check rebuilds the results from them (report.results_from_rows)."""
+    path = os.environ.get(ROWS_ENV)
+    if path:
+        with open(path, "a") as out:
+            out.write(json.dumps({"kind": kind, **payload}) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------ impls

@@ -90,6 +90,8 @@ def header(data: dict[str, Any]) -> str:
         )
     if env.get("smoke", True):
         lines.append("**Smoke run (tiny sizes, one call, no GPU timing): these numbers are not measurements.**")
+    if data.get("partial"):
+        lines.append("The benchmark run was cut off at its time limit: these are the cases it finished.")
     return "\n\n".join(lines)
 
 
@@ -129,6 +131,31 @@ def render(data: dict[str, Any]) -> str:
         f"{header(data)}\n\n{body}\n\nTimes are medians of CUDA-event timings with L2 flushed; speedups "
         "and rates are those of the faster of our triton / cpp kernels."
     )
+
+
+def results_from_rows(lines: Sequence[str], when: datetime, commit: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A results JSON like pytest-benchmark's, rebuilt from the rows harness.stream_row wrote (for a run cut
+    off before pytest-benchmark wrote its own): the environment (with the ceilings) and every case recorded."""
+    env: dict[str, Any] = {}
+    cases = []
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # the last line of a killed run may be cut short
+            continue
+        if row.get("kind") == "environment":
+            env = row["sphere_fast"]
+        elif row.get("kind") == "case":
+            cases.append({"name": row["name"], "extra_info": row["extra_info"]})
+    return {
+        "machine_info": {"sphere_fast": env},
+        "commit_info": commit or {},
+        "datetime": when.isoformat(),
+        "partial": True,
+        "benchmarks": cases,
+    }
 
 
 def latest_result(results_dir: Path = RESULTS_DIR) -> tuple[Path, dict[str, Any]] | None:

@@ -76,6 +76,20 @@ def test_record_fills_extra_info(benchmark) -> None:
     assert info["speedup"] == pytest.approx(4.0) and info["tflops"] is None
 
 
+def test_record_streams_its_row_when_asked(benchmark, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = tmp_path / "rows.jsonl"
+    monkeypatch.setenv(harness.ROWS_ENV, str(rows))
+    info = harness.record(benchmark, op="unit-test", impl="cpp", shape="b1 t4", dtype="bf16", ms=2.0,
+                          extra={"images_per_s": 500.0})
+    harness.stream_row("environment", {"sphere_fast": {"device": "cpu"}})
+    case, env = [json.loads(line) for line in rows.read_text().splitlines()]
+    assert case == {"kind": "case", "name": benchmark.fullname, "extra_info": info}
+    assert info["images_per_s"] == 500.0 and env == {"kind": "environment", "sphere_fast": {"device": "cpu"}}
+    monkeypatch.delenv(harness.ROWS_ENV)
+    harness.stream_row("case", {"name": "x"})  # no file asked for: nothing written
+    assert len(rows.read_text().splitlines()) == 2
+
+
 def test_record_stores_event_samples_as_pytest_benchmark_rounds(tmp_path: Path) -> None:
     # Run a real pytest-benchmark session: its stats must be our samples, not a wall-clock no-op.
     (tmp_path / "bench_fake.py").write_text(textwrap.dedent("""
@@ -241,8 +255,49 @@ def test_bench_phase_passes_a_deadline(tmp_path: Path, monkeypatch: pytest.Monke
     expected = time.time() + 100 - gpu_check.JSON_MARGIN_S
     assert expected - 5 < deadline <= expected + 1
     assert seen["timeout"] <= 100 and f"--benchmark-json={check.bench_json}" in seen["cmd"]
+    assert "--run-slow" in seen["cmd"] and seen["env"][harness.ROWS_ENV].startswith(str(tmp_path))
     assert check.bench_json.parent == tmp_path and check.bench_json.name.startswith("bench-")
     assert "--benchmark-enable" in seen["cmd"] and seen["env"]["TORCH_CUDA_ARCH_LIST"]
+
+
+def test_bench_json_is_rebuilt_from_streamed_rows_when_the_run_is_cut(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env_row = _result()["machine_info"]
+    cases = [{"name": f"case{i}", "extra_info": r["extra_info"]} for i, r in enumerate(_result()["benchmarks"][:2])]
+
+    def killed_run(cmd, log, timeout, env=None, ok_codes=(0,)):
+        lines = [json.dumps({"kind": "environment", **env_row})]
+        lines += [json.dumps({"kind": "case", **c}) for c in cases]
+        Path(env[harness.ROWS_ENV]).write_text("\n".join(lines) + '\n{"kind": "case", "na')  # cut mid-line
+        return "timeout", 99.0
+
+    monkeypatch.setattr(gpu_check, "run_logged", killed_run)
+    check = gpu_check.Check(tmp_path, budget_s=100, phases=gpu_check.PHASES, cuda=True)
+    check.bench()
+    data = json.loads(check.bench_json.read_text())
+    assert data["benchmarks"] == cases and data["partial"] is True and report.is_gpu_result(data)
+    assert "rebuilt from the 2 cases" in check.results[-1].note and check.results[-1].status == "timeout"
+    assert "cut off" in report.render(data) and "| swiglu |" in report.render(data)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [check.bench_json.name]  # the rows file is gone
+
+
+def test_headline_cases_exist_in_the_real_grid_and_come_first() -> None:
+    from benchmarks import conftest
+
+    # Collect the real-size grid (no GPU needed to list it); every headline pattern must select cases.
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks", "--collect-only", "-q", "-p", "no:cacheprovider"],
+        cwd=ROOT, env={**os.environ, "SPHERE_FAST_BENCH_SMOKE": "0"}, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    ids = [line for line in proc.stdout.splitlines() if "::" in line]
+    ranks = [conftest.headline_rank(i) for i in ids]
+    assert ranks == sorted(ranks)  # headline cases first, in HEADLINE order
+    for rank, pattern in enumerate(conftest.HEADLINE):
+        assert rank in ranks, f"headline pattern {pattern!r} selects no benchmark"
+    assert ranks.count(len(conftest.HEADLINE)) > 500  # the grids follow
+    assert conftest.headline_rank("benchmarks/bench_spherify.py::test_spherify_noise_fwd[cpp-B256-L32768-bfloat16]") == 1
 
 
 def test_bench_cases_after_the_deadline_are_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
