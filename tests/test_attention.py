@@ -24,6 +24,7 @@ from sphere_fast.ops.attention import (
 )
 
 pytest.importorskip("triton")
+pytestmark = pytest.mark.cuda_capable
 # the package re-exports the function under the module's name, so fetch the module itself
 attn_mod = importlib.import_module("sphere_fast.ops.attention")
 

@@ -1,0 +1,240 @@
+"""The fused ops and the model on a CUDA device against the eager reference: the compiled Triton kernels and
+the CUDA C++ kernels, which the CPU suites (Triton interpreter, C++ CPU code) cannot reach. GPU-marked:
+benchmarks/gpu_check.py runs them; without CUDA they are skipped. (tests/test_attention.py is device-aware
+and runs its kernel on CUDA when there is one.)
+
+Tolerances, as in the CPU suites (tests/helpers.py): every output and input gradient is compared with the
+reference evaluated in float32 on the same (rounded) inputs, within 1e-5 (fp32) or 2**-6 (bf16) relative to
+the tensor's largest magnitude: the kernels compute in fp32 and round once. Model-level: the golden outputs
+of the official code within 1e-4 in fp32 (CPU parity is 5e-5; GPU GEMMs sum in another order), except
+Triton attention in fp32, whose dots run in TF32 (10-bit mantissa): 2e-2.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+
+import pytest
+import torch
+
+import sphere_fast
+from sphere_fast import SphereEncoder, ops
+from sphere_fast.ops.philox import sphere_noise
+from tests.helpers import TOL, close
+from tests.tiny import tiny_model
+
+pytestmark = pytest.mark.gpu
+
+spherify_mod = importlib.import_module("sphere_fast.ops.spherify")
+DEVICE = torch.device("cuda")
+DTYPES = [torch.float32, torch.bfloat16]
+KERNELS = ["triton", "cpp"]
+SEEDS = [5, -3, 2**40 + 1, 0]
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32():
+    """fp32 references without TF32 (cuDNN convolutions default to it)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def need(backend: str) -> str:
+    if backend not in sphere_fast.available_backends(DEVICE):
+        pytest.skip(f"backend {backend} not available on CUDA here: {sphere_fast.available_backends(DEVICE)}")
+    return backend
+
+
+def randn(*shape: int, dtype: torch.dtype = torch.float32, scale: float = 1.0, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed + sum(shape))
+    return (torch.randn(*shape, generator=g) * scale).to(DEVICE, dtype)
+
+
+def forward_backward(
+    fn: Callable[..., torch.Tensor | Sequence[torch.Tensor]],
+    inputs: Sequence[torch.Tensor | None],
+    dtype: torch.dtype,
+    constants: Sequence[int] = (),
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """Outputs of ``fn(*inputs)`` and the gradients of the inputs (but those at ``constants``) for fixed
+    upstream gradients; ``dtype`` is what the inputs are cast to (float32 for the reference run)."""
+    leaves = [None if t is None else t.detach().to(dtype).requires_grad_(i not in constants)
+              for i, t in enumerate(inputs)]
+    outs = fn(*leaves)
+    outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+    loss = sum((o.float() * randn(*o.shape, seed=7 + i)).sum() for i, o in enumerate(outs))
+    wrt = [t for t in leaves if t is not None and t.requires_grad]
+    grads = iter(torch.autograd.grad(loss, wrt))
+    return outs, [next(grads) if t is not None and t.requires_grad else None for t in leaves]
+
+
+def check_against_reference(
+    what: str,
+    fused: Callable,
+    reference: Callable,
+    inputs: Sequence[torch.Tensor | None],
+    dtype: torch.dtype,
+    constants: Sequence[int] = (),
+) -> None:
+    rounded = [None if t is None else t.to(dtype) for t in inputs]
+    outs, grads = forward_backward(fused, rounded, dtype, constants)
+    ref_outs, ref_grads = forward_backward(reference, rounded, torch.float32, constants)
+    for i, (out, ref) in enumerate(zip(outs, ref_outs, strict=True)):
+        assert out.dtype == dtype and out.device.type == "cuda"
+        close(out, ref, TOL[dtype], f"{what} output {i}")
+    for i, (grad, ref) in enumerate(zip(grads, ref_grads, strict=True)):
+        if ref is not None:
+            close(grad, ref, TOL[dtype], f"{what} grad of input {i}")
+
+
+# ------------------------------------------------------------------------------------------------- ops
+
+SPHERIFY_SHAPES = [(4, 4096), (3, 2049), (2, 131072)]  # one block, an odd tail, many blocks per row
+
+
+@pytest.mark.parametrize("shape", SPHERIFY_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", KERNELS)
+def test_spherify_ops(backend: str, dtype: torch.dtype, shape: tuple[int, int]) -> None:
+    need(backend)
+    B, L = shape
+    z = randn(B, L, scale=3.0)
+    seeds = torch.tensor(SEEDS[:B] + [11] * max(0, B - len(SEEDS)), device=DEVICE)
+    scale = torch.tensor([0.7, 0.0, 2.5, 1.0][:B], device=DEVICE)
+    small = scale * 0.25
+    e = sphere_noise(seeds, (L,), stream=2)  # the convention's draw, float32
+
+    check_against_reference("spherify", lambda z: ops.spherify(z, backend=backend), ops.spherify_reference,
+                            [z], dtype)
+    check_against_reference(
+        "spherify_noise(seeds)",
+        lambda z, s: ops.spherify_noise(z, s, seeds=seeds, stream=2, backend=backend),
+        lambda z, s: ops.spherify_noise_reference(z, s, e), [z, scale], dtype)
+    check_against_reference(
+        "spherify_noise(noise)",
+        lambda z, s, n: ops.spherify_noise(z, s, noise=n, backend=backend),
+        ops.spherify_noise_reference, [z, scale, e], dtype, constants=[2])
+    check_against_reference(
+        "spherify_noise_pair",
+        lambda z, a, b: ops.spherify_noise_pair(z, a, b, seeds=seeds, stream=2, backend=backend),
+        lambda z, a, b: (ops.spherify_noise_reference(z, a, e), ops.spherify_noise_reference(z, b, e)),
+        [z, scale, small], dtype)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_sphere_noise_kernels_follow_the_convention(backend: str) -> None:
+    need(backend)
+    draw = {"triton": spherify_mod.triton_sphere_noise, "cpp": spherify_mod.cpp_sphere_noise}[backend]
+    seeds = torch.tensor(SEEDS, dtype=torch.int64)
+    for shape, stream in (((4, 64), 0), ((3, 17), 5), ((65536,), 1)):
+        expected = sphere_noise(seeds, shape, stream=stream)  # the pure-torch Philox on the CPU
+        got = draw(seeds.to(DEVICE), shape, stream)
+        # Philox bits are exact; Box-Muller's log/cos differ by an ulp or two between libraries
+        torch.testing.assert_close(got.cpu(), expected, rtol=1e-5, atol=1e-5)
+
+
+ADALN_SHAPES = [(4, 256, 1024), (2, 255, 1152), (3, 7, 97)]
+
+
+@pytest.mark.parametrize("tokens", [False, True], ids=["per-sample", "per-token"])
+@pytest.mark.parametrize("shape", ADALN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", KERNELS)
+def test_adaln_ops(backend: str, dtype: torch.dtype, shape: tuple[int, int, int], tokens: bool) -> None:
+    need(backend)
+    B, S, D = shape
+    mod = (B, S, D) if tokens else (B, 1, D)
+    x, branch = randn(B, S, D), randn(B, S, D, seed=1)
+    gate, shift, scale = randn(*mod, scale=0.5, seed=2), randn(*mod, scale=0.5, seed=3), randn(*mod, scale=0.5, seed=4)
+    weight = 1 + randn(D, scale=0.1, seed=5)
+    check_against_reference(
+        "gated_residual_adaln",
+        lambda *t: ops.gated_residual_adaln(*t, backend=backend),
+        ops.gated_residual_adaln_reference, [x, branch, gate, weight, shift, scale], dtype)
+    check_against_reference(
+        "adaln_modulate", lambda *t: ops.adaln_modulate(*t, backend=backend),
+        ops.adaln_modulate_reference, [x, weight, shift, scale], dtype)
+    check_against_reference(
+        "rmsnorm", lambda x, w: ops.adaln_modulate(x, w, backend=backend),
+        lambda x, w: ops.adaln_modulate_reference(x, w), [x, weight], dtype)
+
+
+@pytest.mark.parametrize("shape", [(4, 256, 2 * 2730), (3, 7, 2 * 48)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", KERNELS)
+def test_swiglu(backend: str, dtype: torch.dtype, shape: tuple[int, int, int]) -> None:
+    need(backend)
+    check_against_reference("swiglu", lambda h: ops.swiglu(h, backend=backend), ops.swiglu_reference,
+                            [randn(*shape, scale=2.0)], dtype)
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+@pytest.fixture(scope="module")
+def golden(reference):
+    return torch.load(reference / "golden" / "tiny_cond_linear.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def golden_model(golden) -> SphereEncoder:
+    model = SphereEncoder(**golden["config"]).eval()
+    model.load_state_dict(golden["state_dict"], strict=True)
+    return model.to(DEVICE)
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float().cpu() - b.float()).abs().max().item()
+
+
+@pytest.mark.parametrize("backend", ["eager", *KERNELS])
+def test_golden_parity_fp32(golden_model: SphereEncoder, golden, backend: str) -> None:
+    if backend != "eager":
+        need(backend)
+    tol = 2e-2 if backend == "triton" else 1e-4
+    c = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in golden["cases"]["forward"].items()}
+    case = golden["cases"]["generate"][-1]
+    with sphere_fast.use_backend(backend), torch.no_grad():
+        assert max_err(golden_model.encoder(c["x"], c["y"]), c["z"].cpu()) < tol
+        assert max_err(golden_model.decoder(c["v_noisy"], c["y"]), c["x_dec"].cpu()) < tol
+        first, out = golden_model.generate(
+            case["y"].shape[0], y=case["y"].to(DEVICE), cfg=case["cfg"], cfg_position=case["cfg_position"],
+            forward_steps=case["steps"], cache_sampling_noise=case["cache_noise"], noise=case["noise_draws"],
+        )
+    assert max_err(first, case["first"]) < tol and max_err(out, case["out"]) < tol
+
+
+@pytest.fixture(scope="module")
+def bf16_model() -> SphereEncoder:
+    return tiny_model().to(DEVICE, torch.bfloat16).eval()
+
+
+def assert_same_images(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    """bf16 rounding in other places, never other images: small mean and bounded largest difference."""
+    diff = (a.float() - b.float()).abs()
+    assert diff.mean() < 2e-3 and diff.max() < 5e-2, f"{what}: mean {diff.mean():.2e}, max {diff.max():.2e}"
+
+
+def test_backends_agree_on_bf16_samples(bf16_model: SphereEncoder) -> None:
+    labels = torch.arange(8, device=DEVICE) % 10
+    seeds = torch.arange(8, dtype=torch.int64, device=DEVICE) * 31 + 1
+    images = {}
+    for backend in ["eager", *(b for b in KERNELS if b in sphere_fast.available_backends(DEVICE))]:
+        with sphere_fast.use_backend(backend):
+            _, images[backend] = bf16_model.generate(8, y=labels, cfg=1.4, forward_steps=3, seeds=seeds,
+                                                     dtype=torch.bfloat16)
+    assert len(images) > 1, "no fused backend on CUDA"
+    for backend, out in images.items():
+        assert_same_images(out, images["eager"], backend)
+
+
+def test_inductor_compiles_the_fused_model(bf16_model: SphereEncoder) -> None:
+    """torch.compile (inductor, fullgraph) over the fused ops on CUDA: no graph break, same outputs."""
+    v = bf16_model.f(randn(4, *bf16_model.latent_shape[1:])).to(torch.bfloat16)
+    y = torch.tensor([1, 2, 3, 10], device=DEVICE)  # 10 = null label
+    compiled = torch.compile(bf16_model.decoder, fullgraph=True)
+    with torch.no_grad():
+        assert_same_images(compiled(v, y), bf16_model.decoder(v, y), "compiled decoder")
