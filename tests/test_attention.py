@@ -205,6 +205,22 @@ def test_impl_choice_is_visible(caplog: pytest.LogCaptureFixture) -> None:
     assert sum("attention on" in r.getMessage() and "impl triton" in r.getMessage() for r in caplog.records) == 1
 
 
+def test_auto_keeps_fp32_exact_unless_tf32_is_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel's fp32 dots run in TF32, so auto gives fp32 inputs to SDPA at torch's default precision."""
+    if DEVICE == "cpu":  # make auto resolve to triton as it does on CUDA
+        monkeypatch.setattr(attn_mod, "resolve_backend", lambda *args: "triton")
+    q32, q16 = torch.zeros(1, 1, 4, 32, device=DEVICE), torch.zeros(1, 1, 4, 32, device=DEVICE, dtype=torch.bfloat16)
+    precision = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert attention_impl(q32) == "sdpa" and attention_impl(q16) == "triton"
+        assert attention_impl(q32, backend="triton") == "triton"  # asked for by name: TF32 is the user's call
+        torch.set_float32_matmul_precision("high")
+        assert attention_impl(q32) == "triton"
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
 def _inputs(b=1, h=2, n=8, d=32, dtype=torch.float32):
     return [torch.randn(b, h, n, d, device=DEVICE, dtype=dtype) for _ in range(3)]
 

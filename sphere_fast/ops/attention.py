@@ -130,6 +130,10 @@ def attention_impls(
     return names
 
 
+def _tf32_allowed() -> bool:
+    return torch.get_float32_matmul_precision() != "highest"
+
+
 @torch.compiler.assume_constant_result
 def _choose_impl(device: torch.device, dtype: torch.dtype, head_dim: int, backend: str | None, impl: str | None) -> str:
     # a constant under torch.compile: runs once at trace time, so the logging here breaks no graph
@@ -147,6 +151,9 @@ def _choose_impl(device: torch.device, dtype: torch.dtype, head_dim: int, backen
         requested = backend if backend is not None else active_backend()
         resolved = resolve_backend("attention", device, backend, AUTO_ORDER)
         why = f"backend {resolved}" + (" via auto" if requested == "auto" else "")
+        if requested == "auto" and resolved == "triton" and dtype == torch.float32 and not _tf32_allowed():
+            # The Triton dots run fp32 in TF32: auto keeps torch's exact fp32 unless the user allowed TF32.
+            resolved, why = "eager", why + ", fp32 without TF32 (torch.set_float32_matmul_precision)"
         if resolved == "eager":
             name = "sdpa"
         elif resolved == "cpp":
@@ -359,7 +366,9 @@ def attention(
     impl: str | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v on [B, H, N, D] (strided views allowed), with q and k rotated by
-    ``rope`` [N, 2D] float32 (cos | sin, interleaved pairs) first. ``impl`` forces one of ``IMPLS``."""
+    ``rope`` [N, 2D] float32 (cos | sin, interleaved pairs) first. ``impl`` forces one of ``IMPLS``. The
+    Triton kernel's float32 dots run in TF32, so under ``auto`` float32 inputs take SDPA unless TF32 is
+    allowed (``torch.set_float32_matmul_precision("high")``)."""
     _check_inputs(q, k, v, rope)
     name = attention_impl(q, backend=backend, impl=impl)
     if name == "triton":
