@@ -279,6 +279,12 @@ def bucket_for(n: int, batch_size: int) -> int:
     return min(batch_size, 1 << (n - 1).bit_length())
 
 
+def cuda_graphs_usable(device: torch.device) -> bool:
+    """Whether the sampling loop can be captured on ``device``: CUDA only (tests/cuda_graph_emulator.py swaps
+    this out to run the capture path on CPU)."""
+    return device.type == "cuda"
+
+
 @dataclass(frozen=True)
 class GraphKey:
     """What a captured loop is specialised on (everything else is read from its static buffers)."""
@@ -288,6 +294,7 @@ class GraphKey:
     guide: str | None
     cache_noise: bool
     scheduler: bool
+    dtype: torch.dtype
 
 
 class _CapturedLoop:
@@ -363,7 +370,7 @@ class Sampler:
         self.scheduler = scheduler
         self.dtype = dtype
         self.device = next(model.parameters()).device
-        self.use_graphs = cuda_graph and self.device.type == "cuda"
+        self.use_graphs = cuda_graph and cuda_graphs_usable(self.device)
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._graphs: dict[GraphKey, _CapturedLoop] = {}
         self._check_settings()
@@ -393,7 +400,7 @@ class Sampler:
         """The loop for ``key`` on device tensors: the body of every graph and the un-captured path."""
         nets = GuidedNetworks(self.model, labels, key.guide, weight)
         noise = SeededNoise(seeds, self.model.latent_shape[1:])
-        with autocast(self.device, self.dtype, cache=not capture):
+        with autocast(self.device, key.dtype, cache=not capture):
             return run_loop(self.model, nets, noise, key.steps, scheduler=key.scheduler, cache_noise=key.cache_noise)
 
     def _batch_length(self, labels: object, seeds: object) -> int:
@@ -417,7 +424,7 @@ class Sampler:
         guide = guidance(self.model, self.cfg, self.cfg_position)
         weight = guidance_weight(self.cfg, self.cfg_position)
         bucket = bucket_for(n, self.batch_size) if self.use_graphs else n
-        key = GraphKey(bucket, self.steps, guide, self.cache_noise, self.scheduler)
+        key = GraphKey(bucket, self.steps, guide, self.cache_noise, self.scheduler, self.dtype)
         if self.use_graphs:
             if key not in self._graphs:
                 self._graphs[key] = _CapturedLoop(self, key, self._pool)

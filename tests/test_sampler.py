@@ -182,7 +182,7 @@ def test_compile_decoder_fullgraph(model):
 @pytest.mark.slow
 def test_compile_sampler_loop_fullgraph(model):
     sampler = Sampler(model, 4, 2, cfg=1.4, dtype=torch.float32)
-    key = GraphKey(4, 2, "combo", True, False)
+    key = GraphKey(4, 2, "combo", True, False, torch.float32)
     labels, seeds = LABELS[:4], SEEDS[:4]
     w = torch.tensor(math.sqrt(1.4))
     compiled = torch.compile(sampler.loop, fullgraph=True)
@@ -241,7 +241,7 @@ def test_graph_selection(cuda_model):
     sampler = Sampler(cuda_model, 8, 2, cfg=1.4)
     labels, seeds = LABELS.cuda(), SEEDS.cuda()
     a = sampler(labels, seeds)
-    assert sampler.graph_keys == (GraphKey(8, 2, "combo", True, False),)
+    assert sampler.graph_keys == (GraphKey(8, 2, "combo", True, False, torch.bfloat16),)
     sampler.cfg = 2.0  # same graph, new weight in its buffer
     b = sampler(labels, seeds)
     assert len(sampler.graph_keys) == 1 and (a - b).abs().max() > 1e-3
@@ -254,10 +254,10 @@ def test_graph_selection(cuda_model):
     sampler(labels[:3], seeds[:3])
     sampler(labels[:3], seeds[:3])  # replays the bucket-4 graph
     assert sampler.graph_keys == (
-        GraphKey(8, 2, "combo", True, False),
-        GraphKey(8, 2, None, True, False),
-        GraphKey(8, 3, None, True, False),
-        GraphKey(4, 3, None, True, False),
+        GraphKey(8, 2, "combo", True, False, torch.bfloat16),
+        GraphKey(8, 2, None, True, False, torch.bfloat16),
+        GraphKey(8, 3, None, True, False, torch.bfloat16),
+        GraphKey(4, 3, None, True, False, torch.bfloat16),
     )
     sampler.steps, sampler.cfg = 2, 1.4
     assert torch.equal(sampler(labels, seeds), a)  # back to the first graph
