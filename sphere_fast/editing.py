@@ -20,11 +20,11 @@ from sphere_fast.sampling import (
     autocast,
     check_count,
     check_sampling_args,
-    check_seeds,
     fresh_seeds,
     refine,
     run_loop,
     sample_labels,
+    seeds_on,
     to_unit,
 )
 
@@ -58,7 +58,7 @@ def _check_scaler(noise_scaler: float) -> None:
 
 
 def _seeds(seeds: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
-    return fresh_seeds(batch, device) if seeds is None else check_seeds(seeds, batch, device)
+    return fresh_seeds(batch, device) if seeds is None else seeds_on(seeds, batch, device)
 
 
 @torch.no_grad()
@@ -240,7 +240,7 @@ def interpolate(
     check_sampling_args(points, cfg, cfg_position, steps, steps_name="steps")
     if method not in INTERPOLATIONS:
         raise ValueError(f"method must be one of {INTERPOLATIONS}, got {method!r}")
-    seeds = check_seeds(seeds, 4, device)
+    seeds = seeds_on(seeds, 4, device)
     corner_labels = sample_labels(model, 4, labels, device, name="labels")
     shape = model.latent_shape[1:]
     noise = DrawnNoise(lambda stream: bilinear(ops.sphere_noise(seeds, shape, stream=stream), rows, cols, method))

@@ -16,6 +16,7 @@ import torch
 
 from sphere_fast import ops
 from sphere_fast.model import labels_checked
+from sphere_fast.ops.philox import check_seeds
 
 CFG_POSITIONS = ("enc", "dec", "combo")
 SAMPLER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -37,11 +38,10 @@ def check_sampling_args(
     check_count(steps_name, steps)
 
 
-def check_seeds(seeds: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
-    if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64 or seeds.shape != (batch_size,):
-        raise TypeError(f"seeds must be an int64 tensor of shape ({batch_size},), got {getattr(seeds, 'dtype', type(seeds).__name__)} {tuple(getattr(seeds, 'shape', ()))}")
+def seeds_on(seeds: object, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Per-sample seeds checked as the noise ops check them (int64, shape [batch_size]), on ``device``."""
     # non_blocking: a host tensor is staged at once, and the device queue is not drained
-    return seeds.to(device, non_blocking=True)
+    return check_seeds(seeds, batch_size).to(device, non_blocking=True)
 
 
 def fresh_seeds(batch_size: int, device: torch.device) -> torch.Tensor:
@@ -264,7 +264,7 @@ def sample(
     y = sample_labels(model, batch_size, y, device)
     nets = GuidedNetworks.from_scale(model, y, cfg, cfg_position)
     if seeds is not None:
-        source: SeededNoise | DrawnNoise = SeededNoise(check_seeds(seeds, batch_size, device), model.latent_shape[1:])
+        source: SeededNoise | DrawnNoise = SeededNoise(seeds_on(seeds, batch_size, device), model.latent_shape[1:])
     else:
         draws = noise_stream(model, batch_size, device, noise)
         source = DrawnNoise(lambda stream: next(draws))
@@ -420,7 +420,7 @@ class Sampler:
         self._check_settings()
         n = self._batch_length(labels, seeds)
         labels = sample_labels(self.model, n, labels, self.device, name="labels")
-        seeds = fresh_seeds(n, self.device) if seeds is None else check_seeds(seeds, n, self.device)
+        seeds = fresh_seeds(n, self.device) if seeds is None else seeds_on(seeds, n, self.device)
         guide = guidance(self.model, self.cfg, self.cfg_position)
         weight = guidance_weight(self.cfg, self.cfg_position)
         bucket = bucket_for(n, self.batch_size) if self.use_graphs else n

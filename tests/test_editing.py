@@ -190,7 +190,7 @@ def test_interpolate_unconditional_and_bad_args(model):
     m = tiny_model(num_classes=0)
     seeds = torch.tensor([1, 2, 3, 4], dtype=torch.int64)
     assert interpolate(m, seeds, rows=2, cols=2).shape == (2, 2, 3, 16, 16)
-    with pytest.raises(TypeError, match="seeds"):
+    with pytest.raises(ValueError, match="seeds"):
         interpolate(model, seeds[:3])
     with pytest.raises(ValueError, match="rows"):
         interpolate(model, seeds, rows=0)
