@@ -68,8 +68,9 @@ def sample_labels(
     if not isinstance(y, torch.Tensor) or y.dtype != torch.long or y.shape != (batch_size,):
         raise TypeError(f"{name} must be an int64 tensor of shape ({batch_size},), got {getattr(y, 'dtype', type(y).__name__)} {tuple(getattr(y, 'shape', ()))}")
     high = model.num_classes if allow_null else model.num_classes - 1
-    if int(y.min()) < 0 or int(y.max()) > high:
-        raise ValueError(f"{name} labels must be in [0, {high}], got range [{int(y.min())}, {int(y.max())}]")
+    low, top = torch.stack(torch.aminmax(y)).tolist()  # one host read (a sync for device labels)
+    if low < 0 or top > high:
+        raise ValueError(f"{name} labels must be in [0, {high}], got range [{low}, {top}]")
     return y.to(device, non_blocking=True)
 
 
