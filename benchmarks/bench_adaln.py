@@ -18,7 +18,7 @@ import itertools
 import pytest
 import torch
 
-from benchmarks.harness import DEVICE, cuda_time_ms, impls, pick, record
+from benchmarks.harness import DEVICE, cuda_time_ms, gate, impls, pick, record
 
 adaln = importlib.import_module("sphere_fast.ops.adaln")
 swiglu = importlib.import_module("sphere_fast.ops.swiglu")
@@ -52,6 +52,7 @@ def test_gated_residual_adaln_fwd(benchmark, ceilings, impl, shape) -> None:
     B, N, W = shape
     inputs = _adaln_inputs(B, N, W, requires_grad=False)
     e, M = inputs[0].element_size(), B * N
+    gate(impl(*inputs), adaln.gated_residual_adaln_reference(*(t.float() for t in inputs)), impl.name)
     ms = cuda_time_ms(lambda: impl(*inputs))
     record(benchmark, op="gated_residual_adaln_fwd", impl=impl.name, shape=shape, dtype=DTYPE, ms=ms,
            bytes_moved=4 * M * W * e + (3 * B * W + W) * e + 4 * M, ceilings=ceilings)
@@ -76,6 +77,7 @@ def test_swiglu_fwd(benchmark, ceilings, impl, shape) -> None:
     B, N, W = shape
     H = _hidden(W)
     h = torch.randn(B, N, 2 * H, device=DEVICE, dtype=DTYPE)
+    gate(impl(h), swiglu.swiglu_reference(h.float()), impl.name)
     ms = cuda_time_ms(lambda: impl(h))
     record(benchmark, op="swiglu_fwd", impl=impl.name, shape=(B, N, 2 * H), dtype=DTYPE, ms=ms,
            bytes_moved=3 * B * N * H * h.element_size(), ceilings=ceilings)

@@ -21,7 +21,7 @@ import itertools
 import pytest
 import torch
 
-from benchmarks.harness import DEVICE, cuda_time_ms, impls, pick, record
+from benchmarks.harness import DEVICE, cuda_time_ms, gate, impls, pick, record
 
 S = importlib.import_module("sphere_fast.ops.spherify")
 
@@ -64,6 +64,7 @@ def _id(case) -> str:
 def test_spherify_fwd(benchmark, ceilings, impl, case) -> None:
     shape, dtype = case
     z, *_ = _inputs(shape, dtype)
+    gate(impl(z), S.spherify_reference(z.float()), impl.name)
     ms = cuda_time_ms(lambda: impl(z))
     record(benchmark, op="spherify_fwd", impl=impl.name, shape=shape, dtype=dtype, ms=ms,
            bytes_moved=2 * z.numel() * z.element_size(), ceilings=ceilings)
@@ -74,6 +75,7 @@ def test_spherify_fwd(benchmark, ceilings, impl, case) -> None:
 def test_spherify_noise_fwd(benchmark, ceilings, impl, case) -> None:
     shape, dtype = case
     z, seeds, big, _ = _inputs(shape, dtype)
+    gate(impl(z, big, seeds=seeds), _noise_reference(z.float(), big, seeds=seeds), impl.name)
     ms = cuda_time_ms(lambda: impl(z, big, seeds=seeds))
     record(benchmark, op="spherify_noise_fwd", impl=impl.name, shape=shape, dtype=dtype, ms=ms,
            bytes_moved=2 * z.numel() * z.element_size(), ceilings=ceilings)
@@ -96,6 +98,7 @@ def test_spherify_noise_bwd(benchmark, ceilings, impl, case) -> None:
 def test_spherify_noise_pair_fwd(benchmark, ceilings, impl, case) -> None:
     shape, dtype = case
     z, seeds, big, small = _inputs(shape, dtype)
+    gate(impl(z, big, small, seeds=seeds), _pair_reference(z.float(), big, small, seeds=seeds), impl.name)
     ms = cuda_time_ms(lambda: impl(z, big, small, seeds=seeds))
     record(benchmark, op="spherify_noise_pair_fwd", impl=impl.name, shape=shape, dtype=dtype, ms=ms,
            bytes_moved=3 * z.numel() * z.element_size(), ceilings=ceilings)

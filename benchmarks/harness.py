@@ -263,6 +263,16 @@ def record(
     return info
 
 
+def gate(actual: torch.Tensor | Sequence[torch.Tensor], expected: torch.Tensor | Sequence[torch.Tensor], what: str) -> None:
+    """The correctness gate before timing, so that a wrong kernel is never timed: each output within 2**-6
+    (two bf16 ulps) of the reference, relative to the reference's largest magnitude."""
+    pairs = zip(*((t,) if isinstance(t, torch.Tensor) else tuple(t) for t in (actual, expected)), strict=True)
+    for i, (out, ref) in enumerate(pairs):
+        ref = ref.float()
+        atol = 2**-6 * max(ref.abs().max().item(), 1e-6)
+        torch.testing.assert_close(out.float(), ref, rtol=2**-6, atol=atol, msg=lambda m: f"{what} output {i}: {m}")
+
+
 def stream_row(kind: str, payload: Mapping[str, Any]) -> None:
     """Append ``{"kind": kind, **payload}`` as one line to the file named by $SPHERE_FAST_BENCH_ROWS, if set.
 

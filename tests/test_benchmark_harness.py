@@ -66,6 +66,16 @@ def test_smoke_timer_calls_once_with_rotated_args() -> None:
     assert harness.measure_ceilings() is None
 
 
+def test_gate_passes_rounding_and_stops_wrong_outputs() -> None:
+    ref = torch.randn(64, 256)
+    harness.gate(ref.to(torch.bfloat16), ref, "bf16 rounding")
+    harness.gate((ref, ref * 2), (ref, ref * 2), "pair")
+    with pytest.raises(AssertionError, match="wrong output 1"):
+        harness.gate((ref, ref * 1.1), (ref, ref), "wrong")
+    with pytest.raises(ValueError):
+        harness.gate((ref,), (ref, ref), "missing output")
+
+
 def test_record_fills_extra_info(benchmark) -> None:
     # An op name no bench uses: this row must never be mistaken for a measurement.
     info = harness.record(benchmark, op="unit-test", impl="triton", shape=(8, 256, 4096), dtype=torch.bfloat16,
