@@ -339,12 +339,13 @@ class Sampler:
     [B, 3, H, W] in [0, 1] (and, with ``return_first``, ``(first, final)`` like ``generate``).
 
     Labels None means uniform random ones; seeds None means fresh ones; B is the length of labels or seeds,
-    else ``batch_size``; labels on the device are range-checked on the host (one sync). A sample's image depends only on its seed, label, steps and cfg (the sphere_fast
-    noise convention). ``steps``, ``cfg``, ``cfg_position``, ``cache_noise`` and ``scheduler`` may be changed
-    between calls. On CUDA with ``cuda_graph`` the loop is captured once per ``GraphKey`` (batches padded to
-    power-of-two buckets, all graphs in one memory pool) and replayed; elsewhere it runs un-captured. For
-    speed pass a model already cast to ``dtype``; a captured graph holds the model's parameters in place, so
-    do not move or re-create them after the first call."""
+    else ``batch_size``; labels on the device are range-checked on the host (one sync). A sample's image
+    depends only on its seed, label, steps and cfg (the sphere_fast noise convention). ``steps``, ``cfg``,
+    ``cfg_position``, ``cache_noise``, ``scheduler`` and ``dtype`` may be changed between calls. On CUDA with
+    ``cuda_graph`` the loop is captured once per ``GraphKey`` (batches padded to power-of-two buckets, all
+    graphs in one memory pool) and replayed; elsewhere it runs un-captured. ``prepare(n)`` captures ahead
+    of the first call. For speed pass a model already cast to ``dtype``; a captured graph holds the model's
+    parameters in place, so do not move or re-create them after the first call."""
 
     def __init__(
         self,
@@ -414,6 +415,30 @@ class Sampler:
             raise ValueError(f"labels/seeds must hold 1 to batch_size={self.batch_size} samples, got {n}")
         return n
 
+    def _key(self, n: int) -> GraphKey:
+        guide = guidance(self.model, self.cfg, self.cfg_position)
+        bucket = bucket_for(n, self.batch_size) if self.use_graphs else n
+        return GraphKey(bucket, self.steps, guide, self.cache_noise, self.scheduler, self.dtype)
+
+    def _captured(self, key: GraphKey) -> _CapturedLoop:
+        if key not in self._graphs:
+            self._graphs[key] = _CapturedLoop(self, key, self._pool)
+        return self._graphs[key]
+
+    @torch.no_grad()
+    def prepare(self, n: int | None = None) -> GraphKey | None:
+        """Capture now the loop a call with ``n`` samples (default ``batch_size``) and the current settings
+        will replay, so that the first such call is fast (a server warms up this way). Returns its key, or
+        None where the loop runs un-captured (CPU, or ``cuda_graph=False``)."""
+        self._check_settings()
+        n = self.batch_size if n is None else n
+        check_count("n", n)
+        if not self.use_graphs:
+            return None
+        key = self._key(n)
+        self._captured(key)
+        return key
+
     @torch.no_grad()
     def __call__(
         self, labels: torch.Tensor | None = None, seeds: torch.Tensor | None = None, return_first: bool = False
@@ -422,15 +447,11 @@ class Sampler:
         n = self._batch_length(labels, seeds)
         labels = sample_labels(self.model, n, labels, self.device, name="labels")
         seeds = fresh_seeds(n, self.device) if seeds is None else seeds_on(seeds, n, self.device)
-        guide = guidance(self.model, self.cfg, self.cfg_position)
+        key = self._key(n)
         weight = guidance_weight(self.cfg, self.cfg_position)
-        bucket = bucket_for(n, self.batch_size) if self.use_graphs else n
-        key = GraphKey(bucket, self.steps, guide, self.cache_noise, self.scheduler, self.dtype)
         if self.use_graphs:
-            if key not in self._graphs:
-                self._graphs[key] = _CapturedLoop(self, key, self._pool)
-            first, final = self._graphs[key](labels, seeds, weight)
+            first, final = self._captured(key)(labels, seeds, weight)
         else:
-            w = torch.full((), weight, dtype=torch.float32, device=self.device) if guide is not None else None
+            w = torch.full((), weight, dtype=torch.float32, device=self.device) if key.guide is not None else None
             first, final = self.loop(key, labels, seeds, w)
         return (first, final) if return_first else final

@@ -193,3 +193,17 @@ def test_dtype_change_captures_its_own_graph(model: SphereEncoder, emulated_cuda
     assert [k.dtype for k in graphed.graph_keys] == [torch.float32, torch.bfloat16]
     close(bf16, plain(LABELS, SEEDS), TOL, "bf16 graph vs plain bf16")
     assert (bf16 - fp32).abs().amax() > 1e-4  # a replay of the fp32 graph would have returned fp32's images
+
+
+def test_prepare_captures_ahead_of_the_first_call(model: SphereEncoder, emulated_cuda_graphs: CudaGraphEmulator) -> None:
+    emu = emulated_cuda_graphs
+    graphed, plain = samplers(model, 8, (2, 1.4, "combo", True, False))
+    assert graphed.prepare(3) == GraphKey(4, 2, "combo", True, False, torch.float32)
+    assert graphed.prepare() == GraphKey(8, 2, "combo", True, False, torch.float32)
+    assert graphed.prepare(8) == graphed.graph_keys[-1] and (emu.captures, emu.replays) == (2, 0)
+    close(graphed(LABELS[:3], SEEDS[:3]), plain(LABELS[:3], SEEDS[:3]), TOL, "prepared bucket 4")
+    assert (emu.captures, emu.replays) == (2, 1)
+    assert plain.prepare() is None  # the un-captured path has nothing to prepare
+    for bad in (0, 9):
+        with pytest.raises(ValueError):
+            graphed.prepare(bad)
