@@ -19,6 +19,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from benchmarks import goals
+
 START = "<!-- perf:start -->"
 END = "<!-- perf:end -->"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -126,10 +128,12 @@ def table(records: Sequence[dict[str, Any]]) -> str:
 
 def render(data: dict[str, Any]) -> str:
     recs = rows(data)
-    body = table(recs) if recs else "No benchmark rows in this file."
+    if not recs:
+        return f"{header(data)}\n\nNo benchmark rows in this file."
     return (
-        f"{header(data)}\n\n{body}\n\nTimes are medians of CUDA-event timings with L2 flushed; speedups "
-        "and rates are those of the faster of our triton / cpp kernels."
+        f"{header(data)}\n\n### Goals\n\n{goals.table(recs)}\n\n### All cases\n\n{table(recs)}\n\n"
+        "Times are medians of CUDA-event timings with L2 flushed; speedups and rates are those of the faster of "
+        "our implementations (triton / cpp kernels; the un-captured / graphed sampler)."
     )
 
 

@@ -1,0 +1,157 @@
+"""The issues' speed goals, judged from the rows of one results file: met, not met, or not measured.
+
+Each goal names the rows it reads (op, shape filter, implementations) and states its bar as the issue does;
+"ours" is the faster of our implementations in a row group (triton / cpp for kernels, uncaptured / graph for
+the sampler), as in the report's table. Where several shapes qualify, the worst one is judged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+KERNELS = ("triton", "cpp")
+SAMPLERS = ("uncaptured", "graph")
+SDPA = ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math")
+
+Row = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    issue: int
+    goal: str
+    measured: str  # the worst qualifying value, and where; "–" when nothing qualified
+    status: str  # met | not met | not measured
+
+
+def _groups(rows: Sequence[Row], op: str, keep: Callable[[Any], bool]) -> dict[str, dict[str, Row]]:
+    """Rows of ``op`` whose shape passes ``keep``, by shape label, then by implementation."""
+    groups: dict[str, dict[str, Row]] = {}
+    for r in rows:
+        if r["op"] == op and keep(r["shape"]):
+            label = r["shape"] if isinstance(r["shape"], str) else "×".join(map(str, r["shape"]))
+            groups.setdefault(f"{r['dtype']} {label}", {})[r["impl"]] = r
+    return groups
+
+
+def _best(group: dict[str, Row], impls: Sequence[str]) -> Row | None:
+    found = [group[i] for i in impls if i in group]
+    return min(found, key=lambda r: r["ms"]) if found else None
+
+
+def _judge(
+    issue: int,
+    goal: str,
+    groups: dict[str, dict[str, Row]],
+    value: Callable[[dict[str, Row]], float | None],
+    bar: float,
+    unit: str,
+) -> Verdict:
+    """The worst ``value`` over the groups (where it can be computed) against ``bar`` (higher is better)."""
+    values = [(v, label) for label, g in groups.items() if (v := value(g)) is not None and math.isfinite(v)]
+    if not values:
+        return Verdict(issue, goal, "–", "not measured")
+    worst, label = min(values)
+    shown = f"{worst:.0f}%" if unit == "%" else f"{worst:.2f}x"
+    return Verdict(issue, goal, f"{shown} ({label})", "met" if worst >= bar else "not met")
+
+
+def _ours(impls: Sequence[str], field: str) -> Callable[[dict[str, Row]], float | None]:
+    """``field`` (pct_copy, pct_matmul) of the fastest of ``impls``."""
+
+    def value(g: dict[str, Row]) -> float | None:
+        best = _best(g, impls)
+        return None if best is None else best.get(field)
+
+    return value
+
+
+def _speedup(impls: Sequence[str], baselines: Sequence[str]) -> Callable[[dict[str, Row]], float | None]:
+    """Baseline time over ours; the best of ``baselines`` when several are given."""
+
+    def value(g: dict[str, Row]) -> float | None:
+        ours, base = _best(g, impls), _best(g, baselines)
+        return base["ms"] / ours["ms"] if ours and base else None
+
+    return value
+
+
+def _numel(shape: Any) -> int:
+    return 0 if isinstance(shape, str) else math.prod(shape)
+
+
+def _sampler_batch(shape: Any) -> int:
+    """The batch of a sampler row's shape label ("b64 t4 cfg1.4 combo"); 0 for kernel shapes."""
+    return int(shape.split()[0][1:]) if isinstance(shape, str) else 0
+
+
+def _spherify(rows: Sequence[Row]) -> list[Verdict]:
+    out = []
+    for op in ("spherify_noise_fwd", "spherify_noise_bwd", "spherify_noise_pair_fwd", "spherify_noise_pair_bwd"):
+        big = _groups(rows, op, lambda s: _numel(s) >= 8 << 20)
+        out.append(_judge(3, f"{op}: >= 85% of copy bandwidth at B*L >= 8M", big, _ours(KERNELS, "pct_copy"), 85, "%"))
+        out.append(_judge(3, f"{op}: >= 5x eager at B*L >= 8M", big, _speedup(KERNELS, ["eager"]), 5, "x"))
+    return out
+
+
+def _adaln(rows: Sequence[Row]) -> list[Verdict]:
+    out = []
+    for op, pct in (("gated_residual_adaln_fwd", 85), ("gated_residual_adaln_bwd", 75)):
+        many = _groups(rows, op, lambda s: _numel(s[:2]) >= 32 << 10)  # B*N rows
+        out.append(_judge(4, f"{op}: >= {pct}% of copy bandwidth at >= 32k rows", many, _ours(KERNELS, "pct_copy"),
+                          pct, "%"))
+    for op in ("gated_residual_adaln_fwd", "gated_residual_adaln_bwd", "swiglu_fwd", "swiglu_bwd"):
+        tokens_256 = _groups(rows, op, lambda s: s[1] == 256)
+        every = _groups(rows, op, lambda s: True)
+        out.append(_judge(4, f"{op}: >= 3x eager at 256 tokens", tokens_256, _speedup(KERNELS, ["eager"]), 3, "x"))
+        out.append(_judge(4, f"{op}: never slower than eager", every, _speedup(KERNELS, ["eager"]), 1, "x"))
+        out.append(_judge(4, f"{op}: >= torch.compile", every, _speedup(KERNELS, ["compile"]), 1, "x"))
+    return out
+
+
+def _attention(rows: Sequence[Row]) -> list[Verdict]:
+    out = []
+    for op, bar in (("attention_fwd", 1.0), ("attention_bwd", 0.9)):
+        shapes = _groups(rows, op, lambda s: s[2] == 1024 and s[3] in (64, 72) and s[0] * s[1] >= 256)  # B, H, N, D
+        out.append(_judge(5, f"{op}: >= {bar}x the best SDPA backend at N = 1024, D = 64 / 72, B*H >= 256",
+                          shapes, _speedup(["triton"], SDPA), bar, "x"))
+    return out
+
+
+def _sampler(rows: Sequence[Row]) -> list[Verdict]:
+    out = []
+    for model in ("sphere-l-imagenet", "sphere-xl-imagenet"):
+        op = f"sample {model}"
+        b64 = _groups(rows, op, lambda s: s == "b64 t4 cfg1.4 combo")
+        b1 = _groups(rows, op, lambda s: s == "b1 t4 cfg1.4 combo")
+        large = _groups(rows, op, lambda s: _sampler_batch(s) >= 64)
+        vs_eager, vs_compile = _speedup(SAMPLERS, ["eager"]), _speedup(SAMPLERS, ["compile"])
+        out.append(_judge(6, f"{model}: >= 2x eager at batch 64, 4 steps, CFG", b64, vs_eager, 2, "x"))
+        out.append(_judge(6, f"{model}: >= 1.3x torch.compile at batch 64, 4 steps, CFG", b64, vs_compile, 1.3, "x"))
+        out.append(_judge(6, f"{model}: >= 4x eager at batch 1", b1, vs_eager, 4, "x"))
+        out.append(_judge(6, f"{model}: >= 60% model FLOP utilisation at batch >= 64", large,
+                          _ours(SAMPLERS, "pct_matmul"), 60, "%"))
+    return out
+
+
+def verdicts(rows: Sequence[Row]) -> list[Verdict]:
+    """Every goal of issues 3 to 6, in issue order."""
+    return [*_spherify(rows), *_adaln(rows), *_attention(rows), *_sampler(rows)]
+
+
+def first_image_seconds(rows: Sequence[Row]) -> list[str]:
+    """Time to first image per model and implementation (issue 6 compares ours with torch.compile's)."""
+    return [f"{r['op'].removeprefix('first image ')} {r['impl']}: {r['ms'] / 1e3:.1f} s"
+            for r in rows if r["op"].startswith("first image ")]
+
+
+def table(rows: Sequence[Row]) -> str:
+    """The goals as a markdown table, then the times to first image."""
+    lines = ["| issue | goal | measured (worst case) | verdict |", "|---|---|---|---|"]
+    lines += [f"| #{v.issue} | {v.goal} | {v.measured} | {v.status} |" for v in verdicts(rows)]
+    firsts = first_image_seconds(rows)
+    lines += ["", "Time to first image from a cold process: " + ("; ".join(firsts) if firsts else "not measured") + "."]
+    return "\n".join(lines)

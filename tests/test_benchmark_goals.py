@@ -1,0 +1,76 @@
+"""benchmarks/goals.py judges the issues' speed goals from result rows: made-up rows with known verdicts."""
+
+from __future__ import annotations
+
+from benchmarks import goals, report
+
+
+def row(op: str, impl: str, shape, ms: float, **rates) -> dict:
+    return {"op": op, "impl": impl, "shape": shape, "dtype": "bf16", "ms": ms, "pct_copy": None,
+            "pct_matmul": None, **rates}
+
+
+ROWS = [
+    # spherify_noise_fwd at 8.4M values: triton is ours (faster than cpp) at 90% of copy, 10x eager
+    row("spherify_noise_fwd", "eager", [256, 32768], 1.0),
+    row("spherify_noise_fwd", "triton", [256, 32768], 0.1, pct_copy=90.0),
+    row("spherify_noise_fwd", "cpp", [256, 32768], 0.2, pct_copy=45.0),
+    row("spherify_noise_fwd", "triton", [64, 2048], 0.01, pct_copy=20.0),  # too small for the goal: ignored
+    row("spherify_noise_bwd", "triton", [256, 32768], 0.2, pct_copy=70.0),
+    # attention: the best SDPA backend (cudnn) is faster forward; backward within 0.9x
+    row("attention_fwd", "triton", [16, 16, 1024, 64], 1.0),
+    row("attention_fwd", "sdpa_flash", [16, 16, 1024, 64], 1.2),
+    row("attention_fwd", "sdpa_cudnn", [16, 16, 1024, 64], 0.9),
+    row("attention_bwd", "triton", [16, 16, 1024, 64], 1.0),
+    row("attention_bwd", "sdpa_flash", [16, 16, 1024, 64], 0.95),
+    # the sampler: batch 64 meets its goals, batch 1 does not
+    row("sample sphere-l-imagenet", "eager", "b64 t4 cfg1.4 combo", 300.0),
+    row("sample sphere-l-imagenet", "compile", "b64 t4 cfg1.4 combo", 200.0),
+    row("sample sphere-l-imagenet", "uncaptured", "b64 t4 cfg1.4 combo", 150.0, pct_matmul=60.5),
+    row("sample sphere-l-imagenet", "graph", "b64 t4 cfg1.4 combo", 140.0, pct_matmul=65.0),
+    row("sample sphere-l-imagenet", "eager", "b1 t4 cfg1.4 combo", 40.0),
+    row("sample sphere-l-imagenet", "graph", "b1 t4 cfg1.4 combo", 12.0),
+    row("first image sphere-l-imagenet", "graph", "b1 t4 cfg1.4 combo", 4200.0),
+]
+
+
+def by_goal() -> dict[str, goals.Verdict]:
+    return {v.goal: v for v in goals.verdicts(ROWS)}
+
+
+def test_spherify_goals_use_the_fastest_kernel_at_the_goal_sizes() -> None:
+    v = by_goal()
+    copy = v["spherify_noise_fwd: >= 85% of copy bandwidth at B*L >= 8M"]
+    assert (copy.status, copy.measured) == ("met", "90% (bf16 256×32768)")
+    assert v["spherify_noise_fwd: >= 5x eager at B*L >= 8M"].measured.startswith("10.00x")
+    assert v["spherify_noise_bwd: >= 85% of copy bandwidth at B*L >= 8M"].status == "not met"
+    assert v["spherify_noise_bwd: >= 5x eager at B*L >= 8M"].status == "not measured"  # no eager row
+    assert v["spherify_noise_pair_fwd: >= 85% of copy bandwidth at B*L >= 8M"].status == "not measured"
+
+
+def test_attention_goal_is_against_the_best_sdpa_backend() -> None:
+    v = by_goal()
+    fwd = v["attention_fwd: >= 1.0x the best SDPA backend at N = 1024, D = 64 / 72, B*H >= 256"]
+    assert (fwd.status, fwd.measured) == ("not met", "0.90x (bf16 16×16×1024×64)")
+    assert v["attention_bwd: >= 0.9x the best SDPA backend at N = 1024, D = 64 / 72, B*H >= 256"].status == "met"
+
+
+def test_sampler_goals() -> None:
+    v = by_goal()
+    assert v["sphere-l-imagenet: >= 2x eager at batch 64, 4 steps, CFG"].measured.startswith("2.14x")
+    assert v["sphere-l-imagenet: >= 1.3x torch.compile at batch 64, 4 steps, CFG"].status == "met"
+    assert v["sphere-l-imagenet: >= 4x eager at batch 1"].status == "not met"
+    utilisation = v["sphere-l-imagenet: >= 60% model FLOP utilisation at batch >= 64"]
+    assert (utilisation.status, utilisation.measured) == ("met", "65% (bf16 b64 t4 cfg1.4 combo)")
+    assert v["sphere-xl-imagenet: >= 4x eager at batch 1"].status == "not measured"
+
+
+def test_goal_table_in_the_report() -> None:
+    text = goals.table(ROWS)
+    assert "| #3 | spherify_noise_fwd: >= 85% of copy bandwidth at B*L >= 8M | 90% (bf16 256×32768) | met |" in text
+    assert "sphere-l-imagenet graph: 4.2 s" in text
+    assert goals.table([]).count("not measured") == len(goals.verdicts([])) + 1
+    data = {"machine_info": {"sphere_fast": {"device": "NVIDIA H200", "smoke": False}},
+            "benchmarks": [{"extra_info": r} for r in ROWS]}
+    rendered = report.render(data)
+    assert rendered.index("### Goals") < rendered.index("### All cases")
