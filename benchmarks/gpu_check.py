@@ -8,7 +8,7 @@ Each phase runs in its own process group under a timeout, all inside --budget se
 the whole check ends inside 8 minutes on an H200); the benchmarks get whatever time the earlier phases
 left, run the headline cases first (benchmarks/conftest.py: HEADLINE) and stream each case to disk, so a
 run cut off at its limit still yields its results. Without a CUDA device the GPU phases are skipped, and
-the report says so. Files in OUTDIR (at most 7, flat, as the device tool returns them): env.json,
+the report says so; a short summary (phases and goal verdicts) prints after it. Files in OUTDIR (at most 7, flat, as the device tool returns them): env.json,
 <phase>.log, bench-<date>-<device>.json (copy it to benchmarks/results/ to publish it), report.md.
 Exit status 1 if a phase failed or ran out of time.
 
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from benchmarks import harness, report
+from benchmarks import goals, harness, report
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("install", "build", "tests", "bench")
@@ -243,14 +243,27 @@ class Check:
         ]
         if not self.cuda:
             lines += ["", "**No CUDA device: the build, GPU tests and benchmarks were skipped.**"]
-        lines += ["", "| phase | status | seconds | note |", "|---|---|---|---|"]
-        lines += [f"| {p.name} | {p.status} | {p.seconds:.0f} | {p.note} |" for p in self.results]
+        lines += ["", self.phase_table()]
         for p in self.results:
             if p.status in ("failed", "timeout"):
                 lines += ["", f"{p.name}.log (end):", "```", tail(self.out / f"{p.name}.log"), "```"]
         lines.append("")
         if self.bench_json is not None and self.bench_json.exists():
             lines.append(report.render(json.loads(self.bench_json.read_text())))
+        else:
+            lines.append("No benchmark results in this run.")
+        return "\n".join(lines) + "\n"
+
+
+    def phase_table(self) -> str:
+        lines = ["| phase | status | seconds | note |", "|---|---|---|---|"]
+        return "\n".join(lines + [f"| {p.name} | {p.status} | {p.seconds:.0f} | {p.note} |" for p in self.results])
+
+    def summary(self) -> str:
+        """The phases and the goal verdicts: short, printed after the full report so an output tail holds it."""
+        lines = ["## Summary", "", self.phase_table(), ""]
+        if self.bench_json is not None and self.bench_json.exists():
+            lines.append(goals.table(report.rows(json.loads(self.bench_json.read_text()))))
         else:
             lines.append("No benchmark results in this run.")
         return "\n".join(lines) + "\n"
@@ -296,7 +309,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         check.run(name)
     text = check.report(env_info, time.monotonic() - start)
     (args.out / "report.md").write_text(text)
-    print(text, flush=True)  # last, so the device tool's output tail holds the table
+    print(text, flush=True)
+    print(check.summary(), flush=True)  # last, so the device tool's output tail holds it
     return 1 if any(p.status in ("failed", "timeout") for p in check.results) else 0
 
 

@@ -289,6 +289,7 @@ def test_bench_json_is_rebuilt_from_streamed_rows_when_the_run_is_cut(
     assert data["benchmarks"] == cases and data["partial"] is True and report.is_gpu_result(data)
     assert "rebuilt from the 2 cases" in check.results[-1].note and check.results[-1].status == "timeout"
     assert "cut off" in report.render(data) and "| swiglu |" in report.render(data)
+    assert "| #3 |" in check.summary()  # the goal verdicts, from the rebuilt file
     assert sorted(p.name for p in tmp_path.iterdir()) == [check.bench_json.name]  # the rows file is gone
 
 
@@ -330,14 +331,17 @@ def test_spent_budget_skips_phases(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only path")
-def test_gpu_check_on_cpu_skips_gpu_parts_and_prints_report_last(
+def test_gpu_check_on_cpu_skips_gpu_parts_and_prints_report_then_summary(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert gpu_check.main([str(tmp_path)]) == 0
     report_md = (tmp_path / "report.md").read_text()
     assert "No CUDA device" in report_md and "| bench | skipped |" in report_md
     assert "| install | ok |" in report_md  # this checkout is installed (editable) for the test run
-    assert capsys.readouterr().out.rstrip().endswith(report_md.rstrip())
+    printed = capsys.readouterr().out.rstrip()
+    summary = printed[printed.rindex("## Summary"):]
+    assert printed.removesuffix(summary).rstrip().endswith(report_md.rstrip())
+    assert "| bench | skipped |" in summary and "No benchmark results in this run." in summary
     assert json.loads((tmp_path / "env.json").read_text())["device"] == "cpu"
     wrapper = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True)
     assert wrapper.returncode == 0, wrapper.stderr
