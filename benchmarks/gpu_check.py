@@ -8,8 +8,9 @@ Each phase runs in its own process group under a timeout, all inside --budget se
 the whole check ends inside 8 minutes on an H200); the benchmarks get whatever time the earlier phases
 left, run the headline cases first (benchmarks/conftest.py: HEADLINE) and stream each case to disk, so a
 run cut off at its limit still yields its results. Without a CUDA device the GPU phases are skipped, and
-the report says so; a short summary (phases and goal verdicts) prints after it. Files in OUTDIR (at most 7, flat, as the device tool returns them): env.json,
-<phase>.log, bench-<date>-<device>.json (copy it to benchmarks/results/ to publish it), report.md.
+the report says so; a short summary (phases and goal verdicts) prints after it. Files in OUTDIR (at most 7,
+flat, as the device tool returns them): env.json, <phase>.log, bench-<date>-<device>.json (copy it to
+benchmarks/results/ to publish it), report.md.
 Exit status 1 if a phase failed or ran out of time.
 
 The golden-parity GPU tests read the reference data from $SPHERE_FAST_REFERENCE (default ../shared/reference)
