@@ -16,7 +16,7 @@ Exit status 1 if a phase failed or ran out of time.
 The golden-parity GPU tests read the reference data from $SPHERE_FAST_REFERENCE (default ../shared/reference)
 and skip without it. On a lent machine that only receives the working tree, copy it into the ignored
 .reference/ first and carry that folder: ``cp -r ../shared/reference .reference``, then run
-``SPHERE_FAST_REFERENCE=.reference bash benchmarks/gpu_check.sh $OUT`` with ``.reference`` carried.
+``bash benchmarks/gpu_check.sh $OUT`` with ``.reference`` carried (the script points the variable there).
 """
 
 from __future__ import annotations
