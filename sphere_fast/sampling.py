@@ -321,7 +321,7 @@ class _CapturedLoop:
                 self.first, self.final = sampler.loop(key, self.labels, self.seeds, weight, capture=True)
 
     def __call__(
-        self, labels: torch.Tensor | None, seeds: torch.Tensor, weight: float
+        self, labels: torch.Tensor | None, seeds: torch.Tensor, weight: float, clone: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # Rows past n keep earlier valid values: each sample is computed independently, so they only pad.
         n = seeds.shape[0]
@@ -330,7 +330,9 @@ class _CapturedLoop:
             self.labels[:n].copy_(labels, non_blocking=True)
         self.weight.fill_(weight)
         self.graph.replay()
-        # cloned out: the next replay of any graph in the shared pool overwrites the static outputs
+        if not clone:
+            return self.first[:n], self.final[:n]
+        # the graph's next replay rewrites its static outputs
         return self.first[:n].clone(), self.final[:n].clone()
 
 
@@ -441,8 +443,16 @@ class Sampler:
 
     @torch.no_grad()
     def __call__(
-        self, labels: torch.Tensor | None = None, seeds: torch.Tensor | None = None, return_first: bool = False
+        self,
+        labels: torch.Tensor | None = None,
+        seeds: torch.Tensor | None = None,
+        return_first: bool = False,
+        clone: bool = True,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Images for ``labels`` / ``seeds`` (see the class docstring). ``clone=False`` returns views of a
+        captured graph's output buffers instead of copies: no copy, but valid only until the next call."""
+        if not isinstance(clone, bool):
+            raise TypeError(f"clone must be a bool, got {clone!r}")
         self._check_settings()
         n = self._batch_length(labels, seeds)
         labels = sample_labels(self.model, n, labels, self.device, name="labels")
@@ -450,7 +460,7 @@ class Sampler:
         key = self._key(n)
         weight = guidance_weight(self.cfg, self.cfg_position)
         if self.use_graphs:
-            first, final = self._captured(key)(labels, seeds, weight)
+            first, final = self._captured(key)(labels, seeds, weight, clone)
         else:
             w = torch.full((), weight, dtype=torch.float32, device=self.device) if key.guide is not None else None
             first, final = self.loop(key, labels, seeds, w)

@@ -177,6 +177,17 @@ def test_returned_images_are_copies(model: SphereEncoder, emulated_cuda_graphs: 
     assert torch.equal(first, kept[0]) and torch.equal(final, kept[1])
 
 
+def test_views_without_clone(model: SphereEncoder, emulated_cuda_graphs: CudaGraphEmulator) -> None:
+    graphed, _ = samplers(model, 8, (2, 1.4, "combo", True, False))
+    copy = graphed(LABELS, SEEDS)
+    view = graphed(LABELS, SEEDS, clone=False)
+    assert torch.equal(view, copy)
+    graphed((LABELS + 1) % 10, SEEDS + 1)  # the same graph replays: the view now shows the new images
+    assert not torch.equal(view, copy)
+    with pytest.raises(TypeError, match="clone"):
+        graphed(LABELS, SEEDS, clone="no")
+
+
 def test_unconditional_model_captured(emulated_cuda_graphs: CudaGraphEmulator) -> None:
     graphed, plain = samplers(tiny_model(num_classes=0), 4, (2, 1.4, "combo", True, False))  # nothing to guide
     for seeds in (SEEDS[:3], SEEDS[:3] + 1000):  # no labels buffer: the seeds alone
