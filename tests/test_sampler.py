@@ -262,3 +262,16 @@ def test_graph_selection(cuda_model):
     sampler.steps, sampler.cfg = 2, 1.4
     assert torch.equal(sampler(labels, seeds), a)  # back to the first graph
     assert len(sampler.graph_keys) == 4
+
+
+@pytest.mark.gpu
+def test_prepare_and_views_on_cuda(cuda_model):
+    sampler = Sampler(cuda_model, 8, 2, cfg=1.4)
+    key = sampler.prepare(5)
+    assert key == GraphKey(8, 2, "combo", True, False, torch.bfloat16) and sampler.graph_keys == (key,)
+    labels, seeds = LABELS.cuda(), SEEDS.cuda()
+    copy = sampler(labels, seeds)
+    view = sampler(labels, seeds, clone=False)
+    assert sampler.graph_keys == (key,) and torch.equal(view, copy)
+    sampler(labels, seeds + 1)  # the same graph replays into the buffers the view shows
+    assert not torch.equal(view, copy)
