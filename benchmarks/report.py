@@ -98,31 +98,36 @@ def header(data: dict[str, Any]) -> str:
 
 
 def table(records: Sequence[dict[str, Any]]) -> str:
-    """One row per (op, shape, dtype); one ms column per implementation; speedup and rates of ours.
+    """One markdown table per op: a row per (shape, dtype), one ms column per implementation, then the
+    speedups and rates of ours (images/s for the sampler); columns empty for the whole op are left out.
 
-    "ours" is the faster of the triton / cpp rows; where an op has neither (ceiling rows), the rate
-    columns describe its fastest implementation.
+    "ours" is the faster of our rows (triton / cpp kernels, un-captured / graphed sampler); where an op has
+    none (ceiling rows), the rate columns describe its fastest implementation.
     """
-    groups: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = {}
+    by_op: dict[str, dict[tuple[str, str], dict[str, dict[str, Any]]]] = {}
     for r in records:
-        groups.setdefault((r["op"], _shape(r["shape"]), r["dtype"]), {})[r["impl"]] = r
-    seen = {impl for g in groups.values() for impl in g}
-    impl_cols = [i for i in IMPL_ORDER if i in seen]
-    impl_cols += sorted(seen - set(IMPL_ORDER), key=lambda i: next(k for k, r in enumerate(records) if r["impl"] == i))
-    cols = ["op", "shape", "dtype", *(f"{i} ms" for i in impl_cols), "ours vs eager", "ours vs compile",
+        by_op.setdefault(r["op"], {}).setdefault((_shape(r["shape"]), r["dtype"]), {})[r["impl"]] = r
+    return "\n\n".join(_op_table(op, groups) for op, groups in by_op.items())
+
+
+def _op_table(op: str, groups: dict[tuple[str, str], dict[str, dict[str, Any]]]) -> str:
+    seen = [impl for g in groups.values() for impl in g]
+    impl_cols = [i for i in IMPL_ORDER if i in seen] + list(dict.fromkeys(i for i in seen if i not in IMPL_ORDER))
+    cols = ["shape", "dtype", *(f"{i} ms" for i in impl_cols), "ours vs eager", "ours vs compile", "images/s",
             "GB/s", "% of copy", "TFLOP/s", "% of matmul"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for (op, shape, dtype), by_impl in groups.items():
+    body = []
+    for (shape, dtype), by_impl in groups.items():
         ours = [by_impl[i] for i in OURS if i in by_impl]
         best = min(ours or by_impl.values(), key=lambda r: r["ms"])
-        speedups = [
-            by_impl[base]["ms"] / best["ms"] if ours and base in by_impl else None for base in ("eager", "compile")
-        ]
-        cells = [op, shape, dtype, *(_fmt(by_impl[i]["ms"], "n") if i in by_impl else "–" for i in impl_cols)]
-        cells += [_fmt(s, "x") for s in speedups]
-        cells += [_fmt(best.get("gbps"), "n"), _fmt(best.get("pct_copy"), "%"),
-                  _fmt(best.get("tflops"), "n"), _fmt(best.get("pct_matmul"), "%")]
-        lines.append("| " + " | ".join(cells) + " |")
+        speedups = [by_impl[b]["ms"] / best["ms"] if ours and b in by_impl else None for b in ("eager", "compile")]
+        body.append([shape, dtype, *(_fmt(by_impl[i]["ms"], "n") if i in by_impl else "–" for i in impl_cols),
+                     *(_fmt(x, "x") for x in speedups), _fmt(best.get("images_per_s"), "n"),
+                     _fmt(best.get("gbps"), "n"), _fmt(best.get("pct_copy"), "%"),
+                     _fmt(best.get("tflops"), "n"), _fmt(best.get("pct_matmul"), "%")])
+    derived = range(2 + len(impl_cols), len(cols))
+    keep = [c for c in range(len(cols)) if c not in derived or any(row[c] != "–" for row in body)]
+    lines = [f"#### {op}", "", "| " + " | ".join(cols[c] for c in keep) + " |", "|" + "---|" * len(keep)]
+    lines += ["| " + " | ".join(row[c] for c in keep) + " |" for row in body]
     return "\n".join(lines)
 
 
