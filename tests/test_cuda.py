@@ -42,7 +42,7 @@ def exact_fp32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def need(backend: str) -> str:
+def require_backend(backend: str) -> str:
     if backend not in sphere_fast.available_backends(DEVICE):
         pytest.skip(f"backend {backend} not available on CUDA here: {sphere_fast.available_backends(DEVICE)}")
     return backend
@@ -99,7 +99,7 @@ SPHERIFY_SHAPES = [(4, 4096), (3, 2049), (2, 131072)]  # one block, an odd tail,
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", KERNELS)
 def test_spherify_ops(backend: str, dtype: torch.dtype, shape: tuple[int, int]) -> None:
-    need(backend)
+    require_backend(backend)
     B, L = shape
     z = randn(B, L, scale=3.0)
     seeds = torch.tensor(SEEDS[:B] + [11] * max(0, B - len(SEEDS)), device=DEVICE)
@@ -126,7 +126,7 @@ def test_spherify_ops(backend: str, dtype: torch.dtype, shape: tuple[int, int]) 
 
 @pytest.mark.parametrize("backend", KERNELS)
 def test_sphere_noise_kernels_follow_the_convention(backend: str) -> None:
-    need(backend)
+    require_backend(backend)
     draw = {"triton": spherify_mod.triton_sphere_noise, "cpp": spherify_mod.cpp_sphere_noise}[backend]
     seeds = torch.tensor(SEEDS, dtype=torch.int64)
     for shape, stream in (((4, 64), 0), ((3, 17), 5), ((65536,), 1)):
@@ -144,7 +144,7 @@ ADALN_SHAPES = [(4, 256, 1024), (2, 255, 1152), (3, 7, 97)]
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", KERNELS)
 def test_adaln_ops(backend: str, dtype: torch.dtype, shape: tuple[int, int, int], tokens: bool) -> None:
-    need(backend)
+    require_backend(backend)
     B, S, D = shape
     mod = (B, S, D) if tokens else (B, 1, D)
     x, branch = randn(B, S, D), randn(B, S, D, seed=1)
@@ -166,7 +166,7 @@ def test_adaln_ops(backend: str, dtype: torch.dtype, shape: tuple[int, int, int]
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", KERNELS)
 def test_swiglu(backend: str, dtype: torch.dtype, shape: tuple[int, int, int]) -> None:
-    need(backend)
+    require_backend(backend)
     check_against_reference("swiglu", lambda h: ops.swiglu(h, backend=backend), ops.swiglu_reference,
                             [randn(*shape, scale=2.0)], dtype)
 
@@ -193,7 +193,7 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("backend", ["eager", *KERNELS])
 def test_golden_parity_fp32(golden_model: SphereEncoder, golden, backend: str) -> None:
     if backend != "eager":
-        need(backend)
+        require_backend(backend)
     tol = 2e-2 if backend == "triton" else 1e-4
     c = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in golden["cases"]["forward"].items()}
     case = golden["cases"]["generate"][-1]
