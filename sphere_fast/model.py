@@ -55,6 +55,13 @@ def labels_checked() -> Iterator[None]:
         _labels_checked.reset(token)
 
 
+def check_label_range(y: torch.Tensor, high: int, name: str = "y") -> None:
+    """Labels in [0, high]: one host read (a device sync for labels on a GPU), so loops check once."""
+    low, top = torch.stack(torch.aminmax(y)).tolist()
+    if low < 0 or top > high:
+        raise ValueError(f"{name} labels must be in [0, {high}], got range [{low}, {top}]")
+
+
 def resolve_model_size(size: str | Mapping[str, int], argument: str) -> dict[str, int]:
     if isinstance(size, str):
         if size not in MODEL_SIZES:
@@ -163,9 +170,7 @@ class ViT(nn.Module):
             )
         capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
         if not capturing and not torch.compiler.is_compiling() and not _labels_checked.get():
-            low, high = torch.stack(torch.aminmax(y)).tolist()  # one host sync
-            if low < 0 or high > self.num_classes:
-                raise ValueError(f"y labels must be in [0, {self.num_classes}], got range [{low}, {high}]")
+            check_label_range(y, self.num_classes)
 
     def embed_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "encoder":

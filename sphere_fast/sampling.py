@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from sphere_fast import ops
-from sphere_fast.model import labels_checked
+from sphere_fast.model import check_label_range, labels_checked
 from sphere_fast.ops.philox import check_seeds
 
 CFG_POSITIONS = ("enc", "dec", "combo")
@@ -68,9 +68,7 @@ def sample_labels(
     if not isinstance(y, torch.Tensor) or y.dtype != torch.long or y.shape != (batch_size,):
         raise TypeError(f"{name} must be an int64 tensor of shape ({batch_size},), got {getattr(y, 'dtype', type(y).__name__)} {tuple(getattr(y, 'shape', ()))}")
     high = model.num_classes if allow_null else model.num_classes - 1
-    low, top = torch.stack(torch.aminmax(y)).tolist()  # one host read (a sync for device labels)
-    if low < 0 or top > high:
-        raise ValueError(f"{name} labels must be in [0, {high}], got range [{low}, {top}]")
+    check_label_range(y, high, name)
     return y.to(device, non_blocking=True)
 
 
