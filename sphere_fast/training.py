@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sphere_fast import ops
+from sphere_fast.model import check_label_range, labels_checked
 from sphere_fast.perceptual import LPIPS, ConvNeXt, load_state_dict_file
 
 # ---- noise levels --------------------------------------------------------------------------------
@@ -362,7 +363,12 @@ class Trainer:
         """One optimiser step on this process's batch; returns the losses before the update, the lr
         and the gradient norm (losses averaged over processes)."""
         x = x.to(self.device, non_blocking=True)
-        y = None if y is None else y.to(self.device, non_blocking=True)
+        if y is not None:
+            # checked once, on the host for loader labels: the three network calls below then skip their
+            # own check, which would stall the step on a device sync each
+            if isinstance(y, torch.Tensor) and y.dtype == torch.long:  # else the model names the wrong type
+                check_label_range(y, self.model.num_classes)
+            y = y.to(self.device, non_blocking=True)
         lr = learning_rate(self.step, self.config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
@@ -371,7 +377,7 @@ class Trainer:
         seeds = None
         if noise is None:  # e is generated from per-sample seeds inside the fused op
             seeds = torch.randint(0, 2**62, (x.shape[0],), dtype=torch.int64, device=self.device)
-        with self.autocast():
+        with self.autocast(), labels_checked():
             total, terms = self.engine(x, y, scales[0], scales[1], noise, seeds)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()

@@ -133,6 +133,22 @@ def test_bf16_autocast_on_cpu_gives_finite_losses():
     assert all(math.isfinite(v) for v in logged.values())
 
 
+def test_train_step_checks_labels_once(monkeypatch):
+    """One range check per step, before the transfer; the networks' per-call check (a device sync each on a
+    GPU) is skipped. Bad labels are still refused, naming them."""
+    trainer = Trainer(tiny_model(), TrainConfig(global_batch=6, total_steps=3, warmup_steps=1, loss_weights=NO_PERCEPTUAL))
+    calls = []
+    original = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda *a, **k: calls.append(1) or original(*a, **k))
+    x, y = tiny_batch(6)
+    trainer.train_step(x, y)
+    assert calls == [1]
+    with pytest.raises(ValueError, match="labels must be in"):
+        trainer.train_step(x, torch.tensor([0, 1, 2, 3, 4, 11]))
+    with pytest.raises(TypeError, match="int64"):
+        trainer.train_step(x, y.int())
+
+
 def test_loss_weight_presets_and_validation():
     assert LOSS_PRESETS["imagenet"] == loss_weights("imagenet")
     assert loss_weights("cifar10").con_dist == 0.5 and loss_weights("af-of").recon_dist == 25
