@@ -21,7 +21,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from benchmarks.harness import DEVICE, cuda_time_ms, impls, pick, record
+from benchmarks.harness import DEVICE, cuda_time_ms, gate, impls, pick, record
 
 attn = importlib.import_module("sphere_fast.ops.attention")
 rope_table = functools.partial(attn.rope_table_reference, device=DEVICE)
@@ -86,17 +86,11 @@ def _id(shape: tuple[int, int, int, int]) -> str:
     return "B{}-H{}-N{}-D{}".format(*shape)
 
 
-def _check(out: torch.Tensor, q, k, v, rope) -> None:
-    # correctness gate before timing: bf16 against the fp32 reference
-    ref = attn.attention_reference(q.float(), k.float(), v.float(), rope)
-    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
-
-
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_attention_fwd(benchmark, ceilings, impl, shape) -> None:
     _, q, k, v, rope = _inputs(shape, requires_grad=False)
-    _check(impl(q, k, v, rope), q, k, v, rope)
+    gate(impl(q, k, v, rope), attn.attention_reference(q.float(), k.float(), v.float(), rope), impl.name)
     ms = cuda_time_ms(lambda: impl(q, k, v, rope))
     record(benchmark, op="attention_fwd", impl=impl.name, shape=shape, dtype=DTYPE, ms=ms,
            flops=_flops(shape), ceilings=ceilings)
