@@ -27,13 +27,17 @@ class Verdict:
     status: str  # met | not met | not measured
 
 
+def shape_label(shape: Any) -> str:
+    """A row's shape as the tables show it: "8×256×4096", or the sampler's own label."""
+    return shape if isinstance(shape, str) else "×".join(str(d) for d in shape)
+
+
 def _groups(rows: Sequence[Row], op: str, keep: Callable[[Any], bool]) -> dict[str, dict[str, Row]]:
     """Rows of ``op`` whose shape passes ``keep``, by shape label, then by implementation."""
     groups: dict[str, dict[str, Row]] = {}
     for r in rows:
         if r["op"] == op and keep(r["shape"]):
-            label = r["shape"] if isinstance(r["shape"], str) else "×".join(map(str, r["shape"]))
-            groups.setdefault(f"{r['dtype']} {label}", {})[r["impl"]] = r
+            groups.setdefault(f"{r['dtype']} {shape_label(r['shape'])}", {})[r["impl"]] = r
     return groups
 
 

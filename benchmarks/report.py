@@ -45,10 +45,6 @@ def _fmt(value: float | None, kind: str) -> str:
     return f"{value:.2f}" if value >= 1 else f"{value:#.3g}"
 
 
-def _shape(shape: Any) -> str:
-    return shape if isinstance(shape, str) else "×".join(str(d) for d in shape)
-
-
 def rows(data: dict[str, Any]) -> list[dict[str, Any]]:
     """The harness rows (extra_info) of a pytest-benchmark JSON; cases without them are ignored."""
     return [b["extra_info"] for b in data.get("benchmarks", []) if "op" in b.get("extra_info", {})]
@@ -106,7 +102,7 @@ def table(records: Sequence[dict[str, Any]]) -> str:
     """
     by_op: dict[str, dict[tuple[str, str], dict[str, dict[str, Any]]]] = {}
     for r in records:
-        by_op.setdefault(r["op"], {}).setdefault((_shape(r["shape"]), r["dtype"]), {})[r["impl"]] = r
+        by_op.setdefault(r["op"], {}).setdefault((goals.shape_label(r["shape"]), r["dtype"]), {})[r["impl"]] = r
     return "\n\n".join(_op_table(op, groups) for op, groups in by_op.items())
 
 
