@@ -272,12 +272,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # ---- argument parsing ---------------------------------------------------------------------------
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
+def _model_command(
+    sub: Any, name: str, help: str, func: Any, *, out: str, steps: int | None = None, cfg: bool = False
+) -> argparse.ArgumentParser:
+    """A subcommand that loads a model and writes one PNG; the caller adds its own arguments."""
+    p = sub.add_parser(name, help=help)
+    p.set_defaults(func=func)
     p.add_argument("--checkpoint", help="a checkpoint folder or a run folder (uses its latest checkpoint)")
     p.add_argument("--preset", default="fashion-mnist-demo", help="model preset at random init when no --checkpoint")
     p.add_argument("--ema", action="store_true", help="use the EMA weights of the checkpoint")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=out)
+    if steps is not None:
+        p.add_argument("--steps", type=int, default=steps, help="forward steps")
+    if cfg:
+        p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale")
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -311,50 +322,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-class", type=int, default=8, help="samples per class in the grids")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sample", help="write a PNG grid of samples (one row per class)")
-    _model_args(p)
-    p.add_argument("--steps", type=int, default=1, help="forward steps")
-    p.add_argument("--cfg", type=float, default=1.0)
+    p = _model_command(
+        sub, "sample", "write a PNG grid of samples (one row per class)", cmd_sample, out="samples.png", steps=1, cfg=True
+    )
     p.add_argument("--per-class", type=int, default=8)
-    p.add_argument("--out", default="samples.png")
-    p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("reconstruct", help="encode and decode images (top row inputs, bottom row outputs)")
-    _model_args(p)
+    p = _model_command(
+        sub, "reconstruct", "encode and decode images (top row inputs, bottom row outputs)", cmd_reconstruct,
+        out="reconstruct.png",
+    )
     p.add_argument("images", nargs="+")
-    p.add_argument("--out", default="reconstruct.png")
-    p.set_defaults(func=cmd_reconstruct)
 
-    p = sub.add_parser("interpolate", help="interpolate between noise points (and classes)")
-    _model_args(p)
+    p = _model_command(
+        sub, "interpolate", "interpolate between noise points (and classes)", cmd_interpolate,
+        out="interpolate.png", steps=1, cfg=True,
+    )
     p.add_argument("--seeds", type=int, nargs=4, help="noise seeds of the four corners (default: seed .. seed+3)")
     p.add_argument("--labels", type=int, nargs=4, help="classes of the four corners (default: random)")
     p.add_argument("--rows", type=int, default=5)
     p.add_argument("--cols", type=int, default=5)
     p.add_argument("--method", choices=["lerp", "slerp"], default="slerp")
-    p.add_argument("--steps", type=int, default=1)
-    p.add_argument("--cfg", type=float, default=1.0)
-    p.add_argument("--out", default="interpolate.png")
-    p.set_defaults(func=cmd_interpolate)
 
-    p = sub.add_parser("crossover", help="stitch two images and let the model blend them")
-    _model_args(p)
+    p = _model_command(
+        sub, "crossover", "stitch two images and let the model blend them", cmd_crossover, out="crossover.png", steps=4
+    )
     p.add_argument("first")
     p.add_argument("second")
     p.add_argument("--mask", choices=["vertical", "horizontal", "upper_triangular", "flipped_triangular"], default="vertical")
     p.add_argument("--swap", action="store_true")
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--out", default="crossover.png")
-    p.set_defaults(func=cmd_crossover)
 
-    p = sub.add_parser("manipulate", help="move images towards a target class")
-    _model_args(p)
+    p = _model_command(sub, "manipulate", "move images towards a target class", cmd_manipulate, out="manipulate.png", steps=4)
     p.add_argument("images", nargs="+")
     p.add_argument("--target-class", type=int, required=True)
-    p.add_argument("--steps", type=int, default=4)
     p.add_argument("--noise-scaler", type=float, default=0.25)
-    p.add_argument("--out", default="manipulate.png")
-    p.set_defaults(func=cmd_manipulate)
 
     p = sub.add_parser("convert", help="official .pth <-> sphere_fast checkpoint folder")
     p.add_argument("source", help="an official .pth, or with --to-official a sphere_fast checkpoint")

@@ -7,21 +7,15 @@ from typing import Any
 import torch
 
 from sphere_fast import SphereEncoder
+from sphere_fast.cli import TRAIN_PRESETS
 
 TINY_SIZE = {"width": 32, "layers": 1, "heads": 2}
+# The README demo's model (every loss term and head type on), shrunk to 16 px and one layer per network.
 TINY_CONFIG: dict[str, Any] = {
+    **TRAIN_PRESETS["fashion-mnist-demo"]["model"],
     "input_size": 16,
-    "patch_size": 4,
     "vit_enc_model_size": TINY_SIZE,
     "vit_dec_model_size": TINY_SIZE,
-    "token_channels": 4,
-    "num_classes": 10,
-    "pixel_head_type": "conv",
-    "use_pixel_consistency": True,
-    "use_latent_consistency": True,
-    "noise_sigma_max_angle": 80.0,
-    "mix_hard_cases": True,
-    "mix_hard_cases_max_angle": 85.0,
     "vit_enc_latent_mlp_mixer_depth": 1,
     "vit_dec_latent_mlp_mixer_depth": 1,
 }
