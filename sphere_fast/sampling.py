@@ -319,8 +319,9 @@ class _CapturedLoop:
                 self.first, self.final = sampler.loop(key, self.labels, self.seeds, weight, capture=True)
 
     def __call__(
-        self, labels: torch.Tensor | None, seeds: torch.Tensor, weight: float, clone: bool = True
+        self, labels: torch.Tensor | None, seeds: torch.Tensor, weight: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of the static outputs: the next replay rewrites them."""
         # Rows past n keep earlier valid values: each sample is computed independently, so they only pad.
         n = seeds.shape[0]
         self.seeds[:n].copy_(seeds, non_blocking=True)
@@ -328,10 +329,7 @@ class _CapturedLoop:
             self.labels[:n].copy_(labels, non_blocking=True)
         self.weight.fill_(weight)
         self.graph.replay()
-        if not clone:
-            return self.first[:n], self.final[:n]
-        # the graph's next replay rewrites its static outputs
-        return self.first[:n].clone(), self.final[:n].clone()
+        return self.first[:n], self.final[:n]
 
 
 class Sampler:
@@ -457,9 +455,12 @@ class Sampler:
         seeds = fresh_seeds(n, self.device) if seeds is None else seeds_on(seeds, n, self.device)
         key = self._key(n)
         weight = guidance_weight(self.cfg, self.cfg_position)
-        if self.use_graphs:
-            first, final = self._captured(key)(labels, seeds, weight, clone)
-        else:
+        if not self.use_graphs:
             w = torch.full((), weight, dtype=torch.float32, device=self.device) if key.guide is not None else None
             first, final = self.loop(key, labels, seeds, w)
+            return (first, final) if return_first else final
+        first, final = self._captured(key)(labels, seeds, weight)
+        if clone:  # copy only what is returned
+            final = final.clone()
+            first = first.clone() if return_first else first
         return (first, final) if return_first else final
