@@ -17,10 +17,12 @@ def csrc_dir() -> Path:
 
 
 def cuda_build_possible() -> bool:
-    """CUDA sources are compiled when torch is a CUDA build and nvcc is found."""
-    return torch.version.cuda is not None and (
-        shutil.which("nvcc") is not None or bool(os.environ.get("CUDA_HOME"))
-    )
+    """CUDA sources are compiled when torch is a CUDA build, nvcc is found and there is a GPU architecture to
+    compile for: a visible GPU or ``TORCH_CUDA_ARCH_LIST`` (a CUDA torch on a machine without a GPU builds the
+    CPU ops only, instead of failing in torch's architecture detection)."""
+    has_nvcc = shutil.which("nvcc") is not None or bool(os.environ.get("CUDA_HOME"))
+    has_target = torch.cuda.is_available() or bool(os.environ.get("TORCH_CUDA_ARCH_LIST"))
+    return torch.version.cuda is not None and has_nvcc and has_target
 
 
 @functools.cache
