@@ -11,56 +11,43 @@
 namespace sphere_fast {
 namespace {
 
+// Element access policy of the shared per-column steps (adaln_math.h): T in memory, fp32 in registers.
 template <typename T>
-float ld(const void* p, int64_t i) {
-  return static_cast<float>(static_cast<const T*>(p)[i]);
-}
-
-template <typename T>
-void st(void* p, int64_t i, float v) {
-  static_cast<T*>(p)[i] = static_cast<T>(v);
-}
-
-template <typename T>
-float round_to(float v) {
-  return static_cast<float>(static_cast<T>(v));
-}
+struct CpuIO {
+  static float ld(const void* p, int64_t i) { return static_cast<float>(static_cast<const T*>(p)[i]); }
+  static float st(void* p, int64_t i, float v) {
+    const T t = static_cast<T>(v);
+    static_cast<T*>(p)[i] = t;
+    return static_cast<float>(t);
+  }
+};
 
 template <typename T>
 void fwd(const AdalnFwdParams& p) {
+  using IO = CpuIO<T>;
   const int64_t D = p.D;
   at::parallel_for(0, p.B * p.S, 8, [&](int64_t begin, int64_t end) {
     std::vector<float> r(D);
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / p.S, s = row % p.S;
+      const int64_t b = row / p.S, s = row % p.S, ro = row * D;
       const int64_t xo = b * p.sx_b + s * p.sx_s, bro = b * p.sbr_b + s * p.sbr_s, go = b * p.sg_b + s * p.sg_s;
       float sum_sq = 0.f;
       for (int64_t d = 0; d < D; ++d) {
-        float v = ld<T>(p.x, xo + d);
-        if (p.branch) {
-          const float g = p.gate ? ld<T>(p.gate, go + d) : 1.f;
-          // Normalise the stored (rounded) residual, as an unfused model would.
-          v = round_to<T>(adaln_residual(v, g, ld<T>(p.branch, bro + d)));
-          st<T>(p.res, row * D + d, v);
-        }
+        const float v = adaln_fwd_res_col<IO>(p, d, ro, xo, bro, go);
         r[d] = v;
         sum_sq += v * v;
       }
       const float rstd = adaln_rstd(sum_sq, D, p.eps);
       p.rstd[row] = rstd;
       const int64_t sho = b * p.ssh_b + s * p.ssh_s, sco = b * p.ssc_b + s * p.ssc_s;
-      for (int64_t d = 0; d < D; ++d) {
-        const float w = p.weight ? ld<T>(p.weight, d) : 1.f;
-        const float sc = p.scale ? ld<T>(p.scale, sco + d) : 0.f;
-        const float sh = p.shift ? ld<T>(p.shift, sho + d) : 0.f;
-        st<T>(p.y, row * D + d, adaln_out(r[d], rstd, w, sc, sh));
-      }
+      for (int64_t d = 0; d < D; ++d) adaln_fwd_out_col<IO>(p, d, ro, sho, sco, r[d], rstd);
     }
   });
 }
 
 template <typename T>
 void bwd(const AdalnBwdParams& p) {
+  using IO = CpuIO<T>;
   const int64_t D = p.D;
   at::parallel_for(0, p.B * p.chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> n(D), dn(D), aw(D), ag(D), ash(D), asc(D);
@@ -78,37 +65,11 @@ void bwd(const AdalnBwdParams& p) {
         const float rstd = p.rstd[row];
         float dot = 0.f;
         for (int64_t d = 0; d < D; ++d) {
-          const float dy = ld<T>(p.dy, ro + d);
-          const float w = p.weight ? ld<T>(p.weight, d) : 1.f;
-          const float one_sc = 1.f + (p.scale ? ld<T>(p.scale, sco + d) : 0.f);
-          n[d] = ld<T>(p.res, ro + d) * rstd;
-          dn[d] = dy * w * one_sc;
-          dot += dn[d] * n[d];
-          aw[d] += dy * n[d] * one_sc;
-          if (p.scale) {
-            if (p.dscale) st<T>(p.dscale, ro + d, dy * n[d] * w);
-            else asc[d] += dy * n[d] * w;
-          }
-          if (p.has_shift) {
-            if (p.dshift) st<T>(p.dshift, ro + d, dy);
-            else ash[d] += dy;
-          }
+          const float w = p.weight ? IO::ld(p.weight, d) : 1.f;
+          adaln_bwd_norm_col<IO>(p, d, ro, sco, w, rstd, n[d], dn[d], dot, aw[d], ash[d], asc[d]);
         }
         const float mean_dn_n = dot / static_cast<float>(D);
-        for (int64_t d = 0; d < D; ++d) {
-          const float dres = p.dres ? ld<T>(p.dres, ro + d) : 0.f;
-          const float dr = adaln_dres(dn[d], n[d], mean_dn_n, rstd, dres);
-          st<T>(p.dx, ro + d, dr);
-          if (p.branch) {
-            const float g = p.gate ? ld<T>(p.gate, go + d) : 1.f;
-            st<T>(p.dbranch, ro + d, dr * g);
-            if (p.gate) {
-              const float dg = dr * ld<T>(p.branch, bro + d);
-              if (p.dgate) st<T>(p.dgate, ro + d, dg);
-              else ag[d] += dg;
-            }
-          }
-        }
+        for (int64_t d = 0; d < D; ++d) adaln_bwd_dres_col<IO>(p, d, ro, bro, go, n[d], dn[d], mean_dn_n, rstd, ag[d]);
       }
       const int64_t po = prog * D;
       for (int64_t d = 0; d < D; ++d) {

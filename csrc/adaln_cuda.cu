@@ -12,19 +12,21 @@ namespace {
 // At most 256 threads per block, so that up to 255 registers per thread still fit an SM.
 constexpr int kMaxThreads = 256;
 
+// Element access policy of the shared per-column steps (adaln_math.h): T in memory, fp32 in registers.
 template <typename T>
-__device__ __forceinline__ float ldg(const void* p, int64_t i) {
-  return to_f(static_cast<const T*>(p)[i]);
-}
-
-template <typename T>
-__device__ __forceinline__ void stg(void* p, int64_t i, float v) {
-  static_cast<T*>(p)[i] = from_f<T>(v);
-}
+struct CudaIO {
+  static __device__ __forceinline__ float ld(const void* p, int64_t i) { return to_f(static_cast<const T*>(p)[i]); }
+  static __device__ __forceinline__ float st(void* p, int64_t i, float v) {
+    const T t = from_f<T>(v);
+    static_cast<T*>(p)[i] = t;
+    return to_f(t);
+  }
+};
 
 // One block per row.
 template <typename T, int MAXC>
 __global__ __launch_bounds__(kMaxThreads) void adaln_fwd_kernel(const AdalnFwdParams p) {
+  using IO = CudaIO<T>;
   __shared__ float smem[32];
   const int64_t row = blockIdx.x, D = p.D;
   const int64_t b = row / p.S, s = row % p.S;
@@ -36,13 +38,7 @@ __global__ __launch_bounds__(kMaxThreads) void adaln_fwd_kernel(const AdalnFwdPa
     const int64_t d = threadIdx.x + static_cast<int64_t>(i) * blockDim.x;
     r[i] = 0.f;
     if (d < D) {
-      float v = ldg<T>(p.x, xo + d);
-      if (p.branch) {
-        const float g = p.gate ? ldg<T>(p.gate, go + d) : 1.f;
-        const T rounded = from_f<T>(adaln_residual(v, g, ldg<T>(p.branch, bro + d)));
-        static_cast<T*>(p.res)[row * D + d] = rounded;
-        v = to_f(rounded);  // normalise the stored residual, as an unfused model would
-      }
+      const float v = adaln_fwd_res_col<IO>(p, d, row * D, xo, bro, go);
       r[i] = v;
       sum_sq += v * v;
     }
@@ -53,18 +49,14 @@ __global__ __launch_bounds__(kMaxThreads) void adaln_fwd_kernel(const AdalnFwdPa
 #pragma unroll
   for (int i = 0; i < MAXC; ++i) {
     const int64_t d = threadIdx.x + static_cast<int64_t>(i) * blockDim.x;
-    if (d < D) {
-      const float w = p.weight ? ldg<T>(p.weight, d) : 1.f;
-      const float sc = p.scale ? ldg<T>(p.scale, sco + d) : 0.f;
-      const float sh = p.shift ? ldg<T>(p.shift, sho + d) : 0.f;
-      stg<T>(p.y, row * D + d, adaln_out(r[i], rstd, w, sc, sh));
-    }
+    if (d < D) adaln_fwd_out_col<IO>(p, d, row * D, sho, sco, r[i], rstd);
   }
 }
 
 // Block (c, b) walks rows [c * rows_per_prog, ...) of sample b and writes one row of column partials.
 template <typename T, int MAXC>
 __global__ __launch_bounds__(kMaxThreads) void adaln_bwd_kernel(const AdalnBwdParams p) {
+  using IO = CudaIO<T>;
   __shared__ float smem[32];
   const int64_t c = blockIdx.x, b = blockIdx.y, D = p.D;
   const int64_t s_begin = c * p.rows_per_prog;
@@ -73,7 +65,7 @@ __global__ __launch_bounds__(kMaxThreads) void adaln_bwd_kernel(const AdalnBwdPa
 #pragma unroll
   for (int i = 0; i < MAXC; ++i) {
     const int64_t d = threadIdx.x + static_cast<int64_t>(i) * blockDim.x;
-    w[i] = (p.weight && d < D) ? ldg<T>(p.weight, d) : 1.f;
+    w[i] = (p.weight && d < D) ? IO::ld(p.weight, d) : 1.f;
     aw[i] = ag[i] = ash[i] = asc[i] = 0.f;
   }
   for (int64_t s = s_begin; s < s_end; ++s) {
@@ -86,41 +78,13 @@ __global__ __launch_bounds__(kMaxThreads) void adaln_bwd_kernel(const AdalnBwdPa
     for (int i = 0; i < MAXC; ++i) {
       const int64_t d = threadIdx.x + static_cast<int64_t>(i) * blockDim.x;
       n[i] = dn[i] = 0.f;
-      if (d < D) {
-        const float dy = ldg<T>(p.dy, ro + d);
-        const float one_sc = 1.f + (p.scale ? ldg<T>(p.scale, sco + d) : 0.f);
-        n[i] = ldg<T>(p.res, ro + d) * rstd;
-        dn[i] = dy * w[i] * one_sc;
-        dot += dn[i] * n[i];
-        aw[i] += dy * n[i] * one_sc;
-        if (p.scale) {
-          if (p.dscale) stg<T>(p.dscale, ro + d, dy * n[i] * w[i]);
-          else asc[i] += dy * n[i] * w[i];
-        }
-        if (p.has_shift) {
-          if (p.dshift) stg<T>(p.dshift, ro + d, dy);
-          else ash[i] += dy;
-        }
-      }
+      if (d < D) adaln_bwd_norm_col<IO>(p, d, ro, sco, w[i], rstd, n[i], dn[i], dot, aw[i], ash[i], asc[i]);
     }
     const float mean_dn_n = block_sum(dot, smem) / static_cast<float>(D);
 #pragma unroll
     for (int i = 0; i < MAXC; ++i) {
       const int64_t d = threadIdx.x + static_cast<int64_t>(i) * blockDim.x;
-      if (d < D) {
-        const float dres = p.dres ? ldg<T>(p.dres, ro + d) : 0.f;
-        const float dr = adaln_dres(dn[i], n[i], mean_dn_n, rstd, dres);
-        stg<T>(p.dx, ro + d, dr);
-        if (p.branch) {
-          const float g = p.gate ? ldg<T>(p.gate, go + d) : 1.f;
-          stg<T>(p.dbranch, ro + d, dr * g);
-          if (p.gate) {
-            const float dg = dr * ldg<T>(p.branch, bro + d);
-            if (p.dgate) stg<T>(p.dgate, ro + d, dg);
-            else ag[i] += dg;
-          }
-        }
-      }
+      if (d < D) adaln_bwd_dres_col<IO>(p, d, ro, bro, go, n[i], dn[i], mean_dn_n, rstd, ag[i]);
     }
   }
   const int64_t po = (b * p.chunks + c) * D;

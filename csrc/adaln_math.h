@@ -81,6 +81,72 @@ SF_HD float adaln_dres(float dn, float n, float mean_dn_n, float rstd, float dre
   return rstd * (dn - n * mean_dn_n) + dres;
 }
 
+// Per-column steps of the kernels, which keep their own loops and row reductions. d is the column; ro is the
+// row's offset into the contiguous [B*S, D] outputs (and dy, dres, res), xo / bro / go / sho / sco its offsets
+// into x, branch, gate, shift and scale. IO is the kernel file's element access policy:
+//   IO::ld(ptr, i) -> float:     element i of the kernels' dtype, as fp32
+//   IO::st(ptr, i, v) -> float:  stores v rounded to the dtype and returns the stored value as fp32
+
+// Forward, first pass: the residual that is normalised, x + gate * branch rounded to the dtype and stored to
+// res (as an unfused model would normalise the stored residual), or x when there is no branch.
+template <class IO>
+SF_HD float adaln_fwd_res_col(const AdalnFwdParams& p, int64_t d, int64_t ro, int64_t xo, int64_t bro, int64_t go) {
+  const float x = IO::ld(p.x, xo + d);
+  if (!p.branch) return x;
+  const float g = p.gate ? IO::ld(p.gate, go + d) : 1.f;
+  return IO::st(p.res, ro + d, adaln_residual(x, g, IO::ld(p.branch, bro + d)));
+}
+
+// Forward, second pass: y of the column from its residual r.
+template <class IO>
+SF_HD void adaln_fwd_out_col(const AdalnFwdParams& p, int64_t d, int64_t ro, int64_t sho, int64_t sco, float r,
+                             float rstd) {
+  const float w = p.weight ? IO::ld(p.weight, d) : 1.f;
+  const float sc = p.scale ? IO::ld(p.scale, sco + d) : 0.f;
+  const float sh = p.shift ? IO::ld(p.shift, sho + d) : 0.f;
+  IO::st(p.y, ro + d, adaln_out(r, rstd, w, sc, sh));
+}
+
+// Backward, first pass (w: the column's weight): n = res * rstd and dn = dy * w * (1 + scale); adds dn * n to
+// the row's dot and the column's weight, shift and scale grads to aw, ash, asc, except that per-token
+// dshift / dscale are stored instead.
+template <class IO>
+SF_HD void adaln_bwd_norm_col(const AdalnBwdParams& p, int64_t d, int64_t ro, int64_t sco, float w, float rstd,
+                              float& n, float& dn, float& dot, float& aw, float& ash, float& asc) {
+  const float dy = IO::ld(p.dy, ro + d);
+  const float one_sc = 1.f + (p.scale ? IO::ld(p.scale, sco + d) : 0.f);
+  n = IO::ld(p.res, ro + d) * rstd;
+  dn = dy * w * one_sc;
+  dot += dn * n;
+  aw += dy * n * one_sc;
+  if (p.scale) {
+    if (p.dscale) IO::st(p.dscale, ro + d, dy * n * w);
+    else asc += dy * n * w;
+  }
+  if (p.has_shift) {
+    if (p.dshift) IO::st(p.dshift, ro + d, dy);
+    else ash += dy;
+  }
+}
+
+// Backward, second pass (mean_dn_n: the row's dot / D): stores dx = adaln_dres and, with a branch,
+// dbranch = dx * gate; with a gate, dgate = dx * branch is stored per token or added to the column's ag.
+template <class IO>
+SF_HD void adaln_bwd_dres_col(const AdalnBwdParams& p, int64_t d, int64_t ro, int64_t bro, int64_t go, float n,
+                              float dn, float mean_dn_n, float rstd, float& ag) {
+  const float dres = p.dres ? IO::ld(p.dres, ro + d) : 0.f;
+  const float dr = adaln_dres(dn, n, mean_dn_n, rstd, dres);
+  IO::st(p.dx, ro + d, dr);
+  if (!p.branch) return;
+  const float g = p.gate ? IO::ld(p.gate, go + d) : 1.f;
+  IO::st(p.dbranch, ro + d, dr * g);
+  if (p.gate) {
+    const float dg = dr * IO::ld(p.branch, bro + d);
+    if (p.dgate) IO::st(p.dgate, ro + d, dg);
+    else ag += dg;
+  }
+}
+
 // Kernel entry points (adaln_cpu.cpp, adaln_cuda.cu); every tensor shares the dtype `dt`.
 void adaln_fwd_cpu(const AdalnFwdParams& p, DType dt);
 void adaln_bwd_cpu(const AdalnBwdParams& p, DType dt);
