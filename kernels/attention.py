@@ -107,6 +107,19 @@ def _cast(x, like, EMULATE_BF16: tl.constexpr):
 
 
 @triton.jit
+def _program_head(H, N):
+    """(b, h) of this program (grid axis 1 runs over B*H) and the start of its row in the [B*H, N] LSE and
+    delta arrays; int64, as batch and head offsets can pass 2**31 elements."""
+    bh = tl.program_id(1)
+    return (bh // H).to(tl.int64), (bh % H).to(tl.int64), bh.to(tl.int64) * N
+
+
+@triton.jit
+def _qkv_head_bases(Q, K, V, b, h, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh):
+    return Q + b * stride_qb + h * stride_qh, K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh
+
+
+@triton.jit
 def attention_fwd_kernel(
     Q, K, V, O, LSE, ROPE,
     stride_qb, stride_qh, stride_qn,
@@ -118,12 +131,10 @@ def attention_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ROPE: tl.constexpr, EMULATE_BF16: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    q_base = Q + b * stride_qb + h * stride_qh
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    b, h, row_base = _program_head(H, N)
+    q_base, k_base, v_base = _qkv_head_bases(
+        Q, K, V, b, h, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh
+    )
     o_base = O + b * stride_ob + h * stride_oh
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -164,7 +175,7 @@ def attention_fwd_kernel(
     _store_tile(o_base, stride_on, offs_m, mask_m, offs_a, acc_a * inv_l[:, None], HEAD_DIM, False, EMULATE_BF16)
     if HAS_B:
         _store_tile(o_base, stride_on, offs_m, mask_m, offs_b, acc_b * inv_l[:, None], HEAD_DIM, True, EMULATE_BF16)
-    tl.store(LSE + bh.to(tl.int64) * N + offs_m, m_i + tl.log2(l_i), mask=mask_m)
+    tl.store(LSE + row_base + offs_m, m_i + tl.log2(l_i), mask=mask_m)
 
 
 @triton.jit
@@ -177,16 +188,14 @@ def attention_bwd_preprocess_kernel(
 ):
     # delta_i = sum_d o_id * do_id, the softmax-backward row term
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    b, h, row_base = _program_head(H, N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < N
     offs_d = tl.arange(0, D_PAD)
     o = _load_tile(O + b * stride_ob + h * stride_oh, stride_on, offs_m, mask_m, offs_d, HEAD_DIM, True)
     do = _load_tile(DO + b * stride_dob + h * stride_doh, stride_don, offs_m, mask_m, offs_d, HEAD_DIM, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh.to(tl.int64) * N + offs_m, delta, mask=mask_m)
+    tl.store(DELTA + row_base + offs_m, delta, mask=mask_m)
 
 
 @triton.jit
@@ -204,14 +213,11 @@ def attention_bwd_dkdv_kernel(
 ):
     """One key block per program; loops over all query blocks (transposed scores, no atomics)."""
     pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    q_base = Q + b * stride_qb + h * stride_qh
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    b, h, row_base = _program_head(H, N)
+    q_base, k_base, v_base = _qkv_head_bases(
+        Q, K, V, b, h, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh
+    )
     do_base = DO + b * stride_dob + h * stride_doh
-    row_base = bh.to(tl.int64) * N
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -275,14 +281,11 @@ def attention_bwd_dq_kernel(
 ):
     """One query block per program; loops over all key blocks."""
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    q_base = Q + b * stride_qb + h * stride_qh
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    b, h, row_base = _program_head(H, N)
+    q_base, k_base, v_base = _qkv_head_bases(
+        Q, K, V, b, h, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh
+    )
     do_base = DO + b * stride_dob + h * stride_doh
-    row_base = bh.to(tl.int64) * N
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < N
