@@ -70,7 +70,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_fwd(const at::Tensor& x, co
   p.x = x.data_ptr();
   p.branch = ptr(branch);
   p.gate = has(branch) ? ptr(gate) : nullptr;
-  p.weight = has(weight) ? weight->contiguous().data_ptr() : nullptr;
+  // a named tensor: the kernel reads the contiguous copy after this statement
+  const at::Tensor weight_c = has(weight) ? weight->contiguous() : at::Tensor();
+  p.weight = weight_c.defined() ? weight_c.data_ptr() : nullptr;
   p.shift = ptr(shift);
   p.scale = ptr(scale);
   p.res = has(branch) ? res.data_ptr() : nullptr;
@@ -132,7 +134,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   p.res = res.data_ptr();
   p.branch = ptr(branch);
   p.gate = has(branch) ? ptr(gate) : nullptr;
-  p.weight = has(weight) ? weight->contiguous().data_ptr() : nullptr;
+  // a named tensor: the kernel reads the contiguous copy after this statement
+  const at::Tensor weight_c = has(weight) ? weight->contiguous() : at::Tensor();
+  p.weight = weight_c.defined() ? weight_c.data_ptr() : nullptr;
   p.scale = ptr(scale);
   p.rstd = rstd.data_ptr<float>();
   p.dx = dx.data_ptr();

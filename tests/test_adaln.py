@@ -146,6 +146,21 @@ def test_non_contiguous_inputs(backend: str) -> None:
     check_gated(backend, inputs, TOL[torch.float32])
 
 
+@pytest.mark.parametrize("backend", FUSED)
+def test_strided_weight_modulate(backend: str) -> None:
+    # a weight that needs a contiguous copy: the copy must live until the kernel has read it
+    x, _, _, w, sh, sc = make_inputs(2, 5, 64, tokens=False, seed=11, gated=False)
+    dy = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(2))
+    w_pair = torch.stack([w, torch.full_like(w, 1e3)], dim=1).requires_grad_(True)
+    w_nc = w_pair[:, 0]
+    assert not w_nc.is_contiguous()
+    y = adaln.adaln_modulate(x, w_nc, sh, sc, backend=backend)
+    (y * dy).sum().backward()
+    y0, (_, dw0, _, _) = run_modulate(adaln.adaln_modulate_reference, [x, w, sh, sc], dy)
+    close(y, y0, TOL[torch.float32], "y")
+    close(w_pair.grad[:, 0], dw0, TOL[torch.float32], "dweight")
+
+
 @pytest.mark.parametrize("backend", ["eager"] + FUSED)
 def test_bad_inputs_raise(backend: str) -> None:
     x, br, gate, w, sh, sc = make_inputs(2, 3, 64, tokens=False)
