@@ -191,6 +191,20 @@ def test_noise_identical_across_backends():
 
 
 @pytest.mark.parametrize("backend", KERNELS + ["eager"])
+def test_strided_seeds(backend):
+    # seeds sliced out of a larger tensor: each sample must still use its own seed
+    pool = torch.tensor([5, 111, -3, 222, 2**40 + 1, 333], dtype=torch.int64)
+    seeds = pool[::2]
+    assert not seeds.is_contiguous()
+    z = _z(3, 2048)
+    out = S.spherify_noise(z, _scale(3), seeds=seeds, stream=1, backend=backend)
+    _close(out, S.spherify_noise_reference(z, _scale(3), _ref_noise(z, seeds=seeds.contiguous(), stream=1)))
+    noise = {"triton": S.triton_sphere_noise, "cpp": S.cpp_sphere_noise, "eager": sphere_noise}[backend]
+    torch.testing.assert_close(noise(seeds, (3, 70), stream=2), sphere_noise(seeds.contiguous(), (3, 70), stream=2),
+                               atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", KERNELS + ["eager"])
 def test_deterministic_and_batch_independent(backend):
     z = _z(3, 2049)
     seeds, scale = _seeds(3), _scale(3)

@@ -150,7 +150,7 @@ def _noise_args(
     if noise is not None:
         n2 = _rows(noise)
         return NOISE_TENSOR, n2, z2, n2.stride(0), 0, scales
-    return NOISE_PHILOX, z2, seeds, 0, stream * length, scales
+    return NOISE_PHILOX, z2, seeds.contiguous(), 0, stream * length, scales  # the kernels read seeds[b]
 
 
 def _triton_fwd(z, scales, noise, seeds, stream):
@@ -204,7 +204,7 @@ def triton_sphere_noise(seeds: torch.Tensor, shape: tuple[int, ...] | torch.Size
     """sphere_noise drawn by the Triton kernel (for cross-backend checks)."""
     from sphere_fast.kernels.spherify import _noise_kernel
 
-    seeds = check_seeds(seeds)
+    seeds = check_seeds(seeds).contiguous()
     length = math.prod(shape)
     block = min(4096, next_pow2(length))
     out = torch.empty((seeds.shape[0], length), dtype=torch.float32, device=seeds.device)
