@@ -168,8 +168,11 @@ class ViT(nn.Module):
                 f"y must be an int64 tensor of shape ({x.shape[0]},) with labels in [0, {self.num_classes}] "
                 f"({self.num_classes} = null label), got {getattr(y, 'dtype', type(y).__name__)} {tuple(getattr(y, 'shape', ()))}"
             )
-        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-        if not capturing and not torch.compiler.is_compiling() and not _labels_checked.get():
+        # The range check syncs with the device: skipped while compiling (asked first: dynamo cannot trace the
+        # capture query), inside a CUDA-graph capture, and where the caller checked the labels already.
+        if torch.compiler.is_compiling() or _labels_checked.get():
+            return
+        if not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             check_label_range(y, self.num_classes)
 
     def embed_input(self, x: torch.Tensor) -> torch.Tensor:
