@@ -1,6 +1,30 @@
 """Small launch helpers shared by the op modules."""
 
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+F = TypeVar("F", bound=Callable[..., object])
+
 
 def next_pow2(n: int) -> int:
     """Smallest power of two >= n (block sizes of Triton launches)."""
     return 1 << max(0, (n - 1).bit_length())
+
+
+def on_input_device(launcher: F) -> F:
+    """Run a Triton launcher with its first argument's CUDA device current: Triton launches on the current
+    device, so tensors on another GPU would otherwise be read by kernels running on the wrong one."""
+
+    @functools.wraps(launcher)
+    def launch(first: torch.Tensor, *args: object, **kwargs: object) -> object:
+        if not first.is_cuda:
+            return launcher(first, *args, **kwargs)
+        with torch.cuda.device(first.device):
+            return launcher(first, *args, **kwargs)
+
+    return launch  # type: ignore[return-value]

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from sphere_fast.backend import resolve_backend
-from sphere_fast.ops._util import next_pow2
+from sphere_fast.ops._util import next_pow2, on_input_device
 
 AUTO_ORDER = ("triton", "cpp", "eager")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -153,6 +153,7 @@ def _chunking(B: int, S: int, block_m: int, device: torch.device) -> tuple[int, 
     return -(-S // rows_per_prog), rows_per_prog
 
 
+@on_input_device
 def _triton_fwd(
     x: Tensor, branch: Tensor | None, gate: Tensor | None, weight: Tensor | None,
     shift: Tensor | None, scale: Tensor | None, eps: float,
@@ -186,6 +187,7 @@ def _or(t: Tensor | None, other: Tensor) -> Tensor:
     return other if t is None else t
 
 
+@on_input_device
 def _triton_bwd(
     dy: Tensor, dres: Tensor | None, res: Tensor, branch: Tensor | None, gate: Tensor | None,
     weight: Tensor | None, shift: Tensor | None, scale: Tensor | None, rstd: Tensor,

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from sphere_fast.backend import active_backend, resolve_backend, triton_interpreting, triton_usable
+from sphere_fast.ops._util import on_input_device
 
 AUTO_ORDER = ("triton", "eager")
 IMPLS = ("sdpa", "triton", "flash_attn")
@@ -230,6 +231,7 @@ def _strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
+@on_input_device
 def _triton_forward(q, k, v, rope):
     from sphere_fast.kernels.attention import attention_fwd_kernel
 
@@ -253,6 +255,7 @@ def _triton_forward(q, k, v, rope):
     return o, lse
 
 
+@on_input_device
 def _triton_backward(do, q, k, v, o, lse, rope):
     from sphere_fast.kernels.attention import (
         attention_bwd_dkdv_kernel,

@@ -17,7 +17,7 @@ from types import ModuleType
 import torch
 
 from sphere_fast.backend import resolve_backend
-from sphere_fast.ops._util import next_pow2
+from sphere_fast.ops._util import next_pow2, on_input_device
 from sphere_fast.ops.philox import check_seeds, check_stream, sphere_noise
 
 EPS = 1e-6
@@ -153,6 +153,7 @@ def _noise_args(
     return NOISE_PHILOX, z2, seeds.contiguous(), 0, stream * length, scales  # the kernels read seeds[b]
 
 
+@on_input_device
 def _triton_fwd(z, scales, noise, seeds, stream):
     from sphere_fast.kernels import spherify as K
 
@@ -175,6 +176,7 @@ def _triton_fwd(z, scales, noise, seeds, stream):
     return out, stats
 
 
+@on_input_device
 def _triton_bwd(grad, z, scales, noise, seeds, stats, stream):
     from sphere_fast.kernels import spherify as K
 
@@ -200,6 +202,7 @@ def _triton_bwd(grad, z, scales, noise, seeds, stats, stream):
     return dz, dscales
 
 
+@on_input_device
 def triton_sphere_noise(seeds: torch.Tensor, shape: tuple[int, ...] | torch.Size, stream: int = 0) -> torch.Tensor:
     """sphere_noise drawn by the Triton kernel (for cross-backend checks)."""
     from sphere_fast.kernels.spherify import _noise_kernel

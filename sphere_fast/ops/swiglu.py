@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sphere_fast.backend import resolve_backend
+from sphere_fast.ops._util import on_input_device
 
 AUTO_ORDER = ("triton", "cpp", "eager")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -41,6 +42,7 @@ def _blocks(H: int) -> tuple[int, int]:
     return max(1, 2048 // block_n), block_n
 
 
+@on_input_device
 def _triton_fwd(h: Tensor) -> Tensor:
     from sphere_fast.kernels.swiglu import swiglu_fwd_kernel
 
@@ -55,6 +57,7 @@ def _triton_fwd(h: Tensor) -> Tensor:
     return out.view(*h.shape[:-1], H)
 
 
+@on_input_device
 def _triton_bwd(dout: Tensor, h: Tensor) -> Tensor:
     from sphere_fast.kernels.swiglu import swiglu_bwd_kernel
 
