@@ -93,7 +93,7 @@ def make_runner(
                 return reference(labels, seeds)
 
         return eager
-    key = GraphKey(batch, steps, guidance(model, cfg, "combo"), True, False, DTYPE)
+    key = GraphKey(batch, steps, guidance(model, cfg, "combo"), True, False, DTYPE, "eager")
     weight = torch.tensor(guidance_weight(cfg, "combo"), dtype=torch.float32, device=DEVICE) if key.guide else None
     # On CPU (smoke) dynamo traces the graph without minutes of C++ compilation, as the harness does.
     options = {"backend": "eager"} if DEVICE.type == "cpu" else {"mode": "max-autotune"}

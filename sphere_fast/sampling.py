@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from sphere_fast import ops
+from sphere_fast.backend import active_backend
 from sphere_fast.model import check_label_range, labels_checked
 from sphere_fast.ops.philox import check_seeds
 
@@ -294,6 +295,7 @@ class GraphKey:
     cache_noise: bool
     scheduler: bool
     dtype: torch.dtype
+    backend: str  # the requested backend (sphere_fast.use_backend): a graph holds the kernels it captured
 
 
 class _CapturedLoop:
@@ -307,15 +309,16 @@ class _CapturedLoop:
         self.weight = torch.ones((), dtype=torch.float32, device=device)
         weight = self.weight if key.guide is not None else None
         # Warm-up on a side stream: Triton autotuning, lazy initialisation and cuBLAS workspaces happen
-        # here, not in the capture.
+        # here, not in the capture. The capture runs on that stream too: torch's default capture stream
+        # belongs to whichever device was current when it was first made.
         with torch.cuda.device(device):
-            side = torch.cuda.Stream()
+            side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 sampler.loop(key, self.labels, self.seeds, weight, capture=True)
             torch.cuda.current_stream().wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=pool):
+            with torch.cuda.graph(self.graph, pool=pool, stream=side):
                 self.first, self.final = sampler.loop(key, self.labels, self.seeds, weight, capture=True)
 
     def __call__(
@@ -416,7 +419,7 @@ class Sampler:
     def _key(self, n: int) -> GraphKey:
         guide = guidance(self.model, self.cfg, self.cfg_position)
         bucket = bucket_for(n, self.batch_size) if self.use_graphs else n
-        return GraphKey(bucket, self.steps, guide, self.cache_noise, self.scheduler, self.dtype)
+        return GraphKey(bucket, self.steps, guide, self.cache_noise, self.scheduler, self.dtype, active_backend())
 
     def _captured(self, key: GraphKey) -> _CapturedLoop:
         if key not in self._graphs:

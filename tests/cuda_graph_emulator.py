@@ -130,17 +130,21 @@ class EmulatedGraph:
 class _Stream:
     """Stands in for ``torch.cuda.Stream``: CPU work is ordered already."""
 
+    def __init__(self, device: object = None) -> None:
+        self.device = device
+
     def wait_stream(self, other: _Stream) -> None:
         pass
 
 
 @dataclass
 class CudaGraphEmulator:
-    """What the emulated ``torch.cuda`` saw: graphs captured (in order), the pool each capture used, the
-    pool handles made, and the number of replays."""
+    """What the emulated ``torch.cuda`` saw: graphs captured (in order), the pool and stream each capture used,
+    the pool handles made, and the number of replays."""
 
     graphs: list[EmulatedGraph] = field(default_factory=list)
     pools: list[object] = field(default_factory=list)
+    streams: list[object] = field(default_factory=list)
     handles: list[object] = field(default_factory=list)
     replays: int = 0
     capturing: bool = False
@@ -162,7 +166,7 @@ class CudaGraphEmulator:
         return handle
 
     @contextlib.contextmanager
-    def graph(self, cuda_graph: EmulatedGraph, pool: object | None = None) -> Iterator[None]:
+    def graph(self, cuda_graph: EmulatedGraph, pool: object | None = None, stream: object = None) -> Iterator[None]:
         """Stands in for ``torch.cuda.graph``: records the block's ops onto ``cuda_graph``."""
         if self.capturing:
             raise CaptureError("a capture is already in progress")
@@ -182,6 +186,7 @@ class CudaGraphEmulator:
         cuda_graph.tape = tape
         self.graphs.append(cuda_graph)
         self.pools.append(pool)
+        self.streams.append(stream)
 
     def patch(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Swap the parts of ``torch.cuda`` that sampling.py uses for the emulation, and let a CPU

@@ -182,7 +182,7 @@ def test_compile_decoder_fullgraph(model):
 @pytest.mark.slow
 def test_compile_sampler_loop_fullgraph(model):
     sampler = Sampler(model, 4, 2, cfg=1.4, dtype=torch.float32)
-    key = GraphKey(4, 2, "combo", True, False, torch.float32)
+    key = GraphKey(4, 2, "combo", True, False, torch.float32, "auto")
     labels, seeds = LABELS[:4], SEEDS[:4]
     w = torch.tensor(math.sqrt(1.4))
     compiled = torch.compile(sampler.loop, fullgraph=True)
@@ -241,7 +241,7 @@ def test_graph_selection(cuda_model):
     sampler = Sampler(cuda_model, 8, 2, cfg=1.4)
     labels, seeds = LABELS.cuda(), SEEDS.cuda()
     a = sampler(labels, seeds)
-    assert sampler.graph_keys == (GraphKey(8, 2, "combo", True, False, torch.bfloat16),)
+    assert sampler.graph_keys == (GraphKey(8, 2, "combo", True, False, torch.bfloat16, "auto"),)
     sampler.cfg = 2.0  # same graph, new weight in its buffer
     b = sampler(labels, seeds)
     assert len(sampler.graph_keys) == 1 and (a - b).abs().max() > 1e-3
@@ -254,10 +254,10 @@ def test_graph_selection(cuda_model):
     sampler(labels[:3], seeds[:3])
     sampler(labels[:3], seeds[:3])  # replays the bucket-4 graph
     assert sampler.graph_keys == (
-        GraphKey(8, 2, "combo", True, False, torch.bfloat16),
-        GraphKey(8, 2, None, True, False, torch.bfloat16),
-        GraphKey(8, 3, None, True, False, torch.bfloat16),
-        GraphKey(4, 3, None, True, False, torch.bfloat16),
+        GraphKey(8, 2, "combo", True, False, torch.bfloat16, "auto"),
+        GraphKey(8, 2, None, True, False, torch.bfloat16, "auto"),
+        GraphKey(8, 3, None, True, False, torch.bfloat16, "auto"),
+        GraphKey(4, 3, None, True, False, torch.bfloat16, "auto"),
     )
     sampler.steps, sampler.cfg = 2, 1.4
     assert torch.equal(sampler(labels, seeds), a)  # back to the first graph
@@ -268,7 +268,7 @@ def test_graph_selection(cuda_model):
 def test_prepare_and_views_on_cuda(cuda_model):
     sampler = Sampler(cuda_model, 8, 2, cfg=1.4)
     key = sampler.prepare(5)
-    assert key == GraphKey(8, 2, "combo", True, False, torch.bfloat16) and sampler.graph_keys == (key,)
+    assert key == GraphKey(8, 2, "combo", True, False, torch.bfloat16, "auto") and sampler.graph_keys == (key,)
     labels, seeds = LABELS.cuda(), SEEDS.cuda()
     copy = sampler(labels, seeds)
     view = sampler(labels, seeds, clone=False)

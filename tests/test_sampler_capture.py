@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sphere_fast import SphereEncoder, use_backend
+from sphere_fast import SphereEncoder, active_backend, use_backend
 from sphere_fast.sampling import GraphKey, Sampler, bucket_for, guidance
 from tests.cuda_graph_emulator import CaptureError, CudaGraphEmulator, emulated_cuda_graphs  # noqa: F401 (fixture)
 from tests.helpers import FUSED, close
@@ -108,7 +108,7 @@ def check_capture_and_replay(
         graphed.cfg = plain.cfg = cfg + 0.5
     again = graphed(labels, seeds)
     assert (emu.captures, emu.replays) == (1, 2)
-    key = GraphKey(bucket_for(n, batch_size), steps, guidance(model, cfg, position), cache, scheduler, torch.float32)
+    key = GraphKey(bucket_for(n, batch_size), steps, guidance(model, cfg, position), cache, scheduler, torch.float32, active_backend())
     assert graphed.graph_keys == (key,)
     close(again, plain(labels, seeds), TOL, "replay with new inputs vs plain")
     assert (again - final).abs().amax() > 1e-2  # the inputs did change the images
@@ -164,8 +164,10 @@ def test_buckets(model: SphereEncoder, emulated_cuda_graphs: CudaGraphEmulator) 
         close(out, plain(labels[start : start + n], seeds[start : start + n]), TOL, f"{n} samples")
         counts.append((n, emu.captures, emu.replays))
     assert counts == [(3, 1, 1), (4, 1, 2), (5, 2, 3), (3, 2, 4)]
-    assert graphed.graph_keys == tuple(GraphKey(b, 2, "combo", True, False, torch.float32) for b in (4, 8))
+    assert graphed.graph_keys == tuple(GraphKey(b, 2, "combo", True, False, torch.float32, "auto") for b in (4, 8))
     assert len(emu.handles) == 1 and all(pool is emu.handles[0] for pool in emu.pools)
+    # each loop is captured on the sampler's own stream of the model's device, not torch's default capture stream
+    assert all(stream is not None and stream.device == torch.device("cpu") for stream in emu.streams)
 
 
 def test_returned_images_are_copies(model: SphereEncoder, emulated_cuda_graphs: CudaGraphEmulator) -> None:
@@ -188,11 +190,22 @@ def test_views_without_clone(model: SphereEncoder, emulated_cuda_graphs: CudaGra
         graphed(LABELS, SEEDS, clone="no")
 
 
+def test_backend_change_captures_its_own_graph(model: SphereEncoder, emulated_cuda_graphs: CudaGraphEmulator) -> None:
+    # a graph holds the kernels it captured: under another backend the sampler must not replay it
+    graphed, _ = samplers(model, 4, (1, 1.0, "combo", True, False))
+    auto = graphed(LABELS[:4], SEEDS[:4])
+    with use_backend("cpp"):
+        cpp = graphed(LABELS[:4], SEEDS[:4])
+    assert [key.backend for key in graphed.graph_keys] == ["auto", "cpp"]
+    close(cpp, auto, TOL, "cpp vs auto (eager on CPU)")
+    assert emulated_cuda_graphs.captures == 2
+
+
 def test_unconditional_model_captured(emulated_cuda_graphs: CudaGraphEmulator) -> None:
     graphed, plain = samplers(tiny_model(num_classes=0), 4, (2, 1.4, "combo", True, False))  # nothing to guide
     for seeds in (SEEDS[:3], SEEDS[:3] + 1000):  # no labels buffer: the seeds alone
         close(graphed(seeds=seeds), plain(seeds=seeds), TOL, "unconditional")
-    assert graphed.graph_keys == (GraphKey(4, 2, None, True, False, torch.float32),)
+    assert graphed.graph_keys == (GraphKey(4, 2, None, True, False, torch.float32, "auto"),)
     assert (emulated_cuda_graphs.captures, emulated_cuda_graphs.replays) == (1, 2)
 
 
@@ -209,8 +222,8 @@ def test_dtype_change_captures_its_own_graph(model: SphereEncoder, emulated_cuda
 def test_prepare_captures_ahead_of_the_first_call(model: SphereEncoder, emulated_cuda_graphs: CudaGraphEmulator) -> None:
     emu = emulated_cuda_graphs
     graphed, plain = samplers(model, 8, (2, 1.4, "combo", True, False))
-    assert graphed.prepare(3) == GraphKey(4, 2, "combo", True, False, torch.float32)
-    assert graphed.prepare() == GraphKey(8, 2, "combo", True, False, torch.float32)
+    assert graphed.prepare(3) == GraphKey(4, 2, "combo", True, False, torch.float32, "auto")
+    assert graphed.prepare() == GraphKey(8, 2, "combo", True, False, torch.float32, "auto")
     assert graphed.prepare(8) == graphed.graph_keys[-1] and (emu.captures, emu.replays) == (2, 0)
     close(graphed(LABELS[:3], SEEDS[:3]), plain(LABELS[:3], SEEDS[:3]), TOL, "prepared bucket 4")
     assert (emu.captures, emu.replays) == (2, 1)
