@@ -31,12 +31,12 @@ CASES = list(itertools.product(SHAPES, DTYPES))
 
 
 def _noise_reference(z: torch.Tensor, scale: torch.Tensor, *, seeds: torch.Tensor) -> torch.Tensor:
-    e = S.sphere_noise(seeds, z.shape[1:]).to(z.dtype)
+    e = S.sphere_noise_reference(seeds, z.shape[1:]).to(z.dtype)
     return S.spherify_noise_reference(z, scale, e)
 
 
 def _pair_reference(z: torch.Tensor, big: torch.Tensor, small: torch.Tensor, *, seeds: torch.Tensor):
-    e = S.sphere_noise(seeds, z.shape[1:]).to(z.dtype)
+    e = S.sphere_noise_reference(seeds, z.shape[1:]).to(z.dtype)
     return S.spherify_noise_reference(z, big, e), S.spherify_noise_reference(z, small, e)
 
 

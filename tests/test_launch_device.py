@@ -14,7 +14,7 @@ import torch
 from sphere_fast.ops._util import on_input_device
 
 LAUNCHERS = {
-    "sphere_fast.ops.spherify": ("_triton_fwd", "_triton_bwd", "triton_sphere_noise"),
+    "sphere_fast.ops.spherify": ("_triton_fwd", "_triton_bwd", "_triton_noise"),
     "sphere_fast.ops.adaln": ("_triton_fwd", "_triton_bwd"),
     "sphere_fast.ops.swiglu": ("_triton_fwd", "_triton_bwd"),
     "sphere_fast.ops.attention": ("_triton_forward", "_triton_backward"),

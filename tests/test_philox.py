@@ -53,35 +53,35 @@ def test_matches_triton(seed):
 def test_sphere_noise_convention():
     seeds = torch.tensor([3, -9, 2**35], dtype=torch.int64)
     shape = (2, 5, 7)
-    e = P.sphere_noise(seeds, shape, stream=3)
+    e = P.sphere_noise_reference(seeds, shape, stream=3)
     assert e.shape == (3, *shape) and e.dtype == torch.float32
     length = 2 * 5 * 7
     for b in range(3):
         offsets = 3 * length + torch.arange(length)
         assert torch.equal(e[b].flatten(), P.philox_randn(seeds[b], offsets))
     # streams are disjoint slices of one sequence
-    assert torch.equal(P.sphere_noise(seeds, (length,), stream=1)[:, :4], P.philox_randn(seeds[:, None], length + torch.arange(4)))
+    assert torch.equal(P.sphere_noise_reference(seeds, (length,), stream=1)[:, :4], P.philox_randn(seeds[:, None], length + torch.arange(4)))
 
 
 def test_noise_statistics_and_determinism():
     seeds = torch.tensor([11, 12], dtype=torch.int64)
-    e = P.sphere_noise(seeds, (65536,), stream=0)
+    e = P.sphere_noise_reference(seeds, (65536,), stream=0)
     assert abs(e.mean().item()) < 0.01  # 131k draws: std of the mean is 0.003
     assert abs(e.var().item() - 1.0) < 0.02
-    assert torch.equal(e, P.sphere_noise(seeds, (65536,), stream=0))
+    assert torch.equal(e, P.sphere_noise_reference(seeds, (65536,), stream=0))
     assert not torch.equal(e[0], e[1])
-    assert not torch.equal(e, P.sphere_noise(seeds, (65536,), stream=1))
+    assert not torch.equal(e, P.sphere_noise_reference(seeds, (65536,), stream=1))
 
 
 @pytest.mark.parametrize(
     "call, err, match",
     [
-        (lambda: P.sphere_noise([1, 2], (4,)), TypeError, "seeds"),
-        (lambda: P.sphere_noise(torch.tensor([1, 2], dtype=torch.int32), (4,)), TypeError, "seeds"),
-        (lambda: P.sphere_noise(torch.tensor([[1, 2]]), (4,)), ValueError, "seeds"),
-        (lambda: P.sphere_noise(torch.tensor([1]), (0, 3)), ValueError, "shape"),
-        (lambda: P.sphere_noise(torch.tensor([1]), (2.5,)), TypeError, "shape"),
-        (lambda: P.sphere_noise(torch.tensor([1]), (4,), stream=-1), ValueError, "stream"),
+        (lambda: P.sphere_noise_reference([1, 2], (4,)), TypeError, "seeds"),
+        (lambda: P.sphere_noise_reference(torch.tensor([1, 2], dtype=torch.int32), (4,)), TypeError, "seeds"),
+        (lambda: P.sphere_noise_reference(torch.tensor([[1, 2]]), (4,)), ValueError, "seeds"),
+        (lambda: P.sphere_noise_reference(torch.tensor([1]), (0, 3)), ValueError, "shape"),
+        (lambda: P.sphere_noise_reference(torch.tensor([1]), (2.5,)), TypeError, "shape"),
+        (lambda: P.sphere_noise_reference(torch.tensor([1]), (4,), stream=-1), ValueError, "stream"),
         (lambda: P.philox_randn(torch.tensor(1.0), torch.tensor([1])), TypeError, "seed"),
         (lambda: P.philox_randn(torch.tensor(1), torch.tensor([1], dtype=torch.int32)), TypeError, "offset"),
     ],

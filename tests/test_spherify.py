@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import sphere_fast
-from sphere_fast.ops.philox import sphere_noise
+from sphere_fast.ops.philox import sphere_noise_reference
 
 S = importlib.import_module("sphere_fast.ops.spherify")
 
@@ -46,7 +46,7 @@ def _scale(batch):
 
 
 def _ref_noise(z, noise=None, seeds=None, stream=0):
-    return noise if noise is not None else sphere_noise(seeds, z.shape[1:], stream=stream)
+    return noise if noise is not None else sphere_noise_reference(seeds, z.shape[1:], stream=stream)
 
 
 def _close(actual, expected, dtype=torch.float32):
@@ -184,10 +184,10 @@ def test_eager_gradcheck_fp64():
 def test_noise_identical_across_backends():
     seeds = torch.tensor([0, 9, -(2**40), 2**62 + 3], dtype=torch.int64)
     shape = (3, 700)
-    eager = sphere_noise(seeds, shape, stream=2)
+    eager = sphere_noise_reference(seeds, shape, stream=2)
     # log/cos differ by an ulp or two between torch, numpy (interpreter) and libm: see test_philox.py
-    torch.testing.assert_close(S.triton_sphere_noise(seeds, shape, stream=2), eager, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(S.cpp_sphere_noise(seeds, shape, stream=2), eager, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(S.sphere_noise(seeds, shape, stream=2, backend="triton"), eager, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(S.sphere_noise(seeds, shape, stream=2, backend="cpp"), eager, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("backend", KERNELS + ["eager"])
@@ -199,9 +199,8 @@ def test_strided_seeds(backend):
     z = _z(3, 2048)
     out = S.spherify_noise(z, _scale(3), seeds=seeds, stream=1, backend=backend)
     _close(out, S.spherify_noise_reference(z, _scale(3), _ref_noise(z, seeds=seeds.contiguous(), stream=1)))
-    noise = {"triton": S.triton_sphere_noise, "cpp": S.cpp_sphere_noise, "eager": sphere_noise}[backend]
-    torch.testing.assert_close(noise(seeds, (3, 70), stream=2), sphere_noise(seeds.contiguous(), (3, 70), stream=2),
-                               atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(S.sphere_noise(seeds, (3, 70), stream=2, backend=backend),
+                               sphere_noise_reference(seeds.contiguous(), (3, 70), stream=2), atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("backend", KERNELS + ["eager"])
@@ -312,6 +311,7 @@ def test_opcheck(backend):
         torch.library.opcheck(torch.ops.sphere_fast.spherify_bwd.default, bwd)
         if backend == "cpp":  # the C++ ops themselves (fake kernels registered from Python)
             torch.library.opcheck(torch.ops.sphere_fast_cpp.spherify_fwd.default, args[:5], test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.sphere_fast.sphere_noise.default, (_seeds(3), 70, 2, backend))
 
 
 @pytest.mark.parametrize("backend", KERNELS + ["eager"])
@@ -320,7 +320,8 @@ def test_compile_fullgraph(backend):
 
     def step(z, s, seeds):
         big, small = S.spherify_noise_pair(z, s, 0.5, seeds=seeds, stream=2, backend=backend)
-        return (big * small).sum() + S.spherify(z, backend=backend).square().sum()
+        e = S.sphere_noise(seeds, z.shape[1:], stream=1, backend=backend)
+        return (big * small).sum() + S.spherify(z + e, backend=backend).square().sum()
 
     z = _z(2, 256)
     s = torch.tensor([1.0, 0.3])

@@ -14,8 +14,9 @@ from sphere_fast.ops.attention import (
     attention_impls,
     attention_reference,
 )
-from sphere_fast.ops.philox import philox_randn, sphere_noise
+from sphere_fast.ops.philox import philox_randn, sphere_noise_reference
 from sphere_fast.ops.spherify import (
+    sphere_noise,
     spherify,
     spherify_noise,
     spherify_noise_pair,
@@ -36,6 +37,7 @@ __all__ = [
     "gated_residual_adaln_reference",
     "philox_randn",
     "sphere_noise",
+    "sphere_noise_reference",
     "spherify",
     "spherify_noise",
     "spherify_noise_pair",

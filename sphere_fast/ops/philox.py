@@ -117,7 +117,7 @@ def check_stream(stream: object) -> int:
     return stream
 
 
-def sphere_noise(seeds: torch.Tensor, shape: Sequence[int], stream: int = 0) -> torch.Tensor:
+def sphere_noise_reference(seeds: torch.Tensor, shape: Sequence[int], stream: int = 0) -> torch.Tensor:
     """[B, *shape] float32 noise of the sphere_fast convention for per-sample ``seeds`` [B] (int64).
 
     Element j (flattened) of sample b is tl.randn(seeds[b], stream * L + j) with L = prod(shape).

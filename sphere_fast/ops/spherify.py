@@ -18,7 +18,7 @@ import torch
 
 from sphere_fast.backend import resolve_backend
 from sphere_fast.ops._util import next_pow2, on_input_device
-from sphere_fast.ops.philox import check_seeds, check_stream, sphere_noise
+from sphere_fast.ops.philox import check_seeds, check_stream, sample_shape, sphere_noise_reference
 
 EPS = 1e-6
 AUTO_ORDER = ("triton", "cpp", "eager")
@@ -203,16 +203,13 @@ def _triton_bwd(grad, z, scales, noise, seeds, stats, stream):
 
 
 @on_input_device
-def triton_sphere_noise(seeds: torch.Tensor, shape: tuple[int, ...] | torch.Size, stream: int = 0) -> torch.Tensor:
-    """sphere_noise drawn by the Triton kernel (for cross-backend checks)."""
+def _triton_noise(seeds: torch.Tensor, length: int, stream: int) -> torch.Tensor:
     from sphere_fast.kernels.spherify import _noise_kernel
 
-    seeds = check_seeds(seeds).contiguous()
-    length = math.prod(shape)
     block = min(4096, next_pow2(length))
     out = torch.empty((seeds.shape[0], length), dtype=torch.float32, device=seeds.device)
-    _noise_kernel[(seeds.shape[0], -(-length // block))](seeds, out, length, check_stream(stream) * length, BLOCK=block)
-    return out.view(seeds.shape[0], *shape)
+    _noise_kernel[(seeds.shape[0], -(-length // block))](seeds, out, length, stream * length, BLOCK=block)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- C++ bridge
@@ -230,15 +227,6 @@ def _cpp() -> ModuleType:
     torch.library.register_fake("sphere_fast_cpp::spherify_bwd", _fake_bwd_impl)
     torch.library.register_fake("sphere_fast_cpp::sphere_noise", _fake_noise_impl)
     return module
-
-
-def cpp_sphere_noise(seeds: torch.Tensor, shape: tuple[int, ...] | torch.Size, stream: int = 0) -> torch.Tensor:
-    """sphere_noise drawn by the C++ extension (CPU or CUDA by the device of seeds)."""
-    _cpp()
-    seeds = check_seeds(seeds)
-    length = math.prod(shape)
-    out = torch.ops.sphere_fast_cpp.sphere_noise(seeds, length, check_stream(stream))
-    return out.view(seeds.shape[0], *shape)
 
 
 # ---------------------------------------------------------------------------------------------- custom ops
@@ -317,6 +305,19 @@ def _backward(ctx, grad_out, grad_stats):
 _spherify_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("sphere_fast::sphere_noise", mutates_args=())
+def _sphere_noise(seeds: torch.Tensor, length: int, stream: int, backend: str) -> torch.Tensor:
+    if backend == "triton":
+        return _triton_noise(seeds, length, stream)
+    _cpp()
+    return torch.ops.sphere_fast_cpp.sphere_noise(seeds, length, stream)
+
+
+@_sphere_noise.register_fake
+def _(seeds, length, stream, backend):
+    return _fake_noise_impl(seeds, length, stream)
+
+
 # ---------------------------------------------------------------------------------------------- public ops
 
 
@@ -328,6 +329,21 @@ def spherify(z: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     if name == "eager":
         return spherify_reference(z)
     return _spherify_fwd(z, None, None, None, 0, name)[0][0]
+
+
+def sphere_noise(
+    seeds: torch.Tensor, shape: tuple[int, ...] | torch.Size, stream: int = 0, *, backend: str | None = None
+) -> torch.Tensor:
+    """[B, *shape] float32 noise e of the sphere_fast convention (``philox.sphere_noise_reference``): one
+    kernel on the triton and cpp backends instead of the reference's chain of elementwise Philox ops."""
+    seeds = check_seeds(seeds)
+    dims = sample_shape(shape)
+    stream = check_stream(stream)
+    name = resolve_backend("sphere_noise", seeds.device, backend, AUTO_ORDER)
+    if name == "eager":
+        return sphere_noise_reference(seeds, dims, stream=stream)
+    # the kernels read seeds[b] at unit stride
+    return _sphere_noise(seeds.contiguous(), math.prod(dims), stream, name).view(seeds.shape[0], *dims)
 
 
 def _noisy(
@@ -345,7 +361,7 @@ def _noisy(
     values = [_check_scale(label, s, z) for label, s in scales]
     _check_noise_source(z, noise, seeds, stream)
     if name == "eager":
-        e = noise if noise is not None else sphere_noise(seeds, z.shape[1:], stream=stream).to(z.dtype)
+        e = noise if noise is not None else sphere_noise_reference(seeds, z.shape[1:], stream=stream).to(z.dtype)
         return [spherify_noise_reference(z, s, e) for s in values]
     out, _ = _spherify_fwd(z, _scales_tensor(z, *values), noise, seeds, stream, name)
     return list(out.unbind(0))
