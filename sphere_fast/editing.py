@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from sphere_fast import ops
+from sphere_fast.model import labels_checked
 from sphere_fast.sampling import (
     DrawnNoise,
     GuidedNetworks,
@@ -37,7 +38,8 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def check_images(model: nn.Module, images: object, name: str = "images") -> torch.Tensor:
-    """[B, 3, H, W] floating images in [0, 1] on the model's device -> the model's input range [-1, 1]."""
+    """[B, 3, H, W] floating images in [0, 1] -> the model's input range [-1, 1], on its device and in its
+    encoder's weight dtype (a model cast to bf16 takes bf16 images)."""
     size = model.input_size
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor [B, 3, {size}, {size}], got {type(images).__name__}")
@@ -48,7 +50,8 @@ def check_images(model: nn.Module, images: object, name: str = "images") -> torc
     low, high = float(images.min()), float(images.max())
     if not (0 <= low and high <= 1):  # also refuses NaN
         raise ValueError(f"{name} must hold values in [0, 1], got range [{low}, {high}]")
-    return images.to(_device(model), torch.float32) * 2 - 1
+    weight_dtype = next(model.encoder.parameters()).dtype
+    return images.to(_device(model), weight_dtype) * 2 - 1
 
 
 def _check_scaler(noise_scaler: float) -> None:
@@ -70,7 +73,8 @@ def reconstruct_images(
     y = None
     if labels is not None:
         y = sample_labels(model, x.shape[0], labels, x.device, name="labels", allow_null=True)
-    with autocast(x.device, dtype):
+    # labels range-checked once above, not in each network call (a device sync each)
+    with autocast(x.device, dtype), labels_checked():
         return model.reconstruct(x, y).float()
 
 
@@ -104,7 +108,7 @@ def manipulate(
         y = sample_labels(model, batch, target, device, name="target", allow_null=True)
     nets = GuidedNetworks(model, y, None)
     noise = SeededNoise(_seeds(seeds, batch, device), model.latent_shape[1:])
-    with autocast(device, dtype):
+    with autocast(device, dtype), labels_checked():
         # the input image is step 0 of a (steps + 1)-step loop
         run = refine(model, nets, x, noise, steps + 1, scheduler=scheduler, cache_noise=True, noise_scaler=noise_scaler)
         return [to_unit(step) for step in run]

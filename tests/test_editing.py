@@ -130,6 +130,18 @@ def test_crossover(model, images):
         crossover(model, images, images[:2])
 
 
+def test_edits_on_a_bf16_model(model, images):
+    # a model cast to bf16 (how the spec evaluates) takes the images in its dtype; results stay float in [0, 1]
+    bf16 = tiny_model().to(torch.bfloat16)
+    recon = reconstruct_images(bf16, images)
+    assert recon.dtype == torch.float32
+    assert (recon - reconstruct_images(model, images)).abs().max() < 0.1
+    steps = manipulate(bf16, images, 3, steps=2, seeds=SEEDS)
+    assert len(steps) == 2 and all(s.dtype == torch.float32 and 0 <= s.min() and s.max() <= 1 for s in steps)
+    _, outs = crossover(bf16, images[:2], images[1:], seeds=SEEDS[:2])
+    assert (outs[0] - crossover(model, images[:2], images[1:], seeds=SEEDS[:2])[1][0]).abs().max() < 0.1
+
+
 def test_slerp_and_bilinear():
     torch.manual_seed(2)
     a, b = torch.randn(6, 4), torch.randn(6, 4)
