@@ -211,10 +211,14 @@ class SphereLoss(nn.Module):
             terms["pix_con"] = smooth_l1_per_sample(big, small.detach())
             total = total + w.con_dist * terms["pix_con"].mean()
         if self.perceptual is not None:
-            terms["recon_perc"] = self.perceptual(small, target)
+            # the perceptual networks too run in fp32: under bf16 autocast their feature differences would be
+            # rounded to bf16
+            with torch.autocast(x.device.type, enabled=False):
+                terms["recon_perc"] = self.perceptual(small, target)
+                if m.use_pix_con:
+                    terms["pix_con_perc"] = self.perceptual(big, small.detach())
             total = total + w.recon_perc * terms["recon_perc"].mean()
             if m.use_pix_con:
-                terms["pix_con_perc"] = self.perceptual(big, small.detach())
                 total = total + w.con_perc * terms["pix_con_perc"].mean()
         if m.use_lat_con:
             u_big = m.encoder(x_big, y)  # not detached: the gradient reaches D and E

@@ -168,6 +168,25 @@ def test_sphere_loss_uses_the_perceptual_term():
     assert all(p.grad is not None and p.grad.isfinite().all() for p in model.decoder.parameters() if p.requires_grad)
 
 
+def test_perceptual_term_runs_in_fp32_under_autocast(monkeypatch):
+    # spec: the losses are computed in fp32, so bf16 autocast must not reach the perceptual networks
+    pl = PerceptualLoss(LPIPS(), small_convnext())
+    seen = []
+    forward = PerceptualLoss.forward
+
+    def recording(self, pred, target):
+        out = forward(self, pred, target)
+        seen.append((torch.is_autocast_enabled("cpu"), pred.dtype, target.dtype, out.dtype))
+        return out
+
+    monkeypatch.setattr(PerceptualLoss, "forward", recording)
+    x, y = tiny_batch()
+    scales = (torch.full((6,), 0.3), torch.full((6,), 0.1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        SphereLoss(tiny_model(), loss_weights("cifar10"), pl)(x, y, *scales, seeds=torch.arange(6))
+    assert seen == [(False, torch.float32, torch.float32, torch.float32)] * 2
+
+
 def test_from_files_round_trips_and_freezes(full_nets, tmp_path):
     vgg, convnext = full_nets
     lin = LPIPSLinear()
