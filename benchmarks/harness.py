@@ -86,8 +86,15 @@ class Timing(float):
 
 
 @functools.cache
-def _flush_buffer() -> torch.Tensor:
-    return torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device="cuda")
+def _flush_buffers() -> tuple[torch.Tensor, torch.Tensor]:
+    """A buffer larger than L2 and the scalar its read writes to."""
+    buffer = torch.zeros(L2_FLUSH_BYTES, dtype=torch.int8, device="cuda")
+    return buffer, torch.zeros((), dtype=torch.int32, device="cuda")
+
+
+# A GPU-side wait before each timed call, about 0.1 ms at H200 clocks (~2 GHz): the CPU queues the call's
+# launches meanwhile, so a few microseconds of Python and dispatch per launch stay out of the events.
+HEAD_START_CYCLES = 200_000
 
 
 def cuda_time_ms(
@@ -101,10 +108,13 @@ def cuda_time_ms(
     """Median milliseconds of ``fn()`` (or ``fn(*rotate[i % len(rotate)])``) over ``rep`` timed calls.
 
     CUDA events around each call, one synchronize at the end (none per iteration); ``warmup`` calls first
-    (compilation, autotuning, allocator) are not timed. Before each call a 256 MB memset evicts L2, so
-    inputs come from HBM as in a real model step; it also gives the CPU a head start so launch latency
-    stays out of the events. ``rotate`` cycles through input sets, for cases where flushing is not enough
-    or not wanted (then pass flush_l2=False). In smoke mode: one call, wall clock without a GPU.
+    (compilation, autotuning, allocator) are not timed. Before each call a 256 MB read evicts L2 (a read,
+    not a memset, so no dirty lines are written back during the call), so inputs come from HBM as in a real
+    model step; then a short GPU wait (HEAD_START_CYCLES) lets the CPU queue the call ahead, so launch latency
+    stays out of the events; a call that needs more CPU time than that (an eager loop of thousands of
+    launches) is timed with its CPU overhead, as it would run. ``rotate`` cycles through input sets, for
+    cases where flushing is not enough or not wanted (then pass flush_l2=False). In smoke mode: one call,
+    wall clock without a GPU.
     """
     if rotate is not None and len(rotate) == 0:
         raise ValueError("rotate must hold at least one argument tuple")
@@ -117,13 +127,14 @@ def cuda_time_ms(
         return Timing([(time.perf_counter() - start) * 1e3])
     for i in range(warmup):
         fn(*args(i))
-    flush = _flush_buffer() if flush_l2 else None
+    flush = _flush_buffers() if flush_l2 else None
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
     torch.cuda.synchronize()
     for i in range(rep):
         if flush is not None:
-            flush.zero_()
+            torch.sum(flush[0], dim=0, dtype=torch.int32, out=flush[1])
+        torch.cuda._sleep(HEAD_START_CYCLES)
         starts[i].record()
         fn(*args(warmup + i))
         ends[i].record()

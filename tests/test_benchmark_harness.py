@@ -66,6 +66,40 @@ def test_smoke_timer_calls_once_with_rotated_args() -> None:
     assert harness.measure_ceilings() is None
 
 
+def test_gpu_timer_order_of_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The CUDA path with torch.cuda stood in for: per timed call an L2-evicting read, the head-start wait,
+    # then the events around the call; one synchronize before and one after the loop, none in between.
+    log: list[str] = []
+
+    class Event:
+        def __init__(self, enable_timing: bool) -> None:
+            self.t = 0.0
+
+        def record(self) -> None:
+            self.t = float(len(log))
+            log.append("record")
+
+        def elapsed_time(self, end: "Event") -> float:
+            return end.t - self.t
+
+    flush = torch.zeros(64, dtype=torch.int8), torch.zeros((), dtype=torch.int32)
+    monkeypatch.setattr(harness, "SMOKE", False)
+    monkeypatch.setattr(harness, "_flush_buffers", lambda: flush)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: log.append("sync"))
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: log.append(f"sleep {cycles}"))
+    real_sum = torch.sum
+    monkeypatch.setattr(torch, "sum", lambda *a, **k: log.append("read flush") or real_sum(*a, **k))
+    ms = harness.cuda_time_ms(lambda: log.append("fn"), warmup=2, rep=3)
+    call = ["read flush", f"sleep {harness.HEAD_START_CYCLES}", "record", "fn", "record"]
+    assert log == ["fn", "fn", "sync"] + call * 3 + ["sync"]
+    assert ms.samples_ms == (2.0, 2.0, 2.0)
+    log.clear()
+    harness.cuda_time_ms(lambda: log.append("fn"), warmup=0, rep=1, flush_l2=False)
+    assert log == ["sync", f"sleep {harness.HEAD_START_CYCLES}", "record", "fn", "record", "sync"]
+
+
 def test_gate_passes_rounding_and_stops_wrong_outputs() -> None:
     ref = torch.randn(64, 256)
     harness.gate(ref.to(torch.bfloat16), ref, "bf16 rounding")
