@@ -193,6 +193,7 @@ class ViT(nn.Module):
         self.check_input(x, y)
         c = self.y_embedder(y) if self.y_embedder is not None else None
         x = self.embed_input(x)
+        # the residual stream keeps the embedding's dtype (bf16 under autocast): each fused op takes one dtype
         x = (x + self.pos_embed).to(x.dtype)
         rope = self.rope
         # The residual add that closes one sub-layer and the norm that opens the next run as one op.
