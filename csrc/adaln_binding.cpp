@@ -50,7 +50,7 @@ bool per_token(const OptT& t, int64_t S) { return has(t) && S > 1 && t->size(1) 
 
 int64_t program_target(const at::Tensor& x) {
 #ifdef SPHERE_FAST_WITH_CUDA
-  if (x.is_cuda()) return 4 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  if (x.is_cuda()) return 4 * at::cuda::getDeviceProperties(x.device().index())->multiProcessorCount;
 #endif
   return 4 * at::get_num_threads();
 }
