@@ -2,10 +2,11 @@
 and the noisy re-projection f(f(z) + s*e) used by training and sampling.
 
 Layers here: the eager references (the executable spec), input checks, the Triton launchers, the bridge to
-the C++ extension (csrc/spherify_*), and two ``torch.library`` custom ops shared by both kernel backends:
-``sphere_fast::spherify_fwd`` -> (out [P, *z.shape], stats [B, 3] = |z|^2, z.e, |e|^2 in fp32) and
-``sphere_fast::spherify_bwd``. P is 1 (one scale) or 2 (the training pair from one read of z). Backward
-saves only z, the per-sample sums and the seeds: e is regenerated, never stored.
+the C++ extension (csrc/spherify_*), and three ``torch.library`` custom ops shared by both kernel backends:
+``sphere_fast::spherify_fwd`` -> (out [P, *z.shape], stats [B, 3] = |z|^2, z.e, |e|^2 in fp32),
+``sphere_fast::spherify_bwd`` and ``sphere_fast::sphere_noise`` (the noise e alone). P is 1 (one scale) or 2
+(the training pair from one read of z). Backward saves only z, the per-sample sums and the seeds: e is
+regenerated, never stored.
 """
 
 from __future__ import annotations
