@@ -2,7 +2,7 @@
 
 Models sphere-l-imagenet and sphere-xl-imagenet (random weights, cast to bf16) at batch 1, 8, 64, 256, steps
 1, 2, 4, without CFG and with combo CFG 1.4, for four implementations of the same loop and seeds:
-  eager       the eager reference (sphere_fast's "eager" backend, un-captured loop)
+  eager       the official generate() loop on sphere_fast's "eager" backend (its noise one kernel a draw)
   compile     that loop under torch.compile(mode="max-autotune", fullgraph=True) (inductor's own CUDA graphs)
   uncaptured  sphere_fast.Sampler(cuda_graph=False) on the best backend
   graph       sphere_fast.Sampler: the loop captured as one CUDA graph per bucket and replayed
@@ -31,7 +31,7 @@ import pytest
 import torch
 
 from benchmarks.harness import DEVICE, SMOKE, cuda_time_ms, pick, record
-from sphere_fast import SphereEncoder, use_backend
+from sphere_fast import SphereEncoder, ops, use_backend
 from sphere_fast.sampling import GraphKey, Sampler, guidance, guidance_weight
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,14 +85,24 @@ def make_runner(
     if impl in ("uncaptured", "graph"):
         sampler = Sampler(model, batch, steps, cfg=cfg, dtype=DTYPE, cuda_graph=impl == "graph")
         return lambda labels, seeds: sampler(labels, seeds)
-    reference = Sampler(model, batch, steps, cfg=cfg, dtype=DTYPE, cuda_graph=False)
     if impl == "eager":
+        shape = model.latent_shape[1:]
 
         def eager(labels: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+            # The official generate() loop on the eager ops. Its two draws (initial point, cached refinement
+            # noise) are one kernel each, as the official torch.randn draws are; the seed convention's
+            # pure-torch Philox (about 200 small kernels a draw) would slow this baseline for no reason an eager
+            # user has. The draws are the seeds' own, so the images match the other implementations.
+            seeds = seeds.to(DEVICE)
+            draws = [ops.sphere_noise(seeds, shape, stream=k, backend="auto") for k in (0, 1)]
             with use_backend("eager"):
-                return reference(labels, seeds)
+                return model.generate(
+                    batch, y=labels.to(DEVICE), cfg=cfg, cfg_position="combo", forward_steps=steps,
+                    cache_sampling_noise=True, noise=draws, dtype=DTYPE,
+                )[1]
 
         return eager
+    reference = Sampler(model, batch, steps, cfg=cfg, dtype=DTYPE, cuda_graph=False)
     key = GraphKey(batch, steps, guidance(model, cfg, "combo"), True, False, DTYPE, "eager")
     weight = torch.tensor(guidance_weight(cfg, "combo"), dtype=torch.float32, device=DEVICE) if key.guide else None
     # On CPU (smoke) dynamo traces the graph without minutes of C++ compilation, as the harness does.
