@@ -324,7 +324,7 @@ class _CapturedLoop:
     def __call__(
         self, labels: torch.Tensor | None, seeds: torch.Tensor, weight: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views of the static outputs: the next replay rewrites them."""
+        """Views of the static outputs: the next replay of any graph in the shared pool may rewrite them."""
         # Rows past n keep earlier valid values: each sample is computed independently, so they only pad.
         n = seeds.shape[0]
         self.seeds[:n].copy_(seeds, non_blocking=True)

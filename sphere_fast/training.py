@@ -215,11 +215,10 @@ class SphereLoss(nn.Module):
             # rounded to bf16
             with torch.autocast(x.device.type, enabled=False):
                 terms["recon_perc"] = self.perceptual(small, target)
+                total = total + w.recon_perc * terms["recon_perc"].mean()
                 if m.use_pix_con:
                     terms["pix_con_perc"] = self.perceptual(big, small.detach())
-            total = total + w.recon_perc * terms["recon_perc"].mean()
-            if m.use_pix_con:
-                total = total + w.con_perc * terms["pix_con_perc"].mean()
+                    total = total + w.con_perc * terms["pix_con_perc"].mean()
         if m.use_lat_con:
             u_big = m.encoder(x_big, y)  # not detached: the gradient reaches D and E
             terms["lat_con"] = latent_cosine_per_sample(u_big.float(), z_clean.float())
