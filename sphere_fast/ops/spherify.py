@@ -209,7 +209,8 @@ def _triton_noise(seeds: torch.Tensor, length: int, stream: int) -> torch.Tensor
 
     block = min(4096, next_pow2(length))
     out = torch.empty((seeds.shape[0], length), dtype=torch.float32, device=seeds.device)
-    _noise_kernel[(seeds.shape[0], -(-length // block))](seeds, out, length, stream * length, BLOCK=block)
+    # the kernel reads seeds[b] at unit stride
+    _noise_kernel[(seeds.shape[0], -(-length // block))](seeds.contiguous(), out, length, stream * length, BLOCK=block)
     return out
 
 
@@ -343,8 +344,7 @@ def sphere_noise(
     name = resolve_backend("sphere_noise", seeds.device, backend, AUTO_ORDER)
     if name == "eager":
         return sphere_noise_reference(seeds, dims, stream=stream)
-    # the kernels read seeds[b] at unit stride
-    return _sphere_noise(seeds.contiguous(), math.prod(dims), stream, name).view(seeds.shape[0], *dims)
+    return _sphere_noise(seeds, math.prod(dims), stream, name).view(seeds.shape[0], *dims)
 
 
 def _noisy(
