@@ -8,10 +8,10 @@ never written. The backward rotates on load the same way and un-rotates dq/dk be
 d(x) = R^T d(x_rot) = g*cos - rotate(g*sin).
 
 Head dim: tiles must be powers of two, so the head dim is split into chunk A (the largest power of two
-<= D, never masked) and an optional chunk B (the rest, padded to a power of two >= 16, the smallest
-K of a tensor-core dot). D = 72 runs as 64 + 16 (80 columns, not 128); 80 as 64 + 16 (exact);
-104 as 64 + 64 (same as padding to 128); 32, 64, 128 as one chunk. Every product over the head dim is a
-sum of one dot per chunk.
+<= D, never masked) and an optional chunk B holding the rest, masked, padded to the width DB the launcher
+picks (ops/attention.py: DB = DA; a 16-wide chunk B gave wrong outputs and illegal addresses on an H200
+with Triton 3.6). D = 72, 80 and 104 run as 64 + 64; 32, 64, 128 as one chunk. Every product over the
+head dim is a sum of one dot per chunk.
 
 Softmax is computed in base 2: scores are multiplied by qk_scale = log2(e)/sqrt(D) and the saved LSE is
 log2-based, so the backward recomputes p = exp2(s*qk_scale - lse) exactly as the forward did.

@@ -68,8 +68,9 @@ def check_against_fp64(b: int, h: int, n: int, d: int, dtype: torch.dtype, with_
     names = ("out", "dq", "dk", "dv")
     if dtype == torch.float32:
         for name, x, r in zip(names, ours, ref):
-            # TF32 on the GPU: 10-bit mantissa inputs, fp32 accumulation
-            tol = 2e-3 * max(1.0, r.abs().max().item())
+            # TF32 on the GPU: 10-bit mantissa inputs (unit roundoff 2**-11 = 4.9e-4), fp32 accumulation; the
+            # gradients pass through three chained products. Measured on an H200: up to 2.6e-3 * max|ref|.
+            tol = 5e-3 * max(1.0, r.abs().max().item())
             err = (x.double() - r).abs().max().item()
             assert err <= tol, f"{name}: fp32 error {err:.3g} > TF32 tolerance {tol:.3g} (D={d}, N={n})"
         return
