@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-NVCC_FLAGS = ("-gencode=arch=compute_90a,code=sm_90a", "-O3", "-std=c++17", "--use_fast_math", "-lineinfo")
+NVCC_ARCH_FLAGS = ("-gencode=arch=compute_90a,code=sm_90a", "-std=c++17")
 
 
 class CompileError(RuntimeError):
@@ -337,15 +337,17 @@ def compile_cuda_sm90(
 ) -> CudaKernels:
     """nvcc a (torch-free) .cu for sm_90a into a cubin; kernel name -> resources, with ptxas spill counts.
 
-    Uses the project's nvcc flags (-O3 --use_fast_math -lineinfo, as sphere_fast._extension). Raises
+    Uses the nvcc flags sphere_fast._extension builds that source with (nvcc_flags). Raises
     CompileError with nvcc's output on failure.
     """
+    from sphere_fast._extension import nvcc_flags  # here: the compile child process needs no torch
+
     nvcc = find_nvcc()
     if nvcc is None:
         raise CompileError("nvcc not found (PATH or CUDA_HOME)")
     with tempfile.TemporaryDirectory() as tmp:
         cubin_path = Path(tmp) / "out.cubin"
-        cmd = [nvcc, *NVCC_FLAGS, "-cubin", "-Xptxas", "-v", "-o", str(cubin_path)]
+        cmd = [nvcc, *NVCC_ARCH_FLAGS, *nvcc_flags((Path(cu_path).name,)), "-cubin", "-Xptxas", "-v", "-o", str(cubin_path)]
         cmd += [f"-I{d}" for d in include_dirs] + [f"-D{d}" for d in defines] + list(extra_flags)
         cmd.append(str(cu_path))
         log = _run(cmd, "nvcc")
