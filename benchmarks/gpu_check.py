@@ -5,9 +5,11 @@ report prints last.
     bash benchmarks/gpu_check.sh OUTDIR            # or: python -m benchmarks.gpu_check OUTDIR
 
 Each phase runs in its own process group under a timeout, all inside --budget seconds (default 450, so
-the whole check ends inside 8 minutes on an H200); the benchmarks get whatever time the earlier phases
-left, run the headline cases first (benchmarks/conftest.py: HEADLINE) and stream each case to disk, so a
-run cut off at its limit still yields its results. Without a CUDA device the GPU phases are skipped, and
+the whole check ends inside 8 minutes); the benchmarks get whatever time the earlier phases left, run the
+headline cases first (benchmarks/conftest.py: HEADLINE) and stream each case to disk, so a run cut off at
+its limit still yields its results. On an H200 (2026-11-28) the build took 23-27 s and the GPU tests 106 s,
+so the benchmarks need runs of their own: ``--phases install,build,bench --bench-k "spherify or adaln"``
+(a pytest -k expression) picks the cases. Without a CUDA device the GPU phases are skipped, and
 the report says so; a short summary (phases and goal verdicts) prints after it. Files in OUTDIR (at most 7,
 flat, as the device tool returns them): env.json, <phase>.log, bench-<date>-<device>.json (copy it to
 benchmarks/results/ to publish it), report.md.
@@ -106,8 +108,9 @@ def tail(path: Path, lines: int = 15) -> str:
 class Check:
     """Runs the phases in order against one deadline and collects what the report shows."""
 
-    def __init__(self, out: Path, budget_s: float, phases: Sequence[str], cuda: bool) -> None:
+    def __init__(self, out: Path, budget_s: float, phases: Sequence[str], cuda: bool, bench_k: str = "") -> None:
         self.out = out
+        self.bench_k = bench_k
         self.deadline = time.monotonic() + budget_s
         self.phases = phases
         self.cuda = cuda
@@ -232,8 +235,9 @@ class Check:
         # Cases starting after the deadline are skipped, so pytest still ends and writes the JSON in time.
         left = self.deadline - time.monotonic()
         deadline = time.time() + min(PHASE_LIMITS_S["bench"], left) - JSON_MARGIN_S
+        select = ["-k", self.bench_k] if self.bench_k else []
         cmd = self.pytest("bench", "benchmarks", "--run-slow", "--benchmark-enable",
-                          f"--benchmark-json={self.bench_json}")
+                          f"--benchmark-json={self.bench_json}", *select)
         env = {"SPHERE_FAST_BENCH_DEADLINE": f"{deadline:.0f}", harness.ROWS_ENV: str(rows)}
         self.timed("bench", cmd, "benchmarks at real sizes, headline cases first", env=env)
         if rows.exists() and _read_json(self.bench_json) is None:
@@ -313,6 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("out", type=Path, help="folder for the JSON, logs and report.md")
     parser.add_argument("--budget", type=float, default=450.0, help="seconds for all phases (default %(default)s)")
     parser.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset of " + ",".join(PHASES))
+    parser.add_argument("--bench-k", default="", help="pytest -k expression choosing the benchmark cases (default: all)")
     args = parser.parse_args(argv)
     phases = [p for p in args.phases.split(",") if p]
     unknown = set(phases) - set(PHASES)
@@ -325,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     env_info = harness.environment()
     (args.out / "env.json").write_text(json.dumps(env_info, indent=2))
-    check = Check(args.out, args.budget, phases, torch.cuda.is_available())
+    check = Check(args.out, args.budget, phases, torch.cuda.is_available(), args.bench_k)
     if not check.cuda:
         print("[gpu_check] no CUDA device: skipping the build, GPU tests and benchmarks", flush=True)
     for name in PHASES:

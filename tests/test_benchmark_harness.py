@@ -326,6 +326,15 @@ def test_bench_phase_passes_a_deadline(tmp_path: Path, monkeypatch: pytest.Monke
     assert "--benchmark-enable" in seen["cmd"] and seen["env"]["TORCH_CUDA_ARCH_LIST"]
 
 
+def test_bench_k_selects_the_benchmark_cases(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict = {}
+    monkeypatch.setattr(gpu_check, "run_logged", lambda cmd, *a, **k: (seen.update(cmd=cmd), ("ok", 1.0))[1])
+    gpu_check.Check(tmp_path, budget_s=100, phases=gpu_check.PHASES, cuda=True, bench_k="adaln or swiglu").bench()
+    assert seen["cmd"][-2:] == ["-k", "adaln or swiglu"]
+    gpu_check.Check(tmp_path, budget_s=100, phases=gpu_check.PHASES, cuda=True).bench()
+    assert "-k" not in seen["cmd"]
+
+
 # pytest-benchmark opens its JSON file when it starts: a killed run leaves it empty (seen on an H200)
 @pytest.mark.parametrize("json_left", [None, ""], ids=["no-json", "empty-json"])
 def test_bench_json_is_rebuilt_from_streamed_rows_when_the_run_is_cut(
