@@ -10,9 +10,10 @@ headline cases first (benchmarks/conftest.py: HEADLINE) and stream each case to 
 its limit still yields its results. On an H200 (2026-11-28) the build took 23-27 s and the GPU tests 106 s,
 so the benchmarks need runs of their own: ``--phases install,build,bench --bench-k "spherify or adaln"``
 (a pytest -k expression) picks the cases. Without a CUDA device the GPU phases are skipped, and
-the report says so; a short summary (phases and goal verdicts) prints after it. Files in OUTDIR (at most 7,
-flat, as the device tool returns them): env.json, <phase>.log, bench-<date>-<device>.json (copy it to
-benchmarks/results/ to publish it), report.md.
+the report says so; a short summary (phases and goal verdicts) prints after it. The profile phase runs one
+sampler call under torch.profiler (benchmarks/profile_sampler.py). Files in OUTDIR (at most 8, flat, as the
+device tool returns them): env.json, <phase>.log, bench-<date>-<device>.json (copy it to benchmarks/results/ to
+publish it), report.md.
 Exit status 1 if a phase failed or ran out of time.
 
 The golden-parity GPU tests read the reference data from $SPHERE_FAST_REFERENCE (default ../shared/reference)
@@ -40,8 +41,9 @@ from pathlib import Path
 from benchmarks import goals, harness, report
 
 ROOT = Path(__file__).resolve().parents[1]
-PHASES = ("install", "build", "tests", "bench")
-PHASE_LIMITS_S = {"install": 90, "build": 150, "tests": 150, "bench": 600}  # bench: the rest of the budget
+PHASES = ("install", "build", "tests", "profile", "bench")
+# bench: the rest of the budget
+PHASE_LIMITS_S = {"install": 90, "build": 150, "tests": 150, "profile": 90, "bench": 600}
 MIN_PHASE_S = 10  # below this a phase is not started
 TEST_WORKERS = 6
 TEST_GROUPS = (["tests/test_attention.py"], ["tests", "--ignore=tests/test_attention.py"])
@@ -226,6 +228,11 @@ class Check:
         status = next((s for s in ("timeout", "failed") if s in statuses), "ok")
         note = f'pytest -m "{marks}", {len(TEST_GROUPS)} groups' if status == "ok" else "see tests.log"
         self.done(Phase("tests", status, time.monotonic() - start, note))
+
+    def profile(self) -> None:
+        # the sampler's kernels grouped (matmul, attention, fused ops): where its time goes, in profile.log
+        cmd = [sys.executable, "-m", "benchmarks.profile_sampler"]
+        self.timed("profile", cmd, "sampler kernel groups in profile.log")
 
     def bench(self) -> None:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import gpu_check, harness, report
+from benchmarks import gpu_check, harness, profile_sampler, report
 
 ROOT = Path(__file__).resolve().parents[1]
 CEILINGS = harness.Ceilings(copy_gbps=4000.0, matmul_tflops=800.0, copy_bytes=2 << 30, matmul_size=8192)
@@ -414,3 +414,30 @@ def test_gpu_check_on_cpu_skips_gpu_parts_and_prints_report_then_summary(
     assert json.loads((tmp_path / "env.json").read_text())["device"] == "cpu"
     wrapper = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True)
     assert wrapper.returncode == 0, wrapper.stderr
+
+
+@pytest.mark.parametrize(
+    "name, group",
+    [
+        ("nvjet_tst_256x128_64x4_2x1_v_bz_coopA_TNN", "matmul"),
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1", "matmul"),
+        ("attention_fwd_kernel", "attention"),
+        ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>", "attention"),
+        ("adaln_fwd_kernel", "adaln / swiglu"),
+        ("swiglu_fwd_kernel", "adaln / swiglu"),
+        ("_fwd_partials", "spherify"),
+        ("void sphere_fast::(anonymous namespace)::noise_kernel(long const*, float*, long, long)", "spherify"),
+        ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>", "other"),
+    ],
+)
+def test_profile_groups_kernel_names(name: str, group: str) -> None:
+    assert profile_sampler.kernel_group(name) == group
+
+
+def test_profile_sampler_smoke_prints_the_groups(capsys: pytest.CaptureFixture[str]) -> None:
+    """On CPU: the tiny model's ops stand in for kernels; the group table and the op table print."""
+    assert profile_sampler.main(["--batch", "1", "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| group | ms | % of kernel time |" in out and "| matmul |" in out and "aten::" in out
+    totals = profile_sampler.group_times([("gemm_a", 3.0), ("attention_fwd_kernel", 1.0), ("gemm_b", 2.0)])
+    assert totals == {"matmul": 5.0, "attention": 1.0}

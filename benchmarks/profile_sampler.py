@@ -1,0 +1,98 @@
+"""Where the sampler's time goes: one un-captured sampler call under torch.profiler, its kernels grouped.
+
+    python -m benchmarks.profile_sampler [--model sphere-l-imagenet] [--batch 64] [--steps 4] [--cfg 1.4]
+
+Same model, dtype and inputs as benchmarks/bench_sampling.py (random weights, bf16 on a GPU; the tiny float32
+model on CPU). The call runs un-captured so that every kernel is its own profiler event (the graphed sampler
+replays the same kernels). Prints the total device time per kernel group (matmul, attention, the fused ops,
+the rest), then the top kernels; the GPU check runs it as its "profile" phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.bench_sampling import DTYPE, build_model, case_inputs
+from benchmarks.harness import DEVICE, SMOKE
+from sphere_fast.sampling import Sampler
+
+# kernel-name patterns, first match wins; the fused ops are the Triton / C++ kernels of sphere_fast.ops
+GROUPS: tuple[tuple[str, str], ...] = (
+    ("attention", r"attention|flash|fmha|sdpa|softmax"),
+    ("matmul", r"gemm|gemv|matmul|cutlass|sm90_xmma|nvjet|\bmm\b|addmm|linear"),
+    ("spherify", r"spherify|noise|philox|(fwd|bwd)_(partials|apply)"),
+    ("adaln / swiglu", r"adaln|modulate|swiglu|layer_norm|layernorm"),
+)
+
+
+def kernel_group(name: str) -> str:
+    """The group a kernel (or CPU op) name belongs to; "other" when no pattern matches."""
+    for group, pattern in GROUPS:
+        if re.search(pattern, name, re.IGNORECASE):
+            return group
+    return "other"
+
+
+def group_times(events: Iterable[tuple[str, float]]) -> dict[str, float]:
+    """(name, microseconds) pairs summed per kernel_group, largest first."""
+    totals: dict[str, float] = defaultdict(float)
+    for name, us in events:
+        totals[kernel_group(name)] += us
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+def format_groups(totals: dict[str, float], wall_ms: float) -> str:
+    all_us = sum(totals.values()) or 1.0
+    lines = [f"| group | ms | % of kernel time |", "|---|---|---|"]
+    lines += [f"| {g} | {us / 1e3:.2f} | {100 * us / all_us:.0f}% |" for g, us in totals.items()]
+    lines.append(f"\nkernel time {all_us / 1e3:.2f} ms of a {wall_ms:.2f} ms call")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny" if SMOKE else "sphere-l-imagenet")
+    parser.add_argument("--batch", type=int, default=2 if SMOKE else 64)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--cfg", type=float, default=1.4)
+    parser.add_argument("--top", type=int, default=25, help="kernels listed (default %(default)s)")
+    args = parser.parse_args(argv)
+
+    model = build_model(args.model)
+    sampler = Sampler(model, args.batch, args.steps, cfg=args.cfg, dtype=DTYPE, cuda_graph=False)
+    labels, seeds = case_inputs(args.batch, model.num_classes)
+    for _ in range(2):  # Triton JIT, autotuning and the allocator's pools stay out of the profile
+        sampler(labels, seeds)
+    on_gpu = DEVICE.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    if on_gpu:
+        torch.cuda.synchronize()
+    start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2)) if on_gpu else (None, None)
+    with profile(activities=activities) as prof:
+        if on_gpu:
+            start.record()
+        sampler(labels, seeds)
+        if on_gpu:
+            end.record()
+            torch.cuda.synchronize()
+    wall_ms = start.elapsed_time(end) if on_gpu else float("nan")
+    if on_gpu:  # device kernels only: each is one event of device type CUDA
+        kernels = [(e.name, e.device_time_total) for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    else:  # CPU smoke: the ops' self times stand in for kernels
+        kernels = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
+    print(f"# Sampler profile: {args.model}, batch {args.batch}, {args.steps} steps, cfg {args.cfg}, {DTYPE}, "
+          f"{torch.cuda.get_device_name() if on_gpu else 'CPU'}\n")
+    print(format_groups(group_times(kernels), wall_ms))
+    sort_by = "cuda_time_total" if on_gpu else "self_cpu_time_total"
+    print("\n" + prof.key_averages().table(sort_by=sort_by, row_limit=args.top, max_name_column_width=90))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
