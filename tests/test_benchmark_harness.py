@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import gpu_check, harness, profile_sampler, report
+from benchmarks import gpu_check, harness, profile_sampler, report, tune_attention
 
 ROOT = Path(__file__).resolve().parents[1]
 CEILINGS = harness.Ceilings(copy_gbps=4000.0, matmul_tflops=800.0, copy_bytes=2 << 30, matmul_size=8192)
@@ -441,3 +441,19 @@ def test_profile_sampler_smoke_prints_the_groups(capsys: pytest.CaptureFixture[s
     assert "| group | ms | % of kernel time |" in out and "| matmul |" in out and "aten::" in out
     totals = profile_sampler.group_times([("gemm_a", 3.0), ("attention_fwd_kernel", 1.0), ("gemm_b", 2.0)])
     assert totals == {"matmul": 5.0, "attention": 1.0}
+
+
+def test_tune_attention_variant_replaces_only_what_it_names() -> None:
+    base = tune_attention.attn._configs(64, torch.bfloat16, interpret=False)
+    fwd_only = tune_attention.configs_with(fwd=(64, 64, 4, 2))(64, torch.bfloat16, interpret=False)
+    assert fwd_only == {**base, "fwd": (64, 64, 4, 2)}
+    bwd = ((32, 64, 4, 2), (64, 32, 4, 2))
+    bwd_only = tune_attention.configs_with(bwd=bwd)(64, torch.bfloat16, interpret=False)
+    assert bwd_only == {**base, "dkdv": bwd[0], "dq": bwd[1]}
+
+
+def test_tune_attention_smoke_gates_and_times_both_rope_modes(capsys: pytest.CaptureFixture[str]) -> None:
+    """On CPU: the interpreter's config, checked against the eager reference (forward and gradients)."""
+    assert tune_attention.main(["--shape", "1", "2", "17", "32"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| interpreter")]
+    assert len(rows) == 2 and all(row.endswith("| ok |") for row in rows), rows

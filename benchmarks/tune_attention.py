@@ -1,0 +1,122 @@
+"""Sweep the Triton attention's launch configs on a GPU: each variant checked against the eager reference,
+then timed (forward, and forward + backward), with RoPE on load and without it as a bound.
+
+    python -m benchmarks.tune_attention [--shape 16 16 1024 64] [--head-dims 64 72]
+
+Each variant replaces sphere_fast.ops.attention._configs for its run, so the op runs exactly as the model
+calls it, with only the tile sizes, warps and pipeline stages changed. A variant that does not compile or
+launch (shared memory) is reported, not fatal. Prints one markdown table; the winner goes into _configs by
+hand, with the numbers in benchmarks/NOTES.md. On CPU (smoke): a tiny shape and one variant in the
+interpreter, so the script cannot rot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+from collections.abc import Callable, Sequence
+from unittest import mock
+
+import torch
+
+if not torch.cuda.is_available():  # CPU smoke: the kernels run in Triton's interpreter (set before they load)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from benchmarks.bench_attention import _inputs  # noqa: E402
+from benchmarks.harness import SMOKE, cuda_time_ms, gate  # noqa: E402
+attn = importlib.import_module("sphere_fast.ops.attention")
+
+Config = tuple[int, int, int, int]  # BLOCK_M, BLOCK_N, num_warps, num_stages
+# forward variants around the current bf16 configs; the backward kernels keep the op's own configs unless a
+# variant names them
+FWD_VARIANTS: tuple[Config, ...] = (
+    (128, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3),
+)
+BWD_VARIANTS: tuple[tuple[Config, Config], ...] = (  # (dkdv, dq)
+    ((32, 128, 8, 3), (128, 32, 8, 3)), ((32, 128, 8, 2), (128, 32, 8, 2)), ((32, 64, 4, 2), (64, 32, 4, 2)),
+    ((64, 64, 8, 2), (64, 64, 8, 2)),
+)
+SMOKE_CONFIG: Config = (32, 32, 4, 1)  # what the interpreter runs
+
+
+def configs_with(fwd: Config | None = None, bwd: tuple[Config, Config] | None = None) -> Callable[..., dict]:
+    """A stand-in for attention._configs that changes the forward and/or backward configs only."""
+    original = attn._configs
+
+    def configs(head_dim: int, dtype: torch.dtype, interpret: bool | None = None) -> dict[str, Config]:
+        chosen = dict(original(head_dim, dtype, interpret))
+        if fwd is not None:
+            chosen["fwd"] = fwd
+        if bwd is not None:
+            chosen["dkdv"], chosen["dq"] = bwd
+        return chosen
+
+    return configs
+
+
+def time_variant(shape: Sequence[int], rope: bool, fwd: Config | None, bwd: tuple[Config, Config] | None) -> tuple:
+    """(forward ms, forward + backward ms) of one variant after its correctness gate; raises if it fails."""
+    b, h, n, d = shape
+    qkv, q, k, v, table = _inputs(tuple(shape), requires_grad=True)  # the model's strided q, k, v views
+    table = table if rope else None
+    with mock.patch.object(attn, "_configs", configs_with(fwd, bwd)):
+        out = attn.attention(q, k, v, table, impl="triton")
+        ref_qkv = qkv.detach().float().requires_grad_()
+        rq, rk, rv = ref_qkv.view(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+        ref = attn.attention_reference(rq, rk, rv, table)
+        grad = torch.randn_like(out)
+        (dqkv,) = torch.autograd.grad(out, qkv, grad)
+        (ref_dqkv,) = torch.autograd.grad(ref, ref_qkv, grad.float())
+        gate([out, dqkv], [ref, ref_dqkv], f"attention fwd {fwd} bwd {bwd}")
+        fwd_ms = cuda_time_ms(lambda: attn.attention(q, k, v, table, impl="triton"))
+        step_ms = cuda_time_ms(lambda: torch.autograd.grad(attn.attention(q, k, v, table, impl="triton"), qkv, grad))
+    return fwd_ms, step_ms
+
+
+def sweep(shape: Sequence[int]) -> list[str]:
+    """Markdown rows: every forward variant (with the op's backward), then every backward variant (with the
+    op's forward), each with RoPE and without."""
+    b, h, n, d = shape
+    flops = 4 * b * h * n * n * d
+    plans: list[tuple[str, Config | None, tuple[Config, Config] | None]]
+    if SMOKE:
+        plans = [("interpreter", None, None)]
+    else:
+        plans = [(f"fwd {c}", c, None) for c in FWD_VARIANTS]
+        plans += [(f"dkdv {c[0]} dq {c[1]}", None, c) for c in BWD_VARIANTS]
+    rows = []
+    for name, fwd, bwd in plans:
+        for rope in (True, False):
+            try:
+                fwd_ms, step_ms = time_variant(shape, rope, fwd, bwd)
+            except Exception as exc:  # a variant that does not fit or compile is a result, not a crash
+                why = f"{type(exc).__name__}: {str(exc)[:80]}"
+                rows.append(f"| {name} | {'yes' if rope else 'no'} | – | – | – | {why} |")
+                continue
+            fwd_tf = flops / (fwd_ms * 1e-3) / 1e12
+            step_tf = 3.5 * flops / (step_ms * 1e-3) / 1e12  # forward + backward (2.5x the forward)
+            rows.append(f"| {name} | {'yes' if rope else 'no'} | {fwd_ms:.3f} | {fwd_tf:.0f} | {step_ms:.3f} "
+                        f"({step_tf:.0f} TFLOP/s) | ok |")
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", type=int, nargs=4, metavar=("B", "H", "N", "D"),
+                        default=(1, 2, 40, 64) if SMOKE else (16, 16, 1024, 64))
+    parser.add_argument("--head-dims", type=int, nargs="+", help="sweep these head dims at the shape's B, H, N")
+    args = parser.parse_args(argv)
+    b, h, n, d = args.shape
+    for head_dim in args.head_dims or [d]:
+        shape = (b, h, n, head_dim)
+        print(f"\n### Triton attention configs, bf16, B={b} H={h} N={n} D={head_dim}\n")
+        print("| variant | RoPE | fwd ms | fwd TFLOP/s | fwd + bwd ms | gate |")
+        print("|---|---|---|---|---|---|")
+        for row in sweep(shape):
+            print(row, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
