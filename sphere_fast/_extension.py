@@ -25,15 +25,17 @@ def cuda_build_possible() -> bool:
     return torch.version.cuda is not None and has_nvcc and has_target
 
 
-# CUDA sources built with precise math: the Philox normals follow tl.randn's libdevice logf / cosf, which
-# --use_fast_math's __logf / __cosf missed by up to 3.3e-5 on an H200.
+# CUDA sources built with precise transcendental functions: the Philox normals follow tl.randn's libdevice
+# logf / cosf, which --use_fast_math's __logf / __cosf missed by up to 3.3e-5 on an H200. They keep the rest of
+# --use_fast_math, its fast arithmetic flags.
 PRECISE_MATH_SOURCES = frozenset({"spherify_cuda.cu"})
+FAST_ARITHMETIC = ("--ftz=true", "--prec-div=false", "--prec-sqrt=false", "--fmad=true")
 
 
 def nvcc_flags(cuda_sources: tuple[str, ...]) -> list[str]:
     """nvcc flags of an extension made of ``cuda_sources`` (tests/sm90.py compiles with the same)."""
-    fast_math = not PRECISE_MATH_SOURCES.intersection(cuda_sources)
-    return ["-O3", *(["--use_fast_math"] if fast_math else []), "-lineinfo"]
+    precise = PRECISE_MATH_SOURCES.intersection(cuda_sources)
+    return ["-O3", *(FAST_ARITHMETIC if precise else ("--use_fast_math",)), "-lineinfo"]
 
 
 @functools.cache
