@@ -25,7 +25,7 @@ START = "<!-- perf:start -->"
 END = "<!-- perf:end -->"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 IMPL_ORDER = ("eager", "eager_randn", "compile", "triton", "cpp", "uncaptured", "graph")
-OURS = ("triton", "cpp", "uncaptured", "graph")
+OURS = goals.KERNELS + goals.SAMPLERS
 NOT_MEASURED = (
     "Not measured on a GPU yet: no speed is claimed until a results file under `benchmarks/results/` backs it."
 )
