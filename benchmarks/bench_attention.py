@@ -22,9 +22,10 @@ import pytest
 import torch
 
 from benchmarks.harness import DEVICE, cuda_time_ms, gate, impls, pick, record
+from sphere_fast.ops.rope import rope_table_reference
 
 attn = importlib.import_module("sphere_fast.ops.attention")
-rope_table = functools.partial(attn.rope_table_reference, device=DEVICE)
+rope_table = functools.partial(rope_table_reference, device=DEVICE)
 
 DTYPE = torch.bfloat16
 HEADS = 16

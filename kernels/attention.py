@@ -16,11 +16,13 @@ head dim is a sum of one dot per chunk.
 Softmax is computed in base 2: scores are multiplied by qk_scale = log2(e)/sqrt(D) and the saved LSE is
 log2-based, so the backward recomputes p = exp2(s*qk_scale - lse) exactly as the forward did.
 
-EMULATE_BF16 is only set by the launcher under TRITON_INTERPRET=1 with bf16 inputs (see _to_dtype).
+EMULATE_BF16 is only set by the launcher under TRITON_INTERPRET=1 with bf16 inputs (see rounding.to_dtype).
 """
 
 import triton
 import triton.language as tl
+
+from sphere_fast.kernels.rounding import to_dtype
 
 
 @triton.jit
@@ -28,17 +30,6 @@ def _rotate_pairs(x, ROWS: tl.constexpr, COLS: tl.constexpr):
     # (x1, x2) -> (-x2, x1) on interleaved pairs, done on the register tile
     even, odd = tl.split(tl.reshape(x, (ROWS, COLS // 2, 2)))
     return tl.reshape(tl.join(-odd, even), (ROWS, COLS))
-
-
-@triton.jit
-def _to_dtype(x, dtype: tl.constexpr, EMULATE_BF16: tl.constexpr):
-    """Round x to dtype. EMULATE_BF16 (interpreter, bf16): the interpreter truncates fp32 -> bf16 and its
-    bf16 dot is wrong, so round to nearest even by hand and keep the value in fp32 for the dot."""
-    if EMULATE_BF16:
-        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
 
 
 @triton.jit
@@ -68,7 +59,7 @@ def _load_operand(
     if ROTATE:
         cos, sin = _load_rope(rope, offs_n, mask_n, offs_d, HEAD_DIM, MASK_D)
         xf = x.to(tl.float32)
-        return _to_dtype(xf * cos + _rotate_pairs(xf, ROWS, COLS) * sin, x.dtype, EMULATE_BF16)
+        return to_dtype(xf * cos + _rotate_pairs(xf, ROWS, COLS) * sin, x.dtype, EMULATE_BF16)
     if EMULATE_BF16:
         x = x.to(tl.float32)
     return x
@@ -78,7 +69,7 @@ def _load_operand(
 def _store_tile(base, stride_n, offs_n, mask_n, offs_d, x, HEAD_DIM: tl.constexpr, MASK_D: tl.constexpr,
                 EMULATE_BF16: tl.constexpr):
     ptrs = base + offs_n[:, None] * stride_n + offs_d[None, :]
-    x = _to_dtype(x, base.dtype.element_ty, EMULATE_BF16).to(base.dtype.element_ty)
+    x = to_dtype(x, base.dtype.element_ty, EMULATE_BF16).to(base.dtype.element_ty)
     if MASK_D:
         tl.store(ptrs, x, mask=mask_n[:, None] & (offs_d[None, :] < HEAD_DIM))
     else:
@@ -103,7 +94,7 @@ def _store_grad(
 @triton.jit
 def _cast(x, like, EMULATE_BF16: tl.constexpr):
     # a dot operand made from an fp32 value (p, ds): rounded to the input dtype, as flash attention does
-    return _to_dtype(x, like.dtype.element_ty, EMULATE_BF16)
+    return to_dtype(x, like.dtype.element_ty, EMULATE_BF16)
 
 
 @triton.jit

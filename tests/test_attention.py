@@ -15,13 +15,8 @@ import logging
 import pytest
 import torch
 
-from sphere_fast.ops.attention import (
-    apply_rope_reference,
-    attention,
-    attention_impl,
-    attention_reference,
-    rope_table_reference,
-)
+from sphere_fast.ops.attention import attention, attention_impl, attention_reference
+from sphere_fast.ops.rope import apply_rope_reference, rope_table_reference
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.cuda_capable
@@ -56,16 +51,17 @@ def run(fn, qkv: torch.Tensor, h: int, d: int, rope, grad_out: torch.Tensor):
     return [out.detach()] + list(dqkv.view(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0))
 
 
-def triton_attention(q, k, v, rope):
-    return attention(q, k, v, rope, impl="triton")
+TRITON_IMPLS = ("triton", "triton_rope_on_load")
 
 
-def check_against_fp64(b: int, h: int, n: int, d: int, dtype: torch.dtype, with_rope: bool = True) -> None:
+def check_against_fp64(
+    b: int, h: int, n: int, d: int, dtype: torch.dtype, with_rope: bool = True, impl: str = "triton"
+) -> None:
     qkv = qkv_leaf(b, h, n, d, dtype)
     rope = official_rope(n, d) if with_rope else None
     g = torch.Generator().manual_seed(1)
     grad_out = torch.randn(b, h, n, d, generator=g, dtype=torch.float64).to(DEVICE)
-    ours = run(triton_attention, qkv, h, d, rope, grad_out)
+    ours = run(functools.partial(attention, impl=impl), qkv, h, d, rope, grad_out)
     ref = run(attention_reference, qkv.detach().double().requires_grad_(), h, d, rope, grad_out)
     names = ("out", "dq", "dk", "dv")
     if dtype == torch.float32:
@@ -85,10 +81,11 @@ def check_against_fp64(b: int, h: int, n: int, d: int, dtype: torch.dtype, with_
         )
 
 
+@pytest.mark.parametrize("impl", TRITON_IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("d", HEAD_DIMS)
-def test_head_dims_match_fp64(d: int, dtype: torch.dtype) -> None:
-    check_against_fp64(1, 2, 17, d, dtype)
+def test_head_dims_match_fp64(d: int, dtype: torch.dtype, impl: str) -> None:
+    check_against_fp64(1, 2, 17, d, dtype, impl=impl)
 
 
 @pytest.mark.parametrize(
@@ -103,13 +100,14 @@ def test_head_dims_match_fp64(d: int, dtype: torch.dtype) -> None:
     ],
 )
 def test_token_counts_match_fp64(n: int, d: int, dtype: torch.dtype, with_rope: bool) -> None:
-    check_against_fp64(2 if n < 256 else 1, 1, n, d, dtype, with_rope)
+    for impl in TRITON_IMPLS if with_rope else TRITON_IMPLS[:1]:
+        check_against_fp64(2 if n < 256 else 1, 1, n, d, dtype, with_rope, impl)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_fused_rope_equals_eager_rope(dtype: torch.dtype) -> None:
-    """Rotating on load (and un-rotating dq/dk) equals rotating eagerly and running the same kernel without
-    RoPE, with autograd differentiating the eager rotation."""
+def test_rope_on_load_equals_rope_pass(dtype: torch.dtype) -> None:
+    """Rotating on load (and un-rotating dq/dk in the kernel) equals the RoPE pass then the RoPE-free kernel,
+    and both equal rotating eagerly and running the same kernel, with autograd differentiating the rotation."""
     h, n, d = 2, 40, 72
     qkv = qkv_leaf(1, h, n, d, dtype)
     rope = official_rope(n, d)
@@ -119,16 +117,18 @@ def test_fused_rope_equals_eager_rope(dtype: torch.dtype) -> None:
         q, k = (apply_rope_reference(x, rope).to(dtype) for x in (q, k))
         return attention(q, k, v, impl="triton")
 
-    fused = run(triton_attention, qkv, h, d, rope, grad_out)
+    on_load = run(functools.partial(attention, impl="triton_rope_on_load"), qkv, h, d, rope, grad_out)
+    rope_pass = run(functools.partial(attention, impl="triton"), qkv, h, d, rope, grad_out)
     eager = run(eager_rope_then_kernel, qkv, h, d, rope, grad_out)
     sdpa = run(attention_reference, qkv, h, d, rope, grad_out)
     # fp32: the same kernel either way, tight (SDPA: TF32 on the GPU); bf16: the interpreter rounds fp32->bf16
     # by truncation, allow a few ulp
     atol, rtol = (1e-5, 1e-5) if dtype == torch.float32 else (2e-2, 2e-2)
     sdpa_tol = FP32_VS_REFERENCE_TOL if dtype == torch.float32 else 1e-1
-    for name, x, y, z in zip(("out", "dq", "dk", "dv"), fused, eager, sdpa):
-        torch.testing.assert_close(x, y, atol=atol, rtol=rtol, msg=lambda m: f"{name} vs eager rope: {m}")
-        torch.testing.assert_close(x, z, atol=sdpa_tol, rtol=sdpa_tol, msg=lambda m: f"{name} vs SDPA: {m}")
+    for name, x, p, y, z in zip(("out", "dq", "dk", "dv"), on_load, rope_pass, eager, sdpa):
+        torch.testing.assert_close(x, p, atol=atol, rtol=rtol, msg=lambda m: f"{name} on load vs pass: {m}")
+        torch.testing.assert_close(p, y, atol=atol, rtol=rtol, msg=lambda m: f"{name} pass vs eager rope: {m}")
+        torch.testing.assert_close(p, z, atol=sdpa_tol, rtol=sdpa_tol, msg=lambda m: f"{name} vs SDPA: {m}")
 
 
 def test_very_negative_scores_stay_finite() -> None:
@@ -274,5 +274,6 @@ def test_bad_impl_name_and_rope_grad() -> None:
         with pytest.raises(ValueError, match="impl 'flash_attn' cannot run"):
             attention(q, k, v, impl="flash_attn")
     rope = official_rope(8, 32).requires_grad_()
-    with pytest.raises(ValueError, match="rope must not require grad"):
-        attention(q, k, v, rope, impl="triton")
+    for impl in TRITON_IMPLS:
+        with pytest.raises(ValueError, match="rope must not require grad"):
+            attention(q, k, v, rope, impl=impl)

@@ -25,8 +25,9 @@ KERNELS = {
 }
 
 
-def compile_kernel(which: str, head_dim: int, dtype: torch.dtype) -> sm90.CompiledKernelInfo:
-    """Compile one kernel with exactly the constexprs and launch config ops/attention.py uses on a GPU."""
+def compile_kernel(which: str, head_dim: int, dtype: torch.dtype, rope: bool = True) -> sm90.CompiledKernelInfo:
+    """Compile one kernel with exactly the constexprs and launch config ops/attention.py uses on a GPU
+    (``rope``: impl triton_rope_on_load; without it, impl triton after its RoPE pass)."""
     fn = KERNELS[which]
     da, db, has_b = _head_chunks(head_dim)
     block_m, block_n, warps, stages = _configs(head_dim, dtype, interpret=False)[which]
@@ -42,7 +43,7 @@ def compile_kernel(which: str, head_dim: int, dtype: torch.dtype) -> sm90.Compil
             signature[name] = "fp32"
     constexprs = dict(
         HEAD_DIM=head_dim, DA=da, DB=db, HAS_B=has_b, BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_ROPE=True, EMULATE_BF16=False,
+        HAS_ROPE=rope, EMULATE_BF16=False,
     )
     # torch tensors are 16-byte aligned and the model's strides (multiples of 3*H*D) are 16-divisible,
     # which the JIT specializes on: hint the same here so the code matches what runs
@@ -58,9 +59,10 @@ def hgmma_count(info: sm90.CompiledKernelInfo) -> int:
 BF16_CASES = [("fwd", d) for d in HEAD_DIMS] + [(w, d) for w in ("dkdv", "dq") for d in (64, 72, 128)]
 
 
+@pytest.mark.parametrize("rope", [False, True], ids=["rope_pass", "rope_on_load"])
 @pytest.mark.parametrize("which, head_dim", BF16_CASES)
-def test_bf16_kernels_use_hgmma_without_spills(which: str, head_dim: int) -> None:
-    info = compile_kernel(which, head_dim, torch.bfloat16)
+def test_bf16_kernels_use_hgmma_without_spills(which: str, head_dim: int, rope: bool) -> None:
+    info = compile_kernel(which, head_dim, torch.bfloat16, rope)
     sm90.assert_no_spills(info)
     assert info.launch_shared <= SMEM_LIMIT, f"{which} D={head_dim}: {info.launch_shared} B shared memory"
     assert hgmma_count(info) > 0, f"{which} D={head_dim}: no HGMMA in the SASS"
@@ -93,3 +95,23 @@ def test_head_dim_tile_width(head_dim: int, width: int) -> None:
     """Chunk B is as wide as chunk A: a 16-wide one (D = 72 as 64 + 16) miscompiled on an H200 (Triton 3.6)."""
     da, db, has_b = _head_chunks(head_dim)
     assert da + (db if has_b else 0) == width
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["forward", "transpose"])
+@pytest.mark.parametrize("head_dim", [64, 72])
+def test_rope_pass_vector_memory_only(head_dim: int, transpose: bool) -> None:
+    """The RoPE pass (run before the RoPE-free kernel) at its launch config: no spills, no shared memory,
+    and every global load and store 128 bits wide (the pairs are split in registers)."""
+    from sphere_fast.kernels.rope import rope_kernel
+    from sphere_fast.ops.rope import _launch_config
+
+    block_n, d_pad = _launch_config(head_dim, interpret=False)
+    signature = {name: "*bf16" for name in ("Q", "K", "QO", "KO")} | {"ROPE": "*fp32"}
+    signature |= {n: "i32" for n in rope_kernel.arg_names if n.startswith("stride") or n in ("H", "N")}
+    aligned = [n for n, t in signature.items() if t.startswith("*") or n.startswith("stride")]
+    constexprs = dict(HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_N=block_n, TRANSPOSE=transpose, EMULATE_BF16=False)
+    info = sm90.compile_triton_sm90(rope_kernel, signature, constexprs, num_warps=4, aligned=aligned)
+    sm90.assert_no_spills(info)
+    assert info.launch_shared == 0, f"{info.launch_shared} B shared memory"
+    memory_ops = {op: n for op, n in sm90.count_opcodes(info.sass()).items() if op.startswith(("LDG", "STG", "LDS", "STS"))}
+    assert set(memory_ops) == {"LDG.E.128", "STG.E.128"}, memory_ops

@@ -8,13 +8,13 @@ from sphere_fast.ops.adaln import (
     gated_residual_adaln_reference,
 )
 from sphere_fast.ops.attention import (
-    apply_rope_reference,
     attention,
     attention_impl,
     attention_impls,
     attention_reference,
 )
 from sphere_fast.ops.philox import philox_randn, sphere_noise_reference
+from sphere_fast.ops.rope import apply_rope, apply_rope_reference, rope_reference
 from sphere_fast.ops.spherify import (
     sphere_noise,
     spherify,
@@ -28,6 +28,7 @@ from sphere_fast.ops.swiglu import swiglu, swiglu_reference
 __all__ = [
     "adaln_modulate",
     "adaln_modulate_reference",
+    "apply_rope",
     "apply_rope_reference",
     "attention",
     "attention_impl",
@@ -36,6 +37,7 @@ __all__ = [
     "gated_residual_adaln",
     "gated_residual_adaln_reference",
     "philox_randn",
+    "rope_reference",
     "sphere_noise",
     "sphere_noise_reference",
     "spherify",

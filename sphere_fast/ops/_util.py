@@ -28,3 +28,10 @@ def on_input_device(launcher: F) -> F:
             return launcher(first, *args, **kwargs)
 
     return launch  # type: ignore[return-value]
+
+
+def bnhd_empty(q: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """[B, H, N, D] with [B, N, H, D] memory, like q: the model's transpose(1, 2).reshape(B, N, H*D) of an
+    attention output is then free, and rows of all heads of a token are written together."""
+    b, h, n, d = q.shape
+    return torch.empty_strided((b, h, n, d), (n * h * d, d, h * d, 1), dtype=dtype or q.dtype, device=q.device)

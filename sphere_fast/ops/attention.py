@@ -1,14 +1,19 @@
 """Non-causal attention with 2-D axial RoPE applied to q and k (official layout: cos | sin, interleaved pairs).
 
 Implementations ("impl"), all computing softmax(rope(q) rope(k)^T / sqrt(D)) v on [B, H, N, D]:
-  ``sdpa``       eager RoPE + ``torch.nn.functional.scaled_dot_product_attention`` (the reference; torch
-                 picks its own flash / efficient / cuDNN / math kernel). What backend ``eager`` runs.
-  ``triton``     the fused Triton kernel in ``kernels/attention.py`` (RoPE applied on load, forward and
-                 backward), registered as ``torch.ops.sphere_fast.attention_triton_fwd/_bwd``.
-                 What backend ``triton`` runs.
-  ``flash_attn`` eager RoPE + the flash-attn package, only when it is importable (CUDA, fp16/bf16).
-Attention has no C++ kernel of its own: backend ``cpp`` means the vendor C++/CUDA kernels, i.e.
-``flash_attn`` when usable, else ``sdpa``. ``auto`` (on CUDA) takes ``triton`` when the head dim is
+  ``sdpa``        RoPE pass + ``torch.nn.functional.scaled_dot_product_attention`` (torch picks its own
+                  flash / efficient / cuDNN / math kernel). On backend ``eager`` the RoPE is the eager
+                  reference and this is the reference itself.
+  ``triton``      the fused Triton RoPE pass (``ops/rope.py``) + the Triton flash-attention kernel in
+                  ``kernels/attention.py`` without RoPE (``torch.ops.sphere_fast.attention_triton_fwd/_bwd``).
+                  What backend ``triton`` runs.
+  ``triton_rope_on_load``  the same kernel rotating q and k tiles as it loads them (no extra pass, but each K
+                  tile is rotated again by every query block, and it holds more shared memory and registers:
+                  see benchmarks/NOTES.md). Kept to be measured against ``triton``.
+  ``flash_attn``  RoPE pass + the flash-attn package, only when it is importable (CUDA, fp16/bf16).
+The RoPE pass is the Triton kernel, except on backend ``eager`` (and on CPU under ``auto``), where it is the
+eager reference. Attention has no C++ kernel of its own: backend ``cpp`` means the vendor C++/CUDA kernels,
+i.e. ``flash_attn`` when usable, else ``sdpa``. ``auto`` (on CUDA) takes ``triton`` when the head dim is
 supported, else ``flash_attn``, else ``sdpa``; on CPU it is ``sdpa``. ``impl=`` on a call overrides the
 backend. The choice is logged once per (device, impl) and returned by ``attention_impl``.
 """
@@ -24,39 +29,17 @@ import torch
 import torch.nn.functional as F
 
 from sphere_fast.backend import active_backend, resolve_backend, triton_interpreting, triton_usable
-from sphere_fast.ops._util import on_input_device
+from sphere_fast.ops._util import bnhd_empty, on_input_device
+from sphere_fast.ops.rope import apply_rope, apply_rope_reference, check_rope_table
 
 AUTO_ORDER = ("triton", "eager")
-IMPLS = ("sdpa", "triton", "flash_attn")
+IMPLS = ("sdpa", "triton", "triton_rope_on_load", "flash_attn")
+TRITON_IMPLS = ("triton", "triton_rope_on_load")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_HEAD_DIMS = "even head dims from 16 to 128"
 
 logger = logging.getLogger("sphere_fast")
 _logged: set[tuple[str, str]] = set()
-
-
-def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
-    """(x1, x2) -> (-x2, x1) on interleaved pairs of the last dim."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    return torch.stack((-x2, x1), dim=-1).flatten(-2)
-
-
-def apply_rope_reference(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """x [B, H, N, D], rope [N, 2D] = cos | sin."""
-    cos, sin = rope.chunk(2, dim=-1)
-    return x * cos + rotate_pairs(x) * sin
-
-
-def rope_table_reference(n: int, d: int, device: torch.device | str) -> torch.Tensor:
-    """The official 2-D axial RoPE [n, 2d] (cos | sin) for n tokens on a ceil(sqrt(n))-wide grid, any n: half = d/2,
-    freqs = 1/10000^(arange(0, half, 2)/half) repeated twice; rows fill the first half, columns the last.
-    Built in float64 (tests and benchmarks compare against it), returned as float32."""
-    half = d // 2
-    freqs = (1.0 / 10000 ** (torch.arange(0, half, 2, dtype=torch.float64) / half)).repeat_interleave(2)
-    side = math.ceil(math.sqrt(n))
-    idx = torch.arange(n, dtype=torch.float64)
-    angles = torch.cat([(idx // side)[:, None] * freqs, (idx % side)[:, None] * freqs], dim=-1)
-    return torch.cat([angles.cos(), angles.sin()], dim=-1).float().to(device)
 
 
 def attention_reference(q, k, v, rope=None):
@@ -84,19 +67,8 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch
             raise TypeError(f"attention: {name} must have q's dtype {q.dtype}, got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"attention: {name} must be on q's device {q.device}, got {t.device}")
-    if rope is None:
-        return
-    if not isinstance(rope, torch.Tensor):
-        raise TypeError(f"attention: rope must be a torch.Tensor or None, got {type(rope).__name__}")
-    n, d = q.shape[2], q.shape[3]
-    if d % 2:
-        raise ValueError(f"attention: rope needs an even head dim (interleaved pairs), got head dim {d}")
-    if tuple(rope.shape) != (n, 2 * d):
-        raise ValueError(f"attention: rope must be [N, 2*D] = [{n}, {2 * d}] (cos | sin), got {tuple(rope.shape)}")
-    if rope.dtype != torch.float32:
-        raise TypeError(f"attention: rope must be float32, got {rope.dtype}")
-    if rope.device != q.device:
-        raise ValueError(f"attention: rope must be on q's device {q.device}, got {rope.device}")
+    if rope is not None:
+        check_rope_table(rope, q, "attention")
 
 
 def triton_supports_head_dim(head_dim: int) -> bool:
@@ -125,7 +97,7 @@ def attention_impls(
     device = torch.device(device)
     names = ["sdpa"]
     if triton_usable(device) and triton_supports_head_dim(head_dim):
-        names.append("triton")
+        names += TRITON_IMPLS
     if _flash_attn_usable(device.type, dtype, head_dim):
         names.append("flash_attn")
     return names
@@ -173,7 +145,7 @@ def _choose_impl(device: torch.device, dtype: torch.dtype, head_dim: int, backen
 
 
 def attention_impl(q: torch.Tensor, *, backend: str | None = None, impl: str | None = None) -> str:
-    """Which implementation ``attention`` runs for inputs like ``q``: ``sdpa``, ``triton`` or ``flash_attn``."""
+    """Which of ``IMPLS`` ``attention`` runs for inputs like ``q``."""
     return _choose_impl(q.device, q.dtype, q.shape[-1], backend, impl)
 
 
@@ -212,12 +184,6 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _bnhd_empty(q: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """[B, H, N, D] with [B, N, H, D] memory, so the model's transpose(1, 2).reshape(B, N, H*D) is free."""
-    b, h, n, d = q.shape
-    return torch.empty_strided((b, h, n, d), (n * h * d, d, h * d, 1), dtype=dtype or q.dtype, device=q.device)
-
-
 def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
     # the kernels index the head dim as contiguous; any other layout is read through its strides
     return x if x.stride(-1) == 1 else x.contiguous()
@@ -233,7 +199,7 @@ def _triton_forward(q, k, v, rope):
 
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     b, h, n, d = q.shape
-    o = _bnhd_empty(q)
+    o = bnhd_empty(q)
     lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
     if o.numel() == 0:
         return o, lse
@@ -261,7 +227,7 @@ def _triton_backward(do, q, k, v, o, lse, rope):
 
     do, q, k, v = (_unit_last_stride(t) for t in (do, q, k, v))
     b, h, n, d = q.shape
-    dq, dk, dv = _bnhd_empty(q), _bnhd_empty(q), _bnhd_empty(q)
+    dq, dk, dv = bnhd_empty(q), bnhd_empty(q), bnhd_empty(q)
     if q.numel() == 0:
         return dq, dk, dv
     da, db, has_b = _head_chunks(d)
@@ -304,7 +270,7 @@ def attention_triton_fwd(
 
 @attention_triton_fwd.register_fake
 def _(q, k, v, rope):
-    return _bnhd_empty(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return bnhd_empty(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("sphere_fast::attention_triton_bwd", mutates_args=())
@@ -323,7 +289,7 @@ def attention_triton_bwd(
 
 @attention_triton_bwd.register_fake
 def _(do, q, k, v, o, lse, rope):
-    return _bnhd_empty(q), _bnhd_empty(q), _bnhd_empty(q)
+    return bnhd_empty(q), bnhd_empty(q), bnhd_empty(q)
 
 
 def _setup_context(ctx, inputs, output):
@@ -345,14 +311,15 @@ attention_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
 # ------------------------------------------------------------------------------------------ public op
 
 
-def _flash_attn(q, k, v, rope):
-    from flash_attn import flash_attn_func
-
-    if rope is not None:
-        q = apply_rope_reference(q, rope).to(v.dtype)
-        k = apply_rope_reference(k, rope).to(v.dtype)
-    # flash-attn wants [B, N, H, D]: a transpose view, no copy
-    return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+@torch.compiler.assume_constant_result
+def _rope_pass_backend(name: str, backend: str | None) -> str:
+    """The backend of the RoPE pass before a RoPE-free kernel: Triton with the Triton kernel; else the
+    requested backend's (``cpp`` has no RoPE kernel of its own, so it is resolved as ``auto``). A constant
+    under torch.compile (the active backend lives in a context variable dynamo cannot read)."""
+    if name == "triton":
+        return "triton"
+    requested = backend if backend is not None else active_backend()
+    return "auto" if requested == "cpp" else requested
 
 
 def attention(
@@ -370,10 +337,17 @@ def attention(
     allowed (``torch.set_float32_matmul_precision("high")``)."""
     _check_inputs(q, k, v, rope)
     name = attention_impl(q, backend=backend, impl=impl)
-    if name == "triton":
+    if name == "triton_rope_on_load":
         if rope is not None and rope.requires_grad and torch.is_grad_enabled():
-            raise ValueError("attention: rope must not require grad with impl 'triton' (it is a constant table)")
+            raise ValueError(f"attention: rope must not require grad with impl {name!r} (it is a constant table)")
         return attention_triton_fwd(q, k, v, rope)[0]
+    if rope is not None:
+        q, k = apply_rope(q, k, rope, backend=_rope_pass_backend(name, backend))
+    if name == "triton":
+        return attention_triton_fwd(q, k, v, None)[0]
     if name == "flash_attn":
-        return _flash_attn(q, k, v, rope)
-    return attention_reference(q, k, v, rope)
+        from flash_attn import flash_attn_func
+
+        # flash-attn wants [B, N, H, D]: a transpose view, no copy
+        return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v)

@@ -1,0 +1,16 @@
+"""Rounding to a storage dtype that behaves the same in the Triton interpreter as on the GPU."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def to_dtype(x, dtype: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """Round x to dtype. EMULATE_BF16 (interpreter, bf16): the interpreter truncates fp32 -> bf16 and its
+    bf16 dot is wrong, so round to nearest even by hand and keep the value in fp32 (a dot takes it as is;
+    a store rounds it exactly)."""
+    if EMULATE_BF16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)

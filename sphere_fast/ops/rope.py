@@ -1,0 +1,158 @@
+"""2-D axial RoPE on q and k (official layout: a [N, 2D] float32 table cos | sin, interleaved pairs).
+
+``apply_rope(q, k, rope)`` rotates both in one pass: [B, H, N, D] strided views in (the model's views of its
+qkv projection), two [B, H, N, D] tensors with [B, N, H, D] memory out, in the input dtype (fp32 math, one
+rounding, as the reference's ``.to(dtype)``). Attention runs it before a RoPE-free kernel. Non-eager
+backends run the Triton kernel (``kernels/rope.py``) through the ``sphere_fast::rope_fwd`` custom op, whose
+backward is the same kernel transposed; ``eager`` is the reference below.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from sphere_fast.backend import resolve_backend, triton_interpreting
+from sphere_fast.ops._util import bnhd_empty, next_pow2, on_input_device
+
+AUTO_ORDER = ("triton", "eager")
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def rotate_pairs(x: Tensor) -> Tensor:
+    """(x1, x2) -> (-x2, x1) on interleaved pairs of the last dim."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack((-x2, x1), dim=-1).flatten(-2)
+
+
+def apply_rope_reference(x: Tensor, rope: Tensor) -> Tensor:
+    """x [B, H, N, D], rope [N, 2D] = cos | sin; float32 out for float32 rope (round it to x's dtype)."""
+    cos, sin = rope.chunk(2, dim=-1)
+    return x * cos + rotate_pairs(x) * sin
+
+
+def rope_reference(q: Tensor, k: Tensor, rope: Tensor) -> tuple[Tensor, Tensor]:
+    """q and k rotated in float32 and rounded back to their dtype (what attention's reference does)."""
+    return apply_rope_reference(q, rope).to(q.dtype), apply_rope_reference(k, rope).to(k.dtype)
+
+
+def rope_table_reference(n: int, d: int, device: torch.device | str) -> Tensor:
+    """The official 2-D axial RoPE [n, 2d] (cos | sin) for n tokens on a ceil(sqrt(n))-wide grid, any n: half = d/2,
+    freqs = 1/10000^(arange(0, half, 2)/half) repeated twice; rows fill the first half, columns the last.
+    Built in float64 (tests and benchmarks compare against it), returned as float32."""
+    half = d // 2
+    freqs = (1.0 / 10000 ** (torch.arange(0, half, 2, dtype=torch.float64) / half)).repeat_interleave(2)
+    side = math.ceil(math.sqrt(n))
+    idx = torch.arange(n, dtype=torch.float64)
+    angles = torch.cat([(idx // side)[:, None] * freqs, (idx % side)[:, None] * freqs], dim=-1)
+    return torch.cat([angles.cos(), angles.sin()], dim=-1).float().to(device)
+
+
+def check_rope_table(rope: object, q: Tensor, op: str) -> None:
+    """The table ``op`` needs for q [B, H, N, D]: a float32 tensor [N, 2D] on q's device, D even."""
+    if not isinstance(rope, Tensor):
+        raise TypeError(f"{op}: rope must be a torch.Tensor or None, got {type(rope).__name__}")
+    n, d = q.shape[2], q.shape[3]
+    if d % 2:
+        raise ValueError(f"{op}: rope needs an even head dim (interleaved pairs), got head dim {d}")
+    if tuple(rope.shape) != (n, 2 * d):
+        raise ValueError(f"{op}: rope must be [N, 2*D] = [{n}, {2 * d}] (cos | sin), got {tuple(rope.shape)}")
+    if rope.dtype != torch.float32:
+        raise TypeError(f"{op}: rope must be float32, got {rope.dtype}")
+    if rope.device != q.device:
+        raise ValueError(f"{op}: rope must be on q's device {q.device}, got {rope.device}")
+
+
+def _check_inputs(q: object, k: object, rope: object) -> None:
+    for name, t in (("q", q), ("k", k)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"apply_rope: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"apply_rope: {name} must be [B, H, N, D] (4-D), got shape {tuple(t.shape)}")
+        if t.dtype not in DTYPES:
+            raise TypeError(f"apply_rope: {name} must be float16, bfloat16 or float32, got {t.dtype}")
+    if k.shape != q.shape or k.dtype != q.dtype or k.device != q.device:
+        raise ValueError(
+            f"apply_rope: k must match q's shape, dtype and device {tuple(q.shape)} {q.dtype} {q.device}, "
+            f"got {tuple(k.shape)} {k.dtype} {k.device}"
+        )
+    check_rope_table(rope, q, "apply_rope")
+
+
+def _launch_config(head_dim: int, interpret: bool) -> tuple[int, int]:
+    """(BLOCK_N, D_PAD): about 4096 elements a tile on the GPU, small tiles in the interpreter."""
+    d_pad = next_pow2(head_dim)
+    return (16 if interpret else max(16, 4096 // d_pad)), d_pad
+
+
+@on_input_device
+def _triton_rope(q: Tensor, k: Tensor, rope: Tensor, transpose: bool) -> tuple[Tensor, Tensor]:
+    from sphere_fast.kernels.rope import rope_kernel
+
+    q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
+    qo, ko = bnhd_empty(q), bnhd_empty(q)
+    b, h, n, d = q.shape
+    if qo.numel():
+        block_n, d_pad = _launch_config(d, triton_interpreting())
+        rope_kernel[(b * h, -(-n // block_n))](
+            q, k, qo, ko, rope.contiguous(),
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            qo.stride(0), qo.stride(1), qo.stride(2),
+            h, n, HEAD_DIM=d, D_PAD=d_pad, BLOCK_N=block_n, TRANSPOSE=transpose,
+            EMULATE_BF16=triton_interpreting() and q.dtype == torch.bfloat16, num_warps=4,
+        )
+    return qo, ko
+
+
+@torch.library.custom_op("sphere_fast::rope_fwd", mutates_args=())
+def rope_fwd(q: Tensor, k: Tensor, rope: Tensor) -> tuple[Tensor, Tensor]:
+    """(R q, R k) with R the rotation of ``rope``: the fused Triton pass."""
+    return _triton_rope(q, k, rope, False)
+
+
+@torch.library.custom_op("sphere_fast::rope_bwd", mutates_args=())
+def rope_bwd(dq: Tensor, dk: Tensor, rope: Tensor) -> tuple[Tensor, Tensor]:
+    """(R^T dq, R^T dk): the gradients w.r.t. the un-rotated q and k."""
+    return _triton_rope(dq, dk, rope, True)
+
+
+@rope_fwd.register_fake
+def _(q, k, rope):
+    return bnhd_empty(q), bnhd_empty(q)
+
+
+@rope_bwd.register_fake
+def _(dq, dk, rope):
+    return bnhd_empty(dq), bnhd_empty(dq)
+
+
+def _setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[2])
+
+
+def _backward(ctx, dq: Tensor | None, dk: Tensor | None):
+    (rope,) = ctx.saved_tensors
+    # an output the loss does not use arrives as None
+    like = dq if dq is not None else dk
+    dq = torch.zeros_like(like) if dq is None else dq
+    dk = torch.zeros_like(like) if dk is None else dk
+    return *rope_bwd(dq, dk, rope), None
+
+
+rope_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def apply_rope(q: Tensor, k: Tensor, rope: Tensor, *, backend: str | None = None) -> tuple[Tensor, Tensor]:
+    """q and k [B, H, N, D] (strided views allowed, same shape and dtype) rotated by ``rope`` [N, 2D] float32
+    (cos | sin, interleaved pairs): (q_rot, k_rot) in q's dtype. The table is a constant: no gradient."""
+    _check_inputs(q, k, rope)
+    name = resolve_backend("rope", q.device, backend, AUTO_ORDER)
+    if name == "eager":
+        return rope_reference(q, k, rope)
+    if name == "cpp":
+        raise ValueError("apply_rope: there is no C++ kernel for RoPE; use backend 'triton' or 'eager'")
+    if rope.requires_grad and torch.is_grad_enabled():
+        raise ValueError("apply_rope: rope must not require grad on the fused backends (it is a constant table)")
+    return rope_fwd(q, k, rope)

@@ -1,0 +1,157 @@
+"""The fused RoPE pass (sphere_fast.ops.rope.apply_rope) against the eager reference.
+
+Tolerances: fp32 within 1e-5 relative to the tensor's max magnitude (the kernel may contract a product and a
+sum into one FMA); bf16 / fp16 within 2 ulp of the max magnitude (the interpreter rounds fp32 -> bf16 by
+truncation). The backward is also checked on its own: <R x, g> = <x, R^T g> in float32.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+import pytest
+import torch
+
+from sphere_fast.ops.rope import apply_rope, rope_reference, rope_table_reference
+from tests.helpers import TOL, close
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.cuda_capable
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+table = functools.partial(rope_table_reference, device=DEVICE)
+rope_mod = importlib.import_module("sphere_fast.ops.rope")
+
+
+def qk_views(b: int, h: int, n: int, d: int, dtype: torch.dtype, seed: int = 0):
+    """A [B, N, 3*H*D] projection output (leaf) and its strided q, k [B, H, N, D] views, as the model makes them."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(b, n, 3 * h * d, generator=g).to(DEVICE, dtype).requires_grad_()
+    q, k, _ = qkv.view(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+    return qkv, q, k
+
+
+def fwd_bwd(fn, qkv, q, k, rope, grads):
+    q_rot, k_rot = fn(q, k, rope)
+    (dqkv,) = torch.autograd.grad([q_rot, k_rot], qkv, [g.to(q_rot.dtype) for g in grads])
+    return q_rot.detach(), k_rot.detach(), dqkv
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("b, h, n, d", [(2, 3, 19, 16), (1, 2, 40, 72), (1, 1, 5, 24), (1, 2, 17, 128)])
+def test_matches_reference(b: int, h: int, n: int, d: int, dtype: torch.dtype) -> None:
+    qkv, q, k = qk_views(b, h, n, d, dtype)
+    rope = table(n, d)
+    g = torch.Generator().manual_seed(1)
+    grads = [torch.randn(b, h, n, d, generator=g).to(DEVICE) for _ in range(2)]
+    ours = fwd_bwd(functools.partial(apply_rope, backend="triton"), qkv, q, k, rope, grads)
+    ref = fwd_bwd(rope_reference, qkv, q, k, rope, grads)
+    for name, x, r in zip(("q_rot", "k_rot", "dqkv"), ours, ref):
+        assert x.dtype == dtype
+        close(x, r, TOL[dtype], name)
+
+
+def test_output_layout_and_strided_inputs() -> None:
+    """Strided views are read in place; outputs are [B, H, N, D] with [B, N, H, D] memory; a non-unit last
+    stride is accepted (copied first)."""
+    b, h, n, d = 2, 3, 9, 32
+    _, q, k = qk_views(b, h, n, d, torch.float32)
+    rope = table(n, d)
+    q_rot, k_rot = apply_rope(q, k, rope, backend="triton")
+    assert q_rot.shape == k_rot.shape == (b, h, n, d)
+    assert q_rot.transpose(1, 2).is_contiguous() and k_rot.transpose(1, 2).is_contiguous()
+    q_t = q.detach().transpose(2, 3).contiguous().transpose(2, 3)  # head dim not contiguous
+    assert q_t.stride(-1) != 1
+    ref = rope_reference(q.detach(), k.detach(), rope)
+    out = apply_rope(q_t, k.detach(), rope, backend="triton")
+    torch.testing.assert_close(out[0], ref[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1], ref[1], atol=1e-5, rtol=1e-5)
+
+
+def test_backward_is_the_transpose() -> None:
+    """<R x, g> = <x, R^T g> for the kernel's own forward and backward (no reference involved)."""
+    b, h, n, d = 1, 2, 13, 24
+    g = torch.Generator().manual_seed(3)
+    x, y, gx, gy = (torch.randn(b, h, n, d, generator=g).to(DEVICE) for _ in range(4))
+    rope = table(n, d)
+    rx, ry = rope_mod.rope_fwd(x, y, rope)
+    tx, ty = rope_mod.rope_bwd(gx, gy, rope)
+    lhs = (rx * gx).sum() + (ry * gy).sum()
+    rhs = (x * tx).sum() + (y * ty).sum()
+    torch.testing.assert_close(lhs, rhs, atol=1e-4, rtol=1e-5)
+    # a rotation: R^T R = I
+    back, _ = rope_mod.rope_bwd(rx, ry, rope)
+    torch.testing.assert_close(back, x, atol=1e-5, rtol=1e-5)
+
+
+def test_only_one_output_used() -> None:
+    qkv, q, k = qk_views(1, 2, 8, 16, torch.float32)
+    rope = table(8, 16)
+    q_rot, _ = apply_rope(q, k, rope, backend="triton")
+    (dqkv,) = torch.autograd.grad(q_rot.sum(), qkv)
+    (ref,) = torch.autograd.grad(rope_reference(q, k, rope)[0].sum(), qkv)
+    torch.testing.assert_close(dqkv, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_empty_batch() -> None:
+    q = torch.zeros(0, 2, 8, 32, device=DEVICE)
+    q_rot, k_rot = apply_rope(q, q, table(8, 32), backend="triton")
+    assert q_rot.shape == k_rot.shape == q.shape
+
+
+def test_opcheck() -> None:
+    _, q, k = qk_views(1, 2, 9, 24, torch.float32)
+    q, k = (t.detach().contiguous().requires_grad_() for t in (q, k))
+    rope = table(9, 24)
+    torch.library.opcheck(torch.ops.sphere_fast.rope_fwd, (q, k, rope))
+    torch.library.opcheck(torch.ops.sphere_fast.rope_bwd, (q.detach(), k.detach(), rope))
+
+
+def test_compile_fullgraph_no_graph_break() -> None:
+    qkv, q, k = qk_views(1, 2, 16, 32, torch.float32)
+    rope = table(16, 32)
+
+    def rotate(qkv, rope):
+        q, k, _ = qkv.view(1, 16, 3, 2, 32).permute(2, 0, 3, 1, 4).unbind(0)
+        q_rot, k_rot = apply_rope(q, k, rope, backend="triton")
+        return (q_rot * k_rot).sum()
+
+    compiled = torch.compile(rotate, fullgraph=True, backend="aot_eager")
+    (g_c,) = torch.autograd.grad(compiled(qkv, rope), qkv)
+    (g_e,) = torch.autograd.grad(rotate(qkv, rope), qkv)
+    torch.testing.assert_close(g_c, g_e, atol=0, rtol=0)
+
+
+def _qk(d: int = 32, dtype: torch.dtype = torch.float32):
+    return [torch.randn(1, 2, 8, d, device=DEVICE, dtype=dtype) for _ in range(2)]
+
+
+@pytest.mark.parametrize(
+    "make, exc, match",
+    [
+        (lambda q, k: (q, k[:, :1], table(8, 32)), ValueError, r"k must match q's shape"),
+        (lambda q, k: (q, k.half(), table(8, 32)), ValueError, r"k must match q's shape, dtype"),
+        (lambda q, k: (q[0], k[0], table(8, 32)), ValueError, r"\bq\b.*4-D"),
+        (lambda q, k: (q.double(), k.double(), table(8, 32)), TypeError, r"\bq\b.*float16"),
+        (lambda q, k: (q.tolist(), k, table(8, 32)), TypeError, r"\bq\b.*Tensor"),
+        (lambda q, k: (q, k, table(7, 32)), ValueError, r"rope.*\[8, 64\]"),
+        (lambda q, k: (q, k, table(8, 32).double()), TypeError, r"rope.*float32"),
+        (lambda q, k: (q, k, None), TypeError, r"rope.*Tensor"),
+        (lambda q, k: (q[..., :7], k[..., :7], table(8, 32)), ValueError, "even head dim"),
+    ],
+)
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_bad_input(make, exc, match, backend: str) -> None:
+    q, k, rope = make(*_qk())
+    with pytest.raises(exc, match=match):
+        apply_rope(q, k, rope, backend=backend)
+
+
+def test_rope_grad_and_cpp_backend_refused() -> None:
+    q, k = _qk()
+    with pytest.raises(ValueError, match="rope must not require grad"):
+        apply_rope(q, k, table(8, 32).requires_grad_(), backend="triton")
+    if DEVICE == "cpu":
+        with pytest.raises((ValueError, RuntimeError), match="cpp|C\\+\\+"):
+            apply_rope(q, k, table(8, 32), backend="cpp")
