@@ -32,14 +32,16 @@ HEADLINE = (
     # the sampler at batch 1 and 64, 4 steps with CFG, then its cold start (issue 6)
     *(f"benchmarks/bench_sampling.py::test_sampling[{impl}-sphere-l-imagenet-b{batch}-t4-cfg1.4]"
       for batch in (1, 64) for impl in ("eager", "uncaptured", "graph")),
+    # where a sampling pass spends its time: the models' GEMMs (MLP width 2730 against padded), and attention
+    # at N = 1024, D = 64 and 72, B*H = 256 (issue 5)
+    "benchmarks/bench_linear.py::*",
+    "benchmarks/bench_attention.py::test_attention_*[*-B16-H16-N1024-D*]",
     "benchmarks/bench_sampling.py::test_time_to_first_image[graph-sphere-l-imagenet]",
     # spherify with noise at N >= 8M values (issue 3)
     "benchmarks/bench_spherify.py::test_spherify_noise_fwd[*-B256-L32768-bfloat16]",
     "benchmarks/bench_spherify.py::test_spherify_noise_pair_bwd[*-B256-L32768-bfloat16]",
     # the AdaLN block ops at an L-model block: 256 tokens, and 64k rows (issue 4)
     "benchmarks/bench_adaln.py::test_*[*-B64-N*-W1024]",
-    # attention at N = 1024, D = 64 and 72, B*H = 256 (issue 5)
-    "benchmarks/bench_attention.py::test_attention_*[*-B16-H16-N1024-D*]",
     # torch.compile(max-autotune) of the whole loop last: its compile alone can take minutes
     "benchmarks/bench_sampling.py::test_sampling[compile-sphere-l-imagenet-b64-t4-cfg1.4]",
 )

@@ -24,6 +24,7 @@ from sphere_fast.sampling import Sampler
 
 # kernel-name patterns, first match wins; the fused ops are the Triton / C++ kernels of sphere_fast.ops
 GROUPS: tuple[tuple[str, str], ...] = (
+    ("rope", r"rope"),
     ("attention", r"attention|flash|fmha|sdpa|softmax"),
     ("matmul", r"gemm|gemv|matmul|cutlass|sm90_xmma|nvjet|\bmm\b|addmm|linear"),
     ("spherify", r"spherify|noise|philox|(fwd|bwd)_(partials|apply)"),

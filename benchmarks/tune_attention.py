@@ -1,5 +1,6 @@
 """Sweep the Triton attention's launch configs on a GPU: each variant checked against the eager reference,
-then timed (forward, and forward + backward), with RoPE on load and without it as a bound.
+then timed (forward, and forward + backward) three ways: impl triton (the RoPE pass, then the kernel without
+RoPE), impl triton_rope_on_load, and the kernel without any RoPE (a bound: what the pass costs).
 
     python -m benchmarks.tune_attention [--shape 16 16 1024 64] [--head-dims 64 72]
 
@@ -55,13 +56,19 @@ def configs_with(fwd: Config | None = None, bwd: tuple[Config, Config] | None = 
     return configs
 
 
-def time_variant(shape: Sequence[int], rope: bool, fwd: Config | None, bwd: tuple[Config, Config] | None) -> tuple:
+# (label, impl, with RoPE)
+MODES = (("pass", "triton", True), ("on load", "triton_rope_on_load", True), ("none (bound)", "triton", False))
+
+
+def time_variant(
+    shape: Sequence[int], impl: str, rope: bool, fwd: Config | None, bwd: tuple[Config, Config] | None
+) -> tuple:
     """(forward ms, forward + backward ms) of one variant after its correctness gate; raises if it fails."""
     b, h, n, d = shape
     qkv, q, k, v, table = _inputs(tuple(shape), requires_grad=True)  # the model's strided q, k, v views
     table = table if rope else None
     with mock.patch.object(attn, "_configs", configs_with(fwd, bwd)):
-        out = attn.attention(q, k, v, table, impl="triton")
+        out = attn.attention(q, k, v, table, impl=impl)
         ref_qkv = qkv.detach().float().requires_grad_()
         rq, rk, rv = ref_qkv.view(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
         ref = attn.attention_reference(rq, rk, rv, table)
@@ -69,14 +76,14 @@ def time_variant(shape: Sequence[int], rope: bool, fwd: Config | None, bwd: tupl
         (dqkv,) = torch.autograd.grad(out, qkv, grad)
         (ref_dqkv,) = torch.autograd.grad(ref, ref_qkv, grad.float())
         gate([out, dqkv], [ref, ref_dqkv], f"attention fwd {fwd} bwd {bwd}")
-        fwd_ms = cuda_time_ms(lambda: attn.attention(q, k, v, table, impl="triton"))
-        step_ms = cuda_time_ms(lambda: torch.autograd.grad(attn.attention(q, k, v, table, impl="triton"), qkv, grad))
+        fwd_ms = cuda_time_ms(lambda: attn.attention(q, k, v, table, impl=impl))
+        step_ms = cuda_time_ms(lambda: torch.autograd.grad(attn.attention(q, k, v, table, impl=impl), qkv, grad))
     return fwd_ms, step_ms
 
 
 def sweep(shape: Sequence[int]) -> list[str]:
     """Markdown rows: every forward variant (with the op's backward), then every backward variant (with the
-    op's forward), each with RoPE and without."""
+    op's forward), each in every RoPE mode."""
     b, h, n, d = shape
     flops = 4 * b * h * n * n * d
     plans: list[tuple[str, Config | None, tuple[Config, Config] | None]]
@@ -87,16 +94,16 @@ def sweep(shape: Sequence[int]) -> list[str]:
         plans += [(f"dkdv {c[0]} dq {c[1]}", None, c) for c in BWD_VARIANTS]
     rows = []
     for name, fwd, bwd in plans:
-        for rope in (True, False):
+        for label, impl, rope in MODES:
             try:
-                fwd_ms, step_ms = time_variant(shape, rope, fwd, bwd)
+                fwd_ms, step_ms = time_variant(shape, impl, rope, fwd, bwd)
             except Exception as exc:  # a variant that does not fit or compile is a result, not a crash
                 why = f"{type(exc).__name__}: {str(exc)[:80]}"
-                rows.append(f"| {name} | {'yes' if rope else 'no'} | – | – | – | {why} |")
+                rows.append(f"| {name} | {label} | – | – | – | {why} |")
                 continue
             fwd_tf = flops / (fwd_ms * 1e-3) / 1e12
             step_tf = 3.5 * flops / (step_ms * 1e-3) / 1e12  # forward + backward (2.5x the forward)
-            rows.append(f"| {name} | {'yes' if rope else 'no'} | {fwd_ms:.3f} | {fwd_tf:.0f} | {step_ms:.3f} "
+            rows.append(f"| {name} | {label} | {fwd_ms:.3f} | {fwd_tf:.0f} | {step_ms:.3f} "
                         f"({step_tf:.0f} TFLOP/s) | ok |")
     return rows
 

@@ -377,7 +377,7 @@ def test_headline_cases_exist_in_the_real_grid_and_come_first() -> None:
     for rank, pattern in enumerate(conftest.HEADLINE):
         assert rank in ranks, f"headline pattern {pattern!r} selects no benchmark"
     assert ranks.count(len(conftest.HEADLINE)) > 500  # the grids follow
-    assert conftest.headline_rank("benchmarks/bench_spherify.py::test_spherify_noise_fwd[cpp-B256-L32768-bfloat16]") == 8
+    assert conftest.headline_rank("benchmarks/bench_spherify.py::test_spherify_noise_fwd[cpp-B256-L32768-bfloat16]") == 10
 
 
 def test_bench_cases_after_the_deadline_are_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -422,6 +422,7 @@ def test_gpu_check_on_cpu_skips_gpu_parts_and_prints_report_then_summary(
         ("nvjet_tst_256x128_64x4_2x1_v_bz_coopA_TNN", "matmul"),
         ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1", "matmul"),
         ("attention_fwd_kernel", "attention"),
+        ("rope_kernel", "rope"),
         ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>", "attention"),
         ("adaln_fwd_kernel", "adaln / swiglu"),
         ("swiglu_fwd_kernel", "adaln / swiglu"),
@@ -452,8 +453,10 @@ def test_tune_attention_variant_replaces_only_what_it_names() -> None:
     assert bwd_only == {**base, "dkdv": bwd[0], "dq": bwd[1]}
 
 
-def test_tune_attention_smoke_gates_and_times_both_rope_modes(capsys: pytest.CaptureFixture[str]) -> None:
-    """On CPU: the interpreter's config, checked against the eager reference (forward and gradients)."""
+def test_tune_attention_smoke_gates_and_times_every_rope_mode(capsys: pytest.CaptureFixture[str]) -> None:
+    """On CPU: the interpreter's config, checked against the eager reference (forward and gradients), with
+    the RoPE pass, RoPE on load, and no RoPE."""
     assert tune_attention.main(["--shape", "1", "2", "17", "32"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| interpreter")]
-    assert len(rows) == 2 and all(row.endswith("| ok |") for row in rows), rows
+    assert [row.split(" | ")[1] for row in rows] == [label for label, _, _ in tune_attention.MODES], rows
+    assert all(row.endswith("| ok |") for row in rows), rows
