@@ -18,14 +18,21 @@ LAUNCHERS = {
     "sphere_fast.ops.adaln": ("_triton_fwd", "_triton_bwd"),
     "sphere_fast.ops.swiglu": ("_triton_fwd", "_triton_bwd"),
     "sphere_fast.ops.attention": ("_triton_forward", "_triton_backward"),
+    "sphere_fast.ops.rope": ("_triton_rope",),
 }
+
+
+def fake_cuda_tensor(index: int) -> SimpleNamespace:
+    return SimpleNamespace(is_cuda=True, device=torch.device("cuda", index), get_device=lambda: index)
 
 
 def test_launcher_runs_on_the_input_device(monkeypatch: pytest.MonkeyPatch) -> None:
     current = ["cuda:0"]
+    switches = []
 
     @contextlib.contextmanager
     def device(d: torch.device) -> Iterator[None]:
+        switches.append(str(d))
         previous, current[0] = current[0], str(d)
         try:
             yield
@@ -33,12 +40,14 @@ def test_launcher_runs_on_the_input_device(monkeypatch: pytest.MonkeyPatch) -> N
             current[0] = previous
 
     monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: int(current[0].split(":")[1]))
     seen = []
     launch = on_input_device(lambda t, *args: seen.append((current[0], args)))
-    launch(SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1)), 7)
+    launch(fake_cuda_tensor(1), 7)
     launch(torch.zeros(1), 8)  # CPU (interpreter): no device switch
-    assert seen == [("cuda:1", (7,)), ("cuda:0", (8,))]
-    assert current == ["cuda:0"]
+    launch(fake_cuda_tensor(0), 9)  # already current: no device switch
+    assert seen == [("cuda:1", (7,)), ("cuda:0", (8,)), ("cuda:0", (9,))]
+    assert current == ["cuda:0"] and switches == ["cuda:1"]
 
 
 @pytest.mark.parametrize("module,name", [(m, n) for m, names in LAUNCHERS.items() for n in names])
