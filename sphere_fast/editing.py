@@ -47,7 +47,7 @@ def check_images(model: nn.Module, images: object, name: str = "images") -> torc
         raise TypeError(f"{name} must be a floating-point tensor, got {images.dtype}")
     if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size) or images.shape[0] == 0:
         raise ValueError(f"{name} must have shape [B>=1, 3, {size}, {size}], got {tuple(images.shape)}")
-    low, high = float(images.min()), float(images.max())
+    low, high = torch.stack(torch.aminmax(images)).tolist()  # one reduction, one host sync
     if not (0 <= low and high <= 1):  # also refuses NaN
         raise ValueError(f"{name} must hold values in [0, 1], got range [{low}, {high}]")
     weight_dtype = next(model.encoder.parameters()).dtype
