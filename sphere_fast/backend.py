@@ -14,10 +14,12 @@ import functools
 import importlib.util
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import torch
 
+F = TypeVar("F", bound=Callable[..., object])
 BACKENDS = ("eager", "triton", "cpp")
 CHOICES = BACKENDS + ("auto",)
 
@@ -95,7 +97,15 @@ def use_backend(name: str) -> Iterator[str]:
         _active.reset(token)
 
 
-@torch.compiler.assume_constant_result
+def constant_under_compile(fn: F) -> F:
+    """``torch.compiler.assume_constant_result`` without importing torch._dynamo when sphere_fast is imported
+    (about 1.5 s of a cold start): that decorator only marks the function, and dynamo reads the mark when it
+    traces a call (tests/test_backend.py checks that the marks are the same)."""
+    fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
+    return fn
+
+
+@constant_under_compile
 def resolve_backend(op: str, device: torch.device, requested: str | None, auto_order: tuple[str, ...]) -> str:
     """The concrete backend for one call of ``op`` on ``device``.
 

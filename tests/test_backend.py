@@ -1,12 +1,35 @@
 """The backend registry: choice by argument, context and environment; clear errors; logged once."""
 
 import logging
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import sphere_fast
-from sphere_fast.backend import resolve_backend
+from sphere_fast.backend import constant_under_compile, resolve_backend
+
+
+def test_constant_mark_is_torch_compilers_own() -> None:
+    """constant_under_compile marks a function exactly as torch.compiler.assume_constant_result does (which
+    imports torch._dynamo to do it); the fullgraph compile tests check that dynamo honours the mark."""
+
+    def theirs() -> int:
+        return 0
+
+    def ours() -> int:
+        return 0
+
+    assert torch.compiler.assume_constant_result(theirs) is theirs
+    assert constant_under_compile(ours) is ours
+    assert ours.__dict__ == theirs.__dict__ != {}
+
+
+def test_import_does_not_load_dynamo() -> None:
+    code = "import sys, sphere_fast; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_context_manager_nests_and_restores(monkeypatch):

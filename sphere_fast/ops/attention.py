@@ -28,7 +28,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from sphere_fast.backend import active_backend, resolve_backend, triton_interpreting, triton_usable
+from sphere_fast.backend import (
+    active_backend,
+    constant_under_compile,
+    resolve_backend,
+    triton_interpreting,
+    triton_usable,
+)
 from sphere_fast.ops._util import bnhd_empty, on_input_device
 from sphere_fast.ops.rope import apply_rope, apply_rope_reference, check_rope_table
 
@@ -107,7 +113,7 @@ def _tf32_allowed() -> bool:
     return torch.get_float32_matmul_precision() != "highest"
 
 
-@torch.compiler.assume_constant_result
+@constant_under_compile
 def _choose_impl(device: torch.device, dtype: torch.dtype, head_dim: int, backend: str | None, impl: str | None) -> str:
     # a constant under torch.compile: runs once at trace time, so the logging here breaks no graph
     usable = attention_impls(device, dtype, head_dim)
@@ -311,7 +317,7 @@ attention_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
 # ------------------------------------------------------------------------------------------ public op
 
 
-@torch.compiler.assume_constant_result
+@constant_under_compile
 def _rope_pass_backend(name: str, backend: str | None) -> str:
     """The backend of the RoPE pass before a RoPE-free kernel: Triton with the Triton kernel; else the
     requested backend's (``cpp`` has no RoPE kernel of its own, so it is resolved as ``auto``). A constant
