@@ -218,7 +218,8 @@ def _triton_forward(q, k, v, rope):
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         h, n, math.log2(math.e) / math.sqrt(d),
         HEAD_DIM=d, DA=da, DB=db, HAS_B=has_b, BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_ROPE=rope is not None, EMULATE_BF16=emulate, num_warps=warps, num_stages=stages,
+        HAS_ROPE=rope is not None, EMULATE_BF16=emulate, EVEN_N=n % block_n == 0,
+        num_warps=warps, num_stages=stages,
     )
     return o, lse
 
@@ -261,7 +262,7 @@ def _triton_backward(do, q, k, v, o, lse, rope):
         q, k, v, do, dq, lse, delta, rope_arg,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
         h, n, qk_scale, sm_scale,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common,
+        BLOCK_M=block_m, BLOCK_N=block_n, EVEN_N=n % block_n == 0, num_warps=warps, num_stages=stages, **common,
     )
     return dq, dk, dv
 
