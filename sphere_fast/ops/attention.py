@@ -36,7 +36,7 @@ from sphere_fast.backend import (
     triton_usable,
 )
 from sphere_fast.ops._util import bnhd_empty, on_input_device
-from sphere_fast.ops.rope import apply_rope, apply_rope_reference, check_rope_table
+from sphere_fast.ops.rope import apply_rope, check_rope_table, rope_reference
 
 AUTO_ORDER = ("triton", "eager")
 IMPLS = ("sdpa", "triton", "triton_rope_on_load", "flash_attn")
@@ -50,8 +50,7 @@ _logged: set[tuple[str, str]] = set()
 
 def attention_reference(q, k, v, rope=None):
     if rope is not None:
-        q = apply_rope_reference(q, rope).to(v.dtype)
-        k = apply_rope_reference(k, rope).to(v.dtype)
+        q, k = rope_reference(q, k, rope)
     return F.scaled_dot_product_attention(q, k, v)
 
 
