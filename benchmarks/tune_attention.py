@@ -4,8 +4,9 @@ RoPE), impl triton_rope_on_load, and the kernel without any RoPE (a bound: what 
 
     python -m benchmarks.tune_attention [--shape 16 16 1024 64] [--head-dims 64 72]
 
-Each variant replaces sphere_fast.ops.attention._configs for its run, so the op runs exactly as the model
-calls it, with only the tile sizes, warps and pipeline stages changed. A variant that does not compile or
+Each variant replaces sphere_fast.ops.attention._configs (and, for the chunk B rows, _head_chunks) for its
+run, so the op runs exactly as the model calls it, with only the tile sizes, warps and pipeline stages (or the
+width of the head dim's second chunk) changed. A variant that does not compile or
 launch (shared memory) is reported, not fatal. Prints one markdown table; the winner goes into _configs by
 hand, with the numbers in benchmarks/NOTES.md. On CPU (smoke): a tiny shape and one variant in the
 interpreter, so the script cannot rot.
@@ -39,6 +40,7 @@ BWD_VARIANTS: tuple[tuple[Config, Config], ...] = (  # (dkdv, dq)
     ((64, 64, 8, 2), (64, 64, 8, 2)),
 )
 SMOKE_CONFIG: Config = (32, 32, 4, 1)  # what the interpreter runs
+CHUNK_B_WIDTHS = (32,)  # narrower than the op's chunk B (= chunk A): D = 72 as 64 + 32 does 25% fewer MMA FLOPs
 
 
 def configs_with(fwd: Config | None = None, bwd: tuple[Config, Config] | None = None) -> Callable[..., dict]:
@@ -60,14 +62,27 @@ def configs_with(fwd: Config | None = None, bwd: tuple[Config, Config] | None = 
 MODES = (("pass", "triton", True), ("on load", "triton_rope_on_load", True), ("none (bound)", "triton", False))
 
 
+def chunks_with(chunk_b: int | None) -> Callable[[int], tuple[int, int, bool]]:
+    """A stand-in for attention._head_chunks with chunk B ``chunk_b`` wide (where the head dim has a chunk B)."""
+    original = attn._head_chunks
+
+    def chunks(head_dim: int) -> tuple[int, int, bool]:
+        da, db, has_b = original(head_dim)
+        return (da, chunk_b, has_b) if has_b and chunk_b is not None else (da, db, has_b)
+
+    return chunks
+
+
 def time_variant(
-    shape: Sequence[int], impl: str, rope: bool, fwd: Config | None, bwd: tuple[Config, Config] | None
+    shape: Sequence[int], impl: str, rope: bool, fwd: Config | None, bwd: tuple[Config, Config] | None,
+    chunk_b: int | None = None,
 ) -> tuple:
     """(forward ms, forward + backward ms) of one variant after its correctness gate; raises if it fails."""
     b, h, n, d = shape
     qkv, q, k, v, table = _inputs(tuple(shape), requires_grad=True)  # the model's strided q, k, v views
     table = table if rope else None
-    with mock.patch.object(attn, "_configs", configs_with(fwd, bwd)):
+    with mock.patch.object(attn, "_configs", configs_with(fwd, bwd)), \
+            mock.patch.object(attn, "_head_chunks", chunks_with(chunk_b)):
         out = attn.attention(q, k, v, table, impl=impl)
         ref_qkv = qkv.detach().float().requires_grad_()
         rq, rk, rv = ref_qkv.view(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
@@ -83,20 +98,23 @@ def time_variant(
 
 def sweep(shape: Sequence[int]) -> list[str]:
     """Markdown rows: every forward variant (with the op's backward), then every backward variant (with the
-    op's forward), each in every RoPE mode."""
+    op's forward), each in every RoPE mode; last, where the head dim has a chunk B, the op's configs with the
+    narrower chunk B widths (a 16-wide one miscompiled on an H200, so these come after everything else)."""
     b, h, n, d = shape
     flops = 4 * b * h * n * n * d
-    plans: list[tuple[str, Config | None, tuple[Config, Config] | None]]
+    plans: list[tuple[str, Config | None, tuple[Config, Config] | None, int | None]]
     if SMOKE:
-        plans = [("interpreter", None, None)]
+        plans = [("interpreter", None, None, None)]
     else:
-        plans = [(f"fwd {c}", c, None) for c in FWD_VARIANTS]
-        plans += [(f"dkdv {c[0]} dq {c[1]}", None, c) for c in BWD_VARIANTS]
+        plans = [(f"fwd {c}", c, None, None) for c in FWD_VARIANTS]
+        plans += [(f"dkdv {c[0]} dq {c[1]}", None, c, None) for c in BWD_VARIANTS]
+        da, db, has_b = attn._head_chunks(d)
+        plans += [(f"chunk B {w}", None, None, w) for w in CHUNK_B_WIDTHS if has_b and d - da <= w < db]
     rows = []
-    for name, fwd, bwd in plans:
+    for name, fwd, bwd, chunk_b in plans:
         for label, impl, rope in MODES:
             try:
-                fwd_ms, step_ms = time_variant(shape, impl, rope, fwd, bwd)
+                fwd_ms, step_ms = time_variant(shape, impl, rope, fwd, bwd, chunk_b)
             except Exception as exc:  # a variant that does not fit or compile is a result, not a crash
                 why = f"{type(exc).__name__}: {str(exc)[:80]}"
                 rows.append(f"| {name} | {label} | – | – | – | {why} |")

@@ -453,6 +453,15 @@ def test_tune_attention_variant_replaces_only_what_it_names() -> None:
     assert bwd_only == {**base, "dkdv": bwd[0], "dq": bwd[1]}
 
 
+def test_tune_attention_chunk_b_variant() -> None:
+    """A chunk B variant narrows chunk B only where there is one, and the narrowed kernel passes the gate
+    (in the interpreter: the 16-wide miscompile was GPU-only, so this proves the math, not the compiler)."""
+    assert tune_attention.chunks_with(32)(72) == (64, 32, True)
+    assert tune_attention.chunks_with(32)(64) == tune_attention.attn._head_chunks(64) == (64, 64, False)
+    fwd_ms, step_ms = tune_attention.time_variant((1, 2, 17, 72), "triton", True, None, None, chunk_b=32)
+    assert fwd_ms > 0 and step_ms > 0
+
+
 def test_tune_attention_smoke_gates_and_times_every_rope_mode(capsys: pytest.CaptureFixture[str]) -> None:
     """On CPU: the interpreter's config, checked against the eager reference (forward and gradients), with
     the RoPE pass, RoPE on load, and no RoPE."""
