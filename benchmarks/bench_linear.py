@@ -2,9 +2,10 @@
 
 Sphere-L's SwiGLU hidden width is int(1024 * 8/3) = 2730: the w12 output rows (5460 bf16 = 10920 bytes)
 and the w3 input rows (5460 bytes) are not 16-byte multiples, which Hopper's TMA-fed GEMM kernels need.
-The ``w12_pad64`` / ``w3_pad64`` rows time the same layers with the hidden width padded to 2752 (zero
-rows and columns give the same result); their matmul % against the official rows says whether padding
-the MLP is worth its copies. Sphere-XL's 3072 is aligned already.
+The ``w12_pad64`` / ``w3_pad64`` rows time the same layers with the hidden width padded to 2752, as the
+model runs them on the fused backends (``nn.layers.MLP_ALIGN``; zero rows and columns give the same
+result); their matmul % against the official rows says whether that padding earns its weight copies.
+Sphere-XL's 3072 is aligned already.
 
 Token counts: 2048 (batch 1 with combo CFG, 1024 tokens a sample) and 131072 (batch 64 with CFG).
 """

@@ -96,3 +96,44 @@ def test_torch_compile_fullgraph(backend: str) -> None:
     out0, dh0 = fwd_bwd(mlp, h, torch.ones(2, 3))
     close(out, out0, 1e-5, "out")
     close(dh, dh0, 1e-5, "dh")
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("width, padded", [(40, 128), (48, 128), (24, 64)])
+def test_layer_pads_hidden_width_on_fused_backends(backend: str, width: int, padded: int, monkeypatch) -> None:
+    """The SwiGLU layer (hidden int(W * 8/3): 106, 128, 64) runs its GEMMs with the hidden width padded to a
+    multiple of MLP_ALIGN on the fused backends, the official shapes on eager; output and every gradient
+    (to the official parameters) agree, and the parameters keep the official shapes."""
+    from sphere_fast import use_backend
+    from sphere_fast.nn.layers import MLP_ALIGN, SwiGLU
+
+    torch.manual_seed(width)
+    layer = SwiGLU(width)
+    hidden = int(width * 8 / 3)
+    assert padded == -(-hidden // MLP_ALIGN) * MLP_ALIGN
+    assert {k: tuple(v.shape) for k, v in layer.state_dict().items()} == {
+        "w12.weight": (2 * hidden, width), "w12.bias": (2 * hidden,), "w3.weight": (width, hidden), "w3.bias": (width,),
+    }
+    linear_weights = []
+    real_linear = torch.nn.functional.linear
+
+    def recording_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        linear_weights.append(tuple(w.shape))
+        return real_linear(x, w, b)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", recording_linear)
+    x = randn(2, 5, width, seed=1).requires_grad_(True)
+    dout = randn(2, 5, width, seed=2)
+    results = {}
+    for name in ("eager", backend):
+        linear_weights.clear()
+        with use_backend(name):
+            out = layer(x)
+        grads = torch.autograd.grad((out * dout).sum(), [x, *layer.parameters()])
+        results[name] = (linear_weights.copy(), out, grads)
+    assert results["eager"][0] == [(2 * hidden, width), (width, hidden)]
+    assert results[backend][0] == [(2 * padded, width), (width, padded)]
+    close(results[backend][1], results["eager"][1], TOL[torch.float32], "out")
+    for i, (g, g0) in enumerate(zip(results[backend][2], results["eager"][2])):
+        assert g.shape == g0.shape
+        close(g, g0, TOL[torch.float32], f"grad {i}")

@@ -8,8 +8,11 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from sphere_fast import ops
+from sphere_fast.backend import resolve_backend
+from sphere_fast.ops.swiglu import AUTO_ORDER as SWIGLU_AUTO_ORDER
 
 
 class RMSNorm(nn.Module):
@@ -58,7 +61,21 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, w))
 
 
+# The fused backends run the SwiGLU hidden width padded to a multiple of this many elements. The official
+# int(W * 8/3) is often not a multiple of 8 (Sphere-L: 2730), and bf16 rows that are not 16-byte multiples
+# rule out Hopper's wgmma/TMA GEMM kernels (cuBLAS falls back to Ampere ones); 64 also fills whole K tiles.
+MLP_ALIGN = 64
+
+
 class SwiGLU(nn.Module):
+    """Linear(W, 2h) -> silu(a) * b -> Linear(h, W), h = int(W * 8/3), parameters in the official shapes.
+
+    On the fused backends a hidden width that is not a multiple of MLP_ALIGN is zero-padded for the compute
+    (w12's a and b halves get zero rows, w3 zero columns; the padded units are silu(0) * 0 = 0), so the
+    result is the same up to the GEMMs' rounding, and gradients reach the official parameters through the
+    pad. The padded weights are rebuilt on each call (about 17M values a Sphere-L block, a few microseconds),
+    so in-place weight updates and captured CUDA graphs stay correct. ``eager`` runs the official shapes."""
+
     def __init__(self, width: int):
         super().__init__()
         hidden = int(width * 8 / 3)
@@ -66,7 +83,14 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w3(ops.swiglu(self.w12(x)))
+        hidden = self.w3.in_features
+        pad = -hidden % MLP_ALIGN
+        if pad == 0 or resolve_backend("swiglu", x.device, None, SWIGLU_AUTO_ORDER) == "eager":
+            return self.w3(ops.swiglu(self.w12(x)))
+        w12 = F.pad(self.w12.weight.unflatten(0, (2, hidden)), (0, 0, 0, pad)).flatten(0, 1)
+        b12 = F.pad(self.w12.bias.unflatten(0, (2, hidden)), (0, pad)).flatten()
+        h = ops.swiglu(F.linear(x, w12, b12))
+        return F.linear(h, F.pad(self.w3.weight, (0, pad)), self.w3.bias)
 
 
 class Block(nn.Module):
