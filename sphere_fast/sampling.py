@@ -17,6 +17,7 @@ import torch
 from sphere_fast import ops
 from sphere_fast.backend import active_backend
 from sphere_fast.model import check_label_range, labels_checked
+from sphere_fast.nn.layers import padded_mlp_weights
 from sphere_fast.ops.philox import check_seeds
 
 CFG_POSITIONS = ("enc", "dec", "combo")
@@ -221,11 +222,12 @@ def run_loop(
     cache_noise: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The sampling loop from the initial draw; (first-step image, final image) in [0, 1]. The labels were
-    checked once by the caller, so the networks skip their per-call check (a host sync each); under
-    torch.compile the check is skipped anyway and the context manager is left out of the trace."""
+    checked once by the caller, so the networks skip their per-call check (a host sync each); the padded MLP
+    weights of the fused backends are built once for all steps instead of at every network pass. Under
+    torch.compile the check is skipped anyway and the context managers are left out of the trace."""
     if torch.compiler.is_compiling():
         return _loop(model, nets, noise, steps, scheduler, cache_noise)
-    with labels_checked():
+    with labels_checked(), padded_mlp_weights(model):
         return _loop(model, nets, noise, steps, scheduler, cache_noise)
 
 

@@ -275,3 +275,28 @@ def test_prepare_and_views_on_cuda(cuda_model):
     assert sampler.graph_keys == (key,) and torch.equal(view, copy)
     sampler(labels, seeds + 1)  # the same graph replays into the buffers the view shows
     assert not torch.equal(view, copy)
+
+
+def test_loop_pads_mlp_weights_once_and_images_stay_the_same(model, monkeypatch) -> None:
+    """On a fused backend (the tiny model's MLP width 85 is padded to 128) the loop pads each MLP's weights
+    once for all its steps; the images are bit for bit those of padding at every network pass."""
+    import contextlib
+
+    import sphere_fast
+    from sphere_fast import sampling
+    from sphere_fast.nn.layers import SwiGLU
+
+    if "cpp" not in sphere_fast.available_backends("cpu"):
+        pytest.skip("cpp backend not available")
+    calls = []
+    real = SwiGLU.padded_weights
+    monkeypatch.setattr(SwiGLU, "padded_weights", lambda self: calls.append(1) or real(self))
+    sampler = Sampler(model, 5, 3, cfg=1.4, dtype=torch.float32)
+    with sphere_fast.use_backend("cpp"):
+        once = sampler(LABELS, SEEDS)
+        assert len(calls) == 2  # one MLP in the encoder, one in the decoder
+        calls.clear()
+        monkeypatch.setattr(sampling, "padded_mlp_weights", lambda model: contextlib.nullcontext())
+        per_pass = sampler(LABELS, SEEDS)
+        assert len(calls) == 5  # 3 decoder and 2 encoder passes
+    assert torch.equal(once, per_pass)

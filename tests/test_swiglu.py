@@ -137,3 +137,38 @@ def test_layer_pads_hidden_width_on_fused_backends(backend: str, width: int, pad
     for i, (g, g0) in enumerate(zip(results[backend][2], results["eager"][2])):
         assert g.shape == g0.shape
         close(g, g0, TOL[torch.float32], f"grad {i}")
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_padded_mlp_weights_pads_once_for_a_loop(backend: str, monkeypatch) -> None:
+    """Inside padded_mlp_weights each padded layer pads its weights once, at entry; every call then gives the
+    same bits as padding per call. Aligned layers and the eager backend pad nothing."""
+    from sphere_fast import use_backend
+    from sphere_fast.nn.layers import SwiGLU, padded_mlp_weights
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(SwiGLU(40), SwiGLU(40), torch.nn.Linear(40, 48), SwiGLU(48))  # 106, 106, 128
+    x = randn(2, 5, 40)
+    pads = []
+    real_pad = torch.nn.functional.pad
+
+    def counting_pad(*args, **kwargs):
+        pads.append(1)
+        return real_pad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "pad", counting_pad)
+    with torch.no_grad(), use_backend(backend):
+        per_call = [model(x) for _ in range(3)]
+        assert len(pads) == 3 * 2 * 3  # three calls, two padded layers, three pads each
+        pads.clear()
+        with padded_mlp_weights(model):
+            assert len(pads) == 2 * 3
+            once = [model(x) for _ in range(3)]
+            assert len(pads) == 2 * 3
+        assert all(m.fixed_padded_weights is None for m in model if isinstance(m, SwiGLU))
+    for a, b in zip(per_call, once):
+        assert torch.equal(a, b)
+    pads.clear()
+    with use_backend("eager"), padded_mlp_weights(model):
+        model(x)
+    assert pads == []

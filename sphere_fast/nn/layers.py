@@ -4,7 +4,9 @@ Module and parameter names follow the official implementation so its state_dicts
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
@@ -73,24 +75,49 @@ class SwiGLU(nn.Module):
     On the fused backends a hidden width that is not a multiple of MLP_ALIGN is zero-padded for the compute
     (w12's a and b halves get zero rows, w3 zero columns; the padded units are silu(0) * 0 = 0), so the
     result is the same up to the GEMMs' rounding, and gradients reach the official parameters through the
-    pad. The padded weights are rebuilt on each call (about 17M values a Sphere-L block, a few microseconds),
-    so in-place weight updates and captured CUDA graphs stay correct. ``eager`` runs the official shapes."""
+    pad. The padded weights are rebuilt on each call (about 17M values a Sphere-L block), or once for a whole
+    loop inside ``padded_mlp_weights``. ``eager`` runs the official shapes."""
 
     def __init__(self, width: int):
         super().__init__()
         hidden = int(width * 8 / 3)
         self.w12 = nn.Linear(width, 2 * hidden)
         self.w3 = nn.Linear(hidden, width)
+        self.fixed_padded_weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def computes_padded(self, device: torch.device) -> bool:
+        if self.w3.in_features % MLP_ALIGN == 0:
+            return False
+        return resolve_backend("swiglu", device, None, SWIGLU_AUTO_ORDER) != "eager"
+
+    def padded_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(w12, b12, w3) with the hidden width zero-padded to a multiple of MLP_ALIGN."""
         hidden = self.w3.in_features
         pad = -hidden % MLP_ALIGN
-        if pad == 0 or resolve_backend("swiglu", x.device, None, SWIGLU_AUTO_ORDER) == "eager":
-            return self.w3(ops.swiglu(self.w12(x)))
         w12 = F.pad(self.w12.weight.unflatten(0, (2, hidden)), (0, 0, 0, pad)).flatten(0, 1)
         b12 = F.pad(self.w12.bias.unflatten(0, (2, hidden)), (0, pad)).flatten()
-        h = ops.swiglu(F.linear(x, w12, b12))
-        return F.linear(h, F.pad(self.w3.weight, (0, pad)), self.w3.bias)
+        return w12, b12, F.pad(self.w3.weight, (0, pad))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.computes_padded(x.device):
+            return self.w3(ops.swiglu(self.w12(x)))
+        w12, b12, w3 = self.fixed_padded_weights or self.padded_weights()
+        return F.linear(ops.swiglu(F.linear(x, w12, b12)), w3, self.w3.bias)
+
+
+@contextlib.contextmanager
+def padded_mlp_weights(model: nn.Module) -> Iterator[None]:
+    """Inside, each SwiGLU layer of ``model`` that computes with a padded hidden width pads its weights once, at
+    entry, instead of at every call: for loops over fixed weights, such as sampling. Entered inside a CUDA-graph
+    capture, the pads are part of the graph (once a replay), so in-place weight updates still reach it."""
+    layers = [m for m in model.modules() if isinstance(m, SwiGLU) and m.computes_padded(m.w3.weight.device)]
+    for layer in layers:
+        layer.fixed_padded_weights = layer.padded_weights()
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.fixed_padded_weights = None
 
 
 class Block(nn.Module):
