@@ -168,6 +168,32 @@ def test_swiglu(backend: str, dtype: torch.dtype, shape: tuple[int, int, int]) -
                             [randn(*shape, scale=2.0)], dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", KERNELS)
+def test_padded_mlp_layer(backend: str, dtype: torch.dtype) -> None:
+    """Sphere-L's MLP (hidden 2730, run as 2752 through cuBLAS on the fused backends) against the official
+    shapes in float32 (eager)."""
+    import copy
+
+    from sphere_fast.nn.layers import SwiGLU
+
+    require_backend(backend)
+    torch.manual_seed(0)
+    layer = SwiGLU(1024).to(DEVICE, dtype)
+    official = copy.deepcopy(layer).float()
+
+    def fused(x: torch.Tensor) -> torch.Tensor:
+        with sphere_fast.use_backend(backend):
+            assert layer.computes_padded(x.device)
+            return layer(x)
+
+    def reference(x: torch.Tensor) -> torch.Tensor:
+        with sphere_fast.use_backend("eager"):
+            return official(x)
+
+    check_against_reference("padded mlp", fused, reference, [randn(2, 256, 1024)], dtype)
+
+
 # ----------------------------------------------------------------------------------------------- model
 
 
