@@ -31,6 +31,12 @@ def on_input_device(launcher: F) -> F:
     return launch  # type: ignore[return-value]
 
 
+def unit_last_stride(x: torch.Tensor) -> torch.Tensor:
+    """x itself when its last dim is contiguous (the Triton kernels index it so; other dims go by strides),
+    else a contiguous copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def bnhd_empty(q: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """[B, H, N, D] with [B, N, H, D] memory, like q: the model's transpose(1, 2).reshape(B, N, H*D) of an
     attention output is then free, and rows of all heads of a token are written together."""

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from sphere_fast.backend import resolve_backend
-from sphere_fast.ops._util import next_pow2, on_input_device
+from sphere_fast.ops._util import next_pow2, on_input_device, unit_last_stride
 
 AUTO_ORDER = ("triton", "cpp", "eager")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -111,7 +111,7 @@ def _check_inputs(
 
 def _rows(t: Tensor | None) -> Tensor | None:
     """Kernels address [B, S, D] by (stride_b, stride_s) and need a unit last stride."""
-    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+    return None if t is None else unit_last_stride(t)
 
 
 def _bs_strides(t: Tensor | None) -> tuple[int, int]:

@@ -35,8 +35,8 @@ from sphere_fast.backend import (
     triton_interpreting,
     triton_usable,
 )
-from sphere_fast.ops._util import bnhd_empty, on_input_device
-from sphere_fast.ops.rope import apply_rope, check_rope_table, rope_reference
+from sphere_fast.ops._util import bnhd_empty, on_input_device, unit_last_stride
+from sphere_fast.ops.rope import check_rope_table, rope_pass, rope_reference
 
 AUTO_ORDER = ("triton", "eager")
 IMPLS = ("sdpa", "triton", "triton_rope_on_load", "flash_attn")
@@ -189,11 +189,6 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
-    # the kernels index the head dim as contiguous; any other layout is read through its strides
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def _strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
@@ -202,7 +197,7 @@ def _strides(x: torch.Tensor) -> tuple[int, int, int]:
 def _triton_forward(q, k, v, rope):
     from sphere_fast.kernels.attention import attention_fwd_kernel
 
-    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    q, k, v = (unit_last_stride(t) for t in (q, k, v))
     b, h, n, d = q.shape
     o = bnhd_empty(q)
     lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
@@ -231,7 +226,7 @@ def _triton_backward(do, q, k, v, o, lse, rope):
         attention_bwd_preprocess_kernel,
     )
 
-    do, q, k, v = (_unit_last_stride(t) for t in (do, q, k, v))
+    do, q, k, v = (unit_last_stride(t) for t in (do, q, k, v))
     b, h, n, d = q.shape
     dq, dk, dv = bnhd_empty(q), bnhd_empty(q), bnhd_empty(q)
     if q.numel() == 0:
@@ -348,7 +343,7 @@ def attention(
             raise ValueError(f"attention: rope must not require grad with impl {name!r} (it is a constant table)")
         return attention_triton_fwd(q, k, v, rope)[0]
     if rope is not None:
-        q, k = apply_rope(q, k, rope, backend=_rope_pass_backend(name, backend))
+        q, k = rope_pass(q, k, rope, _rope_pass_backend(name, backend))  # inputs checked above
     if name == "triton":
         return attention_triton_fwd(q, k, v, None)[0]
     if name == "flash_attn":

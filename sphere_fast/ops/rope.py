@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from sphere_fast.backend import resolve_backend, triton_interpreting
-from sphere_fast.ops._util import bnhd_empty, next_pow2, on_input_device
+from sphere_fast.ops._util import bnhd_empty, next_pow2, on_input_device, unit_last_stride
 
 AUTO_ORDER = ("triton", "eager")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -91,7 +91,7 @@ def _launch_config(head_dim: int, interpret: bool) -> tuple[int, int]:
 def _triton_rope(q: Tensor, k: Tensor, rope: Tensor, transpose: bool) -> tuple[Tensor, Tensor]:
     from sphere_fast.kernels.rope import rope_kernel
 
-    q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
+    q, k = unit_last_stride(q), unit_last_stride(k)
     qo, ko = bnhd_empty(q), bnhd_empty(q)
     b, h, n, d = q.shape
     if qo.numel():
@@ -148,6 +148,11 @@ def apply_rope(q: Tensor, k: Tensor, rope: Tensor, *, backend: str | None = None
     """q and k [B, H, N, D] (strided views allowed, same shape and dtype) rotated by ``rope`` [N, 2D] float32
     (cos | sin, interleaved pairs): (q_rot, k_rot) in q's dtype. The table is a constant: no gradient."""
     _check_inputs(q, k, rope)
+    return rope_pass(q, k, rope, backend)
+
+
+def rope_pass(q: Tensor, k: Tensor, rope: Tensor, backend: str | None) -> tuple[Tensor, Tensor]:
+    """``apply_rope`` without its input checks, for a caller that made them (attention, on every call)."""
     name = resolve_backend("rope", q.device, backend, AUTO_ORDER)
     if name == "eager":
         return rope_reference(q, k, rope)

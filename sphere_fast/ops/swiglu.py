@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sphere_fast.backend import resolve_backend
-from sphere_fast.ops._util import on_input_device
+from sphere_fast.ops._util import on_input_device, unit_last_stride
 
 AUTO_ORDER = ("triton", "cpp", "eager")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -33,8 +33,7 @@ def _check_input(h: object) -> None:
 
 def _as_rows(h: Tensor) -> Tensor:
     """[M, 2H] view of h with a unit last stride (copies only when no such view exists)."""
-    h2 = h.reshape(-1, h.shape[-1])
-    return h2 if h2.stride(-1) == 1 else h2.contiguous()
+    return unit_last_stride(h.reshape(-1, h.shape[-1]))
 
 
 def _blocks(H: int) -> tuple[int, int]:
