@@ -80,11 +80,16 @@ VENDOR = {
 IMPLS = impls(attn.attention, attn.attention_reference, backends=("triton",), vendor=VENDOR)
 
 
+def split_qkv(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, ...]:
+    """q, k, v [B, H, N, D] as the model makes them: strided views of its [B, N, 3*H*D] projection."""
+    b, n, width3 = qkv.shape
+    return qkv.view(b, n, 3, heads, width3 // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
 def _inputs(shape: tuple[int, int, int, int], requires_grad: bool):
     b, h, n, d = shape
     qkv = torch.randn(b, n, 3 * h * d, device=DEVICE, dtype=DTYPE, requires_grad=requires_grad)
-    q, k, v = qkv.view(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
-    return qkv, q, k, v, rope_table(n, d)
+    return qkv, *split_qkv(qkv, h), rope_table(n, d)
 
 
 def _flops(shape: tuple[int, int, int, int]) -> int:

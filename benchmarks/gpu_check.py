@@ -46,7 +46,9 @@ PHASES = ("install", "build", "tests", "profile", "bench")
 PHASE_LIMITS_S = {"install": 90, "build": 150, "tests": 150, "profile": 90, "bench": 600}
 MIN_PHASE_S = 10  # below this a phase is not started
 TEST_WORKERS = 6
-TEST_GROUPS = (["tests/test_attention.py"], ["tests", "--ignore=tests/test_attention.py"])
+# the Triton attention and RoPE-pass tests (new kernels first run on a GPU there) in a process of their own
+ISOLATED_TESTS = ("tests/test_attention.py", "tests/test_rope.py")
+TEST_GROUPS = (list(ISOLATED_TESTS), ["tests", *(f"--ignore={t}" for t in ISOLATED_TESTS)])
 PER_TEST_TIMEOUT_S = {"tests": 120, "bench": 240}  # a torch.compile(max-autotune) case compiles for minutes
 JSON_MARGIN_S = 30  # bench cases stop starting this long before the phase limit
 
@@ -220,7 +222,7 @@ class Check:
         marks = "gpu or cuda_capable"
         start, statuses = time.monotonic(), []
         # An illegal address poisons the CUDA context of its process for every later test there: the
-        # attention kernels' tests get processes of their own. Exit 5 means no test was selected.
+        # attention and RoPE kernels' tests get a process of their own. Exit 5 means no test was selected.
         for group in TEST_GROUPS:
             left = limit - (time.monotonic() - start)
             cmd = self.pytest("tests", *group, "-m", marks, *workers)

@@ -25,7 +25,7 @@ import torch
 if not torch.cuda.is_available():  # CPU smoke: the kernels run in Triton's interpreter (set before they load)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from benchmarks.bench_attention import _inputs  # noqa: E402
+from benchmarks.bench_attention import _inputs, split_qkv  # noqa: E402
 from benchmarks.harness import SMOKE, cuda_time_ms, gate  # noqa: E402
 attn = importlib.import_module("sphere_fast.ops.attention")
 
@@ -78,14 +78,13 @@ def time_variant(
     chunk_b: int | None = None,
 ) -> tuple:
     """(forward ms, forward + backward ms) of one variant after its correctness gate; raises if it fails."""
-    b, h, n, d = shape
     qkv, q, k, v, table = _inputs(tuple(shape), requires_grad=True)  # the model's strided q, k, v views
     table = table if rope else None
     with mock.patch.object(attn, "_configs", configs_with(fwd, bwd)), \
             mock.patch.object(attn, "_head_chunks", chunks_with(chunk_b)):
         out = attn.attention(q, k, v, table, impl=impl)
         ref_qkv = qkv.detach().float().requires_grad_()
-        rq, rk, rv = ref_qkv.view(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+        rq, rk, rv = split_qkv(ref_qkv, shape[1])
         ref = attn.attention_reference(rq, rk, rv, table)
         grad = torch.randn_like(out)
         (dqkv,) = torch.autograd.grad(out, qkv, grad)

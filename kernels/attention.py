@@ -1,4 +1,5 @@
-"""Non-causal flash attention with 2-D RoPE applied to q and k on load (Triton, forward and backward).
+"""Non-causal flash attention (Triton, forward and backward), optionally with 2-D RoPE applied to q and k on
+load (HAS_ROPE: impl triton_rope_on_load; impl triton rotates them first in the RoPE pass, kernels/rope.py).
 
 Layout: q, k, v, o are [B, H, N, D] given by strides (head dim contiguous), so the model's
 ``qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)`` views are read in place. ``rope`` is [N, 2D] float32

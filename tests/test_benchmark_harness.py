@@ -290,7 +290,7 @@ def test_build_phase_reports_each_failing_op(tmp_path: Path, monkeypatch: pytest
 
 def test_attention_tests_run_in_processes_of_their_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An illegal address in one kernel test poisons its process's CUDA context: on an H200 it failed every
-    later test of that worker, so the attention tests (the Triton matrix kernels) run in a pytest of their own."""
+    later test of that worker, so the attention and RoPE-pass tests (Triton kernels) run in a pytest of their own."""
     calls = []
 
     def fake_run(cmd, log, timeout, env=None, ok_codes=(0,)):
@@ -300,8 +300,8 @@ def test_attention_tests_run_in_processes_of_their_own(tmp_path: Path, monkeypat
     monkeypatch.setattr(gpu_check, "run_logged", fake_run)
     check = gpu_check.Check(tmp_path, budget_s=100, phases=gpu_check.PHASES, cuda=True)
     check.tests()
-    assert len(calls) == 2 and "tests/test_attention.py" in calls[0]
-    assert "--ignore=tests/test_attention.py" in calls[1] and "tests" in calls[1]
+    assert len(calls) == 2 and {"tests/test_attention.py", "tests/test_rope.py"} <= set(calls[0])
+    assert {"--ignore=tests/test_attention.py", "--ignore=tests/test_rope.py", "tests"} <= set(calls[1])
     assert all("gpu or cuda_capable" in c for c in calls)
     (phase,) = check.results
     assert phase.name == "tests" and phase.status == "failed"
