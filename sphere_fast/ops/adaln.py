@@ -1,9 +1,9 @@
 """AdaLN ops: RMSNorm -> (1 + scale) -> + shift, and the gated residual that precedes it.
 
 Layers: the eager references (the executable spec), input checks, launchers for the Triton kernels
-(``kernels/adaln.py``) and the C++/CUDA extension (``csrc/adaln_*``), and the ``torch.library`` custom ops
-(with fake kernels and autograd) through which every non-eager backend runs, so torch.compile sees one
-opaque node per call and CUDA graphs capture it.
+(``kernels/adaln.py``) and the C++/CUDA extension (``csrc/adaln_*``), and the ``torch.library`` ops (with
+fake kernels; autograd in the ``torch.autograd.Function``s around them, see ``ops/_library.py``) through
+which every non-eager backend runs, so torch.compile sees one opaque node per call.
 
 Dtypes: x, branch, gate, weight, shift and scale must share one floating dtype (a mismatch raises
 TypeError); math is fp32 inside every kernel, outputs have x's dtype.
@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from sphere_fast.backend import resolve_backend
+from sphere_fast.ops._library import define_op, needs_grad
 from sphere_fast.ops._util import next_pow2, on_input_device, unit_last_stride
 
 AUTO_ORDER = ("triton", "cpp", "eager")
@@ -276,10 +277,26 @@ def _backward(backend: str, *args: Tensor | None) -> tuple[Tensor | None, ...]:
     raise ValueError(f"no fused adaln kernels for backend {backend!r}")
 
 
-# --------------------------------------------------------------------------------------- custom ops
+# -------------------------------------------------------------------------------------- ops and autograd
 
 
-@torch.library.custom_op("sphere_fast::adaln_modulate_fwd", mutates_args=())
+def _modulate_fake(x, weight, shift, scale, eps, backend):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape[:2], dtype=torch.float32)
+
+
+def _gated_fake(x, branch, gate, weight, shift, scale, eps, backend):
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return torch.empty_like(y), y, x.new_empty(x.shape[:2], dtype=torch.float32)
+
+
+def _bwd_fake(dy, dres, res, branch, gate, weight, shift, scale, rstd, backend):
+    def like(t: Tensor | None) -> Tensor:
+        return res.new_empty(0) if t is None else torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+    return like(res), like(branch), like(gate), like(weight), like(shift), like(scale)
+
+
+@define_op("adaln_modulate_fwd", fake=_modulate_fake)
 def _modulate_fwd(
     x: Tensor, weight: Tensor | None, shift: Tensor | None, scale: Tensor | None, eps: float, backend: str
 ) -> tuple[Tensor, Tensor]:
@@ -287,7 +304,7 @@ def _modulate_fwd(
     return y, rstd
 
 
-@torch.library.custom_op("sphere_fast::gated_residual_adaln_fwd", mutates_args=())
+@define_op("gated_residual_adaln_fwd", fake=_gated_fake)
 def _gated_fwd(
     x: Tensor, branch: Tensor, gate: Tensor | None, weight: Tensor | None, shift: Tensor | None,
     scale: Tensor | None, eps: float, backend: str,
@@ -296,65 +313,48 @@ def _gated_fwd(
     return res, y, rstd
 
 
-@torch.library.custom_op("sphere_fast::adaln_bwd", mutates_args=())
+@define_op("adaln_bwd", fake=_bwd_fake)
 def _adaln_bwd(
     dy: Tensor, dres: Tensor | None, res: Tensor, branch: Tensor | None, gate: Tensor | None,
     weight: Tensor | None, shift: Tensor | None, scale: Tensor | None, rstd: Tensor, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     grads = _backward(backend, dy, dres, res, branch, gate, weight, shift, scale, rstd)
-    # custom ops cannot return None: an absent input gets an empty gradient.
+    # ops cannot return None: an absent input gets an empty gradient.
     return tuple(res.new_empty(0) if g is None else g for g in grads)
-
-
-@_modulate_fwd.register_fake
-def _(x, weight, shift, scale, eps, backend):
-    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape[:2], dtype=torch.float32)
-
-
-@_gated_fwd.register_fake
-def _(x, branch, gate, weight, shift, scale, eps, backend):
-    y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    return torch.empty_like(y), y, x.new_empty(x.shape[:2], dtype=torch.float32)
-
-
-@_adaln_bwd.register_fake
-def _(dy, dres, res, branch, gate, weight, shift, scale, rstd, backend):
-    def like(t: Tensor | None) -> Tensor:
-        return res.new_empty(0) if t is None else torch.empty(t.shape, dtype=t.dtype, device=t.device)
-
-    return like(res), like(branch), like(gate), like(weight), like(shift), like(scale)
 
 
 def _grad(g: Tensor, t: Tensor | None) -> Tensor | None:
     return None if t is None else g
 
 
-def _modulate_setup(ctx, inputs, output) -> None:
-    x, weight, shift, scale, _, backend = inputs
-    ctx.save_for_backward(x, weight, shift, scale, output[1])
-    ctx.backend = backend
+class _ModulateFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, shift, scale, eps: float, backend: str) -> Tensor:
+        y, rstd = _modulate_fwd(x, weight, shift, scale, eps, backend)
+        ctx.save_for_backward(x, weight, shift, scale, rstd)
+        ctx.backend = backend
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, weight, shift, scale, rstd = ctx.saved_tensors
+        dx, _, _, dw, dsh, dsc = _adaln_bwd(dy, None, x, None, None, weight, shift, scale, rstd, ctx.backend)
+        return dx, _grad(dw, weight), _grad(dsh, shift), _grad(dsc, scale), None, None
 
 
-def _modulate_backward(ctx, dy: Tensor, _drstd: Tensor):
-    x, weight, shift, scale, rstd = ctx.saved_tensors
-    dx, _, _, dw, dsh, dsc = _adaln_bwd(dy, None, x, None, None, weight, shift, scale, rstd, ctx.backend)
-    return dx, _grad(dw, weight), _grad(dsh, shift), _grad(dsc, scale), None, None
+class _GatedFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, branch, gate, weight, shift, scale, eps: float, backend: str) -> tuple[Tensor, Tensor]:
+        res, y, rstd = _gated_fwd(x, branch, gate, weight, shift, scale, eps, backend)
+        ctx.save_for_backward(res, branch, gate, weight, shift, scale, rstd)
+        ctx.backend = backend
+        return res, y
 
-
-def _gated_setup(ctx, inputs, output) -> None:
-    _, branch, gate, weight, shift, scale, _, backend = inputs
-    ctx.save_for_backward(output[0], branch, gate, weight, shift, scale, output[2])
-    ctx.backend = backend
-
-
-def _gated_backward(ctx, dres: Tensor, dy: Tensor, _drstd: Tensor):
-    res, branch, gate, weight, shift, scale, rstd = ctx.saved_tensors
-    dx, db, dg, dw, dsh, dsc = _adaln_bwd(dy, dres, res, branch, gate, weight, shift, scale, rstd, ctx.backend)
-    return dx, db, _grad(dg, gate), _grad(dw, weight), _grad(dsh, shift), _grad(dsc, scale), None, None
-
-
-_modulate_fwd.register_autograd(_modulate_backward, setup_context=_modulate_setup)
-_gated_fwd.register_autograd(_gated_backward, setup_context=_gated_setup)
+    @staticmethod
+    def backward(ctx, dres: Tensor, dy: Tensor):
+        res, branch, gate, weight, shift, scale, rstd = ctx.saved_tensors
+        dx, db, dg, dw, dsh, dsc = _adaln_bwd(dy, dres, res, branch, gate, weight, shift, scale, rstd, ctx.backend)
+        return dx, db, _grad(dg, gate), _grad(dw, weight), _grad(dsh, shift), _grad(dsc, scale), None, None
 
 
 # ------------------------------------------------------------------------------------------ public ops
@@ -380,6 +380,8 @@ def adaln_modulate(
     name = resolve_backend("adaln_modulate", x.device, backend, AUTO_ORDER)
     if name == "eager":
         return adaln_modulate_reference(x, weight, shift, scale, eps)
+    if needs_grad(x, weight, shift, scale):
+        return _ModulateFunction.apply(x, weight, shift, scale, float(eps), name)
     return _modulate_fwd(x, weight, shift, scale, float(eps), name)[0]
 
 
@@ -399,5 +401,7 @@ def gated_residual_adaln(
     name = resolve_backend("gated_residual_adaln", x.device, backend, AUTO_ORDER)
     if name == "eager":
         return gated_residual_adaln_reference(x, branch, gate, weight, shift, scale, eps)
+    if needs_grad(x, branch, gate, weight, shift, scale):
+        return _GatedFunction.apply(x, branch, gate, weight, shift, scale, float(eps), name)
     res, y, _ = _gated_fwd(x, branch, gate, weight, shift, scale, float(eps), name)
     return res, y

@@ -35,6 +35,7 @@ from sphere_fast.backend import (
     triton_interpreting,
     triton_usable,
 )
+from sphere_fast.ops._library import define_op, needs_grad
 from sphere_fast.ops._util import bnhd_empty, on_input_device, unit_last_stride
 from sphere_fast.ops.rope import check_rope_table, rope_pass, rope_reference
 
@@ -261,20 +262,24 @@ def _triton_backward(do, q, k, v, o, lse, rope):
     return dq, dk, dv
 
 
-@torch.library.custom_op("sphere_fast::attention_triton_fwd", mutates_args=())
-def attention_triton_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused-RoPE flash attention forward: (o [B, H, N, D], lse [B, H, N] float32, log2-based)."""
-    return _triton_forward(q, k, v, rope)
-
-
-@attention_triton_fwd.register_fake
-def _(q, k, v, rope):
+def _fwd_fake(q, k, v, rope):
     return bnhd_empty(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-@torch.library.custom_op("sphere_fast::attention_triton_bwd", mutates_args=())
+def _bwd_fake(do, q, k, v, o, lse, rope):
+    return bnhd_empty(q), bnhd_empty(q), bnhd_empty(q)
+
+
+@define_op("attention_triton_fwd", fake=_fwd_fake)
+def attention_triton_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flash attention forward, RoPE on load when ``rope`` is given: (o [B, H, N, D], lse [B, H, N] float32,
+    log2-based)."""
+    return _triton_forward(q, k, v, rope)
+
+
+@define_op("attention_triton_bwd", fake=_bwd_fake)
 def attention_triton_bwd(
     do: torch.Tensor,
     q: torch.Tensor,
@@ -284,29 +289,27 @@ def attention_triton_bwd(
     lse: torch.Tensor,
     rope: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused-RoPE flash attention backward: (dq, dk, dv) w.r.t. the un-rotated q, k and v."""
+    """Flash attention backward: (dq, dk, dv) w.r.t. the un-rotated q and k, and v."""
     return _triton_backward(do, q, k, v, o, lse, rope)
 
 
-@attention_triton_bwd.register_fake
-def _(do, q, k, v, o, lse, rope):
-    return bnhd_empty(q), bnhd_empty(q), bnhd_empty(q)
+class _TritonAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
+        o, lse = attention_triton_fwd(q, k, v, rope)
+        ctx.save_for_backward(q, k, v, o, lse, rope)
+        return o
+
+    @staticmethod
+    def backward(ctx, do: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+        q, k, v, o, lse, rope = ctx.saved_tensors
+        return *attention_triton_bwd(do, q, k, v, o, lse, rope), None
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, rope = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, rope)
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward(ctx, do, _dlse):
-    q, k, v, o, lse, rope = ctx.saved_tensors
-    dq, dk, dv = attention_triton_bwd(do, q, k, v, o, lse, rope)
-    return dq, dk, dv, None
-
-
-attention_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
+def _triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
+    if needs_grad(q, k, v):
+        return _TritonAttentionFunction.apply(q, k, v, rope)
+    return attention_triton_fwd(q, k, v, rope)[0]
 
 
 # ------------------------------------------------------------------------------------------ public op
@@ -341,11 +344,11 @@ def attention(
     if name == "triton_rope_on_load":
         if rope is not None and rope.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"attention: rope must not require grad with impl {name!r} (it is a constant table)")
-        return attention_triton_fwd(q, k, v, rope)[0]
+        return _triton_attention(q, k, v, rope)
     if rope is not None:
         q, k = rope_pass(q, k, rope, _rope_pass_backend(name, backend))  # inputs checked above
     if name == "triton":
-        return attention_triton_fwd(q, k, v, None)[0]
+        return _triton_attention(q, k, v, None)
     if name == "flash_attn":
         from flash_attn import flash_attn_func
 

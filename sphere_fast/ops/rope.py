@@ -3,8 +3,8 @@
 ``apply_rope(q, k, rope)`` rotates both in one pass: [B, H, N, D] strided views in (the model's views of its
 qkv projection), two [B, H, N, D] tensors with [B, N, H, D] memory out, in the input dtype (fp32 math, one
 rounding, as the reference's ``.to(dtype)``). Attention runs it before a RoPE-free kernel. Non-eager
-backends run the Triton kernel (``kernels/rope.py``) through the ``sphere_fast::rope_fwd`` custom op, whose
-backward is the same kernel transposed; ``eager`` is the reference below.
+backends run the Triton kernel (``kernels/rope.py``) as the ``sphere_fast::rope_fwd`` op, whose backward
+(``_RopeFunction``) is the same kernel transposed; ``eager`` is the reference below.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from sphere_fast.backend import resolve_backend, triton_interpreting
+from sphere_fast.ops._library import define_op, needs_grad
 from sphere_fast.ops._util import bnhd_empty, next_pow2, on_input_device, unit_last_stride
 
 AUTO_ORDER = ("triton", "eager")
@@ -106,42 +107,36 @@ def _triton_rope(q: Tensor, k: Tensor, rope: Tensor, transpose: bool) -> tuple[T
     return qo, ko
 
 
-@torch.library.custom_op("sphere_fast::rope_fwd", mutates_args=())
+def _rope_fake(q, k, rope):
+    return bnhd_empty(q), bnhd_empty(q)
+
+
+@define_op("rope_fwd", fake=_rope_fake)
 def rope_fwd(q: Tensor, k: Tensor, rope: Tensor) -> tuple[Tensor, Tensor]:
     """(R q, R k) with R the rotation of ``rope``: the fused Triton pass."""
     return _triton_rope(q, k, rope, False)
 
 
-@torch.library.custom_op("sphere_fast::rope_bwd", mutates_args=())
+@define_op("rope_bwd", fake=_rope_fake)
 def rope_bwd(dq: Tensor, dk: Tensor, rope: Tensor) -> tuple[Tensor, Tensor]:
     """(R^T dq, R^T dk): the gradients w.r.t. the un-rotated q and k."""
     return _triton_rope(dq, dk, rope, True)
 
 
-@rope_fwd.register_fake
-def _(q, k, rope):
-    return bnhd_empty(q), bnhd_empty(q)
+class _RopeFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, rope: Tensor) -> tuple[Tensor, Tensor]:
+        ctx.save_for_backward(rope)
+        return rope_fwd(q, k, rope)
 
-
-@rope_bwd.register_fake
-def _(dq, dk, rope):
-    return bnhd_empty(dq), bnhd_empty(dq)
-
-
-def _setup(ctx, inputs, output) -> None:
-    ctx.save_for_backward(inputs[2])
-
-
-def _backward(ctx, dq: Tensor | None, dk: Tensor | None):
-    (rope,) = ctx.saved_tensors
-    # an output the loss does not use arrives as None
-    like = dq if dq is not None else dk
-    dq = torch.zeros_like(like) if dq is None else dq
-    dk = torch.zeros_like(like) if dk is None else dk
-    return *rope_bwd(dq, dk, rope), None
-
-
-rope_fwd.register_autograd(_backward, setup_context=_setup)
+    @staticmethod
+    def backward(ctx, dq: Tensor | None, dk: Tensor | None) -> tuple[Tensor, Tensor, None]:
+        (rope,) = ctx.saved_tensors
+        # an output the loss does not use arrives as None
+        like = dq if dq is not None else dk
+        dq = torch.zeros_like(like) if dq is None else dq
+        dk = torch.zeros_like(like) if dk is None else dk
+        return *rope_bwd(dq, dk, rope), None
 
 
 def apply_rope(q: Tensor, k: Tensor, rope: Tensor, *, backend: str | None = None) -> tuple[Tensor, Tensor]:
@@ -160,4 +155,6 @@ def rope_pass(q: Tensor, k: Tensor, rope: Tensor, backend: str | None) -> tuple[
         raise ValueError("apply_rope: there is no C++ kernel for RoPE; use backend 'triton' or 'eager'")
     if rope.requires_grad and torch.is_grad_enabled():
         raise ValueError("apply_rope: rope must not require grad on the fused backends (it is a constant table)")
+    if needs_grad(q, k):
+        return _RopeFunction.apply(q, k, rope)
     return rope_fwd(q, k, rope)

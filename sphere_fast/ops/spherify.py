@@ -2,7 +2,8 @@
 and the noisy re-projection f(f(z) + s*e) used by training and sampling.
 
 Layers here: the eager references (the executable spec), input checks, the Triton launchers, the bridge to
-the C++ extension (csrc/spherify_*), and three ``torch.library`` custom ops shared by both kernel backends:
+the C++ extension (csrc/spherify_*), and three ``torch.library`` ops shared by both kernel backends (autograd:
+``_SpherifyFunction``, see ``ops/_library.py``):
 ``sphere_fast::spherify_fwd`` -> (out [P, *z.shape], stats [B, 3] = |z|^2, z.e, |e|^2 in fp32),
 ``sphere_fast::spherify_bwd`` and ``sphere_fast::sphere_noise`` (the noise e alone). P is 1 (one scale) or 2
 (the training pair from one read of z). Backward saves only z, the per-sample sums and the seeds: e is
@@ -18,6 +19,7 @@ from types import ModuleType
 import torch
 
 from sphere_fast.backend import resolve_backend
+from sphere_fast.ops._library import define_op, needs_grad
 from sphere_fast.ops._util import next_pow2, on_input_device
 from sphere_fast.ops.philox import check_seeds, check_stream, sample_shape, sphere_noise_reference
 
@@ -231,25 +233,26 @@ def _cpp() -> ModuleType:
     return module
 
 
-# ---------------------------------------------------------------------------------------------- custom ops
+# -------------------------------------------------------------------------------------- ops and autograd
 
 
-def _fake_fwd_impl(z, scales, noise, seeds, stream):
+# Fake kernels of both the sphere_fast ops and the C++ ones under them (which take no backend argument).
+def _fake_fwd_impl(z, scales, noise, seeds, stream, backend=None):
     pairs = 1 if scales is None else scales.shape[0]
     return z.new_empty((pairs, *z.shape)), z.new_empty((z.shape[0], 3), dtype=torch.float32)
 
 
-def _fake_bwd_impl(grad, z, scales, noise, seeds, stats, stream):
+def _fake_bwd_impl(grad, z, scales, noise, seeds, stats, stream, backend=None):
     return torch.empty_like(z, memory_format=torch.contiguous_format), grad.new_empty(
         (grad.shape[0], z.shape[0]), dtype=torch.float32
     )
 
 
-def _fake_noise_impl(seeds, length, stream):
+def _fake_noise_impl(seeds, length, stream, backend=None):
     return seeds.new_empty((seeds.shape[0], length), dtype=torch.float32)
 
 
-@torch.library.custom_op("sphere_fast::spherify_fwd", mutates_args=())
+@define_op("spherify_fwd", fake=_fake_fwd_impl)
 def _spherify_fwd(
     z: torch.Tensor,
     scales: torch.Tensor | None,
@@ -264,12 +267,7 @@ def _spherify_fwd(
     return torch.ops.sphere_fast_cpp.spherify_fwd(z, scales, noise, seeds, stream)
 
 
-@_spherify_fwd.register_fake
-def _(z, scales, noise, seeds, stream, backend):
-    return _fake_fwd_impl(z, scales, noise, seeds, stream)
-
-
-@torch.library.custom_op("sphere_fast::spherify_bwd", mutates_args=())
+@define_op("spherify_bwd", fake=_fake_bwd_impl)
 def _spherify_bwd(
     grad: torch.Tensor,
     z: torch.Tensor,
@@ -286,38 +284,35 @@ def _spherify_bwd(
     return torch.ops.sphere_fast_cpp.spherify_bwd(grad, z, scales, noise, seeds, stats, stream)
 
 
-@_spherify_bwd.register_fake
-def _(grad, z, scales, noise, seeds, stats, stream, backend):
-    return _fake_bwd_impl(grad, z, scales, noise, seeds, stats, stream)
+class _SpherifyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, scales, noise, seeds, stream: int, backend: str) -> torch.Tensor:
+        out, stats = _spherify_fwd(z, scales, noise, seeds, stream, backend)
+        ctx.save_for_backward(z, scales, noise, seeds, stats)
+        ctx.stream = stream
+        ctx.backend = backend
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        z, scales, noise, seeds, stats = ctx.saved_tensors
+        dz, dscales = _spherify_bwd(grad_out, z, scales, noise, seeds, stats, ctx.stream, ctx.backend)
+        return dz, (dscales if ctx.needs_input_grad[1] else None), None, None, None, None
 
 
-def _setup_context(ctx, inputs, output):
-    z, scales, noise, seeds, stream, backend = inputs
-    ctx.save_for_backward(z, scales, noise, seeds, output[1])
-    ctx.stream = stream
-    ctx.backend = backend
+def _spherify_op(z, scales, noise, seeds, stream: int, backend: str) -> torch.Tensor:
+    """out [P, *z.shape] of ``spherify_fwd``, recorded for autograd when z or the scales need a gradient."""
+    if needs_grad(z, scales):
+        return _SpherifyFunction.apply(z, scales, noise, seeds, stream, backend)
+    return _spherify_fwd(z, scales, noise, seeds, stream, backend)[0]
 
 
-def _backward(ctx, grad_out, grad_stats):
-    z, scales, noise, seeds, stats = ctx.saved_tensors
-    dz, dscales = _spherify_bwd(grad_out, z, scales, noise, seeds, stats, ctx.stream, ctx.backend)
-    return dz, (dscales if ctx.needs_input_grad[1] else None), None, None, None, None
-
-
-_spherify_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-@torch.library.custom_op("sphere_fast::sphere_noise", mutates_args=())
+@define_op("sphere_noise", fake=_fake_noise_impl)
 def _sphere_noise(seeds: torch.Tensor, length: int, stream: int, backend: str) -> torch.Tensor:
     if backend == "triton":
         return _triton_noise(seeds, length, stream)
     _cpp()
     return torch.ops.sphere_fast_cpp.sphere_noise(seeds, length, stream)
-
-
-@_sphere_noise.register_fake
-def _(seeds, length, stream, backend):
-    return _fake_noise_impl(seeds, length, stream)
 
 
 # ---------------------------------------------------------------------------------------------- public ops
@@ -330,7 +325,7 @@ def spherify(z: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     _check_z(z, name)
     if name == "eager":
         return spherify_reference(z)
-    return _spherify_fwd(z, None, None, None, 0, name)[0][0]
+    return _spherify_op(z, None, None, None, 0, name)[0]
 
 
 def sphere_noise(
@@ -364,8 +359,7 @@ def _noisy(
     if name == "eager":
         e = noise if noise is not None else sphere_noise_reference(seeds, z.shape[1:], stream=stream).to(z.dtype)
         return [spherify_noise_reference(z, s, e) for s in values]
-    out, _ = _spherify_fwd(z, _scales_tensor(z, *values), noise, seeds, stream, name)
-    return list(out.unbind(0))
+    return list(_spherify_op(z, _scales_tensor(z, *values), noise, seeds, stream, name).unbind(0))
 
 
 def spherify_noise(

@@ -1,7 +1,7 @@
 """SwiGLU activation: silu(a) * b for h = cat(a, b) on the last dim.
 
 The fused kernels read a and b straight out of h (the Linear output), so the split never materialises;
-non-eager backends run through the ``sphere_fast::swiglu_fwd`` custom op (fake kernel + autograd).
+non-eager backends run the ``sphere_fast::swiglu_fwd`` op (autograd: ``_SwiGLUFunction``, see ``ops/_library.py``).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sphere_fast.backend import resolve_backend
+from sphere_fast.ops._library import define_op, needs_grad
 from sphere_fast.ops._util import on_input_device, unit_last_stride
 
 AUTO_ORDER = ("triton", "cpp", "eager")
@@ -79,7 +80,15 @@ def _cpp_ext():
     return torch.ops.sphere_fast_swiglu
 
 
-@torch.library.custom_op("sphere_fast::swiglu_fwd", mutates_args=())
+def _fwd_fake(h, backend):
+    return h.new_empty((*h.shape[:-1], h.shape[-1] // 2))
+
+
+def _bwd_fake(dout, h, backend):
+    return h.new_empty(h.shape)
+
+
+@define_op("swiglu_fwd", fake=_fwd_fake)
 def _swiglu_fwd(h: Tensor, backend: str) -> Tensor:
     if backend == "triton":
         return _triton_fwd(h)
@@ -89,7 +98,7 @@ def _swiglu_fwd(h: Tensor, backend: str) -> Tensor:
     raise ValueError(f"no fused swiglu kernels for backend {backend!r}")
 
 
-@torch.library.custom_op("sphere_fast::swiglu_bwd", mutates_args=())
+@define_op("swiglu_bwd", fake=_bwd_fake)
 def _swiglu_bwd(dout: Tensor, h: Tensor, backend: str) -> Tensor:
     if backend == "triton":
         return _triton_bwd(dout, h)
@@ -99,27 +108,17 @@ def _swiglu_bwd(dout: Tensor, h: Tensor, backend: str) -> Tensor:
     raise ValueError(f"no fused swiglu kernels for backend {backend!r}")
 
 
-@_swiglu_fwd.register_fake
-def _(h, backend):
-    return h.new_empty((*h.shape[:-1], h.shape[-1] // 2))
+class _SwiGLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: Tensor, backend: str) -> Tensor:
+        ctx.save_for_backward(h)
+        ctx.backend = backend
+        return _swiglu_fwd(h, backend)
 
-
-@_swiglu_bwd.register_fake
-def _(dout, h, backend):
-    return h.new_empty(h.shape)
-
-
-def _setup(ctx, inputs, output) -> None:
-    ctx.save_for_backward(inputs[0])
-    ctx.backend = inputs[1]
-
-
-def _backward(ctx, dout: Tensor):
-    (h,) = ctx.saved_tensors
-    return _swiglu_bwd(dout, h, ctx.backend), None
-
-
-_swiglu_fwd.register_autograd(_backward, setup_context=_setup)
+    @staticmethod
+    def backward(ctx, dout: Tensor) -> tuple[Tensor, None]:
+        (h,) = ctx.saved_tensors
+        return _swiglu_bwd(dout, h, ctx.backend), None
 
 
 def swiglu(h: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
@@ -128,4 +127,6 @@ def swiglu(h: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     name = resolve_backend("swiglu", h.device, backend, AUTO_ORDER)
     if name == "eager":
         return swiglu_reference(h)
+    if needs_grad(h):
+        return _SwiGLUFunction.apply(h, name)
     return _swiglu_fwd(h, name)

@@ -1,0 +1,39 @@
+"""How the fused ops are registered with PyTorch: ``torch.library`` define + impl for the kernels, and each op's
+autograd in a ``torch.autograd.Function`` around them, entered only when a call needs a gradient.
+
+Not ``@torch.library.custom_op``: that decorator runs every call through Python layers (its autograd
+wrapper, alias checks, and a dynamo-disable wrapper that imports ``torch._dynamo``, about 1.8 s, on the first
+call). At batch 1 the un-captured sampler is host-bound and makes about 120 op calls a network pass. The
+ops stay visible to torch.compile as graph leaves: the schema comes from the kernel's type hints and the
+fake kernel gives the output shapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+LIBRARY = torch.library.Library("sphere_fast", "FRAGMENT")
+DEVICE_KEYS = ("CPU", "CUDA")  # CPU: the C++ kernels, and the Triton ones under TRITON_INTERPRET=1
+
+
+def define_op(name: str, fake: Callable[..., object]) -> Callable[[Callable[..., object]], torch._ops.OpOverload]:
+    """Decorator: ``fn`` becomes ``torch.ops.sphere_fast.<name>`` on CPU and CUDA tensors (schema from its
+    type hints, ``fake`` for fake tensors), and the decorated name is that op."""
+
+    def register(fn: Callable[..., object]) -> torch._ops.OpOverload:
+        LIBRARY.define(name + torch.library.infer_schema(fn, mutates_args=()))
+        for key in DEVICE_KEYS:
+            LIBRARY.impl(name, fn, key)
+        # The op itself is not differentiable (its gradient is the op's autograd.Function): autograd passes it by.
+        LIBRARY.impl(name, torch.library.fallthrough_kernel, "Autograd")
+        torch.library.register_fake(f"sphere_fast::{name}", fake, lib=LIBRARY)
+        return getattr(torch.ops.sphere_fast, name).default
+
+    return register
+
+
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether a call must be recorded for autograd: grad mode on and some input requiring grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
