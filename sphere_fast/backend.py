@@ -25,7 +25,6 @@ CHOICES = BACKENDS + ("auto",)
 
 logger = logging.getLogger("sphere_fast")
 _active: contextvars.ContextVar[str | None] = contextvars.ContextVar("sphere_fast_backend", default=None)
-_logged: set[tuple[str, str, str]] = set()
 
 
 def _check_name(name: str, what: str = "backend") -> str:
@@ -114,16 +113,20 @@ def resolve_backend(op: str, device: torch.device, requested: str | None, auto_o
     at trace time and its answer is a constant, so it causes no graph break.
     """
     name = _check_name(requested, "backend") if requested is not None else active_backend()
+    return _resolve(op, device.type, name, auto_order, triton_interpreting())
+
+
+@functools.cache
+def _resolve(op: str, device_type: str, name: str, auto_order: tuple[str, ...], interpreting: bool) -> str:
+    # Memoized: every op call resolves its backend, and the answer depends only on these arguments (the
+    # interpreter flag decides whether Triton runs on CPU). Logged once, when first computed.
+    usable = available_backends(device_type)
     if name == "auto":
-        usable = available_backends(device) if device.type == "cuda" else ["eager"]
-        name = next((b for b in auto_order if b in usable), "eager")
-    elif name not in available_backends(device):
+        name = next((b for b in auto_order if b in usable), "eager") if device_type == "cuda" else "eager"
+    elif name not in usable:
         raise RuntimeError(
-            f"backend {name!r} is not available for {op} on {device.type} "
-            f"(available: {available_backends(device)}; triton on CPU needs TRITON_INTERPRET=1)"
+            f"backend {name!r} is not available for {op} on {device_type} "
+            f"(available: {usable}; triton on CPU needs TRITON_INTERPRET=1)"
         )
-    key = (op, device.type, name)
-    if key not in _logged:
-        _logged.add(key)
-        logger.info("sphere_fast: %s on %s uses the %s backend", op, device.type, name)
+    logger.info("sphere_fast: %s on %s uses the %s backend", op, device_type, name)
     return name

@@ -79,18 +79,11 @@ def _check_inputs(
     B, S, D = x.shape
     if D == 0:
         raise ValueError("x must have a non-empty last dim D, got D=0")
-    modulation = f"({B}, 1, {D}) or ({B}, {S}, {D})"
-    specs = [
-        ("weight", weight, {(D,)}, f"({D},)"),
-        ("shift", shift, {(B, 1, D), (B, S, D)}, modulation),
-        ("scale", scale, {(B, 1, D), (B, S, D)}, modulation),
-    ]
+    modulation = ((B, 1, D), (B, S, D))
+    specs = [("weight", weight, ((D,),)), ("shift", shift, modulation), ("scale", scale, modulation)]
     if gated:
-        specs += [
-            ("branch", branch, {(B, S, D)}, f"({B}, {S}, {D}) like x"),
-            ("gate", gate, {(B, 1, D), (B, S, D)}, modulation),
-        ]
-    for name, t, shapes, expected in specs:
+        specs += [("branch", branch, ((B, S, D),)), ("gate", gate, modulation)]
+    for name, t, shapes in specs:
         if t is None:
             if name == "branch":
                 raise TypeError("branch must be a torch.Tensor, got None")
@@ -101,8 +94,8 @@ def _check_inputs(
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all inputs must share one device")
         if t.dtype != x.dtype:
             raise TypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
-        if tuple(t.shape) not in shapes:
-            raise ValueError(f"{name} must have shape {expected}, got {tuple(t.shape)}")
+        if t.shape not in shapes:
+            raise ValueError(f"{name} must have shape {' or '.join(map(str, shapes))}, got {tuple(t.shape)}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
         raise ValueError(f"eps must be a finite positive number, got {eps!r}")
 

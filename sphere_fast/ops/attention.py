@@ -15,7 +15,7 @@ The RoPE pass is the Triton kernel, except on backend ``eager`` (and on CPU unde
 eager reference. Attention has no C++ kernel of its own: backend ``cpp`` means the vendor C++/CUDA kernels,
 i.e. ``flash_attn`` when usable, else ``sdpa``. ``auto`` (on CUDA) takes ``triton`` when the head dim is
 supported, else ``flash_attn``, else ``sdpa``; on CPU it is ``sdpa``. ``impl=`` on a call overrides the
-backend. The choice is logged once per (device, impl) and returned by ``attention_impl``.
+backend. The choice is memoized, logged when first made, and returned by ``attention_impl``.
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_HEAD_DIMS = "even head dims from 16 to 128"
 
 logger = logging.getLogger("sphere_fast")
-_logged: set[tuple[str, str]] = set()
 
 
 def attention_reference(q, k, v, rope=None):
@@ -115,22 +114,31 @@ def _tf32_allowed() -> bool:
 
 @constant_under_compile
 def _choose_impl(device: torch.device, dtype: torch.dtype, head_dim: int, backend: str | None, impl: str | None) -> str:
-    # a constant under torch.compile: runs once at trace time, so the logging here breaks no graph
-    usable = attention_impls(device, dtype, head_dim)
+    # a constant under torch.compile: runs once at trace time, so the logging below breaks no graph
+    requested = backend if backend is not None else active_backend()
+    return _choose(device.type, dtype, head_dim, requested, impl, _tf32_allowed(), triton_interpreting())
+
+
+@functools.cache
+def _choose(
+    device_type: str, dtype: torch.dtype, head_dim: int, requested: str, impl: str | None, tf32: bool,
+    interpreting: bool,
+) -> str:
+    # Memoized (every call chooses; the answer depends only on these arguments). Logged when first computed.
+    usable = attention_impls(device_type, dtype, head_dim)
     if impl is not None:
         if impl not in IMPLS:
             raise ValueError(f"attention: impl must be one of {IMPLS}, got {impl!r}")
         if impl not in usable:
             raise ValueError(
-                f"attention: impl {impl!r} cannot run on {device.type} with {dtype}, head dim {head_dim} "
+                f"attention: impl {impl!r} cannot run on {device_type} with {dtype}, head dim {head_dim} "
                 f"(usable: {usable}; triton takes {TRITON_HEAD_DIMS}, flash_attn needs CUDA fp16/bf16)"
             )
         name, why = impl, "impl="
     else:
-        requested = backend if backend is not None else active_backend()
-        resolved = resolve_backend("attention", device, backend, AUTO_ORDER)
+        resolved = resolve_backend("attention", torch.device(device_type), requested, AUTO_ORDER)
         why = f"backend {resolved}" + (" via auto" if requested == "auto" else "")
-        if requested == "auto" and resolved == "triton" and dtype == torch.float32 and not _tf32_allowed():
+        if requested == "auto" and resolved == "triton" and dtype == torch.float32 and not tf32:
             # The Triton dots run fp32 in TF32: auto keeps torch's exact fp32 unless the user allowed TF32.
             resolved, why = "eager", why + ", fp32 without TF32 (torch.set_float32_matmul_precision)"
         if resolved == "eager":
@@ -143,10 +151,7 @@ def _choose_impl(device: torch.device, dtype: torch.dtype, head_dim: int, backen
             raise ValueError(f"attention: head dim {head_dim} is not supported by triton ({TRITON_HEAD_DIMS})")
         else:
             name = "flash_attn" if "flash_attn" in usable else "sdpa"
-    key = (device.type, name)
-    if key not in _logged:
-        _logged.add(key)
-        logger.info("sphere_fast: attention on %s uses impl %s (%s)", device.type, name, why)
+    logger.info("sphere_fast: attention on %s uses impl %s (%s)", device_type, name, why)
     return name
 
 
