@@ -134,8 +134,10 @@ def render(data: dict[str, Any]) -> str:
         return f"{header(data)}\n\nNo benchmark rows in this file."
     return (
         f"{header(data)}\n\n### Goals\n\n{goals.table(recs)}\n\n### All cases\n\n{table(recs)}\n\n"
-        "Times are medians of CUDA-event timings with L2 flushed; speedups and rates are those of the faster of "
-        "our implementations (triton / cpp kernels; the un-captured / graphed sampler)."
+        "Times are medians of CUDA-event timings (L2 flushed before each op-suite call, not in the sampler's loop), "
+        "except the dispatch rows: the host's clock per call, the fastest of five rounds (bench_dispatch.py). "
+        "Speedups and rates are those of the faster of our implementations (triton / cpp kernels; the "
+        "un-captured / graphed sampler)."
     )
 
 
