@@ -39,6 +39,9 @@ HEADLINE = (
     "benchmarks/bench_sampling.py::test_time_to_first_image[graph-sphere-l-imagenet]",
     # the host cost of one op call, which the un-captured sampler pays about 120 times a pass (issue 6)
     *(f"benchmarks/bench_dispatch.py::test_dispatch[{impl}-*]" for impl in ("eager", "triton", "cpp")),
+    # the XL sampler at batch 1 and 64 (head dim 72)
+    *(f"benchmarks/bench_sampling.py::test_sampling[{impl}-sphere-xl-imagenet-b{batch}-t4-cfg1.4]"
+      for batch in (1, 64) for impl in ("eager", "uncaptured", "graph")),
     # spherify with noise at N >= 8M values (issue 3)
     "benchmarks/bench_spherify.py::test_spherify_noise_fwd[*-B256-L32768-bfloat16]",
     "benchmarks/bench_spherify.py::test_spherify_noise_pair_bwd[*-B256-L32768-bfloat16]",
