@@ -41,6 +41,9 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
 }
 
 
+# ViT.conditioning: per block (shift1, scale1, gate1, shift2, scale2, gate2), and the head's (shift, scale)
+Conditioning = tuple[list[tuple[torch.Tensor | None, ...]], tuple[torch.Tensor, ...] | None]
+
 _labels_checked: contextvars.ContextVar[bool] = contextvars.ContextVar("sphere_fast_labels_checked", default=False)
 
 
@@ -189,34 +192,45 @@ class ViT(nn.Module):
             img = h.transpose(1, 2).reshape(b, -1, g, g)
         return self.out[2:](img.contiguous())
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        self.check_input(x, y)
+    def conditioning(self, y: torch.Tensor | None) -> Conditioning:
+        """What a forward computes from the labels alone: each block's AdaLN modulation (shift, scale, gate
+        for both sub-layers; Nones when unconditional) and the head's (shift, scale). For passes that share
+        labels (the sampler's steps): compute it once, hand it to each ``forward``."""
         c = self.y_embedder(y) if self.y_embedder is not None else None
+        head = self.ffn.adaLN_modulation(c) if self.ffn.adaLN_modulation is not None else None
+        return [block.modulation(c) for block in self.blocks], head
+
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor | None = None, conditioning: Conditioning | None = None
+    ) -> torch.Tensor:
+        """Encoder: images -> latent; decoder: latent -> images. ``conditioning``: ``self.conditioning(y)``
+        computed before for these labels (y is still checked)."""
+        self.check_input(x, y)
+        modulations, head_modulation = conditioning if conditioning is not None else self.conditioning(y)
         x = self.embed_input(x)
         # the residual stream keeps the embedding's dtype (bf16 under autocast): each fused op takes one dtype
         x = (x + self.pos_embed).to(x.dtype)
         rope = self.rope
         # The residual add that closes one sub-layer and the norm that opens the next run as one op.
-        shift, scale, gate, shift2, scale2, gate2 = self.blocks[0].modulation(c)
+        shift, scale, gate, shift2, scale2, gate2 = modulations[0]
         h = ops.adaln_modulate(x, weight_like(self.blocks[0].norm1.weight, x), shift, scale)
         for i, block in enumerate(self.blocks):
             x, h = ops.gated_residual_adaln(x, block.attn(h, rope), gate, weight_like(block.norm2.weight, x), shift2, scale2)
             branch, gate = block.mlp(h), gate2
             if i + 1 < len(self.blocks):
-                shift, scale, next_gate, shift2, scale2, gate2 = self.blocks[i + 1].modulation(c)
+                shift, scale, next_gate, shift2, scale2, gate2 = modulations[i + 1]
                 if self.spherify_blocks:
                     x = ops.spherify(x + branch if gate is None else x + gate * branch)
                     h = ops.adaln_modulate(x, weight_like(self.blocks[i + 1].norm1.weight, x), shift, scale)
                 else:
                     x, h = ops.gated_residual_adaln(x, branch, gate, weight_like(self.blocks[i + 1].norm1.weight, x), shift, scale)
                 gate = next_gate
-        head = self.ffn
-        if head.adaLN_modulation is not None:
-            head_shift, head_scale = head.adaLN_modulation(c)
-            _, h = ops.gated_residual_adaln(x, branch, gate, weight_like(head.norm.weight, x), head_shift, head_scale)
+        if head_modulation is not None:
+            head_shift, head_scale = head_modulation
+            _, h = ops.gated_residual_adaln(x, branch, gate, weight_like(self.ffn.norm.weight, x), head_shift, head_scale)
         else:
             h = x + branch
-        h = head.linear(h)
+        h = self.ffn.linear(h)
         return self.out(h) if self.kind == "encoder" else self.to_pixels(h)
 
 

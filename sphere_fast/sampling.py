@@ -16,7 +16,7 @@ import torch
 
 from sphere_fast import ops
 from sphere_fast.backend import active_backend
-from sphere_fast.model import check_label_range, labels_checked
+from sphere_fast.model import Conditioning, check_label_range, labels_checked
 from sphere_fast.nn.layers import padded_mlp_weights
 from sphere_fast.ops.philox import check_seeds
 
@@ -88,7 +88,9 @@ class GuidedNetworks:
     """E and D with classifier-free guidance: the conditional and null branches run as one 2B batch.
 
     ``guide`` is "enc", "dec", "combo" or None (no CFG); ``weight`` the lerp weight as a float32 device tensor,
-    so a captured graph reads it from memory and the scale can change between replays."""
+    so a captured graph reads it from memory and the scale can change between replays. Each network's AdaLN
+    modulations depend only on the labels: they are computed at its first pass and reused by the later ones
+    (one object lives for one loop, so weights changed between loops are seen)."""
 
     def __init__(
         self, model: torch.nn.Module, y: torch.Tensor | None, guide: str | None, weight: torch.Tensor | None = None
@@ -101,6 +103,7 @@ class GuidedNetworks:
         self.enc_cfg = guide in ("enc", "combo")
         self.dec_cfg = guide in ("dec", "combo")
         self.y2 = torch.cat([y, torch.full_like(y, model.num_classes)]) if guide is not None else None
+        self.conditionings: dict[str, Conditioning] = {}
 
     @classmethod
     def from_scale(
@@ -113,20 +116,26 @@ class GuidedNetworks:
             weight = torch.full((), guidance_weight(cfg, cfg_position), dtype=torch.float32, device=y.device)
         return cls(model, y, guide, weight)
 
-    def _guided(self, net: torch.nn.Module, inp: torch.Tensor) -> torch.Tensor:
-        cond, uncond = net(torch.cat([inp, inp]), self.y2).chunk(2)
+    def _run(self, name: str, inp: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        net = getattr(self.model, name)
+        if name not in self.conditionings:
+            self.conditionings[name] = net.conditioning(y)
+        return net(inp, y, conditioning=self.conditionings[name])
+
+    def _guided(self, name: str, inp: torch.Tensor) -> torch.Tensor:
+        cond, uncond = self._run(name, torch.cat([inp, inp]), self.y2).chunk(2)
         # float32 like torch.lerp with a Python-float weight (opmath), rounded once to the network's dtype
         return torch.lerp(uncond.float(), cond.float(), self.weight).to(cond.dtype)
 
     def decode(self, v: torch.Tensor) -> torch.Tensor:
         if not self.dec_cfg:
-            return self.model.decoder(v, self.y)
-        return self._guided(self.model.decoder, v).clamp(-1, 1)
+            return self._run("decoder", v, self.y)
+        return self._guided("decoder", v).clamp(-1, 1)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enc_cfg:
-            return self.model.encoder(x, self.y)
-        return self._guided(self.model.encoder, x)
+            return self._run("encoder", x, self.y)
+        return self._guided("encoder", x)
 
 
 class SeededNoise:

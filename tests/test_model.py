@@ -228,6 +228,29 @@ def test_sampling_loop_checks_labels_once(monkeypatch):
         model.decoder(torch.rand(2, 16, 4), torch.tensor([0, 9]))
 
 
+@pytest.mark.parametrize("num_classes", [5, 0], ids=["cond", "uncond"])
+def test_precomputed_conditioning_gives_the_same_output(num_classes):
+    model = perturb(tiny(num_classes=num_classes))
+    y = torch.tensor([0, 4, 5]) if num_classes else None
+    x, z = torch.rand(3, 3, 16, 16) * 2 - 1, torch.randn(3, 16, 4)
+    for net, inp in ((model.encoder, x), (model.decoder, z)):
+        assert torch.equal(net(inp, y, conditioning=net.conditioning(y)), net(inp, y))
+
+
+def test_sampling_loop_computes_the_modulations_once_per_network():
+    """They depend only on the labels: one AdaLN modulation per network for the whole loop, not one a pass."""
+    model = perturb(tiny())
+    calls = {"encoder": 0, "decoder": 0}
+    for name in calls:
+        getattr(model, name).blocks[1].adaLN_modulation.register_forward_hook(
+            lambda *args, name=name: calls.__setitem__(name, calls[name] + 1)
+        )
+    model.generate(2, y=torch.tensor([0, 1]), cfg=1.5, forward_steps=3)
+    assert calls == {"encoder": 1, "decoder": 1}  # for 2 encoder and 3 decoder passes
+    model.decoder(torch.randn(2, 16, 4), torch.tensor([0, 1]))
+    assert calls["decoder"] == 2  # a plain forward computes its own
+
+
 @pytest.mark.parametrize("backend", [pytest.param(b, marks=pytest.mark.skipif(
     b not in sphere_fast.available_backends("cpu"), reason=f"{b} unavailable")) for b in ("eager", "cpp")])
 def test_compile_training_forward_fullgraph(backend):
