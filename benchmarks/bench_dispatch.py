@@ -6,7 +6,8 @@ does a small training step; a replayed CUDA graph pays none of it. Each case mak
 on tiny inputs (a few-microsecond kernel each, so the host stays the bottleneck), synchronizes once, and
 keeps the fastest of REPEATS rounds (host timings only get slower from noise). ``ms`` is per call. The
 eager reference (a few torch ops a call) and torch.compile of it are the floors to compare with.
-Smoke mode (CPU): a few calls, and Triton in the interpreter: the numbers mean nothing there.
+Smoke mode (CPU): a few calls, and Triton in the interpreter: the numbers mean nothing there. On CPU the
+real sizes (SPHERE_FAST_BENCH_SMOKE=0 TRITON_INTERPRET=0) time the C++ backend's host cost in float32.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from sphere_fast.ops.rope import rope_table_reference
 
 CALLS = pick(real=2000, smoke=2)
 REPEATS = pick(real=5, smoke=1)
-DTYPE = pick(real=torch.bfloat16, smoke=torch.float32)
+DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32  # CPU bf16 kernels would time their math
 B, N, W, HEADS = 1, 16, 64, 2  # one sample, 16 tokens, width 64: every kernel is a single small block
 
 
