@@ -9,7 +9,8 @@ the whole check ends inside 8 minutes); the benchmarks get whatever time the ear
 headline cases first (benchmarks/conftest.py: HEADLINE) and stream each case to disk, so a run cut off at
 its limit still yields its results. On an H200 (2026-11-28) the build took 23-27 s and the GPU tests 106 s,
 so the benchmarks need runs of their own: ``--phases install,build,bench --bench-k "spherify or adaln"``
-(a pytest -k expression) picks the cases. Without a CUDA device the GPU phases are skipped, and
+(a pytest -k expression) picks the cases, and ``--case-timeout`` lets one case run longer than 240 s (a
+torch.compile max-autotune case). Without a CUDA device the GPU phases are skipped, and
 the report says so; a short summary (phases and goal verdicts) prints after it. The profile phase runs one
 sampler call under torch.profiler (benchmarks/profile_sampler.py). Files in OUTDIR (at most 8, flat, as the
 device tool returns them): env.json, <phase>.log, bench-<date>-<device>.json (copy it to benchmarks/results/ to
@@ -112,9 +113,13 @@ def tail(path: Path, lines: int = 15) -> str:
 class Check:
     """Runs the phases in order against one deadline and collects what the report shows."""
 
-    def __init__(self, out: Path, budget_s: float, phases: Sequence[str], cuda: bool, bench_k: str = "") -> None:
+    def __init__(
+        self, out: Path, budget_s: float, phases: Sequence[str], cuda: bool, bench_k: str = "",
+        case_timeout_s: float = PER_TEST_TIMEOUT_S["bench"],
+    ) -> None:
         self.out = out
         self.bench_k = bench_k
+        self.timeouts = {**PER_TEST_TIMEOUT_S, "bench": case_timeout_s}
         self.deadline = time.monotonic() + budget_s
         self.phases = phases
         self.cuda = cuda
@@ -210,7 +215,7 @@ class Check:
 
     def pytest(self, phase: str, *args: str) -> list[str]:
         # A hung case fails alone (pytest-timeout) instead of eating the phase.
-        timeout = ["--timeout", str(PER_TEST_TIMEOUT_S[phase])] if importlib.util.find_spec("pytest_timeout") else []
+        timeout = ["--timeout", f"{self.timeouts[phase]:.0f}"] if importlib.util.find_spec("pytest_timeout") else []
         return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *timeout, *args]
 
     def tests(self) -> None:
@@ -327,6 +332,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=450.0, help="seconds for all phases (default %(default)s)")
     parser.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset of " + ",".join(PHASES))
     parser.add_argument("--bench-k", default="", help="pytest -k expression choosing the benchmark cases (default: all)")
+    parser.add_argument("--case-timeout", type=float, default=PER_TEST_TIMEOUT_S["bench"],
+                        help="seconds one benchmark case may run (default %(default)s; a max-autotune compile may need more)")
     args = parser.parse_args(argv)
     phases = [p for p in args.phases.split(",") if p]
     unknown = set(phases) - set(PHASES)
@@ -339,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     env_info = harness.environment()
     (args.out / "env.json").write_text(json.dumps(env_info, indent=2))
-    check = Check(args.out, args.budget, phases, torch.cuda.is_available(), args.bench_k)
+    check = Check(args.out, args.budget, phases, torch.cuda.is_available(), args.bench_k, args.case_timeout)
     if not check.cuda:
         print("[gpu_check] no CUDA device: skipping the build, GPU tests and benchmarks", flush=True)
     for name in PHASES:

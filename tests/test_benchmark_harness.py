@@ -335,6 +335,14 @@ def test_bench_k_selects_the_benchmark_cases(tmp_path: Path, monkeypatch: pytest
     assert "-k" not in seen["cmd"]
 
 
+def test_case_timeout_applies_to_the_benchmark_cases(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gpu_check.importlib.util, "find_spec", lambda name: name == "pytest_timeout" or None)
+    check = gpu_check.Check(tmp_path, budget_s=100, phases=gpu_check.PHASES, cuda=True, case_timeout_s=550)
+    bench, tests = check.pytest("bench"), check.pytest("tests")
+    assert bench[bench.index("--timeout") + 1] == "550"
+    assert tests[tests.index("--timeout") + 1] == str(gpu_check.PER_TEST_TIMEOUT_S["tests"])
+
+
 # pytest-benchmark opens its JSON file when it starts: a killed run leaves it empty (seen on an H200)
 @pytest.mark.parametrize("json_left", [None, ""], ids=["no-json", "empty-json"])
 def test_bench_json_is_rebuilt_from_streamed_rows_when_the_run_is_cut(
