@@ -10,7 +10,7 @@ any replay or an output returned without a copy shows up on CPU as a wrong image
 value inside the capture (``.item()``, ``bool(t)``, ``int(t)``, ``.tolist()``, ``torch.equal``,
 ``nonzero``) raises, as a real capture would fail.
 
-Only ops that pass torch's dispatcher are recorded: aten ops and ``torch.library`` custom ops (one op each,
+Only ops that pass torch's dispatcher are recorded: aten ops and the ``torch.library`` ops (one op each,
 whatever they launch inside). Limits: in-place updates of existing tensors do run during the capture;
 graphs sharing a pool do not share memory here (every intermediate of the tape stays alive); a host copy
 (``.cpu()``) is invisible on CPU tensors.

@@ -183,7 +183,7 @@ def test_opcheck() -> None:
 
 
 def test_compile_fullgraph_no_graph_break() -> None:
-    """The op is a torch.library custom op with a fake kernel: one graph, same values and gradients."""
+    """The op is a torch.library op with a fake kernel: one graph, same values and gradients."""
     h, n, d = 2, 16, 32
     qkv = qkv_leaf(1, h, n, d, torch.float32)
     rope = official_rope(n, d)
