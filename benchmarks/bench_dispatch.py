@@ -19,6 +19,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from benchmarks.bench_attention import split_qkv
 from benchmarks.harness import DEVICE, OURS, Timing, gate, impls, pick, record
 from sphere_fast import ops
 from sphere_fast.ops.rope import rope_table_reference
@@ -50,8 +51,7 @@ def randn(*shape: int) -> torch.Tensor:
 
 def qkv_rope() -> tuple[torch.Tensor, ...]:
     """The model's strided q, k, v views of one projection output, and the RoPE table."""
-    q, k, v = randn(B, N, 3, HEADS, W // HEADS).permute(2, 0, 3, 1, 4)
-    return q, k, v, rope_table_reference(N, W // HEADS, DEVICE)
+    return *split_qkv(randn(B, N, 3 * W), HEADS), rope_table_reference(N, W // HEADS, DEVICE)
 
 
 def qk_rope() -> tuple[torch.Tensor, ...]:

@@ -2,7 +2,8 @@
 
 Models sphere-l-imagenet and sphere-xl-imagenet (random weights, cast to bf16) at batch 1, 8, 64, 256, steps
 1, 2, 4, without CFG and with combo CFG 1.4, for four implementations of the same loop and seeds:
-  eager       the official generate() loop on sphere_fast's "eager" backend (its noise one kernel a draw)
+  eager       the official generate() loop on sphere_fast's "eager" backend (its noise one kernel a draw; as
+              sphere_fast runs it, each network's AdaLN modulations once a loop, not once a pass)
   compile     that loop under torch.compile(mode="max-autotune", fullgraph=True) (inductor's own CUDA graphs)
   uncaptured  sphere_fast.Sampler(cuda_graph=False) on the best backend
   graph       sphere_fast.Sampler: the loop captured as one CUDA graph per bucket and replayed
