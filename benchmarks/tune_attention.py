@@ -4,12 +4,14 @@ RoPE), impl triton_rope_on_load, and the kernel without any RoPE (a bound: what 
 
     python -m benchmarks.tune_attention [--shape 16 16 1024 64] [--head-dims 64 72]
 
-Each variant replaces sphere_fast.ops.attention._configs (and, for the chunk B rows, _head_chunks) for its
-run, so the op runs exactly as the model calls it, with only the tile sizes, warps and pipeline stages (or the
-width of the head dim's second chunk) changed. A variant that does not compile or
-launch (shared memory) is reported, not fatal. Prints one markdown table; the winner goes into _configs by
-hand, with the numbers in benchmarks/NOTES.md. On CPU (smoke): a tiny shape and one variant in the
-interpreter, so the script cannot rot.
+Each variant replaces sphere_fast.ops.attention._candidates (and, for the chunk B rows, _head_chunks) with
+that one config for its run, so the op runs exactly as the model calls it, untuned, with only the tile sizes,
+warps and pipeline stages (or the width of the head dim's second chunk) changed. The variants are the op's own
+tuning candidates (what its runtime tuning picks from), then ones that change the block a kernel sums over:
+those change the result's rounding, so the op cannot pick them at run time, and a winner among them would
+become the candidates' shared block by hand, with the numbers in benchmarks/NOTES.md. A variant that does not
+compile or launch (shared memory) is reported, not fatal. Prints one markdown table. On CPU (smoke): a tiny
+shape and one variant in the interpreter, so the script cannot rot.
 """
 
 from __future__ import annotations
@@ -29,33 +31,31 @@ from benchmarks.bench_attention import _inputs, split_qkv  # noqa: E402
 from benchmarks.harness import SMOKE, cuda_time_ms, gate  # noqa: E402
 attn = importlib.import_module("sphere_fast.ops.attention")
 
-Config = tuple[int, int, int, int]  # BLOCK_M, BLOCK_N, num_warps, num_stages
-# forward variants around the current bf16 configs; the backward kernels keep the op's own configs unless a
-# variant names them
-FWD_VARIANTS: tuple[Config, ...] = (
-    (128, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3),
-)
-BWD_VARIANTS: tuple[tuple[Config, Config], ...] = (  # (dkdv, dq)
-    ((32, 128, 8, 3), (128, 32, 8, 3)), ((32, 128, 8, 2), (128, 32, 8, 2)), ((32, 64, 4, 2), (64, 32, 4, 2)),
-    ((64, 64, 8, 2), (64, 64, 8, 2)),
-)
+Config = attn.Config
+# variants that change the summed block (fwd: BLOCK_N; dkdv: BLOCK_M; dq: BLOCK_N), beyond the op's candidates;
+# the kernels a variant does not name keep the op's default config
+FWD_VARIANTS: tuple[Config, ...] = ((128, 128, 8, 2), (128, 32, 4, 3))
+BWD_VARIANTS: tuple[tuple[Config, Config], ...] = (((64, 64, 8, 2), (64, 64, 8, 2)),)  # (dkdv, dq)
 SMOKE_CONFIG: Config = (32, 32, 4, 1)  # what the interpreter runs
 CHUNK_B_WIDTHS = (32,)  # narrower than the op's chunk B (= chunk A): D = 72 as 64 + 32 does 25% fewer MMA FLOPs
 
 
 def configs_with(fwd: Config | None = None, bwd: tuple[Config, Config] | None = None) -> Callable[..., dict]:
-    """A stand-in for attention._configs that changes the forward and/or backward configs only."""
-    original = attn._configs
+    """A stand-in for attention._candidates with one config per kernel: ``fwd`` and/or ``bwd`` (dkdv, dq)
+    where given, else the op's default."""
+    original = attn._candidates
 
-    def configs(head_dim: int, dtype: torch.dtype, interpret: bool | None = None) -> dict[str, Config]:
-        chosen = dict(original(head_dim, dtype, interpret))
+    def candidates(
+        head_dim: int, dtype: torch.dtype, rope_on_load: bool = False, interpret: bool | None = None
+    ) -> dict[str, tuple[Config, ...]]:
+        chosen = {name: configs[0] for name, configs in original(head_dim, dtype, rope_on_load, interpret).items()}
         if fwd is not None:
             chosen["fwd"] = fwd
         if bwd is not None:
             chosen["dkdv"], chosen["dq"] = bwd
-        return chosen
+        return {name: (config,) for name, config in chosen.items()}
 
-    return configs
+    return candidates
 
 
 # (label, impl, with RoPE)
@@ -80,7 +80,7 @@ def time_variant(
     """(forward ms, forward + backward ms) of one variant after its correctness gate; raises if it fails."""
     qkv, q, k, v, table = _inputs(tuple(shape), requires_grad=True)  # the model's strided q, k, v views
     table = table if rope else None
-    with mock.patch.object(attn, "_configs", configs_with(fwd, bwd)), \
+    with mock.patch.object(attn, "_candidates", configs_with(fwd, bwd)), \
             mock.patch.object(attn, "_head_chunks", chunks_with(chunk_b)):
         out = attn.attention(q, k, v, table, impl=impl)
         ref_qkv = qkv.detach().float().requires_grad_()
@@ -105,7 +105,11 @@ def sweep(shape: Sequence[int]) -> list[str]:
     if SMOKE:
         plans = [("interpreter", None, None, None)]
     else:
-        plans = [(f"fwd {c}", c, None, None) for c in FWD_VARIANTS]
+        own = attn._candidates(d, torch.bfloat16, interpret=False)
+        plans = [(f"fwd {c}", c, None, None) for c in own["fwd"] + FWD_VARIANTS]
+        defaults = (own["dkdv"][0], own["dq"][0])
+        plans += [(f"dkdv {c}", None, (c, defaults[1]), None) for c in own["dkdv"]]
+        plans += [(f"dq {c}", None, (defaults[0], c), None) for c in own["dq"][1:]]
         plans += [(f"dkdv {c[0]} dq {c[1]}", None, c, None) for c in BWD_VARIANTS]
         da, db, has_b = attn._head_chunks(d)
         plans += [(f"chunk B {w}", None, None, w) for w in CHUNK_B_WIDTHS if has_b and d - da <= w < db]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sphere_fast.ops.attention import _configs, _head_chunks
+from sphere_fast.ops.attention import Config, _candidates, _head_chunks
 from tests import sm90
 
 pytest.importorskip("triton")
@@ -25,12 +25,15 @@ KERNELS = {
 }
 
 
-def compile_kernel(which: str, head_dim: int, dtype: torch.dtype, rope: bool = True) -> sm90.CompiledKernelInfo:
-    """Compile one kernel with exactly the constexprs and launch config ops/attention.py uses on a GPU
-    (``rope``: impl triton_rope_on_load; without it, impl triton after its RoPE pass)."""
+def compile_kernel(
+    which: str, head_dim: int, dtype: torch.dtype, rope: bool = True, config: Config | None = None
+) -> sm90.CompiledKernelInfo:
+    """Compile one kernel with exactly the constexprs ops/attention.py uses on a GPU and one of its launch
+    config candidates (default: the first) (``rope``: impl triton_rope_on_load; without it, impl triton after
+    its RoPE pass)."""
     fn = KERNELS[which]
     da, db, has_b = _head_chunks(head_dim)
-    block_m, block_n, warps, stages = _configs(head_dim, dtype, interpret=False)[which]
+    block_m, block_n, warps, stages = config or _candidates(head_dim, dtype, rope, interpret=False)[which][0]
     signature = {}
     for name in fn.arg_names:
         if name in ("LSE", "DELTA", "ROPE"):
@@ -68,6 +71,35 @@ def test_bf16_kernels_use_hgmma_without_spills(which: str, head_dim: int, rope: 
     sm90.assert_no_spills(info)
     assert info.launch_shared <= SMEM_LIMIT, f"{which} D={head_dim}: {info.launch_shared} B shared memory"
     assert hgmma_count(info) > 0, f"{which} D={head_dim}: no HGMMA in the SASS"
+
+
+# every other tuning candidate, at the model head dims (Sphere-L 64, Sphere-XL 72) and the widest
+CANDIDATE_CASES = [
+    pytest.param(which, head_dim, rope, config, id=f"{which}-D{head_dim}-{'rope_on_load' if rope else 'rope_pass'}-{config}")
+    for head_dim in (64, 72, 128)
+    for rope in (False, True)
+    for which, configs in _candidates(head_dim, torch.bfloat16, rope, interpret=False).items()
+    for config in configs[1:]
+]
+
+
+@pytest.mark.parametrize("which, head_dim, rope, config", CANDIDATE_CASES)
+def test_tuning_candidates_without_spills(which: str, head_dim: int, rope: bool, config: Config) -> None:
+    info = compile_kernel(which, head_dim, torch.bfloat16, rope, config)
+    sm90.assert_no_spills(info)
+    assert info.launch_shared <= SMEM_LIMIT, f"{which} D={head_dim} {config}: {info.launch_shared} B shared memory"
+    assert hgmma_count(info) > 0, f"{which} D={head_dim} {config}: no HGMMA in the SASS"
+
+
+def test_candidates_keep_the_summed_block() -> None:
+    """The candidates of a kernel may differ in speed only: fwd and dq keep the key block they sum over, dkdv
+    the query block."""
+    for head_dim in (64, 72, 128):
+        for rope in (False, True):
+            for which, configs in _candidates(head_dim, torch.bfloat16, rope, interpret=False).items():
+                summed = {c[0] if which == "dkdv" else c[1] for c in configs}
+                assert len(summed) == 1, (which, head_dim, rope, configs)
+                assert len(set(configs)) == len(configs), (which, head_dim, rope, configs)
 
 
 def test_fp16_backward_without_spills() -> None:

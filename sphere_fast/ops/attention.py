@@ -15,7 +15,8 @@ The RoPE pass is the Triton kernel, except on backend ``eager`` (and on CPU unde
 eager reference. Attention has no C++ kernel of its own: backend ``cpp`` means the vendor C++/CUDA kernels,
 i.e. ``flash_attn`` when usable, else ``sdpa``. ``auto`` (on CUDA) takes ``triton`` when the head dim is
 supported, else ``flash_attn``, else ``sdpa``; on CPU it is ``sdpa``. ``impl=`` on a call overrides the
-backend. The choice is memoized, logged when first made, and returned by ``attention_impl``.
+backend. The choice is memoized, logged when first made, and returned by ``attention_impl``. On a GPU the
+Triton kernels' launch configs are tuned per call shape (``_candidates``, ``ops/_tuning.py``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from sphere_fast.backend import (
     triton_usable,
 )
 from sphere_fast.ops._library import define_op, needs_grad
-from sphere_fast.ops._util import bnhd_empty, on_input_device, unit_last_stride
+from sphere_fast.ops._tuning import pick_config
+from sphere_fast.ops._util import bnhd_empty, next_pow2, on_input_device, unit_last_stride
 from sphere_fast.ops.rope import check_rope_table, rope_pass, rope_reference
 
 AUTO_ORDER = ("triton", "eager")
@@ -170,25 +172,49 @@ def _head_chunks(head_dim: int) -> tuple[int, int, bool]:
     return da, da, head_dim != da
 
 
-def _configs(
-    head_dim: int, dtype: torch.dtype, interpret: bool | None = None
-) -> dict[str, tuple[int, int, int, int]]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the fwd, dkdv and dq kernels.
+Config = tuple[int, int, int, int]  # BLOCK_M, BLOCK_N, num_warps, num_stages
 
-    Interpreter: small square blocks (fast on CPU, and N = 17 / 64 exercise tails and several blocks).
-    Hopper, fp16/bf16: per padded head width, the largest tiles that compile for sm_90a without
-    local-memory spills (tests/test_sm90_attention.py checks each). fp32 (a correctness path, TF32 dots):
-    tiles that fit shared memory; its backward spills at head dims above 64. None tuned by measurement yet.
+# Hopper fp16/bf16 candidates per (padded head width, RoPE on load), the default first: tiles that compile for
+# sm_90a without local-memory spills and fit shared memory (tests/test_sm90_attention.py checks each).
+# Rotating on load holds more registers and shared memory, so fewer fit.
+_HOPPER_CANDIDATES: dict[tuple[int, bool], dict[str, tuple[Config, ...]]] = {
+    (64, False): {
+        "fwd": ((128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3)),
+        "dkdv": ((32, 128, 8, 3), (32, 64, 4, 3), (32, 128, 4, 3)),
+        "dq": ((128, 32, 8, 3), (64, 32, 4, 3), (128, 32, 4, 3)),
+    },
+    (64, True): {
+        "fwd": ((128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3)),
+        "dkdv": ((32, 128, 8, 3), (32, 64, 4, 3)),
+        "dq": ((128, 32, 8, 3), (64, 32, 4, 3)),
+    },
+    (128, False): {
+        "fwd": ((128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)),
+        "dkdv": ((32, 64, 8, 2), (32, 64, 4, 2), (32, 128, 8, 2)),
+        "dq": ((64, 32, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)),
+    },
+    (128, True): {"fwd": ((128, 64, 8, 2),), "dkdv": ((32, 64, 8, 2),), "dq": ((64, 32, 8, 2),)},
+}
+
+
+def _candidates(
+    head_dim: int, dtype: torch.dtype, rope_on_load: bool = False, interpret: bool | None = None
+) -> dict[str, tuple[Config, ...]]:
+    """Launch configs of the fwd, dkdv and dq kernels, the default first; on a GPU each call shape takes the
+    fastest (ops/_tuning.py times them once).
+
+    The candidates of a kernel keep the block it sums over (the key block of fwd and dq, the query block of
+    dkdv) and change only the block a program owns, warps and stages, so they all compute the same sums in the
+    same order (tests/test_tuning.py checks the outputs bitwise on a GPU). Interpreter: one small square config (fast on
+    CPU, and N = 17 / 64 exercise tails and several blocks). fp32 (a correctness path, TF32 dots): one config
+    that fits shared memory; its backward spills at head dims above 64.
     """
     if triton_interpreting() if interpret is None else interpret:
-        return {"fwd": (32, 32, 4, 1), "dkdv": (32, 32, 4, 1), "dq": (32, 32, 4, 1)}
+        return {"fwd": ((32, 32, 4, 1),), "dkdv": ((32, 32, 4, 1),), "dq": ((32, 32, 4, 1),)}
     if dtype == torch.float32:
-        return {"fwd": (64, 64, 4, 2), "dkdv": (32, 64, 8, 2), "dq": (64, 32, 8, 2)}
+        return {"fwd": ((64, 64, 4, 2),), "dkdv": ((32, 64, 8, 2),), "dq": ((64, 32, 8, 2),)}
     da, db, has_b = _head_chunks(head_dim)
-    width = da + db if has_b else da
-    if width <= 64:
-        return {"fwd": (128, 64, 4, 3), "dkdv": (32, 128, 8, 3), "dq": (128, 32, 8, 3)}
-    return {"fwd": (128, 64, 8, 2), "dkdv": (32, 64, 8, 2), "dq": (64, 32, 8, 2)}
+    return _HOPPER_CANDIDATES[(64 if (da + db if has_b else da) <= 64 else 128, rope_on_load)]
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -197,6 +223,12 @@ def _cdiv(a: int, b: int) -> int:
 
 def _strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _tuning_key(kernel: str, q: torch.Tensor, rope: torch.Tensor | None) -> tuple:
+    # B*H in powers of two: how many programs fill the GPU decides the best tile, batch by batch bucket
+    b, h, n, d = q.shape
+    return (kernel, q.device, q.dtype, d, n, rope is not None, next_pow2(b * h))
 
 
 @on_input_device
@@ -210,17 +242,22 @@ def _triton_forward(q, k, v, rope):
     if o.numel() == 0:
         return o, lse
     da, db, has_b = _head_chunks(d)
-    block_m, block_n, warps, stages = _configs(d, q.dtype)["fwd"]
     emulate = triton_interpreting() and q.dtype == torch.bfloat16
     rope_arg = rope.contiguous() if rope is not None else q  # q stands in for the unused pointer
-    attention_fwd_kernel[(_cdiv(n, block_m), b * h)](
-        q, k, v, o, lse, rope_arg,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        h, n, math.log2(math.e) / math.sqrt(d),
-        HEAD_DIM=d, DA=da, DB=db, HAS_B=has_b, BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_ROPE=rope is not None, EMULATE_BF16=emulate, EVEN_N=n % block_n == 0,
-        num_warps=warps, num_stages=stages,
-    )
+
+    def launch(config: Config) -> None:
+        block_m, block_n, warps, stages = config
+        attention_fwd_kernel[(_cdiv(n, block_m), b * h)](
+            q, k, v, o, lse, rope_arg,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+            h, n, math.log2(math.e) / math.sqrt(d),
+            HEAD_DIM=d, DA=da, DB=db, HAS_B=has_b, BLOCK_M=block_m, BLOCK_N=block_n,
+            HAS_ROPE=rope is not None, EMULATE_BF16=emulate, EVEN_N=n % block_n == 0,
+            num_warps=warps, num_stages=stages,
+        )
+
+    candidates = _candidates(d, q.dtype, rope is not None)["fwd"]
+    launch(pick_config(_tuning_key("attention fwd", q, rope), candidates, launch))
     return o, lse
 
 
@@ -238,7 +275,7 @@ def _triton_backward(do, q, k, v, o, lse, rope):
     if q.numel() == 0:
         return dq, dk, dv
     da, db, has_b = _head_chunks(d)
-    cfg = _configs(d, q.dtype)
+    candidates = _candidates(d, q.dtype, rope is not None)
     emulate = triton_interpreting() and q.dtype == torch.bfloat16
     rope_arg = rope.contiguous() if rope is not None else q
     sm_scale = 1.0 / math.sqrt(d)
@@ -250,20 +287,28 @@ def _triton_backward(do, q, k, v, o, lse, rope):
         o, do, delta, *_strides(o), *_strides(do), h, n,
         HEAD_DIM=d, D_PAD=1 << (d - 1).bit_length(), BLOCK_M=64,
     )
-    block_m, block_n, warps, stages = cfg["dkdv"]
-    attention_bwd_dkdv_kernel[(_cdiv(n, block_n), b * h)](
-        q, k, v, do, dk, dv, lse, delta, rope_arg,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-        h, n, qk_scale, sm_scale,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common,
-    )
-    block_m, block_n, warps, stages = cfg["dq"]
-    attention_bwd_dq_kernel[(_cdiv(n, block_m), b * h)](
-        q, k, v, do, dq, lse, delta, rope_arg,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-        h, n, qk_scale, sm_scale,
-        BLOCK_M=block_m, BLOCK_N=block_n, EVEN_N=n % block_n == 0, num_warps=warps, num_stages=stages, **common,
-    )
+
+    def launch_dkdv(config: Config) -> None:
+        block_m, block_n, warps, stages = config
+        attention_bwd_dkdv_kernel[(_cdiv(n, block_n), b * h)](
+            q, k, v, do, dk, dv, lse, delta, rope_arg,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+            h, n, qk_scale, sm_scale,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common,
+        )
+
+    def launch_dq(config: Config) -> None:
+        block_m, block_n, warps, stages = config
+        attention_bwd_dq_kernel[(_cdiv(n, block_m), b * h)](
+            q, k, v, do, dq, lse, delta, rope_arg,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+            h, n, qk_scale, sm_scale,
+            BLOCK_M=block_m, BLOCK_N=block_n, EVEN_N=n % block_n == 0, num_warps=warps, num_stages=stages,
+            **common,
+        )
+
+    launch_dkdv(pick_config(_tuning_key("attention dkdv", q, rope), candidates["dkdv"], launch_dkdv))
+    launch_dq(pick_config(_tuning_key("attention dq", q, rope), candidates["dq"], launch_dq))
     return dq, dk, dv
 
 

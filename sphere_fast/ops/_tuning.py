@@ -1,0 +1,85 @@
+"""Launch configs picked by timing: on a GPU, each candidate is timed once per key and the fastest is kept.
+
+A kernel's candidates must compute the same result (the same sums in the same order), so that the choice,
+which can differ between processes and machines, changes the speed and never the output. The attention
+kernels' candidates differ only in warps, pipeline stages and the tile of the dimension a program owns.
+``SPHERE_FAST_AUTOTUNE=0`` turns timing off: the first (default) candidate always runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Hashable, Sequence
+from typing import TypeVar
+
+import torch
+
+C = TypeVar("C", bound=Hashable)
+TIMED_LAUNCHES = 5
+
+logger = logging.getLogger("sphere_fast")
+_chosen: dict[Hashable, Hashable] = {}
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get("SPHERE_FAST_AUTOTUNE", "1") != "0"
+
+
+def time_launch_ms(launch: Callable[[], object]) -> float:
+    """Mean milliseconds of ``launch()`` over TIMED_LAUNCHES back-to-back launches, after one untimed launch
+    (which compiles the kernel)."""
+    launch()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(TIMED_LAUNCHES):
+        launch()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / TIMED_LAUNCHES
+
+
+def _out_of_resources() -> type[Exception]:
+    from triton.runtime.errors import OutOfResources
+
+    return OutOfResources
+
+
+def pick_config(
+    key: Hashable,
+    candidates: Sequence[C],
+    launch: Callable[[C], object],
+    timer: Callable[[Callable[[], object]], float] | None = None,
+) -> C:
+    """The config to launch with for ``key``: the fastest of ``candidates`` (``launch(config)`` runs the kernel
+    on the call's own tensors, so it must only write its outputs). Timed on the first call with a new key and
+    remembered; a candidate that does not fit the GPU (Triton's OutOfResources: shared memory, registers) is
+    skipped. ``timer`` (default time_launch_ms) times one launch. Without timing (one candidate, SPHERE_FAST_AUTOTUNE=0, or inside a CUDA-graph capture, where the
+    synchronization would break the capture) the first candidate is returned and nothing is remembered."""
+    if len(candidates) == 1 or not autotune_enabled():
+        return candidates[0]
+    chosen = _chosen.get(key)
+    if chosen is not None:
+        return chosen  # type: ignore[return-value]
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return candidates[0]
+    timer = timer or time_launch_ms
+    times: dict[C, float] = {}
+    for config in candidates:
+        try:
+            times[config] = timer(lambda: launch(config))
+        except _out_of_resources() as exc:
+            logger.info("sphere_fast: %s: config %s does not fit (%s)", key, config, exc)
+    if not times:
+        raise RuntimeError(f"sphere_fast: no launch config of {key} fits this GPU: {list(candidates)}")
+    best = min(times, key=times.__getitem__)  # ties keep the earlier (default) candidate
+    _chosen[key] = best
+    logger.info(
+        "sphere_fast: %s tuned to %s (%s)", key, best, ", ".join(f"{c}: {ms:.3f} ms" for c, ms in times.items())
+    )
+    return best
+
+
+def forget_tuned_configs() -> None:
+    """Drop every remembered choice (the next call of each key times its candidates again)."""
+    _chosen.clear()
