@@ -10,7 +10,8 @@ Models sphere-l-imagenet and sphere-xl-imagenet (random weights, cast to bf16) a
 Each row's model FLOP utilisation (% of matmul) divides the spec's FLOPs (decoder / encoder pass per image at
 batch 1: L 671 / 623 GFLOP, XL 977 / 918 GFLOP; T*D + (T-1)*E passes, doubled by combo CFG) by the time,
 against the bf16 matmul rate measured in the same run. Time to first image runs each implementation in a
-fresh process (import, model build on the device, first call, synchronize) from the parent's clock.
+fresh process (start-up and imports, CUDA initialisation, model build on the device, first call, synchronize)
+from the parent's clock, and records each stage (the imports of torch and sphere_fast from -X importtime).
 Smoke mode (CPU): a tiny float32 model, batch 1 and 2, one call per case.
 
 The full grid takes long on a GPU (every compile case is a max-autotune compile); select rows with -k,
@@ -160,15 +161,38 @@ def test_sampling(benchmark, ceilings, impl: str, name: str, batch: int, steps: 
 COLD_CASE = pick(real=(1, 4, 1.4), smoke=(1, 2, 1.4))  # batch, steps, cfg: one image, the paper's best setting
 
 
+IMPORTS_TIMED = ("torch", "sphere_fast")
+
+
 def cold_start(name: str, impl: str, batch: int, steps: int, cfg: float) -> dict[str, float]:
-    """Run in a fresh process: build the model, make the sampler, first images ready on the host."""
+    """Run in a fresh process, after its imports: initialise CUDA, build the model, make the sampler, first
+    images ready on the host."""
     start = time.time()
+    if DEVICE.type == "cuda":
+        torch.zeros(1, device=DEVICE)  # the CUDA context, timed apart from the model's build
+        torch.cuda.synchronize()
+    ready = time.time()
     model = build_model(name)
     built = time.time()
     images = make_runner(impl, model, batch, steps, cfg)(*case_inputs(batch, model.num_classes)).cpu()
     assert bool(images.isfinite().all())
     done = time.time()
-    return {"done_at": done, "build_s": built - start, "first_call_s": done - built}
+    return {"done_at": done, "cuda_init_s": ready - start, "build_s": built - ready, "first_call_s": done - built}
+
+
+def import_seconds(importtime_log: str, modules: tuple[str, ...] = IMPORTS_TIMED) -> dict[str, float]:
+    """Seconds each of ``modules`` took to import, with what it imported first (cumulative), from the stderr
+    of ``python -X importtime``; a module imported after another already loaded its dependencies counts
+    only what was left (sphere_fast after torch: sphere_fast's own cost)."""
+    found: dict[str, float] = {}
+    for line in importtime_log.splitlines():
+        fields = line.removeprefix("import time:").split("|")
+        if len(fields) != 3 or not fields[1].strip().isdigit():
+            continue
+        module = fields[2].strip()
+        if module in modules and module not in found:
+            found[module] = int(fields[1]) / 1e6
+    return found
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -177,15 +201,17 @@ def test_time_to_first_image(benchmark, impl: str, name: str) -> None:
     batch, steps, cfg = COLD_CASE
     spawned = time.time()
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_sampling", name, impl, str(batch), str(steps), str(cfg)],
+        [sys.executable, "-X", "importtime", "-m", "benchmarks.bench_sampling", name, impl, str(batch), str(steps),
+         str(cfg)],
         cwd=ROOT, env=os.environ.copy(), capture_output=True, text=True, timeout=COLD_TIMEOUT_S,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     child = json.loads(proc.stdout.strip().splitlines()[-1])
     seconds = child["done_at"] - spawned
+    stages = {key: child[key] for key in ("cuda_init_s", "build_s", "first_call_s")}
+    imports = {f"import_{module}_s": s for module, s in import_seconds(proc.stderr).items()}
     record(benchmark, op=f"first image {name}", impl=impl, shape=case_id(batch, steps, cfg), dtype=DTYPE,
-           ms=seconds * 1e3, extra={"build_s": child["build_s"], "first_call_s": child["first_call_s"],
-                                    "startup_s": seconds - child["build_s"] - child["first_call_s"]})
+           ms=seconds * 1e3, extra={"startup_s": seconds - sum(stages.values()), **imports, **stages})
 
 
 if __name__ == "__main__":

@@ -128,12 +128,35 @@ def _op_table(op: str, groups: dict[tuple[str, str], dict[str, dict[str, Any]]])
     return "\n".join(lines)
 
 
+COLD_STAGES = (("startup_s", "start-up"), ("cuda_init_s", "CUDA init"), ("build_s", "model build"),
+               ("first_call_s", "first call"))
+
+
+def cold_starts(records: Sequence[dict[str, Any]]) -> str:
+    """A line per time-to-first-image row: its stages in seconds (start-up: the interpreter and the imports,
+    with the torch and sphere_fast imports where the run recorded them)."""
+    lines = []
+    for r in records:
+        if not r["op"].startswith("first image"):
+            continue
+        stages = []
+        for key, label in COLD_STAGES:
+            if key in r:
+                stages.append(f"{label} {r[key]:.2f}")
+                imports = [f"{m} {r[f'import_{m}_s']:.2f}" for m in ("torch", "sphere_fast") if f"import_{m}_s" in r]
+                if key == "startup_s" and imports:
+                    stages[-1] += f" (imports: {', '.join(imports)})"
+        lines.append(f"- {r['op'][len('first image '):]} {r['impl']}: {r['ms'] / 1e3:.1f} s = {' + '.join(stages)} s")
+    return "Time to first image, by stage:\n\n" + "\n".join(lines) + "\n\n" if lines else ""
+
+
 def render(data: dict[str, Any]) -> str:
     recs = rows(data)
     if not recs:
         return f"{header(data)}\n\nNo benchmark rows in this file."
     return (
         f"{header(data)}\n\n### Goals\n\n{goals.table(recs)}\n\n### All cases\n\n{table(recs)}\n\n"
+        f"{cold_starts(recs)}"
         "Times are medians of CUDA-event timings (L2 flushed before each op-suite call, not in the sampler's loop), "
         "except the dispatch rows: the host's clock per call, the fastest of five rounds (bench_dispatch.py). "
         "Speedups and rates are those of the faster of our implementations (triton / cpp kernels; the "
