@@ -5,12 +5,15 @@
 Same model, dtype and inputs as benchmarks/bench_sampling.py (random weights, bf16 on a GPU; the tiny float32
 model on CPU). The call runs un-captured so that every kernel is its own profiler event (the graphed sampler
 replays the same kernels). Prints the total device time per kernel group (matmul, attention, the fused ops,
-the rest), then the top kernels; the GPU check runs it as its "profile" phase.
+the rest), then the top kernels; the GPU check runs it as its "profile" phase. The warm-up calls log the
+backend each op took and the attention's tuned launch configs with the time of every candidate (the
+sphere_fast logger at INFO, on stderr).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -64,6 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cfg", type=float, default=1.4)
     parser.add_argument("--top", type=int, default=25, help="kernels listed (default %(default)s)")
     args = parser.parse_args(argv)
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("sphere_fast").setLevel(logging.INFO)
 
     model = build_model(args.model)
     sampler = Sampler(model, args.batch, args.steps, cfg=args.cfg, dtype=DTYPE, cuda_graph=False)
