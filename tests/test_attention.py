@@ -30,6 +30,13 @@ official_rope = functools.partial(rope_table_reference, device=DEVICE)  # [n, 2d
 HEAD_DIMS = (32, 64, 72, 80, 104, 128)
 
 
+@pytest.fixture(autouse=True)
+def default_launch_configs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU these tests run every head dim, dtype and RoPE mode: tuning would compile and time every launch
+    candidate of each. They check the default configs; tests/test_tuning.py checks the others and the tuning."""
+    monkeypatch.setenv("SPHERE_FAST_AUTOTUNE", "0")
+
+
 def qkv_leaf(b: int, h: int, n: int, d: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
     """The model's fused projection output [B, N, 3*H*D]."""
     g = torch.Generator().manual_seed(seed)

@@ -28,7 +28,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(autouse=True)
-def fresh_choices() -> Iterator[None]:
+def fresh_choices(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.delenv("SPHERE_FAST_AUTOTUNE", raising=False)
     _tuning.forget_tuned_configs()
     yield
     _tuning.forget_tuned_configs()
