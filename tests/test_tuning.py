@@ -1,12 +1,12 @@
 """Launch-config tuning (sphere_fast.ops._tuning) and the attention kernels' tuned launches.
 
-pick_config is checked with fake timers (no GPU needed). The attention op is checked with several
-candidates that keep the summed block: whichever one the tuning picks, the output and the gradients must be
-bitwise those of the default config. That is checked on a GPU, with the compiled kernels and the op's own
-Hopper candidates: it is what keeps images identical across processes. In the Triton interpreter (CPU) a
-dot is numpy's matmul, whose summation order can change with the operands' shapes (a 64-row query block over
-40 tokens differs from two 32-row blocks by 4e-7), so there the candidates must agree within 1e-6 of the
-largest magnitude: the launches are right, the bits are the GPU run's to prove.
+pick_config is checked with fake timers (no GPU needed). The attention op's candidates keep the summed block,
+so whichever one the tuning picks, the output and the gradients must be bitwise those of the default config:
+on a GPU that is checked for the op's own Hopper candidates (it keeps images identical across processes and
+batch sizes). In the Triton interpreter (CPU) a dot is numpy's matmul, whose summation order can change with
+the operands' shapes: there the launch tests use candidates numpy sums alike (16- and 32-row blocks), and a
+64-row block over 40 tokens, which numpy sums differently (4e-7 off), shows the tuning refusing a candidate
+that changes the bits.
 """
 
 from __future__ import annotations
@@ -53,35 +53,66 @@ class FakeTimer:
 
 def test_picks_the_fastest_once_per_key() -> None:
     timer = FakeTimer({"a": 2.0, "b": 1.0, "c": 3.0})
-    assert pick_config("k", ["a", "b", "c"], lambda c: c, timer) == "b"
-    assert pick_config("k", ["a", "b", "c"], lambda c: c, timer) == "b"
+    assert pick_config("k", ["a", "b", "c"], lambda c: c, timer=timer) == "b"
+    assert pick_config("k", ["a", "b", "c"], lambda c: c, timer=timer) == "b"
     assert timer.timed == ["a", "b", "c"], "a remembered key must not be timed again"
-    assert pick_config("other key", ["a", "c"], lambda c: c, timer) == "a"
+    assert pick_config("other key", ["a", "c"], lambda c: c, timer=timer) == "a"
 
 
 def test_ties_keep_the_default() -> None:
-    assert pick_config("k", ["a", "b"], lambda c: c, FakeTimer({"a": 1.0, "b": 1.0})) == "a"
+    assert pick_config("k", ["a", "b"], lambda c: c, timer=FakeTimer({"a": 1.0, "b": 1.0})) == "a"
 
 
 def test_candidates_that_do_not_fit_are_skipped() -> None:
     from triton.runtime.errors import OutOfResources
 
     too_big = OutOfResources(300_000, 232_448, "shared memory")
-    assert pick_config("k", ["a", "b"], lambda c: c, FakeTimer({"a": too_big, "b": 5.0})) == "b"
+    assert pick_config("k", ["a", "b"], lambda c: c, timer=FakeTimer({"a": too_big, "b": 5.0})) == "b"
     with pytest.raises(RuntimeError, match="no launch config of k2 fits"):
-        pick_config("k2", ["a", "b"], lambda c: c, FakeTimer({"a": too_big, "b": too_big}))
+        pick_config("k2", ["a", "b"], lambda c: c, timer=FakeTimer({"a": too_big, "b": too_big}))
 
 
 def test_other_launch_errors_propagate() -> None:
     with pytest.raises(ValueError, match="broken"):
-        pick_config("k", ["a", "b"], lambda c: c, FakeTimer({"a": ValueError("broken"), "b": 1.0}))
+        pick_config("k", ["a", "b"], lambda c: c, timer=FakeTimer({"a": ValueError("broken"), "b": 1.0}))
+
+
+def test_a_candidate_that_changes_the_bits_is_not_used(caplog: pytest.LogCaptureFixture) -> None:
+    """The first candidate that runs sets the expected outputs; a faster one that writes other bits is dropped."""
+    out = torch.zeros(4)
+    written = {"a": 1.0, "b": 1.0 + 2**-20, "c": 1.0}
+
+    def launch(config: str) -> str:
+        out.fill_(written[config])
+        return config
+
+    timer = FakeTimer({"a": 3.0, "b": 1.0, "c": 2.0})
+    with caplog.at_level("WARNING", logger="sphere_fast"):
+        assert pick_config("k", ["a", "b", "c"], launch, outputs=[out], timer=timer) == "c"
+    assert "config b changes the result's bits" in caplog.text
+    assert timer.timed == ["a", "b", "c"]
+
+
+def test_the_first_candidate_that_fits_sets_the_expected_bits() -> None:
+    from triton.runtime.errors import OutOfResources
+
+    out = torch.zeros(2)
+    written = {"a": 5.0, "b": 7.0, "c": 5.0}
+
+    def launch(config: str) -> str:
+        out.fill_(written[config])
+        return config
+
+    too_big = OutOfResources(300_000, 232_448, "shared memory")
+    timer = FakeTimer({"a": too_big, "b": 2.0, "c": 1.0})
+    assert pick_config("k", ["a", "b", "c"], launch, outputs=[out], timer=timer) == "b"
 
 
 def test_no_timing_without_choice_or_when_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
     timer = FakeTimer({"a": 2.0, "b": 1.0})
-    assert pick_config("k", ["a"], lambda c: c, timer) == "a"
+    assert pick_config("k", ["a"], lambda c: c, timer=timer) == "a"
     monkeypatch.setenv("SPHERE_FAST_AUTOTUNE", "0")
-    assert pick_config("k", ["a", "b"], lambda c: c, timer) == "a"
+    assert pick_config("k", ["a", "b"], lambda c: c, timer=timer) == "a"
     assert timer.timed == []
 
 
@@ -90,7 +121,7 @@ def test_no_timing_inside_a_graph_capture(monkeypatch: pytest.MonkeyPatch) -> No
     timer = FakeTimer({"a": 2.0, "b": 1.0})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    assert pick_config("k", ["a", "b"], lambda c: c, timer) == "a"
+    assert pick_config("k", ["a", "b"], lambda c: c, timer=timer) == "a"
     assert timer.timed == [] and not _tuning._chosen
 
 
@@ -112,25 +143,26 @@ def _run(impl: str, qkv, q, k, v, rope, grad) -> list[torch.Tensor]:
     return [out.detach(), dqkv]
 
 
-def assert_same_result(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    if DEVICE == "cuda":
-        assert torch.equal(actual, expected), f"{what} differs from the default config's bits"
-    else:
-        atol = 1e-6 * float(expected.abs().max())
-        torch.testing.assert_close(actual, expected, rtol=0, atol=atol, msg=lambda m: f"{what}: {m}")
+def _assert_bitwise(actual: list[torch.Tensor], expected: list[torch.Tensor], what: str) -> None:
+    for name, a, e in zip(("output", "dqkv"), actual, expected):
+        assert torch.equal(a, e), f"{what}: {name} differs from the default config's bits"
 
 
 def _only(candidates: dict[str, tuple]) -> mock._patch:
     return mock.patch.object(attn, "_candidates", lambda *args, **kwargs: candidates)
 
 
-def _interpreter_candidates() -> dict[str, tuple]:
-    # BLOCK_M / BLOCK_N / warps / stages as the interpreter takes them; each kernel keeps its summed block
-    return {
-        "fwd": ((32, 32, 4, 1), (16, 32, 4, 1), (64, 32, 4, 1)),
-        "dkdv": ((32, 32, 4, 1), (32, 16, 4, 1)),
-        "dq": ((32, 32, 4, 1), (16, 32, 4, 1)),
-    }
+def _defaults(candidates: dict[str, tuple]) -> dict[str, tuple]:
+    return {name: configs[:1] for name, configs in candidates.items()}
+
+
+# what the interpreter runs (BLOCK_M, BLOCK_N, warps, stages), each kernel keeping its summed block, in
+# variants numpy sums in the same order
+INTERPRETER_CANDIDATES = {
+    "fwd": ((32, 32, 4, 1), (16, 32, 4, 1)),
+    "dkdv": ((32, 32, 4, 1), (32, 16, 4, 1)),
+    "dq": ((32, 32, 4, 1), (16, 32, 4, 1)),
+}
 
 
 def _cases() -> list:
@@ -143,51 +175,70 @@ def _cases() -> list:
 
 @pytest.mark.cuda_capable
 @pytest.mark.parametrize("shape, dtype, impl", _cases())
-def test_every_candidate_gives_the_default_bits(shape: tuple[int, int, int, int], dtype: torch.dtype, impl: str) -> None:
+def test_every_candidate_gives_the_default_bits(shape: tuple[int, ...], dtype: torch.dtype, impl: str) -> None:
+    """Each candidate alone (no tuning): the same output and gradient bits as the default config."""
     inputs = _inputs(*shape, dtype)
-    d = shape[-1]
-    if DEVICE == "cpu":
-        own = _interpreter_candidates()
-    else:
-        own = attn._candidates(d, dtype, impl == "triton_rope_on_load")
-    defaults = {name: configs[:1] for name, configs in own.items()}
-    with _only(defaults):
+    rope_on_load = impl == "triton_rope_on_load"
+    own = INTERPRETER_CANDIDATES if DEVICE == "cpu" else attn._candidates(shape[-1], dtype, rope_on_load)
+    with _only(_defaults(own)):
         expected = _run(impl, *inputs)
     for name, configs in own.items():
         for config in configs[1:]:
-            with _only({**defaults, name: (config,)}):
-                actual = _run(impl, *inputs)
-            for what, a, e in zip(("output", "dqkv"), actual, expected):
-                assert_same_result(a, e, f"{name} {config}: {what}")
+            with _only({**_defaults(own), name: (config,)}):
+                _assert_bitwise(_run(impl, *inputs), expected, f"{name} {config}")
+
+
+def _last_is_fastest(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """On CPU: a stand-in for time_launch_ms that runs the launch and reports each one faster than the last."""
+    timed: list[int] = []
+
+    def timer(launch) -> float:
+        launch()
+        timed.append(1)
+        return 1.0 / len(timed)
+
+    monkeypatch.setattr(_tuning, "time_launch_ms", timer)
+    return timed
 
 
 @pytest.mark.cuda_capable
 def test_the_op_launches_the_config_it_picked(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The tuned op times its candidates once per kernel and shape bucket, launches the fastest, and matches
-    the default config."""
-    inputs = _inputs(1, 2, 40, 32, torch.float32) if DEVICE == "cpu" else _inputs(2, 16, 1024, 64, torch.bfloat16)
-    own = _interpreter_candidates() if DEVICE == "cpu" else attn._candidates(64, torch.bfloat16)
-    with _only({name: configs[:1] for name, configs in own.items()}):
-        expected = _run("triton", *inputs)
+    """The tuned op times its candidates once per kernel and shape bucket, launches the one it picked, and
+    gives the default config's bits."""
     if DEVICE == "cpu":
-        timed = []
-
-        def last_is_fastest(launch) -> float:
-            launch()
-            timed.append(1)
-            return 1.0 / len(timed)
-
-        monkeypatch.setattr(_tuning, "time_launch_ms", last_is_fastest)
+        inputs, own = _inputs(1, 2, 40, 32, torch.float32), INTERPRETER_CANDIDATES
+        timed = _last_is_fastest(monkeypatch)
+    else:
+        inputs, own = _inputs(2, 16, 1024, 64, torch.bfloat16), attn._candidates(64, torch.bfloat16)
+    with _only(_defaults(own)):
+        expected = _run("triton", *inputs)
     with _only(own):
         actual = _run("triton", *inputs)
-        chosen = dict(_tuning._chosen)
-        assert {key[0] for key in chosen} == {"attention fwd", "attention dkdv", "attention dq"}
-        for key, config in chosen.items():
-            assert config in own[key[0].split()[1]]
+        chosen = {key[0].removeprefix("attention "): config for key, config in _tuning._chosen.items()}
+        assert set(chosen) == {"fwd", "dkdv", "dq"}
+        assert all(config in own[kernel] for kernel, config in chosen.items()), chosen
         if DEVICE == "cpu":
-            assert timed and all(config == own[key[0].split()[1]][-1] for key, config in chosen.items())
+            assert chosen == {kernel: configs[-1] for kernel, configs in own.items()}
             count = len(timed)
             _run("triton", *inputs)
             assert len(timed) == count, "a remembered shape must not be timed again"
-    for what, a, e in zip(("output", "dqkv"), actual, expected):
-        assert_same_result(a, e, what)
+    _assert_bitwise(actual, expected, f"tuned {chosen}")
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="needs a candidate that changes the bits: the interpreter has one")
+def test_a_faster_candidate_with_other_bits_is_not_used(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 64-row query block over 40 tokens: numpy sums its dots in another order than two 32-row blocks. The
+    tuning drops it although it reports fastest, and the op keeps the default's bits."""
+    inputs = _inputs(1, 2, 40, 32, torch.float32)
+    own = {**INTERPRETER_CANDIDATES, "fwd": ((32, 32, 4, 1), (64, 32, 4, 1))}
+    with _only(_defaults(own)):
+        expected = _run("triton", *inputs)
+    _last_is_fastest(monkeypatch)
+    with _only(own), caplog.at_level("WARNING", logger="sphere_fast"):
+        actual = _run("triton", *inputs)
+    assert "config (64, 32, 4, 1) changes the result's bits" in caplog.text
+    fwd = [config for key, config in _tuning._chosen.items() if key[0] == "attention fwd"]
+    assert fwd == [(32, 32, 4, 1)]
+    _assert_bitwise(actual, expected, "tuned")

@@ -1,9 +1,10 @@
 """Launch configs picked by timing: on a GPU, each candidate is timed once per key and the fastest is kept.
 
-A kernel's candidates must compute the same result (the same sums in the same order), so that the choice,
-which can differ between processes and machines, changes the speed and never the output. The attention
-kernels' candidates differ only in warps, pipeline stages and the tile of the dimension a program owns.
-``SPHERE_FAST_AUTOTUNE=0`` turns timing off: the first (default) candidate always runs.
+A kernel's candidates are meant to compute the same result (the same sums in the same order), so that the
+choice, which can differ between processes, machines and batch sizes, changes the speed and never the output;
+the tuning checks it, bit for bit, on the call it tunes. The attention kernels' candidates differ only in
+warps, pipeline stages and the tile of the dimension a program owns. ``SPHERE_FAST_AUTOTUNE=0`` turns timing
+off: the first (default) candidate always runs.
 """
 
 from __future__ import annotations
@@ -49,13 +50,19 @@ def pick_config(
     key: Hashable,
     candidates: Sequence[C],
     launch: Callable[[C], object],
+    outputs: Sequence[torch.Tensor] = (),
     timer: Callable[[Callable[[], object]], float] | None = None,
 ) -> C:
-    """The config to launch with for ``key``: the fastest of ``candidates`` (``launch(config)`` runs the kernel
-    on the call's own tensors, so it must only write its outputs). Timed on the first call with a new key and
-    remembered; a candidate that does not fit the GPU (Triton's OutOfResources: shared memory, registers) is
-    skipped. ``timer`` (default time_launch_ms) times one launch. Without timing (one candidate, SPHERE_FAST_AUTOTUNE=0, or inside a CUDA-graph capture, where the
-    synchronization would break the capture) the first candidate is returned and nothing is remembered."""
+    """The config to launch with for ``key``: the fastest of ``candidates`` that computes the same bits.
+
+    ``launch(config)`` runs the kernel on the call's own tensors and writes only ``outputs``. On the first call
+    with a new key each candidate is timed (``timer``, default time_launch_ms) and the choice is remembered. The
+    first candidate that runs sets the expected result: a later one whose ``outputs`` differ in any bit is
+    dropped with a warning (the choice may change the speed, never the result; this holds a copy of the
+    outputs while tuning). A candidate that does not fit the GPU (Triton's OutOfResources: shared memory,
+    registers) is skipped. Without timing (one candidate, SPHERE_FAST_AUTOTUNE=0, or inside a CUDA-graph
+    capture, where the synchronization would break the capture) the first candidate is returned and nothing
+    is remembered."""
     if len(candidates) == 1 or not autotune_enabled():
         return candidates[0]
     chosen = _chosen.get(key)
@@ -65,11 +72,19 @@ def pick_config(
         return candidates[0]
     timer = timer or time_launch_ms
     times: dict[C, float] = {}
+    expected: list[torch.Tensor] | None = None
     for config in candidates:
         try:
-            times[config] = timer(lambda: launch(config))
+            ms = timer(lambda: launch(config))
         except _out_of_resources() as exc:
             logger.info("sphere_fast: %s: config %s does not fit (%s)", key, config, exc)
+            continue
+        if expected is None:
+            expected = [t.clone() for t in outputs]
+        elif not all(torch.equal(t, e) for t, e in zip(outputs, expected)):
+            logger.warning("sphere_fast: %s: config %s changes the result's bits; not used", key, config)
+            continue
+        times[config] = ms
     if not times:
         raise RuntimeError(f"sphere_fast: no launch config of {key} fits this GPU: {list(candidates)}")
     best = min(times, key=times.__getitem__)  # ties keep the earlier (default) candidate
