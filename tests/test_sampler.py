@@ -277,6 +277,21 @@ def test_prepare_and_views_on_cuda(cuda_model):
     assert not torch.equal(view, copy)
 
 
+@pytest.mark.gpu
+def test_tuned_launch_configs_keep_the_images(cuda_model, monkeypatch):
+    """The attention's launch configs tuned at run time give the images of its default configs, bit for bit,
+    captured or not (the tuning may only change the speed)."""
+    from sphere_fast.ops._tuning import forget_tuned_configs
+
+    labels, seeds = LABELS.cuda(), SEEDS.cuda()
+    for graph in (False, True):
+        monkeypatch.setenv("SPHERE_FAST_AUTOTUNE", "0")
+        expected = Sampler(cuda_model, 8, 2, cfg=1.4, cuda_graph=graph)(labels, seeds)
+        monkeypatch.delenv("SPHERE_FAST_AUTOTUNE")
+        forget_tuned_configs()
+        assert torch.equal(Sampler(cuda_model, 8, 2, cfg=1.4, cuda_graph=graph)(labels, seeds), expected)
+
+
 def test_loop_pads_mlp_weights_once_and_images_stay_the_same(model, monkeypatch) -> None:
     """On a fused backend (the tiny model's MLP width 85 is padded to 128) the loop pads each MLP's weights
     once for all its steps; the images are bit for bit those of padding at every network pass."""
