@@ -125,6 +125,34 @@ def test_no_timing_inside_a_graph_capture(monkeypatch: pytest.MonkeyPatch) -> No
     assert timer.timed == [] and not _tuning._chosen
 
 
+def test_time_launch_ms_times_queued_launches_after_a_warm_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The order of work on the stream, with CUDA's events and sleep stood in for (no GPU here): one untimed
+    launch, the GPU wait, then TIMED_LAUNCHES launches between the two events; the mean is returned."""
+    stream: list[str] = []
+
+    class Event:
+        def __init__(self, enable_timing: bool = False):
+            assert enable_timing
+            self.at = None
+
+        def record(self) -> None:
+            self.at = len(stream)
+            stream.append("event")
+
+        def synchronize(self) -> None:
+            stream.append("sync")
+
+        def elapsed_time(self, end: "Event") -> float:
+            return 2.0 * (end.at - self.at - 1)  # 2 ms a launch in between
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: stream.append(f"sleep {cycles}"))
+    ms = _tuning.time_launch_ms(lambda: stream.append("launch"))
+    n = _tuning.TIMED_LAUNCHES
+    assert stream == ["launch", f"sleep {_tuning.QUEUE_AHEAD_CYCLES}", "event", *["launch"] * n, "event", "sync"]
+    assert ms == 2.0
+
+
 # ------------------------------------------------------------------------------------ attention launches
 
 
