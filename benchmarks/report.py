@@ -139,14 +139,14 @@ def cold_starts(records: Sequence[dict[str, Any]]) -> str:
     for r in records:
         if not r["op"].startswith("first image"):
             continue
+        imports = [f"{m} {r[f'import_{m}_s']:.2f}" for m in ("torch", "sphere_fast") if f"import_{m}_s" in r]
         stages = []
         for key, label in COLD_STAGES:
             if key in r:
-                stages.append(f"{label} {r[key]:.2f}")
-                imports = [f"{m} {r[f'import_{m}_s']:.2f}" for m in ("torch", "sphere_fast") if f"import_{m}_s" in r]
-                if key == "startup_s" and imports:
-                    stages[-1] += f" (imports: {', '.join(imports)})"
-        lines.append(f"- {r['op'][len('first image '):]} {r['impl']}: {r['ms'] / 1e3:.1f} s = {' + '.join(stages)} s")
+                detail = f" (imports: {', '.join(imports)})" if key == "startup_s" and imports else ""
+                stages.append(f"{label} {r[key]:.2f}{detail}")
+        name = r["op"].removeprefix("first image ")
+        lines.append(f"- {name} {r['impl']}: {r['ms'] / 1e3:.1f} s = {' + '.join(stages)} s")
     return "Time to first image, by stage:\n\n" + "\n".join(lines) + "\n\n" if lines else ""
 
 

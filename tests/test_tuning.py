@@ -108,6 +108,23 @@ def test_the_first_candidate_that_fits_sets_the_expected_bits() -> None:
     assert pick_config("k", ["a", "b", "c"], launch, outputs=[out], timer=timer) == "b"
 
 
+def test_non_finite_outputs_decide_nothing() -> None:
+    """inf / nan outputs cannot show a candidate changing the result: the default runs, and the next call of the
+    key tunes."""
+    out = torch.zeros(2)
+    written = {"a": float("nan"), "b": float("nan")}
+
+    def launch(config: str) -> str:
+        out.fill_(written[config])
+        return config
+
+    timer = FakeTimer({"a": 2.0, "b": 1.0})
+    assert pick_config("k", ["a", "b"], launch, outputs=[out], timer=timer) == "a"
+    assert not _tuning._chosen
+    written.update(a=1.0, b=1.0)
+    assert pick_config("k", ["a", "b"], launch, outputs=[out], timer=timer) == "b"
+
+
 def test_no_timing_without_choice_or_when_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
     timer = FakeTimer({"a": 2.0, "b": 1.0})
     assert pick_config("k", ["a"], lambda c: c, timer=timer) == "a"

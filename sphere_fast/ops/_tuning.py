@@ -59,13 +59,13 @@ def pick_config(
     """The config to launch with for ``key``: the fastest of ``candidates`` that computes the same bits.
 
     ``launch(config)`` runs the kernel on the call's own tensors and writes only ``outputs``. On the first call
-    with a new key each candidate is timed (``timer``, default time_launch_ms) and the choice is remembered. The
-    first candidate that runs sets the expected result: a later one whose ``outputs`` differ in any bit is
+    with a new key each candidate is timed (``timer``, default time_launch_ms) and the choice is remembered.
+    The first candidate that runs sets the expected result: a later one whose ``outputs`` differ in any bit is
     dropped with a warning (the choice may change the speed, never the result; this holds a copy of the
-    outputs while tuning). A candidate that does not fit the GPU (Triton's OutOfResources: shared memory,
-    registers) is skipped. Without timing (one candidate, SPHERE_FAST_AUTOTUNE=0, or inside a CUDA-graph
-    capture, where the synchronization would break the capture) the first candidate is returned and nothing
-    is remembered."""
+    outputs while tuning, and a call whose outputs are not all finite decides nothing). A candidate that does
+    not fit the GPU (Triton's OutOfResources: shared memory, registers) is skipped. Without timing (one
+    candidate, SPHERE_FAST_AUTOTUNE=0, or inside a CUDA-graph capture, where the synchronization would break
+    the capture) the first candidate is returned and nothing is remembered."""
     if len(candidates) == 1 or not autotune_enabled():
         return candidates[0]
     chosen = _chosen.get(key)
@@ -84,6 +84,8 @@ def pick_config(
             continue
         if expected is None:
             expected = [t.clone() for t in outputs]
+            if not all(bool(t.isfinite().all()) for t in expected):
+                return candidates[0]  # inf / nan outputs cannot tell a changed result: decide on another call
         elif not all(torch.equal(t, e) for t, e in zip(outputs, expected)):
             logger.warning("sphere_fast: %s: config %s changes the result's bits; not used", key, config)
             continue
