@@ -1,11 +1,12 @@
 """Where the sampler's time goes: one un-captured sampler call under torch.profiler, its kernels grouped.
 
-    python -m benchmarks.profile_sampler [--model sphere-l-imagenet] [--batch 64] [--steps 4] [--cfg 1.4]
+    python -m benchmarks.profile_sampler [--model sphere-l-imagenet] [--batch 64 1] [--steps 4] [--cfg 1.4]
 
 Same model, dtype and inputs as benchmarks/bench_sampling.py (random weights, bf16 on a GPU; the tiny float32
 model on CPU). The call runs un-captured so that every kernel is its own profiler event (the graphed sampler
-replays the same kernels). Prints the total device time per kernel group (matmul, attention, the fused ops,
-the rest), then the top kernels; the GPU check runs it as its "profile" phase. The warm-up calls log the
+replays the same kernels). Prints, per batch size, the total device time per kernel group (matmul, attention,
+the fused ops, the rest), a graph replay's time where the un-captured call is host-bound (batch 1), then the
+top kernels; the GPU check runs it as its "profile" phase. The warm-up calls log the
 backend each op took and the attention's tuned launch configs with the time of every candidate (the
 sphere_fast logger at INFO, on stderr).
 """
@@ -59,20 +60,26 @@ def format_groups(totals: dict[str, float], wall_ms: float) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny" if SMOKE else "sphere-l-imagenet")
-    parser.add_argument("--batch", type=int, default=2 if SMOKE else 64)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--cfg", type=float, default=1.4)
-    parser.add_argument("--top", type=int, default=25, help="kernels listed (default %(default)s)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(format="%(message)s")
-    logging.getLogger("sphere_fast").setLevel(logging.INFO)
+HOST_BOUND_SHARE = 0.9
 
-    model = build_model(args.model)
-    sampler = Sampler(model, args.batch, args.steps, cfg=args.cfg, dtype=DTYPE, cuda_graph=False)
-    labels, seeds = case_inputs(args.batch, model.num_classes)
+
+def _call_ms(sampler: Sampler, labels: torch.Tensor, seeds: torch.Tensor) -> float:
+    """CUDA-event milliseconds of one sampler call (after the warm-up calls)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    sampler(labels, seeds)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def profile_batch(model: torch.nn.Module, name: str, batch: int, steps: int, cfg: float, top: int) -> None:
+    """Print the kernel groups and top kernels of one un-captured call at ``batch``; on a GPU, when its kernels
+    fill less than HOST_BOUND_SHARE of the call, also the time of a graph replay of the same loop (against the
+    kernel time: the gaps between kernels that a graph keeps)."""
+    sampler = Sampler(model, batch, steps, cfg=cfg, dtype=DTYPE, cuda_graph=False)
+    labels, seeds = case_inputs(batch, model.num_classes)
     for _ in range(2):  # Triton JIT, autotuning and the allocator's pools stay out of the profile
         sampler(labels, seeds)
     on_gpu = DEVICE.type == "cuda"
@@ -89,14 +96,38 @@ def main(argv: Sequence[str] | None = None) -> int:
             torch.cuda.synchronize()
     wall_ms = start.elapsed_time(end) if on_gpu else float("nan")
     if on_gpu:  # device kernels only: each is one event of device type CUDA
-        kernels = [(e.name, e.device_time_total) for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        cuda_events = (e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+        kernels = [(e.name, e.device_time_total) for e in cuda_events]
     else:  # CPU smoke: the ops' self times stand in for kernels
         kernels = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
-    print(f"# Sampler profile: {args.model}, batch {args.batch}, {args.steps} steps, cfg {args.cfg}, {DTYPE}, "
+    print(f"# Sampler profile: {name}, batch {batch}, {steps} steps, cfg {cfg}, {DTYPE}, "
           f"{torch.cuda.get_device_name() if on_gpu else 'CPU'}\n")
     print(format_groups(group_times(kernels), wall_ms))
+    if on_gpu and sum(us for _, us in kernels) < HOST_BOUND_SHARE * wall_ms * 1e3:
+        # host-bound: the graph replay shows what is left without the host (kernels and the gaps between them)
+        graphed = Sampler(model, batch, steps, cfg=cfg, dtype=DTYPE)
+        for _ in range(2):
+            graphed(labels, seeds)
+        print(f"graph replay of the same loop: {_call_ms(graphed, labels, seeds):.2f} ms")
     sort_by = "cuda_time_total" if on_gpu else "self_cpu_time_total"
-    print("\n" + prof.key_averages().table(sort_by=sort_by, row_limit=args.top, max_name_column_width=90))
+    print("\n" + prof.key_averages().table(sort_by=sort_by, row_limit=top, max_name_column_width=90) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny" if SMOKE else "sphere-l-imagenet")
+    parser.add_argument("--batch", type=int, nargs="+", default=[2] if SMOKE else [64, 1],
+                        help="one profile per batch size (default %(default)s)")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--cfg", type=float, default=1.4)
+    parser.add_argument("--top", type=int, default=25, help="kernels listed (default %(default)s)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("sphere_fast").setLevel(logging.INFO)
+
+    model = build_model(args.model)
+    for batch in args.batch:
+        profile_batch(model, args.model, batch, args.steps, args.cfg, args.top)
     return 0
 
 

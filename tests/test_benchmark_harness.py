@@ -473,10 +473,13 @@ def test_profile_groups_kernel_names(name: str, group: str) -> None:
 
 
 def test_profile_sampler_smoke_prints_the_groups(capsys: pytest.CaptureFixture[str]) -> None:
-    """On CPU: the tiny model's ops stand in for kernels; the group table and the op table print."""
-    assert profile_sampler.main(["--batch", "1", "--steps", "2"]) == 0
+    """On CPU: the tiny model's ops stand in for kernels; the group table and the op table print, once for
+    each batch size."""
+    assert profile_sampler.main(["--batch", "1", "2", "--steps", "2"]) == 0
     out = capsys.readouterr().out
     assert "| group | ms | % of kernel time |" in out and "| matmul |" in out and "aten::" in out
+    assert [line.split(",")[1] for line in out.splitlines() if line.startswith("# Sampler profile")] == [
+        " batch 1", " batch 2"]
     totals = profile_sampler.group_times([("gemm_a", 3.0), ("attention_fwd_kernel", 1.0), ("gemm_b", 2.0)])
     assert totals == {"matmul": 5.0, "attention": 1.0}
 
