@@ -36,7 +36,6 @@ Config = attn.Config
 # the kernels a variant does not name keep the op's default config
 FWD_VARIANTS: tuple[Config, ...] = ((128, 128, 8, 2), (128, 32, 4, 3))
 BWD_VARIANTS: tuple[tuple[Config, Config], ...] = (((64, 64, 8, 2), (64, 64, 8, 2)),)  # (dkdv, dq)
-SMOKE_CONFIG: Config = (32, 32, 4, 1)  # what the interpreter runs
 CHUNK_B_WIDTHS = (32,)  # narrower than the op's chunk B (= chunk A): D = 72 as 64 + 32 does 25% fewer MMA FLOPs
 
 

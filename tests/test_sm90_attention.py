@@ -75,7 +75,7 @@ def test_bf16_kernels_use_hgmma_without_spills(which: str, head_dim: int, rope: 
 
 # every other tuning candidate, at the model head dims (Sphere-L 64, Sphere-XL 72) and the widest
 CANDIDATE_CASES = [
-    pytest.param(which, head_dim, rope, config, id=f"{which}-D{head_dim}-{'rope_on_load' if rope else 'rope_pass'}-{config}")
+    pytest.param(which, head_dim, rope, config, id=f"{which}-D{head_dim}-rope_{'on_load' if rope else 'pass'}-{config}")
     for head_dim in (64, 72, 128)
     for rope in (False, True)
     for which, configs in _candidates(head_dim, torch.bfloat16, rope, interpret=False).items()
