@@ -23,7 +23,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.bench_sampling import DTYPE, build_model, case_inputs
-from benchmarks.harness import DEVICE, SMOKE
+from benchmarks.harness import DEVICE, SMOKE, cuda_time_ms
 from sphere_fast.sampling import Sampler
 
 # kernel-name patterns, first match wins; the fused ops are the Triton / C++ kernels of sphere_fast.ops
@@ -63,17 +63,6 @@ def format_groups(totals: dict[str, float], wall_ms: float) -> str:
 HOST_BOUND_SHARE = 0.9
 
 
-def _call_ms(sampler: Sampler, labels: torch.Tensor, seeds: torch.Tensor) -> float:
-    """CUDA-event milliseconds of one sampler call (after the warm-up calls)."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    sampler(labels, seeds)
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end)
-
-
 def profile_batch(model: torch.nn.Module, name: str, batch: int, steps: int, cfg: float, top: int) -> None:
     """Print the kernel groups and top kernels of one un-captured call at ``batch``; on a GPU, when its kernels
     fill less than HOST_BOUND_SHARE of the call, also the time of a graph replay of the same loop (against the
@@ -106,9 +95,8 @@ def profile_batch(model: torch.nn.Module, name: str, batch: int, steps: int, cfg
     if on_gpu and sum(us for _, us in kernels) < HOST_BOUND_SHARE * wall_ms * 1e3:
         # host-bound: the graph replay shows what is left without the host (kernels and the gaps between them)
         graphed = Sampler(model, batch, steps, cfg=cfg, dtype=DTYPE)
-        for _ in range(2):
-            graphed(labels, seeds)
-        print(f"graph replay of the same loop: {_call_ms(graphed, labels, seeds):.2f} ms")
+        replay_ms = cuda_time_ms(lambda: graphed(labels, seeds), warmup=2, rep=3, flush_l2=False)
+        print(f"graph replay of the same loop: {replay_ms:.2f} ms")
     sort_by = "cuda_time_total" if on_gpu else "self_cpu_time_total"
     print("\n" + prof.key_averages().table(sort_by=sort_by, row_limit=top, max_name_column_width=90) + "\n")
 

@@ -139,7 +139,8 @@ def cold_starts(records: Sequence[dict[str, Any]]) -> str:
     for r in records:
         if not r["op"].startswith("first image"):
             continue
-        imports = [f"{m} {r[f'import_{m}_s']:.2f}" for m in ("torch", "sphere_fast") if f"import_{m}_s" in r]
+        imports = [f"{key[len('import_'):-len('_s')]} {value:.2f}" for key, value in r.items()
+                   if key.startswith("import_") and key.endswith("_s")]
         stages = []
         for key, label in COLD_STAGES:
             if key in r:
