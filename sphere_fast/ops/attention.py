@@ -177,14 +177,15 @@ Config = tuple[int, int, int, int]  # BLOCK_M, BLOCK_N, num_warps, num_stages
 # Hopper fp16/bf16 candidates per (padded head width, RoPE on load), the default first: tiles that compile for
 # sm_90a without local-memory spills and fit shared memory (tests/test_sm90_attention.py checks each).
 # Rotating on load holds more registers and shared memory, so fewer fit.
+_FWD_64: tuple[Config, ...] = ((128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3))
 _HOPPER_CANDIDATES: dict[tuple[int, bool], dict[str, tuple[Config, ...]]] = {
     (64, False): {
-        "fwd": ((128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3)),
+        "fwd": _FWD_64,
         "dkdv": ((32, 128, 8, 3), (32, 64, 4, 3), (32, 128, 4, 3)),
         "dq": ((128, 32, 8, 3), (64, 32, 4, 3), (128, 32, 4, 3)),
     },
     (64, True): {
-        "fwd": ((128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3)),
+        "fwd": _FWD_64,
         "dkdv": ((32, 128, 8, 3), (32, 64, 4, 3)),
         "dq": ((128, 32, 8, 3), (64, 32, 4, 3)),
     },
