@@ -10,9 +10,9 @@ headline cases first (benchmarks/conftest.py: HEADLINE) and stream each case to 
 its limit still yields its results. On an H200 (2026-11-28) the build took 23-27 s and the GPU tests 106 s,
 so the benchmarks need runs of their own: ``--phases install,build,bench --bench-k "spherify or adaln"``
 (a pytest -k expression) picks the cases, and ``--case-timeout`` lets one case run longer than 240 s (a
-torch.compile max-autotune case). Without a CUDA device the GPU phases are skipped, and
-the report says so; a short summary (phases and goal verdicts) prints after it. The profile phase runs a
-sampler call at batch 64 and at batch 1 under torch.profiler (benchmarks/profile_sampler.py). Files in OUTDIR (at most 8, flat, as the
+torch.compile max-autotune case). Without a CUDA device the GPU phases are skipped, and the report says so;
+a short summary (phases and goal verdicts) prints after it. The profile phase runs a sampler call at batch 64
+and at batch 1 under torch.profiler (benchmarks/profile_sampler.py). Files in OUTDIR (at most 8, flat, as the
 device tool returns them): env.json, <phase>.log, bench-<date>-<device>.json (copy it to benchmarks/results/ to
 publish it), report.md.
 Exit status 1 if a phase failed or ran out of time.
