@@ -11,7 +11,9 @@ Each row's model FLOP utilisation (% of matmul) divides the spec's FLOPs (decode
 batch 1: L 671 / 623 GFLOP, XL 977 / 918 GFLOP; T*D + (T-1)*E passes, doubled by combo CFG) by the time,
 against the bf16 matmul rate measured in the same run. Time to first image runs each implementation in a
 fresh process (start-up and imports, CUDA initialisation, model build on the device, first call, synchronize)
-from the parent's clock, and records each stage (the imports of torch and sphere_fast from -X importtime).
+from the parent's clock, and records each stage (the imports of torch and sphere_fast from -X importtime). It
+runs with Triton's and inductor's on-disk kernel caches in a folder of its own, either empty (a machine's
+first run: every kernel compiles) or warm (filled by an untimed run first: every later process).
 Smoke mode (CPU): a tiny float32 model, batch 1 and 2, one call per case.
 
 The full grid takes long on a GPU (every compile case is a max-autotune compile); select rows with -k,
@@ -162,6 +164,8 @@ COLD_CASE = pick(real=(1, 4, 1.4), smoke=(1, 2, 1.4))  # batch, steps, cfg: one 
 
 
 IMPORTS_TIMED = ("torch", "sphere_fast")
+# The on-disk kernel caches a cold process finds: "empty" on a machine's first run, "warm" on every later one.
+CACHE_STATES = ("warm", "empty")
 
 
 def cold_start(name: str, impl: str, batch: int, steps: int, cfg: float) -> dict[str, float]:
@@ -195,23 +199,39 @@ def import_seconds(importtime_log: str, modules: tuple[str, ...] = IMPORTS_TIMED
     return found
 
 
-@pytest.mark.parametrize("name", MODELS)
-@pytest.mark.parametrize("impl", [pytest.param(i, id=i, marks=[] if SMOKE else [pytest.mark.slow]) for i in IMPLS])
-def test_time_to_first_image(benchmark, impl: str, name: str) -> None:
+def kernel_cache_env(folder: Path) -> dict[str, str]:
+    """This process's environment with Triton's and inductor's on-disk caches moved into ``folder``."""
+    return {**os.environ, "TRITON_CACHE_DIR": str(folder / "triton"), "TORCHINDUCTOR_CACHE_DIR": str(folder / "inductor")}
+
+
+def first_image_process(name: str, impl: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """A fresh process that imports (under -X importtime) and runs cold_start; fails the test if it fails."""
     batch, steps, cfg = COLD_CASE
-    spawned = time.time()
     proc = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "benchmarks.bench_sampling", name, impl, str(batch), str(steps),
          str(cfg)],
-        cwd=ROOT, env=os.environ.copy(), capture_output=True, text=True, timeout=COLD_TIMEOUT_S,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=COLD_TIMEOUT_S,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+@pytest.mark.parametrize("caches", CACHE_STATES)
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("impl", [pytest.param(i, id=i, marks=[] if SMOKE else [pytest.mark.slow]) for i in IMPLS])
+def test_time_to_first_image(benchmark, tmp_path: Path, impl: str, name: str, caches: str) -> None:
+    env = kernel_cache_env(tmp_path)
+    if caches == "warm":
+        first_image_process(name, impl, env)  # compiles into the caches, untimed
+    spawned = time.time()
+    proc = first_image_process(name, impl, env)
     child = json.loads(proc.stdout.strip().splitlines()[-1])
     seconds = child["done_at"] - spawned
     stages = {key: child[key] for key in ("cuda_init_s", "build_s", "first_call_s")}
     imports = {f"import_{module}_s": s for module, s in import_seconds(proc.stderr).items()}
-    record(benchmark, op=f"first image {name}", impl=impl, shape=case_id(batch, steps, cfg), dtype=DTYPE,
-           ms=seconds * 1e3, extra={"startup_s": seconds - sum(stages.values()), **imports, **stages})
+    record(benchmark, op=f"first image {name}", impl=impl, shape=f"{case_id(*COLD_CASE)}, {caches} caches",
+           dtype=DTYPE, ms=seconds * 1e3,
+           extra={"kernel_caches": caches, "startup_s": seconds - sum(stages.values()), **imports, **stages})
 
 
 if __name__ == "__main__":

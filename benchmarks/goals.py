@@ -149,10 +149,15 @@ def verdicts(rows: Sequence[Row]) -> list[Verdict]:
     return [*_spherify(rows), *_adaln(rows), *_attention(rows), *_sampler(rows)]
 
 
+def first_image_label(row: Row) -> str:
+    """'<model> <impl>', with the state of the kernel caches where the run recorded it."""
+    caches = f", {row['kernel_caches']} kernel caches" if row.get("kernel_caches") else ""
+    return f"{row['op'].removeprefix('first image ')} {row['impl']}{caches}"
+
+
 def first_image_seconds(rows: Sequence[Row]) -> list[str]:
     """Time to first image per model and implementation (issue 6 compares ours with torch.compile's)."""
-    return [f"{r['op'].removeprefix('first image ')} {r['impl']}: {r['ms'] / 1e3:.1f} s"
-            for r in rows if r["op"].startswith("first image ")]
+    return [f"{first_image_label(r)}: {r['ms'] / 1e3:.1f} s" for r in rows if r["op"].startswith("first image ")]
 
 
 def table(rows: Sequence[Row]) -> str:

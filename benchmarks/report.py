@@ -146,8 +146,7 @@ def cold_starts(records: Sequence[dict[str, Any]]) -> str:
             if key in r:
                 detail = f" (imports: {', '.join(imports)})" if key == "startup_s" and imports else ""
                 stages.append(f"{label} {r[key]:.2f}{detail}")
-        name = r["op"].removeprefix("first image ")
-        lines.append(f"- {name} {r['impl']}: {r['ms'] / 1e3:.1f} s = {' + '.join(stages)} s")
+        lines.append(f"- {goals.first_image_label(r)}: {r['ms'] / 1e3:.1f} s = {' + '.join(stages)} s")
     return "Time to first image, by stage:\n\n" + "\n".join(lines) + "\n\n" if lines else ""
 
 

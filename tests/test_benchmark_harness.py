@@ -232,11 +232,11 @@ def test_report_renders_pivoted_table() -> None:
 def test_report_splits_the_cold_start_by_stage() -> None:
     stages = {"startup_s": 4.5, "import_torch_s": 3.0, "import_sphere_fast_s": 0.06, "cuda_init_s": 0.5,
               "build_s": 0.4, "first_call_s": 1.6}
-    first = {"op": "first image sphere-l-imagenet", "impl": "graph", "ms": 7000.0, **stages}
+    first = {"op": "first image sphere-l-imagenet", "impl": "graph", "ms": 7000.0, "kernel_caches": "warm", **stages}
     old = {"op": "first image sphere-l-imagenet", "impl": "eager", "ms": 9000.0, "startup_s": 7.0, "build_s": 0.5,
            "first_call_s": 1.5}  # a run from before the CUDA init and the imports were recorded
     text = report.cold_starts([first, old, {"op": "swiglu", "impl": "triton", "ms": 1.0}])
-    assert ("- sphere-l-imagenet graph: 7.0 s = start-up 4.50 (imports: torch 3.00, sphere_fast 0.06) + CUDA init "
+    assert ("- sphere-l-imagenet graph, warm kernel caches: 7.0 s = start-up 4.50 (imports: torch 3.00, sphere_fast 0.06) + CUDA init "
             "0.50 + model build 0.40 + first call 1.60 s") in text
     assert "- sphere-l-imagenet eager: 9.0 s = start-up 7.00 + model build 0.50 + first call 1.50 s" in text
     assert report.cold_starts([{"op": "swiglu", "impl": "triton", "ms": 1.0}]) == ""
