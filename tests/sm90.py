@@ -239,6 +239,23 @@ def _compile_in_process(fn: Any, spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+class CompileOnlyDriver:
+    """Stands in for Triton's CUDA driver where there is no GPU (``triton.runtime.driver.set_active``, with the
+    interpreter off): the JIT then specializes and compiles a kernel's launch arguments for sm_90a, as its
+    ``warmup`` does on a GPU. Launching cannot work."""
+
+    def get_current_target(self) -> Any:
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+
 def _compile_in_child(fn: Any, spec: dict[str, Any]) -> dict[str, Any]:
     raw = fn.fn  # InterpretedFunction keeps the plain Python function
     if "<locals>" in raw.__qualname__:

@@ -4,6 +4,13 @@ No GPU needed (tests/sm90.py compiles in a child process when the interpreter is
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -100,6 +107,63 @@ def test_candidates_keep_the_summed_block() -> None:
                 summed = {c[0] if which == "dkdv" else c[1] for c in configs}
                 assert len(summed) == 1, (which, head_dim, rope, configs)
                 assert len(set(configs)) == len(configs), (which, head_dim, rope, configs)
+
+
+def forward_tuning_compiles(head_dim: int) -> dict:
+    """Run in a child process (interpreter off, the compile-only driver): the attention forward on [2, 16, 1024,
+    head_dim] bf16 views of one qkv tensor, up to the tuning's first timed launch. Returns the (BLOCK_M,
+    BLOCK_N, warps, stages) of every config its kernel then holds compiled, the seconds that took, and the
+    sphere_fast warnings."""
+    import logging
+
+    from triton.runtime.driver import driver
+
+    import importlib
+
+    from sphere_fast.kernels.attention import attention_fwd_kernel as kernel
+    from sphere_fast.ops import _tuning
+
+    attention = importlib.import_module("sphere_fast.ops.attention")  # the module: sphere_fast.ops.attention is the op
+
+    class FirstTimedLaunch(Exception):
+        pass
+
+    def timer(launch) -> float:
+        raise FirstTimedLaunch
+
+    driver.set_active(sm90.CompileOnlyDriver())
+    _tuning.time_launch_ms = timer
+    warnings: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("sphere_fast").addHandler(handler)
+    q, k, v = torch.zeros(2, 1024, 3, 16, head_dim, dtype=torch.bfloat16).permute(2, 0, 3, 1, 4)
+    start = time.perf_counter()
+    with pytest.raises(FirstTimedLaunch):
+        attention._triton_forward(q, k, v, None)
+    seconds = time.perf_counter() - start
+    names = kernel.arg_names
+    configs = [
+        [c.src.constants[(names.index("BLOCK_M"),)], c.src.constants[(names.index("BLOCK_N"),)],
+         c.metadata.num_warps, c.metadata.num_stages]
+        for c in kernel.device_caches[0][0].values()
+    ]
+    return {"configs": sorted(configs), "seconds": seconds, "warnings": warnings}
+
+
+@pytest.mark.parametrize("head_dim", [64, 72])
+def test_tuning_compiles_every_forward_candidate_ahead(head_dim: int, tmp_path: Path) -> None:
+    """The op's compile-only launches (its precompile for the tuning) take its launch arguments: before the
+    first timed launch the forward kernel holds each candidate compiled for sm_90a, and no more."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
+    code = f"import json; from tests.test_sm90_attention import forward_tuning_compiles as f; print(json.dumps(f({head_dim})))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["warnings"] == []
+    expected = sorted(list(c) for c in _candidates(head_dim, torch.bfloat16, False, interpret=False)["fwd"])
+    assert result["configs"] == expected
 
 
 def test_fp16_backward_without_spills() -> None:

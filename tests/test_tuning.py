@@ -142,6 +142,42 @@ def test_no_timing_inside_a_graph_capture(monkeypatch: pytest.MonkeyPatch) -> No
     assert timer.timed == [] and not _tuning._chosen
 
 
+def test_candidates_compile_together_before_any_is_timed() -> None:
+    """precompile runs for every candidate inside one Triton AsyncCompileMode (compiles go to its thread pool),
+    all before the first timed launch; a remembered key compiles nothing."""
+    from triton.runtime._async_compile import active_mode
+
+    events: list[str] = []
+
+    def precompile(config: str) -> None:
+        assert active_mode.get() is not None, "a candidate compiled outside the AsyncCompileMode"
+        events.append(f"compile {config}")
+
+    def launch(config: str) -> str:
+        events.append(f"launch {config}")
+        return config
+
+    timer = FakeTimer({"a": 2.0, "b": 1.0})
+    assert pick_config("k", ["a", "b"], launch, timer=timer, precompile=precompile) == "b"
+    assert events == ["compile a", "compile b", "launch a", "launch b"]
+    assert pick_config("k", ["a", "b"], launch, timer=timer, precompile=precompile) == "b"
+    assert len(events) == 4
+    assert active_mode.get() is None
+
+
+def test_a_failing_compile_ahead_only_warns(caplog: pytest.LogCaptureFixture) -> None:
+    """Compiling ahead is only a speed-up: if it breaks, each candidate compiles at its timed launch, and the
+    choice is the same."""
+
+    def precompile(config: str) -> None:
+        raise TypeError("warmup() got an unexpected keyword argument")
+
+    with caplog.at_level("WARNING", logger="sphere_fast"):
+        chosen = pick_config("k", ["a", "b"], lambda c: c, timer=FakeTimer({"a": 2.0, "b": 1.0}), precompile=precompile)
+    assert chosen == "b"
+    assert "compiling the candidates ahead failed" in caplog.text
+
+
 def test_time_launch_ms_times_queued_launches_after_a_warm_up(monkeypatch: pytest.MonkeyPatch) -> None:
     """The order of work on the stream, with CUDA's events and sleep stood in for (no GPU here): one untimed
     launch, the GPU wait, then TIMED_LAUNCHES launches between the two events; the mean is returned."""
@@ -247,9 +283,12 @@ def _last_is_fastest(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 @pytest.mark.cuda_capable
-def test_the_op_launches_the_config_it_picked(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The tuned op times its candidates once per kernel and shape bucket, launches the one it picked, and
-    gives the default config's bits."""
+def test_the_op_launches_the_config_it_picked(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The tuned op compiles its candidates ahead (on a GPU: its kernels' warmup takes the launch's arguments),
+    times them once per kernel and shape bucket, launches the one it picked, and gives the default config's
+    bits."""
     if DEVICE == "cpu":
         inputs, own = _inputs(1, 2, 40, 32, torch.float32), INTERPRETER_CANDIDATES
         timed = _last_is_fastest(monkeypatch)
@@ -257,9 +296,10 @@ def test_the_op_launches_the_config_it_picked(monkeypatch: pytest.MonkeyPatch) -
         inputs, own = _inputs(2, 16, 1024, 64, torch.bfloat16), attn._candidates(64, torch.bfloat16)
     with _only(_defaults(own)):
         expected = _run("triton", *inputs)
-    with _only(own):
+    with _only(own), caplog.at_level("WARNING", logger="sphere_fast"):
         actual = _run("triton", *inputs)
         chosen = {key[0].removeprefix("attention "): config for key, config in _tuning._chosen.items()}
+        assert "compiling the candidates ahead failed" not in caplog.text
         assert set(chosen) == {"fwd", "dkdv", "dq"}
         assert all(config in own[kernel] for kernel, config in chosen.items()), chosen
         if DEVICE == "cpu":
@@ -284,6 +324,7 @@ def test_a_faster_candidate_with_other_bits_is_not_used(
     with _only(own), caplog.at_level("WARNING", logger="sphere_fast"):
         actual = _run("triton", *inputs)
     assert "config (64, 32, 4, 1) changes the result's bits" in caplog.text
+    assert "compiling the candidates ahead failed" not in caplog.text
     fwd = [config for key, config in _tuning._chosen.items() if key[0] == "attention fwd"]
     assert fwd == [(32, 32, 4, 1)]
     _assert_bitwise(actual, expected, "tuned")

@@ -25,6 +25,7 @@ import functools
 import importlib.util
 import logging
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -227,6 +228,11 @@ def _strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
+def _runner(kernel, grid: tuple[int, int], compile_only: bool) -> Callable[..., object]:
+    """``kernel[grid]``, or with ``compile_only`` its warmup: compiled for the same arguments, not launched."""
+    return functools.partial(kernel.warmup, grid=grid) if compile_only else kernel[grid]
+
+
 def _tuning_key(kernel: str, q: torch.Tensor, rope: torch.Tensor | None) -> tuple:
     # B*H in powers of two: how many programs fill the GPU decides the best tile, batch by batch bucket
     b, h, n, d = q.shape
@@ -247,9 +253,9 @@ def _triton_forward(q, k, v, rope):
     emulate = triton_interpreting() and q.dtype == torch.bfloat16
     rope_arg = rope.contiguous() if rope is not None else q  # q stands in for the unused pointer
 
-    def launch(config: Config) -> None:
+    def launch(config: Config, compile_only: bool = False) -> None:
         block_m, block_n, warps, stages = config
-        attention_fwd_kernel[(_cdiv(n, block_m), b * h)](
+        _runner(attention_fwd_kernel, (_cdiv(n, block_m), b * h), compile_only)(
             q, k, v, o, lse, rope_arg,
             *_strides(q), *_strides(k), *_strides(v), *_strides(o),
             h, n, math.log2(math.e) / math.sqrt(d),
@@ -259,7 +265,8 @@ def _triton_forward(q, k, v, rope):
         )
 
     candidates = _candidates(d, q.dtype, rope is not None)["fwd"]
-    launch(pick_config(_tuning_key("attention fwd", q, rope), candidates, launch, (o, lse)))
+    key = _tuning_key("attention fwd", q, rope)
+    launch(pick_config(key, candidates, launch, (o, lse), precompile=functools.partial(launch, compile_only=True)))
     return o, lse
 
 
@@ -290,18 +297,18 @@ def _triton_backward(do, q, k, v, o, lse, rope):
         HEAD_DIM=d, D_PAD=1 << (d - 1).bit_length(), BLOCK_M=64,
     )
 
-    def launch_dkdv(config: Config) -> None:
+    def launch_dkdv(config: Config, compile_only: bool = False) -> None:
         block_m, block_n, warps, stages = config
-        attention_bwd_dkdv_kernel[(_cdiv(n, block_n), b * h)](
+        _runner(attention_bwd_dkdv_kernel, (_cdiv(n, block_n), b * h), compile_only)(
             q, k, v, do, dk, dv, lse, delta, rope_arg,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
             h, n, qk_scale, sm_scale,
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common,
         )
 
-    def launch_dq(config: Config) -> None:
+    def launch_dq(config: Config, compile_only: bool = False) -> None:
         block_m, block_n, warps, stages = config
-        attention_bwd_dq_kernel[(_cdiv(n, block_m), b * h)](
+        _runner(attention_bwd_dq_kernel, (_cdiv(n, block_m), b * h), compile_only)(
             q, k, v, do, dq, lse, delta, rope_arg,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
             h, n, qk_scale, sm_scale,
@@ -309,8 +316,10 @@ def _triton_backward(do, q, k, v, o, lse, rope):
             **common,
         )
 
-    launch_dkdv(pick_config(_tuning_key("attention dkdv", q, rope), candidates["dkdv"], launch_dkdv, (dk, dv)))
-    launch_dq(pick_config(_tuning_key("attention dq", q, rope), candidates["dq"], launch_dq, (dq,)))
+    for name, launch, outputs in (("dkdv", launch_dkdv, (dk, dv)), ("dq", launch_dq, (dq,))):
+        key = _tuning_key(f"attention {name}", q, rope)
+        precompile = functools.partial(launch, compile_only=True)
+        launch(pick_config(key, candidates[name], launch, outputs, precompile=precompile))
     return dq, dk, dv
 
 
