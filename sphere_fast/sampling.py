@@ -8,6 +8,8 @@ replays it, with labels, seeds and the CFG weight read from static device buffer
 from __future__ import annotations
 
 import contextlib
+import itertools
+import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from sphere_fast.model import Conditioning, check_label_range, labels_checked
 from sphere_fast.nn.layers import padded_mlp_weights
 from sphere_fast.ops.philox import check_seeds
 
+logger = logging.getLogger("sphere_fast")
 CFG_POSITIONS = ("enc", "dec", "combo")
 SAMPLER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -356,8 +359,11 @@ class Sampler:
     ``cfg_position``, ``cache_noise``, ``scheduler`` and ``dtype`` may be changed between calls. On CUDA with
     ``cuda_graph`` the loop is captured once per ``GraphKey`` (batches padded to power-of-two buckets, all
     graphs in one memory pool) and replayed; elsewhere it runs un-captured. ``prepare(n)`` captures ahead
-    of the first call. For speed pass a model already cast to ``dtype``; a captured graph holds the model's
-    parameters in place, so do not move or re-create them after the first call."""
+    of the first call. For speed pass a model already cast to ``dtype``. A graph reads the model's parameters
+    and buffers where they were at its capture: in-place updates (``load_state_dict``, an optimizer step)
+    reach the next replay; tensors moved since (``model.to(...)``, ``p.data = ...``) are found at the next
+    call, which captures again. Parameters replaced by new objects (``load_state_dict(assign=True)``) are
+    not found: make a new Sampler then."""
 
     def __init__(
         self,
@@ -387,6 +393,9 @@ class Sampler:
         self.use_graphs = cuda_graph and cuda_graphs_usable(self.device)
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._graphs: dict[GraphKey, _CapturedLoop] = {}
+        # the model's tensors, and where they were when the graphs were captured
+        self._model_tensors = list(itertools.chain(model.parameters(), model.buffers()))
+        self._captured_addresses: list[int] = []
         self._check_settings()
 
     def _check_settings(self) -> None:
@@ -433,6 +442,12 @@ class Sampler:
         return GraphKey(bucket, self.steps, guide, self.cache_noise, self.scheduler, self.dtype, active_backend())
 
     def _captured(self, key: GraphKey) -> _CapturedLoop:
+        addresses = [t.data_ptr() for t in self._model_tensors]  # about 0.1 us a tensor
+        if addresses != self._captured_addresses:
+            if self._graphs:
+                logger.info("sphere_fast: the model's tensors moved since the capture: capturing its loops again")
+                self._graphs.clear()
+            self._captured_addresses = addresses
         if key not in self._graphs:
             self._graphs[key] = _CapturedLoop(self, key, self._pool)
         return self._graphs[key]

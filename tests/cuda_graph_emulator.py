@@ -6,7 +6,9 @@ floating results with NaN (a real capture runs no kernel). ``replay()`` runs the
 argument tensors, so it reads whatever the static buffers and earlier outputs hold now, and writes each
 result into the recorded output tensor in place. That is what a real graph does: fixed kernels on fixed
 addresses. So a value baked in at capture time, a buffer not written before replay, a result read before
-any replay or an output returned without a copy shows up on CPU as a wrong image. A host read of a device
+any replay or an output returned without a copy shows up on CPU as a wrong image. A replay whose op would
+read a tensor that moved since the capture (a parameter's ``.data`` replaced, ``module.to(...)``) raises: a
+real graph would read the old address, freed memory by then. A host read of a device
 value inside the capture (``.item()``, ``bool(t)``, ``int(t)``, ``.tolist()``, ``torch.equal``,
 ``nonzero``) raises, as a real capture would fail.
 
@@ -52,16 +54,21 @@ class Step:
     kwargs: dict[str, Any]
     out: Any
     owned: list[int]
+    addresses: list[int]  # of the tensor arguments' memory at the capture
 
     @classmethod
     def record(cls, func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Step:
-        inputs = {_memory(t) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        addresses = [_memory(t) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         leaves = pytree.tree_leaves(out)
-        owned = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and _memory(t) not in inputs]
-        return cls(func, args, kwargs, out, owned)
+        owned = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and _memory(t) not in addresses]
+        return cls(func, args, kwargs, out, owned, addresses)
 
     def rerun(self) -> None:
         """Run the op again on the current contents of its inputs; new results go into the recorded ones."""
+        now = [_memory(t) for t in pytree.tree_leaves((self.args, self.kwargs)) if isinstance(t, torch.Tensor)]
+        if now != self.addresses:
+            raise CaptureError(f"replay of {self.func}: an input tensor moved since the capture (a CUDA graph would "
+                               "read its old, freed memory)")
         old, new = pytree.tree_leaves(self.out), pytree.tree_leaves(self.func(*self.args, **self.kwargs))
         # A view or in-place result already lives in its input's memory, which the re-run rewrote (copy_
         # into an expanded view would even fail); a new result goes where the capture put it.

@@ -278,6 +278,24 @@ def test_prepare_and_views_on_cuda(cuda_model):
 
 
 @pytest.mark.gpu
+def test_moved_parameters_are_captured_again_on_cuda(cuda_model):
+    """A graph replayed after its parameters moved would read freed memory: the sampler captures again."""
+    import copy
+
+    model = copy.deepcopy(cuda_model)
+    sampler = Sampler(model, 8, 2, cfg=1.4)
+    labels, seeds = LABELS.cuda(), SEEDS.cuda()
+    before = sampler(labels, seeds)
+    for p in model.parameters():
+        p.data = p.data.clone()  # the same values in new memory
+    # the old blocks are free in torch's caching allocator: these NaNs most likely land there, where a stale
+    # replay would read
+    garbage = [torch.full_like(p, float("nan")) for p in model.parameters()]
+    assert torch.equal(sampler(labels, seeds), before)
+    assert len(sampler.graph_keys) == 1 and len(garbage) > 0
+
+
+@pytest.mark.gpu
 def test_tuned_launch_configs_keep_the_images(cuda_model, monkeypatch):
     """The attention's launch configs tuned at run time give the images of its default configs, bit for bit,
     captured or not (the tuning may only change the speed)."""

@@ -7,6 +7,8 @@ CPU code."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -57,6 +59,20 @@ def test_emulator_replays_on_new_buffer_contents(emulated_cuda_graphs: CudaGraph
         assert torch.equal(y, torch.tensor([100.0, 120.0, 60.0, 80.0]))
     assert (emulated_cuda_graphs.captures, emulated_cuda_graphs.replays) == (1, 2)
     assert emulated_cuda_graphs.pools == emulated_cuda_graphs.handles
+
+
+def test_emulator_refuses_a_replay_after_an_input_moved(emulated_cuda_graphs: CudaGraphEmulator) -> None:
+    weight = torch.nn.Parameter(torch.ones(2))
+    x = torch.tensor([1.0, 2.0])
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = x * weight
+    weight.data.mul_(3)  # in place: the graph reads the new values
+    graph.replay()
+    assert torch.equal(y, torch.tensor([3.0, 6.0]))
+    weight.data = torch.ones(2)  # new memory: a real replay would read the old address
+    with pytest.raises(CaptureError, match="moved since the capture"):
+        graph.replay()
 
 
 @pytest.mark.parametrize(
@@ -231,3 +247,25 @@ def test_prepare_captures_ahead_of_the_first_call(model: SphereEncoder, emulated
     for bad in (0, 9):
         with pytest.raises(ValueError):
             graphed.prepare(bad)
+
+
+def test_moved_parameters_are_captured_again(model: SphereEncoder, emulated_cuda_graphs: CudaGraphEmulator) -> None:
+    """A graph reads the parameters where they were at its capture. Moved since (``.data`` replaced, as
+    ``module.to`` does), every graph is captured again; in-place updates are read by the replay as they are."""
+    emu = emulated_cuda_graphs
+    model = copy.deepcopy(model)
+    graphed, plain = samplers(model, 8, (2, 1.4, "combo", True, False))
+    graphed(LABELS[:3], SEEDS[:3])
+    graphed(LABELS, SEEDS)
+    assert emu.captures == 2
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.01)  # in place
+    close(graphed(LABELS, SEEDS), plain(LABELS, SEEDS), TOL, "after an in-place update")
+    assert emu.captures == 2
+    for p in model.parameters():
+        p.data = p.data * 0.99  # new memory
+    after = graphed(LABELS, SEEDS)
+    assert emu.captures == 3 and len(graphed.graph_keys) == 1, "the stale graphs must go, the new one captured"
+    close(after, plain(LABELS, SEEDS), TOL, "after the parameters moved")
+
