@@ -394,7 +394,7 @@ class Sampler:
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._graphs: dict[GraphKey, _CapturedLoop] = {}
         # the model's tensors, and where they were when the graphs were captured
-        self._model_tensors = list(itertools.chain(model.parameters(), model.buffers()))
+        self._model_tensors: list[torch.Tensor] = []
         self._captured_addresses: list[int] = []
         self._check_settings()
 
@@ -442,12 +442,12 @@ class Sampler:
         return GraphKey(bucket, self.steps, guide, self.cache_noise, self.scheduler, self.dtype, active_backend())
 
     def _captured(self, key: GraphKey) -> _CapturedLoop:
-        addresses = [t.data_ptr() for t in self._model_tensors]  # about 0.1 us a tensor
-        if addresses != self._captured_addresses:
-            if self._graphs:
-                logger.info("sphere_fast: the model's tensors moved since the capture: capturing its loops again")
-                self._graphs.clear()
-            self._captured_addresses = addresses
+        if self._graphs and [t.data_ptr() for t in self._model_tensors] != self._captured_addresses:  # ~0.1 us each
+            logger.info("sphere_fast: the model's tensors moved since the capture: capturing its loops again")
+            self._graphs.clear()
+        if not self._graphs:  # the first capture, or the graphs were dropped: where the model's tensors are now
+            self._model_tensors = list(itertools.chain(self.model.parameters(), self.model.buffers()))
+            self._captured_addresses = [t.data_ptr() for t in self._model_tensors]
         if key not in self._graphs:
             self._graphs[key] = _CapturedLoop(self, key, self._pool)
         return self._graphs[key]
