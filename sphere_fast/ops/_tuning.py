@@ -84,9 +84,8 @@ def pick_config(
     outputs while tuning, and a call whose outputs are not all finite decides nothing). A candidate that does
     not fit the GPU (Triton's OutOfResources: shared memory, registers) is skipped. ``precompile(config)``, if
     given, compiles a candidate without launching it: then all are compiled at once first (compile_ahead).
-    Without timing (one
-    candidate, SPHERE_FAST_AUTOTUNE=0, or inside a CUDA-graph capture, where the synchronization would break
-    the capture) the first candidate is returned and nothing is remembered."""
+    Without timing (one candidate, SPHERE_FAST_AUTOTUNE=0, or inside a CUDA-graph capture, where the
+    synchronization would break the capture) the first candidate is returned and nothing is remembered."""
     if len(candidates) == 1 or not autotune_enabled():
         return candidates[0]
     chosen = _chosen.get(key)
