@@ -4,8 +4,8 @@
 
 Same model, dtype and inputs as benchmarks/bench_sampling.py (random weights, bf16 on a GPU; the tiny float32
 model on CPU). The call runs un-captured so that every kernel is its own profiler event (the graphed sampler
-replays the same kernels). Prints, per batch size, the total device time per kernel group (matmul, attention,
-the fused ops, the rest), a graph replay's time where the un-captured call is host-bound (batch 1), then the
+replays the same kernels). Prints, per batch size, the total device time and the number of kernels per
+kernel group (matmul, attention, the fused ops, the rest), a graph replay's time where the un-captured call is host-bound (batch 1), then the
 top kernels; the GPU check runs it as its "profile" phase. The warm-up calls log the
 backend each op took and the attention's tuned launch configs with the time of every candidate (the
 sphere_fast logger at INFO, on stderr).
@@ -44,18 +44,21 @@ def kernel_group(name: str) -> str:
     return "other"
 
 
-def group_times(events: Iterable[tuple[str, float]]) -> dict[str, float]:
-    """(name, microseconds) pairs summed per kernel_group, largest first."""
-    totals: dict[str, float] = defaultdict(float)
+def group_times(events: Iterable[tuple[str, float]]) -> dict[str, tuple[float, int]]:
+    """(name, microseconds) pairs summed per kernel_group: (microseconds, kernels), largest time first."""
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     for name, us in events:
-        totals[kernel_group(name)] += us
-    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+        total = totals[kernel_group(name)]
+        total[0] += us
+        total[1] += 1
+    return {g: (us, int(n)) for g, (us, n) in sorted(totals.items(), key=lambda kv: -kv[1][0])}
 
 
-def format_groups(totals: dict[str, float], wall_ms: float) -> str:
-    all_us = sum(totals.values()) or 1.0
-    lines = [f"| group | ms | % of kernel time |", "|---|---|---|"]
-    lines += [f"| {g} | {us / 1e3:.2f} | {100 * us / all_us:.0f}% |" for g, us in totals.items()]
+def format_groups(totals: dict[str, tuple[float, int]], wall_ms: float) -> str:
+    """The groups as a table; the kernel counts show what launches cost where kernels are short (batch 1)."""
+    all_us = sum(us for us, _ in totals.values()) or 1.0
+    lines = ["| group | ms | % of kernel time | kernels |", "|---|---|---|---|"]
+    lines += [f"| {g} | {us / 1e3:.2f} | {100 * us / all_us:.0f}% | {n} |" for g, (us, n) in totals.items()]
     lines.append(f"\nkernel time {all_us / 1e3:.2f} ms of a {wall_ms:.2f} ms call")
     return "\n".join(lines)
 

@@ -477,11 +477,12 @@ def test_profile_sampler_smoke_prints_the_groups(capsys: pytest.CaptureFixture[s
     each batch size."""
     assert profile_sampler.main(["--batch", "1", "2", "--steps", "2"]) == 0
     out = capsys.readouterr().out
-    assert "| group | ms | % of kernel time |" in out and "| matmul |" in out and "aten::" in out
+    assert "| group | ms | % of kernel time | kernels |" in out and "| matmul |" in out and "aten::" in out
     assert [line.split(",")[1] for line in out.splitlines() if line.startswith("# Sampler profile")] == [
         " batch 1", " batch 2"]
     totals = profile_sampler.group_times([("gemm_a", 3.0), ("attention_fwd_kernel", 1.0), ("gemm_b", 2.0)])
-    assert totals == {"matmul": 5.0, "attention": 1.0}
+    assert totals == {"matmul": (5.0, 2), "attention": (1.0, 1)}
+    assert "| matmul | 0.01 | 83% | 2 |" in profile_sampler.format_groups(totals, 1.0)
 
 
 def test_tune_attention_variant_replaces_only_what_it_names() -> None:
