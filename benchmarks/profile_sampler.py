@@ -90,8 +90,8 @@ def profile_batch(model: torch.nn.Module, name: str, batch: int, steps: int, cfg
     if on_gpu:  # device kernels only: each is one event of device type CUDA
         cuda_events = (e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
         kernels = [(e.name, e.device_time_total) for e in cuda_events]
-    else:  # CPU smoke: the ops' self times stand in for kernels
-        kernels = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
+    else:  # CPU smoke: each op call's self time stands in for a kernel
+        kernels = [(e.name, e.self_cpu_time_total) for e in prof.events()]
     print(f"# Sampler profile: {name}, batch {batch}, {steps} steps, cfg {cfg}, {DTYPE}, "
           f"{torch.cuda.get_device_name() if on_gpu else 'CPU'}\n")
     print(format_groups(group_times(kernels), wall_ms))
