@@ -9,9 +9,11 @@ that one config for its run, so the op runs exactly as the model calls it, untun
 warps and pipeline stages (or the width of the head dim's second chunk) changed. The variants are the op's own
 tuning candidates (what its runtime tuning picks from), then ones that change the block a kernel sums over:
 those change the result's rounding, so the op cannot pick them at run time, and a winner among them would
-become the candidates' shared block by hand, with the numbers in benchmarks/NOTES.md. A variant that does not
-compile or launch (shared memory) is reported, not fatal. Prints one markdown table. On CPU (smoke): a tiny
-shape and one variant in the interpreter, so the script cannot rot.
+become the candidates' shared block by hand, with the numbers in benchmarks/NOTES.md. Then the new kernels:
+the forward with TMA loads (TmaConfig, with and without warp specialization: not among the candidates until
+measured), and the narrower chunk B. A variant that does not compile or launch (shared memory) is reported,
+not fatal. Prints one markdown table.
+On CPU (smoke): a tiny shape and one variant in the interpreter, so the script cannot rot.
 """
 
 from __future__ import annotations
@@ -36,10 +38,19 @@ Config = attn.Config
 # the kernels a variant does not name keep the op's default config
 FWD_VARIANTS: tuple[Config, ...] = ((128, 128, 8, 2), (128, 32, 4, 3))
 BWD_VARIANTS: tuple[tuple[Config, Config], ...] = (((64, 64, 8, 2), (64, 64, 8, 2)),)  # (dkdv, dq)
+# the forward with TMA loads, with and without warp specialization (not among the op's candidates until
+# measured); all but the last keep the default's key block, so they should give its bits. Triton 3.6 splits
+# the loop only at 4 warps (compiled for sm_90a, 8 warps gave no producer / consumer split).
+TMA_FWD_VARIANTS: tuple[attn.TmaConfig, ...] = (
+    attn.TmaConfig(128, 64, 4, 3, False), attn.TmaConfig(128, 64, 4, 3, True), attn.TmaConfig(64, 64, 4, 3, True),
+    attn.TmaConfig(128, 128, 4, 2, True),
+)
 CHUNK_B_WIDTHS = (32,)  # narrower than the op's chunk B (= chunk A): D = 72 as 64 + 32 does 25% fewer MMA FLOPs
 
 
-def configs_with(fwd: Config | None = None, bwd: tuple[Config, Config] | None = None) -> Callable[..., dict]:
+def configs_with(
+    fwd: Config | attn.TmaConfig | None = None, bwd: tuple[Config, Config] | None = None
+) -> Callable[..., dict]:
     """A stand-in for attention._candidates with one config per kernel: ``fwd`` and/or ``bwd`` (dkdv, dq)
     where given, else the op's default."""
     original = attn._candidates
@@ -73,7 +84,8 @@ def chunks_with(chunk_b: int | None) -> Callable[[int], tuple[int, int, bool]]:
 
 
 def time_variant(
-    shape: Sequence[int], impl: str, rope: bool, fwd: Config | None, bwd: tuple[Config, Config] | None,
+    shape: Sequence[int], impl: str, rope: bool, fwd: Config | attn.TmaConfig | None,
+    bwd: tuple[Config, Config] | None,
     chunk_b: int | None = None,
 ) -> tuple:
     """(forward ms, forward + backward ms) of one variant after its correctness gate; raises if it fails."""
@@ -96,8 +108,8 @@ def time_variant(
 
 def sweep(shape: Sequence[int]) -> list[str]:
     """Markdown rows: every forward variant (with the op's backward), then every backward variant (with the
-    op's forward), each in every RoPE mode; last, where the head dim has a chunk B, the op's configs with the
-    narrower chunk B widths (a 16-wide one miscompiled on an H200, so these come after everything else)."""
+    op's forward), each in every RoPE mode; then the TMA forward variants; last, where the head dim has a chunk
+    B, the op's configs with the narrower chunk B widths (a 16-wide one miscompiled on an H200)."""
     b, h, n, d = shape
     flops = 4 * b * h * n * n * d
     plans: list[tuple[str, Config | None, tuple[Config, Config] | None, int | None]]
@@ -110,6 +122,8 @@ def sweep(shape: Sequence[int]) -> list[str]:
         plans += [(f"dkdv {c}", None, (c, defaults[1]), None) for c in own["dkdv"]]
         plans += [(f"dq {c}", None, (defaults[0], c), None) for c in own["dq"][1:]]
         plans += [(f"dkdv {c[0]} dq {c[1]}", None, c, None) for c in BWD_VARIANTS]
+        # new kernels last: a warp-specialized one that deadlocked would stop the sweep here
+        plans += [(f"fwd {c}", c, None, None) for c in TMA_FWD_VARIANTS]
         da, db, has_b = attn._head_chunks(d)
         plans += [(f"chunk B {w}", None, None, w) for w in CHUNK_B_WIDTHS if has_b and d - da <= w < db]
     rows = []

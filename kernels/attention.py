@@ -19,6 +19,11 @@ log2-based, so the backward recomputes p = exp2(s*qk_scale - lse) exactly as the
 multiple of the key block, as N = 256 and 1024 are) drops the key mask from the score loop: with it, each
 score costs one FMA before its exp2 instead of a multiply, a select and a subtraction.
 
+attention_fwd_tma_kernel is the forward for one head-dim chunk without RoPE on load and with N a multiple of
+both blocks, its q, k, v tiles loaded through tensor descriptors (the TMA on Hopper), optionally warp
+specialized; it sums as attention_fwd_kernel does. The launcher runs it only for a TmaConfig
+(ops/attention.py), which no default candidate list holds until it is measured.
+
 EMULATE_BF16 is only set by the launcher under TRITON_INTERPRET=1 with bf16 inputs (see rounding.to_dtype).
 """
 
@@ -114,6 +119,17 @@ def _qkv_head_bases(Q, K, V, b, h, stride_qb, stride_qh, stride_kb, stride_kh, s
 
 
 @triton.jit
+def _online_softmax(s, m_i, l_i, qk_scale):
+    """One key block of the base-2 online softmax over scores s [M, N]: (p, alpha, new row max, new row sum).
+    qk_scale > 0, so the scaled max is the max of the scaled scores; every key block holds at least one valid
+    key, so it stays finite. s * qk_scale - m is one FMA per score (as the backward recomputes it)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    p = tl.exp2(s * qk_scale - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
 def attention_fwd_kernel(
     Q, K, V, O, LSE, ROPE,
     stride_qb, stride_qh, stride_qn,
@@ -154,12 +170,7 @@ def attention_fwd_kernel(
             s += tl.dot(qb, tl.trans(kb))
         if not EVEN_N:
             s = tl.where(mask_n[None, :], s, float("-inf"))
-        # qk_scale > 0, so the scaled max is the max of the scaled scores; every key block holds at least one
-        # valid key, so it stays finite. s * qk_scale - m is one FMA per score (as the backward recomputes it).
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        p = tl.exp2(s * qk_scale - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_new, l_i = _online_softmax(s, m_i, l_i, qk_scale)
         p_dot = _cast(p, V, EMULATE_BF16)
         va = _load_operand(v_base, stride_vn, ROPE, offs_n, mask_n, offs_a, HEAD_DIM, False, BLOCK_N, DA, False, EMULATE_BF16)
         acc_a = tl.dot(p_dot, va, acc_a * alpha[:, None])
@@ -173,6 +184,49 @@ def attention_fwd_kernel(
     if HAS_B:
         _store_tile(o_base, stride_on, offs_m, mask_m, offs_b, acc_b * inv_l[:, None], HEAD_DIM, True, EMULATE_BF16)
     tl.store(LSE + row_base + offs_m, m_i + tl.log2(l_i), mask=mask_m)
+
+
+@triton.jit
+def _desc_tile(desc, b, h, start, ROWS: tl.constexpr, COLS: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """Rows [start, start + ROWS) of head (b, h) from a [B, H, N, D] tensor descriptor, as a [ROWS, COLS] tile."""
+    x = desc.load([b, h, start, 0]).reshape(ROWS, COLS)
+    if EMULATE_BF16:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def attention_fwd_tma_kernel(
+    Q_DESC, K_DESC, V_DESC, O, LSE,
+    stride_ob, stride_oh, stride_on,
+    H, N, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    EMULATE_BF16: tl.constexpr,
+):
+    """attention_fwd_kernel's sums in the same order, with the q, k, v tiles loaded through tensor descriptors
+    (on Hopper the TMA copies them into shared memory), for one head-dim chunk, no RoPE on load, and N a
+    multiple of both blocks. WARP_SPECIALIZE has Triton split the key loop into producer and consumer warps."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H  # int32 descriptor coordinates
+    q = _desc_tile(Q_DESC, b, h, pid_m * BLOCK_M, BLOCK_M, HEAD_DIM, EMULATE_BF16)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start_n in tl.range(0, N, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+        s = tl.dot(q, tl.trans(_desc_tile(K_DESC, b, h, start_n, BLOCK_N, HEAD_DIM, EMULATE_BF16)))
+        p, alpha, m_i_new, l_i = _online_softmax(s, m_i, l_i, qk_scale)
+        v = _desc_tile(V_DESC, b, h, start_n, BLOCK_N, HEAD_DIM, EMULATE_BF16)
+        acc = tl.dot(_cast(p, O, EMULATE_BF16), v, acc * alpha[:, None])
+        m_i = m_i_new
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < N
+    o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    inv_l = 1.0 / l_i
+    _store_tile(o_base, stride_on, offs_m, mask_m, tl.arange(0, HEAD_DIM), acc * inv_l[:, None], HEAD_DIM, False,
+                EMULATE_BF16)
+    tl.store(LSE + bh.to(tl.int64) * N + offs_m, m_i + tl.log2(l_i), mask=mask_m)
 
 
 @triton.jit

@@ -8,12 +8,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from benchmarks import tune_attention
 from sphere_fast.ops.attention import Config, _candidates, _head_chunks
 from tests import sm90
 
@@ -111,16 +111,17 @@ def test_candidates_keep_the_summed_block() -> None:
 
 def forward_tuning_compiles(head_dim: int) -> dict:
     """Run in a child process (interpreter off, the compile-only driver): the attention forward on [2, 16, 1024,
-    head_dim] bf16 views of one qkv tensor, up to the tuning's first timed launch. Returns the (BLOCK_M,
-    BLOCK_N, warps, stages) of every config its kernel then holds compiled, the seconds that took, and the
-    sphere_fast warnings."""
+    head_dim] bf16 views of one qkv tensor, with the op's candidates and the TMA variants of
+    benchmarks/tune_attention.py, up to the tuning's first timed launch. Returns what each forward kernel then
+    holds compiled (pointer: BLOCK_M, BLOCK_N, warps, stages; tma: BLOCK_M, BLOCK_N, WARP_SPECIALIZE, stages)
+    and the sphere_fast warnings."""
+    import importlib
     import logging
+    from unittest import mock
 
     from triton.runtime.driver import driver
 
-    import importlib
-
-    from sphere_fast.kernels.attention import attention_fwd_kernel as kernel
+    from sphere_fast.kernels.attention import attention_fwd_kernel, attention_fwd_tma_kernel
     from sphere_fast.ops import _tuning
 
     attention = importlib.import_module("sphere_fast.ops.attention")  # the module: sphere_fast.ops.attention is the op
@@ -131,6 +132,10 @@ def forward_tuning_compiles(head_dim: int) -> dict:
     def timer(launch) -> float:
         raise FirstTimedLaunch
 
+    def with_tma(*args, **kwargs) -> dict:
+        own = _candidates(*args, **kwargs)
+        return {**own, "fwd": own["fwd"] + tune_attention.TMA_FWD_VARIANTS}
+
     driver.set_active(sm90.CompileOnlyDriver())
     _tuning.time_launch_ms = timer
     warnings: list[str] = []
@@ -138,32 +143,60 @@ def forward_tuning_compiles(head_dim: int) -> dict:
     handler.emit = lambda record: warnings.append(record.getMessage())
     logging.getLogger("sphere_fast").addHandler(handler)
     q, k, v = torch.zeros(2, 1024, 3, 16, head_dim, dtype=torch.bfloat16).permute(2, 0, 3, 1, 4)
-    start = time.perf_counter()
-    with pytest.raises(FirstTimedLaunch):
+    with mock.patch.object(attention, "_candidates", with_tma), pytest.raises(FirstTimedLaunch):
         attention._triton_forward(q, k, v, None)
-    seconds = time.perf_counter() - start
-    names = kernel.arg_names
-    configs = [
-        [c.src.constants[(names.index("BLOCK_M"),)], c.src.constants[(names.index("BLOCK_N"),)],
-         c.metadata.num_warps, c.metadata.num_stages]
-        for c in kernel.device_caches[0][0].values()
-    ]
-    return {"configs": sorted(configs), "seconds": seconds, "warnings": warnings}
+
+    def constant(compiled, kernel, name: str) -> object:
+        return compiled.src.constants[(kernel.arg_names.index(name),)]
+
+    fwd, fwd_tma = attention_fwd_kernel, attention_fwd_tma_kernel
+    pointer = [[constant(c, fwd, "BLOCK_M"), constant(c, fwd, "BLOCK_N"), c.metadata.num_warps, c.metadata.num_stages]
+               for c in fwd.device_caches[0][0].values()]
+    tma = [[constant(c, fwd_tma, "BLOCK_M"), constant(c, fwd_tma, "BLOCK_N"), constant(c, fwd_tma, "WARP_SPECIALIZE"),
+            c.metadata.num_stages] for c in fwd_tma.device_caches[0][0].values()]
+    return {"pointer": sorted(pointer), "tma": sorted(tma), "warnings": warnings}
 
 
 @pytest.mark.parametrize("head_dim", [64, 72])
 def test_tuning_compiles_every_forward_candidate_ahead(head_dim: int, tmp_path: Path) -> None:
-    """The op's compile-only launches (its precompile for the tuning) take its launch arguments: before the
-    first timed launch the forward kernel holds each candidate compiled for sm_90a, and no more."""
+    """The op's compile-only launches (its precompile for the tuning) take its launch arguments, TMA
+    descriptors too: before the first timed launch each forward kernel holds every candidate that applies
+    compiled for sm_90a, and no more (at D = 72, two head-dim chunks, no TMA config applies)."""
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
-    code = f"import json; from tests.test_sm90_attention import forward_tuning_compiles as f; print(json.dumps(f({head_dim})))"
+    code = ("import json; from tests.test_sm90_attention import forward_tuning_compiles as f; "
+            f"print(json.dumps(f({head_dim})))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["warnings"] == []
-    expected = sorted(list(c) for c in _candidates(head_dim, torch.bfloat16, False, interpret=False)["fwd"])
-    assert result["configs"] == expected
+    own = _candidates(head_dim, torch.bfloat16, False, interpret=False)["fwd"]
+    assert result["pointer"] == sorted(list(c) for c in own)
+    tma = [[c.block_m, c.block_n, c.warp_specialize, c.stages] for c in tune_attention.TMA_FWD_VARIANTS]  # JSON lists
+    assert result["tma"] == (sorted(tma) if head_dim == 64 else [])
+
+
+@pytest.mark.parametrize("config", tune_attention.TMA_FWD_VARIANTS, ids=str)
+def test_tensor_descriptor_forward_uses_tma_and_hgmma_without_spills(config) -> None:
+    """The forward with TMA loads, at each config benchmarks/tune_attention.py times (bf16, D = 64): tiles
+    come in by UTMALDG, dots by HGMMA, no spills; with warp specialization the producer and consumer warps
+    set their register budgets (USETMAXREG), which shows that Triton did split the loop."""
+    fn = kernels.attention_fwd_tma_kernel
+    signature = {name: f"tensordesc<bf16[1,1,{rows},64]>"
+                 for name, rows in (("Q_DESC", config.block_m), ("K_DESC", config.block_n), ("V_DESC", config.block_n))}
+    signature |= {"O": "*bf16", "LSE": "*fp32", "H": "i32", "N": "i32", "qk_scale": "fp32"}
+    signature |= {name: "i32" for name in fn.arg_names if name.startswith("stride")}
+    constexprs = dict(HEAD_DIM=64, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                      WARP_SPECIALIZE=config.warp_specialize, EMULATE_BF16=False)
+    aligned = [n for n, t in signature.items() if t.startswith("*") or n.startswith("stride")]
+    info = sm90.compile_triton_sm90(fn, signature, constexprs, num_warps=config.warps, num_stages=config.stages,
+                                    aligned=aligned)
+    sm90.assert_no_spills(info)
+    assert info.launch_shared <= SMEM_LIMIT, f"{config}: {info.launch_shared} B shared memory"
+    ops = sm90.count_opcodes(info.sass())
+    assert hgmma_count(info) > 0, f"{config}: no HGMMA in the SASS"
+    assert any(op.startswith("UTMALDG") for op in ops), f"{config}: no TMA loads in the SASS"
+    assert any(op.startswith("USETMAXREG") for op in ops) == config.warp_specialize, config
 
 
 def test_fp16_backward_without_spills() -> None:

@@ -328,3 +328,46 @@ def test_a_faster_candidate_with_other_bits_is_not_used(
     fwd = [config for key, config in _tuning._chosen.items() if key[0] == "attention fwd"]
     assert fwd == [(32, 32, 4, 1)]
     _assert_bitwise(actual, expected, "tuned")
+
+
+# ------------------------------------------------------------------------ tensor-descriptor forward
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU benchmarks/tune_attention.py gates these configs")
+@pytest.mark.parametrize("warp_specialize", [False, True], ids=["tma", "tma_ws"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_tensor_descriptor_forward_gives_the_pointer_kernels_bits(dtype: torch.dtype, warp_specialize: bool) -> None:
+    """attention_fwd_tma_kernel with the blocks of a pointer config: the same output, LSE and so gradient bits
+    (the interpreter runs the descriptor loads; bf16 through the same rounding emulation)."""
+    inputs = _inputs(1, 2, 64, 32, dtype)
+    pointer = INTERPRETER_CANDIDATES["fwd"][0]
+    with _only(_defaults(INTERPRETER_CANDIDATES)):
+        expected = _run("triton", *inputs)
+    with _only({**_defaults(INTERPRETER_CANDIDATES), "fwd": (attn.TmaConfig(*pointer, warp_specialize),)}):
+        _assert_bitwise(_run("triton", *inputs), expected, f"TmaConfig{(*pointer, warp_specialize)}")
+
+
+def test_tensor_descriptor_configs_run_only_where_they_apply() -> None:
+    """A TmaConfig needs no RoPE on load, one power-of-two head-dim chunk, N a multiple of its blocks and
+    16-byte aligned tensors; elsewhere the op takes its other candidates, or says why none applies."""
+    tma = attn.TmaConfig(32, 32, 4, 1, False)
+    _, q, k, v, rope, _ = _inputs(1, 2, 64, 32, torch.float32)
+    assert attn._tma_fits(tma, q, k, v, rope_on_load=False)
+    assert not attn._tma_fits(tma, q, k, v, rope_on_load=True)
+    assert attn._tma_fits((32, 32, 4, 1), q, k, v, rope_on_load=True)  # pointer configs always
+    _, q72, k72, v72, _, _ = _inputs(1, 2, 64, 72, torch.float32)
+    assert not attn._tma_fits(tma, q72, k72, v72, rope_on_load=False)
+    _, q40, k40, v40, _, _ = _inputs(1, 2, 40, 32, torch.float32)
+    assert not attn._tma_fits(tma, q40, k40, v40, rope_on_load=False)
+    shifted = torch.zeros(1 + q.numel())[1:].view(q.shape)  # 4 bytes past an aligned allocation
+    assert not attn._tma_fits(tma, shifted, k, v, rope_on_load=False)
+
+    inputs = _inputs(1, 2, 64, 32, torch.float32)
+    with _only(_defaults(INTERPRETER_CANDIDATES)):
+        expected = _run("triton_rope_on_load", *inputs)
+    both = {**_defaults(INTERPRETER_CANDIDATES), "fwd": (tma, INTERPRETER_CANDIDATES["fwd"][0])}
+    with _only(both):  # RoPE on load: the TmaConfig is left out, the pointer config runs
+        _assert_bitwise(_run("triton_rope_on_load", *inputs), expected, "pointer config after the TmaConfig")
+    with _only({**both, "fwd": (tma,)}), pytest.raises(ValueError, match="no forward launch config applies"):
+        _run("triton_rope_on_load", *inputs)
+

@@ -26,6 +26,7 @@ import importlib.util
 import logging
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -175,6 +176,21 @@ def _head_chunks(head_dim: int) -> tuple[int, int, bool]:
 
 Config = tuple[int, int, int, int]  # BLOCK_M, BLOCK_N, num_warps, num_stages
 
+
+class TmaConfig(NamedTuple):
+    """A forward launch config of attention_fwd_tma_kernel, which loads the q, k, v tiles through tensor
+    descriptors (the TMA on Hopper), with Triton's warp specialization or without. It runs where the pointer
+    kernel would take its EVEN_N path on one head-dim chunk: no RoPE on load, a power-of-two head dim, N a
+    multiple of both blocks, and 16-byte aligned tensors and strides (``_tma_fits``). With the same blocks as
+    a pointer config it computes the same sums in the same order. Not among the default candidates until it is
+    measured: benchmarks/tune_attention.py times it."""
+
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int
+    warp_specialize: bool
+
 # Hopper fp16/bf16 candidates per (padded head width, RoPE on load), the default first: tiles that compile for
 # sm_90a without local-memory spills and fit shared memory (tests/test_sm90_attention.py checks each).
 # Rotating on load holds more registers and shared memory, so fewer fit.
@@ -228,6 +244,30 @@ def _strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
+def _tma_fits(
+    config: Config | TmaConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope_on_load: bool
+) -> bool:
+    """Whether a forward config can run on these inputs: pointer configs always; a TmaConfig where its kernel
+    applies (see TmaConfig) and the descriptors can be made."""
+    if not isinstance(config, TmaConfig):
+        return True
+    n, d = q.shape[-2], q.shape[-1]
+    aligned = all(
+        t.data_ptr() % 16 == 0 and all(stride * t.element_size() % 16 == 0 for stride in t.stride()[:-1])
+        for t in (q, k, v)
+    )
+    return not rope_on_load and d & (d - 1) == 0 and n % config.block_m == 0 and n % config.block_n == 0 and aligned
+
+
+def _descriptors(config: TmaConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list:
+    """[B, H, N, D] descriptors of q, k and v (tiles of one head: block_m rows of q, block_n of k and v)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    d = q.shape[-1]
+    return [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, d])
+            for t, rows in ((q, config.block_m), (k, config.block_n), (v, config.block_n))]
+
+
 def _runner(kernel, grid: tuple[int, int], compile_only: bool) -> Callable[..., object]:
     """``kernel[grid]``, or with ``compile_only`` its warmup: compiled for the same arguments, not launched."""
     return functools.partial(kernel.warmup, grid=grid) if compile_only else kernel[grid]
@@ -241,7 +281,7 @@ def _tuning_key(kernel: str, q: torch.Tensor, rope: torch.Tensor | None) -> tupl
 
 @on_input_device
 def _triton_forward(q, k, v, rope):
-    from sphere_fast.kernels.attention import attention_fwd_kernel
+    from sphere_fast.kernels.attention import attention_fwd_kernel, attention_fwd_tma_kernel
 
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
     b, h, n, d = q.shape
@@ -253,18 +293,33 @@ def _triton_forward(q, k, v, rope):
     emulate = triton_interpreting() and q.dtype == torch.bfloat16
     rope_arg = rope.contiguous() if rope is not None else q  # q stands in for the unused pointer
 
-    def launch(config: Config, compile_only: bool = False) -> None:
-        block_m, block_n, warps, stages = config
-        _runner(attention_fwd_kernel, (_cdiv(n, block_m), b * h), compile_only)(
+    qk_scale = math.log2(math.e) / math.sqrt(d)
+
+    def launch(config: Config | TmaConfig, compile_only: bool = False) -> None:
+        block_m, block_n, warps, stages = config[:4]
+        grid = (_cdiv(n, block_m), b * h)
+        if isinstance(config, TmaConfig):
+            _runner(attention_fwd_tma_kernel, grid, compile_only)(
+                *_descriptors(config, q, k, v), o, lse, *_strides(o), h, n, qk_scale,
+                HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, WARP_SPECIALIZE=config.warp_specialize,
+                EMULATE_BF16=emulate, num_warps=warps, num_stages=stages,
+            )
+            return
+        _runner(attention_fwd_kernel, grid, compile_only)(
             q, k, v, o, lse, rope_arg,
             *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-            h, n, math.log2(math.e) / math.sqrt(d),
+            h, n, qk_scale,
             HEAD_DIM=d, DA=da, DB=db, HAS_B=has_b, BLOCK_M=block_m, BLOCK_N=block_n,
             HAS_ROPE=rope is not None, EMULATE_BF16=emulate, EVEN_N=n % block_n == 0,
             num_warps=warps, num_stages=stages,
         )
 
-    candidates = _candidates(d, q.dtype, rope is not None)["fwd"]
+    on_load = rope is not None
+    candidates = [c for c in _candidates(d, q.dtype, on_load)["fwd"] if _tma_fits(c, q, k, v, on_load)]
+    if not candidates:
+        raise ValueError(f"attention: no forward launch config applies to q {tuple(q.shape)} (RoPE on load: "
+                         f"{rope is not None}): the tensor-descriptor configs need one power-of-two head-dim "
+                         "chunk, no RoPE on load, N a multiple of their blocks and 16-byte aligned tensors")
     key = _tuning_key("attention fwd", q, rope)
     launch(pick_config(key, candidates, launch, (o, lse), precompile=functools.partial(launch, compile_only=True)))
     return o, lse
