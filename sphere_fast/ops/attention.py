@@ -191,6 +191,7 @@ class TmaConfig(NamedTuple):
     stages: int
     warp_specialize: bool
 
+
 # Hopper fp16/bf16 candidates per (padded head width, RoPE on load), the default first: tiles that compile for
 # sm_90a without local-memory spills and fit shared memory (tests/test_sm90_attention.py checks each).
 # Rotating on load holds more registers and shared memory, so fewer fit.
