@@ -187,9 +187,9 @@ def attention_fwd_kernel(
 
 
 @triton.jit
-def _desc_tile(desc, b, h, start, ROWS: tl.constexpr, COLS: tl.constexpr, EMULATE_BF16: tl.constexpr):
-    """Rows [start, start + ROWS) of head (b, h) from a [B, H, N, D] tensor descriptor, as a [ROWS, COLS] tile."""
-    x = desc.load([b, h, start, 0]).reshape(ROWS, COLS)
+def _desc_tile(desc, row, col, EMULATE_BF16: tl.constexpr):
+    """The descriptor's block at (row, col) of its [B*N, H*D] matrix: one head's rows of one batch element."""
+    x = desc.load([row, col])
     if EMULATE_BF16:
         x = x.to(tl.float32)
     return x
@@ -204,19 +204,21 @@ def attention_fwd_tma_kernel(
     EMULATE_BF16: tl.constexpr,
 ):
     """attention_fwd_kernel's sums in the same order, with the q, k, v tiles loaded through tensor descriptors
-    (on Hopper the TMA copies them into shared memory), for one head-dim chunk, no RoPE on load, and N a
-    multiple of both blocks. WARP_SPECIALIZE has Triton split the key loop into producer and consumer warps."""
+    of their [B*N, H*D] matrices (on Hopper the TMA copies them into shared memory), for one head-dim chunk, no
+    RoPE on load, and N a multiple of both blocks. WARP_SPECIALIZE has Triton split the key loop into producer
+    and consumer warps."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b, h = bh // H, bh % H  # int32 descriptor coordinates
-    q = _desc_tile(Q_DESC, b, h, pid_m * BLOCK_M, BLOCK_M, HEAD_DIM, EMULATE_BF16)
+    b, h = bh // H, bh % H
+    row, col = b * N, h * HEAD_DIM  # int32 descriptor coordinates of this head's first row
+    q = _desc_tile(Q_DESC, row + pid_m * BLOCK_M, col, EMULATE_BF16)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start_n in tl.range(0, N, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
-        s = tl.dot(q, tl.trans(_desc_tile(K_DESC, b, h, start_n, BLOCK_N, HEAD_DIM, EMULATE_BF16)))
+        s = tl.dot(q, tl.trans(_desc_tile(K_DESC, row + start_n, col, EMULATE_BF16)))
         p, alpha, m_i_new, l_i = _online_softmax(s, m_i, l_i, qk_scale)
-        v = _desc_tile(V_DESC, b, h, start_n, BLOCK_N, HEAD_DIM, EMULATE_BF16)
+        v = _desc_tile(V_DESC, row + start_n, col, EMULATE_BF16)
         acc = tl.dot(_cast(p, O, EMULATE_BF16), v, acc * alpha[:, None])
         m_i = m_i_new
 

@@ -182,7 +182,7 @@ def test_tensor_descriptor_forward_uses_tma_and_hgmma_without_spills(config) -> 
     come in by UTMALDG, dots by HGMMA, no spills; with warp specialization the producer and consumer warps
     set their register budgets (USETMAXREG), which shows that Triton did split the loop."""
     fn = kernels.attention_fwd_tma_kernel
-    signature = {name: f"tensordesc<bf16[1,1,{rows},64]>"
+    signature = {name: f"tensordesc<bf16[{rows},64]>"
                  for name, rows in (("Q_DESC", config.block_m), ("K_DESC", config.block_n), ("V_DESC", config.block_n))}
     signature |= {"O": "*bf16", "LSE": "*fp32", "H": "i32", "N": "i32", "qk_scale": "fp32"}
     signature |= {name: "i32" for name in fn.arg_names if name.startswith("stride")}

@@ -348,8 +348,9 @@ def test_tensor_descriptor_forward_gives_the_pointer_kernels_bits(dtype: torch.d
 
 
 def test_tensor_descriptor_configs_run_only_where_they_apply() -> None:
-    """A TmaConfig needs no RoPE on load, one power-of-two head-dim chunk, N a multiple of its blocks and
-    16-byte aligned tensors; elsewhere the op takes its other candidates, or says why none applies."""
+    """A TmaConfig needs no RoPE on load, one power-of-two head-dim chunk, N a multiple of its blocks, and
+    16-byte aligned tensors in the model's [B, N, H, D] memory; elsewhere the op takes its other candidates,
+    or says why none applies."""
     tma = attn.TmaConfig(32, 32, 4, 1, False)
     _, q, k, v, rope, _ = _inputs(1, 2, 64, 32, torch.float32)
     assert attn._tma_fits(tma, q, k, v, rope_on_load=False)
@@ -359,8 +360,9 @@ def test_tensor_descriptor_configs_run_only_where_they_apply() -> None:
     assert not attn._tma_fits(tma, q72, k72, v72, rope_on_load=False)
     _, q40, k40, v40, _, _ = _inputs(1, 2, 40, 32, torch.float32)
     assert not attn._tma_fits(tma, q40, k40, v40, rope_on_load=False)
-    shifted = torch.zeros(1 + q.numel())[1:].view(q.shape)  # 4 bytes past an aligned allocation
-    assert not attn._tma_fits(tma, shifted, k, v, rope_on_load=False)
+    shifted = torch.zeros(1 + 3 * q.numel())[1:].view(1, 64, 3, 2, 32).permute(2, 0, 3, 1, 4)[0]
+    assert not attn._tma_fits(tma, shifted, k, v, rope_on_load=False)  # 4 bytes past an aligned allocation
+    assert not attn._tma_fits(tma, q.contiguous(), k, v, rope_on_load=False)  # [B, H, N, D] memory
 
     inputs = _inputs(1, 2, 64, 32, torch.float32)
     with _only(_defaults(INTERPRETER_CANDIDATES)):

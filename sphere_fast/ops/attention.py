@@ -181,9 +181,9 @@ class TmaConfig(NamedTuple):
     """A forward launch config of attention_fwd_tma_kernel, which loads the q, k, v tiles through tensor
     descriptors (the TMA on Hopper), with Triton's warp specialization or without. It runs where the pointer
     kernel would take its EVEN_N path on one head-dim chunk: no RoPE on load, a power-of-two head dim, N a
-    multiple of both blocks, and 16-byte aligned tensors and strides (``_tma_fits``). With the same blocks as
-    a pointer config it computes the same sums in the same order. Not among the default candidates until it is
-    measured: benchmarks/tune_attention.py times it."""
+    multiple of both blocks, and the model's layout (``_tma_fits``). With the same blocks as a pointer config
+    it computes the same sums in the same order. Not among the default candidates until it is measured:
+    benchmarks/tune_attention.py times it."""
 
     block_m: int
     block_n: int
@@ -249,23 +249,29 @@ def _tma_fits(
     config: Config | TmaConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope_on_load: bool
 ) -> bool:
     """Whether a forward config can run on these inputs: pointer configs always; a TmaConfig where its kernel
-    applies (see TmaConfig) and the descriptors can be made."""
+    applies (see TmaConfig) and its descriptors can be made: tensors whose memory is a [B*N, H*D] matrix
+    (the model's views of its qkv projection: heads adjacent in a token's row, batches N rows apart), 16-byte
+    aligned."""
     if not isinstance(config, TmaConfig):
         return True
-    n, d = q.shape[-2], q.shape[-1]
-    aligned = all(
-        t.data_ptr() % 16 == 0 and all(stride * t.element_size() % 16 == 0 for stride in t.stride()[:-1])
-        for t in (q, k, v)
-    )
-    return not rope_on_load and d & (d - 1) == 0 and n % config.block_m == 0 and n % config.block_n == 0 and aligned
+    h, n, d = q.shape[1:]
+
+    def bnhd(t: torch.Tensor) -> bool:
+        sb, sh, sn, sd = t.stride()
+        aligned = t.data_ptr() % 16 == 0 and all(stride * t.element_size() % 16 == 0 for stride in (sb, sh, sn))
+        return aligned and sd == 1 and sh == d and sn >= h * d and sb == n * sn
+
+    shapes = n % config.block_m == 0 and n % config.block_n == 0 and d & (d - 1) == 0
+    return not rope_on_load and shapes and all(bnhd(t) for t in (q, k, v))
 
 
 def _descriptors(config: TmaConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list:
-    """[B, H, N, D] descriptors of q, k and v (tiles of one head: block_m rows of q, block_n of k and v)."""
+    """Descriptors of q, k and v as [B*N, H*D] matrices (rows: tokens; a block: block_m rows of q, block_n of k
+    and v, of one head's D columns). 2-D, as Triton's warp specialization rejected the reshape of a 4-D block."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    d = q.shape[-1]
-    return [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, d])
+    b, h, n, d = q.shape
+    return [TensorDescriptor(t, [b * n, h * d], [t.stride(2), 1], [rows, d])
             for t, rows in ((q, config.block_m), (k, config.block_n), (v, config.block_n))]
 
 
@@ -319,8 +325,8 @@ def _triton_forward(q, k, v, rope):
     candidates = [c for c in _candidates(d, q.dtype, on_load)["fwd"] if _tma_fits(c, q, k, v, on_load)]
     if not candidates:
         raise ValueError(f"attention: no forward launch config applies to q {tuple(q.shape)} (RoPE on load: "
-                         f"{rope is not None}): the tensor-descriptor configs need one power-of-two head-dim "
-                         "chunk, no RoPE on load, N a multiple of their blocks and 16-byte aligned tensors")
+                         f"{on_load}): the tensor-descriptor configs need one power-of-two head-dim chunk, no "
+                         "RoPE on load, N a multiple of their blocks and 16-byte aligned [B, N, H, D] memory")
     key = _tuning_key("attention fwd", q, rope)
     launch(pick_config(key, candidates, launch, (o, lse), precompile=functools.partial(launch, compile_only=True)))
     return o, lse
