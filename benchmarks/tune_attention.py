@@ -2,7 +2,7 @@
 then timed (forward, and forward + backward) three ways: impl triton (the RoPE pass, then the kernel without
 RoPE), impl triton_rope_on_load, and the kernel without any RoPE (a bound: what the pass costs).
 
-    python -m benchmarks.tune_attention [--shape 16 16 1024 64] [--head-dims 64 72]
+    python -m benchmarks.tune_attention [--shape 16 16 1024 64] [--head-dims 64 72] [--only fwd]
 
 Each variant replaces sphere_fast.ops.attention._candidates (and, for the chunk B rows, _head_chunks) with
 that one config for its run, so the op runs exactly as the model calls it, untuned, with only the tile sizes,
@@ -106,26 +106,34 @@ def time_variant(
     return fwd_ms, step_ms
 
 
-def sweep(shape: Sequence[int]) -> list[str]:
-    """Markdown rows: every forward variant (with the op's backward), then every backward variant (with the
-    op's forward), each in every RoPE mode; then the TMA forward variants; last, where the head dim has a chunk
-    B, the op's configs with the narrower chunk B widths (a 16-wide one miscompiled on an H200)."""
+Plan = tuple[str, Config | attn.TmaConfig | None, tuple[Config, Config] | None, int | None]
+
+
+def plans_for(head_dim: int) -> list[Plan]:
+    """(name, fwd, (dkdv, dq), chunk B width) of every variant at ``head_dim``: every forward variant (with the
+    op's backward), then every backward variant (with the op's forward); then the TMA forward variants; last,
+    where the head dim has a chunk B, the op's configs with the narrower chunk B widths (a 16-wide one
+    miscompiled on an H200)."""
+    if SMOKE:
+        return [("interpreter", None, None, None)]
+    own = attn._candidates(head_dim, torch.bfloat16, interpret=False)
+    plans: list[Plan] = [(f"fwd {c}", c, None, None) for c in own["fwd"] + FWD_VARIANTS]
+    defaults = (own["dkdv"][0], own["dq"][0])
+    plans += [(f"dkdv {c}", None, (c, defaults[1]), None) for c in own["dkdv"]]
+    plans += [(f"dq {c}", None, (defaults[0], c), None) for c in own["dq"][1:]]
+    plans += [(f"dkdv {c[0]} dq {c[1]}", None, c, None) for c in BWD_VARIANTS]
+    # new kernels last: a warp-specialized one that deadlocked would stop the sweep here
+    plans += [(f"fwd {c}", c, None, None) for c in TMA_FWD_VARIANTS]
+    da, db, has_b = attn._head_chunks(head_dim)
+    plans += [(f"chunk B {w}", None, None, w) for w in CHUNK_B_WIDTHS if has_b and head_dim - da <= w < db]
+    return plans
+
+
+def sweep(shape: Sequence[int], only: str = "") -> list[str]:
+    """Markdown rows of the variants of plans_for whose name starts with ``only``, each in every RoPE mode."""
     b, h, n, d = shape
     flops = 4 * b * h * n * n * d
-    plans: list[tuple[str, Config | None, tuple[Config, Config] | None, int | None]]
-    if SMOKE:
-        plans = [("interpreter", None, None, None)]
-    else:
-        own = attn._candidates(d, torch.bfloat16, interpret=False)
-        plans = [(f"fwd {c}", c, None, None) for c in own["fwd"] + FWD_VARIANTS]
-        defaults = (own["dkdv"][0], own["dq"][0])
-        plans += [(f"dkdv {c}", None, (c, defaults[1]), None) for c in own["dkdv"]]
-        plans += [(f"dq {c}", None, (defaults[0], c), None) for c in own["dq"][1:]]
-        plans += [(f"dkdv {c[0]} dq {c[1]}", None, c, None) for c in BWD_VARIANTS]
-        # new kernels last: a warp-specialized one that deadlocked would stop the sweep here
-        plans += [(f"fwd {c}", c, None, None) for c in TMA_FWD_VARIANTS]
-        da, db, has_b = attn._head_chunks(d)
-        plans += [(f"chunk B {w}", None, None, w) for w in CHUNK_B_WIDTHS if has_b and d - da <= w < db]
+    plans = [plan for plan in plans_for(d) if plan[0].startswith(only)]
     rows = []
     for name, fwd, bwd, chunk_b in plans:
         for label, impl, rope in MODES:
@@ -147,6 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shape", type=int, nargs=4, metavar=("B", "H", "N", "D"),
                         default=(1, 2, 40, 64) if SMOKE else (16, 16, 1024, 64))
     parser.add_argument("--head-dims", type=int, nargs="+", help="sweep these head dims at the shape's B, H, N")
+    parser.add_argument("--only", default="", metavar="PREFIX",
+                        help='only the variants whose name starts with PREFIX ("fwd", "fwd TmaConfig", "dkdv", ...)')
     args = parser.parse_args(argv)
     b, h, n, d = args.shape
     for head_dim in args.head_dims or [d]:
@@ -154,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\n### Triton attention configs, bf16, B={b} H={h} N={n} D={head_dim}\n")
         print("| variant | RoPE | fwd ms | fwd TFLOP/s | fwd + bwd ms | gate |")
         print("|---|---|---|---|---|---|")
-        for row in sweep(shape):
+        for row in sweep(shape, args.only):
             print(row, flush=True)
     return 0
 
