@@ -353,16 +353,16 @@ def test_tensor_descriptor_configs_run_only_where_they_apply() -> None:
     or says why none applies."""
     tma = attn.TmaConfig(32, 32, 4, 1, False)
     _, q, k, v, rope, _ = _inputs(1, 2, 64, 32, torch.float32)
-    assert attn._tma_fits(tma, q, k, v, rope_on_load=False)
-    assert not attn._tma_fits(tma, q, k, v, rope_on_load=True)
-    assert attn._tma_fits((32, 32, 4, 1), q, k, v, rope_on_load=True)  # pointer configs always
+    assert attn._config_applies(tma, q, k, v, rope_on_load=False)
+    assert not attn._config_applies(tma, q, k, v, rope_on_load=True)
+    assert attn._config_applies((32, 32, 4, 1), q, k, v, rope_on_load=True)  # pointer configs always
     _, q72, k72, v72, _, _ = _inputs(1, 2, 64, 72, torch.float32)
-    assert not attn._tma_fits(tma, q72, k72, v72, rope_on_load=False)
+    assert not attn._config_applies(tma, q72, k72, v72, rope_on_load=False)
     _, q40, k40, v40, _, _ = _inputs(1, 2, 40, 32, torch.float32)
-    assert not attn._tma_fits(tma, q40, k40, v40, rope_on_load=False)
+    assert not attn._config_applies(tma, q40, k40, v40, rope_on_load=False)
     shifted = torch.zeros(1 + 3 * q.numel())[1:].view(1, 64, 3, 2, 32).permute(2, 0, 3, 1, 4)[0]
-    assert not attn._tma_fits(tma, shifted, k, v, rope_on_load=False)  # 4 bytes past an aligned allocation
-    assert not attn._tma_fits(tma, q.contiguous(), k, v, rope_on_load=False)  # [B, H, N, D] memory
+    assert not attn._config_applies(tma, shifted, k, v, rope_on_load=False)  # 4 bytes past an aligned allocation
+    assert not attn._config_applies(tma, q.contiguous(), k, v, rope_on_load=False)  # [B, H, N, D] memory
 
     inputs = _inputs(1, 2, 64, 32, torch.float32)
     with _only(_defaults(INTERPRETER_CANDIDATES)):

@@ -181,7 +181,7 @@ class TmaConfig(NamedTuple):
     """A forward launch config of attention_fwd_tma_kernel, which loads the q, k, v tiles through tensor
     descriptors (the TMA on Hopper), with Triton's warp specialization or without. It runs where the pointer
     kernel would take its EVEN_N path on one head-dim chunk: no RoPE on load, a power-of-two head dim, N a
-    multiple of both blocks, and the model's layout (``_tma_fits``). With the same blocks as a pointer config
+    multiple of both blocks, and the model's layout (``_config_applies``). With the same blocks as a pointer config
     it computes the same sums in the same order. Not among the default candidates until it is measured:
     benchmarks/tune_attention.py times it."""
 
@@ -245,7 +245,7 @@ def _strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-def _tma_fits(
+def _config_applies(
     config: Config | TmaConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope_on_load: bool
 ) -> bool:
     """Whether a forward config can run on these inputs: pointer configs always; a TmaConfig where its kernel
@@ -322,11 +322,11 @@ def _triton_forward(q, k, v, rope):
         )
 
     on_load = rope is not None
-    candidates = [c for c in _candidates(d, q.dtype, on_load)["fwd"] if _tma_fits(c, q, k, v, on_load)]
+    candidates = [c for c in _candidates(d, q.dtype, on_load)["fwd"] if _config_applies(c, q, k, v, on_load)]
     if not candidates:
         raise ValueError(f"attention: no forward launch config applies to q {tuple(q.shape)} (RoPE on load: "
                          f"{on_load}): the tensor-descriptor configs need one power-of-two head-dim chunk, no "
-                         "RoPE on load, N a multiple of their blocks and 16-byte aligned [B, N, H, D] memory")
+                         "RoPE on load, N a multiple of their blocks and 16-byte aligned [B*N, H*D] memory")
     key = _tuning_key("attention fwd", q, rope)
     launch(pick_config(key, candidates, launch, (o, lse), precompile=functools.partial(launch, compile_only=True)))
     return o, lse
