@@ -5,9 +5,9 @@
 Same model, dtype and inputs as benchmarks/bench_sampling.py (random weights, bf16 on a GPU; the tiny float32
 model on CPU). The call runs un-captured so that every kernel is its own profiler event (the graphed sampler
 replays the same kernels). Prints, per batch size, the total device time and the number of kernels per
-kernel group (matmul, attention, the fused ops, the rest), a graph replay's time where the un-captured call is host-bound (batch 1), then the
-top kernels; the GPU check runs it as its "profile" phase. The warm-up calls log the
-backend each op took and the attention's tuned launch configs with the time of every candidate (the
+kernel group (matmul, attention, the fused ops, the rest), a graph replay's time where the un-captured call is
+host-bound (batch 1), then the top kernels; the GPU check runs it as its "profile" phase. The warm-up calls log
+the backend each op took and the attention's tuned launch configs with the time of every candidate (the
 sphere_fast logger at INFO, on stderr).
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -46,12 +46,13 @@ def kernel_group(name: str) -> str:
 
 def group_times(events: Iterable[tuple[str, float]]) -> dict[str, tuple[float, int]]:
     """(name, microseconds) pairs summed per kernel_group: (microseconds, kernels), largest time first."""
-    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    times: dict[str, float] = defaultdict(float)
+    counts: Counter[str] = Counter()
     for name, us in events:
-        total = totals[kernel_group(name)]
-        total[0] += us
-        total[1] += 1
-    return {g: (us, int(n)) for g, (us, n) in sorted(totals.items(), key=lambda kv: -kv[1][0])}
+        group = kernel_group(name)
+        times[group] += us
+        counts[group] += 1
+    return {g: (times[g], counts[g]) for g in sorted(times, key=lambda g: -times[g])}
 
 
 def format_groups(totals: dict[str, tuple[float, int]], wall_ms: float) -> str:
