@@ -202,7 +202,8 @@ def import_seconds(importtime_log: str, modules: tuple[str, ...] = IMPORTS_TIMED
 
 def kernel_cache_env(folder: Path) -> dict[str, str]:
     """This process's environment with Triton's and inductor's on-disk caches moved into ``folder``."""
-    return {**os.environ, "TRITON_CACHE_DIR": str(folder / "triton"), "TORCHINDUCTOR_CACHE_DIR": str(folder / "inductor")}
+    caches = {"TRITON_CACHE_DIR": str(folder / "triton"), "TORCHINDUCTOR_CACHE_DIR": str(folder / "inductor")}
+    return {**os.environ, **caches}
 
 
 def first_image_process(name: str, impl: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

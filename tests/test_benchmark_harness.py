@@ -237,8 +237,8 @@ def test_report_splits_the_cold_start_by_stage() -> None:
     old = {"op": "first image sphere-l-imagenet", "impl": "eager", "ms": 9000.0, "startup_s": 7.0, "build_s": 0.5,
            "first_call_s": 1.5}  # a run from before the CUDA init and the imports were recorded
     text = report.cold_starts([first, old, {"op": "swiglu", "impl": "triton", "ms": 1.0}])
-    assert ("- sphere-l-imagenet graph, warm kernel caches: 7.0 s = start-up 4.50 (imports: torch 3.00, sphere_fast 0.06) + CUDA init "
-            "0.50 + model build 0.40 + first call 1.60 s") in text
+    assert ("- sphere-l-imagenet graph, warm kernel caches: 7.0 s = start-up 4.50 (imports: torch 3.00, "
+            "sphere_fast 0.06) + CUDA init 0.50 + model build 0.40 + first call 1.60 s") in text
     assert "- sphere-l-imagenet eager: 9.0 s = start-up 7.00 + model build 0.50 + first call 1.50 s" in text
     assert report.cold_starts([{"op": "swiglu", "impl": "triton", "ms": 1.0}]) == ""
 
@@ -488,7 +488,8 @@ def test_profile_sampler_smoke_prints_the_groups(capsys: pytest.CaptureFixture[s
 
 def test_tune_attention_variant_replaces_only_what_it_names() -> None:
     """A variant is one config per kernel (nothing left to tune): the named ones, else the op's defaults."""
-    base = {name: configs[:1] for name, configs in tune_attention.attn._candidates(64, torch.bfloat16, interpret=False).items()}
+    own = tune_attention.attn._candidates(64, torch.bfloat16, interpret=False)
+    base = {name: configs[:1] for name, configs in own.items()}
     fwd_only = tune_attention.configs_with(fwd=(64, 64, 4, 2))(64, torch.bfloat16, interpret=False)
     assert fwd_only == {**base, "fwd": ((64, 64, 4, 2),)}
     bwd = ((32, 64, 4, 2), (64, 32, 4, 2))
