@@ -344,7 +344,17 @@ def test_tensor_descriptor_forward_gives_the_pointer_kernels_bits(dtype: torch.d
     with _only(_defaults(INTERPRETER_CANDIDATES)):
         expected = _run("triton", *inputs)
     with _only({**_defaults(INTERPRETER_CANDIDATES), "fwd": (attn.TmaConfig(*pointer, warp_specialize),)}):
-        _assert_bitwise(_run("triton", *inputs), expected, f"TmaConfig{(*pointer, warp_specialize)}")
+        actual = _run("triton", *inputs)
+    _assert_bitwise(actual, expected, f"TmaConfig{(*pointer, warp_specialize)}")
+    # and against the eager reference in float64 (RoPE, softmax, gradient), as tests/test_attention.py does
+    qkv, q, k, v, rope, grad = inputs
+    ref_qkv = qkv.detach().double().requires_grad_()
+    rq, rk, rv = ref_qkv.permute(2, 0, 3, 1, 4)
+    ref = attn.attention_reference(rq, rk, rv, rope.double())
+    (ref_dqkv,) = torch.autograd.grad(ref, ref_qkv, grad.double())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for name, a, r in (("output", actual[0], ref), ("dqkv", actual[1], ref_dqkv)):
+        torch.testing.assert_close(a.double(), r, atol=tol, rtol=tol, msg=lambda m: f"{name} vs eager: {m}")
 
 
 def test_tensor_descriptor_configs_run_only_where_they_apply() -> None:
