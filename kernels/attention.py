@@ -30,7 +30,7 @@ EMULATE_BF16 is only set by the launcher under TRITON_INTERPRET=1 with bf16 inpu
 import triton
 import triton.language as tl
 
-from sphere_fast.kernels.rounding import to_dtype
+from sphere_fast.kernels.rounding import desc_load, to_dtype
 
 
 @triton.jit
@@ -187,15 +187,6 @@ def attention_fwd_kernel(
 
 
 @triton.jit
-def _desc_tile(desc, row, col, EMULATE_BF16: tl.constexpr):
-    """The descriptor's block at (row, col) of its [B*N, H*D] matrix: one head's rows of one batch element."""
-    x = desc.load([row, col])
-    if EMULATE_BF16:
-        x = x.to(tl.float32)
-    return x
-
-
-@triton.jit
 def attention_fwd_tma_kernel(
     Q_DESC, K_DESC, V_DESC, O, LSE,
     stride_ob, stride_oh, stride_on,
@@ -211,14 +202,14 @@ def attention_fwd_tma_kernel(
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
     row, col = b * N, h * HEAD_DIM  # int32 descriptor coordinates of this head's first row
-    q = _desc_tile(Q_DESC, row + pid_m * BLOCK_M, col, EMULATE_BF16)
+    q = desc_load(Q_DESC, row + pid_m * BLOCK_M, col, EMULATE_BF16)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start_n in tl.range(0, N, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
-        s = tl.dot(q, tl.trans(_desc_tile(K_DESC, row + start_n, col, EMULATE_BF16)))
+        s = tl.dot(q, tl.trans(desc_load(K_DESC, row + start_n, col, EMULATE_BF16)))
         p, alpha, m_i_new, l_i = _online_softmax(s, m_i, l_i, qk_scale)
-        v = _desc_tile(V_DESC, row + start_n, col, EMULATE_BF16)
+        v = desc_load(V_DESC, row + start_n, col, EMULATE_BF16)
         acc = tl.dot(_cast(p, O, EMULATE_BF16), v, acc * alpha[:, None])
         m_i = m_i_new
 

@@ -1,4 +1,4 @@
-"""Rounding to a storage dtype that behaves the same in the Triton interpreter as on the GPU."""
+"""Loads and rounding that behave the same in the Triton interpreter as on the GPU."""
 
 import triton
 import triton.language as tl
@@ -14,3 +14,13 @@ def to_dtype(x, dtype: tl.constexpr, EMULATE_BF16: tl.constexpr):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         return bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
+
+
+@triton.jit
+def desc_load(desc, row, col, EMULATE_BF16: tl.constexpr):
+    """The tensor descriptor's block at (row, col) (on Hopper the TMA copies it into shared memory; rows and
+    columns past the tensor's end read as zeros). EMULATE_BF16: in fp32, as the interpreter's bf16 dot is wrong."""
+    x = desc.load([row, col])
+    if EMULATE_BF16:
+        x = x.to(tl.float32)
+    return x

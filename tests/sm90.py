@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 NVCC_ARCH_FLAGS = ("-gencode=arch=compute_90a,code=sm_90a", "-std=c++17")
+SMEM_LIMIT = 227 * 1024  # opt-in shared memory per block on H100 / H200
 
 
 class CompileError(RuntimeError):
@@ -170,6 +171,11 @@ def count_opcodes(sass: str) -> Counter[str]:
 
 
 # ---------------------------------------------------------------------------------------------- checks
+
+
+def hgmma_count(info: CompiledKernelInfo) -> int:
+    """Hopper tensor-core (warpgroup) matrix instructions in a kernel's SASS."""
+    return sum(n for op, n in count_opcodes(info.sass()).items() if op.startswith("HGMMA"))
 
 
 def assert_no_spills(info: CompiledKernelInfo | KernelResources | Mapping[str, KernelResources]) -> None:

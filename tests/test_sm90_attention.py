@@ -23,7 +23,6 @@ kernels = pytest.importorskip("sphere_fast.kernels.attention")
 pytestmark = pytest.mark.skipif(sm90.find_cuobjdump() is None, reason="cuobjdump not found (nor triton's bundled one)")
 
 HEAD_DIMS = (32, 64, 72, 80, 104, 128)
-SMEM_LIMIT = 227 * 1024  # opt-in shared memory per block on H100 / H200
 TT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 KERNELS = {
     "fwd": kernels.attention_fwd_kernel,
@@ -63,10 +62,6 @@ def compile_kernel(
     return sm90.compile_triton_sm90(fn, signature, constexprs, num_warps=warps, num_stages=stages, aligned=aligned)
 
 
-def hgmma_count(info: sm90.CompiledKernelInfo) -> int:
-    return sum(n for op, n in sm90.count_opcodes(info.sass()).items() if op.startswith("HGMMA"))
-
-
 # forward at every head dim; backward once per tile tier (<= 64 and 128 columns wide) and at D = 72 (two chunks)
 BF16_CASES = [("fwd", d) for d in HEAD_DIMS] + [(w, d) for w in ("dkdv", "dq") for d in (64, 72, 128)]
 
@@ -76,8 +71,8 @@ BF16_CASES = [("fwd", d) for d in HEAD_DIMS] + [(w, d) for w in ("dkdv", "dq") f
 def test_bf16_kernels_use_hgmma_without_spills(which: str, head_dim: int, rope: bool) -> None:
     info = compile_kernel(which, head_dim, torch.bfloat16, rope)
     sm90.assert_no_spills(info)
-    assert info.launch_shared <= SMEM_LIMIT, f"{which} D={head_dim}: {info.launch_shared} B shared memory"
-    assert hgmma_count(info) > 0, f"{which} D={head_dim}: no HGMMA in the SASS"
+    assert info.launch_shared <= sm90.SMEM_LIMIT, f"{which} D={head_dim}: {info.launch_shared} B shared memory"
+    assert sm90.hgmma_count(info) > 0, f"{which} D={head_dim}: no HGMMA in the SASS"
 
 
 # every other tuning candidate, at the model head dims (Sphere-L 64, Sphere-XL 72) and the widest
@@ -94,8 +89,8 @@ CANDIDATE_CASES = [
 def test_tuning_candidates_without_spills(which: str, head_dim: int, rope: bool, config: Config) -> None:
     info = compile_kernel(which, head_dim, torch.bfloat16, rope, config)
     sm90.assert_no_spills(info)
-    assert info.launch_shared <= SMEM_LIMIT, f"{which} D={head_dim} {config}: {info.launch_shared} B shared memory"
-    assert hgmma_count(info) > 0, f"{which} D={head_dim} {config}: no HGMMA in the SASS"
+    assert info.launch_shared <= sm90.SMEM_LIMIT, f"{which} D={head_dim} {config}: {info.launch_shared} B shared memory"
+    assert sm90.hgmma_count(info) > 0, f"{which} D={head_dim} {config}: no HGMMA in the SASS"
 
 
 def test_candidates_keep_the_summed_block() -> None:
@@ -192,9 +187,9 @@ def test_tensor_descriptor_forward_uses_tma_and_hgmma_without_spills(config) -> 
     info = sm90.compile_triton_sm90(fn, signature, constexprs, num_warps=config.warps, num_stages=config.stages,
                                     aligned=aligned)
     sm90.assert_no_spills(info)
-    assert info.launch_shared <= SMEM_LIMIT, f"{config}: {info.launch_shared} B shared memory"
+    assert info.launch_shared <= sm90.SMEM_LIMIT, f"{config}: {info.launch_shared} B shared memory"
     ops = sm90.count_opcodes(info.sass())
-    assert hgmma_count(info) > 0, f"{config}: no HGMMA in the SASS"
+    assert sm90.hgmma_count(info) > 0, f"{config}: no HGMMA in the SASS"
     assert any(op.startswith("UTMALDG") for op in ops), f"{config}: no TMA loads in the SASS"
     assert any(op.startswith("USETMAXREG") for op in ops) == config.warp_specialize, config
 
@@ -207,7 +202,7 @@ def test_fp16_backward_without_spills() -> None:
 def test_fp32_fits_shared_memory(which: str) -> None:
     """fp32 (TF32 dots) at the widest head dim must launch; its backward spills there (not checked)."""
     info = compile_kernel(which, 128, torch.float32)
-    assert info.launch_shared <= SMEM_LIMIT, f"{which}: {info.launch_shared} B shared memory"
+    assert info.launch_shared <= sm90.SMEM_LIMIT, f"{which}: {info.launch_shared} B shared memory"
     if which == "fwd":
         sm90.assert_no_spills(info)
 

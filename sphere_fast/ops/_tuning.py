@@ -9,6 +9,7 @@ off: the first (default) candidate always runs.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable, Hashable, Sequence
@@ -65,6 +66,12 @@ def compile_ahead(key: Hashable, candidates: Sequence[C], precompile: Callable[[
     except Exception as exc:  # the candidates then compile one by one, as they are timed
         logger.warning("sphere_fast: %s: compiling the candidates ahead failed (%r); each compiles at its launch",
                        key, exc)
+
+
+def kernel_runner(kernel, grid: tuple[int, ...], compile_only: bool) -> Callable[..., object]:
+    """``kernel[grid]``, or with ``compile_only`` its warmup: compiled for the same arguments, not launched
+    (a candidate's ``precompile`` for compile_ahead)."""
+    return functools.partial(kernel.warmup, grid=grid) if compile_only else kernel[grid]
 
 
 def pick_config(

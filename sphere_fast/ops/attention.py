@@ -25,7 +25,6 @@ import functools
 import importlib.util
 import logging
 import math
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -39,7 +38,7 @@ from sphere_fast.backend import (
     triton_usable,
 )
 from sphere_fast.ops._library import define_op, needs_grad
-from sphere_fast.ops._tuning import pick_config
+from sphere_fast.ops._tuning import kernel_runner, pick_config
 from sphere_fast.ops._util import bnhd_empty, next_pow2, on_input_device, unit_last_stride
 from sphere_fast.ops.rope import check_rope_table, rope_pass, rope_reference
 
@@ -275,11 +274,6 @@ def _descriptors(config: TmaConfig, q: torch.Tensor, k: torch.Tensor, v: torch.T
             for t, rows in ((q, config.block_m), (k, config.block_n), (v, config.block_n))]
 
 
-def _runner(kernel, grid: tuple[int, int], compile_only: bool) -> Callable[..., object]:
-    """``kernel[grid]``, or with ``compile_only`` its warmup: compiled for the same arguments, not launched."""
-    return functools.partial(kernel.warmup, grid=grid) if compile_only else kernel[grid]
-
-
 def _tuning_key(kernel: str, q: torch.Tensor, rope: torch.Tensor | None) -> tuple:
     # B*H in powers of two: how many programs fill the GPU decides the best tile, batch by batch bucket
     b, h, n, d = q.shape
@@ -306,13 +300,13 @@ def _triton_forward(q, k, v, rope):
         block_m, block_n, warps, stages = config[:4]
         grid = (_cdiv(n, block_m), b * h)
         if isinstance(config, TmaConfig):
-            _runner(attention_fwd_tma_kernel, grid, compile_only)(
+            kernel_runner(attention_fwd_tma_kernel, grid, compile_only)(
                 *_descriptors(config, q, k, v), o, lse, *_strides(o), h, n, qk_scale,
                 HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, WARP_SPECIALIZE=config.warp_specialize,
                 EMULATE_BF16=emulate, num_warps=warps, num_stages=stages,
             )
             return
-        _runner(attention_fwd_kernel, grid, compile_only)(
+        kernel_runner(attention_fwd_kernel, grid, compile_only)(
             q, k, v, o, lse, rope_arg,
             *_strides(q), *_strides(k), *_strides(v), *_strides(o),
             h, n, qk_scale,
@@ -361,7 +355,7 @@ def _triton_backward(do, q, k, v, o, lse, rope):
 
     def launch_dkdv(config: Config, compile_only: bool = False) -> None:
         block_m, block_n, warps, stages = config
-        _runner(attention_bwd_dkdv_kernel, (_cdiv(n, block_n), b * h), compile_only)(
+        kernel_runner(attention_bwd_dkdv_kernel, (_cdiv(n, block_n), b * h), compile_only)(
             q, k, v, do, dk, dv, lse, delta, rope_arg,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
             h, n, qk_scale, sm_scale,
@@ -370,7 +364,7 @@ def _triton_backward(do, q, k, v, o, lse, rope):
 
     def launch_dq(config: Config, compile_only: bool = False) -> None:
         block_m, block_n, warps, stages = config
-        _runner(attention_bwd_dq_kernel, (_cdiv(n, block_m), b * h), compile_only)(
+        kernel_runner(attention_bwd_dq_kernel, (_cdiv(n, block_m), b * h), compile_only)(
             q, k, v, do, dq, lse, delta, rope_arg,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
             h, n, qk_scale, sm_scale,
