@@ -19,7 +19,7 @@ import torch
 from sphere_fast import ops
 from sphere_fast.backend import active_backend
 from sphere_fast.model import Conditioning, check_label_range, labels_checked
-from sphere_fast.nn.layers import padded_mlp_weights
+from sphere_fast.nn.layers import fused_mlp_enabled, padded_mlp_weights
 from sphere_fast.ops.philox import check_seeds
 
 logger = logging.getLogger("sphere_fast")
@@ -310,6 +310,7 @@ class GraphKey:
     scheduler: bool
     dtype: torch.dtype
     backend: str  # the requested backend (sphere_fast.use_backend): a graph holds the kernels it captured
+    fused_mlp: bool = False  # nn.layers.fused_mlp_enabled(), for the same reason
 
 
 class _CapturedLoop:
@@ -439,7 +440,8 @@ class Sampler:
     def _key(self, n: int) -> GraphKey:
         guide = guidance(self.model, self.cfg, self.cfg_position)
         bucket = bucket_for(n, self.batch_size) if self.use_graphs else n
-        return GraphKey(bucket, self.steps, guide, self.cache_noise, self.scheduler, self.dtype, active_backend())
+        return GraphKey(bucket, self.steps, guide, self.cache_noise, self.scheduler, self.dtype, active_backend(),
+                        fused_mlp_enabled())
 
     def _captured(self, key: GraphKey) -> _CapturedLoop:
         if self._graphs and [t.data_ptr() for t in self._model_tensors] != self._captured_addresses:  # ~0.1 us each

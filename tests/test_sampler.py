@@ -322,8 +322,8 @@ def test_loop_pads_mlp_weights_once_and_images_stay_the_same(model, monkeypatch)
     if "cpp" not in sphere_fast.available_backends("cpu"):
         pytest.skip("cpp backend not available")
     calls = []
-    real = SwiGLU.padded_weights
-    monkeypatch.setattr(SwiGLU, "padded_weights", lambda self: calls.append(1) or real(self))
+    real = SwiGLU.padded_w12
+    monkeypatch.setattr(SwiGLU, "padded_w12", lambda self: calls.append(1) or real(self))
     sampler = Sampler(model, 5, 3, cfg=1.4, dtype=torch.float32)
     with sphere_fast.use_backend("cpp"):
         once = sampler(LABELS, SEEDS)
@@ -333,3 +333,28 @@ def test_loop_pads_mlp_weights_once_and_images_stay_the_same(model, monkeypatch)
         per_pass = sampler(LABELS, SEEDS)
         assert len(calls) == 5  # 3 decoder and 2 encoder passes
     assert torch.equal(once, per_pass)
+
+
+def test_fused_mlp_gives_the_same_images(model, monkeypatch) -> None:
+    """SPHERE_FAST_FUSED_MLP=1 on the triton backend (bf16; the interpreter on CPU): each network pass runs its
+    MLP as ops.swiglu_linear, and the images are the unfused loop's up to bf16 rounding."""
+    import copy
+    import importlib
+
+    import sphere_fast
+
+    if "triton" not in sphere_fast.available_backends("cpu"):
+        pytest.skip("triton backend not available")
+    swl = importlib.import_module("sphere_fast.ops.swiglu_linear")
+    calls = []
+    monkeypatch.setattr(swl, "_swiglu_linear_triton", lambda *a: calls.append(1) or swl._triton_forward(*a))
+    monkeypatch.delenv("SPHERE_FAST_FUSED_MLP", raising=False)
+    sampler = Sampler(copy.deepcopy(model).to(torch.bfloat16), 5, 2, cfg=1.4, dtype=torch.bfloat16)
+    with sphere_fast.use_backend("triton"):
+        unfused = sampler(LABELS, SEEDS)
+        assert calls == []
+        monkeypatch.setenv("SPHERE_FAST_FUSED_MLP", "1")
+        fused = sampler(LABELS, SEEDS)
+    assert len(calls) == 3, "2 decoder passes and 1 encoder pass, one MLP each, both CFG branches in one call"
+    diff = (fused.float() - unfused.float()).abs()
+    assert diff.mean() < 2e-3 and diff.max() < 5e-2, f"mean {diff.mean():.2e}, max {diff.max():.2e}"

@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from sphere_fast import ops
-from sphere_fast.backend import resolve_backend
+from sphere_fast.backend import constant_under_compile, resolve_backend
+from sphere_fast.ops._library import needs_grad
 from sphere_fast.ops.swiglu import AUTO_ORDER as SWIGLU_AUTO_ORDER
+from sphere_fast.ops.swiglu_linear import AUTO_ORDER as SWIGLU_LINEAR_AUTO_ORDER
+from sphere_fast.ops.swiglu_linear import TRITON_DTYPES as SWIGLU_LINEAR_DTYPES
 
 
 class RMSNorm(nn.Module):
@@ -69,6 +73,14 @@ class Attention(nn.Module):
 MLP_ALIGN = 64
 
 
+@constant_under_compile
+def fused_mlp_enabled() -> bool:
+    """SPHERE_FAST_FUSED_MLP=1: SwiGLU layers that need no gradient run their first projection and activation as
+    one GEMM (``ops.swiglu_linear``) on the triton backend, fp16 / bf16. Off by default until it is measured
+    against cuBLAS and the SwiGLU kernel (benchmarks/bench_linear.py). A constant under torch.compile."""
+    return os.environ.get("SPHERE_FAST_FUSED_MLP", "0") == "1"
+
+
 class SwiGLU(nn.Module):
     """Linear(W, 2h) -> silu(a) * b -> Linear(h, W), h = int(W * 8/3), parameters in the official shapes.
 
@@ -76,48 +88,76 @@ class SwiGLU(nn.Module):
     (w12's a and b halves get zero rows, w3 zero columns; the padded units are silu(0) * 0 = 0), so the
     result is the same up to the GEMMs' rounding, and gradients reach the official parameters through the
     pad. The padded weights are rebuilt on each call (about 17M values a Sphere-L block), or once for a whole
-    loop inside ``padded_mlp_weights``. ``eager`` runs the official shapes."""
+    loop inside ``padded_mlp_weights``. With ``fused_mlp_enabled`` and no gradient needed, w12 and the
+    activation run as ``ops.swiglu_linear`` on the official w12, which writes the padded width itself.
+    ``eager`` runs the official shapes."""
 
     def __init__(self, width: int):
         super().__init__()
         hidden = int(width * 8 / 3)
         self.w12 = nn.Linear(width, 2 * hidden)
         self.w3 = nn.Linear(hidden, width)
-        self.fixed_padded_weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.loop_weights: dict[str, tuple[torch.Tensor, ...]] | None = None
 
     def computes_padded(self, device: torch.device) -> bool:
         if self.w3.in_features % MLP_ALIGN == 0:
             return False
         return resolve_backend("swiglu", device, None, SWIGLU_AUTO_ORDER) != "eager"
 
-    def padded_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(w12, b12, w3) with the hidden width zero-padded to a multiple of MLP_ALIGN."""
-        hidden = self.w3.in_features
-        pad = -hidden % MLP_ALIGN
+    def runs_fused(self, x: torch.Tensor) -> bool:
+        """Whether this call runs ops.swiglu_linear (see fused_mlp_enabled)."""
+        return (
+            fused_mlp_enabled()
+            and x.dtype in SWIGLU_LINEAR_DTYPES
+            and x.shape[-1] * x.element_size() % 16 == 0
+            and not needs_grad(x, *self.w12.parameters())
+            and resolve_backend("swiglu_linear", x.device, None, SWIGLU_LINEAR_AUTO_ORDER) == "triton"
+        )
+
+    def padded_w12(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w12, b12) with each half zero-padded to a multiple of MLP_ALIGN rows."""
+        hidden, pad = self.w3.in_features, -self.w3.in_features % MLP_ALIGN
         w12 = F.pad(self.w12.weight.unflatten(0, (2, hidden)), (0, 0, 0, pad)).flatten(0, 1)
-        b12 = F.pad(self.w12.bias.unflatten(0, (2, hidden)), (0, pad)).flatten()
-        return w12, b12, F.pad(self.w3.weight, (0, pad))
+        return w12, F.pad(self.w12.bias.unflatten(0, (2, hidden)), (0, pad)).flatten()
+
+    def padded_w3(self) -> tuple[torch.Tensor]:
+        """(w3,) with zero columns up to a multiple of MLP_ALIGN."""
+        return (F.pad(self.w3.weight, (0, -self.w3.in_features % MLP_ALIGN)),)
+
+    def _loop_weight(self, name: str, make: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+        """make(), or inside padded_mlp_weights its result from the loop's first call."""
+        if self.loop_weights is None:
+            return make()
+        if name not in self.loop_weights:
+            self.loop_weights[name] = make()
+        return self.loop_weights[name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.computes_padded(x.device):
+        fused, padded = self.runs_fused(x), self.computes_padded(x.device)
+        if not (fused or padded):
             return self.w3(ops.swiglu(self.w12(x)))
-        w12, b12, w3 = self.fixed_padded_weights or self.padded_weights()
-        return F.linear(ops.swiglu(F.linear(x, w12, b12)), w3, self.w3.bias)
+        (w3,) = self._loop_weight("w3", self.padded_w3) if padded else (self.w3.weight,)
+        if fused:
+            w12, b12 = weight_like(self.w12.weight, x), weight_like(self.w12.bias, x)
+            h = ops.swiglu_linear(x, w12, b12, out_width=w3.shape[1])
+        else:
+            h = ops.swiglu(F.linear(x, *self._loop_weight("w12", self.padded_w12)))
+        return F.linear(h, w3, self.w3.bias)
 
 
 @contextlib.contextmanager
 def padded_mlp_weights(model: nn.Module) -> Iterator[None]:
     """Inside, each SwiGLU layer of ``model`` that computes with a padded hidden width pads its weights once, at
-    entry, instead of at every call: for loops over fixed weights, such as sampling. Entered inside a CUDA-graph
-    capture, the pads are part of the graph (once a replay), so in-place weight updates still reach it."""
-    layers = [m for m in model.modules() if isinstance(m, SwiGLU) and m.computes_padded(m.w3.weight.device)]
+    its first call, instead of at every call: for loops over fixed weights, such as sampling. Inside a CUDA-graph
+    capture the pads are part of the graph (once a replay), so in-place weight updates still reach it."""
+    layers = [m for m in model.modules() if isinstance(m, SwiGLU)]
     for layer in layers:
-        layer.fixed_padded_weights = layer.padded_weights()
+        layer.loop_weights = {}
     try:
         yield
     finally:
         for layer in layers:
-            layer.fixed_padded_weights = None
+            layer.loop_weights = None
 
 
 class Block(nn.Module):

@@ -24,6 +24,7 @@ from sphere_fast.ops.spherify import (
     spherify_reference,
 )
 from sphere_fast.ops.swiglu import swiglu, swiglu_reference
+from sphere_fast.ops.swiglu_linear import swiglu_linear, swiglu_linear_reference
 
 __all__ = [
     "adaln_modulate",
@@ -46,5 +47,7 @@ __all__ = [
     "spherify_noise_reference",
     "spherify_reference",
     "swiglu",
+    "swiglu_linear",
+    "swiglu_linear_reference",
     "swiglu_reference",
 ]

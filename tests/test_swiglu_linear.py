@@ -1,0 +1,197 @@
+"""The fused SwiGLU GEMM (ops.swiglu_linear) against the float64 reference, its launch configs, its bad inputs,
+and the SwiGLU layer's use of it (SPHERE_FAST_FUSED_MLP=1). On CUDA when there is one, else in the Triton
+interpreter.
+
+Tolerance: the kernel does not round the pre-activation, so its only rounding is the output's: within 2 ulp
+(bf16 2**-6, fp16 2**-9) of the tensor's largest magnitude against float64 on the same rounded inputs.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from sphere_fast import available_backends, use_backend
+from sphere_fast.nn.layers import SwiGLU, padded_mlp_weights
+from sphere_fast.ops import _tuning
+from sphere_fast.ops.swiglu_linear import GemmConfig, swiglu_linear, swiglu_linear_reference
+from tests.helpers import TOL, close
+
+swl = importlib.import_module("sphere_fast.ops.swiglu_linear")  # the module: its function has the same name
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.cuda_capable
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DTYPES = [torch.bfloat16, torch.float16]
+
+
+def randn(*shape: int, dtype: torch.dtype, scale: float = 1.0, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed + sum(shape))
+    return (torch.randn(*shape, generator=g) * scale).to(DEVICE, dtype)
+
+
+def operands(x_shape: tuple[int, ...], hidden: int, dtype: torch.dtype, bias: bool = True):
+    k = x_shape[-1]
+    weight = randn(2 * hidden, k, dtype=dtype, scale=k**-0.5, seed=1)
+    return randn(*x_shape, dtype=dtype), weight, randn(2 * hidden, dtype=dtype, seed=2) if bias else None
+
+
+def float64_reference(x, weight, bias, out_width):
+    return swiglu_linear_reference(x.double(), weight.double(), None if bias is None else bias.double(), out_width)
+
+
+# x shape, H, out_width, bias: several tiles and tails in every dim (interpreter tiles are 16 wide), K not a
+# multiple of the K tile, a batched x, no bias, and the output padded past H
+CASES = [((40, 48), 20, None, True), ((40, 40), 20, 32, False), ((2, 7, 32), 17, 64, True), ((5, 16), 3, 3, True)]
+
+
+@pytest.fixture(autouse=True)
+def fresh_choices(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("SPHERE_FAST_FUSED_MLP", raising=False)
+    _tuning.forget_tuned_configs()
+    yield
+    _tuning.forget_tuned_configs()
+
+
+@pytest.mark.parametrize("x_shape, hidden, out_width, bias", CASES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_the_reference(dtype: torch.dtype, x_shape, hidden: int, out_width: int | None, bias: bool) -> None:
+    x, weight, b = operands(x_shape, hidden, dtype, bias)
+    with torch.no_grad():
+        out = swiglu_linear(x, weight, b, out_width=out_width, backend="triton")
+    width = hidden if out_width is None else out_width
+    assert out.shape == (*x_shape[:-1], width) and out.dtype == dtype and out.device == x.device
+    close(out, float64_reference(x, weight, b, out_width), TOL[dtype], "out")
+    assert torch.all(out[..., hidden:] == 0), "the columns past H must be zeros"
+
+
+def test_sphere_l_shape_matches_the_reference() -> None:
+    """Sphere-L's MLP (K 1024, H 2730 padded to 2752) on a GPU; on CPU a slice of its rows and hidden units."""
+    tokens, hidden, width = (2048, 2730, 2752) if DEVICE.type == "cuda" else (64, 40, 64)
+    x, weight, bias = operands((tokens, 1024), hidden, torch.bfloat16)
+    with torch.no_grad():
+        out = swiglu_linear(x, weight, bias, out_width=width, backend="triton")
+    close(out, float64_reference(x, weight, bias, width), TOL[torch.bfloat16], "out")
+
+
+def test_no_rows_gives_an_empty_output() -> None:
+    x, weight, bias = operands((0, 16), 5, torch.bfloat16)
+    with torch.no_grad():
+        assert swiglu_linear(x, weight, bias, out_width=8, backend="triton").shape == (0, 8)
+
+
+def test_eager_backend_is_the_reference_and_differentiable() -> None:
+    x, weight, bias = (t.float().requires_grad_() for t in operands((6, 16), 5, torch.float32))
+    out = swiglu_linear(x, weight, bias, backend="eager")
+    assert torch.equal(out, swiglu_linear_reference(x, weight, bias))
+    out.sum().backward()
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
+
+
+def test_every_candidate_gives_the_default_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each candidate alone: the default's bits. On a GPU the op's Hopper candidates at Sphere-L's shape; in the
+    interpreter, tiles of 16 and 32 (numpy sums a dot of these alike) over the same K tile."""
+    if DEVICE.type == "cuda":
+        candidates, (tokens, k, hidden, width) = swl.HOPPER_CANDIDATES, (4096, 1024, 2730, 2752)
+    else:
+        candidates = (GemmConfig(16, 16, 16, 4, 1, False), GemmConfig(32, 32, 16, 4, 1, False))
+        tokens, k, hidden, width = 40, 48, 20, 32
+    x, weight, bias = operands((tokens, k), hidden, torch.bfloat16)
+    outputs = []
+    for config in candidates:
+        monkeypatch.setattr(swl, "_candidates", lambda config=config: (config,))
+        with torch.no_grad():
+            outputs.append(swiglu_linear(x, weight, bias, out_width=width, backend="triton"))
+    for config, out in zip(candidates[1:], outputs[1:]):
+        assert torch.equal(out, outputs[0]), f"{config} changes the bits of {candidates[0]}"
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, error, match",
+    [
+        ((torch.ones(4, 8), torch.ones(8)), {}, ValueError, "weight must be \\[2H, K\\]"),
+        ((torch.ones(4, 8), torch.ones(5, 8)), {}, ValueError, "weight must be \\[2H, K\\]"),
+        ((torch.ones(4, 6), torch.ones(4, 8)), {}, ValueError, "K = 8"),
+        ((torch.ones(4, 8), torch.ones(4, 8), torch.ones(3)), {}, ValueError, "bias must be None or .* shape \\(4,\\)"),
+        ((torch.ones(4, 8), torch.ones(4, 8, dtype=torch.float64)), {}, ValueError, "share dtype and device"),
+        ((torch.ones(4, 8), torch.ones(4, 8)), {"out_width": 1}, ValueError, "out_width must be an int >= H = 2"),
+        (([1.0], torch.ones(4, 8)), {}, TypeError, "must be torch.Tensors"),
+        ((torch.ones(4, 8), torch.ones(4, 8)), {"backend": "triton"}, TypeError, "float16 or bfloat16"),
+        ((torch.ones(4, 4, dtype=torch.bfloat16), torch.ones(4, 4, dtype=torch.bfloat16)), {"backend": "triton"},
+         ValueError, "multiple of 16"),
+        ((torch.ones(4, 8), torch.ones(4, 8)), {"backend": "cpp"}, ValueError, "no fused kernel for backend 'cpp'"),
+    ],
+)
+def test_bad_inputs_get_clear_errors(args, kwargs, error, match) -> None:
+    args = tuple(a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args)
+    if kwargs.get("backend") == "cpp" and "cpp" not in __import__("sphere_fast").available_backends(DEVICE):
+        pytest.skip("cpp backend not available")
+    with pytest.raises(error, match=match):
+        swiglu_linear(*args, **kwargs)
+
+
+def test_triton_refuses_a_call_that_needs_a_gradient() -> None:
+    x, weight, bias = operands((4, 16), 3, torch.bfloat16)
+    with pytest.raises(ValueError, match="no backward"):
+        swiglu_linear(x, weight.requires_grad_(), bias, backend="triton")
+
+
+# ------------------------------------------------------------------------------------------ the layer
+
+
+def layer_and_input(dtype: torch.dtype, width: int = 40) -> tuple[SwiGLU, torch.Tensor]:
+    torch.manual_seed(width)
+    return SwiGLU(width).to(DEVICE, dtype), randn(2, 5, width, dtype=dtype, seed=3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_layer_runs_fused_when_enabled_and_matches_the_official_layer(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SPHERE_FAST_FUSED_MLP=1, no gradient: the layer (hidden 106, padded to 128) runs the fused op once and
+    matches the official layer in float64 (the output rounded twice: the fused GEMM's and w3's)."""
+    layer, x = layer_and_input(dtype)
+    calls = []
+    monkeypatch.setattr(swl, "_swiglu_linear_triton", lambda *a: calls.append(a[-1]) or swl._triton_forward(*a))
+    monkeypatch.setenv("SPHERE_FAST_FUSED_MLP", "1")
+    with use_backend("triton"), torch.no_grad():
+        assert layer.runs_fused(x)
+        out = layer(x)
+    assert calls == [128], "one fused call, writing the padded hidden width"
+    w = {name: t.detach().double() for name, t in layer.state_dict().items()}
+    hidden = float64_reference(x, w["w12.weight"], w["w12.bias"], None)
+    close(out, torch.nn.functional.linear(hidden, w["w3.weight"], w["w3.bias"]), 2 * TOL[dtype], "out")
+
+
+def test_layer_keeps_the_unfused_path_where_the_fused_op_does_not_apply(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Off by default; with it on, a call that needs a gradient, float32 and the eager backend still run the
+    unfused layer (training is unchanged: same bits as with it off)."""
+    layer, x = layer_and_input(torch.bfloat16)
+    with use_backend("triton"), torch.no_grad():
+        assert not layer.runs_fused(x)
+    monkeypatch.setenv("SPHERE_FAST_FUSED_MLP", "1")
+    with use_backend("eager"), torch.no_grad():
+        assert not layer.runs_fused(x)
+    with use_backend("triton"):
+        assert not layer.runs_fused(x)
+        with_grad = layer(x)
+        monkeypatch.setenv("SPHERE_FAST_FUSED_MLP", "0")
+        assert torch.equal(layer(x), with_grad)
+        with torch.no_grad():
+            assert not layer.float().runs_fused(x.float())
+
+
+def test_loop_pads_only_w3_when_fused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside padded_mlp_weights a fused layer reads the official w12 and pads only w3, once for the loop."""
+    layer, x = layer_and_input(torch.bfloat16)
+    made = []
+    for name in ("padded_w12", "padded_w3"):
+        real = getattr(SwiGLU, name)
+        monkeypatch.setattr(SwiGLU, name, lambda self, real=real, name=name: made.append(name) or real(self))
+    monkeypatch.setenv("SPHERE_FAST_FUSED_MLP", "1")
+    with use_backend("triton"), torch.no_grad(), padded_mlp_weights(layer):
+        first, second = layer(x), layer(x)
+    assert made == ["padded_w3"]
+    assert torch.equal(first, second)
