@@ -7,6 +7,12 @@ model runs them on the fused backends (``nn.layers.MLP_ALIGN``; zero rows and co
 result); their matmul % against the official rows says whether that padding earns its weight copies.
 Sphere-XL's 3072 is aligned already.
 
+``test_mlp_up`` times the MLP's first half, x -> silu(a) * b at the hidden width the model computes with:
+``eager`` (F.linear on the official w12, then silu(a) * b in torch), ``cublas_swiglu`` (what the fused backends
+run by default: F.linear on the padded w12, then the SwiGLU kernel) and ``triton`` (ops.swiglu_linear: one GEMM
+with the activation in its epilogue, on the official w12). Whether ``triton`` beats ``cublas_swiglu`` at both
+token counts decides the default of SPHERE_FAST_FUSED_MLP (nn/layers.py).
+
 Token counts: 2048 (batch 1 with combo CFG, 1024 tokens a sample) and 131072 (batch 64 with CFG).
 """
 
@@ -15,7 +21,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.harness import DEVICE, cuda_time_ms, pick, record
+from benchmarks.harness import DEVICE, cuda_time_ms, gate, pick, record
+from sphere_fast import available_backends, ops
+from sphere_fast.nn.layers import SwiGLU
 
 DTYPE = pick(real=torch.bfloat16, smoke=torch.float32)
 TOKENS = pick(real=[2048, 131072], smoke=[8])
@@ -43,3 +51,36 @@ def test_linear(benchmark, ceilings, tokens: int, layer: str) -> None:
     record(benchmark, op=f"linear_{layer}", impl="torch", shape=[tokens, k, n], dtype=DTYPE, ms=ms,
            bytes_moved=(tokens * k + n * k + tokens * n) * x.element_size(), flops=2 * tokens * k * n,
            ceilings=ceilings)
+
+
+MLP_WIDTHS = pick(real={"L": 1024, "XL": 1152}, smoke={"tiny": 16})
+MLP_UP_IMPLS = ("eager", "cublas_swiglu", "triton")
+MLP_DTYPE = torch.bfloat16  # the fused kernel's dtypes are fp16 / bf16 (in smoke mode too, in the interpreter)
+
+
+@pytest.mark.parametrize("impl", MLP_UP_IMPLS)
+@pytest.mark.parametrize("model", list(MLP_WIDTHS))
+@pytest.mark.parametrize("tokens", TOKENS, ids=lambda m: f"M{m}")
+def test_mlp_up(benchmark, ceilings, tokens: int, model: str, impl: str) -> None:
+    if impl != "eager" and "triton" not in available_backends(DEVICE):
+        pytest.skip(f"the triton backend is not available on {DEVICE.type}")
+    torch.manual_seed(0)
+    layer = SwiGLU(MLP_WIDTHS[model]).to(DEVICE, MLP_DTYPE)
+    k, hidden = layer.w12.in_features, layer.w3.in_features
+    (w3,) = layer.padded_w3()
+    width = w3.shape[1]
+    w12, b12 = layer.w12.weight.detach(), layer.w12.bias.detach()
+    w12_padded, b12_padded = (t.detach() for t in layer.padded_w12())
+    x = torch.randn(tokens, k, dtype=MLP_DTYPE, device=DEVICE)
+    run = {
+        "eager": lambda: ops.swiglu_linear_reference(x, w12, b12),
+        "cublas_swiglu": lambda: ops.swiglu(torch.nn.functional.linear(x, w12_padded, b12_padded), backend="triton"),
+        "triton": lambda: ops.swiglu_linear(x, w12, b12, out_width=width, backend="triton"),
+    }[impl]
+    with torch.no_grad():
+        gate(run()[:, :hidden], ops.swiglu_linear_reference(x.float(), w12.float(), b12.float()), impl)
+        ms = cuda_time_ms(run)
+    out_width = hidden if impl == "eager" else width
+    record(benchmark, op=f"mlp_up_{model}", impl=impl, shape=[tokens, k, hidden], dtype=MLP_DTYPE, ms=ms,
+           bytes_moved=(tokens * k + 2 * hidden * k + tokens * out_width) * x.element_size(),
+           flops=2 * tokens * k * 2 * hidden, ceilings=ceilings)

@@ -137,6 +137,22 @@ _reference_images: dict[tuple, torch.Tensor] = {}
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("impl", impl_params())
 def test_sampling(benchmark, ceilings, impl: str, name: str, batch: int, steps: int, cfg: float) -> None:
+    time_sampler(benchmark, ceilings, impl, name, batch, steps, cfg)
+
+
+@pytest.mark.parametrize("batch", pick(real=[1, 64], smoke=[2]), ids=lambda b: f"b{b}")
+def test_sampling_fused_mlp(benchmark, ceilings, monkeypatch: pytest.MonkeyPatch, batch: int) -> None:
+    """The graphed sampler with SPHERE_FAST_FUSED_MLP=1 (each MLP's first GEMM and activation as one kernel),
+    Sphere-L, 4 steps, combo CFG 1.4: against the ``graph`` row, whether that should be the default."""
+    monkeypatch.setenv("SPHERE_FAST_FUSED_MLP", "1")
+    time_sampler(benchmark, ceilings, "graph", MODELS[0], batch, STEPS[-1], CFGS[-1], label="graph_fused_mlp")
+
+
+def time_sampler(
+    benchmark, ceilings, impl: str, name: str, batch: int, steps: int, cfg: float, label: str | None = None
+) -> None:
+    """Gate one implementation's images against the eager loop's, then time it; recorded as ``label`` (default:
+    the implementation)."""
     model = cached_model(name)
     labels, seeds = case_inputs(batch, model.num_classes)
     run = make_runner(impl, model, batch, steps, cfg)
@@ -154,7 +170,7 @@ def test_sampling(benchmark, ceilings, impl: str, name: str, batch: int, steps: 
     rep = max(3, min(20, int(TARGET_TIMED_MS / probe)))
     ms = cuda_time_ms(lambda: run(labels, seeds), warmup=0, rep=rep, flush_l2=False)
     flops = flops_per_image(name, steps, cfg)
-    record(benchmark, op=f"sample {name}", impl=impl, shape=case_id(batch, steps, cfg), dtype=DTYPE, ms=ms,
+    record(benchmark, op=f"sample {name}", impl=label or impl, shape=case_id(batch, steps, cfg), dtype=DTYPE, ms=ms,
            flops=flops * batch if flops else None, ceilings=ceilings,
            extra={"images_per_s": batch / (ms * 1e-3), "mean_abs_diff_vs_eager": diff})
 

@@ -32,6 +32,8 @@ HEADLINE = (
     # the sampler at batch 1 and 64, 4 steps with CFG, then its cold start (issue 6)
     *(f"benchmarks/bench_sampling.py::test_sampling[{impl}-sphere-l-imagenet-b{batch}-t4-cfg1.4]"
       for batch in (1, 64) for impl in ("eager", "uncaptured", "graph")),
+    # the same graphed sampler with the fused SwiGLU GEMM (SPHERE_FAST_FUSED_MLP=1), off by default until measured
+    "benchmarks/bench_sampling.py::test_sampling_fused_mlp[*]",
     # where a sampling pass spends its time: the models' GEMMs (MLP width 2730 against padded), and attention
     # at N = 1024, D = 64 and 72, B*H = 256 (issue 5)
     "benchmarks/bench_linear.py::*",
