@@ -15,7 +15,7 @@ from unittest import mock
 import pytest
 import torch
 
-from benchmarks import gpu_check, harness, profile_sampler, report, tune_attention
+from benchmarks import gpu_check, harness, profile_sampler, report, tune_attention, tune_swiglu_linear
 
 ROOT = Path(__file__).resolve().parents[1]
 CEILINGS = harness.Ceilings(copy_gbps=4000.0, matmul_tflops=800.0, copy_bytes=2 << 30, matmul_size=8192)
@@ -508,6 +508,21 @@ def test_tune_attention_plans_and_their_filter(capsys: pytest.CaptureFixture[str
     assert names[-1] == "chunk B 32" and max(tma) == len(names) - 2
     assert tune_attention.main(["--shape", "1", "2", "17", "32", "--only", "fwd"]) == 0  # smoke: no fwd rows
     assert not [line for line in capsys.readouterr().out.splitlines() if line.startswith("| interpreter")]
+
+
+def test_tune_swiglu_linear_sweeps_the_candidates_first_and_gates_each(capsys: pytest.CaptureFixture[str]) -> None:
+    """The GPU sweep: the op's candidates, then the same-K-tile configs, then the others, none twice; on CPU
+    (smoke) the baseline and the interpreter's config both pass their gate."""
+    swl = tune_swiglu_linear.swl
+    with mock.patch.object(tune_swiglu_linear, "SMOKE", False):
+        configs = tune_swiglu_linear.configs()
+    assert configs[: len(swl.HOPPER_CANDIDATES)] == list(swl.HOPPER_CANDIDATES) and len(set(configs)) == len(configs)
+    own_k = swl.HOPPER_CANDIDATES[0].block_k
+    assert all(c.block_k == own_k for c in tune_swiglu_linear.SAME_K_TILE)
+    assert all(c.block_k != own_k for c in tune_swiglu_linear.OTHER_K_TILE)
+    assert tune_swiglu_linear.main(["--tokens", "24"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "ms" not in line]
+    assert len(rows) == 2 and all(row.endswith("| ok |") for row in rows), rows
 
 
 def test_tune_attention_chunk_b_variant() -> None:

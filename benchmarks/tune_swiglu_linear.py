@@ -1,0 +1,107 @@
+"""Sweep the fused SwiGLU GEMM's launch configs on a GPU (ops.swiglu_linear), against what the model runs
+without it: cuBLAS on the padded w12, then the SwiGLU kernel.
+
+    python -m benchmarks.tune_swiglu_linear [--models L XL] [--tokens 2048 131072]
+
+Each config replaces sphere_fast.ops.swiglu_linear._candidates for its run, so the op runs as the model calls
+it, untuned. The configs are the op's own candidates (what its runtime tuning picks from), then others with
+the same K tile (they should give the same bits, so a winner can join the candidates as it is), then some with
+another K tile (other rounding: a winner there would replace the candidates' shared K tile by hand, with the
+numbers in benchmarks/NOTES.md). Each is checked against the float32 reference before it is timed; one that
+does not compile or launch (shared memory) is reported, not fatal. Prints one markdown table per shape.
+On CPU (smoke): a tiny shape and the interpreter's config, so the script cannot rot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+from collections.abc import Callable, Sequence
+from unittest import mock
+
+import torch
+
+if not torch.cuda.is_available():  # CPU smoke: the kernels run in Triton's interpreter (set before they load)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from benchmarks.harness import DEVICE, SMOKE, cuda_time_ms, gate  # noqa: E402
+from sphere_fast import ops  # noqa: E402
+from sphere_fast.nn.layers import SwiGLU  # noqa: E402
+
+swl = importlib.import_module("sphere_fast.ops.swiglu_linear")
+GemmConfig = swl.GemmConfig
+
+WIDTHS = {"L": 1024, "XL": 1152}
+# the op's K tile (64), beyond its candidates: other stages and tiles (Triton 3.6 warp specializes at 4 warps,
+# not at 8: compiled for sm_90a, 8 warps gave no producer / consumer split)
+SAME_K_TILE = (
+    GemmConfig(128, 64, 64, 4, 3, False), GemmConfig(128, 64, 64, 4, 5, False), GemmConfig(128, 128, 64, 8, 4, False),
+    GemmConfig(128, 64, 64, 4, 3, True), GemmConfig(64, 128, 64, 4, 4, False), GemmConfig(256, 64, 64, 8, 3, False),
+)
+OTHER_K_TILE = (GemmConfig(128, 64, 128, 4, 3, False), GemmConfig(128, 128, 32, 8, 5, False))
+
+
+def configs() -> list[GemmConfig]:
+    if SMOKE:
+        return list(swl.INTERPRETER_CANDIDATES)
+    return [*swl.HOPPER_CANDIDATES, *SAME_K_TILE, *OTHER_K_TILE]
+
+
+def mlp_operands(width: int, tokens: int) -> tuple[SwiGLU, torch.Tensor]:
+    torch.manual_seed(0)
+    layer = SwiGLU(width).to(DEVICE, torch.bfloat16).requires_grad_(False)
+    return layer, torch.randn(tokens, width, dtype=torch.bfloat16, device=DEVICE)
+
+
+def time_config(layer: SwiGLU, x: torch.Tensor, config: GemmConfig | None) -> float:
+    """Milliseconds of the MLP's first half after its correctness gate: the fused op with ``config``, or (None)
+    cuBLAS on the padded w12 and the SwiGLU kernel. Raises if the gate fails or the config does not run."""
+    w12, b12 = layer.w12.weight, layer.w12.bias
+    (w3,) = layer.padded_w3()
+    if config is None:
+        w12_padded, b12_padded = layer.padded_w12()
+        run: Callable[[], torch.Tensor] = lambda: ops.swiglu(  # noqa: E731
+            torch.nn.functional.linear(x, w12_padded, b12_padded), backend="triton")
+    else:
+        run = lambda: ops.swiglu_linear(x, w12, b12, out_width=w3.shape[1], backend="triton")  # noqa: E731
+    with mock.patch.object(swl, "_candidates", lambda: (config,)), torch.no_grad():
+        hidden = layer.w3.in_features
+        gate(run()[:, :hidden], ops.swiglu_linear_reference(x.float(), w12.float(), b12.float()), str(config))
+        return cuda_time_ms(run)
+
+
+def sweep(width: int, tokens: int) -> list[str]:
+    """Markdown rows: the unfused baseline, then every config."""
+    layer, x = mlp_operands(width, tokens)
+    flops = 2 * tokens * width * 2 * layer.w3.in_features
+    rows = []
+    for config in [None, *configs()]:
+        name = "cuBLAS + SwiGLU kernel" if config is None else str(tuple(config))
+        try:
+            ms = time_config(layer, x, config)
+        except Exception as exc:  # a config that does not fit or compile is a result, not a crash
+            rows.append(f"| {name} | – | – | {type(exc).__name__}: {str(exc)[:80]} |")
+            continue
+        rows.append(f"| {name} | {ms:.3f} | {flops / (ms * 1e-3) / 1e12:.0f} | ok |")
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=list(WIDTHS), default=["L"])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[64] if SMOKE else [2048, 131072])
+    args = parser.parse_args(argv)
+    for model in args.models:
+        width = 16 if SMOKE else WIDTHS[model]
+        for tokens in args.tokens:
+            print(f"\n### Fused SwiGLU GEMM, bf16, {model} (K = {width}), {tokens} tokens\n")
+            print("| config (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, warp specialized) | ms | TFLOP/s | gate |")
+            print("|---|---|---|---|")
+            for row in sweep(width, tokens):
+                print(row, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
