@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 
-from sphere_fast import SphereEncoder, active_backend, use_backend
+from sphere_fast import SphereEncoder, active_backend, available_backends, use_backend
 from sphere_fast.sampling import GraphKey, Sampler, bucket_for, guidance
 from tests.cuda_graph_emulator import CaptureError, CudaGraphEmulator, emulated_cuda_graphs  # noqa: F401 (fixture)
 from tests.helpers import FUSED, close
@@ -215,6 +215,23 @@ def test_backend_change_captures_its_own_graph(model: SphereEncoder, emulated_cu
     assert [key.backend for key in graphed.graph_keys] == ["auto", "cpp"]
     close(cpp, auto, TOL, "cpp vs auto (eager on CPU)")
     assert emulated_cuda_graphs.captures == 2
+
+
+def test_fused_mlp_setting_captures_its_own_graph(
+    model: SphereEncoder, emulated_cuda_graphs: CudaGraphEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SPHERE_FAST_FUSED_MLP changes the kernels a pass runs: a graph captured without it must not be replayed
+    if "triton" not in available_backends("cpu"):
+        pytest.skip("triton backend not available")
+    monkeypatch.delenv("SPHERE_FAST_FUSED_MLP", raising=False)
+    graphed = Sampler(copy.deepcopy(model).to(torch.bfloat16), 2, 1, dtype=torch.bfloat16)
+    with use_backend("triton"):
+        unfused = graphed(LABELS[:2], SEEDS[:2])
+        monkeypatch.setenv("SPHERE_FAST_FUSED_MLP", "1")
+        fused = graphed(LABELS[:2], SEEDS[:2])
+    assert [key.fused_mlp for key in graphed.graph_keys] == [False, True] and emulated_cuda_graphs.captures == 2
+    assert "swiglu_linear_triton" in {op.name().split("::")[-1] for op in emulated_cuda_graphs.recorded_ops()}
+    assert (fused.float() - unfused.float()).abs().mean() < 2e-3
 
 
 def test_unconditional_model_captured(emulated_cuda_graphs: CudaGraphEmulator) -> None:
