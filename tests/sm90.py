@@ -204,6 +204,18 @@ def assert_no_spills(info: CompiledKernelInfo | KernelResources | Mapping[str, K
         )
 
 
+def assert_tma_matrix_kernel(info: CompiledKernelInfo, warp_specialized: bool, what: str) -> None:
+    """A Hopper matrix kernel fed by the TMA: no spills, shared memory within the limit, tiles loaded by
+    UTMALDG, dots on HGMMA, and producer / consumer register budgets (USETMAXREG) iff ``warp_specialized``
+    (which shows that Triton did split its loop)."""
+    assert_no_spills(info)
+    assert info.launch_shared <= SMEM_LIMIT, f"{what}: {info.launch_shared} B shared memory"
+    ops = count_opcodes(info.sass())
+    assert hgmma_count(info) > 0, f"{what}: no HGMMA in the SASS"
+    assert any(op.startswith("UTMALDG") for op in ops), f"{what}: no TMA loads in the SASS"
+    assert any(op.startswith("USETMAXREG") for op in ops) == warp_specialized, f"{what}: warp specialization"
+
+
 # ---------------------------------------------------------------------------------------------- triton
 
 

@@ -186,12 +186,7 @@ def test_tensor_descriptor_forward_uses_tma_and_hgmma_without_spills(config) -> 
     aligned = [n for n, t in signature.items() if t.startswith("*") or n.startswith("stride")]
     info = sm90.compile_triton_sm90(fn, signature, constexprs, num_warps=config.warps, num_stages=config.stages,
                                     aligned=aligned)
-    sm90.assert_no_spills(info)
-    assert info.launch_shared <= sm90.SMEM_LIMIT, f"{config}: {info.launch_shared} B shared memory"
-    ops = sm90.count_opcodes(info.sass())
-    assert sm90.hgmma_count(info) > 0, f"{config}: no HGMMA in the SASS"
-    assert any(op.startswith("UTMALDG") for op in ops), f"{config}: no TMA loads in the SASS"
-    assert any(op.startswith("USETMAXREG") for op in ops) == config.warp_specialize, config
+    sm90.assert_tma_matrix_kernel(info, config.warp_specialize, str(config))
 
 
 def test_fp16_backward_without_spills() -> None:

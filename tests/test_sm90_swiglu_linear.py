@@ -30,13 +30,7 @@ def compile_config(config: GemmConfig, dtype: str = "bf16") -> sm90.CompiledKern
 
 @pytest.mark.parametrize("config", HOPPER_CANDIDATES, ids=str)
 def test_candidate_uses_tma_and_hgmma_without_spills(config: GemmConfig) -> None:
-    info = compile_config(config)
-    sm90.assert_no_spills(info)
-    assert info.launch_shared <= sm90.SMEM_LIMIT, f"{config}: {info.launch_shared} B shared memory"
-    ops = sm90.count_opcodes(info.sass())
-    assert sm90.hgmma_count(info) > 0, f"{config}: no HGMMA in the SASS"
-    assert any(op.startswith("UTMALDG") for op in ops), f"{config}: no TMA loads in the SASS"
-    assert any(op.startswith("USETMAXREG") for op in ops) == config.warp_specialize, config
+    sm90.assert_tma_matrix_kernel(compile_config(config), config.warp_specialize, str(config))
 
 
 def test_fp16_default_config_compiles_without_spills() -> None:
