@@ -4,7 +4,14 @@ and warp specialization where asked for. No GPU needed (tests/sm90.py)."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
+import torch
 
 from sphere_fast.ops.swiglu_linear import GROUP_M, HOPPER_CANDIDATES, GemmConfig
 from tests import sm90
@@ -37,3 +44,62 @@ def test_fp16_default_config_compiles_without_spills() -> None:
     info = compile_config(HOPPER_CANDIDATES[0], "fp16")
     sm90.assert_no_spills(info)
     assert sm90.hgmma_count(info) > 0
+
+
+def test_candidates_share_the_k_tile() -> None:
+    """The candidates may differ in speed only: all sum K in the same tiles, in the same order."""
+    assert len({c.block_k for c in HOPPER_CANDIDATES}) == 1
+    assert len(set(HOPPER_CANDIDATES)) == len(HOPPER_CANDIDATES)
+
+
+def tuning_compiles() -> dict:
+    """Run in a child process (interpreter off, the compile-only driver): the op's launcher on a Sphere-L MLP
+    shape up to the tuning's first timed launch. Returns the configs the kernel then holds compiled (BLOCK_M,
+    BLOCK_N, BLOCK_K, WARP_SPECIALIZE, stages; not warps, as warp specialization adds producer warps) and the
+    sphere_fast warnings."""
+    import importlib
+    import logging
+
+    from triton.runtime.driver import driver
+
+    from sphere_fast.ops import _tuning
+
+    swl = importlib.import_module("sphere_fast.ops.swiglu_linear")  # the module: the op has its name
+
+    class FirstTimedLaunch(Exception):
+        pass
+
+    def timer(launch) -> float:
+        raise FirstTimedLaunch
+
+    driver.set_active(sm90.CompileOnlyDriver())
+    _tuning.time_launch_ms = timer
+    warnings: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("sphere_fast").addHandler(handler)
+    x, weight, bias = torch.zeros(4096, 1024, dtype=torch.bfloat16), torch.zeros(5460, 1024, dtype=torch.bfloat16), None
+    with pytest.raises(FirstTimedLaunch):
+        swl._triton_forward(x, weight, bias, 2752)
+    kernel = kernels.swiglu_linear_kernel
+
+    def constant(compiled, name: str) -> object:
+        return compiled.src.constants[(kernel.arg_names.index(name),)]
+
+    compiled = [[*(constant(c, n) for n in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "WARP_SPECIALIZE")), c.metadata.num_stages]
+                for c in kernel.device_caches[0][0].values()]
+    return {"compiled": sorted(compiled), "warnings": warnings}
+
+
+def test_tuning_compiles_every_candidate_ahead(tmp_path: Path) -> None:
+    """The op's compile-only launches (its precompile for the tuning) take its launch arguments, the tensor
+    descriptors too: before the first timed launch the kernel holds every candidate compiled for sm_90a."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
+    code = "import json; from tests.test_sm90_swiglu_linear import tuning_compiles as f; print(json.dumps(f()))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["warnings"] == []
+    expected = [[c.block_m, c.block_n, c.block_k, c.warp_specialize, c.stages] for c in HOPPER_CANDIDATES]
+    assert result["compiled"] == sorted(expected)
