@@ -76,6 +76,16 @@ def test_sphere_l_shape_matches_the_reference() -> None:
     close(out, float64_reference(x, weight, bias, width), TOL[torch.bfloat16], "out")
 
 
+def test_strided_inputs_match_the_reference() -> None:
+    """Views that are not contiguous (a column slice of x, every other row of a weight, a strided bias) are
+    read as the values they show."""
+    x_wide, w_tall, b_wide = operands((9, 48), 2 * 12, torch.bfloat16)
+    x, weight, bias = x_wide[:, 8:40], w_tall[::2, 8:40], b_wide[::2]
+    with torch.no_grad():
+        out = swiglu_linear(x, weight, bias, out_width=16, backend="triton")
+    close(out, float64_reference(x, weight, bias, 16), TOL[torch.bfloat16], "out")
+
+
 def test_no_rows_gives_an_empty_output() -> None:
     x, weight, bias = operands((0, 16), 5, torch.bfloat16)
     with torch.no_grad():

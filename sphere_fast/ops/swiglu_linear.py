@@ -113,6 +113,7 @@ def _triton_forward(x: Tensor, weight: Tensor, bias: Tensor | None, out_width: i
     from sphere_fast.kernels.swiglu_linear import swiglu_linear_kernel
 
     x2, weight = _aligned(x.reshape(-1, x.shape[-1])), _aligned(weight)
+    bias = bias.contiguous() if bias is not None else None  # the kernel reads it with a unit stride
     (m, k), hidden = x2.shape, weight.shape[0] // 2
     out = torch.empty((m, out_width), dtype=x.dtype, device=x.device)
     if m == 0:
