@@ -7,7 +7,7 @@ Each config replaces sphere_fast.ops.swiglu_linear._candidates for its run, so t
 it, untuned. The configs are the op's own candidates (what its runtime tuning picks from), then others with
 the same K tile (they should give the same bits, so a winner can join the candidates as it is), then some with
 another K tile (other rounding: a winner there would replace the candidates' shared K tile by hand, with the
-numbers in benchmarks/NOTES.md). Each is checked against the float32 reference before it is timed; one that
+numbers in benchmarks/NOTES.md), then warp-specialized ones (not candidates until one has run on a GPU). Each is checked against the float32 reference before it is timed; one that
 does not compile or launch (shared memory) is reported, not fatal. Prints one markdown table per shape.
 On CPU (smoke): a tiny shape and the interpreter's config, so the script cannot rot.
 """
@@ -33,19 +33,21 @@ swl = importlib.import_module("sphere_fast.ops.swiglu_linear")
 GemmConfig = swl.GemmConfig
 
 WIDTHS = {"L": 1024, "XL": 1152}
-# the op's K tile (64), beyond its candidates: other stages and tiles (Triton 3.6 warp specializes at 4 warps,
-# not at 8: compiled for sm_90a, 8 warps gave no producer / consumer split)
+# the op's K tile (64), beyond its candidates: other stages and tiles
 SAME_K_TILE = (
     GemmConfig(128, 64, 64, 4, 3, False), GemmConfig(128, 64, 64, 4, 5, False), GemmConfig(128, 128, 64, 8, 4, False),
-    GemmConfig(128, 64, 64, 4, 3, True), GemmConfig(64, 128, 64, 4, 4, False), GemmConfig(256, 64, 64, 8, 3, False),
+    GemmConfig(64, 128, 64, 4, 4, False), GemmConfig(256, 64, 64, 8, 3, False),
 )
 OTHER_K_TILE = (GemmConfig(128, 64, 128, 4, 3, False), GemmConfig(128, 128, 32, 8, 5, False))
+# warp specialized, last: a deadlock would stop the sweep there. Triton 3.6 splits the loop into producer and
+# consumer warps at 4 warps, not at 8 (compiled for sm_90a: no USETMAXREG at 8).
+WARP_SPECIALIZED = (GemmConfig(128, 64, 64, 4, 4, True), GemmConfig(128, 64, 64, 4, 3, True))
 
 
 def configs() -> list[GemmConfig]:
     if SMOKE:
         return list(swl.INTERPRETER_CANDIDATES)
-    return [*swl.HOPPER_CANDIDATES, *SAME_K_TILE, *OTHER_K_TILE]
+    return [*swl.HOPPER_CANDIDATES, *SAME_K_TILE, *OTHER_K_TILE, *WARP_SPECIALIZED]
 
 
 def mlp_operands(width: int, tokens: int) -> tuple[SwiGLU, torch.Tensor]:

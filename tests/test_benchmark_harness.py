@@ -319,7 +319,8 @@ def test_build_phase_reports_each_failing_op(tmp_path: Path, monkeypatch: pytest
 
 def test_attention_tests_run_in_processes_of_their_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An illegal address in one kernel test poisons its process's CUDA context: on an H200 it failed every
-    later test of that worker, so the attention and RoPE-pass tests (Triton kernels) run in a pytest of their own."""
+    later test of that worker, so the attention and RoPE-pass tests (Triton kernels) run in a pytest of their own,
+    then the fused-MLP GEMM's (a kernel not yet run on a GPU), then the rest."""
     calls = []
 
     def fake_run(cmd, log, timeout, env=None, ok_codes=(0,)):
@@ -329,8 +330,10 @@ def test_attention_tests_run_in_processes_of_their_own(tmp_path: Path, monkeypat
     monkeypatch.setattr(gpu_check, "run_logged", fake_run)
     check = gpu_check.Check(tmp_path, budget_s=100, phases=gpu_check.PHASES, cuda=True)
     check.tests()
-    assert len(calls) == 2 and {"tests/test_attention.py", "tests/test_rope.py"} <= set(calls[0])
-    assert {"--ignore=tests/test_attention.py", "--ignore=tests/test_rope.py", "tests"} <= set(calls[1])
+    assert len(calls) == 3 and {"tests/test_attention.py", "tests/test_rope.py"} <= set(calls[0])
+    assert "tests/test_swiglu_linear.py" in calls[1] and "tests/test_attention.py" not in calls[1]
+    ignored = {f"--ignore=tests/{name}.py" for name in ("test_attention", "test_rope", "test_swiglu_linear")}
+    assert ignored | {"tests"} <= set(calls[2])
     assert all("gpu or cuda_capable" in c for c in calls)
     (phase,) = check.results
     assert phase.name == "tests" and phase.status == "failed"
@@ -511,8 +514,8 @@ def test_tune_attention_plans_and_their_filter(capsys: pytest.CaptureFixture[str
 
 
 def test_tune_swiglu_linear_sweeps_the_candidates_first_and_gates_each(capsys: pytest.CaptureFixture[str]) -> None:
-    """The GPU sweep: the op's candidates, then the same-K-tile configs, then the others, none twice; on CPU
-    (smoke) the baseline and the interpreter's config both pass their gate."""
+    """The GPU sweep: the op's candidates, then the same-K-tile configs, then the others, the warp-specialized
+    ones last, none twice; on CPU (smoke) the baseline and the interpreter's config both pass their gate."""
     swl = tune_swiglu_linear.swl
     with mock.patch.object(tune_swiglu_linear, "SMOKE", False):
         configs = tune_swiglu_linear.configs()
@@ -520,6 +523,8 @@ def test_tune_swiglu_linear_sweeps_the_candidates_first_and_gates_each(capsys: p
     own_k = swl.HOPPER_CANDIDATES[0].block_k
     assert all(c.block_k == own_k for c in tune_swiglu_linear.SAME_K_TILE)
     assert all(c.block_k != own_k for c in tune_swiglu_linear.OTHER_K_TILE)
+    specialized = [c.warp_specialize for c in configs]
+    assert specialized == sorted(specialized) and configs[-1].warp_specialize
     assert tune_swiglu_linear.main(["--tokens", "24"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "ms" not in line]
     assert len(rows) == 2 and all(row.endswith("| ok |") for row in rows), rows

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks import tune_swiglu_linear
 from sphere_fast.ops.swiglu_linear import GROUP_M, HOPPER_CANDIDATES, GemmConfig
 from tests import sm90
 
@@ -35,8 +36,9 @@ def compile_config(config: GemmConfig, dtype: str = "bf16") -> sm90.CompiledKern
                                     num_stages=config.stages, aligned=aligned)
 
 
-@pytest.mark.parametrize("config", HOPPER_CANDIDATES, ids=str)
+@pytest.mark.parametrize("config", HOPPER_CANDIDATES + tune_swiglu_linear.WARP_SPECIALIZED, ids=str)
 def test_candidate_uses_tma_and_hgmma_without_spills(config: GemmConfig) -> None:
+    """The op's candidates and the sweep's warp-specialized configs."""
     sm90.assert_tma_matrix_kernel(compile_config(config), config.warp_specialize, str(config))
 
 
@@ -93,7 +95,8 @@ def tuning_compiles() -> dict:
 
 def test_tuning_compiles_every_candidate_ahead(tmp_path: Path) -> None:
     """The op's compile-only launches (its precompile for the tuning) take its launch arguments, the tensor
-    descriptors too: before the first timed launch the kernel holds every candidate compiled for sm_90a."""
+    descriptors too: before the first timed launch the kernel holds every candidate compiled for sm_90a, and
+    none warp specialized."""
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
     code = "import json; from tests.test_sm90_swiglu_linear import tuning_compiles as f; print(json.dumps(f()))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
@@ -102,4 +105,4 @@ def test_tuning_compiles_every_candidate_ahead(tmp_path: Path) -> None:
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["warnings"] == []
     expected = [[c.block_m, c.block_n, c.block_k, c.warp_specialize, c.stages] for c in HOPPER_CANDIDATES]
-    assert result["compiled"] == sorted(expected)
+    assert result["compiled"] == sorted(expected) and not any(c.warp_specialize for c in HOPPER_CANDIDATES)
