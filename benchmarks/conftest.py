@@ -32,17 +32,20 @@ HEADLINE = (
     # the sampler at batch 1 and 64, 4 steps with CFG, then its cold start (issue 6)
     *(f"benchmarks/bench_sampling.py::test_sampling[{impl}-sphere-l-imagenet-b{batch}-t4-cfg1.4]"
       for batch in (1, 64) for impl in ("eager", "uncaptured", "graph")),
-    # the same graphed sampler with the fused SwiGLU GEMM (SPHERE_FAST_FUSED_MLP=1), off by default until measured
-    "benchmarks/bench_sampling.py::test_sampling_fused_mlp[*]",
     # where a sampling pass spends its time: the models' GEMMs (MLP width 2730 against padded), and attention
     # at N = 1024, D = 64 and 72, B*H = 256 (issue 5)
-    "benchmarks/bench_linear.py::*",
+    "benchmarks/bench_linear.py::test_linear*",
     "benchmarks/bench_attention.py::test_attention_*[*-B16-H16-N1024-D*]",
     # on a fresh machine (empty kernel caches: every Triton kernel compiles), then in any later process
     *(f"benchmarks/bench_sampling.py::test_time_to_first_image[graph-sphere-l-imagenet-{caches}]"
       for caches in ("empty", "warm")),
     # the host cost of one op call, which the un-captured sampler pays about 120 times a pass (issue 6)
     *(f"benchmarks/bench_dispatch.py::test_dispatch[{impl}-*]" for impl in ("eager", "triton", "cpp")),
+    # the fused SwiGLU GEMM (SPHERE_FAST_FUSED_MLP, off by default until measured) against cuBLAS + the SwiGLU
+    # kernel, then the graphed sampler with it; after the rows above, as its kernel has never run on a GPU (a
+    # crash there would end the rest of this process's rows)
+    "benchmarks/bench_linear.py::test_mlp_up*",
+    "benchmarks/bench_sampling.py::test_sampling_fused_mlp[*]",
     # the XL sampler at batch 1 and 64 (head dim 72)
     *(f"benchmarks/bench_sampling.py::test_sampling[{impl}-sphere-xl-imagenet-b{batch}-t4-cfg1.4]"
       for batch in (1, 64) for impl in ("eager", "uncaptured", "graph")),

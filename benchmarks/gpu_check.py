@@ -47,12 +47,12 @@ PHASES = ("install", "build", "tests", "profile", "bench")
 PHASE_LIMITS_S = {"install": 90, "build": 150, "tests": 180, "profile": 90, "bench": 600}
 MIN_PHASE_S = 10  # below this a phase is not started
 TEST_WORKERS = 6
-# the Triton attention, RoPE-pass and fused-MLP tests (new kernels and launch configs first run on a GPU there)
-# in a process of their own
-ISOLATED_TESTS = (
-    "tests/test_attention.py", "tests/test_rope.py", "tests/test_tuning.py", "tests/test_swiglu_linear.py",
-)
-TEST_GROUPS = (list(ISOLATED_TESTS), ["tests", *(f"--ignore={t}" for t in ISOLATED_TESTS)])
+# the Triton attention and RoPE-pass tests, then the fused-MLP GEMM's (new kernels and launch configs first run
+# on a GPU there), each group in processes of its own
+ISOLATED_GROUPS = (("tests/test_attention.py", "tests/test_rope.py", "tests/test_tuning.py"),
+                   ("tests/test_swiglu_linear.py",))
+ISOLATED_TESTS = tuple(t for group in ISOLATED_GROUPS for t in group)
+TEST_GROUPS = (*(list(g) for g in ISOLATED_GROUPS), ["tests", *(f"--ignore={t}" for t in ISOLATED_TESTS)])
 PER_TEST_TIMEOUT_S = {"tests": 120, "bench": 240}  # a torch.compile(max-autotune) case compiles for minutes
 JSON_MARGIN_S = 30  # bench cases stop starting this long before the phase limit
 

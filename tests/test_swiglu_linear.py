@@ -13,11 +13,12 @@ import importlib
 import pytest
 import torch
 
-from sphere_fast import available_backends, use_backend
+from sphere_fast import Sampler, available_backends, use_backend
 from sphere_fast.nn.layers import SwiGLU, padded_mlp_weights
 from sphere_fast.ops import _tuning
 from sphere_fast.ops.swiglu_linear import GemmConfig, swiglu_linear, swiglu_linear_reference
-from tests.helpers import TOL, close
+from tests.helpers import TOL, assert_same_images, close
+from tests.tiny import tiny_model
 
 swl = importlib.import_module("sphere_fast.ops.swiglu_linear")  # the module: its function has the same name
 
@@ -205,3 +206,31 @@ def test_loop_pads_only_w3_when_fused(monkeypatch: pytest.MonkeyPatch) -> None:
         first, second = layer(x), layer(x)
     assert made == ["padded_w3"]
     assert torch.equal(first, second)
+
+
+@pytest.mark.gpu
+def test_fused_mlp_samples_and_compiles_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SPHERE_FAST_FUSED_MLP=1 on the triton backend: the same images as eager, from the graphed sampler as from
+    generate(), and torch.compile (inductor, fullgraph) runs the fused op."""
+    model = tiny_model().to(DEVICE, torch.bfloat16).eval()
+    labels = torch.arange(8, device=DEVICE) % 10
+    seeds = torch.arange(8, dtype=torch.int64, device=DEVICE) * 31 + 1
+    with use_backend("eager"):
+        _, eager = model.generate(8, y=labels, cfg=1.4, forward_steps=3, seeds=seeds, dtype=torch.bfloat16)
+    monkeypatch.setenv("SPHERE_FAST_FUSED_MLP", "1")
+    calls, real_forward = [], swl._triton_forward
+    monkeypatch.setattr(swl, "_triton_forward", lambda *a: calls.append(1) or real_forward(*a))
+    with use_backend("triton"), torch.no_grad():
+        _, fused = model.generate(8, y=labels, cfg=1.4, forward_steps=3, seeds=seeds, dtype=torch.bfloat16)
+        assert calls, "generate did not run the fused MLP"
+        graphed = Sampler(model, 8, 3, cfg=1.4)(labels, seeds)
+        v = model.f(randn(4, *model.latent_shape[1:], dtype=torch.float32)).to(torch.bfloat16)
+        y = torch.tensor([1, 2, 3, 10], device=DEVICE)  # 10 = the null label
+        calls.clear()
+        torch._dynamo.reset()  # a decoder compiled earlier with the fused MLP off must not be reused
+        compiled = torch.compile(model.decoder, fullgraph=True)(v, y)
+        assert calls, "the compiled decoder does not run the fused MLP"
+        decoded = model.decoder(v, y)
+    assert_same_images(fused, eager, "fused MLP generate")
+    assert_same_images(graphed, fused, "fused MLP graphed sampler")
+    assert_same_images(compiled, decoded, "fused MLP compiled decoder")
