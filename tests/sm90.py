@@ -11,6 +11,8 @@ with the interpreter off; the kernel must be defined at module level there.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import pickle
 import re
@@ -19,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -272,6 +274,36 @@ class CompileOnlyDriver:
 
     def get_current_stream(self, device: int | None = None) -> int:
         return 0
+
+
+class FirstTimedLaunch(Exception):
+    """Raised by compile_up_to_first_timing's timer: the tuning has compiled its candidates and would time one."""
+
+
+@contextlib.contextmanager
+def compile_up_to_first_timing() -> Iterator[list[str]]:
+    """For a child process with the interpreter off (it changes process-wide state and restores none): Triton's
+    driver becomes CompileOnlyDriver and the tuning's timer one that raises FirstTimedLaunch, which ends the
+    block (and is swallowed here), so an op called inside runs its tuning up to its first timed launch. Yields
+    the list the sphere_fast warnings logged inside are appended to."""
+    from triton.runtime.driver import driver
+
+    from sphere_fast.ops import _tuning
+
+    def timer(launch: Any) -> float:
+        raise FirstTimedLaunch
+
+    driver.set_active(CompileOnlyDriver())
+    _tuning.time_launch_ms = timer
+    warnings: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("sphere_fast").addHandler(handler)
+    try:
+        yield warnings
+    except FirstTimedLaunch:
+        return
+    raise AssertionError("the block ended without the tuning timing a launch")
 
 
 def _compile_in_child(fn: Any, spec: dict[str, Any]) -> dict[str, Any]:

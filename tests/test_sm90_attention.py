@@ -111,34 +111,18 @@ def forward_tuning_compiles(head_dim: int) -> dict:
     holds compiled (pointer: BLOCK_M, BLOCK_N, warps, stages; tma: BLOCK_M, BLOCK_N, WARP_SPECIALIZE, stages)
     and the sphere_fast warnings."""
     import importlib
-    import logging
     from unittest import mock
 
-    from triton.runtime.driver import driver
-
     from sphere_fast.kernels.attention import attention_fwd_kernel, attention_fwd_tma_kernel
-    from sphere_fast.ops import _tuning
 
     attention = importlib.import_module("sphere_fast.ops.attention")  # the module: sphere_fast.ops.attention is the op
-
-    class FirstTimedLaunch(Exception):
-        pass
-
-    def timer(launch) -> float:
-        raise FirstTimedLaunch
 
     def with_tma(*args, **kwargs) -> dict:
         own = _candidates(*args, **kwargs)
         return {**own, "fwd": own["fwd"] + tune_attention.TMA_FWD_VARIANTS}
 
-    driver.set_active(sm90.CompileOnlyDriver())
-    _tuning.time_launch_ms = timer
-    warnings: list[str] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = lambda record: warnings.append(record.getMessage())
-    logging.getLogger("sphere_fast").addHandler(handler)
     q, k, v = torch.zeros(2, 1024, 3, 16, head_dim, dtype=torch.bfloat16).permute(2, 0, 3, 1, 4)
-    with mock.patch.object(attention, "_candidates", with_tma), pytest.raises(FirstTimedLaunch):
+    with sm90.compile_up_to_first_timing() as warnings, mock.patch.object(attention, "_candidates", with_tma):
         attention._triton_forward(q, k, v, None)
 
     def constant(compiled, kernel, name: str) -> object:

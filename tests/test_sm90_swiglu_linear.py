@@ -60,29 +60,12 @@ def tuning_compiles() -> dict:
     BLOCK_N, BLOCK_K, WARP_SPECIALIZE, stages; not warps, as warp specialization adds producer warps) and the
     sphere_fast warnings."""
     import importlib
-    import logging
-
-    from triton.runtime.driver import driver
-
-    from sphere_fast.ops import _tuning
 
     swl = importlib.import_module("sphere_fast.ops.swiglu_linear")  # the module: the op has its name
 
-    class FirstTimedLaunch(Exception):
-        pass
-
-    def timer(launch) -> float:
-        raise FirstTimedLaunch
-
-    driver.set_active(sm90.CompileOnlyDriver())
-    _tuning.time_launch_ms = timer
-    warnings: list[str] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = lambda record: warnings.append(record.getMessage())
-    logging.getLogger("sphere_fast").addHandler(handler)
-    x, weight, bias = torch.zeros(4096, 1024, dtype=torch.bfloat16), torch.zeros(5460, 1024, dtype=torch.bfloat16), None
-    with pytest.raises(FirstTimedLaunch):
-        swl._triton_forward(x, weight, bias, 2752)
+    x, weight = torch.zeros(4096, 1024, dtype=torch.bfloat16), torch.zeros(5460, 1024, dtype=torch.bfloat16)
+    with sm90.compile_up_to_first_timing() as warnings:
+        swl._triton_forward(x, weight, None, 2752)
     kernel = kernels.swiglu_linear_kernel
 
     def constant(compiled, name: str) -> object:
