@@ -15,10 +15,9 @@ import torch.nn.functional as F
 
 from sphere_fast import ops
 from sphere_fast.backend import constant_under_compile, resolve_backend
-from sphere_fast.ops._library import needs_grad
 from sphere_fast.ops.swiglu import AUTO_ORDER as SWIGLU_AUTO_ORDER
 from sphere_fast.ops.swiglu_linear import AUTO_ORDER as SWIGLU_LINEAR_AUTO_ORDER
-from sphere_fast.ops.swiglu_linear import TRITON_DTYPES as SWIGLU_LINEAR_DTYPES
+from sphere_fast.ops.swiglu_linear import triton_refusal
 
 
 class RMSNorm(nn.Module):
@@ -108,9 +107,7 @@ class SwiGLU(nn.Module):
         """Whether this call runs ops.swiglu_linear (see fused_mlp_enabled)."""
         return (
             fused_mlp_enabled()
-            and x.dtype in SWIGLU_LINEAR_DTYPES
-            and x.shape[-1] * x.element_size() % 16 == 0
-            and not needs_grad(x, *self.w12.parameters())
+            and triton_refusal(x, self.w12.weight, self.w12.bias) is None
             and resolve_backend("swiglu_linear", x.device, None, SWIGLU_LINEAR_AUTO_ORDER) == "triton"
         )
 

@@ -83,17 +83,19 @@ def _check_inputs(x: object, weight: object, bias: object, out_width: object) ->
     return hidden
 
 
-def _check_triton(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+def triton_refusal(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Exception | None:
+    """Why the triton kernel cannot take these (checked) inputs, as the error to raise; None when it can. The
+    SwiGLU layer asks this before it runs the fused path."""
     if x.dtype not in TRITON_DTYPES:
-        raise TypeError(
-            f"swiglu_linear: the triton kernel takes float16 or bfloat16, got {x.dtype} (use backend='eager')"
-        )
+        return TypeError(f"swiglu_linear: the triton kernel takes float16 or bfloat16, got {x.dtype} "
+                         "(use backend='eager')")
     if x.shape[-1] * x.element_size() % 16:
-        raise ValueError(f"swiglu_linear: the triton kernel needs K * {x.element_size()} bytes to be a multiple of 16 "
-                         f"(tensor descriptors), got K = {x.shape[-1]}")
+        return ValueError(f"swiglu_linear: the triton kernel needs K * {x.element_size()} bytes to be a multiple of "
+                          f"16 (tensor descriptors), got K = {x.shape[-1]}")
     if needs_grad(x, weight, bias):
-        raise ValueError("swiglu_linear: the triton kernel has no backward; call it under torch.no_grad() or use "
-                         "swiglu(F.linear(x, weight, bias)) for training")
+        return ValueError("swiglu_linear: the triton kernel has no backward; call it under torch.no_grad() or use "
+                          "swiglu(F.linear(x, weight, bias)) for training")
+    return None
 
 
 def _aligned(t: Tensor) -> Tensor:
@@ -159,5 +161,7 @@ def swiglu_linear(
         return swiglu_linear_reference(x, weight, bias, out_width)
     if name != "triton":
         raise ValueError(f"swiglu_linear: no fused kernel for backend {name!r} (eager or triton)")
-    _check_triton(x, weight, bias)
+    refusal = triton_refusal(x, weight, bias)
+    if refusal is not None:
+        raise refusal
     return _swiglu_linear_triton(x, weight, bias, out_width)
