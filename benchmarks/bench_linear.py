@@ -67,7 +67,7 @@ def test_mlp_up(benchmark, ceilings, tokens: int, model: str, impl: str) -> None
     torch.manual_seed(0)
     layer = SwiGLU(MLP_WIDTHS[model]).to(DEVICE, MLP_DTYPE)
     k, hidden = layer.w12.in_features, layer.w3.in_features
-    (w3,) = layer.padded_w3()
+    w3 = layer.padded_w3()
     width = w3.shape[1]
     w12, b12 = layer.w12.weight.detach(), layer.w12.bias.detach()
     w12_padded, b12_padded = (t.detach() for t in layer.padded_w12())

@@ -60,7 +60,7 @@ def time_config(layer: SwiGLU, x: torch.Tensor, config: GemmConfig | None) -> fl
     """Milliseconds of the MLP's first half after its correctness gate: the fused op with ``config``, or (None)
     cuBLAS on the padded w12 and the SwiGLU kernel. Raises if the gate fails or the config does not run."""
     w12, b12 = layer.w12.weight, layer.w12.bias
-    (w3,) = layer.padded_w3()
+    w3 = layer.padded_w3()
     if config is None:
         w12_padded, b12_padded = layer.padded_w12()
         run: Callable[[], torch.Tensor] = lambda: ops.swiglu(  # noqa: E731

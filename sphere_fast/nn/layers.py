@@ -8,6 +8,7 @@ import contextlib
 import math
 import os
 from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import torch
 import torch.nn as nn
@@ -18,6 +19,8 @@ from sphere_fast.backend import constant_under_compile, resolve_backend
 from sphere_fast.ops.swiglu import AUTO_ORDER as SWIGLU_AUTO_ORDER
 from sphere_fast.ops.swiglu_linear import AUTO_ORDER as SWIGLU_LINEAR_AUTO_ORDER
 from sphere_fast.ops.swiglu_linear import triton_refusal
+
+T = TypeVar("T")
 
 
 class RMSNorm(nn.Module):
@@ -96,7 +99,7 @@ class SwiGLU(nn.Module):
         hidden = int(width * 8 / 3)
         self.w12 = nn.Linear(width, 2 * hidden)
         self.w3 = nn.Linear(hidden, width)
-        self.loop_weights: dict[str, tuple[torch.Tensor, ...]] | None = None
+        self.loop_weights: dict[str, Any] | None = None
 
     def computes_padded(self, device: torch.device) -> bool:
         if self.w3.in_features % MLP_ALIGN == 0:
@@ -117,11 +120,11 @@ class SwiGLU(nn.Module):
         w12 = F.pad(self.w12.weight.unflatten(0, (2, hidden)), (0, 0, 0, pad)).flatten(0, 1)
         return w12, F.pad(self.w12.bias.unflatten(0, (2, hidden)), (0, pad)).flatten()
 
-    def padded_w3(self) -> tuple[torch.Tensor]:
-        """(w3,) with zero columns up to a multiple of MLP_ALIGN."""
-        return (F.pad(self.w3.weight, (0, -self.w3.in_features % MLP_ALIGN)),)
+    def padded_w3(self) -> torch.Tensor:
+        """w3 with zero columns up to a multiple of MLP_ALIGN."""
+        return F.pad(self.w3.weight, (0, -self.w3.in_features % MLP_ALIGN))
 
-    def _loop_weight(self, name: str, make: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    def _loop_weight(self, name: str, make: Callable[[], T]) -> T:
         """make(), or inside padded_mlp_weights its result from the loop's first call."""
         if self.loop_weights is None:
             return make()
@@ -133,7 +136,7 @@ class SwiGLU(nn.Module):
         fused, padded = self.runs_fused(x), self.computes_padded(x.device)
         if not (fused or padded):
             return self.w3(ops.swiglu(self.w12(x)))
-        (w3,) = self._loop_weight("w3", self.padded_w3) if padded else (self.w3.weight,)
+        w3 = self._loop_weight("w3", self.padded_w3) if padded else self.w3.weight
         if fused:
             w12, b12 = weight_like(self.w12.weight, x), weight_like(self.w12.bias, x)
             h = ops.swiglu_linear(x, w12, b12, out_width=w3.shape[1])
