@@ -18,6 +18,8 @@ Token counts: 2048 (batch 1 with combo CFG, 1024 tokens a sample) and 131072 (ba
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -58,29 +60,44 @@ MLP_UP_IMPLS = ("eager", "cublas_swiglu", "triton")
 MLP_DTYPE = torch.bfloat16  # the fused kernel's dtypes are fp16 / bf16 (in smoke mode too, in the interpreter)
 
 
+def mlp_layer(width: int, tokens: int) -> tuple[SwiGLU, torch.Tensor]:
+    """A SwiGLU layer of ``width`` (random init, MLP_DTYPE, no gradients) and an input of ``tokens`` rows."""
+    torch.manual_seed(0)
+    layer = SwiGLU(width).to(DEVICE, MLP_DTYPE).requires_grad_(False)
+    return layer, torch.randn(tokens, width, dtype=MLP_DTYPE, device=DEVICE)
+
+
+def mlp_up_runs(layer: SwiGLU, x: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
+    """The MLP's first half on ``x`` with the layer's weights, as each of MLP_UP_IMPLS computes it."""
+    w12, b12 = layer.w12.weight, layer.w12.bias
+    w12_padded, b12_padded = layer.padded_w12()
+    width = layer.padded_w3().shape[1]
+    return {
+        "eager": lambda: ops.swiglu_linear_reference(x, w12, b12),
+        "cublas_swiglu": lambda: ops.swiglu(torch.nn.functional.linear(x, w12_padded, b12_padded), backend="triton"),
+        "triton": lambda: ops.swiglu_linear(x, w12, b12, out_width=width, backend="triton"),
+    }
+
+
+def gate_mlp_up(out: torch.Tensor, layer: SwiGLU, x: torch.Tensor, what: str) -> None:
+    """out's first H columns against the float32 reference (the padded columns are not compared)."""
+    reference = ops.swiglu_linear_reference(x.float(), layer.w12.weight.float(), layer.w12.bias.float())
+    gate(out[:, : layer.w3.in_features], reference, what)
+
+
 @pytest.mark.parametrize("impl", MLP_UP_IMPLS)
 @pytest.mark.parametrize("model", list(MLP_WIDTHS))
 @pytest.mark.parametrize("tokens", TOKENS, ids=lambda m: f"M{m}")
 def test_mlp_up(benchmark, ceilings, tokens: int, model: str, impl: str) -> None:
     if impl != "eager" and "triton" not in available_backends(DEVICE):
         pytest.skip(f"the triton backend is not available on {DEVICE.type}")
-    torch.manual_seed(0)
-    layer = SwiGLU(MLP_WIDTHS[model]).to(DEVICE, MLP_DTYPE)
+    layer, x = mlp_layer(MLP_WIDTHS[model], tokens)
     k, hidden = layer.w12.in_features, layer.w3.in_features
-    w3 = layer.padded_w3()
-    width = w3.shape[1]
-    w12, b12 = layer.w12.weight.detach(), layer.w12.bias.detach()
-    w12_padded, b12_padded = (t.detach() for t in layer.padded_w12())
-    x = torch.randn(tokens, k, dtype=MLP_DTYPE, device=DEVICE)
-    run = {
-        "eager": lambda: ops.swiglu_linear_reference(x, w12, b12),
-        "cublas_swiglu": lambda: ops.swiglu(torch.nn.functional.linear(x, w12_padded, b12_padded), backend="triton"),
-        "triton": lambda: ops.swiglu_linear(x, w12, b12, out_width=width, backend="triton"),
-    }[impl]
+    run = mlp_up_runs(layer, x)[impl]
     with torch.no_grad():
-        gate(run()[:, :hidden], ops.swiglu_linear_reference(x.float(), w12.float(), b12.float()), impl)
+        gate_mlp_up(run(), layer, x, impl)
         ms = cuda_time_ms(run)
-    out_width = hidden if impl == "eager" else width
+    out_width = hidden if impl == "eager" else layer.padded_w3().shape[1]
     record(benchmark, op=f"mlp_up_{model}", impl=impl, shape=[tokens, k, hidden], dtype=MLP_DTYPE, ms=ms,
            bytes_moved=(tokens * k + 2 * hidden * k + tokens * out_width) * x.element_size(),
            flops=2 * tokens * k * 2 * hidden, ceilings=ceilings)

@@ -7,8 +7,9 @@ Each config replaces sphere_fast.ops.swiglu_linear._candidates for its run, so t
 it, untuned. The configs are the op's own candidates (what its runtime tuning picks from), then others with
 the same K tile (they should give the same bits, so a winner can join the candidates as it is), then some with
 another K tile (other rounding: a winner there would replace the candidates' shared K tile by hand, with the
-numbers in benchmarks/NOTES.md), then warp-specialized ones (not candidates until one has run on a GPU). Each is checked against the float32 reference before it is timed; one that
-does not compile or launch (shared memory) is reported, not fatal. Prints one markdown table per shape.
+numbers in benchmarks/NOTES.md), then warp-specialized ones (not candidates until one has run on a GPU). Each
+is checked against the float32 reference before it is timed; one that does not compile or launch (shared
+memory) is reported, not fatal. Prints one markdown table per shape.
 On CPU (smoke): a tiny shape and the interpreter's config, so the script cannot rot.
 """
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from unittest import mock
 
 import torch
@@ -25,8 +26,8 @@ import torch
 if not torch.cuda.is_available():  # CPU smoke: the kernels run in Triton's interpreter (set before they load)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from benchmarks.harness import DEVICE, SMOKE, cuda_time_ms, gate  # noqa: E402
-from sphere_fast import ops  # noqa: E402
+from benchmarks.bench_linear import gate_mlp_up, mlp_layer, mlp_up_runs  # noqa: E402
+from benchmarks.harness import SMOKE, cuda_time_ms  # noqa: E402
 from sphere_fast.nn.layers import SwiGLU  # noqa: E402
 
 swl = importlib.import_module("sphere_fast.ops.swiglu_linear")
@@ -50,32 +51,18 @@ def configs() -> list[GemmConfig]:
     return [*swl.HOPPER_CANDIDATES, *SAME_K_TILE, *OTHER_K_TILE, *WARP_SPECIALIZED]
 
 
-def mlp_operands(width: int, tokens: int) -> tuple[SwiGLU, torch.Tensor]:
-    torch.manual_seed(0)
-    layer = SwiGLU(width).to(DEVICE, torch.bfloat16).requires_grad_(False)
-    return layer, torch.randn(tokens, width, dtype=torch.bfloat16, device=DEVICE)
-
-
 def time_config(layer: SwiGLU, x: torch.Tensor, config: GemmConfig | None) -> float:
     """Milliseconds of the MLP's first half after its correctness gate: the fused op with ``config``, or (None)
     cuBLAS on the padded w12 and the SwiGLU kernel. Raises if the gate fails or the config does not run."""
-    w12, b12 = layer.w12.weight, layer.w12.bias
-    w3 = layer.padded_w3()
-    if config is None:
-        w12_padded, b12_padded = layer.padded_w12()
-        run: Callable[[], torch.Tensor] = lambda: ops.swiglu(  # noqa: E731
-            torch.nn.functional.linear(x, w12_padded, b12_padded), backend="triton")
-    else:
-        run = lambda: ops.swiglu_linear(x, w12, b12, out_width=w3.shape[1], backend="triton")  # noqa: E731
+    run = mlp_up_runs(layer, x)["cublas_swiglu" if config is None else "triton"]
     with mock.patch.object(swl, "_candidates", lambda: (config,)), torch.no_grad():
-        hidden = layer.w3.in_features
-        gate(run()[:, :hidden], ops.swiglu_linear_reference(x.float(), w12.float(), b12.float()), str(config))
+        gate_mlp_up(run(), layer, x, str(config))
         return cuda_time_ms(run)
 
 
 def sweep(width: int, tokens: int) -> list[str]:
     """Markdown rows: the unfused baseline, then every config."""
-    layer, x = mlp_operands(width, tokens)
+    layer, x = mlp_layer(width, tokens)
     flops = 2 * tokens * width * 2 * layer.w3.in_features
     rows = []
     for config in [None, *configs()]:
