@@ -315,7 +315,7 @@ class Trainer:
 
     ``train_step(x, y)`` draws the noise levels (per process: one r = 0 and one r = 1 in each
     process's batch) and per-sample noise seeds from torch's global RNG, which the checkpoint saves;
-    tests inject ``scales`` and ``noise`` instead to make runs comparable across process counts.
+    tests inject ``scales`` and ``noise`` (or ``seeds``) instead to make runs comparable across process counts.
     ``perceptual`` is a ready PerceptualLoss; without it one is loaded from config.perceptual_weights
     when the loss weights use it."""
 
@@ -362,9 +362,11 @@ class Trainer:
         *,
         scales: tuple[torch.Tensor, torch.Tensor] | None = None,
         noise: torch.Tensor | None = None,
+        seeds: torch.Tensor | None = None,
     ) -> dict[str, float]:
         """One optimiser step on this process's batch; returns the losses before the update, the lr
-        and the gradient norm (losses averaged over processes)."""
+        and the gradient norm (losses averaged over processes). ``noise`` [B, N, C] or ``seeds`` [B] (int64)
+        fix e; by default seeds are drawn."""
         x = x.to(self.device, non_blocking=True)
         if y is not None:
             # checked once, on the host for loader labels: the three network calls below then skip their
@@ -377,9 +379,10 @@ class Trainer:
             group["lr"] = lr * group["lr_scale"]
         if scales is None:
             scales = noise_scales(self.model, x.shape[0], self.device)
-        seeds = None
-        if noise is None:  # e is generated from per-sample seeds inside the fused op
+        if noise is None and seeds is None:  # e is generated from per-sample seeds inside the fused op
             seeds = torch.randint(0, 2**62, (x.shape[0],), dtype=torch.int64, device=self.device)
+        elif seeds is not None:
+            seeds = seeds.to(self.device)
         with self.autocast(), labels_checked():
             total, terms = self.engine(x, y, scales[0], scales[1], noise, seeds)
         self.optimizer.zero_grad(set_to_none=True)

@@ -4,6 +4,7 @@ import pytest
 import torch
 from tests.tiny import NO_PERCEPTUAL, no_label_dropout, tiny_batch, tiny_model
 
+from sphere_fast import ops
 from sphere_fast.ops import spherify_reference
 from sphere_fast.training import (
     LOSS_PRESETS,
@@ -90,6 +91,21 @@ def test_one_step_losses_and_gradients_match_hand_computation():
     assert logged["loss"] == pytest.approx(total.item(), rel=1e-5)
     for k in terms:
         assert logged[k] == pytest.approx(terms[k].item(), rel=1e-5, abs=1e-7)
+
+
+def test_train_step_takes_seeds_as_the_noise_they_draw():
+    x, y = tiny_batch(4)
+    scales = (torch.full((4,), 0.9), torch.full((4,), 0.3))
+    seeds = torch.tensor([5, 6, 7, 2**40], dtype=torch.int64)
+    config = TrainConfig(global_batch=4, total_steps=4, warmup_steps=1, loss_weights=NO_PERCEPTUAL)
+    noise = ops.sphere_noise(seeds, tiny_model().latent_shape[1:])
+    from_noise = Trainer(no_label_dropout(tiny_model()), config).train_step(x, y, scales=scales, noise=noise)
+    from_seeds = Trainer(no_label_dropout(tiny_model()), config).train_step(x, y, scales=scales, seeds=seeds)
+    assert from_seeds == pytest.approx(from_noise, rel=1e-5)
+    other = Trainer(no_label_dropout(tiny_model()), config).train_step(x, y, scales=scales, seeds=seeds + 1)
+    assert other["loss"] != pytest.approx(from_noise["loss"], rel=1e-5)
+    with pytest.raises(ValueError, match="noise"):
+        Trainer(tiny_model(), config).train_step(x, y, scales=scales, noise=noise, seeds=seeds)
 
 
 def test_latent_consistency_gradient_reaches_the_decoder():
