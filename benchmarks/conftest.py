@@ -54,6 +54,8 @@ HEADLINE = (
     "benchmarks/bench_spherify.py::test_spherify_noise_pair_bwd[*-B256-L32768-bfloat16]",
     # the AdaLN block ops at an L-model block: 256 tokens, and 64k rows (issue 4)
     "benchmarks/bench_adaln.py::test_*[*-B64-N*-W1024]",
+    # a Sphere-L training step, eager against the fused backends (design.md's model rows)
+    *(f"benchmarks/bench_training.py::test_train_step[{impl}-*]" for impl in ("eager", "fused")),
     # torch.compile(max-autotune) of the whole loop last: its compile alone can take minutes
     "benchmarks/bench_sampling.py::test_sampling[compile-sphere-l-imagenet-b64-t4-cfg1.4]",
 )

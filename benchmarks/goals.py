@@ -2,7 +2,7 @@
 
 Each goal names the rows it reads (op, shape filter, implementations) and states its bar as the issue does;
 "ours" is the faster of our implementations in a row group (triton / cpp for kernels, uncaptured / graph for
-the sampler), as in the report's table. Where several shapes qualify, the worst one is judged.
+the sampler, fused for the training step), as in the report's table. Where several shapes qualify, the worst one is judged.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ KERNELS = ("triton", "cpp")
 # formulation (spherify noise from torch.randn instead of the seed convention's Philox in torch ops)
 EAGER = ("eager", "eager_randn")
 SAMPLERS = ("uncaptured", "graph")
+TRAINERS = ("fused",)  # a training step on the fused backends (no goal of its own yet)
 SDPA = ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math")
 
 Row = dict[str, Any]

@@ -24,8 +24,8 @@ from benchmarks import goals
 START = "<!-- perf:start -->"
 END = "<!-- perf:end -->"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-IMPL_ORDER = ("eager", "eager_randn", "compile", "triton", "cpp", "uncaptured", "graph")
-OURS = goals.KERNELS + goals.SAMPLERS
+IMPL_ORDER = ("eager", "eager_randn", "compile", "triton", "cpp", "uncaptured", "graph", "fused")
+OURS = goals.KERNELS + goals.SAMPLERS + goals.TRAINERS
 NOT_MEASURED = (
     "Not measured on a GPU yet: no speed is claimed until a results file under `benchmarks/results/` backs it."
 )
@@ -95,10 +95,11 @@ def header(data: dict[str, Any]) -> str:
 
 def table(records: Sequence[dict[str, Any]]) -> str:
     """One markdown table per op: a row per (shape, dtype), one ms column per implementation, then the
-    speedups and rates of ours (images/s for the sampler); columns empty for the whole op are left out.
+    speedups and rates of ours (images/s for the sampler and the training step); columns empty for the whole op
+    are left out.
 
-    "ours" is the faster of our rows (triton / cpp kernels, un-captured / graphed sampler); where an op has
-    none (ceiling rows), the rate columns describe its fastest implementation.
+    "ours" is the faster of our rows (triton / cpp kernels, un-captured / graphed sampler, fused training step);
+    where an op has none (ceiling rows), the rate columns describe its fastest implementation.
     """
     by_op: dict[str, dict[tuple[str, str], dict[str, dict[str, Any]]]] = {}
     for r in records:
@@ -160,7 +161,7 @@ def render(data: dict[str, Any]) -> str:
         "Times are medians of CUDA-event timings (L2 flushed before each op-suite call, not in the sampler's loop), "
         "except the dispatch rows: the host's clock per call, the fastest of five rounds (bench_dispatch.py). "
         "Speedups and rates are those of the faster of our implementations (triton / cpp kernels; the "
-        "un-captured / graphed sampler)."
+        "un-captured / graphed sampler; the training step on the fused backends)."
     )
 
 
