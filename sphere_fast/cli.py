@@ -1,4 +1,5 @@
-"""The ``sphere-fast`` command: train, sample, reconstruct, interpolate, crossover, manipulate, convert, bench."""
+"""The ``sphere-fast`` command: train, sample, sample-set, reconstruct, interpolate, crossover, manipulate, convert,
+bench."""
 
 from __future__ import annotations
 
@@ -185,6 +186,31 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def cmd_sample_set(args: argparse.Namespace) -> int:
+    from sphere_fast.sample_set import pack_npz, write_sample_set
+    from sphere_fast.training import init_distributed
+
+    info = init_distributed()  # under torchrun each process writes every world_size-th batch
+    if info.world_size > 1 and args.device == "cuda":
+        args.device = f"cuda:{info.local_rank}"
+    dtype = DTYPES[args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
+    model = load_model(args).to(dtype)  # the paper evaluates in bf16
+    start = time.perf_counter()
+    written = write_sample_set(
+        model, args.out, args.num, batch_size=args.batch_size, steps=args.steps, cfg=args.cfg,
+        cfg_position=args.cfg_position, seed=args.seed, rank=info.rank, world_size=info.world_size, progress=True,
+    )
+    print(f"process {info.rank}: wrote {written} images in {time.perf_counter() - start:.1f} s")
+    if info.world_size > 1:
+        torch.distributed.barrier()
+    if args.npz and info.rank == 0:
+        print(pack_npz(args.out, args.num, num_classes=model.num_classes))
+    return 0
+
+
 def _editing():
     try:
         from sphere_fast import editing
@@ -326,6 +352,16 @@ def build_parser() -> argparse.ArgumentParser:
         sub, "sample", "write a PNG grid of samples (one row per class)", cmd_sample, out="samples.png", steps=1, cfg=True
     )
     p.add_argument("--per-class", type=int, default=8)
+
+    p = _model_command(
+        sub, "sample-set", "write NUM samples as PNGs (and .npz) for FID; under torchrun split over processes",
+        cmd_sample_set, out="samples", steps=4, cfg=True,
+    )
+    p.add_argument("--num", type=int, default=50_000, help="images in the set; image i has label i %% classes")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--cfg-position", choices=["combo", "enc", "dec"], default="combo")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on the CPU")
+    p.add_argument("--npz", action="store_true", help="also pack OUT/samples.npz (arr_0 images, arr_1 labels)")
 
     p = _model_command(
         sub, "reconstruct", "encode and decode images (top row inputs, bottom row outputs)", cmd_reconstruct,

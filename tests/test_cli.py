@@ -6,7 +6,7 @@ from PIL import Image
 from sphere_fast.cli import build_parser, main
 from tests.tiny import TINY_CONFIG
 
-COMMANDS = ["train", "sample", "reconstruct", "interpolate", "crossover", "manipulate", "convert", "bench"]
+COMMANDS = ["train", "sample", "sample-set", "reconstruct", "interpolate", "crossover", "manipulate", "convert", "bench"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

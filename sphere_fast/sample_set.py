@@ -1,0 +1,146 @@
+"""Sample sets for evaluation (FID, IS, precision / recall): ``num`` images written as one PNG per index, and
+optionally packed into one .npz in the layout the ADM evaluation suite reads (``arr_0`` uint8 [N, H, W, 3],
+``arr_1`` the labels).
+
+Image i has the seed ``seed * 2**32 + i`` and the label ``i % num_classes`` (every class equally often; none for
+an unconditional model). A sample's image depends only on its seed, label, steps and cfg (the sphere_fast noise
+convention), so the set is the same for any batch size and any number of processes: under torchrun each process
+runs every world_size-th batch of indices. Each file is written atomically and a rerun skips the indices
+already on disk, so an interrupted job resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sphere_fast.sampling import Sampler
+
+MAX_SEED = 2**31  # seed * 2**32 + index stays below 2**63
+MAX_NUM = 2**32
+PNG_WRITERS = 4  # threads encoding PNGs while the device samples the next batch
+
+
+def _check_int(name: str, value: object, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value >= high):
+        bound = f"in [{low}, {high})" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be an int {bound}, got {value!r}")
+    return value
+
+
+def image_seeds(seed: int, indices: Sequence[int]) -> torch.Tensor:
+    """The int64 seeds of images ``indices`` of the set with base ``seed``."""
+    _check_int("seed", seed, 0, MAX_SEED)
+    return torch.tensor([seed * 2**32 + i for i in indices], dtype=torch.int64)
+
+
+def image_labels(num_classes: int, indices: Sequence[int]) -> torch.Tensor | None:
+    """The labels of images ``indices``: i % num_classes, or None for an unconditional model."""
+    return torch.tensor([i % num_classes for i in indices], dtype=torch.long) if num_classes else None
+
+
+def batches_of(num: int, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[range]:
+    """The index batches process ``rank`` of ``world_size`` runs: batch k is [k * batch_size, ...) and goes to
+    process k % world_size."""
+    for start in range(rank * batch_size, num, world_size * batch_size):
+        yield range(start, min(start + batch_size, num))
+
+
+def image_path(folder: Path, index: int, num: int) -> Path:
+    return folder / f"{index:0{max(6, len(str(num - 1)))}d}.png"
+
+
+def _write_png(image: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    Image.fromarray(image).save(partial, format="PNG")
+    os.replace(partial, path)  # atomic: a killed job leaves no truncated image behind
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[B, 3, H, W] in [0, 1] -> [B, H, W, 3] uint8 (rounded), as image files store them."""
+    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def write_sample_set(
+    model: torch.nn.Module,
+    out: str | Path,
+    num: int,
+    *,
+    batch_size: int = 64,
+    steps: int = 4,
+    cfg: float = 1.0,
+    cfg_position: str = "combo",
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = False,
+) -> int:
+    """Write this process's share of the ``num``-image set into the folder ``out`` (see the module docstring);
+    returns how many images it wrote (indices already on disk are skipped). Sampling runs on
+    ``sphere_fast.Sampler`` (a CUDA graph per batch bucket on a GPU) in ``dtype`` (default: the model's)."""
+    _check_int("num", num, 1, MAX_NUM + 1)
+    _check_int("batch_size", batch_size, 1)
+    _check_int("world_size", world_size, 1)
+    _check_int("rank", rank, 0, world_size)
+    _check_int("seed", seed, 0, MAX_SEED)
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"out must be a folder, got the file {folder}")
+    folder.mkdir(parents=True, exist_ok=True)
+    dtype = dtype if dtype is not None else next(model.parameters()).dtype
+    sampler = Sampler(model, batch_size, steps, cfg=cfg, cfg_position=cfg_position, dtype=dtype)
+    todo = [[i for i in batch if not image_path(folder, i, num).exists()]
+            for batch in batches_of(num, batch_size, rank, world_size)]
+    todo = [indices for indices in todo if indices]
+
+    from tqdm import tqdm
+
+    written = 0
+    with ThreadPoolExecutor(PNG_WRITERS) as writers, tqdm(
+        total=sum(map(len, todo)), desc=f"samples (process {rank})", disable=not progress, dynamic_ncols=True
+    ) as bar:
+        pending = []
+        for indices in todo:
+            labels = image_labels(model.num_classes, indices)
+            images = to_uint8(sampler(labels=labels, seeds=image_seeds(seed, indices)))
+            for i, image in zip(indices, images):
+                pending.append(writers.submit(_write_png, image, image_path(folder, i, num)))
+            written += len(indices)
+            bar.update(len(indices))
+        for job in pending:
+            job.result()  # re-raises a failed write
+    return written
+
+
+def pack_npz(folder: str | Path, num: int, path: str | Path | None = None, num_classes: int = 0) -> Path:
+    """Pack images 0 .. num-1 of ``folder`` into ``path`` (default ``folder/samples.npz``): ``arr_0`` uint8
+    [num, H, W, 3] and, for a conditional model, ``arr_1`` their labels."""
+    from PIL import Image
+
+    _check_int("num", num, 1, MAX_NUM + 1)
+    folder = Path(folder)
+    missing = [i for i in range(num) if not image_path(folder, i, num).exists()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {num} images are missing from {folder} (first: index {missing[0]})")
+    first = np.asarray(Image.open(image_path(folder, 0, num)).convert("RGB"))
+    images = np.empty((num, *first.shape), dtype=np.uint8)
+    for i in range(num):
+        with Image.open(image_path(folder, i, num)) as img:
+            images[i] = np.asarray(img.convert("RGB"))
+    arrays = {"arr_0": images}
+    labels = image_labels(num_classes, range(num))
+    if labels is not None:
+        arrays["arr_1"] = labels.numpy()
+    path = Path(path) if path is not None else folder / "samples.npz"
+    partial = path.with_name(f".{path.name}.partial.npz")
+    np.savez(partial, **arrays)
+    os.replace(partial, path)
+    return path

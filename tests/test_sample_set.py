@@ -1,0 +1,137 @@
+"""Sample sets for evaluation: the files hold the Sampler's images for the set's seeds and labels, whatever the
+batch size and process count; reruns resume; the .npz packs them; bad arguments are refused."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from PIL import Image
+
+from sphere_fast import Sampler
+from sphere_fast.checkpoint import save_checkpoint
+from sphere_fast.cli import main
+from sphere_fast.sample_set import (
+    batches_of,
+    image_labels,
+    image_path,
+    image_seeds,
+    pack_npz,
+    to_uint8,
+    write_sample_set,
+)
+from tests.test_distributed import free_port
+from tests.tiny import tiny_model
+
+NUM, STEPS, CFG, SEED = 7, 2, 1.4, 3
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model().eval()
+
+
+def read_set(folder: Path, num: int = NUM) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(image_path(folder, i, num))) for i in range(num)])
+
+
+def write(model, folder: Path, **kwargs) -> int:
+    return write_sample_set(model, folder, NUM, steps=STEPS, cfg=CFG, seed=SEED, **kwargs)
+
+
+def test_seeds_labels_and_batches():
+    assert image_seeds(2, range(3)).tolist() == [2 * 2**32, 2 * 2**32 + 1, 2 * 2**32 + 2]
+    assert image_labels(3, range(5)).tolist() == [0, 1, 2, 0, 1] and image_labels(0, range(5)) is None
+    assert [list(b) for b in batches_of(7, 2)] == [[0, 1], [2, 3], [4, 5], [6]]
+    shares = [[list(b) for b in batches_of(7, 2, rank, 3)] for rank in range(3)]
+    assert shares == [[[0, 1], [6]], [[2, 3]], [[4, 5]]]
+
+
+def test_the_files_hold_the_samplers_images(model, tmp_path):
+    assert write(model, tmp_path, batch_size=3) == NUM
+    indices = range(NUM)
+    expected = Sampler(model, NUM, STEPS, cfg=CFG, dtype=torch.float32)(
+        labels=image_labels(model.num_classes, indices), seeds=image_seeds(SEED, indices))
+    assert np.array_equal(read_set(tmp_path), to_uint8(expected))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{i:06d}.png" for i in indices]  # no partial files
+
+
+def test_the_set_does_not_depend_on_batch_size_or_processes(model, tmp_path):
+    write(model, tmp_path / "one", batch_size=4)
+    for rank in range(3):
+        write(model, tmp_path / "three", batch_size=2, rank=rank, world_size=3)
+    assert np.array_equal(read_set(tmp_path / "one"), read_set(tmp_path / "three"))
+    write_sample_set(model, tmp_path / "other", NUM, steps=STEPS, cfg=CFG, seed=SEED + 1, batch_size=4)
+    assert not np.array_equal(read_set(tmp_path / "one"), read_set(tmp_path / "other"))
+
+
+def test_a_rerun_writes_only_the_missing_images(model, tmp_path):
+    write(model, tmp_path, batch_size=3)
+    complete = read_set(tmp_path)
+    for i in (1, 5):
+        image_path(tmp_path, i, NUM).unlink()
+    kept = image_path(tmp_path, 0, NUM)
+    Image.fromarray(np.zeros_like(complete[0])).save(kept)  # a file on disk is taken as done, never redone
+    assert write(model, tmp_path, batch_size=3) == 2
+    again = read_set(tmp_path)
+    assert np.array_equal(again[1:], complete[1:]) and not again[0].any()
+
+
+def test_pack_npz(model, tmp_path):
+    write(model, tmp_path, batch_size=4)
+    packed = np.load(pack_npz(tmp_path, NUM, num_classes=model.num_classes))
+    assert packed["arr_0"].dtype == np.uint8 and packed["arr_0"].shape == (NUM, 16, 16, 3)
+    assert np.array_equal(packed["arr_0"], read_set(tmp_path))
+    assert packed["arr_1"].tolist() == [i % 10 for i in range(NUM)]
+    image_path(tmp_path, 4, NUM).unlink()
+    with pytest.raises(FileNotFoundError, match="1 of 7 images are missing .* index 4"):
+        pack_npz(tmp_path, NUM)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"num": 0}, "num must be an int"),
+        ({"batch_size": 0}, "batch_size must be an int"),
+        ({"rank": 2, "world_size": 2}, r"rank must be an int in \[0, 2\)"),
+        ({"world_size": 0}, "world_size must be an int"),
+        ({"seed": -1}, "seed must be an int"),
+        ({"seed": 2**31}, "seed must be an int"),
+    ],
+)
+def test_bad_arguments_are_refused(model, tmp_path, kwargs, message):
+    args = {"num": NUM, "steps": STEPS, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        write_sample_set(model, tmp_path, args.pop("num"), **args)
+    assert not any(tmp_path.iterdir())
+
+
+def test_out_must_be_a_folder_and_the_model_in_eval_mode(model, tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="out must be a folder"):
+        write_sample_set(model, tmp_path / "file", NUM)
+    with pytest.raises(ValueError, match="training mode"):
+        write_sample_set(tiny_model().train(), tmp_path / "set", NUM)
+
+
+def cli_worker(rank: int, world: int, port: int, args: list[str]) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    assert main(args) == 0
+    torch.distributed.destroy_process_group()
+
+
+def test_the_command_under_two_processes_matches_one(model, tmp_path, capsys):
+    save_checkpoint(tmp_path / "ckpt", model, name="perturbed")
+    common = ["sample-set", "--checkpoint", str(tmp_path / "ckpt"), "--num", "5", "--batch-size", "2", "--steps",
+              "1", "--cfg", "1.2", "--device", "cpu", "--npz"]
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    assert "wrote 5 images" in capsys.readouterr().out
+    mp.spawn(cli_worker, args=(2, free_port(), [*common, "--out", str(tmp_path / "two")]), nprocs=2, join=True)
+    one, two = (np.load(tmp_path / name / "samples.npz") for name in ("one", "two"))
+    assert one["arr_0"].shape == (5, 16, 16, 3) and one["arr_1"].tolist() == [0, 1, 2, 3, 4]
+    assert len({one["arr_0"][i].tobytes() for i in range(5)}) == 5  # five different images
+    assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["arr_1"], two["arr_1"])
