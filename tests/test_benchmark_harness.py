@@ -339,6 +339,33 @@ def test_attention_tests_run_in_processes_of_their_own(tmp_path: Path, monkeypat
     assert phase.name == "tests" and phase.status == "failed"
 
 
+@pytest.mark.parametrize("failing", [None, 0, 1, 2])
+def test_the_fused_mlp_cases_run_only_when_its_tests_passed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: int | None
+) -> None:
+    """A kernel that fails its GPU tests may crash in its benchmark cases and so end every later case of the
+    benchmark process: the fused MLP's cases are left out unless its own test group passed."""
+    calls = []
+
+    def fake_run(cmd, log, timeout, env=None, ok_codes=(0,)):
+        calls.append(cmd)
+        return ("failed" if len(calls) - 1 == failing else "ok"), 1.0
+
+    monkeypatch.setattr(gpu_check, "run_logged", fake_run)
+    for bench_k, expected in (("", "not (mlp_up or fused_mlp)"), ("linear", "(linear) and not (mlp_up or fused_mlp)")):
+        check = gpu_check.Check(tmp_path, budget_s=100, phases=gpu_check.PHASES, cuda=True, bench_k=bench_k)
+        check.tests()
+        calls.clear()
+        check.bench()
+        (bench,) = calls
+        selection = bench[bench.index("-k") + 1] if "-k" in bench else None
+        if failing == 1:  # the fused MLP's group (the second)
+            assert selection == expected and "benchmarks left out" in check.results[0].note
+        else:
+            assert selection == (f"({bench_k})" if bench_k else None)
+        calls.clear()
+
+
 def test_bench_phase_passes_a_deadline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen: dict = {}
 
@@ -362,7 +389,7 @@ def test_bench_k_selects_the_benchmark_cases(tmp_path: Path, monkeypatch: pytest
     seen: dict = {}
     monkeypatch.setattr(gpu_check, "run_logged", lambda cmd, *a, **k: (seen.update(cmd=cmd), ("ok", 1.0))[1])
     gpu_check.Check(tmp_path, budget_s=100, phases=gpu_check.PHASES, cuda=True, bench_k="adaln or swiglu").bench()
-    assert seen["cmd"][-2:] == ["-k", "adaln or swiglu"]
+    assert seen["cmd"][-2:] == ["-k", "(adaln or swiglu)"]
     gpu_check.Check(tmp_path, budget_s=100, phases=gpu_check.PHASES, cuda=True).bench()
     assert "-k" not in seen["cmd"]
 
