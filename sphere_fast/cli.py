@@ -147,7 +147,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     preset = TRAIN_PRESETS[args.preset]
     model_cfg = {**preset["model"], **json.loads(args.model_config or "{}")}
     overrides = {"total_steps": args.steps, "global_batch": args.batch_size, "base_lr": args.lr, "seed": args.seed,
-                 "autocast": args.autocast, "warmup_steps": args.warmup}
+                 "autocast": args.autocast, "warmup_steps": args.warmup, "accumulation_steps": args.accumulation_steps}
     train_cfg = {**preset["train"], **{k: v for k, v in overrides.items() if v is not None}}
     if args.perceptual_weights:
         train_cfg["perceptual_weights"] = dict(kv.split("=", 1) for kv in args.perceptual_weights)
@@ -327,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/demo")
     p.add_argument("--steps", type=int, help="total optimiser steps")
     p.add_argument("--batch-size", type=int, help="global batch (split over processes)")
+    p.add_argument("--accumulation-steps", type=int, help="micro-batches per process batch (gradients summed)")
     p.add_argument("--lr", type=float, help="base lr per 256 images of global batch")
     p.add_argument("--warmup", type=int, help="warmup steps")
     p.add_argument("--seed", type=int)

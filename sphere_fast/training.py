@@ -247,9 +247,11 @@ class TrainConfig:
     perceptual_weights: dict[str, str] | None = None
     autocast: str = "auto"  # "auto": bf16 on CUDA, fp32 on CPU; "bf16"; "off"
     seed: int = 0
+    # each process's batch runs as this many equal micro-batches, their gradients summed before the update
+    accumulation_steps: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("global_batch", "total_steps"):
+        for name in ("global_batch", "total_steps", "accumulation_steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
         if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps <= self.total_steps:
@@ -366,7 +368,9 @@ class Trainer:
     ) -> dict[str, float]:
         """One optimiser step on this process's batch; returns the losses before the update, the lr
         and the gradient norm (losses averaged over processes). ``noise`` [B, N, C] or ``seeds`` [B] (int64)
-        fix e; by default seeds are drawn."""
+        fix e; by default seeds are drawn. The noise levels are drawn for the whole process batch (one r = 0
+        and one r = 1 in it), which then runs as ``config.accumulation_steps`` micro-batches."""
+        micro = self.micro_batches(x.shape[0])
         x = x.to(self.device, non_blocking=True)
         if y is not None:
             # checked once, on the host for loader labels: the three network calls below then skip their
@@ -383,20 +387,35 @@ class Trainer:
             seeds = torch.randint(0, 2**62, (x.shape[0],), dtype=torch.int64, device=self.device)
         elif seeds is not None:
             seeds = seeds.to(self.device)
-        with self.autocast(), labels_checked():
-            total, terms = self.engine(x, y, scales[0], scales[1], noise, seeds)
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        logged = None
+        for k, rows in enumerate(micro):
+            inputs = [None if t is None else t[rows] for t in (x, y, *scales, noise, seeds)]
+            # DDP reduces the gradients once, in the last micro-batch's backward
+            wait = self.dist.world_size > 1 and k + 1 < len(micro)
+            with self.engine.no_sync() if wait else contextlib.nullcontext(), self.autocast(), labels_checked():
+                total, terms = self.engine(*inputs)
+                # micro-batches of equal size: the batch mean of each term is the mean of their means
+                (total / len(micro)).backward()
+            means = torch.stack([total.detach(), *terms.values()]) / len(micro)
+            logged = means if logged is None else logged + means
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
         self.update_ema()
         self.step += 1
-        logged = torch.stack([total.detach(), *terms.values()])
         if self.dist.world_size > 1:
             dist.all_reduce(logged)
             logged /= self.dist.world_size
         out = dict(zip(["loss", *terms], logged.tolist()))
         return {**out, "lr": lr, "grad_norm": float(grad_norm)}
+
+    def micro_batches(self, batch: int) -> list[slice]:
+        """The rows of each micro-batch of a process batch of ``batch`` (config.accumulation_steps of them)."""
+        steps = self.config.accumulation_steps
+        if batch % steps:
+            raise ValueError(f"the process batch of {batch} does not split into accumulation_steps={steps} equal micro-batches")
+        size = batch // steps
+        return [slice(k * size, (k + 1) * size) for k in range(steps)]
 
     @torch.no_grad()
     def update_ema(self) -> None:

@@ -1,8 +1,10 @@
-"""Two gloo processes (DDP) end with the same parameters as one process on the same global batch."""
+"""Two gloo processes (DDP) end with the same parameters as one process on the same global batch, with and
+without gradient accumulation."""
 
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -25,9 +27,10 @@ def global_step_inputs(step: int):
     return x, y, big, small, torch.randn(GLOBAL_BATCH, 16, 4, generator=g)
 
 
-def train(info: DistInfo, rows: slice | None = None) -> dict[str, torch.Tensor]:
+def train(info: DistInfo, rows: slice | None = None, accumulation: int = 1) -> dict[str, torch.Tensor]:
     """STEPS steps on this process's share of each global batch (``rows`` overrides the share)."""
-    trainer = Trainer(no_label_dropout(tiny_model()), TrainConfig(**CONFIG), "cpu", info)
+    config = TrainConfig(**CONFIG, accumulation_steps=accumulation)
+    trainer = Trainer(no_label_dropout(tiny_model()), config, "cpu", info)
     b = GLOBAL_BATCH // info.world_size
     share = rows or slice(info.rank * b, (info.rank + 1) * b)
     for step in range(STEPS):
@@ -36,12 +39,12 @@ def train(info: DistInfo, rows: slice | None = None) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
 
-def worker(rank: int, world: int, port: int, out: str) -> None:
+def worker(rank: int, world: int, port: int, out: str, accumulation: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     info = init_distributed()
     assert dist.get_backend() == "gloo"
-    state = train(info)
+    state = train(info, accumulation=accumulation)
     torch.save(state, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -52,8 +55,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_gloo_processes_match_one_process(tmp_path):
-    mp.spawn(worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("accumulation", [1, 2], ids=["one-batch", "two-micro-batches"])
+def test_two_gloo_processes_match_one_process(tmp_path, accumulation):
+    """With accumulation, each process's first micro-batch backward skips DDP's all-reduce (no_sync): the
+    gradients must still be reduced, once, in the last."""
+    mp.spawn(worker, args=(2, free_port(), str(tmp_path), accumulation), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     single = train(DistInfo())
     initial = tiny_model().state_dict()

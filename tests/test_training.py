@@ -108,6 +108,29 @@ def test_train_step_takes_seeds_as_the_noise_they_draw():
         Trainer(tiny_model(), config).train_step(x, y, scales=scales, noise=noise, seeds=seeds)
 
 
+def test_accumulated_micro_batches_give_the_whole_batch_gradient():
+    x, y = tiny_batch(6)
+    g = torch.Generator().manual_seed(3)
+    scales = (torch.rand(6, generator=g) * 3, torch.rand(6, generator=g))
+    seeds = torch.arange(6, dtype=torch.int64) + 11
+    steps = {}
+    for accumulation in (1, 3):
+        config = TrainConfig(global_batch=6, total_steps=4, warmup_steps=1, loss_weights=NO_PERCEPTUAL,
+                             accumulation_steps=accumulation)
+        trainer = Trainer(no_label_dropout(tiny_model()), config)
+        logged = trainer.train_step(x, y, scales=scales, seeds=seeds)
+        steps[accumulation] = logged, {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    (whole, whole_grads), (micro, micro_grads) = steps[1], steps[3]
+    assert micro == pytest.approx(whole, rel=1e-5)
+    assert whole_grads.keys() == micro_grads.keys() and any(g.abs().sum() > 0 for g in whole_grads.values())
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(micro_grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+    with pytest.raises(ValueError, match="accumulation_steps"):
+        TrainConfig(accumulation_steps=0)
+    with pytest.raises(ValueError, match="batch of 6 does not split into accumulation_steps=4"):
+        Trainer(tiny_model(), TrainConfig(loss_weights=NO_PERCEPTUAL, accumulation_steps=4)).train_step(x, y)
+
+
 def test_latent_consistency_gradient_reaches_the_decoder():
     model = no_label_dropout(tiny_model())
     x, y = tiny_batch(4)
