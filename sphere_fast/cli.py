@@ -147,7 +147,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     preset = TRAIN_PRESETS[args.preset]
     model_cfg = {**preset["model"], **json.loads(args.model_config or "{}")}
     overrides = {"total_steps": args.steps, "global_batch": args.batch_size, "base_lr": args.lr, "seed": args.seed,
-                 "autocast": args.autocast, "warmup_steps": args.warmup, "accumulation_steps": args.accumulation_steps}
+                 "autocast": args.autocast, "warmup_steps": args.warmup, "accumulation_steps": args.accumulation_steps,
+                 "activation_checkpointing": args.activation_checkpointing or None}
     train_cfg = {**preset["train"], **{k: v for k, v in overrides.items() if v is not None}}
     if args.perceptual_weights:
         train_cfg["perceptual_weights"] = dict(kv.split("=", 1) for kv in args.perceptual_weights)
@@ -328,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="total optimiser steps")
     p.add_argument("--batch-size", type=int, help="global batch (split over processes)")
     p.add_argument("--accumulation-steps", type=int, help="micro-batches per process batch (gradients summed)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each transformer block in the backward instead of keeping its activations")
     p.add_argument("--lr", type=float, help="base lr per 256 images of global batch")
     p.add_argument("--warmup", type=int, help="warmup steps")
     p.add_argument("--seed", type=int)

@@ -102,6 +102,9 @@ class ViT(nn.Module):
         self.token_channels = token_channels
         self.num_classes = num_classes
         self.spherify_blocks = spherify_blocks
+        # training: recompute each block's activations in the backward instead of keeping them (less memory, a
+        # second forward of the blocks); set by the Trainer from TrainConfig.activation_checkpointing
+        self.activation_checkpointing = False
         width, heads = size["width"], size["heads"]
         modulated = num_classes > 0
 
@@ -200,6 +203,24 @@ class ViT(nn.Module):
         head = self.ffn.adaLN_modulation(c) if self.ffn.adaLN_modulation is not None else None
         return [block.modulation(c) for block in self.blocks], head
 
+    def _block(
+        self, i: int, modulations: list, rope: torch.Tensor, x: torch.Tensor, h: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block i from the residual stream x and its modulated attention input h: (x, h) of block i + 1, or for
+        the last block (x after its attention sub-layer, its MLP branch), which the head closes."""
+        block = self.blocks[i]
+        _, _, gate, shift2, scale2, gate2 = modulations[i]
+        x, h = ops.gated_residual_adaln(x, block.attn(h, rope), gate, weight_like(block.norm2.weight, x), shift2, scale2)
+        branch = block.mlp(h)
+        if i + 1 == len(self.blocks):
+            return x, branch
+        shift, scale = modulations[i + 1][:2]
+        norm1 = weight_like(self.blocks[i + 1].norm1.weight, x)
+        if self.spherify_blocks:
+            x = ops.spherify(x + branch if gate2 is None else x + gate2 * branch)
+            return x, ops.adaln_modulate(x, norm1, shift, scale)
+        return ops.gated_residual_adaln(x, branch, gate2, norm1, shift, scale)
+
     def forward(
         self, x: torch.Tensor, y: torch.Tensor | None = None, conditioning: Conditioning | None = None
     ) -> torch.Tensor:
@@ -212,19 +233,14 @@ class ViT(nn.Module):
         x = (x + self.pos_embed).to(x.dtype)
         rope = self.rope
         # The residual add that closes one sub-layer and the norm that opens the next run as one op.
-        shift, scale, gate, shift2, scale2, gate2 = modulations[0]
-        h = ops.adaln_modulate(x, weight_like(self.blocks[0].norm1.weight, x), shift, scale)
-        for i, block in enumerate(self.blocks):
-            x, h = ops.gated_residual_adaln(x, block.attn(h, rope), gate, weight_like(block.norm2.weight, x), shift2, scale2)
-            branch, gate = block.mlp(h), gate2
-            if i + 1 < len(self.blocks):
-                shift, scale, next_gate, shift2, scale2, gate2 = modulations[i + 1]
-                if self.spherify_blocks:
-                    x = ops.spherify(x + branch if gate is None else x + gate * branch)
-                    h = ops.adaln_modulate(x, weight_like(self.blocks[i + 1].norm1.weight, x), shift, scale)
-                else:
-                    x, h = ops.gated_residual_adaln(x, branch, gate, weight_like(self.blocks[i + 1].norm1.weight, x), shift, scale)
-                gate = next_gate
+        h = ops.adaln_modulate(x, weight_like(self.blocks[0].norm1.weight, x), *modulations[0][:2])
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
+        for i in range(len(self.blocks)):
+            if recompute:
+                x, h = torch.utils.checkpoint.checkpoint(self._block, i, modulations, rope, x, h, use_reentrant=False)
+            else:
+                x, h = self._block(i, modulations, rope, x, h)
+        branch, gate = h, modulations[-1][5]
         if head_modulation is not None:
             head_shift, head_scale = head_modulation
             _, h = ops.gated_residual_adaln(x, branch, gate, weight_like(self.ffn.norm.weight, x), head_shift, head_scale)

@@ -249,6 +249,8 @@ class TrainConfig:
     seed: int = 0
     # each process's batch runs as this many equal micro-batches, their gradients summed before the update
     accumulation_steps: int = 1
+    # recompute each transformer block's activations in the backward instead of keeping them
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         for name in ("global_batch", "total_steps", "accumulation_steps"):
@@ -262,6 +264,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
         if not self.ema_decay < 1:
             raise ValueError(f"ema_decay must be < 1, got {self.ema_decay}")
+        if not isinstance(self.activation_checkpointing, bool):
+            raise ValueError(f"activation_checkpointing must be a bool, got {self.activation_checkpointing!r}")
         if self.autocast not in ("auto", "bf16", "off"):
             raise ValueError(f"autocast must be 'auto', 'bf16' or 'off', got {self.autocast!r}")
         self.betas = tuple(self.betas)
@@ -336,6 +340,8 @@ class Trainer:
         torch.backends.cudnn.allow_tf32 = True
         self.model = model.to(self.device).train()
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        for network in (self.model.encoder, self.model.decoder):
+            network.activation_checkpointing = config.activation_checkpointing
         weights = loss_weights(config.loss_weights)
         if perceptual is None and (weights.recon_perc or weights.con_perc):
             perceptual = PerceptualLoss.from_files(config.perceptual_weights)

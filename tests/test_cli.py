@@ -26,7 +26,7 @@ def test_every_command_is_registered():
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     args = ["train", "--data", "synthetic", "--out", str(out), "--steps", "3", "--batch-size", "6", "--workers", "0",
-            "--accumulation-steps", "2",
+            "--accumulation-steps", "2", "--activation-checkpointing",
             "--model-config", json.dumps(TINY_CONFIG), "--per-class", "2", "--sample-steps", "1", "2"]
     assert main(args) == 0
     return out
@@ -35,7 +35,8 @@ def trained(tmp_path_factory):
 def test_train_writes_checkpoint_plot_and_sample_grids(trained):
     assert (trained / "checkpoints" / "latest").read_text().strip() == "step-00000003"
     assert len((trained / "losses.jsonl").read_text().splitlines()) == 3
-    assert json.loads((trained / "run_config.json").read_text())["train"]["accumulation_steps"] == 2
+    recipe = json.loads((trained / "run_config.json").read_text())["train"]
+    assert recipe["accumulation_steps"] == 2 and recipe["activation_checkpointing"] is True
     assert Image.open(trained / "loss.png").size[0] > 300
     for steps in (1, 2):
         grid = Image.open(trained / f"samples_{steps}step.png")

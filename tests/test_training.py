@@ -131,6 +131,31 @@ def test_accumulated_micro_batches_give_the_whole_batch_gradient():
         Trainer(tiny_model(), TrainConfig(loss_weights=NO_PERCEPTUAL, accumulation_steps=4)).train_step(x, y)
 
 
+def test_activation_checkpointing_keeps_the_gradients_and_fewer_activations():
+    x, y = tiny_batch(6)
+    scales = (torch.full((6,), 2.0), torch.full((6,), 0.5))
+    noise = torch.randn(6, 16, 4, generator=torch.Generator().manual_seed(4))
+    runs = {}
+    for recompute in (False, True):
+        config = TrainConfig(global_batch=6, loss_weights=NO_PERCEPTUAL, activation_checkpointing=recompute)
+        three_blocks = {"width": 32, "layers": 3, "heads": 2}
+        model = tiny_model(vit_enc_model_size=three_blocks, vit_dec_model_size=three_blocks)
+        trainer = Trainer(no_label_dropout(model), config)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            total, _ = trainer.loss(x, y, *scales, noise)
+        total.backward()
+        grads = {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
+        runs[recompute] = total.item(), grads, sum(saved)
+    (loss, grads, kept), (loss_cp, grads_cp, kept_cp) = runs[False], runs[True]
+    assert loss_cp == loss and grads_cp.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_cp[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert kept_cp < kept / 2, (kept_cp, kept)
+    with pytest.raises(ValueError, match="activation_checkpointing must be a bool"):
+        TrainConfig(activation_checkpointing=1)
+
+
 def test_latent_consistency_gradient_reaches_the_decoder():
     model = no_label_dropout(tiny_model())
     x, y = tiny_batch(4)
