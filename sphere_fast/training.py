@@ -399,8 +399,9 @@ class Trainer:
             inputs = [None if t is None else t[rows] for t in (x, y, *scales, noise, seeds)]
             # DDP reduces the gradients once, in the last micro-batch's backward
             wait = self.dist.world_size > 1 and k + 1 < len(micro)
-            with self.engine.no_sync() if wait else contextlib.nullcontext(), self.autocast(), labels_checked():
-                total, terms = self.engine(*inputs)
+            with self.engine.no_sync() if wait else contextlib.nullcontext():
+                with self.autocast(), labels_checked():
+                    total, terms = self.engine(*inputs)
                 # micro-batches of equal size: the batch mean of each term is the mean of their means
                 (total / len(micro)).backward()
             means = torch.stack([total.detach(), *terms.values()]) / len(micro)
@@ -419,7 +420,9 @@ class Trainer:
         """The rows of each micro-batch of a process batch of ``batch`` (config.accumulation_steps of them)."""
         steps = self.config.accumulation_steps
         if batch % steps:
-            raise ValueError(f"the process batch of {batch} does not split into accumulation_steps={steps} equal micro-batches")
+            raise ValueError(
+                f"the process batch of {batch} does not split into accumulation_steps={steps} equal micro-batches"
+            )
         size = batch // steps
         return [slice(k * size, (k + 1) * size) for k in range(steps)]
 
