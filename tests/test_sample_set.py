@@ -3,6 +3,7 @@ batch size and process count; reruns resume; the .npz packs them; bad arguments 
 
 import os
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
-from sphere_fast import Sampler
+from sphere_fast import Sampler, sampling
 from sphere_fast.checkpoint import save_checkpoint
 from sphere_fast.cli import main
 from sphere_fast.sample_set import (
@@ -22,6 +23,7 @@ from sphere_fast.sample_set import (
     to_uint8,
     write_sample_set,
 )
+from tests.cuda_graph_emulator import CudaGraphEmulator, emulated_cuda_graphs  # noqa: F401 (fixture)
 from tests.test_distributed import free_port
 from tests.tiny import tiny_model
 
@@ -56,6 +58,16 @@ def test_the_files_hold_the_samplers_images(model, tmp_path):
         labels=image_labels(model.num_classes, indices), seeds=image_seeds(SEED, indices))
     assert np.array_equal(read_set(tmp_path), to_uint8(expected))
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{i:06d}.png" for i in indices]  # no partial files
+
+
+def test_the_set_is_the_same_from_captured_graphs(model, tmp_path, emulated_cuda_graphs: CudaGraphEmulator):
+    """The GPU path: each batch is a replay of the loop captured for its bucket (3, 3, then 1 for the last)."""
+    write(model, tmp_path / "graphs", batch_size=3)
+    assert emulated_cuda_graphs.captures == 2 and emulated_cuda_graphs.replays == 3
+    with mock.patch.object(sampling, "cuda_graphs_usable", lambda device: False):
+        write(model, tmp_path / "plain", batch_size=3)
+    assert emulated_cuda_graphs.captures == 2 and emulated_cuda_graphs.replays == 3  # that one ran un-captured
+    assert np.array_equal(read_set(tmp_path / "graphs"), read_set(tmp_path / "plain"))
 
 
 def test_the_set_does_not_depend_on_batch_size_or_processes(model, tmp_path):
