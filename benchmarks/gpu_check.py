@@ -58,6 +58,7 @@ ISOLATED_TESTS = tuple(t for group in ISOLATED_GROUPS for t in group)
 TEST_GROUPS = (*(list(g) for g in ISOLATED_GROUPS), ["tests", *(f"--ignore={t}" for t in ISOLATED_TESTS)])
 PER_TEST_TIMEOUT_S = {"tests": 120, "bench": 240}  # a torch.compile(max-autotune) case compiles for minutes
 JSON_MARGIN_S = 30  # bench cases stop starting this long before the phase limit
+DURATIONS_SHOWN = 30
 
 # One tiny CUDA call per op that has a C++ backend: its first call compiles the op's extension (lazily,
 # through sphere_fast._extension.load_extension). Keep in step with the ops' signatures.
@@ -223,7 +224,9 @@ class Check:
     def pytest(self, phase: str, *args: str) -> list[str]:
         # A hung case fails alone (pytest-timeout) instead of eating the phase.
         timeout = ["--timeout", f"{self.timeouts[phase]:.0f}"] if importlib.util.find_spec("pytest_timeout") else []
-        return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *timeout, *args]
+        # --durations: the slowest cases in the phase's log, to plan what the next lease's budget can hold
+        return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--durations={DURATIONS_SHOWN}",
+                *timeout, *args]
 
     def tests(self) -> None:
         limit = self.limit("tests")

@@ -383,6 +383,7 @@ def test_bench_phase_passes_a_deadline(tmp_path: Path, monkeypatch: pytest.Monke
     assert "--run-slow" in seen["cmd"] and seen["env"][harness.ROWS_ENV].startswith(str(tmp_path))
     assert check.bench_json.parent == tmp_path and check.bench_json.name.startswith("bench-")
     assert "--benchmark-enable" in seen["cmd"] and seen["env"]["TORCH_CUDA_ARCH_LIST"]
+    assert f"--durations={gpu_check.DURATIONS_SHOWN}" in seen["cmd"]  # the slowest cases, for planning a lease
 
 
 def test_bench_k_selects_the_benchmark_cases(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
