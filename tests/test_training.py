@@ -4,7 +4,7 @@ import pytest
 import torch
 from tests.tiny import NO_PERCEPTUAL, no_label_dropout, tiny_batch, tiny_model
 
-from sphere_fast import ops
+from sphere_fast import ops, use_backend
 from sphere_fast.ops import spherify_reference
 from sphere_fast.training import (
     LOSS_PRESETS,
@@ -131,7 +131,9 @@ def test_accumulated_micro_batches_give_the_whole_batch_gradient():
         Trainer(tiny_model(), TrainConfig(loss_weights=NO_PERCEPTUAL, accumulation_steps=4)).train_step(x, y)
 
 
-def test_activation_checkpointing_keeps_the_gradients_and_fewer_activations():
+@pytest.mark.parametrize("backend", ["eager", "cpp", "triton"])
+def test_activation_checkpointing_keeps_the_gradients_and_fewer_activations(backend):
+    """Also through the fused ops' autograd functions (cpp: their CPU kernels; triton: the interpreter)."""
     x, y = tiny_batch(6)
     scales = (torch.full((6,), 2.0), torch.full((6,), 0.5))
     noise = torch.randn(6, 16, 4, generator=torch.Generator().manual_seed(4))
@@ -142,9 +144,10 @@ def test_activation_checkpointing_keeps_the_gradients_and_fewer_activations():
         model = tiny_model(vit_enc_model_size=three_blocks, vit_dec_model_size=three_blocks)
         trainer = Trainer(no_label_dropout(model), config)
         saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-            total, _ = trainer.loss(x, y, *scales, noise)
-        total.backward()
+        with use_backend(backend):
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+                total, _ = trainer.loss(x, y, *scales, noise)
+            total.backward()
         grads = {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
         runs[recompute] = total.item(), grads, sum(saved)
     (loss, grads, kept), (loss_cp, grads_cp, kept_cp) = runs[False], runs[True]
