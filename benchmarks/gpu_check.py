@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from benchmarks import goals, harness, report
+from benchmarks import choices, goals, harness, report
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("install", "build", "tests", "profile", "bench")
@@ -312,11 +312,12 @@ class Check:
         return "\n".join(lines + [f"| {p.name} | {p.status} | {p.seconds:.0f} | {p.note} |" for p in self.results])
 
     def summary(self) -> str:
-        """The phases and the goal verdicts: short, printed after the full report so an output tail holds it."""
+        """The phases, the goal verdicts and the pending choices: short, printed after the full report so an
+        output tail holds it."""
         lines = ["## Summary", "", self.phase_table(), ""]
         data = _read_json(self.bench_json)
         if data is not None:
-            lines.append(goals.table(report.rows(data)))
+            lines += [goals.table(report.rows(data)), "", choices.table(report.rows(data))]
         else:
             lines.append("No benchmark results in this run.")
         return "\n".join(lines) + "\n"

@@ -19,7 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks import goals
+from benchmarks import choices, goals
 
 START = "<!-- perf:start -->"
 END = "<!-- perf:end -->"
@@ -156,7 +156,8 @@ def render(data: dict[str, Any]) -> str:
     if not recs:
         return f"{header(data)}\n\nNo benchmark rows in this file."
     return (
-        f"{header(data)}\n\n### Goals\n\n{goals.table(recs)}\n\n### All cases\n\n{table(recs)}\n\n"
+        f"{header(data)}\n\n### Goals\n\n{goals.table(recs)}\n\n### Pending choices\n\n{choices.table(recs)}\n\n"
+        f"### All cases\n\n{table(recs)}\n\n"
         f"{cold_starts(recs)}"
         "Times are medians of CUDA-event timings (L2 flushed before each op-suite call, not in the sampler's loop), "
         "except the dispatch rows: the host's clock per call, the fastest of five rounds (bench_dispatch.py). "

@@ -427,6 +427,7 @@ def test_bench_json_is_rebuilt_from_streamed_rows_when_the_run_is_cut(
     assert "rebuilt from the 2 cases" in check.results[-1].note and check.results[-1].status == "timeout"
     assert "cut off" in report.render(data) and "#### swiglu" in report.render(data)
     assert "| #3 |" in check.summary()  # the goal verdicts, from the rebuilt file
+    assert "| nn.layers.MLP_ALIGN |" in check.summary()  # and the pending choices
     assert sorted(p.name for p in tmp_path.iterdir()) == [check.bench_json.name]  # the rows file is gone
 
 

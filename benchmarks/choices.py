@@ -1,0 +1,118 @@
+"""The settings chosen without a GPU, and what the rows of one results file say each should be.
+
+Each rule is the one benchmarks/NOTES.md states for its setting, applied to the headline rows that settle it
+(benchmarks/conftest.py); a setting whose rows are missing is "not measured". The verdict is advice for the
+next change of the code, which stays a person's decision: a results file never changes a default by itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from benchmarks.goals import shape_label
+
+Row = dict[str, Any]
+ATTENTION_SHAPES = ([16, 16, 1024, 64], [16, 16, 1024, 72])  # B, H, N, D: the model's attention at B*H = 256
+# attention implementations `auto` could take; eager / compile time the reference (eager RoPE, then SDPA)
+ATTENTION_IMPLS = ("triton", "triton_rope_on_load", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "flash_attn")
+SAMPLER_CASES = ("b1 t4 cfg1.4 combo", "b64 t4 cfg1.4 combo")
+
+
+@dataclass(frozen=True)
+class Choice:
+    setting: str  # where it is set
+    now: str  # what the code does today
+    measured: str  # the numbers the verdict reads
+    suggests: str
+
+
+def _ms(rows: Sequence[Row], op: str, impl: str, shape: Callable[[Any], bool] = lambda s: True) -> dict[str, float]:
+    """ms of ``impl``'s rows of ``op`` by shape label, for shapes that pass ``shape``."""
+    return {shape_label(r["shape"]): r["ms"] for r in rows if r["op"] == op and r["impl"] == impl and shape(r["shape"])}
+
+
+def _pairs(base: dict[str, float], other: dict[str, float]) -> list[tuple[str, float, float]]:
+    return [(label, base[label], other[label]) for label in base if label in other]
+
+
+def _by_tokens(ms: dict[str, float]) -> dict[str, float]:
+    """A linear layer's times keyed by its token count (the first dim of its [tokens, in, out] shape)."""
+    return {label.split("×")[0]: t for label, t in ms.items()}
+
+
+def _paired(setting: str, now: str, pairs: Sequence[tuple[str, float, float]], candidate: str,
+            verdicts: tuple[str, str, str]) -> Choice:
+    """A choice between today's way (the first time of each pair) and ``candidate`` (the second); ``verdicts``:
+    what to do when the candidate is faster in every pair, in none, in some."""
+    if not pairs:
+        return Choice(setting, now, "not measured", "not measured")
+    measured = "; ".join(f"{what}: {a:.3f} -> {b:.3f} ms {candidate}" for what, a, b in pairs)
+    wins = [b < a for _, a, b in pairs]
+    every, none, some = verdicts
+    return Choice(setting, now, measured, every if all(wins) else none if not any(wins) else some)
+
+
+def mlp_align(rows: Sequence[Row]) -> Choice:
+    """nn.layers.MLP_ALIGN: the Sphere-L MLP's GEMMs with the hidden width 2730 padded to 2752, against
+    unpadded, at each token count."""
+    from sphere_fast.nn.layers import MLP_ALIGN
+
+    pairs = []
+    for layer in ("w12", "w3"):
+        plain = _by_tokens(_ms(rows, f"linear_L_{layer}", "torch"))
+        padded = _by_tokens(_ms(rows, f"linear_L_{layer}_pad64", "torch"))
+        pairs += [(f"{layer} M{tokens}", a, b) for tokens, a, b in _pairs(plain, padded)]
+    return _paired("nn.layers.MLP_ALIGN", str(MLP_ALIGN), pairs, "padded", (
+        "keep 64: padded is faster in every case", "set 1: padded is slower in every case",
+        "mixed: padded wins in some cases only (see the rows)"))
+
+
+def fused_mlp(rows: Sequence[Row]) -> Choice:
+    """SPHERE_FAST_FUSED_MLP (nn.layers.fused_mlp_enabled): the fused GEMM against cuBLAS + the SwiGLU kernel,
+    then the graphed Sphere-L sampler with and without it."""
+    from sphere_fast.nn.layers import fused_mlp_enabled
+
+    pairs = []
+    for model in ("L", "XL"):
+        ops = _pairs(_ms(rows, f"mlp_up_{model}", "cublas_swiglu"), _ms(rows, f"mlp_up_{model}", "triton"))
+        pairs += [(f"mlp_up {model} {label}", a, b) for label, a, b in ops]
+    samplers = _pairs(*(_ms(rows, "sample sphere-l-imagenet", impl, lambda s: s in SAMPLER_CASES)
+                        for impl in ("graph", "graph_fused_mlp")))
+    pairs += [(f"sampler {label}", a, b) for label, a, b in samplers]
+    now = "on" if fused_mlp_enabled() else "off"
+    return _paired("SPHERE_FAST_FUSED_MLP (nn.layers.fused_mlp_enabled)", now, pairs, "fused", (
+        "turn on by default: fused is faster in every case", "keep off: fused is slower in every case",
+        "mixed: key the choice on the token count (see the rows)"))
+
+
+def attention_impl(rows: Sequence[Row]) -> list[Choice]:
+    """What ``auto`` runs for the model's attention (ops/attention.py): the fastest usable implementation of the
+    forward at N = 1024, B*H = 256, per head dim."""
+    from sphere_fast.ops.attention import AUTO_ORDER
+
+    out = []
+    for shape in ATTENTION_SHAPES:
+        label = shape_label(shape)
+        times = {impl: ms[label] for impl in ATTENTION_IMPLS if label in (ms := _ms(rows, "attention_fwd", impl))}
+        choice = Choice(f"attention auto impl, D = {shape[3]}", AUTO_ORDER[0], "not measured", "not measured")
+        if "triton" not in times:
+            out.append(choice)
+            continue
+        fastest = min(times, key=times.get)
+        measured = "; ".join(f"{impl} {ms:.3f} ms" for impl, ms in sorted(times.items(), key=lambda kv: kv[1]))
+        suggests = ("keep triton: the fastest" if fastest == "triton" else
+                    f"take {fastest}: {times['triton'] / times[fastest]:.2f}x faster than triton")
+        out.append(Choice(choice.setting, choice.now, measured, suggests))
+    return out
+
+
+def choices(rows: Sequence[Row]) -> list[Choice]:
+    return [mlp_align(rows), fused_mlp(rows), *attention_impl(rows)]
+
+
+def table(rows: Sequence[Row]) -> str:
+    lines = ["| setting | now | measured | suggests |", "|---|---|---|---|"]
+    lines += [f"| {c.setting} | {c.now} | {c.measured} | {c.suggests} |" for c in choices(rows)]
+    return "\n".join(lines)

@@ -1,0 +1,76 @@
+"""The pending choices read from benchmark rows: each rule on rows made for it (faster, slower, mixed, missing)."""
+
+import pytest
+
+from benchmarks import choices, report
+
+
+def row(op: str, impl: str, shape, ms: float) -> dict:
+    return {"op": op, "impl": impl, "shape": shape, "dtype": "bf16", "ms": ms}
+
+
+def linear_rows(w12: tuple[float, float], w3: tuple[float, float], tokens: int = 2048) -> list[dict]:
+    """(unpadded, padded) ms of the Sphere-L MLP's two GEMMs at ``tokens``."""
+    return [row("linear_L_w12", "torch", [tokens, 1024, 5460], w12[0]),
+            row("linear_L_w12_pad64", "torch", [tokens, 1024, 5504], w12[1]),
+            row("linear_L_w3", "torch", [tokens, 2730, 1024], w3[0]),
+            row("linear_L_w3_pad64", "torch", [tokens, 2752, 1024], w3[1])]
+
+
+@pytest.mark.parametrize("times, verdict", [
+    (((1.0, 0.5), (1.0, 0.6)), "keep 64"),
+    (((1.0, 1.5), (1.0, 1.1)), "set 1"),
+    (((1.0, 0.5), (1.0, 1.1)), "mixed"),
+])
+def test_mlp_align(times, verdict) -> None:
+    choice = choices.mlp_align(linear_rows(*times) + [row("linear_L_qkv", "torch", [2048, 1024, 3072], 9.0)])
+    assert choice.now == "64" and choice.suggests.startswith(verdict)
+    (plain, padded), _ = times
+    assert f"w12 M2048: {plain:.3f} -> {padded:.3f} ms padded" in choice.measured
+
+
+def test_mlp_align_pairs_rows_by_token_count() -> None:
+    rows = linear_rows((1.0, 0.9), (1.0, 0.9), tokens=2048) + linear_rows((5.0, 6.0), (5.0, 6.0), tokens=131072)
+    choice = choices.mlp_align(rows)
+    assert choice.suggests.startswith("mixed") and "w3 M131072: 5.000 -> 6.000 ms padded" in choice.measured
+
+
+def mlp_up_rows(cublas: float, fused: float) -> list[dict]:
+    return [row(f"mlp_up_{m}", impl, [131072, 1024, 2730], ms) for m in ("L", "XL")
+            for impl, ms in (("cublas_swiglu", cublas), ("triton", fused), ("eager", 99.0))]
+
+
+@pytest.mark.parametrize("kernel, sampler, verdict", [
+    ((2.0, 1.5), (100.0, 90.0), "turn on"),
+    ((2.0, 2.5), (100.0, 110.0), "keep off"),
+    ((2.0, 1.5), (100.0, 110.0), "mixed"),
+])
+def test_fused_mlp(kernel, sampler, verdict) -> None:
+    rows = mlp_up_rows(*kernel) + [
+        row("sample sphere-l-imagenet", "graph", "b64 t4 cfg1.4 combo", sampler[0]),
+        row("sample sphere-l-imagenet", "graph_fused_mlp", "b64 t4 cfg1.4 combo", sampler[1]),
+        row("sample sphere-l-imagenet", "graph", "b8 t4 cfg1.4 combo", 1.0),  # no fused row to pair with
+    ]
+    choice = choices.fused_mlp(rows)
+    assert choice.now == "off" and choice.suggests.startswith(verdict)
+    assert f"sampler b64 t4 cfg1.4 combo: {sampler[0]:.3f} -> {sampler[1]:.3f} ms fused" in choice.measured
+    assert choice.measured.count("mlp_up") == 2 and "b8" not in choice.measured
+
+
+def test_attention_impl_takes_the_fastest_usable_impl() -> None:
+    d64, d72 = choices.ATTENTION_SHAPES
+    rows = [row("attention_fwd", impl, d64, ms) for impl, ms in
+            (("triton", 1.0), ("sdpa_flash", 1.3), ("eager", 0.1), ("compile", 0.2))]  # the references do not count
+    rows += [row("attention_fwd", impl, d72, ms) for impl, ms in (("triton", 2.0), ("sdpa_cudnn", 1.0))]
+    rows += [row("attention_fwd", "sdpa_flash", [1, 16, 1024, 64], 0.01)]  # another batch
+    first, second = choices.attention_impl(rows)
+    assert first.suggests == "keep triton: the fastest" and first.measured.startswith("triton 1.000 ms")
+    assert second.suggests == "take sdpa_cudnn: 2.00x faster than triton"
+
+
+def test_nothing_measured_and_the_report_section() -> None:
+    assert all(c.measured == c.suggests == "not measured" for c in choices.choices([]))
+    data = {"benchmarks": [{"extra_info": r} for r in linear_rows((1.0, 0.5), (1.0, 0.6))]}
+    rendered = report.render(data)
+    assert "### Pending choices" in rendered and "| nn.layers.MLP_ALIGN | 64 |" in rendered
+    assert rendered.index("### Goals") < rendered.index("### Pending choices") < rendered.index("### All cases")
