@@ -25,7 +25,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from benchmarks.bench_sampling import PASS_GFLOP, TINY
+from benchmarks.bench_sampling import PASS_GFLOP, random_model
 from benchmarks.harness import DEVICE, SMOKE, cuda_time_ms, pick, record
 from sphere_fast import SphereEncoder, ops, use_backend
 from sphere_fast.training import LOSS_PRESETS, TrainConfig, Trainer, noise_scales
@@ -40,18 +40,6 @@ DTYPE_LABEL = pick(real="bf16 autocast", smoke="fp32")
 # the fused row's backend: on the CPU, auto is eager, so smoke mode runs the C++ kernels' CPU implementation
 FUSED_BACKEND = pick(real="auto", smoke="cpp")
 LOSS_WEIGHTS = dataclasses.replace(LOSS_PRESETS["imagenet"], recon_perc=0.0, con_perc=0.0)
-
-
-def build_model(name: str) -> SphereEncoder:
-    """fp32 weights on the device, zero-initialised layers perturbed so every path carries gradient."""
-    torch.manual_seed(0)
-    with torch.device(DEVICE):
-        config = {**TINY, "use_pixel_consistency": True, "use_latent_consistency": True} if name == "tiny" else None
-        model = SphereEncoder(**config) if config else SphereEncoder.from_preset(name)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p), alpha=0.02)
-    return model
 
 
 def flops_per_image(name: str) -> int | None:
@@ -119,14 +107,14 @@ def keep_float32_precision():
 def test_train_step(benchmark, ceilings, impl: str, name: str, batch: int) -> None:
     weights = dataclasses.asdict(LOSS_WEIGHTS)
     config = TrainConfig(global_batch=batch, total_steps=100, warmup_steps=0, loss_weights=weights)
-    trainer = Trainer(build_model(name), config, device=DEVICE)
+    trainer = Trainer(random_model(name), config, device=DEVICE)
     inputs = step_inputs(trainer.model, batch)
     step = make_step(impl, trainer)
     first = gate_step(step, inputs)  # compiles / autotunes, and the gate
     if impl == "eager":  # the eager row (first in each case) is its own reference
         _eager_first_step[name, batch] = first
     elif (name, batch) not in _eager_first_step:
-        reference = Trainer(build_model(name), config, device=DEVICE)
+        reference = Trainer(random_model(name), config, device=DEVICE)
         _eager_first_step[name, batch] = gate_step(make_step("eager", reference), inputs)
         del reference
     expected = _eager_first_step[name, batch]
