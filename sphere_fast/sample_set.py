@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sphere_fast.sampling import Sampler
+from sphere_fast.sampling import Sampler, check_count
 
 MAX_SEED = 2**31  # seed * 2**32 + index stays below 2**63
 MAX_NUM = 2**32
@@ -87,16 +87,16 @@ def write_sample_set(
     returns how many images it wrote (indices already on disk are skipped). Sampling runs on
     ``sphere_fast.Sampler`` (a CUDA graph per batch bucket on a GPU) in ``dtype`` (default: the model's)."""
     _check_int("num", num, 1, MAX_NUM + 1)
-    _check_int("batch_size", batch_size, 1)
-    _check_int("world_size", world_size, 1)
+    check_count("world_size", world_size)
     _check_int("rank", rank, 0, world_size)
     _check_int("seed", seed, 0, MAX_SEED)
+    dtype = dtype if dtype is not None else next(model.parameters()).dtype
+    # checks batch_size, steps, cfg and the model's mode before anything is written
+    sampler = Sampler(model, batch_size, steps, cfg=cfg, cfg_position=cfg_position, dtype=dtype)
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"out must be a folder, got the file {folder}")
     folder.mkdir(parents=True, exist_ok=True)
-    dtype = dtype if dtype is not None else next(model.parameters()).dtype
-    sampler = Sampler(model, batch_size, steps, cfg=cfg, cfg_position=cfg_position, dtype=dtype)
     todo = [[i for i in batch if not image_path(folder, i, num).exists()]
             for batch in batches_of(num, batch_size, rank, world_size)]
     todo = [indices for indices in todo if indices]

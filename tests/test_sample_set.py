@@ -116,8 +116,8 @@ def test_pack_npz(model, tmp_path):
 def test_bad_arguments_are_refused(model, tmp_path, kwargs, message):
     args = {"num": NUM, "steps": STEPS, **kwargs}
     with pytest.raises(ValueError, match=message):
-        write_sample_set(model, tmp_path, args.pop("num"), **args)
-    assert not any(tmp_path.iterdir())
+        write_sample_set(model, tmp_path / "set", args.pop("num"), **args)
+    assert not (tmp_path / "set").exists()  # refused before the folder is made
 
 
 def test_out_must_be_a_folder_and_the_model_in_eval_mode(model, tmp_path):
