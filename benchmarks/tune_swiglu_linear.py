@@ -26,14 +26,13 @@ import torch
 if not torch.cuda.is_available():  # CPU smoke: the kernels run in Triton's interpreter (set before they load)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from benchmarks.bench_linear import gate_mlp_up, mlp_layer, mlp_up_runs  # noqa: E402
+from benchmarks.bench_linear import MLP_WIDTHS, gate_mlp_up, mlp_layer, mlp_up_runs  # noqa: E402
 from benchmarks.harness import SMOKE, cuda_time_ms  # noqa: E402
 from sphere_fast.nn.layers import SwiGLU  # noqa: E402
 
 swl = importlib.import_module("sphere_fast.ops.swiglu_linear")
 GemmConfig = swl.GemmConfig
 
-WIDTHS = {"L": 1024, "XL": 1152}
 # the op's K tile (64), beyond its candidates: other stages and tiles
 SAME_K_TILE = (
     GemmConfig(128, 64, 64, 4, 3, False), GemmConfig(128, 64, 64, 4, 5, False), GemmConfig(128, 128, 64, 8, 4, False),
@@ -78,11 +77,11 @@ def sweep(width: int, tokens: int) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", choices=list(WIDTHS), default=["L"])
+    parser.add_argument("--models", nargs="+", choices=list(MLP_WIDTHS), default=list(MLP_WIDTHS)[:1])
     parser.add_argument("--tokens", type=int, nargs="+", default=[64] if SMOKE else [2048, 131072])
     args = parser.parse_args(argv)
     for model in args.models:
-        width = 16 if SMOKE else WIDTHS[model]
+        width = MLP_WIDTHS[model]
         for tokens in args.tokens:
             print(f"\n### Fused SwiGLU GEMM, bf16, {model} (K = {width}), {tokens} tokens\n")
             print("| config (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, warp specialized) | ms | TFLOP/s | gate |")
