@@ -1,10 +1,13 @@
 """Sampling benchmark (issue 6): latency and images/s of the whole few-step loop, and time to first image.
 
 Models sphere-l-imagenet and sphere-xl-imagenet (random weights, cast to bf16) at batch 1, 8, 64, 256, steps
-1, 2, 4, without CFG and with combo CFG 1.4, for four implementations of the same loop and seeds:
+1, 2, 4, without CFG and with combo CFG 1.4, for five implementations of the same loop and seeds:
   eager       the official generate() loop on sphere_fast's "eager" backend (its noise one kernel a draw; as
               sphere_fast runs it, each network's AdaLN modulations once a loop, not once a pass)
   compile     that loop under torch.compile(mode="max-autotune", fullgraph=True) (inductor's own CUDA graphs)
+  compile_networks
+              the eager loop with each network's forward under torch.compile(mode="max-autotune", fullgraph=True),
+              as most users apply it: a graph per network (two to compile; the whole 4-step loop has seven passes)
   uncaptured  sphere_fast.Sampler(cuda_graph=False) on the best backend
   graph       sphere_fast.Sampler: the loop captured as one CUDA graph per bucket and replayed
 Each row's model FLOP utilisation (% of matmul) divides the spec's FLOPs (decoder / encoder pass per image at
@@ -22,13 +25,14 @@ e.g. ``-k "graph and b64"``. The compile and cold-start rows are marked slow.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -43,7 +47,7 @@ MODELS = pick(real=["sphere-l-imagenet", "sphere-xl-imagenet"], smoke=["tiny"])
 BATCHES = pick(real=[1, 8, 64, 256], smoke=[2])
 STEPS = pick(real=[1, 2, 4], smoke=[1, 2])
 CFGS = [1.0, 1.4]  # no CFG, and combo CFG at the ImageNet scale
-IMPLS = ("eager", "compile", "uncaptured", "graph")
+IMPLS = ("eager", "compile", "compile_networks", "uncaptured", "graph")
 DTYPE = pick(real=torch.bfloat16, smoke=torch.float32)
 # the consistency losses on, as the presets have them, so that bench_training's smoke step runs every term
 TINY = {
@@ -97,27 +101,24 @@ def make_runner(
         sampler = Sampler(model, batch, steps, cfg=cfg, dtype=DTYPE, cuda_graph=impl == "graph")
         return lambda labels, seeds: sampler(labels, seeds)
     if impl == "eager":
-        shape = model.latent_shape[1:]
+        return official_loop(model, batch, steps, cfg)
+    # Each compile row starts as a fresh process would: otherwise dynamo's recompile limit (8 a function) would
+    # count the grid's other batch sizes, and inductor's CUDA graphs of earlier rows would keep their memory.
+    torch._dynamo.reset()
+    # On CPU (smoke) dynamo traces the graphs without minutes of C++ compilation, as the harness does.
+    options = {"backend": "eager"} if DEVICE.type == "cpu" else {"mode": "max-autotune"}
+    if impl == "compile_networks":
+        forwards = {name: compiled_forward(getattr(model, name), options) for name in ("encoder", "decoder")}
+        eager = official_loop(model, batch, steps, cfg)
 
-        def eager(labels: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
-            # The official generate() loop on the eager ops. Its two draws (initial point, cached refinement
-            # noise) are one kernel each, as the official torch.randn draws are; the seed convention's
-            # pure-torch Philox (about 200 small kernels a draw) would slow this baseline for no reason an eager
-            # user has. The draws are the seeds' own, so the images match the other implementations.
-            seeds = seeds.to(DEVICE)
-            draws = [ops.sphere_noise(seeds, shape, stream=k, backend="auto") for k in (0, 1)]
-            with use_backend("eager"):
-                return model.generate(
-                    batch, y=labels.to(DEVICE), cfg=cfg, cfg_position="combo", forward_steps=steps,
-                    cache_sampling_noise=True, noise=draws, dtype=DTYPE,
-                )[1]
+        def compile_networks_run(labels: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+            with forwards_replaced(model, forwards):
+                return eager(labels, seeds)
 
-        return eager
+        return compile_networks_run
     reference = Sampler(model, batch, steps, cfg=cfg, dtype=DTYPE, cuda_graph=False)
     key = GraphKey(batch, steps, guidance(model, cfg, "combo"), True, False, DTYPE, "eager")
     weight = torch.tensor(guidance_weight(cfg, "combo"), dtype=torch.float32, device=DEVICE) if key.guide else None
-    # On CPU (smoke) dynamo traces the graph without minutes of C++ compilation, as the harness does.
-    options = {"backend": "eager"} if DEVICE.type == "cpu" else {"mode": "max-autotune"}
     compiled = torch.compile(reference.loop, fullgraph=True, dynamic=False, **options)
 
     def compile_run(labels: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
@@ -127,12 +128,54 @@ def make_runner(
     return compile_run
 
 
+def official_loop(
+    model: SphereEncoder, batch: int, steps: int, cfg: float
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The official generate() loop on sphere_fast's "eager" backend (labels, seeds) -> final images."""
+    shape = model.latent_shape[1:]
+
+    def eager(labels: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        # Its two draws (initial point, cached refinement noise) are one kernel each, as the official torch.randn
+        # draws are; the seed convention's pure-torch Philox (about 200 small kernels a draw) would slow this
+        # baseline for no reason an eager user has. The draws are the seeds' own, so the images match the other
+        # implementations.
+        seeds = seeds.to(DEVICE)
+        draws = [ops.sphere_noise(seeds, shape, stream=k, backend="auto") for k in (0, 1)]
+        with use_backend("eager"):
+            return model.generate(
+                batch, y=labels.to(DEVICE), cfg=cfg, cfg_position="combo", forward_steps=steps,
+                cache_sampling_noise=True, noise=draws, dtype=DTYPE,
+            )[1]
+
+    return eager
+
+
+def compiled_forward(net: torch.nn.Module, options: dict) -> Callable[..., torch.Tensor]:
+    """``net.forward`` under torch.compile; each output copied out, as inductor's CUDA graphs hand out a buffer
+    that the network's next replay overwrites while the loop still holds it (the first step's image)."""
+    compiled = torch.compile(net.forward, fullgraph=True, dynamic=False, **options)
+    return lambda *args, **kwargs: compiled(*args, **kwargs).clone()
+
+
+@contextlib.contextmanager
+def forwards_replaced(model: SphereEncoder, forwards: dict[str, Callable[..., torch.Tensor]]) -> Iterator[None]:
+    """Model's networks call ``forwards[name]`` inside the block; the cached model is shared by every case."""
+    for name, forward in forwards.items():
+        getattr(model, name).forward = forward
+    try:
+        yield
+    finally:
+        for name in forwards:
+            del getattr(model, name).forward
+
+
 def case_id(batch: int, steps: int, cfg: float) -> str:
     return f"b{batch} t{steps} " + (f"cfg{cfg} combo" if cfg > 1 else "no cfg")
 
 
 def impl_params() -> list:
-    return [pytest.param(i, id=i, marks=[pytest.mark.slow] if i == "compile" and not SMOKE else []) for i in IMPLS]
+    compiles = ("compile", "compile_networks")
+    return [pytest.param(i, id=i, marks=[pytest.mark.slow] if i in compiles and not SMOKE else []) for i in IMPLS]
 
 
 _reference_images: dict[tuple, torch.Tensor] = {}

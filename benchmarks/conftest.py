@@ -59,7 +59,10 @@ HEADLINE = (
     "benchmarks/bench_adaln.py::test_*[*-B64-N*-W1024]",
     # a Sphere-L training step, eager against the fused backends (design.md's model rows)
     *(f"benchmarks/bench_training.py::test_train_step[{impl}-*]" for impl in ("eager", "fused")),
-    # torch.compile(max-autotune) of the whole loop last: its compile alone can take minutes
+    # the torch.compile(max-autotune) baselines last, as each compiles for minutes: each network compiled (two
+    # networks to compile, not the 4-step loop's seven passes), its time to first image from empty caches, then the whole loop compiled
+    "benchmarks/bench_sampling.py::test_sampling[compile_networks-sphere-l-imagenet-b64-t4-cfg1.4]",
+    "benchmarks/bench_sampling.py::test_time_to_first_image[compile_networks-sphere-l-imagenet-empty]",
     "benchmarks/bench_sampling.py::test_sampling[compile-sphere-l-imagenet-b64-t4-cfg1.4]",
 )
 

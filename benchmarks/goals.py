@@ -16,6 +16,9 @@ KERNELS = ("triton", "cpp")
 # the eager baselines, judged by the faster: the reference, and where a suite has it the official code's
 # formulation (spherify noise from torch.randn instead of the seed convention's Philox in torch ops)
 EAGER = ("eager", "eager_randn")
+# the torch.compile baselines, judged by the faster: a whole function compiled, and for the sampler also each
+# network compiled with the loop eager
+COMPILED = ("compile", "compile_networks")
 SAMPLERS = ("uncaptured", "graph")
 TRAINERS = ("fused",)  # a training step on the fused backends (no goal of its own yet)
 SDPA = ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math")
@@ -116,7 +119,7 @@ def _adaln(rows: Sequence[Row]) -> list[Verdict]:
         every = _groups(rows, op, lambda s: True)
         out.append(_judge(4, f"{op}: >= 3x eager at 256 tokens", tokens_256, _speedup(KERNELS, EAGER), 3, "x"))
         out.append(_judge(4, f"{op}: never slower than eager", every, _speedup(KERNELS, EAGER), 1, "x"))
-        out.append(_judge(4, f"{op}: >= torch.compile", every, _speedup(KERNELS, ["compile"]), 1, "x"))
+        out.append(_judge(4, f"{op}: >= torch.compile", every, _speedup(KERNELS, COMPILED), 1, "x"))
     return out
 
 
@@ -136,7 +139,7 @@ def _sampler(rows: Sequence[Row]) -> list[Verdict]:
         b64 = _groups(rows, op, lambda s: s == "b64 t4 cfg1.4 combo")
         b1 = _groups(rows, op, lambda s: s == "b1 t4 cfg1.4 combo")
         large = _groups(rows, op, lambda s: _sampler_batch(s) >= 64)
-        vs_eager, vs_compile = _speedup(SAMPLERS, EAGER), _speedup(SAMPLERS, ["compile"])
+        vs_eager, vs_compile = _speedup(SAMPLERS, EAGER), _speedup(SAMPLERS, COMPILED)
         out.append(_judge(6, f"{model}: >= 2x eager at batch 64, 4 steps, CFG", b64, vs_eager, 2, "x"))
         out.append(_judge(6, f"{model}: >= 1.3x torch.compile at batch 64, 4 steps, CFG", b64, vs_compile, 1.3, "x"))
         out.append(_judge(6, f"{model}: >= 4x eager at batch 1", b1, vs_eager, 4, "x"))

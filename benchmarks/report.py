@@ -24,7 +24,7 @@ from benchmarks import choices, goals
 START = "<!-- perf:start -->"
 END = "<!-- perf:end -->"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-IMPL_ORDER = ("eager", "eager_randn", "compile", "triton", "cpp", "uncaptured", "graph", "fused")
+IMPL_ORDER = ("eager", "eager_randn", "compile", "compile_networks", "triton", "cpp", "uncaptured", "graph", "fused")
 OURS = goals.KERNELS + goals.SAMPLERS + goals.TRAINERS
 NOT_MEASURED = (
     "Not measured on a GPU yet: no speed is claimed until a results file under `benchmarks/results/` backs it."
@@ -116,7 +116,7 @@ def _op_table(op: str, groups: dict[tuple[str, str], dict[str, dict[str, Any]]])
     for (shape, dtype), by_impl in groups.items():
         ours = [by_impl[i] for i in OURS if i in by_impl]
         best = min(ours or by_impl.values(), key=lambda r: r["ms"])
-        baselines = [[by_impl[i]["ms"] for i in names if i in by_impl] for names in (goals.EAGER, ("compile",))]
+        baselines = [[by_impl[i]["ms"] for i in names if i in by_impl] for names in (goals.EAGER, goals.COMPILED)]
         speedups = [min(ms) / best["ms"] if ours and ms else None for ms in baselines]
         body.append([shape, dtype, *(_fmt(by_impl[i]["ms"], "n") if i in by_impl else "–" for i in impl_cols),
                      *(_fmt(x, "x") for x in speedups), _fmt(best.get("images_per_s"), "n"),
