@@ -38,7 +38,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.harness import DEVICE, SMOKE, cuda_time_ms, pick, record
+from benchmarks.harness import DEVICE, SMOKE, PeakMemory, cuda_time_ms, pick, record
 from sphere_fast import SphereEncoder, ops, use_backend
 from sphere_fast.sampling import GraphKey, Sampler, guidance, guidance_weight
 
@@ -205,12 +205,13 @@ def time_sampler(
     the implementation)."""
     model = cached_model(name)
     labels, seeds = case_inputs(batch, model.num_classes)
+    ref_key = (name, batch, steps, cfg)
+    if ref_key not in _reference_images and impl != "eager":  # the eager row (first in each case) is its own
+        _reference_images[ref_key] = make_runner("eager", model, batch, steps, cfg)(labels, seeds).clone()
+    memory = PeakMemory()  # from the runner's making to its last timed call
     run = make_runner(impl, model, batch, steps, cfg)
     images = run(labels, seeds).clone()  # first call: capture / compile / autotune, and the correctness gate
-    ref_key = (name, batch, steps, cfg)
-    if ref_key not in _reference_images:  # the eager row (first in each case) is its own reference
-        eager = images if impl == "eager" else make_runner("eager", model, batch, steps, cfg)(labels, seeds)
-        _reference_images[ref_key] = eager.clone()
+    _reference_images.setdefault(ref_key, images)
     assert images.shape == (batch, 3, model.input_size, model.input_size) and bool(images.isfinite().all())
     diff = (images - _reference_images[ref_key]).abs().mean().item()
     # float32 on CPU: the same loop; bf16 on the GPU: kernel rounding only, never different images
@@ -222,7 +223,7 @@ def time_sampler(
     flops = flops_per_image(name, steps, cfg)
     record(benchmark, op=f"sample {name}", impl=label or impl, shape=case_id(batch, steps, cfg), dtype=DTYPE, ms=ms,
            flops=flops * batch if flops else None, ceilings=ceilings,
-           extra={"images_per_s": batch / (ms * 1e-3), "mean_abs_diff_vs_eager": diff})
+           extra={"images_per_s": batch / (ms * 1e-3), "mean_abs_diff_vs_eager": diff, "peak_gb": memory.gb()})
 
 
 # ------------------------------------------------------------------------------------- time to first image

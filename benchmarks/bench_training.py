@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from benchmarks.bench_sampling import PASS_GFLOP, random_model
-from benchmarks.harness import DEVICE, SMOKE, cuda_time_ms, pick, record
+from benchmarks.harness import DEVICE, SMOKE, PeakMemory, cuda_time_ms, pick, record
 from sphere_fast import SphereEncoder, ops, use_backend
 from sphere_fast.training import LOSS_PRESETS, TrainConfig, Trainer, noise_scales
 
@@ -107,17 +107,16 @@ def keep_float32_precision():
 def test_train_step(benchmark, ceilings, impl: str, name: str, batch: int) -> None:
     weights = dataclasses.asdict(LOSS_WEIGHTS)
     config = TrainConfig(global_batch=batch, total_steps=100, warmup_steps=0, loss_weights=weights)
+    if impl != "eager" and (name, batch) not in _eager_first_step:  # the eager row (first) is its own reference
+        reference = Trainer(random_model(name), config, device=DEVICE)
+        _eager_first_step[name, batch] = gate_step(make_step("eager", reference), step_inputs(reference.model, batch))
+        del reference
     trainer = Trainer(random_model(name), config, device=DEVICE)
     inputs = step_inputs(trainer.model, batch)
+    memory = PeakMemory()  # above the weights and their EMA: gradients, optimiser state, activations
     step = make_step(impl, trainer)
     first = gate_step(step, inputs)  # compiles / autotunes, and the gate
-    if impl == "eager":  # the eager row (first in each case) is its own reference
-        _eager_first_step[name, batch] = first
-    elif (name, batch) not in _eager_first_step:
-        reference = Trainer(random_model(name), config, device=DEVICE)
-        _eager_first_step[name, batch] = gate_step(make_step("eager", reference), inputs)
-        del reference
-    expected = _eager_first_step[name, batch]
+    expected = _eager_first_step.setdefault((name, batch), first)
     for term in ("loss", "grad_norm"):  # the forward's and the backward's summary
         assert math.isclose(first[term], expected[term], rel_tol=GATE_RTOL), (
             f"{impl} step: {term} {first[term]} against eager's {expected[term]}"
@@ -126,4 +125,4 @@ def test_train_step(benchmark, ceilings, impl: str, name: str, batch: int) -> No
     flops = flops_per_image(name)
     record(benchmark, op=f"train step {name}", impl=impl, shape=f"b{batch}", dtype=DTYPE_LABEL, ms=ms,
            flops=flops * batch if flops else None, ceilings=ceilings,
-           extra={"images_per_s": batch / (ms * 1e-3), "loss": first["loss"]})
+           extra={"images_per_s": batch / (ms * 1e-3), "loss": first["loss"], "peak_gb": memory.gb()})

@@ -142,6 +142,25 @@ def cuda_time_ms(
     return Timing([s.elapsed_time(e) for s, e in zip(starts, ends)])
 
 
+class PeakMemory:
+    """The most CUDA memory allocated since it was made, above what was allocated then: a case's working memory
+    (activations, workspaces, a captured graph's pool, optimiser state made on the first step), without the
+    weights and inputs it found. On CPU it measures nothing (``gb()`` is None)."""
+
+    def __init__(self) -> None:
+        self.start: int | None = None
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+
+    def gb(self) -> float | None:
+        if self.start is None:
+            return None
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - self.start) / 1e9
+
+
 # --------------------------------------------------------------------------------------------- ceilings
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -107,9 +107,14 @@ def table(records: Sequence[dict[str, Any]]) -> str:
     return "\n\n".join(_op_table(op, groups) for op, groups in by_op.items())
 
 
+def _impl_columns(seen: Iterable[str]) -> list[str]:
+    """The implementations in ``seen``, in IMPL_ORDER, then any others in the order they came."""
+    seen = list(seen)
+    return [i for i in IMPL_ORDER if i in seen] + list(dict.fromkeys(i for i in seen if i not in IMPL_ORDER))
+
+
 def _op_table(op: str, groups: dict[tuple[str, str], dict[str, dict[str, Any]]]) -> str:
-    seen = [impl for g in groups.values() for impl in g]
-    impl_cols = [i for i in IMPL_ORDER if i in seen] + list(dict.fromkeys(i for i in seen if i not in IMPL_ORDER))
+    impl_cols = _impl_columns(impl for g in groups.values() for impl in g)
     cols = ["shape", "dtype", *(f"{i} ms" for i in impl_cols), "ours vs eager", "ours vs compile", "images/s",
             "GB/s", "% of copy", "TFLOP/s", "% of matmul"]
     body = []
@@ -151,6 +156,24 @@ def cold_starts(records: Sequence[dict[str, Any]]) -> str:
     return "Time to first image, by stage:\n\n" + "\n".join(lines) + "\n\n" if lines else ""
 
 
+def peak_memory(records: Sequence[dict[str, Any]]) -> str:
+    """A table of the rows that recorded their peak memory (the sampler, the training step): GB above the
+    weights, by implementation."""
+    by_case: dict[str, dict[str, float]] = {}
+    for r in records:
+        if r.get("peak_gb") is not None:
+            by_case.setdefault(f"{r['op']} {goals.shape_label(r['shape'])} {r['dtype']}", {})[r["impl"]] = r["peak_gb"]
+    if not by_case:
+        return ""
+    impl_cols = _impl_columns(impl for g in by_case.values() for impl in g)
+    lines = ["| case | " + " | ".join(f"{i} GB" for i in impl_cols) + " |", "|" + "---|" * (len(impl_cols) + 1)]
+    lines += [f"| {case} | " + " | ".join(_fmt(g.get(i), "n") for i in impl_cols) + " |" for case, g in by_case.items()]
+    return (
+        "Peak memory above the weights and inputs a case found, from its first call (capture, compile, the "
+        "first optimiser step) to its last timed one:\n\n" + "\n".join(lines) + "\n\n"
+    )
+
+
 def render(data: dict[str, Any]) -> str:
     recs = rows(data)
     if not recs:
@@ -158,7 +181,7 @@ def render(data: dict[str, Any]) -> str:
     return (
         f"{header(data)}\n\n### Goals\n\n{goals.table(recs)}\n\n### Pending choices\n\n{choices.table(recs)}\n\n"
         f"### All cases\n\n{table(recs)}\n\n"
-        f"{cold_starts(recs)}"
+        f"{cold_starts(recs)}{peak_memory(recs)}"
         "Times are medians of CUDA-event timings (L2 flushed before each op-suite call, not in the sampler's loop), "
         "except the dispatch rows: the host's clock per call, the fastest of five rounds (bench_dispatch.py). "
         "Speedups and rates are those of the faster of our implementations (triton / cpp kernels; the "

@@ -243,6 +243,43 @@ def test_report_splits_the_cold_start_by_stage() -> None:
     assert report.cold_starts([{"op": "swiglu", "impl": "triton", "ms": 1.0}]) == ""
 
 
+def test_report_tables_the_peak_memory_by_implementation() -> None:
+    def row(op: str, impl: str, shape: str, peak_gb: float | None) -> dict:
+        return {"op": op, "impl": impl, "shape": shape, "dtype": "bf16", "ms": 1.0, "peak_gb": peak_gb}
+
+    records = [
+        row("sample sphere-l-imagenet", "graph", "b64 t4 cfg1.4 combo", 21.5),
+        row("sample sphere-l-imagenet", "eager", "b64 t4 cfg1.4 combo", 34.0),
+        row("sample sphere-l-imagenet", "graph", "b1 t4 cfg1.4 combo", 0.61),
+        row("train step sphere-l-imagenet", "fused", "b16", None),  # measured nothing (a CPU run)
+        {"op": "swiglu", "impl": "triton", "shape": [8, 256], "dtype": "bf16", "ms": 1.0},
+    ]
+    lines = report.peak_memory(records).splitlines()
+    assert lines[2:6] == ["| case | eager GB | graph GB |", "|---|---|---|",
+                          "| sample sphere-l-imagenet b64 t4 cfg1.4 combo bf16 | 34.0 | 21.5 |",
+                          "| sample sphere-l-imagenet b1 t4 cfg1.4 combo bf16 | – | 0.610 |"]
+    assert len(lines) == 7 and lines[-1] == ""
+    assert report.peak_memory(records[3:]) == ""
+    assert "Peak memory above the weights" in report.render({**_result(), "benchmarks": [
+        {"extra_info": r} for r in records]})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU path")
+def test_peak_memory_measures_nothing_on_cpu() -> None:
+    assert harness.PeakMemory().gb() is None
+
+
+@pytest.mark.gpu
+def test_peak_memory_counts_what_the_case_allocated_above_what_it_found() -> None:
+    found = torch.empty(64 << 20, dtype=torch.int8, device="cuda")
+    memory = harness.PeakMemory()
+    scratch = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    del scratch
+    kept = torch.empty(32 << 20, dtype=torch.int8, device="cuda")
+    assert memory.gb() == pytest.approx((256 << 20) / 1e9, rel=0.01)  # the peak, not what is left
+    del found, kept
+
+
 def test_import_seconds_reads_the_importtime_log() -> None:
     from benchmarks.bench_sampling import import_seconds
 
