@@ -350,7 +350,8 @@ class Trainer:
         self.engine: nn.Module = self.loss
         if self.dist.world_size > 1:
             ids = [self.dist.local_rank] if self.device.type == "cuda" else None
-            self.engine = nn.parallel.DistributedDataParallel(self.loss, device_ids=ids)
+            # gradients as views into the all-reduce buckets: no second copy of them
+            self.engine = nn.parallel.DistributedDataParallel(self.loss, device_ids=ids, gradient_as_bucket_view=True)
         encoder = [p for p in self.model.encoder.parameters() if p.requires_grad]
         decoder = [p for p in self.model.decoder.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
@@ -358,6 +359,7 @@ class Trainer:
             lr=learning_rate(0, config),
             betas=config.betas,
             weight_decay=config.weight_decay,
+            fused=True,  # the update as one multi-tensor kernel (CUDA and CPU), not a kernel chain per op
         )
         self.step = 0
         use_bf16 = config.autocast == "bf16" or (config.autocast == "auto" and self.device.type == "cuda")
