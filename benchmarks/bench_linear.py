@@ -71,7 +71,7 @@ def mlp_up_runs(layer: SwiGLU, x: torch.Tensor) -> dict[str, Callable[[], torch.
     """The MLP's first half on ``x`` with the layer's weights, as each of MLP_UP_IMPLS computes it."""
     w12, b12 = layer.w12.weight, layer.w12.bias
     w12_padded, b12_padded = layer.padded_w12()
-    width = layer.padded_w3().shape[1]
+    width = layer.padded_hidden
     return {
         "eager": lambda: ops.swiglu_linear_reference(x, w12, b12),
         "cublas_swiglu": lambda: ops.swiglu(torch.nn.functional.linear(x, w12_padded, b12_padded), backend="triton"),
@@ -97,7 +97,7 @@ def test_mlp_up(benchmark, ceilings, tokens: int, model: str, impl: str) -> None
     with torch.no_grad():
         gate_mlp_up(run(), layer, x, impl)
         ms = cuda_time_ms(run)
-    out_width = hidden if impl == "eager" else layer.padded_w3().shape[1]
+    out_width = hidden if impl == "eager" else layer.padded_hidden
     record(benchmark, op=f"mlp_up_{model}", impl=impl, shape=[tokens, k, hidden], dtype=MLP_DTYPE, ms=ms,
            bytes_moved=(tokens * k + 2 * hidden * k + tokens * out_width) * x.element_size(),
            flops=2 * tokens * k * 2 * hidden, ceilings=ceilings)

@@ -114,15 +114,21 @@ class SwiGLU(nn.Module):
             and resolve_backend("swiglu_linear", x.device, None, SWIGLU_LINEAR_AUTO_ORDER) == "triton"
         )
 
+    @property
+    def padded_hidden(self) -> int:
+        """The hidden width rounded up to a multiple of MLP_ALIGN: what the fused backends compute with."""
+        return self.w3.in_features + -self.w3.in_features % MLP_ALIGN
+
     def padded_w12(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(w12, b12) with each half zero-padded to a multiple of MLP_ALIGN rows."""
-        hidden, pad = self.w3.in_features, -self.w3.in_features % MLP_ALIGN
+        hidden = self.w3.in_features
+        pad = self.padded_hidden - hidden
         w12 = F.pad(self.w12.weight.unflatten(0, (2, hidden)), (0, 0, 0, pad)).flatten(0, 1)
         return w12, F.pad(self.w12.bias.unflatten(0, (2, hidden)), (0, pad)).flatten()
 
     def padded_w3(self) -> torch.Tensor:
         """w3 with zero columns up to a multiple of MLP_ALIGN."""
-        return F.pad(self.w3.weight, (0, -self.w3.in_features % MLP_ALIGN))
+        return F.pad(self.w3.weight, (0, self.padded_hidden - self.w3.in_features))
 
     def _loop_weight(self, name: str, make: Callable[[], T]) -> T:
         """make(), or inside padded_mlp_weights its result from the loop's first call."""
