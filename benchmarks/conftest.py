@@ -25,8 +25,8 @@ def ceilings() -> harness.Ceilings | None:
 
 
 # The cases that measure the issues' goals or settle a choice made without a GPU, run first and in this order,
-# so that a GPU check cut short by its time budget still has them; the full grids follow in file order. Patterns on node ids: "*" is a wildcard,
-# brackets are literal.
+# so that a GPU check cut short by its time budget still has them; the full grids follow in file order.
+# Patterns on node ids: "*" is a wildcard, brackets are literal.
 HEADLINE = (
     "benchmarks/bench_ceilings.py::*",
     # the sampler at batch 1 and 64, 4 steps with CFG (issue 6)
@@ -60,7 +60,8 @@ HEADLINE = (
     # a Sphere-L training step, eager against the fused backends (design.md's model rows)
     *(f"benchmarks/bench_training.py::test_train_step[{impl}-*]" for impl in ("eager", "fused")),
     # the torch.compile(max-autotune) baselines last, as each compiles for minutes: each network compiled (two
-    # networks to compile, not the 4-step loop's seven passes), its time to first image from empty caches, then the whole loop compiled
+    # networks to compile, not the 4-step loop's seven passes), its time to first image from empty caches, then
+    # the whole loop compiled
     "benchmarks/bench_sampling.py::test_sampling[compile_networks-sphere-l-imagenet-b64-t4-cfg1.4]",
     "benchmarks/bench_sampling.py::test_time_to_first_image[compile_networks-sphere-l-imagenet-empty]",
     "benchmarks/bench_sampling.py::test_sampling[compile-sphere-l-imagenet-b64-t4-cfg1.4]",

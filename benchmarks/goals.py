@@ -2,7 +2,8 @@
 
 Each goal names the rows it reads (op, shape filter, implementations) and states its bar as the issue does;
 "ours" is the faster of our implementations in a row group (triton / cpp for kernels, uncaptured / graph for
-the sampler, fused for the training step), as in the report's table. Where several shapes qualify, the worst one is judged.
+the sampler, fused for the training step), as in the report's table. Where several shapes qualify, the worst
+one is judged.
 """
 
 from __future__ import annotations
