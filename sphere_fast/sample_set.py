@@ -12,8 +12,9 @@ already on disk, so an interrupted job resumes where it stopped.
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,9 @@ from sphere_fast.sampling import Sampler, check_count
 MAX_SEED = 2**31  # seed * 2**32 + index stays below 2**63
 MAX_NUM = 2**32
 PNG_WRITERS = 4  # threads encoding PNGs while the device samples the next batch
+# Batches whose PNGs may still be queued: bounds host memory when the device outruns the writers, and
+# surfaces a failed write (a full disk) within a few batches rather than after the whole set is sampled.
+BATCHES_IN_FLIGHT = 2
 
 
 def _check_int(name: str, value: object, low: int, high: int | None = None) -> int:
@@ -103,21 +107,27 @@ def write_sample_set(
 
     from tqdm import tqdm
 
-    written = 0
+    total = sum(map(len, todo))
     with ThreadPoolExecutor(PNG_WRITERS) as writers, tqdm(
-        total=sum(map(len, todo)), desc=f"samples (process {rank})", disable=not progress, dynamic_ncols=True
+        total=total, desc=f"samples (process {rank})", disable=not progress, dynamic_ncols=True
     ) as bar:
-        pending = []
+        pending: deque[list[Future]] = deque()  # each batch's write jobs still in flight, oldest first
         for indices in todo:
             labels = image_labels(model.num_classes, indices)
             images = to_uint8(sampler(labels=labels, seeds=image_seeds(seed, indices)))
-            for i, image in zip(indices, images):
-                pending.append(writers.submit(_write_png, image, image_path(folder, i, num)))
-            written += len(indices)
-            bar.update(len(indices))
-        for job in pending:
-            job.result()  # re-raises a failed write
-    return written
+            pending.append([writers.submit(_write_png, image, image_path(folder, i, num))
+                            for i, image in zip(indices, images)])
+            while len(pending) > BATCHES_IN_FLIGHT:
+                bar.update(_wait(pending.popleft()))
+        while pending:
+            bar.update(_wait(pending.popleft()))
+    return total  # every write finished: a failed one raised above
+
+
+def _wait(jobs: list[Future]) -> int:
+    for job in jobs:
+        job.result()  # re-raises a failed write
+    return len(jobs)
 
 
 def pack_npz(folder: str | Path, num: int, path: str | Path | None = None, num_classes: int = 0) -> Path:

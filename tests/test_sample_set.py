@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
-from sphere_fast import Sampler, sampling
+from sphere_fast import Sampler, sample_set, sampling
 from sphere_fast.checkpoint import save_checkpoint
 from sphere_fast.cli import main
 from sphere_fast.sample_set import (
@@ -89,6 +89,23 @@ def test_a_rerun_writes_only_the_missing_images(model, tmp_path):
     assert write(model, tmp_path, batch_size=3) == 2
     again = read_set(tmp_path)
     assert np.array_equal(again[1:], complete[1:]) and not again[0].any()
+
+
+def test_a_failed_write_stops_the_job_within_a_few_batches(model, tmp_path):
+    """Writes are waited for BATCHES_IN_FLIGHT batches behind the sampler: a full disk ends the job early, and
+    the PNGs queued in memory stay bounded."""
+    sampled, write_png = [], sample_set._write_png
+
+    def fail_on_image_2(image, path):
+        if path == image_path(tmp_path, 2, NUM):
+            raise OSError("no space left on device")
+        write_png(image, path)
+
+    with mock.patch.object(sample_set, "_write_png", fail_on_image_2), \
+            mock.patch.object(sample_set, "to_uint8", lambda images: sampled.append(1) or to_uint8(images)):
+        with pytest.raises(OSError, match="no space left"):
+            write(model, tmp_path, batch_size=1)
+    assert len(sampled) == 3 + sample_set.BATCHES_IN_FLIGHT  # batches 0..2, then the ones sampled meanwhile
 
 
 def test_pack_npz(model, tmp_path):
