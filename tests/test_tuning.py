@@ -144,14 +144,14 @@ def test_no_timing_inside_a_graph_capture(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_candidates_compile_together_before_any_is_timed() -> None:
     """precompile runs for every candidate inside one Triton AsyncCompileMode (compiles go to its thread pool),
-    all before the first timed launch; a remembered key compiles nothing."""
+    all before the first timed launch, then once more each outside it (cache hits that raise a failed compile's
+    error); a remembered key compiles nothing."""
     from triton.runtime._async_compile import active_mode
 
     events: list[str] = []
 
     def precompile(config: str) -> None:
-        assert active_mode.get() is not None, "a candidate compiled outside the AsyncCompileMode"
-        events.append(f"compile {config}")
+        events.append(f"compile {config}" + (" ahead" if active_mode.get() is not None else ""))
 
     def launch(config: str) -> str:
         events.append(f"launch {config}")
@@ -159,9 +159,9 @@ def test_candidates_compile_together_before_any_is_timed() -> None:
 
     timer = FakeTimer({"a": 2.0, "b": 1.0})
     assert pick_config("k", ["a", "b"], launch, timer=timer, precompile=precompile) == "b"
-    assert events == ["compile a", "compile b", "launch a", "launch b"]
+    assert events == ["compile a ahead", "compile b ahead", "compile a", "compile b", "launch a", "launch b"]
     assert pick_config("k", ["a", "b"], launch, timer=timer, precompile=precompile) == "b"
-    assert len(events) == 4
+    assert len(events) == 6
     assert active_mode.get() is None
 
 
@@ -176,6 +176,22 @@ def test_a_failing_compile_ahead_only_warns(caplog: pytest.LogCaptureFixture) ->
         chosen = pick_config("k", ["a", "b"], lambda c: c, timer=FakeTimer({"a": 2.0, "b": 1.0}), precompile=precompile)
     assert chosen == "b"
     assert "compiling the candidates ahead failed" in caplog.text
+
+
+def test_a_candidate_that_does_not_compile_is_not_used(caplog: pytest.LogCaptureFixture) -> None:
+    """A variant the installed Triton cannot compile (Triton 3.9 fails warp-specialized TMA loads that 3.6
+    compiles) is dropped before the timing, when the default compiles."""
+    broken = RuntimeError("PassManager::run failed")
+
+    def precompile(config: str) -> None:
+        if config == "b":
+            raise broken
+
+    timer = FakeTimer({"a": 2.0, "b": broken, "c": 1.0})
+    with caplog.at_level("WARNING", logger="sphere_fast"):
+        assert pick_config("k", ["a", "b", "c"], lambda c: c, timer=timer, precompile=precompile) == "c"
+    assert "config b does not compile (PassManager::run failed); not used" in caplog.text
+    assert timer.timed == ["a", "c"]
 
 
 def test_time_launch_ms_times_queued_launches_after_a_warm_up(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -68,6 +68,27 @@ def compile_ahead(key: Hashable, candidates: Sequence[C], precompile: Callable[[
                        key, exc)
 
 
+def _compiled(key: Hashable, candidates: Sequence[C], precompile: Callable[[C], object]) -> list[C]:
+    """The candidates that compile: each is compiled again (a cache hit after compile_ahead), and one whose
+    compile fails while the default's succeeds (a Triton version that no longer compiles a variant) is dropped
+    with a warning. If the default does not compile this way either, all are kept: each then compiles at its
+    timed launch, which raises the default's own error."""
+    try:
+        precompile(candidates[0])
+    except Exception:
+        return list(candidates)
+    kept = [candidates[0]]
+    for config in candidates[1:]:
+        try:
+            precompile(config)
+        except Exception as exc:
+            logger.warning("sphere_fast: %s: config %s does not compile (%s); not used", key, config,
+                           str(exc).splitlines()[0] if str(exc) else repr(exc))
+            continue
+        kept.append(config)
+    return kept
+
+
 def kernel_runner(kernel, grid: tuple[int, ...], compile_only: bool) -> Callable[..., object]:
     """``kernel[grid]``, or with ``compile_only`` its warmup: compiled for the same arguments, not launched
     (a candidate's ``precompile`` for compile_ahead)."""
@@ -90,7 +111,8 @@ def pick_config(
     dropped with a warning (the choice may change the speed, never the result; this holds a copy of the
     outputs while tuning, and a call whose outputs are not all finite decides nothing). A candidate that does
     not fit the GPU (Triton's OutOfResources: shared memory, registers) is skipped. ``precompile(config)``, if
-    given, compiles a candidate without launching it: then all are compiled at once first (compile_ahead).
+    given, compiles a candidate without launching it: then all are compiled at once first (compile_ahead), and
+    a candidate other than the default that does not compile is skipped (``_compiled``).
     Without timing (one candidate, SPHERE_FAST_AUTOTUNE=0, or inside a CUDA-graph capture, where the
     synchronization would break the capture) the first candidate is returned and nothing is remembered."""
     if len(candidates) == 1 or not autotune_enabled():
@@ -102,6 +124,7 @@ def pick_config(
         return candidates[0]
     if precompile is not None:
         compile_ahead(key, candidates, precompile)
+        candidates = _compiled(key, candidates, precompile)
     timer = timer or time_launch_ms
     times: dict[C, float] = {}
     expected: list[torch.Tensor] | None = None
