@@ -326,6 +326,21 @@ def test_the_op_launches_the_config_it_picked(
     _assert_bitwise(actual, expected, f"tuned {chosen}")
 
 
+@pytest.mark.gpu
+def test_a_config_that_does_not_compile_is_dropped_on_the_gpu(caplog: pytest.LogCaptureFixture) -> None:
+    """With Triton's real compiler: a forward config with a 48-key block (tl.arange takes powers of two only)
+    does not compile; the tuning drops it with a warning, and the op gives the default config's bits."""
+    inputs, own = _inputs(2, 16, 1024, 64, torch.bfloat16), attn._candidates(64, torch.bfloat16)
+    with _only(_defaults(own)):
+        expected = _run("triton", *inputs)
+    broken = (128, 48, 4, 3)
+    with _only({**own, "fwd": (*own["fwd"], broken)}), caplog.at_level("WARNING", logger="sphere_fast"):
+        actual = _run("triton", *inputs)
+    assert f"config {broken} does not compile" in caplog.text
+    assert [config for key, config in _tuning._chosen.items() if key[0] == "attention fwd"] != [broken]
+    _assert_bitwise(actual, expected, "tuned without the config that does not compile")
+
+
 @pytest.mark.skipif(DEVICE != "cpu", reason="needs a candidate that changes the bits: the interpreter has one")
 def test_a_faster_candidate_with_other_bits_is_not_used(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
