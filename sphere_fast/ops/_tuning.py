@@ -83,10 +83,16 @@ def _compiled(key: Hashable, candidates: Sequence[C], precompile: Callable[[C], 
             precompile(config)
         except Exception as exc:
             logger.warning("sphere_fast: %s: config %s does not compile (%s); not used", key, config,
-                           str(exc).splitlines()[0] if str(exc) else repr(exc))
+                           _error_summary(exc))
             continue
         kept.append(config)
     return kept
+
+
+def _error_summary(exc: Exception) -> str:
+    """The error's type and last line: Triton's CompilationError puts its message after a source excerpt."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[-1].strip()}" if lines else type(exc).__name__
 
 
 def kernel_runner(kernel, grid: tuple[int, ...], compile_only: bool) -> Callable[..., object]:
