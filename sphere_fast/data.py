@@ -246,14 +246,24 @@ class StepBatchSampler(Sampler[list[int]]):
 
 
 def make_loader(
-    dataset: Dataset, batch_per_rank: int, *, rank: int = 0, world_size: int = 1, seed: int = 0, start_step: int = 0, workers: int = 0
+    dataset: Dataset,
+    batch_per_rank: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    start_step: int = 0,
+    workers: int = 0,
+    pin_memory: bool = False,
 ) -> DataLoader:
-    """A DataLoader over ``StepBatchSampler``; its own generator keeps worker seeding off the global RNG."""
+    """A DataLoader over ``StepBatchSampler``; its own generator keeps worker seeding off the global RNG.
+    ``pin_memory`` (for a GPU) lets the batch's copy to the device run without the host waiting for it."""
     sampler = StepBatchSampler(len(dataset), batch_per_rank, rank=rank, world_size=world_size, seed=seed, start_step=start_step)
     return DataLoader(
         dataset,
         batch_sampler=sampler,
         num_workers=workers,
         persistent_workers=workers > 0,
+        pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(seed),
     )

@@ -32,7 +32,8 @@ def stratified_radii(batch: int, device: torch.device | str = "cpu", generator: 
         raise ValueError(f"stratified radii need a per-process batch of at least 3, got {batch}")
     m = batch - 2
     u = torch.rand(m, device=device, generator=generator).clamp_min(1e-3)
-    r = torch.cat([(torch.arange(m, device=device) + u) / m, torch.tensor([1.0, 0.0], device=device)])
+    one_and_zero = torch.arange(1.0, -1.0, -1.0, device=device)  # made there: host data would be a blocking copy
+    r = torch.cat([(torch.arange(m, device=device) + u) / m, one_and_zero])
     return r[torch.randperm(batch, device=device, generator=generator)]
 
 
@@ -316,12 +317,39 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@dataclass
+class StepLog:
+    """A training step's logged values on their way to the host. On a GPU they are copied into pinned memory
+    behind the step's kernels, so the host need not wait: ``read()`` waits for that step only."""
+
+    names: tuple[str, ...]
+    values: torch.Tensor  # on the host
+    lr: float
+    copied: torch.cuda.Event | None  # None when ``values`` are ready (CPU)
+
+    @classmethod
+    def start_copy(cls, names: tuple[str, ...], values: torch.Tensor, lr: float) -> StepLog:
+        if values.device.type != "cuda":
+            return cls(names, values, lr, None)
+        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+        host.copy_(values, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return cls(names, host, lr, copied)
+
+    def read(self) -> dict[str, float]:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return {**dict(zip(self.names, self.values.tolist())), "lr": self.lr}
+
+
 class Trainer:
     """Optimiser, schedule, EMA and (under torchrun) DDP around a SphereEncoder.
 
     ``train_step(x, y)`` draws the noise levels (per process: one r = 0 and one r = 1 in each
     process's batch) and per-sample noise seeds from torch's global RNG, which the checkpoint saves;
     tests inject ``scales`` and ``noise`` (or ``seeds``) instead to make runs comparable across process counts.
+    ``launch_step`` is the same step without waiting for it: ``fit`` reads its losses a step later.
     ``perceptual`` is a ready PerceptualLoss; without it one is loaded from config.perceptual_weights
     when the loss weights use it."""
 
@@ -350,8 +378,11 @@ class Trainer:
         self.engine: nn.Module = self.loss
         if self.dist.world_size > 1:
             ids = [self.dist.local_rank] if self.device.type == "cuda" else None
-            # gradients as views into the all-reduce buckets: no second copy of them
-            self.engine = nn.parallel.DistributedDataParallel(self.loss, device_ids=ids, gradient_as_bucket_view=True)
+            # gradients as views into the all-reduce buckets: no second copy of them; the buffers are constant
+            # tables (RoPE, image normalisation), so no broadcast of them before each forward
+            self.engine = nn.parallel.DistributedDataParallel(
+                self.loss, device_ids=ids, gradient_as_bucket_view=True, broadcast_buffers=False
+            )
         encoder = [p for p in self.model.encoder.parameters() if p.requires_grad]
         decoder = [p for p in self.model.decoder.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
@@ -374,10 +405,23 @@ class Trainer:
         noise: torch.Tensor | None = None,
         seeds: torch.Tensor | None = None,
     ) -> dict[str, float]:
-        """One optimiser step on this process's batch; returns the losses before the update, the lr
-        and the gradient norm (losses averaged over processes). ``noise`` [B, N, C] or ``seeds`` [B] (int64)
-        fix e; by default seeds are drawn. The noise levels are drawn for the whole process batch (one r = 0
-        and one r = 1 in it), which then runs as ``config.accumulation_steps`` micro-batches."""
+        """One optimiser step on this process's batch; returns the losses before the update (averaged over
+        processes), the gradient norm and the lr. ``noise`` [B, N, C] or ``seeds`` [B] (int64) fix e; by
+        default seeds are drawn. The noise levels are drawn for the whole process batch (one r = 0 and one
+        r = 1 in it), which then runs as ``config.accumulation_steps`` micro-batches. Waits for the step's
+        kernels: a loop that should not uses ``launch_step`` and reads each log later."""
+        return self.launch_step(x, y, scales=scales, noise=noise, seeds=seeds).read()
+
+    def launch_step(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor | None,
+        *,
+        scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+        noise: torch.Tensor | None = None,
+        seeds: torch.Tensor | None = None,
+    ) -> StepLog:
+        """``train_step`` without reading anything back: on a GPU the host queues the step and returns."""
         micro = self.micro_batches(x.shape[0])
         x = x.to(self.device, non_blocking=True)
         if y is not None:
@@ -394,7 +438,7 @@ class Trainer:
         if noise is None and seeds is None:  # e is generated from per-sample seeds inside the fused op
             seeds = torch.randint(0, 2**62, (x.shape[0],), dtype=torch.int64, device=self.device)
         elif seeds is not None:
-            seeds = seeds.to(self.device)
+            seeds = seeds.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
         logged = None
         for k, rows in enumerate(micro):
@@ -415,8 +459,8 @@ class Trainer:
         if self.dist.world_size > 1:
             dist.all_reduce(logged)
             logged /= self.dist.world_size
-        out = dict(zip(["loss", *terms], logged.tolist()))
-        return {**out, "lr": lr, "grad_norm": float(grad_norm)}
+        values = torch.cat([logged, grad_norm.reshape(1).to(logged.dtype)])
+        return StepLog.start_copy(("loss", *terms, "grad_norm"), values, lr)
 
     def micro_batches(self, batch: int) -> list[slice]:
         """The rows of each micro-batch of a process batch of ``batch`` (config.accumulation_steps of them)."""
@@ -496,7 +540,7 @@ def fit(run: RunConfig, *, resume: bool = True, progress: bool = True) -> Traine
         torch.manual_seed(cfg.seed + 1000 * info.rank)  # per-process noise, flips and label dropout
     loader = make_loader(
         dataset, cfg.global_batch // info.world_size, rank=info.rank, world_size=info.world_size,
-        seed=cfg.seed, start_step=trainer.step, workers=run.workers,
+        seed=cfg.seed, start_step=trainer.step, workers=run.workers, pin_memory=device.type == "cuda",
     )
     log_path = out / "losses.jsonl"
     if info.rank == 0:
@@ -507,17 +551,25 @@ def fit(run: RunConfig, *, resume: bool = True, progress: bool = True) -> Traine
     bar = tqdm(total=cfg.total_steps, initial=trainer.step, desc="train", disable=not progress or info.rank != 0, dynamic_ncols=True)
     batches = iter(loader)
     with open(log_path, "a") if info.rank == 0 else contextlib.nullcontext() as log:
+        # A step's losses are read once the next step is queued, so the host does not wait for the device
+        # mid-run; other processes never read theirs (rank 0 logs the averages).
+        unread: list[tuple[int, StepLog]] = []
         while trainer.step < cfg.total_steps:
             x, y = next(batches)
-            x = random_hflip(x)
-            losses = trainer.train_step(x, y if model.num_classes else None)
-            if log is not None:
-                log.write(json.dumps({"step": trainer.step - 1, **losses}) + "\n")
-                if trainer.step % run.log_every == 0:
-                    log.flush()
-                    bar.set_postfix(loss=f"{losses['loss']:.4f}", lr=f"{losses['lr']:.2e}")
+            x = random_hflip(x.to(device, non_blocking=True))  # on the device: the pinned batch goes over as is
+            step = trainer.step
+            unread.append((step, trainer.launch_step(x, y if model.num_classes else None)))
             bar.update(1)
-            if trainer.step % run.checkpoint_every == 0 or trainer.step == cfg.total_steps:
+            checkpoint = trainer.step % run.checkpoint_every == 0 or trainer.step == cfg.total_steps
+            while len(unread) > (0 if checkpoint else 1):
+                step, queued = unread.pop(0)
+                if log is not None:
+                    losses = queued.read()
+                    log.write(json.dumps({"step": step, **losses}) + "\n")
+                    if (step + 1) % run.log_every == 0:
+                        log.flush()
+                        bar.set_postfix(loss=f"{losses['loss']:.4f}", lr=f"{losses['lr']:.2e}")
+            if checkpoint:
                 if log is not None:
                     log.flush()
                 save_checkpoint(ckpt_dir, model, trainer=trainer, run_config=dataclasses.asdict(run))

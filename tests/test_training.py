@@ -1,16 +1,23 @@
+import importlib
+import json
 import math
+import traceback
 
 import pytest
 import torch
-from tests.tiny import NO_PERCEPTUAL, no_label_dropout, tiny_batch, tiny_model
+from tests.tiny import NO_PERCEPTUAL, TINY_CONFIG, no_label_dropout, tiny_batch, tiny_model
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sphere_fast import ops, use_backend
 from sphere_fast.ops import spherify_reference
 from sphere_fast.training import (
     LOSS_PRESETS,
+    RunConfig,
     SphereLoss,
+    StepLog,
     TrainConfig,
     Trainer,
+    fit,
     learning_rate,
     loss_weights,
     noise_scales,
@@ -214,6 +221,73 @@ def test_train_step_checks_labels_once(monkeypatch):
         trainer.train_step(x, torch.tensor([0, 1, 2, 3, 4, 11]))
     with pytest.raises(TypeError, match="int64"):
         trainer.train_step(x, y.int())
+
+
+def stack_names() -> list[str]:
+    return [frame.name for frame in traceback.extract_stack()]
+
+
+class HostReads(TorchDispatchMode):
+    """Records the functions on the stack at each op that reads a tensor's values on the host (``item``,
+    ``bool``, ``float``) or builds a tensor from host data: on a GPU each is a device sync."""
+
+    OPS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.lift_fresh.default)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stacks: list[list[str]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.OPS:
+            self.stacks.append(stack_names())
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_launched_step_reads_nothing_back(monkeypatch):
+    """launch_step queues the whole step: nothing in it reads the device's values on the host, but the range
+    check of the loader's labels, which are still on the host then. The fused ops' value checks (CPU only)
+    are switched off, as on a GPU."""
+    monkeypatch.setattr(importlib.import_module("sphere_fast.ops.spherify"), "_values_checkable", lambda t: False)
+    trainer = Trainer(tiny_model(), TrainConfig(global_batch=6, total_steps=3, warmup_steps=1, loss_weights=NO_PERCEPTUAL))
+    x, y = tiny_batch(6)
+    tolist = torch.Tensor.tolist
+    with HostReads() as reads, monkeypatch.context() as patch:
+        patch.setattr(torch.Tensor, "tolist", lambda t: reads.stacks.append(stack_names()) or tolist(t))
+        log = trainer.launch_step(x, y)
+    assert [stack for stack in reads.stacks if "check_label_range" not in stack] == []
+    assert len(reads.stacks) == 1  # the label check
+    losses = log.read()
+    assert list(losses) == ["loss", "recon", "pix_con", "lat_con", "grad_norm", "lr"]
+    assert losses["grad_norm"] > 0 and losses["lr"] == learning_rate(0, trainer.config)
+
+
+def test_fit_reads_each_step_s_losses_after_queuing_the_next(tmp_path, monkeypatch):
+    """The loop never waits for the step it just queued (but at a checkpoint), and logs every step's own
+    losses under its number."""
+    events, logs, steps = [], {}, {}
+    launch_step, read = Trainer.launch_step, StepLog.read
+
+    def spy_launch(self, *args, **kwargs):
+        step = self.step
+        log = launch_step(self, *args, **kwargs)
+        events.append(("queue", step))
+        steps[id(log)], logs[step] = step, read(log)
+        return log
+
+    def spy_read(self):
+        events.append(("read", steps[id(self)]))
+        return read(self)
+
+    monkeypatch.setattr(Trainer, "launch_step", spy_launch)
+    monkeypatch.setattr(StepLog, "read", spy_read)
+    train = TrainConfig(global_batch=6, total_steps=4, warmup_steps=1, loss_weights=NO_PERCEPTUAL)
+    fit(RunConfig(model=TINY_CONFIG, train=train, data="synthetic", out=str(tmp_path), checkpoint_every=3, workers=0),
+        progress=False)
+    assert events == [("queue", 0), ("queue", 1), ("read", 0), ("queue", 2), ("read", 1), ("read", 2),
+                      ("queue", 3), ("read", 3)]
+    written = [json.loads(line) for line in (tmp_path / "losses.jsonl").read_text().splitlines()]
+    assert written == [{"step": step, **losses} for step, losses in sorted(logs.items())]
+    assert written[0]["loss"] != written[1]["loss"]
 
 
 def test_loss_weight_presets_and_validation():
