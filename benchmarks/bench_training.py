@@ -1,5 +1,5 @@
-"""Training-step benchmark: one optimiser step of the paper's recipe (``training.Trainer.train_step``) on
-sphere-l-imagenet at 256 px, in bf16 autocast with fp32 weights, as ``sphere-fast train`` runs it on a GPU.
+"""Training-step benchmark: one optimiser step of the paper's recipe (``training.Trainer.launch_step``) on
+sphere-l-imagenet at 256 px, in bf16 autocast with fp32 weights, as ``sphere-fast train`` queues it on a GPU.
 
 A step is the encoder on x, the decoder on both noise levels (one batch of 2B), the encoder on the big-noise
 images (latent consistency), their backward, gradient clipping, AdamW and the EMA update; the perceptual
@@ -28,7 +28,7 @@ import torch
 from benchmarks.bench_sampling import PASS_GFLOP, random_model
 from benchmarks.harness import DEVICE, SMOKE, PeakMemory, cuda_time_ms, pick, record
 from sphere_fast import SphereEncoder, ops, use_backend
-from sphere_fast.training import LOSS_PRESETS, TrainConfig, Trainer, noise_scales
+from sphere_fast.training import LOSS_PRESETS, StepLog, TrainConfig, Trainer, noise_scales
 
 MODELS = pick(real=["sphere-l-imagenet"], smoke=["tiny"])
 BATCHES = pick(real=[16], smoke=[3])
@@ -50,24 +50,25 @@ def flops_per_image(name: str) -> int | None:
     return int(3 * 2 * (dec + enc) * 1e9)
 
 
-def make_step(impl: str, trainer: Trainer) -> Callable[..., dict[str, float]]:
-    """``step(x, y, scales, seeds)`` -> train_step's losses, on the implementation's backend."""
+def make_step(impl: str, trainer: Trainer) -> Callable[..., StepLog]:
+    """``step(x, y, scales, seeds)`` -> the queued step's losses (``launch_step``, as ``fit`` runs it: no
+    device sync in the timed calls), on the implementation's backend."""
     if impl == "compile":
         # On CPU (smoke) aot_eager traces forward and backward without minutes of C++ compilation.
         options = {"backend": "aot_eager"} if DEVICE.type == "cpu" else {"mode": "max-autotune-no-cudagraphs"}
         trainer.engine = torch.compile(trainer.loss, fullgraph=True, dynamic=False, **options)
     latent = trainer.model.latent_shape[1:]
 
-    def fused(x: torch.Tensor, y: torch.Tensor, scales: tuple[torch.Tensor, ...], seeds: torch.Tensor) -> dict:
+    def fused(x: torch.Tensor, y: torch.Tensor, scales: tuple[torch.Tensor, ...], seeds: torch.Tensor) -> StepLog:
         with use_backend(FUSED_BACKEND):
-            return trainer.train_step(x, y, scales=scales, seeds=seeds)  # e drawn inside the fused op
+            return trainer.launch_step(x, y, scales=scales, seeds=seeds)  # e drawn inside the fused op
 
-    def plain(x: torch.Tensor, y: torch.Tensor, scales: tuple[torch.Tensor, ...], seeds: torch.Tensor) -> dict:
+    def plain(x: torch.Tensor, y: torch.Tensor, scales: tuple[torch.Tensor, ...], seeds: torch.Tensor) -> StepLog:
         # The seeds' noise drawn in one kernel, as the official step draws torch.randn: the seed convention's
         # pure-torch Philox (about 200 small kernels) would slow these baselines for no reason their users have.
         noise = ops.sphere_noise(seeds, latent, backend="auto")
         with use_backend("eager"):
-            return trainer.train_step(x, y, scales=scales, noise=noise)
+            return trainer.launch_step(x, y, scales=scales, noise=noise)
 
     return fused if impl == "fused" else plain
 
@@ -82,10 +83,10 @@ def step_inputs(model: SphereEncoder, batch: int) -> tuple[torch.Tensor, ...]:
     return x, y, noise_scales(model, batch, DEVICE), seeds
 
 
-def gate_step(step: Callable[..., dict[str, float]], inputs: tuple) -> dict[str, float]:
-    """The first step, from the same global RNG state (the model's label dropout draws from it)."""
+def gate_step(step: Callable[..., StepLog], inputs: tuple) -> dict[str, float]:
+    """The first step's losses, from the same global RNG state (the model's label dropout draws from it)."""
     torch.manual_seed(2)
-    return step(*inputs)
+    return step(*inputs).read()
 
 
 _eager_first_step: dict[tuple[str, int], dict[str, float]] = {}

@@ -12,6 +12,7 @@ Triton attention in fp32, whose dots run in TF32 (10-bit mantissa): 2e-2.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import pytest
@@ -20,7 +21,7 @@ import torch
 import sphere_fast
 from sphere_fast import SphereEncoder, ops
 from sphere_fast.ops.philox import sphere_noise_reference
-from sphere_fast.training import SphereLoss, loss_weights
+from sphere_fast.training import SphereLoss, TrainConfig, Trainer, loss_weights
 from tests.helpers import TOL, assert_same_images, close
 from tests.tiny import NO_PERCEPTUAL, no_label_dropout, tiny_batch, tiny_model
 
@@ -276,6 +277,31 @@ def test_activation_checkpointing_through_the_cuda_kernels() -> None:
     assert grads[True].keys() == grads[False].keys()
     for name, grad in grads[False].items():
         close(grads[True][name], grad, TOL[torch.bfloat16], name)
+
+
+def test_a_queued_training_step_never_waits_for_the_device() -> None:
+    """Trainer.launch_step on CUDA under the sync debug mode, after a first step (the kernels' tuning times
+    them): nothing in the step waits for the GPU. Its losses, read afterwards from pinned memory, are those of
+    the same step run by the waiting train_step."""
+    x, y = (t.pin_memory() for t in tiny_batch(6))  # as fit's loader gives them on a GPU
+    config = TrainConfig(global_batch=6, total_steps=3, warmup_steps=1, loss_weights=NO_PERCEPTUAL)
+    logged = {}
+    for queued in (False, True):
+        trainer = Trainer(no_label_dropout(tiny_model()), config, device=DEVICE)
+        torch.manual_seed(1)  # the noise levels and seeds each step draws
+        trainer.train_step(x, y)
+        if queued:
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                log = trainer.launch_step(x, y)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            logged[queued] = log.read()
+        else:
+            logged[queued] = trainer.train_step(x, y)
+    assert logged[True].keys() == logged[False].keys()
+    for name, value in logged[False].items():
+        assert math.isclose(logged[True][name], value, rel_tol=1e-5), (name, logged[True][name], value)
 
 
 def test_sample_set_from_cuda_graphs(bf16_model: SphereEncoder, tmp_path) -> None:
