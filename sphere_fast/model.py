@@ -395,7 +395,7 @@ class SphereEncoder(nn.Module):
                 xavier_uniform_flat_(m.weight, gain=0.01)
                 nn.init.zeros_(m.bias)
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Load an official (or sphere_fast) state_dict; with ``strict`` every missing, unexpected or
         mis-shaped key is listed by name in one ValueError."""
         if strict:

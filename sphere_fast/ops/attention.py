@@ -51,7 +51,10 @@ TRITON_HEAD_DIMS = "even head dims from 16 to 128"
 logger = logging.getLogger("sphere_fast")
 
 
-def attention_reference(q, k, v, rope=None):
+def attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor | None = None
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v over [B, H, N, D], q and k first rotated by the RoPE table when given."""
     if rope is not None:
         q, k = rope_reference(q, k, rope)
     return F.scaled_dot_product_attention(q, k, v)
