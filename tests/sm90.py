@@ -26,6 +26,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from sphere_fast.ops._util import TRITON_OPTIONS
+
 NVCC_ARCH_FLAGS = ("-gencode=arch=compute_90a,code=sm_90a", "-std=c++17")
 SMEM_LIMIT = 227 * 1024  # opt-in shared memory per block on H100 / H200
 
@@ -249,7 +251,8 @@ def _compile_in_process(fn: Any, spec: dict[str, Any]) -> dict[str, Any]:
         aligned = [n for n, t in signature.items() if t.startswith("*")]
     attrs = {(arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     src = ASTSource(fn=fn, signature=signature, constexprs=spec["constexprs"], attrs=attrs)
-    options = {"num_warps": spec["num_warps"], "num_stages": spec["num_stages"], **spec["options"]}
+    # the ops' own launch options first: these checks compile the code a launch gets
+    options = {**TRITON_OPTIONS, "num_warps": spec["num_warps"], "num_stages": spec["num_stages"], **spec["options"]}
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     return {
         "name": kernel.metadata.name,

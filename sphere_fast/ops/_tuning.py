@@ -18,6 +18,8 @@ from typing import TypeVar
 
 import torch
 
+from sphere_fast.ops._util import TRITON_OPTIONS
+
 C = TypeVar("C", bound=Hashable)
 TIMED_LAUNCHES = 5
 QUEUE_AHEAD_CYCLES = 1_000_000  # about 0.5 ms of GPU wait: long enough to queue the timed launches behind it
@@ -96,9 +98,11 @@ def _error_summary(exc: Exception) -> str:
 
 
 def kernel_runner(kernel, grid: tuple[int, ...], compile_only: bool) -> Callable[..., object]:
-    """``kernel[grid]``, or with ``compile_only`` its warmup: compiled for the same arguments, not launched
-    (a candidate's ``precompile`` for compile_ahead)."""
-    return functools.partial(kernel.warmup, grid=grid) if compile_only else kernel[grid]
+    """``kernel[grid]`` with TRITON_OPTIONS, or with ``compile_only`` its warmup: compiled for the same arguments
+    and options, not launched (a candidate's ``precompile`` for compile_ahead)."""
+    if compile_only:
+        return functools.partial(kernel.warmup, grid=grid, **TRITON_OPTIONS)
+    return functools.partial(kernel[grid], **TRITON_OPTIONS)
 
 
 def pick_config(

@@ -10,6 +10,11 @@ import torch
 
 F = TypeVar("F", bound=Callable[..., object])
 
+# Compile options every Triton launch passes. The kernels are written and measured with FMA contraction (a * b + c
+# as one instruction, as CUDA C++ compiles by default); Triton 3.10 turns it off unless a launch asks for it (3.9
+# warns once per process about that), so each launch asks. On Triton 3.6 it is the default: same code, same cache.
+TRITON_OPTIONS: dict[str, object] = {"enable_fp_fusion": True}
+
 
 def next_pow2(n: int) -> int:
     """Smallest power of two >= n (block sizes of Triton launches)."""

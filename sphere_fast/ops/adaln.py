@@ -18,7 +18,7 @@ from torch import Tensor
 
 from sphere_fast.backend import resolve_backend
 from sphere_fast.ops._library import define_op, needs_grad
-from sphere_fast.ops._util import next_pow2, on_input_device, unit_last_stride
+from sphere_fast.ops._util import TRITON_OPTIONS, next_pow2, on_input_device, unit_last_stride
 
 AUTO_ORDER = ("triton", "cpp", "eager")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -172,7 +172,7 @@ def _triton_fwd(
         *_bs_strides(x), *_bs_strides(branch), *_bs_strides(gate), *_bs_strides(shift), *_bs_strides(scale),
         HAS_BRANCH=branch is not None, HAS_GATE=gate is not None, HAS_W=weight is not None,
         HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None,
-        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps, **TRITON_OPTIONS,
     )
     return res, y, rstd
 
@@ -221,7 +221,7 @@ def _triton_bwd(
         HAS_DRES=dres is not None, HAS_BRANCH=branch is not None, HAS_GATE=gate is not None,
         HAS_W=weight is not None, HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None,
         GATE_TOK=gate_tok, SHIFT_TOK=shift_tok, SCALE_TOK=scale_tok,
-        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps, **TRITON_OPTIONS,
     )
 
     # Second stage: B*chunks partials per column -> the grads (small, bounded by the program count).

@@ -39,7 +39,7 @@ from sphere_fast.backend import (
 )
 from sphere_fast.ops._library import define_op, needs_grad
 from sphere_fast.ops._tuning import kernel_runner, pick_config
-from sphere_fast.ops._util import bnhd_empty, next_pow2, on_input_device, unit_last_stride
+from sphere_fast.ops._util import TRITON_OPTIONS, bnhd_empty, next_pow2, on_input_device, unit_last_stride
 from sphere_fast.ops.rope import check_rope_table, rope_pass, rope_reference
 
 AUTO_ORDER = ("triton", "eager")
@@ -353,7 +353,7 @@ def _triton_backward(do, q, k, v, o, lse, rope):
     delta = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
     attention_bwd_preprocess_kernel[(_cdiv(n, 64), b * h)](
         o, do, delta, *_strides(o), *_strides(do), h, n,
-        HEAD_DIM=d, D_PAD=1 << (d - 1).bit_length(), BLOCK_M=64,
+        HEAD_DIM=d, D_PAD=1 << (d - 1).bit_length(), BLOCK_M=64, **TRITON_OPTIONS,
     )
 
     def launch_dkdv(config: Config, compile_only: bool = False) -> None:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from sphere_fast.backend import resolve_backend, triton_interpreting
 from sphere_fast.ops._library import define_op, needs_grad
-from sphere_fast.ops._util import bnhd_empty, next_pow2, on_input_device, unit_last_stride
+from sphere_fast.ops._util import TRITON_OPTIONS, bnhd_empty, next_pow2, on_input_device, unit_last_stride
 
 AUTO_ORDER = ("triton", "eager")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -102,7 +102,7 @@ def _triton_rope(q: Tensor, k: Tensor, rope: Tensor, transpose: bool) -> tuple[T
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             qo.stride(0), qo.stride(1), qo.stride(2),
             h, n, HEAD_DIM=d, D_PAD=d_pad, BLOCK_N=block_n, TRANSPOSE=transpose,
-            EMULATE_BF16=triton_interpreting() and q.dtype == torch.bfloat16, num_warps=4,
+            EMULATE_BF16=triton_interpreting() and q.dtype == torch.bfloat16, num_warps=4, **TRITON_OPTIONS,
         )
     return qo, ko
 

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from sphere_fast.backend import resolve_backend
 from sphere_fast.ops._library import define_op, needs_grad
-from sphere_fast.ops._util import on_input_device, unit_last_stride
+from sphere_fast.ops._util import TRITON_OPTIONS, on_input_device, unit_last_stride
 
 AUTO_ORDER = ("triton", "cpp", "eager")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -52,7 +52,7 @@ def _triton_fwd(h: Tensor) -> Tensor:
     if M:
         block_m, block_n = _blocks(H)
         swiglu_fwd_kernel[(-(-M // block_m), -(-H // block_n))](
-            h2, out, M, H, h2.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4
+            h2, out, M, H, h2.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, **TRITON_OPTIONS
         )
     return out.view(*h.shape[:-1], H)
 
@@ -68,7 +68,7 @@ def _triton_bwd(dout: Tensor, h: Tensor) -> Tensor:
     if M:
         block_m, block_n = _blocks(H)
         swiglu_bwd_kernel[(-(-M // block_m), -(-H // block_n))](
-            dout, h2, dh, M, H, h2.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4
+            dout, h2, dh, M, H, h2.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, **TRITON_OPTIONS
         )
     return dh.view(h.shape)
 

@@ -1,0 +1,63 @@
+"""Every Triton launch of the ops passes ops._util.TRITON_OPTIONS (FMA contraction asked for: Triton 3.10 turns
+it off by default), seen at the interpreter's launch entry point while a training loss, its backward and the
+forward-only kernels run on the triton backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sphere_fast import ops, use_backend
+from sphere_fast.ops._tuning import kernel_runner
+from sphere_fast.ops._util import TRITON_OPTIONS
+from sphere_fast.training import SphereLoss, loss_weights
+from tests.tiny import NO_PERCEPTUAL, tiny_batch, tiny_model
+
+interpreter = pytest.importorskip("triton.runtime.interpreter")
+
+# every kernel a launcher in sphere_fast/ops starts, but the TMA forward (tuning only, never on the CPU)
+LAUNCHED_KERNELS = {
+    "adaln_fwd_kernel", "adaln_bwd_kernel", "rope_kernel", "attention_fwd_kernel", "attention_bwd_preprocess_kernel",
+    "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel", "_fwd_partials", "_fwd_apply", "_bwd_partials",
+    "_bwd_apply", "_noise_kernel", "swiglu_fwd_kernel", "swiglu_bwd_kernel", "swiglu_linear_kernel",
+}
+
+
+def test_every_triton_launch_asks_for_fp_fusion(monkeypatch) -> None:
+    launches: list[tuple[str, dict]] = []
+    run = interpreter.InterpretedFunction.run
+
+    def recorded_run(self, *args, grid, warmup, **kwargs):
+        launches.append((self.__name__, kwargs))
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run", recorded_run)
+    model = tiny_model().train()
+    x, y = tiny_batch(6)
+    scales = (torch.full((6,), 2.0), torch.full((6,), 0.5))
+    with use_backend("triton"):
+        total, _ = SphereLoss(model, loss_weights(NO_PERCEPTUAL))(x, y, *scales, seeds=torch.arange(6) + 1)
+        total.backward()
+        ops.sphere_noise(torch.arange(2), (4, 4))
+        weight = torch.randn(2 * 16, 8, dtype=torch.bfloat16)
+        ops.swiglu_linear(torch.randn(4, 8, dtype=torch.bfloat16), weight, None, out_width=16)
+    assert {name for name, _ in launches} == LAUNCHED_KERNELS
+    without = sorted({name for name, kwargs in launches if kwargs.get("enable_fp_fusion") is not True})
+    assert without == [], f"launched without TRITON_OPTIONS: {without}"
+
+
+def test_a_precompiled_candidate_gets_the_launch_options() -> None:
+    """compile_ahead's warmup must compile what the launch runs (the options are part of Triton's cache key)."""
+    calls = {}
+
+    class Kernel:
+        def warmup(self, *args, **kwargs):
+            calls["warmup"] = kwargs
+
+        def __getitem__(self, grid):
+            return lambda **kwargs: calls.__setitem__("launch", kwargs)
+
+    kernel_runner(Kernel(), (1,), compile_only=True)(num_warps=4)
+    kernel_runner(Kernel(), (1,), compile_only=False)()
+    assert calls["warmup"] == {"grid": (1,), "num_warps": 4, **TRITON_OPTIONS}
+    assert calls["launch"] == TRITON_OPTIONS
