@@ -396,21 +396,10 @@ class Trainer:
         use_bf16 = config.autocast == "bf16" or (config.autocast == "auto" and self.device.type == "cuda")
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
 
-    def train_step(
-        self,
-        x: torch.Tensor,
-        y: torch.Tensor | None,
-        *,
-        scales: tuple[torch.Tensor, torch.Tensor] | None = None,
-        noise: torch.Tensor | None = None,
-        seeds: torch.Tensor | None = None,
-    ) -> dict[str, float]:
-        """One optimiser step on this process's batch; returns the losses before the update (averaged over
-        processes), the gradient norm and the lr. ``noise`` [B, N, C] or ``seeds`` [B] (int64) fix e; by
-        default seeds are drawn. The noise levels are drawn for the whole process batch (one r = 0 and one
-        r = 1 in it), which then runs as ``config.accumulation_steps`` micro-batches. Waits for the step's
-        kernels: a loop that should not uses ``launch_step`` and reads each log later."""
-        return self.launch_step(x, y, scales=scales, noise=noise, seeds=seeds).read()
+    def train_step(self, x: torch.Tensor, y: torch.Tensor | None, **inputs: Any) -> dict[str, float]:
+        """``launch_step(x, y, **inputs)``, then waits for it: its losses before the update (averaged over
+        processes), the gradient norm and the lr."""
+        return self.launch_step(x, y, **inputs).read()
 
     def launch_step(
         self,
@@ -421,7 +410,10 @@ class Trainer:
         noise: torch.Tensor | None = None,
         seeds: torch.Tensor | None = None,
     ) -> StepLog:
-        """``train_step`` without reading anything back: on a GPU the host queues the step and returns."""
+        """Queue one optimiser step on this process's batch, reading nothing back (on a GPU the host does not
+        wait for it); ``StepLog.read()`` gives its losses. ``noise`` [B, N, C] or ``seeds`` [B] (int64) fix e;
+        by default seeds are drawn. The noise levels are drawn for the whole process batch (one r = 0 and one
+        r = 1 in it), which then runs as ``config.accumulation_steps`` micro-batches."""
         micro = self.micro_batches(x.shape[0])
         x = x.to(self.device, non_blocking=True)
         if y is not None:
