@@ -411,9 +411,10 @@ class Trainer:
         seeds: torch.Tensor | None = None,
     ) -> StepLog:
         """Queue one optimiser step on this process's batch, reading nothing back (on a GPU the host does not
-        wait for it); ``StepLog.read()`` gives its losses. ``noise`` [B, N, C] or ``seeds`` [B] (int64) fix e;
-        by default seeds are drawn. The noise levels are drawn for the whole process batch (one r = 0 and one
-        r = 1 in it), which then runs as ``config.accumulation_steps`` micro-batches."""
+        wait for it); ``StepLog.read()`` gives its losses. Labels are range-checked on the host: free for a
+        loader's (host) labels, one sync for labels already on the GPU. ``noise`` [B, N, C] or ``seeds`` [B]
+        (int64) fix e; by default seeds are drawn. The noise levels are drawn for the whole process batch (one
+        r = 0 and one r = 1 in it), which then runs as ``config.accumulation_steps`` micro-batches."""
         micro = self.micro_batches(x.shape[0])
         x = x.to(self.device, non_blocking=True)
         if y is not None:
