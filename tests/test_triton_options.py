@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sphere_fast import ops, use_backend
-from sphere_fast.ops._tuning import kernel_runner
+from sphere_fast.ops._util import kernel_runner
 from sphere_fast.ops._util import TRITON_OPTIONS
 from sphere_fast.training import SphereLoss, loss_weights
 from tests.tiny import NO_PERCEPTUAL, tiny_batch, tiny_model

@@ -9,7 +9,6 @@ off: the first (default) candidate always runs.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from collections.abc import Callable, Hashable, Sequence
@@ -17,8 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import torch
-
-from sphere_fast.ops._util import TRITON_OPTIONS
 
 C = TypeVar("C", bound=Hashable)
 TIMED_LAUNCHES = 5
@@ -95,14 +92,6 @@ def _error_summary(exc: Exception) -> str:
     """The error's type and last line: Triton's CompilationError puts its message after a source excerpt."""
     lines = [line for line in str(exc).splitlines() if line.strip()]
     return f"{type(exc).__name__}: {lines[-1].strip()}" if lines else type(exc).__name__
-
-
-def kernel_runner(kernel, grid: tuple[int, ...], compile_only: bool) -> Callable[..., object]:
-    """``kernel[grid]`` with TRITON_OPTIONS, or with ``compile_only`` its warmup: compiled for the same arguments
-    and options, not launched (a candidate's ``precompile`` for compile_ahead)."""
-    if compile_only:
-        return functools.partial(kernel.warmup, grid=grid, **TRITON_OPTIONS)
-    return functools.partial(kernel[grid], **TRITON_OPTIONS)
 
 
 def pick_config(

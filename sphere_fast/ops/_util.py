@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -47,3 +47,11 @@ def bnhd_empty(q: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tenso
     attention output is then free, and rows of all heads of a token are written together."""
     b, h, n, d = q.shape
     return torch.empty_strided((b, h, n, d), (n * h * d, d, h * d, 1), dtype=dtype or q.dtype, device=q.device)
+
+
+def kernel_runner(kernel: Any, grid: tuple[int, ...], compile_only: bool = False) -> Callable[..., object]:
+    """How every op starts a Triton kernel: ``kernel[grid]`` with TRITON_OPTIONS, or with ``compile_only`` its
+    warmup, compiled for the same arguments and options but not launched (a tuning candidate's precompile)."""
+    if compile_only:
+        return functools.partial(kernel.warmup, grid=grid, **TRITON_OPTIONS)
+    return functools.partial(kernel[grid], **TRITON_OPTIONS)

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from sphere_fast.backend import resolve_backend
 from sphere_fast.ops._library import define_op, needs_grad
-from sphere_fast.ops._util import TRITON_OPTIONS, next_pow2, on_input_device, unit_last_stride
+from sphere_fast.ops._util import kernel_runner, next_pow2, on_input_device, unit_last_stride
 
 AUTO_ORDER = ("triton", "cpp", "eager")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -165,14 +165,14 @@ def _triton_fwd(
         return res, y, rstd
     block_m, block_d, num_warps = _row_block(D)
     dummy = y  # pointer for absent inputs; never read (its HAS_* flag is off)
-    adaln_fwd_kernel[(-(-M // block_m),)](
+    kernel_runner(adaln_fwd_kernel, (-(-M // block_m),))(
         x, _or(branch, dummy), _or(gate, dummy), _or(weight, dummy), _or(shift, dummy), _or(scale, dummy),
         _or(res, dummy), y, rstd,
         M, S, D, eps,
         *_bs_strides(x), *_bs_strides(branch), *_bs_strides(gate), *_bs_strides(shift), *_bs_strides(scale),
         HAS_BRANCH=branch is not None, HAS_GATE=gate is not None, HAS_W=weight is not None,
         HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None,
-        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps, **TRITON_OPTIONS,
+        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
     )
     return res, y, rstd
 
@@ -212,7 +212,7 @@ def _triton_bwd(
     pg, psh, psc = partial(gate, gate_tok), partial(shift, shift_tok), partial(scale, scale_tok)
     dg, dsh, dsc = per_token(gate, gate_tok), per_token(shift, shift_tok), per_token(scale, scale_tok)
     d = dx
-    adaln_bwd_kernel[(B, chunks)](
+    kernel_runner(adaln_bwd_kernel, (B, chunks))(
         dy, _or(dres, d), res, _or(branch, d), _or(gate, d), _or(weight, d), _or(scale, d), rstd,
         dx, _or(dbranch, d), _or(dg, d), _or(dsh, d), _or(dsc, d),
         _or(pw, rstd), _or(pg, rstd), _or(psh, rstd), _or(psc, rstd),
@@ -221,7 +221,7 @@ def _triton_bwd(
         HAS_DRES=dres is not None, HAS_BRANCH=branch is not None, HAS_GATE=gate is not None,
         HAS_W=weight is not None, HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None,
         GATE_TOK=gate_tok, SHIFT_TOK=shift_tok, SCALE_TOK=scale_tok,
-        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps, **TRITON_OPTIONS,
+        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
     )
 
     # Second stage: B*chunks partials per column -> the grads (small, bounded by the program count).

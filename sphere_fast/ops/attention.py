@@ -38,8 +38,8 @@ from sphere_fast.backend import (
     triton_usable,
 )
 from sphere_fast.ops._library import define_op, needs_grad
-from sphere_fast.ops._tuning import kernel_runner, pick_config
-from sphere_fast.ops._util import TRITON_OPTIONS, bnhd_empty, next_pow2, on_input_device, unit_last_stride
+from sphere_fast.ops._tuning import pick_config
+from sphere_fast.ops._util import bnhd_empty, kernel_runner, next_pow2, on_input_device, unit_last_stride
 from sphere_fast.ops.rope import check_rope_table, rope_pass, rope_reference
 
 AUTO_ORDER = ("triton", "eager")
@@ -351,9 +351,9 @@ def _triton_backward(do, q, k, v, o, lse, rope):
     common = dict(HEAD_DIM=d, DA=da, DB=db, HAS_B=has_b, HAS_ROPE=rope is not None, EMULATE_BF16=emulate)
 
     delta = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
-    attention_bwd_preprocess_kernel[(_cdiv(n, 64), b * h)](
+    kernel_runner(attention_bwd_preprocess_kernel, (_cdiv(n, 64), b * h))(
         o, do, delta, *_strides(o), *_strides(do), h, n,
-        HEAD_DIM=d, D_PAD=1 << (d - 1).bit_length(), BLOCK_M=64, **TRITON_OPTIONS,
+        HEAD_DIM=d, D_PAD=1 << (d - 1).bit_length(), BLOCK_M=64,
     )
 
     def launch_dkdv(config: Config, compile_only: bool = False) -> None:

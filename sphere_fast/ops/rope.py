@@ -16,7 +16,7 @@ from torch import Tensor
 
 from sphere_fast.backend import resolve_backend, triton_interpreting
 from sphere_fast.ops._library import define_op, needs_grad
-from sphere_fast.ops._util import TRITON_OPTIONS, bnhd_empty, next_pow2, on_input_device, unit_last_stride
+from sphere_fast.ops._util import bnhd_empty, kernel_runner, next_pow2, on_input_device, unit_last_stride
 
 AUTO_ORDER = ("triton", "eager")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -97,12 +97,12 @@ def _triton_rope(q: Tensor, k: Tensor, rope: Tensor, transpose: bool) -> tuple[T
     b, h, n, d = q.shape
     if qo.numel():
         block_n, d_pad = _launch_config(d, triton_interpreting())
-        rope_kernel[(b * h, -(-n // block_n))](
+        kernel_runner(rope_kernel, (b * h, -(-n // block_n)))(
             q, k, qo, ko, rope.contiguous(),
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             qo.stride(0), qo.stride(1), qo.stride(2),
             h, n, HEAD_DIM=d, D_PAD=d_pad, BLOCK_N=block_n, TRANSPOSE=transpose,
-            EMULATE_BF16=triton_interpreting() and q.dtype == torch.bfloat16, num_warps=4, **TRITON_OPTIONS,
+            EMULATE_BF16=triton_interpreting() and q.dtype == torch.bfloat16, num_warps=4,
         )
     return qo, ko
 

@@ -20,7 +20,7 @@ import torch
 
 from sphere_fast.backend import resolve_backend
 from sphere_fast.ops._library import define_op, needs_grad
-from sphere_fast.ops._util import TRITON_OPTIONS, next_pow2, on_input_device
+from sphere_fast.ops._util import kernel_runner, next_pow2, on_input_device
 from sphere_fast.ops.philox import check_seeds, check_stream, sample_shape, sphere_noise_reference
 
 EPS = 1e-6
@@ -169,14 +169,12 @@ def _triton_fwd(z, scales, noise, seeds, stream):
     out = torch.empty((pairs, *z.shape), dtype=z.dtype, device=z.device)
     stats = torch.empty((batch, 3), dtype=torch.float32, device=z.device)
     grid = (batch, nsplit)
-    K._fwd_partials[grid](
-        z2, n2, sd, partial, length, z2.stride(0), stride_n, base, CHUNK=chunk, BLOCK=block, NOISE=mode, num_warps=_NUM_WARPS,
-        **TRITON_OPTIONS,
+    kernel_runner(K._fwd_partials, grid)(
+        z2, n2, sd, partial, length, z2.stride(0), stride_n, base, CHUNK=chunk, BLOCK=block, NOISE=mode, num_warps=_NUM_WARPS
     )
-    K._fwd_apply[grid](
+    kernel_runner(K._fwd_apply, grid)(
         z2, n2, sd, scales_arg, partial, out, stats, batch, length, z2.stride(0), stride_n, base, EPS,
         SPLIT_P2=next_pow2(nsplit), CHUNK=chunk, BLOCK=block, NOISE=mode, PAIR=pairs == 2, num_warps=_NUM_WARPS,
-        **TRITON_OPTIONS,
     )
     return out, stats
 
@@ -195,16 +193,14 @@ def _triton_bwd(grad, z, scales, noise, seeds, stats, stream):
     dz = torch.empty(z.shape, dtype=z.dtype, device=z.device)
     dscales = torch.zeros((pairs, batch), dtype=torch.float32, device=z.device)
     grid = (batch, nsplit)
-    K._bwd_partials[grid](
+    kernel_runner(K._bwd_partials, grid)(
         g, z2, n2, sd, partial, batch, length, z2.stride(0), stride_n, base,
         CHUNK=chunk, BLOCK=block, NOISE=mode, PAIR=pairs == 2, num_warps=_NUM_WARPS,
-        **TRITON_OPTIONS,
     )
-    K._bwd_apply[grid](
+    kernel_runner(K._bwd_apply, grid)(
         g, z2, n2, sd, scales_arg, stats.contiguous(), partial, dz, dscales, batch, length, z2.stride(0),
         stride_n, base, EPS,
         SPLIT_P2=next_pow2(nsplit), CHUNK=chunk, BLOCK=block, NOISE=mode, PAIR=pairs == 2, num_warps=_NUM_WARPS,
-        **TRITON_OPTIONS,
     )
     return dz, dscales
 
@@ -216,8 +212,8 @@ def _triton_noise(seeds: torch.Tensor, length: int, stream: int) -> torch.Tensor
     block = min(4096, next_pow2(length))
     out = torch.empty((seeds.shape[0], length), dtype=torch.float32, device=seeds.device)
     # the kernel reads seeds[b] at unit stride
-    _noise_kernel[(seeds.shape[0], -(-length // block))](
-        seeds.contiguous(), out, length, stream * length, BLOCK=block, **TRITON_OPTIONS
+    kernel_runner(_noise_kernel, (seeds.shape[0], -(-length // block)))(
+        seeds.contiguous(), out, length, stream * length, BLOCK=block
     )
     return out
 

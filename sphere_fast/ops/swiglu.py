@@ -12,7 +12,7 @@ from torch import Tensor
 
 from sphere_fast.backend import resolve_backend
 from sphere_fast.ops._library import define_op, needs_grad
-from sphere_fast.ops._util import TRITON_OPTIONS, on_input_device, unit_last_stride
+from sphere_fast.ops._util import kernel_runner, on_input_device, unit_last_stride
 
 AUTO_ORDER = ("triton", "cpp", "eager")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -51,8 +51,8 @@ def _triton_fwd(h: Tensor) -> Tensor:
     out = torch.empty((M, H), dtype=h.dtype, device=h.device)
     if M:
         block_m, block_n = _blocks(H)
-        swiglu_fwd_kernel[(-(-M // block_m), -(-H // block_n))](
-            h2, out, M, H, h2.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, **TRITON_OPTIONS
+        kernel_runner(swiglu_fwd_kernel, (-(-M // block_m), -(-H // block_n)))(
+            h2, out, M, H, h2.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4
         )
     return out.view(*h.shape[:-1], H)
 
@@ -67,8 +67,8 @@ def _triton_bwd(dout: Tensor, h: Tensor) -> Tensor:
     dh = torch.empty((M, 2 * H), dtype=h.dtype, device=h.device)
     if M:
         block_m, block_n = _blocks(H)
-        swiglu_bwd_kernel[(-(-M // block_m), -(-H // block_n))](
-            dout, h2, dh, M, H, h2.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, **TRITON_OPTIONS
+        kernel_runner(swiglu_bwd_kernel, (-(-M // block_m), -(-H // block_n)))(
+            dout, h2, dh, M, H, h2.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4
         )
     return dh.view(h.shape)
 

@@ -26,8 +26,8 @@ from torch import Tensor
 
 from sphere_fast.backend import resolve_backend, triton_interpreting
 from sphere_fast.ops._library import define_op, needs_grad
-from sphere_fast.ops._tuning import kernel_runner, pick_config
-from sphere_fast.ops._util import next_pow2, on_input_device
+from sphere_fast.ops._tuning import pick_config
+from sphere_fast.ops._util import kernel_runner, next_pow2, on_input_device
 from sphere_fast.ops.swiglu import swiglu_reference
 
 AUTO_ORDER = ("triton",)
