@@ -53,12 +53,12 @@ __global__ __launch_bounds__(kMaxThreads) void adaln_fwd_kernel(const AdalnFwdPa
   }
 }
 
-// Block (c, b) walks rows [c * rows_per_prog, ...) of sample b and writes one row of column partials.
+// Block (b, c) walks rows [c * rows_per_prog, ...) of sample b and writes one row of column partials.
 template <typename T, int MAXC>
 __global__ __launch_bounds__(kMaxThreads) void adaln_bwd_kernel(const AdalnBwdParams p) {
   using IO = CudaIO<T>;
   __shared__ float smem[32];
-  const int64_t c = blockIdx.x, b = blockIdx.y, D = p.D;
+  const int64_t b = blockIdx.x, c = blockIdx.y, D = p.D;
   const int64_t s_begin = c * p.rows_per_prog;
   const int64_t s_end = s_begin + p.rows_per_prog < p.S ? s_begin + p.rows_per_prog : p.S;
   float w[MAXC], aw[MAXC], ag[MAXC], ash[MAXC], asc[MAXC];
@@ -116,7 +116,8 @@ void fwd_launch(const AdalnFwdParams& p, cudaStream_t st) {
 
 template <typename T>
 void bwd_launch(const AdalnBwdParams& p, cudaStream_t st) {
-  const dim3 grid(static_cast<unsigned>(p.chunks), static_cast<unsigned>(p.B));
+  // batch on x (up to 2^31 - 1 blocks; y and z stop at 65535), chunks on y
+  const dim3 grid(static_cast<unsigned>(p.B), static_cast<unsigned>(p.chunks));
   if (p.D <= 4 * kMaxThreads) adaln_bwd_kernel<T, 4><<<grid, threads_for(p.D, 4), 0, st>>>(p);
   else if (p.D <= 8 * kMaxThreads) adaln_bwd_kernel<T, 8><<<grid, threads_for(p.D, 8), 0, st>>>(p);
   else adaln_bwd_kernel<T, 16><<<grid, threads_for(p.D, 16), 0, st>>>(p);

@@ -158,10 +158,10 @@ __global__ void __launch_bounds__(kThreads) bwd_apply(SpherifyArgs a) {
 }
 
 __global__ void __launch_bounds__(kThreads) noise_kernel(const int64_t* seeds, float* out, int64_t length, int64_t base) {
-  const int64_t b = blockIdx.y;
+  const int64_t b = blockIdx.x;
   const int64_t seed = seeds[b];
-  for (int64_t j = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; j < length;
-       j += static_cast<int64_t>(gridDim.x) * kThreads)
+  for (int64_t j = blockIdx.y * static_cast<int64_t>(kThreads) + threadIdx.x; j < length;
+       j += static_cast<int64_t>(gridDim.y) * kThreads)
     out[b * length + j] = philox_randn(seed, base + j);
 }
 
@@ -217,7 +217,8 @@ int spherify_bwd_cuda(const SpherifyArgs& args, void* stream) { return dispatch<
 
 int sphere_noise_cuda(const int64_t* seeds, float* out, int64_t batch, int64_t length, int64_t base, void* stream) {
   const int64_t blocks = (length + kThreads - 1) / kThreads;
-  const dim3 grid(static_cast<unsigned>(blocks < 1024 ? blocks : 1024), static_cast<unsigned>(batch));
+  // batch on x (up to 2^31 - 1 blocks), at most 1024 blocks a sample on y
+  const dim3 grid(static_cast<unsigned>(batch), static_cast<unsigned>(blocks < 1024 ? blocks : 1024));
   noise_kernel<<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(seeds, out, length, base);
   return static_cast<int>(cudaGetLastError());
 }

@@ -106,11 +106,13 @@ def _cast(x, like, EMULATE_BF16: tl.constexpr):
 
 
 @triton.jit
-def _program_head(H, N):
-    """(b, h) of this program (grid axis 1 runs over B*H) and the start of its row in the [B*H, N] LSE and
-    delta arrays; int64, as batch and head offsets can pass 2**31 elements."""
-    bh = tl.program_id(1)
-    return (bh // H).to(tl.int64), (bh % H).to(tl.int64), bh.to(tl.int64) * N
+def _program_tile(H, N):
+    """(tile, b, h, start of the head's row in the [B*H, N] LSE and delta arrays) of this program. The grid is
+    (tiles, H, B): the launch order of a (tiles, B*H) grid, without a division, and B and H may each reach CUDA's
+    limit of 65535 on axes 1 and 2 (a B*H axis would stop at 65535 heads: a 16-head model sampled at batch 2048
+    with CFG). b, h and the row start are int64, as batch and head offsets can pass 2**31 elements."""
+    b, h = tl.program_id(2), tl.program_id(1)
+    return tl.program_id(0), b.to(tl.int64), h.to(tl.int64), (b * H + h).to(tl.int64) * N
 
 
 @triton.jit
@@ -141,8 +143,7 @@ def attention_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ROPE: tl.constexpr, EMULATE_BF16: tl.constexpr,
     EVEN_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    b, h, row_base = _program_head(H, N)
+    pid_m, b, h, row_base = _program_tile(H, N)
     q_base, k_base, v_base = _qkv_head_bases(
         Q, K, V, b, h, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh
     )
@@ -198,10 +199,8 @@ def attention_fwd_tma_kernel(
     of their [B*N, H*D] matrices (on Hopper the TMA copies them into shared memory), for one head-dim chunk, no
     RoPE on load, and N a multiple of both blocks. WARP_SPECIALIZE has Triton split the key loop into producer
     and consumer warps."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b, h = bh // H, bh % H
-    row, col = b * N, h * HEAD_DIM  # int32 descriptor coordinates of this head's first row
+    pid_m, b, h, row_base = _program_tile(H, N)
+    row, col = (b * N).to(tl.int32), (h * HEAD_DIM).to(tl.int32)  # descriptor coordinates of this head's first row
     q = desc_load(Q_DESC, row + pid_m * BLOCK_M, col, EMULATE_BF16)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -215,11 +214,11 @@ def attention_fwd_tma_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < N
-    o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    o_base = O + b * stride_ob + h * stride_oh
     inv_l = 1.0 / l_i
     _store_tile(o_base, stride_on, offs_m, mask_m, tl.arange(0, HEAD_DIM), acc * inv_l[:, None], HEAD_DIM, False,
                 EMULATE_BF16)
-    tl.store(LSE + bh.to(tl.int64) * N + offs_m, m_i + tl.log2(l_i), mask=mask_m)
+    tl.store(LSE + row_base + offs_m, m_i + tl.log2(l_i), mask=mask_m)
 
 
 @triton.jit
@@ -231,8 +230,7 @@ def attention_bwd_preprocess_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     # delta_i = sum_d o_id * do_id, the softmax-backward row term
-    pid_m = tl.program_id(0)
-    b, h, row_base = _program_head(H, N)
+    pid_m, b, h, row_base = _program_tile(H, N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < N
     offs_d = tl.arange(0, D_PAD)
@@ -256,8 +254,7 @@ def attention_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ROPE: tl.constexpr, EMULATE_BF16: tl.constexpr,
 ):
     """One key block per program; loops over all query blocks (transposed scores, no atomics)."""
-    pid_n = tl.program_id(0)
-    b, h, row_base = _program_head(H, N)
+    pid_n, b, h, row_base = _program_tile(H, N)
     q_base, k_base, v_base = _qkv_head_bases(
         Q, K, V, b, h, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh
     )
@@ -325,8 +322,7 @@ def attention_bwd_dq_kernel(
     EVEN_N: tl.constexpr,
 ):
     """One query block per program; loops over all key blocks."""
-    pid_m = tl.program_id(0)
-    b, h, row_base = _program_head(H, N)
+    pid_m, b, h, row_base = _program_tile(H, N)
     q_base, k_base, v_base = _qkv_head_bases(
         Q, K, V, b, h, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh
     )

@@ -15,6 +15,7 @@ import logging
 import pytest
 import torch
 
+from sphere_fast.ops._util import check_grid
 from sphere_fast.ops.attention import attention, attention_impl, attention_reference
 from sphere_fast.ops.rope import apply_rope_reference, rope_table_reference
 
@@ -176,6 +177,38 @@ def test_layouts_and_output_layout() -> None:
 def test_empty_batch() -> None:
     q = torch.zeros(0, 2, 8, 32, device=DEVICE)
     assert attention(q, q, q, official_rope(8, 32), impl="triton").shape == q.shape
+
+
+# B*H past CUDA's limit of 65535 programs on grid axes 1 and 2: a 16-head model sampled at batch 2049 with CFG
+MANY_HEADS = (4098, 16, 4, 16)  # B, H, N, D
+
+
+def test_more_heads_than_a_grid_axis_holds_launch_within_cuda_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every attention launch (forward with and without RoPE on load, the backward's three kernels) keeps its grid
+    within CUDA's limits at B*H > 65535. The kernels are not run here (65k programs are too many for the
+    interpreter): each launch's grid goes through the launcher's own check (the next test runs them on a GPU)."""
+    launched = []
+
+    def checked_no_launch(kernel, grid, compile_only=False):
+        check_grid(kernel, grid)
+        launched.append(kernel.__name__)
+        return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(attn_mod, "kernel_runner", checked_no_launch)
+    b, h, n, d = MANY_HEADS
+    q = torch.zeros(b, h, n, d, device=DEVICE)
+    for rope in (None, official_rope(n, d)):
+        o, lse = attn_mod._triton_forward(q, q, q, rope)
+        attn_mod._triton_backward(o, q, q, q, o, lse, rope)
+    kernels = ["attention_fwd_kernel", "attention_bwd_preprocess_kernel", "attention_bwd_dkdv_kernel",
+               "attention_bwd_dq_kernel"]
+    assert launched == kernels * 2
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU: 65k programs are too many for the interpreter")
+@pytest.mark.parametrize("impl", TRITON_IMPLS)
+def test_more_heads_than_a_grid_axis_holds_match_fp64(impl: str) -> None:
+    check_against_fp64(*MANY_HEADS, torch.bfloat16, impl=impl)
 
 
 def test_opcheck() -> None:

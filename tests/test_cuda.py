@@ -128,14 +128,16 @@ def test_spherify_ops(backend: str, dtype: torch.dtype, shape: tuple[int, int]) 
 def test_sphere_noise_kernels_follow_the_convention(backend: str) -> None:
     require_backend(backend)
     seeds = torch.tensor(SEEDS, dtype=torch.int64)
-    for shape, stream in (((4, 64), 0), ((3, 17), 5), ((65536,), 1)):
+    # the last: more samples than CUDA's 65535 programs on a grid axis other than x
+    for shape, stream in (((4, 64), 0), ((3, 17), 5), ((65536,), 1), ((65537, 3), 2)):
         expected = sphere_noise_reference(seeds, shape, stream=stream)  # the pure-torch Philox on the CPU
         got = ops.sphere_noise(seeds.to(DEVICE), shape, stream, backend=backend)
         # Philox bits are exact; Box-Muller's log/cos differ by an ulp or two between libraries
         torch.testing.assert_close(got.cpu(), expected, rtol=1e-5, atol=1e-5)
 
 
-ADALN_SHAPES = [(4, 256, 1024), (2, 255, 1152), (3, 7, 97)]
+# the last: more samples than CUDA's 65535 programs on a grid axis other than x (the backward's grid)
+ADALN_SHAPES = [(4, 256, 1024), (2, 255, 1152), (3, 7, 97), (65537, 1, 16)]
 
 
 @pytest.mark.parametrize("tokens", [False, True], ids=["per-sample", "per-token"])

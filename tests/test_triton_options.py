@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from sphere_fast import ops, use_backend
-from sphere_fast.ops._util import kernel_runner
-from sphere_fast.ops._util import TRITON_OPTIONS
+from sphere_fast.ops._util import GRID_LIMITS, TRITON_OPTIONS, kernel_runner
 from sphere_fast.training import SphereLoss, loss_weights
 from tests.tiny import NO_PERCEPTUAL, tiny_batch, tiny_model
 
@@ -61,3 +60,22 @@ def test_a_precompiled_candidate_gets_the_launch_options() -> None:
     kernel_runner(Kernel(), (1,), compile_only=False)()
     assert calls["warmup"] == {"grid": (1,), "num_warps": 4, **TRITON_OPTIONS}
     assert calls["launch"] == TRITON_OPTIONS
+
+
+@pytest.mark.parametrize("grid, axis", [((2**31,), 0), ((1, 65536), 1), ((1, 1, 65536), 2)])
+def test_kernel_runner_refuses_a_grid_beyond_cuda_s_limits(grid: tuple[int, ...], axis: int) -> None:
+    """CUDA would fail such a launch with an opaque driver error, and the interpreter would run it."""
+    grids = []
+
+    class Kernel:
+        __name__ = "some_kernel"
+
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return lambda **kwargs: None
+
+    kernel_runner(Kernel(), GRID_LIMITS)  # the largest grid is fine
+    expected = rf"some_kernel: launch grid .* limit of {GRID_LIMITS[axis]} programs on axis {axis}"
+    with pytest.raises(ValueError, match=expected):
+        kernel_runner(Kernel(), grid)
+    assert grids == [GRID_LIMITS]

@@ -49,9 +49,25 @@ def bnhd_empty(q: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tenso
     return torch.empty_strided((b, h, n, d), (n * h * d, d, h * d, 1), dtype=dtype or q.dtype, device=q.device)
 
 
+# CUDA's largest launch grid: 2**31 - 1 programs on axis 0, 65535 on axes 1 and 2
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+
+def check_grid(kernel: Any, grid: tuple[int, ...]) -> None:
+    """A launch grid beyond CUDA's limits fails at the launch with an opaque driver error: say which kernel and
+    which axis instead (the interpreter would run it anyway, so CPU tests check it here too)."""
+    for axis, (size, limit) in enumerate(zip(grid, GRID_LIMITS)):
+        if size > limit:
+            name = getattr(kernel, "__name__", kernel)
+            raise ValueError(f"{name}: launch grid {tuple(grid)} exceeds CUDA's limit of {limit} programs on axis "
+                             f"{axis}: the input is too large for one launch")
+
+
 def kernel_runner(kernel: Any, grid: tuple[int, ...], compile_only: bool = False) -> Callable[..., object]:
     """How every op starts a Triton kernel: ``kernel[grid]`` with TRITON_OPTIONS, or with ``compile_only`` its
-    warmup, compiled for the same arguments and options but not launched (a tuning candidate's precompile)."""
+    warmup, compiled for the same arguments and options but not launched (a tuning candidate's precompile).
+    The grid is checked against CUDA's limits first."""
+    check_grid(kernel, grid)
     if compile_only:
         return functools.partial(kernel.warmup, grid=grid, **TRITON_OPTIONS)
     return functools.partial(kernel[grid], **TRITON_OPTIONS)

@@ -243,6 +243,11 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _tile_grid(n: int, block: int, b: int, h: int) -> tuple[int, int, int]:
+    """The grid of the kernels in kernels/attention.py: (tiles of ``block`` rows, heads, batch)."""
+    return _cdiv(n, block), h, b
+
+
 def _strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
@@ -301,7 +306,7 @@ def _triton_forward(q, k, v, rope):
 
     def launch(config: Config | TmaConfig, compile_only: bool = False) -> None:
         block_m, block_n, warps, stages = config[:4]
-        grid = (_cdiv(n, block_m), b * h)
+        grid = _tile_grid(n, block_m, b, h)
         if isinstance(config, TmaConfig):
             kernel_runner(attention_fwd_tma_kernel, grid, compile_only)(
                 *_descriptors(config, q, k, v), o, lse, *_strides(o), h, n, qk_scale,
@@ -351,14 +356,14 @@ def _triton_backward(do, q, k, v, o, lse, rope):
     common = dict(HEAD_DIM=d, DA=da, DB=db, HAS_B=has_b, HAS_ROPE=rope is not None, EMULATE_BF16=emulate)
 
     delta = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
-    kernel_runner(attention_bwd_preprocess_kernel, (_cdiv(n, 64), b * h))(
+    kernel_runner(attention_bwd_preprocess_kernel, _tile_grid(n, 64, b, h))(
         o, do, delta, *_strides(o), *_strides(do), h, n,
         HEAD_DIM=d, D_PAD=1 << (d - 1).bit_length(), BLOCK_M=64,
     )
 
     def launch_dkdv(config: Config, compile_only: bool = False) -> None:
         block_m, block_n, warps, stages = config
-        kernel_runner(attention_bwd_dkdv_kernel, (_cdiv(n, block_n), b * h), compile_only)(
+        kernel_runner(attention_bwd_dkdv_kernel, _tile_grid(n, block_n, b, h), compile_only)(
             q, k, v, do, dk, dv, lse, delta, rope_arg,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
             h, n, qk_scale, sm_scale,
@@ -367,7 +372,7 @@ def _triton_backward(do, q, k, v, o, lse, rope):
 
     def launch_dq(config: Config, compile_only: bool = False) -> None:
         block_m, block_n, warps, stages = config
-        kernel_runner(attention_bwd_dq_kernel, (_cdiv(n, block_m), b * h), compile_only)(
+        kernel_runner(attention_bwd_dq_kernel, _tile_grid(n, block_m, b, h), compile_only)(
             q, k, v, do, dq, lse, delta, rope_arg,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
             h, n, qk_scale, sm_scale,
