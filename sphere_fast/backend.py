@@ -19,6 +19,8 @@ from typing import TypeVar
 
 import torch
 
+from sphere_fast._extension import cuda_build_possible
+
 F = TypeVar("F", bound=Callable[..., object])
 BACKENDS = ("eager", "triton", "cpp")
 CHOICES = BACKENDS + ("auto",)
@@ -66,14 +68,15 @@ def cpp_buildable() -> bool:
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:
-    """Backends that can run on ``device`` (default: CUDA if present, else CPU)."""
+    """Backends that can run on ``device`` (default: CUDA if present, else CPU). ``cpp`` runs on CUDA only where
+    its CUDA kernels can be built (a CUDA torch and nvcc): without nvcc the extension is built for the CPU."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     names = ["eager"]
     if triton_usable(device):
         names.append("triton")
-    if cpp_buildable() and (device.type == "cpu" or torch.version.cuda is not None):
+    if cpp_buildable() and (device.type == "cpu" or cuda_build_possible()):
         names.append("cpp")
     return names
 

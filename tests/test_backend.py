@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import sphere_fast
+from sphere_fast import backend
 from sphere_fast.backend import constant_under_compile, resolve_backend
 
 
@@ -91,6 +92,16 @@ def test_unavailable_backend_is_an_error(monkeypatch):
 def test_available_backends_lists_eager_first():
     names = sphere_fast.available_backends("cpu")
     assert names[0] == "eager" and set(names) <= {"eager", "triton", "cpp"}
+
+
+def test_cpp_runs_on_cuda_only_where_its_cuda_kernels_build(monkeypatch):
+    """A CUDA torch without nvcc builds the extension for the CPU: asking for cpp on CUDA must then say that
+    cpp is not available there, not fail in the dispatcher at the first call."""
+    monkeypatch.setattr(backend, "cpp_buildable", lambda: True)
+    for buildable in (False, True):
+        monkeypatch.setattr(backend, "cuda_build_possible", lambda: buildable)
+        assert ("cpp" in sphere_fast.available_backends("cuda")) is buildable
+        assert "cpp" in sphere_fast.available_backends("cpu")
 
 
 def test_choice_is_logged_once(caplog):
