@@ -179,37 +179,50 @@ def test_empty_batch() -> None:
     assert attention(q, q, q, official_rope(8, 32), impl="triton").shape == q.shape
 
 
-# B*H past CUDA's limit of 65535 programs on grid axes 1 and 2 (a 16-head model sampled at batch 2048 with CFG
-# has 65536). H, N and D as in test_head_dims_match_fp64[32-...], whose compiled kernels the GPU run reuses.
-MANY_HEADS = (4370, 15, 4, 32)  # B, H, N, D
+# Past CUDA's limit of 65535 programs on grid axes y and z: B*H (which a 16-head model sampled at batch 2048 with
+# CFG passes), and B (the kernels' grid is (tiles, H, B): the op launches a larger batch in slices). H, N and D as
+# in test_head_dims_match_fp64[32-...], whose compiled kernels the GPU runs reuse.
+LARGE_SHAPES = {"B*H": (4370, 15, 4, 32), "B": (65600, 2, 4, 32)}  # B, H, N, D
+KERNELS = ("attention_fwd_kernel", "attention_bwd_preprocess_kernel", "attention_bwd_dkdv_kernel",
+           "attention_bwd_dq_kernel")
 
 
-def test_more_heads_than_a_grid_axis_holds_launch_within_cuda_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("shape", LARGE_SHAPES.values(), ids=LARGE_SHAPES.keys())
+def test_large_batches_launch_within_cuda_limits(shape: tuple[int, int, int, int], monkeypatch) -> None:
     """Every attention launch (forward with and without RoPE on load, the backward's three kernels) keeps its grid
-    within CUDA's limits at B*H > 65535. The kernels are not run here (65k programs are too many for the
-    interpreter): each launch's grid goes through the launcher's own check (the next test runs them on a GPU)."""
-    launched = []
+    within CUDA's limits, and each kernel's launches cover the batch once. The kernels are not run here (65k
+    programs are too many for the interpreter): each grid goes through the launcher's own check instead (the
+    next tests run the slicing in the interpreter and the large shapes on a GPU)."""
+    batches = {name: [] for name in KERNELS}
 
     def checked_no_launch(kernel, grid, compile_only=False):
         check_grid(kernel, grid)
-        launched.append(kernel.__name__)
+        batches[kernel.__name__].append(grid[2])
         return lambda *args, **kwargs: None
 
     monkeypatch.setattr(attn_mod, "kernel_runner", checked_no_launch)
-    b, h, n, d = MANY_HEADS
+    b, h, n, d = shape
     q = torch.zeros(b, h, n, d, device=DEVICE)
     for rope in (None, official_rope(n, d)):
         o, lse = attn_mod._triton_forward(q, q, q, rope)
         attn_mod._triton_backward(o, q, q, q, o, lse, rope)
-    kernels = ["attention_fwd_kernel", "attention_bwd_preprocess_kernel", "attention_bwd_dkdv_kernel",
-               "attention_bwd_dq_kernel"]
-    assert launched == kernels * 2
+    slices = [min(attn_mod.LAUNCH_BATCH, b - start) for start in range(0, b, attn_mod.LAUNCH_BATCH)]
+    assert batches == {name: slices * 2 for name in KERNELS}
+
+
+@pytest.mark.parametrize("impl", TRITON_IMPLS)
+def test_a_batch_launched_in_slices_matches_fp64(impl: str, monkeypatch) -> None:
+    """The slicing that keeps a large batch under the grid limit, run for real: 5 sequences in slices of 2."""
+    monkeypatch.setattr(attn_mod, "LAUNCH_BATCH", 2)
+    for dtype in (torch.float32, torch.bfloat16):
+        check_against_fp64(5, 2, 17, 32, dtype, impl=impl)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU: 65k programs are too many for the interpreter")
+@pytest.mark.parametrize("shape", LARGE_SHAPES.values(), ids=LARGE_SHAPES.keys())
 @pytest.mark.parametrize("impl", TRITON_IMPLS)
-def test_more_heads_than_a_grid_axis_holds_match_fp64(impl: str) -> None:
-    check_against_fp64(*MANY_HEADS, torch.bfloat16, impl=impl)
+def test_large_batches_match_fp64(impl: str, shape: tuple[int, int, int, int]) -> None:
+    check_against_fp64(*shape, torch.bfloat16, impl=impl)
 
 
 def test_opcheck() -> None:

@@ -25,6 +25,7 @@ import functools
 import importlib.util
 import logging
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -248,6 +249,22 @@ def _tile_grid(n: int, block: int, b: int, h: int) -> tuple[int, int, int]:
     return _cdiv(n, block), h, b
 
 
+# Sequences one launch takes. Grid axis z runs over the batch, and CUDA allows 65535 programs there; a power of two,
+# so that each slice of a larger batch starts as aligned as the whole (and runs the same compiled kernel).
+LAUNCH_BATCH = 32768
+
+
+def _over_batch(launch: Callable[..., None], *tensors: torch.Tensor) -> None:
+    """``launch(*tensors)`` on the whole batch, or on consecutive slices of LAUNCH_BATCH sequences of each
+    tensor where the batch is larger."""
+    b = tensors[0].shape[0]
+    if b <= LAUNCH_BATCH:
+        launch(*tensors)
+        return
+    for start in range(0, b, LAUNCH_BATCH):
+        launch(*(t[start:start + LAUNCH_BATCH] for t in tensors))
+
+
 def _strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
@@ -306,22 +323,26 @@ def _triton_forward(q, k, v, rope):
 
     def launch(config: Config | TmaConfig, compile_only: bool = False) -> None:
         block_m, block_n, warps, stages = config[:4]
-        grid = _tile_grid(n, block_m, b, h)
-        if isinstance(config, TmaConfig):
-            kernel_runner(attention_fwd_tma_kernel, grid, compile_only)(
-                *_descriptors(config, q, k, v), o, lse, *_strides(o), h, n, qk_scale,
-                HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, WARP_SPECIALIZE=config.warp_specialize,
-                EMULATE_BF16=emulate, num_warps=warps, num_stages=stages,
+
+        def on_slice(q, k, v, o, lse) -> None:
+            grid = _tile_grid(n, block_m, q.shape[0], h)
+            if isinstance(config, TmaConfig):
+                kernel_runner(attention_fwd_tma_kernel, grid, compile_only)(
+                    *_descriptors(config, q, k, v), o, lse, *_strides(o), h, n, qk_scale,
+                    HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, WARP_SPECIALIZE=config.warp_specialize,
+                    EMULATE_BF16=emulate, num_warps=warps, num_stages=stages,
+                )
+                return
+            kernel_runner(attention_fwd_kernel, grid, compile_only)(
+                q, k, v, o, lse, rope_arg,
+                *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+                h, n, qk_scale,
+                HEAD_DIM=d, DA=da, DB=db, HAS_B=has_b, BLOCK_M=block_m, BLOCK_N=block_n,
+                HAS_ROPE=rope is not None, EMULATE_BF16=emulate, EVEN_N=n % block_n == 0,
+                num_warps=warps, num_stages=stages,
             )
-            return
-        kernel_runner(attention_fwd_kernel, grid, compile_only)(
-            q, k, v, o, lse, rope_arg,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-            h, n, qk_scale,
-            HEAD_DIM=d, DA=da, DB=db, HAS_B=has_b, BLOCK_M=block_m, BLOCK_N=block_n,
-            HAS_ROPE=rope is not None, EMULATE_BF16=emulate, EVEN_N=n % block_n == 0,
-            num_warps=warps, num_stages=stages,
-        )
+
+        _over_batch(on_slice, q, k, v, o, lse)
 
     on_load = rope is not None
     candidates = [c for c in _candidates(d, q.dtype, on_load)["fwd"] if _config_applies(c, q, k, v, on_load)]
@@ -356,29 +377,41 @@ def _triton_backward(do, q, k, v, o, lse, rope):
     common = dict(HEAD_DIM=d, DA=da, DB=db, HAS_B=has_b, HAS_ROPE=rope is not None, EMULATE_BF16=emulate)
 
     delta = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
-    kernel_runner(attention_bwd_preprocess_kernel, _tile_grid(n, 64, b, h))(
-        o, do, delta, *_strides(o), *_strides(do), h, n,
-        HEAD_DIM=d, D_PAD=1 << (d - 1).bit_length(), BLOCK_M=64,
-    )
+
+    def preprocess(o, do, delta) -> None:
+        kernel_runner(attention_bwd_preprocess_kernel, _tile_grid(n, 64, o.shape[0], h))(
+            o, do, delta, *_strides(o), *_strides(do), h, n,
+            HEAD_DIM=d, D_PAD=1 << (d - 1).bit_length(), BLOCK_M=64,
+        )
+
+    _over_batch(preprocess, o, do, delta)
 
     def launch_dkdv(config: Config, compile_only: bool = False) -> None:
         block_m, block_n, warps, stages = config
-        kernel_runner(attention_bwd_dkdv_kernel, _tile_grid(n, block_n, b, h), compile_only)(
-            q, k, v, do, dk, dv, lse, delta, rope_arg,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-            h, n, qk_scale, sm_scale,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common,
-        )
+
+        def on_slice(q, k, v, do, dk, dv, lse, delta) -> None:
+            kernel_runner(attention_bwd_dkdv_kernel, _tile_grid(n, block_n, q.shape[0], h), compile_only)(
+                q, k, v, do, dk, dv, lse, delta, rope_arg,
+                *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+                h, n, qk_scale, sm_scale,
+                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common,
+            )
+
+        _over_batch(on_slice, q, k, v, do, dk, dv, lse, delta)
 
     def launch_dq(config: Config, compile_only: bool = False) -> None:
         block_m, block_n, warps, stages = config
-        kernel_runner(attention_bwd_dq_kernel, _tile_grid(n, block_m, b, h), compile_only)(
-            q, k, v, do, dq, lse, delta, rope_arg,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-            h, n, qk_scale, sm_scale,
-            BLOCK_M=block_m, BLOCK_N=block_n, EVEN_N=n % block_n == 0, num_warps=warps, num_stages=stages,
-            **common,
-        )
+
+        def on_slice(q, k, v, do, dq, lse, delta) -> None:
+            kernel_runner(attention_bwd_dq_kernel, _tile_grid(n, block_m, q.shape[0], h), compile_only)(
+                q, k, v, do, dq, lse, delta, rope_arg,
+                *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+                h, n, qk_scale, sm_scale,
+                BLOCK_M=block_m, BLOCK_N=block_n, EVEN_N=n % block_n == 0, num_warps=warps, num_stages=stages,
+                **common,
+            )
+
+        _over_batch(on_slice, q, k, v, do, dq, lse, delta)
 
     for name, launch, outputs in (("dkdv", launch_dkdv, (dk, dv)), ("dq", launch_dq, (dq,))):
         key = _tuning_key(f"attention {name}", q, rope)
