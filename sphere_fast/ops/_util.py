@@ -56,7 +56,7 @@ GRID_LIMITS = (2**31 - 1, 65535, 65535)
 def check_grid(kernel: Any, grid: tuple[int, ...]) -> None:
     """A launch grid beyond CUDA's limits fails at the launch with an opaque driver error: say which kernel and
     which axis instead (the interpreter would run it anyway, so CPU tests check it here too)."""
-    if grid[0] <= GRID_LIMITS[0] and max(grid[1:], default=0) <= GRID_LIMITS[1]:  # one test per launch
+    if grid[0] <= GRID_LIMITS[0] and max(grid[1:], default=0) <= GRID_LIMITS[1]:  # the common case, in two comparisons
         return
     for axis, (size, limit) in enumerate(zip(grid, GRID_LIMITS)):
         if size > limit:
