@@ -214,8 +214,18 @@ def results_from_rows(lines: Sequence[str], when: datetime, commit: dict[str, An
     }
 
 
-def latest_result(results_dir: Path = RESULTS_DIR) -> tuple[Path, dict[str, Any]] | None:
-    """The newest GPU (non-smoke) results file by its recorded date, or None."""
+def _lease_key(data: dict[str, Any]) -> tuple[str, str]:
+    """Files with the same commit and device come from one lease's calls (the headline, then the op suites)."""
+    return data.get("commit_info", {}).get("id", ""), environment(data).get("device", "")
+
+
+def _case_key(row: dict[str, Any]) -> tuple[str, str, str, str]:
+    return row["op"], row["impl"], goals.shape_label(row["shape"]), row["dtype"]
+
+
+def latest_result(results_dir: Path = RESULTS_DIR) -> tuple[list[Path], dict[str, Any]] | None:
+    """The newest GPU (non-smoke) results file by its recorded date, merged with the older files of the same
+    commit and device (a lease's later calls), or None. A case measured twice keeps its newest row."""
     found = []
     for path in sorted(results_dir.glob("*.json")):
         data = json.loads(path.read_text())
@@ -223,16 +233,23 @@ def latest_result(results_dir: Path = RESULTS_DIR) -> tuple[Path, dict[str, Any]
             found.append((data.get("datetime", ""), path, data))
     if not found:
         return None
-    _, path, data = max(found, key=lambda f: f[0])
-    return path, data
+    found.sort(key=lambda f: f[0])
+    newest = found[-1][2]
+    lease = [(path, data) for _, path, data in found if _lease_key(data) == _lease_key(newest)]
+    merged: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+    for _, data in lease:
+        merged.update((_case_key(r), {"extra_info": r}) for r in rows(data))
+    partial = any(data.get("partial") for _, data in lease)
+    return [path for path, _ in lease], {**newest, "partial": partial, "benchmarks": list(merged.values())}
 
 
 def readme_section(results_dir: Path = RESULTS_DIR) -> str:
     latest = latest_result(results_dir)
     if latest is None:
         return NOT_MEASURED
-    path, data = latest
-    return f"From `benchmarks/results/{path.name}`.\n\n{render(data)}"
+    paths, data = latest
+    names = " and ".join(f"`benchmarks/results/{path.name}`" for path in paths)
+    return f"From {names}.\n\n{render(data)}"
 
 
 def replace_section(text: str, section: str) -> str:

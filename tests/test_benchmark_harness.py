@@ -318,10 +318,29 @@ def test_readme_section_uses_latest_gpu_result(tmp_path: Path) -> None:
     assert report.readme_section(tmp_path) == report.NOT_MEASURED
     (tmp_path / "smoke.json").write_text(json.dumps(_result("2026-12-01T00:00:00+00:00", smoke=True, device="cpu")))
     assert report.readme_section(tmp_path) == report.NOT_MEASURED
-    (tmp_path / "a.json").write_text(json.dumps(_result("2026-11-01T00:00:00+00:00")))
+    older = _result("2026-11-01T00:00:00+00:00")
+    older["commit_info"] = {"id": "fedcba9876543210", "dirty": False}  # another commit: not merged
+    (tmp_path / "a.json").write_text(json.dumps(older))
     (tmp_path / "b.json").write_text(json.dumps(_result("2026-11-20T08:30:00+00:00")))
     section = report.readme_section(tmp_path)
     assert section.startswith("From `benchmarks/results/b.json`.") and "2026-11-20 08:30 UTC" in section
+
+
+def test_readme_section_merges_the_calls_of_one_lease(tmp_path: Path) -> None:
+    """A lease's op-suite call writes a second file: same commit and device, read with the headline's file.
+    A case in both keeps the newer row; a file of another commit is left out."""
+    headline, suites, other = _result("2026-11-20T08:00:00+00:00"), _result("2026-11-20T08:30:00+00:00"), _result("2026-11-10T00:00:00+00:00")
+    suites["benchmarks"] = [{"extra_info": {**headline["benchmarks"][2]["extra_info"], "ms": 0.125}},
+                            {"extra_info": {**headline["benchmarks"][2]["extra_info"], "op": "rope"}}]
+    other["commit_info"] = {"id": "fedcba9876543210", "dirty": False}
+    other["benchmarks"] = [{"extra_info": {**headline["benchmarks"][2]["extra_info"], "op": "attention_fwd"}}]
+    for name, data in (("a.json", headline), ("b.json", suites), ("c.json", other)):
+        (tmp_path / name).write_text(json.dumps(data))
+    section = report.readme_section(tmp_path)
+    assert section.startswith("From `benchmarks/results/a.json` and `benchmarks/results/b.json`.")
+    assert "#### swiglu" in section and "#### rope" in section and "#### attention_fwd" not in section
+    swiglu = section[section.index("#### swiglu"):section.index("#### copy")]
+    assert "| 0.125 |" in swiglu and "| 0.250 |" not in swiglu and "| 1.00 |" in swiglu  # newer triton, eager kept
 
 
 def test_readme_markers_are_rewritten_and_checked(tmp_path: Path) -> None:
