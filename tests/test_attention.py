@@ -59,6 +59,14 @@ def run(fn, qkv: torch.Tensor, h: int, d: int, rope, grad_out: torch.Tensor):
     return [out.detach()] + list(dqkv.view(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0))
 
 
+def sdpa_in_slices(q, k, v, rope, batch: int = 32768):
+    """The low-precision SDPA baseline over batch slices: on an H200 (torch 2.11) the cuDNN SDPA backward
+    failed ("mha_graph.execute ... is_good()") at B = 65600, H = 2, so torch's kernels get at most ``batch``
+    sequences a call. Each sequence's result is the same as in one call."""
+    outs = [attention_reference(*(t[i : i + batch] for t in (q, k, v)), rope) for i in range(0, q.shape[0], batch)]
+    return torch.cat(outs)
+
+
 TRITON_IMPLS = ("triton", "triton_rope_on_load")
 
 
@@ -80,7 +88,7 @@ def check_against_fp64(
             err = (x.double() - r).abs().max().item()
             assert err <= tol, f"{name}: fp32 error {err:.3g} > TF32 tolerance {tol:.3g} (D={d}, N={n})"
         return
-    torch_lp = run(attention_reference, qkv, h, d, rope, grad_out)
+    torch_lp = run(sdpa_in_slices, qkv, h, d, rope, grad_out)
     for name, x, p, r in zip(names, ours, torch_lp, ref):
         err = (x.double() - r).abs().max().item()
         err_torch = (p.double() - r).abs().max().item()
