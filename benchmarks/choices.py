@@ -89,22 +89,29 @@ def fused_mlp(rows: Sequence[Row]) -> Choice:
 
 def attention_impl(rows: Sequence[Row]) -> list[Choice]:
     """What ``auto`` runs for the model's attention (ops/attention.py): the fastest usable implementation of the
-    forward at N = 1024, B*H = 256, per head dim."""
-    from sphere_fast.ops.attention import AUTO_ORDER
+    forward at N = 1024, B*H = 256, per head dim. ``auto`` runs ``triton`` or ``sdpa`` (torch picks the SDPA
+    kernel: cuDNN's on an H200 with torch 2.11), so an sdpa_* row being the fastest keeps ``sdpa``."""
+    from sphere_fast.ops.attention import _auto_takes_triton
 
     out = []
     for shape in ATTENTION_SHAPES:
         label = shape_label(shape)
+        now = "triton" if _auto_takes_triton(shape[3]) else "sdpa"
         times = {impl: ms[label] for impl in ATTENTION_IMPLS if label in (ms := _ms(rows, "attention_fwd", impl))}
-        choice = Choice(f"attention auto impl, D = {shape[3]}", AUTO_ORDER[0], "not measured", "not measured")
+        choice = Choice(f"attention auto impl, D = {shape[3]}", now, "not measured", "not measured")
         if "triton" not in times:
             out.append(choice)
             continue
         fastest = min(times, key=times.get)
         measured = "; ".join(f"{impl} {ms:.3f} ms" for impl, ms in sorted(times.items(), key=lambda kv: kv[1]))
-        suggests = ("keep triton: the fastest" if fastest == "triton" else
-                    f"take {fastest}: {times['triton'] / times[fastest]:.2f}x faster than triton")
-        out.append(Choice(choice.setting, choice.now, measured, suggests))
+        vs_triton = f"{times['triton'] / times[fastest]:.2f}x faster than triton"
+        if fastest == "triton":
+            suggests = "keep triton: the fastest" if now == "triton" else "take triton: the fastest"
+        elif now == "sdpa" and fastest.startswith("sdpa_"):
+            suggests = f"keep sdpa: {fastest} is {vs_triton}"
+        else:
+            suggests = f"take {fastest}: {vs_triton}"
+        out.append(Choice(choice.setting, now, measured, suggests))
     return out
 
 

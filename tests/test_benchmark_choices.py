@@ -65,7 +65,12 @@ def test_attention_impl_takes_the_fastest_usable_impl() -> None:
     rows += [row("attention_fwd", "sdpa_flash", [1, 16, 1024, 64], 0.01)]  # another batch
     first, second = choices.attention_impl(rows)
     assert first.suggests == "keep triton: the fastest" and first.measured.startswith("triton 1.000 ms")
-    assert second.suggests == "take sdpa_cudnn: 2.00x faster than triton"
+    assert (second.now, second.suggests) == ("sdpa", "keep sdpa: sdpa_cudnn is 2.00x faster than triton")
+    flipped = [row("attention_fwd", impl, d64, ms) for impl, ms in (("triton", 1.0), ("sdpa_cudnn", 0.5))]
+    flipped += [row("attention_fwd", impl, d72, ms) for impl, ms in (("triton", 0.5), ("sdpa_cudnn", 1.0))]
+    first, second = choices.attention_impl(flipped)
+    assert (first.now, first.suggests) == ("triton", "take sdpa_cudnn: 2.00x faster than triton")
+    assert (second.now, second.suggests) == ("sdpa", "take triton: the fastest")
 
 
 def test_nothing_measured_and_the_report_section() -> None:

@@ -14,7 +14,8 @@ Implementations ("impl"), all computing softmax(rope(q) rope(k)^T / sqrt(D)) v o
 The RoPE pass is the Triton kernel, except on backend ``eager`` (and on CPU under ``auto``), where it is the
 eager reference. Attention has no C++ kernel of its own: backend ``cpp`` means the vendor C++/CUDA kernels,
 i.e. ``flash_attn`` when usable, else ``sdpa``. ``auto`` (on CUDA) takes ``triton`` when the head dim is
-supported, else ``flash_attn``, else ``sdpa``; on CPU it is ``sdpa``. ``impl=`` on a call overrides the
+a supported power of two, ``sdpa`` for the other head dims the kernel supports (it pads them: 3x slower than
+cuDNN at D = 72), else ``flash_attn``, else ``sdpa``; on CPU it is ``sdpa``. ``impl=`` on a call overrides the
 backend. The choice is memoized, logged when first made, and returned by ``attention_impl``. On a GPU the
 Triton kernels' launch configs are tuned per call shape (``_candidates``, ``ops/_tuning.py``).
 """
@@ -115,6 +116,13 @@ def attention_impls(
     return names
 
 
+def _auto_takes_triton(head_dim: int) -> bool:
+    """Under ``auto``, the Triton kernel runs power-of-two head dims only. Another even head dim runs padded to
+    the next power of two (``_head_chunks``): on an H200 at D = 72 its forward took 0.966 ms against 0.313 ms
+    for SDPA's cuDNN kernel (at D = 64: 0.212 against 0.201; benchmarks/NOTES.md, 2026-11-29)."""
+    return head_dim & (head_dim - 1) == 0
+
+
 def _tf32_allowed() -> bool:
     return torch.get_float32_matmul_precision() != "highest"
 
@@ -152,10 +160,12 @@ def _choose(
             name = "sdpa"
         elif resolved == "cpp":
             name = "flash_attn" if "flash_attn" in usable else "sdpa"
-        elif "triton" in usable:
+        elif "triton" in usable and (requested == "triton" or _auto_takes_triton(head_dim)):
             name = "triton"
         elif requested == "triton":
             raise ValueError(f"attention: head dim {head_dim} is not supported by triton ({TRITON_HEAD_DIMS})")
+        elif "triton" in usable:
+            name, why = "sdpa", why + f", head dim {head_dim} is not a power of two"
         else:
             name = "flash_attn" if "flash_attn" in usable else "sdpa"
     logger.info("sphere_fast: attention on %s uses impl %s (%s)", device_type, name, why)
