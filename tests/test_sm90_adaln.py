@@ -41,7 +41,7 @@ def test_triton_adaln_fwd_sm90(D: int) -> None:
 
 
 @needs_cuobjdump
-@pytest.mark.parametrize("D,per_token", [(1152, False), (1152, True), (768, False)])
+@pytest.mark.parametrize("D,per_token", [(1152, False), (1152, True), (1024, False), (768, False)])
 def test_triton_adaln_bwd_sm90(D: int, per_token: bool) -> None:
     from sphere_fast.kernels.adaln import adaln_bwd_kernel
 
