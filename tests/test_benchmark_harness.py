@@ -466,6 +466,20 @@ def test_bench_k_selects_the_benchmark_cases(tmp_path: Path, monkeypatch: pytest
     assert "-k" not in seen["cmd"]
 
 
+def test_tests_k_selects_the_gpu_tests(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--tests-k reaches every test group; the opt-in kernels' benchmarks are then left out, since their group
+    may have run none of its tests."""
+    calls = []
+    monkeypatch.setattr(gpu_check, "run_logged", lambda cmd, *a, **k: (calls.append(cmd), ("ok", 1.0))[1])
+    check = gpu_check.Check(tmp_path, budget_s=100, phases=gpu_check.PHASES, cuda=True, tests_k="adaln")
+    check.tests()
+    assert len(calls) == len(gpu_check.TEST_GROUPS) and all(c[c.index("-k") + 1] == "adaln" for c in calls)
+    assert "-k 'adaln'" in check.results[0].note and check.bench_selection() == "not (mlp_up or fused_mlp)"
+    calls.clear()
+    gpu_check.Check(tmp_path, budget_s=100, phases=gpu_check.PHASES, cuda=True).tests()
+    assert not any("-k" in c for c in calls)
+
+
 def test_case_timeout_applies_to_the_benchmark_cases(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(gpu_check.importlib.util, "find_spec", lambda name: name == "pytest_timeout" or None)
     check = gpu_check.Check(tmp_path, budget_s=100, phases=gpu_check.PHASES, cuda=True, case_timeout_s=550)
