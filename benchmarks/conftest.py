@@ -32,11 +32,22 @@ HEADLINE = (
     # the sampler at batch 1 and 64, 4 steps with CFG (issue 6)
     *(f"benchmarks/bench_sampling.py::test_sampling[{impl}-sphere-l-imagenet-b{batch}-t4-cfg1.4]"
       for batch in (1, 64) for impl in ("eager", "uncaptured", "graph")),
-    # the choices waiting for a GPU, each settled by the rows that follow (benchmarks/NOTES.md): the models'
-    # GEMMs (MLP width 2730 against padded: MLP_ALIGN), the fused SwiGLU GEMM against cuBLAS + the SwiGLU kernel
-    # and the graphed sampler with it (SPHERE_FAST_FUSED_MLP; gpu_check leaves these out unless the kernel's
-    # tests passed, as a crash would end every later case), and the attention forward's implementations at
-    # N = 1024, D = 64 and 72, B*H = 256 (the auto choice)
+    # what no lease has measured yet (2026-11-29): the XL sampler at batch 1 and 64 (head dim 72: auto runs SDPA),
+    # the AdaLN block ops at an L-model block, 256 tokens and 64k rows (issue 4; the backward's tile changed),
+    # the attention backward (training, issue 5), a Sphere-L training step, eager against the fused backends
+    # (design.md's model rows), and spherify with noise at N >= 8M values (issue 3)
+    *(f"benchmarks/bench_sampling.py::test_sampling[{impl}-sphere-xl-imagenet-b{batch}-t4-cfg1.4]"
+      for batch in (1, 64) for impl in ("eager", "uncaptured", "graph")),
+    "benchmarks/bench_adaln.py::test_gated_residual_adaln_bwd[*-B64-N*-W*]",
+    "benchmarks/bench_attention.py::test_attention_bwd[*-B16-H16-N1024-D*]",
+    *(f"benchmarks/bench_training.py::test_train_step[{impl}-*]" for impl in ("eager", "fused")),
+    "benchmarks/bench_spherify.py::test_spherify_noise_fwd[*-B256-L32768-bfloat16]",
+    "benchmarks/bench_spherify.py::test_spherify_noise_pair_bwd[*-B256-L32768-bfloat16]",
+    "benchmarks/bench_adaln.py::test_*[*-B64-N*-W1024]",
+    # the choices settled on 2026-11-29, to see them hold: the models' GEMMs (MLP width 2730 against padded:
+    # MLP_ALIGN), the fused SwiGLU GEMM against cuBLAS + the SwiGLU kernel and the graphed sampler with it
+    # (SPHERE_FAST_FUSED_MLP; gpu_check leaves these out unless the kernel's tests passed, as a crash would end
+    # every later case), and the attention forward's implementations at N = 1024, D = 64 and 72, B*H = 256
     "benchmarks/bench_linear.py::test_linear*",
     "benchmarks/bench_linear.py::test_mlp_up*",
     "benchmarks/bench_sampling.py::test_sampling_fused_mlp[*]",
@@ -47,18 +58,6 @@ HEADLINE = (
       for caches in ("empty", "warm")),
     # the host cost of one op call, which the un-captured sampler pays about 120 times a pass (issue 6)
     *(f"benchmarks/bench_dispatch.py::test_dispatch[{impl}-*]" for impl in ("eager", "triton", "cpp")),
-    # the XL sampler at batch 1 and 64 (head dim 72)
-    *(f"benchmarks/bench_sampling.py::test_sampling[{impl}-sphere-xl-imagenet-b{batch}-t4-cfg1.4]"
-      for batch in (1, 64) for impl in ("eager", "uncaptured", "graph")),
-    # the attention backward (training, issue 5)
-    "benchmarks/bench_attention.py::test_attention_bwd[*-B16-H16-N1024-D*]",
-    # spherify with noise at N >= 8M values (issue 3)
-    "benchmarks/bench_spherify.py::test_spherify_noise_fwd[*-B256-L32768-bfloat16]",
-    "benchmarks/bench_spherify.py::test_spherify_noise_pair_bwd[*-B256-L32768-bfloat16]",
-    # the AdaLN block ops at an L-model block: 256 tokens, and 64k rows (issue 4)
-    "benchmarks/bench_adaln.py::test_*[*-B64-N*-W1024]",
-    # a Sphere-L training step, eager against the fused backends (design.md's model rows)
-    *(f"benchmarks/bench_training.py::test_train_step[{impl}-*]" for impl in ("eager", "fused")),
     # the torch.compile(max-autotune) baselines last, as each compiles for minutes: each network compiled (two
     # networks to compile, not the 4-step loop's seven passes), its time to first image from empty caches, then
     # the whole loop compiled
