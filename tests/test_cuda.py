@@ -330,3 +330,18 @@ def test_sample_set_from_cuda_graphs(bf16_model: SphereEncoder, tmp_path) -> Non
     plain = sphere_fast.Sampler(bf16_model, 5, 2, cfg=1.4, cuda_graph=False)
     expected = to_uint8(plain(labels=image_labels(10, range(5)).to(DEVICE), seeds=image_seeds(1, range(5))))
     assert np.abs(files - expected.astype(int)).max() <= 1  # kernel rounding may move a value across a step
+
+
+def test_graphs_capture_sdpa_at_a_head_dim_that_is_not_a_power_of_two() -> None:
+    """At head dim 72 (Sphere-XL's) auto runs SDPA, whose kernel torch picks (cuDNN's on an H200): the sampler
+    captures it in its graph and replays the un-captured sampler's images, the same bits on each replay."""
+    size = {"width": 144, "layers": 1, "heads": 2}
+    model = tiny_model(vit_enc_model_size=size, vit_dec_model_size=size).to(DEVICE, torch.bfloat16).eval()
+    assert ops.attention_impl(torch.zeros(1, 2, 4, 72, device=DEVICE, dtype=torch.bfloat16)) == "sdpa"
+    labels = torch.arange(4, device=DEVICE)
+    seeds = torch.arange(4, dtype=torch.int64, device=DEVICE) + 7
+    graphed = sphere_fast.Sampler(model, 4, 2, cfg=1.4)
+    images = graphed(labels, seeds).clone()
+    assert len(graphed.graph_keys) == 1
+    assert_same_images(images, sphere_fast.Sampler(model, 4, 2, cfg=1.4, cuda_graph=False)(labels, seeds), "sdpa graph")
+    assert torch.equal(graphed(labels, seeds), images)
