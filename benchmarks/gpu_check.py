@@ -10,11 +10,11 @@ headline cases first (benchmarks/conftest.py: HEADLINE) and stream each case to 
 its limit still yields its results. On an H200 (2026-11-28) the build took 23-27 s and the GPU tests 106 s,
 so the benchmarks need runs of their own: ``--phases install,build,bench --bench-k "spherify or adaln"``
 (a pytest -k expression) picks the cases, ``--tests-k`` the GPU tests, and ``--case-timeout`` lets one case
-run longer than 240 s (a torch.compile max-autotune case). Without a CUDA device the GPU phases are skipped, and the report says so;
-a short summary (phases and goal verdicts) prints after it. The profile phase runs a sampler call at batch 64
-and at batch 1 under torch.profiler (benchmarks/profile_sampler.py). Files in OUTDIR (at most 8, flat, as the
-device tool returns them): env.json, <phase>.log, bench-<date>-<device>.json (copy it to benchmarks/results/ to
-publish it), report.md.
+run longer than 240 s (a torch.compile max-autotune case). Without a CUDA device the GPU phases are skipped,
+and the report says so; a short summary (phases and goal verdicts) prints after it. The profile phase runs a
+sampler call at batch 64 and at batch 1 under torch.profiler (benchmarks/profile_sampler.py). Files in OUTDIR
+(at most 8, flat, as the device tool returns them): env.json, <phase>.log, bench-<date>-<device>.json (copy it
+to benchmarks/results/ to publish it), report.md.
 Exit status 1 if a phase failed or ran out of time.
 
 The golden-parity GPU tests read the reference data from $SPHERE_FAST_REFERENCE (default ../shared/reference)
@@ -357,8 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=450.0, help="seconds for all phases (default %(default)s)")
     parser.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset of " + ",".join(PHASES))
     parser.add_argument("--bench-k", default="", help="pytest -k expression choosing the benchmark cases (default: all)")
-    parser.add_argument("--tests-k", default="",
-                        help="pytest -k expression choosing the GPU tests (default: all; leaves out the opt-in kernels' benchmarks)")
+    parser.add_argument("--tests-k", default="", help="pytest -k expression choosing the GPU tests (default: all; "
+                        "leaves out the opt-in kernels' benchmarks)")
     parser.add_argument("--case-timeout", type=float, default=PER_TEST_TIMEOUT_S["bench"],
                         help="seconds one benchmark case may run (default %(default)s; a max-autotune compile may need more)")
     args = parser.parse_args(argv)
