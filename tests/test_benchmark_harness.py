@@ -15,7 +15,7 @@ from unittest import mock
 import pytest
 import torch
 
-from benchmarks import gpu_check, harness, profile_sampler, report, tune_attention, tune_swiglu_linear
+from benchmarks import gpu_check, harness, profile_sampler, report, tune_adaln, tune_attention, tune_swiglu_linear
 
 ROOT = Path(__file__).resolve().parents[1]
 CEILINGS = harness.Ceilings(copy_gbps=4000.0, matmul_tflops=800.0, copy_bytes=2 << 30, matmul_size=8192)
@@ -329,7 +329,8 @@ def test_readme_section_uses_latest_gpu_result(tmp_path: Path) -> None:
 def test_readme_section_merges_the_calls_of_one_lease(tmp_path: Path) -> None:
     """A lease's op-suite call writes a second file: same commit and device, read with the headline's file.
     A case in both keeps the newer row; a file of another commit is left out."""
-    headline, suites, other = _result("2026-11-20T08:00:00+00:00"), _result("2026-11-20T08:30:00+00:00"), _result("2026-11-10T00:00:00+00:00")
+    headline, suites = _result("2026-11-20T08:00:00+00:00"), _result("2026-11-20T08:30:00+00:00")
+    other = _result("2026-11-10T00:00:00+00:00")
     suites["benchmarks"] = [{"extra_info": {**headline["benchmarks"][2]["extra_info"], "ms": 0.125}},
                             {"extra_info": {**headline["benchmarks"][2]["extra_info"], "op": "rope"}}]
     other["commit_info"] = {"id": "fedcba9876543210", "dirty": False}
@@ -642,6 +643,20 @@ def test_tune_swiglu_linear_sweeps_the_candidates_first_and_gates_each(capsys: p
     assert tune_swiglu_linear.main(["--tokens", "24"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "ms" not in line]
     assert len(rows) == 2 and all(row.endswith("| ok |") for row in rows), rows
+
+
+def test_tune_adaln_runs_the_op_config_first_and_gates_each(capsys: pytest.CaptureFixture[str]) -> None:
+    """The sweep's first row is the op's own config; each config runs in the interpreter (smoke) and passes the
+    gate; a config that breaks the op is a row, not a crash."""
+    rows, _, warps = tune_adaln.adaln._bwd_row_block(96)
+    assert tune_adaln.own_config(96)[:2] == (rows, warps)
+    assert tune_adaln.main(["--shapes", "1x7x96"]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| (")]
+    assert len(table) == 1 + len(tune_adaln.OTHER_CONFIGS) and "(the op)" in table[0]
+    assert all(row.endswith("| ok |") for row in table), table
+    with mock.patch.object(tune_adaln, "OTHER_CONFIGS", ((0, 1, 4),)):  # no rows a step: nothing is computed
+        failed = tune_adaln.sweep((1, 7, 96))[1]
+    assert "| – | – |" in failed and "ok" not in failed
 
 
 def test_tune_attention_chunk_b_variant() -> None:
