@@ -303,6 +303,16 @@ def gate(actual: torch.Tensor | Sequence[torch.Tensor], expected: torch.Tensor |
         torch.testing.assert_close(out.float(), ref, rtol=2**-6, atol=atol, msg=lambda m: f"{what} output {i}: {m}")
 
 
+def sweep_row(name: str, run: Callable[[], float], rate: Callable[[float], float]) -> str:
+    """One markdown row of a launch-config sweep, ``| name | ms | rate | ok |`` from ``run()``'s milliseconds, or
+    the error of a config that does not fit, compile or pass its gate: a result, not a crash."""
+    try:
+        ms = run()
+    except Exception as exc:
+        return f"| {name} | – | – | {type(exc).__name__}: {str(exc)[:80]} |"
+    return f"| {name} | {ms:.3f} | {rate(ms):.0f} | ok |"
+
+
 def stream_row(kind: str, payload: Mapping[str, Any]) -> None:
     """Append ``{"kind": kind, **payload}`` as one line to the file named by $SPHERE_FAST_BENCH_ROWS, if set.
 

@@ -14,6 +14,7 @@ On CPU (smoke): a tiny shape, the op's config and one other in the interpreter, 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import os
 from collections.abc import Sequence
@@ -25,7 +26,7 @@ if not torch.cuda.is_available():  # CPU smoke: the kernels run in Triton's inte
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from benchmarks.bench_adaln import DTYPE, _adaln_inputs  # noqa: E402
-from benchmarks.harness import DEVICE, cuda_time_ms, gate, pick  # noqa: E402
+from benchmarks.harness import DEVICE, cuda_time_ms, gate, pick, sweep_row  # noqa: E402
 from sphere_fast.ops._util import next_pow2  # noqa: E402
 
 adaln = importlib.import_module("sphere_fast.ops.adaln")
@@ -82,16 +83,9 @@ def sweep(shape: tuple[int, int, int]) -> list[str]:
     M, e = B * N, DTYPE.itemsize
     moved = 6 * M * W * e + 4 * M + (3 * B * W + W) * e  # bench_adaln's byte model of the backward
     own = own_config(W)
-    rows = []
-    for config in [own, *(c for c in OTHER_CONFIGS if c != own)]:
-        name = f"{config}{' (the op)' if config == own else ''}"
-        try:
-            ms = time_config(shape, config)
-        except Exception as exc:  # a config that does not fit or compile is a result, not a crash
-            rows.append(f"| {name} | – | – | {type(exc).__name__}: {str(exc)[:80]} |")
-            continue
-        rows.append(f"| {name} | {ms:.3f} | {moved / (ms * 1e-3) / 1e9:.0f} | ok |")
-    return rows
+    return [sweep_row(f"{config}{' (the op)' if config == own else ''}", functools.partial(time_config, shape, config),
+                      lambda ms: moved / (ms * 1e-3) / 1e9)
+            for config in [own, *(c for c in OTHER_CONFIGS if c != own)]]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

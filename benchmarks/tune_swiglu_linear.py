@@ -16,6 +16,7 @@ On CPU (smoke): a tiny shape and the interpreter's config, so the script cannot 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import os
 from collections.abc import Sequence
@@ -27,7 +28,7 @@ if not torch.cuda.is_available():  # CPU smoke: the kernels run in Triton's inte
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from benchmarks.bench_linear import MLP_WIDTHS, gate_mlp_up, mlp_layer, mlp_up_runs  # noqa: E402
-from benchmarks.harness import SMOKE, cuda_time_ms  # noqa: E402
+from benchmarks.harness import SMOKE, cuda_time_ms, sweep_row  # noqa: E402
 from sphere_fast.nn.layers import SwiGLU  # noqa: E402
 
 swl = importlib.import_module("sphere_fast.ops.swiglu_linear")
@@ -63,16 +64,9 @@ def sweep(width: int, tokens: int) -> list[str]:
     """Markdown rows: the unfused baseline, then every config."""
     layer, x = mlp_layer(width, tokens)
     flops = 2 * tokens * width * 2 * layer.w3.in_features
-    rows = []
-    for config in [None, *configs()]:
-        name = "cuBLAS + SwiGLU kernel" if config is None else str(tuple(config))
-        try:
-            ms = time_config(layer, x, config)
-        except Exception as exc:  # a config that does not fit or compile is a result, not a crash
-            rows.append(f"| {name} | – | – | {type(exc).__name__}: {str(exc)[:80]} |")
-            continue
-        rows.append(f"| {name} | {ms:.3f} | {flops / (ms * 1e-3) / 1e12:.0f} | ok |")
-    return rows
+    return [sweep_row("cuBLAS + SwiGLU kernel" if config is None else str(tuple(config)),
+                      functools.partial(time_config, layer, x, config), lambda ms: flops / (ms * 1e-3) / 1e12)
+            for config in [None, *configs()]]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
