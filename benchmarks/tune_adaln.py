@@ -2,13 +2,15 @@
 
     python -m benchmarks.tune_adaln [--shapes 16x1024x1024 64x1024x768 ...]
 
-A config is (rows per loop step, warps, programs per SM): each program walks its rows of one sample a step at a
-time and keeps the column sums in registers, and the batch is spread over about ``programs per SM`` x the SM
-count programs (``ops/adaln.py`` ``_bwd_row_block`` and ``_chunking``). Each config replaces the op's own
-for its run (the first row is the op's), is checked against the float32 reference (the gradients of every
-input, within the benchmarks' 2**-6), then timed as ``bench_adaln.py`` times the backward; GB/s counts the same
-bytes. One that does not compile or launch is reported, not fatal. Prints one markdown table per shape.
-On CPU (smoke): a tiny shape, the op's config and one other in the interpreter, so the script cannot rot.
+A config is (rows per loop step, warps, programs per SM, pipeline stages): each program walks its rows of one
+sample a step at a time and keeps the column sums in registers, the batch is spread over about ``programs per
+SM`` x the SM count programs (``ops/adaln.py`` ``_bwd_row_block`` and ``_chunking``), and with 2 or 3 stages a
+program loads its next rows while it computes the current one (``BWD_STAGES``, which the op tunes per shape).
+Each config replaces the op's own for its run (the first row is the op's, stages tuned as in a real call), is
+checked against the float32 reference (the gradients of every input, within the benchmarks' 2**-6), then timed
+as ``bench_adaln.py`` times the backward; GB/s counts the same bytes. One that does not compile or launch is
+reported, not fatal. Prints one markdown table per shape. On CPU (smoke): a tiny shape, the op's config and one
+other in the interpreter, so the script cannot rot.
 """
 
 from __future__ import annotations
@@ -31,13 +33,14 @@ from sphere_fast.ops._util import next_pow2  # noqa: E402
 
 adaln = importlib.import_module("sphere_fast.ops.adaln")
 
-Config = tuple[int, int, int]  # rows per step, warps, programs per SM
+Config = tuple[int, int, int, int | None]  # rows per step, warps, programs per SM, stages (None: the op's tuning)
 # Training shapes first (Sphere-L at batch 16, 1024 tokens), then the model widths at 64k rows and small batches.
 SHAPES = pick(real=[(16, 1024, 1024), (64, 1024, 768), (64, 1024, 1152), (8, 256, 1024), (1, 1024, 1024)],
               smoke=[(1, 7, 96)])
 OTHER_CONFIGS: tuple[Config, ...] = pick(
-    real=((1, 4, 4), (1, 8, 4), (1, 16, 4), (1, 8, 16), (1, 16, 16), (2, 8, 4), (2, 16, 4), (2, 16, 16), (4, 16, 16)),
-    smoke=((2, 1, 4),),
+    real=(*((1, 8, 4, stages) for stages in (1, 2, 3)), (1, 4, 4, 2), (1, 16, 4, 2), (1, 8, 8, 2), (1, 8, 16, 1),
+          (1, 8, 16, 2), (2, 8, 4, 1), (2, 16, 4, 2), (4, 16, 16, 2)),
+    smoke=((2, 1, 4, 1),),
 )
 
 
@@ -48,7 +51,7 @@ def sm_count() -> int:
 def own_config(width: int) -> Config:
     """The op's config for ``width``, in the same terms (programs per SM from its program target)."""
     rows, _, warps = adaln._bwd_row_block(width)
-    return rows, warps, max(1, adaln._n_programs_target(DEVICE) // sm_count())
+    return rows, warps, max(1, adaln._n_programs_target(DEVICE) // sm_count()), None
 
 
 def backward(inputs: Sequence[torch.Tensor], backend: str | None) -> tuple[torch.Tensor, ...]:
@@ -65,12 +68,13 @@ def backward(inputs: Sequence[torch.Tensor], backend: str | None) -> tuple[torch
 
 def time_config(shape: tuple[int, int, int], config: Config) -> float:
     """Milliseconds of the backward with ``config`` after its gate; raises if the gate fails or it does not run."""
-    rows, warps, per_sm = config
+    rows, warps, per_sm, stages = config
     inputs = _adaln_inputs(*shape, requires_grad=True)
     reference = [t.detach().float().requires_grad_() for t in inputs]
     block = mock.patch.object(adaln, "_bwd_row_block", lambda width: (rows, next_pow2(width), warps))
     programs = mock.patch.object(adaln, "_n_programs_target", lambda device: per_sm * sm_count())
-    with block, programs:
+    candidates = adaln._bwd_stage_candidates() if stages is None else (stages,)
+    with block, programs, mock.patch.object(adaln, "_bwd_stage_candidates", lambda: candidates):
         gate(backward(inputs, "triton"), backward(reference, None), f"adaln backward {config}")
         res, y = adaln.gated_residual_adaln(*inputs, backend="triton")
         grads = (torch.randn_like(res), torch.randn_like(y))
@@ -83,7 +87,8 @@ def sweep(shape: tuple[int, int, int]) -> list[str]:
     M, e = B * N, DTYPE.itemsize
     moved = 6 * M * W * e + 4 * M + (3 * B * W + W) * e  # bench_adaln's byte model of the backward
     own = own_config(W)
-    return [sweep_row(f"{config}{' (the op)' if config == own else ''}", functools.partial(time_config, shape, config),
+    return [sweep_row(f"{config[:3] + ('tuned',)} (the op)" if config == own else str(config),
+                      functools.partial(time_config, shape, config),
                       lambda ms: moved / (ms * 1e-3) / 1e9)
             for config in [own, *(c for c in OTHER_CONFIGS if c != own)]]
 
@@ -97,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shape = tuple(int(v) for v in text.split("x"))
         print(f"\n### AdaLN backward (gated residual), {DTYPE}, "
               f"B {shape[0]}, N {shape[1]}, W {shape[2]}\n")
-        print("| config (rows per step, warps, programs per SM) | ms | GB/s | gate |")
+        print("| config (rows per step, warps, programs per SM, stages) | ms | GB/s | gate |")
         print("|---|---|---|---|")
         for row in sweep(shape):
             print(row, flush=True)

@@ -71,13 +71,14 @@ def adaln_bwd_kernel(
     HAS_DRES: tl.constexpr, HAS_BRANCH: tl.constexpr, HAS_GATE: tl.constexpr, HAS_W: tl.constexpr,
     HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr,
     GATE_TOK: tl.constexpr, SHIFT_TOK: tl.constexpr, SCALE_TOK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Program (b, c) walks rows [c*rows_per_prog, (c+1)*rows_per_prog) of sample b.
 
     Column sums (dweight and broadcast dgate/dshift/dscale) stay in registers and are written once per
     program as partials; the caller adds the B*CHUNKS partials (a second, small reduction), so no single
-    program ever walks a whole column.
+    program ever walks a whole column. STAGES > 1 pipelines the row loop: the next rows' loads are issued (into
+    shared memory) while the current ones are computed; the sums and their order stay the same.
     """
     b = tl.program_id(0)
     c = tl.program_id(1)
@@ -95,7 +96,7 @@ def adaln_bwd_kernel(
     acc_sc = tl.zeros((BLOCK_D,), tl.float32)
     s_begin = c * rows_per_prog
     s_end = tl.minimum(s_begin + rows_per_prog, S)
-    for s0 in range(s_begin, s_end, BLOCK_M):
+    for s0 in tl.range(s_begin, s_end, BLOCK_M, num_stages=STAGES):
         s = s0 + tl.arange(0, BLOCK_M)
         rmask = s < s_end
         mask = rmask[:, None] & cmask[None, :]

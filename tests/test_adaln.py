@@ -7,11 +7,14 @@ fp16) relative to the tensor's max magnitude, which also covers the interpreter'
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import pytest
 import torch
 
+from sphere_fast import available_backends
+from sphere_fast.ops import _tuning
 from tests.helpers import FUSED, TOL, close
 
 adaln = importlib.import_module("sphere_fast.ops.adaln")
@@ -226,3 +229,54 @@ def test_torch_compile_fullgraph(backend: str) -> None:
     close(out, out0, 1e-5, "compiled out")
     for name, a, b in zip(NAMES, leaves, ref_leaves):
         close(a.grad, b.grad, 1e-5, f"compiled d{name}")
+
+
+def test_the_triton_backward_tunes_its_pipeline_stages(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Given several stage candidates (as on a GPU), the backward compiles them ahead, times each once per shape
+    (a stand-in timer here that reports each launch faster than the last), launches the one it picked,
+    remembers it, and gives the one-stage loop's bits."""
+    if "triton" not in available_backends("cpu"):
+        pytest.skip("the Triton backend is not available here")
+
+    monkeypatch.delenv("SPHERE_FAST_AUTOTUNE", raising=False)
+    _tuning.forget_tuned_configs()
+    inputs = make_inputs(2, 9, 96, tokens=False)
+    g = torch.Generator().manual_seed(1)
+    grads_out = torch.randn(2, 9, 96, generator=g), torch.randn(2, 9, 96, generator=g)
+    run = functools.partial(run_gated, lambda *t: adaln.gated_residual_adaln(*t, backend="triton"), inputs, grads_out)
+    monkeypatch.setattr(adaln, "_bwd_stage_candidates", lambda: (1,))
+    _, expected = run()
+    timed: list[int] = []
+
+    def timer(launch) -> float:
+        launch()
+        timed.append(1)
+        return 1.0 / len(timed)
+
+    launched: list[int] = []  # the stages of each backward launch, timed or not (compiles left out)
+    runner = adaln.kernel_runner
+
+    def recording_runner(kernel, grid, compile_only=False):
+        run_kernel = runner(kernel, grid, compile_only)
+        if compile_only or kernel.__name__ != "adaln_bwd_kernel":
+            return run_kernel
+        return lambda *args, **kwargs: (launched.append(kwargs["STAGES"]), run_kernel(*args, **kwargs))
+
+    monkeypatch.setattr(_tuning, "time_launch_ms", timer)
+    monkeypatch.setattr(adaln, "_bwd_stage_candidates", lambda: adaln.BWD_STAGES)
+    monkeypatch.setattr(adaln, "kernel_runner", recording_runner)
+    try:
+        with caplog.at_level("INFO", logger="sphere_fast"):
+            _, actual = run()
+        chosen = [config for key, config in _tuning._chosen.items() if key[0] == "adaln bwd"]
+        assert chosen == [adaln.BWD_STAGES[-1]] and len(timed) == len(adaln.BWD_STAGES)
+        assert launched == [*adaln.BWD_STAGES, adaln.BWD_STAGES[-1]]  # each timed, then the pick
+        assert "compiling the candidates ahead failed" not in caplog.text and "bits" not in caplog.text
+        run()
+        assert len(timed) == len(adaln.BWD_STAGES), "a remembered shape must not be timed again"
+    finally:
+        _tuning.forget_tuned_configs()
+    for name, a, b in zip(NAMES, actual, expected, strict=True):
+        assert torch.equal(a, b), name

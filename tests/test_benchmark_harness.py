@@ -649,12 +649,12 @@ def test_tune_adaln_runs_the_op_config_first_and_gates_each(capsys: pytest.Captu
     """The sweep's first row is the op's own config; each config runs in the interpreter (smoke) and passes the
     gate; a config that breaks the op is a row, not a crash."""
     rows, _, warps = tune_adaln.adaln._bwd_row_block(96)
-    assert tune_adaln.own_config(96)[:2] == (rows, warps)
+    assert tune_adaln.own_config(96) == (rows, warps, 4, None)  # stages: the op's own tuning
     assert tune_adaln.main(["--shapes", "1x7x96"]) == 0
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| (")]
     assert len(table) == 1 + len(tune_adaln.OTHER_CONFIGS) and "(the op)" in table[0]
     assert all(row.endswith("| ok |") for row in table), table
-    with mock.patch.object(tune_adaln, "OTHER_CONFIGS", ((0, 1, 4),)):  # no rows a step: nothing is computed
+    with mock.patch.object(tune_adaln, "OTHER_CONFIGS", ((0, 1, 4, 1),)):  # no rows a step: nothing is computed
         failed = tune_adaln.sweep((1, 7, 96))[1]
     assert "| – | – |" in failed and "ok" not in failed
 

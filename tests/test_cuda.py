@@ -12,6 +12,7 @@ Triton attention in fp32, whose dots run in TF32 (10-bit mantissa): 2e-2.
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable, Sequence
 
@@ -173,6 +174,25 @@ def test_adaln_takes_more_samples_than_a_grid_axis_holds() -> None:
         require_backend(backend)
         check_against_reference("gated_residual_adaln", lambda *t: ops.gated_residual_adaln(*t, backend=backend),
                                 ops.gated_residual_adaln_reference, inputs, torch.float32)
+
+
+@pytest.mark.parametrize("tokens", [False, True], ids=["per-sample", "per-token"])
+def test_adaln_backward_stage_candidates_give_the_same_bits(monkeypatch: pytest.MonkeyPatch, tokens: bool) -> None:
+    """The Triton backward's pipeline-stage candidates (ops/adaln.py BWD_STAGES, which the tuning picks between)
+    give the bits of the unpipelined loop, in bf16 at the XL width and the L width over many rows a program."""
+    adaln = importlib.import_module("sphere_fast.ops.adaln")
+    for B, S, D in ((3, 300, 1152), (2, 1024, 1024)):
+        mod = (B, S, D) if tokens else (B, 1, D)
+        gate, shift, scale = (randn(*mod, scale=0.5, seed=i) for i in (2, 3, 4))
+        inputs = [randn(B, S, D), randn(B, S, D, seed=1), gate, 1 + randn(D, scale=0.1, seed=5), shift, scale]
+        grads = {}
+        for stages in adaln.BWD_STAGES:
+            monkeypatch.setattr(adaln, "_bwd_stage_candidates", lambda stages=stages: (stages,))
+            _, grads[stages] = forward_backward(lambda *t: ops.gated_residual_adaln(*t, backend="triton"), inputs,
+                                                torch.bfloat16)
+        for stages, got in grads.items():
+            for i, (g, g1) in enumerate(zip(got, grads[1], strict=True)):
+                assert torch.equal(g, g1), f"{stages} stages, grad of input {i}, {B}x{S}x{D}"
 
 
 @pytest.mark.parametrize("shape", [(4, 256, 2 * 2730), (3, 7, 2 * 48)], ids=lambda s: "x".join(map(str, s)))

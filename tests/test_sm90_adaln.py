@@ -40,9 +40,15 @@ def test_triton_adaln_fwd_sm90(D: int) -> None:
     sm90.assert_no_spills(info)
 
 
+BWD_CASES = [(1152, False), (1152, True), (1024, False), (768, False)]  # (width, per-token modulations)
+
+
 @needs_cuobjdump
-@pytest.mark.parametrize("D,per_token", [(1152, False), (1152, True), (1024, False), (768, False)])
-def test_triton_adaln_bwd_sm90(D: int, per_token: bool) -> None:
+@pytest.mark.parametrize("D,per_token,stages", [(*case, stages) for stages in adaln.BWD_STAGES for case in BWD_CASES])
+def test_triton_adaln_bwd_sm90(D: int, per_token: bool, stages: int) -> None:
+    """Each pipeline-stage candidate compiles without spills. One stage: pointers aligned, sizes and strides
+    not (any width). More stages, compiled as the model's widths and strides run them (multiples of 16): the row
+    loop's loads go through cp.async (LDGSTS), so the candidates differ in more than their name."""
     from sphere_fast.kernels.adaln import adaln_bwd_kernel
 
     block_m, block_d, num_warps = adaln._bwd_row_block(D)
@@ -50,9 +56,13 @@ def test_triton_adaln_bwd_sm90(D: int, per_token: bool) -> None:
     sig.update(_ptrs("S D rows_per_prog CHUNKS sbr_b sbr_s sg_b sg_s ssc_b ssc_s", "i32"))
     flags = dict.fromkeys(("HAS_DRES", "HAS_BRANCH", "HAS_GATE", "HAS_W", "HAS_SHIFT", "HAS_SCALE"), True)
     flags.update(dict.fromkeys(("GATE_TOK", "SHIFT_TOK", "SCALE_TOK"), per_token))
-    info = sm90.compile_triton_sm90(adaln_bwd_kernel, sig, {**flags, "BLOCK_M": block_m, "BLOCK_D": block_d},
-                                    num_warps=num_warps)
+    info = sm90.compile_triton_sm90(
+        adaln_bwd_kernel, sig, {**flags, "BLOCK_M": block_m, "BLOCK_D": block_d, "STAGES": stages},
+        num_warps=num_warps, aligned=list(sig) if stages > 1 else None,
+    )
     sm90.assert_no_spills(info)
+    pipelined = sum(n for op, n in sm90.count_opcodes(info.sass()).items() if op.startswith("LDGSTS"))
+    assert (pipelined > 0) == (stages > 1), pipelined
 
 
 @needs_cuobjdump

@@ -11,13 +11,15 @@ TypeError); math is fp32 inside every kernel, outputs have x's dtype.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import Tensor
 
-from sphere_fast.backend import resolve_backend
+from sphere_fast.backend import resolve_backend, triton_interpreting
 from sphere_fast.ops._library import define_op, needs_grad
+from sphere_fast.ops._tuning import pick_config
 from sphere_fast.ops._util import kernel_runner, next_pow2, on_input_device, unit_last_stride
 
 AUTO_ORDER = ("triton", "cpp", "eager")
@@ -139,6 +141,16 @@ def _bwd_row_block(D: int) -> tuple[int, int, int]:
     return (1 if num_warps > 1 else 512 // block_d), block_d, num_warps
 
 
+# Pipeline stages of the backward's row loop, the default first. With 2 or 3 a program loads its next rows while
+# it computes the current one: the same sums in the same order, so on a GPU each call shape takes the fastest
+# (ops/_tuning.py times them once and checks that the bits agree). Not measured yet (benchmarks/NOTES.md).
+BWD_STAGES = (1, 2, 3)
+
+
+def _bwd_stage_candidates() -> tuple[int, ...]:
+    return BWD_STAGES[:1] if triton_interpreting() else BWD_STAGES
+
+
 def _n_programs_target(device: torch.device) -> int:
     """How many programs the backward spreads a batch over: enough to fill the GPU a few times."""
     if device.type == "cuda":
@@ -218,17 +230,28 @@ def _triton_bwd(
     pg, psh, psc = partial(gate, gate_tok), partial(shift, shift_tok), partial(scale, scale_tok)
     dg, dsh, dsc = per_token(gate, gate_tok), per_token(shift, shift_tok), per_token(scale, scale_tok)
     d = dx
-    kernel_runner(adaln_bwd_kernel, (B, chunks))(
-        dy, _or(dres, d), res, _or(branch, d), _or(gate, d), _or(weight, d), _or(scale, d), rstd,
-        dx, _or(dbranch, d), _or(dg, d), _or(dsh, d), _or(dsc, d),
-        _or(pw, rstd), _or(pg, rstd), _or(psh, rstd), _or(psc, rstd),
-        S, D, rows_per_prog, chunks,
-        *_bs_strides(branch), *_bs_strides(gate), *_bs_strides(scale),
+    flags = dict(
         HAS_DRES=dres is not None, HAS_BRANCH=branch is not None, HAS_GATE=gate is not None,
         HAS_W=weight is not None, HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None,
         GATE_TOK=gate_tok, SHIFT_TOK=shift_tok, SCALE_TOK=scale_tok,
-        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
     )
+
+    def launch(stages: int, compile_only: bool = False) -> None:
+        kernel_runner(adaln_bwd_kernel, (B, chunks), compile_only)(
+            dy, _or(dres, d), res, _or(branch, d), _or(gate, d), _or(weight, d), _or(scale, d), rstd,
+            dx, _or(dbranch, d), _or(dg, d), _or(dsh, d), _or(dsc, d),
+            _or(pw, rstd), _or(pg, rstd), _or(psh, rstd), _or(psc, rstd),
+            S, D, rows_per_prog, chunks,
+            *_bs_strides(branch), *_bs_strides(gate), *_bs_strides(scale),
+            **flags, BLOCK_M=block_m, BLOCK_D=block_d, STAGES=stages, num_warps=num_warps,
+        )
+
+    # the loop's length and the program count decide what pipelining gains: rows per program and programs
+    # (in powers of two) are part of the key
+    key = ("adaln bwd", res.device, res.dtype, D, tuple(flags.values()), rows_per_prog, next_pow2(B * chunks))
+    outputs = [t for t in (dx, dbranch, dg, dsh, dsc, pw, pg, psh, psc) if t is not None]
+    precompile = functools.partial(launch, compile_only=True)
+    launch(pick_config(key, _bwd_stage_candidates(), launch, outputs, precompile=precompile))
 
     # Second stage: B*chunks partials per column -> the grads (small, bounded by the program count).
     dweight = None if pw is None else pw.sum(0).to(res.dtype)
