@@ -71,6 +71,9 @@ def test_attention_impl_takes_the_fastest_usable_impl() -> None:
     first, second = choices.attention_impl(flipped)
     assert (first.now, first.suggests) == ("triton", "take sdpa_cudnn: 2.00x faster than triton")
     assert (second.now, second.suggests) == ("sdpa", "take triton: the fastest")
+    close = [row("attention_fwd", "triton", d64, 1.06), row("attention_fwd", "sdpa_cudnn", d64, 1.0)]
+    assert choices.attention_impl(close)[0].suggests == (
+        "keep triton: sdpa_cudnn is only 1.06x faster than triton (under the 1.10x margin)")
 
 
 def test_nothing_measured_and_the_report_section() -> None:
