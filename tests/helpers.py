@@ -1,5 +1,6 @@
 """Shared by the fused-op tests (test_adaln.py, test_swiglu.py, ...): the fused backends to parametrize over, the
-tolerance rule they apply (see their module docstrings), and the same-images check of the GPU sampling tests."""
+tolerance rule they apply (see their module docstrings), the same-images check of the GPU sampling tests, and a
+stand-in timer for the launch-config tuning on CPU."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from sphere_fast.backend import available_backends
+from sphere_fast.ops import _tuning
 
 FUSED = [pytest.param(b, marks=pytest.mark.skipif(b not in available_backends("cpu"), reason=f"{b} unavailable"))
          for b in ("triton", "cpp")]
@@ -24,3 +26,17 @@ def assert_same_images(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     """bf16 rounding in other places, never other images: small mean and bounded largest difference."""
     diff = (a.float() - b.float()).abs()
     assert diff.mean() < 2e-3 and diff.max() < 5e-2, f"{what}: mean {diff.mean():.2e}, max {diff.max():.2e}"
+
+
+def last_is_fastest(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """On CPU: a stand-in for the tuning's time_launch_ms that runs the launch and reports each one faster than
+    the last; the returned list grows by one per timed launch."""
+    timed: list[int] = []
+
+    def timer(launch) -> float:
+        launch()
+        timed.append(1)
+        return 1.0 / len(timed)
+
+    monkeypatch.setattr(_tuning, "time_launch_ms", timer)
+    return timed

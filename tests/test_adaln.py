@@ -15,7 +15,7 @@ import torch
 
 from sphere_fast import available_backends
 from sphere_fast.ops import _tuning
-from tests.helpers import FUSED, TOL, close
+from tests.helpers import FUSED, TOL, close, last_is_fastest
 
 adaln = importlib.import_module("sphere_fast.ops.adaln")
 
@@ -248,13 +248,6 @@ def test_the_triton_backward_tunes_its_pipeline_stages(
     run = functools.partial(run_gated, lambda *t: adaln.gated_residual_adaln(*t, backend="triton"), inputs, grads_out)
     monkeypatch.setattr(adaln, "_bwd_stage_candidates", lambda: (1,))
     _, expected = run()
-    timed: list[int] = []
-
-    def timer(launch) -> float:
-        launch()
-        timed.append(1)
-        return 1.0 / len(timed)
-
     launched: list[int] = []  # the stages of each backward launch, timed or not (compiles left out)
     runner = adaln.kernel_runner
 
@@ -264,7 +257,7 @@ def test_the_triton_backward_tunes_its_pipeline_stages(
             return run_kernel
         return lambda *args, **kwargs: (launched.append(kwargs["STAGES"]), run_kernel(*args, **kwargs))
 
-    monkeypatch.setattr(_tuning, "time_launch_ms", timer)
+    timed = last_is_fastest(monkeypatch)
     monkeypatch.setattr(adaln, "_bwd_stage_candidates", lambda: adaln.BWD_STAGES)
     monkeypatch.setattr(adaln, "kernel_runner", recording_runner)
     try:

@@ -21,6 +21,7 @@ import torch
 from sphere_fast.ops import _tuning
 from sphere_fast.ops._tuning import pick_config
 from sphere_fast.ops.rope import rope_table_reference
+from tests.helpers import last_is_fastest
 
 pytest.importorskip("triton")
 attn = importlib.import_module("sphere_fast.ops.attention")
@@ -286,19 +287,6 @@ def test_every_candidate_gives_the_default_bits(shape: tuple[int, ...], dtype: t
                 _assert_bitwise(_run(impl, *inputs), expected, f"{name} {config}")
 
 
-def _last_is_fastest(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """On CPU: a stand-in for time_launch_ms that runs the launch and reports each one faster than the last."""
-    timed: list[int] = []
-
-    def timer(launch) -> float:
-        launch()
-        timed.append(1)
-        return 1.0 / len(timed)
-
-    monkeypatch.setattr(_tuning, "time_launch_ms", timer)
-    return timed
-
-
 @pytest.mark.cuda_capable
 def test_the_op_launches_the_config_it_picked(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
@@ -308,7 +296,7 @@ def test_the_op_launches_the_config_it_picked(
     bits."""
     if DEVICE == "cpu":
         inputs, own = _inputs(1, 2, 40, 32, torch.float32), INTERPRETER_CANDIDATES
-        timed = _last_is_fastest(monkeypatch)
+        timed = last_is_fastest(monkeypatch)
     else:
         inputs, own = _inputs(2, 16, 1024, 64, torch.bfloat16), attn._candidates(64, torch.bfloat16)
     with _only(_defaults(own)):
@@ -352,7 +340,7 @@ def test_a_faster_candidate_with_other_bits_is_not_used(
     own = {**INTERPRETER_CANDIDATES, "fwd": ((32, 32, 4, 1), (64, 32, 4, 1))}
     with _only(_defaults(own)):
         expected = _run("triton", *inputs)
-    _last_is_fastest(monkeypatch)
+    last_is_fastest(monkeypatch)
     with _only(own), caplog.at_level("WARNING", logger="sphere_fast"):
         actual = _run("triton", *inputs)
     assert "config (64, 32, 4, 1) changes the result's bits" in caplog.text
