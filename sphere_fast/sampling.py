@@ -12,7 +12,7 @@ import itertools
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -20,6 +20,7 @@ from sphere_fast import ops
 from sphere_fast.backend import active_backend
 from sphere_fast.model import Conditioning, check_label_range, labels_checked
 from sphere_fast.nn.layers import fused_mlp_enabled, padded_mlp_weights
+from sphere_fast.ops._util import compile_pass
 from sphere_fast.ops.philox import check_seeds
 
 logger = logging.getLogger("sphere_fast")
@@ -317,7 +318,7 @@ class _CapturedLoop:
     """One sampling loop captured as a CUDA graph, with static labels, seeds and CFG weight in and the
     (first, final) images of its whole bucket out."""
 
-    def __init__(self, sampler: Sampler, key: GraphKey, pool: tuple[int, int]):
+    def __init__(self, sampler: Sampler, key: GraphKey, pool: tuple[int, int], compile_first: bool):
         device = sampler.device
         self.labels = torch.zeros(key.bucket, dtype=torch.long, device=device) if sampler.model.num_classes else None
         self.seeds = torch.zeros(key.bucket, dtype=torch.int64, device=device)
@@ -330,6 +331,12 @@ class _CapturedLoop:
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
+                if compile_first:
+                    # A pass that only compiles the loop's Triton kernels, all at once: with empty kernel caches
+                    # they would otherwise compile one after another. Two steps reach every kernel.
+                    with compile_pass():
+                        sampler.loop(replace(key, steps=min(key.steps, 2)), self.labels, self.seeds, weight,
+                                     capture=True)
                 sampler.loop(key, self.labels, self.seeds, weight, capture=True)
             torch.cuda.current_stream().wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
@@ -451,7 +458,9 @@ class Sampler:
             self._model_tensors = list(itertools.chain(self.model.parameters(), self.model.buffers()))
             self._captured_addresses = [t.data_ptr() for t in self._model_tensors]
         if key not in self._graphs:
-            self._graphs[key] = _CapturedLoop(self, key, self._pool)
+            # The sampler's first capture compiles its kernels first; later buckets share nearly all of them.
+            compile_first = not self._graphs and key.backend in ("auto", "triton")
+            self._graphs[key] = _CapturedLoop(self, key, self._pool, compile_first)
         return self._graphs[key]
 
     @torch.no_grad()

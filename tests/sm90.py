@@ -265,7 +265,11 @@ def _compile_in_process(fn: Any, spec: dict[str, Any]) -> dict[str, Any]:
 class CompileOnlyDriver:
     """Stands in for Triton's CUDA driver where there is no GPU (``triton.runtime.driver.set_active``, with the
     interpreter off): the JIT then specializes and compiles a kernel's launch arguments for sm_90a, as its
-    ``warmup`` does on a GPU. Launching cannot work."""
+    ``warmup`` does on a GPU. Launching cannot work. ``launcher_cls``, if given, is what a compile pass builds
+    each kernel's launcher with (a GPU driver's builds a C module)."""
+
+    def __init__(self, launcher_cls: Any = None) -> None:
+        self.launcher_cls = launcher_cls
 
     def get_current_target(self) -> Any:
         from triton.backends.compiler import GPUTarget
@@ -277,6 +281,25 @@ class CompileOnlyDriver:
 
     def get_current_stream(self, device: int | None = None) -> int:
         return 0
+
+
+def compile_ops_on_cpu(launcher_cls: Any = None) -> None:
+    """For a child process with the interpreter off (process-wide; restores nothing): Triton's driver becomes
+    CompileOnlyDriver(launcher_cls) and the triton backend takes CPU tensors, so ops called with them inside a
+    compile pass (``sphere_fast.ops._util.compile_pass``) compile their kernels for sm_90a for the arguments of
+    those calls. A launch fails."""
+    import importlib
+
+    from triton.runtime.driver import driver
+
+    from sphere_fast import backend
+
+    attention = importlib.import_module("sphere_fast.ops.attention")  # the module: ops.attention is the op
+    for module in (backend, attention):
+        module.triton_usable = lambda device: True
+    backend._resolve.cache_clear()
+    attention._choose.cache_clear()
+    driver.set_active(CompileOnlyDriver(launcher_cls))
 
 
 class FirstTimedLaunch(Exception):

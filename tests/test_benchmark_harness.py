@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,7 +16,16 @@ from unittest import mock
 import pytest
 import torch
 
-from benchmarks import gpu_check, harness, profile_sampler, report, tune_adaln, tune_attention, tune_swiglu_linear
+from benchmarks import (
+    compile_times,
+    gpu_check,
+    harness,
+    profile_sampler,
+    report,
+    tune_adaln,
+    tune_attention,
+    tune_swiglu_linear,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CEILINGS = harness.Ceilings(copy_gbps=4000.0, matmul_tflops=800.0, copy_bytes=2 << 30, matmul_size=8192)
@@ -675,3 +685,14 @@ def test_tune_attention_smoke_gates_and_times_every_rope_mode(capsys: pytest.Cap
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| interpreter")]
     assert [row.split(" | ")[1] for row in rows] == [label for label, _, _ in tune_attention.MODES], rows
     assert all(row.endswith("| ok |") for row in rows), rows
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="builds a stub libcuda with gcc")
+def test_compile_times_runs_both_ways_on_the_same_kernels(capsys: pytest.CaptureFixture[str]) -> None:
+    """One round at one layer a network: both ways compile the same kernels in their fresh processes."""
+    compile_times.main(["--layers", "1", "--rounds", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    counts = {line.split(":")[0]: line.split(" for ")[1].split(" kernels")[0] for line in lines[:2]}
+    assert list(counts) == [f"round 1, {way}" for way in compile_times.WAYS]
+    assert len(set(counts.values())) == 1 and int(next(iter(counts.values()))) > 0, lines
+    assert lines[2].startswith("one by one: median ")

@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Hashable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import torch
+
+from sphere_fast.ops._util import compile_pass, compiling_only
 
 C = TypeVar("C", bound=Hashable)
 TIMED_LAUNCHES = 5
@@ -51,15 +52,12 @@ def _out_of_resources() -> type[Exception]:
 
 
 def compile_ahead(key: Hashable, candidates: Sequence[C], precompile: Callable[[C], object]) -> None:
-    """``precompile(config)`` for every candidate at once, each compile in a thread of its own (Triton's
-    AsyncCompileMode; its compiler releases the GIL), so tuning waits about as long as the slowest compile
-    rather than their sum. Only a speed-up: a candidate whose compile fails here compiles again at its first
-    launch, which raises its error, and any failure of the mechanism itself is logged and ignored."""
+    """``precompile(config)`` for every candidate at once (``compile_pass``), so tuning waits about as long as
+    the slowest compile rather than their sum. Only a speed-up: a candidate whose compile fails here compiles
+    again at its first launch, which raises its error, and any failure of the mechanism itself is logged and
+    ignored."""
     try:
-        import triton
-
-        workers = min(len(candidates), os.cpu_count() or 1)
-        with ThreadPoolExecutor(workers) as pool, triton.AsyncCompileMode(pool, ignore_errors=True):
+        with compile_pass():
             for config in candidates:
                 precompile(config)
     except Exception as exc:  # the candidates then compile one by one, as they are timed
@@ -112,13 +110,17 @@ def pick_config(
     not fit the GPU (Triton's OutOfResources: shared memory, registers) is skipped. ``precompile(config)``, if
     given, compiles a candidate without launching it: then all are compiled at once first (compile_ahead), and
     a candidate other than the default that does not compile is skipped (``_compiled``).
-    Without timing (one candidate, SPHERE_FAST_AUTOTUNE=0, or inside a CUDA-graph capture, where the
-    synchronization would break the capture) the first candidate is returned and nothing is remembered."""
+    Without timing (one candidate, SPHERE_FAST_AUTOTUNE=0, inside a CUDA-graph capture, where the
+    synchronization would break the capture, or inside a ``compile_pass``, which compiles every candidate)
+    the first candidate is returned and nothing is remembered."""
     if len(candidates) == 1 or not autotune_enabled():
         return candidates[0]
     chosen = _chosen.get(key)
     if chosen is not None:
         return chosen  # type: ignore[return-value]
+    if compiling_only():  # a compile pass: every candidate compiles with the pass's kernels, timed at the real call
+        compile_ahead(key, candidates, precompile or launch)
+        return candidates[0]
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return candidates[0]
     if precompile is not None:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from collections.abc import Callable
+import logging
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import torch
@@ -65,11 +70,62 @@ def check_grid(kernel: Any, grid: tuple[int, ...]) -> None:
                              f"{axis}: the input is too large for one launch")
 
 
+_compiling_only: contextvars.ContextVar[bool] = contextvars.ContextVar("sphere_fast_compiling_only", default=False)
+
+
+def compiling_only() -> bool:
+    """Whether the ops' Triton launches only compile now (inside ``compile_pass``)."""
+    return _compiling_only.get()
+
+
+@contextlib.contextmanager
+def compile_pass() -> Iterator[None]:
+    """Inside the block the ops compile their Triton kernels instead of launching them, each compile in a thread
+    of its own (Triton's AsyncCompileMode; its compiler releases the GIL), then build each kernel's C launcher
+    the same way (a gcc run per kernel on a machine's first run, otherwise done at the first launch); the block
+    ends when all are done. Code run once inside before its first real run (the sampler's loop) then finds its
+    kernels compiled side by side rather than one after another as its launches reach them. The ops' outputs
+    stay unwritten; torch's own ops still run. A compile that fails here is ignored: the kernel compiles again
+    at its launch, which raises the error. Nested blocks join the outermost one."""
+    if compiling_only():
+        yield
+        return
+    import triton
+
+    token = _compiling_only.set(True)
+    try:
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            with triton.AsyncCompileMode(pool, ignore_errors=True) as mode:
+                yield
+            # Triton 3.6's compiled kernels (read defensively: a later Triton may keep them elsewhere)
+            futures = getattr(mode, "future_kernels", {}).values()
+            compiled = [kernel for kernel in (getattr(f, "kernel", None) for f in futures) if kernel is not None]
+            for built in [pool.submit(_build_launcher, kernel) for kernel in compiled]:
+                built.result()
+    finally:
+        _compiling_only.reset(token)
+
+
+def _build_launcher(kernel: Any) -> None:
+    """Build (into Triton's on-disk cache) the C launcher the kernel's first launch would build. Only a speed-up:
+    a failure is logged, and the launch builds it again and raises its error."""
+    from triton.runtime.driver import driver
+
+    launcher_cls = getattr(driver.active, "launcher_cls", None)
+    if launcher_cls is None:  # a driver that launches nothing (the sm_90 compile checks)
+        return
+    try:
+        launcher_cls(kernel.src, kernel.metadata)
+    except Exception as exc:
+        logging.getLogger("sphere_fast").info("sphere_fast: building the launcher of %s ahead failed (%r)",
+                                              kernel.metadata.name, exc)
+
+
 def kernel_runner(kernel: Any, grid: tuple[int, ...], compile_only: bool = False) -> Callable[..., object]:
-    """How every op starts a Triton kernel: ``kernel[grid]`` with TRITON_OPTIONS, or with ``compile_only`` its
-    warmup, compiled for the same arguments and options but not launched (a tuning candidate's precompile).
-    The grid is checked against CUDA's limits first."""
+    """How every op starts a Triton kernel: ``kernel[grid]`` with TRITON_OPTIONS, or with ``compile_only`` (or
+    inside ``compile_pass``) its warmup, compiled for the same arguments and options but not launched (a tuning
+    candidate's precompile). The grid is checked against CUDA's limits first."""
     check_grid(kernel, grid)
-    if compile_only:
+    if compile_only or compiling_only():
         return functools.partial(kernel.warmup, grid=grid, **TRITON_OPTIONS)
     return functools.partial(kernel[grid], **TRITON_OPTIONS)

@@ -1,0 +1,126 @@
+"""Seconds to compile a sampler loop's Triton kernels and build their C launchers with empty caches, on this
+machine's CPU: one by one, as the first launches of a first call do it, and in the compile pass that the
+``Sampler`` runs before its first capture (``sphere_fast.ops._util.compile_pass``).
+
+    python -m benchmarks.compile_times [--model sphere-l-imagenet] [--layers 2] [--rounds 3]
+
+No GPU is used. Each way runs in a fresh process with an empty Triton cache (the two alternate, ``--rounds``
+times): the loop (batch 1, 2 steps, CFG 1.4, bf16, backend triton) runs on CPU tensors with Triton's driver
+replaced by ``tests/sm90.py``'s stand-in, so each kernel compiles for sm_90a, for the arguments of its launch;
+each launcher is built with gcc against a stub libcuda made here (it then fails to load, which the pass ignores).
+The model keeps the preset's widths and heads with ``--layers`` blocks a network: every block runs the same
+kernels. A process's time is that of the loop with the compiles less that of the same loop run again (the
+compiles then cached in memory). Prints one line per run and the median of each way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WAYS = ("one by one", "compile pass")
+
+
+def stub_libcuda(folder: Path) -> Path:
+    """A libcuda.so with no symbols, enough for gcc to link Triton's launchers where no driver is installed."""
+    source = folder / "stub.c"
+    source.write_text("int sphere_fast_stub(void) { return 0; }\n")
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(folder / "libcuda.so.1"), str(source)], check=True)
+    (folder / "libcuda.so").symlink_to("libcuda.so.1")
+    return folder
+
+
+def child(way: str, model_name: str, layers: int) -> dict[str, float]:
+    """In a fresh process (interpreter off): the loop with its compiles, then again; seconds and kernel count."""
+    import torch
+    from triton.backends.nvidia.driver import CudaLauncher
+    from triton.runtime.jit import JITFunction
+
+    from sphere_fast import MODEL_SIZES, PRESETS, SphereEncoder, use_backend
+    from sphere_fast.ops import _util
+    from sphere_fast.sampling import GraphKey, Sampler, guidance
+    from tests import sm90
+
+    sm90.compile_ops_on_cpu(CudaLauncher)
+    compiled: set[JITFunction] = set()
+    compile_ = JITFunction._do_compile
+
+    def recording_compile(self, *args, **kwargs):
+        compiled.add(self)
+        kernel = compile_(self, *args, **kwargs)
+        if way == "one by one":  # its launcher is built right after its compile, as its first launch does
+            _util._build_launcher(kernel)
+        return kernel
+
+    JITFunction._do_compile = recording_compile
+    config = dict(PRESETS[model_name]["config"])
+    for network in ("vit_enc_model_size", "vit_dec_model_size"):
+        config[network] = {**MODEL_SIZES[config[network]], "layers": layers}
+    torch.manual_seed(0)
+    model = SphereEncoder(**config).to(torch.bfloat16).eval()
+    sampler = Sampler(model, 1, 2, cfg=1.4, dtype=torch.bfloat16, cuda_graph=False)
+    key = GraphKey(1, 2, guidance(model, 1.4, "combo"), True, False, torch.bfloat16, "triton")
+    inputs = (torch.tensor([1]), torch.tensor([5]), torch.ones(()))
+
+    def run(in_pass: bool) -> float:
+        start = time.perf_counter()
+        with use_backend("triton"), torch.no_grad():
+            if in_pass:
+                with _util.compile_pass():
+                    sampler.loop(key, *inputs, capture=True)
+            else:  # launches only compile (the stand-in driver cannot launch), each in this thread when reached
+                token = _util._compiling_only.set(True)
+                try:
+                    sampler.loop(key, *inputs, capture=True)
+                finally:
+                    _util._compiling_only.reset(token)
+        return time.perf_counter() - start
+
+    first = run(way == "compile pass")
+    again = run(False)
+    kernels = sum(len(kernel.device_caches[0][0]) for kernel in compiled)
+    return {"seconds": first - again, "loop_seconds": again, "kernels": kernels}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="sphere-l-imagenet")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--child", choices=WAYS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child, args.model, args.layers)))
+        return
+    seconds: dict[str, list[float]] = {way: [] for way in WAYS}
+    with tempfile.TemporaryDirectory() as tmp:
+        libcuda = stub_libcuda(Path(tmp))
+        for round_ in range(args.rounds):
+            for way in WAYS:
+                cache = Path(tmp) / f"triton-{round_}-{way.replace(' ', '-')}"
+                env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(cache),
+                       "TRITON_LIBCUDA_PATH": str(libcuda)}
+                proc = subprocess.run(
+                    [sys.executable, "-m", "benchmarks.compile_times", "--child", way, "--model", args.model,
+                     "--layers", str(args.layers)],
+                    cwd=ROOT, env=env, capture_output=True, text=True,
+                )
+                if proc.returncode != 0:
+                    raise SystemExit(f"{way}: the child process failed:\n{proc.stderr[-4000:]}")
+                result = json.loads(proc.stdout.strip().splitlines()[-1])
+                seconds[way].append(result["seconds"])
+                print(f"round {round_ + 1}, {way}: {result['seconds']:.2f} s for {result['kernels']} kernels "
+                      f"(the loop itself {result['loop_seconds']:.2f} s)", flush=True)
+    print(", ".join(f"{way}: median {statistics.median(s):.2f} s" for way, s in seconds.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""The compile pass (``sphere_fast.ops._util.compile_pass``): code run inside compiles the ops' Triton kernels, all
+at once, and launches none; the sampler runs its loop once inside before the warm-up of its first capture.
+
+The pass's compiles are checked for sm_90a in a child process (interpreter off, tests/sm90.py's stand-in driver,
+which cannot launch, so a launch inside the pass would fail there): after one pass over a tiny model's loop,
+every kernel the loop launches is compiled for the arguments of its launches (a second pass compiles nothing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+
+from sphere_fast import ops, use_backend
+from sphere_fast.ops import _tuning, _util
+from sphere_fast.ops._tuning import pick_config
+from sphere_fast.ops._util import compile_pass, compiling_only
+from sphere_fast.sampling import GraphKey, Sampler, guidance
+from tests.cuda_graph_emulator import CudaGraphEmulator, emulated_cuda_graphs  # noqa: F401 (fixture)
+from tests.test_sampler import tiny_model
+
+triton = pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+OP_MODULES = ("adaln", "attention", "rope", "spherify", "swiglu", "swiglu_linear")
+
+
+@pytest.fixture(autouse=True)
+def fresh_choices() -> Iterator[None]:
+    _tuning.forget_tuned_configs()
+    yield
+    _tuning.forget_tuned_configs()
+
+
+def test_inside_a_compile_pass_an_op_only_compiles() -> None:
+    """The same op call launches its kernel outside a pass and only warms it up (compiles) inside one."""
+    from sphere_fast.kernels.swiglu import swiglu_fwd_kernel
+
+    kernel_class = type(swiglu_fwd_kernel)  # JITFunction, or InterpretedFunction under the interpreter
+    run = kernel_class.run
+    warmups: list[bool] = []
+
+    def recording_run(self, *args, warmup, **kwargs):
+        warmups.append(warmup)
+        return run(self, *args, warmup=warmup, **kwargs)
+
+    h = torch.randn(4, 64, device=DEVICE)
+    with mock.patch.object(kernel_class, "run", recording_run):
+        ops.swiglu(h, backend="triton")
+        with compile_pass():
+            assert compiling_only()
+            ops.swiglu(h, backend="triton")
+    assert warmups == [False, True]
+    assert not compiling_only()
+
+
+def test_inside_a_compile_pass_every_candidate_compiles_and_none_is_timed() -> None:
+    """The tuning joins the pass: each candidate compiles in the pass's AsyncCompileMode, the default is
+    returned, nothing is timed or remembered; the first real call tunes."""
+    from triton.runtime._async_compile import active_mode
+
+    compiled: list[tuple[str, bool]] = []
+    timed: list[str] = []
+
+    def precompile(config: str) -> None:
+        compiled.append((config, active_mode.get() is not None))
+
+    def timer(launch) -> float:
+        config = launch()
+        timed.append(config)
+        return {"a": 2.0, "b": 1.0}[config]
+
+    with compile_pass():
+        mode = active_mode.get()
+        assert pick_config("k", ["a", "b"], lambda c: c, timer=timer, precompile=precompile) == "a"
+        assert active_mode.get() is mode, "the tuning must not leave the pass's compile mode"
+    assert compiled == [("a", True), ("b", True)]
+    assert timed == [] and not _tuning._chosen
+    assert pick_config("k", ["a", "b"], lambda c: c, timer=timer, precompile=precompile) == "b"
+    assert timed == ["a", "b"]
+
+
+def test_a_nested_pass_joins_the_outer_one() -> None:
+    from triton.runtime._async_compile import active_mode
+
+    with compile_pass():
+        outer = active_mode.get()
+        with compile_pass():
+            assert active_mode.get() is outer and compiling_only()
+        assert compiling_only()
+    assert active_mode.get() is None and not compiling_only()
+
+
+@pytest.mark.parametrize(("backend", "passes"), [("triton", True), ("auto", True), ("cpp", False), ("eager", False)])
+def test_the_sampler_compiles_its_loop_before_its_first_capture(
+    emulated_cuda_graphs: CudaGraphEmulator, backend: str, passes: bool  # noqa: F811
+) -> None:
+    """Before the warm-up of its first graph, with a backend that may run Triton kernels, the sampler runs its
+    loop once inside a compile pass, at two steps (the decoder, then the encoder and the noise: every kernel).
+    A replay and the capture of another bucket have no pass."""
+    model = tiny_model()
+    loops: list[tuple[int, int, bool]] = []
+    loop = Sampler.loop
+
+    def recording_loop(self, key, *args, **kwargs):
+        loops.append((key.bucket, key.steps, compiling_only()))
+        return loop(self, key, *args, **kwargs)
+
+    with use_backend(backend), mock.patch.object(Sampler, "loop", recording_loop):
+        sampler = Sampler(model, 2, 4, cfg=1.4, dtype=torch.float32)
+        assert sampler.use_graphs
+        sampler(torch.tensor([1, 2]), torch.tensor([5, 6]))
+        sampler(torch.tensor([3, 4]), torch.tensor([7, 8]))  # a replay
+        sampler(torch.tensor([3]), torch.tensor([7]))  # bucket 1: a warm-up and a capture
+    compiled = [(2, 2, True)] if passes else []
+    assert loops == compiled + [(2, 4, False)] * 2 + [(1, 4, False)] * 2
+
+
+# --------------------------------------------------------------------------------- sm_90a, in a child process
+
+
+def loop_compiles() -> dict:
+    """Run in a child process (interpreter off, the stand-in driver): a tiny bf16 model's sampler loop (2 steps,
+    CFG) inside a compile pass, then once more. Returns the names of the kernels each pass asked to compile, how
+    many kernels the first compiled (one per specialization) and the names of the launchers it built."""
+    from triton.runtime.jit import JITFunction
+
+    from tests import sm90
+
+    launchers: list[str] = []
+
+    class RecordedLauncher:  # stands in for the C launcher a GPU driver builds with gcc
+        def __init__(self, src, metadata) -> None:
+            launchers.append(src.fn.__name__)
+
+    sm90.compile_ops_on_cpu(RecordedLauncher)
+    compiled: list[str] = []  # a call per launch in the pass (the compiles are shared by Triton's cache key)
+    kernels: set[JITFunction] = set()
+    compile_ = JITFunction._do_compile
+
+    def recording_compile(self, *args, **kwargs):
+        compiled.append(self.__name__)
+        kernels.add(self)
+        return compile_(self, *args, **kwargs)
+
+    model = tiny_model().to(torch.bfloat16).eval()
+    sampler = Sampler(model, 2, 2, cfg=1.4, dtype=torch.bfloat16, cuda_graph=False)
+    key = GraphKey(2, 2, guidance(model, 1.4, "combo"), True, False, torch.bfloat16, "triton")
+    inputs = (torch.tensor([1, 2]), torch.tensor([5, 6]), torch.ones(()))
+    with mock.patch.object(JITFunction, "_do_compile", recording_compile), use_backend("triton"):
+        with compile_pass():
+            sampler.loop(key, *inputs, capture=True)
+        first = list(compiled)
+        specializations = sum(len(kernel.device_caches[0][0]) for kernel in kernels)
+        with compile_pass():
+            sampler.loop(key, *inputs, capture=True)
+    return {"first": first, "again": compiled[len(first):], "specializations": specializations, "launchers": launchers}
+
+
+def launched_kernels() -> set[str]:
+    """The names of the kernels the same loop launches, run here (under the interpreter on CPU)."""
+    names: set[str] = set()
+    runner = _util.kernel_runner
+
+    def recording_runner(kernel, grid, compile_only=False):
+        names.add(kernel.fn.__name__)
+        return runner(kernel, grid, compile_only)
+
+    model = tiny_model().to(torch.bfloat16).eval()
+    sampler = Sampler(model, 2, 2, cfg=1.4, dtype=torch.bfloat16, cuda_graph=False)
+    with contextlib.ExitStack() as stack, use_backend("triton"):
+        for name in OP_MODULES:
+            module = importlib.import_module(f"sphere_fast.ops.{name}")
+            stack.enter_context(mock.patch.object(module, "kernel_runner", recording_runner))
+        sampler(torch.tensor([1, 2]), torch.tensor([5, 6]))
+    return names
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the stand-in driver replaces CUDA's")
+def test_one_pass_compiles_every_kernel_of_the_sampler_loop_for_sm90(tmp_path: Path) -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
+    code = "import json; from tests.test_compile_pass import loop_compiles as f; print(json.dumps(f()))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["again"] == [], "a second pass compiled again: the first missed what the launches look up"
+    assert set(result["first"]) == launched_kernels()
+    assert set(result["launchers"]) == set(result["first"])
+    assert len(result["launchers"]) == result["specializations"], "each kernel compiled gets its launcher built"
