@@ -226,6 +226,30 @@ def test_a_batch_launched_in_slices_matches_fp64(impl: str, monkeypatch) -> None
         check_against_fp64(5, 2, 17, 32, dtype, impl=impl)
 
 
+def test_sdpa_takes_a_large_batch_in_slices(monkeypatch) -> None:
+    """impl ``sdpa`` hands torch's SDPA at most LAUNCH_BATCH sequences a call, forward and backward (its cuDNN
+    backward failed at 65600 sequences on an H200): 5 sequences in slices of 2 give one call's output and
+    gradients."""
+    b, h, n, d = 5, 2, 9, 32
+    rope = official_rope(n, d)
+    grad_out = torch.randn(b, h, n, d, dtype=torch.float64).to(DEVICE)
+    qkv = qkv_leaf(b, h, n, d, torch.float32)
+    whole = run(functools.partial(attention, impl="sdpa"), qkv, h, d, rope, grad_out)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    calls: list[int] = []
+
+    def counted_sdpa(q, k, v):
+        calls.append(q.shape[0])
+        return sdpa(q, k, v)
+
+    monkeypatch.setattr(attn_mod, "LAUNCH_BATCH", 2)
+    monkeypatch.setattr(attn_mod.F, "scaled_dot_product_attention", counted_sdpa)
+    sliced = run(functools.partial(attention, impl="sdpa"), qkv, h, d, rope, grad_out)
+    assert calls == [2, 2, 1]
+    for name, x, y in zip(("out", "dq", "dk", "dv"), sliced, whole):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6, msg=name)
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU: 65k programs are too many for the interpreter")
 @pytest.mark.parametrize("shape", LARGE_SHAPES.values(), ids=LARGE_SHAPES.keys())
 @pytest.mark.parametrize("impl", TRITON_IMPLS)

@@ -522,4 +522,15 @@ def attention(
 
         # flash-attn wants [B, N, H, D]: a transpose view, no copy
         return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
-    return F.scaled_dot_product_attention(q, k, v)
+    return _sdpa(q, k, v)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """torch's SDPA, a batch of more than LAUNCH_BATCH sequences in slices: on an H200 (torch 2.11) its cuDNN
+    backward failed ("mha_graph.execute ... is_good()") at 65600 sequences a call. Each slice has a backward of
+    its own, and each sequence's result is what one call gives."""
+    b = q.shape[0]
+    if b <= LAUNCH_BATCH:
+        return F.scaled_dot_product_attention(q, k, v)
+    return torch.cat([F.scaled_dot_product_attention(*(t[i:i + LAUNCH_BATCH] for t in (q, k, v)))
+                      for i in range(0, b, LAUNCH_BATCH)])
