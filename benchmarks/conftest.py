@@ -32,6 +32,10 @@ HEADLINE = (
     # the sampler at batch 1 and 64, 4 steps with CFG (issue 6)
     *(f"benchmarks/bench_sampling.py::test_sampling[{impl}-sphere-l-imagenet-b{batch}-t4-cfg1.4]"
       for batch in (1, 64) for impl in ("eager", "uncaptured", "graph")),
+    # time to first image on a fresh machine (empty kernel caches: every Triton kernel compiles, since 2026-11-29
+    # in the sampler's compile pass), then in any later process (issue 6)
+    *(f"benchmarks/bench_sampling.py::test_time_to_first_image[graph-sphere-l-imagenet-{caches}]"
+      for caches in ("empty", "warm")),
     # what no lease has measured yet (2026-11-29): the XL sampler at batch 1 and 64 (head dim 72: auto runs SDPA),
     # the AdaLN block ops at an L-model block, 256 tokens and 64k rows (issue 4; the backward's tile changed),
     # the attention backward (training, issue 5), a Sphere-L training step, eager against the fused backends
@@ -52,10 +56,6 @@ HEADLINE = (
     "benchmarks/bench_linear.py::test_mlp_up*",
     "benchmarks/bench_sampling.py::test_sampling_fused_mlp[*]",
     "benchmarks/bench_attention.py::test_attention_fwd[*-B16-H16-N1024-D*]",
-    # time to first image on a fresh machine (empty kernel caches: every Triton kernel compiles), then in any
-    # later process (issue 6)
-    *(f"benchmarks/bench_sampling.py::test_time_to_first_image[graph-sphere-l-imagenet-{caches}]"
-      for caches in ("empty", "warm")),
     # the host cost of one op call, which the un-captured sampler pays about 120 times a pass (issue 6)
     *(f"benchmarks/bench_dispatch.py::test_dispatch[{impl}-*]" for impl in ("eager", "triton", "cpp")),
     # the torch.compile(max-autotune) baselines last, as each compiles for minutes: each network compiled (two

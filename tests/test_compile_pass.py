@@ -41,6 +41,7 @@ def fresh_choices() -> Iterator[None]:
     _tuning.forget_tuned_configs()
 
 
+@pytest.mark.cuda_capable
 def test_inside_a_compile_pass_an_op_only_compiles() -> None:
     """The same op call launches its kernel outside a pass and only warms it up (compiles) inside one."""
     from sphere_fast.kernels.swiglu import swiglu_fwd_kernel
@@ -123,6 +124,34 @@ def test_the_sampler_compiles_its_loop_before_its_first_capture(
         sampler(torch.tensor([3]), torch.tensor([7]))  # bucket 1: a warm-up and a capture
     compiled = [(2, 2, True)] if passes else []
     assert loops == compiled + [(2, 4, False)] * 2 + [(1, 4, False)] * 2
+
+
+@pytest.mark.gpu
+def test_a_pass_over_the_sampler_loop_launches_no_triton_kernel_on_cuda() -> None:
+    """On a GPU: the pass's CUDA kernels are torch's own (GEMMs, copies); none of ours runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = tiny_model("cuda").to(torch.bfloat16).eval()
+    sampler = Sampler(model, 2, 2, cfg=1.4, dtype=torch.bfloat16, cuda_graph=False)
+    key = GraphKey(2, 2, guidance(model, 1.4, "combo"), True, False, torch.bfloat16, "triton")
+    inputs = (torch.tensor([1, 2], device="cuda"), torch.tensor([5, 6], device="cuda"), torch.ones((), device="cuda"))
+    with use_backend("triton"), torch.no_grad():
+        sampler.loop(key, *inputs, capture=True)  # compiled and tuned: the pass below only finds its kernels
+        with profile(activities=[ProfilerActivity.CUDA]) as prof, compile_pass():
+            sampler.loop(key, *inputs, capture=True)
+        torch.cuda.synchronize()
+    ran = {event.name for event in prof.events() if event.device_type.name == "CUDA"}
+    assert ran and not ran & triton_kernel_names(), sorted(ran & triton_kernel_names())
+
+
+def triton_kernel_names() -> set[str]:
+    """The names of sphere_fast's Triton kernels (a compiled kernel launches under its function's name)."""
+    modules = [importlib.import_module(f"sphere_fast.kernels.{name}") for name in OP_MODULES]
+    return {name for module in modules for name, value in vars(module).items() if hasattr(value, "warmup")}
+
+
+def test_triton_kernel_names() -> None:
+    assert {"attention_fwd_kernel", "adaln_fwd_kernel", "_noise_kernel"} <= triton_kernel_names()
 
 
 # --------------------------------------------------------------------------------- sm_90a, in a child process
