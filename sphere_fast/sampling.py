@@ -314,6 +314,20 @@ class GraphKey:
     fused_mlp: bool = False  # nn.layers.fused_mlp_enabled(), for the same reason
 
 
+def _compile_ahead(
+    sampler: Sampler, key: GraphKey, labels: torch.Tensor | None, seeds: torch.Tensor, weight: torch.Tensor | None
+) -> None:
+    """The loop once in a compile pass, which builds all its Triton kernels at once: with empty kernel caches
+    they would otherwise compile one after another as the warm-up reaches them. Two steps reach every kernel.
+    Only a speed-up: if the pass fails, the warm-up compiles the kernels (and raises any error of the loop's)."""
+    try:
+        with compile_pass():
+            sampler.loop(replace(key, steps=min(key.steps, 2)), labels, seeds, weight, capture=True)
+    except Exception as exc:
+        logger.warning("sphere_fast: compiling the sampling loop's kernels ahead failed (%r); they compile at "
+                       "their first launches", exc)
+
+
 class _CapturedLoop:
     """One sampling loop captured as a CUDA graph, with static labels, seeds and CFG weight in and the
     (first, final) images of its whole bucket out."""
@@ -332,11 +346,7 @@ class _CapturedLoop:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 if compile_first:
-                    # A pass that only compiles the loop's Triton kernels, all at once: with empty kernel caches
-                    # they would otherwise compile one after another. Two steps reach every kernel.
-                    with compile_pass():
-                        sampler.loop(replace(key, steps=min(key.steps, 2)), self.labels, self.seeds, weight,
-                                     capture=True)
+                    _compile_ahead(sampler, key, self.labels, self.seeds, weight)
                 sampler.loop(key, self.labels, self.seeds, weight, capture=True)
             torch.cuda.current_stream().wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()

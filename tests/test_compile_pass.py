@@ -154,6 +154,27 @@ def test_triton_kernel_names() -> None:
     assert {"attention_fwd_kernel", "adaln_fwd_kernel", "_noise_kernel"} <= triton_kernel_names()
 
 
+def test_a_failing_pass_only_warns(
+    emulated_cuda_graphs: CudaGraphEmulator, caplog: pytest.LogCaptureFixture  # noqa: F811
+) -> None:
+    """The pass is only a speed-up: if it fails, the warm-up compiles the kernels and the images are the same."""
+    from sphere_fast import sampling
+
+    model = tiny_model()
+    labels, seeds = torch.tensor([1, 2]), torch.tensor([5, 6])
+    expected = Sampler(model, 2, 2, cfg=1.4, dtype=torch.float32)(labels, seeds)
+
+    @contextlib.contextmanager
+    def broken_pass():
+        raise RuntimeError("AsyncCompileMode is not there")
+        yield
+
+    with mock.patch.object(sampling, "compile_pass", broken_pass), caplog.at_level("WARNING", logger="sphere_fast"):
+        images = Sampler(model, 2, 2, cfg=1.4, dtype=torch.float32)(labels, seeds)
+    assert torch.equal(images, expected)
+    assert "compiling the sampling loop's kernels ahead failed" in caplog.text
+
+
 # --------------------------------------------------------------------------------- sm_90a, in a child process
 
 
