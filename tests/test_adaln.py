@@ -231,6 +231,44 @@ def test_torch_compile_fullgraph(backend: str) -> None:
         close(a.grad, b.grad, 1e-5, f"compiled d{name}")
 
 
+def test_the_triton_forward_tunes_rows_and_warps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Given the GPU's candidates (rows per program, warps), the forward compiles them ahead, times each once per
+    shape (each reported faster than the last), launches the one it picked, remembers it, and gives the default
+    config's bits (the interpreter ignores the warps; the rows a program takes must not change a row's sums)."""
+    if "triton" not in available_backends("cpu"):
+        pytest.skip("the Triton backend is not available here")
+
+    monkeypatch.delenv("SPHERE_FAST_AUTOTUNE", raising=False)
+    _tuning.forget_tuned_configs()
+    inputs = make_inputs(2, 9, 96, tokens=False, dtype=torch.bfloat16)
+    expected = adaln.gated_residual_adaln(*inputs, backend="triton")
+    candidates = adaln._fwd_candidates(96, interpret=False)
+    launched: list[tuple[int, int]] = []  # the config of each forward launch, timed or not (compiles left out)
+    runner = adaln.kernel_runner
+
+    def recording_runner(kernel, grid, compile_only=False):
+        run_kernel = runner(kernel, grid, compile_only)
+        if compile_only or kernel.__name__ != "adaln_fwd_kernel":
+            return run_kernel
+        return lambda *args, **kwargs: (launched.append((kwargs["BLOCK_M"], kwargs["num_warps"])),
+                                        run_kernel(*args, **kwargs))
+
+    timed = last_is_fastest(monkeypatch)
+    monkeypatch.setattr(adaln, "_fwd_candidates", lambda D, interpret: candidates)
+    monkeypatch.setattr(adaln, "kernel_runner", recording_runner)
+    try:
+        actual = adaln.gated_residual_adaln(*inputs, backend="triton")
+        chosen = [config for key, config in _tuning._chosen.items() if key[0] == "adaln fwd"]
+        assert len(candidates) > 1 and chosen == [candidates[-1]] and len(timed) == len(candidates)
+        assert launched == [*candidates, candidates[-1]]  # each timed, then the pick
+        adaln.gated_residual_adaln(*inputs, backend="triton")
+        assert len(timed) == len(candidates), "a remembered shape must not be timed again"
+    finally:
+        _tuning.forget_tuned_configs()
+    for name, a, b in zip(("res", "y"), actual, expected, strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_the_triton_backward_tunes_its_pipeline_stages(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

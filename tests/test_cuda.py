@@ -177,6 +177,29 @@ def test_adaln_takes_more_samples_than_a_grid_axis_holds() -> None:
 
 
 @pytest.mark.parametrize("tokens", [False, True], ids=["per-sample", "per-token"])
+def test_adaln_forward_candidates_give_the_same_bits(monkeypatch: pytest.MonkeyPatch, tokens: bool) -> None:
+    """The Triton forward's launch configs (ops/adaln.py _fwd_candidates: rows per program, warps, which the tuning
+    picks between) give the default's bits, in bf16 at the model's widths (one dropped by the tuning for other
+    bits would cost its speed, not the images)."""
+    adaln = importlib.import_module("sphere_fast.ops.adaln")
+    for B, S, D in ((3, 300, 1152), (2, 1024, 1024), (1, 256, 768)):
+        mod = (B, S, D) if tokens else (B, 1, D)
+        bf16 = torch.bfloat16
+        gate, shift, scale = (randn(*mod, dtype=bf16, scale=0.5, seed=i) for i in (2, 3, 4))
+        x, branch = (randn(B, S, D, dtype=bf16, seed=i) for i in (0, 1))
+        weight = 1 + randn(D, dtype=bf16, scale=0.1, seed=5)
+        outputs = {}
+        for config in adaln._fwd_candidates(D, interpret=False):
+            monkeypatch.setattr(adaln, "_fwd_candidates", lambda D, interpret, config=config: (config,))
+            outputs[config] = ops.gated_residual_adaln(x, branch, gate, weight, shift, scale, backend="triton")
+            monkeypatch.undo()
+        default = next(iter(outputs.values()))
+        for config, got in outputs.items():
+            for name, a, b in zip(("res", "y"), got, default, strict=True):
+                assert torch.equal(a, b), f"{config}: {name}, {B}x{S}x{D}"
+
+
+@pytest.mark.parametrize("tokens", [False, True], ids=["per-sample", "per-token"])
 def test_adaln_backward_stage_candidates_give_the_same_bits(monkeypatch: pytest.MonkeyPatch, tokens: bool) -> None:
     """The Triton backward's pipeline-stage candidates (ops/adaln.py BWD_STAGES, which the tuning picks between)
     give the bits of the unpipelined loop, in bf16 at the XL width and the L width over many rows a program."""

@@ -26,18 +26,25 @@ def _ptrs(names: str, ty: str) -> dict[str, str]:
     return {n: ty for n in names.split()}
 
 
+FWD_CASES = [(D, config) for D in (768, 1024, 1152) for config in adaln._fwd_candidates(D, interpret=False)]
+
+
 @needs_cuobjdump
-@pytest.mark.parametrize("D", [768, 1152])
-def test_triton_adaln_fwd_sm90(D: int) -> None:
+@pytest.mark.parametrize("D,config", FWD_CASES, ids=[f"{D}-{m}x{w}" for D, (m, w) in FWD_CASES])
+def test_triton_adaln_fwd_sm90(D: int, config: tuple[int, int]) -> None:
+    """Every forward candidate the tuning may pick (rows per program, warps) at the model's widths: no spills,
+    and 128-bit loads (the columns a thread owns are contiguous, as the rows' strides are multiples of 16)."""
     from sphere_fast.kernels.adaln import adaln_fwd_kernel
 
-    block_m, block_d, num_warps = adaln._row_block(D)
+    block_m, num_warps = config
     sig = {**_ptrs("X BR G W SH SC RES Y", "*bf16"), "RSTD": "*fp32", "M": "i32", "S": "i32", "D": "i32", "eps": "fp32"}
     sig.update(_ptrs("sx_b sx_s sbr_b sbr_s sg_b sg_s ssh_b ssh_s ssc_b ssc_s", "i32"))
     flags = dict.fromkeys(("HAS_BRANCH", "HAS_GATE", "HAS_W", "HAS_SHIFT", "HAS_SCALE"), True)
-    info = sm90.compile_triton_sm90(adaln_fwd_kernel, sig, {**flags, "BLOCK_M": block_m, "BLOCK_D": block_d},
-                                    num_warps=num_warps)
+    constexprs = {**flags, "BLOCK_M": block_m, "BLOCK_D": adaln.next_pow2(D)}
+    aligned = [name for name in sig if name != "eps"]
+    info = sm90.compile_triton_sm90(adaln_fwd_kernel, sig, constexprs, num_warps=num_warps, aligned=aligned)
     sm90.assert_no_spills(info)
+    assert sm90.count_opcodes(info.sass())["LDG.E.128"] > 0
 
 
 BWD_CASES = [(1152, False), (1152, True), (1024, False), (768, False)]  # (width, per-token modulations)

@@ -129,6 +129,19 @@ def _row_block(D: int) -> tuple[int, int, int]:
     return block_m, block_d, num_warps
 
 
+def _fwd_candidates(D: int, interpret: bool) -> tuple[tuple[int, int], ...]:
+    """(rows per program, warps) the forward may launch with, the default (``_row_block``) first, then one row
+    per program: a small batch gets more programs (1 x 256 rows of width 1024 are 64 programs of 4 rows for 132
+    SMs), a large one torch.compile's way of running a row-wise reduction. A row's columns spread over the warps
+    as in the default, so its sum of squares (and every output bit) should not change; on a GPU the tuning checks
+    that and times both per shape. Each candidate is one more kernel to compile on a machine's first run (in
+    the sampler's compile pass), so there are two. The interpreter runs the default only."""
+    block_m, _, num_warps = _row_block(D)
+    if interpret or block_m == 1:
+        return ((block_m, num_warps),)
+    return (block_m, num_warps), (1, num_warps)
+
+
 def _bwd_row_block(D: int) -> tuple[int, int, int]:
     """(rows per loop step, padded width, warps) of the backward: one row per step over up to 8 warps; widths
     up to 128 take several rows on one warp (no cross-warp sums at all).
@@ -181,17 +194,27 @@ def _triton_fwd(
     M = B * S
     if M == 0:
         return res, y, rstd
-    block_m, block_d, num_warps = _row_block(D)
+    block_d = next_pow2(D)
     dummy = y  # pointer for absent inputs; never read (its HAS_* flag is off)
-    kernel_runner(adaln_fwd_kernel, (-(-M // block_m),))(
-        x, _or(branch, dummy), _or(gate, dummy), _or(weight, dummy), _or(shift, dummy), _or(scale, dummy),
-        _or(res, dummy), y, rstd,
-        M, S, D, eps,
-        *_bs_strides(x), *_bs_strides(branch), *_bs_strides(gate), *_bs_strides(shift), *_bs_strides(scale),
-        HAS_BRANCH=branch is not None, HAS_GATE=gate is not None, HAS_W=weight is not None,
-        HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None,
-        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
-    )
+    flags = dict(HAS_BRANCH=branch is not None, HAS_GATE=gate is not None, HAS_W=weight is not None,
+                 HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None)
+
+    def launch(config: tuple[int, int], compile_only: bool = False) -> None:
+        block_m, num_warps = config
+        kernel_runner(adaln_fwd_kernel, (-(-M // block_m),), compile_only)(
+            x, _or(branch, dummy), _or(gate, dummy), _or(weight, dummy), _or(shift, dummy), _or(scale, dummy),
+            _or(res, dummy), y, rstd,
+            M, S, D, eps,
+            *_bs_strides(x), *_bs_strides(branch), *_bs_strides(gate), *_bs_strides(shift), *_bs_strides(scale),
+            **flags, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+        )
+
+    # the program count (rows, in powers of two) and how the modulations are read decide the fastest config
+    per_token = tuple(_is_token(t, S) for t in (gate, shift, scale))
+    key = ("adaln fwd", x.device, x.dtype, D, tuple(flags.values()), per_token, next_pow2(M))
+    outputs = [t for t in (res, y, rstd) if t is not None]
+    precompile = functools.partial(launch, compile_only=True)
+    launch(pick_config(key, _fwd_candidates(D, triton_interpreting()), launch, outputs, precompile=precompile))
     return res, y, rstd
 
 
