@@ -23,6 +23,20 @@ def swiglu_fwd_kernel(H_PTR, OUT, M, H, stride_h, BLOCK_M: tl.constexpr, BLOCK_N
 
 
 @triton.jit
+def swiglu_fwd_flat_kernel(H_PTR, OUT, N, H, stride_h, BLOCK: tl.constexpr, INT64: tl.constexpr):
+    """The forward over out's N = M*H elements in order (rows whose bytes are not a multiple of 16): each block
+    stores BLOCK contiguous, aligned elements (128-bit stores), and finds its a and b by row and column."""
+    start = tl.program_id(0).to(tl.int64) * BLOCK if INT64 else tl.program_id(0) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < N
+    rows = offs // H
+    h_off = rows * stride_h + (offs - rows * H)
+    a = tl.load(H_PTR + h_off, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(H_PTR + h_off + H, mask=mask, other=0.0).to(tl.float32)
+    tl.store(OUT + offs, (a * tl.sigmoid(a) * b).to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def swiglu_bwd_kernel(DOUT, H_PTR, DH, M, H, stride_h, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)

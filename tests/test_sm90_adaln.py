@@ -83,6 +83,23 @@ def test_triton_swiglu_sm90(kernel: str) -> None:
     sm90.assert_no_spills(info)
 
 
+@needs_cuobjdump
+def test_triton_swiglu_flat_forward_sm90() -> None:
+    """The forward for rows that are not 16-byte aligned (H = 2731 in bf16) stores whole 128-bit words, which the
+    row-tiled kernel cannot there; no spills. Compiled as the JIT specializes a launch of M*H elements with M a
+    multiple of 16 (N divisible by 16: the stores' mask is constant over each word), H and stride_h not."""
+    module = importlib.import_module("sphere_fast.kernels.swiglu")
+    sig = {**_ptrs("H_PTR OUT", "*bf16"), "N": "i32", "H": "i32", "stride_h": "i32"}
+    flat = sm90.compile_triton_sm90(module.swiglu_fwd_flat_kernel, sig, {"BLOCK": swiglu.FLAT_BLOCK, "INT64": False},
+                                    num_warps=4, aligned=["H_PTR", "OUT", "N"])
+    sm90.assert_no_spills(flat)
+    assert sm90.count_opcodes(flat.sass())["STG.E.128"] > 0
+    block_m, block_n = swiglu._blocks(2731)
+    tiled_sig = {**_ptrs("H_PTR OUT", "*bf16"), "M": "i32", "H": "i32", "stride_h": "i32"}
+    tiled = sm90.compile_triton_sm90(module.swiglu_fwd_kernel, tiled_sig, {"BLOCK_M": block_m, "BLOCK_N": block_n})
+    assert sm90.count_opcodes(tiled.sass())["STG.E.128"] == 0
+
+
 @needs_nvcc
 @needs_cuobjdump
 @pytest.mark.parametrize("source,kernels", [("adaln_cuda.cu", 18), ("swiglu_cuda.cu", 6)])

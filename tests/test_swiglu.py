@@ -12,6 +12,7 @@ import importlib
 import pytest
 import torch
 
+from sphere_fast import available_backends
 from tests.helpers import FUSED, TOL, close
 
 sw = importlib.import_module("sphere_fast.ops.swiglu")
@@ -55,6 +56,34 @@ def test_tokens(backend: str, S: int) -> None:
 def test_low_precision(backend: str, dtype: torch.dtype) -> None:
     h = randn(2, 7, 2 * 170, dtype=dtype)
     check(backend, h, TOL[dtype], truth=h.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("int64", [False, True], ids=["int32", "int64"])
+def test_unaligned_rows_run_flat_with_the_tiled_bits(dtype: torch.dtype, int64: bool, monkeypatch) -> None:
+    """Rows whose bytes are not a multiple of 16 (H = 2731, and a view with a row stride of 5473) take the flat
+    forward, which gives the row-tiled kernel's bits, with int32 offsets or (past INT32_LIMIT) int64 ones."""
+    if "triton" not in available_backends("cpu"):
+        pytest.skip("the Triton backend is not available here")
+    assert sw._rows_aligned(2752, 5504, 2) and not sw._rows_aligned(2731, 5462, 2)
+    assert not sw._rows_aligned(2736, 5470, 2)  # aligned width, unaligned row stride
+    launched: list[str] = []
+    runner = sw.kernel_runner
+
+    def recording_runner(kernel, grid, compile_only=False):
+        launched.append(kernel.__name__)
+        return runner(kernel, grid, compile_only)
+
+    monkeypatch.setattr(sw, "kernel_runner", recording_runner)
+    if int64:
+        monkeypatch.setattr(sw, "INT32_LIMIT", 4096)
+    for h in (randn(3, 2 * 2731, dtype=dtype), randn(3, 2 * 2736 + 1, dtype=dtype)[:, : 2 * 2736]):
+        flat = sw.swiglu(h, backend="triton")
+        with monkeypatch.context() as forced:
+            forced.setattr(sw, "_rows_aligned", lambda *args: True)
+            tiled = sw.swiglu(h, backend="triton")
+        assert torch.equal(flat, tiled)
+    assert launched == ["swiglu_fwd_flat_kernel", "swiglu_fwd_kernel"] * 2
 
 
 @pytest.mark.parametrize("backend", FUSED)
