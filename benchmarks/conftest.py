@@ -43,6 +43,10 @@ HEADLINE = (
     *(f"benchmarks/bench_sampling.py::test_sampling[{impl}-sphere-xl-imagenet-b{batch}-t4-cfg1.4]"
       for batch in (1, 64) for impl in ("eager", "uncaptured", "graph")),
     "benchmarks/bench_adaln.py::test_gated_residual_adaln_bwd[*-B64-N*-W*]",
+    # the AdaLN forward tuned per shape and the flat SwiGLU forward (2026-11-29): our rows only (the
+    # torch.compile rows of 2026-11-29 are the comparison; each compiles for seconds)
+    "benchmarks/bench_adaln.py::test_gated_residual_adaln_fwd[triton-*]",
+    "benchmarks/bench_adaln.py::test_swiglu_fwd[triton-*-W1024]",  # h = 5462 wide
     "benchmarks/bench_attention.py::test_attention_bwd[*-B16-H16-N1024-D*]",
     *(f"benchmarks/bench_training.py::test_train_step[{impl}-*]" for impl in ("eager", "fused")),
     "benchmarks/bench_spherify.py::test_spherify_noise_fwd[*-B256-L32768-bfloat16]",
