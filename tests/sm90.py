@@ -12,6 +12,7 @@ with the interpreter off; the kernel must be defined at module level there.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import pickle
@@ -330,6 +331,19 @@ def compile_up_to_first_timing() -> Iterator[list[str]]:
     except FirstTimedLaunch:
         return
     raise AssertionError("the block ended without the tuning timing a launch")
+
+
+def call_in_compile_child(function: str, cache_dir: Path, *args: Any) -> Any:
+    """``function`` ("module:name", importable from the repository root) called with ``args`` in a child process
+    with the interpreter off and an empty Triton cache in ``cache_dir``; returns what it returned, through JSON.
+    For functions that set up the stand-in driver themselves (compile_up_to_first_timing, compile_ops_on_cpu)."""
+    module, name = function.split(":")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(cache_dir)}
+    code = f"import json; from {module} import {name} as f; print(json.dumps(f(*{args!r})))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _compile_in_child(fn: Any, spec: dict[str, Any]) -> dict[str, Any]:

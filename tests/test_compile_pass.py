@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from unittest import mock
@@ -26,6 +22,7 @@ from sphere_fast.ops import _tuning, _util
 from sphere_fast.ops._tuning import pick_config
 from sphere_fast.ops._util import compile_pass, compiling_only
 from sphere_fast.sampling import GraphKey, Sampler, guidance
+from tests import sm90
 from tests.cuda_graph_emulator import CudaGraphEmulator, emulated_cuda_graphs  # noqa: F401 (fixture)
 from tests.test_sampler import tiny_model
 
@@ -184,8 +181,6 @@ def loop_compiles() -> dict:
     many kernels the first compiled (one per specialization) and the names of the launchers it built."""
     from triton.runtime.jit import JITFunction
 
-    from tests import sm90
-
     launchers: list[str] = []
 
     class RecordedLauncher:  # stands in for the C launcher a GPU driver builds with gcc
@@ -237,12 +232,7 @@ def launched_kernels() -> set[str]:
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the stand-in driver replaces CUDA's")
 def test_one_pass_compiles_every_kernel_of_the_sampler_loop_for_sm90(tmp_path: Path) -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
-    code = "import json; from tests.test_compile_pass import loop_compiles as f; print(json.dumps(f()))"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                          cwd=Path(__file__).resolve().parents[1])
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = sm90.call_in_compile_child("tests.test_compile_pass:loop_compiles", tmp_path)
     assert result["again"] == [], "a second pass compiled again: the first missed what the launches look up"
     assert set(result["first"]) == launched_kernels()
     assert set(result["launchers"]) == set(result["first"])

@@ -4,10 +4,6 @@ No GPU needed (tests/sm90.py compiles in a child process when the interpreter is
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -141,13 +137,7 @@ def test_tuning_compiles_every_forward_candidate_ahead(head_dim: int, tmp_path: 
     """The op's compile-only launches (its precompile for the tuning) take its launch arguments, TMA
     descriptors too: before the first timed launch each forward kernel holds every candidate that applies
     compiled for sm_90a, and no more (at D = 72, two head-dim chunks, no TMA config applies)."""
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
-    code = ("import json; from tests.test_sm90_attention import forward_tuning_compiles as f; "
-            f"print(json.dumps(f({head_dim})))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                          cwd=Path(__file__).resolve().parents[1])
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = sm90.call_in_compile_child("tests.test_sm90_attention:forward_tuning_compiles", tmp_path, head_dim)
     assert result["warnings"] == []
     own = _candidates(head_dim, torch.bfloat16, False, interpret=False)["fwd"]
     assert result["pointer"] == sorted(list(c) for c in own)

@@ -4,10 +4,6 @@ and warp specialization where asked for. No GPU needed (tests/sm90.py)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -80,12 +76,7 @@ def test_tuning_compiles_every_candidate_ahead(tmp_path: Path) -> None:
     """The op's compile-only launches (its precompile for the tuning) take its launch arguments, the tensor
     descriptors too: before the first timed launch the kernel holds every candidate compiled for sm_90a, and
     none warp specialized."""
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
-    code = "import json; from tests.test_sm90_swiglu_linear import tuning_compiles as f; print(json.dumps(f()))"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                          cwd=Path(__file__).resolve().parents[1])
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = sm90.call_in_compile_child("tests.test_sm90_swiglu_linear:tuning_compiles", tmp_path)
     assert result["warnings"] == []
     expected = [[c.block_m, c.block_n, c.block_k, c.warp_specialize, c.stages] for c in HOPPER_CANDIDATES]
     assert result["compiled"] == sorted(expected) and not any(c.warp_specialize for c in HOPPER_CANDIDATES)
