@@ -92,9 +92,12 @@ def _flush_buffers() -> tuple[torch.Tensor, torch.Tensor]:
     return buffer, torch.zeros((), dtype=torch.int32, device="cuda")
 
 
-# A GPU-side wait before each timed call, about 0.1 ms at H200 clocks (~2 GHz): the CPU queues the call's
-# launches meanwhile, so a few microseconds of Python and dispatch per launch stay out of the events.
-HEAD_START_CYCLES = 200_000
+# A GPU-side wait before each timed call, about 0.5 ms at H200 clocks (~2 GHz): the CPU queues the call's
+# launches meanwhile, so their Python and dispatch stay out of the events. An op's eager backward (autograd, the
+# op's launcher, a Triton launch, its small torch ops) can take a few hundred microseconds of host time: with
+# 0.1 ms (until 2026-11-29) the small shapes' rows timed that host time, not the kernels. The host cost of a call
+# has rows of its own (bench_dispatch.py).
+HEAD_START_CYCLES = 1_000_000
 
 
 def cuda_time_ms(
