@@ -98,3 +98,22 @@ def test_dispatch(benchmark, name: str, impl) -> None:
         ms = host_ms_per_call(lambda: impl(*inputs))
     record(benchmark, op=f"dispatch {name}", impl=impl.name, shape=f"B{B}-N{N}-W{W}", dtype=DTYPE, ms=ms,
            extra={"us_per_call": ms * 1e3})
+
+
+@pytest.mark.parametrize("impl", impls(ops.gated_residual_adaln, ops.gated_residual_adaln_reference, backends=OURS))
+def test_dispatch_with_backward(benchmark, impl) -> None:
+    """A training step's host cost of one AdaLN block op: the forward recorded for autograd, then its backward
+    (torch.autograd.grad into every input). The op rows of bench_adaln.py time the kernels of such a call with
+    up to the harness's head start of host time hidden; this row keeps that host time."""
+    torch.manual_seed(0)
+    _, reference, make_inputs = CASES["gated_residual_adaln"]
+    inputs = [t.requires_grad_() for t in make_inputs()]
+    grads_out = (randn(B, N, W), randn(B, N, W))
+    gate(impl(*inputs), reference(*inputs), f"{impl.name} gated_residual_adaln")
+
+    def step() -> None:
+        torch.autograd.grad(impl(*inputs), inputs, grads_out)
+
+    ms = host_ms_per_call(step)
+    record(benchmark, op="dispatch gated_residual_adaln fwd+bwd", impl=impl.name, shape=f"B{B}-N{N}-W{W}",
+           dtype=DTYPE, ms=ms, extra={"us_per_call": ms * 1e3})

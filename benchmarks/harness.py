@@ -96,7 +96,7 @@ def _flush_buffers() -> tuple[torch.Tensor, torch.Tensor]:
 # launches meanwhile, so their Python and dispatch stay out of the events. An op's eager backward (autograd, the
 # op's launcher, a Triton launch, its small torch ops) can take a few hundred microseconds of host time: with
 # 0.1 ms (until 2026-11-29) the small shapes' rows timed that host time, not the kernels. The host cost of a call
-# has rows of its own (bench_dispatch.py).
+# has rows of its own (bench_dispatch.py, forward alone and with its backward).
 HEAD_START_CYCLES = 1_000_000
 
 
