@@ -10,7 +10,9 @@ replaced by ``tests/sm90.py``'s stand-in, so each kernel compiles for sm_90a, fo
 each launcher is built with gcc against a stub libcuda made here (it then fails to load, which the pass ignores).
 The model keeps the preset's widths and heads with ``--layers`` blocks a network: every block runs the same
 kernels. A process's time is that of the loop with the compiles less that of the same loop run again (the
-compiles then cached in memory). Prints one line per run and the median of each way.
+compiles then cached in memory). Prints one line per run and the median of each way. "One by one" compiles a
+tuned kernel's candidates one by one too, where a first call without the pass compiled them side by side
+(``_tuning.compile_ahead``): for those kernels it overstates that first call.
 """
 
 from __future__ import annotations
