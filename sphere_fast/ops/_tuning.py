@@ -9,6 +9,7 @@ off: the first (default) candidate always runs.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable, Hashable, Sequence
@@ -151,6 +152,14 @@ def pick_config(
         "sphere_fast: %s tuned to %s (%s)", key, best, ", ".join(f"{c}: {ms:.3f} ms" for c, ms in times.items())
     )
     return best
+
+
+def launch_tuned(
+    key: Hashable, candidates: Sequence[C], launch: Callable[..., object], outputs: Sequence[torch.Tensor]
+) -> None:
+    """How the ops launch a tuned kernel: ``launch(config)`` with pick_config's choice, where
+    ``launch(config, compile_only=True)`` compiles a candidate without launching it (its precompile)."""
+    launch(pick_config(key, candidates, launch, outputs, precompile=functools.partial(launch, compile_only=True)))
 
 
 def forget_tuned_configs() -> None:

@@ -11,7 +11,6 @@ TypeError); math is fp32 inside every kernel, outputs have x's dtype.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -19,7 +18,7 @@ from torch import Tensor
 
 from sphere_fast.backend import resolve_backend, triton_interpreting
 from sphere_fast.ops._library import define_op, needs_grad
-from sphere_fast.ops._tuning import pick_config
+from sphere_fast.ops._tuning import launch_tuned
 from sphere_fast.ops._util import kernel_runner, next_pow2, on_input_device, unit_last_stride
 
 AUTO_ORDER = ("triton", "cpp", "eager")
@@ -213,8 +212,7 @@ def _triton_fwd(
     per_token = tuple(_is_token(t, S) for t in (gate, shift, scale))
     key = ("adaln fwd", x.device, x.dtype, D, tuple(flags.values()), per_token, next_pow2(M))
     outputs = [t for t in (res, y, rstd) if t is not None]
-    precompile = functools.partial(launch, compile_only=True)
-    launch(pick_config(key, _fwd_candidates(D, triton_interpreting()), launch, outputs, precompile=precompile))
+    launch_tuned(key, _fwd_candidates(D, triton_interpreting()), launch, outputs)
     return res, y, rstd
 
 
@@ -273,8 +271,7 @@ def _triton_bwd(
     # (in powers of two) are part of the key
     key = ("adaln bwd", res.device, res.dtype, D, tuple(flags.values()), rows_per_prog, next_pow2(B * chunks))
     outputs = [t for t in (dx, dbranch, dg, dsh, dsc, pw, pg, psh, psc) if t is not None]
-    precompile = functools.partial(launch, compile_only=True)
-    launch(pick_config(key, _bwd_stage_candidates(), launch, outputs, precompile=precompile))
+    launch_tuned(key, _bwd_stage_candidates(), launch, outputs)
 
     # Second stage: B*chunks partials per column -> the grads (small, bounded by the program count).
     dweight = None if pw is None else pw.sum(0).to(res.dtype)

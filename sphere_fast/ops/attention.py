@@ -40,7 +40,7 @@ from sphere_fast.backend import (
     triton_usable,
 )
 from sphere_fast.ops._library import define_op, needs_grad
-from sphere_fast.ops._tuning import pick_config
+from sphere_fast.ops._tuning import launch_tuned
 from sphere_fast.ops._util import bnhd_empty, kernel_runner, next_pow2, on_input_device, unit_last_stride
 from sphere_fast.ops.rope import check_rope_table, rope_pass, rope_reference
 
@@ -361,7 +361,7 @@ def _triton_forward(q, k, v, rope):
                          f"{on_load}): the tensor-descriptor configs need one power-of-two head-dim chunk, no "
                          "RoPE on load, N a multiple of their blocks and 16-byte aligned [B*N, H*D] memory")
     key = _tuning_key("attention fwd", q, rope)
-    launch(pick_config(key, candidates, launch, (o, lse), precompile=functools.partial(launch, compile_only=True)))
+    launch_tuned(key, candidates, launch, (o, lse))
     return o, lse
 
 
@@ -425,8 +425,7 @@ def _triton_backward(do, q, k, v, o, lse, rope):
 
     for name, launch, outputs in (("dkdv", launch_dkdv, (dk, dv)), ("dq", launch_dq, (dq,))):
         key = _tuning_key(f"attention {name}", q, rope)
-        precompile = functools.partial(launch, compile_only=True)
-        launch(pick_config(key, candidates[name], launch, outputs, precompile=precompile))
+        launch_tuned(key, candidates[name], launch, outputs)
     return dq, dk, dv
 
 

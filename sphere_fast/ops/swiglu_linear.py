@@ -17,7 +17,6 @@ against cuBLAS and the SwiGLU kernel (benchmarks/bench_linear.py).
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
@@ -26,7 +25,7 @@ from torch import Tensor
 
 from sphere_fast.backend import resolve_backend, triton_interpreting
 from sphere_fast.ops._library import define_op, needs_grad
-from sphere_fast.ops._tuning import pick_config
+from sphere_fast.ops._tuning import launch_tuned
 from sphere_fast.ops._util import kernel_runner, next_pow2, on_input_device
 from sphere_fast.ops.swiglu import swiglu_reference
 
@@ -136,7 +135,7 @@ def _triton_forward(x: Tensor, weight: Tensor, bias: Tensor | None, out_width: i
 
     # the row count in powers of two: how many tiles fill the GPU decides the best one, batch by batch bucket
     key = ("swiglu_linear", x.device, x.dtype, k, hidden, out_width, next_pow2(m))
-    launch(pick_config(key, _candidates(), launch, (out,), precompile=functools.partial(launch, compile_only=True)))
+    launch_tuned(key, _candidates(), launch, (out,))
     return out.view(*x.shape[:-1], out_width)
 
 
