@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import logging
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
@@ -328,9 +329,29 @@ def _compile_ahead(
                        "their first launches", exc)
 
 
+class _PhaseClock:
+    """Seconds of the phases of a capture, each ended by ``lap(name)``, which waits for ``stream``'s queued
+    work first so that the GPU's share lands in the phase that queued it."""
+
+    def __init__(self, stream: torch.cuda.Stream):
+        self.stream = stream
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        self.stream.synchronize()
+        now = time.perf_counter()
+        self.seconds[name] = now - self._last
+        self._last = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{name} {s:.2f} s" for name, s in self.seconds.items())
+
+
 class _CapturedLoop:
     """One sampling loop captured as a CUDA graph, with static labels, seeds and CFG weight in and the
-    (first, final) images of its whole bucket out."""
+    (first, final) images of its whole bucket out. Where its capture's time went is logged (INFO), with the
+    seconds per phase in the record's ``capture_seconds``."""
 
     def __init__(self, sampler: Sampler, key: GraphKey, pool: tuple[int, int], compile_first: bool):
         device = sampler.device
@@ -344,14 +365,20 @@ class _CapturedLoop:
         with torch.cuda.device(device):
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream())
+            clock = _PhaseClock(side)
             with torch.cuda.stream(side):
                 if compile_first:
                     _compile_ahead(sampler, key, self.labels, self.seeds, weight)
+                    clock.lap("compile pass")
                 sampler.loop(key, self.labels, self.seeds, weight, capture=True)
+                clock.lap("warm-up")
             torch.cuda.current_stream().wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph, pool=pool, stream=side):
                 self.first, self.final = sampler.loop(key, self.labels, self.seeds, weight, capture=True)
+            clock.lap("capture")
+        logger.info("sphere_fast: captured the sampling loop %s: %s", key, clock,
+                    extra={"capture_seconds": clock.seconds})
 
     def __call__(
         self, labels: torch.Tensor | None, seeds: torch.Tensor, weight: float

@@ -143,6 +143,9 @@ class _Stream:
     def wait_stream(self, other: _Stream) -> None:
         pass
 
+    def synchronize(self) -> None:
+        pass
+
 
 @dataclass
 class CudaGraphEmulator:

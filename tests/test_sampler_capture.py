@@ -8,11 +8,12 @@ CPU code."""
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
 
-from sphere_fast import SphereEncoder, active_backend, available_backends, use_backend
+from sphere_fast import SphereEncoder, active_backend, available_backends, sampling, use_backend
 from sphere_fast.sampling import GraphKey, Sampler, bucket_for, guidance
 from tests.cuda_graph_emulator import CaptureError, CudaGraphEmulator, emulated_cuda_graphs  # noqa: F401 (fixture)
 from tests.helpers import FUSED, close
@@ -264,6 +265,29 @@ def test_prepare_captures_ahead_of_the_first_call(model: SphereEncoder, emulated
     for bad in (0, 9):
         with pytest.raises(ValueError):
             graphed.prepare(bad)
+
+
+def test_capture_logs_where_its_time_went(
+    model: SphereEncoder, emulated_cuda_graphs: CudaGraphEmulator, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each capture logs its phases' seconds (``capture_seconds``); the compile pass, on the first capture only,
+    gets the time spent in it."""
+    compile_ahead = sampling._compile_ahead
+
+    def slow_compile_ahead(*args: object) -> None:
+        time.sleep(0.2)
+        compile_ahead(*args)
+
+    monkeypatch.setattr(sampling, "_compile_ahead", slow_compile_ahead)
+    graphed, _ = samplers(model, 8, (2, 1.4, "combo", True, False))
+    with caplog.at_level("INFO", logger="sphere_fast"):
+        graphed.prepare(3)
+        graphed.prepare(8)
+    phases = [r.capture_seconds for r in caplog.records if hasattr(r, "capture_seconds")]
+    assert [list(p) for p in phases] == [["compile pass", "warm-up", "capture"], ["warm-up", "capture"]]
+    assert phases[0]["compile pass"] >= 0.2
+    assert all(s >= 0 for p in phases for s in p.values())
 
 
 def test_moved_parameters_are_captured_again(model: SphereEncoder, emulated_cuda_graphs: CudaGraphEmulator) -> None:
