@@ -14,7 +14,8 @@ Each row's model FLOP utilisation (% of matmul) divides the spec's FLOPs (decode
 batch 1: L 671 / 623 GFLOP, XL 977 / 918 GFLOP; T*D + (T-1)*E passes, doubled by combo CFG) by the time,
 against the bf16 matmul rate measured in the same run. Time to first image runs each implementation in a
 fresh process (start-up and imports, CUDA initialisation, model build on the device, first call, synchronize)
-from the parent's clock, and records each stage (the imports of torch and sphere_fast from -X importtime). It
+from the parent's clock, and records each stage (the imports of torch and sphere_fast from -X importtime; for
+the graph, the phases of its capture in the first call: compile pass, warm-up, capture). It
 runs with Triton's and inductor's on-disk kernel caches in a folder of its own, either empty (a machine's
 first run: every kernel compiles) or warm (filled by an untimed run first: every later process).
 Smoke mode (CPU): a tiny float32 model, batch 1 and 2, one call per case.
@@ -28,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -236,9 +238,32 @@ IMPORTS_TIMED = ("torch", "sphere_fast")
 CACHE_STATES = ("warm", "empty")
 
 
+@contextlib.contextmanager
+def capture_phases() -> Iterator[dict[str, float]]:
+    """Seconds per phase of the sampler's captures inside the block (summed over captures), keyed
+    ``capture_<phase>_s``: what its INFO log records carry in ``capture_seconds``."""
+    phases: dict[str, float] = {}
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            for phase, seconds in getattr(record, "capture_seconds", {}).items():
+                key = f"capture_{phase.replace(' ', '_').replace('-', '_')}_s"
+                phases[key] = phases.get(key, 0.0) + seconds
+
+    sphere_log = logging.getLogger("sphere_fast")
+    handler, level = Collect(logging.INFO), sphere_log.level
+    sphere_log.addHandler(handler)
+    sphere_log.setLevel(logging.INFO)
+    try:
+        yield phases
+    finally:
+        sphere_log.removeHandler(handler)
+        sphere_log.setLevel(level)
+
+
 def cold_start(name: str, impl: str, batch: int, steps: int, cfg: float) -> dict[str, float]:
     """Run in a fresh process, after its imports: initialise CUDA, build the model, make the sampler, first
-    images ready on the host."""
+    images ready on the host; with the phases of the graph's capture, part of the first call."""
     start = time.time()
     if DEVICE.type == "cuda":
         torch.zeros(1, device=DEVICE)  # the CUDA context, timed apart from the model's build
@@ -246,10 +271,12 @@ def cold_start(name: str, impl: str, batch: int, steps: int, cfg: float) -> dict
     ready = time.time()
     model = build_model(name)
     built = time.time()
-    images = make_runner(impl, model, batch, steps, cfg)(*case_inputs(batch, model.num_classes)).cpu()
+    with capture_phases() as phases:
+        images = make_runner(impl, model, batch, steps, cfg)(*case_inputs(batch, model.num_classes)).cpu()
     assert bool(images.isfinite().all())
     done = time.time()
-    return {"done_at": done, "cuda_init_s": ready - start, "build_s": built - ready, "first_call_s": done - built}
+    return {"done_at": done, "cuda_init_s": ready - start, "build_s": built - ready, "first_call_s": done - built,
+            **phases}
 
 
 def import_seconds(importtime_log: str, modules: tuple[str, ...] = IMPORTS_TIMED) -> dict[str, float]:
@@ -297,10 +324,12 @@ def test_time_to_first_image(benchmark, tmp_path: Path, impl: str, name: str, ca
     child = json.loads(proc.stdout.strip().splitlines()[-1])
     seconds = child["done_at"] - spawned
     stages = {key: child[key] for key in ("cuda_init_s", "build_s", "first_call_s")}
+    phases = {key: value for key, value in child.items() if key.startswith("capture_")}
     imports = {f"import_{module}_s": s for module, s in import_seconds(proc.stderr).items()}
     record(benchmark, op=f"first image {name}", impl=impl, shape=f"{case_id(*COLD_CASE)}, {caches} caches",
            dtype=DTYPE, ms=seconds * 1e3,
-           extra={"kernel_caches": caches, "startup_s": seconds - sum(stages.values()), **imports, **stages})
+           extra={"kernel_caches": caches, "startup_s": seconds - sum(stages.values()), **imports, **stages,
+                  **phases})
 
 
 if __name__ == "__main__":

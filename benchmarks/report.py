@@ -140,18 +140,22 @@ COLD_STAGES = (("startup_s", "start-up"), ("cuda_init_s", "CUDA init"), ("build_
 
 def cold_starts(records: Sequence[dict[str, Any]]) -> str:
     """A line per time-to-first-image row: its stages in seconds (start-up: the interpreter and the imports,
-    with the torch and sphere_fast imports where the run recorded them)."""
+    with the torch and sphere_fast imports where the run recorded them; the first call with its graph capture's
+    phases where recorded)."""
     lines = []
     for r in records:
         if not r["op"].startswith("first image"):
             continue
         imports = [f"{key[len('import_'):-len('_s')]} {value:.2f}" for key, value in r.items()
                    if key.startswith("import_") and key.endswith("_s")]
+        phases = [f"{key[len('capture_'):-len('_s')].replace('_', ' ')} {value:.2f}" for key, value in r.items()
+                  if key.startswith("capture_") and key.endswith("_s")]
+        details = {"startup_s": f"imports: {', '.join(imports)}", "first_call_s": f"capture: {', '.join(phases)}"}
         stages = []
         for key, label in COLD_STAGES:
             if key in r:
-                detail = f" (imports: {', '.join(imports)})" if key == "startup_s" and imports else ""
-                stages.append(f"{label} {r[key]:.2f}{detail}")
+                shown = (key == "startup_s" and imports) or (key == "first_call_s" and phases)
+                stages.append(f"{label} {r[key]:.2f}" + (f" ({details[key]})" if shown else ""))
         lines.append(f"- {goals.first_image_label(r)}: {r['ms'] / 1e3:.1f} s = {' + '.join(stages)} s")
     return "Time to first image, by stage:\n\n" + "\n".join(lines) + "\n\n" if lines else ""
 

@@ -242,13 +242,15 @@ def test_report_renders_pivoted_table() -> None:
 
 def test_report_splits_the_cold_start_by_stage() -> None:
     stages = {"startup_s": 4.5, "import_torch_s": 3.0, "import_sphere_fast_s": 0.06, "cuda_init_s": 0.5,
-              "build_s": 0.4, "first_call_s": 1.6}
+              "build_s": 0.4, "first_call_s": 1.6, "capture_compile_pass_s": 0.3, "capture_warm_up_s": 0.9,
+              "capture_capture_s": 0.2}
     first = {"op": "first image sphere-l-imagenet", "impl": "graph", "ms": 7000.0, "kernel_caches": "warm", **stages}
     old = {"op": "first image sphere-l-imagenet", "impl": "eager", "ms": 9000.0, "startup_s": 7.0, "build_s": 0.5,
            "first_call_s": 1.5}  # a run from before the CUDA init and the imports were recorded
     text = report.cold_starts([first, old, {"op": "swiglu", "impl": "triton", "ms": 1.0}])
     assert ("- sphere-l-imagenet graph, warm kernel caches: 7.0 s = start-up 4.50 (imports: torch 3.00, "
-            "sphere_fast 0.06) + CUDA init 0.50 + model build 0.40 + first call 1.60 s") in text
+            "sphere_fast 0.06) + CUDA init 0.50 + model build 0.40 + first call 1.60 (capture: compile pass 0.30, "
+            "warm up 0.90, capture 0.20) s") in text
     assert "- sphere-l-imagenet eager: 9.0 s = start-up 7.00 + model build 0.50 + first call 1.50 s" in text
     assert report.cold_starts([{"op": "swiglu", "impl": "triton", "ms": 1.0}]) == ""
 
@@ -318,6 +320,21 @@ def test_import_seconds_reads_the_importtime_log() -> None:
         Traceback lines and other stderr are skipped
     """)
     assert import_seconds(log) == {"torch": 1.5, "sphere_fast": 0.06}
+
+
+def test_capture_phases_sums_the_samplers_capture_logs() -> None:
+    import logging
+
+    from benchmarks.bench_sampling import capture_phases
+
+    log = logging.getLogger("sphere_fast")
+    level = log.level
+    with capture_phases() as phases:
+        log.info("captured", extra={"capture_seconds": {"compile pass": 1.5, "warm-up": 0.5, "capture": 0.25}})
+        log.info("captured", extra={"capture_seconds": {"warm-up": 0.25, "capture": 0.25}})
+        log.info("tuned")  # other records carry no phases
+    assert phases == {"capture_compile_pass_s": 1.5, "capture_warm_up_s": 0.75, "capture_capture_s": 0.5}
+    assert log.level == level and not any(type(h).__name__ == "Collect" for h in log.handlers)
 
 
 def test_report_flags_smoke_runs() -> None:
