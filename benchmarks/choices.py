@@ -94,12 +94,12 @@ def attention_impl(rows: Sequence[Row]) -> list[Choice]:
     """What ``auto`` runs for the model's attention (ops/attention.py): the fastest usable implementation of the
     forward at N = 1024, B*H = 256, per head dim. ``auto`` runs ``triton`` or ``sdpa`` (torch picks the SDPA
     kernel: cuDNN's on an H200 with torch 2.11), so an sdpa_* row being the fastest keeps ``sdpa``."""
-    from sphere_fast.ops.attention import _auto_takes_triton
+    from sphere_fast.ops.attention import auto_takes_triton
 
     out = []
     for shape in ATTENTION_SHAPES:
         label = shape_label(shape)
-        now = "triton" if _auto_takes_triton(shape[3]) else "sdpa"
+        now = "triton" if auto_takes_triton(shape[3]) else "sdpa"
         times = {impl: ms[label] for impl in ATTENTION_IMPLS if label in (ms := _ms(rows, "attention_fwd", impl))}
         choice = Choice(f"attention auto impl, D = {shape[3]}", now, "not measured", "not measured")
         if "triton" not in times:

@@ -116,7 +116,7 @@ def attention_impls(
     return names
 
 
-def _auto_takes_triton(head_dim: int) -> bool:
+def auto_takes_triton(head_dim: int) -> bool:
     """Under ``auto``, the Triton kernel runs power-of-two head dims only. Another even head dim runs padded to
     the next power of two (``_head_chunks``): on an H200 at D = 72 its forward took 0.966 ms against 0.313 ms
     for SDPA's cuDNN kernel (at D = 64: 0.212 against 0.201; benchmarks/NOTES.md, 2026-11-29)."""
@@ -160,7 +160,7 @@ def _choose(
             name = "sdpa"
         elif resolved == "cpp":
             name = "flash_attn" if "flash_attn" in usable else "sdpa"
-        elif "triton" in usable and (requested == "triton" or _auto_takes_triton(head_dim)):
+        elif "triton" in usable and (requested == "triton" or auto_takes_triton(head_dim)):
             name = "triton"
         elif requested == "triton":
             raise ValueError(f"attention: head dim {head_dim} is not supported by triton ({TRITON_HEAD_DIMS})")
