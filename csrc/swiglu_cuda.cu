@@ -1,5 +1,7 @@
 // CUDA SwiGLU kernels (torch-free; launched from swiglu_binding.cpp), math shared with the CPU kernels
 // through swiglu_math.h. Grid: x over rows, y over column blocks, so a and b are read straight out of h.
+// Where a row's halves, its stride and every base address are multiples of 16 bytes (the model's widths),
+// each thread moves 16-byte vectors of columns; otherwise one column.
 #include <cuda_runtime.h>
 
 #include "sf_cuda_util.cuh"
@@ -30,8 +32,64 @@ __global__ void swiglu_bwd_kernel(const SwigluParams p) {
   dh[p.H + j] = from_f<T>(db);
 }
 
-dim3 grid_for(const SwigluParams& p) {
-  return dim3(static_cast<unsigned>(p.M), static_cast<unsigned>((p.H + kThreads - 1) / kThreads));
+template <typename T>
+__global__ void swiglu_fwd_vec_kernel(const SwigluParams p) {
+  constexpr int V = Vec16<T>::kLen;
+  const int64_t m = blockIdx.x, j = (static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x) * V;
+  if (j >= p.H) return;
+  const T* h = static_cast<const T*>(p.h) + m * p.stride_h;
+  const Vec16<T> a = load16(h + j), b = load16(h + p.H + j);
+  Vec16<T> out;
+#pragma unroll
+  for (int i = 0; i < V; ++i) out[i] = from_f<T>(swiglu_out(to_f(a[i]), to_f(b[i])));
+  store16(static_cast<T*>(p.out) + m * p.H + j, out);
+}
+
+template <typename T>
+__global__ void swiglu_bwd_vec_kernel(const SwigluParams p) {
+  constexpr int V = Vec16<T>::kLen;
+  const int64_t m = blockIdx.x, j = (static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x) * V;
+  if (j >= p.H) return;
+  const T* h = static_cast<const T*>(p.h) + m * p.stride_h;
+  const Vec16<T> a = load16(h + j), b = load16(h + p.H + j);
+  const Vec16<T> dout = load16(static_cast<const T*>(p.dout) + m * p.H + j);
+  Vec16<T> da, db;
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    float fa, fb;
+    swiglu_grad(to_f(a[i]), to_f(b[i]), to_f(dout[i]), &fa, &fb);
+    da[i] = from_f<T>(fa);
+    db[i] = from_f<T>(fb);
+  }
+  T* dh = static_cast<T*>(p.dh) + m * 2 * p.H;
+  store16(dh + j, da);
+  store16(dh + p.H + j, db);
+}
+
+// out / dout are [M, H] and dh [M, 2H], contiguous: with H a multiple of the vector, their rows start aligned
+// where their bases do.
+template <typename T>
+bool vectorizable(const SwigluParams& p) {
+  constexpr int V = Vec16<T>::kLen;
+  return p.H % V == 0 && p.stride_h % V == 0 && aligned16(p.h) && aligned16(p.out) && aligned16(p.dout) &&
+         aligned16(p.dh);
+}
+
+dim3 grid_for(const SwigluParams& p, int64_t columns_per_thread) {
+  const int64_t per_block = kThreads * columns_per_thread;
+  return dim3(static_cast<unsigned>(p.M), static_cast<unsigned>((p.H + per_block - 1) / per_block));
+}
+
+template <typename T>
+void fwd_launch(const SwigluParams& p, cudaStream_t st) {
+  if (vectorizable<T>(p)) swiglu_fwd_vec_kernel<T><<<grid_for(p, Vec16<T>::kLen), kThreads, 0, st>>>(p);
+  else swiglu_fwd_kernel<T><<<grid_for(p, 1), kThreads, 0, st>>>(p);
+}
+
+template <typename T>
+void bwd_launch(const SwigluParams& p, cudaStream_t st) {
+  if (vectorizable<T>(p)) swiglu_bwd_vec_kernel<T><<<grid_for(p, Vec16<T>::kLen), kThreads, 0, st>>>(p);
+  else swiglu_bwd_kernel<T><<<grid_for(p, 1), kThreads, 0, st>>>(p);
 }
 
 }  // namespace
@@ -39,18 +97,18 @@ dim3 grid_for(const SwigluParams& p) {
 void swiglu_fwd_cuda(const SwigluParams& p, DType dt, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
   switch (dt) {
-    case DType::kFloat32: return swiglu_fwd_kernel<float><<<grid_for(p), kThreads, 0, st>>>(p);
-    case DType::kFloat16: return swiglu_fwd_kernel<__half><<<grid_for(p), kThreads, 0, st>>>(p);
-    case DType::kBFloat16: return swiglu_fwd_kernel<__nv_bfloat16><<<grid_for(p), kThreads, 0, st>>>(p);
+    case DType::kFloat32: return fwd_launch<float>(p, st);
+    case DType::kFloat16: return fwd_launch<__half>(p, st);
+    case DType::kBFloat16: return fwd_launch<__nv_bfloat16>(p, st);
   }
 }
 
 void swiglu_bwd_cuda(const SwigluParams& p, DType dt, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
   switch (dt) {
-    case DType::kFloat32: return swiglu_bwd_kernel<float><<<grid_for(p), kThreads, 0, st>>>(p);
-    case DType::kFloat16: return swiglu_bwd_kernel<__half><<<grid_for(p), kThreads, 0, st>>>(p);
-    case DType::kBFloat16: return swiglu_bwd_kernel<__nv_bfloat16><<<grid_for(p), kThreads, 0, st>>>(p);
+    case DType::kFloat32: return bwd_launch<float>(p, st);
+    case DType::kFloat16: return bwd_launch<__half>(p, st);
+    case DType::kBFloat16: return bwd_launch<__nv_bfloat16>(p, st);
   }
 }
 

@@ -85,6 +85,11 @@ class CudaKernels(dict[str, KernelResources]):
     def sass(self) -> str:
         return dump_sass(self.cubin)
 
+    def opcodes_by_kernel(self) -> dict[str, Counter[str]]:
+        """Mangled kernel name -> count_opcodes of its own SASS."""
+        sections = re.split(r"^\s*Function : (\S+)\s*$", self.sass(), flags=re.MULTILINE)
+        return {name: count_opcodes(body) for name, body in zip(sections[1::2], sections[2::2])}
+
 
 # ------------------------------------------------------------------------------------------------ tools
 

@@ -102,9 +102,23 @@ def test_triton_swiglu_flat_forward_sm90() -> None:
 
 @needs_nvcc
 @needs_cuobjdump
-@pytest.mark.parametrize("source,kernels", [("adaln_cuda.cu", 18), ("swiglu_cuda.cu", 6)])
+@pytest.mark.parametrize("source,kernels", [("adaln_cuda.cu", 18), ("swiglu_cuda.cu", 12)])
 def test_cuda_sources_sm90(source: str, kernels: int) -> None:
     compiled = sm90.compile_cuda_sm90(CSRC / source, [CSRC], defines=["SPHERE_FAST_WITH_CUDA"])
     assert len(compiled) == kernels, sorted(compiled)  # every dtype x column-count instantiation is built
     sm90.assert_no_spills(compiled)
     assert all(k.registers * 256 <= 65536 for k in compiled.values())  # 256-thread blocks fit an SM
+
+
+@needs_nvcc
+@needs_cuobjdump
+def test_cuda_swiglu_vector_kernels_move_16_bytes_an_access() -> None:
+    """The C++ SwiGLU kernels for 16-byte aligned rows: every global access 128 bits wide (the scalar kernels:
+    one element); forward reads a and b, writes out; backward reads a, b and dout, writes da and db."""
+    compiled = sm90.compile_cuda_sm90(CSRC / "swiglu_cuda.cu", [CSRC], defines=["SPHERE_FAST_WITH_CUDA"])
+    vector = {name: ops for name, ops in compiled.opcodes_by_kernel().items() if "_vec_kernel" in name}
+    assert len(vector) == 6, sorted(compiled)  # forward and backward, three dtypes
+    for name, ops in vector.items():
+        memory = {op: n for op, n in ops.items() if op.startswith(("LDG", "STG"))}
+        expected = {"LDG.E.128": 2, "STG.E.128": 1} if "fwd" in name else {"LDG.E.128": 3, "STG.E.128": 2}
+        assert memory == expected, (name, memory)
