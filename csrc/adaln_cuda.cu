@@ -1,6 +1,8 @@
 // CUDA AdaLN kernels (torch-free; launched from adaln_binding.cpp). Math in adaln_math.h, shared with
 // the CPU kernels. Thread t of a block owns columns t, t + blockDim, ... (at most MAXC of them), so a row
-// lives in registers between its reduction and its output pass and every access is coalesced.
+// lives in registers between its reduction and its output pass and every access is coalesced. Where every
+// row and modulation is 16-byte aligned (the model's widths), the forward's thread t owns 16-byte vectors of
+// columns instead: vector t, t + blockDim, ... (at most MAXV of them).
 #include <cuda_runtime.h>
 
 #include "adaln_math.h"
@@ -50,6 +52,71 @@ __global__ __launch_bounds__(kMaxThreads) void adaln_fwd_kernel(const AdalnFwdPa
   for (int i = 0; i < MAXC; ++i) {
     const int64_t d = threadIdx.x + static_cast<int64_t>(i) * blockDim.x;
     if (d < D) adaln_fwd_out_col<IO>(p, d, row * D, sho, sco, r[i], rstd);
+  }
+}
+
+// V columns of an input at element offset o as fp32, or `fill` where the input is absent (nullptr).
+template <typename T>
+__device__ __forceinline__ void load_columns(const void* input, int64_t o, float fill, float (&out)[Vec16<T>::kLen]) {
+  if (input == nullptr) {
+#pragma unroll
+    for (int k = 0; k < Vec16<T>::kLen; ++k) out[k] = fill;
+    return;
+  }
+  const Vec16<T> v = load16(static_cast<const T*>(input) + o);
+#pragma unroll
+  for (int k = 0; k < Vec16<T>::kLen; ++k) out[k] = to_f(v[k]);
+}
+
+// adaln_fwd_kernel on 16-byte vectors: the same per-column math (adaln_fwd_res_col, adaln_fwd_out_col).
+template <typename T, int MAXV>
+__global__ __launch_bounds__(kMaxThreads) void adaln_fwd_vec_kernel(const AdalnFwdParams p) {
+  constexpr int V = Vec16<T>::kLen;
+  __shared__ float smem[32];
+  const int64_t row = blockIdx.x, D = p.D;
+  const int64_t b = row / p.S, s = row % p.S;
+  const int64_t xo = b * p.sx_b + s * p.sx_s, bro = b * p.sbr_b + s * p.sbr_s, go = b * p.sg_b + s * p.sg_s;
+  float r[MAXV][V];
+  float sum_sq = 0.f;
+#pragma unroll
+  for (int i = 0; i < MAXV; ++i) {
+    const int64_t d = (threadIdx.x + static_cast<int64_t>(i) * blockDim.x) * V;
+    if (d >= D) {
+#pragma unroll
+      for (int k = 0; k < V; ++k) r[i][k] = 0.f;
+      continue;
+    }
+    load_columns<T>(p.x, xo + d, 0.f, r[i]);
+    if (p.branch) {  // the residual, rounded to the dtype as it is stored
+      float g[V], br[V];
+      load_columns<T>(p.gate, go + d, 1.f, g);
+      load_columns<T>(p.branch, bro + d, 0.f, br);
+      Vec16<T> res;
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        res[k] = from_f<T>(adaln_residual(r[i][k], g[k], br[k]));
+        r[i][k] = to_f(res[k]);
+      }
+      store16(static_cast<T*>(p.res) + row * D + d, res);
+    }
+#pragma unroll
+    for (int k = 0; k < V; ++k) sum_sq += r[i][k] * r[i][k];
+  }
+  const float rstd = adaln_rstd(block_sum(sum_sq, smem), D, p.eps);
+  if (threadIdx.x == 0) p.rstd[row] = rstd;
+  const int64_t sho = b * p.ssh_b + s * p.ssh_s, sco = b * p.ssc_b + s * p.ssc_s;
+#pragma unroll
+  for (int i = 0; i < MAXV; ++i) {
+    const int64_t d = (threadIdx.x + static_cast<int64_t>(i) * blockDim.x) * V;
+    if (d >= D) continue;
+    float w[V], sc[V], sh[V];
+    load_columns<T>(p.weight, d, 1.f, w);
+    load_columns<T>(p.scale, sco + d, 0.f, sc);
+    load_columns<T>(p.shift, sho + d, 0.f, sh);
+    Vec16<T> y;
+#pragma unroll
+    for (int k = 0; k < V; ++k) y[k] = from_f<T>(adaln_out(r[i][k], rstd, w[k], sc[k], sh[k]));
+    store16(static_cast<T*>(p.y) + row * D + d, y);
   }
 }
 
@@ -106,10 +173,28 @@ unsigned threads_for(int64_t D, int maxc) {
   return static_cast<unsigned>(((t + 31) / 32) * 32);
 }
 
+// Every row of every input and output starts 16-byte aligned: bases, row strides and D multiples of 16 bytes
+// (an absent input has a null base and zero strides).
+template <typename T>
+bool fwd_vectorizable(const AdalnFwdParams& p) {
+  constexpr int64_t V = Vec16<T>::kLen;
+  for (const int64_t n : {p.D, p.sx_b, p.sx_s, p.sbr_b, p.sbr_s, p.sg_b, p.sg_s, p.ssh_b, p.ssh_s, p.ssc_b, p.ssc_s})
+    if (n % V != 0) return false;
+  for (const void* base : {p.x, p.branch, p.gate, p.weight, p.shift, p.scale, static_cast<const void*>(p.res),
+                           static_cast<const void*>(p.y)})
+    if (!aligned16(base)) return false;
+  return true;
+}
+
 template <typename T>
 void fwd_launch(const AdalnFwdParams& p, cudaStream_t st) {
   const dim3 grid(static_cast<unsigned>(p.B * p.S));
-  if (p.D <= 4 * kMaxThreads) adaln_fwd_kernel<T, 4><<<grid, threads_for(p.D, 4), 0, st>>>(p);
+  if (fwd_vectorizable<T>(p)) {
+    const int64_t vectors = p.D / Vec16<T>::kLen;  // at most 1024 (fp32 at D = 4096)
+    if (vectors <= kMaxThreads) adaln_fwd_vec_kernel<T, 1><<<grid, threads_for(vectors, 1), 0, st>>>(p);
+    else if (vectors <= 2 * kMaxThreads) adaln_fwd_vec_kernel<T, 2><<<grid, threads_for(vectors, 2), 0, st>>>(p);
+    else adaln_fwd_vec_kernel<T, 4><<<grid, threads_for(vectors, 4), 0, st>>>(p);
+  } else if (p.D <= 4 * kMaxThreads) adaln_fwd_kernel<T, 4><<<grid, threads_for(p.D, 4), 0, st>>>(p);
   else if (p.D <= 8 * kMaxThreads) adaln_fwd_kernel<T, 8><<<grid, threads_for(p.D, 8), 0, st>>>(p);
   else adaln_fwd_kernel<T, 16><<<grid, threads_for(p.D, 16), 0, st>>>(p);
 }

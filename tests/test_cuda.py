@@ -137,7 +137,8 @@ def test_sphere_noise_kernels_follow_the_convention(backend: str) -> None:
         torch.testing.assert_close(got.cpu(), expected, rtol=1e-5, atol=1e-5)
 
 
-ADALN_SHAPES = [(4, 256, 1024), (2, 255, 1152), (3, 7, 97)]
+# the C++ forward's 16-byte vectors at the model's widths (4096: two or four a thread), one column at D = 97
+ADALN_SHAPES = [(4, 256, 1024), (2, 255, 1152), (2, 3, 4096), (3, 7, 97)]
 
 
 @pytest.mark.parametrize("tokens", [False, True], ids=["per-sample", "per-token"])
@@ -161,6 +162,28 @@ def test_adaln_ops(backend: str, dtype: torch.dtype, shape: tuple[int, int, int]
     check_against_reference(
         "rmsnorm", lambda x, w: ops.adaln_modulate(x, w, backend=backend),
         lambda x, w: ops.adaln_modulate_reference(x, w), [x, weight], dtype)
+
+
+def off_16_byte_boundaries(t: torch.Tensor) -> torch.Tensor:
+    """t's values (differentiably) in memory that starts one element past a 16-byte boundary."""
+    memory = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    return memory[1:].view(t.shape).copy_(t)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", KERNELS)
+def test_ops_on_inputs_off_16_byte_boundaries(backend: str, dtype: torch.dtype) -> None:
+    """The model's widths, with every input one element off a 16-byte boundary: the C++ kernels then take their
+    one-column paths instead of 16-byte vectors."""
+    require_backend(backend)
+    B, S, D = 2, 5, 1024
+    inputs = [randn(B, S, D), randn(B, S, D, seed=1), *(randn(B, 1, D, scale=0.5, seed=i) for i in (2, 3, 4))]
+    inputs.insert(3, 1 + randn(D, scale=0.1, seed=5))  # x, branch, gate, weight, shift, scale
+    check_against_reference(
+        "gated_residual_adaln", lambda *t: ops.gated_residual_adaln(*map(off_16_byte_boundaries, t), backend=backend),
+        ops.gated_residual_adaln_reference, inputs, dtype)
+    check_against_reference("swiglu", lambda h: ops.swiglu(off_16_byte_boundaries(h), backend=backend),
+                            ops.swiglu_reference, [randn(B, S, 2 * D, scale=2.0)], dtype)
 
 
 def test_adaln_takes_more_samples_than_a_grid_axis_holds() -> None:

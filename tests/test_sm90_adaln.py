@@ -7,6 +7,7 @@ widths; the torch-free CUDA sources are compiled with nvcc. Both cubins are read
 from __future__ import annotations
 
 import importlib
+import re
 from pathlib import Path
 
 import pytest
@@ -102,7 +103,7 @@ def test_triton_swiglu_flat_forward_sm90() -> None:
 
 @needs_nvcc
 @needs_cuobjdump
-@pytest.mark.parametrize("source,kernels", [("adaln_cuda.cu", 18), ("swiglu_cuda.cu", 12)])
+@pytest.mark.parametrize("source,kernels", [("adaln_cuda.cu", 27), ("swiglu_cuda.cu", 12)])
 def test_cuda_sources_sm90(source: str, kernels: int) -> None:
     compiled = sm90.compile_cuda_sm90(CSRC / source, [CSRC], defines=["SPHERE_FAST_WITH_CUDA"])
     assert len(compiled) == kernels, sorted(compiled)  # every dtype x column-count instantiation is built
@@ -122,3 +123,17 @@ def test_cuda_swiglu_vector_kernels_move_16_bytes_an_access() -> None:
         memory = {op: n for op, n in ops.items() if op.startswith(("LDG", "STG"))}
         expected = {"LDG.E.128": 2, "STG.E.128": 1} if "fwd" in name else {"LDG.E.128": 3, "STG.E.128": 2}
         assert memory == expected, (name, memory)
+
+
+@needs_nvcc
+@needs_cuobjdump
+def test_cuda_adaln_forward_vector_kernels_move_16_bytes_an_access() -> None:
+    """The C++ AdaLN forward for 16-byte aligned rows: per vector of columns six 128-bit loads (x, gate, branch,
+    weight, scale, shift) and two 128-bit stores (res, y); the row's rstd is the one 32-bit store."""
+    compiled = sm90.compile_cuda_sm90(CSRC / "adaln_cuda.cu", [CSRC], defines=["SPHERE_FAST_WITH_CUDA"])
+    vector = {name: ops for name, ops in compiled.opcodes_by_kernel().items() if "adaln_fwd_vec_kernel" in name}
+    assert len(vector) == 9, sorted(compiled)  # three dtypes x 1, 2 or 4 vectors a thread
+    for name, ops in vector.items():
+        per_thread = int(re.search(r"Li(\d)E", name).group(1))
+        memory = {op: n for op, n in ops.items() if op.startswith(("LDG", "STG"))}
+        assert memory == {"LDG.E.128": 6 * per_thread, "STG.E.128": 2 * per_thread, "STG.E": 1}, (name, memory)
