@@ -153,3 +153,45 @@ def adaln_bwd_kernel(
         tl.store(PSH + p_off, acc_sh, mask=cmask)
     if HAS_SCALE and not SCALE_TOK:
         tl.store(PSC + p_off, acc_sc, mask=cmask)
+
+
+@triton.jit
+def _sum_partial_rows(P, first, n, cols, cmask, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # rows [first, first + n) of the fp32 partials [.., D], summed over rows: BLOCK_R rows a step, in a fixed order
+    acc = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+    for r0 in range(0, n, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        mask = (r < n)[:, None] & cmask[None, :]
+        acc += tl.load(P + (first + r.to(tl.int64))[:, None] * D + cols[None, :], mask=mask, other=0.0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def adaln_bwd_finish_kernel(
+    PW, PG, PSH, PSC,  # the backward's fp32 partial sums [B * CHUNKS, D] (dummies when their HAS_* flag is off)
+    DW, DG, DSH, DSC,  # the grads, in the inputs' dtype: DW [D]; DG, DSH, DSC [B, D] (of (B, 1, D) modulations)
+    B, CHUNKS, D, SAMPLE_PROGRAMS,
+    HAS_W: tl.constexpr, HAS_GATE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The backward's second stage in one launch. Program (i, j) owns columns [j*BLOCK_D, (j+1)*BLOCK_D): for
+    i < SAMPLE_PROGRAMS (B, or 0 when no modulation is per sample) it sums sample i's CHUNKS partial rows of
+    the gate's, shift's and scale's grads; the program after them sums all B*CHUNKS rows of the weight's."""
+    i = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    if i < SAMPLE_PROGRAMS:
+        first = i.to(tl.int64) * CHUNKS
+        out = i.to(tl.int64) * D + cols
+        if HAS_GATE:
+            dg = _sum_partial_rows(PG, first, CHUNKS, cols, cmask, D, BLOCK_R, BLOCK_D)
+            tl.store(DG + out, dg.to(DG.dtype.element_ty), mask=cmask)
+        if HAS_SHIFT:
+            dsh = _sum_partial_rows(PSH, first, CHUNKS, cols, cmask, D, BLOCK_R, BLOCK_D)
+            tl.store(DSH + out, dsh.to(DSH.dtype.element_ty), mask=cmask)
+        if HAS_SCALE:
+            dsc = _sum_partial_rows(PSC, first, CHUNKS, cols, cmask, D, BLOCK_R, BLOCK_D)
+            tl.store(DSC + out, dsc.to(DSC.dtype.element_ty), mask=cmask)
+    elif HAS_W:
+        dw = _sum_partial_rows(PW, 0, B * CHUNKS, cols, cmask, D, BLOCK_R, BLOCK_D)
+        tl.store(DW + cols, dw.to(DW.dtype.element_ty), mask=cmask)

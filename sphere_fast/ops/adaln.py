@@ -273,17 +273,40 @@ def _triton_bwd(
     outputs = [t for t in (dx, dbranch, dg, dsh, dsc, pw, pg, psh, psc) if t is not None]
     launch_tuned(key, _bwd_stage_candidates(), launch, outputs)
 
-    # Second stage: B*chunks partials per column -> the grads (small, bounded by the program count).
-    dweight = None if pw is None else pw.sum(0).to(res.dtype)
+    dweight, dg, dsh, dsc = _finish_bwd(pw, pg, psh, psc, B, chunks, D, dg, dsh, dsc, d)
+    return dx, dbranch, dg, dweight, dsh, dsc
 
-    def finish(t: Tensor | None, p: Tensor | None, full: Tensor | None) -> Tensor | None:
-        if t is None:
-            return None
-        if full is not None:
-            return full
-        return p.view(B, chunks, D).sum(1, keepdim=True).to(res.dtype)
 
-    return dx, dbranch, finish(gate, pg, dg), dweight, finish(shift, psh, dsh), finish(scale, psc, dsc)
+# The second stage's tile: rows of partials a step, columns a program
+FINISH_BLOCK_R, FINISH_BLOCK_D = 16, 128
+
+
+def _finish_bwd(
+    pw: Tensor | None, pg: Tensor | None, psh: Tensor | None, psc: Tensor | None, B: int, chunks: int, D: int,
+    dg: Tensor | None, dsh: Tensor | None, dsc: Tensor | None, like: Tensor,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """The backward's second stage: the B*chunks partial rows of each column sum -> dweight [D] and the
+    per-sample dgate, dshift, dscale [B, 1, D], in ``like``'s dtype, in one launch (eight torch ops before: a sum
+    and a cast each). A grad already complete (per token: dg, dsh, dsc given) or absent is passed through."""
+    from sphere_fast.kernels.adaln import adaln_bwd_finish_kernel
+
+    def grad(partial: Tensor | None, *shape: int) -> Tensor | None:
+        return None if partial is None else torch.empty(shape, dtype=like.dtype, device=like.device)
+
+    dweight = grad(pw, D)
+    dg_s, dsh_s, dsc_s = grad(pg, B, 1, D), grad(psh, B, 1, D), grad(psc, B, 1, D)
+    sample_programs = B if any(t is not None for t in (pg, psh, psc)) else 0
+    programs = sample_programs + (pw is not None)
+    if programs:
+        some = next(t for t in (pw, pg, psh, psc) if t is not None)
+        kernel_runner(adaln_bwd_finish_kernel, (programs, -(-D // FINISH_BLOCK_D)))(
+            _or(pw, some), _or(pg, some), _or(psh, some), _or(psc, some),
+            _or(dweight, like), _or(dg_s, like), _or(dsh_s, like), _or(dsc_s, like),
+            B, chunks, D, sample_programs,
+            HAS_W=pw is not None, HAS_GATE=pg is not None, HAS_SHIFT=psh is not None, HAS_SCALE=psc is not None,
+            BLOCK_R=FINISH_BLOCK_R, BLOCK_D=FINISH_BLOCK_D, num_warps=4,
+        )
+    return dweight, (dg if pg is None else dg_s), (dsh if psh is None else dsh_s), (dsc if psc is None else dsc_s)
 
 
 def _cpp_ext():
