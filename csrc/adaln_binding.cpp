@@ -109,12 +109,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t B = res.size(0), S = res.size(1), D = res.size(2);
   const auto opts = res.options();
   const auto f32 = opts.dtype(at::kFloat);
+  auto empty0 = at::empty({0}, opts);
+  if (B * S == 0) {  // no rows: zero grads (as the Triton path)
+    auto zeros = [&](const OptT& t) { return has(t) ? at::zeros_like(*t) : empty0; };
+    return {at::zeros_like(res), zeros(branch), zeros(gate), zeros(weight), zeros(shift), zeros(scale)};
+  }
   const bool gate_tok = per_token(gate, S), shift_tok = per_token(shift, S), scale_tok = per_token(scale, S);
   const int64_t chunks0 = std::max<int64_t>(1, std::min<int64_t>((program_target(res) + B - 1) / std::max<int64_t>(B, 1), S));
   const int64_t rows_per_prog = std::max<int64_t>(1, (S + chunks0 - 1) / chunks0);
   const int64_t chunks = std::max<int64_t>(1, (S + rows_per_prog - 1) / rows_per_prog);
 
-  auto empty0 = at::empty({0}, opts);
   auto dx = at::empty({B, S, D}, opts);
   auto dbranch = has(branch) ? at::empty_like(dx) : empty0;
   auto full_or_empty = [&](const OptT& t, bool tok) { return has(t) && tok ? at::empty_like(dx) : empty0; };
@@ -149,24 +153,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   std::tie(p.sbr_b, p.sbr_s) = bs(branch);
   std::tie(p.sg_b, p.sg_s) = bs(gate);
   std::tie(p.ssc_b, p.ssc_s) = bs(scale);
-  if (B * S > 0) {
+#ifdef SPHERE_FAST_WITH_CUDA
+  if (res.is_cuda()) {
+    TORCH_CHECK(D <= 4096, "the CUDA adaln kernels take D <= 4096, got ", D);
+    c10::cuda::CUDAGuard guard(res.device());
+    adaln_bwd_cuda(p, dtype_tag(res), at::cuda::getCurrentCUDAStream().stream());
+  } else
+#endif
+    adaln_bwd_cpu(p, dtype_tag(res));
+  // Second stage, one launch: the B * chunks partial rows -> dweight and the per-sample modulation grads
+  // (bounded by the program count, not by B * S). A per-token grad (full) is complete already.
+  auto summed = [&](const at::Tensor& part, std::initializer_list<int64_t> shape) {
+    return part.numel() ? at::empty(shape, opts) : empty0;
+  };
+  auto dweight = summed(pw, {D}), dgate_s = summed(pg, {B, 1, D}), dshift_s = summed(psh, {B, 1, D}),
+       dscale_s = summed(psc, {B, 1, D});
+  AdalnFinishParams f{fptr(pw), fptr(pg), fptr(psh), fptr(psc), optr(dweight), optr(dgate_s), optr(dshift_s),
+                      optr(dscale_s), B, chunks, D};
+  if (adaln_finish_programs(f) > 0) {
 #ifdef SPHERE_FAST_WITH_CUDA
     if (res.is_cuda()) {
-      TORCH_CHECK(D <= 4096, "the CUDA adaln kernels take D <= 4096, got ", D);
       c10::cuda::CUDAGuard guard(res.device());
-      adaln_bwd_cuda(p, dtype_tag(res), at::cuda::getCurrentCUDAStream().stream());
+      adaln_finish_cuda(f, dtype_tag(res), at::cuda::getCurrentCUDAStream().stream());
     } else
 #endif
-      adaln_bwd_cpu(p, dtype_tag(res));
+      adaln_finish_cpu(f, dtype_tag(res));
   }
-  // Second stage: sum the B * chunks partial rows (bounded by the program count, not by B * S).
-  auto finish = [&](const OptT& t, const at::Tensor& part, const at::Tensor& full) {
-    if (!has(t)) return empty0;
-    if (full.numel()) return full;
-    return part.view({B, chunks, D}).sum(1, /*keepdim=*/true).to(res.scalar_type());
+  auto either = [](const at::Tensor& per_sample, const at::Tensor& per_token) {
+    return per_sample.numel() ? per_sample : per_token;
   };
-  auto dweight = has(weight) ? pw.sum(0).to(res.scalar_type()) : empty0;
-  return {dx, dbranch, finish(gate, pg, dgate), dweight, finish(shift, psh, dshift), finish(scale, psc, dscale)};
+  return {dx, dbranch, either(dgate_s, dgate), dweight, either(dshift_s, dshift), either(dscale_s, dscale)};
 }
 
 }  // namespace

@@ -82,6 +82,14 @@ void bwd(const AdalnBwdParams& p) {
   });
 }
 
+template <typename T>
+void finish(const AdalnFinishParams& p) {
+  at::parallel_for(0, adaln_finish_programs(p), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b)
+      for (int64_t d = 0; d < p.D; ++d) adaln_finish_col<CpuIO<T>>(p, b, d);
+  });
+}
+
 }  // namespace
 
 void adaln_fwd_cpu(const AdalnFwdParams& p, DType dt) {
@@ -97,6 +105,14 @@ void adaln_bwd_cpu(const AdalnBwdParams& p, DType dt) {
     case DType::kFloat32: return bwd<float>(p);
     case DType::kFloat16: return bwd<c10::Half>(p);
     case DType::kBFloat16: return bwd<c10::BFloat16>(p);
+  }
+}
+
+void adaln_finish_cpu(const AdalnFinishParams& p, DType dt) {
+  switch (dt) {
+    case DType::kFloat32: return finish<float>(p);
+    case DType::kFloat16: return finish<c10::Half>(p);
+    case DType::kBFloat16: return finish<c10::BFloat16>(p);
   }
 }
 

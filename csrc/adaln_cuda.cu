@@ -167,6 +167,13 @@ __global__ __launch_bounds__(kMaxThreads) void adaln_bwd_kernel(const AdalnBwdPa
   }
 }
 
+// The backward's second stage: block (b, j) sums columns [j * kMaxThreads, ...) of program b (adaln_math.h).
+template <typename T>
+__global__ __launch_bounds__(kMaxThreads) void adaln_finish_kernel(const AdalnFinishParams p) {
+  const int64_t d = static_cast<int64_t>(blockIdx.y) * kMaxThreads + threadIdx.x;
+  if (d < p.D) adaln_finish_col<CudaIO<T>>(p, blockIdx.x, d);
+}
+
 // Threads per block for MAXC columns per thread: a multiple of 32, at most kMaxThreads.
 unsigned threads_for(int64_t D, int maxc) {
   const int64_t t = (D + maxc - 1) / maxc;
@@ -226,6 +233,18 @@ void adaln_bwd_cuda(const AdalnBwdParams& p, DType dt, void* stream) {
     case DType::kFloat32: return bwd_launch<float>(p, st);
     case DType::kFloat16: return bwd_launch<__half>(p, st);
     case DType::kBFloat16: return bwd_launch<__nv_bfloat16>(p, st);
+  }
+}
+
+void adaln_finish_cuda(const AdalnFinishParams& p, DType dt, void* stream) {
+  auto st = static_cast<cudaStream_t>(stream);
+  // programs on x (up to 2^31 - 1), column blocks on y
+  const dim3 grid(static_cast<unsigned>(adaln_finish_programs(p)),
+                  static_cast<unsigned>((p.D + kMaxThreads - 1) / kMaxThreads));
+  switch (dt) {
+    case DType::kFloat32: return adaln_finish_kernel<float><<<grid, kMaxThreads, 0, st>>>(p);
+    case DType::kFloat16: return adaln_finish_kernel<__half><<<grid, kMaxThreads, 0, st>>>(p);
+    case DType::kBFloat16: return adaln_finish_kernel<__nv_bfloat16><<<grid, kMaxThreads, 0, st>>>(p);
   }
 }
 

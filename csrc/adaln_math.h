@@ -58,6 +58,21 @@ struct AdalnBwdParams {
   int64_t sbr_b, sbr_s, sg_b, sg_s, ssc_b, ssc_s;
 };
 
+// The backward's second stage: the B * chunks partial rows -> dweight [D] (all rows) and the per-sample dgate,
+// dshift, dscale [B, D] (sample b's chunks rows each), summed in row order in fp32 and rounded to the dtype.
+// A partial is nullptr when its grad is not summed here (absent, or per token); its grad pointer then too.
+struct AdalnFinishParams {
+  const float* pw;
+  const float* pg;
+  const float* psh;
+  const float* psc;
+  void* dweight;
+  void* dgate;
+  void* dshift;
+  void* dscale;
+  int64_t B, chunks, D;
+};
+
 SF_HD float adaln_rsqrt(float v) {
 #if defined(__CUDA_ARCH__)
   return rsqrtf(v);
@@ -147,10 +162,39 @@ SF_HD void adaln_bwd_dres_col(const AdalnBwdParams& p, int64_t d, int64_t ro, in
   }
 }
 
+// Column d of rows [first, first + n) of fp32 partials [.., D], summed in row order.
+SF_HD float adaln_sum_partial_rows(const float* partial, int64_t first, int64_t n, int64_t D, int64_t d) {
+  float sum = 0.f;
+  for (int64_t r = first; r < first + n; ++r) sum += partial[r * D + d];
+  return sum;
+}
+
+SF_HD bool adaln_finish_per_sample(const AdalnFinishParams& p) { return p.pg || p.psh || p.psc; }
+
+// Programs of the second stage: one per sample when a modulation's grad is summed per sample, one for dweight.
+SF_HD int64_t adaln_finish_programs(const AdalnFinishParams& p) {
+  return (adaln_finish_per_sample(p) ? p.B : 0) + (p.pw ? 1 : 0);
+}
+
+// Column d of program b of the second stage: sample b's grads, or (the last program) dweight.
+template <class IO>
+SF_HD void adaln_finish_col(const AdalnFinishParams& p, int64_t b, int64_t d) {
+  if (adaln_finish_per_sample(p) && b < p.B) {
+    const int64_t first = b * p.chunks, o = b * p.D + d;
+    if (p.pg) IO::st(p.dgate, o, adaln_sum_partial_rows(p.pg, first, p.chunks, p.D, d));
+    if (p.psh) IO::st(p.dshift, o, adaln_sum_partial_rows(p.psh, first, p.chunks, p.D, d));
+    if (p.psc) IO::st(p.dscale, o, adaln_sum_partial_rows(p.psc, first, p.chunks, p.D, d));
+  } else if (p.pw) {
+    IO::st(p.dweight, d, adaln_sum_partial_rows(p.pw, 0, p.B * p.chunks, p.D, d));
+  }
+}
+
 // Kernel entry points (adaln_cpu.cpp, adaln_cuda.cu); every tensor shares the dtype `dt`.
 void adaln_fwd_cpu(const AdalnFwdParams& p, DType dt);
 void adaln_bwd_cpu(const AdalnBwdParams& p, DType dt);
+void adaln_finish_cpu(const AdalnFinishParams& p, DType dt);
 void adaln_fwd_cuda(const AdalnFwdParams& p, DType dt, void* stream);
 void adaln_bwd_cuda(const AdalnBwdParams& p, DType dt, void* stream);
+void adaln_finish_cuda(const AdalnFinishParams& p, DType dt, void* stream);
 
 }  // namespace sphere_fast

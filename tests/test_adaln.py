@@ -96,6 +96,19 @@ def test_gated_optional_inputs(backend: str, absent: str) -> None:
 
 
 @pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("B,S", [(0, 3), (2, 0)], ids=["no-samples", "no-tokens"])
+def test_no_rows_give_zero_grads(backend: str, B: int, S: int) -> None:
+    """No rows to normalise: empty outputs, and every input's grad zero in the input's shape (the per-sample
+    modulations' and the weight's are not empty when S = 0 or B = 0 respectively)."""
+    inputs = make_inputs(B, S, 64, tokens=False)
+    (res, y), grads = run_gated(lambda *t: adaln.gated_residual_adaln(*t, backend=backend), inputs,
+                                (torch.ones(B, S, 64), torch.ones(B, S, 64)))
+    assert res.shape == y.shape == (B, S, 64)
+    for name, grad, t in zip(NAMES, grads, inputs):
+        assert grad.shape == t.shape and not grad.any(), name
+
+
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("D", [64, 1152, 97])
 @pytest.mark.parametrize("variant", ["full", "plain_rmsnorm", "per_token_no_weight"])
 def test_modulate(backend: str, D: int, variant: str) -> None:

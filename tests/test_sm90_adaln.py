@@ -120,7 +120,7 @@ def test_triton_swiglu_flat_forward_sm90() -> None:
 
 @needs_nvcc
 @needs_cuobjdump
-@pytest.mark.parametrize("source,kernels", [("adaln_cuda.cu", 27), ("swiglu_cuda.cu", 12)])
+@pytest.mark.parametrize("source,kernels", [("adaln_cuda.cu", 30), ("swiglu_cuda.cu", 12)])
 def test_cuda_sources_sm90(source: str, kernels: int) -> None:
     compiled = sm90.compile_cuda_sm90(CSRC / source, [CSRC], defines=["SPHERE_FAST_WITH_CUDA"])
     assert len(compiled) == kernels, sorted(compiled)  # every dtype x column-count instantiation is built
