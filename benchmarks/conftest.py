@@ -47,6 +47,11 @@ HEADLINE = (
     # torch.compile rows of 2026-11-29 are the comparison; each compiles for seconds)
     "benchmarks/bench_adaln.py::test_gated_residual_adaln_fwd[triton-*]",
     "benchmarks/bench_adaln.py::test_swiglu_fwd[triton-*-W1024]",  # h = 5462 wide
+    # the C++ SwiGLU and AdaLN forward kernels on 16-byte vectors, and the AdaLN backward's second stage as one
+    # kernel (2026-11-29): the C++ rows were at 24-45% of copy, the small-shape backward rows at 0.2-0.28 ms
+    "benchmarks/bench_adaln.py::test_gated_residual_adaln_fwd[cpp-*]",
+    "benchmarks/bench_adaln.py::test_swiglu_*[cpp-*]",
+    "benchmarks/bench_adaln.py::test_gated_residual_adaln_bwd[*-B1-N*-W*]",
     "benchmarks/bench_attention.py::test_attention_bwd[*-B16-H16-N1024-D*]",
     *(f"benchmarks/bench_training.py::test_train_step[{impl}-*]" for impl in ("eager", "fused")),
     "benchmarks/bench_spherify.py::test_spherify_noise_fwd[*-B256-L32768-bfloat16]",
