@@ -32,38 +32,51 @@ __global__ void swiglu_bwd_kernel(const SwigluParams p) {
   dh[p.H + j] = from_f<T>(db);
 }
 
+// A thread's vector of columns [j, j + V) of row m, with the a and b halves of h there.
+template <typename T>
+struct HalvesAt {
+  int64_t m, j;
+  Vec16<T> a, b;
+};
+
+// Reads this thread's HalvesAt; false past the row's end.
+template <typename T>
+__device__ __forceinline__ bool load_halves(const SwigluParams& p, HalvesAt<T>& at) {
+  at.m = blockIdx.x;
+  at.j = (static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x) * Vec16<T>::kLen;
+  if (at.j >= p.H) return false;
+  const T* h = static_cast<const T*>(p.h) + at.m * p.stride_h;
+  at.a = load16(h + at.j);
+  at.b = load16(h + p.H + at.j);
+  return true;
+}
+
 template <typename T>
 __global__ void swiglu_fwd_vec_kernel(const SwigluParams p) {
-  constexpr int V = Vec16<T>::kLen;
-  const int64_t m = blockIdx.x, j = (static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x) * V;
-  if (j >= p.H) return;
-  const T* h = static_cast<const T*>(p.h) + m * p.stride_h;
-  const Vec16<T> a = load16(h + j), b = load16(h + p.H + j);
+  HalvesAt<T> at;
+  if (!load_halves(p, at)) return;
   Vec16<T> out;
 #pragma unroll
-  for (int i = 0; i < V; ++i) out[i] = from_f<T>(swiglu_out(to_f(a[i]), to_f(b[i])));
-  store16(static_cast<T*>(p.out) + m * p.H + j, out);
+  for (int i = 0; i < Vec16<T>::kLen; ++i) out[i] = from_f<T>(swiglu_out(to_f(at.a[i]), to_f(at.b[i])));
+  store16(static_cast<T*>(p.out) + at.m * p.H + at.j, out);
 }
 
 template <typename T>
 __global__ void swiglu_bwd_vec_kernel(const SwigluParams p) {
-  constexpr int V = Vec16<T>::kLen;
-  const int64_t m = blockIdx.x, j = (static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x) * V;
-  if (j >= p.H) return;
-  const T* h = static_cast<const T*>(p.h) + m * p.stride_h;
-  const Vec16<T> a = load16(h + j), b = load16(h + p.H + j);
-  const Vec16<T> dout = load16(static_cast<const T*>(p.dout) + m * p.H + j);
+  HalvesAt<T> at;
+  if (!load_halves(p, at)) return;
+  const Vec16<T> dout = load16(static_cast<const T*>(p.dout) + at.m * p.H + at.j);
   Vec16<T> da, db;
 #pragma unroll
-  for (int i = 0; i < V; ++i) {
+  for (int i = 0; i < Vec16<T>::kLen; ++i) {
     float fa, fb;
-    swiglu_grad(to_f(a[i]), to_f(b[i]), to_f(dout[i]), &fa, &fb);
+    swiglu_grad(to_f(at.a[i]), to_f(at.b[i]), to_f(dout[i]), &fa, &fb);
     da[i] = from_f<T>(fa);
     db[i] = from_f<T>(fb);
   }
-  T* dh = static_cast<T*>(p.dh) + m * 2 * p.H;
-  store16(dh + j, da);
-  store16(dh + p.H + j, db);
+  T* dh = static_cast<T*>(p.dh) + at.m * 2 * p.H;
+  store16(dh + at.j, da);
+  store16(dh + p.H + at.j, db);
 }
 
 // out / dout are [M, H] and dh [M, 2H], contiguous: with H a multiple of the vector, their rows start aligned
