@@ -16,9 +16,10 @@ interpreter = pytest.importorskip("triton.runtime.interpreter")
 
 # every kernel a launcher in sphere_fast/ops starts, but the TMA forward (tuning only, never on the CPU)
 LAUNCHED_KERNELS = {
-    "adaln_fwd_kernel", "adaln_bwd_kernel", "rope_kernel", "attention_fwd_kernel", "attention_bwd_preprocess_kernel",
-    "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel", "_fwd_partials", "_fwd_apply", "_bwd_partials",
-    "_bwd_apply", "_noise_kernel", "swiglu_fwd_kernel", "swiglu_bwd_kernel", "swiglu_linear_kernel",
+    "adaln_fwd_kernel", "adaln_bwd_kernel", "adaln_bwd_finish_kernel", "rope_kernel", "attention_fwd_kernel",
+    "attention_bwd_preprocess_kernel", "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel", "_fwd_partials",
+    "_fwd_apply", "_bwd_partials", "_bwd_apply", "_noise_kernel", "swiglu_fwd_kernel", "swiglu_bwd_kernel",
+    "swiglu_linear_kernel",
 }
 
 
