@@ -85,8 +85,18 @@ void bwd(const AdalnBwdParams& p) {
 template <typename T>
 void finish(const AdalnFinishParams& p) {
   at::parallel_for(0, adaln_finish_programs(p), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b)
-      for (int64_t d = 0; d < p.D; ++d) adaln_finish_col<CpuIO<T>>(p, b, d);
+    for (int64_t b = begin; b < end; ++b) {
+      for (int k = 0; k < 3; ++k) {
+        const AdalnFinishSum sum = adaln_finish_sum(p, b, k);
+        if (!sum.partial) continue;
+        for (int64_t d = 0; d < p.D; ++d) {
+          float total = 0.f;
+          for (int g = 0; g < kAdalnFinishGroups; ++g)
+            total += adaln_sum_partial_group(sum.partial, sum.first, sum.n, p.D, d, g);
+          CpuIO<T>::st(sum.out, sum.offset + d, total);
+        }
+      }
+    }
   });
 }
 

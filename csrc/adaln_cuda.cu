@@ -167,11 +167,30 @@ __global__ __launch_bounds__(kMaxThreads) void adaln_bwd_kernel(const AdalnBwdPa
   }
 }
 
-// The backward's second stage: block (b, j) sums columns [j * kMaxThreads, ...) of program b (adaln_math.h).
+// The backward's second stage: block (b, j) sums columns [j * kFinishColumns, ...) of program b's sums
+// (adaln_math.h), warp g of the block group g of their rows.
+constexpr int kFinishColumns = 32;
+
 template <typename T>
-__global__ __launch_bounds__(kMaxThreads) void adaln_finish_kernel(const AdalnFinishParams p) {
-  const int64_t d = static_cast<int64_t>(blockIdx.y) * kMaxThreads + threadIdx.x;
-  if (d < p.D) adaln_finish_col<CudaIO<T>>(p, blockIdx.x, d);
+__global__ __launch_bounds__(kFinishColumns * kAdalnFinishGroups) void adaln_finish_kernel(const AdalnFinishParams p) {
+  __shared__ float shares[kAdalnFinishGroups][kFinishColumns];
+  const int g = threadIdx.x / kFinishColumns, c = threadIdx.x % kFinishColumns;
+  const int64_t d = static_cast<int64_t>(blockIdx.y) * kFinishColumns + c;
+#pragma unroll
+  for (int k = 0; k < 3; ++k) {
+    const AdalnFinishSum sum = adaln_finish_sum(p, blockIdx.x, k);
+    if (!sum.partial) continue;  // the same for the whole block
+    // chosen at run time among the params' pointers, which nvcc then no longer knows are global (LD.E, not LDG.E)
+    __builtin_assume(__isGlobal(sum.partial) && __isGlobal(sum.out));
+    shares[g][c] = d < p.D ? adaln_sum_partial_group(sum.partial, sum.first, sum.n, p.D, d, g) : 0.f;
+    __syncthreads();
+    if (g == 0 && d < p.D) {
+      float total = 0.f;
+      for (int i = 0; i < kAdalnFinishGroups; ++i) total += shares[i][c];
+      CudaIO<T>::st(sum.out, sum.offset + d, total);
+    }
+    __syncthreads();
+  }
 }
 
 // Threads per block for MAXC columns per thread: a multiple of 32, at most kMaxThreads.
@@ -240,11 +259,12 @@ void adaln_finish_cuda(const AdalnFinishParams& p, DType dt, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
   // programs on x (up to 2^31 - 1), column blocks on y
   const dim3 grid(static_cast<unsigned>(adaln_finish_programs(p)),
-                  static_cast<unsigned>((p.D + kMaxThreads - 1) / kMaxThreads));
+                  static_cast<unsigned>((p.D + kFinishColumns - 1) / kFinishColumns));
+  constexpr int threads = kFinishColumns * kAdalnFinishGroups;
   switch (dt) {
-    case DType::kFloat32: return adaln_finish_kernel<float><<<grid, kMaxThreads, 0, st>>>(p);
-    case DType::kFloat16: return adaln_finish_kernel<__half><<<grid, kMaxThreads, 0, st>>>(p);
-    case DType::kBFloat16: return adaln_finish_kernel<__nv_bfloat16><<<grid, kMaxThreads, 0, st>>>(p);
+    case DType::kFloat32: return adaln_finish_kernel<float><<<grid, threads, 0, st>>>(p);
+    case DType::kFloat16: return adaln_finish_kernel<__half><<<grid, threads, 0, st>>>(p);
+    case DType::kBFloat16: return adaln_finish_kernel<__nv_bfloat16><<<grid, threads, 0, st>>>(p);
   }
 }
 

@@ -162,10 +162,15 @@ SF_HD void adaln_bwd_dres_col(const AdalnBwdParams& p, int64_t d, int64_t ro, in
   }
 }
 
-// Column d of rows [first, first + n) of fp32 partials [.., D], summed in row order.
-SF_HD float adaln_sum_partial_rows(const float* partial, int64_t first, int64_t n, int64_t D, int64_t d) {
+// A column's sum in the second stage splits its rows into kAdalnFinishGroups strided groups (group g: rows
+// first + g, first + g + G, ...), sums each in row order, then adds the groups' sums in group order. The CUDA
+// kernel sums the groups side by side (a warp each, so a column's rows are read G at a time), the CPU one after
+// another: the same bits.
+constexpr int kAdalnFinishGroups = 8;
+
+SF_HD float adaln_sum_partial_group(const float* partial, int64_t first, int64_t n, int64_t D, int64_t d, int g) {
   float sum = 0.f;
-  for (int64_t r = first; r < first + n; ++r) sum += partial[r * D + d];
+  for (int64_t r = first + g; r < first + n; r += kAdalnFinishGroups) sum += partial[r * D + d];
   return sum;
 }
 
@@ -176,17 +181,23 @@ SF_HD int64_t adaln_finish_programs(const AdalnFinishParams& p) {
   return (adaln_finish_per_sample(p) ? p.B : 0) + (p.pw ? 1 : 0);
 }
 
-// Column d of program b of the second stage: sample b's grads, or (the last program) dweight.
-template <class IO>
-SF_HD void adaln_finish_col(const AdalnFinishParams& p, int64_t b, int64_t d) {
+// One sum of the second stage: rows [first, first + n) of `partial`, each column into out[offset + column].
+struct AdalnFinishSum {
+  const float* partial;
+  int64_t first, n;
+  void* out;
+  int64_t offset;
+};
+
+// Sum k (0, 1, 2) of program b: sample b's dgate, dshift, dscale, or, in the program after the samples', dweight
+// (k = 0). Its partial is nullptr where program b has no sum k (a grad absent or per token).
+SF_HD AdalnFinishSum adaln_finish_sum(const AdalnFinishParams& p, int64_t b, int k) {
   if (adaln_finish_per_sample(p) && b < p.B) {
-    const int64_t first = b * p.chunks, o = b * p.D + d;
-    if (p.pg) IO::st(p.dgate, o, adaln_sum_partial_rows(p.pg, first, p.chunks, p.D, d));
-    if (p.psh) IO::st(p.dshift, o, adaln_sum_partial_rows(p.psh, first, p.chunks, p.D, d));
-    if (p.psc) IO::st(p.dscale, o, adaln_sum_partial_rows(p.psc, first, p.chunks, p.D, d));
-  } else if (p.pw) {
-    IO::st(p.dweight, d, adaln_sum_partial_rows(p.pw, 0, p.B * p.chunks, p.D, d));
+    const float* partial = k == 0 ? p.pg : k == 1 ? p.psh : p.psc;
+    void* out = k == 0 ? p.dgate : k == 1 ? p.dshift : p.dscale;
+    return {partial, b * p.chunks, p.chunks, out, b * p.D};
   }
+  return {k == 0 ? p.pw : nullptr, 0, p.B * p.chunks, p.dweight, 0};
 }
 
 // Kernel entry points (adaln_cpu.cpp, adaln_cuda.cu); every tensor shares the dtype `dt`.

@@ -154,3 +154,17 @@ def test_cuda_adaln_forward_vector_kernels_move_16_bytes_an_access() -> None:
         per_thread = int(re.search(r"Li(\d)E", name).group(1))
         memory = {op: n for op, n in ops.items() if op.startswith(("LDG", "STG"))}
         assert memory == {"LDG.E.128": 6 * per_thread, "STG.E.128": 2 * per_thread, "STG.E": 1}, (name, memory)
+
+
+@needs_nvcc
+@needs_cuobjdump
+def test_cuda_adaln_finish_reads_the_partials_as_global_memory() -> None:
+    """The C++ backward's second stage picks its partials among the params' pointers at run time: its loads and
+    stores must still be global ones (LDG / STG), not generic (LD / ST), and its sums stay off the stack."""
+    compiled = sm90.compile_cuda_sm90(CSRC / "adaln_cuda.cu", [CSRC], defines=["SPHERE_FAST_WITH_CUDA"])
+    finish = {name: ops for name, ops in compiled.opcodes_by_kernel().items() if "adaln_finish_kernel" in name}
+    assert len(finish) == 3, sorted(compiled)
+    for name, ops in finish.items():
+        generic = {op: n for op, n in ops.items() if op.startswith(("LD.", "ST."))}
+        assert not generic and ops["LDG.E"] > 0, (name, generic)
+        assert compiled[name].stack == 0, compiled[name]

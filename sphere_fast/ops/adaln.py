@@ -277,8 +277,9 @@ def _triton_bwd(
     return dx, dbranch, dg, dweight, dsh, dsc
 
 
-# The second stage's tile: rows of partials a step, columns a program
-FINISH_BLOCK_R, FINISH_BLOCK_D = 16, 128
+# The second stage's tile: rows of partials a step, columns a program. The dweight program walks all B*chunks
+# rows (about 4 programs per SM in all): 64 rows a step keep that walk to a few steps of L2 latency.
+FINISH_BLOCK_R, FINISH_BLOCK_D = 64, 32
 
 
 def _finish_bwd(
