@@ -150,12 +150,10 @@ def cold_starts(records: Sequence[dict[str, Any]]) -> str:
                    if key.startswith("import_") and key.endswith("_s")]
         phases = [f"{key[len('capture_'):-len('_s')].replace('_', ' ')} {value:.2f}" for key, value in r.items()
                   if key.startswith("capture_") and key.endswith("_s")]
-        details = {"startup_s": f"imports: {', '.join(imports)}", "first_call_s": f"capture: {', '.join(phases)}"}
-        stages = []
-        for key, label in COLD_STAGES:
-            if key in r:
-                shown = (key == "startup_s" and imports) or (key == "first_call_s" and phases)
-                stages.append(f"{label} {r[key]:.2f}" + (f" ({details[key]})" if shown else ""))
+        details = {"startup_s": imports and f"imports: {', '.join(imports)}",
+                   "first_call_s": phases and f"capture: {', '.join(phases)}"}
+        stages = [f"{label} {r[key]:.2f}" + (f" ({details[key]})" if details.get(key) else "")
+                  for key, label in COLD_STAGES if key in r]
         lines.append(f"- {goals.first_image_label(r)}: {r['ms'] / 1e3:.1f} s = {' + '.join(stages)} s")
     return "Time to first image, by stage:\n\n" + "\n".join(lines) + "\n\n" if lines else ""
 
