@@ -74,14 +74,17 @@ def test_triton_adaln_bwd_sm90(D: int, per_token: bool, stages: int) -> None:
 
 
 @needs_cuobjdump
-def test_triton_adaln_bwd_finish_sm90() -> None:
-    """The backward's second stage with all four sums, compiled as a launch at the model's widths specializes it
-    (pointers, D and CHUNKS multiples of 16): no spills, 128-bit loads of the fp32 partials."""
+@pytest.mark.parametrize("sums", ["all", "weight only", "modulations only"])
+def test_triton_adaln_bwd_finish_sm90(sums: str) -> None:
+    """The backward's second stage (all four sums; per-token modulations: the weight's alone; no weight: the
+    modulations'), compiled as a launch at the model's widths specializes it (pointers, D and CHUNKS multiples of
+    16): no spills, 128-bit loads of the fp32 partials."""
     from sphere_fast.kernels.adaln import adaln_bwd_finish_kernel
 
     sig = {**_ptrs("PW PG PSH PSC", "*fp32"), **_ptrs("DW DG DSH DSC", "*bf16"),
            **_ptrs("B CHUNKS D SAMPLE_PROGRAMS", "i32")}
-    flags = dict.fromkeys(("HAS_W", "HAS_GATE", "HAS_SHIFT", "HAS_SCALE"), True)
+    flags = dict.fromkeys(("HAS_GATE", "HAS_SHIFT", "HAS_SCALE"), sums != "weight only")
+    flags["HAS_W"] = sums != "modulations only"
     info = sm90.compile_triton_sm90(
         adaln_bwd_finish_kernel, sig, {**flags, "BLOCK_R": adaln.FINISH_BLOCK_R, "BLOCK_D": adaln.FINISH_BLOCK_D},
         num_warps=4, aligned=["PW", "PG", "PSH", "PSC", "DW", "DG", "DSH", "DSC", "CHUNKS", "D"],
