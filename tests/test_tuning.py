@@ -20,6 +20,7 @@ import torch
 
 from sphere_fast.ops import _tuning
 from sphere_fast.ops._tuning import pick_config
+from sphere_fast.ops._util import compile_pass
 from sphere_fast.ops.rope import rope_table_reference
 from tests.helpers import last_is_fastest
 
@@ -58,6 +59,64 @@ def test_picks_the_fastest_once_per_key() -> None:
     assert pick_config("k", ["a", "b", "c"], lambda c: c, timer=timer) == "b"
     assert timer.timed == ["a", "b", "c"], "a remembered key must not be timed again"
     assert pick_config("other key", ["a", "c"], lambda c: c, timer=timer) == "a"
+
+
+def test_a_choice_is_stored_for_later_processes(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """A tuned choice is written to disk; a later process (memory forgotten) launches it without timing, per key,
+    inside a compile pass too; a stored choice that is no longer a candidate, or an unreadable file, is tuned
+    again; SPHERE_FAST_TUNING_CACHE=0 neither reads nor writes."""
+    monkeypatch.setenv("SPHERE_FAST_TUNING_CACHE", str(tmp_path))
+    timer = FakeTimer({(1, 2): 2.0, (3, 4): 1.0, (5, 6): 3.0})
+    candidates = [(1, 2), (3, 4), (5, 6)]
+    key = ("op", torch.device("cpu"), torch.bfloat16, 64)
+    assert pick_config(key, candidates, lambda c: c, timer=timer) == (3, 4)
+    assert len(list(tmp_path.glob("*.json"))) == 1
+
+    _tuning.forget_tuned_configs()  # a later process
+    untimed = FakeTimer({})
+    assert pick_config(key, candidates, lambda c: c, timer=untimed) == (3, 4)
+    assert untimed.timed == []
+    _tuning.forget_tuned_configs()
+    with compile_pass():  # the pass compiles the stored choice alone
+        compiled: list[tuple[int, int]] = []
+        assert pick_config(key, candidates, compiled.append, timer=untimed) == (3, 4)
+    assert compiled == []  # no candidate compiled ahead
+    assert pick_config(("op", torch.device("cpu"), torch.bfloat16, 128), candidates, lambda c: c, timer=timer) == (3, 4)
+    assert timer.timed == candidates * 2, "another key is tuned on its own"
+
+    _tuning.forget_tuned_configs()
+    assert pick_config(key, [(1, 2), (5, 6)], lambda c: c, timer=timer) == (1, 2)  # (3, 4) is gone: tune again
+    for stored in tmp_path.glob("*.json"):
+        stored.write_text("{not json")
+    _tuning.forget_tuned_configs()
+    assert pick_config(key, candidates, lambda c: c, timer=timer) == (3, 4)
+    assert len(timer.timed) == 3 * 2 + 2 + 3
+
+    monkeypatch.setenv("SPHERE_FAST_TUNING_CACHE", "0")
+    _tuning.forget_tuned_configs()
+    assert pick_config(key, candidates, lambda c: c, timer=timer) == (3, 4)
+    assert len(timer.timed) == 3 * 2 + 2 + 3 * 2, "with the store off the key is timed again"
+
+
+def test_a_stored_choice_is_keyed_on_the_code_and_the_gpu_model(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """Another version of the kernels (or of Triton, torch) or another GPU model does not read the choice; the
+    same model at another device index does."""
+    monkeypatch.setenv("SPHERE_FAST_TUNING_CACHE", str(tmp_path))
+    key = ("op", torch.device("cuda", 0), 64)
+    names = {0: "NVIDIA H200", 1: "NVIDIA H200", 2: "NVIDIA A100"}
+    monkeypatch.setattr(_tuning, "_device_name", lambda device: names[device.index])
+    timer = FakeTimer({"a": 2.0, "b": 1.0})
+    assert pick_config(key, ["a", "b"], lambda c: c, timer=timer) == "b"
+    untimed = FakeTimer({})
+    _tuning.forget_tuned_configs()
+    assert pick_config(("op", torch.device("cuda", 1), 64), ["a", "b"], lambda c: c, timer=untimed) == "b"
+    _tuning.forget_tuned_configs()
+    assert pick_config(("op", torch.device("cuda", 2), 64), ["a", "b"], lambda c: c, timer=timer) == "b"
+    assert timer.timed == ["a", "b"] * 2, "another GPU model is tuned on its own"
+    _tuning.forget_tuned_configs()
+    monkeypatch.setattr(_tuning, "_code_id", lambda: "other kernels")
+    assert pick_config(key, ["a", "b"], lambda c: c, timer=timer) == "b"
+    assert timer.timed == ["a", "b"] * 3, "other kernels are tuned again"
 
 
 def test_ties_keep_the_default() -> None:

@@ -5,15 +5,23 @@ choice, which can differ between processes, machines and batch sizes, changes th
 the tuning checks it, bit for bit, on the call it tunes. The attention kernels' candidates differ only in
 warps, pipeline stages and the tile of the dimension a program owns. ``SPHERE_FAST_AUTOTUNE=0`` turns timing
 off: the first (default) candidate always runs.
+
+Each choice is also written to disk (a JSON file per key, in ``sphere_fast_tuning`` beside Triton's kernel
+cache, or in ``$SPHERE_FAST_TUNING_CACHE``; ``0`` there keeps choices in memory only), so that a later process
+on the same kind of GPU, with the same kernels, Triton and torch, launches the choice without compiling and
+timing every candidate again.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 import os
 from collections.abc import Callable, Hashable, Sequence
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
@@ -29,6 +37,92 @@ _chosen: dict[Hashable, Hashable] = {}
 
 def autotune_enabled() -> bool:
     return os.environ.get("SPHERE_FAST_AUTOTUNE", "1") != "0"
+
+
+def stored_choices_folder() -> Path | None:
+    """Where choices are written for later processes; None when SPHERE_FAST_TUNING_CACHE is 0."""
+    folder = os.environ.get("SPHERE_FAST_TUNING_CACHE")
+    if folder == "0":
+        return None
+    if folder:
+        return Path(folder)
+    try:
+        from triton import knobs
+
+        triton_cache = Path(knobs.cache.dir)
+    except (ImportError, AttributeError):  # a Triton without knobs: its default folder
+        triton_cache = Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
+    return triton_cache / "sphere_fast_tuning"
+
+
+@functools.cache
+def _code_id() -> str:
+    """The kernels and launchers a choice was timed with: sphere_fast's ops and kernels sources, Triton's and
+    torch's versions."""
+    import triton
+
+    import sphere_fast.kernels
+
+    digest = hashlib.sha256(f"{triton.__version__} {torch.__version__} {torch.version.cuda}".encode())
+    for folder in (Path(__file__).parent, Path(sphere_fast.kernels.__file__).parent):
+        for source in sorted(folder.glob("*.py")):
+            digest.update(source.read_bytes())
+    return digest.hexdigest()
+
+
+@functools.cache
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def _portable(key: Any) -> Any:
+    """The key with each device replaced by its model's name: a choice holds for every GPU of that model."""
+    if isinstance(key, torch.device):
+        return _device_name(key)
+    if isinstance(key, tuple):
+        return tuple(_portable(part) for part in key)
+    return key
+
+
+def _stored_choice_path(key: Hashable) -> Path | None:
+    folder = stored_choices_folder()
+    if folder is None:
+        return None
+    name = hashlib.sha256(f"{_code_id()} {_portable(key)!r}".encode()).hexdigest()[:40]
+    return folder / f"{name}.json"
+
+
+def _as_tuples(value: Any) -> Any:
+    # JSON writes a tuple as a list: back to the candidates' tuples
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def _stored_choice(key: Hashable, candidates: Sequence[C]) -> C | None:
+    """The choice an earlier process wrote for ``key``, if it is still one of the candidates."""
+    try:
+        path = _stored_choice_path(key)
+        if path is None or not path.exists():
+            return None
+        config = _as_tuples(json.loads(path.read_text())["config"])
+    except Exception as exc:  # unreadable or written by another version: tune again
+        logger.info("sphere_fast: %s: no stored launch config read (%r)", key, exc)
+        return None
+    return config if config in candidates else None
+
+
+def _store_choice(key: Hashable, config: Hashable) -> None:
+    """Write the choice for later processes (atomically: a reader sees the whole file or none). Only a
+    speed-up: a failure is logged."""
+    try:
+        path = _stored_choice_path(key)
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps({"key": repr(_portable(key)), "config": config}))
+        os.replace(partial, path)
+    except Exception as exc:
+        logger.info("sphere_fast: %s: the launch config was not stored (%r)", key, exc)
 
 
 def time_launch_ms(launch: Callable[[], object]) -> float:
@@ -113,12 +207,18 @@ def pick_config(
     a candidate other than the default that does not compile is skipped (``_compiled``).
     Without timing (one candidate, SPHERE_FAST_AUTOTUNE=0, inside a CUDA-graph capture, where the
     synchronization would break the capture, or inside a ``compile_pass``, which compiles every candidate)
-    the first candidate is returned and nothing is remembered."""
+    the first candidate is returned and nothing is remembered. A choice stored by an earlier process (module
+    docstring) is taken as it is, inside a pass too (which then compiles it alone)."""
     if len(candidates) == 1 or not autotune_enabled():
         return candidates[0]
     chosen = _chosen.get(key)
     if chosen is not None:
         return chosen  # type: ignore[return-value]
+    stored = _stored_choice(key, candidates)
+    if stored is not None:
+        _chosen[key] = stored
+        logger.info("sphere_fast: %s uses %s, as tuned by an earlier process", key, stored)
+        return stored
     if compiling_only():  # a compile pass: every candidate compiles with the pass's kernels, timed at the real call
         compile_ahead(key, candidates, precompile or launch)
         return candidates[0]
@@ -148,6 +248,7 @@ def pick_config(
         raise RuntimeError(f"sphere_fast: no launch config of {key} fits this GPU: {list(candidates)}")
     best = min(times, key=times.__getitem__)  # ties keep the earlier (default) candidate
     _chosen[key] = best
+    _store_choice(key, best)
     logger.info(
         "sphere_fast: %s tuned to %s (%s)", key, best, ", ".join(f"{c}: {ms:.3f} ms" for c, ms in times.items())
     )
@@ -163,5 +264,6 @@ def launch_tuned(
 
 
 def forget_tuned_configs() -> None:
-    """Drop every remembered choice (the next call of each key times its candidates again)."""
+    """Drop every choice this process remembers (the next call of each key reads a stored choice, or with
+    SPHERE_FAST_TUNING_CACHE=0 times its candidates again)."""
     _chosen.clear()
