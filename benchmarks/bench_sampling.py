@@ -16,8 +16,9 @@ against the bf16 matmul rate measured in the same run. Time to first image runs 
 fresh process (start-up and imports, CUDA initialisation, model build on the device, first call, synchronize)
 from the parent's clock, and records each stage (the imports of torch and sphere_fast from -X importtime; for
 the graph, the phases of its capture in the first call: compile pass, warm-up, capture). It
-runs with Triton's and inductor's on-disk kernel caches in a folder of its own, either empty (a machine's
-first run: every kernel compiles) or warm (filled by an untimed run first: every later process).
+runs with Triton's and inductor's on-disk kernel caches and sphere_fast's stored tuning choices in a folder of
+its own, either empty (a machine's first run: every kernel compiles) or warm (filled by an untimed run first:
+every later process), and for the graph also warm without stored choices (every tuned kernel timed again).
 Smoke mode (CPU): a tiny float32 model, batch 1 and 2, one call per case.
 
 The full grid takes long on a GPU (every compile case is a max-autotune compile); select rows with -k,
@@ -234,8 +235,10 @@ COLD_CASE = pick(real=(1, 4, 1.4), smoke=(1, 2, 1.4))  # batch, steps, cfg: one 
 
 
 IMPORTS_TIMED = ("torch", "sphere_fast")
-# The on-disk kernel caches a cold process finds: "empty" on a machine's first run, "warm" on every later one.
-CACHE_STATES = ("warm", "empty")
+# The on-disk caches a cold process finds: "empty" on a machine's first run, "warm" on every later one (Triton's
+# and inductor's kernels and sphere_fast's stored tuning choices), "warm-untuned" the kernels without the stored
+# choices (SPHERE_FAST_TUNING_CACHE=0: what the store saves a warm start).
+CACHE_STATES = ("warm", "empty", "warm-untuned")
 
 
 @contextlib.contextmanager
@@ -294,9 +297,11 @@ def import_seconds(importtime_log: str, modules: tuple[str, ...] = IMPORTS_TIMED
     return found
 
 
-def kernel_cache_env(folder: Path) -> dict[str, str]:
-    """This process's environment with Triton's and inductor's on-disk caches moved into ``folder``."""
-    caches = {"TRITON_CACHE_DIR": str(folder / "triton"), "TORCHINDUCTOR_CACHE_DIR": str(folder / "inductor")}
+def kernel_cache_env(folder: Path, store_tuning: bool = True) -> dict[str, str]:
+    """This process's environment with Triton's and inductor's on-disk caches and sphere_fast's stored tuning
+    choices moved into ``folder`` (or, without ``store_tuning``, the choices kept in memory only)."""
+    caches = {"TRITON_CACHE_DIR": str(folder / "triton"), "TORCHINDUCTOR_CACHE_DIR": str(folder / "inductor"),
+              "SPHERE_FAST_TUNING_CACHE": str(folder / "tuning") if store_tuning else "0"}
     return {**os.environ, **caches}
 
 
@@ -316,8 +321,10 @@ def first_image_process(name: str, impl: str, env: dict[str, str]) -> subprocess
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("impl", [pytest.param(i, id=i, marks=[] if SMOKE else [pytest.mark.slow]) for i in IMPLS])
 def test_time_to_first_image(benchmark, tmp_path: Path, impl: str, name: str, caches: str) -> None:
-    env = kernel_cache_env(tmp_path)
-    if caches == "warm":
+    if caches == "warm-untuned" and impl != "graph":
+        pytest.skip("the stored tuning choices are compared on the graph's first call only")
+    env = kernel_cache_env(tmp_path, store_tuning=caches != "warm-untuned")
+    if caches.startswith("warm"):
         first_image_process(name, impl, env)  # compiles into the caches, untimed
     spawned = time.time()
     proc = first_image_process(name, impl, env)

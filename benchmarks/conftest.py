@@ -68,6 +68,8 @@ HEADLINE = (
     # the host cost of one op call, which the un-captured sampler pays about 120 times a pass (issue 6)
     *(f"benchmarks/bench_dispatch.py::test_dispatch[{impl}-*]" for impl in ("eager", "triton", "cpp")),
     "benchmarks/bench_dispatch.py::test_dispatch_with_backward[*]",  # what the op rows' head start hides
+    # a warm start without the stored tuning choices: what the store saves (against the warm row above)
+    "benchmarks/bench_sampling.py::test_time_to_first_image[graph-sphere-l-imagenet-warm-untuned]",
     # the torch.compile(max-autotune) baselines last, as each compiles for minutes: each network compiled (two
     # networks to compile, not the 4-step loop's seven passes), its time to first image from empty caches, then
     # the whole loop compiled
