@@ -223,6 +223,18 @@ def test_captured_equals_uncaptured(cuda_model):
 
 
 @pytest.mark.gpu
+def test_captures_log_their_phases_on_cuda(cuda_model, caplog):
+    """On a GPU each capture logs its phases' seconds: the first with the compile pass, a later bucket without."""
+    sampler = Sampler(cuda_model, 8, 2, cfg=1.4)
+    with caplog.at_level("INFO", logger="sphere_fast"):
+        sampler.prepare(8)
+        sampler.prepare(2)
+    phases = [r.capture_seconds for r in caplog.records if hasattr(r, "capture_seconds")]
+    assert [list(p) for p in phases] == [["compile pass", "warm-up", "capture"], ["warm-up", "capture"]]
+    assert all(seconds > 0 for p in phases for seconds in p.values())
+
+
+@pytest.mark.gpu
 def test_replays_bit_identical_and_seeds_matter(cuda_model):
     sampler = Sampler(cuda_model, 8, 2, cfg=1.4)
     labels, seeds = LABELS.cuda(), SEEDS.cuda()
