@@ -119,6 +119,29 @@ def test_a_stored_choice_is_keyed_on_the_code_and_the_gpu_model(monkeypatch: pyt
     assert timer.timed == ["a", "b"] * 3, "other kernels are tuned again"
 
 
+@pytest.mark.gpu
+def test_an_op_tuned_on_cuda_stores_its_choice(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """On a GPU: the AdaLN forward (two candidates at D = 1024) stores what it timed, and a later process takes
+    it without timing, with the same output bits."""
+    from sphere_fast.ops import gated_residual_adaln
+
+    monkeypatch.setenv("SPHERE_FAST_TUNING_CACHE", str(tmp_path))
+    g = torch.Generator().manual_seed(0)
+    x, branch = (torch.randn(2, 64, 1024, generator=g).cuda().bfloat16() for _ in range(2))
+    gate, shift, scale = (torch.randn(2, 1, 1024, generator=g).cuda().bfloat16() for _ in range(3))
+    weight = torch.ones(1024, device="cuda", dtype=torch.bfloat16)
+    res, y = gated_residual_adaln(x, branch, gate, weight, shift, scale, backend="triton")
+    assert len(list(tmp_path.glob("*.json"))) == 1
+
+    def no_timing(launch) -> float:
+        raise AssertionError("a stored choice must not be timed again")
+
+    _tuning.forget_tuned_configs()
+    monkeypatch.setattr(_tuning, "time_launch_ms", no_timing)
+    res2, y2 = gated_residual_adaln(x, branch, gate, weight, shift, scale, backend="triton")
+    assert torch.equal(res, res2) and torch.equal(y, y2)
+
+
 def test_ties_keep_the_default() -> None:
     assert pick_config("k", ["a", "b"], lambda c: c, timer=FakeTimer({"a": 1.0, "b": 1.0})) == "a"
 
