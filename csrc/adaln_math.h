@@ -59,8 +59,9 @@ struct AdalnBwdParams {
 };
 
 // The backward's second stage: the B * chunks partial rows -> dweight [D] (all rows) and the per-sample dgate,
-// dshift, dscale [B, D] (sample b's chunks rows each), summed in row order in fp32 and rounded to the dtype.
-// A partial is nullptr when its grad is not summed here (absent, or per token); its grad pointer then too.
+// dshift, dscale [B, D] (sample b's chunks rows each), summed in fp32 (in adaln_sum_partial_group's order) and
+// rounded to the dtype. A partial is nullptr when its grad is not summed here (absent, or per token); its grad
+// pointer then too.
 struct AdalnFinishParams {
   const float* pw;
   const float* pg;
