@@ -273,7 +273,9 @@ def _triton_bwd(
     outputs = [t for t in (dx, dbranch, dg, dsh, dsc, pw, pg, psh, psc) if t is not None]
     launch_tuned(key, _bwd_stage_candidates(), launch, outputs)
 
-    dweight, dg, dsh, dsc = _finish_bwd(pw, pg, psh, psc, B, chunks, D, dg, dsh, dsc, d)
+    dweight, dg_s, dsh_s, dsc_s = _finish_bwd(pw, pg, psh, psc, B, chunks, D, d)
+    # a per-sample modulation's grad is summed in the second stage, a per-token one is complete already
+    dg, dsh, dsc = (tok if summed is None else summed for tok, summed in ((dg, dg_s), (dsh, dsh_s), (dsc, dsc_s)))
     return dx, dbranch, dg, dweight, dsh, dsc
 
 
@@ -284,11 +286,11 @@ FINISH_BLOCK_R, FINISH_BLOCK_D = 64, 32
 
 def _finish_bwd(
     pw: Tensor | None, pg: Tensor | None, psh: Tensor | None, psc: Tensor | None, B: int, chunks: int, D: int,
-    dg: Tensor | None, dsh: Tensor | None, dsc: Tensor | None, like: Tensor,
+    like: Tensor,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """The backward's second stage: the B*chunks partial rows of each column sum -> dweight [D] and the
     per-sample dgate, dshift, dscale [B, 1, D], in ``like``'s dtype, in one launch (eight torch ops before: a sum
-    and a cast each). A grad already complete (per token: dg, dsh, dsc given) or absent is passed through."""
+    and a cast each); None where its partial is None."""
     from sphere_fast.kernels.adaln import adaln_bwd_finish_kernel
 
     def grad(partial: Tensor | None, *shape: int) -> Tensor | None:
@@ -307,7 +309,7 @@ def _finish_bwd(
             HAS_W=pw is not None, HAS_GATE=pg is not None, HAS_SHIFT=psh is not None, HAS_SCALE=psc is not None,
             BLOCK_R=FINISH_BLOCK_R, BLOCK_D=FINISH_BLOCK_D, num_warps=4,
         )
-    return dweight, (dg if pg is None else dg_s), (dsh if psh is None else dsh_s), (dsc if psc is None else dsc_s)
+    return dweight, dg_s, dsh_s, dsc_s
 
 
 def _cpp_ext():
