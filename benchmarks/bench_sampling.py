@@ -213,7 +213,11 @@ def time_sampler(
         _reference_images[ref_key] = make_runner("eager", model, batch, steps, cfg)(labels, seeds).clone()
     memory = PeakMemory()  # from the runner's making to its last timed call
     run = make_runner(impl, model, batch, steps, cfg)
+    started = time.perf_counter()
     images = run(labels, seeds).clone()  # first call: capture / compile / autotune, and the correctness gate
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+    first_call_s = time.perf_counter() - started
     _reference_images.setdefault(ref_key, images)
     assert images.shape == (batch, 3, model.input_size, model.input_size) and bool(images.isfinite().all())
     diff = (images - _reference_images[ref_key]).abs().mean().item()
@@ -226,7 +230,8 @@ def time_sampler(
     flops = flops_per_image(name, steps, cfg)
     record(benchmark, op=f"sample {name}", impl=label or impl, shape=case_id(batch, steps, cfg), dtype=DTYPE, ms=ms,
            flops=flops * batch if flops else None, ceilings=ceilings,
-           extra={"images_per_s": batch / (ms * 1e-3), "mean_abs_diff_vs_eager": diff, "peak_gb": memory.gb()})
+           extra={"images_per_s": batch / (ms * 1e-3), "mean_abs_diff_vs_eager": diff, "peak_gb": memory.gb(),
+                  "first_call_s": first_call_s})
 
 
 # ------------------------------------------------------------------------------------- time to first image

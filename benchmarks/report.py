@@ -158,21 +158,38 @@ def cold_starts(records: Sequence[dict[str, Any]]) -> str:
     return "Time to first image, by stage:\n\n" + "\n".join(lines) + "\n\n" if lines else ""
 
 
-def peak_memory(records: Sequence[dict[str, Any]]) -> str:
-    """A table of the rows that recorded their peak memory (the sampler, the training step): GB above the
-    weights, by implementation."""
+def _by_impl(records: Sequence[dict[str, Any]], key: str, unit: str, ops: str = "") -> str:
+    """A table of the rows (of ops starting with ``ops``) that recorded ``key``: a line per case, a column per
+    implementation, headed "<impl> <unit>"; empty where no row recorded it."""
     by_case: dict[str, dict[str, float]] = {}
     for r in records:
-        if r.get("peak_gb") is not None:
-            by_case.setdefault(f"{r['op']} {goals.shape_label(r['shape'])} {r['dtype']}", {})[r["impl"]] = r["peak_gb"]
+        if r.get(key) is not None and r["op"].startswith(ops):
+            by_case.setdefault(f"{r['op']} {goals.shape_label(r['shape'])} {r['dtype']}", {})[r["impl"]] = r[key]
     if not by_case:
         return ""
     impl_cols = _impl_columns(impl for g in by_case.values() for impl in g)
-    lines = ["| case | " + " | ".join(f"{i} GB" for i in impl_cols) + " |", "|" + "---|" * (len(impl_cols) + 1)]
+    lines = ["| case | " + " | ".join(f"{i} {unit}" for i in impl_cols) + " |", "|" + "---|" * (len(impl_cols) + 1)]
     lines += [f"| {case} | " + " | ".join(_fmt(g.get(i), "n") for i in impl_cols) + " |" for case, g in by_case.items()]
-    return (
+    return "\n".join(lines)
+
+
+def peak_memory(records: Sequence[dict[str, Any]]) -> str:
+    """A table of the rows that recorded their peak memory (the sampler, the training step): GB above the
+    weights, by implementation."""
+    table = _by_impl(records, "peak_gb", "GB")
+    return table and (
         "Peak memory above the weights and inputs a case found, from its first call (capture, compile, the "
-        "first optimiser step) to its last timed one:\n\n" + "\n".join(lines) + "\n\n"
+        "first optimiser step) to its last timed one:\n\n" + table + "\n\n"
+    )
+
+
+def first_calls(records: Sequence[dict[str, Any]]) -> str:
+    """A table of the sampler rows' first calls in seconds (a process's first call at that shape: the compile,
+    capture or tuning it triggers, in a process that ran other cases before), by implementation."""
+    table = _by_impl(records, "first_call_s", "s", ops="sample ")
+    return table and (
+        "Each sampler case's first call, in seconds (what a compile, capture or tuning at that shape costs a "
+        "process that already ran other cases; time to first image above for a fresh process):\n\n" + table + "\n\n"
     )
 
 
@@ -183,7 +200,7 @@ def render(data: dict[str, Any]) -> str:
     return (
         f"{header(data)}\n\n### Goals\n\n{goals.table(recs)}\n\n### Pending choices\n\n{choices.table(recs)}\n\n"
         f"### All cases\n\n{table(recs)}\n\n"
-        f"{cold_starts(recs)}{peak_memory(recs)}"
+        f"{cold_starts(recs)}{first_calls(recs)}{peak_memory(recs)}"
         "Times are medians of CUDA-event timings (L2 flushed before each op-suite call, not in the sampler's loop), "
         "except the dispatch rows: the host's clock per call, the fastest of five rounds (bench_dispatch.py). "
         "Speedups and rates are those of the faster of our implementations (triton / cpp kernels; the "

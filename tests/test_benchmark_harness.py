@@ -276,6 +276,24 @@ def test_report_tables_the_peak_memory_by_implementation() -> None:
         {"extra_info": r} for r in records]})
 
 
+def test_report_tables_the_sampler_first_calls_by_implementation() -> None:
+    def row(op: str, impl: str, shape: str, first_call_s: float) -> dict:
+        return {"op": op, "impl": impl, "shape": shape, "dtype": "bf16", "ms": 1.0, "first_call_s": first_call_s}
+
+    records = [
+        row("sample sphere-l-imagenet", "compile_networks", "b64 t4 cfg1.4 combo", 212.0),
+        row("sample sphere-l-imagenet", "graph", "b64 t4 cfg1.4 combo", 2.5),
+        row("first image sphere-l-imagenet", "graph", "b1 t4 cfg1.4 combo, warm caches", 1.6),  # a fresh process
+    ]
+    lines = report.first_calls(records).splitlines()
+    assert lines[2:5] == ["| case | compile_networks s | graph s |", "|---|---|---|",
+                          "| sample sphere-l-imagenet b64 t4 cfg1.4 combo bf16 | 212 | 2.50 |"]
+    assert len(lines) == 6 and lines[-1] == ""
+    assert report.first_calls(records[2:]) == ""
+    assert "sampler case's first call" in report.render({**_result(), "benchmarks": [
+        {"extra_info": r} for r in records]})
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU path")
 def test_peak_memory_measures_nothing_on_cpu() -> None:
     assert harness.PeakMemory().gb() is None
