@@ -242,19 +242,24 @@ def _case_key(row: dict[str, Any]) -> tuple[str, str, str, str]:
     return row["op"], row["impl"], goals.shape_label(row["shape"]), row["dtype"]
 
 
-def latest_result(results_dir: Path = RESULTS_DIR) -> tuple[list[Path], dict[str, Any]] | None:
-    """The newest GPU (non-smoke) results file by its recorded date, merged with the older files of the same
-    commit and device (a lease's later calls), or None. A case measured twice keeps its newest row."""
+def gpu_results(results_dir: Path = RESULTS_DIR) -> list[tuple[Path, dict[str, Any]]]:
+    """The GPU (non-smoke) results files in ``results_dir`` with their contents, oldest first by recorded date."""
     found = []
     for path in sorted(results_dir.glob("*.json")):
         data = json.loads(path.read_text())
         if is_gpu_result(data):
             found.append((data.get("datetime", ""), path, data))
+    return [(path, data) for _, path, data in sorted(found, key=lambda f: f[0])]
+
+
+def latest_result(results_dir: Path = RESULTS_DIR) -> tuple[list[Path], dict[str, Any]] | None:
+    """The newest GPU (non-smoke) results file by its recorded date, merged with the older files of the same
+    commit and device (a lease's later calls), or None. A case measured twice keeps its newest row."""
+    found = gpu_results(results_dir)
     if not found:
         return None
-    found.sort(key=lambda f: f[0])
-    newest = found[-1][2]
-    lease = [(path, data) for _, path, data in found if _lease_key(data) == _lease_key(newest)]
+    newest = found[-1][1]
+    lease = [(path, data) for path, data in found if _lease_key(data) == _lease_key(newest)]
     merged: dict[tuple[str, str, str, str], dict[str, Any]] = {}
     for _, data in lease:
         merged.update((_case_key(r), {"extra_info": r}) for r in rows(data))
@@ -268,7 +273,11 @@ def readme_section(results_dir: Path = RESULTS_DIR) -> str:
         return NOT_MEASURED
     paths, data = latest
     names = " and ".join(f"`benchmarks/results/{path.name}`" for path in paths)
-    return f"From {names}.\n\n{render(data)}"
+    earlier = [f"`{path.name}`" for path, _ in gpu_results(results_dir) if path not in paths]
+    # the newest lease alone is tabled (one commit's numbers); older leases measured cases it may not have
+    older = (f" Earlier leases' files, for the cases this one did not measure: {', '.join(earlier)} (print one "
+             "with `python -m benchmarks.report benchmarks/results/<file>`)." if earlier else "")
+    return f"From {names}.{older}\n\n{render(data)}"
 
 
 def replace_section(text: str, section: str) -> str:

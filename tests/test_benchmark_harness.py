@@ -368,7 +368,9 @@ def test_readme_section_uses_latest_gpu_result(tmp_path: Path) -> None:
     (tmp_path / "a.json").write_text(json.dumps(older))
     (tmp_path / "b.json").write_text(json.dumps(_result("2026-11-20T08:30:00+00:00")))
     section = report.readme_section(tmp_path)
-    assert section.startswith("From `benchmarks/results/b.json`.") and "2026-11-20 08:30 UTC" in section
+    assert section.startswith("From `benchmarks/results/b.json`. Earlier leases' files, for the cases this one "
+                              "did not measure: `a.json` (print one")
+    assert "2026-11-20 08:30 UTC" in section and "smoke.json" not in section
 
 
 def test_readme_section_merges_the_calls_of_one_lease(tmp_path: Path) -> None:
@@ -383,7 +385,8 @@ def test_readme_section_merges_the_calls_of_one_lease(tmp_path: Path) -> None:
     for name, data in (("a.json", headline), ("b.json", suites), ("c.json", other)):
         (tmp_path / name).write_text(json.dumps(data))
     section = report.readme_section(tmp_path)
-    assert section.startswith("From `benchmarks/results/a.json` and `benchmarks/results/b.json`.")
+    assert section.startswith("From `benchmarks/results/a.json` and `benchmarks/results/b.json`. Earlier leases' "
+                              "files, for the cases this one did not measure: `c.json` (")
     assert "#### swiglu" in section and "#### rope" in section and "#### attention_fwd" not in section
     swiglu = section[section.index("#### swiglu"):section.index("#### copy")]
     assert "| 0.125 |" in swiglu and "| 0.250 |" not in swiglu and "| 1.00 |" in swiglu  # newer triton, eager kept
