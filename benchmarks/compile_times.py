@@ -1,13 +1,16 @@
 """Seconds to compile a sampler loop's Triton kernels and build their C launchers with empty caches, on this
 machine's CPU: one by one, as the first launches of a first call do it, and in the compile pass that the
-``Sampler`` runs before its first capture (``sphere_fast.ops._util.compile_pass``).
+``Sampler`` runs before its first capture (``sphere_fast.ops._util.compile_pass``); then that pass again in a
+later process, on the cache the first filled (what a warm start's pass costs the host).
 
     python -m benchmarks.compile_times [--model sphere-l-imagenet] [--layers 2] [--rounds 3]
 
-No GPU is used. Each way runs in a fresh process with an empty Triton cache (the two alternate, ``--rounds``
-times): the loop (batch 1, 2 steps, CFG 1.4, bf16, backend triton) runs on CPU tensors with Triton's driver
-replaced by ``tests/sm90.py``'s stand-in, so each kernel compiles for sm_90a, for the arguments of its launch;
-each launcher is built with gcc against a stub libcuda made here (it then fails to load, which the pass ignores).
+No GPU is used. Each way runs in a fresh process (the three alternate, ``--rounds`` times), the first two with
+an empty Triton cache: the loop (batch 1, 2 steps, CFG 1.4, bf16, backend triton) runs on CPU tensors with
+Triton's driver replaced by ``tests/sm90.py``'s stand-in, so each kernel compiles for sm_90a, for the arguments of
+its launch; each launcher is built with gcc against a stub libcuda made here, whose driver functions all fail,
+and loads (nothing is launched). The warm pass leaves out what a GPU adds: loading the kernels onto it, and the
+first use of torch's own CUDA kernels and libraries.
 The model keeps the preset's widths and heads with ``--layers`` blocks a network: every block runs the same
 kernels. A process's time is that of the loop with the compiles less that of the same loop run again (the
 compiles then cached in memory). Prints one line per run and the median of each way. "One by one" compiles a
@@ -28,13 +31,25 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-WAYS = ("one by one", "compile pass")
+CHILD_MODES = ("one by one", "compile pass")
+# each way: its child's mode and the Triton cache folder it runs on; the warm pass runs right after the cold pass
+# of its round, on the cache that one filled
+WAYS = {"one by one": ("one by one", "one-by-one"), "compile pass": ("compile pass", "pass"),
+        "compile pass, warm cache": ("compile pass", "pass")}
+
+
+# The driver functions a Triton 3.6 launcher imports (`nm -D --undefined-only` of the built modules): with them
+# the stub lets a launcher load, as on a GPU machine, so a warm cache's launchers are loaded, not built again.
+DRIVER_SYMBOLS = ("cuCtxGetCurrent", "cuCtxSetCurrent", "cuDeviceGet", "cuDevicePrimaryCtxRetain",
+                  "cuFuncSetAttribute", "cuGetErrorString", "cuPointerGetAttribute")
+CUDA_ERROR_NOT_SUPPORTED = 801
 
 
 def stub_libcuda(folder: Path) -> Path:
-    """A libcuda.so with no symbols, enough for gcc to link Triton's launchers where no driver is installed."""
+    """A libcuda.so whose driver functions all fail, enough for gcc to link Triton's launchers and for them to
+    load where no driver is installed (nothing is launched)."""
     source = folder / "stub.c"
-    source.write_text("int sphere_fast_stub(void) { return 0; }\n")
+    source.write_text("".join(f"int {name}(void) {{ return {CUDA_ERROR_NOT_SUPPORTED}; }}\n" for name in DRIVER_SYMBOLS))
     subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(folder / "libcuda.so.1"), str(source)], check=True)
     (folder / "libcuda.so").symlink_to("libcuda.so.1")
     return folder
@@ -44,6 +59,7 @@ def child(way: str, model_name: str, layers: int) -> dict[str, float]:
     """In a fresh process (interpreter off): the loop with its compiles, then again; seconds and kernel count."""
     import torch
     from triton.backends.nvidia.driver import CudaLauncher
+    from triton.runtime import build as triton_build
     from triton.runtime.jit import JITFunction
 
     from sphere_fast import MODEL_SIZES, PRESETS, SphereEncoder, use_backend
@@ -63,6 +79,9 @@ def child(way: str, model_name: str, layers: int) -> dict[str, float]:
         return kernel
 
     JITFunction._do_compile = recording_compile
+    builds = []  # a launcher's C module compiled by gcc: none when the cache holds every one and each loads
+    build_ = triton_build._build
+    triton_build._build = lambda *args, **kwargs: builds.append(args[0]) or build_(*args, **kwargs)
     config = dict(PRESETS[model_name]["config"])
     for network in ("vit_enc_model_size", "vit_dec_model_size"):
         config[network] = {**MODEL_SIZES[config[network]], "layers": layers}
@@ -89,7 +108,7 @@ def child(way: str, model_name: str, layers: int) -> dict[str, float]:
     first = run(way == "compile pass")
     again = run(False)
     kernels = sum(len(kernel.device_caches[0][0]) for kernel in compiled)
-    return {"seconds": first - again, "loop_seconds": again, "kernels": kernels}
+    return {"seconds": first - again, "loop_seconds": again, "kernels": kernels, "launcher_builds": len(builds)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -97,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="sphere-l-imagenet")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--child", choices=WAYS, help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=CHILD_MODES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child, args.model, args.layers)))
@@ -106,12 +125,13 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         libcuda = stub_libcuda(Path(tmp))
         for round_ in range(args.rounds):
-            for way in WAYS:
-                cache = Path(tmp) / f"triton-{round_}-{way.replace(' ', '-')}"
+            for way, (mode, folder) in WAYS.items():
+                cache = Path(tmp) / f"triton-{round_}-{folder}"
                 env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(cache),
-                       "TRITON_LIBCUDA_PATH": str(libcuda)}
+                       "TRITON_LIBCUDA_PATH": str(libcuda),
+                       "LD_LIBRARY_PATH": os.pathsep.join(filter(None, (str(libcuda), os.environ.get("LD_LIBRARY_PATH"))))}
                 proc = subprocess.run(
-                    [sys.executable, "-m", "benchmarks.compile_times", "--child", way, "--model", args.model,
+                    [sys.executable, "-m", "benchmarks.compile_times", "--child", mode, "--model", args.model,
                      "--layers", str(args.layers)],
                     cwd=ROOT, env=env, capture_output=True, text=True,
                 )
@@ -119,8 +139,9 @@ def main(argv: list[str] | None = None) -> None:
                     raise SystemExit(f"{way}: the child process failed:\n{proc.stderr[-4000:]}")
                 result = json.loads(proc.stdout.strip().splitlines()[-1])
                 seconds[way].append(result["seconds"])
-                print(f"round {round_ + 1}, {way}: {result['seconds']:.2f} s for {result['kernels']} kernels "
-                      f"(the loop itself {result['loop_seconds']:.2f} s)", flush=True)
+                print(f"round {round_ + 1}, {way}: {result['seconds']:.2f} s for {result['kernels']} kernels, "
+                      f"{result['launcher_builds']} launchers built (the loop itself {result['loop_seconds']:.2f} s)",
+                      flush=True)
     print(", ".join(f"{way}: median {statistics.median(s):.2f} s" for way, s in seconds.items()))
 
 
