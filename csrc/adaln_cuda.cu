@@ -1,8 +1,8 @@
 // CUDA AdaLN kernels (torch-free; launched from adaln_binding.cpp). Math in adaln_math.h, shared with
 // the CPU kernels. Thread t of a block owns columns t, t + blockDim, ... (at most MAXC of them), so a row
 // lives in registers between its reduction and its output pass and every access is coalesced. Where every
-// row and modulation is 16-byte aligned (the model's widths), the forward's thread t owns 16-byte vectors of
-// columns instead: vector t, t + blockDim, ... (at most MAXV of them).
+// row and modulation is 16-byte aligned (the model's widths), a forward or backward thread t owns 16-byte vectors
+// of columns instead: vector t, t + blockDim, ... (at most MAXV of them).
 #include <cuda_runtime.h>
 
 #include "adaln_math.h"
@@ -167,6 +167,108 @@ __global__ __launch_bounds__(kMaxThreads) void adaln_bwd_kernel(const AdalnBwdPa
   }
 }
 
+// V fp32 values to 16-byte aligned memory, four at a time.
+template <int V>
+__device__ __forceinline__ void store_floats(float* out, const float (&v)[V]) {
+  static_assert(V % 4 == 0, "whole 16-byte vectors of fp32");
+#pragma unroll
+  for (int j = 0; j < V; j += 4) {
+    Vec16<float> f;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) f[k] = v[j + k];
+    store16(out + j, f);
+  }
+}
+
+// V values rounded to T, as one 16-byte store.
+template <typename T>
+__device__ __forceinline__ void store_columns(void* out, int64_t o, const float (&v)[Vec16<T>::kLen]) {
+  Vec16<T> t;
+#pragma unroll
+  for (int k = 0; k < Vec16<T>::kLen; ++k) t[k] = from_f<T>(v[k]);
+  store16(static_cast<T*>(out) + o, t);
+}
+
+// adaln_bwd_kernel on 16-byte vectors: the same per-column math (adaln_norm_grads, adaln_dres).
+template <typename T, int MAXV>
+__global__ __launch_bounds__(kMaxThreads) void adaln_bwd_vec_kernel(const AdalnBwdParams p) {
+  constexpr int V = Vec16<T>::kLen;
+  __shared__ float smem[32];
+  const int64_t b = blockIdx.x, c = blockIdx.y, D = p.D;
+  const int64_t s_begin = c * p.rows_per_prog;
+  const int64_t s_end = s_begin + p.rows_per_prog < p.S ? s_begin + p.rows_per_prog : p.S;
+  float w[MAXV][V], aw[MAXV][V], ag[MAXV][V], ash[MAXV][V], asc[MAXV][V];
+#pragma unroll
+  for (int i = 0; i < MAXV; ++i) {
+    const int64_t d = (threadIdx.x + static_cast<int64_t>(i) * blockDim.x) * V;
+    load_columns<T>(d < D ? p.weight : nullptr, d, 1.f, w[i]);
+#pragma unroll
+    for (int k = 0; k < V; ++k) aw[i][k] = ag[i][k] = ash[i][k] = asc[i][k] = 0.f;
+  }
+  for (int64_t s = s_begin; s < s_end; ++s) {
+    const int64_t row = b * p.S + s, ro = row * D;
+    const int64_t sco = b * p.ssc_b + s * p.ssc_s, go = b * p.sg_b + s * p.sg_s, bro = b * p.sbr_b + s * p.sbr_s;
+    const float rstd = p.rstd[row];
+    float n[MAXV][V], dn[MAXV][V];
+    float dot = 0.f;
+#pragma unroll
+    for (int i = 0; i < MAXV; ++i) {
+      const int64_t d = (threadIdx.x + static_cast<int64_t>(i) * blockDim.x) * V;
+      if (d >= D) continue;
+      float dy[V], res[V], sc[V], dscale[V];
+      load_columns<T>(p.dy, ro + d, 0.f, dy);
+      load_columns<T>(p.res, ro + d, 0.f, res);
+      load_columns<T>(p.scale, sco + d, 0.f, sc);
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const AdalnNormGrads g = adaln_norm_grads(dy[k], res[k], rstd, w[i][k], 1.f + sc[k]);
+        n[i][k] = g.n;
+        dn[i][k] = g.dn;
+        dot += g.dn * g.n;
+        aw[i][k] += g.dweight;
+        dscale[k] = g.dscale;
+        asc[i][k] += g.dscale;  // left unwritten when scale is absent or per token
+        ash[i][k] += dy[k];     // likewise for shift
+      }
+      if (p.dscale) store_columns<T>(p.dscale, ro + d, dscale);
+      if (p.dshift) store_columns<T>(p.dshift, ro + d, dy);
+    }
+    const float mean_dn_n = block_sum(dot, smem) / static_cast<float>(D);
+#pragma unroll
+    for (int i = 0; i < MAXV; ++i) {
+      const int64_t d = (threadIdx.x + static_cast<int64_t>(i) * blockDim.x) * V;
+      if (d >= D) continue;
+      float dres[V], dr[V];
+      load_columns<T>(p.dres, ro + d, 0.f, dres);
+#pragma unroll
+      for (int k = 0; k < V; ++k) dr[k] = adaln_dres(dn[i][k], n[i][k], mean_dn_n, rstd, dres[k]);
+      store_columns<T>(p.dx, ro + d, dr);
+      if (!p.branch) continue;
+      float g[V], br[V], dbranch[V], dgate[V];
+      load_columns<T>(p.gate, go + d, 1.f, g);
+      load_columns<T>(p.gate ? p.branch : nullptr, bro + d, 0.f, br);
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        dbranch[k] = dr[k] * g[k];
+        dgate[k] = dr[k] * br[k];
+        ag[i][k] += dgate[k];  // left unwritten without a gate or when it is per token
+      }
+      store_columns<T>(p.dbranch, ro + d, dbranch);
+      if (p.dgate) store_columns<T>(p.dgate, ro + d, dgate);
+    }
+  }
+  const int64_t po = (b * p.chunks + c) * D;
+#pragma unroll
+  for (int i = 0; i < MAXV; ++i) {
+    const int64_t d = (threadIdx.x + static_cast<int64_t>(i) * blockDim.x) * V;
+    if (d >= D) continue;
+    if (p.pw) store_floats(p.pw + po + d, aw[i]);
+    if (p.pg) store_floats(p.pg + po + d, ag[i]);
+    if (p.psh) store_floats(p.psh + po + d, ash[i]);
+    if (p.psc) store_floats(p.psc + po + d, asc[i]);
+  }
+}
+
 // The backward's second stage: block (b, j) sums columns [j * kFinishColumns, ...) of program b's sums
 // (adaln_math.h), warp g of the block group g of their rows.
 constexpr int kFinishColumns = 32;
@@ -225,11 +327,42 @@ void fwd_launch(const AdalnFwdParams& p, cudaStream_t st) {
   else adaln_fwd_kernel<T, 16><<<grid, threads_for(p.D, 16), 0, st>>>(p);
 }
 
+// Every row the backward reads or writes starts 16-byte aligned: bases, the modulations' and branch's row strides
+// and D multiples of 16 bytes (the contiguous [B*S, D] tensors' rows then are too).
+template <typename T>
+bool bwd_vectorizable(const AdalnBwdParams& p) {
+  constexpr int64_t V = Vec16<T>::kLen;
+  for (const int64_t n : {p.D, p.sbr_b, p.sbr_s, p.sg_b, p.sg_s, p.ssc_b, p.ssc_s})
+    if (n % V != 0) return false;
+  for (const void* base : {p.dy, p.dres, p.res, p.branch, p.gate, p.weight, p.scale, static_cast<const void*>(p.dx),
+                           static_cast<const void*>(p.dbranch), static_cast<const void*>(p.dgate),
+                           static_cast<const void*>(p.dshift), static_cast<const void*>(p.dscale),
+                           static_cast<const void*>(p.pw), static_cast<const void*>(p.pg),
+                           static_cast<const void*>(p.psh), static_cast<const void*>(p.psc)})
+    if (!aligned16(base)) return false;
+  return true;
+}
+
 template <typename T>
 void bwd_launch(const AdalnBwdParams& p, cudaStream_t st) {
   // batch on x (up to 2^31 - 1 blocks; y and z stop at 65535), chunks on y
   const dim3 grid(static_cast<unsigned>(p.B), static_cast<unsigned>(p.chunks));
-  if (p.D <= 4 * kMaxThreads) adaln_bwd_kernel<T, 4><<<grid, threads_for(p.D, 4), 0, st>>>(p);
+  if (bwd_vectorizable<T>(p)) {
+    const int64_t vectors = p.D / Vec16<T>::kLen;
+    if (vectors <= kMaxThreads) {
+      adaln_bwd_vec_kernel<T, 1><<<grid, threads_for(vectors, 1), 0, st>>>(p);
+      return;
+    }
+    // Four vectors a thread only in fp32 (D = 4096 is 1024 of its vectors): 16-bit types have at most 512, and
+    // their four-vector kernel would spill.
+    if constexpr (sizeof(T) == 4) {
+      if (vectors > 2 * kMaxThreads) {
+        adaln_bwd_vec_kernel<T, 4><<<grid, threads_for(vectors, 4), 0, st>>>(p);
+        return;
+      }
+    }
+    adaln_bwd_vec_kernel<T, 2><<<grid, threads_for(vectors, 2), 0, st>>>(p);
+  } else if (p.D <= 4 * kMaxThreads) adaln_bwd_kernel<T, 4><<<grid, threads_for(p.D, 4), 0, st>>>(p);
   else if (p.D <= 8 * kMaxThreads) adaln_bwd_kernel<T, 8><<<grid, threads_for(p.D, 8), 0, st>>>(p);
   else adaln_bwd_kernel<T, 16><<<grid, threads_for(p.D, 16), 0, st>>>(p);
 }

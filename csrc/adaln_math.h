@@ -97,6 +97,17 @@ SF_HD float adaln_dres(float dn, float n, float mean_dn_n, float rstd, float dre
   return rstd * (dn - n * mean_dn_n) + dres;
 }
 
+// Backward, first pass, on one column's values (one_sc = 1 + scale): the normalised n, dn = dy * w * one_sc, and
+// the column's terms of the weight's and the scale's grads.
+struct AdalnNormGrads {
+  float n, dn, dweight, dscale;
+};
+
+SF_HD AdalnNormGrads adaln_norm_grads(float dy, float res, float rstd, float w, float one_sc) {
+  const float n = res * rstd;
+  return {n, dy * w * one_sc, dy * n * one_sc, dy * n * w};
+}
+
 // Per-column steps of the kernels, which keep their own loops and row reductions. d is the column; ro is the
 // row's offset into the contiguous [B*S, D] outputs (and dy, dres, res), xo / bro / go / sho / sco its offsets
 // into x, branch, gate, shift and scale. IO is the kernel file's element access policy:
@@ -131,13 +142,14 @@ SF_HD void adaln_bwd_norm_col(const AdalnBwdParams& p, int64_t d, int64_t ro, in
                               float& n, float& dn, float& dot, float& aw, float& ash, float& asc) {
   const float dy = IO::ld(p.dy, ro + d);
   const float one_sc = 1.f + (p.scale ? IO::ld(p.scale, sco + d) : 0.f);
-  n = IO::ld(p.res, ro + d) * rstd;
-  dn = dy * w * one_sc;
+  const AdalnNormGrads g = adaln_norm_grads(dy, IO::ld(p.res, ro + d), rstd, w, one_sc);
+  n = g.n;
+  dn = g.dn;
   dot += dn * n;
-  aw += dy * n * one_sc;
+  aw += g.dweight;
   if (p.scale) {
-    if (p.dscale) IO::st(p.dscale, ro + d, dy * n * w);
-    else asc += dy * n * w;
+    if (p.dscale) IO::st(p.dscale, ro + d, g.dscale);
+    else asc += g.dscale;
   }
   if (p.has_shift) {
     if (p.dshift) IO::st(p.dshift, ro + d, dy);

@@ -123,7 +123,7 @@ def test_triton_swiglu_flat_forward_sm90() -> None:
 
 @needs_nvcc
 @needs_cuobjdump
-@pytest.mark.parametrize("source,kernels", [("adaln_cuda.cu", 30), ("swiglu_cuda.cu", 12)])
+@pytest.mark.parametrize("source,kernels", [("adaln_cuda.cu", 37), ("swiglu_cuda.cu", 12)])
 def test_cuda_sources_sm90(source: str, kernels: int) -> None:
     compiled = sm90.compile_cuda_sm90(CSRC / source, [CSRC], defines=["SPHERE_FAST_WITH_CUDA"])
     assert len(compiled) == kernels, sorted(compiled)  # every dtype x column-count instantiation is built
@@ -157,6 +157,25 @@ def test_cuda_adaln_forward_vector_kernels_move_16_bytes_an_access() -> None:
         per_thread = int(re.search(r"Li(\d)E", name).group(1))
         memory = {op: n for op, n in ops.items() if op.startswith(("LDG", "STG"))}
         assert memory == {"LDG.E.128": 6 * per_thread, "STG.E.128": 2 * per_thread, "STG.E": 1}, (name, memory)
+
+
+@needs_nvcc
+@needs_cuobjdump
+def test_cuda_adaln_backward_vector_kernels_move_16_bytes_an_access() -> None:
+    """The C++ AdaLN backward for 16-byte aligned rows, per vector of columns: the weight's 128-bit load before
+    the row loop, six in it (dy, res, scale; dres, gate, branch) and five 128-bit stores (dscale, dshift; dx,
+    dbranch, dgate), then the four fp32 partial rows as 128-bit stores (two each for 8 bf16 / fp16 columns, one
+    for 4 fp32); the row's rstd is the one 32-bit load. Four vectors a thread in fp32 only (a 16-bit width of
+    4096 is 512 vectors)."""
+    compiled = sm90.compile_cuda_sm90(CSRC / "adaln_cuda.cu", [CSRC], defines=["SPHERE_FAST_WITH_CUDA"])
+    vector = {name: ops for name, ops in compiled.opcodes_by_kernel().items() if "adaln_bwd_vec_kernel" in name}
+    assert len(vector) == 7, sorted(compiled)  # 1 or 2 vectors a thread in each dtype, 4 in fp32
+    for name, ops in vector.items():
+        per_thread = int(re.search(r"Li(\d)E", name).group(1))
+        partial_stores = 4 if "vec_kernelIf" in name else 8
+        memory = {op: n for op, n in ops.items() if op.startswith(("LDG", "STG"))}
+        expected = {"LDG.E.128": 7 * per_thread, "LDG.E": 1, "STG.E.128": (5 + partial_stores) * per_thread}
+        assert memory == expected, (name, memory)
 
 
 @needs_nvcc
