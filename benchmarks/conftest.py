@@ -96,6 +96,10 @@ def pytest_benchmark_update_machine_info(config: Any, machine_info: dict[str, An
     machine_info["sphere_fast"] = harness.environment(_session_ceilings[0] if _session_ceilings else None)
 
 
+def pytest_benchmark_update_commit_info(config: Any, commit_info: dict[str, Any]) -> None:
+    commit_info.update(harness.stated_commit(commit_info))
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     # gpu_check sets a deadline so that a suite running long still ends cleanly and writes its JSON.
     deadline = os.environ.get("SPHERE_FAST_BENCH_DEADLINE")

@@ -336,13 +336,14 @@ def _read_json(path: Path | None) -> dict[str, object] | None:
 
 
 def _commit() -> dict[str, object]:
-    """The checkout's commit, as pytest-benchmark records it (empty where this is no git checkout)."""
+    """The checkout's commit, as pytest-benchmark records it (empty where this is no git checkout), or the one
+    $SPHERE_FAST_COMMIT states."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
         status = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True)
     except (OSError, subprocess.CalledProcessError):
-        return {}
-    return {"id": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
+        return harness.stated_commit({})
+    return harness.stated_commit({"id": head.stdout.strip(), "dirty": bool(status.stdout.strip())})
 
 
 def _device_name() -> str:

@@ -50,6 +50,9 @@ DEVICE: torch.device = torch.device("cuda" if torch.cuda.is_available() else "cp
 L2_FLUSH_BYTES = 256 * 1024 * 1024  # several times the H200's 60 MB L2
 OURS = ("triton", "cpp")  # the impl names that are this project's kernels
 ROWS_ENV = "SPHERE_FAST_BENCH_ROWS"  # gpu_check sets it: a JSON-lines file each recorded case is appended to
+# The commit a run measures, stated by whoever starts it: a lent machine gets the working tree with git metadata
+# of an earlier commit (2026-11-29 and -30: the JSON said 0a737ba, dirty, for 9ebd630).
+COMMIT_ENV = "SPHERE_FAST_COMMIT"
 
 T = TypeVar("T")
 
@@ -391,6 +394,16 @@ def impls(
 
 
 # ------------------------------------------------------------------------------------------ environment
+
+
+def stated_commit(commit_info: dict[str, Any]) -> dict[str, Any]:
+    """``commit_info`` (pytest-benchmark's git id and dirty flag) with the id $SPHERE_FAST_COMMIT states, where
+    set; what git said is kept as ``git_id`` / ``git_dirty``."""
+    stated = os.environ.get(COMMIT_ENV, "").strip()
+    if not stated:
+        return commit_info
+    return {**commit_info, "id": stated, "dirty": False, "git_id": commit_info.get("id"),
+            "git_dirty": commit_info.get("dirty")}
 
 
 def device_name() -> str:

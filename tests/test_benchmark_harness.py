@@ -355,6 +355,23 @@ def test_capture_phases_sums_the_samplers_capture_logs() -> None:
     assert log.level == level and not any(type(h).__name__ == "Collect" for h in log.handlers)
 
 
+def test_a_stated_commit_replaces_the_git_metadata(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lent machine's git metadata is stale: $SPHERE_FAST_COMMIT names the commit measured, in the JSON
+    pytest-benchmark writes (the conftest hook) and in the one gpu_check rebuilds from streamed rows."""
+    from benchmarks import conftest as bench_conftest
+
+    monkeypatch.delenv(harness.COMMIT_ENV, raising=False)
+    git = {"id": "0a737bad", "dirty": True, "branch": "main"}
+    assert harness.stated_commit(git) == git
+    monkeypatch.setenv(harness.COMMIT_ENV, "9ebd630")
+    stated = {"id": "9ebd630", "dirty": False, "branch": "main", "git_id": "0a737bad", "git_dirty": True}
+    assert harness.stated_commit(git) == stated
+    hooked = dict(git)
+    bench_conftest.pytest_benchmark_update_commit_info(None, hooked)
+    assert hooked == stated
+    assert gpu_check._commit()["id"] == "9ebd630"
+
+
 def test_report_flags_smoke_runs() -> None:
     assert "not measurements" in report.render(_result(smoke=True))
 
