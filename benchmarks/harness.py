@@ -428,7 +428,9 @@ def nvidia_smi() -> dict[str, str] | None:
 
 
 def environment(ceilings: Ceilings | None = None) -> dict[str, Any]:
-    """What a result depends on: device, driver, clocks, versions, smoke flag and the ceilings."""
+    """What a result depends on: device, driver, clocks, versions, CPUs, smoke flag and the ceilings."""
+    from torch._inductor import config as inductor_config
+
     try:
         import triton
 
@@ -441,6 +443,9 @@ def environment(ceilings: Ceilings | None = None) -> dict[str, Any]:
         "cuda": torch.version.cuda,
         "triton": triton_version,
         "smoke": SMOKE,
+        # torch.compile rows spend minutes compiling: inductor's parallel compiles depend on these
+        "cpus": len(os.sched_getaffinity(0)),
+        "inductor_compile_threads": inductor_config.compile_threads,
         "nvidia_smi": nvidia_smi(),
         "ceilings": asdict(ceilings) if ceilings else None,
     }

@@ -76,6 +76,8 @@ def header(data: dict[str, Any]) -> str:
             f"(max {smi.get('clocks.max.sm')}), memory {smi.get('clocks.mem')}, {smi.get('power.draw')}"
         )
     parts.append(f"torch {env.get('torch')} (CUDA {env.get('cuda')}), triton {env.get('triton')}")
+    if env.get("cpus"):
+        parts.append(f"{env['cpus']} CPUs, inductor compile threads {env.get('inductor_compile_threads')}")
     if commit.get("id"):
         parts.append(f"commit {commit['id'][:10]}{' (dirty)' if commit.get('dirty') else ''}")
     lines = [", ".join(parts) + "."]

@@ -372,6 +372,17 @@ def test_a_stated_commit_replaces_the_git_metadata(monkeypatch: pytest.MonkeyPat
     assert gpu_check._commit()["id"] == "9ebd630"
 
 
+def test_environment_records_the_cpus_and_the_report_names_them() -> None:
+    """torch.compile's rows compile for minutes, in parallel where inductor may: the CPUs and inductor's compile
+    threads are part of a result's environment and its header."""
+    env = harness.environment()
+    assert env["cpus"] >= 1 and env["inductor_compile_threads"] >= 1
+    data = {**_result(), "machine_info": {"sphere_fast": {**_result()["machine_info"]["sphere_fast"], "cpus": 16,
+                                                          "inductor_compile_threads": 1}}}
+    assert "16 CPUs, inductor compile threads 1" in report.header(data)
+    assert "CPUs" not in report.header(_result())  # a file from before they were recorded
+
+
 def test_report_flags_smoke_runs() -> None:
     assert "not measurements" in report.render(_result(smoke=True))
 
