@@ -49,14 +49,16 @@ def stub_libcuda(folder: Path) -> Path:
     """A libcuda.so whose driver functions all fail, enough for gcc to link Triton's launchers and for them to
     load where no driver is installed (nothing is launched)."""
     source = folder / "stub.c"
-    source.write_text("".join(f"int {name}(void) {{ return {CUDA_ERROR_NOT_SUPPORTED}; }}\n" for name in DRIVER_SYMBOLS))
+    failing = (f"int {name}(void) {{ return {CUDA_ERROR_NOT_SUPPORTED}; }}\n" for name in DRIVER_SYMBOLS)
+    source.write_text("".join(failing))
     subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(folder / "libcuda.so.1"), str(source)], check=True)
     (folder / "libcuda.so").symlink_to("libcuda.so.1")
     return folder
 
 
 def child(way: str, model_name: str, layers: int) -> dict[str, float]:
-    """In a fresh process (interpreter off): the loop with its compiles, then again; seconds and kernel count."""
+    """In a fresh process (interpreter off): the loop with its compiles, then again; seconds, kernel count and the
+    launchers gcc built."""
     import torch
     from triton.backends.nvidia.driver import CudaLauncher
     from triton.runtime import build as triton_build
@@ -124,12 +126,14 @@ def main(argv: list[str] | None = None) -> None:
     seconds: dict[str, list[float]] = {way: [] for way in WAYS}
     with tempfile.TemporaryDirectory() as tmp:
         libcuda = stub_libcuda(Path(tmp))
+        # where a launcher, loading, finds the stub
+        library_path = os.pathsep.join(filter(None, (str(libcuda), os.environ.get("LD_LIBRARY_PATH"))))
         for round_ in range(args.rounds):
             for way, (mode, folder) in WAYS.items():
                 cache = Path(tmp) / f"triton-{round_}-{folder}"
                 env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(cache),
                        "TRITON_LIBCUDA_PATH": str(libcuda),
-                       "LD_LIBRARY_PATH": os.pathsep.join(filter(None, (str(libcuda), os.environ.get("LD_LIBRARY_PATH"))))}
+                       "LD_LIBRARY_PATH": library_path}
                 proc = subprocess.run(
                     [sys.executable, "-m", "benchmarks.compile_times", "--child", mode, "--model", args.model,
                      "--layers", str(args.layers)],
