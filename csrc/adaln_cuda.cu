@@ -5,6 +5,8 @@
 // of columns instead: vector t, t + blockDim, ... (at most MAXV of them).
 #include <cuda_runtime.h>
 
+#include <initializer_list>
+
 #include "adaln_math.h"
 #include "sf_cuda_util.cuh"
 
@@ -68,6 +70,28 @@ __device__ __forceinline__ void load_columns(const void* input, int64_t o, float
   for (int k = 0; k < Vec16<T>::kLen; ++k) out[k] = to_f(v[k]);
 }
 
+// V fp32 values to 16-byte aligned memory, four at a time.
+template <int V>
+__device__ __forceinline__ void store_floats(float* out, const float (&v)[V]) {
+  static_assert(V % 4 == 0, "whole 16-byte vectors of fp32");
+#pragma unroll
+  for (int j = 0; j < V; j += 4) {
+    Vec16<float> f;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) f[k] = v[j + k];
+    store16(out + j, f);
+  }
+}
+
+// V values rounded to T, as one 16-byte store.
+template <typename T>
+__device__ __forceinline__ void store_columns(void* out, int64_t o, const float (&v)[Vec16<T>::kLen]) {
+  Vec16<T> t;
+#pragma unroll
+  for (int k = 0; k < Vec16<T>::kLen; ++k) t[k] = from_f<T>(v[k]);
+  store16(static_cast<T*>(out) + o, t);
+}
+
 // adaln_fwd_kernel on 16-byte vectors: the same per-column math (adaln_fwd_res_col, adaln_fwd_out_col).
 template <typename T, int MAXV>
 __global__ __launch_bounds__(kMaxThreads) void adaln_fwd_vec_kernel(const AdalnFwdParams p) {
@@ -109,14 +133,13 @@ __global__ __launch_bounds__(kMaxThreads) void adaln_fwd_vec_kernel(const AdalnF
   for (int i = 0; i < MAXV; ++i) {
     const int64_t d = (threadIdx.x + static_cast<int64_t>(i) * blockDim.x) * V;
     if (d >= D) continue;
-    float w[V], sc[V], sh[V];
+    float w[V], sc[V], sh[V], y[V];
     load_columns<T>(p.weight, d, 1.f, w);
     load_columns<T>(p.scale, sco + d, 0.f, sc);
     load_columns<T>(p.shift, sho + d, 0.f, sh);
-    Vec16<T> y;
 #pragma unroll
-    for (int k = 0; k < V; ++k) y[k] = from_f<T>(adaln_out(r[i][k], rstd, w[k], sc[k], sh[k]));
-    store16(static_cast<T*>(p.y) + row * D + d, y);
+    for (int k = 0; k < V; ++k) y[k] = adaln_out(r[i][k], rstd, w[k], sc[k], sh[k]);
+    store_columns<T>(p.y, row * D + d, y);
   }
 }
 
@@ -165,28 +188,6 @@ __global__ __launch_bounds__(kMaxThreads) void adaln_bwd_kernel(const AdalnBwdPa
       if (p.psc) p.psc[po + d] = asc[i];
     }
   }
-}
-
-// V fp32 values to 16-byte aligned memory, four at a time.
-template <int V>
-__device__ __forceinline__ void store_floats(float* out, const float (&v)[V]) {
-  static_assert(V % 4 == 0, "whole 16-byte vectors of fp32");
-#pragma unroll
-  for (int j = 0; j < V; j += 4) {
-    Vec16<float> f;
-#pragma unroll
-    for (int k = 0; k < 4; ++k) f[k] = v[j + k];
-    store16(out + j, f);
-  }
-}
-
-// V values rounded to T, as one 16-byte store.
-template <typename T>
-__device__ __forceinline__ void store_columns(void* out, int64_t o, const float (&v)[Vec16<T>::kLen]) {
-  Vec16<T> t;
-#pragma unroll
-  for (int k = 0; k < Vec16<T>::kLen; ++k) t[k] = from_f<T>(v[k]);
-  store16(static_cast<T*>(out) + o, t);
 }
 
 // adaln_bwd_kernel on 16-byte vectors: the same per-column math (adaln_norm_grads, adaln_dres).
@@ -301,17 +302,21 @@ unsigned threads_for(int64_t D, int maxc) {
   return static_cast<unsigned>(((t + 31) / 32) * 32);
 }
 
-// Every row of every input and output starts 16-byte aligned: bases, row strides and D multiples of 16 bytes
-// (an absent input has a null base and zero strides).
+// Whether every row starts 16-byte aligned: the element counts (D, row strides) multiples of a 16-byte vector of
+// T and every base aligned (an absent tensor has a null base and zero strides).
 template <typename T>
-bool fwd_vectorizable(const AdalnFwdParams& p) {
-  constexpr int64_t V = Vec16<T>::kLen;
-  for (const int64_t n : {p.D, p.sx_b, p.sx_s, p.sbr_b, p.sbr_s, p.sg_b, p.sg_s, p.ssh_b, p.ssh_s, p.ssc_b, p.ssc_s})
-    if (n % V != 0) return false;
-  for (const void* base : {p.x, p.branch, p.gate, p.weight, p.shift, p.scale, static_cast<const void*>(p.res),
-                           static_cast<const void*>(p.y)})
+bool rows_aligned16(std::initializer_list<int64_t> counts, std::initializer_list<const void*> bases) {
+  for (const int64_t n : counts)
+    if (n % Vec16<T>::kLen != 0) return false;
+  for (const void* base : bases)
     if (!aligned16(base)) return false;
   return true;
+}
+
+template <typename T>
+bool fwd_vectorizable(const AdalnFwdParams& p) {
+  return rows_aligned16<T>({p.D, p.sx_b, p.sx_s, p.sbr_b, p.sbr_s, p.sg_b, p.sg_s, p.ssh_b, p.ssh_s, p.ssc_b, p.ssc_s},
+                           {p.x, p.branch, p.gate, p.weight, p.shift, p.scale, p.res, p.y});
 }
 
 template <typename T>
@@ -327,20 +332,12 @@ void fwd_launch(const AdalnFwdParams& p, cudaStream_t st) {
   else adaln_fwd_kernel<T, 16><<<grid, threads_for(p.D, 16), 0, st>>>(p);
 }
 
-// Every row the backward reads or writes starts 16-byte aligned: bases, the modulations' and branch's row strides
-// and D multiples of 16 bytes (the contiguous [B*S, D] tensors' rows then are too).
+// The contiguous [B*S, D] tensors' rows are aligned when D and their bases are.
 template <typename T>
 bool bwd_vectorizable(const AdalnBwdParams& p) {
-  constexpr int64_t V = Vec16<T>::kLen;
-  for (const int64_t n : {p.D, p.sbr_b, p.sbr_s, p.sg_b, p.sg_s, p.ssc_b, p.ssc_s})
-    if (n % V != 0) return false;
-  for (const void* base : {p.dy, p.dres, p.res, p.branch, p.gate, p.weight, p.scale, static_cast<const void*>(p.dx),
-                           static_cast<const void*>(p.dbranch), static_cast<const void*>(p.dgate),
-                           static_cast<const void*>(p.dshift), static_cast<const void*>(p.dscale),
-                           static_cast<const void*>(p.pw), static_cast<const void*>(p.pg),
-                           static_cast<const void*>(p.psh), static_cast<const void*>(p.psc)})
-    if (!aligned16(base)) return false;
-  return true;
+  return rows_aligned16<T>({p.D, p.sbr_b, p.sbr_s, p.sg_b, p.sg_s, p.ssc_b, p.ssc_s},
+                           {p.dy, p.dres, p.res, p.branch, p.gate, p.weight, p.scale, p.dx, p.dbranch, p.dgate,
+                            p.dshift, p.dscale, p.pw, p.pg, p.psh, p.psc});
 }
 
 template <typename T>
