@@ -91,6 +91,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: headline_rank(item.nodeid))  # stable: file order within each rank
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    harness.autotunings_at_start()  # before any torch.compile case stores its own
+
+
 def pytest_benchmark_update_machine_info(config: Any, machine_info: dict[str, Any]) -> None:
     # report.py reads device, versions, clocks and ceilings from here.
     machine_info["sphere_fast"] = harness.environment(_session_ceilings[0] if _session_ceilings else None)

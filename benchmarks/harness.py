@@ -38,6 +38,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -427,6 +428,29 @@ def nvidia_smi() -> dict[str, str] | None:
     return dict(zip(fields.split(","), (v.strip() for v in first_gpu.split(",")))) if first_gpu else None
 
 
+def stored_autotunings() -> int:
+    """How many GEMMs inductor's on-disk cache ($TORCHINDUCTOR_CACHE_DIR/cache) holds max-autotune timings for
+    at the start: a torch.compile row's first call takes those timings instead of compiling and benchmarking
+    every choice again, so its first-call seconds are then not a cold compile's."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    gemms = 0
+    for path in (Path(cache_dir()) / "cache").glob("*"):
+        try:
+            timings = json.loads(path.read_text())  # {op: {inputs: {precision: {choice: ms}}}}
+        except (OSError, ValueError):
+            continue
+        gemms += sum(len(by_inputs) for by_inputs in timings.values() if isinstance(by_inputs, dict))
+    return gemms
+
+
+@functools.cache
+def autotunings_at_start() -> int:
+    """stored_autotunings() at its first call in this process: the benchmark session makes that call as it
+    starts (conftest), so its JSON counts what the compile rows found, not what they stored."""
+    return stored_autotunings()
+
+
 def environment(ceilings: Ceilings | None = None) -> dict[str, Any]:
     """What a result depends on: device, driver, clocks, versions, CPUs, smoke flag and the ceilings."""
     from torch._inductor import config as inductor_config
@@ -446,6 +470,7 @@ def environment(ceilings: Ceilings | None = None) -> dict[str, Any]:
         # torch.compile rows spend minutes compiling: inductor's parallel compiles depend on these
         "cpus": len(os.sched_getaffinity(0)),
         "inductor_compile_threads": inductor_config.compile_threads,
+        "inductor_stored_autotunings": autotunings_at_start(),
         "nvidia_smi": nvidia_smi(),
         "ceilings": asdict(ceilings) if ceilings else None,
     }

@@ -78,6 +78,9 @@ def header(data: dict[str, Any]) -> str:
     parts.append(f"torch {env.get('torch')} (CUDA {env.get('cuda')}), triton {env.get('triton')}")
     if env.get("cpus"):
         parts.append(f"{env['cpus']} CPUs, inductor compile threads {env.get('inductor_compile_threads')}")
+    if env.get("inductor_stored_autotunings"):
+        parts.append(f"inductor's cache held max-autotune timings for {env['inductor_stored_autotunings']} GEMMs at "
+                     "the start (torch.compile's first calls skip benchmarking them)")
     if commit.get("id"):
         parts.append(f"commit {commit['id'][:10]}{' (dirty)' if commit.get('dirty') else ''}")
     lines = [", ".join(parts) + "."]

@@ -383,6 +383,30 @@ def test_environment_records_the_cpus_and_the_report_names_them() -> None:
     assert "CPUs" not in report.header(_result())  # a file from before they were recorded
 
 
+def test_environment_counts_the_stored_max_autotune_timings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torch.compile row whose first call found inductor's GEMM timings on disk did not compile cold: the
+    environment counts the GEMMs they cover (an op's input shapes each) and the header says so."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    assert harness.stored_autotunings() == 0
+    stored = tmp_path / "cache"
+    stored.mkdir()
+    timing = {"high": {"choice-a": 0.5, "choice-b": 0.7}}
+    (stored / "systemhash").write_text(json.dumps({"mm": {"[128x64, 64x32]": timing, "[64x64, 64x64]": timing},
+                                                   "addmm": {"[256x64, 64x32]": timing}}))
+    (stored / "cut-short").write_text('{"mm": {')  # a write cut off by a killed process
+    assert harness.stored_autotunings() == 3
+    harness.autotunings_at_start.cache_clear()
+    try:
+        env = harness.environment()
+        (stored / "systemhash").unlink()  # what a compile row stores later does not change the count
+        assert harness.environment()["inductor_stored_autotunings"] == env["inductor_stored_autotunings"] == 3
+    finally:
+        harness.autotunings_at_start.cache_clear()
+    data = {**_result(), "machine_info": {"sphere_fast": {**_result()["machine_info"]["sphere_fast"], **env}}}
+    assert "max-autotune timings for 3 GEMMs" in report.header(data)
+    assert "max-autotune" not in report.header(_result())
+
+
 def test_report_flags_smoke_runs() -> None:
     assert "not measurements" in report.render(_result(smoke=True))
 
