@@ -257,10 +257,9 @@ def gpu_results(results_dir: Path = RESULTS_DIR) -> list[tuple[Path, dict[str, A
     return [(path, data) for _, path, data in sorted(found, key=lambda f: f[0])]
 
 
-def latest_result(results_dir: Path = RESULTS_DIR) -> tuple[list[Path], dict[str, Any]] | None:
-    """The newest GPU (non-smoke) results file by its recorded date, merged with the older files of the same
-    commit and device (a lease's later calls), or None. A case measured twice keeps its newest row."""
-    found = gpu_results(results_dir)
+def latest_result(found: Sequence[tuple[Path, dict[str, Any]]]) -> tuple[list[Path], dict[str, Any]] | None:
+    """The newest of ``found`` (gpu_results: oldest first), merged with the older files of the same commit and
+    device (a lease's later calls), or None. A case measured twice keeps its newest row."""
     if not found:
         return None
     newest = found[-1][1]
@@ -273,12 +272,13 @@ def latest_result(results_dir: Path = RESULTS_DIR) -> tuple[list[Path], dict[str
 
 
 def readme_section(results_dir: Path = RESULTS_DIR) -> str:
-    latest = latest_result(results_dir)
+    found = gpu_results(results_dir)
+    latest = latest_result(found)
     if latest is None:
         return NOT_MEASURED
     paths, data = latest
     names = " and ".join(f"`benchmarks/results/{path.name}`" for path in paths)
-    earlier = [f"`{path.name}`" for path, _ in gpu_results(results_dir) if path not in paths]
+    earlier = [f"`{path.name}`" for path, _ in found if path not in paths]
     # the newest lease alone is tabled (one commit's numbers); older leases measured cases it may not have
     older = (f" Earlier leases' files, for the cases this one did not measure: {', '.join(earlier)} (print one "
              "with `python -m benchmarks.report benchmarks/results/<file>`)." if earlier else "")
