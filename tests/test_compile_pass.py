@@ -9,6 +9,7 @@ every kernel the loop launches is compiled for the arguments of its launches (a 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,6 +86,21 @@ def test_inside_a_compile_pass_every_candidate_compiles_and_none_is_timed() -> N
     assert timed == [] and not _tuning._chosen
     assert pick_config("k", ["a", "b"], lambda c: c, timer=timer, precompile=precompile) == "b"
     assert timed == ["a", "b"]
+
+
+def test_a_key_met_again_in_a_pass_compiles_nothing_more() -> None:
+    """A model's blocks repeat their launches: a key's candidates compile at its first launch in a pass, its
+    later launches there take the default without compiling or looking for a stored choice; the next pass
+    starts afresh."""
+    compiled: list[str] = []
+    pick = functools.partial(pick_config, candidates=["a", "b"], launch=lambda c: c, precompile=compiled.append)
+    with mock.patch.object(_tuning, "_stored_choice", wraps=_tuning._stored_choice) as stored:
+        with compile_pass():
+            assert [pick("k"), pick("k"), pick("other"), pick("k")] == ["a"] * 4
+        assert compiled == ["a", "b", "a", "b"] and stored.call_count == 2
+        with compile_pass():
+            pick("k")
+        assert compiled[4:] == ["a", "b"]
 
 
 def test_a_nested_pass_joins_the_outer_one() -> None:

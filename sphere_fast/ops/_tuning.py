@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from sphere_fast.ops._util import compile_pass, compiling_only
+from sphere_fast.ops._util import compile_pass, compiling_only, first_in_pass
 
 C = TypeVar("C", bound=Hashable)
 TIMED_LAUNCHES = 5
@@ -206,14 +206,16 @@ def pick_config(
     given, compiles a candidate without launching it: then all are compiled at once first (compile_ahead), and
     a candidate other than the default that does not compile is skipped (``_compiled``).
     Without timing (one candidate, SPHERE_FAST_AUTOTUNE=0, inside a CUDA-graph capture, where the
-    synchronization would break the capture, or inside a ``compile_pass``, which compiles every candidate)
-    the first candidate is returned and nothing is remembered. A choice stored by an earlier process (module
+    synchronization would break the capture, or inside a ``compile_pass``, which compiles every candidate at
+    the key's first launch in the pass) the first candidate is returned and nothing is remembered. A choice stored by an earlier process (module
     docstring) is taken as it is, inside a pass too (which then compiles it alone)."""
     if len(candidates) == 1 or not autotune_enabled():
         return candidates[0]
     chosen = _chosen.get(key)
     if chosen is not None:
         return chosen  # type: ignore[return-value]
+    if compiling_only() and not first_in_pass(key):
+        return candidates[0]  # its candidates were compiled at the key's first launch in this pass
     stored = _stored_choice(key, candidates)
     if stored is not None:
         _chosen[key] = stored

@@ -7,7 +7,7 @@ import contextvars
 import functools
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -73,9 +73,26 @@ def check_grid(kernel: Any, grid: tuple[int, ...]) -> None:
 _compiling_only: contextvars.ContextVar[bool] = contextvars.ContextVar("sphere_fast_compiling_only", default=False)
 
 
+# the tuned launches' keys met so far in the current compile pass (None outside one)
+_pass_tuned_keys: contextvars.ContextVar[set[Hashable] | None] = contextvars.ContextVar(
+    "sphere_fast_pass_tuned_keys", default=None)
+
+
 def compiling_only() -> bool:
     """Whether the ops' Triton launches only compile now (inside ``compile_pass``)."""
     return _compiling_only.get()
+
+
+def first_in_pass(key: Hashable) -> bool:
+    """Whether a tuned launch's ``key`` is met for the first time in the current compile pass (True outside
+    one); marks it met. A model's blocks repeat their launches: the candidates compile at the first."""
+    keys = _pass_tuned_keys.get()
+    if keys is None:
+        return True
+    if key in keys:
+        return False
+    keys.add(key)
+    return True
 
 
 @contextlib.contextmanager
@@ -92,7 +109,7 @@ def compile_pass() -> Iterator[None]:
         return
     import triton
 
-    token = _compiling_only.set(True)
+    token, keys_token = _compiling_only.set(True), _pass_tuned_keys.set(set())
     try:
         with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
             with triton.AsyncCompileMode(pool, ignore_errors=True) as mode:
@@ -104,6 +121,7 @@ def compile_pass() -> Iterator[None]:
                 built.result()
     finally:
         _compiling_only.reset(token)
+        _pass_tuned_keys.reset(keys_token)
 
 
 def _build_launcher(kernel: Any) -> None:
