@@ -103,6 +103,28 @@ def test_a_key_met_again_in_a_pass_compiles_nothing_more() -> None:
         assert compiled[4:] == ["a", "b"]
 
 
+def test_inside_a_pass_a_network_runs_its_first_and_last_blocks() -> None:
+    """The blocks between launch the first one's kernels: a pass skips them (the sm_90a check below shows the
+    full loop then compiles nothing more); outside a pass, and with two blocks, every block runs."""
+    model = tiny_model(layers=4)
+    ran: list[int] = []
+    block = type(model.decoder)._block
+
+    def recording_block(self, i, *args):
+        ran.append(i)
+        return block(self, i, *args)
+
+    latent = torch.randn(1, *model.latent_shape[1:])
+    with mock.patch.object(type(model.decoder), "_block", recording_block), torch.no_grad():
+        model.decoder(latent, torch.tensor([1]))
+        with compile_pass():
+            model.decoder(latent, torch.tensor([1]))
+        two_blocks = tiny_model(layers=2)
+        with compile_pass():
+            two_blocks.decoder(latent, torch.tensor([1]))
+    assert ran == [0, 1, 2, 3, 0, 3, 0, 1]
+
+
 def test_a_nested_pass_joins_the_outer_one() -> None:
     from triton.runtime._async_compile import active_mode
 
@@ -193,8 +215,9 @@ def test_a_failing_pass_only_warns(
 
 def loop_compiles() -> dict:
     """Run in a child process (interpreter off, the stand-in driver): a tiny bf16 model's sampler loop (2 steps,
-    CFG) inside a compile pass, then once more. Returns the names of the kernels each pass asked to compile, how
-    many kernels the first compiled (one per specialization) and the names of the launchers it built."""
+    CFG, three blocks a network) inside a compile pass, then once more with every block, its launches compiling
+    only. Returns the names of the kernels each run asked to compile, how many kernels the first compiled (one
+    per specialization) and the names of the launchers it built."""
     from triton.runtime.jit import JITFunction
 
     launchers: list[str] = []
@@ -213,7 +236,7 @@ def loop_compiles() -> dict:
         kernels.add(self)
         return compile_(self, *args, **kwargs)
 
-    model = tiny_model().to(torch.bfloat16).eval()
+    model = tiny_model(layers=3).to(torch.bfloat16).eval()
     sampler = Sampler(model, 2, 2, cfg=1.4, dtype=torch.bfloat16, cuda_graph=False)
     key = GraphKey(2, 2, guidance(model, 1.4, "combo"), True, False, torch.bfloat16, "triton")
     inputs = (torch.tensor([1, 2]), torch.tensor([5, 6]), torch.ones(()))
@@ -222,8 +245,11 @@ def loop_compiles() -> dict:
             sampler.loop(key, *inputs, capture=True)
         first = list(compiled)
         specializations = sum(len(kernel.device_caches[0][0]) for kernel in kernels)
-        with compile_pass():
+        token = _util._compiling_only.set(True)  # the launches compile only, outside a pass: every block runs
+        try:
             sampler.loop(key, *inputs, capture=True)
+        finally:
+            _util._compiling_only.reset(token)
     return {"first": first, "again": compiled[len(first):], "specializations": specializations, "launchers": launchers}
 
 
@@ -249,7 +275,7 @@ def launched_kernels() -> set[str]:
 @pytest.mark.skipif(DEVICE != "cpu", reason="the stand-in driver replaces CUDA's")
 def test_one_pass_compiles_every_kernel_of_the_sampler_loop_for_sm90(tmp_path: Path) -> None:
     result = sm90.call_in_compile_child("tests.test_compile_pass:loop_compiles", tmp_path)
-    assert result["again"] == [], "a second pass compiled again: the first missed what the launches look up"
+    assert result["again"] == [], "the full loop compiled again: the pass missed what its launches look up"
     assert set(result["first"]) == launched_kernels()
     assert set(result["launchers"]) == set(result["first"])
     assert len(result["launchers"]) == result["specializations"], "each kernel compiled gets its launcher built"

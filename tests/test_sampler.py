@@ -11,10 +11,11 @@ from sphere_fast.sampling import GraphKey, Sampler, bucket_for
 TINY = {"width": 32, "layers": 1, "heads": 2}
 
 
-def tiny_model(device: str = "cpu", num_classes: int = 10) -> SphereEncoder:
+def tiny_model(device: str = "cpu", num_classes: int = 10, layers: int = TINY["layers"]) -> SphereEncoder:
     torch.manual_seed(0)
+    size = {**TINY, "layers": layers}
     m = SphereEncoder(
-        input_size=16, patch_size=4, vit_enc_model_size=TINY, vit_dec_model_size=TINY, token_channels=4,
+        input_size=16, patch_size=4, vit_enc_model_size=size, vit_dec_model_size=size, token_channels=4,
         num_classes=num_classes, noise_sigma_max_angle=80.0,
     )
     # the official init zeroes the heads and AdaLN; perturb every weight so all paths carry signal
