@@ -28,7 +28,6 @@ from sphere_fast.nn.layers import (
     weight_like,
     xavier_uniform_flat_,
 )
-from sphere_fast.ops._util import in_compile_pass
 
 # (width, layers, heads) of the official model sizes; "tiny" is the size of the reference golden data.
 MODEL_SIZES: dict[str, dict[str, int]] = {
@@ -46,17 +45,30 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
 Conditioning = tuple[list[tuple[torch.Tensor | None, ...]], tuple[torch.Tensor, ...] | None]
 
 _labels_checked: contextvars.ContextVar[bool] = contextvars.ContextVar("sphere_fast_labels_checked", default=False)
+_representative_blocks: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "sphere_fast_representative_blocks", default=False)
 
 
 @contextlib.contextmanager
-def labels_checked() -> Iterator[None]:
-    """Inside, encoder/decoder calls skip the label range check (a host sync per call): for loops whose
-    labels were validated once up front."""
-    token = _labels_checked.set(True)
+def _flag_set(flag: contextvars.ContextVar[bool]) -> Iterator[None]:
+    token = flag.set(True)
     try:
         yield
     finally:
-        _labels_checked.reset(token)
+        flag.reset(token)
+
+
+def labels_checked() -> contextlib.AbstractContextManager[None]:
+    """Inside, encoder/decoder calls skip the label range check (a host sync per call): for loops whose
+    labels were validated once up front."""
+    return _flag_set(_labels_checked)
+
+
+def representative_blocks() -> contextlib.AbstractContextManager[None]:
+    """Inside, each network runs its first and last blocks only: the blocks between launch the first one's
+    kernels, for arguments of the same shapes, dtypes and alignment. For runs that only build kernels, tune
+    them or initialise libraries, whose outputs are thrown away (the sampler's compile pass and warm-up)."""
+    return _flag_set(_representative_blocks)
 
 
 def check_label_range(y: torch.Tensor, high: int, name: str = "y") -> None:
@@ -205,13 +217,10 @@ class ViT(nn.Module):
         return [block.modulation(c) for block in self.blocks], head
 
     def blocks_run(self) -> Sequence[int]:
-        """The blocks a forward runs: all of them, or inside a compile pass (``ops._util.compile_pass``) the
-        first and the last, which launch every kernel the blocks between launch, for arguments of the same
-        shapes, dtypes and alignment; the pass then compiles no kernel twice over and launches no GEMM for them.
-        A kernel the pass did not compile still compiles at its first real launch."""
+        """The blocks a forward runs: all of them, or inside ``representative_blocks`` the first and the last."""
         last = len(self.blocks) - 1
-        # asked last: dynamo does not trace the pass's context variable
-        if last > 1 and not torch.compiler.is_compiling() and in_compile_pass():
+        # asked last: dynamo does not trace the context variable
+        if last > 1 and not torch.compiler.is_compiling() and _representative_blocks.get():
             return (0, last)
         return range(last + 1)
 

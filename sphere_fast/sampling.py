@@ -19,7 +19,7 @@ import torch
 
 from sphere_fast import ops
 from sphere_fast.backend import active_backend
-from sphere_fast.model import Conditioning, check_label_range, labels_checked
+from sphere_fast.model import Conditioning, check_label_range, labels_checked, representative_blocks
 from sphere_fast.nn.layers import fused_mlp_enabled, padded_mlp_weights
 from sphere_fast.ops._util import compile_pass
 from sphere_fast.ops.philox import check_seeds
@@ -315,15 +315,24 @@ class GraphKey:
     fused_mlp: bool = False  # nn.layers.fused_mlp_enabled(), for the same reason
 
 
+def _representative_loop(
+    sampler: Sampler, key: GraphKey, labels: torch.Tensor | None, seeds: torch.Tensor, weight: torch.Tensor | None
+) -> None:
+    """The loop at two steps (the decoder, then the encoder and the noise), each network running its first and
+    last blocks: every kernel launch of the whole loop, for arguments like its own, at a fraction of its cost."""
+    with representative_blocks():
+        sampler.loop(replace(key, steps=min(key.steps, 2)), labels, seeds, weight, capture=True)
+
+
 def _compile_ahead(
     sampler: Sampler, key: GraphKey, labels: torch.Tensor | None, seeds: torch.Tensor, weight: torch.Tensor | None
 ) -> None:
     """The loop once in a compile pass, which builds all its Triton kernels at once: with empty kernel caches
-    they would otherwise compile one after another as the warm-up reaches them. Two steps reach every kernel.
-    Only a speed-up: if the pass fails, the warm-up compiles the kernels (and raises any error of the loop's)."""
+    they would otherwise compile one after another as the warm-up reaches them. Only a speed-up: if the pass
+    fails, the warm-up compiles the kernels (and raises any error of the loop's)."""
     try:
         with compile_pass():
-            sampler.loop(replace(key, steps=min(key.steps, 2)), labels, seeds, weight, capture=True)
+            _representative_loop(sampler, key, labels, seeds, weight)
     except Exception as exc:
         logger.warning("sphere_fast: compiling the sampling loop's kernels ahead failed (%r); they compile at "
                        "their first launches", exc)
@@ -360,8 +369,8 @@ class _CapturedLoop:
         self.seeds = torch.zeros(key.bucket, dtype=torch.int64, device=device)
         self.weight = torch.ones((), dtype=torch.float32, device=device)
         weight = self.weight if key.guide is not None else None
-        # Warm-up on a side stream: Triton autotuning, lazy initialisation and cuBLAS workspaces happen
-        # here, not in the capture. The capture runs on that stream too: torch's default capture stream
+        # Warm-up on a side stream, of the representative loop (every launch of the loop, a fraction of its
+        # work): Triton autotuning, lazy initialisation and cuBLAS workspaces happen here, not in the capture. The capture runs on that stream too: torch's default capture stream
         # belongs to whichever device was current when it was first made.
         with torch.cuda.device(device):
             side = torch.cuda.Stream(device)
@@ -371,7 +380,7 @@ class _CapturedLoop:
                 if compile_first:
                     _compile_ahead(sampler, key, self.labels, self.seeds, weight)
                     clock.lap("compile pass")
-                sampler.loop(key, self.labels, self.seeds, weight, capture=True)
+                _representative_loop(sampler, key, self.labels, self.seeds, weight)
                 clock.lap("warm-up")
             torch.cuda.current_stream().wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()

@@ -19,12 +19,14 @@ import pytest
 import torch
 
 from sphere_fast import ops, use_backend
+from sphere_fast.model import representative_blocks
 from sphere_fast.ops import _tuning, _util
 from sphere_fast.ops._tuning import pick_config
 from sphere_fast.ops._util import compile_pass, compiling_only
 from sphere_fast.sampling import GraphKey, Sampler, guidance
 from tests import sm90
 from tests.cuda_graph_emulator import CudaGraphEmulator, emulated_cuda_graphs  # noqa: F401 (fixture)
+from tests.helpers import close
 from tests.test_sampler import tiny_model
 
 triton = pytest.importorskip("triton")
@@ -103,9 +105,10 @@ def test_a_key_met_again_in_a_pass_compiles_nothing_more() -> None:
         assert compiled[4:] == ["a", "b"]
 
 
-def test_inside_a_pass_a_network_runs_its_first_and_last_blocks() -> None:
-    """The blocks between launch the first one's kernels: a pass skips them (the sm_90a check below shows the
-    full loop then compiles nothing more); outside a pass, and with two blocks, every block runs."""
+def test_a_representative_run_takes_each_networks_first_and_last_blocks() -> None:
+    """The blocks between launch the first one's kernels: the compile pass and the warm-up skip them (the
+    sm_90a check below shows the full loop then compiles nothing more); elsewhere, and with two blocks, every
+    block runs."""
     model = tiny_model(layers=4)
     ran: list[int] = []
     block = type(model.decoder)._block
@@ -117,10 +120,9 @@ def test_inside_a_pass_a_network_runs_its_first_and_last_blocks() -> None:
     latent = torch.randn(1, *model.latent_shape[1:])
     with mock.patch.object(type(model.decoder), "_block", recording_block), torch.no_grad():
         model.decoder(latent, torch.tensor([1]))
-        with compile_pass():
+        with representative_blocks():
             model.decoder(latent, torch.tensor([1]))
-        two_blocks = tiny_model(layers=2)
-        with compile_pass():
+            two_blocks = tiny_model(layers=2)
             two_blocks.decoder(latent, torch.tensor([1]))
     assert ran == [0, 1, 2, 3, 0, 3, 0, 1]
 
@@ -141,24 +143,32 @@ def test_the_sampler_compiles_its_loop_before_its_first_capture(
     emulated_cuda_graphs: CudaGraphEmulator, backend: str, passes: bool  # noqa: F811
 ) -> None:
     """Before the warm-up of its first graph, with a backend that may run Triton kernels, the sampler runs its
-    loop once inside a compile pass, at two steps (the decoder, then the encoder and the noise: every kernel).
-    A replay and the capture of another bucket have no pass."""
-    model = tiny_model()
-    loops: list[tuple[int, int, bool]] = []
+    loop once inside a compile pass; the pass and each warm-up run the representative loop (two steps: the
+    decoder, then the encoder and the noise; each network's first and last blocks), the capture the whole
+    loop. A replay and the capture of another bucket have no pass. The images are the un-captured path's."""
+    model = tiny_model(layers=3)
+    loops: list[tuple[int, int, bool, tuple[int, ...]]] = []
     loop = Sampler.loop
 
     def recording_loop(self, key, *args, **kwargs):
-        loops.append((key.bucket, key.steps, compiling_only()))
+        loops.append((key.bucket, key.steps, compiling_only(), tuple(model.decoder.blocks_run())))
         return loop(self, key, *args, **kwargs)
 
-    with use_backend(backend), mock.patch.object(Sampler, "loop", recording_loop):
-        sampler = Sampler(model, 2, 4, cfg=1.4, dtype=torch.float32)
-        assert sampler.use_graphs
-        sampler(torch.tensor([1, 2]), torch.tensor([5, 6]))
-        sampler(torch.tensor([3, 4]), torch.tensor([7, 8]))  # a replay
-        sampler(torch.tensor([3]), torch.tensor([7]))  # bucket 1: a warm-up and a capture
-    compiled = [(2, 2, True)] if passes else []
-    assert loops == compiled + [(2, 4, False)] * 2 + [(1, 4, False)] * 2
+    labels, seeds = torch.tensor([1, 2]), torch.tensor([5, 6])
+    with use_backend(backend):
+        with mock.patch.object(Sampler, "loop", recording_loop):
+            sampler = Sampler(model, 2, 3, cfg=1.4, dtype=torch.float32)
+            assert sampler.use_graphs
+            images = sampler(labels, seeds)
+            sampler(torch.tensor([3, 4]), torch.tensor([7, 8]))  # a replay
+            sampler(torch.tensor([3]), torch.tensor([7]))  # bucket 1: a warm-up and a capture
+        if backend != "triton":  # the same capture logic; the interpreter would take half a minute more
+            expected = Sampler(model, 2, 3, cfg=1.4, dtype=torch.float32, cuda_graph=False)(labels, seeds)
+            close(images, expected, 1e-5, "captured against un-captured")
+    first_last, every = (0, 2), (0, 1, 2)
+    compiled = [(2, 2, True, first_last)] if passes else []
+    assert loops == compiled + [(2, 2, False, first_last), (2, 3, False, every), (1, 2, False, first_last),
+                                (1, 3, False, every)]
 
 
 @pytest.mark.gpu
@@ -215,8 +225,8 @@ def test_a_failing_pass_only_warns(
 
 def loop_compiles() -> dict:
     """Run in a child process (interpreter off, the stand-in driver): a tiny bf16 model's sampler loop (2 steps,
-    CFG, three blocks a network) inside a compile pass, then once more with every block, its launches compiling
-    only. Returns the names of the kernels each run asked to compile, how many kernels the first compiled (one
+    CFG, three blocks a network) inside a compile pass, running the first and last blocks as the sampler's does,
+    then once more with every block, its launches compiling only. Returns the names of the kernels each run asked to compile, how many kernels the first compiled (one
     per specialization) and the names of the launchers it built."""
     from triton.runtime.jit import JITFunction
 
@@ -241,7 +251,7 @@ def loop_compiles() -> dict:
     key = GraphKey(2, 2, guidance(model, 1.4, "combo"), True, False, torch.bfloat16, "triton")
     inputs = (torch.tensor([1, 2]), torch.tensor([5, 6]), torch.ones(()))
     with mock.patch.object(JITFunction, "_do_compile", recording_compile), use_backend("triton"):
-        with compile_pass():
+        with compile_pass(), representative_blocks():
             sampler.loop(key, *inputs, capture=True)
         first = list(compiled)
         specializations = sum(len(kernel.device_caches[0][0]) for kernel in kernels)

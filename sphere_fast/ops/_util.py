@@ -83,11 +83,6 @@ def compiling_only() -> bool:
     return _compiling_only.get()
 
 
-def in_compile_pass() -> bool:
-    """Whether this runs inside ``compile_pass`` (``compiling_only`` holds there, and may hold elsewhere)."""
-    return _pass_tuned_keys.get() is not None
-
-
 def first_in_pass(key: Hashable) -> bool:
     """Whether a tuned launch's ``key`` is met for the first time in the current compile pass (True outside
     one); marks it met. A model's blocks repeat their launches: the candidates compile at the first."""
@@ -107,9 +102,8 @@ def compile_pass() -> Iterator[None]:
     the same way (a gcc run per kernel on a machine's first run, otherwise done at the first launch); the block
     ends when all are done. Code run once inside before its first real run (the sampler's loop) then finds its
     kernels compiled side by side rather than one after another as its launches reach them. The ops' outputs
-    stay unwritten; torch's own ops still run (a network runs its first and last blocks only: the others launch
-    the same kernels). A compile that fails here is ignored: the kernel compiles again at its launch, which
-    raises the error. Nested blocks join the outermost one."""
+    stay unwritten; torch's own ops still run. A compile that fails here is ignored: the kernel compiles again
+    at its launch, which raises the error. Nested blocks join the outermost one."""
     if compiling_only():
         yield
         return
