@@ -370,8 +370,9 @@ class _CapturedLoop:
         self.weight = torch.ones((), dtype=torch.float32, device=device)
         weight = self.weight if key.guide is not None else None
         # Warm-up on a side stream, of the representative loop (every launch of the loop, a fraction of its
-        # work): Triton autotuning, lazy initialisation and cuBLAS workspaces happen here, not in the capture. The capture runs on that stream too: torch's default capture stream
-        # belongs to whichever device was current when it was first made.
+        # work): Triton autotuning, lazy initialisation and cuBLAS workspaces happen here, not in the capture.
+        # The capture runs on that stream too: torch's default capture stream belongs to whichever device was
+        # current when it was first made.
         with torch.cuda.device(device):
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream())

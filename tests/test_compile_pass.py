@@ -226,8 +226,9 @@ def test_a_failing_pass_only_warns(
 def loop_compiles() -> dict:
     """Run in a child process (interpreter off, the stand-in driver): a tiny bf16 model's sampler loop (2 steps,
     CFG, three blocks a network) inside a compile pass, running the first and last blocks as the sampler's does,
-    then once more with every block, its launches compiling only. Returns the names of the kernels each run asked to compile, how many kernels the first compiled (one
-    per specialization) and the names of the launchers it built."""
+    then once more with every block, its launches compiling only. Returns the names of the kernels each run
+    asked to compile, how many kernels the first compiled (one per specialization) and the names of the
+    launchers it built."""
     from triton.runtime.jit import JITFunction
 
     launchers: list[str] = []

@@ -207,8 +207,9 @@ def pick_config(
     a candidate other than the default that does not compile is skipped (``_compiled``).
     Without timing (one candidate, SPHERE_FAST_AUTOTUNE=0, inside a CUDA-graph capture, where the
     synchronization would break the capture, or inside a ``compile_pass``, which compiles every candidate at
-    the key's first launch in the pass) the first candidate is returned and nothing is remembered. A choice stored by an earlier process (module
-    docstring) is taken as it is, inside a pass too (which then compiles it alone)."""
+    the key's first launch in the pass) the first candidate is returned and nothing is remembered. A choice
+    stored by an earlier process (module docstring) is taken as it is, inside a pass too (which then compiles
+    it alone)."""
     if len(candidates) == 1 or not autotune_enabled():
         return candidates[0]
     chosen = _chosen.get(key)

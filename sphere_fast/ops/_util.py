@@ -85,7 +85,8 @@ def compiling_only() -> bool:
 
 def first_in_pass(key: Hashable) -> bool:
     """Whether a tuned launch's ``key`` is met for the first time in the current compile pass (True outside
-    one); marks it met. A model's blocks repeat their launches: the candidates compile at the first."""
+    one); marks it met. A loop repeats its launches (networks, steps, blocks): the candidates compile at the
+    first."""
     keys = _pass_tuned_keys.get()
     if keys is None:
         return True
