@@ -217,12 +217,23 @@ class ViT(nn.Module):
         return [block.modulation(c) for block in self.blocks], head
 
     def blocks_run(self) -> Sequence[int]:
-        """The blocks a forward runs: all of them, or inside ``representative_blocks`` the first and the last."""
+        """The blocks a forward runs: all of them, or inside ``representative_blocks`` the first and the last
+        where the blocks between hold parameters like the first one's."""
         last = len(self.blocks) - 1
-        # asked last: dynamo does not trace the context variable
-        if last > 1 and not torch.compiler.is_compiling() and _representative_blocks.get():
+        # asked after is_compiling: dynamo does not trace the context variable
+        representative = last > 1 and not torch.compiler.is_compiling() and _representative_blocks.get()
+        if representative and self._blocks_alike():
             return (0, last)
         return range(last + 1)
+
+    def _blocks_alike(self) -> bool:
+        """Whether every block's parameters match the first block's in dtype, shape, strides and 16-byte
+        alignment (what a Triton kernel is specialised on): then the blocks launch the same kernels."""
+        def layout(block: nn.Module) -> list[tuple]:
+            return [(p.dtype, p.shape, p.stride(), p.data_ptr() % 16 == 0) for p in block.parameters()]
+
+        first = layout(self.blocks[0])
+        return all(layout(block) == first for block in self.blocks[1:])
 
     def _block(
         self, i: int, modulations: list, rope: torch.Tensor, x: torch.Tensor, h: torch.Tensor
