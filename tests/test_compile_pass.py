@@ -91,7 +91,7 @@ def test_inside_a_compile_pass_every_candidate_compiles_and_none_is_timed() -> N
 
 
 def test_a_key_met_again_in_a_pass_compiles_nothing_more() -> None:
-    """A model's blocks repeat their launches: a key's candidates compile at its first launch in a pass, its
+    """A loop repeats its launches: a key's candidates compile at its first launch in a pass, its
     later launches there take the default without compiling or looking for a stored choice; the next pass
     starts afresh."""
     compiled: list[str] = []
