@@ -341,9 +341,10 @@ def _commit() -> dict[str, object]:
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
         status = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True)
+        git = {"id": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
     except (OSError, subprocess.CalledProcessError):
-        return harness.stated_commit({})
-    return harness.stated_commit({"id": head.stdout.strip(), "dirty": bool(status.stdout.strip())})
+        git = {}
+    return harness.stated_commit(git)
 
 
 def _device_name() -> str:
