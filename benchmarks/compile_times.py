@@ -101,11 +101,8 @@ def child(way: str, model_name: str, layers: int) -> dict[str, float]:
                 with _util.compile_pass(), representative_blocks():
                     sampler.loop(key, *inputs, capture=True)
             else:  # launches only compile (the stand-in driver cannot launch), each in this thread when reached
-                token = _util._compiling_only.set(True)
-                try:
+                with _util.launches_compile_only():
                     sampler.loop(key, *inputs, capture=True)
-                finally:
-                    _util._compiling_only.reset(token)
         return time.perf_counter() - start
 
     first = run(way == "compile pass")

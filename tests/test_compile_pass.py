@@ -264,11 +264,8 @@ def loop_compiles() -> dict:
             sampler.loop(key, *inputs, capture=True)
         first = list(compiled)
         specializations = sum(len(kernel.device_caches[0][0]) for kernel in kernels)
-        token = _util._compiling_only.set(True)  # the launches compile only, outside a pass: every block runs
-        try:
+        with _util.launches_compile_only():  # outside a pass: every block runs
             sampler.loop(key, *inputs, capture=True)
-        finally:
-            _util._compiling_only.reset(token)
     return {"first": first, "again": compiled[len(first):], "specializations": specializations, "launchers": launchers}
 
 

@@ -83,6 +83,17 @@ def compiling_only() -> bool:
     return _compiling_only.get()
 
 
+@contextlib.contextmanager
+def launches_compile_only() -> Iterator[None]:
+    """Inside the block the ops' Triton launches compile their kernels, each in this thread when reached, and
+    launch nothing: a first run's compiles one after another, without ``compile_pass``'s threads."""
+    token = _compiling_only.set(True)
+    try:
+        yield
+    finally:
+        _compiling_only.reset(token)
+
+
 def first_in_pass(key: Hashable) -> bool:
     """Whether a tuned launch's ``key`` is met for the first time in the current compile pass (True outside
     one); marks it met. A loop repeats its launches (networks, steps, blocks): the candidates compile at the
@@ -110,9 +121,9 @@ def compile_pass() -> Iterator[None]:
         return
     import triton
 
-    token, keys_token = _compiling_only.set(True), _pass_tuned_keys.set(set())
+    keys_token = _pass_tuned_keys.set(set())
     try:
-        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        with launches_compile_only(), ThreadPoolExecutor(os.cpu_count() or 1) as pool:
             with triton.AsyncCompileMode(pool, ignore_errors=True) as mode:
                 yield
             # Triton 3.6's compiled kernels (read defensively: a later Triton may keep them elsewhere)
@@ -121,7 +132,6 @@ def compile_pass() -> Iterator[None]:
             for built in [pool.submit(_build_launcher, kernel) for kernel in compiled]:
                 built.result()
     finally:
-        _compiling_only.reset(token)
         _pass_tuned_keys.reset(keys_token)
 
 
