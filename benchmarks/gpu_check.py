@@ -178,12 +178,12 @@ class Check:
             getattr(self, name)()
 
     def install(self) -> None:
-        # setup.py maps sphere_fast.csrc / .kernels onto csrc/ and kernels/: only an install makes them
-        # importable, and the lazy extension builds look for their sources there.
+        # sphere_fast imported from this checkout takes csrc/ and kernels/ from it too (sphere_fast._checkout),
+        # where the lazy extension builds look for their sources; otherwise an install makes them importable.
         start = time.monotonic()
         spec = importlib.util.find_spec("sphere_fast.csrc")
         if spec is not None and spec.origin and Path(spec.origin).resolve().is_relative_to(ROOT):
-            self.done(Phase("install", "ok", time.monotonic() - start, "sphere_fast installed from this checkout"))
+            self.done(Phase("install", "ok", time.monotonic() - start, "sphere_fast imports from this checkout"))
             return
         self.timed(
             "install",

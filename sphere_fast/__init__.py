@@ -1,5 +1,11 @@
 """sphere_fast: a drop-in Sphere Encoder with fused Triton and C++/CUDA kernels under it."""
 
+from pathlib import Path
+
+from sphere_fast._checkout import map_checkout_folders
+
+map_checkout_folders(Path(__file__).resolve().parent)  # before any module imports the kernels
+
 from sphere_fast import ops
 from sphere_fast.backend import active_backend, available_backends, use_backend
 from sphere_fast.model import MODEL_SIZES, PRESETS, SphereEncoder

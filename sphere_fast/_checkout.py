@@ -1,0 +1,39 @@
+"""setup.py installs the top-level folders kernels/ and csrc/ as sphere_fast.kernels and sphere_fast.csrc. When
+sphere_fast is imported from a source checkout, both come from that same checkout: without this, an editable
+install maps them to the tree it was made from, which may be another clone (the tests would then run one tree's
+Python over another's kernels) or a deleted one, and a checkout that was never installed has none."""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import sys
+from importlib.machinery import ModuleSpec
+from pathlib import Path
+
+FOLDERS = {"sphere_fast.kernels": "kernels", "sphere_fast.csrc": "csrc"}
+
+
+class CheckoutFolders(importlib.abc.MetaPathFinder):
+    """Finds sphere_fast.kernels and sphere_fast.csrc in the checkout ``root``; their modules then come from
+    there through the packages' own search paths."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def find_spec(self, fullname: str, path: object = None, target: object = None) -> ModuleSpec | None:
+        folder = FOLDERS.get(fullname)
+        if folder is None:
+            return None
+        package = self.root / folder
+        return importlib.util.spec_from_file_location(
+            fullname, package / "__init__.py", submodule_search_locations=[str(package)])
+
+
+def map_checkout_folders(package_dir: Path) -> None:
+    """Put a CheckoutFolders first on sys.meta_path if ``package_dir`` (sphere_fast's folder) lies in a source
+    checkout; an installed copy holds the folders inside the package and is left as it is."""
+    root = package_dir.parent
+    in_checkout = (root / "setup.py").is_file() and all((root / f / "__init__.py").is_file() for f in FOLDERS.values())
+    if in_checkout and not any(isinstance(finder, CheckoutFolders) for finder in sys.meta_path):
+        sys.meta_path.insert(0, CheckoutFolders(root))
