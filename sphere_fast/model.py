@@ -75,7 +75,7 @@ def check_label_range(y: torch.Tensor, high: int, name: str = "y") -> None:
     """Labels in [0, high]: one host read (a device sync for labels on a GPU), so loops check once."""
     low, top = torch.stack(torch.aminmax(y)).tolist()
     if low < 0 or top > high:
-        raise ValueError(f"{name} labels must be in [0, {high}], got range [{low}, {top}]")
+        raise ValueError(f"{name}: class labels must be in [0, {high}], got values in [{low}, {top}]")
 
 
 def resolve_model_size(size: str | Mapping[str, int], argument: str) -> dict[str, int]:

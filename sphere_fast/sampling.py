@@ -73,7 +73,8 @@ def sample_labels(
     if y is None:
         return torch.randint(0, model.num_classes, (batch_size,), device=device)
     if not isinstance(y, torch.Tensor) or y.dtype != torch.long or y.shape != (batch_size,):
-        raise TypeError(f"{name} must be an int64 tensor of shape ({batch_size},), got {getattr(y, 'dtype', type(y).__name__)} {tuple(getattr(y, 'shape', ()))}")
+        got = f"{y.dtype} of shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
+        raise TypeError(f"{name} must be a 1-D int64 tensor of {batch_size} labels, got {got}")
     high = model.num_classes if allow_null else model.num_classes - 1
     check_label_range(y, high, name)
     return y.to(device, non_blocking=True)

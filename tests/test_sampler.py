@@ -151,9 +151,11 @@ def test_training_mode_refused():
         (None, torch.arange(3.0), TypeError, "seeds"),
         (None, [1, 2, 3], TypeError, "seeds"),
         (torch.zeros(3, dtype=torch.long), torch.arange(4), ValueError, "same length"),
-        (torch.tensor([0, 10, 1]), None, ValueError, "labels"),
-        (torch.tensor([0, -1, 1]), None, ValueError, "labels"),
-        (torch.zeros(3, dtype=torch.int32), None, TypeError, "labels"),
+        (torch.tensor([0, 10, 1]), None, ValueError, r"labels: class labels must be in \[0, 9\], got values in \[0, 10\]"),
+        (torch.tensor([0, -1, 1]), None, ValueError, r"labels: class labels must be in \[0, 9\], got values in \[-1, 1\]"),
+        (torch.zeros(3, dtype=torch.int32), None, TypeError, r"labels must be a 1-D int64 tensor of 3 labels, got torch.int32"),
+        (torch.zeros(3, 1, dtype=torch.long), None, TypeError, r"got torch.int64 of shape \(3, 1\)"),
+        ([0, 1, 2], None, TypeError, "labels must be a 1-D int64 tensor of 8 labels, got list"),
     ],
 )
 def test_bad_call_args(model, labels, seeds, error, match):
