@@ -133,9 +133,10 @@ class ViT(nn.Module):
             self.x_embedder = nn.Linear(token_channels, width)
         # a frozen parameter (not a buffer) because official checkpoints hold it
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, width), requires_grad=False)
-        self.register_buffer("rope", rope_2d(width // heads, self.grid), persistent=False)
         self.y_embedder = LabelEmbedder(num_classes, width) if modulated else None
         self.blocks = nn.ModuleList(Block(width, heads, modulated) for _ in range(size["layers"]))
+        # after the blocks, which check that heads divide the width
+        self.register_buffer("rope", rope_2d(width // heads, self.grid), persistent=False)
 
         if kind == "encoder":
             self.ffn = ModulatedLinear(width, token_channels, modulated)

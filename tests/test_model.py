@@ -113,6 +113,8 @@ def test_state_dict_errors_list_keys():
         (dict(vit_enc_model_size="enormous"), "vit_enc_model_size"),
         (dict(vit_dec_model_size={"width": 32}), "vit_dec_model_size"),
         (dict(input_size=18), "divisible"),
+        (dict(vit_enc_model_size={"width": 30, "layers": 1, "heads": 4}), r"width \(30\) must be divisible by heads \(4\)"),
+        (dict(vit_dec_model_size={"width": 40, "layers": 1, "heads": 4}), "head dim must be divisible by 4 for 2-D RoPE, got 10"),
         (dict(pixel_head_type="mlp"), "pixel_head_type"),
         (dict(num_classes=-1), "num_classes"),
     ],
