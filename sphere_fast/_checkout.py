@@ -30,10 +30,16 @@ class CheckoutFolders(importlib.abc.MetaPathFinder):
             fullname, package / "__init__.py", submodule_search_locations=[str(package)])
 
 
+def in_checkout(root: Path) -> bool:
+    """Whether ``root`` is a sphere_fast source checkout: its setup.py maps the folders, which are there."""
+    setup = root / "setup.py"
+    return (setup.is_file() and all(name in setup.read_text() for name in FOLDERS)
+            and all((root / folder / "__init__.py").is_file() for folder in FOLDERS.values()))
+
+
 def map_checkout_folders(package_dir: Path) -> None:
     """Put a CheckoutFolders first on sys.meta_path if ``package_dir`` (sphere_fast's folder) lies in a source
     checkout; an installed copy holds the folders inside the package and is left as it is."""
     root = package_dir.parent
-    in_checkout = (root / "setup.py").is_file() and all((root / f / "__init__.py").is_file() for f in FOLDERS.values())
-    if in_checkout and not any(isinstance(finder, CheckoutFolders) for finder in sys.meta_path):
+    if in_checkout(root) and not any(isinstance(finder, CheckoutFolders) for finder in sys.meta_path):
         sys.meta_path.insert(0, CheckoutFolders(root))

@@ -42,16 +42,18 @@ def test_a_stale_editable_install_does_not_supply_the_kernels(tmp_path: Path) ->
 
 
 def test_an_installed_copy_is_left_as_it_is(tmp_path: Path, monkeypatch) -> None:
-    """A package folder whose parent is no checkout (site-packages: no setup.py) adds no finder; a checkout adds
-    one, once."""
+    """A package folder whose parent is no sphere_fast checkout (site-packages: no setup.py; another project's
+    setup.py) adds no finder; a checkout adds one, once."""
     installed = tmp_path / "site-packages" / "sphere_fast"
     for folder in ("kernels", "csrc"):  # folders of those names beside it are not enough
         (installed.parent / folder).mkdir(parents=True)
         (installed.parent / folder / "__init__.py").touch()
     monkeypatch.setattr(sys, "meta_path", [f for f in sys.meta_path if not isinstance(f, _checkout.CheckoutFolders)])
     _checkout.map_checkout_folders(installed)
+    (installed.parent / "setup.py").write_text("setup(name='another')\n")
+    _checkout.map_checkout_folders(installed)
     assert not any(isinstance(f, _checkout.CheckoutFolders) for f in sys.meta_path)
-    (installed.parent / "setup.py").touch()
+    (installed.parent / "setup.py").write_text((ROOT / "setup.py").read_text())
     _checkout.map_checkout_folders(installed)
     _checkout.map_checkout_folders(installed)
     added = [f for f in sys.meta_path if isinstance(f, _checkout.CheckoutFolders)]
