@@ -19,6 +19,7 @@ from typing import TypeVar
 
 import torch
 
+from sphere_fast._context import context_value
 from sphere_fast._extension import cuda_build_possible
 
 F = TypeVar("F", bound=Callable[..., object])
@@ -92,11 +93,8 @@ def active_backend() -> str:
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[str]:
     """Run the ops inside the block on ``name`` (``eager``, ``triton``, ``cpp`` or ``auto``)."""
-    token = _active.set(_check_name(name))
-    try:
+    with context_value(_active, _check_name(name)):
         yield name
-    finally:
-        _active.reset(token)
 
 
 def constant_under_compile(fn: F) -> F:

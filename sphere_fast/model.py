@@ -10,7 +10,7 @@ import contextlib
 import contextvars
 import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from typing import Any
 
@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from sphere_fast import ops
+from sphere_fast._context import context_value
 from sphere_fast.nn.layers import (
     Block,
     LabelEmbedder,
@@ -49,26 +50,17 @@ _representative_blocks: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "sphere_fast_representative_blocks", default=False)
 
 
-@contextlib.contextmanager
-def _flag_set(flag: contextvars.ContextVar[bool]) -> Iterator[None]:
-    token = flag.set(True)
-    try:
-        yield
-    finally:
-        flag.reset(token)
-
-
-def labels_checked() -> contextlib.AbstractContextManager[None]:
+def labels_checked() -> contextlib.AbstractContextManager[bool]:
     """Inside, encoder/decoder calls skip the label range check (a host sync per call): for loops whose
     labels were validated once up front."""
-    return _flag_set(_labels_checked)
+    return context_value(_labels_checked, True)
 
 
-def representative_blocks() -> contextlib.AbstractContextManager[None]:
+def representative_blocks() -> contextlib.AbstractContextManager[bool]:
     """Inside, each network runs its first and last blocks only: the blocks between launch the first one's
     kernels, for arguments of the same shapes, dtypes and alignment. For runs that only build kernels, tune
     them or initialise libraries, whose outputs are thrown away (the sampler's compile pass and warm-up)."""
-    return _flag_set(_representative_blocks)
+    return context_value(_representative_blocks, True)
 
 
 def check_label_range(y: torch.Tensor, high: int, name: str = "y") -> None:

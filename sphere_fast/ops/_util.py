@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from sphere_fast._context import context_value
+
 F = TypeVar("F", bound=Callable[..., object])
 
 # Compile options every Triton launch passes. The kernels are written and measured with FMA contraction (a * b + c
@@ -83,15 +85,10 @@ def compiling_only() -> bool:
     return _compiling_only.get()
 
 
-@contextlib.contextmanager
-def launches_compile_only() -> Iterator[None]:
+def launches_compile_only() -> contextlib.AbstractContextManager[bool]:
     """Inside the block the ops' Triton launches compile their kernels, each in this thread when reached, and
     launch nothing: a first run's compiles one after another, without ``compile_pass``'s threads."""
-    token = _compiling_only.set(True)
-    try:
-        yield
-    finally:
-        _compiling_only.reset(token)
+    return context_value(_compiling_only, True)
 
 
 def first_in_pass(key: Hashable) -> bool:
@@ -121,9 +118,8 @@ def compile_pass() -> Iterator[None]:
         return
     import triton
 
-    keys_token = _pass_tuned_keys.set(set())
-    try:
-        with launches_compile_only(), ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+    with context_value(_pass_tuned_keys, set()), launches_compile_only():
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
             with triton.AsyncCompileMode(pool, ignore_errors=True) as mode:
                 yield
             # Triton 3.6's compiled kernels (read defensively: a later Triton may keep them elsewhere)
@@ -131,8 +127,6 @@ def compile_pass() -> Iterator[None]:
             compiled = [kernel for kernel in (getattr(f, "kernel", None) for f in futures) if kernel is not None]
             for built in [pool.submit(_build_launcher, kernel) for kernel in compiled]:
                 built.result()
-    finally:
-        _pass_tuned_keys.reset(keys_token)
 
 
 def _build_launcher(kernel: Any) -> None:
