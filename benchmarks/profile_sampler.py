@@ -6,18 +6,24 @@ Same model, dtype and inputs as benchmarks/bench_sampling.py (random weights, bf
 model on CPU). The call runs un-captured so that every kernel is its own profiler event (the graphed sampler
 replays the same kernels). Prints, per batch size, the total device time and the number of kernels per
 kernel group (matmul, attention, the fused ops, the rest), a graph replay's time where the un-captured call is
-host-bound (batch 1), then the top kernels; the GPU check runs it as its "profile" phase. The warm-up calls log
-the backend each op took and the attention's tuned launch configs with the time of every candidate (the
-sphere_fast logger at INFO, on stderr).
+host-bound (batch 1), then the top kernels, and where the call's host time goes: its wall time without a
+profiler and, under cProfile, the Python functions with the most time of their own (sphere_fast's layers and
+checks, torch's dispatch, Triton's launches, any wait on the GPU). The GPU check runs it as its "profile"
+phase. The warm-up calls log the backend each op took and the attention's tuned launch configs with the time
+of every candidate (the sphere_fast logger at INFO, on stderr).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import logging
+import pstats
 import re
+import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -65,6 +71,23 @@ def format_groups(totals: dict[str, tuple[float, int]], wall_ms: float) -> str:
 
 
 HOST_BOUND_SHARE = 0.9
+HOST_TIMED_CALLS = 3
+
+
+def host_table(call: Callable[[], object], top: int) -> str:
+    """Where ``call``'s host time goes: its wall time without a profiler (the fastest of HOST_TIMED_CALLS),
+    then one call under cProfile, the ``top`` functions by time of their own. ``call`` should end by waiting
+    for the device, so that a host-bound call's gaps and a device-bound call's wait both show."""
+    walls = []
+    for _ in range(HOST_TIMED_CALLS):
+        start = time.perf_counter()
+        call()
+        walls.append(time.perf_counter() - start)
+    profiler = cProfile.Profile()
+    profiler.runcall(call)
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(top)
+    return f"host: {1e3 * min(walls):.2f} ms a call without a profiler\n{out.getvalue().strip()}"
 
 
 def profile_batch(model: torch.nn.Module, name: str, batch: int, steps: int, cfg: float, top: int) -> None:
@@ -104,6 +127,13 @@ def profile_batch(model: torch.nn.Module, name: str, batch: int, steps: int, cfg
     sort_by = "cuda_time_total" if on_gpu else "self_cpu_time_total"
     print("\n" + prof.key_averages().table(sort_by=sort_by, row_limit=top, max_name_column_width=90) + "\n")
 
+    def synchronized_call() -> None:
+        sampler(labels, seeds)
+        if on_gpu:
+            torch.cuda.synchronize()
+
+    print(host_table(synchronized_call, top) + "\n")
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -112,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="one profile per batch size (default %(default)s)")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--cfg", type=float, default=1.4)
-    parser.add_argument("--top", type=int, default=25, help="kernels listed (default %(default)s)")
+    parser.add_argument("--top", type=int, default=25, help="kernels, and host functions, listed (default %(default)s)")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(message)s")
     logging.getLogger("sphere_fast").setLevel(logging.INFO)

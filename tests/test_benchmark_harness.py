@@ -692,11 +692,13 @@ def test_profile_groups_kernel_names(name: str, group: str) -> None:
 
 
 def test_profile_sampler_smoke_prints_the_groups(capsys: pytest.CaptureFixture[str]) -> None:
-    """On CPU: the tiny model's ops stand in for kernels; the group table and the op table print, once for
-    each batch size."""
+    """On CPU: the tiny model's ops stand in for kernels; the group table, the op table and the host table (the
+    sampler's own functions among Python's) print, once for each batch size."""
     assert profile_sampler.main(["--batch", "1", "2", "--steps", "2"]) == 0
     out = capsys.readouterr().out
     assert "| group | ms | % of kernel time | kernels |" in out and "| matmul |" in out and "aten::" in out
+    assert out.count(" ms a call without a profiler") == 2 and out.count("Ordered by: internal time") == 2
+    assert "sphere_fast/model.py" in out
     assert [line.split(",")[1] for line in out.splitlines() if line.startswith("# Sampler profile")] == [
         " batch 1", " batch 2"]
     totals = profile_sampler.group_times([("gemm_a", 3.0), ("attention_fwd_kernel", 1.0), ("gemm_b", 2.0)])
