@@ -119,6 +119,28 @@ def test_every_candidate_gives_the_default_bits(monkeypatch: pytest.MonkeyPatch)
         assert torch.equal(out, outputs[0]), f"{config} changes the bits of {candidates[0]}"
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_opcheck(bias: bool) -> None:
+    """The op's schema and fake kernel (shape, dtype, device, strides of the output) against the real one, and
+    its trace under make_fx (fake and symbolic shapes). Inference only: no input needs a gradient."""
+    x, weight, b = operands((2, 3, 16), 5, torch.bfloat16, bias)
+    torch.library.opcheck(torch.ops.sphere_fast.swiglu_linear_triton.default, (x, weight, b, 16))
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_torch_compile_fullgraph(bias: bool) -> None:
+    """torch.compile(fullgraph=True) traces the op without a graph break and gives the eager call's bits."""
+    x, weight, b = operands((2, 3, 16), 5, torch.bfloat16, bias)
+
+    def mlp(x: torch.Tensor) -> torch.Tensor:
+        return swiglu_linear(x * 2, weight, b, out_width=16, backend="triton") + 1
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(mlp, fullgraph=True, backend="aot_eager")(x)
+        assert torch.equal(compiled, mlp(x))
+
+
 @pytest.mark.parametrize(
     "args, kwargs, error, match",
     [
