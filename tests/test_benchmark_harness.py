@@ -15,8 +15,10 @@ from unittest import mock
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import (
+    bench_sampling,
     compile_times,
     gpu_check,
     harness,
@@ -26,6 +28,8 @@ from benchmarks import (
     tune_attention,
     tune_swiglu_linear,
 )
+from sphere_fast import SphereEncoder, use_backend
+from sphere_fast.model import labels_checked
 
 ROOT = Path(__file__).resolve().parents[1]
 CEILINGS = harness.Ceilings(copy_gbps=4000.0, matmul_tflops=800.0, copy_bytes=2 << 30, matmul_size=8192)
@@ -58,6 +62,34 @@ def test_bad_times_are_refused(ms: float) -> None:
 def test_ceiling_rates() -> None:
     assert harness.copy_rate(10**9, 1.0) == pytest.approx(2000.0)  # read + written
     assert harness.matmul_rate(1000, 1.0) == pytest.approx(2.0)  # 2 n^3 flops
+
+
+def test_sampler_flops_per_image_follow_the_spec() -> None:
+    """T decoder and T - 1 encoder passes, both doubled by CFG (spec section 6): Sphere-XL at 4 steps with combo
+    CFG is the spec's 13.3 TFLOP; one step without CFG is one Sphere-L decoder pass (671 GFLOP), two steps add
+    an encoder pass (623) and a decoder pass."""
+    assert bench_sampling.flops_per_image("sphere-xl-imagenet", 4, 1.4) / 1e12 == pytest.approx(13.3, abs=0.05)
+    assert bench_sampling.flops_per_image("sphere-l-imagenet", 1, 1.0) == 671e9
+    assert bench_sampling.flops_per_image("sphere-l-imagenet", 2, 1.0) == (2 * 671 + 623) * 1e9
+    assert bench_sampling.flops_per_image("tiny", 4, 1.4) is None
+
+
+@pytest.mark.parametrize("name", ["sphere-l-imagenet", "sphere-xl-imagenet"])
+def test_pass_flops_are_the_models_matmuls_with_weights(name: str) -> None:
+    """The spec's FLOPs of a pass (bench_sampling.PASS_GFLOP, integer GFLOP) are what torch's FlopCounterMode
+    counts for the model's pass at batch 1 (built on the meta device) but the attention's two products,
+    4 N^2 W a layer, which the spec leaves out."""
+    with torch.device("meta"):
+        model = SphereEncoder.from_preset(name).eval()
+    images = torch.empty(1, 3, model.input_size, model.input_size, device="meta")
+    latents = torch.empty(1, *model.latent_shape[1:], device="meta")
+    labels = torch.zeros(1, dtype=torch.long, device="meta")
+    spec_gflop = dict(zip(("decoder", "encoder"), bench_sampling.PASS_GFLOP[name]))
+    for net, inputs in ((model.decoder, latents), (model.encoder, images)):
+        with use_backend("eager"), torch.no_grad(), labels_checked(), FlopCounterMode(display=False) as counter:
+            net(inputs, labels)
+        attention = len(net.blocks) * 4 * net.num_tokens**2 * net.blocks[0].attn.proj.in_features
+        assert (counter.get_total_flops() - attention) / 1e9 == pytest.approx(spec_gflop[net.kind], abs=0.5)
 
 
 def test_timing_is_the_median_and_keeps_samples() -> None:
