@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -19,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import (
     bench_sampling,
+    bench_training,
     compile_times,
     gpu_check,
     harness,
@@ -30,6 +32,7 @@ from benchmarks import (
 )
 from sphere_fast import SphereEncoder, use_backend
 from sphere_fast.model import labels_checked
+from sphere_fast.training import LOSS_PRESETS, SphereLoss
 
 ROOT = Path(__file__).resolve().parents[1]
 CEILINGS = harness.Ceilings(copy_gbps=4000.0, matmul_tflops=800.0, copy_bytes=2 << 30, matmul_size=8192)
@@ -90,6 +93,26 @@ def test_pass_flops_are_the_models_matmuls_with_weights(name: str) -> None:
             net(inputs, labels)
         attention = len(net.blocks) * 4 * net.num_tokens**2 * net.blocks[0].attn.proj.in_features
         assert (counter.get_total_flops() - attention) / 1e9 == pytest.approx(spec_gflop[net.kind], abs=0.5)
+
+
+def test_train_step_flops_per_image_are_the_counted_matmuls_with_weights() -> None:
+    """bench_training's FLOPs of a Sphere-L training step per image against torch's FlopCounterMode over the
+    loss's forward and backward on the meta device (batch 1, no perceptual terms), less attention's products:
+    4 N^2 W a layer in each of the four network passes (two encoder, two decoder), twice that in the backward."""
+    name = "sphere-l-imagenet"
+    with torch.device("meta"):
+        model = SphereEncoder.from_preset(name).train()
+    loss = SphereLoss(model, dataclasses.replace(LOSS_PRESETS["imagenet"], recon_perc=0.0, con_perc=0.0))
+    images = torch.empty(1, 3, model.input_size, model.input_size, device="meta")
+    labels = torch.zeros(1, dtype=torch.long, device="meta")
+    noise, scale = torch.empty(1, *model.latent_shape[1:], device="meta"), torch.ones(1, device="meta")
+    with use_backend("eager"), labels_checked(), FlopCounterMode(display=False) as counter:
+        total, _ = loss(images, labels, scale, scale, noise=noise)
+        total.backward()
+    net = model.encoder  # the decoder's blocks are the same size in the presets
+    per_pass = len(net.blocks) * 4 * net.num_tokens**2 * net.blocks[0].attn.proj.in_features
+    counted = counter.get_total_flops() - 3 * 4 * per_pass
+    assert counted == pytest.approx(bench_training.flops_per_image(name), rel=1e-3)
 
 
 def test_timing_is_the_median_and_keeps_samples() -> None:
