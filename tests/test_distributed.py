@@ -1,5 +1,5 @@
-"""Two gloo processes (DDP) end with the same parameters as one process on the same global batch, with and
-without gradient accumulation."""
+"""Two gloo processes (DDP) end with the same parameters as one process on the same global batch, and log the
+same losses, with and without gradient accumulation."""
 
 import os
 import socket
@@ -27,16 +27,20 @@ def global_step_inputs(step: int):
     return x, y, big, small, torch.randn(GLOBAL_BATCH, 16, 4, generator=g)
 
 
-def train(info: DistInfo, rows: slice | None = None, accumulation: int = 1) -> dict[str, torch.Tensor]:
-    """STEPS steps on this process's share of each global batch (``rows`` overrides the share)."""
+def train(
+    info: DistInfo, rows: slice | None = None, accumulation: int = 1
+) -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
+    """STEPS steps on this process's share of each global batch (``rows`` overrides the share): the weights
+    at the end and each step's logged values."""
     config = TrainConfig(**CONFIG, accumulation_steps=accumulation)
     trainer = Trainer(no_label_dropout(tiny_model()), config, "cpu", info)
     b = GLOBAL_BATCH // info.world_size
     share = rows or slice(info.rank * b, (info.rank + 1) * b)
+    logs = []
     for step in range(STEPS):
         x, y, big, small, e = global_step_inputs(step)
-        trainer.train_step(x[share], y[share], scales=(big[share], small[share]), noise=e[share])
-    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+        logs.append(trainer.train_step(x[share], y[share], scales=(big[share], small[share]), noise=e[share]))
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, logs
 
 
 def worker(rank: int, world: int, port: int, out: str, accumulation: int) -> None:
@@ -44,8 +48,8 @@ def worker(rank: int, world: int, port: int, out: str, accumulation: int) -> Non
     torch.set_num_threads(1)
     info = init_distributed()
     assert dist.get_backend() == "gloo"
-    state = train(info, accumulation=accumulation)
-    torch.save(state, f"{out}/rank{rank}.pt")
+    state, logs = train(info, accumulation=accumulation)
+    torch.save({"state": state, "logs": logs}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -58,12 +62,14 @@ def free_port() -> int:
 @pytest.mark.parametrize("accumulation", [1, 2], ids=["one-batch", "two-micro-batches"])
 def test_two_gloo_processes_match_one_process(tmp_path, accumulation):
     """With accumulation, each process's first micro-batch backward skips DDP's all-reduce (no_sync): the
-    gradients must still be reduced, once, in the last."""
+    gradients must still be reduced, once, in the last. Each process logs the global batch's loss terms (the
+    mean of the processes' means) and the norm of the reduced gradient, as one process does."""
     mp.spawn(worker, args=(2, free_port(), str(tmp_path), accumulation), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    single = train(DistInfo())
+    saved = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = [s["state"] for s in saved]
+    single, single_logs = train(DistInfo())
     initial = tiny_model().state_dict()
-    half_batch_only = train(DistInfo(), rows=slice(0, GLOBAL_BATCH // 2))
+    half_batch_only, _ = train(DistInfo(), rows=slice(0, GLOBAL_BATCH // 2))
     moved = max((single[k] - initial[k]).abs().max().item() for k in single)
     assert moved > 1e-2  # the steps really changed the weights
     for k in single:
@@ -71,3 +77,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, accumulation):
         torch.testing.assert_close(ranks[0][k], single[k], rtol=1e-4, atol=1e-5, msg=k)
     # negative control: training on one process's share alone does not match
     assert max((half_batch_only[k] - single[k]).abs().max().item() for k in single) > 1e-3
+    for rank in saved:
+        assert [log.keys() for log in rank["logs"]] == [log.keys() for log in single_logs]
+        for log, expected in zip(rank["logs"], single_logs):
+            assert log == pytest.approx(expected, rel=1e-4)

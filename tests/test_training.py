@@ -1,3 +1,4 @@
+import dataclasses
 import importlib
 import json
 import math
@@ -36,6 +37,14 @@ def test_stratified_radii_one_per_stratum_plus_zero_and_one():
         assert torch.all(inner >= (torch.arange(m) + 1e-3) / m) and torch.all(inner < (torch.arange(m) + 1) / m)
     with pytest.raises(ValueError, match="at least 3"):
         stratified_radii(2)
+
+
+def test_stratified_radii_keep_off_the_strata_floors(monkeypatch):
+    """An offset u below 1e-3 is raised to it (r_i = (i + max(u_i, 1e-3)) / M): with every u drawn as 0, the
+    strata give (i + 1e-3) / M, and the only 0 is the one the recipe adds."""
+    monkeypatch.setattr(torch, "rand", lambda n, **kwargs: torch.zeros(n))
+    r = stratified_radii(5).sort().values
+    torch.testing.assert_close(r, torch.tensor([0.0, 1e-3 / 3, 1.001 / 3, 2.001 / 3, 1.0]), atol=1e-7, rtol=0)
 
 
 def test_noise_scales_follow_the_hard_case_rule():
@@ -189,16 +198,23 @@ def test_learning_rate_schedule_and_encoder_scale():
 
 
 def test_ema_and_grad_clip():
+    """The gradient is clipped to grad_clip; the EMA moves (1 - ema_decay) of the way to the updated weights. A
+    large lr and a low decay make the step show: the weights move by about the lr (Adam's first step), far more
+    than the tolerance."""
     model = tiny_model()
-    trainer = Trainer(model, TrainConfig(global_batch=6, total_steps=10, warmup_steps=1, loss_weights=NO_PERCEPTUAL, grad_clip=1e-3))
+    config = TrainConfig(global_batch=6, total_steps=10, warmup_steps=1, loss_weights=NO_PERCEPTUAL, grad_clip=1e-3,
+                         base_lr=0.1, ema_decay=0.75)
+    trainer = Trainer(model, config)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     logged = trainer.train_step(*tiny_batch(6))
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert logged["grad_norm"] > 1e-3
     assert torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) <= 1e-3 * 1.001
     ema = dict(trainer.ema.named_parameters())
+    moved = max((p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters())
+    assert moved > 1e-3
     for n, p in model.named_parameters():
-        torch.testing.assert_close(ema[n], 0.9997 * before[n] + 0.0003 * p.detach())
+        torch.testing.assert_close(ema[n], 0.75 * before[n] + 0.25 * p.detach(), atol=1e-6, rtol=1e-6)
 
 
 def test_bf16_autocast_on_cpu_gives_finite_losses():
@@ -291,8 +307,9 @@ def test_fit_reads_each_step_s_losses_after_queuing_the_next(tmp_path, monkeypat
 
 
 def test_loss_weight_presets_and_validation():
-    assert LOSS_PRESETS["imagenet"] == loss_weights("imagenet")
-    assert loss_weights("cifar10").con_dist == 0.5 and loss_weights("af-of").recon_dist == 25
+    # (w_rd, w_rp, w_cd, w_cp, w_lat) as the spec's section 4 gives them
+    spec = {"cifar10": (1, 1, 0.5, 0.5, 0.1), "af-of": (25, 1, 1, 1, 0.1), "imagenet": (50, 1, 25, 1, 0.1)}
+    assert {name: dataclasses.astuple(loss_weights(name)) for name in LOSS_PRESETS} == spec
     with pytest.raises(ValueError, match="preset"):
         loss_weights("mnist")
     with pytest.raises(ValueError, match="keys"):
