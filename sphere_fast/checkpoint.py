@@ -195,7 +195,10 @@ def load_checkpoint(
     if trainer is not None:
         model = trainer.model
     if model is None:
-        model = SphereEncoder(**config["model"])
+        try:
+            model = SphereEncoder(**config["model"])
+        except TypeError as err:  # a key this version does not know, e.g. from a newer sphere_fast
+            raise ValueError(f"checkpoint {path} holds a model config this sphere_fast cannot build: {err}") from None
     _check_config(model, config["model"], path)
     if ema and not (path / EMA_FILE).exists():
         raise ValueError(f"checkpoint {path} holds no EMA weights")

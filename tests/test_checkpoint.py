@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,8 +17,9 @@ from sphere_fast.checkpoint import (
     load_checkpoint,
     official_to_checkpoint,
     save_checkpoint,
+    sha256_file,
 )
-from sphere_fast.training import RunConfig, TrainConfig, Trainer, fit
+from sphere_fast.training import DistInfo, RunConfig, TrainConfig, Trainer, fit
 from tests.tiny import NO_PERCEPTUAL, TINY_CONFIG, tiny_batch, tiny_model
 
 
@@ -41,7 +43,12 @@ def test_roundtrip_keeps_weights_ema_optimizer_and_official_keys(tmp_path):
             torch.testing.assert_close(v, w, rtol=0, atol=0, msg=k)
     assert other.optimizer.state_dict()["state"][0]["step"] == 2
     ema_model, _ = load_checkpoint(path, ema=True)
-    torch.testing.assert_close(ema_model.decoder.ffn.linear.weight, trainer.ema.decoder.ffn.linear.weight)
+    live_model, _ = load_checkpoint(path)
+    for (k, ema), live in zip(trainer.ema.state_dict().items(), trainer.model.state_dict().values()):
+        torch.testing.assert_close(ema_model.state_dict()[k], ema, rtol=0, atol=0, msg=k)
+        torch.testing.assert_close(live_model.state_dict()[k], live, rtol=0, atol=0, msg=k)
+    ema_weight, live_weight = ema_model.decoder.ffn.linear.weight, live_model.decoder.ffn.linear.weight
+    assert not torch.equal(ema_weight, live_weight), "the EMA and live weights must differ after two steps"
 
 
 def test_resume_gives_the_same_next_losses(tmp_path):
@@ -109,6 +116,43 @@ def test_process_killed_during_save_leaves_previous_checkpoint_loadable(tmp_path
     assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "ck").iterdir())
 
 
+def rehash(path: Path) -> None:
+    """The manifest's hashes after a test edited the checkpoint's files, as a save of that content writes them."""
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"] = {name: sha256_file(path / name) for name in manifest["files"]}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_saves_beyond_keep_are_pruned_but_never_the_current_one(tmp_path):
+    """The newest ``keep`` step folders stay (by name); the one just written stays even when it is not among them."""
+    model = tiny_model()
+    for step in range(1, 5):
+        save_checkpoint(tmp_path, model, name=f"step-{step:08d}", keep=2)
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000003", "step-00000004"]
+    save_checkpoint(tmp_path, model, name="step-00000002", keep=1)
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000002", "step-00000004"]
+    assert latest_checkpoint(tmp_path).name == "step-00000002"
+
+
+def test_resuming_takes_this_process_rng_state_and_needs_the_same_process_count(tmp_path):
+    """A checkpoint of two processes holds two RNG states: rank 1 resumes with the second; three processes are
+    refused."""
+    trainer = small_trainer(1)
+    path = save_checkpoint(tmp_path, trainer.model, trainer=trainer)
+    state = torch.load(path / "trainer_state.pt", weights_only=True)
+    second = {"torch": torch.Generator().manual_seed(1).get_state()}
+    state["rng"] = [state["rng"][0], second]
+    torch.save(state, path / "trainer_state.pt")
+    rehash(path)
+    loaded: dict = {}
+    stub = SimpleNamespace(model=tiny_model(seed=3), dist=DistInfo(rank=1, world_size=2), load_state_dict=loaded.update)
+    load_checkpoint(path, trainer=stub)
+    assert torch.equal(loaded["rng"]["torch"], second["torch"]) and loaded["step"] == 1
+    stub.dist = DistInfo(rank=0, world_size=3)
+    with pytest.raises(ValueError, match="written by 2 processes; .* got 3"):
+        load_checkpoint(path, trainer=stub)
+
+
 def test_corrupt_incomplete_and_mismatched_checkpoints_are_refused(tmp_path):
     trainer = small_trainer(1)
     path = save_checkpoint(tmp_path, trainer.model, trainer=trainer)
@@ -127,9 +171,23 @@ def test_corrupt_incomplete_and_mismatched_checkpoints_are_refused(tmp_path):
     weights_only = save_checkpoint(tmp_path, trainer.model, name="weights")
     with pytest.raises(ValueError, match="cannot resume"):
         load_checkpoint(weights_only, trainer=small_trainer(0))
+    with pytest.raises(ValueError, match="holds no EMA weights"):
+        load_checkpoint(weights_only, ema=True)
+    config = json.loads((weights_only / "config.json").read_text())
+    config["model"]["future_option"] = 1
+    (weights_only / "config.json").write_text(json.dumps(config))
+    rehash(weights_only)
+    with pytest.raises(ValueError, match="different model config.*future_option"):
+        load_checkpoint(weights_only, tiny_model())
+    with pytest.raises(ValueError, match="config this sphere_fast cannot build: .*'future_option'"):
+        load_checkpoint(weights_only)
+    manifest = json.loads((weights_only / "manifest.json").read_text())
+    (weights_only / "manifest.json").write_text(json.dumps({**manifest, "format": "sphere_fast-checkpoint/0"}))
+    with pytest.raises(ValueError, match="unsupported checkpoint format 'sphere_fast-checkpoint/0'"):
+        load_checkpoint(weights_only)
 
 
-@pytest.mark.parametrize("layout", ["plain", "model_key", "ddp_prefix"])
+@pytest.mark.parametrize("layout", ["plain", "model_key", "ddp_prefix", "compile_prefix"])
 def test_official_pth_converts_both_ways(tmp_path, layout):
     model = tiny_model()
     sd = model.state_dict()
@@ -137,6 +195,7 @@ def test_official_pth_converts_both_ways(tmp_path, layout):
         "plain": sd,
         "model_key": {"model": sd, "optimizer": {}, "epoch": 3},
         "ddp_prefix": {"model": {f"module.{k}": v for k, v in sd.items()}},
+        "compile_prefix": {f"_orig_mod.{k}": v for k, v in sd.items()},
     }[layout]
     torch.save(obj, tmp_path / "official.pth")
     path = official_to_checkpoint(tmp_path / "official.pth", tmp_path / "ours", TINY_CONFIG)
