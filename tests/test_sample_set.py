@@ -51,6 +51,17 @@ def test_seeds_labels_and_batches():
     assert shares == [[[0, 1], [6]], [[2, 3]], [[4, 5]]]
 
 
+def test_file_names_sort_by_index_and_pixels_round_to_nearest(tmp_path):
+    """Names are zero-padded to six digits, more where the set needs them (so they sort by index); a pixel
+    value is rounded to the nearest of 0..255, as image files store it."""
+    assert image_path(tmp_path, 7, 1000).name == "000007.png"
+    assert image_path(tmp_path, 7, 10**7).name == "0000007.png"
+    assert image_path(tmp_path, 9999999, 10**7).name == "9999999.png"
+    pixels = torch.tensor([0.0, 0.4, 0.6, 254.4, 254.6, 300.0]) / 255
+    rounded = [[[[v] * 3 for v in (0, 0, 1, 254, 255, 255)]]]  # [B, H, W, 3]
+    assert to_uint8(pixels.view(1, 1, 1, 6).expand(1, 3, 1, 6)).tolist() == rounded
+
+
 def test_the_files_hold_the_samplers_images(model, tmp_path):
     assert write(model, tmp_path, batch_size=3) == NUM
     indices = range(NUM)
