@@ -258,6 +258,8 @@ def test_use_backend_context():
     [
         (dict(z=torch.ones(2, 8, dtype=torch.int32)), TypeError, "z"),
         (dict(z=torch.ones(8)), ValueError, "z"),
+        (dict(z=torch.ones(2, 0)), ValueError, "no empty dim"),
+        (dict(z=torch.ones(0, 8)), ValueError, "no empty dim"),
         (dict(seeds=torch.tensor([1, 2, 3])), ValueError, "seeds"),
         (dict(seeds=torch.tensor([1.0, 2.0])), TypeError, "seeds"),
         (dict(seeds=torch.tensor([1, 2], device="meta")), ValueError, "seeds"),
@@ -265,6 +267,7 @@ def test_use_backend_context():
         (dict(scale=torch.tensor([1.0, float("nan")])), ValueError, "scale"),
         (dict(scale=float("inf")), ValueError, "scale"),
         (dict(scale="1"), TypeError, "scale"),
+        (dict(scale=torch.ones(2, device="meta")), ValueError, "scale must be on cpu"),
         (dict(noise=torch.ones(2, 8)), ValueError, "noise"),
         (dict(seeds=None), ValueError, "noise"),
         (dict(noise=torch.ones(2, 7), seeds=None), ValueError, "noise"),
