@@ -333,6 +333,32 @@ def test_auto_runs_triton_on_power_of_two_head_dims_only(monkeypatch: pytest.Mon
         attn_mod._choose.cache_clear()
 
 
+def test_cpp_backend_means_flash_attn_where_usable_else_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attention has no C++ kernel of its own: backend cpp takes flash-attn where it can run (CUDA, fp16 / bf16,
+    the package installed), else SDPA, and the RoPE pass runs as backend auto (there is no C++ RoPE kernel)."""
+    q = torch.zeros(1, 1, 4, 64, device=DEVICE, dtype=torch.bfloat16)
+    monkeypatch.setattr(attn_mod, "resolve_backend", lambda *args: "cpp")
+    attn_mod._choose.cache_clear()
+    try:
+        monkeypatch.setattr(attn_mod, "attention_impls", lambda *args: ("sdpa", "triton", "flash_attn"))
+        assert attention_impl(q, backend="cpp") == "flash_attn"
+        attn_mod._choose.cache_clear()
+        monkeypatch.setattr(attn_mod, "attention_impls", lambda *args: ("sdpa", "triton"))
+        assert attention_impl(q, backend="cpp") == "sdpa"
+    finally:
+        attn_mod._choose.cache_clear()
+    assert attn_mod._rope_pass_backend("sdpa", "cpp") == "auto"
+    assert attn_mod._rope_pass_backend("sdpa", "eager") == "eager"
+    assert attn_mod._rope_pass_backend("triton", None) == "triton"
+
+
+def test_tuned_configs_are_kept_per_batch_bucket() -> None:
+    """A launch config is tuned per program count: B*H in powers of two, so batches of one bucket share it."""
+    key = functools.partial(attn_mod._tuning_key, "attention fwd", rope=None)
+    shapes = {b: torch.empty(b, 16, 256, 64, device="meta") for b in (1, 3, 4, 5, 64)}
+    assert key(shapes[3]) == key(shapes[4]) and len({key(shapes[b]) for b in (1, 4, 5, 64)}) == 4
+
+
 def _inputs(b=1, h=2, n=8, d=32, dtype=torch.float32):
     return [torch.randn(b, h, n, d, device=DEVICE, dtype=dtype) for _ in range(3)]
 
