@@ -142,7 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="one profile per batch size (default %(default)s)")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--cfg", type=float, default=1.4)
-    parser.add_argument("--top", type=int, default=25, help="kernels, and host functions, listed (default %(default)s)")
+    parser.add_argument("--top", type=int, default=25,
+                        help="kernels, and host functions, listed (default %(default)s)")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(message)s")
     logging.getLogger("sphere_fast").setLevel(logging.INFO)
