@@ -195,6 +195,10 @@ def test_bad_inputs_raise(backend: str) -> None:
         adaln.adaln_modulate(x, w.to("meta"), sh, sc, backend=backend)
     with pytest.raises(ValueError, match="eps"):
         adaln.adaln_modulate(x, w, sh, sc, eps=float("nan"), backend=backend)
+    with pytest.raises(ValueError, match="eps must be a finite positive number, got 0.0"):
+        adaln.adaln_modulate(x, w, sh, sc, eps=0.0, backend=backend)
+    with pytest.raises(ValueError, match="non-empty last dim"):
+        adaln.adaln_modulate(x[:, :, :0], backend=backend)
     with pytest.raises(ValueError, match="branch"):
         gated(x, br[:, :2], gate, w, sh, sc, backend=backend)
     with pytest.raises(TypeError, match="gate"):
