@@ -1,10 +1,11 @@
 import json
 
 import pytest
+import torch
 from PIL import Image
 
-from sphere_fast.cli import build_parser, main
-from tests.tiny import TINY_CONFIG
+from sphere_fast.cli import build_parser, class_grid, main
+from tests.tiny import TINY_CONFIG, tiny_model
 
 COMMANDS = ["train", "sample", "sample-set", "reconstruct", "interpolate", "crossover", "manipulate", "convert", "bench"]
 
@@ -27,6 +28,8 @@ def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     args = ["train", "--data", "synthetic", "--out", str(out), "--steps", "3", "--batch-size", "6", "--workers", "0",
             "--accumulation-steps", "2", "--activation-checkpointing",
+            # recorded, and not read: the recipe's loss has no perceptual term
+            "--perceptual-weights", "vgg16=/weights/vgg16.pth",
             "--model-config", json.dumps(TINY_CONFIG), "--per-class", "2", "--sample-steps", "1", "2"]
     assert main(args) == 0
     return out
@@ -37,6 +40,7 @@ def test_train_writes_checkpoint_plot_and_sample_grids(trained):
     assert len((trained / "losses.jsonl").read_text().splitlines()) == 3
     recipe = json.loads((trained / "run_config.json").read_text())["train"]
     assert recipe["accumulation_steps"] == 2 and recipe["activation_checkpointing"] is True
+    assert recipe["perceptual_weights"] == {"vgg16": "/weights/vgg16.pth"}
     assert Image.open(trained / "loss.png").size[0] > 300
     for steps in (1, 2):
         grid = Image.open(trained / f"samples_{steps}step.png")
@@ -59,6 +63,65 @@ def test_sample_convert_and_editing_commands(trained, tmp_path):
     assert main(["crossover", *ck, str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--steps", "1", "--out", str(tmp_path / "x.png")]) == 0
     assert main(["interpolate", *ck, "--rows", "2", "--cols", "3", "--out", str(tmp_path / "i.png")]) == 0
     assert Image.open(tmp_path / "i.png").size == (2 + 3 * 18, 2 + 2 * 18)
+
+
+@pytest.fixture
+def recorded(monkeypatch: pytest.MonkeyPatch) -> dict:
+    """The library calls behind the commands, replaced by stand-ins that record their arguments and return
+    results of the right shapes: the commands' own work is parsing and passing options on."""
+    from sphere_fast import checkpoint, cli, editing, sample_set
+
+    calls: dict = {}
+    image = torch.zeros(1, 3, 16, 16)
+
+    def stand_in(name: str, result: object):
+        def call(*args, **kwargs):
+            calls[name] = (args, kwargs)
+            return result
+        return call
+
+    monkeypatch.setattr(checkpoint, "load_checkpoint", stand_in("load_checkpoint", (tiny_model().eval(), {})))
+    monkeypatch.setattr(cli, "class_grid", stand_in("class_grid", (image, 1)))
+    monkeypatch.setattr(editing, "crossover", stand_in("crossover", (image, [image, image])))
+    monkeypatch.setattr(editing, "manipulate", stand_in("manipulate", [image]))
+    monkeypatch.setattr(editing, "interpolate", stand_in("interpolate", torch.zeros(2, 3, 3, 16, 16)))
+    monkeypatch.setattr(sample_set, "write_sample_set", stand_in("write_sample_set", 0))
+    return calls
+
+
+def test_commands_pass_their_options_on(recorded, tmp_path):
+    """Each option reaches the call it is for (the tests above run the commands for real, with defaults)."""
+    png, out = str(tmp_path / "a.png"), str(tmp_path / "o.png")
+    Image.new("RGB", (16, 16)).save(png)
+    model = ["--checkpoint", "run", "--ema", "--seed", "7"]
+    assert main(["sample", *model, "--steps", "3", "--cfg", "1.5", "--per-class", "2", "--out", out]) == 0
+    assert recorded["load_checkpoint"] == (("run",), {"ema": True})
+    assert recorded["class_grid"][1] == {"steps": 3, "cfg": 1.5, "seed": 7}
+    assert main(["crossover", *model, png, png, "--mask", "horizontal", "--swap", "--steps", "2", "--out", out]) == 0
+    assert recorded["crossover"][0][3] == "horizontal" and recorded["crossover"][1] == {"swap": True, "steps": 2}
+    assert main(["manipulate", *model, png, "--target-class", "3", "--steps", "2", "--noise-scaler", "0.5",
+                 "--out", out]) == 0
+    assert recorded["manipulate"][0][2] == 3 and recorded["manipulate"][1] == {"steps": 2, "noise_scaler": 0.5}
+    assert main(["interpolate", *model, "--labels", "1", "2", "3", "4", "--rows", "2", "--cols", "3", "--method",
+                 "lerp", "--steps", "2", "--cfg", "1.2", "--out", out]) == 0
+    (_, seeds, labels), kwargs = recorded["interpolate"]
+    assert seeds.tolist() == [7, 8, 9, 10] and labels.tolist() == [1, 2, 3, 4]
+    assert kwargs == {"rows": 2, "cols": 3, "method": "lerp", "steps": 2, "cfg": 1.2}
+    assert main(["sample-set", *model, "--num", "5", "--batch-size", "2", "--steps", "2", "--cfg", "1.4",
+                 "--cfg-position", "dec", "--dtype", "fp32", "--out", str(tmp_path / "set")]) == 0
+    (_, folder, num), kwargs = recorded["write_sample_set"]
+    assert (folder, num) == (str(tmp_path / "set"), 5) and kwargs == {
+        "batch_size": 2, "steps": 2, "cfg": 1.4, "cfg_position": "dec", "seed": 7, "rank": 0, "world_size": 1,
+        "progress": True}
+
+
+def test_class_grid_seeds_its_samples():
+    """A grid's images follow --seed: the same seed gives the same grid, another seed another one."""
+    model = tiny_model().eval()
+    first, nrow = class_grid(model, 1, steps=1, cfg=1.0, seed=0)
+    assert nrow == 1 and first.shape == (10, 3, 16, 16)
+    assert torch.equal(class_grid(model, 1, steps=1, cfg=1.0, seed=0)[0], first)
+    assert not torch.equal(class_grid(model, 1, steps=1, cfg=1.0, seed=1)[0], first)
 
 
 def test_bad_input_is_a_clear_error(tmp_path, capsys):
