@@ -145,6 +145,31 @@ def test_perceptual_loss_combines_lpips_and_convnext_logits():
     torch.testing.assert_close(out_convnext[:3], 0.1 * mse / 1.1, rtol=1e-4, atol=0)
 
 
+def test_convnext_term_downsamples_with_antialiasing():
+    """Images larger than 224 px (the paper's are 256) are shrunk for the classifier with antialiasing (the
+    bilinear filter widened to the shrink), as PerceptualLoss resizes; a plain bilinear shrink, which
+    skips pixels, gives other logits."""
+    torch.manual_seed(0)
+    loss = PerceptualLoss(LPIPS(), small_convnext())
+    with torch.no_grad():
+        for p in loss.lpips_vgg.lin.parameters():
+            p.zero_()  # LPIPS 0: the ConvNeXt term alone
+    g = torch.Generator().manual_seed(6)
+    pred, target = torch.rand(1, 3, 240, 240, generator=g), torch.rand(1, 3, 240, 240, generator=g)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+    def term(antialias: bool) -> torch.Tensor:
+        both = F.interpolate(torch.cat([pred, target]), size=(224, 224), mode="bilinear", antialias=antialias)
+        logits = loss.convnext((both - mean) / std)
+        return 0.1 * (logits[0] - logits[1]).square().mean() / 1.1
+
+    with torch.no_grad():
+        out = loss(pred, target)
+        torch.testing.assert_close(out, term(antialias=True).view(1), rtol=1e-4, atol=0)
+        assert not torch.allclose(out, term(antialias=False).view(1), rtol=1e-3, atol=0)
+
+
 def test_perceptual_gradients_reach_the_input_not_the_frozen_weights():
     torch.manual_seed(0)
     pl = PerceptualLoss(LPIPS(), small_convnext())
