@@ -33,8 +33,10 @@ class CheckoutFolders(importlib.abc.MetaPathFinder):
 def in_checkout(root: Path) -> bool:
     """Whether ``root`` is a sphere_fast source checkout: its setup.py maps the folders, which are there."""
     setup = root / "setup.py"
-    return (setup.is_file() and all(name in setup.read_text() for name in FOLDERS)
-            and all((root / folder / "__init__.py").is_file() for folder in FOLDERS.values()))
+    if not setup.is_file() or not all((root / folder / "__init__.py").is_file() for folder in FOLDERS.values()):
+        return False
+    text = setup.read_text()
+    return all(name in text for name in FOLDERS)
 
 
 def map_checkout_folders(package_dir: Path) -> None:

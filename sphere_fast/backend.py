@@ -14,7 +14,7 @@ import functools
 import importlib.util
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TypeVar
 
 import torch
@@ -90,11 +90,9 @@ def active_backend() -> str:
     return name
 
 
-@contextlib.contextmanager
-def use_backend(name: str) -> Iterator[str]:
+def use_backend(name: str) -> contextlib.AbstractContextManager[str]:
     """Run the ops inside the block on ``name`` (``eager``, ``triton``, ``cpp`` or ``auto``)."""
-    with context_value(_active, _check_name(name)):
-        yield name
+    return context_value(_active, _check_name(name))
 
 
 def constant_under_compile(fn: F) -> F:
