@@ -77,22 +77,32 @@ def test_sampler_flops_per_image_follow_the_spec() -> None:
     assert bench_sampling.flops_per_image("tiny", 4, 1.4) is None
 
 
+def meta_preset(name: str) -> tuple[SphereEncoder, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The preset built on the meta device (FlopCounterMode counts from shapes: no memory, no compute) and batch-1
+    images, latents and labels for it."""
+    with torch.device("meta"):
+        model = SphereEncoder.from_preset(name)
+    images = torch.empty(1, 3, model.input_size, model.input_size, device="meta")
+    latents = torch.empty(1, *model.latent_shape[1:], device="meta")
+    return model, images, latents, torch.zeros(1, dtype=torch.long, device="meta")
+
+
+def attention_flops(net: torch.nn.Module) -> int:
+    """The attention's two products in one pass of a network at batch 1, 4 N^2 W a layer: what the spec's FLOPs
+    leave out."""
+    return len(net.blocks) * 4 * net.num_tokens**2 * net.blocks[0].attn.proj.in_features
+
+
 @pytest.mark.parametrize("name", ["sphere-l-imagenet", "sphere-xl-imagenet"])
 def test_pass_flops_are_the_models_matmuls_with_weights(name: str) -> None:
     """The spec's FLOPs of a pass (bench_sampling.PASS_GFLOP, integer GFLOP) are what torch's FlopCounterMode
-    counts for the model's pass at batch 1 (built on the meta device) but the attention's two products,
-    4 N^2 W a layer, which the spec leaves out."""
-    with torch.device("meta"):
-        model = SphereEncoder.from_preset(name).eval()
-    images = torch.empty(1, 3, model.input_size, model.input_size, device="meta")
-    latents = torch.empty(1, *model.latent_shape[1:], device="meta")
-    labels = torch.zeros(1, dtype=torch.long, device="meta")
+    counts for the model's pass at batch 1 but the attention's two products."""
+    model, images, latents, labels = meta_preset(name)
     spec_gflop = dict(zip(("decoder", "encoder"), bench_sampling.PASS_GFLOP[name]))
-    for net, inputs in ((model.decoder, latents), (model.encoder, images)):
+    for net, inputs in ((model.decoder.eval(), latents), (model.encoder.eval(), images)):
         with use_backend("eager"), torch.no_grad(), labels_checked(), FlopCounterMode(display=False) as counter:
             net(inputs, labels)
-        attention = len(net.blocks) * 4 * net.num_tokens**2 * net.blocks[0].attn.proj.in_features
-        assert (counter.get_total_flops() - attention) / 1e9 == pytest.approx(spec_gflop[net.kind], abs=0.5)
+        assert (counter.get_total_flops() - attention_flops(net)) / 1e9 == pytest.approx(spec_gflop[net.kind], abs=0.5)
 
 
 def test_train_step_flops_per_image_are_the_counted_matmuls_with_weights() -> None:
@@ -100,18 +110,14 @@ def test_train_step_flops_per_image_are_the_counted_matmuls_with_weights() -> No
     loss's forward and backward on the meta device (batch 1, no perceptual terms), less attention's products:
     4 N^2 W a layer in each of the four network passes (two encoder, two decoder), twice that in the backward."""
     name = "sphere-l-imagenet"
-    with torch.device("meta"):
-        model = SphereEncoder.from_preset(name).train()
-    loss = SphereLoss(model, dataclasses.replace(LOSS_PRESETS["imagenet"], recon_perc=0.0, con_perc=0.0))
-    images = torch.empty(1, 3, model.input_size, model.input_size, device="meta")
-    labels = torch.zeros(1, dtype=torch.long, device="meta")
-    noise, scale = torch.empty(1, *model.latent_shape[1:], device="meta"), torch.ones(1, device="meta")
+    model, images, noise, labels = meta_preset(name)
+    loss = SphereLoss(model.train(), dataclasses.replace(LOSS_PRESETS["imagenet"], recon_perc=0.0, con_perc=0.0))
+    scale = torch.ones(1, device="meta")
     with use_backend("eager"), labels_checked(), FlopCounterMode(display=False) as counter:
         total, _ = loss(images, labels, scale, scale, noise=noise)
         total.backward()
-    net = model.encoder  # the decoder's blocks are the same size in the presets
-    per_pass = len(net.blocks) * 4 * net.num_tokens**2 * net.blocks[0].attn.proj.in_features
-    counted = counter.get_total_flops() - 3 * 4 * per_pass
+    attention = 2 * attention_flops(model.encoder) + 2 * attention_flops(model.decoder)
+    counted = counter.get_total_flops() - 3 * attention
     assert counted == pytest.approx(bench_training.flops_per_image(name), rel=1e-3)
 
 
