@@ -130,12 +130,9 @@ class _RopeFunction(torch.autograd.Function):
         return rope_fwd(q, k, rope)
 
     @staticmethod
-    def backward(ctx, dq: Tensor | None, dk: Tensor | None) -> tuple[Tensor, Tensor, None]:
+    def backward(ctx, dq: Tensor, dk: Tensor) -> tuple[Tensor, Tensor, None]:
+        # an output the loss does not use arrives as zeros (autograd materialises them: materialize_grads)
         (rope,) = ctx.saved_tensors
-        # an output the loss does not use arrives as None
-        like = dq if dq is not None else dk
-        dq = torch.zeros_like(like) if dq is None else dq
-        dk = torch.zeros_like(like) if dk is None else dk
         return *rope_bwd(dq, dk, rope), None
 
 
