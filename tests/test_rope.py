@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 
 import pytest
 import torch
 
+from sphere_fast.nn.layers import rope_2d
 from sphere_fast.ops.rope import apply_rope, rope_reference, rope_table_reference
 from tests.helpers import TOL, close
 
@@ -50,6 +52,28 @@ def test_matches_reference(b: int, h: int, n: int, d: int, dtype: torch.dtype) -
     for name, x, r in zip(("q_rot", "k_rot", "dqkv"), ours, ref):
         assert x.dtype == dtype
         close(x, r, TOL[dtype], name)
+
+
+@pytest.mark.parametrize("n, d", [(64, 16), (19, 24)])
+def test_reference_table_is_the_models(n: int, d: int) -> None:
+    """The tests' and benchmarks' table (any n, float64 angles) is the first n rows of the model's (``rope_2d``, which
+    the golden-output tests check) on the ceil(sqrt(n))-wide grid, up to the model's float32 angles."""
+    side = math.isqrt(n - 1) + 1
+    torch.testing.assert_close(table(n, d).cpu(), rope_2d(d, side)[:n], atol=1e-5, rtol=0)
+
+
+def test_any_table_not_only_the_official() -> None:
+    """Each element of a pair takes its own cos and sin: the official table repeats them across a pair, which
+    would hide a kernel reading its partner's. A random table, forward and backward, against the reference."""
+    b, h, n, d = 1, 2, 9, 16
+    qkv, q, k = qk_views(b, h, n, d, torch.float32)
+    g = torch.Generator().manual_seed(4)
+    rope = torch.randn(n, 2 * d, generator=g).to(DEVICE)
+    grads = [torch.randn(b, h, n, d, generator=g).to(DEVICE) for _ in range(2)]
+    ours = fwd_bwd(functools.partial(apply_rope, backend="triton"), qkv, q, k, rope, grads)
+    ref = fwd_bwd(rope_reference, qkv, q, k, rope, grads)
+    for name, x, r in zip(("q_rot", "k_rot", "dqkv"), ours, ref):
+        close(x, r, TOL[torch.float32], name)
 
 
 def test_output_layout_and_strided_inputs() -> None:
