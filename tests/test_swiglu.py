@@ -100,6 +100,8 @@ def test_non_contiguous(backend: str) -> None:
 def test_bad_inputs_raise(backend: str) -> None:
     with pytest.raises(ValueError, match="h must have an even"):
         sw.swiglu(randn(2, 3, 7), backend=backend)
+    with pytest.raises(ValueError, match="h must have an even, non-zero"):
+        sw.swiglu(randn(2, 0), backend=backend)
     with pytest.raises(TypeError, match="h must be float32"):
         sw.swiglu(torch.ones(2, 4, dtype=torch.int32), backend=backend)
     with pytest.raises(TypeError, match="h must be a torch.Tensor"):

@@ -165,10 +165,12 @@ def test_bad_inputs_get_clear_errors(args, kwargs, error, match) -> None:
         swiglu_linear(*args, **kwargs)
 
 
-def test_triton_refuses_a_call_that_needs_a_gradient() -> None:
-    x, weight, bias = operands((4, 16), 3, torch.bfloat16)
+@pytest.mark.parametrize("needs_grad", ["x", "weight", "bias"])
+def test_triton_refuses_a_call_that_needs_a_gradient(needs_grad: str) -> None:
+    operand = dict(zip(("x", "weight", "bias"), operands((4, 16), 3, torch.bfloat16)))
+    operand[needs_grad].requires_grad_()
     with pytest.raises(ValueError, match="no backward"):
-        swiglu_linear(x, weight.requires_grad_(), bias, backend="triton")
+        swiglu_linear(operand["x"], operand["weight"], operand["bias"], backend="triton")
 
 
 # ------------------------------------------------------------------------------------------ the layer
