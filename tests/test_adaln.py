@@ -36,8 +36,9 @@ def make_inputs(B: int, S: int, D: int, *, tokens: bool, dtype=torch.float32, se
 
 
 def run_gated(fn, inputs, grads_out):
-    """Forward and backward of gated_residual_adaln-like ``fn``; returns outputs and every input grad."""
-    leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in inputs]
+    """Forward and backward of gated_residual_adaln-like ``fn``; returns outputs and every input grad. The leaves
+    are detached views, not clones, which would make strided, sliced and expanded inputs contiguous."""
+    leaves = [None if t is None else t.detach().requires_grad_(True) for t in inputs]
     res, y = fn(*leaves)
     dres, dy = grads_out
     ((res.float() * dres).sum() + (y.float() * dy).sum()).backward()
@@ -45,7 +46,7 @@ def run_gated(fn, inputs, grads_out):
 
 
 def run_modulate(fn, inputs, dy):
-    leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in inputs]
+    leaves = [None if t is None else t.detach().requires_grad_(True) for t in inputs]
     y = fn(*leaves)
     (y.float() * dy).sum().backward()
     return y, [None if t is None else t.grad for t in leaves]
