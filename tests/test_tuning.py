@@ -475,6 +475,8 @@ def test_tensor_descriptor_configs_run_only_where_they_apply() -> None:
     shifted = torch.zeros(1 + 3 * q.numel())[1:].view(1, 64, 3, 2, 32).permute(2, 0, 3, 1, 4)[0]
     assert not attn._config_applies(tma, shifted, k, v, rope_on_load=False)  # 4 bytes past an aligned allocation
     assert not attn._config_applies(tma, q.contiguous(), k, v, rope_on_load=False)  # [B, H, N, D] memory
+    gapped = torch.zeros(2, 72, 3, 2, 32)[:, :64].permute(2, 0, 3, 1, 4)[0]  # batches 72 rows apart, not 64
+    assert not attn._config_applies(tma, gapped, gapped, gapped, rope_on_load=False)
 
     inputs = _inputs(1, 2, 64, 32, torch.float32)
     with _only(_defaults(INTERPRETER_CANDIDATES)):
