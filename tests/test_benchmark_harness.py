@@ -136,6 +136,8 @@ def test_smoke_timer_calls_once_with_rotated_args() -> None:
     assert calls == [(1,)]  # smoke mode: one timed call, no warm-up
     assert 5.0 <= ms < 1000.0 and len(ms.samples_ms) == 1
     assert harness.measure_ceilings() is None
+    with pytest.raises(ValueError, match="rotate must hold at least one"):
+        harness.cuda_time_ms(lambda: None, rotate=[])
 
 
 def test_gpu_timer_order_of_work(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -472,6 +474,17 @@ def test_report_flags_smoke_runs() -> None:
     assert "not measurements" in report.render(_result(smoke=True))
 
 
+def test_a_file_is_a_gpu_result_only_where_it_says_so() -> None:
+    """A results file counts (for the README) when it names a GPU and states that it is no smoke run: one that
+    does not say is taken for a smoke run, in the README's choice and in its own header."""
+    assert report.is_gpu_result(_result())
+    assert not report.is_gpu_result(_result(smoke=True)) and not report.is_gpu_result(_result(device="cpu"))
+    unstated = _result()
+    del unstated["machine_info"]["sphere_fast"]["smoke"]
+    assert not report.is_gpu_result(unstated)
+    assert "not measurements" in report.header(unstated)
+
+
 def test_readme_section_uses_latest_gpu_result(tmp_path: Path) -> None:
     assert report.readme_section(tmp_path) == report.NOT_MEASURED
     (tmp_path / "smoke.json").write_text(json.dumps(_result("2026-12-01T00:00:00+00:00", smoke=True, device="cpu")))
@@ -490,6 +503,7 @@ def test_readme_section_merges_the_calls_of_one_lease(tmp_path: Path) -> None:
     """A lease's op-suite call writes a second file: same commit and device, read with the headline's file.
     A case in both keeps the newer row; a file of another commit is left out."""
     headline, suites = _result("2026-11-20T08:00:00+00:00"), _result("2026-11-20T08:30:00+00:00")
+    headline["partial"] = True  # the lease's first call was cut off: so is what the section shows
     other = _result("2026-11-10T00:00:00+00:00")
     suites["benchmarks"] = [{"extra_info": {**headline["benchmarks"][2]["extra_info"], "ms": 0.125}},
                             {"extra_info": {**headline["benchmarks"][2]["extra_info"], "op": "rope"}}]
@@ -503,6 +517,7 @@ def test_readme_section_merges_the_calls_of_one_lease(tmp_path: Path) -> None:
     assert "#### swiglu" in section and "#### rope" in section and "#### attention_fwd" not in section
     swiglu = section[section.index("#### swiglu"):section.index("#### copy")]
     assert "| 0.125 |" in swiglu and "| 0.250 |" not in swiglu and "| 1.00 |" in swiglu  # newer triton, eager kept
+    assert "cut off at its time limit" in section
 
 
 def test_readme_markers_are_rewritten_and_checked(tmp_path: Path) -> None:
@@ -516,8 +531,9 @@ def test_readme_markers_are_rewritten_and_checked(tmp_path: Path) -> None:
     text = readme.read_text()
     assert "old numbers" not in text and report.NOT_MEASURED in text and text.endswith("## Layout\n")
     assert report.main([*args, "--check"]) == 0
-    with pytest.raises(ValueError, match="perf:start"):
-        report.replace_section("no markers here", "x")
+    for broken in ("no markers here", f"{report.END}\nold numbers\n{report.START}"):
+        with pytest.raises(ValueError, match="perf:start"):
+            report.replace_section(broken, "x")
 
 
 def test_readme_performance_section_comes_from_the_results_files() -> None:
