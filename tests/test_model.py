@@ -1,6 +1,7 @@
 """Model structure (presets, state_dict keys, configs) and bad-input errors."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -119,11 +120,45 @@ def test_state_dict_errors_list_keys():
          "head dim must be divisible by 4 for 2-D RoPE, got 10"),
         (dict(pixel_head_type="mlp"), "pixel_head_type"),
         (dict(num_classes=-1), "num_classes"),
+        (dict(noise_sigma_max_angle=86, mix_hard_cases_max_angle=85), "noise_sigma_max_angle must be <="),
     ],
 )
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         tiny(**kwargs)
+
+
+def test_official_init():
+    """The spec's init (section 5), rule by rule, on a model large enough for the statistics: xavier-uniform
+    weights lie within their bound with std bound / sqrt(3); normal ones have their std (within 10%; 25% for the
+    81 weights of the output conv)."""
+    torch.manual_seed(0)
+    size = {"width": 64, "layers": 1, "heads": 2}
+    model = tiny(vit_enc_model_size=size, vit_dec_model_size=size, num_classes=10)
+    enc, dec = model.encoder, model.decoder
+
+    def xavier_uniform(w: torch.Tensor, gain: float = 1.0, tol: float = 0.1) -> None:
+        bound = gain * math.sqrt(6 / (w.shape[0] + w[0].numel()))  # fans of the weight seen as [out, in*k*k]
+        assert w.abs().max() <= bound and abs(w.std().item() / (bound / math.sqrt(3)) - 1) < tol
+
+    for linear in (enc.blocks[0].attn.qkv, dec.blocks[0].mlp.w12, enc.x_embedder[1]):
+        xavier_uniform(linear.weight)
+        assert not linear.bias.any()
+    xavier_uniform(enc.x_embedder[0].weight)  # the patch conv
+    decoder_input = [m.weight.flatten() for m in dec.x_embedder.modules() if isinstance(m, torch.nn.Linear)]
+    assert abs(torch.cat(decoder_input).std().item() - 1) < 0.1
+    xavier_uniform(dec.out[2].weight, gain=0.01, tol=0.25)
+    for vit in (enc, dec):
+        assert abs(vit.y_embedder.embedding_table.weight.std().item() / 0.02 - 1) < 0.1
+        zeroed = [block.adaLN_modulation[1] for block in vit.blocks] + [vit.ffn.adaLN_modulation[1], vit.ffn.linear]
+        assert not any(m.weight.any() or m.bias.any() for m in zeroed)
+        assert not any(b.alpha1.any() or b.alpha2.any() for b in vit.modules() if hasattr(b, "alpha1"))
+
+
+def test_halve_model_size_halves_both_networks():
+    model = tiny(halve_model_size=True, vit_enc_model_size={"width": 32, "layers": 4, "heads": 2},
+                 vit_dec_model_size={"width": 32, "layers": 6, "heads": 2})
+    assert (len(model.encoder.blocks), len(model.decoder.blocks)) == (2, 3)
 
 
 def test_unknown_preset():
