@@ -273,6 +273,8 @@ def test_the_triton_forward_tunes_rows_and_warps(monkeypatch: pytest.MonkeyPatch
     inputs = make_inputs(2, 9, 96, tokens=False, dtype=torch.bfloat16)
     expected = adaln.gated_residual_adaln(*inputs, backend="triton")
     candidates = adaln._fwd_candidates(96, interpret=False)
+    block_m, _, warps = adaln._row_block(96)  # the default, then one row a program with the default's warps
+    assert candidates == ((block_m, warps), (1, warps)) and adaln._fwd_candidates(96, interpret=True) == candidates[:1]
     launched: list[tuple[int, int]] = []  # the config of each forward launch, timed or not (compiles left out)
     runner = adaln.kernel_runner
 

@@ -377,6 +377,7 @@ def _inputs(b=1, h=2, n=8, d=32, dtype=torch.float32):
         (lambda q, k, v: (q, k.half(), v, None), TypeError, r"\bk\b.*dtype"),
         (lambda q, k, v: (q, k, v.int(), None), TypeError, r"\bv\b.*float16"),
         (lambda q, k, v: (q.cpu().numpy(), k, v, None), TypeError, r"\bq\b.*Tensor"),
+        (lambda q, k, v: (q, k, v.to("meta"), None), ValueError, r"\bv\b must be on q's device"),
         (lambda q, k, v: (q[..., :7], k[..., :7], v[..., :7], official_rope(8, 32)), ValueError, "even head dim"),
     ],
 )

@@ -236,6 +236,8 @@ def test_non_contiguous(backend):
         S.spherify_noise(z, _scale(3), noise=noise, backend=backend),
         S.spherify_noise_reference(z.contiguous(), _scale(3), noise.contiguous()),
     )
+    zc = _z(3, 4096).reshape(3, 4096)[:, ::2]  # [B, L] with a column stride of 2: copied for the kernels
+    _close(S.spherify(zc, backend=backend), S.spherify_reference(zc.contiguous()))
     zb = _z(6, 2048)[::2]  # batch-strided rows stay views
     _close(
         S.spherify_noise(zb, _scale(3), seeds=_seeds(3), backend=backend),
