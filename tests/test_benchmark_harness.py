@@ -192,6 +192,7 @@ def test_record_fills_extra_info(benchmark) -> None:
     assert info["shape"] == [8, 256, 4096] and info["dtype"] == "bf16" and info["ms"] == 0.25
     assert info["gbps"] == pytest.approx(4000.0) and info["pct_copy"] == pytest.approx(100.0)
     assert info["speedup"] == pytest.approx(4.0) and info["tflops"] is None
+    assert info["smoke"] == harness.SMOKE and info["device"] == harness.device_name()  # a row says what it measured
 
 
 def test_record_streams_its_row_when_asked(benchmark, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -106,6 +106,10 @@ def test_state_dict_errors_list_keys():
         model.load_state_dict(sd)
     msg = str(err.value)
     assert "encoder.blocks.0.norm1.weight" in msg and "encoder.extra" in msg and "decoder.ffn.linear.bias" in msg
+    only_missing = model.state_dict()
+    only_missing.pop("decoder.pos_embed")
+    with pytest.raises(ValueError, match=r"missing keys: \['decoder.pos_embed'\]"):
+        model.load_state_dict(only_missing)
 
 
 @pytest.mark.parametrize(
