@@ -234,6 +234,28 @@ def test_record_stores_event_samples_as_pytest_benchmark_rounds(tmp_path: Path) 
     assert case["options"]["timer"] == "cuda_events" and case["group"] == "fake [4] fp32"
 
 
+def test_sweep_row_gives_the_time_and_its_rate_or_the_error() -> None:
+    assert harness.sweep_row("(64, 4)", lambda: 2.0, lambda ms: 100 / ms) == "| (64, 4) | 2.000 | 50 | ok |"
+
+    def does_not_fit() -> float:
+        raise RuntimeError("out of resources: shared memory")
+
+    assert harness.sweep_row("(256, 8)", does_not_fit, lambda ms: ms) == (
+        "| (256, 8) | – | – | RuntimeError: out of resources: shared memory |")
+
+
+def test_impls_compile_the_reference_statically(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compile baseline: fullgraph, one static compile per case (and room for every case under dynamo's
+    recompile limit); a CPU smoke run traces with the eager backend instead of minutes of inductor."""
+    compiled: list[dict] = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compiled.append(kwargs) or fn)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    harness.impls(lambda x, *, backend: x, lambda x: x, device="cpu", backends=())
+    backend = "eager" if harness.SMOKE else "inductor"
+    assert compiled == [{"fullgraph": True, "dynamic": False, "backend": backend}]
+    assert torch._dynamo.config.recompile_limit >= 256
+
+
 def test_impls_lists_and_skips_with_reasons() -> None:
     def reference(x: torch.Tensor) -> torch.Tensor:
         return x * 2
