@@ -124,6 +124,8 @@ def test_state_dict_errors_list_keys():
          "head dim must be divisible by 4 for 2-D RoPE, got 10"),
         (dict(pixel_head_type="mlp"), "pixel_head_type"),
         (dict(num_classes=-1), "num_classes"),
+        (dict(vit_enc_model_size={"width": 32, "layers": 0, "heads": 2}), "positive int 'width', 'layers', 'heads'"),
+        (dict(in_context_size=4), "in_context_size > 0 is not supported"),
         (dict(noise_sigma_max_angle=86, mix_hard_cases_max_angle=85), "noise_sigma_max_angle must be <="),
     ],
 )
