@@ -23,6 +23,14 @@ def max_err(a, b):
     return (a.float() - b.float()).abs().max().item()
 
 
+def test_init_position_embeddings_are_the_official(golden):
+    """The golden state_dict keeps the official fixed sin-cos embeddings (frozen, never perturbed): a model built
+    from the same config must start with them exactly."""
+    fresh = SphereEncoder(**golden["config"])
+    for key in ("encoder.pos_embed", "decoder.pos_embed"):
+        assert torch.equal(fresh.state_dict()[key], golden["state_dict"][key]), key
+
+
 def test_forward_parity(model, golden):
     c = golden["cases"]["forward"]
     with torch.no_grad():
