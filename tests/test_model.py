@@ -8,6 +8,8 @@ import torch
 
 import sphere_fast
 from sphere_fast import SphereEncoder
+from sphere_fast.nn.layers import LabelEmbedder, sincos_pos_embed_2d
+from sphere_fast.ops.spherify import spherify_noise_reference
 from tests import spec_reference
 
 
@@ -161,6 +163,11 @@ def test_official_init():
         assert not any(b.alpha1.any() or b.alpha2.any() for b in vit.modules() if hasattr(b, "alpha1"))
 
 
+def test_sincos_embedding_needs_a_width_divisible_by_4():
+    with pytest.raises(ValueError, match="divisible by 4 for the 2-D sin-cos embedding, got 30"):
+        sincos_pos_embed_2d(30, 4)
+
+
 def test_halve_model_size_halves_both_networks():
     model = tiny(halve_model_size=True, vit_enc_model_size={"width": 32, "layers": 4, "heads": 2},
                  vit_dec_model_size={"width": 32, "layers": 6, "heads": 2})
@@ -202,6 +209,44 @@ def test_bad_inputs():
         model.generate(0)
     with pytest.raises(ValueError, match="noise"):
         model.generate(2, forward_steps=3, noise=[torch.randn(2, 16, 4)])
+
+
+def test_reconstruct_with_sampling_noise():
+    """reconstruct(sampling=True): the latent re-projected with noise of noise_scaler * sigma_max, f(f(z) + s e),
+    e drawn from torch's generator, then decoded."""
+    model = perturb(tiny())
+    x, y = torch.rand(2, 3, 16, 16) * 2 - 1, torch.tensor([1, 4])
+    torch.manual_seed(3)
+    out = model.reconstruct(x, y, noise_scaler=0.5, sampling=True)
+    with torch.no_grad():
+        z = model.encoder(x, y)
+        torch.manual_seed(3)
+        v = spherify_noise_reference(z, 0.5 * model.sigma_max, torch.randn_like(z))
+        expected = (model.decoder(v, y) * 0.5 + 0.5).clamp(0, 1)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_training_forward_re_encodes_the_big_noise_images():
+    """With latent consistency the training forward re-encodes the first B decoded images (those of the big
+    noise); in eval mode it does not."""
+    model = perturb(tiny(use_pixel_consistency=True, use_latent_consistency=True)).train()
+    for vit in (model.encoder, model.decoder):
+        vit.y_embedder.dropout_prob = 0.0  # no random label drop: the encoder call below sees the same labels
+    x, y = torch.rand(3, 3, 16, 16) * 2 - 1, torch.tensor([1, 4, 2])
+    images, _, u_big, _ = model(x, y)
+    assert images.shape[0] == 6
+    torch.testing.assert_close(u_big, model.encoder(images[:3], y), atol=0, rtol=0)
+    assert model.eval()(x, y)[2] is None
+
+
+def test_label_dropout_drops_its_share_to_the_null_label():
+    embedder = LabelEmbedder(num_classes=10, width=4, dropout_prob=0.1).train()
+    torch.manual_seed(0)
+    labels = torch.randint(0, 10, (20000,))
+    rows = embedder(labels)[:, 0]
+    null = (rows == embedder.embedding_table.weight[10]).all(dim=1).float().mean().item()
+    assert 0.09 < null < 0.11
+    assert torch.equal(embedder.eval()(labels)[:, 0], embedder.embedding_table.weight[labels])
 
 
 def test_generate_options_shapes_and_range():
