@@ -21,6 +21,7 @@ def linear_rows(w12: tuple[float, float], w3: tuple[float, float], tokens: int =
     (((1.0, 0.5), (1.0, 0.6)), "keep 64"),
     (((1.0, 1.5), (1.0, 1.1)), "set 1"),
     (((1.0, 0.5), (1.0, 1.1)), "mixed"),
+    (((1.0, 1.0), (1.0, 1.0)), "set 1"),  # a tie is no win for the candidate
 ])
 def test_mlp_align(times, verdict) -> None:
     choice = choices.mlp_align(linear_rows(*times) + [row("linear_L_qkv", "torch", [2048, 1024, 3072], 9.0)])
@@ -49,7 +50,8 @@ def test_fused_mlp(kernel, sampler, verdict) -> None:
     rows = mlp_up_rows(*kernel) + [
         row("sample sphere-l-imagenet", "graph", "b64 t4 cfg1.4 combo", sampler[0]),
         row("sample sphere-l-imagenet", "graph_fused_mlp", "b64 t4 cfg1.4 combo", sampler[1]),
-        row("sample sphere-l-imagenet", "graph", "b8 t4 cfg1.4 combo", 1.0),  # no fused row to pair with
+        row("sample sphere-l-imagenet", "graph", "b8 t4 cfg1.4 combo", 1.0),  # not a headline case: left out
+        row("sample sphere-l-imagenet", "graph_fused_mlp", "b8 t4 cfg1.4 combo", 0.5),
     ]
     choice = choices.fused_mlp(rows)
     assert choice.now == "off" and choice.suggests.startswith(verdict)
@@ -78,6 +80,10 @@ def test_attention_impl_takes_the_fastest_usable_impl() -> None:
 
 def test_nothing_measured_and_the_report_section() -> None:
     assert all(c.measured == c.suggests == "not measured" for c in choices.choices([]))
+    assert [c.setting.split(" (")[0] for c in choices.choices([])] == [
+        "nn.layers.MLP_ALIGN", "SPHERE_FAST_FUSED_MLP", "attention auto impl, D = 64", "attention auto impl, D = 72"]
+    no_triton = [row("attention_fwd", "sdpa_cudnn", choices.ATTENTION_SHAPES[0], 1.0)]  # nothing to compare with
+    assert choices.attention_impl(no_triton)[0].suggests == "not measured"
     data = {"benchmarks": [{"extra_info": r} for r in linear_rows((1.0, 0.5), (1.0, 0.6))]}
     rendered = report.render(data)
     assert "### Pending choices" in rendered and "| nn.layers.MLP_ALIGN | 64 |" in rendered
