@@ -755,6 +755,16 @@ def test_spent_budget_skips_phases(tmp_path: Path) -> None:
     ]
 
 
+def test_a_phase_gets_its_own_limit_or_what_is_left(tmp_path: Path) -> None:
+    """A phase runs for its own limit or the budget left, the smaller; with under MIN_PHASE_S left it is skipped."""
+    roomy = gpu_check.Check(tmp_path, budget_s=1000, phases=gpu_check.PHASES, cuda=True)
+    assert roomy.limit("install") == gpu_check.PHASE_LIMITS_S["install"]
+    tight = gpu_check.Check(tmp_path, budget_s=60, phases=gpu_check.PHASES, cuda=True)
+    assert 55 < tight.limit("bench") <= 60
+    short = gpu_check.Check(tmp_path, budget_s=gpu_check.MIN_PHASE_S - 1, phases=gpu_check.PHASES, cuda=True)
+    assert short.limit("tests") is None and short.results[0].status == "skipped"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only path")
 def test_gpu_check_on_cpu_skips_gpu_parts_and_prints_report_then_summary(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
