@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sphere_fast import SphereEncoder, active_backend, available_backends, sampling, use_backend
 from sphere_fast.sampling import GraphKey, Sampler, bucket_for, guidance
@@ -149,6 +150,31 @@ def test_fused_backend_captured(
         check_capture_and_replay(model, emulated_cuda_graphs, 4, 3, (2, 1.0, "combo", False, True))
     # the fused kernels are torch.library ops: on the tape as such, so a replay re-runs them
     assert any(op.namespace == "sphere_fast" for op in emulated_cuda_graphs.recorded_ops())
+
+
+def test_the_warm_up_runs_every_op_the_capture_records(
+    model: SphereEncoder, emulated_cuda_graphs: CudaGraphEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever the captured loop launches ran before, in the representative loop of the warm-up (where Triton
+    compiles and tunes, cuBLAS and lazy initialisations happen): the decoder, and the encoder with its noise."""
+    warmed: set[torch._ops.OpOverload] = set()
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            warmed.add(func)
+            return func(*args, **(kwargs or {}))
+
+    representative = sampling._representative_loop
+
+    def recorded(*args, **kwargs) -> None:
+        with Ops():
+            representative(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "_representative_loop", recorded)
+    graphed, _ = samplers(model, 4, (3, 1.4, "combo", False, True))
+    graphed(LABELS[:4], SEEDS[:4])
+    captured = {op for op in emulated_cuda_graphs.recorded_ops() if not op.is_view}  # views launch nothing
+    assert captured and captured <= warmed, sorted(map(str, captured - warmed))
 
 
 def test_every_static_input_is_read_at_replay(model: SphereEncoder, emulated_cuda_graphs: CudaGraphEmulator) -> None:
