@@ -209,6 +209,8 @@ def test_bad_inputs():
         model.generate(0)
     with pytest.raises(ValueError, match="noise"):
         model.generate(2, forward_steps=3, noise=[torch.randn(2, 16, 4)])
+    with pytest.raises(ValueError, match="at most one of noise and seeds"):
+        model.generate(2, noise=[torch.randn(2, 16, 4)], seeds=torch.arange(2))
 
 
 def test_reconstruct_with_sampling_noise():

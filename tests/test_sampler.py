@@ -127,6 +127,7 @@ def test_bucket_for():
         ({"cfg_position": "both"}, ValueError, "cfg_position"),
         ({"dtype": torch.int32}, ValueError, "dtype"),
         ({"cache_noise": 1}, TypeError, "cache_noise"),
+        ({"scheduler": "linear"}, TypeError, "scheduler must be a bool"),
     ],
 )
 def test_bad_constructor_args(model, kwargs, error, match):
