@@ -589,6 +589,25 @@ def test_build_phase_reports_each_failing_op(tmp_path: Path, monkeypatch: pytest
     assert not list(tmp_path.glob(".build-*"))
 
 
+def test_build_phase_is_a_timeout_only_when_every_failing_op_timed_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_stop = gpu_check._stop
+
+    def stop(proc, timeout):  # the "slow" op's process ran past its limit
+        rc = real_stop(proc, timeout)
+        return None if "# slow" in proc.args[-1] else rc
+
+    monkeypatch.setattr(gpu_check, "_stop", stop)
+    for calls, status in (({"slow": "pass  # slow", "broken": "ops.no_such_op()"}, "failed"),
+                          ({"slow": "pass  # slow"}, "timeout")):
+        monkeypatch.setattr(gpu_check, "BUILD_CALLS", calls)
+        check = gpu_check.Check(tmp_path, budget_s=120, phases=gpu_check.PHASES, cuda=True)
+        check.build()
+        (phase,) = check.results
+        assert phase.status == status and "slow (timeout)" in phase.note
+
+
 def test_attention_tests_run_in_processes_of_their_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An illegal address in one kernel test poisons its process's CUDA context: on an H200 it failed every
     later test of that worker, so the attention and RoPE-pass tests (Triton kernels) run in a pytest of their own,
@@ -780,6 +799,19 @@ def test_gpu_check_on_cpu_skips_gpu_parts_and_prints_report_then_summary(
     assert json.loads((tmp_path / "env.json").read_text())["device"] == "cpu"
     wrapper = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True)
     assert wrapper.returncode == 0, wrapper.stderr
+
+
+def test_gpu_check_fails_on_a_phase_that_timed_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A phase cut off at its limit fails the check, like a failed one, and the report shows its log's end."""
+    (tmp_path / "tests.log").write_text("collected 40 items\n[gpu_check] killed after 180 s\n")
+
+    def run(check: gpu_check.Check, name: str) -> None:
+        if name == "tests":
+            check.done(gpu_check.Phase("tests", "timeout", 180.0, "see tests.log"))
+
+    monkeypatch.setattr(gpu_check.Check, "run", run)
+    assert gpu_check.main([str(tmp_path), "--phases", "tests"]) == 1
+    assert "tests.log (end):\n```\ncollected 40 items\n[gpu_check] killed" in (tmp_path / "report.md").read_text()
 
 
 @pytest.mark.parametrize(
