@@ -458,6 +458,16 @@ def test_a_stated_commit_replaces_the_git_metadata(monkeypatch: pytest.MonkeyPat
     assert gpu_check._commit()["id"] == "9ebd630"
 
 
+def test_the_rebuilt_results_record_the_checkouts_commit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(harness.COMMIT_ENV, raising=False)
+    outputs = {"rev-parse": "0a737bad\n", "status": " M sphere_fast/model.py\n"}
+    monkeypatch.setattr(gpu_check.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
+        cmd, 0, stdout=outputs[cmd[1]]))
+    assert gpu_check._commit() == {"id": "0a737bad", "dirty": True}
+    outputs["status"] = ""
+    assert gpu_check._commit() == {"id": "0a737bad", "dirty": False}
+
+
 def test_environment_records_the_cpus_and_the_report_names_them() -> None:
     """torch.compile's rows compile for minutes, in parallel where inductor may: the CPUs and inductor's compile
     threads are part of a result's environment and its header."""

@@ -168,6 +168,13 @@ def test_bad_call_args(model, labels, seeds, error, match):
         sampler(labels, seeds)
 
 
+def test_prepare_checks_its_count_where_nothing_is_captured(model):
+    sampler = Sampler(model, 8, 1, dtype=torch.float32)
+    assert sampler.prepare(3) is None  # on CPU the loop runs un-captured
+    with pytest.raises(ValueError, match="n must be an int >= 1, got 0"):
+        sampler.prepare(0)
+
+
 def test_bad_attribute_change_caught_at_call(model):
     sampler = Sampler(model, 8, 1, dtype=torch.float32)
     sampler.steps = 0
