@@ -1,4 +1,5 @@
-"""Model structure (presets, state_dict keys, configs) and bad-input errors."""
+"""Model structure (presets, state_dict keys, configs, the official init), its own functions (reconstruct, the
+training forward, label dropout) and bad-input errors."""
 
 import json
 import math
