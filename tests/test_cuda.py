@@ -186,6 +186,29 @@ def test_ops_on_inputs_off_16_byte_boundaries(backend: str, dtype: torch.dtype) 
                             ops.swiglu_reference, [randn(B, S, 2 * D, scale=2.0)], dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", KERNELS)
+def test_ops_on_strided_inputs(backend: str, dtype: torch.dtype) -> None:
+    """Inputs given by strides, made inside the call (a copy to the dtype would make them contiguous): SwiGLU rows
+    16 elements apart beyond their width; AdaLN's x every other token, the branch with a non-unit last stride, the
+    gate expanded over tokens (stride 0), a sliced weight and a transposed shift."""
+    require_backend(backend)
+    B, S, D = 2, 5, 1024
+
+    def gated(x, branch, gate, weight, shift, scale):
+        return ops.gated_residual_adaln(
+            torch.stack([x, x], dim=2).flatten(1, 2)[:, ::2], branch.transpose(1, 2).contiguous().transpose(1, 2),
+            gate.expand(B, S, D), torch.stack([weight, weight], dim=1)[:, 0],
+            shift.transpose(0, 1).contiguous().transpose(0, 1), scale, backend=backend)
+
+    inputs = [randn(B, S, D), randn(B, S, D, seed=1), randn(B, 1, D, scale=0.5, seed=2),
+              1 + randn(D, scale=0.1, seed=5), randn(B, 1, D, scale=0.5, seed=3), randn(B, 1, D, scale=0.5, seed=4)]
+    check_against_reference("gated_residual_adaln", gated, ops.gated_residual_adaln_reference, inputs, dtype)
+    check_against_reference("swiglu", lambda h: ops.swiglu(torch.cat([h, h[..., :16]], dim=-1)[..., : 2 * D],
+                                                           backend=backend),
+                            ops.swiglu_reference, [randn(B, S, 2 * D, scale=2.0)], dtype)
+
+
 def test_adaln_takes_more_samples_than_a_grid_axis_holds() -> None:
     """65537 samples: the C++ backward puts the batch on grid axis x (y and z stop at 65535), as Triton's does.
     fp32 and test_adaln_ops' 3x7x97 per-sample case but for the batch, so the Triton kernels compiled there
