@@ -27,6 +27,14 @@ def nparams(m: torch.nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
+def classifier_logits(convnext: ConvNeXt, img: torch.Tensor, antialias: bool = True) -> torch.Tensor:
+    """Logits of images in [0, 1] as the ConvNeXt term takes them: a bilinear resize to 224 px, then the ImageNet
+    normalisation."""
+    img = F.interpolate(img, size=(224, 224), mode="bilinear", antialias=antialias)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    return convnext((img - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1))
+
+
 @pytest.fixture(scope="module")
 def full_nets() -> tuple[VGG16Features, ConvNeXt]:
     torch.manual_seed(0)
@@ -136,9 +144,7 @@ def test_perceptual_loss_combines_lpips_and_convnext_logits():
         torch.testing.assert_close(out_lpips[:3], lpips_only.lpips_vgg(pred * 2 - 1, target * 2 - 1) / 1.1)
 
         def logits(img: torch.Tensor) -> torch.Tensor:  # one image at a time
-            img = F.interpolate(img[None], size=(224, 224), mode="bilinear", antialias=True)
-            mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
-            return convnext_only.convnext((img - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1))[0]
+            return classifier_logits(convnext_only.convnext, img[None])[0]
 
         mse = torch.stack([(logits(p) - logits(t)).square().mean() for p, t in zip(pred, target)])
     assert torch.all(mse > 0)
@@ -156,12 +162,9 @@ def test_convnext_term_downsamples_with_antialiasing():
             p.zero_()  # LPIPS 0: the ConvNeXt term alone
     g = torch.Generator().manual_seed(6)
     pred, target = torch.rand(1, 3, 240, 240, generator=g), torch.rand(1, 3, 240, 240, generator=g)
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
     def term(antialias: bool) -> torch.Tensor:
-        both = F.interpolate(torch.cat([pred, target]), size=(224, 224), mode="bilinear", antialias=antialias)
-        logits = loss.convnext((both - mean) / std)
+        logits = classifier_logits(loss.convnext, torch.cat([pred, target]), antialias)
         return 0.1 * (logits[0] - logits[1]).square().mean() / 1.1
 
     with torch.no_grad():
