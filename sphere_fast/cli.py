@@ -252,8 +252,12 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
 def cmd_crossover(args: argparse.Namespace) -> int:
     editing, model = _editing(), load_model(args)
     a, b = _read_images([args.first, args.second], model.input_size, args.device)
-    composite, steps = editing.crossover(model, a[None], b[None], args.mask, swap=args.swap, steps=args.steps)
-    row = [a[None], b[None], composite, *steps[1:]]
+    seeds = torch.tensor([args.seed], dtype=torch.int64)
+    composite, steps = editing.crossover(
+        model, a[None], b[None], args.mask, swap=args.swap, steps=args.steps, seeds=seeds
+    )
+    # one row: the two inputs, the composite, then each step's image
+    row = [a[None], b[None], composite, *steps]
     print(save_grid(torch.cat(row), args.out, len(row)))
     return 0
 
@@ -261,9 +265,12 @@ def cmd_crossover(args: argparse.Namespace) -> int:
 def cmd_manipulate(args: argparse.Namespace) -> int:
     editing, model = _editing(), load_model(args)
     x = _read_images(args.images, model.input_size, args.device)
-    steps = editing.manipulate(model, x, args.target_class, steps=args.steps, noise_scaler=args.noise_scaler)
+    seeds = torch.arange(x.shape[0], dtype=torch.int64) + args.seed
+    steps = editing.manipulate(
+        model, x, args.target_class, steps=args.steps, noise_scaler=args.noise_scaler, seeds=seeds
+    )
     # one column per input image: the input, then each step's image below it
-    print(save_grid(torch.stack(steps).flatten(0, 1), args.out, x.shape[0]))
+    print(save_grid(torch.stack([x, *steps]).flatten(0, 1), args.out, x.shape[0]))
     return 0
 
 
@@ -309,7 +316,7 @@ def _model_command(
     p.add_argument("--preset", default="fashion-mnist-demo", help="model preset at random init when no --checkpoint")
     p.add_argument("--ema", action="store_true", help="use the EMA weights of the checkpoint")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the noise (and a preset's random init)")
     p.add_argument("--out", default=out)
     if steps is not None:
         p.add_argument("--steps", type=int, default=steps, help="forward steps")

@@ -1,10 +1,13 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from sphere_fast.cli import build_parser, class_grid, main
+from sphere_fast import editing
+from sphere_fast.checkpoint import load_checkpoint
+from sphere_fast.cli import _read_images, build_parser, class_grid, main
 from tests.tiny import TINY_CONFIG, tiny_model
 
 COMMANDS = ["train", "sample", "sample-set", "reconstruct", "interpolate", "crossover", "manipulate", "convert", "bench"]
@@ -59,10 +62,34 @@ def test_sample_convert_and_editing_commands(trained, tmp_path):
     ck = ["--checkpoint", str(trained)]
     assert main(["reconstruct", *ck, str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--out", str(tmp_path / "r.png")]) == 0
     assert Image.open(tmp_path / "r.png").size == (38, 38)
-    assert main(["manipulate", *ck, str(tmp_path / "a.png"), "--target-class", "3", "--steps", "2", "--out", str(tmp_path / "m.png")]) == 0
-    assert main(["crossover", *ck, str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--steps", "1", "--out", str(tmp_path / "x.png")]) == 0
+    a_b = [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
+    assert main(["manipulate", *ck, *a_b, "--target-class", "3", "--steps", "2", "--seed", "4",
+                 "--out", str(tmp_path / "m.png")]) == 0
+    assert main(["crossover", *ck, *a_b, "--steps", "1", "--seed", "4", "--out", str(tmp_path / "x.png")]) == 0
     assert main(["interpolate", *ck, "--rows", "2", "--cols", "3", "--out", str(tmp_path / "i.png")]) == 0
     assert Image.open(tmp_path / "i.png").size == (2 + 3 * 18, 2 + 2 * 18)
+
+    # the editing grids hold what the library makes from the same images and seeds (--seed 4)
+    model = load_checkpoint(trained)[0].eval()
+    x = _read_images(a_b, 16, "cpu")
+    steps = editing.manipulate(model, x, 3, steps=2, seeds=torch.tensor([4, 5]))
+    assert torch.equal(grid_tiles(tmp_path / "m.png", rows=3, cols=2), as_png(torch.stack([x, *steps])))
+    composite, steps = editing.crossover(model, x[:1], x[1:], steps=1, seeds=torch.tensor([4]))
+    expected = as_png(torch.stack([x[:1], x[1:], composite, *steps]).transpose(0, 1))
+    assert torch.equal(grid_tiles(tmp_path / "x.png", rows=1, cols=4), expected)
+
+
+def as_png(images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] quantised as save_grid writes them."""
+    return (images * 255).round().byte()
+
+
+def grid_tiles(path, rows: int, cols: int, size: int = 16) -> torch.Tensor:
+    """[rows, cols, 3, size, size] uint8 images of a save_grid PNG (2 px gaps), checking the grid's size."""
+    grid = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+    assert tuple(grid.shape[1:]) == (2 + rows * (size + 2), 2 + cols * (size + 2))
+    tiles = grid[:, 2:, 2:].unflatten(1, (rows, size + 2)).unflatten(3, (cols, size + 2))[:, :, :size, :, :size]
+    return tiles.permute(1, 3, 0, 2, 4)
 
 
 @pytest.fixture
@@ -98,10 +125,12 @@ def test_commands_pass_their_options_on(recorded, tmp_path):
     assert recorded["load_checkpoint"] == (("run",), {"ema": True})
     assert recorded["class_grid"][1] == {"steps": 3, "cfg": 1.5, "seed": 7}
     assert main(["crossover", *model, png, png, "--mask", "horizontal", "--swap", "--steps", "2", "--out", out]) == 0
-    assert recorded["crossover"][0][3] == "horizontal" and recorded["crossover"][1] == {"swap": True, "steps": 2}
+    (_, _, _, mask), kwargs = recorded["crossover"]
+    assert mask == "horizontal" and kwargs.pop("seeds").tolist() == [7] and kwargs == {"swap": True, "steps": 2}
     assert main(["manipulate", *model, png, "--target-class", "3", "--steps", "2", "--noise-scaler", "0.5",
                  "--out", out]) == 0
-    assert recorded["manipulate"][0][2] == 3 and recorded["manipulate"][1] == {"steps": 2, "noise_scaler": 0.5}
+    (_, _, target), kwargs = recorded["manipulate"]
+    assert target == 3 and kwargs.pop("seeds").tolist() == [7] and kwargs == {"steps": 2, "noise_scaler": 0.5}
     assert main(["interpolate", *model, "--labels", "1", "2", "3", "4", "--rows", "2", "--cols", "3", "--method",
                  "lerp", "--steps", "2", "--cfg", "1.2", "--out", out]) == 0
     (_, seeds, labels), kwargs = recorded["interpolate"]
