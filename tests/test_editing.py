@@ -38,6 +38,10 @@ def test_reconstruct(model, images):
     labels = torch.tensor([1, 2, 10])
     assert torch.equal(reconstruct_images(model, images, labels), model.reconstruct(images * 2 - 1, labels))
     assert not torch.equal(reconstruct_images(model, images, labels), out)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = model.reconstruct(images * 2 - 1).float()
+    assert torch.equal(reconstruct_images(model, images, dtype=torch.bfloat16), bf16)
+    assert (bf16 - out).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize(
@@ -46,6 +50,7 @@ def test_reconstruct(model, images):
         (torch.rand(3, 3, 16, 16) + 1, ValueError, r"\[0, 1\]"),
         (torch.full((1, 3, 16, 16), float("nan")), ValueError, r"\[0, 1\]"),
         (torch.rand(3, 3, 8, 8), ValueError, "shape"),
+        (torch.rand(3, 1, 16, 16), ValueError, r"images must have shape"),
         (torch.rand(0, 3, 16, 16), ValueError, "shape"),
         (torch.zeros(3, 3, 16, 16, dtype=torch.uint8), TypeError, "floating"),
         ([[0.5]], TypeError, "images"),
@@ -99,6 +104,7 @@ def test_manipulate_target_forms(model, images):
         ({"steps": 0}, ValueError, "steps"),
         ({"noise_scaler": -0.1}, ValueError, "noise_scaler"),
         ({"noise_scaler": float("inf")}, ValueError, "noise_scaler"),
+        ({"noise_scaler": True}, ValueError, "noise_scaler"),
         ({"seeds": torch.tensor([1, 2, 3], dtype=torch.int32)}, TypeError, "seeds"),
     ],
 )
@@ -106,6 +112,13 @@ def test_manipulate_bad_args(model, images, kwargs, error, match):
     args = {"target": 3, **kwargs}
     with pytest.raises(error, match=match):
         manipulate(model, images, args.pop("target"), **args)
+
+
+def test_manipulate_unconditional(images):
+    m = tiny_model(num_classes=0)
+    assert len(manipulate(m, images, None, steps=2, seeds=SEEDS)) == 2
+    with pytest.raises(ValueError, match="unconditional"):
+        manipulate(m, images, 3, seeds=SEEDS)
 
 
 def test_crossover_masks():
@@ -120,14 +133,19 @@ def test_crossover_masks():
 
 def test_crossover(model, images):
     a, b = images[:2], images[1:]
-    composite, outs = crossover(model, a, b, "vertical", steps=2, seeds=SEEDS[:2])
+    composite, outs = crossover(model, a, b, "vertical", steps=2, noise_scaler=0.4, seeds=SEEDS[:2])
     assert torch.equal(composite[..., :8], a[..., :8]) and torch.equal(composite[..., 8:], b[..., 8:])
-    expected = manipulate(model, composite, None, steps=2, noise_scaler=0.25, seeds=SEEDS[:2])
+    expected = manipulate(model, composite, None, steps=2, noise_scaler=0.4, seeds=SEEDS[:2])
     assert len(outs) == 2 and all(torch.equal(o, e) for o, e in zip(outs, expected))
+    _, bf16 = crossover(model, a, b, steps=1, seeds=SEEDS[:2], dtype=torch.bfloat16)
+    assert torch.equal(bf16[0], manipulate(model, composite, None, steps=1, seeds=SEEDS[:2], dtype=torch.bfloat16)[0])
+    assert (bf16[0] - crossover(model, a, b, steps=1, seeds=SEEDS[:2])[1][0]).abs().max() > 1e-3
     swapped, _ = crossover(model, a, b, "horizontal", swap=True, steps=1, seeds=SEEDS[:2])
     assert torch.equal(swapped[..., :8, :], b[..., :8, :]) and torch.equal(swapped[..., 8:, :], a[..., 8:, :])
     with pytest.raises(ValueError, match="same shape"):
         crossover(model, images, images[:2])
+    with pytest.raises(TypeError, match="swap"):
+        crossover(model, a, b, swap=1)
 
 
 def test_edits_on_a_bf16_model(model, images):
@@ -159,6 +177,8 @@ def test_slerp_and_bilinear():
             assert torch.equal(grid[i, j], corners[k])
     grid = bilinear(corners, 3, 3).reshape(3, 3, 5, 2)
     torch.testing.assert_close(grid[1, 1], corners.mean(0))
+    low = corners.bfloat16()  # a bf16 model's class embeddings: mixed in fp32, not rounded at each step
+    assert torch.equal(bilinear(low, 3, 3, "slerp"), bilinear(low.float(), 3, 3, "slerp"))
     with pytest.raises(ValueError, match="method"):
         bilinear(corners, 2, 2, "cubic")
 
@@ -177,13 +197,17 @@ def test_class_embeddings_interpolated_and_restored(model):
     assert model.encoder.y_embedder is not None and model.decoder.y_embedder is original
 
 
-@pytest.mark.parametrize("method", ["lerp", "slerp"])
-def test_interpolate_corners_are_samples(model, method):
+@pytest.mark.parametrize(
+    "method,cache_noise,scheduler", [("lerp", True, False), ("slerp", True, False), ("slerp", False, True)]
+)
+def test_interpolate_corners_are_samples(model, method, cache_noise, scheduler):
     seeds = torch.tensor([1, 2, 3, 4], dtype=torch.int64)
     labels = torch.tensor([0, 5, 9, 5])
-    grid = interpolate(model, seeds, labels, rows=3, cols=3, method=method, steps=2, cfg=1.4)
+    options = {"cache_noise": cache_noise, "scheduler": scheduler}
+    grid = interpolate(model, seeds, labels, rows=3, cols=3, method=method, steps=3, cfg=1.4, **options)
     assert grid.shape == (3, 3, 3, 16, 16)
-    _, ref = model.generate(4, y=labels, cfg=1.4, forward_steps=2, cache_sampling_noise=True, seeds=seeds)
+    _, ref = model.generate(4, y=labels, cfg=1.4, forward_steps=3, cache_sampling_noise=cache_noise,
+                            use_sampling_scheduler=scheduler, seeds=seeds)
     corners = torch.stack([grid[0, 0], grid[0, 2], grid[2, 0], grid[2, 2]])
     torch.testing.assert_close(corners, ref, atol=1e-5, rtol=0)
     assert (grid[1, 1] - grid[0, 0]).abs().max() > 1e-3
