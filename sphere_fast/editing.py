@@ -242,8 +242,6 @@ def interpolate(
     check_count("cols", cols)
     points = rows * cols
     check_sampling_args(points, cfg, cfg_position, steps, steps_name="steps")
-    if method not in INTERPOLATIONS:
-        raise ValueError(f"method must be one of {INTERPOLATIONS}, got {method!r}")
     seeds = seeds_on(seeds, 4, device)
     corner_labels = sample_labels(model, 4, labels, device, name="labels")
     shape = model.latent_shape[1:]
