@@ -1,5 +1,7 @@
+import gzip
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -47,6 +49,28 @@ def test_image_folder_and_jsonl_list(tmp_path):
         image_folder(tmp_path / "missing", 16)
 
 
+def test_image_folder_takes_image_files_of_any_case_only(tmp_path):
+    write_image(tmp_path / "cats" / "a.PNG", 16, 16, (255, 0, 0))
+    write_image(tmp_path / "cats" / "b.Jpeg", 16, 16, (0, 255, 0))
+    (tmp_path / "cats" / "notes.txt").write_text("not an image")
+    assert [p.name for p, _ in image_folder(tmp_path, 16).items] == ["a.PNG", "b.Jpeg"]
+    with pytest.raises(ValueError, match="image_size"):
+        image_folder(tmp_path, True)
+
+
+def test_list_files_skip_blank_lines_keep_class_ids_and_check_them(tmp_path):
+    write_image(tmp_path / "a.png", 16, 16, (255, 0, 0))
+    line = {"class_name": "birds", "image_path": "a.png", "is_absolute_path": False}
+    # class ids need not be dense: id 2 with no id 1 makes three classes, the missing one named by its id
+    (tmp_path / "list.json").write_text(
+        json.dumps({**line, "class_id": 2}) + "\n\n" + json.dumps({**line, "class_id": 0, "class_name": "cats"}) + "\n")
+    ds = open_dataset(str(tmp_path / "list.json"), 16)
+    assert ds.class_names == ["cats", "1", "birds"] and ds.num_classes == 3 and [y for _, y in ds.items] == [2, 0]
+    (tmp_path / "bad.jsonl").write_text(json.dumps({**line, "class_id": "2"}) + "\n")
+    with pytest.raises(ValueError, match="bad.jsonl:1: class_id must be an int"):
+        jsonl_list(tmp_path / "bad.jsonl", 16)
+
+
 def test_resize_center_crop_short_side():
     img = Image.new("RGB", (64, 32))
     img.paste((255, 255, 255), (0, 0, 16, 32))  # white left quarter is cropped away
@@ -64,6 +88,35 @@ def test_fashion_mnist_from_debian_files():
     assert x.max() > 0.5
 
 
+def write_idx(path, array: np.ndarray, type_code: int = 0x08) -> None:
+    """An IDX file as the Fashion-MNIST ones are laid out: 0, 0, type, ndim, big-endian int32 dims, data."""
+    header = bytes([0, 0, type_code, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as fh:
+        fh.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_pads_to_centre_and_resizes_by_nearest(tmp_path):
+    rng = np.random.default_rng(0)
+    raw = {split: rng.integers(0, 256, (2, 28, 28)) for split in ("train", "t10k")}
+    for split, images in raw.items():
+        write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", images)
+        write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", np.array([3, 7]))
+    as_float = {k: torch.from_numpy(v).float() / 127.5 - 1 for k, v in raw.items()}
+    x, y = FashionMNIST(34, root=tmp_path)[1]
+    expected = torch.full((34, 34), -1.0)
+    expected[3:31, 3:31] = as_float["train"][1]  # 3 px of black on every side
+    assert y == 7 and torch.equal(x, expected.expand(3, 34, 34))
+    x, _ = FashionMNIST(34, "test", root=tmp_path)[0]
+    assert torch.equal(x[0, 3:31, 3:31], as_float["t10k"][0])
+    rows = (torch.arange(16) * 28) // 16  # nearest: output pixel i reads input pixel floor(i * 28 / 16)
+    assert torch.equal(FashionMNIST(16, root=tmp_path)[0][0][0], as_float["train"][0][rows][:, rows])
+    with pytest.raises(ValueError, match="split"):
+        FashionMNIST(32, "val", root=tmp_path)
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.array([3, 7]), type_code=0x0C)
+    with pytest.raises(ValueError, match="unsigned-byte"):
+        FashionMNIST(32, root=tmp_path)
+
+
 def test_fashion_mnist_missing_names_the_package_and_falls_back(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
         FashionMNIST(32, root=tmp_path)
@@ -78,6 +131,7 @@ def test_synthetic_shapes_are_deterministic_and_open_dataset():
     ds = SyntheticShapes(size=20, image_size=16)
     x, y = ds[7]
     torch.testing.assert_close(x, ds[7][0])
+    assert not torch.equal(x, SyntheticShapes(size=20, image_size=16, seed=1)[7][0])
     assert x.shape == (3, 16, 16) and y == 7 and x.min() == -1 and x.max() > 0
     assert isinstance(open_dataset("synthetic", 16), SyntheticShapes)
 
@@ -85,6 +139,7 @@ def test_synthetic_shapes_are_deterministic_and_open_dataset():
 def test_sampler_shards_the_global_batch_and_resumes():
     full = iter(StepBatchSampler(20, 6, seed=3))
     global_batches = [next(full) for _ in range(7)]  # 3 steps an epoch, so this crosses two epochs
+    assert all(len(b) == 6 for b in global_batches)  # the tail of 2 images is dropped
     assert sorted(sum(global_batches[:3], [])) == sorted(set(sum(global_batches[:3], [])))
     assert global_batches[:3] != global_batches[3:6]
     ranks = [iter(StepBatchSampler(20, 3, rank=r, world_size=2, seed=3)) for r in range(2)]
@@ -92,6 +147,8 @@ def test_sampler_shards_the_global_batch_and_resumes():
         assert next(ranks[0]) + next(ranks[1]) == g
     resumed = iter(StepBatchSampler(20, 6, seed=3, start_step=4))
     assert [next(resumed) for _ in range(3)] == global_batches[4:7]
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        StepBatchSampler(11, 3, world_size=4)
 
 
 def test_loader_with_worker_processes_and_flip():

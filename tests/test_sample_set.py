@@ -125,6 +125,8 @@ def test_pack_npz(model, tmp_path):
     assert packed["arr_0"].dtype == np.uint8 and packed["arr_0"].shape == (NUM, 16, 16, 3)
     assert np.array_equal(packed["arr_0"], read_set(tmp_path))
     assert packed["arr_1"].tolist() == [i % 10 for i in range(NUM)]
+    elsewhere = pack_npz(tmp_path, NUM, tmp_path / "elsewhere.npz")
+    assert elsewhere == tmp_path / "elsewhere.npz" and "arr_1" not in np.load(elsewhere)  # unconditional
     image_path(tmp_path, 4, NUM).unlink()
     with pytest.raises(FileNotFoundError, match="1 of 7 images are missing .* index 4"):
         pack_npz(tmp_path, NUM)
@@ -139,6 +141,7 @@ def test_pack_npz(model, tmp_path):
         ({"world_size": 0}, "world_size must be an int"),
         ({"seed": -1}, "seed must be an int"),
         ({"seed": 2**31}, "seed must be an int"),
+        ({"seed": True}, "seed must be an int"),
     ],
 )
 def test_bad_arguments_are_refused(model, tmp_path, kwargs, message):
