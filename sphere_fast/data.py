@@ -41,7 +41,7 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     """Resize the short side to ``size`` (bicubic, nearest for <= 64 px), then center crop."""
     w, h = img.size
     scale = size / min(w, h)
-    new = (max(size, round(w * scale)), max(size, round(h * scale)))
+    new = (round(w * scale), round(h * scale))  # the short side comes out exactly size
     img = img.resize(new, Image.NEAREST if size <= 64 else Image.BICUBIC)
     left, top = (new[0] - size) // 2, (new[1] - size) // 2
     return img.crop((left, top, left + size, top + size))
