@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.tiny import tiny_batch, tiny_model
+from tests.tiny import no_label_dropout, tiny_batch, tiny_model
 
+from sphere_fast.ops import spherify_reference
 from sphere_fast.perceptual import LPIPS, VGG16_TAPS, ConvNeXt, LPIPSLinear, VGG16Features, load_state_dict_file
 from sphere_fast.training import PerceptualLoss, SphereLoss, loss_weights
 
@@ -76,6 +77,39 @@ def test_convnext_small_matches_torchvision_layout(full_nets):
     assert nparams(net) == 50_223_688  # torchvision's ConvNeXt_Small_Weights num_params
     with torch.no_grad():
         assert net(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
+
+
+def convnext_reference(sd: dict, x: torch.Tensor, depths: tuple[int, ...]) -> torch.Tensor:
+    """torchvision's ConvNeXt forward written out with functional ops on its state_dict."""
+    def norm(t, prefix):  # LayerNorm over the channels of NCHW, eps 1e-6
+        t = F.layer_norm(t.permute(0, 2, 3, 1), (t.shape[1],), sd[f"{prefix}.weight"], sd[f"{prefix}.bias"], 1e-6)
+        return t.permute(0, 3, 1, 2)
+
+    x = norm(F.conv2d(x, sd["features.0.0.weight"], sd["features.0.0.bias"], stride=4), "features.0.1")
+    for stage, depth in enumerate(depths):
+        for j in range(depth):
+            p = f"features.{2 * stage + 1}.{j}"
+            h = F.conv2d(x, sd[f"{p}.block.0.weight"], sd[f"{p}.block.0.bias"], padding=3, groups=x.shape[1])
+            h = norm(h, f"{p}.block.2").permute(0, 2, 3, 1)
+            h = F.gelu(F.linear(h, sd[f"{p}.block.3.weight"], sd[f"{p}.block.3.bias"]))
+            h = F.linear(h, sd[f"{p}.block.5.weight"], sd[f"{p}.block.5.bias"]).permute(0, 3, 1, 2)
+            x = x + sd[f"{p}.layer_scale"] * h
+        if stage + 1 < len(depths):
+            p = f"features.{2 * stage + 2}"
+            x = F.conv2d(norm(x, f"{p}.0"), sd[f"{p}.1.weight"], sd[f"{p}.1.bias"], stride=2)
+    pooled = norm(x.mean((2, 3), keepdim=True), "classifier.0").flatten(1)
+    return F.linear(pooled, sd["classifier.2.weight"], sd["classifier.2.bias"])
+
+
+def test_convnext_forward_matches_the_written_out_reference():
+    net = small_convnext()
+    assert all(torch.equal(b.layer_scale, torch.full_like(b.layer_scale, 1e-6)) for b in net.modules()
+               if hasattr(b, "layer_scale"))  # torchvision's initial layer scale
+    with torch.no_grad():
+        for p in net.parameters():  # every parameter random, so every path counts
+            p.copy_(torch.randn_like(p) * 0.3)
+        x = torch.randn(2, 3, 64, 48)
+        torch.testing.assert_close(net(x), convnext_reference(net.state_dict(), x, (1, 1, 1, 1)), rtol=1e-4, atol=1e-5)
 
 
 def test_lpips_linear_layers_match_the_lpips_vgg_pth():
@@ -196,6 +230,31 @@ def test_sphere_loss_uses_the_perceptual_term():
     assert all(p.grad is not None and p.grad.isfinite().all() for p in model.decoder.parameters() if p.requires_grad)
 
 
+def test_sphere_loss_perceptual_terms_match_hand_computation():
+    """Both perceptual terms with their own weights; the consistency term's target (the small-noise image) is
+    detached, as in the distance term."""
+    torch.manual_seed(0)
+    pl = PerceptualLoss(LPIPS(), small_convnext())
+    x, y = tiny_batch(4)
+    big, small = torch.tensor([0.3, 0.9, 1.5, 0.0]), torch.tensor([0.1, 0.0, 0.4, 0.2])
+    e = torch.randn(4, 16, 4, generator=torch.Generator().manual_seed(2))
+    weights = {"recon_dist": 0.0, "recon_perc": 1.5, "con_dist": 0.0, "con_perc": 0.7, "latent": 0.0}
+    hand_model, model = no_label_dropout(tiny_model()), no_label_dropout(tiny_model())
+    v = spherify_reference(hand_model.encoder(x, y))
+    v_big = torch.where(big.view(-1, 1, 1) == 0, v, spherify_reference(v + big.view(-1, 1, 1) * e))
+    v_small = torch.where(small.view(-1, 1, 1) == 0, v, spherify_reference(v + small.view(-1, 1, 1) * e))
+    x_big, x_small = (hand_model.decoder(torch.cat([v_big, v_small]), torch.cat([y, y])) * 0.5 + 0.5).chunk(2)
+    hand = 1.5 * pl(x_small, x * 0.5 + 0.5).mean() + 0.7 * pl(x_big, x_small.detach()).mean()
+    hand.backward()
+    total, terms = SphereLoss(model, loss_weights(weights), pl)(x, y, big, small, e)
+    total.backward()
+    torch.testing.assert_close(total, hand, rtol=1e-5, atol=1e-7)
+    assert set(terms) == {"recon", "pix_con", "recon_perc", "pix_con_perc", "lat_con"}
+    for (name, p), hand_p in zip(model.named_parameters(), hand_model.parameters()):
+        if hand_p.grad is not None:
+            torch.testing.assert_close(p.grad, hand_p.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
 def test_perceptual_term_runs_in_fp32_under_autocast(monkeypatch):
     # spec: the losses are computed in fp32, so bf16 autocast must not reach the perceptual networks
     pl = PerceptualLoss(LPIPS(), small_convnext())
@@ -226,7 +285,8 @@ def test_from_files_round_trips_and_freezes(full_nets, tmp_path):
     torch.save(lin.state_dict(), tmp_path / "vgg.pth")
     torch.save(convnext.state_dict(), tmp_path / "convnext_small.pth")
     paths = {"vgg16": str(tmp_path / "vgg16.pth"), "lpips": tmp_path / "vgg.pth", "convnext_small": tmp_path / "convnext_small.pth"}
-    pl = PerceptualLoss.from_files(paths)
+    # a keyword takes precedence over the mapping's entry
+    pl = PerceptualLoss.from_files({**paths, "vgg16": tmp_path / "absent.pth"}, vgg16=paths["vgg16"])
     for saved, loaded in ((vgg, pl.lpips_vgg.net), (lin, pl.lpips_vgg.lin), (convnext, pl.convnext)):
         want = saved.state_dict()
         assert all(torch.equal(v, want[k]) for k, v in loaded.state_dict().items()) and len(want) == len(loaded.state_dict())

@@ -109,6 +109,21 @@ def test_one_step_losses_and_gradients_match_hand_computation():
         assert logged[k] == pytest.approx(terms[k].item(), rel=1e-5, abs=1e-7)
 
 
+def test_single_output_variant_reconstructs_from_the_big_noise():
+    """use_pixel_consistency=False (the official single-output variant): one decoder pass, on v_big."""
+    model = no_label_dropout(tiny_model(use_pixel_consistency=False, use_latent_consistency=False))
+    x, y = tiny_batch(4)
+    big, small = torch.tensor([0.5, 1.0, 2.0, 0.0]), torch.tensor([0.1, 0.2, 0.3, 0.0])
+    e = torch.randn(4, 16, 4, generator=torch.Generator().manual_seed(3))
+    total, terms = SphereLoss(model, loss_weights(NO_PERCEPTUAL))(x, y, big, small, e)
+    v = spherify_reference(model.encoder(x, y))
+    v_big = torch.where(big.view(-1, 1, 1) == 0, v, spherify_reference(v + big.view(-1, 1, 1) * e))
+    recon = (0.5 * ((model.decoder(v_big, y) - x) * 0.5) ** 2).mean((1, 2, 3)).mean()
+    assert set(terms) == {"recon"}
+    torch.testing.assert_close(terms["recon"], recon.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(total, NO_PERCEPTUAL["recon_dist"] * recon, rtol=1e-5, atol=1e-7)
+
+
 def test_train_step_takes_seeds_as_the_noise_they_draw():
     x, y = tiny_batch(4)
     scales = (torch.full((4,), 0.9), torch.full((4,), 0.3))
@@ -190,6 +205,7 @@ def test_learning_rate_schedule_and_encoder_scale():
     assert learning_rate(9, cfg) == pytest.approx(2e-4)
     assert learning_rate(55, cfg) == pytest.approx(1e-6 * 2 + 0.5 * (2e-4 - 2e-6))
     assert learning_rate(100, cfg) == pytest.approx(2e-6)
+    assert learning_rate(150, cfg) == pytest.approx(2e-6)  # past the end (a run extended on resume) it stays there
     trainer = Trainer(tiny_model(), TrainConfig(global_batch=6, total_steps=10, warmup_steps=2, loss_weights=NO_PERCEPTUAL))
     trainer.train_step(*tiny_batch(6))
     enc, dec = trainer.optimizer.param_groups
@@ -314,11 +330,32 @@ def test_loss_weight_presets_and_validation():
         loss_weights("mnist")
     with pytest.raises(ValueError, match="keys"):
         loss_weights({"recon_dist": 1.0})
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite and >= 0"):
+            loss_weights({**NO_PERCEPTUAL, "latent": bad})
     with pytest.raises(ValueError, match="warmup_steps"):
         TrainConfig(total_steps=5, warmup_steps=10)
 
 
+@pytest.mark.parametrize(
+    "field,value,match",
+    [("ema_decay", 1.0, "ema_decay must be < 1"), ("autocast", "fp16", "autocast must be"),
+     ("activation_checkpointing", 1, "activation_checkpointing must be a bool"), ("grad_clip", -1.0, "grad_clip"),
+     ("global_batch", 0, "global_batch"), ("loss_weights", "mnist", "preset")],
+)
+def test_train_config_refuses_bad_values(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**{field: value})
+
+
+def test_train_config_betas_become_a_tuple():
+    """A config read back from JSON (the run config, a checkpoint's) holds lists: it compares equal to the original."""
+    assert TrainConfig(betas=[0.8, 0.9]) == TrainConfig(betas=(0.8, 0.9))
+
+
 def test_perceptual_loss_without_weight_files_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="no perceptual network was given"):
+        SphereLoss(tiny_model(), loss_weights("cifar10"))
     with pytest.raises(ValueError, match="local weight files"):
         Trainer(tiny_model(), TrainConfig(global_batch=6, loss_weights="cifar10"))
     paths = {"vgg16": tmp_path / "nope.pth", "lpips": tmp_path / "vgg.pth", "convnext_small": tmp_path / "c.pth"}
