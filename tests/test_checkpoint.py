@@ -16,6 +16,7 @@ from sphere_fast.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     official_to_checkpoint,
+    read_official,
     save_checkpoint,
     sha256_file,
 )
@@ -32,8 +33,12 @@ def small_trainer(steps: int = 1) -> Trainer:
 
 def test_roundtrip_keeps_weights_ema_optimizer_and_official_keys(tmp_path):
     trainer = small_trainer(2)
-    path = save_checkpoint(tmp_path, trainer.model, trainer=trainer)
+    path = save_checkpoint(tmp_path, trainer.model, trainer=trainer, run_config={"data": "synthetic"})
     assert path.name == "step-00000002" and latest_checkpoint(tmp_path) == path
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["step"] == 2 and sorted(manifest["files"]) == [
+        "config.json", "ema.safetensors", "model.safetensors", "trainer_state.pt"]
+    assert load_checkpoint(path)[1]["run"] == {"data": "synthetic"}
     assert set(load_file(str(path / "model.safetensors"))) == set(trainer.model.state_dict())
     other = Trainer(tiny_model(seed=9), TrainConfig(global_batch=6, total_steps=10, warmup_steps=2, loss_weights=NO_PERCEPTUAL))
     load_checkpoint(tmp_path, trainer=other)
@@ -134,6 +139,23 @@ def test_saves_beyond_keep_are_pruned_but_never_the_current_one(tmp_path):
     assert latest_checkpoint(tmp_path).name == "step-00000002"
 
 
+def test_pruning_keeps_two_by_default_and_counts_only_complete_checkpoints(tmp_path):
+    model = tiny_model()
+    (tmp_path / "step-00000009").mkdir()  # not a checkpoint (no manifest): neither counted nor removed
+    for step in range(1, 4):
+        save_checkpoint(tmp_path, model, name=f"step-{step:08d}")
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000002", "step-00000003", "step-00000009"]
+
+
+def test_saving_a_name_again_replaces_it(tmp_path):
+    save_checkpoint(tmp_path, tiny_model(seed=1), name="best")
+    replacement = tiny_model(seed=2)
+    save_checkpoint(tmp_path, replacement, name="best")
+    loaded, _ = load_checkpoint(tmp_path / "best")
+    assert all(torch.equal(v, replacement.state_dict()[k]) for k, v in loaded.state_dict().items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "latest"]  # no temporary or old folder left
+
+
 def test_resuming_takes_this_process_rng_state_and_needs_the_same_process_count(tmp_path):
     """A checkpoint of two processes holds two RNG states: rank 1 resumes with the second; three processes are
     refused."""
@@ -165,9 +187,23 @@ def test_corrupt_incomplete_and_mismatched_checkpoints_are_refused(tmp_path):
     path = save_checkpoint(tmp_path, trainer.model, trainer=trainer, name="good")
     with pytest.raises(ValueError, match="different model config.*width"):
         load_checkpoint(path, tiny_model(vit_dec_model_size={"width": 64, "layers": 1, "heads": 2}))
+    config, saved = path / "config.json", (path / "config.json").read_text()
+    config.write_text(saved.replace('"width": 32', '"width": 33', 1))  # hashed like the weights
+    with pytest.raises(ValueError, match="corrupt: config.json"):
+        load_checkpoint(path)
+    config.write_text(saved)
+    (path / "ema.safetensors").unlink()
+    with pytest.raises(ValueError, match="incomplete: ema.safetensors is missing"):
+        load_checkpoint(path)
+    (path / "manifest.json").write_text('{"format": ')
+    with pytest.raises(ValueError, match="manifest.json is corrupt"):
+        load_checkpoint(path)
     (path / "manifest.json").unlink()
     with pytest.raises(ValueError, match="not a sphere_fast checkpoint"):
         load_checkpoint(path)
+    (tmp_path / "latest").write_text("good\n")  # a pointer at a folder without a manifest
+    with pytest.raises(ValueError, match="latest names good, which is not a complete checkpoint"):
+        latest_checkpoint(tmp_path)
     weights_only = save_checkpoint(tmp_path, trainer.model, name="weights")
     with pytest.raises(ValueError, match="cannot resume"):
         load_checkpoint(weights_only, trainer=small_trainer(0))
@@ -207,6 +243,13 @@ def test_official_pth_converts_both_ways(tmp_path, layout):
     for k in sd:
         torch.testing.assert_close(state[k], sd[k], rtol=0, atol=0)
         torch.testing.assert_close(loaded.state_dict()[k], sd[k], rtol=0, atol=0)
-    torch.save({"weights": 1}, tmp_path / "bad.pth")
-    with pytest.raises(ValueError, match="neither a state_dict"):
-        official_to_checkpoint(tmp_path / "bad.pth", tmp_path / "x", TINY_CONFIG)
+    for bad in ({"weights": 1}, {}):
+        torch.save(bad, tmp_path / "bad.pth")
+        with pytest.raises(ValueError, match="neither a state_dict"):
+            official_to_checkpoint(tmp_path / "bad.pth", tmp_path / "x", TINY_CONFIG)
+
+
+def test_a_prefix_is_stripped_only_from_keys_that_all_carry_it(tmp_path):
+    weights = torch.zeros(1)
+    torch.save({"module.encoder.w": weights, "decoder.w": weights}, tmp_path / "mixed.pth")
+    assert sorted(read_official(tmp_path / "mixed.pth")) == ["decoder.w", "module.encoder.w"]
