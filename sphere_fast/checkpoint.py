@@ -166,15 +166,12 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def _resolve(path: str | Path) -> Path:
-    """A checkpoint folder, or a run's checkpoint folder holding ``latest``."""
+    """A checkpoint folder as it is; a folder of checkpoints holding ``latest``, or a run folder holding such a
+    ``checkpoints`` folder: the checkpoint ``latest`` names."""
     path = Path(path)
-    if (path / LATEST).exists() and not (path / MANIFEST_FILE).exists():
-        found = latest_checkpoint(path)
-        assert found is not None
-        return found
     if (path / "checkpoints" / LATEST).exists():
-        return _resolve(path / "checkpoints")
-    return path
+        path = path / "checkpoints"
+    return latest_checkpoint(path) or path
 
 
 def _check_config(model: SphereEncoder, saved: Mapping[str, Any], where: Path) -> None:
