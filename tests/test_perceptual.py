@@ -105,6 +105,8 @@ def test_convnext_forward_matches_the_written_out_reference():
     net = small_convnext()
     assert all(torch.equal(b.layer_scale, torch.full_like(b.layer_scale, 1e-6)) for b in net.modules()
                if hasattr(b, "layer_scale"))  # torchvision's initial layer scale
+    # eps 1e-6 in every norm: too small a change for the forward's tolerance to see
+    assert {m.eps for m in net.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-6}
     with torch.no_grad():
         for p in net.parameters():  # every parameter random, so every path counts
             p.copy_(torch.randn_like(p) * 0.3)
