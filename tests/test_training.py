@@ -211,6 +211,8 @@ def test_learning_rate_schedule_and_encoder_scale():
     enc, dec = trainer.optimizer.param_groups
     assert enc["lr"] == pytest.approx(0.1 * dec["lr"]) and dec["lr"] == pytest.approx(learning_rate(0, trainer.config))
     assert dec["betas"] == (0.9, 0.95) and dec["weight_decay"] == 0
+    decayed = Trainer(tiny_model(), TrainConfig(global_batch=6, weight_decay=0.05, loss_weights=NO_PERCEPTUAL))
+    assert [group["weight_decay"] for group in decayed.optimizer.param_groups] == [0.05, 0.05]
 
 
 def test_ema_and_grad_clip():
@@ -234,9 +236,14 @@ def test_ema_and_grad_clip():
 
 
 def test_bf16_autocast_on_cpu_gives_finite_losses():
-    trainer = Trainer(tiny_model(), TrainConfig(global_batch=6, total_steps=3, warmup_steps=1, loss_weights=NO_PERCEPTUAL, autocast="bf16"))
-    logged = trainer.train_step(*tiny_batch(6))
-    assert all(math.isfinite(v) for v in logged.values())
+    def first_step(autocast: str) -> dict[str, float]:
+        config = TrainConfig(global_batch=6, total_steps=3, warmup_steps=1, loss_weights=NO_PERCEPTUAL, autocast=autocast)
+        scales = (torch.full((6,), 0.9), torch.full((6,), 0.3))
+        return Trainer(no_label_dropout(tiny_model()), config).train_step(*tiny_batch(6), scales=scales, seeds=torch.arange(6))
+
+    bf16, fp32 = first_step("bf16"), first_step("auto")  # auto: fp32 on the CPU
+    assert all(math.isfinite(v) for v in bf16.values())
+    assert bf16["loss"] == pytest.approx(fp32["loss"], rel=0.05) and bf16["loss"] != fp32["loss"]  # bf16 ran
 
 
 def test_train_step_checks_labels_once(monkeypatch):
