@@ -75,7 +75,13 @@ def test_a_choice_is_stored_for_later_processes(monkeypatch: pytest.MonkeyPatch,
     _tuning.forget_tuned_configs()  # a later process
     untimed = FakeTimer({})
     assert pick_config(key, candidates, lambda c: c, timer=untimed) == (3, 4)
+    stored = {path: path.read_text() for path in tmp_path.glob("*.json")}
+    for path in stored:
+        path.unlink()
+    assert pick_config(key, candidates, lambda c: c, timer=untimed) == (3, 4)  # remembered once read
     assert untimed.timed == []
+    for path, text in stored.items():
+        path.write_text(text)
     _tuning.forget_tuned_configs()
     with compile_pass():  # the pass compiles the stored choice alone
         compiled: list[tuple[int, int]] = []
@@ -96,6 +102,29 @@ def test_a_choice_is_stored_for_later_processes(monkeypatch: pytest.MonkeyPatch,
     _tuning.forget_tuned_configs()
     assert pick_config(key, candidates, lambda c: c, timer=timer) == (3, 4)
     assert len(timer.timed) == 3 * 2 + 2 + 3 * 2, "with the store off the key is timed again"
+
+
+def test_choices_are_stored_beside_tritons_cache_unless_told(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    monkeypatch.delenv("SPHERE_FAST_TUNING_CACHE")
+    assert _tuning.stored_choices_folder() == tmp_path / "triton" / "sphere_fast_tuning"
+    monkeypatch.setenv("SPHERE_FAST_TUNING_CACHE", str(tmp_path / "mine"))
+    assert _tuning.stored_choices_folder() == tmp_path / "mine"
+    monkeypatch.setenv("SPHERE_FAST_TUNING_CACHE", "0")
+    assert _tuning.stored_choices_folder() is None
+
+
+def test_the_code_id_covers_the_versions_and_both_source_folders(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    import sphere_fast.kernels
+
+    code_id = _tuning._code_id.__wrapped__  # uncached
+    base = code_id()
+    monkeypatch.setattr(torch, "__version__", "0.0+other")
+    assert code_id() != base
+    monkeypatch.undo()
+    (tmp_path / "kernel.py").write_text("# other kernels")
+    monkeypatch.setattr(sphere_fast.kernels, "__file__", str(tmp_path / "__init__.py"))
+    assert code_id() != base
 
 
 def test_a_stored_choice_is_keyed_on_the_code_and_the_gpu_model(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
@@ -246,6 +275,16 @@ def test_candidates_compile_together_before_any_is_timed() -> None:
     assert pick_config("k", ["a", "b"], launch, timer=timer, precompile=precompile) == "b"
     assert len(events) == 6
     assert active_mode.get() is None
+
+
+def test_launch_tuned_compiles_every_candidate_before_timing_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ops' entry point hands pick_config a precompile (the launch with compile_only=True), so all candidates
+    compile together before the first is timed, then launches the choice."""
+    calls: list[tuple[str, bool]] = []
+    monkeypatch.setattr(_tuning, "time_launch_ms", lambda launch: launch() or 1.0)
+    _tuning.launch_tuned("launch_tuned key", ["a", "b"], lambda c, compile_only=False: calls.append((c, compile_only)),
+                         [torch.zeros(1)])
+    assert calls[:2] == [("a", True), ("b", True)] and calls[-3:] == [("a", False), ("b", False), ("a", False)]
 
 
 def test_a_failing_compile_ahead_only_warns(caplog: pytest.LogCaptureFixture) -> None:
