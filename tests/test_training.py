@@ -211,8 +211,9 @@ def test_learning_rate_schedule_and_encoder_scale():
     enc, dec = trainer.optimizer.param_groups
     assert enc["lr"] == pytest.approx(0.1 * dec["lr"]) and dec["lr"] == pytest.approx(learning_rate(0, trainer.config))
     assert dec["betas"] == (0.9, 0.95) and dec["weight_decay"] == 0
-    decayed = Trainer(tiny_model(), TrainConfig(global_batch=6, weight_decay=0.05, loss_weights=NO_PERCEPTUAL))
+    decayed = Trainer(tiny_model().eval(), TrainConfig(global_batch=6, weight_decay=0.05, loss_weights=NO_PERCEPTUAL))
     assert [group["weight_decay"] for group in decayed.optimizer.param_groups] == [0.05, 0.05]
+    assert decayed.model.training and not decayed.ema.training  # a model handed over in eval mode trains
 
 
 def test_ema_and_grad_clip():
@@ -327,6 +328,27 @@ def test_fit_reads_each_step_s_losses_after_queuing_the_next(tmp_path, monkeypat
     written = [json.loads(line) for line in (tmp_path / "losses.jsonl").read_text().splitlines()]
     assert written == [{"step": step, **losses} for step, losses in sorted(logs.items())]
     assert written[0]["loss"] != written[1]["loss"]
+
+
+def test_fit_refuses_data_with_more_classes_than_the_model(tmp_path):
+    train = TrainConfig(global_batch=6, total_steps=1, warmup_steps=0, loss_weights=NO_PERCEPTUAL)
+    model = {**TINY_CONFIG, "num_classes": 5}
+    run = RunConfig(model=model, train=train, data="synthetic", out=str(tmp_path), workers=0)
+    with pytest.raises(ValueError, match="the data has 10 classes but the model only 5"):
+        fit(run, progress=False)
+
+
+def test_fit_flips_each_batch_and_trains_an_unconditional_model_on_labelled_data(tmp_path, monkeypatch):
+    """Each batch goes through the random flip on its way to the step; an unconditional model gets no labels."""
+    from sphere_fast import data
+
+    flipped = []
+    monkeypatch.setattr(data, "random_hflip", lambda x: flipped.append(x.shape) or x.flip(-1))
+    train = TrainConfig(global_batch=6, total_steps=2, warmup_steps=0, loss_weights=NO_PERCEPTUAL)
+    model = {**TINY_CONFIG, "num_classes": 0}
+    run = RunConfig(model=model, train=train, data="synthetic", out=str(tmp_path), workers=0)
+    assert fit(run, progress=False).step == 2
+    assert flipped == [(6, 3, 16, 16)] * 2
 
 
 def test_loss_weight_presets_and_validation():
