@@ -1,4 +1,6 @@
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -6,8 +8,18 @@ import torch
 from PIL import Image
 
 from sphere_fast import editing
-from sphere_fast.checkpoint import load_checkpoint
-from sphere_fast.cli import _read_images, build_parser, class_grid, main
+from sphere_fast.checkpoint import save_checkpoint
+from sphere_fast.model import PRESETS
+from sphere_fast.cli import (
+    TRAIN_PRESETS,
+    _read_images,
+    build_parser,
+    class_grid,
+    load_model,
+    main,
+    plot_losses,
+    save_grid,
+)
 from tests.tiny import TINY_CONFIG, tiny_model
 
 COMMANDS = ["train", "sample", "sample-set", "reconstruct", "interpolate", "crossover", "manipulate", "convert", "bench"]
@@ -69,14 +81,51 @@ def test_sample_convert_and_editing_commands(trained, tmp_path):
     assert main(["interpolate", *ck, "--rows", "2", "--cols", "3", "--out", str(tmp_path / "i.png")]) == 0
     assert Image.open(tmp_path / "i.png").size == (2 + 3 * 18, 2 + 2 * 18)
 
-    # the editing grids hold what the library makes from the same images and seeds (--seed 4)
-    model = load_checkpoint(trained)[0].eval()
+
+def test_grids_hold_the_librarys_images(tmp_path):
+    """The reconstruct and editing grids hold what the library makes from the same images and seeds (--seed 4),
+    in their documented places, on a model whose images vary (a 3-step run's are nearly flat)."""
+    model = tiny_model().eval()
+    save_checkpoint(tmp_path / "ckpt", model, name="perturbed")
+    rng = np.random.default_rng(0)
+    a_b = [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
+    for path, width in zip(a_b, (24, 16)):  # the first is resized and cropped to the model's 16 px
+        Image.fromarray(rng.integers(0, 256, (16, width, 3), dtype=np.uint8)).save(path)
     x = _read_images(a_b, 16, "cpu")
+    ck = ["--checkpoint", str(tmp_path / "ckpt"), "--seed", "4"]
+    assert main(["reconstruct", *ck, *a_b, "--out", str(tmp_path / "r.png")]) == 0
+    expected = torch.stack([x, editing.reconstruct_images(model, x)])  # inputs on top
+    assert torch.equal(grid_tiles(tmp_path / "r.png", rows=2, cols=2), as_png(expected))
+    assert main(["manipulate", *ck, *a_b, "--target-class", "3", "--steps", "2", "--out", str(tmp_path / "m.png")]) == 0
     steps = editing.manipulate(model, x, 3, steps=2, seeds=torch.tensor([4, 5]))
     assert torch.equal(grid_tiles(tmp_path / "m.png", rows=3, cols=2), as_png(torch.stack([x, *steps])))
+    assert main(["crossover", *ck, *a_b, "--steps", "1", "--out", str(tmp_path / "x.png")]) == 0
     composite, steps = editing.crossover(model, x[:1], x[1:], steps=1, seeds=torch.tensor([4]))
-    expected = as_png(torch.stack([x[:1], x[1:], composite, *steps]).transpose(0, 1))
-    assert torch.equal(grid_tiles(tmp_path / "x.png", rows=1, cols=4), expected)
+    expected = torch.stack([x[:1], x[1:], composite, *steps]).transpose(0, 1)
+    assert torch.equal(grid_tiles(tmp_path / "x.png", rows=1, cols=4), as_png(expected))
+    assert len({tile.numpy().tobytes() for tile in grid_tiles(tmp_path / "x.png", rows=1, cols=4)[0]}) == 4
+    assert main(["interpolate", *ck, "--labels", "1", "2", "3", "4", "--rows", "2", "--cols", "3",
+                 "--out", str(tmp_path / "i.png")]) == 0
+    grid = editing.interpolate(model, torch.tensor([4, 5, 6, 7]), torch.tensor([1, 2, 3, 4]), rows=2, cols=3)
+    assert torch.equal(grid_tiles(tmp_path / "i.png", rows=2, cols=3), as_png(grid))
+
+
+def test_convert_takes_the_config_as_json_a_file_or_a_preset(monkeypatch, tmp_path):
+    from sphere_fast import checkpoint
+
+    calls: list = []
+    monkeypatch.setattr(checkpoint, "official_to_checkpoint",
+                        lambda source, dest, config, key: calls.append((source, dest, config, key)) or dest)
+    (tmp_path / "config.json").write_text(json.dumps(TINY_CONFIG))
+    assert main(["convert", "a.pth", "out", "--config", str(tmp_path / "config.json"), "--key", "ema"]) == 0
+    assert main(["convert", "a.pth", "out", "--config", json.dumps(TINY_CONFIG)]) == 0
+    assert main(["convert", "a.pth", "out", "--preset", "sphere-l-imagenet"]) == 0
+    assert main(["convert", "a.pth", "out", "--preset", "fashion-mnist-demo"]) == 0
+    demo = TRAIN_PRESETS["fashion-mnist-demo"]["model"]
+    configs = [TINY_CONFIG, TINY_CONFIG, PRESETS["sphere-l-imagenet"]["config"], demo]
+    assert calls == [("a.pth", "out", c, k) for c, k in zip(configs, ["ema", "model", "model", "model"])]
+    with pytest.raises(SystemExit, match="needs the model config"):
+        main(["convert", "a.pth", "out"])
 
 
 def as_png(images: torch.Tensor) -> torch.Tensor:
@@ -144,6 +193,72 @@ def test_commands_pass_their_options_on(recorded, tmp_path):
         "progress": True}
 
 
+def test_train_passes_its_options_on(monkeypatch, tmp_path):
+    from sphere_fast import training
+
+    runs: list = []
+    monkeypatch.setattr(training, "fit", lambda run, resume: runs.append((run, resume)) or SimpleNamespace(
+        dist=training.DistInfo(rank=1, world_size=2)))  # rank 1 plots and samples nothing
+    weights = {"recon_dist": 1.0, "recon_perc": 0.0, "con_dist": 2.0, "con_perc": 0.0, "latent": 0.5}
+    assert main(["train", "--out", str(tmp_path), "--data", "synthetic", "--steps", "7", "--batch-size", "12",
+                 "--lr", "3e-3", "--warmup", "2", "--seed", "5", "--autocast", "off", "--loss-weights",
+                 json.dumps(weights), "--checkpoint-every", "3", "--workers", "0", "--no-resume",
+                 "--no-synthetic-fallback"]) == 0
+    (run, resume), = runs
+    assert not resume and (run.data, run.out, run.checkpoint_every, run.workers) == ("synthetic", str(tmp_path), 3, 0)
+    assert not run.synthetic_fallback
+    recipe = run.train
+    assert (recipe.total_steps, recipe.global_batch, recipe.base_lr, recipe.warmup_steps) == (7, 12, 3e-3, 2)
+    assert recipe.seed == 5
+    assert recipe.autocast == "off" and recipe.loss_weights == weights
+    # a preset's loss weights by name; without --warmup the preset's 50 warmup steps are cut to the run's 20
+    assert main(["train", "--out", str(tmp_path), "--steps", "20", "--loss-weights", "imagenet"]) == 0
+    run, resume = runs[1]
+    assert resume and run.synthetic_fallback and run.train.loss_weights == "imagenet" and run.train.warmup_steps == 20
+
+
+def test_sample_set_under_torchrun_takes_its_rank_and_local_gpu(recorded, monkeypatch, tmp_path):
+    from sphere_fast import cli, training
+
+    monkeypatch.setattr(training, "init_distributed", lambda: training.DistInfo(rank=1, world_size=2, local_rank=1))
+    devices: list[str] = []
+    monkeypatch.setattr(cli, "load_model", lambda args: devices.append(args.device) or tiny_model().eval())
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: None)
+    assert main(["sample-set", "--device", "cuda", "--num", "4", "--out", str(tmp_path)]) == 0
+    (model, _, _), kwargs = recorded["write_sample_set"]
+    assert devices == ["cuda:1"] and (kwargs["rank"], kwargs["world_size"]) == (1, 2)
+    assert next(model.parameters()).dtype == torch.bfloat16  # the default on a GPU
+
+
+def test_models_from_a_preset_follow_the_seed():
+    def preset_model(seed: str) -> dict:
+        return load_model(build_parser().parse_args(["sample", "--seed", seed, "--device", "cpu"])).state_dict()
+
+    first = preset_model("1")
+    assert all(torch.equal(v, first[k]) for k, v in preset_model("1").items())
+    assert not all(torch.equal(v, first[k]) for k, v in preset_model("2").items())
+
+
+def test_save_grid_and_plot_losses(tmp_path):
+    path = save_grid(torch.rand(3, 3, 4, 4), tmp_path / "new" / "grid.png", nrow=2)  # the folder is made
+    assert Image.open(path).size == (2 + 2 * 6, 2 + 2 * 6)  # the last row holds one image
+    (tmp_path / "losses.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="no losses"):
+        plot_losses(tmp_path / "losses.jsonl", tmp_path / "loss.png")
+
+
+def test_bench_runs_the_gpu_check_script(monkeypatch, tmp_path, capsys):
+    from sphere_fast import cli
+
+    calls: list = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda args: calls.append(args) or 0)
+    assert main(["bench", "--out", "results"]) == 0
+    assert calls == [["bash", str(Path(cli.__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"), "results"]]
+    monkeypatch.setattr(cli, "__file__", str(tmp_path / "site-packages" / "sphere_fast" / "cli.py"))
+    assert main(["bench"]) == 2 and "not in this installation" in capsys.readouterr().out
+    assert len(calls) == 1
+
+
 def test_class_grid_seeds_its_samples():
     """A grid's images follow --seed: the same seed gives the same grid, another seed another one."""
     model = tiny_model().eval()
@@ -151,6 +266,11 @@ def test_class_grid_seeds_its_samples():
     assert nrow == 1 and first.shape == (10, 3, 16, 16)
     assert torch.equal(class_grid(model, 1, steps=1, cfg=1.0, seed=0)[0], first)
     assert not torch.equal(class_grid(model, 1, steps=1, cfg=1.0, seed=1)[0], first)
+    # at most 16 class rows; an unconditional model's grid is square
+    images, nrow = class_grid(tiny_model(num_classes=20).eval(), 1, steps=1, cfg=1.0, seed=0)
+    assert nrow == 1 and images.shape[0] == 16
+    images, nrow = class_grid(tiny_model(num_classes=0).eval(), 3, steps=1, cfg=1.0, seed=0)
+    assert nrow == 3 and images.shape[0] == 9
 
 
 def test_bad_input_is_a_clear_error(tmp_path, capsys):
