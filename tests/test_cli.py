@@ -215,6 +215,19 @@ def test_train_passes_its_options_on(monkeypatch, tmp_path):
     assert main(["train", "--out", str(tmp_path), "--steps", "20", "--loss-weights", "imagenet"]) == 0
     run, resume = runs[1]
     assert resume and run.synthetic_fallback and run.train.loss_weights == "imagenet" and run.train.warmup_steps == 20
+    # rank 0 plots the losses and samples a grid per --sample-steps entry from the EMA weights
+    from sphere_fast import cli
+
+    ema = tiny_model().eval()
+    monkeypatch.setattr(training, "fit", lambda run, resume: SimpleNamespace(
+        dist=training.DistInfo(), step=3, ema=ema, model=tiny_model(seed=1)))
+    (tmp_path / "losses.jsonl").write_text(json.dumps({"step": 0, "loss": 1.0, "lr": 0.1}) + "\n")
+    grids: list = []
+    monkeypatch.setattr(cli, "class_grid", lambda model, per_class, **kwargs: grids.append((model, per_class, kwargs))
+                        or (torch.zeros(1, 3, 4, 4), 1))
+    assert main(["train", "--out", str(tmp_path), "--sample-steps", "1", "3", "--per-class", "2", "--seed", "6"]) == 0
+    assert grids == [(ema, 2, {"steps": steps, "cfg": 1.0, "seed": 6}) for steps in (1, 3)]
+    assert (tmp_path / "loss.png").exists() and (tmp_path / "samples_3step.png").exists()
 
 
 def test_sample_set_under_torchrun_takes_its_rank_and_local_gpu(recorded, monkeypatch, tmp_path):
