@@ -95,3 +95,23 @@ def test_report_speedup_is_against_the_faster_eager() -> None:
     # the table's "ours vs eager" uses the same baselines as the goals: 0.4 ms eager_randn / 0.1 ms triton
     pair = report.table([r for r in ROWS if r["op"] == "spherify_noise_pair_fwd"])
     assert "| 256×32768 | bf16 | 2.00 | 0.400 | 0.100 | 4.00x |" in pair
+
+
+def test_goal_edges_exactly_the_bar_d72_rows_and_the_batch_1_case() -> None:
+    """A value equal to the bar meets it; the attention goal also reads D = 72; the batch-1 goal reads only the
+    4-step CFG row; a row without a usable value (a NaN rate) is not judged."""
+    rows = [
+        row("attention_fwd", "triton", [16, 16, 1024, 72], 0.5),
+        row("attention_fwd", "sdpa_flash", [16, 16, 1024, 72], 0.5),  # exactly 1.0x
+        row("sample sphere-l-imagenet", "eager", "b1 t4 cfg1.4 combo", 40.0),
+        row("sample sphere-l-imagenet", "graph", "b1 t4 cfg1.4 combo", 8.0),  # 5x: met
+        row("sample sphere-l-imagenet", "eager", "b1 t1 cfg1.0", 4.0),
+        row("sample sphere-l-imagenet", "graph", "b1 t1 cfg1.0", 2.0),  # 2x, not the goal's case
+        row("spherify_noise_fwd", "triton", [256, 32768], 0.1, pct_copy=float("nan")),
+    ]
+    v = {v.goal: v for v in goals.verdicts(rows)}
+    fwd = v["attention_fwd: >= 1.0x the best SDPA backend at N = 1024, D = 64 / 72, B*H >= 256"]
+    assert (fwd.status, fwd.measured) == ("met", "1.00x (bf16 16×16×1024×72)")
+    batch_1 = v["sphere-l-imagenet: >= 4x eager at batch 1"]
+    assert (batch_1.status, batch_1.measured) == ("met", "5.00x (bf16 b1 t4 cfg1.4 combo)")
+    assert v["spherify_noise_fwd: >= 85% of copy bandwidth at B*L >= 8M"].status == "not measured"
