@@ -1,12 +1,13 @@
 """Sampler: the un-captured path and bucket logic on CPU; the captured path on CUDA (gpu-marked)."""
 
 import math
+import warnings
 
 import pytest
 import torch
 
-from sphere_fast import SphereEncoder
-from sphere_fast.sampling import GraphKey, Sampler, bucket_for
+from sphere_fast import SphereEncoder, ops
+from sphere_fast.sampling import GraphKey, GuidedNetworks, Sampler, bucket_for, sample_labels
 
 TINY = {"width": 32, "layers": 1, "heads": 2}
 
@@ -122,12 +123,15 @@ def test_bucket_for():
         ({"cfg": 0.5}, ValueError, "cfg"),
         ({"cfg": math.nan}, ValueError, "cfg"),
         ({"cfg": math.inf}, ValueError, "cfg"),
+        ({"cfg": True}, ValueError, "cfg"),
+        ({"steps": True}, ValueError, "steps"),
         ({"steps": 0}, ValueError, "steps"),
         ({"batch_size": 0}, ValueError, "batch_size"),
         ({"cfg_position": "both"}, ValueError, "cfg_position"),
         ({"dtype": torch.int32}, ValueError, "dtype"),
         ({"cache_noise": 1}, TypeError, "cache_noise"),
         ({"scheduler": "linear"}, TypeError, "scheduler must be a bool"),
+        ({"cuda_graph": 1}, TypeError, "cuda_graph must be a bool"),
     ],
 )
 def test_bad_constructor_args(model, kwargs, error, match):
@@ -166,6 +170,68 @@ def test_bad_call_args(model, labels, seeds, error, match):
     sampler = Sampler(model, 8, 1, dtype=torch.float32)
     with pytest.raises(error, match=match):
         sampler(labels, seeds)
+
+
+def test_random_labels_are_real_classes(model):
+    assert sample_labels(model, 2000, None, torch.device("cpu")).unique().tolist() == list(range(10))  # never null
+
+
+def test_guided_networks_need_labels_and_a_weight(model):
+    with pytest.raises(ValueError, match="CFG needs labels y and a weight"):
+        GuidedNetworks(model, None, "dec", None)
+    with pytest.raises(ValueError, match="CFG needs labels y and a weight"):
+        GuidedNetworks(model, LABELS, "enc", None)
+
+
+def test_each_network_conditions_once_a_loop(model, monkeypatch):
+    """A network's AdaLN modulations depend only on the labels: computed at its first pass, reused after."""
+    calls = []
+
+    def counted(name: str):
+        conditioning = getattr(model, name).conditioning
+        return lambda y: calls.append(name) or conditioning(y)
+
+    for name in ("encoder", "decoder"):
+        monkeypatch.setattr(getattr(model, name), "conditioning", counted(name))
+    Sampler(model, 5, 3, cfg=1.4, dtype=torch.float32)(LABELS, SEEDS)
+    assert sorted(calls) == ["decoder", "encoder"]
+
+
+def test_guided_output_keeps_the_networks_dtype(model):
+    """The CFG mix runs in float32 and is rounded once to the network's output dtype."""
+    v = model.f(torch.randn(5, *model.latent_shape[1:]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = GuidedNetworks.from_scale(model, LABELS, 1.0, "dec").decode(v)
+        guided = GuidedNetworks.from_scale(model, LABELS, 1.5, "dec").decode(v)
+    assert plain.dtype == guided.dtype == torch.bfloat16
+
+
+def test_float32_runs_without_autocast(model):
+    """float32 is no autocast at all (autocast to it warns on the CPU and does nothing)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Sampler(model, 5, 2, cfg=1.4, dtype=torch.float32)(LABELS, SEEDS)
+        model.generate(5, y=LABELS, forward_steps=2, seeds=SEEDS, dtype=torch.float32)
+
+
+def test_recorded_noise_is_checked_and_taken_in_float32(model):
+    draws = [torch.randn(5, 16, 4, dtype=torch.float64) for _ in range(2)]
+    _, final = model.generate(5, y=LABELS, forward_steps=2, noise=draws)
+    assert torch.equal(final, model.generate(5, y=LABELS, forward_steps=2, noise=[d.float() for d in draws])[1])
+    with pytest.raises(ValueError, match=r"noise\[1\] must have shape \(5, 16, 4\), got \(5, 16\)"):
+        model.generate(5, y=LABELS, forward_steps=2, noise=[draws[0], draws[1][..., 0]])
+
+
+def test_recorded_noise_on_a_bf16_model_matches_the_loop_written_out():
+    """The refinement noise meets the bf16 latent in bf16 (the loop's latents stay in the weights' dtype)."""
+    model = tiny_model().to(torch.bfloat16)
+    e0, e1 = (torch.randn(5, 16, 4, generator=torch.Generator().manual_seed(k)) for k in (1, 2))
+    _, final = model.generate(5, y=LABELS, forward_steps=2, noise=[e0, e1])
+    with torch.no_grad():
+        x = model.decoder(model.f(e0).bfloat16(), LABELS)
+        v = ops.spherify_noise(model.encoder(x, LABELS), model.sigma_max, noise=e1.bfloat16())
+        expected = (model.decoder(v, LABELS).float() * 0.5 + 0.5).clamp(0, 1)
+    assert torch.equal(final, expected)
 
 
 def test_prepare_checks_its_count_where_nothing_is_captured(model):
