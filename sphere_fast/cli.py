@@ -391,14 +391,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["lerp", "slerp"], default="slerp")
 
     p = _model_command(
-        sub, "crossover", "stitch two images and let the model blend them", cmd_crossover, out="crossover.png", steps=4
+        sub, "crossover", "stitch two images and let the model blend them (one row: the inputs, the composite, each "
+        "step's image)", cmd_crossover, out="crossover.png", steps=4,
     )
     p.add_argument("first")
     p.add_argument("second")
     p.add_argument("--mask", choices=["vertical", "horizontal", "upper_triangular", "flipped_triangular"], default="vertical")
     p.add_argument("--swap", action="store_true")
 
-    p = _model_command(sub, "manipulate", "move images towards a target class", cmd_manipulate, out="manipulate.png", steps=4)
+    p = _model_command(
+        sub, "manipulate", "move images towards a target class (a column per image: the input, then each step's image)",
+        cmd_manipulate, out="manipulate.png", steps=4,
+    )
     p.add_argument("images", nargs="+")
     p.add_argument("--target-class", type=int, required=True)
     p.add_argument("--noise-scaler", type=float, default=0.25)
