@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from tests.tiny import no_label_dropout, tiny_batch, tiny_model
 
-from sphere_fast.ops import spherify_reference
+from sphere_fast.ops import spherify_noise_reference
 from sphere_fast.perceptual import LPIPS, VGG16_TAPS, ConvNeXt, LPIPSLinear, VGG16Features, load_state_dict_file
 from sphere_fast.training import PerceptualLoss, SphereLoss, loss_weights
 
@@ -242,9 +242,8 @@ def test_sphere_loss_perceptual_terms_match_hand_computation():
     e = torch.randn(4, 16, 4, generator=torch.Generator().manual_seed(2))
     weights = {"recon_dist": 0.0, "recon_perc": 1.5, "con_dist": 0.0, "con_perc": 0.7, "latent": 0.0}
     hand_model, model = no_label_dropout(tiny_model()), no_label_dropout(tiny_model())
-    v = spherify_reference(hand_model.encoder(x, y))
-    v_big = torch.where(big.view(-1, 1, 1) == 0, v, spherify_reference(v + big.view(-1, 1, 1) * e))
-    v_small = torch.where(small.view(-1, 1, 1) == 0, v, spherify_reference(v + small.view(-1, 1, 1) * e))
+    z = hand_model.encoder(x, y)
+    v_big, v_small = (spherify_noise_reference(z, scale, e) for scale in (big, small))
     x_big, x_small = (hand_model.decoder(torch.cat([v_big, v_small]), torch.cat([y, y])) * 0.5 + 0.5).chunk(2)
     hand = 1.5 * pl(x_small, x * 0.5 + 0.5).mean() + 0.7 * pl(x_big, x_small.detach()).mean()
     hand.backward()

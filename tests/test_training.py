@@ -10,7 +10,7 @@ from tests.tiny import NO_PERCEPTUAL, TINY_CONFIG, no_label_dropout, tiny_batch,
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sphere_fast import ops, use_backend
-from sphere_fast.ops import spherify_reference
+from sphere_fast.ops import spherify_noise_reference, spherify_reference
 from sphere_fast.training import (
     LOSS_PRESETS,
     RunConfig,
@@ -116,8 +116,7 @@ def test_single_output_variant_reconstructs_from_the_big_noise():
     big, small = torch.tensor([0.5, 1.0, 2.0, 0.0]), torch.tensor([0.1, 0.2, 0.3, 0.0])
     e = torch.randn(4, 16, 4, generator=torch.Generator().manual_seed(3))
     total, terms = SphereLoss(model, loss_weights(NO_PERCEPTUAL))(x, y, big, small, e)
-    v = spherify_reference(model.encoder(x, y))
-    v_big = torch.where(big.view(-1, 1, 1) == 0, v, spherify_reference(v + big.view(-1, 1, 1) * e))
+    v_big = spherify_noise_reference(model.encoder(x, y), big, e)
     recon = (0.5 * ((model.decoder(v_big, y) - x) * 0.5) ** 2).mean((1, 2, 3)).mean()
     assert set(terms) == {"recon"}
     torch.testing.assert_close(terms["recon"], recon.detach(), rtol=1e-5, atol=1e-7)
