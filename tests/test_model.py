@@ -195,6 +195,10 @@ def test_bad_inputs():
         model.encoder(torch.rand(2, 3, 16, 16), torch.tensor([0, 6]))
     with pytest.raises(TypeError, match="y must be an int64"):
         model.encoder(torch.rand(2, 3, 16, 16), None)
+    with pytest.raises(TypeError, match="y must be an int64"):
+        model.encoder(torch.rand(2, 3, 16, 16), y.int())
+    with pytest.raises(TypeError, match="x must be a floating-point tensor, got torch.uint8"):
+        model.encoder(torch.zeros(2, 3, 16, 16, dtype=torch.uint8), y)
     with pytest.raises(ValueError, match="unconditional"):
         tiny(num_classes=0).decoder(torch.rand(2, 16, 4), y)
     for kwargs, match in [
