@@ -130,6 +130,9 @@ def test_state_dict_errors_list_keys():
         (dict(vit_enc_model_size={"width": 32, "layers": 0, "heads": 2}), "positive int 'width', 'layers', 'heads'"),
         (dict(in_context_size=4), "in_context_size > 0 is not supported"),
         (dict(noise_sigma_max_angle=86, mix_hard_cases_max_angle=85), "noise_sigma_max_angle must be <="),
+        (dict(noise_sigma_max_angle=90, mix_hard_cases_max_angle=89), r"must be in \(0, 90\) degrees"),
+        (dict(patch_size=True), "patch_size must be a positive int"),
+        (dict(vit_dec_latent_mlp_mixer_depth=-1), "vit_dec_latent_mlp_mixer_depth must be an int >= 0"),
     ],
 )
 def test_bad_config(kwargs, match):
