@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sphere_fast import editing
+from sphere_fast import checkpoint, cli, editing, sample_set, training
 from sphere_fast.checkpoint import save_checkpoint
 from sphere_fast.model import PRESETS
 from sphere_fast.cli import (
@@ -75,9 +75,8 @@ def test_sample_convert_and_editing_commands(trained, tmp_path):
     assert main(["reconstruct", *ck, str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--out", str(tmp_path / "r.png")]) == 0
     assert Image.open(tmp_path / "r.png").size == (38, 38)
     a_b = [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
-    assert main(["manipulate", *ck, *a_b, "--target-class", "3", "--steps", "2", "--seed", "4",
-                 "--out", str(tmp_path / "m.png")]) == 0
-    assert main(["crossover", *ck, *a_b, "--steps", "1", "--seed", "4", "--out", str(tmp_path / "x.png")]) == 0
+    assert main(["manipulate", *ck, *a_b, "--target-class", "3", "--steps", "2", "--out", str(tmp_path / "m.png")]) == 0
+    assert main(["crossover", *ck, *a_b, "--steps", "1", "--out", str(tmp_path / "x.png")]) == 0
     assert main(["interpolate", *ck, "--rows", "2", "--cols", "3", "--out", str(tmp_path / "i.png")]) == 0
     assert Image.open(tmp_path / "i.png").size == (2 + 3 * 18, 2 + 2 * 18)
 
@@ -111,8 +110,6 @@ def test_grids_hold_the_librarys_images(tmp_path):
 
 
 def test_convert_takes_the_config_as_json_a_file_or_a_preset(monkeypatch, tmp_path):
-    from sphere_fast import checkpoint
-
     calls: list = []
     monkeypatch.setattr(checkpoint, "official_to_checkpoint",
                         lambda source, dest, config, key: calls.append((source, dest, config, key)) or dest)
@@ -145,8 +142,6 @@ def grid_tiles(path, rows: int, cols: int, size: int = 16) -> torch.Tensor:
 def recorded(monkeypatch: pytest.MonkeyPatch) -> dict:
     """The library calls behind the commands, replaced by stand-ins that record their arguments and return
     results of the right shapes: the commands' own work is parsing and passing options on."""
-    from sphere_fast import checkpoint, cli, editing, sample_set
-
     calls: dict = {}
     image = torch.zeros(1, 3, 16, 16)
 
@@ -194,8 +189,6 @@ def test_commands_pass_their_options_on(recorded, tmp_path):
 
 
 def test_train_passes_its_options_on(monkeypatch, tmp_path):
-    from sphere_fast import training
-
     runs: list = []
     monkeypatch.setattr(training, "fit", lambda run, resume: runs.append((run, resume)) or SimpleNamespace(
         dist=training.DistInfo(rank=1, world_size=2)))  # rank 1 plots and samples nothing
@@ -216,8 +209,6 @@ def test_train_passes_its_options_on(monkeypatch, tmp_path):
     run, resume = runs[1]
     assert resume and run.synthetic_fallback and run.train.loss_weights == "imagenet" and run.train.warmup_steps == 20
     # rank 0 plots the losses and samples a grid per --sample-steps entry from the EMA weights
-    from sphere_fast import cli
-
     ema = tiny_model().eval()
     monkeypatch.setattr(training, "fit", lambda run, resume: SimpleNamespace(
         dist=training.DistInfo(), step=3, ema=ema, model=tiny_model(seed=1)))
@@ -231,8 +222,6 @@ def test_train_passes_its_options_on(monkeypatch, tmp_path):
 
 
 def test_sample_set_under_torchrun_takes_its_rank_and_local_gpu(recorded, monkeypatch, tmp_path):
-    from sphere_fast import cli, training
-
     monkeypatch.setattr(training, "init_distributed", lambda: training.DistInfo(rank=1, world_size=2, local_rank=1))
     devices: list[str] = []
     monkeypatch.setattr(cli, "load_model", lambda args: devices.append(args.device) or tiny_model().eval())
@@ -261,8 +250,6 @@ def test_save_grid_and_plot_losses(tmp_path):
 
 
 def test_bench_runs_the_gpu_check_script(monkeypatch, tmp_path, capsys):
-    from sphere_fast import cli
-
     calls: list = []
     monkeypatch.setattr(cli.subprocess, "call", lambda args: calls.append(args) or 0)
     assert main(["bench", "--out", "results"]) == 0

@@ -237,9 +237,11 @@ def test_ema_and_grad_clip():
 
 def test_bf16_autocast_on_cpu_gives_finite_losses():
     def first_step(autocast: str) -> dict[str, float]:
-        config = TrainConfig(global_batch=6, total_steps=3, warmup_steps=1, loss_weights=NO_PERCEPTUAL, autocast=autocast)
+        config = TrainConfig(global_batch=6, total_steps=3, warmup_steps=1, loss_weights=NO_PERCEPTUAL,
+                             autocast=autocast)
         scales = (torch.full((6,), 0.9), torch.full((6,), 0.3))
-        return Trainer(no_label_dropout(tiny_model()), config).train_step(*tiny_batch(6), scales=scales, seeds=torch.arange(6))
+        trainer = Trainer(no_label_dropout(tiny_model()), config)
+        return trainer.train_step(*tiny_batch(6), scales=scales, seeds=torch.arange(6))
 
     bf16, fp32 = first_step("bf16"), first_step("auto")  # auto: fp32 on the CPU
     assert all(math.isfinite(v) for v in bf16.values())
@@ -329,12 +331,15 @@ def test_fit_reads_each_step_s_losses_after_queuing_the_next(tmp_path, monkeypat
     assert written[0]["loss"] != written[1]["loss"]
 
 
+def synthetic_run(out, steps: int, **model) -> RunConfig:
+    """A run of the tiny model (its config updated by ``model``) on the synthetic data, batch 6, no warmup."""
+    train = TrainConfig(global_batch=6, total_steps=steps, warmup_steps=0, loss_weights=NO_PERCEPTUAL)
+    return RunConfig(model={**TINY_CONFIG, **model}, train=train, data="synthetic", out=str(out), workers=0)
+
+
 def test_fit_refuses_data_with_more_classes_than_the_model(tmp_path):
-    train = TrainConfig(global_batch=6, total_steps=1, warmup_steps=0, loss_weights=NO_PERCEPTUAL)
-    model = {**TINY_CONFIG, "num_classes": 5}
-    run = RunConfig(model=model, train=train, data="synthetic", out=str(tmp_path), workers=0)
     with pytest.raises(ValueError, match="the data has 10 classes but the model only 5"):
-        fit(run, progress=False)
+        fit(synthetic_run(tmp_path, 1, num_classes=5), progress=False)
 
 
 def test_fit_flips_each_batch_and_trains_an_unconditional_model_on_labelled_data(tmp_path, monkeypatch):
@@ -343,10 +348,7 @@ def test_fit_flips_each_batch_and_trains_an_unconditional_model_on_labelled_data
 
     flipped = []
     monkeypatch.setattr(data, "random_hflip", lambda x: flipped.append(x.shape) or x.flip(-1))
-    train = TrainConfig(global_batch=6, total_steps=2, warmup_steps=0, loss_weights=NO_PERCEPTUAL)
-    model = {**TINY_CONFIG, "num_classes": 0}
-    run = RunConfig(model=model, train=train, data="synthetic", out=str(tmp_path), workers=0)
-    assert fit(run, progress=False).step == 2
+    assert fit(synthetic_run(tmp_path, 2, num_classes=0), progress=False).step == 2
     assert flipped == [(6, 3, 16, 16)] * 2
 
 
