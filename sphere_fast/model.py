@@ -389,8 +389,6 @@ class SphereEncoder(nn.Module):
     @torch.no_grad()
     def initialize_weights(self) -> None:
         """The official init: xavier Linears, N(0,1) decoder input layers, zeroed AdaLN and heads."""
-        if self.encoder.pos_embed.is_meta:
-            return
         for vit in (self.encoder, self.decoder):
             for m in vit.modules():
                 if isinstance(m, nn.Linear):
