@@ -11,6 +11,7 @@ import sphere_fast
 from sphere_fast import SphereEncoder
 from sphere_fast.nn.layers import LabelEmbedder, sincos_pos_embed_2d
 from sphere_fast.ops.spherify import spherify_noise_reference
+from sphere_fast.training import noisy_latent_pair
 from tests import spec_reference
 
 
@@ -176,6 +177,21 @@ def test_halve_model_size_halves_both_networks():
     model = tiny(halve_model_size=True, vit_enc_model_size={"width": 32, "layers": 4, "heads": 2},
                  vit_dec_model_size={"width": 32, "layers": 6, "heads": 2})
     assert (len(model.encoder.blocks), len(model.decoder.blocks)) == (2, 3)
+    # a size name is halved in a copy: the table, and so the next model of that size, keep it whole
+    for _ in range(2):
+        model = SphereEncoder(input_size=16, patch_size=4, vit_enc_model_size="tiny", vit_dec_model_size="tiny",
+                              token_channels=4, halve_model_size=True)
+        assert (len(model.encoder.blocks), len(model.decoder.blocks)) == (1, 1)
+    assert sphere_fast.MODEL_SIZES["tiny"] == {"width": 64, "layers": 2, "heads": 2}
+
+
+def test_preset_overrides_win():
+    with torch.device("meta"):
+        model = SphereEncoder.from_preset("sphere-l-imagenet", vit_dec_model_size="tiny", num_classes=7)
+    preset = sphere_fast.PRESETS["sphere-l-imagenet"]["config"]
+    expected = {**preset, "vit_dec_model_size": "tiny", "num_classes": 7}
+    assert {key: model.config[key] for key in expected} == expected
+    assert model.decoder.blocks[0].attn.proj.in_features == 64 and model.decoder.y_embedder.num_classes == 7
 
 
 def test_unknown_preset():
@@ -237,14 +253,18 @@ def test_reconstruct_with_sampling_noise():
 
 
 def test_training_forward_re_encodes_the_big_noise_images():
-    """With latent consistency the training forward re-encodes the first B decoded images (those of the big
-    noise); in eval mode it does not."""
+    """The training forward decodes the big- and small-noise latents with the same labels (pixel consistency);
+    with latent consistency it re-encodes the first B decoded images (those of the big noise); in eval mode it
+    does not."""
     model = perturb(tiny(use_pixel_consistency=True, use_latent_consistency=True)).train()
     for vit in (model.encoder, model.decoder):
-        vit.y_embedder.dropout_prob = 0.0  # no random label drop: the encoder call below sees the same labels
+        vit.y_embedder.dropout_prob = 0.0  # no random label drop: the calls below see the same labels
     x, y = torch.rand(3, 3, 16, 16) * 2 - 1, torch.tensor([1, 4, 2])
+    torch.manual_seed(5)
     images, _, u_big, _ = model(x, y)
-    assert images.shape[0] == 6
+    torch.manual_seed(5)
+    v_big, v_small = noisy_latent_pair(model, model.encoder(x, y))
+    torch.testing.assert_close(images, model.decoder(torch.cat([v_big, v_small]), torch.cat([y, y])), atol=0, rtol=0)
     torch.testing.assert_close(u_big, model.encoder(images[:3], y), atol=0, rtol=0)
     assert model.eval()(x, y)[2] is None
 

@@ -134,15 +134,16 @@ def test_torch_compile_fullgraph(backend: str) -> None:
 @pytest.mark.parametrize("width, padded", [(40, 128), (48, 128), (24, 64)])
 def test_layer_pads_hidden_width_on_fused_backends(backend: str, width: int, padded: int, monkeypatch) -> None:
     """The SwiGLU layer (hidden int(W * 8/3): 106, 128, 64) runs its GEMMs with the hidden width padded to a
-    multiple of MLP_ALIGN on the fused backends, the official shapes on eager; output and every gradient
-    (to the official parameters) agree, and the parameters keep the official shapes."""
+    multiple of MLP_ALIGN on the fused backends (``padded_hidden``, the hidden width itself where aligned), the
+    official shapes on eager; output and every gradient (to the official parameters) agree, and the parameters
+    keep the official shapes."""
     from sphere_fast import use_backend
     from sphere_fast.nn.layers import MLP_ALIGN, SwiGLU
 
     torch.manual_seed(width)
     layer = SwiGLU(width)
     hidden = int(width * 8 / 3)
-    assert padded == -(-hidden // MLP_ALIGN) * MLP_ALIGN
+    assert padded == -(-hidden // MLP_ALIGN) * MLP_ALIGN == layer.padded_hidden
     assert {k: tuple(v.shape) for k, v in layer.state_dict().items()} == {
         "w12.weight": (2 * hidden, width), "w12.bias": (2 * hidden,), "w3.weight": (width, hidden), "w3.bias": (width,),
     }

@@ -189,6 +189,22 @@ def test_activation_checkpointing_keeps_the_gradients_and_fewer_activations(back
         TrainConfig(activation_checkpointing=1)
 
 
+def test_activation_checkpointing_recomputes_only_where_gradients_are_taken(monkeypatch):
+    """A model trained with activation checkpointing runs its blocks plainly under no_grad (sample grids, the
+    EMA's evaluation): nothing would be recomputed there."""
+    model = tiny_model()
+    model.decoder.activation_checkpointing = True
+    calls = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
+    latent = torch.randn(2, *model.latent_shape[1:])
+    with torch.no_grad():
+        model.decoder(latent, torch.tensor([1, 2]))
+    assert calls == []
+    model.decoder(latent, torch.tensor([1, 2]))
+    assert len(calls) == len(model.decoder.blocks)
+
+
 def test_latent_consistency_gradient_reaches_the_decoder():
     model = no_label_dropout(tiny_model())
     x, y = tiny_batch(4)
