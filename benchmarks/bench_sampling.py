@@ -51,7 +51,7 @@ from sphere_fast.sampling import GraphKey, Sampler, guidance, guidance_weight
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = pick(real=["sphere-l-imagenet", "sphere-xl-imagenet"], smoke=["tiny"])
 BATCHES = pick(real=[1, 8, 64, 256], smoke=[2])
-STEPS = pick(real=[1, 2, 4], smoke=[1, 2])
+STEPS = pick(real=[1, 2, 4], smoke=[1, 4])  # smoke: 4 steps draw refinement noise three times, cached or fresh
 CFGS = [1.0, 1.4]  # no CFG, and combo CFG at the ImageNet scale
 IMPLS = ("eager", "compile", "compile_networks", "uncaptured", "graph")
 DTYPE = pick(real=torch.bfloat16, smoke=torch.float32)

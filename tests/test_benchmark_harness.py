@@ -416,6 +416,60 @@ def test_peak_memory_counts_a_graph_capture() -> None:
     assert memory.gb() * 1e9 >= held
 
 
+def test_the_sampling_benchmark_runs_random_weights_on_distinct_samples() -> None:
+    """No parameter keeps the official init's zeros (zero AdaLN and head weights would make matmuls unrealistically
+    fast), and a case's samples have distinct seeds and cover the classes."""
+    model = bench_sampling.random_model("tiny")
+    zeros = [name for name, p in model.named_parameters() if not p.any()]
+    assert zeros == []
+    labels, seeds = bench_sampling.case_inputs(12, 10)
+    assert labels.dtype == seeds.dtype == torch.int64 and labels.shape == seeds.shape == (12,)
+    assert sorted(set(labels.tolist())) == list(range(10)) and len(set(seeds.tolist())) == 12
+
+
+def test_the_sampling_grids_rows() -> None:
+    """Each row's shape names its CFG; the compile rows are slow only at realistic sizes (a smoke run traces
+    them, with every other implementation)."""
+    assert bench_sampling.case_id(1, 4, 1.0) == "b1 t4 no cfg"
+    assert bench_sampling.case_id(64, 2, 1.4) == "b64 t2 cfg1.4 combo"
+    slow = [p.id for p in bench_sampling.impl_params() if "slow" in [mark.name for mark in p.marks]]
+    assert slow == ([] if harness.SMOKE else ["compile", "compile_networks"])
+
+
+def test_the_sampling_runners_build_what_their_rows_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``uncaptured`` and ``graph`` differ only by the CUDA graph; ``compile_networks`` compiles both networks'
+    forwards, from a reset dynamo, and restores the shared model's own forwards after each call."""
+    model = bench_sampling.cached_model("tiny")
+    samplers = []
+    monkeypatch.setattr(bench_sampling, "Sampler", lambda *args, **kwargs: samplers.append(kwargs))
+    for impl in ("uncaptured", "graph"):
+        bench_sampling.make_runner(impl, model, 2, 1, 1.4)
+    assert [kwargs["cuda_graph"] for kwargs in samplers] == [False, True]
+    monkeypatch.undo()
+    compiled, resets = [], []
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compiled.append(fn) or compile_(fn, **kwargs))
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(len(compiled)))
+    run = bench_sampling.make_runner("compile_networks", model, 2, 1, 1.4)
+    assert resets == [0] and compiled == [model.encoder.forward, model.decoder.forward]
+    run(*bench_sampling.case_inputs(2, model.num_classes))
+    assert "forward" not in vars(model.encoder) and "forward" not in vars(model.decoder)
+
+
+def test_the_sampling_gate_runs_the_eager_loop_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row selected without its eager row is still checked against the eager loop's images."""
+    make_runner = bench_sampling.make_runner
+
+    def off_by_a_little(impl: str, *args):
+        run = make_runner(impl, *args)
+        return run if impl == "eager" else lambda labels, seeds: run(labels, seeds) + 1e-3
+
+    monkeypatch.setattr(bench_sampling, "make_runner", off_by_a_little)
+    monkeypatch.setattr(bench_sampling, "_reference_images", {})
+    with pytest.raises(AssertionError, match="graph differs from eager"):
+        bench_sampling.time_sampler(None, None, "graph", "tiny", 2, 1, 1.0)  # stopped before the record
+
+
 def test_import_seconds_reads_the_importtime_log() -> None:
     from benchmarks.bench_sampling import import_seconds
 
