@@ -50,6 +50,29 @@ def test_matches_triton(seed):
     torch.testing.assert_close(P.philox_randn(torch.tensor(seed), offsets), n, atol=1e-6, rtol=1e-6)
 
 
+@triton.jit
+def _words_to_normal_kernel(w0_ptr, w1_ptr, u_ptr, n_ptr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    u1 = tl.random.uint_to_uniform_float(tl.load(w0_ptr + i))
+    u2 = tl.random.uint_to_uniform_float(tl.load(w1_ptr + i))
+    n, _ = tl.random.pair_uniform_to_normal(u1, u2)
+    tl.store(u_ptr + i, u1)
+    tl.store(n_ptr + i, n)
+
+
+def test_edge_words_map_as_triton_maps_them():
+    """The words at the ends of the int32 range and around its sign (which Philox gives once in 2**32 draws):
+    a zero word's uniform is floored, so its normal stays finite."""
+    words = torch.tensor([0, 1, 2**31 - 2, 2**31 - 1, 2**31, 2**31 + 1, 2**32 - 2, 2**32 - 1])
+    c0, c1 = words, words.flip(0)
+    u, n = torch.empty(8), torch.empty(8)
+    _words_to_normal_kernel[(1,)](c0.to(torch.int32), c1.to(torch.int32), u, n, 8)  # the same 32 bits
+    assert torch.equal(P._uint_to_uniform(c0), u)
+    normal = P._words_to_normal(c0, c1)
+    assert bool(normal.isfinite().all())
+    torch.testing.assert_close(normal, n, atol=1e-6, rtol=1e-6)
+
+
 def test_sphere_noise_convention():
     seeds = torch.tensor([3, -9, 2**35], dtype=torch.int64)
     shape = (2, 5, 7)
@@ -81,9 +104,12 @@ def test_noise_statistics_and_determinism():
         (lambda: P.sphere_noise_reference(torch.tensor([[1, 2]]), (4,)), ValueError, "seeds"),
         (lambda: P.sphere_noise_reference(torch.tensor([1]), (0, 3)), ValueError, "shape"),
         (lambda: P.sphere_noise_reference(torch.tensor([1]), (2.5,)), TypeError, "shape"),
+        (lambda: P.sphere_noise_reference(torch.tensor([1]), (True, 3)), TypeError, "shape"),
+        (lambda: P.sphere_noise_reference(torch.tensor([1]), ()), ValueError, "non-empty"),
         (lambda: P.sphere_noise_reference(torch.tensor([1]), (4,), stream=-1), ValueError, "stream"),
         (lambda: P.philox_randn(torch.tensor(1.0), torch.tensor([1])), TypeError, "seed"),
         (lambda: P.philox_randn(torch.tensor(1), torch.tensor([1], dtype=torch.int32)), TypeError, "offset"),
+        (lambda: P.philox_randn(torch.tensor(1), torch.tensor([1], device="meta")), ValueError, "same device"),
     ],
 )
 def test_bad_input(call, err, match):

@@ -79,7 +79,12 @@ def philox_randn(seed: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     offset = _check_int64("offset", offset)
     if seed.device != offset.device:
         raise ValueError(f"seed and offset must be on the same device, got {seed.device} and {offset.device}")
-    c0, c1 = _philox_c0_c1(seed, offset)
+    return _words_to_normal(*_philox_c0_c1(seed, offset))
+
+
+def _words_to_normal(c0: torch.Tensor, c1: torch.Tensor) -> torch.Tensor:
+    """Box-Muller's cosine half on two uint32 words, as tl.randn: u1 floored at 1e-7 (a zero word gives a finite
+    normal)."""
     u1 = _uint_to_uniform(c0).clamp_min(_U1_MIN)
     u2 = _uint_to_uniform(c1)
     two_pi = torch.full((), _TWO_PI, dtype=torch.float32, device=u2.device)
