@@ -71,19 +71,24 @@ def test_unaligned_rows_run_flat_with_the_tiled_bits(dtype: torch.dtype, int64: 
     runner = sw.kernel_runner
 
     def recording_runner(kernel, grid, compile_only=False):
-        launched.append(kernel.__name__)
-        return runner(kernel, grid, compile_only)
+        launch = runner(kernel, grid, compile_only)
+
+        def recorded(*args, **kwargs):
+            launched.append((kernel.__name__, kwargs.get("INT64")))
+            return launch(*args, **kwargs)
+
+        return recorded
 
     monkeypatch.setattr(sw, "kernel_runner", recording_runner)
-    if int64:
-        monkeypatch.setattr(sw, "INT32_LIMIT", 4096)
+    if int64:  # past the rows' extent in h (16386, 16418 elements), not past the output's (8193, 8208)
+        monkeypatch.setattr(sw, "INT32_LIMIT", 12_000)
     for h in (randn(3, 2 * 2731, dtype=dtype), randn(3, 2 * 2736 + 1, dtype=dtype)[:, : 2 * 2736]):
         flat = sw.swiglu(h, backend="triton")
         with monkeypatch.context() as forced:
             forced.setattr(sw, "_rows_aligned", lambda *args: True)
             tiled = sw.swiglu(h, backend="triton")
         assert torch.equal(flat, tiled)
-    assert launched == ["swiglu_fwd_flat_kernel", "swiglu_fwd_kernel"] * 2
+    assert launched == [("swiglu_fwd_flat_kernel", int64), ("swiglu_fwd_kernel", None)] * 2
 
 
 @pytest.mark.parametrize("backend", FUSED)
