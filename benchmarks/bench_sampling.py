@@ -63,7 +63,7 @@ TINY = {
 }
 # GFLOP of one (decoder, encoder) pass per image at batch 1 (spec section 6)
 PASS_GFLOP = {"sphere-l-imagenet": (671, 623), "sphere-xl-imagenet": (977, 918)}
-TARGET_TIMED_MS = 2000  # timed calls per case: about this long, 3 to 20 of them
+TARGET_TIMED_MS = 2000  # timed calls per case: about this long in all (timed_calls)
 COLD_TIMEOUT_S = 1800
 
 
@@ -175,6 +175,11 @@ def forwards_replaced(model: SphereEncoder, forwards: dict[str, Callable[..., to
             del getattr(model, name).forward
 
 
+def timed_calls(probe_ms: float) -> int:
+    """How many calls a case times after a probe call of ``probe_ms``: about TARGET_TIMED_MS in all, 3 to 20."""
+    return max(3, min(20, int(TARGET_TIMED_MS / probe_ms)))
+
+
 def case_id(batch: int, steps: int, cfg: float) -> str:
     return f"b{batch} t{steps} " + (f"cfg{cfg} combo" if cfg > 1 else "no cfg")
 
@@ -228,8 +233,7 @@ def time_sampler(
     assert diff < (1e-5 if SMOKE else 0.1), f"{impl} differs from eager by {diff} on average"
     # the gate call above compiled / captured / autotuned, and the probe warms the rest: no more warmup calls
     probe = cuda_time_ms(lambda: run(labels, seeds), warmup=0, rep=1, flush_l2=False)
-    rep = max(3, min(20, int(TARGET_TIMED_MS / probe)))
-    ms = cuda_time_ms(lambda: run(labels, seeds), warmup=0, rep=rep, flush_l2=False)
+    ms = cuda_time_ms(lambda: run(labels, seeds), warmup=0, rep=timed_calls(probe), flush_l2=False)
     flops = flops_per_image(name, steps, cfg)
     record(benchmark, op=f"sample {name}", impl=label or impl, shape=case_id(batch, steps, cfg), dtype=DTYPE, ms=ms,
            flops=flops * batch if flops else None, ceilings=ceilings,

@@ -428,10 +428,12 @@ def test_the_sampling_benchmark_runs_random_weights_on_distinct_samples() -> Non
 
 
 def test_the_sampling_grids_rows() -> None:
-    """Each row's shape names its CFG; the compile rows are slow only at realistic sizes (a smoke run traces
-    them, with every other implementation)."""
+    """Each row's shape names its CFG; its timed calls fill about two seconds; the compile rows are slow only at
+    realistic sizes (a smoke run traces them, with every other implementation)."""
     assert bench_sampling.case_id(1, 4, 1.0) == "b1 t4 no cfg"
     assert bench_sampling.case_id(64, 2, 1.4) == "b64 t2 cfg1.4 combo"
+    # timed calls: about 2 s of them, at least 3 (a median), at most 20 (batch 1 takes 28 ms)
+    assert [bench_sampling.timed_calls(ms) for ms in (28.0, 250.0, 1451.0)] == [20, 8, 3]
     slow = [p.id for p in bench_sampling.impl_params() if "slow" in [mark.name for mark in p.marks]]
     assert slow == ([] if harness.SMOKE else ["compile", "compile_networks"])
 
@@ -468,6 +470,23 @@ def test_the_sampling_gate_runs_the_eager_loop_itself(monkeypatch: pytest.Monkey
     monkeypatch.setattr(bench_sampling, "_reference_images", {})
     with pytest.raises(AssertionError, match="graph differs from eager"):
         bench_sampling.time_sampler(None, None, "graph", "tiny", 2, 1, 1.0)  # stopped before the record
+
+
+def test_a_sampling_rows_rates_count_its_whole_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = []
+    monkeypatch.setattr(bench_sampling, "record", lambda benchmark, **row: rows.append(row))
+    monkeypatch.setitem(bench_sampling.PASS_GFLOP, "tiny", (3, 2))
+    bench_sampling.time_sampler(None, None, "uncaptured", "tiny", 2, 4, 1.4)
+    (row,) = rows
+    assert row["flops"] == 2 * bench_sampling.flops_per_image("tiny", 4, 1.4) == 2 * (4 * 3 + 3 * 2) * 2e9
+    assert row["extra"]["images_per_s"] == pytest.approx(2 / (row["ms"] * 1e-3))
+
+
+def test_a_cold_start_times_each_stage_from_the_end_of_the_last(monkeypatch: pytest.MonkeyPatch) -> None:
+    ticks = iter(range(10))
+    monkeypatch.setattr(bench_sampling, "time", mock.Mock(time=lambda: float(next(ticks))))
+    stages = bench_sampling.cold_start("tiny", "eager", 1, 1, 1.0)
+    assert stages == {"done_at": 3.0, "cuda_init_s": 1.0, "build_s": 1.0, "first_call_s": 1.0}
 
 
 def test_import_seconds_reads_the_importtime_log() -> None:
