@@ -94,6 +94,20 @@ def test_available_backends_lists_eager_first():
     assert names[0] == "eager" and set(names) <= {"eager", "triton", "cpp"}
 
 
+def test_triton_runs_on_cuda_unless_interpreting_and_on_cpu_only_then(monkeypatch):
+    monkeypatch.setattr(backend, "triton_importable", lambda: True)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not backend.triton_interpreting()
+    assert backend.triton_usable(torch.device("cuda")) and not backend.triton_usable(torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not backend.triton_usable(torch.device("cuda")) and backend.triton_usable(torch.device("cpu"))
+
+
+def test_cpp_needs_a_cpp_compiler(monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    assert backend.cpp_buildable.__wrapped__() is False
+
+
 def test_cpp_runs_on_cuda_only_where_its_cuda_kernels_build(monkeypatch):
     """A CUDA torch without nvcc builds the extension for the CPU: asking for cpp on CUDA must then say that
     cpp is not available there, not fail in the dispatcher at the first call."""

@@ -274,6 +274,7 @@ def test_use_backend_context():
         (dict(seeds=None), ValueError, "noise"),
         (dict(noise=torch.ones(2, 7), seeds=None), ValueError, "noise"),
         (dict(stream=-2), ValueError, "stream"),
+        (dict(stream=True), TypeError, "stream"),
     ],
 )
 def test_bad_input(backend, kwargs, err, match):
