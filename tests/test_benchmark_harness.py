@@ -489,6 +489,15 @@ def test_a_cold_start_times_each_stage_from_the_end_of_the_last(monkeypatch: pyt
     assert stages == {"done_at": 3.0, "cuda_init_s": 1.0, "build_s": 1.0, "first_call_s": 1.0}
 
 
+def test_a_cold_start_runs_on_caches_of_its_own_and_fails_with_its_child(tmp_path: Path) -> None:
+    env = bench_sampling.kernel_cache_env(tmp_path)
+    assert [env[k] for k in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "SPHERE_FAST_TUNING_CACHE")] == [
+        str(tmp_path / "triton"), str(tmp_path / "inductor"), str(tmp_path / "tuning")]
+    assert bench_sampling.kernel_cache_env(tmp_path, store_tuning=False)["SPHERE_FAST_TUNING_CACHE"] == "0"
+    with pytest.raises(AssertionError, match="no-such-model"):
+        bench_sampling.first_image_process("no-such-model", "graph", env)
+
+
 def test_import_seconds_reads_the_importtime_log() -> None:
     from benchmarks.bench_sampling import import_seconds
 
