@@ -335,7 +335,16 @@ def first_image_process(name: str, impl: str, env: dict[str, str]) -> subprocess
 def test_time_to_first_image(benchmark, tmp_path: Path, impl: str, name: str, caches: str) -> None:
     if caches == "warm-untuned" and impl != "graph":
         pytest.skip("the stored tuning choices are compared on the graph's first call only")
-    env = kernel_cache_env(tmp_path, store_tuning=caches != "warm-untuned")
+    seconds, extra = time_first_image(name, impl, caches, tmp_path)
+    record(benchmark, op=f"first image {name}", impl=impl, shape=f"{case_id(*COLD_CASE)}, {caches} caches",
+           dtype=DTYPE, ms=seconds * 1e3, extra=extra)
+
+
+def time_first_image(name: str, impl: str, caches: str, folder: Path) -> tuple[float, dict[str, object]]:
+    """Seconds from spawning a fresh process to its first images on the host, with kernel caches in ``folder`` in
+    the state ``caches`` names, and the row's extra: the stages and capture phases the child timed, the imports,
+    and the start-up (what the stages leave: the interpreter and its imports)."""
+    env = kernel_cache_env(folder, store_tuning=caches != "warm-untuned")
     if caches.startswith("warm"):
         first_image_process(name, impl, env)  # compiles into the caches, untimed
     spawned = time.time()
@@ -345,10 +354,8 @@ def test_time_to_first_image(benchmark, tmp_path: Path, impl: str, name: str, ca
     stages = {key: child[key] for key in ("cuda_init_s", "build_s", "first_call_s")}
     phases = {key: value for key, value in child.items() if key.startswith("capture_")}
     imports = {f"import_{module}_s": s for module, s in import_seconds(proc.stderr).items()}
-    record(benchmark, op=f"first image {name}", impl=impl, shape=f"{case_id(*COLD_CASE)}, {caches} caches",
-           dtype=DTYPE, ms=seconds * 1e3,
-           extra={"kernel_caches": caches, "startup_s": seconds - sum(stages.values()), **imports, **stages,
-                  **phases})
+    return seconds, {"kernel_caches": caches, "startup_s": seconds - sum(stages.values()), **imports, **stages,
+                     **phases}
 
 
 if __name__ == "__main__":

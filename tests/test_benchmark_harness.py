@@ -493,9 +493,29 @@ def test_a_cold_start_runs_on_caches_of_its_own_and_fails_with_its_child(tmp_pat
     env = bench_sampling.kernel_cache_env(tmp_path)
     assert [env[k] for k in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "SPHERE_FAST_TUNING_CACHE")] == [
         str(tmp_path / "triton"), str(tmp_path / "inductor"), str(tmp_path / "tuning")]
-    assert bench_sampling.kernel_cache_env(tmp_path, store_tuning=False)["SPHERE_FAST_TUNING_CACHE"] == "0"
     with pytest.raises(AssertionError, match="no-such-model"):
         bench_sampling.first_image_process("no-such-model", "graph", env)
+
+
+@pytest.mark.parametrize("caches", bench_sampling.CACHE_STATES)
+def test_a_first_image_counts_from_the_spawn_after_filling_warm_caches(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caches: str
+) -> None:
+    runs = []
+
+    def child(name: str, impl: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        runs.append(env["SPHERE_FAST_TUNING_CACHE"])
+        stages = {"done_at": 110.0, "cuda_init_s": 0.5, "build_s": 1.0, "first_call_s": 2.0, "capture_warm_up_s": 0.25}
+        return subprocess.CompletedProcess([], 0, stdout=json.dumps(stages), stderr="import time: 3 | 1500000 | torch")
+
+    monkeypatch.setattr(bench_sampling, "first_image_process", child)
+    monkeypatch.setattr(bench_sampling, "time", mock.Mock(time=lambda: 100.0))
+    seconds, extra = bench_sampling.time_first_image("tiny", "graph", caches, tmp_path)
+    store = "0" if caches == "warm-untuned" else str(tmp_path / "tuning")
+    assert runs == [store] * (1 if caches == "empty" else 2)
+    assert seconds == 10.0
+    assert extra == {"kernel_caches": caches, "startup_s": 6.5, "import_torch_s": 1.5, "cuda_init_s": 0.5,
+                     "build_s": 1.0, "first_call_s": 2.0, "capture_warm_up_s": 0.25}
 
 
 def test_import_seconds_reads_the_importtime_log() -> None:
