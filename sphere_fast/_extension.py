@@ -42,8 +42,8 @@ def nvcc_flags(cuda_sources: tuple[str, ...]) -> list[str]:
 def load_extension(name: str, cpu_sources: tuple[str, ...], cuda_sources: tuple[str, ...] = ()) -> ModuleType:
     """Compile ``csrc/<source>`` files into the extension ``name`` and import it.
 
-    CUDA sources are added (and ``SPHERE_FAST_WITH_CUDA`` defined) only when a CUDA build is possible, so
-    the same op builds CPU-only on CPU torch. Raises RuntimeError with the compiler output on failure.
+    CUDA sources are added (and ``SPHERE_FAST_WITH_CUDA`` defined for the C++ sources) only when a CUDA build is
+    possible, so the same op builds CPU-only on CPU torch. Raises RuntimeError with the compiler output on failure.
     """
     from torch.utils.cpp_extension import load
 
@@ -54,8 +54,7 @@ def load_extension(name: str, cpu_sources: tuple[str, ...], cuda_sources: tuple[
     cuda_flags = nvcc_flags(cuda_sources)
     if cuda_sources and cuda_build_possible():
         sources += [str(root / s) for s in cuda_sources]
-        flags.append("-DSPHERE_FAST_WITH_CUDA")
-        cuda_flags.append("-DSPHERE_FAST_WITH_CUDA")
+        flags.append("-DSPHERE_FAST_WITH_CUDA")  # the bindings' CUDA launchers (the .cu files never read it)
     return load(
         name=name,
         sources=sources,

@@ -441,11 +441,7 @@ def _ptxas_spills(log: str) -> dict[str, tuple[int, int]]:
 
 
 def compile_cuda_sm90(
-    cu_path: str | os.PathLike[str],
-    include_dirs: Iterable[str | os.PathLike[str]] = (),
-    *,
-    defines: Iterable[str] = (),
-    extra_flags: Iterable[str] = (),
+    cu_path: str | os.PathLike[str], include_dirs: Iterable[str | os.PathLike[str]] = ()
 ) -> CudaKernels:
     """nvcc a (torch-free) .cu for sm_90a into a cubin; kernel name -> resources, with ptxas spill counts.
 
@@ -460,7 +456,7 @@ def compile_cuda_sm90(
     with tempfile.TemporaryDirectory() as tmp:
         cubin_path = Path(tmp) / "out.cubin"
         cmd = [nvcc, *NVCC_ARCH_FLAGS, *nvcc_flags((Path(cu_path).name,)), "-cubin", "-Xptxas", "-v", "-o", str(cubin_path)]
-        cmd += [f"-I{d}" for d in include_dirs] + [f"-D{d}" for d in defines] + list(extra_flags)
+        cmd += [f"-I{d}" for d in include_dirs]
         cmd.append(str(cu_path))
         log = _run(cmd, "nvcc")
         cubin = cubin_path.read_bytes()

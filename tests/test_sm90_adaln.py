@@ -125,7 +125,7 @@ def test_triton_swiglu_flat_forward_sm90() -> None:
 @needs_cuobjdump
 @pytest.mark.parametrize("source,kernels", [("adaln_cuda.cu", 37), ("swiglu_cuda.cu", 12)])
 def test_cuda_sources_sm90(source: str, kernels: int) -> None:
-    compiled = sm90.compile_cuda_sm90(CSRC / source, [CSRC], defines=["SPHERE_FAST_WITH_CUDA"])
+    compiled = sm90.compile_cuda_sm90(CSRC / source, [CSRC])
     assert len(compiled) == kernels, sorted(compiled)  # every dtype x column-count instantiation is built
     sm90.assert_no_spills(compiled)
     assert all(k.registers * 256 <= 65536 for k in compiled.values())  # 256-thread blocks fit an SM
@@ -136,7 +136,7 @@ def test_cuda_sources_sm90(source: str, kernels: int) -> None:
 def test_cuda_swiglu_vector_kernels_move_16_bytes_an_access() -> None:
     """The C++ SwiGLU kernels for 16-byte aligned rows: every global access 128 bits wide (the scalar kernels:
     one element); forward reads a and b, writes out; backward reads a, b and dout, writes da and db."""
-    compiled = sm90.compile_cuda_sm90(CSRC / "swiglu_cuda.cu", [CSRC], defines=["SPHERE_FAST_WITH_CUDA"])
+    compiled = sm90.compile_cuda_sm90(CSRC / "swiglu_cuda.cu", [CSRC])
     vector = {name: ops for name, ops in compiled.opcodes_by_kernel().items() if "_vec_kernel" in name}
     assert len(vector) == 6, sorted(compiled)  # forward and backward, three dtypes
     for name, ops in vector.items():
@@ -150,7 +150,7 @@ def test_cuda_swiglu_vector_kernels_move_16_bytes_an_access() -> None:
 def test_cuda_adaln_forward_vector_kernels_move_16_bytes_an_access() -> None:
     """The C++ AdaLN forward for 16-byte aligned rows: per vector of columns six 128-bit loads (x, gate, branch,
     weight, scale, shift) and two 128-bit stores (res, y); the row's rstd is the one 32-bit store."""
-    compiled = sm90.compile_cuda_sm90(CSRC / "adaln_cuda.cu", [CSRC], defines=["SPHERE_FAST_WITH_CUDA"])
+    compiled = sm90.compile_cuda_sm90(CSRC / "adaln_cuda.cu", [CSRC])
     vector = {name: ops for name, ops in compiled.opcodes_by_kernel().items() if "adaln_fwd_vec_kernel" in name}
     assert len(vector) == 9, sorted(compiled)  # three dtypes x 1, 2 or 4 vectors a thread
     for name, ops in vector.items():
@@ -167,7 +167,7 @@ def test_cuda_adaln_backward_vector_kernels_move_16_bytes_an_access() -> None:
     dbranch, dgate), then the four fp32 partial rows as 128-bit stores (two each for 8 bf16 / fp16 columns, one
     for 4 fp32); the row's rstd is the one 32-bit load. Four vectors a thread in fp32 only (a 16-bit width of
     4096 is 512 vectors)."""
-    compiled = sm90.compile_cuda_sm90(CSRC / "adaln_cuda.cu", [CSRC], defines=["SPHERE_FAST_WITH_CUDA"])
+    compiled = sm90.compile_cuda_sm90(CSRC / "adaln_cuda.cu", [CSRC])
     vector = {name: ops for name, ops in compiled.opcodes_by_kernel().items() if "adaln_bwd_vec_kernel" in name}
     assert len(vector) == 7, sorted(compiled)  # 1 or 2 vectors a thread in each dtype, 4 in fp32
     for name, ops in vector.items():
@@ -183,7 +183,7 @@ def test_cuda_adaln_backward_vector_kernels_move_16_bytes_an_access() -> None:
 def test_cuda_adaln_finish_reads_the_partials_as_global_memory() -> None:
     """The C++ backward's second stage picks its partials among the params' pointers at run time: its loads and
     stores must still be global ones (LDG / STG), not generic (LD / ST), and its sums stay off the stack."""
-    compiled = sm90.compile_cuda_sm90(CSRC / "adaln_cuda.cu", [CSRC], defines=["SPHERE_FAST_WITH_CUDA"])
+    compiled = sm90.compile_cuda_sm90(CSRC / "adaln_cuda.cu", [CSRC])
     finish = {name: ops for name, ops in compiled.opcodes_by_kernel().items() if "adaln_finish_kernel" in name}
     assert len(finish) == 3, sorted(compiled)
     for name, ops in finish.items():
