@@ -937,6 +937,8 @@ def test_gpu_check_fails_on_a_phase_that_timed_out(tmp_path: Path, monkeypatch: 
         ("nvjet_tst_256x128_64x4_2x1_v_bz_coopA_TNN", "matmul"),
         ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1", "matmul"),
         ("attention_fwd_kernel", "attention"),
+        ("void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float, float, float>", "attention"),
+        ("aten::mm", "matmul"),
         ("rope_kernel", "rope"),
         ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>", "attention"),
         ("adaln_fwd_kernel", "adaln / swiglu"),
