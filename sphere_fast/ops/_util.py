@@ -49,11 +49,11 @@ def unit_last_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def bnhd_empty(q: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def bnhd_empty(q: torch.Tensor) -> torch.Tensor:
     """[B, H, N, D] with [B, N, H, D] memory, like q: the model's transpose(1, 2).reshape(B, N, H*D) of an
     attention output is then free, and rows of all heads of a token are written together."""
     b, h, n, d = q.shape
-    return torch.empty_strided((b, h, n, d), (n * h * d, d, h * d, 1), dtype=dtype or q.dtype, device=q.device)
+    return torch.empty_strided((b, h, n, d), (n * h * d, d, h * d, 1), dtype=q.dtype, device=q.device)
 
 
 # CUDA's largest launch grid: 2**31 - 1 programs on axis 0, 65535 on axes 1 and 2
