@@ -118,6 +118,21 @@ def test_only_one_output_used() -> None:
     torch.testing.assert_close(dqkv, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_grad_for_k_only_and_a_strided_table() -> None:
+    """A gradient wanted for k alone still goes through the op's backward; a table that is a strided view (the
+    same values) is read as the values, not as its memory."""
+    q, k = _qk()
+    k.requires_grad_()
+    rope = table(8, 32).t().contiguous().t()
+    assert not rope.is_contiguous()
+    _, k_rot = apply_rope(q, k, rope, backend="triton")
+    _, k_ref = rope_reference(q, k, rope)
+    close(k_rot, k_ref, TOL[torch.float32], "k_rot")
+    (dk,) = torch.autograd.grad(k_rot.sum(), k)
+    (dk_ref,) = torch.autograd.grad(k_ref.sum(), k)
+    close(dk, dk_ref, TOL[torch.float32], "dk")
+
+
 def test_empty_batch() -> None:
     q = torch.zeros(0, 2, 8, 32, device=DEVICE)
     q_rot, k_rot = apply_rope(q, q, table(8, 32), backend="triton")
@@ -131,6 +146,8 @@ def test_opcheck() -> None:
     rope = table(9, 24)
     torch.library.opcheck(torch.ops.sphere_fast.rope_fwd, (q, k, rope))
     torch.library.opcheck(torch.ops.sphere_fast.rope_bwd, (q, k, rope))
+    # autograd passes the op itself by: called directly on inputs that require grad, its outputs do not
+    assert not any(t.requires_grad for t in torch.ops.sphere_fast.rope_fwd(q.requires_grad_(), k, rope))
 
 
 def test_compile_fullgraph_no_graph_break() -> None:
@@ -179,6 +196,9 @@ def test_rope_grad_and_cpp_backend_refused() -> None:
     q, k = _qk()
     with pytest.raises(ValueError, match="rope must not require grad"):
         apply_rope(q, k, table(8, 32).requires_grad_(), backend="triton")
+    with torch.no_grad():  # nothing is recorded: the table is read as any other
+        q_rot, _ = apply_rope(q, k, table(8, 32).requires_grad_(), backend="triton")
+    close(q_rot, rope_reference(q, k, table(8, 32))[0], TOL[torch.float32], "q_rot")
     if DEVICE == "cpu":
         with pytest.raises((ValueError, RuntimeError), match="cpp|C\\+\\+"):
             apply_rope(q, k, table(8, 32), backend="cpp")
