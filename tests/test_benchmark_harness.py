@@ -962,9 +962,18 @@ def test_profile_sampler_smoke_prints_the_groups(capsys: pytest.CaptureFixture[s
     assert "sphere_fast/model.py" in out
     assert [line.split(",")[1] for line in out.splitlines() if line.startswith("# Sampler profile")] == [
         " batch 1", " batch 2"]
-    totals = profile_sampler.group_times([("gemm_a", 3.0), ("attention_fwd_kernel", 1.0), ("gemm_b", 2.0)])
-    assert totals == {"matmul": (5.0, 2), "attention": (1.0, 1)}
-    assert "| matmul | 0.01 | 83% | 2 |" in profile_sampler.format_groups(totals, 1.0)
+
+
+def test_profile_tables_largest_group_first_and_the_fastest_host_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    totals = profile_sampler.group_times([("gemm_a", 1.0), ("attention_fwd_kernel", 2.0), ("gemm_b", 2.0)])
+    assert list(totals.items()) == [("matmul", (3.0, 2)), ("attention", (2.0, 1))]
+    table = profile_sampler.format_groups(totals, 1.0)
+    assert "| matmul | 0.00 | 60% | 2 |\n| attention | 0.00 | 40% | 1 |" in table
+    assert table.endswith("kernel time 0.01 ms of a 1.00 ms call")
+    assert "| other | 0.00 | 0% | 3 |" in profile_sampler.format_groups({"other": (0.0, 3)}, 1.0)  # no kernel time
+    ticks = iter([0.0, 1.0, 10.0, 10.5, 20.0, 22.0])  # three calls of 1, 0.5 and 2 s
+    monkeypatch.setattr(profile_sampler, "time", mock.Mock(perf_counter=lambda: next(ticks)))
+    assert profile_sampler.host_table(lambda: None, 3).startswith("host: 500.00 ms a call without a profiler\n")
 
 
 def test_tune_attention_variant_replaces_only_what_it_names() -> None:
