@@ -952,10 +952,22 @@ def test_profile_groups_kernel_names(name: str, group: str) -> None:
     assert profile_sampler.kernel_group(name) == group
 
 
-def test_profile_sampler_smoke_prints_the_groups(capsys: pytest.CaptureFixture[str]) -> None:
+def test_profile_sampler_smoke_prints_the_groups(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """On CPU: the tiny model's ops stand in for kernels; the group table, the op table and the host table (the
-    sampler's own functions among Python's) print, once for each batch size."""
-    assert profile_sampler.main(["--batch", "1", "2", "--steps", "2"]) == 0
+    sampler's own functions among Python's) print, once for each batch size, of an un-captured sampler with the
+    asked steps and CFG."""
+    made = []
+    sampler = profile_sampler.Sampler
+
+    def recording_sampler(*args, **kwargs):
+        made.append((*args[1:], kwargs["cfg"], kwargs["cuda_graph"]))  # batch, steps, cfg, cuda_graph
+        return sampler(*args, **kwargs)
+
+    monkeypatch.setattr(profile_sampler, "Sampler", recording_sampler)
+    assert profile_sampler.main(["--batch", "1", "2", "--steps", "2", "--cfg", "1.5"]) == 0
+    assert made == [(1, 2, 1.5, False), (2, 2, 1.5, False)]
     out = capsys.readouterr().out
     assert "| group | ms | % of kernel time | kernels |" in out and "| matmul |" in out and "aten::" in out
     assert out.count(" ms a call without a profiler") == 2 and out.count("Ordered by: internal time") == 2
