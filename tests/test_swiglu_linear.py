@@ -87,6 +87,26 @@ def test_strided_inputs_match_the_reference() -> None:
     close(out, float64_reference(x, weight, bias, 16), TOL[torch.bfloat16], "out")
 
 
+def test_inputs_off_a_16_byte_boundary_match_the_reference() -> None:
+    """Contiguous views that start 2 bytes into their storage (tensor descriptors need 16-byte aligned bases)."""
+
+    def shifted(t: torch.Tensor) -> torch.Tensor:
+        storage = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+        return storage[1:].view_as(t).copy_(t)
+
+    x, weight, bias = (shifted(t) for t in operands((9, 32), 12, torch.bfloat16))
+    assert x.is_contiguous() and x.data_ptr() % 16 and weight.data_ptr() % 16
+    with torch.no_grad():
+        out = swiglu_linear(x, weight, bias, backend="triton")
+    close(out, float64_reference(x, weight, bias, 12), TOL[torch.bfloat16], "out")
+
+
+def test_operands_on_two_devices_are_refused() -> None:
+    x, weight, bias = operands((4, 16), 3, torch.bfloat16)
+    with pytest.raises(ValueError, match="share dtype and device"):
+        swiglu_linear(x, weight, bias.to("meta"))
+
+
 def test_no_rows_gives_an_empty_output() -> None:
     x, weight, bias = operands((0, 16), 5, torch.bfloat16)
     with torch.no_grad():
@@ -146,10 +166,12 @@ def test_torch_compile_fullgraph(bias: bool) -> None:
     [
         ((torch.ones(4, 8), torch.ones(8)), {}, ValueError, "weight must be \\[2H, K\\]"),
         ((torch.ones(4, 8), torch.ones(5, 8)), {}, ValueError, "weight must be \\[2H, K\\]"),
+        ((torch.ones(4, 8), torch.ones(0, 8)), {}, ValueError, "weight must be \\[2H, K\\]"),
         ((torch.ones(4, 6), torch.ones(4, 8)), {}, ValueError, "K = 8"),
         ((torch.ones(4, 8), torch.ones(4, 8), torch.ones(3)), {}, ValueError, "bias must be None or .* shape \\(4,\\)"),
         ((torch.ones(4, 8), torch.ones(4, 8, dtype=torch.float64)), {}, ValueError, "share dtype and device"),
         ((torch.ones(4, 8), torch.ones(4, 8)), {"out_width": 1}, ValueError, "out_width must be an int >= H = 2"),
+        ((torch.ones(4, 8), torch.ones(2, 8)), {"out_width": True}, ValueError, "out_width must be an int >= H = 1"),
         (([1.0], torch.ones(4, 8)), {}, TypeError, "must be torch.Tensors"),
         ((torch.ones(4, 8), torch.ones(4, 8)), {"backend": "triton"}, TypeError, "float16 or bfloat16"),
         ((torch.ones(4, 4, dtype=torch.bfloat16), torch.ones(4, 4, dtype=torch.bfloat16)), {"backend": "triton"},
