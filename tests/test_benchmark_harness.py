@@ -972,8 +972,9 @@ def test_profile_sampler_smoke_prints_the_groups(
     assert "| group | ms | % of kernel time | kernels |" in out and "| matmul |" in out and "aten::" in out
     assert out.count(" ms a call without a profiler") == 2 and out.count("Ordered by: internal time") == 2
     assert "sphere_fast/model.py" in out
-    assert [line.split(",")[1] for line in out.splitlines() if line.startswith("# Sampler profile")] == [
-        " batch 1", " batch 2"]
+    headers = [line for line in out.splitlines() if line.startswith("# Sampler profile")]
+    assert [h.rsplit(",", 2)[0] for h in headers] == [f"# Sampler profile: tiny, batch {b}, 2 steps, cfg 1.5"
+                                                       for b in (1, 2)]
 
 
 def test_profile_tables_largest_group_first_and_the_fastest_host_call(monkeypatch: pytest.MonkeyPatch) -> None:
