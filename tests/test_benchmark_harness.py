@@ -1074,3 +1074,30 @@ def test_compile_times_runs_every_way_on_the_same_kernels(capsys: pytest.Capture
     built = [int(line.split(" kernels, ")[1].split(" launchers")[0]) for line in lines[:3]]
     assert built[0] > 0 and built[1] > 0 and built[2] == 0, lines  # the warm pass loads what the cold one built
     assert lines[3].startswith("one by one: median ") and "compile pass, warm cache: median " in lines[3]
+
+
+def test_compile_times_gives_each_cold_run_an_empty_cache_and_prints_medians(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three rounds with stand-in children: each cold run (one by one, the pass) compiles into a cache no earlier
+    run filled, the warm pass runs on its round's pass cache, and each way's median is printed."""
+    runs = []
+    run = subprocess.run
+
+    def child(cmd: list[str], **kwargs) -> subprocess.CompletedProcess[str]:
+        if cmd[0] == "gcc":  # the stub libcuda
+            return run(cmd, **kwargs)
+        runs.append((cmd[cmd.index("--child") + 1], kwargs["env"]["TRITON_CACHE_DIR"], cmd[-1]))
+        seconds = float(len(runs) ** 2)  # 1, 4, 9, 16, ...: a way's three rounds have a median unlike their mean
+        result = {"seconds": seconds, "loop_seconds": 0.5, "kernels": 3, "launcher_builds": 0}
+        return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps(result), stderr="")
+
+    monkeypatch.setattr(compile_times.subprocess, "run", child)
+    compile_times.main(["--layers", "4", "--rounds", "3"])
+    assert [mode for mode, _, _ in runs] == ["one by one", "compile pass", "compile pass"] * 3
+    assert {layers for _, _, layers in runs} == {"4"}
+    caches = [cache for _, cache, _ in runs]
+    cold = caches[0::3] + caches[1::3]
+    assert len(set(cold)) == 6 and caches[2::3] == caches[1::3]
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "one by one: median 16.00 s, compile pass: median 25.00 s, compile pass, warm cache: median 36.00 s")
