@@ -1,5 +1,6 @@
 """Test setup: Triton kernels run in the interpreter on CPU (must be set before any kernel import)."""
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -8,6 +9,29 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def interpret_dots_row_by_row() -> None:
+    """The interpreter's tl.dot is one numpy matmul, and OpenBLAS may sum a row's products in another order for
+    another tile height (it does on AVX-512 machines): the same kernel with another row block would then differ
+    in the last bit where a GPU's MMA gives the same bits, and the tuning, which drops a candidate that changes a
+    bit, would too. A batch of one-row products sums each row the same way whatever the tile."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    dot = interpreter.InterpreterBuilder.create_dot
+
+    def row_by_row_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.dtype.primitive_bitwidth == 8 or b.dtype.primitive_bitwidth == 8:  # fp8: the interpreter's own path
+            return dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+        rows = np.matmul(np.expand_dims(a.data, -2), np.expand_dims(b.data, -3), dtype=d.data.dtype)
+        return interpreter.TensorHandle(rows.squeeze(-2) + d.data, d.dtype.scalar)
+
+    interpreter.InterpreterBuilder.create_dot = row_by_row_dot
+
+
+if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None:
+    interpret_dots_row_by_row()
 
 
 def reference_dir() -> Path:
