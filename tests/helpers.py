@@ -1,6 +1,6 @@
 """Shared by the fused-op tests (test_adaln.py, test_swiglu.py, ...): the fused backends to parametrize over, the
-tolerance rule they apply (see their module docstrings), the same-images check of the GPU sampling tests, and a
-stand-in timer for the launch-config tuning on CPU."""
+tolerance rule they apply (see their module docstrings), inputs off a 16-byte boundary, the same-images check of the
+GPU sampling tests, and a stand-in timer for the launch-config tuning on CPU."""
 
 from __future__ import annotations
 
@@ -20,6 +20,12 @@ def close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -
     expected = expected.float()
     atol = tol * max(expected.abs().max().item(), 1e-6)
     torch.testing.assert_close(actual.float(), expected, rtol=tol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def off_16_byte_boundaries(t: torch.Tensor) -> torch.Tensor:
+    """t's values (differentiably) in memory that starts one element past a 16-byte boundary."""
+    memory = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    return memory[1:].view(t.shape).copy_(t)
 
 
 def assert_same_images(a: torch.Tensor, b: torch.Tensor, what: str) -> None:

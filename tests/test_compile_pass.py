@@ -26,7 +26,7 @@ from sphere_fast.ops._util import compile_pass, compiling_only
 from sphere_fast.sampling import GraphKey, Sampler, guidance
 from tests import sm90
 from tests.cuda_graph_emulator import CudaGraphEmulator, emulated_cuda_graphs  # noqa: F401 (fixture)
-from tests.helpers import close
+from tests.helpers import close, off_16_byte_boundaries
 from tests.test_sampler import tiny_model
 
 triton = pytest.importorskip("triton")
@@ -127,8 +127,7 @@ def test_a_representative_run_takes_each_networks_first_and_last_blocks() -> Non
     assert ran == [0, 1, 2, 3, 0, 3, 0, 1, 0]
     # a block whose weight sits off a 16-byte boundary may launch other kernel specialisations: all blocks run
     weight = model.decoder.blocks[2].attn.proj.weight
-    storage = torch.empty(weight.numel() + 1)
-    weight.data = storage[1:].view_as(weight).copy_(weight)
+    weight.data = off_16_byte_boundaries(weight.data)
     ran.clear()
     with mock.patch.object(type(model.decoder), "_block", recording_block), torch.no_grad(), representative_blocks():
         model.decoder(latent, torch.tensor([1]))

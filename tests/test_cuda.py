@@ -23,7 +23,7 @@ import sphere_fast
 from sphere_fast import SphereEncoder, ops
 from sphere_fast.ops.philox import sphere_noise_reference
 from sphere_fast.training import SphereLoss, TrainConfig, Trainer, loss_weights
-from tests.helpers import TOL, assert_same_images, close
+from tests.helpers import TOL, assert_same_images, close, off_16_byte_boundaries
 from tests.tiny import NO_PERCEPTUAL, no_label_dropout, tiny_batch, tiny_model
 
 pytestmark = pytest.mark.gpu
@@ -162,12 +162,6 @@ def test_adaln_ops(backend: str, dtype: torch.dtype, shape: tuple[int, int, int]
     check_against_reference(
         "rmsnorm", lambda x, w: ops.adaln_modulate(x, w, backend=backend),
         lambda x, w: ops.adaln_modulate_reference(x, w), [x, weight], dtype)
-
-
-def off_16_byte_boundaries(t: torch.Tensor) -> torch.Tensor:
-    """t's values (differentiably) in memory that starts one element past a 16-byte boundary."""
-    memory = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
-    return memory[1:].view(t.shape).copy_(t)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

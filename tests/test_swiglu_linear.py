@@ -17,7 +17,7 @@ from sphere_fast import Sampler, available_backends, use_backend
 from sphere_fast.nn.layers import SwiGLU, padded_mlp_weights
 from sphere_fast.ops import _tuning
 from sphere_fast.ops.swiglu_linear import GemmConfig, swiglu_linear, swiglu_linear_reference
-from tests.helpers import TOL, assert_same_images, close
+from tests.helpers import TOL, assert_same_images, close, off_16_byte_boundaries
 from tests.tiny import tiny_model
 
 swl = importlib.import_module("sphere_fast.ops.swiglu_linear")  # the module: its function has the same name
@@ -89,12 +89,7 @@ def test_strided_inputs_match_the_reference() -> None:
 
 def test_inputs_off_a_16_byte_boundary_match_the_reference() -> None:
     """Contiguous views that start 2 bytes into their storage (tensor descriptors need 16-byte aligned bases)."""
-
-    def shifted(t: torch.Tensor) -> torch.Tensor:
-        storage = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
-        return storage[1:].view_as(t).copy_(t)
-
-    x, weight, bias = (shifted(t) for t in operands((9, 32), 12, torch.bfloat16))
+    x, weight, bias = (off_16_byte_boundaries(t) for t in operands((9, 32), 12, torch.bfloat16))
     assert x.is_contiguous() and x.data_ptr() % 16 and weight.data_ptr() % 16
     with torch.no_grad():
         out = swiglu_linear(x, weight, bias, backend="triton")
