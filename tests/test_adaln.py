@@ -176,6 +176,37 @@ def test_non_contiguous_inputs(backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", FUSED)
+def test_strided_upstream_grads(backend: str) -> None:
+    """Outputs used through a transpose get their gradients as strided views: the backward reads them as such."""
+    inputs = make_inputs(2, 5, 96, tokens=False, seed=8)
+    g = torch.Generator().manual_seed(9)
+    grads_out = (torch.randn(5, 2, 96, generator=g), torch.randn(5, 2, 96, generator=g))
+
+    def transposed(fn):
+        return lambda *t: tuple(out.transpose(0, 1) for out in fn(*t))
+
+    fused = functools.partial(adaln.gated_residual_adaln, backend=backend)
+    _, grads = run_gated(transposed(fused), inputs, grads_out)
+    _, grads0 = run_gated(transposed(adaln.gated_residual_adaln_reference), inputs, grads_out)
+    for name, a, b in zip(NAMES, grads, grads0):
+        close(a, b, TOL[torch.float32], f"d{name}")
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("wanted", NAMES[2:])
+def test_a_gradient_wanted_for_one_modulation_only(backend: str, wanted: str) -> None:
+    """Frozen activations and one trainable modulation input: the op still records its backward."""
+    inputs = make_inputs(2, 3, 64, tokens=False, seed=10)
+    leaf = inputs[NAMES.index(wanted)].detach().requires_grad_(True)
+    with_leaf = [leaf if name == wanted else t for name, t in zip(NAMES, inputs)]
+    _, y = adaln.gated_residual_adaln(*with_leaf, backend=backend)
+    (grad,) = torch.autograd.grad(y.sum(), leaf)
+    _, y0 = adaln.gated_residual_adaln_reference(*with_leaf)
+    (grad0,) = torch.autograd.grad(y0.sum(), leaf)
+    close(grad, grad0, TOL[torch.float32], f"d{wanted}")
+
+
+@pytest.mark.parametrize("backend", FUSED)
 def test_strided_weight_modulate(backend: str) -> None:
     # a weight that needs a contiguous copy: the copy must live until the kernel has read it
     x, _, _, w, sh, sc = make_inputs(2, 5, 64, tokens=False, seed=11, gated=False)
@@ -218,6 +249,15 @@ def test_bad_inputs_raise(backend: str) -> None:
         gated(x, br, gate.double(), w, sh, sc, backend=backend)
     with pytest.raises(TypeError, match="branch"):
         gated(x, None, gate, w, sh, sc, backend=backend)
+    # a modulation for one sample, or a weight with a leading dim, would be read as if it had B samples / D values
+    with pytest.raises(ValueError, match=r"shift must have shape \(2, 1, 64\) or \(2, 3, 64\), got \(1, 1, 64\)"):
+        adaln.adaln_modulate(x, w, sh[:1], sc, backend=backend)
+    with pytest.raises(ValueError, match=r"weight must have shape \(64,\), got \(1, 64\)"):
+        adaln.adaln_modulate(x, w[None], sh, sc, backend=backend)
+    with pytest.raises(ValueError, match="eps must be a finite positive number, got True"):
+        adaln.adaln_modulate(x, w, sh, sc, eps=True, backend=backend)
+    with pytest.raises(ValueError, match=r"x must have shape \[B, S, D\], got shape \(\)"):
+        adaln.adaln_modulate(torch.tensor(1.0), backend=backend)
 
 
 def test_backward_splits_a_sample_over_programs() -> None:
@@ -238,6 +278,13 @@ def test_opcheck(backend: str) -> None:
     dy, dres = torch.randn_like(res), torch.randn_like(res)
     args = (dy, dres, res, br, gate, w, sh, sc, rstd, backend)
     torch.library.opcheck(torch.ops.sphere_fast.adaln_bwd.default, args)
+    # absent inputs get empty gradients; a strided x gets contiguous outputs (the fake kernels must agree)
+    args = (dy, None, res, br, None, None, None, None, rstd, backend)
+    torch.library.opcheck(torch.ops.sphere_fast.adaln_bwd.default, args)
+    x_t, br_t = x.transpose(0, 1).contiguous().transpose(0, 1), br.transpose(0, 1).contiguous().transpose(0, 1)
+    torch.library.opcheck(torch.ops.sphere_fast.adaln_modulate_fwd.default, (x_t, w, sh, sc, 1e-6, backend))
+    torch.library.opcheck(torch.ops.sphere_fast.gated_residual_adaln_fwd.default,
+                          (x_t, br_t, gate, w, sh, sc, 1e-6, backend))
 
 
 @pytest.mark.parametrize("backend", FUSED)
