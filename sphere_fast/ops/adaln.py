@@ -327,8 +327,7 @@ def _forward(
         return _triton_fwd(x, branch, gate, weight, shift, scale, eps)
     if backend == "cpp":
         x, branch, gate, shift, scale = (_rows(t) for t in (x, branch, gate, shift, scale))
-        res, y, rstd = _cpp_ext().fwd(x, branch, gate, weight, shift, scale, eps)
-        return (res if branch is not None else None), y, rstd
+        return _cpp_ext().fwd(x, branch, gate, weight, shift, scale, eps)  # res is empty without a branch
     raise ValueError(f"no fused adaln kernels for backend {backend!r}")
 
 
@@ -340,6 +339,7 @@ def _backward(backend: str, *args: Tensor | None) -> tuple[Tensor | None, ...]:
         dy, dres, res = (None if t is None else t.contiguous() for t in (dy, dres, res))
         branch, gate, shift, scale = (_rows(t) for t in (branch, gate, shift, scale))
         out = _cpp_ext().bwd(dy, dres, res, branch, gate, weight, shift, scale, rstd)
+        # the extension returns one shared empty tensor for every absent input: outputs must not alias
         present = (True, branch is not None, gate is not None, weight is not None, shift is not None, scale is not None)
         return tuple(g if p else None for g, p in zip(out, present))
     raise ValueError(f"no fused adaln kernels for backend {backend!r}")
