@@ -266,6 +266,66 @@ def test_opcheck() -> None:
     torch.library.opcheck(torch.ops.sphere_fast.attention_triton_fwd, (q, k, v, None))
     o, lse = torch.ops.sphere_fast.attention_triton_fwd(q, k, v, rope)
     torch.library.opcheck(torch.ops.sphere_fast.attention_triton_bwd, (torch.randn_like(o), q, k, v, o, lse, rope))
+    # the log-sum-exp stays float32 for bf16 inputs
+    torch.library.opcheck(torch.ops.sphere_fast.attention_triton_fwd, tuple(t.bfloat16() for t in (q, k, v)) + (None,))
+
+
+@pytest.mark.parametrize("impl", TRITON_IMPLS)
+def test_a_strided_rope_table(impl: str) -> None:
+    """A table that is a column slice of a wider one (row stride 4D) gives what its contiguous copy gives."""
+    h, n, d = 2, 17, 32
+    qkv = qkv_leaf(1, h, n, d, torch.float32)
+    rope = official_rope(n, d)
+    wide = torch.zeros(n, 4 * d, device=DEVICE)
+    wide[:, : 2 * d] = rope
+    grad_out = torch.randn(1, h, n, d, device=DEVICE)
+    fn = functools.partial(attention, impl=impl)
+    expected = run(fn, qkv, h, d, rope, grad_out)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), run(fn, qkv, h, d, wide[:, : 2 * d], grad_out), expected):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("impl", TRITON_IMPLS)
+def test_non_unit_last_strides(impl: str) -> None:
+    """q, k, v as every other column of wider tensors, and the output used transposed (its gradient arrives with
+    a last-dim stride of N): read as their contiguous copies would be."""
+    b, h, n, d = 1, 2, 17, 32
+    g = torch.Generator().manual_seed(3)
+    wide = [torch.randn(b, h, n, 2 * d, generator=g).to(DEVICE) for _ in range(3)]
+    grad_t = torch.randn(b, h, d, n, generator=g).to(DEVICE)
+    rope = official_rope(n, d)
+
+    def outputs(fn):
+        leaves = [t.clone().requires_grad_() for t in wide]
+        out = fn(*(t[..., ::2] for t in leaves), rope)
+        return [out, *torch.autograd.grad((out.transpose(2, 3) * grad_t).sum(), leaves)]
+
+    for name, a, r in zip(("out", "dq", "dk", "dv"), outputs(functools.partial(attention, impl=impl)),
+                          outputs(attention_reference)):
+        torch.testing.assert_close(a, r, atol=FP32_VS_REFERENCE_TOL, rtol=FP32_VS_REFERENCE_TOL, msg=name)
+
+
+@pytest.mark.parametrize("impl", TRITON_IMPLS)
+def test_gradients_for_k_and_v_alone(impl: str) -> None:
+    """A frozen q (k and v trainable): the op still records its backward."""
+    q, k, v = _inputs(n=17)
+    k, v = k.requires_grad_(), v.requires_grad_()
+    rope = official_rope(17, 32)
+    grads = torch.autograd.grad(attention(q, k, v, rope, impl=impl).square().sum(), (k, v))
+    grads0 = torch.autograd.grad(attention_reference(q, k, v, rope).square().sum(), (k, v))
+    for name, a, b in zip(("dk", "dv"), grads, grads0):
+        torch.testing.assert_close(a, b, atol=FP32_VS_REFERENCE_TOL, rtol=FP32_VS_REFERENCE_TOL, msg=name)
+
+
+def test_a_head_dim_takes_the_candidates_of_its_padded_width() -> None:
+    """Tiles are chosen for the width a kernel runs at, as their registers and shared memory are: D = 72 and 96
+    run as two 64-wide chunks (128), D = 48 as two 32-wide ones (64)."""
+    for rope_on_load in (False, True):
+        def candidates(d: int) -> dict:
+            return attn_mod._candidates(d, torch.bfloat16, rope_on_load, interpret=False)
+
+        assert candidates(72) == candidates(96) == candidates(128) != candidates(64)
+        assert candidates(48) == candidates(64)
 
 
 def test_compile_fullgraph_no_graph_break() -> None:
@@ -409,3 +469,7 @@ def test_bad_impl_name_and_rope_grad() -> None:
     for impl in TRITON_IMPLS:
         with pytest.raises(ValueError, match="rope must not require grad"):
             attention(q, k, v, rope, impl=impl)
+        with torch.no_grad():  # nothing is recorded: the table is a constant there
+            out = attention(q, k, v, rope, impl=impl)
+        torch.testing.assert_close(out, attention_reference(q, k, v, rope.detach()), atol=FP32_VS_REFERENCE_TOL,
+                                   rtol=FP32_VS_REFERENCE_TOL)

@@ -511,6 +511,11 @@ def test_tensor_descriptor_configs_run_only_where_they_apply() -> None:
     assert not attn._config_applies(tma, q.contiguous(), k, v, rope_on_load=False)  # [B, H, N, D] memory
     gapped = torch.zeros(2, 72, 3, 2, 32)[:, :64].permute(2, 0, 3, 1, 4)[0]  # batches 72 rows apart, not 64
     assert not attn._config_applies(tma, gapped, gapped, gapped, rope_on_load=False)
+    spread = torch.zeros(1, 64, 3, 2, 64)[..., :32].permute(2, 0, 3, 1, 4)[0]  # heads 64 columns apart, not 32
+    assert not attn._config_applies(tma, spread, spread, spread, rope_on_load=False)
+    _, q32, k32, v32, _, _ = _inputs(1, 2, 32, 32, torch.float32)  # N a multiple of block_n, not of block_m
+    assert not attn._config_applies(attn.TmaConfig(64, 32, 4, 1, False), q32, k32, v32, rope_on_load=False)
+    assert attn._config_applies(attn.TmaConfig(32, 32, 4, 1, False), q32, k32, v32, rope_on_load=False)
 
     inputs = _inputs(1, 2, 64, 32, torch.float32)
     with _only(_defaults(INTERPRETER_CANDIDATES)):
