@@ -45,10 +45,7 @@ def spherify_reference(z: torch.Tensor, eps: float = EPS) -> torch.Tensor:
 
 
 def _per_sample(scale: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    s = scale.to(z.dtype)
-    if s.ndim == 0:
-        s = s.expand(z.shape[0])
-    return s.reshape(-1, *[1] * (z.ndim - 1))
+    return scale.to(z.dtype).reshape(-1, *[1] * (z.ndim - 1))  # [B] or [] -> [B or 1, 1, ...]: broadcasts
 
 
 def spherify_noise_reference(z: torch.Tensor, scale: torch.Tensor | float, noise: torch.Tensor) -> torch.Tensor:
@@ -359,7 +356,8 @@ def _noisy(
     values = [_check_scale(label, s, z) for label, s in scales]
     _check_noise_source(z, noise, seeds, stream)
     if name == "eager":
-        e = noise if noise is not None else sphere_noise_reference(seeds, z.shape[1:], stream=stream).to(z.dtype)
+        # e in z's dtype, as the official randn_like(z): a float32 noise would make a bf16 result float32
+        e = (noise if noise is not None else sphere_noise_reference(seeds, z.shape[1:], stream=stream)).to(z.dtype)
         return [spherify_noise_reference(z, s, e) for s in values]
     return list(_spherify_op(z, _scales_tensor(z, *values), noise, seeds, stream, name).unbind(0))
 
