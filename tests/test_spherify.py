@@ -170,6 +170,27 @@ def test_pair_backward(backend, mode, length):
     _grad_close(sk.grad, sr.grad)
 
 
+@pytest.mark.parametrize("backend", KERNELS)
+def test_a_gradient_for_the_scales_alone(backend):
+    """A frozen z and trainable scales: the op still records its backward."""
+    z, noise = _z(3, 64), torch.randn(3, 4, 16, generator=torch.Generator().manual_seed(8))
+    scale = _scale(3).requires_grad_()
+    (grad,) = torch.autograd.grad(S.spherify_noise(z, scale, noise=noise, backend=backend).square().sum(), scale)
+    (grad0,) = torch.autograd.grad(S.spherify_noise_reference(z, scale, noise).square().sum(), scale)
+    _grad_close(grad, grad0)
+
+
+@pytest.mark.parametrize("backend", KERNELS + ["eager"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_outputs_keep_the_dtype_of_z(backend, dtype):
+    """Drawn or given (in another dtype), the noise leaves the result in z's dtype on every backend."""
+    z = _z(2, 64, dtype)
+    outputs = [S.spherify(z, backend=backend),
+               *S.spherify_noise_pair(z, 0.5, _scale(2), seeds=_seeds(2), backend=backend),
+               S.spherify_noise(z, _scale(2), noise=torch.randn(z.shape), backend=backend)]
+    assert [out.dtype for out in outputs] == [dtype] * 4
+
+
 def test_eager_gradcheck_fp64():
     z = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
     scale = torch.tensor([0.8, 1.7], dtype=torch.float64, requires_grad=True)
@@ -270,6 +291,10 @@ def test_use_backend_context():
         (dict(scale=float("inf")), ValueError, "scale"),
         (dict(scale="1"), TypeError, "scale"),
         (dict(scale=torch.ones(2, device="meta")), ValueError, "scale must be on cpu"),
+        (dict(scale=True), TypeError, "scale must be a float or a tensor of shape \\[B\\], got bool"),
+        (dict(scale=torch.tensor([1, 2])), TypeError, "scale must be a floating tensor, got torch.int64"),
+        (dict(noise=torch.ones(2, 8, dtype=torch.int32), seeds=None), TypeError, "noise must be a floating tensor"),
+        (dict(noise=torch.ones(2, 8, device="meta"), seeds=None), ValueError, "noise must be on cpu"),
         (dict(noise=torch.ones(2, 8)), ValueError, "noise"),
         (dict(seeds=None), ValueError, "noise"),
         (dict(noise=torch.ones(2, 7), seeds=None), ValueError, "noise"),
@@ -285,6 +310,27 @@ def test_bad_input(backend, kwargs, err, match):
         S.spherify_noise(z, scale, **args, backend=backend)
 
 
+@pytest.mark.parametrize("backend", KERNELS + ["eager"])
+def test_near_zero_latent_keeps_eps(backend):
+    """Where mean(z^2) is far below eps = 1e-6, f(z) = z / sqrt(mean(z^2) + eps) is much shorter than the
+    sphere's radius: the eps is in the sum (float64 formula here, not the reference)."""
+    z = 1e-5 * _z(2, 64)
+    expected = z.double() / (z.double().square().mean(dim=(1, 2), keepdim=True) + 1e-6).sqrt()
+    assert expected.square().mean() < 0.01  # far from radius 1 per value
+    _close(S.spherify(z, backend=backend), expected)
+
+
+@pytest.mark.parametrize("backend", KERNELS + ["eager"])
+def test_sphere_noise_bad_input(backend):
+    seeds = torch.tensor([1, 2])
+    with pytest.raises(ValueError, match="stream"):
+        S.sphere_noise(seeds, (4,), stream=-1, backend=backend)
+    with pytest.raises(ValueError, match="shape"):
+        S.sphere_noise(seeds, (0, 4), backend=backend)
+    with pytest.raises(ValueError, match="seeds"):
+        S.sphere_noise(seeds[None], (4,), backend=backend)
+
+
 def test_fp64_rejected_by_kernels():
     with pytest.raises(TypeError, match="z"):
         S.spherify(torch.ones(2, 8, dtype=torch.float64), backend="cpp")
@@ -298,10 +344,12 @@ def _opcheck_args(backend):
     scales = torch.tensor([[0.5, 0.0], [1.5, 2.0]])
     noise = torch.randn(z.shape)
     seeds = _seeds(2)
+    strided_z = z.transpose(1, 2).contiguous().transpose(1, 2)  # outputs are contiguous: the fakes must agree
     return [
         (z, None, None, None, 0, backend),
         (z, scales[:1], None, seeds, 3, backend),
         (z, scales, noise, None, 0, backend),
+        (strided_z.bfloat16(), scales, None, seeds, 1, backend),  # stats stay float32
     ]
 
 
@@ -318,6 +366,27 @@ def test_opcheck(backend):
         if backend == "cpp":  # the C++ ops themselves (fake kernels registered from Python)
             torch.library.opcheck(torch.ops.sphere_fast_cpp.spherify_fwd.default, args[:5], test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.sphere_fast.sphere_noise.default, (_seeds(3), 70, 2, backend))
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_ops_read_strided_inputs(backend):
+    """A caller of the ops themselves may pass strided [P, B] scales, gradients and stats: same bits as
+    contiguous ones."""
+    z, scales, noise = _z(2, 72), torch.tensor([[0.5, 0.0], [1.5, 2.0]]), torch.randn(2, 4, 18)
+
+    def strided(t):
+        out = t.transpose(-1, -2).contiguous().transpose(-1, -2)
+        assert not out.is_contiguous()
+        return out
+
+    fwd, bwd = torch.ops.sphere_fast.spherify_fwd, torch.ops.sphere_fast.spherify_bwd
+    out, stats = fwd(z, scales, noise, None, 0, backend)
+    torch.testing.assert_close(fwd(z, strided(scales), noise, None, 0, backend), (out, stats), atol=0, rtol=0)
+    grad = torch.randn(out.shape)
+    grad_strided = torch.cat([grad, grad], dim=1)[:, : grad.shape[1]]  # pairs apart by two batches: a view still
+    assert not grad_strided.is_contiguous()
+    torch.testing.assert_close(bwd(grad_strided, z, strided(scales), noise, None, strided(stats), 0, backend),
+                               bwd(grad, z, scales, noise, None, stats, 0, backend), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("backend", KERNELS + ["eager"])
