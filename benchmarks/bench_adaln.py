@@ -38,6 +38,12 @@ def _adaln_inputs(B: int, N: int, W: int, requires_grad: bool) -> list[torch.Ten
     return [t(B, N, W), t(B, N, W), t(B, 1, W), t(W), t(B, 1, W), t(B, 1, W)]
 
 
+def adaln_bwd_bytes(B: int, N: int, W: int, itemsize: int) -> int:
+    """The bytes the gated AdaLN backward must move: six [B, N, W] tensors (dy, dres, res and branch read, dx
+    and dbranch written), the float32 rstd, and the per-sample modulations and the weight."""
+    return 6 * B * N * W * itemsize + 4 * B * N + (3 * B * W + W) * itemsize
+
+
 def _id(shape: tuple[int, int, int]) -> str:
     return "B{}-N{}-W{}".format(*shape)
 
@@ -65,10 +71,9 @@ def test_gated_residual_adaln_bwd(benchmark, ceilings, impl, shape) -> None:
     inputs = _adaln_inputs(B, N, W, requires_grad=True)
     res, y = impl(*inputs)
     grads = (torch.randn_like(res), torch.randn_like(y))
-    e, M = res.element_size(), B * N
     ms = cuda_time_ms(lambda: torch.autograd.grad((res, y), inputs, grads, retain_graph=True))
     record(benchmark, op="gated_residual_adaln_bwd", impl=impl.name, shape=shape, dtype=DTYPE, ms=ms,
-           bytes_moved=6 * M * W * e + 4 * M + (3 * B * W + W) * e, ceilings=ceilings)
+           bytes_moved=adaln_bwd_bytes(B, N, W, res.element_size()), ceilings=ceilings)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)

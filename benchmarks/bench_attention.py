@@ -92,6 +92,9 @@ def _inputs(shape: tuple[int, int, int, int], requires_grad: bool):
     return qkv, *split_qkv(qkv, h), rope_table(n, d)
 
 
+BACKWARD_FLOPS = 2.5  # the backward's FLOPs per forward FLOP (see the FLOP model above)
+
+
 def _flops(shape: tuple[int, int, int, int]) -> int:
     b, h, n, d = shape
     return 4 * b * h * n * n * d
@@ -119,4 +122,4 @@ def test_attention_bwd(benchmark, ceilings, impl, shape) -> None:
     grad = torch.randn_like(out)
     ms = cuda_time_ms(lambda: torch.autograd.grad(out, qkv, grad, retain_graph=True))
     record(benchmark, op="attention_bwd", impl=impl.name, shape=shape, dtype=DTYPE, ms=ms,
-           flops=int(2.5 * _flops(shape)), ceilings=ceilings)
+           flops=int(BACKWARD_FLOPS * _flops(shape)), ceilings=ceilings)

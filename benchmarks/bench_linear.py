@@ -67,6 +67,11 @@ def mlp_layer(width: int, tokens: int) -> tuple[SwiGLU, torch.Tensor]:
     return layer, torch.randn(tokens, width, dtype=MLP_DTYPE, device=DEVICE)
 
 
+def mlp_up_flops(layer: SwiGLU, tokens: int) -> int:
+    """The MLP's first half, [tokens, k] x [k, 2H] with H its unpadded width: 2 FLOPs a multiply-add."""
+    return 2 * tokens * layer.w12.in_features * 2 * layer.w3.in_features
+
+
 def mlp_up_runs(layer: SwiGLU, x: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
     """The MLP's first half on ``x`` with the layer's weights, as each of MLP_UP_IMPLS computes it."""
     w12, b12 = layer.w12.weight, layer.w12.bias
@@ -100,4 +105,4 @@ def test_mlp_up(benchmark, ceilings, tokens: int, model: str, impl: str) -> None
     out_width = hidden if impl == "eager" else layer.padded_hidden
     record(benchmark, op=f"mlp_up_{model}", impl=impl, shape=[tokens, k, hidden], dtype=MLP_DTYPE, ms=ms,
            bytes_moved=(tokens * k + 2 * hidden * k + tokens * out_width) * x.element_size(),
-           flops=2 * tokens * k * 2 * hidden, ceilings=ceilings)
+           flops=mlp_up_flops(layer, tokens), ceilings=ceilings)

@@ -27,7 +27,7 @@ import torch
 if not torch.cuda.is_available():  # CPU smoke: the kernels run in Triton's interpreter (set before they load)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from benchmarks.bench_adaln import DTYPE, _adaln_inputs  # noqa: E402
+from benchmarks.bench_adaln import DTYPE, _adaln_inputs, adaln_bwd_bytes  # noqa: E402
 from benchmarks.harness import DEVICE, cuda_time_ms, gate, pick, sweep_row  # noqa: E402
 from sphere_fast.ops._util import next_pow2  # noqa: E402
 
@@ -83,10 +83,8 @@ def time_config(shape: tuple[int, int, int], config: Config) -> float:
 
 def sweep(shape: tuple[int, int, int]) -> list[str]:
     """Markdown rows: the op's config, then the others."""
-    B, N, W = shape
-    M, e = B * N, DTYPE.itemsize
-    moved = 6 * M * W * e + 4 * M + (3 * B * W + W) * e  # bench_adaln's byte model of the backward
-    own = own_config(W)
+    moved = adaln_bwd_bytes(*shape, DTYPE.itemsize)
+    own = own_config(shape[2])
     return [sweep_row(f"{config[:3] + ('tuned',)} (the op)" if config == own else str(config),
                       functools.partial(time_config, shape, config),
                       lambda ms: moved / (ms * 1e-3) / 1e9)

@@ -29,7 +29,7 @@ import torch
 if not torch.cuda.is_available():  # CPU smoke: the kernels run in Triton's interpreter (set before they load)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from benchmarks.bench_attention import _inputs, split_qkv  # noqa: E402
+from benchmarks.bench_attention import BACKWARD_FLOPS, _flops, _inputs, split_qkv  # noqa: E402
 from benchmarks.harness import SMOKE, cuda_time_ms, gate  # noqa: E402
 attn = importlib.import_module("sphere_fast.ops.attention")
 
@@ -131,9 +131,8 @@ def plans_for(head_dim: int) -> list[Plan]:
 
 def sweep(shape: Sequence[int], only: str = "") -> list[str]:
     """Markdown rows of the variants of plans_for whose name starts with ``only``, each in every RoPE mode."""
-    b, h, n, d = shape
-    flops = 4 * b * h * n * n * d
-    plans = [plan for plan in plans_for(d) if plan[0].startswith(only)]
+    flops = _flops(tuple(shape))
+    plans = [plan for plan in plans_for(shape[3]) if plan[0].startswith(only)]
     rows = []
     for name, fwd, bwd, chunk_b in plans:
         for label, impl, rope in MODES:
@@ -144,7 +143,7 @@ def sweep(shape: Sequence[int], only: str = "") -> list[str]:
                 rows.append(f"| {name} | {label} | – | – | – | {why} |")
                 continue
             fwd_tf = flops / (fwd_ms * 1e-3) / 1e12
-            step_tf = 3.5 * flops / (step_ms * 1e-3) / 1e12  # forward + backward (2.5x the forward)
+            step_tf = (1 + BACKWARD_FLOPS) * flops / (step_ms * 1e-3) / 1e12
             rows.append(f"| {name} | {label} | {fwd_ms:.3f} | {fwd_tf:.0f} | {step_ms:.3f} "
                         f"({step_tf:.0f} TFLOP/s) | ok |")
     return rows

@@ -27,7 +27,7 @@ import torch
 if not torch.cuda.is_available():  # CPU smoke: the kernels run in Triton's interpreter (set before they load)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from benchmarks.bench_linear import MLP_WIDTHS, gate_mlp_up, mlp_layer, mlp_up_runs  # noqa: E402
+from benchmarks.bench_linear import MLP_WIDTHS, gate_mlp_up, mlp_layer, mlp_up_flops, mlp_up_runs  # noqa: E402
 from benchmarks.harness import SMOKE, cuda_time_ms, sweep_row  # noqa: E402
 from sphere_fast.nn.layers import SwiGLU  # noqa: E402
 
@@ -63,7 +63,7 @@ def time_config(layer: SwiGLU, x: torch.Tensor, config: GemmConfig | None) -> fl
 def sweep(width: int, tokens: int) -> list[str]:
     """Markdown rows: the unfused baseline, then every config."""
     layer, x = mlp_layer(width, tokens)
-    flops = 2 * tokens * width * 2 * layer.w3.in_features
+    flops = mlp_up_flops(layer, tokens)
     return [sweep_row("cuBLAS + SwiGLU kernel" if config is None else str(tuple(config)),
                       functools.partial(time_config, layer, x, config), lambda ms: flops / (ms * 1e-3) / 1e12)
             for config in [None, *configs()]]
