@@ -1062,6 +1062,118 @@ def test_tune_attention_smoke_gates_and_times_every_rope_mode(capsys: pytest.Cap
     assert all(row.endswith("| ok |") for row in rows), rows
 
 
+def test_tune_attention_plans_every_variant_once_in_order() -> None:
+    """The GPU sweep at D = 72: the op's forward candidates and the other forward blocks, the op's dkdv ones, its
+    other dq ones (its default dq runs in every dkdv row), the other backward blocks, the TMA forwards, then the
+    chunk B widths that still hold the head dim's rest (D = 112 leaves 48 columns: none of 32)."""
+    attn = tune_attention.attn
+    own = attn._candidates(72, torch.bfloat16, interpret=False)
+    expected = ([f"fwd {c}" for c in own["fwd"] + tune_attention.FWD_VARIANTS] + [f"dkdv {c}" for c in own["dkdv"]]
+                + [f"dq {c}" for c in own["dq"][1:]] + [f"dkdv {a} dq {b}" for a, b in tune_attention.BWD_VARIANTS]
+                + [f"fwd {c}" for c in tune_attention.TMA_FWD_VARIANTS] + ["chunk B 32"])
+    with mock.patch.object(tune_attention, "SMOKE", False):
+        assert [name for name, *_ in tune_attention.plans_for(72)] == expected
+        assert [name for name, *_ in tune_attention.plans_for(96)][-1] == "chunk B 32"  # 64 + 32: the rest fits
+        assert not [name for name, *_ in tune_attention.plans_for(112) if name.startswith("chunk B")]
+
+
+def test_tune_attention_rows_count_the_flops_of_bench_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forward 4·B·H·N²·D FLOPs, forward + backward 3.5x that; --only keeps the names starting with it ("dq"
+    leaves out the "dkdv ... dq ..." rows)."""
+    monkeypatch.setattr(tune_attention, "SMOKE", False)
+    monkeypatch.setattr(tune_attention, "time_variant", lambda *args: (1.0, 2.0))
+    rows = tune_attention.sweep((16, 16, 1024, 64), only="dq")
+    flops = 4 * 16 * 16 * 1024**2 * 64
+    assert rows and all(row.startswith("| dq ") for row in rows), rows
+    assert all(row.endswith(f"| {flops / 1e9:.0f} | 2.000 ({3.5 * flops / 2e9:.0f} TFLOP/s) | ok |") for row in rows)
+
+
+def test_tune_attention_runs_the_variant_it_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    """time_variant calls the op with the impl and the RoPE mode it is given, under the chunk B width it is
+    given, and its gate checks the gradient too: a backward that doubles dq fails it."""
+    attn = tune_attention.attn
+    calls, chunks = [], []
+    real_attention, real_chunks_with = attn.attention, tune_attention.chunks_with
+
+    def attention(q, k, v, rope=None, **kwargs):
+        calls.append((rope is not None, kwargs.get("impl")))
+        return real_attention(q, k, v, rope, **kwargs)
+
+    def chunks_with(width):
+        narrowed = real_chunks_with(width)
+
+        def spy(head_dim):
+            chunks.append(narrowed(head_dim))
+            return chunks[-1]
+        return spy
+
+    monkeypatch.setattr(attn, "attention", attention)
+    monkeypatch.setattr(tune_attention, "chunks_with", chunks_with)
+    tune_attention.time_variant((1, 2, 17, 72), "triton_rope_on_load", False, None, None, chunk_b=32)
+    assert calls and set(calls) == {(False, "triton_rope_on_load")}, calls
+    assert chunks and set(chunks) == {(64, 32, True)}, chunks
+    real_bwd = attn.attention_triton_bwd
+    monkeypatch.setattr(attn, "attention_triton_bwd", lambda do, *args: (2 * real_bwd(do, *args)[0],
+                                                                         *real_bwd(do, *args)[1:]))
+    with pytest.raises(AssertionError):
+        tune_attention.time_variant((1, 2, 17, 32), "triton", True, None, None)
+
+
+def test_tune_attention_sweeps_each_head_dim_asked_for(capsys: pytest.CaptureFixture[str]) -> None:
+    assert tune_attention.main(["--shape", "1", "2", "17", "32", "--head-dims", "16", "32", "--only", "fwd"]) == 0
+    titles = [line for line in capsys.readouterr().out.splitlines() if line.startswith("### ")]
+    assert [title.split()[-1] for title in titles] == ["D=16", "D=32"]
+
+
+def test_tune_adaln_runs_each_config_as_it_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A config's rows a step, programs per SM and stages reach the op's launch (its tuning key and candidates),
+    its gate's truth is float32, and the op's own config counts programs per SM from the op's target."""
+    adaln = tune_adaln.adaln
+    launches, truths = [], []
+    real_launch, real_gate = adaln.launch_tuned, tune_adaln.gate
+    monkeypatch.setattr(adaln, "launch_tuned", lambda key, candidates, *a: (launches.append((key, candidates)),
+                                                                             real_launch(key, candidates, *a))[1])
+    monkeypatch.setattr(tune_adaln, "gate", lambda actual, expected, what: (truths.append(expected),
+                                                                            real_gate(actual, expected, what))[1])
+    tune_adaln.time_config((1, 64, 96), (1, 1, 2, 3))  # 2 programs on the CPU's one "SM": 32 rows each
+    backward = [(key, candidates) for key, candidates in launches if key[0] == "adaln bwd"]
+    assert backward and all(key[-2] == 32 and candidates == (3,) for key, candidates in backward), backward
+    assert truths and all(t.dtype == torch.float32 for truth in truths for t in truth)
+    monkeypatch.setattr(tune_adaln, "sm_count", lambda: 132)
+    monkeypatch.setattr(adaln, "_n_programs_target", lambda device: 264)
+    assert tune_adaln.own_config(1024)[2] == 2
+
+
+def test_tune_adaln_rows_count_the_bytes_of_bench_adaln(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GB/s from bench_adaln's byte model of the backward; a config equal to the op's runs once, as the op's."""
+    from benchmarks.bench_adaln import adaln_bwd_bytes
+
+    own = tune_adaln.own_config(96)
+    monkeypatch.setattr(tune_adaln, "OTHER_CONFIGS", (own, (2, 1, 4, 1)))
+    monkeypatch.setattr(tune_adaln, "time_config", lambda shape, config: 1.0)
+    rows = tune_adaln.sweep((4, 1024, 96))
+    assert len(rows) == 2 and "(the op)" in rows[0]
+    assert rows[1] == f"| (2, 1, 4, 1) | 1.000 | {adaln_bwd_bytes(4, 1024, 96, 2) / 1e6:.0f} | ok |"
+    assert adaln_bwd_bytes(4, 1024, 96, 2) == 2 * (6 * 4 * 1024 * 96 + 3 * 4 * 96 + 96) + 4 * 4 * 1024
+
+
+def test_tune_swiglu_linear_runs_the_config_it_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The op launches with the one config given (no tuning), and a row's TFLOP/s counts the unpadded GEMM."""
+    swl = tune_swiglu_linear.swl
+    config = swl.INTERPRETER_CANDIDATES[0]._replace(warps=8)  # the interpreter ignores warps
+    launched = []
+    real_launch = swl.launch_tuned
+    monkeypatch.setattr(swl, "launch_tuned", lambda key, candidates, *a: (launched.append(candidates),
+                                                                           real_launch(key, candidates, *a))[1])
+    layer, x = tune_swiglu_linear.mlp_layer(64, 24)
+    tune_swiglu_linear.time_config(layer, x, config)
+    assert launched and set(launched) == {(config,)}
+    monkeypatch.setattr(tune_swiglu_linear, "time_config", lambda layer, x, config: 1.0)
+    hidden = layer.w3.in_features
+    rows = tune_swiglu_linear.sweep(64, 4096)
+    assert rows[0] == f"| cuBLAS + SwiGLU kernel | 1.000 | {2 * 4096 * 64 * 2 * hidden / 1e9:.0f} | ok |"
+
+
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="builds a stub libcuda with gcc")
 def test_compile_times_runs_every_way_on_the_same_kernels(capsys: pytest.CaptureFixture[str]) -> None:
     """One round at one layer a network: each way compiles (or, warm, loads) the same kernels in its fresh
