@@ -247,7 +247,8 @@ class Check:
             # with --tests-k a group may have run none of its tests: its kernel is not verified
             if (statuses[-1] != "ok" or self.tests_k) and tuple(group) in OPT_IN_CASES:
                 self.unverified_cases.append(OPT_IN_CASES[tuple(group)])
-        status = next((s for s in ("timeout", "failed") if s in statuses), "ok")
+        # a failure outranks a timeout, as in the build phase: it is a result, a timeout asks for more time
+        status = next((s for s in ("failed", "timeout") if s in statuses), "ok")
         note = f'pytest -m "{marks}"{f" -k {self.tests_k!r}" if self.tests_k else ""}, {len(TEST_GROUPS)} groups'
         note = note if status == "ok" else "see tests.log"
         if self.unverified_cases:
