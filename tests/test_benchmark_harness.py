@@ -794,6 +794,71 @@ def test_bench_phase_passes_a_deadline(tmp_path: Path, monkeypatch: pytest.Monke
     assert f"--durations={gpu_check.DURATIONS_SHOWN}" in seen["cmd"]  # the slowest cases, for planning a lease
 
 
+def test_tests_phase_spreads_each_group_over_workers_and_ranks_a_failure_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With pytest-xdist each group runs over TEST_WORKERS processes; a group that selects no test (exit 5) is
+    fine; one group failing and another timing out make the phase "failed" (the build phase's rule)."""
+    calls = []
+    outcomes = iter(["timeout", "failed", "ok"])
+    monkeypatch.setattr(gpu_check, "run_logged", lambda cmd, log, timeout, env=None, ok_codes=(0,): (
+        calls.append((cmd, ok_codes)), (next(outcomes), 1.0))[1])
+    monkeypatch.setattr(gpu_check.importlib.util, "find_spec", lambda name: name == "xdist" or None)
+    check = gpu_check.Check(tmp_path, budget_s=100, phases=gpu_check.PHASES, cuda=True)
+    check.tests()
+    assert len(calls) == 3 and all(cmd[-2:] == ["-n", str(gpu_check.TEST_WORKERS)] for cmd, _ in calls)
+    assert all(set(ok_codes) == {0, 5} for _, ok_codes in calls)
+    assert check.results[0].status == "failed" and check.results[0].note.startswith("see tests.log")
+    monkeypatch.setattr(gpu_check.importlib.util, "find_spec", lambda name: None)
+    calls.clear()
+    outcomes = iter(["ok"] * 3)
+    gpu_check.Check(tmp_path, budget_s=100, phases=gpu_check.PHASES, cuda=True).tests()
+    assert calls and not any("-n" in cmd for cmd, _ in calls)
+
+
+def test_a_failed_phase_points_at_its_log_and_the_build_env_is_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MAX_JOBS", raising=False)
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    seen = {}
+    monkeypatch.setattr(gpu_check, "run_logged", lambda cmd, log, timeout, env=None, ok_codes=(0,): (
+        seen.update(env=env), ("failed", 1.0))[1])
+    check = gpu_check.Check(tmp_path, budget_s=100, phases=gpu_check.PHASES, cuda=True)
+    check.profile()
+    assert check.results[-1].note == "see profile.log"
+    assert seen["env"]["MAX_JOBS"] == str(os.cpu_count() or 4) and seen["env"]["TORCH_CUDA_ARCH_LIST"] == "9.0a"
+
+
+def test_the_bench_json_names_the_device_and_a_complete_one_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file name is the device's name in lower-case words joined by dashes; where pytest-benchmark wrote its
+    JSON, the streamed rows are not used (they lack what it records) and are removed."""
+    written = _result()
+
+    def run(cmd, log, timeout, env=None, ok_codes=(0,)):
+        Path(env[harness.ROWS_ENV]).write_text(json.dumps({"kind": "case", "name": "streamed"}) + "\n")
+        Path(next(a for a in cmd if a.startswith("--benchmark-json=")).split("=", 1)[1]).write_text(
+            json.dumps(written))
+        return "ok", 1.0
+
+    monkeypatch.setattr(gpu_check, "run_logged", run)
+    monkeypatch.setattr(gpu_check, "_device_name", lambda: "NVIDIA H200 (MIG 1g.18gb)")
+    check = gpu_check.Check(tmp_path, budget_s=100, phases=gpu_check.PHASES, cuda=True)
+    check.bench()
+    assert check.bench_json.name.endswith("-nvidia-h200-mig-1g-18gb.json")
+    assert json.loads(check.bench_json.read_text()) == written and "rebuilt" not in check.results[-1].note
+    assert sorted(p.name for p in tmp_path.iterdir()) == [check.bench_json.name]
+
+
+def test_gpu_check_refuses_unknown_phases(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_check.main([str(tmp_path), "--phases", "tests,benchmark"])
+    assert exit_info.value.code == 2 and "unknown phases ['benchmark']" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_bench_k_selects_the_benchmark_cases(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen: dict = {}
     monkeypatch.setattr(gpu_check, "run_logged", lambda cmd, *a, **k: (seen.update(cmd=cmd), ("ok", 1.0))[1])
