@@ -331,6 +331,37 @@ def test_report_renders_pivoted_table() -> None:
     assert "Smoke run" not in text
 
 
+def test_report_number_formats() -> None:
+    """Three significant digits below 100 (a trailing zero kept), whole numbers from 100; speedups and shares."""
+    fmt = report._fmt
+    assert [fmt(v, "n") for v in (None, 1234.4, 100.0, 99.94, 10.0, 9.999, 1.0, 0.05)] == [
+        "–", "1234", "100", "99.9", "10.0", "10.00", "1.00", "0.0500"]
+    assert fmt(2.5, "x") == "2.50x" and fmt(46.6, "%") == "47%"
+
+
+def test_report_columns_ours_and_partly_filled() -> None:
+    """An op without any of our implementations (a ceiling, a baseline pair) gets no speedup columns; a rate
+    column that some shapes filled is kept, with a dash where a shape did not."""
+    def row(impl: str, shape: list[int], ms: float, **extra) -> dict:
+        return {"op": "matmul", "impl": impl, "shape": shape, "dtype": "bf16", "ms": ms, **extra}
+
+    lines = report.table([row("eager", [64], 2.0), row("torch", [64], 1.0, gbps=800.0),
+                          row("eager", [128], 4.0), row("torch", [128], 3.0)]).splitlines()
+    assert lines[2] == "| shape | dtype | eager ms | torch ms | GB/s |"
+    assert lines[4:] == ["| 64 | bf16 | 2.00 | 1.00 | 800 |", "| 128 | bf16 | 4.00 | 3.00 | – |"]
+
+
+def test_report_of_a_file_without_rows() -> None:
+    text = report.render({**_result(), "benchmarks": [{"extra_info": {}}]})
+    assert text.startswith("Measured 2026-11-28") and text.endswith("\n\nNo benchmark rows in this file.")
+
+
+def test_report_main_needs_a_file_or_the_readme(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        report.main([])
+    assert exit_info.value.code == 2 and "give a results JSON or --readme" in capsys.readouterr().err
+
+
 def test_report_splits_the_cold_start_by_stage() -> None:
     stages = {"startup_s": 4.5, "import_torch_s": 3.0, "import_sphere_fast_s": 0.06, "cuda_init_s": 0.5,
               "build_s": 0.4, "first_call_s": 1.6, "capture_compile_pass_s": 0.3, "capture_warm_up_s": 0.9,
@@ -354,15 +385,17 @@ def test_report_tables_the_peak_memory_by_implementation() -> None:
         row("sample sphere-l-imagenet", "graph", "b64 t4 cfg1.4 combo", 21.5),
         row("sample sphere-l-imagenet", "eager", "b64 t4 cfg1.4 combo", 34.0),
         row("sample sphere-l-imagenet", "graph", "b1 t4 cfg1.4 combo", 0.61),
+        row("sample sphere-l-imagenet", "graph", "b1 t1 cfg1.4 combo", 0.0),  # found all it needed: a measurement
         row("train step sphere-l-imagenet", "fused", "b16", None),  # measured nothing (a CPU run)
         {"op": "swiglu", "impl": "triton", "shape": [8, 256], "dtype": "bf16", "ms": 1.0},
     ]
     lines = report.peak_memory(records).splitlines()
-    assert lines[2:6] == ["| case | eager GB | graph GB |", "|---|---|---|",
+    assert lines[2:7] == ["| case | eager GB | graph GB |", "|---|---|---|",
                           "| sample sphere-l-imagenet b64 t4 cfg1.4 combo bf16 | 34.0 | 21.5 |",
-                          "| sample sphere-l-imagenet b1 t4 cfg1.4 combo bf16 | – | 0.610 |"]
-    assert len(lines) == 7 and lines[-1] == ""
-    assert report.peak_memory(records[3:]) == ""
+                          "| sample sphere-l-imagenet b1 t4 cfg1.4 combo bf16 | – | 0.610 |",
+                          "| sample sphere-l-imagenet b1 t1 cfg1.4 combo bf16 | – | 0.00 |"]
+    assert len(lines) == 8 and lines[-1] == ""
+    assert report.peak_memory(records[4:]) == ""
     assert "Peak memory above the weights" in report.render({**_result(), "benchmarks": [
         {"extra_info": r} for r in records]})
 
@@ -649,12 +682,15 @@ def test_readme_section_merges_the_calls_of_one_lease(tmp_path: Path) -> None:
                             {"extra_info": {**headline["benchmarks"][2]["extra_info"], "op": "rope"}}]
     other["commit_info"] = {"id": "fedcba9876543210", "dirty": False}
     other["benchmarks"] = [{"extra_info": {**headline["benchmarks"][2]["extra_info"], "op": "attention_fwd"}}]
-    for name, data in (("a.json", headline), ("b.json", suites), ("c.json", other)):
+    elsewhere = _result("2026-11-20T07:00:00+00:00", device="NVIDIA H100")  # the same commit on another GPU
+    elsewhere["benchmarks"] = [{"extra_info": {**headline["benchmarks"][2]["extra_info"], "op": "spherify"}}]
+    for name, data in (("a.json", headline), ("b.json", suites), ("c.json", other), ("d.json", elsewhere)):
         (tmp_path / name).write_text(json.dumps(data))
     section = report.readme_section(tmp_path)
     assert section.startswith("From `benchmarks/results/a.json` and `benchmarks/results/b.json`. Earlier leases' "
-                              "files, for the cases this one did not measure: `c.json` (")
+                              "files, for the cases this one did not measure: `c.json`, `d.json` (")
     assert "#### swiglu" in section and "#### rope" in section and "#### attention_fwd" not in section
+    assert "#### spherify" not in section
     swiglu = section[section.index("#### swiglu"):section.index("#### copy")]
     assert "| 0.125 |" in swiglu and "| 0.250 |" not in swiglu and "| 1.00 |" in swiglu  # newer triton, eager kept
     assert "cut off at its time limit" in section
@@ -908,10 +944,12 @@ def test_bench_json_is_rebuilt_from_streamed_rows_when_the_run_is_cut(
 
     monkeypatch.setattr(gpu_check, "run_logged", killed_run)
     check = gpu_check.Check(tmp_path, budget_s=100, phases=gpu_check.PHASES, cuda=True)
+    check.skip("profile", "not requested (--phases)")  # the note goes to the bench phase, not the first
     check.bench()
     data = json.loads(check.bench_json.read_text())
     assert data["benchmarks"] == cases and data["partial"] is True and report.is_gpu_result(data)
     assert "rebuilt from the 2 cases" in check.results[-1].note and check.results[-1].status == "timeout"
+    assert check.results[0].note == "not requested (--phases)"
     assert "cut off" in report.render(data) and "#### swiglu" in report.render(data)
     assert "| #3 |" in check.summary()  # the goal verdicts, from the rebuilt file
     assert "| nn.layers.MLP_ALIGN |" in check.summary()  # and the pending choices
