@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from sphere_fast import ops
-from sphere_fast.model import labels_checked
+from sphere_fast.model import check_model, labels_checked
 from sphere_fast.sampling import (
     DrawnNoise,
     GuidedNetworks,
@@ -40,7 +40,7 @@ def _device(model: nn.Module) -> torch.device:
 def check_images(model: nn.Module, images: object, name: str = "images") -> torch.Tensor:
     """[B, 3, H, W] floating images in [0, 1] -> the model's input range [-1, 1], on its device and in its
     encoder's weight dtype (a model cast to bf16 takes bf16 images)."""
-    size = model.input_size
+    size = check_model(model).input_size
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor [B, 3, {size}, {size}], got {type(images).__name__}")
     if not images.is_floating_point():
@@ -237,7 +237,7 @@ def interpolate(
     or ``slerp`` per token over the channel dim); the class embeddings are interpolated linearly. Each
     point then goes through sampling, so a corner's image is the one ``generate`` makes from its seed and
     label. Returns [rows, cols, 3, H, W] in [0, 1]."""
-    device = _device(model)
+    device = _device(check_model(model))
     check_count("rows", rows)
     check_count("cols", cols)
     points = rows * cols

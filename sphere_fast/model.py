@@ -518,3 +518,10 @@ class SphereEncoder(nn.Module):
             seeds=seeds,
             dtype=dtype,
         )
+
+
+def check_model(model: object) -> SphereEncoder:
+    """The sampler and the editing functions run a SphereEncoder's networks: anything else is refused up front."""
+    if not isinstance(model, SphereEncoder):
+        raise TypeError(f"model must be a SphereEncoder, got {type(model).__name__}")
+    return model

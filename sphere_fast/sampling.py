@@ -19,7 +19,7 @@ import torch
 
 from sphere_fast import ops
 from sphere_fast.backend import active_backend
-from sphere_fast.model import Conditioning, check_label_range, labels_checked, representative_blocks
+from sphere_fast.model import Conditioning, check_label_range, check_model, labels_checked, representative_blocks
 from sphere_fast.nn.layers import fused_mlp_enabled, padded_mlp_weights
 from sphere_fast.ops._util import compile_pass
 from sphere_fast.ops.philox import check_seeds
@@ -436,7 +436,7 @@ class Sampler:
     ):
         if not isinstance(cuda_graph, bool):
             raise TypeError(f"cuda_graph must be a bool, got {cuda_graph!r}")
-        if model.training:
+        if check_model(model).training:
             raise ValueError("model is in training mode (label dropout would apply): call model.eval() first")
         self.model = model
         self.batch_size = batch_size
