@@ -61,6 +61,15 @@ def test_bad_images(model, bad, error, match):
         reconstruct_images(model, bad)
 
 
+def test_only_a_sphere_encoder_is_edited():
+    linear = torch.nn.Linear(2, 2).eval()
+    images = torch.rand(2, 3, 16, 16)
+    for call in (lambda: reconstruct_images(linear, images), lambda: manipulate(linear, images, 1),
+                 lambda: crossover(linear, images, images), lambda: interpolate(linear, torch.arange(4))):
+        with pytest.raises(TypeError, match="model must be a SphereEncoder, got Linear"):
+            call()
+
+
 def hand_manipulation(model, images, labels, steps, scaler, seeds, scheduler=False):
     """Spec 7 written out: each step encodes, re-projects with scaled cached noise, decodes."""
     x = images * 2 - 1

@@ -140,6 +140,11 @@ def test_bad_constructor_args(model, kwargs, error, match):
         Sampler(model, **args)
 
 
+def test_only_a_sphere_encoder_is_sampled():
+    with pytest.raises(TypeError, match="model must be a SphereEncoder, got Linear"):
+        Sampler(torch.nn.Linear(2, 2).eval(), 4, 1)
+
+
 def test_training_mode_refused():
     m = tiny_model().train()
     with pytest.raises(ValueError, match="eval"):
