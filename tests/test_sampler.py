@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sphere_fast import SphereEncoder, ops
-from sphere_fast.sampling import GraphKey, GuidedNetworks, Sampler, bucket_for, sample_labels
+from sphere_fast.sampling import GraphKey, GuidedNetworks, Sampler, bucket_for, sample_labels, to_unit
 
 TINY = {"width": 32, "layers": 1, "heads": 2}
 
@@ -209,6 +209,35 @@ def test_guided_output_keeps_the_networks_dtype(model):
         plain = GuidedNetworks.from_scale(model, LABELS, 1.0, "dec").decode(v)
         guided = GuidedNetworks.from_scale(model, LABELS, 1.5, "dec").decode(v)
     assert plain.dtype == guided.dtype == torch.bfloat16
+
+
+def test_cfg_mix_rounds_once_as_torch_lerp_with_a_float_weight(model):
+    """In bf16 the guided output is the official torch.lerp(uncond, cond, cfg) with a Python-float weight (computed
+    in float32, rounded once), not a lerp with the weight rounded to bf16 (1.4 -> 1.3984375)."""
+    v = model.f(torch.randn(5, *model.latent_shape[1:], generator=torch.Generator().manual_seed(3)))
+    null = torch.full_like(LABELS, model.num_classes)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        guided = GuidedNetworks.from_scale(model, LABELS, 1.4, "dec").decode(v)
+        cond, uncond = model.decoder(torch.cat([v, v]), torch.cat([LABELS, null])).chunk(2)
+    assert guided.dtype == torch.bfloat16
+    assert torch.equal(guided, torch.lerp(uncond, cond, 1.4).clamp(-1, 1))
+
+
+def test_cfg_1_runs_each_network_on_one_batch(model):
+    """cfg = 1 is no guidance: no null-class branch (the networks see B samples, not 2B), as with no labels."""
+    batches = []
+    hooks = [net.register_forward_pre_hook(lambda net, args: batches.append(args[0].shape[0]))
+             for net in (model.encoder, model.decoder)]
+    try:
+        Sampler(model, 8, 2, cfg=1.0, dtype=torch.float32)(LABELS, SEEDS)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert batches == [5, 5, 5]
+
+
+def test_images_are_clamped_to_the_unit_range():
+    assert torch.equal(to_unit(torch.tensor([-3.0, -1.0, 0.0, 0.5, 3.0])), torch.tensor([0.0, 0.0, 0.5, 0.75, 1.0]))
 
 
 def test_float32_runs_without_autocast(model):
