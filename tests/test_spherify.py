@@ -339,17 +339,23 @@ def test_fp64_rejected_by_kernels():
 # ------------------------------------------------------------------------------------- torch.library
 
 
+def _strided(t):
+    """t's values in memory with its last two dims swapped (not contiguous)."""
+    out = t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert not out.is_contiguous()
+    return out
+
+
 def _opcheck_args(backend):
     z = _z(2, 72)
     scales = torch.tensor([[0.5, 0.0], [1.5, 2.0]])
     noise = torch.randn(z.shape)
     seeds = _seeds(2)
-    strided_z = z.transpose(1, 2).contiguous().transpose(1, 2)  # outputs are contiguous: the fakes must agree
     return [
         (z, None, None, None, 0, backend),
         (z, scales[:1], None, seeds, 3, backend),
         (z, scales, noise, None, 0, backend),
-        (strided_z.bfloat16(), scales, None, seeds, 1, backend),  # stats stay float32
+        (_strided(z).bfloat16(), scales, None, seeds, 1, backend),  # contiguous outputs, float32 stats: as the fakes
     ]
 
 
@@ -373,19 +379,13 @@ def test_ops_read_strided_inputs(backend):
     """A caller of the ops themselves may pass strided [P, B] scales, gradients and stats: same bits as
     contiguous ones."""
     z, scales, noise = _z(2, 72), torch.tensor([[0.5, 0.0], [1.5, 2.0]]), torch.randn(2, 4, 18)
-
-    def strided(t):
-        out = t.transpose(-1, -2).contiguous().transpose(-1, -2)
-        assert not out.is_contiguous()
-        return out
-
     fwd, bwd = torch.ops.sphere_fast.spherify_fwd, torch.ops.sphere_fast.spherify_bwd
     out, stats = fwd(z, scales, noise, None, 0, backend)
-    torch.testing.assert_close(fwd(z, strided(scales), noise, None, 0, backend), (out, stats), atol=0, rtol=0)
+    torch.testing.assert_close(fwd(z, _strided(scales), noise, None, 0, backend), (out, stats), atol=0, rtol=0)
     grad = torch.randn(out.shape)
     grad_strided = torch.cat([grad, grad], dim=1)[:, : grad.shape[1]]  # pairs apart by two batches: a view still
     assert not grad_strided.is_contiguous()
-    torch.testing.assert_close(bwd(grad_strided, z, strided(scales), noise, None, strided(stats), 0, backend),
+    torch.testing.assert_close(bwd(grad_strided, z, _strided(scales), noise, None, _strided(stats), 0, backend),
                                bwd(grad, z, scales, noise, None, stats, 0, backend), atol=0, rtol=0)
 
 
