@@ -13,6 +13,7 @@ from sphere_fast import ops, use_backend
 from sphere_fast.ops import spherify_noise_reference, spherify_reference
 from sphere_fast.training import (
     LOSS_PRESETS,
+    DistInfo,
     RunConfig,
     SphereLoss,
     StepLog,
@@ -22,6 +23,7 @@ from sphere_fast.training import (
     learning_rate,
     loss_weights,
     noise_scales,
+    noisy_latent_pair,
     stratified_radii,
 )
 
@@ -37,6 +39,15 @@ def test_stratified_radii_one_per_stratum_plus_zero_and_one():
         assert torch.all(inner >= (torch.arange(m) + 1e-3) / m) and torch.all(inner < (torch.arange(m) + 1) / m)
     with pytest.raises(ValueError, match="at least 3"):
         stratified_radii(2)
+
+
+def test_stratified_radii_are_shuffled():
+    """The strata and the added 1 and 0 land at random rows: no row always gets the same noise level (with
+    gradient accumulation, a micro-batch would otherwise always get the same strata)."""
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([stratified_radii(8, generator=g) for _ in range(20)])
+    assert len(set((draws == 1).int().argmax(1).tolist())) > 1 and len(set((draws == 0).int().argmax(1).tolist())) > 1
+    assert not all(torch.equal(d, d.sort().values) or torch.equal(d, d.sort(descending=True).values) for d in draws)
 
 
 def test_stratified_radii_keep_off_the_strata_floors(monkeypatch):
@@ -59,6 +70,19 @@ def test_noise_scales_follow_the_hard_case_rule():
     r_mix = 1 + s * (math.tan(math.radians(85.0)) / sigma - 1)
     torch.testing.assert_close(big, torch.where(s > 0.1, r, r_mix) * sigma)
     torch.testing.assert_close(small, r * r2 * 0.5 * sigma)  # uses r, not r_big
+
+
+def test_noisy_latent_pair_spherifies_one_draw_at_both_noise_levels():
+    """The training forward's pair: the noise levels of ``noise_scales``, then one e for both, big first."""
+    model = tiny_model()
+    z = torch.randn(5, 16, 4, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(7)
+    v_big, v_small = noisy_latent_pair(model, z)
+    torch.manual_seed(7)
+    big, small = noise_scales(model, 5, torch.device("cpu"))
+    e = torch.randn_like(z)
+    torch.testing.assert_close(v_big, spherify_noise_reference(z, big, e), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(v_small, spherify_noise_reference(z, small, e), rtol=1e-5, atol=1e-5)
 
 
 def hand_losses(model, x, y, big, small, e, w):
@@ -136,6 +160,24 @@ def test_train_step_takes_seeds_as_the_noise_they_draw():
     assert other["loss"] != pytest.approx(from_noise["loss"], rel=1e-5)
     with pytest.raises(ValueError, match="noise"):
         Trainer(tiny_model(), config).train_step(x, y, scales=scales, noise=noise, seeds=seeds)
+
+
+def test_train_step_draws_a_seed_per_sample_from_the_global_generator(monkeypatch):
+    """Without given noise or seeds each sample gets its own seed, new each step, from torch's global RNG
+    (which the checkpoint saves, so a resumed run draws the same)."""
+    drawn = []
+    pair = ops.spherify_noise_pair
+    monkeypatch.setattr(ops, "spherify_noise_pair", lambda *a, **k: drawn.append(k["seeds"]) or pair(*a, **k))
+    config = TrainConfig(global_batch=6, total_steps=4, warmup_steps=1, loss_weights=NO_PERCEPTUAL)
+    x, y = tiny_batch(6)
+    for _ in range(2):
+        torch.manual_seed(3)
+        trainer = Trainer(no_label_dropout(tiny_model()), config)
+        trainer.train_step(x, y)
+        trainer.train_step(x, y)
+    first, second, again, _ = drawn
+    assert first.dtype == torch.int64 and first.shape == (6,) and len(set(first.tolist())) == 6
+    assert not torch.equal(first, second) and torch.equal(first, again)
 
 
 def test_accumulated_micro_batches_give_the_whole_batch_gradient():
@@ -358,6 +400,31 @@ def test_fit_refuses_data_with_more_classes_than_the_model(tmp_path):
         fit(synthetic_run(tmp_path, 1, num_classes=5), progress=False)
 
 
+def test_fit_under_torchrun_builds_the_same_weights_on_every_process(tmp_path, monkeypatch):
+    """Every process builds its model from the run's seed: the Trainer copies the EMA from it before DDP
+    broadcasts rank 0's weights. The global batch must split evenly over the processes."""
+    training = importlib.import_module("sphere_fast.training")
+
+    class Built(Exception):
+        pass
+
+    def trainer_stub(model, config, device, info):
+        built[info.rank] = {k: v.clone() for k, v in model.state_dict().items()}
+        raise Built
+
+    built = {}
+    monkeypatch.setattr(training, "Trainer", trainer_stub)
+    for rank in (0, 1):
+        monkeypatch.setattr(training, "init_distributed", lambda: DistInfo(rank, 2, rank))
+        with pytest.raises(Built):
+            fit(synthetic_run(tmp_path, 1), progress=False)
+    assert built[0].keys() == built[1].keys()
+    assert all(torch.equal(built[0][k], built[1][k]) for k in built[0])
+    monkeypatch.setattr(training, "init_distributed", lambda: DistInfo(0, 4, 0))
+    with pytest.raises(ValueError, match="global_batch 6 is not divisible by the 4 processes"):
+        fit(synthetic_run(tmp_path, 1), progress=False)
+
+
 def test_fit_flips_each_batch_and_trains_an_unconditional_model_on_labelled_data(tmp_path, monkeypatch):
     """Each batch goes through the random flip on its way to the step; an unconditional model gets no labels."""
     from sphere_fast import data
@@ -400,8 +467,9 @@ def test_train_config_betas_become_a_tuple():
 
 
 def test_perceptual_loss_without_weight_files_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="no perceptual network was given"):
-        SphereLoss(tiny_model(), loss_weights("cifar10"))
+    for term in ("recon_perc", "con_perc"):  # either perceptual weight alone needs the networks
+        with pytest.raises(ValueError, match="no perceptual network was given"):
+            SphereLoss(tiny_model(), loss_weights({**NO_PERCEPTUAL, term: 1.0}))
     with pytest.raises(ValueError, match="local weight files"):
         Trainer(tiny_model(), TrainConfig(global_batch=6, loss_weights="cifar10"))
     paths = {"vgg16": tmp_path / "nope.pth", "lpips": tmp_path / "vgg.pth", "convnext_small": tmp_path / "c.pth"}
