@@ -210,8 +210,12 @@ def test_bad_inputs():
         model.decoder(torch.rand(2, 16, 5), y)
     with pytest.raises(ValueError, match="empty batch"):
         model.decoder(torch.rand(0, 16, 4), y[:0])
-    with pytest.raises(ValueError, match="labels must be in"):
-        model.encoder(torch.rand(2, 3, 16, 16), torch.tensor([0, 6]))
+    for labels in ([0, 6], [-1, 0]):
+        with pytest.raises(ValueError, match=r"labels must be in \[0, 5\]"):
+            model.encoder(torch.rand(2, 3, 16, 16), torch.tensor(labels))
+    for labels in (torch.tensor([0, 1, 2]), y[:, None]):
+        with pytest.raises(TypeError, match=r"y must be an int64 tensor of shape \(2,\)"):
+            model.decoder(torch.rand(2, 16, 4), labels)
     with pytest.raises(TypeError, match="y must be an int64"):
         model.encoder(torch.rand(2, 3, 16, 16), None)
     with pytest.raises(TypeError, match="y must be an int64"):

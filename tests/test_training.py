@@ -400,26 +400,27 @@ def test_fit_refuses_data_with_more_classes_than_the_model(tmp_path):
         fit(synthetic_run(tmp_path, 1, num_classes=5), progress=False)
 
 
-def test_fit_under_torchrun_builds_the_same_weights_on_every_process(tmp_path, monkeypatch):
-    """Every process builds its model from the run's seed: the Trainer copies the EMA from it before DDP
-    broadcasts rank 0's weights. The global batch must split evenly over the processes."""
+def test_fit_under_torchrun_builds_the_same_weights_and_draws_other_noise_on_each_process(tmp_path, monkeypatch):
+    """Every process builds its model from the run's seed (the Trainer copies the EMA from it before DDP
+    broadcasts rank 0's weights), then draws its own noise. The global batch must split evenly over the
+    processes; rank 0 alone logs. Each rank runs here as one process of its own (no process group)."""
     training = importlib.import_module("sphere_fast.training")
+    built, seeds = {}, []
 
-    class Built(Exception):
-        pass
-
-    def trainer_stub(model, config, device, info):
+    def single_process_trainer(model, config, device, info):
         built[info.rank] = {k: v.clone() for k, v in model.state_dict().items()}
-        raise Built
+        return Trainer(model, config, device)
 
-    built = {}
-    monkeypatch.setattr(training, "Trainer", trainer_stub)
+    pair = ops.spherify_noise_pair
+    monkeypatch.setattr(ops, "spherify_noise_pair", lambda *a, **k: seeds.append(k["seeds"]) or pair(*a, **k))
+    monkeypatch.setattr(training, "Trainer", single_process_trainer)
     for rank in (0, 1):
         monkeypatch.setattr(training, "init_distributed", lambda: DistInfo(rank, 2, rank))
-        with pytest.raises(Built):
-            fit(synthetic_run(tmp_path, 1), progress=False)
+        fit(synthetic_run(tmp_path / str(rank), 1), progress=False)
     assert built[0].keys() == built[1].keys()
     assert all(torch.equal(built[0][k], built[1][k]) for k in built[0])
+    assert seeds[0].shape == seeds[1].shape == (3,) and not set(seeds[0].tolist()) & set(seeds[1].tolist())
+    assert (tmp_path / "0" / "losses.jsonl").is_file() and not (tmp_path / "1" / "losses.jsonl").exists()  # rank 0 logs
     monkeypatch.setattr(training, "init_distributed", lambda: DistInfo(0, 4, 0))
     with pytest.raises(ValueError, match="global_batch 6 is not divisible by the 4 processes"):
         fit(synthetic_run(tmp_path, 1), progress=False)
