@@ -56,6 +56,16 @@ def test_roundtrip_keeps_weights_ema_optimizer_and_official_keys(tmp_path):
     assert not torch.equal(ema_weight, live_weight), "the EMA and live weights must differ after two steps"
 
 
+def test_a_strided_weight_is_saved_by_value(tmp_path):
+    """safetensors stores contiguous tensors only: a weight held as a transposed view is saved as its values."""
+    model = tiny_model()
+    weight = model.decoder.blocks[0].attn.proj.weight
+    weight.data = weight.data.t().contiguous().t()
+    assert not weight.is_contiguous()
+    loaded, _ = load_checkpoint(save_checkpoint(tmp_path, model))
+    assert torch.equal(loaded.decoder.blocks[0].attn.proj.weight, weight)
+
+
 def test_resume_gives_the_same_next_losses(tmp_path):
     def run(out: Path, steps: int) -> RunConfig:
         return RunConfig(

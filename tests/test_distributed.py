@@ -3,13 +3,15 @@ same losses, with and without gradient accumulation."""
 
 import os
 import socket
+from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from sphere_fast.training import DistInfo, TrainConfig, Trainer, init_distributed
+from sphere_fast.checkpoint import load_checkpoint, save_checkpoint
+from sphere_fast.training import DistInfo, TrainConfig, Trainer, init_distributed, rng_state
 from tests.tiny import NO_PERCEPTUAL, no_label_dropout, tiny_batch, tiny_model
 
 GLOBAL_BATCH, STEPS = 8, 3
@@ -43,11 +45,19 @@ def train(
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, logs
 
 
-def worker(rank: int, world: int, port: int, out: str, accumulation: int) -> None:
+def join_group(rank: int, world: int, port: int) -> DistInfo:
+    """This process as torchrun starts it; a collective that another process misses fails within a minute
+    instead of hanging the test."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     info = init_distributed()
-    assert dist.get_backend() == "gloo"
+    assert dist.get_backend() == "gloo" and info == DistInfo(rank, world, rank)
+    return info
+
+
+def worker(rank: int, world: int, port: int, out: str, accumulation: int) -> None:
+    info = join_group(rank, world, port)
     state, logs = train(info, accumulation=accumulation)
     torch.save({"state": state, "logs": logs}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
@@ -81,3 +91,24 @@ def test_two_gloo_processes_match_one_process(tmp_path, accumulation):
         assert [log.keys() for log in rank["logs"]] == [log.keys() for log in single_logs]
         for log, expected in zip(rank["logs"], single_logs):
             assert log == pytest.approx(expected, rel=1e-4)
+
+
+def checkpoint_worker(rank: int, world: int, port: int, out: str) -> None:
+    info = join_group(rank, world, port)
+    trainer = Trainer(no_label_dropout(tiny_model()), TrainConfig(**CONFIG), "cpu", info)
+    torch.manual_seed(10 + rank)
+    mine = rng_state()
+    path = save_checkpoint(out, trainer.model, trainer=trainer)
+    assert (path is not None) == (rank == 0)  # rank 0 writes, once every process's RNG state is gathered
+    torch.manual_seed(99)
+    load_checkpoint(out, trainer=trainer)  # the others read it only after rank 0 has written it
+    assert torch.equal(torch.get_rng_state(), mine["torch"])
+    dist.destroy_process_group()
+
+
+def test_every_process_saves_and_resumes_its_own_rng_state(tmp_path):
+    """Under torchrun every process calls save_checkpoint: the RNG states are gathered to rank 0, which writes
+    them; after the save each process loads the checkpoint back and resumes with its own state."""
+    mp.spawn(checkpoint_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    rngs = torch.load(tmp_path / "step-00000000" / "trainer_state.pt", weights_only=True)["rng"]
+    assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"])

@@ -436,6 +436,19 @@ def test_fit_flips_each_batch_and_trains_an_unconditional_model_on_labelled_data
     assert flipped == [(6, 3, 16, 16)] * 2
 
 
+def test_fit_without_resume_starts_afresh(tmp_path, monkeypatch):
+    """resume=False (the CLI's --no-resume) trains from step 0 where the run folder holds a checkpoint already,
+    and the losses log restarts with it."""
+    from sphere_fast import data
+
+    fit(synthetic_run(tmp_path, 2), progress=False)
+    flipped = []
+    monkeypatch.setattr(data, "random_hflip", lambda x: flipped.append(1) or x)
+    assert fit(synthetic_run(tmp_path, 3), resume=False, progress=False).step == 3
+    assert len(flipped) == 3
+    assert [json.loads(line)["step"] for line in (tmp_path / "losses.jsonl").read_text().splitlines()] == [0, 1, 2]
+
+
 def test_loss_weight_presets_and_validation():
     # (w_rd, w_rp, w_cd, w_cp, w_lat) as the spec's section 4 gives them
     spec = {"cifar10": (1, 1, 0.5, 0.5, 0.1), "af-of": (25, 1, 1, 1, 0.1), "imagenet": (50, 1, 25, 1, 0.1)}
