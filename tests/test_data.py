@@ -1,5 +1,6 @@
 import gzip
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ from PIL import Image
 from sphere_fast.data import (
     FASHION_MNIST_DIR,
     FashionMNIST,
+    FileListDataset,
     StepBatchSampler,
     SyntheticShapes,
     image_folder,
@@ -49,6 +51,15 @@ def test_image_folder_and_jsonl_list(tmp_path):
         image_folder(tmp_path / "missing", 16)
 
 
+def test_image_folder_numbers_classes_in_sorted_order_whatever_the_listing_order(tmp_path, monkeypatch):
+    for name in ("b", "a", "c"):
+        write_image(tmp_path / name / "x.png", 16, 16, (255, 0, 0))
+    listing = Path.iterdir
+    monkeypatch.setattr(Path, "iterdir", lambda self: iter(sorted(listing(self), reverse=True)))
+    ds = image_folder(tmp_path, 16)
+    assert ds.class_names == ["a", "b", "c"] and [(p.parent.name, k) for p, k in ds.items] == [("a", 0), ("b", 1), ("c", 2)]
+
+
 def test_image_folder_takes_image_files_of_any_case_only(tmp_path):
     write_image(tmp_path / "cats" / "a.PNG", 16, 16, (255, 0, 0))
     write_image(tmp_path / "cats" / "b.Jpeg", 16, 16, (0, 255, 0))
@@ -66,9 +77,10 @@ def test_list_files_skip_blank_lines_keep_class_ids_and_check_them(tmp_path):
         json.dumps({**line, "class_id": 2}) + "\n\n" + json.dumps({**line, "class_id": 0, "class_name": "cats"}) + "\n")
     ds = open_dataset(str(tmp_path / "list.json"), 16)
     assert ds.class_names == ["cats", "1", "birds"] and ds.num_classes == 3 and [y for _, y in ds.items] == [2, 0]
-    (tmp_path / "bad.jsonl").write_text(json.dumps({**line, "class_id": "2"}) + "\n")
-    with pytest.raises(ValueError, match="bad.jsonl:1: class_id must be an int"):
-        jsonl_list(tmp_path / "bad.jsonl", 16)
+    for bad in ("2", -1):
+        (tmp_path / "bad.jsonl").write_text(json.dumps({**line, "class_id": bad}) + "\n")
+        with pytest.raises(ValueError, match="bad.jsonl:1: class_id must be an int >= 0"):
+            jsonl_list(tmp_path / "bad.jsonl", 16)
 
 
 def test_resize_center_crop_short_side():
@@ -76,6 +88,27 @@ def test_resize_center_crop_short_side():
     img.paste((255, 255, 255), (0, 0, 16, 32))  # white left quarter is cropped away
     out = resize_center_crop(img, 16)
     assert out.size == (16, 16) and out.getextrema() == ((0, 0), (0, 0), (0, 0))
+
+
+def test_resize_center_crop_fills_the_crop_and_picks_the_filter_by_size():
+    """The short side comes out exactly ``size`` even where size / side * side falls below it in floats (49 px
+    to 32: 31.99...), so the crop never reaches past the image; up to 64 px the resize is nearest, then bicubic."""
+    out = resize_center_crop(Image.new("RGB", (49, 147), (255, 255, 255)), 32)
+    assert out.size == (32, 32) and out.getextrema() == ((255, 255),) * 3
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (100, 100, 3), dtype=np.uint8))
+    for size, method in ((64, Image.NEAREST), (65, Image.BICUBIC)):
+        assert np.array_equal(np.asarray(resize_center_crop(noise, size)), np.asarray(noise.resize((size, size), method)))
+
+
+def test_random_hflip_flips_half_the_images():
+    x = torch.tensor([0.0, 1.0]).expand(4000, 1, 1, 2)
+    flipped = random_hflip(x, torch.Generator().manual_seed(0))
+    assert 0.45 < (flipped[:, 0, 0, 0] == 1).float().mean() < 0.55  # 4000 draws: 6 standard deviations
+
+
+def test_a_file_list_needs_images():
+    with pytest.raises(ValueError, match="holds no images"):
+        FileListDataset([], ["a"], 16)
 
 
 @pytest.mark.skipif(not FASHION_MNIST_DIR.exists(), reason="dataset-fashion-mnist not installed")
