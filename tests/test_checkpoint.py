@@ -263,3 +263,20 @@ def test_a_prefix_is_stripped_only_from_keys_that_all_carry_it(tmp_path):
     weights = torch.zeros(1)
     torch.save({"module.encoder.w": weights, "decoder.w": weights}, tmp_path / "mixed.pth")
     assert sorted(read_official(tmp_path / "mixed.pth")) == ["decoder.w", "module.encoder.w"]
+    torch.save({"model": weights, "decoder.w": weights}, tmp_path / "named_model.pth")  # a tensor named model
+    assert sorted(read_official(tmp_path / "named_model.pth")) == ["decoder.w", "model"]
+
+
+def test_a_training_checkpoint_converts_with_its_ema_and_any_key(tmp_path):
+    """checkpoint_to_official writes the EMA weights beside the live ones; official_to_checkpoint reads the
+    state_dict under the key it is given."""
+    trainer = small_trainer(2)
+    back = torch.load(checkpoint_to_official(save_checkpoint(tmp_path / "run", trainer.model, trainer=trainer),
+                                             tmp_path / "back.pth"), weights_only=True)
+    assert sorted(back) == ["ema", "model"]
+    for name, weights in (("model", trainer.model), ("ema", trainer.ema)):
+        assert list(back[name]) == list(weights.state_dict())
+        assert all(torch.equal(back[name][k], v) for k, v in weights.state_dict().items())
+    torch.save({"state": back["ema"], "model": {}}, tmp_path / "keyed.pth")
+    loaded, _ = load_checkpoint(official_to_checkpoint(tmp_path / "keyed.pth", tmp_path / "ours", TINY_CONFIG, key="state"))
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in back["ema"].items())

@@ -167,6 +167,10 @@ def test_synthetic_shapes_are_deterministic_and_open_dataset():
     assert not torch.equal(x, SyntheticShapes(size=20, image_size=16, seed=1)[7][0])
     assert x.shape == (3, 16, 16) and y == 7 and x.min() == -1 and x.max() > 0
     assert isinstance(open_dataset("synthetic", 16), SyntheticShapes)
+    assert not torch.equal(ds[0][0], ds[10][0])  # a class's images are jittered per index
+    # classes 0 and 5 share a shape kind (five kinds): their colours tell them apart
+    colours = [tuple(ds[k][0].flatten(1).max(1).values.tolist()) for k in (0, 5)]
+    assert colours[0] != colours[1]
 
 
 def test_sampler_shards_the_global_batch_and_resumes():
@@ -189,6 +193,7 @@ def test_loader_with_worker_processes_and_flip():
     x, y = next(iter(make_loader(ds, 8, workers=2, seed=1)))
     first = next(iter(StepBatchSampler(24, 8, seed=1)))
     assert x.shape == (8, 3, 16, 16) and y.tolist() == [ds[i][1] for i in first]
+    assert not make_loader(ds, 8).pin_memory and make_loader(ds, 8, pin_memory=True).pin_memory
     flipped = random_hflip(x, torch.Generator().manual_seed(0))
     same = [(f == i).all().item() for f, i in zip(flipped, x)]
     mirrored = [(f == i.flip(-1)).all().item() for f, i in zip(flipped, x)]

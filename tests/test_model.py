@@ -243,7 +243,7 @@ def test_bad_inputs():
 
 def test_reconstruct_with_sampling_noise():
     """reconstruct(sampling=True): the latent re-projected with noise of noise_scaler * sigma_max, f(f(z) + s e),
-    e drawn from torch's generator, then decoded."""
+    e drawn from torch's generator, then decoded; with noise_scaler 0 it draws nothing."""
     model = perturb(tiny())
     x, y = torch.rand(2, 3, 16, 16) * 2 - 1, torch.tensor([1, 4])
     torch.manual_seed(3)
@@ -254,6 +254,11 @@ def test_reconstruct_with_sampling_noise():
         v = spherify_noise_reference(z, 0.5 * model.sigma_max, torch.randn_like(z))
         expected = (model.decoder(v, y) * 0.5 + 0.5).clamp(0, 1)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    # no noise to add: the plain reconstruction, and no draw from the generator
+    state = torch.get_rng_state()
+    out = model.reconstruct(x, y, noise_scaler=0.0, sampling=True)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.testing.assert_close(out, model.reconstruct(x, y), atol=0, rtol=0)
 
 
 def test_training_forward_re_encodes_the_big_noise_images():

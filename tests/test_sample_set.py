@@ -45,6 +45,8 @@ def write(model, folder: Path, **kwargs) -> int:
 
 def test_seeds_labels_and_batches():
     assert image_seeds(2, range(3)).tolist() == [2 * 2**32, 2 * 2**32 + 1, 2 * 2**32 + 2]
+    with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2147483648\)"):
+        image_seeds(2**31, range(3))  # its seeds would pass 2**63
     assert image_labels(3, range(5)).tolist() == [0, 1, 2, 0, 1] and image_labels(0, range(5)) is None
     assert [list(b) for b in batches_of(7, 2)] == [[0, 1], [2, 3], [4, 5], [6]]
     shares = [[list(b) for b in batches_of(7, 2, rank, 3)] for rank in range(3)]
@@ -127,6 +129,8 @@ def test_pack_npz(model, tmp_path):
     assert packed["arr_1"].tolist() == [i % 10 for i in range(NUM)]
     elsewhere = pack_npz(tmp_path, NUM, tmp_path / "elsewhere.npz")
     assert elsewhere == tmp_path / "elsewhere.npz" and "arr_1" not in np.load(elsewhere)  # unconditional
+    Image.new("L", (16, 16), 77).save(image_path(tmp_path, 1, NUM))  # a grey image packs as three equal channels
+    assert (np.load(pack_npz(tmp_path, NUM))["arr_0"][1] == 77).all()
     image_path(tmp_path, 4, NUM).unlink()
     with pytest.raises(FileNotFoundError, match="1 of 7 images are missing .* index 4"):
         pack_npz(tmp_path, NUM)
