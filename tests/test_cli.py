@@ -180,6 +180,8 @@ def test_commands_pass_their_options_on(recorded, tmp_path):
     (_, seeds, labels), kwargs = recorded["interpolate"]
     assert seeds.tolist() == [7, 8, 9, 10] and labels.tolist() == [1, 2, 3, 4]
     assert kwargs == {"rows": 2, "cols": 3, "method": "lerp", "steps": 2, "cfg": 1.2}
+    assert main(["interpolate", *model, "--seeds", "3", "1", "4", "1", "--out", out]) == 0
+    assert recorded["interpolate"][0][1].tolist() == [3, 1, 4, 1]
     assert main(["sample-set", *model, "--num", "5", "--batch-size", "2", "--steps", "2", "--cfg", "1.4",
                  "--cfg-position", "dec", "--dtype", "fp32", "--out", str(tmp_path / "set")]) == 0
     (_, folder, num), kwargs = recorded["write_sample_set"]
@@ -196,8 +198,9 @@ def test_train_passes_its_options_on(monkeypatch, tmp_path):
     assert main(["train", "--out", str(tmp_path), "--data", "synthetic", "--steps", "7", "--batch-size", "12",
                  "--lr", "3e-3", "--warmup", "2", "--seed", "5", "--autocast", "off", "--loss-weights",
                  json.dumps(weights), "--checkpoint-every", "3", "--workers", "0", "--no-resume",
-                 "--no-synthetic-fallback"]) == 0
+                 "--no-synthetic-fallback", "--perceptual-weights", "vgg16=v=1.pth", "lpips=l.pth"]) == 0
     (run, resume), = runs
+    assert run.train.perceptual_weights == {"vgg16": "v=1.pth", "lpips": "l.pth"}  # split at the first '='
     assert not resume and (run.data, run.out, run.checkpoint_every, run.workers) == ("synthetic", str(tmp_path), 3, 0)
     assert not run.synthetic_fallback
     recipe = run.train
@@ -226,7 +229,8 @@ def test_sample_set_under_torchrun_takes_its_rank_and_local_gpu(recorded, monkey
     devices: list[str] = []
     monkeypatch.setattr(cli, "load_model", lambda args: devices.append(args.device) or tiny_model().eval())
     monkeypatch.setattr(torch.distributed, "barrier", lambda: None)
-    assert main(["sample-set", "--device", "cuda", "--num", "4", "--out", str(tmp_path)]) == 0
+    monkeypatch.setattr(sample_set, "pack_npz", lambda *a, **k: pytest.fail("only rank 0 packs the .npz"))
+    assert main(["sample-set", "--device", "cuda", "--num", "4", "--npz", "--out", str(tmp_path)]) == 0
     (model, _, _), kwargs = recorded["write_sample_set"]
     assert devices == ["cuda:1"] and (kwargs["rank"], kwargs["world_size"]) == (1, 2)
     assert next(model.parameters()).dtype == torch.bfloat16  # the default on a GPU
@@ -244,9 +248,30 @@ def test_models_from_a_preset_follow_the_seed():
 def test_save_grid_and_plot_losses(tmp_path):
     path = save_grid(torch.rand(3, 3, 4, 4), tmp_path / "new" / "grid.png", nrow=2)  # the folder is made
     assert Image.open(path).size == (2 + 2 * 6, 2 + 2 * 6)  # the last row holds one image
+    # values past [0, 1] are clamped, not wrapped around by the uint8 conversion
+    path = save_grid(torch.tensor([1.5, -0.5]).view(1, 1, 1, 2).expand(1, 3, 1, 2), tmp_path / "clamped.png", nrow=1)
+    assert np.asarray(Image.open(path))[2, 2:4].tolist() == [[255] * 3, [0] * 3]
     (tmp_path / "losses.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="no losses"):
         plot_losses(tmp_path / "losses.jsonl", tmp_path / "loss.png")
+
+
+def test_the_loss_plot_shows_each_loss_term_smoothed(tmp_path, monkeypatch):
+    """One smoothed line per loss term (not the lr or the gradient norm), averaged over a thirtieth of the run;
+    a term at exactly 0 (a consistency loss at a zero-initialised start) does not put the log axis at 0."""
+    import matplotlib.pyplot as plt
+
+    axes = []
+    subplots = plt.subplots
+    monkeypatch.setattr(plt, "subplots", lambda *a, **k: axes.append(subplots(*a, **k)[1]) or (axes[-1].figure, axes[-1]))
+    rows = [{"step": i, "loss": 1.0 + i, "recon": 0.5, "pix_con": 0.0, "lr": 0.1, "grad_norm": 3.0} for i in range(60)]
+    (tmp_path / "losses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plot_losses(tmp_path / "losses.jsonl", tmp_path / "loss.png")
+    ax, = axes
+    smoothed = {line.get_label(): line.get_ydata() for line in ax.get_lines() if not line.get_label().startswith("_")}
+    assert list(smoothed) == ["loss", "recon", "pix_con"]
+    assert len(smoothed["loss"]) == 59 and smoothed["loss"][0] == 1.5  # window 60 // 30 = 2
+    assert ax.get_ylim()[0] == 1e-12
 
 
 def test_bench_runs_the_gpu_check_script(monkeypatch, tmp_path, capsys):
