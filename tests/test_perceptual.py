@@ -8,7 +8,15 @@ import torch.nn.functional as F
 from tests.tiny import no_label_dropout, tiny_batch, tiny_model
 
 from sphere_fast.ops import spherify_noise_reference
-from sphere_fast.perceptual import LPIPS, VGG16_TAPS, ConvNeXt, LPIPSLinear, VGG16Features, load_state_dict_file
+from sphere_fast.perceptual import (
+    LPIPS,
+    VGG16_TAPS,
+    ConvNeXt,
+    LayerNorm2d,
+    LPIPSLinear,
+    VGG16Features,
+    load_state_dict_file,
+)
 from sphere_fast.training import PerceptualLoss, SphereLoss, loss_weights
 
 
@@ -121,6 +129,20 @@ def test_lpips_linear_layers_match_the_lpips_vgg_pth():
     }
 
 
+def vgg16_taps_reference(sd: dict, x: torch.Tensor) -> list[torch.Tensor]:
+    """torchvision's VGG16 features written out on its state_dict: blocks of 2, 2, 3, 3, 3 conv-ReLUs with a 2x2
+    max-pool before each block but the first; the last ReLU of each block is a tap."""
+    convs = iter(sorted({int(k.split(".")[1]) for k in sd}))
+    taps = []
+    for block, n in enumerate((2, 2, 3, 3, 3)):
+        x = F.max_pool2d(x, 2) if block else x
+        for _ in range(n):
+            i = next(convs)
+            x = F.relu(F.conv2d(x, sd[f"features.{i}.weight"], sd[f"features.{i}.bias"], padding=1))
+        taps.append(x)
+    return taps
+
+
 def test_vgg_taps_are_relu1_2_to_relu5_3():
     torch.manual_seed(0)
     net = VGG16Features()
@@ -128,9 +150,15 @@ def test_vgg_taps_are_relu1_2_to_relu5_3():
     with torch.no_grad():
         taps = net(x)
         assert [tuple(t.shape[1:]) for t in taps] == [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 2, 2)]
-        for t, i in zip(taps, VGG16_TAPS):
-            assert isinstance(net.features[i], torch.nn.ReLU)
-            torch.testing.assert_close(t, net.features[: i + 1](x.clone()))
+        assert all(isinstance(net.features[i], torch.nn.ReLU) for i in VGG16_TAPS)
+        for t, expected in zip(taps, vgg16_taps_reference(net.state_dict(), x)):
+            torch.testing.assert_close(t, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_layer_norm_2d_normalises_each_pixel_over_the_channels_with_its_eps():
+    x = torch.randn(2, 4, 3, 3) * 1e-3  # a variance near eps, so eps shows
+    expected = F.layer_norm(x.permute(0, 2, 3, 1), (4,), eps=1e-6).permute(0, 3, 1, 2)
+    torch.testing.assert_close(LayerNorm2d(4, eps=1e-6)(x), expected)
 
 
 def test_lpips_follows_the_v0_1_formula():
@@ -316,6 +344,9 @@ def test_load_state_dict_file_rejects_wrong_shapes_and_non_state_dicts(tmp_path)
     torch.save(sd, tmp_path / "shape.pth")
     with pytest.raises(ValueError, match=r"shape\.pth.*classifier\.2\.weight \(10, 3\) != \(10, 64\)"):
         load_state_dict_file(net, tmp_path / "shape.pth", "convnext")
+    torch.save({}, tmp_path / "empty.pth")  # a long key list is cut to its first eight
+    with pytest.raises(ValueError, match=r"missing keys \['classifier.0.bias', .*\] and \d+ more, unexpected keys \[\]"):
+        load_state_dict_file(net, tmp_path / "empty.pth", "convnext")
     torch.save([1, 2], tmp_path / "list.pth")
     with pytest.raises(ValueError, match=r"list\.pth: expected a state_dict"):
         load_state_dict_file(net, tmp_path / "list.pth", "convnext")
