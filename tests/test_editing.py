@@ -42,6 +42,9 @@ def test_reconstruct(model, images):
         bf16 = model.reconstruct(images * 2 - 1).float()
     assert torch.equal(reconstruct_images(model, images, dtype=torch.bfloat16), bf16)
     assert (bf16 - out).abs().max() > 1e-3
+    # checked once up front (the networks skip their own check inside the edit)
+    with pytest.raises(ValueError, match=r"labels: class labels must be in \[0, 10\]"):
+        reconstruct_images(model, images, torch.tensor([1, 2, 11]))
 
 
 @pytest.mark.parametrize(
@@ -110,6 +113,7 @@ def test_manipulate_target_forms(model, images):
     [
         ({"target": 11}, ValueError, "target"),
         ({"target": torch.tensor([1, 2])}, TypeError, "target"),
+        ({"target": True}, TypeError, "target"),
         ({"steps": 0}, ValueError, "steps"),
         ({"noise_scaler": -0.1}, ValueError, "noise_scaler"),
         ({"noise_scaler": float("inf")}, ValueError, "noise_scaler"),
@@ -220,6 +224,12 @@ def test_interpolate_corners_are_samples(model, method, cache_noise, scheduler):
     corners = torch.stack([grid[0, 0], grid[0, 2], grid[2, 0], grid[2, 2]])
     torch.testing.assert_close(corners, ref, atol=1e-5, rtol=0)
     assert (grid[1, 1] - grid[0, 0]).abs().max() > 1e-3
+    if method == "slerp" and not cache_noise:  # in bf16 too
+        grid = interpolate(model, seeds, labels, rows=2, cols=2, method=method, steps=3, cfg=1.4, dtype=torch.bfloat16,
+                           **options)
+        _, ref = model.generate(4, y=labels, cfg=1.4, forward_steps=3, cache_sampling_noise=cache_noise,
+                                use_sampling_scheduler=scheduler, seeds=seeds, dtype=torch.bfloat16)
+        torch.testing.assert_close(grid.flatten(0, 1), ref, atol=1e-5, rtol=0)
 
 
 def test_interpolate_lerp_and_slerp_differ(model):
