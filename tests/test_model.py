@@ -9,7 +9,7 @@ import torch
 
 import sphere_fast
 from sphere_fast import SphereEncoder
-from sphere_fast.nn.layers import LabelEmbedder, sincos_pos_embed_2d
+from sphere_fast.nn.layers import LabelEmbedder, RMSNorm, sincos_pos_embed_2d
 from sphere_fast.ops.spherify import spherify_noise_reference
 from sphere_fast.training import noisy_latent_pair
 from tests import spec_reference
@@ -286,6 +286,14 @@ def test_label_dropout_drops_its_share_to_the_null_label():
     null = (rows == embedder.embedding_table.weight[10]).all(dim=1).float().mean().item()
     assert 0.09 < null < 0.11
     assert torch.equal(embedder.eval()(labels)[:, 0], embedder.embedding_table.weight[labels])
+
+
+def test_rms_norm_takes_its_eps():
+    x = torch.randn(2, 3, 4) * 0.1
+    norm = RMSNorm(4, eps=0.5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+        torch.testing.assert_close(norm(x), x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 0.5) * norm.weight)
 
 
 def test_generate_options_shapes_and_range():
