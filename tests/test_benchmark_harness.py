@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -124,7 +125,7 @@ def test_train_step_flops_per_image_are_the_counted_matmuls_with_weights() -> No
 def test_timing_is_the_median_and_keeps_samples() -> None:
     t = harness.Timing([3.0, 1.0, 2.0, 10.0])
     assert float(t) == 2.5 and t.samples_ms == (3.0, 1.0, 2.0, 10.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="no timing samples"):
         harness.Timing([])
 
 
@@ -195,6 +196,13 @@ def test_record_fills_extra_info(benchmark) -> None:
     assert info["smoke"] == harness.SMOKE and info["device"] == harness.device_name()  # a row says what it measured
 
 
+def test_record_takes_dims_of_any_integer_type(benchmark) -> None:
+    """numpy's, from a shape computed with it, become ints: the row goes to JSON."""
+    info = harness.record(benchmark, op="unit-test", impl="triton", shape=(np.int64(8), 256), dtype="bf16", ms=1.0)
+    assert info["shape"] == [8, 256] and all(type(d) is int for d in info["shape"])
+    json.dumps(info)
+
+
 def test_record_streams_its_row_when_asked(benchmark, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     rows = tmp_path / "rows.jsonl"
     monkeypatch.setenv(harness.ROWS_ENV, str(rows))
@@ -244,9 +252,12 @@ def test_sweep_row_gives_the_time_and_its_rate_or_the_error() -> None:
         "| (256, 8) | – | – | RuntimeError: out of resources: shared memory |")
 
 
-def test_impls_compile_the_reference_statically(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("smoke", [True, False], ids=["smoke", "real-sizes"])
+def test_impls_compile_the_reference_statically(monkeypatch: pytest.MonkeyPatch, smoke: bool) -> None:
     """The compile baseline: fullgraph, one static compile per case (and room for every case under dynamo's
-    recompile limit); a CPU smoke run traces with the eager backend instead of minutes of inductor."""
+    recompile limit); a CPU smoke run traces with the eager backend instead of minutes of inductor, a CPU run of
+    the real sizes (SPHERE_FAST_BENCH_SMOKE=0) compiles with inductor."""
+    monkeypatch.setattr(harness, "SMOKE", smoke)
     compiled: list[dict] = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compiled.append(kwargs) or fn)
     # set and restored by plain assignment: under torch 2.11 the name is an alias that monkeypatch's undo deletes
@@ -257,8 +268,17 @@ def test_impls_compile_the_reference_statically(monkeypatch: pytest.MonkeyPatch)
         assert torch._dynamo.config.recompile_limit >= 256
     finally:
         torch._dynamo.config.recompile_limit = limit
-    backend = "eager" if harness.SMOKE else "inductor"
-    assert compiled == [{"fullgraph": True, "dynamic": False, "backend": backend}]
+    assert compiled == [{"fullgraph": True, "dynamic": False, "backend": "eager" if smoke else "inductor"}]
+
+
+def test_nvidia_smi_reads_the_first_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    lines = "NVIDIA H200, 580.1, 1980 MHz, 3201 MHz, 1980 MHz, 3201 MHz, 120 W, 700 W, 31, P0\n" \
+            "NVIDIA H200, 580.1, 345 MHz, 3201 MHz, 1980 MHz, 3201 MHz, 75 W, 700 W, 29, P0\n"
+    monkeypatch.setattr(harness.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=lines))
+    smi = harness.nvidia_smi()
+    assert smi["name"] == "NVIDIA H200" and smi["clocks.sm"] == "1980 MHz" and smi["pstate"] == "P0"
+    monkeypatch.setattr(harness.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout="\n"))
+    assert harness.nvidia_smi() is None
 
 
 def test_impls_lists_and_skips_with_reasons() -> None:
