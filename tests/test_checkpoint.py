@@ -278,5 +278,6 @@ def test_a_training_checkpoint_converts_with_its_ema_and_any_key(tmp_path):
         assert list(back[name]) == list(weights.state_dict())
         assert all(torch.equal(back[name][k], v) for k, v in weights.state_dict().items())
     torch.save({"state": back["ema"], "model": {}}, tmp_path / "keyed.pth")
-    loaded, _ = load_checkpoint(official_to_checkpoint(tmp_path / "keyed.pth", tmp_path / "ours", TINY_CONFIG, key="state"))
+    converted = official_to_checkpoint(tmp_path / "keyed.pth", tmp_path / "ours", TINY_CONFIG, key="state")
+    loaded, _ = load_checkpoint(converted)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in back["ema"].items())

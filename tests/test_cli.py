@@ -263,7 +263,13 @@ def test_the_loss_plot_shows_each_loss_term_smoothed(tmp_path, monkeypatch):
 
     axes = []
     subplots = plt.subplots
-    monkeypatch.setattr(plt, "subplots", lambda *a, **k: axes.append(subplots(*a, **k)[1]) or (axes[-1].figure, axes[-1]))
+
+    def keep_axes(*args, **kwargs):
+        fig, ax = subplots(*args, **kwargs)
+        axes.append(ax)
+        return fig, ax
+
+    monkeypatch.setattr(plt, "subplots", keep_axes)
     rows = [{"step": i, "loss": 1.0 + i, "recon": 0.5, "pix_con": 0.0, "lr": 0.1, "grad_norm": 3.0} for i in range(60)]
     (tmp_path / "losses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     plot_losses(tmp_path / "losses.jsonl", tmp_path / "loss.png")

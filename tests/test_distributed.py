@@ -45,12 +45,13 @@ def train(
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, logs
 
 
-def join_group(rank: int, world: int, port: int) -> DistInfo:
-    """This process as torchrun starts it; a collective that another process misses fails within a minute
-    instead of hanging the test."""
+def join_group(rank: int, world: int, port: int, timeout: timedelta | None = None) -> DistInfo:
+    """This process as torchrun starts it, joined by init_distributed; with ``timeout`` the group is made first,
+    so that a collective another process misses fails within it instead of hanging the test."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    if timeout is not None:
+        dist.init_process_group("gloo", timeout=timeout)
     info = init_distributed()
     assert dist.get_backend() == "gloo" and info == DistInfo(rank, world, rank)
     return info
@@ -94,7 +95,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, accumulation):
 
 
 def checkpoint_worker(rank: int, world: int, port: int, out: str) -> None:
-    info = join_group(rank, world, port)
+    info = join_group(rank, world, port, timedelta(seconds=60))
     trainer = Trainer(no_label_dropout(tiny_model()), TrainConfig(**CONFIG), "cpu", info)
     torch.manual_seed(10 + rank)
     mine = rng_state()

@@ -345,7 +345,8 @@ def test_load_state_dict_file_rejects_wrong_shapes_and_non_state_dicts(tmp_path)
     with pytest.raises(ValueError, match=r"shape\.pth.*classifier\.2\.weight \(10, 3\) != \(10, 64\)"):
         load_state_dict_file(net, tmp_path / "shape.pth", "convnext")
     torch.save({}, tmp_path / "empty.pth")  # a long key list is cut to its first eight
-    with pytest.raises(ValueError, match=r"missing keys \['classifier.0.bias', .*\] and \d+ more, unexpected keys \[\]"):
+    cut = r"missing keys \['classifier.0.bias', .*\] and \d+ more, unexpected keys \[\]"
+    with pytest.raises(ValueError, match=cut):
         load_state_dict_file(net, tmp_path / "empty.pth", "convnext")
     torch.save([1, 2], tmp_path / "list.pth")
     with pytest.raises(ValueError, match=r"list\.pth: expected a state_dict"):

@@ -162,12 +162,18 @@ def test_train_step_takes_seeds_as_the_noise_they_draw():
         Trainer(tiny_model(), config).train_step(x, y, scales=scales, noise=noise, seeds=seeds)
 
 
+def record_drawn_seeds(monkeypatch) -> list[torch.Tensor]:
+    """The seeds each training step hands the fused noise op, in call order."""
+    drawn: list[torch.Tensor] = []
+    pair = ops.spherify_noise_pair
+    monkeypatch.setattr(ops, "spherify_noise_pair", lambda *a, **k: drawn.append(k["seeds"]) or pair(*a, **k))
+    return drawn
+
+
 def test_train_step_draws_a_seed_per_sample_from_the_global_generator(monkeypatch):
     """Without given noise or seeds each sample gets its own seed, new each step, from torch's global RNG
     (which the checkpoint saves, so a resumed run draws the same)."""
-    drawn = []
-    pair = ops.spherify_noise_pair
-    monkeypatch.setattr(ops, "spherify_noise_pair", lambda *a, **k: drawn.append(k["seeds"]) or pair(*a, **k))
+    drawn = record_drawn_seeds(monkeypatch)
     config = TrainConfig(global_batch=6, total_steps=4, warmup_steps=1, loss_weights=NO_PERCEPTUAL)
     x, y = tiny_batch(6)
     for _ in range(2):
@@ -405,14 +411,13 @@ def test_fit_under_torchrun_builds_the_same_weights_and_draws_other_noise_on_eac
     broadcasts rank 0's weights), then draws its own noise. The global batch must split evenly over the
     processes; rank 0 alone logs. Each rank runs here as one process of its own (no process group)."""
     training = importlib.import_module("sphere_fast.training")
-    built, seeds = {}, []
+    built = {}
 
     def single_process_trainer(model, config, device, info):
         built[info.rank] = {k: v.clone() for k, v in model.state_dict().items()}
         return Trainer(model, config, device)
 
-    pair = ops.spherify_noise_pair
-    monkeypatch.setattr(ops, "spherify_noise_pair", lambda *a, **k: seeds.append(k["seeds"]) or pair(*a, **k))
+    seeds = record_drawn_seeds(monkeypatch)
     monkeypatch.setattr(training, "Trainer", single_process_trainer)
     for rank in (0, 1):
         monkeypatch.setattr(training, "init_distributed", lambda: DistInfo(rank, 2, rank))
@@ -420,7 +425,7 @@ def test_fit_under_torchrun_builds_the_same_weights_and_draws_other_noise_on_eac
     assert built[0].keys() == built[1].keys()
     assert all(torch.equal(built[0][k], built[1][k]) for k in built[0])
     assert seeds[0].shape == seeds[1].shape == (3,) and not set(seeds[0].tolist()) & set(seeds[1].tolist())
-    assert (tmp_path / "0" / "losses.jsonl").is_file() and not (tmp_path / "1" / "losses.jsonl").exists()  # rank 0 logs
+    assert (tmp_path / "0" / "losses.jsonl").is_file() and not (tmp_path / "1" / "losses.jsonl").exists()
     monkeypatch.setattr(training, "init_distributed", lambda: DistInfo(0, 4, 0))
     with pytest.raises(ValueError, match="global_batch 6 is not divisible by the 4 processes"):
         fit(synthetic_run(tmp_path, 1), progress=False)
