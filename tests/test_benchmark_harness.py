@@ -12,6 +12,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import numpy as np
@@ -307,6 +308,11 @@ def test_impls_lists_and_skips_with_reasons() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ report
+
+
+def gpu_checker(tmp_path: Path, budget_s: float = 100, **options: Any) -> gpu_check.Check:
+    """A GPU check of every phase on a machine taken as having CUDA, writing into ``tmp_path``."""
+    return gpu_check.Check(tmp_path, budget_s=budget_s, phases=gpu_check.PHASES, cuda=True, **options)
 
 
 def _result(datetime_: str = "2026-11-28T12:00:00+00:00", smoke: bool = False, device: str = "NVIDIA H200") -> dict:
@@ -753,7 +759,7 @@ def test_phase_timeout_kills_the_command(tmp_path: Path) -> None:
 def test_build_phase_reports_each_failing_op(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(gpu_check, "BUILD_CALLS", {"fine": "ops.swiglu_reference(torch.ones(2, 4))",
                                                    "broken": "ops.no_such_op()"})
-    check = gpu_check.Check(tmp_path, budget_s=120, phases=gpu_check.PHASES, cuda=True)
+    check = gpu_checker(tmp_path, budget_s=120)
     check.build()
     (phase,) = check.results
     assert phase.status == "failed" and "broken (failed)" in phase.note and "fine" not in phase.note
@@ -775,7 +781,7 @@ def test_build_phase_is_a_timeout_only_when_every_failing_op_timed_out(
     for calls, status in (({"slow": "pass  # slow", "broken": "ops.no_such_op()"}, "failed"),
                           ({"slow": "pass  # slow"}, "timeout")):
         monkeypatch.setattr(gpu_check, "BUILD_CALLS", calls)
-        check = gpu_check.Check(tmp_path, budget_s=120, phases=gpu_check.PHASES, cuda=True)
+        check = gpu_checker(tmp_path, budget_s=120)
         check.build()
         (phase,) = check.results
         assert phase.status == status and "slow (timeout)" in phase.note
@@ -792,7 +798,7 @@ def test_attention_tests_run_in_processes_of_their_own(tmp_path: Path, monkeypat
         return ("failed" if len(calls) == 1 else "ok"), 1.0
 
     monkeypatch.setattr(gpu_check, "run_logged", fake_run)
-    check = gpu_check.Check(tmp_path, budget_s=100, phases=gpu_check.PHASES, cuda=True)
+    check = gpu_checker(tmp_path)
     check.tests()
     assert len(calls) == 3 and {"tests/test_attention.py", "tests/test_rope.py"} <= set(calls[0])
     assert "tests/test_swiglu_linear.py" in calls[1] and "tests/test_attention.py" not in calls[1]
@@ -817,7 +823,7 @@ def test_the_fused_mlp_cases_run_only_when_its_tests_passed(
 
     monkeypatch.setattr(gpu_check, "run_logged", fake_run)
     for bench_k, expected in (("", "not (mlp_up or fused_mlp)"), ("linear", "(linear) and not (mlp_up or fused_mlp)")):
-        check = gpu_check.Check(tmp_path, budget_s=100, phases=gpu_check.PHASES, cuda=True, bench_k=bench_k)
+        check = gpu_checker(tmp_path, bench_k=bench_k)
         check.tests()
         calls.clear()
         check.bench()
@@ -838,7 +844,7 @@ def test_bench_phase_passes_a_deadline(tmp_path: Path, monkeypatch: pytest.Monke
         return "ok", 1.0
 
     monkeypatch.setattr(gpu_check, "run_logged", fake_run)
-    check = gpu_check.Check(tmp_path, budget_s=100, phases=gpu_check.PHASES, cuda=True)
+    check = gpu_checker(tmp_path)
     check.bench()
     deadline = float(seen["env"]["SPHERE_FAST_BENCH_DEADLINE"])
     expected = time.time() + 100 - gpu_check.JSON_MARGIN_S
@@ -860,7 +866,7 @@ def test_tests_phase_spreads_each_group_over_workers_and_ranks_a_failure_first(
     monkeypatch.setattr(gpu_check, "run_logged", lambda cmd, log, timeout, env=None, ok_codes=(0,): (
         calls.append((cmd, ok_codes)), (next(outcomes), 1.0))[1])
     monkeypatch.setattr(gpu_check.importlib.util, "find_spec", lambda name: name == "xdist" or None)
-    check = gpu_check.Check(tmp_path, budget_s=100, phases=gpu_check.PHASES, cuda=True)
+    check = gpu_checker(tmp_path)
     check.tests()
     assert len(calls) == 3 and all(cmd[-2:] == ["-n", str(gpu_check.TEST_WORKERS)] for cmd, _ in calls)
     assert all(set(ok_codes) == {0, 5} for _, ok_codes in calls)
@@ -868,7 +874,7 @@ def test_tests_phase_spreads_each_group_over_workers_and_ranks_a_failure_first(
     monkeypatch.setattr(gpu_check.importlib.util, "find_spec", lambda name: None)
     calls.clear()
     outcomes = iter(["ok"] * 3)
-    gpu_check.Check(tmp_path, budget_s=100, phases=gpu_check.PHASES, cuda=True).tests()
+    gpu_checker(tmp_path).tests()
     assert calls and not any("-n" in cmd for cmd, _ in calls)
 
 
@@ -880,7 +886,7 @@ def test_a_failed_phase_points_at_its_log_and_the_build_env_is_set(
     seen = {}
     monkeypatch.setattr(gpu_check, "run_logged", lambda cmd, log, timeout, env=None, ok_codes=(0,): (
         seen.update(env=env), ("failed", 1.0))[1])
-    check = gpu_check.Check(tmp_path, budget_s=100, phases=gpu_check.PHASES, cuda=True)
+    check = gpu_checker(tmp_path)
     check.profile()
     assert check.results[-1].note == "see profile.log"
     assert seen["env"]["MAX_JOBS"] == str(os.cpu_count() or 4) and seen["env"]["TORCH_CUDA_ARCH_LIST"] == "9.0a"
@@ -901,7 +907,7 @@ def test_the_bench_json_names_the_device_and_a_complete_one_is_kept(
 
     monkeypatch.setattr(gpu_check, "run_logged", run)
     monkeypatch.setattr(gpu_check, "_device_name", lambda: "NVIDIA H200 (MIG 1g.18gb)")
-    check = gpu_check.Check(tmp_path, budget_s=100, phases=gpu_check.PHASES, cuda=True)
+    check = gpu_checker(tmp_path)
     check.bench()
     assert check.bench_json.name.endswith("-nvidia-h200-mig-1g-18gb.json")
     assert json.loads(check.bench_json.read_text()) == written and "rebuilt" not in check.results[-1].note
@@ -918,9 +924,9 @@ def test_gpu_check_refuses_unknown_phases(tmp_path: Path, capsys: pytest.Capture
 def test_bench_k_selects_the_benchmark_cases(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen: dict = {}
     monkeypatch.setattr(gpu_check, "run_logged", lambda cmd, *a, **k: (seen.update(cmd=cmd), ("ok", 1.0))[1])
-    gpu_check.Check(tmp_path, budget_s=100, phases=gpu_check.PHASES, cuda=True, bench_k="adaln or swiglu").bench()
+    gpu_checker(tmp_path, bench_k="adaln or swiglu").bench()
     assert seen["cmd"][-2:] == ["-k", "(adaln or swiglu)"]
-    gpu_check.Check(tmp_path, budget_s=100, phases=gpu_check.PHASES, cuda=True).bench()
+    gpu_checker(tmp_path).bench()
     assert "-k" not in seen["cmd"]
 
 
@@ -929,18 +935,18 @@ def test_tests_k_selects_the_gpu_tests(tmp_path: Path, monkeypatch: pytest.Monke
     may have run none of its tests."""
     calls = []
     monkeypatch.setattr(gpu_check, "run_logged", lambda cmd, *a, **k: (calls.append(cmd), ("ok", 1.0))[1])
-    check = gpu_check.Check(tmp_path, budget_s=100, phases=gpu_check.PHASES, cuda=True, tests_k="adaln")
+    check = gpu_checker(tmp_path, tests_k="adaln")
     check.tests()
     assert len(calls) == len(gpu_check.TEST_GROUPS) and all(c[c.index("-k") + 1] == "adaln" for c in calls)
     assert "-k 'adaln'" in check.results[0].note and check.bench_selection() == "not (mlp_up or fused_mlp)"
     calls.clear()
-    gpu_check.Check(tmp_path, budget_s=100, phases=gpu_check.PHASES, cuda=True).tests()
+    gpu_checker(tmp_path).tests()
     assert not any("-k" in c for c in calls)
 
 
 def test_case_timeout_applies_to_the_benchmark_cases(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(gpu_check.importlib.util, "find_spec", lambda name: name == "pytest_timeout" or None)
-    check = gpu_check.Check(tmp_path, budget_s=100, phases=gpu_check.PHASES, cuda=True, case_timeout_s=550)
+    check = gpu_checker(tmp_path, case_timeout_s=550)
     bench, tests = check.pytest("bench"), check.pytest("tests")
     assert bench[bench.index("--timeout") + 1] == "550"
     assert tests[tests.index("--timeout") + 1] == str(gpu_check.PER_TEST_TIMEOUT_S["tests"])
@@ -963,7 +969,7 @@ def test_bench_json_is_rebuilt_from_streamed_rows_when_the_run_is_cut(
         return "timeout", 99.0
 
     monkeypatch.setattr(gpu_check, "run_logged", killed_run)
-    check = gpu_check.Check(tmp_path, budget_s=100, phases=gpu_check.PHASES, cuda=True)
+    check = gpu_checker(tmp_path)
     check.skip("profile", "not requested (--phases)")  # the note goes to the bench phase, not the first
     check.bench()
     data = json.loads(check.bench_json.read_text())
@@ -1006,7 +1012,7 @@ def test_bench_cases_after_the_deadline_are_skipped(monkeypatch: pytest.MonkeyPa
 
 
 def test_spent_budget_skips_phases(tmp_path: Path) -> None:
-    check = gpu_check.Check(tmp_path, budget_s=0, phases=gpu_check.PHASES, cuda=True)
+    check = gpu_checker(tmp_path, budget_s=0)
     for name in ("build", "tests", "bench"):
         check.run(name)
     assert [(p.name, p.status, p.note) for p in check.results] == [
@@ -1016,11 +1022,11 @@ def test_spent_budget_skips_phases(tmp_path: Path) -> None:
 
 def test_a_phase_gets_its_own_limit_or_what_is_left(tmp_path: Path) -> None:
     """A phase runs for its own limit or the budget left, the smaller; with under MIN_PHASE_S left it is skipped."""
-    roomy = gpu_check.Check(tmp_path, budget_s=1000, phases=gpu_check.PHASES, cuda=True)
+    roomy = gpu_checker(tmp_path, budget_s=1000)
     assert roomy.limit("install") == gpu_check.PHASE_LIMITS_S["install"]
-    tight = gpu_check.Check(tmp_path, budget_s=60, phases=gpu_check.PHASES, cuda=True)
+    tight = gpu_checker(tmp_path, budget_s=60)
     assert 55 < tight.limit("bench") <= 60
-    short = gpu_check.Check(tmp_path, budget_s=gpu_check.MIN_PHASE_S - 1, phases=gpu_check.PHASES, cuda=True)
+    short = gpu_checker(tmp_path, budget_s=gpu_check.MIN_PHASE_S - 1)
     assert short.limit("tests") is None and short.results[0].status == "skipped"
 
 
