@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -304,6 +305,13 @@ def init_distributed() -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
+def no_forward_buffer_sync() -> dict[str, bool]:
+    """DDP's option to skip the buffer broadcast before each forward: ``forward_sync_buffers`` where torch has it
+    (2.13 deprecates ``broadcast_buffers`` for it), else ``broadcast_buffers``."""
+    parameters = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers": False}
+
+
 def rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -381,7 +389,7 @@ class Trainer:
             # gradients as views into the all-reduce buckets: no second copy of them; the buffers are constant
             # tables (RoPE, image normalisation), so no broadcast of them before each forward
             self.engine = nn.parallel.DistributedDataParallel(
-                self.loss, device_ids=ids, gradient_as_bucket_view=True, broadcast_buffers=False
+                self.loss, device_ids=ids, gradient_as_bucket_view=True, **no_forward_buffer_sync()
             )
         encoder = [p for p in self.model.encoder.parameters() if p.requires_grad]
         decoder = [p for p in self.model.decoder.parameters() if p.requires_grad]

@@ -3,6 +3,7 @@ same losses, with and without gradient accumulation."""
 
 import os
 import socket
+import warnings
 from datetime import timedelta
 
 import pytest
@@ -47,7 +48,10 @@ def train(
 
 def join_group(rank: int, world: int, port: int, timeout: timedelta | None = None) -> DistInfo:
     """This process as torchrun starts it, joined by init_distributed; with ``timeout`` the group is made first,
-    so that a collective another process misses fails within it instead of hanging the test."""
+    so that a collective another process misses fails within it instead of hanging the test. A deprecated torch
+    API that our code calls (DDP's options, say) fails the worker: pytest's warning filters stay in its process."""
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("error", category=category, module=r"sphere_fast\.")
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     if timeout is not None:
