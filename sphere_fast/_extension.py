@@ -11,6 +11,8 @@ from types import ModuleType
 
 import torch
 
+from sphere_fast._env import env_switch
+
 
 def csrc_dir() -> Path:
     return Path(str(importlib.resources.files("sphere_fast.csrc")))
@@ -61,5 +63,5 @@ def load_extension(name: str, cpu_sources: tuple[str, ...], cuda_sources: tuple[
         extra_include_paths=[str(root)],
         extra_cflags=flags,
         extra_cuda_cflags=cuda_flags,
-        verbose=os.environ.get("SPHERE_FAST_VERBOSE_BUILD") == "1",
+        verbose=env_switch("SPHERE_FAST_VERBOSE_BUILD", default=False),
     )

@@ -2,6 +2,7 @@
 
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -11,6 +12,8 @@ import torch
 import sphere_fast
 from sphere_fast import backend
 from sphere_fast.backend import constant_under_compile, resolve_backend
+from sphere_fast.nn.layers import fused_mlp_enabled
+from sphere_fast.ops._tuning import autotune_enabled
 
 
 def test_constant_mark_is_torch_compilers_own() -> None:
@@ -66,6 +69,23 @@ def test_environment_variable(monkeypatch):
     monkeypatch.setenv("SPHERE_FAST_BACKEND", "fastest")
     with pytest.raises(ValueError, match="SPHERE_FAST_BACKEND"):
         sphere_fast.active_backend()
+
+
+@pytest.mark.parametrize("name, read, default", [
+    ("SPHERE_FAST_AUTOTUNE", autotune_enabled, True), ("SPHERE_FAST_FUSED_MLP", fused_mlp_enabled, False),
+], ids=["autotune", "fused-mlp"])
+def test_on_off_switches_take_0_or_1(monkeypatch, name, read, default):
+    """Unset or empty keeps the default, 0 and 1 set it; a spelling such as ``true`` is refused by name instead
+    of leaving the default in force."""
+    monkeypatch.delenv(name, raising=False)
+    assert read() is default
+    for value, expected in (("", default), ("0", False), ("1", True)):
+        monkeypatch.setenv(name, value)
+        assert read() is expected
+    for typo in ("true", "off", " 1", "2"):
+        monkeypatch.setenv(name, typo)
+        with pytest.raises(ValueError, match=re.escape(f"{name} must be 0 or 1 (or unset), got {typo!r}")):
+            read()
 
 
 def test_unknown_backend_name():

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -15,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sphere_fast import ops
+from sphere_fast._env import env_switch
 from sphere_fast.backend import constant_under_compile, resolve_backend
 from sphere_fast.ops.swiglu import AUTO_ORDER as SWIGLU_AUTO_ORDER
 from sphere_fast.ops.swiglu_linear import AUTO_ORDER as SWIGLU_LINEAR_AUTO_ORDER
@@ -80,7 +80,7 @@ def fused_mlp_enabled() -> bool:
     """SPHERE_FAST_FUSED_MLP=1: SwiGLU layers that need no gradient run their first projection and activation as
     one GEMM (``ops.swiglu_linear``) on the triton backend, fp16 / bf16. Off by default until it is measured
     against cuBLAS and the SwiGLU kernel (benchmarks/bench_linear.py). A constant under torch.compile."""
-    return os.environ.get("SPHERE_FAST_FUSED_MLP", "0") == "1"
+    return env_switch("SPHERE_FAST_FUSED_MLP", default=False)
 
 
 class SwiGLU(nn.Module):

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from sphere_fast._env import env_switch
 from sphere_fast.ops._util import compile_pass, compiling_only, first_in_pass
 
 C = TypeVar("C", bound=Hashable)
@@ -36,7 +37,7 @@ _chosen: dict[Hashable, Hashable] = {}
 
 
 def autotune_enabled() -> bool:
-    return os.environ.get("SPHERE_FAST_AUTOTUNE", "1") != "0"
+    return env_switch("SPHERE_FAST_AUTOTUNE", default=True)
 
 
 def stored_choices_folder() -> Path | None:
