@@ -30,6 +30,13 @@ def test_mlp_align(times, verdict) -> None:
     assert f"w12 M2048: {plain:.3f} -> {padded:.3f} ms padded" in choice.measured
 
 
+def test_mlp_align_reports_the_setting_in_force(monkeypatch) -> None:
+    from sphere_fast.nn import layers
+
+    monkeypatch.setattr(layers, "MLP_ALIGN", 1)
+    assert choices.mlp_align(linear_rows((1.0, 0.5), (1.0, 0.6))).now == "1"
+
+
 def test_mlp_align_pairs_rows_by_token_count() -> None:
     rows = linear_rows((1.0, 0.9), (1.0, 0.9), tokens=2048) + linear_rows((5.0, 6.0), (5.0, 6.0), tokens=131072)
     choice = choices.mlp_align(rows)
@@ -59,6 +66,16 @@ def test_fused_mlp(kernel, sampler, verdict) -> None:
     assert choice.measured.count("mlp_up") == 2 and "b8" not in choice.measured
 
 
+def test_fused_mlp_reads_both_sampler_headlines_and_the_switch(monkeypatch) -> None:
+    rows = [row("sample sphere-l-imagenet", impl, case, ms) for case in choices.SAMPLER_CASES
+            for impl, ms in (("graph", 10.0), ("graph_fused_mlp", 9.0))]
+    monkeypatch.setenv("SPHERE_FAST_FUSED_MLP", "1")
+    choice = choices.fused_mlp(rows)
+    assert choice.now == "on" and choice.suggests.startswith("turn on")
+    assert "sampler b1 t4 cfg1.4 combo: 10.000" in choice.measured
+    assert "sampler b64 t4 cfg1.4 combo: 10.000" in choice.measured
+
+
 def test_attention_impl_takes_the_fastest_usable_impl() -> None:
     d64, d72 = choices.ATTENTION_SHAPES
     rows = [row("attention_fwd", impl, d64, ms) for impl, ms in
@@ -76,6 +93,32 @@ def test_attention_impl_takes_the_fastest_usable_impl() -> None:
     close = [row("attention_fwd", "triton", d64, 1.06), row("attention_fwd", "sdpa_cudnn", d64, 1.0)]
     assert choices.attention_impl(close)[0].suggests == (
         "keep triton: sdpa_cudnn is only 1.06x faster than triton (under the 1.10x margin)")
+
+
+@pytest.mark.parametrize("fastest", ["triton_rope_on_load", "flash_attn"])
+def test_attention_impl_counts_our_other_kernel_and_flash_attn(fastest) -> None:
+    """Rows listed fastest first, whatever their order in the file; at D = 72 (``sdpa`` today) a faster
+    non-SDPA kernel is taken even within the margin, which only guards a switch away from triton."""
+    d64, d72 = choices.ATTENTION_SHAPES
+    rows = [row("attention_fwd", impl, shape, ms) for shape in (d64, d72)
+            for impl, ms in (("sdpa_flash", 1.08), ("triton", 1.05), (fastest, 1.0))]
+    first, second = choices.attention_impl(rows)
+    assert first.measured == f"{fastest} 1.000 ms; triton 1.050 ms; sdpa_flash 1.080 ms"
+    assert first.suggests == f"keep triton: {fastest} is only 1.05x faster than triton (under the 1.10x margin)"
+    assert (second.now, second.suggests) == ("sdpa", f"take {fastest}: 1.05x faster than triton")
+
+
+def test_attention_impl_switches_at_the_margin_itself() -> None:
+    d64 = choices.ATTENTION_SHAPES[0]
+    rows = [row("attention_fwd", "triton", d64, 1.1), row("attention_fwd", "sdpa_cudnn", d64, 1.0)]
+    assert choices.attention_impl(rows)[0].suggests == "take sdpa_cudnn: 1.10x faster than triton"
+
+
+def test_the_table_lists_setting_now_measured_suggests() -> None:
+    lines = choices.table(linear_rows((1.0, 0.5), (1.0, 0.6))).splitlines()
+    assert lines[0] == "| setting | now | measured | suggests |"
+    assert lines[2].startswith("| nn.layers.MLP_ALIGN | 64 | w12 M2048: 1.000 -> 0.500 ms padded; ")
+    assert lines[2].endswith(" | keep 64: padded is faster in every case |")
 
 
 def test_nothing_measured_and_the_report_section() -> None:
