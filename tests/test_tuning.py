@@ -12,11 +12,15 @@ that changes the bits.
 from __future__ import annotations
 
 import importlib
+import shutil
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from unittest import mock
 
 import pytest
 import torch
+import triton
 
 from sphere_fast.ops import _tuning
 from sphere_fast.ops._tuning import pick_config
@@ -108,17 +112,45 @@ def test_choices_are_stored_beside_tritons_cache_unless_told(monkeypatch: pytest
     assert _tuning.stored_choices_folder() is None
 
 
+def test_without_triton_choices_go_to_tritons_default_folder(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.delenv("SPHERE_FAST_TUNING_CACHE")
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton raises ImportError
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    assert _tuning.stored_choices_folder() == tmp_path / "triton" / "sphere_fast_tuning"
+    monkeypatch.delenv("TRITON_CACHE_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert _tuning.stored_choices_folder() == tmp_path / ".triton" / "cache" / "sphere_fast_tuning"
+
+
 def test_the_code_id_covers_the_versions_and_both_source_folders(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     import sphere_fast.kernels
 
     code_id = _tuning._code_id.__wrapped__  # uncached
     base = code_id()
-    monkeypatch.setattr(torch, "__version__", "0.0+other")
-    assert code_id() != base
-    monkeypatch.undo()
-    (tmp_path / "kernel.py").write_text("# other kernels")
-    monkeypatch.setattr(sphere_fast.kernels, "__file__", str(tmp_path / "__init__.py"))
-    assert code_id() != base
+    for module in (torch, triton):
+        monkeypatch.setattr(module, "__version__", "0.0+other")
+        assert code_id() != base, module.__name__
+        monkeypatch.undo()
+    for module in (sphere_fast.kernels, _tuning):
+        source = Path(module.__file__)
+        copy = tmp_path / source.parent.name
+        shutil.copytree(source.parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+        monkeypatch.setattr(module, "__file__", str(copy / source.name))
+        assert code_id() == base, "the same sources elsewhere"
+        with open(copy / source.name, "a") as edited:
+            edited.write("# edited\n")
+        assert code_id() != base, source
+        monkeypatch.undo()
+
+
+def test_a_device_in_a_key_stands_for_its_gpu_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: f"GPU model of {device}")
+    _tuning._device_name.cache_clear()
+    try:
+        key = ("op", torch.device("cuda", 1), (torch.device("cpu"), 64))
+        assert _tuning._portable(key) == ("op", "GPU model of cuda:1", ("cpu", 64))
+    finally:
+        _tuning._device_name.cache_clear()
 
 
 def test_a_stored_choice_is_keyed_on_the_code_and_the_gpu_model(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
@@ -183,18 +215,20 @@ def test_other_launch_errors_propagate() -> None:
         pick_config("k", ["a", "b"], lambda c: c, timer=FakeTimer({"a": ValueError("broken"), "b": 1.0}))
 
 
-def test_a_candidate_that_changes_the_bits_is_not_used(caplog: pytest.LogCaptureFixture) -> None:
-    """The first candidate that runs sets the expected outputs; a faster one that writes other bits is dropped."""
-    out = torch.zeros(4)
-    written = {"a": 1.0, "b": 1.0 + 2**-20, "c": 1.0}
+@pytest.mark.parametrize("changed", [0, 1], ids=["first-output", "second-output"])
+def test_a_candidate_that_changes_the_bits_is_not_used(caplog: pytest.LogCaptureFixture, changed: int) -> None:
+    """The first candidate that runs sets the expected outputs; a faster one that writes other bits in any
+    of them is dropped."""
+    outputs = [torch.zeros(4), torch.zeros(3)]
 
     def launch(config: str) -> str:
-        out.fill_(written[config])
+        for i, out in enumerate(outputs):
+            out.fill_(1.0 + 2**-20 if config == "b" and i == changed else 1.0)
         return config
 
     timer = FakeTimer({"a": 3.0, "b": 1.0, "c": 2.0})
     with caplog.at_level("WARNING", logger="sphere_fast"):
-        assert pick_config("k", ["a", "b", "c"], launch, outputs=[out], timer=timer) == "c"
+        assert pick_config("k", ["a", "b", "c"], launch, outputs=outputs, timer=timer) == "c"
     assert "config b changes the result's bits" in caplog.text
     assert timer.timed == ["a", "b", "c"]
 

@@ -51,7 +51,7 @@ def stored_choices_folder() -> Path | None:
         from triton import knobs
 
         triton_cache = Path(knobs.cache.dir)
-    except (ImportError, AttributeError):  # a Triton without knobs: its default folder
+    except ImportError:  # no Triton: its default folder
         triton_cache = Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
     return triton_cache / "sphere_fast_tuning"
 
