@@ -3,9 +3,12 @@ DistributedDataParallel under torchrun, and the training loop with checkpoints."
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import dataclasses
+import functools
+import gc
 import inspect
 import json
 import math
@@ -293,7 +296,8 @@ class DistInfo:
 
 
 def init_distributed() -> DistInfo:
-    """Join the torchrun process group (NCCL on GPUs, gloo on CPU); a plain run is rank 0 of 1."""
+    """Join the torchrun process group (NCCL on GPUs, gloo on CPU); a plain run is rank 0 of 1. A group joined
+    here is left when the process exits (leave_distributed)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return DistInfo()
@@ -302,7 +306,17 @@ def init_distributed() -> DistInfo:
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        atexit.register(leave_distributed)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def leave_distributed() -> None:
+    """Destroy the process group, after a garbage collection has freed what still holds it (a DDP engine in a
+    reference cycle). A process that exits with a gloo group alive can abort in the interpreter's teardown
+    ("terminate called without an active exception", SIGABRT); a no-op without a group."""
+    if dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()
 
 
 def no_forward_buffer_sync() -> dict[str, bool]:
@@ -402,7 +416,10 @@ class Trainer:
         )
         self.step = 0
         use_bf16 = config.autocast == "bf16" or (config.autocast == "auto" and self.device.type == "cuda")
-        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+        # a partial, not a lambda over self: that would be a reference cycle keeping the trainer (under torchrun
+        # its DDP engine and process group) alive after its last use, until a garbage collection
+        bf16 = functools.partial(torch.autocast, self.device.type, dtype=torch.bfloat16)
+        self.autocast = bf16 if use_bf16 else contextlib.nullcontext
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor | None, **inputs: Any) -> dict[str, float]:
         """``launch_step(x, y, **inputs)``, then waits for it: its losses before the update (averaged over

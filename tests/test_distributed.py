@@ -1,9 +1,12 @@
 """Two gloo processes (DDP) end with the same parameters as one process on the same global batch, and log the
 same losses, with and without gradient accumulation."""
 
+import gc
 import os
 import socket
+from pathlib import Path
 import warnings
+import weakref
 from datetime import timedelta
 
 import pytest
@@ -12,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from sphere_fast.checkpoint import load_checkpoint, save_checkpoint
-from sphere_fast.training import DistInfo, TrainConfig, Trainer, init_distributed, rng_state
+from sphere_fast.training import DistInfo, TrainConfig, Trainer, init_distributed, leave_distributed, rng_state
 from tests.tiny import NO_PERCEPTUAL, no_label_dropout, tiny_batch, tiny_model
 
 GLOBAL_BATCH, STEPS = 8, 3
@@ -65,7 +68,7 @@ def worker(rank: int, world: int, port: int, out: str, accumulation: int) -> Non
     info = join_group(rank, world, port)
     state, logs = train(info, accumulation=accumulation)
     torch.save({"state": state, "logs": logs}, f"{out}/rank{rank}.pt")
-    dist.destroy_process_group()
+    leave_distributed()
 
 
 def free_port() -> int:
@@ -108,7 +111,7 @@ def checkpoint_worker(rank: int, world: int, port: int, out: str) -> None:
     torch.manual_seed(99)
     load_checkpoint(out, trainer=trainer)  # the others read it only after rank 0 has written it
     assert torch.equal(torch.get_rng_state(), mine["torch"])
-    dist.destroy_process_group()
+    leave_distributed()
 
 
 def test_every_process_saves_and_resumes_its_own_rng_state(tmp_path):
@@ -117,3 +120,33 @@ def test_every_process_saves_and_resumes_its_own_rng_state(tmp_path):
     mp.spawn(checkpoint_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     rngs = torch.load(tmp_path / "step-00000000" / "trainer_state.pt", weights_only=True)["rng"]
     assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"])
+
+
+class InACycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+def exit_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Joins the group, runs a collective and returns without leaving it, an object in a reference cycle (as a
+    DDP engine can be) left for the garbage collector, which runs only when called."""
+    gc.disable()
+    join_group(rank, world, port)
+    cycle = weakref.ref(InACycle())
+    destroy = dist.destroy_process_group
+
+    def recorded_destroy(*args, **kwargs) -> None:
+        Path(out, f"left{rank}").write_text("cycle freed" if cycle() is None else "cycle alive")
+        destroy(*args, **kwargs)
+
+    dist.destroy_process_group = recorded_destroy
+    dist.all_reduce(torch.ones(1))
+
+
+def test_a_process_leaves_the_group_it_joined_when_it_exits(tmp_path):
+    """A process that exits with a gloo group alive, or destroys it while a DDP engine still holds it, can abort
+    in the interpreter's teardown (SIGABRT): the group init_distributed made is destroyed at exit, while the
+    interpreter is whole, once a garbage collection has freed what holds it."""
+    mp.spawn(exit_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["left0", "left1"]
+    assert all(p.read_text() == "cycle freed" for p in tmp_path.iterdir())

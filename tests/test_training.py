@@ -1,8 +1,10 @@
 import dataclasses
+import gc
 import importlib
 import json
 import math
 import traceback
+import weakref
 
 import pytest
 import torch
@@ -310,6 +312,24 @@ def test_bf16_autocast_on_cpu_gives_finite_losses():
     bf16, fp32 = first_step("bf16"), first_step("auto")  # auto: fp32 on the CPU
     assert all(math.isfinite(v) for v in bf16.values())
     assert bf16["loss"] == pytest.approx(fp32["loss"], rel=0.05) and bf16["loss"] != fp32["loss"]  # bf16 ran
+
+
+@pytest.mark.parametrize("autocast", ["bf16", "off"])
+def test_a_trainer_is_freed_with_its_last_reference(autocast):
+    """No reference cycle through the trainer: its model, EMA and optimizer state (on a GPU, memory) and under
+    torchrun its DDP engine, which holds the process group, go when it does, not at some later collection."""
+    config = TrainConfig(global_batch=6, total_steps=3, warmup_steps=1, loss_weights=NO_PERCEPTUAL, autocast=autocast)
+    Trainer(no_label_dropout(tiny_model()), config)  # torch's one-time set-up of the fused AdamW, outside the check
+    gc.collect()
+    gc.disable()
+    try:
+        trainer = Trainer(no_label_dropout(tiny_model()), config)
+        trainer.train_step(*tiny_batch(6), scales=(torch.full((6,), 0.9), torch.full((6,), 0.3)), seeds=torch.arange(6))
+        engine = weakref.ref(trainer.engine)
+        del trainer
+        assert engine() is None
+    finally:
+        gc.enable()
 
 
 def test_train_step_checks_labels_once(monkeypatch):
