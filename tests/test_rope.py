@@ -1,9 +1,9 @@
 """The fused RoPE pass (sphere_fast.ops.rope.apply_rope) against the eager reference.
 
 Tolerances: fp32 within 1e-5 relative to the tensor's max magnitude (the kernel may contract a product and a
-sum into one FMA); bf16 / fp16 within 2 ulp of the max magnitude (the interpreter rounds fp32 -> bf16 by
-truncation). The backward is also checked on its own: <R x, g> = <x, R^T g> in float32.
-"""
+sum into one FMA); bf16 / fp16 within 2 ulp of the max magnitude, and one test checks the kernel's single
+rounding to nearest against float32 math. The backward is also checked on its own: <R x, g> = <x, R^T g> in
+float32."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from sphere_fast.nn.layers import rope_2d
-from sphere_fast.ops.rope import apply_rope, rope_reference, rope_table_reference
+from sphere_fast.ops.rope import apply_rope, apply_rope_reference, rope_reference, rope_table_reference
 from tests.helpers import TOL, close
 
 pytest.importorskip("triton")
@@ -52,6 +52,20 @@ def test_matches_reference(b: int, h: int, n: int, d: int, dtype: torch.dtype) -
     for name, x, r in zip(("q_rot", "k_rot", "dqkv"), ours, ref):
         assert x.dtype == dtype
         close(x, r, TOL[dtype], name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_outputs_are_the_fp32_rotation_rounded_to_nearest(dtype: torch.dtype) -> None:
+    """One rounding, to nearest: each output is within half an ulp of the float32 rotation of the same inputs
+    (truncating, as the interpreter's bf16 cast does unless emulated, is off by up to a whole ulp)."""
+    _, q, k = qk_views(2, 3, 19, 16, dtype)
+    rope = table(19, 16)
+    with torch.no_grad():
+        for out, x in zip(apply_rope(q, k, rope, backend="triton"), (q, k)):
+            exact = apply_rope_reference(x.float(), rope)
+            binade = torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(torch.finfo(dtype).tiny))))
+            half_ulp = torch.finfo(dtype).eps / 2 * binade
+            assert ((out.float() - exact).abs() <= half_ulp * (1 + 1e-3)).all()
 
 
 @pytest.mark.parametrize("n, d", [(64, 16), (19, 24)])
