@@ -264,6 +264,11 @@ def test_non_contiguous(backend):
         S.spherify_noise(zb, _scale(3), seeds=_seeds(3), backend=backend),
         S.spherify_noise_reference(zb, _scale(3), _ref_noise(zb, seeds=_seeds(3))),
     )
+    noise_rows = torch.randn(3, 4, 512, generator=torch.Generator().manual_seed(5))  # its own row stride, not z's
+    _close(
+        S.spherify_noise(zb, _scale(3), noise=noise_rows, backend=backend),
+        S.spherify_noise_reference(zb, _scale(3), noise_rows),
+    )
 
 
 def test_use_backend_context():
