@@ -1,6 +1,6 @@
 """Shared by the fused-op tests (test_adaln.py, test_swiglu.py, ...): the fused backends to parametrize over, the
-tolerance rule they apply (see their module docstrings), inputs off a 16-byte boundary, the same-images check of the
-GPU sampling tests, and a stand-in timer for the launch-config tuning on CPU."""
+tolerance rule they apply (see their module docstrings), inputs off a 16-byte boundary or with other strides, the
+same-images check of the GPU sampling tests, and a stand-in timer for the launch-config tuning on CPU."""
 
 from __future__ import annotations
 
@@ -26,6 +26,12 @@ def off_16_byte_boundaries(t: torch.Tensor) -> torch.Tensor:
     """t's values (differentiably) in memory that starts one element past a 16-byte boundary."""
     memory = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
     return memory[1:].view(t.shape).copy_(t)
+
+
+def swapped_in_memory(t: torch.Tensor, dim0: int, dim1: int) -> torch.Tensor:
+    """t's values (differentiably) in memory laid out with dims ``dim0`` and ``dim1`` swapped: the same tensor
+    with other strides."""
+    return t.transpose(dim0, dim1).contiguous().transpose(dim0, dim1)
 
 
 def assert_same_images(a: torch.Tensor, b: torch.Tensor, what: str) -> None:

@@ -15,7 +15,7 @@ import torch
 
 from sphere_fast import available_backends
 from sphere_fast.ops import _tuning
-from tests.helpers import FUSED, TOL, close, last_is_fastest
+from tests.helpers import FUSED, TOL, close, last_is_fastest, swapped_in_memory
 
 adaln = importlib.import_module("sphere_fast.ops.adaln")
 
@@ -166,10 +166,10 @@ def test_non_contiguous_inputs(backend: str) -> None:
     x, br, gate, w, sh, sc = make_inputs(B, S, D, tokens=True, seed=7)
     # x strided over tokens, branch with a non-unit last stride, a stride-0 expanded gate, a sliced weight.
     x_nc = torch.cat([x, x], dim=1)[:, ::2]
-    br_nc = br.transpose(1, 2).contiguous().transpose(1, 2)
+    br_nc = swapped_in_memory(br, 1, 2)
     gate_nc = gate[:, :1].expand(B, S, D)
     w_nc = torch.stack([w, w], dim=1)[:, 0]
-    sh_nc = sh.transpose(0, 1).contiguous().transpose(0, 1)
+    sh_nc = swapped_in_memory(sh, 0, 1)
     inputs = [x_nc, br_nc, gate_nc, w_nc, sh_nc, sc]
     assert not any(t.is_contiguous() for t in inputs[:5])
     check_gated(backend, inputs, TOL[torch.float32])
@@ -281,7 +281,7 @@ def test_opcheck(backend: str) -> None:
     # absent inputs get empty gradients; a strided x gets contiguous outputs (the fake kernels must agree)
     args = (dy, None, res, br, None, None, None, None, rstd, backend)
     torch.library.opcheck(torch.ops.sphere_fast.adaln_bwd.default, args)
-    x_t, br_t = x.transpose(0, 1).contiguous().transpose(0, 1), br.transpose(0, 1).contiguous().transpose(0, 1)
+    x_t, br_t = swapped_in_memory(x, 0, 1), swapped_in_memory(br, 0, 1)
     torch.library.opcheck(torch.ops.sphere_fast.adaln_modulate_fwd.default, (x_t, w, sh, sc, 1e-6, backend))
     torch.library.opcheck(torch.ops.sphere_fast.gated_residual_adaln_fwd.default,
                           (x_t, br_t, gate, w, sh, sc, 1e-6, backend))

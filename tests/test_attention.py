@@ -18,6 +18,7 @@ import torch
 from sphere_fast.ops._util import check_grid
 from sphere_fast.ops.attention import attention, attention_impl, attention_reference
 from sphere_fast.ops.rope import apply_rope_reference, rope_table_reference
+from tests.helpers import swapped_in_memory
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.cuda_capable
@@ -177,7 +178,7 @@ def test_layouts_and_output_layout() -> None:
     q, k, v = split_qkv(qkv, h, d)
     out_view = attention(q, k, v, rope, impl="triton")
     out_contig = attention(q.contiguous(), k.contiguous(), v.contiguous(), rope, impl="triton")
-    odd = q.transpose(2, 3).contiguous().transpose(2, 3)  # head dim stride N
+    odd = swapped_in_memory(q, 2, 3)  # head dim stride N
     assert odd.stride(-1) != 1
     out_odd = attention(odd, k, v, rope, impl="triton")
     torch.testing.assert_close(out_view, out_contig, atol=0, rtol=0)

@@ -23,7 +23,7 @@ import sphere_fast
 from sphere_fast import SphereEncoder, ops
 from sphere_fast.ops.philox import sphere_noise_reference
 from sphere_fast.training import SphereLoss, TrainConfig, Trainer, loss_weights
-from tests.helpers import TOL, assert_same_images, close, off_16_byte_boundaries
+from tests.helpers import TOL, assert_same_images, close, off_16_byte_boundaries, swapped_in_memory
 from tests.tiny import NO_PERCEPTUAL, no_label_dropout, tiny_batch, tiny_model
 
 pytestmark = pytest.mark.gpu
@@ -191,9 +191,9 @@ def test_ops_on_strided_inputs(backend: str, dtype: torch.dtype) -> None:
 
     def gated(x, branch, gate, weight, shift, scale):
         return ops.gated_residual_adaln(
-            torch.stack([x, x], dim=2).flatten(1, 2)[:, ::2], branch.transpose(1, 2).contiguous().transpose(1, 2),
+            torch.stack([x, x], dim=2).flatten(1, 2)[:, ::2], swapped_in_memory(branch, 1, 2),
             gate.expand(B, S, D), torch.stack([weight, weight], dim=1)[:, 0],
-            shift.transpose(0, 1).contiguous().transpose(0, 1), scale, backend=backend)
+            swapped_in_memory(shift, 0, 1), scale, backend=backend)
 
     inputs = [randn(B, S, D), randn(B, S, D, seed=1), randn(B, 1, D, scale=0.5, seed=2),
               1 + randn(D, scale=0.1, seed=5), randn(B, 1, D, scale=0.5, seed=3), randn(B, 1, D, scale=0.5, seed=4)]

@@ -16,7 +16,7 @@ import torch
 
 from sphere_fast.nn.layers import rope_2d
 from sphere_fast.ops.rope import apply_rope, apply_rope_reference, rope_reference, rope_table_reference
-from tests.helpers import TOL, close
+from tests.helpers import TOL, close, swapped_in_memory
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.cuda_capable
@@ -99,7 +99,7 @@ def test_output_layout_and_strided_inputs() -> None:
     q_rot, k_rot = apply_rope(q, k, rope, backend="triton")
     assert q_rot.shape == k_rot.shape == (b, h, n, d)
     assert q_rot.transpose(1, 2).is_contiguous() and k_rot.transpose(1, 2).is_contiguous()
-    q_t = q.detach().transpose(2, 3).contiguous().transpose(2, 3)  # head dim not contiguous
+    q_t = swapped_in_memory(q.detach(), 2, 3)  # head dim not contiguous
     assert q_t.stride(-1) != 1
     ref = rope_reference(q.detach(), k.detach(), rope)
     out = apply_rope(q_t, k.detach(), rope, backend="triton")
