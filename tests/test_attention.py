@@ -169,6 +169,22 @@ def test_very_negative_scores_stay_finite() -> None:
         torch.testing.assert_close(x, r, atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}")
 
 
+def test_a_dominant_first_key_block_keeps_the_running_max() -> None:
+    """Key 0 scores far above every later key (204 in log2 units): the online softmax's running max must never
+    fall back to a later block's lower max, whose rescale factor exp2(old - new) would overflow to inf. Every
+    query attends to key 0 alone."""
+    h, n, d = 1, 128, 32  # four key blocks in the interpreter, two on a GPU
+    q = torch.zeros(1, h, n, d, device=DEVICE)
+    q[..., 0] = 20.0
+    k = -q.clone()
+    k[:, :, 0] = q[:, :, 0]
+    v = torch.randn(1, h, n, d, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0))
+    out = attention(q, k, v, impl="triton")
+    tol = FP32_VS_REFERENCE_TOL
+    torch.testing.assert_close(out, v[:, :, :1].expand_as(out), atol=tol, rtol=tol)
+    torch.testing.assert_close(out, attention_reference(q, k, v), atol=tol, rtol=tol)
+
+
 def test_layouts_and_output_layout() -> None:
     """Contiguous [B, H, N, D], strided qkv views and a non-unit head-dim stride give the same result;
     the output is [B, H, N, D] over [B, N, H, D] memory so the model's transpose + reshape is free."""
