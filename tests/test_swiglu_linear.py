@@ -68,6 +68,18 @@ def test_matches_the_reference(dtype: torch.dtype, x_shape, hidden: int, out_wid
     assert torch.all(out[..., hidden:] == 0), "the columns past H must be zeros"
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_the_output_is_rounded_once_to_nearest(dtype: torch.dtype) -> None:
+    """The float64 result of the same inputs rounded once, to nearest: within half an ulp of it, plus 2e-5 for
+    the float32 sums (truncating, as the interpreter's bf16 cast does unless emulated, is off by a whole ulp)."""
+    x, weight, bias = operands((40, 48), 20, dtype)
+    with torch.no_grad():
+        out = swiglu_linear(x, weight, bias, backend="triton").double()
+    exact = float64_reference(x, weight, bias, None)
+    binade = torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(torch.finfo(dtype).tiny))))
+    assert ((out - exact).abs() <= torch.finfo(dtype).eps / 2 * binade + 2e-5).all()
+
+
 def test_sphere_l_shape_matches_the_reference() -> None:
     """Sphere-L's MLP (K 1024, H 2730 padded to 2752) on a GPU; on CPU a slice of its rows and hidden units."""
     tokens, hidden, width = (2048, 2730, 2752) if DEVICE.type == "cuda" else (64, 40, 64)
