@@ -88,10 +88,13 @@ def test_gated_tokens_and_modulation(backend: str, S: int, D: int, tokens: bool)
 
 
 @pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("absent", ["gate", "weight", "shift", "scale", "all"])
-def test_gated_optional_inputs(backend: str, absent: str) -> None:
-    x, br, gate, w, sh, sc = make_inputs(2, 7, 96, tokens=True, seed=3)
-    drop = {"gate", "weight", "shift", "scale"} if absent == "all" else {absent}
+@pytest.mark.parametrize("absent", ["gate", "weight", "shift", "scale", "gate+shift", "all"])
+@pytest.mark.parametrize("tokens", [False, True], ids=["broadcast", "per_token"])
+def test_gated_optional_inputs(backend: str, absent: str, tokens: bool) -> None:
+    """Each input left out, and the gate and shift together: broadcast, the scale is then the one per-sample
+    modulation whose grad the backward's second stage sums."""
+    x, br, gate, w, sh, sc = make_inputs(2, 7, 96, tokens=tokens, seed=3)
+    drop = {"gate", "weight", "shift", "scale"} if absent == "all" else set(absent.split("+"))
     inputs = [x, br] + [None if n in drop else t for n, t in zip(NAMES[2:], (gate, w, sh, sc))]
     check_gated(backend, inputs, TOL[torch.float32])
 
