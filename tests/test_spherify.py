@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import sphere_fast
+from sphere_fast.ops import philox as P
 from sphere_fast.ops.philox import sphere_noise_reference
 from tests.helpers import swapped_in_memory
 
@@ -201,6 +202,33 @@ def test_eager_gradcheck_fp64():
 
 
 # ---------------------------------------------------------------------------------------- noise & invariants
+
+
+# (offset, int32 Philox word) for seed 0, found by search (about one draw in 2**22, then 2**24, is this close to
+# zero): -317 maps to the uniform ~v * 2**-31 = 316 * 4.66e-10 = 1.47e-7, just over the 1e-7 floor (an
+# off-by-one word moves the normal by over 1e-4); -20 maps to 8.8e-9, which the floor raises to 1e-7.
+WORDS_NEAR_ZERO = [(4826271, -317), (38471471, -20)]
+
+
+@pytest.mark.parametrize("offset, word", WORDS_NEAR_ZERO, ids=["over-the-floor", "floored"])
+@pytest.mark.parametrize("backend", KERNELS)
+def test_noise_of_a_word_near_zero(backend, offset, word):
+    seed, length = torch.tensor([0]), 1024
+    stream, j = divmod(offset, length)
+    c0, _ = P._philox_c0_c1(seed[0], torch.tensor([offset]))
+    assert c0.item() == word % 2**32
+    expected = P.philox_randn(seed[0], torch.tensor([offset]))
+    got = S.sphere_noise(seed, (length,), stream, backend=backend)[0, j]
+    torch.testing.assert_close(got, expected[0], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_noise_at_offsets_past_2_32(backend):
+    """Offsets are 64-bit: a stream whose offsets pass 2**32 feeds Philox's second counter word."""
+    seeds = torch.tensor([3, -(2**40)], dtype=torch.int64)
+    stream = (1 << 32) // 700  # offsets from 2**32 - 396 to 2**32 + 303
+    expected = sphere_noise_reference(seeds, (700,), stream=stream)
+    torch.testing.assert_close(S.sphere_noise(seeds, (700,), stream, backend=backend), expected, atol=1e-6, rtol=1e-6)
 
 
 def test_noise_identical_across_backends():
