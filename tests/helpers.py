@@ -1,8 +1,12 @@
 """Shared by the fused-op tests (test_adaln.py, test_swiglu.py, ...): the fused backends to parametrize over, the
-tolerance rule they apply (see their module docstrings), inputs off a 16-byte boundary or with other strides, the
-same-images check of the GPU sampling tests, and a stand-in timer for the launch-config tuning on CPU."""
+tolerance rule they apply (see their module docstrings), inputs off a 16-byte boundary or with other strides, a
+spy on the ops' kernel launches, the same-images check of the GPU sampling tests, and a stand-in timer for the
+launch-config tuning on CPU."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
@@ -26,6 +30,33 @@ def off_16_byte_boundaries(t: torch.Tensor) -> torch.Tensor:
     """t's values (differentiably) in memory that starts one element past a 16-byte boundary."""
     memory = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
     return memory[1:].view(t.shape).copy_(t)
+
+
+@dataclass(frozen=True)
+class Launch:
+    kernel: str
+    compile_only: bool
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+def record_launches(monkeypatch: pytest.MonkeyPatch, module: Any) -> list[Launch]:
+    """Spies on ``module.kernel_runner`` (how every op starts a Triton kernel): the launches and precompiles of
+    the module's ops, in order, with their arguments; the kernels still run."""
+    launches: list[Launch] = []
+    runner = module.kernel_runner
+
+    def recording_runner(kernel, grid, compile_only=False):
+        run = runner(kernel, grid, compile_only)
+
+        def recorded(*args, **kwargs):
+            launches.append(Launch(kernel.__name__, compile_only, args, kwargs))
+            return run(*args, **kwargs)
+
+        return recorded
+
+    monkeypatch.setattr(module, "kernel_runner", recording_runner)
+    return launches
 
 
 def swapped_in_memory(t: torch.Tensor, dim0: int, dim1: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 
 from sphere_fast import available_backends
 from sphere_fast.ops import _tuning
-from tests.helpers import FUSED, TOL, close, last_is_fastest, swapped_in_memory
+from tests.helpers import FUSED, TOL, close, last_is_fastest, record_launches, swapped_in_memory
 
 adaln = importlib.import_module("sphere_fast.ops.adaln")
 
@@ -325,23 +325,15 @@ def test_the_triton_forward_tunes_rows_and_warps(monkeypatch: pytest.MonkeyPatch
     candidates = adaln._fwd_candidates(96, interpret=False)
     block_m, _, warps = adaln._row_block(96)  # the default, then one row a program with the default's warps
     assert candidates == ((block_m, warps), (1, warps)) and adaln._fwd_candidates(96, interpret=True) == candidates[:1]
-    launched: list[tuple[int, int]] = []  # the config of each forward launch, timed or not (compiles left out)
-    runner = adaln.kernel_runner
-
-    def recording_runner(kernel, grid, compile_only=False):
-        run_kernel = runner(kernel, grid, compile_only)
-        if compile_only or kernel.__name__ != "adaln_fwd_kernel":
-            return run_kernel
-        return lambda *args, **kwargs: (launched.append((kwargs["BLOCK_M"], kwargs["num_warps"])),
-                                        run_kernel(*args, **kwargs))
-
     timed = last_is_fastest(monkeypatch)
     monkeypatch.setattr(adaln, "_fwd_candidates", lambda D, interpret: candidates)
-    monkeypatch.setattr(adaln, "kernel_runner", recording_runner)
+    launches = record_launches(monkeypatch, adaln)
     try:
         actual = adaln.gated_residual_adaln(*inputs, backend="triton")
         chosen = [config for key, config in _tuning._chosen.items() if key[0] == "adaln fwd"]
         assert len(candidates) > 1 and chosen == [candidates[-1]] and len(timed) == len(candidates)
+        launched = [(launch.kwargs["BLOCK_M"], launch.kwargs["num_warps"]) for launch in launches
+                    if launch.kernel == "adaln_fwd_kernel" and not launch.compile_only]
         assert launched == [*candidates, candidates[-1]]  # each timed, then the pick
         adaln.gated_residual_adaln(*inputs, backend="triton")
         assert len(timed) == len(candidates), "a remembered shape must not be timed again"
@@ -368,23 +360,16 @@ def test_the_triton_backward_tunes_its_pipeline_stages(
     run = functools.partial(run_gated, lambda *t: adaln.gated_residual_adaln(*t, backend="triton"), inputs, grads_out)
     monkeypatch.setattr(adaln, "_bwd_stage_candidates", lambda: (1,))
     _, expected = run()
-    launched: list[int] = []  # the stages of each backward launch, timed or not (compiles left out)
-    runner = adaln.kernel_runner
-
-    def recording_runner(kernel, grid, compile_only=False):
-        run_kernel = runner(kernel, grid, compile_only)
-        if compile_only or kernel.__name__ != "adaln_bwd_kernel":
-            return run_kernel
-        return lambda *args, **kwargs: (launched.append(kwargs["STAGES"]), run_kernel(*args, **kwargs))
-
     timed = last_is_fastest(monkeypatch)
     monkeypatch.setattr(adaln, "_bwd_stage_candidates", lambda: adaln.BWD_STAGES)
-    monkeypatch.setattr(adaln, "kernel_runner", recording_runner)
+    launches = record_launches(monkeypatch, adaln)
     try:
         with caplog.at_level("INFO", logger="sphere_fast"):
             _, actual = run()
         chosen = [config for key, config in _tuning._chosen.items() if key[0] == "adaln bwd"]
         assert chosen == [adaln.BWD_STAGES[-1]] and len(timed) == len(adaln.BWD_STAGES)
+        launched = [launch.kwargs["STAGES"] for launch in launches
+                    if launch.kernel == "adaln_bwd_kernel" and not launch.compile_only]
         assert launched == [*adaln.BWD_STAGES, adaln.BWD_STAGES[-1]]  # each timed, then the pick
         assert "compiling the candidates ahead failed" not in caplog.text and "bits" not in caplog.text
         run()

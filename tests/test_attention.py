@@ -18,7 +18,7 @@ import torch
 from sphere_fast.ops._util import check_grid
 from sphere_fast.ops.attention import attention, attention_impl, attention_reference
 from sphere_fast.ops.rope import apply_rope_reference, rope_table_reference
-from tests.helpers import swapped_in_memory
+from tests.helpers import record_launches, swapped_in_memory
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.cuda_capable
@@ -185,13 +185,17 @@ def test_a_dominant_first_key_block_keeps_the_running_max() -> None:
     torch.testing.assert_close(out, attention_reference(q, k, v), atol=tol, rtol=tol)
 
 
-def test_layouts_and_output_layout() -> None:
-    """Contiguous [B, H, N, D], strided qkv views and a non-unit head-dim stride give the same result;
-    the output is [B, H, N, D] over [B, N, H, D] memory so the model's transpose + reshape is free."""
+def test_layouts_and_output_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Contiguous [B, H, N, D], strided qkv views and a non-unit head-dim stride give the same result; the
+    qkv views are read in place (the kernel gets the projection's own memory); the output is [B, H, N, D] over
+    [B, N, H, D] memory so the model's transpose + reshape is free."""
     b, h, n, d = 2, 2, 20, 32
     qkv = qkv_leaf(b, h, n, d, torch.float32).detach()
     rope = official_rope(n, d)
     q, k, v = split_qkv(qkv, h, d)
+    launches = record_launches(monkeypatch, attn_mod)
+    attention(q, k, v, impl="triton")  # with RoPE, q and k reach the kernel rotated by the RoPE pass (test_rope)
+    assert [t.data_ptr() for t in launches[0].args[:3]] == [q.data_ptr(), k.data_ptr(), v.data_ptr()]
     out_view = attention(q, k, v, rope, impl="triton")
     out_contig = attention(q.contiguous(), k.contiguous(), v.contiguous(), rope, impl="triton")
     odd = swapped_in_memory(q, 2, 3)  # head dim stride N

@@ -16,7 +16,7 @@ import torch
 
 from sphere_fast.nn.layers import rope_2d
 from sphere_fast.ops.rope import apply_rope, apply_rope_reference, rope_reference, rope_table_reference
-from tests.helpers import TOL, close, swapped_in_memory
+from tests.helpers import TOL, close, record_launches, swapped_in_memory
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.cuda_capable
@@ -90,13 +90,15 @@ def test_any_table_not_only_the_official() -> None:
         close(x, r, TOL[torch.float32], name)
 
 
-def test_output_layout_and_strided_inputs() -> None:
-    """Strided views are read in place; outputs are [B, H, N, D] with [B, N, H, D] memory; a non-unit last
-    stride is accepted (copied first)."""
+def test_output_layout_and_strided_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Strided views are read in place (the kernel gets the projection's own memory); outputs are [B, H, N, D]
+    with [B, N, H, D] memory; a non-unit last stride is accepted (copied first)."""
     b, h, n, d = 2, 3, 9, 32
     _, q, k = qk_views(b, h, n, d, torch.float32)
     rope = table(n, d)
+    launches = record_launches(monkeypatch, rope_mod)
     q_rot, k_rot = apply_rope(q, k, rope, backend="triton")
+    assert [t.data_ptr() for t in launches[0].args[:2]] == [q.data_ptr(), k.data_ptr()]
     assert q_rot.shape == k_rot.shape == (b, h, n, d)
     assert q_rot.transpose(1, 2).is_contiguous() and k_rot.transpose(1, 2).is_contiguous()
     q_t = swapped_in_memory(q.detach(), 2, 3)  # head dim not contiguous

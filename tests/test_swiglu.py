@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sphere_fast import available_backends
-from tests.helpers import FUSED, TOL, close
+from tests.helpers import FUSED, TOL, close, record_launches
 
 sw = importlib.import_module("sphere_fast.ops.swiglu")
 
@@ -67,19 +67,7 @@ def test_unaligned_rows_run_flat_with_the_tiled_bits(dtype: torch.dtype, int64: 
         pytest.skip("the Triton backend is not available here")
     assert sw._rows_aligned(2752, 5504, 2) and not sw._rows_aligned(2731, 5462, 2)
     assert not sw._rows_aligned(2736, 5470, 2)  # aligned width, unaligned row stride
-    launched: list[str] = []
-    runner = sw.kernel_runner
-
-    def recording_runner(kernel, grid, compile_only=False):
-        launch = runner(kernel, grid, compile_only)
-
-        def recorded(*args, **kwargs):
-            launched.append((kernel.__name__, kwargs.get("INT64")))
-            return launch(*args, **kwargs)
-
-        return recorded
-
-    monkeypatch.setattr(sw, "kernel_runner", recording_runner)
+    launches = record_launches(monkeypatch, sw)
     if int64:  # past the rows' extent in h (16386, 16418 elements), not past the output's (8193, 8208)
         monkeypatch.setattr(sw, "INT32_LIMIT", 12_000)
     for h in (randn(3, 2 * 2731, dtype=dtype), randn(3, 2 * 2736 + 1, dtype=dtype)[:, : 2 * 2736]):
@@ -88,6 +76,7 @@ def test_unaligned_rows_run_flat_with_the_tiled_bits(dtype: torch.dtype, int64: 
             forced.setattr(sw, "_rows_aligned", lambda *args: True)
             tiled = sw.swiglu(h, backend="triton")
         assert torch.equal(flat, tiled)
+    launched = [(launch.kernel, launch.kwargs.get("INT64")) for launch in launches]
     assert launched == [("swiglu_fwd_flat_kernel", int64), ("swiglu_fwd_kernel", None)] * 2
 
 
@@ -99,6 +88,20 @@ def test_non_contiguous(backend: str) -> None:
     for h in (row_strided, transposed):
         assert not h.is_contiguous()
         check(backend, h, TOL[torch.float32])
+
+
+def test_rows_apart_are_read_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Triton forward reads h where it is when its last dim is contiguous, whatever its row stride (the
+    model's padded rows): the kernel gets h's own memory; only a non-unit last stride is copied first."""
+    if "triton" not in available_backends("cpu"):
+        pytest.skip("the Triton backend is not available here")
+    launches = record_launches(monkeypatch, sw)
+    row_strided = randn(2, 5, 2 * 170 + 6)[..., : 2 * 170]
+    transposed = randn(2, 2 * 170, 5).transpose(1, 2)
+    for h in (row_strided, transposed):
+        sw.swiglu(h, backend="triton")
+    assert len(launches) == 2 and launches[0].args[0].data_ptr() == row_strided.data_ptr()
+    assert launches[1].args[0].data_ptr() != transposed.data_ptr() and launches[1].args[0].stride(-1) == 1
 
 
 @pytest.mark.parametrize("backend", ["eager"] + FUSED)
