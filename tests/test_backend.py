@@ -109,6 +109,19 @@ def test_unavailable_backend_is_an_error(monkeypatch):
         resolve_backend("unit_op", torch.device("cpu"), "triton", ("triton",))
 
 
+def test_the_interpreter_flag_is_read_at_each_resolution(monkeypatch):
+    """The memoized resolution is keyed on TRITON_INTERPRET: turning it off in a process makes triton on CPU
+    unavailable again instead of answering from the cache."""
+    if not backend.triton_importable():
+        pytest.skip("triton is not installed")
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_backend("flag_op", cpu, "triton", ("triton",)) == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="not available"):
+        resolve_backend("flag_op", cpu, "triton", ("triton",))
+
+
 def test_available_backends_lists_eager_first():
     names = sphere_fast.available_backends("cpu")
     assert names[0] == "eager" and set(names) <= {"eager", "triton", "cpp"}
@@ -123,8 +136,22 @@ def test_triton_runs_on_cuda_unless_interpreting_and_on_cpu_only_then(monkeypatc
     assert not backend.triton_usable(torch.device("cuda")) and backend.triton_usable(torch.device("cpu"))
 
 
+def test_triton_needs_triton(monkeypatch):
+    monkeypatch.setattr(backend, "triton_importable", lambda: False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not backend.triton_usable(torch.device("cpu")) and not backend.triton_usable(torch.device("cuda"))
+
+
 def test_cpp_needs_a_cpp_compiler(monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler-here")
+    assert backend.cpp_buildable.__wrapped__() is False
+
+
+def test_cpp_needs_ninja(monkeypatch):
+    def no_ninja() -> None:
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr("torch.utils.cpp_extension.verify_ninja_availability", no_ninja)
     assert backend.cpp_buildable.__wrapped__() is False
 
 
