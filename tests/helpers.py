@@ -1,7 +1,7 @@
 """Shared by the fused-op tests (test_adaln.py, test_swiglu.py, ...): the fused backends to parametrize over, the
 tolerance rule they apply (see their module docstrings), inputs off a 16-byte boundary or with other strides, a
-spy on the ops' kernel launches, the same-images check of the GPU sampling tests, and a stand-in timer for the
-launch-config tuning on CPU."""
+spy on the ops' kernel launches, the check of a single rounding to nearest, the same-images check of the GPU
+sampling tests, and a stand-in timer for the launch-config tuning on CPU."""
 
 from __future__ import annotations
 
@@ -63,6 +63,14 @@ def swapped_in_memory(t: torch.Tensor, dim0: int, dim1: int) -> torch.Tensor:
     """t's values (differentiably) in memory laid out with dims ``dim0`` and ``dim1`` swapped: the same tensor
     with other strides."""
     return t.transpose(dim0, dim1).contiguous().transpose(dim0, dim1)
+
+
+def assert_rounded_to_nearest(actual: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype, atol: float = 0.0) -> None:
+    """``actual`` (in ``dtype``) is ``exact`` rounded once, to nearest: within half an ulp of each exact value (plus
+    0.1% of that for float32 sums that contract or reorder, and ``atol``); a truncation is off by a whole ulp."""
+    binade = torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(torch.finfo(dtype).tiny))))
+    bound = torch.finfo(dtype).eps / 2 * binade * (1 + 1e-3) + atol
+    assert ((actual.to(exact.dtype) - exact).abs() <= bound).all()
 
 
 def assert_same_images(a: torch.Tensor, b: torch.Tensor, what: str) -> None:

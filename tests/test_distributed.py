@@ -4,10 +4,10 @@ same losses, with and without gradient accumulation."""
 import gc
 import os
 import socket
-from pathlib import Path
 import warnings
 import weakref
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch

@@ -128,19 +128,19 @@ def test_the_code_id_covers_the_versions_and_both_source_folders(monkeypatch: py
     code_id = _tuning._code_id.__wrapped__  # uncached
     base = code_id()
     for module in (torch, triton):
-        monkeypatch.setattr(module, "__version__", "0.0+other")
-        assert code_id() != base, module.__name__
-        monkeypatch.undo()
+        with monkeypatch.context() as patched:
+            patched.setattr(module, "__version__", "0.0+other")
+            assert code_id() != base, module.__name__
     for module in (sphere_fast.kernels, _tuning):
         source = Path(module.__file__)
         copy = tmp_path / source.parent.name
         shutil.copytree(source.parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
-        monkeypatch.setattr(module, "__file__", str(copy / source.name))
-        assert code_id() == base, "the same sources elsewhere"
-        with open(copy / source.name, "a") as edited:
-            edited.write("# edited\n")
-        assert code_id() != base, source
-        monkeypatch.undo()
+        with monkeypatch.context() as patched:
+            patched.setattr(module, "__file__", str(copy / source.name))
+            assert code_id() == base, "the same sources elsewhere"
+            with open(copy / source.name, "a") as edited:
+                edited.write("# edited\n")
+            assert code_id() != base, source
 
 
 def test_a_device_in_a_key_stands_for_its_gpu_model(monkeypatch: pytest.MonkeyPatch) -> None:
