@@ -4,13 +4,17 @@ Raw device code only; launchers, autograd and checks live in ``sphere_fast/ops/a
 
 Layout: x, branch are [B, S, D] addressed by (stride_b, stride_s) with a unit last stride; gate, shift,
 scale are addressed the same way, so a (B, 1, D) modulation simply has stride_s == 0 (broadcast by stride,
-nothing is expanded in memory). Outputs res, y are contiguous [B*S, D]; rstd is [B*S] fp32.
+nothing is expanded in memory). Outputs res, y are contiguous [B*S, D]; rstd is [B*S] fp32. Math in fp32, one
+rounding to the output dtype (to nearest even in the interpreter too: EMULATE_BF16, set by the launcher there for
+bf16).
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from sphere_fast.kernels.rounding import to_dtype
 
 
 @triton.jit
@@ -28,7 +32,7 @@ def adaln_fwd_kernel(
     sx_b, sx_s, sbr_b, sbr_s, sg_b, sg_s, ssh_b, ssh_s, ssc_b, ssc_s,
     HAS_BRANCH: tl.constexpr, HAS_GATE: tl.constexpr, HAS_W: tl.constexpr,
     HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE_BF16: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
@@ -43,7 +47,7 @@ def adaln_fwd_kernel(
         if HAS_GATE:
             g = tl.load(G + _row_offsets(rows, S, sg_b, sg_s)[:, None] + c2, mask=mask, other=0.0).to(tl.float32)
             br = g * br
-        res = (r + br).to(RES.dtype.element_ty)
+        res = to_dtype(r + br, RES.dtype.element_ty, EMULATE_BF16)
         tl.store(RES + out_off, res, mask=mask)
         # Normalise the stored (rounded) residual, exactly what an unfused model would read back.
         r = res.to(tl.float32)
@@ -58,7 +62,7 @@ def adaln_fwd_kernel(
         y = y * (1.0 + sc)
     if HAS_SHIFT:
         y += tl.load(SH + _row_offsets(rows, S, ssh_b, ssh_s)[:, None] + c2, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + out_off, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + out_off, to_dtype(y, Y.dtype.element_ty, EMULATE_BF16), mask=mask)
 
 
 @triton.jit
@@ -71,7 +75,7 @@ def adaln_bwd_kernel(
     HAS_DRES: tl.constexpr, HAS_BRANCH: tl.constexpr, HAS_GATE: tl.constexpr, HAS_W: tl.constexpr,
     HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr,
     GATE_TOK: tl.constexpr, SHIFT_TOK: tl.constexpr, SCALE_TOK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr, EMULATE_BF16: tl.constexpr,
 ):
     """Program (b, c) walks rows [c*rows_per_prog, (c+1)*rows_per_prog) of sample b.
 
@@ -113,7 +117,7 @@ def adaln_bwd_kernel(
             dn = dn * one_sc
             dsc = dy * n * w[None, :]
             if SCALE_TOK:
-                tl.store(DSC + off, dsc.to(DSC.dtype.element_ty), mask=mask)
+                tl.store(DSC + off, to_dtype(dsc, DSC.dtype.element_ty, EMULATE_BF16), mask=mask)
             else:
                 acc_sc += tl.sum(dsc, axis=0)
             acc_w += tl.sum(dy * n * one_sc, axis=0)
@@ -121,7 +125,7 @@ def adaln_bwd_kernel(
             acc_w += tl.sum(dy * n, axis=0)
         if HAS_SHIFT:
             if SHIFT_TOK:
-                tl.store(DSH + off, dy.to(DSH.dtype.element_ty), mask=mask)
+                tl.store(DSH + off, to_dtype(dy, DSH.dtype.element_ty, EMULATE_BF16), mask=mask)
             else:
                 acc_sh += tl.sum(dy, axis=0)
 
@@ -129,20 +133,20 @@ def adaln_bwd_kernel(
         dr = rstd[:, None] * (dn - n * (tl.sum(dn * n, axis=1) / D)[:, None])
         if HAS_DRES:
             dr += tl.load(DRES + off, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + off, dr.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DX + off, to_dtype(dr, DX.dtype.element_ty, EMULATE_BF16), mask=mask)
         if HAS_BRANCH:
             if HAS_GATE:
                 g_off = b.to(tl.int64) * sg_b + s.to(tl.int64) * sg_s
                 g = tl.load(G + g_off[:, None] + c2, mask=mask, other=0.0).to(tl.float32)
                 br_off = b.to(tl.int64) * sbr_b + s.to(tl.int64) * sbr_s
                 br = tl.load(BR + br_off[:, None] + c2, mask=mask, other=0.0).to(tl.float32)
-                tl.store(DBR + off, (dr * g).to(DBR.dtype.element_ty), mask=mask)
+                tl.store(DBR + off, to_dtype(dr * g, DBR.dtype.element_ty, EMULATE_BF16), mask=mask)
                 if GATE_TOK:
-                    tl.store(DG + off, (dr * br).to(DG.dtype.element_ty), mask=mask)
+                    tl.store(DG + off, to_dtype(dr * br, DG.dtype.element_ty, EMULATE_BF16), mask=mask)
                 else:
                     acc_g += tl.sum(dr * br, axis=0)
             else:
-                tl.store(DBR + off, dr.to(DBR.dtype.element_ty), mask=mask)
+                tl.store(DBR + off, to_dtype(dr, DBR.dtype.element_ty, EMULATE_BF16), mask=mask)
 
     p_off = (b.to(tl.int64) * CHUNKS + c) * D + cols
     if HAS_W:
@@ -172,7 +176,7 @@ def adaln_bwd_finish_kernel(
     DW, DG, DSH, DSC,  # the grads, in the inputs' dtype: DW [D]; DG, DSH, DSC [B, D] (of (B, 1, D) modulations)
     B, CHUNKS, D, SAMPLE_PROGRAMS,
     HAS_W: tl.constexpr, HAS_GATE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE_BF16: tl.constexpr,
 ):
     """The backward's second stage in one launch. Program (i, j) owns columns [j*BLOCK_D, (j+1)*BLOCK_D): for
     i < SAMPLE_PROGRAMS (B, or 0 when no modulation is per sample) it sums sample i's CHUNKS partial rows of
@@ -185,13 +189,13 @@ def adaln_bwd_finish_kernel(
         out = i.to(tl.int64) * D + cols
         if HAS_GATE:
             dg = _sum_partial_rows(PG, first, CHUNKS, cols, cmask, D, BLOCK_R, BLOCK_D)
-            tl.store(DG + out, dg.to(DG.dtype.element_ty), mask=cmask)
+            tl.store(DG + out, to_dtype(dg, DG.dtype.element_ty, EMULATE_BF16), mask=cmask)
         if HAS_SHIFT:
             dsh = _sum_partial_rows(PSH, first, CHUNKS, cols, cmask, D, BLOCK_R, BLOCK_D)
-            tl.store(DSH + out, dsh.to(DSH.dtype.element_ty), mask=cmask)
+            tl.store(DSH + out, to_dtype(dsh, DSH.dtype.element_ty, EMULATE_BF16), mask=cmask)
         if HAS_SCALE:
             dsc = _sum_partial_rows(PSC, first, CHUNKS, cols, cmask, D, BLOCK_R, BLOCK_D)
-            tl.store(DSC + out, dsc.to(DSC.dtype.element_ty), mask=cmask)
+            tl.store(DSC + out, to_dtype(dsc, DSC.dtype.element_ty, EMULATE_BF16), mask=cmask)
     elif HAS_W:
         dw = _sum_partial_rows(PW, 0, B * CHUNKS, cols, cmask, D, BLOCK_R, BLOCK_D)
-        tl.store(DW + cols, dw.to(DW.dtype.element_ty), mask=cmask)
+        tl.store(DW + cols, to_dtype(dw, DW.dtype.element_ty, EMULATE_BF16), mask=cmask)

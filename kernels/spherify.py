@@ -13,12 +13,16 @@ e is regenerated from the seed in every pass and never stored. NOISE: 0 none (pl
 1 read from ``noise_ptr`` ([B, L] with row stride ``stride_n``), 2 Philox from ``seeds_ptr``.
 With a = rsqrt(|z|^2/L + eps), u = a*z + s*e, c = rsqrt(|u|^2/L + eps):
   |u|^2 = a^2 |z|^2 + 2 s a z.e + s^2 |e|^2;  where s == 0 the output is exactly a*z (and ds = 0).
+Outputs and dz are rounded once to z's dtype (to nearest even in the interpreter too: EMULATE_BF16, set by the
+launcher there for bf16).
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from sphere_fast.kernels.rounding import to_dtype
 
 NOISE_NONE = 0
 NOISE_TENSOR = 1
@@ -118,6 +122,7 @@ def _fwd_apply(
     z_ptr, noise_ptr, seeds_ptr, scale_ptr, partial_ptr, out_ptr, stats_ptr,
     B, L, stride_z, stride_n, noise_base, eps,
     SPLIT_P2: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, NOISE: tl.constexpr, PAIR: tl.constexpr,
+    EMULATE_BF16: tl.constexpr,
 ):
     b = tl.program_id(0)
     k = tl.program_id(1)
@@ -152,8 +157,8 @@ def _fwd_apply(
             y0 = cz0 * z + ce0 * e
             if PAIR:
                 y1 = cz1 * z + ce1 * e
-                tl.store(out1 + offs, y1.to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(out0 + offs, y0.to(out_ptr.dtype.element_ty), mask=mask)
+                tl.store(out1 + offs, to_dtype(y1, out_ptr.dtype.element_ty, EMULATE_BF16), mask=mask)
+        tl.store(out0 + offs, to_dtype(y0, out_ptr.dtype.element_ty, EMULATE_BF16), mask=mask)
 
 
 @triton.jit
@@ -213,6 +218,7 @@ def _bwd_apply(
     g_ptr, z_ptr, noise_ptr, seeds_ptr, scale_ptr, stats_ptr, partial_ptr, dz_ptr, dscale_ptr,
     B, L, stride_z, stride_n, noise_base, eps,
     SPLIT_P2: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, NOISE: tl.constexpr, PAIR: tl.constexpr,
+    EMULATE_BF16: tl.constexpr,
 ):
     b = tl.program_id(0)
     k = tl.program_id(1)
@@ -263,7 +269,7 @@ def _bwd_apply(
             if PAIR:
                 g1 = _load_f32(g1_row + offs, mask)
                 dz += cg1 * g1
-        tl.store(dz_row + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+        tl.store(dz_row + offs, to_dtype(dz, dz_ptr.dtype.element_ty, EMULATE_BF16), mask=mask)
 
 
 @triton.jit

@@ -40,6 +40,12 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def emulate_bf16(dtype: torch.dtype) -> bool:
+    """A Triton kernel's EMULATE_BF16 flag (kernels/rounding.py): bf16 under the interpreter, which truncates
+    fp32 -> bf16 where a GPU rounds to nearest even."""
+    return triton_interpreting() and dtype == torch.bfloat16
+
+
 @functools.cache
 def triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None

@@ -41,7 +41,7 @@ def test_triton_adaln_fwd_sm90(D: int, config: tuple[int, int]) -> None:
     sig = {**_ptrs("X BR G W SH SC RES Y", "*bf16"), "RSTD": "*fp32", "M": "i32", "S": "i32", "D": "i32", "eps": "fp32"}
     sig.update(_ptrs("sx_b sx_s sbr_b sbr_s sg_b sg_s ssh_b ssh_s ssc_b ssc_s", "i32"))
     flags = dict.fromkeys(("HAS_BRANCH", "HAS_GATE", "HAS_W", "HAS_SHIFT", "HAS_SCALE"), True)
-    constexprs = {**flags, "BLOCK_M": block_m, "BLOCK_D": adaln.next_pow2(D)}
+    constexprs = {**flags, "BLOCK_M": block_m, "BLOCK_D": adaln.next_pow2(D), "EMULATE_BF16": False}
     aligned = [name for name in sig if name != "eps"]
     info = sm90.compile_triton_sm90(adaln_fwd_kernel, sig, constexprs, num_warps=num_warps, aligned=aligned)
     sm90.assert_no_spills(info)
@@ -65,7 +65,7 @@ def test_triton_adaln_bwd_sm90(D: int, per_token: bool, stages: int) -> None:
     flags = dict.fromkeys(("HAS_DRES", "HAS_BRANCH", "HAS_GATE", "HAS_W", "HAS_SHIFT", "HAS_SCALE"), True)
     flags.update(dict.fromkeys(("GATE_TOK", "SHIFT_TOK", "SCALE_TOK"), per_token))
     info = sm90.compile_triton_sm90(
-        adaln_bwd_kernel, sig, {**flags, "BLOCK_M": block_m, "BLOCK_D": block_d, "STAGES": stages},
+        adaln_bwd_kernel, sig, dict(flags, BLOCK_M=block_m, BLOCK_D=block_d, STAGES=stages, EMULATE_BF16=False),
         num_warps=num_warps, aligned=list(sig) if stages > 1 else None,
     )
     sm90.assert_no_spills(info)
@@ -86,7 +86,8 @@ def test_triton_adaln_bwd_finish_sm90(sums: str) -> None:
     flags = dict.fromkeys(("HAS_GATE", "HAS_SHIFT", "HAS_SCALE"), sums != "weight only")
     flags["HAS_W"] = sums != "modulations only"
     info = sm90.compile_triton_sm90(
-        adaln_bwd_finish_kernel, sig, {**flags, "BLOCK_R": adaln.FINISH_BLOCK_R, "BLOCK_D": adaln.FINISH_BLOCK_D},
+        adaln_bwd_finish_kernel, sig, {**flags, "BLOCK_R": adaln.FINISH_BLOCK_R, "BLOCK_D": adaln.FINISH_BLOCK_D,
+                                  "EMULATE_BF16": False},
         num_warps=4, aligned=["PW", "PG", "PSH", "PSC", "DW", "DG", "DSH", "DSC", "CHUNKS", "D"],
     )
     sm90.assert_no_spills(info)
@@ -100,7 +101,8 @@ def test_triton_swiglu_sm90(kernel: str) -> None:
     block_m, block_n = swiglu._blocks(2730)
     ptrs = "H_PTR OUT" if kernel == "swiglu_fwd_kernel" else "DOUT H_PTR DH"
     sig = {**_ptrs(ptrs, "*bf16"), "M": "i32", "H": "i32", "stride_h": "i32"}
-    info = sm90.compile_triton_sm90(getattr(module, kernel), sig, {"BLOCK_M": block_m, "BLOCK_N": block_n})
+    info = sm90.compile_triton_sm90(getattr(module, kernel), sig,
+                                    dict(BLOCK_M=block_m, BLOCK_N=block_n, EMULATE_BF16=False))
     sm90.assert_no_spills(info)
 
 
@@ -111,13 +113,15 @@ def test_triton_swiglu_flat_forward_sm90() -> None:
     multiple of 16 (N divisible by 16: the stores' mask is constant over each word), H and stride_h not."""
     module = importlib.import_module("sphere_fast.kernels.swiglu")
     sig = {**_ptrs("H_PTR OUT", "*bf16"), "N": "i32", "H": "i32", "stride_h": "i32"}
-    flat = sm90.compile_triton_sm90(module.swiglu_fwd_flat_kernel, sig, {"BLOCK": swiglu.FLAT_BLOCK, "INT64": False},
+    flat = sm90.compile_triton_sm90(module.swiglu_fwd_flat_kernel, sig,
+                                    dict(BLOCK=swiglu.FLAT_BLOCK, INT64=False, EMULATE_BF16=False),
                                     num_warps=4, aligned=["H_PTR", "OUT", "N"])
     sm90.assert_no_spills(flat)
     assert sm90.count_opcodes(flat.sass())["STG.E.128"] > 0
     block_m, block_n = swiglu._blocks(2731)
     tiled_sig = {**_ptrs("H_PTR OUT", "*bf16"), "M": "i32", "H": "i32", "stride_h": "i32"}
-    tiled = sm90.compile_triton_sm90(module.swiglu_fwd_kernel, tiled_sig, {"BLOCK_M": block_m, "BLOCK_N": block_n})
+    tiled = sm90.compile_triton_sm90(module.swiglu_fwd_kernel, tiled_sig,
+                                     dict(BLOCK_M=block_m, BLOCK_N=block_n, EMULATE_BF16=False))
     assert sm90.count_opcodes(tiled.sass())["STG.E.128"] == 0
 
 

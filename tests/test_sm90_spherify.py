@@ -52,7 +52,7 @@ def test_triton_kernels_no_spills(kernel, dtype, noise, pair):
     if kernel != "_fwd_partials":
         constexprs["PAIR"] = pair  # _fwd_partials has no PAIR: its "pair" case is the Philox one
     if kernel.endswith("apply"):
-        constexprs["SPLIT_P2"] = 16
+        constexprs.update(SPLIT_P2=16, EMULATE_BF16=False)
     names = list(inspect.signature(fn.fn).parameters)  # JITFunction and the interpreter both keep .fn
     try:
         info = compile_triton_sm90(fn, _signature(names, dtype), constexprs, num_warps=NUM_WARPS)

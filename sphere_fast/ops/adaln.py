@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-from sphere_fast.backend import resolve_backend, triton_interpreting
+from sphere_fast.backend import emulate_bf16, resolve_backend, triton_interpreting
 from sphere_fast.ops._library import define_op, needs_grad
 from sphere_fast.ops._tuning import launch_tuned
 from sphere_fast.ops._util import kernel_runner, next_pow2, on_input_device, unit_last_stride
@@ -205,7 +205,7 @@ def _triton_fwd(
             _or(res, dummy), y, rstd,
             M, S, D, eps,
             *_bs_strides(x), *_bs_strides(branch), *_bs_strides(gate), *_bs_strides(shift), *_bs_strides(scale),
-            **flags, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+            **flags, BLOCK_M=block_m, BLOCK_D=block_d, EMULATE_BF16=emulate_bf16(x.dtype), num_warps=num_warps,
         )
 
     # the program count (rows, in powers of two) and how the modulations are read decide the fastest config
@@ -264,7 +264,8 @@ def _triton_bwd(
             _or(pw, rstd), _or(pg, rstd), _or(psh, rstd), _or(psc, rstd),
             S, D, rows_per_prog, chunks,
             *_bs_strides(branch), *_bs_strides(gate), *_bs_strides(scale),
-            **flags, BLOCK_M=block_m, BLOCK_D=block_d, STAGES=stages, num_warps=num_warps,
+            **flags, BLOCK_M=block_m, BLOCK_D=block_d, STAGES=stages, EMULATE_BF16=emulate_bf16(res.dtype),
+            num_warps=num_warps,
         )
 
     # the loop's length and the program count decide what pipelining gains: rows per program and programs
@@ -307,7 +308,7 @@ def _finish_bwd(
             _or(dweight, like), _or(dg_s, like), _or(dsh_s, like), _or(dsc_s, like),
             B, chunks, D, sample_programs,
             HAS_W=pw is not None, HAS_GATE=pg is not None, HAS_SHIFT=psh is not None, HAS_SCALE=psc is not None,
-            BLOCK_R=FINISH_BLOCK_R, BLOCK_D=FINISH_BLOCK_D, num_warps=4,
+            BLOCK_R=FINISH_BLOCK_R, BLOCK_D=FINISH_BLOCK_D, EMULATE_BF16=emulate_bf16(like.dtype), num_warps=4,
         )
     return dweight, dg_s, dsh_s, dsc_s
 

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from sphere_fast.backend import (
     active_backend,
     constant_under_compile,
+    emulate_bf16,
     resolve_backend,
     triton_interpreting,
     triton_usable,
@@ -326,7 +327,7 @@ def _triton_forward(q, k, v, rope):
     if o.numel() == 0:
         return o, lse
     da, db, has_b = _head_chunks(d)
-    emulate = triton_interpreting() and q.dtype == torch.bfloat16
+    emulate = emulate_bf16(q.dtype)
     rope_arg = rope.contiguous() if rope is not None else q  # q stands in for the unused pointer
 
     qk_scale = math.log2(math.e) / math.sqrt(d)
@@ -380,7 +381,7 @@ def _triton_backward(do, q, k, v, o, lse, rope):
         return dq, dk, dv
     da, db, has_b = _head_chunks(d)
     candidates = _candidates(d, q.dtype, rope is not None)
-    emulate = triton_interpreting() and q.dtype == torch.bfloat16
+    emulate = emulate_bf16(q.dtype)
     rope_arg = rope.contiguous() if rope is not None else q
     sm_scale = 1.0 / math.sqrt(d)
     qk_scale = math.log2(math.e) * sm_scale

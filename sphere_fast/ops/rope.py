@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor
 
-from sphere_fast.backend import resolve_backend, triton_interpreting
+from sphere_fast.backend import emulate_bf16, resolve_backend, triton_interpreting
 from sphere_fast.ops._library import define_op, needs_grad
 from sphere_fast.ops._util import bnhd_empty, kernel_runner, next_pow2, on_input_device, unit_last_stride
 
@@ -102,7 +102,7 @@ def _triton_rope(q: Tensor, k: Tensor, rope: Tensor, transpose: bool) -> tuple[T
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             qo.stride(0), qo.stride(1), qo.stride(2),
             h, n, HEAD_DIM=d, D_PAD=d_pad, BLOCK_N=block_n, TRANSPOSE=transpose,
-            EMULATE_BF16=triton_interpreting() and q.dtype == torch.bfloat16, num_warps=4,
+            EMULATE_BF16=emulate_bf16(q.dtype), num_warps=4,
         )
     return qo, ko
 

@@ -18,7 +18,7 @@ from types import ModuleType
 
 import torch
 
-from sphere_fast.backend import resolve_backend
+from sphere_fast.backend import emulate_bf16, resolve_backend
 from sphere_fast.ops._library import define_op, needs_grad
 from sphere_fast.ops._util import kernel_runner, next_pow2, on_input_device
 from sphere_fast.ops.philox import check_seeds, check_stream, sample_shape, sphere_noise_reference
@@ -171,7 +171,8 @@ def _triton_fwd(z, scales, noise, seeds, stream):
     )
     kernel_runner(K._fwd_apply, grid)(
         z2, n2, sd, scales_arg, partial, out, stats, batch, length, z2.stride(0), stride_n, base, EPS,
-        SPLIT_P2=next_pow2(nsplit), CHUNK=chunk, BLOCK=block, NOISE=mode, PAIR=pairs == 2, num_warps=_NUM_WARPS,
+        SPLIT_P2=next_pow2(nsplit), CHUNK=chunk, BLOCK=block, NOISE=mode, PAIR=pairs == 2,
+        EMULATE_BF16=emulate_bf16(z.dtype), num_warps=_NUM_WARPS,
     )
     return out, stats
 
@@ -197,7 +198,8 @@ def _triton_bwd(grad, z, scales, noise, seeds, stats, stream):
     kernel_runner(K._bwd_apply, grid)(
         g, z2, n2, sd, scales_arg, stats.contiguous(), partial, dz, dscales, batch, length, z2.stride(0),
         stride_n, base, EPS,
-        SPLIT_P2=next_pow2(nsplit), CHUNK=chunk, BLOCK=block, NOISE=mode, PAIR=pairs == 2, num_warps=_NUM_WARPS,
+        SPLIT_P2=next_pow2(nsplit), CHUNK=chunk, BLOCK=block, NOISE=mode, PAIR=pairs == 2,
+        EMULATE_BF16=emulate_bf16(z.dtype), num_warps=_NUM_WARPS,
     )
     return dz, dscales
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sphere_fast.backend import resolve_backend
+from sphere_fast.backend import emulate_bf16, resolve_backend
 from sphere_fast.ops._library import define_op, needs_grad
 from sphere_fast.ops._util import kernel_runner, on_input_device, unit_last_stride
 
@@ -62,14 +62,16 @@ def _triton_fwd(h: Tensor) -> Tensor:
     if M and _rows_aligned(H, h2.stride(0), h.element_size()):
         block_m, block_n = _blocks(H)
         kernel_runner(swiglu_fwd_kernel, (-(-M // block_m), -(-H // block_n)))(
-            h2, out, M, H, h2.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4
+            h2, out, M, H, h2.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, EMULATE_BF16=emulate_bf16(h.dtype),
+            num_warps=4,
         )
     elif M:
         # unaligned rows (H = 2731 on an H200: 61% of copy row-tiled, torch.compile's flat kernel 89%): out in
         # order, so at least its stores are whole 128-bit words
         int64 = max(M * H, (M - 1) * h2.stride(0) + 2 * H) + FLAT_BLOCK >= INT32_LIMIT
         kernel_runner(swiglu_fwd_flat_kernel, (-(-(M * H) // FLAT_BLOCK),))(
-            h2, out, M * H, H, h2.stride(0), BLOCK=FLAT_BLOCK, INT64=int64, num_warps=4
+            h2, out, M * H, H, h2.stride(0), BLOCK=FLAT_BLOCK, INT64=int64, EMULATE_BF16=emulate_bf16(h.dtype),
+            num_warps=4,
         )
     return out.view(*h.shape[:-1], H)
 
@@ -85,7 +87,8 @@ def _triton_bwd(dout: Tensor, h: Tensor) -> Tensor:
     if M:
         block_m, block_n = _blocks(H)
         kernel_runner(swiglu_bwd_kernel, (-(-M // block_m), -(-H // block_n)))(
-            dout, h2, dh, M, H, h2.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4
+            dout, h2, dh, M, H, h2.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, EMULATE_BF16=emulate_bf16(h.dtype),
+            num_warps=4,
         )
     return dh.view(h.shape)
 

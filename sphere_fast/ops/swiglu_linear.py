@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sphere_fast.backend import resolve_backend, triton_interpreting
+from sphere_fast.backend import emulate_bf16, resolve_backend, triton_interpreting
 from sphere_fast.ops._library import define_op, needs_grad
 from sphere_fast.ops._tuning import launch_tuned
 from sphere_fast.ops._util import kernel_runner, next_pow2, on_input_device
@@ -129,7 +129,7 @@ def _triton_forward(x: Tensor, weight: Tensor, bias: Tensor | None, out_width: i
             weight if bias is None else bias, out, m, hidden, k, out_width, out.stride(0),
             HAS_BIAS=bias is not None, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
             GROUP_M=GROUP_M, WARP_SPECIALIZE=config.warp_specialize,
-            EMULATE_BF16=triton_interpreting() and x.dtype == torch.bfloat16,
+            EMULATE_BF16=emulate_bf16(x.dtype),
             num_warps=config.warps, num_stages=config.stages,
         )
 
