@@ -65,12 +65,16 @@ def swapped_in_memory(t: torch.Tensor, dim0: int, dim1: int) -> torch.Tensor:
     return t.transpose(dim0, dim1).contiguous().transpose(dim0, dim1)
 
 
-def assert_rounded_to_nearest(actual: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype, atol: float = 0.0) -> None:
+def assert_rounded_to_nearest(
+    actual: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype, atol: float = 0.0, what: str = ""
+) -> None:
     """``actual`` (in ``dtype``) is ``exact`` rounded once, to nearest: within half an ulp of each exact value (plus
     0.1% of that for float32 sums that contract or reorder, and ``atol``); a truncation is off by a whole ulp."""
     binade = torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(torch.finfo(dtype).tiny))))
     bound = torch.finfo(dtype).eps / 2 * binade * (1 + 1e-3) + atol
-    assert ((actual.to(exact.dtype) - exact).abs() <= bound).all()
+    excess = (actual.to(exact.dtype) - exact).abs() / bound
+    past = int((excess > 1).sum())
+    assert not past, f"{what}: {past} of {excess.numel()} elements past the bound (the worst {excess.max():.3g}x it)"
 
 
 def assert_same_images(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
