@@ -1,7 +1,7 @@
 """Shared by the fused-op tests (test_adaln.py, test_swiglu.py, ...): the fused backends to parametrize over, the
 tolerance rule they apply (see their module docstrings), inputs off a 16-byte boundary or with other strides, a
-spy on the ops' kernel launches, the check of a single rounding to nearest, the same-images check of the GPU
-sampling tests, and a stand-in timer for the launch-config tuning on CPU."""
+spy on the ops' kernel launches, the check of a single rounding to nearest (and the AdaLN reference it takes), the
+same-images check of the GPU sampling tests, and a stand-in timer for the launch-config tuning on CPU."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 
 from sphere_fast.backend import available_backends
 from sphere_fast.ops import _tuning
+from sphere_fast.ops.adaln import adaln_modulate_reference
 
 FUSED = [pytest.param(b, marks=pytest.mark.skipif(b not in available_backends("cpu"), reason=f"{b} unavailable"))
          for b in ("triton", "cpp")]
@@ -75,6 +76,19 @@ def assert_rounded_to_nearest(
     excess = (actual.to(exact.dtype) - exact).abs() / bound
     past = int((excess > 1).sum())
     assert not past, f"{what}: {past} of {excess.numel()} elements past the bound (the worst {excess.max():.3g}x it)"
+
+
+def stored_residual_reference(dtype: torch.dtype):
+    """gated_residual_adaln_reference for float32 inputs that normalises the residual rounded to ``dtype``, as the
+    fused kernels normalise the residual they store (the rounding's gradient passed straight through): the exact
+    values a single rounding of each output and gradient is checked against."""
+
+    def reference(x, branch, gate, weight, shift, scale):
+        res = x + branch if gate is None else x + gate * branch
+        rounded = res + (res.to(dtype).float() - res).detach()
+        return res, adaln_modulate_reference(rounded, weight, shift, scale)
+
+    return reference
 
 
 def assert_same_images(a: torch.Tensor, b: torch.Tensor, what: str) -> None:

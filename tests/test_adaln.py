@@ -16,7 +16,8 @@ import torch
 from sphere_fast import available_backends
 from sphere_fast.ops import _tuning
 from tests.helpers import (
-    FUSED, TOL, assert_rounded_to_nearest, close, last_is_fastest, record_launches, swapped_in_memory,
+    FUSED, TOL, assert_rounded_to_nearest, close, last_is_fastest, record_launches, stored_residual_reference,
+    swapped_in_memory,
 )
 
 adaln = importlib.import_module("sphere_fast.ops.adaln")
@@ -149,22 +150,15 @@ def test_plain_rmsnorm_any_rank(backend: str, shape: tuple[int, ...]) -> None:
 @pytest.mark.parametrize("modulation", ["broadcast", "per_token", "ungated"])
 def test_gated_low_precision_rounds_once_to_nearest(backend: str, dtype: torch.dtype, modulation: str) -> None:
     """Every output and grad in bf16 / fp16 is its fp32 value on the same inputs rounded once to nearest, where
-    y and the grads follow the stored (rounded) residual, as the kernels normalise it (the fp32 reference rounds it
-    too, with its gradient passed straight through). atol 1e-6 x the tensor's max: fp32 sums in another order, and
-    the shift's cancellation in y."""
+    y and the grads follow the stored (rounded) residual, as the kernels normalise it (stored_residual_reference).
+    atol 1e-6 x the tensor's max: fp32 sums in another order, and the shift's cancellation in y."""
     inputs = list(make_inputs(2, 7, 768, tokens=modulation == "per_token", dtype=dtype, seed=5))
     if modulation == "ungated":
         inputs[2] = None
     g = torch.Generator().manual_seed(1)
     dres, dy = (torch.randn(2, 7, 768, generator=g).to(dtype).float() for _ in range(2))
-
-    def stored_residual_reference(x, branch, gate, weight, shift, scale):
-        res = x + branch if gate is None else x + gate * branch
-        rounded = res + (res.to(dtype).float() - res).detach()
-        return res, adaln.adaln_modulate_reference(rounded, weight, shift, scale)
-
     (res, y), grads = run_gated(lambda *t: adaln.gated_residual_adaln(*t, backend=backend), inputs, (dres, dy))
-    (res0, y0), grads0 = run_gated(stored_residual_reference, [t if t is None else t.float() for t in inputs],
+    (res0, y0), grads0 = run_gated(stored_residual_reference(dtype), [t if t is None else t.float() for t in inputs],
                                    (dres, dy))
     for name, actual, exact in zip(("res", "y", *(f"d{n}" for n in NAMES)), (res, y, *grads), (res0, y0, *grads0)):
         if exact is None:

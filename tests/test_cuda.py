@@ -23,7 +23,10 @@ import sphere_fast
 from sphere_fast import SphereEncoder, ops
 from sphere_fast.ops.philox import sphere_noise_reference
 from sphere_fast.training import SphereLoss, TrainConfig, Trainer, loss_weights
-from tests.helpers import TOL, assert_same_images, close, off_16_byte_boundaries, swapped_in_memory
+from tests.helpers import (
+    TOL, assert_rounded_to_nearest, assert_same_images, close, off_16_byte_boundaries, stored_residual_reference,
+    swapped_in_memory,
+)
 from tests.tiny import NO_PERCEPTUAL, no_label_dropout, tiny_batch, tiny_model
 
 pytestmark = pytest.mark.gpu
@@ -59,14 +62,16 @@ def forward_backward(
     inputs: Sequence[torch.Tensor | None],
     dtype: torch.dtype,
     constants: Sequence[int] = (),
+    upstream: torch.dtype = torch.float32,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
     """Outputs of ``fn(*inputs)`` and the gradients of the inputs (but those at ``constants``) for fixed
-    upstream gradients; ``dtype`` is what the inputs are cast to (float32 for the reference run)."""
+    upstream gradients (in float32, rounded to ``upstream``); ``dtype`` is what the inputs are cast to (float32
+    for the reference run)."""
     leaves = [None if t is None else t.detach().to(dtype).requires_grad_(i not in constants)
               for i, t in enumerate(inputs)]
     outs = fn(*leaves)
     outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
-    loss = sum((o.float() * randn(*o.shape, seed=7 + i)).sum() for i, o in enumerate(outs))
+    loss = sum((o.float() * randn(*o.shape, seed=7 + i, dtype=upstream).float()).sum() for i, o in enumerate(outs))
     wrt = [t for t in leaves if t is not None and t.requires_grad]
     grads = iter(torch.autograd.grad(loss, wrt))
     return outs, [next(grads) if t is not None and t.requires_grad else None for t in leaves]
@@ -265,6 +270,43 @@ def test_swiglu(backend: str, dtype: torch.dtype, shape: tuple[int, int, int]) -
     require_backend(backend)
     check_against_reference("swiglu", lambda h: ops.swiglu(h, backend=backend), ops.swiglu_reference,
                             [randn(*shape, scale=2.0)], dtype)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_bf16_ops_round_once_to_nearest(backend: str) -> None:
+    """SwiGLU, AdaLN and the training noise pair in bf16, at the model's widths (the 16-byte vector paths): each
+    output and input gradient is its float32 value on the same inputs (and bf16 upstream gradients) rounded once
+    to nearest, as the CPU suites check the interpreter and the C++ CPU code (atol 1e-6 x the tensor's max, for
+    float32 sums in another order and fused multiply-adds). The noise scales are constants here: their grads are
+    sums over a whole sample (test_spherify_ops checks them)."""
+    require_backend(backend)
+    bf16 = torch.bfloat16
+    B, S, D, L = 4, 256, 1152, 4096
+    seeds = torch.tensor(SEEDS, device=DEVICE)
+    e = sphere_noise_reference(seeds, (L,), stream=2).to(DEVICE)
+    modulations = [randn(B, 1, D, scale=0.5, seed=i) for i in (2, 3, 4)]
+    cases = {
+        "swiglu": (lambda h: ops.swiglu(h, backend=backend), ops.swiglu_reference,
+                   [randn(B, S, 2 * 2752, scale=2.0)], ()),
+        "gated_residual_adaln": (
+            lambda *t: ops.gated_residual_adaln(*t, backend=backend), stored_residual_reference(bf16),
+            [randn(B, S, D), randn(B, S, D, seed=1), modulations[0], 1 + randn(D, scale=0.1, seed=5), *modulations[1:]],
+            ()),
+        "spherify_noise_pair": (
+            lambda z, a, b: ops.spherify_noise_pair(z, a, b, seeds=seeds, stream=2, backend=backend),
+            lambda z, a, b: (ops.spherify_noise_reference(z, a, e), ops.spherify_noise_reference(z, b, e)),
+            [randn(B, L, scale=3.0), torch.tensor([0.7, 0.0, 2.5, 1.0], device=DEVICE), randn(B, scale=0.2)], (1, 2)),
+    }
+    for what, (fused, reference, inputs, constants) in cases.items():
+        rounded = [t.to(bf16) for t in inputs]
+        outs, grads = forward_backward(fused, rounded, bf16, constants, upstream=bf16)
+        ref_outs, ref_grads = forward_backward(reference, rounded, torch.float32, constants, upstream=bf16)
+        pairs = [(f"output {i}", o, r) for i, (o, r) in enumerate(zip(outs, ref_outs, strict=True))]
+        pairs += [(f"grad of input {i}", g, r) for i, (g, r) in enumerate(zip(grads, ref_grads, strict=True))]
+        for name, got, exact in pairs:
+            if exact is not None:
+                assert got.dtype == bf16, f"{what} {name}"
+                assert_rounded_to_nearest(got, exact, bf16, atol=1e-6 * exact.abs().max().item(), what=f"{what} {name}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
