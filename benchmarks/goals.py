@@ -165,10 +165,25 @@ def first_image_seconds(rows: Sequence[Row]) -> list[str]:
     return [f"{first_image_label(r)}: {r['ms'] / 1e3:.1f} s" for r in rows if r["op"].startswith("first image ")]
 
 
-def table(rows: Sequence[Row]) -> str:
-    """The goals as a markdown table, then the times to first image."""
+def with_earlier(rows: Sequence[Row], earlier: Sequence[tuple[str, Sequence[Row]]]) -> list[Verdict]:
+    """verdicts(rows), where a goal they leave unmeasured takes the verdict of the newest of ``earlier`` (label, rows
+    of an earlier lease, newest first) that measured it, its label after the measured value."""
+    older = [(label, verdicts(old)) for label, old in earlier]
+    judged = []
+    for i, v in enumerate(verdicts(rows)):
+        found = [(label, vs[i]) for label, vs in older if vs[i].status != "not measured"]
+        if v.status == "not measured" and found:
+            label, old = found[0]
+            v = Verdict(v.issue, v.goal, f"{old.measured} {label}", old.status)
+        judged.append(v)
+    return judged
+
+
+def table(rows: Sequence[Row], earlier: Sequence[tuple[str, Sequence[Row]]] = ()) -> str:
+    """The goals as a markdown table (a goal ``rows`` leave unmeasured judged from ``earlier``: with_earlier), then
+    the times to first image."""
     lines = ["| issue | goal | measured (worst case) | verdict |", "|---|---|---|---|"]
-    lines += [f"| #{v.issue} | {v.goal} | {v.measured} | {v.status} |" for v in verdicts(rows)]
+    lines += [f"| #{v.issue} | {v.goal} | {v.measured} | {v.status} |" for v in with_earlier(rows, earlier)]
     firsts = first_image_seconds(rows)
     lines += ["", "Time to first image from a cold process: " + ("; ".join(firsts) if firsts else "not measured") + "."]
     return "\n".join(lines)

@@ -198,12 +198,15 @@ def first_calls(records: Sequence[dict[str, Any]]) -> str:
     )
 
 
-def render(data: dict[str, Any]) -> str:
+def render(data: dict[str, Any], earlier: Sequence[tuple[str, Sequence[dict[str, Any]]]] = ()) -> str:
+    """``data``'s header and tables; ``earlier`` (label, rows of an earlier lease, newest first) judges the goals
+    ``data`` did not measure."""
     recs = rows(data)
     if not recs:
         return f"{header(data)}\n\nNo benchmark rows in this file."
     return (
-        f"{header(data)}\n\n### Goals\n\n{goals.table(recs)}\n\n### Pending choices\n\n{choices.table(recs)}\n\n"
+        f"{header(data)}\n\n### Goals\n\n{goals.table(recs, earlier)}\n\n"
+        f"### Pending choices\n\n{choices.table(recs)}\n\n"
         f"### All cases\n\n{table(recs)}\n\n"
         f"{cold_starts(recs)}{first_calls(recs)}{peak_memory(recs)}"
         "Times are medians of CUDA-event timings (L2 flushed before each op-suite call, not in the sampler's loop), "
@@ -257,32 +260,39 @@ def gpu_results(results_dir: Path = RESULTS_DIR) -> list[tuple[Path, dict[str, A
     return [(path, data) for _, path, data in sorted(found, key=lambda f: f[0])]
 
 
-def latest_result(found: Sequence[tuple[Path, dict[str, Any]]]) -> tuple[list[Path], dict[str, Any]] | None:
-    """The newest of ``found`` (gpu_results: oldest first), merged with the older files of the same commit and
-    device (a lease's later calls), or None. A case measured twice keeps its newest row."""
-    if not found:
-        return None
-    newest = found[-1][1]
-    lease = [(path, data) for path, data in found if _lease_key(data) == _lease_key(newest)]
-    merged: dict[tuple[str, str, str, str], dict[str, Any]] = {}
-    for _, data in lease:
-        merged.update((_case_key(r), {"extra_info": r}) for r in rows(data))
-    partial = any(data.get("partial") for _, data in lease)
-    return [path for path, _ in lease], {**newest, "partial": partial, "benchmarks": list(merged.values())}
+def leases(found: Sequence[tuple[Path, dict[str, Any]]]) -> list[tuple[list[Path], dict[str, Any]]]:
+    """``found`` (gpu_results: oldest first) by lease, newest first: the files of one commit and device (a lease's
+    calls) merged into the newest one's, a case measured twice keeping its newest row."""
+    by_lease: dict[tuple[str, str], list[tuple[Path, dict[str, Any]]]] = {}
+    for path, data in found:
+        by_lease.setdefault(_lease_key(data), []).append((path, data))
+    merged_leases = []
+    for lease in sorted(by_lease.values(), key=lambda files: files[-1][1].get("datetime", ""), reverse=True):
+        merged: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+        for _, data in lease:
+            merged.update((_case_key(r), {"extra_info": r}) for r in rows(data))
+        partial = any(data.get("partial") for _, data in lease)
+        merged_leases.append(([path for path, _ in lease],
+                              {**lease[-1][1], "partial": partial, "benchmarks": list(merged.values())}))
+    return merged_leases
 
 
 def readme_section(results_dir: Path = RESULTS_DIR) -> str:
     found = gpu_results(results_dir)
-    latest = latest_result(found)
-    if latest is None:
+    if not found:
         return NOT_MEASURED
-    paths, data = latest
+    (paths, data), *older = leases(found)
     names = " and ".join(f"`benchmarks/results/{path.name}`" for path in paths)
-    earlier = [f"`{path.name}`" for path, _ in found if path not in paths]
-    # the newest lease alone is tabled (one commit's numbers); older leases measured cases it may not have
-    older = (f" Earlier leases' files, for the cases this one did not measure: {', '.join(earlier)} (print one "
-             "with `python -m benchmarks.report benchmarks/results/<file>`)." if earlier else "")
-    return f"From {names}.{older}\n\n{render(data)}"
+    files = [f"`{path.name}`" for path, _ in found if path not in paths]
+    # the newest lease alone is tabled (one commit's numbers); older leases measured cases it may not have, and
+    # judge the goals it did not measure (on the same GPU model only)
+    note = (f" Earlier leases' files, for the cases this one did not measure: {', '.join(files)} (print one "
+            "with `python -m benchmarks.report benchmarks/results/<file>`); a goal this one did not measure shows "
+            "the newest earlier lease's verdict, with its date." if files else "")
+    device = environment(data).get("device")
+    earlier = [(f"on {old.get('datetime', '')[:10]}", rows(old)) for _, old in older
+               if environment(old).get("device") == device]
+    return f"From {names}.{note}\n\n{render(data, earlier)}"
 
 
 def replace_section(text: str, section: str) -> str:

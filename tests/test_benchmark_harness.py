@@ -722,6 +722,30 @@ def test_readme_section_merges_the_calls_of_one_lease(tmp_path: Path) -> None:
     assert "cut off at its time limit" in section
 
 
+def test_readme_goals_left_unmeasured_come_from_earlier_leases_on_that_gpu(tmp_path: Path) -> None:
+    """A goal the newest lease did not measure is judged from the newest earlier lease that did, on the same GPU
+    model, and dated; without such a lease it stays unmeasured."""
+    newest = _result("2026-11-30T01:00:00+00:00")
+
+    def lease(when: str, commit: str, device: str, pct_copy: float) -> dict:
+        data = _result(when, device=device)
+        data["commit_info"] = {"id": commit, "dirty": False}
+        data["benchmarks"] = [{"extra_info": {**newest["benchmarks"][2]["extra_info"], "op": "spherify_noise_fwd",
+                                              "shape": [256, 32768], "pct_copy": pct_copy}}]
+        return data
+
+    files = {"new.json": newest, "h200.json": lease("2026-11-29T18:00:00+00:00", "aaaa", "NVIDIA H200", 8.0),
+             "old.json": lease("2026-11-28T18:00:00+00:00", "bbbb", "NVIDIA H200", 20.0),
+             "h100.json": lease("2026-11-29T20:00:00+00:00", "cccc", "NVIDIA H100", 90.0)}
+    for name, data in files.items():
+        (tmp_path / name).write_text(json.dumps(data))
+    section = report.readme_section(tmp_path)
+    goal = "| #3 | spherify_noise_{}: >= 85% of copy bandwidth at B*L >= 8M | {} |"
+    assert goal.format("fwd", "8% (bf16 256×32768) on 2026-11-29 | not met") in section
+    assert goal.format("bwd", "– | not measured") in section
+    assert "#### spherify_noise_fwd" not in section  # the cases' tables are the newest lease's alone
+
+
 def test_readme_markers_are_rewritten_and_checked(tmp_path: Path) -> None:
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n## Performance\n\n{report.START}\nold numbers\n{report.END}\n\n## Layout\n")
