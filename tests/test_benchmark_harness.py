@@ -719,7 +719,7 @@ def test_readme_section_merges_the_calls_of_one_lease(tmp_path: Path) -> None:
     assert "#### spherify" not in section
     swiglu = section[section.index("#### swiglu"):section.index("#### copy")]
     assert "| 0.125 |" in swiglu and "| 0.250 |" not in swiglu and "| 1.00 |" in swiglu  # newer triton, eager kept
-    assert "cut off at its time limit" in section
+    assert "cut off at its time limit" in section and "Measured 2026-11-20 08:30 UTC" in section  # the newer file
 
 
 def test_readme_goals_left_unmeasured_come_from_earlier_leases_on_that_gpu(tmp_path: Path) -> None:
