@@ -18,7 +18,7 @@ import itertools
 import pytest
 import torch
 
-from benchmarks.harness import DEVICE, cuda_time_ms, gate, impls, pick, record
+from benchmarks.harness import DEVICE, cuda_time_ms, gate, gate_backward, impls, pick, record
 
 adaln = importlib.import_module("sphere_fast.ops.adaln")
 swiglu = importlib.import_module("sphere_fast.ops.swiglu")
@@ -71,6 +71,7 @@ def test_gated_residual_adaln_bwd(benchmark, ceilings, impl, shape) -> None:
     inputs = _adaln_inputs(B, N, W, requires_grad=True)
     res, y = impl(*inputs)
     grads = (torch.randn_like(res), torch.randn_like(y))
+    gate_backward((res, y), inputs, grads, adaln.gated_residual_adaln_reference, impl.name)
     ms = cuda_time_ms(lambda: torch.autograd.grad((res, y), inputs, grads, retain_graph=True))
     record(benchmark, op="gated_residual_adaln_bwd", impl=impl.name, shape=shape, dtype=DTYPE, ms=ms,
            bytes_moved=adaln_bwd_bytes(B, N, W, res.element_size()), ceilings=ceilings)
@@ -96,6 +97,7 @@ def test_swiglu_bwd(benchmark, ceilings, impl, shape) -> None:
     h = torch.randn(B, N, 2 * H, device=DEVICE, dtype=DTYPE, requires_grad=True)
     out = impl(h)
     dout = torch.randn_like(out)
+    gate_backward(out, [h], dout, swiglu.swiglu_reference, impl.name)
     ms = cuda_time_ms(lambda: torch.autograd.grad(out, h, dout, retain_graph=True))
     record(benchmark, op="swiglu_bwd", impl=impl.name, shape=(B, N, 2 * H), dtype=DTYPE, ms=ms,
            bytes_moved=5 * B * N * H * h.element_size(), ceilings=ceilings)

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from benchmarks.harness import DEVICE, cuda_time_ms, gate, impls, pick, record
+from benchmarks.harness import DEVICE, cuda_time_ms, gate, gate_backward, impls, pick, record
 from sphere_fast.ops.rope import rope_table_reference
 
 attn = importlib.import_module("sphere_fast.ops.attention")
@@ -120,6 +120,8 @@ def test_attention_bwd(benchmark, ceilings, impl, shape) -> None:
     qkv, q, k, v, rope = _inputs(shape, requires_grad=True)
     out = impl(q, k, v, rope)
     grad = torch.randn_like(out)
+    heads = shape[1]
+    gate_backward(out, [qkv], grad, lambda t: attn.attention_reference(*split_qkv(t, heads), rope), impl.name)
     ms = cuda_time_ms(lambda: torch.autograd.grad(out, qkv, grad, retain_graph=True))
     record(benchmark, op="attention_bwd", impl=impl.name, shape=shape, dtype=DTYPE, ms=ms,
            flops=int(BACKWARD_FLOPS * _flops(shape)), ceilings=ceilings)

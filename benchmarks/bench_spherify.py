@@ -21,7 +21,7 @@ import itertools
 import pytest
 import torch
 
-from benchmarks.harness import DEVICE, cuda_time_ms, gate, impls, pick, record
+from benchmarks.harness import DEVICE, cuda_time_ms, gate, gate_backward, impls, pick, record
 
 S = importlib.import_module("sphere_fast.ops.spherify")
 
@@ -101,6 +101,8 @@ def test_spherify_noise_bwd(benchmark, ceilings, impl, case) -> None:
     z, seeds, big, _ = _inputs(shape, dtype, requires_grad=True)
     out = impl(z, big, seeds=seeds)
     dout = torch.randn_like(out)
+    if impl.name != RANDN:
+        gate_backward(out, [z], dout, lambda z: _noise_reference(z, big, seeds=seeds), impl.name)
     ms = cuda_time_ms(lambda: torch.autograd.grad(out, z, dout, retain_graph=True))
     record(benchmark, op="spherify_noise_bwd", impl=impl.name, shape=shape, dtype=dtype, ms=ms,
            bytes_moved=3 * z.numel() * z.element_size(), ceilings=ceilings)
@@ -125,6 +127,8 @@ def test_spherify_noise_pair_bwd(benchmark, ceilings, impl, case) -> None:
     z, seeds, big, small = _inputs(shape, dtype, requires_grad=True)
     outs = impl(z, big, small, seeds=seeds)
     douts = tuple(torch.randn_like(o) for o in outs)
+    if impl.name != RANDN:
+        gate_backward(outs, [z], douts, lambda z: _pair_reference(z, big, small, seeds=seeds), impl.name)
     ms = cuda_time_ms(lambda: torch.autograd.grad(outs, z, douts, retain_graph=True))
     record(benchmark, op="spherify_noise_pair_bwd", impl=impl.name, shape=shape, dtype=dtype, ms=ms,
            bytes_moved=4 * z.numel() * z.element_size(), ceilings=ceilings)

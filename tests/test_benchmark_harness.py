@@ -186,6 +186,20 @@ def test_gate_passes_rounding_and_stops_wrong_outputs() -> None:
         harness.gate((ref,), (ref, ref), "missing output")
 
 
+def test_backward_gate_checks_each_gradient_against_the_float32_reference() -> None:
+    """bf16 rounding passes; a gradient off by 10% is stopped, though the output (all the forward gate sees) is
+    right."""
+    g = torch.Generator().manual_seed(0)
+    x, w = (torch.randn(64, 256, generator=g).bfloat16().requires_grad_() for _ in range(2))
+    upstream = torch.randn(64, 256, generator=g).bfloat16()
+    harness.gate_backward(x.sin() * w, [x, w], upstream, lambda x, w: x.sin() * w, "bf16 rounding")
+    # the same output, with d/dx 1.1 times too large
+    off = (x.sin() * w).detach() + 1.1 * (x - x.detach()) * (x.cos() * w).detach() + (w - w.detach()) * x.sin().detach()
+    harness.gate(off, x.float().sin() * w.float(), "the same output")
+    with pytest.raises(AssertionError, match="wrong backward: gradient of input 0"):
+        harness.gate_backward(off, [x, w], upstream, lambda x, w: x.sin() * w, "wrong")
+
+
 def test_record_fills_extra_info(benchmark) -> None:
     # An op name no bench uses: this row must never be mistaken for a measurement.
     info = harness.record(benchmark, op="unit-test", impl="triton", shape=(8, 256, 4096), dtype=torch.bfloat16,
