@@ -5,7 +5,8 @@ and runs its kernel on CUDA when there is one.)
 
 Tolerances, as in the CPU suites (tests/helpers.py): every output and input gradient is compared with the
 reference evaluated in float32 on the same (rounded) inputs, within 1e-5 (fp32) or 2**-6 (bf16) relative to
-the tensor's largest magnitude: the kernels compute in fp32 and round once. Model-level: the golden outputs
+the tensor's largest magnitude: the kernels compute in fp32 and round once, which test_bf16_ops_round_once_to_nearest
+checks element by element for SwiGLU, AdaLN and the noise pair. Model-level: the golden outputs
 of the official code within 1e-4 in fp32 (CPU parity is 5e-5; GPU GEMMs sum in another order), except
 Triton attention in fp32, whose dots run in TF32 (10-bit mantissa): 2e-2.
 """
