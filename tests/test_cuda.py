@@ -3,10 +3,10 @@ the CUDA C++ kernels, which the CPU suites (Triton interpreter, C++ CPU code) ca
 benchmarks/gpu_check.py runs them; without CUDA they are skipped. (tests/test_attention.py is device-aware
 and runs its kernel on CUDA when there is one.)
 
-Tolerances, as in the CPU suites (tests/helpers.py): every output and input gradient is compared with the
-reference evaluated in float32 on the same (rounded) inputs, within 1e-5 (fp32) or 2**-6 (bf16) relative to
-the tensor's largest magnitude: the kernels compute in fp32 and round once, which test_bf16_ops_round_once_to_nearest
-checks element by element for SwiGLU, AdaLN and the noise pair. Model-level: the golden outputs
+Tolerances (tests/helpers.py): every output and input gradient is compared with the reference evaluated in
+float32 on the same (rounded) inputs, within 1e-5 (fp32) or 2**-6 (bf16) relative to the tensor's largest
+magnitude: the kernels compute in fp32 and round once, which test_bf16_ops_round_once_to_nearest checks element
+by element for SwiGLU, AdaLN and the noise pair, as the CPU suites do. Model-level: the golden outputs
 of the official code within 1e-4 in fp32 (CPU parity is 5e-5; GPU GEMMs sum in another order), except
 Triton attention in fp32, whose dots run in TF32 (10-bit mantissa): 2e-2.
 """
