@@ -8,7 +8,6 @@ replays it, with labels, seeds and the CFG weight read from static device buffer
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import math
 import time
@@ -43,6 +42,26 @@ def check_sampling_args(
     if cfg_position not in CFG_POSITIONS:
         raise ValueError(f"cfg_position must be one of {CFG_POSITIONS}, got {cfg_position!r}")
     check_count(steps_name, steps)
+
+
+def check_dtype(dtype: object, required: bool = False) -> None:
+    """The dtype the networks run in (autocast); None, where not ``required``, runs them in their weights'."""
+    if dtype not in SAMPLER_DTYPES and (required or dtype is not None):
+        allowed = SAMPLER_DTYPES if required else (*SAMPLER_DTYPES, None)
+        raise ValueError(f"dtype must be one of {allowed}, got {dtype!r}")
+
+
+def check_flags(**flags: object) -> None:
+    """Switches, given by name (``cache_noise=...``): a truthy non-bool is more likely a misplaced argument."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
+def check_eval_mode(model: torch.nn.Module) -> None:
+    """Label dropout applies in training mode: a sample would depend on torch's generator, not on its seed."""
+    if model.training:
+        raise ValueError("model is in training mode (label dropout would apply): call model.eval() first")
 
 
 def seeds_on(seeds: object, batch_size: int, device: torch.device) -> torch.Tensor:
@@ -275,6 +294,8 @@ def sample(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The un-captured sampling loop; returns (first-step image, final image) in [0, 1]."""
     check_sampling_args(batch_size, cfg, cfg_position, steps)
+    check_dtype(dtype)
+    check_flags(cache_noise=cache_noise, scheduler=scheduler)
     if noise is not None and seeds is not None:
         raise ValueError("give at most one of noise and seeds")
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -366,9 +387,11 @@ class _CapturedLoop:
 
     def __init__(self, sampler: Sampler, key: GraphKey, pool: tuple[int, int], compile_first: bool):
         device = sampler.device
-        self.labels = torch.zeros(key.bucket, dtype=torch.long, device=device) if sampler.model.num_classes else None
-        self.seeds = torch.zeros(key.bucket, dtype=torch.int64, device=device)
-        self.weight = torch.ones((), dtype=torch.float32, device=device)
+        # Normal tensors even under torch.inference_mode: each call writes them, in that mode or out of it.
+        with torch.inference_mode(False):
+            self.labels = torch.zeros(key.bucket, dtype=torch.long, device=device) if sampler.model.num_classes else None
+            self.seeds = torch.zeros(key.bucket, dtype=torch.int64, device=device)
+            self.weight = torch.ones((), dtype=torch.float32, device=device)
         weight = self.weight if key.guide is not None else None
         # Warm-up on a side stream, of the representative loop (every launch of the loop, a fraction of its
         # work): Triton autotuning, lazy initialisation and cuBLAS workspaces happen here, not in the capture.
@@ -418,9 +441,9 @@ class Sampler:
     graphs in one memory pool) and replayed; elsewhere it runs un-captured. ``prepare(n)`` captures ahead
     of the first call. For speed pass a model already cast to ``dtype``. A graph reads the model's parameters
     and buffers where they were at its capture: in-place updates (``load_state_dict``, an optimizer step)
-    reach the next replay; tensors moved since (``model.to(...)``, ``p.data = ...``) are found at the next
-    call, which captures again. Parameters replaced by new objects (``load_state_dict(assign=True)``) are
-    not found: make a new Sampler then."""
+    reach the next replay; tensors moved or replaced since (``model.to(...)``, ``p.data = ...``,
+    ``load_state_dict(assign=True)``) and a changed ``noise_sigma_max_angle`` are found at the next call, which
+    captures again. Submodules replaced by new objects are not found: make a new Sampler then."""
 
     def __init__(
         self,
@@ -436,9 +459,8 @@ class Sampler:
     ):
         if not isinstance(cuda_graph, bool):
             raise TypeError(f"cuda_graph must be a bool, got {cuda_graph!r}")
-        if check_model(model).training:
-            raise ValueError("model is in training mode (label dropout would apply): call model.eval() first")
-        self.model = model
+        self.model = check_model(model)
+        self.cuda_graph = cuda_graph
         self.batch_size = batch_size
         self.steps = steps
         self.cfg = cfg
@@ -446,23 +468,34 @@ class Sampler:
         self.cache_noise = cache_noise
         self.scheduler = scheduler
         self.dtype = dtype
-        self.device = next(model.parameters()).device
-        self.use_graphs = cuda_graph and cuda_graphs_usable(self.device)
-        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self.device: torch.device | None = None
         self._graphs: dict[GraphKey, _CapturedLoop] = {}
-        # the model's tensors, and where they were when the graphs were captured
-        self._model_tensors: list[torch.Tensor] = []
-        self._captured_addresses: list[int] = []
+        # the model's modules, and what the graphs read from them outside their key (at the capture)
+        self._modules: list[torch.nn.Module] = []
+        self._captured_state: tuple[float, list[int]] | None = None
         self._check_settings()
 
     def _check_settings(self) -> None:
-        """The settings, checked at construction and at each call (they may be changed in between)."""
+        """The settings and the model, checked at construction and at each call (they may change in between);
+        a model moved to another device takes the sampler with it."""
         check_sampling_args(self.batch_size, self.cfg, self.cfg_position, self.steps, steps_name="steps")
-        if self.dtype not in SAMPLER_DTYPES:
-            raise ValueError(f"dtype must be one of {SAMPLER_DTYPES}, got {self.dtype!r}")
-        for name in ("cache_noise", "scheduler"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        check_dtype(self.dtype, required=True)
+        check_flags(cache_noise=self.cache_noise, scheduler=self.scheduler)
+        check_eval_mode(self.model)
+        device = next(self.model.parameters()).device
+        if device != self.device:
+            self.device = device
+            self.use_graphs = self.cuda_graph and cuda_graphs_usable(device)
+            self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+            self._graphs.clear()
+
+    def _model_state(self) -> tuple[float, list[int]]:
+        """What the graphs read from the model outside their key: its noise level (a constant of the loop) and
+        where each parameter and buffer is, looked up in its modules' slots so that a tensor replaced by a new
+        object is found too (~0.2 us a tensor)."""
+        addresses = [t.data_ptr() for module in self._modules for slots in (module._parameters, module._buffers)
+                     for t in slots.values() if t is not None]
+        return self.model.sigma_max, addresses
 
     @property
     def graph_keys(self) -> tuple[GraphKey, ...]:
@@ -500,12 +533,13 @@ class Sampler:
                         fused_mlp_enabled())
 
     def _captured(self, key: GraphKey) -> _CapturedLoop:
-        if self._graphs and [t.data_ptr() for t in self._model_tensors] != self._captured_addresses:  # ~0.1 us each
-            logger.info("sphere_fast: the model's tensors moved since the capture: capturing its loops again")
+        if self._graphs and self._model_state() != self._captured_state:
+            logger.info("sphere_fast: the model's tensors or noise level changed since the capture: capturing its "
+                        "loops again")
             self._graphs.clear()
-        if not self._graphs:  # the first capture, or the graphs were dropped: where the model's tensors are now
-            self._model_tensors = list(itertools.chain(self.model.parameters(), self.model.buffers()))
-            self._captured_addresses = [t.data_ptr() for t in self._model_tensors]
+        if not self._graphs:  # the first capture, or the graphs were dropped: the model as it is now
+            self._modules = list(self.model.modules())
+            self._captured_state = self._model_state()
         if key not in self._graphs:
             # The sampler's first capture compiles its kernels first; later buckets share nearly all of them.
             compile_first = not self._graphs and key.backend in ("auto", "triton")
@@ -520,6 +554,7 @@ class Sampler:
         self._check_settings()
         n = self.batch_size if n is None else n
         check_count("n", n)
+        bucket_for(n, self.batch_size)  # refuses n > batch_size also where nothing is captured
         if not self.use_graphs:
             return None
         key = self._key(n)
@@ -536,8 +571,7 @@ class Sampler:
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Images for ``labels`` / ``seeds`` (see the class docstring). ``clone=False`` returns views of a
         captured graph's output buffers instead of copies: no copy, but valid only until the next call."""
-        if not isinstance(clone, bool):
-            raise TypeError(f"clone must be a bool, got {clone!r}")
+        check_flags(return_first=return_first, clone=clone)
         self._check_settings()
         n = self._batch_length(labels, seeds)
         labels = sample_labels(self.model, n, labels, self.device, name="labels")

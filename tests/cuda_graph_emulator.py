@@ -129,7 +129,8 @@ class EmulatedGraph:
         if self.emulator.capturing:
             raise CaptureError("replay() inside a capture")
         self.emulator.replays += 1
-        with torch.no_grad():
+        # a real replay writes its outputs outside autograd's bookkeeping, even those made under inference_mode
+        with torch.inference_mode():
             for step in self.tape:
                 step.rerun()
 

@@ -149,6 +149,19 @@ def test_training_mode_refused():
     m = tiny_model().train()
     with pytest.raises(ValueError, match="eval"):
         Sampler(m, 4, 1)
+    sampler = Sampler(m.eval(), 4, 1)
+    m.train()  # after construction: found at the call
+    for call in (sampler, sampler.prepare):
+        with pytest.raises(ValueError, match="eval"):
+            call()
+
+
+def test_sampler_follows_its_model_to_another_device():
+    m = tiny_model()
+    sampler = Sampler(m, 8, 2, cfg=1.4, dtype=torch.float32)
+    assert sampler(seeds=SEEDS).device.type == "cpu"
+    m.to("meta")  # stands in for another device (CPU -> CUDA, cuda:0 -> cuda:1)
+    assert sampler(seeds=SEEDS).device.type == "meta" and sampler.device.type == "meta"
 
 
 @pytest.mark.parametrize(
@@ -175,6 +188,26 @@ def test_bad_call_args(model, labels, seeds, error, match):
     sampler = Sampler(model, 8, 1, dtype=torch.float32)
     with pytest.raises(error, match=match):
         sampler(labels, seeds)
+
+
+@pytest.mark.parametrize("flag", ["return_first", "clone"])
+def test_call_switches_must_be_bools(model, flag):
+    with pytest.raises(TypeError, match=f"{flag} must be a bool, got 'no'"):
+        Sampler(model, 8, 1, dtype=torch.float32)(**{flag: "no"})
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"dtype": torch.int64}, ValueError, "dtype must be one of"),
+        ({"dtype": "bf16"}, ValueError, "dtype must be one of"),
+        ({"cache_sampling_noise": "no"}, TypeError, "cache_noise must be a bool"),
+        ({"use_sampling_scheduler": 0.5}, TypeError, "scheduler must be a bool"),
+    ],
+)
+def test_generate_checks_its_options(model, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        model.generate(2, forward_steps=2, **kwargs)
 
 
 def test_random_labels_are_real_classes(model):
@@ -273,6 +306,8 @@ def test_prepare_checks_its_count_where_nothing_is_captured(model):
     assert sampler.prepare(3) is None  # on CPU the loop runs un-captured
     with pytest.raises(ValueError, match="n must be an int >= 1, got 0"):
         sampler.prepare(0)
+    with pytest.raises(ValueError, match="batch_size=8 samples, got 9"):
+        sampler.prepare(9)
 
 
 def test_bad_attribute_change_caught_at_call(model):

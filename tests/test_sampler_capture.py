@@ -338,3 +338,47 @@ def test_moved_parameters_are_captured_again(model: SphereEncoder, emulated_cuda
     assert emu.captures == 3 and len(graphed.graph_keys) == 1, "the stale graphs must go, the new one captured"
     close(after, plain(LABELS, SEEDS), TOL, "after the parameters moved")
 
+
+
+def test_replaced_tensors_and_a_new_noise_level_are_captured_again(
+    model: SphereEncoder, emulated_cuda_graphs: CudaGraphEmulator
+) -> None:
+    """Parameters replaced by new objects after the capture (``load_state_dict(assign=True)``) and the noise
+    level (a constant of the captured loop) are read from the model at each call."""
+    emu = emulated_cuda_graphs
+    model = copy.deepcopy(model)
+    graphed, plain = samplers(model, 8, (2, 1.4, "combo", True, False))
+    graphed(LABELS, SEEDS)
+    model.load_state_dict({k: v * 0.99 for k, v in model.state_dict().items()}, assign=True)
+    close(graphed(LABELS, SEEDS), plain(LABELS, SEEDS), TOL, "after load_state_dict(assign=True)")
+    assert emu.captures == 2
+    model.noise_sigma_max_angle = 60
+    close(graphed(LABELS, SEEDS), plain(LABELS, SEEDS), TOL, "after a change of the noise level")
+    assert emu.captures == 3 and len(graphed.graph_keys) == 1
+
+
+def test_a_capture_under_inference_mode_serves_later_calls(
+    model: SphereEncoder, emulated_cuda_graphs: CudaGraphEmulator
+) -> None:
+    """A server that warms up under torch.inference_mode and samples outside it (or the other way round)."""
+    graphed, plain = samplers(model, 8, (2, 1.4, "combo", True, False))
+    with torch.inference_mode():
+        graphed.prepare()
+    close(graphed(LABELS, SEEDS), plain(LABELS, SEEDS), TOL, "outside inference_mode")
+    with torch.inference_mode():
+        close(graphed(LABELS[:2], SEEDS[:2]), plain(LABELS[:2], SEEDS[:2]), TOL, "inside inference_mode")
+    assert emulated_cuda_graphs.captures == 2
+
+
+def test_training_mode_after_the_capture_refused(model: SphereEncoder, emulated_cuda_graphs: CudaGraphEmulator) -> None:
+    """Label dropout would make the plain path depend on torch's generator while a graph replays eval mode."""
+    model = copy.deepcopy(model)
+    graphed, _ = samplers(model, 8, (2, 1.4, "combo", True, False))
+    graphed(LABELS, SEEDS)
+    model.train()
+    for call in (lambda: graphed(LABELS, SEEDS), graphed.prepare):
+        with pytest.raises(ValueError, match="training mode"):
+            call()
+    model.eval()
+    graphed(LABELS, SEEDS)
+    assert (emulated_cuda_graphs.captures, emulated_cuda_graphs.replays) == (1, 2)
