@@ -6,20 +6,22 @@ Noise follows the sphere_fast seed convention (seeds None: fresh ones from torch
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
 
 from sphere_fast import ops
-from sphere_fast.model import check_model, labels_checked
+from sphere_fast.model import check_model, check_noise_scaler, labels_checked
 from sphere_fast.sampling import (
     DrawnNoise,
     GuidedNetworks,
     SeededNoise,
     autocast,
     check_count,
+    check_dtype,
+    check_eval_mode,
+    check_flags,
     check_sampling_args,
     fresh_seeds,
     refine,
@@ -37,10 +39,15 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _checked_model(model: object) -> nn.Module:
+    """A SphereEncoder in eval mode, as every edit needs."""
+    check_eval_mode(check_model(model))
+    return model
+
+
 def check_images(model: nn.Module, images: object, name: str = "images") -> torch.Tensor:
-    """[B, 3, H, W] floating images in [0, 1] -> the model's input range [-1, 1], on its device and in its
-    encoder's weight dtype (a model cast to bf16 takes bf16 images)."""
-    size = check_model(model).input_size
+    """[B, 3, H, W] floating images in [0, 1], checked, as float32 on the model's device."""
+    size = _checked_model(model).input_size
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor [B, 3, {size}, {size}], got {type(images).__name__}")
     if not images.is_floating_point():
@@ -50,14 +57,13 @@ def check_images(model: nn.Module, images: object, name: str = "images") -> torc
     low, high = torch.stack(torch.aminmax(images)).tolist()  # one reduction, one host sync
     if not (0 <= low and high <= 1):  # also refuses NaN
         raise ValueError(f"{name} must hold values in [0, 1], got range [{low}, {high}]")
-    weight_dtype = next(model.encoder.parameters()).dtype
-    return images.to(_device(model), weight_dtype) * 2 - 1
+    return images.to(_device(model), torch.float32)
 
 
-def _check_scaler(noise_scaler: float) -> None:
-    number = isinstance(noise_scaler, (int, float)) and not isinstance(noise_scaler, bool)
-    if not number or not math.isfinite(noise_scaler) or noise_scaler < 0:
-        raise ValueError(f"noise_scaler must be a finite number >= 0, got {noise_scaler!r}")
+def model_input(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Checked images in [0, 1] -> the model's input range [-1, 1] in its encoder's weight dtype (a model cast
+    to bf16 takes bf16 images), rounded once, after the float32 arithmetic."""
+    return (images * 2 - 1).to(next(model.encoder.parameters()).dtype)
 
 
 def _seeds(seeds: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
@@ -69,7 +75,8 @@ def reconstruct_images(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None = None, *, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
     """x -> E(x, y) -> f -> D(., y), no noise; y is the null class unless ``labels`` are given."""
-    x = check_images(model, images)
+    check_dtype(dtype)
+    x = model_input(model, check_images(model, images))
     y = None
     if labels is not None:
         y = sample_labels(model, x.shape[0], labels, x.device, name="labels", allow_null=True)
@@ -93,10 +100,12 @@ def manipulate(
     """Conditional manipulation: ``images`` take the place of the first decoded image, then ``steps`` steps of
     z = E(x, c); v = f(f(z) + s*r*sigma*e); x = D(v, c) with target class c (an int, [B] labels, or None for
     the null class), noise scaler s, one cached noise draw per sample, no CFG. Returns each step's images."""
-    x = check_images(model, images)
+    x = model_input(model, check_images(model, images))
     batch, device = x.shape[0], x.device
     check_count("steps", steps)
-    _check_scaler(noise_scaler)
+    check_noise_scaler(noise_scaler)
+    check_dtype(dtype)
+    check_flags(scheduler=scheduler)
     if model.num_classes == 0 and target is not None:
         raise ValueError("target given to an unconditional model (num_classes=0)")
     y = None
@@ -154,7 +163,7 @@ def crossover(
         raise TypeError(f"swap must be a bool, got {swap!r}")
     if swap:
         a, b = b, a
-    composite = to_unit(torch.where(crossover_mask(mask, model.input_size, a.device), a, b))
+    composite = torch.where(crossover_mask(mask, model.input_size, a.device), a, b)
     steps_out = manipulate(model, composite, None, steps=steps, noise_scaler=noise_scaler, seeds=seeds, dtype=dtype)
     return composite, steps_out
 
@@ -237,11 +246,13 @@ def interpolate(
     or ``slerp`` per token over the channel dim); the class embeddings are interpolated linearly. Each
     point then goes through sampling, so a corner's image is the one ``generate`` makes from its seed and
     label. Returns [rows, cols, 3, H, W] in [0, 1]."""
-    device = _device(check_model(model))
+    device = _device(_checked_model(model))
     check_count("rows", rows)
     check_count("cols", cols)
     points = rows * cols
     check_sampling_args(points, cfg, cfg_position, steps, steps_name="steps")
+    check_dtype(dtype)
+    check_flags(cache_noise=cache_noise, scheduler=scheduler)
     seeds = seeds_on(seeds, 4, device)
     corner_labels = sample_labels(model, 4, labels, device, name="labels")
     shape = model.latent_shape[1:]

@@ -471,6 +471,7 @@ class SphereEncoder(nn.Module):
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None, noise_scaler: float = 1.0, sampling: bool = False) -> torch.Tensor:
         """E(x, y or null) -> f (-> noisy re-projection when ``sampling``) -> D; images in [0, 1]."""
+        check_noise_scaler(noise_scaler)
         if y is None and self.num_classes > 0:
             y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
         z = self.encoder(x, y)
@@ -518,6 +519,12 @@ class SphereEncoder(nn.Module):
             seeds=seeds,
             dtype=dtype,
         )
+
+
+def check_noise_scaler(noise_scaler: object) -> None:
+    number = isinstance(noise_scaler, (int, float)) and not isinstance(noise_scaler, bool)
+    if not number or not math.isfinite(noise_scaler) or noise_scaler < 0:
+        raise ValueError(f"noise_scaler must be a finite number >= 0, got {noise_scaler!r}")
 
 
 def check_model(model: object) -> SphereEncoder:

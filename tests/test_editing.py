@@ -1,5 +1,7 @@
 """Training-free edits (spec section 7) on a tiny CPU model, checked against hand-written loops."""
 
+import math
+
 import pytest
 import torch
 
@@ -62,6 +64,40 @@ def test_reconstruct(model, images):
 def test_bad_images(model, bad, error, match):
     with pytest.raises(error, match=match):
         reconstruct_images(model, bad)
+
+
+def test_edits_refuse_a_model_in_training_mode(images):
+    m = tiny_model().train()  # label dropout would make an edit depend on torch's generator, not on its seeds
+    for call in (lambda: reconstruct_images(m, images), lambda: manipulate(m, images, 1, seeds=SEEDS),
+                 lambda: crossover(m, images, images), lambda: interpolate(m, torch.arange(4))):
+        with pytest.raises(ValueError, match="training mode"):
+            call()
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"dtype": torch.int64}, ValueError, "dtype must be one of"),
+        ({"dtype": "bf16"}, ValueError, "dtype must be one of"),
+        ({"scheduler": "no"}, TypeError, "scheduler must be a bool"),
+        ({"cache_noise": 1}, TypeError, "cache_noise must be a bool"),
+    ],
+)
+def test_edit_options_checked(model, images, kwargs, error, match):
+    calls = [lambda: interpolate(model, torch.arange(4), rows=2, cols=2, **kwargs)]
+    if "cache_noise" not in kwargs:
+        calls.append(lambda: manipulate(model, images, 1, seeds=SEEDS, **kwargs))
+    if "dtype" in kwargs:
+        calls.append(lambda: reconstruct_images(model, images, **kwargs))
+    for call in calls:
+        with pytest.raises(error, match=match):
+            call()
+
+
+@pytest.mark.parametrize("scaler", [math.nan, -1.0, math.inf])
+def test_model_reconstruct_checks_its_noise_scaler(model, images, scaler):
+    with pytest.raises(ValueError, match="noise_scaler must be a finite number >= 0"):
+        model.reconstruct(images * 2 - 1, noise_scaler=scaler, sampling=True)
 
 
 def test_only_a_sphere_encoder_is_edited():
@@ -169,8 +205,15 @@ def test_edits_on_a_bf16_model(model, images):
     assert (recon - reconstruct_images(model, images)).abs().max() < 0.1
     steps = manipulate(bf16, images, 3, steps=2, seeds=SEEDS)
     assert len(steps) == 2 and all(s.dtype == torch.float32 and 0 <= s.min() and s.max() <= 1 for s in steps)
-    _, outs = crossover(bf16, images[:2], images[1:], seeds=SEEDS[:2])
+    composite, outs = crossover(bf16, images[:2], images[1:], seeds=SEEDS[:2])
     assert (outs[0] - crossover(model, images[:2], images[1:], seeds=SEEDS[:2])[1][0]).abs().max() < 0.1
+    # the composite is the stitched input itself, not its bf16 round trip
+    assert composite.dtype == torch.float32
+    assert torch.equal(composite[..., :8], images[:2, ..., :8]) and torch.equal(composite[..., 8:], images[1:, ..., 8:])
+    # the images enter the network as 2x - 1 rounded once to bf16, not as bf16(x) * 2 - 1 (a second rounding)
+    with torch.no_grad():
+        expected = bf16.reconstruct((images * 2 - 1).to(torch.bfloat16)).float()
+    assert torch.equal(recon, expected)
 
 
 def test_slerp_and_bilinear():
