@@ -58,7 +58,9 @@ def _write_safetensors(state: Mapping[str, torch.Tensor], path: Path, config: Ma
     save_file(tensors, str(path), metadata={"format": FORMAT, "config": json.dumps(config)})
 
 
-def _replace_text(path: Path, text: str) -> None:
+def replace_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically: a temporary file in the same folder, fsynced, then os.replace, so a
+    process killed meanwhile leaves the old content whole."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     _fsync(tmp)
@@ -119,7 +121,7 @@ def save_checkpoint(
     else:
         os.rename(tmp, final)
     _fsync(directory)
-    _replace_text(directory / LATEST, name + "\n")
+    replace_text(directory / LATEST, name + "\n")
     _prune(directory, keep, current=name)
     if distributed:
         dist.barrier()
@@ -131,6 +133,15 @@ def _prune(directory: Path, keep: int, current: str) -> None:
     for p in saved[: max(0, len(saved) - keep)]:
         if p.name != current:
             shutil.rmtree(p)
+
+
+def remove_checkpoints(directory: str | Path) -> None:
+    """Delete the ``step-*`` checkpoints in ``directory`` and its ``latest``, for a run that starts afresh there:
+    pruning would otherwise keep the old run's higher steps over the new run's, and a resume pick the old run."""
+    directory = Path(directory)
+    (directory / LATEST).unlink(missing_ok=True)  # first: a half-cleared folder is never resumed from
+    for path in directory.glob("step-*"):
+        shutil.rmtree(path)
 
 
 def latest_checkpoint(directory: str | Path) -> Path | None:

@@ -353,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-config", help="JSON dict overriding model constructor arguments")
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--workers", type=int, default=1, help="DataLoader worker processes")
-    p.add_argument("--no-resume", action="store_true", help="start afresh even if OUT/checkpoints exists")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start afresh: delete the checkpoints and losses of an earlier run in OUT")
     p.add_argument("--no-synthetic-fallback", action="store_true", help="fail instead of using synthetic data")
     p.add_argument("--sample-steps", type=int, nargs="*", default=[1, 4], help="sample grids to write after training")
     p.add_argument("--per-class", type=int, default=8, help="samples per class in the grids")

@@ -234,6 +234,14 @@ class SphereLoss(nn.Module):
 # ---- optimiser, schedule, EMA -------------------------------------------------------------------
 
 
+def _check_counts(config: object, names: tuple[str, ...]) -> None:
+    """Refuse the fields ``names`` of ``config`` that are not ints >= 1."""
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
 @dataclass
 class TrainConfig:
     """The recipe's knobs. Learning rates are per 256 images of global batch (scaled linearly)."""
@@ -258,15 +266,19 @@ class TrainConfig:
     activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("global_batch", "total_steps", "accumulation_steps"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
+        _check_counts(self, ("global_batch", "total_steps", "accumulation_steps"))
         if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps <= self.total_steps:
             raise ValueError(f"warmup_steps must be an int in [0, total_steps], got {self.warmup_steps!r}")
-        for name in ("base_lr", "min_lr", "encoder_lr_scale", "weight_decay", "grad_clip", "ema_decay"):
+        for name in ("base_lr", "min_lr", "encoder_lr_scale", "weight_decay", "ema_decay"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        # a limit of 0 would scale every gradient to 0: no update at all
+        if not isinstance(self.grad_clip, (int, float)) or not self.grad_clip > 0:
+            raise ValueError(
+                f"grad_clip must be > 0 (the largest gradient norm kept; float('inf') turns clipping off), "
+                f"got {self.grad_clip!r}"
+            )
         if not self.ema_decay < 1:
             raise ValueError(f"ema_decay must be < 1, got {self.ema_decay}")
         if not isinstance(self.activation_checkpointing, bool):
@@ -274,7 +286,13 @@ class TrainConfig:
         if self.autocast not in ("auto", "bf16", "off"):
             raise ValueError(f"autocast must be 'auto', 'bf16' or 'off', got {self.autocast!r}")
         self.betas = tuple(self.betas)
-        loss_weights(self.loss_weights)
+        weights = loss_weights(self.loss_weights)
+        if self.perceptual_weights and not (weights.recon_perc or weights.con_perc):
+            raise ValueError(
+                f"perceptual_weights are given but the loss weights {weights} put 0 on both perceptual terms "
+                "(recon_perc, con_perc), so they would not be used; choose loss weights with a perceptual term "
+                "(e.g. the 'cifar10' preset: --loss-weights cifar10) or leave out the perceptual weights"
+            )
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
@@ -528,13 +546,44 @@ class RunConfig:
     workers: int = 1
     synthetic_fallback: bool = True
 
+    def __post_init__(self) -> None:
+        _check_counts(self, ("checkpoint_every", "log_every"))
+
+
+def _log_lines_before(path: Path, step: int) -> list[str]:
+    """The lines of the losses log ``path`` (one per step, in order) for the steps before ``step``: those a run
+    resumed at ``step`` keeps. The lines after them were logged past the checkpoint and are not read: the last
+    of them may be cut short by whatever ended the run."""
+    if not path.exists():
+        return []
+    kept: list[str] = []
+    logged = -1
+    # errors="replace": bytes left by a torn write make a line that does not parse, not a decoding error
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if logged == step - 1:  # all kept: the rest lies past the checkpoint, whether it parses or not
+            break
+        try:
+            logged = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError) as err:  # a JSONDecodeError is a ValueError
+            raise ValueError(
+                f"{path} line {number} is damaged ({err}); it logs a step before {step}, where the run resumes, "
+                "so it cannot be dropped: repair or delete that line, then resume"
+            ) from None
+        if logged >= step:
+            break
+        kept.append(line)
+    return kept
+
 
 def fit(run: RunConfig, *, resume: bool = True, progress: bool = True) -> Trainer:
     """Train ``run`` to ``run.train.total_steps``, resuming from ``out/checkpoints`` when present;
-    losses go to ``out/losses.jsonl`` (one line per step) and checkpoints to ``out/checkpoints``."""
+    losses go to ``out/losses.jsonl`` (one line per step) and checkpoints to ``out/checkpoints``.
+    ``resume=False`` starts afresh: the checkpoints and losses of an earlier run in ``out`` are deleted."""
     from tqdm import tqdm
 
-    from sphere_fast.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from sphere_fast.checkpoint import (
+        latest_checkpoint, load_checkpoint, remove_checkpoints, replace_text, save_checkpoint,
+    )
     from sphere_fast.data import make_loader, open_dataset, random_hflip
     from sphere_fast.model import SphereEncoder
 
@@ -562,10 +611,12 @@ def fit(run: RunConfig, *, resume: bool = True, progress: bool = True) -> Traine
     )
     log_path = out / "losses.jsonl"
     if info.rank == 0:
+        kept = _log_lines_before(log_path, trainer.step)  # read first: a damaged log is refused before any write
         out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            remove_checkpoints(ckpt_dir)
         (out / "run_config.json").write_text(json.dumps(dataclasses.asdict(run), indent=1))
-        kept = [l for l in log_path.read_text().splitlines() if json.loads(l)["step"] < trainer.step] if log_path.exists() else []
-        log_path.write_text("".join(l + "\n" for l in kept))
+        replace_text(log_path, "".join(line + "\n" for line in kept))
     bar = tqdm(total=cfg.total_steps, initial=trainer.step, desc="train", disable=not progress or info.rank != 0, dynamic_ncols=True)
     batches = iter(loader)
     with open(log_path, "a") if info.rank == 0 else contextlib.nullcontext() as log:

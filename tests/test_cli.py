@@ -43,8 +43,6 @@ def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     args = ["train", "--data", "synthetic", "--out", str(out), "--steps", "3", "--batch-size", "6", "--workers", "0",
             "--accumulation-steps", "2", "--activation-checkpointing",
-            # recorded, and not read: the recipe's loss has no perceptual term
-            "--perceptual-weights", "vgg16=/weights/vgg16.pth",
             "--model-config", json.dumps(TINY_CONFIG), "--per-class", "2", "--sample-steps", "1", "2"]
     assert main(args) == 0
     return out
@@ -55,7 +53,6 @@ def test_train_writes_checkpoint_plot_and_sample_grids(trained):
     assert len((trained / "losses.jsonl").read_text().splitlines()) == 3
     recipe = json.loads((trained / "run_config.json").read_text())["train"]
     assert recipe["accumulation_steps"] == 2 and recipe["activation_checkpointing"] is True
-    assert recipe["perceptual_weights"] == {"vgg16": "/weights/vgg16.pth"}
     assert Image.open(trained / "loss.png").size[0] > 300
     for steps in (1, 2):
         grid = Image.open(trained / f"samples_{steps}step.png")
@@ -194,7 +191,7 @@ def test_train_passes_its_options_on(monkeypatch, tmp_path):
     runs: list = []
     monkeypatch.setattr(training, "fit", lambda run, resume: runs.append((run, resume)) or SimpleNamespace(
         dist=training.DistInfo(rank=1, world_size=2)))  # rank 1 plots and samples nothing
-    weights = {"recon_dist": 1.0, "recon_perc": 0.0, "con_dist": 2.0, "con_perc": 0.0, "latent": 0.5}
+    weights = {"recon_dist": 1.0, "recon_perc": 0.5, "con_dist": 2.0, "con_perc": 0.0, "latent": 0.5}
     assert main(["train", "--out", str(tmp_path), "--data", "synthetic", "--steps", "7", "--batch-size", "12",
                  "--lr", "3e-3", "--warmup", "2", "--seed", "5", "--autocast", "off", "--loss-weights",
                  json.dumps(weights), "--checkpoint-every", "3", "--workers", "0", "--no-resume",
@@ -222,6 +219,26 @@ def test_train_passes_its_options_on(monkeypatch, tmp_path):
     assert main(["train", "--out", str(tmp_path), "--sample-steps", "1", "3", "--per-class", "2", "--seed", "6"]) == 0
     assert grids == [(ema, 2, {"steps": steps, "cfg": 1.0, "seed": 6}) for steps in (1, 3)]
     assert (tmp_path / "loss.png").exists() and (tmp_path / "samples_3step.png").exists()
+
+
+def test_train_refuses_unused_perceptual_weights_and_bad_intervals_before_training(monkeypatch, tmp_path, capsys):
+    """--perceptual-weights with loss weights that put 0 on the perceptual terms (the demo preset's) would be
+    ignored, and --checkpoint-every 0 would fail after the first step: both are refused before training."""
+    monkeypatch.setattr(training, "fit", lambda run, resume: pytest.fail("refused options reached training"))
+    files = ["vgg16=/nope/vgg16.pth", "lpips=/nope/vgg.pth", "convnext_small=/nope/convnext_small.pth"]
+    assert main(["train", "--out", str(tmp_path), "--perceptual-weights", *files]) == 2
+    assert "perceptual_weights are given but" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path), "--checkpoint-every", "0"]) == 2
+    assert "checkpoint_every must be an int >= 1, got 0" in capsys.readouterr().err
+
+
+def test_train_with_missing_perceptual_weight_files_writes_nothing(tmp_path, capsys):
+    """Files the loss uses are opened as the trainer is built: a missing one fails before anything is written."""
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--data", "synthetic", "--batch-size", "6", "--workers", "0",
+                 "--model-config", json.dumps(TINY_CONFIG), "--loss-weights", "cifar10", "--perceptual-weights",
+                 "vgg16=/nope/vgg16.pth", "lpips=/nope/vgg.pth", "convnext_small=/nope/convnext_small.pth"]) == 2
+    assert "not found" in capsys.readouterr().err and not out.exists()
 
 
 def test_sample_set_under_torchrun_takes_its_rank_and_local_gpu(recorded, monkeypatch, tmp_path):

@@ -301,6 +301,17 @@ def test_ema_and_grad_clip():
         torch.testing.assert_close(ema[n], 0.75 * before[n] + 0.25 * p.detach(), atol=1e-6, rtol=1e-6)
 
 
+def test_an_infinite_grad_clip_keeps_the_gradients():
+    """grad_clip=inf is the way to turn clipping off (0 is refused: it would zero every update)."""
+    trainer = Trainer(tiny_model(), TrainConfig(global_batch=6, total_steps=2, warmup_steps=1,
+                                                loss_weights=NO_PERCEPTUAL, grad_clip=math.inf))
+    logged = trainer.train_step(*tiny_batch(6))
+    grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+    assert logged["grad_norm"] > 0
+    assert torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item() == \
+        pytest.approx(logged["grad_norm"], rel=1e-5)
+
+
 def test_bf16_autocast_on_cpu_gives_finite_losses():
     def first_step(autocast: str) -> dict[str, float]:
         config = TrainConfig(global_batch=6, total_steps=3, warmup_steps=1, loss_weights=NO_PERCEPTUAL,
@@ -462,16 +473,51 @@ def test_fit_flips_each_batch_and_trains_an_unconditional_model_on_labelled_data
 
 
 def test_fit_without_resume_starts_afresh(tmp_path, monkeypatch):
-    """resume=False (the CLI's --no-resume) trains from step 0 where the run folder holds a checkpoint already,
-    and the losses log restarts with it."""
+    """resume=False (the CLI's --no-resume) trains from step 0 where the run folder holds a longer run's
+    checkpoints already: those are deleted (pruning would keep their higher steps over the new run's), and the
+    losses log restarts."""
     from sphere_fast import data
 
-    fit(synthetic_run(tmp_path, 2), progress=False)
+    fit(dataclasses.replace(synthetic_run(tmp_path, 4), checkpoint_every=2), progress=False)
     flipped = []
     monkeypatch.setattr(data, "random_hflip", lambda x: flipped.append(1) or x)
-    assert fit(synthetic_run(tmp_path, 3), resume=False, progress=False).step == 3
+    fresh = dataclasses.replace(synthetic_run(tmp_path, 3), checkpoint_every=1)
+    assert fit(fresh, resume=False, progress=False).step == 3
     assert len(flipped) == 3
     assert [json.loads(line)["step"] for line in (tmp_path / "losses.jsonl").read_text().splitlines()] == [0, 1, 2]
+    checkpoints = tmp_path / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-00000002", "step-00000003"]
+    assert (checkpoints / "latest").read_text().strip() == "step-00000003"
+
+
+def test_resume_drops_a_torn_log_line_past_the_checkpoint(tmp_path, monkeypatch):
+    """A line cut short past the last checkpoint (a run killed mid-write) is dropped on resume, as every line past
+    it is; a damaged line before it is refused, naming it. The log is rewritten atomically: a run killed during
+    the rewrite leaves it whole."""
+    fit(synthetic_run(tmp_path, 2), progress=False)  # checkpoint at step 2, lines for steps 0 and 1
+    log = tmp_path / "losses.jsonl"
+    first, second = log.read_text().splitlines()
+    log.write_text(f"{first}\n{second[:20]}\n{second}\n")
+    with pytest.raises(ValueError, match="losses.jsonl line 2 is damaged"):
+        fit(synthetic_run(tmp_path, 3), progress=False)
+    torn = f'{first}\n{second}\n{{"step": 2, "lo'
+    log.write_text(torn)
+    write_text = type(log).write_text
+
+    def killed_mid_write(path, text, *args, **kwargs):
+        if "losses.jsonl" in path.name:  # the log or a temporary file for it
+            write_text(path, text[: len(text) // 2], *args, **kwargs)
+            raise RuntimeError("killed")
+        return write_text(path, text, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(type(log), "write_text", killed_mid_write)
+        with pytest.raises(RuntimeError, match="killed"):
+            fit(synthetic_run(tmp_path, 3), progress=False)
+    assert log.read_text() == torn
+    assert fit(synthetic_run(tmp_path, 3), progress=False).step == 3
+    written = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [line["step"] for line in written] == [0, 1, 2] and all("loss" in line for line in written)
 
 
 def test_loss_weight_presets_and_validation():
@@ -493,11 +539,20 @@ def test_loss_weight_presets_and_validation():
     "field,value,match",
     [("ema_decay", 1.0, "ema_decay must be < 1"), ("autocast", "fp16", "autocast must be"),
      ("activation_checkpointing", 1, "activation_checkpointing must be a bool"), ("grad_clip", -1.0, "grad_clip"),
+     ("grad_clip", 0.0, r"grad_clip must be > 0 .*float\('inf'\) turns clipping off"),
      ("global_batch", 0, "global_batch"), ("loss_weights", "mnist", "preset")],
 )
 def test_train_config_refuses_bad_values(field, value, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**{field: value})
+
+
+@pytest.mark.parametrize("field", ["checkpoint_every", "log_every"])
+@pytest.mark.parametrize("value", [0, -1, 2.5])
+def test_run_config_refuses_bad_intervals(field, value):
+    """Refused up front: 0 would fail after the first step (a modulo by zero), a negative value save nothing."""
+    with pytest.raises(ValueError, match=f"{field} must be an int >= 1, got {value}"):
+        RunConfig(model=TINY_CONFIG, train=TrainConfig(), **{field: value})
 
 
 def test_train_config_betas_become_a_tuple():
@@ -512,5 +567,7 @@ def test_perceptual_loss_without_weight_files_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="local weight files"):
         Trainer(tiny_model(), TrainConfig(global_batch=6, loss_weights="cifar10"))
     paths = {"vgg16": tmp_path / "nope.pth", "lpips": tmp_path / "vgg.pth", "convnext_small": tmp_path / "c.pth"}
+    with pytest.raises(ValueError, match="perceptual_weights are given but .* would not be used"):
+        TrainConfig(loss_weights=NO_PERCEPTUAL, perceptual_weights={k: str(v) for k, v in paths.items()})
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         Trainer(tiny_model(), TrainConfig(global_batch=6, loss_weights="cifar10", perceptual_weights={k: str(v) for k, v in paths.items()}))
