@@ -11,6 +11,8 @@
 #ifdef SPHERE_FAST_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+
+#include "sf_cuda_launch.h"
 #endif
 
 #include "adaln_math.h"
@@ -33,11 +35,38 @@ DType dtype_tag(const at::Tensor& t) {
 bool has(const OptT& t) { return t.has_value() && t->defined(); }
 const void* ptr(const OptT& t) { return has(t) ? t->data_ptr() : nullptr; }
 
-void check_like(const char* name, const OptT& t, const at::Tensor& x) {
+// The kernels step along a row by 1; the stride of a size-1 last dim is never used.
+bool unit_last_stride(const at::Tensor& t) { return t.stride(-1) == 1 || t.size(-1) == 1; }
+
+// An optional input of x's device and dtype, of shape `shape` or (a modulation) `or_shape`; a [B, S|1, D] one with a
+// unit last stride (the binding reads weight through a contiguous copy).
+void check_like(const char* name, const OptT& t, const at::Tensor& x, at::IntArrayRef shape,
+                at::IntArrayRef or_shape = {}) {
   if (!has(t)) return;
   TORCH_CHECK(t->device() == x.device(), name, " is on ", t->device(), " but x is on ", x.device());
   TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(), name, " must have dtype ", x.scalar_type());
-  if (t->dim() == 3) TORCH_CHECK(t->stride(2) == 1, name, " needs a unit last stride");
+  TORCH_CHECK(t->sizes() == shape || (!or_shape.empty() && t->sizes() == or_shape), name, " must have shape ", shape,
+              or_shape.empty() ? std::string() : c10::str(" or ", or_shape), ", got ", t->sizes());
+  if (t->dim() == 3) TORCH_CHECK(unit_last_stride(*t), name, " needs a unit last stride");
+}
+
+// branch [B, S, D]; gate, shift and scale [B, 1, D] or [B, S, D]; weight [D]; for x [B, S, D] (res in the backward).
+void check_inputs(const at::Tensor& x, const OptT& branch, const OptT& gate, const OptT& weight, const OptT& shift,
+                  const OptT& scale) {
+  const int64_t B = x.size(0), S = x.size(1), D = x.size(2);
+  check_like("branch", branch, x, {B, S, D});
+  check_like("weight", weight, x, {D});
+  for (auto [name, t] : {std::pair<const char*, const OptT*>{"gate", &gate}, {"shift", &shift}, {"scale", &scale}})
+    check_like(name, *t, x, {B, 1, D}, {B, S, D});
+}
+
+// An upstream gradient: res's sizes, dtype and device, contiguous.
+void check_grad(const char* name, const at::Tensor& g, const at::Tensor& res) {
+  TORCH_CHECK(g.device() == res.device(), name, " is on ", g.device(), " but res is on ", res.device());
+  TORCH_CHECK_TYPE(g.scalar_type() == res.scalar_type(), name, " must have res's dtype ", res.scalar_type(), ", got ",
+                   g.scalar_type());
+  TORCH_CHECK(g.sizes() == res.sizes() && g.is_contiguous(), name, " must be a contiguous tensor of res's shape ",
+              res.sizes(), ", got ", g.sizes());
 }
 
 // (stride_b, stride_s) of a [B, S|1, D] tensor; a size-1 token dim broadcasts with stride 0.
@@ -48,21 +77,36 @@ std::pair<int64_t, int64_t> bs(const OptT& t) {
 
 bool per_token(const OptT& t, int64_t S) { return has(t) && S > 1 && t->size(1) == S; }
 
+// Programs the backward spreads a batch over on the CPU: a constant, as the split fixes the order of the fp32 partial
+// sums, so the grads have the same bits for any thread count (at::parallel_for shares the programs out).
+constexpr int64_t kCpuPrograms = 64;
+
 int64_t program_target(const at::Tensor& x) {
 #ifdef SPHERE_FAST_WITH_CUDA
   if (x.is_cuda()) return 4 * at::cuda::getDeviceProperties(x.device().index())->multiProcessorCount;
 #endif
-  return 4 * at::get_num_threads();
+  return kCpuPrograms;
 }
+
+#ifdef SPHERE_FAST_WITH_CUDA
+// Checked before any output is allocated: the CUDA kernels' widest row, and `blocks` on grid axis x.
+void check_cuda_launchable(int64_t D, int64_t blocks, const char* what) {
+  TORCH_CHECK(D <= kAdalnCudaMaxWidth, "the CUDA adaln kernels take D <= ", kAdalnCudaMaxWidth, ", got ", D);
+  check_grid_x(blocks, what);
+}
+#endif
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_fwd(const at::Tensor& x, const OptT& branch, const OptT& gate,
                                                          const OptT& weight, const OptT& shift, const OptT& scale,
                                                          double eps) {
-  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1, "x must be [B, S, D] with a unit last stride");
-  for (auto [name, t] : {std::pair<const char*, const OptT*>{"branch", &branch}, {"gate", &gate},
-                         {"weight", &weight}, {"shift", &shift}, {"scale", &scale}})
-    check_like(name, *t, x);
+  TORCH_CHECK(x.dim() == 3 && unit_last_stride(x), "x must be [B, S, D] with a unit last stride, got shape ",
+              x.sizes(), " and strides ", x.strides());
+  check_inputs(x, branch, gate, weight, shift, scale);
+  const DType dt = dtype_tag(x);
   const int64_t B = x.size(0), S = x.size(1), D = x.size(2);
+#ifdef SPHERE_FAST_WITH_CUDA
+  if (x.is_cuda()) check_cuda_launchable(D, B * S, "adaln forward: rows B * S");
+#endif
   auto y = at::empty({B, S, D}, x.options());
   auto res = has(branch) ? at::empty_like(y) : at::empty({0}, x.options());
   auto rstd = at::empty({B, S}, x.options().dtype(at::kFloat));
@@ -87,41 +131,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_fwd(const at::Tensor& x, co
   if (B * S == 0) return {res, y, rstd};
 #ifdef SPHERE_FAST_WITH_CUDA
   if (x.is_cuda()) {
-    TORCH_CHECK(D <= 4096, "the CUDA adaln kernels take D <= 4096, got ", D);
     c10::cuda::CUDAGuard guard(x.device());
-    adaln_fwd_cuda(p, dtype_tag(x), at::cuda::getCurrentCUDAStream().stream());
+    check_launch(adaln_fwd_cuda(p, dt, at::cuda::getCurrentCUDAStream().stream()), "adaln forward");
     return {res, y, rstd};
   }
 #endif
-  adaln_fwd_cpu(p, dtype_tag(x));
+  adaln_fwd_cpu(p, dt);
   return {res, y, rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adaln_bwd(
     const at::Tensor& dy, const OptT& dres, const at::Tensor& res, const OptT& branch, const OptT& gate,
     const OptT& weight, const OptT& shift, const OptT& scale, const at::Tensor& rstd) {
-  TORCH_CHECK(res.dim() == 3 && res.is_contiguous() && dy.is_contiguous() && rstd.is_contiguous(),
-              "res, dy, rstd must be contiguous");
-  TORCH_CHECK(!has(dres) || dres->is_contiguous(), "dres must be contiguous");
-  for (auto [name, t] : {std::pair<const char*, const OptT*>{"branch", &branch}, {"gate", &gate},
-                         {"weight", &weight}, {"shift", &shift}, {"scale", &scale}})
-    check_like(name, *t, res);
+  TORCH_CHECK(res.dim() == 3 && res.is_contiguous(), "res must be a contiguous [B, S, D] tensor, got shape ",
+              res.sizes());
+  check_grad("dy", dy, res);
+  if (has(dres)) check_grad("dres", *dres, res);
   const int64_t B = res.size(0), S = res.size(1), D = res.size(2);
+  TORCH_CHECK(rstd.scalar_type() == at::kFloat && rstd.device() == res.device() &&
+                  rstd.dim() == 2 && rstd.size(0) == B && rstd.size(1) == S && rstd.is_contiguous(),
+              "rstd must be a contiguous float32 [B, S] = [", B, ", ", S, "] tensor on res's device ", res.device(),
+              ", got ", rstd.scalar_type(), " ", rstd.sizes(), " on ", rstd.device());
+  check_inputs(res, branch, gate, weight, shift, scale);
+  const DType dt = dtype_tag(res);
+#ifdef SPHERE_FAST_WITH_CUDA
+  // the second stage's programs: one a sample and one for dweight
+  if (res.is_cuda()) check_cuda_launchable(D, B + 1, "adaln backward: samples B + 1");
+#endif
   const auto opts = res.options();
   const auto f32 = opts.dtype(at::kFloat);
-  auto empty0 = at::empty({0}, opts);
+  // a fresh tensor for every absent grad: the schema's outputs must not alias each other
+  auto empty = [&] { return at::empty({0}, opts); };
   if (B * S == 0) {  // no rows: zero grads (as the Triton path)
-    auto zeros = [&](const OptT& t) { return has(t) ? at::zeros_like(*t) : empty0; };
+    auto zeros = [&](const OptT& t) { return has(t) ? at::zeros_like(*t) : empty(); };
     return {at::zeros_like(res), zeros(branch), zeros(gate), zeros(weight), zeros(shift), zeros(scale)};
   }
   const bool gate_tok = per_token(gate, S), shift_tok = per_token(shift, S), scale_tok = per_token(scale, S);
-  const int64_t chunks0 = std::max<int64_t>(1, std::min<int64_t>((program_target(res) + B - 1) / std::max<int64_t>(B, 1), S));
+  const int64_t chunks0 = std::max<int64_t>(1, std::min<int64_t>((program_target(res) + B - 1) / B, S));
   const int64_t rows_per_prog = std::max<int64_t>(1, (S + chunks0 - 1) / chunks0);
   const int64_t chunks = std::max<int64_t>(1, (S + rows_per_prog - 1) / rows_per_prog);
 
   auto dx = at::empty({B, S, D}, opts);
-  auto dbranch = has(branch) ? at::empty_like(dx) : empty0;
-  auto full_or_empty = [&](const OptT& t, bool tok) { return has(t) && tok ? at::empty_like(dx) : empty0; };
+  auto dbranch = has(branch) ? at::empty_like(dx) : empty();
+  auto full_or_empty = [&](const OptT& t, bool tok) { return has(t) && tok ? at::empty_like(dx) : empty(); };
   // every program writes its whole row of partials: no zero fill (a memset launch each) needed
   auto partial = [&](const OptT& t, bool tok) {
     return has(t) && !tok ? at::empty({B * chunks, D}, f32) : at::empty({0}, f32);
@@ -155,16 +207,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   std::tie(p.ssc_b, p.ssc_s) = bs(scale);
 #ifdef SPHERE_FAST_WITH_CUDA
   if (res.is_cuda()) {
-    TORCH_CHECK(D <= 4096, "the CUDA adaln kernels take D <= 4096, got ", D);
     c10::cuda::CUDAGuard guard(res.device());
-    adaln_bwd_cuda(p, dtype_tag(res), at::cuda::getCurrentCUDAStream().stream());
+    check_launch(adaln_bwd_cuda(p, dt, at::cuda::getCurrentCUDAStream().stream()), "adaln backward");
   } else
 #endif
-    adaln_bwd_cpu(p, dtype_tag(res));
+    adaln_bwd_cpu(p, dt);
   // Second stage, one launch: the B * chunks partial rows -> dweight and the per-sample modulation grads
   // (bounded by the program count, not by B * S). A per-token grad (full) is complete already.
   auto summed = [&](const at::Tensor& part, std::initializer_list<int64_t> shape) {
-    return part.numel() ? at::empty(shape, opts) : empty0;
+    return part.numel() ? at::empty(shape, opts) : empty();
   };
   auto dweight = summed(pw, {D}), dgate_s = summed(pg, {B, 1, D}), dshift_s = summed(psh, {B, 1, D}),
        dscale_s = summed(psc, {B, 1, D});
@@ -174,10 +225,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 #ifdef SPHERE_FAST_WITH_CUDA
     if (res.is_cuda()) {
       c10::cuda::CUDAGuard guard(res.device());
-      adaln_finish_cuda(f, dtype_tag(res), at::cuda::getCurrentCUDAStream().stream());
+      check_launch(adaln_finish_cuda(f, dt, at::cuda::getCurrentCUDAStream().stream()), "adaln backward, stage 2");
     } else
 #endif
-      adaln_finish_cpu(f, dtype_tag(res));
+      adaln_finish_cpu(f, dt);
   }
   auto either = [](const at::Tensor& per_sample, const at::Tensor& per_token) {
     return per_sample.numel() ? per_sample : per_token;

@@ -15,6 +15,7 @@ namespace {
 
 // At most 256 threads per block, so that up to 255 registers per thread still fit an SM.
 constexpr int kMaxThreads = 256;
+static_assert(16 * kMaxThreads >= kAdalnCudaMaxWidth, "the 16-column kernels cover every row the binding takes");
 
 // Element access policy of the shared per-column steps (adaln_math.h): T in memory, fp32 in registers.
 template <typename T>
@@ -321,7 +322,7 @@ bool fwd_vectorizable(const AdalnFwdParams& p) {
 
 template <typename T>
 void fwd_launch(const AdalnFwdParams& p, cudaStream_t st) {
-  const dim3 grid(static_cast<unsigned>(p.B * p.S));
+  const dim3 grid(static_cast<unsigned>(p.B * p.S));  // the binding has checked that the rows fit axis x
   if (fwd_vectorizable<T>(p)) {
     const int64_t vectors = p.D / Vec16<T>::kLen;  // at most 1024 (fp32 at D = 4096)
     if (vectors <= kMaxThreads) adaln_fwd_vec_kernel<T, 1><<<grid, threads_for(vectors, 1), 0, st>>>(p);
@@ -366,36 +367,39 @@ void bwd_launch(const AdalnBwdParams& p, cudaStream_t st) {
 
 }  // namespace
 
-// The binding guarantees D <= 4096 (16 columns per thread x 256 threads).
-void adaln_fwd_cuda(const AdalnFwdParams& p, DType dt, void* stream) {
+// The binding guarantees D <= kAdalnCudaMaxWidth.
+int adaln_fwd_cuda(const AdalnFwdParams& p, DType dt, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
   switch (dt) {
-    case DType::kFloat32: return fwd_launch<float>(p, st);
-    case DType::kFloat16: return fwd_launch<__half>(p, st);
-    case DType::kBFloat16: return fwd_launch<__nv_bfloat16>(p, st);
+    case DType::kFloat32: fwd_launch<float>(p, st); break;
+    case DType::kFloat16: fwd_launch<__half>(p, st); break;
+    case DType::kBFloat16: fwd_launch<__nv_bfloat16>(p, st); break;
   }
+  return static_cast<int>(cudaGetLastError());
 }
 
-void adaln_bwd_cuda(const AdalnBwdParams& p, DType dt, void* stream) {
+int adaln_bwd_cuda(const AdalnBwdParams& p, DType dt, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
   switch (dt) {
-    case DType::kFloat32: return bwd_launch<float>(p, st);
-    case DType::kFloat16: return bwd_launch<__half>(p, st);
-    case DType::kBFloat16: return bwd_launch<__nv_bfloat16>(p, st);
+    case DType::kFloat32: bwd_launch<float>(p, st); break;
+    case DType::kFloat16: bwd_launch<__half>(p, st); break;
+    case DType::kBFloat16: bwd_launch<__nv_bfloat16>(p, st); break;
   }
+  return static_cast<int>(cudaGetLastError());
 }
 
-void adaln_finish_cuda(const AdalnFinishParams& p, DType dt, void* stream) {
+int adaln_finish_cuda(const AdalnFinishParams& p, DType dt, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
   // programs on x (up to 2^31 - 1), column blocks on y
   const dim3 grid(static_cast<unsigned>(adaln_finish_programs(p)),
                   static_cast<unsigned>((p.D + kFinishColumns - 1) / kFinishColumns));
   constexpr int threads = kFinishColumns * kAdalnFinishGroups;
   switch (dt) {
-    case DType::kFloat32: return adaln_finish_kernel<float><<<grid, threads, 0, st>>>(p);
-    case DType::kFloat16: return adaln_finish_kernel<__half><<<grid, threads, 0, st>>>(p);
-    case DType::kBFloat16: return adaln_finish_kernel<__nv_bfloat16><<<grid, threads, 0, st>>>(p);
+    case DType::kFloat32: adaln_finish_kernel<float><<<grid, threads, 0, st>>>(p); break;
+    case DType::kFloat16: adaln_finish_kernel<__half><<<grid, threads, 0, st>>>(p); break;
+    case DType::kBFloat16: adaln_finish_kernel<__nv_bfloat16><<<grid, threads, 0, st>>>(p); break;
   }
+  return static_cast<int>(cudaGetLastError());
 }
 
 }  // namespace sphere_fast

@@ -213,12 +213,17 @@ SF_HD AdalnFinishSum adaln_finish_sum(const AdalnFinishParams& p, int64_t b, int
   return {k == 0 ? p.pw : nullptr, 0, p.B * p.chunks, p.dweight, 0};
 }
 
-// Kernel entry points (adaln_cpu.cpp, adaln_cuda.cu); every tensor shares the dtype `dt`.
+// The widest row D the CUDA kernels take: 16 columns a thread over 256 threads. The binding refuses wider rows,
+// and so does sphere_fast/ops/adaln.py (CPP_CUDA_MAX_WIDTH) before any work; the CPU kernels take any D.
+constexpr int64_t kAdalnCudaMaxWidth = 4096;
+
+// Kernel entry points (adaln_cpu.cpp, adaln_cuda.cu); every tensor shares the dtype `dt`. The CUDA ones return
+// the launches' cudaError_t as int (0 = success).
 void adaln_fwd_cpu(const AdalnFwdParams& p, DType dt);
 void adaln_bwd_cpu(const AdalnBwdParams& p, DType dt);
 void adaln_finish_cpu(const AdalnFinishParams& p, DType dt);
-void adaln_fwd_cuda(const AdalnFwdParams& p, DType dt, void* stream);
-void adaln_bwd_cuda(const AdalnBwdParams& p, DType dt, void* stream);
-void adaln_finish_cuda(const AdalnFinishParams& p, DType dt, void* stream);
+int adaln_fwd_cuda(const AdalnFwdParams& p, DType dt, void* stream);
+int adaln_bwd_cuda(const AdalnBwdParams& p, DType dt, void* stream);
+int adaln_finish_cuda(const AdalnFinishParams& p, DType dt, void* stream);
 
 }  // namespace sphere_fast

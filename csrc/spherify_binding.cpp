@@ -1,8 +1,10 @@
-// torch.library registration of the spherify C++ ops (namespace sphere_fast_cpp): schemas, the CPU
+// torch.library registration of the spherify C++ ops (namespace sphere_fast_cpp): schemas, argument checks, the CPU
 // implementations and, when built with CUDA (SPHERE_FAST_WITH_CUDA), the CUDA launchers of spherify_cuda.cu.
-// Python (sphere_fast/ops/spherify.py) validates inputs, adds fake kernels and autograd.
+// Python (sphere_fast/ops/spherify.py) validates the public API's inputs, adds fake kernels and autograd.
 #include <ATen/ATen.h>
 #include <torch/library.h>
+
+#include <vector>
 
 #include "spherify_math.h"
 #include "spherify_ops.h"
@@ -10,10 +12,53 @@
 #ifdef SPHERE_FAST_WITH_CUDA
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+
+#include "sf_cuda_launch.h"
 #endif
 
 namespace sphere_fast {
 namespace {
+
+using OptT = c10::optional<at::Tensor>;
+
+void check_device(const char* name, const at::Tensor& t, const at::Tensor& z) {
+  TORCH_CHECK(t.device() == z.device(), name, " is on ", t.device(), " but z is on ", z.device());
+}
+
+// The kernels read z as [B, L] rows (L = numel / B), scales as [P, B] with P <= kMaxPairs and noise from a tensor of
+// z's shape or from int64 [B] seeds. Checked here too: a call of the registered op skips the Python checks. Returns P.
+int64_t check_inputs(const at::Tensor& z, const OptT& scales, const OptT& noise, const OptT& seeds) {
+  TORCH_CHECK(z.dim() >= 1 && z.numel() > 0, "z must be a non-empty [B, ...] tensor, got shape ", z.sizes());
+  const int64_t batch = z.size(0);
+  if (noise.has_value()) {
+    check_device("noise", *noise, z);
+    TORCH_CHECK(noise->sizes() == z.sizes(), "noise must have z's shape ", z.sizes(), ", got ", noise->sizes());
+  }
+  if (seeds.has_value()) {
+    check_device("seeds", *seeds, z);
+    TORCH_CHECK(seeds->scalar_type() == at::kLong && seeds->dim() == 1 && seeds->size(0) == batch,
+                "seeds must be an int64 [B] = [", batch, "] tensor, got ", seeds->scalar_type(), " of shape ",
+                seeds->sizes());
+  }
+  if (!scales.has_value()) return 1;
+  check_device("scales", *scales, z);
+  TORCH_CHECK(scales->dim() == 2 && scales->size(0) >= 1 && scales->size(0) <= kMaxPairs && scales->size(1) == batch,
+              "scales must be [P, B] with P = 1 or ", kMaxPairs, " and B = ", batch, ", got ", scales->sizes());
+  TORCH_CHECK(noise.has_value() || seeds.has_value(), "scales need noise or seeds to draw the noise from");
+  return scales->size(0);
+}
+
+// The backward's own inputs: grad [P, *z.shape] and the forward's stats [B, 3].
+void check_bwd_inputs(const at::Tensor& grad, const at::Tensor& z, int64_t pairs, const at::Tensor& stats) {
+  std::vector<int64_t> grad_shape{pairs};
+  grad_shape.insert(grad_shape.end(), z.sizes().begin(), z.sizes().end());
+  check_device("grad", grad, z);
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef(grad_shape), "grad must be [P, *z.shape] = ",
+              at::IntArrayRef(grad_shape), ", got ", grad.sizes());
+  check_device("stats", stats, z);
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == z.size(0) && stats.size(1) == 3, "stats must be [B, 3] = [",
+              z.size(0), ", 3], got ", stats.sizes());
+}
 
 #ifdef SPHERE_FAST_WITH_CUDA
 DType elem_type(const at::Tensor& t) {
@@ -30,6 +75,7 @@ SpherifyArgs make_args(const at::Tensor& z, const c10::optional<at::Tensor>& sca
                        std::vector<at::Tensor>& keep) {
   SpherifyArgs a{};
   a.batch = z.size(0);
+  check_grid_x(a.batch, "spherify: samples B");
   a.length = z.numel() / a.batch;
   a.pairs = scales.has_value() ? scales->size(0) : 1;
   a.mode = !scales.has_value() ? kNoiseNone : (noise.has_value() ? kNoiseTensor : kNoisePhilox);
@@ -52,10 +98,6 @@ SpherifyArgs make_args(const at::Tensor& z, const c10::optional<at::Tensor>& sca
   keep.push_back(at::empty({a.batch, num_chunks(a.length), 4}, z.options().dtype(at::kFloat)));
   a.partial = keep.back().data_ptr<float>();
   return a;
-}
-
-void check_launch(int err, const char* what) {
-  TORCH_CHECK(err == 0, what, " failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
 }
 
 std::tuple<at::Tensor, at::Tensor> spherify_fwd_cuda_op(const at::Tensor& z, const c10::optional<at::Tensor>& scales,
@@ -97,13 +139,44 @@ std::tuple<at::Tensor, at::Tensor> spherify_bwd_cuda_op(const at::Tensor& grad, 
 at::Tensor sphere_noise_cuda_op(const at::Tensor& seeds, int64_t length, int64_t stream) {
   const c10::cuda::CUDAGuard guard(seeds.device());
   const at::Tensor sd = seeds.contiguous();
+  check_grid_x(sd.size(0), "sphere_noise: seeds");
   at::Tensor out = at::empty({sd.size(0), length}, sd.options().dtype(at::kFloat));
+  if (out.numel() == 0) return out;  // a grid with no blocks is an invalid launch
   check_launch(sphere_noise_cuda(sd.data_ptr<int64_t>(), out.data_ptr<float>(), sd.size(0), length, stream * length,
                                  c10::cuda::getCurrentCUDAStream().stream()),
                "sphere_noise");
   return out;
 }
 #endif
+
+std::tuple<at::Tensor, at::Tensor> spherify_fwd_op(const at::Tensor& z, const OptT& scales, const OptT& noise,
+                                                   const OptT& seeds, int64_t stream) {
+  check_inputs(z, scales, noise, seeds);
+#ifdef SPHERE_FAST_WITH_CUDA
+  if (z.is_cuda()) return spherify_fwd_cuda_op(z, scales, noise, seeds, stream);
+#endif
+  return spherify_fwd_cpu(z, scales, noise, seeds, stream);
+}
+
+std::tuple<at::Tensor, at::Tensor> spherify_bwd_op(const at::Tensor& grad, const at::Tensor& z, const OptT& scales,
+                                                   const OptT& noise, const OptT& seeds, const at::Tensor& stats,
+                                                   int64_t stream) {
+  check_bwd_inputs(grad, z, check_inputs(z, scales, noise, seeds), stats);
+#ifdef SPHERE_FAST_WITH_CUDA
+  if (z.is_cuda()) return spherify_bwd_cuda_op(grad, z, scales, noise, seeds, stats, stream);
+#endif
+  return spherify_bwd_cpu(grad, z, scales, noise, seeds, stats, stream);
+}
+
+at::Tensor sphere_noise_op(const at::Tensor& seeds, int64_t length, int64_t stream) {
+  TORCH_CHECK(seeds.scalar_type() == at::kLong && seeds.dim() == 1, "seeds must be an int64 [B] tensor, got ",
+              seeds.scalar_type(), " of shape ", seeds.sizes());
+  TORCH_CHECK(length >= 0, "length must be >= 0, got ", length);
+#ifdef SPHERE_FAST_WITH_CUDA
+  if (seeds.is_cuda()) return sphere_noise_cuda_op(seeds, length, stream);
+#endif
+  return sphere_noise_cpu(seeds, length, stream);
+}
 
 }  // namespace
 }  // namespace sphere_fast
@@ -117,16 +190,16 @@ TORCH_LIBRARY(sphere_fast_cpp, m) {
 }
 
 TORCH_LIBRARY_IMPL(sphere_fast_cpp, CPU, m) {
-  m.impl("spherify_fwd", &sphere_fast::spherify_fwd_cpu);
-  m.impl("spherify_bwd", &sphere_fast::spherify_bwd_cpu);
-  m.impl("sphere_noise", &sphere_fast::sphere_noise_cpu);
+  m.impl("spherify_fwd", &sphere_fast::spherify_fwd_op);
+  m.impl("spherify_bwd", &sphere_fast::spherify_bwd_op);
+  m.impl("sphere_noise", &sphere_fast::sphere_noise_op);
 }
 
 #ifdef SPHERE_FAST_WITH_CUDA
 TORCH_LIBRARY_IMPL(sphere_fast_cpp, CUDA, m) {
-  m.impl("spherify_fwd", &sphere_fast::spherify_fwd_cuda_op);
-  m.impl("spherify_bwd", &sphere_fast::spherify_bwd_cuda_op);
-  m.impl("sphere_noise", &sphere_fast::sphere_noise_cuda_op);
+  m.impl("spherify_fwd", &sphere_fast::spherify_fwd_op);
+  m.impl("spherify_bwd", &sphere_fast::spherify_bwd_op);
+  m.impl("sphere_noise", &sphere_fast::sphere_noise_op);
 }
 #endif
 

@@ -103,8 +103,8 @@ void bwd_impl(const Rows& r, const T* g, const T* z, const float* noise, const i
     sample_sums(r, partial.data(), b, s);
     const float szz = stats[b * 3], sze = stats[b * 3 + 1], see = stats[b * 3 + 2];
     const float a = spherify_a(szz, length);
-    BwdTerms terms[2];
-    float sc[2] = {0.0f, 0.0f};
+    BwdTerms terms[kMaxPairs];
+    float sc[kMaxPairs] = {0.0f, 0.0f};
     for (int64_t p = 0; p < r.pairs; ++p) {
       sc[p] = r.mode == kNoiseNone ? 0.0f : scales[p * r.batch + b];
       terms[p] = bwd_terms(a, szz, sze, see, sc[p], s[2 * p], s[2 * p + 1], length);

@@ -14,6 +14,9 @@ constexpr float kSpherifyEps = 1e-6f;
 
 enum NoiseMode : int { kNoiseNone = 0, kNoiseTensor = 1, kNoisePhilox = 2 };
 
+// Outputs P one op makes from a z: one, or a noise pair (two scales). Per-output values live in arrays this long.
+constexpr int kMaxPairs = 2;
+
 SF_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
 #if defined(__CUDA_ARCH__)
   return __umulhi(a, b);
@@ -97,7 +100,7 @@ SF_HD BwdTerms bwd_terms(float a, float szz, float sze, float see, float s, floa
 
 // dz = sum_p cg_p * g_p + cz * z + ce * e, from the terms of P outputs (dz = a*dv - (a^3/L)(z.dv) z).
 struct BwdCoeffs {
-  float cg[2];
+  float cg[kMaxPairs];
   float cz, ce;
 };
 

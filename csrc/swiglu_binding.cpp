@@ -6,6 +6,8 @@
 #ifdef SPHERE_FAST_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+
+#include "sf_cuda_launch.h"
 #endif
 
 #include "swiglu_math.h"
@@ -26,6 +28,9 @@ DType dtype_tag(const at::Tensor& t) {
 SwigluParams params(const at::Tensor& h) {
   TORCH_CHECK(h.dim() == 2 && h.size(1) % 2 == 0 && h.stride(1) == 1,
               "h must be [M, 2H] with a unit last stride, got ", h.sizes());
+#ifdef SPHERE_FAST_WITH_CUDA
+  if (h.is_cuda()) check_grid_x(h.size(0), "swiglu: rows of h");
+#endif
   SwigluParams p{};
   p.h = h.data_ptr();
   p.M = h.size(0), p.H = h.size(1) / 2, p.stride_h = h.stride(0);
@@ -40,7 +45,7 @@ at::Tensor swiglu_fwd(const at::Tensor& h) {
 #ifdef SPHERE_FAST_WITH_CUDA
   if (h.is_cuda()) {
     c10::cuda::CUDAGuard guard(h.device());
-    swiglu_fwd_cuda(p, dtype_tag(h), at::cuda::getCurrentCUDAStream().stream());
+    check_launch(swiglu_fwd_cuda(p, dtype_tag(h), at::cuda::getCurrentCUDAStream().stream()), "swiglu forward");
     return out;
   }
 #endif
@@ -60,7 +65,7 @@ at::Tensor swiglu_bwd(const at::Tensor& dout, const at::Tensor& h) {
 #ifdef SPHERE_FAST_WITH_CUDA
   if (h.is_cuda()) {
     c10::cuda::CUDAGuard guard(h.device());
-    swiglu_bwd_cuda(p, dtype_tag(h), at::cuda::getCurrentCUDAStream().stream());
+    check_launch(swiglu_bwd_cuda(p, dtype_tag(h), at::cuda::getCurrentCUDAStream().stream()), "swiglu backward");
     return dh;
   }
 #endif

@@ -90,6 +90,7 @@ bool vectorizable(const SwigluParams& p) {
 
 dim3 grid_for(const SwigluParams& p, int64_t columns_per_thread) {
   const int64_t per_block = kThreads * columns_per_thread;
+  // rows on x: the binding has checked that they fit
   return dim3(static_cast<unsigned>(p.M), static_cast<unsigned>((p.H + per_block - 1) / per_block));
 }
 
@@ -107,22 +108,24 @@ void bwd_launch(const SwigluParams& p, cudaStream_t st) {
 
 }  // namespace
 
-void swiglu_fwd_cuda(const SwigluParams& p, DType dt, void* stream) {
+int swiglu_fwd_cuda(const SwigluParams& p, DType dt, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
   switch (dt) {
-    case DType::kFloat32: return fwd_launch<float>(p, st);
-    case DType::kFloat16: return fwd_launch<__half>(p, st);
-    case DType::kBFloat16: return fwd_launch<__nv_bfloat16>(p, st);
+    case DType::kFloat32: fwd_launch<float>(p, st); break;
+    case DType::kFloat16: fwd_launch<__half>(p, st); break;
+    case DType::kBFloat16: fwd_launch<__nv_bfloat16>(p, st); break;
   }
+  return static_cast<int>(cudaGetLastError());
 }
 
-void swiglu_bwd_cuda(const SwigluParams& p, DType dt, void* stream) {
+int swiglu_bwd_cuda(const SwigluParams& p, DType dt, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
   switch (dt) {
-    case DType::kFloat32: return bwd_launch<float>(p, st);
-    case DType::kFloat16: return bwd_launch<__half>(p, st);
-    case DType::kBFloat16: return bwd_launch<__nv_bfloat16>(p, st);
+    case DType::kFloat32: bwd_launch<float>(p, st); break;
+    case DType::kFloat16: bwd_launch<__half>(p, st); break;
+    case DType::kBFloat16: bwd_launch<__nv_bfloat16>(p, st); break;
   }
+  return static_cast<int>(cudaGetLastError());
 }
 
 }  // namespace sphere_fast

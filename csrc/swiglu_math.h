@@ -35,9 +35,10 @@ struct SwigluParams {
   int64_t M, H, stride_h;
 };
 
+// The CUDA entry points return the launch's cudaError_t as int (0 = success).
 void swiglu_fwd_cpu(const SwigluParams& p, DType dt);
 void swiglu_bwd_cpu(const SwigluParams& p, DType dt);
-void swiglu_fwd_cuda(const SwigluParams& p, DType dt, void* stream);
-void swiglu_bwd_cuda(const SwigluParams& p, DType dt, void* stream);
+int swiglu_fwd_cuda(const SwigluParams& p, DType dt, void* stream);
+int swiglu_bwd_cuda(const SwigluParams& p, DType dt, void* stream);
 
 }  // namespace sphere_fast

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import functools
 import importlib
+import re
 
 import pytest
 import torch
 
-from sphere_fast import available_backends
+from sphere_fast import _extension, available_backends
 from sphere_fast.ops import _tuning
 from tests.helpers import (
     FUSED, TOL, assert_rounded_to_nearest, close, last_is_fastest, record_launches, stored_residual_reference,
@@ -23,6 +24,7 @@ from tests.helpers import (
 adaln = importlib.import_module("sphere_fast.ops.adaln")
 
 WIDTHS = [64, 96, 512, 768, 1024, 1152, 97]
+needs_cpp = pytest.mark.skipif("cpp" not in available_backends("cpu"), reason="cpp unavailable")
 
 
 def make_inputs(B: int, S: int, D: int, *, tokens: bool, dtype=torch.float32, seed: int = 0, gated: bool = True):
@@ -285,6 +287,79 @@ def test_backward_splits_a_sample_over_programs() -> None:
     """The column reduction never runs on one program per sample: long samples get several chunks."""
     chunks, rows = adaln._chunking(1, 1024, 4, torch.device("cpu"))
     assert chunks > 1 and chunks * rows >= 1024
+
+
+@needs_cpp
+def test_cpp_backward_bits_do_not_depend_on_the_thread_count() -> None:
+    """The C++ CPU backward splits its partial sums by a constant, not by the thread count, so the grads have the
+    same bits whatever torch.set_num_threads says (1 and 2 threads split one sample differently before)."""
+    x, _, _, w, sh, sc = make_inputs(1, 64, 96, tokens=False, gated=False)
+    dy = torch.randn(1, 64, 96, generator=torch.Generator().manual_seed(1))
+    threads = torch.get_num_threads()
+    grads = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            grads.append(run_modulate(lambda *t: adaln.adaln_modulate(*t, backend="cpp"), [x, w, sh, sc], dy)[1])
+    finally:
+        torch.set_num_threads(threads)
+    for name, one, two in zip(("x", "weight", "shift", "scale"), *grads, strict=True):
+        assert torch.equal(one, two), name
+
+
+@needs_cpp
+def test_cpp_takes_a_size_1_last_dim_of_any_stride() -> None:
+    """(2, 3, 1) with strides (3, 1, 3) is contiguous as torch counts it (a size-1 dim's stride is never used), so
+    the op gets it uncopied."""
+    x, branch = (torch.randn(2, 1, 3, generator=torch.Generator().manual_seed(i)).transpose(1, 2) for i in (0, 1))
+    assert x.is_contiguous() and x.stride(-1) == 3
+    torch.testing.assert_close(adaln.adaln_modulate(x, backend="cpp"), adaln.adaln_modulate_reference(x))
+    res, y = adaln.gated_residual_adaln(x, branch, None, None, None, None, backend="cpp")
+    res0, y0 = adaln.gated_residual_adaln_reference(x, branch, None, None, None, None)
+    torch.testing.assert_close(res, res0)
+    torch.testing.assert_close(y, y0)
+
+
+@needs_cpp
+def test_cpp_ops_check_their_arguments() -> None:
+    """The registered C++ ops called directly (no Python checks in front) raise instead of reading an input of
+    another dtype or shape as if it were res's."""
+    op = adaln._cpp_ext()
+    x, w = torch.randn(2, 3, 8, dtype=torch.bfloat16), torch.ones(8, dtype=torch.bfloat16)
+    _, _, rstd = op.fwd(x, None, None, w, None, None, 1e-6)
+    dy = torch.randn(2, 3, 8, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="dy must have res's dtype BFloat16, got Float"):
+        op.bwd(dy.float(), None, x, None, None, w, None, None, rstd)
+    with pytest.raises(RuntimeError, match=r"dy must be a contiguous tensor of res's shape \[2, 3, 8\], got \[1, 1,"):
+        op.bwd(dy[:1, :1], None, x, None, None, w, None, None, rstd)
+    with pytest.raises(RuntimeError, match=r"dres must be a contiguous tensor of res's shape"):
+        op.bwd(dy, dy[:, :2], x, None, None, w, None, None, rstd)
+    for bad_rstd in (rstd.double(), rstd[:1]):
+        with pytest.raises(RuntimeError, match=r"rstd must be a contiguous float32 \[B, S\] = \[2, 3\]"):
+            op.bwd(dy, None, x, None, None, w, None, None, bad_rstd)
+    with pytest.raises(RuntimeError, match=r"weight must have shape \[8\], got \[1, 8\]"):
+        op.fwd(x, None, None, w[None], None, None, 1e-6)
+    with pytest.raises(RuntimeError, match=r"weight must have shape \[8\], got \[1, 8\]"):
+        op.bwd(dy, None, x, None, None, w[None], None, None, rstd)
+    with pytest.raises(RuntimeError, match=r"shift must have shape \[2, 1, 8\] or \[2, 3, 8\], got \[1, 1,"):
+        op.fwd(x, None, None, w, x[:1, :1], None, 1e-6)
+
+
+@needs_cpp
+@pytest.mark.parametrize("B", [2, 0], ids=["rows", "no-rows"])
+def test_cpp_backward_op_outputs_do_not_alias(B: int) -> None:
+    """Every absent input gets an empty gradient of its own: the op's schema promises outputs that alias nothing."""
+    op = adaln._cpp_ext()
+    x, w = torch.randn(B, 3, 8), torch.randn(8)
+    _, _, rstd = op.fwd(x, None, None, w, None, None, 1e-6)
+    torch.library.opcheck(op.bwd.default, (torch.randn(B, 3, 8), None, x, None, None, w, None, None, rstd),
+                          test_utils=("test_schema",))
+
+
+def test_cpp_cuda_width_limit_is_the_kernels() -> None:
+    """The Python limit that refuses wide rows up front (ValueError, tests/test_cuda.py) is the C++ one."""
+    header = (_extension.csrc_dir() / "adaln_math.h").read_text()
+    assert int(re.search(r"kAdalnCudaMaxWidth = (\d+);", header)[1]) == adaln.CPP_CUDA_MAX_WIDTH
 
 
 @pytest.mark.parametrize("backend", FUSED)

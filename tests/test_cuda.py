@@ -143,6 +143,14 @@ def test_sphere_noise_kernels_follow_the_convention(backend: str) -> None:
         torch.testing.assert_close(got.cpu(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", KERNELS)
+def test_sphere_noise_for_no_samples(backend: str) -> None:
+    """Zero seeds: an empty draw, not a launch of a grid with no blocks (an invalid configuration)."""
+    require_backend(backend)
+    out = ops.sphere_noise(torch.empty(0, dtype=torch.int64, device=DEVICE), (4, 4), backend=backend)
+    assert out.shape == (0, 4, 4) and out.device.type == "cuda"
+
+
 # the C++ forward's 16-byte vectors at the model's widths (4096: two or four a thread), one column at D = 97
 ADALN_SHAPES = [(4, 256, 1024), (2, 255, 1152), (2, 3, 4096), (3, 7, 97)]
 
@@ -220,6 +228,18 @@ def test_adaln_takes_more_samples_than_a_grid_axis_holds() -> None:
         require_backend(backend)
         check_against_reference("gated_residual_adaln", lambda *t: ops.gated_residual_adaln(*t, backend=backend),
                                 ops.gated_residual_adaln_reference, inputs, torch.float32)
+
+
+def test_cpp_refuses_what_its_cuda_kernels_cannot_launch() -> None:
+    """Refused before any work: AdaLN rows wider than the CUDA kernels take (ValueError up front), and 2**31 rows,
+    one more than grid axis x holds (stride-0 views: nothing that size is allocated)."""
+    require_backend("cpp")
+    with pytest.raises(ValueError, match="at most 4096 for the cpp backend on CUDA, got 4097"):
+        ops.adaln_modulate(randn(1, 2, 4097), backend="cpp")
+    with pytest.raises(RuntimeError, match="grid axis x"):
+        ops.adaln_modulate(randn(1, 1, 8).expand(2**31, 1, 8), backend="cpp")
+    with pytest.raises(RuntimeError, match="grid axis x"):
+        ops.swiglu(randn(1, 16).expand(2**31, 16), backend="cpp")
 
 
 @pytest.mark.parametrize("tokens", [False, True], ids=["per-sample", "per-token"])

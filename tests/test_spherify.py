@@ -370,6 +370,41 @@ def test_sphere_noise_bad_input(backend):
         S.sphere_noise(seeds[None], (4,), backend=backend)
 
 
+def _bad_op_calls():
+    """(op, arguments, message) of calls that the registered C++ ops refuse; without the checks they divided by a
+    batch of 0, overran the kernels' per-output arrays with P = 3, or read noise past its end."""
+    z = _z(2, 16)
+    noise, seeds, stats, one = torch.randn(z.shape), _seeds(2), torch.ones(2, 3), torch.full((1, 2), 0.5)
+    three = torch.full((3, 2), 0.5)
+    return {
+        "empty-z": ("spherify_fwd", (torch.empty(0, 4), None, None, None, 0), r"z must be a non-empty \[B, \.\.\.\]"),
+        "three-scales": ("spherify_fwd", (z, three, noise, None, 0), r"scales must be \[P, B\] with P = 1 or 2"),
+        "no-scales": ("spherify_fwd", (z, one[:0], noise, None, 0), r"scales must be \[P, B\]"),
+        "scales-of-another-batch": ("spherify_fwd", (z, torch.full((1, 3), 0.5), noise, None, 0), "B = 2, got"),
+        "scales-without-noise": ("spherify_fwd", (z, one, None, None, 0), "scales need noise or seeds"),
+        "noise-of-another-shape": ("spherify_fwd", (z, one, noise[:1], None, 0), "noise must have z's shape"),
+        "int32-seeds": ("spherify_fwd", (z, one, None, seeds.int(), 0), r"seeds must be an int64 \[B\] = \[2\]"),
+        "seeds-of-another-batch": ("spherify_fwd", (z, one, None, seeds[:1], 0), r"seeds must be an int64 \[B\]"),
+        "bwd-three-scales": ("spherify_bwd", (torch.randn(3, *z.shape), z, three, noise, None, stats, 0),
+                             r"scales must be \[P, B\]"),
+        "bwd-grad-of-another-shape": ("spherify_bwd", (torch.randn(2, *z.shape), z, one, noise, None, stats, 0),
+                                      r"grad must be \[P, \*z.shape\] = \[1, 2, 4, 4\]"),
+        "bwd-stats-of-another-shape": ("spherify_bwd", (torch.randn(1, *z.shape), z, one, noise, None, stats[:, :2], 0),
+                                       r"stats must be \[B, 3\]"),
+        "noise-seeds-of-two-dims": ("sphere_noise", (seeds[None], 4, 0), r"seeds must be an int64 \[B\] tensor"),
+    }
+
+
+@pytest.mark.parametrize("case", _bad_op_calls())
+def test_cpp_ops_check_their_arguments(case):
+    """The registered C++ ops called directly (no Python checks in front) raise a RuntimeError naming the
+    argument, instead of crashing the process or writing past an array."""
+    op, args, match = _bad_op_calls()[case]
+    S._cpp()
+    with pytest.raises(RuntimeError, match=match):
+        getattr(torch.ops.sphere_fast_cpp, op)(*args)
+
+
 def test_fp64_rejected_by_kernels():
     with pytest.raises(TypeError, match="z"):
         S.spherify(torch.ones(2, 8, dtype=torch.float64), backend="cpp")

@@ -89,6 +89,15 @@ def test_unaligned_rows_run_flat_with_the_tiled_bits(dtype: torch.dtype, int64: 
 
 
 @pytest.mark.parametrize("backend", FUSED)
+def test_no_rows(backend: str) -> None:
+    """Zero rows: empty outputs and gradients in h's shape, as eager gives."""
+    h = randn(0, 3, 8)
+    out, dh = fwd_bwd(lambda t: sw.swiglu(t, backend=backend), h, torch.randn(0, 3, 4))
+    out0, dh0 = fwd_bwd(sw.swiglu_reference, h, torch.randn(0, 3, 4))
+    assert out.shape == out0.shape and dh.shape == dh0.shape == h.shape
+
+
+@pytest.mark.parametrize("backend", FUSED)
 def test_non_contiguous(backend: str) -> None:
     base = randn(2, 5, 2 * 170 + 6)
     row_strided = base[..., : 2 * 170]  # unit last stride, padded rows: read in place

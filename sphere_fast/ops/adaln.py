@@ -320,6 +320,11 @@ def _cpp_ext():
     return torch.ops.sphere_fast_adaln
 
 
+# The widest row the C++ backend's CUDA kernels take (csrc/adaln_math.h kAdalnCudaMaxWidth); its CPU kernels and
+# the Triton ones take any width.
+CPP_CUDA_MAX_WIDTH = 4096
+
+
 def _forward(
     backend: str, x: Tensor, branch: Tensor | None, gate: Tensor | None, weight: Tensor | None,
     shift: Tensor | None, scale: Tensor | None, eps: float,
@@ -327,6 +332,9 @@ def _forward(
     if backend == "triton":
         return _triton_fwd(x, branch, gate, weight, shift, scale, eps)
     if backend == "cpp":
+        if x.is_cuda and x.shape[-1] > CPP_CUDA_MAX_WIDTH:
+            raise ValueError(f"x's last dim D must be at most {CPP_CUDA_MAX_WIDTH} for the cpp backend on CUDA, got "
+                             f"{x.shape[-1]}; the triton backend takes any D")
         x, branch, gate, shift, scale = (_rows(t) for t in (x, branch, gate, shift, scale))
         return _cpp_ext().fwd(x, branch, gate, weight, shift, scale, eps)  # res is empty without a branch
     raise ValueError(f"no fused adaln kernels for backend {backend!r}")
@@ -339,10 +347,7 @@ def _backward(backend: str, *args: Tensor | None) -> tuple[Tensor | None, ...]:
         dy, dres, res, branch, gate, weight, shift, scale, rstd = args
         dy, dres, res = (None if t is None else t.contiguous() for t in (dy, dres, res))
         branch, gate, shift, scale = (_rows(t) for t in (branch, gate, shift, scale))
-        out = _cpp_ext().bwd(dy, dres, res, branch, gate, weight, shift, scale, rstd)
-        # the extension returns one shared empty tensor for every absent input: outputs must not alias
-        present = (True, branch is not None, gate is not None, weight is not None, shift is not None, scale is not None)
-        return tuple(g if p else None for g, p in zip(out, present))
+        return _cpp_ext().bwd(dy, dres, res, branch, gate, weight, shift, scale, rstd)  # empty where absent
     raise ValueError(f"no fused adaln kernels for backend {backend!r}")
 
 

@@ -124,7 +124,8 @@ def _swiglu_bwd(dout: Tensor, h: Tensor, backend: str) -> Tensor:
         return _triton_bwd(dout, h)
     if backend == "cpp":
         h2 = _as_rows(h)
-        return _cpp_ext().bwd(dout.reshape(h2.shape[0], -1).contiguous(), h2).view(h.shape)
+        M, H = h2.shape[0], h2.shape[1] // 2  # not reshape(M, -1): -1 is ambiguous when M = 0
+        return _cpp_ext().bwd(dout.reshape(M, H).contiguous(), h2).view(h.shape)
     raise ValueError(f"no fused swiglu kernels for backend {backend!r}")
 
 
