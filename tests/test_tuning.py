@@ -174,6 +174,40 @@ def test_a_stored_choice_is_keyed_on_the_code_and_the_gpu_model(monkeypatch: pyt
     assert timer.timed == ["a", "b"] * 3, "other kernels are tuned again"
 
 
+def test_a_stored_choice_comes_back_as_its_candidate(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """The store keeps a config's values only (JSON): a later process gets the candidate itself back, a NamedTuple
+    whose type and fields the launchers read (not a plain tuple that merely equals it), and launches it."""
+    monkeypatch.setenv("SPHERE_FAST_TUNING_CACHE", str(tmp_path))
+    tma = attn.TmaConfig(32, 32, 4, 1, False)
+    candidates = [(32, 32, 4, 1), tma]
+    assert pick_config("fwd", candidates, lambda c: c, timer=FakeTimer({candidates[0]: 2.0, tma: 1.0})) == tma
+    _tuning.forget_tuned_configs()  # a later process
+    assert type(pick_config("fwd", candidates, lambda c: c, timer=FakeTimer({}))) is attn.TmaConfig
+
+    swl = importlib.import_module("sphere_fast.ops.swiglu_linear")
+    monkeypatch.setattr(swl, "_candidates", lambda: (swl.GemmConfig(16, 16, 16, 4, 1, False),
+                                                     swl.GemmConfig(32, 32, 16, 4, 1, False)))
+    last_is_fastest(monkeypatch)
+    g = torch.Generator().manual_seed(0)
+    x, weight = (torch.randn(40, 48, generator=g).to(DEVICE, torch.bfloat16) for _ in range(2))
+    with torch.no_grad():
+        expected = swl.swiglu_linear(x, weight, backend="triton")
+        _tuning.forget_tuned_configs()
+        assert torch.equal(swl.swiglu_linear(x, weight, backend="triton"), expected)
+    assert [type(config) for config in _tuning._chosen.values()] == [swl.GemmConfig]
+
+
+def test_a_remembered_choice_that_is_not_a_candidate_is_tuned_again() -> None:
+    """A caller may leave out candidates that do not apply to a call (attention's tensor-descriptor configs): the
+    key's remembered choice is then not launched; the key is tuned among this call's candidates."""
+    timer = FakeTimer({"a": 2.0, "b": 1.0, "c": 3.0})
+    assert pick_config("k", ["a", "b", "c"], lambda c: c, timer=timer) == "b"
+    assert pick_config("k", ["a", "c"], lambda c: c, timer=timer) == "a"
+    assert timer.timed == ["a", "b", "c", "a", "c"]
+    assert pick_config("k", ["a", "b", "c"], lambda c: c, timer=timer) == "a"  # still a candidate: no timing
+    assert len(timer.timed) == 5
+
+
 @pytest.mark.gpu
 def test_an_op_tuned_on_cuda_stores_its_choice(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     """On a GPU: the AdaLN forward (two candidates at D = 1024) stores what it timed, and a later process takes
@@ -525,6 +559,25 @@ def test_tensor_descriptor_forward_gives_the_pointer_kernels_bits(dtype: torch.d
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for name, a, r in (("output", actual[0], ref), ("dqkv", actual[1], ref_dqkv)):
         torch.testing.assert_close(a.double(), r, atol=tol, rtol=tol, msg=lambda m: f"{name} vs eager: {m}")
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU benchmarks/tune_attention.py gates these configs")
+def test_a_tensor_descriptor_choice_is_not_launched_where_it_does_not_apply(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The forward's tuning key holds no memory layout: a TmaConfig tuned on the model's qkv views does not apply
+    to contiguous [B, H, N, D] inputs of the same shape (its descriptors would misread them), which tune among
+    their pointer configs and give the default's bits."""
+    tma = attn.TmaConfig(32, 32, 4, 1, False)
+    _, q, k, v, _, _ = _inputs(1, 2, 64, 32, torch.float32)
+    contiguous = [t.detach().contiguous() for t in (q, k, v)]
+    with _only(_defaults(INTERPRETER_CANDIDATES)), torch.no_grad():
+        expected = attn.attention(*contiguous, impl="triton")
+    last_is_fastest(monkeypatch)
+    with _only({**INTERPRETER_CANDIDATES, "fwd": (*INTERPRETER_CANDIDATES["fwd"], tma)}), torch.no_grad():
+        attn.attention(q, k, v, impl="triton")
+        assert list(_tuning._chosen.values()) == [tma]
+        actual = attn.attention(*contiguous, impl="triton")
+        assert list(_tuning._chosen.values()) == [INTERPRETER_CANDIDATES["fwd"][-1]]
+    assert torch.equal(actual, expected)
 
 
 def test_tensor_descriptor_configs_run_only_where_they_apply() -> None:

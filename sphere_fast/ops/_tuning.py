@@ -99,7 +99,8 @@ def _as_tuples(value: Any) -> Any:
 
 
 def _stored_choice(key: Hashable, candidates: Sequence[C]) -> C | None:
-    """The choice an earlier process wrote for ``key``, if it is still one of the candidates."""
+    """The candidate an earlier process wrote for ``key`` (the candidate itself: JSON keeps only its values), if it
+    is still one of them."""
     try:
         path = _stored_choice_path(key)
         if path is None or not path.exists():
@@ -108,7 +109,8 @@ def _stored_choice(key: Hashable, candidates: Sequence[C]) -> C | None:
     except Exception as exc:  # unreadable or written by another version: tune again
         logger.info("sphere_fast: %s: no stored launch config read (%r)", key, exc)
         return None
-    return config if config in candidates else None
+    # the launchers read a NamedTuple's fields and type, which a tuple of its values equals but lacks
+    return next((candidate for candidate in candidates if candidate == config), None)
 
 
 def _store_choice(key: Hashable, config: Hashable) -> None:
@@ -199,7 +201,10 @@ def pick_config(
     """The config to launch with for ``key``: the fastest of ``candidates`` that computes the same bits.
 
     ``launch(config)`` runs the kernel on the call's own tensors and writes only ``outputs``. On the first call
-    with a new key each candidate is timed (``timer``, default time_launch_ms) and the choice is remembered.
+    with a new key each candidate is timed (``timer``, default time_launch_ms) and the choice is remembered. A
+    remembered choice that is not among this call's candidates (attention's forward leaves out the configs that do
+    not apply to a call's memory layout, which its key does not hold) is not launched: the key is tuned again
+    among them, and their choice replaces it.
     The first candidate that runs sets the expected result: a later one whose ``outputs`` differ in any bit is
     dropped with a warning (the choice may change the speed, never the result; this holds a copy of the
     outputs while tuning, and a call whose outputs are not all finite decides nothing). A candidate that does
@@ -214,7 +219,7 @@ def pick_config(
     if len(candidates) == 1 or not autotune_enabled():
         return candidates[0]
     chosen = _chosen.get(key)
-    if chosen is not None:
+    if chosen is not None and chosen in candidates:
         return chosen  # type: ignore[return-value]
     if compiling_only() and not first_in_pass(key):
         return candidates[0]  # its candidates were compiled at the key's first launch in this pass
