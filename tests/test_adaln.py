@@ -266,6 +266,9 @@ def test_bad_inputs_raise(backend: str) -> None:
         adaln.adaln_modulate(x, w, sh, sc, eps=0.0, backend=backend)
     with pytest.raises(ValueError, match="non-empty last dim"):
         adaln.adaln_modulate(x[:, :, :0], backend=backend)
+    for shape in ((4, 0), (2, 3, 4, 0)):  # a plain RMSNorm of any rank
+        with pytest.raises(ValueError, match="non-empty last dim"):
+            adaln.adaln_modulate(x.new_ones(shape), backend=backend)
     with pytest.raises(ValueError, match="branch"):
         gated(x, br[:, :2], gate, w, sh, sc, backend=backend)
     with pytest.raises(TypeError, match="gate"):
@@ -281,6 +284,30 @@ def test_bad_inputs_raise(backend: str) -> None:
         adaln.adaln_modulate(x, w, sh, sc, eps=True, backend=backend)
     with pytest.raises(ValueError, match=r"x must have shape \[B, S, D\], got shape \(\)"):
         adaln.adaln_modulate(torch.tensor(1.0), backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["eager"] + FUSED)
+@pytest.mark.parametrize("gated", [False, True], ids=["modulate", "gated"])
+def test_a_gradient_of_a_gradient_is_eager_only(backend: str, gated: bool) -> None:
+    """A gradient penalty (a loss on x's gradient, taken with create_graph=True): eager differentiates it; the
+    fused backward kernels have no gradient of their own, so the fused backends raise rather than silently leave
+    out their second-order terms."""
+    inputs = [t.requires_grad_() for t in make_inputs(2, 3, 8, tokens=False, gated=gated) if t is not None]
+    if gated:
+        outs = adaln.gated_residual_adaln(*inputs, backend=backend)
+    else:
+        outs = (adaln.adaln_modulate(*inputs, backend=backend),)
+
+    def penalty_backward() -> None:
+        (dx,) = torch.autograd.grad(sum(t.square().sum() for t in outs), inputs[0], create_graph=True)
+        dx.square().sum().backward()
+
+    if backend != "eager":
+        with pytest.raises(RuntimeError, match="no second-order gradient"):
+            penalty_backward()
+        return
+    penalty_backward()
+    assert inputs[0].grad.abs().max() > 0
 
 
 def test_backward_splits_a_sample_over_programs() -> None:

@@ -343,6 +343,17 @@ def test_gradients_for_k_and_v_alone(impl: str) -> None:
         assert_fp32_close(a, b, name)
 
 
+@pytest.mark.parametrize("impl", TRITON_IMPLS)
+def test_a_gradient_of_a_gradient_is_refused(impl: str) -> None:
+    """A gradient penalty (a loss on the projection's gradient, taken with create_graph=True): the triton backward
+    has no gradient of its own, so it raises rather than silently leave out its second-order terms."""
+    qkv = qkv_leaf(1, 1, 16, 32, torch.float32)
+    out = attention(*split_qkv(qkv, 1, 32), official_rope(16, 32), impl=impl)
+    with pytest.raises(RuntimeError, match="no second-order gradient"):
+        (dqkv,) = torch.autograd.grad(out.square().sum(), qkv, create_graph=True)
+        dqkv.square().sum().backward()
+
+
 def test_a_head_dim_takes_the_candidates_of_its_padded_width() -> None:
     """Tiles are chosen for the width a kernel runs at, as their registers and shared memory are: D = 72 and 96
     run as two 64-wide chunks (128), D = 48 as two 32-wide ones (64)."""

@@ -146,6 +146,33 @@ def test_grad_for_k_only_and_a_strided_table() -> None:
     close(dk, dk_ref, TOL[torch.float32], "dk")
 
 
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_a_gradient_of_a_gradient_is_eager_only(backend: str) -> None:
+    """A gradient penalty (a loss on the projection's gradient, taken with create_graph=True): eager differentiates
+    it; the triton backward has no gradient of its own, so it raises rather than silently leave out its
+    second-order terms."""
+    qkv, q, k = qk_views(1, 2, 8, 16, torch.float32)
+    q_rot, k_rot = apply_rope(q, k, table(8, 16), backend=backend)
+
+    def penalty_backward() -> None:
+        (dqkv,) = torch.autograd.grad(q_rot.square().sum() + k_rot.pow(3).sum(), qkv, create_graph=True)
+        dqkv.square().sum().backward()
+
+    if backend != "eager":
+        with pytest.raises(RuntimeError, match="no second-order gradient"):
+            penalty_backward()
+        return
+    penalty_backward()
+    assert qkv.grad.abs().max() > 0
+
+
+def test_the_reference_table_needs_a_head_dim_divisible_by_4() -> None:
+    """Rows and columns each take half the head dim, in pairs: another width would give a table of the wrong
+    width ([n, 40] for d = 18), not [n, 2d]."""
+    with pytest.raises(ValueError, match="divisible by 4"):
+        table(4, 18)
+
+
 def test_empty_batch() -> None:
     q = torch.zeros(0, 2, 8, 32, device=DEVICE)
     q_rot, k_rot = apply_rope(q, q, table(8, 32), backend="triton")

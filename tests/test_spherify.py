@@ -281,6 +281,44 @@ def test_zero_scale_is_exactly_spherify(backend):
     assert torch.equal(mixed[1], plain[1])
 
 
+@pytest.mark.parametrize("backend", KERNELS + ["eager"])
+def test_a_noise_that_requires_grad(backend):
+    """eager differentiates through an explicit noise; the kernels give it no gradient, so they refuse it (as
+    apply_rope refuses a table that requires grad) unless grad mode is off."""
+    z, weights = _z(2, 64), _z(2, 64, seed=1)
+    noise = (_z(2, 64, seed=2) / 3).requires_grad_()
+    if backend == "eager":
+        (S.spherify_noise(z, 0.5, noise=noise, backend=backend) * weights).sum().backward()
+        assert noise.grad.abs().max() > 0
+        return
+    for make in (lambda: S.spherify_noise(z, 0.5, noise=noise, backend=backend),
+                 lambda: S.spherify_noise_pair(z, 0.5, 0.2, noise=noise, backend=backend)):
+        with pytest.raises(ValueError, match="noise must not require grad"):
+            make()
+    with torch.no_grad():
+        _close(S.spherify_noise(z, 0.5, noise=noise, backend=backend), S.spherify_noise_reference(z, 0.5, noise))
+
+
+@pytest.mark.parametrize("backend", KERNELS + ["eager"])
+def test_a_gradient_of_a_gradient_is_eager_only(backend):
+    """A gradient penalty (a loss on z's gradient, taken with create_graph=True): eager differentiates it; the
+    fused backward kernels have no gradient of their own, so the fused backends raise rather than silently leave
+    out their second-order terms."""
+    z, weights = _z(2, 64).requires_grad_(), _z(2, 64, seed=1)
+    out = S.spherify_noise(z, 0.5, seeds=_seeds(2), backend=backend)
+
+    def penalty_backward():
+        (dz,) = torch.autograd.grad((out * weights).sum(), z, create_graph=True)
+        dz.square().sum().backward()
+
+    if backend != "eager":
+        with pytest.raises(RuntimeError, match="no second-order gradient"):
+            penalty_backward()
+        return
+    penalty_backward()
+    assert z.grad.abs().max() > 0
+
+
 @pytest.mark.parametrize("backend", KERNELS)
 def test_non_contiguous(backend):
     base = _z(3, 4096).reshape(3, 64, 64)
@@ -328,6 +366,7 @@ def test_use_backend_context():
         (dict(scale=torch.ones(3)), ValueError, "scale"),
         (dict(scale=torch.tensor([1.0, float("nan")])), ValueError, "scale"),
         (dict(scale=float("inf")), ValueError, "scale"),
+        (dict(scale=10**400), ValueError, "scale must be finite"),
         (dict(scale="1"), TypeError, "scale"),
         (dict(scale=torch.ones(2, device="meta")), ValueError, "scale must be on cpu"),
         (dict(scale=True), TypeError, "scale must be a float or a tensor of shape \\[B\\], got bool"),

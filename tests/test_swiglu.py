@@ -133,6 +133,26 @@ def test_bad_inputs_raise(backend: str) -> None:
         sw.swiglu([1.0, 2.0], backend=backend)
 
 
+@pytest.mark.parametrize("backend", ["eager"] + FUSED)
+def test_a_gradient_of_a_gradient_is_eager_only(backend: str) -> None:
+    """A gradient penalty (a loss on h's gradient, taken with create_graph=True): eager differentiates it; the fused
+    backward kernels have no gradient of their own, so the fused backends raise rather than silently leave out
+    their second-order terms."""
+    h = randn(3, 10).requires_grad_()
+    out = sw.swiglu(h, backend=backend)
+
+    def penalty_backward() -> None:
+        (dh,) = torch.autograd.grad(out.square().sum(), h, create_graph=True)
+        dh.square().sum().backward()
+
+    if backend != "eager":
+        with pytest.raises(RuntimeError, match="no second-order gradient"):
+            penalty_backward()
+        return
+    penalty_backward()
+    assert h.grad.abs().max() > 0
+
+
 @pytest.mark.parametrize("backend", FUSED)
 def test_opcheck(backend: str) -> None:
     """The ops' schema and fake kernels (they are not differentiable themselves: see ops/_library.py)."""

@@ -108,7 +108,7 @@ def test_inputs_off_a_16_byte_boundary_match_the_reference() -> None:
 
 def test_operands_on_two_devices_are_refused() -> None:
     x, weight, bias = operands((4, 16), 3, torch.bfloat16)
-    with pytest.raises(ValueError, match="share dtype and device"):
+    with pytest.raises(ValueError, match="share one device"):
         swiglu_linear(x, weight, bias.to("meta"))
 
 
@@ -174,7 +174,8 @@ def test_torch_compile_fullgraph(bias: bool) -> None:
         ((torch.ones(4, 8), torch.ones(0, 8)), {}, ValueError, "weight must be \\[2H, K\\]"),
         ((torch.ones(4, 6), torch.ones(4, 8)), {}, ValueError, "K = 8"),
         ((torch.ones(4, 8), torch.ones(4, 8), torch.ones(3)), {}, ValueError, "bias must be None or .* shape \\(4,\\)"),
-        ((torch.ones(4, 8), torch.ones(4, 8, dtype=torch.float64)), {}, ValueError, "share dtype and device"),
+        ((torch.ones(4, 8), torch.ones(4, 8, dtype=torch.float64)), {}, TypeError, "share one dtype"),
+        ((torch.ones(4, 8, dtype=torch.int64), torch.ones(4, 8, dtype=torch.int64)), {}, TypeError, "floating"),
         ((torch.ones(4, 8), torch.ones(4, 8)), {"out_width": 1}, ValueError, "out_width must be an int >= H = 2"),
         ((torch.ones(4, 8), torch.ones(2, 8)), {"out_width": True}, ValueError, "out_width must be an int >= H = 1"),
         (([1.0], torch.ones(4, 8)), {}, TypeError, "must be torch.Tensors"),

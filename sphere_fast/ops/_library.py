@@ -10,9 +10,13 @@ fake kernel gives the output shapes.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
+
+Backward = TypeVar("Backward", bound=Callable[..., object])
 
 LIBRARY = torch.library.Library("sphere_fast", "FRAGMENT")
 DEVICE_KEYS = ("CPU", "CUDA")  # CPU: the C++ kernels, and the Triton ones under TRITON_INTERPRET=1
@@ -37,3 +41,21 @@ def define_op(name: str, fake: Callable[..., object]) -> Callable[[Callable[...,
 def needs_grad(*tensors: torch.Tensor | None) -> bool:
     """Whether a call must be recorded for autograd: grad mode on and some input requiring grad."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def first_order_only(op: str) -> Callable[[Backward], Backward]:
+    """Decorator of an op's autograd.Function backward: the backward ops have no gradient of their own, so a
+    backward whose result is to be differentiated again (``create_graph=True``, which runs it in grad mode) raises,
+    where it would give gradients whose own gradient silently left out this op's second-order terms."""
+
+    def decorate(backward: Backward) -> Backward:
+        @functools.wraps(backward)
+        def checked(ctx, *grads):
+            if torch.is_grad_enabled():
+                raise RuntimeError(f"{op}: the fused backends have no second-order gradient (a backward with "
+                                   "create_graph=True); use backend='eager' to differentiate a gradient")
+            return backward(ctx, *grads)
+
+        return checked  # type: ignore[return-value]
+
+    return decorate

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from sphere_fast.backend import emulate_bf16, resolve_backend, triton_interpreting
-from sphere_fast.ops._library import define_op, needs_grad
+from sphere_fast.ops._library import define_op, first_order_only, needs_grad
 from sphere_fast.ops._tuning import launch_tuned
 from sphere_fast.ops._util import kernel_runner, next_pow2, on_input_device, unit_last_stride
 
@@ -410,6 +410,7 @@ class _ModulateFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @first_order_only("adaln_modulate")
     def backward(ctx, dy: Tensor):
         x, weight, shift, scale, rstd = ctx.saved_tensors
         dx, _, _, dw, dsh, dsc = _adaln_bwd(dy, None, x, None, None, weight, shift, scale, rstd, ctx.backend)
@@ -425,6 +426,7 @@ class _GatedFunction(torch.autograd.Function):
         return res, y
 
     @staticmethod
+    @first_order_only("gated_residual_adaln")
     def backward(ctx, dres: Tensor, dy: Tensor):
         res, branch, gate, weight, shift, scale, rstd = ctx.saved_tensors
         dx, db, dg, dw, dsh, dsc = _adaln_bwd(dy, dres, res, branch, gate, weight, shift, scale, rstd, ctx.backend)
@@ -448,8 +450,9 @@ def adaln_modulate(
     Without shift and scale (a plain RMSNorm) x may have any number of leading dims.
     """
     if isinstance(x, Tensor) and x.ndim not in (0, 3) and shift is None and scale is None:
-        # The kernels see [1, rows, D]; a view when x allows it.
-        return adaln_modulate(x.reshape(1, -1, x.shape[-1]), weight, None, None, eps, backend=backend).view(x.shape)
+        # The kernels see [1, rows, D]; a view when x allows it. rows explicit: with D = 0 reshape cannot infer a -1.
+        rows = x.shape[:-1].numel()
+        return adaln_modulate(x.reshape(1, rows, x.shape[-1]), weight, None, None, eps, backend=backend).view(x.shape)
     _check_inputs(x, None, None, weight, shift, scale, eps, gated=False)
     name = resolve_backend("adaln_modulate", x.device, backend, AUTO_ORDER)
     if name == "eager":

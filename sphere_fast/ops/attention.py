@@ -40,7 +40,7 @@ from sphere_fast.backend import (
     triton_interpreting,
     triton_usable,
 )
-from sphere_fast.ops._library import define_op, needs_grad
+from sphere_fast.ops._library import define_op, first_order_only, needs_grad
 from sphere_fast.ops._tuning import launch_tuned
 from sphere_fast.ops._util import bnhd_empty, kernel_runner, next_pow2, on_input_device, unit_last_stride
 from sphere_fast.ops.rope import check_rope_table, rope_pass, rope_reference
@@ -469,6 +469,7 @@ class _TritonAttentionFunction(torch.autograd.Function):
         return o
 
     @staticmethod
+    @first_order_only("attention")
     def backward(ctx, do: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
         q, k, v, o, lse, rope = ctx.saved_tensors
         return *attention_triton_bwd(do, q, k, v, o, lse, rope), None

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from sphere_fast.backend import emulate_bf16, resolve_backend, triton_interpreting
-from sphere_fast.ops._library import define_op, needs_grad
+from sphere_fast.ops._library import define_op, first_order_only, needs_grad
 from sphere_fast.ops._util import bnhd_empty, kernel_runner, next_pow2, on_input_device, unit_last_stride
 
 AUTO_ORDER = ("triton", "eager")
@@ -43,6 +43,8 @@ def rope_table_reference(n: int, d: int, device: torch.device | str) -> Tensor:
     """The official 2-D axial RoPE [n, 2d] (cos | sin) for n tokens on a ceil(sqrt(n))-wide grid, any n: half = d/2,
     freqs = 1/10000^(arange(0, half, 2)/half) repeated twice; rows fill the first half, columns the last.
     Built in float64 (tests and benchmarks compare against it), returned as float32."""
+    if d % 4:  # rows and columns each take d/2 columns of interleaved pairs
+        raise ValueError(f"rope_table_reference: d must be divisible by 4 for 2-D RoPE, got {d}")
     half = d // 2
     freqs = (1.0 / 10000 ** (torch.arange(0, half, 2, dtype=torch.float64) / half)).repeat_interleave(2)
     side = math.ceil(math.sqrt(n))
@@ -130,6 +132,7 @@ class _RopeFunction(torch.autograd.Function):
         return rope_fwd(q, k, rope)
 
     @staticmethod
+    @first_order_only("apply_rope")
     def backward(ctx, dq: Tensor, dk: Tensor) -> tuple[Tensor, Tensor, None]:
         # an output the loss does not use arrives as zeros (autograd materialises them: materialize_grads)
         (rope,) = ctx.saved_tensors

@@ -19,7 +19,7 @@ from types import ModuleType
 import torch
 
 from sphere_fast.backend import emulate_bf16, resolve_backend
-from sphere_fast.ops._library import define_op, needs_grad
+from sphere_fast.ops._library import define_op, first_order_only, needs_grad
 from sphere_fast.ops._util import kernel_runner, next_pow2, on_input_device
 from sphere_fast.ops.philox import check_seeds, check_stream, sample_shape, sphere_noise_reference
 
@@ -83,9 +83,13 @@ def _check_scale(name: str, scale: object, z: torch.Tensor) -> torch.Tensor | fl
     if isinstance(scale, bool) or not isinstance(scale, (int, float, torch.Tensor)):
         raise TypeError(f"{name} must be a float or a tensor of shape [B], got {type(scale).__name__}")
     if not isinstance(scale, torch.Tensor):
-        if not math.isfinite(scale):
+        try:
+            value = float(scale)
+        except OverflowError:
+            raise ValueError(f"{name} must be finite, got an int beyond float's range") from None
+        if not math.isfinite(value):
             raise ValueError(f"{name} must be finite, got {scale}")
-        return float(scale)
+        return value
     if not scale.is_floating_point():
         raise TypeError(f"{name} must be a floating tensor, got {scale.dtype}")
     if scale.shape not in ((), (z.shape[0],)):
@@ -295,6 +299,7 @@ class _SpherifyFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order_only("spherify")
     def backward(ctx, grad_out: torch.Tensor):
         z, scales, noise, seeds, stats = ctx.saved_tensors
         dz, dscales = _spherify_bwd(grad_out, z, scales, noise, seeds, stats, ctx.stream, ctx.backend)
@@ -361,6 +366,9 @@ def _noisy(
         # e in z's dtype, as the official randn_like(z): a float32 noise would make a bf16 result float32
         e = (noise if noise is not None else sphere_noise_reference(seeds, z.shape[1:], stream=stream)).to(z.dtype)
         return [spherify_noise_reference(z, s, e) for s in values]
+    if noise is not None and noise.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{op}: noise must not require grad on the fused backends (they give no gradient for it); "
+                         "use backend='eager' to differentiate the noise")
     return list(_spherify_op(z, _scales_tensor(z, *values), noise, seeds, stream, name).unbind(0))
 
 

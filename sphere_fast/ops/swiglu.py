@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sphere_fast.backend import emulate_bf16, resolve_backend
-from sphere_fast.ops._library import define_op, needs_grad
+from sphere_fast.ops._library import define_op, first_order_only, needs_grad
 from sphere_fast.ops._util import kernel_runner, on_input_device, unit_last_stride
 
 AUTO_ORDER = ("triton", "cpp", "eager")
@@ -137,6 +137,7 @@ class _SwiGLUFunction(torch.autograd.Function):
         return _swiglu_fwd(h, backend)
 
     @staticmethod
+    @first_order_only("swiglu")
     def backward(ctx, dout: Tensor) -> tuple[Tensor, None]:
         (h,) = ctx.saved_tensors
         return _swiglu_bwd(dout, h, ctx.backend), None

@@ -74,9 +74,12 @@ def _check_inputs(x: object, weight: object, bias: object, out_width: object) ->
     if bias is not None and (not isinstance(bias, Tensor) or bias.shape != (2 * hidden,)):
         raise ValueError(f"bias must be None or a tensor of shape ({2 * hidden},), got {getattr(bias, 'shape', bias)}")
     tensors = [t for t in (x, weight, bias) if t is not None]
-    if len({t.dtype for t in tensors}) > 1 or len({t.device for t in tensors}) > 1:
-        found = [(t.dtype, t.device) for t in tensors]
-        raise ValueError(f"x, weight and bias must share dtype and device, got {found}")
+    if len({t.dtype for t in tensors}) > 1:
+        raise TypeError(f"x, weight and bias must share one dtype, got {[t.dtype for t in tensors]}")
+    if not x.is_floating_point():
+        raise TypeError(f"x, weight and bias must be floating tensors, got {x.dtype}")
+    if len({t.device for t in tensors}) > 1:
+        raise ValueError(f"x, weight and bias must share one device, got {[str(t.device) for t in tensors]}")
     if out_width is not None and (not isinstance(out_width, int) or isinstance(out_width, bool) or out_width < hidden):
         raise ValueError(f"out_width must be an int >= H = {hidden}, got {out_width!r}")
     return hidden
