@@ -389,7 +389,8 @@ class _CapturedLoop:
         device = sampler.device
         # Normal tensors even under torch.inference_mode: each call writes them, in that mode or out of it.
         with torch.inference_mode(False):
-            self.labels = torch.zeros(key.bucket, dtype=torch.long, device=device) if sampler.model.num_classes else None
+            conditional = sampler.model.num_classes > 0
+            self.labels = torch.zeros(key.bucket, dtype=torch.long, device=device) if conditional else None
             self.seeds = torch.zeros(key.bucket, dtype=torch.int64, device=device)
             self.weight = torch.ones((), dtype=torch.float32, device=device)
         weight = self.weight if key.guide is not None else None
@@ -470,8 +471,8 @@ class Sampler:
         self.dtype = dtype
         self.device: torch.device | None = None
         self._graphs: dict[GraphKey, _CapturedLoop] = {}
-        # the model's modules, and what the graphs read from them outside their key (at the capture)
-        self._modules: list[torch.nn.Module] = []
+        # the model's parameter and buffer slots, and what the graphs read from the model outside their key
+        self._slots: list[dict[str, torch.Tensor | None]] = []
         self._captured_state: tuple[float, list[int]] | None = None
         self._check_settings()
 
@@ -493,9 +494,7 @@ class Sampler:
         """What the graphs read from the model outside their key: its noise level (a constant of the loop) and
         where each parameter and buffer is, looked up in its modules' slots so that a tensor replaced by a new
         object is found too (~0.2 us a tensor)."""
-        addresses = [t.data_ptr() for module in self._modules for slots in (module._parameters, module._buffers)
-                     for t in slots.values() if t is not None]
-        return self.model.sigma_max, addresses
+        return self.model.sigma_max, [t.data_ptr() for slots in self._slots for t in slots.values() if t is not None]
 
     @property
     def graph_keys(self) -> tuple[GraphKey, ...]:
@@ -538,7 +537,8 @@ class Sampler:
                         "loops again")
             self._graphs.clear()
         if not self._graphs:  # the first capture, or the graphs were dropped: the model as it is now
-            self._modules = list(self.model.modules())
+            self._slots = [slots for module in self.model.modules() for slots in (module._parameters, module._buffers)
+                           if slots]
             self._captured_state = self._model_state()
         if key not in self._graphs:
             # The sampler's first capture compiles its kernels first; later buckets share nearly all of them.
