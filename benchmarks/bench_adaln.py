@@ -13,22 +13,18 @@ M >= 32k rows, and never slower than eager or torch.compile.
 from __future__ import annotations
 
 import importlib
-import itertools
 
 import pytest
 import torch
 
-from benchmarks.harness import DEVICE, cuda_time_ms, gate, gate_backward, impls, pick, record
+from benchmarks import grids
+from benchmarks.harness import DEVICE, cuda_time_ms, dtype_of, gate, gate_backward, impls, pick, record
 
 adaln = importlib.import_module("sphere_fast.ops.adaln")
 swiglu = importlib.import_module("sphere_fast.ops.swiglu")
 
-DTYPE = torch.bfloat16
-SHAPES = pick(real=list(itertools.product((1, 8, 64), (256, 1024), (768, 1024, 1152))), smoke=[(1, 7, 96)])
-
-
-def _hidden(W: int) -> int:
-    return round(W * 8 / 3)  # the SwiGLU MLP width of a W-wide block (1024 -> 2731 ~ the model's 2730)
+DTYPE = dtype_of(grids.BLOCK_DTYPE)
+SHAPES = pick(real=grids.BLOCK_SHAPES, smoke=[(1, 7, 96)])
 
 
 def _adaln_inputs(B: int, N: int, W: int, requires_grad: bool) -> list[torch.Tensor]:
@@ -58,7 +54,7 @@ def test_gated_residual_adaln_fwd(benchmark, ceilings, impl, shape) -> None:
     B, N, W = shape
     inputs = _adaln_inputs(B, N, W, requires_grad=False)
     e, M = inputs[0].element_size(), B * N
-    gate(impl(*inputs), adaln.gated_residual_adaln_reference(*(t.float() for t in inputs)), impl.name)
+    gate(impl(*inputs), adaln.gated_residual_adaln_reference(*(t.float() for t in inputs)), impl.name, DTYPE)
     ms = cuda_time_ms(lambda: impl(*inputs))
     record(benchmark, op="gated_residual_adaln_fwd", impl=impl.name, shape=shape, dtype=DTYPE, ms=ms,
            bytes_moved=4 * M * W * e + (3 * B * W + W) * e + 4 * M, ceilings=ceilings)
@@ -81,9 +77,9 @@ def test_gated_residual_adaln_bwd(benchmark, ceilings, impl, shape) -> None:
 @pytest.mark.parametrize("impl", SWIGLU)
 def test_swiglu_fwd(benchmark, ceilings, impl, shape) -> None:
     B, N, W = shape
-    H = _hidden(W)
+    H = grids.swiglu_hidden(W)
     h = torch.randn(B, N, 2 * H, device=DEVICE, dtype=DTYPE)
-    gate(impl(h), swiglu.swiglu_reference(h.float()), impl.name)
+    gate(impl(h), swiglu.swiglu_reference(h.float()), impl.name, DTYPE)
     ms = cuda_time_ms(lambda: impl(h))
     record(benchmark, op="swiglu_fwd", impl=impl.name, shape=(B, N, 2 * H), dtype=DTYPE, ms=ms,
            bytes_moved=3 * B * N * H * h.element_size(), ceilings=ceilings)
@@ -93,7 +89,7 @@ def test_swiglu_fwd(benchmark, ceilings, impl, shape) -> None:
 @pytest.mark.parametrize("impl", SWIGLU)
 def test_swiglu_bwd(benchmark, ceilings, impl, shape) -> None:
     B, N, W = shape
-    H = _hidden(W)
+    H = grids.swiglu_hidden(W)
     h = torch.randn(B, N, 2 * H, device=DEVICE, dtype=DTYPE, requires_grad=True)
     out = impl(h)
     dout = torch.randn_like(out)

@@ -94,7 +94,7 @@ def test_dispatch(benchmark, name: str, impl) -> None:
     _, reference, make_inputs = CASES[name]
     inputs = make_inputs()
     with torch.no_grad():  # sampling's regime; a training step adds the autograd record
-        gate(impl(*inputs), reference(*inputs), f"{impl.name} {name}")
+        gate(impl(*inputs), reference(*inputs), f"{impl.name} {name}", DTYPE)
         ms = host_ms_per_call(lambda: impl(*inputs))
     record(benchmark, op=f"dispatch {name}", impl=impl.name, shape=f"B{B}-N{N}-W{W}", dtype=DTYPE, ms=ms,
            extra={"us_per_call": ms * 1e3})
@@ -109,7 +109,7 @@ def test_dispatch_with_backward(benchmark, impl) -> None:
     _, reference, make_inputs = CASES["gated_residual_adaln"]
     inputs = [t.requires_grad_() for t in make_inputs()]
     grads_out = (randn(B, N, W), randn(B, N, W))
-    gate(impl(*inputs), reference(*inputs), f"{impl.name} gated_residual_adaln")
+    gate(impl(*inputs), reference(*inputs), f"{impl.name} gated_residual_adaln", DTYPE)
 
     def step() -> None:
         torch.autograd.grad(impl(*inputs), inputs, grads_out)

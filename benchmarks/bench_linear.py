@@ -87,7 +87,7 @@ def mlp_up_runs(layer: SwiGLU, x: torch.Tensor) -> dict[str, Callable[[], torch.
 def gate_mlp_up(out: torch.Tensor, layer: SwiGLU, x: torch.Tensor, what: str) -> None:
     """out's first H columns against the float32 reference (the padded columns are not compared)."""
     reference = ops.swiglu_linear_reference(x.float(), layer.w12.weight.float(), layer.w12.bias.float())
-    gate(out[:, : layer.w3.in_features], reference, what)
+    gate(out[:, : layer.w3.in_features], reference, what, x.dtype)
 
 
 @pytest.mark.parametrize("impl", MLP_UP_IMPLS)

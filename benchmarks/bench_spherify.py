@@ -21,12 +21,13 @@ import itertools
 import pytest
 import torch
 
-from benchmarks.harness import DEVICE, cuda_time_ms, gate, gate_backward, impls, pick, record
+from benchmarks import grids
+from benchmarks.harness import DEVICE, cuda_time_ms, dtype_of, gate, gate_backward, impls, pick, record
 
 S = importlib.import_module("sphere_fast.ops.spherify")
 
-SHAPES = pick(real=[(1, 2048), (64, 2048), (256, 8192), (256, 32768), (64, 131072)], smoke=[(2, 2048)])
-DTYPES = pick(real=[torch.bfloat16, torch.float32], smoke=[torch.float32])
+SHAPES = pick(real=grids.SPHERIFY_SHAPES, smoke=[(2, 2048)])
+DTYPES = pick(real=[dtype_of(name) for name in grids.SPHERIFY_DTYPES], smoke=[torch.float32])
 CASES = list(itertools.product(SHAPES, DTYPES))
 
 
@@ -76,7 +77,7 @@ def _id(case) -> str:
 def test_spherify_fwd(benchmark, ceilings, impl, case) -> None:
     shape, dtype = case
     z, *_ = _inputs(shape, dtype)
-    gate(impl(z), S.spherify_reference(z.float()), impl.name)
+    gate(impl(z), S.spherify_reference(z.float()), impl.name, dtype)
     ms = cuda_time_ms(lambda: impl(z))
     record(benchmark, op="spherify_fwd", impl=impl.name, shape=shape, dtype=dtype, ms=ms,
            bytes_moved=2 * z.numel() * z.element_size(), ceilings=ceilings)
@@ -88,7 +89,7 @@ def test_spherify_noise_fwd(benchmark, ceilings, impl, case) -> None:
     shape, dtype = case
     z, seeds, big, _ = _inputs(shape, dtype)
     if impl.name != RANDN:
-        gate(impl(z, big, seeds=seeds), _noise_reference(z.float(), big, seeds=seeds), impl.name)
+        gate(impl(z, big, seeds=seeds), _noise_reference(z.float(), big, seeds=seeds), impl.name, dtype)
     ms = cuda_time_ms(lambda: impl(z, big, seeds=seeds))
     record(benchmark, op="spherify_noise_fwd", impl=impl.name, shape=shape, dtype=dtype, ms=ms,
            bytes_moved=2 * z.numel() * z.element_size(), ceilings=ceilings)
@@ -114,7 +115,8 @@ def test_spherify_noise_pair_fwd(benchmark, ceilings, impl, case) -> None:
     shape, dtype = case
     z, seeds, big, small = _inputs(shape, dtype)
     if impl.name != RANDN:
-        gate(impl(z, big, small, seeds=seeds), _pair_reference(z.float(), big, small, seeds=seeds), impl.name)
+        gate(impl(z, big, small, seeds=seeds), _pair_reference(z.float(), big, small, seeds=seeds), impl.name,
+             dtype)
     ms = cuda_time_ms(lambda: impl(z, big, small, seeds=seeds))
     record(benchmark, op="spherify_noise_pair_fwd", impl=impl.name, shape=shape, dtype=dtype, ms=ms,
            bytes_moved=3 * z.numel() * z.element_size(), ceilings=ceilings)

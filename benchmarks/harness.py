@@ -63,9 +63,16 @@ def pick(real: T, smoke: T) -> T:
     return smoke if SMOKE else real
 
 
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
 def dtype_name(dtype: torch.dtype | str) -> str:
-    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
-    return dtype if isinstance(dtype, str) else names.get(dtype, str(dtype).removeprefix("torch."))
+    return dtype if isinstance(dtype, str) else DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def dtype_of(name: str) -> torch.dtype:
+    """The dtype ``dtype_name`` calls ``name`` (the grids name dtypes so: benchmarks/grids.py)."""
+    return next(dtype for dtype, label in DTYPE_NAMES.items() if label == name)
 
 
 def tensor_bytes(*tensors: torch.Tensor) -> int:
@@ -307,26 +314,45 @@ def _as_tuple(t: Tensors) -> tuple[torch.Tensor, ...]:
     return (t,) if isinstance(t, torch.Tensor) else tuple(t)
 
 
-def gate(actual: Tensors, expected: Tensors, what: str, tol: float = 2**-6, item: str = "output") -> None:
-    """The correctness gate before timing, so that a wrong kernel is never timed: each output within ``tol``
-    (2**-6: two bf16 ulps) of the reference, relative to the reference's largest magnitude."""
+# Each output within this fraction of the reference's largest magnitude (and relatively), by the dtype it must
+# have. bf16 / fp16: 2**-6, two bf16 ulps. Not tighter: one rounding to bf16 is up to 2**-8 of a value (8
+# significant bits), the bf16 attention's output came within 2**-8 of the largest (P rounded before p v) and the
+# AdaLN kernels normalise the residual they rounded; 2**-7 would still pass a norm over 7/8 of each row (7.6e-3).
+# fp32: 2**-14, 300x the fp32 kernels' own error (2e-7 on the CPU: rounding, sum order) and 64x under one bf16
+# rounding of the input (2**-8); an fp32 op whose dots run in TF32 (unit roundoff 2**-11) passes a tol of its own.
+GATE_TOL = {torch.float32: 2**-14, torch.bfloat16: 2**-6, torch.float16: 2**-6}
+
+
+def _close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, tol: float, what: str) -> None:
+    # the dtype too: a row's bytes count the element size it should write, and .float() below would hide it
+    if out.dtype != dtype or out.shape != ref.shape:
+        raise AssertionError(f"{what}: {out.dtype} {tuple(out.shape)}, expected {dtype} {tuple(ref.shape)}")
+    ref = ref.float()
+    atol = tol * max(ref.abs().max().item(), 1e-6)
+    torch.testing.assert_close(out.float(), ref, rtol=tol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def gate(actual: Tensors, expected: Tensors, what: str, dtype: torch.dtype, tol: float | None = None) -> None:
+    """The correctness gate before timing, so that a wrong kernel is never timed: each output has ``dtype`` (the
+    inputs') and the reference's shape, and is within ``tol`` (default GATE_TOL[dtype]) of the reference,
+    relative to the reference's largest magnitude."""
     for i, (out, ref) in enumerate(zip(_as_tuple(actual), _as_tuple(expected), strict=True)):
-        ref = ref.float()
-        atol = tol * max(ref.abs().max().item(), 1e-6)
-        torch.testing.assert_close(out.float(), ref, rtol=tol, atol=atol, msg=lambda m: f"{what} {item} {i}: {m}")
+        _close(out, ref, dtype, GATE_TOL[dtype] if tol is None else tol, f"{what} output {i}")
 
 
 def gate_backward(
     outputs: Tensors, inputs: Sequence[torch.Tensor], upstream: Tensors, reference: Callable[..., Tensors], what: str
 ) -> None:
     """The gate before timing a backward: the gradients of ``inputs`` through ``outputs`` for the upstream
-    gradients ``upstream`` against those of ``reference`` run on float32 copies of ``inputs``, each within 2**-5 of
-    the reference's largest magnitude (a gradient sums more rounded terms than an output: the bf16 attention's
-    came within 2**-7 of it at 1024 tokens on the CPU, its output within 2**-8)."""
+    gradients ``upstream`` against those of ``reference`` run on float32 copies of ``inputs``, each of its input's
+    dtype and shape and within twice GATE_TOL of the reference's largest magnitude (a gradient sums more rounded
+    terms than an output: the bf16 attention's came within 2**-7 of it at 1024 tokens on the CPU, its output
+    within 2**-8)."""
     grads = torch.autograd.grad(_as_tuple(outputs), inputs, _as_tuple(upstream), retain_graph=True)
     leaves = [t.detach().float().requires_grad_() for t in inputs]
     expected = torch.autograd.grad(_as_tuple(reference(*leaves)), leaves, [g.float() for g in _as_tuple(upstream)])
-    gate(grads, expected, f"{what} backward:", tol=2**-5, item="gradient of input")
+    for i, (grad, ref, x) in enumerate(zip(grads, expected, inputs, strict=True)):
+        _close(grad, ref, x.dtype, 2 * GATE_TOL[x.dtype], f"{what} backward: gradient of input {i}")
 
 
 def sweep_row(name: str, run: Callable[[], float], rate: Callable[[float], float]) -> str:
@@ -417,12 +443,14 @@ def impls(
 
 
 def stated_commit(commit_info: dict[str, Any]) -> dict[str, Any]:
-    """``commit_info`` (pytest-benchmark's git id and dirty flag) with the id $SPHERE_FAST_COMMIT states, where
-    set; what git said is kept as ``git_id`` / ``git_dirty``."""
+    """``commit_info`` (pytest-benchmark's git id and dirty flag) with the commit $SPHERE_FAST_COMMIT states, where
+    set: an id, dirty where it ends in "-dirty" (``git describe --always --dirty`` where the tree was sent from);
+    what git said is kept as ``git_id`` / ``git_dirty``."""
     stated = os.environ.get(COMMIT_ENV, "").strip()
     if not stated:
         return commit_info
-    return {**commit_info, "id": stated, "dirty": False, "git_id": commit_info.get("id"),
+    commit = stated.removesuffix("-dirty")
+    return {**commit_info, "id": commit, "dirty": commit != stated, "git_id": commit_info.get("id"),
             "git_dirty": commit_info.get("dirty")}
 
 

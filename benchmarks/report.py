@@ -72,8 +72,9 @@ def header(data: dict[str, Any]) -> str:
     parts = [f"Measured {when} on {env.get('device', 'an unknown device')}"]
     if smi:
         parts.append(
-            f"driver {smi.get('driver_version')}, clocks at the end SM {smi.get('clocks.sm')} "
-            f"(max {smi.get('clocks.max.sm')}), memory {smi.get('clocks.mem')}, {smi.get('power.draw')}"
+            f"driver {smi.get('driver_version')}, clocks at the {env.get('clocks_at', 'end')} SM "
+            f"{smi.get('clocks.sm')} (max {smi.get('clocks.max.sm')}), memory {smi.get('clocks.mem')}, "
+            f"{smi.get('power.draw')}"
         )
     parts.append(f"torch {env.get('torch')} (CUDA {env.get('cuda')}), triton {env.get('triton')}")
     if env.get("cpus"):
@@ -103,8 +104,9 @@ def table(records: Sequence[dict[str, Any]]) -> str:
     speedups and rates of ours (images/s for the sampler and the training step); columns empty for the whole op
     are left out.
 
-    "ours" is the faster of our rows (triton / cpp kernels, un-captured / graphed sampler, fused training step);
-    where an op has none (ceiling rows), the rate columns describe its fastest implementation.
+    "ours" is the faster of our rows (triton / cpp kernels, un-captured / graphed sampler, fused training step); a
+    row without one shows no rates, and an op with none at all (the ceilings, the linear layers) rates its fastest
+    implementation and says so.
     """
     by_op: dict[str, dict[tuple[str, str], dict[str, dict[str, Any]]]] = {}
     for r in records:
@@ -122,10 +124,13 @@ def _op_table(op: str, groups: dict[tuple[str, str], dict[str, dict[str, Any]]])
     impl_cols = _impl_columns(impl for g in groups.values() for impl in g)
     cols = ["shape", "dtype", *(f"{i} ms" for i in impl_cols), "ours vs eager", "ours vs compile", "images/s",
             "GB/s", "% of copy", "TFLOP/s", "% of matmul"]
+    has_ours = any(i in OURS for i in impl_cols)
     body = []
     for (shape, dtype), by_impl in groups.items():
         ours = [by_impl[i] for i in OURS if i in by_impl]
-        best = min(ours or by_impl.values(), key=lambda r: r["ms"])
+        # a baseline's rates in a column of ours would pass for ours: only an op without any row of ours shows them
+        rated = ours if has_ours else list(by_impl.values())
+        best = min(rated, key=lambda r: r["ms"]) if rated else {}
         baselines = [[by_impl[i]["ms"] for i in names if i in by_impl] for names in (goals.EAGER, goals.COMPILED)]
         speedups = [min(ms) / best["ms"] if ours and ms else None for ms in baselines]
         body.append([shape, dtype, *(_fmt(by_impl[i]["ms"], "n") if i in by_impl else "–" for i in impl_cols),
@@ -134,7 +139,10 @@ def _op_table(op: str, groups: dict[tuple[str, str], dict[str, dict[str, Any]]])
                      _fmt(best.get("tflops"), "n"), _fmt(best.get("pct_matmul"), "%")])
     derived = range(2 + len(impl_cols), len(cols))
     keep = [c for c in range(len(cols)) if c not in derived or any(row[c] != "–" for row in body)]
-    lines = [f"#### {op}", "", "| " + " | ".join(cols[c] for c in keep) + " |", "|" + "---|" * len(keep)]
+    lines = [f"#### {op}", ""]
+    if not has_ours and any(c in derived for c in keep):
+        lines += ["No implementation of ours: the rates are the fastest implementation's.", ""]
+    lines += ["| " + " | ".join(cols[c] for c in keep) + " |", "|" + "---|" * len(keep)]
     lines += ["| " + " | ".join(row[c] for c in keep) + " |" for row in body]
     return "\n".join(lines)
 
@@ -210,9 +218,12 @@ def render(data: dict[str, Any], earlier: Sequence[tuple[str, Sequence[dict[str,
         f"### All cases\n\n{table(recs)}\n\n"
         f"{cold_starts(recs)}{first_calls(recs)}{peak_memory(recs)}"
         "Times are medians of CUDA-event timings (L2 flushed before each op-suite call, not in the sampler's loop), "
-        "except the dispatch rows: the host's clock per call, the fastest of five rounds (bench_dispatch.py). "
+        "except the dispatch rows: the host's clock per call, the fastest of five rounds (bench_dispatch.py), and "
+        "the first image rows: one sample each, a fresh process's wall clock from the parent (bench_sampling.py). "
         "Speedups and rates are those of the faster of our implementations (triton / cpp kernels; the "
-        "un-captured / graphed sampler; the training step on the fused backends)."
+        "un-captured / graphed sampler; the training step on the fused backends). The sampler's and the training "
+        "step's eager rows run sphere_fast's ops on its eager backend, their checks and dispatch included, and the "
+        "dispatch rows' eager spherify_noise is its pure-torch Philox (benchmarks/NOTES.md, 2026-12-01)."
     )
 
 
@@ -229,7 +240,7 @@ def results_from_rows(lines: Sequence[str], when: datetime, commit: dict[str, An
         except json.JSONDecodeError:  # the last line of a killed run may be cut short
             continue
         if row.get("kind") == "environment":
-            env = row["sphere_fast"]
+            env = {**row["sphere_fast"], "clocks_at": "start"}  # streamed as the session starts (conftest)
         elif row.get("kind") == "case":
             cases.append({"name": row["name"], "extra_info": row["extra_info"]})
     return {
@@ -241,9 +252,33 @@ def results_from_rows(lines: Sequence[str], when: datetime, commit: dict[str, An
     }
 
 
-def _lease_key(data: dict[str, Any]) -> tuple[str, str]:
-    """Files with the same commit and device come from one lease's calls (the headline, then the op suites)."""
-    return data.get("commit_info", {}).get("id", ""), environment(data).get("device", "")
+# A lent machine is held for at most 30 minutes: files further apart are not one lease's calls.
+LEASE_S = 30 * 60
+
+
+def _lease_key(data: dict[str, Any]) -> tuple[str, str] | None:
+    """(commit, device) for a file that may share a lease with others, or None: a dirty or unknown tree is not
+    known to be the one another call measured (each call takes the working tree afresh, and a lent machine's git
+    id is stale), so its file stands alone."""
+    commit = data.get("commit_info", {})
+    if not commit.get("id") or commit.get("dirty") is not False:
+        return None
+    return commit["id"], environment(data).get("device", "")
+
+
+def _seconds(data: dict[str, Any]) -> float | None:
+    try:
+        return datetime.fromisoformat(data.get("datetime") or "").timestamp()
+    except ValueError:
+        return None
+
+
+def _same_lease(first: dict[str, Any], later: dict[str, Any]) -> bool:
+    """Whether ``later`` is a call of the lease whose first call wrote ``first``: the same clean commit and device,
+    within LEASE_S of it."""
+    key, start, end = _lease_key(first), _seconds(first), _seconds(later)
+    return (key is not None and key == _lease_key(later) and start is not None and end is not None
+            and 0 <= end - start <= LEASE_S)
 
 
 def _case_key(row: dict[str, Any]) -> tuple[str, str, str, str]:
@@ -261,13 +296,17 @@ def gpu_results(results_dir: Path = RESULTS_DIR) -> list[tuple[Path, dict[str, A
 
 
 def leases(found: Sequence[tuple[Path, dict[str, Any]]]) -> list[tuple[list[Path], dict[str, Any]]]:
-    """``found`` (gpu_results: oldest first) by lease, newest first: the files of one commit and device (a lease's
-    calls) merged into the newest one's, a case measured twice keeping its newest row."""
-    by_lease: dict[tuple[str, str], list[tuple[Path, dict[str, Any]]]] = {}
+    """``found`` (gpu_results: oldest first) by lease, newest first: the files of one lease's calls (_same_lease)
+    merged into the newest one's, a case measured twice keeping its newest row."""
+    by_lease: list[list[tuple[Path, dict[str, Any]]]] = []
     for path, data in found:
-        by_lease.setdefault(_lease_key(data), []).append((path, data))
+        lease = next((files for files in by_lease if _same_lease(files[0][1], data)), None)
+        if lease is None:
+            by_lease.append([(path, data)])
+        else:
+            lease.append((path, data))
     merged_leases = []
-    for lease in sorted(by_lease.values(), key=lambda files: files[-1][1].get("datetime", ""), reverse=True):
+    for lease in sorted(by_lease, key=lambda files: files[-1][1].get("datetime", ""), reverse=True):
         merged: dict[tuple[str, str, str, str], dict[str, Any]] = {}
         for _, data in lease:
             merged.update((_case_key(r), {"extra_info": r}) for r in rows(data))

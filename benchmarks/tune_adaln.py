@@ -75,7 +75,7 @@ def time_config(shape: tuple[int, int, int], config: Config) -> float:
     programs = mock.patch.object(adaln, "_n_programs_target", lambda device: per_sm * sm_count())
     candidates = adaln._bwd_stage_candidates() if stages is None else (stages,)
     with block, programs, mock.patch.object(adaln, "_bwd_stage_candidates", lambda: candidates):
-        gate(backward(inputs, "triton"), backward(reference, None), f"adaln backward {config}")
+        gate(backward(inputs, "triton"), backward(reference, None), f"adaln backward {config}", DTYPE)
         res, y = adaln.gated_residual_adaln(*inputs, backend="triton")
         grads = (torch.randn_like(res), torch.randn_like(y))
         return cuda_time_ms(lambda: torch.autograd.grad((res, y), inputs, grads, retain_graph=True))

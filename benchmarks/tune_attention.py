@@ -100,7 +100,7 @@ def time_variant(
         grad = torch.randn_like(out)
         (dqkv,) = torch.autograd.grad(out, qkv, grad)
         (ref_dqkv,) = torch.autograd.grad(ref, ref_qkv, grad.float())
-        gate([out, dqkv], [ref, ref_dqkv], f"attention fwd {fwd} bwd {bwd}")
+        gate([out, dqkv], [ref, ref_dqkv], f"attention fwd {fwd} bwd {bwd}", qkv.dtype)
         fwd_ms = cuda_time_ms(lambda: attn.attention(q, k, v, table, impl=impl))
         step_ms = cuda_time_ms(lambda: torch.autograd.grad(attn.attention(q, k, v, table, impl=impl), qkv, grad))
     return fwd_ms, step_ms

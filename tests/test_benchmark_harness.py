@@ -178,12 +178,34 @@ def test_gpu_timer_order_of_work(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_gate_passes_rounding_and_stops_wrong_outputs() -> None:
     ref = torch.randn(64, 256)
-    harness.gate(ref.to(torch.bfloat16), ref, "bf16 rounding")
-    harness.gate((ref, ref * 2), (ref, ref * 2), "pair")
+    harness.gate(ref.to(torch.bfloat16), ref, "bf16 rounding", torch.bfloat16)
+    harness.gate((ref, ref * 2), (ref, ref * 2), "pair", torch.float32)
     with pytest.raises(AssertionError, match="wrong output 1"):
-        harness.gate((ref, ref * 1.1), (ref, ref), "wrong")
+        harness.gate((ref, ref * 1.1), (ref, ref), "wrong", torch.float32)
     with pytest.raises(ValueError):
-        harness.gate((ref,), (ref, ref), "missing output")
+        harness.gate((ref,), (ref, ref), "missing output", torch.float32)
+
+
+def test_gate_holds_each_dtype_to_its_own_tolerance_and_checks_dtype_and_shape() -> None:
+    """The review's cases (bench_spherify's fp32 256x8192): an fp32 row whose kernel writes bf16, or whose norm is
+    1.2% off or taken over 7/8 of each row, is stopped; fp32 rounding and another sum order pass, as does the bf16
+    row's own rounding (its bound is unchanged: harness.GATE_TOL)."""
+    from sphere_fast.ops.spherify import spherify_reference
+
+    z = torch.randn(256, 8192, generator=torch.Generator().manual_seed(0))
+    ref = spherify_reference(z.double()).float()  # fp32 inputs, another rounding and sum order than the kernels'
+    harness.gate(spherify_reference(z), ref, "fp32", torch.float32)
+    harness.gate(spherify_reference(z.bfloat16()), ref, "bf16", torch.bfloat16)
+    tail_dropped = z * torch.rsqrt(z[:, : 7 * 1024].pow(2).mean(1, keepdim=True) + 1e-6)
+    for wrong, why in ((spherify_reference(z).bfloat16(), "torch.bfloat16 \\(256, 8192\\), expected torch.float32"),
+                       (ref * 1.012, "Tensor-likes are not close"), (tail_dropped, "not close"),
+                       (spherify_reference(z.bfloat16()).float(), "not close"),
+                       (ref[:, :4096], "expected torch.float32 \\(256, 8192\\)")):
+        with pytest.raises(AssertionError, match=f"fp32 wrong output 0: .*{why}"):
+            harness.gate(wrong, ref, "fp32 wrong", torch.float32)
+    with pytest.raises(AssertionError, match="expected torch.bfloat16"):  # a bf16 row may not write fp32 either
+        harness.gate(ref, ref, "bf16 row", torch.bfloat16)
+    assert harness.GATE_TOL[torch.float32] <= 2**-14 and harness.GATE_TOL[torch.bfloat16] == 2**-6
 
 
 def test_backward_gate_checks_each_gradient_against_the_float32_reference() -> None:
@@ -195,9 +217,14 @@ def test_backward_gate_checks_each_gradient_against_the_float32_reference() -> N
     harness.gate_backward(x.sin() * w, [x, w], upstream, lambda x, w: x.sin() * w, "bf16 rounding")
     # the same output, with d/dx 1.1 times too large
     off = (x.sin() * w).detach() + 1.1 * (x - x.detach()) * (x.cos() * w).detach() + (w - w.detach()) * x.sin().detach()
-    harness.gate(off, x.float().sin() * w.float(), "the same output")
+    harness.gate(off, x.float().sin() * w.float(), "the same output", torch.bfloat16)
     with pytest.raises(AssertionError, match="wrong backward: gradient of input 0"):
         harness.gate_backward(off, [x, w], upstream, lambda x, w: x.sin() * w, "wrong")
+    # an fp32 input's gradient is held to the fp32 bound: 0.1% off is stopped
+    x32 = x.detach().float().requires_grad_()
+    harness.gate_backward(x32.sin(), [x32], upstream.float(), torch.sin, "fp32")
+    with pytest.raises(AssertionError, match="fp32 off backward: gradient of input 0"):
+        harness.gate_backward(x32.sin() * 1.001, [x32], upstream.float(), torch.sin, "fp32 off")
 
 
 def test_record_fills_extra_info(benchmark) -> None:
@@ -365,8 +392,9 @@ def test_report_renders_pivoted_table() -> None:
     assert lines[swiglu + 2] == ("| shape | dtype | eager ms | compile ms | triton ms | cpp ms | ours vs eager | "
                                  "ours vs compile | GB/s | % of copy |")
     assert lines[swiglu + 4] == "| 8×256×4096 | bf16 | 1.00 | 0.500 | 0.250 | 0.400 | 4.00x | 2.00x | 2000 | 47% |"
-    copy = lines.index("#### copy")
-    assert lines[copy + 2 : copy + 5] == ["| shape | dtype | torch ms | GB/s | % of copy |", "|---|---|---|---|---|",
+    copy = lines.index("#### copy")  # a ceiling: no implementation of ours, and the table says whose rates it shows
+    assert lines[copy + 2 : copy + 7] == ["No implementation of ours: the rates are the fastest implementation's.", "",
+                                          "| shape | dtype | torch ms | GB/s | % of copy |", "|---|---|---|---|---|",
                                           "| 8×256×4096 | bf16 | 2.00 | 4300 | 100% |"]
     assert "Smoke run" not in text
 
@@ -387,8 +415,33 @@ def test_report_columns_ours_and_partly_filled() -> None:
 
     lines = report.table([row("eager", [64], 2.0), row("torch", [64], 1.0, gbps=800.0),
                           row("eager", [128], 4.0), row("torch", [128], 3.0)]).splitlines()
-    assert lines[2] == "| shape | dtype | eager ms | torch ms | GB/s |"
-    assert lines[4:] == ["| 64 | bf16 | 2.00 | 1.00 | 800 |", "| 128 | bf16 | 4.00 | 3.00 | – |"]
+    assert lines[2] == "No implementation of ours: the rates are the fastest implementation's."
+    assert lines[4] == "| shape | dtype | eager ms | torch ms | GB/s |"
+    assert lines[6:] == ["| 64 | bf16 | 2.00 | 1.00 | 800 |", "| 128 | bf16 | 4.00 | 3.00 | – |"]
+
+
+def test_report_rates_are_ours_alone_where_the_op_has_ours() -> None:
+    """A shape measured without our kernels (a run cut short) shows no rates: the GB/s and % of copy columns are
+    ours, not the compile row's (the review's swiglu_fwd case)."""
+    def row(impl: str, shape: list[int], ms: float, gbps: float, pct_copy: float) -> dict:
+        return {"op": "swiglu_fwd", "impl": impl, "shape": shape, "dtype": "bf16", "ms": ms, "gbps": gbps,
+                "pct_copy": pct_copy}
+
+    text = report.table([row("eager", [64, 1024, 6144], 1.06, 1000.0, 24.0),
+                         row("triton", [64, 1024, 6144], 0.283, 4263.0, 100.0),
+                         row("eager", [1, 256, 6144], 0.0127, 230.0, 5.0),
+                         row("compile", [1, 256, 6144], 0.00544, 550.0, 13.0)])
+    assert "| 64×1024×6144 | bf16 | 1.06 | – | 0.283 | 3.75x | 4263 | 100% |" in text
+    assert "| 1×256×6144 | bf16 | 0.0127 | 0.00544 | – | – | – | – |" in text
+    assert "No implementation of ours" not in text
+
+
+def test_report_footer_names_the_single_sample_rows() -> None:
+    """The first image rows are one wall-clock sample each, not CUDA-event medians; the eager rows' dispatch is
+    named."""
+    footer = report.render(_result()).split("\n\n")[-1]
+    assert "the first image rows: one sample each, a fresh process's wall clock" in footer
+    assert "eager rows run sphere_fast's ops on its eager backend" in footer and "official" not in footer
 
 
 def test_report_of_a_file_without_rows() -> None:
@@ -638,6 +691,16 @@ def test_a_stated_commit_replaces_the_git_metadata(monkeypatch: pytest.MonkeyPat
     assert gpu_check._commit()["id"] == "9ebd630"
 
 
+def test_a_stated_commit_keeps_its_dirty_mark(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lent machine measures the working tree sent, uncommitted edits included: a stated commit from `git
+    describe --always --dirty` says so, and the report's header shows it."""
+    monkeypatch.setenv(harness.COMMIT_ENV, "9ebd630-dirty")
+    stated = harness.stated_commit({"id": "0a737bad1a", "dirty": False})
+    assert stated == {"id": "9ebd630", "dirty": True, "git_id": "0a737bad1a", "git_dirty": False}
+    assert "commit 9ebd630 (dirty)" in report.header({**_result(), "commit_info": stated})
+    assert gpu_check._commit()["dirty"] is True
+
+
 def test_the_rebuilt_results_record_the_checkouts_commit(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(harness.COMMIT_ENV, raising=False)
     outputs = {"rev-parse": "0a737bad\n", "status": " M sphere_fast/model.py\n"}
@@ -734,6 +797,33 @@ def test_readme_section_merges_the_calls_of_one_lease(tmp_path: Path) -> None:
     swiglu = section[section.index("#### swiglu"):section.index("#### copy")]
     assert "| 0.125 |" in swiglu and "| 0.250 |" not in swiglu and "| 1.00 |" in swiglu  # newer triton, eager kept
     assert "cut off at its time limit" in section and "Measured 2026-11-20 08:30 UTC" in section  # the newer file
+    assert "clocks at the end" in section  # the newer, complete file's environment: not the cut one's start
+
+
+def test_leases_merge_only_one_clean_commits_files_within_a_lease(tmp_path: Path) -> None:
+    """Files that share a stale or dirty commit id are separate leases (each call takes the tree afresh), and so
+    are a clean commit's files further apart than a lease lasts (the review's case: 0a737ba dirty, three days
+    apart, old eager with new triton)."""
+    def result(when: str, commit: dict, ms: float) -> dict:
+        data = _result(when)
+        data["commit_info"] = commit
+        data["benchmarks"] = [{"extra_info": {**data["benchmarks"][2]["extra_info"], "ms": ms}}]
+        return data
+
+    stale = {"id": "0a737bad1a", "dirty": True}
+    clean = {"id": "9ebd630", "dirty": False}
+    files = {"a.json": result("2026-11-30T01:29:00+00:00", stale, 0.5),
+             "b.json": result("2026-12-03T10:00:00+00:00", stale, 0.4),
+             "c.json": result("2026-12-03T10:10:00+00:00", stale, 0.3),
+             "d.json": result("2026-12-04T10:00:00+00:00", clean, 0.2),
+             "e.json": result("2026-12-04T10:29:00+00:00", clean, 0.1),
+             "f.json": result("2026-12-04T11:00:00+00:00", clean, 0.1),
+             "g.json": result("2026-12-04T11:05:00+00:00", {"dirty": False}, 0.1)}  # no commit recorded
+    for name, data in files.items():
+        (tmp_path / name).write_text(json.dumps(data))
+    found = report.leases(report.gpu_results(tmp_path))
+    assert [[path.name for path in paths] for paths, _ in found] == [
+        ["g.json"], ["f.json"], ["d.json", "e.json"], ["c.json"], ["b.json"], ["a.json"]]
 
 
 def test_readme_goals_left_unmeasured_come_from_earlier_leases_on_that_gpu(tmp_path: Path) -> None:
@@ -755,7 +845,7 @@ def test_readme_goals_left_unmeasured_come_from_earlier_leases_on_that_gpu(tmp_p
         (tmp_path / name).write_text(json.dumps(data))
     section = report.readme_section(tmp_path)
     goal = "| #3 | spherify_noise_{}: >= 85% of copy bandwidth at B*L >= 8M | {} |"
-    assert goal.format("fwd", "8% (bf16 256×32768) on 2026-11-29 | not met") in section
+    assert goal.format("fwd", "8% (bf16 256×32768), 1 of 4 shapes on 2026-11-29 | not met") in section
     assert goal.format("bwd", "– | not measured") in section
     assert "#### spherify_noise_fwd" not in section  # the cases' tables are the newest lease's alone
 
@@ -1018,6 +1108,17 @@ def test_bench_json_is_rebuilt_from_streamed_rows_when_the_run_is_cut(
     assert "| #3 |" in check.summary()  # the goal verdicts, from the rebuilt file
     assert "| nn.layers.MLP_ALIGN |" in check.summary()  # and the pending choices
     assert sorted(p.name for p in tmp_path.iterdir()) == [check.bench_json.name]  # the rows file is gone
+
+
+def test_a_rebuilt_file_names_its_clocks_as_the_starts() -> None:
+    """The streamed environment row is written as the session starts (the ceilings fixture): a file rebuilt from
+    it shows clocks at the start; pytest-benchmark's own JSON reads them at the end."""
+    from datetime import datetime, timezone
+
+    lines = [json.dumps({"kind": "environment", **_result()["machine_info"]})]
+    rebuilt = report.results_from_rows(lines, datetime(2026, 12, 3, tzinfo=timezone.utc))
+    assert "clocks at the start SM 1980 MHz" in report.header(rebuilt)
+    assert "clocks at the end SM 1980 MHz" in report.header(_result())
 
 
 def test_headline_cases_exist_in_the_real_grid_and_come_first() -> None:
@@ -1294,8 +1395,8 @@ def test_tune_adaln_runs_each_config_as_it_names_it(monkeypatch: pytest.MonkeyPa
     real_launch, real_gate = adaln.launch_tuned, tune_adaln.gate
     monkeypatch.setattr(adaln, "launch_tuned", lambda key, candidates, *a: (launches.append((key, candidates)),
                                                                              real_launch(key, candidates, *a))[1])
-    monkeypatch.setattr(tune_adaln, "gate", lambda actual, expected, what: (truths.append(expected),
-                                                                            real_gate(actual, expected, what))[1])
+    monkeypatch.setattr(tune_adaln, "gate", lambda actual, expected, *args: (truths.append(expected),
+                                                                             real_gate(actual, expected, *args))[1])
     tune_adaln.time_config((1, 64, 96), (1, 1, 2, 3))  # 2 programs on the CPU's one "SM": 32 rows each
     backward = [(key, candidates) for key, candidates in launches if key[0] == "adaln bwd"]
     assert backward and all(key[-2] == 32 and candidates == (3,) for key, candidates in backward), backward
