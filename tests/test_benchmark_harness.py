@@ -545,9 +545,9 @@ def test_peak_memory_counts_a_graph_capture() -> None:
 def test_the_sampling_benchmark_runs_random_weights_on_distinct_samples() -> None:
     """No parameter keeps the official init's zeros (zero AdaLN and head weights would make matmuls unrealistically
     fast), and a case's samples have distinct seeds and cover the classes."""
-    model = bench_sampling.random_model("tiny")
-    zeros = [name for name, p in model.named_parameters() if not p.any()]
-    assert zeros == []
+    for model in (bench_sampling.random_model("tiny"), bench_sampling.build_model("tiny")):  # training's, sampling's
+        zeros = [name for name, p in model.named_parameters() if not p.any()]
+        assert zeros == []
     labels, seeds = bench_sampling.case_inputs(12, 10)
     assert labels.dtype == seeds.dtype == torch.int64 and labels.shape == seeds.shape == (12,)
     assert sorted(set(labels.tolist())) == list(range(10)) and len(set(seeds.tolist())) == 12
@@ -596,6 +596,52 @@ def test_the_sampling_gate_runs_the_eager_loop_itself(monkeypatch: pytest.Monkey
     monkeypatch.setattr(bench_sampling, "_reference_images", {})
     with pytest.raises(AssertionError, match="graph differs from eager"):
         bench_sampling.time_sampler(None, None, "graph", "tiny", 2, 1, 1.0)  # stopped before the record
+
+
+@pytest.mark.parametrize("sampler", ["right", "no cfg", "first step", "other seeds"])
+def test_the_sampling_gate_fails_wrong_samplers_at_the_gpu_bound(monkeypatch: pytest.MonkeyPatch, sampler: str) -> None:
+    """Held to the GPU's bound (bf16 rounding; smoke mode's float32 bound would catch any change), the tiny model's
+    case fails a sampler that skips CFG (half the work, credited with CFG's FLOPs), returns the first step's image
+    or another seed's, and passes the right one."""
+    make_runner = bench_sampling.make_runner
+
+    def runner(impl: str, model: SphereEncoder, batch: int, steps: int, cfg: float):
+        if impl == "eager" or sampler == "right":
+            return make_runner(impl, model, batch, steps, cfg)
+        if sampler == "other seeds":
+            run = make_runner(impl, model, batch, steps, cfg)
+            return lambda labels, seeds: run(labels, seeds + 100)
+        if sampler == "first step":
+            return make_runner(impl, model, batch, 1, cfg)
+        return make_runner(impl, model, batch, steps, 1.0)  # no cfg
+
+    rows = []
+    monkeypatch.setattr(bench_sampling, "make_runner", runner)
+    monkeypatch.setattr(bench_sampling, "_reference_images", {})
+    monkeypatch.setattr(bench_sampling, "_unguided_images", {}, raising=False)
+    monkeypatch.setattr(bench_sampling, "SMOKE", False)
+    monkeypatch.setattr(bench_sampling, "record", lambda benchmark, **row: rows.append(row))
+    if sampler == "right":
+        bench_sampling.time_sampler(None, None, "uncaptured", "tiny", 2, 4, 1.4)
+        assert rows[0]["extra"]["eager_cfg_effect"] >= bench_sampling.MIN_CFG_EFFECT
+        return
+    with pytest.raises(AssertionError, match="uncaptured differs from eager"):
+        bench_sampling.time_sampler(None, None, "uncaptured", "tiny", 2, 4, 1.4)
+    assert rows == []
+
+
+def test_the_sampling_gate_refuses_weights_under_which_cfg_changes_little(monkeypatch: pytest.MonkeyPatch) -> None:
+    """random_model's weights alone (the preset's init plus 0.02 noise, the sampling rows' before 2026-12-01): CFG
+    moved the images less than bf16 rounding does, so no bound could tell a sampler that skips it. Even the eager
+    row fails on such weights."""
+    rows = []
+    monkeypatch.setattr(bench_sampling, "cached_model", lambda name: bench_sampling.random_model(name).eval())
+    monkeypatch.setattr(bench_sampling, "_reference_images", {})
+    monkeypatch.setattr(bench_sampling, "_unguided_images", {}, raising=False)
+    monkeypatch.setattr(bench_sampling, "record", lambda benchmark, **row: rows.append(row))
+    with pytest.raises(AssertionError, match="CFG moves the eager images by only"):
+        bench_sampling.time_sampler(None, None, "eager", "tiny", 2, 4, 1.4)
+    assert rows == []
 
 
 def test_a_sampling_rows_rates_count_its_whole_batch(monkeypatch: pytest.MonkeyPatch) -> None:
