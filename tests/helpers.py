@@ -91,6 +91,23 @@ def stored_residual_reference(dtype: torch.dtype):
     return reference
 
 
+def assert_gradient_penalty_eager_only(backend: str, loss: torch.Tensor, leaf: torch.Tensor) -> None:
+    """A gradient penalty (a loss on ``leaf``'s gradient of ``loss``, taken with create_graph=True): eager
+    differentiates it; the fused backward kernels have no gradient of their own, so the fused backends raise
+    rather than silently leave out their second-order terms."""
+
+    def penalty_backward() -> None:
+        (grad,) = torch.autograd.grad(loss, leaf, create_graph=True)
+        grad.square().sum().backward()
+
+    if backend != "eager":
+        with pytest.raises(RuntimeError, match="no second-order gradient"):
+            penalty_backward()
+        return
+    penalty_backward()
+    assert leaf.grad.abs().max() > 0
+
+
 def assert_same_images(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     """bf16 rounding in other places, never other images: small mean and bounded largest difference."""
     diff = (a.float() - b.float()).abs()

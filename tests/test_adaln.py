@@ -17,8 +17,8 @@ import torch
 from sphere_fast import _extension, available_backends
 from sphere_fast.ops import _tuning
 from tests.helpers import (
-    FUSED, TOL, assert_rounded_to_nearest, close, last_is_fastest, record_launches, stored_residual_reference,
-    swapped_in_memory,
+    FUSED, TOL, assert_gradient_penalty_eager_only, assert_rounded_to_nearest, close, last_is_fastest, record_launches,
+    stored_residual_reference, swapped_in_memory,
 )
 
 adaln = importlib.import_module("sphere_fast.ops.adaln")
@@ -289,25 +289,13 @@ def test_bad_inputs_raise(backend: str) -> None:
 @pytest.mark.parametrize("backend", ["eager"] + FUSED)
 @pytest.mark.parametrize("gated", [False, True], ids=["modulate", "gated"])
 def test_a_gradient_of_a_gradient_is_eager_only(backend: str, gated: bool) -> None:
-    """A gradient penalty (a loss on x's gradient, taken with create_graph=True): eager differentiates it; the
-    fused backward kernels have no gradient of their own, so the fused backends raise rather than silently leave
-    out their second-order terms."""
+    """A gradient penalty on x's gradient (helpers.assert_gradient_penalty_eager_only)."""
     inputs = [t.requires_grad_() for t in make_inputs(2, 3, 8, tokens=False, gated=gated) if t is not None]
     if gated:
         outs = adaln.gated_residual_adaln(*inputs, backend=backend)
     else:
         outs = (adaln.adaln_modulate(*inputs, backend=backend),)
-
-    def penalty_backward() -> None:
-        (dx,) = torch.autograd.grad(sum(t.square().sum() for t in outs), inputs[0], create_graph=True)
-        dx.square().sum().backward()
-
-    if backend != "eager":
-        with pytest.raises(RuntimeError, match="no second-order gradient"):
-            penalty_backward()
-        return
-    penalty_backward()
-    assert inputs[0].grad.abs().max() > 0
+    assert_gradient_penalty_eager_only(backend, sum(t.square().sum() for t in outs), inputs[0])
 
 
 def test_backward_splits_a_sample_over_programs() -> None:

@@ -16,7 +16,9 @@ import torch
 
 from sphere_fast.nn.layers import rope_2d
 from sphere_fast.ops.rope import apply_rope, apply_rope_reference, rope_reference, rope_table_reference
-from tests.helpers import TOL, assert_rounded_to_nearest, close, record_launches, swapped_in_memory
+from tests.helpers import (
+    TOL, assert_gradient_penalty_eager_only, assert_rounded_to_nearest, close, record_launches, swapped_in_memory,
+)
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.cuda_capable
@@ -148,22 +150,10 @@ def test_grad_for_k_only_and_a_strided_table() -> None:
 
 @pytest.mark.parametrize("backend", ["eager", "triton"])
 def test_a_gradient_of_a_gradient_is_eager_only(backend: str) -> None:
-    """A gradient penalty (a loss on the projection's gradient, taken with create_graph=True): eager differentiates
-    it; the triton backward has no gradient of its own, so it raises rather than silently leave out its
-    second-order terms."""
+    """A gradient penalty on the projection's gradient (helpers.assert_gradient_penalty_eager_only)."""
     qkv, q, k = qk_views(1, 2, 8, 16, torch.float32)
     q_rot, k_rot = apply_rope(q, k, table(8, 16), backend=backend)
-
-    def penalty_backward() -> None:
-        (dqkv,) = torch.autograd.grad(q_rot.square().sum() + k_rot.pow(3).sum(), qkv, create_graph=True)
-        dqkv.square().sum().backward()
-
-    if backend != "eager":
-        with pytest.raises(RuntimeError, match="no second-order gradient"):
-            penalty_backward()
-        return
-    penalty_backward()
-    assert qkv.grad.abs().max() > 0
+    assert_gradient_penalty_eager_only(backend, q_rot.square().sum() + k_rot.pow(3).sum(), qkv)
 
 
 def test_the_reference_table_needs_a_head_dim_divisible_by_4() -> None:

@@ -18,7 +18,7 @@ import torch
 import sphere_fast
 from sphere_fast.ops import philox as P
 from sphere_fast.ops.philox import sphere_noise_reference
-from tests.helpers import assert_rounded_to_nearest, swapped_in_memory
+from tests.helpers import assert_gradient_penalty_eager_only, assert_rounded_to_nearest, swapped_in_memory
 
 S = importlib.import_module("sphere_fast.ops.spherify")
 
@@ -301,22 +301,10 @@ def test_a_noise_that_requires_grad(backend):
 
 @pytest.mark.parametrize("backend", KERNELS + ["eager"])
 def test_a_gradient_of_a_gradient_is_eager_only(backend):
-    """A gradient penalty (a loss on z's gradient, taken with create_graph=True): eager differentiates it; the
-    fused backward kernels have no gradient of their own, so the fused backends raise rather than silently leave
-    out their second-order terms."""
+    """A gradient penalty on z's gradient (helpers.assert_gradient_penalty_eager_only)."""
     z, weights = _z(2, 64).requires_grad_(), _z(2, 64, seed=1)
     out = S.spherify_noise(z, 0.5, seeds=_seeds(2), backend=backend)
-
-    def penalty_backward():
-        (dz,) = torch.autograd.grad((out * weights).sum(), z, create_graph=True)
-        dz.square().sum().backward()
-
-    if backend != "eager":
-        with pytest.raises(RuntimeError, match="no second-order gradient"):
-            penalty_backward()
-        return
-    penalty_backward()
-    assert z.grad.abs().max() > 0
+    assert_gradient_penalty_eager_only(backend, (out * weights).sum(), z)
 
 
 @pytest.mark.parametrize("backend", KERNELS)

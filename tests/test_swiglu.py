@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from sphere_fast import available_backends
-from tests.helpers import FUSED, TOL, assert_rounded_to_nearest, close, record_launches
+from tests.helpers import (
+    FUSED, TOL, assert_gradient_penalty_eager_only, assert_rounded_to_nearest, close, record_launches,
+)
 
 sw = importlib.import_module("sphere_fast.ops.swiglu")
 
@@ -135,22 +137,9 @@ def test_bad_inputs_raise(backend: str) -> None:
 
 @pytest.mark.parametrize("backend", ["eager"] + FUSED)
 def test_a_gradient_of_a_gradient_is_eager_only(backend: str) -> None:
-    """A gradient penalty (a loss on h's gradient, taken with create_graph=True): eager differentiates it; the fused
-    backward kernels have no gradient of their own, so the fused backends raise rather than silently leave out
-    their second-order terms."""
+    """A gradient penalty on h's gradient (helpers.assert_gradient_penalty_eager_only)."""
     h = randn(3, 10).requires_grad_()
-    out = sw.swiglu(h, backend=backend)
-
-    def penalty_backward() -> None:
-        (dh,) = torch.autograd.grad(out.square().sum(), h, create_graph=True)
-        dh.square().sum().backward()
-
-    if backend != "eager":
-        with pytest.raises(RuntimeError, match="no second-order gradient"):
-            penalty_backward()
-        return
-    penalty_backward()
-    assert h.grad.abs().max() > 0
+    assert_gradient_penalty_eager_only(backend, sw.swiglu(h, backend=backend).square().sum(), h)
 
 
 @pytest.mark.parametrize("backend", FUSED)
