@@ -207,7 +207,7 @@ def noise_stream(
             if not isinstance(e, torch.Tensor) or tuple(e.shape) != shape:
                 raise ValueError(f"noise[{i}] must have shape {shape}, got {tuple(getattr(e, 'shape', ()))}")
             yield e.to(device=device, dtype=torch.float32)
-        raise ValueError(f"noise holds {len(noise)} draws, fewer than this sampling run needs")
+        return
     yield torch.randn(shape).to(device)
     while True:
         yield torch.randn(shape, device=device)
@@ -298,6 +298,12 @@ def sample(
     check_flags(cache_noise=cache_noise, scheduler=scheduler)
     if noise is not None and seeds is not None:
         raise ValueError("give at most one of noise and seeds")
+    if noise is not None:
+        # the initial point, then one refinement draw a step, or one for all when cached
+        needed = 1 + (0 if steps == 1 else 1 if cache_noise else steps - 1)
+        if len(noise) != needed:
+            raise ValueError(f"noise holds {len(noise)} draws; {steps} steps with cache_noise={cache_noise} take "
+                             f"{needed} (the initial point, then the refinement draws)")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     y = sample_labels(model, batch_size, y, device)
     nets = GuidedNetworks.from_scale(model, y, cfg, cfg_position)

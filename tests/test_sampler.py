@@ -287,6 +287,10 @@ def test_recorded_noise_is_checked_and_taken_in_float32(model):
     assert torch.equal(final, model.generate(5, y=LABELS, forward_steps=2, noise=[d.float() for d in draws])[1])
     with pytest.raises(ValueError, match=r"noise\[1\] must have shape \(5, 16, 4\), got \(5, 16\)"):
         model.generate(5, y=LABELS, forward_steps=2, noise=[draws[0], draws[1][..., 0]])
+    # a draw left over means the run is not the one the draws were recorded from
+    for steps, cache, given in ((2, False, 3), (3, True, 3), (3, False, 2), (1, False, 2)):
+        with pytest.raises(ValueError, match=f"noise holds {given} draws; {steps} steps with cache_noise={cache}"):
+            model.generate(5, y=LABELS, forward_steps=steps, cache_sampling_noise=cache, noise=(draws * 2)[:given])
 
 
 def test_recorded_noise_on_a_bf16_model_matches_the_loop_written_out():
