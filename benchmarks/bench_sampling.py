@@ -176,12 +176,12 @@ def official_loop(
     shape = model.latent_shape[1:]
 
     def eager(labels: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
-        # Its two draws (initial point, cached refinement noise) are one kernel each, as the official torch.randn
-        # draws are; the seed convention's pure-torch Philox (about 200 small kernels a draw) would slow this
-        # baseline for no reason an eager user has. The draws are the seeds' own, so the images match the other
-        # implementations.
+        # Its draws (initial point, and from step 2 the cached refinement noise) are one kernel each, as the
+        # official torch.randn draws are; the seed convention's pure-torch Philox (about 200 small kernels a draw)
+        # would slow this baseline for no reason an eager user has. The draws are the seeds' own, so the images
+        # match the other implementations.
         seeds = seeds.to(DEVICE)
-        draws = [ops.sphere_noise(seeds, shape, stream=k, backend="auto") for k in (0, 1)]
+        draws = [ops.sphere_noise(seeds, shape, stream=k, backend="auto") for k in range(min(steps, 2))]
         with use_backend("eager"):
             return model.generate(
                 batch, y=labels.to(DEVICE), cfg=cfg, cfg_position="combo", forward_steps=steps,
