@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from sphere_fast import ops
 from sphere_fast.model import check_label_range, labels_checked
 from sphere_fast.perceptual import LPIPS, ConvNeXt, load_state_dict_file
+from sphere_fast.sampling import check_count
 
 # ---- noise levels --------------------------------------------------------------------------------
 
@@ -237,9 +238,7 @@ class SphereLoss(nn.Module):
 def _check_counts(config: object, names: tuple[str, ...]) -> None:
     """Refuse the fields ``names`` of ``config`` that are not ints >= 1."""
     for name in names:
-        value = getattr(config, name)
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        check_count(name, getattr(config, name))
 
 
 @dataclass
