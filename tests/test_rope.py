@@ -203,8 +203,8 @@ def _qk(d: int = 32, dtype: torch.dtype = torch.float32):
     "make, exc, match",
     [
         (lambda q, k: (q, k[:, :1], table(8, 32)), ValueError, r"k must match q's shape"),
-        (lambda q, k: (q, k.half(), table(8, 32)), ValueError, r"k must match q's shape, dtype"),
-        (lambda q, k: (q, k.to("meta"), table(8, 32)), ValueError, r"k must match q's shape, dtype and device"),
+        (lambda q, k: (q, k.half(), table(8, 32)), TypeError, r"k must have q's dtype torch.float32, got .*float16"),
+        (lambda q, k: (q, k.to("meta"), table(8, 32)), ValueError, r"k must match q's shape and device"),
         (lambda q, k: (q, k, table(8, 32).to("meta")), ValueError, r"rope must be on q's device"),
         (lambda q, k: (q[0], k[0], table(8, 32)), ValueError, r"\bq\b.*4-D"),
         (lambda q, k: (q.double(), k.double(), table(8, 32)), TypeError, r"\bq\b.*float16"),

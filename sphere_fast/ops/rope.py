@@ -76,10 +76,12 @@ def _check_inputs(q: object, k: object, rope: object) -> None:
             raise ValueError(f"apply_rope: {name} must be [B, H, N, D] (4-D), got shape {tuple(t.shape)}")
         if t.dtype not in DTYPES:
             raise TypeError(f"apply_rope: {name} must be float16, bfloat16 or float32, got {t.dtype}")
-    if k.shape != q.shape or k.dtype != q.dtype or k.device != q.device:
+    if k.dtype != q.dtype:
+        raise TypeError(f"apply_rope: k must have q's dtype {q.dtype}, got {k.dtype}")
+    if k.shape != q.shape or k.device != q.device:
         raise ValueError(
-            f"apply_rope: k must match q's shape, dtype and device {tuple(q.shape)} {q.dtype} {q.device}, "
-            f"got {tuple(k.shape)} {k.dtype} {k.device}"
+            f"apply_rope: k must match q's shape and device {tuple(q.shape)} {q.device}, "
+            f"got {tuple(k.shape)} {k.device}"
         )
     check_rope_table(rope, q, "apply_rope")
 
