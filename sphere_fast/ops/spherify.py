@@ -324,10 +324,17 @@ def _sphere_noise(seeds: torch.Tensor, length: int, stream: int, backend: str) -
 # ---------------------------------------------------------------------------------------------- public ops
 
 
+def _resolve_for(op: str, z: object, backend: str | None) -> str:
+    """The backend for ``z``. Under ``auto`` a float64 z takes the eager reference: the kernels compute in fp32
+    and refuse float64, while ``auto`` must not refuse what one of its backends takes."""
+    if not isinstance(z, torch.Tensor):
+        return resolve_backend(op, torch.device("cpu"), backend, AUTO_ORDER)
+    return resolve_backend(op, z.device, backend, () if z.dtype == torch.float64 else AUTO_ORDER)
+
+
 def spherify(z: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """f(z) for z of shape [B, ...]."""
-    device = z.device if isinstance(z, torch.Tensor) else torch.device("cpu")
-    name = resolve_backend("spherify", device, backend, AUTO_ORDER)
+    name = _resolve_for("spherify", z, backend)
     _check_z(z, name)
     if name == "eager":
         return spherify_reference(z)
@@ -357,8 +364,7 @@ def _noisy(
     stream: int,
     backend: str | None,
 ) -> list[torch.Tensor]:
-    device = z.device if isinstance(z, torch.Tensor) else torch.device("cpu")
-    name = resolve_backend(op, device, backend, AUTO_ORDER)
+    name = _resolve_for(op, z, backend)
     _check_z(z, name)
     values = [_check_scale(label, s, z) for label, s in scales]
     _check_noise_source(z, noise, seeds, stream)
