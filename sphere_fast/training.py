@@ -175,6 +175,24 @@ class PerceptualLoss(nn.Module):
         return (lp + 0.1 * (logits[:b] - logits[b:]).square().mean(1)) / 1.1
 
 
+def check_weights_match_flags(model: nn.Module, weights: LossWeights) -> None:
+    """The model's consistency flags decide which terms the loss computes, the weights what each counts. The
+    official recipe derives each flag from its weights; a mismatch here would silently train another objective:
+    a weighted term never computed, or (pixel consistency on with its weights 0) the reconstruction taken from
+    the small noise alone."""
+    for flag, on, names in (
+        ("use_pixel_consistency", model.use_pix_con, ("con_dist", "con_perc")),
+        ("use_latent_consistency", model.use_lat_con, ("latent",)),
+    ):
+        weighted = {n: getattr(weights, n) for n in names}
+        if on != any(weighted.values()):
+            raise ValueError(
+                f"the model has {flag}={on} but the loss weights give {weighted}: the flag must be on exactly "
+                f"when one of these weights is > 0 (as in the official recipe); build the model with "
+                f"{flag}={not on} or change the weights"
+            )
+
+
 class SphereLoss(nn.Module):
     """One training step's loss (spec section 4), as a module so DistributedDataParallel can wrap it."""
 
@@ -185,6 +203,7 @@ class SphereLoss(nn.Module):
                 f"loss weights {weights} use the perceptual loss but no perceptual network was given; load it "
                 "with PerceptualLoss.from_files or set recon_perc and con_perc to 0"
             )
+        check_weights_match_flags(model, weights)
         self.model = model
         self.weights = weights
         # a plain attribute: frozen, so DDP has nothing to broadcast or reduce for it

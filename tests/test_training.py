@@ -141,12 +141,13 @@ def test_single_output_variant_reconstructs_from_the_big_noise():
     x, y = tiny_batch(4)
     big, small = torch.tensor([0.5, 1.0, 2.0, 0.0]), torch.tensor([0.1, 0.2, 0.3, 0.0])
     e = torch.randn(4, 16, 4, generator=torch.Generator().manual_seed(3))
-    total, terms = SphereLoss(model, loss_weights(NO_PERCEPTUAL))(x, y, big, small, e)
+    only_recon = {**{k: 0.0 for k in NO_PERCEPTUAL}, "recon_dist": 2.0}
+    total, terms = SphereLoss(model, loss_weights(only_recon))(x, y, big, small, e)
     v_big = spherify_noise_reference(model.encoder(x, y), big, e)
     recon = (0.5 * ((model.decoder(v_big, y) - x) * 0.5) ** 2).mean((1, 2, 3)).mean()
     assert set(terms) == {"recon"}
     torch.testing.assert_close(terms["recon"], recon.detach(), rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(total, NO_PERCEPTUAL["recon_dist"] * recon, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(total, 2.0 * recon, rtol=1e-5, atol=1e-7)
 
 
 def test_train_step_takes_seeds_as_the_noise_they_draw():
@@ -256,7 +257,7 @@ def test_activation_checkpointing_recomputes_only_where_gradients_are_taken(monk
 
 
 def test_latent_consistency_gradient_reaches_the_decoder():
-    model = no_label_dropout(tiny_model())
+    model = no_label_dropout(tiny_model(use_pixel_consistency=False))
     x, y = tiny_batch(4)
     only_latent = {**{k: 0.0 for k in NO_PERCEPTUAL}, "latent": 1.0}
     total, _ = SphereLoss(model, loss_weights(only_latent))(x, y, torch.full((4,), 0.5), torch.full((4,), 0.2), torch.randn(4, 16, 4))
@@ -571,3 +572,29 @@ def test_perceptual_loss_without_weight_files_is_a_clear_error(tmp_path):
         TrainConfig(loss_weights=NO_PERCEPTUAL, perceptual_weights={k: str(v) for k, v in paths.items()})
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         Trainer(tiny_model(), TrainConfig(global_batch=6, loss_weights="cifar10", perceptual_weights={k: str(v) for k, v in paths.items()}))
+
+
+@pytest.mark.parametrize(
+    "flags, weights, match",
+    [
+        ({"use_pixel_consistency": False}, {"con_dist": 0.5}, r"use_pixel_consistency=False .*'con_dist': 0.5"),
+        ({"use_pixel_consistency": False}, {"con_dist": 0.0}, None),
+        ({"use_latent_consistency": False}, {"latent": 0.1}, r"use_latent_consistency=False .*'latent': 0.1"),
+        ({}, {"con_dist": 0.0, "con_perc": 0.0}, r"use_pixel_consistency=True .*'con_dist': 0.0, 'con_perc': 0.0"),
+        ({}, {"latent": 0.0}, r"use_latent_consistency=True .*'latent': 0.0"),
+    ],
+)
+def test_loss_weights_must_match_the_consistency_flags(flags, weights, match):
+    """A weight on a term the model's flags leave out would be dropped silently, and pixel consistency on with
+    its weights 0 takes the reconstruction from the small noise alone: both refused (the official recipe derives
+    each flag from its weights)."""
+    model = tiny_model(**flags)
+    all_weights = loss_weights({**NO_PERCEPTUAL, "latent": 0.0 if flags.get("use_latent_consistency") is False else 0.7,
+                                **weights})
+    if match is None:
+        SphereLoss(model, all_weights)
+        return
+    with pytest.raises(ValueError, match=match):
+        SphereLoss(model, all_weights)
+    with pytest.raises(ValueError, match=match):
+        Trainer(model, TrainConfig(global_batch=4, total_steps=2, warmup_steps=0, loss_weights=all_weights))
