@@ -128,7 +128,8 @@ class ViT(nn.Module):
         self.y_embedder = LabelEmbedder(num_classes, width) if modulated else None
         self.blocks = nn.ModuleList(Block(width, heads, modulated) for _ in range(size["layers"]))
         # after the blocks, which check that heads divide the width
-        self.register_buffer("rope", rope_2d(width // heads, self.grid), persistent=False)
+        self.head_dim = width // heads
+        self.register_buffer("rope", self.rope_table(), persistent=False)
 
         if kind == "encoder":
             self.ffn = ModulatedLinear(width, token_channels, modulated)
@@ -152,11 +153,17 @@ class ViT(nn.Module):
                     nn.Tanh(),
                 )
 
+    def rope_table(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """The RoPE table [N, 2 * head_dim], float32: a function of the config, so no checkpoint holds it."""
+        return rope_2d(self.head_dim, self.grid).to(device)
+
     def _apply(self, fn, recurse=True):
+        before = self.rope
         super()._apply(fn, recurse)
-        # The RoPE table stays float32 when the model is cast (e.g. to bf16): positions need the precision.
-        if self.rope.dtype != torch.float32:
-            self.rope = rope_2d(self.rope.shape[-1] // 2, self.grid).to(self.rope.device)
+        # A conversion that replaced the table gets it rebuilt: float32 when the model is cast (e.g. to bf16:
+        # positions need the precision), and filled after to_empty (the meta-device route to big checkpoints).
+        if self.rope is not before:
+            self.rope = self.rope_table(self.rope.device)
         return self
 
     def check_input(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
@@ -169,6 +176,14 @@ class ViT(nn.Module):
             raise ValueError(f"{name} must have shape [B, {', '.join(map(str, shape))}], got {tuple(getattr(x, 'shape', ()))}")
         if not x.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        weights = self.pos_embed
+        if x.device != weights.device:
+            raise ValueError(f"{name} is on {x.device} but the {self.kind}'s weights are on {weights.device}")
+        if x.dtype != weights.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"{name} has dtype {x.dtype} but the {self.kind}'s weights are {weights.dtype}: cast it, or run under "
+                "torch.autocast"
+            )
         if x.shape[0] == 0:
             raise ValueError(f"{name} is an empty batch")
         if self.num_classes == 0:
@@ -333,8 +348,12 @@ class SphereEncoder(nn.Module):
         enc_size = resolve_model_size(vit_enc_model_size, "vit_enc_model_size")
         dec_size = resolve_model_size(vit_dec_model_size, "vit_dec_model_size")
         if halve_model_size:
-            enc_size["layers"] //= 2
-            dec_size["layers"] //= 2
+            for name, size in (("vit_enc_model_size", enc_size), ("vit_dec_model_size", dec_size)):
+                if size["layers"] < 2:
+                    raise ValueError(
+                        f"halve_model_size leaves {name} with {size['layers'] // 2} layers; it needs 2 or more"
+                    )
+                size["layers"] //= 2
 
         self.config = {
             "input_size": input_size,
@@ -419,22 +438,27 @@ class SphereEncoder(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        """Load an official (or sphere_fast) state_dict; with ``strict`` every missing, unexpected or
-        mis-shaped key is listed by name in one ValueError."""
+        """Load an official (or sphere_fast) state_dict; with ``strict`` the missing, unexpected and mis-shaped
+        keys are named (the first few of each, with their counts) in one ValueError."""
         if strict:
             own = self.state_dict()
             missing = sorted(set(own) - set(state_dict))
             unexpected = sorted(set(state_dict) - set(own))
             shapes = sorted(
-                f"{k}: expected {tuple(own[k].shape)}, got {tuple(state_dict[k].shape)}"
+                f"{k}: expected {tuple(own[k].shape)}, got {tuple(getattr(state_dict[k], 'shape', ()))}"
                 for k in set(own) & set(state_dict)
-                if tuple(own[k].shape) != tuple(state_dict[k].shape)
+                if tuple(own[k].shape) != tuple(getattr(state_dict[k], "shape", ()))
             )
             if missing or unexpected or shapes:
-                parts = [f"missing keys: {missing}"] * bool(missing) + [f"unexpected keys: {unexpected}"] * bool(unexpected)
-                parts += [f"mis-shaped keys: {shapes}"] * bool(shapes)
-                raise ValueError("state_dict does not match this SphereEncoder; " + "; ".join(parts))
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+                parts = [_some_keys(what, keys) for what, keys in
+                         (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)) if keys]
+                raise ValueError("state_dict does not match this SphereEncoder; " + "; ".join(parts) +
+                                 _wrapped_hint(state_dict))
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        for vit in (self.encoder, self.decoder):  # assign=True into a meta-device model leaves the table on meta
+            if vit.rope.device != vit.pos_embed.device:
+                vit.rope = vit.rope_table(vit.pos_embed.device)
+        return result
 
     # ---- the three functions of the method ---------------------------------------------------
     @property
@@ -472,6 +496,7 @@ class SphereEncoder(nn.Module):
     def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None, noise_scaler: float = 1.0, sampling: bool = False) -> torch.Tensor:
         """E(x, y or null) -> f (-> noisy re-projection when ``sampling``) -> D; images in [0, 1]."""
         check_noise_scaler(noise_scaler)
+        check_eval_mode(self)
         if y is None and self.num_classes > 0:
             y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
         z = self.encoder(x, y)
@@ -521,10 +546,32 @@ class SphereEncoder(nn.Module):
         )
 
 
+def _some_keys(what: str, keys: list[str], shown: int = 8) -> str:
+    more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+    return f"{len(keys)} {what} keys: {keys[:shown]}{more}"
+
+
+def _wrapped_hint(state_dict: Mapping[str, Any]) -> str:
+    """A hint where the dict looks like a checkpoint file's rather than a state_dict."""
+    keys = list(state_dict)
+    wrapped = any(isinstance(v, Mapping) for v in state_dict.values())
+    prefixed = bool(keys) and any(all(k.startswith(p) for k in keys) for p in ("module.", "_orig_mod."))
+    if not (wrapped or prefixed):
+        return ""
+    return ("; it looks like a checkpoint file's dict ('model' / 'ema_model' entries, or keys saved through DDP or "
+            "torch.compile): read it with sphere_fast.checkpoint.read_official(path)")
+
+
 def check_noise_scaler(noise_scaler: object) -> None:
     number = isinstance(noise_scaler, (int, float)) and not isinstance(noise_scaler, bool)
     if not number or not math.isfinite(noise_scaler) or noise_scaler < 0:
         raise ValueError(f"noise_scaler must be a finite number >= 0, got {noise_scaler!r}")
+
+
+def check_eval_mode(model: nn.Module) -> None:
+    """Label dropout applies in training mode: a sample would depend on torch's generator, not on its seed."""
+    if model.training:
+        raise ValueError("model is in training mode (label dropout would apply): call model.eval() first")
 
 
 def check_model(model: object) -> SphereEncoder:

@@ -18,7 +18,14 @@ import torch
 
 from sphere_fast import ops
 from sphere_fast.backend import active_backend
-from sphere_fast.model import Conditioning, check_label_range, check_model, labels_checked, representative_blocks
+from sphere_fast.model import (
+    Conditioning,
+    check_eval_mode,
+    check_label_range,
+    check_model,
+    labels_checked,
+    representative_blocks,
+)
 from sphere_fast.nn.layers import fused_mlp_enabled, padded_mlp_weights
 from sphere_fast.ops._util import compile_pass
 from sphere_fast.ops.philox import check_seeds
@@ -56,12 +63,6 @@ def check_flags(**flags: object) -> None:
     for name, value in flags.items():
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool, got {value!r}")
-
-
-def check_eval_mode(model: torch.nn.Module) -> None:
-    """Label dropout applies in training mode: a sample would depend on torch's generator, not on its seed."""
-    if model.training:
-        raise ValueError("model is in training mode (label dropout would apply): call model.eval() first")
 
 
 def seeds_on(seeds: object, batch_size: int, device: torch.device) -> torch.Tensor:
@@ -296,6 +297,7 @@ def sample(
     check_sampling_args(batch_size, cfg, cfg_position, steps)
     check_dtype(dtype)
     check_flags(cache_noise=cache_noise, scheduler=scheduler)
+    check_eval_mode(model)
     if noise is not None and seeds is not None:
         raise ValueError("give at most one of noise and seeds")
     if noise is not None:

@@ -112,8 +112,20 @@ def test_state_dict_errors_list_keys():
     assert "encoder.blocks.0.norm1.weight" in msg and "encoder.extra" in msg and "decoder.ffn.linear.bias" in msg
     only_missing = model.state_dict()
     only_missing.pop("decoder.pos_embed")
-    with pytest.raises(ValueError, match=r"missing keys: \['decoder.pos_embed'\]"):
+    with pytest.raises(ValueError, match=r"1 missing keys: \['decoder.pos_embed'\]"):
         model.load_state_dict(only_missing)
+
+
+@pytest.mark.parametrize(
+    "wrap", [lambda sd: {"model": sd, "epoch": 3}, lambda sd: {f"module.{k}": v for k, v in sd.items()}]
+)
+def test_state_dict_errors_are_short_and_name_the_wrapper(wrap):
+    """A checkpoint file's dict (or DDP's prefixed keys) given as a state_dict: a message of a few lines that
+    names the reader, not every key of the model."""
+    model = tiny()
+    with pytest.raises(ValueError, match="read_official") as err:
+        model.load_state_dict(wrap(model.state_dict()))
+    assert len(str(err.value)) < 1500 and "more" in str(err.value)
 
 
 @pytest.mark.parametrize(
@@ -134,6 +146,8 @@ def test_state_dict_errors_list_keys():
         (dict(noise_sigma_max_angle=90, mix_hard_cases_max_angle=89), r"must be in \(0, 90\) degrees"),
         (dict(patch_size=True), "patch_size must be a positive int"),
         (dict(vit_dec_latent_mlp_mixer_depth=-1), "vit_dec_latent_mlp_mixer_depth must be an int >= 0"),
+        (dict(halve_model_size=True, vit_dec_model_size={"width": 32, "layers": 1, "heads": 2}),
+         "halve_model_size leaves vit_dec_model_size with 0 layers"),
     ],
 )
 def test_bad_config(kwargs, match):
@@ -239,6 +253,31 @@ def test_bad_inputs():
         model.generate(2, forward_steps=3, noise=[torch.randn(2, 16, 4)])
     with pytest.raises(ValueError, match="at most one of noise and seeds"):
         model.generate(2, noise=[torch.randn(2, 16, 4)], seeds=torch.arange(2))
+
+
+def test_inputs_must_match_the_weights_dtype_and_device():
+    """Checked before the first layer: torch's own errors name neither the argument nor the fix."""
+    model = tiny()
+    x, y, z = torch.rand(2, 3, 16, 16), torch.tensor([0, 1]), torch.rand(2, 16, 4)
+    with pytest.raises(TypeError, match=r"x has dtype torch.float64 but the encoder's weights are torch.float32"):
+        model.encoder(x.double(), y)
+    half = tiny().to(torch.bfloat16)
+    with pytest.raises(TypeError, match=r"z has dtype torch.float32 but the decoder's weights are torch.bfloat16"):
+        half.decoder(z, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert half.decoder(z, y).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=r"x is on meta but the encoder's weights are on cpu"):
+        model.encoder(x.to("meta"), y.to("meta"))
+
+
+def test_sampling_and_reconstruction_refuse_training_mode():
+    """Label dropout applies in training mode: the same seeds would give other images (the Sampler and the edits
+    refuse it too)."""
+    model = tiny().train()
+    with pytest.raises(ValueError, match="training mode"):
+        model.generate(2, y=torch.tensor([0, 1]), cfg=1.4, seeds=torch.arange(2))
+    with pytest.raises(ValueError, match="training mode"):
+        model.reconstruct(torch.rand(2, 3, 16, 16), torch.tensor([0, 1]))
 
 
 def test_reconstruct_with_sampling_noise():

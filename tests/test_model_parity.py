@@ -44,6 +44,26 @@ def test_forward_parity(model, golden):
         assert max_err(x, c["x_dec"]) < TOL
 
 
+@pytest.mark.parametrize("route", ["to_empty", "assign"])
+def test_a_model_built_on_meta_loads_the_golden_weights(golden, route):
+    """The route to big checkpoints without two copies in memory: build on the meta device, then to_empty +
+    load_state_dict, or load_state_dict(assign=True). No checkpoint holds the RoPE table: it must be rebuilt (it was
+    left uninitialised, or on meta)."""
+    with torch.device("meta"):
+        m = SphereEncoder(**golden["config"]).eval()
+    if route == "to_empty":
+        m.to_empty(device="cpu").load_state_dict(golden["state_dict"])
+    else:
+        m.load_state_dict(golden["state_dict"], assign=True)
+    reference = SphereEncoder(**golden["config"])
+    for vit, expected in ((m.encoder, reference.encoder), (m.decoder, reference.decoder)):
+        assert vit.rope.device.type == "cpu" and torch.equal(vit.rope, expected.rope)
+    c = golden["cases"]["forward"]
+    with torch.no_grad():
+        assert max_err(m.encoder(c["x"], c["y"]), c["z"]) < TOL
+        assert max_err(m.decoder(c["v_noisy"], c["y"]), c["x_dec"]) < TOL
+
+
 def test_reconstruct_parity(model, golden):
     c = golden["cases"]["reconstruct"]
     assert max_err(model.reconstruct(c["x"]), c["out"]) < TOL
