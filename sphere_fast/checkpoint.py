@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -75,10 +76,14 @@ def save_checkpoint(
     run_config: Mapping[str, Any] | None = None,
     name: str | None = None,
     keep: int = 2,
+    ema_weights: Mapping[str, torch.Tensor] | None = None,
 ) -> Path | None:
     """Save under ``directory/name`` (default ``step-<step>``) and point ``latest`` at it; keep the
     newest ``keep`` checkpoints. Under torchrun every process must call it (RNG states are gathered);
-    rank 0 writes and returns the path, the others return None."""
+    rank 0 writes and returns the path, the others return None. ``ema_weights``: EMA weights to keep beside the
+    model's in a checkpoint without a trainer (a converted official file); a trainer saves its own."""
+    if ema_weights is not None and trainer is not None:
+        raise ValueError("give ema_weights only without a trainer (a trainer's checkpoint holds its own EMA)")
     directory = Path(directory)
     state = trainer.state_dict() if trainer is not None else None
     distributed = dist.is_initialized() and dist.get_world_size() > 1
@@ -104,9 +109,12 @@ def save_checkpoint(
     _write_safetensors(model.state_dict(), tmp / MODEL_FILE, model.config)
     files = [MODEL_FILE, CONFIG_FILE]
     if state is not None:
-        _write_safetensors(state.pop("ema"), tmp / EMA_FILE, model.config)
+        ema_weights = state.pop("ema")
         torch.save(state, tmp / STATE_FILE)
-        files += [EMA_FILE, STATE_FILE]
+        files.append(STATE_FILE)
+    if ema_weights is not None:
+        _write_safetensors(ema_weights, tmp / EMA_FILE, model.config)
+        files.append(EMA_FILE)
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1))
     for f in files:
         _fsync(tmp / f)
@@ -227,9 +235,26 @@ def load_checkpoint(
 # ---- official .pth checkpoints ------------------------------------------------------------------
 
 
-def read_official(path: str | Path, key: str = "model") -> dict[str, torch.Tensor]:
-    """The state_dict of an official ``.pth``: a plain state_dict or a dict holding it under ``key``."""
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+# The official training checkpoint: {"model": state_dict, "ema_model": SimpleEMA.state_dict(), "epoch", optimizer
+# ...}. The EMA dict holds every parameter and buffer by name, the RoPE tables ([1, N, 2 * head_dim]) included,
+# which state_dicts leave out (non-persistent); the official loader reads it strictly.
+OFFICIAL_EMA_KEY = "ema_model"
+ROPE_BUFFERS = ("encoder.rope", "decoder.rope")
+
+
+def _load_official(path: str | Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()[0]
+        raise ValueError(
+            f"{path} holds objects other than tensors and plain containers, which torch.load(weights_only=True) "
+            f"refuses ({reason}); if you trust the file, load it with torch.load(path, weights_only=False) and give "
+            "its state_dict to SphereEncoder.load_state_dict"
+        ) from None
+
+
+def _state_under(obj: Any, key: str, path: str | Path) -> dict[str, torch.Tensor]:
     if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
         obj = obj[key]
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -238,29 +263,48 @@ def read_official(path: str | Path, key: str = "model") -> dict[str, torch.Tenso
     for prefix in ("module.", "_orig_mod."):  # saved from DDP / torch.compile wrappers
         if all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
-    return state
+    return {k: v for k, v in state.items() if k not in ROPE_BUFFERS}
+
+
+def read_official(path: str | Path, key: str = "model") -> dict[str, torch.Tensor]:
+    """The state_dict of an official ``.pth``: a plain state_dict or a dict holding it under ``key`` (``"model"``,
+    or ``"ema_model"`` for the EMA weights of an official training checkpoint)."""
+    return _state_under(_load_official(path), key, path)
 
 
 def official_to_checkpoint(pth: str | Path, out: str | Path, model_config: Mapping[str, Any], key: str = "model") -> Path:
-    """Convert an official ``.pth`` to a weights-only sphere_fast checkpoint folder under ``out``."""
+    """Convert an official ``.pth`` to a weights-only sphere_fast checkpoint folder under ``out``: the weights under
+    ``key``, and with the default key the file's EMA weights (``ema_model``) too, where it holds them."""
+    obj = _load_official(pth)
     model = SphereEncoder(**model_config)
-    model.load_state_dict(read_official(pth, key))
-    path = save_checkpoint(out, model, name="converted")
+    model.load_state_dict(_state_under(obj, key, pth))
+    ema = None
+    if key == "model" and isinstance(obj, Mapping) and isinstance(obj.get(OFFICIAL_EMA_KEY), Mapping):
+        ema = _state_under(obj, OFFICIAL_EMA_KEY, pth)
+        with torch.device("meta"):  # checks the keys and shapes without a second copy of the weights
+            check = SphereEncoder(**model_config)
+        check.load_state_dict(ema, assign=True)
+    path = save_checkpoint(out, model, name="converted", ema_weights=ema)
     assert path is not None
     return path
 
 
 def checkpoint_to_official(path: str | Path, out: str | Path) -> Path:
-    """Write ``{"model": state_dict[, "ema": state_dict]}`` with official keys, loadable by the official code."""
+    """Write ``{"model": state_dict[, "ema_model": EMA weights]}`` with official keys, as the official training
+    saves them (its loader takes the EMA weights, RoPE tables included, from ``ema_model``)."""
     path = _resolve(path)
     verify_checkpoint(path)
-    with torch.device("meta"):  # only for the official key order (safetensors stores keys sorted)
-        order = list(SphereEncoder(**json.loads((path / CONFIG_FILE).read_text())["model"]).state_dict())
+    with torch.device("meta"):  # the official key order (safetensors stores keys sorted) and the tables' shapes
+        model = SphereEncoder(**json.loads((path / CONFIG_FILE).read_text())["model"])
+    order = list(model.state_dict())
     state = {}
-    for key, f in (("model", MODEL_FILE), ("ema", EMA_FILE)):
+    for key, f in (("model", MODEL_FILE), (OFFICIAL_EMA_KEY, EMA_FILE)):
         if (path / f).exists():
             tensors = load_file(str(path / f))
             state[key] = {k: tensors[k] for k in order}
+    if OFFICIAL_EMA_KEY in state:
+        for name, vit in zip(ROPE_BUFFERS, (model.encoder, model.decoder)):
+            state[OFFICIAL_EMA_KEY][name] = vit.rope_table("cpu").unsqueeze(0)
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     torch.save(state, tmp)

@@ -414,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to-official", action="store_true")
     p.add_argument("--preset", help="model preset giving the config of the .pth")
     p.add_argument("--config", help="model config as JSON text or a JSON file")
-    p.add_argument("--key", default="model", help="key holding the state_dict in a .pth dict (e.g. ema)")
+    p.add_argument("--key", default="model", help="key holding the state_dict in a .pth dict (ema_model: the EMA "
+                   "weights of an official training checkpoint; with the default they are converted too)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("bench", help="run the benchmark suite / GPU check (benchmarks/gpu_check.sh)")

@@ -21,6 +21,7 @@ from sphere_fast.checkpoint import (
     sha256_file,
 )
 from sphere_fast.training import DistInfo, RunConfig, TrainConfig, Trainer, fit
+from tests import spec_reference
 from tests.tiny import NO_PERCEPTUAL, TINY_CONFIG, tiny_batch, tiny_model
 
 
@@ -268,16 +269,50 @@ def test_a_prefix_is_stripped_only_from_keys_that_all_carry_it(tmp_path):
 
 
 def test_a_training_checkpoint_converts_with_its_ema_and_any_key(tmp_path):
-    """checkpoint_to_official writes the EMA weights beside the live ones; official_to_checkpoint reads the
-    state_dict under the key it is given."""
+    """checkpoint_to_official writes the EMA weights where the official training saves them (``ema_model``, every
+    parameter and buffer, the RoPE tables [1, N, 2 * head_dim] included: its loader reads that dict strictly);
+    official_to_checkpoint reads the state_dict under the key it is given."""
     trainer = small_trainer(2)
     back = torch.load(checkpoint_to_official(save_checkpoint(tmp_path / "run", trainer.model, trainer=trainer),
                                              tmp_path / "back.pth"), weights_only=True)
-    assert sorted(back) == ["ema", "model"]
-    for name, weights in (("model", trainer.model), ("ema", trainer.ema)):
-        assert list(back[name]) == list(weights.state_dict())
-        assert all(torch.equal(back[name][k], v) for k, v in weights.state_dict().items())
-    torch.save({"state": back["ema"], "model": {}}, tmp_path / "keyed.pth")
+    assert sorted(back) == ["ema_model", "model"]
+    assert list(back["model"]) == list(trainer.model.state_dict())
+    assert all(torch.equal(back["model"][k], v) for k, v in trainer.model.state_dict().items())
+    ema = {k: v for k, v in back["ema_model"].items() if k not in ("encoder.rope", "decoder.rope")}
+    assert list(ema) == list(trainer.ema.state_dict())
+    assert all(torch.equal(ema[k], v) for k, v in trainer.ema.state_dict().items())
+    grid = TINY_CONFIG["input_size"] // TINY_CONFIG["patch_size"]
+    for name, size in (("encoder.rope", "vit_enc_model_size"), ("decoder.rope", "vit_dec_model_size")):
+        head_dim = TINY_CONFIG[size]["width"] // TINY_CONFIG[size]["heads"]
+        cos, sin = spec_reference.rope_table(head_dim, grid)
+        torch.testing.assert_close(back["ema_model"][name], torch.cat([cos, sin], -1)[None], rtol=0, atol=1e-6)
+    torch.save({"state": ema, "model": {}}, tmp_path / "keyed.pth")
     converted = official_to_checkpoint(tmp_path / "keyed.pth", tmp_path / "ours", TINY_CONFIG, key="state")
     loaded, _ = load_checkpoint(converted)
-    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in back["ema"].items())
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in ema.items())
+
+
+def test_an_official_training_checkpoint_converts_with_its_ema(tmp_path):
+    """The official training's file: the live weights under "model" (saved through DDP), the EMA weights with
+    the RoPE tables under "ema_model", and the optimizer and epoch beside them. Both sets of weights convert, and
+    back; a file holding other objects than tensors is refused with a ValueError that says what to do."""
+    live, averaged = tiny_model(seed=1), tiny_model(seed=2)
+    tables = {"encoder.rope": averaged.encoder.rope[None], "decoder.rope": averaged.decoder.rope[None]}
+    ema = {**averaged.state_dict(), **tables}
+    official = {"model": {f"module.{k}": v for k, v in live.state_dict().items()}, "ema_model": ema, "epoch": 7,
+                "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "params": [0, 1]}]}}
+    torch.save(official, tmp_path / "ep0007.pth")
+    converted = official_to_checkpoint(tmp_path / "ep0007.pth", tmp_path / "ours", TINY_CONFIG)
+    for use_ema, expected in ((False, live), (True, averaged)):
+        loaded, _ = load_checkpoint(converted, ema=use_ema)
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in expected.state_dict().items())
+    back = torch.load(checkpoint_to_official(converted, tmp_path / "back.pth"), weights_only=True)
+    assert sorted(back["ema_model"]) == sorted(ema)
+    assert all(torch.equal(back["ema_model"][k], v) for k, v in ema.items())
+    only_ema = official_to_checkpoint(tmp_path / "ep0007.pth", tmp_path / "ema", TINY_CONFIG, key="ema_model")
+    assert all(torch.equal(load_checkpoint(only_ema)[0].state_dict()[k], v) for k, v in averaged.state_dict().items())
+    torch.save({**official, "args": SimpleNamespace(lr=1e-4)}, tmp_path / "with_args.pth")
+    with pytest.raises(ValueError, match=r"weights_only=False"):
+        official_to_checkpoint(tmp_path / "with_args.pth", tmp_path / "x", TINY_CONFIG)
+    with pytest.raises(ValueError, match="without a trainer"):
+        save_checkpoint(tmp_path / "y", live, trainer=small_trainer(), ema_weights=averaged.state_dict())
