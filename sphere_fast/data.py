@@ -38,7 +38,9 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 
 
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    """Resize the short side to ``size`` (bicubic, nearest for <= 64 px), then center crop."""
+    """RGB, the short side resized to ``size`` (bicubic, nearest for <= 64 px), then center cropped."""
+    # RGB first, as the official loader: Pillow resizes palette and 1-bit images with nearest whatever the filter
+    img = img.convert("RGB")
     w, h = img.size
     scale = size / min(w, h)
     new = (round(w * scale), round(h * scale))  # the short side comes out exactly size

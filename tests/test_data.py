@@ -102,6 +102,19 @@ def test_resize_center_crop_fills_the_crop_and_picks_the_filter_by_size():
         assert np.array_equal(np.asarray(resize_center_crop(noise, size)), np.asarray(expected))
 
 
+@pytest.mark.parametrize("mode", ["P", "1", "RGBA"])
+def test_images_are_rgb_before_the_resize(mode):
+    """As the official loader (convert, then resize): Pillow resizes palette and 1-bit images with nearest
+    whatever filter is asked, and an RGBA image premultiplied; the bicubic resize must see RGB pixels."""
+    rgb = Image.fromarray(np.random.default_rng(1).integers(0, 256, (90, 120, 3), dtype=np.uint8))
+    img = {"P": rgb.quantize(64), "1": rgb.convert("1"), "RGBA": rgb.convert("RGBA")}[mode]
+    if mode == "RGBA":
+        img.putalpha(Image.fromarray(np.random.default_rng(2).integers(0, 256, (90, 120), dtype=np.uint8)))
+    out = resize_center_crop(img, 80)
+    assert out.mode == "RGB"
+    assert np.array_equal(np.asarray(out), np.asarray(resize_center_crop(img.convert("RGB"), 80)))
+
+
 def test_random_hflip_flips_half_the_images():
     x = torch.tensor([0.0, 1.0]).expand(4000, 1, 1, 2)
     flipped = random_hflip(x, torch.Generator().manual_seed(0))
