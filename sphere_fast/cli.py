@@ -31,7 +31,6 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
             "use_latent_consistency": True,
             "noise_sigma_max_angle": 80.0,
             "mix_hard_cases": True,
-            "mix_hard_cases_max_angle": 85.0,
             "vit_enc_latent_mlp_mixer_depth": 2,
             "vit_dec_latent_mlp_mixer_depth": 2,
         },
@@ -146,8 +145,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     preset = TRAIN_PRESETS[args.preset]
     model_cfg = {**preset["model"], **json.loads(args.model_config or "{}")}
-    overrides = {"total_steps": args.steps, "global_batch": args.batch_size, "base_lr": args.lr, "seed": args.seed,
-                 "autocast": args.autocast, "warmup_steps": args.warmup, "accumulation_steps": args.accumulation_steps,
+    # a new base lr without a floor keeps the preset's ratio (1/100, as the paper's 1e-4 -> 1e-6)
+    min_lr = args.min_lr
+    if min_lr is None and args.lr is not None:
+        min_lr = args.lr * preset["train"]["min_lr"] / preset["train"]["base_lr"]
+    overrides = {"total_steps": args.steps, "global_batch": args.batch_size, "base_lr": args.lr, "min_lr": min_lr,
+                 "ema_decay": args.ema_decay, "seed": args.seed, "autocast": args.autocast,
+                 "warmup_steps": args.warmup, "accumulation_steps": args.accumulation_steps,
                  "activation_checkpointing": args.activation_checkpointing or None}
     train_cfg = {**preset["train"], **{k: v for k, v in overrides.items() if v is not None}}
     if args.perceptual_weights:
@@ -338,7 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accumulation-steps", type=int, help="micro-batches per process batch (gradients summed)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each transformer block in the backward instead of keeping its activations")
-    p.add_argument("--lr", type=float, help="base lr per 256 images of global batch")
+    p.add_argument("--lr", type=float, help="base lr per 256 images of global batch (the paper: 1e-4)")
+    p.add_argument("--min-lr", type=float,
+                   help="the cosine's floor per 256 images (default: the preset's, or --lr / 100; the paper: 1e-6)")
+    p.add_argument("--ema-decay", type=float, help="EMA decay a step (the paper: 0.9997; the short demo: 0.99)")
     p.add_argument("--warmup", type=int, help="warmup steps")
     p.add_argument("--seed", type=int)
     p.add_argument("--autocast", choices=["auto", "bf16", "off"])

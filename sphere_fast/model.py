@@ -321,7 +321,7 @@ class SphereEncoder(nn.Module):
         affine_latent_mlp_mixer: bool = True,
         mix_hard_cases: bool = False,
         mix_hard_cases_prob: float = 0.1,
-        mix_hard_cases_max_angle: float = 89.0,
+        mix_hard_cases_max_angle: float | None = None,
     ):
         super().__init__()
         for name, value in (("input_size", input_size), ("patch_size", patch_size), ("token_channels", token_channels)):
@@ -329,7 +329,7 @@ class SphereEncoder(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if input_size % patch_size:
             raise ValueError(f"input_size ({input_size}) must be divisible by patch_size ({patch_size})")
-        if not isinstance(num_classes, int) or num_classes < 0:
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
             raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
         if in_context_size != 0:
             raise ValueError(f"in_context_size > 0 is not supported by sphere_fast, got {in_context_size}")
@@ -338,13 +338,11 @@ class SphereEncoder(nn.Module):
         for name, depth in (("vit_enc_latent_mlp_mixer_depth", vit_enc_latent_mlp_mixer_depth), ("vit_dec_latent_mlp_mixer_depth", vit_dec_latent_mlp_mixer_depth)):
             if not isinstance(depth, int) or depth < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {depth!r}")
-        if not 0 < noise_sigma_max_angle < 90 or not 0 < mix_hard_cases_max_angle < 90:
-            raise ValueError(
-                f"noise_sigma_max_angle and mix_hard_cases_max_angle must be in (0, 90) degrees, "
-                f"got {noise_sigma_max_angle} and {mix_hard_cases_max_angle}"
-            )
-        if noise_sigma_max_angle > mix_hard_cases_max_angle:
-            raise ValueError("noise_sigma_max_angle must be <= mix_hard_cases_max_angle")
+        check_angle("noise_sigma_max_angle", noise_sigma_max_angle)
+        if mix_hard_cases_max_angle is None:  # the recipe's rule (spec section 4): 5 degrees past the noise's, <= 89
+            mix_hard_cases_max_angle = min(noise_sigma_max_angle + 5, 89)
+        check_angle("mix_hard_cases_max_angle", mix_hard_cases_max_angle)
+        check_angle("noise_sigma_max_angle", noise_sigma_max_angle, mix_hard_cases_max_angle)
         enc_size = resolve_model_size(vit_enc_model_size, "vit_enc_model_size")
         dec_size = resolve_model_size(vit_dec_model_size, "vit_dec_model_size")
         if halve_model_size:
@@ -389,13 +387,25 @@ class SphereEncoder(nn.Module):
         self.input_size = input_size
         self.num_classes = num_classes
         self.latent_shape = (1, self.decoder.num_tokens, token_channels)
-        self.noise_sigma_max_angle = noise_sigma_max_angle
         self.use_pix_con = use_pixel_consistency
         self.use_lat_con = use_latent_consistency
         self.mix_hard_cases = mix_hard_cases
         self.mix_hard_cases_prob = mix_hard_cases_prob
         self.mix_hard_cases_max_angle = mix_hard_cases_max_angle
+        self.noise_sigma_max_angle = noise_sigma_max_angle
         self.initialize_weights()
+
+    @property
+    def noise_sigma_max_angle(self) -> float:
+        return self._noise_sigma_max_angle
+
+    @noise_sigma_max_angle.setter
+    def noise_sigma_max_angle(self, angle: float) -> None:
+        """Settable (to sample at another noise level), checked as in the constructor and kept in ``config``, so
+        that a checkpoint saves the angle the model samples with."""
+        check_angle("noise_sigma_max_angle", angle, self.mix_hard_cases_max_angle)
+        self._noise_sigma_max_angle = angle
+        self.config["noise_sigma_max_angle"] = angle
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -544,6 +554,14 @@ class SphereEncoder(nn.Module):
             seeds=seeds,
             dtype=dtype,
         )
+
+
+def check_angle(name: str, angle: object, at_most: float = 90.0) -> None:
+    """An angle in degrees in (0, 90), and at most ``at_most`` (the hard cases' angle bounds the noise's)."""
+    if isinstance(angle, bool) or not isinstance(angle, (int, float)) or not 0 < angle < 90:
+        raise ValueError(f"{name} must be a number of degrees in (0, 90), got {angle!r}")
+    if angle > at_most:
+        raise ValueError(f"{name} ({angle}) must be <= mix_hard_cases_max_angle ({at_most})")
 
 
 def _some_keys(what: str, keys: list[str], shown: int = 8) -> str:

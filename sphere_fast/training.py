@@ -299,6 +299,8 @@ class TrainConfig:
             )
         if not self.ema_decay < 1:
             raise ValueError(f"ema_decay must be < 1, got {self.ema_decay}")
+        if self.min_lr > self.base_lr:  # the cosine would rise after the warmup
+            raise ValueError(f"min_lr ({self.min_lr}) must be <= base_lr ({self.base_lr})")
         if not isinstance(self.activation_checkpointing, bool):
             raise ValueError(f"activation_checkpointing must be a bool, got {self.activation_checkpointing!r}")
         if self.autocast not in ("auto", "bf16", "off"):

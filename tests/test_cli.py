@@ -9,7 +9,7 @@ from PIL import Image
 
 from sphere_fast import checkpoint, cli, editing, sample_set, training
 from sphere_fast.checkpoint import save_checkpoint
-from sphere_fast.model import PRESETS
+from sphere_fast.model import PRESETS, SphereEncoder
 from sphere_fast.cli import (
     TRAIN_PRESETS,
     _read_images,
@@ -219,6 +219,28 @@ def test_train_passes_its_options_on(monkeypatch, tmp_path):
     assert main(["train", "--out", str(tmp_path), "--sample-steps", "1", "3", "--per-class", "2", "--seed", "6"]) == 0
     assert grids == [(ema, 2, {"steps": steps, "cfg": 1.0, "seed": 6}) for steps in (1, 3)]
     assert (tmp_path / "loss.png").exists() and (tmp_path / "samples_3step.png").exists()
+
+
+def test_train_lr_floor_ema_and_the_hard_cases_angle(monkeypatch, tmp_path, capsys):
+    """--lr alone keeps the preset's floor ratio (1/100: the cosine falls, never rises), --min-lr and --ema-decay
+    set the paper's values, a floor above the peak is refused; a noise angle given in --model-config moves the hard
+    cases' angle with it (min(angle + 5, 89))."""
+    runs: list = []
+    monkeypatch.setattr(training, "fit", lambda run, resume: runs.append(run) or SimpleNamespace(
+        dist=training.DistInfo(rank=1, world_size=2)))
+    assert main(["train", "--out", str(tmp_path), "--lr", "1e-5", "--steps", "100"]) == 0
+    recipe = runs[-1].train
+    assert recipe.min_lr == pytest.approx(1e-7)
+    rates = [training.learning_rate(step, recipe) for step in range(recipe.warmup_steps, 101)]
+    assert all(a >= b for a, b in zip(rates, rates[1:])) and rates[-1] == pytest.approx(1e-7 * 64 / 256)
+    assert main(["train", "--out", str(tmp_path), "--lr", "1e-4", "--min-lr", "1e-6", "--ema-decay", "0.9997",
+                 "--model-config", json.dumps({"noise_sigma_max_angle": 85})]) == 0
+    run = runs[-1]
+    assert (run.train.base_lr, run.train.min_lr, run.train.ema_decay) == (1e-4, 1e-6, 0.9997)
+    assert SphereEncoder(**run.model).mix_hard_cases_max_angle == 89
+    assert main(["train", "--out", str(tmp_path), "--lr", "1e-5", "--min-lr", "1e-4"]) == 2
+    assert "min_lr (0.0001) must be <= base_lr (1e-05)" in capsys.readouterr().err
+    assert len(runs) == 2
 
 
 def test_train_refuses_unused_perceptual_weights_and_bad_intervals_before_training(monkeypatch, tmp_path, capsys):

@@ -142,8 +142,12 @@ def test_state_dict_errors_are_short_and_name_the_wrapper(wrap):
         (dict(num_classes=-1), "num_classes"),
         (dict(vit_enc_model_size={"width": 32, "layers": 0, "heads": 2}), "positive int 'width', 'layers', 'heads'"),
         (dict(in_context_size=4), "in_context_size > 0 is not supported"),
-        (dict(noise_sigma_max_angle=86, mix_hard_cases_max_angle=85), "noise_sigma_max_angle must be <="),
-        (dict(noise_sigma_max_angle=90, mix_hard_cases_max_angle=89), r"must be in \(0, 90\) degrees"),
+        (dict(noise_sigma_max_angle=86, mix_hard_cases_max_angle=85),
+         r"noise_sigma_max_angle \(86\) must be <= mix_hard_cases_max_angle \(85\)"),
+        (dict(noise_sigma_max_angle=90, mix_hard_cases_max_angle=89), r"noise_sigma_max_angle .* in \(0, 90\)"),
+        (dict(noise_sigma_max_angle="80"), r"noise_sigma_max_angle must be a number of degrees in \(0, 90\), got '80'"),
+        (dict(mix_hard_cases_max_angle=90.5), r"mix_hard_cases_max_angle must be a number of degrees"),
+        (dict(num_classes=True), "num_classes must be an int >= 0, got True"),
         (dict(patch_size=True), "patch_size must be a positive int"),
         (dict(vit_dec_latent_mlp_mixer_depth=-1), "vit_dec_latent_mlp_mixer_depth must be an int >= 0"),
         (dict(halve_model_size=True, vit_dec_model_size={"width": 32, "layers": 1, "heads": 2}),
@@ -253,6 +257,35 @@ def test_bad_inputs():
         model.generate(2, forward_steps=3, noise=[torch.randn(2, 16, 4)])
     with pytest.raises(ValueError, match="at most one of noise and seeds"):
         model.generate(2, noise=[torch.randn(2, 16, 4)], seeds=torch.arange(2))
+
+
+@pytest.mark.parametrize("noise, expected", [(80, 85), (84, 89), (85, 89), (70.5, 75.5)])
+def test_the_hard_cases_angle_follows_the_noise_angle(noise, expected):
+    """Unless given, the hard cases' angle is min(noise angle + 5, 89) (spec section 4, as the official training
+    sets it): a noise angle changed alone must not leave it behind (no hard cases past the noise, or a refusal)."""
+    model = tiny(noise_sigma_max_angle=noise, mix_hard_cases_max_angle=None)
+    assert model.mix_hard_cases_max_angle == expected == model.config["mix_hard_cases_max_angle"]
+    assert tiny(noise_sigma_max_angle=noise, mix_hard_cases_max_angle=89).mix_hard_cases_max_angle == 89
+
+
+def test_a_new_noise_angle_is_checked_and_saved_with_the_model(tmp_path):
+    """Setting the angle (to sample at another noise level) keeps the constructor's checks, and the config a
+    checkpoint saves follows it: the reloaded model samples as the one saved."""
+    from sphere_fast.checkpoint import load_checkpoint, save_checkpoint
+
+    model = perturb(tiny())
+    model.noise_sigma_max_angle = 60
+    assert model.config["noise_sigma_max_angle"] == 60 and model.sigma_max == pytest.approx(math.tan(math.pi / 3))
+    for bad, match in ((95, r"in \(0, 90\), got 95"), (86, r"\(86\) must be <= mix_hard_cases_max_angle \(85\)"),
+                       ("60", "got '60'")):
+        with pytest.raises(ValueError, match=match):
+            model.noise_sigma_max_angle = bad
+    assert model.noise_sigma_max_angle == 60
+    loaded, _ = load_checkpoint(save_checkpoint(tmp_path, model))
+    assert loaded.eval().noise_sigma_max_angle == 60
+    y, seeds = torch.tensor([0, 1]), torch.arange(2)
+    torch.testing.assert_close(loaded.generate(2, y=y, forward_steps=2, seeds=seeds)[1],
+                               model.generate(2, y=y, forward_steps=2, seeds=seeds)[1], rtol=0, atol=0)
 
 
 def test_inputs_must_match_the_weights_dtype_and_device():
