@@ -30,7 +30,7 @@ logger = logging.getLogger("sphere_fast")
 _active: contextvars.ContextVar[str | None] = contextvars.ContextVar("sphere_fast_backend", default=None)
 
 
-def _check_name(name: str, what: str = "backend") -> str:
+def check_backend_name(name: str, what: str = "backend") -> str:
     if not isinstance(name, str) or name not in CHOICES:
         raise ValueError(f"{what} must be one of {CHOICES}, got {name!r}")
     return name
@@ -92,13 +92,13 @@ def active_backend() -> str:
     """The backend requested now (a name or ``auto``), before per-op resolution."""
     name = _active.get()
     if name is None:
-        name = _check_name(os.environ.get("SPHERE_FAST_BACKEND", "auto"), "SPHERE_FAST_BACKEND")
+        name = check_backend_name(os.environ.get("SPHERE_FAST_BACKEND", "auto"), "SPHERE_FAST_BACKEND")
     return name
 
 
 def use_backend(name: str) -> contextlib.AbstractContextManager[str]:
     """Run the ops inside the block on ``name`` (``eager``, ``triton``, ``cpp`` or ``auto``)."""
-    return context_value(_active, _check_name(name))
+    return context_value(_active, check_backend_name(name))
 
 
 def constant_under_compile(fn: F) -> F:
@@ -117,7 +117,7 @@ def resolve_backend(op: str, device: torch.device, requested: str | None, auto_o
     kernels exist to prove the CUDA math without a GPU, not to be fast). Under torch.compile it runs once
     at trace time and its answer is a constant, so it causes no graph break.
     """
-    name = _check_name(requested, "backend") if requested is not None else active_backend()
+    name = check_backend_name(requested, "backend") if requested is not None else active_backend()
     return _resolve(op, device.type, name, auto_order, triton_interpreting())
 
 

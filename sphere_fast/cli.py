@@ -122,18 +122,18 @@ def class_grid(model: torch.nn.Module, per_class: int, *, steps: int, cfg: float
 def load_model(args: argparse.Namespace) -> torch.nn.Module:
     """A model from --checkpoint (EMA weights with --ema) or, at random init, from --preset."""
     from sphere_fast.checkpoint import load_checkpoint
-    from sphere_fast.model import PRESETS, SphereEncoder
+    from sphere_fast.model import SphereEncoder
 
     if args.checkpoint:
         model, _ = load_checkpoint(args.checkpoint, ema=args.ema)
+    elif args.ema:
+        raise ValueError("--ema needs --checkpoint: a preset at random init has no EMA weights")
     elif args.preset in TRAIN_PRESETS:
         torch.manual_seed(args.seed)
         model = SphereEncoder(**TRAIN_PRESETS[args.preset]["model"])
-    elif args.preset in PRESETS:
+    else:
         torch.manual_seed(args.seed)
         model = SphereEncoder.from_preset(args.preset)
-    else:
-        raise SystemExit(f"give --checkpoint or --preset (one of {sorted([*TRAIN_PRESETS, *PRESETS])})")
     return model.to(args.device).eval()
 
 
@@ -311,22 +311,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _model_command(
-    sub: Any, name: str, help: str, func: Any, *, out: str, steps: int | None = None, cfg: bool = False
+    sub: Any, name: str, help: str, func: Any, *, out: str, steps: int | None = None, cfg: bool = False,
+    steps_help: str = "forward steps",
 ) -> argparse.ArgumentParser:
     """A subcommand that loads a model and writes one PNG; the caller adds its own arguments."""
+    from sphere_fast.model import PRESETS
+
     p = sub.add_parser(name, help=help)
     p.set_defaults(func=func)
     p.add_argument("--checkpoint", help="a checkpoint folder or a run folder (uses its latest checkpoint)")
-    p.add_argument("--preset", default="fashion-mnist-demo", help="model preset at random init when no --checkpoint")
+    p.add_argument("--preset", default="fashion-mnist-demo", choices=sorted([*TRAIN_PRESETS, *PRESETS]),
+                   help="model preset at random init when no --checkpoint")
     p.add_argument("--ema", action="store_true", help="use the EMA weights of the checkpoint")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0, help="seeds the noise (and a preset's random init)")
     p.add_argument("--out", default=out)
     if steps is not None:
-        p.add_argument("--steps", type=int, default=steps, help="forward steps")
+        p.add_argument("--steps", type=int, default=steps, help=steps_help)
     if cfg:
         p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale")
     return p
+
+
+EDIT_STEPS = "edit steps (each an encode and a decode of the image)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -400,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _model_command(
         sub, "crossover", "stitch two images and let the model blend them (one row: the inputs, the composite, each "
-        "step's image)", cmd_crossover, out="crossover.png", steps=4,
+        "step's image)", cmd_crossover, out="crossover.png", steps=1, steps_help=EDIT_STEPS,
     )
     p.add_argument("first")
     p.add_argument("second")
@@ -409,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _model_command(
         sub, "manipulate", "move images towards a target class (a column per image: the input, then each step's image)",
-        cmd_manipulate, out="manipulate.png", steps=4,
+        cmd_manipulate, out="manipulate.png", steps=4, steps_help=EDIT_STEPS,
     )
     p.add_argument("images", nargs="+")
     p.add_argument("--target-class", type=int, required=True)
@@ -435,7 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, NotImplementedError) as err:
+    except (ValueError, TypeError, RuntimeError, FileNotFoundError, NotImplementedError) as err:
         print(f"sphere-fast {args.command}: error: {err}", file=sys.stderr)
         return 2
 

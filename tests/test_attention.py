@@ -499,6 +499,8 @@ def test_bad_impl_name_and_rope_grad() -> None:
     q, k, v = _inputs()
     with pytest.raises(ValueError, match="impl must be one of"):
         attention(q, k, v, impl="cudnn")
+    with pytest.raises(ValueError, match=r"backend must be one of .*, got 'bogus'"):  # checked even beside an impl
+        attention(q, k, v, backend="bogus", impl="sdpa")
     if DEVICE == "cpu":
         with pytest.raises(ValueError, match="impl 'flash_attn' cannot run"):
             attention(q, k, v, impl="flash_attn")

@@ -1,3 +1,5 @@
+import argparse
+import inspect
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -343,8 +345,30 @@ def test_class_grid_seeds_its_samples():
     assert nrow == 3 and images.shape[0] == 9
 
 
-def test_bad_input_is_a_clear_error(tmp_path, capsys):
+def test_bad_input_is_a_clear_error(tmp_path, capsys, monkeypatch):
     assert main(["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"), "--model-config", json.dumps(TINY_CONFIG)]) == 2
     assert "nowhere does not exist" in capsys.readouterr().err
     assert main(["sample", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "s.png")]) == 2
     assert "not a sphere_fast checkpoint" in capsys.readouterr().err
+    assert main(["sample", "--ema", "--out", str(tmp_path / "s.png")]) == 2
+    assert "--ema needs --checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_code:  # argparse: the choices named, exit status 2
+        main(["sample", "--preset", "sphere-q-mnist"])
+    assert exit_code.value.code == 2 and "invalid choice: 'sphere-q-mnist'" in capsys.readouterr().err
+    # a backend that cannot run here is one line, not a traceback
+    monkeypatch.setenv("SPHERE_FAST_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert main(["sample", "--device", "cpu", "--per-class", "1", "--out", str(tmp_path / "s.png")]) == 2
+    assert "backend 'triton' is not available" in capsys.readouterr().err
+
+
+def test_edit_commands_default_to_the_librarys_steps():
+    """The CLI's defaults are the Python functions' (crossover: one edit step), and its help says what a step is."""
+    parser = build_parser()
+    crossover = parser.parse_args(["crossover", "a.png", "b.png"])
+    assert crossover.steps == inspect.signature(editing.crossover).parameters["steps"].default == 1
+    manipulate = parser.parse_args(["manipulate", "a.png", "--target-class", "1"])
+    assert manipulate.steps == inspect.signature(editing.manipulate).parameters["steps"].default
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name in ("crossover", "manipulate"):
+        assert "edit steps" in sub.choices[name].format_help()

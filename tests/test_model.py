@@ -301,6 +301,8 @@ def test_inputs_must_match_the_weights_dtype_and_device():
         assert half.decoder(z, y).dtype == torch.bfloat16
     with pytest.raises(ValueError, match=r"x is on meta but the encoder's weights are on cpu"):
         model.encoder(x.to("meta"), y.to("meta"))
+    with pytest.raises(TypeError, match=r"x must be a torch.Tensor of images \[B, 3, H, W\] in \[-1, 1\], got list"):
+        model.reconstruct(x.tolist())
 
 
 def test_sampling_and_reconstruction_refuse_training_mode():

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from sphere_fast.backend import (
     active_backend,
+    check_backend_name,
     constant_under_compile,
     emulate_bf16,
     resolve_backend,
@@ -131,7 +132,7 @@ def _tf32_allowed() -> bool:
 @constant_under_compile
 def _choose_impl(device: torch.device, dtype: torch.dtype, head_dim: int, backend: str | None, impl: str | None) -> str:
     # a constant under torch.compile: runs once at trace time, so the logging below breaks no graph
-    requested = backend if backend is not None else active_backend()
+    requested = check_backend_name(backend) if backend is not None else active_backend()
     return _choose(device.type, dtype, head_dim, requested, impl, _tf32_allowed(), triton_interpreting())
 
 
