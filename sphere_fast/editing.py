@@ -244,7 +244,8 @@ def interpolate(
     initial point and the refinement noise) is the bilinear interpolation of the corners' draws (``lerp``,
     or ``slerp`` per token over the channel dim); the class embeddings are interpolated linearly. Each
     point then goes through sampling, so a corner's image is the one ``generate`` makes from its seed and
-    label. Returns [rows, cols, 3, H, W] in [0, 1]."""
+    label with the same options (note the defaults: cached noise here, fresh draws in ``generate``). Returns
+    [rows, cols, 3, H, W] in [0, 1]."""
     device = _device(_checked_model(model))
     check_count("rows", rows)
     check_count("cols", cols)
