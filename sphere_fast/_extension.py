@@ -6,8 +6,10 @@ import functools
 import importlib.resources
 import os
 import shutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -65,3 +67,19 @@ def load_extension(name: str, cpu_sources: tuple[str, ...], cuda_sources: tuple[
         extra_cuda_cflags=cuda_flags,
         verbose=env_switch("SPHERE_FAST_VERBOSE_BUILD", default=False),
     )
+
+
+def load_ops(
+    name: str,
+    cpu_sources: tuple[str, ...],
+    cuda_sources: tuple[str, ...],
+    namespace: str,
+    fakes: Mapping[str, Callable[..., Any]],
+) -> Any:
+    """``load_extension``, then fake kernels (for tracing: torch.compile, opcheck) for the ops it registers in
+    ``namespace``, whose schemas are defined in C++: ``fakes`` maps an op's name to its fake. Returns
+    ``torch.ops.<namespace>``. A fake registers once a process: callers cache this call."""
+    load_extension(name, cpu_sources, cuda_sources)
+    for op, fake in fakes.items():
+        torch.library.register_fake(f"{namespace}::{op}", fake)
+    return getattr(torch.ops, namespace)

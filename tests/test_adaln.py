@@ -371,6 +371,25 @@ def test_cpp_backward_op_outputs_do_not_alias(B: int) -> None:
                           test_utils=("test_schema",))
 
 
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("B, tokens", [(2, False), (2, True), (0, True)], ids=["per-sample", "per-token", "no-rows"])
+def test_cpp_ext_opcheck(B: int, tokens: bool, dtype: torch.dtype) -> None:
+    """The extension's ops called directly, fake kernels included (registered when it loads): contiguous outputs
+    and grads even of strided inputs, fp32 rstd, empty grads of absent inputs, zero grads without rows."""
+    op = adaln._cpp_ext()
+    x, br, gate, w, sh, sc = make_inputs(B, 3, 8, tokens=tokens, dtype=dtype)
+    x_t, br_t = swapped_in_memory(x, 0, 1), swapped_in_memory(br, 0, 1)
+    for args in ((x, br, gate, w, sh, sc), (x_t, br_t, gate, w, sh, sc), (x_t, None, None, None, None, None)):
+        torch.library.opcheck(op.fwd.default, (*args, 1e-6))
+    res, _, rstd = op.fwd(x, br, gate, w, sh, sc, 1e-6)
+    dy, dres = torch.randn_like(res), torch.randn_like(res)
+    gate_t, sh_t, sc_t = (swapped_in_memory(t, 0, 1) for t in (gate, sh, sc))
+    for args in ((dy, dres, res, br, gate, w, sh, sc), (dy, None, res, br_t, gate_t, None, sh_t, sc_t),
+                 (dy, None, res, None, None, None, None, None)):
+        torch.library.opcheck(op.bwd.default, (*args, rstd))
+
+
 def test_cpp_cuda_width_limit_is_the_kernels() -> None:
     """The Python limit that refuses wide rows up front (ValueError, tests/test_cuda.py) is the C++ one."""
     header = (_extension.csrc_dir() / "adaln_math.h").read_text()

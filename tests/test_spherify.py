@@ -428,7 +428,7 @@ def test_cpp_ops_check_their_arguments(case):
     """The registered C++ ops called directly (no Python checks in front) raise a RuntimeError naming the
     argument, instead of crashing the process or writing past an array."""
     op, args, match = _bad_op_calls()[case]
-    S._cpp()
+    S._cpp_ext()
     with pytest.raises(RuntimeError, match=match):
         getattr(torch.ops.sphere_fast_cpp, op)(*args)
 

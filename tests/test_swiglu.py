@@ -18,6 +18,7 @@ from tests.helpers import (
 )
 
 sw = importlib.import_module("sphere_fast.ops.swiglu")
+needs_cpp = pytest.mark.skipif("cpp" not in available_backends("cpu"), reason="cpp unavailable")
 
 
 def fwd_bwd(fn, h: torch.Tensor, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,6 +149,19 @@ def test_opcheck(backend: str) -> None:
     h = randn(2, 3, 2 * 85)
     torch.library.opcheck(torch.ops.sphere_fast.swiglu_fwd.default, (h, backend))
     torch.library.opcheck(torch.ops.sphere_fast.swiglu_bwd.default, (randn(2, 3, 85), h, backend))
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("M", [6, 0], ids=["rows", "no-rows"])
+def test_cpp_ext_opcheck(M: int, dtype: torch.dtype) -> None:
+    """The extension's ops called directly, fake kernels included (registered when it loads): contiguous [M, H]
+    and [M, 2H] outputs, also of an h whose rows lie apart."""
+    op = sw._cpp_ext()
+    h = randn(M, 2 * 5, dtype=dtype)
+    for h2 in (h, randn(M, 2 * 5 + 2, dtype=dtype)[:, :10]):
+        torch.library.opcheck(op.fwd.default, (h2,))
+        torch.library.opcheck(op.bwd.default, (randn(M, 5, dtype=dtype, seed=1), h2))
 
 
 @pytest.mark.parametrize("backend", FUSED)

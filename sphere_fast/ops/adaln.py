@@ -11,6 +11,7 @@ TypeError); math is fp32 inside every kernel, outputs have x's dtype.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -313,11 +314,12 @@ def _finish_bwd(
     return dweight, dg_s, dsh_s, dsc_s
 
 
+@functools.cache
 def _cpp_ext():
-    from sphere_fast._extension import load_extension
+    from sphere_fast._extension import load_ops
 
-    load_extension("sphere_fast_adaln_ext", ("adaln_binding.cpp", "adaln_cpu.cpp"), ("adaln_cuda.cu",))
-    return torch.ops.sphere_fast_adaln
+    return load_ops("sphere_fast_adaln_ext", ("adaln_binding.cpp", "adaln_cpu.cpp"), ("adaln_cuda.cu",),
+                    "sphere_fast_adaln", {"fwd": _fwd_fake, "bwd": _bwd_fake})
 
 
 # The widest row the C++ backend's CUDA kernels take (csrc/adaln_math.h kAdalnCudaMaxWidth); its CPU kernels and
@@ -354,16 +356,20 @@ def _backward(backend: str, *args: Tensor | None) -> tuple[Tensor | None, ...]:
 # -------------------------------------------------------------------------------------- ops and autograd
 
 
-def _modulate_fake(x, weight, shift, scale, eps, backend):
-    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape[:2], dtype=torch.float32)
-
-
-def _gated_fake(x, branch, gate, weight, shift, scale, eps, backend):
+# Fake kernels of both the sphere_fast ops and the C++ ones under them (which take no backend argument).
+def _fwd_fake(x, branch, gate, weight, shift, scale, eps, backend=None):
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    return torch.empty_like(y), y, x.new_empty(x.shape[:2], dtype=torch.float32)
+    res = x.new_empty(0) if branch is None else torch.empty_like(y)  # the C++ op's res is empty without a branch
+    return res, y, x.new_empty(x.shape[:2], dtype=torch.float32)
 
 
-def _bwd_fake(dy, dres, res, branch, gate, weight, shift, scale, rstd, backend):
+def _modulate_fake(x, weight, shift, scale, eps, backend):
+    return _fwd_fake(x, None, None, weight, shift, scale, eps)[1:]
+
+
+def _bwd_fake(dy, dres, res, branch, gate, weight, shift, scale, rstd, backend=None):
+    # contiguous grads, as the kernels give; without rows they give zeros_like(t), with t's strides: those of a
+    # tensor of no elements, which opcheck does not compare (and a fake empty_like of one is contiguous)
     def like(t: Tensor | None) -> Tensor:
         return res.new_empty(0) if t is None else torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
@@ -378,7 +384,7 @@ def _modulate_fwd(
     return y, rstd
 
 
-@define_op("gated_residual_adaln_fwd", fake=_gated_fake)
+@define_op("gated_residual_adaln_fwd", fake=_fwd_fake)
 def _gated_fwd(
     x: Tensor, branch: Tensor, gate: Tensor | None, weight: Tensor | None, shift: Tensor | None,
     scale: Tensor | None, eps: float, backend: str,

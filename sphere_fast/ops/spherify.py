@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import math
-from types import ModuleType
 
 import torch
 
@@ -225,17 +224,12 @@ def _triton_noise(seeds: torch.Tensor, length: int, stream: int) -> torch.Tensor
 
 
 @functools.cache
-def _cpp() -> ModuleType:
-    """Build/load the extension and give its ops (schemas defined in C++) fake kernels for tracing."""
-    from sphere_fast._extension import load_extension
+def _cpp_ext():
+    from sphere_fast._extension import load_ops
 
-    module = load_extension(
-        "sphere_fast_spherify", ("spherify_binding.cpp", "spherify_cpu.cpp"), ("spherify_cuda.cu",)
-    )
-    torch.library.register_fake("sphere_fast_cpp::spherify_fwd", _fake_fwd_impl)
-    torch.library.register_fake("sphere_fast_cpp::spherify_bwd", _fake_bwd_impl)
-    torch.library.register_fake("sphere_fast_cpp::sphere_noise", _fake_noise_impl)
-    return module
+    fakes = {"spherify_fwd": _fake_fwd_impl, "spherify_bwd": _fake_bwd_impl, "sphere_noise": _fake_noise_impl}
+    return load_ops("sphere_fast_spherify", ("spherify_binding.cpp", "spherify_cpu.cpp"), ("spherify_cuda.cu",),
+                    "sphere_fast_cpp", fakes)
 
 
 # -------------------------------------------------------------------------------------- ops and autograd
@@ -268,8 +262,7 @@ def _spherify_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "triton":
         return _triton_fwd(z, scales, noise, seeds, stream)
-    _cpp()
-    return torch.ops.sphere_fast_cpp.spherify_fwd(z, scales, noise, seeds, stream)
+    return _cpp_ext().spherify_fwd(z, scales, noise, seeds, stream)
 
 
 @define_op("spherify_bwd", fake=_fake_bwd_impl)
@@ -285,8 +278,7 @@ def _spherify_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "triton":
         return _triton_bwd(grad, z, scales, noise, seeds, stats, stream)
-    _cpp()
-    return torch.ops.sphere_fast_cpp.spherify_bwd(grad, z, scales, noise, seeds, stats, stream)
+    return _cpp_ext().spherify_bwd(grad, z, scales, noise, seeds, stats, stream)
 
 
 class _SpherifyFunction(torch.autograd.Function):
@@ -317,8 +309,7 @@ def _spherify_op(z, scales, noise, seeds, stream: int, backend: str) -> torch.Te
 def _sphere_noise(seeds: torch.Tensor, length: int, stream: int, backend: str) -> torch.Tensor:
     if backend == "triton":
         return _triton_noise(seeds, length, stream)
-    _cpp()
-    return torch.ops.sphere_fast_cpp.sphere_noise(seeds, length, stream)
+    return _cpp_ext().sphere_noise(seeds, length, stream)
 
 
 # ---------------------------------------------------------------------------------------------- public ops

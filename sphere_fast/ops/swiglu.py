@@ -6,6 +6,8 @@ non-eager backends run the ``sphere_fast::swiglu_fwd`` op (autograd: ``_SwiGLUFu
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -93,18 +95,20 @@ def _triton_bwd(dout: Tensor, h: Tensor) -> Tensor:
     return dh.view(h.shape)
 
 
+@functools.cache
 def _cpp_ext():
-    from sphere_fast._extension import load_extension
+    from sphere_fast._extension import load_ops
 
-    load_extension("sphere_fast_swiglu_ext", ("swiglu_binding.cpp", "swiglu_cpu.cpp"), ("swiglu_cuda.cu",))
-    return torch.ops.sphere_fast_swiglu
+    return load_ops("sphere_fast_swiglu_ext", ("swiglu_binding.cpp", "swiglu_cpu.cpp"), ("swiglu_cuda.cu",),
+                    "sphere_fast_swiglu", {"fwd": _fwd_fake, "bwd": _bwd_fake})
 
 
-def _fwd_fake(h, backend):
+# Fake kernels of both the sphere_fast ops and the C++ ones under them ([M, 2H] h, no backend argument).
+def _fwd_fake(h, backend=None):
     return h.new_empty((*h.shape[:-1], h.shape[-1] // 2))
 
 
-def _bwd_fake(dout, h, backend):
+def _bwd_fake(dout, h, backend=None):
     return h.new_empty(h.shape)
 
 
