@@ -110,6 +110,15 @@ def constant_under_compile(fn: F) -> F:
 
 
 @constant_under_compile
+def requested_cpp_as_auto(backend: str | None) -> str:
+    """The backend requested for an op with no C++ kernel (``backend=``, else the active one), ``cpp`` read as
+    ``auto``: such an op runs on the backend ``auto`` picks for it, so every op runs under ``cpp``. A constant
+    under torch.compile (the active backend lives in a context variable)."""
+    requested = check_backend_name(backend) if backend is not None else active_backend()
+    return "auto" if requested == "cpp" else requested
+
+
+@constant_under_compile
 def resolve_backend(op: str, device: torch.device, requested: str | None, auto_order: tuple[str, ...]) -> str:
     """The concrete backend for one call of ``op`` on ``device``.
 

@@ -442,11 +442,19 @@ def test_cpp_backend_means_flash_attn_where_usable_else_sdpa(monkeypatch: pytest
         attn_mod._choose.cache_clear()
         monkeypatch.setattr(attn_mod, "attention_impls", lambda *args: ("sdpa", "triton"))
         assert attention_impl(q, backend="cpp") == "sdpa"
+        attn_mod._choose.cache_clear()
+        calls: list = []
+        real_pass = attn_mod.rope_pass
+        monkeypatch.setattr(attn_mod, "rope_pass", lambda q, k, rope, backend: calls.append(backend) or real_pass(
+            q, k, rope, backend))
+        q, k, v = _inputs()
+        rope = official_rope(8, 32)
+        out = attention(q, k, v, rope, backend="cpp")
+        assert calls == ["cpp"]  # the pass reads cpp as auto (ops/rope.py)
+        if DEVICE == "cpu":
+            assert_fp32_close(out, attention_reference(q, k, v, rope), "cpp with its RoPE pass")
     finally:
         attn_mod._choose.cache_clear()
-    assert attn_mod._rope_pass_backend("sdpa", "cpp") == "auto"
-    assert attn_mod._rope_pass_backend("sdpa", "eager") == "eager"
-    assert attn_mod._rope_pass_backend("triton", None) == "triton"
 
 
 def test_tuned_configs_are_kept_per_batch_bucket() -> None:

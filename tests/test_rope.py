@@ -14,6 +14,8 @@ import math
 import pytest
 import torch
 
+from sphere_fast import backend as backend_module
+from sphere_fast import use_backend
 from sphere_fast.nn.layers import rope_2d
 from sphere_fast.ops.rope import apply_rope, apply_rope_reference, rope_reference, rope_table_reference
 from tests.helpers import (
@@ -222,13 +224,58 @@ def test_bad_input(make, exc, match, backend: str) -> None:
         apply_rope(q, k, rope, backend=backend)
 
 
-def test_rope_grad_and_cpp_backend_refused() -> None:
+def test_rope_grad_refused_on_triton() -> None:
     q, k = _qk()
     with pytest.raises(ValueError, match="rope must not require grad"):
         apply_rope(q, k, table(8, 32).requires_grad_(), backend="triton")
     with torch.no_grad():  # nothing is recorded: the table is read as any other
         q_rot, _ = apply_rope(q, k, table(8, 32).requires_grad_(), backend="triton")
     close(q_rot, rope_reference(q, k, table(8, 32))[0], TOL[torch.float32], "q_rot")
-    if DEVICE == "cpu":
-        with pytest.raises((ValueError, RuntimeError), match="cpp|C\\+\\+"):
-            apply_rope(q, k, table(8, 32), backend="cpp")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpp_backend_runs_as_auto(dtype: torch.dtype) -> None:
+    """There is no C++ kernel for RoPE: ``cpp`` (backend= or use_backend) is resolved as auto, as attention's RoPE
+    pass is: the eager reference on CPU, the Triton kernel on CUDA; gradients flow either way."""
+    qkv, q, k = qk_views(1, 2, 8, 32, dtype)
+    rope, grads = table(8, 32), _qk(dtype=dtype)
+    expected = fwd_bwd(lambda q, k, rope: apply_rope(q, k, rope, backend="auto"), qkv, q, k, rope, grads)
+    with use_backend("cpp"):
+        in_context = fwd_bwd(apply_rope, qkv, q, k, rope, grads)
+    explicit = fwd_bwd(lambda q, k, rope: apply_rope(q, k, rope, backend="cpp"), qkv, q, k, rope, grads)
+    for got in (in_context, explicit):
+        for a, b in zip(got, expected):
+            assert torch.equal(a, b)
+    if DEVICE == "cpu":  # auto is the reference on CPU
+        assert all(torch.equal(a, b) for a, b in zip(expected[:2], rope_reference(q, k, rope)))
+
+
+def test_cpp_backend_takes_the_triton_kernel_where_auto_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resolved as on a CUDA machine with every backend: cpp runs the Triton kernel, as auto does."""
+    real_resolve = rope_mod.resolve_backend
+    monkeypatch.setattr(rope_mod, "resolve_backend", lambda op, device, requested, order: real_resolve(
+        op, torch.device("cuda"), requested, order))
+    monkeypatch.setattr(backend_module, "available_backends", lambda device=None: ["eager", "triton", "cpp"])
+    backend_module._resolve.cache_clear()
+    try:
+        launches = record_launches(monkeypatch, rope_mod)
+        q, k = _qk()
+        with use_backend("cpp"):
+            in_context = apply_rope(q, k, table(8, 32))
+        explicit = apply_rope(q, k, table(8, 32), backend="cpp")
+        assert [launch.kernel for launch in launches] == ["rope_kernel"] * 2
+        triton = apply_rope(q, k, table(8, 32), backend="triton")
+        assert all(torch.equal(a, b) for got in (in_context, explicit) for a, b in zip(got, triton))
+        # a table that needs a gradient: the kernel refuses it, so auto (and cpp) run the reference, which gives it
+        launches.clear()
+        rope = table(8, 32).requires_grad_()
+        for name in ("auto", "cpp"):
+            q_rot, k_rot = apply_rope(q, k, rope, backend=name)
+            assert all(torch.equal(a, b) for a, b in zip((q_rot, k_rot), rope_reference(q, k, rope)))
+            (grad,) = torch.autograd.grad(q_rot.sum() + k_rot.sum(), rope)
+            assert grad.abs().sum() > 0
+        assert launches == []
+        with pytest.raises(ValueError, match="rope must not require grad"):
+            apply_rope(q, k, rope, backend="triton")
+    finally:
+        backend_module._resolve.cache_clear()

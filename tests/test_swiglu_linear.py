@@ -8,12 +8,14 @@ Tolerance: the kernel does not round the pre-activation, so its only rounding is
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import pytest
 import torch
 
-from sphere_fast import Sampler, available_backends, use_backend
+from sphere_fast import Sampler, use_backend
+from sphere_fast import backend as backend_module
 from sphere_fast.nn.layers import SwiGLU, padded_mlp_weights
 from sphere_fast.ops import _tuning
 from sphere_fast.ops.swiglu_linear import GemmConfig, swiglu_linear, swiglu_linear_reference
@@ -182,13 +184,10 @@ def test_torch_compile_fullgraph(bias: bool) -> None:
         ((torch.ones(4, 8), torch.ones(4, 8)), {"backend": "triton"}, TypeError, "float16 or bfloat16"),
         ((torch.ones(4, 4, dtype=torch.bfloat16), torch.ones(4, 4, dtype=torch.bfloat16)), {"backend": "triton"},
          ValueError, "multiple of 16"),
-        ((torch.ones(4, 8), torch.ones(4, 8)), {"backend": "cpp"}, ValueError, "no fused kernel for backend 'cpp'"),
     ],
 )
 def test_bad_inputs_get_clear_errors(args, kwargs, error, match) -> None:
     args = tuple(a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args)
-    if kwargs.get("backend") == "cpp" and "cpp" not in available_backends(DEVICE):
-        pytest.skip("cpp backend not available")
     with pytest.raises(error, match=match):
         swiglu_linear(*args, **kwargs)
 
@@ -199,6 +198,86 @@ def test_triton_refuses_a_call_that_needs_a_gradient(needs_grad: str) -> None:
     operand[needs_grad].requires_grad_()
     with pytest.raises(ValueError, match="no backward"):
         swiglu_linear(operand["x"], operand["weight"], operand["bias"], backend="triton")
+
+
+@pytest.fixture
+def resolved_as_on_cuda(monkeypatch: pytest.MonkeyPatch):
+    """Backends resolved as on a CUDA machine with every backend (auto takes triton), whatever the tensors' device:
+    the spy's list of the calls that reach the Triton kernel (each returns the reference instead)."""
+    real_resolve = swl.resolve_backend
+    monkeypatch.setattr(swl, "resolve_backend", lambda op, device, requested, order: real_resolve(
+        op, torch.device("cuda"), requested, order))
+    monkeypatch.setattr(backend_module, "available_backends", lambda device=None: ["eager", "triton", "cpp"])
+    monkeypatch.delenv("SPHERE_FAST_BACKEND", raising=False)
+    calls: list[torch.dtype] = []
+    monkeypatch.setattr(swl, "_swiglu_linear_triton", lambda x, *a: calls.append(x.dtype) or swl._fake(x, *a))
+    backend_module._resolve.cache_clear()
+    assert real_resolve("swiglu_linear", torch.device("cuda"), "auto", swl.AUTO_ORDER) == "triton"
+    yield calls
+    backend_module._resolve.cache_clear()
+
+
+def refused_operands() -> dict[str, tuple[tuple[torch.Tensor, ...], type[Exception], str]]:
+    """Inputs the Triton kernel refuses (eager takes them all), each with the error an explicit triton raises."""
+    fp32 = operands((6, 16), 5, torch.float32)
+    needs_grad = tuple(t.requires_grad_() for t in operands((6, 16), 5, torch.bfloat16))
+    narrow_k = operands((6, 4), 5, torch.bfloat16)
+    return {
+        "fp32": (fp32, TypeError, "float16 or bfloat16"),
+        "needs_grad": (needs_grad, ValueError, "no backward"),
+        "narrow_k": (narrow_k, ValueError, "multiple of 16"),
+    }
+
+
+@pytest.mark.parametrize("case", ["fp32", "needs_grad", "narrow_k"])
+@pytest.mark.parametrize("requested", [None, "auto", "cpp"])
+def test_auto_takes_the_reference_where_the_triton_kernel_refuses(resolved_as_on_cuda, case: str, requested) -> None:
+    """Under auto (nothing requested, a use_backend("auto") block, or cpp, which has no kernel for this op) on
+    CUDA, inputs the Triton kernel refuses run the eager reference, gradients included: auto must not refuse what
+    one of its backends takes. An explicit triton still raises the kernel's error."""
+    (x, weight, bias), error, match = refused_operands()[case]
+    with use_backend(requested) if requested is not None else contextlib.nullcontext():
+        out = swiglu_linear(x, weight, bias, out_width=8)
+    assert torch.equal(out, swiglu_linear_reference(x, weight, bias, 8))
+    assert resolved_as_on_cuda == [], "the Triton kernel was called"
+    if case == "needs_grad":
+        out.float().sum().backward()
+        assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (x, weight, bias))
+    with pytest.raises(error, match=match):
+        swiglu_linear(x, weight, bias, out_width=8, backend="triton")
+    with use_backend("triton"), pytest.raises(error, match=match):
+        swiglu_linear(x, weight, bias, out_width=8)
+
+
+@pytest.mark.parametrize("requested", ["auto", "cpp"])
+def test_auto_and_cpp_take_triton_on_cuda_where_it_runs(resolved_as_on_cuda, requested: str) -> None:
+    x, weight, bias = operands((6, 16), 5, torch.bfloat16)
+    with torch.no_grad():
+        swiglu_linear(x, weight, bias, backend=requested)
+        with use_backend(requested):
+            swiglu_linear(x, weight, bias)
+    assert resolved_as_on_cuda == [torch.bfloat16] * 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpp_backend_runs_as_auto(dtype: torch.dtype) -> None:
+    """There is no C++ kernel: ``cpp`` (backend= or use_backend) is resolved as auto. Inputs that need a gradient
+    run the eager reference everywhere; without one, on CPU too, and on CUDA the Triton kernel where it takes them."""
+    x, weight, bias = (t.requires_grad_() for t in operands((6, 16), 5, dtype))
+    expected = swiglu_linear_reference(x, weight, bias, 8)
+    with use_backend("cpp"):
+        in_context = swiglu_linear(x, weight, bias, out_width=8)
+    for out in (swiglu_linear(x, weight, bias, out_width=8, backend="cpp"), in_context):
+        assert torch.equal(out, expected)
+        (dx,) = torch.autograd.grad(out.float().sum(), x)
+        assert dx.abs().sum() > 0
+    x, weight, bias = (t.detach() for t in (x, weight, bias))
+    with torch.no_grad():
+        out = swiglu_linear(x, weight, bias, out_width=8, backend="cpp")
+    if DEVICE.type == "cpu":
+        assert torch.equal(out, swiglu_linear_reference(x, weight, bias, 8))
+    else:
+        close(out, float64_reference(x, weight, bias, 8), TOL[dtype], "out")
 
 
 # ------------------------------------------------------------------------------------------ the layer

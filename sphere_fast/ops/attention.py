@@ -485,17 +485,6 @@ def _triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: t
 # ------------------------------------------------------------------------------------------ public op
 
 
-@constant_under_compile
-def _rope_pass_backend(name: str, backend: str | None) -> str:
-    """The backend of the RoPE pass before a RoPE-free kernel: Triton with the Triton kernel; else the
-    requested backend's (``cpp`` has no RoPE kernel of its own, so it is resolved as ``auto``). A constant
-    under torch.compile (the active backend lives in a context variable dynamo cannot read)."""
-    if name == "triton":
-        return "triton"
-    requested = backend if backend is not None else active_backend()
-    return "auto" if requested == "cpp" else requested
-
-
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -516,7 +505,8 @@ def attention(
             raise ValueError(f"attention: rope must not require grad with impl {name!r} (it is a constant table)")
         return _triton_attention(q, k, v, rope)
     if rope is not None:
-        q, k = rope_pass(q, k, rope, _rope_pass_backend(name, backend))  # inputs checked above
+        # Triton's pass before the Triton kernel, else the requested backend's (cpp, with no RoPE kernel: auto's)
+        q, k = rope_pass(q, k, rope, "triton" if name == "triton" else backend)  # inputs checked above
     if name == "triton":
         return _triton_attention(q, k, v, None)
     if name == "flash_attn":

@@ -2,9 +2,10 @@
 
 ``apply_rope(q, k, rope)`` rotates both in one pass: [B, H, N, D] strided views in (the model's views of its
 qkv projection), two [B, H, N, D] tensors with [B, N, H, D] memory out, in the input dtype (fp32 math, one
-rounding, as the reference's ``.to(dtype)``). Attention runs it before a RoPE-free kernel. Non-eager
-backends run the Triton kernel (``kernels/rope.py``) as the ``sphere_fast::rope_fwd`` op, whose backward
-(``_RopeFunction``) is the same kernel transposed; ``eager`` is the reference below.
+rounding, as the reference's ``.to(dtype)``). Attention runs it before a RoPE-free kernel. Backend ``triton``
+runs the Triton kernel (``kernels/rope.py``) as the ``sphere_fast::rope_fwd`` op, whose backward
+(``_RopeFunction``) is the same kernel transposed; ``eager`` is the reference below; ``auto`` is triton on CUDA,
+eager on CPU. There is no C++ kernel for RoPE: ``cpp`` is resolved as ``auto`` (``requested_cpp_as_auto``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 import torch
 from torch import Tensor
 
-from sphere_fast.backend import emulate_bf16, resolve_backend, triton_interpreting
+from sphere_fast.backend import emulate_bf16, requested_cpp_as_auto, resolve_backend, triton_interpreting
 from sphere_fast.ops._library import define_op, first_order_only, needs_grad
 from sphere_fast.ops._util import bnhd_empty, kernel_runner, next_pow2, on_input_device, unit_last_stride
 
@@ -143,19 +144,21 @@ class _RopeFunction(torch.autograd.Function):
 
 def apply_rope(q: Tensor, k: Tensor, rope: Tensor, *, backend: str | None = None) -> tuple[Tensor, Tensor]:
     """q and k [B, H, N, D] (strided views allowed, same shape and dtype) rotated by ``rope`` [N, 2D] float32
-    (cos | sin, interleaved pairs): (q_rot, k_rot) in q's dtype. The table is a constant: no gradient."""
+    (cos | sin, interleaved pairs): (q_rot, k_rot) in q's dtype. The table is a constant: no gradient. Backend
+    ``cpp`` (no C++ kernel for RoPE) runs what ``auto`` does: the Triton kernel on CUDA, the reference on CPU."""
     _check_inputs(q, k, rope)
     return rope_pass(q, k, rope, backend)
 
 
 def rope_pass(q: Tensor, k: Tensor, rope: Tensor, backend: str | None) -> tuple[Tensor, Tensor]:
     """``apply_rope`` without its input checks, for a caller that made them (attention, on every call)."""
-    name = resolve_backend("rope", q.device, backend, AUTO_ORDER)
+    requested = requested_cpp_as_auto(backend)
+    table_needs_grad = rope.requires_grad and torch.is_grad_enabled()
+    # auto must not refuse what eager takes: a table that needs a gradient goes to the reference
+    name = resolve_backend("rope", q.device, requested, () if table_needs_grad and requested == "auto" else AUTO_ORDER)
     if name == "eager":
         return rope_reference(q, k, rope)
-    if name == "cpp":
-        raise ValueError("apply_rope: there is no C++ kernel for RoPE; use backend 'triton' or 'eager'")
-    if rope.requires_grad and torch.is_grad_enabled():
+    if table_needs_grad:
         raise ValueError("apply_rope: rope must not require grad on the fused backends (it is a constant table)")
     if needs_grad(q, k):
         return _RopeFunction.apply(q, k, rope)

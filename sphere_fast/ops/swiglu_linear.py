@@ -8,8 +8,10 @@ Backends: ``eager`` is the reference (F.linear, then the SwiGLU reference). ``tr
 (kernels/swiglu_linear.py), for inference: it has no backward (a call that needs a gradient is refused), takes
 fp16 / bf16, and K a multiple of 8 (16-byte rows for its tensor descriptors). It neither writes nor rounds the
 [M, 2H] pre-activation, so it matches the reference up to the GEMM's rounding, not bit for bit (F.linear then
-SwiGLU rounds the pre-activation to the input dtype first). ``auto`` takes triton where it runs; there is no
-C++ kernel. On a GPU the launch config is tuned per call shape (ops/_tuning.py).
+SwiGLU rounds the pre-activation to the input dtype first). ``auto`` takes triton on CUDA where the kernel takes
+the inputs, else the reference: it does not refuse what eager takes (fp32, a call that needs a gradient, K not a
+multiple of 8), where an explicit ``triton`` raises. There is no C++ kernel: ``cpp`` is resolved as ``auto``. On a
+GPU the launch config is tuned per call shape (ops/_tuning.py).
 
 Whether the model's MLPs use it is ``nn.layers.fused_mlp_enabled``: not by default until it is measured
 against cuBLAS and the SwiGLU kernel (benchmarks/bench_linear.py).
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sphere_fast.backend import emulate_bf16, resolve_backend, triton_interpreting
+from sphere_fast.backend import emulate_bf16, requested_cpp_as_auto, resolve_backend, triton_interpreting
 from sphere_fast.ops._library import define_op, needs_grad
 from sphere_fast.ops._tuning import launch_tuned
 from sphere_fast.ops._util import kernel_runner, next_pow2, on_input_device
@@ -155,15 +157,23 @@ def swiglu_linear(
     x: Tensor, weight: Tensor, bias: Tensor | None = None, *, out_width: int | None = None, backend: str | None = None
 ) -> Tensor:
     """silu(a) * b for cat(a, b) = x @ weight^T + bias: [..., K] -> [..., out_width] (default H = weight rows / 2),
-    the columns from H on zero. The triton backend is inference only (no gradient), fp16 / bf16."""
+    the columns from H on zero. The triton backend is inference only (no gradient), fp16 / bf16, and raises on
+    other inputs; ``auto`` runs the reference for them, and ``cpp`` (no C++ kernel) is resolved as ``auto``."""
     hidden = _check_inputs(x, weight, bias, out_width)
     out_width = hidden if out_width is None else out_width
-    name = resolve_backend("swiglu_linear", x.device, backend, AUTO_ORDER)
+    name = _backend_for(x, weight, bias, backend)
     if name == "eager":
         return swiglu_linear_reference(x, weight, bias, out_width)
-    if name != "triton":
-        raise ValueError(f"swiglu_linear: no fused kernel for backend {name!r} (eager or triton)")
-    refusal = triton_refusal(x, weight, bias)
+    refusal = triton_refusal(x, weight, bias)  # only an explicit triton gets here with inputs the kernel refuses
     if refusal is not None:
         raise refusal
     return _swiglu_linear_triton(x, weight, bias, out_width)
+
+
+def _backend_for(x: Tensor, weight: Tensor, bias: Tensor | None, backend: str | None) -> str:
+    """eager or triton for these (checked) inputs. Under ``auto`` (``cpp`` included: there is no C++ kernel) inputs
+    the kernel refuses take the reference, as an empty auto order resolves to eager: auto must not refuse what one
+    of its backends takes."""
+    requested = requested_cpp_as_auto(backend)
+    takes = requested != "auto" or triton_refusal(x, weight, bias) is None
+    return resolve_backend("swiglu_linear", x.device, requested, AUTO_ORDER if takes else ())
