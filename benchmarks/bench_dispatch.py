@@ -70,7 +70,7 @@ CASES: dict[str, tuple[Callable[..., object], Callable[..., object], Callable[[]
         ops.gated_residual_adaln, ops.gated_residual_adaln_reference,
         lambda: (randn(B, N, W), randn(B, N, W), randn(B, 1, W), randn(W), randn(B, 1, W), randn(B, 1, W)),
     ),
-    "apply_rope": (ops.apply_rope, ops.rope_reference, qk_rope),
+    "apply_rope": (ops.apply_rope, ops.apply_rope_reference, qk_rope),
     "attention": (ops.attention, ops.attention_reference, qkv_rope),
     "spherify_noise": (
         spherify_noise, functools.partial(spherify_noise, backend="eager"),

@@ -17,7 +17,7 @@ import torch
 
 from sphere_fast.ops._util import check_grid
 from sphere_fast.ops.attention import attention, attention_impl, attention_reference
-from sphere_fast.ops.rope import apply_rope_reference, rope_table_reference
+from sphere_fast.ops.rope import rotate_reference, rope_table_reference
 from tests.helpers import record_launches, swapped_in_memory
 
 pytest.importorskip("triton")
@@ -136,7 +136,7 @@ def test_rope_on_load_equals_rope_pass(dtype: torch.dtype) -> None:
     grad_out = torch.randn(1, h, n, d, dtype=torch.float64).to(DEVICE)
 
     def eager_rope_then_kernel(q, k, v, rope):
-        q, k = (apply_rope_reference(x, rope).to(dtype) for x in (q, k))
+        q, k = (rotate_reference(x, rope).to(dtype) for x in (q, k))
         return attention(q, k, v, impl="triton")
 
     on_load = run(functools.partial(attention, impl="triton_rope_on_load"), qkv, h, d, rope, grad_out)

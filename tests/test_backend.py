@@ -1,5 +1,6 @@
 """The backend registry: choice by argument, context and environment; clear errors; logged once."""
 
+import inspect
 import logging
 import os
 import re
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import sphere_fast
-from sphere_fast import backend
+from sphere_fast import backend, ops
 from sphere_fast.backend import constant_under_compile, resolve_backend
 from sphere_fast.nn.layers import fused_mlp_enabled
 from sphere_fast.ops._tuning import autotune_enabled
@@ -170,3 +171,21 @@ def test_choice_is_logged_once(caplog):
         for _ in range(3):
             resolve_backend("logged_op", torch.device("cpu"), "eager", ("eager",))
     assert sum("logged_op" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_each_op_has_a_reference_taking_its_arguments():
+    """``ops.<op>_reference`` beside each op, taking the op's positional arguments in the op's order (so that a
+    test or a user can swap one for the other); the pair's reference is the single op's at each scale."""
+    not_computations = {"attention_impl", "attention_impls", "philox_randn"}
+
+    def positional(fn) -> list[str]:
+        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        return [p.name for p in inspect.signature(fn).parameters.values() if p.kind in kinds]
+
+    for name in sorted(set(ops.__all__) - not_computations):
+        if name.endswith("_reference") or name == "spherify_noise_pair":
+            continue
+        reference = getattr(ops, f"{name}_reference", None)
+        assert reference is not None, f"ops.{name} has no ops.{name}_reference"
+        op_args = positional(getattr(ops, name))
+        assert positional(reference)[: len(op_args)] == op_args, name

@@ -17,7 +17,7 @@ import torch
 from sphere_fast import backend as backend_module
 from sphere_fast import use_backend
 from sphere_fast.nn.layers import rope_2d
-from sphere_fast.ops.rope import apply_rope, apply_rope_reference, rope_reference, rope_table_reference
+from sphere_fast.ops.rope import apply_rope, apply_rope_reference, rope_table_reference, rotate_reference
 from tests.helpers import (
     TOL, assert_gradient_penalty_eager_only, assert_rounded_to_nearest, close, record_launches, swapped_in_memory,
 )
@@ -52,7 +52,7 @@ def test_matches_reference(b: int, h: int, n: int, d: int, dtype: torch.dtype) -
     g = torch.Generator().manual_seed(1)
     grads = [torch.randn(b, h, n, d, generator=g).to(DEVICE) for _ in range(2)]
     ours = fwd_bwd(functools.partial(apply_rope, backend="triton"), qkv, q, k, rope, grads)
-    ref = fwd_bwd(rope_reference, qkv, q, k, rope, grads)
+    ref = fwd_bwd(apply_rope_reference, qkv, q, k, rope, grads)
     for name, x, r in zip(("q_rot", "k_rot", "dqkv"), ours, ref):
         assert x.dtype == dtype
         close(x, r, TOL[dtype], name)
@@ -66,7 +66,7 @@ def test_outputs_are_the_fp32_rotation_rounded_to_nearest(dtype: torch.dtype) ->
     rope = table(19, 16)
     with torch.no_grad():
         for out, x in zip(apply_rope(q, k, rope, backend="triton"), (q, k)):
-            assert_rounded_to_nearest(out, apply_rope_reference(x.float(), rope), dtype)
+            assert_rounded_to_nearest(out, rotate_reference(x.float(), rope), dtype)
 
 
 @pytest.mark.parametrize("n, d", [(64, 16), (19, 24)])
@@ -86,7 +86,7 @@ def test_any_table_not_only_the_official() -> None:
     rope = torch.randn(n, 2 * d, generator=g).to(DEVICE)
     grads = [torch.randn(b, h, n, d, generator=g).to(DEVICE) for _ in range(2)]
     ours = fwd_bwd(functools.partial(apply_rope, backend="triton"), qkv, q, k, rope, grads)
-    ref = fwd_bwd(rope_reference, qkv, q, k, rope, grads)
+    ref = fwd_bwd(apply_rope_reference, qkv, q, k, rope, grads)
     for name, x, r in zip(("q_rot", "k_rot", "dqkv"), ours, ref):
         close(x, r, TOL[torch.float32], name)
 
@@ -104,7 +104,7 @@ def test_output_layout_and_strided_inputs(monkeypatch: pytest.MonkeyPatch) -> No
     assert q_rot.transpose(1, 2).is_contiguous() and k_rot.transpose(1, 2).is_contiguous()
     q_t = swapped_in_memory(q.detach(), 2, 3)  # head dim not contiguous
     assert q_t.stride(-1) != 1
-    ref = rope_reference(q.detach(), k.detach(), rope)
+    ref = apply_rope_reference(q.detach(), k.detach(), rope)
     out = apply_rope(q_t, k.detach(), rope, backend="triton")
     torch.testing.assert_close(out[0], ref[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out[1], ref[1], atol=1e-5, rtol=1e-5)
@@ -131,7 +131,7 @@ def test_only_one_output_used() -> None:
     rope = table(8, 16)
     q_rot, _ = apply_rope(q, k, rope, backend="triton")
     (dqkv,) = torch.autograd.grad(q_rot.sum(), qkv)
-    (ref,) = torch.autograd.grad(rope_reference(q, k, rope)[0].sum(), qkv)
+    (ref,) = torch.autograd.grad(apply_rope_reference(q, k, rope)[0].sum(), qkv)
     torch.testing.assert_close(dqkv, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -143,7 +143,7 @@ def test_grad_for_k_only_and_a_strided_table() -> None:
     rope = table(8, 32).t().contiguous().t()
     assert not rope.is_contiguous()
     _, k_rot = apply_rope(q, k, rope, backend="triton")
-    _, k_ref = rope_reference(q, k, rope)
+    _, k_ref = apply_rope_reference(q, k, rope)
     close(k_rot, k_ref, TOL[torch.float32], "k_rot")
     (dk,) = torch.autograd.grad(k_rot.sum(), k)
     (dk_ref,) = torch.autograd.grad(k_ref.sum(), k)
@@ -230,7 +230,7 @@ def test_rope_grad_refused_on_triton() -> None:
         apply_rope(q, k, table(8, 32).requires_grad_(), backend="triton")
     with torch.no_grad():  # nothing is recorded: the table is read as any other
         q_rot, _ = apply_rope(q, k, table(8, 32).requires_grad_(), backend="triton")
-    close(q_rot, rope_reference(q, k, table(8, 32))[0], TOL[torch.float32], "q_rot")
+    close(q_rot, apply_rope_reference(q, k, table(8, 32))[0], TOL[torch.float32], "q_rot")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -247,7 +247,7 @@ def test_cpp_backend_runs_as_auto(dtype: torch.dtype) -> None:
         for a, b in zip(got, expected):
             assert torch.equal(a, b)
     if DEVICE == "cpu":  # auto is the reference on CPU
-        assert all(torch.equal(a, b) for a, b in zip(expected[:2], rope_reference(q, k, rope)))
+        assert all(torch.equal(a, b) for a, b in zip(expected[:2], apply_rope_reference(q, k, rope)))
 
 
 def test_cpp_backend_takes_the_triton_kernel_where_auto_does(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -271,7 +271,7 @@ def test_cpp_backend_takes_the_triton_kernel_where_auto_does(monkeypatch: pytest
         rope = table(8, 32).requires_grad_()
         for name in ("auto", "cpp"):
             q_rot, k_rot = apply_rope(q, k, rope, backend=name)
-            assert all(torch.equal(a, b) for a, b in zip((q_rot, k_rot), rope_reference(q, k, rope)))
+            assert all(torch.equal(a, b) for a, b in zip((q_rot, k_rot), apply_rope_reference(q, k, rope)))
             (grad,) = torch.autograd.grad(q_rot.sum() + k_rot.sum(), rope)
             assert grad.abs().sum() > 0
         assert launches == []

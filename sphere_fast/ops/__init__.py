@@ -14,7 +14,7 @@ from sphere_fast.ops.attention import (
     attention_reference,
 )
 from sphere_fast.ops.philox import philox_randn, sphere_noise_reference
-from sphere_fast.ops.rope import apply_rope, apply_rope_reference, rope_reference
+from sphere_fast.ops.rope import apply_rope, apply_rope_reference
 from sphere_fast.ops.spherify import (
     sphere_noise,
     spherify,
@@ -38,7 +38,6 @@ __all__ = [
     "gated_residual_adaln",
     "gated_residual_adaln_reference",
     "philox_randn",
-    "rope_reference",
     "sphere_noise",
     "sphere_noise_reference",
     "spherify",

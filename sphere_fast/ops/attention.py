@@ -44,7 +44,7 @@ from sphere_fast.backend import (
 from sphere_fast.ops._library import define_op, first_order_only, needs_grad
 from sphere_fast.ops._tuning import launch_tuned
 from sphere_fast.ops._util import bnhd_empty, kernel_runner, next_pow2, on_input_device, unit_last_stride
-from sphere_fast.ops.rope import check_rope_table, rope_pass, rope_reference
+from sphere_fast.ops.rope import check_rope_table, rope_pass, apply_rope_reference
 
 AUTO_ORDER = ("triton", "eager")
 IMPLS = ("sdpa", "triton", "triton_rope_on_load", "flash_attn")
@@ -60,7 +60,7 @@ def attention_reference(
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v over [B, H, N, D], q and k first rotated by the RoPE table when given."""
     if rope is not None:
-        q, k = rope_reference(q, k, rope)
+        q, k = apply_rope_reference(q, k, rope)
     return F.scaled_dot_product_attention(q, k, v)
 
 

@@ -29,15 +29,15 @@ def rotate_pairs(x: Tensor) -> Tensor:
     return torch.stack((-x2, x1), dim=-1).flatten(-2)
 
 
-def apply_rope_reference(x: Tensor, rope: Tensor) -> Tensor:
+def rotate_reference(x: Tensor, rope: Tensor) -> Tensor:
     """x [B, H, N, D], rope [N, 2D] = cos | sin; float32 out for float32 rope (round it to x's dtype)."""
     cos, sin = rope.chunk(2, dim=-1)
     return x * cos + rotate_pairs(x) * sin
 
 
-def rope_reference(q: Tensor, k: Tensor, rope: Tensor) -> tuple[Tensor, Tensor]:
+def apply_rope_reference(q: Tensor, k: Tensor, rope: Tensor) -> tuple[Tensor, Tensor]:
     """q and k rotated in float32 and rounded back to their dtype (what attention's reference does)."""
-    return apply_rope_reference(q, rope).to(q.dtype), apply_rope_reference(k, rope).to(k.dtype)
+    return rotate_reference(q, rope).to(q.dtype), rotate_reference(k, rope).to(k.dtype)
 
 
 def rope_table_reference(n: int, d: int, device: torch.device | str) -> Tensor:
@@ -157,7 +157,7 @@ def rope_pass(q: Tensor, k: Tensor, rope: Tensor, backend: str | None) -> tuple[
     # auto must not refuse what eager takes: a table that needs a gradient goes to the reference
     name = resolve_backend("rope", q.device, requested, () if table_needs_grad and requested == "auto" else AUTO_ORDER)
     if name == "eager":
-        return rope_reference(q, k, rope)
+        return apply_rope_reference(q, k, rope)
     if table_needs_grad:
         raise ValueError("apply_rope: rope must not require grad on the fused backends (it is a constant table)")
     if needs_grad(q, k):
