@@ -69,8 +69,8 @@ def _values_checkable(t: torch.Tensor) -> bool:
 def _check_z(z: object, backend: str) -> torch.Tensor:
     if not isinstance(z, torch.Tensor):
         raise TypeError(f"z must be a torch.Tensor of shape [B, ...], got {type(z).__name__}")
-    if z.ndim < 2 or z.numel() == 0:
-        raise ValueError(f"z must have shape [B, ...] with at least 2 dims and no empty dim, got {tuple(z.shape)}")
+    if z.ndim < 2 or 0 in z.shape[1:]:
+        raise ValueError(f"z must have shape [B, ...] with at least 2 dims, none empty after B, got {tuple(z.shape)}")
     allowed = KERNEL_DTYPES + ((torch.float64,) if backend == "eager" else ())
     if z.dtype not in allowed:
         raise TypeError(f"z must have dtype in {allowed} for the {backend} backend, got {z.dtype}")
@@ -327,7 +327,7 @@ def spherify(z: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """f(z) for z of shape [B, ...]."""
     name = _resolve_for("spherify", z, backend)
     _check_z(z, name)
-    if name == "eager":
+    if name == "eager" or z.shape[0] == 0:  # no samples: nothing to launch (as the other ops take B = 0)
         return spherify_reference(z)
     return _spherify_op(z, None, None, None, 0, name)[0]
 
@@ -359,7 +359,7 @@ def _noisy(
     _check_z(z, name)
     values = [_check_scale(label, s, z) for label, s in scales]
     _check_noise_source(z, noise, seeds, stream)
-    if name == "eager":
+    if name == "eager" or z.shape[0] == 0:
         # e in z's dtype, as the official randn_like(z): a float32 noise would make a bf16 result float32
         e = (noise if noise is not None else sphere_noise_reference(seeds, z.shape[1:], stream=stream)).to(z.dtype)
         return [spherify_noise_reference(z, s, e) for s in values]
