@@ -191,7 +191,8 @@ class ViT(nn.Module):
                 raise ValueError("y (labels) given to an unconditional model (num_classes=0)")
             return
         if not isinstance(y, torch.Tensor) or y.dtype != torch.long or tuple(y.shape) != (x.shape[0],):
-            raise TypeError(
+            wrong_type = not isinstance(y, torch.Tensor) or y.dtype != torch.long
+            raise (TypeError if wrong_type else ValueError)(
                 f"y must be an int64 tensor of shape ({x.shape[0]},) with labels in [0, {self.num_classes}] "
                 f"({self.num_classes} = null label), got {getattr(y, 'dtype', type(y).__name__)} {tuple(getattr(y, 'shape', ()))}"
             )
@@ -583,8 +584,9 @@ def _wrapped_hint(state_dict: Mapping[str, Any]) -> str:
 
 
 def check_noise_scaler(noise_scaler: object) -> None:
-    number = isinstance(noise_scaler, (int, float)) and not isinstance(noise_scaler, bool)
-    if not number or not math.isfinite(noise_scaler) or noise_scaler < 0:
+    if not isinstance(noise_scaler, (int, float)) or isinstance(noise_scaler, bool):
+        raise TypeError(f"noise_scaler must be a finite number >= 0, got {noise_scaler!r}")
+    if not math.isfinite(noise_scaler) or noise_scaler < 0:
         raise ValueError(f"noise_scaler must be a finite number >= 0, got {noise_scaler!r}")
 
 

@@ -36,7 +36,10 @@ SAMPLER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def check_count(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    """An int >= 1: another type is a TypeError, a smaller int a ValueError (the ops' convention)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int >= 1, got {value!r}")
+    if value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
@@ -44,7 +47,9 @@ def check_sampling_args(
     batch_size: int, cfg: float, cfg_position: str, steps: int, steps_name: str = "forward_steps"
 ) -> None:
     check_count("batch_size", batch_size)
-    if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not math.isfinite(cfg) or cfg < 1:
+    if isinstance(cfg, bool) or not isinstance(cfg, (int, float)):
+        raise TypeError(f"cfg must be a finite number >= 1, got {cfg!r}")
+    if not math.isfinite(cfg) or cfg < 1:
         raise ValueError(f"cfg must be a finite number >= 1, got {cfg!r}")
     if cfg_position not in CFG_POSITIONS:
         raise ValueError(f"cfg_position must be one of {CFG_POSITIONS}, got {cfg_position!r}")
@@ -55,7 +60,7 @@ def check_dtype(dtype: object, required: bool = False) -> None:
     """The dtype the networks run in (autocast); None, where not ``required``, runs them in their weights'."""
     if dtype not in SAMPLER_DTYPES and (required or dtype is not None):
         allowed = SAMPLER_DTYPES if required else (*SAMPLER_DTYPES, None)
-        raise ValueError(f"dtype must be one of {allowed}, got {dtype!r}")
+        raise TypeError(f"dtype must be one of {allowed}, got {dtype!r}")
 
 
 def check_flags(**flags: object) -> None:
@@ -94,7 +99,10 @@ def sample_labels(
         return torch.randint(0, model.num_classes, (batch_size,), device=device)
     if not isinstance(y, torch.Tensor) or y.dtype != torch.long or y.shape != (batch_size,):
         got = f"{y.dtype} of shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
-        raise TypeError(f"{name} must be a 1-D int64 tensor of {batch_size} labels, got {got}")
+        wrong_type = not isinstance(y, torch.Tensor) or y.dtype != torch.long
+        raise (TypeError if wrong_type else ValueError)(
+            f"{name} must be a 1-D int64 tensor of {batch_size} labels, got {got}"
+        )
     high = model.num_classes if allow_null else model.num_classes - 1
     check_label_range(y, high, name)
     return y.to(device, non_blocking=True)

@@ -280,8 +280,10 @@ def test_bad_inputs_raise(backend: str) -> None:
         adaln.adaln_modulate(x, w, sh[:1], sc, backend=backend)
     with pytest.raises(ValueError, match=r"weight must have shape \(64,\), got \(1, 64\)"):
         adaln.adaln_modulate(x, w[None], sh, sc, backend=backend)
-    with pytest.raises(ValueError, match="eps must be a finite positive number, got True"):
+    with pytest.raises(TypeError, match="eps must be a finite positive number, got True"):
         adaln.adaln_modulate(x, w, sh, sc, eps=True, backend=backend)
+    with pytest.raises(TypeError, match="eps must be a finite positive number, got 'x'"):
+        adaln.adaln_modulate(x, w, sh, sc, eps="x", backend=backend)
     with pytest.raises(ValueError, match=r"x must have shape \[B, S, D\], got shape \(\)"):
         adaln.adaln_modulate(torch.tensor(1.0), backend=backend)
 

@@ -231,8 +231,8 @@ def test_bad_inputs():
     for labels in ([0, 6], [-1, 0]):
         with pytest.raises(ValueError, match=r"labels must be in \[0, 5\]"):
             model.encoder(torch.rand(2, 3, 16, 16), torch.tensor(labels))
-    for labels in (torch.tensor([0, 1, 2]), y[:, None]):
-        with pytest.raises(TypeError, match=r"y must be an int64 tensor of shape \(2,\)"):
+    for labels in (torch.tensor([0, 1, 2]), y[:, None]):  # a wrong shape is a ValueError, a wrong type a TypeError
+        with pytest.raises(ValueError, match=r"y must be an int64 tensor of shape \(2,\)"):
             model.decoder(torch.rand(2, 16, 4), labels)
     with pytest.raises(TypeError, match="y must be an int64"):
         model.encoder(torch.rand(2, 3, 16, 16), None)

@@ -98,7 +98,9 @@ def _check_inputs(
             raise TypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
         if t.shape not in shapes:
             raise ValueError(f"{name} must have shape {' or '.join(map(str, shapes))}, got {tuple(t.shape)}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a finite positive number, got {eps!r}")
+    if not math.isfinite(eps) or eps <= 0:
         raise ValueError(f"eps must be a finite positive number, got {eps!r}")
 
 

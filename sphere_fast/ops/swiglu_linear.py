@@ -73,8 +73,10 @@ def _check_inputs(x: object, weight: object, bias: object, out_width: object) ->
     hidden, k = weight.shape[0] // 2, weight.shape[1]
     if x.ndim < 1 or x.shape[-1] != k:
         raise ValueError(f"x must be [..., K] with K = {k} (weight's columns), got shape {tuple(x.shape)}")
-    if bias is not None and (not isinstance(bias, Tensor) or bias.shape != (2 * hidden,)):
-        raise ValueError(f"bias must be None or a tensor of shape ({2 * hidden},), got {getattr(bias, 'shape', bias)}")
+    if bias is not None and not isinstance(bias, Tensor):
+        raise TypeError(f"bias must be None or a tensor of shape ({2 * hidden},), got {type(bias).__name__}")
+    if bias is not None and bias.shape != (2 * hidden,):
+        raise ValueError(f"bias must be None or a tensor of shape ({2 * hidden},), got {tuple(bias.shape)}")
     tensors = [t for t in (x, weight, bias) if t is not None]
     if len({t.dtype for t in tensors}) > 1:
         raise TypeError(f"x, weight and bias must share one dtype, got {[t.dtype for t in tensors]}")
@@ -82,7 +84,9 @@ def _check_inputs(x: object, weight: object, bias: object, out_width: object) ->
         raise TypeError(f"x, weight and bias must be floating tensors, got {x.dtype}")
     if len({t.device for t in tensors}) > 1:
         raise ValueError(f"x, weight and bias must share one device, got {[str(t.device) for t in tensors]}")
-    if out_width is not None and (not isinstance(out_width, int) or isinstance(out_width, bool) or out_width < hidden):
+    if out_width is not None and (not isinstance(out_width, int) or isinstance(out_width, bool)):
+        raise TypeError(f"out_width must be an int >= H = {hidden}, got {out_width!r}")
+    if out_width is not None and out_width < hidden:
         raise ValueError(f"out_width must be an int >= H = {hidden}, got {out_width!r}")
     return hidden
 
