@@ -44,7 +44,7 @@ from sphere_fast.backend import (
 from sphere_fast.ops._library import define_op, first_order_only, needs_grad
 from sphere_fast.ops._tuning import launch_tuned
 from sphere_fast.ops._util import bnhd_empty, kernel_runner, next_pow2, on_input_device, unit_last_stride
-from sphere_fast.ops.rope import check_rope_table, rope_pass, apply_rope_reference
+from sphere_fast.ops.rope import apply_rope_reference, check_rope_table, rope_pass
 
 AUTO_ORDER = ("triton", "eager")
 IMPLS = ("sdpa", "triton", "triton_rope_on_load", "flash_attn")

@@ -165,19 +165,12 @@ def swiglu_linear(
     other inputs; ``auto`` runs the reference for them, and ``cpp`` (no C++ kernel) is resolved as ``auto``."""
     hidden = _check_inputs(x, weight, bias, out_width)
     out_width = hidden if out_width is None else out_width
-    name = _backend_for(x, weight, bias, backend)
-    if name == "eager":
+    requested = requested_cpp_as_auto(backend)  # no C++ kernel: cpp runs as auto
+    refusal = triton_refusal(x, weight, bias)
+    # auto must not refuse what eager takes: inputs the kernel refuses get an empty auto order, which is eager
+    order = () if requested == "auto" and refusal is not None else AUTO_ORDER
+    if resolve_backend("swiglu_linear", x.device, requested, order) == "eager":
         return swiglu_linear_reference(x, weight, bias, out_width)
-    refusal = triton_refusal(x, weight, bias)  # only an explicit triton gets here with inputs the kernel refuses
-    if refusal is not None:
+    if refusal is not None:  # an explicit triton
         raise refusal
     return _swiglu_linear_triton(x, weight, bias, out_width)
-
-
-def _backend_for(x: Tensor, weight: Tensor, bias: Tensor | None, backend: str | None) -> str:
-    """eager or triton for these (checked) inputs. Under ``auto`` (``cpp`` included: there is no C++ kernel) inputs
-    the kernel refuses take the reference, as an empty auto order resolves to eager: auto must not refuse what one
-    of its backends takes."""
-    requested = requested_cpp_as_auto(backend)
-    takes = requested != "auto" or triton_refusal(x, weight, bias) is None
-    return resolve_backend("swiglu_linear", x.device, requested, AUTO_ORDER if takes else ())
