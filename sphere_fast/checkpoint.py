@@ -18,6 +18,7 @@ import json
 import os
 import pickle
 import shutil
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -204,7 +205,9 @@ def load_checkpoint(
     path: str | Path, model: SphereEncoder | None = None, *, trainer: Trainer | None = None, ema: bool = False
 ) -> tuple[SphereEncoder, dict[str, Any]]:
     """Load weights (``ema`` picks the EMA weights) into ``model`` (built from the saved config when
-    None) and, with ``trainer``, its optimiser, EMA, step and RNG state. Returns (model, config.json)."""
+    None) and, with ``trainer``, its optimiser, EMA, step and RNG state. Returns (model, config.json).
+    A trainer on another number of processes than the checkpoint's resumes with fresh per-process RNG
+    seeds (``training.process_seed``) and a warning: its run is no longer bit-identical to an uninterrupted one."""
     path = _resolve(path)
     verify_checkpoint(path)
     config = json.loads((path / CONFIG_FILE).read_text())
@@ -224,9 +227,18 @@ def load_checkpoint(
             raise ValueError(f"checkpoint {path} holds weights only (no trainer state): it cannot resume training")
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
         rngs = state["rng"]
-        if len(rngs) != trainer.dist.world_size:
-            raise ValueError(f"checkpoint {path} was written by {len(rngs)} processes; resuming exactly needs the same number, got {trainer.dist.world_size}")
-        state["rng"] = rngs[trainer.dist.rank]
+        if len(rngs) == trainer.dist.world_size:
+            state["rng"] = rngs[trainer.dist.rank]
+        else:  # the global batches stay the same; only the per-process random streams cannot carry over
+            if trainer.dist.rank == 0:
+                warnings.warn(
+                    f"checkpoint {path} was written by {len(rngs)} processes and resumes on "
+                    f"{trainer.dist.world_size}: weights, optimiser, EMA, step and the data order carry over, but each "
+                    "process's RNG (noise, flips, label dropout) is seeded afresh, so the run no longer matches an "
+                    "uninterrupted one bit for bit",
+                    stacklevel=2,
+                )
+            state["rng"] = None
         state["ema"] = load_file(str(path / EMA_FILE))
         trainer.load_state_dict(state)
     return model, config

@@ -364,6 +364,13 @@ def no_forward_buffer_sync() -> dict[str, bool]:
     return {"forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers": False}
 
 
+def process_seed(seed: int, rank: int, step: int = 0) -> int:
+    """The seed of process ``rank``'s RNG (noise levels and seeds, flips, label dropout) in a run that starts at
+    ``step``: 0 for a fresh run, the checkpoint's step for one resumed on another number of processes (whose
+    saved RNG states do not map onto the new ranks). Distinct for every (rank, step) with rank < 1000."""
+    return seed + 1000 * rank + 1_000_000 * step
+
+
 def rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -544,10 +551,15 @@ class Trainer:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore ``state_dict()``'s state. With ``state["rng"]`` None (a checkpoint of another number of
+        processes) this process's RNG is seeded with ``process_seed(config.seed, rank, step)`` instead."""
         self.step = int(state["step"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.ema.load_state_dict(state["ema"])
-        set_rng_state(state["rng"])
+        if state["rng"] is None:
+            torch.manual_seed(process_seed(self.config.seed, self.dist.rank, self.step))
+        else:
+            set_rng_state(state["rng"])
 
 
 # ---- the training loop --------------------------------------------------------------------------
@@ -624,7 +636,7 @@ def fit(run: RunConfig, *, resume: bool = True, progress: bool = True) -> Traine
     if last is not None:
         load_checkpoint(last, trainer=trainer)
     else:
-        torch.manual_seed(cfg.seed + 1000 * info.rank)  # per-process noise, flips and label dropout
+        torch.manual_seed(process_seed(cfg.seed, info.rank))  # per-process noise, flips and label dropout
     loader = make_loader(
         dataset, cfg.global_batch // info.world_size, rank=info.rank, world_size=info.world_size,
         seed=cfg.seed, start_step=trainer.step, workers=run.workers, pin_memory=device.type == "cuda",

@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,7 +21,7 @@ from sphere_fast.checkpoint import (
     save_checkpoint,
     sha256_file,
 )
-from sphere_fast.training import DistInfo, RunConfig, TrainConfig, Trainer, fit
+from sphere_fast.training import DistInfo, RunConfig, TrainConfig, Trainer, fit, process_seed
 from tests import spec_reference
 from tests.tiny import NO_PERCEPTUAL, TINY_CONFIG, tiny_batch, tiny_model
 
@@ -167,9 +168,10 @@ def test_saving_a_name_again_replaces_it(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "latest"]  # no temporary or old folder left
 
 
-def test_resuming_takes_this_process_rng_state_and_needs_the_same_process_count(tmp_path):
-    """A checkpoint of two processes holds two RNG states: rank 1 resumes with the second; three processes are
-    refused."""
+def test_resuming_takes_this_process_rng_state_or_seeds_it_afresh_on_another_process_count(tmp_path):
+    """A checkpoint of two processes holds two RNG states: rank 1 resumes with the second. On three processes
+    the states do not map onto the ranks: each rank is seeded from (seed, rank, step) instead, rank 0 warns
+    that the run is no longer bit-identical, and weights, EMA, optimiser and step still carry over."""
     trainer = small_trainer(1)
     path = save_checkpoint(tmp_path, trainer.model, trainer=trainer)
     state = torch.load(path / "trainer_state.pt", weights_only=True)
@@ -181,9 +183,27 @@ def test_resuming_takes_this_process_rng_state_and_needs_the_same_process_count(
     stub = SimpleNamespace(model=tiny_model(seed=3), dist=DistInfo(rank=1, world_size=2), load_state_dict=loaded.update)
     load_checkpoint(path, trainer=stub)
     assert torch.equal(loaded["rng"]["torch"], second["torch"]) and loaded["step"] == 1
-    stub.dist = DistInfo(rank=0, world_size=3)
-    with pytest.raises(ValueError, match="written by 2 processes; .* got 3"):
-        load_checkpoint(path, trainer=stub)
+
+    after: dict[int, torch.Tensor] = {}
+    for rank in (0, 2):
+        resumed = small_trainer(0)
+        resumed.dist = DistInfo(rank=rank, world_size=3)
+        torch.manual_seed(99)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            load_checkpoint(path, trainer=resumed)
+        warned = [str(w.message) for w in caught if "written by 2 processes and resumes on 3" in str(w.message)]
+        assert len(warned) == (rank == 0)
+        after[rank] = torch.get_rng_state()
+        torch.manual_seed(process_seed(resumed.config.seed, rank, 1))
+        assert torch.equal(after[rank], torch.get_rng_state())
+        assert resumed.step == 1
+        for k, v in trainer.ema.state_dict().items():
+            assert torch.equal(resumed.ema.state_dict()[k], v), k
+        moments = [(a["exp_avg"], b["exp_avg"]) for a, b in
+                   zip(resumed.optimizer.state.values(), trainer.optimizer.state.values(), strict=True)]
+        assert moments and all(torch.equal(a, b) for a, b in moments)
+    assert not torch.equal(after[0], after[2])
 
 
 def test_corrupt_incomplete_and_mismatched_checkpoints_are_refused(tmp_path):

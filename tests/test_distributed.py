@@ -2,6 +2,7 @@
 same losses, with and without gradient accumulation."""
 
 import gc
+import json
 import os
 import socket
 import warnings
@@ -13,10 +14,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 
+from sphere_fast import data
 from sphere_fast.checkpoint import load_checkpoint, save_checkpoint
-from sphere_fast.training import DistInfo, TrainConfig, Trainer, init_distributed, leave_distributed, rng_state
-from tests.tiny import NO_PERCEPTUAL, no_label_dropout, tiny_batch, tiny_model
+from sphere_fast.training import (
+    DistInfo, RunConfig, TrainConfig, Trainer, fit, init_distributed, leave_distributed, process_seed, rng_state,
+)
+from tests.tiny import NO_PERCEPTUAL, TINY_CONFIG, no_label_dropout, tiny_batch, tiny_model
 
 GLOBAL_BATCH, STEPS = 8, 3
 # a large lr so that un-synchronised gradients would move the weights far beyond the tolerance
@@ -150,3 +155,43 @@ def test_a_process_leaves_the_group_it_joined_when_it_exits(tmp_path):
     mp.spawn(exit_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["left0", "left1"]
     assert all(p.read_text() == "cycle freed" for p in tmp_path.iterdir())
+
+
+def resumable_run(out: str, steps: int) -> RunConfig:
+    train = TrainConfig(global_batch=6, total_steps=steps, warmup_steps=0, loss_weights=NO_PERCEPTUAL)
+    return RunConfig(model=TINY_CONFIG, train=train, data="synthetic", out=out, checkpoint_every=2, workers=0)
+
+
+def fit_worker(rank: int, world: int, port: int, out: str) -> None:
+    join_group(rank, world, port, timedelta(seconds=60))
+    fit(resumable_run(out, 2), progress=False)
+    leave_distributed()
+
+
+def test_a_run_of_two_processes_resumes_on_one(tmp_path, monkeypatch):
+    """A checkpoint of two processes resumes on one, with a warning: the step, weights and losses log carry over,
+    the next global batch is the one the two processes would have read, and the process's RNG is seeded from
+    (seed, rank, step), as the two saved states do not map onto one process."""
+    mp.spawn(fit_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    saved = load_file(str(tmp_path / "checkpoints" / "step-00000002" / "model.safetensors"))
+    batches: list[torch.Tensor] = []
+    rng_at_first_step: list[torch.Tensor] = []
+
+    def record(x: torch.Tensor) -> torch.Tensor:
+        batches.append(x)
+        rng_at_first_step.append(torch.get_rng_state())
+        return x
+
+    monkeypatch.setattr(data, "random_hflip", record)
+    run = resumable_run(str(tmp_path), 3)
+    with pytest.warns(UserWarning, match="written by 2 processes and resumes on 1"):
+        trainer = fit(run, progress=False)
+    assert trainer.step == 3
+    assert [json.loads(line)["step"] for line in (tmp_path / "losses.jsonl").read_text().splitlines()] == [0, 1, 2]
+    dataset = data.open_dataset("synthetic", TINY_CONFIG["input_size"])
+    rows = next(iter(data.StepBatchSampler(len(dataset), 3, rank=1, world_size=2, start_step=2)))
+    assert torch.equal(batches[0][3:], torch.stack([dataset[i][0] for i in rows]))  # rank 1's half of step 2
+    torch.manual_seed(process_seed(run.train.seed, 0, 2))
+    assert torch.equal(rng_at_first_step[0], torch.get_rng_state())
+    resumed, _ = load_checkpoint(tmp_path / "checkpoints" / "step-00000002")
+    assert all(torch.equal(v, saved[k]) for k, v in resumed.state_dict().items())
