@@ -13,6 +13,7 @@ import inspect
 import json
 import math
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -453,12 +454,11 @@ class Trainer:
         encoder = [p for p in self.model.encoder.parameters() if p.requires_grad]
         decoder = [p for p in self.model.decoder.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
-            [{"params": encoder, "lr_scale": config.encoder_lr_scale}, {"params": decoder, "lr_scale": 1.0}],
+            [{"params": encoder}, {"params": decoder}],
             lr=learning_rate(0, config),
-            betas=config.betas,
-            weight_decay=config.weight_decay,
             fused=True,  # the update as one multi-tensor kernel (CUDA and CPU), not a kernel chain per op
         )
+        self._set_optimizer_settings()
         self.step = 0
         use_bf16 = config.autocast == "bf16" or (config.autocast == "auto" and self.device.type == "cuda")
         # a partial, not a lambda over self: that would be a reference cycle keeping the trainer (under torchrun
@@ -550,11 +550,29 @@ class Trainer:
             "train_config": dataclasses.asdict(self.config),
         }
 
+    def _set_optimizer_settings(self) -> None:
+        """The config's betas, weight decay and encoder lr scale on the param groups (encoder, decoder)."""
+        for group, lr_scale in zip(self.optimizer.param_groups, (self.config.encoder_lr_scale, 1.0), strict=True):
+            group.update(lr_scale=lr_scale, betas=self.config.betas, weight_decay=self.config.weight_decay)
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore ``state_dict()``'s state. With ``state["rng"]`` None (a checkpoint of another number of
-        processes) this process's RNG is seeded with ``process_seed(config.seed, rank, step)`` instead."""
+        """Restore ``state_dict()``'s state. This trainer's config holds wherever it differs from the saved one
+        (the optimiser's settings included, which its state would bring back), and rank 0 warns naming the
+        fields. With ``state["rng"]`` None (a checkpoint of another number of processes) this process's RNG is
+        seeded with ``process_seed(config.seed, rank, step)`` instead."""
+        changed = {
+            name: (saved, value) for name, value in dataclasses.asdict(self.config).items()
+            if (saved := state["train_config"].get(name, value)) != value
+        }
+        if changed and self.dist.rank == 0:
+            warnings.warn(
+                "resuming with another recipe than the checkpoint's: "
+                + ", ".join(f"{name} {saved!r} -> {value!r}" for name, (saved, value) in changed.items()),
+                stacklevel=2,
+            )
         self.step = int(state["step"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self._set_optimizer_settings()
         self.ema.load_state_dict(state["ema"])
         if state["rng"] is None:
             torch.manual_seed(process_seed(self.config.seed, self.dist.rank, self.step))

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import shutil
 import signal
@@ -204,6 +205,28 @@ def test_resuming_takes_this_process_rng_state_or_seeds_it_afresh_on_another_pro
                    zip(resumed.optimizer.state.values(), trainer.optimizer.state.values(), strict=True)]
         assert moments and all(torch.equal(a, b) for a, b in moments)
     assert not torch.equal(after[0], after[2])
+
+
+def test_a_resume_takes_this_trainer_s_recipe_and_names_what_changed(tmp_path):
+    """The optimiser's state would bring back its settings: the resuming trainer's config holds instead, as it
+    does for the lr schedule, the EMA decay and the clipping, and the fields that changed are named. The same
+    recipe resumes without a word."""
+    trainer = small_trainer(1)
+    path = save_checkpoint(tmp_path, trainer.model, trainer=trainer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_checkpoint(path, trainer=small_trainer(0))
+    changed = dataclasses.replace(trainer.config, betas=(0.5, 0.6), weight_decay=0.25, encoder_lr_scale=0.5)
+    resumed = Trainer(tiny_model(), changed)
+    named = r"encoder_lr_scale 0.1 -> 0.5, betas \(0.9, 0.95\) -> \(0.5, 0.6\), weight_decay 0.0 -> 0.25$"
+    with pytest.warns(UserWarning, match=named):
+        load_checkpoint(path, trainer=resumed)
+    settings = [(g["lr_scale"], g["betas"], g["weight_decay"]) for g in resumed.optimizer.param_groups]
+    assert settings == [(0.5, (0.5, 0.6), 0.25), (1.0, (0.5, 0.6), 0.25)]
+    assert resumed.step == 1 and all(
+        torch.equal(a["exp_avg"], b["exp_avg"])
+        for a, b in zip(resumed.optimizer.state.values(), trainer.optimizer.state.values(), strict=True)
+    )
 
 
 def test_corrupt_incomplete_and_mismatched_checkpoints_are_refused(tmp_path):
