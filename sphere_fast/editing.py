@@ -74,8 +74,8 @@ def reconstruct_images(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None = None, *, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
     """x -> E(x, y) -> f -> D(., y), no noise; y is the null class unless ``labels`` are given."""
-    check_dtype(dtype)
     x = model_input(model, check_images(model, images))
+    check_dtype(dtype, model)
     y = None
     if labels is not None:
         y = sample_labels(model, x.shape[0], labels, x.device, name="labels", allow_null=True)
@@ -103,7 +103,7 @@ def manipulate(
     batch, device = x.shape[0], x.device
     check_count("steps", steps)
     check_noise_scaler(noise_scaler)
-    check_dtype(dtype)
+    check_dtype(dtype, model)
     check_flags(scheduler=scheduler)
     if model.num_classes == 0 and target is not None:
         raise ValueError("target given to an unconditional model (num_classes=0)")
@@ -251,7 +251,7 @@ def interpolate(
     check_count("cols", cols)
     points = rows * cols
     check_sampling_args(points, cfg, cfg_position, steps, steps_name="steps")
-    check_dtype(dtype)
+    check_dtype(dtype, model)
     check_flags(cache_noise=cache_noise, scheduler=scheduler)
     seeds = seeds_on(seeds, 4, device)
     corner_labels = sample_labels(model, 4, labels, device, name="labels")

@@ -540,7 +540,8 @@ class SphereEncoder(nn.Module):
         Noise: by default from torch's global generator (like the official code); ``noise`` replays a
         list of draws (the initial point first, then the refinement draws in order); ``seeds`` ([B]
         int64) draws by the sphere_fast convention, so a sample's image depends only on its seed.
-        ``dtype`` (e.g. torch.bfloat16) runs the networks under autocast."""
+        ``dtype`` (e.g. torch.bfloat16) runs the networks under autocast; float32 turns off an enclosing
+        autocast; None (the default) runs them as called: in their weights' dtype, or an enclosing autocast's."""
         from sphere_fast.sampling import sample
 
         return sample(
@@ -591,9 +592,13 @@ def check_noise_scaler(noise_scaler: object) -> None:
 
 
 def check_eval_mode(model: nn.Module) -> None:
-    """Label dropout applies in training mode: a sample would depend on torch's generator, not on its seed."""
-    if model.training:
-        raise ValueError("model is in training mode (label dropout would apply): call model.eval() first")
+    """Label dropout applies in training mode, set per label embedder: a sample would depend on torch's
+    generator, not on its seed."""
+    modules = {"model": model, "model.encoder.y_embedder": model.encoder.y_embedder,
+               "model.decoder.y_embedder": model.decoder.y_embedder}
+    training = [name for name, module in modules.items() if module is not None and module.training]
+    if training:
+        raise ValueError(f"{training[0]} is in training mode (label dropout would apply): call model.eval() first")
 
 
 def check_model(model: object) -> SphereEncoder:

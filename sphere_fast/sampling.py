@@ -56,11 +56,17 @@ def check_sampling_args(
     check_count(steps_name, steps)
 
 
-def check_dtype(dtype: object, required: bool = False) -> None:
-    """The dtype the networks run in (autocast); None, where not ``required``, runs them in their weights'."""
+def check_dtype(dtype: object, model: torch.nn.Module, required: bool = False) -> None:
+    """The dtype ``model``'s networks run in (autocast); None, where not ``required``, runs them as called: in
+    their weights' dtype, or an enclosing autocast's. Autocast to one half type cannot run weights of the other."""
     if dtype not in SAMPLER_DTYPES and (required or dtype is not None):
         allowed = SAMPLER_DTYPES if required else (*SAMPLER_DTYPES, None)
         raise TypeError(f"dtype must be one of {allowed}, got {dtype!r}")
+    halves = (torch.float16, torch.bfloat16)
+    weights = next(model.parameters()).dtype
+    if dtype in halves and weights in halves and weights != dtype:
+        raise TypeError(f"dtype {dtype} cannot run a model with {weights} weights: pass dtype={weights}, or cast "
+                        f"the model to {dtype} or float32")
 
 
 def check_flags(**flags: object) -> None:
@@ -223,10 +229,13 @@ def noise_stream(
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None, cache: bool = True) -> contextlib.AbstractContextManager:
-    """Autocast to ``dtype`` (none for None or float32). A graph capture needs ``cache=False``: cached weight
-    casts would be freed when the context exits while the graph still points at them."""
-    if dtype is None or dtype == torch.float32:
+    """Autocast to ``dtype``; float32 turns off an enclosing autocast (its images, and a graph captured under it,
+    would otherwise be the enclosing dtype's), None keeps it. A graph capture needs ``cache=False``: cached
+    weight casts would be freed when the context exits while the graph still points at them."""
+    if dtype is None or not torch.amp.is_autocast_available(device.type):  # no autocast on "meta", say
         return contextlib.nullcontext()
+    if dtype == torch.float32:
+        return torch.autocast(device.type, enabled=False)
     return torch.autocast(device.type, dtype=dtype, cache_enabled=cache)
 
 
@@ -303,7 +312,7 @@ def sample(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The un-captured sampling loop; returns (first-step image, final image) in [0, 1]."""
     check_sampling_args(batch_size, cfg, cfg_position, steps)
-    check_dtype(dtype)
+    check_dtype(dtype, model)
     check_flags(cache_noise=cache_noise, scheduler=scheduler)
     check_eval_mode(model)
     if noise is not None and seeds is not None:
@@ -498,7 +507,7 @@ class Sampler:
         """The settings and the model, checked at construction and at each call (they may change in between);
         a model moved to another device takes the sampler with it."""
         check_sampling_args(self.batch_size, self.cfg, self.cfg_position, self.steps, steps_name="steps")
-        check_dtype(self.dtype, required=True)
+        check_dtype(self.dtype, self.model, required=True)
         check_flags(cache_noise=self.cache_noise, scheduler=self.scheduler)
         check_eval_mode(self.model)
         device = next(self.model.parameters()).device

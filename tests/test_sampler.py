@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from sphere_fast import SphereEncoder, ops
+from sphere_fast import SphereEncoder, editing, ops
 from sphere_fast.sampling import GraphKey, GuidedNetworks, Sampler, bucket_for, sample_labels, to_unit
 
 TINY = {"width": 32, "layers": 1, "heads": 2}
@@ -154,6 +154,10 @@ def test_training_mode_refused():
     for call in (sampler, sampler.prepare):
         with pytest.raises(ValueError, match="eval"):
             call()
+    m.eval().decoder.y_embedder.train()  # label dropout is each embedder's own switch
+    for call in (sampler, lambda: m.generate(4, y=LABELS[:4], seeds=SEEDS[:4])):
+        with pytest.raises(ValueError, match=r"model.decoder.y_embedder is in training mode .* model.eval\(\)"):
+            call()
 
 
 def test_sampler_follows_its_model_to_another_device():
@@ -272,6 +276,32 @@ def test_cfg_1_runs_each_network_on_one_batch(model):
 
 def test_images_are_clamped_to_the_unit_range():
     assert torch.equal(to_unit(torch.tensor([-3.0, -1.0, 0.0, 0.5, 3.0])), torch.tensor([0.0, 0.0, 0.5, 0.75, 1.0]))
+
+
+def test_float32_turns_off_an_enclosing_autocast(model):
+    """float32 images are float32 inside the caller's autocast too; dtype None (generate's default) runs as
+    called: in the enclosing autocast's dtype."""
+    fp32 = Sampler(model, 5, 2, cfg=1.4, dtype=torch.float32, cuda_graph=False)(LABELS, SEEDS)
+    inside: dict[str, torch.Tensor] = {}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside["sampler"] = Sampler(model, 5, 2, cfg=1.4, dtype=torch.float32, cuda_graph=False)(LABELS, SEEDS)
+        for dtype in (torch.float32, None):
+            inside[str(dtype)] = model.generate(5, y=LABELS, cfg=1.4, forward_steps=2, seeds=SEEDS, dtype=dtype)[1]
+    assert torch.equal(inside["sampler"], fp32) and torch.equal(inside["torch.float32"], fp32)
+    bf16 = Sampler(model, 5, 2, cfg=1.4, dtype=torch.bfloat16, cuda_graph=False)(LABELS, SEEDS)
+    assert torch.equal(inside["None"], bf16) and (bf16 - fp32).abs().amax() > 1e-4
+
+
+@pytest.mark.parametrize("weights,dtype", [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)])
+def test_autocast_to_the_other_half_type_refused(weights, dtype):
+    """Autocast to one half type cannot run weights of the other (torch fails deep inside with "Unexpected
+    floating ScalarType"): refused up front, naming both."""
+    m = tiny_model().to(weights)
+    match = f"dtype {dtype} cannot run a model with {weights} weights"
+    for call in (lambda: Sampler(m, 5, 2, cfg=1.4, dtype=dtype), lambda: m.generate(5, y=LABELS, dtype=dtype),
+                 lambda: editing.reconstruct_images(m, torch.rand(2, 3, 16, 16), dtype=dtype)):
+        with pytest.raises(TypeError, match=match):
+            call()
 
 
 def test_float32_runs_without_autocast(model):

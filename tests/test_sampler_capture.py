@@ -279,6 +279,18 @@ def test_dtype_change_captures_its_own_graph(model: SphereEncoder, emulated_cuda
     assert (bf16 - fp32).abs().amax() > 1e-4  # a replay of the fp32 graph would have returned fp32's images
 
 
+def test_a_capture_inside_the_caller_s_autocast_keeps_the_sampler_s_dtype(
+    model: SphereEncoder, emulated_cuda_graphs: CudaGraphEmulator
+) -> None:
+    """The graph's key says float32: captured inside the caller's bf16 autocast, it still computes float32, so
+    its replays outside match the plain float32 path (a bf16 capture would differ by ~5e-3)."""
+    graphed, plain = samplers(model, 8, (2, 1.4, "combo", True, False))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        graphed(LABELS, SEEDS)
+    close(graphed(LABELS, SEEDS), plain(LABELS, SEEDS), TOL, "fp32 graph captured inside autocast vs plain fp32")
+    assert (emulated_cuda_graphs.captures, emulated_cuda_graphs.replays) == (1, 2)
+
+
 def test_prepare_captures_ahead_of_the_first_call(model: SphereEncoder, emulated_cuda_graphs: CudaGraphEmulator) -> None:
     emu = emulated_cuda_graphs
     graphed, plain = samplers(model, 8, (2, 1.4, "combo", True, False))
