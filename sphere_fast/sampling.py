@@ -324,13 +324,14 @@ def sample(
             raise ValueError(f"noise holds {len(noise)} draws; {steps} steps with cache_noise={cache_noise} take "
                              f"{needed} (the initial point, then the refinement draws)")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    y = sample_labels(model, batch_size, y, device)
-    nets = GuidedNetworks.from_scale(model, y, cfg, cfg_position)
     if seeds is not None:
         source: SeededNoise | DrawnNoise = SeededNoise(seeds_on(seeds, batch_size, device), model.latent_shape[1:])
     else:
         draws = noise_stream(model, batch_size, device, noise)
         source = DrawnNoise(lambda stream: next(draws))
+        source.draw(0)  # the initial point before the random labels, in the official order of draws
+    y = sample_labels(model, batch_size, y, device)
+    nets = GuidedNetworks.from_scale(model, y, cfg, cfg_position)
     with autocast(device, dtype):
         return run_loop(model, nets, source, steps, scheduler=scheduler, cache_noise=cache_noise)
 

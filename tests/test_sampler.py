@@ -324,6 +324,20 @@ def test_recorded_noise_is_checked_and_taken_in_float32(model):
             model.generate(5, y=LABELS, forward_steps=steps, cache_sampling_noise=cache, noise=(draws * 2)[:given])
 
 
+def test_global_generator_draws_in_the_official_order(model):
+    """Without seeds or noise, generate draws as the official code: the initial point on the CPU generator, then
+    the random labels, then the refinement draws on the model's device. So after the same manual_seed it makes
+    the official run's labels and images."""
+    torch.manual_seed(7)
+    e0 = torch.randn(5, 16, 4)
+    labels = torch.randint(0, 10, (5,))
+    e1 = torch.randn(5, 16, 4)
+    expected = model.generate(5, y=labels, cfg=1.4, forward_steps=2, noise=[e0, e1])
+    torch.manual_seed(7)
+    got = model.generate(5, cfg=1.4, forward_steps=2)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
 def test_recorded_noise_on_a_bf16_model_matches_the_loop_written_out():
     """The refinement noise meets the bf16 latent in bf16 (the loop's latents stay in the weights' dtype)."""
     model = tiny_model().to(torch.bfloat16)
