@@ -168,7 +168,9 @@ def crossover(
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Spherical interpolation of each vector over the last dim (lerp where a and b are nearly parallel)."""
+    """Spherical interpolation of each vector over the last dim (lerp where a and b are nearly parallel). The
+    vectors keep their norms: the official code's slerp scales each token to unit length first, so its points,
+    the corners too, are not the draws ``generate`` makes."""
     cos = (a * b).sum(-1, keepdim=True) / (a.norm(dim=-1, keepdim=True) * b.norm(dim=-1, keepdim=True))
     omega = torch.acos(cos.clamp(-1, 1))
     sin = torch.sin(omega)
@@ -189,6 +191,20 @@ def bilinear(corners: torch.Tensor, rows: int, cols: int, method: str = "lerp") 
     v = torch.linspace(0, 1, rows, device=x.device).reshape(rows, 1, *extra)
     top, bottom = mix(x[0], x[1], u), mix(x[2], x[3], u)  # [cols, ...]
     return mix(top, bottom, v).reshape(rows * cols, *x.shape[1:])
+
+
+def bilinear_noise(draws: torch.Tensor, rows: int, cols: int, method: str) -> torch.Tensor:
+    """The corners' N(0, I) ``draws`` [4, ...] over the grid, each point N(0, I) too: a lerp of independent
+    draws shrinks them (to half their norm at the grid's centre, and the refinement noise level with them), so
+    lerp's points are divided by the mix's standard deviation sqrt(((1-u)^2 + u^2) ((1-v)^2 + v^2)); slerp
+    keeps the norm as it is. The corners come out exactly."""
+    grid = bilinear(draws, rows, cols, method)
+    if method == "slerp":
+        return grid
+    u = torch.linspace(0, 1, cols, device=grid.device)
+    v = torch.linspace(0, 1, rows, device=grid.device)
+    std = (((1 - v) ** 2 + v**2)[:, None] * ((1 - u) ** 2 + u**2)).sqrt()
+    return grid / std.reshape(rows * cols, *[1] * (grid.ndim - 1))
 
 
 class _GivenEmbedding(nn.Module):
@@ -242,7 +258,8 @@ def interpolate(
     """Sample a rows x cols grid between four corners, given as ``seeds`` [4] (top-left, top-right,
     bottom-left, bottom-right) and their ``labels`` [4] (random if None). Every noise draw of the loop (the
     initial point and the refinement noise) is the bilinear interpolation of the corners' draws (``lerp``,
-    or ``slerp`` per token over the channel dim); the class embeddings are interpolated linearly. Each
+    scaled to keep the draws' variance, or ``slerp`` per token over the channel dim, which keeps their norms:
+    ``bilinear_noise``); the class embeddings are interpolated linearly. Each
     point then goes through sampling, so a corner's image is the one ``generate`` makes from its seed and
     label with the same options (note the defaults: cached noise here, fresh draws in ``generate``). Returns
     [rows, cols, 3, H, W] in [0, 1]."""
@@ -256,7 +273,9 @@ def interpolate(
     seeds = seeds_on(seeds, 4, device)
     corner_labels = sample_labels(model, 4, labels, device, name="labels")
     shape = model.latent_shape[1:]
-    noise = DrawnNoise(lambda stream: bilinear(ops.sphere_noise(seeds, shape, stream=stream), rows, cols, method))
+    noise = DrawnNoise(
+        lambda stream: bilinear_noise(ops.sphere_noise(seeds, shape, stream=stream), rows, cols, method)
+    )
     placeholder = None if corner_labels is None else torch.zeros(points, dtype=torch.long, device=device)
     nets = GuidedNetworks.from_scale(model, placeholder, cfg, cfg_position)
     embeddings = contextlib.nullcontext()

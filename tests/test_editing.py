@@ -8,6 +8,7 @@ import torch
 from sphere_fast import ops
 from sphere_fast.editing import (
     bilinear,
+    bilinear_noise,
     crossover,
     crossover_mask,
     given_class_embeddings,
@@ -237,6 +238,17 @@ def test_slerp_and_bilinear():
     assert torch.equal(bilinear(low, 3, 3, "slerp"), bilinear(low.float(), 3, 3, "slerp"))
     with pytest.raises(ValueError, match="method"):
         bilinear(corners, 2, 2, "cubic")
+
+
+def test_mixed_noise_keeps_the_corners_noise_level():
+    """Every grid point's draw is N(0, I) as the corners' are: the refinement then adds the same noise level
+    everywhere. A plain lerp of four independent draws has std 0.5 at the grid's centre."""
+    draws = torch.randn(4, 5000, 8, generator=torch.Generator().manual_seed(3))  # tokens of 8 channels
+    for method in ("lerp", "slerp"):
+        grid = bilinear_noise(draws, 3, 5, method).reshape(3, 5, 5000, 8)
+        assert torch.equal(grid[0, 0], draws[0]) and torch.equal(grid[2, 4], draws[3])
+        torch.testing.assert_close(grid.std(dim=(2, 3)), torch.ones(3, 5), atol=0.03, rtol=0)
+    assert abs(bilinear(draws, 3, 5, "lerp").reshape(3, 5, -1)[1, 2].std().item() - 0.5) < 0.03
 
 
 def test_class_embeddings_interpolated_and_restored(model):
