@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from sphere_fast import ops
-from sphere_fast.model import check_eval_mode, check_model, check_noise_scaler, labels_checked
+from sphere_fast.model import check_eval_mode, check_flags, check_model, check_noise_scaler, labels_checked
 from sphere_fast.sampling import (
     DrawnNoise,
     GuidedNetworks,
@@ -20,7 +20,6 @@ from sphere_fast.sampling import (
     autocast,
     check_count,
     check_dtype,
-    check_flags,
     check_sampling_args,
     fresh_seeds,
     refine,

@@ -509,6 +509,7 @@ class SphereEncoder(nn.Module):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor of images [B, 3, H, W] in [-1, 1], got {type(x).__name__}")
         check_noise_scaler(noise_scaler)
+        check_flags(sampling=sampling)
         check_eval_mode(self)
         if y is None and self.num_classes > 0:
             y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
@@ -589,6 +590,13 @@ def check_noise_scaler(noise_scaler: object) -> None:
         raise TypeError(f"noise_scaler must be a finite number >= 0, got {noise_scaler!r}")
     if not math.isfinite(noise_scaler) or noise_scaler < 0:
         raise ValueError(f"noise_scaler must be a finite number >= 0, got {noise_scaler!r}")
+
+
+def check_flags(**flags: object) -> None:
+    """Switches, given by name (``cache_noise=...``): a truthy non-bool is more likely a misplaced argument."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
 def check_eval_mode(model: nn.Module) -> None:

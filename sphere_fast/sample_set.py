@@ -44,7 +44,8 @@ def image_seeds(seed: int, indices: Sequence[int]) -> torch.Tensor:
 
 
 def image_labels(num_classes: int, indices: Sequence[int]) -> torch.Tensor | None:
-    """The labels of images ``indices``: i % num_classes, or None for an unconditional model."""
+    """The labels of images ``indices``: i % num_classes, or None for an unconditional model (0 classes)."""
+    check_count("num_classes", num_classes, minimum=0)
     return torch.tensor([i % num_classes for i in indices], dtype=torch.long) if num_classes else None
 
 

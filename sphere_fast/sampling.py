@@ -21,6 +21,7 @@ from sphere_fast.backend import active_backend
 from sphere_fast.model import (
     Conditioning,
     check_eval_mode,
+    check_flags,
     check_label_range,
     check_model,
     labels_checked,
@@ -35,12 +36,12 @@ CFG_POSITIONS = ("enc", "dec", "combo")
 SAMPLER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def check_count(name: str, value: object) -> None:
-    """An int >= 1: another type is a TypeError, a smaller int a ValueError (the ops' convention)."""
+def check_count(name: str, value: object, minimum: int = 1) -> None:
+    """An int >= ``minimum``: another type is a TypeError, a smaller int a ValueError (the ops' convention)."""
     if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int >= 1, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def check_sampling_args(
@@ -67,13 +68,6 @@ def check_dtype(dtype: object, model: torch.nn.Module, required: bool = False) -
     if dtype in halves and weights in halves and weights != dtype:
         raise TypeError(f"dtype {dtype} cannot run a model with {weights} weights: pass dtype={weights}, or cast "
                         f"the model to {dtype} or float32")
-
-
-def check_flags(**flags: object) -> None:
-    """Switches, given by name (``cache_noise=...``): a truthy non-bool is more likely a misplaced argument."""
-    for name, value in flags.items():
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
 def seeds_on(seeds: object, batch_size: int, device: torch.device) -> torch.Tensor:
@@ -219,8 +213,11 @@ def noise_stream(
     shape = (batch_size, *model.latent_shape[1:])
     if noise is not None:
         for i, e in enumerate(noise):
-            if not isinstance(e, torch.Tensor) or tuple(e.shape) != shape:
-                raise ValueError(f"noise[{i}] must have shape {shape}, got {tuple(getattr(e, 'shape', ()))}")
+            if not isinstance(e, torch.Tensor) or not e.is_floating_point():
+                got = e.dtype if isinstance(e, torch.Tensor) else type(e).__name__
+                raise TypeError(f"noise[{i}] must be a floating tensor of N(0, I) draws, got {got}")
+            if tuple(e.shape) != shape:
+                raise ValueError(f"noise[{i}] must have shape {shape}, got {tuple(e.shape)}")
             yield e.to(device=device, dtype=torch.float32)
         return
     yield torch.randn(shape).to(device)

@@ -333,6 +333,9 @@ def test_reconstruct_with_sampling_noise():
     out = model.reconstruct(x, y, noise_scaler=0.0, sampling=True)
     assert torch.equal(torch.get_rng_state(), state)
     torch.testing.assert_close(out, model.reconstruct(x, y), atol=0, rtol=0)
+    for flag in ("no", 1):  # truthy non-bools would add noise
+        with pytest.raises(TypeError, match="sampling must be a bool"):
+            model.reconstruct(x, y, sampling=flag)
 
 
 def test_training_forward_re_encodes_the_big_noise_images():

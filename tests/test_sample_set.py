@@ -131,6 +131,9 @@ def test_pack_npz(model, tmp_path):
     assert elsewhere == tmp_path / "elsewhere.npz" and "arr_1" not in np.load(elsewhere)  # unconditional
     Image.new("L", (16, 16), 77).save(image_path(tmp_path, 1, NUM))  # a grey image packs as three equal channels
     assert (np.load(pack_npz(tmp_path, NUM))["arr_0"][1] == 77).all()
+    for bad, error in ((-3, ValueError), (2.0, TypeError)):  # labels i % -3 would be negative
+        with pytest.raises(error, match="num_classes must be an int >= 0"):
+            pack_npz(tmp_path, NUM, num_classes=bad)
     image_path(tmp_path, 4, NUM).unlink()
     with pytest.raises(FileNotFoundError, match="1 of 7 images are missing .* index 4"):
         pack_npz(tmp_path, NUM)
