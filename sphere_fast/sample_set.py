@@ -6,11 +6,13 @@ Image i has the seed ``seed * 2**32 + i`` and the label ``i % num_classes`` (eve
 an unconditional model). A sample's image depends only on its seed, label, steps and cfg (the sphere_fast noise
 convention), so the set is the same for any batch size and any number of processes: under torchrun each process
 runs every world_size-th batch of indices. Each file is written atomically and a rerun skips the indices
-already on disk, so an interrupted job resumes where it stopped.
+already on disk, so an interrupted job resumes where it stopped; ``sample_set.json`` keeps the options (steps,
+cfg, seed, dtype, model config; not the weights) and a rerun with others is refused.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -28,6 +30,7 @@ PNG_WRITERS = 4  # threads encoding PNGs while the device samples the next batch
 # Batches whose PNGs may still be queued: bounds host memory when the device outruns the writers, and
 # surfaces a failed write (a full disk) within a few batches rather than after the whole set is sampled.
 BATCHES_IN_FLIGHT = 2
+OPTIONS_FILE = "sample_set.json"  # the options the folder's images were made with
 
 
 def _check_int(name: str, value: object, low: int, high: int | None = None) -> int:
@@ -73,6 +76,23 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def _check_or_write_options(folder: Path, options: dict, rank: int) -> None:
+    """A rerun fills in the images its folder lacks: with other options than the folder's (``OPTIONS_FILE``,
+    written by rank 0 at the first run) it would mix two sets, so it is refused, naming the differences."""
+    path = folder / OPTIONS_FILE
+    options = json.loads(json.dumps(options))  # as JSON keeps them: tuples become lists
+    if path.exists():
+        saved = json.loads(path.read_text())
+        changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in options.items() if saved.get(k) != v]
+        if changed:
+            raise ValueError(f"{folder} holds a sample set made with other options ({', '.join(changed)}): "
+                             "finish it with those, or write to another folder")
+    elif rank == 0:
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        partial.write_text(json.dumps(options, indent=1))
+        os.replace(partial, path)
+
+
 def write_sample_set(
     model: torch.nn.Module,
     out: str | Path,
@@ -102,6 +122,8 @@ def write_sample_set(
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"out must be a folder, got the file {folder}")
     folder.mkdir(parents=True, exist_ok=True)
+    _check_or_write_options(folder, {"steps": steps, "cfg": cfg, "cfg_position": cfg_position, "seed": seed,
+                                     "dtype": str(dtype), "model": model.config}, rank)
     todo = [[i for i in batch if not image_path(folder, i, num).exists()]
             for batch in batches_of(num, batch_size, rank, world_size)]
     todo = [indices for indices in todo if indices]

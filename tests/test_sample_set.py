@@ -2,6 +2,7 @@
 batch size and process count; reruns resume; the .npz packs them; bad arguments are refused."""
 
 import os
+import re
 from pathlib import Path
 from unittest import mock
 
@@ -70,7 +71,8 @@ def test_the_files_hold_the_samplers_images(model, tmp_path):
     expected = Sampler(model, NUM, STEPS, cfg=CFG, dtype=torch.float32)(
         labels=image_labels(model.num_classes, indices), seeds=image_seeds(SEED, indices))
     assert np.array_equal(read_set(tmp_path), to_uint8(expected))
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{i:06d}.png" for i in indices]  # no partial files
+    names = sorted(p.name for p in tmp_path.iterdir())  # no partial files
+    assert names == [f"{i:06d}.png" for i in indices] + ["sample_set.json"]
 
 
 def test_the_set_is_the_same_from_captured_graphs(model, tmp_path, emulated_cuda_graphs: CudaGraphEmulator):
@@ -102,6 +104,26 @@ def test_a_rerun_writes_only_the_missing_images(model, tmp_path):
     assert write(model, tmp_path, batch_size=3) == 2
     again = read_set(tmp_path)
     assert np.array_equal(again[1:], complete[1:]) and not again[0].any()
+
+
+def test_a_rerun_with_other_options_is_refused(model, tmp_path):
+    """Filling in a set with other steps, cfg, seed, dtype or another model would mix two sets: refused before
+    anything is written, naming what changed. Batch size and the count may change (they do not change an image)."""
+    write(model, tmp_path, batch_size=3)
+    image_path(tmp_path, 2, NUM).unlink()
+    refused = [
+        ({"steps": 1}, "steps 2 -> 1"),
+        ({"cfg": 1.0, "seed": 4}, "cfg 1.4 -> 1.0, seed 3 -> 4"),
+        ({"dtype": torch.bfloat16}, "dtype 'torch.float32' -> 'torch.bfloat16'"),
+    ]
+    for change, named in refused:
+        with pytest.raises(ValueError, match=re.escape(f"made with other options ({named}): finish it with those")):
+            write_sample_set(model, tmp_path, NUM, **{"steps": STEPS, "cfg": CFG, "seed": SEED, **change})
+    other = tiny_model(num_classes=5).eval()
+    with pytest.raises(ValueError, match="model .* -> "):
+        write(other, tmp_path)
+    assert not image_path(tmp_path, 2, NUM).exists()
+    assert write_sample_set(model, tmp_path, NUM + 2, steps=STEPS, cfg=CFG, seed=SEED, batch_size=4) == 3
 
 
 def test_a_failed_write_stops_the_job_within_a_few_batches(model, tmp_path):
