@@ -310,6 +310,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # ---- argument parsing ---------------------------------------------------------------------------
 
 
+def count(text: str) -> int:
+    """An argparse type: an int >= 1, so that a bad value is named by its flag."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {value}")
+    return value
+
+
 def _model_command(
     sub: Any, name: str, help: str, func: Any, *, out: str, steps: int | None = None, cfg: bool = False,
     steps_help: str = "forward steps",
@@ -327,7 +335,7 @@ def _model_command(
     p.add_argument("--seed", type=int, default=0, help="seeds the noise (and a preset's random init)")
     p.add_argument("--out", default=out)
     if steps is not None:
-        p.add_argument("--steps", type=int, default=steps, help=steps_help)
+        p.add_argument("--steps", type=count, default=steps, help=steps_help)
     if cfg:
         p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale")
     return p
@@ -344,9 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="fashion-mnist-demo", choices=sorted(TRAIN_PRESETS))
     p.add_argument("--data", help="fashion-mnist, synthetic, an image folder or a .jsonl list (default: the preset's)")
     p.add_argument("--out", default="outputs/demo")
-    p.add_argument("--steps", type=int, help="total optimiser steps")
-    p.add_argument("--batch-size", type=int, help="global batch (split over processes)")
-    p.add_argument("--accumulation-steps", type=int, help="micro-batches per process batch (gradients summed)")
+    p.add_argument("--steps", type=count, help="total optimiser steps")
+    p.add_argument("--batch-size", type=count, help="global batch (split over processes)")
+    p.add_argument("--accumulation-steps", type=count, help="micro-batches per process batch (gradients summed)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each transformer block in the backward instead of keeping its activations")
     p.add_argument("--lr", type=float, help="base lr per 256 images of global batch (the paper: 1e-4)")
@@ -365,26 +373,27 @@ def build_parser() -> argparse.ArgumentParser:
         "lpips=<lpips v0.1 vgg.pth> convnext_small=<torchvision convnext_small .pth>",
     )
     p.add_argument("--model-config", help="JSON dict overriding model constructor arguments")
-    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--checkpoint-every", type=count, default=500)
     p.add_argument("--workers", type=int, default=1, help="DataLoader worker processes")
     p.add_argument("--no-resume", action="store_true",
                    help="start afresh: delete the checkpoints and losses of an earlier run in OUT")
     p.add_argument("--no-synthetic-fallback", action="store_true", help="fail instead of using synthetic data")
-    p.add_argument("--sample-steps", type=int, nargs="*", default=[1, 4], help="sample grids to write after training")
-    p.add_argument("--per-class", type=int, default=8, help="samples per class in the grids")
+    p.add_argument("--sample-steps", type=count, nargs="*", default=[1, 4], help="sample grids to write after training")
+    p.add_argument("--per-class", type=count, default=8, help="samples per class in the grids")
     p.set_defaults(func=cmd_train)
 
     p = _model_command(
-        sub, "sample", "write a PNG grid of samples (one row per class)", cmd_sample, out="samples.png", steps=1, cfg=True
+        sub, "sample", "write a PNG grid of samples (one row per class, the first 16 classes)", cmd_sample,
+        out="samples.png", steps=1, cfg=True,
     )
-    p.add_argument("--per-class", type=int, default=8)
+    p.add_argument("--per-class", type=count, default=8)
 
     p = _model_command(
         sub, "sample-set", "write NUM samples as PNGs (and .npz) for FID; under torchrun split over processes",
         cmd_sample_set, out="samples", steps=4, cfg=True,
     )
-    p.add_argument("--num", type=int, default=50_000, help="images in the set; image i has label i %% classes")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num", type=count, default=50_000, help="images in the set; image i has label i %% classes")
+    p.add_argument("--batch-size", type=count, default=64)
     p.add_argument("--cfg-position", choices=["combo", "enc", "dec"], default="combo")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on the CPU")
     p.add_argument("--npz", action="store_true", help="also pack OUT/samples.npz (arr_0 images, arr_1 labels)")
@@ -401,8 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seeds", type=int, nargs=4, help="noise seeds of the four corners (default: seed .. seed+3)")
     p.add_argument("--labels", type=int, nargs=4, help="classes of the four corners (default: random)")
-    p.add_argument("--rows", type=int, default=5)
-    p.add_argument("--cols", type=int, default=5)
+    p.add_argument("--rows", type=count, default=5)
+    p.add_argument("--cols", type=count, default=5)
     p.add_argument("--method", choices=["lerp", "slerp"], default="slerp")
 
     p = _model_command(

@@ -260,8 +260,8 @@ def interpolate(
     scaled to keep the draws' variance, or ``slerp`` per token over the channel dim, which keeps their norms:
     ``bilinear_noise``); the class embeddings are interpolated linearly. Each
     point then goes through sampling, so a corner's image is the one ``generate`` makes from its seed and
-    label with the same options (note the defaults: cached noise here, fresh draws in ``generate``). Returns
-    [rows, cols, 3, H, W] in [0, 1]."""
+    label with the same options (note the defaults: cached noise here, fresh draws in ``generate``); a single
+    row (column) runs between the top (left) corners only. Returns [rows, cols, 3, H, W] in [0, 1]."""
     device = _device(_checked_model(model))
     check_count("rows", rows)
     check_count("cols", cols)

@@ -252,8 +252,10 @@ def test_train_refuses_unused_perceptual_weights_and_bad_intervals_before_traini
     files = ["vgg16=/nope/vgg16.pth", "lpips=/nope/vgg.pth", "convnext_small=/nope/convnext_small.pth"]
     assert main(["train", "--out", str(tmp_path), "--perceptual-weights", *files]) == 2
     assert "perceptual_weights are given but" in capsys.readouterr().err
-    assert main(["train", "--out", str(tmp_path), "--checkpoint-every", "0"]) == 2
-    assert "checkpoint_every must be an int >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_code:
+        main(["train", "--out", str(tmp_path), "--checkpoint-every", "0"])
+    assert exit_code.value.code == 2
+    assert "argument --checkpoint-every: must be an int >= 1, got 0" in capsys.readouterr().err
 
 
 def test_train_with_missing_perceptual_weight_files_writes_nothing(tmp_path, capsys):
@@ -355,6 +357,11 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as exit_code:  # argparse: the choices named, exit status 2
         main(["sample", "--preset", "sphere-q-mnist"])
     assert exit_code.value.code == 2 and "invalid choice: 'sphere-q-mnist'" in capsys.readouterr().err
+    for command, flag in (("sample", "--per-class"), ("sample", "--steps"), ("sample-set", "--batch-size"),
+                          ("interpolate", "--cols"), ("train", "--sample-steps")):
+        with pytest.raises(SystemExit) as exit_code:  # named by its flag, not by the library's parameter
+            main([command, flag, "0"])
+        assert exit_code.value.code == 2 and f"argument {flag}: must be an int >= 1, got 0" in capsys.readouterr().err
     # a backend that cannot run here is one line, not a traceback
     monkeypatch.setenv("SPHERE_FAST_BACKEND", "triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
