@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from sphere_fast.sampling import check_count
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
@@ -231,6 +233,12 @@ class StepBatchSampler(Sampler[list[int]]):
     resumed run reads exactly the batches an uninterrupted run would have read."""
 
     def __init__(self, n: int, batch_per_rank: int, *, rank: int = 0, world_size: int = 1, seed: int = 0, start_step: int = 0):
+        check_count("batch_per_rank", batch_per_rank)
+        check_count("world_size", world_size)
+        check_count("rank", rank, minimum=0)
+        check_count("start_step", start_step, minimum=0)
+        if rank >= world_size:
+            raise ValueError(f"rank must be < world_size ({world_size}), got {rank}")
         self.global_batch = batch_per_rank * world_size
         if n < self.global_batch:
             raise ValueError(f"the dataset has {n} images, fewer than one global batch ({self.global_batch})")
@@ -257,9 +265,12 @@ def make_loader(
     start_step: int = 0,
     workers: int = 0,
     pin_memory: bool = False,
+    worker_seed: int | None = None,
 ) -> DataLoader:
-    """A DataLoader over ``StepBatchSampler``; its own generator keeps worker seeding off the global RNG.
-    ``pin_memory`` (for a GPU) lets the batch's copy to the device run without the host waiting for it."""
+    """A DataLoader over ``StepBatchSampler``; its own generator, seeded with ``worker_seed`` (default ``seed``;
+    ``fit`` gives each process and resume its own), keeps worker seeding off the global RNG: a dataset's random
+    transforms in the workers draw from it. ``pin_memory`` (for a GPU) lets the batch's copy to the device run
+    without the host waiting for it."""
     sampler = StepBatchSampler(len(dataset), batch_per_rank, rank=rank, world_size=world_size, seed=seed, start_step=start_step)
     return DataLoader(
         dataset,
@@ -267,5 +278,5 @@ def make_loader(
         num_workers=workers,
         persistent_workers=workers > 0,
         pin_memory=pin_memory,
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator().manual_seed(seed if worker_seed is None else worker_seed),
     )

@@ -255,6 +255,20 @@ class SphereLoss(nn.Module):
 # ---- optimiser, schedule, EMA -------------------------------------------------------------------
 
 
+def micro_batches(batch: int, steps: int) -> list[slice]:
+    """The rows of each of the ``steps`` equal micro-batches of a process batch of ``batch``."""
+    if batch % steps:
+        raise ValueError(
+            f"the process batch of {batch} does not split into accumulation_steps={steps} equal micro-batches"
+        )
+    size = batch // steps
+    return [slice(k * size, (k + 1) * size) for k in range(steps)]
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _check_counts(config: object, names: tuple[str, ...]) -> None:
     """Refuse the fields ``names`` of ``config`` that are not ints >= 1."""
     for name in names:
@@ -286,14 +300,19 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_counts(self, ("global_batch", "total_steps", "accumulation_steps"))
-        if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps <= self.total_steps:
-            raise ValueError(f"warmup_steps must be an int in [0, total_steps], got {self.warmup_steps!r}")
+        check_count("warmup_steps", self.warmup_steps, minimum=0)
+        check_count("seed", self.seed, minimum=0)
+        if self.warmup_steps > self.total_steps:
+            raise ValueError(f"warmup_steps must be <= total_steps ({self.total_steps}), got {self.warmup_steps}")
+        for name in ("base_lr", "min_lr", "encoder_lr_scale", "weight_decay", "ema_decay", "grad_clip"):
+            if not _is_number(getattr(self, name)):
+                raise TypeError(f"{name} must be a number, got {getattr(self, name)!r}")
         for name in ("base_lr", "min_lr", "encoder_lr_scale", "weight_decay", "ema_decay"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            if not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
         # a limit of 0 would scale every gradient to 0: no update at all
-        if not isinstance(self.grad_clip, (int, float)) or not self.grad_clip > 0:
+        if not self.grad_clip > 0:
             raise ValueError(
                 f"grad_clip must be > 0 (the largest gradient norm kept; float('inf') turns clipping off), "
                 f"got {self.grad_clip!r}"
@@ -302,11 +321,15 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be < 1, got {self.ema_decay}")
         if self.min_lr > self.base_lr:  # the cosine would rise after the warmup
             raise ValueError(f"min_lr ({self.min_lr}) must be <= base_lr ({self.base_lr})")
+        if not isinstance(self.betas, (tuple, list)) or not all(_is_number(b) for b in self.betas):
+            raise TypeError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        self.betas = tuple(self.betas)
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         if not isinstance(self.activation_checkpointing, bool):
-            raise ValueError(f"activation_checkpointing must be a bool, got {self.activation_checkpointing!r}")
+            raise TypeError(f"activation_checkpointing must be a bool, got {self.activation_checkpointing!r}")
         if self.autocast not in ("auto", "bf16", "off"):
             raise ValueError(f"autocast must be 'auto', 'bf16' or 'off', got {self.autocast!r}")
-        self.betas = tuple(self.betas)
         weights = loss_weights(self.loss_weights)
         if self.perceptual_weights and not (weights.recon_perc or weights.con_perc):
             raise ValueError(
@@ -366,7 +389,8 @@ def no_forward_buffer_sync() -> dict[str, bool]:
 
 
 def process_seed(seed: int, rank: int, step: int = 0) -> int:
-    """The seed of process ``rank``'s RNG (noise levels and seeds, flips, label dropout) in a run that starts at
+    """The seed of process ``rank``'s RNG (noise levels and seeds, flips, label dropout; its data workers' too) in a
+    run that starts at
     ``step``: 0 for a fresh run, the checkpoint's step for one resumed on another number of processes (whose
     saved RNG states do not map onto the new ranks). Distinct for every (rank, step) with rank < 1000."""
     return seed + 1000 * rank + 1_000_000 * step
@@ -485,7 +509,17 @@ class Trainer:
         loader's (host) labels, one sync for labels already on the GPU. ``noise`` [B, N, C] or ``seeds`` [B]
         (int64) fix e; by default seeds are drawn. The noise levels are drawn for the whole process batch (one
         r = 0 and one r = 1 in it), which then runs as ``config.accumulation_steps`` micro-batches."""
-        micro = self.micro_batches(x.shape[0])
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor of images [B, 3, H, W], got {type(x).__name__}")
+        per_sample = {"y": y, "noise": noise, "seeds": seeds}
+        if scales is not None:
+            per_sample.update(big_scales=scales[0], small_scales=scales[1])
+        for name, t in per_sample.items():  # the micro-batches slice them by x's rows: longer ones must not pass
+            if isinstance(t, torch.Tensor) and (t.ndim == 0 or t.shape[0] != x.shape[0]):
+                raise ValueError(f"{name} must have one row per image ({x.shape[0]}), got shape {tuple(t.shape)}")
+        if not self.model.training:  # put in eval mode to sample (label dropout off): training needs it back
+            self.model.train()
+        micro = micro_batches(x.shape[0], self.config.accumulation_steps)
         x = x.to(self.device, non_blocking=True)
         if y is not None:
             # checked once, on the host for loader labels: the three network calls below then skip their
@@ -524,16 +558,6 @@ class Trainer:
             logged /= self.dist.world_size
         values = torch.cat([logged, grad_norm.reshape(1).to(logged.dtype)])
         return StepLog.start_copy(("loss", *terms, "grad_norm"), values, lr)
-
-    def micro_batches(self, batch: int) -> list[slice]:
-        """The rows of each micro-batch of a process batch of ``batch`` (config.accumulation_steps of them)."""
-        steps = self.config.accumulation_steps
-        if batch % steps:
-            raise ValueError(
-                f"the process batch of {batch} does not split into accumulation_steps={steps} equal micro-batches"
-            )
-        size = batch // steps
-        return [slice(k * size, (k + 1) * size) for k in range(steps)]
 
     @torch.no_grad()
     def update_ema(self) -> None:
@@ -598,6 +622,9 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check_counts(self, ("checkpoint_every", "log_every"))
+        check_count("workers", self.workers, minimum=0)
+        if not isinstance(self.train, TrainConfig):
+            raise TypeError(f"train must be a TrainConfig, got {type(self.train).__name__}")
 
 
 def _log_lines_before(path: Path, step: int) -> list[str]:
@@ -641,6 +668,7 @@ def fit(run: RunConfig, *, resume: bool = True, progress: bool = True) -> Traine
     cfg = run.train
     if cfg.global_batch % info.world_size:
         raise ValueError(f"global_batch {cfg.global_batch} is not divisible by the {info.world_size} processes")
+    micro_batches(cfg.global_batch // info.world_size, cfg.accumulation_steps)  # checked before any data is read
     device = torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
     model = SphereEncoder(**run.model)
@@ -655,9 +683,20 @@ def fit(run: RunConfig, *, resume: bool = True, progress: bool = True) -> Traine
         load_checkpoint(last, trainer=trainer)
     else:
         torch.manual_seed(process_seed(cfg.seed, info.rank))  # per-process noise, flips and label dropout
+    if info.world_size > 1:  # a process that found another checkpoint, or none, would train other weights
+        starts = [None] * info.world_size
+        dist.all_gather_object(starts, (trainer.step, None if last is None else str(last)))
+        if len(set(starts)) > 1:
+            raise ValueError(
+                "the processes start from different points: "
+                + ", ".join(f"rank {r} at step {step} ({path or 'no checkpoint'})"
+                            for r, (step, path) in enumerate(starts))
+                + "; every process must see the same run folder (on storage all nodes share)"
+            )
     loader = make_loader(
         dataset, cfg.global_batch // info.world_size, rank=info.rank, world_size=info.world_size,
         seed=cfg.seed, start_step=trainer.step, workers=run.workers, pin_memory=device.type == "cuda",
+        worker_seed=process_seed(cfg.seed, info.rank, trainer.step),
     )
     log_path = out / "losses.jsonl"
     if info.rank == 0:

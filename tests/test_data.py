@@ -201,6 +201,33 @@ def test_sampler_shards_the_global_batch_and_resumes():
     assert [next(resumed) for _ in range(3)] == global_batches[4:7]
     with pytest.raises(ValueError, match="fewer than one global batch"):
         StepBatchSampler(11, 3, world_size=4)
+    # a rank past the last would read the next step's rows, a negative one nothing
+    refused = [({"batch_per_rank": 0}, ValueError, "batch_per_rank must be an int >= 1"),
+               ({"rank": 2, "world_size": 2}, ValueError, r"rank must be < world_size \(2\), got 2"),
+               ({"rank": -1}, ValueError, "rank must be an int >= 0"),
+               ({"start_step": -1}, ValueError, "start_step must be an int >= 0"),
+               ({"world_size": 1.0}, TypeError, "world_size must be an int >= 1")]
+    for kwargs, error, match in refused:
+        with pytest.raises(error, match=match):
+            StepBatchSampler(**{"n": 20, "batch_per_rank": 3, **kwargs})
+
+
+class RandomDraws(torch.utils.data.Dataset):
+    """A dataset with a random transform in its workers: each item is a draw from the worker's RNG."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return torch.rand(1), 0
+
+
+def test_loader_workers_draw_from_their_own_seed():
+    """The data order follows ``seed`` on every process; the workers' random transforms follow ``worker_seed``
+    (fit gives each process its own), so the processes do not all draw the same augmentations."""
+    draws = {s: next(iter(make_loader(RandomDraws(), 4, workers=1, seed=0, worker_seed=s)))[0] for s in (5, 6)}
+    assert torch.equal(draws[5], next(iter(make_loader(RandomDraws(), 4, workers=1, seed=0, worker_seed=5)))[0])
+    assert not torch.equal(draws[5], draws[6])
 
 
 def test_loader_with_worker_processes_and_flip():

@@ -195,3 +195,25 @@ def test_a_run_of_two_processes_resumes_on_one(tmp_path, monkeypatch):
     assert torch.equal(rng_at_first_step[0], torch.get_rng_state())
     resumed, _ = load_checkpoint(tmp_path / "checkpoints" / "step-00000002")
     assert all(torch.equal(v, saved[k]) for k, v in resumed.state_dict().items())
+
+
+def split_resume_worker(rank: int, world: int, port: int, out: str) -> None:
+    join_group(rank, world, port, timedelta(seconds=60))
+    try:
+        fit(resumable_run(f"{out}/run" if rank == 0 else f"{out}/elsewhere", 3), progress=False)
+    except ValueError as err:
+        Path(out, f"error{rank}").write_text(str(err))
+    leave_distributed()
+
+
+def test_processes_that_find_different_checkpoints_are_refused(tmp_path):
+    """A process that finds no checkpoint (a node without the shared folder) would start at step 0 while the others
+    resume: all of them stop before training, naming each rank's start, instead of averaging gradients of different
+    weights until a collective times out."""
+    fit(resumable_run(str(tmp_path / "run"), 2), progress=False)  # rank 0 will find its step-2 checkpoint
+    mp.spawn(split_resume_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        message = (tmp_path / f"error{rank}").read_text()
+        assert "rank 0 at step 2" in message and "rank 1 at step 0 (no checkpoint)" in message
+        assert "every process must see the same run folder" in message
+    assert not (tmp_path / "elsewhere" / "checkpoints").exists()  # stopped before any step

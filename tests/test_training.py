@@ -26,6 +26,7 @@ from sphere_fast.training import (
     loss_weights,
     noise_scales,
     noisy_latent_pair,
+    process_seed,
     stratified_radii,
 )
 
@@ -165,6 +166,36 @@ def test_train_step_takes_seeds_as_the_noise_they_draw():
         Trainer(tiny_model(), config).train_step(x, y, scales=scales, noise=noise, seeds=seeds)
 
 
+def test_train_step_refuses_per_sample_inputs_of_another_length():
+    """The micro-batches slice every per-sample input by the images' rows: a longer one (a stale label tensor) would
+    be cut to fit without a word, so each is refused by name; a batch that is no tensor is a TypeError."""
+    x, y = tiny_batch(6)
+    config = TrainConfig(global_batch=6, total_steps=4, warmup_steps=1, loss_weights=NO_PERCEPTUAL)
+    trainer = Trainer(tiny_model(), config)
+    longer = {"y": torch.cat([y, y[:2]]), "seeds": torch.arange(8), "noise": torch.randn(8, 16, 4),
+              "scales": (torch.ones(8), torch.ones(6))}
+    for name, value in longer.items():
+        named = "big_scales" if name == "scales" else name
+        with pytest.raises(ValueError, match=rf"{named} must have one row per image \(6\), got shape \(8"):
+            trainer.train_step(x, **({"y": value} if name == "y" else {"y": y, name: value}))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        trainer.train_step(x.numpy(), y)
+    assert trainer.step == 0
+
+
+def test_a_step_after_sampling_in_eval_mode_trains_with_label_dropout():
+    """Sampling the live weights needs model.eval() (no label dropout); the next step puts the model back in
+    training mode, so the null class keeps being trained."""
+    config = TrainConfig(global_batch=6, total_steps=4, warmup_steps=1, loss_weights=NO_PERCEPTUAL)
+    trainer = Trainer(tiny_model(), config)
+    trainer.model.eval().generate(2, seeds=torch.tensor([1, 2]))
+    dropped = []
+    embedder = trainer.model.decoder.y_embedder
+    embedder.register_forward_hook(lambda module, args, out: dropped.append(module.training))
+    trainer.train_step(*tiny_batch(6))
+    assert trainer.model.training and dropped and all(dropped)
+
+
 def record_drawn_seeds(monkeypatch) -> list[torch.Tensor]:
     """The seeds each training step hands the fused noise op, in call order."""
     drawn: list[torch.Tensor] = []
@@ -236,7 +267,7 @@ def test_activation_checkpointing_keeps_the_gradients_and_fewer_activations(back
     for name, grad in grads.items():
         torch.testing.assert_close(grads_cp[name], grad, rtol=1e-5, atol=1e-7, msg=name)
     assert kept_cp < kept / 2, (kept_cp, kept)
-    with pytest.raises(ValueError, match="activation_checkpointing must be a bool"):
+    with pytest.raises(TypeError, match="activation_checkpointing must be a bool"):
         TrainConfig(activation_checkpointing=1)
 
 
@@ -451,16 +482,34 @@ def test_fit_under_torchrun_builds_the_same_weights_and_draws_other_noise_on_eac
 
     seeds = record_drawn_seeds(monkeypatch)
     monkeypatch.setattr(training, "Trainer", single_process_trainer)
+    from sphere_fast import data
+
+    worker_seeds = []
+    make_loader = data.make_loader
+    monkeypatch.setattr(
+        data, "make_loader", lambda *a, **k: worker_seeds.append(k["worker_seed"]) or make_loader(*a, **k)
+    )
+    # no process group: the ranks' start points are gathered as if the others agreed
+    monkeypatch.setattr(
+        training.dist, "all_gather_object", lambda starts, start: starts.__setitem__(slice(None), [start] * 2)
+    )
     for rank in (0, 1):
         monkeypatch.setattr(training, "init_distributed", lambda: DistInfo(rank, 2, rank))
         fit(synthetic_run(tmp_path / str(rank), 1), progress=False)
     assert built[0].keys() == built[1].keys()
     assert all(torch.equal(built[0][k], built[1][k]) for k in built[0])
     assert seeds[0].shape == seeds[1].shape == (3,) and not set(seeds[0].tolist()) & set(seeds[1].tolist())
+    assert worker_seeds == [process_seed(0, 0), process_seed(0, 1)]  # data workers of their own too
     assert (tmp_path / "0" / "losses.jsonl").is_file() and not (tmp_path / "1" / "losses.jsonl").exists()
     monkeypatch.setattr(training, "init_distributed", lambda: DistInfo(0, 4, 0))
     with pytest.raises(ValueError, match="global_batch 6 is not divisible by the 4 processes"):
         fit(synthetic_run(tmp_path, 1), progress=False)
+    monkeypatch.setattr(training, "init_distributed", lambda: DistInfo(0, 2, 0))
+    monkeypatch.setattr(training, "Trainer", lambda *a: pytest.fail("refused before the trainer is built"))
+    split = synthetic_run(tmp_path, 1)
+    split.train = dataclasses.replace(split.train, accumulation_steps=2)  # 6 = 2 x 3: each process's 3 do not split
+    with pytest.raises(ValueError, match="the process batch of 3 does not split into accumulation_steps=2"):
+        fit(split, progress=False)
 
 
 def test_fit_flips_each_batch_and_trains_an_unconditional_model_on_labelled_data(tmp_path, monkeypatch):
@@ -539,12 +588,26 @@ def test_loss_weight_presets_and_validation():
 @pytest.mark.parametrize(
     "field,value,match",
     [("ema_decay", 1.0, "ema_decay must be < 1"), ("autocast", "fp16", "autocast must be"),
-     ("activation_checkpointing", 1, "activation_checkpointing must be a bool"), ("grad_clip", -1.0, "grad_clip"),
-     ("grad_clip", 0.0, r"grad_clip must be > 0 .*float\('inf'\) turns clipping off"),
-     ("global_batch", 0, "global_batch"), ("loss_weights", "mnist", "preset")],
+     ("grad_clip", -1.0, "grad_clip"), ("grad_clip", 0.0, r"grad_clip must be > 0 .*float\('inf'\) turns clipping off"),
+     ("global_batch", 0, "global_batch"), ("loss_weights", "mnist", "preset"), ("seed", -1, "seed must be an int >= 0"),
+     ("betas", (0.9,), r"betas must be two numbers in \[0, 1\)"), ("betas", (0.9, 1.0), "betas must be two numbers"),
+     ("warmup_steps", -1, "warmup_steps must be an int >= 0")],
 )
 def test_train_config_refuses_bad_values(field, value, match):
     with pytest.raises(ValueError, match=match):
+        TrainConfig(**{field: value})
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("activation_checkpointing", 1), ("warmup_steps", 2.0), ("base_lr", "1e-4"), ("ema_decay", True),
+     ("ema_decay", False), ("grad_clip", None), ("seed", None), ("seed", 1.5), ("betas", 0.9),
+     ("betas", (0.9, "0.95"))],
+)
+def test_train_config_refuses_bad_types(field, value):
+    """A wrong type is a TypeError naming the field, up front (seed None failed in fit; ema_decay False was taken as
+    0: an EMA equal to the live weights)."""
+    with pytest.raises(TypeError, match=f"{field} must be"):
         TrainConfig(**{field: value})
 
 
@@ -554,6 +617,14 @@ def test_run_config_refuses_bad_intervals(field, value, error):
     """Refused up front: 0 would fail after the first step (a modulo by zero), a negative value save nothing."""
     with pytest.raises(error, match=f"{field} must be an int >= 1, got {value}"):
         RunConfig(model=TINY_CONFIG, train=TrainConfig(), **{field: value})
+
+
+def test_run_config_refuses_bad_workers_and_train():
+    for value, error in ((-1, ValueError), (1.5, TypeError)):
+        with pytest.raises(error, match=f"workers must be an int >= 0, got {value}"):
+            RunConfig(model=TINY_CONFIG, train=TrainConfig(), workers=value)
+    with pytest.raises(TypeError, match="train must be a TrainConfig, got dict"):
+        RunConfig(model=TINY_CONFIG, train={})
 
 
 def test_train_config_betas_become_a_tuple():
