@@ -105,6 +105,12 @@ def save_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
     for stale in directory.glob(".tmp-*"):  # left by a save that was killed (only rank 0 writes here)
         shutil.rmtree(stale, ignore_errors=True)
+    for aside in directory.glob(".old-*"):  # a re-save killed between its renames: drop it, or put it back
+        saved_as = directory / aside.name.removeprefix(".old-").rsplit("-", 1)[0]
+        if saved_as.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.rename(aside, saved_as)
     tmp.mkdir()
     config = {"model": model.config, "run": dict(run_config) if run_config is not None else None}
     _write_safetensors(model.state_dict(), tmp / MODEL_FILE, model.config)

@@ -167,6 +167,15 @@ def test_saving_a_name_again_replaces_it(tmp_path):
     loaded, _ = load_checkpoint(tmp_path / "best")
     assert all(torch.equal(v, replacement.state_dict()[k]) for k, v in loaded.state_dict().items())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "latest"]  # no temporary or old folder left
+    # a re-save killed between its two renames leaves the old folder aside: the next save puts it back when the
+    # new one never landed, and drops it when it did
+    (tmp_path / "best").rename(tmp_path / ".old-best-123")
+    shutil.copytree(tmp_path / ".old-best-123", tmp_path / ".old-kept-best-9")
+    (tmp_path / "kept-best").mkdir()
+    save_checkpoint(tmp_path, tiny_model(seed=3), name="other")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "kept-best", "latest", "other"]
+    loaded, _ = load_checkpoint(tmp_path / "best")
+    assert all(torch.equal(v, replacement.state_dict()[k]) for k, v in loaded.state_dict().items())
 
 
 def test_resuming_takes_this_process_rng_state_or_seeds_it_afresh_on_another_process_count(tmp_path):
