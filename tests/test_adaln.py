@@ -413,6 +413,10 @@ def test_opcheck(backend: str) -> None:
     # absent inputs get empty gradients; a strided x gets contiguous outputs (the fake kernels must agree)
     args = (dy, None, res, br, None, None, None, None, rstd, backend)
     torch.library.opcheck(torch.ops.sphere_fast.adaln_bwd.default, args)
+    # no tokens: the grads of modulations [B, 1, D] (here with permuted strides) still have elements, contiguous
+    empty, gate_t = res[:, :0], swapped_in_memory(gate, 0, 2)
+    args = (empty, None, empty, empty, gate_t, w, sh, sc, rstd[:, :0], backend)
+    torch.library.opcheck(torch.ops.sphere_fast.adaln_bwd.default, args)
     x_t, br_t = swapped_in_memory(x, 0, 1), swapped_in_memory(br, 0, 1)
     torch.library.opcheck(torch.ops.sphere_fast.adaln_modulate_fwd.default, (x_t, w, sh, sc, 1e-6, backend))
     torch.library.opcheck(torch.ops.sphere_fast.gated_residual_adaln_fwd.default,

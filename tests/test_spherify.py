@@ -283,6 +283,32 @@ def test_zero_scale_is_exactly_spherify(backend):
 
 
 @pytest.mark.parametrize("backend", KERNELS + ["eager"])
+def test_float16_mean_square_does_not_overflow(backend):
+    """The mean square is taken in float32 on every backend: in float16 it overflows from |z| ~ 256 and f(z) was 0
+    on eager (and so on auto on the CPU)."""
+    z = (_z(2, 64) * 300).half()
+    noisy = S.spherify_noise_reference(z.float(), 0.5, _ref_noise(z, seeds=_seeds(2)))
+    for out, truth in ((S.spherify(z, backend=backend), S.spherify_reference(z.float())),
+                       (S.spherify_noise(z, 0.5, seeds=_seeds(2), backend=backend), noisy)):
+        assert out.dtype == torch.float16
+        torch.testing.assert_close(out.float(), truth, rtol=2e-3, atol=2e-3)  # a few float16 roundings
+
+
+@pytest.mark.parametrize("backend", KERNELS + ["eager"])
+def test_outputs_may_change_in_place(backend):
+    """Each output is a view of its own (not one of unbind's, which autograd will not let change in place)."""
+    z = _z(2, 64).requires_grad_()
+    big, small = S.spherify_noise_pair(z, 0.9, 0.2, seeds=_seeds(2), backend=backend)
+    single = S.spherify_noise(z, 0.9, seeds=_seeds(2), backend=backend)
+    for out in (big, small, single):
+        out.mul_(2)
+    (big + small + single).sum().backward()
+    expected = torch.autograd.grad((2 * (sum(S.spherify_noise_pair(z, 0.9, 0.2, seeds=_seeds(2), backend="eager"))
+                                         + S.spherify_noise(z, 0.9, seeds=_seeds(2), backend="eager"))).sum(), z)[0]
+    _close(z.grad, expected)
+
+
+@pytest.mark.parametrize("backend", KERNELS + ["eager"])
 def test_a_noise_that_requires_grad(backend):
     """eager differentiates through an explicit noise; the kernels give it no gradient, so they refuse it (as
     apply_rope refuses a table that requires grad) unless grad mode is off."""

@@ -232,7 +232,9 @@ def _triton_bwd(
 
     B, S, D = res.shape
     if B * S == 0:
-        return tuple(None if t is None else torch.zeros_like(t) for t in (res, branch, gate, weight, shift, scale))
+        # contiguous, as the fake says: a modulation [B, 1, D] keeps elements (and zeros_like its strides) at S = 0
+        return tuple(None if t is None else torch.zeros(t.shape, dtype=t.dtype, device=t.device)
+                     for t in (res, branch, gate, weight, shift, scale))
     dy, res, rstd = dy.contiguous(), res.contiguous(), rstd.contiguous()
     dres = None if dres is None else dres.contiguous()
     branch, gate, scale = _rows(branch), _rows(gate), _rows(scale)
@@ -370,8 +372,7 @@ def _modulate_fake(x, weight, shift, scale, eps, backend):
 
 
 def _bwd_fake(dy, dres, res, branch, gate, weight, shift, scale, rstd, backend=None):
-    # contiguous grads, as the kernels give; without rows they give zeros_like(t), with t's strides: those of a
-    # tensor of no elements, which opcheck does not compare (and a fake empty_like of one is contiguous)
+    # contiguous grads, as the kernels give (without rows too)
     def like(t: Tensor | None) -> Tensor:
         return res.new_empty(0) if t is None else torch.empty(t.shape, dtype=t.dtype, device=t.device)
 

@@ -39,7 +39,8 @@ __all__ = [
 
 def spherify_reference(z: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     dims = tuple(range(1, z.ndim))
-    m = z.square().mean(dim=dims, keepdim=True)
+    # the mean square in float32 at least, as the kernels: in float16 it overflows from |z| ~ 256 (f(z) = 0)
+    m = z.to(torch.promote_types(z.dtype, torch.float32)).square().mean(dim=dims, keepdim=True)
     return z * torch.rsqrt(m + eps).to(z.dtype)
 
 
@@ -366,7 +367,8 @@ def _noisy(
     if noise is not None and noise.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{op}: noise must not require grad on the fused backends (they give no gradient for it); "
                          "use backend='eager' to differentiate the noise")
-    return list(_spherify_op(z, _scales_tensor(z, *values), noise, seeds, stream, name).unbind(0))
+    out = _spherify_op(z, _scales_tensor(z, *values), noise, seeds, stream, name)
+    return [out[k] for k in range(len(values))]  # one view each, not unbind's: a view may then change in place
 
 
 def spherify_noise(
@@ -380,7 +382,8 @@ def spherify_noise(
 ) -> torch.Tensor:
     """f(f(z) + scale[b] * e); e is ``noise`` if given, else drawn from ``seeds`` and ``stream``.
 
-    ``scale`` is a float or a [B] tensor (differentiable); where scale[b] == 0 the result is exactly f(z)[b].
+    ``scale`` is a float or a [B] tensor (differentiable); where scale[b] == 0 the result is exactly f(z)[b]
+    (for finite noise: the fused kernels add 0 * e).
     """
     return _noisy("spherify_noise", z, (("scale", scale),), noise, seeds, stream, backend)[0]
 
