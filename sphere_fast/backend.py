@@ -31,7 +31,9 @@ _active: contextvars.ContextVar[str | None] = contextvars.ContextVar("sphere_fas
 
 
 def check_backend_name(name: str, what: str = "backend") -> str:
-    if not isinstance(name, str) or name not in CHOICES:
+    if not isinstance(name, str):
+        raise TypeError(f"{what} must be one of {CHOICES}, got {name!r}")
+    if name not in CHOICES:
         raise ValueError(f"{what} must be one of {CHOICES}, got {name!r}")
     return name
 

@@ -509,13 +509,22 @@ def test_bad_impl_name_and_rope_grad() -> None:
         attention(q, k, v, impl="cudnn")
     with pytest.raises(ValueError, match=r"backend must be one of .*, got 'bogus'"):  # checked even beside an impl
         attention(q, k, v, backend="bogus", impl="sdpa")
+    for kwargs in ({"impl": 3}, {"backend": 1}, {"backend": 1, "impl": "sdpa"}):  # a wrong type is a TypeError
+        with pytest.raises(TypeError, match=f"{next(iter(kwargs))} must be one of"):
+            attention(q, k, v, **kwargs)
     if DEVICE == "cpu":
         with pytest.raises(ValueError, match="impl 'flash_attn' cannot run"):
             attention(q, k, v, impl="flash_attn")
     rope = official_rope(8, 32).requires_grad_()
-    for impl in TRITON_IMPLS:
+    for impl, backend in (("triton_rope_on_load", None), ("triton", "triton")):
         with pytest.raises(ValueError, match="rope must not require grad"):
-            attention(q, k, v, rope, impl=impl)
+            attention(q, k, v, rope, impl=impl, backend=backend)
+    # under auto the kernel's RoPE pass is auto's, which differentiates a table that requires grad on eager
+    out = attention(q, k, v, rope, impl="triton")
+    (grad,) = torch.autograd.grad(out.sum(), rope)
+    (expected,) = torch.autograd.grad(attention_reference(q, k, v, rope).sum(), rope)
+    assert_fp32_close(grad, expected, "rope's gradient through the triton impl under auto")
+    for impl in TRITON_IMPLS:
         with torch.no_grad():  # nothing is recorded: the table is a constant there
             out = attention(q, k, v, rope, impl=impl)
         assert_fp32_close(out, attention_reference(q, k, v, rope.detach()), f"{impl} under no_grad")

@@ -404,6 +404,8 @@ def test_no_samples(backend):
         (dict(noise=torch.ones(2, 7), seeds=None), ValueError, "noise"),
         (dict(stream=-2), ValueError, "stream"),
         (dict(stream=True), TypeError, "stream"),
+        # offsets stream * L + j past 2**63: the C++ kernels wrapped round to stream 0's noise
+        (dict(stream=2**60), ValueError, r"stream 1152921504606846976 puts the noise offsets \(stream \* 8 \+ j\)"),
     ],
 )
 def test_bad_input(backend, kwargs, err, match):
@@ -429,6 +431,9 @@ def test_sphere_noise_bad_input(backend):
     seeds = torch.tensor([1, 2])
     with pytest.raises(ValueError, match="stream"):
         S.sphere_noise(seeds, (4,), stream=-1, backend=backend)
+    with pytest.raises(ValueError, match="past 2\\*\\*63"):
+        S.sphere_noise(seeds, (4,), stream=2**61, backend=backend)
+    assert S.sphere_noise(seeds, (4,), stream=2**61 - 1, backend=backend).isfinite().all()  # the last one whole
     with pytest.raises(ValueError, match="shape"):
         S.sphere_noise(seeds, (0, 4), backend=backend)
     with pytest.raises(ValueError, match="seeds"):

@@ -144,6 +144,8 @@ def _choose(
     # Memoized (every call chooses; the answer depends only on these arguments). Logged when first computed.
     usable = attention_impls(device_type, dtype, head_dim)
     if impl is not None:
+        if not isinstance(impl, str):
+            raise TypeError(f"attention: impl must be one of {IMPLS}, got {impl!r}")
         if impl not in IMPLS:
             raise ValueError(f"attention: impl must be one of {IMPLS}, got {impl!r}")
         if impl not in usable:
@@ -505,8 +507,9 @@ def attention(
             raise ValueError(f"attention: rope must not require grad with impl {name!r} (it is a constant table)")
         return _triton_attention(q, k, v, rope)
     if rope is not None:
-        # Triton's pass before the Triton kernel, else the requested backend's (cpp, with no RoPE kernel: auto's)
-        q, k = rope_pass(q, k, rope, "triton" if name == "triton" else backend)  # inputs checked above
+        # the requested backend's pass (cpp, with no RoPE kernel: auto's, which takes Triton's on CUDA but for a
+        # table that requires grad)
+        q, k = rope_pass(q, k, rope, backend)  # inputs checked above
     if name == "triton":
         return _triton_attention(q, k, v, None)
     if name == "flash_attn":

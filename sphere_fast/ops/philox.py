@@ -114,11 +114,15 @@ def check_seeds(seeds: object, batch: int | None = None, device: torch.device | 
     return seeds
 
 
-def check_stream(stream: object) -> int:
+def check_stream(stream: object, length: int) -> int:
+    """A stream of noise of ``length`` elements a sample: its offsets stream * length + j must stay below 2**63
+    (the kernels' 64-bit offsets would wrap round to another stream's noise)."""
     if isinstance(stream, bool) or not isinstance(stream, int):
         raise TypeError(f"stream must be an int, got {type(stream).__name__}")
     if stream < 0:
         raise ValueError(f"stream must be >= 0, got {stream}")
+    if (stream + 1) * length > 2**63:
+        raise ValueError(f"stream {stream} puts the noise offsets (stream * {length} + j) past 2**63")
     return stream
 
 
@@ -129,7 +133,7 @@ def sphere_noise_reference(seeds: torch.Tensor, shape: Sequence[int], stream: in
     """
     seeds = check_seeds(seeds)
     dims = sample_shape(shape)
-    stream = check_stream(stream)
     length = math.prod(dims)
+    stream = check_stream(stream, length)
     offsets = stream * length + torch.arange(length, dtype=torch.int64, device=seeds.device)
     return philox_randn(seeds[:, None], offsets[None, :]).reshape(seeds.shape[0], *dims)

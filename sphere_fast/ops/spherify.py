@@ -104,7 +104,7 @@ def _check_scale(name: str, scale: object, z: torch.Tensor) -> torch.Tensor | fl
 def _check_noise_source(
     z: torch.Tensor, noise: torch.Tensor | None, seeds: torch.Tensor | None, stream: int
 ) -> None:
-    check_stream(stream)
+    check_stream(stream, math.prod(z.shape[1:]))
     if (noise is None) == (seeds is None):
         raise ValueError("give exactly one of noise= (explicit e) or seeds= ([B] int64 per-sample seeds)")
     if noise is not None:
@@ -340,7 +340,7 @@ def sphere_noise(
     kernel on the triton and cpp backends instead of the reference's chain of elementwise Philox ops."""
     seeds = check_seeds(seeds)
     dims = sample_shape(shape)
-    stream = check_stream(stream)
+    stream = check_stream(stream, math.prod(dims))
     name = resolve_backend("sphere_noise", seeds.device, backend, AUTO_ORDER)
     if name == "eager":
         return sphere_noise_reference(seeds, dims, stream=stream)
