@@ -580,3 +580,20 @@ def test_compile_fullgraph(backend):
     out_r.backward()
     torch.testing.assert_close(out_c, out_r)
     torch.testing.assert_close(zc.grad, zr.grad)
+
+
+def test_inductor_compiles_the_eager_noise_ops():
+    """Inductor (what torch.compile runs by default) over the eager backend's seeded ops, auto's on the CPU: the
+    noise is one opaque op there, as inlining its ten Philox rounds did not finish lowering (> 15 minutes for a
+    [3, 4, 5] latent)."""
+    torch._dynamo.reset()
+
+    def step(z, s):
+        seeds = torch.arange(3)  # constant seeds: inductor folded the whole Philox chain into each output
+        big, small = S.spherify_noise_pair(z, s, 0.5, seeds=seeds, backend="eager")
+        e = S.sphere_noise(seeds, z.shape[1:], stream=1, backend="eager")
+        return big, small, S.spherify_noise(z + e, 0.7, seeds=seeds, backend="eager")
+
+    z, s = _z(3, 20).reshape(3, 4, 5), torch.tensor([0.0, 0.5, 1.0])
+    for got, expected in zip(torch.compile(step, fullgraph=True)(z, s), step(z, s), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -310,7 +310,17 @@ def _spherify_op(z, scales, noise, seeds, stream: int, backend: str) -> torch.Te
 def _sphere_noise(seeds: torch.Tensor, length: int, stream: int, backend: str) -> torch.Tensor:
     if backend == "triton":
         return _triton_noise(seeds, length, stream)
+    if backend == "eager":
+        return sphere_noise_reference(seeds, (length,), stream=stream)
     return _cpp_ext().sphere_noise(seeds, length, stream)
+
+
+def _reference_noise(seeds: torch.Tensor, dims: tuple[int, ...], stream: int) -> torch.Tensor:
+    """The eager backend's noise: under torch.compile one opaque op, as inductor does not finish lowering its ten
+    Philox rounds inlined into the spherify reductions."""
+    if torch.compiler.is_compiling():
+        return _sphere_noise(seeds, math.prod(dims), stream, "eager").view(seeds.shape[0], *dims)
+    return sphere_noise_reference(seeds, dims, stream=stream)
 
 
 # ---------------------------------------------------------------------------------------------- public ops
@@ -343,7 +353,7 @@ def sphere_noise(
     stream = check_stream(stream, math.prod(dims))
     name = resolve_backend("sphere_noise", seeds.device, backend, AUTO_ORDER)
     if name == "eager":
-        return sphere_noise_reference(seeds, dims, stream=stream)
+        return _reference_noise(seeds, dims, stream)
     return _sphere_noise(seeds, math.prod(dims), stream, name).view(seeds.shape[0], *dims)
 
 
@@ -362,7 +372,7 @@ def _noisy(
     _check_noise_source(z, noise, seeds, stream)
     if name == "eager" or z.shape[0] == 0:
         # e in z's dtype, as the official randn_like(z): a float32 noise would make a bf16 result float32
-        e = (noise if noise is not None else sphere_noise_reference(seeds, z.shape[1:], stream=stream)).to(z.dtype)
+        e = (noise if noise is not None else _reference_noise(seeds, tuple(z.shape[1:]), stream)).to(z.dtype)
         return [spherify_noise_reference(z, s, e) for s in values]
     if noise is not None and noise.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{op}: noise must not require grad on the fused backends (they give no gradient for it); "
