@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 import re
 
 import pytest
 import torch
 
-from sphere_fast import _extension, available_backends
+from sphere_fast import _extension, available_backends, use_backend
+from sphere_fast.nn.layers import RMSNorm
 from sphere_fast.ops import _tuning
 from tests.helpers import (
     FUSED, TOL, assert_gradient_penalty_eager_only, assert_rounded_to_nearest, close, last_is_fastest, record_launches,
@@ -396,6 +398,21 @@ def test_cpp_cuda_width_limit_is_the_kernels() -> None:
     """The Python limit that refuses wide rows up front (ValueError, tests/test_cuda.py) is the C++ one."""
     header = (_extension.csrc_dir() / "adaln_math.h").read_text()
     assert int(re.search(r"kAdalnCudaMaxWidth = (\d+);", header)[1]) == adaln.CPP_CUDA_MAX_WIDTH
+
+
+@pytest.mark.parametrize("backend", ["eager", *FUSED])
+def test_compile_with_dynamic_shapes(backend: str) -> None:
+    """torch.compile(dynamic=True): the input checks take symbolic sizes and a symbolic eps (an RMSNorm's) without
+    breaking the graph; a huge int eps is a ValueError, as any other eps past float's range."""
+    torch._dynamo.reset()
+    norm = RMSNorm(8)
+    x = torch.randn(2, 3, 8)
+    with use_backend(backend):
+        out = torch.compile(norm, fullgraph=True, dynamic=True, backend="aot_eager")(x)
+        torch.testing.assert_close(out, norm(x))
+    for eps in (10**400, math.inf, math.nan):
+        with pytest.raises(ValueError, match="eps must be a finite positive number"):
+            adaln.adaln_modulate(x, eps=eps, backend=backend)
 
 
 @pytest.mark.parametrize("backend", FUSED)

@@ -384,6 +384,21 @@ def test_compile_fullgraph_no_graph_break() -> None:
     torch.testing.assert_close(g_c, g_e, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_compile_with_dynamic_shapes(backend: str) -> None:
+    """torch.compile(dynamic=True) makes the head dim symbolic: the impl choice takes it as an int (the graph
+    guards on it) instead of failing to trace."""
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(1, 2, 16, 16, generator=torch.Generator().manual_seed(s)) for s in range(3))
+    rope = official_rope(16, 16)
+
+    def attend(q, k, v, rope):
+        return attention(q, k, v, rope, backend=backend)
+
+    out = torch.compile(attend, fullgraph=True, dynamic=True, backend="aot_eager")(q, k, v, rope)
+    torch.testing.assert_close(out, attend(q, k, v, rope))
+
+
 def test_impl_choice_is_visible(caplog: pytest.LogCaptureFixture) -> None:
     q = torch.zeros(1, 1, 4, 32, device=DEVICE)
     if DEVICE == "cpu":

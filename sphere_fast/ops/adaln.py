@@ -12,7 +12,7 @@ TypeError); math is fp32 inside every kernel, outputs have x's dtype.
 from __future__ import annotations
 
 import functools
-import math
+import sys
 
 import torch
 from torch import Tensor
@@ -96,11 +96,12 @@ def _check_inputs(
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all inputs must share one device")
         if t.dtype != x.dtype:
             raise TypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
-        if t.shape not in shapes:
+        if not any(tuple(t.shape) == shape for shape in shapes):  # not `in`: dynamo finds no symbolic size in
             raise ValueError(f"{name} must have shape {' or '.join(map(str, shapes))}, got {tuple(t.shape)}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"eps must be a finite positive number, got {eps!r}")
-    if not math.isfinite(eps) or eps <= 0:
+    # comparisons, not math.isfinite: they also take dynamo's symbolic floats, and refuse NaN and ints past float's
+    if not 0 < eps <= sys.float_info.max:
         raise ValueError(f"eps must be a finite positive number, got {eps!r}")
 
 

@@ -26,6 +26,7 @@ import functools
 import importlib.util
 import logging
 import math
+import operator
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -178,7 +179,9 @@ def _choose(
 
 def attention_impl(q: torch.Tensor, *, backend: str | None = None, impl: str | None = None) -> str:
     """Which of ``IMPLS`` ``attention`` runs for inputs like ``q``."""
-    return _choose_impl(q.device, q.dtype, q.shape[-1], backend, impl)
+    # operator.index: a plain int under torch.compile too (dynamic=True makes the head dim symbolic, which a
+    # constant-result function cannot take); the graph then guards on it
+    return _choose_impl(q.device, q.dtype, operator.index(q.shape[-1]), backend, impl)
 
 
 # -------------------------------------------------------------------------------------- triton launch
