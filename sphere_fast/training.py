@@ -390,9 +390,9 @@ def no_forward_buffer_sync() -> dict[str, bool]:
 
 def process_seed(seed: int, rank: int, step: int = 0) -> int:
     """The seed of process ``rank``'s RNG (noise levels and seeds, flips, label dropout; its data workers' too) in a
-    run that starts at
-    ``step``: 0 for a fresh run, the checkpoint's step for one resumed on another number of processes (whose
-    saved RNG states do not map onto the new ranks). Distinct for every (rank, step) with rank < 1000."""
+    run that starts at ``step``: 0 for a fresh run, the checkpoint's step for one resumed on another number of
+    processes (whose saved RNG states do not map onto the new ranks). Distinct for every (rank, step) with
+    rank < 1000."""
     return seed + 1000 * rank + 1_000_000 * step
 
 

@@ -96,7 +96,7 @@ def _check_inputs(
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all inputs must share one device")
         if t.dtype != x.dtype:
             raise TypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
-        if not any(tuple(t.shape) == shape for shape in shapes):  # not `in`: dynamo finds no symbolic size in
+        if not any(tuple(t.shape) == shape for shape in shapes):  # not `in`, which misses symbolic sizes in dynamo
             raise ValueError(f"{name} must have shape {' or '.join(map(str, shapes))}, got {tuple(t.shape)}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"eps must be a finite positive number, got {eps!r}")
