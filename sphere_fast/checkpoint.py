@@ -27,7 +27,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from sphere_fast.model import SphereEncoder
+from sphere_fast.model import SphereEncoder, check_model
+from sphere_fast.sampling import check_count
 
 if TYPE_CHECKING:
     from sphere_fast.training import Trainer
@@ -83,6 +84,12 @@ def save_checkpoint(
     newest ``keep`` checkpoints. Under torchrun every process must call it (RNG states are gathered);
     rank 0 writes and returns the path, the others return None. ``ema_weights``: EMA weights to keep beside the
     model's in a checkpoint without a trainer (a converted official file); a trainer saves its own."""
+    # checked before anything is written: a compiled or DDP-wrapped model's state_dict keys carry its wrapper's
+    # prefix, which no load would match
+    check_model(model)
+    check_count("keep", keep)
+    if name is not None and (not isinstance(name, str) or name in ("", LATEST) or name.startswith(".") or "/" in name):
+        raise ValueError(f"name must be a folder name other than {LATEST!r} (no '/', no leading '.'), got {name!r}")
     if ema_weights is not None and trainer is not None:
         raise ValueError("give ema_weights only without a trainer (a trainer's checkpoint holds its own EMA)")
     directory = Path(directory)
@@ -227,10 +234,16 @@ def load_checkpoint(
     _check_config(model, config["model"], path)
     if ema and not (path / EMA_FILE).exists():
         raise ValueError(f"checkpoint {path} holds no EMA weights")
-    model.load_state_dict(load_file(str(path / (EMA_FILE if ema else MODEL_FILE))))
-    if trainer is not None:
+    if trainer is not None:  # checked before any weight is replaced
+        if ema:
+            raise ValueError("ema=True with a trainer would resume training from the EMA weights: load the EMA "
+                             "weights into a model of their own")
         if not (path / STATE_FILE).exists():
             raise ValueError(f"checkpoint {path} holds weights only (no trainer state): it cannot resume training")
+    # a model built on the meta device takes the loaded tensors themselves (a copy into meta tensors is lost)
+    on_meta = any(p.is_meta for p in model.parameters())
+    model.load_state_dict(load_file(str(path / (EMA_FILE if ema else MODEL_FILE))), assign=on_meta)
+    if trainer is not None:
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
         rngs = state["rng"]
         if len(rngs) == trainer.dist.world_size:
@@ -278,9 +291,9 @@ def _state_under(obj: Any, key: str, path: str | Path) -> dict[str, torch.Tensor
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path} is neither a state_dict nor a dict with a state_dict under {key!r}")
     state = dict(obj)
-    for prefix in ("module.", "_orig_mod."):  # saved from DDP / torch.compile wrappers
-        if all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+    # saved from DDP / torch.compile wrappers, nested either way (torch.compile(DDP(model)): "_orig_mod.module.")
+    while prefix := next((p for p in ("module.", "_orig_mod.") if all(k.startswith(p) for k in state)), None):
+        state = {k[len(prefix):]: v for k, v in state.items()}
     return {k: v for k, v in state.items() if k not in ROPE_BUFFERS}
 
 
@@ -325,6 +338,10 @@ def checkpoint_to_official(path: str | Path, out: str | Path) -> Path:
             state[OFFICIAL_EMA_KEY][name] = vit.rope_table("cpu").unsqueeze(0)
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, out)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, out)
+    except BaseException:  # a full-size file is not left beside out (out a folder, say)
+        tmp.unlink(missing_ok=True)
+        raise
     return out

@@ -451,7 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, RuntimeError, FileNotFoundError, NotImplementedError) as err:
+    except (ValueError, TypeError, RuntimeError, OSError, NotImplementedError) as err:  # OSError: files, folders
         print(f"sphere-fast {args.command}: error: {err}", file=sys.stderr)
         return 2
 

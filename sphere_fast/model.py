@@ -334,6 +334,12 @@ class SphereEncoder(nn.Module):
             raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
         if in_context_size != 0:
             raise ValueError(f"in_context_size > 0 is not supported by sphere_fast, got {in_context_size}")
+        switches = {"halve_model_size": halve_model_size, "spherify_model": spherify_model,
+                    "use_pixel_consistency": use_pixel_consistency, "use_latent_consistency": use_latent_consistency,
+                    "affine_latent_mlp_mixer": affine_latent_mlp_mixer, "mix_hard_cases": mix_hard_cases}
+        for name, value in switches.items():  # a truthy "no" would switch it on
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be a bool, got {value!r}")
         if pixel_head_type not in ("linear", "conv"):
             raise ValueError(f"pixel_head_type must be 'linear' or 'conv', got {pixel_head_type!r}")
         for name, depth in (("vit_enc_latent_mlp_mixer_depth", vit_enc_latent_mlp_mixer_depth), ("vit_dec_latent_mlp_mixer_depth", vit_dec_latent_mlp_mixer_depth)):

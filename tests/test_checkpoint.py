@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sphere_fast import SphereEncoder
 from sphere_fast.checkpoint import (
     checkpoint_to_official,
     latest_checkpoint,
@@ -238,6 +239,49 @@ def test_a_resume_takes_this_trainer_s_recipe_and_names_what_changed(tmp_path):
     )
 
 
+def test_a_meta_built_model_takes_the_loaded_weights(tmp_path):
+    """README's way to build a big model: on the meta device, then load. A copy into meta tensors is lost (the model
+    stayed on meta, and to_empty then gave uninitialised weights): the loaded tensors are taken as they are."""
+    saved = tiny_model(seed=4)
+    path = save_checkpoint(tmp_path, saved)
+    with torch.device("meta"):
+        model = SphereEncoder(**TINY_CONFIG)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns once a key when copying into meta
+        load_checkpoint(path, model)
+    assert all(torch.equal(v, saved.state_dict()[k]) for k, v in model.state_dict().items())
+    assert not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+
+
+def test_what_would_overwrite_a_trainer_s_weights_wrongly_is_refused_first(tmp_path):
+    """ema=True with a trainer would resume from the EMA weights; a weights-only checkpoint cannot resume: both
+    are refused before the trainer's weights change."""
+    trainer = small_trainer(1)
+    full = save_checkpoint(tmp_path / "full", trainer.model, trainer=trainer)
+    weights_only = save_checkpoint(tmp_path / "weights", tiny_model(seed=5))
+    resumed = small_trainer(0)
+    before = {k: v.clone() for k, v in resumed.model.state_dict().items()}
+    for path, kwargs, match in ((full, {"ema": True}, "ema=True with a trainer"), (weights_only, {}, "weights only")):
+        with pytest.raises(ValueError, match=match):
+            load_checkpoint(path, trainer=resumed, **kwargs)
+        assert all(torch.equal(v, before[k]) for k, v in resumed.model.state_dict().items())
+
+
+def test_save_refuses_what_no_load_would_read_before_writing(tmp_path):
+    """A compiled or DDP-wrapped model saves its wrapper's key prefix (the save then moved latest to it and pruned
+    loadable ones); keep below 1 and the name of the pointer file are refused too, all before anything is written."""
+    model = tiny_model()
+    refused = [((torch.compile(model),), {}, TypeError, "model must be a SphereEncoder, got OptimizedModule"),
+               (("model",), {}, TypeError, "model must be a SphereEncoder, got str"),
+               ((model,), {"keep": 0}, ValueError, "keep must be an int >= 1"),
+               ((model,), {"name": "latest"}, ValueError, "name must be a folder name other than 'latest'"),
+               ((model,), {"name": "../elsewhere"}, ValueError, "name must be a folder name")]
+    for args, kwargs, error, match in refused:
+        with pytest.raises(error, match=match):
+            save_checkpoint(tmp_path / "run", *args, **kwargs)
+    assert not (tmp_path / "run").exists()
+
+
 def test_corrupt_incomplete_and_mismatched_checkpoints_are_refused(tmp_path):
     trainer = small_trainer(1)
     path = save_checkpoint(tmp_path, trainer.model, trainer=trainer)
@@ -286,7 +330,7 @@ def test_corrupt_incomplete_and_mismatched_checkpoints_are_refused(tmp_path):
         load_checkpoint(weights_only)
 
 
-@pytest.mark.parametrize("layout", ["plain", "model_key", "ddp_prefix", "compile_prefix"])
+@pytest.mark.parametrize("layout", ["plain", "model_key", "ddp_prefix", "compile_prefix", "compiled_ddp_prefix"])
 def test_official_pth_converts_both_ways(tmp_path, layout):
     model = tiny_model()
     sd = model.state_dict()
@@ -295,6 +339,7 @@ def test_official_pth_converts_both_ways(tmp_path, layout):
         "model_key": {"model": sd, "optimizer": {}, "epoch": 3},
         "ddp_prefix": {"model": {f"module.{k}": v for k, v in sd.items()}},
         "compile_prefix": {f"_orig_mod.{k}": v for k, v in sd.items()},
+        "compiled_ddp_prefix": {f"_orig_mod.module.{k}": v for k, v in sd.items()},  # torch.compile(DDP(model))
     }[layout]
     torch.save(obj, tmp_path / "official.pth")
     path = official_to_checkpoint(tmp_path / "official.pth", tmp_path / "ours", TINY_CONFIG)

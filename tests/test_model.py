@@ -152,6 +152,8 @@ def test_state_dict_errors_are_short_and_name_the_wrapper(wrap):
         (dict(vit_dec_latent_mlp_mixer_depth=-1), "vit_dec_latent_mlp_mixer_depth must be an int >= 0"),
         (dict(halve_model_size=True, vit_dec_model_size={"width": 32, "layers": 1, "heads": 2}),
          "halve_model_size leaves vit_dec_model_size with 0 layers"),
+        (dict(halve_model_size="no"), "halve_model_size must be a bool, got 'no'"),  # truthy: it halved
+        (dict(use_pixel_consistency=1), "use_pixel_consistency must be a bool, got 1"),
     ],
 )
 def test_bad_config(kwargs, match):
