@@ -484,8 +484,9 @@ def stored_autotunings() -> int:
     gemms = 0
     for path in (Path(cache_dir()) / "cache").glob("*"):
         try:
-            timings = json.loads(path.read_text())  # {op: {inputs: {precision: {choice: ms}}}}
-        except (OSError, ValueError):
+            # inductor writes {"system": {...}, "cache": {op: {inputs: {precision: {choice: ms}}}}}
+            timings = json.loads(path.read_text())["cache"]
+        except (OSError, ValueError, KeyError, TypeError):
             continue
         gemms += sum(len(by_inputs) for by_inputs in timings.values() if isinstance(by_inputs, dict))
     return gemms

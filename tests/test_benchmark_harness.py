@@ -776,8 +776,10 @@ def test_environment_counts_the_stored_max_autotune_timings(tmp_path: Path, monk
     stored = tmp_path / "cache"
     stored.mkdir()
     timing = {"high": {"choice-a": 0.5, "choice-b": 0.7}}
-    (stored / "systemhash").write_text(json.dumps({"mm": {"[128x64, 64x32]": timing, "[64x64, 64x64]": timing},
-                                                   "addmm": {"[256x64, 64x32]": timing}}))
+    # as inductor writes it: the timings under "cache", beside the system they were taken on
+    system = {"device": "NVIDIA H200", "version": {"cuda": "13.0"}, "hash": "abc"}
+    cache = {"mm": {"[128x64, 64x32]": timing, "[64x64, 64x64]": timing}, "addmm": {"[256x64, 64x32]": timing}}
+    (stored / "systemhash").write_text(json.dumps({"system": system, "cache": cache}))
     (stored / "cut-short").write_text('{"mm": {')  # a write cut off by a killed process
     assert harness.stored_autotunings() == 3
     harness.autotunings_at_start.cache_clear()
