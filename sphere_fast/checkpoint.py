@@ -294,24 +294,40 @@ def _state_under(obj: Any, key: str, path: str | Path) -> dict[str, torch.Tensor
     # saved from DDP / torch.compile wrappers, nested either way (torch.compile(DDP(model)): "_orig_mod.module.")
     while prefix := next((p for p in ("module.", "_orig_mod.") if all(k.startswith(p) for k in state)), None):
         state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _without_rope(state: dict[str, torch.Tensor], model: SphereEncoder | None, path: str | Path) -> dict[str, Any]:
+    """``state`` less the RoPE tables an official EMA dict holds (a function of the config: no state_dict has them);
+    with a ``model``, each is first compared with the model's, the one place a file states its RoPE convention."""
+    if model is not None:
+        for name, vit in zip(ROPE_BUFFERS, (model.encoder, model.decoder)):
+            table, ours = state.get(name), vit.rope_table("cpu").unsqueeze(0)
+            if table is not None and (table.shape != ours.shape or not torch.allclose(table.float(), ours, atol=1e-6)):
+                raise ValueError(f"{path}: its {name} table differs from this model's RoPE table {tuple(ours.shape)} "
+                                 f"(got {tuple(table.shape)}): another config or another RoPE convention")
     return {k: v for k, v in state.items() if k not in ROPE_BUFFERS}
 
 
 def read_official(path: str | Path, key: str = "model") -> dict[str, torch.Tensor]:
     """The state_dict of an official ``.pth``: a plain state_dict or a dict holding it under ``key`` (``"model"``,
     or ``"ema_model"`` for the EMA weights of an official training checkpoint)."""
-    return _state_under(_load_official(path), key, path)
+    return _without_rope(_state_under(_load_official(path), key, path), None, path)
 
 
 def official_to_checkpoint(pth: str | Path, out: str | Path, model_config: Mapping[str, Any], key: str = "model") -> Path:
     """Convert an official ``.pth`` to a weights-only sphere_fast checkpoint folder under ``out``: the weights under
     ``key``, and with the default key the file's EMA weights (``ema_model``) too, where it holds them."""
     obj = _load_official(pth)
+    state = _state_under(obj, key, pth)
     model = SphereEncoder(**model_config)
-    model.load_state_dict(_state_under(obj, key, pth))
+    dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+    if len(dtypes) == 1:  # the file's dtype (bf16, say) kept, not widened to the new model's float32
+        model.to(dtypes.pop())
+    model.load_state_dict(_without_rope(state, model, pth))
     ema = None
     if key == "model" and isinstance(obj, Mapping) and isinstance(obj.get(OFFICIAL_EMA_KEY), Mapping):
-        ema = _state_under(obj, OFFICIAL_EMA_KEY, pth)
+        ema = _without_rope(_state_under(obj, OFFICIAL_EMA_KEY, pth), model, pth)
         with torch.device("meta"):  # checks the keys and shapes without a second copy of the weights
             check = SphereEncoder(**model_config)
         check.load_state_dict(ema, assign=True)

@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 
 from sphere_fast import SphereEncoder
 from sphere_fast.checkpoint import (
+    OFFICIAL_EMA_KEY,
+    ROPE_BUFFERS,
     checkpoint_to_official,
     latest_checkpoint,
     load_checkpoint,
@@ -355,6 +357,24 @@ def test_official_pth_converts_both_ways(tmp_path, layout):
         torch.save(bad, tmp_path / "bad.pth")
         with pytest.raises(ValueError, match="neither a state_dict"):
             official_to_checkpoint(tmp_path / "bad.pth", tmp_path / "x", TINY_CONFIG)
+
+
+def test_an_official_bf16_file_converts_in_its_dtype_and_its_rope_tables_are_checked(tmp_path):
+    """A bf16 file's weights stay bf16 (they were widened to float32 while the EMA kept bf16: a bigger file that
+    was no longer the input); the RoPE tables an official EMA dict holds are compared with the model's, not
+    dropped unread."""
+    model = tiny_model().to(torch.bfloat16)
+    sd = model.state_dict()
+    tables = {name: vit.rope_table().unsqueeze(0) for name, vit in zip(ROPE_BUFFERS, (model.encoder, model.decoder))}
+    torch.save({"model": sd, OFFICIAL_EMA_KEY: {**sd, **tables}}, tmp_path / "bf16.pth")
+    path = official_to_checkpoint(tmp_path / "bf16.pth", tmp_path / "ours", TINY_CONFIG)
+    assert {t.dtype for t in load_file(str(path / "model.safetensors")).values()} == {torch.bfloat16}
+    back = torch.load(checkpoint_to_official(path, tmp_path / "back.pth"), weights_only=True)
+    assert all(torch.equal(back["model"][k], v) and back["model"][k].dtype == v.dtype for k, v in sd.items())
+    wrong = {**tables, "decoder.rope": tables["decoder.rope"][:, :-1]}
+    torch.save({"model": sd, OFFICIAL_EMA_KEY: {**sd, **wrong}}, tmp_path / "wrong.pth")
+    with pytest.raises(ValueError, match="its decoder.rope table differs from this model's RoPE table"):
+        official_to_checkpoint(tmp_path / "wrong.pth", tmp_path / "x", TINY_CONFIG)
 
 
 def test_a_prefix_is_stripped_only_from_keys_that_all_carry_it(tmp_path):
