@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from sphere_fast import ops
-from sphere_fast.backend import active_backend
+from sphere_fast.backend import active_backend, constant_under_compile
 from sphere_fast.model import (
     Conditioning,
     check_eval_mode,
@@ -225,11 +225,17 @@ def noise_stream(
         yield torch.randn(shape, device=device)
 
 
+@constant_under_compile
+def _has_autocast(device_type: str) -> bool:
+    # a constant under torch.compile: torch 2.11's dynamo cannot trace torch.amp.is_autocast_available
+    return torch.amp.is_autocast_available(device_type)
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None, cache: bool = True) -> contextlib.AbstractContextManager:
     """Autocast to ``dtype``; float32 turns off an enclosing autocast (its images, and a graph captured under it,
     would otherwise be the enclosing dtype's), None keeps it. A graph capture needs ``cache=False``: cached
     weight casts would be freed when the context exits while the graph still points at them."""
-    if dtype is None or not torch.amp.is_autocast_available(device.type):  # no autocast on "meta", say
+    if dtype is None or not _has_autocast(device.type):  # no autocast on "meta", say
         return contextlib.nullcontext()
     if dtype == torch.float32:
         return torch.autocast(device.type, enabled=False)
