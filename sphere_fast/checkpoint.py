@@ -92,6 +92,13 @@ def save_checkpoint(
         raise ValueError(f"name must be a folder name other than {LATEST!r} (no '/', no leading '.'), got {name!r}")
     if ema_weights is not None and trainer is not None:
         raise ValueError("give ema_weights only without a trainer (a trainer's checkpoint holds its own EMA)")
+    if ema_weights is not None:
+        with torch.device("meta"):  # the model's keys and shapes, checked without a second copy of the weights
+            check = SphereEncoder(**model.config)
+        try:
+            check.load_state_dict(ema_weights, assign=True)
+        except ValueError as err:
+            raise ValueError(f"ema_weights: {err}") from None
     directory = Path(directory)
     state = trainer.state_dict() if trainer is not None else None
     distributed = dist.is_initialized() and dist.get_world_size() > 1
@@ -328,9 +335,6 @@ def official_to_checkpoint(pth: str | Path, out: str | Path, model_config: Mappi
     ema = None
     if key == "model" and isinstance(obj, Mapping) and isinstance(obj.get(OFFICIAL_EMA_KEY), Mapping):
         ema = _without_rope(_state_under(obj, OFFICIAL_EMA_KEY, pth), model, pth)
-        with torch.device("meta"):  # checks the keys and shapes without a second copy of the weights
-            check = SphereEncoder(**model_config)
-        check.load_state_dict(ema, assign=True)
     path = save_checkpoint(out, model, name="converted", ema_weights=ema)
     assert path is not None
     return path

@@ -278,6 +278,8 @@ def test_save_refuses_what_no_load_would_read_before_writing(tmp_path):
                ((model,), {"keep": 0}, ValueError, "keep must be an int >= 1"),
                ((model,), {"name": "latest"}, ValueError, "name must be a folder name other than 'latest'"),
                ((model,), {"name": "../elsewhere"}, ValueError, "name must be a folder name")]
+    wrong_ema = {k: v for k, v in model.state_dict().items() if not k.startswith("decoder.")}  # found at load only
+    refused.append(((model,), {"ema_weights": wrong_ema}, ValueError, "ema_weights: state_dict does not match"))
     for args, kwargs, error, match in refused:
         with pytest.raises(error, match=match):
             save_checkpoint(tmp_path / "run", *args, **kwargs)
