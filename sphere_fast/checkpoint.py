@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from sphere_fast.model import SphereEncoder, check_model
+from sphere_fast.model import WRAPPER_PREFIXES, SphereEncoder, check_model
 from sphere_fast.sampling import check_count
 
 if TYPE_CHECKING:
@@ -299,17 +299,22 @@ def _state_under(obj: Any, key: str, path: str | Path) -> dict[str, torch.Tensor
         raise ValueError(f"{path} is neither a state_dict nor a dict with a state_dict under {key!r}")
     state = dict(obj)
     # saved from DDP / torch.compile wrappers, nested either way (torch.compile(DDP(model)): "_orig_mod.module.")
-    while prefix := next((p for p in ("module.", "_orig_mod.") if all(k.startswith(p) for k in state)), None):
+    while prefix := next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None):
         state = {k[len(prefix):]: v for k, v in state.items()}
     return state
+
+
+def _official_rope_tables(model: SphereEncoder) -> dict[str, torch.Tensor]:
+    """The RoPE tables as an official EMA dict holds them: [1, N, 2 * head_dim] under ``ROPE_BUFFERS``."""
+    return {name: vit.rope_table("cpu").unsqueeze(0) for name, vit in zip(ROPE_BUFFERS, (model.encoder, model.decoder))}
 
 
 def _without_rope(state: dict[str, torch.Tensor], model: SphereEncoder | None, path: str | Path) -> dict[str, Any]:
     """``state`` less the RoPE tables an official EMA dict holds (a function of the config: no state_dict has them);
     with a ``model``, each is first compared with the model's, the one place a file states its RoPE convention."""
     if model is not None:
-        for name, vit in zip(ROPE_BUFFERS, (model.encoder, model.decoder)):
-            table, ours = state.get(name), vit.rope_table("cpu").unsqueeze(0)
+        for name, ours in _official_rope_tables(model).items():
+            table = state.get(name)
             if table is not None and (table.shape != ours.shape or not torch.allclose(table.float(), ours, atol=1e-6)):
                 raise ValueError(f"{path}: its {name} table differs from this model's RoPE table {tuple(ours.shape)} "
                                  f"(got {tuple(table.shape)}): another config or another RoPE convention")
@@ -354,8 +359,7 @@ def checkpoint_to_official(path: str | Path, out: str | Path) -> Path:
             tensors = load_file(str(path / f))
             state[key] = {k: tensors[k] for k in order}
     if OFFICIAL_EMA_KEY in state:
-        for name, vit in zip(ROPE_BUFFERS, (model.encoder, model.decoder)):
-            state[OFFICIAL_EMA_KEY][name] = vit.rope_table("cpu").unsqueeze(0)
+        state[OFFICIAL_EMA_KEY].update(_official_rope_tables(model))
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:

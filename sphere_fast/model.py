@@ -575,6 +575,10 @@ def check_angle(name: str, angle: object, at_most: float = 90.0) -> None:
         raise ValueError(f"{name} ({angle}) must be <= mix_hard_cases_max_angle ({at_most})")
 
 
+# The key prefixes of a state_dict saved through DDP ("module.") or torch.compile ("_orig_mod.")
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
 def _some_keys(what: str, keys: list[str], shown: int = 8) -> str:
     more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
     return f"{len(keys)} {what} keys: {keys[:shown]}{more}"
@@ -584,7 +588,7 @@ def _wrapped_hint(state_dict: Mapping[str, Any]) -> str:
     """A hint where the dict looks like a checkpoint file's rather than a state_dict."""
     keys = list(state_dict)
     wrapped = any(isinstance(v, Mapping) for v in state_dict.values())
-    prefixed = bool(keys) and any(all(k.startswith(p) for k in keys) for p in ("module.", "_orig_mod."))
+    prefixed = bool(keys) and any(all(k.startswith(p) for k in keys) for p in WRAPPER_PREFIXES)
     if not (wrapped or prefixed):
         return ""
     return ("; it looks like a checkpoint file's dict ('model' / 'ema_model' entries, or keys saved through DDP or "
