@@ -224,11 +224,13 @@ def test_a_gradient_wanted_for_one_modulation_only(backend: str, wanted: str) ->
     inputs = make_inputs(2, 3, 64, tokens=False, seed=10)
     leaf = inputs[NAMES.index(wanted)].detach().requires_grad_(True)
     with_leaf = [leaf if name == wanted else t for name, t in zip(NAMES, inputs)]
-    _, y = adaln.gated_residual_adaln(*with_leaf, backend=backend)
+    res, y = adaln.gated_residual_adaln(*with_leaf, backend=backend)
     (grad,) = torch.autograd.grad(y.sum(), leaf)
-    _, y0 = adaln.gated_residual_adaln_reference(*with_leaf)
+    res0, y0 = adaln.gated_residual_adaln_reference(*with_leaf)
     (grad0,) = torch.autograd.grad(y0.sum(), leaf)
     close(grad, grad0, TOL[torch.float32], f"d{wanted}")
+    # res = x + gate * branch requires grad only through the gate, as the reference's
+    assert res.requires_grad == res0.requires_grad == (wanted == "gate")
 
 
 @pytest.mark.parametrize("backend", FUSED)

@@ -186,6 +186,11 @@ def test_a_gradient_for_the_scales_alone(backend):
     (grad,) = torch.autograd.grad(S.spherify_noise(z, scale, noise=noise, backend=backend).square().sum(), scale)
     (grad0,) = torch.autograd.grad(S.spherify_noise_reference(z, scale, noise).square().sum(), scale)
     _grad_close(grad, grad0)
+    # one scale trainable: the other output requires no grad, as the reference's
+    big, small = S.spherify_noise_pair(z, scale, 0.5, noise=noise, backend=backend)
+    assert big.requires_grad and not small.requires_grad
+    (grad_pair,) = torch.autograd.grad(big.square().sum(), scale)
+    _grad_close(grad_pair, grad0)
 
 
 @pytest.mark.parametrize("backend", KERNELS + ["eager"])

@@ -38,9 +38,16 @@ def define_op(name: str, fake: Callable[..., object]) -> Callable[[Callable[...,
     return register
 
 
-def needs_grad(*tensors: torch.Tensor | None) -> bool:
+def needs_grad(*tensors: torch.Tensor | float | None) -> bool:
     """Whether a call must be recorded for autograd: grad mode on and some input requiring grad."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+def grad_only_from(out: torch.Tensor, *inputs: torch.Tensor | float | None) -> torch.Tensor:
+    """``out`` requiring grad only when an input it depends on does, as the reference's outputs: an autograd.Function
+    marks all its outputs whenever any of its inputs requires grad (``autograd.grad`` would then give zeros where
+    the reference raises). A detached alias shares the version counter: in-place changes are still caught."""
+    return out if needs_grad(*inputs) else out.detach()
 
 
 def first_order_only(op: str) -> Callable[[Backward], Backward]:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from sphere_fast.backend import emulate_bf16, resolve_backend, triton_interpreting
-from sphere_fast.ops._library import define_op, first_order_only, needs_grad
+from sphere_fast.ops._library import define_op, first_order_only, grad_only_from, needs_grad
 from sphere_fast.ops._tuning import launch_tuned
 from sphere_fast.ops._util import kernel_runner, next_pow2, on_input_device, unit_last_stride
 
@@ -489,6 +489,7 @@ def gated_residual_adaln(
     if name == "eager":
         return gated_residual_adaln_reference(x, branch, gate, weight, shift, scale, eps)
     if needs_grad(x, branch, gate, weight, shift, scale):
-        return _GatedFunction.apply(x, branch, gate, weight, shift, scale, float(eps), name)
+        res, y = _GatedFunction.apply(x, branch, gate, weight, shift, scale, float(eps), name)
+        return grad_only_from(res, x, branch, gate), y
     res, y, _ = _gated_fwd(x, branch, gate, weight, shift, scale, float(eps), name)
     return res, y

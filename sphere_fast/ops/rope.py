@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from sphere_fast.backend import emulate_bf16, requested_cpp_as_auto, resolve_backend, triton_interpreting
-from sphere_fast.ops._library import define_op, first_order_only, needs_grad
+from sphere_fast.ops._library import define_op, first_order_only, grad_only_from, needs_grad
 from sphere_fast.ops._util import bnhd_empty, kernel_runner, next_pow2, on_input_device, unit_last_stride
 
 AUTO_ORDER = ("triton", "eager")
@@ -161,5 +161,6 @@ def rope_pass(q: Tensor, k: Tensor, rope: Tensor, backend: str | None) -> tuple[
     if table_needs_grad:
         raise ValueError("apply_rope: rope must not require grad on the fused backends (it is a constant table)")
     if needs_grad(q, k):
-        return _RopeFunction.apply(q, k, rope)
+        q_rot, k_rot = _RopeFunction.apply(q, k, rope)
+        return grad_only_from(q_rot, q), grad_only_from(k_rot, k)
     return rope_fwd(q, k, rope)

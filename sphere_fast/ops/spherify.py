@@ -18,7 +18,7 @@ import math
 import torch
 
 from sphere_fast.backend import emulate_bf16, resolve_backend
-from sphere_fast.ops._library import define_op, first_order_only, needs_grad
+from sphere_fast.ops._library import define_op, first_order_only, grad_only_from, needs_grad
 from sphere_fast.ops._util import kernel_runner, next_pow2, on_input_device
 from sphere_fast.ops.philox import check_seeds, check_stream, sample_shape, sphere_noise_reference
 
@@ -378,7 +378,8 @@ def _noisy(
         raise ValueError(f"{op}: noise must not require grad on the fused backends (they give no gradient for it); "
                          "use backend='eager' to differentiate the noise")
     out = _spherify_op(z, _scales_tensor(z, *values), noise, seeds, stream, name)
-    return [out[k] for k in range(len(values))]  # one view each, not unbind's: a view may then change in place
+    # one view each, not unbind's: a view may then change in place
+    return [grad_only_from(out[k], z, v) for k, v in enumerate(values)]
 
 
 def spherify_noise(
