@@ -218,6 +218,8 @@ def noise_stream(
                 raise TypeError(f"noise[{i}] must be a floating tensor of N(0, I) draws, got {got}")
             if tuple(e.shape) != shape:
                 raise ValueError(f"noise[{i}] must have shape {shape}, got {tuple(e.shape)}")
+            if not bool(torch.isfinite(e).all()):
+                raise ValueError(f"noise[{i}] holds NaN or infinite values")
             yield e.to(device=device, dtype=torch.float32)
         return
     yield torch.randn(shape).to(device)

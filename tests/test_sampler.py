@@ -321,6 +321,11 @@ def test_recorded_noise_is_checked_and_taken_in_float32(model):
     for bad, got in ((draws[1].tolist(), "list"), (draws[1].long(), "torch.int64")):
         with pytest.raises(TypeError, match=rf"noise\[1\] must be a floating tensor of N\(0, I\) draws, got {got}"):
             model.generate(5, y=LABELS, forward_steps=2, noise=[draws[0], bad])
+    for value in (float("nan"), float("inf")):
+        bad = draws[1].clone()
+        bad[3, 2, 1] = value
+        with pytest.raises(ValueError, match=r"noise\[1\] holds NaN or infinite values"):
+            model.generate(5, y=LABELS, forward_steps=2, noise=[draws[0], bad])
     # a draw left over means the run is not the one the draws were recorded from
     for steps, cache, given in ((2, False, 3), (3, True, 3), (3, False, 2), (1, False, 2)):
         with pytest.raises(ValueError, match=f"noise holds {given} draws; {steps} steps with cache_noise={cache}"):
