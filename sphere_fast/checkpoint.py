@@ -338,8 +338,13 @@ def official_to_checkpoint(pth: str | Path, out: str | Path, model_config: Mappi
         model.to(dtypes.pop())
     model.load_state_dict(_without_rope(state, model, pth))
     ema = None
-    if key == "model" and isinstance(obj, Mapping) and isinstance(obj.get(OFFICIAL_EMA_KEY), Mapping):
-        ema = _without_rope(_state_under(obj, OFFICIAL_EMA_KEY, pth), model, pth)
+    official_ema = obj.get(OFFICIAL_EMA_KEY) if key == "model" and isinstance(obj, Mapping) else None
+    if isinstance(official_ema, Mapping):
+        if all(isinstance(v, torch.Tensor) for v in official_ema.values()):
+            ema = _without_rope(_state_under(obj, OFFICIAL_EMA_KEY, pth), model, pth)
+        else:  # the EMA is a bonus here: its layout does not block the weights asked for
+            warnings.warn(f"{pth}: {OFFICIAL_EMA_KEY!r} holds other objects than tensors; the weights under {key!r} "
+                          "are converted without EMA weights", stacklevel=2)
     path = save_checkpoint(out, model, name="converted", ema_weights=ema)
     assert path is not None
     return path

@@ -414,7 +414,8 @@ def test_a_training_checkpoint_converts_with_its_ema_and_any_key(tmp_path):
 def test_an_official_training_checkpoint_converts_with_its_ema(tmp_path):
     """The official training's file: the live weights under "model" (saved through DDP), the EMA weights with
     the RoPE tables under "ema_model", and the optimizer and epoch beside them. Both sets of weights convert, and
-    back; a file holding other objects than tensors is refused with a ValueError that says what to do."""
+    back; an EMA dict with other entries than tensors is left out with a warning; a file holding other objects than
+    tensors is refused with a ValueError that says what to do."""
     live, averaged = tiny_model(seed=1), tiny_model(seed=2)
     tables = {"encoder.rope": averaged.encoder.rope[None], "decoder.rope": averaged.decoder.rope[None]}
     ema = {**averaged.state_dict(), **tables}
@@ -430,6 +431,12 @@ def test_an_official_training_checkpoint_converts_with_its_ema(tmp_path):
     assert all(torch.equal(back["ema_model"][k], v) for k, v in ema.items())
     only_ema = official_to_checkpoint(tmp_path / "ep0007.pth", tmp_path / "ema", TINY_CONFIG, key="ema_model")
     assert all(torch.equal(load_checkpoint(only_ema)[0].state_dict()[k], v) for k, v in averaged.state_dict().items())
+    torch.save({**official, "ema_model": {**ema, "num_updates": 12}}, tmp_path / "counter.pth")
+    with pytest.warns(UserWarning, match="'ema_model' holds other objects than tensors; the weights under 'model'"):
+        without_ema = official_to_checkpoint(tmp_path / "counter.pth", tmp_path / "live", TINY_CONFIG)
+    assert all(torch.equal(load_checkpoint(without_ema)[0].state_dict()[k], v) for k, v in live.state_dict().items())
+    with pytest.raises(ValueError, match="no EMA weights"):
+        load_checkpoint(without_ema, ema=True)
     torch.save({**official, "args": SimpleNamespace(lr=1e-4)}, tmp_path / "with_args.pth")
     with pytest.raises(ValueError, match=r"weights_only=False"):
         official_to_checkpoint(tmp_path / "with_args.pth", tmp_path / "x", TINY_CONFIG)
