@@ -455,8 +455,8 @@ class SphereEncoder(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        """Load an official (or sphere_fast) state_dict; with ``strict`` the missing, unexpected and mis-shaped
-        keys are named (the first few of each, with their counts) in one ValueError."""
+        """Load an official (or sphere_fast) state_dict; with ``strict`` the missing, unexpected, mis-shaped and
+        non-floating keys are named (the first few of each, with their counts) in one ValueError."""
         if strict:
             own = self.state_dict()
             missing = sorted(set(own) - set(state_dict))
@@ -466,9 +466,17 @@ class SphereEncoder(nn.Module):
                 for k in set(own) & set(state_dict)
                 if tuple(own[k].shape) != tuple(getattr(state_dict[k], "shape", ()))
             )
-            if missing or unexpected or shapes:
-                parts = [_some_keys(what, keys) for what, keys in
-                         (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)) if keys]
+            # torch would cast an integer, bool or complex tensor silently (and assign=True keep its dtype)
+            kinds = sorted(
+                f"{k}: expected a floating tensor, got {getattr(state_dict[k], 'dtype', type(state_dict[k]).__name__)}"
+                for k in set(own) & set(state_dict)
+                if own[k].is_floating_point() and not (isinstance(state_dict[k], torch.Tensor)
+                                                       and state_dict[k].is_floating_point())
+            )
+            if missing or unexpected or shapes or kinds:
+                parts = [_some_keys(what, keys) for what, keys in (
+                    ("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes), ("mis-typed", kinds),
+                ) if keys]
                 raise ValueError("state_dict does not match this SphereEncoder; " + "; ".join(parts) +
                                  _wrapped_hint(state_dict))
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)

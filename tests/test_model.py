@@ -114,6 +114,12 @@ def test_state_dict_errors_list_keys():
     only_missing.pop("decoder.pos_embed")
     with pytest.raises(ValueError, match=r"1 missing keys: \['decoder.pos_embed'\]"):
         model.load_state_dict(only_missing)
+    for dtype in (torch.int64, torch.bool, torch.complex64):  # torch's own would cast them silently
+        typed = model.state_dict()
+        typed["decoder.pos_embed"] = typed["decoder.pos_embed"].to(dtype)
+        with pytest.raises(ValueError, match=rf"1 mis-typed keys: \['decoder.pos_embed: expected a floating tensor, "
+                                             rf"got {dtype}'\]"):
+            model.load_state_dict(typed, assign=True)
 
 
 @pytest.mark.parametrize(
