@@ -1,6 +1,9 @@
-"""AdaLN (gated residual + RMSNorm + modulate) and SwiGLU: eager, torch.compile, Triton, CUDA.
+"""AdaLN (RMSNorm + modulate, alone and after a gated residual) and SwiGLU: eager, torch.compile, Triton, CUDA.
 
 Byte model (minimal HBM traffic, e = element size, M = B*N rows, W width, (B, 1, W) modulation):
+  adaln_modulate fwd: read x; write y                               -> 2*M*W*e (+ 2*B*W*e modulation, W*e weight,
+                                                                       4*M rstd)
+  adaln_modulate bwd: read dy, x; write dx                          -> 3*M*W*e (+ rstd, the small grads)
   gated_residual_adaln fwd: read x, branch; write res, y            -> 4*M*W*e (+ 3*B*W*e modulation, W*e weight,
                                                                        4*M rstd)
   gated_residual_adaln bwd: read dy, dres, res, branch; write dx, dbranch -> 6*M*W*e (+ rstd, the small grads)
@@ -34,18 +37,47 @@ def _adaln_inputs(B: int, N: int, W: int, requires_grad: bool) -> list[torch.Ten
     return [t(B, N, W), t(B, N, W), t(B, 1, W), t(W), t(B, 1, W), t(B, 1, W)]
 
 
-def adaln_bwd_bytes(B: int, N: int, W: int, itemsize: int) -> int:
-    """The bytes the gated AdaLN backward must move: six [B, N, W] tensors (dy, dres, res and branch read, dx
-    and dbranch written), the float32 rstd, and the per-sample modulations and the weight."""
-    return 6 * B * N * W * itemsize + 4 * B * N + (3 * B * W + W) * itemsize
+def adaln_bwd_bytes(B: int, N: int, W: int, itemsize: int, gated: bool = True) -> int:
+    """The bytes the AdaLN backward must move: six [B, N, W] tensors gated (dy, dres, res and branch read, dx
+    and dbranch written), three not (dy and x read, dx written), the float32 rstd, and the per-sample
+    modulations and the weight."""
+    return (6 if gated else 3) * B * N * W * itemsize + 4 * B * N + ((3 if gated else 2) * B * W + W) * itemsize
 
 
 def _id(shape: tuple[int, int, int]) -> str:
     return "B{}-N{}-W{}".format(*shape)
 
 
+MODULATE = impls(adaln.adaln_modulate, adaln.adaln_modulate_reference)
 GATED = impls(adaln.gated_residual_adaln, adaln.gated_residual_adaln_reference)
 SWIGLU = impls(swiglu.swiglu, swiglu.swiglu_reference)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+@pytest.mark.parametrize("impl", MODULATE)
+def test_adaln_modulate_fwd(benchmark, ceilings, impl, shape) -> None:
+    B, N, W = shape
+    x, _, _, *modulation = _adaln_inputs(B, N, W, requires_grad=False)
+    e, M = x.element_size(), B * N
+    gate(impl(x, *modulation), adaln.adaln_modulate_reference(x.float(), *(t.float() for t in modulation)),
+         impl.name, DTYPE)
+    ms = cuda_time_ms(lambda: impl(x, *modulation))
+    record(benchmark, op="adaln_modulate_fwd", impl=impl.name, shape=shape, dtype=DTYPE, ms=ms,
+           bytes_moved=2 * M * W * e + (2 * B * W + W) * e + 4 * M, ceilings=ceilings)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+@pytest.mark.parametrize("impl", MODULATE)
+def test_adaln_modulate_bwd(benchmark, ceilings, impl, shape) -> None:
+    B, N, W = shape
+    x, _, _, *modulation = _adaln_inputs(B, N, W, requires_grad=True)
+    inputs = [x, *modulation]
+    y = impl(*inputs)
+    dy = torch.randn_like(y)
+    gate_backward(y, inputs, dy, adaln.adaln_modulate_reference, impl.name)
+    ms = cuda_time_ms(lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True))
+    record(benchmark, op="adaln_modulate_bwd", impl=impl.name, shape=shape, dtype=DTYPE, ms=ms,
+           bytes_moved=adaln_bwd_bytes(B, N, W, y.element_size(), gated=False), ceilings=ceilings)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)

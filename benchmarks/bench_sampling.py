@@ -45,16 +45,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks import grids
 from benchmarks.harness import DEVICE, SMOKE, PeakMemory, cuda_time_ms, pick, record
 from sphere_fast import SphereEncoder, ops, use_backend
 from sphere_fast.nn.layers import xavier_uniform_flat_
 from sphere_fast.sampling import GraphKey, Sampler, guidance, guidance_weight
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = pick(real=["sphere-l-imagenet", "sphere-xl-imagenet"], smoke=["tiny"])
-BATCHES = pick(real=[1, 8, 64, 256], smoke=[2])
-STEPS = pick(real=[1, 2, 4], smoke=[1, 4])  # smoke: 4 steps draw refinement noise three times, cached or fresh
-CFGS = [1.0, 1.4]  # no CFG, and combo CFG at the ImageNet scale
+MODELS = pick(real=list(grids.SAMPLER_MODELS), smoke=["tiny"])
+BATCHES = pick(real=list(grids.SAMPLER_BATCHES), smoke=[2])
+STEPS = pick(real=list(grids.SAMPLER_STEPS), smoke=[1, 4])  # smoke: 4 steps draw refinement noise three times
+CFGS = list(grids.SAMPLER_CFGS)
 IMPLS = ("eager", "compile", "compile_networks", "uncaptured", "graph")
 DTYPE = pick(real=torch.bfloat16, smoke=torch.float32)
 # the consistency losses on, as the presets have them, so that bench_training's smoke step runs every term
@@ -215,10 +216,6 @@ def timed_calls(probe_ms: float) -> int:
     return max(3, min(20, int(TARGET_TIMED_MS / probe_ms)))
 
 
-def case_id(batch: int, steps: int, cfg: float) -> str:
-    return f"b{batch} t{steps} " + (f"cfg{cfg} combo" if cfg > 1 else "no cfg")
-
-
 def impl_params() -> list:
     compiles = ("compile", "compile_networks")
     return [pytest.param(i, id=i, marks=[pytest.mark.slow] if i in compiles and not SMOKE else []) for i in IMPLS]
@@ -269,7 +266,7 @@ def time_sampler(
     probe = cuda_time_ms(lambda: run(labels, seeds), warmup=0, rep=1, flush_l2=False)
     ms = cuda_time_ms(lambda: run(labels, seeds), warmup=0, rep=timed_calls(probe), flush_l2=False)
     flops = flops_per_image(name, steps, cfg)
-    record(benchmark, op=f"sample {name}", impl=label or impl, shape=case_id(batch, steps, cfg), dtype=DTYPE, ms=ms,
+    record(benchmark, op=f"sample {name}", impl=label or impl, shape=grids.sampler_case(batch, steps, cfg), dtype=DTYPE, ms=ms,
            flops=flops * batch if flops else None, ceilings=ceilings,
            extra={"images_per_s": batch / (ms * 1e-3), "mean_abs_diff_vs_eager": diff, "peak_gb": memory.gb(),
                   "first_call_s": first_call_s, **({"eager_cfg_effect": cfg_effect} if cfg_effect is not None else {})})
@@ -406,7 +403,7 @@ def test_time_to_first_image(benchmark, tmp_path: Path, impl: str, name: str, ca
     if caches == "warm-untuned" and impl != "graph":
         pytest.skip("the stored tuning choices are compared on the graph's first call only")
     seconds, extra = time_first_image(name, impl, caches, tmp_path)
-    record(benchmark, op=f"first image {name}", impl=impl, shape=f"{case_id(*COLD_CASE)}, {caches} caches",
+    record(benchmark, op=f"first image {name}", impl=impl, shape=f"{grids.sampler_case(*COLD_CASE)}, {caches} caches",
            dtype=DTYPE, ms=seconds * 1e3, extra=extra)
 
 

@@ -3,6 +3,7 @@
 Byte model (minimal traffic, e = element size, N = B*L values; e is generated in registers, never stored;
 per-sample scalars and seeds are negligible):
   spherify fwd:            read z, write out            -> 2*N*e
+  spherify bwd:            read dout, z, write dz       -> 3*N*e
   spherify_noise fwd:      read z, write out            -> 2*N*e
   spherify_noise bwd:      read dout, z, write dz       -> 3*N*e
   spherify_noise_pair fwd: read z, write v_big, v_small -> 3*N*e
@@ -81,6 +82,19 @@ def test_spherify_fwd(benchmark, ceilings, impl, case) -> None:
     ms = cuda_time_ms(lambda: impl(z))
     record(benchmark, op="spherify_fwd", impl=impl.name, shape=shape, dtype=dtype, ms=ms,
            bytes_moved=2 * z.numel() * z.element_size(), ceilings=ceilings)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+@pytest.mark.parametrize("impl", PLAIN)
+def test_spherify_bwd(benchmark, ceilings, impl, case) -> None:
+    shape, dtype = case
+    z, *_ = _inputs(shape, dtype, requires_grad=True)
+    out = impl(z)
+    dout = torch.randn_like(out)
+    gate_backward(out, [z], dout, S.spherify_reference, impl.name)
+    ms = cuda_time_ms(lambda: torch.autograd.grad(out, z, dout, retain_graph=True))
+    record(benchmark, op="spherify_bwd", impl=impl.name, shape=shape, dtype=dtype, ms=ms,
+           bytes_moved=3 * z.numel() * z.element_size(), ceilings=ceilings)
 
 
 @pytest.mark.parametrize("case", CASES, ids=_id)

@@ -124,7 +124,21 @@ def choices(rows: Sequence[Row]) -> list[Choice]:
     return [mlp_align(rows), fused_mlp(rows), *attention_impl(rows)]
 
 
-def table(rows: Sequence[Row]) -> str:
+def with_earlier(rows: Sequence[Row], earlier: Sequence[tuple[str, Sequence[Row]]]) -> list[Choice]:
+    """choices(rows), where a setting they leave unmeasured takes the reading of the newest of ``earlier`` (label,
+    rows of an earlier lease, newest first) that measured it, its label after the numbers."""
+    older = [(label, choices(old)) for label, old in earlier]
+    judged = []
+    for i, c in enumerate(choices(rows)):
+        found = [(label, cs[i]) for label, cs in older if cs[i].measured != "not measured"]
+        if c.measured == "not measured" and found:
+            label, old = found[0]
+            c = Choice(c.setting, c.now, f"{old.measured} ({label})", old.suggests)
+        judged.append(c)
+    return judged
+
+
+def table(rows: Sequence[Row], earlier: Sequence[tuple[str, Sequence[Row]]] = ()) -> str:
     lines = ["| setting | now | measured | suggests |", "|---|---|---|---|"]
-    lines += [f"| {c.setting} | {c.now} | {c.measured} | {c.suggests} |" for c in choices(rows)]
+    lines += [f"| {c.setting} | {c.now} | {c.measured} | {c.suggests} |" for c in with_earlier(rows, earlier)]
     return "\n".join(lines)

@@ -13,6 +13,7 @@ import pytest
 from benchmarks import harness
 
 _session_ceilings: list[harness.Ceilings | None] = []
+_deadline_skipped: list[str] = []  # the cases pytest_runtest_setup skipped at the deadline
 
 
 @pytest.fixture(scope="session")
@@ -96,8 +97,9 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 def pytest_benchmark_update_machine_info(config: Any, machine_info: dict[str, Any]) -> None:
-    # report.py reads device, versions, clocks and ceilings from here.
-    machine_info["sphere_fast"] = harness.environment(_session_ceilings[0] if _session_ceilings else None)
+    # report.py reads device, versions, clocks, ceilings and the cases the deadline skipped from here.
+    env = harness.environment(_session_ceilings[0] if _session_ceilings else None)
+    machine_info["sphere_fast"] = {**env, "deadline_skipped": len(_deadline_skipped)}
 
 
 def pytest_benchmark_update_commit_info(config: Any, commit_info: dict[str, Any]) -> None:
@@ -108,4 +110,5 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     # gpu_check sets a deadline so that a suite running long still ends cleanly and writes its JSON.
     deadline = os.environ.get("SPHERE_FAST_BENCH_DEADLINE")
     if deadline and time.time() > float(deadline):
+        _deadline_skipped.append(item.nodeid)
         pytest.skip("gpu_check time budget spent (SPHERE_FAST_BENCH_DEADLINE)")

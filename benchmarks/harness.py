@@ -54,6 +54,11 @@ ROWS_ENV = "SPHERE_FAST_BENCH_ROWS"  # gpu_check sets it: a JSON-lines file each
 # The commit a run measures, stated by whoever starts it: a lent machine gets the working tree with git metadata
 # of an earlier commit (2026-11-29 and -30: the JSON said 0a737ba, dirty, for 9ebd630).
 COMMIT_ENV = "SPHERE_FAST_COMMIT"
+# The checks a row passed before it was timed, by the date they took their present form: each output in value,
+# dtype and shape (gate), each backward's gradients (gate_backward), the sampler's images against the eager loop's
+# with CFG's own effect (bench_sampling.check_images). record() marks every row with it; the report says which
+# verdicts read rows without the mark (recorded under older, weaker checks).
+GATES = "2026-12-01"
 
 T = TypeVar("T")
 
@@ -295,6 +300,7 @@ def record(
         "flops": flops,
         "smoke": SMOKE,
         "device": device_name(),
+        "gates": GATES,
         **(extra or {}),
     }
     benchmark.extra_info.update(info)

@@ -21,6 +21,8 @@ from typing import Any
 
 from benchmarks import choices, goals
 
+# the date harness.GATES names (read here without importing the harness, which imports torch)
+GATES_SINCE = "2026-12-01"
 START = "<!-- perf:start -->"
 END = "<!-- perf:end -->"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -68,7 +70,6 @@ def header(data: dict[str, Any]) -> str:
         when = datetime.fromisoformat(when).strftime("%Y-%m-%d %H:%M UTC")
     except ValueError:
         pass
-    commit = data.get("commit_info", {})
     parts = [f"Measured {when} on {env.get('device', 'an unknown device')}"]
     if smi:
         parts.append(
@@ -82,8 +83,7 @@ def header(data: dict[str, Any]) -> str:
     if env.get("inductor_stored_autotunings"):
         parts.append(f"inductor's cache held max-autotune timings for {env['inductor_stored_autotunings']} GEMMs at "
                      "the start (torch.compile's first calls skip benchmarking them)")
-    if commit.get("id"):
-        parts.append(f"commit {commit['id'][:10]}{' (dirty)' if commit.get('dirty') else ''}")
+    parts.append(commit_text(data))
     lines = [", ".join(parts) + "."]
     ceilings = env.get("ceilings")
     if ceilings:
@@ -96,7 +96,39 @@ def header(data: dict[str, Any]) -> str:
         lines.append("**Smoke run (tiny sizes, one call, no GPU timing): these numbers are not measurements.**")
     if data.get("partial"):
         lines.append("The benchmark run was cut off at its time limit: these are the cases it finished.")
+    if env.get("deadline_skipped"):
+        lines.append(f"The run reached its time limit: {env['deadline_skipped']} selected cases were skipped, not "
+                     "measured.")
+    recs = rows(data)
+    older = sum("gates" not in r for r in recs)
+    if older:
+        lines.append(
+            f"{older} of {len(recs)} rows were recorded before the present checks (`harness.GATES`, "
+            f"{GATES_SINCE}): their outputs were checked in value only, not in dtype and shape, their backward rows' "
+            "gradients not at all, and their sampler rows on the mean image difference alone, which could not tell "
+            f"a sampler that skipped CFG. The verdicts that read them say \"{goals.OLDER_GATES}\"."
+        )
     return "\n\n".join(lines)
+
+
+def commit_text(data: dict[str, Any]) -> str:
+    """The commit a run measured: as the run stated it ($SPHERE_FAST_COMMIT, harness.stated_commit), else as the
+    machine's git metadata says, which on a lent machine may be stale (results/README.md then names the commit)."""
+    commit = data.get("commit_info", {})
+    if not commit.get("id"):
+        return "commit unknown"
+    named = f"{commit['id'][:10]}{' (dirty)' if commit.get('dirty') else ''}"
+    if "git_id" in commit:
+        return f"commit {named}"
+    return f"commit not stated by the run (the machine's git metadata, which may be stale: {named})"
+
+
+def lease_label(data: dict[str, Any]) -> str:
+    """A short label of an earlier lease for the verdicts it judged: its date and commit (see commit_text)."""
+    commit = data.get("commit_info", {})
+    named = f"{commit['id'][:7]}{' dirty' if commit.get('dirty') else ''}" if commit.get("id") else "unknown"
+    stated = "" if "git_id" in commit or not commit.get("id") else " (machine's git)"
+    return f"on {data.get('datetime', '')[:10]} at {named}{stated}"
 
 
 def table(records: Sequence[dict[str, Any]]) -> str:
@@ -214,14 +246,15 @@ def render(data: dict[str, Any], earlier: Sequence[tuple[str, Sequence[dict[str,
         return f"{header(data)}\n\nNo benchmark rows in this file."
     return (
         f"{header(data)}\n\n### Goals\n\n{goals.table(recs, earlier)}\n\n"
-        f"### Pending choices\n\n{choices.table(recs)}\n\n"
+        f"### Pending choices\n\n{choices.table(recs, earlier)}\n\n"
         f"### All cases\n\n{table(recs)}\n\n"
         f"{cold_starts(recs)}{first_calls(recs)}{peak_memory(recs)}"
         "Times are medians of CUDA-event timings (L2 flushed before each op-suite call, not in the sampler's loop), "
         "except the dispatch rows: the host's clock per call, the fastest of five rounds (bench_dispatch.py), and "
         "the first image rows: one sample each, a fresh process's wall clock from the parent (bench_sampling.py). "
-        "Speedups and rates are those of the faster of our implementations (triton / cpp kernels; the "
-        "un-captured / graphed sampler; the training step on the fused backends). The sampler's and the training "
+        "The tables' speedups and rates are those of the faster of our implementations (triton / cpp kernels; the "
+        "un-captured / graphed sampler; the training step on the fused backends); the goals judge what a user gets "
+        "by default (triton, which `auto` runs on a GPU; the graphed sampler). The sampler's and the training "
         "step's eager rows run sphere_fast's ops on its eager backend, their checks and dispatch included, and the "
         "dispatch rows' eager spherify_noise is its pure-torch Philox (benchmarks/NOTES.md, 2026-12-01)."
     )
@@ -326,11 +359,11 @@ def readme_section(results_dir: Path = RESULTS_DIR) -> str:
     # the newest lease alone is tabled (one commit's numbers); older leases measured cases it may not have, and
     # judge the goals it did not measure (on the same GPU model only)
     note = (f" Earlier leases' files, for the cases this one did not measure: {', '.join(files)} (print one "
-            "with `python -m benchmarks.report benchmarks/results/<file>`); a goal this one did not measure shows "
-            "the newest earlier lease's verdict, with its date." if files else "")
+            "with `python -m benchmarks.report benchmarks/results/<file>`); a goal or choice this one did not "
+            "measure shows the newest earlier lease's verdict, with its date and commit (measured on older code)."
+            if files else "")
     device = environment(data).get("device")
-    earlier = [(f"on {old.get('datetime', '')[:10]}", rows(old)) for _, old in older
-               if environment(old).get("device") == device]
+    earlier = [(lease_label(old), rows(old)) for _, old in older if environment(old).get("device") == device]
     return f"From {names}.{note}\n\n{render(data, earlier)}"
 
 

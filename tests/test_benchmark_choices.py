@@ -131,3 +131,18 @@ def test_nothing_measured_and_the_report_section() -> None:
     rendered = report.render(data)
     assert "### Pending choices" in rendered and "| nn.layers.MLP_ALIGN | 64 |" in rendered
     assert rendered.index("### Goals") < rendered.index("### Pending choices") < rendered.index("### All cases")
+
+
+def test_a_setting_left_unmeasured_takes_the_newest_earlier_reading() -> None:
+    """As the goals: a setting the newest rows do not measure shows the newest earlier lease's numbers and advice,
+    labelled; one they measure keeps theirs."""
+    newest = linear_rows((1.0, 0.5), (1.0, 0.6))
+    older = [*linear_rows((1.0, 2.0), (1.0, 2.0)), row("attention_fwd", "triton", choices.ATTENTION_SHAPES[0], 1.0),
+             row("attention_fwd", "sdpa_cudnn", choices.ATTENTION_SHAPES[0], 0.5)]
+    judged = {c.setting: c for c in choices.with_earlier(newest, [("on 2026-11-29 at 70525a2", older)])}
+    assert judged["nn.layers.MLP_ALIGN"].suggests.startswith("keep 64")  # the newest rows', not the earlier "set 1"
+    d64 = judged["attention auto impl, D = 64"]
+    assert d64.measured == "sdpa_cudnn 0.500 ms; triton 1.000 ms (on 2026-11-29 at 70525a2)"
+    assert d64.suggests.startswith("take sdpa_cudnn")
+    assert judged["attention auto impl, D = 72"].measured == "not measured"
+    assert choices.with_earlier(newest, []) == choices.choices(newest)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
+
 from benchmarks import goals, grids, report
+from benchmarks.harness import GATES
 
 
 def row(op: str, impl: str, shape, ms: float, **rates) -> dict:
     return {"op": op, "impl": impl, "shape": shape, "dtype": "bf16", "ms": ms, "pct_copy": None,
-            "pct_matmul": None, **rates}
+            "pct_matmul": None, "gates": GATES, **rates}
 
 
 ROWS = [
@@ -70,7 +73,9 @@ def test_sampler_goals() -> None:
     assert v["sphere-l-imagenet: >= 1.3x torch.compile at batch 64, 4 steps, CFG"].status == "met"
     assert v["sphere-l-imagenet: >= 4x eager at batch 1"].status == "not met"
     utilisation = v["sphere-l-imagenet: >= 60% model FLOP utilisation at batch >= 64"]
-    assert (utilisation.status, utilisation.measured) == ("met", "65% (bf16 b64 t4 cfg1.4 combo)")
+    # the graph's (the Sampler's default), not the un-captured row's 60.5%; 1 of the grid's 12 cases at batch >= 64
+    assert (utilisation.status, utilisation.measured) == ("partly measured",
+                                                          "65% (bf16 b64 t4 cfg1.4 combo), 1 of 12 cases")
     assert v["sphere-xl-imagenet: >= 4x eager at batch 1"].status == "not measured"
 
 
@@ -123,9 +128,10 @@ def test_report_speedup_is_against_the_faster_eager() -> None:
     assert "| 256×32768 | bf16 | 2.00 | 0.400 | 0.100 | 4.00x |" in pair
 
 
-def test_goal_edges_exactly_the_bar_d72_rows_and_the_batch_1_case() -> None:
-    """A value equal to the bar meets it; the attention goal also reads D = 72; the batch-1 goal reads only the
-    4-step CFG row; a row without a usable value (a NaN rate) is not judged."""
+def test_goal_edges_exactly_the_bar_d72_rows_and_the_batch_1_cases() -> None:
+    """A value equal to the bar meets it; the attention goal also reads D = 72; the batch-1 goal reads every step
+    count with and without CFG (issue 6's grid at batch 1); a row without a usable value (a NaN rate) is not
+    judged."""
     # the goal's other shapes in the grid (N = 1024, B*H >= 256) at 2x: the D = 72 row below is the worst
     others = ([16, 16, 1024, 64], [64, 16, 1024, 64], [64, 16, 1024, 72])
     rows = [
@@ -134,16 +140,21 @@ def test_goal_edges_exactly_the_bar_d72_rows_and_the_batch_1_case() -> None:
         row("attention_fwd", "sdpa_flash", [16, 16, 1024, 72], 0.5),  # exactly 1.0x
         row("sample sphere-l-imagenet", "eager", "b1 t4 cfg1.4 combo", 40.0),
         row("sample sphere-l-imagenet", "graph", "b1 t4 cfg1.4 combo", 8.0),  # 5x: met
-        row("sample sphere-l-imagenet", "eager", "b1 t1 cfg1.0", 4.0),
-        row("sample sphere-l-imagenet", "graph", "b1 t1 cfg1.0", 2.0),  # 2x, not the goal's case
+        row("sample sphere-l-imagenet", "eager", "b1 t1 no cfg", 4.0),
+        row("sample sphere-l-imagenet", "graph", "b1 t1 no cfg", 2.0),  # 2x: the worst of the batch-1 cases
         row("spherify_noise_fwd", "triton", [256, 32768], 0.1, pct_copy=float("nan")),
     ]
     v = {v.goal: v for v in goals.verdicts(rows)}
     fwd = v["attention_fwd: >= 1.0x the best SDPA backend at N = 1024, D = 64 / 72, B*H >= 256"]
     assert (fwd.status, fwd.measured) == ("met", "1.00x (bf16 16×16×1024×72), 4 of 4 shapes")
     batch_1 = v["sphere-l-imagenet: >= 4x eager at batch 1"]
-    assert (batch_1.status, batch_1.measured) == ("met", "5.00x (bf16 b1 t4 cfg1.4 combo)")
+    assert (batch_1.status, batch_1.measured) == ("not met", "2.00x (bf16 b1 t1 no cfg), 2 of 6 cases")
     assert v["spherify_noise_fwd: >= 85% of copy bandwidth at B*L >= 8M"].status == "not measured"
+    at_4x = [row("sample sphere-l-imagenet", impl, case, ms) for case in grids.sampler_cases(1)
+             for impl, ms in (("eager", 40.0), ("graph", 10.0))]
+    for cases, status in ((at_4x, "met"), (at_4x[2:], "partly measured")):
+        judged = {v.goal: v for v in goals.verdicts(cases)}["sphere-l-imagenet: >= 4x eager at batch 1"]
+        assert judged.status == status and judged.measured.endswith(f"{len(cases) // 2} of 6 cases")
 
 
 def test_goal_bars_and_row_filters_are_the_issues():
@@ -200,3 +211,66 @@ def test_the_swiglu_grid_is_recorded_at_its_input_width() -> None:
     """The SwiGLU rows record [B, N, 2H] (bench_adaln.py): the grid the goals count is the same."""
     assert ("bf16", (8, 256, 2 * 2731)) in grids.cases("swiglu_fwd") and len(grids.cases("swiglu_bwd")) == 18
     assert grids.cases("sample sphere-l-imagenet") == []
+
+
+def test_every_op_of_issues_3_and_4_has_its_goals() -> None:
+    """Issue 3's bar is for spherify, spherify_noise and the pair, forward and backward; issue 4's for
+    adaln_modulate, gated_residual_adaln and swiglu: each of them has its bandwidth goal (85% forward, 75%
+    backward) and issue 4's ops their three speed goals."""
+    judged = {v.goal for v in goals.verdicts([])}
+    for op in ("spherify_fwd", "spherify_bwd", "spherify_noise_fwd", "spherify_noise_bwd", "spherify_noise_pair_fwd",
+               "spherify_noise_pair_bwd"):
+        assert {f"{op}: >= 85% of copy bandwidth at B*L >= 8M", f"{op}: >= 5x eager at B*L >= 8M"} <= judged
+    for op in ("adaln_modulate", "gated_residual_adaln", "swiglu"):
+        for part, pct in (("fwd", 85), ("bwd", 75)):
+            assert {f"{op}_{part}: >= {pct}% of copy bandwidth at >= 32k rows", f"{op}_{part}: >= 3x eager at 256 tokens",
+                    f"{op}_{part}: never slower than eager", f"{op}_{part}: >= torch.compile"} <= judged
+    # SwiGLU's backward at 50% of copy (its 2026-11-30 row at 64×1024×5462) is judged, and not met
+    rows = [row("swiglu_bwd", "triton", [64, 1024, 2 * grids.swiglu_hidden(w)], 1.0, pct_copy=pct)
+            for w, pct in ((768, 90.0), (1024, 50.0), (1152, 95.0))]
+    swiglu = {v.goal: v for v in goals.verdicts(rows)}["swiglu_bwd: >= 75% of copy bandwidth at >= 32k rows"]
+    assert (swiglu.status, swiglu.measured) == ("not met", "50% (bf16 64×1024×5462), 3 of 3 shapes")
+
+
+def test_goals_judge_what_auto_runs() -> None:
+    """The kernel goals judge triton, what ``auto`` runs on a GPU (the ops' AUTO_ORDER starts with it), not a
+    faster cpp row; the sampler goals the graph (the Sampler's default), not a faster un-captured row."""
+    modules = [importlib.import_module(f"sphere_fast.ops.{name}") for name in ("adaln", "spherify", "swiglu")]
+    assert {m.AUTO_ORDER[0] for m in modules} == set(goals.AUTO_KERNEL) == {"triton"}
+    rows = [row("gated_residual_adaln_bwd", "eager", [8, 256, 768], 1.0),
+            row("gated_residual_adaln_bwd", "cpp", [8, 256, 768], 0.5),
+            row("gated_residual_adaln_bwd", "triton", [8, 256, 768], 1.8),
+            row("sample sphere-l-imagenet", "eager", "b64 t4 cfg1.4 combo", 300.0),
+            row("sample sphere-l-imagenet", "uncaptured", "b64 t4 cfg1.4 combo", 100.0),
+            row("sample sphere-l-imagenet", "graph", "b64 t4 cfg1.4 combo", 200.0)]
+    v = {v.goal: v for v in goals.verdicts(rows)}
+    slower = v["gated_residual_adaln_bwd: never slower than eager"]
+    assert (slower.status, slower.measured) == ("not met", "0.56x (bf16 8×256×768), 1 of 18 shapes")
+    assert v["sphere-l-imagenet: >= 2x eager at batch 64, 4 steps, CFG"].measured.startswith("1.50x")
+
+
+def test_first_image_goal_is_against_torch_compiles_cold_start() -> None:
+    """Issue 6: the first image within seconds of process start, torch.compile's cold start the comparison: the
+    graph's first image with empty caches against the faster compile baseline's; not measured without it."""
+    label = "b1 t4 cfg1.4 combo, empty caches"
+    ours = row("first image sphere-l-imagenet", "graph", label, 9900.0)
+    goal = "sphere-l-imagenet: first image from a cold process (empty caches) faster than torch.compile's"
+    assert {v.goal: v for v in goals.verdicts([ours])}[goal].status == "not measured"
+    rows = [ours, row("first image sphere-l-imagenet", "compile_networks", label, 400_000.0),
+            row("first image sphere-l-imagenet", "compile", "b1 t4 cfg1.4 combo, warm caches", 5000.0)]
+    judged = {v.goal: v for v in goals.verdicts(rows)}[goal]
+    assert (judged.status, judged.measured) == ("met", f"40.40x (bf16 {label})")
+
+
+def test_verdicts_from_rows_under_older_gates_say_so() -> None:
+    """A row recorded before the present gates (no ``gates`` mark: its backward's gradients or its sampler's CFG
+    went unchecked) leaves its mark on the verdicts that read it."""
+    old = {k: v for k, v in row("swiglu_bwd", "triton", [8, 256, 4096], 1.0).items() if k != "gates"}
+    rows = [old, row("swiglu_bwd", "eager", [8, 256, 4096], 3.5)]
+    v = {v.goal: v for v in goals.verdicts(rows)}["swiglu_bwd: >= 3x eager at 256 tokens"]
+    assert (v.status, v.measured, v.older_gates) == ("partly measured", "3.50x (bf16 8×256×4096), 1 of 9 shapes", True)
+    assert f"| 3.50x (bf16 8×256×4096), 1 of 9 shapes; {goals.OLDER_GATES} | partly measured |" in goals.table(rows)
+    carried = {v.goal: v for v in goals.with_earlier([], [("on 2026-11-29 at 70525a2", rows)])}[v.goal]
+    assert carried.older_gates and carried.measured.endswith("shapes on 2026-11-29 at 70525a2")
+    current = {v.goal: v for v in goals.verdicts([{**old, "gates": GATES}, rows[1]])}[v.goal]
+    assert not current.older_gates

@@ -24,7 +24,9 @@ from benchmarks import (
     bench_sampling,
     bench_training,
     compile_times,
+    goals,
     gpu_check,
+    grids,
     harness,
     profile_sampler,
     report,
@@ -384,7 +386,9 @@ def _result(datetime_: str = "2026-11-28T12:00:00+00:00", smoke: bool = False, d
 def test_report_renders_pivoted_table() -> None:
     text = report.render(_result())
     assert "Measured 2026-11-28 12:00 UTC on NVIDIA H200" in text
-    assert "driver 580.159.03" in text and "torch 2.11.0+cu130" in text and "commit 0123456789" in text
+    assert "driver 580.159.03" in text and "torch 2.11.0+cu130" in text
+    # no $SPHERE_FAST_COMMIT: the id is the machine's git metadata, which on a lent machine may be stale
+    assert "commit not stated by the run (the machine's git metadata, which may be stale: 0123456789)" in text
     assert "copy 4300 GB/s" in text and "bf16 matmul 790 TFLOP/s" in text
     lines = text.splitlines()
     # one table per op, with the columns that op fills
@@ -556,8 +560,10 @@ def test_the_sampling_benchmark_runs_random_weights_on_distinct_samples() -> Non
 def test_the_sampling_grids_rows() -> None:
     """Each row's shape names its CFG; its timed calls fill about two seconds; the compile rows are slow only at
     realistic sizes (a smoke run traces them, with every other implementation)."""
-    assert bench_sampling.case_id(1, 4, 1.0) == "b1 t4 no cfg"
-    assert bench_sampling.case_id(64, 2, 1.4) == "b64 t2 cfg1.4 combo"
+    assert grids.sampler_case(1, 4, 1.0) == "b1 t4 no cfg"
+    assert grids.sampler_case(64, 2, 1.4) == "b64 t2 cfg1.4 combo"
+    assert grids.sampler_cases(1) == ["b1 t1 no cfg", "b1 t1 cfg1.4 combo", "b1 t2 no cfg", "b1 t2 cfg1.4 combo",
+                                      "b1 t4 no cfg", "b1 t4 cfg1.4 combo"]
     # timed calls: about 2 s of them, at least 3 (a median), at most 20 (batch 1 takes 28 ms)
     assert [bench_sampling.timed_calls(ms) for ms in (28.0, 250.0, 1451.0)] == [20, 8, 3]
     slow = [p.id for p in bench_sampling.impl_params() if "slow" in [mark.name for mark in p.marks]]
@@ -893,9 +899,28 @@ def test_readme_goals_left_unmeasured_come_from_earlier_leases_on_that_gpu(tmp_p
         (tmp_path / name).write_text(json.dumps(data))
     section = report.readme_section(tmp_path)
     goal = "| #3 | spherify_noise_{}: >= 85% of copy bandwidth at B*L >= 8M | {} |"
-    assert goal.format("fwd", "8% (bf16 256×32768), 1 of 4 shapes on 2026-11-29 | not met") in section
+    assert goal.format("fwd", "8% (bf16 256×32768), 1 of 4 shapes on 2026-11-29 at aaaa (machine's git); "
+                              f"{goals.OLDER_GATES} | not met") in section
     assert goal.format("bwd", "– | not measured") in section
     assert "#### spherify_noise_fwd" not in section  # the cases' tables are the newest lease's alone
+
+
+def test_report_header_says_what_the_rows_passed_and_what_the_run_skipped() -> None:
+    """The header names a stated commit as measured; counts the rows recorded before the present gates (each
+    verdict that reads one says so) and the cases the run's deadline skipped."""
+    data = _result()
+    assert "5 of 5 rows were recorded before the present checks" in report.header(data)  # the ceiling row too
+    data["commit_info"] = {"id": "9ebd630", "dirty": False, "git_id": "0a737bad1a", "git_dirty": True}
+    data["machine_info"]["sphere_fast"]["deadline_skipped"] = 7
+    data["benchmarks"] = [{"extra_info": {**b["extra_info"], "gates": harness.GATES}} for b in data["benchmarks"]
+                          if b["extra_info"]]
+    text = report.header(data)
+    assert "commit 9ebd630." in text and "0a737ba" not in text
+    assert "The run reached its time limit: 7 selected cases were skipped, not measured." in text
+    assert "before the present checks" not in text
+    assert report.GATES_SINCE == harness.GATES
+    assert report.lease_label(_result("2026-11-29T18:30:00+00:00")) == "on 2026-11-29 at 0123456 (machine's git)"
+    assert report.lease_label({**data, "datetime": "2026-12-02T00:00:00+00:00"}) == "on 2026-12-02 at 9ebd630"
 
 
 def test_readme_markers_are_rewritten_and_checked(tmp_path: Path) -> None:
@@ -1188,14 +1213,21 @@ def test_headline_cases_exist_in_the_real_grid_and_come_first() -> None:
     assert conftest.headline_rank("benchmarks/bench_spherify.py::test_spherify_noise_fwd[cpp-B256-L32768-bfloat16]") == spherify
 
 
-def test_bench_cases_after_the_deadline_are_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bench_cases_after_the_deadline_are_skipped_and_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The results file counts the cases the deadline skipped (the report's header says so)."""
     from benchmarks import conftest
 
+    monkeypatch.setattr(conftest, "_deadline_skipped", [])
+    item = mock.Mock(nodeid="benchmarks/bench_adaln.py::test_swiglu_fwd[triton-B1-N256-W768]")
     monkeypatch.setenv("SPHERE_FAST_BENCH_DEADLINE", str(time.time() + 60))
-    conftest.pytest_runtest_setup(None)  # before the deadline: runs
+    conftest.pytest_runtest_setup(item)  # before the deadline: runs
     monkeypatch.setenv("SPHERE_FAST_BENCH_DEADLINE", str(time.time() - 1))
     with pytest.raises(pytest.skip.Exception, match="budget"):
-        conftest.pytest_runtest_setup(None)
+        conftest.pytest_runtest_setup(item)
+    machine_info: dict[str, Any] = {}
+    monkeypatch.setattr(harness, "environment", lambda ceilings=None: {"device": "cpu"})
+    conftest.pytest_benchmark_update_machine_info(None, machine_info)
+    assert machine_info["sphere_fast"] == {"device": "cpu", "deadline_skipped": 1}
 
 
 def test_spent_budget_skips_phases(tmp_path: Path) -> None:
