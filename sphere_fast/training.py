@@ -435,9 +435,24 @@ class StepLog:
         return {**dict(zip(self.names, self.values.tolist())), "lr": self.lr}
 
 
+# images rounded to bf16 or resized with antialiasing may pass the range by a little
+IMAGE_RANGE_SLACK = 1e-2
+
+
+def check_image_range(x: torch.Tensor) -> None:
+    """Refuse images outside [-1, 1] (another convention, [0, 255] say, would train another objective)."""
+    low, high = x.aminmax() if x.numel() else (x.new_zeros(()), x.new_zeros(()))
+    if not (-1 - IMAGE_RANGE_SLACK <= float(low) and float(high) <= 1 + IMAGE_RANGE_SLACK):
+        raise ValueError(f"x must hold images in [-1, 1] (the datasets' range), got values in "
+                         f"[{float(low):.4g}, {float(high):.4g}]")
+
+
 class Trainer:
     """Optimiser, schedule, EMA and (under torchrun) DDP around a SphereEncoder.
 
+    Images are in [-1, 1] (the datasets' range; the sampler and the edits take and give [0, 1]); the first host
+    batch (and fit's first) is checked. As the official training, a Trainer turns on TF32 for float32 matmuls and
+    convolutions on CUDA, process-wide (``torch.backends.cuda.matmul.allow_tf32``, ``cudnn.allow_tf32``).
     ``train_step(x, y)`` draws the noise levels (per process: one r = 0 and one r = 1 in each
     process's batch) and per-sample noise seeds from torch's global RNG, which the checkpoint saves;
     tests inject ``scales`` and ``noise`` (or ``seeds``) instead to make runs comparable across process counts.
@@ -484,6 +499,7 @@ class Trainer:
         )
         self._set_optimizer_settings()
         self.step = 0
+        self._range_checked = False
         use_bf16 = config.autocast == "bf16" or (config.autocast == "auto" and self.device.type == "cuda")
         # a partial, not a lambda over self: that would be a reference cycle keeping the trainer (under torchrun
         # its DDP engine and process group) alive after its last use, until a garbage collection
@@ -510,13 +526,16 @@ class Trainer:
         (int64) fix e; by default seeds are drawn. The noise levels are drawn for the whole process batch (one
         r = 0 and one r = 1 in it), which then runs as ``config.accumulation_steps`` micro-batches."""
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor of images [B, 3, H, W], got {type(x).__name__}")
+            raise TypeError(f"x must be a torch.Tensor of images [B, 3, H, W] in [-1, 1], got {type(x).__name__}")
         per_sample = {"y": y, "noise": noise, "seeds": seeds}
         if scales is not None:
             per_sample.update(big_scales=scales[0], small_scales=scales[1])
         for name, t in per_sample.items():  # the micro-batches slice them by x's rows: longer ones must not pass
             if isinstance(t, torch.Tensor) and (t.ndim == 0 or t.shape[0] != x.shape[0]):
                 raise ValueError(f"{name} must have one row per image ({x.shape[0]}), got shape {tuple(t.shape)}")
+        if not self._range_checked and x.device.type == "cpu":  # a host batch's first: no device sync
+            check_image_range(x)
+            self._range_checked = True
         if not self.model.training:  # put in eval mode to sample (label dropout off): training needs it back
             self.model.train()
         micro = micro_batches(x.shape[0], self.config.accumulation_steps)
@@ -668,7 +687,11 @@ def fit(run: RunConfig, *, resume: bool = True, progress: bool = True) -> Traine
     cfg = run.train
     if cfg.global_batch % info.world_size:
         raise ValueError(f"global_batch {cfg.global_batch} is not divisible by the {info.world_size} processes")
-    micro_batches(cfg.global_batch // info.world_size, cfg.accumulation_steps)  # checked before any data is read
+    # checked before anything is read or written: the first step would refuse these after fit wrote to out
+    micro_batches(cfg.global_batch // info.world_size, cfg.accumulation_steps)
+    if cfg.global_batch // info.world_size < 3:
+        raise ValueError(f"global_batch {cfg.global_batch} gives {cfg.global_batch // info.world_size} images a "
+                         "process; the stratified noise radii need at least 3 (one r = 0, one r = 1, one stratum)")
     device = torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
     model = SphereEncoder(**run.model)
@@ -712,8 +735,11 @@ def fit(run: RunConfig, *, resume: bool = True, progress: bool = True) -> Traine
         # A step's losses are read once the next step is queued, so the host does not wait for the device
         # mid-run; other processes never read theirs (rank 0 logs the averages).
         unread: list[tuple[int, StepLog]] = []
+        start = trainer.step
         while trainer.step < cfg.total_steps:
             x, y = next(batches)
+            if trainer.step == start:  # the first batch, on the host: a dataset of another range stops here
+                check_image_range(x)
             x = random_hflip(x.to(device, non_blocking=True))  # on the device: the pinned batch goes over as is
             step = trainer.step
             unread.append((step, trainer.launch_step(x, y if model.num_classes else None)))

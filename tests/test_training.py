@@ -180,6 +180,9 @@ def test_train_step_refuses_per_sample_inputs_of_another_length():
             trainer.train_step(x, **({"y": value} if name == "y" else {"y": y, name: value}))
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         trainer.train_step(x.numpy(), y)
+    # [-1, 1], checked on the first step: images in another range (here [0, 5]) train another objective
+    with pytest.raises(ValueError, match=r"x must hold images in \[-1, 1\].*got values in \[0.0\d*, 4.9"):
+        trainer.train_step((x + 1) * 2.5, y)
     assert trainer.step == 0
 
 
@@ -413,8 +416,8 @@ class HostReads(TorchDispatchMode):
 
 def test_a_launched_step_reads_nothing_back(monkeypatch):
     """launch_step queues the whole step: nothing in it reads the device's values on the host, but the range
-    check of the loader's labels, which are still on the host then. The fused ops' value checks (CPU only)
-    are switched off, as on a GPU."""
+    checks of the loader's labels and (at the first step) images, which are still on the host then. The fused
+    ops' value checks (CPU only) are switched off, as on a GPU."""
     monkeypatch.setattr(importlib.import_module("sphere_fast.ops.spherify"), "_values_checkable", lambda t: False)
     trainer = Trainer(tiny_model(), TrainConfig(global_batch=6, total_steps=3, warmup_steps=1, loss_weights=NO_PERCEPTUAL))
     x, y = tiny_batch(6)
@@ -422,8 +425,13 @@ def test_a_launched_step_reads_nothing_back(monkeypatch):
     with HostReads() as reads, monkeypatch.context() as patch:
         patch.setattr(torch.Tensor, "tolist", lambda t: reads.stacks.append(stack_names()) or tolist(t))
         log = trainer.launch_step(x, y)
-    assert [stack for stack in reads.stacks if "check_label_range" not in stack] == []
-    assert len(reads.stacks) == 1  # the label check
+    host_checks = ("check_label_range", "check_image_range")  # on the loader's host batch: no device sync
+    assert [stack for stack in reads.stacks if not any(name in stack for name in host_checks)] == []
+    assert any("check_label_range" in stack for stack in reads.stacks)
+    reads.stacks.clear()
+    with HostReads() as reads:
+        trainer.launch_step(x, y)
+    assert all("check_label_range" in stack for stack in reads.stacks)  # the images checked once, at the first
     losses = log.read()
     assert list(losses) == ["loss", "recon", "pix_con", "lat_con", "grad_norm", "lr"]
     assert losses["grad_norm"] > 0 and losses["lr"] == learning_rate(0, trainer.config)
@@ -510,6 +518,11 @@ def test_fit_under_torchrun_builds_the_same_weights_and_draws_other_noise_on_eac
     split.train = dataclasses.replace(split.train, accumulation_steps=2)  # 6 = 2 x 3: each process's 3 do not split
     with pytest.raises(ValueError, match="the process batch of 3 does not split into accumulation_steps=2"):
         fit(split, progress=False)
+    small = synthetic_run(tmp_path / "small", 1)
+    small.train = dataclasses.replace(small.train, global_batch=4)  # 2 a process: the radii need 3
+    with pytest.raises(ValueError, match="global_batch 4 gives 2 images a process; the stratified noise radii"):
+        fit(small, progress=False)
+    assert not (tmp_path / "small").exists()  # nothing written (a run folder's config was overwritten before)
 
 
 def test_fit_flips_each_batch_and_trains_an_unconditional_model_on_labelled_data(tmp_path, monkeypatch):
@@ -669,3 +682,26 @@ def test_loss_weights_must_match_the_consistency_flags(flags, weights, match):
         SphereLoss(model, all_weights)
     with pytest.raises(ValueError, match=match):
         Trainer(model, TrainConfig(global_batch=4, total_steps=2, warmup_steps=0, loss_weights=all_weights))
+
+
+def test_fit_refuses_a_dataset_of_another_image_range(tmp_path, monkeypatch):
+    """A dataset giving [0, 255] images (say) stops at its first batch, checked on the host before any step."""
+    from sphere_fast import data
+
+    open_dataset = data.open_dataset
+
+    class Scaled(torch.utils.data.Dataset):
+        def __init__(self, inner):
+            self.inner, self.num_classes = inner, inner.num_classes
+
+        def __len__(self):
+            return len(self.inner)
+
+        def __getitem__(self, i):
+            x, y = self.inner[i]
+            return (x + 1) * 127.5, y
+
+    monkeypatch.setattr(data, "open_dataset", lambda *a, **k: Scaled(open_dataset(*a, **k)))
+    monkeypatch.setattr(Trainer, "launch_step", lambda *a, **k: pytest.fail("no step before the check"))
+    with pytest.raises(ValueError, match=r"x must hold images in \[-1, 1\]"):
+        fit(synthetic_run(tmp_path, 1), progress=False)
