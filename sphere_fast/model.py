@@ -404,12 +404,13 @@ class SphereEncoder(nn.Module):
 
     @property
     def noise_sigma_max_angle(self) -> float:
+        """The largest noise angle in degrees (sigma_max = tan of it). Settable (to sample at another noise level),
+        checked as in the constructor and kept in ``config``, so that a checkpoint saves the angle the model
+        samples with."""
         return self._noise_sigma_max_angle
 
     @noise_sigma_max_angle.setter
     def noise_sigma_max_angle(self, angle: float) -> None:
-        """Settable (to sample at another noise level), checked as in the constructor and kept in ``config``, so
-        that a checkpoint saves the angle the model samples with."""
         check_angle("noise_sigma_max_angle", angle, self.mix_hard_cases_max_angle)
         self._noise_sigma_max_angle = angle
         self.config["noise_sigma_max_angle"] = angle
@@ -488,6 +489,7 @@ class SphereEncoder(nn.Module):
     # ---- the three functions of the method ---------------------------------------------------
     @property
     def sigma_max(self) -> float:
+        """The largest noise scale: tan(noise_sigma_max_angle), relative to the sphere's radius."""
         return math.tan(math.radians(self.noise_sigma_max_angle))
 
     def f(self, z: torch.Tensor) -> torch.Tensor:
@@ -585,6 +587,8 @@ def check_angle(name: str, angle: object, at_most: float = 90.0) -> None:
 
 # The key prefixes of a state_dict saved through DDP ("module.") or torch.compile ("_orig_mod.")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# the RoPE tables an official EMA dict holds by these names (a state_dict leaves them out: non-persistent buffers)
+ROPE_BUFFERS = ("encoder.rope", "decoder.rope")
 
 
 def _some_keys(what: str, keys: list[str], shown: int = 8) -> str:
@@ -597,6 +601,9 @@ def _wrapped_hint(state_dict: Mapping[str, Any]) -> str:
     keys = list(state_dict)
     wrapped = any(isinstance(v, Mapping) for v in state_dict.values())
     prefixed = bool(keys) and any(all(k.startswith(p) for k in keys) for p in WRAPPER_PREFIXES)
+    if set(keys) >= set(ROPE_BUFFERS) and not (wrapped or prefixed):
+        return (f"; {', '.join(ROPE_BUFFERS)} are the RoPE tables an official EMA dict holds: read it with "
+                "sphere_fast.checkpoint.read_official(path, key='ema_model'), which checks and drops them")
     if not (wrapped or prefixed):
         return ""
     return ("; it looks like a checkpoint file's dict ('model' / 'ema_model' entries, or keys saved through DDP or "
@@ -630,5 +637,7 @@ def check_eval_mode(model: nn.Module) -> None:
 def check_model(model: object) -> SphereEncoder:
     """The sampler and the editing functions run a SphereEncoder's networks: anything else is refused up front."""
     if not isinstance(model, SphereEncoder):
-        raise TypeError(f"model must be a SphereEncoder, got {type(model).__name__}")
+        # torch.compile's wrapper: the sampler runs the networks itself (captured, or compiled per network)
+        unwrap = " (a torch.compile'd model: pass the module, model._orig_mod)" if hasattr(model, "_orig_mod") else ""
+        raise TypeError(f"model must be a SphereEncoder, got {type(model).__name__}{unwrap}")
     return model

@@ -106,8 +106,12 @@ def test_only_a_sphere_encoder_is_edited():
     images = torch.rand(2, 3, 16, 16)
     for call in (lambda: reconstruct_images(linear, images), lambda: manipulate(linear, images, 1),
                  lambda: crossover(linear, images, images), lambda: interpolate(linear, torch.arange(4))):
-        with pytest.raises(TypeError, match="model must be a SphereEncoder, got Linear"):
+        with pytest.raises(TypeError, match="model must be a SphereEncoder, got Linear$"):
             call()
+    compiled = torch.compile(linear)  # the wrapper is named, and the module inside it
+    with pytest.raises(TypeError, match=r"got OptimizedModule \(a torch.compile'd model: pass the module, "
+                                        r"model._orig_mod\)"):
+        reconstruct_images(compiled, images)
 
 
 def hand_manipulation(model, images, labels, steps, scaler, seeds, scheduler=False):

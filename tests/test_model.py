@@ -134,6 +134,19 @@ def test_state_dict_errors_are_short_and_name_the_wrapper(wrap):
     assert len(str(err.value)) < 1500 and "more" in str(err.value)
 
 
+def test_an_official_ema_dict_given_as_a_state_dict_names_its_reader():
+    """The official EMA dict holds the RoPE tables (non-persistent here): loading it as it is names
+    read_official(path, key='ema_model'), which checks and drops them."""
+    model = tiny()
+    ema = {**model.state_dict(), "encoder.rope": model.encoder.rope[None], "decoder.rope": model.decoder.rope[None]}
+    with pytest.raises(ValueError, match=r"2 unexpected keys.*read_official\(path, key='ema_model'\)"):
+        model.load_state_dict(ema)
+
+
+def test_docstrings_of_the_noise_level_properties():
+    assert "degrees" in SphereEncoder.noise_sigma_max_angle.__doc__ and "tan" in SphereEncoder.sigma_max.__doc__
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
