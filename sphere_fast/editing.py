@@ -77,7 +77,7 @@ def reconstruct_images(
     check_dtype(dtype, model)
     y = None
     if labels is not None:
-        y = sample_labels(model, x.shape[0], labels, x.device, name="labels", allow_null=True)
+        y = sample_labels(model, x.shape[0], labels, x.device, name="labels")
     # labels range-checked once above, not in each network call (a device sync each)
     with autocast(x.device, dtype), labels_checked():
         return model.reconstruct(x, y).float()
@@ -112,7 +112,7 @@ def manipulate(
             target = model.num_classes
         if isinstance(target, int) and not isinstance(target, bool):
             target = torch.full((batch,), target, dtype=torch.long)
-        y = sample_labels(model, batch, target, device, name="target", allow_null=True)
+        y = sample_labels(model, batch, target, device, name="target")
     nets = GuidedNetworks(model, y, None)
     noise = SeededNoise(_seeds(seeds, batch, device), model.latent_shape[1:])
     with autocast(device, dtype), labels_checked():
@@ -266,7 +266,7 @@ def interpolate(
     check_count("rows", rows)
     check_count("cols", cols)
     points = rows * cols
-    check_sampling_args(points, cfg, cfg_position, steps, steps_name="steps")
+    check_sampling_args(model, points, cfg, cfg_position, steps, steps_name="steps")
     check_dtype(dtype, model)
     check_flags(cache_noise=cache_noise, scheduler=scheduler)
     seeds = seeds_on(seeds, 4, device)

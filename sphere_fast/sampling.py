@@ -11,6 +11,7 @@ import contextlib
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
@@ -45,13 +46,17 @@ def check_count(name: str, value: object, minimum: int = 1) -> None:
 
 
 def check_sampling_args(
-    batch_size: int, cfg: float, cfg_position: str, steps: int, steps_name: str = "forward_steps"
+    model: torch.nn.Module, batch_size: int, cfg: float, cfg_position: str, steps: int,
+    steps_name: str = "forward_steps",
 ) -> None:
     check_count("batch_size", batch_size)
     if isinstance(cfg, bool) or not isinstance(cfg, (int, float)):
         raise TypeError(f"cfg must be a finite number >= 1, got {cfg!r}")
     if not math.isfinite(cfg) or cfg < 1:
         raise ValueError(f"cfg must be a finite number >= 1, got {cfg!r}")
+    if cfg > 1 and model.num_classes == 0:  # as the official code: no null branch to guide against
+        warnings.warn(f"cfg={cfg} on an unconditional model (num_classes=0) has no effect: it samples without "
+                      "guidance", stacklevel=3)
     if cfg_position not in CFG_POSITIONS:
         raise ValueError(f"cfg_position must be one of {CFG_POSITIONS}, got {cfg_position!r}")
     check_count(steps_name, steps)
@@ -87,10 +92,10 @@ def sample_labels(
     y: torch.Tensor | None,
     device: torch.device,
     name: str = "y",
-    allow_null: bool = False,
 ) -> torch.Tensor | None:
     """Given labels (checked; reads them on the host) or uniform random ones; None for an unconditional model.
-    ``allow_null`` admits the null label ``num_classes``."""
+    The null label ``num_classes`` is taken, as the networks take it: that sample is unconditional (its CFG
+    branches are the same), as a CFG-trained model's unconditional samples are drawn."""
     if model.num_classes == 0:
         if y is not None:
             raise ValueError(f"{name} (labels) given to an unconditional model (num_classes=0)")
@@ -103,8 +108,7 @@ def sample_labels(
         raise (TypeError if wrong_type else ValueError)(
             f"{name} must be a 1-D int64 tensor of {batch_size} labels, got {got}"
         )
-    high = model.num_classes if allow_null else model.num_classes - 1
-    check_label_range(y, high, name)
+    check_label_range(y, model.num_classes, name)
     return y.to(device, non_blocking=True)
 
 
@@ -316,7 +320,7 @@ def sample(
     dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The un-captured sampling loop; returns (first-step image, final image) in [0, 1]."""
-    check_sampling_args(batch_size, cfg, cfg_position, steps)
+    check_sampling_args(model, batch_size, cfg, cfg_position, steps)
     check_dtype(dtype, model)
     check_flags(cache_noise=cache_noise, scheduler=scheduler)
     check_eval_mode(model)
@@ -512,7 +516,7 @@ class Sampler:
     def _check_settings(self) -> None:
         """The settings and the model, checked at construction and at each call (they may change in between);
         a model moved to another device takes the sampler with it."""
-        check_sampling_args(self.batch_size, self.cfg, self.cfg_position, self.steps, steps_name="steps")
+        check_sampling_args(self.model, self.batch_size, self.cfg, self.cfg_position, self.steps, steps_name="steps")
         check_dtype(self.dtype, self.model, required=True)
         check_flags(cache_noise=self.cache_noise, scheduler=self.scheduler)
         check_eval_mode(self.model)

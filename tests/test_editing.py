@@ -310,5 +310,9 @@ def test_interpolate_unconditional_and_bad_args(model):
         interpolate(model, seeds, rows=0)
     with pytest.raises(ValueError, match="method"):
         interpolate(model, seeds, method="cubic")
-    with pytest.raises(ValueError, match="labels"):
-        interpolate(model, seeds, torch.tensor([0, 1, 2, 10]))  # the null label is no corner class
+    with pytest.raises(ValueError, match=r"labels: class labels must be in \[0, 10\]"):
+        interpolate(model, seeds, torch.tensor([0, 1, 2, 11]))
+    # the null label is a corner as generate takes it: that corner's image is its unconditional sample
+    null_corner = interpolate(model, seeds, torch.tensor([0, 1, 2, 10]), rows=2, cols=2, cache_noise=False)
+    _, unconditional = model.generate(1, y=torch.tensor([10]), forward_steps=1, seeds=seeds[3:])
+    torch.testing.assert_close(null_corner[1, 1], unconditional[0], rtol=0, atol=1e-6)

@@ -93,12 +93,29 @@ def test_image_independent_of_batch(model, steps, cfg):
 
 def test_unconditional_model():
     m = tiny_model(num_classes=0)
-    sampler = Sampler(m, 4, 2, cfg=1.4, dtype=torch.float32)  # cfg has nothing to guide: ignored
+    # cfg has nothing to guide: ignored, as the official code does, with a warning
+    with pytest.warns(UserWarning, match=r"cfg=1.4 on an unconditional model \(num_classes=0\) has no effect"):
+        sampler = Sampler(m, 4, 2, cfg=1.4, dtype=torch.float32)
     seeds = SEEDS[:3]
     _, ref = m.generate(3, forward_steps=2, cache_sampling_noise=True, seeds=seeds)
-    assert torch.equal(sampler(seeds=seeds), ref)
+    with pytest.warns(UserWarning, match="has no effect"):
+        assert torch.equal(sampler(seeds=seeds), ref)
     with pytest.raises(ValueError, match="labels"):
         sampler(torch.zeros(3, dtype=torch.long), seeds)
+    with pytest.warns(UserWarning, match="has no effect"):
+        m.generate(3, cfg=1.4, seeds=seeds)
+
+
+def test_the_null_label_samples_unconditionally(model):
+    """The null label (num_classes), which the networks and the edits take, is taken by generate and the
+    Sampler too: its sample is unconditional, so CFG (both branches null) leaves it as it is."""
+    null = torch.full((5,), model.num_classes, dtype=torch.long)
+    unguided = Sampler(model, 5, 2, cfg=1.0, dtype=torch.float32)(null, SEEDS)
+    torch.testing.assert_close(Sampler(model, 5, 2, cfg=3.0, dtype=torch.float32)(null, SEEDS), unguided,
+                               rtol=0, atol=1e-6)
+    _, generated = model.generate(5, y=null, forward_steps=2, cache_sampling_noise=True, seeds=SEEDS)
+    assert torch.equal(generated, unguided)
+    assert not torch.allclose(Sampler(model, 5, 2, cfg=1.0, dtype=torch.float32)(LABELS, SEEDS), unguided)
 
 
 def test_cpu_never_captures(model):
@@ -178,10 +195,10 @@ def test_sampler_follows_its_model_to_another_device():
         (None, torch.arange(3.0), TypeError, "seeds"),
         (None, [1, 2, 3], TypeError, "seeds"),
         (torch.zeros(3, dtype=torch.long), torch.arange(4), ValueError, "same length"),
-        (torch.tensor([0, 10, 1]), None, ValueError,
-         r"labels: class labels must be in \[0, 9\], got values in \[0, 10\]"),
+        (torch.tensor([0, 11, 1]), None, ValueError,
+         r"labels: class labels must be in \[0, 10\], got values in \[0, 11\]"),
         (torch.tensor([0, -1, 1]), None, ValueError,
-         r"labels: class labels must be in \[0, 9\], got values in \[-1, 1\]"),
+         r"labels: class labels must be in \[0, 10\], got values in \[-1, 1\]"),
         (torch.zeros(3, dtype=torch.int32), None, TypeError,
          r"labels must be a 1-D int64 tensor of 3 labels, got torch.int32"),
         (torch.zeros(3, 1, dtype=torch.long), None, ValueError, r"got torch.int64 of shape \(3, 1\)"),
