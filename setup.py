@@ -13,7 +13,7 @@ setup(
     python_requires=">=3.11",
     packages=["sphere_fast", "sphere_fast.ops", "sphere_fast.nn", "sphere_fast.kernels", "sphere_fast.csrc"],
     package_dir={"sphere_fast.kernels": "kernels", "sphere_fast.csrc": "csrc"},
-    package_data={"sphere_fast": ["presets.json"], "sphere_fast.csrc": ["*.h", "*.cuh", "*.cpp", "*.cu"]},
+    package_data={"sphere_fast": ["presets.json", "py.typed"], "sphere_fast.csrc": ["*.h", "*.cuh", "*.cpp", "*.cu"]},
     install_requires=["torch>=2.11", "numpy", "ninja", "safetensors", "tqdm", "pillow", "matplotlib"],
     extras_require={
         "triton": ["triton>=3.6"],

@@ -54,11 +54,11 @@ def triton_importable() -> bool:
 
 
 def triton_usable(device: torch.device) -> bool:
-    """Triton kernels run on CUDA tensors, and on CPU tensors only under TRITON_INTERPRET=1."""
+    """Triton kernels run on CUDA tensors where a GPU is visible, and on CPU tensors only under TRITON_INTERPRET=1."""
     if not triton_importable():
         return False
     if device.type == "cuda":
-        return not triton_interpreting()
+        return torch.cuda.is_available() and not triton_interpreting()
     return device.type == "cpu" and triton_interpreting()
 
 
@@ -77,15 +77,17 @@ def cpp_buildable() -> bool:
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:
-    """Backends that can run on ``device`` (default: CUDA if present, else CPU). ``cpp`` runs on CUDA only where
-    its CUDA kernels can be built (a CUDA torch and nvcc): without nvcc the extension is built for the CPU."""
+    """Backends that can run on ``device`` (default: CUDA if present, else CPU): on CUDA without a visible GPU only
+    ``eager``. ``cpp`` runs on CUDA only where its CUDA kernels can be built (a CUDA torch and nvcc): without nvcc
+    the extension is built for the CPU."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     names = ["eager"]
     if triton_usable(device):
         names.append("triton")
-    if cpp_buildable() and (device.type == "cpu" or cuda_build_possible()):
+    # is_available: TORCH_CUDA_ARCH_LIST lets the CUDA kernels build without a GPU, where they cannot run
+    if cpp_buildable() and (device.type == "cpu" or (torch.cuda.is_available() and cuda_build_possible())):
         names.append("cpp")
     return names
 

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from sphere_fast.model import WRAPPER_PREFIXES, SphereEncoder, check_model
+from sphere_fast.model import ROPE_BUFFERS, WRAPPER_PREFIXES, SphereEncoder, check_model
 from sphere_fast.sampling import check_count
 
 if TYPE_CHECKING:
@@ -187,6 +187,11 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
 def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     """The manifest of a checkpoint folder after checking its format and every file's SHA-256."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if not path.is_dir():  # most likely an official .pth, the other format this package reads
+        raise ValueError(f"{path} is a file, not a sphere_fast checkpoint folder: convert an official .pth with "
+                         "`sphere-fast convert` (official_to_checkpoint) or read its state_dict with read_official")
     manifest_path = path / MANIFEST_FILE
     if not manifest_path.exists():
         raise ValueError(f"{path} is not a sphere_fast checkpoint: no {MANIFEST_FILE} (an interrupted save leaves none)")
@@ -277,10 +282,12 @@ def load_checkpoint(
 # ...}. The EMA dict holds every parameter and buffer by name, the RoPE tables ([1, N, 2 * head_dim]) included,
 # which state_dicts leave out (non-persistent); the official loader reads it strictly.
 OFFICIAL_EMA_KEY = "ema_model"
-ROPE_BUFFERS = ("encoder.rope", "decoder.rope")
 
 
 def _load_official(path: str | Path) -> Any:
+    if Path(path).is_dir():  # torch.load would raise a bare IsADirectoryError
+        raise ValueError(f"{path} is a folder, not an official .pth: read a sphere_fast checkpoint folder with "
+                         "load_checkpoint")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

@@ -153,10 +153,29 @@ def _wait(jobs: list[Future]) -> int:
     return len(jobs)
 
 
-def pack_npz(folder: str | Path, num: int, path: str | Path | None = None, num_classes: int = 0) -> Path:
+def _recorded_num_classes(folder: Path, num_classes: int | None) -> int:
+    """The labels' class count: the one the folder's ``OPTIONS_FILE`` records, which a given ``num_classes`` must
+    equal (other labels would mislabel its images); the given one for a folder without that file."""
+    if num_classes is not None:
+        check_count("num_classes", num_classes, minimum=0)
+    path = folder / OPTIONS_FILE
+    if not path.exists():
+        if num_classes is None:
+            raise ValueError(f"{folder} has no {OPTIONS_FILE} (write_sample_set writes it) to read the labels' "
+                             "num_classes from: give num_classes")
+        return num_classes
+    recorded = json.loads(path.read_text())["model"]["num_classes"]
+    if num_classes is not None and num_classes != recorded:
+        raise ValueError(f"num_classes {num_classes} differs from the {recorded} the set in {folder} was sampled "
+                         f"with ({OPTIONS_FILE}): its labels are i % {recorded}")
+    return recorded
+
+
+def pack_npz(folder: str | Path, num: int, path: str | Path | None = None, num_classes: int | None = None) -> Path:
     """Pack images 0 .. num-1 of ``folder`` into ``path`` (default ``folder/samples.npz``): ``arr_0`` uint8
-    [num, H, W, 3] and, for a conditional model, ``arr_1`` their labels. The set is held in memory (50k images
-    of 256 px: 9.8 GB)."""
+    [num, H, W, 3] and, for a conditional model, ``arr_1`` their labels. ``num_classes`` (default: the one
+    ``sample_set.json`` records, which a given value must equal) sets the labels, i % num_classes. The set is
+    held in memory (50k images of 256 px: 9.8 GB)."""
     from PIL import Image
 
     _check_int("num", num, 1, MAX_NUM + 1)
@@ -164,6 +183,7 @@ def pack_npz(folder: str | Path, num: int, path: str | Path | None = None, num_c
     missing = [i for i in range(num) if not image_path(folder, i, num).exists()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {num} images are missing from {folder} (first: index {missing[0]})")
+    num_classes = _recorded_num_classes(folder, num_classes)  # before the images are read
     with Image.open(image_path(folder, 0, num)) as img:
         shape = (img.height, img.width, 3)
     images = np.empty((num, *shape), dtype=np.uint8)

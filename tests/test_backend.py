@@ -1,11 +1,13 @@
 """The backend registry: choice by argument, context and environment; clear errors; logged once."""
 
+import ast
 import inspect
 import logging
 import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,7 +132,8 @@ def test_available_backends_lists_eager_first():
 
 def test_triton_runs_on_cuda_unless_interpreting_and_on_cpu_only_then(monkeypatch):
     monkeypatch.setattr(backend, "triton_importable", lambda: True)
-    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert not backend.triton_interpreting()
     assert backend.triton_usable(torch.device("cuda")) and not backend.triton_usable(torch.device("cpu"))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -160,10 +163,27 @@ def test_cpp_runs_on_cuda_only_where_its_cuda_kernels_build(monkeypatch):
     """A CUDA torch without nvcc builds the extension for the CPU: asking for cpp on CUDA must then say that
     cpp is not available there, not fail in the dispatcher at the first call."""
     monkeypatch.setattr(backend, "cpp_buildable", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for buildable in (False, True):
         monkeypatch.setattr(backend, "cuda_build_possible", lambda: buildable)
         assert ("cpp" in sphere_fast.available_backends("cuda")) is buildable
         assert "cpp" in sphere_fast.available_backends("cpu")
+
+
+def test_no_gpu_backend_is_listed_for_cuda_without_a_gpu(monkeypatch):
+    """Without a visible GPU nothing runs on CUDA but the reference, even where triton imports and the cpp CUDA
+    kernels would build (TORCH_CUDA_ARCH_LIST); triton still runs on CPU tensors in the interpreter."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(backend, "triton_importable", lambda: True)
+    monkeypatch.setattr(backend, "cpp_buildable", lambda: True)
+    monkeypatch.setattr(backend, "cuda_build_possible", lambda: True)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert sphere_fast.available_backends("cuda") == ["eager"] and not backend.triton_usable(torch.device("cuda"))
+    with pytest.raises(RuntimeError, match=r"not available for no_gpu_op on cuda \(available: \['eager'\]"):
+        resolve_backend("no_gpu_op", torch.device("cuda"), "cpp", ("cpp",))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert sphere_fast.available_backends("cuda") == ["eager"]
+    assert sphere_fast.available_backends("cpu") == sphere_fast.available_backends() == ["eager", "triton", "cpp"]
 
 
 def test_choice_is_logged_once(caplog):
@@ -189,3 +209,18 @@ def test_each_op_has_a_reference_taking_its_arguments():
         assert reference is not None, f"ops.{name} has no ops.{name}_reference"
         op_args = positional(getattr(ops, name))
         assert positional(reference)[: len(op_args)] == op_args, name
+
+
+def test_public_names_have_docstrings_and_the_package_ships_py_typed():
+    """``help()`` explains every public function and class (the references' dtype rules differ from the fused ops'
+    in small ways), and the PEP 561 marker ships, so type checkers read the installed package's hints."""
+    for module in (sphere_fast, ops):
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if inspect.isfunction(obj) or inspect.isclass(obj):  # __doc__: a class's is not inherited
+                assert (obj.__doc__ or "").strip(), f"{module.__name__}.{name} has no docstring"
+    assert (Path(sphere_fast.__file__).parent / "py.typed").is_file()
+    setup = ast.parse((Path(__file__).resolve().parents[1] / "setup.py").read_text())
+    call = next(n for n in ast.walk(setup) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
+    package_data = ast.literal_eval(next(k.value for k in call.keywords if k.arg == "package_data"))
+    assert "py.typed" in package_data["sphere_fast"]

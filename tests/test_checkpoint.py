@@ -24,6 +24,7 @@ from sphere_fast.checkpoint import (
     read_official,
     save_checkpoint,
     sha256_file,
+    verify_checkpoint,
 )
 from sphere_fast.training import DistInfo, RunConfig, TrainConfig, Trainer, fit, process_seed
 from tests import spec_reference
@@ -332,6 +333,25 @@ def test_corrupt_incomplete_and_mismatched_checkpoints_are_refused(tmp_path):
     (weights_only / "manifest.json").write_text(json.dumps({**manifest, "format": "sphere_fast-checkpoint/0"}))
     with pytest.raises(ValueError, match="unsupported checkpoint format 'sphere_fast-checkpoint/0'"):
         load_checkpoint(weights_only)
+
+
+def test_a_path_that_is_no_checkpoint_folder_is_named_for_what_it_is(tmp_path):
+    """A missing path is not blamed on an interrupted save; a file (most likely an official .pth, the first thing a
+    user tries) points at the converter and read_official; a folder given to the .pth reader points back."""
+    for read in (load_checkpoint, verify_checkpoint):
+        with pytest.raises(FileNotFoundError, match="nope does not exist"):
+            read(tmp_path / "nope")
+    pth = tmp_path / "official.pth"
+    torch.save(tiny_model().state_dict(), pth)
+    for read in (load_checkpoint, verify_checkpoint):
+        with pytest.raises(ValueError, match="official.pth is a file, .*`sphere-fast convert`.*read_official"):
+            read(pth)
+    folder = save_checkpoint(tmp_path / "run", tiny_model())
+    with pytest.raises(ValueError, match="is a folder, not an official .pth: .* load_checkpoint"):
+        read_official(folder)
+    with pytest.raises(ValueError, match="is a folder, not an official .pth"):
+        official_to_checkpoint(folder, tmp_path / "out", TINY_CONFIG)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("layout", ["plain", "model_key", "ddp_prefix", "compile_prefix", "compiled_ddp_prefix"])

@@ -150,7 +150,7 @@ def test_pack_npz(model, tmp_path):
     assert np.array_equal(packed["arr_0"], read_set(tmp_path))
     assert packed["arr_1"].tolist() == [i % 10 for i in range(NUM)]
     elsewhere = pack_npz(tmp_path, NUM, tmp_path / "elsewhere.npz")
-    assert elsewhere == tmp_path / "elsewhere.npz" and "arr_1" not in np.load(elsewhere)  # unconditional
+    assert elsewhere == tmp_path / "elsewhere.npz"
     Image.new("L", (16, 16), 77).save(image_path(tmp_path, 1, NUM))  # a grey image packs as three equal channels
     assert (np.load(pack_npz(tmp_path, NUM))["arr_0"][1] == 77).all()
     for bad, error in ((-3, ValueError), (2.0, TypeError)):  # labels i % -3 would be negative
@@ -159,6 +159,26 @@ def test_pack_npz(model, tmp_path):
     image_path(tmp_path, 4, NUM).unlink()
     with pytest.raises(FileNotFoundError, match="1 of 7 images are missing .* index 4"):
         pack_npz(tmp_path, NUM)
+
+
+def test_pack_npz_labels_the_set_as_its_options_file_says(model, tmp_path):
+    """The labels follow the num_classes the folder's sample_set.json records (the README's Python route passes
+    none); another given value would mislabel the images and is refused, naming both. A folder without the file
+    needs num_classes."""
+    write(model, tmp_path, batch_size=4)
+    assert np.load(pack_npz(tmp_path, NUM))["arr_1"].tolist() == [i % 10 for i in range(NUM)]
+    with pytest.raises(ValueError, match=r"num_classes 3 differs from the 10 the set in .* was sampled with"):
+        pack_npz(tmp_path, NUM, num_classes=3)
+    unconditional = tiny_model(num_classes=0).eval()
+    write_sample_set(unconditional, tmp_path / "unconditional", NUM, steps=1, batch_size=4)
+    assert "arr_1" not in np.load(pack_npz(tmp_path / "unconditional", NUM))
+    with pytest.raises(ValueError, match="num_classes 10 differs from the 0"):
+        pack_npz(tmp_path / "unconditional", NUM, num_classes=10)
+    (tmp_path / "sample_set.json").unlink()  # images from elsewhere: the caller says how they are labelled
+    with pytest.raises(ValueError, match="has no sample_set.json .*: give num_classes"):
+        pack_npz(tmp_path, NUM)
+    assert np.load(pack_npz(tmp_path, NUM, num_classes=4))["arr_1"].tolist() == [i % 4 for i in range(NUM)]
+    assert "arr_1" not in np.load(pack_npz(tmp_path, NUM, num_classes=0))
 
 
 @pytest.mark.parametrize(

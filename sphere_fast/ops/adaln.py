@@ -33,6 +33,8 @@ def adaln_modulate_reference(
     scale: torch.Tensor | None = None,
     eps: float = 1e-6,
 ) -> torch.Tensor:
+    """RMSNorm(x; weight) * (1 + scale) + shift (each of weight, shift, scale optional), computed in float32
+    (float64 inputs too) and returned in x's dtype."""
     xf = x.float()
     y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
     if weight is not None:
@@ -53,6 +55,8 @@ def gated_residual_adaln_reference(
     scale: torch.Tensor | None,
     eps: float = 1e-6,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(res, y): res = x + gate * branch (gate None means 1) in the inputs' promoted dtype, and
+    y = adaln_modulate_reference(res, weight, shift, scale, eps) in res's dtype."""
     res = x + branch if gate is None else x + gate * branch
     return res, adaln_modulate_reference(res, weight, shift, scale, eps)
 

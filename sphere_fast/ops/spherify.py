@@ -38,6 +38,8 @@ __all__ = [
 
 
 def spherify_reference(z: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """f(z) = z * rsqrt(mean(z^2 over non-batch dims) + eps) for z [B, ...]: the mean square in float32 at least
+    (float64 stays float64), the result in z's dtype."""
     dims = tuple(range(1, z.ndim))
     # the mean square in float32 at least, as the kernels: in float16 it overflows from |z| ~ 256 (f(z) = 0)
     m = z.to(torch.promote_types(z.dtype, torch.float32)).square().mean(dim=dims, keepdim=True)
@@ -49,6 +51,8 @@ def _per_sample(scale: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 
 def spherify_noise_reference(z: torch.Tensor, scale: torch.Tensor | float, noise: torch.Tensor) -> torch.Tensor:
+    """f(f(z) + scale[b] * noise) for a float or [B] ``scale`` (exactly f(z)[b] where it is 0) and a ``noise`` of
+    z's shape, given in z's dtype as ``spherify_noise`` does (a float32 noise would make a bf16 result float32)."""
     v = spherify_reference(z)
     if not isinstance(scale, torch.Tensor):
         # a Python scale stays a scalar: no host-to-device copy inside a captured graph
@@ -347,7 +351,11 @@ def sphere_noise(
     seeds: torch.Tensor, shape: tuple[int, ...] | torch.Size, stream: int = 0, *, backend: str | None = None
 ) -> torch.Tensor:
     """[B, *shape] float32 noise e of the sphere_fast convention (``philox.sphere_noise_reference``): one
-    kernel on the triton and cpp backends instead of the reference's chain of elementwise Philox ops."""
+    kernel on the triton and cpp backends instead of the reference's chain of elementwise Philox ops.
+
+    ``shape`` is the per-sample shape, without B (B is ``len(seeds)``): for a z of shape [B, ...] pass
+    ``z.shape[1:]``; ``z.shape`` itself would give [B, B, ...].
+    """
     seeds = check_seeds(seeds)
     dims = sample_shape(shape)
     stream = check_stream(stream, math.prod(dims))

@@ -21,6 +21,8 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def swiglu_reference(h: torch.Tensor) -> torch.Tensor:
+    """silu(a) * b for h = cat(a, b) on the last dim, [..., 2H] -> [..., H], in h's dtype (silu(a) is rounded to
+    it before the product)."""
     a, b = h.chunk(2, dim=-1)
     return F.silu(a) * b
 

@@ -60,6 +60,8 @@ INTERPRETER_CANDIDATES = (GemmConfig(16, 16, 16, 4, 1, False),)  # tiny tiles: t
 def swiglu_linear_reference(
     x: Tensor, weight: Tensor, bias: Tensor | None = None, out_width: int | None = None
 ) -> Tensor:
+    """swiglu_reference(F.linear(x, weight, bias)), [..., K] -> [..., H], zero-padded to ``out_width`` columns
+    when given; in x's dtype throughout (torch's own matmul accumulation)."""
     h = swiglu_reference(F.linear(x, weight, bias))
     return h if out_width is None else F.pad(h, (0, out_width - h.shape[-1]))
 
