@@ -473,7 +473,9 @@ class Sampler:
     else ``batch_size``; labels on the device are range-checked on the host (one sync). A sample's image
     depends only on its seed, label and the options (steps, cfg, cfg_position, cache_noise, scheduler, dtype),
     up to float rounding (the sphere_fast noise convention). The defaults are the paper's evaluation's: cached
-    noise and bf16 (``generate``'s are the official ``generate``'s: fresh draws, the weights' dtype). ``steps``,
+    noise and bf16 (``generate``'s are the official ``generate``'s: fresh draws, the weights' dtype; its names
+    for the same options: ``y`` for labels, ``forward_steps``, ``cache_sampling_noise``, ``use_sampling_scheduler``,
+    the edits use the Sampler's). ``steps``,
     ``cfg``, ``cfg_position``, ``cache_noise``, ``scheduler`` and ``dtype`` may be changed between calls. On CUDA with
     ``cuda_graph`` the loop is captured once per ``GraphKey`` (batches padded to power-of-two buckets, all
     graphs in one memory pool) and replayed; elsewhere it runs un-captured. ``prepare(n)`` captures ahead
