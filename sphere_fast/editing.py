@@ -6,6 +6,7 @@ Noise follows the sphere_fast seed convention (seeds None: fresh ones from torch
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections.abc import Iterator
 
 import torch
@@ -110,8 +111,8 @@ def manipulate(
     if model.num_classes > 0:
         if target is None:
             target = model.num_classes
-        if isinstance(target, int) and not isinstance(target, bool):
-            target = torch.full((batch,), target, dtype=torch.long)
+        if isinstance(target, numbers.Integral) and not isinstance(target, bool):  # numpy's ints too
+            target = torch.full((batch,), int(target), dtype=torch.long)
         y = sample_labels(model, batch, target, device, name="target")
     nets = GuidedNetworks(model, y, None)
     noise = SeededNoise(_seeds(seeds, batch, device), model.latent_shape[1:])

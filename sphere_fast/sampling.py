@@ -103,13 +103,19 @@ def sample_labels(
     if y is None:
         return torch.randint(0, model.num_classes, (batch_size,), device=device)
     if not isinstance(y, torch.Tensor) or y.dtype != torch.long or y.shape != (batch_size,):
-        got = f"{y.dtype} of shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
+        got = f"{y.dtype} of shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else _type_name(y)
         wrong_type = not isinstance(y, torch.Tensor) or y.dtype != torch.long
         raise (TypeError if wrong_type else ValueError)(
             f"{name} must be a 1-D int64 tensor of {batch_size} labels, got {got}"
         )
     check_label_range(y, model.num_classes, name)
     return y.to(device, non_blocking=True)
+
+
+def _type_name(value: object) -> str:
+    """A non-tensor's type as an error names it: numpy.int64, not int64 (which reads as the dtype asked for)."""
+    kind = type(value)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
 
 
 def guidance(model: torch.nn.Module, cfg: float, cfg_position: str) -> str | None:

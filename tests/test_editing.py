@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -141,6 +142,7 @@ def test_manipulate_matches_hand_loop(model, images, scheduler):
 def test_manipulate_target_forms(model, images):
     by_int = manipulate(model, images, 4, steps=1, seeds=SEEDS)[0]
     assert torch.equal(by_int, manipulate(model, images, torch.full((3,), 4), steps=1, seeds=SEEDS)[0])
+    assert torch.equal(by_int, manipulate(model, images, np.int64(4), steps=1, seeds=SEEDS)[0])  # numpy's ints too
     assert (by_int - manipulate(model, images, 5, steps=1, seeds=SEEDS)[0]).abs().max() > 1e-3
     null = manipulate(model, images, None, steps=1, seeds=SEEDS)[0]
     assert torch.equal(null, manipulate(model, images, 10, steps=1, seeds=SEEDS)[0])

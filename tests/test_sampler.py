@@ -3,6 +3,7 @@
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -203,6 +204,7 @@ def test_sampler_follows_its_model_to_another_device():
          r"labels must be a 1-D int64 tensor of 3 labels, got torch.int32"),
         (torch.zeros(3, 1, dtype=torch.long), None, ValueError, r"got torch.int64 of shape \(3, 1\)"),
         ([0, 1, 2], None, TypeError, "labels must be a 1-D int64 tensor of 8 labels, got list"),
+        (np.int64(3), None, TypeError, "labels must be a 1-D int64 tensor of 8 labels, got numpy.int64"),
     ],
 )
 def test_bad_call_args(model, labels, seeds, error, match):
