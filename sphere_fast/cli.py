@@ -77,20 +77,25 @@ def plot_losses(log_path: str | Path, png: str | Path) -> Path:
     rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
     if not rows:
         raise ValueError(f"{log_path} holds no losses to plot")
-    steps = [r["step"] for r in rows]
-    keys = [k for k in rows[0] if k not in ("step", "lr", "grad_norm")]
+    # a resume with other loss weights adds or drops terms: each term is drawn over the rows that hold it
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in ("step", "lr", "grad_norm")]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    window = max(1, len(rows) // 30)
     lowest = []
     for k in keys:
-        vals = torch.tensor([r[k] for r in rows], dtype=torch.float64)
+        steps = [r["step"] for r in rows if k in r]
+        vals = torch.tensor([r[k] for r in rows if k in r], dtype=torch.float64)
+        window = max(1, len(vals) // 30)
         smooth = vals.unfold(0, window, 1).mean(1)
         line, = ax.plot(steps[window - 1 :], smooth.tolist(), label=k)
         ax.plot(steps, vals.tolist(), color=line.get_color(), alpha=0.2, linewidth=0.7)
-        lowest.append(smooth[len(smooth) // 10 :].min().item())
+        tail = smooth[len(smooth) // 10 :]
+        tail = tail[tail.isfinite()]  # a diverged run logs NaN, which axis limits refuse
+        if tail.numel():
+            lowest.append(tail.min().item())
     ax.set_yscale("log")
     # terms that start at exactly 0 (the consistency loss of a zero-initialised model) would squash the plot
-    ax.set_ylim(bottom=max(min(lowest) / 2, 1e-12))
+    if lowest:
+        ax.set_ylim(bottom=max(min(lowest) / 2, 1e-12))
     ax.set_xlabel("step")
     ax.set_ylabel("loss (batch mean)")
     ax.legend()
@@ -125,14 +130,16 @@ def load_model(args: argparse.Namespace) -> torch.nn.Module:
     from sphere_fast.model import SphereEncoder
 
     if args.checkpoint:
-        model, _ = load_checkpoint(args.checkpoint, ema=args.ema)
-    elif args.ema:
+        return load_checkpoint(args.checkpoint, ema=args.ema)[0].to(args.device).eval()
+    if args.ema:
         raise ValueError("--ema needs --checkpoint: a preset at random init has no EMA weights")
-    elif args.preset in TRAIN_PRESETS:
-        torch.manual_seed(args.seed)
+    # the command succeeds either way: without this its grey output would pass for a trained model's
+    print(f"sphere-fast {args.command}: warning: no --checkpoint: the model is an untrained {args.preset} at random "
+          "init (it makes flat grey images)", file=sys.stderr)
+    torch.manual_seed(args.seed)
+    if args.preset in TRAIN_PRESETS:
         model = SphereEncoder(**TRAIN_PRESETS[args.preset]["model"])
     else:
-        torch.manual_seed(args.seed)
         model = SphereEncoder.from_preset(args.preset)
     return model.to(args.device).eval()
 
@@ -140,11 +147,26 @@ def load_model(args: argparse.Namespace) -> torch.nn.Module:
 # ---- commands -----------------------------------------------------------------------------------
 
 
+def _resume_point(out: Path) -> tuple[int, dict[str, Any]]:
+    """The step and the recipe of the checkpoint ``fit`` resumes from in run folder ``out``: (0, {}) when none."""
+    from sphere_fast.checkpoint import CONFIG_FILE, MANIFEST_FILE, latest_checkpoint
+
+    last = latest_checkpoint(out / "checkpoints")
+    if last is None:
+        return 0, {}
+    try:
+        step = json.loads((last / MANIFEST_FILE).read_text())["step"]
+        run = json.loads((last / CONFIG_FILE).read_text())["run"] or {}  # None: saved without a run config
+    except (json.JSONDecodeError, KeyError) as err:
+        raise ValueError(f"checkpoint {last} is corrupt: {err!r}") from None
+    return step, run.get("train", {})
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from sphere_fast.training import RunConfig, TrainConfig, fit
 
     preset = TRAIN_PRESETS[args.preset]
-    model_cfg = {**preset["model"], **json.loads(args.model_config or "{}")}
+    model_cfg = {**preset["model"], **(args.model_config or {})}
     # a new base lr without a floor keeps the preset's ratio (1/100, as the paper's 1e-4 -> 1e-6)
     min_lr = args.min_lr
     if min_lr is None and args.lr is not None:
@@ -152,14 +174,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = {"total_steps": args.steps, "global_batch": args.batch_size, "base_lr": args.lr, "min_lr": min_lr,
                  "ema_decay": args.ema_decay, "seed": args.seed, "autocast": args.autocast,
                  "warmup_steps": args.warmup, "accumulation_steps": args.accumulation_steps,
-                 "activation_checkpointing": args.activation_checkpointing or None}
+                 "activation_checkpointing": args.activation_checkpointing or None,
+                 "loss_weights": args.loss_weights}
     train_cfg = {**preset["train"], **{k: v for k, v in overrides.items() if v is not None}}
     if args.perceptual_weights:
-        train_cfg["perceptual_weights"] = dict(kv.split("=", 1) for kv in args.perceptual_weights)
-    if args.loss_weights:
-        train_cfg["loss_weights"] = json.loads(args.loss_weights) if args.loss_weights.startswith("{") else args.loss_weights
-    if args.steps is not None and args.warmup is None:
-        train_cfg["warmup_steps"] = min(train_cfg["warmup_steps"], args.steps)
+        train_cfg["perceptual_weights"] = dict(args.perceptual_weights)
+    start, saved = (0, {}) if args.no_resume else _resume_point(Path(args.out))
+    if args.warmup is None:
+        # a resume keeps its run's warmup (a new --steps must not move it); the preset's is cut to a short run
+        warmup = saved.get("warmup_steps", train_cfg["warmup_steps"])
+        train_cfg["warmup_steps"] = min(warmup, train_cfg["total_steps"])
     run = RunConfig(
         model=model_cfg,
         train=TrainConfig(**train_cfg),
@@ -169,13 +193,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         workers=args.workers,
         synthetic_fallback=not args.no_synthetic_fallback,
     )
-    start = time.perf_counter()
+    clock = time.perf_counter()
     trainer = fit(run, resume=not args.no_resume)
     if trainer.dist.rank != 0:
         return 0
     out = Path(args.out)
-    print(f"trained {trainer.step} steps in {time.perf_counter() - start:.0f} s")
-    print(f"loss curve: {plot_losses(out / 'losses.jsonl', out / 'loss.png')}")
+    print(f"trained {trainer.step - start} steps in {time.perf_counter() - clock:.0f} s")
+    try:
+        print(f"loss curve: {plot_losses(out / 'losses.jsonl', out / 'loss.png')}")
+    except Exception as err:  # the run is trained and saved: a failed plot must not cost the sample grids
+        print(f"sphere-fast train: warning: no loss plot ({type(err).__name__}: {err})", file=sys.stderr)
     if args.sample_steps:
         model = trainer.ema
         for steps in args.sample_steps:
@@ -285,9 +312,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.to_official:
         print(checkpoint_to_official(args.source, args.dest))
         return 0
-    if args.config:
-        text = args.config.strip()
-        config = json.loads(text if text.startswith("{") else Path(text).read_text())
+    if args.config is not None:
+        config = args.config
     elif args.preset in PRESETS:
         config = PRESETS[args.preset]["config"]
     elif args.preset in TRAIN_PRESETS:
@@ -304,7 +330,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not script.exists():
         print(f"the benchmark runner {script} is not in this installation (it ships with the source tree)")
         return 2
-    return subprocess.call(["bash", str(script), args.out])
+    # the script works from the source tree: a relative OUT is the caller's, so it is resolved here
+    return subprocess.call(["bash", str(script), str(Path(args.out).resolve()), *args.gpu_check_args])
 
 
 # ---- argument parsing ---------------------------------------------------------------------------
@@ -316,6 +343,61 @@ def count(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an int >= 1, got {value}")
     return value
+
+
+def _json_object(text: str, source: str) -> dict[str, Any]:
+    """The JSON object ``text`` holds, named ``source`` in the argparse error."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"{source} is not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object {{...}}, {source} holds a {type(value).__name__}")
+    return value
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """An argparse type: a JSON object, so that bad JSON is named by its flag."""
+    return _json_object(text, repr(text))
+
+
+def json_object_or_file(text: str) -> dict[str, Any]:
+    """An argparse type: a JSON object given as text or as a JSON file's path."""
+    if text.strip().startswith("{"):
+        return json_object(text)
+    try:
+        content = Path(text).read_text()
+    except OSError as err:
+        message = f"must be a JSON object or a JSON file; cannot read {text!r} ({err.strerror})"
+        raise argparse.ArgumentTypeError(message) from None
+    return _json_object(content, f"file {text}")
+
+
+def loss_weights_arg(text: str) -> str | dict[str, Any]:
+    """An argparse type: a loss-weights preset name or a JSON object of the five weights, checked here so that a
+    bad one is named by its flag."""
+    from sphere_fast.training import loss_weights
+
+    value = json_object(text) if text.strip().startswith("{") else text
+    try:
+        loss_weights(value)
+    except (ValueError, TypeError) as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return value
+
+
+# the weight files training.PerceptualLoss.from_files takes, by the names of its keywords
+PERCEPTUAL_NETWORKS = ("vgg16", "lpips", "convnext_small")
+
+
+def perceptual_file(text: str) -> tuple[str, str]:
+    """An argparse type: NAME=PATH (split at the first '=') with NAME a perceptual network; an unknown name would
+    otherwise be dropped."""
+    name, eq, path = text.partition("=")
+    if not eq or not path or name not in PERCEPTUAL_NETWORKS:
+        raise argparse.ArgumentTypeError(f"must be NAME=PATH with NAME one of {', '.join(PERCEPTUAL_NETWORKS)}, "
+                                         f"got {text!r}")
+    return name, path
 
 
 def _model_command(
@@ -345,6 +427,8 @@ EDIT_STEPS = "edit steps (each an encode and a decode of the image)"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sphere_fast.model import PRESETS
+
     parser = argparse.ArgumentParser(prog="sphere-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -361,18 +445,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-lr", type=float,
                    help="the cosine's floor per 256 images (default: the preset's, or --lr / 100; the paper: 1e-6)")
     p.add_argument("--ema-decay", type=float, help="EMA decay a step (the paper: 0.9997; the short demo: 0.99)")
-    p.add_argument("--warmup", type=int, help="warmup steps")
+    p.add_argument("--warmup", type=int,
+                   help="warmup steps (default: the preset's, at most --steps; on a resume the checkpoint's)")
     p.add_argument("--seed", type=int)
     p.add_argument("--autocast", choices=["auto", "bf16", "off"])
-    p.add_argument("--loss-weights", help="cifar10, af-of, imagenet or a JSON dict of the five weights")
+    p.add_argument("--loss-weights", type=loss_weights_arg,
+                   help="cifar10, af-of, imagenet or a JSON dict of the five weights")
     p.add_argument(
         "--perceptual-weights",
         nargs="+",
+        type=perceptual_file,
         metavar="NAME=PATH",
         help="local weight files of the perceptual loss: vgg16=<torchvision vgg16 .pth> "
         "lpips=<lpips v0.1 vgg.pth> convnext_small=<torchvision convnext_small .pth>",
     )
-    p.add_argument("--model-config", help="JSON dict overriding model constructor arguments")
+    p.add_argument("--model-config", type=json_object, help="JSON dict overriding model constructor arguments")
     p.add_argument("--checkpoint-every", type=count, default=500)
     p.add_argument("--workers", type=int, default=1, help="DataLoader worker processes")
     p.add_argument("--no-resume", action="store_true",
@@ -435,14 +522,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="an official .pth, or with --to-official a sphere_fast checkpoint")
     p.add_argument("dest", help="output folder (from .pth) or .pth file (with --to-official)")
     p.add_argument("--to-official", action="store_true")
-    p.add_argument("--preset", help="model preset giving the config of the .pth")
-    p.add_argument("--config", help="model config as JSON text or a JSON file")
+    p.add_argument("--preset", choices=sorted([*TRAIN_PRESETS, *PRESETS]),
+                   help="model preset giving the config of the .pth")
+    p.add_argument("--config", type=json_object_or_file, help="model config as JSON text or a JSON file")
     p.add_argument("--key", default="model", help="key holding the state_dict in a .pth dict (ema_model: the EMA "
                    "weights of an official training checkpoint; with the default they are converted too)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("bench", help="run the benchmark suite / GPU check (benchmarks/gpu_check.sh)")
-    p.add_argument("--out", default="bench-results")
+    p.add_argument("--out", default="bench-results", help="results folder (relative to the current folder)")
+    p.add_argument("gpu_check_args", nargs="*", metavar="GPU_CHECK_ARG",
+                   help="after --: options passed on to benchmarks/gpu_check.py, e.g. -- --budget 300 --phases tests "
+                   "(--budget, --phases, --bench-k, --tests-k, --case-timeout)")
     p.set_defaults(func=cmd_bench)
     return parser
 

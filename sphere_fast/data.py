@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -77,26 +79,53 @@ class FileListDataset(Dataset):
             return to_tensor(resize_center_crop(img, self.image_size)), label
 
 
+def _is_data(name: str) -> bool:
+    # dot-entries (.ipynb_checkpoints, macOS ._name AppleDouble files) and macOS archives' __MACOSX are not data
+    return not name.startswith(".") and name != "__MACOSX"
+
+
+def _class_images(folder: Path) -> list[Path]:
+    """The image files under ``folder``, symlinked sub-folders followed (``Path.rglob`` skips them before 3.13)."""
+    found, seen = [], set()
+    for parent, dirs, files in os.walk(folder, followlinks=True):
+        seen.add(os.path.realpath(parent))
+        # a link back up the tree would be walked forever
+        dirs[:] = [d for d in dirs if _is_data(d) and os.path.realpath(os.path.join(parent, d)) not in seen]
+        found += [
+            path for f in files
+            if _is_data(f) and (path := Path(parent) / f).suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+        ]
+    return sorted(found)
+
+
 def image_folder(root: str | Path, image_size: int) -> FileListDataset:
-    """``root/<class name>/<image>``: classes in sorted order get ids 0..K-1."""
+    """``root/<class name>/<image>``: classes in sorted order get ids 0..K-1. Hidden entries and ``__MACOSX``
+    are skipped; a class folder without images is refused (its id would never be trained)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-    items = [
-        (p, k)
-        for k, name in enumerate(classes)
-        for p in sorted((root / name).rglob("*"))
-        if p.suffix.lower() in IMAGE_EXTENSIONS
-    ]
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and _is_data(d.name))
+    images = {name: _class_images(root / name) for name in classes}
+    empty = [name for name in classes if not images[name]]
+    if empty:
+        raise ValueError(f"class folders of {root} hold no images ({', '.join(IMAGE_EXTENSIONS)}): {empty}")
+    items = [(p, k) for k, name in enumerate(classes) for p in images[name]]
     if not items:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in class subfolders of {root}")
     return FileListDataset(items, classes, image_size)
 
 
+def _class_id(value: object) -> int | None:
+    """A list's class_id as the official reader's ``int()`` takes it: an int, or a string of digits."""
+    if isinstance(value, str) and re.fullmatch(r"[0-9]+", value):
+        return int(value)
+    # a bool is an int to Python, but true would be label 1 and collate to a bool tensor
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def jsonl_list(list_file: str | Path, image_size: int, root: str | Path | None = None) -> FileListDataset:
-    """The official list format: one JSON object a line with class_id, class_name, image_path and
-    is_absolute_path; relative paths are taken from ``root`` (default: the list file's folder)."""
+    """The official list format: one JSON object a line with class_id, class_name, image_path and optionally
+    is_absolute_path (default false); relative paths are taken from ``root`` (default: the list file's folder)."""
     list_file = Path(list_file)
     base = Path(root) if root is not None else list_file.parent
     items, names = [], {}
@@ -106,17 +135,21 @@ def jsonl_list(list_file: str | Path, image_size: int, root: str | Path | None =
                 continue
             try:
                 rec = json.loads(line)
-                cid, name, path, absolute = (rec[k] for k in ("class_id", "class_name", "image_path", "is_absolute_path"))
+                cid, name, path = (rec[k] for k in ("class_id", "class_name", "image_path"))
+                absolute = rec.get("is_absolute_path", False)
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise ValueError(
-                    f"{list_file}:{n}: expected a JSON object with class_id, class_name, image_path, "
-                    f"is_absolute_path, got {line.strip()[:120]!r} ({err})"
+                    f"{list_file}:{n}: expected a JSON object with class_id, class_name, image_path (and optionally "
+                    f"is_absolute_path), got {line.strip()[:120]!r} ({err})"
                 ) from None
-            if not isinstance(cid, int) or cid < 0:
-                raise ValueError(f"{list_file}:{n}: class_id must be an int >= 0, got {cid!r}")
-            if names.setdefault(cid, name) != name:
-                raise ValueError(f"{list_file}:{n}: class_id {cid} named both {names[cid]!r} and {name!r}")
-            items.append((Path(path) if absolute else base / path, cid))
+            if (label := _class_id(cid)) is None or label < 0:
+                raise ValueError(f"{list_file}:{n}: class_id must be an int >= 0 (or a string of digits), got {cid!r}")
+            # a string such as "false" would be truthy: the relative path taken as an absolute one
+            if not isinstance(absolute, bool):
+                raise ValueError(f"{list_file}:{n}: is_absolute_path must be true or false, got {absolute!r}")
+            if names.setdefault(label, name) != name:
+                raise ValueError(f"{list_file}:{n}: class_id {label} named both {names[label]!r} and {name!r}")
+            items.append((Path(path) if absolute else base / path, label))
     if not items:
         raise ValueError(f"{list_file} lists no images")
     num_classes = max(names) + 1
@@ -153,8 +186,16 @@ class FashionMNIST(Dataset):
                 f"(apt-get install {FASHION_MNIST_PACKAGE}) or use the synthetic data set"
             )
         self.image_size = _check_size(image_size)
-        self.images = torch.from_numpy(_read_idx(images).copy())
-        self.labels = torch.from_numpy(_read_idx(labels).astype(np.int64))
+        pixels, classes = _read_idx(images), _read_idx(labels)
+        # a truncated file, or one of the other split, would pair images with wrong labels
+        if pixels.ndim != 3 or classes.ndim != 1:
+            raise ValueError(f"{images} must hold [N, H, W] images and {labels} [N] labels, got shapes "
+                             f"{pixels.shape} and {classes.shape}")
+        if len(pixels) != len(classes):
+            raise ValueError(f"{images} holds {len(pixels)} images but {labels} {len(classes)} labels: the files "
+                             "must be of the same split")
+        self.images = torch.from_numpy(pixels.copy())
+        self.labels = torch.from_numpy(classes.astype(np.int64))
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -222,7 +263,7 @@ def open_dataset(spec: str, image_size: int, *, synthetic_fallback: bool = False
 
             warnings.warn(f"{err}; falling back to synthetic shapes", stacklevel=2)
             return SyntheticShapes(size=4096, image_size=image_size)
-    if spec.endswith(".jsonl") or spec.endswith(".json"):
+    if spec.lower().endswith((".jsonl", ".json")):
         return jsonl_list(spec, image_size, root=list_root)
     return image_folder(spec, image_size)
 

@@ -13,6 +13,7 @@ from sphere_fast import checkpoint, cli, editing, sample_set, training
 from sphere_fast.checkpoint import save_checkpoint
 from sphere_fast.model import PRESETS, SphereEncoder
 from sphere_fast.cli import (
+    PERCEPTUAL_NETWORKS,
     TRAIN_PRESETS,
     _read_images,
     build_parser,
@@ -327,13 +328,125 @@ def test_the_loss_plot_shows_each_loss_term_smoothed(tmp_path, monkeypatch):
 
 
 def test_bench_runs_the_gpu_check_script(monkeypatch, tmp_path, capsys):
+    """OUT is the caller's (the script runs from the source tree, where a relative OUT would land), and the
+    options after -- go on to the script."""
     calls: list = []
     monkeypatch.setattr(cli.subprocess, "call", lambda args: calls.append(args) or 0)
-    assert main(["bench", "--out", "results"]) == 0
-    assert calls == [["bash", str(Path(cli.__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"), "results"]]
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--out", "results", "--", "--budget", "300", "--phases", "tests"]) == 0
+    script = str(Path(cli.__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh")
+    assert calls == [["bash", script, str((tmp_path / "results").resolve()), "--budget", "300", "--phases", "tests"]]
     monkeypatch.setattr(cli, "__file__", str(tmp_path / "site-packages" / "sphere_fast" / "cli.py"))
     assert main(["bench"]) == 2 and "not in this installation" in capsys.readouterr().out
     assert len(calls) == 1
+
+
+def test_plot_losses_takes_nan_and_changed_terms(tmp_path, monkeypatch):
+    """A diverged run logs NaN (axis limits refuse it), and a resume with other loss weights drops or adds terms:
+    each term is drawn where it was logged, the axis set from the finite values (or left alone without any)."""
+    import matplotlib.pyplot as plt
+
+    axes = []
+    subplots = plt.subplots
+
+    def keep_axes(*args, **kwargs):
+        fig, ax = subplots(*args, **kwargs)
+        axes.append(ax)
+        return fig, ax
+
+    monkeypatch.setattr(plt, "subplots", keep_axes)
+    rows = [{"step": 0, "loss": 1.0, "recon_perc": 0.3}, {"step": 1, "loss": float("nan"), "latent": 0.2},
+            {"step": 2, "loss": 0.5, "latent": float("inf")}]
+    (tmp_path / "l.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert plot_losses(tmp_path / "l.jsonl", tmp_path / "l.png").exists()
+    ax = axes[-1]
+    smoothed = {line.get_label(): line.get_xdata().tolist() for line in ax.get_lines()
+                if not line.get_label().startswith("_")}
+    assert smoothed == {"loss": [0, 1, 2], "recon_perc": [0], "latent": [1, 2]}
+    assert ax.get_ylim()[0] == 0.1  # half the lowest finite value
+    (tmp_path / "l.jsonl").write_text(json.dumps({"step": 0, "loss": float("nan")}) + "\n")
+    assert plot_losses(tmp_path / "l.jsonl", tmp_path / "l.png").exists()
+
+
+def test_train_still_writes_the_grids_when_the_plot_fails(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(training, "fit", lambda run, resume: SimpleNamespace(
+        dist=training.DistInfo(), step=3, ema=tiny_model().eval()))
+    def failing_plot(log_path, png):
+        raise RuntimeError("no backend")
+
+    monkeypatch.setattr(cli, "plot_losses", failing_plot)
+    monkeypatch.setattr(cli, "class_grid", lambda model, per_class, **kwargs: (torch.zeros(1, 3, 4, 4), 1))
+    assert main(["train", "--out", str(tmp_path), "--sample-steps", "1"]) == 0
+    assert "sphere-fast train: warning: no loss plot (RuntimeError: no backend)" in capsys.readouterr().err
+    assert (tmp_path / "samples_1step.png").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--model-config", "{x"], "argument --model-config: '{x' is not valid JSON"),
+    (["train", "--model-config", "[1]"], "argument --model-config: must be a JSON object {...}, '[1]' holds a list"),
+    (["train", "--loss-weights", '{"recon_dist": 1'], "argument --loss-weights: '{\"recon_dist\": 1' is not valid"),
+    (["train", "--loss-weights", "cifar"], "argument --loss-weights: loss weights preset must be one of"),
+    (["train", "--loss-weights", '{"recon_dist": 1}'], "argument --loss-weights: custom loss weights need"),
+    (["train", "--perceptual-weights", "vgg16.pth"],
+     "argument --perceptual-weights: must be NAME=PATH with NAME one of vgg16, lpips, convnext_small, got 'vgg16.pth'"),
+    (["train", "--perceptual-weights", "vgg16=a.pth", "vgg=b.pth"], "argument --perceptual-weights: must be NAME=PATH"),
+    (["convert", "a.pth", "out", "--config", "{bad"], "argument --config: '{bad' is not valid JSON"),
+    (["convert", "a.pth", "out", "--config", "/nowhere/config.json"],
+     "argument --config: must be a JSON object or a JSON file; cannot read '/nowhere/config.json'"),
+    (["convert", "a.pth", "out", "--preset", "sphere-q"], "argument --preset: invalid choice: 'sphere-q' (choose from"),
+])
+def test_options_parsed_from_text_name_their_flag(args, message, monkeypatch, capsys):
+    """JSON and NAME=PATH options are parsed by argparse, so a bad one is named by its flag (and an unknown
+    perceptual network is an error, not dropped); convert --preset lists the presets as the other commands do."""
+    monkeypatch.setattr(training, "fit", lambda run, resume: pytest.fail("a bad option reached training"))
+    monkeypatch.setattr(checkpoint, "official_to_checkpoint", lambda *a, **k: pytest.fail("converted"))
+    with pytest.raises(SystemExit) as exit_code:
+        main(args)
+    assert exit_code.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_perceptual_networks_are_the_files_the_loss_takes():
+    params = inspect.signature(training.PerceptualLoss.from_files).parameters.values()
+    assert PERCEPTUAL_NETWORKS == tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
+def test_a_model_without_checkpoint_is_said_to_be_untrained(recorded, monkeypatch, tmp_path, capsys):
+    """sample and the edit commands at a preset's random init write flat grey images and succeed: they say so."""
+    monkeypatch.setattr(editing, "manipulate", lambda model, x, target, **kwargs: [x])  # the demo's 32 px
+    png, out = str(tmp_path / "a.png"), str(tmp_path / "o.png")
+    Image.new("RGB", (16, 16)).save(png)
+    for args in (["sample"], ["manipulate", png, "--target-class", "1"]):
+        assert main([*args, "--device", "cpu", "--out", out]) == 0
+        assert (f"sphere-fast {args[0]}: warning: no --checkpoint: the model is an untrained fashion-mnist-demo at "
+                "random init") in capsys.readouterr().err
+    assert main(["sample", "--checkpoint", "run", "--out", out]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_train_after_a_resume_reports_its_own_steps_and_keeps_the_warmup(tmp_path, capsys):
+    """Resumed at step 2 with --steps 4 it trained 2 steps; the first run's warmup (the preset's, cut to its 2
+    steps) stays, where the new --steps had moved it to 4 (back into warmup) and the resume warning blamed it."""
+    run = ["train", "--data", "synthetic", "--out", str(tmp_path), "--batch-size", "6", "--workers", "0",
+           "--model-config", json.dumps(TINY_CONFIG), "--sample-steps"]
+    assert main([*run, "--steps", "2"]) == 0
+    assert "trained 2 steps" in capsys.readouterr().out
+    with pytest.warns(UserWarning, match="resuming with another recipe") as warned:
+        assert main([*run, "--steps", "4"]) == 0
+    assert "trained 2 steps" in capsys.readouterr().out
+    assert "total_steps 2 -> 4" in str(warned[0].message) and "warmup" not in str(warned[0].message)
+    assert json.loads((tmp_path / "run_config.json").read_text())["train"]["warmup_steps"] == 2
+    with pytest.warns(UserWarning, match="warmup_steps 2 -> 3"):  # given, it is taken
+        assert main([*run, "--steps", "5", "--warmup", "3"]) == 0
+    assert json.loads((tmp_path / "run_config.json").read_text())["train"]["warmup_steps"] == 3
+
+
+def test_train_names_a_corrupt_checkpoint_it_would_resume_from(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(training, "fit", lambda run, resume: pytest.fail("a corrupt checkpoint reached training"))
+    (tmp_path / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-00000002" / "manifest.json").write_text("{")
+    (tmp_path / "checkpoints" / "latest").write_text("step-00000002\n")
+    assert main(["train", "--out", str(tmp_path)]) == 2
+    assert f"checkpoint {tmp_path / 'checkpoints' / 'step-00000002'} is corrupt" in capsys.readouterr().err
 
 
 def test_class_grid_seeds_its_samples():

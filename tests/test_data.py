@@ -70,6 +70,56 @@ def test_image_folder_takes_image_files_of_any_case_only(tmp_path):
         image_folder(tmp_path, True)
 
 
+def test_image_folder_skips_hidden_entries_follows_links_and_refuses_empty_classes(tmp_path):
+    """Jupyter's .ipynb_checkpoints and a macOS archive's __MACOSX and ._name AppleDouble files are no classes or
+    images (they shifted every label, or crashed at load); images in a linked sub-folder count, a link back up the
+    tree is walked once; a class folder left without images is refused, as torchvision's ImageFolder does."""
+    root = tmp_path / "data"
+    for name in ("cat/a.png", "cat/.hidden/f.png", "dog/b.png", ".ipynb_checkpoints/c.png", "__MACOSX/cat/d.png"):
+        write_image(root / name, 8, 8, (255, 0, 0))
+    write_image(tmp_path / "elsewhere" / "e.png", 8, 8, (255, 0, 0))
+    (root / "cat" / "._a.png").write_bytes(b"\x00\x05\x16\x07")  # AppleDouble: not an image
+    (root / "dog" / "album.jpg").mkdir()  # a folder with an image's name
+    (root / "dog" / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (root / "dog" / "loop").symlink_to(root / "dog", target_is_directory=True)
+    ds = image_folder(root, 8)
+    assert ds.class_names == ["cat", "dog"]
+    assert [(p.relative_to(root).as_posix(), k) for p, k in ds.items] == [
+        ("cat/a.png", 0), ("dog/b.png", 1), ("dog/linked/e.png", 1)]
+    (root / "bird").mkdir()
+    (root / "bird" / "._x.png").write_bytes(b"\x00\x05\x16\x07")
+    with pytest.raises(ValueError, match=r"hold no images.*\['bird'\]"):
+        image_folder(root, 8)
+
+
+def test_list_is_absolute_path_is_optional_and_a_bool_and_class_ids_are_ints(tmp_path):
+    """As the official reader: is_absolute_path may be left out (false); a string such as "false" would be truthy
+    and is refused, as is a bool class id (true would be label 1 and collate to a bool tensor); a class id may be
+    a string of digits (the official reader takes int() of it), nothing looser."""
+    write_image(tmp_path / "x.png", 8, 8, (255, 0, 0))
+    rec = {"class_id": 0, "class_name": "x", "image_path": "x.png"}
+
+    def read(**changes):
+        (tmp_path / "l.jsonl").write_text(json.dumps({**rec, **changes}) + "\n")
+        return jsonl_list(tmp_path / "l.jsonl", 8)
+
+    assert read().items == [(tmp_path / "x.png", 0)]
+    for flag in ("false", None, 0):
+        with pytest.raises(ValueError, match="l.jsonl:1: is_absolute_path must be true or false"):
+            read(is_absolute_path=flag)
+    ds = read(class_id="3")
+    assert ds.items == [(tmp_path / "x.png", 3)] and type(ds.items[0][1]) is int and ds.class_names[3] == "x"
+    for bad in (True, False, "3.0", " 3", "-1", "x", 1.0, None):
+        with pytest.raises(ValueError, match="l.jsonl:1: class_id must be an int >= 0"):
+            read(class_id=bad)
+
+
+def test_open_dataset_takes_a_list_file_of_any_suffix_case(tmp_path):
+    write_image(tmp_path / "x.png", 8, 8, (255, 0, 0))
+    (tmp_path / "TRAIN.JSONL").write_text(json.dumps({"class_id": 0, "class_name": "x", "image_path": "x.png"}) + "\n")
+    assert open_dataset(str(tmp_path / "TRAIN.JSONL"), 8).items == [(tmp_path / "x.png", 0)]
+
+
 def test_list_files_skip_blank_lines_keep_class_ids_and_check_them(tmp_path):
     write_image(tmp_path / "a.png", 16, 16, (255, 0, 0))
     line = {"class_name": "birds", "image_path": "a.png", "is_absolute_path": False}
@@ -78,7 +128,7 @@ def test_list_files_skip_blank_lines_keep_class_ids_and_check_them(tmp_path):
         json.dumps({**line, "class_id": 2}) + "\n\n" + json.dumps({**line, "class_id": 0, "class_name": "cats"}) + "\n")
     ds = open_dataset(str(tmp_path / "list.json"), 16)
     assert ds.class_names == ["cats", "1", "birds"] and ds.num_classes == 3 and [y for _, y in ds.items] == [2, 0]
-    for bad in ("2", -1):
+    for bad in ("2.5", -1):
         (tmp_path / "bad.jsonl").write_text(json.dumps({**line, "class_id": bad}) + "\n")
         with pytest.raises(ValueError, match="bad.jsonl:1: class_id must be an int >= 0"):
             jsonl_list(tmp_path / "bad.jsonl", 16)
@@ -162,6 +212,18 @@ def test_fashion_mnist_pads_to_centre_and_resizes_by_nearest(tmp_path):
         FashionMNIST(32, "val", root=tmp_path)
     write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.array([3, 7]), type_code=0x0C)
     with pytest.raises(ValueError, match="unsigned-byte"):
+        FashionMNIST(32, root=tmp_path)
+
+
+def test_fashion_mnist_refuses_image_and_label_files_that_disagree(tmp_path):
+    """Images of one split beside labels of the other (or a truncated file) would pair images with wrong labels."""
+    images, labels = tmp_path / "train-images-idx3-ubyte.gz", tmp_path / "train-labels-idx1-ubyte.gz"
+    write_idx(images, np.zeros((6, 28, 28)))
+    write_idx(labels, np.zeros(3))
+    with pytest.raises(ValueError, match=f"{images} holds 6 images but {labels} 3 labels"):
+        FashionMNIST(32, root=tmp_path)
+    write_idx(labels, np.zeros((6, 1)))
+    with pytest.raises(ValueError, match=r"\[N, H, W\] images .* \[N\] labels, got shapes \(6, 28, 28\) and \(6, 1\)"):
         FashionMNIST(32, root=tmp_path)
 
 
