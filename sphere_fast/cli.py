@@ -310,6 +310,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from sphere_fast.model import PRESETS
 
     if args.to_official:
+        # the checkpoint folder holds its config and both sets of weights: these options have nothing to choose
+        ignored = [flag for flag, value in (("--preset", args.preset), ("--config", args.config),
+                                            ("--key", args.key != "model")) if value]
+        if ignored:
+            raise ValueError(f"--to-official takes no {', '.join(ignored)}: the checkpoint folder holds its model "
+                             "config and writes both sets of weights")
         print(checkpoint_to_official(args.source, args.dest))
         return 0
     if args.config is not None:

@@ -66,6 +66,9 @@ def test_sample_convert_and_editing_commands(trained, tmp_path):
     assert main(["sample", "--checkpoint", str(trained), "--ema", "--steps", "2", "--per-class", "1", "--out", str(tmp_path / "s.png")]) == 0
     assert Image.open(tmp_path / "s.png").size == (20, 182)
     assert main(["convert", str(trained), str(tmp_path / "official.pth"), "--to-official"]) == 0
+    for extra in (["--preset", "sphere-l-imagenet"], ["--key", "ema_model"]):  # nothing to choose: refused, not ignored
+        assert main(["convert", str(trained), str(tmp_path / "x.pth"), "--to-official", *extra]) == 2
+    assert not (tmp_path / "x.pth").exists()
     (tmp_path / "a_folder").mkdir()  # an OSError is one line, and no full-size temporary file is left beside it
     assert main(["convert", str(trained), str(tmp_path / "a_folder"), "--to-official"]) == 2
     assert not list(tmp_path.glob(".a_folder*"))
