@@ -8,10 +8,10 @@ next change of the code, which stays a person's decision: a results file never c
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from benchmarks.goals import shape_label
+from benchmarks.goals import newest_measured, shape_label
 
 Row = dict[str, Any]
 ATTENTION_SHAPES = ([16, 16, 1024, 64], [16, 16, 1024, 72])  # B, H, N, D: the model's attention at B*H = 256
@@ -125,17 +125,10 @@ def choices(rows: Sequence[Row]) -> list[Choice]:
 
 
 def with_earlier(rows: Sequence[Row], earlier: Sequence[tuple[str, Sequence[Row]]]) -> list[Choice]:
-    """choices(rows), where a setting they leave unmeasured takes the reading of the newest of ``earlier`` (label,
-    rows of an earlier lease, newest first) that measured it, its label after the numbers."""
-    older = [(label, choices(old)) for label, old in earlier]
-    judged = []
-    for i, c in enumerate(choices(rows)):
-        found = [(label, cs[i]) for label, cs in older if cs[i].measured != "not measured"]
-        if c.measured == "not measured" and found:
-            label, old = found[0]
-            c = Choice(c.setting, c.now, f"{old.measured} ({label})", old.suggests)
-        judged.append(c)
-    return judged
+    """choices(rows), where a setting they leave unmeasured takes the newest earlier lease's reading, its label after
+    the numbers (goals.newest_measured)."""
+    return newest_measured(choices, rows, earlier, lambda c: c.measured != "not measured",
+                           lambda c, label: replace(c, measured=f"{c.measured} ({label})"))
 
 
 def table(rows: Sequence[Row], earlier: Sequence[tuple[str, Sequence[Row]]] = ()) -> str:

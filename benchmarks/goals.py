@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
 
 from benchmarks import grids
 
@@ -34,6 +34,7 @@ TRAINERS = ("fused",)  # a training step on the fused backends (no goal of its o
 SDPA = ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math")
 
 Row = dict[str, Any]
+Judged = TypeVar("Judged")  # a goal's verdict or a setting's choice
 
 
 @dataclass(frozen=True)
@@ -211,18 +212,31 @@ def first_image_seconds(rows: Sequence[Row]) -> list[str]:
     return [f"{first_image_label(r)}: {r['ms'] / 1e3:.1f} s" for r in rows if r["op"].startswith("first image ")]
 
 
-def with_earlier(rows: Sequence[Row], earlier: Sequence[tuple[str, Sequence[Row]]]) -> list[Verdict]:
-    """verdicts(rows), where a goal they leave unmeasured takes the verdict of the newest of ``earlier`` (label, rows
-    of an earlier lease, newest first) that measured it, its label after the measured value."""
-    older = [(label, verdicts(old)) for label, old in earlier]
+def newest_measured(
+    judge: Callable[[Sequence[Row]], list[Judged]],
+    rows: Sequence[Row],
+    earlier: Sequence[tuple[str, Sequence[Row]]],
+    measured: Callable[[Judged], bool],
+    carried: Callable[[Judged, str], Judged],
+) -> list[Judged]:
+    """judge(rows), where an entry they leave unmeasured is the newest of ``earlier``'s (label, rows of an earlier
+    lease, newest first) that measured it, marked by ``carried(entry, label)``."""
+    older = [(label, judge(old)) for label, old in earlier]
     judged = []
-    for i, v in enumerate(verdicts(rows)):
-        found = [(label, vs[i]) for label, vs in older if vs[i].status != "not measured"]
-        if v.status == "not measured" and found:
+    for i, entry in enumerate(judge(rows)):
+        found = [(label, entries[i]) for label, entries in older if measured(entries[i])]
+        if not measured(entry) and found:
             label, old = found[0]
-            v = Verdict(v.issue, v.goal, f"{old.measured} {label}", old.status, old.older_gates)
-        judged.append(v)
+            entry = carried(old, label)
+        judged.append(entry)
     return judged
+
+
+def with_earlier(rows: Sequence[Row], earlier: Sequence[tuple[str, Sequence[Row]]]) -> list[Verdict]:
+    """verdicts(rows), where a goal they leave unmeasured takes the newest earlier lease's verdict, its label after
+    the measured value (newest_measured)."""
+    return newest_measured(verdicts, rows, earlier, lambda v: v.status != "not measured",
+                           lambda v, label: replace(v, measured=f"{v.measured} {label}"))
 
 
 def table(rows: Sequence[Row], earlier: Sequence[tuple[str, Sequence[Row]]] = ()) -> str:

@@ -306,9 +306,9 @@ def test_save_grid_and_plot_losses(tmp_path):
         plot_losses(tmp_path / "losses.jsonl", tmp_path / "loss.png")
 
 
-def test_the_loss_plot_shows_each_loss_term_smoothed(tmp_path, monkeypatch):
-    """One smoothed line per loss term (not the lr or the gradient norm), averaged over a thirtieth of the run;
-    a term at exactly 0 (a consistency loss at a zero-initialised start) does not put the log axis at 0."""
+@pytest.fixture
+def plotted_axes(monkeypatch) -> list:
+    """The axes of each figure plot_losses makes."""
     import matplotlib.pyplot as plt
 
     axes = []
@@ -320,10 +320,16 @@ def test_the_loss_plot_shows_each_loss_term_smoothed(tmp_path, monkeypatch):
         return fig, ax
 
     monkeypatch.setattr(plt, "subplots", keep_axes)
+    return axes
+
+
+def test_the_loss_plot_shows_each_loss_term_smoothed(tmp_path, plotted_axes):
+    """One smoothed line per loss term (not the lr or the gradient norm), averaged over a thirtieth of the run;
+    a term at exactly 0 (a consistency loss at a zero-initialised start) does not put the log axis at 0."""
     rows = [{"step": i, "loss": 1.0 + i, "recon": 0.5, "pix_con": 0.0, "lr": 0.1, "grad_norm": 3.0} for i in range(60)]
     (tmp_path / "losses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     plot_losses(tmp_path / "losses.jsonl", tmp_path / "loss.png")
-    ax, = axes
+    ax, = plotted_axes
     smoothed = {line.get_label(): line.get_ydata() for line in ax.get_lines() if not line.get_label().startswith("_")}
     assert list(smoothed) == ["loss", "recon", "pix_con"]
     assert len(smoothed["loss"]) == 59 and smoothed["loss"][0] == 1.5  # window 60 // 30 = 2
@@ -344,25 +350,14 @@ def test_bench_runs_the_gpu_check_script(monkeypatch, tmp_path, capsys):
     assert len(calls) == 1
 
 
-def test_plot_losses_takes_nan_and_changed_terms(tmp_path, monkeypatch):
+def test_plot_losses_takes_nan_and_changed_terms(tmp_path, plotted_axes):
     """A diverged run logs NaN (axis limits refuse it), and a resume with other loss weights drops or adds terms:
     each term is drawn where it was logged, the axis set from the finite values (or left alone without any)."""
-    import matplotlib.pyplot as plt
-
-    axes = []
-    subplots = plt.subplots
-
-    def keep_axes(*args, **kwargs):
-        fig, ax = subplots(*args, **kwargs)
-        axes.append(ax)
-        return fig, ax
-
-    monkeypatch.setattr(plt, "subplots", keep_axes)
     rows = [{"step": 0, "loss": 1.0, "recon_perc": 0.3}, {"step": 1, "loss": float("nan"), "latent": 0.2},
             {"step": 2, "loss": 0.5, "latent": float("inf")}]
     (tmp_path / "l.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert plot_losses(tmp_path / "l.jsonl", tmp_path / "l.png").exists()
-    ax = axes[-1]
+    ax = plotted_axes[-1]
     smoothed = {line.get_label(): line.get_xdata().tolist() for line in ax.get_lines()
                 if not line.get_label().startswith("_")}
     assert smoothed == {"loss": [0, 1, 2], "recon_perc": [0], "latent": [1, 2]}
