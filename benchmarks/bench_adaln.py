@@ -53,56 +53,71 @@ GATED = impls(adaln.gated_residual_adaln, adaln.gated_residual_adaln_reference)
 SWIGLU = impls(swiglu.swiglu, swiglu.swiglu_reference)
 
 
+def _floats(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [t.float() for t in inputs]
+
+
+def time_forward(benchmark, ceilings, impl, op: str, shape, inputs: list[torch.Tensor], reference,
+                 bytes_moved: int) -> None:
+    """Gate ``impl`` against the float32 ``reference``, then time and record its forward."""
+    gate(impl(*inputs), reference(*_floats(inputs)), impl.name, DTYPE)
+    ms = cuda_time_ms(lambda: impl(*inputs))
+    record(benchmark, op=op, impl=impl.name, shape=shape, dtype=DTYPE, ms=ms, bytes_moved=bytes_moved,
+           ceilings=ceilings)
+
+
+def time_backward(benchmark, ceilings, impl, op: str, shape, inputs: list[torch.Tensor], reference,
+                  bytes_moved: int) -> None:
+    """Gate ``impl``'s gradients (for random upstream gradients) against the float32 ``reference``'s, then time
+    and record its backward."""
+    outputs = impl(*inputs)
+    outputs = (outputs,) if isinstance(outputs, torch.Tensor) else tuple(outputs)
+    upstream = tuple(torch.randn_like(o) for o in outputs)
+    gate_backward(outputs, inputs, upstream, reference, impl.name)
+    ms = cuda_time_ms(lambda: torch.autograd.grad(outputs, inputs, upstream, retain_graph=True))
+    record(benchmark, op=op, impl=impl.name, shape=shape, dtype=DTYPE, ms=ms, bytes_moved=bytes_moved,
+           ceilings=ceilings)
+
+
+def _modulate_inputs(B: int, N: int, W: int, requires_grad: bool) -> list[torch.Tensor]:
+    x, _, _, *modulation = _adaln_inputs(B, N, W, requires_grad)
+    return [x, *modulation]
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
 @pytest.mark.parametrize("impl", MODULATE)
 def test_adaln_modulate_fwd(benchmark, ceilings, impl, shape) -> None:
     B, N, W = shape
-    x, _, _, *modulation = _adaln_inputs(B, N, W, requires_grad=False)
-    e, M = x.element_size(), B * N
-    gate(impl(x, *modulation), adaln.adaln_modulate_reference(x.float(), *(t.float() for t in modulation)),
-         impl.name, DTYPE)
-    ms = cuda_time_ms(lambda: impl(x, *modulation))
-    record(benchmark, op="adaln_modulate_fwd", impl=impl.name, shape=shape, dtype=DTYPE, ms=ms,
-           bytes_moved=2 * M * W * e + (2 * B * W + W) * e + 4 * M, ceilings=ceilings)
+    e, M = DTYPE.itemsize, B * N
+    time_forward(benchmark, ceilings, impl, "adaln_modulate_fwd", shape, _modulate_inputs(B, N, W, False),
+                 adaln.adaln_modulate_reference, 2 * M * W * e + (2 * B * W + W) * e + 4 * M)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
 @pytest.mark.parametrize("impl", MODULATE)
 def test_adaln_modulate_bwd(benchmark, ceilings, impl, shape) -> None:
     B, N, W = shape
-    x, _, _, *modulation = _adaln_inputs(B, N, W, requires_grad=True)
-    inputs = [x, *modulation]
-    y = impl(*inputs)
-    dy = torch.randn_like(y)
-    gate_backward(y, inputs, dy, adaln.adaln_modulate_reference, impl.name)
-    ms = cuda_time_ms(lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True))
-    record(benchmark, op="adaln_modulate_bwd", impl=impl.name, shape=shape, dtype=DTYPE, ms=ms,
-           bytes_moved=adaln_bwd_bytes(B, N, W, y.element_size(), gated=False), ceilings=ceilings)
+    e = DTYPE.itemsize
+    time_backward(benchmark, ceilings, impl, "adaln_modulate_bwd", shape, _modulate_inputs(B, N, W, True),
+                  adaln.adaln_modulate_reference, adaln_bwd_bytes(B, N, W, e, gated=False))
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
 @pytest.mark.parametrize("impl", GATED)
 def test_gated_residual_adaln_fwd(benchmark, ceilings, impl, shape) -> None:
     B, N, W = shape
-    inputs = _adaln_inputs(B, N, W, requires_grad=False)
-    e, M = inputs[0].element_size(), B * N
-    gate(impl(*inputs), adaln.gated_residual_adaln_reference(*(t.float() for t in inputs)), impl.name, DTYPE)
-    ms = cuda_time_ms(lambda: impl(*inputs))
-    record(benchmark, op="gated_residual_adaln_fwd", impl=impl.name, shape=shape, dtype=DTYPE, ms=ms,
-           bytes_moved=4 * M * W * e + (3 * B * W + W) * e + 4 * M, ceilings=ceilings)
+    e, M = DTYPE.itemsize, B * N
+    time_forward(benchmark, ceilings, impl, "gated_residual_adaln_fwd", shape, _adaln_inputs(B, N, W, False),
+                 adaln.gated_residual_adaln_reference, 4 * M * W * e + (3 * B * W + W) * e + 4 * M)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
 @pytest.mark.parametrize("impl", GATED)
 def test_gated_residual_adaln_bwd(benchmark, ceilings, impl, shape) -> None:
     B, N, W = shape
-    inputs = _adaln_inputs(B, N, W, requires_grad=True)
-    res, y = impl(*inputs)
-    grads = (torch.randn_like(res), torch.randn_like(y))
-    gate_backward((res, y), inputs, grads, adaln.gated_residual_adaln_reference, impl.name)
-    ms = cuda_time_ms(lambda: torch.autograd.grad((res, y), inputs, grads, retain_graph=True))
-    record(benchmark, op="gated_residual_adaln_bwd", impl=impl.name, shape=shape, dtype=DTYPE, ms=ms,
-           bytes_moved=adaln_bwd_bytes(B, N, W, res.element_size()), ceilings=ceilings)
+    e = DTYPE.itemsize
+    time_backward(benchmark, ceilings, impl, "gated_residual_adaln_bwd", shape, _adaln_inputs(B, N, W, True),
+                  adaln.gated_residual_adaln_reference, adaln_bwd_bytes(B, N, W, e))
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
@@ -111,10 +126,8 @@ def test_swiglu_fwd(benchmark, ceilings, impl, shape) -> None:
     B, N, W = shape
     H = grids.swiglu_hidden(W)
     h = torch.randn(B, N, 2 * H, device=DEVICE, dtype=DTYPE)
-    gate(impl(h), swiglu.swiglu_reference(h.float()), impl.name, DTYPE)
-    ms = cuda_time_ms(lambda: impl(h))
-    record(benchmark, op="swiglu_fwd", impl=impl.name, shape=(B, N, 2 * H), dtype=DTYPE, ms=ms,
-           bytes_moved=3 * B * N * H * h.element_size(), ceilings=ceilings)
+    time_forward(benchmark, ceilings, impl, "swiglu_fwd", (B, N, 2 * H), [h], swiglu.swiglu_reference,
+                 3 * B * N * H * h.element_size())
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
@@ -123,9 +136,5 @@ def test_swiglu_bwd(benchmark, ceilings, impl, shape) -> None:
     B, N, W = shape
     H = grids.swiglu_hidden(W)
     h = torch.randn(B, N, 2 * H, device=DEVICE, dtype=DTYPE, requires_grad=True)
-    out = impl(h)
-    dout = torch.randn_like(out)
-    gate_backward(out, [h], dout, swiglu.swiglu_reference, impl.name)
-    ms = cuda_time_ms(lambda: torch.autograd.grad(out, h, dout, retain_graph=True))
-    record(benchmark, op="swiglu_bwd", impl=impl.name, shape=(B, N, 2 * H), dtype=DTYPE, ms=ms,
-           bytes_moved=5 * B * N * H * h.element_size(), ceilings=ceilings)
+    time_backward(benchmark, ceilings, impl, "swiglu_bwd", (B, N, 2 * H), [h], swiglu.swiglu_reference,
+                  5 * B * N * H * h.element_size())
