@@ -54,6 +54,9 @@ void check_like(const char* name, const OptT& t, const at::Tensor& x, at::IntArr
 void check_inputs(const at::Tensor& x, const OptT& branch, const OptT& gate, const OptT& weight, const OptT& shift,
                   const OptT& scale) {
   const int64_t B = x.size(0), S = x.size(1), D = x.size(2);
+  // no kernel reads a gate without a branch (the backward would return its gradient unwritten), nor a row of 0
+  TORCH_CHECK(!has(gate) || has(branch), "a gate needs a branch (res = x + gate * branch)");
+  TORCH_CHECK(D > 0, "the rows must have a width D > 0, got ", D);
   check_like("branch", branch, x, {B, S, D});
   check_like("weight", weight, x, {D});
   for (auto [name, t] : {std::pair<const char*, const OptT*>{"gate", &gate}, {"shift", &shift}, {"scale", &scale}})

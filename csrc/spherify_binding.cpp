@@ -77,6 +77,7 @@ SpherifyArgs make_args(const at::Tensor& z, const c10::optional<at::Tensor>& sca
   a.batch = z.size(0);
   check_grid_x(a.batch, "spherify: samples B");
   a.length = z.numel() / a.batch;
+  check_grid_y(num_chunks(a.length), "spherify: chunks of a sample's values");
   a.pairs = scales.has_value() ? scales->size(0) : 1;
   a.mode = !scales.has_value() ? kNoiseNone : (noise.has_value() ? kNoiseTensor : kNoisePhilox);
   a.base = stream * a.length;

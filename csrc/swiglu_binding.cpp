@@ -29,7 +29,11 @@ SwigluParams params(const at::Tensor& h) {
   TORCH_CHECK(h.dim() == 2 && h.size(1) % 2 == 0 && h.stride(1) == 1,
               "h must be [M, 2H] with a unit last stride, got ", h.sizes());
 #ifdef SPHERE_FAST_WITH_CUDA
-  if (h.is_cuda()) check_grid_x(h.size(0), "swiglu: rows of h");
+  if (h.is_cuda()) {
+    check_grid_x(h.size(0), "swiglu: rows of h");
+    // one column a thread at most (the kernels for unaligned rows): the most blocks a row can take
+    check_grid_y((h.size(1) / 2 + kSwigluThreads - 1) / kSwigluThreads, "swiglu: column blocks of H");
+  }
 #endif
   SwigluParams p{};
   p.h = h.data_ptr();
@@ -55,7 +59,7 @@ at::Tensor swiglu_fwd(const at::Tensor& h) {
 
 at::Tensor swiglu_bwd(const at::Tensor& dout, const at::Tensor& h) {
   SwigluParams p = params(h);
-  TORCH_CHECK(dout.is_contiguous() && dout.size(0) == p.M && dout.size(1) == p.H &&
+  TORCH_CHECK(dout.dim() == 2 && dout.is_contiguous() && dout.size(0) == p.M && dout.size(1) == p.H &&
                   dout.scalar_type() == h.scalar_type() && dout.device() == h.device(),
               "dout must be a contiguous [M, H] tensor like h");
   auto dh = at::empty({p.M, 2 * p.H}, h.options());

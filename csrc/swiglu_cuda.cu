@@ -10,11 +10,10 @@
 namespace sphere_fast {
 namespace {
 
-constexpr int kThreads = 256;
 
 template <typename T>
 __global__ void swiglu_fwd_kernel(const SwigluParams p) {
-  const int64_t m = blockIdx.x, j = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
+  const int64_t m = blockIdx.x, j = static_cast<int64_t>(blockIdx.y) * kSwigluThreads + threadIdx.x;
   if (j >= p.H) return;
   const T* h = static_cast<const T*>(p.h) + m * p.stride_h;
   static_cast<T*>(p.out)[m * p.H + j] = from_f<T>(swiglu_out(to_f(h[j]), to_f(h[p.H + j])));
@@ -22,7 +21,7 @@ __global__ void swiglu_fwd_kernel(const SwigluParams p) {
 
 template <typename T>
 __global__ void swiglu_bwd_kernel(const SwigluParams p) {
-  const int64_t m = blockIdx.x, j = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
+  const int64_t m = blockIdx.x, j = static_cast<int64_t>(blockIdx.y) * kSwigluThreads + threadIdx.x;
   if (j >= p.H) return;
   const T* h = static_cast<const T*>(p.h) + m * p.stride_h;
   float da, db;
@@ -43,7 +42,7 @@ struct HalvesAt {
 template <typename T>
 __device__ __forceinline__ bool load_halves(const SwigluParams& p, HalvesAt<T>& at) {
   at.m = blockIdx.x;
-  at.j = (static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x) * Vec16<T>::kLen;
+  at.j = (static_cast<int64_t>(blockIdx.y) * kSwigluThreads + threadIdx.x) * Vec16<T>::kLen;
   if (at.j >= p.H) return false;
   const T* h = static_cast<const T*>(p.h) + at.m * p.stride_h;
   at.a = load16(h + at.j);
@@ -89,21 +88,21 @@ bool vectorizable(const SwigluParams& p) {
 }
 
 dim3 grid_for(const SwigluParams& p, int64_t columns_per_thread) {
-  const int64_t per_block = kThreads * columns_per_thread;
+  const int64_t per_block = kSwigluThreads * columns_per_thread;
   // rows on x: the binding has checked that they fit
   return dim3(static_cast<unsigned>(p.M), static_cast<unsigned>((p.H + per_block - 1) / per_block));
 }
 
 template <typename T>
 void fwd_launch(const SwigluParams& p, cudaStream_t st) {
-  if (vectorizable<T>(p)) swiglu_fwd_vec_kernel<T><<<grid_for(p, Vec16<T>::kLen), kThreads, 0, st>>>(p);
-  else swiglu_fwd_kernel<T><<<grid_for(p, 1), kThreads, 0, st>>>(p);
+  if (vectorizable<T>(p)) swiglu_fwd_vec_kernel<T><<<grid_for(p, Vec16<T>::kLen), kSwigluThreads, 0, st>>>(p);
+  else swiglu_fwd_kernel<T><<<grid_for(p, 1), kSwigluThreads, 0, st>>>(p);
 }
 
 template <typename T>
 void bwd_launch(const SwigluParams& p, cudaStream_t st) {
-  if (vectorizable<T>(p)) swiglu_bwd_vec_kernel<T><<<grid_for(p, Vec16<T>::kLen), kThreads, 0, st>>>(p);
-  else swiglu_bwd_kernel<T><<<grid_for(p, 1), kThreads, 0, st>>>(p);
+  if (vectorizable<T>(p)) swiglu_bwd_vec_kernel<T><<<grid_for(p, Vec16<T>::kLen), kSwigluThreads, 0, st>>>(p);
+  else swiglu_bwd_kernel<T><<<grid_for(p, 1), kSwigluThreads, 0, st>>>(p);
 }
 
 }  // namespace

@@ -25,6 +25,10 @@ SF_HD void swiglu_grad(float a, float b, float dout, float* da, float* db) {
   *db = dout * a * sig;
 }
 
+// Threads of a CUDA block: a row's H columns run as ceil(H / (kSwigluThreads * columns a thread)) blocks on grid
+// axis y, which the binding checks.
+constexpr int kSwigluThreads = 256;
+
 // h is [M, 2H] with row stride stride_h and a unit last stride; out/dout are contiguous [M, H],
 // dh contiguous [M, 2H].
 struct SwigluParams {

@@ -364,6 +364,13 @@ def test_cpp_ops_check_their_arguments() -> None:
         op.bwd(dy, None, x, None, None, w[None], None, None, rstd)
     with pytest.raises(RuntimeError, match=r"shift must have shape \[2, 1, 8\] or \[2, 3, 8\], got \[1, 1,"):
         op.fwd(x, None, None, w, x[:1, :1], None, 1e-6)
+    # a per-token gate without a branch: the backward returned its gradient unwritten (memory's old values)
+    with pytest.raises(RuntimeError, match=r"a gate needs a branch"):
+        op.bwd(dy, None, x, None, dy, w, None, None, rstd)
+    with pytest.raises(RuntimeError, match=r"a gate needs a branch"):
+        op.fwd(x, None, dy, w, None, None, 1e-6)
+    with pytest.raises(RuntimeError, match=r"the rows must have a width D > 0, got 0"):  # the CPU twin gave NaN rstd
+        op.fwd(x[..., :0], None, None, None, None, None, 1e-6)
 
 
 @needs_cpp

@@ -164,6 +164,14 @@ def test_cpp_ext_opcheck(M: int, dtype: torch.dtype) -> None:
         torch.library.opcheck(op.bwd.default, (randn(M, 5, dtype=dtype, seed=1), h2))
 
 
+@needs_cpp
+def test_cpp_backward_refuses_a_dout_of_another_rank() -> None:
+    """The op called directly: a contiguous [M, H, 2] dout has [M, H]'s first sizes, and was read as one."""
+    h = randn(3, 8)
+    with pytest.raises(RuntimeError, match=r"dout must be a contiguous \[M, H\] tensor like h"):
+        sw._cpp_ext().bwd(randn(3, 4, 2), h)
+
+
 @pytest.mark.parametrize("backend", FUSED)
 def test_torch_compile_fullgraph(backend: str) -> None:
     def mlp(h: torch.Tensor) -> torch.Tensor:
