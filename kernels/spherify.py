@@ -29,6 +29,11 @@ NOISE_TENSOR = 1
 NOISE_PHILOX = 2
 
 
+# The stream's offset stream * L: Triton passes an int argument equal to 1 as a constant (a Python int, which has
+# no .to), and 16-divisible ones as other variants; the kernels take it as a plain integer always.
+NOISE_BASE = ["noise_base"]
+
+
 @triton.jit
 def _load_f32(ptrs, mask):
     """Masked-off lanes read 0, so they drop out of every sum."""
@@ -89,7 +94,7 @@ def _fwd_coeffs(a, szz, sze, see, s, L, eps):
     return cz, ce
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NOISE_BASE)
 def _fwd_partials(
     z_ptr, noise_ptr, seeds_ptr, partial_ptr,
     L, stride_z, stride_n, noise_base,
@@ -117,7 +122,7 @@ def _fwd_partials(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NOISE_BASE)
 def _fwd_apply(
     z_ptr, noise_ptr, seeds_ptr, scale_ptr, partial_ptr, out_ptr, stats_ptr,
     B, L, stride_z, stride_n, noise_base, eps,
@@ -161,7 +166,7 @@ def _fwd_apply(
         tl.store(out0 + offs, to_dtype(y0, out_ptr.dtype.element_ty, EMULATE_BF16), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NOISE_BASE)
 def _bwd_partials(
     g_ptr, z_ptr, noise_ptr, seeds_ptr, partial_ptr,
     B, L, stride_z, stride_n, noise_base,
@@ -213,7 +218,7 @@ def _bwd_coeffs(a, szz, sze, see, s, zg, eg, L, eps):
     return cc, kk, zdv, ds
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NOISE_BASE)
 def _bwd_apply(
     g_ptr, z_ptr, noise_ptr, seeds_ptr, scale_ptr, stats_ptr, partial_ptr, dz_ptr, dscale_ptr,
     B, L, stride_z, stride_n, noise_base, eps,
@@ -272,7 +277,7 @@ def _bwd_apply(
         tl.store(dz_row + offs, to_dtype(dz, dz_ptr.dtype.element_ty, EMULATE_BF16), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NOISE_BASE)
 def _noise_kernel(seeds_ptr, out_ptr, L, noise_base, BLOCK: tl.constexpr):
     """The convention's noise materialised (for cross-backend checks): out[b, j] = randn(seeds[b], base + j)."""
     b = tl.program_id(0)

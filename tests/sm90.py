@@ -58,6 +58,7 @@ class CompiledKernelInfo:
     name: str
     cubin: bytes
     ptx: str
+    ttgir: str  # Triton's GPU IR: its layouts say how a tile's elements spread over threads and warps
     resources: KernelResources
     launch_shared: int  # dynamic shared memory bytes the launcher will request
     num_warps: int
@@ -264,6 +265,7 @@ def _compile_in_process(fn: Any, spec: dict[str, Any]) -> dict[str, Any]:
         "name": kernel.metadata.name,
         "cubin": kernel.asm["cubin"],
         "ptx": kernel.asm["ptx"],
+        "ttgir": kernel.asm["ttgir"],
         "shared": kernel.metadata.shared,
     }
 
@@ -410,6 +412,7 @@ def compile_triton_sm90(
         name=out["name"],
         cubin=out["cubin"],
         ptx=out["ptx"],
+        ttgir=out["ttgir"],
         resources=resources[out["name"]],
         launch_shared=out["shared"],
         num_warps=num_warps,

@@ -479,13 +479,17 @@ def test_the_triton_forward_tunes_rows_and_warps(monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.delenv("SPHERE_FAST_AUTOTUNE", raising=False)
     _tuning.forget_tuned_configs()
-    inputs = make_inputs(2, 9, 96, tokens=False, dtype=torch.bfloat16)
+    inputs = make_inputs(2, 9, 1024, tokens=False, dtype=torch.bfloat16)
     expected = adaln.gated_residual_adaln(*inputs, backend="triton")
-    candidates = adaln._fwd_candidates(96, interpret=False)
-    block_m, _, warps = adaln._row_block(96)  # the default, then one row a program with the default's warps
-    assert candidates == ((block_m, warps), (1, warps)) and adaln._fwd_candidates(96, interpret=True) == candidates[:1]
+    candidates = adaln._fwd_candidates(1024, 2, interpret=False)
+    block_m, _, warps = adaln._row_block(1024)  # the default, then one row a program with the default's warps
+    assert candidates == ((block_m, warps), (1, warps))
+    assert adaln._fwd_candidates(1024, 2, interpret=True) == candidates[:1]
+    # where one row leaves a thread less than a 16-byte vector, its sum would spread otherwise: the default alone
+    assert [len(adaln._fwd_candidates(D, 2, interpret=False)) for D in (64, 96, 512, 768, 1152)] == [1, 1, 1, 2, 2]
+    assert len(adaln._fwd_candidates(512, 4, interpret=False)) == 2
     timed = last_is_fastest(monkeypatch)
-    monkeypatch.setattr(adaln, "_fwd_candidates", lambda D, interpret: candidates)
+    monkeypatch.setattr(adaln, "_fwd_candidates", lambda D, itemsize, interpret: candidates)
     launches = record_launches(monkeypatch, adaln)
     try:
         actual = adaln.gated_residual_adaln(*inputs, backend="triton")

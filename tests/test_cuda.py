@@ -255,8 +255,8 @@ def test_adaln_forward_candidates_give_the_same_bits(monkeypatch: pytest.MonkeyP
         x, branch = (randn(B, S, D, dtype=bf16, seed=i) for i in (0, 1))
         weight = 1 + randn(D, dtype=bf16, scale=0.1, seed=5)
         outputs = {}
-        for config in adaln._fwd_candidates(D, interpret=False):
-            monkeypatch.setattr(adaln, "_fwd_candidates", lambda D, interpret, config=config: (config,))
+        for config in adaln._fwd_candidates(D, 2, interpret=False):
+            monkeypatch.setattr(adaln, "_fwd_candidates", lambda D, itemsize, interpret, config=config: (config,))
             outputs[config] = ops.gated_residual_adaln(x, branch, gate, weight, shift, scale, backend="triton")
             monkeypatch.undo()
         default = next(iter(outputs.values()))

@@ -27,7 +27,7 @@ def _ptrs(names: str, ty: str) -> dict[str, str]:
     return {n: ty for n in names.split()}
 
 
-FWD_CASES = [(D, config) for D in (768, 1024, 1152) for config in adaln._fwd_candidates(D, interpret=False)]
+FWD_CASES = [(D, config) for D in (768, 1024, 1152) for config in adaln._fwd_candidates(D, 2, interpret=False)]
 
 
 @needs_cuobjdump
@@ -46,6 +46,40 @@ def test_triton_adaln_fwd_sm90(D: int, config: tuple[int, int]) -> None:
     info = sm90.compile_triton_sm90(adaln_fwd_kernel, sig, constexprs, num_warps=num_warps, aligned=aligned)
     sm90.assert_no_spills(info)
     assert sm90.count_opcodes(info.sass())["LDG.E.128"] > 0
+
+
+def _row_sum_layout(D: int, config: tuple[int, int], dtype: str) -> str:
+    """The layout of the forward's sum of squares operand (the tt.reduce over a row) in its sm_90a Triton GPU IR:
+    how a row's columns spread over a thread's registers, the lanes and the warps, which fixes the sum's order."""
+    from sphere_fast.kernels.adaln import adaln_fwd_kernel
+
+    block_m, num_warps = config
+    sig = {**_ptrs("X BR G W SH SC RES Y", f"*{dtype}"), "RSTD": "*fp32", "M": "i32", "S": "i32", "D": "i32",
+           "eps": "fp32"}
+    sig.update(_ptrs("sx_b sx_s sbr_b sbr_s sg_b sg_s ssh_b ssh_s ssc_b ssc_s", "i32"))
+    flags = dict.fromkeys(("HAS_BRANCH", "HAS_GATE", "HAS_SHIFT", "HAS_SCALE"), False)
+    constexprs = {**flags, "HAS_W": True, "BLOCK_M": block_m, "BLOCK_D": adaln.next_pow2(D), "EMULATE_BF16": False}
+    # as a launch at the model's shapes specializes: pointers aligned, the width and row strides multiples of 16
+    aligned = [name for name, kind in sig.items() if kind.startswith("*")] + ["D", "sx_b", "sx_s"]
+    ir = sm90.compile_triton_sm90(adaln_fwd_kernel, sig, constexprs, num_warps=num_warps, aligned=aligned).ttgir
+    layouts = dict(re.findall(r"^(#blocked\d*) = (#ttg\.blocked<[^>]*>)", ir, flags=re.M))
+    operand = re.search(r'"tt\.reduce"\(%\S+\) <\{axis = 1 : i32\}>.*?\}\) : \(tensor<[^>]*, (#blocked\d*)>\)', ir,
+                        flags=re.S)
+    assert operand is not None, "no row reduction found"
+    return layouts[operand.group(1)]
+
+
+@needs_cuobjdump
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("D", [64, 512, 768, 1152])
+def test_triton_adaln_fwd_candidates_sum_a_row_alike(D: int, dtype: str) -> None:
+    """The forward's tuning candidates (_fwd_candidates) sum a row's squares over the same threads and warps as
+    the default, so that the tuning changes the speed, never a bit (at D = 64 and 512 in bf16 one row a program
+    spread a row otherwise: the candidate is not offered there)."""
+    itemsize = 2 if dtype == "bf16" else 4
+    candidates = adaln._fwd_candidates(D, itemsize, interpret=False)
+    default, *others = [_row_sum_layout(D, config, dtype) for config in candidates]
+    assert all(layout == default for layout in others), (candidates, default, others)
 
 
 BWD_CASES = [(1152, False), (1152, True), (1024, False), (768, False)]  # (width, per-token modulations)

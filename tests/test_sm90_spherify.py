@@ -92,3 +92,27 @@ def test_cuda_noise_uses_precise_log_and_cos():
     fast = {op: n for op, n in ops.items() if op in ("MUFU.LG2", "MUFU.COS", "MUFU.SIN")}
     assert not fast, f"fast-math approximations in the spherify kernels: {fast}"
     assert ops["MUFU.RCP"] < 100, f"{ops['MUFU.RCP']} MUFU.RCP: precise division is back (--prec-div)"
+
+
+def noise_at_stream_1_compiles() -> bool:
+    """Run in a child process (interpreter off, the stand-in driver): the noise ops on one-value samples at stream
+    1, whose offset stream * L is 1 (Triton passed an int argument equal to 1 as a constant), compiled as their
+    launches on a GPU would be (forward and backward)."""
+    import torch
+
+    from sphere_fast import ops
+    from sphere_fast.ops._util import launches_compile_only
+    from tests import sm90
+
+    sm90.compile_ops_on_cpu()
+    z, seeds = torch.randn(2, 1, requires_grad=True), torch.tensor([1, 2])
+    with launches_compile_only():
+        ops.spherify_noise(z, 0.5, seeds=seeds, stream=1, backend="triton").sum().backward()
+        ops.sphere_noise(seeds, (1,), stream=1, backend="triton")
+    return True
+
+
+def test_noise_of_one_value_samples_at_stream_1_compiles(tmp_path) -> None:
+    from tests import sm90
+
+    assert sm90.call_in_compile_child("tests.test_sm90_spherify:noise_at_stream_1_compiles", tmp_path)

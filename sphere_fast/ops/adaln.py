@@ -136,15 +136,18 @@ def _row_block(D: int) -> tuple[int, int, int]:
     return block_m, block_d, num_warps
 
 
-def _fwd_candidates(D: int, interpret: bool) -> tuple[tuple[int, int], ...]:
+def _fwd_candidates(D: int, itemsize: int, interpret: bool) -> tuple[tuple[int, int], ...]:
     """(rows per program, warps) the forward may launch with, the default (``_row_block``) first, then one row
     per program: a small batch gets more programs (1 x 256 rows of width 1024 are 64 programs of 4 rows for 132
-    SMs), a large one torch.compile's way of running a row-wise reduction. A row's columns spread over the warps
-    as in the default, so its sum of squares (and every output bit) should not change; on a GPU the tuning checks
-    that and times both per shape. Each candidate is one more kernel to compile on a machine's first run (in
-    the sampler's compile pass), so there are two. The interpreter runs the default only."""
-    block_m, _, num_warps = _row_block(D)
-    if interpret or block_m == 1:
+    SMs), a large one torch.compile's way of running a row-wise reduction. The one-row tile is offered only where
+    it still gives each thread a whole 16-byte vector of the row (widths from 1024 / 512 columns padded, in 16- /
+    32-bit types): there a row's columns spread over the threads and warps as in the default, so its sum of
+    squares (and every output bit) does not change (test_sm90_adaln compares the layouts; at D = 64 and 512 in
+    bf16 they differ). On a GPU the tuning checks the bits as well and times both per shape. Each candidate is one
+    more kernel to compile on a machine's first run (in the sampler's compile pass), so there are two. The
+    interpreter runs the default only."""
+    block_m, block_d, num_warps = _row_block(D)
+    if interpret or block_m == 1 or block_d // (32 * num_warps) < 16 // itemsize:
         return ((block_m, num_warps),)
     return (block_m, num_warps), (1, num_warps)
 
@@ -220,7 +223,7 @@ def _triton_fwd(
     per_token = tuple(_is_token(t, S) for t in (gate, shift, scale))
     key = ("adaln fwd", x.device, x.dtype, D, tuple(flags.values()), per_token, next_pow2(M))
     outputs = [t for t in (res, y, rstd) if t is not None]
-    launch_tuned(key, _fwd_candidates(D, triton_interpreting()), launch, outputs)
+    launch_tuned(key, _fwd_candidates(D, x.element_size(), triton_interpreting()), launch, outputs)
     return res, y, rstd
 
 
