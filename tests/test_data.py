@@ -134,6 +134,19 @@ def test_list_files_skip_blank_lines_keep_class_ids_and_check_them(tmp_path):
             jsonl_list(tmp_path / "bad.jsonl", 16)
 
 
+def test_a_list_whose_images_are_not_there_is_refused_when_opened(tmp_path):
+    """A wrong root (every relative path missing) stops at open, naming a path, not at the loader's first batch
+    or hours into a run; a sample of the list is checked (LIST_FILES_CHECKED), not each of a million files."""
+    (tmp_path / "imgs").mkdir()
+    for i in range(3):
+        write_image(tmp_path / "imgs" / f"{i}.png", 16, 16, (255, 0, 0))
+    lines = [{"class_id": 0, "class_name": "x", "image_path": f"imgs/{i}.png"} for i in range(3)]
+    (tmp_path / "l.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert len(jsonl_list(tmp_path / "l.jsonl", 16).items) == 3
+    with pytest.raises(FileNotFoundError, match=r"l.jsonl lists .*elsewhere/imgs/0.png, which is not a file"):
+        jsonl_list(tmp_path / "l.jsonl", 16, root=tmp_path / "elsewhere")
+
+
 def test_resize_center_crop_short_side():
     img = Image.new("RGB", (64, 32))
     img.paste((255, 255, 255), (0, 0, 16, 32))  # white left quarter is cropped away
