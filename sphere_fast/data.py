@@ -165,7 +165,7 @@ LIST_FILES_CHECKED = 64
 def _check_some_exist(items: list[tuple[Path, int]], list_file: Path) -> None:
     """Refuse a list whose evenly spaced sample of images holds a missing file, naming the first."""
     step = max(1, len(items) // LIST_FILES_CHECKED)
-    for path, _ in items[::step]:
+    for path, _ in items[::step][:LIST_FILES_CHECKED]:
         if not path.is_file():
             raise FileNotFoundError(f"{list_file} lists {path}, which is not a file (relative paths are taken from "
                                     "the list's folder or the root given)")
