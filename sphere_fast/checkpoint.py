@@ -18,15 +18,15 @@ import json
 import os
 import pickle
 import shutil
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from sphere_fast._warn import warn
 from sphere_fast.model import ROPE_BUFFERS, WRAPPER_PREFIXES, SphereEncoder, check_model
 from sphere_fast.sampling import check_count
 
@@ -262,12 +262,11 @@ def load_checkpoint(
             state["rng"] = rngs[trainer.dist.rank]
         else:  # the global batches stay the same; only the per-process random streams cannot carry over
             if trainer.dist.rank == 0:
-                warnings.warn(
+                warn(
                     f"checkpoint {path} was written by {len(rngs)} processes and resumes on "
                     f"{trainer.dist.world_size}: weights, optimiser, EMA, step and the data order carry over, but each "
                     "process's RNG (noise, flips, label dropout) is seeded afresh, so the run no longer matches an "
-                    "uninterrupted one bit for bit",
-                    stacklevel=2,
+                    "uninterrupted one bit for bit"
                 )
             state["rng"] = None
         state["ema"] = load_file(str(path / EMA_FILE))
@@ -284,8 +283,9 @@ def load_checkpoint(
 OFFICIAL_EMA_KEY = "ema_model"
 
 
-def _load_official(path: str | Path) -> Any:
-    if Path(path).is_dir():  # torch.load would raise a bare IsADirectoryError
+def _load_official(path: str | Path | IO[bytes]) -> Any:
+    # torch.load would raise a bare IsADirectoryError (a buffer, which torch.load reads too, is no folder)
+    if isinstance(path, (str, os.PathLike)) and Path(path).is_dir():
         raise ValueError(f"{path} is a folder, not an official .pth: read a sphere_fast checkpoint folder with "
                          "load_checkpoint")
     try:
@@ -328,9 +328,10 @@ def _without_rope(state: dict[str, torch.Tensor], model: SphereEncoder | None, p
     return {k: v for k, v in state.items() if k not in ROPE_BUFFERS}
 
 
-def read_official(path: str | Path, key: str = "model") -> dict[str, torch.Tensor]:
-    """The state_dict of an official ``.pth``: a plain state_dict or a dict holding it under ``key`` (``"model"``,
-    or ``"ema_model"`` for the EMA weights of an official training checkpoint)."""
+def read_official(path: str | Path | IO[bytes], key: str = "model") -> dict[str, torch.Tensor]:
+    """The state_dict of an official ``.pth`` (a path or a file object, as ``torch.load`` reads): a plain
+    state_dict or a dict holding it under ``key`` (``"model"``, or ``"ema_model"`` for the EMA weights of an
+    official training checkpoint)."""
     return _without_rope(_state_under(_load_official(path), key, path), None, path)
 
 
@@ -350,8 +351,8 @@ def official_to_checkpoint(pth: str | Path, out: str | Path, model_config: Mappi
         if all(isinstance(v, torch.Tensor) for v in official_ema.values()):
             ema = _without_rope(_state_under(obj, OFFICIAL_EMA_KEY, pth), model, pth)
         else:  # the EMA is a bonus here: its layout does not block the weights asked for
-            warnings.warn(f"{pth}: {OFFICIAL_EMA_KEY!r} holds other objects than tensors; the weights under {key!r} "
-                          "are converted without EMA weights", stacklevel=2)
+            warn(f"{pth}: {OFFICIAL_EMA_KEY!r} holds other objects than tensors; the weights under {key!r} are "
+                 "converted without EMA weights")
     path = save_checkpoint(out, model, name="converted", ema_weights=ema)
     assert path is not None
     return path

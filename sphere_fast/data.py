@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from sphere_fast._warn import warn
 from sphere_fast.sampling import check_count
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -84,17 +85,33 @@ def _is_data(name: str) -> bool:
     return not name.startswith(".") and name != "__MACOSX"
 
 
-def _class_images(folder: Path) -> list[Path]:
-    """The image files under ``folder``, symlinked sub-folders followed (``Path.rglob`` skips them before 3.13)."""
-    found, seen = [], set()
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _class_images(folder: Path, root: Path) -> list[Path]:
+    """The image files under class ``folder`` of data ``root``, symlinked sub-folders followed (``Path.rglob``
+    skips them before 3.13), each real file once; a link to the root or above it, or into another class's
+    folder, is not followed (its images would be this class's)."""
+    own, top = os.path.realpath(folder), os.path.realpath(root)
+    found, walked, files_seen = [], set(), set()
     for parent, dirs, files in os.walk(folder, followlinks=True):
-        seen.add(os.path.realpath(parent))
-        # a link back up the tree would be walked forever
-        dirs[:] = [d for d in dirs if _is_data(d) and os.path.realpath(os.path.join(parent, d)) not in seen]
-        found += [
-            path for f in files
-            if _is_data(f) and (path := Path(parent) / f).suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
-        ]
+        walked.add(os.path.realpath(parent))
+        kept = []
+        for d in dirs:
+            real = os.path.realpath(os.path.join(parent, d))
+            # walked already (a link back up would loop), the root or above, or another class's folder
+            foreign = _within(top, real) or (_within(real, top) and not _within(real, own))
+            if _is_data(d) and real not in walked and not foreign:
+                kept.append(d)
+        dirs[:] = sorted(kept)  # walked in order: of two links to one folder, the first by name keeps its images
+        for f in sorted(files):
+            path = Path(parent) / f
+            if _is_data(f) and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+                real = os.path.realpath(path)
+                if real not in files_seen:  # a folder linked twice gives its images once
+                    files_seen.add(real)
+                    found.append(path)
     return sorted(found)
 
 
@@ -105,7 +122,7 @@ def image_folder(root: str | Path, image_size: int) -> FileListDataset:
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and _is_data(d.name))
-    images = {name: _class_images(root / name) for name in classes}
+    images = {name: _class_images(root / name, root) for name in classes}
     empty = [name for name in classes if not images[name]]
     if empty:
         raise ValueError(f"class folders of {root} hold no images ({', '.join(IMAGE_EXTENSIONS)}): {empty}")
@@ -274,9 +291,7 @@ def open_dataset(spec: str, image_size: int, *, synthetic_fallback: bool = False
         except FileNotFoundError as err:
             if not synthetic_fallback:
                 raise
-            import warnings
-
-            warnings.warn(f"{err}; falling back to synthetic shapes", stacklevel=2)
+            warn(f"{err}; falling back to synthetic shapes")
             return SyntheticShapes(size=4096, image_size=image_size)
     if spec.lower().endswith((".jsonl", ".json")):
         return jsonl_list(spec, image_size, root=list_root)

@@ -11,13 +11,13 @@ import contextlib
 import logging
 import math
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import torch
 
 from sphere_fast import ops
+from sphere_fast._warn import warn
 from sphere_fast.backend import active_backend, constant_under_compile
 from sphere_fast.model import (
     Conditioning,
@@ -55,8 +55,7 @@ def check_sampling_args(
     if not math.isfinite(cfg) or cfg < 1:
         raise ValueError(f"cfg must be a finite number >= 1, got {cfg!r}")
     if cfg > 1 and model.num_classes == 0:  # as the official code: no null branch to guide against
-        warnings.warn(f"cfg={cfg} on an unconditional model (num_classes=0) has no effect: it samples without "
-                      "guidance", stacklevel=3)
+        warn(f"cfg={cfg} on an unconditional model (num_classes=0) has no effect: it samples without guidance")
     if cfg_position not in CFG_POSITIONS:
         raise ValueError(f"cfg_position must be one of {CFG_POSITIONS}, got {cfg_position!r}")
     check_count(steps_name, steps)

@@ -13,7 +13,6 @@ import inspect
 import json
 import math
 import os
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sphere_fast import ops
+from sphere_fast._warn import warn
 from sphere_fast.model import check_label_range, labels_checked
 from sphere_fast.perceptual import LPIPS, ConvNeXt, load_state_dict_file
 from sphere_fast.sampling import check_count
@@ -608,10 +608,9 @@ class Trainer:
             if (saved := state["train_config"].get(name, value)) != value
         }
         if changed and self.dist.rank == 0:
-            warnings.warn(
+            warn(
                 "resuming with another recipe than the checkpoint's: "
-                + ", ".join(f"{name} {saved!r} -> {value!r}" for name, (saved, value) in changed.items()),
-                stacklevel=2,
+                + ", ".join(f"{name} {saved!r} -> {value!r}" for name, (saved, value) in changed.items())
             )
         self.step = int(state["step"])
         self.optimizer.load_state_dict(state["optimizer"])

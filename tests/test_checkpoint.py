@@ -1,4 +1,5 @@
 import dataclasses
+import io
 import json
 import shutil
 import signal
@@ -352,6 +353,9 @@ def test_a_path_that_is_no_checkpoint_folder_is_named_for_what_it_is(tmp_path):
     with pytest.raises(ValueError, match="is a folder, not an official .pth"):
         official_to_checkpoint(folder, tmp_path / "out", TINY_CONFIG)
     assert not (tmp_path / "out").exists()
+    # a file object (a .pth streamed, or read from an archive) is read as torch.load reads it
+    buffer = io.BytesIO(pth.read_bytes())
+    assert read_official(buffer).keys() == tiny_model().state_dict().keys()
 
 
 @pytest.mark.parametrize("layout", ["plain", "model_key", "ddp_prefix", "compile_prefix", "compiled_ddp_prefix"])

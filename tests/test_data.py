@@ -134,6 +134,21 @@ def test_list_files_skip_blank_lines_keep_class_ids_and_check_them(tmp_path):
             jsonl_list(tmp_path / "bad.jsonl", 16)
 
 
+def test_image_folder_links_do_not_move_images_between_classes(tmp_path):
+    """A link inside a class folder back up to the root (or into another class's folder) is not followed: its
+    images would take this class's label; a folder linked twice gives its images once."""
+    for name in ("a", "b"):
+        write_image(tmp_path / name / f"{name}.png", 16, 16, (255, 0, 0))
+    (tmp_path / "a" / "up").symlink_to(tmp_path)
+    (tmp_path / "a" / "b_too").symlink_to(tmp_path / "b")
+    write_image(tmp_path.parent / f"{tmp_path.name}_extra" / "x.png", 16, 16, (0, 255, 0))
+    for link in ("once", "twice"):  # outside the root: followed, its images counted once
+        (tmp_path / "b" / link).symlink_to(tmp_path.parent / f"{tmp_path.name}_extra")
+    ds = image_folder(tmp_path, 16)
+    assert sorted((p.relative_to(tmp_path).as_posix(), k) for p, k in ds.items) == [
+        ("a/a.png", 0), ("b/b.png", 1), ("b/once/x.png", 1)]
+
+
 def test_a_list_whose_images_are_not_there_is_refused_when_opened(tmp_path):
     """A wrong root (every relative path missing) stops at open, naming a path, not at the loader's first batch
     or hours into a run; a sample of the list is checked (LIST_FILES_CHECKED), not each of a million files."""

@@ -107,6 +107,18 @@ def test_unconditional_model():
         m.generate(3, cfg=1.4, seeds=seeds)
 
 
+def test_a_warning_points_at_the_callers_line():
+    """Past sphere_fast's frames and torch's (no_grad's wrapper): per-module warning filters can select it."""
+    m = tiny_model(num_classes=0)
+    calls = (lambda: Sampler(m, 2, 1, cfg=1.4, dtype=torch.float32), lambda: m.generate(2, cfg=1.4),
+             lambda: editing.interpolate(m, SEEDS[:4], rows=1, cols=2, cfg=1.4))
+    for call in calls:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+        assert [(w.filename, str(w.message)[:7]) for w in caught] == [(__file__, "cfg=1.4")]
+
+
 def test_the_null_label_samples_unconditionally(model):
     """The null label (num_classes), which the networks and the edits take, is taken by generate and the
     Sampler too: its sample is unconditional, so CFG (both branches null) leaves it as it is."""
