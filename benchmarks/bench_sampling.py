@@ -266,8 +266,8 @@ def time_sampler(
     probe = cuda_time_ms(lambda: run(labels, seeds), warmup=0, rep=1, flush_l2=False)
     ms = cuda_time_ms(lambda: run(labels, seeds), warmup=0, rep=timed_calls(probe), flush_l2=False)
     flops = flops_per_image(name, steps, cfg)
-    record(benchmark, op=f"sample {name}", impl=label or impl, shape=grids.sampler_case(batch, steps, cfg), dtype=DTYPE, ms=ms,
-           flops=flops * batch if flops else None, ceilings=ceilings,
+    record(benchmark, op=f"sample {name}", impl=label or impl, shape=grids.sampler_case(batch, steps, cfg),
+           dtype=DTYPE, ms=ms, flops=flops * batch if flops else None, ceilings=ceilings,
            extra={"images_per_s": batch / (ms * 1e-3), "mean_abs_diff_vs_eager": diff, "peak_gb": memory.gb(),
                   "first_call_s": first_call_s, **({"eager_cfg_effect": cfg_effect} if cfg_effect is not None else {})})
 
