@@ -69,16 +69,27 @@ def _seeds(seeds: torch.Tensor | None, batch: int, device: torch.device) -> torc
     return fresh_seeds(batch, device) if seeds is None else seeds_on(seeds, batch, device)
 
 
+def _class_labels(
+    model: nn.Module, batch: int, labels: int | torch.Tensor, device: torch.device, name: str
+) -> torch.Tensor | None:
+    """[B] labels, or one class for every image given as an int (numpy's too), checked as sample_labels does."""
+    if isinstance(labels, numbers.Integral) and not isinstance(labels, bool):
+        labels = torch.full((batch,), int(labels), dtype=torch.long)
+    return sample_labels(model, batch, labels, device, name=name)
+
+
 @torch.no_grad()
 def reconstruct_images(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None = None, *, dtype: torch.dtype | None = None
+    model: nn.Module, images: torch.Tensor, labels: int | torch.Tensor | None = None, *,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """x -> E(x, y) -> f -> D(., y), no noise; y is the null class unless ``labels`` are given."""
+    """x -> E(x, y) -> f -> D(., y), no noise; y is the null class unless ``labels`` ([B], or an int for every
+    image) are given."""
     x = model_input(model, check_images(model, images))
     check_dtype(dtype, model)
     y = None
     if labels is not None:
-        y = sample_labels(model, x.shape[0], labels, x.device, name="labels")
+        y = _class_labels(model, x.shape[0], labels, x.device, "labels")
     # labels range-checked once above, not in each network call (a device sync each)
     with autocast(x.device, dtype), labels_checked():
         return model.reconstruct(x, y).float()
@@ -109,11 +120,7 @@ def manipulate(
         raise ValueError("target given to an unconditional model (num_classes=0)")
     y = None
     if model.num_classes > 0:
-        if target is None:
-            target = model.num_classes
-        if isinstance(target, numbers.Integral) and not isinstance(target, bool):  # numpy's ints too
-            target = torch.full((batch,), int(target), dtype=torch.long)
-        y = sample_labels(model, batch, target, device, name="target")
+        y = _class_labels(model, batch, model.num_classes if target is None else target, device, "target")
     nets = GuidedNetworks(model, y, None)
     noise = SeededNoise(_seeds(seeds, batch, device), model.latent_shape[1:])
     with autocast(device, dtype), labels_checked():

@@ -42,6 +42,8 @@ def test_reconstruct(model, images):
     labels = torch.tensor([1, 2, 10])
     assert torch.equal(reconstruct_images(model, images, labels), model.reconstruct(images * 2 - 1, labels))
     assert not torch.equal(reconstruct_images(model, images, labels), out)
+    # one class for every image as an int, as manipulate's target
+    assert torch.equal(reconstruct_images(model, images, 2), reconstruct_images(model, images, torch.full((3,), 2)))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         bf16 = model.reconstruct(images * 2 - 1).float()
     assert torch.equal(reconstruct_images(model, images, dtype=torch.bfloat16), bf16)
