@@ -151,6 +151,17 @@ def test_sphere_noise_for_no_samples(backend: str) -> None:
     assert out.shape == (0, 4, 4) and out.device.type == "cuda"
 
 
+@pytest.mark.parametrize("backend", KERNELS)
+def test_noise_of_one_value_samples_at_stream_1(backend: str) -> None:
+    """stream * L == 1: Triton passed an int argument equal to 1 as a constant and the noise kernels failed to
+    compile (the interpreter ran them); the op's values against the eager backend's."""
+    require_backend(backend)
+    z, seeds = randn(3, 1), torch.tensor([4, 5, 6], device=DEVICE)
+    for op in (lambda b: ops.spherify_noise(z, 0.7, seeds=seeds, stream=1, backend=b),
+               lambda b: ops.sphere_noise(seeds, (1,), stream=1, backend=b)):
+        torch.testing.assert_close(op(backend), op("eager"), rtol=1e-5, atol=1e-5)
+
+
 # the C++ forward's 16-byte vectors at the model's widths (4096: two or four a thread), one column at D = 97
 ADALN_SHAPES = [(4, 256, 1024), (2, 255, 1152), (2, 3, 4096), (3, 7, 97)]
 
@@ -240,6 +251,11 @@ def test_cpp_refuses_what_its_cuda_kernels_cannot_launch() -> None:
         ops.adaln_modulate(randn(1, 1, 8).expand(2**31, 1, 8), backend="cpp")
     with pytest.raises(RuntimeError, match="grid axis x"):
         ops.swiglu(randn(1, 16).expand(2**31, 16), backend="cpp")
+    # grid axis y (65535 blocks): a row's column blocks (one column a thread: H odd) and a sample's chunks of 8192
+    with pytest.raises(RuntimeError, match="swiglu: column blocks of H: 65536 exceed CUDA's limit"):
+        ops.swiglu(torch.zeros(1, 2 * (65535 * 256 + 1), device=DEVICE), backend="cpp")
+    with pytest.raises(RuntimeError, match="spherify: chunks of a sample's values: 65536 exceed CUDA's limit"):
+        ops.spherify(torch.zeros(1, 65535 * 8192 + 1, dtype=torch.bfloat16, device=DEVICE), backend="cpp")
 
 
 @pytest.mark.parametrize("tokens", [False, True], ids=["per-sample", "per-token"])
