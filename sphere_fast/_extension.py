@@ -1,11 +1,14 @@
-"""Build and load the C++/CUDA extensions of csrc/ on first use (ninja, cached by torch)."""
+"""Build and load the C++/CUDA extensions of csrc/ on first use (ninja, in a build folder of each configuration)."""
 
 from __future__ import annotations
 
+import fcntl
 import functools
+import hashlib
 import importlib.resources
 import os
 import shutil
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
@@ -42,12 +45,30 @@ def nvcc_flags(cuda_sources: tuple[str, ...]) -> list[str]:
     return ["-O3", *(FAST_ARITHMETIC if precise else ("--use_fast_math",)), "-lineinfo"]
 
 
+def build_folder(name: str, sources: list[str], flags: list[str], cuda_flags: list[str]) -> Path:
+    """The build folder of extension ``name`` in this configuration: torch's root for JIT builds
+    (``TORCH_EXTENSIONS_DIR``), then a folder per torch build, Python, source paths and flags. torch's own folder
+    is one per name: two checkouts, two torch versions or a CPU-only build beside a CUDA one shared it, and a
+    process that waited for another's build imported that one's library; a torch upgraded in place kept the old
+    one (its headers are no dependency ninja tracks)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    config = (torch.__version__, torch.version.git_version, torch.version.cuda, torch.version.hip, sys.version,
+              sources, flags, cuda_flags)
+    return root / f"{name}-{hashlib.sha256(repr(config).encode()).hexdigest()[:16]}"
+
+
 @functools.cache
 def load_extension(name: str, cpu_sources: tuple[str, ...], cuda_sources: tuple[str, ...] = ()) -> ModuleType:
     """Compile ``csrc/<source>`` files into the extension ``name`` and import it.
 
     CUDA sources are added (and ``SPHERE_FAST_WITH_CUDA`` defined for the C++ sources) only when a CUDA build is
     possible, so the same op builds CPU-only on CPU torch. Raises RuntimeError with the compiler output on failure.
+    Processes (torchrun's ranks, other jobs) build one at a time under an OS lock on the build folder, which the
+    kernel releases when its holder dies, so each runs ninja itself: a build that failed in one is not imported by
+    another, and a process killed mid-build leaves no lock that the next would wait on for ever (torch's own
+    ``lock`` file, which it leaves, is removed under the OS lock: its holder can only be dead).
     """
     from torch.utils.cpp_extension import load
 
@@ -59,14 +80,20 @@ def load_extension(name: str, cpu_sources: tuple[str, ...], cuda_sources: tuple[
     if cuda_sources and cuda_build_possible():
         sources += [str(root / s) for s in cuda_sources]
         flags.append("-DSPHERE_FAST_WITH_CUDA")  # the bindings' CUDA launchers (the .cu files never read it)
-    return load(
-        name=name,
-        sources=sources,
-        extra_include_paths=[str(root)],
-        extra_cflags=flags,
-        extra_cuda_cflags=cuda_flags,
-        verbose=env_switch("SPHERE_FAST_VERBOSE_BUILD", default=False),
-    )
+    folder = build_folder(name, sources, flags, cuda_flags)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "sphere_fast.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        (folder / "lock").unlink(missing_ok=True)
+        return load(
+            name=name,
+            sources=sources,
+            extra_include_paths=[str(root)],
+            extra_cflags=flags,
+            extra_cuda_cflags=cuda_flags,
+            build_directory=str(folder),
+            verbose=env_switch("SPHERE_FAST_VERBOSE_BUILD", default=False),
+        )
 
 
 def load_ops(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -29,3 +31,69 @@ def test_cuda_build_possible(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", arch_list)
     assert _extension.cuda_build_possible() is expected
+
+
+SPHERIFY = ("sphere_fast_spherify", ("spherify_binding.cpp", "spherify_cpu.cpp"), ("spherify_cuda.cu",))
+
+
+def loaded_folders(monkeypatch: pytest.MonkeyPatch, tmp_path) -> list[tuple[str, bool]]:
+    """load_extension with torch's load recorded, not run: (its build folder, whether torch's lock was there)."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    seen: list[tuple[str, bool]] = []
+    def record(**kw) -> None:
+        seen.append((kw["build_directory"], os.path.exists(os.path.join(kw["build_directory"], "lock"))))
+
+    monkeypatch.setattr(cpp_extension, "load", record)
+    _extension.load_extension.cache_clear()
+    try:
+        _extension.load_extension(*SPHERIFY)
+    finally:
+        _extension.load_extension.cache_clear()
+    return seen
+
+
+def test_each_torch_and_build_config_has_a_build_folder_of_its_own(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """torch's JIT folder is one per extension name: two torch versions (an upgrade in place too), two checkouts
+    or a CPU-only build beside a CUDA one shared it, and a process waiting for another's build imported that one's
+    library. Here each gets its folder, under TORCH_EXTENSIONS_DIR."""
+    (first, _), = loaded_folders(monkeypatch, tmp_path)
+    monkeypatch.setattr(torch, "__version__", "2.99.0+cpu")
+    (other_torch, _), = loaded_folders(monkeypatch, tmp_path)
+    monkeypatch.setattr(_extension, "csrc_dir", lambda: tmp_path / "another_checkout" / "csrc")
+    (other_checkout, _), = loaded_folders(monkeypatch, tmp_path)
+    assert len({first, other_torch, other_checkout}) == 3
+    assert all(folder.startswith(str(tmp_path / "sphere_fast_spherify-")) for folder in (first, other_torch))
+
+
+def test_a_build_lock_left_by_a_killed_process_is_not_waited_on(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """torch's lock file, left by a process killed while it built (torchrun's SIGTERM, the OOM killer), made every
+    later process wait for ever; under sphere_fast's OS lock (released by the kernel when its holder dies) it can
+    only be a dead process's, and is removed before torch's load."""
+    (folder, _), = loaded_folders(monkeypatch, tmp_path)
+    open(os.path.join(folder, "lock"), "w").close()
+    assert loaded_folders(monkeypatch, tmp_path) == [(folder, False)]
+
+
+def test_processes_build_one_at_a_time(tmp_path) -> None:
+    """A second process waits for the OS lock the first holds (so each runs ninja itself: a build that failed in
+    one is not imported by the other), and goes on once it is released (by the kernel too, if its holder dies)."""
+    import fcntl
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    child = ("from unittest import mock; from sphere_fast import _extension\n"
+             "with mock.patch('torch.utils.cpp_extension.load', lambda **kw: print(kw['build_directory'])):\n"
+             f"    _extension.load_extension(*{SPHERIFY!r})\n")
+    folder = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, check=True)
+    folder = folder.stdout.strip()
+    with open(os.path.join(folder, "sphere_fast.lock"), "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        waiting = subprocess.Popen([sys.executable, "-c", child], env=env, stdout=subprocess.PIPE, text=True)
+        time.sleep(3)
+        assert waiting.poll() is None, "the second process did not wait for the lock"
+    out, _ = waiting.communicate(timeout=60)
+    assert waiting.returncode == 0 and out.strip() == folder
