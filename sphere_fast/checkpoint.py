@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from sphere_fast._files import replaced_atomically
 from sphere_fast._warn import warn
 from sphere_fast.model import ROPE_BUFFERS, WRAPPER_PREFIXES, SphereEncoder, check_model
 from sphere_fast.sampling import check_count
@@ -64,10 +65,9 @@ def _write_safetensors(state: Mapping[str, torch.Tensor], path: Path, config: Ma
 def replace_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically: a temporary file in the same folder, fsynced, then os.replace, so a
     process killed meanwhile leaves the old content whole."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    _fsync(tmp)
-    os.replace(tmp, path)
+    with replaced_atomically(path) as tmp:
+        tmp.write_text(text)
+        _fsync(tmp)
 
 
 def save_checkpoint(
@@ -374,11 +374,6 @@ def checkpoint_to_official(path: str | Path, out: str | Path) -> Path:
     if OFFICIAL_EMA_KEY in state:
         state[OFFICIAL_EMA_KEY].update(_official_rope_tables(model))
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
+    with replaced_atomically(out) as tmp:  # a full-size file is not left beside out if it fails (out a folder, say)
         torch.save(state, tmp)
-        os.replace(tmp, out)
-    except BaseException:  # a full-size file is not left beside out (out a folder, say)
-        tmp.unlink(missing_ok=True)
-        raise
     return out

@@ -13,7 +13,6 @@ cfg, seed, dtype, model config; not the weights) and a rerun with others is refu
 from __future__ import annotations
 
 import json
-import os
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sphere_fast._files import replaced_atomically
 from sphere_fast.sampling import Sampler, check_count
 
 MAX_SEED = 2**31  # seed * 2**32 + index stays below 2**63
@@ -66,9 +66,8 @@ def image_path(folder: Path, index: int, num: int) -> Path:
 def _write_png(image: np.ndarray, path: Path) -> None:
     from PIL import Image
 
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    Image.fromarray(image).save(partial, format="PNG")
-    os.replace(partial, path)  # atomic: a killed job leaves no truncated image behind
+    with replaced_atomically(path) as partial:  # a killed job leaves no truncated image behind
+        Image.fromarray(image).save(partial, format="PNG")
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -88,9 +87,8 @@ def _check_or_write_options(folder: Path, options: dict, rank: int) -> None:
             raise ValueError(f"{folder} holds a sample set made with other options ({', '.join(changed)}): "
                              "finish it with those, or write to another folder")
     elif rank == 0:
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        partial.write_text(json.dumps(options, indent=1))
-        os.replace(partial, path)
+        with replaced_atomically(path) as partial:
+            partial.write_text(json.dumps(options, indent=1))
 
 
 def write_sample_set(
@@ -195,7 +193,6 @@ def pack_npz(folder: str | Path, num: int, path: str | Path | None = None, num_c
     if labels is not None:
         arrays["arr_1"] = labels.numpy()
     path = Path(path) if path is not None else folder / "samples.npz"
-    partial = path.with_name(f".{path.name}.partial.npz")
-    np.savez(partial, **arrays)
-    os.replace(partial, path)
+    with replaced_atomically(path, suffix=".npz") as partial:  # np.savez names a file without it *.npz
+        np.savez(partial, **arrays)
     return path

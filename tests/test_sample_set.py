@@ -161,6 +161,25 @@ def test_pack_npz(model, tmp_path):
         pack_npz(tmp_path, NUM)
 
 
+def test_two_packs_of_one_folder_at_once(model, tmp_path, monkeypatch):
+    """A second pack of the folder runs while the first is between writing its file and renaming it (two scripts
+    at once): each writes a temporary file of its own, so both finish and the packed set is whole (with one
+    fixed temporary name the second renamed the first's file away)."""
+    write(model, tmp_path, batch_size=4)
+    savez, calls = np.savez, []
+
+    def savez_then_another_pack(file, **arrays):
+        savez(file, **arrays)
+        calls.append(file)
+        if len(calls) == 1:  # the first pack has written its file: the second packs now, all through
+            pack_npz(tmp_path, NUM - 1)
+
+    monkeypatch.setattr(np, "savez", savez_then_another_pack)
+    path = pack_npz(tmp_path, NUM)
+    assert len(calls) == 2 and np.load(path)["arr_0"].shape[0] == NUM
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary file left
+
+
 def test_pack_npz_labels_the_set_as_its_options_file_says(model, tmp_path):
     """The labels follow the num_classes the folder's sample_set.json records (the README's Python route passes
     none); another given value would mislabel the images and is refused, naming both. A folder without the file

