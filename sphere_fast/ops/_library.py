@@ -46,8 +46,9 @@ def needs_grad(*tensors: torch.Tensor | float | None) -> bool:
 def grad_only_from(out: torch.Tensor, *inputs: torch.Tensor | float | None) -> torch.Tensor:
     """``out`` requiring grad only when an input it depends on does, as the reference's outputs: an autograd.Function
     marks all its outputs whenever any of its inputs requires grad (``autograd.grad`` would then give zeros where
-    the reference raises). A detached alias shares the version counter: in-place changes are still caught."""
-    return out if needs_grad(*inputs) else out.detach()
+    the reference raises). A detached alias shares the version counter: in-place changes are still caught. An
+    output that requires no grad (no autograd.Function ran: the sampler's path) is returned as it is."""
+    return out.detach() if out.requires_grad and not needs_grad(*inputs) else out
 
 
 def first_order_only(op: str) -> Callable[[Backward], Backward]:
