@@ -32,10 +32,14 @@ from sphere_fast.sampling import check_count
 # ---- noise levels --------------------------------------------------------------------------------
 
 
+# the stratified radii's smallest process batch: one r = 0, one r = 1 and at least one stratum
+MIN_PROCESS_BATCH = 3
+
+
 def stratified_radii(batch: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> torch.Tensor:
     """[B] radii: B-2 strata r_i = (i + max(u_i, 1e-3)) / (B-2), plus one 1.0 and one 0.0, shuffled."""
-    if batch < 3:
-        raise ValueError(f"stratified radii need a per-process batch of at least 3, got {batch}")
+    if batch < MIN_PROCESS_BATCH:
+        raise ValueError(f"stratified radii need a per-process batch of at least {MIN_PROCESS_BATCH}, got {batch}")
     m = batch - 2
     u = torch.rand(m, device=device, generator=generator).clamp_min(1e-3)
     one_and_zero = torch.arange(1.0, -1.0, -1.0, device=device)  # made there: host data would be a blocking copy
@@ -688,9 +692,9 @@ def fit(run: RunConfig, *, resume: bool = True, progress: bool = True) -> Traine
         raise ValueError(f"global_batch {cfg.global_batch} is not divisible by the {info.world_size} processes")
     # checked before anything is read or written: the first step would refuse these after fit wrote to out
     micro_batches(cfg.global_batch // info.world_size, cfg.accumulation_steps)
-    if cfg.global_batch // info.world_size < 3:
+    if cfg.global_batch // info.world_size < MIN_PROCESS_BATCH:
         raise ValueError(f"global_batch {cfg.global_batch} gives {cfg.global_batch // info.world_size} images a "
-                         "process; the stratified noise radii need at least 3 (one r = 0, one r = 1, one stratum)")
+                         f"process; the stratified noise radii need at least {MIN_PROCESS_BATCH}")
     device = torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
     model = SphereEncoder(**run.model)
