@@ -184,6 +184,20 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     return path
 
 
+def resume_point(directory: str | Path) -> tuple[int, dict[str, Any]]:
+    """The step and the training recipe (the run config's ``train``) of the checkpoint a run resumes from in
+    ``directory`` (``latest``), read without loading it: (0, {}) when there is none."""
+    last = latest_checkpoint(directory)
+    if last is None:
+        return 0, {}
+    try:
+        step = json.loads((last / MANIFEST_FILE).read_text())["step"]
+        run = json.loads((last / CONFIG_FILE).read_text())["run"] or {}  # None: saved without a run config
+    except (json.JSONDecodeError, KeyError) as err:
+        raise ValueError(f"checkpoint {last} is corrupt: {err!r}") from None
+    return step, run.get("train", {})
+
+
 def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     """The manifest of a checkpoint folder after checking its format and every file's SHA-256."""
     path = Path(path)

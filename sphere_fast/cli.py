@@ -147,22 +147,8 @@ def load_model(args: argparse.Namespace) -> torch.nn.Module:
 # ---- commands -----------------------------------------------------------------------------------
 
 
-def _resume_point(out: Path) -> tuple[int, dict[str, Any]]:
-    """The step and the recipe of the checkpoint ``fit`` resumes from in run folder ``out``: (0, {}) when none."""
-    from sphere_fast.checkpoint import CONFIG_FILE, MANIFEST_FILE, latest_checkpoint
-
-    last = latest_checkpoint(out / "checkpoints")
-    if last is None:
-        return 0, {}
-    try:
-        step = json.loads((last / MANIFEST_FILE).read_text())["step"]
-        run = json.loads((last / CONFIG_FILE).read_text())["run"] or {}  # None: saved without a run config
-    except (json.JSONDecodeError, KeyError) as err:
-        raise ValueError(f"checkpoint {last} is corrupt: {err!r}") from None
-    return step, run.get("train", {})
-
-
 def cmd_train(args: argparse.Namespace) -> int:
+    from sphere_fast.checkpoint import resume_point
     from sphere_fast.training import RunConfig, TrainConfig, fit
 
     preset = TRAIN_PRESETS[args.preset]
@@ -179,7 +165,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     train_cfg = {**preset["train"], **{k: v for k, v in overrides.items() if v is not None}}
     if args.perceptual_weights:
         train_cfg["perceptual_weights"] = dict(args.perceptual_weights)
-    start, saved = (0, {}) if args.no_resume else _resume_point(Path(args.out))
+    start, saved = (0, {}) if args.no_resume else resume_point(Path(args.out) / "checkpoints")
     if args.warmup is None:
         # a resume keeps its run's warmup (a new --steps must not move it); the preset's is cut to a short run
         warmup = saved.get("warmup_steps", train_cfg["warmup_steps"])
