@@ -164,7 +164,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                  "loss_weights": args.loss_weights}
     train_cfg = {**preset["train"], **{k: v for k, v in overrides.items() if v is not None}}
     if args.perceptual_weights:
-        train_cfg["perceptual_weights"] = dict(args.perceptual_weights)
+        train_cfg["perceptual_weights"] = args.perceptual_weights
     start, saved = (0, {}) if args.no_resume else resume_point(Path(args.out) / "checkpoints")
     if args.warmup is None:
         # a resume keeps its run's warmup (a new --steps must not move it); the preset's is cut to a short run
@@ -392,6 +392,18 @@ def perceptual_file(text: str) -> tuple[str, str]:
     return name, path
 
 
+class PerceptualFiles(argparse.Action):
+    """Stores the NAME=PATH pairs as a dict, refusing a network named twice (a dict would keep the last path)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Sequence[tuple[str, str]], option_string: str | None = None) -> None:
+        names = [name for name, _ in values]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise argparse.ArgumentError(self, f"{', '.join(twice)} named more than once")
+        setattr(namespace, self.dest, dict(values))
+
+
 def _model_command(
     sub: Any, name: str, help: str, func: Any, *, out: str, steps: int | None = None, cfg: bool = False,
     steps_help: str = "forward steps",
@@ -447,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--perceptual-weights",
         nargs="+",
         type=perceptual_file,
+        action=PerceptualFiles,
         metavar="NAME=PATH",
         help="local weight files of the perceptual loss: vgg16=<torchvision vgg16 .pth> "
         "lpips=<lpips v0.1 vgg.pth> convnext_small=<torchvision convnext_small .pth>",
