@@ -124,8 +124,8 @@ def class_grid(model: torch.nn.Module, per_class: int, *, steps: int, cfg: float
     return images, nrow
 
 
-def load_model(args: argparse.Namespace) -> torch.nn.Module:
-    """A model from --checkpoint (EMA weights with --ema) or, at random init, from --preset."""
+def load_model(args: argparse.Namespace, rank: int = 0) -> torch.nn.Module:
+    """A model from --checkpoint (EMA weights with --ema) or, at random init, from --preset (said by rank 0)."""
     from sphere_fast.checkpoint import load_checkpoint
     from sphere_fast.model import SphereEncoder
 
@@ -134,8 +134,9 @@ def load_model(args: argparse.Namespace) -> torch.nn.Module:
     if args.ema:
         raise ValueError("--ema needs --checkpoint: a preset at random init has no EMA weights")
     # the command succeeds either way: without this its grey output would pass for a trained model's
-    print(f"sphere-fast {args.command}: warning: no --checkpoint: the model is an untrained {args.preset} at random "
-          "init (it makes flat grey images)", file=sys.stderr)
+    if rank == 0:
+        print(f"sphere-fast {args.command}: warning: no --checkpoint: the model is an untrained {args.preset} at "
+              "random init (it makes flat grey images)", file=sys.stderr)
     torch.manual_seed(args.seed)
     if args.preset in TRAIN_PRESETS:
         model = SphereEncoder(**TRAIN_PRESETS[args.preset]["model"])
@@ -215,7 +216,7 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
     if info.world_size > 1 and args.device == "cuda":
         args.device = f"cuda:{info.local_rank}"
     dtype = DTYPES[args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
-    model = load_model(args).to(dtype)  # the paper evaluates in bf16
+    model = load_model(args, info.rank).to(dtype)  # the paper evaluates in bf16
     start = time.perf_counter()
     written = write_sample_set(
         model, args.out, args.num, batch_size=args.batch_size, steps=args.steps, cfg=args.cfg,

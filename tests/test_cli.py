@@ -276,13 +276,14 @@ def test_train_with_missing_perceptual_weight_files_writes_nothing(tmp_path, cap
 
 def test_sample_set_under_torchrun_takes_its_rank_and_local_gpu(recorded, monkeypatch, tmp_path):
     monkeypatch.setattr(training, "init_distributed", lambda: training.DistInfo(rank=1, world_size=2, local_rank=1))
-    devices: list[str] = []
-    monkeypatch.setattr(cli, "load_model", lambda args: devices.append(args.device) or tiny_model().eval())
+    devices: list[tuple[str, int]] = []
+    monkeypatch.setattr(cli, "load_model",
+                        lambda args, rank: devices.append((args.device, rank)) or tiny_model().eval())
     monkeypatch.setattr(torch.distributed, "barrier", lambda: None)
     monkeypatch.setattr(sample_set, "pack_npz", lambda *a, **k: pytest.fail("only rank 0 packs the .npz"))
     assert main(["sample-set", "--device", "cuda", "--num", "4", "--npz", "--out", str(tmp_path)]) == 0
     (model, _, _), kwargs = recorded["write_sample_set"]
-    assert devices == ["cuda:1"] and (kwargs["rank"], kwargs["world_size"]) == (1, 2)
+    assert devices == [("cuda:1", 1)] and (kwargs["rank"], kwargs["world_size"]) == (1, 2)
     assert next(model.parameters()).dtype == torch.bfloat16  # the default on a GPU
 
 
@@ -419,6 +420,8 @@ def test_a_model_without_checkpoint_is_said_to_be_untrained(recorded, monkeypatc
         assert main([*args, "--device", "cpu", "--out", out]) == 0
         assert (f"sphere-fast {args[0]}: warning: no --checkpoint: the model is an untrained fashion-mnist-demo at "
                 "random init") in capsys.readouterr().err
+    load_model(build_parser().parse_args(["sample-set", "--device", "cpu"]), rank=1)  # torchrun: rank 0 says it
+    assert "warning" not in capsys.readouterr().err
     assert main(["sample", "--checkpoint", "run", "--out", out]) == 0
     assert "warning" not in capsys.readouterr().err
 
