@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from sphere_fast._random import generator_kwargs
 from sphere_fast._warn import warn
 from sphere_fast.sampling import check_count
 
@@ -56,7 +57,7 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
 
 def random_hflip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Flip each image of [B, C, H, W] left-right with probability 1/2."""
-    flip = torch.rand(x.shape[0], generator=generator, device=x.device) < 0.5
+    flip = torch.rand(x.shape[0], device=x.device, **generator_kwargs(generator)) < 0.5
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
 
 

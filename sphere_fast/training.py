@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sphere_fast import ops
+from sphere_fast._random import generator_kwargs
 from sphere_fast._warn import warn
 from sphere_fast.model import check_label_range, labels_checked
 from sphere_fast.perceptual import LPIPS, ConvNeXt, load_state_dict_file
@@ -41,10 +42,10 @@ def stratified_radii(batch: int, device: torch.device | str = "cpu", generator: 
     if batch < MIN_PROCESS_BATCH:
         raise ValueError(f"stratified radii need a per-process batch of at least {MIN_PROCESS_BATCH}, got {batch}")
     m = batch - 2
-    u = torch.rand(m, device=device, generator=generator).clamp_min(1e-3)
+    u = torch.rand(m, device=device, **generator_kwargs(generator)).clamp_min(1e-3)
     one_and_zero = torch.arange(1.0, -1.0, -1.0, device=device)  # made there: host data would be a blocking copy
     r = torch.cat([(torch.arange(m, device=device) + u) / m, one_and_zero])
-    return r[torch.randperm(batch, device=device, generator=generator)]
+    return r[torch.randperm(batch, device=device, **generator_kwargs(generator))]
 
 
 def noise_scales(
@@ -55,7 +56,7 @@ def noise_scales(
     r = stratified_radii(batch, device, generator)
     r_big = r
     if model.mix_hard_cases:
-        s = torch.rand(batch, device=device, generator=generator)
+        s = torch.rand(batch, device=device, **generator_kwargs(generator))
         # the same s picks and sizes the hard cases (kept from the official code)
         r_mix = 1 + s * (math.tan(math.radians(model.mix_hard_cases_max_angle)) / sigma - 1)
         r_big = torch.where(s > model.mix_hard_cases_prob, r, r_mix)

@@ -513,3 +513,20 @@ def test_compile_training_forward_fullgraph(backend):
         assert (grad is None) == (ref is None)
         if ref is not None:
             torch.testing.assert_close(grad, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_compile_training_forward_with_dynamic_batch():
+    """The training forward compiled with dynamic=True: its noise levels' draws (torch.rand, randperm) take the
+    symbolic batch, and each batch gives what eager does (a last partial batch must not crash a compiled run)."""
+    from tests.tiny import no_label_dropout, tiny_batch, tiny_model
+
+    model = no_label_dropout(tiny_model()).train()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="aot_eager")
+    for batch in (3, 5):
+        x, y = tiny_batch(batch)
+        outs = []
+        for fn in (compiled, model):
+            torch.manual_seed(0)
+            outs.append(fn(x, y))
+        for out, ref in zip(*outs, strict=True):
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
