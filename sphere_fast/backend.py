@@ -38,6 +38,29 @@ def check_backend_name(name: str, what: str = "backend") -> str:
     return name
 
 
+def autodiff_transform() -> str | None:
+    """The differentiation in force that the fused kernels cannot follow, if any: their derivatives are
+    reverse-mode autograd only, so under forward-mode AD or a torch.func transform their outputs would pass for
+    constants (zero tangents, gradients left out) without an error."""
+    if torch._C._are_functorch_transforms_active():
+        return "a torch.func transform (vmap, grad, jvp, jacrev, ...)"
+    if torch.autograd.forward_ad._current_level >= 0:
+        return "forward-mode AD (torch.autograd.forward_ad.dual_level)"
+    return None
+
+
+def requested_backend(op: str, backend: str | None) -> str:
+    """The backend requested for a call of ``op``: ``backend=``, else the active one; under ``autodiff_transform``
+    ``auto`` reads as ``eager`` and a fused backend named explicitly is refused."""
+    name = check_backend_name(backend) if backend is not None else active_backend()
+    if name != "eager" and (transform := autodiff_transform()) is not None:
+        if name != "auto":
+            raise NotImplementedError(f"{op}: backend {name!r} cannot run under {transform} (its kernels' "
+                                      "gradients are reverse-mode autograd only); use backend 'eager' or 'auto'")
+        return "eager"
+    return name
+
+
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -114,11 +137,11 @@ def constant_under_compile(fn: F) -> F:
 
 
 @constant_under_compile
-def requested_cpp_as_auto(backend: str | None) -> str:
-    """The backend requested for an op with no C++ kernel (``backend=``, else the active one), ``cpp`` read as
-    ``auto``: such an op runs on the backend ``auto`` picks for it, so every op runs under ``cpp``. A constant
-    under torch.compile (the active backend lives in a context variable)."""
-    requested = check_backend_name(backend) if backend is not None else active_backend()
+def requested_cpp_as_auto(op: str, backend: str | None) -> str:
+    """The backend requested for ``op``, one with no C++ kernel (``requested_backend``), ``cpp`` read as ``auto``:
+    such an op runs on the backend ``auto`` picks for it, so every op runs under ``cpp``. A constant under
+    torch.compile (the active backend lives in a context variable)."""
+    requested = requested_backend(op, backend)
     return "auto" if requested == "cpp" else requested
 
 
@@ -130,8 +153,7 @@ def resolve_backend(op: str, device: torch.device, requested: str | None, auto_o
     kernels exist to prove the CUDA math without a GPU, not to be fast). Under torch.compile it runs once
     at trace time and its answer is a constant, so it causes no graph break.
     """
-    name = check_backend_name(requested, "backend") if requested is not None else active_backend()
-    return _resolve(op, device.type, name, auto_order, triton_interpreting())
+    return _resolve(op, device.type, requested_backend(op, requested), auto_order, triton_interpreting())
 
 
 @functools.cache

@@ -426,9 +426,14 @@ def test_compile_with_dynamic_shapes(backend: str) -> None:
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_opcheck(backend: str) -> None:
-    """Schema and fake kernels (the ops are not differentiable themselves: see ops/_library.py)."""
+    """Schema, fake kernels and autograd (the forward ops are differentiable themselves, the backward op is not:
+    see ops/_library.py)."""
     x, br, gate, w, sh, sc = make_inputs(2, 3, 96, tokens=False)
     torch.library.opcheck(torch.ops.sphere_fast.gated_residual_adaln_fwd.default, (x, br, gate, w, sh, sc, 1e-6, backend))
+    needing_grad = [t.clone().requires_grad_() for t in (x, br, gate, w)]
+    torch.library.opcheck(torch.ops.sphere_fast.gated_residual_adaln_fwd.default,
+                          (*needing_grad, sh, sc, 1e-6, backend))
+    torch.library.opcheck(torch.ops.sphere_fast.adaln_modulate_fwd.default, (needing_grad[0], w, sh, sc, 1e-6, backend))
     torch.library.opcheck(torch.ops.sphere_fast.adaln_modulate_fwd.default, (x, w, sh, sc, 1e-6, backend))
     torch.library.opcheck(torch.ops.sphere_fast.adaln_modulate_fwd.default, (x, None, None, None, 1e-6, backend))
     res = x + gate * br

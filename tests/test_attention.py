@@ -284,11 +284,13 @@ def test_large_batches_match_fp64(impl: str, shape: tuple[int, int, int, int]) -
 
 
 def test_opcheck() -> None:
-    """Schema and fake kernels (the ops are not differentiable themselves: see ops/_library.py)."""
+    """Schema, fake kernels and autograd (the forward op is differentiable itself, the backward op is not: see
+    ops/_library.py)."""
     h, n, d = 1, 9, 24
     q, k, v = (t.detach().contiguous() for t in split_qkv(qkv_leaf(1, h, n, d, torch.float32), h, d))
     rope = official_rope(n, d)
     torch.library.opcheck(torch.ops.sphere_fast.attention_triton_fwd, (q, k, v, rope))
+    torch.library.opcheck(torch.ops.sphere_fast.attention_triton_fwd, (q.clone().requires_grad_(), k, v, rope))
     torch.library.opcheck(torch.ops.sphere_fast.attention_triton_fwd, (q, k, v, None))
     o, lse = torch.ops.sphere_fast.attention_triton_fwd(q, k, v, rope)
     torch.library.opcheck(torch.ops.sphere_fast.attention_triton_bwd, (torch.randn_like(o), q, k, v, o, lse, rope))

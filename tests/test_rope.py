@@ -173,14 +173,20 @@ def test_empty_batch() -> None:
 
 
 def test_opcheck() -> None:
-    """Schema and fake kernels (the ops are not differentiable themselves: see ops/_library.py)."""
+    """Schema, fake kernels and autograd: the forward op is differentiable itself (a graph holding it, as
+    torch.export's, trains through it; see ops/_library.py), with apply_rope's gradients."""
     _, q, k = qk_views(1, 2, 9, 24, torch.float32)
     q, k = (t.detach().contiguous() for t in (q, k))
     rope = table(9, 24)
     torch.library.opcheck(torch.ops.sphere_fast.rope_fwd, (q, k, rope))
     torch.library.opcheck(torch.ops.sphere_fast.rope_bwd, (q, k, rope))
-    # autograd passes the op itself by: called directly on inputs that require grad, its outputs do not
-    assert not any(t.requires_grad for t in torch.ops.sphere_fast.rope_fwd(q.requires_grad_(), k, rope))
+    torch.library.opcheck(torch.ops.sphere_fast.rope_fwd, (q.requires_grad_(), k, rope))
+    dq_rot, dk_rot = torch.randn_like(q), torch.randn_like(k)
+    q_rot, k_rot = torch.ops.sphere_fast.rope_fwd(q, k, rope)
+    (got,) = torch.autograd.grad((q_rot * dq_rot).sum() + (k_rot * dk_rot).sum(), q)
+    q_ref, k_ref = apply_rope_reference(q, k, rope)
+    (want,) = torch.autograd.grad((q_ref * dq_rot).sum() + (k_ref * dk_rot).sum(), q)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
 def test_compile_fullgraph_no_graph_break() -> None:

@@ -538,7 +538,11 @@ def _opcheck_args(backend):
 
 @pytest.mark.parametrize("backend", KERNELS)
 def test_opcheck(backend):
-    """Schema and fake kernels (the ops are not differentiable themselves: see ops/_library.py)."""
+    """Schema, fake kernels and autograd (the forward op is differentiable itself, the backward and noise ops are
+    not: see ops/_library.py)."""
+    z, scales, noise, *rest = _opcheck_args(backend)[2]
+    torch.library.opcheck(torch.ops.sphere_fast.spherify_fwd.default,
+                          (z.clone().requires_grad_(), scales.clone().requires_grad_(), noise, *rest))
     for args in _opcheck_args(backend):
         torch.library.opcheck(torch.ops.sphere_fast.spherify_fwd.default, args)
         z, scales, noise, seeds, stream, _ = args

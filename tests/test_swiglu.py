@@ -145,9 +145,11 @@ def test_a_gradient_of_a_gradient_is_eager_only(backend: str) -> None:
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_opcheck(backend: str) -> None:
-    """The ops' schema and fake kernels (they are not differentiable themselves: see ops/_library.py)."""
+    """The ops' schema, fake kernels and autograd (the forward op is differentiable itself, the backward op is not:
+    see ops/_library.py)."""
     h = randn(2, 3, 2 * 85)
     torch.library.opcheck(torch.ops.sphere_fast.swiglu_fwd.default, (h, backend))
+    torch.library.opcheck(torch.ops.sphere_fast.swiglu_fwd.default, (h.clone().requires_grad_(), backend))
     torch.library.opcheck(torch.ops.sphere_fast.swiglu_bwd.default, (randn(2, 3, 85), h, backend))
 
 

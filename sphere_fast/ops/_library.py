@@ -1,5 +1,6 @@
-"""How the fused ops are registered with PyTorch: ``torch.library`` define + impl for the kernels, and each op's
-autograd in a ``torch.autograd.Function`` around them, entered only when a call needs a gradient.
+"""How the fused ops are registered with PyTorch: ``torch.library`` define + impl for the kernels, and each forward
+op's autograd in a ``torch.autograd.Function`` around it, entered only when a call needs a gradient. The autograd
+is the op's own (its Autograd kernel), so a graph holding the op (torch.export, inductor) differentiates it too.
 
 Not ``@torch.library.custom_op``: that decorator runs every call through Python layers (its autograd
 wrapper, alias checks, and a dynamo-disable wrapper that imports ``torch._dynamo``, about 1.8 s, on the first
@@ -22,20 +23,45 @@ LIBRARY = torch.library.Library("sphere_fast", "FRAGMENT")
 DEVICE_KEYS = ("CPU", "CUDA")  # CPU: the C++ kernels, and the Triton ones under TRITON_INTERPRET=1
 
 
-def define_op(name: str, fake: Callable[..., object]) -> Callable[[Callable[..., object]], torch._ops.OpOverload]:
+def define_op(
+    name: str, fake: Callable[..., object], *, differentiable: bool = False
+) -> Callable[[Callable[..., object]], torch._ops.OpOverload]:
     """Decorator: ``fn`` becomes ``torch.ops.sphere_fast.<name>`` on CPU and CUDA tensors (schema from its
-    type hints, ``fake`` for fake tensors), and the decorated name is that op."""
+    type hints, ``fake`` for fake tensors), and the decorated name is that op. A ``differentiable`` op gets its
+    autograd from ``differentiable_by``; autograd passes any other by (the backward ops, the noise)."""
 
     def register(fn: Callable[..., object]) -> torch._ops.OpOverload:
         LIBRARY.define(name + torch.library.infer_schema(fn, mutates_args=()))
         for key in DEVICE_KEYS:
             LIBRARY.impl(name, fn, key)
-        # The op itself is not differentiable (its gradient is the op's autograd.Function): autograd passes it by.
-        LIBRARY.impl(name, torch.library.fallthrough_kernel, "Autograd")
+        if not differentiable:
+            LIBRARY.impl(name, torch.library.fallthrough_kernel, "Autograd")
         torch.library.register_fake(f"sphere_fast::{name}", fake, lib=LIBRARY)
         return getattr(torch.ops.sphere_fast, name).default
 
     return register
+
+
+def differentiable_by(op: torch._ops.OpOverload, function: type[torch.autograd.Function]) -> None:
+    """``function`` (its forward takes the op's arguments and returns the op's outputs) becomes the op's Autograd
+    kernel: a call that needs a gradient is recorded through it, any other runs the kernel below autograd."""
+
+    def autograd_kernel(keyset: torch._C.DispatchKeySet, *args: object) -> object:
+        if needs_grad(*args):  # type: ignore[arg-type]
+            return function.apply(*args)
+        return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+    LIBRARY.impl(op._schema.name.split("::")[1], autograd_kernel, "Autograd", with_keyset=True)
+
+
+def call_op(op: torch._ops.OpOverload, *args: object) -> object:
+    """``op(*args)`` from a public op. A call that needs no gradient (the sampler's, under no_grad) runs below
+    autograd, skipping the op's Python autograd kernel: 2-3 us of host time a call, where the un-captured
+    sampler makes about 800 calls. Under torch.compile the op is called as it is, a leaf of the graph."""
+    if torch.compiler.is_compiling() or needs_grad(*args):  # type: ignore[arg-type]
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
 
 
 def needs_grad(*tensors: torch.Tensor | float | None) -> bool:

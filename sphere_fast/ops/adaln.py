@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from sphere_fast.backend import emulate_bf16, resolve_backend, triton_interpreting
-from sphere_fast.ops._library import define_op, first_order_only, grad_only_from, needs_grad
+from sphere_fast.ops._library import call_op, define_op, differentiable_by, first_order_only, grad_only_from
 from sphere_fast.ops._tuning import launch_tuned
 from sphere_fast.ops._util import kernel_runner, next_pow2, on_input_device, unit_last_stride
 
@@ -387,7 +387,7 @@ def _bwd_fake(dy, dres, res, branch, gate, weight, shift, scale, rstd, backend=N
     return like(res), like(branch), like(gate), like(weight), like(shift), like(scale)
 
 
-@define_op("adaln_modulate_fwd", fake=_modulate_fake)
+@define_op("adaln_modulate_fwd", fake=_modulate_fake, differentiable=True)
 def _modulate_fwd(
     x: Tensor, weight: Tensor | None, shift: Tensor | None, scale: Tensor | None, eps: float, backend: str
 ) -> tuple[Tensor, Tensor]:
@@ -395,7 +395,7 @@ def _modulate_fwd(
     return y, rstd
 
 
-@define_op("gated_residual_adaln_fwd", fake=_fwd_fake)
+@define_op("gated_residual_adaln_fwd", fake=_fwd_fake, differentiable=True)
 def _gated_fwd(
     x: Tensor, branch: Tensor, gate: Tensor | None, weight: Tensor | None, shift: Tensor | None,
     scale: Tensor | None, eps: float, backend: str,
@@ -420,15 +420,16 @@ def _grad(g: Tensor, t: Tensor | None) -> Tensor | None:
 
 class _ModulateFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, shift, scale, eps: float, backend: str) -> Tensor:
+    def forward(ctx, x, weight, shift, scale, eps: float, backend: str) -> tuple[Tensor, Tensor]:
         y, rstd = _modulate_fwd(x, weight, shift, scale, eps, backend)
         ctx.save_for_backward(x, weight, shift, scale, rstd)
+        ctx.mark_non_differentiable(rstd)
         ctx.backend = backend
-        return y
+        return y, rstd
 
     @staticmethod
     @first_order_only("adaln_modulate")
-    def backward(ctx, dy: Tensor):
+    def backward(ctx, dy: Tensor, _drstd: Tensor):
         x, weight, shift, scale, rstd = ctx.saved_tensors
         dx, _, _, dw, dsh, dsc = _adaln_bwd(dy, None, x, None, None, weight, shift, scale, rstd, ctx.backend)
         return dx, _grad(dw, weight), _grad(dsh, shift), _grad(dsc, scale), None, None
@@ -436,18 +437,23 @@ class _ModulateFunction(torch.autograd.Function):
 
 class _GatedFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, branch, gate, weight, shift, scale, eps: float, backend: str) -> tuple[Tensor, Tensor]:
+    def forward(ctx, x, branch, gate, weight, shift, scale, eps: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
         res, y, rstd = _gated_fwd(x, branch, gate, weight, shift, scale, eps, backend)
         ctx.save_for_backward(res, branch, gate, weight, shift, scale, rstd)
+        ctx.mark_non_differentiable(rstd)
         ctx.backend = backend
-        return res, y
+        return res, y, rstd
 
     @staticmethod
     @first_order_only("gated_residual_adaln")
-    def backward(ctx, dres: Tensor, dy: Tensor):
+    def backward(ctx, dres: Tensor, dy: Tensor, _drstd: Tensor):
         res, branch, gate, weight, shift, scale, rstd = ctx.saved_tensors
         dx, db, dg, dw, dsh, dsc = _adaln_bwd(dy, dres, res, branch, gate, weight, shift, scale, rstd, ctx.backend)
         return dx, db, _grad(dg, gate), _grad(dw, weight), _grad(dsh, shift), _grad(dsc, scale), None, None
+
+
+differentiable_by(_modulate_fwd, _ModulateFunction)
+differentiable_by(_gated_fwd, _GatedFunction)
 
 
 # ------------------------------------------------------------------------------------------ public ops
@@ -474,9 +480,7 @@ def adaln_modulate(
     name = resolve_backend("adaln_modulate", x.device, backend, AUTO_ORDER)
     if name == "eager":
         return adaln_modulate_reference(x, weight, shift, scale, eps)
-    if needs_grad(x, weight, shift, scale):
-        return _ModulateFunction.apply(x, weight, shift, scale, float(eps), name)
-    return _modulate_fwd(x, weight, shift, scale, float(eps), name)[0]
+    return call_op(_modulate_fwd, x, weight, shift, scale, float(eps), name)[0]
 
 
 def gated_residual_adaln(
@@ -495,8 +499,5 @@ def gated_residual_adaln(
     name = resolve_backend("gated_residual_adaln", x.device, backend, AUTO_ORDER)
     if name == "eager":
         return gated_residual_adaln_reference(x, branch, gate, weight, shift, scale, eps)
-    if needs_grad(x, branch, gate, weight, shift, scale):
-        res, y = _GatedFunction.apply(x, branch, gate, weight, shift, scale, float(eps), name)
-        return grad_only_from(res, x, branch, gate), y
-    res, y, _ = _gated_fwd(x, branch, gate, weight, shift, scale, float(eps), name)
-    return res, y
+    res, y, _ = call_op(_gated_fwd, x, branch, gate, weight, shift, scale, float(eps), name)
+    return grad_only_from(res, x, branch, gate), y

@@ -34,15 +34,15 @@ import torch
 import torch.nn.functional as F
 
 from sphere_fast.backend import (
-    active_backend,
-    check_backend_name,
+    autodiff_transform,
     constant_under_compile,
     emulate_bf16,
+    requested_backend,
     resolve_backend,
     triton_interpreting,
     triton_usable,
 )
-from sphere_fast.ops._library import define_op, first_order_only, needs_grad
+from sphere_fast.ops._library import call_op, define_op, differentiable_by, first_order_only
 from sphere_fast.ops._tuning import launch_tuned
 from sphere_fast.ops._util import bnhd_empty, kernel_runner, next_pow2, on_input_device, unit_last_stride
 from sphere_fast.ops.rope import apply_rope_reference, check_rope_table, rope_pass
@@ -133,7 +133,9 @@ def _tf32_allowed() -> bool:
 @constant_under_compile
 def _choose_impl(device: torch.device, dtype: torch.dtype, head_dim: int, backend: str | None, impl: str | None) -> str:
     # a constant under torch.compile: runs once at trace time, so the logging below breaks no graph
-    requested = check_backend_name(backend) if backend is not None else active_backend()
+    requested = requested_backend("attention", backend)
+    if impl in TRITON_IMPLS and (transform := autodiff_transform()) is not None:
+        raise NotImplementedError(f"attention: impl {impl!r} cannot run under {transform}; use impl 'sdpa'")
     return _choose(device.type, dtype, head_dim, requested, impl, _tf32_allowed(), triton_interpreting())
 
 
@@ -444,7 +446,7 @@ def _bwd_fake(do, q, k, v, o, lse, rope):
     return bnhd_empty(q), bnhd_empty(q), bnhd_empty(q)
 
 
-@define_op("attention_triton_fwd", fake=_fwd_fake)
+@define_op("attention_triton_fwd", fake=_fwd_fake, differentiable=True)
 def attention_triton_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -469,22 +471,28 @@ def attention_triton_bwd(
 
 class _TritonAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         o, lse = attention_triton_fwd(q, k, v, rope)
         ctx.save_for_backward(q, k, v, o, lse, rope)
-        return o
+        ctx.mark_non_differentiable(lse)
+        return o, lse
 
     @staticmethod
     @first_order_only("attention")
-    def backward(ctx, do: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+    def backward(
+        ctx, do: torch.Tensor, _dlse: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
         q, k, v, o, lse, rope = ctx.saved_tensors
         return *attention_triton_bwd(do, q, k, v, o, lse, rope), None
 
 
+differentiable_by(attention_triton_fwd, _TritonAttentionFunction)
+
+
 def _triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
-    if needs_grad(q, k, v):
-        return _TritonAttentionFunction.apply(q, k, v, rope)
-    return attention_triton_fwd(q, k, v, rope)[0]
+    return call_op(attention_triton_fwd, q, k, v, rope)[0]
 
 
 # ------------------------------------------------------------------------------------------ public op

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from sphere_fast.backend import emulate_bf16, requested_cpp_as_auto, resolve_backend, triton_interpreting
-from sphere_fast.ops._library import define_op, first_order_only, grad_only_from, needs_grad
+from sphere_fast.ops._library import call_op, define_op, differentiable_by, first_order_only, grad_only_from
 from sphere_fast.ops._util import bnhd_empty, kernel_runner, next_pow2, on_input_device, unit_last_stride
 
 AUTO_ORDER = ("triton", "eager")
@@ -116,7 +116,7 @@ def _rope_fake(q, k, rope):
     return bnhd_empty(q), bnhd_empty(q)
 
 
-@define_op("rope_fwd", fake=_rope_fake)
+@define_op("rope_fwd", fake=_rope_fake, differentiable=True)
 def rope_fwd(q: Tensor, k: Tensor, rope: Tensor) -> tuple[Tensor, Tensor]:
     """(R q, R k) with R the rotation of ``rope``: the fused Triton pass."""
     return _triton_rope(q, k, rope, False)
@@ -142,6 +142,9 @@ class _RopeFunction(torch.autograd.Function):
         return *rope_bwd(dq, dk, rope), None
 
 
+differentiable_by(rope_fwd, _RopeFunction)
+
+
 def apply_rope(q: Tensor, k: Tensor, rope: Tensor, *, backend: str | None = None) -> tuple[Tensor, Tensor]:
     """q and k [B, H, N, D] (strided views allowed, same shape and dtype) rotated by ``rope`` [N, 2D] float32
     (cos | sin, interleaved pairs): (q_rot, k_rot) in q's dtype. The table is a constant: no gradient. Backend
@@ -152,7 +155,7 @@ def apply_rope(q: Tensor, k: Tensor, rope: Tensor, *, backend: str | None = None
 
 def rope_pass(q: Tensor, k: Tensor, rope: Tensor, backend: str | None) -> tuple[Tensor, Tensor]:
     """``apply_rope`` without its input checks, for a caller that made them (attention, on every call)."""
-    requested = requested_cpp_as_auto(backend)
+    requested = requested_cpp_as_auto("rope", backend)
     table_needs_grad = rope.requires_grad and torch.is_grad_enabled()
     # auto must not refuse what eager takes: a table that needs a gradient goes to the reference
     name = resolve_backend("rope", q.device, requested, () if table_needs_grad and requested == "auto" else AUTO_ORDER)
@@ -160,7 +163,5 @@ def rope_pass(q: Tensor, k: Tensor, rope: Tensor, backend: str | None) -> tuple[
         return apply_rope_reference(q, k, rope)
     if table_needs_grad:
         raise ValueError("apply_rope: rope must not require grad on the fused backends (it is a constant table)")
-    if needs_grad(q, k):
-        q_rot, k_rot = _RopeFunction.apply(q, k, rope)
-        return grad_only_from(q_rot, q), grad_only_from(k_rot, k)
-    return rope_fwd(q, k, rope)
+    q_rot, k_rot = call_op(rope_fwd, q, k, rope)
+    return grad_only_from(q_rot, q), grad_only_from(k_rot, k)

@@ -18,7 +18,7 @@ import math
 import torch
 
 from sphere_fast.backend import emulate_bf16, resolve_backend
-from sphere_fast.ops._library import define_op, first_order_only, grad_only_from, needs_grad
+from sphere_fast.ops._library import call_op, define_op, differentiable_by, first_order_only, grad_only_from
 from sphere_fast.ops._util import kernel_runner, next_pow2, on_input_device
 from sphere_fast.ops.philox import check_seeds, check_stream, sample_shape, sphere_noise_reference
 
@@ -256,7 +256,7 @@ def _fake_noise_impl(seeds, length, stream, backend=None):
     return seeds.new_empty((seeds.shape[0], length), dtype=torch.float32)
 
 
-@define_op("spherify_fwd", fake=_fake_fwd_impl)
+@define_op("spherify_fwd", fake=_fake_fwd_impl, differentiable=True)
 def _spherify_fwd(
     z: torch.Tensor,
     scales: torch.Tensor | None,
@@ -288,26 +288,23 @@ def _spherify_bwd(
 
 class _SpherifyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z, scales, noise, seeds, stream: int, backend: str) -> torch.Tensor:
+    def forward(ctx, z, scales, noise, seeds, stream: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
         out, stats = _spherify_fwd(z, scales, noise, seeds, stream, backend)
         ctx.save_for_backward(z, scales, noise, seeds, stats)
+        ctx.mark_non_differentiable(stats)
         ctx.stream = stream
         ctx.backend = backend
-        return out
+        return out, stats
 
     @staticmethod
     @first_order_only("spherify")
-    def backward(ctx, grad_out: torch.Tensor):
+    def backward(ctx, grad_out: torch.Tensor, _dstats: torch.Tensor):
         z, scales, noise, seeds, stats = ctx.saved_tensors
         dz, dscales = _spherify_bwd(grad_out, z, scales, noise, seeds, stats, ctx.stream, ctx.backend)
         return dz, (dscales if ctx.needs_input_grad[1] else None), None, None, None, None
 
 
-def _spherify_op(z, scales, noise, seeds, stream: int, backend: str) -> torch.Tensor:
-    """out [P, *z.shape] of ``spherify_fwd``, recorded for autograd when z or the scales need a gradient."""
-    if needs_grad(z, scales):
-        return _SpherifyFunction.apply(z, scales, noise, seeds, stream, backend)
-    return _spherify_fwd(z, scales, noise, seeds, stream, backend)[0]
+differentiable_by(_spherify_fwd, _SpherifyFunction)
 
 
 @define_op("sphere_noise", fake=_fake_noise_impl)
@@ -344,7 +341,7 @@ def spherify(z: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     _check_z(z, name)
     if name == "eager" or z.shape[0] == 0:  # no samples: nothing to launch (as the other ops take B = 0)
         return spherify_reference(z)
-    return _spherify_op(z, None, None, None, 0, name)[0]
+    return call_op(_spherify_fwd, z, None, None, None, 0, name)[0][0]
 
 
 def sphere_noise(
@@ -385,7 +382,7 @@ def _noisy(
     if noise is not None and noise.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{op}: noise must not require grad on the fused backends (they give no gradient for it); "
                          "use backend='eager' to differentiate the noise")
-    out = _spherify_op(z, _scales_tensor(z, *values), noise, seeds, stream, name)
+    out, _ = call_op(_spherify_fwd, z, _scales_tensor(z, *values), noise, seeds, stream, name)
     # one view each, not unbind's: a view may then change in place
     return [grad_only_from(out[k], z, v) for k, v in enumerate(values)]
 

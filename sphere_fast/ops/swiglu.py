@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sphere_fast.backend import emulate_bf16, resolve_backend
-from sphere_fast.ops._library import define_op, first_order_only, needs_grad
+from sphere_fast.ops._library import call_op, define_op, differentiable_by, first_order_only
 from sphere_fast.ops._util import kernel_runner, on_input_device, unit_last_stride
 
 AUTO_ORDER = ("triton", "cpp", "eager")
@@ -114,7 +114,7 @@ def _bwd_fake(dout, h, backend=None):
     return h.new_empty(h.shape)
 
 
-@define_op("swiglu_fwd", fake=_fwd_fake)
+@define_op("swiglu_fwd", fake=_fwd_fake, differentiable=True)
 def _swiglu_fwd(h: Tensor, backend: str) -> Tensor:
     if backend == "triton":
         return _triton_fwd(h)
@@ -149,12 +149,13 @@ class _SwiGLUFunction(torch.autograd.Function):
         return _swiglu_bwd(dout, h, ctx.backend), None
 
 
+differentiable_by(_swiglu_fwd, _SwiGLUFunction)
+
+
 def swiglu(h: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """silu(a) * b for h = cat(a, b) on the last dim: [..., 2H] -> [..., H] (H may be odd)."""
     _check_input(h)
     name = resolve_backend("swiglu", h.device, backend, AUTO_ORDER)
     if name == "eager":
         return swiglu_reference(h)
-    if needs_grad(h):
-        return _SwiGLUFunction.apply(h, name)
-    return _swiglu_fwd(h, name)
+    return call_op(_swiglu_fwd, h, name)

@@ -167,7 +167,7 @@ def swiglu_linear(
     other inputs; ``auto`` runs the reference for them, and ``cpp`` (no C++ kernel) is resolved as ``auto``."""
     hidden = _check_inputs(x, weight, bias, out_width)
     out_width = hidden if out_width is None else out_width
-    requested = requested_cpp_as_auto(backend)  # no C++ kernel: cpp runs as auto
+    requested = requested_cpp_as_auto("swiglu_linear", backend)  # no C++ kernel: cpp runs as auto
     refusal = triton_refusal(x, weight, bias)
     # auto must not refuse what eager takes: inputs the kernel refuses get an empty auto order, which is eager
     order = () if requested == "auto" and refusal is not None else AUTO_ORDER

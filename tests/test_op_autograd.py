@@ -1,0 +1,141 @@
+"""The fused ops under autograd beyond a public op's call: the forward ops differentiable by themselves (a graph
+that holds them, torch.export's, trains through them), and forward-mode AD and torch.func transforms, whose
+derivatives the fused kernels do not give: ``auto`` runs the eager reference there, a fused backend named
+explicitly refuses (it would have given zero tangents and dropped gradients without an error)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwad
+from torch.export import export
+
+import sphere_fast
+from sphere_fast import ops
+from sphere_fast.backend import requested_backend
+from sphere_fast.ops.rope import rope_table_reference
+from tests.helpers import FUSED
+from tests.tiny import no_label_dropout, tiny_model
+
+OPS = torch.ops.sphere_fast
+
+
+def _inputs(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"x": (2, 5, 16), "branch": (2, 5, 16), "gate": (2, 1, 16), "w": (16,), "shift": (2, 1, 16),
+              "scale": (2, 1, 16), "h": (2, 5, 22), "z": (2, 4, 6), "scales": (2, 2), "noise": (2, 4, 6),
+              "q": (1, 2, 8, 16), "k": (1, 2, 8, 16), "v": (1, 2, 8, 16)}
+    return {name: torch.randn(shape, generator=g) for name, shape in shapes.items()}
+
+
+# (name, the raw op's differentiable outputs, the public op's, the inputs that take a gradient), for one backend
+RAW_AND_PUBLIC: list[tuple[str, Callable, Callable, tuple[str, ...]]] = [
+    ("swiglu", lambda t, b: [OPS.swiglu_fwd(t["h"], b)], lambda t, b: [ops.swiglu(t["h"], backend=b)], ("h",)),
+    ("adaln_modulate",
+     lambda t, b: [OPS.adaln_modulate_fwd(t["x"], t["w"], t["shift"], t["scale"], 1e-6, b)[0]],
+     lambda t, b: [ops.adaln_modulate(t["x"], t["w"], t["shift"], t["scale"], backend=b)],
+     ("x", "w", "shift", "scale")),
+    ("gated_residual_adaln",
+     lambda t, b: list(OPS.gated_residual_adaln_fwd(t["x"], t["branch"], t["gate"], t["w"], t["shift"], t["scale"],
+                                                    1e-6, b)[:2]),
+     lambda t, b: list(ops.gated_residual_adaln(t["x"], t["branch"], t["gate"], t["w"], t["shift"], t["scale"],
+                                                backend=b)),
+     ("x", "branch", "gate", "w", "shift", "scale")),
+    ("spherify_noise_pair",
+     lambda t, b: list(OPS.spherify_fwd(t["z"], t["scales"], t["noise"], None, 0, b)[0]),
+     lambda t, b: ops.spherify_noise_pair(t["z"], t["scales"][0], t["scales"][1], noise=t["noise"], backend=b),
+     ("z", "scales")),
+]
+TRITON_ONLY = [
+    ("apply_rope",
+     lambda t, b: list(OPS.rope_fwd(t["q"], t["k"], rope_table_reference(8, 16, "cpu"))),
+     lambda t, b: list(ops.apply_rope(t["q"], t["k"], rope_table_reference(8, 16, "cpu"), backend=b)), ("q", "k")),
+    ("attention",
+     lambda t, b: [OPS.attention_triton_fwd(t["q"], t["k"], t["v"], None)[0]],
+     lambda t, b: [ops.attention(t["q"], t["k"], t["v"], backend=b)], ("q", "k", "v")),
+]
+
+
+def _grads(fn: Callable, backend: str, names: tuple[str, ...]) -> list[torch.Tensor]:
+    t = _inputs()
+    for name in names:
+        t[name].requires_grad_()
+    outs = fn(t, backend)
+    cotangents = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i)) for i, o in enumerate(outs)]
+    loss = sum((o * c).sum() for o, c in zip(outs, cotangents, strict=True))
+    return list(torch.autograd.grad(loss, [t[name] for name in names]))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("case", RAW_AND_PUBLIC + TRITON_ONLY, ids=lambda c: c[0])
+def test_forward_ops_are_differentiable_themselves(case, backend: str) -> None:
+    """Each forward op called directly gives the public op's gradients (before, autograd passed the op by: its
+    outputs required no grad, or, behind another differentiable op, the inputs before it got none)."""
+    name, raw, public, names = case
+    if case in TRITON_ONLY and backend != "triton":
+        pytest.skip(f"{name} has no C++ kernel")
+    for got, want in zip(_grads(raw, backend, names), _grads(public, backend, names), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_an_exported_decoder_trains_as_the_module(backend: str) -> None:
+    """torch.export keeps the forward ops in its graph (not the public ops' autograd.Functions): the exported
+    module's gradients, to its input and every parameter, are the eager module's."""
+    decoder = no_label_dropout(tiny_model()).eval().decoder
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, decoder.num_tokens, decoder.token_channels, generator=g)
+    y = torch.randint(0, 10, (3,), generator=g)
+
+    def grads(module: Callable) -> list[torch.Tensor]:
+        decoder.zero_grad(set_to_none=True)
+        zz = z.clone().requires_grad_()
+        out = module(zz, y)
+        out.mul(torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        return [zz.grad, *(p.grad for p in decoder.parameters())]
+
+    with sphere_fast.use_backend("eager"):
+        want = grads(decoder)
+    with sphere_fast.use_backend(backend):
+        exported = export(decoder, (z, y)).module()
+        assert any(str(node.target).startswith("sphere_fast.") for node in exported.graph.nodes)
+        got = grads(exported)
+    for g_got, g_want in zip(got, want, strict=True):
+        assert (g_got is None) == (g_want is None)
+        if g_want is not None:
+            torch.testing.assert_close(g_got, g_want, atol=1e-5, rtol=1e-4)
+
+
+def _swiglu_jvp(backend: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    h, tangent = _inputs()["h"], _inputs(1)["h"]
+    return torch.func.jvp(lambda t: ops.swiglu(t, backend=backend), (h,), (tangent,))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_backends_refuse_forward_mode_and_torch_func(backend: str) -> None:
+    h = _inputs()["h"]
+    with pytest.raises(NotImplementedError, match=f"swiglu: backend '{backend}' cannot run under a torch.func"):
+        _swiglu_jvp(backend)
+    with pytest.raises(NotImplementedError, match="cannot run under a torch.func transform"):
+        torch.func.vmap(lambda t: ops.adaln_modulate(t, backend=backend))(h)
+    with fwad.dual_level(), pytest.raises(NotImplementedError, match="cannot run under forward-mode AD"):
+        ops.spherify(fwad.make_dual(h, torch.ones_like(h)), backend=backend)
+    with pytest.raises(NotImplementedError, match="impl 'triton' cannot run under"):
+        torch.func.vmap(lambda q: ops.attention(q, q, q, impl="triton"))(torch.stack([_inputs()["q"]] * 2))
+
+
+def test_auto_reads_as_eager_under_forward_mode_and_torch_func() -> None:
+    """On CPU auto is eager anyway; the choice itself is checked here, and the tangents against eager's."""
+    seen: list[str] = []
+    with sphere_fast.use_backend("auto"):
+        torch.func.vmap(lambda t: seen.append(requested_backend("op", None)) or t)(torch.zeros(2))
+        with fwad.dual_level():
+            seen.append(requested_backend("op", None))
+        seen.append(requested_backend("op", None))
+        out, tangent = _swiglu_jvp(None)
+    assert seen == ["eager", "eager", "auto"]
+    want_out, want_tangent = _swiglu_jvp("eager")
+    torch.testing.assert_close(tangent, want_tangent)
+    torch.testing.assert_close(out, want_out)
