@@ -426,11 +426,30 @@ def test_auto_keeps_fp32_exact_unless_tf32_is_allowed(monkeypatch: pytest.Monkey
         torch.set_float32_matmul_precision("highest")
         assert attention_impl(q32) == "sdpa" and attention_impl(q16) == "triton"
         assert attention_impl(q32, backend="triton") == "triton"  # asked for by name: TF32 is the user's call
-        torch.set_float32_matmul_precision("high")
-        assert attention_impl(q32) == "triton"
+        for allowing_tf32 in ("high", "medium"):
+            torch.set_float32_matmul_precision(allowing_tf32)
+            assert attention_impl(q32) == "triton"
     finally:
         torch.set_float32_matmul_precision(precision)
         attn_mod._choose.cache_clear()
+
+
+@pytest.mark.parametrize("warp_specialize", [False, True], ids=["tma", "tma-warp-specialized"])
+def test_tma_forward_gives_the_pointer_kernels_bits(monkeypatch: pytest.MonkeyPatch, warp_specialize: bool) -> None:
+    """The forward with TMA loads runs only for a TmaConfig, which no default candidate list holds yet (the sm_90
+    tests compile it): offered one here, at two key blocks (so the running max rescales the accumulator), it gives
+    the pointer kernel's sums in the same order, and the reference's values."""
+    b, h, n, d = 2, 2, 64, 32
+    qkv = (2.0 * torch.randn(b, n, 3 * h * d, generator=torch.Generator().manual_seed(0))).to(torch.float16)
+    q, k, v = qkv.view(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)  # the model's strided views
+    pointer = attention(q, k, v, impl="triton")
+    tma = attn_mod.TmaConfig(32, 32, 4, 1, warp_specialize)
+    assert attn_mod._config_applies(tma, q, k, v, False)
+    candidates = attn_mod._candidates
+    monkeypatch.setattr(attn_mod, "_candidates", lambda *args, **kwargs: {**candidates(*args, **kwargs), "fwd": (tma,)})
+    out = attention(q, k, v, impl="triton")
+    torch.testing.assert_close(out, pointer, atol=0, rtol=0)
+    torch.testing.assert_close(out.float(), attention_reference(q.float(), k.float(), v.float()), atol=2e-3, rtol=2e-3)
 
 
 def test_auto_runs_triton_on_power_of_two_head_dims_only(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -523,6 +523,27 @@ def _strided(t):
     return out
 
 
+@pytest.mark.parametrize("backend", ["triton", "cpp", "eager"])
+def test_zero_scale_gradient_is_plain_spherifys_on_a_near_zero_latent(backend):
+    """At scale 0 the output is f(z), so its gradient is f's: on a latent with mean(z^2) far under eps the kernels'
+    c = 1 / sqrt(mean(z^2) + eps) is about 1000, and a backward taking c for the noise term's factor is that far off
+    (an ordinary latent has c near 1 and cannot tell)."""
+    g = torch.Generator().manual_seed(1)
+    z0, grad = 1e-5 * torch.randn(2, 4, 16, generator=g), torch.randn(2, 4, 16, generator=g)
+    seeds = torch.tensor([5, -3], dtype=torch.int64)
+    z_ref = z0.double().requires_grad_()
+    (S.spherify_reference(z_ref) * grad.double()).sum().backward()
+    expected = z_ref.grad.float()
+    atol = 1e-5 * expected.abs().max().item()
+    z = z0.clone().requires_grad_()
+    (S.spherify_noise(z, torch.zeros(2), seeds=seeds, backend=backend) * grad).sum().backward()
+    torch.testing.assert_close(z.grad, expected, rtol=1e-5, atol=atol)
+    z = z0.clone().requires_grad_()
+    big, small = S.spherify_noise_pair(z, torch.zeros(2), 0.0, seeds=seeds, backend=backend)  # the pair's kernels
+    ((big + small) * grad).sum().backward()
+    torch.testing.assert_close(z.grad, 2 * expected, rtol=1e-5, atol=2 * atol)
+
+
 def _opcheck_args(backend):
     z = _z(2, 72)
     scales = torch.tensor([[0.5, 0.0], [1.5, 2.0]])
