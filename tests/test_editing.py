@@ -151,6 +151,9 @@ def test_manipulate_target_forms(model, images):
     # without noise one step is a reconstruction (null class)
     near = manipulate(model, images, None, steps=1, noise_scaler=0.0, seeds=SEEDS)[0]
     assert torch.equal(near, reconstruct_images(model, images))
+    # no seeds: one fresh seed a sample (copies of one image move apart)
+    copies = manipulate(model, images[:1].expand(4, -1, -1, -1), 4, steps=1)[0].flatten(1)
+    assert torch.cdist(copies, copies).add(torch.eye(4) * 1e9).min() > 1e-4
 
 
 @pytest.mark.parametrize(

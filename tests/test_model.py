@@ -386,6 +386,17 @@ def test_label_dropout_drops_its_share_to_the_null_label():
     assert torch.equal(embedder.eval()(labels)[:, 0], embedder.embedding_table.weight[labels])
 
 
+def test_a_models_label_embedders_drop_at_the_recipes_rate():
+    """The spec's p = 0.1 is the model's default (the test above passes its rate): 0 would train no unconditional
+    branch for CFG, silently."""
+    model = tiny().train()
+    torch.manual_seed(0)
+    labels = torch.randint(0, 5, (20000,))
+    for vit in (model.encoder, model.decoder):
+        rows = vit.y_embedder(labels)[:, 0]
+        assert 0.09 < (rows == vit.y_embedder.embedding_table.weight[5]).all(dim=1).float().mean().item() < 0.11
+
+
 def test_rms_norm_takes_its_eps():
     x = torch.randn(2, 3, 4) * 0.1
     norm = RMSNorm(4, eps=0.5)

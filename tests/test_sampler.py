@@ -66,8 +66,22 @@ def test_seeds_decide_the_image(model):
     assert torch.equal(a, sampler(LABELS, SEEDS.clone()))
     b = sampler(LABELS, SEEDS + 1000)
     assert ((a - b).abs().flatten(1).amax(1) > 1e-3).all()  # every sample changed
-    # no seeds: fresh ones each call
+    # no seeds: fresh ones each call, and one each sample (samples of one label differ)
     assert not torch.equal(sampler(LABELS), sampler(LABELS))
+    same_label = sampler(torch.full((4,), 3)).flatten(1)
+    assert torch.cdist(same_label, same_label).add(torch.eye(4) * 1e9).min() > 1e-3
+
+
+def test_defaults_are_the_papers_evaluation(model):
+    """Cached noise, no scheduler, cfg 1 at the combo position, bf16 (sample sets take these defaults)."""
+    sampler = Sampler(model, 2, steps=3)
+    assert (sampler.cache_noise, sampler.scheduler, sampler.dtype, sampler.cfg, sampler.cfg_position) == (
+        True, False, torch.bfloat16, 1.0, "combo")
+    labels, seeds = torch.tensor([1, 7]), torch.tensor([3, 4], dtype=torch.int64)
+    images = Sampler(model, 2, steps=3, dtype=torch.float32)(labels, seeds)
+    _, cached = model.generate(2, y=labels, forward_steps=3, cache_sampling_noise=True, seeds=seeds,
+                               dtype=torch.float32)
+    torch.testing.assert_close(images, cached, atol=1e-6, rtol=0)
 
 
 def test_labels_matter_and_random_labels(model):

@@ -553,6 +553,16 @@ def test_fit_without_resume_starts_afresh(tmp_path, monkeypatch):
     assert (checkpoints / "latest").read_text().strip() == "step-00000003"
 
 
+def test_resume_keeps_the_log_lines_before_its_step_only_across_a_gap(tmp_path):
+    """A log missing the line before the resume step (trimmed by hand, damaged) still loses the resume step's own
+    line: the resumed run logs that step again."""
+    from sphere_fast.training import _log_lines_before
+
+    log = tmp_path / "losses.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (0, 1, 2, 4, 5)))
+    assert [json.loads(line)["step"] for line in _log_lines_before(log, 4)] == [0, 1, 2]
+
+
 def test_resume_drops_a_torn_log_line_past_the_checkpoint(tmp_path, monkeypatch):
     """A line cut short past the last checkpoint (a run killed mid-write) is dropped on resume, as every line past
     it is; a damaged line before it is refused, naming it. The log is rewritten atomically: a run killed during
