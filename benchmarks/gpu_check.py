@@ -12,7 +12,9 @@ so the benchmarks need runs of their own: ``--phases install,build,bench --bench
 (a pytest -k expression) picks the cases, ``--tests-k`` the GPU tests, and ``--case-timeout`` lets one case
 run longer than 240 s (a torch.compile max-autotune case). Without a CUDA device the GPU phases are skipped,
 and the report says so; a short summary (phases and goal verdicts) prints after it. The profile phase runs a
-sampler call at batch 64 and at batch 1 under torch.profiler (benchmarks/profile_sampler.py). Files in OUTDIR
+sampler call at batch 64 and at batch 1 under torch.profiler (benchmarks/profile_sampler.py). The sanitize phase,
+only when --phases names it, runs small GPU tests of every kernel (--sanitize-k) under compute-sanitizer's memcheck,
+which fails on an access past a tensor that left the values right. Files in OUTDIR
 (at most 8, flat, as the device tool returns them): env.json, <phase>.log, bench-<date>-<device>.json (copy it
 to benchmarks/results/ to publish it), report.md.
 Exit status 1 if a phase failed or ran out of time.
@@ -30,6 +32,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,9 +45,15 @@ from pathlib import Path
 from benchmarks import choices, goals, harness, report
 
 ROOT = Path(__file__).resolve().parents[1]
-PHASES = ("install", "build", "tests", "profile", "bench")
+PHASES = ("install", "build", "tests", "sanitize", "profile", "bench")
+# memcheck slows the kernels many times over: a call of its own, by --phases
+DEFAULT_PHASES = tuple(p for p in PHASES if p != "sanitize")
 # bench: the rest of the budget
-PHASE_LIMITS_S = {"install": 90, "build": 150, "tests": 180, "profile": 90, "bench": 600}
+PHASE_LIMITS_S = {"install": 90, "build": 150, "tests": 180, "sanitize": 300, "profile": 90, "bench": 600}
+# The sanitize phase's GPU tests: every kernel family at small shapes, on strided, unaligned, one-value and empty
+# inputs, where a mask or bound that is off reads or writes past a tensor (on CPU the interpreter aborted there).
+SANITIZE_K = ("off_16_byte or strided_inputs or one_value_samples or noise_for_no_samples or last_strides or "
+              "strided_rope or k_and_v_alone or (test_swiglu and 3x7x96)")
 MIN_PHASE_S = 10  # below this a phase is not started
 TEST_WORKERS = 6
 # the Triton attention and RoPE-pass tests, then the fused-MLP GEMM's (new kernels and launch configs first run
@@ -56,7 +65,8 @@ ISOLATED_GROUPS = (("tests/test_attention.py", "tests/test_rope.py", "tests/test
 OPT_IN_CASES = {FUSED_MLP_TESTS: "mlp_up or fused_mlp"}
 ISOLATED_TESTS = tuple(t for group in ISOLATED_GROUPS for t in group)
 TEST_GROUPS = (*(list(g) for g in ISOLATED_GROUPS), ["tests", *(f"--ignore={t}" for t in ISOLATED_TESTS)])
-PER_TEST_TIMEOUT_S = {"tests": 120, "bench": 240}  # a torch.compile(max-autotune) case compiles for minutes
+# a torch.compile(max-autotune) case compiles for minutes
+PER_TEST_TIMEOUT_S = {"tests": 120, "sanitize": 120, "bench": 240}
 JSON_MARGIN_S = 30  # bench cases stop starting this long before the phase limit
 DURATIONS_SHOWN = 30
 
@@ -122,11 +132,12 @@ class Check:
 
     def __init__(
         self, out: Path, budget_s: float, phases: Sequence[str], cuda: bool, bench_k: str = "",
-        case_timeout_s: float = PER_TEST_TIMEOUT_S["bench"], tests_k: str = "",
+        case_timeout_s: float = PER_TEST_TIMEOUT_S["bench"], tests_k: str = "", sanitize_k: str = SANITIZE_K,
     ) -> None:
         self.out = out
         self.bench_k = bench_k
         self.tests_k = tests_k
+        self.sanitize_k = sanitize_k
         self.timeouts = {**PER_TEST_TIMEOUT_S, "bench": case_timeout_s}
         self.deadline = time.monotonic() + budget_s
         self.phases = phases
@@ -255,6 +266,19 @@ class Check:
             note += f"; benchmarks left out: {' / '.join(self.unverified_cases)}"
         self.done(Phase("tests", status, time.monotonic() - start, note))
 
+    def sanitize(self) -> None:
+        """GPU tests under compute-sanitizer's memcheck: an access past a tensor fails here even where the values
+        came out right. Each tensor gets an allocation of its own (no caching allocator), so such an access
+        falls outside every allocation, where memcheck sees it."""
+        tool = shutil.which("compute-sanitizer")
+        if tool is None:
+            self.skip("sanitize", "compute-sanitizer is not on the PATH")
+            return
+        memcheck = [tool, "--tool", "memcheck", "--error-exitcode", "1", "--print-limit", "20"]
+        cmd = [*memcheck, *self.pytest("sanitize", "tests", "-m", "gpu or cuda_capable", "-k", self.sanitize_k)]
+        self.timed("sanitize", cmd, f"memcheck, no errors: -k {self.sanitize_k!r}",
+                   env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"})
+
     def profile(self) -> None:
         # the sampler's kernels grouped (matmul, attention, fused ops): where its time goes, in profile.log
         cmd = [sys.executable, "-m", "benchmarks.profile_sampler"]
@@ -358,10 +382,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path, help="folder for the JSON, logs and report.md")
     parser.add_argument("--budget", type=float, default=450.0, help="seconds for all phases (default %(default)s)")
-    parser.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset of " + ",".join(PHASES))
+    parser.add_argument("--phases", default=",".join(DEFAULT_PHASES),
+                        help=f"comma-separated subset of {','.join(PHASES)} (default %(default)s)")
     parser.add_argument("--bench-k", default="", help="pytest -k expression choosing the benchmark cases (default: all)")
     parser.add_argument("--tests-k", default="", help="pytest -k expression choosing the GPU tests (default: all; "
                         "leaves out the opt-in kernels' benchmarks)")
+    parser.add_argument("--sanitize-k", default=SANITIZE_K, help="pytest -k expression choosing the GPU tests run "
+                        "under compute-sanitizer (default: small cases of every kernel)")
     parser.add_argument("--case-timeout", type=float, default=PER_TEST_TIMEOUT_S["bench"],
                         help="seconds one benchmark case may run (default %(default)s; a max-autotune compile may need more)")
     args = parser.parse_args(argv)
@@ -377,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     env_info = harness.environment()
     (args.out / "env.json").write_text(json.dumps(env_info, indent=2))
     check = Check(args.out, args.budget, phases, torch.cuda.is_available(), args.bench_k, args.case_timeout,
-                  args.tests_k)
+                  args.tests_k, args.sanitize_k)
     if not check.cuda:
         print("[gpu_check] no CUDA device: skipping the build, GPU tests and benchmarks", flush=True)
     for name in PHASES:

@@ -539,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench-results", help="results folder (relative to the current folder)")
     p.add_argument("gpu_check_args", nargs="*", metavar="GPU_CHECK_ARG",
                    help="after --: options passed on to benchmarks/gpu_check.py, e.g. -- --budget 300 --phases tests "
-                   "(--budget, --phases, --bench-k, --tests-k, --case-timeout)")
+                   "(--budget, --phases, --bench-k, --tests-k, --sanitize-k, --case-timeout)")
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -1057,6 +1057,41 @@ def test_bench_phase_passes_a_deadline(tmp_path: Path, monkeypatch: pytest.Monke
     assert f"--durations={gpu_check.DURATIONS_SHOWN}" in seen["cmd"]  # the slowest cases, for planning a lease
 
 
+def test_sanitize_phase_runs_memcheck_over_small_kernel_tests_when_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """compute-sanitizer's memcheck over the GPU tests of SANITIZE_K, one allocation a tensor (torch's caching
+    allocator would hide an access past a tensor inside its block), in one process; skipped without the tool and
+    left out of the default phases (it slows the kernels many times over)."""
+    seen: dict = {}
+    monkeypatch.setattr(gpu_check, "run_logged", lambda cmd, log, timeout, env=None, ok_codes=(0,): (
+        seen.update(cmd=cmd, env=env, log=log), ("ok", 1.0))[1])
+    monkeypatch.setattr(gpu_check.shutil, "which", lambda name: None)
+    check = gpu_checker(tmp_path)
+    check.sanitize()
+    assert not seen and check.results[-1].status == "skipped" and "compute-sanitizer" in check.results[-1].note
+    monkeypatch.setattr(gpu_check.shutil, "which", lambda name: f"/opt/cuda/bin/{name}")
+    check.sanitize()
+    cmd = seen["cmd"]
+    assert cmd[:5] == ["/opt/cuda/bin/compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1"]
+    assert cmd[cmd.index("-k") + 1] == gpu_check.SANITIZE_K and "-n" not in cmd and "gpu or cuda_capable" in cmd
+    assert seen["env"]["PYTORCH_NO_CUDA_MEMORY_CACHING"] == "1" and seen["log"].name == "sanitize.log"
+    assert "sanitize" in gpu_check.PHASES and "sanitize" not in gpu_check.DEFAULT_PHASES
+
+
+def test_sanitize_selection_reaches_every_kernel_family() -> None:
+    """SANITIZE_K names tests by their names: a rename must not leave a kernel family out unnoticed."""
+    listed = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", "tests",
+         "-m", "gpu or cuda_capable", "-k", gpu_check.SANITIZE_K],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
+    ).stdout
+    for test in ("test_cuda.py::test_ops_on_strided_inputs", "test_cuda.py::test_ops_on_inputs_off_16_byte",
+                 "test_cuda.py::test_swiglu", "test_cuda.py::test_noise_of_one_value_samples",
+                 "test_attention.py::test_non_unit_last_strides", "test_rope.py::", "test_swiglu_linear.py::"):
+        assert test in listed, f"{test} not selected by SANITIZE_K"
+
+
 def test_tests_phase_spreads_each_group_over_workers_and_ranks_a_failure_first(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
