@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 
 #include <optional>
 #include <tuple>
@@ -247,6 +248,13 @@ TORCH_LIBRARY(sphere_fast_adaln, m) {
         " -> (Tensor, Tensor, Tensor)");
   m.def("bwd(Tensor dy, Tensor? dres, Tensor res, Tensor? branch, Tensor? gate, Tensor? weight, Tensor? shift,"
         " Tensor? scale, Tensor rstd) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+// No derivatives here (sphere_fast's ops hold the autograd): a call that needs a gradient fails at its
+// backward, where torch's default fallback warned and gave no gradient.
+TORCH_LIBRARY_IMPL(sphere_fast_adaln, Autograd, m) {
+  m.impl("fwd", torch::autograd::autogradNotImplementedFallback());
+  m.impl("bwd", torch::autograd::autogradNotImplementedFallback());
 }
 
 TORCH_LIBRARY_IMPL(sphere_fast_adaln, CPU, m) {

@@ -3,6 +3,7 @@
 // Python (sphere_fast/ops/spherify.py) validates the public API's inputs, adds fake kernels and autograd.
 #include <ATen/ATen.h>
 #include <torch/library.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 
 #include <vector>
 
@@ -188,6 +189,14 @@ TORCH_LIBRARY(sphere_fast_cpp, m) {
       "spherify_bwd(Tensor grad, Tensor z, Tensor? scales, Tensor? noise, Tensor? seeds, Tensor stats, int stream) "
       "-> (Tensor, Tensor)");
   m.def("sphere_noise(Tensor seeds, int length, int stream) -> Tensor");
+}
+
+// No derivatives here (sphere_fast's ops hold the autograd): a call that needs a gradient fails at its
+// backward, where torch's default fallback warned and gave no gradient.
+TORCH_LIBRARY_IMPL(sphere_fast_cpp, Autograd, m) {
+  m.impl("spherify_fwd", torch::autograd::autogradNotImplementedFallback());
+  m.impl("spherify_bwd", torch::autograd::autogradNotImplementedFallback());
+  m.impl("sphere_noise", torch::autograd::autogradNotImplementedFallback());
 }
 
 TORCH_LIBRARY_IMPL(sphere_fast_cpp, CPU, m) {

@@ -2,6 +2,7 @@
 // TORCH_LIBRARY registration of sphere_fast_swiglu::{fwd, bwd} for CPU and CUDA.
 #include <ATen/ATen.h>
 #include <torch/library.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 
 #ifdef SPHERE_FAST_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -83,6 +84,13 @@ at::Tensor swiglu_bwd(const at::Tensor& dout, const at::Tensor& h) {
 TORCH_LIBRARY(sphere_fast_swiglu, m) {
   m.def("fwd(Tensor h) -> Tensor");
   m.def("bwd(Tensor dout, Tensor h) -> Tensor");
+}
+
+// No derivatives here (sphere_fast's ops hold the autograd): a call that needs a gradient fails at its
+// backward, where torch's default fallback warned and gave no gradient.
+TORCH_LIBRARY_IMPL(sphere_fast_swiglu, Autograd, m) {
+  m.impl("fwd", torch::autograd::autogradNotImplementedFallback());
+  m.impl("bwd", torch::autograd::autogradNotImplementedFallback());
 }
 
 TORCH_LIBRARY_IMPL(sphere_fast_swiglu, CPU, m) {

@@ -5,6 +5,7 @@ explicitly refuses (it would have given zero tangents and dropped gradients with
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 import pytest
@@ -139,3 +140,17 @@ def test_auto_reads_as_eager_under_forward_mode_and_torch_func() -> None:
     want_out, want_tangent = _swiglu_jvp("eager")
     torch.testing.assert_close(tangent, want_tangent)
     torch.testing.assert_close(out, want_out)
+
+
+@pytest.mark.skipif("cpp" not in sphere_fast.available_backends("cpu"), reason="cpp unavailable")
+def test_the_cpp_extension_ops_themselves_refuse_a_gradient() -> None:
+    """The C++ ops under the sphere_fast ones have no derivative: called directly on inputs that require grad,
+    their backward raises (torch's default fallback warned and left the gradients None)."""
+    adaln, spherify, swiglu = (importlib.import_module(f"sphere_fast.ops.{m}") for m in ("adaln", "spherify", "swiglu"))
+    x = torch.randn(1, 3, 8, requires_grad=True)
+    outputs = [swiglu._cpp_ext().fwd(x[0]), adaln._cpp_ext().fwd(x, None, None, None, None, None, 1e-6)[1],
+               spherify._cpp_ext().spherify_fwd(x, None, None, None, 0)[0]]
+    for out in outputs:
+        with pytest.raises(RuntimeError, match="not implemented"):
+            out.sum().backward()
+    torch.testing.assert_close(outputs[0], ops.swiglu(x[0].detach(), backend="cpp"))  # the values stay right
