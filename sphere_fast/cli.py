@@ -394,15 +394,17 @@ def perceptual_file(text: str) -> tuple[str, str]:
 
 
 class PerceptualFiles(argparse.Action):
-    """Stores the NAME=PATH pairs as a dict, refusing a network named twice (a dict would keep the last path)."""
+    """Collects the NAME=PATH pairs of every use of the flag into one dict, refusing a network named twice (a dict
+    would keep the last path; a second use of the flag would have replaced the first's pairs)."""
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  values: Sequence[tuple[str, str]], option_string: str | None = None) -> None:
-        names = [name for name, _ in values]
+        earlier = getattr(namespace, self.dest) or {}
+        names = [*earlier, *(name for name, _ in values)]
         twice = sorted({name for name in names if names.count(name) > 1})
         if twice:
             raise argparse.ArgumentError(self, f"{', '.join(twice)} named more than once")
-        setattr(namespace, self.dest, dict(values))
+        setattr(namespace, self.dest, {**earlier, **dict(values)})
 
 
 def _model_command(

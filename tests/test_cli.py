@@ -204,9 +204,11 @@ def test_train_passes_its_options_on(monkeypatch, tmp_path):
     assert main(["train", "--out", str(tmp_path), "--data", "synthetic", "--steps", "7", "--batch-size", "12",
                  "--lr", "3e-3", "--warmup", "2", "--seed", "5", "--autocast", "off", "--loss-weights",
                  json.dumps(weights), "--checkpoint-every", "3", "--workers", "0", "--no-resume",
-                 "--no-synthetic-fallback", "--perceptual-weights", "vgg16=v=1.pth", "lpips=l.pth"]) == 0
+                 "--no-synthetic-fallback", "--perceptual-weights", "vgg16=v=1.pth", "--perceptual-weights",
+                 "lpips=l.pth"]) == 0
     (run, resume), = runs
-    assert run.train.perceptual_weights == {"vgg16": "v=1.pth", "lpips": "l.pth"}  # split at the first '='
+    # split at the first '='; the flag's uses add up
+    assert run.train.perceptual_weights == {"vgg16": "v=1.pth", "lpips": "l.pth"}
     assert not resume and (run.data, run.out, run.checkpoint_every, run.workers) == ("synthetic", str(tmp_path), 3, 0)
     assert not run.synthetic_fallback
     recipe = run.train
@@ -390,6 +392,8 @@ def test_train_still_writes_the_grids_when_the_plot_fails(monkeypatch, tmp_path,
      "argument --perceptual-weights: must be NAME=PATH with NAME one of vgg16, lpips, convnext_small, got 'vgg16.pth'"),
     (["train", "--perceptual-weights", "vgg16=a.pth", "vgg=b.pth"], "argument --perceptual-weights: must be NAME=PATH"),
     (["train", "--perceptual-weights", "lpips=a.pth", "vgg16=b.pth", "lpips=c.pth"],
+     "argument --perceptual-weights: lpips named more than once"),
+    (["train", "--perceptual-weights", "lpips=a.pth", "--perceptual-weights", "lpips=c.pth"],
      "argument --perceptual-weights: lpips named more than once"),
     (["convert", "a.pth", "out", "--config", "{bad"], "argument --config: '{bad' is not valid JSON"),
     (["convert", "a.pth", "out", "--config", "/nowhere/config.json"],
