@@ -40,12 +40,20 @@ def check_backend_name(name: str, what: str = "backend") -> str:
 
 def autodiff_transform() -> str | None:
     """The differentiation in force that the fused kernels cannot follow, if any: their derivatives are
-    reverse-mode autograd only, so under forward-mode AD or a torch.func transform their outputs would pass for
-    constants (zero tangents, gradients left out) without an error."""
+    reverse-mode autograd only, so under forward-mode AD or torch.func's differentiating transforms their outputs
+    would pass for constants (zero tangents, gradients left out) without an error. torch.func.vmap counts with
+    grad mode on: the batched kernels' outputs would carry no gradient to the tensors outside it."""
     if torch._C._are_functorch_transforms_active():
-        return "a torch.func transform (vmap, grad, jvp, jacrev, ...)"
+        from torch._C._functorch import TransformType
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+        kinds = {interpreter.key() for interpreter in retrieve_all_functorch_interpreters()}
+        if kinds & {TransformType.Grad, TransformType.Jvp}:
+            return "a torch.func transform that differentiates (grad, vjp, jvp, jacrev, jacfwd, hessian)"
+        if TransformType.Vmap in kinds and torch.is_grad_enabled():
+            return "torch.func.vmap with grad mode on (under torch.no_grad the fused kernels run batched)"
     if torch.autograd.forward_ad._current_level >= 0:
-        return "forward-mode AD (torch.autograd.forward_ad.dual_level)"
+        return "forward-mode AD (inside torch.autograd.forward_ad.dual_level)"
     return None
 
 
@@ -55,8 +63,9 @@ def requested_backend(op: str, backend: str | None) -> str:
     name = check_backend_name(backend) if backend is not None else active_backend()
     if name != "eager" and (transform := autodiff_transform()) is not None:
         if name != "auto":
-            raise NotImplementedError(f"{op}: backend {name!r} cannot run under {transform} (its kernels' "
-                                      "gradients are reverse-mode autograd only); use backend 'eager' or 'auto'")
+            raise NotImplementedError(f"{op}: backend {name!r} (by argument, use_backend or SPHERE_FAST_BACKEND) "
+                                      f"cannot run under {transform}: its kernels' gradients are reverse-mode "
+                                      "autograd only; use backend 'eager' or 'auto'")
         return "eager"
     return name
 

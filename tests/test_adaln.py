@@ -426,8 +426,8 @@ def test_compile_with_dynamic_shapes(backend: str) -> None:
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_opcheck(backend: str) -> None:
-    """Schema, fake kernels and autograd (the forward ops are differentiable themselves, the backward op is not:
-    see ops/_library.py)."""
+    """Schema and fake kernels, also with inputs that require grad (the forward ops' gradients are checked against
+    the public ops' in test_op_autograd.py)."""
     x, br, gate, w, sh, sc = make_inputs(2, 3, 96, tokens=False)
     torch.library.opcheck(torch.ops.sphere_fast.gated_residual_adaln_fwd.default, (x, br, gate, w, sh, sc, 1e-6, backend))
     needing_grad = [t.clone().requires_grad_() for t in (x, br, gate, w)]

@@ -284,8 +284,8 @@ def test_large_batches_match_fp64(impl: str, shape: tuple[int, int, int, int]) -
 
 
 def test_opcheck() -> None:
-    """Schema, fake kernels and autograd (the forward op is differentiable itself, the backward op is not: see
-    ops/_library.py)."""
+    """Schema and fake kernels, also with an input that requires grad (the forward op's gradient is checked
+    against the public op's in test_op_autograd.py)."""
     h, n, d = 1, 9, 24
     q, k, v = (t.detach().contiguous() for t in split_qkv(qkv_leaf(1, h, n, d, torch.float32), h, d))
     rope = official_rope(n, d)

@@ -21,6 +21,7 @@ from tests.helpers import FUSED
 from tests.tiny import no_label_dropout, tiny_model
 
 OPS = torch.ops.sphere_fast
+FUSED_NAMES = [b for b in ("triton", "cpp") if b in sphere_fast.available_backends("cpu")]
 
 
 def _inputs(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -117,14 +118,56 @@ def _swiglu_jvp(backend: str | None) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("backend", FUSED)
 def test_fused_backends_refuse_forward_mode_and_torch_func(backend: str) -> None:
     h = _inputs()["h"]
-    with pytest.raises(NotImplementedError, match=f"swiglu: backend '{backend}' cannot run under a torch.func"):
+    with pytest.raises(NotImplementedError, match=f"swiglu: backend '{backend}' .* cannot run under a torch.func"):
         _swiglu_jvp(backend)
-    with pytest.raises(NotImplementedError, match="cannot run under a torch.func transform"):
-        torch.func.vmap(lambda t: ops.adaln_modulate(t, backend=backend))(h)
+    with sphere_fast.use_backend(backend), pytest.raises(NotImplementedError, match="vmap with grad mode on"):
+        torch.func.vmap(ops.adaln_modulate)(h)
     with fwad.dual_level(), pytest.raises(NotImplementedError, match="cannot run under forward-mode AD"):
         ops.spherify(fwad.make_dual(h, torch.ones_like(h)), backend=backend)
     with pytest.raises(NotImplementedError, match="impl 'triton' cannot run under"):
         torch.func.vmap(lambda q: ops.attention(q, q, q, impl="triton"))(torch.stack([_inputs()["q"]] * 2))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_backends_run_under_transforms_that_take_no_derivative(backend: str) -> None:
+    """vmap under no_grad (the kernels run sample by sample) and functionalize give eager's values."""
+    h = _inputs()["h"]
+    with torch.no_grad():
+        batched = torch.func.vmap(lambda t: ops.swiglu(t, backend=backend))(h)
+    torch.testing.assert_close(batched, ops.swiglu_reference(h))
+    torch.testing.assert_close(torch.func.functionalize(lambda t: ops.swiglu(t, backend=backend))(h),
+                               ops.swiglu_reference(h))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_graphs_holding_the_ops_refuse_forward_mode(backend: str) -> None:
+    """An exported module and a function compiled before take the forward op without the public op's check:
+    the op's own autograd kernel refuses forward-mode AD (it gave no tangent, or zeros)."""
+
+    class SwiGLU(torch.nn.Module):
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return ops.swiglu(t, backend=backend)
+
+    h, tangent = _inputs()["h"], _inputs(1)["h"]
+    exported = export(SwiGLU(), (h,)).module()
+    with pytest.raises(NotImplementedError, match="swiglu_fwd cannot run under a torch.func transform"):
+        torch.func.jvp(exported, (h,), (tangent,))
+    compiled = torch.compile(SwiGLU(), backend="aot_eager", fullgraph=True)
+    compiled(h)
+    with fwad.dual_level(), pytest.raises(Exception, match="swiglu_fwd cannot run under forward-mode AD"):
+        compiled(fwad.make_dual(h, tangent))
+
+
+def test_ops_refuse_a_constant_input_that_requires_grad() -> None:
+    """The noise and the RoPE table get no gradient from the forward ops: one requiring grad is refused there too
+    (the public ops refuse it before; a graph holding the op met it only at run time)."""
+    t = _inputs()
+    with pytest.raises(ValueError, match="noise must not require grad"):
+        OPS.spherify_fwd(t["z"].requires_grad_(), t["scales"], t["noise"].requires_grad_(), None, 0, FUSED_NAMES[0])
+    table = rope_table_reference(8, 16, "cpu").requires_grad_()
+    if "triton" in FUSED_NAMES:
+        with pytest.raises(ValueError, match="rope must not require grad"):
+            OPS.rope_fwd(t["q"].requires_grad_(), t["k"], table)
 
 
 def test_auto_reads_as_eager_under_forward_mode_and_torch_func() -> None:

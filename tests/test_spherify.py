@@ -559,8 +559,8 @@ def _opcheck_args(backend):
 
 @pytest.mark.parametrize("backend", KERNELS)
 def test_opcheck(backend):
-    """Schema, fake kernels and autograd (the forward op is differentiable itself, the backward and noise ops are
-    not: see ops/_library.py)."""
+    """Schema and fake kernels, also with inputs that require grad (the forward op's gradient is checked against
+    the public op's in test_op_autograd.py)."""
     z, scales, noise, *rest = _opcheck_args(backend)[2]
     torch.library.opcheck(torch.ops.sphere_fast.spherify_fwd.default,
                           (z.clone().requires_grad_(), scales.clone().requires_grad_(), noise, *rest))

@@ -145,8 +145,8 @@ def test_a_gradient_of_a_gradient_is_eager_only(backend: str) -> None:
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_opcheck(backend: str) -> None:
-    """The ops' schema, fake kernels and autograd (the forward op is differentiable itself, the backward op is not:
-    see ops/_library.py)."""
+    """The ops' schema and fake kernels, also with an input that requires grad (the forward op's gradient is
+    checked against the public op's in test_op_autograd.py)."""
     h = randn(2, 3, 2 * 85)
     torch.library.opcheck(torch.ops.sphere_fast.swiglu_fwd.default, (h, backend))
     torch.library.opcheck(torch.ops.sphere_fast.swiglu_fwd.default, (h.clone().requires_grad_(), backend))

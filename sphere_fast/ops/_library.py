@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
+
+from sphere_fast.backend import autodiff_transform
 
 Backward = TypeVar("Backward", bound=Callable[..., object])
 
 LIBRARY = torch.library.Library("sphere_fast", "FRAGMENT")
 DEVICE_KEYS = ("CPU", "CUDA")  # CPU: the C++ kernels, and the Triton ones under TRITON_INTERPRET=1
+FUNCTIONS: dict[torch._ops.OpOverload, type[torch.autograd.Function]] = {}  # each differentiable op's autograd
 
 
 def define_op(
@@ -42,24 +45,41 @@ def define_op(
     return register
 
 
-def differentiable_by(op: torch._ops.OpOverload, function: type[torch.autograd.Function]) -> None:
+def differentiable_by(
+    op: torch._ops.OpOverload, function: type[torch.autograd.Function], constants: tuple[str, ...] = ()
+) -> None:
     """``function`` (its forward takes the op's arguments and returns the op's outputs) becomes the op's Autograd
-    kernel: a call that needs a gradient is recorded through it, any other runs the kernel below autograd."""
+    kernel: a call that needs a gradient is recorded through it, any other runs the kernel below autograd. It gives
+    the ``constants`` inputs no gradient, so one requiring grad is refused, as is forward-mode AD (the public ops
+    check both before calling; a graph holding the op, an exported or compiled one, is checked here)."""
+    names = [argument.name for argument in op._schema.arguments]
+    constant_at = [names.index(name) for name in constants]
 
     def autograd_kernel(keyset: torch._C.DispatchKeySet, *args: object) -> object:
+        transform = autodiff_transform()
+        if transform is not None:
+            raise NotImplementedError(f"{op._schema.name} cannot run under {transform}: its gradient is "
+                                      "reverse-mode autograd only")
         if needs_grad(*args):  # type: ignore[arg-type]
+            for i in constant_at:
+                if isinstance(args[i], torch.Tensor) and args[i].requires_grad:
+                    raise ValueError(f"{op._schema.name}: {names[i]} must not require grad (the op gives it none)")
             return function.apply(*args)
         return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
 
     LIBRARY.impl(op._schema.name.split("::")[1], autograd_kernel, "Autograd", with_keyset=True)
+    FUNCTIONS[op] = function
 
 
-def call_op(op: torch._ops.OpOverload, *args: object) -> object:
-    """``op(*args)`` from a public op. A call that needs no gradient (the sampler's, under no_grad) runs below
-    autograd, skipping the op's Python autograd kernel: 2-3 us of host time a call, where the un-captured
-    sampler makes about 800 calls. Under torch.compile the op is called as it is, a leaf of the graph."""
-    if torch.compiler.is_compiling() or needs_grad(*args):  # type: ignore[arg-type]
+def call_op(op: torch._ops.OpOverload, *args: object) -> Any:
+    """``op(*args)`` as its Autograd kernel would run it, less that Python layer (2-3 us of host time a call, where
+    the un-captured sampler makes about 800 calls and a training step about 500): a call that needs a gradient
+    enters the op's autograd.Function directly, any other runs the op below autograd (so does the Function's
+    forward, where grad mode is off). Under torch.compile the op is called as it is, a leaf of the graph."""
+    if torch.compiler.is_compiling():
         return op(*args)
+    if needs_grad(*args):  # type: ignore[arg-type]
+        return FUNCTIONS[op].apply(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
 

@@ -421,7 +421,7 @@ def _grad(g: Tensor, t: Tensor | None) -> Tensor | None:
 class _ModulateFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, shift, scale, eps: float, backend: str) -> tuple[Tensor, Tensor]:
-        y, rstd = _modulate_fwd(x, weight, shift, scale, eps, backend)
+        y, rstd = call_op(_modulate_fwd, x, weight, shift, scale, eps, backend)
         ctx.save_for_backward(x, weight, shift, scale, rstd)
         ctx.mark_non_differentiable(rstd)
         ctx.backend = backend
@@ -438,7 +438,7 @@ class _ModulateFunction(torch.autograd.Function):
 class _GatedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, branch, gate, weight, shift, scale, eps: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-        res, y, rstd = _gated_fwd(x, branch, gate, weight, shift, scale, eps, backend)
+        res, y, rstd = call_op(_gated_fwd, x, branch, gate, weight, shift, scale, eps, backend)
         ctx.save_for_backward(res, branch, gate, weight, shift, scale, rstd)
         ctx.mark_non_differentiable(rstd)
         ctx.backend = backend

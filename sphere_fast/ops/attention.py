@@ -474,7 +474,7 @@ class _TritonAttentionFunction(torch.autograd.Function):
     def forward(
         ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        o, lse = attention_triton_fwd(q, k, v, rope)
+        o, lse = call_op(attention_triton_fwd, q, k, v, rope)
         ctx.save_for_backward(q, k, v, o, lse, rope)
         ctx.mark_non_differentiable(lse)
         return o, lse
@@ -488,7 +488,7 @@ class _TritonAttentionFunction(torch.autograd.Function):
         return *attention_triton_bwd(do, q, k, v, o, lse, rope), None
 
 
-differentiable_by(attention_triton_fwd, _TritonAttentionFunction)
+differentiable_by(attention_triton_fwd, _TritonAttentionFunction, constants=("rope",))
 
 
 def _triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:

@@ -132,7 +132,7 @@ class _RopeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, rope: Tensor) -> tuple[Tensor, Tensor]:
         ctx.save_for_backward(rope)
-        return rope_fwd(q, k, rope)
+        return call_op(rope_fwd, q, k, rope)
 
     @staticmethod
     @first_order_only("apply_rope")
@@ -142,7 +142,7 @@ class _RopeFunction(torch.autograd.Function):
         return *rope_bwd(dq, dk, rope), None
 
 
-differentiable_by(rope_fwd, _RopeFunction)
+differentiable_by(rope_fwd, _RopeFunction, constants=("rope",))
 
 
 def apply_rope(q: Tensor, k: Tensor, rope: Tensor, *, backend: str | None = None) -> tuple[Tensor, Tensor]:

@@ -289,7 +289,7 @@ def _spherify_bwd(
 class _SpherifyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, scales, noise, seeds, stream: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-        out, stats = _spherify_fwd(z, scales, noise, seeds, stream, backend)
+        out, stats = call_op(_spherify_fwd, z, scales, noise, seeds, stream, backend)
         ctx.save_for_backward(z, scales, noise, seeds, stats)
         ctx.mark_non_differentiable(stats)
         ctx.stream = stream
@@ -304,7 +304,7 @@ class _SpherifyFunction(torch.autograd.Function):
         return dz, (dscales if ctx.needs_input_grad[1] else None), None, None, None, None
 
 
-differentiable_by(_spherify_fwd, _SpherifyFunction)
+differentiable_by(_spherify_fwd, _SpherifyFunction, constants=("noise",))
 
 
 @define_op("sphere_noise", fake=_fake_noise_impl)

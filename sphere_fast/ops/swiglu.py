@@ -140,7 +140,7 @@ class _SwiGLUFunction(torch.autograd.Function):
     def forward(ctx, h: Tensor, backend: str) -> Tensor:
         ctx.save_for_backward(h)
         ctx.backend = backend
-        return _swiglu_fwd(h, backend)
+        return call_op(_swiglu_fwd, h, backend)
 
     @staticmethod
     @first_order_only("swiglu")
