@@ -38,20 +38,18 @@ def check_backend_name(name: str, what: str = "backend") -> str:
     return name
 
 
+DIFFERENTIATING_TRANSFORMS = {torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp}
+
+
 def autodiff_transform() -> str | None:
     """The differentiation in force that the fused kernels cannot follow, if any: their derivatives are
     reverse-mode autograd only, so under forward-mode AD or torch.func's differentiating transforms their outputs
-    would pass for constants (zero tangents, gradients left out) without an error. torch.func.vmap counts with
-    grad mode on: the batched kernels' outputs would carry no gradient to the tensors outside it."""
+    would pass for constants (zero tangents, gradients left out) without an error. (vmap and functionalize alone
+    take no derivative.)"""
     if torch._C._are_functorch_transforms_active():
-        from torch._C._functorch import TransformType
-        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-
-        kinds = {interpreter.key() for interpreter in retrieve_all_functorch_interpreters()}
-        if kinds & {TransformType.Grad, TransformType.Jvp}:
+        kinds = {interpreter.key() for interpreter in torch._C._functorch.get_interpreter_stack()}
+        if kinds & DIFFERENTIATING_TRANSFORMS:
             return "a torch.func transform that differentiates (grad, vjp, jvp, jacrev, jacfwd, hessian)"
-        if TransformType.Vmap in kinds and torch.is_grad_enabled():
-            return "torch.func.vmap with grad mode on (under torch.no_grad the fused kernels run batched)"
     if torch.autograd.forward_ad._current_level >= 0:
         return "forward-mode AD (inside torch.autograd.forward_ad.dual_level)"
     return None

@@ -120,21 +120,27 @@ def test_fused_backends_refuse_forward_mode_and_torch_func(backend: str) -> None
     h = _inputs()["h"]
     with pytest.raises(NotImplementedError, match=f"swiglu: backend '{backend}' .* cannot run under a torch.func"):
         _swiglu_jvp(backend)
-    with sphere_fast.use_backend(backend), pytest.raises(NotImplementedError, match="vmap with grad mode on"):
-        torch.func.vmap(ops.adaln_modulate)(h)
+    with sphere_fast.use_backend(backend), pytest.raises(NotImplementedError, match="torch.func transform"):
+        torch.func.grad(lambda t: ops.adaln_modulate(t).sum())(h)
     with fwad.dual_level(), pytest.raises(NotImplementedError, match="cannot run under forward-mode AD"):
         ops.spherify(fwad.make_dual(h, torch.ones_like(h)), backend=backend)
     with pytest.raises(NotImplementedError, match="impl 'triton' cannot run under"):
-        torch.func.vmap(lambda q: ops.attention(q, q, q, impl="triton"))(torch.stack([_inputs()["q"]] * 2))
+        torch.func.jacrev(lambda q: ops.attention(q, q, q, impl="triton"))(_inputs()["q"])
 
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_fused_backends_run_under_transforms_that_take_no_derivative(backend: str) -> None:
-    """vmap under no_grad (the kernels run sample by sample) and functionalize give eager's values."""
+    """vmap (the kernels run sample by sample, recorded for autograd: the gradient reaches the tensors outside,
+    where inside vmap the call seemed to need none) and functionalize give eager's values and gradients."""
     h = _inputs()["h"]
-    with torch.no_grad():
-        batched = torch.func.vmap(lambda t: ops.swiglu(t, backend=backend))(h)
-    torch.testing.assert_close(batched, ops.swiglu_reference(h))
+    weight = torch.randn(2, 5, 11, generator=torch.Generator().manual_seed(3))
+    grads = []
+    for name in (backend, "eager"):
+        leaf = h.clone().requires_grad_()
+        out = torch.func.vmap(lambda t, name=name: ops.swiglu(t, backend=name))(leaf)
+        torch.testing.assert_close(out, ops.swiglu_reference(h))
+        grads.append(torch.autograd.grad((out * weight).sum(), leaf)[0])
+    torch.testing.assert_close(*grads)
     torch.testing.assert_close(torch.func.functionalize(lambda t: ops.swiglu(t, backend=backend))(h),
                                ops.swiglu_reference(h))
 
@@ -174,12 +180,13 @@ def test_auto_reads_as_eager_under_forward_mode_and_torch_func() -> None:
     """On CPU auto is eager anyway; the choice itself is checked here, and the tangents against eager's."""
     seen: list[str] = []
     with sphere_fast.use_backend("auto"):
-        torch.func.vmap(lambda t: seen.append(requested_backend("op", None)) or t)(torch.zeros(2))
+        torch.func.grad(lambda t: (seen.append(requested_backend("op", None)) or t).sum())(torch.zeros(2))
         with fwad.dual_level():
             seen.append(requested_backend("op", None))
+        torch.func.vmap(lambda t: seen.append(requested_backend("op", None)) or t)(torch.zeros(2))  # no derivative
         seen.append(requested_backend("op", None))
         out, tangent = _swiglu_jvp(None)
-    assert seen == ["eager", "eager", "auto"]
+    assert seen == ["eager", "eager", "auto", "auto"]
     want_out, want_tangent = _swiglu_jvp("eager")
     torch.testing.assert_close(tangent, want_tangent)
     torch.testing.assert_close(out, want_out)

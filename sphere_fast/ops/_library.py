@@ -75,8 +75,10 @@ def call_op(op: torch._ops.OpOverload, *args: object) -> Any:
     """``op(*args)`` as its Autograd kernel would run it, less that Python layer (2-3 us of host time a call, where
     the un-captured sampler makes about 800 calls and a training step about 500): a call that needs a gradient
     enters the op's autograd.Function directly, any other runs the op below autograd (so does the Function's
-    forward, where grad mode is off). Under torch.compile the op is called as it is, a leaf of the graph."""
-    if torch.compiler.is_compiling():
+    forward, where grad mode is off). Under torch.compile the op is called as it is, a leaf of the graph, and so
+    under torch.func.vmap, whose batching fallback calls it sample by sample on tensors that then show their
+    requires_grad (inside vmap they do not: the call would seem to need no gradient)."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return op(*args)
     if needs_grad(*args):  # type: ignore[arg-type]
         return FUNCTIONS[op].apply(*args)
