@@ -204,3 +204,16 @@ def test_the_cpp_extension_ops_themselves_refuse_a_gradient() -> None:
         with pytest.raises(RuntimeError, match="not implemented"):
             out.sum().backward()
     torch.testing.assert_close(outputs[0], ops.swiglu(x[0].detach(), backend="cpp"))  # the values stay right
+
+
+@pytest.mark.skipif("triton" not in sphere_fast.available_backends("cpu"), reason="triton unavailable")
+def test_the_forward_only_op_refuses_a_gradient() -> None:
+    """The fused MLP GEMM has no backward: called directly (or from a graph holding it) on inputs that require
+    grad it refuses, where autograd had passed it by and the inputs got no gradient."""
+    g = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(4, 32, generator=g).bfloat16(), torch.randn(32, 32, generator=g).bfloat16()
+    with torch.no_grad():
+        want = OPS.swiglu_linear_triton(x, weight, None, 16)
+    with pytest.raises(ValueError, match="swiglu_linear_triton has no backward"):
+        OPS.swiglu_linear_triton(x, weight.requires_grad_(), None, 16)
+    torch.testing.assert_close(OPS.swiglu_linear_triton(x, weight.detach(), None, 16), want, atol=0, rtol=0)

@@ -27,17 +27,18 @@ FUNCTIONS: dict[torch._ops.OpOverload, type[torch.autograd.Function]] = {}  # ea
 
 
 def define_op(
-    name: str, fake: Callable[..., object], *, differentiable: bool = False
+    name: str, fake: Callable[..., object], *, own_autograd: bool = False
 ) -> Callable[[Callable[..., object]], torch._ops.OpOverload]:
     """Decorator: ``fn`` becomes ``torch.ops.sphere_fast.<name>`` on CPU and CUDA tensors (schema from its
-    type hints, ``fake`` for fake tensors), and the decorated name is that op. A ``differentiable`` op gets its
-    autograd from ``differentiable_by``; autograd passes any other by (the backward ops, the noise)."""
+    type hints, ``fake`` for fake tensors), and the decorated name is that op. An op with ``own_autograd`` gets
+    its Autograd kernel from ``differentiable_by`` or ``forward_only``; autograd passes any other by (the backward
+    ops, the noise: nothing of theirs is differentiated)."""
 
     def register(fn: Callable[..., object]) -> torch._ops.OpOverload:
         LIBRARY.define(name + torch.library.infer_schema(fn, mutates_args=()))
         for key in DEVICE_KEYS:
             LIBRARY.impl(name, fn, key)
-        if not differentiable:
+        if not own_autograd:
             LIBRARY.impl(name, torch.library.fallthrough_kernel, "Autograd")
         torch.library.register_fake(f"sphere_fast::{name}", fake, lib=LIBRARY)
         return getattr(torch.ops.sphere_fast, name).default
@@ -69,6 +70,18 @@ def differentiable_by(
 
     LIBRARY.impl(op._schema.name.split("::")[1], autograd_kernel, "Autograd", with_keyset=True)
     FUNCTIONS[op] = function
+
+
+def forward_only(op: torch._ops.OpOverload) -> None:
+    """The Autograd kernel of an op without a backward: a call that needs a gradient is refused (the public op
+    refuses it first; a graph holding the op, an exported one trained, would leave its inputs without gradients)."""
+
+    def autograd_kernel(keyset: torch._C.DispatchKeySet, *args: object) -> object:
+        if needs_grad(*args):  # type: ignore[arg-type]
+            raise ValueError(f"{op._schema.name} has no backward: run it under torch.no_grad()")
+        return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+    LIBRARY.impl(op._schema.name.split("::")[1], autograd_kernel, "Autograd", with_keyset=True)
 
 
 def call_op(op: torch._ops.OpOverload, *args: object) -> Any:

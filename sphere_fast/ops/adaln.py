@@ -387,7 +387,7 @@ def _bwd_fake(dy, dres, res, branch, gate, weight, shift, scale, rstd, backend=N
     return like(res), like(branch), like(gate), like(weight), like(shift), like(scale)
 
 
-@define_op("adaln_modulate_fwd", fake=_modulate_fake, differentiable=True)
+@define_op("adaln_modulate_fwd", fake=_modulate_fake, own_autograd=True)
 def _modulate_fwd(
     x: Tensor, weight: Tensor | None, shift: Tensor | None, scale: Tensor | None, eps: float, backend: str
 ) -> tuple[Tensor, Tensor]:
@@ -395,7 +395,7 @@ def _modulate_fwd(
     return y, rstd
 
 
-@define_op("gated_residual_adaln_fwd", fake=_fwd_fake, differentiable=True)
+@define_op("gated_residual_adaln_fwd", fake=_fwd_fake, own_autograd=True)
 def _gated_fwd(
     x: Tensor, branch: Tensor, gate: Tensor | None, weight: Tensor | None, shift: Tensor | None,
     scale: Tensor | None, eps: float, backend: str,

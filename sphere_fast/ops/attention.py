@@ -446,7 +446,7 @@ def _bwd_fake(do, q, k, v, o, lse, rope):
     return bnhd_empty(q), bnhd_empty(q), bnhd_empty(q)
 
 
-@define_op("attention_triton_fwd", fake=_fwd_fake, differentiable=True)
+@define_op("attention_triton_fwd", fake=_fwd_fake, own_autograd=True)
 def attention_triton_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:

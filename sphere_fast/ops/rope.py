@@ -116,7 +116,7 @@ def _rope_fake(q, k, rope):
     return bnhd_empty(q), bnhd_empty(q)
 
 
-@define_op("rope_fwd", fake=_rope_fake, differentiable=True)
+@define_op("rope_fwd", fake=_rope_fake, own_autograd=True)
 def rope_fwd(q: Tensor, k: Tensor, rope: Tensor) -> tuple[Tensor, Tensor]:
     """(R q, R k) with R the rotation of ``rope``: the fused Triton pass."""
     return _triton_rope(q, k, rope, False)

@@ -256,7 +256,7 @@ def _fake_noise_impl(seeds, length, stream, backend=None):
     return seeds.new_empty((seeds.shape[0], length), dtype=torch.float32)
 
 
-@define_op("spherify_fwd", fake=_fake_fwd_impl, differentiable=True)
+@define_op("spherify_fwd", fake=_fake_fwd_impl, own_autograd=True)
 def _spherify_fwd(
     z: torch.Tensor,
     scales: torch.Tensor | None,

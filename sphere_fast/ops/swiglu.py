@@ -114,7 +114,7 @@ def _bwd_fake(dout, h, backend=None):
     return h.new_empty(h.shape)
 
 
-@define_op("swiglu_fwd", fake=_fwd_fake, differentiable=True)
+@define_op("swiglu_fwd", fake=_fwd_fake, own_autograd=True)
 def _swiglu_fwd(h: Tensor, backend: str) -> Tensor:
     if backend == "triton":
         return _triton_fwd(h)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sphere_fast.backend import emulate_bf16, requested_cpp_as_auto, resolve_backend, triton_interpreting
-from sphere_fast.ops._library import define_op, needs_grad
+from sphere_fast.ops._library import call_op, define_op, forward_only, needs_grad
 from sphere_fast.ops._tuning import launch_tuned
 from sphere_fast.ops._util import kernel_runner, next_pow2, on_input_device
 from sphere_fast.ops.swiglu import swiglu_reference
@@ -154,9 +154,12 @@ def _fake(x, weight, bias, out_width):
     return x.new_empty((*x.shape[:-1], out_width))
 
 
-@define_op("swiglu_linear_triton", fake=_fake)
+@define_op("swiglu_linear_triton", fake=_fake, own_autograd=True)
 def _swiglu_linear_triton(x: Tensor, weight: Tensor, bias: Tensor | None, out_width: int) -> Tensor:
     return _triton_forward(x, weight, bias, out_width)
+
+
+forward_only(_swiglu_linear_triton)
 
 
 def swiglu_linear(
@@ -175,4 +178,4 @@ def swiglu_linear(
         return swiglu_linear_reference(x, weight, bias, out_width)
     if refusal is not None:  # an explicit triton
         raise refusal
-    return _swiglu_linear_triton(x, weight, bias, out_width)
+    return call_op(_swiglu_linear_triton, x, weight, bias, out_width)
