@@ -65,7 +65,7 @@ ISOLATED_GROUPS = (("tests/test_attention.py", "tests/test_rope.py", "tests/test
 OPT_IN_CASES = {FUSED_MLP_TESTS: "mlp_up or fused_mlp"}
 ISOLATED_TESTS = tuple(t for group in ISOLATED_GROUPS for t in group)
 TEST_GROUPS = (*(list(g) for g in ISOLATED_GROUPS), ["tests", *(f"--ignore={t}" for t in ISOLATED_TESTS)])
-# a torch.compile(max-autotune) case compiles for minutes
+# seconds a test may take, by phase (a torch.compile(max-autotune) bench case compiles for minutes)
 PER_TEST_TIMEOUT_S = {"tests": 120, "sanitize": 120, "bench": 240}
 JSON_MARGIN_S = 30  # bench cases stop starting this long before the phase limit
 DURATIONS_SHOWN = 30

@@ -57,7 +57,7 @@ def autodiff_transform() -> str | None:
 
 def requested_backend(op: str, backend: str | None) -> str:
     """The backend requested for a call of ``op``: ``backend=``, else the active one; under ``autodiff_transform``
-    ``auto`` reads as ``eager`` and a fused backend named explicitly is refused."""
+    ``auto`` reads as ``eager`` and a fused backend asked for (argument, ``use_backend``, environment) is refused."""
     name = check_backend_name(backend) if backend is not None else active_backend()
     if name != "eager" and (transform := autodiff_transform()) is not None:
         if name != "auto":
