@@ -14,7 +14,6 @@ import math
 import pytest
 import torch
 
-from sphere_fast import backend as backend_module
 from sphere_fast import use_backend
 from sphere_fast.nn.layers import rope_2d
 from sphere_fast.ops.rope import apply_rope, apply_rope_reference, rope_table_reference, rotate_reference
@@ -257,32 +256,24 @@ def test_cpp_backend_runs_as_auto(dtype: torch.dtype) -> None:
         assert all(torch.equal(a, b) for a, b in zip(expected[:2], apply_rope_reference(q, k, rope)))
 
 
-def test_cpp_backend_takes_the_triton_kernel_where_auto_does(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cpp_backend_takes_the_triton_kernel_where_auto_does(monkeypatch: pytest.MonkeyPatch, as_on_cuda) -> None:
     """Resolved as on a CUDA machine with every backend: cpp runs the Triton kernel, as auto does."""
-    real_resolve = rope_mod.resolve_backend
-    monkeypatch.setattr(rope_mod, "resolve_backend", lambda op, device, requested, order: real_resolve(
-        op, torch.device("cuda"), requested, order))
-    monkeypatch.setattr(backend_module, "available_backends", lambda device=None: ["eager", "triton", "cpp"])
-    backend_module._resolve.cache_clear()
-    try:
-        launches = record_launches(monkeypatch, rope_mod)
-        q, k = _qk()
-        with use_backend("cpp"):
-            in_context = apply_rope(q, k, table(8, 32))
-        explicit = apply_rope(q, k, table(8, 32), backend="cpp")
-        assert [launch.kernel for launch in launches] == ["rope_kernel"] * 2
-        triton = apply_rope(q, k, table(8, 32), backend="triton")
-        assert all(torch.equal(a, b) for got in (in_context, explicit) for a, b in zip(got, triton))
-        # a table that needs a gradient: the kernel refuses it, so auto (and cpp) run the reference, which gives it
-        launches.clear()
-        rope = table(8, 32).requires_grad_()
-        for name in ("auto", "cpp"):
-            q_rot, k_rot = apply_rope(q, k, rope, backend=name)
-            assert all(torch.equal(a, b) for a, b in zip((q_rot, k_rot), apply_rope_reference(q, k, rope)))
-            (grad,) = torch.autograd.grad(q_rot.sum() + k_rot.sum(), rope)
-            assert grad.abs().sum() > 0
-        assert launches == []
-        with pytest.raises(ValueError, match="rope must not require grad"):
-            apply_rope(q, k, rope, backend="triton")
-    finally:
-        backend_module._resolve.cache_clear()
+    launches = record_launches(monkeypatch, rope_mod)
+    q, k = _qk()
+    with use_backend("cpp"):
+        in_context = apply_rope(q, k, table(8, 32))
+    explicit = apply_rope(q, k, table(8, 32), backend="cpp")
+    assert [launch.kernel for launch in launches] == ["rope_kernel"] * 2
+    triton = apply_rope(q, k, table(8, 32), backend="triton")
+    assert all(torch.equal(a, b) for got in (in_context, explicit) for a, b in zip(got, triton))
+    # a table that needs a gradient: the kernel refuses it, so auto (and cpp) run the reference, which gives it
+    launches.clear()
+    rope = table(8, 32).requires_grad_()
+    for name in ("auto", "cpp"):
+        q_rot, k_rot = apply_rope(q, k, rope, backend=name)
+        assert all(torch.equal(a, b) for a, b in zip((q_rot, k_rot), apply_rope_reference(q, k, rope)))
+        (grad,) = torch.autograd.grad(q_rot.sum() + k_rot.sum(), rope)
+        assert grad.abs().sum() > 0
+    assert launches == []
+    with pytest.raises(ValueError, match="rope must not require grad"):
+        apply_rope(q, k, rope, backend="triton")

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from sphere_fast import Sampler, use_backend
-from sphere_fast import backend as backend_module
 from sphere_fast.nn.layers import SwiGLU, padded_mlp_weights
 from sphere_fast.ops import _tuning
 from sphere_fast.ops.swiglu_linear import GemmConfig, swiglu_linear, swiglu_linear_reference
@@ -202,20 +201,13 @@ def test_triton_refuses_a_call_that_needs_a_gradient(needs_grad: str) -> None:
 
 
 @pytest.fixture
-def resolved_as_on_cuda(monkeypatch: pytest.MonkeyPatch):
+def resolved_as_on_cuda(monkeypatch: pytest.MonkeyPatch, as_on_cuda):
     """Backends resolved as on a CUDA machine with every backend (auto takes triton), whatever the tensors' device:
     the spy's list of the calls that reach the Triton kernel (each returns the reference instead)."""
-    real_resolve = swl.resolve_backend
-    monkeypatch.setattr(swl, "resolve_backend", lambda op, device, requested, order: real_resolve(
-        op, torch.device("cuda"), requested, order))
-    monkeypatch.setattr(backend_module, "available_backends", lambda device=None: ["eager", "triton", "cpp"])
-    monkeypatch.delenv("SPHERE_FAST_BACKEND", raising=False)
     calls: list[torch.dtype] = []
     monkeypatch.setattr(swl, "_swiglu_linear_triton", lambda x, *a: calls.append(x.dtype) or swl._fake(x, *a))
-    backend_module._resolve.cache_clear()
-    assert real_resolve("swiglu_linear", torch.device("cuda"), "auto", swl.AUTO_ORDER) == "triton"
-    yield calls
-    backend_module._resolve.cache_clear()
+    assert swl.resolve_backend("swiglu_linear", torch.device("cpu"), "auto", swl.AUTO_ORDER) == "triton"
+    return calls
 
 
 def refused_operands() -> dict[str, tuple[tuple[torch.Tensor, ...], type[Exception], str]]:
