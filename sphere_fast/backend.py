@@ -25,6 +25,8 @@ from sphere_fast._extension import cuda_build_possible
 F = TypeVar("F", bound=Callable[..., object])
 BACKENDS = ("eager", "triton", "cpp")
 CHOICES = BACKENDS + ("auto",)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the kernels take (float32 math inside)
+EAGER_DTYPES = (*KERNEL_DTYPES, torch.float64)  # the references compute float64 in float64
 
 logger = logging.getLogger("sphere_fast")
 _active: contextvars.ContextVar[str | None] = contextvars.ContextVar("sphere_fast_backend", default=None)
@@ -161,6 +163,25 @@ def resolve_backend(op: str, device: torch.device, requested: str | None, auto_o
     at trace time and its answer is a constant, so it causes no graph break.
     """
     return _resolve(op, device.type, requested_backend(op, requested), auto_order, triton_interpreting())
+
+
+def resolve_for_dtype(
+    op: str, name: str, t: torch.Tensor, requested: str | None, auto_order: tuple[str, ...]
+) -> str:
+    """``resolve_backend`` for an op whose input ``name`` is ``t`` (its dtype one of ``EAGER_DTYPES``, checked).
+    Under ``auto`` float64 takes the eager reference, as ``auto`` must not refuse what one of its backends takes; a
+    kernel backend asked for by name refuses it."""
+    backend = resolve_backend(op, t.device, requested, () if t.dtype == torch.float64 else auto_order)
+    if backend != "eager" and t.dtype not in KERNEL_DTYPES:
+        raise kernel_dtype_error(op, name, t.dtype, backend)
+    return backend
+
+
+def kernel_dtype_error(op: str, name: str, dtype: torch.dtype, backend: str) -> TypeError:
+    return TypeError(
+        f"{op}: {name} has dtype {dtype}, which the {backend} backend does not take (its kernels compute in float32 "
+        f"and take {', '.join(str(d) for d in KERNEL_DTYPES)}); use the eager backend"
+    )
 
 
 @functools.cache

@@ -72,24 +72,29 @@ CONFIGS = {
 }
 
 
+# float64: every op on its eager reference in float64, as the transcription (its RoPE table float32, as the model's)
+TOLERANCES = {torch.float32: {"atol": 5e-5, "rtol": 1e-4}, torch.float64: {"atol": 1e-12, "rtol": 1e-12}}
+
+
+@pytest.mark.parametrize("dtype", TOLERANCES, ids=str)
 @pytest.mark.parametrize("name", CONFIGS)
-def test_config_matches_spec_reference(name):
-    model = perturb(tiny(**CONFIGS[name]))
+def test_config_matches_spec_reference(name, dtype):
+    model = perturb(tiny(**CONFIGS[name])).to(dtype)
     cfg = {**model.config}
     sd = model.state_dict()
     enc, dec = model.encoder, model.decoder
     B = 2
-    x = torch.rand(B, 3, cfg["input_size"], cfg["input_size"]) * 2 - 1
+    x = (torch.rand(B, 3, cfg["input_size"], cfg["input_size"]) * 2 - 1).to(dtype)
     y = torch.tensor([1, 3]) if cfg["num_classes"] else None
     with torch.no_grad():
         z = model.encoder(x, y)
         z_ref = spec_reference.vit(sd, "encoder", "encoder", cfg, x, y, enc.blocks[0].attn.heads, len(enc.blocks))
-        torch.testing.assert_close(z, z_ref, atol=5e-5, rtol=1e-4)
+        torch.testing.assert_close(z, z_ref, **TOLERANCES[dtype])
         v = model.f(z)
         img = model.decoder(v, y)
         img_ref = spec_reference.vit(sd, "decoder", "decoder", cfg, v, y, dec.blocks[0].attn.heads, len(dec.blocks), cfg["spherify_model"])
-        torch.testing.assert_close(img, img_ref, atol=5e-5, rtol=1e-4)
-    assert img.shape == x.shape
+        torch.testing.assert_close(img, img_ref, **TOLERANCES[dtype])
+    assert img.shape == x.shape and img.dtype == dtype
 
 
 def test_state_dict_round_trip():

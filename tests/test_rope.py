@@ -215,7 +215,7 @@ def _qk(d: int = 32, dtype: torch.dtype = torch.float32):
         (lambda q, k: (q, k.to("meta"), table(8, 32)), ValueError, r"k must match q's shape and device"),
         (lambda q, k: (q, k, table(8, 32).to("meta")), ValueError, r"rope must be on q's device"),
         (lambda q, k: (q[0], k[0], table(8, 32)), ValueError, r"\bq\b.*4-D"),
-        (lambda q, k: (q.double(), k.double(), table(8, 32)), TypeError, r"\bq\b.*float16"),
+        (lambda q, k: (q.int(), k.int(), table(8, 32)), TypeError, r"\bq\b.*float16"),
         (lambda q, k: (q.tolist(), k, table(8, 32)), TypeError, r"\bq\b.*Tensor"),
         (lambda q, k: (q, k, table(7, 32)), ValueError, r"rope.*\[8, 64\]"),
         (lambda q, k: (q, k, table(8, 32).double()), TypeError, r"rope.*float32"),

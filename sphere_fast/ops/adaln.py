@@ -6,7 +6,8 @@ fake kernels; autograd in the ``torch.autograd.Function``s around them, see ``op
 which every non-eager backend runs, so torch.compile sees one opaque node per call.
 
 Dtypes: x, branch, gate, weight, shift and scale must share one floating dtype (a mismatch raises
-TypeError); math is fp32 inside every kernel, outputs have x's dtype.
+TypeError); math is fp32 inside every kernel, outputs have x's dtype. float64 runs on the eager reference only
+(``auto`` takes it there), in float64.
 """
 
 from __future__ import annotations
@@ -17,13 +18,12 @@ import sys
 import torch
 from torch import Tensor
 
-from sphere_fast.backend import emulate_bf16, resolve_backend, triton_interpreting
+from sphere_fast.backend import EAGER_DTYPES, emulate_bf16, resolve_for_dtype, triton_interpreting
 from sphere_fast.ops._library import call_op, define_op, differentiable_by, first_order_only, grad_only_from
 from sphere_fast.ops._tuning import launch_tuned
 from sphere_fast.ops._util import kernel_runner, next_pow2, on_input_device, unit_last_stride
 
 AUTO_ORDER = ("triton", "cpp", "eager")
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def adaln_modulate_reference(
@@ -34,15 +34,16 @@ def adaln_modulate_reference(
     eps: float = 1e-6,
 ) -> torch.Tensor:
     """RMSNorm(x; weight) * (1 + scale) + shift (each of weight, shift, scale optional), computed in float32
-    (float64 inputs too) and returned in x's dtype."""
-    xf = x.float()
+    (float64 in float64) and returned in x's dtype."""
+    math_dtype = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(math_dtype)
     y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
     if weight is not None:
-        y = y * weight.float()
+        y = y * weight.to(math_dtype)
     if scale is not None:
-        y = y * (1 + scale.float())
+        y = y * (1 + scale.to(math_dtype))
     if shift is not None:
-        y = y + shift.float()
+        y = y + shift.to(math_dtype)
     return y.to(x.dtype)
 
 
@@ -80,8 +81,8 @@ def _check_inputs(
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.ndim != 3:
         raise ValueError(f"x must have shape [B, S, D], got shape {tuple(x.shape)}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    if x.dtype not in EAGER_DTYPES:
+        raise TypeError(f"x must be float32, bfloat16, float16 or float64 (eager only), got {x.dtype}")
     B, S, D = x.shape
     if D == 0:
         raise ValueError("x must have a non-empty last dim D, got D=0")
@@ -477,7 +478,7 @@ def adaln_modulate(
         rows = x.shape[:-1].numel()
         return adaln_modulate(x.reshape(1, rows, x.shape[-1]), weight, None, None, eps, backend=backend).view(x.shape)
     _check_inputs(x, None, None, weight, shift, scale, eps, gated=False)
-    name = resolve_backend("adaln_modulate", x.device, backend, AUTO_ORDER)
+    name = resolve_for_dtype("adaln_modulate", "x", x, backend, AUTO_ORDER)
     if name == "eager":
         return adaln_modulate_reference(x, weight, shift, scale, eps)
     return call_op(_modulate_fwd, x, weight, shift, scale, float(eps), name)[0]
@@ -496,7 +497,7 @@ def gated_residual_adaln(
 ) -> tuple[Tensor, Tensor]:
     """(res, y) with res = x + gate * branch (gate None means 1) and y = adaln_modulate(res, ...), one pass."""
     _check_inputs(x, branch, gate, weight, shift, scale, eps, gated=True)
-    name = resolve_backend("gated_residual_adaln", x.device, backend, AUTO_ORDER)
+    name = resolve_for_dtype("gated_residual_adaln", "x", x, backend, AUTO_ORDER)
     if name == "eager":
         return gated_residual_adaln_reference(x, branch, gate, weight, shift, scale, eps)
     res, y, _ = call_op(_gated_fwd, x, branch, gate, weight, shift, scale, float(eps), name)

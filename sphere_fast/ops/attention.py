@@ -34,9 +34,12 @@ import torch
 import torch.nn.functional as F
 
 from sphere_fast.backend import (
+    EAGER_DTYPES,
+    KERNEL_DTYPES,
     autodiff_transform,
     constant_under_compile,
     emulate_bf16,
+    kernel_dtype_error,
     requested_backend,
     resolve_backend,
     triton_interpreting,
@@ -50,7 +53,6 @@ from sphere_fast.ops.rope import apply_rope_reference, check_rope_table, rope_pa
 AUTO_ORDER = ("triton", "eager")
 IMPLS = ("sdpa", "triton", "triton_rope_on_load", "flash_attn")
 TRITON_IMPLS = ("triton", "triton_rope_on_load")
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_HEAD_DIMS = "even head dims from 16 to 128"
 
 logger = logging.getLogger("sphere_fast")
@@ -74,8 +76,10 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch
             raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"attention: {name} must be [B, H, N, D] (4-D), got shape {tuple(t.shape)}")
-        if t.dtype not in DTYPES:
-            raise TypeError(f"attention: {name} must be float16, bfloat16 or float32, got {t.dtype}")
+        if t.dtype not in EAGER_DTYPES:
+            raise TypeError(
+                f"attention: {name} must be float16, bfloat16, float32 or float64 (sdpa only), got {t.dtype}"
+            )
     for name, t in (("k", k), ("v", v)):
         if t.shape != q.shape:
             raise ValueError(f"attention: {name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
@@ -112,7 +116,7 @@ def attention_impls(
     """The implementations that can run attention for this device, dtype and head dim."""
     device = torch.device(device)
     names = ["sdpa"]
-    if triton_usable(device) and triton_supports_head_dim(head_dim):
+    if triton_usable(device) and triton_supports_head_dim(head_dim) and dtype in KERNEL_DTYPES:
         names += TRITON_IMPLS
     if _flash_attn_usable(device.type, dtype, head_dim):
         names.append("flash_attn")
@@ -153,12 +157,14 @@ def _choose(
             raise ValueError(f"attention: impl must be one of {IMPLS}, got {impl!r}")
         if impl not in usable:
             raise ValueError(
-                f"attention: impl {impl!r} cannot run on {device_type} with {dtype}, head dim {head_dim} "
-                f"(usable: {usable}; triton takes {TRITON_HEAD_DIMS}, flash_attn needs CUDA fp16/bf16)"
+                f"attention: impl {impl!r} cannot run on {device_type} with {dtype}, head dim {head_dim} (usable: "
+                f"{usable}; triton takes {TRITON_HEAD_DIMS} in fp32/bf16/fp16, flash_attn needs CUDA fp16/bf16)"
             )
         name, why = impl, "impl="
     else:
-        resolved = resolve_backend("attention", torch.device(device_type), requested, AUTO_ORDER)
+        # auto must not refuse what sdpa takes: float64 goes to it
+        order = () if dtype == torch.float64 else AUTO_ORDER
+        resolved = resolve_backend("attention", torch.device(device_type), requested, order)
         why = f"backend {resolved}" + (" via auto" if requested == "auto" else "")
         if requested == "auto" and resolved == "triton" and dtype == torch.float32 and not tf32:
             # The Triton dots run fp32 in TF32: auto keeps torch's exact fp32 unless the user allowed TF32.
@@ -167,6 +173,8 @@ def _choose(
             name = "sdpa"
         elif resolved == "cpp":
             name = "flash_attn" if "flash_attn" in usable else "sdpa"
+        elif requested == "triton" and dtype not in KERNEL_DTYPES:
+            raise kernel_dtype_error("attention", "q", dtype, "triton")
         elif "triton" in usable and (requested == "triton" or auto_takes_triton(head_dim)):
             name = "triton"
         elif requested == "triton":
@@ -510,7 +518,7 @@ def attention(
     """softmax(q k^T / sqrt(D)) v on [B, H, N, D] (strided views allowed), with q and k rotated by
     ``rope`` [N, 2D] float32 (cos | sin, interleaved pairs) first. ``impl`` forces one of ``IMPLS``. The
     Triton kernel's float32 dots run in TF32, so under ``auto`` float32 inputs take SDPA unless TF32 is
-    allowed (``torch.set_float32_matmul_precision("high")``)."""
+    allowed (``torch.set_float32_matmul_precision("high")``). float64 runs on SDPA only (``auto`` takes it)."""
     _check_inputs(q, k, v, rope)
     name = attention_impl(q, backend=backend, impl=impl)
     if name == "triton_rope_on_load":

@@ -4,8 +4,9 @@
 qkv projection), two [B, H, N, D] tensors with [B, N, H, D] memory out, in the input dtype (fp32 math, one
 rounding, as the reference's ``.to(dtype)``). Attention runs it before a RoPE-free kernel. Backend ``triton``
 runs the Triton kernel (``kernels/rope.py``) as the ``sphere_fast::rope_fwd`` op, whose backward
-(``_RopeFunction``) is the same kernel transposed; ``eager`` is the reference below; ``auto`` is triton on CUDA,
-eager on CPU. There is no C++ kernel for RoPE: ``cpp`` is resolved as ``auto`` (``requested_cpp_as_auto``).
+(``_RopeFunction``) is the same kernel transposed; ``eager`` is the reference below (float64 too, in float64);
+``auto`` is triton on CUDA but for float64, eager on CPU. There is no C++ kernel for RoPE: ``cpp`` is resolved as
+``auto`` (``requested_cpp_as_auto``).
 """
 
 from __future__ import annotations
@@ -15,12 +16,17 @@ import math
 import torch
 from torch import Tensor
 
-from sphere_fast.backend import emulate_bf16, requested_cpp_as_auto, resolve_backend, triton_interpreting
+from sphere_fast.backend import (
+    EAGER_DTYPES,
+    emulate_bf16,
+    requested_cpp_as_auto,
+    resolve_for_dtype,
+    triton_interpreting,
+)
 from sphere_fast.ops._library import call_op, define_op, differentiable_by, first_order_only, grad_only_from
 from sphere_fast.ops._util import bnhd_empty, kernel_runner, next_pow2, on_input_device, unit_last_stride
 
 AUTO_ORDER = ("triton", "eager")
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def rotate_pairs(x: Tensor) -> Tensor:
@@ -36,7 +42,8 @@ def rotate_reference(x: Tensor, rope: Tensor) -> Tensor:
 
 
 def apply_rope_reference(q: Tensor, k: Tensor, rope: Tensor) -> tuple[Tensor, Tensor]:
-    """q and k rotated in float32 and rounded back to their dtype (what attention's reference does)."""
+    """q and k rotated in float32 (float64 in float64) and rounded back to their dtype (what attention's reference
+    does)."""
     return rotate_reference(q, rope).to(q.dtype), rotate_reference(k, rope).to(k.dtype)
 
 
@@ -75,8 +82,10 @@ def _check_inputs(q: object, k: object, rope: object) -> None:
             raise TypeError(f"apply_rope: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"apply_rope: {name} must be [B, H, N, D] (4-D), got shape {tuple(t.shape)}")
-        if t.dtype not in DTYPES:
-            raise TypeError(f"apply_rope: {name} must be float16, bfloat16 or float32, got {t.dtype}")
+        if t.dtype not in EAGER_DTYPES:
+            raise TypeError(
+                f"apply_rope: {name} must be float16, bfloat16, float32 or float64 (eager only), got {t.dtype}"
+            )
     if k.dtype != q.dtype:
         raise TypeError(f"apply_rope: k must have q's dtype {q.dtype}, got {k.dtype}")
     if k.shape != q.shape or k.device != q.device:
@@ -157,8 +166,8 @@ def rope_pass(q: Tensor, k: Tensor, rope: Tensor, backend: str | None) -> tuple[
     """``apply_rope`` without its input checks, for a caller that made them (attention, on every call)."""
     requested = requested_cpp_as_auto("rope", backend)
     table_needs_grad = rope.requires_grad and torch.is_grad_enabled()
-    # auto must not refuse what eager takes: a table that needs a gradient goes to the reference
-    name = resolve_backend("rope", q.device, requested, () if table_needs_grad and requested == "auto" else AUTO_ORDER)
+    # auto must not refuse what eager takes: a table that needs a gradient goes to the reference (as float64 does)
+    name = resolve_for_dtype("rope", "q", q, requested, () if table_needs_grad and requested == "auto" else AUTO_ORDER)
     if name == "eager":
         return apply_rope_reference(q, k, rope)
     if table_needs_grad:

@@ -17,14 +17,13 @@ import math
 
 import torch
 
-from sphere_fast.backend import emulate_bf16, resolve_backend
+from sphere_fast.backend import EAGER_DTYPES, emulate_bf16, resolve_backend, resolve_for_dtype
 from sphere_fast.ops._library import call_op, define_op, differentiable_by, first_order_only, grad_only_from
 from sphere_fast.ops._util import kernel_runner, next_pow2, on_input_device
 from sphere_fast.ops.philox import check_seeds, check_stream, sample_shape, sphere_noise_reference
 
 EPS = 1e-6
 AUTO_ORDER = ("triton", "cpp", "eager")
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _NUM_WARPS = 8  # 2048-wide tiles: 8 values per thread (tests/test_sm90_spherify.py checks registers)
 
 __all__ = [
@@ -71,14 +70,13 @@ def _values_checkable(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
-def _check_z(z: object, backend: str) -> torch.Tensor:
+def _check_z(z: object) -> torch.Tensor:
     if not isinstance(z, torch.Tensor):
         raise TypeError(f"z must be a torch.Tensor of shape [B, ...], got {type(z).__name__}")
     if z.ndim < 2 or 0 in z.shape[1:]:
         raise ValueError(f"z must have shape [B, ...] with at least 2 dims, none empty after B, got {tuple(z.shape)}")
-    allowed = KERNEL_DTYPES + ((torch.float64,) if backend == "eager" else ())
-    if z.dtype not in allowed:
-        raise TypeError(f"z must have dtype in {allowed} for the {backend} backend, got {z.dtype}")
+    if z.dtype not in EAGER_DTYPES:
+        raise TypeError(f"z must have dtype in {EAGER_DTYPES} (float64 on the eager backend only), got {z.dtype}")
     return z
 
 
@@ -327,18 +325,9 @@ def _reference_noise(seeds: torch.Tensor, dims: tuple[int, ...], stream: int) ->
 # ---------------------------------------------------------------------------------------------- public ops
 
 
-def _resolve_for(op: str, z: object, backend: str | None) -> str:
-    """The backend for ``z``. Under ``auto`` a float64 z takes the eager reference: the kernels compute in fp32
-    and refuse float64, while ``auto`` must not refuse what one of its backends takes."""
-    if not isinstance(z, torch.Tensor):
-        return resolve_backend(op, torch.device("cpu"), backend, AUTO_ORDER)
-    return resolve_backend(op, z.device, backend, () if z.dtype == torch.float64 else AUTO_ORDER)
-
-
 def spherify(z: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """f(z) for z of shape [B, ...]."""
-    name = _resolve_for("spherify", z, backend)
-    _check_z(z, name)
+    name = resolve_for_dtype("spherify", "z", _check_z(z), backend, AUTO_ORDER)
     if name == "eager" or z.shape[0] == 0:  # no samples: nothing to launch (as the other ops take B = 0)
         return spherify_reference(z)
     return call_op(_spherify_fwd, z, None, None, None, 0, name)[0][0]
@@ -371,8 +360,7 @@ def _noisy(
     stream: int,
     backend: str | None,
 ) -> list[torch.Tensor]:
-    name = _resolve_for(op, z, backend)
-    _check_z(z, name)
+    name = resolve_for_dtype(op, "z", _check_z(z), backend, AUTO_ORDER)
     values = [_check_scale(label, s, z) for label, s in scales]
     _check_noise_source(z, noise, seeds, stream)
     if name == "eager" or z.shape[0] == 0:

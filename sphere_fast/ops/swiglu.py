@@ -12,12 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sphere_fast.backend import emulate_bf16, resolve_backend
+from sphere_fast.backend import EAGER_DTYPES, emulate_bf16, resolve_for_dtype
 from sphere_fast.ops._library import call_op, define_op, differentiable_by, first_order_only
 from sphere_fast.ops._util import kernel_runner, on_input_device, unit_last_stride
 
 AUTO_ORDER = ("triton", "cpp", "eager")
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def swiglu_reference(h: torch.Tensor) -> torch.Tensor:
@@ -30,8 +29,8 @@ def swiglu_reference(h: torch.Tensor) -> torch.Tensor:
 def _check_input(h: object) -> None:
     if not isinstance(h, Tensor):
         raise TypeError(f"h must be a torch.Tensor, got {type(h).__name__}")
-    if h.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"h must be float32, bfloat16 or float16, got {h.dtype}")
+    if h.dtype not in EAGER_DTYPES:
+        raise TypeError(f"h must be float32, bfloat16, float16 or float64 (eager only), got {h.dtype}")
     if h.ndim < 1 or h.shape[-1] % 2 != 0 or h.shape[-1] == 0:
         raise ValueError(f"h must have an even, non-zero last dim (cat(a, b)), got shape {tuple(h.shape)}")
 
@@ -155,7 +154,7 @@ differentiable_by(_swiglu_fwd, _SwiGLUFunction)
 def swiglu(h: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """silu(a) * b for h = cat(a, b) on the last dim: [..., 2H] -> [..., H] (H may be odd)."""
     _check_input(h)
-    name = resolve_backend("swiglu", h.device, backend, AUTO_ORDER)
+    name = resolve_for_dtype("swiglu", "h", h, backend, AUTO_ORDER)
     if name == "eager":
         return swiglu_reference(h)
     return call_op(_swiglu_fwd, h, name)
