@@ -167,8 +167,10 @@ class GuidedNetworks:
 
     def _guided(self, name: str, inp: torch.Tensor) -> torch.Tensor:
         cond, uncond = self._run(name, torch.cat([inp, inp]), self.y2).chunk(2)
-        # float32 like torch.lerp with a Python-float weight (opmath), rounded once to the network's dtype
-        return torch.lerp(uncond.float(), cond.float(), self.weight).to(cond.dtype)
+        # in float32 (float64 in float64) like torch.lerp with a Python-float weight (opmath), rounded once to the
+        # network's dtype
+        opmath = torch.promote_types(cond.dtype, torch.float32)
+        return torch.lerp(uncond.to(opmath), cond.to(opmath), self.weight).to(cond.dtype)
 
     def decode(self, v: torch.Tensor) -> torch.Tensor:
         if not self.dec_cfg:

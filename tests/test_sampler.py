@@ -306,6 +306,19 @@ def test_cfg_mix_rounds_once_as_torch_lerp_with_a_float_weight(model):
     assert torch.equal(guided, torch.lerp(uncond, cond, 1.4).clamp(-1, 1))
 
 
+def test_cfg_mix_of_a_float64_model_runs_in_float64():
+    """A float64 model's mix is torch.lerp in float64 (a float32 mix rounds it to 24 bits); cfg 1.5: a weight the
+    float32 weight tensor holds exactly."""
+    model = tiny_model().double()
+    x = torch.rand(5, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    null = torch.full_like(LABELS, model.num_classes)
+    with torch.no_grad():
+        guided = GuidedNetworks.from_scale(model, LABELS, 1.5, "enc").encode(x)
+        cond, uncond = model.encoder(torch.cat([x, x]), torch.cat([LABELS, null])).chunk(2)
+    assert guided.dtype == torch.float64
+    assert torch.equal(guided, torch.lerp(uncond, cond, 1.5))
+
+
 def test_cfg_1_runs_each_network_on_one_batch(model):
     """cfg = 1 is no guidance: no null-class branch (the networks see B samples, not 2B), as with no labels."""
     batches = []
