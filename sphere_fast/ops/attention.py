@@ -138,7 +138,8 @@ def _tf32_allowed() -> bool:
 def _choose_impl(device: torch.device, dtype: torch.dtype, head_dim: int, backend: str | None, impl: str | None) -> str:
     # a constant under torch.compile: runs once at trace time, so the logging below breaks no graph
     requested = requested_backend("attention", backend)
-    if impl in TRITON_IMPLS and (transform := autodiff_transform()) is not None:
+    # flash-attn's autograd.Function has neither a jvp nor functorch's setup_context either
+    if impl in (*TRITON_IMPLS, "flash_attn") and (transform := autodiff_transform()) is not None:
         raise NotImplementedError(f"attention: impl {impl!r} cannot run under {transform}; use impl 'sdpa'")
     return _choose(device.type, dtype, head_dim, requested, impl, _tf32_allowed(), triton_interpreting())
 
