@@ -77,25 +77,32 @@ SF_HD float rsqrt_f(float x) { return 1.0f / sqrtf(x); }
 
 SF_HD float spherify_a(float szz, float length) { return rsqrt_f(szz / length + kSpherifyEps); }
 
+// a * x for x a sum over z, and 0 where a == 0: there |z|^2 overflowed, f(z) = a*z is 0 (the reference's), and
+// 0 * inf would make the whole sample NaN.
+SF_HD float times_a(float a, float x) { return a == 0.0f ? 0.0f : a * x; }
+
 SF_HD FwdCoeffs fwd_coeffs(float a, float szz, float sze, float see, float s, float length) {
   if (s == 0.0f) return {a, 0.0f};
-  const float su = a * a * szz + 2.0f * s * a * sze + s * s * see;
+  const float su = times_a(a * a, szz) + 2.0f * s * times_a(a, sze) + s * s * see;
   const float c = rsqrt_f(su / length + kSpherifyEps);
   return {c * a, c * s};
 }
 
 // Backward for one output with scale s and upstream sums zg = z.g, eg = e.g: dv = C*g - K*(a*z + s*e) is the
-// gradient w.r.t. f(z); zdv = z.dv; ds = e.du is the scale gradient (0 where s == 0, as in the reference).
+// gradient w.r.t. f(z); zdv = z.dv; ds = e.du is the scale gradient (0 where s == 0, as in the reference for a finite
+// sample: for a NaN one the reference's torch.where gives NaN).
 struct BwdTerms {
   float c, k, zdv, ds;
 };
 
 SF_HD BwdTerms bwd_terms(float a, float szz, float sze, float see, float s, float zg, float eg, float length) {
-  if (s == 0.0f) return {1.0f, 0.0f, zg, 0.0f};
-  const float su = a * a * szz + 2.0f * s * a * sze + s * s * see;
+  if (s == 0.0f) return {1.0f, 0.0f, a == 0.0f ? 0.0f : zg, 0.0f};
+  const float su = times_a(a * a, szz) + 2.0f * s * times_a(a, sze) + s * s * see;
   const float c = rsqrt_f(su / length + kSpherifyEps);
-  const float k = c * c * c / length * (a * zg + s * eg);
-  return {c, k, c * zg - k * (a * szz + s * sze), c * eg - k * (a * sze + s * see)};
+  const float k = c * c * c / length * (times_a(a, zg) + s * eg);
+  // z.dv counts only times a^3 (in dz): 0 where a == 0, where it may not be finite
+  const float zdv = a == 0.0f ? 0.0f : c * zg - k * (a * szz + s * sze);
+  return {c, k, zdv, c * eg - k * (times_a(a, sze) + s * see)};
 }
 
 // dz = sum_p cg_p * g_p + cz * z + ce * e, from the terms of P outputs (dz = a*dv - (a^3/L)(z.dv) z).

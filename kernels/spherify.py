@@ -85,9 +85,16 @@ def _sample_sums(partial_ptr, b, NSPLIT, SPLIT_P2: tl.constexpr):
 
 
 @triton.jit
+def _times_a(a, x):
+    """a * x for x a sum over z, and 0 where a == 0: there |z|^2 overflowed, f(z) = a*z is 0 (the reference's),
+    and 0 * inf would make the whole sample NaN."""
+    return tl.where(a == 0.0, 0.0, a * x)
+
+
+@triton.jit
 def _fwd_coeffs(a, szz, sze, see, s, L, eps):
     """(cz, ce) with out = cz*z + ce*e for scale s; exactly (a, 0) where s == 0."""
-    su = a * a * szz + 2.0 * s * a * sze + s * s * see
+    su = _times_a(a * a, szz) + 2.0 * s * _times_a(a, sze) + s * s * see
     c = tl.rsqrt(su / L + eps)
     cz = tl.where(s == 0.0, a, c * a)
     ce = tl.where(s == 0.0, 0.0, c * s)
@@ -208,13 +215,14 @@ def _bwd_coeffs(a, szz, sze, see, s, zg, eg, L, eps):
 
     Where s == 0 the output is f(z) itself: C = 1, K = 0, ds = 0.
     """
-    su = a * a * szz + 2.0 * s * a * sze + s * s * see
+    su = _times_a(a * a, szz) + 2.0 * s * _times_a(a, sze) + s * s * see
     c = tl.rsqrt(su / L + eps)
     nz = s != 0.0
-    kk = tl.where(nz, c * c * c / L * (a * zg + s * eg), 0.0)
+    kk = tl.where(nz, c * c * c / L * (_times_a(a, zg) + s * eg), 0.0)
     cc = tl.where(nz, c, 1.0)
-    zdv = cc * zg - kk * (a * szz + s * sze)
-    ds = tl.where(nz, cc * eg - kk * (a * sze + s * see), 0.0)
+    # z.dv counts only times a^3 (in dz): 0 where a == 0, where it may not be finite
+    zdv = tl.where(a == 0.0, 0.0, cc * zg - kk * (a * szz + s * sze))
+    ds = tl.where(nz, cc * eg - kk * (_times_a(a, sze) + s * see), 0.0)
     return cc, kk, zdv, ds
 
 
@@ -236,7 +244,7 @@ def _bwd_apply(
     first = k == 0
     if NOISE == 0:
         cg0 = a
-        cz = -a * a * a / L * zg0
+        cz = -_times_a(a * a * a / L, zg0)
         ce = 0.0
     else:
         s0 = tl.load(scale_ptr + b)

@@ -298,6 +298,28 @@ def test_float16_mean_square_does_not_overflow(backend):
         torch.testing.assert_close(out.float(), truth, rtol=2e-3, atol=2e-3)  # a few float16 roundings
 
 
+@pytest.mark.parametrize("backend", KERNELS)
+def test_a_sample_whose_mean_square_overflows(backend):
+    """One element 1e20 takes sample 1's |z|^2 past float32's range: f(z) is 0 there and the noisy outputs are f(s*e),
+    with finite gradients, as the reference's (the kernels took 0 * inf: the whole sample NaN); sample 0 as ever."""
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(2, 64, generator=g)
+    z[1, 0] = 1e20
+    scales = [torch.tensor([0.7, 1.3]), torch.tensor([0.2, 0.4])]
+    noise = torch.randn(2, 64, generator=g)
+    grads = torch.randn(2, 2, 64, generator=g)
+
+    def run(name):
+        leaves = [t.clone().requires_grad_() for t in (z, *scales)]
+        outs = S.spherify_noise_pair(leaves[0], *leaves[1:], noise=noise, backend=name)
+        return [*outs, *torch.autograd.grad(outs, leaves, list(grads))]
+
+    expected = run("eager")
+    assert all(t.isfinite().all() for t in expected)
+    for got, want in zip(run(backend), expected):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("backend", KERNELS + ["eager"])
 def test_outputs_may_change_in_place(backend):
     """Each output is a view of its own (not one of unbind's, which autograd will not let change in place)."""
