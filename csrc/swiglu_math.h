@@ -22,7 +22,7 @@ SF_HD float swiglu_out(float a, float b) { return a * swiglu_sigmoid(a) * b; }
 SF_HD void swiglu_grad(float a, float b, float dout, float* da, float* db) {
   const float sig = swiglu_sigmoid(a);
   *da = dout * b * sig * (1.0f + a * (1.0f - sig));
-  *db = dout * a * sig;
+  *db = dout * (a * sig);  // silu(a) first: dout * a may overflow where silu(a) is 0
 }
 
 // Threads of a CUDA block: a row's H columns run as ceil(H / (kSwigluThreads * columns a thread)) blocks on grid

@@ -60,7 +60,7 @@ def swiglu_bwd_kernel(
     sig = tl.sigmoid(a)
     # silu'(a) = sig * (1 + a * (1 - sig))
     da = dout * b * sig * (1.0 + a * (1.0 - sig))
-    db = dout * a * sig
+    db = dout * (a * sig)  # silu(a) first: dout * a may overflow where silu(a) is 0
     dh_off = r64 * (2 * H) + cols[None, :]
     tl.store(DH + dh_off, to_dtype(da, DH.dtype.element_ty, EMULATE_BF16), mask=mask)
     tl.store(DH + dh_off + H, to_dtype(db, DH.dtype.element_ty, EMULATE_BF16), mask=mask)

@@ -101,6 +101,18 @@ def test_no_rows(backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", FUSED)
+def test_gradient_where_dout_times_a_overflows(backend: str) -> None:
+    """a = -1e38: silu(a) = -0, so db = dout * silu(a) = -0, as the reference's; dout * a first overflowed to -inf
+    and gave NaN."""
+    h = torch.tensor([[-1e38, 1.0], [-20.0, 3.0]], requires_grad=True)
+    dout = torch.tensor([[10.0], [2.0]])
+    (want,) = torch.autograd.grad(sw.swiglu(h, backend="eager"), h, dout)
+    (got,) = torch.autograd.grad(sw.swiglu(h, backend=backend), h, dout)
+    assert want.isfinite().all()
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", FUSED)
 def test_non_contiguous(backend: str) -> None:
     base = randn(2, 5, 2 * 170 + 6)
     row_strided = base[..., : 2 * 170]  # unit last stride, padded rows: read in place
