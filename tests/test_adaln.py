@@ -266,8 +266,10 @@ def test_bad_inputs_raise(backend: str) -> None:
         adaln.adaln_modulate(x, w.to("meta"), sh, sc, backend=backend)
     with pytest.raises(ValueError, match="eps"):
         adaln.adaln_modulate(x, w, sh, sc, eps=float("nan"), backend=backend)
-    with pytest.raises(ValueError, match="eps must be a finite positive number, got 0.0"):
-        adaln.adaln_modulate(x, w, sh, sc, eps=0.0, backend=backend)
+    for eps in (0.0, 1e-50, 1e39):  # 1e-50 and 1e39: 0 and inf as the kernels' float32
+        match = rf"eps must be a finite positive number in float32's normal range .* got {re.escape(repr(eps))}"
+        with pytest.raises(ValueError, match=match):
+            adaln.adaln_modulate(x, w, sh, sc, eps=eps, backend=backend)
     with pytest.raises(ValueError, match="non-empty last dim"):
         adaln.adaln_modulate(x[:, :, :0], backend=backend)
     for shape in ((4, 0), (2, 3, 4, 0)):  # a plain RMSNorm of any rank

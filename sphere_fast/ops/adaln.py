@@ -13,7 +13,6 @@ TypeError); math is fp32 inside every kernel, outputs have x's dtype. float64 ru
 from __future__ import annotations
 
 import functools
-import sys
 
 import torch
 from torch import Tensor
@@ -24,6 +23,7 @@ from sphere_fast.ops._tuning import launch_tuned
 from sphere_fast.ops._util import kernel_runner, next_pow2, on_input_device, unit_last_stride
 
 AUTO_ORDER = ("triton", "cpp", "eager")
+EPS_RANGE = (torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max)
 
 
 def adaln_modulate_reference(
@@ -105,9 +105,13 @@ def _check_inputs(
             raise ValueError(f"{name} must have shape {' or '.join(map(str, shapes))}, got {tuple(t.shape)}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"eps must be a finite positive number, got {eps!r}")
-    # comparisons, not math.isfinite: they also take dynamo's symbolic floats, and refuse NaN and ints past float's
-    if not 0 < eps <= sys.float_info.max:
-        raise ValueError(f"eps must be a finite positive number, got {eps!r}")
+    # comparisons, not math.isfinite: they also take dynamo's symbolic floats, and refuse NaN and ints past float's.
+    # The kernels take eps as a float32: past its normal range it would be 0 or inf there.
+    if not EPS_RANGE[0] <= eps <= EPS_RANGE[1]:
+        raise ValueError(
+            f"eps must be a finite positive number in float32's normal range [{EPS_RANGE[0]:.3g}, {EPS_RANGE[1]:.3g}],"
+            f" got {eps!r}"
+        )
 
 
 # --------------------------------------------------------------------------------------------- launchers
