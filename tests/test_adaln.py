@@ -106,6 +106,22 @@ def test_gated_optional_inputs(backend: str, absent: str, tokens: bool) -> None:
 
 
 @pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("gated", [True, False], ids=["gate", "no-gate"])
+def test_branch_is_kept_for_the_backward_only_with_a_gate(backend: str, gated: bool) -> None:
+    """Without a gate dbranch is dx, and branch is not kept for the backward (every block of an unconditional
+    model: one [B, S, D] tensor a sub-layer until the backward)."""
+    x, br, gate, w, sh, sc = (t.requires_grad_() for t in make_inputs(2, 3, 64, tokens=False, seed=4))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.data_ptr()) or t, lambda t: t):
+        res, y = adaln.gated_residual_adaln(x, br, gate if gated else None, w, sh, sc, backend=backend)
+    assert (br.data_ptr() in saved) == gated
+    (dbr,) = torch.autograd.grad((res * 2 + y).sum(), br)
+    (dbr0,) = torch.autograd.grad(sum(t.sum() * k for t, k in zip(adaln.gated_residual_adaln_reference(
+        x, br, gate if gated else None, w, sh, sc), (2, 1))), br)
+    close(dbr, dbr0, TOL[torch.float32], "dbranch")
+
+
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("B,S", [(0, 3), (2, 0)], ids=["no-samples", "no-tokens"])
 def test_no_rows_give_zero_grads(backend: str, B: int, S: int) -> None:
     """No rows to normalise: empty outputs, and every input's grad zero in the input's shape (the per-sample

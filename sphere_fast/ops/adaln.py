@@ -444,7 +444,8 @@ class _GatedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, branch, gate, weight, shift, scale, eps: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
         res, y, rstd = call_op(_gated_fwd, x, branch, gate, weight, shift, scale, eps, backend)
-        ctx.save_for_backward(res, branch, gate, weight, shift, scale, rstd)
+        # without a gate dbranch is dx and branch is not read: not kept (an unconditional model's every block)
+        ctx.save_for_backward(res, None if gate is None else branch, gate, weight, shift, scale, rstd)
         ctx.mark_non_differentiable(rstd)
         ctx.backend = backend
         return res, y, rstd
@@ -454,6 +455,8 @@ class _GatedFunction(torch.autograd.Function):
     def backward(ctx, dres: Tensor, dy: Tensor, _drstd: Tensor):
         res, branch, gate, weight, shift, scale, rstd = ctx.saved_tensors
         dx, db, dg, dw, dsh, dsc = _adaln_bwd(dy, dres, res, branch, gate, weight, shift, scale, rstd, ctx.backend)
+        if gate is None:
+            db = dx
         return dx, db, _grad(dg, gate), _grad(dw, weight), _grad(dsh, shift), _grad(dsc, scale), None, None
 
 
