@@ -17,6 +17,7 @@ import torch
 
 from sphere_fast.ops._util import check_grid
 from sphere_fast.ops.attention import attention, attention_impl, attention_reference
+from sphere_fast.ops.rope import apply_rope
 from sphere_fast.ops.rope import rotate_reference, rope_table_reference
 from tests.helpers import record_launches, swapped_in_memory
 
@@ -151,6 +152,36 @@ def test_rope_on_load_equals_rope_pass(dtype: torch.dtype) -> None:
         torch.testing.assert_close(x, p, atol=atol, rtol=rtol, msg=lambda m: f"{name} on load vs pass: {m}")
         torch.testing.assert_close(p, y, atol=atol, rtol=rtol, msg=lambda m: f"{name} pass vs eager rope: {m}")
         torch.testing.assert_close(p, z, atol=sdpa_tol, rtol=sdpa_tol, msg=lambda m: f"{name} vs SDPA: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rope_pass_with_a_gradient_keeps_q_and_k_unrotated(dtype: torch.dtype) -> None:
+    """Backend triton with a gradient: the RoPE pass and the kernel are one autograd node that keeps q and k as given
+    (views of qkv, kept through v anyway) and rotates them again in the backward: the rotated copies (2 B H N D
+    values) are not kept, and the output and gradients are those of the pass and the kernel as two nodes, bit for
+    bit."""
+    h, n, d = 2, 16, 32
+    qkv = qkv_leaf(2, h, n, d, dtype)
+    rope = official_rope(n, d)
+    grad_out = torch.randn(2, h, n, d, dtype=torch.float64).to(DEVICE)
+    kept: dict[int, int] = {}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    def one_node(q, k, v, rope):
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            return attention(q, k, v, rope, backend="triton")
+
+    def two_nodes(q, k, v, rope):
+        return attention(*apply_rope(q, k, rope, backend="triton"), v, backend="triton")
+
+    got, want = run(one_node, qkv, h, d, rope, grad_out), run(two_nodes, qkv, h, d, rope, grad_out)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    new = {ptr: size for ptr, size in kept.items() if ptr != qkv.untyped_storage().data_ptr()}
+    out_bytes, lse_bytes = got[0].numel() * got[0].element_size(), 2 * h * n * 4
+    assert sum(new.values()) == out_bytes + lse_bytes + rope.numel() * 4, new
 
 
 def test_very_negative_scores_stay_finite() -> None:

@@ -91,12 +91,17 @@ def call_op(op: torch._ops.OpOverload, *args: object) -> Any:
     forward, where grad mode is off). Under torch.compile the op is called as it is, a leaf of the graph, and so
     under torch.func.vmap, whose batching fallback calls it sample by sample on tensors that then show their
     requires_grad (inside vmap they do not: the call would seem to need no gradient)."""
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    if plain_op_call():
         return op(*args)
     if needs_grad(*args):  # type: ignore[arg-type]
         return FUNCTIONS[op].apply(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
+
+
+def plain_op_call() -> bool:
+    """Whether ops are called as they are (``call_op``): under torch.compile or a torch.func transform."""
+    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
 
 
 def needs_grad(*tensors: torch.Tensor | float | None) -> bool:

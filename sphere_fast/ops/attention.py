@@ -45,10 +45,10 @@ from sphere_fast.backend import (
     triton_interpreting,
     triton_usable,
 )
-from sphere_fast.ops._library import call_op, define_op, differentiable_by, first_order_only
+from sphere_fast.ops._library import call_op, define_op, differentiable_by, first_order_only, needs_grad, plain_op_call
 from sphere_fast.ops._tuning import launch_tuned
 from sphere_fast.ops._util import bnhd_empty, kernel_runner, next_pow2, on_input_device, unit_last_stride
-from sphere_fast.ops.rope import apply_rope_reference, check_rope_table, rope_pass
+from sphere_fast.ops.rope import apply_rope_reference, check_rope_table, rope_backend, rope_bwd, rope_fwd, rope_pass
 
 AUTO_ORDER = ("triton", "eager")
 IMPLS = ("sdpa", "triton", "triton_rope_on_load", "flash_attn")
@@ -504,6 +504,26 @@ def _triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: t
     return call_op(attention_triton_fwd, q, k, v, rope)[0]
 
 
+class _RopePassAttentionFunction(torch.autograd.Function):
+    """Impl ``triton`` with a gradient: the RoPE pass and the kernel as one autograd node that keeps q and k as
+    given and rotates them again in the backward, where the two nodes kept the rotated copies: 2 B N H D values
+    less a layer until the backward (the model's q and k are views of its qkv projection, which v keeps anyway),
+    for one more RoPE pass. The same kernels on the same values: the same bits as the two nodes."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        o, lse = call_op(attention_triton_fwd, *call_op(rope_fwd, q, k, rope), v, None)
+        ctx.save_for_backward(q, k, v, o, lse, rope)
+        return o
+
+    @staticmethod
+    @first_order_only("attention")
+    def backward(ctx, do: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+        q, k, v, o, lse, rope = ctx.saved_tensors
+        dq, dk, dv = attention_triton_bwd(do, *call_op(rope_fwd, q, k, rope), v, o, lse, None)
+        return *rope_bwd(dq, dk, rope), dv, None
+
+
 # ------------------------------------------------------------------------------------------ public op
 
 
@@ -527,6 +547,9 @@ def attention(
             raise ValueError(f"attention: rope must not require grad with impl {name!r} (it is a constant table)")
         return _triton_attention(q, k, v, rope)
     if rope is not None:
+        one_node = name == "triton" and needs_grad(q, k, v) and not plain_op_call()
+        if one_node and rope_backend(q, rope, backend) == "triton":
+            return _RopePassAttentionFunction.apply(q, k, v, rope)
         # the requested backend's pass (cpp, with no RoPE kernel: auto's, which takes Triton's on CUDA but for a
         # table that requires grad)
         q, k = rope_pass(q, k, rope, backend)  # inputs checked above

@@ -162,15 +162,20 @@ def apply_rope(q: Tensor, k: Tensor, rope: Tensor, *, backend: str | None = None
     return rope_pass(q, k, rope, backend)
 
 
-def rope_pass(q: Tensor, k: Tensor, rope: Tensor, backend: str | None) -> tuple[Tensor, Tensor]:
-    """``apply_rope`` without its input checks, for a caller that made them (attention, on every call)."""
+def rope_backend(q: Tensor, rope: Tensor, backend: str | None) -> str:
+    """The backend ``rope_pass`` runs for these (checked) inputs: "eager" or "triton"."""
     requested = requested_cpp_as_auto("rope", backend)
     table_needs_grad = rope.requires_grad and torch.is_grad_enabled()
     # auto must not refuse what eager takes: a table that needs a gradient goes to the reference (as float64 does)
     name = resolve_for_dtype("rope", "q", q, requested, () if table_needs_grad and requested == "auto" else AUTO_ORDER)
-    if name == "eager":
-        return apply_rope_reference(q, k, rope)
-    if table_needs_grad:
+    if name != "eager" and table_needs_grad:
         raise ValueError("apply_rope: rope must not require grad on the fused backends (it is a constant table)")
+    return name
+
+
+def rope_pass(q: Tensor, k: Tensor, rope: Tensor, backend: str | None) -> tuple[Tensor, Tensor]:
+    """``apply_rope`` without its input checks, for a caller that made them (attention, on every call)."""
+    if rope_backend(q, rope, backend) == "eager":
+        return apply_rope_reference(q, k, rope)
     q_rot, k_rot = call_op(rope_fwd, q, k, rope)
     return grad_only_from(q_rot, q), grad_only_from(k_rot, k)
