@@ -243,6 +243,41 @@ def test_layer_pads_hidden_width_on_fused_backends(backend: str, width: int, pad
 
 
 @pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_layer_keeps_no_padded_weights_for_its_backward(backend: str, autocast: bool) -> None:
+    """Training on a fused backend: the padded weights (under autocast their bf16 casts) are not kept for the
+    backward but made again there; output and gradients are those of F.linear on the padded weights."""
+    from sphere_fast import use_backend
+    from sphere_fast.nn.layers import SwiGLU
+
+    torch.manual_seed(0)
+    layer = SwiGLU(40)  # hidden 106, padded to 128
+    x = randn(2, 5, 40, seed=1).requires_grad_(True)
+    dout = randn(2, 5, 40, seed=2)
+
+    def run(forward):
+        shapes = []
+        hooks = (lambda t: shapes.append(tuple(sorted(t.shape))) or t, lambda t: t)  # weights are kept transposed
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), use_backend(backend):
+            with torch.autograd.graph.saved_tensors_hooks(*hooks):
+                out = forward()
+        return shapes, out, torch.autograd.grad((out.float() * dout).sum(), [x, *layer.parameters()])
+
+    def padded_f_linear():
+        h = sw.swiglu(torch.nn.functional.linear(x, *layer.padded_w12()))
+        return torch.nn.functional.linear(h, layer.padded_w3(), layer.w3.bias)
+
+    (shapes, out, grads), (shapes0, out0, grads0) = run(lambda: layer(x)), run(padded_f_linear)
+    padded_weights = {(40, 256), (40, 128)}
+    assert padded_weights <= set(shapes0) and not padded_weights & set(shapes)
+    tol = TOL[torch.bfloat16 if autocast else torch.float32]
+    close(out, out0, tol, "out")
+    for i, (g, g0) in enumerate(zip(grads, grads0)):
+        assert g.dtype == g0.dtype
+        close(g, g0, tol, f"grad {i}")
+
+
+@pytest.mark.parametrize("backend", FUSED)
 def test_padded_mlp_weights_pads_once_for_a_loop(backend: str, monkeypatch) -> None:
     """Inside padded_mlp_weights each padded layer pads its weights once, at its first call; every call gives
     the same bits as padding per call. Aligned layers and the eager backend pad nothing."""

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from sphere_fast import ops
 from sphere_fast._env import env_switch
 from sphere_fast.backend import constant_under_compile, resolve_backend
+from sphere_fast.ops._library import needs_grad, plain_op_call
 from sphere_fast.ops.swiglu import AUTO_ORDER as SWIGLU_AUTO_ORDER
 from sphere_fast.ops.swiglu_linear import AUTO_ORDER as SWIGLU_LINEAR_AUTO_ORDER
 from sphere_fast.ops.swiglu_linear import triton_refusal
@@ -83,6 +84,55 @@ def fused_mlp_enabled() -> bool:
     return env_switch("SPHERE_FAST_FUSED_MLP", default=False)
 
 
+def pad_hidden(t: torch.Tensor, padded: int, halves: bool) -> torch.Tensor:
+    """Zero-padded from the hidden width H to ``padded``: each half of w12's rows or of its bias (``halves``), else
+    w3's columns."""
+    if halves:
+        hidden = t.shape[0] // 2
+        return F.pad(t.unflatten(0, (2, hidden)), (0, 0) * (t.ndim - 1) + (0, padded - hidden)).flatten(0, 1)
+    return F.pad(t, (0, padded - t.shape[-1]))
+
+
+def unpad_hidden(t: torch.Tensor, hidden: int, halves: bool) -> torch.Tensor:
+    """The official-width part of a gradient that ``pad_hidden`` padded."""
+    return t.unflatten(0, (2, -1))[:, :hidden].flatten(0, 1) if halves else t[..., :hidden]
+
+
+class _PaddedHiddenLinear(torch.autograd.Function):
+    """F.linear(x, pad_hidden(weight), bias, padded as w12's with ``halves``) for training: it keeps the official
+    weight for the backward and pads it again there, where F.linear kept the padded copy (under autocast its
+    low-precision cast, made afresh at every call): a copy of the layer's weights a call less until the backward
+    (Sphere-L in bf16: about 390 MiB a network pass). Autocast's casts are made here, as F.linear's would be."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, padded: int, halves: bool):
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+        cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
+        x, padded_weight = cast(x), pad_hidden(cast(weight), padded, halves)
+        if bias is not None:
+            bias = pad_hidden(cast(bias), padded, True) if halves else cast(bias)
+        with torch.autocast(x.device.type, enabled=False):
+            out = F.linear(x, padded_weight, bias)
+        ctx.save_for_backward(x, weight)
+        ctx.dtype, ctx.padded, ctx.halves = dtype, padded, halves
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight = ctx.saved_tensors
+        hidden = weight.shape[0] // 2 if ctx.halves else weight.shape[1]
+        cast = weight if ctx.dtype is None else weight.to(ctx.dtype)
+        dx = dweight = dbias = None
+        if ctx.needs_input_grad[0]:
+            dx = dout.matmul(pad_hidden(cast, ctx.padded, ctx.halves))
+        rows = dout.reshape(-1, dout.shape[-1])
+        if ctx.needs_input_grad[1]:
+            dweight = unpad_hidden(rows.t().mm(x.reshape(-1, x.shape[-1])), hidden, ctx.halves)
+        if ctx.needs_input_grad[2]:
+            dbias = unpad_hidden(rows.sum(0), hidden, True) if ctx.halves else rows.sum(0)
+        return dx, dweight, dbias, None, None
+
+
 class SwiGLU(nn.Module):
     """Linear(W, 2h) -> silu(a) * b -> Linear(h, W), h = int(W * 8/3), parameters in the official shapes.
 
@@ -90,7 +140,8 @@ class SwiGLU(nn.Module):
     (w12's a and b halves get zero rows, w3 zero columns; the padded units are silu(0) * 0 = 0), so the
     result is the same up to the GEMMs' rounding, and gradients reach the official parameters through the
     pad. The padded weights are rebuilt on each call (about 17M values a Sphere-L block), or once for a whole
-    loop inside ``padded_mlp_weights``. With ``fused_mlp_enabled`` and no gradient needed, w12 and the
+    loop inside ``padded_mlp_weights``; a call that needs a gradient keeps the official weights for its backward
+    and pads them again there (``_PaddedHiddenLinear``). With ``fused_mlp_enabled`` and no gradient needed, w12 and the
     activation run as ``ops.swiglu_linear`` on the official w12, which writes the padded width itself.
     ``eager`` runs the official shapes."""
 
@@ -121,14 +172,12 @@ class SwiGLU(nn.Module):
 
     def padded_w12(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(w12, b12) with each half zero-padded to a multiple of MLP_ALIGN rows."""
-        hidden = self.w3.in_features
-        pad = self.padded_hidden - hidden
-        w12 = F.pad(self.w12.weight.unflatten(0, (2, hidden)), (0, 0, 0, pad)).flatten(0, 1)
-        return w12, F.pad(self.w12.bias.unflatten(0, (2, hidden)), (0, pad)).flatten()
+        padded = self.padded_hidden
+        return pad_hidden(self.w12.weight, padded, True), pad_hidden(self.w12.bias, padded, True)
 
     def padded_w3(self) -> torch.Tensor:
         """w3 with zero columns up to a multiple of MLP_ALIGN."""
-        return F.pad(self.w3.weight, (0, self.padded_hidden - self.w3.in_features))
+        return pad_hidden(self.w3.weight, self.padded_hidden, False)
 
     def _loop_weight(self, name: str, make: Callable[[], T]) -> T:
         """make(), or inside padded_mlp_weights its result from the loop's first call."""
@@ -142,6 +191,10 @@ class SwiGLU(nn.Module):
         fused, padded = self.runs_fused(x), self.computes_padded(x.device)
         if not (fused or padded):
             return self.w3(ops.swiglu(self.w12(x)))
+        if padded and needs_grad(x, *self.parameters()) and not plain_op_call():
+            # training: the padded weights are made again in the backward, not kept for it
+            h = ops.swiglu(_PaddedHiddenLinear.apply(x, self.w12.weight, self.w12.bias, self.padded_hidden, True))
+            return _PaddedHiddenLinear.apply(h, self.w3.weight, self.w3.bias, self.padded_hidden, False)
         w3 = self._loop_weight("w3", self.padded_w3) if padded else self.w3.weight
         if fused:
             w12, b12 = weight_like(self.w12.weight, x), weight_like(self.w12.bias, x)
