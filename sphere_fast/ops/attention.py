@@ -61,7 +61,9 @@ logger = logging.getLogger("sphere_fast")
 def attention_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D)) v over [B, H, N, D], q and k first rotated by the RoPE table when given."""
+    """softmax(q k^T / sqrt(D)) v over [B, H, N, D], q and k first rotated by the RoPE table when given. A row
+    whose scores hold an inf is torch SDPA's choice: NaN, except from its CPU kernels in bf16 / fp16 at some sizes,
+    which give zeros (the Triton kernel: NaN)."""
     if rope is not None:
         q, k = apply_rope_reference(q, k, rope)
     return F.scaled_dot_product_attention(q, k, v)
