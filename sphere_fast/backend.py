@@ -137,6 +137,16 @@ def use_backend(name: str) -> contextlib.AbstractContextManager[str]:
     return context_value(_active, check_backend_name(name))
 
 
+def tracing() -> bool:
+    """Whether this thread traces a graph (torch.compile, torch.export), where host reads of values are left out.
+    ``torch.compiler.is_compiling()`` alone is one flag for the whole process (torch holds it through a compile):
+    another thread's compile read as this thread's and turned its input checks off. Under dynamo the first test is
+    traced as True; a non-strict export runs its Python under a fake mode of this thread."""
+    if torch.compiler.is_dynamo_compiling():
+        return True
+    return torch.compiler.is_compiling() and torch._guards.detect_fake_mode() is not None
+
+
 def constant_under_compile(fn: F) -> F:
     """``torch.compiler.assume_constant_result`` without importing torch._dynamo when sphere_fast is imported
     (about 1.5 s of a cold start): that decorator only marks the function, and dynamo reads the mark when it

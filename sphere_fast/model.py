@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from sphere_fast import ops
 from sphere_fast._context import context_value
+from sphere_fast.backend import tracing
 from sphere_fast.nn.layers import (
     Block,
     LabelEmbedder,
@@ -198,7 +199,7 @@ class ViT(nn.Module):
             )
         # The range check syncs with the device: skipped while compiling (asked first: dynamo cannot trace the
         # capture query), inside a CUDA-graph capture, and where the caller checked the labels already.
-        if torch.compiler.is_compiling() or _labels_checked.get():
+        if tracing() or _labels_checked.get():
             return
         if not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             check_label_range(y, self.num_classes)
@@ -229,8 +230,8 @@ class ViT(nn.Module):
         """The blocks a forward runs: all of them, or inside ``representative_blocks`` the first and the last
         where the blocks between hold parameters like the first one's."""
         last = len(self.blocks) - 1
-        # asked after is_compiling: dynamo does not trace the context variable
-        representative = last > 1 and not torch.compiler.is_compiling() and _representative_blocks.get()
+        # asked after tracing(): dynamo does not trace the context variable
+        representative = last > 1 and not tracing() and _representative_blocks.get()
         if representative and self._blocks_alike():
             return (0, last)
         return range(last + 1)

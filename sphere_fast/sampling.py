@@ -18,7 +18,7 @@ import torch
 
 from sphere_fast import ops
 from sphere_fast._warn import warn
-from sphere_fast.backend import active_backend, constant_under_compile
+from sphere_fast.backend import active_backend, constant_under_compile, tracing
 from sphere_fast.model import (
     Conditioning,
     check_eval_mode,
@@ -293,7 +293,7 @@ def run_loop(
     checked once by the caller, so the networks skip their per-call check (a host sync each); the padded MLP
     weights of the fused backends are built once for all steps instead of at every network pass. Under
     torch.compile the check is skipped anyway and the context managers are left out of the trace."""
-    if torch.compiler.is_compiling():
+    if tracing():
         return _loop(model, nets, noise, steps, scheduler, cache_noise)
     with labels_checked(), padded_mlp_weights(model):
         return _loop(model, nets, noise, steps, scheduler, cache_noise)

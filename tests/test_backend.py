@@ -224,3 +224,20 @@ def test_public_names_have_docstrings_and_the_package_ships_py_typed():
     call = next(n for n in ast.walk(setup) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
     package_data = ast.literal_eval(next(k.value for k in call.keywords if k.arg == "package_data"))
     assert "py.typed" in package_data["sphere_fast"]
+
+
+def test_another_threads_compile_leaves_this_threads_checks_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.compiler.is_compiling() is one flag for the whole process, up while any thread compiles: with it up
+    as another thread's compile leaves it, this thread still checks values (a label out of range, a NaN scale),
+    and under a non-strict export (fake tensors in this thread) it traces."""
+    from tests.tiny import tiny_batch, tiny_model
+
+    monkeypatch.setattr(torch.compiler, "_is_compiling_flag", True)
+    assert torch.compiler.is_compiling() and not backend.tracing()
+    x, _ = tiny_batch(2)
+    with pytest.raises(ValueError, match="labels must be in"):
+        tiny_model().encoder(x, torch.tensor([0, 99]))
+    with pytest.raises(ValueError, match="scale must be finite"):
+        ops.spherify_noise(torch.randn(2, 8), torch.tensor([0.5, float("nan")]), seeds=torch.tensor([1, 2]))
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        assert backend.tracing()

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from sphere_fast.backend import autodiff_transform
+from sphere_fast.backend import autodiff_transform, tracing
 
 Backward = TypeVar("Backward", bound=Callable[..., object])
 
@@ -101,7 +101,7 @@ def call_op(op: torch._ops.OpOverload, *args: object) -> Any:
 
 def plain_op_call() -> bool:
     """Whether ops are called as they are (``call_op``): under torch.compile or a torch.func transform."""
-    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+    return tracing() or torch._C._are_functorch_transforms_active()
 
 
 def needs_grad(*tensors: torch.Tensor | float | None) -> bool:

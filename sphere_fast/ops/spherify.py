@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from sphere_fast.backend import EAGER_DTYPES, emulate_bf16, resolve_backend, resolve_for_dtype
+from sphere_fast.backend import EAGER_DTYPES, emulate_bf16, resolve_backend, resolve_for_dtype, tracing
 from sphere_fast.ops._library import call_op, define_op, differentiable_by, first_order_only, grad_only_from
 from sphere_fast.ops._util import kernel_runner, next_pow2, on_input_device
 from sphere_fast.ops.philox import check_seeds, check_stream, sample_shape, sphere_noise_reference
@@ -67,7 +67,7 @@ def _values_checkable(t: torch.Tensor) -> bool:
     """Value checks read the tensor on the host: done for CPU tensors outside a compile trace only. On a GPU
     they would stall every call (the training step's scales) on a device sync, and a graph capture could
     not read them at all."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+    return t.device.type == "cpu" and not tracing()
 
 
 def _check_z(z: object) -> torch.Tensor:
@@ -317,7 +317,7 @@ def _sphere_noise(seeds: torch.Tensor, length: int, stream: int, backend: str) -
 def _reference_noise(seeds: torch.Tensor, dims: tuple[int, ...], stream: int) -> torch.Tensor:
     """The eager backend's noise: under torch.compile one opaque op, as inductor does not finish lowering its ten
     Philox rounds inlined into the spherify reductions."""
-    if torch.compiler.is_compiling():
+    if tracing():
         return _sphere_noise(seeds, math.prod(dims), stream, "eager").view(seeds.shape[0], *dims)
     return sphere_noise_reference(seeds, dims, stream=stream)
 
