@@ -5,6 +5,7 @@ Module and parameter names follow the official implementation so its state_dicts
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -14,8 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sphere_fast import ops
+from sphere_fast._context import context_value
 from sphere_fast._env import env_switch
-from sphere_fast.backend import constant_under_compile, resolve_backend
+from sphere_fast.backend import constant_under_compile, resolve_backend, tracing
 from sphere_fast.ops._library import needs_grad, plain_op_call
 from sphere_fast.ops.swiglu import AUTO_ORDER as SWIGLU_AUTO_ORDER
 from sphere_fast.ops.swiglu_linear import AUTO_ORDER as SWIGLU_LINEAR_AUTO_ORDER
@@ -150,7 +152,6 @@ class SwiGLU(nn.Module):
         hidden = int(width * 8 / 3)
         self.w12 = nn.Linear(width, 2 * hidden)
         self.w3 = nn.Linear(hidden, width)
-        self.loop_weights: dict[str, Any] | None = None
 
     def computes_padded(self, device: torch.device) -> bool:
         if self.w3.in_features % MLP_ALIGN == 0:
@@ -180,12 +181,13 @@ class SwiGLU(nn.Module):
         return pad_hidden(self.w3.weight, self.padded_hidden, False)
 
     def _loop_weight(self, name: str, make: Callable[[], T]) -> T:
-        """make(), or inside padded_mlp_weights its result from the loop's first call."""
-        if self.loop_weights is None:
+        """make(), or inside padded_mlp_weights (of this thread or task) its result from the loop's first call."""
+        kept = None if tracing() else _loop_weights.get().get(self)  # dynamo does not trace the context variable
+        if kept is None:
             return make()
-        if name not in self.loop_weights:
-            self.loop_weights[name] = make()
-        return self.loop_weights[name]
+        if name not in kept:
+            kept[name] = make()
+        return kept[name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused, padded = self.runs_fused(x), self.computes_padded(x.device)
@@ -204,19 +206,22 @@ class SwiGLU(nn.Module):
         return F.linear(h, w3, self.w3.bias)
 
 
+# The padded weights of the loops open in this thread or task: layer -> {name: weights} (padded_mlp_weights).
+_loop_weights: contextvars.ContextVar[dict[SwiGLU, dict[str, Any]]] = contextvars.ContextVar(
+    "sphere_fast_loop_weights", default={}
+)
+
+
 @contextlib.contextmanager
 def padded_mlp_weights(model: nn.Module) -> Iterator[None]:
     """Inside, each SwiGLU layer of ``model`` that computes with a padded hidden width pads its weights once, at
     its first call, instead of at every call: for loops over fixed weights, such as sampling. Inside a CUDA-graph
-    capture the pads are part of the graph (once a replay), so in-place weight updates still reach it."""
-    layers = [m for m in model.modules() if isinstance(m, SwiGLU)]
-    for layer in layers:
-        layer.loop_weights = {}
-    try:
+    capture the pads are part of the graph (once a replay), so in-place weight updates still reach it. The
+    weights are kept in a context variable, not on the layers: other threads calling the same model (or changing
+    its weights) neither see them nor disturb them."""
+    loops = {m: {} for m in model.modules() if isinstance(m, SwiGLU)}
+    with context_value(_loop_weights, {**_loop_weights.get(), **loops}):
         yield
-    finally:
-        for layer in layers:
-            layer.loop_weights = None
 
 
 class Block(nn.Module):
