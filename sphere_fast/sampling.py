@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -517,6 +518,8 @@ class Sampler:
         self.dtype = dtype
         self.device: torch.device | None = None
         self._graphs: dict[GraphKey, _CapturedLoop] = {}
+        # one capture or replay at a time: the graphs' input and output buffers are the Sampler's, shared by threads
+        self._lock = threading.Lock()
         # the model's parameter and buffer slots, and what the graphs read from the model outside their key
         self._slots: list[dict[str, torch.Tensor | None]] = []
         self._captured_state: tuple[float, list[int]] | None = None
@@ -604,7 +607,8 @@ class Sampler:
         if not self.use_graphs:
             return None
         key = self._key(n)
-        self._captured(key)
+        with self._lock:
+            self._captured(key)
         return key
 
     @torch.no_grad()
@@ -616,7 +620,8 @@ class Sampler:
         clone: bool = True,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Images for ``labels`` / ``seeds`` (see the class docstring). ``clone=False`` returns views of a
-        captured graph's output buffers instead of copies: no copy, but valid only until the next call."""
+        captured graph's output buffers instead of copies: no copy, but valid only until the next call (of any
+        thread: threads may share a Sampler, whose captures and replays take turns)."""
         check_flags(return_first=return_first, clone=clone)
         self._check_settings()
         n = self._batch_length(labels, seeds)
@@ -628,8 +633,9 @@ class Sampler:
             w = torch.full((), weight, dtype=torch.float32, device=self.device) if key.guide is not None else None
             first, final = self.loop(key, labels, seeds, w)
             return (first, final) if return_first else final
-        first, final = self._captured(key)(labels, seeds, weight)
-        if clone:  # copy only what is returned
-            final = final.clone()
-            first = first.clone() if return_first else first
+        with self._lock:
+            first, final = self._captured(key)(labels, seeds, weight)
+            if clone:  # copy only what is returned
+                final = final.clone()
+                first = first.clone() if return_first else first
         return (first, final) if return_first else final
