@@ -84,16 +84,35 @@ def load_extension(name: str, cpu_sources: tuple[str, ...], cuda_sources: tuple[
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "sphere_fast.lock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        (folder / "lock").unlink(missing_ok=True)
-        return load(
-            name=name,
-            sources=sources,
-            extra_include_paths=[str(root)],
-            extra_cflags=flags,
-            extra_cuda_cflags=cuda_flags,
-            build_directory=str(folder),
-            verbose=env_switch("SPHERE_FAST_VERBOSE_BUILD", default=False),
-        )
+        _held_locks.add(held.fileno())
+        try:
+            (folder / "lock").unlink(missing_ok=True)
+            return load(
+                name=name,
+                sources=sources,
+                extra_include_paths=[str(root)],
+                extra_cflags=flags,
+                extra_cuda_cflags=cuda_flags,
+                build_directory=str(folder),
+                verbose=env_switch("SPHERE_FAST_VERBOSE_BUILD", default=False),
+            )
+        finally:
+            _held_locks.discard(held.fileno())
+
+
+# The build locks this process holds now (their descriptors). A child forked meanwhile (a DataLoader worker) shares
+# each lock through its copy of the descriptor, which none of its threads would close: the lock would outlive the
+# parent's build, and the child's own load (and every other process's) would wait on it for ever.
+_held_locks: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in _held_locks:
+        os.close(fd)  # the child's copy only: the parent's build keeps the lock until it ends
+    _held_locks.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
 def load_ops(

@@ -97,3 +97,42 @@ def test_processes_build_one_at_a_time(tmp_path) -> None:
         assert waiting.poll() is None, "the second process did not wait for the lock"
     out, _ = waiting.communicate(timeout=60)
     assert waiting.returncode == 0 and out.strip() == folder
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")  # Python 3.12: the point
+def test_a_child_forked_during_a_load_does_not_keep_its_lock(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """A process forked (a DataLoader worker) while another thread loads an extension inherits the build lock's
+    descriptor, which no thread of the child closes: the child's own load waited on it for ever (and so did every
+    other process). The child drops its copy: once the parent's load ends, the lock can be taken."""
+    import fcntl
+    import signal
+    import threading
+
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    inside, release, folders = threading.Event(), threading.Event(), []
+
+    def slow_load(**kw) -> None:
+        folders.append(kw["build_directory"])
+        inside.set()
+        release.wait(30)
+
+    monkeypatch.setattr(cpp_extension, "load", slow_load)
+    _extension.load_extension.cache_clear()
+    loading = threading.Thread(target=_extension.load_extension, args=SPHERIFY)
+    loading.start()
+    try:
+        assert inside.wait(30)
+        pid = os.fork()
+        if pid == 0:  # the child: take the lock as its own load would, within 20 s
+            signal.alarm(20)
+            with open(os.path.join(folders[0], "sphere_fast.lock"), "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            os._exit(0)
+    finally:
+        release.set()
+        loading.join()
+        _extension.load_extension.cache_clear()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the forked child waited on the inherited build lock"
