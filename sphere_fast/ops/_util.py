@@ -7,6 +7,7 @@ import contextvars
 import functools
 import logging
 import os
+import threading
 from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -14,6 +15,7 @@ from typing import Any, TypeVar
 import torch
 
 from sphere_fast._context import context_value
+from sphere_fast.backend import triton_interpreting
 
 F = TypeVar("F", bound=Callable[..., object])
 
@@ -151,4 +153,16 @@ def kernel_runner(kernel: Any, grid: tuple[int, ...], compile_only: bool = False
     check_grid(kernel, grid)
     if compile_only or compiling_only():
         return functools.partial(kernel.warmup, grid=grid, **TRITON_OPTIONS)
+    if triton_interpreting():
+        return functools.partial(_interpreted_launch, kernel[grid])
     return functools.partial(kernel[grid], **TRITON_OPTIONS)
+
+
+# Triton's interpreter patches global state for each launch: launches from two threads at once failed ("x >=
+# grid_dim[0]"), so the CPU's launches take turns.
+_interpreter_lock = threading.Lock()
+
+
+def _interpreted_launch(launch: Callable[..., object], *args: object, **kwargs: object) -> object:
+    with _interpreter_lock:
+        return launch(*args, **TRITON_OPTIONS, **kwargs)
