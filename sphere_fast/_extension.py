@@ -83,9 +83,9 @@ def load_extension(name: str, cpu_sources: tuple[str, ...], cuda_sources: tuple[
     folder = build_folder(name, sources, flags, cuda_flags)
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "sphere_fast.lock", "a") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)
-        _held_locks.add(held.fileno())
+        _held_locks.add(held.fileno())  # before the wait: a lock granted after a fork is the child's copy's too
         try:
+            fcntl.flock(held, fcntl.LOCK_EX)
             (folder / "lock").unlink(missing_ok=True)
             return load(
                 name=name,
@@ -100,7 +100,7 @@ def load_extension(name: str, cpu_sources: tuple[str, ...], cuda_sources: tuple[
             _held_locks.discard(held.fileno())
 
 
-# The build locks this process holds now (their descriptors). A child forked meanwhile (a DataLoader worker) shares
+# The build locks this process holds or waits for now (their descriptors). A child forked meanwhile (a DataLoader worker) shares
 # each lock through its copy of the descriptor, which none of its threads would close: the lock would outlive the
 # parent's build, and the child's own load (and every other process's) would wait on it for ever.
 _held_locks: set[int] = set()

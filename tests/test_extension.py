@@ -101,12 +101,14 @@ def test_processes_build_one_at_a_time(tmp_path) -> None:
 
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")  # Python 3.12: the point
 def test_a_child_forked_during_a_load_does_not_keep_its_lock(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    """A process forked (a DataLoader worker) while another thread loads an extension inherits the build lock's
-    descriptor, which no thread of the child closes: the child's own load waited on it for ever (and so did every
-    other process). The child drops its copy: once the parent's load ends, the lock can be taken."""
+    """A process forked (a DataLoader worker) while one thread loads an extension and another waits for its build
+    lock inherits both threads' descriptors of the lock, which no thread of the child closes: the child's own load
+    waited on it for ever (and so did every other process), also for the lock granted to the waiter after the fork.
+    The child drops its copies: once the parent's loads end, the lock can be taken."""
     import fcntl
     import signal
     import threading
+    import time
 
     from torch.utils import cpp_extension
 
@@ -120,19 +122,27 @@ def test_a_child_forked_during_a_load_does_not_keep_its_lock(monkeypatch: pytest
 
     monkeypatch.setattr(cpp_extension, "load", slow_load)
     _extension.load_extension.cache_clear()
-    loading = threading.Thread(target=_extension.load_extension, args=SPHERIFY)
-    loading.start()
+    loads = [threading.Thread(target=_extension.load_extension, args=SPHERIFY) for _ in range(2)]
+    pid = None
     try:
+        loads[0].start()
         assert inside.wait(30)
+        loads[1].start()
+        time.sleep(0.5)  # the second load waits for the lock the first holds
         pid = os.fork()
         if pid == 0:  # the child: take the lock as its own load would, within 20 s
-            signal.alarm(20)
-            with open(os.path.join(folders[0], "sphere_fast.lock"), "a") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-            os._exit(0)
+            code = 1
+            try:
+                signal.alarm(20)
+                with open(os.path.join(folders[0], "sphere_fast.lock"), "a") as lock:
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                code = 0
+            finally:
+                os._exit(code)
     finally:
         release.set()
-        loading.join()
+        for load in loads:
+            load.join()
         _extension.load_extension.cache_clear()
     _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, "the forked child waited on the inherited build lock"
+    assert os.waitstatus_to_exitcode(status) == 0, "the forked child waited on an inherited build lock"
