@@ -15,7 +15,6 @@ from typing import Any, TypeVar
 import torch
 
 from sphere_fast._context import context_value
-from sphere_fast.backend import triton_interpreting
 
 F = TypeVar("F", bound=Callable[..., object])
 
@@ -153,16 +152,24 @@ def kernel_runner(kernel: Any, grid: tuple[int, ...], compile_only: bool = False
     check_grid(kernel, grid)
     if compile_only or compiling_only():
         return functools.partial(kernel.warmup, grid=grid, **TRITON_OPTIONS)
-    if triton_interpreting():
+    if type(kernel).__name__ == "InterpretedFunction":  # the kernel's own kind: no environment read a launch
         return functools.partial(_interpreted_launch, kernel[grid])
     return functools.partial(kernel[grid], **TRITON_OPTIONS)
 
 
 # Triton's interpreter patches global state for each launch: launches from two threads at once failed ("x >=
-# grid_dim[0]"), so the CPU's launches take turns.
+# grid_dim[0]"), so the CPU's launches take turns. A child forked while a thread held it gets a fresh one.
 _interpreter_lock = threading.Lock()
+
+
+def _new_interpreter_lock() -> None:
+    global _interpreter_lock
+    _interpreter_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_interpreter_lock)
 
 
 def _interpreted_launch(launch: Callable[..., object], *args: object, **kwargs: object) -> object:
     with _interpreter_lock:
-        return launch(*args, **TRITON_OPTIONS, **kwargs)
+        return launch(*args, **{**TRITON_OPTIONS, **kwargs})
