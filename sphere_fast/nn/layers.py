@@ -7,7 +7,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from collections.abc import Callable, Iterator
+import types
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import torch
@@ -104,16 +105,20 @@ class _PaddedHiddenLinear(torch.autograd.Function):
     """F.linear(x, pad_hidden(weight), bias, padded as w12's with ``halves``) for training: it keeps the official
     weight for the backward and pads it again there, where F.linear kept the padded copy (under autocast its
     low-precision cast, made afresh at every call): a copy of the layer's weights a call less until the backward
-    (Sphere-L in bf16: about 390 MiB a network pass). Autocast's casts are made here, as F.linear's would be."""
+    (Sphere-L in bf16: about 390 MiB a network pass). Autocast's casts are made here, as F.linear's would be (float64
+    is not cast)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, padded: int, halves: bool):
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
-        cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
+
+        def cast(t: torch.Tensor) -> torch.Tensor:
+            return t if dtype is None or t.dtype == torch.float64 else t.to(dtype)
+
         x, padded_weight = cast(x), pad_hidden(cast(weight), padded, halves)
         if bias is not None:
             bias = pad_hidden(cast(bias), padded, True) if halves else cast(bias)
-        with torch.autocast(x.device.type, enabled=False):
+        with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
             out = F.linear(x, padded_weight, bias)
         ctx.save_for_backward(x, weight)
         ctx.dtype, ctx.padded, ctx.halves = dtype, padded, halves
@@ -123,7 +128,7 @@ class _PaddedHiddenLinear(torch.autograd.Function):
     def backward(ctx, dout):
         x, weight = ctx.saved_tensors
         hidden = weight.shape[0] // 2 if ctx.halves else weight.shape[1]
-        cast = weight if ctx.dtype is None else weight.to(ctx.dtype)
+        cast = weight if ctx.dtype is None or weight.dtype == torch.float64 else weight.to(ctx.dtype)
         dx = dweight = dbias = None
         if ctx.needs_input_grad[0]:
             dx = dout.matmul(pad_hidden(cast, ctx.padded, ctx.halves))
@@ -153,8 +158,8 @@ class SwiGLU(nn.Module):
         self.w12 = nn.Linear(width, 2 * hidden)
         self.w3 = nn.Linear(hidden, width)
 
-    def computes_padded(self, device: torch.device) -> bool:
-        if self.w3.in_features % MLP_ALIGN == 0:
+    def computes_padded(self, device: torch.device, dtype: torch.dtype = torch.float32) -> bool:
+        if self.w3.in_features % MLP_ALIGN == 0 or dtype == torch.float64:  # float64 runs the eager swiglu anyway
             return False
         return resolve_backend("swiglu", device, None, SWIGLU_AUTO_ORDER) != "eager"
 
@@ -190,10 +195,11 @@ class SwiGLU(nn.Module):
         return kept[name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused, padded = self.runs_fused(x), self.computes_padded(x.device)
+        fused, padded = self.runs_fused(x), self.computes_padded(x.device, x.dtype)
         if not (fused or padded):
             return self.w3(ops.swiglu(self.w12(x)))
-        if padded and needs_grad(x, *self.parameters()) and not plain_op_call():
+        # grad mode asked first: unpacking the parameters costs microseconds a call (the sampler's loop)
+        if padded and torch.is_grad_enabled() and needs_grad(x, *self.parameters()) and not plain_op_call():
             # training: the padded weights are made again in the backward, not kept for it
             h = ops.swiglu(_PaddedHiddenLinear.apply(x, self.w12.weight, self.w12.bias, self.padded_hidden, True))
             return _PaddedHiddenLinear.apply(h, self.w3.weight, self.w3.bias, self.padded_hidden, False)
@@ -207,8 +213,8 @@ class SwiGLU(nn.Module):
 
 
 # The padded weights of the loops open in this thread or task: layer -> {name: weights} (padded_mlp_weights).
-_loop_weights: contextvars.ContextVar[dict[SwiGLU, dict[str, Any]]] = contextvars.ContextVar(
-    "sphere_fast_loop_weights", default={}
+_loop_weights: contextvars.ContextVar[Mapping[SwiGLU, dict[str, Any]]] = contextvars.ContextVar(
+    "sphere_fast_loop_weights", default=types.MappingProxyType({})
 )
 
 
