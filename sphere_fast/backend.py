@@ -178,9 +178,9 @@ def resolve_backend(op: str, device: torch.device, requested: str | None, auto_o
 def resolve_for_dtype(
     op: str, name: str, t: torch.Tensor, requested: str | None, auto_order: tuple[str, ...]
 ) -> str:
-    """``resolve_backend`` for an op whose input ``name`` is ``t`` (its dtype one of ``EAGER_DTYPES``, checked).
-    Under ``auto`` float64 takes the eager reference, as ``auto`` must not refuse what one of its backends takes; a
-    kernel backend asked for by name refuses it."""
+    """``resolve_backend`` for an op whose input ``name`` is ``t`` (the caller checked that its dtype is one of
+    ``EAGER_DTYPES``). Under ``auto`` float64 takes the eager reference, as ``auto`` must not refuse what one of its
+    backends takes; a kernel backend asked for by name refuses it."""
     backend = resolve_backend(op, t.device, requested, () if t.dtype == torch.float64 else auto_order)
     if backend != "eager" and t.dtype not in KERNEL_DTYPES:
         raise kernel_dtype_error(op, name, t.dtype, backend)

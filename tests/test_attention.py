@@ -17,8 +17,7 @@ import torch
 
 from sphere_fast.ops._util import check_grid
 from sphere_fast.ops.attention import attention, attention_impl, attention_reference
-from sphere_fast.ops.rope import apply_rope
-from sphere_fast.ops.rope import rotate_reference, rope_table_reference
+from sphere_fast.ops.rope import apply_rope, rope_table_reference, rotate_reference
 from tests.helpers import record_launches, swapped_in_memory
 
 pytest.importorskip("triton")

@@ -510,7 +510,8 @@ class _RopePassAttentionFunction(torch.autograd.Function):
     """Impl ``triton`` with a gradient: the RoPE pass and the kernel as one autograd node that keeps q and k as
     given and rotates them again in the backward, where the two nodes kept the rotated copies: 2 B N H D values
     less a layer until the backward (the model's q and k are views of its qkv projection, which v keeps anyway),
-    for one more RoPE pass. The same kernels on the same values: the same bits as the two nodes."""
+    for one more RoPE pass. The same kernels on the same values: the same bits as the two nodes. As SDPA's, its
+    backward refuses q or k changed in place since the forward."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
@@ -523,6 +524,8 @@ class _RopePassAttentionFunction(torch.autograd.Function):
     def backward(ctx, do: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
         q, k, v, o, lse, rope = ctx.saved_tensors
         dq, dk, dv = attention_triton_bwd(do, *call_op(rope_fwd, q, k, rope), v, o, lse, None)
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):  # v's alone: no RoPE pass back
+            return None, None, dv, None
         return *rope_bwd(dq, dk, rope), dv, None
 
 
