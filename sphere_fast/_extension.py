@@ -100,9 +100,9 @@ def load_extension(name: str, cpu_sources: tuple[str, ...], cuda_sources: tuple[
             _held_locks.discard(held.fileno())
 
 
-# The build locks this process holds or waits for now (their descriptors). A child forked meanwhile (a DataLoader worker) shares
-# each lock through its copy of the descriptor, which none of its threads would close: the lock would outlive the
-# parent's build, and the child's own load (and every other process's) would wait on it for ever.
+# The build locks this process holds or waits for now (their descriptors). A child forked meanwhile (a DataLoader
+# worker) shares each lock through its copy of the descriptor, which none of its threads would close: the lock would
+# outlive the parent's build, and the child's own load (and every other process's) would wait on it for ever.
 _held_locks: set[int] = set()
 
 
