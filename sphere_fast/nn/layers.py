@@ -128,10 +128,10 @@ class _PaddedHiddenLinear(torch.autograd.Function):
     def backward(ctx, dout):
         x, weight = ctx.saved_tensors
         hidden = weight.shape[0] // 2 if ctx.halves else weight.shape[1]
-        cast = weight if ctx.dtype is None or weight.dtype == torch.float64 else weight.to(ctx.dtype)
+        forward_weight = weight if ctx.dtype is None or weight.dtype == torch.float64 else weight.to(ctx.dtype)
         dx = dweight = dbias = None
         if ctx.needs_input_grad[0]:
-            dx = dout.matmul(pad_hidden(cast, ctx.padded, ctx.halves))
+            dx = dout.matmul(pad_hidden(forward_weight, ctx.padded, ctx.halves))
         rows = dout.reshape(-1, dout.shape[-1])
         if ctx.needs_input_grad[1]:
             dweight = unpad_hidden(rows.t().mm(x.reshape(-1, x.shape[-1])), hidden, ctx.halves)
