@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fcntl
-import functools
 import hashlib
 import importlib.resources
 import os
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 
 from sphere_fast._env import env_switch
+from sphere_fast._once import once_per_key
 
 
 def csrc_dir() -> Path:
@@ -59,7 +59,7 @@ def build_folder(name: str, sources: list[str], flags: list[str], cuda_flags: li
     return root / f"{name}-{hashlib.sha256(repr(config).encode()).hexdigest()[:16]}"
 
 
-@functools.cache
+@once_per_key
 def load_extension(name: str, cpu_sources: tuple[str, ...], cuda_sources: tuple[str, ...] = ()) -> ModuleType:
     """Compile ``csrc/<source>`` files into the extension ``name`` and import it.
 

@@ -21,6 +21,7 @@ import torch
 
 from sphere_fast._context import context_value
 from sphere_fast._extension import cuda_build_possible
+from sphere_fast._once import once_per_key
 
 F = TypeVar("F", bound=Callable[..., object])
 BACKENDS = ("eager", "triton", "cpp")
@@ -194,7 +195,7 @@ def kernel_dtype_error(op: str, name: str, dtype: torch.dtype, backend: str) -> 
     )
 
 
-@functools.cache
+@once_per_key
 def _resolve(op: str, device_type: str, name: str, auto_order: tuple[str, ...], interpreting: bool) -> str:
     # Memoized: every op call resolves its backend, and the answer depends only on these arguments (the
     # interpreter flag decides whether Triton runs on CPU). Logged once, when first computed.

@@ -7,7 +7,6 @@ import contextvars
 import functools
 import logging
 import os
-import threading
 from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -15,6 +14,7 @@ from typing import Any, TypeVar
 import torch
 
 from sphere_fast._context import context_value
+from sphere_fast._once import ForkSafeLock
 
 F = TypeVar("F", bound=Callable[..., object])
 
@@ -159,15 +159,7 @@ def kernel_runner(kernel: Any, grid: tuple[int, ...], compile_only: bool = False
 
 # Triton's interpreter patches global state for each launch: launches from two threads at once failed ("x >=
 # grid_dim[0]"), so the CPU's launches take turns. A child forked while a thread held it gets a fresh one.
-_interpreter_lock = threading.Lock()
-
-
-def _new_interpreter_lock() -> None:
-    global _interpreter_lock
-    _interpreter_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_new_interpreter_lock)
+_interpreter_lock = ForkSafeLock()
 
 
 def _interpreted_launch(launch: Callable[..., object], *args: object, **kwargs: object) -> object:

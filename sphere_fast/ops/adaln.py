@@ -12,11 +12,11 @@ TypeError); math is fp32 inside every kernel, outputs have x's dtype. float64 ru
 
 from __future__ import annotations
 
-import functools
 
 import torch
 from torch import Tensor
 
+from sphere_fast._once import once_per_key
 from sphere_fast.backend import EAGER_DTYPES, emulate_bf16, resolve_for_dtype, triton_interpreting
 from sphere_fast.ops._library import call_op, define_op, differentiable_by, first_order_only, grad_only_from
 from sphere_fast.ops._tuning import launch_tuned
@@ -331,7 +331,7 @@ def _finish_bwd(
     return dweight, dg_s, dsh_s, dsc_s
 
 
-@functools.cache
+@once_per_key
 def _cpp_ext():
     from sphere_fast._extension import load_ops
 

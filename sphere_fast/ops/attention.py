@@ -33,6 +33,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from sphere_fast._once import once_per_key
 from sphere_fast.backend import (
     EAGER_DTYPES,
     KERNEL_DTYPES,
@@ -146,7 +147,7 @@ def _choose_impl(device: torch.device, dtype: torch.dtype, head_dim: int, backen
     return _choose(device.type, dtype, head_dim, requested, impl, _tf32_allowed(), triton_interpreting())
 
 
-@functools.cache
+@once_per_key
 def _choose(
     device_type: str, dtype: torch.dtype, head_dim: int, requested: str, impl: str | None, tf32: bool,
     interpreting: bool,

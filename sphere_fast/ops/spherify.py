@@ -12,11 +12,11 @@ regenerated, never stored.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 
+from sphere_fast._once import once_per_key
 from sphere_fast.backend import EAGER_DTYPES, emulate_bf16, resolve_backend, resolve_for_dtype, tracing
 from sphere_fast.ops._library import call_op, define_op, differentiable_by, first_order_only, grad_only_from
 from sphere_fast.ops._util import kernel_runner, next_pow2, on_input_device
@@ -226,7 +226,7 @@ def _triton_noise(seeds: torch.Tensor, length: int, stream: int) -> torch.Tensor
 # ---------------------------------------------------------------------------------------------- C++ bridge
 
 
-@functools.cache
+@once_per_key
 def _cpp_ext():
     from sphere_fast._extension import load_ops
 

@@ -6,12 +6,12 @@ non-eager backends run the ``sphere_fast::swiglu_fwd`` op (autograd: ``_SwiGLUFu
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sphere_fast._once import once_per_key
 from sphere_fast.backend import EAGER_DTYPES, emulate_bf16, resolve_for_dtype
 from sphere_fast.ops._library import call_op, define_op, differentiable_by, first_order_only
 from sphere_fast.ops._util import kernel_runner, on_input_device, unit_last_stride
@@ -96,7 +96,7 @@ def _triton_bwd(dout: Tensor, h: Tensor) -> Tensor:
     return dh.view(h.shape)
 
 
-@functools.cache
+@once_per_key
 def _cpp_ext():
     from sphere_fast._extension import load_ops
 
