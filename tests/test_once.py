@@ -1,4 +1,4 @@
-"""Once-only work when threads race to it: memoized answers computed once, fork-safe locks.
+"""Once-only work when threads race to it: memoized answers computed once, tuning taking turns, fork-safe locks.
 
 Each race is made certain by a computation slow enough (or held open by an event) that every thread misses the
 cache before the first answer is stored; the earlier ``functools.cache`` computed each miss in every thread.
@@ -16,6 +16,7 @@ import pytest
 
 from sphere_fast import _extension, backend
 from sphere_fast._once import ForkSafeLock, once_per_key
+from sphere_fast.ops import _tuning
 
 THREADS = 4
 
@@ -159,3 +160,24 @@ def test_racing_first_loads_of_an_extension_load_it_once(monkeypatch, tmp_path) 
         _extension.load_extension.cache_clear()
     assert answers == ["module sphere_fast_race"] * THREADS and loads == ["sphere_fast_race"]
 
+
+def test_racing_threads_tune_a_key_once_and_never_time_at_once(monkeypatch) -> None:
+    monkeypatch.setenv("SPHERE_FAST_TUNING_CACHE", "0")
+    monkeypatch.setenv("SPHERE_FAST_AUTOTUNE", "1")
+    timed, timing, overlaps = [], [], []
+
+    def timer(launch) -> float:
+        timing.append(1)
+        overlaps.append(len(timing) > 1)
+        time.sleep(0.02)
+        timed.append(launch())
+        timing.pop()
+        return {"a": 2.0, "b": 1.0}[timed[-1]]
+
+    try:
+        answers = _race(lambda _: _tuning.pick_config(("race_kernel", 0), ["a", "b"], lambda c: c, timer=timer))
+        assert answers == ["b"] * THREADS and timed == ["a", "b"]
+        _race(lambda i: _tuning.pick_config(("race_kernel", 1 + i % 2), ["a", "b"], lambda c: c, timer=timer))
+    finally:
+        _tuning.forget_tuned_configs()
+    assert timed == ["a", "b"] * 3 and not any(overlaps)

@@ -27,6 +27,7 @@ import torch
 
 from sphere_fast._env import env_switch
 from sphere_fast._files import replaced_atomically
+from sphere_fast._once import ForkSafeLock
 from sphere_fast.ops._util import compile_pass, compiling_only, first_in_pass
 
 C = TypeVar("C", bound=Hashable)
@@ -35,6 +36,9 @@ QUEUE_AHEAD_CYCLES = 1_000_000  # about 0.5 ms of GPU wait: long enough to queue
 
 logger = logging.getLogger("sphere_fast")
 _chosen: dict[Hashable, Hashable] = {}
+# Tuning takes turns in a process: two threads timing at once on one GPU would each time the other's kernels as
+# well as its own, and would tune a key they both missed twice.
+_tuning_turns = ForkSafeLock()
 
 
 def autotune_enabled() -> bool:
@@ -219,6 +223,21 @@ def pick_config(
     if len(candidates) == 1 or not autotune_enabled():
         return candidates[0]
     chosen = _chosen.get(key)
+    if chosen is not None and chosen in candidates:
+        return chosen  # type: ignore[return-value]
+    with _tuning_turns:
+        return _pick_unchosen(key, candidates, launch, outputs, timer, precompile)
+
+
+def _pick_unchosen(
+    key: Hashable,
+    candidates: Sequence[C],
+    launch: Callable[[C], object],
+    outputs: Sequence[torch.Tensor],
+    timer: Callable[[Callable[[], object]], float] | None,
+    precompile: Callable[[C], object] | None,
+) -> C:
+    chosen = _chosen.get(key)  # by a thread this one waited for
     if chosen is not None and chosen in candidates:
         return chosen  # type: ignore[return-value]
     if compiling_only() and not first_in_pass(key):
