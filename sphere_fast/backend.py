@@ -176,13 +176,19 @@ def resolve_backend(op: str, device: torch.device, requested: str | None, auto_o
     return _resolve(op, device.type, requested_backend(op, requested), auto_order, triton_interpreting())
 
 
+def auto_order_for(dtype: torch.dtype, auto_order: tuple[str, ...]) -> tuple[str, ...]:
+    """An op's ``auto`` order for inputs of ``dtype``: none for float64, which only the eager references take
+    (``auto`` must not refuse what one of its backends takes)."""
+    return () if dtype == torch.float64 else auto_order
+
+
 def resolve_for_dtype(
     op: str, name: str, t: torch.Tensor, requested: str | None, auto_order: tuple[str, ...]
 ) -> str:
     """``resolve_backend`` for an op whose input ``name`` is ``t`` (the caller checked that its dtype is one of
-    ``EAGER_DTYPES``). Under ``auto`` float64 takes the eager reference, as ``auto`` must not refuse what one of its
-    backends takes; a kernel backend asked for by name refuses it."""
-    backend = resolve_backend(op, t.device, requested, () if t.dtype == torch.float64 else auto_order)
+    ``EAGER_DTYPES``). Under ``auto`` float64 takes the eager reference (``auto_order_for``); a kernel backend asked
+    for by name refuses it."""
+    backend = resolve_backend(op, t.device, requested, auto_order_for(t.dtype, auto_order))
     if backend != "eager" and t.dtype not in KERNEL_DTYPES:
         raise kernel_dtype_error(op, name, t.dtype, backend)
     return backend

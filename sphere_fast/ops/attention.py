@@ -37,6 +37,7 @@ from sphere_fast._once import once_per_key
 from sphere_fast.backend import (
     EAGER_DTYPES,
     KERNEL_DTYPES,
+    auto_order_for,
     autodiff_transform,
     constant_under_compile,
     emulate_bf16,
@@ -166,8 +167,7 @@ def _choose(
             )
         name, why = impl, "impl="
     else:
-        # auto must not refuse what sdpa takes: float64 goes to it
-        order = () if dtype == torch.float64 else AUTO_ORDER
+        order = auto_order_for(dtype, AUTO_ORDER)  # float64: sdpa
         resolved = resolve_backend("attention", torch.device(device_type), requested, order)
         why = f"backend {resolved}" + (" via auto" if requested == "auto" else "")
         if requested == "auto" and resolved == "triton" and dtype == torch.float32 and not tf32:
