@@ -115,3 +115,16 @@ def test_noise_statistics_and_determinism():
 def test_bad_input(call, err, match):
     with pytest.raises(err, match=match):
         call()
+
+
+
+def test_philox_below_scales_triton_s_word_at_the_top_counter():
+    """philox_below(seed, -1, n) = floor(word * n / 2**32) for Philox's first word at offset -1, the unsigned counter
+    2**64 - 1 (Triton's own randint4x); every value lies in [0, n) and each of n = 10 is about as frequent."""
+    seeds = torch.tensor(SEEDS)
+    words = torch.stack([_triton_randoms(seed, torch.full((N,), -1))[0][0] for seed in SEEDS])
+    for n in (1, 10, 1000, 2**31 - 1):
+        expected = torch.tensor([w * n // 2**32 for w in words.tolist()])
+        assert torch.equal(P.philox_below(seeds, -1, n), expected)
+    counts = torch.bincount(P.philox_below(torch.arange(10_000), -1, 10), minlength=10)
+    assert counts.min() > 850 and counts.max() < 1150, counts  # 1000 each, std about 30

@@ -82,6 +82,15 @@ def philox_randn(seed: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     return _words_to_normal(*_philox_c0_c1(seed, offset))
 
 
+def philox_below(seed: torch.Tensor, offset: int, n: int) -> torch.Tensor:
+    """Integers uniform in [0, ``n``) (n < 2**31), one per seed of ``seed`` (int64): Philox4x32-10's first word at
+    counter ``offset`` (taken as an unsigned 64-bit counter), scaled by multiply-shift. Integer arithmetic only, so
+    every device gives the same integers."""
+    seed = _check_int64("seed", seed)
+    word, _ = _philox_c0_c1(seed, torch.full_like(seed, offset))
+    return (word * n) >> 32
+
+
 def _words_to_normal(c0: torch.Tensor, c1: torch.Tensor) -> torch.Tensor:
     """Box-Muller's cosine half on two uint32 words, as tl.randn: u1 floored at 1e-7 (a zero word gives a finite
     normal)."""
