@@ -263,7 +263,7 @@ def interpolate(
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Sample a rows x cols grid between four corners, given as ``seeds`` [4] (top-left, top-right,
-    bottom-left, bottom-right) and their ``labels`` [4] (random if None). Every noise draw of the loop (the
+    bottom-left, bottom-right) and their ``labels`` [4] (if None, drawn from the seeds as ``generate`` draws them). Every noise draw of the loop (the
     initial point and the refinement noise) is the bilinear interpolation of the corners' draws (``lerp``,
     scaled to keep the draws' variance, or ``slerp`` per token over the channel dim, which keeps their norms:
     ``bilinear_noise``); the class embeddings are interpolated linearly. Each
@@ -278,7 +278,7 @@ def interpolate(
     check_dtype(dtype, model)
     check_flags(cache_noise=cache_noise, scheduler=scheduler)
     seeds = seeds_on(seeds, 4, device)
-    corner_labels = sample_labels(model, 4, labels, device, name="labels")
+    corner_labels = sample_labels(model, 4, labels, device, name="labels", seeds=seeds)
     shape = model.latent_shape[1:]
     noise = DrawnNoise(
         lambda stream: bilinear_noise(ops.sphere_noise(seeds, shape, stream=stream), rows, cols, method)

@@ -557,7 +557,8 @@ class SphereEncoder(nn.Module):
 
         Noise: by default from torch's global generator (like the official code); ``noise`` replays a
         list of draws (the initial point first, then the refinement draws in order); ``seeds`` ([B]
-        int64) draws by the sphere_fast convention, so a sample's image depends only on its seed.
+        int64) draws by the sphere_fast convention, so a sample's image depends only on its seed (and its label,
+        which ``y`` None draws from the seed).
         ``dtype`` (e.g. torch.bfloat16) runs the networks under autocast; float32 turns off an enclosing
         autocast; None (the default) runs them as called: in their weights' dtype, or an enclosing autocast's."""
         from sphere_fast.sampling import sample

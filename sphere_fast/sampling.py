@@ -31,7 +31,7 @@ from sphere_fast.model import (
 )
 from sphere_fast.nn.layers import fused_mlp_enabled, padded_mlp_weights
 from sphere_fast.ops._util import compile_pass
-from sphere_fast.ops.philox import check_seeds
+from sphere_fast.ops.philox import check_seeds, philox_below
 
 logger = logging.getLogger("sphere_fast")
 CFG_POSITIONS = ("enc", "dec", "combo")
@@ -86,21 +86,30 @@ def fresh_seeds(batch_size: int, device: torch.device) -> torch.Tensor:
     return torch.randint(0, 2**62, (batch_size,), dtype=torch.int64, device=device)
 
 
+# The Philox counter of a sample's random label: 2**64 - 1 as the unsigned counter, above every noise offset (which
+# stays below 2**63), so a label and its sample's noise are separate draws.
+LABEL_COUNTER = -1
+
+
 def sample_labels(
     model: torch.nn.Module,
     batch_size: int,
     y: torch.Tensor | None,
     device: torch.device,
     name: str = "y",
+    seeds: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """Given labels (checked; reads them on the host) or uniform random ones; None for an unconditional model.
-    The null label ``num_classes`` is taken, as the networks take it: that sample is unconditional (its CFG
-    branches are the same), as a CFG-trained model's unconditional samples are drawn."""
+    """Given labels (checked; reads them on the host) or uniform random ones: drawn from ``seeds`` ([B] on
+    ``device``) when given, so that a seed alone decides its sample, else from torch's generator. None for an
+    unconditional model. The null label ``num_classes`` is taken, as the networks take it: that sample is
+    unconditional (its CFG branches are the same), as a CFG-trained model's unconditional samples are drawn."""
     if model.num_classes == 0:
         if y is not None:
             raise ValueError(f"{name} (labels) given to an unconditional model (num_classes=0)")
         return None
     if y is None:
+        if seeds is not None:
+            return philox_below(seeds, LABEL_COUNTER, model.num_classes)
         return torch.randint(0, model.num_classes, (batch_size,), device=device)
     if not isinstance(y, torch.Tensor) or y.dtype != torch.long or y.shape != (batch_size,):
         got = f"{y.dtype} of shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else _type_name(y)
@@ -342,12 +351,13 @@ def sample(
                              f"{needed} (the initial point, then the refinement draws)")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if seeds is not None:
-        source: SeededNoise | DrawnNoise = SeededNoise(seeds_on(seeds, batch_size, device), model.latent_shape[1:])
+        seeds = seeds_on(seeds, batch_size, device)
+        source: SeededNoise | DrawnNoise = SeededNoise(seeds, model.latent_shape[1:])
     else:
         draws = noise_stream(model, batch_size, device, noise)
         source = DrawnNoise(lambda stream: next(draws))
         source.draw(0)  # the initial point before the random labels, in the official order of draws
-    y = sample_labels(model, batch_size, y, device)
+    y = sample_labels(model, batch_size, y, device, seeds=seeds)
     nets = GuidedNetworks.from_scale(model, y, cfg, cfg_position)
     with autocast(device, dtype):
         return run_loop(model, nets, source, steps, scheduler=scheduler, cache_noise=cache_noise)
@@ -477,7 +487,8 @@ class Sampler:
     """Batch sampler: ``sampler(labels=None, seeds=None, return_first=False)`` gives the final images
     [B, 3, H, W] in [0, 1] (and, with ``return_first``, ``(first, final)`` like ``generate``).
 
-    Labels None means uniform random ones; seeds None means fresh ones; B is the length of labels or seeds,
+    Seeds None means fresh ones (from torch's generator); labels None means uniform random ones drawn from the
+    seeds, so that the same seeds give the same images; B is the length of labels or seeds,
     else ``batch_size``; labels on the device are range-checked on the host (one sync). A sample's image
     depends only on its seed, label and the options (steps, cfg, cfg_position, cache_noise, scheduler, dtype),
     up to float rounding (the sphere_fast noise convention). The defaults are the paper's evaluation's: cached
@@ -625,8 +636,8 @@ class Sampler:
         check_flags(return_first=return_first, clone=clone)
         self._check_settings()
         n = self._batch_length(labels, seeds)
-        labels = sample_labels(self.model, n, labels, self.device, name="labels")
         seeds = fresh_seeds(n, self.device) if seeds is None else seeds_on(seeds, n, self.device)
+        labels = sample_labels(self.model, n, labels, self.device, name="labels", seeds=seeds)
         key = self._key(n)
         weight = guidance_weight(self.cfg, self.cfg_position)
         if not self.use_graphs:

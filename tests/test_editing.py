@@ -290,6 +290,13 @@ def test_interpolate_corners_are_samples(model, method, cache_noise, scheduler):
     corners = torch.stack([grid[0, 0], grid[0, 2], grid[2, 0], grid[2, 2]])
     torch.testing.assert_close(corners, ref, atol=1e-5, rtol=0)
     assert (grid[1, 1] - grid[0, 0]).abs().max() > 1e-3
+    if method == "lerp":  # corners without labels: generate's, which draws them from the seeds
+        torch.manual_seed(3)
+        grid = interpolate(model, seeds, rows=2, cols=2, method=method, steps=3, cfg=1.4, **options)
+        torch.manual_seed(7)
+        _, ref = model.generate(4, cfg=1.4, forward_steps=3, cache_sampling_noise=cache_noise,
+                                use_sampling_scheduler=scheduler, seeds=seeds)
+        torch.testing.assert_close(grid.flatten(0, 1), ref, atol=1e-5, rtol=0)
     if method == "slerp" and not cache_noise:  # in bf16 too
         grid = interpolate(model, seeds, labels, rows=2, cols=2, method=method, steps=3, cfg=1.4, dtype=torch.bfloat16,
                            **options)

@@ -94,6 +94,25 @@ def test_labels_matter_and_random_labels(model):
     assert out.shape == (8, 3, 16, 16)
 
 
+
+def test_labels_left_out_are_drawn_from_the_seeds(model):
+    """Without labels a sample's label comes from its seed: the same seeds give the same images (whatever torch's
+    generator holds, which is neither read nor advanced), in the Sampler as in generate, in any batch; the labels
+    spread over the real classes."""
+    sampler = Sampler(model, 8, 2, cfg=1.4, cache_noise=False, dtype=torch.float32)
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+    images = sampler(seeds=SEEDS)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(2)
+    assert torch.equal(sampler(seeds=SEEDS), images)
+    _, generated = model.generate(5, cfg=1.4, forward_steps=2, seeds=SEEDS, dtype=torch.float32)
+    assert torch.equal(generated, images)
+    torch.testing.assert_close(sampler(seeds=SEEDS[3:4])[0], images[3], atol=1e-5, rtol=0)
+    labels = sample_labels(model, 2000, None, torch.device("cpu"), seeds=torch.arange(2000))
+    assert labels.unique().tolist() == list(range(10))
+    assert torch.equal(labels[SEEDS], sample_labels(model, 5, None, torch.device("cpu"), seeds=SEEDS))
+
 @pytest.mark.parametrize("steps,cfg", [(1, 1.0), (3, 1.4)])
 def test_image_independent_of_batch(model, steps, cfg):
     sampler = Sampler(model, 8, steps, cfg=cfg, dtype=torch.float32)
