@@ -32,6 +32,19 @@ def cuda_build_possible() -> bool:
     return torch.version.cuda is not None and has_nvcc and has_target
 
 
+def put_pip_ninja_on_path() -> None:
+    """Put the ninja package's binary (a dependency of sphere_fast) on PATH when no ninja is there: torch's builds
+    look on PATH only, and a venv's python run without activating the venv (a full path, a Jupyter kernel, cron)
+    has the venv's bin folder, where pip put ninja, off PATH."""
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 # CUDA sources built with precise transcendental functions: the Philox normals follow tl.randn's libdevice
 # logf / cosf, which --use_fast_math's __logf / __cosf missed by up to 3.3e-5 on an H200. They keep the rest of
 # --use_fast_math, its fast arithmetic flags.
@@ -81,7 +94,12 @@ def load_extension(name: str, cpu_sources: tuple[str, ...], cuda_sources: tuple[
         sources += [str(root / s) for s in cuda_sources]
         flags.append("-DSPHERE_FAST_WITH_CUDA")  # the bindings' CUDA launchers (the .cu files never read it)
     folder = build_folder(name, sources, flags, cuda_flags)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RuntimeError(f"cannot make the build folder {folder} of the C++ extension {name} ({exc}); set "
+                           "TORCH_EXTENSIONS_DIR to a writable folder") from exc
+    put_pip_ninja_on_path()
     with open(folder / "sphere_fast.lock", "a") as held:
         _held_locks.add(held.fileno())  # before the wait: a lock granted after a fork is the child's copy's too
         try:

@@ -20,7 +20,7 @@ from typing import TypeVar
 import torch
 
 from sphere_fast._context import context_value
-from sphere_fast._extension import cuda_build_possible
+from sphere_fast._extension import cuda_build_possible, put_pip_ninja_on_path
 from sphere_fast._once import once_per_key
 
 F = TypeVar("F", bound=Callable[..., object])
@@ -96,17 +96,25 @@ def triton_usable(device: torch.device) -> bool:
 
 
 @functools.cache
-def cpp_buildable() -> bool:
-    """The C++ extension is built on first use with ninja and a C++ compiler."""
+def cpp_missing() -> str | None:
+    """What the C++ extension, built on first use with ninja and a C++ compiler, lacks here; None if nothing."""
     import shutil
 
     from torch.utils.cpp_extension import verify_ninja_availability
 
+    put_pip_ninja_on_path()
     try:
         verify_ninja_availability()
     except RuntimeError:
-        return False
-    return shutil.which(os.environ.get("CXX", "c++")) is not None
+        return "ninja, which it builds with, is not on PATH (pip install ninja)"
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"its C++ compiler {compiler!r} is not on PATH (set CXX)"
+    return None
+
+
+def cpp_buildable() -> bool:
+    return cpp_missing() is None
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:
@@ -209,9 +217,10 @@ def _resolve(op: str, device_type: str, name: str, auto_order: tuple[str, ...], 
     if name == "auto":
         name = next((b for b in auto_order if b in usable), "eager") if device_type == "cuda" else "eager"
     elif name not in usable:
+        why_not_cpp = f"; cpp: {missing}" if name == "cpp" and (missing := cpp_missing()) else ""
         raise RuntimeError(
             f"backend {name!r} is not available for {op} on {device_type} "
-            f"(available: {usable}; triton on CPU needs TRITON_INTERPRET=1)"
+            f"(available: {usable}; triton on CPU needs TRITON_INTERPRET=1{why_not_cpp})"
         )
     logger.info("sphere_fast: %s on %s uses the %s backend", op, device_type, name)
     return name

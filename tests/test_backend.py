@@ -148,7 +148,7 @@ def test_triton_needs_triton(monkeypatch):
 
 def test_cpp_needs_a_cpp_compiler(monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler-here")
-    assert backend.cpp_buildable.__wrapped__() is False
+    assert backend.cpp_missing.__wrapped__() == "its C++ compiler 'no-such-compiler-here' is not on PATH (set CXX)"
 
 
 def test_cpp_needs_ninja(monkeypatch):
@@ -156,7 +156,32 @@ def test_cpp_needs_ninja(monkeypatch):
         raise RuntimeError("Ninja is required to load C++ extensions")
 
     monkeypatch.setattr("torch.utils.cpp_extension.verify_ninja_availability", no_ninja)
-    assert backend.cpp_buildable.__wrapped__() is False
+    assert backend.cpp_missing.__wrapped__() == "ninja, which it builds with, is not on PATH (pip install ninja)"
+
+
+def test_a_cpp_backend_not_available_says_what_it_lacks(monkeypatch):
+    monkeypatch.setattr(backend, "cpp_missing", lambda: "its C++ compiler 'cc' is not on PATH (set CXX)")
+    backend._resolve.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match=r"not available for lacking_op on cpu \(available: \['eager'.*\]; .*; "
+                                               r"cpp: its C\+\+ compiler 'cc' is not on PATH \(set CXX\)\)"):
+            resolve_backend("lacking_op", torch.device("cpu"), "cpp", ("cpp",))
+    finally:
+        backend._resolve.cache_clear()
+
+
+def test_the_pip_ninja_is_put_on_path_when_path_has_none(monkeypatch, tmp_path):
+    """A venv's python run by its full path has the venv's bin folder, where pip put ninja, off PATH: the cpp
+    backend was dropped for want of a ninja it had."""
+    import shutil
+
+    import ninja
+
+    monkeypatch.setenv("CXX", shutil.which("c++"))  # by its full path: PATH here holds an empty folder only
+    monkeypatch.setenv("PATH", str(tmp_path))
+    backend.put_pip_ninja_on_path()
+    assert os.environ["PATH"].split(os.pathsep) == [ninja.BIN_DIR, str(tmp_path)]
+    assert backend.cpp_missing.__wrapped__() is None
 
 
 def test_cpp_runs_on_cuda_only_where_its_cuda_kernels_build(monkeypatch):

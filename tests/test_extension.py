@@ -54,6 +54,20 @@ def loaded_folders(monkeypatch: pytest.MonkeyPatch, tmp_path) -> list[tuple[str,
     return seen
 
 
+
+def test_an_unwritable_build_root_names_the_folder_and_the_setting(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """A read-only HOME (a service account) failed the first cpp call with a bare OSError from deep in pathlib."""
+    root = tmp_path / "a_file"
+    root.write_text("")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(root))
+    _extension.load_extension.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match=rf"cannot make the build folder {root}/sphere_fast_spherify-\w+ of the "
+                                               r"C\+\+ extension sphere_fast_spherify .*set TORCH_EXTENSIONS_DIR"):
+            _extension.load_extension(*SPHERIFY)
+    finally:
+        _extension.load_extension.cache_clear()
+
 def test_each_torch_and_build_config_has_a_build_folder_of_its_own(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     """torch's JIT folder is one per extension name: two torch versions (an upgrade in place too), two checkouts
     or a CPU-only build beside a CUDA one shared it, and a process waiting for another's build imported that one's
