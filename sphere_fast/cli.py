@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from sphere_fast._checkout import in_checkout
 # Training presets: model constructor arguments + recipe. "fashion-mnist-demo" is the few-minute CPU
 # job of the README: 28 px garments centred on 32 px, patch 4 (8x8 tokens x 4 channels, L = 256), width 64,
 # conv pixel head, about 0.33 s a step on 2 cores. 900 steps (~5 min) give soft but recognisable garments.
@@ -320,8 +321,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     root = Path(__file__).resolve().parents[1]
     script = root / "benchmarks" / "gpu_check.sh"
-    if not script.exists():
-        print(f"the benchmark runner {script} is not in this installation (it ships with the source tree)")
+    if not (in_checkout(root) and script.exists()):  # not another distribution's top-level benchmarks/
+        print("sphere-fast bench runs from a source checkout (benchmarks/gpu_check.sh), not from an installed package")
         return 2
     # the script works from the source tree: a relative OUT is the caller's, so it is resolved here
     return subprocess.call(["bash", str(script), str(Path(args.out).resolve()), *args.gpu_check_args])
@@ -537,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "weights of an official training checkpoint; with the default they are converted too)")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("bench", help="run the benchmark suite / GPU check (benchmarks/gpu_check.sh)")
+    p = sub.add_parser("bench", help="run the benchmark suite / GPU check (benchmarks/gpu_check.sh; a source checkout only)")
     p.add_argument("--out", default="bench-results", help="results folder (relative to the current folder)")
     p.add_argument("gpu_check_args", nargs="*", metavar="GPU_CHECK_ARG",
                    help="after --: options passed on to benchmarks/gpu_check.py, e.g. -- --budget 300 --phases tests "

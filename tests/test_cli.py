@@ -348,8 +348,12 @@ def test_bench_runs_the_gpu_check_script(monkeypatch, tmp_path, capsys):
     assert main(["bench", "--out", "results", "--", "--budget", "300", "--phases", "tests"]) == 0
     script = str(Path(cli.__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh")
     assert calls == [["bash", script, str((tmp_path / "results").resolve()), "--budget", "300", "--phases", "tests"]]
+    # an installed package: no script, or another distribution's top-level benchmarks/ beside it
     monkeypatch.setattr(cli, "__file__", str(tmp_path / "site-packages" / "sphere_fast" / "cli.py"))
-    assert main(["bench"]) == 2 and "not in this installation" in capsys.readouterr().out
+    assert main(["bench"]) == 2 and "runs from a source checkout" in capsys.readouterr().out
+    (tmp_path / "site-packages" / "benchmarks").mkdir(parents=True)
+    (tmp_path / "site-packages" / "benchmarks" / "gpu_check.sh").write_text("exit 0\n")
+    assert main(["bench"]) == 2 and "runs from a source checkout" in capsys.readouterr().out
     assert len(calls) == 1
 
 
