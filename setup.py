@@ -4,12 +4,17 @@ torch is deliberately not a build requirement: the C++/CUDA extensions in csrc/ 
 use (torch.utils.cpp_extension.load with ninja), against whatever torch the user has installed.
 """
 
+from pathlib import Path
+
 from setuptools import setup
 
 setup(
     name="sphere_fast",
     version="0.1.0",
     description="Fused Triton/CUDA kernels and a drop-in model for the Sphere Encoder image generator",
+    long_description=(Path(__file__).parent / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    classifiers=["Operating System :: POSIX :: Linux", "Programming Language :: Python :: 3"],
     python_requires=">=3.11",
     packages=["sphere_fast", "sphere_fast.ops", "sphere_fast.nn", "sphere_fast.kernels", "sphere_fast.csrc"],
     package_dir={"sphere_fast.kernels": "kernels", "sphere_fast.csrc": "csrc"},
