@@ -81,7 +81,7 @@ def resolve_model_size(size: str | Mapping[str, int], argument: str) -> dict[str
         if set(size) != keys or not all(isinstance(size[k], int) and size[k] > 0 for k in keys):
             raise ValueError(f"{argument} as a dict needs positive int 'width', 'layers', 'heads', got {dict(size)}")
         return dict(size)
-    raise TypeError(f"{argument} must be a size name or a dict, got {type(size).__name__}")
+    raise ValueError(f"{argument} must be a size name or a dict, got {type(size).__name__}")
 
 
 class ViT(nn.Module):
@@ -347,6 +347,9 @@ class SphereEncoder(nn.Module):
             if not isinstance(depth, int) or depth < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {depth!r}")
         check_angle("noise_sigma_max_angle", noise_sigma_max_angle)
+        prob = mix_hard_cases_prob
+        if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0 <= prob <= 1:
+            raise ValueError(f"mix_hard_cases_prob must be a number in [0, 1], got {prob!r}")
         if mix_hard_cases_max_angle is None:  # the recipe's rule (spec section 4): 5 degrees past the noise's, <= 89
             mix_hard_cases_max_angle = min(noise_sigma_max_angle + 5, 89)
         check_angle("mix_hard_cases_max_angle", mix_hard_cases_max_angle)

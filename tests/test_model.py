@@ -178,6 +178,9 @@ def test_docstrings_of_the_noise_level_properties():
          "halve_model_size leaves vit_dec_model_size with 0 layers"),
         (dict(halve_model_size="no"), "halve_model_size must be a bool, got 'no'"),  # truthy: it halved
         (dict(use_pixel_consistency=1), "use_pixel_consistency must be a bool, got 1"),
+        (dict(mix_hard_cases_prob="abc"), r"mix_hard_cases_prob must be a number in \[0, 1\], got 'abc'"),  # failed in
+        (dict(mix_hard_cases_prob=5.0), r"mix_hard_cases_prob must be a number in \[0, 1\], got 5.0"),  # training
+        (dict(vit_enc_model_size=123), "vit_enc_model_size must be a size name or a dict, got int"),
     ],
 )
 def test_bad_config(kwargs, match):
