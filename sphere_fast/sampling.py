@@ -2,8 +2,8 @@
 encode -> noisy re-projection -> decode. Both CFG branches run as one batch of 2B.
 
 ``sample`` is the un-captured loop behind ``SphereEncoder.generate``. ``Sampler`` runs the same loop; on CUDA
-it captures the whole loop as one CUDA graph per (batch bucket, steps, guidance, cache_noise, scheduler) and
-replays it, with labels, seeds and the CFG weight read from static device buffers."""
+it captures the whole loop as one CUDA graph per ``GraphKey`` (batch bucket, steps, guidance, cache_noise,
+scheduler, dtype, backend, fused MLP) and replays it, with labels, seeds and the CFG weight read from static device buffers."""
 
 from __future__ import annotations
 
