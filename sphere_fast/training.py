@@ -35,6 +35,9 @@ from sphere_fast.sampling import check_count
 
 # the stratified radii's smallest process batch: one r = 0, one r = 1 and at least one stratum
 MIN_PROCESS_BATCH = 3
+# The Philox stream of the training noise (design.md): the sampler draws streams 0 (initial point), 1 (cached
+# refinement) and t (step t), so training seeds that equal sampling ones still draw other noise.
+TRAINING_STREAM = 2**31
 
 
 def stratified_radii(batch: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> torch.Tensor:
@@ -228,7 +231,8 @@ class SphereLoss(nn.Module):
         m, w, b = self.model, self.weights, x.shape[0]
         z = m.encoder(x, y)
         z_clean = z.detach()
-        v_big, v_small = ops.spherify_noise_pair(z, scale_big, scale_small, noise=noise, seeds=seeds)
+        v_big, v_small = ops.spherify_noise_pair(z, scale_big, scale_small, noise=noise, seeds=seeds,
+                                                 stream=TRAINING_STREAM)
         if m.use_pix_con:
             out = m.decoder(torch.cat([v_big, v_small]), None if y is None else torch.cat([y, y]))
             x_big, x_small = out[:b], out[b:]
