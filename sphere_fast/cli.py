@@ -109,6 +109,7 @@ def plot_losses(log_path: str | Path, png: str | Path) -> Path:
 
 def class_grid(model: torch.nn.Module, per_class: int, *, steps: int, cfg: float, seed: int) -> tuple[torch.Tensor, int]:
     """Samples with one row per class (or a square grid when unconditional); (images, images a row)."""
+    from sphere_fast.sample_set import image_seeds
     from sphere_fast.sampling import sample
 
     if model.num_classes:
@@ -119,7 +120,7 @@ def class_grid(model: torch.nn.Module, per_class: int, *, steps: int, cfg: float
         y, nrow = None, per_class
         rows = per_class
     n = rows * per_class
-    seeds = torch.arange(n, dtype=torch.int64) + (seed or 0) * 1_000_003
+    seeds = image_seeds(seed or 0, range(n))
     y = None if y is None else y.to(next(model.parameters()).device)
     _, images = sample(model, n, y=y, cfg=cfg, steps=steps, seeds=seeds)
     return images, nrow
@@ -260,8 +261,10 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
 
 def cmd_interpolate(args: argparse.Namespace) -> int:
+    from sphere_fast.sample_set import image_seeds
+
     editing, model = _editing(), load_model(args)
-    seeds = torch.tensor(args.seeds if args.seeds else [args.seed + i for i in range(4)], dtype=torch.int64)
+    seeds = torch.tensor(args.seeds, dtype=torch.int64) if args.seeds else image_seeds(args.seed, range(4))
     labels = torch.tensor(args.labels, dtype=torch.long) if args.labels else None
     images = editing.interpolate(model, seeds, labels, rows=args.rows, cols=args.cols, method=args.method, steps=args.steps, cfg=args.cfg)
     print(save_grid(images.flatten(0, 1), args.out, args.cols))
@@ -269,9 +272,11 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
 
 
 def cmd_crossover(args: argparse.Namespace) -> int:
+    from sphere_fast.sample_set import image_seeds
+
     editing, model = _editing(), load_model(args)
     a, b = _read_images([args.first, args.second], model.input_size, args.device)
-    seeds = torch.tensor([args.seed], dtype=torch.int64)
+    seeds = image_seeds(args.seed, range(1))
     composite, steps = editing.crossover(
         model, a[None], b[None], args.mask, swap=args.swap, steps=args.steps, seeds=seeds
     )
@@ -282,9 +287,11 @@ def cmd_crossover(args: argparse.Namespace) -> int:
 
 
 def cmd_manipulate(args: argparse.Namespace) -> int:
+    from sphere_fast.sample_set import image_seeds
+
     editing, model = _editing(), load_model(args)
     x = _read_images(args.images, model.input_size, args.device)
-    seeds = torch.arange(x.shape[0], dtype=torch.int64) + args.seed
+    seeds = image_seeds(args.seed, range(x.shape[0]))
     steps = editing.manipulate(
         model, x, args.target_class, steps=args.steps, noise_scaler=args.noise_scaler, seeds=seeds
     )
@@ -504,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub, "interpolate", "interpolate between noise points (and classes)", cmd_interpolate,
         out="interpolate.png", steps=1, cfg=True,
     )
-    p.add_argument("--seeds", type=int, nargs=4, help="noise seeds of the four corners (default: seed .. seed+3)")
+    p.add_argument("--seeds", type=int, nargs=4, help="noise seeds of the four corners (default: seed * 2**32 + 0 .. 3)")
     p.add_argument("--labels", type=int, nargs=4, help="classes of the four corners (default: random)")
     p.add_argument("--rows", type=count, default=5)
     p.add_argument("--cols", type=count, default=5)

@@ -102,16 +102,16 @@ def test_grids_hold_the_librarys_images(tmp_path):
     expected = torch.stack([x, editing.reconstruct_images(model, x)])  # inputs on top
     assert torch.equal(grid_tiles(tmp_path / "r.png", rows=2, cols=2), as_png(expected))
     assert main(["manipulate", *ck, *a_b, "--target-class", "3", "--steps", "2", "--out", str(tmp_path / "m.png")]) == 0
-    steps = editing.manipulate(model, x, 3, steps=2, seeds=torch.tensor([4, 5]))
+    steps = editing.manipulate(model, x, 3, steps=2, seeds=torch.tensor([4 << 32, (4 << 32) + 1]))  # image_seeds
     assert torch.equal(grid_tiles(tmp_path / "m.png", rows=3, cols=2), as_png(torch.stack([x, *steps])))
     assert main(["crossover", *ck, *a_b, "--steps", "1", "--out", str(tmp_path / "x.png")]) == 0
-    composite, steps = editing.crossover(model, x[:1], x[1:], steps=1, seeds=torch.tensor([4]))
+    composite, steps = editing.crossover(model, x[:1], x[1:], steps=1, seeds=torch.tensor([4 << 32]))
     expected = torch.stack([x[:1], x[1:], composite, *steps]).transpose(0, 1)
     assert torch.equal(grid_tiles(tmp_path / "x.png", rows=1, cols=4), as_png(expected))
     assert len({tile.numpy().tobytes() for tile in grid_tiles(tmp_path / "x.png", rows=1, cols=4)[0]}) == 4
     assert main(["interpolate", *ck, "--labels", "1", "2", "3", "4", "--rows", "2", "--cols", "3",
                  "--out", str(tmp_path / "i.png")]) == 0
-    grid = editing.interpolate(model, torch.tensor([4, 5, 6, 7]), torch.tensor([1, 2, 3, 4]), rows=2, cols=3)
+    grid = editing.interpolate(model, (4 << 32) + torch.arange(4), torch.tensor([1, 2, 3, 4]), rows=2, cols=3)
     assert torch.equal(grid_tiles(tmp_path / "i.png", rows=2, cols=3), as_png(grid))
 
 
@@ -176,15 +176,15 @@ def test_commands_pass_their_options_on(recorded, tmp_path):
     assert recorded["class_grid"][1] == {"steps": 3, "cfg": 1.5, "seed": 7}
     assert main(["crossover", *model, png, png, "--mask", "horizontal", "--swap", "--steps", "2", "--out", out]) == 0
     (_, _, _, mask), kwargs = recorded["crossover"]
-    assert mask == "horizontal" and kwargs.pop("seeds").tolist() == [7] and kwargs == {"swap": True, "steps": 2}
+    assert mask == "horizontal" and kwargs.pop("seeds").tolist() == [7 << 32] and kwargs == {"swap": True, "steps": 2}
     assert main(["manipulate", *model, png, "--target-class", "3", "--steps", "2", "--noise-scaler", "0.5",
                  "--out", out]) == 0
     (_, _, target), kwargs = recorded["manipulate"]
-    assert target == 3 and kwargs.pop("seeds").tolist() == [7] and kwargs == {"steps": 2, "noise_scaler": 0.5}
+    assert target == 3 and kwargs.pop("seeds").tolist() == [7 << 32] and kwargs == {"steps": 2, "noise_scaler": 0.5}
     assert main(["interpolate", *model, "--labels", "1", "2", "3", "4", "--rows", "2", "--cols", "3", "--method",
                  "lerp", "--steps", "2", "--cfg", "1.2", "--out", out]) == 0
     (_, seeds, labels), kwargs = recorded["interpolate"]
-    assert seeds.tolist() == [7, 8, 9, 10] and labels.tolist() == [1, 2, 3, 4]
+    assert seeds.tolist() == [(7 << 32) + i for i in range(4)] and labels.tolist() == [1, 2, 3, 4]
     assert kwargs == {"rows": 2, "cols": 3, "method": "lerp", "steps": 2, "cfg": 1.2}
     assert main(["interpolate", *model, "--seeds", "3", "1", "4", "1", "--out", out]) == 0
     assert recorded["interpolate"][0][1].tolist() == [3, 1, 4, 1]
