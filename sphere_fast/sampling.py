@@ -75,10 +75,18 @@ def check_dtype(dtype: object, model: torch.nn.Module, required: bool = False) -
                         f"the model to {dtype} or float32")
 
 
+def to_device_unsynced(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device`` without draining the device's queue. A pageable host tensor is read at once (staged); a
+    pinned one would be read when the queue reaches the copy, after the call returned, so that the caller's next
+    in-place change of it (a reused buffer of seeds or labels) could reach the images: it is copied here first."""
+    if t.device.type == "cpu" and device.type != "cpu" and t.is_pinned():
+        t = t.clone()
+    return t.to(device, non_blocking=True)
+
+
 def seeds_on(seeds: object, batch_size: int, device: torch.device) -> torch.Tensor:
     """Per-sample seeds checked as the noise ops check them (int64, shape [batch_size]), on ``device``."""
-    # non_blocking: a host tensor is staged at once, and the device queue is not drained
-    return check_seeds(seeds, batch_size).to(device, non_blocking=True)
+    return to_device_unsynced(check_seeds(seeds, batch_size), device)
 
 
 def fresh_seeds(batch_size: int, device: torch.device) -> torch.Tensor:
@@ -118,7 +126,7 @@ def sample_labels(
             f"{name} must be a 1-D int64 tensor of {batch_size} labels, got {got}"
         )
     check_label_range(y, model.num_classes, name)
-    return y.to(device, non_blocking=True)
+    return to_device_unsynced(y, device)
 
 
 def _type_name(value: object) -> str:

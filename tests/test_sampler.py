@@ -532,6 +532,21 @@ def test_replays_bit_identical_and_seeds_matter(cuda_model):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_a_pinned_buffer_changed_after_the_call_does_not_reach_its_images(cuda_model, cuda_graph):
+    """A serving loop reuses one pinned host buffer of labels and seeds: changed right after a call, while the
+    device is still busy and the call's copies of it are queued, it must not change that call's images."""
+    sampler = Sampler(cuda_model, 8, 2, cfg=1.4, cuda_graph=cuda_graph)
+    expected = sampler(LABELS.cuda(), SEEDS.cuda())
+    labels, seeds = LABELS.pin_memory(), SEEDS.pin_memory()
+    torch.cuda._sleep(100_000_000)  # tens of ms of device work queued ahead of the call's copies
+    images = sampler(labels, seeds)
+    seeds.add_(1000)
+    labels.add_(1).remainder_(10)
+    assert torch.equal(images, expected)
+
+
+@pytest.mark.gpu
 def test_graph_selection(cuda_model):
     sampler = Sampler(cuda_model, 8, 2, cfg=1.4)
     labels, seeds = LABELS.cuda(), SEEDS.cuda()
