@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from sphere_fast._files import replaced_atomically
 from sphere_fast._warn import warn
-from sphere_fast.model import ROPE_BUFFERS, WRAPPER_PREFIXES, SphereEncoder, check_model
+from sphere_fast.model import ROPE_BUFFERS, WRAPPER_PREFIXES, SphereEncoder, check_model, resolve_model_size
 from sphere_fast.sampling import check_count
 
 if TYPE_CHECKING:
@@ -224,6 +224,16 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
+SIZE_ARGUMENTS = ("vit_enc_model_size", "vit_dec_model_size")
+
+
+def _size_or_none(size: Any, argument: str) -> dict[str, int] | None:
+    try:
+        return resolve_model_size(size, argument)
+    except ValueError:
+        return None
+
+
 def _resolve(path: str | Path) -> Path:
     """A checkpoint folder as it is; a folder of checkpoints holding ``latest``, or a run folder holding such a
     ``checkpoints`` folder: the checkpoint ``latest`` names."""
@@ -234,6 +244,9 @@ def _resolve(path: str | Path) -> Path:
 
 
 def _check_config(model: SphereEncoder, saved: Mapping[str, Any], where: Path) -> None:
+    # a size by name is the same config as its dict ("tiny" is {"width": 64, "layers": 2, "heads": 2})
+    saved = {**saved, **{k: model.config[k] for k in SIZE_ARGUMENTS if k in saved and k in model.config
+                         and _size_or_none(saved[k], k) == resolve_model_size(model.config[k], k)}}
     diff = {k: (saved.get(k), v) for k, v in model.config.items() if saved.get(k) != v}
     if diff or set(saved) - set(model.config):
         detail = ", ".join(f"{k}: checkpoint {a!r} vs model {b!r}" for k, (a, b) in diff.items())
@@ -244,7 +257,9 @@ def load_checkpoint(
     path: str | Path, model: SphereEncoder | None = None, *, trainer: Trainer | None = None, ema: bool = False
 ) -> tuple[SphereEncoder, dict[str, Any]]:
     """Load weights (``ema`` picks the EMA weights) into ``model`` (built from the saved config when
-    None) and, with ``trainer``, its optimiser, EMA, step and RNG state. Returns (model, config.json).
+    None, and then returned in eval mode, ready to sample; a model given keeps its mode) and, with ``trainer``,
+    its optimiser, EMA, step and RNG state. Returns (model, config.json). The saved config must be the model's
+    (a size by name equals its dict).
     A trainer on another number of processes than the checkpoint's resumes with fresh per-process RNG
     seeds (``training.process_seed``) and a warning: its run is no longer bit-identical to an uninterrupted one."""
     path = _resolve(path)
@@ -254,7 +269,7 @@ def load_checkpoint(
         model = trainer.model
     if model is None:
         try:
-            model = SphereEncoder(**config["model"])
+            model = SphereEncoder(**config["model"]).eval()
         except TypeError as err:  # a key this version does not know, e.g. from a newer sphere_fast
             raise ValueError(f"checkpoint {path} holds a model config this sphere_fast cannot build: {err}") from None
     _check_config(model, config["model"], path)

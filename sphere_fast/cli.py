@@ -132,7 +132,7 @@ def load_model(args: argparse.Namespace, rank: int = 0) -> torch.nn.Module:
     from sphere_fast.model import SphereEncoder
 
     if args.checkpoint:
-        return load_checkpoint(args.checkpoint, ema=args.ema)[0].to(args.device).eval()
+        return load_checkpoint(args.checkpoint, ema=args.ema)[0].to(args.device)  # built in eval mode
     if args.ema:
         raise ValueError("--ema needs --checkpoint: a preset at random init has no EMA weights")
     # the command succeeds either way: without this its grey output would pass for a trained model's

@@ -288,6 +288,24 @@ def test_save_refuses_what_no_load_would_read_before_writing(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+
+def test_a_size_by_name_loads_into_the_same_size_as_a_dict_and_a_built_model_samples(tmp_path):
+    """A run saved with the size "tiny" was refused for a model built with its dict ({"width": 64, "layers": 2,
+    "heads": 2}), the same model; and a model load_checkpoint builds comes back in eval mode, ready to sample
+    (every sampling call refuses training mode), while a model given keeps its mode."""
+    by_name = tiny_model(vit_enc_model_size="tiny", vit_dec_model_size="tiny")
+    path = save_checkpoint(tmp_path, by_name)
+    as_dict = tiny_model(1, vit_enc_model_size={"width": 64, "layers": 2, "heads": 2},
+                         vit_dec_model_size={"width": 64, "layers": 2, "heads": 2})
+    loaded, _ = load_checkpoint(path, as_dict)
+    assert loaded is as_dict and loaded.training
+    assert all(torch.equal(a, b) for a, b in zip(as_dict.state_dict().values(), by_name.state_dict().values()))
+    with pytest.raises(ValueError, match=r"different model config \(vit_dec_model_size: checkpoint 'tiny' vs model"):
+        load_checkpoint(path, tiny_model(vit_enc_model_size="tiny", vit_dec_model_size="small"))
+    built, _ = load_checkpoint(path)
+    assert not built.training
+    built.generate(2, seeds=torch.arange(2))
+
 def test_corrupt_incomplete_and_mismatched_checkpoints_are_refused(tmp_path):
     trainer = small_trainer(1)
     path = save_checkpoint(tmp_path, trainer.model, trainer=trainer)
