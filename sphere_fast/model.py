@@ -525,7 +525,9 @@ class SphereEncoder(nn.Module):
     # ---- inference -----------------------------------------------------------------------------
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None, noise_scaler: float = 1.0, sampling: bool = False) -> torch.Tensor:
-        """E(x, y or null) -> f (-> noisy re-projection when ``sampling``) -> D; images in [0, 1]."""
+        """E(x, y or null) -> f (-> noisy re-projection when ``sampling``) -> D, as the official ``reconstruct``: x in
+        [-1, 1] (the model's input range), the images returned in [0, 1]. ``sphere_fast.editing.reconstruct_images``
+        takes and gives [0, 1]."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor of images [B, 3, H, W] in [-1, 1], got {type(x).__name__}")
         check_noise_scaler(noise_scaler)
