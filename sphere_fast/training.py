@@ -161,8 +161,9 @@ class PerceptualLoss(nn.Module):
         if missing:
             raise ValueError(
                 f"the perceptual loss needs local weight files for {need}; missing {missing}. Give their paths "
-                "(e.g. --perceptual-weights vgg16=vgg16.pth lpips=vgg.pth convnext_small=convnext_small.pth) "
-                "or set the perceptual loss weights to 0"
+                "(TrainConfig(perceptual_weights={'vgg16': ..., 'lpips': ..., 'convnext_small': ...}); the CLI's "
+                "--perceptual-weights vgg16=vgg16.pth lpips=vgg.pth convnext_small=convnext_small.pth) or set the "
+                "perceptual loss weights recon_perc and con_perc to 0 (loss_weights as a dict)"
             )
         absent = [f"{k}={paths[k]}" for k in need if not Path(paths[k]).is_file()]
         if absent:

@@ -661,7 +661,8 @@ def test_perceptual_loss_without_weight_files_is_a_clear_error(tmp_path):
     for term in ("recon_perc", "con_perc"):  # either perceptual weight alone needs the networks
         with pytest.raises(ValueError, match="no perceptual network was given"):
             SphereLoss(tiny_model(), loss_weights({**NO_PERCEPTUAL, term: 1.0}))
-    with pytest.raises(ValueError, match="local weight files"):
+    with pytest.raises(ValueError, match=r"local weight files.*\(TrainConfig\(perceptual_weights=.*recon_perc and "
+                                         r"con_perc to 0"):  # the Python names, not only the CLI's
         Trainer(tiny_model(), TrainConfig(global_batch=6, loss_weights="cifar10"))
     paths = {"vgg16": tmp_path / "nope.pth", "lpips": tmp_path / "vgg.pth", "convnext_small": tmp_path / "c.pth"}
     with pytest.raises(ValueError, match="perceptual_weights are given but .* would not be used"):
