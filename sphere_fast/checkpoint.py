@@ -243,6 +243,16 @@ def _resolve(path: str | Path) -> Path:
     return latest_checkpoint(path) or path
 
 
+def weights_sha256(path: str | Path, *, ema: bool = False) -> str:
+    """The SHA-256 of a checkpoint's weights (its EMA weights with ``ema``) as its manifest records it, which names
+    the weights without reading them; ``path`` as ``load_checkpoint`` takes it (which checks the hashes)."""
+    path = _resolve(path)
+    try:
+        return json.loads((path / MANIFEST_FILE).read_text())["files"][EMA_FILE if ema else MODEL_FILE]
+    except (OSError, json.JSONDecodeError, KeyError) as err:
+        raise ValueError(f"{path} holds no manifest naming its {'EMA ' if ema else ''}weights ({err!r})") from None
+
+
 def _check_config(model: SphereEncoder, saved: Mapping[str, Any], where: Path) -> None:
     # a size by name is the same config as its dict ("tiny" is {"width": 64, "layers": 2, "heads": 2})
     saved = {**saved, **{k: model.config[k] for k in SIZE_ARGUMENTS if k in saved and k in model.config

@@ -211,6 +211,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def cmd_sample_set(args: argparse.Namespace) -> int:
+    from sphere_fast.checkpoint import weights_sha256
     from sphere_fast.sample_set import pack_npz, write_sample_set
     from sphere_fast.training import init_distributed
 
@@ -219,10 +220,15 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
         args.device = f"cuda:{info.local_rank}"
     dtype = DTYPES[args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
     model = load_model(args, info.rank).to(dtype)  # the paper evaluates in bf16
+    if args.checkpoint:  # a rerun on other weights (the live ones after the EMA's, a later checkpoint) is refused
+        weights = f"sha256 {weights_sha256(args.checkpoint, ema=args.ema)} ({'ema' if args.ema else 'model'})"
+    else:
+        weights = f"preset {args.preset} at random init, seed {args.seed}"
     start = time.perf_counter()
     written = write_sample_set(
         model, args.out, args.num, batch_size=args.batch_size, steps=args.steps, cfg=args.cfg,
-        cfg_position=args.cfg_position, seed=args.seed, rank=info.rank, world_size=info.world_size, progress=True,
+        cfg_position=args.cfg_position, seed=args.seed, weights=weights, rank=info.rank, world_size=info.world_size,
+        progress=True,
     )
     print(f"process {info.rank}: wrote {written} images in {time.perf_counter() - start:.1f} s")
     if info.world_size > 1:

@@ -7,7 +7,8 @@ an unconditional model). A sample's image depends only on its seed, label, steps
 convention), so the set is the same for any batch size and any number of processes: under torchrun each process
 runs every world_size-th batch of indices. Each file is written atomically and a rerun skips the indices
 already on disk, so an interrupted job resumes where it stopped; ``sample_set.json`` keeps the options (steps,
-cfg, seed, dtype, model config; not the weights) and a rerun with others is refused.
+cfg, seed, dtype, model config, and a name of the weights when given: the CLI gives their SHA-256) and a rerun with
+others is refused.
 """
 
 from __future__ import annotations
@@ -102,13 +103,16 @@ def write_sample_set(
     cfg_position: str = "combo",
     seed: int = 0,
     dtype: torch.dtype | None = None,
+    weights: str | None = None,
     rank: int = 0,
     world_size: int = 1,
     progress: bool = False,
 ) -> int:
     """Write this process's share of the ``num``-image set into the folder ``out`` (see the module docstring);
     returns how many images it wrote (indices already on disk are skipped). Sampling runs on
-    ``sphere_fast.Sampler`` (a CUDA graph per batch bucket on a GPU) in ``dtype`` (default: the model's)."""
+    ``sphere_fast.Sampler`` (a CUDA graph per batch bucket on a GPU) in ``dtype`` (default: the model's).
+    ``weights`` names the model's weights (e.g. ``checkpoint.weights_sha256``) and is kept with the options, so
+    that a rerun with other weights (the live ones after the EMA's) is refused; None keeps no name."""
     _check_int("num", num, 1, MAX_NUM + 1)
     check_count("world_size", world_size)
     _check_int("rank", rank, 0, world_size)
@@ -120,8 +124,9 @@ def write_sample_set(
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"out must be a folder, got the file {folder}")
     folder.mkdir(parents=True, exist_ok=True)
-    _check_or_write_options(folder, {"steps": steps, "cfg": cfg, "cfg_position": cfg_position, "seed": seed,
-                                     "dtype": str(dtype), "model": model.config}, rank)
+    options = {"steps": steps, "cfg": cfg, "cfg_position": cfg_position, "seed": seed, "dtype": str(dtype),
+               "model": model.config}
+    _check_or_write_options(folder, options if weights is None else {**options, "weights": weights}, rank)
     todo = [[i for i in batch if not image_path(folder, i, num).exists()]
             for batch in batches_of(num, batch_size, rank, world_size)]
     todo = [indices for indices in todo if indices]

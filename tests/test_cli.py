@@ -1,6 +1,7 @@
 import argparse
 import inspect
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -163,6 +164,7 @@ def recorded(monkeypatch: pytest.MonkeyPatch) -> dict:
     monkeypatch.setattr(editing, "manipulate", stand_in("manipulate", [image]))
     monkeypatch.setattr(editing, "interpolate", stand_in("interpolate", torch.zeros(2, 3, 3, 16, 16)))
     monkeypatch.setattr(sample_set, "write_sample_set", stand_in("write_sample_set", 0))
+    monkeypatch.setattr(checkpoint, "weights_sha256", lambda path, ema: f"<{path} {ema}>")
     return calls
 
 
@@ -192,8 +194,8 @@ def test_commands_pass_their_options_on(recorded, tmp_path):
                  "--cfg-position", "dec", "--dtype", "fp32", "--out", str(tmp_path / "set")]) == 0
     (_, folder, num), kwargs = recorded["write_sample_set"]
     assert (folder, num) == (str(tmp_path / "set"), 5) and kwargs == {
-        "batch_size": 2, "steps": 2, "cfg": 1.4, "cfg_position": "dec", "seed": 7, "rank": 0, "world_size": 1,
-        "progress": True}
+        "batch_size": 2, "steps": 2, "cfg": 1.4, "cfg_position": "dec", "seed": 7, "weights": "sha256 <run True> (ema)",
+        "rank": 0, "world_size": 1, "progress": True}
 
 
 def test_train_passes_its_options_on(monkeypatch, tmp_path):
@@ -274,6 +276,20 @@ def test_train_with_missing_perceptual_weight_files_writes_nothing(tmp_path, cap
                  "--model-config", json.dumps(TINY_CONFIG), "--loss-weights", "cifar10", "--perceptual-weights",
                  "vgg16=/nope/vgg16.pth", "lpips=/nope/vgg.pth", "convnext_small=/nope/convnext_small.pth"]) == 2
     assert "not found" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_sample_set_is_not_finished_on_other_weights(tmp_path, capsys):
+    """A rerun that forgot --ema filled the set's missing images from the live weights without a word; the set
+    keeps the SHA-256 of its weights and refuses another's."""
+    model = tiny_model().eval()
+    save_checkpoint(tmp_path / "ckpt", model, ema_weights={k: v + 0.01 for k, v in model.state_dict().items()})
+    common = ["sample-set", "--checkpoint", str(tmp_path / "ckpt"), "--steps", "1", "--out", str(tmp_path / "set")]
+    assert main([*common, "--ema", "--num", "2"]) == 0
+    capsys.readouterr()
+    assert main([*common, "--num", "3"]) == 2
+    assert re.search(r"other options \(weights 'sha256 \w+ \(ema\)' -> 'sha256 \w+ \(model\)'\)",
+                     capsys.readouterr().err)
+    assert main([*common, "--ema", "--num", "3"]) == 0 and "wrote 1 images" in capsys.readouterr().out
 
 
 def test_sample_set_under_torchrun_takes_its_rank_and_local_gpu(recorded, monkeypatch, tmp_path):
