@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import importlib.resources
+import logging
 import os
 import shutil
 import sys
@@ -17,6 +18,8 @@ import torch
 
 from sphere_fast._env import env_switch
 from sphere_fast._once import once_per_key
+
+logger = logging.getLogger("sphere_fast")
 
 
 def csrc_dir() -> Path:
@@ -105,6 +108,9 @@ def load_extension(name: str, cpu_sources: tuple[str, ...], cuda_sources: tuple[
         try:
             fcntl.flock(held, fcntl.LOCK_EX)
             (folder / "lock").unlink(missing_ok=True)
+            if not (folder / f"{name}.so").exists():  # at the default level: a first call is silent for a while
+                logger.warning("sphere_fast: building the C++ extension %s for this torch and configuration, once "
+                               "(tens of seconds; SPHERE_FAST_VERBOSE_BUILD=1 shows the compiler)", name)
             return load(
                 name=name,
                 sources=sources,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,6 +56,28 @@ def loaded_folders(monkeypatch: pytest.MonkeyPatch, tmp_path) -> list[tuple[str,
     return seen
 
 
+
+
+def test_a_build_says_so_at_the_default_log_level_and_a_built_extension_does_not(
+    monkeypatch: pytest.MonkeyPatch, tmp_path, caplog
+) -> None:
+    """A first cpp call compiled for tens of seconds without a word."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    folders: list[Path] = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: folders.append(Path(kw["build_directory"])))
+    for built in (False, True):
+        _extension.load_extension.cache_clear()
+        caplog.clear()
+        try:
+            with caplog.at_level(logging.WARNING, logger="sphere_fast"):
+                _extension.load_extension(*SPHERIFY)
+        finally:
+            _extension.load_extension.cache_clear()
+        said = [r.getMessage() for r in caplog.records if "building the C++ extension" in r.getMessage()]
+        assert len(said) == (0 if built else 1) and all("sphere_fast_spherify" in m for m in said)
+        (folders[-1] / "sphere_fast_spherify.so").write_bytes(b"")  # as torch's build leaves it
 
 def test_an_unwritable_build_root_names_the_folder_and_the_setting(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     """A read-only HOME (a service account) failed the first cpp call with a bare OSError from deep in pathlib."""
