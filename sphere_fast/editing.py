@@ -133,6 +133,8 @@ def crossover_mask(kind: str, size: int, device: torch.device | str = "cpu") -> 
     """[size, size] bool, True where the first image shows: the left half (vertical cut), the top half
     (horizontal cut), on and above the diagonal (upper_triangular) or on and above the anti-diagonal
     (flipped_triangular, the upper-triangular mask mirrored left-right)."""
+    if not isinstance(kind, str):  # a tensor's repr would print every element
+        raise TypeError(f"mask must be one of the names {CROSSOVER_MASKS}, got a {type(kind).__name__}")
     if kind not in CROSSOVER_MASKS:
         raise ValueError(f"mask must be one of {CROSSOVER_MASKS}, got {kind!r}")
     i = torch.arange(size, device=device)[:, None]

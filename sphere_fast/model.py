@@ -334,7 +334,8 @@ class SphereEncoder(nn.Module):
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
             raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
         if in_context_size != 0:
-            raise ValueError(f"in_context_size > 0 is not supported by sphere_fast, got {in_context_size}")
+            raise ValueError(f"in_context_size must be 0 (in-context tokens are not supported by sphere_fast), got "
+                             f"{in_context_size!r}")
         switches = {"halve_model_size": halve_model_size, "spherify_model": spherify_model,
                     "use_pixel_consistency": use_pixel_consistency, "use_latent_consistency": use_latent_consistency,
                     "affine_latent_mlp_mixer": affine_latent_mlp_mixer, "mix_hard_cases": mix_hard_cases}

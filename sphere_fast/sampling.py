@@ -113,7 +113,8 @@ def sample_labels(
     unconditional (its CFG branches are the same), as a CFG-trained model's unconditional samples are drawn."""
     if model.num_classes == 0:
         if y is not None:
-            raise ValueError(f"{name} (labels) given to an unconditional model (num_classes=0)")
+            given = name if name == "labels" else f"{name} (labels)"
+            raise ValueError(f"{given} given to an unconditional model (num_classes=0)")
         return None
     if y is None:
         if seeds is not None:

@@ -397,9 +397,9 @@ def test_official_pth_converts_both_ways(tmp_path, layout):
     for k in sd:
         torch.testing.assert_close(state[k], sd[k], rtol=0, atol=0)
         torch.testing.assert_close(loaded.state_dict()[k], sd[k], rtol=0, atol=0)
-    for bad in ({"weights": 1}, {}):
+    for bad, holds in (({"weights": 1}, r"keys \['weights'\]"), ({}, r"keys \[\]"), ([1], "a list")):
         torch.save(bad, tmp_path / "bad.pth")
-        with pytest.raises(ValueError, match="neither a state_dict"):
+        with pytest.raises(ValueError, match=rf"neither a state_dict .* \(it holds {holds}\)"):
             official_to_checkpoint(tmp_path / "bad.pth", tmp_path / "x", TINY_CONFIG)
 
 

@@ -190,6 +190,8 @@ def test_crossover_masks():
     assert crossover_mask("flipped_triangular", 3).tolist() == [[t, t, t], [t, t, f], [t, f, f]]
     with pytest.raises(ValueError, match="mask"):
         crossover_mask("diagonal", 4)
+    with pytest.raises(TypeError, match=r"mask must be one of the names .*, got a Tensor$"):  # not its elements
+        crossover_mask(torch.ones(4, 4, dtype=torch.bool), 4)
 
 
 def test_crossover(model, images):
