@@ -31,6 +31,12 @@ from sphere_fast._warn import warn
 from sphere_fast.model import ROPE_BUFFERS, WRAPPER_PREFIXES, SphereEncoder, check_model, resolve_model_size
 from sphere_fast.sampling import check_count
 
+# the public API (the rest is the library's own)
+__all__ = [
+    "checkpoint_to_official", "latest_checkpoint", "load_checkpoint", "official_to_checkpoint", "read_official",
+    "save_checkpoint", "verify_checkpoint", "weights_sha256",
+]
+
 if TYPE_CHECKING:
     from sphere_fast.training import Trainer
 

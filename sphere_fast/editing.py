@@ -30,6 +30,12 @@ from sphere_fast.sampling import (
     to_unit,
 )
 
+# the public API (the rest is the library's own)
+__all__ = [
+    "CROSSOVER_MASKS", "INTERPOLATIONS", "crossover", "crossover_mask", "interpolate", "manipulate",
+    "reconstruct_images",
+]
+
 CROSSOVER_MASKS = ("vertical", "horizontal", "upper_triangular", "flipped_triangular")
 INTERPOLATIONS = ("lerp", "slerp")
 

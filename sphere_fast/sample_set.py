@@ -25,6 +25,11 @@ import torch
 from sphere_fast._files import replaced_atomically
 from sphere_fast.sampling import Sampler, check_count
 
+# the public API (the rest is the library's own)
+__all__ = [
+    "image_labels", "image_seeds", "pack_npz", "to_uint8", "write_sample_set",
+]
+
 MAX_SEED = 2**31  # seed * 2**32 + index stays below 2**63
 MAX_NUM = 2**32
 PNG_WRITERS = 4  # threads encoding PNGs while the device samples the next batch

@@ -30,6 +30,12 @@ from sphere_fast.model import check_label_range, labels_checked
 from sphere_fast.perceptual import LPIPS, ConvNeXt, load_state_dict_file
 from sphere_fast.sampling import check_count
 
+# the public API (the rest is the library's own)
+__all__ = [
+    "LOSS_PRESETS", "LossWeights", "RunConfig", "StepLog", "TrainConfig", "Trainer", "fit", "learning_rate",
+    "loss_weights", "stratified_radii",
+]
+
 # ---- noise levels --------------------------------------------------------------------------------
 
 
