@@ -301,7 +301,26 @@ PRESETS: dict[str, dict[str, Any]] = _read_presets()
 
 class SphereEncoder(nn.Module):
     """The Sphere Encoder generator: ``encoder``, ``decoder``, the spherify function ``f``, training
-    ``forward``, ``reconstruct`` and ``generate``, with the official arguments and checkpoint keys."""
+    ``forward``, ``reconstruct`` and ``generate``, with the official arguments and checkpoint keys.
+
+    Arguments (the official model's; every bad value is a ValueError naming it):
+    ``input_size`` / ``patch_size``: image side and patch side in pixels (N = (input_size / patch_size)**2 tokens).
+    ``vit_enc_model_size`` / ``vit_dec_model_size``: a name of ``MODEL_SIZES`` or a dict of width, layers, heads.
+    ``token_channels``: C, the latent's channels per token (the sphere's dimension L = N * C).
+    ``num_classes``: 0 for an unconditional model; else labels 0 .. num_classes - 1, and num_classes is the null
+    label (CFG's unconditional branch).
+    ``in_context_size``: must be 0 (the official in-context tokens are not supported).
+    ``pixel_head_type``: the decoder's head, ``"linear"`` (256 px models) or ``"conv"`` (CIFAR's).
+    ``halve_model_size``: half the layers of both networks.
+    ``spherify_model``: spherify the residual stream after each block's MLP (the official variant).
+    ``use_pixel_consistency`` / ``use_latent_consistency``: the training forward decodes the small-noise latent as
+    well / encodes the big-noise image again, for the consistency losses (on exactly where their weights are not 0).
+    ``noise_sigma_max_angle``: alpha_max in degrees (sigma_max = tan(alpha_max)): 80 for 32 px, 85 for 256 px.
+    ``vit_enc_latent_mlp_mixer_depth`` / ``vit_dec_latent_mlp_mixer_depth``: MLP-Mixer blocks after the encoder's
+    head and before the decoder's blocks (``affine_latent_mlp_mixer``: the mixer's final RMSNorm has a weight).
+    ``mix_hard_cases``, ``mix_hard_cases_prob``, ``mix_hard_cases_max_angle``: training's hard cases (spec section
+    4): that fraction of the big-noise radii is redrawn up to that angle (default min(alpha_max + 5, 89)).
+    """
 
     def __init__(
         self,
