@@ -191,8 +191,8 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
 
 
 def resume_point(directory: str | Path) -> tuple[int, dict[str, Any]]:
-    """The step and the training recipe (the run config's ``train``) of the checkpoint a run resumes from in
-    ``directory`` (``latest``), read without loading it: (0, {}) when there is none."""
+    """The step and the run config (``model``, ``train``, ...; {} if saved without one) of the checkpoint a run
+    resumes from in ``directory`` (``latest``), read without loading it: (0, {}) when there is none."""
     last = latest_checkpoint(directory)
     if last is None:
         return 0, {}
@@ -201,7 +201,7 @@ def resume_point(directory: str | Path) -> tuple[int, dict[str, Any]]:
         run = json.loads((last / CONFIG_FILE).read_text())["run"] or {}  # None: saved without a run config
     except (json.JSONDecodeError, KeyError) as err:
         raise ValueError(f"checkpoint {last} is corrupt: {err!r}") from None
-    return step, run.get("train", {})
+    return step, run
 
 
 def verify_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -155,7 +155,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from sphere_fast.training import RunConfig, TrainConfig, fit
 
     preset = TRAIN_PRESETS[args.preset]
+    start, saved = (0, {}) if args.no_resume else resume_point(Path(args.out) / "checkpoints")
+    # a resume keeps its run's model unless --model-config is given (the preset's may be another model)
     model_cfg = {**preset["model"], **(args.model_config or {})}
+    if args.model_config is None and "model" in saved:
+        model_cfg = saved["model"]
     # a new base lr without a floor keeps the preset's ratio (1/100, as the paper's 1e-4 -> 1e-6)
     min_lr = args.min_lr
     if min_lr is None and args.lr is not None:
@@ -168,10 +172,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     train_cfg = {**preset["train"], **{k: v for k, v in overrides.items() if v is not None}}
     if args.perceptual_weights:
         train_cfg["perceptual_weights"] = args.perceptual_weights
-    start, saved = (0, {}) if args.no_resume else resume_point(Path(args.out) / "checkpoints")
     if args.warmup is None:
         # a resume keeps its run's warmup (a new --steps must not move it); the preset's is cut to a short run
-        warmup = saved.get("warmup_steps", train_cfg["warmup_steps"])
+        warmup = saved.get("train", {}).get("warmup_steps", train_cfg["warmup_steps"])
         train_cfg["warmup_steps"] = min(warmup, train_cfg["total_steps"])
     run = RunConfig(
         model=model_cfg,

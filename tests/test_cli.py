@@ -465,6 +465,9 @@ def test_train_after_a_resume_reports_its_own_steps_and_keeps_the_warmup(tmp_pat
     with pytest.warns(UserWarning, match="warmup_steps 2 -> 3"):  # given, it is taken
         assert main([*run, "--steps", "5", "--warmup", "3"]) == 0
     assert json.loads((tmp_path / "run_config.json").read_text())["train"]["warmup_steps"] == 3
+    # without --model-config it resumes its run's model, not the preset's (refused as another model before)
+    assert main([*run[:-3], "--sample-steps", "--steps", "6", "--warmup", "3"]) == 0
+    assert "trained 1 steps" in capsys.readouterr().out
 
 
 def test_train_names_a_corrupt_checkpoint_it_would_resume_from(monkeypatch, tmp_path, capsys):
