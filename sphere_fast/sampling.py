@@ -53,7 +53,7 @@ def check_sampling_args(
     check_count("batch_size", batch_size)
     if isinstance(cfg, bool) or not isinstance(cfg, (int, float)):
         raise TypeError(f"cfg must be a finite number >= 1, got {cfg!r}")
-    if not math.isfinite(cfg) or cfg < 1:
+    if not 1 <= cfg < math.inf:  # NaN too; comparisons only, which torch.compile traces on a symbolic cfg
         raise ValueError(f"cfg must be a finite number >= 1, got {cfg!r}")
     if cfg > 1 and model.num_classes == 0:  # as the official code: no null branch to guide against
         warn(f"cfg={cfg} on an unconditional model (num_classes=0) has no effect: it samples without guidance")
@@ -126,7 +126,8 @@ def sample_labels(
         raise (TypeError if wrong_type else ValueError)(
             f"{name} must be a 1-D int64 tensor of {batch_size} labels, got {got}"
         )
-    check_label_range(y, model.num_classes, name)
+    if not tracing():  # a host read: a graph break under torch.compile (the networks skip it there too)
+        check_label_range(y, model.num_classes, name)
     return to_device_unsynced(y, device)
 
 
@@ -248,7 +249,7 @@ def noise_stream(
                 raise TypeError(f"noise[{i}] must be a floating tensor of N(0, I) draws, got {got}")
             if tuple(e.shape) != shape:
                 raise ValueError(f"noise[{i}] must have shape {shape}, got {tuple(e.shape)}")
-            if not bool(torch.isfinite(e).all()):
+            if not tracing() and not bool(torch.isfinite(e).all()):  # a host read, as the labels' range
                 raise ValueError(f"noise[{i}] holds NaN or infinite values")
             yield e.to(device=device, dtype=torch.float32)
         return

@@ -474,6 +474,19 @@ def test_compile_sampler_loop_fullgraph(model):
         torch.testing.assert_close(compiled(key, labels, seeds, w), expected, atol=1e-5, rtol=1e-5)
 
 
+
+@pytest.mark.parametrize("inputs,dynamic", [("labels", None), ("noise", None), ("labels", True)])
+def test_compile_generate_fullgraph(model, inputs, dynamic):
+    """generate compiles to one graph with its labels or recorded noise given, and with dynamic=True: their host
+    checks (the labels' range, the noise's finiteness, the scales' and cfg's) broke the graph (review: compile)."""
+    kwargs = {"y": LABELS, "seeds": SEEDS} if inputs == "labels" else {
+        "y": LABELS, "noise": [torch.randn(5, 16, 4, generator=torch.Generator().manual_seed(k)) for k in (1, 2)]}
+    compiled = torch.compile(model.generate, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+    got = compiled(5, cfg=1.4, forward_steps=2, **kwargs)
+    expected = model.generate(5, cfg=1.4, forward_steps=2, **kwargs)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
 # ---------------------------------------------------------------------------------------------- CUDA graphs
 
 

@@ -89,7 +89,8 @@ def _check_scale(name: str, scale: object, z: torch.Tensor) -> torch.Tensor | fl
             value = float(scale)
         except OverflowError:
             raise ValueError(f"{name} must be finite, got an int beyond float's range") from None
-        if not math.isfinite(value):
+        # checked outside a compile trace only, as a tensor's values: dynamic=True makes it a symbolic float
+        if not tracing() and not math.isfinite(value):
             raise ValueError(f"{name} must be finite, got {scale}")
         return value
     if not scale.is_floating_point():
