@@ -110,6 +110,25 @@ def test_an_exported_decoder_trains_as_the_module(backend: str) -> None:
             torch.testing.assert_close(g_got, g_want, atol=1e-5, rtol=1e-4)
 
 
+
+def test_a_decoder_exports_with_a_batch_dim_up_to_attention_s_launch_batch() -> None:
+    """A batch Dim takes max=LAUNCH_BATCH (README): attention runs larger batches in slices, a branch on the size
+    that export must fix (Dim("b", min=1) is refused: "Constraints violated"); the module then takes any batch."""
+    from torch.export import Dim
+
+    from sphere_fast.ops.attention import LAUNCH_BATCH
+
+    decoder = tiny_model().eval().decoder
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, decoder.num_tokens, decoder.token_channels, generator=g)
+    y = torch.randint(0, 10, (3,), generator=g)
+    b = Dim("b", min=1, max=LAUNCH_BATCH)
+    with sphere_fast.use_backend("cpp"), torch.no_grad():
+        exported = export(decoder, (z, y), dynamic_shapes=({0: b}, {0: b})).module()
+        for batch in (1, 5):
+            torch.testing.assert_close(exported(z[:1].expand(batch, -1, -1), y[:1].expand(batch)),
+                                       decoder(z[:1].expand(batch, -1, -1), y[:1].expand(batch)), atol=1e-6, rtol=0)
+
 def _swiglu_jvp(backend: str | None) -> tuple[torch.Tensor, torch.Tensor]:
     h, tangent = _inputs()["h"], _inputs(1)["h"]
     return torch.func.jvp(lambda t: ops.swiglu(t, backend=backend), (h,), (tangent,))
