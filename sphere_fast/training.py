@@ -456,11 +456,15 @@ IMAGE_RANGE_SLACK = 1e-2
 
 
 def check_image_range(x: torch.Tensor) -> None:
-    """Refuse images outside [-1, 1] (another convention, [0, 255] say, would train another objective)."""
+    """Refuse images outside [-1, 1] (another convention, [0, 255] say, would train another objective), and warn
+    of a batch with no value below 0: images in [0, 1] pass the range but train towards other images."""
     low, high = x.aminmax() if x.numel() else (x.new_zeros(()), x.new_zeros(()))
     if not (-1 - IMAGE_RANGE_SLACK <= float(low) and float(high) <= 1 + IMAGE_RANGE_SLACK):
         raise ValueError(f"x must hold images in [-1, 1] (the datasets' range), got values in "
                          f"[{float(low):.4g}, {float(high):.4g}]")
+    if x.numel() and float(low) >= 0:
+        warn(f"x holds no value below 0 (values in [{float(low):.4g}, {float(high):.4g}]): images in [0, 1] train "
+             "another objective; the datasets' range is [-1, 1] (x * 2 - 1)")
 
 
 class Trainer:
@@ -527,6 +531,12 @@ class Trainer:
         processes), the gradient norm and the lr."""
         return self.launch_step(x, y, **inputs).read()
 
+    def _check_first_batch(self, x: torch.Tensor) -> None:
+        """The range of the first images this Trainer is given (on the host), once."""
+        if not self._range_checked:
+            check_image_range(x)
+            self._range_checked = True
+
     def launch_step(
         self,
         x: torch.Tensor,
@@ -549,9 +559,8 @@ class Trainer:
         for name, t in per_sample.items():  # the micro-batches slice them by x's rows: longer ones must not pass
             if isinstance(t, torch.Tensor) and (t.ndim == 0 or t.shape[0] != x.shape[0]):
                 raise ValueError(f"{name} must have one row per image ({x.shape[0]}), got shape {tuple(t.shape)}")
-        if not self._range_checked and x.device.type == "cpu":  # a host batch's first: no device sync
-            check_image_range(x)
-            self._range_checked = True
+        if x.device.type == "cpu":  # a host batch: no device sync
+            self._check_first_batch(x)
         if not self.model.training:  # put in eval mode to sample (label dropout off): training needs it back
             self.model.train()
         micro = micro_batches(x.shape[0], self.config.accumulation_steps)
@@ -750,11 +759,9 @@ def fit(run: RunConfig, *, resume: bool = True, progress: bool = True) -> Traine
         # A step's losses are read once the next step is queued, so the host does not wait for the device
         # mid-run; other processes never read theirs (rank 0 logs the averages).
         unread: list[tuple[int, StepLog]] = []
-        start = trainer.step
         while trainer.step < cfg.total_steps:
             x, y = next(batches)
-            if trainer.step == start:  # the first batch, on the host: a dataset of another range stops here
-                check_image_range(x)
+            trainer._check_first_batch(x)  # on the host: a dataset of another range stops here
             x = random_hflip(x.to(device, non_blocking=True))  # on the device: the pinned batch goes over as is
             step = trainer.step
             unread.append((step, trainer.launch_step(x, y if model.num_classes else None)))

@@ -11,7 +11,7 @@ import torch
 from tests.tiny import NO_PERCEPTUAL, TINY_CONFIG, no_label_dropout, tiny_batch, tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sphere_fast import ops, use_backend
+from sphere_fast import ops, training, use_backend
 from sphere_fast.ops import spherify_noise_reference, spherify_reference
 from sphere_fast.training import (
     LOSS_PRESETS,
@@ -696,6 +696,21 @@ def test_loss_weights_must_match_the_consistency_flags(flags, weights, match):
     with pytest.raises(ValueError, match=match):
         Trainer(model, TrainConfig(global_batch=4, total_steps=2, warmup_steps=0, loss_weights=all_weights))
 
+
+
+def test_images_in_0_1_warn_and_fit_checks_the_first_batch_once(tmp_path, monkeypatch):
+    """Images in [0, 1] pass the range but train towards other images: a first batch with no value below 0
+    warns. fit checked its first batch, and then train_step checked it again on a CPU run (one check now)."""
+    trainer = Trainer(tiny_model(), TrainConfig(global_batch=6, total_steps=2, warmup_steps=1,
+                                                loss_weights=NO_PERCEPTUAL))
+    x, y = tiny_batch(6)
+    with pytest.warns(UserWarning, match=r"x holds no value below 0 .*images in \[0, 1\] train another objective"):
+        trainer.train_step((x + 1) / 2, y)
+    checked = []
+    check = training.check_image_range
+    monkeypatch.setattr(training, "check_image_range", lambda images: checked.append(1) or check(images))
+    fit(synthetic_run(tmp_path, 2), progress=False)
+    assert checked == [1]
 
 def test_fit_refuses_a_dataset_of_another_image_range(tmp_path, monkeypatch):
     """A dataset giving [0, 255] images (say) stops at its first batch, checked on the host before any step."""
