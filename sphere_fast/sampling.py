@@ -108,7 +108,8 @@ def sample_labels(
     seeds: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Given labels (checked; reads them on the host) or uniform random ones: drawn from ``seeds`` ([B] on
-    ``device``) when given, so that a seed alone decides its sample, else from torch's generator. None for an
+    ``device``) when given (``philox_below``: about 300 small integer ops), so that a seed alone decides its
+    sample, else from torch's generator. None for an
     unconditional model. The null label ``num_classes`` is taken, as the networks take it: that sample is
     unconditional (its CFG branches are the same), as a CFG-trained model's unconditional samples are drawn."""
     if model.num_classes == 0:
@@ -497,8 +498,9 @@ class Sampler:
     """Batch sampler: ``sampler(labels=None, seeds=None, return_first=False)`` gives the final images
     [B, 3, H, W] in [0, 1] (and, with ``return_first``, ``(first, final)`` like ``generate``).
 
-    Seeds None means fresh ones (from torch's generator); labels None means uniform random ones drawn from the
-    seeds, so that the same seeds give the same images; B is the length of labels or seeds,
+    Seeds None means fresh ones; labels None means uniform random ones, drawn from the seeds where seeds are given
+    (so that the same seeds give the same images; about 300 small integer ops a call), else from torch's generator
+    as the fresh seeds are; B is the length of labels or seeds,
     else ``batch_size``; labels on the device are range-checked on the host (one sync). A sample's image
     depends only on its seed, label and the options (steps, cfg, cfg_position, cache_noise, scheduler, dtype),
     up to float rounding (the sphere_fast noise convention). The defaults are the paper's evaluation's: cached
@@ -646,8 +648,9 @@ class Sampler:
         check_flags(return_first=return_first, clone=clone)
         self._check_settings()
         n = self._batch_length(labels, seeds)
-        seeds = fresh_seeds(n, self.device) if seeds is None else seeds_on(seeds, n, self.device)
+        seeds = None if seeds is None else seeds_on(seeds, n, self.device)
         labels = sample_labels(self.model, n, labels, self.device, name="labels", seeds=seeds)
+        seeds = fresh_seeds(n, self.device) if seeds is None else seeds
         key = self._key(n)
         weight = guidance_weight(self.cfg, self.cfg_position)
         if not self.use_graphs:

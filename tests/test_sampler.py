@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from sphere_fast import SphereEncoder, editing, ops
+from sphere_fast import SphereEncoder, editing, ops, sampling
 from sphere_fast.sampling import GraphKey, GuidedNetworks, Sampler, bucket_for, sample_labels, to_unit
 
 TINY = {"width": 32, "layers": 1, "heads": 2}
@@ -95,10 +95,11 @@ def test_labels_matter_and_random_labels(model):
 
 
 
-def test_labels_left_out_are_drawn_from_the_seeds(model):
-    """Without labels a sample's label comes from its seed: the same seeds give the same images (whatever torch's
-    generator holds, which is neither read nor advanced), in the Sampler as in generate, in any batch; the labels
-    spread over the real classes."""
+def test_labels_left_out_are_drawn_from_the_seeds(model, monkeypatch):
+    """Without labels a sample's label comes from its given seed: the same seeds give the same images (whatever
+    torch's generator holds, which is neither read nor advanced), in the Sampler as in generate, in any batch; the
+    labels spread over the real classes. A call without seeds draws its labels as its seeds, from torch's
+    generator, without the ~300 integer ops of the seeded draw."""
     sampler = Sampler(model, 8, 2, cfg=1.4, cache_noise=False, dtype=torch.float32)
     torch.manual_seed(1)
     state = torch.get_rng_state()
@@ -112,6 +113,11 @@ def test_labels_left_out_are_drawn_from_the_seeds(model):
     labels = sample_labels(model, 2000, None, torch.device("cpu"), seeds=torch.arange(2000))
     assert labels.unique().tolist() == list(range(10))
     assert torch.equal(labels[SEEDS], sample_labels(model, 5, None, torch.device("cpu"), seeds=SEEDS))
+    monkeypatch.setattr(sampling, "philox_below", lambda *args: pytest.fail("labels drawn from fresh seeds"))
+    torch.manual_seed(3)
+    unseeded = sampler()
+    torch.manual_seed(3)
+    assert torch.equal(sampler(), unseeded)
 
 @pytest.mark.parametrize("steps,cfg", [(1, 1.0), (3, 1.4)])
 def test_image_independent_of_batch(model, steps, cfg):

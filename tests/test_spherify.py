@@ -11,6 +11,7 @@ too except Triton at B = 3 with the big L.
 """
 
 import importlib
+import math
 
 import pytest
 import torch
@@ -604,6 +605,20 @@ def test_compile_fullgraph(backend):
     torch.testing.assert_close(out_c, out_r)
     torch.testing.assert_close(zc.grad, zr.grad)
 
+
+
+def test_a_non_finite_float_scale_is_refused_under_compile_and_a_symbolic_one_traces():
+    """A float scale is a constant of a static trace, checked there as in eager; under dynamic=True it is a symbolic
+    float with no value to check at the trace (math.isfinite of it broke the graph)."""
+    for dynamic in (False, True):
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda z, scale: S.spherify_noise(z, scale, seeds=_seeds(2)), fullgraph=True,
+                                 backend="aot_eager", dynamic=dynamic)
+        z = _z(2, 16)
+        torch.testing.assert_close(compiled(z, 0.5), S.spherify_noise(z, 0.5, seeds=_seeds(2)))
+        if not dynamic:
+            with pytest.raises(Exception, match="scale must be finite, got inf"):
+                compiled(z, math.inf)
 
 def test_inductor_compiles_the_eager_noise_ops():
     """Inductor (what torch.compile runs by default) over the eager backend's seeded ops, auto's on the CPU: the

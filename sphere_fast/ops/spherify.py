@@ -89,8 +89,9 @@ def _check_scale(name: str, scale: object, z: torch.Tensor) -> torch.Tensor | fl
             value = float(scale)
         except OverflowError:
             raise ValueError(f"{name} must be finite, got an int beyond float's range") from None
-        # checked outside a compile trace only, as a tensor's values: dynamic=True makes it a symbolic float
-        if not tracing() and not math.isfinite(value):
+        # v - v is 0 for a finite v and NaN for inf or NaN; a symbolic float (torch.compile's dynamic=True), whose
+        # value is not known at the trace, passes (math.isfinite would break the graph)
+        if value - value != 0:
             raise ValueError(f"{name} must be finite, got {scale}")
         return value
     if not scale.is_floating_point():
