@@ -83,12 +83,13 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 def _check_or_write_options(folder: Path, options: dict, rank: int) -> None:
     """A rerun fills in the images its folder lacks: with other options than the folder's (``OPTIONS_FILE``,
-    written by rank 0 at the first run) it would mix two sets, so it is refused, naming the differences."""
+    written by rank 0 at the first run) it would mix two sets, so it is refused, naming the differences. An option
+    the folder's file lacks (the weights' name, which older versions did not keep) is not compared."""
     path = folder / OPTIONS_FILE
     options = json.loads(json.dumps(options))  # as JSON keeps them: tuples become lists
     if path.exists():
         saved = json.loads(path.read_text())
-        changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in options.items() if saved.get(k) != v]
+        changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in options.items() if k in saved and saved[k] != v]
         if changed:
             raise ValueError(f"{folder} holds a sample set made with other options ({', '.join(changed)}): "
                              "finish it with those, or write to another folder")

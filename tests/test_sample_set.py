@@ -126,6 +126,19 @@ def test_a_rerun_with_other_options_is_refused(model, tmp_path):
     assert write_sample_set(model, tmp_path, NUM + 2, steps=STEPS, cfg=CFG, seed=SEED, batch_size=4) == 3
 
 
+def test_the_weights_name_is_compared_where_the_set_keeps_one(model, tmp_path):
+    """A set names its weights when given (the CLI: their SHA-256, EMA or not), and a rerun naming others is
+    refused; a set from before the name was kept is finished with any (the images are the same)."""
+    write(model, tmp_path / "named", weights="a")
+    image_path(tmp_path / "named", 0, NUM).unlink()
+    with pytest.raises(ValueError, match=re.escape("other options (weights 'a' -> 'b')")):
+        write(model, tmp_path / "named", weights="b")
+    assert write(model, tmp_path / "named", weights="a") == 1
+    write(model, tmp_path / "unnamed")  # as an older version wrote it: no weights in its options
+    image_path(tmp_path / "unnamed", 0, NUM).unlink()
+    assert write(model, tmp_path / "unnamed", weights="b") == 1
+
+
 def test_a_failed_write_stops_the_job_within_a_few_batches(model, tmp_path):
     """Writes are waited for BATCHES_IN_FLIGHT batches behind the sampler: a full disk ends the job early, and
     the PNGs queued in memory stay bounded."""
