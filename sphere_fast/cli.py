@@ -355,6 +355,17 @@ def count(text: str) -> int:
     return value
 
 
+def image_seed(text: str) -> int:
+    """An argparse type: the base seed of a command's images, whose image i draws the seed ``seed * 2**32 + i``
+    (``sample_set.image_seeds``), in [0, 2**31) so that those stay int64."""
+    from sphere_fast.sample_set import MAX_SEED
+
+    value = int(text)
+    if not 0 <= value < MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be an int in [0, 2**31) (image i draws seed * 2**32 + i), got {value}")
+    return value
+
+
 def _json_object(text: str, source: str) -> dict[str, Any]:
     """The JSON object ``text`` holds, named ``source`` in the argparse error."""
     try:
@@ -438,7 +449,8 @@ def _model_command(
                    help="model preset at random init when no --checkpoint")
     p.add_argument("--ema", action="store_true", help="use the EMA weights of the checkpoint")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0, help="seeds the noise (and a preset's random init)")
+    p.add_argument("--seed", type=image_seed, default=0,
+                   help="seeds the noise, image i from seed * 2**32 + i (and a preset's random init); in [0, 2**31)")
     p.add_argument("--out", default=out)
     if steps is not None:
         p.add_argument("--steps", type=count, default=steps, help=steps_help)
@@ -521,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
         out="interpolate.png", steps=1, cfg=True,
     )
     p.add_argument("--seeds", type=int, nargs=4, help="noise seeds of the four corners (default: seed * 2**32 + 0 .. 3)")
-    p.add_argument("--labels", type=int, nargs=4, help="classes of the four corners (default: random)")
+    p.add_argument("--labels", type=int, nargs=4, help="classes of the four corners (default: drawn from their seeds)")
     p.add_argument("--rows", type=count, default=5)
     p.add_argument("--cols", type=count, default=5)
     p.add_argument("--method", choices=["lerp", "slerp"], default="slerp")
