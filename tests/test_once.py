@@ -53,6 +53,18 @@ def test_a_key_missed_by_racing_threads_is_computed_once() -> None:
     assert slow("k") is not answers[0] and computed == ["k", "k"]
 
 
+def test_keywords_are_part_of_the_key() -> None:
+    computed = []
+
+    @once_per_key
+    def with_default(a: int, b: int = 0) -> int:
+        computed.append((a, b))
+        return a + b
+
+    assert [with_default(1, b=2), with_default(1, b=2), with_default(1), with_default(1, 2)] == [3, 3, 1, 3]
+    assert computed == [(1, 2), (1, 0), (1, 2)]  # functools.cache's key: b=2 and a positional 2 differ
+
+
 def test_a_key_does_not_wait_for_another_keys_computation() -> None:
     inside, release = threading.Event(), threading.Event()
 
@@ -119,6 +131,24 @@ def test_a_child_forked_while_another_thread_holds_a_lock_gets_it_free() -> None
         release.set()
         holder.join()
     assert os.waitstatus_to_exitcode(status) == 0, "the forked child waited on its parent's thread's lock"
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")  # Python 3.12
+def test_a_child_forked_inside_a_lock_this_thread_holds_releases_it() -> None:
+    """The forking thread goes on in the child and leaves the lock: a lock made anew there raised "cannot release
+    un-acquired lock"."""
+    lock = ForkSafeLock()
+    with lock:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                lock.__exit__(None, None, None)
+                code = 0
+            finally:
+                os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child could not release the lock its thread held"
 
 
 def test_racing_first_calls_log_a_backend_choice_once(monkeypatch, caplog) -> None:
