@@ -28,7 +28,7 @@ from sphere_fast._random import generator_kwargs
 from sphere_fast._warn import warn
 from sphere_fast.model import check_label_range, labels_checked
 from sphere_fast.perceptual import LPIPS, ConvNeXt, load_state_dict_file
-from sphere_fast.sampling import check_count
+from sphere_fast.sampling import check_count, to_device_unsynced
 
 # the public API (the rest is the library's own)
 __all__ = [
@@ -550,7 +550,9 @@ class Trainer:
         wait for it); ``StepLog.read()`` gives its losses. Labels are range-checked on the host: free for a
         loader's (host) labels, one sync for labels already on the GPU. ``noise`` [B, N, C] or ``seeds`` [B]
         (int64) fix e; by default seeds are drawn. The noise levels are drawn for the whole process batch (one
-        r = 0 and one r = 1 in it), which then runs as ``config.accumulation_steps`` micro-batches."""
+        r = 0 and one r = 1 in it), which then runs as ``config.accumulation_steps`` micro-batches. Images in
+        pinned host memory (a DataLoader's) are copied to the device after the call returns: a buffer of them is
+        not to be changed before the step's log is read (pinned labels and seeds are copied on the host first)."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor of images [B, 3, H, W] in [-1, 1], got {type(x).__name__}")
         per_sample = {"y": y, "noise": noise, "seeds": seeds}
@@ -570,7 +572,7 @@ class Trainer:
             # own check, which would stall the step on a device sync each
             if isinstance(y, torch.Tensor) and y.dtype == torch.long:  # else the model names the wrong type
                 check_label_range(y, self.model.num_classes)
-            y = y.to(self.device, non_blocking=True)
+            y = to_device_unsynced(y, self.device)
         lr = learning_rate(self.step, self.config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
@@ -579,7 +581,7 @@ class Trainer:
         if noise is None and seeds is None:  # e is generated from per-sample seeds inside the fused op
             seeds = torch.randint(0, 2**62, (x.shape[0],), dtype=torch.int64, device=self.device)
         elif seeds is not None:
-            seeds = seeds.to(self.device, non_blocking=True)
+            seeds = to_device_unsynced(seeds, self.device)
         self.optimizer.zero_grad(set_to_none=True)
         logged = None
         for k, rows in enumerate(micro):

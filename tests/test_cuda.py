@@ -480,6 +480,26 @@ def test_a_queued_training_step_never_waits_for_the_device() -> None:
         assert math.isclose(logged[True][name], value, rel_tol=1e-5), (name, logged[True][name], value)
 
 
+
+def test_pinned_labels_and_seeds_changed_after_a_queued_step_do_not_reach_it() -> None:
+    """A caller's pinned buffer of labels and seeds, changed right after launch_step while the device is busy
+    and the step's copies of it are queued: the step's losses are those of the values it was given."""
+    x, y = tiny_batch(6)
+    seeds = torch.arange(6)
+    scales = (torch.full((6,), 0.9), torch.full((6,), 0.3))
+    config = TrainConfig(global_batch=6, total_steps=3, warmup_steps=1, loss_weights=NO_PERCEPTUAL)
+    expected = Trainer(no_label_dropout(tiny_model()), config, device=DEVICE).train_step(x, y, scales=scales,
+                                                                                         seeds=seeds)
+    trainer = Trainer(no_label_dropout(tiny_model()), config, device=DEVICE)
+    pinned_y, pinned_seeds = y.pin_memory(), seeds.pin_memory()
+    torch.cuda._sleep(100_000_000)  # tens of ms of device work queued ahead of the step's copies
+    log = trainer.launch_step(x, pinned_y, scales=scales, seeds=pinned_seeds)
+    pinned_y.add_(1).remainder_(10)
+    pinned_seeds.add_(1000)
+    logged = log.read()
+    for name, value in expected.items():
+        assert math.isclose(logged[name], value, rel_tol=1e-5), name
+
 def test_sample_set_from_cuda_graphs(bf16_model: SphereEncoder, tmp_path) -> None:
     """sample-set's files on CUDA (graph replays, buckets 4 and 1) hold the un-captured sampler's images."""
     import numpy as np
