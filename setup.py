@@ -12,7 +12,7 @@ setup(
     name="sphere_fast",
     version="0.1.0",
     description="Fused Triton/CUDA kernels and a drop-in model for the Sphere Encoder image generator",
-    long_description=(Path(__file__).parent / "README.md").read_text(),
+    long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     classifiers=["Operating System :: POSIX :: Linux", "Programming Language :: Python :: 3"],
     python_requires=">=3.11",

@@ -38,7 +38,8 @@ def cuda_build_possible() -> bool:
 def put_pip_ninja_on_path() -> None:
     """Put the ninja package's binary (a dependency of sphere_fast) on PATH when no ninja is there: torch's builds
     look on PATH only, and a venv's python run without activating the venv (a full path, a Jupyter kernel, cron)
-    has the venv's bin folder, where pip put ninja, off PATH."""
+    has the venv's bin folder, where pip put ninja, off PATH. It changes this process's PATH (its subprocesses
+    inherit it) the first time the cpp backend is looked for."""
     if shutil.which("ninja") is not None:
         return
     try:

@@ -240,7 +240,7 @@ def _size_or_none(size: Any, argument: str) -> dict[str, int] | None:
         return None
 
 
-def _resolve(path: str | Path) -> Path:
+def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder as it is; a folder of checkpoints holding ``latest``, or a run folder holding such a
     ``checkpoints`` folder: the checkpoint ``latest`` names."""
     path = Path(path)
@@ -252,7 +252,7 @@ def _resolve(path: str | Path) -> Path:
 def weights_sha256(path: str | Path, *, ema: bool = False) -> str:
     """The SHA-256 of a checkpoint's weights (its EMA weights with ``ema``) as its manifest records it, which names
     the weights without reading them; ``path`` as ``load_checkpoint`` takes it (which checks the hashes)."""
-    path = _resolve(path)
+    path = resolve_checkpoint(path)
     try:
         return json.loads((path / MANIFEST_FILE).read_text())["files"][EMA_FILE if ema else MODEL_FILE]
     except (OSError, json.JSONDecodeError, KeyError) as err:
@@ -278,7 +278,7 @@ def load_checkpoint(
     (a size by name equals its dict).
     A trainer on another number of processes than the checkpoint's resumes with fresh per-process RNG
     seeds (``training.process_seed``) and a warning: its run is no longer bit-identical to an uninterrupted one."""
-    path = _resolve(path)
+    path = resolve_checkpoint(path)
     verify_checkpoint(path)
     config = json.loads((path / CONFIG_FILE).read_text())
     if trainer is not None:
@@ -407,7 +407,7 @@ def official_to_checkpoint(pth: str | Path, out: str | Path, model_config: Mappi
 def checkpoint_to_official(path: str | Path, out: str | Path) -> Path:
     """Write ``{"model": state_dict[, "ema_model": EMA weights]}`` with official keys, as the official training
     saves them (its loader takes the EMA weights, RoPE tables included, from ``ema_model``)."""
-    path = _resolve(path)
+    path = resolve_checkpoint(path)
     verify_checkpoint(path)
     with torch.device("meta"):  # the official key order (safetensors stores keys sorted) and the tables' shapes
         model = SphereEncoder(**json.loads((path / CONFIG_FILE).read_text())["model"])

@@ -156,10 +156,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     preset = TRAIN_PRESETS[args.preset]
     start, saved = (0, {}) if args.no_resume else resume_point(Path(args.out) / "checkpoints")
-    # a resume keeps its run's model unless --model-config is given (the preset's may be another model)
-    model_cfg = {**preset["model"], **(args.model_config or {})}
-    if args.model_config is None and "model" in saved:
-        model_cfg = saved["model"]
+    # a resume keeps its run's model (the preset's may be another), with --model-config's changes
+    model_cfg = {**saved.get("model", preset["model"]), **(args.model_config or {})}
     # a new base lr without a floor keeps the preset's ratio (1/100, as the paper's 1e-4 -> 1e-6)
     min_lr = args.min_lr
     if min_lr is None and args.lr is not None:
@@ -214,7 +212,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def cmd_sample_set(args: argparse.Namespace) -> int:
-    from sphere_fast.checkpoint import weights_sha256
+    from sphere_fast.checkpoint import resolve_checkpoint, weights_sha256
     from sphere_fast.sample_set import pack_npz, write_sample_set
     from sphere_fast.training import init_distributed
 
@@ -222,6 +220,8 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
     if info.world_size > 1 and args.device == "cuda":
         args.device = f"cuda:{info.local_rank}"
     dtype = DTYPES[args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
+    if args.checkpoint:  # resolved once: a run's latest checkpoint may move on while this loads it
+        args.checkpoint = str(resolve_checkpoint(args.checkpoint))
     model = load_model(args, info.rank).to(dtype)  # the paper evaluates in bf16
     if args.checkpoint:  # a rerun on other weights (the live ones after the EMA's, a later checkpoint) is refused
         weights = f"sha256 {weights_sha256(args.checkpoint, ema=args.ema)} ({'ema' if args.ema else 'model'})"

@@ -477,8 +477,12 @@ def test_train_after_a_resume_reports_its_own_steps_and_keeps_the_warmup(tmp_pat
     with pytest.warns(UserWarning, match="warmup_steps 2 -> 3"):  # given, it is taken
         assert main([*run, "--steps", "5", "--warmup", "3"]) == 0
     assert json.loads((tmp_path / "run_config.json").read_text())["train"]["warmup_steps"] == 3
-    # without --model-config it resumes its run's model, not the preset's (refused as another model before)
+    # without --model-config it resumes its run's model, not the preset's (refused as another model before), and
+    # a partial one changes the run's model, not the preset's
     assert main([*run[:-3], "--sample-steps", "--steps", "6", "--warmup", "3"]) == 0
+    assert "trained 1 steps" in capsys.readouterr().out
+    same = json.dumps({"num_classes": TINY_CONFIG["num_classes"]})
+    assert main([*run[:-3], "--model-config", same, "--sample-steps", "--steps", "7", "--warmup", "3"]) == 0
     assert "trained 1 steps" in capsys.readouterr().out
 
 
