@@ -43,7 +43,8 @@ os.register_at_fork(after_in_child=ForkSafeLock._renew_all)
 def once_per_key(compute: Callable[..., R]) -> Callable[..., R]:
     """``functools.cache`` that computes each key once when threads miss it together (the others wait for its
     answer: one log line, one extension load). Keys wait only on their own computation, and a hit costs what
-    ``functools.cache``'s does. An exception is not cached, as there. Its ``cache_info`` counts calls (a racing miss too), not computations."""
+    ``functools.cache``'s does. An exception is not cached, as there. Its ``cache_info`` counts calls (a racing
+    miss too), not computations."""
     computed = functools.cache(compute)
     key_locks: dict[Hashable, ForkSafeLock] = {}
     key_locks_guard = ForkSafeLock()

@@ -349,7 +349,8 @@ def _state_under(obj: Any, key: str, path: str | Path) -> dict[str, torch.Tensor
         obj = obj[key]
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         found = f"keys {sorted(map(str, obj))[:8]}" if isinstance(obj, Mapping) else f"a {type(obj).__name__}"
-        raise ValueError(f"{path} is neither a state_dict nor a dict with a state_dict under {key!r} (it holds {found})")
+        raise ValueError(f"{path} is neither a state_dict nor a dict with a state_dict under {key!r} (it holds "
+                         f"{found})")
     state = dict(obj)
     # saved from DDP / torch.compile wrappers, nested either way (torch.compile(DDP(model)): "_orig_mod.module.")
     while prefix := next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None):

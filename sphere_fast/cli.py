@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from sphere_fast._checkout import in_checkout
+
 # Training presets: model constructor arguments + recipe. "fashion-mnist-demo" is the few-minute CPU
 # job of the README: 28 px garments centred on 32 px, patch 4 (8x8 tokens x 4 channels, L = 256), width 64,
 # conv pixel head, about 0.33 s a step on 2 cores. 900 steps (~5 min) give soft but recognisable garments.
@@ -107,9 +108,16 @@ def plot_losses(log_path: str | Path, png: str | Path) -> Path:
     return Path(png)
 
 
+def command_seeds(seed: int, count: int) -> torch.Tensor:
+    """The seeds of a command's ``count`` images for its --seed: image i's is seed * 2**32 + i, as a sample set's
+    (two --seed values share no noise)."""
+    from sphere_fast.sample_set import image_seeds
+
+    return image_seeds(seed, range(count))
+
+
 def class_grid(model: torch.nn.Module, per_class: int, *, steps: int, cfg: float, seed: int) -> tuple[torch.Tensor, int]:
     """Samples with one row per class (or a square grid when unconditional); (images, images a row)."""
-    from sphere_fast.sample_set import image_seeds
     from sphere_fast.sampling import sample
 
     if model.num_classes:
@@ -120,7 +128,7 @@ def class_grid(model: torch.nn.Module, per_class: int, *, steps: int, cfg: float
         y, nrow = None, per_class
         rows = per_class
     n = rows * per_class
-    seeds = image_seeds(seed or 0, range(n))
+    seeds = command_seeds(seed or 0, n)
     y = None if y is None else y.to(next(model.parameters()).device)
     _, images = sample(model, n, y=y, cfg=cfg, steps=steps, seeds=seeds)
     return images, nrow
@@ -270,10 +278,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
 
 def cmd_interpolate(args: argparse.Namespace) -> int:
-    from sphere_fast.sample_set import image_seeds
-
     editing, model = _editing(), load_model(args)
-    seeds = torch.tensor(args.seeds, dtype=torch.int64) if args.seeds else image_seeds(args.seed, range(4))
+    seeds = torch.tensor(args.seeds, dtype=torch.int64) if args.seeds else command_seeds(args.seed, 4)
     labels = torch.tensor(args.labels, dtype=torch.long) if args.labels else None
     images = editing.interpolate(model, seeds, labels, rows=args.rows, cols=args.cols, method=args.method, steps=args.steps, cfg=args.cfg)
     print(save_grid(images.flatten(0, 1), args.out, args.cols))
@@ -281,11 +287,9 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
 
 
 def cmd_crossover(args: argparse.Namespace) -> int:
-    from sphere_fast.sample_set import image_seeds
-
     editing, model = _editing(), load_model(args)
     a, b = _read_images([args.first, args.second], model.input_size, args.device)
-    seeds = image_seeds(args.seed, range(1))
+    seeds = command_seeds(args.seed, 1)
     composite, steps = editing.crossover(
         model, a[None], b[None], args.mask, swap=args.swap, steps=args.steps, seeds=seeds
     )
@@ -296,11 +300,9 @@ def cmd_crossover(args: argparse.Namespace) -> int:
 
 
 def cmd_manipulate(args: argparse.Namespace) -> int:
-    from sphere_fast.sample_set import image_seeds
-
     editing, model = _editing(), load_model(args)
     x = _read_images(args.images, model.input_size, args.device)
-    seeds = image_seeds(args.seed, range(x.shape[0]))
+    seeds = command_seeds(args.seed, x.shape[0])
     steps = editing.manipulate(
         model, x, args.target_class, steps=args.steps, noise_scaler=args.noise_scaler, seeds=seeds
     )
@@ -532,7 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub, "interpolate", "interpolate between noise points (and classes)", cmd_interpolate,
         out="interpolate.png", steps=1, cfg=True,
     )
-    p.add_argument("--seeds", type=int, nargs=4, help="noise seeds of the four corners (default: seed * 2**32 + 0 .. 3)")
+    p.add_argument("--seeds", type=int, nargs=4,
+                   help="noise seeds of the four corners (default: seed * 2**32 + 0 .. 3)")
     p.add_argument("--labels", type=int, nargs=4, help="classes of the four corners (default: drawn from their seeds)")
     p.add_argument("--rows", type=count, default=5)
     p.add_argument("--cols", type=count, default=5)
@@ -566,7 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "weights of an official training checkpoint; with the default they are converted too)")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("bench", help="run the benchmark suite / GPU check (benchmarks/gpu_check.sh; a source checkout only)")
+    p = sub.add_parser("bench",
+                       help="run the benchmark suite / GPU check (benchmarks/gpu_check.sh; a source checkout only)")
     p.add_argument("--out", default="bench-results", help="results folder (relative to the current folder)")
     p.add_argument("gpu_check_args", nargs="*", metavar="GPU_CHECK_ARG",
                    help="after --: options passed on to benchmarks/gpu_check.py, e.g. -- --budget 300 --phases tests "

@@ -271,11 +271,11 @@ def interpolate(
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Sample a rows x cols grid between four corners, given as ``seeds`` [4] (top-left, top-right,
-    bottom-left, bottom-right) and their ``labels`` [4] (if None, drawn from the seeds as ``generate`` draws them). Every noise draw of the loop (the
-    initial point and the refinement noise) is the bilinear interpolation of the corners' draws (``lerp``,
-    scaled to keep the draws' variance, or ``slerp`` per token over the channel dim, which keeps their norms:
-    ``bilinear_noise``); the class embeddings are interpolated linearly. Each
-    point then goes through sampling, so a corner's image is the one ``generate`` makes from its seed and
+    bottom-left, bottom-right) and their ``labels`` [4] (if None, drawn from the seeds as ``generate`` draws
+    them). Every noise draw of the loop (the initial point and the refinement noise) is the bilinear
+    interpolation of the corners' draws (``lerp``, scaled to keep the draws' variance, or ``slerp`` per token
+    over the channel dim, which keeps their norms: ``bilinear_noise``); the class embeddings are interpolated
+    linearly. Each point then goes through sampling, so a corner's image is the one ``generate`` makes from its seed and
     label with the same options (note the defaults: cached noise here, fresh draws in ``generate``); a single
     row (column) runs between the top (left) corners only. Returns [rows, cols, 3, H, W] in [0, 1]."""
     device = _device(_checked_model(model))

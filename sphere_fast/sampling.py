@@ -3,7 +3,8 @@ encode -> noisy re-projection -> decode. Both CFG branches run as one batch of 2
 
 ``sample`` is the un-captured loop behind ``SphereEncoder.generate``. ``Sampler`` runs the same loop; on CUDA
 it captures the whole loop as one CUDA graph per ``GraphKey`` (batch bucket, steps, guidance, cache_noise,
-scheduler, dtype, backend, fused MLP) and replays it, with labels, seeds and the CFG weight read from static device buffers."""
+scheduler, dtype, backend, fused MLP) and replays it, with labels, seeds and the CFG weight read from static
+device buffers."""
 
 from __future__ import annotations
 

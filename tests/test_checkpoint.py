@@ -288,7 +288,6 @@ def test_save_refuses_what_no_load_would_read_before_writing(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-
 def test_a_size_by_name_loads_into_the_same_size_as_a_dict_and_a_built_model_samples(tmp_path):
     """A run saved with the size "tiny" was refused for a model built with its dict ({"width": 64, "layers": 2,
     "heads": 2}), the same model; and a model load_checkpoint builds comes back in eval mode, ready to sample
@@ -305,6 +304,7 @@ def test_a_size_by_name_loads_into_the_same_size_as_a_dict_and_a_built_model_sam
     built, _ = load_checkpoint(path)
     assert not built.training
     built.generate(2, seeds=torch.arange(2))
+
 
 def test_corrupt_incomplete_and_mismatched_checkpoints_are_refused(tmp_path):
     trainer = small_trainer(1)

@@ -269,7 +269,6 @@ def test_train_refuses_unused_perceptual_weights_and_bad_intervals_before_traini
     assert "argument --checkpoint-every: must be an int >= 1, got 0" in capsys.readouterr().err
 
 
-
 @pytest.mark.parametrize("command", ["sample", "interpolate", "sample-set"])
 def test_a_seed_outside_the_image_seeds_range_is_refused_by_its_flag(command, capsys):
     """Image i draws the seed seed * 2**32 + i: --seed -1 or 2**31 failed only after the model had loaded, naming
@@ -280,6 +279,7 @@ def test_a_seed_outside_the_image_seeds_range_is_refused_by_its_flag(command, ca
         assert exit_code.value.code == 2
         assert f"argument --seed: must be an int in [0, 2**31) (image i draws seed * 2**32 + i), got {seed}" in (
             capsys.readouterr().err)
+
 
 def test_train_with_missing_perceptual_weight_files_writes_nothing(tmp_path, capsys):
     """Files the loss uses are opened as the trainer is built: a missing one fails before anything is written."""

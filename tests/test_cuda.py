@@ -480,7 +480,6 @@ def test_a_queued_training_step_never_waits_for_the_device() -> None:
         assert math.isclose(logged[True][name], value, rel_tol=1e-5), (name, logged[True][name], value)
 
 
-
 def test_pinned_labels_and_seeds_changed_after_a_queued_step_do_not_reach_it() -> None:
     """A caller's pinned buffer of labels and seeds, changed right after launch_step while the device is busy
     and the step's copies of it are queued: the step's losses are those of the values it was given."""
@@ -499,6 +498,7 @@ def test_pinned_labels_and_seeds_changed_after_a_queued_step_do_not_reach_it() -
     logged = log.read()
     for name, value in expected.items():
         assert math.isclose(logged[name], value, rel_tol=1e-5), name
+
 
 def test_sample_set_from_cuda_graphs(bf16_model: SphereEncoder, tmp_path) -> None:
     """sample-set's files on CUDA (graph replays, buckets 4 and 1) hold the un-captured sampler's images."""

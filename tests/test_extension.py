@@ -56,8 +56,6 @@ def loaded_folders(monkeypatch: pytest.MonkeyPatch, tmp_path) -> list[tuple[str,
     return seen
 
 
-
-
 def test_a_build_says_so_at_the_default_log_level_and_a_built_extension_does_not(
     monkeypatch: pytest.MonkeyPatch, tmp_path, caplog
 ) -> None:
@@ -79,6 +77,7 @@ def test_a_build_says_so_at_the_default_log_level_and_a_built_extension_does_not
         assert len(said) == (0 if built else 1) and all("sphere_fast_spherify" in m for m in said)
         (folders[-1] / "sphere_fast_spherify.so").write_bytes(b"")  # as torch's build leaves it
 
+
 def test_an_unwritable_build_root_names_the_folder_and_the_setting(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     """A read-only HOME (a service account) failed the first cpp call with a bare OSError from deep in pathlib."""
     root = tmp_path / "a_file"
@@ -91,6 +90,7 @@ def test_an_unwritable_build_root_names_the_folder_and_the_setting(monkeypatch: 
             _extension.load_extension(*SPHERIFY)
     finally:
         _extension.load_extension.cache_clear()
+
 
 def test_each_torch_and_build_config_has_a_build_folder_of_its_own(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     """torch's JIT folder is one per extension name: two torch versions (an upgrade in place too), two checkouts

@@ -110,7 +110,6 @@ def test_an_exported_decoder_trains_as_the_module(backend: str) -> None:
             torch.testing.assert_close(g_got, g_want, atol=1e-5, rtol=1e-4)
 
 
-
 def test_a_decoder_exports_with_a_batch_dim_up_to_attention_s_launch_batch() -> None:
     """A batch Dim takes max=LAUNCH_BATCH (README): attention runs larger batches in slices, a branch on the size
     that export must fix (Dim("b", min=1) is refused: "Constraints violated"); the module then takes any batch."""

@@ -117,7 +117,6 @@ def test_bad_input(call, err, match):
         call()
 
 
-
 def test_philox_below_scales_triton_s_word_at_the_top_counter():
     """philox_below(seed, -1, n) = floor(word * n / 2**32) for Philox's first word at offset -1, the unsigned counter
     2**64 - 1 (Triton's own randint4x); every value lies in [0, n) and each of n = 10 is about as frequent."""

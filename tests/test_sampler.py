@@ -94,7 +94,6 @@ def test_labels_matter_and_random_labels(model):
     assert out.shape == (8, 3, 16, 16)
 
 
-
 def test_labels_left_out_are_drawn_from_the_seeds(model, monkeypatch):
     """Without labels a sample's label comes from its given seed: the same seeds give the same images (whatever
     torch's generator holds, which is neither read nor advanced), in the Sampler as in generate, in any batch; the
@@ -118,6 +117,7 @@ def test_labels_left_out_are_drawn_from_the_seeds(model, monkeypatch):
     unseeded = sampler()
     torch.manual_seed(3)
     assert torch.equal(sampler(), unseeded)
+
 
 @pytest.mark.parametrize("steps,cfg", [(1, 1.0), (3, 1.4)])
 def test_image_independent_of_batch(model, steps, cfg):
@@ -478,7 +478,6 @@ def test_compile_sampler_loop_fullgraph(model):
     with torch.no_grad():
         expected = sampler.loop(key, labels, seeds, w)
         torch.testing.assert_close(compiled(key, labels, seeds, w), expected, atol=1e-5, rtol=1e-5)
-
 
 
 @pytest.mark.parametrize("inputs,dynamic", [("labels", None), ("noise", None), ("labels", True)])

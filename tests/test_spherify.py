@@ -606,7 +606,6 @@ def test_compile_fullgraph(backend):
     torch.testing.assert_close(zc.grad, zr.grad)
 
 
-
 def test_a_non_finite_float_scale_is_refused_under_compile_and_a_symbolic_one_traces():
     """A float scale is a constant of a static trace, checked there as in eager; under dynamic=True it is a symbolic
     float with no value to check at the trace (math.isfinite of it broke the graph)."""
@@ -619,6 +618,7 @@ def test_a_non_finite_float_scale_is_refused_under_compile_and_a_symbolic_one_tr
         if not dynamic:
             with pytest.raises(Exception, match="scale must be finite, got inf"):
                 compiled(z, math.inf)
+
 
 def test_inductor_compiles_the_eager_noise_ops():
     """Inductor (what torch.compile runs by default) over the eager backend's seeded ops, auto's on the CPU: the

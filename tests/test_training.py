@@ -697,7 +697,6 @@ def test_loss_weights_must_match_the_consistency_flags(flags, weights, match):
         Trainer(model, TrainConfig(global_batch=4, total_steps=2, warmup_steps=0, loss_weights=all_weights))
 
 
-
 def test_images_in_0_1_warn_and_fit_checks_the_first_batch_once(tmp_path, monkeypatch):
     """Images in [0, 1] pass the range but train towards other images: a first batch with no value below 0
     warns. fit checked its first batch, and then train_step checked it again on a CPU run (one check now)."""
@@ -711,6 +710,7 @@ def test_images_in_0_1_warn_and_fit_checks_the_first_batch_once(tmp_path, monkey
     monkeypatch.setattr(training, "check_image_range", lambda images: checked.append(1) or check(images))
     fit(synthetic_run(tmp_path, 2), progress=False)
     assert checked == [1]
+
 
 def test_fit_refuses_a_dataset_of_another_image_range(tmp_path, monkeypatch):
     """A dataset giving [0, 255] images (say) stops at its first batch, checked on the host before any step."""

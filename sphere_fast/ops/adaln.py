@@ -12,7 +12,6 @@ TypeError); math is fp32 inside every kernel, outputs have x's dtype. float64 ru
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
 

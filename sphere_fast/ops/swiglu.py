@@ -6,7 +6,6 @@ non-eager backends run the ``sphere_fast::swiglu_fwd`` op (autograd: ``_SwiGLUFu
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
