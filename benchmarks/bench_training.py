@@ -28,7 +28,7 @@ import torch
 from benchmarks.bench_sampling import PASS_GFLOP, random_model
 from benchmarks.harness import DEVICE, SMOKE, PeakMemory, cuda_time_ms, pick, record
 from sphere_fast import SphereEncoder, ops, use_backend
-from sphere_fast.training import LOSS_PRESETS, StepLog, TrainConfig, Trainer, noise_scales
+from sphere_fast.training import LOSS_PRESETS, TRAINING_STREAM, StepLog, TrainConfig, Trainer, noise_scales
 
 MODELS = pick(real=["sphere-l-imagenet"], smoke=["tiny"])
 BATCHES = pick(real=[16], smoke=[3])
@@ -66,7 +66,7 @@ def make_step(impl: str, trainer: Trainer) -> Callable[..., StepLog]:
     def plain(x: torch.Tensor, y: torch.Tensor, scales: tuple[torch.Tensor, ...], seeds: torch.Tensor) -> StepLog:
         # The seeds' noise drawn in one kernel, as the official step draws torch.randn: the seed convention's
         # pure-torch Philox (about 200 small kernels) would slow these baselines for no reason their users have.
-        noise = ops.sphere_noise(seeds, latent, backend="auto")
+        noise = ops.sphere_noise(seeds, latent, stream=TRAINING_STREAM, backend="auto")
         with use_backend("eager"):
             return trainer.launch_step(x, y, scales=scales, noise=noise)
 
