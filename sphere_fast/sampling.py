@@ -110,9 +110,9 @@ def sample_labels(
 ) -> torch.Tensor | None:
     """Given labels (checked; reads them on the host) or uniform random ones: drawn from ``seeds`` ([B] on
     ``device``) when given (``philox_below``: about 300 small integer ops), so that a seed alone decides its
-    sample, else from torch's generator. None for an
-    unconditional model. The null label ``num_classes`` is taken, as the networks take it: that sample is
-    unconditional (its CFG branches are the same), as a CFG-trained model's unconditional samples are drawn."""
+    sample, else from torch's generator. None for an unconditional model. The null label ``num_classes`` is
+    taken, as the networks take it: that sample is unconditional (its CFG branches are the same), as a
+    CFG-trained model's unconditional samples are drawn."""
     if model.num_classes == 0:
         if y is not None:
             given = name if name == "labels" else f"{name} (labels)"
@@ -501,8 +501,8 @@ class Sampler:
 
     Seeds None means fresh ones; labels None means uniform random ones, drawn from the seeds where seeds are given
     (so that the same seeds give the same images; about 300 small integer ops a call), else from torch's generator
-    as the fresh seeds are; B is the length of labels or seeds,
-    else ``batch_size``; labels on the device are range-checked on the host (one sync). A sample's image
+    as the fresh seeds are; B is the length of labels or seeds, else ``batch_size``; labels on the device are
+    range-checked on the host (one sync). A sample's image
     depends only on its seed, label and the options (steps, cfg, cfg_position, cache_noise, scheduler, dtype),
     up to float rounding (the sphere_fast noise convention). The defaults are the paper's evaluation's: cached
     noise and bf16 (``generate``'s are the official ``generate``'s: fresh draws, the weights' dtype; its names
