@@ -34,7 +34,7 @@ from sphere_fast.sampling import check_count
 # the public API (the rest is the library's own)
 __all__ = [
     "checkpoint_to_official", "latest_checkpoint", "load_checkpoint", "official_to_checkpoint", "read_official",
-    "save_checkpoint", "verify_checkpoint", "weights_sha256",
+    "resolve_checkpoint", "save_checkpoint", "verify_checkpoint", "weights_sha256",
 ]
 
 if TYPE_CHECKING:

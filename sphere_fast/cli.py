@@ -485,7 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema-decay", type=float, help="EMA decay a step (the paper: 0.9997; the short demo: 0.99)")
     p.add_argument("--warmup", type=int,
                    help="warmup steps (default: the preset's, at most --steps; on a resume the checkpoint's)")
-    p.add_argument("--seed", type=int)
+    # the run's seed, and the base seed of its sample grids (an image seed: checked before training)
+    p.add_argument("--seed", type=image_seed)
     p.add_argument("--autocast", choices=["auto", "bf16", "off"])
     p.add_argument("--loss-weights", type=loss_weights_arg,
                    help="cifar10, af-of, imagenet or a JSON dict of the five weights")

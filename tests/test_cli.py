@@ -269,7 +269,7 @@ def test_train_refuses_unused_perceptual_weights_and_bad_intervals_before_traini
     assert "argument --checkpoint-every: must be an int >= 1, got 0" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["sample", "interpolate", "sample-set"])
+@pytest.mark.parametrize("command", ["sample", "interpolate", "sample-set", "train"])
 def test_a_seed_outside_the_image_seeds_range_is_refused_by_its_flag(command, capsys):
     """Image i draws the seed seed * 2**32 + i: --seed -1 or 2**31 failed only after the model had loaded, naming
     `seed`, not the flag."""
