@@ -250,6 +250,9 @@ class SyntheticShapes(Dataset):
 
     KINDS = ("square", "disc", "bar", "cross", "ring")
     COLOURS = ((1.0, 0.3, 0.2), (0.2, 0.6, 1.0), (0.3, 0.9, 0.3), (1.0, 0.9, 0.2))
+    # Dark grey, not black: on a black background (about 80% of each image) the demo's model turned black
+    # everywhere within 30 steps, its tanh saturated at -1, and never left it (black sample grids).
+    BACKGROUND = -0.6
 
     def __init__(self, size: int = 1024, image_size: int = 32, num_classes: int = 10, seed: int = 0):
         if not isinstance(size, int) or size < 1 or not isinstance(num_classes, int) or num_classes < 1:
@@ -278,7 +281,7 @@ class SyntheticShapes(Dataset):
             "ring": (dist < radius * 1.1) & (dist > radius * 0.6),
         }[kind]
         colour = torch.tensor(self.COLOURS[(label // len(self.KINDS)) % len(self.COLOURS)]).view(3, 1, 1)
-        return torch.where(mask, colour * 2 - 1, torch.full((3, 1, 1), -1.0)), label
+        return torch.where(mask, colour * 2 - 1, torch.full((3, 1, 1), self.BACKGROUND)), label
 
 
 def open_dataset(spec: str, image_size: int, *, synthetic_fallback: bool = False, list_root: str | None = None) -> Dataset:

@@ -270,7 +270,7 @@ def test_synthetic_shapes_are_deterministic_and_open_dataset():
     x, y = ds[7]
     torch.testing.assert_close(x, ds[7][0])
     assert not torch.equal(x, SyntheticShapes(size=20, image_size=16, seed=1)[7][0])
-    assert x.shape == (3, 16, 16) and y == 7 and x.min() == -1 and x.max() > 0
+    assert x.shape == (3, 16, 16) and y == 7 and x.min() == SyntheticShapes.BACKGROUND and x.max() > 0
     assert isinstance(open_dataset("synthetic", 16), SyntheticShapes)
     assert not torch.equal(ds[0][0], ds[10][0])  # a class's images are jittered per index
     # classes 0 and 5 share a shape kind (five kinds): their colours tell them apart
