@@ -101,6 +101,11 @@ def unpad_hidden(t: torch.Tensor, hidden: int, halves: bool) -> torch.Tensor:
     return t.unflatten(0, (2, -1))[:, :hidden].flatten(0, 1) if halves else t[..., :hidden]
 
 
+def _autocast_cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``t`` as autocast to ``dtype`` (None: off) hands it to F.linear: float64 is not cast."""
+    return t if dtype is None or t.dtype == torch.float64 else t.to(dtype)
+
+
 class _PaddedHiddenLinear(torch.autograd.Function):
     """F.linear(x, pad_hidden(weight), bias, padded as w12's with ``halves``) for training: it keeps the official
     weight for the backward and pads it again there, where F.linear kept the padded copy (under autocast its
@@ -111,13 +116,10 @@ class _PaddedHiddenLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, padded: int, halves: bool):
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
-
-        def cast(t: torch.Tensor) -> torch.Tensor:
-            return t if dtype is None or t.dtype == torch.float64 else t.to(dtype)
-
-        x, padded_weight = cast(x), pad_hidden(cast(weight), padded, halves)
+        x, padded_weight = _autocast_cast(x, dtype), pad_hidden(_autocast_cast(weight, dtype), padded, halves)
         if bias is not None:
-            bias = pad_hidden(cast(bias), padded, True) if halves else cast(bias)
+            bias = _autocast_cast(bias, dtype)
+            bias = pad_hidden(bias, padded, True) if halves else bias
         with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
             out = F.linear(x, padded_weight, bias)
         ctx.save_for_backward(x, weight)
@@ -128,7 +130,7 @@ class _PaddedHiddenLinear(torch.autograd.Function):
     def backward(ctx, dout):
         x, weight = ctx.saved_tensors
         hidden = weight.shape[0] // 2 if ctx.halves else weight.shape[1]
-        forward_weight = weight if ctx.dtype is None or weight.dtype == torch.float64 else weight.to(ctx.dtype)
+        forward_weight = _autocast_cast(weight, ctx.dtype)
         dx = dweight = dbias = None
         if ctx.needs_input_grad[0]:
             dx = dout.matmul(pad_hidden(forward_weight, ctx.padded, ctx.halves))
