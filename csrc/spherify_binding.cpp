@@ -149,6 +149,17 @@ at::Tensor sphere_noise_cuda_op(const at::Tensor& seeds, int64_t length, int64_t
                "sphere_noise");
   return out;
 }
+
+at::Tensor philox_below_cuda_op(const at::Tensor& seeds, int64_t counter, int64_t n) {
+  const c10::cuda::CUDAGuard guard(seeds.device());
+  const at::Tensor sd = seeds.contiguous();
+  at::Tensor out = at::empty_like(sd);
+  if (out.numel() == 0) return out;  // a grid with no blocks is an invalid launch
+  check_launch(philox_below_cuda(sd.data_ptr<int64_t>(), out.data_ptr<int64_t>(), sd.size(0), counter, n,
+                                 c10::cuda::getCurrentCUDAStream().stream()),
+               "philox_below");
+  return out;
+}
 #endif
 
 std::tuple<at::Tensor, at::Tensor> spherify_fwd_op(const at::Tensor& z, const OptT& scales, const OptT& noise,
@@ -180,6 +191,18 @@ at::Tensor sphere_noise_op(const at::Tensor& seeds, int64_t length, int64_t stre
   return sphere_noise_cpu(seeds, length, stream);
 }
 
+// Integers uniform in [0, n), one a seed: Philox's first word at `counter` (an unsigned 64-bit counter) scaled by
+// multiply-shift. n < 2^31 keeps the 64-bit product exact.
+at::Tensor philox_below_op(const at::Tensor& seeds, int64_t counter, int64_t n) {
+  TORCH_CHECK(seeds.scalar_type() == at::kLong && seeds.dim() == 1, "seeds must be an int64 [B] tensor, got ",
+              seeds.scalar_type(), " of shape ", seeds.sizes());
+  TORCH_CHECK(n >= 1 && n < (int64_t{1} << 31), "n must be in [1, 2^31), got ", n);
+#ifdef SPHERE_FAST_WITH_CUDA
+  if (seeds.is_cuda()) return philox_below_cuda_op(seeds, counter, n);
+#endif
+  return philox_below_cpu(seeds, counter, n);
+}
+
 }  // namespace
 }  // namespace sphere_fast
 
@@ -189,6 +212,7 @@ TORCH_LIBRARY(sphere_fast_cpp, m) {
       "spherify_bwd(Tensor grad, Tensor z, Tensor? scales, Tensor? noise, Tensor? seeds, Tensor stats, int stream) "
       "-> (Tensor, Tensor)");
   m.def("sphere_noise(Tensor seeds, int length, int stream) -> Tensor");
+  m.def("philox_below(Tensor seeds, int counter, int n) -> Tensor");
 }
 
 // No derivatives here (sphere_fast's ops hold the autograd): a call that needs a gradient fails at its
@@ -197,12 +221,14 @@ TORCH_LIBRARY_IMPL(sphere_fast_cpp, Autograd, m) {
   m.impl("spherify_fwd", torch::autograd::autogradNotImplementedFallback());
   m.impl("spherify_bwd", torch::autograd::autogradNotImplementedFallback());
   m.impl("sphere_noise", torch::autograd::autogradNotImplementedFallback());
+  m.impl("philox_below", torch::autograd::autogradNotImplementedFallback());
 }
 
 TORCH_LIBRARY_IMPL(sphere_fast_cpp, CPU, m) {
   m.impl("spherify_fwd", &sphere_fast::spherify_fwd_op);
   m.impl("spherify_bwd", &sphere_fast::spherify_bwd_op);
   m.impl("sphere_noise", &sphere_fast::sphere_noise_op);
+  m.impl("philox_below", &sphere_fast::philox_below_op);
 }
 
 #ifdef SPHERE_FAST_WITH_CUDA
@@ -210,6 +236,7 @@ TORCH_LIBRARY_IMPL(sphere_fast_cpp, CUDA, m) {
   m.impl("spherify_fwd", &sphere_fast::spherify_fwd_op);
   m.impl("spherify_bwd", &sphere_fast::spherify_bwd_op);
   m.impl("sphere_noise", &sphere_fast::sphere_noise_op);
+  m.impl("philox_below", &sphere_fast::philox_below_op);
 }
 #endif
 

@@ -193,4 +193,13 @@ at::Tensor sphere_noise_cpu(const at::Tensor& seeds, int64_t length, int64_t str
   return out;
 }
 
+at::Tensor philox_below_cpu(const at::Tensor& seeds, int64_t counter, int64_t n) {
+  const at::Tensor sd = seeds.contiguous();
+  at::Tensor out = at::empty_like(sd);
+  const int64_t* s = sd.data_ptr<int64_t>();
+  int64_t* o = out.data_ptr<int64_t>();
+  for (int64_t b = 0; b < sd.size(0); ++b) o[b] = philox_below(s[b], counter, n);
+  return out;
+}
+
 }  // namespace sphere_fast

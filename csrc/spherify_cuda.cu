@@ -165,6 +165,12 @@ __global__ void __launch_bounds__(kThreads) noise_kernel(const int64_t* seeds, f
     out[b * length + j] = philox_randn(seed, base + j);
 }
 
+__global__ void __launch_bounds__(kThreads)
+    philox_below_kernel(const int64_t* seeds, int64_t* out, int64_t batch, int64_t counter, int64_t n) {
+  const int64_t b = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x;
+  if (b < batch) out[b] = philox_below(seeds[b], counter, n);
+}
+
 template <typename T, int MODE, int PAIRS>
 int launch_fwd(const SpherifyArgs& a, cudaStream_t stream) {
   // batch on x (up to 2^31 - 1 blocks), chunks on y
@@ -220,6 +226,13 @@ int sphere_noise_cuda(const int64_t* seeds, float* out, int64_t batch, int64_t l
   // batch on x (up to 2^31 - 1 blocks), at most 1024 blocks a sample on y
   const dim3 grid(static_cast<unsigned>(batch), static_cast<unsigned>(blocks < 1024 ? blocks : 1024));
   noise_kernel<<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(seeds, out, length, base);
+  return static_cast<int>(cudaGetLastError());
+}
+
+int philox_below_cuda(const int64_t* seeds, int64_t* out, int64_t batch, int64_t counter, int64_t n, void* stream) {
+  const int64_t blocks = (batch + kThreads - 1) / kThreads;
+  philox_below_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      seeds, out, batch, counter, n);
   return static_cast<int>(cudaGetLastError());
 }
 

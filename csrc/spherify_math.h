@@ -55,6 +55,14 @@ SF_HD float uint_to_uniform(uint32_t x) {
   return static_cast<float>(v) * 4.6566127342e-10f;
 }
 
+// An integer uniform in [0, n) for 0 < n < 2^31: floor(w * n / 2^32) for w the first word at `counter` (the seeded
+// labels; the 64-bit product cannot overflow).
+SF_HD int64_t philox_below(int64_t seed, int64_t counter, int64_t n) {
+  uint32_t w0, w1;
+  philox_c0_c1(seed, counter, w0, w1);
+  return static_cast<int64_t>((static_cast<uint64_t>(w0) * static_cast<uint64_t>(n)) >> 32);
+}
+
 // tl.randn(seed, offset): Box-Muller on the first two words, keeping r * cos(theta).
 SF_HD float philox_randn(int64_t seed, int64_t offset) {
   uint32_t w0, w1;

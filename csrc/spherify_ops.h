@@ -21,6 +21,7 @@ std::tuple<at::Tensor, at::Tensor> spherify_bwd_cpu(const at::Tensor& grad, cons
                                                     const c10::optional<at::Tensor>& seeds, const at::Tensor& stats,
                                                     int64_t stream);
 at::Tensor sphere_noise_cpu(const at::Tensor& seeds, int64_t length, int64_t stream);
+at::Tensor philox_below_cpu(const at::Tensor& seeds, int64_t counter, int64_t n);
 
 }  // namespace sphere_fast
 #endif
@@ -49,5 +50,6 @@ struct SpherifyArgs {
 int spherify_fwd_cuda(const SpherifyArgs& args, void* stream);
 int spherify_bwd_cuda(const SpherifyArgs& args, void* stream);
 int sphere_noise_cuda(const int64_t* seeds, float* out, int64_t batch, int64_t length, int64_t base, void* stream);
+int philox_below_cuda(const int64_t* seeds, int64_t* out, int64_t batch, int64_t counter, int64_t n, void* stream);
 
 }  // namespace sphere_fast

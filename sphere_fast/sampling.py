@@ -32,7 +32,8 @@ from sphere_fast.model import (
 )
 from sphere_fast.nn.layers import fused_mlp_enabled, padded_mlp_weights
 from sphere_fast.ops._util import compile_pass
-from sphere_fast.ops.philox import check_seeds, philox_below
+from sphere_fast.ops.labels import seeded_labels
+from sphere_fast.ops.philox import check_seeds
 
 logger = logging.getLogger("sphere_fast")
 CFG_POSITIONS = ("enc", "dec", "combo")
@@ -95,11 +96,6 @@ def fresh_seeds(batch_size: int, device: torch.device) -> torch.Tensor:
     return torch.randint(0, 2**62, (batch_size,), dtype=torch.int64, device=device)
 
 
-# The Philox counter of a sample's random label: 2**64 - 1 as the unsigned counter, above every noise offset (which
-# stays below 2**63), so a label and its sample's noise are separate draws.
-LABEL_COUNTER = -1
-
-
 def sample_labels(
     model: torch.nn.Module,
     batch_size: int,
@@ -109,8 +105,8 @@ def sample_labels(
     seeds: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Given labels (checked; reads them on the host) or uniform random ones: drawn from ``seeds`` ([B] on
-    ``device``) when given (``philox_below``: about 300 small integer ops), so that a seed alone decides its
-    sample, else from torch's generator. None for an unconditional model. The null label ``num_classes`` is
+    ``device``) when given (``ops.labels.seeded_labels``: one kernel on the fused backends), so that a seed alone
+    decides its sample, else from torch's generator. None for an unconditional model. The null label ``num_classes`` is
     taken, as the networks take it: that sample is unconditional (its CFG branches are the same), as a
     CFG-trained model's unconditional samples are drawn."""
     if model.num_classes == 0:
@@ -120,7 +116,7 @@ def sample_labels(
         return None
     if y is None:
         if seeds is not None:
-            return philox_below(seeds, LABEL_COUNTER, model.num_classes)
+            return seeded_labels(seeds, model.num_classes)
         return torch.randint(0, model.num_classes, (batch_size,), device=device)
     if not isinstance(y, torch.Tensor) or y.dtype != torch.long or y.shape != (batch_size,):
         got = f"{y.dtype} of shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else _type_name(y)
@@ -472,6 +468,8 @@ class _CapturedLoop:
                     _compile_ahead(sampler, key, self.labels, self.seeds, weight)
                     clock.lap("compile pass")
                 _representative_loop(sampler, key, self.labels, self.seeds, weight)
+                if conditional:  # the kernel a seeded call without labels runs before its replay: compiled here
+                    seeded_labels(self.seeds, sampler.model.num_classes)
                 clock.lap("warm-up")
             torch.cuda.current_stream().wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
@@ -500,7 +498,7 @@ class Sampler:
     [B, 3, H, W] in [0, 1] (and, with ``return_first``, ``(first, final)`` like ``generate``).
 
     Seeds None means fresh ones; labels None means uniform random ones, drawn from the seeds where seeds are given
-    (so that the same seeds give the same images; about 300 small integer ops a call), else from torch's generator
+    (so that the same seeds give the same images; one kernel on the fused backends), else from torch's generator
     as the fresh seeds are; B is the length of labels or seeds, else ``batch_size``; labels on the device are
     range-checked on the host (one sync). A sample's image
     depends only on its seed, label and the options (steps, cfg, cfg_position, cache_noise, scheduler, dtype),

@@ -162,6 +162,17 @@ def test_noise_of_one_value_samples_at_stream_1(backend: str) -> None:
         torch.testing.assert_close(op(backend), op("eager"), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", KERNELS)
+def test_seeded_labels_kernels_give_the_reference_labels(backend: str) -> None:
+    """Bit for bit (integer arithmetic), over many blocks, and no launch for no seeds."""
+    require_backend(backend)
+    seeds = torch.cat([torch.tensor(SEEDS), torch.arange(70_000) * 7919 - 2**40])
+    for n in (1, 1000, 2**31 - 1):
+        got = ops.seeded_labels(seeds.to(DEVICE), n, backend=backend)
+        assert torch.equal(got.cpu(), ops.seeded_labels_reference(seeds, n)), n
+    assert ops.seeded_labels(seeds[:0].to(DEVICE), 10, backend=backend).shape == (0,)
+
+
 # the C++ forward's 16-byte vectors at the model's widths (4096: two or four a thread), one column at D = 97
 ADALN_SHAPES = [(4, 256, 1024), (2, 255, 1152), (2, 3, 4096), (3, 7, 97)]
 

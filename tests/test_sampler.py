@@ -112,7 +112,7 @@ def test_labels_left_out_are_drawn_from_the_seeds(model, monkeypatch):
     labels = sample_labels(model, 2000, None, torch.device("cpu"), seeds=torch.arange(2000))
     assert labels.unique().tolist() == list(range(10))
     assert torch.equal(labels[SEEDS], sample_labels(model, 5, None, torch.device("cpu"), seeds=SEEDS))
-    monkeypatch.setattr(sampling, "philox_below", lambda *args: pytest.fail("labels drawn from fresh seeds"))
+    monkeypatch.setattr(sampling, "seeded_labels", lambda *args: pytest.fail("labels drawn from fresh seeds"))
     torch.manual_seed(3)
     unseeded = sampler()
     torch.manual_seed(3)

@@ -8,6 +8,7 @@ CPU code."""
 from __future__ import annotations
 
 import copy
+import importlib
 import time
 
 import pytest
@@ -175,6 +176,25 @@ def test_the_warm_up_runs_every_op_the_capture_records(
     graphed(LABELS[:4], SEEDS[:4])
     captured = {op for op in emulated_cuda_graphs.recorded_ops() if not op.is_view}  # views launch nothing
     assert captured and captured <= warmed, sorted(map(str, captured - warmed))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_the_warm_up_compiles_the_seeded_label_kernel(
+    model: SphereEncoder, emulated_cuda_graphs: CudaGraphEmulator, monkeypatch: pytest.MonkeyPatch, backend: str
+) -> None:
+    """A seeded call without labels draws them with one kernel before its replay: launched once at the capture (where
+    Triton compiles it), not first in that call; the call's labels are the seeds' own."""
+    labels_module = importlib.import_module("sphere_fast.ops.labels")
+    drawn: list[torch.Tensor] = []
+    kernel = labels_module._seeded_labels
+    monkeypatch.setattr(labels_module, "_seeded_labels", lambda *args: drawn.append(kernel(*args)) or drawn[-1])
+    with use_backend(backend):
+        graphed, plain = samplers(model, 4, (2, 1.4, "combo", True, False))
+        graphed.prepare()
+        assert len(drawn) == 1 and emulated_cuda_graphs.captures == 1
+        close(graphed(seeds=SEEDS[:4]), plain(labels_module.seeded_labels_reference(SEEDS[:4], 10), SEEDS[:4]), TOL,
+              "seeded labels")
+    assert len(drawn) == 2
 
 
 def test_every_static_input_is_read_at_replay(model: SphereEncoder, emulated_cuda_graphs: CudaGraphEmulator) -> None:

@@ -71,8 +71,9 @@ def test_triton_kernels_no_spills(kernel, dtype, noise, pair):
 def test_cuda_kernels_no_spills():
     root = _extension.csrc_dir()
     kernels = compile_cuda_sm90(root / "spherify_cuda.cu", include_dirs=[root])
-    # 3 element types x (3 modes for fwd_partials + 5 (mode, pairs) variants x 3 other kernels) + the noise kernel
-    assert len(kernels) == 55, sorted(kernels)
+    # 3 element types x (3 modes for fwd_partials + 5 (mode, pairs) variants x 3 other kernels), the noise kernel and
+    # the seeded labels' (ops/labels.py)
+    assert len(kernels) == 56, sorted(kernels)
     # Philox kernels (noise mode kNoisePhilox = 2, first template int): precise cosf keeps the same 32-byte
     # Payne-Hanek frame as tl.randn's (see above), never used for |x| < 2 pi
     philox = {n: r for n, r in kernels.items() if "noise_kernel" in n or re.search(r"I(f|13__nv_bfloat16|6__half)Li2E", n)}

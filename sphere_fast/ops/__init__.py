@@ -13,6 +13,7 @@ from sphere_fast.ops.attention import (
     attention_impls,
     attention_reference,
 )
+from sphere_fast.ops.labels import seeded_labels, seeded_labels_reference
 from sphere_fast.ops.philox import philox_randn, sphere_noise_reference
 from sphere_fast.ops.rope import apply_rope, apply_rope_reference
 from sphere_fast.ops.spherify import (
@@ -38,6 +39,8 @@ __all__ = [
     "gated_residual_adaln",
     "gated_residual_adaln_reference",
     "philox_randn",
+    "seeded_labels",
+    "seeded_labels_reference",
     "sphere_noise",
     "sphere_noise_reference",
     "spherify",

@@ -232,7 +232,8 @@ def _triton_noise(seeds: torch.Tensor, length: int, stream: int) -> torch.Tensor
 def _cpp_ext():
     from sphere_fast._extension import load_ops
 
-    fakes = {"spherify_fwd": _fake_fwd_impl, "spherify_bwd": _fake_bwd_impl, "sphere_noise": _fake_noise_impl}
+    fakes = {"spherify_fwd": _fake_fwd_impl, "spherify_bwd": _fake_bwd_impl, "sphere_noise": _fake_noise_impl,
+             "philox_below": lambda seeds, counter, n: torch.empty_like(seeds)}
     return load_ops("sphere_fast_spherify", ("spherify_binding.cpp", "spherify_cpu.cpp"), ("spherify_cuda.cu",),
                     "sphere_fast_cpp", fakes)
 
