@@ -173,8 +173,11 @@ class GuidedNetworks:
         guide = guidance(model, cfg, cfg_position)
         weight = None
         if guide is not None:
-            # torch.full fills on the device; torch.tensor would copy from the host and wait for the queue
-            weight = torch.full((), guidance_weight(cfg, cfg_position), dtype=torch.float32, device=y.device)
+            # filled on the device (torch.tensor would copy from the host and wait for the queue), in float64 as
+            # the Sampler's Python weight; a product, not torch.full: torch.compile keeps a symbolic cfg (a later
+            # cfg value then reuses the graph) where it specialised a filled value
+            scale = torch.ones((), dtype=torch.float64, device=y.device) * cfg
+            weight = (scale.sqrt() if cfg_position == "combo" else scale).to(torch.float32)
         return cls(model, y, guide, weight)
 
     def _run(self, name: str, inp: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:

@@ -492,6 +492,22 @@ def test_compile_generate_fullgraph(model, inputs, dynamic):
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
+
+def test_compiled_generate_takes_a_new_cfg_without_compiling_again(model):
+    """After dynamo's one recompile that makes cfg symbolic, later cfg values reuse the graph: the CFG weight, filled
+    with torch.full, specialised cfg, so each value compiled anew and a sweep of 8 values hit the recompile limit."""
+    from torch._dynamo.utils import counters
+
+    compiled = torch.compile(model.generate, fullgraph=True, backend="aot_eager")
+    graphs = []
+    for cfg in (1.4, 1.6, 2.0, 2.5):
+        got = compiled(5, y=LABELS, cfg=cfg, forward_steps=2, seeds=SEEDS)
+        graphs.append(counters["stats"]["unique_graphs"])
+        for a, b in zip(got, model.generate(5, y=LABELS, cfg=cfg, forward_steps=2, seeds=SEEDS)):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    assert graphs[3] - graphs[0] <= 1, graphs
+
+
 # ---------------------------------------------------------------------------------------------- CUDA graphs
 
 
