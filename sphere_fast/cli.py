@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from sphere_fast import editing
 from sphere_fast._checkout import in_checkout
 
 # Training presets: model constructor arguments + recipe. "fashion-mnist-demo" is the few-minute CPU
@@ -249,14 +250,6 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
     return 0
 
 
-def _editing():
-    try:
-        from sphere_fast import editing
-    except ImportError as err:
-        raise SystemExit(f"this command needs sphere_fast.editing, which is not available here ({err})") from None
-    return editing
-
-
 def _read_images(paths: Sequence[str], size: int, device: str) -> torch.Tensor:
     from PIL import Image
 
@@ -270,7 +263,7 @@ def _read_images(paths: Sequence[str], size: int, device: str) -> torch.Tensor:
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
-    editing, model = _editing(), load_model(args)
+    model = load_model(args)
     x = _read_images(args.images, model.input_size, args.device)
     out = editing.reconstruct_images(model, x)
     print(save_grid(torch.cat([x, out]), args.out, len(args.images)))
@@ -278,7 +271,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
 
 def cmd_interpolate(args: argparse.Namespace) -> int:
-    editing, model = _editing(), load_model(args)
+    model = load_model(args)
     seeds = torch.tensor(args.seeds, dtype=torch.int64) if args.seeds else command_seeds(args.seed, 4)
     labels = torch.tensor(args.labels, dtype=torch.long) if args.labels else None
     images = editing.interpolate(model, seeds, labels, rows=args.rows, cols=args.cols, method=args.method, steps=args.steps, cfg=args.cfg)
@@ -287,7 +280,7 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
 
 
 def cmd_crossover(args: argparse.Namespace) -> int:
-    editing, model = _editing(), load_model(args)
+    model = load_model(args)
     a, b = _read_images([args.first, args.second], model.input_size, args.device)
     seeds = command_seeds(args.seed, 1)
     composite, steps = editing.crossover(
@@ -300,7 +293,7 @@ def cmd_crossover(args: argparse.Namespace) -> int:
 
 
 def cmd_manipulate(args: argparse.Namespace) -> int:
-    editing, model = _editing(), load_model(args)
+    model = load_model(args)
     x = _read_images(args.images, model.input_size, args.device)
     seeds = command_seeds(args.seed, x.shape[0])
     steps = editing.manipulate(

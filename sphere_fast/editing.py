@@ -173,8 +173,7 @@ def crossover(
     b = check_images(model, images_b, "images_b")
     if a.shape != b.shape:
         raise ValueError(f"images_a and images_b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    if not isinstance(swap, bool):
-        raise TypeError(f"swap must be a bool, got {swap!r}")
+    check_flags(swap=swap)
     if swap:
         a, b = b, a
     composite = torch.where(crossover_mask(mask, model.input_size, a.device), a, b)

@@ -82,8 +82,9 @@ MLP_ALIGN = 64
 @constant_under_compile
 def fused_mlp_enabled() -> bool:
     """SPHERE_FAST_FUSED_MLP=1: SwiGLU layers that need no gradient run their first projection and activation as
-    one GEMM (``ops.swiglu_linear``) on the triton backend, fp16 / bf16. Off by default until it is measured
-    against cuBLAS and the SwiGLU kernel (benchmarks/bench_linear.py). A constant under torch.compile."""
+    one GEMM (``ops.swiglu_linear``) on the triton backend, fp16 / bf16. Off by default: against cuBLAS and the
+    SwiGLU kernel on an H200 it was mixed, the sampler within 2% either way (benchmarks/NOTES.md, 2026-11-29). A
+    constant under torch.compile."""
     return env_switch("SPHERE_FAST_FUSED_MLP", default=False)
 
 

@@ -170,7 +170,8 @@ def _bwd_row_block(D: int) -> tuple[int, int, int]:
 
 # Pipeline stages of the backward's row loop, the default first. With 2 or 3 a program loads its next rows while
 # it computes the current one: the same sums in the same order, so on a GPU each call shape takes the fastest
-# (ops/_tuning.py times them once and checks that the bits agree). Not measured yet (benchmarks/NOTES.md).
+# (ops/_tuning.py times them once and checks that the bits agree). Which one wins at which shape is not recorded:
+# the choices stay on the machine that tuned them.
 BWD_STAGES = (1, 2, 3)
 
 
@@ -267,7 +268,7 @@ def _triton_bwd(
     pw = partial(weight, False)
     pg, psh, psc = partial(gate, gate_tok), partial(shift, shift_tok), partial(scale, scale_tok)
     dg, dsh, dsc = per_token(gate, gate_tok), per_token(shift, shift_tok), per_token(scale, scale_tok)
-    d = dx
+    dummy = dx  # the pointer of an absent input: never read
     flags = dict(
         HAS_DRES=dres is not None, HAS_BRANCH=branch is not None, HAS_GATE=gate is not None,
         HAS_W=weight is not None, HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None,
@@ -276,8 +277,8 @@ def _triton_bwd(
 
     def launch(stages: int, compile_only: bool = False) -> None:
         kernel_runner(adaln_bwd_kernel, (B, chunks), compile_only)(
-            dy, _or(dres, d), res, _or(branch, d), _or(gate, d), _or(weight, d), _or(scale, d), rstd,
-            dx, _or(dbranch, d), _or(dg, d), _or(dsh, d), _or(dsc, d),
+            dy, _or(dres, dummy), res, _or(branch, dummy), _or(gate, dummy), _or(weight, dummy), _or(scale, dummy),
+            rstd, dx, _or(dbranch, dummy), _or(dg, dummy), _or(dsh, dummy), _or(dsc, dummy),
             _or(pw, rstd), _or(pg, rstd), _or(psh, rstd), _or(psc, rstd),
             S, D, rows_per_prog, chunks,
             *_bs_strides(branch), *_bs_strides(gate), *_bs_strides(scale),
@@ -291,7 +292,7 @@ def _triton_bwd(
     outputs = [t for t in (dx, dbranch, dg, dsh, dsc, pw, pg, psh, psc) if t is not None]
     launch_tuned(key, _bwd_stage_candidates(), launch, outputs)
 
-    dweight, dg_s, dsh_s, dsc_s = _finish_bwd(pw, pg, psh, psc, B, chunks, D, d)
+    dweight, dg_s, dsh_s, dsc_s = _finish_bwd(pw, pg, psh, psc, B, chunks, D, dummy)
     # a per-sample modulation's grad is summed in the second stage, a per-token one is complete already
     dg, dsh, dsc = (tok if summed is None else summed for tok, summed in ((dg, dg_s), (dsh, dsh_s), (dsc, dsc_s)))
     return dx, dbranch, dg, dweight, dsh, dsc

@@ -13,8 +13,8 @@ the inputs, else the reference: it does not refuse what eager takes (fp32, a cal
 multiple of 8), where an explicit ``triton`` raises. There is no C++ kernel: ``cpp`` is resolved as ``auto``. On a
 GPU the launch config is tuned per call shape (ops/_tuning.py).
 
-Whether the model's MLPs use it is ``nn.layers.fused_mlp_enabled``: not by default until it is measured
-against cuBLAS and the SwiGLU kernel (benchmarks/bench_linear.py).
+Whether the model's MLPs use it is ``nn.layers.fused_mlp_enabled``: not by default, as against cuBLAS and the
+SwiGLU kernel on an H200 it was mixed (benchmarks/bench_linear.py; NOTES, 2026-11-29).
 """
 
 from __future__ import annotations
