@@ -316,7 +316,7 @@ def run_loop(
     torch.compile the check is skipped anyway and the context managers are left out of the trace."""
     if tracing():
         return _loop(model, nets, noise, steps, scheduler, cache_noise)
-    with labels_checked(), padded_mlp_weights(model):
+    with labels_checked(), padded_mlp_weights():
         return _loop(model, nets, noise, steps, scheduler, cache_noise)
 
 

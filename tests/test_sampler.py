@@ -669,11 +669,15 @@ def test_loop_pads_mlp_weights_once_and_images_stay_the_same(model, monkeypatch)
     real = SwiGLU.padded_w12
     monkeypatch.setattr(SwiGLU, "padded_w12", lambda self: calls.append(1) or real(self))
     sampler = Sampler(model, 5, 3, cfg=1.4, dtype=torch.float32)
+    walks = []
+    modules = torch.nn.Module.modules
+    monkeypatch.setattr(torch.nn.Module, "modules", lambda self: walks.append(1) or modules(self))
     with sphere_fast.use_backend("cpp"):
         once = sampler(LABELS, SEEDS)
         assert len(calls) == 2  # one MLP in the encoder, one in the decoder
+        assert walks == []  # the loop walked the model's modules to open (about 1 ms at Sphere-L's 717)
         calls.clear()
-        monkeypatch.setattr(sampling, "padded_mlp_weights", lambda model: contextlib.nullcontext())
+        monkeypatch.setattr(sampling, "padded_mlp_weights", lambda: contextlib.nullcontext())
         per_pass = sampler(LABELS, SEEDS)
         assert len(calls) == 5  # 3 decoder and 2 encoder passes
     assert torch.equal(once, per_pass)

@@ -258,7 +258,7 @@ def test_a_loops_padded_weights_are_its_threads_own(backend: str) -> None:
     opened, done = threading.Event(), threading.Event()
 
     def loop() -> None:
-        with use_backend(backend), torch.no_grad(), padded_mlp_weights(layer):
+        with use_backend(backend), torch.no_grad(), padded_mlp_weights():
             layer(x)  # pads once, kept for the loop
             opened.set()
             done.wait(30)
@@ -351,7 +351,7 @@ def test_padded_mlp_weights_pads_once_for_a_loop(backend: str, monkeypatch) -> N
         per_call = [model(x) for _ in range(3)]
         assert len(pads) == 3 * 2 * 3  # three calls, two padded layers, three pads each
         pads.clear()
-        with padded_mlp_weights(model):
+        with padded_mlp_weights():
             assert pads == []
             once = [model(x) for _ in range(3)]
             assert len(pads) == 2 * 3
@@ -361,6 +361,6 @@ def test_padded_mlp_weights_pads_once_for_a_loop(backend: str, monkeypatch) -> N
     for a, b in zip(per_call, once):
         assert torch.equal(a, b)
     pads.clear()
-    with use_backend("eager"), padded_mlp_weights(model):
+    with use_backend("eager"), padded_mlp_weights():
         model(x)
     assert pads == []

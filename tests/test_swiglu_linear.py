@@ -326,7 +326,7 @@ def test_loop_pads_only_w3_when_fused(monkeypatch: pytest.MonkeyPatch) -> None:
         real = getattr(SwiGLU, name)
         monkeypatch.setattr(SwiGLU, name, lambda self, real=real, name=name: made.append(name) or real(self))
     monkeypatch.setenv("SPHERE_FAST_FUSED_MLP", "1")
-    with use_backend("triton"), torch.no_grad(), padded_mlp_weights(layer):
+    with use_backend("triton"), torch.no_grad(), padded_mlp_weights():
         first, second = layer(x), layer(x)
     assert made == ["padded_w3"]
     assert torch.equal(first, second)

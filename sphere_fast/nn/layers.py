@@ -7,8 +7,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-import types
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -190,9 +189,10 @@ class SwiGLU(nn.Module):
 
     def _loop_weight(self, name: str, make: Callable[[], T]) -> T:
         """make(), or inside padded_mlp_weights (of this thread or task) its result from the loop's first call."""
-        kept = None if tracing() else _loop_weights.get().get(self)  # dynamo does not trace the context variable
-        if kept is None:
+        loop = None if tracing() else _loop_weights.get()  # dynamo does not trace the context variable
+        if loop is None:
             return make()
+        kept = loop.setdefault(self, {})
         if name not in kept:
             kept[name] = make()
         return kept[name]
@@ -215,21 +215,22 @@ class SwiGLU(nn.Module):
         return F.linear(h, w3, self.w3.bias)
 
 
-# The padded weights of the loops open in this thread or task: layer -> {name: weights} (padded_mlp_weights).
-_loop_weights: contextvars.ContextVar[Mapping[SwiGLU, dict[str, Any]]] = contextvars.ContextVar(
-    "sphere_fast_loop_weights", default=types.MappingProxyType({})
+# The padded weights of the innermost loop open in this thread or task: layer -> {name: weights}
+# (padded_mlp_weights); None outside a loop.
+_loop_weights: contextvars.ContextVar[dict[SwiGLU, dict[str, Any]] | None] = contextvars.ContextVar(
+    "sphere_fast_loop_weights", default=None
 )
 
 
 @contextlib.contextmanager
-def padded_mlp_weights(model: nn.Module) -> Iterator[None]:
-    """Inside, each SwiGLU layer of ``model`` that computes with a padded hidden width pads its weights once, at
-    its first call, instead of at every call: for loops over fixed weights, such as sampling. Inside a CUDA-graph
-    capture the pads are part of the graph (once a replay), so in-place weight updates still reach it. The
-    weights are kept in a context variable, not on the layers: other threads calling the same model (or changing
-    its weights) neither see them nor disturb them."""
-    loops = {m: {} for m in model.modules() if isinstance(m, SwiGLU)}
-    with context_value(_loop_weights, {**_loop_weights.get(), **loops}):
+def padded_mlp_weights() -> Iterator[None]:
+    """Inside, each SwiGLU layer that computes with a padded hidden width pads its weights once, at its first call
+    in the block, instead of at every call: for loops over fixed weights, such as sampling. Entering costs the
+    same for any model (layers join at their first call: walking Sphere-L's modules cost about 1 ms a loop).
+    Inside a CUDA-graph capture the pads are part of the graph (once a replay), so in-place weight updates still
+    reach it. The weights are kept in a context variable, not on the layers: other threads calling the same model
+    (or changing its weights) neither see them nor disturb them."""
+    with context_value(_loop_weights, {}):
         yield
 
 
