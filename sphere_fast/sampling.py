@@ -240,20 +240,32 @@ class DrawnNoise:
 def noise_stream(
     model: torch.nn.Module, batch_size: int, device: torch.device, noise: Sequence[torch.Tensor] | None
 ) -> Iterator[torch.Tensor]:
-    """N(0, I) latents [B, N, C]: the recorded draws in order, else torch's global generator (the
+    """N(0, I) latents [B, N, C]: the recorded draws in order (checked here), else torch's global generator (the
     official order: the initial point drawn on the CPU generator, refinements on the device)."""
     shape = (batch_size, *model.latent_shape[1:])
     if noise is not None:
-        for i, e in enumerate(noise):
-            if not isinstance(e, torch.Tensor) or not e.is_floating_point():
-                got = e.dtype if isinstance(e, torch.Tensor) else type(e).__name__
-                raise TypeError(f"noise[{i}] must be a floating tensor of N(0, I) draws, got {got}")
-            if tuple(e.shape) != shape:
-                raise ValueError(f"noise[{i}] must have shape {shape}, got {tuple(e.shape)}")
-            if not tracing() and not bool(torch.isfinite(e).all()):  # a host read, as the labels' range
-                raise ValueError(f"noise[{i}] holds NaN or infinite values")
-            yield e.to(device=device, dtype=torch.float32)
-        return
+        return iter(_recorded_draws(noise, shape, device))
+    return _generated_draws(shape, device)
+
+
+def _recorded_draws(noise: Sequence[torch.Tensor], shape: tuple[int, ...], device: torch.device) -> list[torch.Tensor]:
+    draws = []
+    for i, e in enumerate(noise):
+        if not isinstance(e, torch.Tensor) or not e.is_floating_point():
+            got = e.dtype if isinstance(e, torch.Tensor) else type(e).__name__
+            raise TypeError(f"noise[{i}] must be a floating tensor of N(0, I) draws, got {got}")
+        if tuple(e.shape) != shape:
+            raise ValueError(f"noise[{i}] must have shape {shape}, got {tuple(e.shape)}")
+        draws.append(e.to(device=device, dtype=torch.float32))
+    # One host read for all draws, before the loop (a read between network passes waits for the device each
+    # time), and of what the loop takes: a float64 value past float32's range is infinite there.
+    if draws and not tracing() and not bool(torch.stack([d.isfinite().all() for d in draws]).all()):
+        first = next(i for i, d in enumerate(draws) if not bool(d.isfinite().all()))
+        raise ValueError(f"noise[{first}] holds NaN or infinite values")
+    return draws
+
+
+def _generated_draws(shape: tuple[int, ...], device: torch.device) -> Iterator[torch.Tensor]:
     yield torch.randn(shape).to(device)
     while True:
         yield torch.randn(shape, device=device)

@@ -6,6 +6,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sphere_fast import SphereEncoder, editing, ops, sampling
 from sphere_fast.sampling import GraphKey, GuidedNetworks, Sampler, bucket_for, sample_labels, to_unit
@@ -409,10 +410,33 @@ def test_recorded_noise_is_checked_and_taken_in_float32(model):
         bad[3, 2, 1] = value
         with pytest.raises(ValueError, match=r"noise\[1\] holds NaN or infinite values"):
             model.generate(5, y=LABELS, forward_steps=2, noise=[draws[0], bad])
+    huge = draws[1].clone()
+    huge[0, 0, 0] = 1e300  # finite in float64, infinite in the float32 the loop takes
+    with pytest.raises(ValueError, match=r"noise\[1\] holds NaN or infinite values"):
+        model.generate(5, y=LABELS, forward_steps=2, noise=[draws[0], huge])
     # a draw left over means the run is not the one the draws were recorded from
     for steps, cache, given in ((2, False, 3), (3, True, 3), (3, False, 2), (1, False, 2)):
         with pytest.raises(ValueError, match=f"noise holds {given} draws; {steps} steps with cache_noise={cache}"):
             model.generate(5, y=LABELS, forward_steps=steps, cache_sampling_noise=cache, noise=(draws * 2)[:given])
+
+
+def test_recorded_noise_is_read_on_the_host_before_the_networks_run(model, monkeypatch):
+    """The draws' finiteness is read once, before the first network pass: a read between passes (each refinement
+    draw's, when first taken) waits for the device to finish the passes queued before it."""
+    order = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            order.append("read" if func in (torch.ops.aten.is_nonzero.default, torch.ops.aten.item.default,
+                                             torch.ops.aten._local_scalar_dense.default) else str(func))
+            return func(*args, **(kwargs or {}))
+
+    draws = [torch.randn(5, 16, 4) for _ in range(4)]
+    with Ops():
+        model.generate(5, y=LABELS, forward_steps=4, noise=draws)
+    first_pass = next(i for i, op in enumerate(order) if "linear" in op or "addmm" in op or "convolution" in op)
+    reads = [i for i, op in enumerate(order) if op == "read"]
+    assert reads and max(reads) < first_pass, (reads, first_pass)
 
 
 def test_global_generator_draws_in_the_official_order(model):
