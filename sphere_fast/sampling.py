@@ -524,7 +524,8 @@ class Sampler:
     ``cfg``, ``cfg_position``, ``cache_noise``, ``scheduler`` and ``dtype`` may be changed between calls. On CUDA with
     ``cuda_graph`` the loop is captured once per ``GraphKey`` (batches padded to power-of-two buckets, all
     graphs in one memory pool) and replayed; elsewhere it runs un-captured. ``prepare(n)`` captures ahead
-    of the first call. For speed pass a model already cast to ``dtype``. A graph reads the model's parameters
+    of the first call. For speed pass a model already cast to ``dtype`` (a capture of float32 weights in a half
+    dtype warns: the graph casts them at each network pass). A graph reads the model's parameters
     and buffers where they were at its capture: in-place updates (``load_state_dict``, an optimizer step)
     reach the next replay; tensors moved or replaced since (``model.to(...)``, ``p.data = ...``,
     ``load_state_dict(assign=True)``) and a changed ``noise_sigma_max_angle`` are found at the next call, which
@@ -627,6 +628,11 @@ class Sampler:
                            if slots]
             self._captured_state = self._model_state()
         if key not in self._graphs:
+            weights = next(self.model.parameters()).dtype
+            if weights == torch.float32 and key.dtype != torch.float32:
+                warn(f"the model's weights are float32 and the Sampler runs {key.dtype}: a captured loop casts every "
+                     "weight again at each network pass (autocast keeps no cast copies in a CUDA graph); for speed "
+                     f"cast the model once, model.to({key.dtype})")
             # The sampler's first capture compiles its kernels first; later buckets share nearly all of them.
             compile_first = not self._graphs and key.backend in ("auto", "triton")
             self._graphs[key] = _CapturedLoop(self, key, self._pool, compile_first)

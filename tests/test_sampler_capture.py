@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import importlib
 import time
+import warnings
 
 import pytest
 import torch
@@ -293,10 +294,21 @@ def test_dtype_change_captures_its_own_graph(model: SphereEncoder, emulated_cuda
     graphed, plain = samplers(model, 8, (2, 1.4, "combo", True, False))
     fp32 = graphed(LABELS, SEEDS)
     graphed.dtype = plain.dtype = torch.bfloat16  # autocast is part of the captured loop
-    bf16 = graphed(LABELS, SEEDS)
+    with pytest.warns(UserWarning, match=r"float32 and the Sampler runs torch.bfloat16: .*model.to\(torch.bfloat16\)"):
+        bf16 = graphed(LABELS, SEEDS)
     assert [k.dtype for k in graphed.graph_keys] == [torch.float32, torch.bfloat16]
     close(bf16, plain(LABELS, SEEDS), TOL, "bf16 graph vs plain bf16")
     assert (bf16 - fp32).abs().amax() > 1e-4  # a replay of the fp32 graph would have returned fp32's images
+
+
+def test_a_model_cast_to_the_sampler_s_dtype_captures_without_a_warning(
+    model: SphereEncoder, emulated_cuda_graphs: CudaGraphEmulator
+) -> None:
+    graphed = Sampler(copy.deepcopy(model).to(torch.bfloat16), 4, 2, cfg=1.4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        graphed.prepare()
+    assert emulated_cuda_graphs.captures == 1
 
 
 def test_a_capture_inside_the_caller_s_autocast_keeps_the_sampler_s_dtype(
