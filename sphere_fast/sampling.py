@@ -31,7 +31,7 @@ from sphere_fast.model import (
     representative_blocks,
 )
 from sphere_fast.nn.layers import fused_mlp_enabled, padded_mlp_weights
-from sphere_fast.ops._util import compile_pass
+from sphere_fast.ops._util import compile_pass, next_pow2
 from sphere_fast.ops.labels import seeded_labels
 from sphere_fast.ops.philox import check_seeds
 
@@ -390,7 +390,7 @@ def bucket_for(n: int, batch_size: int) -> int:
     """The padded batch a batch of n runs in: the next power of two, capped at batch_size."""
     if not 1 <= n <= batch_size:
         raise ValueError(f"batch must hold 1 to batch_size={batch_size} samples, got {n}")
-    return min(batch_size, 1 << (n - 1).bit_length())
+    return min(batch_size, next_pow2(n))
 
 
 def cuda_graphs_usable(device: torch.device) -> bool:

@@ -29,6 +29,11 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def ceil_div(a: int, b: int) -> int:
+    """ceil(a / b) for ints, b > 0 (programs on a grid axis)."""
+    return -(-a // b)
+
+
 def on_input_device(launcher: F) -> F:
     """Run a Triton launcher with its first argument's CUDA device current: Triton launches on the current
     device, so tensors on another GPU would otherwise be read by kernels running on the wrong one."""

@@ -19,7 +19,7 @@ from sphere_fast._once import once_per_key
 from sphere_fast.backend import EAGER_DTYPES, emulate_bf16, resolve_for_dtype, triton_interpreting
 from sphere_fast.ops._library import call_op, define_op, differentiable_by, first_order_only, grad_only_from
 from sphere_fast.ops._tuning import launch_tuned
-from sphere_fast.ops._util import kernel_runner, next_pow2, on_input_device, unit_last_stride
+from sphere_fast.ops._util import ceil_div, kernel_runner, next_pow2, on_input_device, unit_last_stride
 
 AUTO_ORDER = ("triton", "cpp", "eager")
 EPS_RANGE = (torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max)
@@ -187,10 +187,10 @@ def _n_programs_target(device: torch.device) -> int:
 
 
 def _chunking(B: int, S: int, block_m: int, device: torch.device) -> tuple[int, int]:
-    chunks = max(1, min(-(-_n_programs_target(device) // B), -(-S // block_m)))
-    rows_per_prog = -(-S // chunks)
-    rows_per_prog = -(-rows_per_prog // block_m) * block_m
-    return -(-S // rows_per_prog), rows_per_prog
+    chunks = max(1, min(ceil_div(_n_programs_target(device), B), ceil_div(S, block_m)))
+    rows_per_prog = ceil_div(S, chunks)
+    rows_per_prog = ceil_div(rows_per_prog, block_m) * block_m
+    return ceil_div(S, rows_per_prog), rows_per_prog
 
 
 @on_input_device
@@ -216,7 +216,7 @@ def _triton_fwd(
 
     def launch(config: tuple[int, int], compile_only: bool = False) -> None:
         block_m, num_warps = config
-        kernel_runner(adaln_fwd_kernel, (-(-M // block_m),), compile_only)(
+        kernel_runner(adaln_fwd_kernel, (ceil_div(M, block_m),), compile_only)(
             x, _or(branch, dummy), _or(gate, dummy), _or(weight, dummy), _or(shift, dummy), _or(scale, dummy),
             _or(res, dummy), y, rstd,
             M, S, D, eps,
@@ -321,7 +321,7 @@ def _finish_bwd(
     programs = sample_programs + (pw is not None)
     if programs:
         some = next(t for t in (pw, pg, psh, psc) if t is not None)
-        kernel_runner(adaln_bwd_finish_kernel, (programs, -(-D // FINISH_BLOCK_D)))(
+        kernel_runner(adaln_bwd_finish_kernel, (programs, ceil_div(D, FINISH_BLOCK_D)))(
             _or(pw, some), _or(pg, some), _or(psh, some), _or(psc, some),
             _or(dweight, like), _or(dg_s, like), _or(dsh_s, like), _or(dsc_s, like),
             B, chunks, D, sample_programs,

@@ -13,7 +13,7 @@ import torch
 
 from sphere_fast.backend import resolve_backend
 from sphere_fast.ops._library import define_op
-from sphere_fast.ops._util import kernel_runner, on_input_device
+from sphere_fast.ops._util import ceil_div, kernel_runner, on_input_device
 from sphere_fast.ops.philox import check_seeds, philox_below
 
 # The Philox counter of a sample's label: 2**64 - 1 as the unsigned counter, above every noise offset (which stays
@@ -43,7 +43,7 @@ def _triton_labels(seeds: torch.Tensor, num_classes: int) -> torch.Tensor:
     from sphere_fast.kernels.labels import _labels_kernel
 
     out = torch.empty_like(seeds)
-    kernel_runner(_labels_kernel, (-(-seeds.shape[0] // _BLOCK),))(
+    kernel_runner(_labels_kernel, (ceil_div(seeds.shape[0], _BLOCK),))(
         seeds, out, seeds.shape[0], LABEL_COUNTER, num_classes, BLOCK=_BLOCK
     )
     return out

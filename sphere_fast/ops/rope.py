@@ -24,7 +24,7 @@ from sphere_fast.backend import (
     triton_interpreting,
 )
 from sphere_fast.ops._library import call_op, define_op, differentiable_by, first_order_only, grad_only_from
-from sphere_fast.ops._util import bnhd_empty, kernel_runner, next_pow2, on_input_device, unit_last_stride
+from sphere_fast.ops._util import bnhd_empty, ceil_div, kernel_runner, next_pow2, on_input_device, unit_last_stride
 
 AUTO_ORDER = ("triton", "eager")
 
@@ -111,7 +111,7 @@ def _triton_rope(q: Tensor, k: Tensor, rope: Tensor, transpose: bool) -> tuple[T
     b, h, n, d = q.shape
     if qo.numel():
         block_n, d_pad = _launch_config(d, triton_interpreting())
-        kernel_runner(rope_kernel, (b * h, -(-n // block_n)))(
+        kernel_runner(rope_kernel, (b * h, ceil_div(n, block_n)))(
             q, k, qo, ko, rope.contiguous(),
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             qo.stride(0), qo.stride(1), qo.stride(2),

@@ -19,7 +19,7 @@ import torch
 from sphere_fast._once import once_per_key
 from sphere_fast.backend import EAGER_DTYPES, emulate_bf16, resolve_backend, resolve_for_dtype, tracing
 from sphere_fast.ops._library import call_op, define_op, differentiable_by, first_order_only, grad_only_from
-from sphere_fast.ops._util import kernel_runner, next_pow2, on_input_device
+from sphere_fast.ops._util import ceil_div, kernel_runner, next_pow2, on_input_device
 from sphere_fast.ops.philox import check_seeds, check_stream, sample_shape, sphere_noise_reference
 
 EPS = 1e-6
@@ -219,7 +219,7 @@ def _triton_noise(seeds: torch.Tensor, length: int, stream: int) -> torch.Tensor
     block = min(4096, next_pow2(length))
     out = torch.empty((seeds.shape[0], length), dtype=torch.float32, device=seeds.device)
     # the kernel reads seeds[b] at unit stride
-    kernel_runner(_noise_kernel, (seeds.shape[0], -(-length // block)))(
+    kernel_runner(_noise_kernel, (seeds.shape[0], ceil_div(length, block)))(
         seeds.contiguous(), out, length, stream * length, BLOCK=block
     )
     return out

@@ -13,7 +13,7 @@ from torch import Tensor
 from sphere_fast._once import once_per_key
 from sphere_fast.backend import EAGER_DTYPES, emulate_bf16, resolve_for_dtype
 from sphere_fast.ops._library import call_op, define_op, differentiable_by, first_order_only
-from sphere_fast.ops._util import kernel_runner, on_input_device, unit_last_stride
+from sphere_fast.ops._util import ceil_div, kernel_runner, next_pow2, on_input_device, unit_last_stride
 
 AUTO_ORDER = ("triton", "cpp", "eager")
 
@@ -40,7 +40,7 @@ def _as_rows(h: Tensor) -> Tensor:
 
 
 def _blocks(H: int) -> tuple[int, int]:
-    block_n = min(1024, 1 << max(0, (H - 1).bit_length()))
+    block_n = min(1024, next_pow2(H))
     return max(1, 2048 // block_n), block_n
 
 
@@ -63,7 +63,7 @@ def _triton_fwd(h: Tensor) -> Tensor:
     out = torch.empty((M, H), dtype=h.dtype, device=h.device)
     if M and _rows_aligned(H, h2.stride(0), h.element_size()):
         block_m, block_n = _blocks(H)
-        kernel_runner(swiglu_fwd_kernel, (-(-M // block_m), -(-H // block_n)))(
+        kernel_runner(swiglu_fwd_kernel, (ceil_div(M, block_m), ceil_div(H, block_n)))(
             h2, out, M, H, h2.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, EMULATE_BF16=emulate_bf16(h.dtype),
             num_warps=4,
         )
@@ -71,7 +71,7 @@ def _triton_fwd(h: Tensor) -> Tensor:
         # unaligned rows (H = 2731 on an H200: 61% of copy row-tiled, torch.compile's flat kernel 89%): out in
         # order, so at least its stores are whole 128-bit words
         int64 = max(M * H, (M - 1) * h2.stride(0) + 2 * H) + FLAT_BLOCK >= INT32_LIMIT
-        kernel_runner(swiglu_fwd_flat_kernel, (-(-(M * H) // FLAT_BLOCK),))(
+        kernel_runner(swiglu_fwd_flat_kernel, (ceil_div(M * H, FLAT_BLOCK),))(
             h2, out, M * H, H, h2.stride(0), BLOCK=FLAT_BLOCK, INT64=int64, EMULATE_BF16=emulate_bf16(h.dtype),
             num_warps=4,
         )
@@ -88,7 +88,7 @@ def _triton_bwd(dout: Tensor, h: Tensor) -> Tensor:
     dh = torch.empty((M, 2 * H), dtype=h.dtype, device=h.device)
     if M:
         block_m, block_n = _blocks(H)
-        kernel_runner(swiglu_bwd_kernel, (-(-M // block_m), -(-H // block_n)))(
+        kernel_runner(swiglu_bwd_kernel, (ceil_div(M, block_m), ceil_div(H, block_n)))(
             dout, h2, dh, M, H, h2.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, EMULATE_BF16=emulate_bf16(h.dtype),
             num_warps=4,
         )

@@ -28,7 +28,7 @@ from torch import Tensor
 from sphere_fast.backend import emulate_bf16, requested_cpp_as_auto, resolve_backend, triton_interpreting
 from sphere_fast.ops._library import call_op, define_op, forward_only, needs_grad
 from sphere_fast.ops._tuning import launch_tuned
-from sphere_fast.ops._util import kernel_runner, next_pow2, on_input_device
+from sphere_fast.ops._util import ceil_div, kernel_runner, next_pow2, on_input_device
 from sphere_fast.ops.swiglu import swiglu_reference
 
 AUTO_ORDER = ("triton",)
@@ -133,7 +133,7 @@ def _triton_forward(x: Tensor, weight: Tensor, bias: Tensor | None, out_width: i
         return out.view(*x.shape[:-1], out_width)
 
     def launch(config: GemmConfig, compile_only: bool = False) -> None:
-        grid = (-(-m // config.block_m) * -(-out_width // config.block_n),)
+        grid = (ceil_div(m, config.block_m) * ceil_div(out_width, config.block_n),)
         kernel_runner(swiglu_linear_kernel, grid, compile_only)(
             TensorDescriptor(x2, [m, k], [k, 1], [config.block_m, config.block_k]),
             TensorDescriptor(weight, [2 * hidden, k], [k, 1], [config.block_n, config.block_k]),
