@@ -12,6 +12,17 @@ os.environ.setdefault("SPHERE_FAST_TUNING_CACHE", "0")
 
 
 @pytest.fixture
+def fresh_tuning(monkeypatch: pytest.MonkeyPatch):
+    """No launch config remembered before the test or after it, and tuning on (its default)."""
+    from sphere_fast.ops import _tuning
+
+    monkeypatch.delenv("SPHERE_FAST_AUTOTUNE", raising=False)
+    _tuning.forget_tuned_configs()
+    yield
+    _tuning.forget_tuned_configs()
+
+
+@pytest.fixture
 def as_on_cuda(monkeypatch: pytest.MonkeyPatch):
     """Backends resolved as on a CUDA machine with every backend (where ``auto`` takes a kernel first), whatever the
     tensors' device: ``resolve_backend`` patched where sphere_fast defines it and in each module that imported it."""

@@ -493,15 +493,13 @@ def test_torch_compile_fullgraph(backend: str) -> None:
         close(a.grad, b.grad, 1e-5, f"compiled d{name}")
 
 
-def test_the_triton_forward_tunes_rows_and_warps(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_triton_forward_tunes_rows_and_warps(monkeypatch: pytest.MonkeyPatch, fresh_tuning: None) -> None:
     """Given the GPU's candidates (rows per program, warps), the forward compiles them ahead, times each once per
     shape (each reported faster than the last), launches the one it picked, remembers it, and gives the default
     config's bits (the interpreter ignores the warps; the rows a program takes must not change a row's sums)."""
     if "triton" not in available_backends("cpu"):
         pytest.skip("the Triton backend is not available here")
 
-    monkeypatch.delenv("SPHERE_FAST_AUTOTUNE", raising=False)
-    _tuning.forget_tuned_configs()
     inputs = make_inputs(2, 9, 1024, tokens=False, dtype=torch.bfloat16)
     expected = adaln.gated_residual_adaln(*inputs, backend="triton")
     candidates = adaln._fwd_candidates(1024, 2, interpret=False)
@@ -514,23 +512,20 @@ def test_the_triton_forward_tunes_rows_and_warps(monkeypatch: pytest.MonkeyPatch
     timed = last_is_fastest(monkeypatch)
     monkeypatch.setattr(adaln, "_fwd_candidates", lambda D, itemsize, interpret: candidates)
     launches = record_launches(monkeypatch, adaln)
-    try:
-        actual = adaln.gated_residual_adaln(*inputs, backend="triton")
-        chosen = [config for key, config in _tuning._chosen.items() if key[0] == "adaln fwd"]
-        assert len(candidates) > 1 and chosen == [candidates[-1]] and len(timed) == len(candidates)
-        launched = [(launch.kwargs["BLOCK_M"], launch.kwargs["num_warps"]) for launch in launches
-                    if launch.kernel == "adaln_fwd_kernel" and not launch.compile_only]
-        assert launched == [*candidates, candidates[-1]]  # each timed, then the pick
-        adaln.gated_residual_adaln(*inputs, backend="triton")
-        assert len(timed) == len(candidates), "a remembered shape must not be timed again"
-    finally:
-        _tuning.forget_tuned_configs()
+    actual = adaln.gated_residual_adaln(*inputs, backend="triton")
+    chosen = [config for key, config in _tuning._chosen.items() if key[0] == "adaln fwd"]
+    assert len(candidates) > 1 and chosen == [candidates[-1]] and len(timed) == len(candidates)
+    launched = [(launch.kwargs["BLOCK_M"], launch.kwargs["num_warps"]) for launch in launches
+                if launch.kernel == "adaln_fwd_kernel" and not launch.compile_only]
+    assert launched == [*candidates, candidates[-1]]  # each timed, then the pick
+    adaln.gated_residual_adaln(*inputs, backend="triton")
+    assert len(timed) == len(candidates), "a remembered shape must not be timed again"
     for name, a, b in zip(("res", "y"), actual, expected, strict=True):
         assert torch.equal(a, b), name
 
 
 def test_the_triton_backward_tunes_its_pipeline_stages(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, fresh_tuning: None
 ) -> None:
     """Given several stage candidates (as on a GPU), the backward compiles them ahead, times each once per shape
     (a stand-in timer here that reports each launch faster than the last), launches the one it picked,
@@ -538,8 +533,6 @@ def test_the_triton_backward_tunes_its_pipeline_stages(
     if "triton" not in available_backends("cpu"):
         pytest.skip("the Triton backend is not available here")
 
-    monkeypatch.delenv("SPHERE_FAST_AUTOTUNE", raising=False)
-    _tuning.forget_tuned_configs()
     inputs = make_inputs(2, 9, 96, tokens=False)
     g = torch.Generator().manual_seed(1)
     grads_out = torch.randn(2, 9, 96, generator=g), torch.randn(2, 9, 96, generator=g)
@@ -549,18 +542,15 @@ def test_the_triton_backward_tunes_its_pipeline_stages(
     timed = last_is_fastest(monkeypatch)
     monkeypatch.setattr(adaln, "_bwd_stage_candidates", lambda: adaln.BWD_STAGES)
     launches = record_launches(monkeypatch, adaln)
-    try:
-        with caplog.at_level("INFO", logger="sphere_fast"):
-            _, actual = run()
-        chosen = [config for key, config in _tuning._chosen.items() if key[0] == "adaln bwd"]
-        assert chosen == [adaln.BWD_STAGES[-1]] and len(timed) == len(adaln.BWD_STAGES)
-        launched = [launch.kwargs["STAGES"] for launch in launches
-                    if launch.kernel == "adaln_bwd_kernel" and not launch.compile_only]
-        assert launched == [*adaln.BWD_STAGES, adaln.BWD_STAGES[-1]]  # each timed, then the pick
-        assert "compiling the candidates ahead failed" not in caplog.text and "bits" not in caplog.text
-        run()
-        assert len(timed) == len(adaln.BWD_STAGES), "a remembered shape must not be timed again"
-    finally:
-        _tuning.forget_tuned_configs()
+    with caplog.at_level("INFO", logger="sphere_fast"):
+        _, actual = run()
+    chosen = [config for key, config in _tuning._chosen.items() if key[0] == "adaln bwd"]
+    assert chosen == [adaln.BWD_STAGES[-1]] and len(timed) == len(adaln.BWD_STAGES)
+    launched = [launch.kwargs["STAGES"] for launch in launches
+                if launch.kernel == "adaln_bwd_kernel" and not launch.compile_only]
+    assert launched == [*adaln.BWD_STAGES, adaln.BWD_STAGES[-1]]  # each timed, then the pick
+    assert "compiling the candidates ahead failed" not in caplog.text and "bits" not in caplog.text
+    run()
+    assert len(timed) == len(adaln.BWD_STAGES), "a remembered shape must not be timed again"
     for name, a, b in zip(NAMES, actual, expected, strict=True):
         assert torch.equal(a, b), name

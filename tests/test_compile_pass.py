@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-from collections.abc import Iterator
 from pathlib import Path
 from unittest import mock
 
@@ -34,11 +33,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 OP_MODULES = ("adaln", "attention", "rope", "spherify", "swiglu", "swiglu_linear")
 
 
-@pytest.fixture(autouse=True)
-def fresh_choices() -> Iterator[None]:
-    _tuning.forget_tuned_configs()
-    yield
-    _tuning.forget_tuned_configs()
+pytestmark = pytest.mark.usefixtures("fresh_tuning")
 
 
 @pytest.mark.cuda_capable

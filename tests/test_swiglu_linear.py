@@ -16,7 +16,6 @@ import torch
 
 from sphere_fast import Sampler, use_backend
 from sphere_fast.nn.layers import SwiGLU, padded_mlp_weights
-from sphere_fast.ops import _tuning
 from sphere_fast.ops.swiglu_linear import GemmConfig, swiglu_linear, swiglu_linear_reference
 from tests.helpers import TOL, assert_rounded_to_nearest, assert_same_images, close, off_16_byte_boundaries
 from tests.tiny import tiny_model
@@ -50,11 +49,8 @@ CASES = [((40, 48), 20, None, True), ((40, 40), 20, 32, False), ((2, 7, 32), 17,
 
 
 @pytest.fixture(autouse=True)
-def fresh_choices(monkeypatch: pytest.MonkeyPatch):
+def unfused_and_untuned(monkeypatch: pytest.MonkeyPatch, fresh_tuning: None) -> None:
     monkeypatch.delenv("SPHERE_FAST_FUSED_MLP", raising=False)
-    _tuning.forget_tuned_configs()
-    yield
-    _tuning.forget_tuned_configs()
 
 
 @pytest.mark.parametrize("x_shape, hidden, out_width, bias", CASES, ids=str)

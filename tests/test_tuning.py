@@ -15,7 +15,6 @@ import importlib
 import json
 import shutil
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from unittest import mock
 
@@ -34,12 +33,7 @@ attn = importlib.import_module("sphere_fast.ops.attention")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True)
-def fresh_choices(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.delenv("SPHERE_FAST_AUTOTUNE", raising=False)
-    _tuning.forget_tuned_configs()
-    yield
-    _tuning.forget_tuned_configs()
+pytestmark = pytest.mark.usefixtures("fresh_tuning")
 
 
 class FakeTimer:
