@@ -26,10 +26,10 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from sphere_fast._checks import check_int
 from sphere_fast._files import replaced_atomically
 from sphere_fast._warn import warn
 from sphere_fast.model import ROPE_BUFFERS, WRAPPER_PREFIXES, SphereEncoder, check_model, resolve_model_size
-from sphere_fast.sampling import check_count
 
 # the public API (the rest is the library's own)
 __all__ = [
@@ -93,7 +93,7 @@ def save_checkpoint(
     # checked before anything is written: a compiled or DDP-wrapped model's state_dict keys carry its wrapper's
     # prefix, which no load would match
     check_model(model)
-    check_count("keep", keep)
+    check_int("keep", keep)
     if name is not None and (not isinstance(name, str) or name in ("", LATEST) or name.startswith(".") or "/" in name):
         raise ValueError(f"name must be a folder name other than {LATEST!r} (no '/', no leading '.'), got {name!r}")
     if ema_weights is not None and trainer is not None:

@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from sphere_fast._checks import check_int
 from sphere_fast._random import generator_kwargs
 from sphere_fast._warn import warn
-from sphere_fast.sampling import check_count
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -29,12 +29,6 @@ FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
-
-
-def _check_size(image_size: int) -> int:
-    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
-        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
-    return image_size
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
@@ -70,7 +64,7 @@ class FileListDataset(Dataset):
         self.items = list(items)
         self.class_names = list(class_names)
         self.num_classes = len(self.class_names)
-        self.image_size = _check_size(image_size)
+        self.image_size = check_int("image_size", image_size)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -218,7 +212,7 @@ class FashionMNIST(Dataset):
                 f"Fashion-MNIST files not found in {root}: install the Debian package {FASHION_MNIST_PACKAGE} "
                 f"(apt-get install {FASHION_MNIST_PACKAGE}) or use the synthetic data set"
             )
-        self.image_size = _check_size(image_size)
+        self.image_size = check_int("image_size", image_size)
         pixels, classes = _read_idx(images), _read_idx(labels)
         # a truncated file, or one of the other split, would pair images with wrong labels
         if pixels.ndim != 3 or classes.ndim != 1:
@@ -257,7 +251,7 @@ class SyntheticShapes(Dataset):
     def __init__(self, size: int = 1024, image_size: int = 32, num_classes: int = 10, seed: int = 0):
         if not isinstance(size, int) or size < 1 or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"size and num_classes must be positive ints, got {size!r}, {num_classes!r}")
-        self.size, self.image_size, self.num_classes, self.seed = size, _check_size(image_size), num_classes, seed
+        self.size, self.image_size, self.num_classes, self.seed = size, check_int("image_size", image_size), num_classes, seed
         self.class_names = [f"shape-{k}" for k in range(num_classes)]
 
     def __len__(self) -> int:
@@ -308,10 +302,10 @@ class StepBatchSampler(Sampler[list[int]]):
     resumed run reads exactly the batches an uninterrupted run would have read."""
 
     def __init__(self, n: int, batch_per_rank: int, *, rank: int = 0, world_size: int = 1, seed: int = 0, start_step: int = 0):
-        check_count("batch_per_rank", batch_per_rank)
-        check_count("world_size", world_size)
-        check_count("rank", rank, minimum=0)
-        check_count("start_step", start_step, minimum=0)
+        check_int("batch_per_rank", batch_per_rank)
+        check_int("world_size", world_size)
+        check_int("rank", rank, 0)
+        check_int("start_step", start_step, 0)
         if rank >= world_size:
             raise ValueError(f"rank must be < world_size ({world_size}), got {rank}")
         self.global_batch = batch_per_rank * world_size

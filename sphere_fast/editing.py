@@ -13,13 +13,13 @@ import torch
 import torch.nn as nn
 
 from sphere_fast import ops
+from sphere_fast._checks import check_int
 from sphere_fast.model import check_eval_mode, check_flags, check_model, check_noise_scaler, labels_checked
 from sphere_fast.sampling import (
     DrawnNoise,
     GuidedNetworks,
     SeededNoise,
     autocast,
-    check_count,
     check_dtype,
     check_sampling_args,
     fresh_seeds,
@@ -118,7 +118,7 @@ def manipulate(
     the null class), noise scaler s, one cached noise draw per sample, no CFG. Returns each step's images."""
     x = model_input(model, check_images(model, images))
     batch, device = x.shape[0], x.device
-    check_count("steps", steps)
+    check_int("steps", steps)
     check_noise_scaler(noise_scaler)
     check_dtype(dtype, model)
     check_flags(scheduler=scheduler)
@@ -278,8 +278,8 @@ def interpolate(
     label with the same options (note the defaults: cached noise here, fresh draws in ``generate``); a single
     row (column) runs between the top (left) corners only. Returns [rows, cols, 3, H, W] in [0, 1]."""
     device = _device(_checked_model(model))
-    check_count("rows", rows)
-    check_count("cols", cols)
+    check_int("rows", rows)
+    check_int("cols", cols)
     points = rows * cols
     check_sampling_args(model, points, cfg, cfg_position, steps, steps_name="steps")
     check_dtype(dtype, model)

@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sphere_fast._checks import check_int
 from sphere_fast._files import replaced_atomically
-from sphere_fast.sampling import Sampler, check_count
+from sphere_fast.sampling import Sampler
 
 # the public API (the rest is the library's own)
 __all__ = [
@@ -39,22 +40,15 @@ BATCHES_IN_FLIGHT = 2
 OPTIONS_FILE = "sample_set.json"  # the options the folder's images were made with
 
 
-def _check_int(name: str, value: object, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value >= high):
-        bound = f"in [{low}, {high})" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be an int {bound}, got {value!r}")
-    return value
-
-
 def image_seeds(seed: int, indices: Sequence[int]) -> torch.Tensor:
     """The int64 seeds of images ``indices`` of the set with base ``seed``."""
-    _check_int("seed", seed, 0, MAX_SEED)
+    check_int("seed", seed, 0, MAX_SEED)
     return torch.tensor([seed * 2**32 + i for i in indices], dtype=torch.int64)
 
 
 def image_labels(num_classes: int, indices: Sequence[int]) -> torch.Tensor | None:
     """The labels of images ``indices``: i % num_classes, or None for an unconditional model (0 classes)."""
-    check_count("num_classes", num_classes, minimum=0)
+    check_int("num_classes", num_classes, 0)
     return torch.tensor([i % num_classes for i in indices], dtype=torch.long) if num_classes else None
 
 
@@ -119,10 +113,10 @@ def write_sample_set(
     ``sphere_fast.Sampler`` (a CUDA graph per batch bucket on a GPU) in ``dtype`` (default: the model's).
     ``weights`` names the model's weights (e.g. ``checkpoint.weights_sha256``) and is kept with the options, so
     that a rerun with other weights (the live ones after the EMA's) is refused; None keeps no name."""
-    _check_int("num", num, 1, MAX_NUM + 1)
-    check_count("world_size", world_size)
-    _check_int("rank", rank, 0, world_size)
-    _check_int("seed", seed, 0, MAX_SEED)
+    check_int("num", num, 1, MAX_NUM + 1)
+    check_int("world_size", world_size)
+    check_int("rank", rank, 0, world_size)
+    check_int("seed", seed, 0, MAX_SEED)
     dtype = dtype if dtype is not None else next(model.parameters()).dtype
     # checks batch_size, steps, cfg and the model's mode before anything is written
     sampler = Sampler(model, batch_size, steps, cfg=cfg, cfg_position=cfg_position, dtype=dtype)
@@ -166,7 +160,7 @@ def _recorded_num_classes(folder: Path, num_classes: int | None) -> int:
     """The labels' class count: the one the folder's ``OPTIONS_FILE`` records, which a given ``num_classes`` must
     equal (other labels would mislabel its images); the given one for a folder without that file."""
     if num_classes is not None:
-        check_count("num_classes", num_classes, minimum=0)
+        check_int("num_classes", num_classes, 0)
     path = folder / OPTIONS_FILE
     if not path.exists():
         if num_classes is None:
@@ -187,7 +181,7 @@ def pack_npz(folder: str | Path, num: int, path: str | Path | None = None, num_c
     held in memory (50k images of 256 px: 9.8 GB)."""
     from PIL import Image
 
-    _check_int("num", num, 1, MAX_NUM + 1)
+    check_int("num", num, 1, MAX_NUM + 1)
     folder = Path(folder)
     missing = [i for i in range(num) if not image_path(folder, i, num).exists()]
     if missing:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from sphere_fast import ops
+from sphere_fast._checks import check_int
 from sphere_fast._warn import warn
 from sphere_fast.backend import active_backend, constant_under_compile, tracing
 from sphere_fast.model import (
@@ -40,19 +41,11 @@ CFG_POSITIONS = ("enc", "dec", "combo")
 SAMPLER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def check_count(name: str, value: object, minimum: int = 1) -> None:
-    """An int >= ``minimum``: another type is a TypeError, a smaller int a ValueError (the ops' convention)."""
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
 def check_sampling_args(
     model: torch.nn.Module, batch_size: int, cfg: float, cfg_position: str, steps: int,
     steps_name: str = "forward_steps",
 ) -> None:
-    check_count("batch_size", batch_size)
+    check_int("batch_size", batch_size)
     if isinstance(cfg, bool) or not isinstance(cfg, (int, float)):
         raise TypeError(f"cfg must be a finite number >= 1, got {cfg!r}")
     if not 1 <= cfg < math.inf:  # NaN too; comparisons only, which torch.compile traces on a symbolic cfg
@@ -61,7 +54,7 @@ def check_sampling_args(
         warn(f"cfg={cfg} on an unconditional model (num_classes=0) has no effect: it samples without guidance")
     if cfg_position not in CFG_POSITIONS:
         raise ValueError(f"cfg_position must be one of {CFG_POSITIONS}, got {cfg_position!r}")
-    check_count(steps_name, steps)
+    check_int(steps_name, steps)
 
 
 def check_dtype(dtype: object, model: torch.nn.Module, required: bool = False) -> None:
@@ -645,7 +638,7 @@ class Sampler:
         None where the loop runs un-captured (CPU, or ``cuda_graph=False``)."""
         self._check_settings()
         n = self.batch_size if n is None else n
-        check_count("n", n)
+        check_int("n", n)
         bucket_for(n, self.batch_size)  # refuses n > batch_size also where nothing is captured
         if not self.use_graphs:
             return None

@@ -24,11 +24,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sphere_fast import ops
+from sphere_fast._checks import check_int
 from sphere_fast._random import generator_kwargs
 from sphere_fast._warn import warn
 from sphere_fast.model import check_label_range, labels_checked
 from sphere_fast.perceptual import LPIPS, ConvNeXt, load_state_dict_file
-from sphere_fast.sampling import check_count, to_device_unsynced
+from sphere_fast.sampling import to_device_unsynced
 
 # the public API (the rest is the library's own)
 __all__ = [
@@ -288,7 +289,7 @@ def _is_number(value: object) -> bool:
 def _check_counts(config: object, names: tuple[str, ...]) -> None:
     """Refuse the fields ``names`` of ``config`` that are not ints >= 1."""
     for name in names:
-        check_count(name, getattr(config, name))
+        check_int(name, getattr(config, name))
 
 
 @dataclass
@@ -316,8 +317,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_counts(self, ("global_batch", "total_steps", "accumulation_steps"))
-        check_count("warmup_steps", self.warmup_steps, minimum=0)
-        check_count("seed", self.seed, minimum=0)
+        check_int("warmup_steps", self.warmup_steps, 0)
+        check_int("seed", self.seed, 0)
         if self.warmup_steps > self.total_steps:
             raise ValueError(f"warmup_steps must be <= total_steps ({self.total_steps}), got {self.warmup_steps}")
         for name in ("base_lr", "min_lr", "encoder_lr_scale", "weight_decay", "ema_decay", "grad_clip"):
@@ -667,7 +668,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check_counts(self, ("checkpoint_every", "log_every"))
-        check_count("workers", self.workers, minimum=0)
+        check_int("workers", self.workers, 0)
         if not isinstance(self.train, TrainConfig):
             raise TypeError(f"train must be a TrainConfig, got {type(self.train).__name__}")
 

@@ -66,8 +66,10 @@ def test_image_folder_takes_image_files_of_any_case_only(tmp_path):
     write_image(tmp_path / "cats" / "b.Jpeg", 16, 16, (0, 255, 0))
     (tmp_path / "cats" / "notes.txt").write_text("not an image")
     assert [p.name for p, _ in image_folder(tmp_path, 16).items] == ["a.PNG", "b.Jpeg"]
-    with pytest.raises(ValueError, match="image_size"):
+    with pytest.raises(TypeError, match="image_size must be an int >= 1, got True"):
         image_folder(tmp_path, True)
+    with pytest.raises(ValueError, match="image_size must be an int >= 1, got 0"):
+        image_folder(tmp_path, 0)
 
 
 def test_image_folder_skips_hidden_entries_follows_links_and_refuses_empty_classes(tmp_path):

@@ -214,20 +214,22 @@ def test_pack_npz_labels_the_set_as_its_options_file_says(model, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    "kwargs, error, message",
     [
-        ({"num": 0}, "num must be an int"),
-        ({"batch_size": 0}, "batch_size must be an int"),
-        ({"rank": 2, "world_size": 2}, r"rank must be an int in \[0, 2\)"),
-        ({"world_size": 0}, "world_size must be an int"),
-        ({"seed": -1}, "seed must be an int"),
-        ({"seed": 2**31}, "seed must be an int"),
-        ({"seed": True}, "seed must be an int"),
+        ({"num": 0}, ValueError, "num must be an int"),
+        ({"batch_size": 0}, ValueError, "batch_size must be an int"),
+        ({"rank": 2, "world_size": 2}, ValueError, r"rank must be an int in \[0, 2\)"),
+        ({"world_size": 0}, ValueError, "world_size must be an int"),
+        ({"seed": -1}, ValueError, "seed must be an int"),
+        ({"seed": 2**31}, ValueError, "seed must be an int"),
+        ({"seed": True}, TypeError, r"seed must be an int in \[0, 2147483648\), got True"),
+        ({"num": 2.0}, TypeError, "num must be an int"),
     ],
 )
-def test_bad_arguments_are_refused(model, tmp_path, kwargs, message):
+def test_bad_arguments_are_refused(model, tmp_path, kwargs, error, message):
+    """The library's int convention: a wrong type (bool too) is a TypeError, an int out of range a ValueError."""
     args = {"num": NUM, "steps": STEPS, **kwargs}
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(error, match=message):
         write_sample_set(model, tmp_path / "set", args.pop("num"), **args)
     assert not (tmp_path / "set").exists()  # refused before the folder is made
 
