@@ -1,11 +1,10 @@
 """Attention with 2-D RoPE on q and k: eager, torch.compile, our Triton attention (the RoPE pass then the
-RoPE-free kernel; and the kernel rotating on load), each torch SDPA backend, and flash-attn when installed.
+RoPE-free kernel), each torch SDPA backend, and flash-attn when installed.
 
 Every implementation computes the whole op the model needs, RoPE included: ``eager`` rotates with torch ops
 then calls SDPA; the vendor rows rotate q and k with our fused RoPE pass (the Triton kernel on CUDA, one
 launch for both) and then call their kernel, as ``ops.attention(impl="sdpa" / "flash_attn")`` does.
-``triton_rope_on_load`` has no pass. Inputs are the strided q, k, v views of one [B, N, 3*H*D] projection
-output, as the model passes them.
+Inputs are the strided q, k, v views of one [B, N, 3*H*D] projection output, as the model passes them.
 
 FLOP model (non-causal, RoPE not counted): forward 4*B*H*N^2*D (q k^T and p v, 2 FLOPs per multiply-add);
 backward 2.5x that: five matmuls of the size of the forward's two (q k^T recomputed, dv, dp, dq, dk), as
@@ -59,14 +58,7 @@ def _flash_attn() -> Callable[..., torch.Tensor]:
     return lambda q, k, v, rope: attn.attention(q, k, v, rope, impl="flash_attn")
 
 
-def _triton_rope_on_load() -> Callable[..., torch.Tensor]:
-    if "triton_rope_on_load" not in attn.attention_impls(DEVICE, DTYPE, 64):
-        raise RuntimeError("triton is not usable here")
-    return lambda q, k, v, rope: attn.attention(q, k, v, rope, impl="triton_rope_on_load")
-
-
 VENDOR = {
-    "triton_rope_on_load": _triton_rope_on_load,
     "sdpa_flash": _sdpa_with("FLASH_ATTENTION"),
     "sdpa_efficient": _sdpa_with("EFFICIENT_ATTENTION"),
     "sdpa_cudnn": _sdpa_with("CUDNN_ATTENTION"),

@@ -19,7 +19,7 @@ ATTENTION_SHAPES = ([16, 16, 1024, 64], [16, 16, 1024, 72])  # B, H, N, D: the m
 # tuning at the model's batch and the graph, so a few percent decide nothing (2026-11-29: cuDNN 1.06x at D = 64)
 SWITCH_MARGIN = 1.1
 # attention implementations `auto` could take; eager / compile time the reference (eager RoPE, then SDPA)
-ATTENTION_IMPLS = ("triton", "triton_rope_on_load", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "flash_attn")
+ATTENTION_IMPLS = ("triton", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "flash_attn")
 SAMPLER_CASES = ("b1 t4 cfg1.4 combo", "b64 t4 cfg1.4 combo")
 
 

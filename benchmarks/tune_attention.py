@@ -1,6 +1,6 @@
 """Sweep the Triton attention's launch configs on a GPU: each variant checked against the eager reference,
-then timed (forward, and forward + backward) three ways: impl triton (the RoPE pass, then the kernel without
-RoPE), impl triton_rope_on_load, and the kernel without any RoPE (a bound: what the pass costs).
+then timed (forward, and forward + backward) two ways: impl triton (the RoPE pass, then the kernel) and the
+kernel without any RoPE (a bound: what the pass costs).
 
     python -m benchmarks.tune_attention [--shape 16 16 1024 64] [--head-dims 64 72] [--only fwd]
 
@@ -55,10 +55,8 @@ def configs_with(
     where given, else the op's default."""
     original = attn._candidates
 
-    def candidates(
-        head_dim: int, dtype: torch.dtype, rope_on_load: bool = False, interpret: bool | None = None
-    ) -> dict[str, tuple[Config, ...]]:
-        chosen = {name: configs[0] for name, configs in original(head_dim, dtype, rope_on_load, interpret).items()}
+    def candidates(head_dim: int, dtype: torch.dtype, interpret: bool | None = None) -> dict[str, tuple[Config, ...]]:
+        chosen = {name: configs[0] for name, configs in original(head_dim, dtype, interpret).items()}
         if fwd is not None:
             chosen["fwd"] = fwd
         if bwd is not None:
@@ -68,8 +66,8 @@ def configs_with(
     return candidates
 
 
-# (label, impl, with RoPE)
-MODES = (("pass", "triton", True), ("on load", "triton_rope_on_load", True), ("none (bound)", "triton", False))
+# (label, with RoPE)
+MODES = (("pass", True), ("none (bound)", False))
 
 
 def chunks_with(chunk_b: int | None) -> Callable[[int], tuple[int, int, bool]]:
@@ -84,7 +82,7 @@ def chunks_with(chunk_b: int | None) -> Callable[[int], tuple[int, int, bool]]:
 
 
 def time_variant(
-    shape: Sequence[int], impl: str, rope: bool, fwd: Config | attn.TmaConfig | None,
+    shape: Sequence[int], rope: bool, fwd: Config | attn.TmaConfig | None,
     bwd: tuple[Config, Config] | None,
     chunk_b: int | None = None,
 ) -> tuple:
@@ -93,7 +91,7 @@ def time_variant(
     table = table if rope else None
     with mock.patch.object(attn, "_candidates", configs_with(fwd, bwd)), \
             mock.patch.object(attn, "_head_chunks", chunks_with(chunk_b)):
-        out = attn.attention(q, k, v, table, impl=impl)
+        out = attn.attention(q, k, v, table, impl="triton")
         ref_qkv = qkv.detach().float().requires_grad_()
         rq, rk, rv = split_qkv(ref_qkv, shape[1])
         ref = attn.attention_reference(rq, rk, rv, table)
@@ -101,8 +99,8 @@ def time_variant(
         (dqkv,) = torch.autograd.grad(out, qkv, grad)
         (ref_dqkv,) = torch.autograd.grad(ref, ref_qkv, grad.float())
         gate([out, dqkv], [ref, ref_dqkv], f"attention fwd {fwd} bwd {bwd}", qkv.dtype)
-        fwd_ms = cuda_time_ms(lambda: attn.attention(q, k, v, table, impl=impl))
-        step_ms = cuda_time_ms(lambda: torch.autograd.grad(attn.attention(q, k, v, table, impl=impl), qkv, grad))
+        fwd_ms = cuda_time_ms(lambda: attn.attention(q, k, v, table, impl="triton"))
+        step_ms = cuda_time_ms(lambda: torch.autograd.grad(attn.attention(q, k, v, table, impl="triton"), qkv, grad))
     return fwd_ms, step_ms
 
 
@@ -135,9 +133,9 @@ def sweep(shape: Sequence[int], only: str = "") -> list[str]:
     plans = [plan for plan in plans_for(shape[3]) if plan[0].startswith(only)]
     rows = []
     for name, fwd, bwd, chunk_b in plans:
-        for label, impl, rope in MODES:
+        for label, rope in MODES:
             try:
-                fwd_ms, step_ms = time_variant(shape, impl, rope, fwd, bwd, chunk_b)
+                fwd_ms, step_ms = time_variant(shape, rope, fwd, bwd, chunk_b)
             except Exception as exc:  # a variant that does not fit or compile is a result, not a crash
                 why = f"{type(exc).__name__}: {str(exc)[:80]}"
                 rows.append(f"| {name} | {label} | – | – | – | {why} |")

@@ -1,12 +1,8 @@
-"""Non-causal flash attention (Triton, forward and backward), optionally with 2-D RoPE applied to q and k on
-load (HAS_ROPE: impl triton_rope_on_load; impl triton rotates them first in the RoPE pass, kernels/rope.py).
+"""Non-causal flash attention (Triton, forward and backward) on q and k already rotated by RoPE (impl triton runs
+the RoPE pass first, kernels/rope.py).
 
 Layout: q, k, v, o are [B, H, N, D] given by strides (head dim contiguous), so the model's
-``qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)`` views are read in place. ``rope`` is [N, 2D] float32
-(cos | sin per token, official interleaved-pairs layout): x_rot = x*cos + rotate(x)*sin with
-rotate: (x1, x2) -> (-x2, x1) on pairs. Rotation happens in registers after the load; rotated q/k are
-never written. The backward rotates on load the same way and un-rotates dq/dk before the store:
-d(x) = R^T d(x_rot) = g*cos - rotate(g*sin).
+``qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)`` views are read in place.
 
 Head dim: tiles must be powers of two, so the head dim is split into chunk A (the largest power of two
 <= D, never masked) and an optional chunk B holding the rest, masked, padded to the width DB the launcher
@@ -19,10 +15,10 @@ log2-based, so the backward recomputes p = exp2(s*qk_scale - lse) exactly as the
 multiple of the key block, as N = 256 and 1024 are) drops the key mask from the score loop: with it, each
 score costs one FMA before its exp2 instead of a multiply, a select and a subtraction.
 
-attention_fwd_tma_kernel is the forward for one head-dim chunk without RoPE on load and with N a multiple of
-both blocks, its q, k, v tiles loaded through tensor descriptors (the TMA on Hopper), optionally warp
-specialized; it sums as attention_fwd_kernel does. The launcher runs it only for a TmaConfig
-(ops/attention.py), which no default candidate list holds until it is measured.
+attention_fwd_tma_kernel is the forward for one head-dim chunk and N a multiple of both blocks, its q, k, v
+tiles loaded through tensor descriptors (the TMA on Hopper), optionally warp specialized; it sums as
+attention_fwd_kernel does. The launcher runs it only for a TmaConfig (ops/attention.py), which no default
+candidate list holds until it is measured.
 
 EMULATE_BF16 is only set by the launcher under TRITON_INTERPRET=1 with bf16 inputs (see rounding.to_dtype).
 """
@@ -34,13 +30,6 @@ from sphere_fast.kernels.rounding import desc_load, to_dtype
 
 
 @triton.jit
-def _rotate_pairs(x, ROWS: tl.constexpr, COLS: tl.constexpr):
-    # (x1, x2) -> (-x2, x1) on interleaved pairs, done on the register tile
-    even, odd = tl.split(tl.reshape(x, (ROWS, COLS // 2, 2)))
-    return tl.reshape(tl.join(-odd, even), (ROWS, COLS))
-
-
-@triton.jit
 def _load_tile(base, stride_n, offs_n, mask_n, offs_d, HEAD_DIM: tl.constexpr, MASK_D: tl.constexpr):
     ptrs = base + offs_n[:, None] * stride_n + offs_d[None, :]
     if MASK_D:
@@ -49,25 +38,10 @@ def _load_tile(base, stride_n, offs_n, mask_n, offs_d, HEAD_DIM: tl.constexpr, M
 
 
 @triton.jit
-def _load_rope(rope, offs_n, mask_n, offs_d, HEAD_DIM: tl.constexpr, MASK_D: tl.constexpr):
-    cos = _load_tile(rope, 2 * HEAD_DIM, offs_n, mask_n, offs_d, HEAD_DIM, MASK_D)
-    sin = _load_tile(rope + HEAD_DIM, 2 * HEAD_DIM, offs_n, mask_n, offs_d, HEAD_DIM, MASK_D)
-    return cos, sin
-
-
-@triton.jit
-def _load_operand(
-    base, stride_n, rope, offs_n, mask_n, offs_d,
-    HEAD_DIM: tl.constexpr, MASK_D: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
-    ROTATE: tl.constexpr, EMULATE_BF16: tl.constexpr,
-):
-    """A dot operand tile: loaded, and rotated by RoPE in fp32 then rounded back to the input dtype (as the
-    eager reference does)."""
+def _load_operand(base, stride_n, offs_n, mask_n, offs_d, HEAD_DIM: tl.constexpr, MASK_D: tl.constexpr,
+                  EMULATE_BF16: tl.constexpr):
+    """A dot operand tile: loaded, in fp32 under EMULATE_BF16 (the interpreter's bf16 dot is wrong)."""
     x = _load_tile(base, stride_n, offs_n, mask_n, offs_d, HEAD_DIM, MASK_D)
-    if ROTATE:
-        cos, sin = _load_rope(rope, offs_n, mask_n, offs_d, HEAD_DIM, MASK_D)
-        xf = x.to(tl.float32)
-        return to_dtype(xf * cos + _rotate_pairs(xf, ROWS, COLS) * sin, x.dtype, EMULATE_BF16)
     if EMULATE_BF16:
         x = x.to(tl.float32)
     return x
@@ -82,21 +56,6 @@ def _store_tile(base, stride_n, offs_n, mask_n, offs_d, x, HEAD_DIM: tl.constexp
         tl.store(ptrs, x, mask=mask_n[:, None] & (offs_d[None, :] < HEAD_DIM))
     else:
         tl.store(ptrs, x, mask=mask_n[:, None])
-
-
-@triton.jit
-def _store_grad(
-    base, stride_n, rope, offs_n, mask_n, offs_d, acc, sm_scale,
-    HEAD_DIM: tl.constexpr, MASK_D: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
-    ROTATE: tl.constexpr, EMULATE_BF16: tl.constexpr,
-):
-    """A dq / dk tile: acc * sm_scale, un-rotated when the operand was rotated on load, stored."""
-    g = acc * sm_scale
-    if ROTATE:
-        # R^T g for R = diag(cos) + diag(sin) P, P^T = -P
-        cos, sin = _load_rope(rope, offs_n, mask_n, offs_d, HEAD_DIM, MASK_D)
-        g = g * cos - _rotate_pairs(g * sin, ROWS, COLS)
-    _store_tile(base, stride_n, offs_n, mask_n, offs_d, g, HEAD_DIM, MASK_D, EMULATE_BF16)
 
 
 @triton.jit
@@ -133,14 +92,14 @@ def _online_softmax(s, m_i, l_i, qk_scale):
 
 @triton.jit
 def attention_fwd_kernel(
-    Q, K, V, O, LSE, ROPE,
+    Q, K, V, O, LSE,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
     H, N, qk_scale,
     HEAD_DIM: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, HAS_B: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ROPE: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EMULATE_BF16: tl.constexpr,
     EVEN_N: tl.constexpr,
 ):
     pid_m, b, h, row_base = _program_tile(H, N)
@@ -152,11 +111,11 @@ def attention_fwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < N
     offs_a = tl.arange(0, DA)
-    qa = _load_operand(q_base, stride_qn, ROPE, offs_m, mask_m, offs_a, HEAD_DIM, False, BLOCK_M, DA, HAS_ROPE, EMULATE_BF16)
+    qa = _load_operand(q_base, stride_qn, offs_m, mask_m, offs_a, HEAD_DIM, False, EMULATE_BF16)
     acc_a = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
     if HAS_B:
         offs_b = DA + tl.arange(0, DB)
-        qb = _load_operand(q_base, stride_qn, ROPE, offs_m, mask_m, offs_b, HEAD_DIM, True, BLOCK_M, DB, HAS_ROPE, EMULATE_BF16)
+        qb = _load_operand(q_base, stride_qn, offs_m, mask_m, offs_b, HEAD_DIM, True, EMULATE_BF16)
         acc_b = tl.zeros([BLOCK_M, DB], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -164,19 +123,19 @@ def attention_fwd_kernel(
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        ka = _load_operand(k_base, stride_kn, ROPE, offs_n, mask_n, offs_a, HEAD_DIM, False, BLOCK_N, DA, HAS_ROPE, EMULATE_BF16)
+        ka = _load_operand(k_base, stride_kn, offs_n, mask_n, offs_a, HEAD_DIM, False, EMULATE_BF16)
         s = tl.dot(qa, tl.trans(ka))
         if HAS_B:
-            kb = _load_operand(k_base, stride_kn, ROPE, offs_n, mask_n, offs_b, HEAD_DIM, True, BLOCK_N, DB, HAS_ROPE, EMULATE_BF16)
+            kb = _load_operand(k_base, stride_kn, offs_n, mask_n, offs_b, HEAD_DIM, True, EMULATE_BF16)
             s += tl.dot(qb, tl.trans(kb))
         if not EVEN_N:
             s = tl.where(mask_n[None, :], s, float("-inf"))
         p, alpha, m_new, l_i = _online_softmax(s, m_i, l_i, qk_scale)
         p_dot = _cast(p, V, EMULATE_BF16)
-        va = _load_operand(v_base, stride_vn, ROPE, offs_n, mask_n, offs_a, HEAD_DIM, False, BLOCK_N, DA, False, EMULATE_BF16)
+        va = _load_operand(v_base, stride_vn, offs_n, mask_n, offs_a, HEAD_DIM, False, EMULATE_BF16)
         acc_a = tl.dot(p_dot, va, acc_a * alpha[:, None])
         if HAS_B:
-            vb = _load_operand(v_base, stride_vn, ROPE, offs_n, mask_n, offs_b, HEAD_DIM, True, BLOCK_N, DB, False, EMULATE_BF16)
+            vb = _load_operand(v_base, stride_vn, offs_n, mask_n, offs_b, HEAD_DIM, True, EMULATE_BF16)
             acc_b = tl.dot(p_dot, vb, acc_b * alpha[:, None])
         m_i = m_new
 
@@ -196,8 +155,8 @@ def attention_fwd_tma_kernel(
     EMULATE_BF16: tl.constexpr,
 ):
     """attention_fwd_kernel's sums in the same order, with the q, k, v tiles loaded through tensor descriptors
-    of their [B*N, H*D] matrices (on Hopper the TMA copies them into shared memory), for one head-dim chunk, no
-    RoPE on load, and N a multiple of both blocks. WARP_SPECIALIZE has Triton split the key loop into producer
+    of their [B*N, H*D] matrices (on Hopper the TMA copies them into shared memory), for one head-dim chunk and N
+    a multiple of both blocks. WARP_SPECIALIZE has Triton split the key loop into producer
     and consumer warps."""
     pid_m, b, h, row_base = _program_tile(H, N)
     row, col = (b * N).to(tl.int32), (h * HEAD_DIM).to(tl.int32)  # descriptor coordinates of this head's first row
@@ -242,7 +201,7 @@ def attention_bwd_preprocess_kernel(
 
 @triton.jit
 def attention_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, ROPE,
+    Q, K, V, DO, DK, DV, LSE, DELTA,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -251,7 +210,7 @@ def attention_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn,
     H, N, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, HAS_B: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ROPE: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EMULATE_BF16: tl.constexpr,
 ):
     """One key block per program; loops over all query blocks (transposed scores, no atomics)."""
     pid_n, b, h, row_base = _program_tile(H, N)
@@ -263,27 +222,27 @@ def attention_bwd_dkdv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_a = tl.arange(0, DA)
-    ka = _load_operand(k_base, stride_kn, ROPE, offs_n, mask_n, offs_a, HEAD_DIM, False, BLOCK_N, DA, HAS_ROPE, EMULATE_BF16)
-    va = _load_operand(v_base, stride_vn, ROPE, offs_n, mask_n, offs_a, HEAD_DIM, False, BLOCK_N, DA, False, EMULATE_BF16)
+    ka = _load_operand(k_base, stride_kn, offs_n, mask_n, offs_a, HEAD_DIM, False, EMULATE_BF16)
+    va = _load_operand(v_base, stride_vn, offs_n, mask_n, offs_a, HEAD_DIM, False, EMULATE_BF16)
     dk_a = tl.zeros([BLOCK_N, DA], dtype=tl.float32)
     dv_a = tl.zeros([BLOCK_N, DA], dtype=tl.float32)
     if HAS_B:
         offs_b = DA + tl.arange(0, DB)
-        kb = _load_operand(k_base, stride_kn, ROPE, offs_n, mask_n, offs_b, HEAD_DIM, True, BLOCK_N, DB, HAS_ROPE, EMULATE_BF16)
-        vb = _load_operand(v_base, stride_vn, ROPE, offs_n, mask_n, offs_b, HEAD_DIM, True, BLOCK_N, DB, False, EMULATE_BF16)
+        kb = _load_operand(k_base, stride_kn, offs_n, mask_n, offs_b, HEAD_DIM, True, EMULATE_BF16)
+        vb = _load_operand(v_base, stride_vn, offs_n, mask_n, offs_b, HEAD_DIM, True, EMULATE_BF16)
         dk_b = tl.zeros([BLOCK_N, DB], dtype=tl.float32)
         dv_b = tl.zeros([BLOCK_N, DB], dtype=tl.float32)
 
     for start_m in range(0, N, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         mask_m = offs_m < N
-        qa = _load_operand(q_base, stride_qn, ROPE, offs_m, mask_m, offs_a, HEAD_DIM, False, BLOCK_M, DA, HAS_ROPE, EMULATE_BF16)
-        doa = _load_operand(do_base, stride_don, ROPE, offs_m, mask_m, offs_a, HEAD_DIM, False, BLOCK_M, DA, False, EMULATE_BF16)
+        qa = _load_operand(q_base, stride_qn, offs_m, mask_m, offs_a, HEAD_DIM, False, EMULATE_BF16)
+        doa = _load_operand(do_base, stride_don, offs_m, mask_m, offs_a, HEAD_DIM, False, EMULATE_BF16)
         s_t = tl.dot(ka, tl.trans(qa))
         dp_t = tl.dot(va, tl.trans(doa))
         if HAS_B:
-            qb = _load_operand(q_base, stride_qn, ROPE, offs_m, mask_m, offs_b, HEAD_DIM, True, BLOCK_M, DB, HAS_ROPE, EMULATE_BF16)
-            dob = _load_operand(do_base, stride_don, ROPE, offs_m, mask_m, offs_b, HEAD_DIM, True, BLOCK_M, DB, False, EMULATE_BF16)
+            qb = _load_operand(q_base, stride_qn, offs_m, mask_m, offs_b, HEAD_DIM, True, EMULATE_BF16)
+            dob = _load_operand(do_base, stride_don, offs_m, mask_m, offs_b, HEAD_DIM, True, EMULATE_BF16)
             s_t += tl.dot(kb, tl.trans(qb))
             dp_t += tl.dot(vb, tl.trans(dob))
         lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0)
@@ -301,16 +260,16 @@ def attention_bwd_dkdv_kernel(
 
     dk_base = DK + b * stride_dkb + h * stride_dkh
     dv_base = DV + b * stride_dvb + h * stride_dvh
-    _store_grad(dk_base, stride_dkn, ROPE, offs_n, mask_n, offs_a, dk_a, sm_scale, HEAD_DIM, False, BLOCK_N, DA, HAS_ROPE, EMULATE_BF16)
+    _store_tile(dk_base, stride_dkn, offs_n, mask_n, offs_a, dk_a * sm_scale, HEAD_DIM, False, EMULATE_BF16)
     _store_tile(dv_base, stride_dvn, offs_n, mask_n, offs_a, dv_a, HEAD_DIM, False, EMULATE_BF16)
     if HAS_B:
-        _store_grad(dk_base, stride_dkn, ROPE, offs_n, mask_n, offs_b, dk_b, sm_scale, HEAD_DIM, True, BLOCK_N, DB, HAS_ROPE, EMULATE_BF16)
+        _store_tile(dk_base, stride_dkn, offs_n, mask_n, offs_b, dk_b * sm_scale, HEAD_DIM, True, EMULATE_BF16)
         _store_tile(dv_base, stride_dvn, offs_n, mask_n, offs_b, dv_b, HEAD_DIM, True, EMULATE_BF16)
 
 
 @triton.jit
 def attention_bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, ROPE,
+    Q, K, V, DO, DQ, LSE, DELTA,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -318,7 +277,7 @@ def attention_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqn,
     H, N, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, HAS_B: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ROPE: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EMULATE_BF16: tl.constexpr,
     EVEN_N: tl.constexpr,
 ):
     """One query block per program; loops over all key blocks."""
@@ -331,13 +290,13 @@ def attention_bwd_dq_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < N
     offs_a = tl.arange(0, DA)
-    qa = _load_operand(q_base, stride_qn, ROPE, offs_m, mask_m, offs_a, HEAD_DIM, False, BLOCK_M, DA, HAS_ROPE, EMULATE_BF16)
-    doa = _load_operand(do_base, stride_don, ROPE, offs_m, mask_m, offs_a, HEAD_DIM, False, BLOCK_M, DA, False, EMULATE_BF16)
+    qa = _load_operand(q_base, stride_qn, offs_m, mask_m, offs_a, HEAD_DIM, False, EMULATE_BF16)
+    doa = _load_operand(do_base, stride_don, offs_m, mask_m, offs_a, HEAD_DIM, False, EMULATE_BF16)
     dq_a = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
     if HAS_B:
         offs_b = DA + tl.arange(0, DB)
-        qb = _load_operand(q_base, stride_qn, ROPE, offs_m, mask_m, offs_b, HEAD_DIM, True, BLOCK_M, DB, HAS_ROPE, EMULATE_BF16)
-        dob = _load_operand(do_base, stride_don, ROPE, offs_m, mask_m, offs_b, HEAD_DIM, True, BLOCK_M, DB, False, EMULATE_BF16)
+        qb = _load_operand(q_base, stride_qn, offs_m, mask_m, offs_b, HEAD_DIM, True, EMULATE_BF16)
+        dob = _load_operand(do_base, stride_don, offs_m, mask_m, offs_b, HEAD_DIM, True, EMULATE_BF16)
         dq_b = tl.zeros([BLOCK_M, DB], dtype=tl.float32)
     lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0)
     delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0)
@@ -345,13 +304,13 @@ def attention_bwd_dq_kernel(
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        ka = _load_operand(k_base, stride_kn, ROPE, offs_n, mask_n, offs_a, HEAD_DIM, False, BLOCK_N, DA, HAS_ROPE, EMULATE_BF16)
-        va = _load_operand(v_base, stride_vn, ROPE, offs_n, mask_n, offs_a, HEAD_DIM, False, BLOCK_N, DA, False, EMULATE_BF16)
+        ka = _load_operand(k_base, stride_kn, offs_n, mask_n, offs_a, HEAD_DIM, False, EMULATE_BF16)
+        va = _load_operand(v_base, stride_vn, offs_n, mask_n, offs_a, HEAD_DIM, False, EMULATE_BF16)
         s = tl.dot(qa, tl.trans(ka))
         dp = tl.dot(doa, tl.trans(va))
         if HAS_B:
-            kb = _load_operand(k_base, stride_kn, ROPE, offs_n, mask_n, offs_b, HEAD_DIM, True, BLOCK_N, DB, HAS_ROPE, EMULATE_BF16)
-            vb = _load_operand(v_base, stride_vn, ROPE, offs_n, mask_n, offs_b, HEAD_DIM, True, BLOCK_N, DB, False, EMULATE_BF16)
+            kb = _load_operand(k_base, stride_kn, offs_n, mask_n, offs_b, HEAD_DIM, True, EMULATE_BF16)
+            vb = _load_operand(v_base, stride_vn, offs_n, mask_n, offs_b, HEAD_DIM, True, EMULATE_BF16)
             s += tl.dot(qb, tl.trans(kb))
             dp += tl.dot(dob, tl.trans(vb))
         # padded keys load as 0, so s = 0 and exp2(-lse) overflows to inf when every real score is very
@@ -365,6 +324,6 @@ def attention_bwd_dq_kernel(
             dq_b = tl.dot(ds_dot, kb, dq_b)
 
     dq_base = DQ + b * stride_dqb + h * stride_dqh
-    _store_grad(dq_base, stride_dqn, ROPE, offs_m, mask_m, offs_a, dq_a, sm_scale, HEAD_DIM, False, BLOCK_M, DA, HAS_ROPE, EMULATE_BF16)
+    _store_tile(dq_base, stride_dqn, offs_m, mask_m, offs_a, dq_a * sm_scale, HEAD_DIM, False, EMULATE_BF16)
     if HAS_B:
-        _store_grad(dq_base, stride_dqn, ROPE, offs_m, mask_m, offs_b, dq_b, sm_scale, HEAD_DIM, True, BLOCK_M, DB, HAS_ROPE, EMULATE_BF16)
+        _store_tile(dq_base, stride_dqn, offs_m, mask_m, offs_b, dq_b * sm_scale, HEAD_DIM, True, EMULATE_BF16)

@@ -17,7 +17,7 @@ import torch
 
 from sphere_fast.ops._util import check_grid
 from sphere_fast.ops.attention import attention, attention_impl, attention_reference
-from sphere_fast.ops.rope import apply_rope, rope_table_reference, rotate_reference
+from sphere_fast.ops.rope import apply_rope, rope_table_reference
 from tests.helpers import record_launches, swapped_in_memory
 
 pytest.importorskip("triton")
@@ -68,9 +68,6 @@ def sdpa_in_slices(q, k, v, rope, batch: int = 32768):
     return torch.cat(outs)
 
 
-TRITON_IMPLS = ("triton", "triton_rope_on_load")
-
-
 def assert_fp32_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     """fp32 results within FP32_VS_REFERENCE_TOL x the reference's largest magnitude. TF32 on the GPU: 10-bit
     mantissa inputs (unit roundoff 2**-11 = 4.9e-4), fp32 accumulation; the gradients pass through three chained
@@ -80,14 +77,12 @@ def assert_fp32_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -
     assert err <= tol, f"{what}: fp32 error {err:.3g} > TF32 tolerance {tol:.3g}"
 
 
-def check_against_fp64(
-    b: int, h: int, n: int, d: int, dtype: torch.dtype, with_rope: bool = True, impl: str = "triton"
-) -> None:
+def check_against_fp64(b: int, h: int, n: int, d: int, dtype: torch.dtype, with_rope: bool = True) -> None:
     qkv = qkv_leaf(b, h, n, d, dtype)
     rope = official_rope(n, d) if with_rope else None
     g = torch.Generator().manual_seed(1)
     grad_out = torch.randn(b, h, n, d, generator=g, dtype=torch.float64).to(DEVICE)
-    ours = run(functools.partial(attention, impl=impl), qkv, h, d, rope, grad_out)
+    ours = run(functools.partial(attention, impl="triton"), qkv, h, d, rope, grad_out)
     ref = run(attention_reference, qkv.detach().double().requires_grad_(), h, d, rope, grad_out)
     names = ("out", "dq", "dk", "dv")
     if dtype == torch.float32:
@@ -103,11 +98,10 @@ def check_against_fp64(
         )
 
 
-@pytest.mark.parametrize("impl", TRITON_IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("d", HEAD_DIMS)
-def test_head_dims_match_fp64(d: int, dtype: torch.dtype, impl: str) -> None:
-    check_against_fp64(1, 2, 17, d, dtype, impl=impl)
+def test_head_dims_match_fp64(d: int, dtype: torch.dtype) -> None:
+    check_against_fp64(1, 2, 17, d, dtype)
 
 
 @pytest.mark.parametrize(
@@ -122,35 +116,7 @@ def test_head_dims_match_fp64(d: int, dtype: torch.dtype, impl: str) -> None:
     ],
 )
 def test_token_counts_match_fp64(n: int, d: int, dtype: torch.dtype, with_rope: bool) -> None:
-    for impl in TRITON_IMPLS if with_rope else TRITON_IMPLS[:1]:
-        check_against_fp64(2 if n < 256 else 1, 1, n, d, dtype, with_rope, impl)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_rope_on_load_equals_rope_pass(dtype: torch.dtype) -> None:
-    """Rotating on load (and un-rotating dq/dk in the kernel) equals the RoPE pass then the RoPE-free kernel,
-    and both equal rotating eagerly and running the same kernel, with autograd differentiating the rotation."""
-    h, n, d = 2, 40, 72
-    qkv = qkv_leaf(1, h, n, d, dtype)
-    rope = official_rope(n, d)
-    grad_out = torch.randn(1, h, n, d, dtype=torch.float64).to(DEVICE)
-
-    def eager_rope_then_kernel(q, k, v, rope):
-        q, k = (rotate_reference(x, rope).to(dtype) for x in (q, k))
-        return attention(q, k, v, impl="triton")
-
-    on_load = run(functools.partial(attention, impl="triton_rope_on_load"), qkv, h, d, rope, grad_out)
-    rope_pass = run(functools.partial(attention, impl="triton"), qkv, h, d, rope, grad_out)
-    eager = run(eager_rope_then_kernel, qkv, h, d, rope, grad_out)
-    sdpa = run(attention_reference, qkv, h, d, rope, grad_out)
-    # fp32: the same kernel either way, tight (SDPA: TF32 on the GPU); bf16: the paths round in different places
-    # (the RoPE pass's dq and dk are rounded, then un-rotated and rounded again; on load, one rounding), a few ulp
-    atol, rtol = (1e-5, 1e-5) if dtype == torch.float32 else (2e-2, 2e-2)
-    sdpa_tol = FP32_VS_REFERENCE_TOL if dtype == torch.float32 else 1e-1
-    for name, x, p, y, z in zip(("out", "dq", "dk", "dv"), on_load, rope_pass, eager, sdpa):
-        torch.testing.assert_close(x, p, atol=atol, rtol=rtol, msg=lambda m: f"{name} on load vs pass: {m}")
-        torch.testing.assert_close(p, y, atol=atol, rtol=rtol, msg=lambda m: f"{name} pass vs eager rope: {m}")
-        torch.testing.assert_close(p, z, atol=sdpa_tol, rtol=sdpa_tol, msg=lambda m: f"{name} vs SDPA: {m}")
+    check_against_fp64(2 if n < 256 else 1, 1, n, d, dtype, with_rope)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -253,10 +219,10 @@ KERNELS = ("attention_fwd_kernel", "attention_bwd_preprocess_kernel", "attention
 
 @pytest.mark.parametrize("shape", LARGE_SHAPES.values(), ids=LARGE_SHAPES.keys())
 def test_large_batches_launch_within_cuda_limits(shape: tuple[int, int, int, int], monkeypatch) -> None:
-    """Every attention launch (forward with and without RoPE on load, the backward's three kernels) keeps its grid
-    within CUDA's limits, and each kernel's launches cover the batch once. The kernels are not run here (65k
-    programs are too many for the interpreter): each grid goes through the launcher's own check instead (the
-    next tests run the slicing in the interpreter and the large shapes on a GPU)."""
+    """Every attention launch (the forward, the backward's three kernels) keeps its grid within CUDA's limits, and
+    each kernel's launches cover the batch once. The kernels are not run here (65k programs are too many for the
+    interpreter): each grid goes through the launcher's own check instead (the next tests run the slicing in the
+    interpreter and the large shapes on a GPU)."""
     batches = {name: [] for name in KERNELS}
 
     def checked_no_launch(kernel, grid, compile_only=False):
@@ -267,19 +233,17 @@ def test_large_batches_launch_within_cuda_limits(shape: tuple[int, int, int, int
     monkeypatch.setattr(attn_mod, "kernel_runner", checked_no_launch)
     b, h, n, d = shape
     q = torch.zeros(b, h, n, d, device=DEVICE)
-    for rope in (None, official_rope(n, d)):
-        o, lse = attn_mod._triton_forward(q, q, q, rope)
-        attn_mod._triton_backward(o, q, q, q, o, lse, rope)
+    o, lse = attn_mod._triton_forward(q, q, q)
+    attn_mod._triton_backward(o, q, q, q, o, lse)
     slices = [min(attn_mod.LAUNCH_BATCH, b - start) for start in range(0, b, attn_mod.LAUNCH_BATCH)]
-    assert batches == {name: slices * 2 for name in KERNELS}
+    assert batches == {name: slices for name in KERNELS}
 
 
-@pytest.mark.parametrize("impl", TRITON_IMPLS)
-def test_a_batch_launched_in_slices_matches_fp64(impl: str, monkeypatch) -> None:
+def test_a_batch_launched_in_slices_matches_fp64(monkeypatch) -> None:
     """The slicing that keeps a large batch under the grid limit, run for real: 5 sequences in slices of 2."""
     monkeypatch.setattr(attn_mod, "LAUNCH_BATCH", 2)
     for dtype in (torch.float32, torch.bfloat16):
-        check_against_fp64(5, 2, 17, 32, dtype, impl=impl)
+        check_against_fp64(5, 2, 17, 32, dtype)
 
 
 def test_sdpa_takes_a_large_batch_in_slices(monkeypatch) -> None:
@@ -308,9 +272,8 @@ def test_sdpa_takes_a_large_batch_in_slices(monkeypatch) -> None:
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU: 65k programs are too many for the interpreter")
 @pytest.mark.parametrize("shape", LARGE_SHAPES.values(), ids=LARGE_SHAPES.keys())
-@pytest.mark.parametrize("impl", TRITON_IMPLS)
-def test_large_batches_match_fp64(impl: str, shape: tuple[int, int, int, int]) -> None:
-    check_against_fp64(*shape, torch.bfloat16, impl=impl)
+def test_large_batches_match_fp64(shape: tuple[int, int, int, int]) -> None:
+    check_against_fp64(*shape, torch.bfloat16)
 
 
 def test_opcheck() -> None:
@@ -318,18 +281,15 @@ def test_opcheck() -> None:
     against the public op's in test_op_autograd.py)."""
     h, n, d = 1, 9, 24
     q, k, v = (t.detach().contiguous() for t in split_qkv(qkv_leaf(1, h, n, d, torch.float32), h, d))
-    rope = official_rope(n, d)
-    torch.library.opcheck(torch.ops.sphere_fast.attention_triton_fwd, (q, k, v, rope))
-    torch.library.opcheck(torch.ops.sphere_fast.attention_triton_fwd, (q.clone().requires_grad_(), k, v, rope))
-    torch.library.opcheck(torch.ops.sphere_fast.attention_triton_fwd, (q, k, v, None))
-    o, lse = torch.ops.sphere_fast.attention_triton_fwd(q, k, v, rope)
-    torch.library.opcheck(torch.ops.sphere_fast.attention_triton_bwd, (torch.randn_like(o), q, k, v, o, lse, rope))
+    torch.library.opcheck(torch.ops.sphere_fast.attention_triton_fwd, (q, k, v))
+    torch.library.opcheck(torch.ops.sphere_fast.attention_triton_fwd, (q.clone().requires_grad_(), k, v))
+    o, lse = torch.ops.sphere_fast.attention_triton_fwd(q, k, v)
+    torch.library.opcheck(torch.ops.sphere_fast.attention_triton_bwd, (torch.randn_like(o), q, k, v, o, lse))
     # the log-sum-exp stays float32 for bf16 inputs
-    torch.library.opcheck(torch.ops.sphere_fast.attention_triton_fwd, tuple(t.bfloat16() for t in (q, k, v)) + (None,))
+    torch.library.opcheck(torch.ops.sphere_fast.attention_triton_fwd, tuple(t.bfloat16() for t in (q, k, v)))
 
 
-@pytest.mark.parametrize("impl", TRITON_IMPLS)
-def test_a_strided_rope_table(impl: str) -> None:
+def test_a_strided_rope_table() -> None:
     """A table that is a column slice of a wider one (row stride 4D) gives what its contiguous copy gives."""
     h, n, d = 2, 17, 32
     qkv = qkv_leaf(1, h, n, d, torch.float32)
@@ -337,14 +297,13 @@ def test_a_strided_rope_table(impl: str) -> None:
     wide = torch.zeros(n, 4 * d, device=DEVICE)
     wide[:, : 2 * d] = rope
     grad_out = torch.randn(1, h, n, d, device=DEVICE)
-    fn = functools.partial(attention, impl=impl)
+    fn = functools.partial(attention, impl="triton")
     expected = run(fn, qkv, h, d, rope, grad_out)
     for name, a, b in zip(("out", "dq", "dk", "dv"), run(fn, qkv, h, d, wide[:, : 2 * d], grad_out), expected):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("impl", TRITON_IMPLS)
-def test_non_unit_last_strides(impl: str) -> None:
+def test_non_unit_last_strides() -> None:
     """q, k, v as every other column of wider tensors, and the output used transposed (its gradient arrives with
     a last-dim stride of N): read as their contiguous copies would be."""
     b, h, n, d = 1, 2, 17, 32
@@ -358,29 +317,27 @@ def test_non_unit_last_strides(impl: str) -> None:
         out = fn(*(t[..., ::2] for t in leaves), rope)
         return [out, *torch.autograd.grad((out.transpose(2, 3) * grad_t).sum(), leaves)]
 
-    for name, a, r in zip(("out", "dq", "dk", "dv"), outputs(functools.partial(attention, impl=impl)),
+    for name, a, r in zip(("out", "dq", "dk", "dv"), outputs(functools.partial(attention, impl="triton")),
                           outputs(attention_reference)):
         assert_fp32_close(a, r, name)
 
 
-@pytest.mark.parametrize("impl", TRITON_IMPLS)
-def test_gradients_for_k_and_v_alone(impl: str) -> None:
+def test_gradients_for_k_and_v_alone() -> None:
     """A frozen q (k and v trainable): the op still records its backward."""
     q, k, v = _inputs(n=17)
     k, v = k.requires_grad_(), v.requires_grad_()
     rope = official_rope(17, 32)
-    grads = torch.autograd.grad(attention(q, k, v, rope, impl=impl).square().sum(), (k, v))
+    grads = torch.autograd.grad(attention(q, k, v, rope, impl="triton").square().sum(), (k, v))
     grads0 = torch.autograd.grad(attention_reference(q, k, v, rope).square().sum(), (k, v))
     for name, a, b in zip(("dk", "dv"), grads, grads0):
         assert_fp32_close(a, b, name)
 
 
-@pytest.mark.parametrize("impl", TRITON_IMPLS)
-def test_a_gradient_of_a_gradient_is_refused(impl: str) -> None:
+def test_a_gradient_of_a_gradient_is_refused() -> None:
     """A gradient penalty (a loss on the projection's gradient, taken with create_graph=True): the triton backward
     has no gradient of its own, so it raises rather than silently leave out its second-order terms."""
     qkv = qkv_leaf(1, 1, 16, 32, torch.float32)
-    out = attention(*split_qkv(qkv, 1, 32), official_rope(16, 32), impl=impl)
+    out = attention(*split_qkv(qkv, 1, 32), official_rope(16, 32), impl="triton")
     with pytest.raises(RuntimeError, match="no second-order gradient"):
         (dqkv,) = torch.autograd.grad(out.square().sum(), qkv, create_graph=True)
         dqkv.square().sum().backward()
@@ -389,12 +346,11 @@ def test_a_gradient_of_a_gradient_is_refused(impl: str) -> None:
 def test_a_head_dim_takes_the_candidates_of_its_padded_width() -> None:
     """Tiles are chosen for the width a kernel runs at, as their registers and shared memory are: D = 72 and 96
     run as two 64-wide chunks (128), D = 48 as two 32-wide ones (64)."""
-    for rope_on_load in (False, True):
-        def candidates(d: int) -> dict:
-            return attn_mod._candidates(d, torch.bfloat16, rope_on_load, interpret=False)
+    def candidates(d: int) -> dict:
+        return attn_mod._candidates(d, torch.bfloat16, interpret=False)
 
-        assert candidates(72) == candidates(96) == candidates(128) != candidates(64)
-        assert candidates(48) == candidates(64)
+    assert candidates(72) == candidates(96) == candidates(128) != candidates(64)
+    assert candidates(48) == candidates(64)
 
 
 def test_compile_fullgraph_no_graph_break() -> None:
@@ -474,7 +430,7 @@ def test_tma_forward_gives_the_pointer_kernels_bits(monkeypatch: pytest.MonkeyPa
     q, k, v = qkv.view(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)  # the model's strided views
     pointer = attention(q, k, v, impl="triton")
     tma = attn_mod.TmaConfig(32, 32, 4, 1, warp_specialize)
-    assert attn_mod._config_applies(tma, q, k, v, False)
+    assert attn_mod._config_applies(tma, q, k, v)
     candidates = attn_mod._candidates
     monkeypatch.setattr(attn_mod, "_candidates", lambda *args, **kwargs: {**candidates(*args, **kwargs), "fwd": (tma,)})
     out = attention(q, k, v, impl="triton")
@@ -525,7 +481,7 @@ def test_cpp_backend_means_flash_attn_where_usable_else_sdpa(monkeypatch: pytest
 
 def test_tuned_configs_are_kept_per_batch_bucket() -> None:
     """A launch config is tuned per program count: B*H in powers of two, so batches of one bucket share it."""
-    key = functools.partial(attn_mod._tuning_key, "attention fwd", rope=None)
+    key = functools.partial(attn_mod._tuning_key, "attention fwd")
     shapes = {b: torch.empty(b, 16, 256, 64, device="meta") for b in (1, 3, 4, 5, 64)}
     assert key(shapes[3]) == key(shapes[4]) and len({key(shapes[b]) for b in (1, 4, 5, 64)}) == 4
 
@@ -583,15 +539,13 @@ def test_bad_impl_name_and_rope_grad() -> None:
         with pytest.raises(ValueError, match="impl 'flash_attn' cannot run"):
             attention(q, k, v, impl="flash_attn")
     rope = official_rope(8, 32).requires_grad_()
-    for impl, backend in (("triton_rope_on_load", None), ("triton", "triton")):
-        with pytest.raises(ValueError, match="rope must not require grad"):
-            attention(q, k, v, rope, impl=impl, backend=backend)
+    with pytest.raises(ValueError, match="rope must not require grad"):
+        attention(q, k, v, rope, impl="triton", backend="triton")
     # under auto the kernel's RoPE pass is auto's, which differentiates a table that requires grad on eager
     out = attention(q, k, v, rope, impl="triton")
     (grad,) = torch.autograd.grad(out.sum(), rope)
     (expected,) = torch.autograd.grad(attention_reference(q, k, v, rope).sum(), rope)
     assert_fp32_close(grad, expected, "rope's gradient through the triton impl under auto")
-    for impl in TRITON_IMPLS:
-        with torch.no_grad():  # nothing is recorded: the table is a constant there
-            out = attention(q, k, v, rope, impl=impl)
-        assert_fp32_close(out, attention_reference(q, k, v, rope.detach()), f"{impl} under no_grad")
+    with torch.no_grad():  # nothing is recorded: the table is a constant there
+        out = attention(q, k, v, rope, impl="triton")
+    assert_fp32_close(out, attention_reference(q, k, v, rope.detach()), "triton under no_grad")

@@ -1426,16 +1426,16 @@ def test_tune_attention_chunk_b_variant() -> None:
     (in the interpreter: the 16-wide miscompile was GPU-only, so this proves the math, not the compiler)."""
     assert tune_attention.chunks_with(32)(72) == (64, 32, True)
     assert tune_attention.chunks_with(32)(64) == tune_attention.attn._head_chunks(64) == (64, 64, False)
-    fwd_ms, step_ms = tune_attention.time_variant((1, 2, 17, 72), "triton", True, None, None, chunk_b=32)
+    fwd_ms, step_ms = tune_attention.time_variant((1, 2, 17, 72), True, None, None, chunk_b=32)
     assert fwd_ms > 0 and step_ms > 0
 
 
 def test_tune_attention_smoke_gates_and_times_every_rope_mode(capsys: pytest.CaptureFixture[str]) -> None:
     """On CPU: the interpreter's config, checked against the eager reference (forward and gradients), with
-    the RoPE pass, RoPE on load, and no RoPE."""
+    the RoPE pass and without RoPE."""
     assert tune_attention.main(["--shape", "1", "2", "17", "32"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| interpreter")]
-    assert [row.split(" | ")[1] for row in rows] == [label for label, _, _ in tune_attention.MODES], rows
+    assert [row.split(" | ")[1] for row in rows] == [label for label, _ in tune_attention.MODES], rows
     assert all(row.endswith("| ok |") for row in rows), rows
 
 
@@ -1466,7 +1466,7 @@ def test_tune_attention_rows_count_the_flops_of_bench_attention(monkeypatch: pyt
 
 
 def test_tune_attention_runs_the_variant_it_names(monkeypatch: pytest.MonkeyPatch) -> None:
-    """time_variant calls the op with the impl and the RoPE mode it is given, under the chunk B width it is
+    """time_variant calls the op with impl triton and the RoPE mode it is given, under the chunk B width it is
     given, and its gate checks the gradient too: a backward that doubles dq fails it."""
     attn = tune_attention.attn
     calls, chunks = [], []
@@ -1486,14 +1486,14 @@ def test_tune_attention_runs_the_variant_it_names(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(attn, "attention", attention)
     monkeypatch.setattr(tune_attention, "chunks_with", chunks_with)
-    tune_attention.time_variant((1, 2, 17, 72), "triton_rope_on_load", False, None, None, chunk_b=32)
-    assert calls and set(calls) == {(False, "triton_rope_on_load")}, calls
+    tune_attention.time_variant((1, 2, 17, 72), False, None, None, chunk_b=32)
+    assert calls and set(calls) == {(False, "triton")}, calls
     assert chunks and set(chunks) == {(64, 32, True)}, chunks
     real_bwd = attn.attention_triton_bwd
     monkeypatch.setattr(attn, "attention_triton_bwd", lambda do, *args: (2 * real_bwd(do, *args)[0],
                                                                          *real_bwd(do, *args)[1:]))
     with pytest.raises(AssertionError):
-        tune_attention.time_variant((1, 2, 17, 32), "triton", True, None, None)
+        tune_attention.time_variant((1, 2, 17, 32), True, None, None)
 
 
 def test_tune_attention_sweeps_each_head_dim_asked_for(capsys: pytest.CaptureFixture[str]) -> None:

@@ -55,7 +55,7 @@ TRITON_ONLY = [
      lambda t, b: list(OPS.rope_fwd(t["q"], t["k"], rope_table_reference(8, 16, "cpu"))),
      lambda t, b: list(ops.apply_rope(t["q"], t["k"], rope_table_reference(8, 16, "cpu"), backend=b)), ("q", "k")),
     ("attention",
-     lambda t, b: [OPS.attention_triton_fwd(t["q"], t["k"], t["v"], None)[0]],
+     lambda t, b: [OPS.attention_triton_fwd(t["q"], t["k"], t["v"])[0]],
      lambda t, b: [ops.attention(t["q"], t["k"], t["v"], backend=b)], ("q", "k", "v")),
 ]
 

@@ -28,17 +28,16 @@ KERNELS = {
 
 
 def compile_kernel(
-    which: str, head_dim: int, dtype: torch.dtype, rope: bool = True, config: Config | None = None
+    which: str, head_dim: int, dtype: torch.dtype, config: Config | None = None
 ) -> sm90.CompiledKernelInfo:
     """Compile one kernel with exactly the constexprs ops/attention.py uses on a GPU and one of its launch
-    config candidates (default: the first) (``rope``: impl triton_rope_on_load; without it, impl triton after
-    its RoPE pass)."""
+    config candidates (default: the first)."""
     fn = KERNELS[which]
     da, db, has_b = _head_chunks(head_dim)
-    block_m, block_n, warps, stages = config or _candidates(head_dim, dtype, rope, interpret=False)[which][0]
+    block_m, block_n, warps, stages = config or _candidates(head_dim, dtype, interpret=False)[which][0]
     signature = {}
     for name in fn.arg_names:
-        if name in ("LSE", "DELTA", "ROPE"):
+        if name in ("LSE", "DELTA"):
             signature[name] = "*fp32"
         elif name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):
             signature[name] = f"*{TT[dtype]}"
@@ -47,8 +46,7 @@ def compile_kernel(
         elif name in ("qk_scale", "sm_scale"):
             signature[name] = "fp32"
     constexprs = dict(
-        HEAD_DIM=head_dim, DA=da, DB=db, HAS_B=has_b, BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_ROPE=rope, EMULATE_BF16=False,
+        HEAD_DIM=head_dim, DA=da, DB=db, HAS_B=has_b, BLOCK_M=block_m, BLOCK_N=block_n, EMULATE_BF16=False
     )
     if which != "dkdv":
         constexprs["EVEN_N"] = True  # the model's N = 256 and 1024
@@ -62,10 +60,9 @@ def compile_kernel(
 BF16_CASES = [("fwd", d) for d in HEAD_DIMS] + [(w, d) for w in ("dkdv", "dq") for d in (64, 72, 128)]
 
 
-@pytest.mark.parametrize("rope", [False, True], ids=["rope_pass", "rope_on_load"])
 @pytest.mark.parametrize("which, head_dim", BF16_CASES)
-def test_bf16_kernels_use_hgmma_without_spills(which: str, head_dim: int, rope: bool) -> None:
-    info = compile_kernel(which, head_dim, torch.bfloat16, rope)
+def test_bf16_kernels_use_hgmma_without_spills(which: str, head_dim: int) -> None:
+    info = compile_kernel(which, head_dim, torch.bfloat16)
     sm90.assert_no_spills(info)
     assert info.launch_shared <= sm90.SMEM_LIMIT, f"{which} D={head_dim}: {info.launch_shared} B shared memory"
     assert sm90.hgmma_count(info) > 0, f"{which} D={head_dim}: no HGMMA in the SASS"
@@ -73,17 +70,16 @@ def test_bf16_kernels_use_hgmma_without_spills(which: str, head_dim: int, rope: 
 
 # every other tuning candidate, at the model head dims (Sphere-L 64, Sphere-XL 72) and the widest
 CANDIDATE_CASES = [
-    pytest.param(which, head_dim, rope, config, id=f"{which}-D{head_dim}-rope_{'on_load' if rope else 'pass'}-{config}")
+    pytest.param(which, head_dim, config, id=f"{which}-D{head_dim}-{config}")
     for head_dim in (64, 72, 128)
-    for rope in (False, True)
-    for which, configs in _candidates(head_dim, torch.bfloat16, rope, interpret=False).items()
+    for which, configs in _candidates(head_dim, torch.bfloat16, interpret=False).items()
     for config in configs[1:]
 ]
 
 
-@pytest.mark.parametrize("which, head_dim, rope, config", CANDIDATE_CASES)
-def test_tuning_candidates_without_spills(which: str, head_dim: int, rope: bool, config: Config) -> None:
-    info = compile_kernel(which, head_dim, torch.bfloat16, rope, config)
+@pytest.mark.parametrize("which, head_dim, config", CANDIDATE_CASES)
+def test_tuning_candidates_without_spills(which: str, head_dim: int, config: Config) -> None:
+    info = compile_kernel(which, head_dim, torch.bfloat16, config)
     sm90.assert_no_spills(info)
     assert info.launch_shared <= sm90.SMEM_LIMIT, f"{which} D={head_dim} {config}: {info.launch_shared} B shared memory"
     assert sm90.hgmma_count(info) > 0, f"{which} D={head_dim} {config}: no HGMMA in the SASS"
@@ -93,11 +89,10 @@ def test_candidates_keep_the_summed_block() -> None:
     """The candidates of a kernel may differ in speed only: fwd and dq keep the key block they sum over, dkdv
     the query block."""
     for head_dim in (64, 72, 128):
-        for rope in (False, True):
-            for which, configs in _candidates(head_dim, torch.bfloat16, rope, interpret=False).items():
-                summed = {c[0] if which == "dkdv" else c[1] for c in configs}
-                assert len(summed) == 1, (which, head_dim, rope, configs)
-                assert len(set(configs)) == len(configs), (which, head_dim, rope, configs)
+        for which, configs in _candidates(head_dim, torch.bfloat16, interpret=False).items():
+            summed = {c[0] if which == "dkdv" else c[1] for c in configs}
+            assert len(summed) == 1, (which, head_dim, configs)
+            assert len(set(configs)) == len(configs), (which, head_dim, configs)
 
 
 def forward_tuning_compiles(head_dim: int) -> dict:
@@ -119,7 +114,7 @@ def forward_tuning_compiles(head_dim: int) -> dict:
 
     q, k, v = torch.zeros(2, 1024, 3, 16, head_dim, dtype=torch.bfloat16).permute(2, 0, 3, 1, 4)
     with sm90.compile_up_to_first_timing() as warnings, mock.patch.object(attention, "_candidates", with_tma):
-        attention._triton_forward(q, k, v, None)
+        attention._triton_forward(q, k, v)
 
     def constant(compiled, kernel, name: str) -> object:
         return compiled.src.constants[(kernel.arg_names.index(name),)]
@@ -139,7 +134,7 @@ def test_tuning_compiles_every_forward_candidate_ahead(head_dim: int, tmp_path: 
     compiled for sm_90a, and no more (at D = 72, two head-dim chunks, no TMA config applies)."""
     result = sm90.call_in_compile_child("tests.test_sm90_attention:forward_tuning_compiles", tmp_path, head_dim)
     assert result["warnings"] == []
-    own = _candidates(head_dim, torch.bfloat16, False, interpret=False)["fwd"]
+    own = _candidates(head_dim, torch.bfloat16, interpret=False)["fwd"]
     assert result["pointer"] == sorted(list(c) for c in own)
     tma = [[c.block_m, c.block_n, c.warp_specialize, c.stages] for c in tune_attention.TMA_FWD_VARIANTS]  # JSON lists
     assert result["tma"] == (sorted(tma) if head_dim == 64 else [])

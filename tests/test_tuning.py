@@ -444,8 +444,8 @@ def _inputs(b: int, h: int, n: int, d: int, dtype: torch.dtype):
     return qkv, q, k, v, rope, grad
 
 
-def _run(impl: str, qkv, q, k, v, rope, grad) -> list[torch.Tensor]:
-    out = attn.attention(q, k, v, rope, impl=impl)
+def _run(qkv, q, k, v, rope, grad) -> list[torch.Tensor]:
+    out = attn.attention(q, k, v, rope, impl="triton")
     (dqkv,) = torch.autograd.grad(out, qkv, grad)
     return [out.detach(), dqkv]
 
@@ -474,26 +474,23 @@ INTERPRETER_CANDIDATES = {
 
 def _cases() -> list:
     if DEVICE == "cpu":
-        return [pytest.param((1, 2, 40, 32), torch.float32, impl, id=f"interpreter-{impl}")
-                for impl in attn.TRITON_IMPLS]
+        return [pytest.param((1, 2, 40, 32), torch.float32, id="interpreter")]
     # D = 128: two backward candidates split the warps and the tensor-core tiles otherwise (N = 64 against 128)
-    return [pytest.param((4, 16, 1024, d), torch.bfloat16, impl, id=f"D{d}-{impl}")
-            for d in (64, 72, 128) for impl in attn.TRITON_IMPLS]
+    return [pytest.param((4, 16, 1024, d), torch.bfloat16, id=f"D{d}") for d in (64, 72, 128)]
 
 
 @pytest.mark.cuda_capable
-@pytest.mark.parametrize("shape, dtype, impl", _cases())
-def test_every_candidate_gives_the_default_bits(shape: tuple[int, ...], dtype: torch.dtype, impl: str) -> None:
+@pytest.mark.parametrize("shape, dtype", _cases())
+def test_every_candidate_gives_the_default_bits(shape: tuple[int, ...], dtype: torch.dtype) -> None:
     """Each candidate alone (no tuning): the same output and gradient bits as the default config."""
     inputs = _inputs(*shape, dtype)
-    rope_on_load = impl == "triton_rope_on_load"
-    own = INTERPRETER_CANDIDATES if DEVICE == "cpu" else attn._candidates(shape[-1], dtype, rope_on_load)
+    own = INTERPRETER_CANDIDATES if DEVICE == "cpu" else attn._candidates(shape[-1], dtype)
     with _only(_defaults(own)):
-        expected = _run(impl, *inputs)
+        expected = _run(*inputs)
     for name, configs in own.items():
         for config in configs[1:]:
             with _only({**_defaults(own), name: (config,)}):
-                _assert_bitwise(_run(impl, *inputs), expected, f"{name} {config}")
+                _assert_bitwise(_run(*inputs), expected, f"{name} {config}")
 
 
 @pytest.mark.cuda_capable
@@ -509,9 +506,9 @@ def test_the_op_launches_the_config_it_picked(
     else:
         inputs, own = _inputs(2, 16, 1024, 64, torch.bfloat16), attn._candidates(64, torch.bfloat16)
     with _only(_defaults(own)):
-        expected = _run("triton", *inputs)
+        expected = _run(*inputs)
     with _only(own), caplog.at_level("WARNING", logger="sphere_fast"):
-        actual = _run("triton", *inputs)
+        actual = _run(*inputs)
         chosen = {key[0].removeprefix("attention "): config for key, config in _tuning._chosen.items()}
         assert "compiling the candidates ahead failed" not in caplog.text
         assert set(chosen) == {"fwd", "dkdv", "dq"}
@@ -519,7 +516,7 @@ def test_the_op_launches_the_config_it_picked(
         if DEVICE == "cpu":
             assert chosen == {kernel: configs[-1] for kernel, configs in own.items()}
             count = len(timed)
-            _run("triton", *inputs)
+            _run(*inputs)
             assert len(timed) == count, "a remembered shape must not be timed again"
     _assert_bitwise(actual, expected, f"tuned {chosen}")
 
@@ -530,10 +527,10 @@ def test_a_config_that_does_not_compile_is_dropped_on_the_gpu(caplog: pytest.Log
     does not compile; the tuning drops it with a warning, and the op gives the default config's bits."""
     inputs, own = _inputs(2, 16, 1024, 64, torch.bfloat16), attn._candidates(64, torch.bfloat16)
     with _only(_defaults(own)):
-        expected = _run("triton", *inputs)
+        expected = _run(*inputs)
     broken = (128, 48, 4, 3)
     with _only({**own, "fwd": (*own["fwd"], broken)}), caplog.at_level("WARNING", logger="sphere_fast"):
-        actual = _run("triton", *inputs)
+        actual = _run(*inputs)
     assert f"config {broken} does not compile" in caplog.text
     assert [config for key, config in _tuning._chosen.items() if key[0] == "attention fwd"] != [broken]
     _assert_bitwise(actual, expected, "tuned without the config that does not compile")
@@ -549,10 +546,10 @@ def test_a_faster_candidate_with_other_bits_is_not_used(
     inputs = _inputs(1, 2, 40, 32, torch.float32)
     own = {**INTERPRETER_CANDIDATES, "fwd": ((32, 32, 4, 1), (32, 16, 4, 1))}
     with _only(_defaults(own)):
-        expected = _run("triton", *inputs)
+        expected = _run(*inputs)
     last_is_fastest(monkeypatch)
     with _only(own), caplog.at_level("WARNING", logger="sphere_fast"):
-        actual = _run("triton", *inputs)
+        actual = _run(*inputs)
     assert "config (32, 16, 4, 1) changes the result's bits" in caplog.text
     assert "compiling the candidates ahead failed" not in caplog.text
     fwd = [config for key, config in _tuning._chosen.items() if key[0] == "attention fwd"]
@@ -572,9 +569,9 @@ def test_tensor_descriptor_forward_gives_the_pointer_kernels_bits(dtype: torch.d
     inputs = _inputs(1, 2, 64, 32, dtype)
     pointer = INTERPRETER_CANDIDATES["fwd"][0]
     with _only(_defaults(INTERPRETER_CANDIDATES)):
-        expected = _run("triton", *inputs)
+        expected = _run(*inputs)
     with _only({**_defaults(INTERPRETER_CANDIDATES), "fwd": (attn.TmaConfig(*pointer, warp_specialize),)}):
-        actual = _run("triton", *inputs)
+        actual = _run(*inputs)
     _assert_bitwise(actual, expected, f"TmaConfig{(*pointer, warp_specialize)}")
     # and against the eager reference in float64 (RoPE, softmax, gradient), as tests/test_attention.py does
     qkv, q, k, v, rope, grad = inputs
@@ -607,35 +604,33 @@ def test_a_tensor_descriptor_choice_is_not_launched_where_it_does_not_apply(monk
 
 
 def test_tensor_descriptor_configs_run_only_where_they_apply() -> None:
-    """A TmaConfig needs no RoPE on load, one power-of-two head-dim chunk, N a multiple of its blocks, and
-    16-byte aligned tensors in the model's [B, N, H, D] memory; elsewhere the op takes its other candidates,
-    or says why none applies."""
+    """A TmaConfig needs one power-of-two head-dim chunk, N a multiple of its blocks, and 16-byte aligned tensors
+    in the model's [B, N, H, D] memory; elsewhere the op takes its other candidates, or says why none applies."""
     tma = attn.TmaConfig(32, 32, 4, 1, False)
-    _, q, k, v, rope, _ = _inputs(1, 2, 64, 32, torch.float32)
-    assert attn._config_applies(tma, q, k, v, rope_on_load=False)
-    assert not attn._config_applies(tma, q, k, v, rope_on_load=True)
-    assert attn._config_applies((32, 32, 4, 1), q, k, v, rope_on_load=True)  # pointer configs always
+    _, q, k, v, _, _ = _inputs(1, 2, 64, 32, torch.float32)
+    assert attn._config_applies(tma, q, k, v)
     _, q72, k72, v72, _, _ = _inputs(1, 2, 64, 72, torch.float32)
-    assert not attn._config_applies(tma, q72, k72, v72, rope_on_load=False)
+    assert not attn._config_applies(tma, q72, k72, v72)
     _, q40, k40, v40, _, _ = _inputs(1, 2, 40, 32, torch.float32)
-    assert not attn._config_applies(tma, q40, k40, v40, rope_on_load=False)
+    assert not attn._config_applies(tma, q40, k40, v40)
+    assert attn._config_applies((32, 32, 4, 1), q40, k40, v40)  # pointer configs always
     shifted = torch.zeros(1 + 3 * q.numel())[1:].view(1, 64, 3, 2, 32).permute(2, 0, 3, 1, 4)[0]
-    assert not attn._config_applies(tma, shifted, k, v, rope_on_load=False)  # 4 bytes past an aligned allocation
-    assert not attn._config_applies(tma, q.contiguous(), k, v, rope_on_load=False)  # [B, H, N, D] memory
+    assert not attn._config_applies(tma, shifted, k, v)  # 4 bytes past an aligned allocation
+    assert not attn._config_applies(tma, q.contiguous(), k, v)  # [B, H, N, D] memory
     gapped = torch.zeros(2, 72, 3, 2, 32)[:, :64].permute(2, 0, 3, 1, 4)[0]  # batches 72 rows apart, not 64
-    assert not attn._config_applies(tma, gapped, gapped, gapped, rope_on_load=False)
+    assert not attn._config_applies(tma, gapped, gapped, gapped)
     spread = torch.zeros(1, 64, 3, 2, 64)[..., :32].permute(2, 0, 3, 1, 4)[0]  # heads 64 columns apart, not 32
-    assert not attn._config_applies(tma, spread, spread, spread, rope_on_load=False)
+    assert not attn._config_applies(tma, spread, spread, spread)
     _, q32, k32, v32, _, _ = _inputs(1, 2, 32, 32, torch.float32)  # N a multiple of block_n, not of block_m
-    assert not attn._config_applies(attn.TmaConfig(64, 32, 4, 1, False), q32, k32, v32, rope_on_load=False)
-    assert attn._config_applies(attn.TmaConfig(32, 32, 4, 1, False), q32, k32, v32, rope_on_load=False)
+    assert not attn._config_applies(attn.TmaConfig(64, 32, 4, 1, False), q32, k32, v32)
+    assert attn._config_applies(attn.TmaConfig(32, 32, 4, 1, False), q32, k32, v32)
 
-    inputs = _inputs(1, 2, 64, 32, torch.float32)
+    inputs = _inputs(1, 2, 40, 32, torch.float32)
     with _only(_defaults(INTERPRETER_CANDIDATES)):
-        expected = _run("triton_rope_on_load", *inputs)
+        expected = _run(*inputs)
     both = {**_defaults(INTERPRETER_CANDIDATES), "fwd": (tma, INTERPRETER_CANDIDATES["fwd"][0])}
-    with _only(both):  # RoPE on load: the TmaConfig is left out, the pointer config runs
-        _assert_bitwise(_run("triton_rope_on_load", *inputs), expected, "pointer config after the TmaConfig")
+    with _only(both):  # N = 40: the TmaConfig is left out, the pointer config runs
+        _assert_bitwise(_run(*inputs), expected, "pointer config after the TmaConfig")
     with _only({**both, "fwd": (tma,)}), pytest.raises(ValueError, match="no forward launch config applies"):
-        _run("triton_rope_on_load", *inputs)
+        _run(*inputs)
 

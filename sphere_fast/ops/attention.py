@@ -5,11 +5,8 @@ Implementations ("impl"), all computing softmax(rope(q) rope(k)^T / sqrt(D)) v o
                   flash / efficient / cuDNN / math kernel). On backend ``eager`` the RoPE is the eager
                   reference and this is the reference itself.
   ``triton``      the fused Triton RoPE pass (``ops/rope.py``) + the Triton flash-attention kernel in
-                  ``kernels/attention.py`` without RoPE (``torch.ops.sphere_fast.attention_triton_fwd/_bwd``).
-                  What backend ``triton`` runs.
-  ``triton_rope_on_load``  the same kernel rotating q and k tiles as it loads them (no extra pass, but each K
-                  tile is rotated again by every query block, and it holds more shared memory and registers:
-                  see benchmarks/NOTES.md). Kept to be measured against ``triton``.
+                  ``kernels/attention.py`` (``torch.ops.sphere_fast.attention_triton_fwd/_bwd``). What backend
+                  ``triton`` runs.
   ``flash_attn``  RoPE pass + the flash-attn package, only when it is importable (CUDA, fp16/bf16).
 The RoPE pass is the Triton kernel, except on backend ``eager`` (and on CPU under ``auto``), where it is the
 eager reference. Attention has no C++ kernel of its own: backend ``cpp`` means the vendor C++/CUDA kernels,
@@ -53,8 +50,7 @@ from sphere_fast.ops._util import bnhd_empty, kernel_runner, next_pow2, on_input
 from sphere_fast.ops.rope import apply_rope_reference, check_rope_table, rope_backend, rope_bwd, rope_fwd, rope_pass
 
 AUTO_ORDER = ("triton", "eager")
-IMPLS = ("sdpa", "triton", "triton_rope_on_load", "flash_attn")
-TRITON_IMPLS = ("triton", "triton_rope_on_load")
+IMPLS = ("sdpa", "triton", "flash_attn")
 TRITON_HEAD_DIMS = "even head dims from 16 to 128"
 
 logger = logging.getLogger("sphere_fast")
@@ -121,7 +117,7 @@ def attention_impls(
     device = torch.device(device)
     names = ["sdpa"]
     if triton_usable(device) and triton_supports_head_dim(head_dim) and dtype in KERNEL_DTYPES:
-        names += TRITON_IMPLS
+        names.append("triton")
     if _flash_attn_usable(device.type, dtype, head_dim):
         names.append("flash_attn")
     return names
@@ -143,7 +139,7 @@ def _choose_impl(device: torch.device, dtype: torch.dtype, head_dim: int, backen
     # a constant under torch.compile: runs once at trace time, so the logging below breaks no graph
     requested = requested_backend("attention", backend)
     # flash-attn's autograd.Function has neither a jvp nor functorch's setup_context either
-    if impl in (*TRITON_IMPLS, "flash_attn") and (transform := autodiff_transform()) is not None:
+    if impl in ("triton", "flash_attn") and (transform := autodiff_transform()) is not None:
         raise NotImplementedError(f"attention: impl {impl!r} cannot run under {transform}; use impl 'sdpa'")
     return _choose(device.type, dtype, head_dim, requested, impl, _tf32_allowed(), triton_interpreting())
 
@@ -214,8 +210,8 @@ Config = tuple[int, int, int, int]  # BLOCK_M, BLOCK_N, num_warps, num_stages
 class TmaConfig(NamedTuple):
     """A forward launch config of attention_fwd_tma_kernel, which loads the q, k, v tiles through tensor
     descriptors (the TMA on Hopper), with Triton's warp specialization or without. It runs where the pointer
-    kernel would take its EVEN_N path on one head-dim chunk: no RoPE on load, a power-of-two head dim, N a
-    multiple of both blocks, and the model's layout (``_config_applies``). With the same blocks as a pointer config
+    kernel would take its EVEN_N path on one head-dim chunk: a power-of-two head dim, N a multiple of both
+    blocks, and the model's layout (``_config_applies``). With the same blocks as a pointer config
     it computes the same sums in the same order. Not among the default candidates until it is measured:
     benchmarks/tune_attention.py times it."""
 
@@ -226,33 +222,23 @@ class TmaConfig(NamedTuple):
     warp_specialize: bool
 
 
-# Hopper fp16/bf16 candidates per (padded head width, RoPE on load), the default first: tiles that compile for
-# sm_90a without local-memory spills and fit shared memory (tests/test_sm90_attention.py checks each).
-# Rotating on load holds more registers and shared memory, so fewer fit.
-_FWD_64: tuple[Config, ...] = ((128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3))
-_HOPPER_CANDIDATES: dict[tuple[int, bool], dict[str, tuple[Config, ...]]] = {
-    (64, False): {
-        "fwd": _FWD_64,
+# Hopper fp16/bf16 candidates per padded head width, the default first: tiles that compile for sm_90a without
+# local-memory spills and fit shared memory (tests/test_sm90_attention.py checks each).
+_HOPPER_CANDIDATES: dict[int, dict[str, tuple[Config, ...]]] = {
+    64: {
+        "fwd": ((128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3)),
         "dkdv": ((32, 128, 8, 3), (32, 64, 4, 3), (32, 128, 4, 3)),
         "dq": ((128, 32, 8, 3), (64, 32, 4, 3), (128, 32, 4, 3)),
     },
-    (64, True): {
-        "fwd": _FWD_64,
-        "dkdv": ((32, 128, 8, 3), (32, 64, 4, 3)),
-        "dq": ((128, 32, 8, 3), (64, 32, 4, 3)),
-    },
-    (128, False): {
+    128: {
         "fwd": ((128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)),
         "dkdv": ((32, 64, 8, 2), (32, 64, 4, 2), (32, 128, 8, 2)),
         "dq": ((64, 32, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)),
     },
-    (128, True): {"fwd": ((128, 64, 8, 2),), "dkdv": ((32, 64, 8, 2),), "dq": ((64, 32, 8, 2),)},
 }
 
 
-def _candidates(
-    head_dim: int, dtype: torch.dtype, rope_on_load: bool = False, interpret: bool | None = None
-) -> dict[str, tuple[Config, ...]]:
+def _candidates(head_dim: int, dtype: torch.dtype, interpret: bool | None = None) -> dict[str, tuple[Config, ...]]:
     """Launch configs of the fwd, dkdv and dq kernels, the default first; on a GPU each call shape takes the
     fastest (ops/_tuning.py times them once).
 
@@ -268,7 +254,7 @@ def _candidates(
     if dtype == torch.float32:
         return {"fwd": ((64, 64, 4, 2),), "dkdv": ((32, 64, 8, 2),), "dq": ((64, 32, 8, 2),)}
     da, db, has_b = _head_chunks(head_dim)
-    return _HOPPER_CANDIDATES[(64 if (da + db if has_b else da) <= 64 else 128, rope_on_load)]
+    return _HOPPER_CANDIDATES[64 if (da + db if has_b else da) <= 64 else 128]
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -300,9 +286,7 @@ def _strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-def _config_applies(
-    config: Config | TmaConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope_on_load: bool
-) -> bool:
+def _config_applies(config: Config | TmaConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether a forward config can run on these inputs: pointer configs always; a TmaConfig where its kernel
     applies (see TmaConfig) and its descriptors can be made: tensors whose memory is a [B*N, H*D] matrix
     (the model's views of its qkv projection: heads adjacent in a token's row, batches N rows apart), 16-byte
@@ -317,7 +301,7 @@ def _config_applies(
         return aligned and sd == 1 and sh == d and sn >= h * d and sb == n * sn
 
     shapes = n % config.block_m == 0 and n % config.block_n == 0 and d & (d - 1) == 0
-    return not rope_on_load and shapes and all(bnhd(t) for t in (q, k, v))
+    return shapes and all(bnhd(t) for t in (q, k, v))
 
 
 def _descriptors(config: TmaConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list:
@@ -330,14 +314,14 @@ def _descriptors(config: TmaConfig, q: torch.Tensor, k: torch.Tensor, v: torch.T
             for t, rows in ((q, config.block_m), (k, config.block_n), (v, config.block_n))]
 
 
-def _tuning_key(kernel: str, q: torch.Tensor, rope: torch.Tensor | None) -> tuple:
+def _tuning_key(kernel: str, q: torch.Tensor) -> tuple:
     # B*H in powers of two: how many programs fill the GPU decides the best tile, batch by batch bucket
     b, h, n, d = q.shape
-    return (kernel, q.device, q.dtype, d, n, rope is not None, next_pow2(b * h))
+    return (kernel, q.device, q.dtype, d, n, next_pow2(b * h))
 
 
 @on_input_device
-def _triton_forward(q, k, v, rope):
+def _triton_forward(q, k, v):
     from sphere_fast.kernels.attention import attention_fwd_kernel, attention_fwd_tma_kernel
 
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
@@ -348,8 +332,6 @@ def _triton_forward(q, k, v, rope):
         return o, lse
     da, db, has_b = _head_chunks(d)
     emulate = emulate_bf16(q.dtype)
-    rope_arg = rope.contiguous() if rope is not None else q  # q stands in for the unused pointer
-
     qk_scale = math.log2(math.e) / math.sqrt(d)
 
     def launch(config: Config | TmaConfig, compile_only: bool = False) -> None:
@@ -365,29 +347,27 @@ def _triton_forward(q, k, v, rope):
                 )
                 return
             kernel_runner(attention_fwd_kernel, grid, compile_only)(
-                q, k, v, o, lse, rope_arg,
+                q, k, v, o, lse,
                 *_strides(q), *_strides(k), *_strides(v), *_strides(o),
                 h, n, qk_scale,
                 HEAD_DIM=d, DA=da, DB=db, HAS_B=has_b, BLOCK_M=block_m, BLOCK_N=block_n,
-                HAS_ROPE=rope is not None, EMULATE_BF16=emulate, EVEN_N=n % block_n == 0,
-                num_warps=warps, num_stages=stages,
+                EMULATE_BF16=emulate, EVEN_N=n % block_n == 0, num_warps=warps, num_stages=stages,
             )
 
         _over_batch(on_slice, q, k, v, o, lse)
 
-    on_load = rope is not None
-    candidates = [c for c in _candidates(d, q.dtype, on_load)["fwd"] if _config_applies(c, q, k, v, on_load)]
+    candidates = [c for c in _candidates(d, q.dtype)["fwd"] if _config_applies(c, q, k, v)]
     if not candidates:
-        raise ValueError(f"attention: no forward launch config applies to q {tuple(q.shape)} (RoPE on load: "
-                         f"{on_load}): the tensor-descriptor configs need one power-of-two head-dim chunk, no "
-                         "RoPE on load, N a multiple of their blocks and 16-byte aligned [B*N, H*D] memory")
-    key = _tuning_key("attention fwd", q, rope)
+        raise ValueError(f"attention: no forward launch config applies to q {tuple(q.shape)}: the tensor-descriptor "
+                         "configs need one power-of-two head-dim chunk, N a multiple of their blocks and 16-byte "
+                         "aligned [B*N, H*D] memory")
+    key = _tuning_key("attention fwd", q)
     launch_tuned(key, candidates, launch, (o, lse))
     return o, lse
 
 
 @on_input_device
-def _triton_backward(do, q, k, v, o, lse, rope):
+def _triton_backward(do, q, k, v, o, lse):
     from sphere_fast.kernels.attention import (
         attention_bwd_dkdv_kernel,
         attention_bwd_dq_kernel,
@@ -400,12 +380,11 @@ def _triton_backward(do, q, k, v, o, lse, rope):
     if q.numel() == 0:
         return dq, dk, dv
     da, db, has_b = _head_chunks(d)
-    candidates = _candidates(d, q.dtype, rope is not None)
+    candidates = _candidates(d, q.dtype)
     emulate = emulate_bf16(q.dtype)
-    rope_arg = rope.contiguous() if rope is not None else q
     sm_scale = 1.0 / math.sqrt(d)
     qk_scale = math.log2(math.e) * sm_scale
-    common = dict(HEAD_DIM=d, DA=da, DB=db, HAS_B=has_b, HAS_ROPE=rope is not None, EMULATE_BF16=emulate)
+    common = dict(HEAD_DIM=d, DA=da, DB=db, HAS_B=has_b, EMULATE_BF16=emulate)
 
     delta = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
 
@@ -422,7 +401,7 @@ def _triton_backward(do, q, k, v, o, lse, rope):
 
         def on_slice(q, k, v, do, dk, dv, lse, delta) -> None:
             kernel_runner(attention_bwd_dkdv_kernel, _tile_grid(n, block_n, q.shape[0], h), compile_only)(
-                q, k, v, do, dk, dv, lse, delta, rope_arg,
+                q, k, v, do, dk, dv, lse, delta,
                 *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
                 h, n, qk_scale, sm_scale,
                 BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common,
@@ -435,7 +414,7 @@ def _triton_backward(do, q, k, v, o, lse, rope):
 
         def on_slice(q, k, v, do, dq, lse, delta) -> None:
             kernel_runner(attention_bwd_dq_kernel, _tile_grid(n, block_m, q.shape[0], h), compile_only)(
-                q, k, v, do, dq, lse, delta, rope_arg,
+                q, k, v, do, dq, lse, delta,
                 *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
                 h, n, qk_scale, sm_scale,
                 BLOCK_M=block_m, BLOCK_N=block_n, EVEN_N=n % block_n == 0, num_warps=warps, num_stages=stages,
@@ -445,26 +424,23 @@ def _triton_backward(do, q, k, v, o, lse, rope):
         _over_batch(on_slice, q, k, v, do, dq, lse, delta)
 
     for name, launch, outputs in (("dkdv", launch_dkdv, (dk, dv)), ("dq", launch_dq, (dq,))):
-        key = _tuning_key(f"attention {name}", q, rope)
+        key = _tuning_key(f"attention {name}", q)
         launch_tuned(key, candidates[name], launch, outputs)
     return dq, dk, dv
 
 
-def _fwd_fake(q, k, v, rope):
+def _fwd_fake(q, k, v):
     return bnhd_empty(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-def _bwd_fake(do, q, k, v, o, lse, rope):
+def _bwd_fake(do, q, k, v, o, lse):
     return bnhd_empty(q), bnhd_empty(q), bnhd_empty(q)
 
 
 @define_op("attention_triton_fwd", fake=_fwd_fake, own_autograd=True)
-def attention_triton_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flash attention forward, RoPE on load when ``rope`` is given: (o [B, H, N, D], lse [B, H, N] float32,
-    log2-based)."""
-    return _triton_forward(q, k, v, rope)
+def attention_triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flash attention forward: (o [B, H, N, D], lse [B, H, N] float32, log2-based)."""
+    return _triton_forward(q, k, v)
 
 
 @define_op("attention_triton_bwd", fake=_bwd_fake)
@@ -475,36 +451,31 @@ def attention_triton_bwd(
     v: torch.Tensor,
     o: torch.Tensor,
     lse: torch.Tensor,
-    rope: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Flash attention backward: (dq, dk, dv) w.r.t. the un-rotated q and k, and v."""
-    return _triton_backward(do, q, k, v, o, lse, rope)
+    """Flash attention backward: (dq, dk, dv)."""
+    return _triton_backward(do, q, k, v, o, lse)
 
 
 class _TritonAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        o, lse = call_op(attention_triton_fwd, q, k, v, rope)
-        ctx.save_for_backward(q, k, v, o, lse, rope)
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        o, lse = call_op(attention_triton_fwd, q, k, v)
+        ctx.save_for_backward(q, k, v, o, lse)
         ctx.mark_non_differentiable(lse)
         return o, lse
 
     @staticmethod
     @first_order_only("attention")
-    def backward(
-        ctx, do: torch.Tensor, _dlse: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
-        q, k, v, o, lse, rope = ctx.saved_tensors
-        return *attention_triton_bwd(do, q, k, v, o, lse, rope), None
+    def backward(ctx, do: torch.Tensor, _dlse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v, o, lse = ctx.saved_tensors
+        return attention_triton_bwd(do, q, k, v, o, lse)
 
 
-differentiable_by(attention_triton_fwd, _TritonAttentionFunction, constants=("rope",))
+differentiable_by(attention_triton_fwd, _TritonAttentionFunction)
 
 
-def _triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
-    return call_op(attention_triton_fwd, q, k, v, rope)[0]
+def _triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return call_op(attention_triton_fwd, q, k, v)[0]
 
 
 class _RopePassAttentionFunction(torch.autograd.Function):
@@ -516,7 +487,7 @@ class _RopePassAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        o, lse = call_op(attention_triton_fwd, *call_op(rope_fwd, q, k, rope), v, None)
+        o, lse = call_op(attention_triton_fwd, *call_op(rope_fwd, q, k, rope), v)
         ctx.save_for_backward(q, k, v, o, lse, rope)
         return o
 
@@ -524,7 +495,7 @@ class _RopePassAttentionFunction(torch.autograd.Function):
     @first_order_only("attention")
     def backward(ctx, do: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
         q, k, v, o, lse, rope = ctx.saved_tensors
-        dq, dk, dv = attention_triton_bwd(do, *call_op(rope_fwd, q, k, rope), v, o, lse, None)
+        dq, dk, dv = attention_triton_bwd(do, *call_op(rope_fwd, q, k, rope), v, o, lse)
         if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):  # v's alone: no RoPE pass back
             return None, None, dv, None
         return *rope_bwd(dq, dk, rope), dv, None
@@ -548,10 +519,6 @@ def attention(
     allowed (``torch.set_float32_matmul_precision("high")``). float64 runs on SDPA only (``auto`` takes it)."""
     _check_inputs(q, k, v, rope)
     name = attention_impl(q, backend=backend, impl=impl)
-    if name == "triton_rope_on_load":
-        if rope is not None and rope.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"attention: rope must not require grad with impl {name!r} (it is a constant table)")
-        return _triton_attention(q, k, v, rope)
     if rope is not None:
         one_node = name == "triton" and needs_grad(q, k, v) and not plain_op_call()
         if one_node and rope_backend(q, rope, backend) == "triton":
@@ -560,7 +527,7 @@ def attention(
         # table that requires grad)
         q, k = rope_pass(q, k, rope, backend)  # inputs checked above
     if name == "triton":
-        return _triton_attention(q, k, v, None)
+        return _triton_attention(q, k, v)
     if name == "flash_attn":
         from flash_attn import flash_attn_func
 
