@@ -199,7 +199,8 @@ def attention_impl(q: torch.Tensor, *, backend: str | None = None, impl: str | N
 
 def _head_chunks(head_dim: int) -> tuple[int, int, bool]:
     """(DA, DB, HAS_B): DA = largest power of two <= D; DB = DA when D is not a power of two (the rest is
-    masked), as a narrower chunk B (64 + 16 for D = 72 or 80) miscompiled on an H200 with Triton 3.6."""
+    masked), as a narrower chunk B (64 + 16 for D = 72 or 80) miscompiled on an H200 with Triton 3.6
+    (benchmarks/tune_attention.py times a 32-wide one)."""
     da = 1 << (head_dim.bit_length() - 1)
     return da, da, head_dim != da
 
