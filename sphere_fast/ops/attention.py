@@ -46,7 +46,7 @@ from sphere_fast.backend import (
 )
 from sphere_fast.ops._library import call_op, define_op, differentiable_by, first_order_only, needs_grad, plain_op_call
 from sphere_fast.ops._tuning import launch_tuned
-from sphere_fast.ops._util import bnhd_empty, kernel_runner, next_pow2, on_input_device, unit_last_stride
+from sphere_fast.ops._util import bnhd_empty, ceil_div, kernel_runner, next_pow2, on_input_device, unit_last_stride
 from sphere_fast.ops.rope import apply_rope_reference, check_rope_table, rope_backend, rope_bwd, rope_fwd, rope_pass
 
 AUTO_ORDER = ("triton", "eager")
@@ -258,13 +258,9 @@ def _candidates(head_dim: int, dtype: torch.dtype, interpret: bool | None = None
     return _HOPPER_CANDIDATES[64 if (da + db if has_b else da) <= 64 else 128]
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _tile_grid(n: int, block: int, b: int, h: int) -> tuple[int, int, int]:
     """The grid of the kernels in kernels/attention.py: (tiles of ``block`` rows, heads, batch)."""
-    return _cdiv(n, block), h, b
+    return ceil_div(n, block), h, b
 
 
 # Sequences one launch takes. Grid axis z runs over the batch, and CUDA allows 65535 programs there; a power of two,
@@ -392,7 +388,7 @@ def _triton_backward(do, q, k, v, o, lse):
     def preprocess(o, do, delta) -> None:
         kernel_runner(attention_bwd_preprocess_kernel, _tile_grid(n, 64, o.shape[0], h))(
             o, do, delta, *_strides(o), *_strides(do), h, n,
-            HEAD_DIM=d, D_PAD=1 << (d - 1).bit_length(), BLOCK_M=64,
+            HEAD_DIM=d, D_PAD=next_pow2(d), BLOCK_M=64,
         )
 
     _over_batch(preprocess, o, do, delta)
