@@ -5,7 +5,7 @@ import triton.language as tl
 
 
 @triton.jit(do_not_specialize=["counter", "n"])
-def _labels_kernel(seeds_ptr, out_ptr, B, counter, n, BLOCK: tl.constexpr):
+def seeded_labels_kernel(seeds_ptr, out_ptr, B, counter, n, BLOCK: tl.constexpr):
     """One label per seed. ``counter`` is taken as Philox's 64-bit counter (the int64 -1 is 2**64 - 1) and n < 2**31,
     so the 64-bit product w * n cannot overflow."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)

@@ -5,10 +5,11 @@ P = 1 (single) or 2 (the training pair, one read of z for both scales). A sample
 ``cdiv(L, CHUNK)`` programs that depend on L only, so a sample's result does not depend on the batch.
 
 Two passes each way:
-  forward  1. ``_fwd_partials``: per (sample, chunk) partial sums of z.z, z.e, e.e -> partial[B, NSPLIT, 4]
-           2. ``_fwd_apply``: sums the sample's partials, per-sample scalars, out = cz*z + ce*e
-  backward 1. ``_bwd_partials``: z.g_p and e.g_p for p < P
-           2. ``_bwd_apply``: dz = sum_p cg_p*g_p + cz*z + ce*e, and dscale_p
+  forward  1. ``spherify_fwd_partials_kernel``: per (sample, chunk) partial sums of z.z, z.e, e.e
+              -> partial[B, NSPLIT, 4]
+           2. ``spherify_fwd_apply_kernel``: sums the sample's partials, per-sample scalars, out = cz*z + ce*e
+  backward 1. ``spherify_bwd_partials_kernel``: z.g_p and e.g_p for p < P
+           2. ``spherify_bwd_apply_kernel``: dz = sum_p cg_p*g_p + cz*z + ce*e, and dscale_p
 e is regenerated from the seed in every pass and never stored. NOISE: 0 none (plain spherify, s treated as 0),
 1 read from ``noise_ptr`` ([B, L] with row stride ``stride_n``), 2 Philox from ``seeds_ptr``.
 With a = rsqrt(|z|^2/L + eps), u = a*z + s*e, c = rsqrt(|u|^2/L + eps):
@@ -46,7 +47,7 @@ def _noise_tile(noise_row, seed, noise_base, offs, mask, NOISE: tl.constexpr):
     if NOISE == 1:
         e = _load_f32(noise_row + offs, mask)
     else:
-        # 64-bit offsets: stream * L + j can pass 2^31 (design.md, random numbers).
+        # 64-bit offsets: stream * L + j can pass 2^31 (the noise convention of sphere_fast/ops/philox.py).
         e = tl.randn(seed, noise_base.to(tl.int64) + offs.to(tl.int64))
         e = tl.where(mask, e, 0.0)
     return e
@@ -102,7 +103,7 @@ def _fwd_coeffs(a, szz, sze, see, s, L, eps):
 
 
 @triton.jit(do_not_specialize=NOISE_BASE)
-def _fwd_partials(
+def spherify_fwd_partials_kernel(
     z_ptr, noise_ptr, seeds_ptr, partial_ptr,
     L, stride_z, stride_n, noise_base,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, NOISE: tl.constexpr,
@@ -130,7 +131,7 @@ def _fwd_partials(
 
 
 @triton.jit(do_not_specialize=NOISE_BASE)
-def _fwd_apply(
+def spherify_fwd_apply_kernel(
     z_ptr, noise_ptr, seeds_ptr, scale_ptr, partial_ptr, out_ptr, stats_ptr,
     B, L, stride_z, stride_n, noise_base, eps,
     SPLIT_P2: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, NOISE: tl.constexpr, PAIR: tl.constexpr,
@@ -174,7 +175,7 @@ def _fwd_apply(
 
 
 @triton.jit(do_not_specialize=NOISE_BASE)
-def _bwd_partials(
+def spherify_bwd_partials_kernel(
     g_ptr, z_ptr, noise_ptr, seeds_ptr, partial_ptr,
     B, L, stride_z, stride_n, noise_base,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, NOISE: tl.constexpr, PAIR: tl.constexpr,
@@ -227,7 +228,7 @@ def _bwd_coeffs(a, szz, sze, see, s, zg, eg, L, eps):
 
 
 @triton.jit(do_not_specialize=NOISE_BASE)
-def _bwd_apply(
+def spherify_bwd_apply_kernel(
     g_ptr, z_ptr, noise_ptr, seeds_ptr, scale_ptr, stats_ptr, partial_ptr, dz_ptr, dscale_ptr,
     B, L, stride_z, stride_n, noise_base, eps,
     SPLIT_P2: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, NOISE: tl.constexpr, PAIR: tl.constexpr,
@@ -286,7 +287,7 @@ def _bwd_apply(
 
 
 @triton.jit(do_not_specialize=NOISE_BASE)
-def _noise_kernel(seeds_ptr, out_ptr, L, noise_base, BLOCK: tl.constexpr):
+def sphere_noise_kernel(seeds_ptr, out_ptr, L, noise_base, BLOCK: tl.constexpr):
     """The convention's noise materialised (for cross-backend checks): out[b, j] = randn(seeds[b], base + j)."""
     b = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)

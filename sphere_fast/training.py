@@ -42,8 +42,8 @@ __all__ = [
 
 # the stratified radii's smallest process batch: one r = 0, one r = 1 and at least one stratum
 MIN_PROCESS_BATCH = 3
-# The Philox stream of the training noise (design.md): the sampler draws streams 0 (initial point), 1 (cached
-# refinement) and t (step t), so training seeds that equal sampling ones still draw other noise.
+# The Philox stream of the training noise (ops/philox.py's convention): the sampler draws streams 0 (initial
+# point), 1 (cached refinement) and t (step t), so training seeds that equal sampling ones still draw other noise.
 TRAINING_STREAM = 2**31
 
 

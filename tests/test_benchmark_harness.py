@@ -1326,7 +1326,7 @@ def test_gpu_check_fails_on_a_phase_that_timed_out(tmp_path: Path, monkeypatch: 
         ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>", "attention"),
         ("adaln_fwd_kernel", "adaln / swiglu"),
         ("swiglu_fwd_kernel", "adaln / swiglu"),
-        ("_fwd_partials", "spherify"),
+        ("spherify_fwd_partials_kernel", "spherify"),
         ("void sphere_fast::(anonymous namespace)::noise_kernel(long const*, float*, long, long)", "spherify"),
         ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>", "other"),
     ],

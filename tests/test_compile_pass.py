@@ -198,7 +198,7 @@ def triton_kernel_names() -> set[str]:
 
 
 def test_triton_kernel_names() -> None:
-    assert {"attention_fwd_kernel", "adaln_fwd_kernel", "_noise_kernel"} <= triton_kernel_names()
+    assert {"attention_fwd_kernel", "adaln_fwd_kernel", "sphere_noise_kernel"} <= triton_kernel_names()
 
 
 def test_a_failing_pass_only_warns(

@@ -14,7 +14,7 @@ K = pytest.importorskip("sphere_fast.kernels.labels")
 def test_triton_kernel_no_spills() -> None:
     signature = {"seeds_ptr": "*i64", "out_ptr": "*i64", "B": "i32", "counter": "i32", "n": "i32"}
     try:
-        info = sm90.compile_triton_sm90(K._labels_kernel, signature, {"BLOCK": 128})
+        info = sm90.compile_triton_sm90(K.seeded_labels_kernel, signature, {"BLOCK": 128})
     except sm90.CompileError as exc:
         pytest.fail(str(exc))
     sm90.assert_no_spills(info)

@@ -34,14 +34,15 @@ def _signature(names, dtype):
 # the largest variant of each kernel (pair, Philox) in fp32 and bf16, plus plain and explicit-noise fp32
 CASES = [
     (kernel, dtype, noise, pair)
-    for kernel in ("_fwd_partials", "_fwd_apply", "_bwd_partials", "_bwd_apply")
+    for kernel in ("spherify_fwd_partials_kernel", "spherify_fwd_apply_kernel", "spherify_bwd_partials_kernel",
+                   "spherify_bwd_apply_kernel")
     for dtype, noise, pair in (
         ("fp32", K.NOISE_NONE, False),
         ("fp32", K.NOISE_TENSOR, True),
         ("fp32", K.NOISE_PHILOX, True),
         ("bf16", K.NOISE_PHILOX, True),
     )
-    if not (kernel == "_fwd_partials" and pair and noise == K.NOISE_TENSOR)
+    if not (kernel == "spherify_fwd_partials_kernel" and pair and noise == K.NOISE_TENSOR)
 ]
 
 
@@ -49,9 +50,9 @@ CASES = [
 def test_triton_kernels_no_spills(kernel, dtype, noise, pair):
     fn = getattr(K, kernel)
     constexprs = {"CHUNK": CHUNK, "BLOCK": BLOCK, "NOISE": noise}
-    if kernel != "_fwd_partials":
-        constexprs["PAIR"] = pair  # _fwd_partials has no PAIR: its "pair" case is the Philox one
-    if kernel.endswith("apply"):
+    if kernel != "spherify_fwd_partials_kernel":
+        constexprs["PAIR"] = pair  # spherify_fwd_partials_kernel has no PAIR: its "pair" case is the Philox one
+    if "_apply_" in kernel:
         constexprs.update(SPLIT_P2=16, EMULATE_BF16=False)
     names = list(inspect.signature(fn.fn).parameters)  # JITFunction and the interpreter both keep .fn
     try:

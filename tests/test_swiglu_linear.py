@@ -201,7 +201,8 @@ def resolved_as_on_cuda(monkeypatch: pytest.MonkeyPatch, as_on_cuda):
     """Backends resolved as on a CUDA machine with every backend (auto takes triton), whatever the tensors' device:
     the spy's list of the calls that reach the Triton kernel (each returns the reference instead)."""
     calls: list[torch.dtype] = []
-    monkeypatch.setattr(swl, "_swiglu_linear_triton", lambda x, *a: calls.append(x.dtype) or swl._fake(x, *a))
+    fake = swl._swiglu_linear_fake
+    monkeypatch.setattr(swl, "_swiglu_linear_triton", lambda x, *a: calls.append(x.dtype) or fake(x, *a))
     assert swl.resolve_backend("swiglu_linear", torch.device("cpu"), "auto", swl.AUTO_ORDER) == "triton"
     return calls
 

@@ -152,8 +152,8 @@ def test_single_output_variant_reconstructs_from_the_big_noise():
 
 
 def test_train_step_takes_seeds_as_the_noise_they_draw():
-    """Seeds draw the training stream (design.md: not the sampler's 0, 1, t), so a training seed equal to a
-    sampling one draws other noise."""
+    """Seeds draw the training stream (not the sampler's 0, 1, t: ops/philox.py's convention), so a training seed
+    equal to a sampling one draws other noise."""
     x, y = tiny_batch(4)
     scales = (torch.full((4,), 0.9), torch.full((4,), 0.3))
     seeds = torch.tensor([5, 6, 7, 2**40], dtype=torch.int64)

@@ -18,9 +18,10 @@ interpreter = pytest.importorskip("triton.runtime.interpreter")
 # every kernel a launcher in sphere_fast/ops starts, but the TMA forward (tuning only, never on the CPU)
 LAUNCHED_KERNELS = {
     "adaln_fwd_kernel", "adaln_bwd_kernel", "adaln_bwd_finish_kernel", "rope_kernel", "attention_fwd_kernel",
-    "attention_bwd_preprocess_kernel", "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel", "_fwd_partials",
-    "_fwd_apply", "_bwd_partials", "_bwd_apply", "_noise_kernel", "swiglu_fwd_kernel", "swiglu_bwd_kernel",
-    "swiglu_linear_kernel",
+    "attention_bwd_preprocess_kernel", "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel",
+    "spherify_fwd_partials_kernel", "spherify_fwd_apply_kernel", "spherify_bwd_partials_kernel",
+    "spherify_bwd_apply_kernel", "sphere_noise_kernel", "seeded_labels_kernel", "swiglu_fwd_kernel",
+    "swiglu_bwd_kernel", "swiglu_linear_kernel",
 }
 
 
@@ -40,6 +41,7 @@ def test_every_triton_launch_asks_for_fp_fusion(monkeypatch) -> None:
         total, _ = SphereLoss(model, loss_weights(NO_PERCEPTUAL))(x, y, *scales, seeds=torch.arange(6) + 1)
         total.backward()
         ops.sphere_noise(torch.arange(2), (4, 4))
+        ops.seeded_labels(torch.arange(2), 10)
         weight = torch.randn(2 * 16, 8, dtype=torch.bfloat16)
         ops.swiglu_linear(torch.randn(4, 8, dtype=torch.bfloat16), weight, None, out_width=16)
     assert {name for name, _ in launches} == LAUNCHED_KERNELS

@@ -1,5 +1,5 @@
 """Seeded class labels: label b is an integer uniform in [0, num_classes) drawn from ``seeds[b]`` alone, so that a
-sample's seed decides its label as it decides its noise (design.md's convention: Philox4x32-10 keyed by the seed).
+sample's seed decides its label as it decides its noise (Philox4x32-10 keyed by the seed: ops/philox.py).
 
 The draw is Philox's first word w at the counter ``LABEL_COUNTER``, scaled by multiply-shift: floor(w * n / 2**32).
 The reference (``seeded_labels_reference``, pure torch integer ops: about 300 small ones, each a launch on a GPU)
@@ -40,20 +40,20 @@ def _check_num_classes(num_classes: object) -> int:
 
 @on_input_device
 def _triton_labels(seeds: torch.Tensor, num_classes: int) -> torch.Tensor:
-    from sphere_fast.kernels.labels import _labels_kernel
+    from sphere_fast.kernels.labels import seeded_labels_kernel
 
     out = torch.empty_like(seeds)
-    kernel_runner(_labels_kernel, (ceil_div(seeds.shape[0], _BLOCK),))(
+    kernel_runner(seeded_labels_kernel, (ceil_div(seeds.shape[0], _BLOCK),))(
         seeds, out, seeds.shape[0], LABEL_COUNTER, num_classes, BLOCK=_BLOCK
     )
     return out
 
 
-def _fake_labels_impl(seeds, num_classes, backend=None):
+def _labels_fake(seeds, num_classes, backend=None):
     return torch.empty_like(seeds)
 
 
-@define_op("seeded_labels", fake=_fake_labels_impl)
+@define_op("seeded_labels", fake=_labels_fake)
 def _seeded_labels(seeds: torch.Tensor, num_classes: int, backend: str) -> torch.Tensor:
     if backend == "triton":
         return _triton_labels(seeds, num_classes)

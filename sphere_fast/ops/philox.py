@@ -1,6 +1,7 @@
 """Pure-torch Philox4x32-10 normal draws, bit-identical to Triton's ``tl.randn(seed, offset)``.
 
-Noise element j of sample b in stream k is ``tl.randn(seeds[b], k * L + j)`` (design.md).
+Noise element j of sample b in stream k is ``tl.randn(seeds[b], k * L + j)``: sphere_fast's noise convention, so
+that a sample's noise depends on its seed alone, the same on every backend and batch.
 
 Triton's recipe (triton/language/random.py): key (k0, k1) = (low, high) 32 bits of the 64-bit seed,
 counter (c0, c1, c2, c3) = (low, high) 32 bits of the 64-bit offset, 0, 0; ten Philox rounds; c0 and c1

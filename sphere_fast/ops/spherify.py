@@ -2,8 +2,9 @@
 and the noisy re-projection f(f(z) + s*e) used by training and sampling.
 
 Layers here: the eager references (the executable spec), input checks, the Triton launchers, the bridge to
-the C++ extension (csrc/spherify_*), and three ``torch.library`` ops shared by both kernel backends (autograd:
-``_SpherifyFunction``, see ``ops/_library.py``):
+the C++ extension (csrc/spherify_*; it also holds the seeded labels' Philox, ops/labels.py), and three
+``torch.library`` ops shared by both kernel backends (``sphere_noise`` also carries the eager reference under a
+compile trace; autograd: ``_SpherifyFunction``, see ``ops/_library.py``):
 ``sphere_fast::spherify_fwd`` -> (out [P, *z.shape], stats [B, 3] = |z|^2, z.e, |e|^2 in fp32),
 ``sphere_fast::spherify_bwd`` and ``sphere_fast::sphere_noise`` (the noise e alone). P is 1 (one scale) or 2
 (the training pair from one read of z). Backward saves only z, the per-sample sums and the seeds: e is
@@ -174,10 +175,10 @@ def _triton_fwd(z, scales, noise, seeds, stream):
     out = torch.empty((pairs, *z.shape), dtype=z.dtype, device=z.device)
     stats = torch.empty((batch, 3), dtype=torch.float32, device=z.device)
     grid = (batch, nsplit)
-    kernel_runner(K._fwd_partials, grid)(
+    kernel_runner(K.spherify_fwd_partials_kernel, grid)(
         z2, n2, sd, partial, length, z2.stride(0), stride_n, base, CHUNK=chunk, BLOCK=block, NOISE=mode, num_warps=_NUM_WARPS
     )
-    kernel_runner(K._fwd_apply, grid)(
+    kernel_runner(K.spherify_fwd_apply_kernel, grid)(
         z2, n2, sd, scales_arg, partial, out, stats, batch, length, z2.stride(0), stride_n, base, EPS,
         SPLIT_P2=next_pow2(nsplit), CHUNK=chunk, BLOCK=block, NOISE=mode, PAIR=pairs == 2,
         EMULATE_BF16=emulate_bf16(z.dtype), num_warps=_NUM_WARPS,
@@ -199,11 +200,11 @@ def _triton_bwd(grad, z, scales, noise, seeds, stats, stream):
     dz = torch.empty(z.shape, dtype=z.dtype, device=z.device)
     dscales = torch.zeros((pairs, batch), dtype=torch.float32, device=z.device)
     grid = (batch, nsplit)
-    kernel_runner(K._bwd_partials, grid)(
+    kernel_runner(K.spherify_bwd_partials_kernel, grid)(
         g, z2, n2, sd, partial, batch, length, z2.stride(0), stride_n, base,
         CHUNK=chunk, BLOCK=block, NOISE=mode, PAIR=pairs == 2, num_warps=_NUM_WARPS,
     )
-    kernel_runner(K._bwd_apply, grid)(
+    kernel_runner(K.spherify_bwd_apply_kernel, grid)(
         g, z2, n2, sd, scales_arg, stats.contiguous(), partial, dz, dscales, batch, length, z2.stride(0),
         stride_n, base, EPS,
         SPLIT_P2=next_pow2(nsplit), CHUNK=chunk, BLOCK=block, NOISE=mode, PAIR=pairs == 2,
@@ -214,12 +215,12 @@ def _triton_bwd(grad, z, scales, noise, seeds, stats, stream):
 
 @on_input_device
 def _triton_noise(seeds: torch.Tensor, length: int, stream: int) -> torch.Tensor:
-    from sphere_fast.kernels.spherify import _noise_kernel
+    from sphere_fast.kernels.spherify import sphere_noise_kernel
 
     block = min(4096, next_pow2(length))
     out = torch.empty((seeds.shape[0], length), dtype=torch.float32, device=seeds.device)
     # the kernel reads seeds[b] at unit stride
-    kernel_runner(_noise_kernel, (seeds.shape[0], ceil_div(length, block)))(
+    kernel_runner(sphere_noise_kernel, (seeds.shape[0], ceil_div(length, block)))(
         seeds.contiguous(), out, length, stream * length, BLOCK=block
     )
     return out
@@ -232,7 +233,7 @@ def _triton_noise(seeds: torch.Tensor, length: int, stream: int) -> torch.Tensor
 def _cpp_ext():
     from sphere_fast._extension import load_ops
 
-    fakes = {"spherify_fwd": _fake_fwd_impl, "spherify_bwd": _fake_bwd_impl, "sphere_noise": _fake_noise_impl,
+    fakes = {"spherify_fwd": _fwd_fake, "spherify_bwd": _bwd_fake, "sphere_noise": _noise_fake,
              "philox_below": lambda seeds, counter, n: torch.empty_like(seeds)}
     return load_ops("sphere_fast_spherify", ("spherify_binding.cpp", "spherify_cpu.cpp"), ("spherify_cuda.cu",),
                     "sphere_fast_cpp", fakes)
@@ -242,22 +243,22 @@ def _cpp_ext():
 
 
 # Fake kernels of both the sphere_fast ops and the C++ ones under them (which take no backend argument).
-def _fake_fwd_impl(z, scales, noise, seeds, stream, backend=None):
+def _fwd_fake(z, scales, noise, seeds, stream, backend=None):
     pairs = 1 if scales is None else scales.shape[0]
     return z.new_empty((pairs, *z.shape)), z.new_empty((z.shape[0], 3), dtype=torch.float32)
 
 
-def _fake_bwd_impl(grad, z, scales, noise, seeds, stats, stream, backend=None):
+def _bwd_fake(grad, z, scales, noise, seeds, stats, stream, backend=None):
     return torch.empty_like(z, memory_format=torch.contiguous_format), grad.new_empty(
         (grad.shape[0], z.shape[0]), dtype=torch.float32
     )
 
 
-def _fake_noise_impl(seeds, length, stream, backend=None):
+def _noise_fake(seeds, length, stream, backend=None):
     return seeds.new_empty((seeds.shape[0], length), dtype=torch.float32)
 
 
-@define_op("spherify_fwd", fake=_fake_fwd_impl, own_autograd=True)
+@define_op("spherify_fwd", fake=_fwd_fake, own_autograd=True)
 def _spherify_fwd(
     z: torch.Tensor,
     scales: torch.Tensor | None,
@@ -271,7 +272,7 @@ def _spherify_fwd(
     return _cpp_ext().spherify_fwd(z, scales, noise, seeds, stream)
 
 
-@define_op("spherify_bwd", fake=_fake_bwd_impl)
+@define_op("spherify_bwd", fake=_bwd_fake)
 def _spherify_bwd(
     grad: torch.Tensor,
     z: torch.Tensor,
@@ -308,7 +309,7 @@ class _SpherifyFunction(torch.autograd.Function):
 differentiable_by(_spherify_fwd, _SpherifyFunction, constants=("noise",))
 
 
-@define_op("sphere_noise", fake=_fake_noise_impl)
+@define_op("sphere_noise", fake=_noise_fake)
 def _sphere_noise(seeds: torch.Tensor, length: int, stream: int, backend: str) -> torch.Tensor:
     if backend == "triton":
         return _triton_noise(seeds, length, stream)

@@ -150,11 +150,11 @@ def _triton_forward(x: Tensor, weight: Tensor, bias: Tensor | None, out_width: i
     return out.view(*x.shape[:-1], out_width)
 
 
-def _fake(x, weight, bias, out_width):
+def _swiglu_linear_fake(x, weight, bias, out_width):
     return x.new_empty((*x.shape[:-1], out_width))
 
 
-@define_op("swiglu_linear_triton", fake=_fake, own_autograd=True)
+@define_op("swiglu_linear_triton", fake=_swiglu_linear_fake, own_autograd=True)
 def _swiglu_linear_triton(x: Tensor, weight: Tensor, bias: Tensor | None, out_width: int) -> Tensor:
     return _triton_forward(x, weight, bias, out_width)
 
