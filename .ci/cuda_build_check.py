@@ -8,6 +8,7 @@ import torch
 # (op module, its extension loader, an op of the extension)
 EXTENSIONS = [
     ("sphere_fast.ops.spherify", "_cpp_ext", "sphere_fast_cpp::spherify_fwd"),
+    ("sphere_fast.ops.spherify", "_cpp_ext", "sphere_fast_cpp::philox_below"),  # the seeded labels' op
     ("sphere_fast.ops.adaln", "_cpp_ext", "sphere_fast_adaln::fwd"),
     ("sphere_fast.ops.swiglu", "_cpp_ext", "sphere_fast_swiglu::fwd"),
 ]

@@ -2,6 +2,7 @@
 // implementations and, when built with CUDA (SPHERE_FAST_WITH_CUDA), the CUDA launchers of spherify_cuda.cu.
 // Python (sphere_fast/ops/spherify.py) validates the public API's inputs, adds fake kernels and autograd.
 #include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 
@@ -12,7 +13,6 @@
 
 #ifdef SPHERE_FAST_WITH_CUDA
 #include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAGuard.h>
 
 #include "sf_cuda_launch.h"
 #endif
@@ -61,24 +61,22 @@ void check_bwd_inputs(const at::Tensor& grad, const at::Tensor& z, int64_t pairs
               z.size(0), ", 3], got ", stats.sizes());
 }
 
-#ifdef SPHERE_FAST_WITH_CUDA
 DType elem_type(const at::Tensor& t) {
   switch (t.scalar_type()) {
     case at::kFloat: return DType::kFloat32;
     case at::kHalf: return DType::kFloat16;
     case at::kBFloat16: return DType::kBFloat16;
-    default: TORCH_CHECK(false, "spherify CUDA kernels take float32, float16 or bfloat16, got ", t.scalar_type());
+    default: TORCH_CHECK(false, "spherify kernels take float32, float16 or bfloat16, got ", t.scalar_type());
   }
 }
 
-SpherifyArgs make_args(const at::Tensor& z, const c10::optional<at::Tensor>& scales,
-                       const c10::optional<at::Tensor>& noise, const c10::optional<at::Tensor>& seeds, int64_t stream,
+// The kernels' arguments: contiguous inputs (float noise and scales) and the partial-sums workspace, kept alive
+// in `keep` until the kernels are done with them.
+SpherifyArgs make_args(const at::Tensor& z, const OptT& scales, const OptT& noise, const OptT& seeds, int64_t stream,
                        std::vector<at::Tensor>& keep) {
   SpherifyArgs a{};
   a.batch = z.size(0);
-  check_grid_x(a.batch, "spherify: samples B");
   a.length = z.numel() / a.batch;
-  check_grid_y(num_chunks(a.length), "spherify: chunks of a sample's values");
   a.pairs = scales.has_value() ? scales->size(0) : 1;
   a.mode = !scales.has_value() ? kNoiseNone : (noise.has_value() ? kNoiseTensor : kNoisePhilox);
   a.base = stream * a.length;
@@ -102,10 +100,20 @@ SpherifyArgs make_args(const at::Tensor& z, const c10::optional<at::Tensor>& sca
   return a;
 }
 
-std::tuple<at::Tensor, at::Tensor> spherify_fwd_cuda_op(const at::Tensor& z, const c10::optional<at::Tensor>& scales,
-                                                        const c10::optional<at::Tensor>& noise,
-                                                        const c10::optional<at::Tensor>& seeds, int64_t stream) {
-  const c10::cuda::CUDAGuard guard(z.device());
+#ifdef SPHERE_FAST_WITH_CUDA
+// CUDA's limits on the grids of the kernels for these arguments.
+void check_grid(const SpherifyArgs& a) {
+  check_grid_x(a.batch, "spherify: samples B");
+  check_grid_y(num_chunks(a.length), "spherify: chunks of a sample's values");
+}
+
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+#endif
+
+std::tuple<at::Tensor, at::Tensor> spherify_fwd_op(const at::Tensor& z, const OptT& scales, const OptT& noise,
+                                                   const OptT& seeds, int64_t stream) {
+  check_inputs(z, scales, noise, seeds);
+  const c10::OptionalDeviceGuard guard(z.device());
   std::vector<at::Tensor> keep;
   SpherifyArgs a = make_args(z, scales, noise, seeds, stream, keep);
   std::vector<int64_t> out_shape{a.pairs};
@@ -114,16 +122,22 @@ std::tuple<at::Tensor, at::Tensor> spherify_fwd_cuda_op(const at::Tensor& z, con
   at::Tensor stats = at::empty({a.batch, 3}, z.options().dtype(at::kFloat));
   a.out = out.data_ptr();
   a.stats_out = stats.data_ptr<float>();
-  check_launch(spherify_fwd_cuda(a, c10::cuda::getCurrentCUDAStream().stream()), "spherify_fwd");
+#ifdef SPHERE_FAST_WITH_CUDA
+  if (z.is_cuda()) {
+    check_grid(a);
+    check_launch(spherify_fwd_cuda(a, current_stream()), "spherify_fwd");
+    return {out, stats};
+  }
+#endif
+  spherify_fwd_cpu(a);
   return {out, stats};
 }
 
-std::tuple<at::Tensor, at::Tensor> spherify_bwd_cuda_op(const at::Tensor& grad, const at::Tensor& z,
-                                                        const c10::optional<at::Tensor>& scales,
-                                                        const c10::optional<at::Tensor>& noise,
-                                                        const c10::optional<at::Tensor>& seeds, const at::Tensor& stats,
-                                                        int64_t stream) {
-  const c10::cuda::CUDAGuard guard(z.device());
+std::tuple<at::Tensor, at::Tensor> spherify_bwd_op(const at::Tensor& grad, const at::Tensor& z, const OptT& scales,
+                                                   const OptT& noise, const OptT& seeds, const at::Tensor& stats,
+                                                   int64_t stream) {
+  check_bwd_inputs(grad, z, check_inputs(z, scales, noise, seeds), stats);
+  const c10::OptionalDeviceGuard guard(z.device());
   std::vector<at::Tensor> keep;
   SpherifyArgs a = make_args(z, scales, noise, seeds, stream, keep);
   keep.push_back(grad.to(z.scalar_type()).contiguous());
@@ -134,61 +148,36 @@ std::tuple<at::Tensor, at::Tensor> spherify_bwd_cuda_op(const at::Tensor& grad, 
   at::Tensor dscales = at::zeros({a.pairs, a.batch}, z.options().dtype(at::kFloat));
   a.out = dz.data_ptr();
   a.dscales = dscales.data_ptr<float>();
-  check_launch(spherify_bwd_cuda(a, c10::cuda::getCurrentCUDAStream().stream()), "spherify_bwd");
+#ifdef SPHERE_FAST_WITH_CUDA
+  if (z.is_cuda()) {
+    check_grid(a);
+    check_launch(spherify_bwd_cuda(a, current_stream()), "spherify_bwd");
+    return {dz, dscales};
+  }
+#endif
+  spherify_bwd_cpu(a);
   return {dz, dscales};
-}
-
-at::Tensor sphere_noise_cuda_op(const at::Tensor& seeds, int64_t length, int64_t stream) {
-  const c10::cuda::CUDAGuard guard(seeds.device());
-  const at::Tensor sd = seeds.contiguous();
-  check_grid_x(sd.size(0), "sphere_noise: seeds");
-  at::Tensor out = at::empty({sd.size(0), length}, sd.options().dtype(at::kFloat));
-  if (out.numel() == 0) return out;  // a grid with no blocks is an invalid launch
-  check_launch(sphere_noise_cuda(sd.data_ptr<int64_t>(), out.data_ptr<float>(), sd.size(0), length, stream * length,
-                                 c10::cuda::getCurrentCUDAStream().stream()),
-               "sphere_noise");
-  return out;
-}
-
-at::Tensor philox_below_cuda_op(const at::Tensor& seeds, int64_t counter, int64_t n) {
-  const c10::cuda::CUDAGuard guard(seeds.device());
-  const at::Tensor sd = seeds.contiguous();
-  at::Tensor out = at::empty_like(sd);
-  if (out.numel() == 0) return out;  // a grid with no blocks is an invalid launch
-  check_launch(philox_below_cuda(sd.data_ptr<int64_t>(), out.data_ptr<int64_t>(), sd.size(0), counter, n,
-                                 c10::cuda::getCurrentCUDAStream().stream()),
-               "philox_below");
-  return out;
-}
-#endif
-
-std::tuple<at::Tensor, at::Tensor> spherify_fwd_op(const at::Tensor& z, const OptT& scales, const OptT& noise,
-                                                   const OptT& seeds, int64_t stream) {
-  check_inputs(z, scales, noise, seeds);
-#ifdef SPHERE_FAST_WITH_CUDA
-  if (z.is_cuda()) return spherify_fwd_cuda_op(z, scales, noise, seeds, stream);
-#endif
-  return spherify_fwd_cpu(z, scales, noise, seeds, stream);
-}
-
-std::tuple<at::Tensor, at::Tensor> spherify_bwd_op(const at::Tensor& grad, const at::Tensor& z, const OptT& scales,
-                                                   const OptT& noise, const OptT& seeds, const at::Tensor& stats,
-                                                   int64_t stream) {
-  check_bwd_inputs(grad, z, check_inputs(z, scales, noise, seeds), stats);
-#ifdef SPHERE_FAST_WITH_CUDA
-  if (z.is_cuda()) return spherify_bwd_cuda_op(grad, z, scales, noise, seeds, stats, stream);
-#endif
-  return spherify_bwd_cpu(grad, z, scales, noise, seeds, stats, stream);
 }
 
 at::Tensor sphere_noise_op(const at::Tensor& seeds, int64_t length, int64_t stream) {
   TORCH_CHECK(seeds.scalar_type() == at::kLong && seeds.dim() == 1, "seeds must be an int64 [B] tensor, got ",
               seeds.scalar_type(), " of shape ", seeds.sizes());
   TORCH_CHECK(length >= 0, "length must be >= 0, got ", length);
+  const c10::OptionalDeviceGuard guard(seeds.device());
+  const at::Tensor sd = seeds.contiguous();
+  at::Tensor out = at::empty({sd.size(0), length}, sd.options().dtype(at::kFloat));
+  if (out.numel() == 0) return out;  // on CUDA a grid with no blocks is an invalid launch
 #ifdef SPHERE_FAST_WITH_CUDA
-  if (seeds.is_cuda()) return sphere_noise_cuda_op(seeds, length, stream);
+  if (sd.is_cuda()) {
+    check_grid_x(sd.size(0), "sphere_noise: seeds");
+    check_launch(sphere_noise_cuda(sd.data_ptr<int64_t>(), out.data_ptr<float>(), sd.size(0), length, stream * length,
+                                   current_stream()),
+                 "sphere_noise");
+    return out;
+  }
 #endif
-  return sphere_noise_cpu(seeds, length, stream);
+  sphere_noise_cpu(sd.data_ptr<int64_t>(), out.data_ptr<float>(), sd.size(0), length, stream * length);
+  return out;
 }
 
 // Integers uniform in [0, n), one a seed: Philox's first word at `counter` (an unsigned 64-bit counter) scaled by
@@ -197,10 +186,20 @@ at::Tensor philox_below_op(const at::Tensor& seeds, int64_t counter, int64_t n) 
   TORCH_CHECK(seeds.scalar_type() == at::kLong && seeds.dim() == 1, "seeds must be an int64 [B] tensor, got ",
               seeds.scalar_type(), " of shape ", seeds.sizes());
   TORCH_CHECK(n >= 1 && n < (int64_t{1} << 31), "n must be in [1, 2^31), got ", n);
+  const c10::OptionalDeviceGuard guard(seeds.device());
+  const at::Tensor sd = seeds.contiguous();
+  at::Tensor out = at::empty_like(sd);
+  if (out.numel() == 0) return out;  // on CUDA a grid with no blocks is an invalid launch
 #ifdef SPHERE_FAST_WITH_CUDA
-  if (seeds.is_cuda()) return philox_below_cuda_op(seeds, counter, n);
+  if (sd.is_cuda()) {
+    check_launch(philox_below_cuda(sd.data_ptr<int64_t>(), out.data_ptr<int64_t>(), sd.size(0), counter, n,
+                                   current_stream()),
+                 "philox_below");
+    return out;
+  }
 #endif
-  return philox_below_cpu(seeds, counter, n);
+  philox_below_cpu(sd.data_ptr<int64_t>(), out.data_ptr<int64_t>(), sd.size(0), counter, n);
+  return out;
 }
 
 }  // namespace

@@ -4,7 +4,6 @@
 //   apply:    each block sums its sample's partials in a fixed order, derives the per-sample coefficients
 //             (spherify_math.h) and writes out = cz*z + ce*e (forward) or dz (backward).
 // e is regenerated with Philox in both passes and never stored.
-#define SPHERIFY_CUDA_ONLY
 #include <cuda_runtime.h>
 
 #include "sf_cuda_util.cuh"

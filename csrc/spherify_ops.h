@@ -1,35 +1,16 @@
-// Declarations shared by the spherify C++ sources: the CPU implementations (spherify_cpu.cpp) and the
-// torch-free CUDA launchers (spherify_cuda.cu), both registered in spherify_binding.cpp.
+// Declarations shared by the spherify C++ sources: the torch-free CPU implementations (spherify_cpu.cpp) and CUDA
+// launchers (spherify_cuda.cu), both given plain pointers by spherify_binding.cpp, which registers the ops.
 #pragma once
 
 #include <cstdint>
-#include <tuple>
 
 #include "sf_device.h"
 
-#ifndef SPHERIFY_CUDA_ONLY
-#include <ATen/ATen.h>
-
 namespace sphere_fast {
 
-std::tuple<at::Tensor, at::Tensor> spherify_fwd_cpu(const at::Tensor& z, const c10::optional<at::Tensor>& scales,
-                                                    const c10::optional<at::Tensor>& noise,
-                                                    const c10::optional<at::Tensor>& seeds, int64_t stream);
-std::tuple<at::Tensor, at::Tensor> spherify_bwd_cpu(const at::Tensor& grad, const at::Tensor& z,
-                                                    const c10::optional<at::Tensor>& scales,
-                                                    const c10::optional<at::Tensor>& noise,
-                                                    const c10::optional<at::Tensor>& seeds, const at::Tensor& stats,
-                                                    int64_t stream);
-at::Tensor sphere_noise_cpu(const at::Tensor& seeds, int64_t length, int64_t stream);
-at::Tensor philox_below_cpu(const at::Tensor& seeds, int64_t counter, int64_t n);
-
-}  // namespace sphere_fast
-#endif
-
-namespace sphere_fast {
-
-// Problem description passed to the torch-free CUDA launchers. Pointers are device pointers; z and grad rows
-// are contiguous [B, L] (grad and out are [P, B, L]); noise is float [B, L] or null; seeds int64 [B] or null.
+// Problem description passed to the CPU implementations and the CUDA launchers. Pointers are of the device the
+// op runs on; z and grad rows are contiguous [B, L] (grad and out are [P, B, L]); noise is float [B, L] or null;
+// seeds int64 [B] or null.
 struct SpherifyArgs {
   const void* z;
   const void* grad;
@@ -45,6 +26,11 @@ struct SpherifyArgs {
   int mode;
   DType type;  // of z, out, grad and dz; explicit noise is passed as float
 };
+
+void spherify_fwd_cpu(const SpherifyArgs& args);
+void spherify_bwd_cpu(const SpherifyArgs& args);
+void sphere_noise_cpu(const int64_t* seeds, float* out, int64_t batch, int64_t length, int64_t base);
+void philox_below_cpu(const int64_t* seeds, int64_t* out, int64_t batch, int64_t counter, int64_t n);
 
 // Each returns a cudaError_t as int (0 = success); stream is a cudaStream_t.
 int spherify_fwd_cuda(const SpherifyArgs& args, void* stream);

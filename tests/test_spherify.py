@@ -489,6 +489,8 @@ def _bad_op_calls():
         "bwd-stats-of-another-shape": ("spherify_bwd", (torch.randn(1, *z.shape), z, one, noise, None, stats[:, :2], 0),
                                        r"stats must be \[B, 3\]"),
         "noise-seeds-of-two-dims": ("sphere_noise", (seeds[None], 4, 0), r"seeds must be an int64 \[B\] tensor"),
+        # the CUDA kernels' element types on the CPU too (it computed float64 there)
+        "float64-z": ("spherify_fwd", (z.double(), None, None, None, 0), "take float32, float16 or bfloat16"),
     }
 
 
