@@ -363,8 +363,10 @@ class SphereEncoder(nn.Module):
                 raise ValueError(f"{name} must be a bool, got {value!r}")
         if pixel_head_type not in ("linear", "conv"):
             raise ValueError(f"pixel_head_type must be 'linear' or 'conv', got {pixel_head_type!r}")
-        for name, depth in (("vit_enc_latent_mlp_mixer_depth", vit_enc_latent_mlp_mixer_depth), ("vit_dec_latent_mlp_mixer_depth", vit_dec_latent_mlp_mixer_depth)):
-            if not isinstance(depth, int) or depth < 0:
+        depths = {"vit_enc_latent_mlp_mixer_depth": vit_enc_latent_mlp_mixer_depth,
+                  "vit_dec_latent_mlp_mixer_depth": vit_dec_latent_mlp_mixer_depth}
+        for name, depth in depths.items():
+            if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {depth!r}")
         check_angle("noise_sigma_max_angle", noise_sigma_max_angle)
         prob = mix_hard_cases_prob

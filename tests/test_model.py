@@ -175,6 +175,7 @@ def test_docstrings_of_the_noise_level_properties():
         (dict(num_classes=True), "num_classes must be an int >= 0, got True"),
         (dict(patch_size=True), "patch_size must be a positive int"),
         (dict(vit_dec_latent_mlp_mixer_depth=-1), "vit_dec_latent_mlp_mixer_depth must be an int >= 0"),
+        (dict(vit_enc_latent_mlp_mixer_depth=True), "vit_enc_latent_mlp_mixer_depth must be an int >= 0, got True"),
         (dict(halve_model_size=True, vit_dec_model_size={"width": 32, "layers": 1, "heads": 2}),
          "halve_model_size leaves vit_dec_model_size with 0 layers"),
         (dict(halve_model_size="no"), "halve_model_size must be a bool, got 'no'"),  # truthy: it halved
