@@ -1088,7 +1088,8 @@ def test_sanitize_selection_reaches_every_kernel_family() -> None:
     ).stdout
     for test in ("test_cuda.py::test_ops_on_strided_inputs", "test_cuda.py::test_ops_on_inputs_off_16_byte",
                  "test_cuda.py::test_swiglu", "test_cuda.py::test_noise_of_one_value_samples",
-                 "test_attention.py::test_non_unit_last_strides", "test_rope.py::", "test_swiglu_linear.py::"):
+                 "test_attention.py::test_non_unit_last_strides", "test_rope.py::", "test_swiglu_linear.py::",
+                 "test_cuda.py::test_seeded_labels_kernels_give_the_reference_labels"):
         assert test in listed, f"{test} not selected by SANITIZE_K"
 
 
