@@ -698,27 +698,56 @@ def _log_lines_before(path: Path, step: int) -> list[str]:
     return kept
 
 
+def _check_process_batch(cfg: TrainConfig, world_size: int) -> None:
+    """Checked before anything is read or written: the first step would refuse these after fit wrote to out."""
+    if cfg.global_batch % world_size:
+        raise ValueError(f"global_batch {cfg.global_batch} is not divisible by the {world_size} processes")
+    micro_batches(cfg.global_batch // world_size, cfg.accumulation_steps)
+    if cfg.global_batch // world_size < MIN_PROCESS_BATCH:
+        raise ValueError(f"global_batch {cfg.global_batch} gives {cfg.global_batch // world_size} images a "
+                         f"process; the stratified noise radii need at least {MIN_PROCESS_BATCH}")
+
+
+def _check_same_start(world_size: int, step: int, last: Path | None) -> None:
+    """Every process starts from the same step and checkpoint (a collective: all processes call it)."""
+    starts = [None] * world_size
+    dist.all_gather_object(starts, (step, None if last is None else str(last)))
+    if len(set(starts)) > 1:
+        raise ValueError(
+            "the processes start from different points: "
+            + ", ".join(f"rank {r} at step {s} ({path or 'no checkpoint'})" for r, (s, path) in enumerate(starts))
+            + "; every process must see the same run folder (on storage all nodes share)"
+        )
+
+
+def _prepare_run_folder(run: RunConfig, step: int, resume: bool) -> None:
+    """Rank 0's writes before training: the run's config, the loss log cut back to ``step`` (read first: a damaged
+    log is refused before any write) and, without ``resume``, no checkpoints of an earlier run."""
+    from sphere_fast.checkpoint import remove_checkpoints, replace_text
+
+    out = Path(run.out)
+    log_path = out / "losses.jsonl"
+    kept = _log_lines_before(log_path, step)
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        remove_checkpoints(out / "checkpoints")
+    (out / "run_config.json").write_text(json.dumps(dataclasses.asdict(run), indent=1))
+    replace_text(log_path, "".join(line + "\n" for line in kept))
+
+
 def fit(run: RunConfig, *, resume: bool = True, progress: bool = True) -> Trainer:
     """Train ``run`` to ``run.train.total_steps``, resuming from ``out/checkpoints`` when present;
     losses go to ``out/losses.jsonl`` (one line per step) and checkpoints to ``out/checkpoints``.
     ``resume=False`` starts afresh: the checkpoints and losses of an earlier run in ``out`` are deleted."""
     from tqdm import tqdm
 
-    from sphere_fast.checkpoint import (
-        latest_checkpoint, load_checkpoint, remove_checkpoints, replace_text, save_checkpoint,
-    )
+    from sphere_fast.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from sphere_fast.data import make_loader, open_dataset, random_hflip
     from sphere_fast.model import SphereEncoder
 
     info = init_distributed()
     cfg = run.train
-    if cfg.global_batch % info.world_size:
-        raise ValueError(f"global_batch {cfg.global_batch} is not divisible by the {info.world_size} processes")
-    # checked before anything is read or written: the first step would refuse these after fit wrote to out
-    micro_batches(cfg.global_batch // info.world_size, cfg.accumulation_steps)
-    if cfg.global_batch // info.world_size < MIN_PROCESS_BATCH:
-        raise ValueError(f"global_batch {cfg.global_batch} gives {cfg.global_batch // info.world_size} images a "
-                         f"process; the stratified noise radii need at least {MIN_PROCESS_BATCH}")
+    _check_process_batch(cfg, info.world_size)
     device = torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
     model = SphereEncoder(**run.model)
@@ -734,15 +763,7 @@ def fit(run: RunConfig, *, resume: bool = True, progress: bool = True) -> Traine
     else:
         torch.manual_seed(process_seed(cfg.seed, info.rank))  # per-process noise, flips and label dropout
     if info.world_size > 1:  # a process that found another checkpoint, or none, would train other weights
-        starts = [None] * info.world_size
-        dist.all_gather_object(starts, (trainer.step, None if last is None else str(last)))
-        if len(set(starts)) > 1:
-            raise ValueError(
-                "the processes start from different points: "
-                + ", ".join(f"rank {r} at step {step} ({path or 'no checkpoint'})"
-                            for r, (step, path) in enumerate(starts))
-                + "; every process must see the same run folder (on storage all nodes share)"
-            )
+        _check_same_start(info.world_size, trainer.step, last)
     loader = make_loader(
         dataset, cfg.global_batch // info.world_size, rank=info.rank, world_size=info.world_size,
         seed=cfg.seed, start_step=trainer.step, workers=run.workers, pin_memory=device.type == "cuda",
@@ -750,13 +771,9 @@ def fit(run: RunConfig, *, resume: bool = True, progress: bool = True) -> Traine
     )
     log_path = out / "losses.jsonl"
     if info.rank == 0:
-        kept = _log_lines_before(log_path, trainer.step)  # read first: a damaged log is refused before any write
-        out.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            remove_checkpoints(ckpt_dir)
-        (out / "run_config.json").write_text(json.dumps(dataclasses.asdict(run), indent=1))
-        replace_text(log_path, "".join(line + "\n" for line in kept))
-    bar = tqdm(total=cfg.total_steps, initial=trainer.step, desc="train", disable=not progress or info.rank != 0, dynamic_ncols=True)
+        _prepare_run_folder(run, trainer.step, resume)
+    bar = tqdm(total=cfg.total_steps, initial=trainer.step, desc="train", disable=not progress or info.rank != 0,
+               dynamic_ncols=True)
     batches = iter(loader)
     with open(log_path, "a") if info.rank == 0 else contextlib.nullcontext() as log:
         # A step's losses are read once the next step is queued, so the host does not wait for the device
