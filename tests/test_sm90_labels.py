@@ -20,8 +20,9 @@ def test_triton_kernel_no_spills() -> None:
     sm90.assert_no_spills(info)
 
 
-def labels_compile_for(class_counts: list[int]) -> bool:
-    """Run in a child process (interpreter off, the stand-in driver): the op's launches compiled as on a GPU."""
+def labels_compile_for(class_counts: list[int], batches: list[int]) -> int:
+    """Run in a child process (interpreter off, the stand-in driver): the op's launches compiled as on a GPU; returns
+    how many variants of the kernel they compiled."""
     import torch
 
     from sphere_fast import ops
@@ -30,9 +31,15 @@ def labels_compile_for(class_counts: list[int]) -> bool:
     sm90.compile_ops_on_cpu()
     with launches_compile_only():
         for n in class_counts:
-            ops.seeded_labels(torch.tensor([3, -4, 2**40]), n, backend="triton")
-    return True
+            for batch in batches:
+                ops.seeded_labels(torch.arange(batch) - 4, n, backend="triton")
+    return sum(len(cache[0]) for cache in K.seeded_labels_kernel.device_caches.values())
 
 
-def test_the_op_s_launches_compile(tmp_path) -> None:
-    assert sm90.call_in_compile_child("tests.test_sm90_labels:labels_compile_for", tmp_path, [1, 1000, 2**31 - 1])
+def test_the_op_s_launches_compile_to_one_variant(tmp_path) -> None:
+    """At one class, and at any batch: a capture's warm-up launches it at the bucket's size, a call at its own, so a
+    variant a batch size (Triton specializes ints equal to 1 or divisible by 16) would compile at the call."""
+    variants = sm90.call_in_compile_child(
+        "tests.test_sm90_labels:labels_compile_for", tmp_path, [1, 1000, 2**31 - 1], [1, 16, 50, 64]
+    )
+    assert variants == 1
