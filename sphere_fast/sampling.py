@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import torch
 
@@ -39,6 +40,7 @@ from sphere_fast.ops.philox import check_seeds
 logger = logging.getLogger("sphere_fast")
 CFG_POSITIONS = ("enc", "dec", "combo")
 SAMPLER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def check_sampling_args(
@@ -47,9 +49,10 @@ def check_sampling_args(
 ) -> None:
     check_int("batch_size", batch_size)
     if isinstance(cfg, bool) or not isinstance(cfg, (int, float)):
-        raise TypeError(f"cfg must be a finite number >= 1, got {cfg!r}")
-    if not 1 <= cfg < math.inf:  # NaN too; comparisons only, which torch.compile traces on a symbolic cfg
-        raise ValueError(f"cfg must be a finite number >= 1, got {cfg!r}")
+        raise TypeError(f"cfg must be a number in [1, float32's largest], got {cfg!r}")
+    # NaN too; comparisons only, which torch.compile traces on a symbolic cfg. The weight is float32 on the device.
+    if not 1 <= cfg <= _FLOAT32_MAX:
+        raise ValueError(f"cfg must be a number in [1, float32's largest], got {cfg!r}")
     if cfg > 1 and model.num_classes == 0:  # as the official code: no null branch to guide against
         warn(f"cfg={cfg} on an unconditional model (num_classes=0) has no effect: it samples without guidance")
     if cfg_position not in CFG_POSITIONS:
@@ -133,9 +136,15 @@ def guidance(model: torch.nn.Module, cfg: float, cfg_position: str) -> str | Non
     return cfg_position if cfg > 1 and model.num_classes > 0 else None
 
 
-def guidance_weight(cfg: float, cfg_position: str) -> float:
+Weight = TypeVar("Weight", float, torch.Tensor)
+
+
+def guidance_weight(cfg: Weight, cfg_position: str) -> Weight:
+    """The lerp weight of one guided network: a float, or a float64 tensor (the same value, correctly rounded)."""
     # combo guides in both places with sqrt(w) each, to avoid double dipping
-    return math.sqrt(cfg) if cfg_position == "combo" else cfg
+    if cfg_position != "combo":
+        return cfg
+    return cfg.sqrt() if isinstance(cfg, torch.Tensor) else math.sqrt(cfg)
 
 
 class GuidedNetworks:
@@ -169,8 +178,8 @@ class GuidedNetworks:
             # filled on the device (torch.tensor would copy from the host and wait for the queue), in float64 as
             # the Sampler's Python weight; a product, not torch.full: torch.compile keeps a symbolic cfg (a later
             # cfg value then reuses the graph) where it specialised a filled value
-            scale = torch.ones((), dtype=torch.float64, device=y.device) * cfg
-            weight = (scale.sqrt() if cfg_position == "combo" else scale).to(torch.float32)
+            weight = guidance_weight(torch.ones((), dtype=torch.float64, device=y.device) * float(cfg), cfg_position)
+            weight = weight.to(torch.float32)
         return cls(model, y, guide, weight)
 
     def _run(self, name: str, inp: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:

@@ -193,6 +193,7 @@ def test_bucket_for():
         ({"cfg": 0.5}, ValueError, "cfg"),
         ({"cfg": math.nan}, ValueError, "cfg"),
         ({"cfg": math.inf}, ValueError, "cfg"),
+        ({"cfg": 1e39}, ValueError, r"cfg must be a number in \[1, float32's largest\], got 1e\+39"),  # inf weight
         ({"cfg": True}, TypeError, "cfg"),
         ({"steps": True}, TypeError, "steps"),
         ({"steps": 0}, ValueError, "steps"),
@@ -276,7 +277,7 @@ def test_call_switches_must_be_bools(model, flag):
     [
         ({"dtype": torch.int64}, TypeError, "dtype must be one of"),
         ({"dtype": "bf16"}, TypeError, "dtype must be one of"),
-        ({"cfg": "1.4"}, TypeError, "cfg must be a finite number >= 1, got '1.4'"),
+        ({"cfg": "1.4"}, TypeError, r"cfg must be a number in \[1, float32's largest\], got '1.4'"),
         ({"cache_sampling_noise": "no"}, TypeError, "cache_noise must be a bool"),
         ({"use_sampling_scheduler": 0.5}, TypeError, "scheduler must be a bool"),
     ],
@@ -288,6 +289,17 @@ def test_generate_checks_its_options(model, kwargs, error, match):
 
 def test_random_labels_are_real_classes(model):
     assert sample_labels(model, 2000, None, torch.device("cpu")).unique().tolist() == list(range(10))  # never null
+
+
+def test_generate_s_cfg_weight_is_the_sampler_s_bit_for_bit(model):
+    """generate computes its CFG weight on the device (a float64 product, so torch.compile keeps cfg symbolic), the
+    Sampler's graphs take the Python float: the same float32 for every cfg, exact or not in binary."""
+    cfgs = [1.0 + k / 7 for k in range(1, 200)] + [1.1, 1.3, 2.7, 7.77, 10**0.5, 123.456789, 3e38, 2, 2**64]
+    for position in ("combo", "enc", "dec"):
+        for cfg in cfgs:
+            weight = GuidedNetworks.from_scale(model, LABELS, cfg, position).weight
+            expected = torch.tensor(sampling.guidance_weight(cfg, position), dtype=torch.float32)
+            assert weight.dtype == torch.float32 and torch.equal(weight, expected), (position, cfg)
 
 
 def test_guided_networks_need_labels_and_a_weight(model):
