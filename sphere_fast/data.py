@@ -249,9 +249,8 @@ class SyntheticShapes(Dataset):
     BACKGROUND = -0.6
 
     def __init__(self, size: int = 1024, image_size: int = 32, num_classes: int = 10, seed: int = 0):
-        if not isinstance(size, int) or size < 1 or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"size and num_classes must be positive ints, got {size!r}, {num_classes!r}")
-        self.size, self.image_size, self.num_classes, self.seed = size, check_int("image_size", image_size), num_classes, seed
+        self.size, self.image_size = check_int("size", size), check_int("image_size", image_size)
+        self.num_classes, self.seed = check_int("num_classes", num_classes), seed
         self.class_names = [f"shape-{k}" for k in range(num_classes)]
 
     def __len__(self) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from sphere_fast._checks import check_int
 from sphere_fast.backend import resolve_backend
 from sphere_fast.ops._library import define_op
 from sphere_fast.ops._util import ceil_div, kernel_runner, on_input_device
@@ -28,14 +29,6 @@ __all__ = ["seeded_labels", "seeded_labels_reference"]
 def seeded_labels_reference(seeds: torch.Tensor, num_classes: int) -> torch.Tensor:
     """int64 [B] labels in [0, ``num_classes``), one a seed of ``seeds`` (int64 [B])."""
     return philox_below(seeds, LABEL_COUNTER, num_classes)
-
-
-def _check_num_classes(num_classes: object) -> int:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int):
-        raise TypeError(f"num_classes must be an int, got {type(num_classes).__name__}")
-    if not 1 <= num_classes < 2**31:  # the kernels' 64-bit product w * n stays exact below 2**31
-        raise ValueError(f"num_classes must be in [1, 2**31), got {num_classes}")
-    return num_classes
 
 
 @on_input_device
@@ -66,7 +59,7 @@ def seeded_labels(seeds: torch.Tensor, num_classes: int, *, backend: str | None 
     """int64 [B] class labels uniform in [0, ``num_classes``), label b decided by ``seeds[b]`` alone (int64 [B]):
     ``seeded_labels_reference``'s, in one kernel on the triton and cpp backends."""
     seeds = check_seeds(seeds)
-    num_classes = _check_num_classes(num_classes)
+    num_classes = check_int("num_classes", num_classes, 1, 2**31)  # the kernels' product w * n is exact below 2**31
     name = resolve_backend("seeded_labels", seeds.device, backend, AUTO_ORDER)
     if name == "eager" or seeds.shape[0] == 0:  # no samples: no launch of an empty grid
         return seeded_labels_reference(seeds, num_classes)
