@@ -37,7 +37,7 @@ GROUPS: tuple[tuple[str, str], ...] = (
     ("rope", r"rope"),
     ("attention", r"attention|flash|fmha|sdpa|softmax"),
     ("matmul", r"gemm|gemv|matmul|cutlass|sm90_xmma|nvjet|\bmm\b|addmm|linear"),
-    ("spherify", r"spherify|noise|philox|(fwd|bwd)_(partials|apply)"),
+    ("spherify", r"spherify|noise|philox|seeded_labels|(fwd|bwd)_(partials|apply)"),  # and the seeded draws
     ("adaln / swiglu", r"adaln|modulate|swiglu|layer_norm|layernorm"),
 )
 
