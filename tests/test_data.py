@@ -278,6 +278,9 @@ def test_synthetic_shapes_are_deterministic_and_open_dataset():
     # classes 0 and 5 share a shape kind (five kinds): their colours tell them apart
     colours = [tuple(ds[k][0].flatten(1).max(1).values.tolist()) for k in (0, 5)]
     assert colours[0] != colours[1]
+    for kwargs, error in (({"size": True}, TypeError), ({"num_classes": 2.0}, TypeError), ({"size": 0}, ValueError)):
+        with pytest.raises(error, match=f"{next(iter(kwargs))} must be an int >= 1"):
+            SyntheticShapes(**kwargs)
 
 
 def test_sampler_shards_the_global_batch_and_resumes():
