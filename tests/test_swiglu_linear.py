@@ -49,7 +49,7 @@ CASES = [((40, 48), 20, None, True), ((40, 40), 20, 32, False), ((2, 7, 32), 17,
 
 
 @pytest.fixture(autouse=True)
-def unfused_and_untuned(monkeypatch: pytest.MonkeyPatch, fresh_tuning: None) -> None:
+def unfused_with_fresh_tuning(monkeypatch: pytest.MonkeyPatch, fresh_tuning: None) -> None:
     monkeypatch.delenv("SPHERE_FAST_FUSED_MLP", raising=False)
 
 
