@@ -101,14 +101,28 @@ SpherifyArgs make_args(const at::Tensor& z, const OptT& scales, const OptT& nois
 }
 
 #ifdef SPHERE_FAST_WITH_CUDA
-// CUDA's limits on the grids of the kernels for these arguments.
-void check_grid(const SpherifyArgs& a) {
-  check_grid_x(a.batch, "spherify: samples B");
-  check_grid_y(num_chunks(a.length), "spherify: chunks of a sample's values");
-}
-
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 #endif
+
+// The forward or backward kernels for `a` on z's device: the CUDA launcher (its grid checked against CUDA's limits
+// first) or the CPU implementation.
+void run_spherify(const at::Tensor& z, const SpherifyArgs& a, bool forward) {
+#ifdef SPHERE_FAST_WITH_CUDA
+  if (z.is_cuda()) {
+    check_grid_x(a.batch, "spherify: samples B");
+    check_grid_y(num_chunks(a.length), "spherify: chunks of a sample's values");
+    const cudaStream_t stream = current_stream();
+    check_launch(forward ? spherify_fwd_cuda(a, stream) : spherify_bwd_cuda(a, stream),
+                 forward ? "spherify_fwd" : "spherify_bwd");
+    return;
+  }
+#endif
+  if (forward) {
+    spherify_fwd_cpu(a);
+  } else {
+    spherify_bwd_cpu(a);
+  }
+}
 
 std::tuple<at::Tensor, at::Tensor> spherify_fwd_op(const at::Tensor& z, const OptT& scales, const OptT& noise,
                                                    const OptT& seeds, int64_t stream) {
@@ -122,14 +136,7 @@ std::tuple<at::Tensor, at::Tensor> spherify_fwd_op(const at::Tensor& z, const Op
   at::Tensor stats = at::empty({a.batch, 3}, z.options().dtype(at::kFloat));
   a.out = out.data_ptr();
   a.stats_out = stats.data_ptr<float>();
-#ifdef SPHERE_FAST_WITH_CUDA
-  if (z.is_cuda()) {
-    check_grid(a);
-    check_launch(spherify_fwd_cuda(a, current_stream()), "spherify_fwd");
-    return {out, stats};
-  }
-#endif
-  spherify_fwd_cpu(a);
+  run_spherify(z, a, /*forward=*/true);
   return {out, stats};
 }
 
@@ -148,14 +155,7 @@ std::tuple<at::Tensor, at::Tensor> spherify_bwd_op(const at::Tensor& grad, const
   at::Tensor dscales = at::zeros({a.pairs, a.batch}, z.options().dtype(at::kFloat));
   a.out = dz.data_ptr();
   a.dscales = dscales.data_ptr<float>();
-#ifdef SPHERE_FAST_WITH_CUDA
-  if (z.is_cuda()) {
-    check_grid(a);
-    check_launch(spherify_bwd_cuda(a, current_stream()), "spherify_bwd");
-    return {dz, dscales};
-  }
-#endif
-  spherify_bwd_cpu(a);
+  run_spherify(z, a, /*forward=*/false);
   return {dz, dscales};
 }
 
