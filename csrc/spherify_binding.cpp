@@ -159,9 +159,14 @@ std::tuple<at::Tensor, at::Tensor> spherify_bwd_op(const at::Tensor& grad, const
   return {dz, dscales};
 }
 
-at::Tensor sphere_noise_op(const at::Tensor& seeds, int64_t length, int64_t stream) {
+// The seeds of the Philox draws on their own (the noise alone, the labels): int64 [B].
+void check_seeds(const at::Tensor& seeds) {
   TORCH_CHECK(seeds.scalar_type() == at::kLong && seeds.dim() == 1, "seeds must be an int64 [B] tensor, got ",
               seeds.scalar_type(), " of shape ", seeds.sizes());
+}
+
+at::Tensor sphere_noise_op(const at::Tensor& seeds, int64_t length, int64_t stream) {
+  check_seeds(seeds);
   TORCH_CHECK(length >= 0, "length must be >= 0, got ", length);
   const c10::OptionalDeviceGuard guard(seeds.device());
   const at::Tensor sd = seeds.contiguous();
@@ -183,8 +188,7 @@ at::Tensor sphere_noise_op(const at::Tensor& seeds, int64_t length, int64_t stre
 // Integers uniform in [0, n), one a seed: Philox's first word at `counter` (an unsigned 64-bit counter) scaled by
 // multiply-shift. n < 2^31 keeps the 64-bit product exact.
 at::Tensor philox_below_op(const at::Tensor& seeds, int64_t counter, int64_t n) {
-  TORCH_CHECK(seeds.scalar_type() == at::kLong && seeds.dim() == 1, "seeds must be an int64 [B] tensor, got ",
-              seeds.scalar_type(), " of shape ", seeds.sizes());
+  check_seeds(seeds);
   TORCH_CHECK(n >= 1 && n < (int64_t{1} << 31), "n must be in [1, 2^31), got ", n);
   const c10::OptionalDeviceGuard guard(seeds.device());
   const at::Tensor sd = seeds.contiguous();
