@@ -75,6 +75,7 @@ class CudaKernels(dict[str, KernelResources]):
         super().__init__(resources)
         self.cubin = cubin
         self.log = log
+        self._sass: str | None = None
 
     def find(self, fragment: str) -> KernelResources:
         """The one kernel whose (mangled) name contains ``fragment``."""
@@ -84,7 +85,9 @@ class CudaKernels(dict[str, KernelResources]):
         return self[hits[0]]
 
     def sass(self) -> str:
-        return dump_sass(self.cubin)
+        if self._sass is None:
+            self._sass = dump_sass(self.cubin)
+        return self._sass
 
     def opcodes_by_kernel(self) -> dict[str, Counter[str]]:
         """Mangled kernel name -> count_opcodes of its own SASS."""
@@ -353,25 +356,60 @@ def call_in_compile_child(function: str, cache_dir: Path, *args: Any) -> Any:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+class _CompileWorker:
+    """A child process with the interpreter off that compiles Triton kernels for sm_90a, one after another, for as
+    long as this process's environment and import path stay as they were when it started (else a new one starts):
+    a new child for each compile spent about 2 s importing torch and triton. Requests and answers are pickles on
+    its stdin and on a duplicate of its stdout (whatever it prints goes to its stderr, kept in a file)."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.stderr = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.stderr, env=self.env)
+
+    def serves(self, env: Mapping[str, str]) -> bool:
+        return self.proc.poll() is None and self.env == env
+
+    def compile(self, spec: dict[str, Any]) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        try:
+            pickle.dump(spec, self.proc.stdin)
+            self.proc.stdin.flush()
+            ok, out = pickle.load(self.proc.stdout)
+        except (EOFError, BrokenPipeError, pickle.UnpicklingError):
+            self.close()
+            self.stderr.seek(0)
+            raise CompileError(f"the Triton compile process for sm_90 died:\n{self.stderr.read().decode()}") from None
+        if not ok:
+            raise CompileError(f"Triton compile of {spec['qualname']} for sm_90 failed:\n{out}")
+        return out
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()  # type: ignore[union-attr]
+            self.proc.wait()
+
+
+_worker: _CompileWorker | None = None
+
+
 def _compile_in_child(fn: Any, spec: dict[str, Any]) -> dict[str, Any]:
+    global _worker
     raw = fn.fn  # InterpretedFunction keeps the plain Python function
     if "<locals>" in raw.__qualname__:
         raise ValueError(
             f"{raw.__qualname__}: define the kernel at module level to compile it under TRITON_INTERPRET=1"
         )
-    spec = {**spec, "module": raw.__module__, "qualname": raw.__qualname__}
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    # pytest names the running test in the environment: not a reason for a new worker
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTEST_CURRENT_TEST": ""}
     # The child must import the kernel's module the way this process did.
-    env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [env.get("PYTHONPATH", "")])
-    with tempfile.TemporaryDirectory() as tmp:
-        spec_path, out_path = Path(tmp) / "spec.pkl", Path(tmp) / "out.pkl"
-        spec_path.write_bytes(pickle.dumps(spec))
-        proc = subprocess.run(
-            [sys.executable, __file__, str(spec_path), str(out_path)], capture_output=True, text=True, env=env
-        )
-        if proc.returncode != 0:
-            raise CompileError(f"Triton compile of {raw.__qualname__} for sm_90 failed:\n{proc.stdout}{proc.stderr}")
-        return pickle.loads(out_path.read_bytes())
+    env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [os.environ.get("PYTHONPATH", "")])
+    if _worker is None or not _worker.serves(env):
+        if _worker is not None:
+            _worker.close()
+        _worker = _CompileWorker(env)
+    return _worker.compile({**spec, "module": raw.__module__, "qualname": raw.__qualname__})
 
 
 def compile_triton_sm90(
@@ -443,14 +481,28 @@ def _ptxas_spills(log: str) -> dict[str, tuple[int, int]]:
     return spills
 
 
+# (a .cu, its include folders, the bytes of it and of their files) -> its compile: a test session runs nvcc once a
+# source, however many tests read its kernels.
+_cuda_compiles: dict[tuple[Any, ...], CudaKernels] = {}
+
+
 def compile_cuda_sm90(
     cu_path: str | os.PathLike[str], include_dirs: Iterable[str | os.PathLike[str]] = ()
 ) -> CudaKernels:
     """nvcc a (torch-free) .cu for sm_90a into a cubin; kernel name -> resources, with ptxas spill counts.
 
     Uses the nvcc flags sphere_fast._extension builds that source with (nvcc_flags). Raises
-    CompileError with nvcc's output on failure.
+    CompileError with nvcc's output on failure. The result is shared by every call with the same sources.
     """
+    include_dirs = [str(d) for d in include_dirs]
+    files = [Path(cu_path)] + sorted(f for d in include_dirs for f in Path(d).iterdir() if f.is_file())
+    key = (str(cu_path), tuple(include_dirs), tuple((str(f), f.read_bytes()) for f in files))
+    if key not in _cuda_compiles:
+        _cuda_compiles[key] = _compile_cuda(cu_path, include_dirs)
+    return _cuda_compiles[key]
+
+
+def _compile_cuda(cu_path: str | os.PathLike[str], include_dirs: list[str]) -> CudaKernels:
     from sphere_fast._extension import nvcc_flags  # here: the compile child process needs no torch
 
     nvcc = find_nvcc()
@@ -471,16 +523,29 @@ def compile_cuda_sm90(
     return CudaKernels(resources, cubin, log)
 
 
-def _child_main(spec_path: str, out_path: str) -> None:
-    """Entry point of the child process that compiles with the interpreter off."""
+def _serve() -> None:
+    """The compile worker's loop (see _CompileWorker): a spec in, (True, compiled) or (False, the error) out, until
+    its stdin closes."""
     import importlib
+    import traceback
 
-    spec = pickle.loads(Path(spec_path).read_bytes())
-    obj: Any = importlib.import_module(spec["module"])
-    for part in spec["qualname"].split("."):
-        obj = getattr(obj, part)
-    Path(out_path).write_bytes(pickle.dumps(_compile_in_process(_unwrap(obj), spec)))
+    answers = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # prints from the compiler go to stderr, not into the answers
+    while True:
+        try:
+            spec = pickle.load(sys.stdin.buffer)
+        except EOFError:
+            return
+        try:
+            obj: Any = importlib.import_module(spec["module"])
+            for part in spec["qualname"].split("."):
+                obj = getattr(obj, part)
+            answer = (True, _compile_in_process(_unwrap(obj), spec))
+        except Exception:
+            answer = (False, traceback.format_exc())
+        pickle.dump(answer, answers)
+        answers.flush()
 
 
 if __name__ == "__main__":
-    _child_main(sys.argv[1], sys.argv[2])
+    _serve()

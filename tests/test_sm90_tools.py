@@ -126,6 +126,21 @@ def test_cuda_resources_and_spill_check(tmp_path: Path) -> None:
 
 
 @needs_nvcc
+@needs_cuobjdump
+def test_cuda_compiles_are_shared_until_a_source_or_header_changes(tmp_path: Path) -> None:
+    (tmp_path / "inc").mkdir()
+    header, src = tmp_path / "inc" / "scale.h", tmp_path / "scaled.cu"
+    header.write_text("#define SCALE 2.0f\n")
+    src.write_text('#include "scale.h"\n__global__ void scaled(float* y) { y[threadIdx.x] *= SCALE; }\n')
+    first = sm90.compile_cuda_sm90(src, [tmp_path / "inc"])
+    assert sm90.compile_cuda_sm90(src, [tmp_path / "inc"]) is first
+    header.write_text("#define SCALE 3.0f\n")
+    assert sm90.compile_cuda_sm90(src, [tmp_path / "inc"]) is not first
+    src.write_text(src.read_text().replace("scaled", "renamed"))
+    assert sm90.compile_cuda_sm90(src, [tmp_path / "inc"]).find("renamed").registers > 0
+
+
+@needs_nvcc
 def test_cuda_compile_error_carries_compiler_output(tmp_path: Path) -> None:
     src = tmp_path / "broken.cu"
     src.write_text("__global__ void k(float* y) { y[0] = undefined_name; }\n")
@@ -150,3 +165,16 @@ Resource usage:
     with pytest.raises(AssertionError, match="kern_a"):
         sm90.assert_no_spills(res)
     sm90.assert_no_spills(res["kern_b"])
+
+
+@needs_cuobjdump
+def test_triton_compiles_share_a_child_process_that_outlives_a_failed_compile() -> None:
+    if type(sm90._unwrap(scale_kernel)).__name__ != "InterpretedFunction":
+        pytest.skip("Triton compiles in this process where the interpreter is off")
+    signature = {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32"}
+    sm90.compile_triton_sm90(scale_kernel, signature, {"BLOCK": 1024})
+    worker = sm90._worker
+    with pytest.raises(sm90.CompileError, match="scale_kernel for sm_90 failed(.|\n)*power of 2"):
+        sm90.compile_triton_sm90(scale_kernel, signature, {"BLOCK": 1000})
+    assert sm90.compile_triton_sm90(scale_kernel, signature, {"BLOCK": 512}).name == "scale_kernel"
+    assert sm90._worker is worker and worker.proc.poll() is None
