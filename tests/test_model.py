@@ -538,16 +538,19 @@ def test_compile_training_forward_fullgraph(backend):
 
 def test_compile_training_forward_with_dynamic_batch():
     """The training forward compiled with dynamic=True: its noise levels' draws (torch.rand, randperm) take the
-    symbolic batch, and each batch gives what eager does (a last partial batch must not crash a compiled run)."""
+    symbolic batch, one graph serves every batch, and each gives what eager does (a last partial batch must not
+    crash or recompile a compiled run). The batches differ from every other size of the inputs: dynamo gives equal
+    sizes one symbol, so a batch of 3 is fixed by the shape check of the images' 3 channels."""
     from tests.tiny import no_label_dropout, tiny_batch, tiny_model
 
     model = no_label_dropout(tiny_model()).train()
     compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="aot_eager")
-    for batch in (3, 5):
+    for batch in (5, 7):
         x, y = tiny_batch(batch)
         outs = []
         for fn in (compiled, model):
             torch.manual_seed(0)
-            outs.append(fn(x, y))
+            with torch._dynamo.config.patch(error_on_recompile=batch != 5):
+                outs.append(fn(x, y))
         for out, ref in zip(*outs, strict=True):
             torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
