@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib.resources
 import logging
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 
 from sphere_fast._env import env_switch
+from sphere_fast._files import os_lock
 from sphere_fast._once import once_per_key
 
 logger = logging.getLogger("sphere_fast")
@@ -104,40 +104,20 @@ def load_extension(name: str, cpu_sources: tuple[str, ...], cuda_sources: tuple[
         raise RuntimeError(f"cannot make the build folder {folder} of the C++ extension {name} ({exc}); set "
                            "TORCH_EXTENSIONS_DIR to a writable folder") from exc
     put_pip_ninja_on_path()
-    with open(folder / "sphere_fast.lock", "a") as held:
-        _held_locks.add(held.fileno())  # before the wait: a lock granted after a fork is the child's copy's too
-        try:
-            fcntl.flock(held, fcntl.LOCK_EX)
-            (folder / "lock").unlink(missing_ok=True)
-            if not (folder / f"{name}.so").exists():  # at the default level: a first call is silent for a while
-                logger.warning("sphere_fast: building the C++ extension %s for this torch and configuration, once "
-                               "(tens of seconds; SPHERE_FAST_VERBOSE_BUILD=1 shows the compiler)", name)
-            return load(
-                name=name,
-                sources=sources,
-                extra_include_paths=[str(root)],
-                extra_cflags=flags,
-                extra_cuda_cflags=cuda_flags,
-                build_directory=str(folder),
-                verbose=env_switch("SPHERE_FAST_VERBOSE_BUILD", default=False),
-            )
-        finally:
-            _held_locks.discard(held.fileno())
-
-
-# The build locks this process holds or waits for now (their descriptors). A child forked meanwhile (a DataLoader
-# worker) shares each lock through its copy of the descriptor, which none of its threads would close: the lock would
-# outlive the parent's build, and the child's own load (and every other process's) would wait on it for ever.
-_held_locks: set[int] = set()
-
-
-def _close_inherited_locks() -> None:
-    for fd in _held_locks:
-        os.close(fd)  # the child's copy only: the parent's build keeps the lock until it ends
-    _held_locks.clear()
-
-
-os.register_at_fork(after_in_child=_close_inherited_locks)
+    with os_lock(folder / "sphere_fast.lock"):
+        (folder / "lock").unlink(missing_ok=True)
+        if not (folder / f"{name}.so").exists():  # at the default level: a first call is silent for a while
+            logger.warning("sphere_fast: building the C++ extension %s for this torch and configuration, once "
+                           "(tens of seconds; SPHERE_FAST_VERBOSE_BUILD=1 shows the compiler)", name)
+        return load(
+            name=name,
+            sources=sources,
+            extra_include_paths=[str(root)],
+            extra_cflags=flags,
+            extra_cuda_cflags=cuda_flags,
+            build_directory=str(folder),
+            verbose=env_switch("SPHERE_FAST_VERBOSE_BUILD", default=False),
+        )
 
 
 def load_ops(

@@ -13,7 +13,7 @@ import inspect
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from sphere_fast import ops
 from sphere_fast._checks import check_int
+from sphere_fast._files import os_lock
 from sphere_fast._random import generator_kwargs
 from sphere_fast._warn import warn
 from sphere_fast.model import check_label_range, labels_checked
@@ -735,19 +736,48 @@ def _prepare_run_folder(run: RunConfig, step: int, resume: bool) -> None:
     replace_text(log_path, "".join(line + "\n" for line in kept))
 
 
+@contextlib.contextmanager
+def _run_folder_lock(out: Path) -> Iterator[None]:
+    """Rank 0 holds the run folder's OS lock (``out/.run.lock``, with its pid) while it trains: a second run on the
+    same folder (another job's rank 0, or a command run twice) is refused before it reads or deletes anything,
+    where the two would have pruned and overwritten each other's checkpoints and losses."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / ".run.lock"
+    with contextlib.ExitStack() as stack:
+        try:
+            held = stack.enter_context(os_lock(path, wait=False))
+        except BlockingIOError:
+            holder = path.read_text().strip() or "unknown"
+            raise RuntimeError(f"another training run (pid {holder}) is writing to {out}: wait for it to end, or "
+                               "give this one another output folder") from None
+        held.truncate(0)
+        held.write(f"{os.getpid()}\n")
+        held.flush()
+        yield
+
+
 def fit(run: RunConfig, *, resume: bool = True, progress: bool = True) -> Trainer:
     """Train ``run`` to ``run.train.total_steps``, resuming from ``out/checkpoints`` when present;
     losses go to ``out/losses.jsonl`` (one line per step) and checkpoints to ``out/checkpoints``.
-    ``resume=False`` starts afresh: the checkpoints and losses of an earlier run in ``out`` are deleted."""
-    from tqdm import tqdm
+    ``resume=False`` starts afresh: the checkpoints and losses of an earlier run in ``out`` are deleted.
+    One run at a time writes to ``out``: another one there raises RuntimeError before its first write."""
+    info = init_distributed()
+    _check_process_batch(run.train, info.world_size)
+    trainer, loader = _start(run, info, resume)
+    with _run_folder_lock(Path(run.out)) if info.rank == 0 else contextlib.nullcontext():
+        if info.rank == 0:
+            _prepare_run_folder(run, trainer.step, resume)
+        _train_to_the_end(run, info, trainer, loader, progress)
+    return trainer
 
-    from sphere_fast.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-    from sphere_fast.data import make_loader, open_dataset, random_hflip
+
+def _start(run: RunConfig, info: DistInfo, resume: bool) -> tuple[Trainer, Any]:
+    """The run's trainer, from its latest checkpoint when ``resume`` finds one, and its loader from that step."""
+    from sphere_fast.checkpoint import latest_checkpoint, load_checkpoint
+    from sphere_fast.data import make_loader, open_dataset
     from sphere_fast.model import SphereEncoder
 
-    info = init_distributed()
     cfg = run.train
-    _check_process_batch(cfg, info.world_size)
     device = torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
     model = SphereEncoder(**run.model)
@@ -755,9 +785,7 @@ def fit(run: RunConfig, *, resume: bool = True, progress: bool = True) -> Traine
     if model.num_classes and getattr(dataset, "num_classes", model.num_classes) > model.num_classes:
         raise ValueError(f"the data has {dataset.num_classes} classes but the model only {model.num_classes}")
     trainer = Trainer(model, cfg, device, info)
-    out = Path(run.out)
-    ckpt_dir = out / "checkpoints"
-    last = latest_checkpoint(ckpt_dir) if resume else None
+    last = latest_checkpoint(Path(run.out) / "checkpoints") if resume else None
     if last is not None:
         load_checkpoint(last, trainer=trainer)
     else:
@@ -769,20 +797,30 @@ def fit(run: RunConfig, *, resume: bool = True, progress: bool = True) -> Traine
         seed=cfg.seed, start_step=trainer.step, workers=run.workers, pin_memory=device.type == "cuda",
         worker_seed=process_seed(cfg.seed, info.rank, trainer.step),
     )
-    log_path = out / "losses.jsonl"
-    if info.rank == 0:
-        _prepare_run_folder(run, trainer.step, resume)
-    bar = tqdm(total=cfg.total_steps, initial=trainer.step, desc="train", disable=not progress or info.rank != 0,
+    return trainer, loader
+
+
+def _train_to_the_end(run: RunConfig, info: DistInfo, trainer: Trainer, loader: Any, progress: bool) -> None:
+    """Steps to ``total_steps``: rank 0 logs each step's losses and writes the checkpoints (every process takes part
+    in a save)."""
+    from tqdm import tqdm
+
+    from sphere_fast.checkpoint import save_checkpoint
+    from sphere_fast.data import random_hflip
+
+    cfg, rank, model = run.train, info.rank, trainer.model
+    out = Path(run.out)
+    bar = tqdm(total=cfg.total_steps, initial=trainer.step, desc="train", disable=not progress or rank != 0,
                dynamic_ncols=True)
     batches = iter(loader)
-    with open(log_path, "a") if info.rank == 0 else contextlib.nullcontext() as log:
+    with open(out / "losses.jsonl", "a") if rank == 0 else contextlib.nullcontext() as log:
         # A step's losses are read once the next step is queued, so the host does not wait for the device
         # mid-run; other processes never read theirs (rank 0 logs the averages).
         unread: list[tuple[int, StepLog]] = []
         while trainer.step < cfg.total_steps:
             x, y = next(batches)
             trainer._check_first_batch(x)  # on the host: a dataset of another range stops here
-            x = random_hflip(x.to(device, non_blocking=True))  # on the device: the pinned batch goes over as is
+            x = random_hflip(x.to(trainer.device, non_blocking=True))  # on the device: the pinned batch as is
             step = trainer.step
             unread.append((step, trainer.launch_step(x, y if model.num_classes else None)))
             bar.update(1)
@@ -798,6 +836,5 @@ def fit(run: RunConfig, *, resume: bool = True, progress: bool = True) -> Traine
             if checkpoint:
                 if log is not None:
                     log.flush()
-                save_checkpoint(ckpt_dir, model, trainer=trainer, run_config=dataclasses.asdict(run))
+                save_checkpoint(out / "checkpoints", model, trainer=trainer, run_config=dataclasses.asdict(run))
     bar.close()
-    return trainer

@@ -3,6 +3,8 @@ import gc
 import importlib
 import json
 import math
+import subprocess
+import sys
 import traceback
 import weakref
 
@@ -554,6 +556,37 @@ def test_fit_without_resume_starts_afresh(tmp_path, monkeypatch):
     checkpoints = tmp_path / "checkpoints"
     assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-00000002", "step-00000003"]
     assert (checkpoints / "latest").read_text().strip() == "step-00000003"
+
+
+# A process that holds a run folder's lock (argv[1]) as a training run does, until its stdin closes.
+HOLD_RUN_FOLDER = """
+import sys
+from pathlib import Path
+from sphere_fast.training import _run_folder_lock
+with _run_folder_lock(Path(sys.argv[1])):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_second_run_on_the_same_folder_is_refused_before_it_changes_anything(tmp_path):
+    """A run holds its folder's OS lock while it trains: another run there (here a process that holds the lock) is
+    refused with the holder's pid before it reads or deletes anything (resume=False would delete the checkpoints);
+    the lock goes with its holder."""
+    fit(synthetic_run(tmp_path, 2), progress=False)
+    files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != ".run.lock"}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_RUN_FOLDER, str(tmp_path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(RuntimeError, match=rf"another training run \(pid {holder.pid}\) is writing to {tmp_path}"):
+            fit(synthetic_run(tmp_path, 3), resume=False, progress=False)
+        assert {p: p.read_bytes() for p in files} == files
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    assert fit(synthetic_run(tmp_path, 2), progress=False).step == 2
+    assert fit(synthetic_run(tmp_path, 2), progress=False).step == 2  # a finished run let the lock go
 
 
 def test_resume_keeps_the_log_lines_before_its_step_only_across_a_gap(tmp_path):
