@@ -46,6 +46,16 @@ def reference() -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def keep_float32_precision():
+    """A Trainer turns TF32 on for its process (as the official training does): no test or benchmark case
+    inherits it from an earlier one (on a GPU, float32 attention under ``auto`` would take the TF32 kernel)."""
+    matmul, cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    yield
+    torch.set_float32_matmul_precision(matmul)
+    torch.backends.cudnn.allow_tf32 = cudnn
+
+
 def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", help="also run tests and benchmarks marked slow")
 

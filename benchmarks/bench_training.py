@@ -92,15 +92,6 @@ def gate_step(step: Callable[..., StepLog], inputs: tuple) -> dict[str, float]:
 _eager_first_step: dict[tuple[str, int], dict[str, float]] = {}
 
 
-@pytest.fixture(autouse=True)
-def keep_float32_precision():
-    """Trainer turns TF32 on for the process; the benchmark cases after these must not inherit it."""
-    matmul, cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
-    yield
-    torch.set_float32_matmul_precision(matmul)
-    torch.backends.cudnn.allow_tf32 = cudnn
-
-
 @pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"b{b}")
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("impl", [pytest.param(i, id=i, marks=[pytest.mark.slow] if i == "compile" and not SMOKE

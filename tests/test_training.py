@@ -767,3 +767,15 @@ def test_fit_refuses_a_dataset_of_another_image_range(tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "launch_step", lambda *a, **k: pytest.fail("no step before the check"))
     with pytest.raises(ValueError, match=r"x must hold images in \[-1, 1\]"):
         fit(synthetic_run(tmp_path, 1), progress=False)
+
+
+def test_a_trainer_turns_tf32_on_for_its_process():
+    """As the official training does; the next test checks that no later test inherits it."""
+    Trainer(tiny_model(), TrainConfig(loss_weights=NO_PERCEPTUAL))
+    assert torch.get_float32_matmul_precision() == "high"
+
+
+def test_a_test_after_a_trainer_runs_with_torch_s_float32_defaults():
+    """The root conftest's keep_float32_precision restored them (on a GPU, float32 attention under ``auto`` would
+    otherwise take the TF32 kernel in every test after the first Trainer)."""
+    assert torch.get_float32_matmul_precision() == "highest"
