@@ -738,9 +738,9 @@ def _prepare_run_folder(run: RunConfig, step: int, resume: bool) -> None:
 
 @contextlib.contextmanager
 def _run_folder_lock(out: Path) -> Iterator[None]:
-    """Rank 0 holds the run folder's OS lock (``out/.run.lock``, with its pid) while it trains: a second run on the
-    same folder (another job's rank 0, or a command run twice) is refused before it reads or deletes anything,
-    where the two would have pruned and overwritten each other's checkpoints and losses."""
+    """Rank 0 holds the run folder's OS lock (``out/.run.lock``, with its pid) from its first write there to its
+    end: a second run on the same folder (another job's rank 0, or a command run twice) is refused before it writes
+    or deletes anything, where the two would have pruned and overwritten each other's checkpoints and losses."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / ".run.lock"
     with contextlib.ExitStack() as stack:

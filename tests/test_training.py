@@ -3,6 +3,7 @@ import gc
 import importlib
 import json
 import math
+import re
 import subprocess
 import sys
 import traceback
@@ -571,15 +572,16 @@ with _run_folder_lock(Path(sys.argv[1])):
 
 def test_a_second_run_on_the_same_folder_is_refused_before_it_changes_anything(tmp_path):
     """A run holds its folder's OS lock while it trains: another run there (here a process that holds the lock) is
-    refused with the holder's pid before it reads or deletes anything (resume=False would delete the checkpoints);
-    the lock goes with its holder."""
+    refused with the holder's pid before it writes or deletes anything (resume=False would delete the
+    checkpoints); the lock goes with its holder."""
     fit(synthetic_run(tmp_path, 2), progress=False)
     files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != ".run.lock"}
     holder = subprocess.Popen([sys.executable, "-c", HOLD_RUN_FOLDER, str(tmp_path)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
-        with pytest.raises(RuntimeError, match=rf"another training run \(pid {holder.pid}\) is writing to {tmp_path}"):
+        refused = rf"another training run \(pid {holder.pid}\) is writing to {re.escape(str(tmp_path))}"
+        with pytest.raises(RuntimeError, match=refused):
             fit(synthetic_run(tmp_path, 3), resume=False, progress=False)
         assert {p: p.read_bytes() for p in files} == files
     finally:
