@@ -46,14 +46,18 @@ def reference() -> Path:
     return path
 
 
+# torch's float32 settings as the session began
+FLOAT32_SETTINGS = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+
+
 @pytest.fixture(autouse=True)
 def keep_float32_precision():
-    """A Trainer turns TF32 on for its process (as the official training does): no test or benchmark case
-    inherits it from an earlier one (on a GPU, float32 attention under ``auto`` would take the TF32 kernel)."""
-    matmul, cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    """A Trainer turns TF32 on for its process (as the official training does), one that a module-scoped fixture
+    builds too: every test and benchmark case ends with the session's first float32 settings, so no later one
+    inherits TF32 (on a GPU, float32 attention under ``auto`` would take the TF32 kernel)."""
     yield
-    torch.set_float32_matmul_precision(matmul)
-    torch.backends.cudnn.allow_tf32 = cudnn
+    torch.set_float32_matmul_precision(FLOAT32_SETTINGS[0])
+    torch.backends.cudnn.allow_tf32 = FLOAT32_SETTINGS[1]
 
 
 def pytest_addoption(parser):
