@@ -722,14 +722,14 @@ def _check_same_start(world_size: int, step: int, last: Path | None) -> None:
 
 
 def _prepare_run_folder(run: RunConfig, step: int, resume: bool) -> None:
-    """Rank 0's writes before training: the run's config, the loss log cut back to ``step`` (read first: a damaged
-    log is refused before any write) and, without ``resume``, no checkpoints of an earlier run."""
+    """Rank 0's writes before training, under the run folder's lock (which made the folder): the run's config, the
+    loss log cut back to ``step`` (read first: a damaged log is refused before any write but the lock's) and,
+    without ``resume``, no checkpoints of an earlier run."""
     from sphere_fast.checkpoint import remove_checkpoints, replace_text
 
     out = Path(run.out)
     log_path = out / "losses.jsonl"
     kept = _log_lines_before(log_path, step)
-    out.mkdir(parents=True, exist_ok=True)
     if not resume:
         remove_checkpoints(out / "checkpoints")
     (out / "run_config.json").write_text(json.dumps(dataclasses.asdict(run), indent=1))
