@@ -400,6 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     start = time.monotonic()
+    harness.tree_at_start()  # the tree as sent: before the build writes into it
     args.out.mkdir(parents=True, exist_ok=True)
     env_info = harness.environment()
     (args.out / "env.json").write_text(json.dumps(env_info, indent=2))

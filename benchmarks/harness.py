@@ -44,6 +44,8 @@ from typing import Any, TypeVar
 import pytest
 import torch
 
+from benchmarks import tree
+
 # "1" forces smoke mode; "0" keeps the real sizes even without CUDA (to list the real grid with --collect-only)
 _SMOKE_ENV = os.environ.get("SPHERE_FAST_BENCH_SMOKE")
 SMOKE: bool = _SMOKE_ENV == "1" or (_SMOKE_ENV != "0" and not torch.cuda.is_available())
@@ -448,16 +450,31 @@ def impls(
 # ------------------------------------------------------------------------------------------ environment
 
 
+@functools.cache
+def tree_at_start() -> str | None:
+    """The digest (benchmarks.tree) of the tree this process measures, taken at its first call: the benchmark
+    session makes that call as it starts (conftest), before any case writes a file."""
+    return tree.digest()
+
+
 def stated_commit(commit_info: dict[str, Any]) -> dict[str, Any]:
-    """``commit_info`` (pytest-benchmark's git id and dirty flag) with the commit $SPHERE_FAST_COMMIT states, where
-    set: an id, dirty where it ends in "-dirty" (``git describe --always --dirty`` where the tree was sent from);
-    what git said is kept as ``git_id`` / ``git_dirty``."""
+    """``commit_info`` (pytest-benchmark's git id and dirty flag) with the digest of the tree measured (``tree``)
+    and what $SPHERE_FAST_COMMIT states, where set (``python -m benchmarks.tree`` where the tree was sent from):
+    its commit, dirty where it ends in "-dirty", and the digest of the tree sent (``tree_sent``), which the report
+    compares with ``tree``. What git said is kept as ``git_id`` / ``git_dirty``."""
+    info = dict(commit_info)
+    measured = tree_at_start()
+    if measured is not None:
+        info["tree"] = measured
     stated = os.environ.get(COMMIT_ENV, "").strip()
     if not stated:
-        return commit_info
-    commit = stated.removesuffix("-dirty")
-    return {**commit_info, "id": commit, "dirty": commit != stated, "git_id": commit_info.get("id"),
-            "git_dirty": commit_info.get("dirty")}
+        return info
+    described, _, sent = stated.partition("@")
+    commit = described.removesuffix("-dirty")
+    info.update(id=commit, dirty=commit != described, git_id=commit_info.get("id"), git_dirty=commit_info.get("dirty"))
+    if sent:
+        info["tree_sent"] = sent
+    return info
 
 
 def device_name() -> str:

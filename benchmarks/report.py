@@ -113,14 +113,27 @@ def header(data: dict[str, Any]) -> str:
 
 def commit_text(data: dict[str, Any]) -> str:
     """The commit a run measured: as the run stated it ($SPHERE_FAST_COMMIT, harness.stated_commit), else as the
-    machine's git metadata says, which on a lent machine may be stale (results/README.md then names the commit)."""
+    machine's git metadata says, which on a lent machine may be stale (results/README.md then names the commit);
+    and whether the tree measured is the tree sent, where the run digested both (benchmarks.tree)."""
     commit = data.get("commit_info", {})
     if not commit.get("id"):
-        return "commit unknown"
-    named = f"{commit['id'][:10]}{' (dirty)' if commit.get('dirty') else ''}"
-    if "git_id" in commit:
-        return f"commit {named}"
-    return f"commit not stated by the run (the machine's git metadata, which may be stale: {named})"
+        text = "commit unknown"
+    else:
+        named = f"{commit['id'][:10]}{' (dirty)' if commit.get('dirty') else ''}"
+        text = (f"commit {named}" if "git_id" in commit
+                else f"commit not stated by the run (the machine's git metadata, which may be stale: {named})")
+    if not commit.get("tree"):
+        return text
+    if not commit.get("tree_sent"):
+        return f"{text}, tree {commit['tree']} (the tree sent was not stated: not compared)"
+    if tree_verified(commit):
+        return f"{text}, tree {commit['tree']} (the tree sent)"
+    return f"{text}; **the tree measured ({commit['tree']}) is not the tree sent ({commit['tree_sent']})**"
+
+
+def tree_verified(commit: dict[str, Any]) -> bool:
+    """Whether the run digested the tree it measured and found it to be the tree its sender stated."""
+    return bool(commit.get("tree")) and commit.get("tree") == commit.get("tree_sent")
 
 
 def lease_label(data: dict[str, Any]) -> str:
@@ -128,6 +141,8 @@ def lease_label(data: dict[str, Any]) -> str:
     commit = data.get("commit_info", {})
     named = f"{commit['id'][:7]}{' dirty' if commit.get('dirty') else ''}" if commit.get("id") else "unknown"
     stated = "" if "git_id" in commit or not commit.get("id") else " (machine's git)"
+    if commit.get("tree_sent") and not tree_verified(commit):
+        stated += " (not the tree sent)"
     return f"on {data.get('datetime', '')[:10]} at {named}{stated}"
 
 
@@ -290,13 +305,17 @@ LEASE_S = 30 * 60
 
 
 def _lease_key(data: dict[str, Any]) -> tuple[str, str] | None:
-    """(commit, device) for a file that may share a lease with others, or None: a dirty or unknown tree is not
-    known to be the one another call measured (each call takes the working tree afresh, and a lent machine's git
-    id is stale), so its file stands alone."""
+    """(tree or commit, device) for a file that may share a lease with others, or None: a tree known to be the
+    one sent (tree_verified) is one lease's tree, dirty or not; without that, a clean stated commit is taken for
+    it, and a dirty or unknown one is not known to be the tree another call measured (each call takes the
+    working tree afresh, and a lent machine's git id is stale), so its file stands alone."""
     commit = data.get("commit_info", {})
-    if not commit.get("id") or commit.get("dirty") is not False:
+    device = environment(data).get("device", "")
+    if tree_verified(commit):
+        return commit["tree"], device
+    if not commit.get("id") or commit.get("dirty") is not False or commit.get("tree_sent"):
         return None
-    return commit["id"], environment(data).get("device", "")
+    return commit["id"], device
 
 
 def _seconds(data: dict[str, Any]) -> float | None:
@@ -307,8 +326,8 @@ def _seconds(data: dict[str, Any]) -> float | None:
 
 
 def _same_lease(first: dict[str, Any], later: dict[str, Any]) -> bool:
-    """Whether ``later`` is a call of the lease whose first call wrote ``first``: the same clean commit and device,
-    within LEASE_S of it."""
+    """Whether ``later`` is a call of the lease whose first call wrote ``first``: the same tree (_lease_key) and
+    device, within LEASE_S of it."""
     key, start, end = _lease_key(first), _seconds(first), _seconds(later)
     return (key is not None and key == _lease_key(later) and start is not None and end is not None
             and 0 <= end - start <= LEASE_S)

@@ -30,6 +30,7 @@ from benchmarks import (
     harness,
     profile_sampler,
     report,
+    tree,
     tune_adaln,
     tune_attention,
     tune_swiglu_linear,
@@ -728,24 +729,30 @@ def test_capture_phases_sums_the_samplers_capture_logs() -> None:
 
 def test_a_stated_commit_replaces_the_git_metadata(monkeypatch: pytest.MonkeyPatch) -> None:
     """A lent machine's git metadata is stale: $SPHERE_FAST_COMMIT names the commit measured, in the JSON
-    pytest-benchmark writes (the conftest hook) and in the one gpu_check rebuilds from streamed rows."""
+    pytest-benchmark writes (the conftest hook) and in the one gpu_check rebuilds from streamed rows; the digest
+    of the tree measured is recorded either way."""
     from benchmarks import conftest as bench_conftest
 
+    monkeypatch.setattr(harness, "tree_at_start", lambda: "3fa9c0d1e2b4a5f6")
     monkeypatch.delenv(harness.COMMIT_ENV, raising=False)
     git = {"id": "0a737bad", "dirty": True, "branch": "main"}
-    assert harness.stated_commit(git) == git
+    assert harness.stated_commit(git) == {**git, "tree": "3fa9c0d1e2b4a5f6"}
     monkeypatch.setenv(harness.COMMIT_ENV, "9ebd630")
-    stated = {"id": "9ebd630", "dirty": False, "branch": "main", "git_id": "0a737bad", "git_dirty": True}
+    stated = {"id": "9ebd630", "dirty": False, "branch": "main", "git_id": "0a737bad", "git_dirty": True,
+              "tree": "3fa9c0d1e2b4a5f6"}
     assert harness.stated_commit(git) == stated
     hooked = dict(git)
     bench_conftest.pytest_benchmark_update_commit_info(None, hooked)
     assert hooked == stated
     assert gpu_check._commit()["id"] == "9ebd630"
+    monkeypatch.setattr(harness, "tree_at_start", lambda: None)  # no git checkout: no digest
+    assert harness.stated_commit(git) == {k: v for k, v in stated.items() if k != "tree"}
 
 
 def test_a_stated_commit_keeps_its_dirty_mark(monkeypatch: pytest.MonkeyPatch) -> None:
     """The lent machine measures the working tree sent, uncommitted edits included: a stated commit from `git
     describe --always --dirty` says so, and the report's header shows it."""
+    monkeypatch.setattr(harness, "tree_at_start", lambda: None)
     monkeypatch.setenv(harness.COMMIT_ENV, "9ebd630-dirty")
     stated = harness.stated_commit({"id": "0a737bad1a", "dirty": False})
     assert stated == {"id": "9ebd630", "dirty": True, "git_id": "0a737bad1a", "git_dirty": False}
@@ -753,8 +760,70 @@ def test_a_stated_commit_keeps_its_dirty_mark(monkeypatch: pytest.MonkeyPatch) -
     assert gpu_check._commit()["dirty"] is True
 
 
+def _git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=root, check=True,
+                          capture_output=True, text=True).stdout
+
+
+def test_the_tree_digest_names_the_files_sent_not_the_git_metadata(tmp_path: Path) -> None:
+    """The lent machine's copy of a dirty tree, under the git metadata of an older commit (a stale index, a file
+    since deleted still in it, ignored build outputs beside it), digests as the tree sent; a changed byte does
+    not. Modes are left out: a copy may not keep them."""
+    sent = tmp_path / "sent"
+    sent.mkdir()
+    _git(sent, "init", "-q")
+    (sent / ".gitignore").write_text("build/\n")
+    (sent / "model.py").write_text("x = 1\n")
+    (sent / "gone.py").write_text("old\n")
+    _git(sent, "add", "-A")
+    _git(sent, "commit", "-q", "-m", "first")
+    device = tmp_path / "device"
+    _git(tmp_path, "clone", "-q", str(sent), str(device))  # the machine's git metadata: the first commit
+    (sent / "model.py").write_text("x = 2\n")  # the sender's edits since: uncommitted
+    (sent / "gone.py").unlink()
+    (sent / "new.py").write_text("y = 3\n")
+    (sent / "build").mkdir()
+    (sent / "build" / "ext.so").write_bytes(b"\0")
+    (device / "gone.py").unlink()  # the copy: the files sent, over the old metadata, and its own build outputs
+    for name in ("model.py", "new.py"):
+        shutil.copy(sent / name, device / name)
+    (device / "build").mkdir()
+    (device / "build" / "ext.so").write_bytes(b"\1")
+    (device / "new.py").chmod(0o755)
+    assert tree.tree_files(sent) == [".gitignore", "model.py", "new.py"]
+    assert tree.digest(device) == tree.digest(sent) is not None
+    assert _git(device, "status", "--porcelain")  # git there does not know this tree
+    (device / "model.py").write_text("x = 3\n")
+    assert tree.digest(device) != tree.digest(sent)
+    assert tree.digest(tmp_path / "none") is None  # no git checkout
+    assert tree.described(sent) == f"{_git(sent, 'describe', '--always', '--dirty').strip()}@{tree.digest(sent)}"
+    assert tree.described(sent).split("@")[0].endswith("-dirty")
+
+
+def test_the_report_checks_the_tree_measured_against_the_tree_sent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that states the tree sent (python -m benchmarks.tree) records both digests: the header says whether
+    they agree, and one that does not is no lease's file (it measured other code than its commit says)."""
+    monkeypatch.setattr(harness, "tree_at_start", lambda: "3fa9c0d1e2b4a5f6")
+    monkeypatch.setenv(harness.COMMIT_ENV, "9ebd630-dirty@3fa9c0d1e2b4a5f6")
+    same = {**_result(), "commit_info": harness.stated_commit({"id": "0a737bad1a", "dirty": True})}
+    assert same["commit_info"]["tree_sent"] == same["commit_info"]["tree"] == "3fa9c0d1e2b4a5f6"
+    assert "commit 9ebd630 (dirty), tree 3fa9c0d1e2b4a5f6 (the tree sent)." in report.header(same)
+    assert report._lease_key(same) == ("3fa9c0d1e2b4a5f6", "NVIDIA H200")  # dirty, yet known: a lease's tree
+    monkeypatch.setenv(harness.COMMIT_ENV, "9ebd630@0000000000000000")
+    other = {**_result(), "commit_info": harness.stated_commit({"id": "0a737bad1a", "dirty": True})}
+    assert ("commit 9ebd630; **the tree measured (3fa9c0d1e2b4a5f6) is not the tree sent (0000000000000000)**"
+            in report.header(other))
+    assert report._lease_key(other) is None
+    assert report.lease_label(other).endswith("at 9ebd630 (not the tree sent)")
+    monkeypatch.setenv(harness.COMMIT_ENV, "9ebd630")
+    unsent = {**_result(), "commit_info": harness.stated_commit({"id": "0a737bad1a", "dirty": True})}
+    assert "commit 9ebd630, tree 3fa9c0d1e2b4a5f6 (the tree sent was not stated: not compared)" in report.header(unsent)
+    assert report._lease_key(unsent) == ("9ebd630", "NVIDIA H200")  # as before digests: a clean stated commit
+
+
 def test_the_rebuilt_results_record_the_checkouts_commit(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(harness.COMMIT_ENV, raising=False)
+    monkeypatch.setattr(harness, "tree_at_start", lambda: None)
     outputs = {"rev-parse": "0a737bad\n", "status": " M sphere_fast/model.py\n"}
     monkeypatch.setattr(gpu_check.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
         cmd, 0, stdout=outputs[cmd[1]]))
