@@ -74,11 +74,12 @@ def make_step(impl: str, trainer: Trainer) -> Callable[..., StepLog]:
 
 
 def step_inputs(model: SphereEncoder, batch: int) -> tuple[torch.Tensor, ...]:
-    """Images in [-1, 1], labels, both noise levels and the noise seeds, from a fixed seed."""
+    """Images in [-1, 1] (on the device), labels (on the host), both noise levels and the noise seeds, from a
+    fixed seed."""
     torch.manual_seed(1)
     size = model.input_size
     x = torch.rand(batch, 3, size, size, device=DEVICE) * 2 - 1
-    y = torch.randint(0, model.num_classes, (batch,), device=DEVICE)
+    y = torch.randint(0, model.num_classes, (batch,))  # on the host, as a loader's: range-checked without a sync
     seeds = torch.randint(0, 2**62, (batch,), dtype=torch.int64, device=DEVICE)
     return x, y, noise_scales(model, batch, DEVICE), seeds
 

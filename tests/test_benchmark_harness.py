@@ -35,7 +35,7 @@ from benchmarks import (
     tune_attention,
     tune_swiglu_linear,
 )
-from sphere_fast import SphereEncoder, use_backend
+from sphere_fast import SphereEncoder, sampling, use_backend
 from sphere_fast.model import labels_checked
 from sphere_fast.training import LOSS_PRESETS, SphereLoss
 
@@ -589,6 +589,20 @@ def test_the_sampling_runners_build_what_their_rows_name(monkeypatch: pytest.Mon
     assert resets == [0] and compiled == [model.encoder.forward, model.decoder.forward]
     run(*bench_sampling.case_inputs(2, model.num_classes))
     assert "forward" not in vars(model.encoder) and "forward" not in vars(model.decoder)
+
+
+def test_every_sampling_row_stages_its_host_inputs_alike(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Sampler copies host labels and seeds to the device without a stream sync (sampling.to_device_unsynced):
+    the baselines' rows do as well, as a blocking copy would sync each of their timed calls alone."""
+    model = bench_sampling.cached_model("tiny")
+    labels, seeds = bench_sampling.case_inputs(2, model.num_classes)
+    staged: list[torch.Tensor] = []
+    stage = sampling.to_device_unsynced
+    monkeypatch.setattr(sampling, "to_device_unsynced", lambda t, device: staged.append(t) or stage(t, device))
+    for impl in bench_sampling.IMPLS:
+        staged.clear()
+        bench_sampling.make_runner(impl, model, 2, 2, 1.4)(labels, seeds)
+        assert any(t is labels for t in staged) and any(t is seeds for t in staged), impl
 
 
 def test_the_sampling_gate_runs_the_eager_loop_itself(monkeypatch: pytest.MonkeyPatch) -> None:
