@@ -46,7 +46,7 @@ import pytest
 import torch
 
 from benchmarks import grids
-from benchmarks.harness import DEVICE, SMOKE, PeakMemory, cuda_time_ms, pick, record
+from benchmarks.harness import DEVICE, SMOKE, PeakMemory, compile_counts, counts_grown, cuda_time_ms, pick, record
 from sphere_fast import SphereEncoder, ops, use_backend
 from sphere_fast.nn.layers import xavier_uniform_flat_
 from sphere_fast import sampling
@@ -260,6 +260,7 @@ def time_sampler(
         _reference_images[ref_key] = make_runner("eager", model, batch, steps, cfg)(labels, seeds).clone()
     unguided = unguided_images(name, model, steps, min(batch, GATE_SAMPLES)) if cfg > 1 else None
     memory = PeakMemory()  # from the runner's making to its last timed call
+    counts = compile_counts()  # ... and what inductor counted meanwhile
     run = make_runner(impl, model, batch, steps, cfg)
     started = time.perf_counter()
     images = run(labels, seeds).clone()  # first call: capture / compile / autotune, and the correctness gate
@@ -273,10 +274,13 @@ def time_sampler(
     probe = cuda_time_ms(lambda: run(labels, seeds), warmup=0, rep=1, flush_l2=False)
     ms = cuda_time_ms(lambda: run(labels, seeds), warmup=0, rep=timed_calls(probe), flush_l2=False)
     flops = flops_per_image(name, steps, cfg)
+    # max-autotune captures CUDA graphs where it can: where it could not, the row ran without them
+    skips = counts_grown(counts, ("inductor",)).get("inductor", {}).get("cudagraph_skips", 0)
     record(benchmark, op=f"sample {name}", impl=label or impl, shape=grids.sampler_case(batch, steps, cfg),
            dtype=DTYPE, ms=ms, flops=flops * batch if flops else None, ceilings=ceilings,
            extra={"images_per_s": batch / (ms * 1e-3), "mean_abs_diff_vs_eager": diff, "peak_gb": memory.gb(),
-                  "first_call_s": first_call_s, **({"eager_cfg_effect": cfg_effect} if cfg_effect is not None else {})})
+                  "first_call_s": first_call_s, **({"eager_cfg_effect": cfg_effect} if cfg_effect is not None else {}),
+                  **({"cudagraph_skips": skips} if impl.startswith("compile") else {})})
 
 
 _unguided_images: dict[tuple, torch.Tensor] = {}

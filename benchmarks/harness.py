@@ -29,6 +29,7 @@ body still runs inside the normal test command, so suites cannot rot. Its number
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -143,11 +144,18 @@ def cuda_time_ms(
     if SMOKE:
         warmup, rep = 0, 1
     if not torch.cuda.is_available():  # then SMOKE is set: the wall clock only checks that fn runs
-        start = time.perf_counter()
-        fn(*args(0))
-        return Timing([(time.perf_counter() - start) * 1e3])
+        with no_compiles("the timed calls"):
+            start = time.perf_counter()
+            fn(*args(0))
+            return Timing([(time.perf_counter() - start) * 1e3])
     for i in range(warmup):
         fn(*args(i))
+    with no_compiles("the timed calls"):
+        return _timed_calls(fn, args, warmup, rep, flush_l2)
+
+
+def _timed_calls(fn: Callable[..., Any], args: Callable[[int], Sequence[Any]], warmup: int, rep: int,
+                 flush_l2: bool) -> Timing:
     flush = _flush_buffers() if flush_l2 else None
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
@@ -161,6 +169,42 @@ def cuda_time_ms(
         ends[i].record()
     torch.cuda.synchronize()
     return Timing([s.elapsed_time(e) for s, e in zip(starts, ends)])
+
+
+# dynamo's counter groups that grow only when it compiles a frame, or gives up on one and runs it eager
+COMPILE_COUNTERS = ("frames", "stats", "unimplemented", "graph_break", "recompiles")
+
+
+def compile_counts() -> dict[str, dict[str, int]]:
+    """dynamo's and inductor's counters now (``torch._dynamo.utils.counters``), by group."""
+    from torch._dynamo.utils import counters
+
+    return {group: dict(names) for group, names in counters.items()}
+
+
+def counts_grown(
+    before: Mapping[str, Mapping[str, int]], groups: Sequence[str] | None = None
+) -> dict[str, dict[str, int]]:
+    """What grew since ``before`` (a compile_counts snapshot), by how much, in ``groups`` (default: all)."""
+    grown = {}
+    for group, names in compile_counts().items():
+        if groups is None or group in groups:
+            changed = {name: n - before.get(group, {}).get(name, 0) for name, n in names.items()
+                       if n != before.get(group, {}).get(name, 0)}
+            if changed:
+                grown[group] = changed
+    return grown
+
+
+@contextlib.contextmanager
+def no_compiles(what: str) -> Iterator[None]:
+    """Fails where torch.compile compiled a frame, or fell back to eager on one, inside the block: a timed call
+    must time the program compiled before it (a recompile's minutes, or eager code, would be timed as it)."""
+    before = compile_counts()
+    yield
+    grown = counts_grown(before, COMPILE_COUNTERS)
+    if grown:
+        raise AssertionError(f"torch.compile compiled or fell back to eager during {what}: {grown}")
 
 
 class PeakMemory:
@@ -429,6 +473,7 @@ def impls(
     # Each shape x dtype case is its own static compile (dynamic=False, as a fixed-shape model would get);
     # past dynamo's default limit of 8 per function it would silently run eager.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    torch._dynamo.config.fail_on_recompile_limit_hit = True  # were it reached: an error, not eager rows
     params = [
         _param("eager", reference),
         _param("compile", torch.compile(reference, fullgraph=True, dynamic=False, backend=compile_backend)),

@@ -100,6 +100,11 @@ def header(data: dict[str, Any]) -> str:
         lines.append(f"The run reached its time limit: {env['deadline_skipped']} selected cases were skipped, not "
                      "measured.")
     recs = rows(data)
+    skipping = [r for r in recs if r.get("cudagraph_skips")]
+    if skipping:
+        lines.append(f"{len(skipping)} torch.compile rows ran without inductor's CUDA graphs in part (inductor "
+                     f"skipped capturing {sum(r['cudagraph_skips'] for r in skipping)} graphs): "
+                     f"{', '.join(sorted({r['impl'] + ' ' + r['op'] for r in skipping}))}.")
     older = sum("gates" not in r for r in recs)
     if older:
         lines.append(

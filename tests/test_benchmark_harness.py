@@ -883,6 +883,31 @@ def test_environment_counts_the_stored_max_autotune_timings(tmp_path: Path, monk
     assert "max-autotune" not in report.header(_result())
 
 
+def test_a_timed_call_that_compiles_fails_its_row() -> None:
+    """A torch.compile row times the program its gate call compiled: a recompile (another shape) or dynamo giving
+    up and running eager inside the timed calls fails the row, whose times would hold them; and past the
+    recompile limit the compile rows raise instead of running eager."""
+    compiled = torch.compile(lambda x: x * 2 + 1, backend="eager", dynamic=False)
+    compiled(torch.ones(3))
+    assert harness.cuda_time_ms(lambda: compiled(torch.ones(3))) >= 0  # compiled before: timed
+    with pytest.raises(AssertionError, match="compiled or fell back to eager during the timed calls: .*frames"):
+        harness.cuda_time_ms(lambda: compiled(torch.ones(5)))
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=False):
+        with pytest.raises(AssertionError, match="unimplemented"):  # the limit reached: eager from here on
+            harness.cuda_time_ms(lambda: compiled(torch.ones(7)))
+    harness.impls(lambda x: x, lambda x: x)
+    assert torch._dynamo.config.fail_on_recompile_limit_hit
+
+
+def test_the_report_names_compile_rows_without_cuda_graphs() -> None:
+    data = _result()
+    data["benchmarks"].append({"extra_info": {**data["benchmarks"][0]["extra_info"], "op": "sample tiny",
+                                              "impl": "compile", "cudagraph_skips": 2}})
+    assert ("1 torch.compile rows ran without inductor's CUDA graphs in part (inductor skipped capturing 2 graphs): "
+            "compile sample tiny.") in report.header(data)
+    assert "CUDA graphs" not in report.header(_result())
+
+
 def test_report_flags_smoke_runs() -> None:
     assert "not measurements" in report.render(_result(smoke=True))
 
