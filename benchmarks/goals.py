@@ -42,7 +42,7 @@ class Verdict:
     issue: int
     goal: str
     measured: str  # the worst qualifying value, and where; "–" when nothing qualified
-    status: str  # met | not met | partly measured | not measured
+    status: str  # met | not met | partly measured | not measured; " (earlier lease)" after one carried
     older_gates: bool = False  # a row it read lacks harness.GATES' mark (checked less before it was timed)
 
 
@@ -249,9 +249,11 @@ def newest_measured(
 
 def with_earlier(rows: Sequence[Row], earlier: Sequence[tuple[str, Sequence[Row]]]) -> list[Verdict]:
     """verdicts(rows), where a goal they leave unmeasured takes the newest earlier lease's verdict, its label after
-    the measured value (newest_measured)."""
+    the measured value (newest_measured) and its status marked as an earlier lease's: older code's, not a pass or
+    a fail of this one."""
     return newest_measured(verdicts, rows, earlier, lambda v: v.status != "not measured",
-                           lambda v, label: replace(v, measured=f"{v.measured} {label}"))
+                           lambda v, label: replace(v, measured=f"{v.measured} {label}",
+                                                    status=f"{v.status} (earlier lease)"))
 
 
 def table(rows: Sequence[Row], earlier: Sequence[tuple[str, Sequence[Row]]] = ()) -> str:

@@ -100,8 +100,9 @@ def test_goal_table_in_the_report() -> None:
 
 
 def test_a_goal_left_unmeasured_takes_the_newest_earlier_verdict() -> None:
-    """A goal the newest rows do not measure shows the newest earlier lease's verdict that measured it, labelled;
-    a goal the newest rows measure keeps theirs, whatever an earlier lease found."""
+    """A goal the newest rows do not measure shows the newest earlier lease's verdict that measured it, labelled
+    and marked as an earlier lease's; a goal the newest rows measure keeps theirs, whatever an earlier lease
+    found."""
     newest = [r for r in ROWS if r["op"] != "spherify_noise_fwd"]
     older = [row("spherify_noise_fwd", "triton", [256, 32768], 0.5, pct_copy=8.0),
              row("spherify_noise_fwd", "eager", [256, 32768], 0.6),
@@ -111,7 +112,7 @@ def test_a_goal_left_unmeasured_takes_the_newest_earlier_verdict() -> None:
     judged = {v.goal: v for v in goals.with_earlier(newest, [("on 2026-11-29", older), ("on 2026-11-28", oldest)])}
     copy_goal = "spherify_noise_fwd: >= 85% of copy bandwidth at B*L >= 8M"
     assert judged[copy_goal] == goals.Verdict(3, copy_goal, "8% (bf16 256×32768), 1 of 4 shapes on 2026-11-29",
-                                              "not met")
+                                              "not met (earlier lease)")
     assert (judged["spherify_noise_fwd: >= 5x eager at B*L >= 8M"].measured
             == "1.20x (bf16 256×32768), 1 of 4 shapes on 2026-11-29")
     fwd = judged["attention_fwd: >= 1.0x the best SDPA backend at N = 1024, D = 64 / 72, B*H >= 256"]
@@ -119,7 +120,7 @@ def test_a_goal_left_unmeasured_takes_the_newest_earlier_verdict() -> None:
     assert judged["spherify_noise_bwd: >= 5x eager at B*L >= 8M"].status == "not measured"
     assert goals.with_earlier(newest, []) == goals.verdicts(newest)
     table = goals.table(newest, [("on 2026-11-29", older)])
-    assert "8% (bf16 256×32768), 1 of 4 shapes on 2026-11-29 | not met |" in table
+    assert "8% (bf16 256×32768), 1 of 4 shapes on 2026-11-29 | not met (earlier lease) |" in table
 
 
 def test_report_speedup_is_against_the_faster_eager() -> None:

@@ -990,7 +990,8 @@ def test_leases_merge_only_one_clean_commits_files_within_a_lease(tmp_path: Path
 
 def test_readme_goals_left_unmeasured_come_from_earlier_leases_on_that_gpu(tmp_path: Path) -> None:
     """A goal the newest lease did not measure is judged from the newest earlier lease that did, on the same GPU
-    model, and dated; without such a lease it stays unmeasured."""
+    model, dated, and with a status that says so (not a pass or a fail of the code now); without such a lease it
+    stays unmeasured."""
     newest = _result("2026-11-30T01:00:00+00:00")
 
     def lease(when: str, commit: str, device: str, pct_copy: float) -> dict:
@@ -1008,7 +1009,7 @@ def test_readme_goals_left_unmeasured_come_from_earlier_leases_on_that_gpu(tmp_p
     section = report.readme_section(tmp_path)
     goal = "| #3 | spherify_noise_{}: >= 85% of copy bandwidth at B*L >= 8M | {} |"
     assert goal.format("fwd", "8% (bf16 256×32768), 1 of 4 shapes on 2026-11-29 at aaaa (machine's git); "
-                              f"{goals.OLDER_GATES} | not met") in section
+                              f"{goals.OLDER_GATES} | not met (earlier lease)") in section
     assert goal.format("bwd", "– | not measured") in section
     assert "#### spherify_noise_fwd" not in section  # the cases' tables are the newest lease's alone
 
