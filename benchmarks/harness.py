@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.metadata
 import json
 import math
 import os
@@ -51,7 +52,7 @@ from benchmarks import tree
 _SMOKE_ENV = os.environ.get("SPHERE_FAST_BENCH_SMOKE")
 SMOKE: bool = _SMOKE_ENV == "1" or (_SMOKE_ENV != "0" and not torch.cuda.is_available())
 DEVICE: torch.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-L2_FLUSH_BYTES = 256 * 1024 * 1024  # several times the H200's 60 MB L2
+L2_FLUSH_BYTES = 256 * 1024 * 1024  # five times the H200's 50 MB L2
 OURS = ("triton", "cpp")  # the impl names that are this project's kernels
 ROWS_ENV = "SPHERE_FAST_BENCH_ROWS"  # gpu_check sets it: a JSON-lines file each recorded case is appended to
 # The commit a run measures, stated by whoever starts it: a lent machine gets the working tree with git metadata
@@ -527,9 +528,10 @@ def device_name() -> str:
 
 
 def nvidia_smi() -> dict[str, str] | None:
-    """Name, driver, clocks, power and temperature from nvidia-smi (read only), or None without it."""
+    """Name, UUID (which of a model's GPUs), driver, clocks, power and temperature from nvidia-smi (read only),
+    or None without it."""
     fields = (
-        "name,driver_version,clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem,"
+        "name,uuid,driver_version,clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem,"
         "power.draw,power.limit,temperature.gpu,pstate"
     )
     try:
@@ -567,9 +569,32 @@ def autotunings_at_start() -> int:
     return stored_autotunings()
 
 
+# environment variables that change what a run measures: sphere_fast's switches, inductor's and Triton's
+SWITCH_PREFIXES = ("SPHERE_FAST_", "TORCHINDUCTOR_", "TRITON_")
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name (the host-bound rows depend on it), from /proc/cpuinfo where there is one."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def environment(ceilings: Ceilings | None = None) -> dict[str, Any]:
-    """What a result depends on: device, driver, clocks, versions, CPUs, smoke flag and the ceilings."""
+    """What a result depends on: device, driver, clocks, versions, CPUs, switches, the launch configs tuned so
+    far, smoke flag and the ceilings."""
     from torch._inductor import config as inductor_config
+
+    from sphere_fast.ops._tuning import tuned_configs
 
     try:
         import triton
@@ -582,13 +607,19 @@ def environment(ceilings: Ceilings | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "triton": triton_version,
+        "cudnn": torch.backends.cudnn.version(),
+        "flash_attn": package_version("flash-attn"),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "switches": {name: value for name, value in sorted(os.environ.items()) if name.startswith(SWITCH_PREFIXES)},
         "smoke": SMOKE,
         # torch.compile rows spend minutes compiling: inductor's parallel compiles depend on these
         "cpus": len(os.sched_getaffinity(0)),
+        "cpu_model": cpu_model(),
         "inductor_compile_threads": inductor_config.compile_threads,
         "inductor_stored_autotunings": autotunings_at_start(),
         "nvidia_smi": nvidia_smi(),
         "ceilings": asdict(ceilings) if ceilings else None,
+        "tuned_configs": tuned_configs(),  # at the session's end: every case's
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)

@@ -77,7 +77,11 @@ def header(data: dict[str, Any]) -> str:
             f"{smi.get('clocks.sm')} (max {smi.get('clocks.max.sm')}), memory {smi.get('clocks.mem')}, "
             f"{smi.get('power.draw')}"
         )
-    parts.append(f"torch {env.get('torch')} (CUDA {env.get('cuda')}), triton {env.get('triton')}")
+    cudnn = f", cuDNN {env['cudnn']}" if env.get("cudnn") else ""
+    flash = f", flash-attn {env['flash_attn']}" if env.get("flash_attn") else ""
+    parts.append(f"torch {env.get('torch')} (CUDA {env.get('cuda')}{cudnn}), triton {env.get('triton')}{flash}")
+    if env.get("cpu_model"):
+        parts.append(env["cpu_model"])
     if env.get("cpus"):
         parts.append(f"{env['cpus']} CPUs, inductor compile threads {env.get('inductor_compile_threads')}")
     if env.get("inductor_stored_autotunings"):
@@ -85,6 +89,11 @@ def header(data: dict[str, Any]) -> str:
                      "the start (torch.compile's first calls skip benchmarking them)")
     parts.append(commit_text(data))
     lines = [", ".join(parts) + "."]
+    if "switches" in env:
+        switches = ", ".join(f"`{name}={value}`" for name, value in env["switches"].items()) or "none"
+        lines.append(f"float32 matmul precision {env.get('float32_matmul_precision')}; environment switches: "
+                     f"{switches}; {len(env.get('tuned_configs') or {})} launch configs tuned or read from the "
+                     "store by the end (`tuned_configs` in the JSON).")
     ceilings = env.get("ceilings")
     if ceilings:
         lines.append(
@@ -269,9 +278,15 @@ def render(data: dict[str, Any], earlier: Sequence[tuple[str, Sequence[dict[str,
         f"### Pending choices\n\n{choices.table(recs, earlier)}\n\n"
         f"### All cases\n\n{table(recs)}\n\n"
         f"{cold_starts(recs)}{first_calls(recs)}{peak_memory(recs)}"
-        "Times are medians of CUDA-event timings (L2 flushed before each op-suite call, not in the sampler's loop), "
-        "except the dispatch rows: the host's clock per call, the fastest of five rounds (bench_dispatch.py), and "
-        "the first image rows: one sample each, a fresh process's wall clock from the parent (bench_sampling.py). "
+        "Times are medians of CUDA-event timings (L2 flushed before each op-suite call, not in the sampler's, the "
+        "training step's or the ceilings' loops), except the dispatch rows: the host's clock per call, the fastest "
+        "of five rounds (bench_dispatch.py), and the first image rows: one sample each, a fresh process's wall "
+        "clock from the parent (bench_sampling.py). The op rows are device time: a GPU-side wait before each call "
+        "keeps its launch's host cost out (the dispatch rows time that). Each row's samples are in the JSON; the "
+        "verdicts compare medians with their bars. The op rows' torch.compile is its default mode, the sampler's "
+        "max-autotune, the training step's max-autotune-no-cudagraphs. \"% of matmul\", and so the goals' model "
+        "FLOP utilisation, divide by the bf16 matmul rate measured in the same run (the issue's measure), not by "
+        "the GPU's datasheet peak, which is higher (989 TFLOP/s dense bf16 for an H200). "
         "The tables' speedups and rates are those of the faster of our implementations (triton / cpp kernels; the "
         "un-captured / graphed sampler; the training step on the fused backends); the goals judge what a user gets "
         "by default (triton, which `auto` runs on a GPU; the graphed sampler). The sampler's and the training "

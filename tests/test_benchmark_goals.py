@@ -282,3 +282,17 @@ def test_verdicts_from_rows_under_older_gates_say_so() -> None:
     assert carried.older_gates and carried.measured.endswith("shapes on 2026-11-29 at 70525a2")
     current = {v.goal: v for v in goals.verdicts([{**old, "gates": GATES}, rows[1]])}[v.goal]
     assert not current.older_gates
+
+
+def test_a_value_near_its_bar_is_not_printed_as_the_bar() -> None:
+    """A verdict's value keeps the places that tell it from its bar: 84.6% against 85% reads "84.6%", not an
+    "85%" that is "not met"."""
+    def judged(value: float, bar: float, unit: str) -> goals.Verdict:
+        return goals._judge(4, "goal", {"bf16 8×256": {}}, lambda group: value, bar, unit)
+
+    assert judged(84.6, 85, "%") == goals.Verdict(4, "goal", "84.6% (bf16 8×256)", "not met")
+    assert judged(85.4, 85, "%").measured == "85.4% (bf16 8×256)"
+    assert judged(50.1, 60, "%").measured == "50% (bf16 8×256)"  # far from it: as before
+    assert judged(0.895, 0.9, "x").measured == "0.895x (bf16 8×256)"
+    assert judged(1.30, 1.3, "x") == goals.Verdict(4, "goal", "1.30x (bf16 8×256)", "met")
+    assert goals.near_bar(9.96, 10.0, 1) == "9.96" and goals.near_bar(9.94, 10.0, 1) == "9.9"

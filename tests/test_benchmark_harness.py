@@ -317,11 +317,12 @@ def test_impls_compile_the_reference_statically(monkeypatch: pytest.MonkeyPatch,
 
 
 def test_nvidia_smi_reads_the_first_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    lines = "NVIDIA H200, 580.1, 1980 MHz, 3201 MHz, 1980 MHz, 3201 MHz, 120 W, 700 W, 31, P0\n" \
-            "NVIDIA H200, 580.1, 345 MHz, 3201 MHz, 1980 MHz, 3201 MHz, 75 W, 700 W, 29, P0\n"
+    lines = "NVIDIA H200, GPU-8d1f, 580.1, 1980 MHz, 3201 MHz, 1980 MHz, 3201 MHz, 120 W, 700 W, 31, P0\n" \
+            "NVIDIA H200, GPU-77c0, 580.1, 345 MHz, 3201 MHz, 1980 MHz, 3201 MHz, 75 W, 700 W, 29, P0\n"
     monkeypatch.setattr(harness.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=lines))
     smi = harness.nvidia_smi()
     assert smi["name"] == "NVIDIA H200" and smi["clocks.sm"] == "1980 MHz" and smi["pstate"] == "P0"
+    assert smi["uuid"] == "GPU-8d1f"
     monkeypatch.setattr(harness.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout="\n"))
     assert harness.nvidia_smi() is None
 
@@ -855,6 +856,27 @@ def test_environment_records_the_cpus_and_the_report_names_them() -> None:
                                                           "inductor_compile_threads": 1}}}
     assert "16 CPUs, inductor compile threads 1" in report.header(data)
     assert "CPUs" not in report.header(_result())  # a file from before they were recorded
+
+
+def test_environment_records_what_else_a_result_depends_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run's switches (sphere_fast's, inductor's, Triton's), float32 precision, CPU model, library versions and
+    the launch configs its kernels ran are in its environment, and the header names them."""
+    from sphere_fast.ops import _tuning
+
+    monkeypatch.setenv("SPHERE_FAST_FUSED_MLP", "1")
+    monkeypatch.setattr(_tuning, "_chosen", {("attention_fwd", 64): (128, 64, 4, 3)})
+    env = harness.environment()
+    assert env["switches"]["SPHERE_FAST_FUSED_MLP"] == "1" and not any(k.startswith("PATH") for k in env["switches"])
+    assert env["tuned_configs"] == {"('attention_fwd', 64)": "(128, 64, 4, 3)"}
+    assert env["float32_matmul_precision"] == torch.get_float32_matmul_precision()
+    assert "cudnn" in env and "flash_attn" in env and "cpu_model" in env
+    data = _result()
+    data["machine_info"]["sphere_fast"].update(env, cudnn=91002, device="NVIDIA H200", smoke=False,
+                                               cpu_model="Intel(R) Xeon(R) Platinum 8480C")
+    text = report.header(data)
+    assert "(CUDA None, cuDNN 91002)" in text and "Intel(R) Xeon(R) Platinum 8480C" in text
+    assert "`SPHERE_FAST_FUSED_MLP=1`" in text and "1 launch configs tuned or read" in text
+    assert "environment switches" not in report.header(_result())  # a file from before they were recorded
 
 
 def test_environment_counts_the_stored_max_autotune_timings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -291,6 +291,11 @@ def launch_tuned(
     launch(pick_config(key, candidates, launch, outputs, precompile=functools.partial(launch, compile_only=True)))
 
 
+def tuned_configs() -> dict[str, str]:
+    """The launch configs this process tuned or read so far, by key (both as text): what its kernels ran."""
+    return {str(key): str(config) for key, config in _chosen.items()}
+
+
 def forget_tuned_configs() -> None:
     """Drop every choice this process remembers (the next call of each key reads a stored choice, or with
     SPHERE_FAST_TUNING_CACHE=0 times its candidates again)."""
