@@ -1689,14 +1689,18 @@ def test_tune_swiglu_linear_runs_the_config_it_names(monkeypatch: pytest.MonkeyP
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="builds a stub libcuda with gcc")
 def test_compile_times_runs_every_way_on_the_same_kernels(capsys: pytest.CaptureFixture[str]) -> None:
     """One round at one layer a network: each way compiles (or, warm, loads) the same kernels in its fresh
-    process, and the warm pass finds the launchers the cold one built loadable (the stub driver)."""
+    process, and the warm pass finds the launchers the cold one built loadable (the stub driver). A Triton that
+    launches every kernel through one generic launcher (3.8; 3.6 builds one per kernel signature) builds none."""
+    from triton.backends.nvidia import driver as nvidia_driver
+
     compile_times.main(["--layers", "1", "--rounds", "1"])
     lines = capsys.readouterr().out.splitlines()
     counts = {line.split(":")[0]: line.split(" for ")[1].split(" kernels")[0] for line in lines[:3]}
     assert list(counts) == [f"round 1, {way}" for way in compile_times.WAYS]
     assert len(set(counts.values())) == 1 and int(next(iter(counts.values()))) > 0, lines
     built = [int(line.split(" kernels, ")[1].split(" launchers")[0]) for line in lines[:3]]
-    assert built[0] > 0 and built[1] > 0 and built[2] == 0, lines  # the warm pass loads what the cold one built
+    per_kernel = hasattr(nvidia_driver, "make_launcher")
+    assert (built[0] > 0 and built[1] > 0) == per_kernel and built[2] == 0, lines  # warm: loads what cold built
     assert lines[3].startswith("one by one: median ") and "compile pass, warm cache: median " in lines[3]
 
 
