@@ -46,7 +46,17 @@ import pytest
 import torch
 
 from benchmarks import grids
-from benchmarks.harness import DEVICE, SMOKE, PeakMemory, compile_counts, counts_grown, cuda_time_ms, pick, record
+from benchmarks.harness import (
+    DEVICE,
+    SMOKE,
+    PeakMemory,
+    compile_counts,
+    counts_grown,
+    cuda_time_ms,
+    pick,
+    record,
+    timed_with_clocks,
+)
 from sphere_fast import SphereEncoder, ops, use_backend
 from sphere_fast.nn.layers import xavier_uniform_flat_
 from sphere_fast import sampling
@@ -272,7 +282,8 @@ def time_sampler(
     diff, cfg_effect = check_images(impl, images, _reference_images[ref_key], unguided)
     # the gate call above compiled / captured / autotuned, and the probe warms the rest: no more warmup calls
     probe = cuda_time_ms(lambda: run(labels, seeds), warmup=0, rep=1, flush_l2=False)
-    ms = cuda_time_ms(lambda: run(labels, seeds), warmup=0, rep=timed_calls(probe), flush_l2=False)
+    ms, clocks = timed_with_clocks(lambda: cuda_time_ms(lambda: run(labels, seeds), warmup=0,
+                                                        rep=timed_calls(probe), flush_l2=False))
     flops = flops_per_image(name, steps, cfg)
     # max-autotune captures CUDA graphs where it can: where it could not, the row ran without them
     skips = counts_grown(counts, ("inductor",)).get("inductor", {}).get("cudagraph_skips", 0)
@@ -280,7 +291,8 @@ def time_sampler(
            dtype=DTYPE, ms=ms, flops=flops * batch if flops else None, ceilings=ceilings,
            extra={"images_per_s": batch / (ms * 1e-3), "mean_abs_diff_vs_eager": diff, "peak_gb": memory.gb(),
                   "first_call_s": first_call_s, **({"eager_cfg_effect": cfg_effect} if cfg_effect is not None else {}),
-                  **({"cudagraph_skips": skips} if impl.startswith("compile") else {})})
+                  **({"cudagraph_skips": skips} if impl.startswith("compile") else {}),
+                  **({"clocks_while_timed": clocks} if clocks else {})})
 
 
 _unguided_images: dict[tuple, torch.Tensor] = {}

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from benchmarks.bench_sampling import PASS_GFLOP, random_model
-from benchmarks.harness import DEVICE, SMOKE, PeakMemory, cuda_time_ms, pick, record
+from benchmarks.harness import DEVICE, SMOKE, PeakMemory, cuda_time_ms, pick, record, timed_with_clocks
 from sphere_fast import SphereEncoder, ops, use_backend
 from sphere_fast.training import LOSS_PRESETS, TRAINING_STREAM, StepLog, TrainConfig, Trainer, noise_scales
 
@@ -114,8 +114,10 @@ def test_train_step(benchmark, ceilings, impl: str, name: str, batch: int) -> No
         assert math.isclose(first[term], expected[term], rel_tol=GATE_RTOL), (
             f"{impl} step: {term} {first[term]} against eager's {expected[term]}"
         )
-    ms = cuda_time_ms(lambda: step(*inputs), warmup=pick(real=2, smoke=0), rep=TIMED_STEPS, flush_l2=False)
+    ms, clocks = timed_with_clocks(lambda: cuda_time_ms(lambda: step(*inputs), warmup=pick(real=2, smoke=0),
+                                                        rep=TIMED_STEPS, flush_l2=False))
     flops = flops_per_image(name)
     record(benchmark, op=f"train step {name}", impl=impl, shape=f"b{batch}", dtype=DTYPE_LABEL, ms=ms,
            flops=flops * batch if flops else None, ceilings=ceilings,
-           extra={"images_per_s": batch / (ms * 1e-3), "loss": first["loss"], "peak_gb": memory.gb()})
+           extra={"images_per_s": batch / (ms * 1e-3), "loss": first["loss"], "peak_gb": memory.gb(),
+                  **({"clocks_while_timed": clocks} if clocks else {})})

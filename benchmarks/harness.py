@@ -37,6 +37,7 @@ import math
 import os
 import statistics
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -225,6 +226,64 @@ class PeakMemory:
             return None
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - self.start) / 1e9
+
+
+class GpuClocks:
+    """GPU 0's SM clock, power and temperature, read from nvidia-smi about every ``interval_s`` while the block
+    runs: a sustained load (the sampler's and training's rows, seconds a call) may run below the clock an idle
+    snapshot shows (the header's). ``summary()`` after the block: None without nvidia-smi or a sample."""
+
+    FIELDS = ("clocks.sm", "power.draw", "temperature.gpu")
+
+    def __init__(self, interval_s: float = 0.2) -> None:
+        self.interval_s = interval_s
+        self.samples: list[tuple[float, ...]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _read(self) -> tuple[float, ...] | None:
+        try:
+            out = subprocess.run(["nvidia-smi", "-i", "0", f"--query-gpu={','.join(self.FIELDS)}",
+                                  "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=5,
+                                 check=True).stdout
+            return tuple(float(v) for v in out.strip().split(","))
+        except (OSError, subprocess.SubprocessError, ValueError):  # no nvidia-smi, or "[N/A]"
+            return None
+
+    def _poll(self) -> None:
+        while True:
+            sample = self._read()
+            if sample is None:
+                return
+            self.samples.append(sample)
+            if self._stop.wait(self.interval_s):
+                return
+
+    def __enter__(self) -> GpuClocks:
+        self._thread = threading.Thread(target=self._poll, name="gpu-clocks", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def summary(self) -> dict[str, float] | None:
+        if not self.samples:
+            return None
+        clocks, power, temperature = zip(*self.samples)
+        return {"sm_mhz_min": min(clocks), "sm_mhz_median": statistics.median(clocks), "power_w_max": max(power),
+                "temperature_c_max": max(temperature), "clock_samples": len(clocks)}
+
+
+def timed_with_clocks(time_calls: Callable[[], Timing]) -> tuple[Timing, dict[str, float] | None]:
+    """``time_calls()`` and, on a GPU, what GpuClocks read meanwhile (for the row: ``clocks_while_timed``)."""
+    if not torch.cuda.is_available():
+        return time_calls(), None
+    with GpuClocks() as clocks:
+        timing = time_calls()
+    return timing, clocks.summary()
 
 
 # --------------------------------------------------------------------------------------------- ceilings

@@ -109,6 +109,17 @@ def header(data: dict[str, Any]) -> str:
         lines.append(f"The run reached its time limit: {env['deadline_skipped']} selected cases were skipped, not "
                      "measured.")
     recs = rows(data)
+    clocked = [r for r in recs if r.get("clocks_while_timed")]
+    if clocked:
+        slowest = min(clocked, key=lambda r: r["clocks_while_timed"]["sm_mhz_median"])
+        clocks, where = slowest["clocks_while_timed"], f"{slowest['impl']} {slowest['op']}"
+        lines.append(
+            f"While {len(clocked)} long rows were timed (nvidia-smi about every 0.2 s): SM clock down to "
+            f"{min(r['clocks_while_timed']['sm_mhz_min'] for r in clocked):.0f} MHz, the lowest median "
+            f"{clocks['sm_mhz_median']:.0f} MHz ({where} {goals.shape_label(slowest['shape'])}); "
+            f"power up to {max(r['clocks_while_timed']['power_w_max'] for r in clocked):.0f} W, temperature up "
+            f"to {max(r['clocks_while_timed']['temperature_c_max'] for r in clocked):.0f} °C."
+        )
     skipping = [r for r in recs if r.get("cudagraph_skips")]
     if skipping:
         lines.append(f"{len(skipping)} torch.compile rows ran without inductor's CUDA graphs in part (inductor "

@@ -930,6 +930,42 @@ def test_the_report_names_compile_rows_without_cuda_graphs() -> None:
     assert "CUDA graphs" not in report.header(_result())
 
 
+def test_gpu_clocks_are_read_while_a_long_row_is_timed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An idle snapshot of the clocks says nothing of a sustained load: nvidia-smi is read every interval while the
+    block runs, summarised for the row, and the header gives the slowest row's clocks; without nvidia-smi (or
+    off a GPU) nothing is recorded."""
+    readings = ["1980, 420.5, 40\n", "1755, 690.0, 71\n", "1830, 650.0, 66\n"]
+    calls = []
+
+    def smi(cmd: list[str], **kwargs) -> subprocess.CompletedProcess[str]:
+        calls.append(cmd)  # a reading past the three: "[N/A]", which ends the polling
+        return subprocess.CompletedProcess(cmd, 0, stdout=readings[len(calls) - 1] if len(calls) <= 3 else "[N/A]")
+
+    monkeypatch.setattr(harness.subprocess, "run", smi)
+    clocks = harness.GpuClocks(interval_s=0.01)
+    with clocks:
+        while len(calls) < 3:
+            time.sleep(0.01)
+    summary = clocks.summary()
+    assert summary == {"sm_mhz_min": 1755, "sm_mhz_median": 1830, "power_w_max": 690, "temperature_c_max": 71,
+                       "clock_samples": 3}
+    assert calls[0][:3] == ["nvidia-smi", "-i", "0"] and "--query-gpu=clocks.sm,power.draw,temperature.gpu" in calls[0]
+    monkeypatch.setattr(harness.subprocess, "run", mock.Mock(side_effect=FileNotFoundError("nvidia-smi")))
+    with harness.GpuClocks() as none:
+        pass
+    assert none.summary() is None
+    timing, read = harness.timed_with_clocks(lambda: harness.Timing([1.0]))
+    assert timing == 1.0 and read is None  # no GPU here
+    data = _result()
+    sampler = {**data["benchmarks"][0]["extra_info"], "op": "sample sphere-l-imagenet", "impl": "graph",
+               "shape": "b64 t4 cfg1.4 combo", "clocks_while_timed": summary}
+    data["benchmarks"].append({"extra_info": sampler})
+    assert ("While 1 long rows were timed (nvidia-smi about every 0.2 s): SM clock down to 1755 MHz, the lowest "
+            "median 1830 MHz (graph sample sphere-l-imagenet b64 t4 cfg1.4 combo); power up to 690 W, temperature "
+            "up to 71 °C.") in report.header(data)
+    assert "long rows" not in report.header(_result())
+
+
 def test_report_flags_smoke_runs() -> None:
     assert "not measurements" in report.render(_result(smoke=True))
 
