@@ -105,6 +105,10 @@ def header(data: dict[str, Any]) -> str:
         lines.append("**Smoke run (tiny sizes, one call, no GPU timing): these numbers are not measurements.**")
     if data.get("partial"):
         lines.append("The benchmark run was cut off at its time limit: these are the cases it finished.")
+    if data.get("merged_calls", 1) > 1:
+        lines.append(f"The rows come from {data['merged_calls']} calls of one lease (one tree): a speedup may pair "
+                     "rows of two calls, which differ by a few percent from call to call (2% on GPU-bound rows, "
+                     "more on host-bound ones, on 2026-11-29).")
     if env.get("deadline_skipped"):
         lines.append(f"The run reached its time limit: {env['deadline_skipped']} selected cases were skipped, not "
                      "measured.")
@@ -394,8 +398,9 @@ def leases(found: Sequence[tuple[Path, dict[str, Any]]]) -> list[tuple[list[Path
         for _, data in lease:
             merged.update((_case_key(r), {"extra_info": r}) for r in rows(data))
         partial = any(data.get("partial") for _, data in lease)
-        merged_leases.append(([path for path, _ in lease],
-                              {**lease[-1][1], "partial": partial, "benchmarks": list(merged.values())}))
+        merged_leases.append(([path for path, _ in lease], {**lease[-1][1], "partial": partial,
+                                                            "merged_calls": len(lease),
+                                                            "benchmarks": list(merged.values())}))
     return merged_leases
 
 

@@ -1018,6 +1018,8 @@ def test_readme_section_merges_the_calls_of_one_lease(tmp_path: Path) -> None:
     assert "| 0.125 |" in swiglu and "| 0.250 |" not in swiglu and "| 1.00 |" in swiglu  # newer triton, eager kept
     assert "cut off at its time limit" in section and "Measured 2026-11-20 08:30 UTC" in section  # the newer file
     assert "clocks at the end" in section  # the newer, complete file's environment: not the cut one's start
+    assert "The rows come from 2 calls of one lease (one tree): a speedup may pair rows of two calls" in section
+    assert "calls of one lease" not in report.render(suites)
 
 
 def test_leases_merge_only_one_clean_commits_files_within_a_lease(tmp_path: Path) -> None:
