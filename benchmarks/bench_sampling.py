@@ -57,9 +57,8 @@ from benchmarks.harness import (
     record,
     timed_with_clocks,
 )
-from sphere_fast import SphereEncoder, ops, use_backend
+from sphere_fast import SphereEncoder, ops, sampling, use_backend
 from sphere_fast.nn.layers import xavier_uniform_flat_
-from sphere_fast import sampling
 from sphere_fast.sampling import GraphKey, Sampler, guidance, guidance_weight
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -280,7 +279,8 @@ def time_sampler(
     _reference_images.setdefault(ref_key, images)
     assert images.shape == (batch, 3, model.input_size, model.input_size) and bool(images.isfinite().all())
     diff, cfg_effect = check_images(impl, images, _reference_images[ref_key], unguided)
-    # the gate call above compiled / captured / autotuned, and the probe warms the rest: no more warmup calls
+    # the gate call above compiled / captured / autotuned, and the probe warms the rest: no more warmup calls (a
+    # compile in the probe, a second call's, fails it as one in the timed calls would)
     probe = cuda_time_ms(lambda: run(labels, seeds), warmup=0, rep=1, flush_l2=False)
     ms, clocks = timed_with_clocks(lambda: cuda_time_ms(lambda: run(labels, seeds), warmup=0,
                                                         rep=timed_calls(probe), flush_l2=False))

@@ -107,7 +107,7 @@ def _judge(
 def near_bar(value: float, bar: float, decimals: int) -> str:
     """``value`` to ``decimals`` places, or to more where those would print it as its bar (84.6% against 85% is not
     "85%": a miss that reads as a pass)."""
-    while value != bar and decimals < 4 and f"{value:.{decimals}f}" == f"{bar:.{decimals}f}":
+    while value != bar and f"{value:.{decimals}f}" == f"{bar:.{decimals}f}":  # two floats differ by 17 places
         decimals += 1
     return f"{value:.{decimals}f}"
 

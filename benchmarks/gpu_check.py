@@ -400,7 +400,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     start = time.monotonic()
-    harness.tree_at_start()  # the tree as sent: before the build writes into it
+    measured = harness.tree_at_start()  # the tree as sent: before the build writes into it
+    if measured:  # ... and so for the benchmark processes this one starts
+        os.environ[harness.TREE_ENV] = measured
     args.out.mkdir(parents=True, exist_ok=True)
     env_info = harness.environment()
     (args.out / "env.json").write_text(json.dumps(env_info, indent=2))

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -59,6 +60,9 @@ ROWS_ENV = "SPHERE_FAST_BENCH_ROWS"  # gpu_check sets it: a JSON-lines file each
 # The commit a run measures, stated by whoever starts it: a lent machine gets the working tree with git metadata
 # of an earlier commit (2026-11-29 and -30: the JSON said 0a737ba, dirty, for 9ebd630).
 COMMIT_ENV = "SPHERE_FAST_COMMIT"
+# The digest of the tree measured, as gpu_check took it at its start (before its phases write anything) for the
+# benchmark processes it starts; unset, a process digests the tree itself (tree_at_start).
+TREE_ENV = "SPHERE_FAST_TREE_MEASURED"
 # The checks a row passed before it was timed, by the date they took their present form: each output in value,
 # dtype and shape (gate), each backward's gradients (gate_backward), the sampler's images against the eager loop's
 # with CFG's own effect (bench_sampling.check_images). record() marks every row with it; the report says which
@@ -156,8 +160,9 @@ def cuda_time_ms(
         return _timed_calls(fn, args, warmup, rep, flush_l2)
 
 
-def _timed_calls(fn: Callable[..., Any], args: Callable[[int], Sequence[Any]], warmup: int, rep: int,
+def _timed_calls(fn: Callable[..., Any], args: Callable[[int], Sequence[Any]], offset: int, rep: int,
                  flush_l2: bool) -> Timing:
+    """cuda_time_ms' timed calls, the ``rotate`` sets from ``offset`` (the warm-up calls took the first)."""
     flush = _flush_buffers() if flush_l2 else None
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
@@ -167,14 +172,14 @@ def _timed_calls(fn: Callable[..., Any], args: Callable[[int], Sequence[Any]], w
             torch.sum(flush[0], dim=0, dtype=torch.int32, out=flush[1])
         torch.cuda._sleep(HEAD_START_CYCLES)
         starts[i].record()
-        fn(*args(warmup + i))
+        fn(*args(offset + i))
         ends[i].record()
     torch.cuda.synchronize()
     return Timing([s.elapsed_time(e) for s, e in zip(starts, ends)])
 
 
 # dynamo's counter groups that grow only when it compiles a frame, or gives up on one and runs it eager
-COMPILE_COUNTERS = ("frames", "stats", "unimplemented", "graph_break", "recompiles")
+COMPILE_COUNTERS = ("frames", "stats", "unimplemented", "graph_break")
 
 
 def compile_counts() -> dict[str, dict[str, int]]:
@@ -191,8 +196,8 @@ def counts_grown(
     grown = {}
     for group, names in compile_counts().items():
         if groups is None or group in groups:
-            changed = {name: n - before.get(group, {}).get(name, 0) for name, n in names.items()
-                       if n != before.get(group, {}).get(name, 0)}
+            was = before.get(group, {})
+            changed = {name: n - was.get(name, 0) for name, n in names.items() if n > was.get(name, 0)}
             if changed:
                 grown[group] = changed
     return grown
@@ -229,19 +234,28 @@ class PeakMemory:
 
 
 class GpuClocks:
-    """GPU 0's SM clock, power and temperature, read from nvidia-smi about every ``interval_s`` while the block
-    runs: a sustained load (the sampler's and training's rows, seconds a call) may run below the clock an idle
-    snapshot shows (the header's). ``summary()`` after the block: None without nvidia-smi or a sample."""
+    """GPU 0's SM clock (MHz), power (W) and temperature (°C) about every ``interval_s`` while the block runs: a
+    sustained load (the sampler's and training's rows, seconds a call) may run below the clock an idle snapshot
+    shows (the header's). Read in this process through NVML (torch.cuda's readers) where pynvml is installed, else
+    from an nvidia-smi process each time. Sampling stops at the first reading that fails; ``summary()`` after
+    the block: None without a sample."""
 
     FIELDS = ("clocks.sm", "power.draw", "temperature.gpu")
 
     def __init__(self, interval_s: float = 0.2) -> None:
         self.interval_s = interval_s
         self.samples: list[tuple[float, ...]] = []
+        self.source = "nvml" if importlib.util.find_spec("pynvml") else "nvidia-smi"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _read(self) -> tuple[float, ...] | None:
+        if self.source == "nvml":
+            try:
+                return (float(torch.cuda.clock_rate(0)), torch.cuda.power_draw(0) / 1e3,
+                        float(torch.cuda.temperature(0)))
+            except Exception:  # pynvml's NVMLError and its kin: no reading, as for nvidia-smi below
+                return None
         try:
             out = subprocess.run(["nvidia-smi", "-i", "0", f"--query-gpu={','.join(self.FIELDS)}",
                                   "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=5,
@@ -260,6 +274,8 @@ class GpuClocks:
                 return
 
     def __enter__(self) -> GpuClocks:
+        self.samples.clear()
+        self._stop.clear()
         self._thread = threading.Thread(target=self._poll, name="gpu-clocks", daemon=True)
         self._thread.start()
         return self
@@ -274,11 +290,12 @@ class GpuClocks:
             return None
         clocks, power, temperature = zip(*self.samples)
         return {"sm_mhz_min": min(clocks), "sm_mhz_median": statistics.median(clocks), "power_w_max": max(power),
-                "temperature_c_max": max(temperature), "clock_samples": len(clocks)}
+                "temperature_c_max": max(temperature), "clock_samples": len(clocks), "source": self.source}
 
 
 def timed_with_clocks(time_calls: Callable[[], Timing]) -> tuple[Timing, dict[str, float] | None]:
-    """``time_calls()`` and, on a GPU, what GpuClocks read meanwhile (for the row: ``clocks_while_timed``)."""
+    """``time_calls()`` and, on a GPU, what GpuClocks read meanwhile, its warm-up calls included (for the row:
+    ``clocks_while_timed``)."""
     if not torch.cuda.is_available():
         return time_calls(), None
     with GpuClocks() as clocks:
@@ -533,7 +550,6 @@ def impls(
     # Each shape x dtype case is its own static compile (dynamic=False, as a fixed-shape model would get);
     # past dynamo's default limit of 8 per function it would silently run eager.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-    torch._dynamo.config.fail_on_recompile_limit_hit = True  # were it reached: an error, not eager rows
     params = [
         _param("eager", reference),
         _param("compile", torch.compile(reference, fullgraph=True, dynamic=False, backend=compile_backend)),
@@ -557,9 +573,9 @@ def impls(
 
 @functools.cache
 def tree_at_start() -> str | None:
-    """The digest (benchmarks.tree) of the tree this process measures, taken at its first call: the benchmark
-    session makes that call as it starts (conftest), before any case writes a file."""
-    return tree.digest()
+    """The digest (benchmarks.tree) of the tree this process measures: $SPHERE_FAST_TREE_MEASURED where gpu_check
+    set it, else taken at this function's first call, which a benchmark session makes as it starts (conftest)."""
+    return os.environ.get(TREE_ENV) or tree.digest()
 
 
 def stated_commit(commit_info: dict[str, Any]) -> dict[str, Any]:
@@ -574,7 +590,7 @@ def stated_commit(commit_info: dict[str, Any]) -> dict[str, Any]:
     stated = os.environ.get(COMMIT_ENV, "").strip()
     if not stated:
         return info
-    described, _, sent = stated.partition("@")
+    described, _, sent = stated.rpartition("@") if "@" in stated else (stated, "", "")
     commit = described.removesuffix("-dirty")
     info.update(id=commit, dirty=commit != described, git_id=commit_info.get("id"), git_dirty=commit_info.get("dirty"))
     if sent:
@@ -628,8 +644,11 @@ def autotunings_at_start() -> int:
     return stored_autotunings()
 
 
-# environment variables that change what a run measures: sphere_fast's switches, inductor's and Triton's
+# environment variables that change what a run measures: sphere_fast's switches, inductor's and Triton's; not
+# the run's plumbing (paths, its deadline, what it states of itself), which differs from call to call
 SWITCH_PREFIXES = ("SPHERE_FAST_", "TORCHINDUCTOR_", "TRITON_")
+RUN_PLUMBING = (COMMIT_ENV, TREE_ENV, ROWS_ENV, "SPHERE_FAST_BENCH_DEADLINE", "SPHERE_FAST_REFERENCE",
+                "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
 
 
 def cpu_model() -> str | None:
@@ -642,6 +661,7 @@ def cpu_model() -> str | None:
 
 
 def package_version(name: str) -> str | None:
+    """The installed version of distribution ``name``, or None."""
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
@@ -669,7 +689,8 @@ def environment(ceilings: Ceilings | None = None) -> dict[str, Any]:
         "cudnn": torch.backends.cudnn.version(),
         "flash_attn": package_version("flash-attn"),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
-        "switches": {name: value for name, value in sorted(os.environ.items()) if name.startswith(SWITCH_PREFIXES)},
+        "switches": {name: value for name, value in sorted(os.environ.items())
+                     if name.startswith(SWITCH_PREFIXES) and name not in RUN_PLUMBING},
         "smoke": SMOKE,
         # torch.compile rows spend minutes compiling: inductor's parallel compiles depend on these
         "cpus": len(os.sched_getaffinity(0)),

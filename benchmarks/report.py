@@ -91,9 +91,11 @@ def header(data: dict[str, Any]) -> str:
     lines = [", ".join(parts) + "."]
     if "switches" in env:
         switches = ", ".join(f"`{name}={value}`" for name, value in env["switches"].items()) or "none"
+        tuned = (f"{len(env.get('tuned_configs') or {})} launch configs tuned or read from the store by the end "
+                 "(`tuned_configs` in the JSON)" if env.get("clocks_at") != "start"
+                 else "the launch configs tuned were not recorded (the run was cut off before its end)")
         lines.append(f"float32 matmul precision {env.get('float32_matmul_precision')}; environment switches: "
-                     f"{switches}; {len(env.get('tuned_configs') or {})} launch configs tuned or read from the "
-                     "store by the end (`tuned_configs` in the JSON).")
+                     f"{switches}; {tuned}.")
     ceilings = env.get("ceilings")
     if ceilings:
         lines.append(
@@ -118,7 +120,8 @@ def header(data: dict[str, Any]) -> str:
         slowest = min(clocked, key=lambda r: r["clocks_while_timed"]["sm_mhz_median"])
         clocks, where = slowest["clocks_while_timed"], f"{slowest['impl']} {slowest['op']}"
         lines.append(
-            f"While {len(clocked)} long rows were timed (nvidia-smi about every 0.2 s): SM clock down to "
+            f"While {len(clocked)} long rows were timed (read about every 0.2 s, warm-up calls included): SM clock "
+            "down to "
             f"{min(r['clocks_while_timed']['sm_mhz_min'] for r in clocked):.0f} MHz, the lowest median "
             f"{clocks['sm_mhz_median']:.0f} MHz ({where} {goals.shape_label(slowest['shape'])}); "
             f"power up to {max(r['clocks_while_timed']['power_w_max'] for r in clocked):.0f} W, temperature up "
@@ -127,7 +130,7 @@ def header(data: dict[str, Any]) -> str:
     skipping = [r for r in recs if r.get("cudagraph_skips")]
     if skipping:
         lines.append(f"{len(skipping)} torch.compile rows ran without inductor's CUDA graphs in part (inductor "
-                     f"skipped capturing {sum(r['cudagraph_skips'] for r in skipping)} graphs): "
+                     f"counted {sum(r['cudagraph_skips'] for r in skipping)} CUDA-graph skips): "
                      f"{', '.join(sorted({r['impl'] + ' ' + r['op'] for r in skipping}))}.")
     older = sum("gates" not in r for r in recs)
     if older:
@@ -152,7 +155,8 @@ def commit_text(data: dict[str, Any]) -> str:
         text = (f"commit {named}" if "git_id" in commit
                 else f"commit not stated by the run (the machine's git metadata, which may be stale: {named})")
     if not commit.get("tree"):
-        return text
+        return f"{text}, tree sent {commit['tree_sent']} (the tree measured was not digested)" if commit.get(
+            "tree_sent") else text
     if not commit.get("tree_sent"):
         return f"{text}, tree {commit['tree']} (the tree sent was not stated: not compared)"
     if tree_verified(commit):
@@ -293,11 +297,12 @@ def render(data: dict[str, Any], earlier: Sequence[tuple[str, Sequence[dict[str,
         f"### Pending choices\n\n{choices.table(recs, earlier)}\n\n"
         f"### All cases\n\n{table(recs)}\n\n"
         f"{cold_starts(recs)}{first_calls(recs)}{peak_memory(recs)}"
-        "Times are medians of CUDA-event timings (L2 flushed before each op-suite call, not in the sampler's, the "
-        "training step's or the ceilings' loops), except the dispatch rows: the host's clock per call, the fastest "
-        "of five rounds (bench_dispatch.py), and the first image rows: one sample each, a fresh process's wall "
-        "clock from the parent (bench_sampling.py). The op rows are device time: a GPU-side wait before each call "
-        "keeps its launch's host cost out (the dispatch rows time that). Each row's samples are in the JSON; the "
+        "Times are medians of CUDA-event timings (L2 flushed before each op-suite call, not in the sampler's or the "
+        "training step's loops or for the header's ceilings), except the dispatch rows: the host's clock per call, "
+        "the fastest of five rounds (bench_dispatch.py), and the first image rows: one sample each, a fresh "
+        "process's wall clock from the parent (bench_sampling.py). The op rows are device time: a GPU-side wait of "
+        "about 0.5 ms before each call keeps up to that much of its launch's host cost out (the dispatch rows time "
+        "that). Each row's samples are in the JSON; the "
         "verdicts compare medians with their bars. The op rows' torch.compile is its default mode, the sampler's "
         "max-autotune, the training step's max-autotune-no-cudagraphs. \"% of matmul\", and so the goals' model "
         "FLOP utilisation, divide by the bf16 matmul rate measured in the same run (the issue's measure), not by "
@@ -339,18 +344,18 @@ def results_from_rows(lines: Sequence[str], when: datetime, commit: dict[str, An
 LEASE_S = 30 * 60
 
 
-def _lease_key(data: dict[str, Any]) -> tuple[str, str] | None:
-    """(tree or commit, device) for a file that may share a lease with others, or None: a tree known to be the
-    one sent (tree_verified) is one lease's tree, dirty or not; without that, a clean stated commit is taken for
-    it, and a dirty or unknown one is not known to be the tree another call measured (each call takes the
-    working tree afresh, and a lent machine's git id is stale), so its file stands alone."""
+def _lease_key(data: dict[str, Any]) -> tuple[str, ...] | None:
+    """What a file's lease is known by, or None where it stands alone: a tree known to be the one sent
+    (tree_verified) with the device, dirty or not; without that, a clean stated commit with the digest of the tree
+    measured (where there is one) and the device. A dirty or unknown commit is not known to be the tree another
+    call measured (each call takes the working tree afresh, and a lent machine's git id is stale)."""
     commit = data.get("commit_info", {})
     device = environment(data).get("device", "")
     if tree_verified(commit):
         return commit["tree"], device
     if not commit.get("id") or commit.get("dirty") is not False or commit.get("tree_sent"):
         return None
-    return commit["id"], device
+    return commit["id"], commit.get("tree", ""), device  # the tree measured, where digested, must agree too
 
 
 def _seconds(data: dict[str, Any]) -> float | None:

@@ -296,3 +296,4 @@ def test_a_value_near_its_bar_is_not_printed_as_the_bar() -> None:
     assert judged(0.895, 0.9, "x").measured == "0.895x (bf16 8×256)"
     assert judged(1.30, 1.3, "x") == goals.Verdict(4, "goal", "1.30x (bf16 8×256)", "met")
     assert goals.near_bar(9.96, 10.0, 1) == "9.96" and goals.near_bar(9.94, 10.0, 1) == "9.9"
+    assert goals.near_bar(0.99996, 1.0, 2) == "0.99996" and goals.near_bar(1.0, 1.0, 2) == "1.00"
