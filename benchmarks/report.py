@@ -117,15 +117,15 @@ def header(data: dict[str, Any]) -> str:
     recs = rows(data)
     clocked = [r for r in recs if r.get("clocks_while_timed")]
     if clocked:
+        read = [r["clocks_while_timed"] for r in clocked]
         slowest = min(clocked, key=lambda r: r["clocks_while_timed"]["sm_mhz_median"])
-        clocks, where = slowest["clocks_while_timed"], f"{slowest['impl']} {slowest['op']}"
+        where = f"{slowest['impl']} {slowest['op']} {goals.shape_label(slowest['shape'])}"
         lines.append(
             f"While {len(clocked)} long rows were timed (read about every 0.2 s, warm-up calls included): SM clock "
-            "down to "
-            f"{min(r['clocks_while_timed']['sm_mhz_min'] for r in clocked):.0f} MHz, the lowest median "
-            f"{clocks['sm_mhz_median']:.0f} MHz ({where} {goals.shape_label(slowest['shape'])}); "
-            f"power up to {max(r['clocks_while_timed']['power_w_max'] for r in clocked):.0f} W, temperature up "
-            f"to {max(r['clocks_while_timed']['temperature_c_max'] for r in clocked):.0f} °C."
+            f"down to {min(c['sm_mhz_min'] for c in read):.0f} MHz, the lowest median "
+            f"{slowest['clocks_while_timed']['sm_mhz_median']:.0f} MHz ({where}); power up to "
+            f"{max(c['power_w_max'] for c in read):.0f} W, temperature up to "
+            f"{max(c['temperature_c_max'] for c in read):.0f} °C."
         )
     skipping = [r for r in recs if r.get("cudagraph_skips")]
     if skipping:
@@ -155,8 +155,9 @@ def commit_text(data: dict[str, Any]) -> str:
         text = (f"commit {named}" if "git_id" in commit
                 else f"commit not stated by the run (the machine's git metadata, which may be stale: {named})")
     if not commit.get("tree"):
-        return f"{text}, tree sent {commit['tree_sent']} (the tree measured was not digested)" if commit.get(
-            "tree_sent") else text
+        if commit.get("tree_sent"):
+            return f"{text}, tree sent {commit['tree_sent']} (the tree measured was not digested)"
+        return text
     if not commit.get("tree_sent"):
         return f"{text}, tree {commit['tree']} (the tree sent was not stated: not compared)"
     if tree_verified(commit):
@@ -302,11 +303,11 @@ def render(data: dict[str, Any], earlier: Sequence[tuple[str, Sequence[dict[str,
         "the fastest of five rounds (bench_dispatch.py), and the first image rows: one sample each, a fresh "
         "process's wall clock from the parent (bench_sampling.py). The op rows are device time: a GPU-side wait of "
         "about 0.5 ms before each call keeps up to that much of its launch's host cost out (the dispatch rows time "
-        "that). Each row's samples are in the JSON; the "
-        "verdicts compare medians with their bars. The op rows' torch.compile is its default mode, the sampler's "
-        "max-autotune, the training step's max-autotune-no-cudagraphs. \"% of matmul\", and so the goals' model "
-        "FLOP utilisation, divide by the bf16 matmul rate measured in the same run (the issue's measure), not by "
-        "the GPU's datasheet peak, which is higher (989 TFLOP/s dense bf16 for an H200). "
+        "that). Each row's samples are in the JSON; the verdicts compare medians with their bars. The op rows' "
+        "torch.compile is its default mode, the sampler's max-autotune, the training step's "
+        "max-autotune-no-cudagraphs. \"% of matmul\", and so the goals' model FLOP utilisation, divide by the bf16 "
+        "matmul rate measured in the same run (the issue's measure), not by the GPU's datasheet peak, which is "
+        "higher (989 TFLOP/s dense bf16 for an H200). "
         "The tables' speedups and rates are those of the faster of our implementations (triton / cpp kernels; the "
         "un-captured / graphed sampler; the training step on the fused backends); the goals judge what a user gets "
         "by default (triton, which `auto` runs on a GPU; the graphed sampler). The sampler's and the training "
