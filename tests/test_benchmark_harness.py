@@ -909,7 +909,7 @@ def test_environment_records_what_else_a_result_depends_on(monkeypatch: pytest.M
     data["machine_info"]["sphere_fast"].update(env, cudnn=91002, device="NVIDIA H200", smoke=False,
                                                cpu_model="Intel(R) Xeon(R) Platinum 8480C")
     text = report.header(data)
-    assert "(CUDA None, cuDNN 91002)" in text and "Intel(R) Xeon(R) Platinum 8480C" in text
+    assert f"(CUDA {env['cuda']}, cuDNN 91002)" in text and "Intel(R) Xeon(R) Platinum 8480C" in text
     assert "`SPHERE_FAST_FUSED_MLP=1`" in text and "1 launch configs tuned or read" in text
     assert "environment switches" not in report.header(_result())  # a file from before they were recorded
     data["machine_info"]["sphere_fast"]["clocks_at"] = "start"  # rebuilt from a cut-off run's streamed rows
