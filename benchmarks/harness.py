@@ -256,12 +256,10 @@ class GpuClocks:
                         float(torch.cuda.temperature(0)))
             except Exception:  # pynvml's NVMLError and its kin: no reading, as for nvidia-smi below
                 return None
+        values = query_gpu(self.FIELDS, units=False, timeout=5)
         try:
-            out = subprocess.run(["nvidia-smi", "-i", "0", f"--query-gpu={','.join(self.FIELDS)}",
-                                  "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=5,
-                                 check=True).stdout
-            return tuple(float(v) for v in out.strip().split(","))
-        except (OSError, subprocess.SubprocessError, ValueError):  # no nvidia-smi, or "[N/A]"
+            return tuple(float(v) for v in values) if values else None
+        except ValueError:  # "[N/A]"
             return None
 
     def _poll(self) -> None:
@@ -602,22 +600,25 @@ def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
+def query_gpu(fields: Sequence[str], units: bool = True, timeout: float = 20) -> list[str] | None:
+    """GPU 0's values of nvidia-smi's ``fields`` (read only), with their units or without, or None without
+    nvidia-smi or an answer."""
+    fmt = "csv,noheader" if units else "csv,noheader,nounits"
+    try:
+        out = subprocess.run(["nvidia-smi", "-i", "0", f"--query-gpu={','.join(fields)}", f"--format={fmt}"],
+                             capture_output=True, text=True, timeout=timeout, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return [v.strip() for v in out.splitlines()[0].split(",")] if out else None
+
+
 def nvidia_smi() -> dict[str, str] | None:
     """Name, UUID (which of a model's GPUs), driver, clocks, power and temperature from nvidia-smi (read only),
     or None without it."""
-    fields = (
-        "name,uuid,driver_version,clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem,"
-        "power.draw,power.limit,temperature.gpu,pstate"
-    )
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=20, check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    first_gpu = out.strip().splitlines()[0] if out.strip() else ""
-    return dict(zip(fields.split(","), (v.strip() for v in first_gpu.split(",")))) if first_gpu else None
+    fields = ("name", "uuid", "driver_version", "clocks.sm", "clocks.mem", "clocks.max.sm", "clocks.max.mem",
+              "power.draw", "power.limit", "temperature.gpu", "pstate")
+    values = query_gpu(fields)
+    return dict(zip(fields, values)) if values else None
 
 
 def stored_autotunings() -> int:
