@@ -5,6 +5,9 @@ Every implementation computes the whole op the model needs, RoPE included: ``eag
 then calls SDPA; the vendor rows rotate q and k with our fused RoPE pass (the Triton kernel on CUDA, one
 launch for both) and then call their kernel, as ``ops.attention(impl="sdpa" / "flash_attn")`` does.
 Inputs are the strided q, k, v views of one [B, N, 3*H*D] projection output, as the model passes them.
+The ``attention_kernel`` rows time the attention alone, every implementation on q and k rotated beforehand (the
+RoPE pass's outputs, v still the strided view): the RoPE pass all the whole-op rows share adds the same time to
+both sides of their ratios, and so brings them nearer 1.
 
 FLOP model (non-causal, RoPE not counted): forward 4*B*H*N^2*D (q k^T and p v, 2 FLOPs per multiply-add);
 backward 2.5x that: five matmuls of the size of the forward's two (q k^T recomputed, dv, dp, dq, dk), as
@@ -24,7 +27,7 @@ import torch
 
 from benchmarks import grids
 from benchmarks.harness import DEVICE, cuda_time_ms, dtype_of, gate, gate_backward, impls, pick, record
-from sphere_fast.ops.rope import rope_table_reference
+from sphere_fast.ops.rope import rope_pass, rope_table_reference
 
 attn = importlib.import_module("sphere_fast.ops.attention")
 rope_table = functools.partial(rope_table_reference, device=DEVICE)
@@ -80,6 +83,14 @@ def _inputs(shape: tuple[int, int, int, int], requires_grad: bool):
     return qkv, *split_qkv(qkv, h), rope_table(n, d)
 
 
+def _rotated_inputs(shape: tuple[int, int, int, int], requires_grad: bool) -> tuple[torch.Tensor, ...]:
+    """q and k after the RoPE pass (in its output layout, as the kernels receive them) and v the strided view of
+    the projection, each a leaf: the attention_kernel rows' inputs."""
+    _, q, k, v, rope = _inputs(shape, requires_grad=False)
+    q, k = rope_pass(q, k, rope, None)
+    return tuple(t.detach().requires_grad_(requires_grad) for t in (q, k, v))
+
+
 BACKWARD_FLOPS = 2.5  # the backward's FLOPs per forward FLOP (see the FLOP model above)
 
 
@@ -112,4 +123,26 @@ def test_attention_bwd(benchmark, ceilings, impl, shape) -> None:
     gate_backward(out, [qkv], grad, lambda t: attn.attention_reference(*split_qkv(t, heads), rope), impl.name)
     ms = cuda_time_ms(lambda: torch.autograd.grad(out, qkv, grad, retain_graph=True))
     record(benchmark, op="attention_bwd", impl=impl.name, shape=shape, dtype=DTYPE, ms=ms,
+           flops=int(BACKWARD_FLOPS * _flops(shape)), ceilings=ceilings)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_attention_kernel_fwd(benchmark, ceilings, impl, shape) -> None:
+    q, k, v = _rotated_inputs(shape, requires_grad=False)
+    gate(impl(q, k, v, None), attn.attention_reference(q.float(), k.float(), v.float()), impl.name, DTYPE)
+    ms = cuda_time_ms(lambda: impl(q, k, v, None))
+    record(benchmark, op="attention_kernel_fwd", impl=impl.name, shape=shape, dtype=DTYPE, ms=ms,
+           flops=_flops(shape), ceilings=ceilings)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_attention_kernel_bwd(benchmark, ceilings, impl, shape) -> None:
+    q, k, v = _rotated_inputs(shape, requires_grad=True)
+    out = impl(q, k, v, None)
+    grad = torch.randn_like(out)
+    gate_backward(out, [q, k, v], grad, attn.attention_reference, impl.name)
+    ms = cuda_time_ms(lambda: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True))
+    record(benchmark, op="attention_kernel_bwd", impl=impl.name, shape=shape, dtype=DTYPE, ms=ms,
            flops=int(BACKWARD_FLOPS * _flops(shape)), ceilings=ceilings)

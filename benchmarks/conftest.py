@@ -66,6 +66,8 @@ HEADLINE = (
     "benchmarks/bench_linear.py::test_mlp_up*",
     "benchmarks/bench_sampling.py::test_sampling_fused_mlp[*]",
     "benchmarks/bench_attention.py::test_attention_fwd[*-B16-H16-N1024-D*]",
+    # the attention alone, without the RoPE pass the rows above share (2026-12-02)
+    "benchmarks/bench_attention.py::test_attention_kernel_*[*-B16-H16-N1024-D*]",
     # the host cost of one op call, which the un-captured sampler pays about 120 times a pass (issue 6)
     *(f"benchmarks/bench_dispatch.py::test_dispatch[{impl}-*]" for impl in ("eager", "triton", "cpp")),
     "benchmarks/bench_dispatch.py::test_dispatch_with_backward[*]",  # what the op rows' head start hides

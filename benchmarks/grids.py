@@ -21,6 +21,8 @@ ATTENTION_HEADS = 16
 ATTENTION_SHAPES = [(bh // ATTENTION_HEADS, ATTENTION_HEADS, n, d)
                     for bh, n, d in itertools.product((16, 256, 1024), (256, 1024), (64, 72))]
 ATTENTION_DTYPE = "bf16"
+# the whole op (RoPE pass included), then the attention alone on rotated q and k (bench_attention.py)
+ATTENTION_OPS = ("attention_fwd", "attention_bwd", "attention_kernel_fwd", "attention_kernel_bwd")
 
 # the sampler's grid (issue 6)
 SAMPLER_MODELS = ("sphere-l-imagenet", "sphere-xl-imagenet")
@@ -54,6 +56,6 @@ def cases(op: str) -> list[tuple[str, tuple[int, ...]]]:
         return [(BLOCK_DTYPE, shape) for shape in BLOCK_SHAPES]
     if op in ("swiglu_fwd", "swiglu_bwd"):
         return [(BLOCK_DTYPE, (b, n, 2 * swiglu_hidden(w))) for b, n, w in BLOCK_SHAPES]
-    if op in ("attention_fwd", "attention_bwd"):
+    if op in ATTENTION_OPS:
         return [(ATTENTION_DTYPE, shape) for shape in ATTENTION_SHAPES]
     return []
