@@ -3,6 +3,8 @@
 Each rule is the one benchmarks/NOTES.md states for its setting, applied to the headline rows that settle it
 (benchmarks/conftest.py); a setting whose rows are missing is "not measured". The verdict is advice for the
 next change of the code, which stays a person's decision: a results file never changes a default by itself.
+Where rows recorded their quartiles, a pair of times decides only where their ranges do not overlap (the rows'
+noise, benchmarks/NOTES.md F7).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from benchmarks.goals import newest_measured, shape_label
+from benchmarks.goals import ms_quartiles, newest_measured, shape_label
 
 Row = dict[str, Any]
 ATTENTION_SHAPES = ([16, 16, 1024, 64], [16, 16, 1024, 72])  # B, H, N, D: the model's attention at B*H = 256
@@ -31,30 +33,47 @@ class Choice:
     suggests: str
 
 
-def _ms(rows: Sequence[Row], op: str, impl: str, shape: Callable[[Any], bool] = lambda s: True) -> dict[str, float]:
-    """ms of ``impl``'s rows of ``op`` by shape label, for shapes that pass ``shape``."""
-    return {shape_label(r["shape"]): r["ms"] for r in rows if r["op"] == op and r["impl"] == impl and shape(r["shape"])}
+def _rows(rows: Sequence[Row], op: str, impl: str, shape: Callable[[Any], bool] = lambda s: True) -> dict[str, Row]:
+    """``impl``'s rows of ``op`` by shape label, for shapes that pass ``shape``."""
+    return {shape_label(r["shape"]): r for r in rows if r["op"] == op and r["impl"] == impl and shape(r["shape"])}
 
 
-def _pairs(base: dict[str, float], other: dict[str, float]) -> list[tuple[str, float, float]]:
+def _pairs(base: dict[str, Row], other: dict[str, Row]) -> list[tuple[str, Row, Row]]:
     return [(label, base[label], other[label]) for label in base if label in other]
 
 
-def _by_tokens(ms: dict[str, float]) -> dict[str, float]:
-    """A linear layer's times keyed by its token count (the first dim of its [tokens, in, out] shape)."""
-    return {label.split("×")[0]: t for label, t in ms.items()}
+def _by_tokens(by_shape: dict[str, Row]) -> dict[str, Row]:
+    """A linear layer's rows keyed by its token count (the first dim of its [tokens, in, out] shape)."""
+    return {label.split("×")[0]: r for label, r in by_shape.items()}
 
 
-def _paired(setting: str, now: str, pairs: Sequence[tuple[str, float, float]], candidate: str,
+def _within_noise(a: Row, b: Row) -> bool:
+    """Whether two rows' quartile ranges overlap, where either recorded its quartiles (rows without them are
+    compared by their medians: equal ones are no win for the candidate, as before quartiles were kept)."""
+    if all(r.get("ms_q1") is None or r.get("ms_q3") is None for r in (a, b)):
+        return False
+    (a_q1, a_q3), (b_q1, b_q3) = ms_quartiles(a), ms_quartiles(b)
+    return b_q1 <= a_q3 and a_q1 <= b_q3
+
+
+def _paired(setting: str, now: str, pairs: Sequence[tuple[str, Row, Row]], candidate: str,
             verdicts: tuple[str, str, str]) -> Choice:
-    """A choice between today's way (the first time of each pair) and ``candidate`` (the second); ``verdicts``:
-    what to do when the candidate is faster in every pair, in none, in some."""
+    """A choice between today's way (the first row of each pair) and ``candidate`` (the second); ``verdicts``:
+    what to do when the candidate is faster in every pair, in none, in some. Pairs within noise (_within_noise)
+    are left out of that count and named; where every pair is, the rows decide nothing and today's way stays."""
     if not pairs:
         return Choice(setting, now, "not measured", "not measured")
-    measured = "; ".join(f"{what}: {a:.3f} -> {b:.3f} ms {candidate}" for what, a, b in pairs)
-    wins = [b < a for _, a, b in pairs]
+    noisy = [_within_noise(a, b) for _, a, b in pairs]
+    measured = "; ".join(f"{what}: {a['ms']:.3f} -> {b['ms']:.3f} ms {candidate}{' (within noise)' if tie else ''}"
+                         for (what, a, b), tie in zip(pairs, noisy, strict=True))
+    if all(noisy):
+        return Choice(setting, now, measured, f"keep {now}: every pair within noise")
+    wins = [b["ms"] < a["ms"] for (_, a, b), tie in zip(pairs, noisy, strict=True) if not tie]
     every, none, some = verdicts
-    return Choice(setting, now, measured, every if all(wins) else none if not any(wins) else some)
+    suggests = every if all(wins) else none if not any(wins) else some
+    if any(noisy):
+        suggests += f"; {sum(noisy)} of {len(pairs)} pairs within noise, not counted"
+    return Choice(setting, now, measured, suggests)
 
 
 def mlp_align(rows: Sequence[Row]) -> Choice:
@@ -64,8 +83,8 @@ def mlp_align(rows: Sequence[Row]) -> Choice:
 
     pairs = []
     for layer in ("w12", "w3"):
-        plain = _by_tokens(_ms(rows, f"linear_L_{layer}", "torch"))
-        padded = _by_tokens(_ms(rows, f"linear_L_{layer}_pad64", "torch"))
+        plain = _by_tokens(_rows(rows, f"linear_L_{layer}", "torch"))
+        padded = _by_tokens(_rows(rows, f"linear_L_{layer}_pad64", "torch"))
         pairs += [(f"{layer} M{tokens}", a, b) for tokens, a, b in _pairs(plain, padded)]
     return _paired("nn.layers.MLP_ALIGN", str(MLP_ALIGN), pairs, "padded", (
         "keep 64: padded is faster in every case", "set 1: padded is slower in every case",
@@ -79,9 +98,9 @@ def fused_mlp(rows: Sequence[Row]) -> Choice:
 
     pairs = []
     for model in ("L", "XL"):
-        ops = _pairs(_ms(rows, f"mlp_up_{model}", "cublas_swiglu"), _ms(rows, f"mlp_up_{model}", "triton"))
+        ops = _pairs(_rows(rows, f"mlp_up_{model}", "cublas_swiglu"), _rows(rows, f"mlp_up_{model}", "triton"))
         pairs += [(f"mlp_up {model} {label}", a, b) for label, a, b in ops]
-    samplers = _pairs(*(_ms(rows, "sample sphere-l-imagenet", impl, lambda s: s in SAMPLER_CASES)
+    samplers = _pairs(*(_rows(rows, "sample sphere-l-imagenet", impl, lambda s: s in SAMPLER_CASES)
                         for impl in ("graph", "graph_fused_mlp")))
     pairs += [(f"sampler {label}", a, b) for label, a, b in samplers]
     now = "on" if fused_mlp_enabled() else "off"
@@ -100,7 +119,8 @@ def attention_impl(rows: Sequence[Row]) -> list[Choice]:
     for shape in ATTENTION_SHAPES:
         label = shape_label(shape)
         now = "triton" if auto_takes_triton(shape[3]) else "sdpa"
-        times = {impl: ms[label] for impl in ATTENTION_IMPLS if label in (ms := _ms(rows, "attention_fwd", impl))}
+        times = {impl: by_shape[label]["ms"] for impl in ATTENTION_IMPLS
+                 if label in (by_shape := _rows(rows, "attention_fwd", impl))}
         choice = Choice(f"attention auto impl, D = {shape[3]}", now, "not measured", "not measured")
         if "triton" not in times:
             out.append(choice)

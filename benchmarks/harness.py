@@ -390,6 +390,18 @@ def _replay_timer(samples_ms: Sequence[float]) -> Callable[[], float]:
     return cuda_events
 
 
+# quartiles of fewer samples say little about the spread: such rows record none (the verdicts read their median)
+QUARTILE_SAMPLES = 4
+
+
+def sample_spread(samples_ms: Sequence[float]) -> dict[str, float | int | None]:
+    """The samples' count and quartiles in ms (None under QUARTILE_SAMPLES samples): the noise the verdicts weigh."""
+    if len(samples_ms) < QUARTILE_SAMPLES:
+        return {"ms_q1": None, "ms_q3": None, "n_samples": len(samples_ms)}
+    q1, _, q3 = statistics.quantiles(samples_ms, n=4, method="inclusive")  # within the samples' own min and max
+    return {"ms_q1": q1, "ms_q3": q3, "n_samples": len(samples_ms)}
+
+
 def record(
     benchmark: Any,
     *,
@@ -407,15 +419,18 @@ def record(
     """Store one measured case in pytest-benchmark's JSON (``extra_info``) and return that info.
 
     ``ms`` is the median (a ``Timing`` from cuda_time_ms also passes its samples, which then become
-    pytest-benchmark's rounds, so its own table and ``pytest-benchmark compare`` show device times).
-    ``extra`` adds case-specific fields (images/s, ...). The row is also streamed (``stream_row``).
+    pytest-benchmark's rounds, so its own table and ``pytest-benchmark compare`` show device times; the row keeps
+    their count and quartiles, ``sample_spread``). ``extra`` adds case-specific fields (images/s, ...). The row is
+    also streamed (``stream_row``).
     """
+    samples = getattr(ms, "samples_ms", (float(ms),))
     info: dict[str, Any] = {
         "op": op,
         "impl": impl,
         "shape": shape if isinstance(shape, str) else [int(d) for d in shape],
         "dtype": dtype_name(dtype),
         "ms": float(ms),
+        **sample_spread(samples),
         **derived_metrics(ms, bytes_moved=bytes_moved, flops=flops, ceilings=ceilings, baseline_ms=baseline_ms),
         "bytes_moved": bytes_moved,
         "flops": flops,
@@ -427,7 +442,6 @@ def record(
     benchmark.extra_info.update(info)
     stream_row("case", {"name": getattr(benchmark, "fullname", benchmark.name), "extra_info": info})
     benchmark.group = f"{op} {info['shape']} {info['dtype']}"
-    samples = getattr(ms, "samples_ms", (float(ms),))
     # pytest-benchmark 5.3.1 reads the clock from benchmark._timer when pedantic builds its runner.
     benchmark._timer = _replay_timer(samples)
     benchmark.pedantic(lambda: None, rounds=len(samples), iterations=1, warmup_rounds=0)

@@ -145,3 +145,33 @@ def test_a_setting_left_unmeasured_takes_the_newest_earlier_reading() -> None:
     assert d64.suggests.startswith("take sdpa_cudnn")
     assert judged["attention auto impl, D = 72"].measured == "not measured"
     assert choices.with_earlier(newest, []) == choices.choices(newest)
+
+
+def with_quartiles(rows: list[dict], spread: float) -> list[dict]:
+    """``rows`` with quartiles ``spread`` either side of each median, as harness.record keeps them."""
+    return [{**r, "ms_q1": r["ms"] - spread, "ms_q3": r["ms"] + spread, "n_samples": 20} for r in rows]
+
+
+def test_a_pair_within_noise_decides_nothing() -> None:
+    """A candidate wins or loses a pair only where the two rows' quartile ranges do not overlap: overlapping pairs
+    are named, left out of the count, and where every pair overlaps today's setting stays."""
+    # w12: padded 0.5 ms against 1.0 (clear); w3: padded 1.02 against 1.0, both ±0.05 (overlapping)
+    choice = choices.mlp_align(with_quartiles(linear_rows((1.0, 0.5), (1.0, 1.02)), 0.05))
+    assert choice.suggests == "keep 64: padded is faster in every case; 1 of 2 pairs within noise, not counted"
+    assert "w12 M2048: 1.000 -> 0.500 ms padded; w3 M2048: 1.000 -> 1.020 ms padded (within noise)" == choice.measured
+    tied = choices.mlp_align(with_quartiles(linear_rows((1.0, 0.98), (1.0, 1.02)), 0.05))
+    assert tied.suggests == "keep 64: every pair within noise"
+    kernel = mlp_up_rows(2.0, 1.9)  # fused 5% faster by the medians, within ±0.1 ms
+    assert choices.fused_mlp(with_quartiles(kernel, 0.1)).suggests == "keep off: every pair within noise"
+    assert choices.fused_mlp(with_quartiles(kernel, 0.01)).suggests.startswith("turn on")
+
+
+def test_a_row_without_quartiles_is_paired_by_its_range_against_the_others() -> None:
+    """One row with quartiles, its pair without (an older file merged in): the median stands for the other's range."""
+    plain, padded = linear_rows((1.0, 0.97), (1.0, 0.97))[:2]
+    assert choices._within_noise(plain, with_quartiles([padded], 0.05)[0])
+    assert not choices._within_noise(plain, with_quartiles([padded], 0.01)[0])
+    assert not choices._within_noise(plain, padded)  # no quartiles on either: the medians decide, as before
+    rows = linear_rows((1.0, 0.97), (1.0, 0.97))
+    mixed = [r if r["op"].endswith("_pad64") else with_quartiles([r], 0.05)[0] for r in rows]
+    assert choices.mlp_align(mixed).suggests == "keep 64: every pair within noise"

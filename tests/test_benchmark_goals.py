@@ -264,7 +264,8 @@ def test_first_image_goal_is_against_torch_compiles_cold_start() -> None:
     assert (judged.status, judged.measured) == ("met", f"40.40x (bf16 {label})")
     # and "within seconds" of its own: minutes against torch.compile's longer minutes is not it
     within = "sphere-l-imagenet: first image from a cold process (empty caches) within 10 s"
-    assert {v.goal: v for v in goals.verdicts([ours])}[within].measured == f"9.9 s (bf16 {label})"
+    single = {v.goal: v for v in goals.verdicts([ours])}[within]
+    assert (single.status, single.measured) == ("within noise", f"9.9 s (1 process) (bf16 {label})")
     slow = {v.goal: v for v in goals.verdicts([{**ours, "ms": 300_000.0}, rows[1]])}
     assert (slow[within].status, slow[goal].status) == ("not met", "met")
 
@@ -288,7 +289,7 @@ def test_a_value_near_its_bar_is_not_printed_as_the_bar() -> None:
     """A verdict's value keeps the places that tell it from its bar: 84.6% against 85% reads "84.6%", not an
     "85%" that is "not met"."""
     def judged(value: float, bar: float, unit: str) -> goals.Verdict:
-        return goals._judge(4, "goal", {"bf16 8×256": {}}, lambda group: value, bar, unit)
+        return goals._judge(4, "goal", {"bf16 8×256": {}}, lambda group: goals.Ranged(value, value, value), bar, unit)
 
     assert judged(84.6, 85, "%") == goals.Verdict(4, "goal", "84.6% (bf16 8×256)", "not met")
     assert judged(85.4, 85, "%").measured == "85.4% (bf16 8×256)"
@@ -297,3 +298,87 @@ def test_a_value_near_its_bar_is_not_printed_as_the_bar() -> None:
     assert judged(1.30, 1.3, "x") == goals.Verdict(4, "goal", "1.30x (bf16 8×256)", "met")
     assert goals.near_bar(9.96, 10.0, 1) == "9.96" and goals.near_bar(9.94, 10.0, 1) == "9.9"
     assert goals.near_bar(0.99996, 1.0, 2) == "0.99996" and goals.near_bar(1.0, 1.0, 2) == "1.00"
+
+
+def spread(r: dict, q1: float, q3: float, n: int = 20) -> dict:
+    """``r`` with the quartiles and sample count harness.record keeps."""
+    return {**r, "ms_q1": q1, "ms_q3": q3, "n_samples": n}
+
+
+def test_a_goal_whose_range_spans_its_bar_is_within_noise() -> None:
+    """A speedup's range runs from ours' third quartile against the baseline's first to the reverse: where it spans
+    the bar the goal is "within noise", whatever side the medians fall on; a range clear of the bar keeps met / not
+    met, with the range shown."""
+    case = "b64 t4 cfg1.4 combo"
+    goal = "sphere-l-imagenet: >= 1.3x torch.compile at batch 64, 4 steps, CFG"
+
+    def judged(compile_ms: tuple[float, float, float], graph_ms: tuple[float, float, float]) -> tuple[str, str]:
+        (c, c1, c3), (g, g1, g3) = compile_ms, graph_ms
+        rows = [spread(row("sample sphere-l-imagenet", "compile", case, c), c1, c3),
+                spread(row("sample sphere-l-imagenet", "graph", case, g), g1, g3)]
+        v = {v.goal: v for v in goals.verdicts(rows)}[goal]
+        return v.status, v.measured
+
+    # 1.32x by the medians (met before), 1.20x-1.38x by the quartiles: 125 / 104 and 135 / 98
+    assert judged((132.0, 125.0, 135.0), (100.0, 98.0, 104.0)) == ("within noise", f"1.32x (1.20-1.38) (bf16 {case})")
+    # 1.28x by the medians (not met before), up to 1.36x
+    assert judged((128.0, 125.0, 135.0), (100.0, 99.0, 100.0))[0] == "within noise"
+    assert judged((200.0, 195.0, 205.0), (100.0, 99.0, 101.0)) == ("met", f"2.00x (1.93-2.07) (bf16 {case})")
+    assert judged((110.0, 105.0, 115.0), (100.0, 99.0, 101.0)) == ("not met", f"1.10x (1.04-1.16) (bf16 {case})")
+
+
+def test_a_grid_goal_is_decided_by_its_least_certain_case() -> None:
+    """Over several shapes a case below the bar decides before one within noise, and one within noise before one
+    that clears it, though its median be higher: the verdict shows that case."""
+    op = "gated_residual_adaln_bwd"
+    goal = f"{op}: never slower than eager"
+
+    def pair(shape: list[int], eager: tuple[float, float, float], triton: tuple[float, float, float]) -> list[dict]:
+        return [spread(row(op, impl, shape, ms), q1, q3) for impl, (ms, q1, q3) in (("eager", eager),
+                                                                                    ("triton", triton))]
+
+    clear = pair([8, 256, 768], (1.0, 0.99, 1.01), (0.5, 0.49, 0.51))  # 2x
+    noisy = pair([8, 256, 1024], (1.0, 0.9, 1.1), (0.98, 0.9, 1.1))  # 1.02x, 0.82x-1.22x
+    v = {v.goal: v for v in goals.verdicts(clear + noisy)}[goal]
+    assert (v.status, v.measured) == ("within noise", "1.02x (0.82-1.22) (bf16 8×256×1024), 2 of 18 shapes")
+    noisy_low = pair([8, 256, 1152], (1.0, 0.8, 1.2), (1.1, 0.9, 1.3))  # 0.91x by the medians, but within noise
+    below = [row(op, "eager", [1, 256, 768], 1.0), row(op, "triton", [1, 256, 768], 1.05)]  # no quartiles: 0.95x
+    v = {v.goal: v for v in goals.verdicts(clear + noisy_low + below)}[goal]
+    assert (v.status, v.measured) == ("not met", "0.95x (bf16 1×256×768), 3 of 18 shapes")
+
+
+def test_a_rate_goal_reads_its_range_from_the_rows_quartiles() -> None:
+    """A % of copy scales inversely with the time: 86% at 0.1 ms is 82% at the third quartile (0.105 ms) and 91% at
+    the first (0.095 ms), which spans the 85% bar; a verdict carried from an earlier lease keeps it."""
+    rows = [spread(row("spherify_noise_fwd", "triton", [256, 32768], 0.1, pct_copy=86.0), 0.095, 0.105)]
+    goal = "spherify_noise_fwd: >= 85% of copy bandwidth at B*L >= 8M"
+    v = {v.goal: v for v in goals.verdicts(rows)}[goal]
+    assert (v.status, v.measured) == ("within noise", "86% (82-91) (bf16 256×32768), 1 of 4 shapes")
+    carried = {v.goal: v for v in goals.with_earlier([], [("on 2026-12-02", rows)])}[goal]
+    assert carried.status == "within noise (earlier lease)"
+    assert "| 86% (82-91) (bf16 256×32768), 1 of 4 shapes on 2026-12-02 | within noise (earlier lease) |" in (
+        goals.table([], [("on 2026-12-02", rows)]))
+
+
+def test_a_first_image_from_one_process_is_judged_with_its_noise() -> None:
+    """A time to first image from one cold process says so, and within FIRST_IMAGE_NOISE of the bar it is within
+    noise (9.94 s against 10 s is no pass); a row of several processes is judged by its quartiles' slow end."""
+    label = "b1 t4 cfg1.4 combo, empty caches"
+    within = "sphere-l-imagenet: first image from a cold process (empty caches) within 10 s"
+
+    def judged(ms: float, **recorded) -> tuple[str, str]:
+        v = {v.goal: v for v in goals.verdicts([{**row("first image sphere-l-imagenet", "graph", label, ms),
+                                                 **recorded}])}[within]
+        return v.status, v.measured
+
+    assert judged(9940.0) == ("within noise", f"9.9 s (1 process) (bf16 {label})")
+    assert judged(10_500.0)[0] == "within noise"
+    assert judged(9000.0) == ("met", f"9.0 s (1 process) (bf16 {label})")  # 9.9 s at +10%
+    assert judged(11_500.0)[0] == "not met"  # 10.35 s at -10%
+    three = judged(9500.0, n_samples=3, ms_q1=None, ms_q3=None)  # too few for quartiles: as one process
+    assert three == ("within noise", f"9.5 s (3 processes) (bf16 {label})")
+    # five processes: met only where the third quartile is within the bar
+    assert judged(9000.0, n_samples=5, ms_q1=8800.0, ms_q3=9600.0) == (
+        "met", f"9.0 s (8.8-9.6, 5 processes) (bf16 {label})")
+    assert judged(9500.0, n_samples=5, ms_q1=9200.0, ms_q3=10_400.0)[0] == "within noise"
+    assert judged(10_500.0, n_samples=5, ms_q1=10_200.0, ms_q3=10_900.0)[0] == "not met"

@@ -287,6 +287,18 @@ def test_record_stores_event_samples_as_pytest_benchmark_rounds(tmp_path: Path) 
     assert case["options"]["timer"] == "cuda_events" and case["group"] == "fake [4] fp32"
 
 
+def test_record_keeps_the_samples_count_and_quartiles(benchmark) -> None:
+    """A row keeps its samples' spread for the verdicts (goals, choices): their count, and from four samples on
+    their quartiles; fewer say little, and a plain float is one sample (the first image rows)."""
+    info = harness.record(benchmark, op="unit-test", impl="triton", shape=[4], dtype="fp32",
+                          ms=harness.Timing([8.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]))
+    assert (info["ms"], info["ms_q1"], info["ms_q3"], info["n_samples"]) == (4.5, 2.75, 6.25, 8)
+    assert benchmark.extra_info == info and json.loads(json.dumps(info)) == info
+    assert harness.sample_spread([1.0, 2.0, 3.0, 10.0]) == {"ms_q1": 1.75, "ms_q3": 4.75, "n_samples": 4}
+    assert harness.sample_spread([1.0, 2.0, 3.0]) == {"ms_q1": None, "ms_q3": None, "n_samples": 3}
+    assert harness.sample_spread([9940.0]) == {"ms_q1": None, "ms_q3": None, "n_samples": 1}
+
+
 def test_sweep_row_gives_the_time_and_its_rate_or_the_error() -> None:
     assert harness.sweep_row("(64, 4)", lambda: 2.0, lambda ms: 100 / ms) == "| (64, 4) | 2.000 | 50 | ok |"
 
@@ -448,6 +460,31 @@ def test_report_footer_names_the_single_sample_rows() -> None:
     footer = report.render(_result()).split("\n\n")[-1]
     assert "the first image rows: one sample each, a fresh process's wall clock" in footer
     assert "eager rows run sphere_fast's ops on its eager backend" in footer and "official" not in footer
+
+
+def test_report_footer_states_the_noise_rule() -> None:
+    """The footer says how the verdicts weigh the rows' quartiles, not that they compare medians with the bars."""
+    footer = report.render(_result()).split("\n\n")[-1]
+    assert "the verdicts compare medians with their bars" not in footer
+    assert "(a speedup's low end is ours' third quartile against the baseline's first)" in footer
+    assert '"within noise" where a range spans it' in footer
+    assert "a time to first image from fewer than four processes: its range is its time ±10%" in footer
+    assert "A pending choice leaves out the pairs whose quartile ranges overlap." in footer
+
+
+def test_report_goals_show_the_rows_ranges_and_render_rows_without_them() -> None:
+    """A file whose rows kept their quartiles shows each goal's range, and "within noise" where it spans the bar;
+    the same rows from an older file (no quartiles) are judged on their medians, as before."""
+    def row(impl: str, ms: float, q1: float, q3: float) -> dict:
+        return {"extra_info": {"op": "swiglu_fwd", "impl": impl, "shape": [8, 256, 4096], "dtype": "bf16", "ms": ms,
+                               "ms_q1": q1, "ms_q3": q3, "n_samples": 20, "gates": harness.GATES}}
+
+    data = {**_result(), "benchmarks": [row("eager", 1.0, 0.9, 1.1), row("triton", 0.3, 0.28, 0.32)]}
+    goal = "| #4 | swiglu_fwd: >= 3x eager at 256 tokens |"
+    assert f"{goal} 3.33x (2.81-3.93) (bf16 8×256×4096), 1 of 9 shapes | within noise |" in report.render(data)
+    for case in data["benchmarks"]:
+        case["extra_info"] = {k: v for k, v in case["extra_info"].items() if k not in ("ms_q1", "ms_q3", "n_samples")}
+    assert f"{goal} 3.33x (bf16 8×256×4096), 1 of 9 shapes | partly measured |" in report.render(data)
 
 
 def test_report_of_a_file_without_rows() -> None:
