@@ -98,16 +98,33 @@ def tensor_bytes(*tensors: torch.Tensor) -> int:
 
 
 class Timing(float):
-    """A median in milliseconds that also carries every sample (``record`` hands them to pytest-benchmark)."""
+    """A median in milliseconds that also carries every sample (``record`` hands them to pytest-benchmark); from
+    cuda_time_ms, how many times torch.compile's CUDA-graph trees recorded or ran eager during the timed calls
+    (graph_recordings) and, on a GPU, the host's time to queue a call and the head start it had (medians)."""
 
     samples_ms: tuple[float, ...]
+    host_ms: float | None
+    head_start_ms: float | None
+    graph_recordings: int
 
-    def __new__(cls, samples_ms: Sequence[float]) -> Timing:
+    def __new__(
+        cls, samples_ms: Sequence[float], host_ms: float | None = None, head_start_ms: float | None = None,
+        graph_recordings: int = 0,
+    ) -> Timing:
         if not samples_ms:
             raise ValueError("no timing samples")
         self = super().__new__(cls, statistics.median(samples_ms))
         self.samples_ms = tuple(float(s) for s in samples_ms)
+        self.host_ms, self.head_start_ms, self.graph_recordings = host_ms, head_start_ms, graph_recordings
         return self
+
+    @property
+    def host_bound(self) -> bool | None:
+        """Whether queueing a call took the host most of its head start (HOST_BOUND_SHARE), so that the GPU may
+        have waited for the host inside the events: then the time is not the device's alone. None if not known."""
+        if self.host_ms is None or self.head_start_ms is None:
+            return None
+        return self.host_ms > HOST_BOUND_SHARE * self.head_start_ms
 
 
 @functools.cache
@@ -123,6 +140,9 @@ def _flush_buffers() -> tuple[torch.Tensor, torch.Tensor]:
 # 0.1 ms (until 2026-11-29) the small shapes' rows timed that host time, not the kernels. The host cost of a call
 # has rows of its own (bench_dispatch.py, forward alone and with its backward).
 HEAD_START_CYCLES = 1_000_000
+# The share of the head start a call's queueing may take before its row counts as host-bound (Timing.host_bound):
+# past it the GPU can run out of queued work inside the events.
+HOST_BOUND_SHARE = 0.8
 
 
 def cuda_time_ms(
@@ -141,8 +161,11 @@ def cuda_time_ms(
     model step; then a short GPU wait (HEAD_START_CYCLES) lets the CPU queue the call ahead, so launch latency
     stays out of the events; a call that needs more CPU time than that (an eager loop of thousands of
     launches) is timed with its CPU overhead, as it would run. ``rotate`` cycles through input sets, for
-    cases where flushing is not enough or not wanted (then pass flush_l2=False). In smoke mode: one call,
-    wall clock without a GPU.
+    cases where flushing is not enough or not wanted (then pass flush_l2=False). The result also holds the
+    host's time to queue a call and the head start's device time (``Timing.host_bound`` compares them), and how
+    often torch.compile's CUDA-graph trees recorded a graph or ran eager in the timed calls (``graph_recordings``;
+    a call that replays records none). A compile in them fails (no_compiles). In smoke mode: one call, wall clock
+    without a GPU.
     """
     if rotate is not None and len(rotate) == 0:
         raise ValueError("rotate must hold at least one argument tuple")
@@ -150,32 +173,39 @@ def cuda_time_ms(
     if SMOKE:
         warmup, rep = 0, 1
     if not torch.cuda.is_available():  # then SMOKE is set: the wall clock only checks that fn runs
-        with no_compiles("the timed calls"):
+        with no_compiles("the timed calls"), graph_tree_calls() as recorded:
             start = time.perf_counter()
             fn(*args(0))
-            return Timing([(time.perf_counter() - start) * 1e3])
+            wall_ms = (time.perf_counter() - start) * 1e3
+        return Timing([wall_ms], graph_recordings=len(recorded))
     for i in range(warmup):
         fn(*args(i))
-    with no_compiles("the timed calls"):
-        return _timed_calls(fn, args, warmup, rep, flush_l2)
+    with no_compiles("the timed calls"), graph_tree_calls() as recorded:
+        timing = _timed_calls(fn, args, warmup, rep, flush_l2)
+    timing.graph_recordings = len(recorded)
+    return timing
 
 
 def _timed_calls(fn: Callable[..., Any], args: Callable[[int], Sequence[Any]], offset: int, rep: int,
                  flush_l2: bool) -> Timing:
     """cuda_time_ms' timed calls, the ``rotate`` sets from ``offset`` (the warm-up calls took the first)."""
     flush = _flush_buffers() if flush_l2 else None
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
+    waits, starts, ends = ([torch.cuda.Event(enable_timing=True) for _ in range(rep)] for _ in range(3))
+    host_ms = []
     torch.cuda.synchronize()
     for i in range(rep):
         if flush is not None:
             torch.sum(flush[0], dim=0, dtype=torch.int32, out=flush[1])
+        waits[i].record()
         torch.cuda._sleep(HEAD_START_CYCLES)
         starts[i].record()
+        queueing = time.perf_counter()
         fn(*args(offset + i))
         ends[i].record()
+        host_ms.append((time.perf_counter() - queueing) * 1e3)
     torch.cuda.synchronize()
-    return Timing([s.elapsed_time(e) for s, e in zip(starts, ends)])
+    return Timing([s.elapsed_time(e) for s, e in zip(starts, ends)], host_ms=statistics.median(host_ms),
+                  head_start_ms=statistics.median(w.elapsed_time(s) for w, s in zip(waits, starts)))
 
 
 # dynamo's counter groups that grow only when it compiles a frame, or gives up on one and runs it eager
@@ -212,6 +242,40 @@ def no_compiles(what: str) -> Iterator[None]:
     grown = counts_grown(before, COMPILE_COUNTERS)
     if grown:
         raise AssertionError(f"torch.compile compiled or fell back to eager during {what}: {grown}")
+
+
+# inductor's CUDA-graph tree methods that run only where a graph is not replayed: a new recording, an eager run.
+# A timed call that runs them times a recording's device sync and extra run, or a call without its graph.
+GRAPH_TREE_RECORDING = ("record_function", "run_eager")
+
+
+@contextlib.contextmanager
+def graph_tree_calls() -> Iterator[list[str]]:
+    """The names of the CUDA-graph tree methods of torch.compile ("reduce-overhead", "max-autotune") called inside
+    the block that run only where a tree does not replay a graph (GRAPH_TREE_RECORDING): filled as they run."""
+    try:
+        from torch._inductor.cudagraph_trees import CUDAGraphTreeManager
+    except ImportError:  # no inductor in this build of torch: no graph trees either
+        yield []
+        return
+    calls: list[str] = []
+
+    def counted(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            calls.append(name)
+            return method(*args, **kwargs)
+
+        return call
+
+    methods = {name: getattr(CUDAGraphTreeManager, name) for name in GRAPH_TREE_RECORDING}
+    for name, method in methods.items():
+        setattr(CUDAGraphTreeManager, name, counted(name, method))
+    try:
+        yield calls
+    finally:
+        for name, method in methods.items():
+            setattr(CUDAGraphTreeManager, name, method)
 
 
 class PeakMemory:

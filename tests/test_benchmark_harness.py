@@ -171,12 +171,24 @@ def test_gpu_timer_order_of_work(monkeypatch: pytest.MonkeyPatch) -> None:
     real_sum = torch.sum
     monkeypatch.setattr(torch, "sum", lambda *a, **k: log.append("read flush") or real_sum(*a, **k))
     ms = harness.cuda_time_ms(lambda: log.append("fn"), warmup=2, rep=3)
-    call = ["read flush", f"sleep {harness.HEAD_START_CYCLES}", "record", "fn", "record"]
+    call = ["read flush", "record", f"sleep {harness.HEAD_START_CYCLES}", "record", "fn", "record"]
     assert log == ["fn", "fn", "sync"] + call * 3 + ["sync"]
     assert ms.samples_ms == (2.0, 2.0, 2.0)
+    # the head start is the wait's device time (events around it); the host's queueing of fn here takes far less
+    assert ms.head_start_ms == 2.0 and ms.host_ms is not None and ms.host_bound is False
     log.clear()
     harness.cuda_time_ms(lambda: log.append("fn"), warmup=0, rep=1, flush_l2=False)
-    assert log == ["sync", f"sleep {harness.HEAD_START_CYCLES}", "record", "fn", "record", "sync"]
+    assert log == ["sync", "record", f"sleep {harness.HEAD_START_CYCLES}", "record", "fn", "record", "sync"]
+    # a call whose queueing outlasts the head start (5 ms of host time against its 2 "ms") is host-bound
+    slow = harness.cuda_time_ms(lambda: time.sleep(0.005), warmup=0, rep=3)
+    assert slow.host_ms >= 5.0 and slow.host_bound is True
+
+
+def test_host_bound_compares_the_queueing_with_the_head_start() -> None:
+    share = harness.HOST_BOUND_SHARE
+    assert harness.Timing([1.0], host_ms=share * 0.5 + 0.01, head_start_ms=0.5).host_bound is True
+    assert harness.Timing([1.0], host_ms=share * 0.5 - 0.01, head_start_ms=0.5).host_bound is False
+    assert harness.Timing([1.0]).host_bound is None  # the smoke path's wall clock: not known
 
 
 def test_gate_passes_rounding_and_stops_wrong_outputs() -> None:
@@ -990,6 +1002,48 @@ def test_a_timed_call_that_compiles_fails_its_row() -> None:
     with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=False):
         with pytest.raises(AssertionError, match="unimplemented"):  # the limit reached: eager from here on
             harness.cuda_time_ms(lambda: compiled(torch.ones(7)))
+
+
+def test_timed_calls_count_the_cuda_graph_trees_recording(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A timed call of a torch.compile row should replay its CUDA-graph trees: the timing counts the calls that
+    recorded a graph or ran eager instead, and the tree's methods are as before after it."""
+    from torch._inductor.cudagraph_trees import CUDAGraphTreeManager
+
+    recorded: list[str] = []
+    monkeypatch.setattr(CUDAGraphTreeManager, "record_function", lambda self, *a: recorded.append("recorded"))
+    monkeypatch.setattr(CUDAGraphTreeManager, "run_eager", lambda self, *a: recorded.append("eager"))
+    stand_ins = CUDAGraphTreeManager.record_function, CUDAGraphTreeManager.run_eager
+
+    def record_and_run_eager() -> None:
+        CUDAGraphTreeManager.record_function(None, [], 0)
+        CUDAGraphTreeManager.run_eager(None, [], 0)
+
+    assert harness.cuda_time_ms(lambda: None).graph_recordings == 0
+    assert harness.cuda_time_ms(record_and_run_eager).graph_recordings == 2
+    assert recorded == ["recorded", "eager"]
+    assert (CUDAGraphTreeManager.record_function, CUDAGraphTreeManager.run_eager) == stand_ins
+    with harness.graph_tree_calls() as calls:
+        record_and_run_eager()
+    assert calls == ["record_function", "run_eager"]
+
+
+def test_the_sampler_probe_repeats_until_its_graph_trees_replay(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch._inductor.cudagraph_trees import CUDAGraphTreeManager
+
+    from benchmarks import bench_sampling
+
+    monkeypatch.setattr(CUDAGraphTreeManager, "run_eager", lambda self, *a: None)
+    calls: list[int] = []
+
+    def run(records: int) -> None:  # its first ``records`` calls warm up or record a tree
+        calls.append(1)
+        if len(calls) <= records:
+            CUDAGraphTreeManager.run_eager(None, [], 0)
+
+    assert bench_sampling.settled_probe(lambda: run(2)).graph_recordings == 0 and len(calls) == 3
+    calls.clear()
+    assert bench_sampling.settled_probe(lambda: run(10)).graph_recordings == 1  # never settles: stops
+    assert len(calls) == bench_sampling.SETTLING_CALLS
 
 
 def test_the_report_names_compile_rows_without_cuda_graphs() -> None:
