@@ -466,6 +466,14 @@ def sample_spread(samples_ms: Sequence[float]) -> dict[str, float | int | None]:
     return {"ms_q1": q1, "ms_q3": q3, "n_samples": len(samples_ms)}
 
 
+def timing_fields(ms: float) -> dict[str, float | bool | None]:
+    """What a Timing knows of its calls beyond their times (None where unknown, as for a plain float): the host's
+    median queueing of a call against its head start (``host_bound``: an op row's time may then hold host time)
+    and the CUDA-graph tree recordings or eager runs in its timed calls."""
+    return {"host_ms": getattr(ms, "host_ms", None), "head_start_ms": getattr(ms, "head_start_ms", None),
+            "host_bound": getattr(ms, "host_bound", None), "graph_recordings": getattr(ms, "graph_recordings", None)}
+
+
 def record(
     benchmark: Any,
     *,
@@ -484,8 +492,8 @@ def record(
 
     ``ms`` is the median (a ``Timing`` from cuda_time_ms also passes its samples, which then become
     pytest-benchmark's rounds, so its own table and ``pytest-benchmark compare`` show device times; the row keeps
-    their count and quartiles, ``sample_spread``). ``extra`` adds case-specific fields (images/s, ...). The row is
-    also streamed (``stream_row``).
+    their count and quartiles, ``sample_spread``, and what it knows of the calls, ``timing_fields``). ``extra`` adds
+    case-specific fields (images/s, ...). The row is also streamed (``stream_row``).
     """
     samples = getattr(ms, "samples_ms", (float(ms),))
     info: dict[str, Any] = {
@@ -495,6 +503,7 @@ def record(
         "dtype": dtype_name(dtype),
         "ms": float(ms),
         **sample_spread(samples),
+        **timing_fields(ms),
         **derived_metrics(ms, bytes_moved=bytes_moved, flops=flops, ceilings=ceilings, baseline_ms=baseline_ms),
         "bytes_moved": bytes_moved,
         "flops": flops,

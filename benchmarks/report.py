@@ -28,6 +28,7 @@ END = "<!-- perf:end -->"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 IMPL_ORDER = ("eager", "eager_randn", "compile", "compile_networks", "triton", "cpp", "uncaptured", "graph", "fused")
 OURS = goals.KERNELS + goals.SAMPLERS + goals.TRAINERS
+HOST_MARK = "†"  # after an op row's ms where it may hold host time (goals.host_in_device_time)
 NOT_MEASURED = (
     "Not measured on a GPU yet: no speed is claimed until a results file under `benchmarks/results/` backs it."
 )
@@ -132,6 +133,18 @@ def header(data: dict[str, Any]) -> str:
         lines.append(f"{len(skipping)} torch.compile rows ran without inductor's CUDA graphs in part (inductor "
                      f"counted {sum(r['cudagraph_skips'] for r in skipping)} CUDA-graph skips): "
                      f"{', '.join(sorted({r['impl'] + ' ' + r['op'] for r in skipping}))}.")
+    hosted = [r for r in recs if goals.host_in_device_time(r)]
+    if hosted:
+        lines.append(
+            f"{len(hosted)} op rows (marked {HOST_MARK} in the tables) took the host most of the GPU-side wait before "
+            "a call to queue it (`harness.HOST_BOUND_SHARE`): the GPU may have waited for the host inside their "
+            f"events, so their times may hold host time. The verdicts that read them say \"{goals.HOST_TIME}\"."
+        )
+    recording = [r for r in recs if r.get("graph_recordings")]
+    if recording:
+        lines.append(f"{len(recording)} rows recorded CUDA graphs of torch.compile, or ran them eager, inside their "
+                     f"timed calls (a recording syncs and runs the model once more): "
+                     f"{', '.join(sorted({r['impl'] + ' ' + r['op'] for r in recording}))}.")
     older = sum("gates" not in r for r in recs)
     if older:
         lines.append(
@@ -201,6 +214,11 @@ def _impl_columns(seen: Iterable[str]) -> list[str]:
     return [i for i in IMPL_ORDER if i in seen] + list(dict.fromkeys(i for i in seen if i not in IMPL_ORDER))
 
 
+def _ms_cell(row: dict[str, Any]) -> str:
+    """A row's ms in an op table, marked where its time may hold host time (goals.host_in_device_time)."""
+    return _fmt(row["ms"], "n") + (HOST_MARK if goals.host_in_device_time(row) else "")
+
+
 def _op_table(op: str, groups: dict[tuple[str, str], dict[str, dict[str, Any]]]) -> str:
     impl_cols = _impl_columns(impl for g in groups.values() for impl in g)
     cols = ["shape", "dtype", *(f"{i} ms" for i in impl_cols), "ours vs eager", "ours vs compile", "images/s",
@@ -214,7 +232,7 @@ def _op_table(op: str, groups: dict[tuple[str, str], dict[str, dict[str, Any]]])
         best = min(rated, key=lambda r: r["ms"]) if rated else {}
         baselines = [[by_impl[i]["ms"] for i in names if i in by_impl] for names in (goals.EAGER, goals.COMPILED)]
         speedups = [min(ms) / best["ms"] if ours and ms else None for ms in baselines]
-        body.append([shape, dtype, *(_fmt(by_impl[i]["ms"], "n") if i in by_impl else "–" for i in impl_cols),
+        body.append([shape, dtype, *(_ms_cell(by_impl[i]) if i in by_impl else "–" for i in impl_cols),
                      *(_fmt(x, "x") for x in speedups), _fmt(best.get("images_per_s"), "n"),
                      _fmt(best.get("gbps"), "n"), _fmt(best.get("pct_copy"), "%"),
                      _fmt(best.get("tflops"), "n"), _fmt(best.get("pct_matmul"), "%")])

@@ -311,6 +311,15 @@ def test_record_keeps_the_samples_count_and_quartiles(benchmark) -> None:
     assert harness.sample_spread([9940.0]) == {"ms_q1": None, "ms_q3": None, "n_samples": 1}
 
 
+def test_record_keeps_what_the_timing_knows_of_its_calls(benchmark) -> None:
+    timed = harness.Timing([1.0, 2.0], host_ms=0.45, head_start_ms=0.5, graph_recordings=2)
+    info = harness.record(benchmark, op="unit-test", impl="triton", shape=[4], dtype="fp32", ms=timed)
+    assert (info["host_ms"], info["head_start_ms"], info["host_bound"], info["graph_recordings"]) == (0.45, 0.5,
+                                                                                                      True, 2)
+    assert harness.timing_fields(3.0) == {"host_ms": None, "head_start_ms": None, "host_bound": None,
+                                          "graph_recordings": None}  # a plain float (the first image rows)
+
+
 def test_sweep_row_gives_the_time_and_its_rate_or_the_error() -> None:
     assert harness.sweep_row("(64, 4)", lambda: 2.0, lambda ms: 100 / ms) == "| (64, 4) | 2.000 | 50 | ok |"
 
@@ -407,6 +416,20 @@ def _result(datetime_: str = "2026-11-28T12:00:00+00:00", smoke: bool = False, d
             {"extra_info": {}},  # a case written without the harness is ignored
         ],
     }
+
+
+def test_report_marks_op_rows_that_may_hold_host_time_and_names_graph_recordings() -> None:
+    data = _result()
+    swiglu_eager = data["benchmarks"][0]["extra_info"]
+    swiglu_eager.update(host_bound=True, graph_recordings=0)
+    data["benchmarks"].append({"extra_info": {**swiglu_eager, "op": "sample tiny", "impl": "compile",
+                                              "shape": "b1 t4 no cfg", "graph_recordings": 3}})
+    text = report.render(data)
+    assert "| 8×256×4096 | bf16 | 1.00† | 0.500 |" in text  # the eager swiglu row, not the others
+    assert "1 op rows (marked † in the tables) took the host most of the GPU-side wait" in text  # not the sampler's
+    assert "1 rows recorded CUDA graphs of torch.compile, or ran them eager, inside their timed calls" in text
+    assert "compile sample tiny." in text
+    assert "†" not in report.render(_result()) and "recorded CUDA graphs" not in report.render(_result())
 
 
 def test_report_renders_pivoted_table() -> None:
