@@ -72,6 +72,10 @@ WITHIN_NOISE = "within noise"
 STATUS_ORDER = ("not met", WITHIN_NOISE, "met")
 
 
+# quartiles of fewer samples say little about the spread: such rows record none (the verdicts read their median)
+QUARTILE_SAMPLES = 4
+
+
 class Ranged(NamedTuple):
     """A goal's value from the rows' medians, and the range their quartiles give (higher is better: ``low`` is the
     pessimistic end); all three equal where the rows recorded no quartiles."""
@@ -83,7 +87,7 @@ class Ranged(NamedTuple):
 
 def ms_quartiles(row: Row) -> tuple[float, float]:
     """A row's first and third quartile in ms; its median twice where it recorded none (under
-    harness.QUARTILE_SAMPLES samples, or written before rows kept them)."""
+    QUARTILE_SAMPLES samples, or written before rows kept them and without pytest-benchmark's statistics)."""
     q1, q3 = row.get("ms_q1"), row.get("ms_q3")
     return (row["ms"], row["ms"]) if q1 is None or q3 is None else (q1, q3)
 
@@ -138,8 +142,8 @@ def _judge(
         return Verdict(issue, goal, "–", "not measured")
     worst, label = min(values, key=lambda vl: (STATUS_ORDER.index(_status(vl[0], bar)), vl[0].value))
     decimals = 0 if unit == "%" else 2
-    spread = (f" ({near_bar(worst.low, bar, decimals)}-{near_bar(worst.high, bar, decimals)})"
-              if worst.low < worst.high else "")
+    low, high = near_bar(worst.low, bar, decimals), near_bar(worst.high, bar, decimals)
+    spread = f" ({low}-{high})" if low != high else ""  # a range that rounds to one value is left out
     shown = f"{near_bar(worst.value, bar, decimals)}{unit}{spread} ({label})"
     status = _status(worst, bar)
     if expected:

@@ -48,7 +48,7 @@ from typing import Any, TypeVar
 import pytest
 import torch
 
-from benchmarks import tree
+from benchmarks import goals, tree
 
 # "1" forces smoke mode; "0" keeps the real sizes even without CUDA (to list the real grid with --collect-only)
 _SMOKE_ENV = os.environ.get("SPHERE_FAST_BENCH_SMOKE")
@@ -454,13 +454,10 @@ def _replay_timer(samples_ms: Sequence[float]) -> Callable[[], float]:
     return cuda_events
 
 
-# quartiles of fewer samples say little about the spread: such rows record none (the verdicts read their median)
-QUARTILE_SAMPLES = 4
-
-
 def sample_spread(samples_ms: Sequence[float]) -> dict[str, float | int | None]:
-    """The samples' count and quartiles in ms (None under QUARTILE_SAMPLES samples): the noise the verdicts weigh."""
-    if len(samples_ms) < QUARTILE_SAMPLES:
+    """The samples' count and quartiles in ms (None under goals.QUARTILE_SAMPLES samples): the noise the verdicts
+    weigh."""
+    if len(samples_ms) < goals.QUARTILE_SAMPLES:
         return {"ms_q1": None, "ms_q3": None, "n_samples": len(samples_ms)}
     q1, _, q3 = statistics.quantiles(samples_ms, n=4, method="inclusive")  # within the samples' own min and max
     return {"ms_q1": q1, "ms_q3": q3, "n_samples": len(samples_ms)}

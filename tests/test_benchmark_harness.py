@@ -432,6 +432,21 @@ def test_report_marks_op_rows_that_may_hold_host_time_and_names_graph_recordings
     assert "†" not in report.render(_result()) and "recorded CUDA graphs" not in report.render(_result())
 
 
+def test_report_takes_older_rows_quartiles_from_pytest_benchmark_statistics() -> None:
+    """Rows recorded before they kept their quartiles have them in pytest-benchmark's statistics of the same samples
+    (seconds): the verdicts weigh those; a row's own quartiles, or too few rounds, leave it as it is."""
+    data = _result()
+    older, own, few = (data["benchmarks"][i] for i in range(3))
+    older["stats"] = {"rounds": 50, "q1": 0.0009, "q3": 0.0012}
+    own["extra_info"].update(ms_q1=0.4, ms_q3=0.6, n_samples=50)
+    own["stats"] = {"rounds": 50, "q1": 0.0001, "q3": 0.0009}
+    few["stats"] = {"rounds": 3, "q1": 0.0002, "q3": 0.0003}
+    found = report.rows(data)
+    assert (found[0]["ms_q1"], found[0]["ms_q3"], found[0]["n_samples"]) == (0.9, 1.2, 50)
+    assert (found[1]["ms_q1"], found[1]["ms_q3"]) == (0.4, 0.6)
+    assert "ms_q1" not in found[2] and "ms_q1" not in older["extra_info"]  # the file's rows are left as they were
+
+
 def test_report_renders_pivoted_table() -> None:
     text = report.render(_result())
     assert "Measured 2026-11-28 12:00 UTC on NVIDIA H200" in text
