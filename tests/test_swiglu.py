@@ -364,3 +364,47 @@ def test_padded_mlp_weights_pads_once_for_a_loop(backend: str, monkeypatch) -> N
     with use_backend("eager"), padded_mlp_weights():
         model(x)
     assert pads == []
+
+
+class _LoRA(torch.nn.Module):
+    """A low-rank adapter around a frozen Linear, as peft wraps one (weight and bias still reachable)."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 2):
+        super().__init__()
+        self.base, self.weight, self.bias = base, base.weight, base.bias
+        self.down = torch.nn.Linear(base.in_features, rank, bias=False)
+        self.up = torch.nn.Linear(rank, base.out_features, bias=False)
+        torch.nn.init.normal_(self.up.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.up(self.down(x))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_a_layer_that_is_not_a_plain_linear_is_called_not_bypassed(backend: str) -> None:
+    """The padded path reads w12's and w3's weights instead of calling them: an adapter in their place, a subclass
+    or a hook would be skipped without a word. Those layers are called as the official MLP calls them, on every
+    backend: the same result as eager, the adapter trained, the hooks fired."""
+    from sphere_fast import use_backend
+    from sphere_fast.nn.layers import SwiGLU, plain_linear
+
+    torch.manual_seed(0)
+    layer = SwiGLU(40)  # hidden 106: padded on the fused backends
+    x = randn(2, 5, 40, seed=3)
+    with use_backend(backend):
+        assert layer.computes_padded(x.device) and plain_linear(layer.w12)
+        plain = layer(x)
+        layer.w12 = _LoRA(layer.w12)
+        adapted = layer(x)
+        adapted.sum().backward()
+    with use_backend("eager"):
+        expected = layer(x)
+    assert not torch.allclose(adapted, plain, atol=1e-3)  # the adapter counts
+    torch.testing.assert_close(adapted, expected, rtol=1e-5, atol=1e-5)
+    assert layer.w12.down.weight.grad is not None and layer.w12.down.weight.grad.abs().sum() > 0
+    layer.w12 = layer.w12.base
+    fired = []
+    layer.w3.register_forward_hook(lambda module, args, out: fired.append(out.shape))
+    with use_backend(backend):
+        torch.testing.assert_close(layer(x), plain, rtol=1e-5, atol=1e-5)
+    assert fired == [(2, 5, 40)] and not plain_linear(layer.w3)

@@ -142,6 +142,14 @@ class _PaddedHiddenLinear(torch.autograd.Function):
         return dx, dweight, dbias, None, None
 
 
+def plain_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is an ``nn.Linear`` itself (not a subclass, nor a wrapper such as a LoRA adapter or a
+    quantized layer) without forward hooks of its own (which weight_norm, spectral_norm and pruning register): a
+    layer whose weight a fused path may read instead of calling it. A parametrization (torch.nn.utils.parametrize)
+    keeps it plain: its weight is computed when read."""
+    return type(module) is nn.Linear and not (module._forward_hooks or module._forward_pre_hooks)
+
+
 class SwiGLU(nn.Module):
     """Linear(W, 2h) -> silu(a) * b -> Linear(h, W), h = int(W * 8/3), parameters in the official shapes.
 
@@ -152,16 +160,17 @@ class SwiGLU(nn.Module):
     loop inside ``padded_mlp_weights``; a call that needs a gradient keeps the official weights for its backward
     and pads them again there (``_PaddedHiddenLinear``). With ``fused_mlp_enabled`` and no gradient needed, w12 and the
     activation run as ``ops.swiglu_linear`` on the official w12, which writes the padded width itself.
-    ``eager`` runs the official shapes."""
+    ``eager`` runs the official shapes, and so does any backend where w12 or w3 is not a plain ``nn.Linear``
+    (``plain_linear``: a LoRA adapter, a quantized or hooked layer is called, not bypassed)."""
 
     def __init__(self, width: int):
         super().__init__()
-        hidden = int(width * 8 / 3)
-        self.w12 = nn.Linear(width, 2 * hidden)
-        self.w3 = nn.Linear(hidden, width)
+        self.hidden = int(width * 8 / 3)
+        self.w12 = nn.Linear(width, 2 * self.hidden)
+        self.w3 = nn.Linear(self.hidden, width)
 
     def computes_padded(self, device: torch.device, dtype: torch.dtype = torch.float32) -> bool:
-        if self.w3.in_features % MLP_ALIGN == 0 or dtype == torch.float64:  # float64 runs the eager swiglu anyway
+        if self.hidden % MLP_ALIGN == 0 or dtype == torch.float64:  # float64 runs the eager swiglu anyway
             return False
         return resolve_backend("swiglu", device, None, SWIGLU_AUTO_ORDER) != "eager"
 
@@ -176,7 +185,7 @@ class SwiGLU(nn.Module):
     @property
     def padded_hidden(self) -> int:
         """The hidden width rounded up to a multiple of MLP_ALIGN: what the fused backends compute with."""
-        return self.w3.in_features + -self.w3.in_features % MLP_ALIGN
+        return self.hidden + -self.hidden % MLP_ALIGN
 
     def padded_w12(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(w12, b12) with each half zero-padded to a multiple of MLP_ALIGN rows."""
@@ -198,7 +207,9 @@ class SwiGLU(nn.Module):
         return kept[name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused, padded = self.runs_fused(x), self.computes_padded(x.device, x.dtype)
+        fused = padded = False
+        if plain_linear(self.w12) and plain_linear(self.w3):
+            fused, padded = self.runs_fused(x), self.computes_padded(x.device, x.dtype)
         if not (fused or padded):
             return self.w3(ops.swiglu(self.w12(x)))
         # grad mode asked first: unpacking the parameters costs microseconds a call (the sampler's loop)
