@@ -164,6 +164,21 @@ def test_fused_backends_run_under_transforms_that_take_no_derivative(backend: st
                                ops.swiglu_reference(h))
 
 
+@pytest.mark.parametrize("backend", ["eager", *FUSED])
+def test_vmap_takes_per_sample_noise_scales(backend: str) -> None:
+    """Under vmap a tensor scale cannot be value-checked on the host (vmap cannot branch on a value): the call runs
+    as a loop over the samples would."""
+    t = _inputs()
+    z, noise, scale = t["z"], t["noise"], torch.tensor([0.5, 2.0])
+    out = torch.func.vmap(lambda zi, ei, si: ops.spherify_noise(zi, si, noise=ei, backend=backend))(z, noise, scale)
+    pair = torch.func.vmap(lambda zi, ei, si: ops.spherify_noise_pair(zi, si, si / 2, noise=ei, backend=backend))
+    loop = [ops.spherify_noise_pair(z[i], scale[i], scale[i] / 2, noise=noise[i], backend="eager") for i in range(2)]
+    torch.testing.assert_close(out, torch.stack([ops.spherify_noise(z[i], scale[i], noise=noise[i], backend="eager")
+                                                 for i in range(2)]))
+    for got, expected in zip(pair(z, noise, scale), zip(*loop), strict=True):
+        torch.testing.assert_close(got, torch.stack(expected))
+
+
 @pytest.mark.parametrize("backend", FUSED)
 def test_graphs_holding_the_ops_refuse_forward_mode(backend: str) -> None:
     """An exported module and a function compiled before take the forward op without the public op's check:

@@ -19,7 +19,14 @@ import torch
 
 from sphere_fast._once import once_per_key
 from sphere_fast.backend import EAGER_DTYPES, emulate_bf16, resolve_backend, resolve_for_dtype, tracing
-from sphere_fast.ops._library import call_op, define_op, differentiable_by, first_order_only, grad_only_from
+from sphere_fast.ops._library import (
+    call_op,
+    define_op,
+    differentiable_by,
+    first_order_only,
+    grad_only_from,
+    plain_op_call,
+)
 from sphere_fast.ops._util import ceil_div, kernel_runner, next_pow2, on_input_device
 from sphere_fast.ops.philox import check_seeds, check_stream, sample_shape, sphere_noise_reference
 
@@ -65,10 +72,10 @@ def spherify_noise_reference(z: torch.Tensor, scale: torch.Tensor | float, noise
 
 
 def _values_checkable(t: torch.Tensor) -> bool:
-    """Value checks read the tensor on the host: done for CPU tensors outside a compile trace only. On a GPU
-    they would stall every call (the training step's scales) on a device sync, and a graph capture could
-    not read them at all."""
-    return t.device.type == "cpu" and not tracing()
+    """Value checks read the tensor on the host: done for CPU tensors outside a compile trace and torch.func
+    transforms only (vmap cannot branch on a value). On a GPU they would stall every call (the training step's
+    scales) on a device sync, and a graph capture could not read them at all."""
+    return t.device.type == "cpu" and not plain_op_call()
 
 
 def _check_z(z: object) -> torch.Tensor:
