@@ -343,6 +343,28 @@ def test_a_gradient_of_a_gradient_is_refused() -> None:
         dqkv.square().sum().backward()
 
 
+def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5, dim=-1) @ v
+
+
+def test_eager_attention_takes_forward_mode_and_second_order_derivatives() -> None:
+    """The eager backend's attention is torch's SDPA, whose CPU flash kernel has neither a forward-mode nor a
+    second-order derivative: float64 (gradgradcheck) and forward-mode AD or torch.func run its math kernel, with the
+    derivatives of the formula itself."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 8, 16, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradgradcheck(lambda *t: attention(*t, backend="eager"), (q, k, v))
+    q, k, v, dq = (torch.randn(1, 2, 8, 16, generator=g) for _ in range(4))
+    out, tangent = torch.func.jvp(lambda t: attention(t, k, v, official_rope(8, 16), backend="eager"), (q,), (dq,))
+    expected = torch.func.jvp(lambda t: _explicit_attention(*apply_rope(t, k, official_rope(8, 16), backend="eager"),
+                                                            v), (q,), (dq,))
+    torch.testing.assert_close((out, tangent), expected, rtol=1e-5, atol=1e-5)
+    hessian_vector = torch.func.jvp(torch.func.grad(lambda t: attention(t, k, v, backend="eager").square().sum()),
+                                    (q,), (dq,))[1]
+    expected = torch.func.jvp(torch.func.grad(lambda t: _explicit_attention(t, k, v).square().sum()), (q,), (dq,))[1]
+    torch.testing.assert_close(hessian_vector, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_a_head_dim_takes_the_candidates_of_its_padded_width() -> None:
     """Tiles are chosen for the width a kernel runs at, as their registers and shared memory are: D = 72 and 96
     run as two 64-wide chunks (128), D = 48 as two 32-wide ones (64)."""

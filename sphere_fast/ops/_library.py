@@ -127,7 +127,9 @@ def first_order_only(op: str) -> Callable[[Backward], Backward]:
         def checked(ctx, *grads):
             if torch.is_grad_enabled():
                 raise RuntimeError(f"{op}: the fused backends have no second-order gradient (a backward with "
-                                   "create_graph=True); use backend='eager' to differentiate a gradient")
+                                   "create_graph=True); use backend='eager' to differentiate a gradient (its "
+                                   "attention is torch's SDPA: outside float64, run the forward inside "
+                                   "torch.nn.attention.sdpa_kernel(SDPBackend.MATH))")
             return backward(ctx, *grads)
 
         return checked  # type: ignore[return-value]

@@ -41,6 +41,7 @@ from sphere_fast.backend import (
     kernel_dtype_error,
     requested_backend,
     resolve_backend,
+    tracing,
     triton_interpreting,
     triton_usable,
 )
@@ -64,6 +65,20 @@ def attention_reference(
     which give zeros (the Triton kernel: NaN)."""
     if rope is not None:
         q, k = apply_rope_reference(q, k, rope)
+    return _differentiable_sdpa(q, k, v)
+
+
+def _differentiable_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """torch's SDPA, on its math kernel where a derivative other than a first-order gradient may be taken: float64
+    (gradcheck and gradgradcheck) and under forward-mode AD or a differentiating torch.func transform. Its flash and
+    efficient kernels (the CPU's too) have neither a forward-mode nor a second-order derivative. A first-order
+    gradient in float32 or a half type that is then differentiated (create_graph=True) needs the caller's
+    ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``: the forward cannot know it."""
+    if not tracing() and (q.dtype == torch.float64 or autodiff_transform() is not None):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
 
 
@@ -539,6 +554,6 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     its own, and each sequence's result is what one call gives."""
     b = q.shape[0]
     if b <= LAUNCH_BATCH:
-        return F.scaled_dot_product_attention(q, k, v)
-    return torch.cat([F.scaled_dot_product_attention(*(t[i:i + LAUNCH_BATCH] for t in (q, k, v)))
+        return _differentiable_sdpa(q, k, v)
+    return torch.cat([_differentiable_sdpa(*(t[i:i + LAUNCH_BATCH] for t in (q, k, v)))
                       for i in range(0, b, LAUNCH_BATCH)])
