@@ -565,6 +565,10 @@ class Sampler:
         self._captured_state: tuple[float, list[int]] | None = None
         self._check_settings()
 
+    def __reduce_ex__(self, protocol: object) -> object:
+        raise TypeError("a Sampler cannot be copied or pickled: it holds captured CUDA graphs, their memory pool and "
+                        "a lock. Make a new Sampler(model, ...), of a copy of the model if need be")
+
     def _check_settings(self) -> None:
         """The settings and the model, checked at construction and at each call (they may change in between);
         a model moved to another device takes the sampler with it."""

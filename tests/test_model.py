@@ -554,3 +554,11 @@ def test_compile_training_forward_with_dynamic_batch():
                 outs.append(fn(x, y))
         for out, ref in zip(*outs, strict=True):
             torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_a_block_is_run_by_its_network() -> None:
+    """ViT.forward runs the blocks (the residual add of one sub-layer and the next norm are one fused op): a Block
+    called alone says so, instead of torch's missing-forward error."""
+    block = tiny().decoder.blocks[0]
+    with pytest.raises(NotImplementedError, match="a Block is run by its network .* call the network"):
+        block(torch.zeros(1, 4, 32))

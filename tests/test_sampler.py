@@ -73,6 +73,19 @@ def test_seeds_decide_the_image(model):
     assert torch.cdist(same_label, same_label).add(torch.eye(4) * 1e9).min() > 1e-3
 
 
+def test_a_sampler_cannot_be_copied_or_pickled(model, tmp_path):
+    """It holds captured graphs, their pool and a lock: a copy says to make a new Sampler (the model copies)."""
+    import copy
+    import pickle
+
+    sampler = Sampler(model, 2, 1, dtype=torch.float32)
+    for copy_it in (copy.copy, copy.deepcopy, pickle.dumps, lambda s: torch.save(s, tmp_path / "sampler.pt")):
+        with pytest.raises(TypeError, match=r"cannot be copied or pickled.*Make a new Sampler\(model"):
+            copy_it(sampler)
+    assert torch.equal(Sampler(copy.deepcopy(model), 2, 1, dtype=torch.float32)(seeds=SEEDS[:2]),
+                       sampler(seeds=SEEDS[:2]))
+
+
 def test_defaults_are_the_papers_evaluation(model):
     """Cached noise, no scheduler, cfg 1 at the combo position, bf16 (sample sets take these defaults)."""
     sampler = Sampler(model, 2, steps=3)

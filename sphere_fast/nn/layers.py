@@ -247,7 +247,7 @@ def padded_mlp_weights() -> Iterator[None]:
 
 class Block(nn.Module):
     """Pre-norm AdaLN block. Its forward is driven by ViT.forward so that the residual add of one
-    sub-layer and the norm of the next run as one fused op."""
+    sub-layer and the norm of the next run as one fused op (which reads the norms' weights)."""
 
     def __init__(self, width: int, heads: int, modulated: bool):
         super().__init__()
@@ -256,6 +256,12 @@ class Block(nn.Module):
         self.attn = Attention(width, heads)
         self.mlp = SwiGLU(width)
         self.adaLN_modulation = AdaLNModulation(width, 6) if modulated else None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(
+            "a Block is run by its network (model.encoder / model.decoder), whose forward fuses the residual add that "
+            "closes one sub-layer with the norm that opens the next: call the network. Hooks on a Block or on its "
+            "norms do not fire; FSDP2 shards per network (see the README)")
 
     def modulation(self, c: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         """(shift1, scale1, gate1, shift2, scale2, gate2); all None for an unconditional block."""
