@@ -245,44 +245,32 @@ class ViT(nn.Module):
         first = layout(self.blocks[0])
         return all(layout(block) == first for block in self.blocks[1:])
 
-    def _block(
-        self, i: int, modulations: list, rope: torch.Tensor, x: torch.Tensor, h: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block i from the residual stream x and its modulated attention input h: (x, h) of block i + 1, or for
-        the last block (x after its attention sub-layer, its MLP branch), which the head closes."""
-        block = self.blocks[i]
-        _, _, gate, shift2, scale2, gate2 = modulations[i]
-        x, h = ops.gated_residual_adaln(x, block.attn(h, rope), gate, weight_like(block.norm2.weight, x), shift2, scale2)
-        branch = block.mlp(h)
-        if i + 1 == len(self.blocks):
-            return x, branch
-        shift, scale = modulations[i + 1][:2]
-        norm1 = weight_like(self.blocks[i + 1].norm1.weight, x)
-        if self.spherify_blocks:
-            x = ops.spherify(x + branch if gate2 is None else x + gate2 * branch)
-            return x, ops.adaln_modulate(x, norm1, shift, scale)
-        return ops.gated_residual_adaln(x, branch, gate2, norm1, shift, scale)
-
     def forward(
         self, x: torch.Tensor, y: torch.Tensor | None = None, conditioning: Conditioning | None = None
     ) -> torch.Tensor:
         """Encoder: images -> latent; decoder: latent -> images. ``conditioning``: ``self.conditioning(y)``
-        computed before for these labels (y is still checked)."""
+        computed before for these labels (y is still checked); without it each block computes its own modulation
+        (as it reads only its own parameters, FSDP can shard per block)."""
         self.check_input(x, y)
-        modulations, head_modulation = conditioning if conditioning is not None else self.conditioning(y)
+        if conditioning is not None:
+            c, (modulations, head_modulation) = None, conditioning
+        else:
+            c = self.y_embedder(y) if self.y_embedder is not None else None
+            modulations = [None] * len(self.blocks)
+            head_modulation = self.ffn.adaLN_modulation(c) if self.ffn.adaLN_modulation is not None else None
         x = self.embed_input(x)
         # the residual stream keeps the embedding's dtype (bf16 under autocast): each fused op takes one dtype
         x = (x + self.pos_embed).to(x.dtype)
-        rope = self.rope
-        # The residual add that closes one sub-layer and the norm that opens the next run as one op.
-        h = ops.adaln_modulate(x, weight_like(self.blocks[0].norm1.weight, x), *modulations[0][:2])
+        rope, opened = self.rope, None
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for i in self.blocks_run():
+            block = self.blocks[i]
             if recompute:
-                x, h = torch.utils.checkpoint.checkpoint(self._block, i, modulations, rope, x, h, use_reentrant=False)
+                x, opened = torch.utils.checkpoint.checkpoint(block, x, opened, c, rope, modulations[i],
+                                                              self.spherify_blocks, use_reentrant=False)
             else:
-                x, h = self._block(i, modulations, rope, x, h)
-        branch, gate = h, modulations[-1][5]
+                x, opened = block(x, opened, c, rope, modulations[i], self.spherify_blocks)
+        branch, gate = opened
         if head_modulation is not None:
             head_shift, head_scale = head_modulation
             _, h = ops.gated_residual_adaln(x, branch, gate, weight_like(self.ffn.norm.weight, x), head_shift, head_scale)

@@ -104,27 +104,29 @@ def test_a_representative_run_takes_each_networks_first_and_last_blocks() -> Non
     """The blocks between launch the first one's kernels: the compile pass and the warm-up skip them (the
     sm_90a check below shows the full loop then compiles nothing more); elsewhere, and with one or two blocks,
     every block runs once."""
-    model = tiny_model(layers=4)
+    models = [tiny_model(layers=layers) for layers in (4, 2, 1)]
+    index = {id(block): i for model in models for i, block in enumerate(model.decoder.blocks)}
     ran: list[int] = []
-    block = type(model.decoder)._block
+    forward = type(models[0].decoder.blocks[0]).forward
 
-    def recording_block(self, i, *args):
-        ran.append(i)
-        return block(self, i, *args)
+    def recording_forward(self, *args):
+        ran.append(index[id(self)])
+        return forward(self, *args)
 
+    model = models[0]
     latent = torch.randn(1, *model.latent_shape[1:])
-    with mock.patch.object(type(model.decoder), "_block", recording_block), torch.no_grad():
+    with mock.patch.object(type(model.decoder.blocks[0]), "forward", recording_forward), torch.no_grad():
         model.decoder(latent, torch.tensor([1]))
         with representative_blocks():
-            model.decoder(latent, torch.tensor([1]))
-            for layers in (2, 1):
-                tiny_model(layers=layers).decoder(latent, torch.tensor([1]))
+            for each in models:
+                each.decoder(latent, torch.tensor([1]))
     assert ran == [0, 1, 2, 3, 0, 3, 0, 1, 0]
     # a block whose weight sits off a 16-byte boundary may launch other kernel specialisations: all blocks run
     weight = model.decoder.blocks[2].attn.proj.weight
     weight.data = off_16_byte_boundaries(weight.data)
     ran.clear()
-    with mock.patch.object(type(model.decoder), "_block", recording_block), torch.no_grad(), representative_blocks():
+    with mock.patch.object(type(model.decoder.blocks[0]), "forward", recording_forward), torch.no_grad(), \
+            representative_blocks():
         model.decoder(latent, torch.tensor([1]))
     assert ran == [0, 1, 2, 3]
 

@@ -217,3 +217,45 @@ def test_processes_that_find_different_checkpoints_are_refused(tmp_path):
         assert "rank 0 at step 2" in message and "rank 1 at step 0 (no checkpoint)" in message
         assert "every process must see the same run folder" in message
     assert not (tmp_path / "elsewhere" / "checkpoints").exists()  # stopped before any step
+
+
+TWO_LAYERS = {"vit_enc_model_size": {"width": 32, "layers": 2, "heads": 2},
+              "vit_dec_model_size": {"width": 32, "layers": 2, "heads": 2}}
+
+
+def autoencoder_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return model.decoder(model.f(model.encoder(x, y)), y).square().mean()
+
+
+def fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    join_group(rank, world, port, timedelta(seconds=60))
+    model = no_label_dropout(tiny_model(**TWO_LAYERS)).train()
+    for net in (model.encoder, model.decoder):
+        for block in net.blocks:
+            fully_shard(block)
+        fully_shard(net)
+    fully_shard(model)
+    loss = autoencoder_loss(model, *tiny_batch(4))
+    loss.backward()
+    grads = {name: p.grad.full_tensor() for name, p in model.named_parameters() if p.grad is not None}
+    if rank == 0:
+        torch.save({"loss": loss.detach(), "grads": grads}, f"{out}/fsdp.pt")
+    leave_distributed()
+
+
+def test_fsdp2_shards_per_block(tmp_path):
+    """FSDP2's usual recipe, fully_shard on each block, then each network, then the model: a block reads only its
+    own parameters (the MLP's residual add runs in the next block, with its norm), so each block's all-gather
+    comes before its forward. Two processes on the same batch give one process's loss and gradients."""
+    mp.spawn(fsdp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    sharded = torch.load(tmp_path / "fsdp.pt")
+    model = no_label_dropout(tiny_model(**TWO_LAYERS)).train()
+    loss = autoencoder_loss(model, *tiny_batch(4))
+    loss.backward()
+    torch.testing.assert_close(sharded["loss"], loss.detach())
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == sharded["grads"].keys() and any(g.abs().sum() > 0 for g in grads.values())
+    for name, grad in grads.items():
+        torch.testing.assert_close(sharded["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)

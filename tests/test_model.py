@@ -556,9 +556,52 @@ def test_compile_training_forward_with_dynamic_batch():
             torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_a_block_is_run_by_its_network() -> None:
-    """ViT.forward runs the blocks (the residual add of one sub-layer and the next norm are one fused op): a Block
-    called alone says so, instead of torch's missing-forward error."""
-    block = tiny().decoder.blocks[0]
-    with pytest.raises(NotImplementedError, match="a Block is run by its network .* call the network"):
-        block(torch.zeros(1, 4, 32))
+
+def test_hooks_on_a_block_fire_and_count() -> None:
+    """Each block is called as a module (the MLP's residual add runs in the next block, with its norm): a forward
+    hook sees the block's output and can change it; the output is the same as without hooks."""
+    model, g = tiny(), torch.Generator().manual_seed(1)
+    latent, y = torch.randn(2, *model.latent_shape[1:], generator=g), torch.tensor([1, 2])
+    with torch.no_grad():
+        for p in model.parameters():  # not the zero-initialised gates and head of a new model
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        plain = model.decoder(latent, y)
+        seen = []
+        handles = [block.register_forward_hook(lambda module, args, out: seen.append(out[0].shape))
+                   for block in model.decoder.blocks]
+        assert torch.equal(model.decoder(latent, y), plain) and seen == [(2, 16, 32)] * 2
+        handles.append(model.decoder.blocks[1].register_forward_hook(lambda m, args, out: (out[0] + 1, out[1])))
+        assert not torch.allclose(model.decoder(latent, y), plain)  # what the hook returned went on
+    for handle in handles:
+        handle.remove()
+
+
+def test_a_block_compiled_or_checkpoint_wrapped_alone_runs_so() -> None:
+    """Regional compilation (``block.compile()``) compiles the blocks, and torch's checkpoint wrapper recomputes
+    them in the backward: both give the plain model's outputs and gradients."""
+    from torch._dynamo.utils import counters
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    from sphere_fast.nn.layers import Block
+    from tests.tiny import tiny_batch, tiny_model
+
+    x, y = tiny_batch(2)
+    size = {"width": 32, "layers": 2, "heads": 2}
+    two_layers = {"vit_enc_model_size": size, "vit_dec_model_size": size}
+
+    def run(model) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        out = model.decoder(model.f(model.encoder(x, y)), y)
+        return out, torch.autograd.grad(out.square().sum(), [p for p in model.parameters() if p.requires_grad])
+
+    expected = run(tiny_model(**two_layers))
+    compiled = tiny_model(**two_layers)
+    for block in (*compiled.encoder.blocks, *compiled.decoder.blocks):
+        block.compile(backend="eager", fullgraph=True)
+    torch._dynamo.reset()
+    counters.clear()
+    torch.testing.assert_close(run(compiled), expected)
+    assert counters["stats"]["unique_graphs"] >= 1
+    wrapped = tiny_model(**two_layers)
+    apply_activation_checkpointing(wrapped, check_fn=lambda m: isinstance(m, Block))
+    assert type(wrapped.decoder.blocks[0]) is not Block
+    torch.testing.assert_close(run(wrapped), expected)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -245,9 +245,14 @@ def padded_mlp_weights() -> Iterator[None]:
         yield
 
 
+# A block's MLP branch and gate (None unconditional), left for the next block or the head to add to the stream
+OpenBranch = tuple[torch.Tensor, torch.Tensor | None]
+
+
 class Block(nn.Module):
-    """Pre-norm AdaLN block. Its forward is driven by ViT.forward so that the residual add of one
-    sub-layer and the norm of the next run as one fused op (which reads the norms' weights)."""
+    """Pre-norm AdaLN block. The residual add that closes each sub-layer runs with the norm that opens the next as
+    one fused op (reading the norm's weight): the attention's add with norm2 here, and the MLP's add with the next
+    block's norm1 there (or with the head's norm), so that a block reads only its own parameters."""
 
     def __init__(self, width: int, heads: int, modulated: bool):
         super().__init__()
@@ -257,11 +262,31 @@ class Block(nn.Module):
         self.mlp = SwiGLU(width)
         self.adaLN_modulation = AdaLNModulation(width, 6) if modulated else None
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError(
-            "a Block is run by its network (model.encoder / model.decoder), whose forward fuses the residual add that "
-            "closes one sub-layer with the norm that opens the next: call the network. Hooks on a Block or on its "
-            "norms do not fire; FSDP2 shards per network (see the README)")
+    def forward(
+        self,
+        x: torch.Tensor,
+        opened: OpenBranch | None,
+        c: torch.Tensor | None,
+        rope: torch.Tensor,
+        modulation: Sequence[torch.Tensor | None] | None = None,
+        spherify: bool = False,
+    ) -> tuple[torch.Tensor, OpenBranch]:
+        """The block on the residual stream ``x``, to which the previous block's MLP branch is still to be added
+        (``opened``; None before the first block): returns the stream and this block's own open MLP branch.
+        ``modulation``: ``self.modulation(c)`` computed before (the sampler's steps share it), else computed here.
+        ``spherify``: the stream is projected to the sphere after adding ``opened`` (spherified blocks)."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c) if modulation is None else modulation
+        norm1 = weight_like(self.norm1.weight, x)
+        if opened is None:
+            h = ops.adaln_modulate(x, norm1, shift1, scale1)
+        elif spherify:
+            branch, gate = opened
+            x = ops.spherify(x + branch if gate is None else x + gate * branch)
+            h = ops.adaln_modulate(x, norm1, shift1, scale1)
+        else:
+            x, h = ops.gated_residual_adaln(x, *opened, norm1, shift1, scale1)
+        x, h = ops.gated_residual_adaln(x, self.attn(h, rope), gate1, weight_like(self.norm2.weight, x), shift2, scale2)
+        return x, (self.mlp(h), gate2)
 
     def modulation(self, c: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         """(shift1, scale1, gate1, shift2, scale2, gate2); all None for an unconditional block."""
