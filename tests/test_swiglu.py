@@ -405,6 +405,9 @@ def test_a_layer_that_is_not_a_plain_linear_is_called_not_bypassed(backend: str)
     layer.w12 = layer.w12.base
     fired = []
     layer.w3.register_forward_hook(lambda module, args, out: fired.append(out.shape))
+    layer.w12.register_full_backward_hook(lambda module, grad_in, grad_out: fired.append(grad_out[0].shape))
     with use_backend(backend):
-        torch.testing.assert_close(layer(x), plain, rtol=1e-5, atol=1e-5)
-    assert fired == [(2, 5, 40)] and not plain_linear(layer.w3)
+        out = layer(x.requires_grad_())
+        out.sum().backward()
+    torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
+    assert fired == [(2, 5, 40), (2, 5, 212)] and not plain_linear(layer.w3) and not plain_linear(layer.w12)

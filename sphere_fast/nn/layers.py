@@ -143,11 +143,12 @@ class _PaddedHiddenLinear(torch.autograd.Function):
 
 
 def plain_linear(module: nn.Module) -> bool:
-    """Whether ``module`` is an ``nn.Linear`` itself (not a subclass, nor a wrapper such as a LoRA adapter or a
-    quantized layer) without forward hooks of its own (which weight_norm, spectral_norm and pruning register): a
-    layer whose weight a fused path may read instead of calling it. A parametrization (torch.nn.utils.parametrize)
-    keeps it plain: its weight is computed when read."""
-    return type(module) is nn.Linear and not (module._forward_hooks or module._forward_pre_hooks)
+    """Whether ``module`` is an ``nn.Linear`` itself (not a subclass, nor a module in its place such as a LoRA
+    adapter, a parametrized or a quantized layer) without hooks of its own (forward hooks, which weight_norm,
+    spectral_norm and pruning register, and backward hooks): a layer whose weight a fused path may read instead of
+    calling it. A weight swapped for a tensor subclass in a plain Linear is read as it is."""
+    hooks = module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
+    return type(module) is nn.Linear and not hooks
 
 
 class SwiGLU(nn.Module):
@@ -161,16 +162,17 @@ class SwiGLU(nn.Module):
     and pads them again there (``_PaddedHiddenLinear``). With ``fused_mlp_enabled`` and no gradient needed, w12 and the
     activation run as ``ops.swiglu_linear`` on the official w12, which writes the padded width itself.
     ``eager`` runs the official shapes, and so does any backend where w12 or w3 is not a plain ``nn.Linear``
-    (``plain_linear``: a LoRA adapter, a quantized or hooked layer is called, not bypassed)."""
+    (``plain_linear``: a LoRA adapter, a parametrized, quantized or hooked layer is called, not bypassed)."""
 
     def __init__(self, width: int):
         super().__init__()
-        self.hidden = int(width * 8 / 3)
-        self.w12 = nn.Linear(width, 2 * self.hidden)
-        self.w3 = nn.Linear(self.hidden, width)
+        hidden = int(width * 8 / 3)
+        self.w12 = nn.Linear(width, 2 * hidden)
+        self.w3 = nn.Linear(hidden, width)
 
     def computes_padded(self, device: torch.device, dtype: torch.dtype = torch.float32) -> bool:
-        if self.hidden % MLP_ALIGN == 0 or dtype == torch.float64:  # float64 runs the eager swiglu anyway
+        """Whether a call pads the hidden width (asked of plain layers: ``plain_linear``)."""
+        if self.w3.in_features % MLP_ALIGN == 0 or dtype == torch.float64:  # float64 runs the eager swiglu anyway
             return False
         return resolve_backend("swiglu", device, None, SWIGLU_AUTO_ORDER) != "eager"
 
@@ -185,7 +187,7 @@ class SwiGLU(nn.Module):
     @property
     def padded_hidden(self) -> int:
         """The hidden width rounded up to a multiple of MLP_ALIGN: what the fused backends compute with."""
-        return self.hidden + -self.hidden % MLP_ALIGN
+        return self.w3.in_features + -self.w3.in_features % MLP_ALIGN
 
     def padded_w12(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(w12, b12) with each half zero-padded to a multiple of MLP_ALIGN rows."""
