@@ -58,6 +58,18 @@ def autodiff_transform() -> str | None:
     return None
 
 
+def beyond_first_order_reverse() -> bool:
+    """Whether a derivative other than one first-order reverse-mode gradient may be taken of what runs now:
+    forward-mode AD, a torch.func transform built on jvp (jvp, jacfwd, hessian), or nested grad transforms."""
+    if torch.autograd.forward_ad._current_level >= 0:
+        return True
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    kinds = [interpreter.key() for interpreter in torch._C._functorch.get_interpreter_stack()]
+    grad = torch._C._functorch.TransformType.Grad
+    return torch._C._functorch.TransformType.Jvp in kinds or kinds.count(grad) > 1
+
+
 def requested_backend(op: str, backend: str | None) -> str:
     """The backend requested for a call of ``op``: ``backend=``, else the active one; under ``autodiff_transform``
     ``auto`` reads as ``eager`` and a fused backend asked for (argument, ``use_backend``, environment) is refused."""

@@ -266,3 +266,31 @@ def test_another_threads_compile_leaves_this_threads_checks_on(monkeypatch: pyte
         ops.spherify_noise(torch.randn(2, 8), torch.tensor([0.5, float("nan")]), seeds=torch.tensor([1, 2]))
     with torch._subclasses.fake_tensor.FakeTensorMode():
         assert backend.tracing()
+
+
+def test_beyond_first_order_reverse_tells_forward_mode_and_nested_gradients() -> None:
+    """Attention takes SDPA's math kernel (scores kept: memory) only where it must: forward mode or nested gradients;
+    one torch.func.grad keeps the flash kernel, whose first-order backward it can use."""
+    import torch.autograd.forward_ad as fwad
+
+    from sphere_fast.backend import beyond_first_order_reverse
+
+    seen: dict[str, bool] = {}
+
+    def probe(name: str):
+        def f(t: torch.Tensor) -> torch.Tensor:
+            seen[name] = beyond_first_order_reverse()
+            return t.sin().sum()
+        return f
+
+    t = torch.ones(3)
+    probe("plain")(t)
+    torch.func.grad(probe("grad"))(t)
+    torch.func.vmap(probe("vmap"))(t.reshape(3, 1))
+    torch.func.grad(lambda u: torch.func.grad(probe("grad of grad"))(u).sum())(t)
+    torch.func.jvp(probe("jvp"), (t,), (t,))
+    torch.func.hessian(probe("hessian"))(t)
+    with fwad.dual_level():
+        probe("dual level")(fwad.make_dual(t, t))
+    assert seen == {"plain": False, "grad": False, "vmap": False, "grad of grad": True, "jvp": True,
+                    "hessian": True, "dual level": True}

@@ -36,6 +36,7 @@ from sphere_fast.backend import (
     KERNEL_DTYPES,
     auto_order_for,
     autodiff_transform,
+    beyond_first_order_reverse,
     constant_under_compile,
     emulate_bf16,
     kernel_dtype_error,
@@ -70,11 +71,12 @@ def attention_reference(
 
 def _differentiable_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """torch's SDPA, on its math kernel where a derivative other than a first-order gradient may be taken: float64
-    (gradcheck and gradgradcheck) and under forward-mode AD or a differentiating torch.func transform. Its flash and
-    efficient kernels (the CPU's too) have neither a forward-mode nor a second-order derivative. A first-order
-    gradient in float32 or a half type that is then differentiated (create_graph=True) needs the caller's
+    (gradcheck and gradgradcheck), forward-mode AD and the torch.func transforms that take one or nest gradients
+    (``beyond_first_order_reverse``). Its flash and efficient kernels (the CPU's too) have neither a forward-mode
+    nor a second-order derivative; the math kernel keeps the [B, H, N, N] scores. A first-order gradient in float32
+    or a half type that is then differentiated (create_graph=True) needs the caller's
     ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``: the forward cannot know it."""
-    if not tracing() and (q.dtype == torch.float64 or autodiff_transform() is not None):
+    if not tracing() and (q.dtype == torch.float64 or beyond_first_order_reverse()):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         with sdpa_kernel(SDPBackend.MATH):
