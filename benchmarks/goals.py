@@ -63,9 +63,11 @@ LOOP_OPS = ("sample ", "train step ", "first image ")
 
 def host_in_device_time(row: Row) -> bool:
     """Whether an op row, meant as device time, may hold host time: queueing its call took most of the head start
-    that should keep the host out (harness.Timing.host_bound), so the GPU may have waited for the host inside the
-    events. Unknown (rows before 2026-12-02) counts as no."""
+    the host was still queueing the call for most of its timed span (harness.Timing.host_bound). Unknown (rows
+    before 2026-12-02) counts as no."""
     return bool(row.get("host_bound")) and not row["op"].startswith(LOOP_OPS)
+
+
 # the status of a goal whose case's range spans its bar: the rows cannot tell met from not met
 WITHIN_NOISE = "within noise"
 # which case of a goal decides it: one below its bar before one within noise, before one that clears it
@@ -78,18 +80,23 @@ QUARTILE_SAMPLES = 4
 
 class Ranged(NamedTuple):
     """A goal's value from the rows' medians, and the range their quartiles give (higher is better: ``low`` is the
-    pessimistic end); all three equal where the rows recorded no quartiles."""
+    pessimistic end; all three equal where the rows recorded no quartiles), and the rows it was computed from."""
 
     value: float
     low: float
     high: float
+    read: tuple[Row, ...] = ()
 
 
 def ms_quartiles(row: Row) -> tuple[float, float]:
-    """A row's first and third quartile in ms; its median twice where it recorded none (under
-    QUARTILE_SAMPLES samples, or written before rows kept them and without pytest-benchmark's statistics)."""
+    """A row's first and third quartile in ms. Where it recorded none (under QUARTILE_SAMPLES samples, or written
+    before rows kept them and without pytest-benchmark's statistics): a time to first image from so few processes
+    FIRST_IMAGE_NOISE either side of its time, any other row its median twice."""
     q1, q3 = row.get("ms_q1"), row.get("ms_q3")
-    return (row["ms"], row["ms"]) if q1 is None or q3 is None else (q1, q3)
+    if q1 is not None and q3 is not None:
+        return q1, q3
+    noise = FIRST_IMAGE_NOISE if row["op"].startswith("first image ") else 0.0
+    return row["ms"] * (1 - noise), row["ms"] * (1 + noise)
 
 
 def _status(v: Ranged, bar: float) -> str:
@@ -151,7 +158,7 @@ def _judge(
         shown += f", {measured} of {len(expected)} {counted}"
         if status == "met" and measured < len(expected):
             status = "partly measured"
-    read = [r for _, where in values for r in groups[where].values()]
+    read = [r for v, _ in values for r in v.read]
     return Verdict(issue, goal, shown, status, any("gates" not in r for r in read),
                    any(host_in_device_time(r) for r in read))
 
@@ -174,7 +181,7 @@ def _ours(impls: Sequence[str], field: str) -> Callable[[dict[str, Row]], Ranged
         if pct is None:
             return None
         q1, q3 = ms_quartiles(best)
-        return Ranged(pct, pct * best["ms"] / q3, pct * best["ms"] / q1)
+        return Ranged(pct, pct * best["ms"] / q3, pct * best["ms"] / q1, (best,))
 
     return value
 
@@ -188,7 +195,7 @@ def _speedup(impls: Sequence[str], baselines: Sequence[str]) -> Callable[[dict[s
         if not (ours and base):
             return None
         (ours_q1, ours_q3), (base_q1, base_q3) = ms_quartiles(ours), ms_quartiles(base)
-        return Ranged(base["ms"] / ours["ms"], base_q1 / ours_q3, base_q3 / ours_q1)
+        return Ranged(base["ms"] / ours["ms"], base_q1 / ours_q3, base_q3 / ours_q1, (ours, base))
 
     return value
 
@@ -277,34 +284,25 @@ FIRST_IMAGE_S = 10.0
 FIRST_IMAGE_NOISE = 0.1
 
 
-def _first_image_range(row: Row, bar: float) -> tuple[float, float, str]:
-    """A first image row's fast and slow end in seconds, and what the measured text says of them (judged against
-    ``bar`` seconds): its processes' quartiles, or FIRST_IMAGE_NOISE about its one time."""
-    n = row.get("n_samples", 1)  # rows written before the count was kept are one process each
-    processes = f"{n} process" if n == 1 else f"{n} processes"
-    if row.get("ms_q1") is None or row.get("ms_q3") is None:
-        seconds = row["ms"] / 1e3
-        return seconds * (1 - FIRST_IMAGE_NOISE), seconds * (1 + FIRST_IMAGE_NOISE), processes
-    fast, slow = (ms / 1e3 for ms in ms_quartiles(row))
-    return fast, slow, f"{near_bar(fast, bar, 1)}-{near_bar(slow, bar, 1)}, {processes}"
-
-
 def _first_image_within(model: str, cold: dict[str, dict[str, Row]], seconds: float) -> Verdict:
     """The graphed sampler's first image from a cold process with empty caches against ``seconds``, judged as
-    _judge judges (lower is better here): met where even the slow end of its range is within ``seconds``; the
-    slowest case decides, one not met before one within noise."""
+    _judge judges (lower is better here), on the range ms_quartiles gives: met where even its slow end is within
+    ``seconds``; the slowest case decides, one not met before one within noise."""
     goal = f"{model}: first image from a cold process (empty caches) within {seconds:.0f} s"
     judged = []
     for label, g in cold.items():
         for row in (g[impl] for impl in AUTO_SAMPLER if impl in g):
-            fast, slow, spread = _first_image_range(row, seconds)
+            fast, slow = (ms / 1e3 for ms in ms_quartiles(row))
             status = "met" if slow <= seconds else "not met" if fast > seconds else WITHIN_NOISE
-            judged.append((STATUS_ORDER.index(status), -row["ms"], status, spread, label, row))
+            judged.append((STATUS_ORDER.index(status), -row["ms"], status, fast, slow, label, row))
     if not judged:
         return Verdict(6, goal, "–", "not measured")
-    *_, status, spread, label, row = min(judged, key=lambda j: j[:2])
-    return Verdict(6, goal, f"{near_bar(row['ms'] / 1e3, seconds, 1)} s ({spread}) ({label})", status,
-                   "gates" not in row)
+    *_, status, fast, slow, label, row = min(judged, key=lambda j: j[:2])
+    n = row.get("n_samples", 1)  # rows written before the count was kept are one process each
+    fast_s, slow_s = near_bar(fast, seconds, 1), near_bar(slow, seconds, 1)
+    spread = f"{fast_s}-{slow_s} s, " if fast_s != slow_s else ""
+    shown = f"{near_bar(row['ms'] / 1e3, seconds, 1)} s ({spread}{n} process{'es' if n > 1 else ''}) ({label})"
+    return Verdict(6, goal, shown, status, "gates" not in row)
 
 
 def verdicts(rows: Sequence[Row]) -> list[Verdict]:

@@ -120,11 +120,11 @@ class Timing(float):
 
     @property
     def host_bound(self) -> bool | None:
-        """Whether queueing a call took the host most of its head start (HOST_BOUND_SHARE), so that the GPU may
-        have waited for the host inside the events: then the time is not the device's alone. None if not known."""
+        """Whether the host was still queueing the call for most of its timed span (past the head start, more than
+        HOST_BOUND_SHARE of the median time): the host paced the span, not the device. None if not known."""
         if self.host_ms is None or self.head_start_ms is None:
             return None
-        return self.host_ms > HOST_BOUND_SHARE * self.head_start_ms
+        return self.host_ms - self.head_start_ms > HOST_BOUND_SHARE * self
 
 
 @functools.cache
@@ -140,8 +140,8 @@ def _flush_buffers() -> tuple[torch.Tensor, torch.Tensor]:
 # 0.1 ms (until 2026-11-29) the small shapes' rows timed that host time, not the kernels. The host cost of a call
 # has rows of its own (bench_dispatch.py, forward alone and with its backward).
 HEAD_START_CYCLES = 1_000_000
-# The share of the head start a call's queueing may take before its row counts as host-bound (Timing.host_bound):
-# past it the GPU can run out of queued work inside the events.
+# The share of a call's timed span the host may still spend queueing it (after the head start) before its row
+# counts as host-bound (Timing.host_bound).
 HOST_BOUND_SHARE = 0.8
 
 
@@ -155,14 +155,15 @@ def cuda_time_ms(
 ) -> Timing:
     """Median milliseconds of ``fn()`` (or ``fn(*rotate[i % len(rotate)])``) over ``rep`` timed calls.
 
-    CUDA events around each call, one synchronize at the end (none per iteration); ``warmup`` calls first
+    CUDA events around each call, each call queued once the previous one ended (no device-wide sync, and the
+    host's time to queue a call is its own, not a wait for a full launch queue); ``warmup`` calls first
     (compilation, autotuning, allocator) are not timed. Before each call a 256 MB read evicts L2 (a read,
     not a memset, so no dirty lines are written back during the call), so inputs come from HBM as in a real
     model step; then a short GPU wait (HEAD_START_CYCLES) lets the CPU queue the call ahead, so launch latency
     stays out of the events; a call that needs more CPU time than that (an eager loop of thousands of
     launches) is timed with its CPU overhead, as it would run. ``rotate`` cycles through input sets, for
     cases where flushing is not enough or not wanted (then pass flush_l2=False). The result also holds the
-    host's time to queue a call and the head start's device time (``Timing.host_bound`` compares them), and how
+    host's time to queue a call and the head start's device time (``Timing.host_bound`` weighs them), and how
     often torch.compile's CUDA-graph trees recorded a graph or ran eager in the timed calls (``graph_recordings``;
     a call that replays records none). A compile in them fails (no_compiles). In smoke mode: one call, wall clock
     without a GPU.
@@ -194,6 +195,8 @@ def _timed_calls(fn: Callable[..., Any], args: Callable[[int], Sequence[Any]], o
     host_ms = []
     torch.cuda.synchronize()
     for i in range(rep):
+        if i:  # an empty queue, so that the host's queueing below is its own time, not a wait for a full queue
+            ends[i - 1].synchronize()
         if flush is not None:
             torch.sum(flush[0], dim=0, dtype=torch.int32, out=flush[1])
         waits[i].record()
@@ -252,7 +255,10 @@ GRAPH_TREE_RECORDING = ("record_function", "run_eager")
 @contextlib.contextmanager
 def graph_tree_calls() -> Iterator[list[str]]:
     """The names of the CUDA-graph tree methods of torch.compile ("reduce-overhead", "max-autotune") called inside
-    the block that run only where a tree does not replay a graph (GRAPH_TREE_RECORDING): filled as they run."""
+    the block that run only where a tree does not replay a graph (GRAPH_TREE_RECORDING): filled as they run. The
+    class's methods are wrapped, so calls of every thread count (a compiled backward runs on autograd's); blocks
+    must not overlap across threads. A tree's runs without any graph are inductor's CUDA-graph skips instead
+    (counted by inductor: the sampler's compile rows record them)."""
     try:
         from torch._inductor.cudagraph_trees import CUDAGraphTreeManager
     except ImportError:  # no inductor in this build of torch: no graph trees either

@@ -51,7 +51,8 @@ def _fmt(value: float | None, kind: str) -> str:
 def rows(data: dict[str, Any]) -> list[dict[str, Any]]:
     """The harness rows (extra_info) of a pytest-benchmark JSON; cases without them are ignored. A row recorded
     before rows kept their quartiles (2026-12-02) takes them from pytest-benchmark's statistics of the same samples
-    (harness.record hands the CUDA-event samples to it as its rounds, in seconds), where it has enough rounds."""
+    (harness.record hands the CUDA-event samples to it as its rounds, in seconds; its quartile method differs a
+    little from the harness's), where it has enough rounds."""
     found = []
     for case in data.get("benchmarks", []):
         row, stats = case.get("extra_info", {}), case.get("stats") or {}
@@ -332,7 +333,7 @@ def render(data: dict[str, Any], earlier: Sequence[tuple[str, Sequence[dict[str,
         "process's wall clock from the parent (bench_sampling.py). The op rows are device time: a GPU-side wait of "
         "about 0.5 ms before each call keeps up to that much of its launch's host cost out (the dispatch rows time "
         "that). Each row's samples are in the JSON; a row of four or more samples also has their quartiles (rows "
-        "recorded before 2026-12-02: pytest-benchmark's of the same samples). "
+        "recorded before 2026-12-02: pytest-benchmark's, by its own method, of the same samples). "
         "A goal's value is from the medians, its range in brackets from the quartiles (a speedup's low end is "
         "ours' third quartile against the baseline's first): a goal is not met where a case's whole range falls "
         "short of its bar, \"within noise\" where a range spans it, and met where every range clears it; rows "

@@ -261,11 +261,15 @@ def test_first_image_goal_is_against_torch_compiles_cold_start() -> None:
     rows = [ours, row("first image sphere-l-imagenet", "compile_networks", label, 400_000.0),
             row("first image sphere-l-imagenet", "compile", "b1 t4 cfg1.4 combo, warm caches", 5000.0)]
     judged = {v.goal: v for v in goals.verdicts(rows)}[goal]
-    assert (judged.status, judged.measured) == ("met", f"40.40x (bf16 {label})")
+    # one process each: 10% either side of each time (33.06x at 9.9 s + 10% against 400 s - 10%)
+    assert (judged.status, judged.measured) == ("met", f"40.40x (33.06-49.38) (bf16 {label})")
+    close = [row("first image sphere-l-imagenet", "graph", label, 9500.0),
+             row("first image sphere-l-imagenet", "compile_networks", label, 10_000.0)]
+    assert {v.goal: v for v in goals.verdicts(close)}[goal].status == "within noise"  # 1.05x: not a pass
     # and "within seconds" of its own: minutes against torch.compile's longer minutes is not it
     within = "sphere-l-imagenet: first image from a cold process (empty caches) within 10 s"
     single = {v.goal: v for v in goals.verdicts([ours])}[within]
-    assert (single.status, single.measured) == ("within noise", f"9.9 s (1 process) (bf16 {label})")
+    assert (single.status, single.measured) == ("within noise", f"9.9 s (8.9-10.9 s, 1 process) (bf16 {label})")
     slow = {v.goal: v for v in goals.verdicts([{**ours, "ms": 300_000.0}, rows[1]])}
     assert (slow[within].status, slow[goal].status) == ("not met", "met")
 
@@ -371,15 +375,15 @@ def test_a_first_image_from_one_process_is_judged_with_its_noise() -> None:
                                                  **recorded}])}[within]
         return v.status, v.measured
 
-    assert judged(9940.0) == ("within noise", f"9.9 s (1 process) (bf16 {label})")
+    assert judged(9940.0) == ("within noise", f"9.9 s (8.9-10.9 s, 1 process) (bf16 {label})")
     assert judged(10_500.0)[0] == "within noise"
-    assert judged(9000.0) == ("met", f"9.0 s (1 process) (bf16 {label})")  # 9.9 s at +10%
+    assert judged(9000.0) == ("met", f"9.0 s (8.1-9.9 s, 1 process) (bf16 {label})")  # 9.9 s at +10%
     assert judged(11_500.0)[0] == "not met"  # 10.35 s at -10%
     three = judged(9500.0, n_samples=3, ms_q1=None, ms_q3=None)  # too few for quartiles: as one process
-    assert three == ("within noise", f"9.5 s (3 processes) (bf16 {label})")
+    assert three == ("within noise", f"9.5 s (8.6-10.4 s, 3 processes) (bf16 {label})")
     # five processes: met only where the third quartile is within the bar
     assert judged(9000.0, n_samples=5, ms_q1=8800.0, ms_q3=9600.0) == (
-        "met", f"9.0 s (8.8-9.6, 5 processes) (bf16 {label})")
+        "met", f"9.0 s (8.8-9.6 s, 5 processes) (bf16 {label})")
     assert judged(9500.0, n_samples=5, ms_q1=9200.0, ms_q3=10_400.0)[0] == "within noise"
     assert judged(10_500.0, n_samples=5, ms_q1=10_200.0, ms_q3=10_900.0)[0] == "not met"
 
@@ -397,6 +401,12 @@ def test_op_goals_say_when_their_rows_may_hold_host_time() -> None:
     assert not v["sphere-l-imagenet: >= 2x eager at batch 64, 4 steps, CFG"].host_time
     assert f"0.90x (bf16 16×16×1024×64), 1 of 4 shapes; {goals.HOST_TIME} | not met |" in goals.table(hosted)
     assert goals.HOST_TIME not in goals.table(ROWS)  # rows without the flag (before 2026-12-02)
+    # only the rows a goal reads count: the eager row marks the speedup over eager, not our bandwidth
+    noise = [row("spherify_noise_fwd", "eager", [256, 32768], 1.0, host_bound=True),
+             row("spherify_noise_fwd", "triton", [256, 32768], 0.1, pct_copy=90.0)]
+    v = {v.goal: v for v in goals.verdicts(noise)}
+    assert v["spherify_noise_fwd: >= 5x eager at B*L >= 8M"].host_time
+    assert not v["spherify_noise_fwd: >= 85% of copy bandwidth at B*L >= 8M"].host_time
 
 
 def test_attention_goals_also_judge_the_attention_alone() -> None:

@@ -158,6 +158,9 @@ def test_gpu_timer_order_of_work(monkeypatch: pytest.MonkeyPatch) -> None:
             self.t = float(len(log))
             log.append("record")
 
+        def synchronize(self) -> None:
+            log.append("wait for the last call")
+
         def elapsed_time(self, end: "Event") -> float:
             return end.t - self.t
 
@@ -172,22 +175,27 @@ def test_gpu_timer_order_of_work(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch, "sum", lambda *a, **k: log.append("read flush") or real_sum(*a, **k))
     ms = harness.cuda_time_ms(lambda: log.append("fn"), warmup=2, rep=3)
     call = ["read flush", "record", f"sleep {harness.HEAD_START_CYCLES}", "record", "fn", "record"]
-    assert log == ["fn", "fn", "sync"] + call * 3 + ["sync"]
+    # each call queued once the last one ended: no full launch queue holds the host inside its queueing
+    assert log == ["fn", "fn", "sync", *call, "wait for the last call", *call, "wait for the last call", *call, "sync"]
     assert ms.samples_ms == (2.0, 2.0, 2.0)
     # the head start is the wait's device time (events around it); the host's queueing of fn here takes far less
     assert ms.head_start_ms == 2.0 and ms.host_ms is not None and ms.host_bound is False
     log.clear()
     harness.cuda_time_ms(lambda: log.append("fn"), warmup=0, rep=1, flush_l2=False)
     assert log == ["sync", "record", f"sleep {harness.HEAD_START_CYCLES}", "record", "fn", "record", "sync"]
-    # a call whose queueing outlasts the head start (5 ms of host time against its 2 "ms") is host-bound
+    # queueing for 5 ms against a head start of 2 "ms" and a span of 2: the host paced the span
     slow = harness.cuda_time_ms(lambda: time.sleep(0.005), warmup=0, rep=3)
     assert slow.host_ms >= 5.0 and slow.host_bound is True
 
 
-def test_host_bound_compares_the_queueing_with_the_head_start() -> None:
+def test_host_bound_weighs_the_queueing_past_the_head_start_against_the_span() -> None:
+    """The host paced a call's span where it was still queueing the call for most of it after the head start; a
+    long queueing of a call whose device time is longer still (an eager op of hundreds of launches) is not."""
     share = harness.HOST_BOUND_SHARE
-    assert harness.Timing([1.0], host_ms=share * 0.5 + 0.01, head_start_ms=0.5).host_bound is True
-    assert harness.Timing([1.0], host_ms=share * 0.5 - 0.01, head_start_ms=0.5).host_bound is False
+    assert harness.Timing([1.0], host_ms=0.5 + share + 0.01, head_start_ms=0.5).host_bound is True
+    assert harness.Timing([1.0], host_ms=0.5 + share - 0.01, head_start_ms=0.5).host_bound is False
+    assert harness.Timing([5.0], host_ms=2.0, head_start_ms=0.5).host_bound is False  # device-bound, long queueing
+    assert harness.Timing([0.02], host_ms=0.3, head_start_ms=0.5).host_bound is False  # queued within the head start
     assert harness.Timing([1.0]).host_bound is None  # the smoke path's wall clock: not known
 
 
@@ -312,9 +320,9 @@ def test_record_keeps_the_samples_count_and_quartiles(benchmark) -> None:
 
 
 def test_record_keeps_what_the_timing_knows_of_its_calls(benchmark) -> None:
-    timed = harness.Timing([1.0, 2.0], host_ms=0.45, head_start_ms=0.5, graph_recordings=2)
+    timed = harness.Timing([1.0, 2.0], host_ms=2.45, head_start_ms=0.5, graph_recordings=2)
     info = harness.record(benchmark, op="unit-test", impl="triton", shape=[4], dtype="fp32", ms=timed)
-    assert (info["host_ms"], info["head_start_ms"], info["host_bound"], info["graph_recordings"]) == (0.45, 0.5,
+    assert (info["host_ms"], info["head_start_ms"], info["host_bound"], info["graph_recordings"]) == (2.45, 0.5,
                                                                                                       True, 2)
     assert harness.timing_fields(3.0) == {"host_ms": None, "head_start_ms": None, "host_bound": None,
                                           "graph_recordings": None}  # a plain float (the first image rows)
