@@ -556,7 +556,6 @@ def test_compile_training_forward_with_dynamic_batch():
             torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-
 def test_hooks_on_a_block_fire_and_count() -> None:
     """Each block is called as a module (the MLP's residual add runs in the next block, with its norm): a forward
     hook sees the block's output and can change it; the output is the same as without hooks."""
