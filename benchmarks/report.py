@@ -147,9 +147,10 @@ def header(data: dict[str, Any]) -> str:
     hosted = [r for r in recs if goals.host_in_device_time(r)]
     if hosted:
         lines.append(
-            f"{len(hosted)} op rows (marked {HOST_MARK} in the tables) took the host most of the GPU-side wait before "
-            "a call to queue it (`harness.HOST_BOUND_SHARE`): the GPU may have waited for the host inside their "
-            f"events, so their times may hold host time. The verdicts that read them say \"{goals.HOST_TIME}\"."
+            f"{len(hosted)} op rows (marked {HOST_MARK} in the tables) were still being queued by the host for most "
+            "of their timed span after the GPU-side wait before each call (`harness.HOST_BOUND_SHARE`): the host may "
+            f"have set their pace, so their times may hold host time. The verdicts that read them say "
+            f"\"{goals.HOST_TIME}\"."
         )
     recording = [r for r in recs if r.get("graph_recordings")]
     if recording:
