@@ -11,8 +11,8 @@ says so.
 
 Rows are noisy (benchmarks/NOTES.md, F7): a value comes with the range its rows' quartiles give (harness.record
 keeps them), and a case whose range spans its bar is "within noise", neither met nor not met. Rows without
-quartiles (fewer than four samples, older files) are judged on their medians alone, except the time to first
-image: one process a row, given FIRST_IMAGE_NOISE either side.
+quartiles (fewer than four samples) are judged on their medians alone, except the time to first image: one process
+a row, given FIRST_IMAGE_NOISE either side.
 """
 
 from __future__ import annotations
@@ -62,9 +62,8 @@ LOOP_OPS = ("sample ", "train step ", "first image ")
 
 
 def host_in_device_time(row: Row) -> bool:
-    """Whether an op row, meant as device time, may hold host time: queueing its call took most of the head start
-    the host was still queueing the call for most of its timed span (harness.Timing.host_bound). Unknown (rows
-    before 2026-12-02) counts as no."""
+    """Whether an op row, meant as device time, may hold host time: the host was still queueing the call for most
+    of its timed span (harness.Timing.host_bound). Unknown (rows before 2026-12-02) counts as no."""
     return bool(row.get("host_bound")) and not row["op"].startswith(LOOP_OPS)
 
 
