@@ -103,46 +103,46 @@ def _id(shape: tuple[int, int, int, int]) -> str:
     return "B{}-H{}-N{}-D{}".format(*shape)
 
 
+def time_forward(benchmark, ceilings, impl, op: str, shape, q, k, v, rope) -> None:
+    gate(impl(q, k, v, rope), attn.attention_reference(q.float(), k.float(), v.float(), rope), impl.name, DTYPE)
+    ms = cuda_time_ms(lambda: impl(q, k, v, rope))
+    record(benchmark, op=op, impl=impl.name, shape=shape, dtype=DTYPE, ms=ms, flops=_flops(shape), ceilings=ceilings)
+
+
+def time_backward(benchmark, ceilings, impl, op: str, shape, out, leaves, reference) -> None:
+    """The backward from ``out`` to ``leaves``, gated against ``reference`` on float32 copies of the leaves."""
+    grad = torch.randn_like(out)
+    gate_backward(out, leaves, grad, reference, impl.name)
+    ms = cuda_time_ms(lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True))
+    record(benchmark, op=op, impl=impl.name, shape=shape, dtype=DTYPE, ms=ms,
+           flops=int(BACKWARD_FLOPS * _flops(shape)), ceilings=ceilings)
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_attention_fwd(benchmark, ceilings, impl, shape) -> None:
     _, q, k, v, rope = _inputs(shape, requires_grad=False)
-    gate(impl(q, k, v, rope), attn.attention_reference(q.float(), k.float(), v.float(), rope), impl.name, DTYPE)
-    ms = cuda_time_ms(lambda: impl(q, k, v, rope))
-    record(benchmark, op="attention_fwd", impl=impl.name, shape=shape, dtype=DTYPE, ms=ms,
-           flops=_flops(shape), ceilings=ceilings)
+    time_forward(benchmark, ceilings, impl, "attention_fwd", shape, q, k, v, rope)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_attention_bwd(benchmark, ceilings, impl, shape) -> None:
     qkv, q, k, v, rope = _inputs(shape, requires_grad=True)
-    out = impl(q, k, v, rope)
-    grad = torch.randn_like(out)
     heads = shape[1]
-    gate_backward(out, [qkv], grad, lambda t: attn.attention_reference(*split_qkv(t, heads), rope), impl.name)
-    ms = cuda_time_ms(lambda: torch.autograd.grad(out, qkv, grad, retain_graph=True))
-    record(benchmark, op="attention_bwd", impl=impl.name, shape=shape, dtype=DTYPE, ms=ms,
-           flops=int(BACKWARD_FLOPS * _flops(shape)), ceilings=ceilings)
+    time_backward(benchmark, ceilings, impl, "attention_bwd", shape, impl(q, k, v, rope), [qkv],
+                  lambda t: attn.attention_reference(*split_qkv(t, heads), rope))
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_attention_kernel_fwd(benchmark, ceilings, impl, shape) -> None:
-    q, k, v = _rotated_inputs(shape, requires_grad=False)
-    gate(impl(q, k, v, None), attn.attention_reference(q.float(), k.float(), v.float()), impl.name, DTYPE)
-    ms = cuda_time_ms(lambda: impl(q, k, v, None))
-    record(benchmark, op="attention_kernel_fwd", impl=impl.name, shape=shape, dtype=DTYPE, ms=ms,
-           flops=_flops(shape), ceilings=ceilings)
+    time_forward(benchmark, ceilings, impl, "attention_kernel_fwd", shape, *_rotated_inputs(shape, False), None)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_attention_kernel_bwd(benchmark, ceilings, impl, shape) -> None:
     q, k, v = _rotated_inputs(shape, requires_grad=True)
-    out = impl(q, k, v, None)
-    grad = torch.randn_like(out)
-    gate_backward(out, [q, k, v], grad, attn.attention_reference, impl.name)
-    ms = cuda_time_ms(lambda: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True))
-    record(benchmark, op="attention_kernel_bwd", impl=impl.name, shape=shape, dtype=DTYPE, ms=ms,
-           flops=int(BACKWARD_FLOPS * _flops(shape)), ceilings=ceilings)
+    time_backward(benchmark, ceilings, impl, "attention_kernel_bwd", shape, impl(q, k, v, None), [q, k, v],
+                  attn.attention_reference)

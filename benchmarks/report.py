@@ -142,8 +142,7 @@ def header(data: dict[str, Any]) -> str:
     skipping = [r for r in recs if r.get("cudagraph_skips")]
     if skipping:
         lines.append(f"{len(skipping)} torch.compile rows ran without inductor's CUDA graphs in part (inductor "
-                     f"counted {sum(r['cudagraph_skips'] for r in skipping)} CUDA-graph skips): "
-                     f"{', '.join(sorted({r['impl'] + ' ' + r['op'] for r in skipping}))}.")
+                     f"counted {sum(r['cudagraph_skips'] for r in skipping)} CUDA-graph skips): {_named(skipping)}.")
     hosted = [r for r in recs if goals.host_in_device_time(r)]
     if hosted:
         lines.append(
@@ -155,8 +154,7 @@ def header(data: dict[str, Any]) -> str:
     recording = [r for r in recs if r.get("graph_recordings")]
     if recording:
         lines.append(f"{len(recording)} rows recorded CUDA graphs of torch.compile, or ran them eager, inside their "
-                     f"timed calls (a recording syncs and runs the model once more): "
-                     f"{', '.join(sorted({r['impl'] + ' ' + r['op'] for r in recording}))}.")
+                     f"timed calls (a recording syncs and runs the model once more): {_named(recording)}.")
     older = sum("gates" not in r for r in recs)
     if older:
         lines.append(
@@ -166,6 +164,11 @@ def header(data: dict[str, Any]) -> str:
             f"a sampler that skipped CFG. The verdicts that read them say \"{goals.OLDER_GATES}\"."
         )
     return "\n\n".join(lines)
+
+
+def _named(rows: Sequence[dict[str, Any]]) -> str:
+    """The implementations and ops of ``rows``, each once: "compile sample sphere-l-imagenet, ..."."""
+    return ", ".join(sorted({f"{r['impl']} {r['op']}" for r in rows}))
 
 
 def commit_text(data: dict[str, Any]) -> str:
