@@ -21,7 +21,7 @@ from sphere_fast.checkpoint import load_checkpoint, save_checkpoint
 from sphere_fast.training import (
     DistInfo, RunConfig, TrainConfig, Trainer, fit, init_distributed, leave_distributed, process_seed, rng_state,
 )
-from tests.tiny import NO_PERCEPTUAL, TINY_CONFIG, no_label_dropout, tiny_batch, tiny_model
+from tests.tiny import NO_PERCEPTUAL, TINY_CONFIG, TWO_LAYERS, no_label_dropout, tiny_batch, tiny_model
 
 GLOBAL_BATCH, STEPS = 8, 3
 # a large lr so that un-synchronised gradients would move the weights far beyond the tolerance
@@ -217,10 +217,6 @@ def test_processes_that_find_different_checkpoints_are_refused(tmp_path):
         assert "rank 0 at step 2" in message and "rank 1 at step 0 (no checkpoint)" in message
         assert "every process must see the same run folder" in message
     assert not (tmp_path / "elsewhere" / "checkpoints").exists()  # stopped before any step
-
-
-TWO_LAYERS = {"vit_enc_model_size": {"width": 32, "layers": 2, "heads": 2},
-              "vit_dec_model_size": {"width": 32, "layers": 2, "heads": 2}}
 
 
 def autoencoder_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -582,25 +582,23 @@ def test_a_block_compiled_or_checkpoint_wrapped_alone_runs_so() -> None:
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
     from sphere_fast.nn.layers import Block
-    from tests.tiny import tiny_batch, tiny_model
+    from tests.tiny import TWO_LAYERS, tiny_batch, tiny_model
 
     x, y = tiny_batch(2)
-    size = {"width": 32, "layers": 2, "heads": 2}
-    two_layers = {"vit_enc_model_size": size, "vit_dec_model_size": size}
 
     def run(model) -> tuple[torch.Tensor, list[torch.Tensor]]:
         out = model.decoder(model.f(model.encoder(x, y)), y)
         return out, torch.autograd.grad(out.square().sum(), [p for p in model.parameters() if p.requires_grad])
 
-    expected = run(tiny_model(**two_layers))
-    compiled = tiny_model(**two_layers)
+    expected = run(tiny_model(**TWO_LAYERS))
+    compiled = tiny_model(**TWO_LAYERS)
     for block in (*compiled.encoder.blocks, *compiled.decoder.blocks):
         block.compile(backend="eager", fullgraph=True)
     torch._dynamo.reset()
     counters.clear()
     torch.testing.assert_close(run(compiled), expected)
     assert counters["stats"]["unique_graphs"] >= 1
-    wrapped = tiny_model(**two_layers)
+    wrapped = tiny_model(**TWO_LAYERS)
     apply_activation_checkpointing(wrapped, check_fn=lambda m: isinstance(m, Block))
     assert type(wrapped.decoder.blocks[0]) is not Block
     torch.testing.assert_close(run(wrapped), expected)

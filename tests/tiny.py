@@ -10,6 +10,8 @@ from sphere_fast import SphereEncoder
 from sphere_fast.cli import TRAIN_PRESETS
 
 TINY_SIZE = {"width": 32, "layers": 1, "heads": 2}
+# the tiny model with two blocks a network: a block between the first and the head (FSDP per block, block wrappers)
+TWO_LAYERS = {"vit_enc_model_size": {**TINY_SIZE, "layers": 2}, "vit_dec_model_size": {**TINY_SIZE, "layers": 2}}
 # The README demo's model (every loss term and head type on), shrunk to 16 px and one layer per network.
 TINY_CONFIG: dict[str, Any] = {
     **TRAIN_PRESETS["fashion-mnist-demo"]["model"],
