@@ -389,9 +389,9 @@ def test_a_first_image_from_one_process_is_judged_with_its_noise() -> None:
 
 
 def test_op_goals_say_when_their_rows_may_hold_host_time() -> None:
-    """An op row's time is meant as device time: one whose call took the host most of its head start to queue
-    (harness.Timing.host_bound) may hold host time, and the verdicts reading it say so; a sampler row times the loop
-    as a user runs it, host included, so its flag changes nothing."""
+    """An op row's time is meant as device time: one whose host was still queueing its call for most of its timed
+    span (harness.Timing.host_bound) may hold host time, and the verdicts reading it say so; a sampler row times the
+    loop as a user runs it, host included, so its flag changes nothing."""
     hosted = [row("attention_fwd", "sdpa_cudnn", [16, 16, 1024, 64], 0.9, host_bound=True),
               row("attention_fwd", "triton", [16, 16, 1024, 64], 1.0),
               row("sample sphere-l-imagenet", "eager", "b64 t4 cfg1.4 combo", 300.0, host_bound=True),
