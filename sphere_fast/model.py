@@ -25,9 +25,9 @@ from sphere_fast.nn.layers import (
     LabelEmbedder,
     MLPMixer,
     ModulatedLinear,
+    Unpatchify,
     rope_2d,
     sincos_pos_embed_2d,
-    weight_like,
     xavier_uniform_flat_,
 )
 
@@ -141,12 +141,15 @@ class ViT(nn.Module):
                 self.ffn = ModulatedLinear(width, 3 * patch_size**2, modulated)
                 # indices 0 and 1 are the parameter-free unpatchify steps of the official Sequential
                 self.out = nn.Sequential(
-                    nn.Identity(), nn.Identity(), nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect"), nn.Tanh()
+                    Unpatchify(self.grid, patch_size),
+                    nn.Identity(),
+                    nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect"),
+                    nn.Tanh(),
                 )
             else:
                 self.ffn = ModulatedLinear(width, 32, modulated)
                 self.out = nn.Sequential(
-                    nn.Identity(),
+                    Unpatchify(self.grid, 1),
                     nn.Identity(),
                     nn.Conv2d(32, 32, 3, padding=1, padding_mode="reflect"),
                     nn.SiLU(),
@@ -209,15 +212,6 @@ class ViT(nn.Module):
             return self.x_embedder(x).flatten(2).transpose(1, 2)
         return self.x_embedder(x)
 
-    def to_pixels(self, h: torch.Tensor) -> torch.Tensor:
-        b, g, p = h.shape[0], self.grid, self.patch_size
-        if self.pixel_head_type == "linear":
-            # "b (h w) (c p1 p2) -> b c (h p1) (w p2)"
-            img = h.reshape(b, g, g, 3, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, 3, g * p, g * p)
-        else:
-            img = h.transpose(1, 2).reshape(b, -1, g, g)
-        return self.out[2:](img.contiguous())
-
     def conditioning(self, y: torch.Tensor | None) -> Conditioning:
         """What a forward computes from the labels alone: each block's AdaLN modulation (shift, scale, gate
         for both sub-layers; Nones when unconditional) and the head's (shift, scale). For passes that share
@@ -256,8 +250,7 @@ class ViT(nn.Module):
             c, (modulations, head_modulation) = None, conditioning
         else:
             c = self.y_embedder(y) if self.y_embedder is not None else None
-            modulations = [None] * len(self.blocks)
-            head_modulation = self.ffn.adaLN_modulation(c) if self.ffn.adaLN_modulation is not None else None
+            modulations, head_modulation = [None] * len(self.blocks), None
         x = self.embed_input(x)
         # the residual stream keeps the embedding's dtype (bf16 under autocast): each fused op takes one dtype
         x = (x + self.pos_embed).to(x.dtype)
@@ -270,14 +263,7 @@ class ViT(nn.Module):
                                                               self.spherify_blocks, use_reentrant=False)
             else:
                 x, opened = block(x, opened, c, rope, modulations[i], self.spherify_blocks)
-        branch, gate = opened
-        if head_modulation is not None:
-            head_shift, head_scale = head_modulation
-            _, h = ops.gated_residual_adaln(x, branch, gate, weight_like(self.ffn.norm.weight, x), head_shift, head_scale)
-        else:
-            h = x + branch
-        h = self.ffn.linear(h)
-        return self.out(h) if self.kind == "encoder" else self.to_pixels(h)
+        return self.out(self.ffn(x, opened, c, head_modulation))
 
 
 def _read_presets() -> dict[str, dict[str, Any]]:

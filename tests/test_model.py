@@ -575,6 +575,58 @@ def test_hooks_on_a_block_fire_and_count() -> None:
         handle.remove()
 
 
+class _CountedNorm(torch.nn.Module):
+    """A module in a norm's place that runs the norm it wraps and counts its calls."""
+
+    def __init__(self, norm: torch.nn.Module):
+        super().__init__()
+        self.norm, self.calls = norm, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.norm(x)
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpp"])
+@pytest.mark.parametrize("num_classes", [5, 0])
+def test_hooked_or_swapped_norms_and_head_modules_are_called(backend: str, num_classes: int) -> None:
+    """The fused add + norm reads a plain RMSNorm's weight and eps instead of calling it: a hook on a norm would not
+    fire, a module in its place would not run, a changed eps would be dropped. Those norms are called, as are the
+    head's modules (``ffn``, the pixel head ``out``), with the plain model's output; what a hook returns goes on."""
+    model, g = perturb(tiny(num_classes=num_classes)), torch.Generator().manual_seed(1)
+    latent = torch.randn(2, *model.latent_shape[1:], generator=g)
+    y = torch.tensor([1, 2]) if num_classes else None
+    decoder = model.decoder
+    fired = []
+    with sphere_fast.use_backend(backend), torch.no_grad():
+        plain = decoder(latent, y)
+        modules = [decoder.blocks[0].norm1, decoder.blocks[1].norm2, decoder.ffn, decoder.out]
+        if num_classes:
+            modules.append(decoder.ffn.norm)
+        handles = [m.register_forward_hook(lambda m, args, out, i=i: fired.append(i)) for i, m in enumerate(modules)]
+        torch.testing.assert_close(decoder(latent, y), plain, rtol=1e-5, atol=1e-5)
+        assert sorted(fired) == list(range(len(modules)))
+        handles.append(decoder.blocks[1].norm1.register_forward_hook(lambda m, args, out: out * 2))
+        assert not torch.allclose(decoder(latent, y), plain, atol=1e-3)
+        for handle in handles:
+            handle.remove()
+        counted = decoder.blocks[0].norm2 = _CountedNorm(decoder.blocks[0].norm2)
+        torch.testing.assert_close(decoder(latent, y), plain, rtol=1e-5, atol=1e-5)
+        assert counted.calls == 1
+        decoder.blocks[0].norm2 = torch.nn.LayerNorm(32, elementwise_affine=False)
+        assert not torch.allclose(decoder(latent, y), plain, atol=1e-3)
+        decoder.blocks[0].norm2 = counted.norm
+        norms = [norm for block in decoder.blocks for norm in (block.norm1, block.norm2)]
+        norms += [decoder.ffn.norm] if num_classes else []
+        for norm in norms:
+            norm.eps = 0.5
+        wide_eps = decoder(latent, y)
+        assert not torch.allclose(wide_eps, plain, atol=1e-3)
+        for norm in norms:  # hooked: called, so RMSNorm.forward applies its own eps
+            norm.register_forward_hook(lambda m, args, out: None)
+        torch.testing.assert_close(decoder(latent, y), wide_eps, rtol=1e-5, atol=1e-5)
+
+
 def test_a_block_compiled_or_checkpoint_wrapped_alone_runs_so() -> None:
     """Regional compilation (``block.compile()``) compiles the blocks, and torch's checkpoint wrapper recomputes
     them in the backward: both give the plain model's outputs and gradients."""

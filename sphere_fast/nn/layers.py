@@ -142,13 +142,24 @@ class _PaddedHiddenLinear(torch.autograd.Function):
         return dx, dweight, dbias, None, None
 
 
+def has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has hooks of its own: forward hooks (weight_norm, spectral_norm and pruning register
+    them) or backward hooks. Global module hooks are not counted: a fused path would not call them either way."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
 def plain_linear(module: nn.Module) -> bool:
     """Whether ``module`` is an ``nn.Linear`` itself (not a subclass, nor a module in its place such as a LoRA
-    adapter, a parametrized or a quantized layer) without hooks of its own (forward hooks, which weight_norm,
-    spectral_norm and pruning register, and backward hooks): a layer whose weight a fused path may read instead of
-    calling it. A weight swapped for a tensor subclass in a plain Linear is read as it is."""
-    hooks = module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
-    return type(module) is nn.Linear and not hooks
+    adapter, a parametrized or a quantized layer) without hooks: a layer whose weight a fused path may read instead
+    of calling it. A weight swapped for a tensor subclass in a plain Linear is read as it is."""
+    return type(module) is nn.Linear and not has_hooks(module)
+
+
+def plain_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is an ``RMSNorm`` itself without hooks: a norm whose weight and eps a fused op may read
+    instead of calling it (``add_and_norm``)."""
+    return type(module) is RMSNorm and not has_hooks(module)
 
 
 class SwiGLU(nn.Module):
@@ -251,10 +262,40 @@ def padded_mlp_weights() -> Iterator[None]:
 OpenBranch = tuple[torch.Tensor, torch.Tensor | None]
 
 
+def add_branch(x: torch.Tensor, opened: OpenBranch) -> torch.Tensor:
+    """The stream with an open branch added: x + gate * branch (gate None means 1)."""
+    branch, gate = opened
+    return x + branch if gate is None else x + gate * branch
+
+
+def add_and_norm(
+    x: torch.Tensor,
+    opened: OpenBranch | None,
+    norm: nn.Module,
+    shift: torch.Tensor | None,
+    scale: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(stream, h): the stream with the open branch added (``opened`` None: as it is) and h = norm(stream) *
+    (1 + scale) + shift (shift and scale None: norm(stream)). One fused op reading the norm's weight and eps where
+    it is a plain RMSNorm (``plain_norm``); else the norm is called, so that its hooks fire and a module in its
+    place runs, and the add and the modulation run apart."""
+    if plain_norm(norm):
+        weight = weight_like(norm.weight, x)
+        if opened is None:
+            return x, ops.adaln_modulate(x, weight, shift, scale, norm.eps)
+        return ops.gated_residual_adaln(x, *opened, weight, shift, scale, norm.eps)
+    if opened is not None:
+        x = add_branch(x, opened)
+    h = norm(x)
+    if scale is not None:
+        h = h * (1 + scale)
+    return x, h if shift is None else h + shift
+
+
 class Block(nn.Module):
-    """Pre-norm AdaLN block. The residual add that closes each sub-layer runs with the norm that opens the next as
-    one fused op (reading the norm's weight): the attention's add with norm2 here, and the MLP's add with the next
-    block's norm1 there (or with the head's norm), so that a block reads only its own parameters."""
+    """Pre-norm AdaLN block. The residual add that closes each sub-layer runs with the norm that opens the next
+    (``add_and_norm``): the attention's add with norm2 here, and the MLP's add with the next block's norm1 there
+    (or with the head's norm), so that a block uses only its own parameters."""
 
     def __init__(self, width: int, heads: int, modulated: bool):
         super().__init__()
@@ -278,16 +319,10 @@ class Block(nn.Module):
         ``modulation``: ``self.modulation(c)`` computed before (the sampler's steps share it), else computed here.
         ``spherify``: the stream is projected to the sphere after adding ``opened`` (spherified blocks)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c) if modulation is None else modulation
-        norm1 = weight_like(self.norm1.weight, x)
-        if opened is None:
-            h = ops.adaln_modulate(x, norm1, shift1, scale1)
-        elif spherify:
-            branch, gate = opened
-            x = ops.spherify(x + branch if gate is None else x + gate * branch)
-            h = ops.adaln_modulate(x, norm1, shift1, scale1)
-        else:
-            x, h = ops.gated_residual_adaln(x, *opened, norm1, shift1, scale1)
-        x, h = ops.gated_residual_adaln(x, self.attn(h, rope), gate1, weight_like(self.norm2.weight, x), shift2, scale2)
+        if spherify and opened is not None:
+            x, opened = ops.spherify(add_branch(x, opened)), None
+        x, h = add_and_norm(x, opened, self.norm1, shift1, scale1)
+        x, h = add_and_norm(x, (self.attn(h, rope), gate1), self.norm2, shift2, scale2)
         return x, (self.mlp(h), gate2)
 
     def modulation(self, c: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
@@ -309,6 +344,34 @@ class ModulatedLinear(nn.Module):
         else:
             self.norm = None
             self.adaLN_modulation = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        opened: OpenBranch,
+        c: torch.Tensor | None,
+        modulation: Sequence[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The head on the stream ``x`` with the last block's MLP branch still to be added (``opened``).
+        ``modulation``: ``self.adaLN_modulation(c)`` computed before, else computed here."""
+        if self.norm is None:
+            return self.linear(add_branch(x, opened))
+        shift, scale = self.adaLN_modulation(c) if modulation is None else modulation
+        return self.linear(add_and_norm(x, opened, self.norm, shift, scale)[1])
+
+
+class Unpatchify(nn.Module):
+    """Tokens [B, g * g, channels * p * p] -> a contiguous image [B, channels, g * p, g * p] (the official
+    "b (h w) (c p1 p2) -> b c (h p1) (w p2)"): the first step of the decoder's pixel head (the conv head's tokens
+    are one pixel each, p = 1)."""
+
+    def __init__(self, grid: int, patch: int):
+        super().__init__()
+        self.grid, self.patch = grid, patch
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        b, g, p = h.shape[0], self.grid, self.patch
+        return h.reshape(b, g, g, -1, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, -1, g * p, g * p).contiguous()
 
 
 class LabelEmbedder(nn.Module):
