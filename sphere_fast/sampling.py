@@ -594,6 +594,13 @@ class Sampler:
         """The loops captured so far, in capture order."""
         return tuple(self._graphs)
 
+    def clear(self) -> None:
+        """Drop the captured loops, with the memory they hold (each keeps its bucket's float32 first-step and final
+        images, 1.5 MiB a sample at 256 px, and its graph); a later call captures again. A Sampler keeps one loop
+        per bucket and settings it has run (steps, cfg on or off, its position, dtype, backend)."""
+        with self._lock:
+            self._graphs.clear()
+
     def loop(
         self,
         key: GraphKey,

@@ -11,6 +11,7 @@ import copy
 import importlib
 import time
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -321,6 +322,20 @@ def test_a_capture_inside_the_caller_s_autocast_keeps_the_sampler_s_dtype(
         graphed(LABELS, SEEDS)
     close(graphed(LABELS, SEEDS), plain(LABELS, SEEDS), TOL, "fp32 graph captured inside autocast vs plain fp32")
     assert (emulated_cuda_graphs.captures, emulated_cuda_graphs.replays) == (1, 2)
+
+
+def test_clear_drops_the_captured_loops(model: SphereEncoder, emulated_cuda_graphs: CudaGraphEmulator) -> None:
+    """``clear`` lets the loops and their buffers go (nothing else holds them); the next call captures again."""
+    emu = emulated_cuda_graphs
+    graphed, plain = samplers(model, 8, (2, 1.4, "combo", True, False))
+    graphed(LABELS[:3], SEEDS[:3])
+    graphed(LABELS, SEEDS)
+    loops = [weakref.ref(loop) for loop in graphed._graphs.values()]
+    assert len(loops) == 2 and emu.captures == 2
+    graphed.clear()
+    assert graphed.graph_keys == () and all(loop() is None for loop in loops)
+    close(graphed(LABELS[:3], SEEDS[:3]), plain(LABELS[:3], SEEDS[:3]), TOL, "captured again")
+    assert emu.captures == 3 and len(graphed.graph_keys) == 1
 
 
 def test_prepare_captures_ahead_of_the_first_call(model: SphereEncoder, emulated_cuda_graphs: CudaGraphEmulator) -> None:
