@@ -54,7 +54,8 @@ def check_sampling_args(
     if not 1 <= cfg <= _FLOAT32_MAX:
         raise ValueError(f"cfg must be a number in [1, float32's largest], got {cfg!r}")
     if cfg > 1 and model.num_classes == 0:  # as the official code: no null branch to guide against
-        warn(f"cfg={cfg} on an unconditional model (num_classes=0) has no effect: it samples without guidance")
+        # the value stays out of the text: each distinct text would add an entry to the caller's warning registry
+        warn("cfg > 1 on an unconditional model (num_classes=0) has no effect: it samples without guidance")
     if cfg_position not in CFG_POSITIONS:
         raise ValueError(f"cfg_position must be one of {CFG_POSITIONS}, got {cfg_position!r}")
     check_int(steps_name, steps)
