@@ -810,10 +810,13 @@ def _train_to_the_end(run: RunConfig, info: DistInfo, trainer: Trainer, loader: 
 
     cfg, rank, model = run.train, info.rank, trainer.model
     out = Path(run.out)
-    bar = tqdm(total=cfg.total_steps, initial=trainer.step, desc="train", disable=not progress or rank != 0,
-               dynamic_ncols=True)
     batches = iter(loader)
-    with open(out / "losses.jsonl", "a") if rank == 0 else contextlib.nullcontext() as log:
+    with (
+        tqdm(total=cfg.total_steps, initial=trainer.step, desc="train", disable=not progress or rank != 0,
+             dynamic_ncols=True) as bar,
+        _workers_stopped_after(batches),
+        open(out / "losses.jsonl", "a") if rank == 0 else contextlib.nullcontext() as log,
+    ):
         # A step's losses are read once the next step is queued, so the host does not wait for the device
         # mid-run; other processes never read theirs (rank 0 logs the averages).
         unread: list[tuple[int, StepLog]] = []
@@ -837,4 +840,15 @@ def _train_to_the_end(run: RunConfig, info: DistInfo, trainer: Trainer, loader: 
                 if log is not None:
                     log.flush()
                 save_checkpoint(out / "checkpoints", model, trainer=trainer, run_config=dataclasses.asdict(run))
-    bar.close()
+
+
+@contextlib.contextmanager
+def _workers_stopped_after(batches: Iterator[Any]) -> Iterator[None]:
+    """Stops a DataLoader iterator's worker processes on the way out, an error's way too: a traceback that a
+    notebook keeps would otherwise keep them alive, with their pipes and shared memory."""
+    try:
+        yield
+    finally:
+        stop = getattr(batches, "_shutdown_workers", None)  # torch's multi-process iterator has one
+        if stop is not None:
+            stop()

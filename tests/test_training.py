@@ -478,6 +478,18 @@ def synthetic_run(out, steps: int, **model) -> RunConfig:
     return RunConfig(model={**TINY_CONFIG, **model}, train=train, data="synthetic", out=str(out), workers=0)
 
 
+def test_a_failed_fit_stops_its_data_workers(tmp_path):
+    """A fit that raises after its loader started (here its first checkpoint: the folder's name is taken by a file)
+    stops the loader's worker processes, though the traceback, which a notebook keeps, holds the loader."""
+    import multiprocessing
+
+    run = dataclasses.replace(synthetic_run(tmp_path, 2), checkpoint_every=1, workers=1)
+    (tmp_path / "checkpoints").write_text("")
+    with pytest.raises(OSError) as kept:
+        fit(run, progress=False)
+    assert kept.value.__traceback__ is not None and multiprocessing.active_children() == []
+
+
 def test_fit_refuses_data_with_more_classes_than_the_model(tmp_path):
     with pytest.raises(ValueError, match="the data has 10 classes but the model only 5"):
         fit(synthetic_run(tmp_path, 1, num_classes=5), progress=False)
