@@ -109,15 +109,29 @@ def load_extension(name: str, cpu_sources: tuple[str, ...], cuda_sources: tuple[
         if not (folder / f"{name}.so").exists():  # at the default level: a first call is silent for a while
             logger.warning("sphere_fast: building the C++ extension %s for this torch and configuration, once "
                            "(tens of seconds; SPHERE_FAST_VERBOSE_BUILD=1 shows the compiler)", name)
-        return load(
-            name=name,
-            sources=sources,
-            extra_include_paths=[str(root)],
-            extra_cflags=flags,
-            extra_cuda_cflags=cuda_flags,
-            build_directory=str(folder),
-            verbose=env_switch("SPHERE_FAST_VERBOSE_BUILD", default=False),
-        )
+        try:
+            return load(
+                name=name,
+                sources=sources,
+                extra_include_paths=[str(root)],
+                extra_cflags=flags,
+                extra_cuda_cflags=cuda_flags,
+                build_directory=str(folder),
+                verbose=env_switch("SPHERE_FAST_VERBOSE_BUILD", default=False),
+            )
+        except BaseException:
+            forget_build(name)
+            raise
+
+
+def forget_build(name: str) -> None:
+    """Drop torch's record of the extension's sources, which it makes before building: after a failed or
+    interrupted build it would take the sources for built, skip the build and fail to import a library never
+    written (an ImportError hiding the build's error, for the rest of the process)."""
+    from torch.utils import cpp_extension
+
+    versioner = getattr(cpp_extension, "JIT_EXTENSION_VERSIONER", None)  # torch's in-process record
+    getattr(versioner, "entries", {}).pop(name, None)
 
 
 def load_ops(

@@ -92,6 +92,27 @@ def test_an_unwritable_build_root_names_the_folder_and_the_setting(monkeypatch: 
         _extension.load_extension.cache_clear()
 
 
+def test_a_failed_build_is_built_again_at_the_next_call(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """torch records an extension's sources before building it: after a failed (or interrupted) build, its next
+    load took them for built and raised an ImportError of the library never written, hiding the build's error for
+    the rest of the process. Each call builds again and shows the compiler's error."""
+    from torch.utils.cpp_extension import JIT_EXTENSION_VERSIONER
+
+    failing = tmp_path / "failing_cxx"  # answers torch's version query, fails every compile
+    failing.write_text('#!/bin/sh\ncase " $* " in *" -c "*) echo "no space left" >&2; exit 1;; esac\nexec c++ "$@"\n')
+    failing.chmod(0o755)
+    monkeypatch.setenv("CXX", str(failing))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "build"))
+    name = "sphere_fast_failing_build"  # not an extension's name: torch's record of the real ones stays as it is
+    try:
+        for _ in range(2):
+            with pytest.raises(RuntimeError, match=f"Error building extension '{name}'"):
+                _extension.load_extension(name, *SPHERIFY[1:])
+            assert name not in JIT_EXTENSION_VERSIONER.entries
+    finally:
+        _extension.load_extension.cache_clear()
+
+
 def test_each_torch_and_build_config_has_a_build_folder_of_its_own(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     """torch's JIT folder is one per extension name: two torch versions (an upgrade in place too), two checkouts
     or a CPU-only build beside a CUDA one shared it, and a process waiting for another's build imported that one's
