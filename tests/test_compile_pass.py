@@ -142,6 +142,23 @@ def test_a_nested_pass_joins_the_outer_one() -> None:
     assert active_mode.get() is None and not compiling_only()
 
 
+def test_a_pass_interrupted_while_it_waits_leaves_no_compile_mode_behind() -> None:
+    """Triton's mode waits for the compiles at its exit and, interrupted there (a Ctrl-C, here a compile's
+    KeyboardInterrupt), stayed active in the thread: every later pass refused to start ("Another AsyncCompileMode
+    is already active") and every later compile went to its shut-down pool."""
+    from triton.runtime._async_compile import active_mode
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        with compile_pass():
+            active_mode.get().submit("interrupted", interrupted, lambda kernel: None)
+    assert active_mode.get() is None and not compiling_only()
+    with compile_pass():
+        assert active_mode.get() is not None
+
+
 @pytest.mark.parametrize(("backend", "passes"), [("triton", True), ("auto", True), ("cpp", False), ("eager", False)])
 def test_the_sampler_compiles_its_loop_before_its_first_capture(
     emulated_cuda_graphs: CudaGraphEmulator, backend: str, passes: bool  # noqa: F811

@@ -126,13 +126,28 @@ def compile_pass() -> Iterator[None]:
 
     with context_value(_pass_tuned_keys, set()), launches_compile_only():
         with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-            with triton.AsyncCompileMode(pool, ignore_errors=True) as mode:
-                yield
+            mode = triton.AsyncCompileMode(pool, ignore_errors=True)
+            try:
+                with mode:
+                    yield
+            finally:
+                _leave_async_compile_mode(mode)
             # Triton 3.6's compiled kernels (read defensively: a later Triton may keep them elsewhere)
             futures = getattr(mode, "future_kernels", {}).values()
             compiled = [kernel for kernel in (getattr(f, "kernel", None) for f in futures) if kernel is not None]
             for built in [pool.submit(_build_launcher, kernel) for kernel in compiled]:
                 built.result()
+
+
+def _leave_async_compile_mode(mode: Any) -> None:
+    """Make sure ``mode`` is no longer Triton's active compile mode in this context: Triton 3.6 leaves it active
+    when its exit is interrupted while waiting for the compiles (a Ctrl-C), and every later compile in the
+    thread would go to its shut-down pool."""
+    from triton.runtime import _async_compile
+
+    active = getattr(_async_compile, "active_mode", None)  # private: read defensively
+    if active is not None and active.get() is mode:
+        active.set(None)
 
 
 def _build_launcher(kernel: Any) -> None:
