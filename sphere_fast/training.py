@@ -493,16 +493,19 @@ class Trainer:
         self.config = config
         self.dist = dist_info or DistInfo()
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        # what can fail comes before the model is changed (moved, put in train mode), so a failed Trainer leaves
+        # it as it was
+        weights = loss_weights(config.loss_weights)
+        check_weights_match_flags(model, weights)
+        if perceptual is None and (weights.recon_perc or weights.con_perc):
+            perceptual = PerceptualLoss.from_files(config.perceptual_weights)
+        perceptual = None if perceptual is None else perceptual.to(self.device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         self.model = model.to(self.device).train()
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         for network in (self.model.encoder, self.model.decoder):
             network.activation_checkpointing = config.activation_checkpointing
-        weights = loss_weights(config.loss_weights)
-        if perceptual is None and (weights.recon_perc or weights.con_perc):
-            perceptual = PerceptualLoss.from_files(config.perceptual_weights)
-        perceptual = None if perceptual is None else perceptual.to(self.device)
         self.loss = SphereLoss(self.model, weights, perceptual)
         self.engine: nn.Module = self.loss
         if self.dist.world_size > 1:

@@ -715,8 +715,13 @@ def test_perceptual_loss_without_weight_files_is_a_clear_error(tmp_path):
     paths = {"vgg16": tmp_path / "nope.pth", "lpips": tmp_path / "vgg.pth", "convnext_small": tmp_path / "c.pth"}
     with pytest.raises(ValueError, match="perceptual_weights are given but .* would not be used"):
         TrainConfig(loss_weights=NO_PERCEPTUAL, perceptual_weights={k: str(v) for k, v in paths.items()})
+    model = tiny_model().eval()
+    config = TrainConfig(global_batch=6, loss_weights="cifar10", activation_checkpointing=True,
+                         perceptual_weights={k: str(v) for k, v in paths.items()})
     with pytest.raises(FileNotFoundError, match="nope.pth"):
-        Trainer(tiny_model(), TrainConfig(global_batch=6, loss_weights="cifar10", perceptual_weights={k: str(v) for k, v in paths.items()}))
+        Trainer(model, config)
+    # a Trainer that could not be made left the model as it was: not in train mode, no activation checkpointing
+    assert not model.training and not model.encoder.activation_checkpointing
 
 
 @pytest.mark.parametrize(
