@@ -602,8 +602,8 @@ class Trainer:
             logged = means if logged is None else logged + means
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
+        self.step += 1  # with the weights: an EMA update that fails (an interrupt) does not leave it a step behind
         self.update_ema()
-        self.step += 1
         if self.dist.world_size > 1:
             dist.all_reduce(logged)
             logged /= self.dist.world_size

@@ -305,6 +305,20 @@ def test_latent_consistency_gradient_reaches_the_decoder():
     assert model.decoder.blocks[0].mlp.w3.weight.grad.abs().sum() > 0
 
 
+def test_an_interrupted_ema_update_leaves_the_step_count_with_the_weights(monkeypatch):
+    """The step count rose after the EMA update: an interrupt there left the weights stepped and the count a step
+    behind, so a checkpoint saved then resumed with the step's batch and learning rate again."""
+    trainer = Trainer(tiny_model(), TrainConfig(global_batch=6, total_steps=10, warmup_steps=2, loss_weights=NO_PERCEPTUAL))
+
+    def interrupted(self) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "update_ema", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train_step(*tiny_batch(6))
+    assert trainer.step == 1 == trainer.optimizer.state_dict()["state"][0]["step"]
+
+
 def test_learning_rate_schedule_and_encoder_scale():
     cfg = TrainConfig(global_batch=512, total_steps=100, warmup_steps=10)
     assert learning_rate(0, cfg) == pytest.approx(2e-4 / 10)
