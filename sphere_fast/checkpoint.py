@@ -297,26 +297,34 @@ def load_checkpoint(
                              "weights into a model of their own")
         if not (path / STATE_FILE).exists():
             raise ValueError(f"checkpoint {path} holds weights only (no trainer state): it cannot resume training")
+    state = None if trainer is None else _trainer_state(path, trainer)  # read and checked before any change
     # a model built on the meta device takes the loaded tensors themselves (a copy into meta tensors is lost)
     on_meta = any(p.is_meta for p in model.parameters())
     model.load_state_dict(load_file(str(path / (EMA_FILE if ema else MODEL_FILE))), assign=on_meta)
-    if trainer is not None:
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-        rngs = state["rng"]
-        if len(rngs) == trainer.dist.world_size:
-            state["rng"] = rngs[trainer.dist.rank]
-        else:  # the global batches stay the same; only the per-process random streams cannot carry over
-            if trainer.dist.rank == 0:
-                warn(
-                    f"checkpoint {path} was written by {len(rngs)} processes and resumes on "
-                    f"{trainer.dist.world_size}: weights, optimiser, EMA, step and the data order carry over, but each "
-                    "process's RNG (noise, flips, label dropout) is seeded afresh, so the run no longer matches an "
-                    "uninterrupted one bit for bit"
-                )
-            state["rng"] = None
-        state["ema"] = load_file(str(path / EMA_FILE))
+    if state is not None:
         trainer.load_state_dict(state)
     return model, config
+
+
+def _trainer_state(path: Path, trainer: Trainer) -> dict[str, Any]:
+    """The checkpoint's trainer state for this trainer: this process's RNG state (rank 0 warns where the process
+    count differs) and the EMA weights, checked against the trainer (``Trainer.check_state``)."""
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    rngs = state["rng"]
+    if len(rngs) == trainer.dist.world_size:
+        state["rng"] = rngs[trainer.dist.rank]
+    else:  # the global batches stay the same; only the per-process random streams cannot carry over
+        if trainer.dist.rank == 0:
+            warn(
+                f"checkpoint {path} was written by {len(rngs)} processes and resumes on "
+                f"{trainer.dist.world_size}: weights, optimiser, EMA, step and the data order carry over, but each "
+                "process's RNG (noise, flips, label dropout) is seeded afresh, so the run no longer matches an "
+                "uninterrupted one bit for bit"
+            )
+        state["rng"] = None
+    state["ema"] = load_file(str(path / EMA_FILE))
+    trainer.check_state(state)
+    return state
 
 
 # ---- official .pth checkpoints ------------------------------------------------------------------

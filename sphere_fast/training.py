@@ -630,11 +630,35 @@ class Trainer:
         for group, lr_scale in zip(self.optimizer.param_groups, (self.config.encoder_lr_scale, 1.0), strict=True):
             group.update(lr_scale=lr_scale, betas=self.config.betas, weight_decay=self.config.weight_decay)
 
+    def check_state(self, state: Mapping[str, Any]) -> None:
+        """Raise ValueError where ``state`` (``state_dict()``'s) does not fit this trainer: its optimiser's
+        parameter groups and per-parameter state, or its EMA's tensors. ``load_state_dict`` checks first, so a
+        refused state leaves the trainer as it was (``load_checkpoint``: its model too)."""
+        saved = state["optimizer"]
+        sizes = [len(group["params"]) for group in self.optimizer.param_groups]
+        saved_sizes = [len(group["params"]) for group in saved["param_groups"]]
+        if saved_sizes != sizes:
+            raise ValueError(f"the optimiser state has parameter groups (encoder, decoder) of {saved_sizes} tensors, "
+                             f"this trainer {sizes}: the model's trainable parameters differ")
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        ids = [i for group in saved["param_groups"] for i in group["params"]]
+        for i, param in zip(ids, params, strict=True):
+            for name, value in saved["state"].get(i, {}).items():
+                if isinstance(value, torch.Tensor) and value.ndim and value.shape != param.shape:
+                    raise ValueError(f"the optimiser state's {name} of parameter {i} has shape {tuple(value.shape)}, "
+                                     f"the parameter {tuple(param.shape)}: the model's trainable parameters differ")
+        shapes = {name: tuple(t.shape) for name, t in self.ema.state_dict().items()}
+        saved_shapes = {name: tuple(t.shape) for name, t in state["ema"].items()}
+        if saved_shapes != shapes:
+            differ = sorted(set(shapes.items()) ^ set(saved_shapes.items()))[:3]
+            raise ValueError(f"the EMA weights do not match the model's tensors (for example {differ})")
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore ``state_dict()``'s state. This trainer's config holds wherever it differs from the saved one
         (the optimiser's settings included, which its state would bring back), and rank 0 warns naming the
         fields. With ``state["rng"]`` None (a checkpoint of another number of processes) this process's RNG is
         seeded with ``process_seed(config.seed, rank, step)`` instead."""
+        self.check_state(state)
         changed = {
             name: (saved, value) for name, value in dataclasses.asdict(self.config).items()
             if (saved := state["train_config"].get(name, value)) != value

@@ -195,7 +195,8 @@ def test_resuming_takes_this_process_rng_state_or_seeds_it_afresh_on_another_pro
     torch.save(state, path / "trainer_state.pt")
     rehash(path)
     loaded: dict = {}
-    stub = SimpleNamespace(model=tiny_model(seed=3), dist=DistInfo(rank=1, world_size=2), load_state_dict=loaded.update)
+    stub = SimpleNamespace(model=tiny_model(seed=3), dist=DistInfo(rank=1, world_size=2), load_state_dict=loaded.update,
+                           check_state=lambda state: None)
     load_checkpoint(path, trainer=stub)
     assert torch.equal(loaded["rng"]["torch"], second["torch"]) and loaded["step"] == 1
 
@@ -269,6 +270,27 @@ def test_what_would_overwrite_a_trainer_s_weights_wrongly_is_refused_first(tmp_p
         with pytest.raises(ValueError, match=match):
             load_checkpoint(path, trainer=resumed, **kwargs)
         assert all(torch.equal(v, before[k]) for k, v in resumed.model.state_dict().items())
+
+
+def test_a_trainer_state_that_does_not_fit_is_refused_before_anything_changes(tmp_path):
+    """A resume into a trainer whose trainable parameters differ (one more frozen; or one frozen, another not)
+    replaced the weights and the step before the optimiser's load refused the state, or, groups of equal sizes,
+    loaded moments of other shapes: a caller who went on trained from a mix. Refused first now."""
+    path = save_checkpoint(tmp_path, small_trainer(2).model, trainer=small_trainer(2))
+    one_more_frozen = tiny_model(seed=5)
+    one_more_frozen.encoder.x_embedder[0].weight.requires_grad_(False)
+    another_trained = tiny_model(seed=5)
+    another_trained.encoder.x_embedder[0].weight.requires_grad_(False)
+    another_trained.encoder.pos_embed.requires_grad_(True)
+    for model, match in ((one_more_frozen, r"groups \(encoder, decoder\) of \[\d+, \d+\] tensors, this trainer"),
+                         (another_trained, r"exp_avg of parameter \d+ has shape")):
+        resumed = Trainer(model, TrainConfig(global_batch=6, total_steps=10, warmup_steps=2, loss_weights=NO_PERCEPTUAL))
+        before = [{k: v.clone() for k, v in m.state_dict().items()} for m in (resumed.model, resumed.ema)]
+        with pytest.raises(ValueError, match=match):
+            load_checkpoint(path, trainer=resumed)
+        assert resumed.step == 0 and not resumed.optimizer.state
+        for m, kept in zip((resumed.model, resumed.ema), before):
+            assert all(torch.equal(v, kept[k]) for k, v in m.state_dict().items())
 
 
 def test_save_refuses_what_no_load_would_read_before_writing(tmp_path):
