@@ -132,29 +132,33 @@ def save_checkpoint(
         else:
             os.rename(aside, saved_as)
     tmp.mkdir()
-    config = {"model": model.config, "run": dict(run_config) if run_config is not None else None}
-    _write_safetensors(model.state_dict(), tmp / MODEL_FILE, model.config)
-    files = [MODEL_FILE, CONFIG_FILE]
-    if state is not None:
-        ema_weights = state.pop("ema")
-        torch.save(state, tmp / STATE_FILE)
-        files.append(STATE_FILE)
-    if ema_weights is not None:
-        _write_safetensors(ema_weights, tmp / EMA_FILE, model.config)
-        files.append(EMA_FILE)
-    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1))
-    for f in files:
-        _fsync(tmp / f)
-    manifest = {"format": FORMAT, "step": step, "files": {f: sha256_file(tmp / f) for f in files}}
-    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
-    _fsync(tmp / MANIFEST_FILE)
-    if final.exists():  # re-saving the same name: move the old one aside first
-        old = directory / f".old-{name}-{os.getpid()}"
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, final)
+    try:
+        config = {"model": model.config, "run": dict(run_config) if run_config is not None else None}
+        _write_safetensors(model.state_dict(), tmp / MODEL_FILE, model.config)
+        files = [MODEL_FILE, CONFIG_FILE]
+        if state is not None:
+            ema_weights = state.pop("ema")
+            torch.save(state, tmp / STATE_FILE)
+            files.append(STATE_FILE)
+        if ema_weights is not None:
+            _write_safetensors(ema_weights, tmp / EMA_FILE, model.config)
+            files.append(EMA_FILE)
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+        for f in files:
+            _fsync(tmp / f)
+        manifest = {"format": FORMAT, "step": step, "files": {f: sha256_file(tmp / f) for f in files}}
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+        _fsync(tmp / MANIFEST_FILE)
+        if final.exists():  # re-saving the same name: move the old one aside first
+            old = directory / f".old-{name}-{os.getpid()}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, final)
+    except BaseException:  # a failed write (a full disk) leaves no partial checkpoint taking its space
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _fsync(directory)
     replace_text(directory / LATEST, name + "\n")
     _prune(directory, keep, current=name)

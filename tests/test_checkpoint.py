@@ -293,6 +293,23 @@ def test_a_trainer_state_that_does_not_fit_is_refused_before_anything_changes(tm
             assert all(torch.equal(v, kept[k]) for k, v in m.state_dict().items())
 
 
+def test_a_save_that_fails_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
+    """A save that failed part way (a full disk) left its temporary folder until the next save: a full disk stayed
+    full. It is removed, and the latest checkpoint is still the one before."""
+    from sphere_fast import checkpoint
+
+    model = tiny_model()
+    first = save_checkpoint(tmp_path, model, name="first")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "_fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(tmp_path, model, name="second")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first", "latest"] and latest_checkpoint(tmp_path) == first
+
+
 def test_save_refuses_what_no_load_would_read_before_writing(tmp_path):
     """A compiled or DDP-wrapped model saves its wrapper's key prefix (the save then moved latest to it and pruned
     loadable ones); keep below 1 and the name of the pointer file are refused too, all before anything is written."""
