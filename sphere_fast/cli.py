@@ -16,6 +16,7 @@ import torch
 
 from sphere_fast import editing
 from sphere_fast._checkout import in_checkout
+from sphere_fast._files import replaced_atomically
 
 # Training presets: model constructor arguments + recipe. "fashion-mnist-demo" is the few-minute CPU
 # job of the README: 28 px garments centred on 32 px, patch 4 (8x8 tokens x 4 channels, L = 256), width 64,
@@ -66,7 +67,8 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int) -> Path:
         canvas[:, 2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + c * (w + 2) : 2 + c * (w + 2) + w] = img
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((canvas.permute(1, 2, 0) * 255).round().byte().numpy()).save(path)
+    with replaced_atomically(path, suffix=path.suffix) as partial:  # a failed write leaves the old grid whole
+        Image.fromarray((canvas.permute(1, 2, 0) * 255).round().byte().numpy()).save(partial)
     return path
 
 

@@ -337,6 +337,21 @@ def test_save_grid_and_plot_losses(tmp_path):
         plot_losses(tmp_path / "losses.jsonl", tmp_path / "loss.png")
 
 
+def test_a_grid_that_fails_to_write_leaves_the_old_one_whole(tmp_path, monkeypatch):
+    """The grid was written in place: a write that failed part way (a full disk) left a truncated PNG."""
+    path = save_grid(torch.rand(2, 3, 4, 4), tmp_path / "grid.png", nrow=2)
+    old = path.read_bytes()
+
+    def disk_full(image, fp, *args, **kwargs):
+        Path(fp).write_bytes(old[:18])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_grid(torch.rand(2, 3, 4, 4), path, nrow=2)
+    assert path.read_bytes() == old and list(tmp_path.iterdir()) == [path]
+
+
 @pytest.fixture
 def plotted_axes(monkeypatch) -> list:
     """The axes of each figure plot_losses makes."""
