@@ -11,6 +11,7 @@ import functools
 import gc
 import inspect
 import json
+import logging
 import math
 import os
 from collections.abc import Iterator, Mapping
@@ -31,6 +32,8 @@ from sphere_fast._warn import warn
 from sphere_fast.model import check_label_range, labels_checked
 from sphere_fast.perceptual import LPIPS, ConvNeXt, load_state_dict_file
 from sphere_fast.sampling import to_device_unsynced
+
+logger = logging.getLogger("sphere_fast")
 
 # the public API (the rest is the library's own)
 __all__ = [
@@ -478,7 +481,9 @@ class Trainer:
     ``train_step(x, y)`` draws the noise levels (per process: one r = 0 and one r = 1 in each
     process's batch) and per-sample noise seeds from torch's global RNG, which the checkpoint saves;
     tests inject ``scales`` and ``noise`` (or ``seeds``) instead to make runs comparable across process counts.
-    ``launch_step`` is the same step without waiting for it: ``fit`` reads its losses a step later.
+    ``launch_step`` is the same step without waiting for it: ``fit`` reads its losses a step later. A step whose
+    gradient norm is not finite leaves the weights and the optimiser's moments as they were (its logged values
+    show it; ``fit`` warns).
     ``perceptual`` is a ready PerceptualLoss; without it one is loaded from config.perceptual_weights
     when the loss weights use it."""
 
@@ -601,6 +606,10 @@ class Trainer:
             means = torch.stack([total.detach(), *terms.values()]) / len(micro)
             logged = means if logged is None else logged + means
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        # A step whose gradients are not finite (a NaN in a batch, a divergence) is skipped on the device, without
+        # a host sync: the fused AdamW leaves the weights and its moments as they were where found_inf is 1 (as
+        # under torch's GradScaler). Else one NaN would make every weight, the EMA and later checkpoints NaN.
+        self.optimizer.found_inf = grad_norm.isfinite().logical_not().float()
         self.optimizer.step()
         self.step += 1  # with the weights: an EMA update that fails (an interrupt) does not leave it a step behind
         self.update_ema()
@@ -859,6 +868,9 @@ def _train_to_the_end(run: RunConfig, info: DistInfo, trainer: Trainer, loader: 
                 step, queued = unread.pop(0)
                 if log is not None:
                     losses = queued.read()
+                    if not math.isfinite(losses["grad_norm"]):
+                        logger.warning("sphere_fast: step %d's gradients are not finite (loss %s): its update was "
+                                       "skipped", step, losses["loss"])
                     log.write(json.dumps({"step": step, **losses}) + "\n")
                     if (step + 1) % run.log_every == 0:
                         log.flush()

@@ -1,7 +1,9 @@
+import copy
 import dataclasses
 import gc
 import importlib
 import json
+import logging
 import math
 import re
 import subprocess
@@ -317,6 +319,42 @@ def test_an_interrupted_ema_update_leaves_the_step_count_with_the_weights(monkey
     with pytest.raises(KeyboardInterrupt):
         trainer.train_step(*tiny_batch(6))
     assert trainer.step == 1 == trainer.optimizer.state_dict()["state"][0]["step"]
+
+
+def test_a_step_with_non_finite_gradients_is_skipped():
+    """One NaN pixel made every weight NaN (a NaN clip coefficient in the update), then the EMA, then every later
+    checkpoint. Such a step leaves the weights and the optimiser's moments as they were; the next step trains."""
+    trainer = Trainer(no_label_dropout(tiny_model()), TrainConfig(global_batch=6, total_steps=10, warmup_steps=2,
+                                                                    loss_weights=NO_PERCEPTUAL))
+    x, y = tiny_batch(6)
+    trainer.train_step(x, y)
+    weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    moments = copy.deepcopy(trainer.optimizer.state_dict()["state"])
+    bad = x.clone()
+    bad[1, 0, 3, 3] = float("nan")
+    skipped = trainer.train_step(bad, y)
+    assert math.isnan(skipped["loss"]) and not math.isfinite(skipped["grad_norm"]) and trainer.step == 2
+    assert all(torch.equal(v, weights[k]) for k, v in trainer.model.state_dict().items())
+    for i, state in trainer.optimizer.state_dict()["state"].items():
+        assert all(torch.equal(v, moments[i][k]) for k, v in state.items())
+    assert all(bool(p.isfinite().all()) for p in trainer.ema.parameters())
+    assert math.isfinite(trainer.train_step(x, y)["loss"])
+    assert not all(torch.equal(v, weights[k]) for k, v in trainer.model.state_dict().items())
+
+
+def test_fit_warns_of_a_skipped_step(tmp_path, monkeypatch, caplog):
+    read, reads = StepLog.read, []
+
+    def second_not_finite(self):
+        losses = read(self)
+        reads.append(losses)
+        return {**losses, "grad_norm": float("nan")} if len(reads) == 2 else losses
+
+    monkeypatch.setattr(StepLog, "read", second_not_finite)
+    with caplog.at_level(logging.WARNING, logger="sphere_fast"):
+        fit(synthetic_run(tmp_path, 3), progress=False)
+    warned = [r.getMessage() for r in caplog.records if "not finite" in r.getMessage()]
+    assert warned == [f"sphere_fast: step 1's gradients are not finite (loss {reads[1]['loss']}): its update was skipped"]
 
 
 def test_learning_rate_schedule_and_encoder_scale():
