@@ -86,6 +86,22 @@ def test_gated_widths_fp32(backend: str, D: int) -> None:
 
 
 @pytest.mark.parametrize("backend", FUSED)
+def test_eps_counts_on_rows_whose_mean_square_is_near_it(backend: str) -> None:
+    """On random rows (mean square about 1) eps moves the results by about 1e-6 of their size, under the float32
+    tolerance: a wrong eps (ten times too large, or added to the sum instead of the mean) passed every float32 test.
+    On rows scaled by 1e-3 (mean square about 1e-6) it changes them by a factor: the fused op, then the plain norm."""
+    x, branch, gate, weight, shift, scale = make_inputs(2, 5, 96, tokens=False, seed=12)
+    check_gated(backend, [x * 1e-3, branch * 1e-3, gate, weight, shift, scale], TOL[torch.float32])
+    dy = torch.randn(2, 5, 96, generator=torch.Generator().manual_seed(2))
+    inputs = [x * 1e-3, weight, shift, scale]
+    y, grads = run_modulate(lambda *t: adaln.adaln_modulate(*t, backend=backend), inputs, dy)
+    y0, grads0 = run_modulate(adaln.adaln_modulate_reference, inputs, dy)
+    close(y, y0, TOL[torch.float32], "y")
+    for name, a, b in zip(("x", "weight", "shift", "scale"), grads, grads0):
+        close(a, b, TOL[torch.float32], f"d{name}")
+
+
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("S,D", [(1, 96), (7, 96), (256, 768)])
 @pytest.mark.parametrize("tokens", [False, True], ids=["broadcast", "per_token"])
 def test_gated_tokens_and_modulation(backend: str, S: int, D: int, tokens: bool) -> None:
