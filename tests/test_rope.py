@@ -68,6 +68,18 @@ def test_outputs_are_the_fp32_rotation_rounded_to_nearest(dtype: torch.dtype) ->
             assert_rounded_to_nearest(out, rotate_reference(x.float(), rope), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_backward_is_the_transposed_rotation_rounded_to_nearest(dtype: torch.dtype) -> None:
+    """The backward's outputs are R^T g (the rotation by the opposite angles) of the same inputs rounded once: the
+    comparison with autograd's reference, which rounds each product, let a double rounding pass."""
+    _, gq, gk = qk_views(2, 3, 19, 16, dtype, seed=3)
+    rope = table(19, 16)
+    cos, sin = rope.double().chunk(2, dim=-1)
+    with torch.no_grad():
+        for out, g in zip(rope_mod.rope_bwd(gq, gk, rope), (gq, gk)):
+            assert_rounded_to_nearest(out, rotate_reference(g.double(), torch.cat([cos, -sin], -1)), dtype)
+
+
 @pytest.mark.parametrize("n, d", [(64, 16), (19, 24)])
 def test_reference_table_is_the_models(n: int, d: int) -> None:
     """The tests' and benchmarks' table (any n, float64 angles) is the first n rows of the model's (``rope_2d``, which
