@@ -96,6 +96,14 @@ def check_against_fp64(b: int, h: int, n: int, d: int, dtype: torch.dtype, with_
         assert err <= 2 * err_torch + 1e-4 * max(1.0, r.abs().max().item()), (
             f"{name}: {dtype} error {err:.3g} vs float64 is over 2x torch SDPA's {err_torch:.3g} (D={d}, N={n})"
         )
+        if DEVICE == "cpu":
+            # The max error is one output rounding on both sides, so it hid a biased rounding of P or dS (truncated:
+            # 1.15-1.49x SDPA's RMS error in bf16); the RMS error shows it (here 0.94-1.06x the CPU SDPA's).
+            rms, rms_torch = ((t.double() - r).square().mean().sqrt().item() for t in (x, p))
+            assert rms <= 1.08 * rms_torch + 1e-6 * max(1.0, r.abs().max().item()), (
+                f"{name}: {dtype} RMS error {rms:.3g} vs float64 is over 1.08x torch SDPA's {rms_torch:.3g} "
+                f"(D={d}, N={n})"
+            )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
