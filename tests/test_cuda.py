@@ -28,6 +28,7 @@ from tests.helpers import (
     TOL, assert_rounded_to_nearest, assert_same_images, close, off_16_byte_boundaries, stored_residual_reference,
     swapped_in_memory,
 )
+from tests.test_training import assert_a_non_finite_step_is_skipped
 from tests.tiny import NO_PERCEPTUAL, no_label_dropout, tiny_batch, tiny_model
 
 pytestmark = pytest.mark.gpu
@@ -489,6 +490,12 @@ def test_a_queued_training_step_never_waits_for_the_device() -> None:
     assert logged[True].keys() == logged[False].keys()
     for name, value in logged[False].items():
         assert math.isclose(logged[True][name], value, rel_tol=1e-5), (name, logged[True][name], value)
+
+
+def test_a_step_with_non_finite_gradients_is_skipped_on_the_device() -> None:
+    """The CUDA fused AdamW takes the step's found_inf: a NaN in a batch changes no weight and no moment (that it
+    waits for nothing is test_a_queued_training_step_never_waits_for_the_device's)."""
+    assert_a_non_finite_step_is_skipped(DEVICE)
 
 
 def test_pinned_labels_and_seeds_changed_after_a_queued_step_do_not_reach_it() -> None:

@@ -324,8 +324,14 @@ def test_an_interrupted_ema_update_leaves_the_step_count_with_the_weights(monkey
 def test_a_step_with_non_finite_gradients_is_skipped():
     """One NaN pixel made every weight NaN (a NaN clip coefficient in the update), then the EMA, then every later
     checkpoint. Such a step leaves the weights and the optimiser's moments as they were; the next step trains."""
+    assert_a_non_finite_step_is_skipped(torch.device("cpu"))
+
+
+def assert_a_non_finite_step_is_skipped(device: torch.device) -> None:
+    """A step on a batch with one NaN pixel changes no weight and no moment (the fused AdamW's found_inf, on
+    ``device``), logs its NaN, and the next step trains."""
     trainer = Trainer(no_label_dropout(tiny_model()), TrainConfig(global_batch=6, total_steps=10, warmup_steps=2,
-                                                                    loss_weights=NO_PERCEPTUAL))
+                                                                    loss_weights=NO_PERCEPTUAL), device=device)
     x, y = tiny_batch(6)
     trainer.train_step(x, y)
     weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
