@@ -172,7 +172,7 @@ def test_a_warning_points_at_the_callers_line():
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             call()
-        assert [(w.filename, str(w.message)[:7]) for w in caught] == [(__file__, "cfg=1.4")]
+        assert [(w.filename, str(w.message)[:7]) for w in caught] == [(__file__, "cfg > 1")]
 
 
 def test_the_null_label_samples_unconditionally(model):
