@@ -483,7 +483,8 @@ class Trainer:
     tests inject ``scales`` and ``noise`` (or ``seeds``) instead to make runs comparable across process counts.
     ``launch_step`` is the same step without waiting for it: ``fit`` reads its losses a step later. A step whose
     gradient norm is not finite leaves the weights and the optimiser's moments as they were (its logged values
-    show it; ``fit`` warns).
+    show it; ``fit`` warns); the step count, so the lr schedule, goes on, and the EMA takes its usual update
+    toward the unchanged weights.
     ``perceptual`` is a ready PerceptualLoss; without it one is loaded from config.perceptual_weights
     when the loss weights use it."""
 
@@ -610,7 +611,10 @@ class Trainer:
         # a host sync: the fused AdamW leaves the weights and its moments as they were where found_inf is 1 (as
         # under torch's GradScaler). Else one NaN would make every weight, the EMA and later checkpoints NaN.
         self.optimizer.found_inf = grad_norm.isfinite().logical_not().float()
-        self.optimizer.step()
+        try:
+            self.optimizer.step()
+        finally:  # as GradScaler does: a later step of the optimiser's own must not read this step's flag
+            del self.optimizer.found_inf
         self.step += 1  # with the weights: an EMA update that fails (an interrupt) does not leave it a step behind
         self.update_ema()
         if self.dist.world_size > 1:

@@ -340,6 +340,7 @@ def assert_a_non_finite_step_is_skipped(device: torch.device) -> None:
     bad[1, 0, 3, 3] = float("nan")
     skipped = trainer.train_step(bad, y)
     assert math.isnan(skipped["loss"]) and not math.isfinite(skipped["grad_norm"]) and trainer.step == 2
+    assert not hasattr(trainer.optimizer, "found_inf")  # a later step of the optimiser's own is not skipped
     assert all(torch.equal(v, weights[k]) for k, v in trainer.model.state_dict().items())
     for i, state in trainer.optimizer.state_dict()["state"].items():
         assert all(torch.equal(v, moments[i][k]) for k, v in state.items())
