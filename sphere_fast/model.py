@@ -161,6 +161,13 @@ class ViT(nn.Module):
         """The RoPE table [N, 2 * head_dim], float32: a function of the config, so no checkpoint holds it."""
         return rope_2d(self.head_dim, self.grid).to(device)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # A decoder saved whole (torch.save(model)) before its pixel head's first step was Unpatchify holds an
+        # Identity there (the forward unpatchified on its own then): it gets the step a new decoder has.
+        if self.kind == "decoder" and type(self.out[0]) is nn.Identity:
+            self.out[0] = Unpatchify(self.grid, self.patch_size if self.pixel_head_type == "linear" else 1)
+
     def _apply(self, fn, recurse=True):
         before = self.rope
         super()._apply(fn, recurse)

@@ -627,6 +627,26 @@ def test_hooked_or_swapped_norms_and_head_modules_are_called(backend: str, num_c
         torch.testing.assert_close(decoder(latent, y), wide_eps, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("head", ["linear", "conv"])
+def test_a_decoder_saved_whole_before_unpatchify_loads_with_it(head: str) -> None:
+    """A model saved whole with torch.save before the pixel head's first step was Unpatchify held an Identity
+    there, which the forward would now pass the tokens through (a [B, N, C] 'image' or a convolution's error)."""
+    import io
+
+    model = perturb(tiny(pixel_head_type=head))
+    latent = torch.randn(2, *model.latent_shape[1:], generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([1, 2])
+    with torch.no_grad():
+        expected = model.decoder(latent, y)
+    model.decoder.out[0] = torch.nn.Identity()  # as such a model was saved
+    saved = io.BytesIO()
+    torch.save(model, saved)
+    saved.seek(0)
+    loaded = torch.load(saved, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded.decoder(latent, y), expected)
+
+
 def test_a_block_compiled_or_checkpoint_wrapped_alone_runs_so() -> None:
     """Regional compilation (``block.compile()``) compiles the blocks, and torch's checkpoint wrapper recomputes
     them in the backward: both give the plain model's outputs and gradients."""
