@@ -24,6 +24,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sphere_fast._checks import check_int
@@ -306,14 +307,20 @@ def load_checkpoint(
     on_meta = any(p.is_meta for p in model.parameters())
     model.load_state_dict(load_file(str(path / (EMA_FILE if ema else MODEL_FILE))), assign=on_meta)
     if state is not None:
+        state["ema"] = load_file(str(path / EMA_FILE))  # after the model's weights: the two are not held at once
         trainer.load_state_dict(state)
     return model, config
 
 
 def _trainer_state(path: Path, trainer: Trainer) -> dict[str, Any]:
-    """The checkpoint's trainer state for this trainer: this process's RNG state (rank 0 warns where the process
-    count differs) and the EMA weights, checked against the trainer (``Trainer.check_state``)."""
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    """The checkpoint's trainer state for this trainer, checked against it (``Trainer.check_state``): the EMA
+    weights as meta tensors of their stored shapes (read from the file's header) and this process's RNG state
+    (rank 0 warns where the process count differs)."""
+    # mapped, not read: the checks read shapes only, and the model's weights load before the state is copied in
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+    with safe_open(str(path / EMA_FILE), framework="pt") as stored:
+        state["ema"] = {name: torch.empty(stored.get_slice(name).get_shape(), device="meta") for name in stored.keys()}
+    trainer.check_state(state)
     rngs = state["rng"]
     if len(rngs) == trainer.dist.world_size:
         state["rng"] = rngs[trainer.dist.rank]
@@ -326,8 +333,6 @@ def _trainer_state(path: Path, trainer: Trainer) -> dict[str, Any]:
                 "uninterrupted one bit for bit"
             )
         state["rng"] = None
-    state["ema"] = load_file(str(path / EMA_FILE))
-    trainer.check_state(state)
     return state
 
 
