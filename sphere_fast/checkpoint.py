@@ -153,7 +153,11 @@ def save_checkpoint(
         if final.exists():  # re-saving the same name: move the old one aside first
             old = directory / f".old-{name}-{os.getpid()}"
             os.rename(final, old)
-            os.rename(tmp, final)
+            try:
+                os.rename(tmp, final)
+            except BaseException:  # the old one back under its name, which latest may name
+                os.rename(old, final)
+                raise
             shutil.rmtree(old)
         else:
             os.rename(tmp, final)

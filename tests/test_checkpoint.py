@@ -1,6 +1,7 @@
 import dataclasses
 import io
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -308,6 +309,27 @@ def test_a_save_that_fails_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         save_checkpoint(tmp_path, model, name="second")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["first", "latest"] and latest_checkpoint(tmp_path) == first
+
+
+def test_a_re_save_whose_last_rename_fails_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    """A re-save moves the old folder aside, then renames the new one in: a failure there left the name empty
+    (latest naming it) until the next save put the old one back. It is put back at once."""
+    first = tiny_model(seed=1)
+    save_checkpoint(tmp_path, first, name="best")
+    rename = os.rename
+
+    def failing_for_the_new_folder(src, dst):
+        if Path(src).name.startswith(".tmp-"):
+            raise OSError(5, "Input/output error")
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", failing_for_the_new_folder)
+    with pytest.raises(OSError, match="Input/output error"):
+        save_checkpoint(tmp_path, tiny_model(seed=2), name="best")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "latest"]
+    loaded, _ = load_checkpoint(tmp_path)
+    assert all(torch.equal(v, first.state_dict()[k]) for k, v in loaded.state_dict().items())
 
 
 def test_save_refuses_what_no_load_would_read_before_writing(tmp_path):
