@@ -596,9 +596,11 @@ class Sampler:
         return tuple(self._graphs)
 
     def clear(self) -> None:
-        """Drop the captured loops, with the memory they hold (each keeps its bucket's float32 first-step and final
-        images, 1.5 MiB a sample at 256 px, and its graph); a later call captures again. A Sampler keeps one loop
-        per bucket and settings it has run (steps, cfg on or off, its position, dtype, backend)."""
+        """Drop the captured loops and the memory they hold (each keeps its bucket's float32 first-step and final
+        images, 1.5 MiB a sample at 256 px, and its graph) for torch's allocator (``torch.cuda.empty_cache()``
+        returns it to the device); a later call captures again. A Sampler keeps one loop per bucket and settings
+        it has run (``GraphKey``: steps, cfg on or off, its position, cached noise, scheduler, dtype, backend,
+        fused MLP)."""
         with self._lock:
             self._graphs.clear()
 

@@ -144,7 +144,8 @@ class _PaddedHiddenLinear(torch.autograd.Function):
 
 def has_hooks(module: nn.Module) -> bool:
     """Whether ``module`` has hooks of its own: forward hooks (weight_norm, spectral_norm and pruning register
-    them) or backward hooks. Global module hooks are not counted: a fused path would not call them either way."""
+    them) or backward hooks. Global module hooks are not counted: tools register them (torch's FlopCounterMode,
+    profilers), and every fused path would turn off while one is."""
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks)
 
