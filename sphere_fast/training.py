@@ -499,8 +499,8 @@ class Trainer:
         self.config = config
         self.dist = dist_info or DistInfo()
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        # what can fail comes before the model is changed (moved, put in train mode), so a failed Trainer leaves
-        # it as it was
+        # what the caller's config can fail comes before the model is changed (moved, put in train mode), so such a
+        # failed Trainer leaves it as it was
         weights = loss_weights(config.loss_weights)
         check_weights_match_flags(model, weights)
         if perceptual is None and (weights.recon_perc or weights.con_perc):
@@ -657,7 +657,7 @@ class Trainer:
         ids = [i for group in saved["param_groups"] for i in group["params"]]
         for i, param in zip(ids, params, strict=True):
             for name, value in saved["state"].get(i, {}).items():
-                if isinstance(value, torch.Tensor) and value.ndim and value.shape != param.shape:
+                if name != "step" and isinstance(value, torch.Tensor) and value.shape != param.shape:
                     raise ValueError(f"the optimiser state's {name} of parameter {i} has shape {tuple(value.shape)}, "
                                      f"the parameter {tuple(param.shape)}: the model's trainable parameters differ")
         shapes = {name: tuple(t.shape) for name, t in self.ema.state_dict().items()}
