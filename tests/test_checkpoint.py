@@ -285,7 +285,8 @@ def test_a_trainer_state_that_does_not_fit_is_refused_before_anything_changes(tm
     another_trained.encoder.pos_embed.requires_grad_(True)
     for model, match in ((one_more_frozen, r"groups \(encoder, decoder\) of \[\d+, \d+\] tensors, this trainer"),
                          (another_trained, r"exp_avg of parameter \d+ has shape")):
-        resumed = Trainer(model, TrainConfig(global_batch=6, total_steps=10, warmup_steps=2, loss_weights=NO_PERCEPTUAL))
+        config = TrainConfig(global_batch=6, total_steps=10, warmup_steps=2, loss_weights=NO_PERCEPTUAL)
+        resumed = Trainer(model, config)
         before = [{k: v.clone() for k, v in m.state_dict().items()} for m in (resumed.model, resumed.ema)]
         with pytest.raises(ValueError, match=match):
             load_checkpoint(path, trainer=resumed)

@@ -310,7 +310,8 @@ def test_latent_consistency_gradient_reaches_the_decoder():
 def test_an_interrupted_ema_update_leaves_the_step_count_with_the_weights(monkeypatch):
     """The step count rose after the EMA update: an interrupt there left the weights stepped and the count a step
     behind, so a checkpoint saved then resumed with the step's batch and learning rate again."""
-    trainer = Trainer(tiny_model(), TrainConfig(global_batch=6, total_steps=10, warmup_steps=2, loss_weights=NO_PERCEPTUAL))
+    config = TrainConfig(global_batch=6, total_steps=10, warmup_steps=2, loss_weights=NO_PERCEPTUAL)
+    trainer = Trainer(tiny_model(), config)
 
     def interrupted(self) -> None:
         raise KeyboardInterrupt
@@ -361,7 +362,8 @@ def test_fit_warns_of_a_skipped_step(tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="sphere_fast"):
         fit(synthetic_run(tmp_path, 3), progress=False)
     warned = [r.getMessage() for r in caplog.records if "not finite" in r.getMessage()]
-    assert warned == [f"sphere_fast: step 1's gradients are not finite (loss {reads[1]['loss']}): its update was skipped"]
+    loss = reads[1]["loss"]
+    assert warned == [f"sphere_fast: step 1's gradients are not finite (loss {loss}): its update was skipped"]
 
 
 def test_learning_rate_schedule_and_encoder_scale():
@@ -544,9 +546,10 @@ def test_a_failed_fit_stops_its_data_workers(tmp_path):
 
     run = dataclasses.replace(synthetic_run(tmp_path, 2), checkpoint_every=1, workers=1)
     (tmp_path / "checkpoints").write_text("")
+    before = set(multiprocessing.active_children())  # other tests' processes, if any are left
     with pytest.raises(OSError) as kept:
         fit(run, progress=False)
-    assert kept.value.__traceback__ is not None and multiprocessing.active_children() == []
+    assert kept.value.__traceback__ is not None and set(multiprocessing.active_children()) <= before
 
 
 def test_fit_refuses_data_with_more_classes_than_the_model(tmp_path):
