@@ -366,6 +366,20 @@ def test_fit_warns_of_a_skipped_step(tmp_path, monkeypatch, caplog):
     assert warned == [f"sphere_fast: step 1's gradients are not finite (loss {loss}): its update was skipped"]
 
 
+def test_rng_states_of_more_gpus_than_this_process_sees_restore_those_it_has(monkeypatch):
+    """A checkpoint of processes that each saw 8 GPUs, resumed on a node where each sees 4: restoring all 8 states
+    failed on device 4, after the weights and the optimiser were loaded."""
+    from sphere_fast.training import set_rng_state
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.extend)
+    states = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]
+    set_rng_state({"torch": torch.get_rng_state(), "cuda": states})
+    assert restored == states[:4]
+
+
 def test_learning_rate_schedule_and_encoder_scale():
     cfg = TrainConfig(global_batch=512, total_steps=100, warmup_steps=10)
     assert learning_rate(0, cfg) == pytest.approx(2e-4 / 10)
