@@ -277,7 +277,8 @@ def test_a_trainer_state_that_does_not_fit_is_refused_before_anything_changes(tm
     """A resume into a trainer whose trainable parameters differ (one more frozen; or one frozen, another not)
     replaced the weights and the step before the optimiser's load refused the state, or, groups of equal sizes,
     loaded moments of other shapes: a caller who went on trained from a mix. Refused first now."""
-    path = save_checkpoint(tmp_path, small_trainer(2).model, trainer=small_trainer(2))
+    trainer = small_trainer(2)
+    path = save_checkpoint(tmp_path, trainer.model, trainer=trainer)
     one_more_frozen = tiny_model(seed=5)
     one_more_frozen.encoder.x_embedder[0].weight.requires_grad_(False)
     another_trained = tiny_model(seed=5)

@@ -351,6 +351,7 @@ def assert_a_non_finite_step_is_skipped(device: torch.device) -> None:
 
 
 def test_fit_warns_of_a_skipped_step(tmp_path, monkeypatch, caplog):
+    """fit names a step whose gradient norm it reads as not finite (here the second's, made so)."""
     read, reads = StepLog.read, []
 
     def second_not_finite(self):
