@@ -44,15 +44,20 @@ def check_backend_name(name: str, what: str = "backend") -> str:
 DIFFERENTIATING_TRANSFORMS = {torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp}
 
 
+def _functorch_transforms() -> list[torch._C._functorch.TransformType]:
+    """The torch.func transforms in force, outermost first (none outside them)."""
+    if not torch._C._are_functorch_transforms_active():
+        return []
+    return [interpreter.key() for interpreter in torch._C._functorch.get_interpreter_stack()]
+
+
 def autodiff_transform() -> str | None:
     """The differentiation in force that the fused kernels cannot follow, if any: their derivatives are
     reverse-mode autograd only, so under forward-mode AD or torch.func's differentiating transforms their outputs
     would pass for constants (zero tangents, gradients left out) without an error. (vmap and functionalize alone
     take no derivative.)"""
-    if torch._C._are_functorch_transforms_active():
-        kinds = {interpreter.key() for interpreter in torch._C._functorch.get_interpreter_stack()}
-        if kinds & DIFFERENTIATING_TRANSFORMS:
-            return "a torch.func transform that differentiates (grad, vjp, jvp, jacrev, jacfwd, hessian)"
+    if DIFFERENTIATING_TRANSFORMS.intersection(_functorch_transforms()):
+        return "a torch.func transform that differentiates (grad, vjp, jvp, jacrev, jacfwd, hessian)"
     if torch.autograd.forward_ad._current_level >= 0:
         return "forward-mode AD (inside torch.autograd.forward_ad.dual_level)"
     return None
@@ -63,11 +68,8 @@ def beyond_first_order_reverse() -> bool:
     forward-mode AD, a torch.func transform built on jvp (jvp, jacfwd, hessian), or nested grad transforms."""
     if torch.autograd.forward_ad._current_level >= 0:
         return True
-    if not torch._C._are_functorch_transforms_active():
-        return False
-    kinds = [interpreter.key() for interpreter in torch._C._functorch.get_interpreter_stack()]
-    grad = torch._C._functorch.TransformType.Grad
-    return torch._C._functorch.TransformType.Jvp in kinds or kinds.count(grad) > 1
+    kinds = _functorch_transforms()
+    return torch._C._functorch.TransformType.Jvp in kinds or kinds.count(torch._C._functorch.TransformType.Grad) > 1
 
 
 def requested_backend(op: str, backend: str | None) -> str:
