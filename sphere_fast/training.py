@@ -402,6 +402,21 @@ def leave_distributed() -> None:
         dist.destroy_process_group()
 
 
+def check_process_group(info: DistInfo) -> None:
+    """A Trainer of more than one process needs the process group ``info`` describes: without one, DDP would fail
+    only after the model was moved and put in train mode."""
+    if info.world_size == 1:
+        return
+    if not dist.is_initialized():
+        raise RuntimeError(f"dist_info has world_size={info.world_size} but no process group is initialised: call "
+                           "sphere_fast.training.init_distributed() (under torchrun) or "
+                           "torch.distributed.init_process_group() first")
+    joined = DistInfo(dist.get_rank(), dist.get_world_size(), info.local_rank)
+    if joined != info:
+        raise ValueError(f"dist_info {info} does not match the process group (rank {joined.rank} of "
+                         f"{joined.world_size}); init_distributed() returns the matching one")
+
+
 def no_forward_buffer_sync() -> dict[str, bool]:
     """DDP's option to skip the buffer broadcast before each forward: ``forward_sync_buffers`` where torch has it
     (2.13 deprecates ``broadcast_buffers`` for it), else ``broadcast_buffers``."""
@@ -504,6 +519,7 @@ class Trainer:
         # failed Trainer leaves it as it was
         weights = loss_weights(config.loss_weights)
         check_weights_match_flags(model, weights)
+        check_process_group(self.dist)
         if perceptual is None and (weights.recon_perc or weights.con_perc):
             perceptual = PerceptualLoss.from_files(config.perceptual_weights)
         perceptual = None if perceptual is None else perceptual.to(self.device)

@@ -801,6 +801,26 @@ def test_perceptual_loss_without_weight_files_is_a_clear_error(tmp_path):
     assert not model.training and not model.encoder.activation_checkpointing
 
 
+def test_a_trainer_of_several_processes_needs_their_process_group():
+    """dist_info of two processes without a process group, or not the group's: refused before the model is changed
+    (DDP would raise only after the model was moved and put in train mode)."""
+    model = tiny_model().eval()
+    config = TrainConfig(global_batch=6, loss_weights=NO_PERCEPTUAL, activation_checkpointing=True)
+    assert not torch.distributed.is_initialized()
+    with pytest.raises(RuntimeError, match=r"world_size=2 but no process group is initialised: call "
+                                           r"sphere_fast.training.init_distributed\(\)"):
+        Trainer(model, config, dist_info=DistInfo(0, 2, 0))
+    assert not model.training and not model.encoder.activation_checkpointing
+    store = torch.distributed.HashStore()
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match=r"does not match the process group \(rank 0 of 1\)"):
+            Trainer(model, config, dist_info=DistInfo(1, 2, 1))
+        assert not model.training and not model.encoder.activation_checkpointing
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 @pytest.mark.parametrize(
     "flags, weights, match",
     [
