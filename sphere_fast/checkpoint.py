@@ -20,7 +20,7 @@ import pickle
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 import torch
 import torch.distributed as dist
@@ -31,15 +31,13 @@ from sphere_fast._checks import check_int
 from sphere_fast._files import replaced_atomically
 from sphere_fast._warn import warn
 from sphere_fast.model import ROPE_BUFFERS, WRAPPER_PREFIXES, SphereEncoder, check_model, resolve_model_size
+from sphere_fast.training import Trainer  # a real import, not for type checkers only: get_type_hints reads it
 
 # the public API (the rest is the library's own)
 __all__ = [
     "checkpoint_to_official", "latest_checkpoint", "load_checkpoint", "official_to_checkpoint", "read_official",
     "resolve_checkpoint", "save_checkpoint", "verify_checkpoint", "weights_sha256",
 ]
-
-if TYPE_CHECKING:
-    from sphere_fast.training import Trainer
 
 FORMAT = "sphere_fast-checkpoint/1"
 MODEL_FILE, EMA_FILE, STATE_FILE, CONFIG_FILE, MANIFEST_FILE = (
