@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import TypeVar
+from typing import Literal, TypeVar, overload
 
 import torch
 
@@ -669,6 +669,24 @@ class Sampler:
         with self._lock:
             self._captured(key)
         return key
+
+    # The result's type follows return_first, so that a type checker takes plain calls' images as a Tensor.
+    @overload
+    def __call__(self, labels: torch.Tensor | None = None, seeds: torch.Tensor | None = None,
+                 return_first: Literal[False] = False, clone: bool = True) -> torch.Tensor: ...
+
+    @overload
+    def __call__(self, labels: torch.Tensor | None, seeds: torch.Tensor | None, return_first: Literal[True],
+                 clone: bool = True) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    @overload
+    def __call__(self, labels: torch.Tensor | None = None, seeds: torch.Tensor | None = None, *,
+                 return_first: Literal[True], clone: bool = True) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    @overload
+    def __call__(self, labels: torch.Tensor | None = None, seeds: torch.Tensor | None = None,
+                 return_first: bool = False, clone: bool = True
+                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 
     @torch.no_grad()
     def __call__(
