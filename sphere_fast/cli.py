@@ -188,7 +188,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     run = RunConfig(
         model=model_cfg,
         train=TrainConfig(**train_cfg),
-        data=args.data or preset["data"],
+        data=args.data or saved.get("data") or preset["data"],  # a resume keeps its run's data
         out=args.out,
         checkpoint_every=args.checkpoint_every,
         workers=args.workers,
@@ -467,7 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train (under torchrun: DDP), then plot losses and write sample grids")
     p.add_argument("--preset", default="fashion-mnist-demo", choices=sorted(TRAIN_PRESETS))
-    p.add_argument("--data", help="fashion-mnist, synthetic, an image folder or a .jsonl list (default: the preset's)")
+    p.add_argument("--data", help="fashion-mnist, synthetic, an image folder or a .jsonl list (default: a resumed "
+                                  "run's, else the preset's)")
     p.add_argument("--out", default="outputs/demo")
     p.add_argument("--steps", type=count, help="total optimiser steps")
     p.add_argument("--batch-size", type=count, help="global batch (split over processes)")

@@ -694,9 +694,12 @@ class Trainer:
             if (saved := state["train_config"].get(name, value)) != value
         }
         if changed and self.dist.rank == 0:
+            # the data order is a function of (seed, step, global_batch): a resume reads other batches after either
+            moved = "; the data is read in another order" if {"global_batch", "seed"} & changed.keys() else ""
             warn(
                 "resuming with another recipe than the checkpoint's: "
                 + ", ".join(f"{name} {saved!r} -> {value!r}" for name, (saved, value) in changed.items())
+                + moved
             )
         self.step = int(state["step"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -844,7 +847,10 @@ def _start(run: RunConfig, info: DistInfo, resume: bool) -> tuple[Trainer, Any]:
     trainer = Trainer(model, cfg, device, info)
     last = latest_checkpoint(Path(run.out) / "checkpoints") if resume else None
     if last is not None:
-        load_checkpoint(last, trainer=trainer)
+        _, saved = load_checkpoint(last, trainer=trainer)
+        saved_data = (saved["run"] or {}).get("data", run.data)
+        if saved_data != run.data and info.rank == 0:
+            warn(f"resuming on other data than the checkpoint's: {saved_data!r} -> {run.data!r}")
     else:
         torch.manual_seed(process_seed(cfg.seed, info.rank))  # per-process noise, flips and label dropout
     if info.world_size > 1:  # a process that found another checkpoint, or none, would train other weights

@@ -501,6 +501,30 @@ def test_train_after_a_resume_reports_its_own_steps_and_keeps_the_warmup(tmp_pat
     assert "trained 1 steps" in capsys.readouterr().out
 
 
+def test_train_resumes_on_its_runs_data(tmp_path, capsys):
+    """Without --data a resume reads its run's data, not the preset's (Fashion-MNIST, or synthetic shapes where its
+    files are missing); other data given is taken, with a warning, as is another batch size, which reads the data in
+    another order."""
+    images = tmp_path / "images"
+    for label in ("a", "b"):
+        (images / label).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (20, 20), (80 * i, 40, 200 if label == "a" else 10)).save(images / label / f"{i}.png")
+    run = ["train", "--out", str(tmp_path / "run"), "--batch-size", "6", "--workers", "0", "--model-config",
+           json.dumps(TINY_CONFIG), "--sample-steps"]
+    assert main([*run, "--data", str(images), "--steps", "1"]) == 0
+    with pytest.warns(UserWarning, match="resuming with another recipe") as warned:
+        assert main([*run, "--steps", "2"]) == 0
+    assert "trained 1 steps" in capsys.readouterr().out
+    assert not any("other data" in str(w.message) or "Fashion-MNIST" in str(w.message) for w in warned)
+    assert json.loads((tmp_path / "run" / "run_config.json").read_text())["data"] == str(images)
+    with pytest.warns(UserWarning, match=f"resuming on other data than the checkpoint's: '{images}' -> 'synthetic'"):
+        assert main([*run, "--data", "synthetic", "--steps", "3"]) == 0
+    smaller = [*run[:4], "3", *run[5:]]  # --batch-size 3
+    with pytest.warns(UserWarning, match="global_batch 6 -> 3, total_steps 3 -> 4; the data is read in another order"):
+        assert main([*smaller, "--steps", "4"]) == 0
+
+
 def test_train_names_a_corrupt_checkpoint_it_would_resume_from(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(training, "fit", lambda run, resume: pytest.fail("a corrupt checkpoint reached training"))
     (tmp_path / "checkpoints" / "step-00000002").mkdir(parents=True)
