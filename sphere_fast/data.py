@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -39,6 +40,7 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     """RGB, the short side resized to ``size`` (bicubic, nearest for <= 64 px), then center cropped."""
+    check_int("size", size)
     # RGB first, as the official loader: Pillow resizes palette and 1-bit images with nearest whatever the filter
     img = img.convert("RGB")
     w, h = img.size
@@ -51,6 +53,8 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
 
 def random_hflip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Flip each image of [B, C, H, W] left-right with probability 1/2."""
+    if x.ndim != 4:  # one image [C, H, W] would broadcast against a flag per channel
+        raise ValueError(f"random_hflip takes a batch [B, C, H, W], got shape {tuple(x.shape)}")
     flip = torch.rand(x.shape[0], device=x.device, **generator_kwargs(generator)) < 0.5
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
 
@@ -71,8 +75,11 @@ class FileListDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.items[i]
-        with Image.open(path) as img:
-            return to_tensor(resize_center_crop(img, self.image_size)), label
+        try:
+            with Image.open(path) as img:
+                return to_tensor(resize_center_crop(img, self.image_size)), label
+        except OSError as err:  # a truncated or unreadable file: which of the many it is (a worker hides the index)
+            raise OSError(f"{path}: {err}") from err
 
 
 def _is_data(name: str) -> bool:
@@ -154,6 +161,9 @@ def jsonl_list(list_file: str | Path, image_size: int, root: str | Path | None =
                     f"{list_file}:{n}: expected a JSON object with class_id, class_name, image_path (and optionally "
                     f"is_absolute_path), got {line.strip()[:120]!r} ({err})"
                 ) from None
+            if not isinstance(path, str) or not isinstance(name, str):
+                raise ValueError(f"{list_file}:{n}: image_path and class_name must be strings, got {path!r} and "
+                                 f"{name!r}")
             if (label := _class_id(cid)) is None or label < 0:
                 raise ValueError(f"{list_file}:{n}: class_id must be an int >= 0 (or a string of digits), got {cid!r}")
             # a string such as "false" would be truthy: the relative path taken as an absolute one
@@ -186,10 +196,15 @@ def _check_some_exist(items: list[tuple[Path, int]], list_file: Path) -> None:
 def _read_idx(path: Path) -> np.ndarray:
     with gzip.open(path, "rb") as fh:
         data = fh.read()
+    if len(data) < 4:
+        raise ValueError(f"{path}: {len(data)} bytes, too short for an IDX file (a truncated download?)")
     ndim = data[3]
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     if data[2] != 0x08:
         raise ValueError(f"{path}: expected an unsigned-byte IDX file, got type code {data[2]:#x}")
+    if len(data) != 4 + 4 * ndim + math.prod(dims):
+        raise ValueError(f"{path}: {len(data)} bytes where its header {dims} needs {4 + 4 * ndim + math.prod(dims)} "
+                         "(a truncated download?)")
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
@@ -250,7 +265,9 @@ class SyntheticShapes(Dataset):
 
     def __init__(self, size: int = 1024, image_size: int = 32, num_classes: int = 10, seed: int = 0):
         self.size, self.image_size = check_int("size", size), check_int("image_size", image_size)
-        self.num_classes, self.seed = check_int("num_classes", num_classes), seed
+        # beyond kinds x colours a class would draw exactly as an earlier one: labels no model could learn
+        self.num_classes = check_int("num_classes", num_classes, 1, len(self.KINDS) * len(self.COLOURS) + 1)
+        self.seed = check_int("seed", seed, 0, 2**32)  # its generators' seeds, seed * 1_000_003 + i, fit 64 bits
         self.class_names = [f"shape-{k}" for k in range(num_classes)]
 
     def __len__(self) -> int:
@@ -301,6 +318,8 @@ class StepBatchSampler(Sampler[list[int]]):
     resumed run reads exactly the batches an uninterrupted run would have read."""
 
     def __init__(self, n: int, batch_per_rank: int, *, rank: int = 0, world_size: int = 1, seed: int = 0, start_step: int = 0):
+        check_int("n", n, 0)
+        check_int("seed", seed, 0)
         check_int("batch_per_rank", batch_per_rank)
         check_int("world_size", world_size)
         check_int("rank", rank, 0)
@@ -339,6 +358,7 @@ def make_loader(
     ``fit`` gives each process and resume its own), keeps worker seeding off the global RNG: a dataset's random
     transforms in the workers draw from it. ``pin_memory`` (for a GPU) lets the batch's copy to the device run
     without the host waiting for it."""
+    check_int("workers", workers, 0)  # else refused only at the first batch
     sampler = StepBatchSampler(len(dataset), batch_per_rank, rank=rank, world_size=world_size, seed=seed, start_step=start_step)
     return DataLoader(
         dataset,

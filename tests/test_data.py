@@ -134,6 +134,10 @@ def test_list_files_skip_blank_lines_keep_class_ids_and_check_them(tmp_path):
         (tmp_path / "bad.jsonl").write_text(json.dumps({**line, "class_id": bad}) + "\n")
         with pytest.raises(ValueError, match="bad.jsonl:1: class_id must be an int >= 0"):
             jsonl_list(tmp_path / "bad.jsonl", 16)
+    for bad in ({"image_path": 5}, {"image_path": None}, {"class_name": 3}):  # not a bare TypeError of Path's /
+        (tmp_path / "bad.jsonl").write_text(json.dumps({**line, "class_id": 0, **bad}) + "\n")
+        with pytest.raises(ValueError, match="bad.jsonl:1: image_path and class_name must be strings"):
+            jsonl_list(tmp_path / "bad.jsonl", 16)
 
 
 def test_image_folder_links_do_not_move_images_between_classes(tmp_path):
@@ -199,6 +203,31 @@ def test_random_hflip_flips_half_the_images():
     x = torch.tensor([0.0, 1.0]).expand(4000, 1, 1, 2)
     flipped = random_hflip(x, torch.Generator().manual_seed(0))
     assert 0.45 < (flipped[:, 0, 0, 0] == 1).float().mean() < 0.55  # 4000 draws: 6 standard deviations
+    for one in (x[0], x[0, 0]):  # not a batch: would broadcast to [3, 3, H, W] or [H, 1, H, W]
+        with pytest.raises(ValueError, match=r"random_hflip takes a batch \[B, C, H, W\], got shape"):
+            random_hflip(one)
+
+
+def test_a_broken_image_names_its_file(tmp_path):
+    """A truncated file among a million: a DataLoader worker's error shows neither the index nor the path."""
+    Image.new("RGB", (40, 40), (10, 200, 30)).save(tmp_path / "whole.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "whole.png").read_bytes()[:60])
+    ds = FileListDataset([(tmp_path / "whole.png", 0), (tmp_path / "cut.png", 0)], ["a"], 16)
+    assert ds[0][0].shape == (3, 16, 16)
+    with pytest.raises(OSError, match=f"^{tmp_path / 'cut.png'}: "):
+        ds[1]
+
+
+def test_data_arguments_are_checked_when_given():
+    """Checked where they are given, not at the first batch (inside a worker)."""
+    with pytest.raises(TypeError, match="size must be an int >= 1, got 16.5"):
+        resize_center_crop(Image.new("RGB", (20, 20)), 16.5)
+    with pytest.raises(TypeError, match="n must be an int >= 0, got True"):
+        StepBatchSampler(True, 1)
+    with pytest.raises(TypeError, match="seed must be an int >= 0, got 0.5"):
+        StepBatchSampler(8, 2, seed=0.5)
+    with pytest.raises(TypeError, match="workers must be an int >= 0, got 1.5"):
+        make_loader(SyntheticShapes(size=8, image_size=8), 2, workers=1.5)
 
 
 def test_a_file_list_needs_images():
@@ -255,6 +284,14 @@ def test_fashion_mnist_refuses_image_and_label_files_that_disagree(tmp_path):
     write_idx(labels, np.zeros((6, 1)))
     with pytest.raises(ValueError, match=r"\[N, H, W\] images .* \[N\] labels, got shapes \(6, 28, 28\) and \(6, 1\)"):
         FashionMNIST(32, root=tmp_path)
+    write_idx(labels, np.zeros(6))
+    with gzip.open(images, "rb") as fh:
+        whole = fh.read()
+    for cut in (len(whole) - 1, 2):  # a truncated download: not numpy's reshape or index error
+        with gzip.open(images, "wb") as fh:
+            fh.write(whole[:cut])
+        with pytest.raises(ValueError, match=f"{images}: {cut} bytes.*a truncated download"):
+            FashionMNIST(32, root=tmp_path)
 
 
 def test_fashion_mnist_missing_names_the_package_and_falls_back(tmp_path, monkeypatch):
@@ -278,9 +315,18 @@ def test_synthetic_shapes_are_deterministic_and_open_dataset():
     # classes 0 and 5 share a shape kind (five kinds): their colours tell them apart
     colours = [tuple(ds[k][0].flatten(1).max(1).values.tolist()) for k in (0, 5)]
     assert colours[0] != colours[1]
-    for kwargs, error in (({"size": True}, TypeError), ({"num_classes": 2.0}, TypeError), ({"size": 0}, ValueError)):
-        with pytest.raises(error, match=f"{next(iter(kwargs))} must be an int >= 1"):
+    for kwargs, error, match in (
+        ({"size": True}, TypeError, "size must be an int >= 1"),
+        ({"num_classes": 2.0}, TypeError, r"num_classes must be an int in \[1, 21\)"),
+        ({"size": 0}, ValueError, "size must be an int >= 1"),
+        # 5 kinds x 4 colours: class 20 would draw as class 0
+        ({"num_classes": 21}, ValueError, r"num_classes must be an int in \[1, 21\), got 21"),
+        ({"seed": 0.5}, TypeError, "seed must be an int"),  # else refused in a worker, at the first image
+        ({"seed": 2**62}, ValueError, r"seed must be an int in \[0, 4294967296\)"),
+    ):
+        with pytest.raises(error, match=match):
             SyntheticShapes(**kwargs)
+    assert SyntheticShapes(num_classes=20, seed=2**32 - 1)[19][1] == 19
 
 
 def test_sampler_shards_the_global_batch_and_resumes():
