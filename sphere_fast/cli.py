@@ -255,12 +255,12 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
 def _read_images(paths: Sequence[str], size: int, device: str) -> torch.Tensor:
     from PIL import Image
 
-    from sphere_fast.data import resize_center_crop, to_tensor
+    from sphere_fast.data import pixels_to_images, resize_center_crop, to_pixels
 
     out = []
     for p in paths:
         with Image.open(p) as img:
-            out.append(to_tensor(resize_center_crop(img, size)) * 0.5 + 0.5)
+            out.append(pixels_to_images(to_pixels(resize_center_crop(img, size))) * 0.5 + 0.5)
     return torch.stack(out).to(device)  # [0, 1], what sphere_fast.editing takes
 
 

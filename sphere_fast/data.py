@@ -1,5 +1,6 @@
 """Training data: image folders, the official JSON-lines lists, Fashion-MNIST from Debian's files and a
-synthetic set, all as [3, S, S] float images in [-1, 1] with int labels.
+synthetic set, as [3, S, S] images with int labels: uint8 pixels, but the synthetic set's float images in
+[-1, 1]; the trainer converts pixels on the device (``pixels_to_images``).
 
 Preprocessing follows spec section 4: resize the short side (bicubic; nearest at <= 64 px) then center
 crop. The random horizontal flip is applied per batch by the trainer (``random_hflip``) from the
@@ -32,10 +33,15 @@ FASHION_MNIST_CLASSES = (
 )
 
 
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """PIL image -> [3, H, W] float in [-1, 1] (mean 0.5, std 0.5)."""
-    arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+def to_pixels(img: Image.Image) -> torch.Tensor:
+    """PIL image -> [3, H, W] uint8. The datasets give pixels, a quarter of float32's bytes through the workers'
+    shared memory, the pinned buffers and the copy to the device; ``pixels_to_images`` converts them there."""
+    return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).contiguous()  # np.asarray's is read-only
+
+
+def pixels_to_images(x: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 images in [-1, 1] (mean 0.5, std 0.5), the model's input range."""
+    return x.float() / 127.5 - 1.0
 
 
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
@@ -60,7 +66,7 @@ def random_hflip(x: torch.Tensor, generator: torch.Generator | None = None) -> t
 
 
 class FileListDataset(Dataset):
-    """Images from a list of (path, class_id) with a class-name table."""
+    """Images from a list of (path, class_id) with a class-name table, as uint8 pixels [3, S, S] (``to_pixels``)."""
 
     def __init__(self, items: Sequence[tuple[Path, int]], class_names: Sequence[str], image_size: int):
         if not items:
@@ -77,7 +83,7 @@ class FileListDataset(Dataset):
         path, label = self.items[i]
         try:
             with Image.open(path) as img:
-                return to_tensor(resize_center_crop(img, self.image_size)), label
+                return to_pixels(resize_center_crop(img, self.image_size)), label
         except OSError as err:  # a truncated or unreadable file: which of the many it is (a worker hides the index)
             raise OSError(f"{path}: {err}") from err
 
@@ -211,7 +217,7 @@ def _read_idx(path: Path) -> np.ndarray:
 class FashionMNIST(Dataset):
     """Fashion-MNIST read from the IDX files of Debian's ``dataset-fashion-mnist``. The 28 px images are
     centred on a black canvas of ``image_size`` (padding keeps the garments undistorted); smaller sizes
-    are resized (nearest). Grey is repeated over 3 channels."""
+    are resized (nearest). Grey is repeated over 3 channels; uint8 pixels, as ``to_pixels`` gives."""
 
     class_names = list(FASHION_MNIST_CLASSES)
     num_classes = 10
@@ -243,11 +249,11 @@ class FashionMNIST(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        img = self.images[i].float() / 127.5 - 1.0
+        img = self.images[i]  # uint8, as to_pixels gives
         s = self.image_size
         if s >= img.shape[-1]:
             lo = (s - img.shape[-1]) // 2
-            img = torch.nn.functional.pad(img, (lo, s - img.shape[-1] - lo, lo, s - img.shape[-2] - lo), value=-1.0)
+            img = torch.nn.functional.pad(img, (lo, s - img.shape[-1] - lo, lo, s - img.shape[-2] - lo), value=0)
         else:
             img = torch.nn.functional.interpolate(img[None, None], size=(s, s), mode="nearest")[0, 0]
         return img.expand(3, s, s).contiguous(), int(self.labels[i])
@@ -255,7 +261,8 @@ class FashionMNIST(Dataset):
 
 class SyntheticShapes(Dataset):
     """Deterministic coloured shapes, one shape kind and colour per class, jittered per index: learnable
-    in minutes, for tests and as the fallback when no real data is installed."""
+    in minutes, for tests and as the fallback when no real data is installed. Float images in [-1, 1]: the
+    colours are not whole pixel values."""
 
     KINDS = ("square", "disc", "bar", "cross", "ring")
     COLOURS = ((1.0, 0.3, 0.2), (0.2, 0.6, 1.0), (0.3, 0.9, 0.3), (1.0, 0.9, 0.2))

@@ -29,6 +29,7 @@ from sphere_fast._checks import check_int
 from sphere_fast._files import os_lock
 from sphere_fast._random import generator_kwargs
 from sphere_fast._warn import warn
+from sphere_fast.data import pixels_to_images
 from sphere_fast.model import check_label_range, labels_checked
 from sphere_fast.perceptual import LPIPS, ConvNeXt, load_state_dict_file
 from sphere_fast.sampling import to_device_unsynced
@@ -491,8 +492,8 @@ def check_image_range(x: torch.Tensor) -> None:
 class Trainer:
     """Optimiser, schedule, EMA and (under torchrun) DDP around a SphereEncoder.
 
-    Images are in [-1, 1] (the datasets' range; the sampler and the edits take and give [0, 1]); the first host
-    batch (and fit's first) is checked. As the official training, a Trainer turns on TF32 for float32 matmuls and
+    Images are in [-1, 1] (the sampler and the edits take and give [0, 1]), or uint8 pixels, which the step
+    converts on the device (the datasets give them); the first host batch of floats (and fit's first) is checked. As the official training, a Trainer turns on TF32 for float32 matmuls and
     convolutions on CUDA, process-wide (``torch.backends.cuda.matmul.allow_tf32``, ``cudnn.allow_tf32``).
     ``train_step(x, y)`` draws the noise levels (per process: one r = 0 and one r = 1 in each
     process's batch) and per-sample noise seeds from torch's global RNG, which the checkpoint saves;
@@ -560,8 +561,8 @@ class Trainer:
         return self.launch_step(x, y, **inputs).read()
 
     def _check_first_batch(self, x: torch.Tensor) -> None:
-        """The range of the first images this Trainer is given (on the host), once."""
-        if not self._range_checked:
+        """The range of the first images this Trainer is given (on the host), once; uint8 pixels have theirs."""
+        if not self._range_checked and x.dtype != torch.uint8:
             check_image_range(x)
             self._range_checked = True
 
@@ -582,7 +583,8 @@ class Trainer:
         pinned host memory (a DataLoader's) are copied to the device after the call returns: a buffer of them is
         not to be changed before the step's log is read (pinned labels and seeds are copied on the host first)."""
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor of images [B, 3, H, W] in [-1, 1], got {type(x).__name__}")
+            raise TypeError(f"x must be a torch.Tensor of images [B, 3, H, W] in [-1, 1] (or uint8 pixels), got "
+                            f"{type(x).__name__}")
         per_sample = {"y": y, "noise": noise, "seeds": seeds}
         if scales is not None:
             per_sample.update(big_scales=scales[0], small_scales=scales[1])
@@ -595,6 +597,8 @@ class Trainer:
             self.model.train()
         micro = micro_batches(x.shape[0], self.config.accumulation_steps)
         x = x.to(self.device, non_blocking=True)
+        if x.dtype == torch.uint8:
+            x = pixels_to_images(x)
         if y is not None:
             # checked once, on the host for loader labels: the three network calls below then skip their
             # own check, which would stall the step on a device sync each

@@ -17,8 +17,10 @@ from sphere_fast.data import (
     jsonl_list,
     make_loader,
     open_dataset,
+    pixels_to_images,
     random_hflip,
     resize_center_crop,
+    to_pixels,
 )
 
 
@@ -33,8 +35,8 @@ def test_image_folder_and_jsonl_list(tmp_path):
     ds = image_folder(tmp_path, 16)
     assert ds.class_names == ["cats", "dogs"] and len(ds) == 2
     x, y = ds[0]
-    assert x.shape == (3, 16, 16) and y == 0
-    torch.testing.assert_close(x[:, 0, 0], torch.tensor([1.0, -1.0, -1.0]))
+    assert x.shape == (3, 16, 16) and x.dtype == torch.uint8 and y == 0
+    assert x[:, 0, 0].tolist() == [255, 0, 0]
 
     lines = [
         {"class_id": 1, "class_name": "dogs", "image_path": "dogs/b.jpg", "is_absolute_path": False},
@@ -43,7 +45,7 @@ def test_image_folder_and_jsonl_list(tmp_path):
     (tmp_path / "list.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
     ds = jsonl_list(tmp_path / "list.jsonl", 16)
     assert ds.class_names == ["cats", "dogs"] and [ds[i][1] for i in range(2)] == [1, 0]
-    assert ds[0][0][2].mean() > 0.9  # blue image
+    assert ds[0][0][2].min() > 240  # blue image
     (tmp_path / "bad.jsonl").write_text('{"class_id": 0}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         jsonl_list(tmp_path / "bad.jsonl", 16)
@@ -199,6 +201,16 @@ def test_images_are_rgb_before_the_resize(mode):
     assert np.array_equal(np.asarray(out), np.asarray(resize_center_crop(img.convert("RGB"), 80)))
 
 
+def test_pixels_become_the_models_range_as_float32_would_compute_it():
+    """Every pixel value maps to what converting before the workers gave: x / 127.5 - 1 in float32."""
+    pixels = torch.arange(256, dtype=torch.uint8)
+    expected = torch.from_numpy(np.arange(256, dtype=np.float32) / np.float32(127.5) - np.float32(1.0))
+    assert torch.equal(pixels_to_images(pixels), expected)
+    assert pixels_to_images(pixels)[[0, 255]].tolist() == [-1.0, 1.0]
+    img = Image.fromarray(np.random.default_rng(3).integers(0, 256, (5, 7, 3), dtype=np.uint8))
+    assert torch.equal(to_pixels(img), torch.from_numpy(np.asarray(img)).permute(2, 0, 1))
+
+
 def test_random_hflip_flips_half_the_images():
     x = torch.tensor([0.0, 1.0]).expand(4000, 1, 1, 2)
     flipped = random_hflip(x, torch.Generator().manual_seed(0))
@@ -241,8 +253,8 @@ def test_fashion_mnist_from_debian_files():
     assert len(ds) == 60000 and len(FashionMNIST(32, "test")) == 10000
     x, y = ds[0]
     assert x.shape == (3, 32, 32) and 0 <= y < 10
-    assert torch.all(x[:, :2] == -1)  # the 2-px border added around the 28-px image is black
-    assert x.max() > 0.5
+    assert x.dtype == torch.uint8 and torch.all(x[:, :2] == 0)  # the 2-px border around the 28-px image is black
+    assert x.max() > 191
 
 
 def write_idx(path, array: np.ndarray, type_code: int = 0x08) -> None:
@@ -258,15 +270,15 @@ def test_fashion_mnist_pads_to_centre_and_resizes_by_nearest(tmp_path):
     for split, images in raw.items():
         write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", images)
         write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", np.array([3, 7]))
-    as_float = {k: torch.from_numpy(v).float() / 127.5 - 1 for k, v in raw.items()}
+    pixels = {k: torch.from_numpy(v.astype(np.uint8)) for k, v in raw.items()}
     x, y = FashionMNIST(34, root=tmp_path)[1]
-    expected = torch.full((34, 34), -1.0)
-    expected[3:31, 3:31] = as_float["train"][1]  # 3 px of black on every side
+    expected = torch.zeros((34, 34), dtype=torch.uint8)
+    expected[3:31, 3:31] = pixels["train"][1]  # 3 px of black on every side
     assert y == 7 and torch.equal(x, expected.expand(3, 34, 34))
     x, _ = FashionMNIST(34, "test", root=tmp_path)[0]
-    assert torch.equal(x[0, 3:31, 3:31], as_float["t10k"][0])
+    assert torch.equal(x[0, 3:31, 3:31], pixels["t10k"][0])
     rows = (torch.arange(16) * 28) // 16  # nearest: output pixel i reads input pixel floor(i * 28 / 16)
-    assert torch.equal(FashionMNIST(16, root=tmp_path)[0][0][0], as_float["train"][0][rows][:, rows])
+    assert torch.equal(FashionMNIST(16, root=tmp_path)[0][0][0], pixels["train"][0][rows][:, rows])
     with pytest.raises(ValueError, match="split"):
         FashionMNIST(32, "val", root=tmp_path)
     write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.array([3, 7]), type_code=0x0C)

@@ -173,6 +173,22 @@ def test_train_step_takes_seeds_as_the_noise_they_draw():
         Trainer(tiny_model(), config).train_step(x, y, scales=scales, noise=noise, seeds=seeds)
 
 
+def test_train_step_takes_uint8_pixels_as_the_images_they_convert_to():
+    """The datasets give uint8 pixels (a quarter of float32's bytes through shared memory and the copy to the
+    device): the step converts them as the float images, x / 127.5 - 1, and trains the same weights."""
+    pixels = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    _, y = tiny_batch(4)
+    scales = (torch.full((4,), 0.9), torch.full((4,), 0.3))
+    seeds = torch.tensor([5, 6, 7, 8], dtype=torch.int64)
+    config = TrainConfig(global_batch=4, total_steps=4, warmup_steps=1, loss_weights=NO_PERCEPTUAL)
+    trainers = [Trainer(no_label_dropout(tiny_model()), config) for _ in range(2)]
+    from_pixels = trainers[0].train_step(pixels, y, scales=scales, seeds=seeds)
+    from_images = trainers[1].train_step(pixels.float() / 127.5 - 1, y, scales=scales, seeds=seeds)
+    assert from_pixels == from_images
+    for a, b in zip(trainers[0].model.parameters(), trainers[1].model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_train_step_refuses_per_sample_inputs_of_another_length():
     """The micro-batches slice every per-sample input by the images' rows: a longer one (a stale label tensor) would
     be cut to fit without a word, so each is refused by name; a batch that is no tensor is a TypeError."""
