@@ -71,16 +71,33 @@ class FileListDataset(Dataset):
     def __init__(self, items: Sequence[tuple[Path, int]], class_names: Sequence[str], image_size: int):
         if not items:
             raise ValueError("the dataset holds no images")
-        self.items = list(items)
+        # Packed in arrays, not a list of (Path, int): ImageNet's 1.28M paths as Python objects are about 460 MiB
+        # in every worker, seconds to pickle to each (spawn, forkserver: Python 3.14's default), and copied page by
+        # page under fork as their reference counts change.
+        paths = [os.fsencode(path) for path, _ in items]
+        self._path_bytes = np.frombuffer(b"".join(paths), dtype=np.uint8)
+        self._path_ends = np.cumsum([len(p) for p in paths], dtype=np.int64)
+        self._labels = np.array([label for _, label in items], dtype=np.int64)
         self.class_names = list(class_names)
         self.num_classes = len(self.class_names)
         self.image_size = check_int("image_size", image_size)
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self._labels)
+
+    def item(self, i: int) -> tuple[Path, int]:
+        """The ``i``-th (path, class_id)."""
+        i = range(len(self))[i]  # a negative index counts from the end; out of range raises IndexError
+        start = self._path_ends[i - 1] if i > 0 else 0
+        return Path(os.fsdecode(self._path_bytes[start : self._path_ends[i]].tobytes())), int(self._labels[i])
+
+    @property
+    def items(self) -> list[tuple[Path, int]]:
+        """Every (path, class_id), in order (built on each access)."""
+        return [self.item(i) for i in range(len(self))]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        path, label = self.items[i]
+        path, label = self.item(i)
         try:
             with Image.open(path) as img:
                 return to_pixels(resize_center_crop(img, self.image_size)), label

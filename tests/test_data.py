@@ -1,5 +1,8 @@
+import gc
 import gzip
 import json
+import os
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -208,7 +211,7 @@ def test_pixels_become_the_models_range_as_float32_would_compute_it():
     assert torch.equal(pixels_to_images(pixels), expected)
     assert pixels_to_images(pixels)[[0, 255]].tolist() == [-1.0, 1.0]
     img = Image.fromarray(np.random.default_rng(3).integers(0, 256, (5, 7, 3), dtype=np.uint8))
-    assert torch.equal(to_pixels(img), torch.from_numpy(np.asarray(img)).permute(2, 0, 1))
+    assert torch.equal(to_pixels(img), torch.from_numpy(np.array(img)).permute(2, 0, 1))
 
 
 def test_random_hflip_flips_half_the_images():
@@ -218,6 +221,28 @@ def test_random_hflip_flips_half_the_images():
     for one in (x[0], x[0, 0]):  # not a batch: would broadcast to [3, 3, H, W] or [H, 1, H, W]
         with pytest.raises(ValueError, match=r"random_hflip takes a batch \[B, C, H, W\], got shape"):
             random_hflip(one)
+
+
+def test_a_file_list_keeps_its_paths_packed(tmp_path):
+    """Paths of any bytes (non-UTF-8 names too) come back as given, by index (negative too) and in order; the
+    dataset pickles as a few arrays, not a Python object per image (what spawn and forkserver workers receive)."""
+    names = ["a.png", "é ü.png", os.fsdecode(b"\xff\xfe.png"), "b.png"]
+    items = [(tmp_path / name, k % 2) for k, name in enumerate(names)]
+    for path, _ in items:
+        write_image(path, 8, 8, (0, 0, 255))
+    ds = FileListDataset(items, ["x", "y"], 8)
+    assert ds.items == items and len(ds) == 4
+    assert ds.item(-1) == items[-1] and ds.item(1) == items[1]
+    with pytest.raises(IndexError):
+        ds.item(4)
+    assert [ds[i][1] for i in range(4)] == [0, 1, 0, 1] and ds[2][0][2].min() > 240
+    many = FileListDataset([(tmp_path / f"class_{k % 1000}" / f"image_{k:08d}.JPEG", k % 1000) for k in range(20000)],
+                           ["c"] * 1000, 8)
+    blob = pickle.dumps(many)
+    tracked = len(gc.get_objects())
+    loaded = pickle.loads(blob)
+    assert len(gc.get_objects()) - tracked < 100  # a list of (Path, int) made two objects an image
+    assert loaded.items == many.items
 
 
 def test_a_broken_image_names_its_file(tmp_path):
