@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import multiprocessing
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -366,6 +367,12 @@ class StepBatchSampler(Sampler[list[int]]):
             epoch, step = epoch + 1, 0
 
 
+def check_start_method(name: str | None) -> None:
+    """None (Python's default) or a start method this platform has."""
+    if name is not None and name not in multiprocessing.get_all_start_methods():
+        raise ValueError(f"start_method must be None or one of {multiprocessing.get_all_start_methods()}, got {name!r}")
+
+
 def make_loader(
     dataset: Dataset,
     batch_per_rank: int,
@@ -377,12 +384,15 @@ def make_loader(
     workers: int = 0,
     pin_memory: bool = False,
     worker_seed: int | None = None,
+    start_method: str | None = None,
 ) -> DataLoader:
     """A DataLoader over ``StepBatchSampler``; its own generator, seeded with ``worker_seed`` (default ``seed``;
     ``fit`` gives each process and resume its own), keeps worker seeding off the global RNG: a dataset's random
     transforms in the workers draw from it. ``pin_memory`` (for a GPU) lets the batch's copy to the device run
-    without the host waiting for it."""
+    without the host waiting for it. ``start_method`` starts the workers by ``fork``, ``forkserver`` or ``spawn``
+    (default: Python's, forkserver on Linux from Python 3.14, spawn on macOS and Windows)."""
     check_int("workers", workers, 0)  # else refused only at the first batch
+    check_start_method(start_method)
     sampler = StepBatchSampler(len(dataset), batch_per_rank, rank=rank, world_size=world_size, seed=seed, start_step=start_step)
     return DataLoader(
         dataset,
@@ -390,5 +400,6 @@ def make_loader(
         num_workers=workers,
         persistent_workers=workers > 0,
         pin_memory=pin_memory,
+        multiprocessing_context=start_method if workers > 0 else None,  # torch refuses one without workers
         generator=torch.Generator().manual_seed(seed if worker_seed is None else worker_seed),
     )

@@ -29,7 +29,7 @@ from sphere_fast._checks import check_int
 from sphere_fast._files import os_lock
 from sphere_fast._random import generator_kwargs
 from sphere_fast._warn import warn
-from sphere_fast.data import pixels_to_images
+from sphere_fast.data import check_start_method, pixels_to_images
 from sphere_fast.model import check_label_range, labels_checked
 from sphere_fast.perceptual import LPIPS, ConvNeXt, load_state_dict_file
 from sphere_fast.sampling import to_device_unsynced
@@ -730,10 +730,12 @@ class RunConfig:
     log_every: int = 10
     workers: int = 1
     synthetic_fallback: bool = True
+    start_method: str | None = None  # the data workers' (data.make_loader): None is Python's default
 
     def __post_init__(self) -> None:
         _check_counts(self, ("checkpoint_every", "log_every"))
         check_int("workers", self.workers, 0)
+        check_start_method(self.start_method)
         if not isinstance(self.train, TrainConfig):
             raise TypeError(f"train must be a TrainConfig, got {type(self.train).__name__}")
 
@@ -862,7 +864,7 @@ def _start(run: RunConfig, info: DistInfo, resume: bool) -> tuple[Trainer, Any]:
     loader = make_loader(
         dataset, cfg.global_batch // info.world_size, rank=info.rank, world_size=info.world_size,
         seed=cfg.seed, start_step=trainer.step, workers=run.workers, pin_memory=device.type == "cuda",
-        worker_seed=process_seed(cfg.seed, info.rank, trainer.step),
+        worker_seed=process_seed(cfg.seed, info.rank, trainer.step), start_method=run.start_method,
     )
     return trainer, loader
 

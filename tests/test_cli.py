@@ -525,6 +525,22 @@ def test_train_resumes_on_its_runs_data(tmp_path, capsys):
         assert main([*smaller, "--steps", "4"]) == 0
 
 
+def test_train_passes_the_workers_start_method(monkeypatch, tmp_path):
+    runs = []
+
+    def record(run, resume):
+        runs.append(run)
+        raise KeyboardInterrupt  # stops the command once the run config is made
+
+    monkeypatch.setattr(training, "fit", record)
+    for given, expected in ((["--start-method", "spawn"], "spawn"), ([], None)):
+        with pytest.raises(KeyboardInterrupt):
+            main(["train", "--out", str(tmp_path), "--data", "synthetic", *given])
+        assert runs.pop().start_method == expected
+    with pytest.raises(SystemExit):
+        main(["train", "--out", str(tmp_path), "--start-method", "thread"])
+
+
 def test_train_names_a_corrupt_checkpoint_it_would_resume_from(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(training, "fit", lambda run, resume: pytest.fail("a corrupt checkpoint reached training"))
     (tmp_path / "checkpoints" / "step-00000002").mkdir(parents=True)

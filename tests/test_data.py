@@ -1,5 +1,6 @@
 import gc
 import gzip
+import itertools
 import json
 import os
 import pickle
@@ -243,6 +244,22 @@ def test_a_file_list_keeps_its_paths_packed(tmp_path):
     loaded = pickle.loads(blob)
     assert len(gc.get_objects()) - tracked < 100  # a list of (Path, int) made two objects an image
     assert loaded.items == many.items
+
+
+def test_a_loader_starts_its_workers_by_the_method_asked():
+    """spawn (macOS's and Windows' default; forkserver is Linux's from Python 3.14): the dataset and the sampler
+    pickle, and the batches are those of a loader without workers."""
+    data = SyntheticShapes(size=8, image_size=8)
+    loader = make_loader(data, 2, workers=1, start_method="spawn")
+    assert loader.multiprocessing_context.get_start_method() == "spawn"
+    batches = iter(loader)
+    for x, y in itertools.islice(make_loader(data, 2), 2):
+        got = next(batches)
+        assert torch.equal(got[0], x) and torch.equal(got[1], y)
+    batches._shutdown_workers()
+    assert make_loader(data, 2, start_method="spawn").multiprocessing_context is None  # no workers to start
+    with pytest.raises(ValueError, match=r"start_method must be None or one of \[.*'spawn'.*\], got 'fork-exec'"):
+        make_loader(data, 2, workers=1, start_method="fork-exec")
 
 
 def test_a_broken_image_names_its_file(tmp_path):

@@ -583,6 +583,16 @@ def test_a_failed_fit_stops_its_data_workers(tmp_path):
     assert kept.value.__traceback__ is not None and set(multiprocessing.active_children()) <= before
 
 
+def test_fit_starts_its_data_workers_by_the_runs_start_method(tmp_path, monkeypatch):
+    from sphere_fast import data
+
+    asked = []
+    make_loader = data.make_loader
+    monkeypatch.setattr(data, "make_loader", lambda *a, **k: asked.append(k["start_method"]) or make_loader(*a, **k))
+    fit(dataclasses.replace(synthetic_run(tmp_path, 1), start_method="spawn"), progress=False)
+    assert asked == ["spawn"]
+
+
 def test_fit_refuses_data_with_more_classes_than_the_model(tmp_path):
     with pytest.raises(ValueError, match="the data has 10 classes but the model only 5"):
         fit(synthetic_run(tmp_path, 1, num_classes=5), progress=False)
@@ -791,6 +801,8 @@ def test_run_config_refuses_bad_workers_and_train():
             RunConfig(model=TINY_CONFIG, train=TrainConfig(), workers=value)
     with pytest.raises(TypeError, match="train must be a TrainConfig, got dict"):
         RunConfig(model=TINY_CONFIG, train={})
+    with pytest.raises(ValueError, match="start_method must be None or one of"):
+        RunConfig(model=TINY_CONFIG, train=TrainConfig(), start_method="thread")
 
 
 def test_train_config_betas_become_a_tuple():
