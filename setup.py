@@ -30,6 +30,7 @@ setup(
             "pytest-timeout",
             "expecttest",
             "hypothesis",
+            "mypy==2.4.1",  # the README examples are type-checked (tests/test_readme.py): a newer mypy may differ
         ],
     },
     entry_points={"console_scripts": ["sphere-fast=sphere_fast.cli:main"]},
