@@ -8,13 +8,22 @@ from __future__ import annotations
 import contextlib
 import numbers
 from collections.abc import Iterator
+from typing import cast
 
 import torch
 import torch.nn as nn
 
 from sphere_fast import ops
 from sphere_fast._checks import check_int
-from sphere_fast.model import check_eval_mode, check_flags, check_model, check_noise_scaler, labels_checked
+from sphere_fast.model import (
+    SphereEncoder,
+    check_eval_mode,
+    check_flags,
+    check_model,
+    check_noise_scaler,
+    labels_checked,
+)
+from sphere_fast.nn.layers import LabelEmbedder
 from sphere_fast.sampling import (
     DrawnNoise,
     GuidedNetworks,
@@ -40,17 +49,18 @@ CROSSOVER_MASKS = ("vertical", "horizontal", "upper_triangular", "flipped_triang
 INTERPOLATIONS = ("lerp", "slerp")
 
 
-def _device(model: nn.Module) -> torch.device:
+def _device(model: SphereEncoder) -> torch.device:
     return next(model.parameters()).device
 
 
-def _checked_model(model: object) -> nn.Module:
+def _checked_model(model: object) -> SphereEncoder:
     """A SphereEncoder in eval mode, as every edit needs."""
-    check_eval_mode(check_model(model))
-    return model
+    checked = check_model(model)
+    check_eval_mode(checked)
+    return checked
 
 
-def check_images(model: nn.Module, images: object, name: str = "images") -> torch.Tensor:
+def check_images(model: SphereEncoder, images: object, name: str = "images") -> torch.Tensor:
     """[B, 3, H, W] floating images in [0, 1], checked, as float32 on the model's device."""
     size = _checked_model(model).input_size
     if not isinstance(images, torch.Tensor):
@@ -65,7 +75,7 @@ def check_images(model: nn.Module, images: object, name: str = "images") -> torc
     return images.to(_device(model), torch.float32)
 
 
-def model_input(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+def model_input(model: SphereEncoder, images: torch.Tensor) -> torch.Tensor:
     """Checked images in [0, 1] -> the model's input range [-1, 1] in its encoder's weight dtype (a model cast
     to bf16 takes bf16 images), rounded once, after the float32 arithmetic."""
     return (images * 2 - 1).to(next(model.encoder.parameters()).dtype)
@@ -76,7 +86,7 @@ def _seeds(seeds: torch.Tensor | None, batch: int, device: torch.device) -> torc
 
 
 def _class_labels(
-    model: nn.Module, batch: int, labels: int | torch.Tensor, device: torch.device, name: str
+    model: SphereEncoder, batch: int, labels: int | torch.Tensor, device: torch.device, name: str
 ) -> torch.Tensor | None:
     """[B] labels, or one class for every image given as an int (numpy's too), checked as sample_labels does."""
     if isinstance(labels, numbers.Integral) and not isinstance(labels, bool):
@@ -86,7 +96,7 @@ def _class_labels(
 
 @torch.no_grad()
 def reconstruct_images(
-    model: nn.Module, images: torch.Tensor, labels: int | torch.Tensor | None = None, *,
+    model: SphereEncoder, images: torch.Tensor, labels: int | torch.Tensor | None = None, *,
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """x -> E(x, y) -> f -> D(., y), no noise; y is the null class unless ``labels`` ([B], or an int for every
@@ -103,7 +113,7 @@ def reconstruct_images(
 
 @torch.no_grad()
 def manipulate(
-    model: nn.Module,
+    model: SphereEncoder,
     images: torch.Tensor,
     target: int | torch.Tensor | None,
     *,
@@ -156,7 +166,7 @@ def crossover_mask(kind: str, size: int, device: torch.device | str = "cpu") -> 
 
 @torch.no_grad()
 def crossover(
-    model: nn.Module,
+    model: SphereEncoder,
     images_a: torch.Tensor,
     images_b: torch.Tensor,
     mask: str = "vertical",
@@ -237,16 +247,16 @@ class _GivenEmbedding(nn.Module):
 
 
 @contextlib.contextmanager
-def given_class_embeddings(model: nn.Module, corner_labels: torch.Tensor, rows: int, cols: int) -> Iterator[None]:
+def given_class_embeddings(model: SphereEncoder, corner_labels: torch.Tensor, rows: int, cols: int) -> Iterator[None]:
     """Inside the block, sample p of the encoder and the decoder is conditioned on the bilinear (linear)
     interpolation of the corner labels' class embeddings at grid point p (pass any valid labels)."""
     vits = (model.encoder, model.decoder)
-    originals = [vit.y_embedder for vit in vits]
+    originals = [cast(LabelEmbedder, vit.y_embedder) for vit in vits]  # a conditional model's: labels are given
     try:
         for vit, embedder in zip(vits, originals):
             table = embedder.embedding_table.weight
             grid = bilinear(table[corner_labels], rows, cols).to(table.dtype)
-            vit.y_embedder = _GivenEmbedding(embedder, grid.unsqueeze(1))
+            vit.y_embedder = _GivenEmbedding(embedder, grid.unsqueeze(1))  # type: ignore[assignment]  # a stand-in
         yield
     finally:
         for vit, embedder in zip(vits, originals):
@@ -255,7 +265,7 @@ def given_class_embeddings(model: nn.Module, corner_labels: torch.Tensor, rows: 
 
 @torch.no_grad()
 def interpolate(
-    model: nn.Module,
+    model: SphereEncoder,
     seeds: torch.Tensor,
     labels: torch.Tensor | None = None,
     *,

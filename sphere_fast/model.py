@@ -634,7 +634,7 @@ def check_flags(**flags: object) -> None:
             raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
-def check_eval_mode(model: nn.Module) -> None:
+def check_eval_mode(model: SphereEncoder) -> None:
     """Label dropout applies in training mode, set per label embedder: a sample would depend on torch's
     generator, not on its seed."""
     modules = {"model": model, "model.encoder.y_embedder": model.encoder.y_embedder,

@@ -24,6 +24,7 @@ import torch
 
 from sphere_fast._checks import check_int
 from sphere_fast._files import replaced_atomically
+from sphere_fast.model import SphereEncoder
 from sphere_fast.sampling import Sampler
 
 # the public API (the rest is the library's own)
@@ -93,7 +94,7 @@ def _check_or_write_options(folder: Path, options: dict, rank: int) -> None:
 
 
 def write_sample_set(
-    model: torch.nn.Module,
+    model: SphereEncoder,
     out: str | Path,
     num: int,
     *,

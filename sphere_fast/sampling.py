@@ -25,6 +25,7 @@ from sphere_fast._warn import warn
 from sphere_fast.backend import active_backend, constant_under_compile, tracing
 from sphere_fast.model import (
     Conditioning,
+    SphereEncoder,
     check_eval_mode,
     check_flags,
     check_label_range,
@@ -44,7 +45,7 @@ _FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def check_sampling_args(
-    model: torch.nn.Module, batch_size: int, cfg: float, cfg_position: str, steps: int,
+    model: SphereEncoder, batch_size: int, cfg: float, cfg_position: str, steps: int,
     steps_name: str = "forward_steps",
 ) -> None:
     check_int("batch_size", batch_size)
@@ -61,7 +62,7 @@ def check_sampling_args(
     check_int(steps_name, steps)
 
 
-def check_dtype(dtype: object, model: torch.nn.Module, required: bool = False) -> None:
+def check_dtype(dtype: object, model: SphereEncoder, required: bool = False) -> None:
     """The dtype ``model``'s networks run in (autocast); None, where not ``required``, runs them as called: in
     their weights' dtype, or an enclosing autocast's. Autocast to one half type cannot run weights of the other."""
     if dtype not in SAMPLER_DTYPES and (required or dtype is not None):
@@ -94,7 +95,7 @@ def fresh_seeds(batch_size: int, device: torch.device) -> torch.Tensor:
 
 
 def sample_labels(
-    model: torch.nn.Module,
+    model: SphereEncoder,
     batch_size: int,
     y: torch.Tensor | None,
     device: torch.device,
@@ -132,7 +133,7 @@ def _type_name(value: object) -> str:
     return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
 
 
-def guidance(model: torch.nn.Module, cfg: float, cfg_position: str) -> str | None:
+def guidance(model: SphereEncoder, cfg: float, cfg_position: str) -> str | None:
     """Where CFG acts: ``cfg_position``, or None when it is off (scale 1 or an unconditional model)."""
     return cfg_position if cfg > 1 and model.num_classes > 0 else None
 
@@ -157,7 +158,7 @@ class GuidedNetworks:
     (one object lives for one loop, so weights changed between loops are seen)."""
 
     def __init__(
-        self, model: torch.nn.Module, y: torch.Tensor | None, guide: str | None, weight: torch.Tensor | None = None
+        self, model: SphereEncoder, y: torch.Tensor | None, guide: str | None, weight: torch.Tensor | None = None
     ):
         if guide is not None and (y is None or weight is None):
             raise ValueError("CFG needs labels y and a weight tensor")
@@ -171,7 +172,7 @@ class GuidedNetworks:
 
     @classmethod
     def from_scale(
-        cls, model: torch.nn.Module, y: torch.Tensor | None, cfg: float, cfg_position: str
+        cls, model: SphereEncoder, y: torch.Tensor | None, cfg: float, cfg_position: str
     ) -> GuidedNetworks:
         guide = guidance(model, cfg, cfg_position)
         weight = None
@@ -241,7 +242,7 @@ class DrawnNoise:
 
 
 def noise_stream(
-    model: torch.nn.Module, batch_size: int, device: torch.device, noise: Sequence[torch.Tensor] | None
+    model: SphereEncoder, batch_size: int, device: torch.device, noise: Sequence[torch.Tensor] | None
 ) -> Iterator[torch.Tensor]:
     """N(0, I) latents [B, N, C]: the recorded draws in order (checked here), else torch's global generator (the
     official order: the initial point drawn on the CPU generator, refinements on the device)."""
@@ -297,7 +298,7 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
 
 
 def refine(
-    model: torch.nn.Module,
+    model: SphereEncoder,
     nets: GuidedNetworks,
     x: torch.Tensor,
     noise: SeededNoise | DrawnNoise,
@@ -317,7 +318,7 @@ def refine(
 
 
 def run_loop(
-    model: torch.nn.Module,
+    model: SphereEncoder,
     nets: GuidedNetworks,
     noise: SeededNoise | DrawnNoise,
     steps: int,
@@ -336,7 +337,8 @@ def run_loop(
 
 
 def _loop(
-    model: torch.nn.Module, nets: GuidedNetworks, noise: SeededNoise | DrawnNoise, steps: int, scheduler: bool, cache_noise: bool
+    model: SphereEncoder, nets: GuidedNetworks, noise: SeededNoise | DrawnNoise, steps: int, scheduler: bool,
+    cache_noise: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # spherify the fp32 draw, then feed the decoder in its weights' dtype (bf16 weights take bf16 input)
     weight_dtype = next(model.decoder.parameters()).dtype
@@ -348,7 +350,7 @@ def _loop(
 
 @torch.no_grad()
 def sample(
-    model: torch.nn.Module,
+    model: SphereEncoder,
     batch_size: int,
     *,
     y: torch.Tensor | None = None,
@@ -536,7 +538,7 @@ class Sampler:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: SphereEncoder,
         batch_size: int,
         steps: int,
         cfg: float = 1.0,

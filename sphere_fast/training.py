@@ -30,7 +30,7 @@ from sphere_fast._files import os_lock
 from sphere_fast._random import generator_kwargs
 from sphere_fast._warn import warn
 from sphere_fast.data import check_start_method, pixels_to_images
-from sphere_fast.model import check_label_range, labels_checked
+from sphere_fast.model import SphereEncoder, check_label_range, labels_checked
 from sphere_fast.perceptual import LPIPS, ConvNeXt, load_state_dict_file
 from sphere_fast.sampling import to_device_unsynced
 
@@ -64,7 +64,7 @@ def stratified_radii(batch: int, device: torch.device | str = "cpu", generator: 
 
 
 def noise_scales(
-    model: nn.Module, batch: int, device: torch.device, generator: torch.Generator | None = None
+    model: SphereEncoder, batch: int, device: torch.device, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(r_big, r_small) per sample, times sigma_max: the hard-case rule and the second stratified draw."""
     sigma = model.sigma_max
@@ -79,7 +79,7 @@ def noise_scales(
     return r_big * sigma, r_small * sigma
 
 
-def noisy_latent_pair(model: nn.Module, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def noisy_latent_pair(model: SphereEncoder, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(v_big, v_small) = f(f(z) + s*e) at the two noise levels, one shared e, one fused op."""
     big, small = noise_scales(model, z.shape[0], z.device)
     return ops.spherify_noise_pair(z, big, small, noise=torch.randn_like(z))
@@ -197,7 +197,7 @@ class PerceptualLoss(nn.Module):
         return (lp + 0.1 * (logits[:b] - logits[b:]).square().mean(1)) / 1.1
 
 
-def check_weights_match_flags(model: nn.Module, weights: LossWeights) -> None:
+def check_weights_match_flags(model: SphereEncoder, weights: LossWeights) -> None:
     """The model's consistency flags decide which terms the loss computes, the weights what each counts. The
     official recipe derives each flag from its weights; a mismatch here would silently train another objective:
     a weighted term never computed, or (pixel consistency on with its weights 0) the reconstruction taken from
@@ -218,7 +218,7 @@ def check_weights_match_flags(model: nn.Module, weights: LossWeights) -> None:
 class SphereLoss(nn.Module):
     """One training step's loss (spec section 4), as a module so DistributedDataParallel can wrap it."""
 
-    def __init__(self, model: nn.Module, weights: LossWeights, perceptual: PerceptualLoss | None = None):
+    def __init__(self, model: SphereEncoder, weights: LossWeights, perceptual: PerceptualLoss | None = None):
         super().__init__()
         if perceptual is None and (weights.recon_perc or weights.con_perc):
             raise ValueError(
@@ -507,7 +507,7 @@ class Trainer:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: SphereEncoder,
         config: TrainConfig,
         device: torch.device | str | None = None,
         dist_info: DistInfo | None = None,
