@@ -12,7 +12,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -86,6 +86,10 @@ def resolve_model_size(size: str | Mapping[str, int], argument: str) -> dict[str
 
 class ViT(nn.Module):
     """The encoder (pixels -> latent [B, N, C]) or the decoder (latent -> pixels in [-1, 1])."""
+
+    # the encoder's and the decoder's differ: Sequential, Linear, MLPMixer or Identity
+    x_embedder: nn.Module
+    out: nn.Module
 
     def __init__(
         self,
@@ -165,8 +169,9 @@ class ViT(nn.Module):
         super().__setstate__(state)
         # A decoder saved whole (torch.save(model)) before its pixel head's first step was Unpatchify holds an
         # Identity there (the forward unpatchified on its own then): it gets the step a new decoder has.
-        if self.kind == "decoder" and type(self.out[0]) is nn.Identity:
-            self.out[0] = Unpatchify(self.grid, self.patch_size if self.pixel_head_type == "linear" else 1)
+        head = cast(nn.Sequential, self.out)  # a decoder's
+        if self.kind == "decoder" and type(head[0]) is nn.Identity:
+            head[0] = Unpatchify(self.grid, self.patch_size if self.pixel_head_type == "linear" else 1)
 
     def _apply(self, fn, recurse=True):
         before = self.rope
@@ -302,6 +307,11 @@ class SphereEncoder(nn.Module):
     ``mix_hard_cases``, ``mix_hard_cases_prob``, ``mix_hard_cases_max_angle``: training's hard cases (spec section
     4): that fraction of the big-noise radii is redrawn up to that angle (default min(alpha_max + 5, 89)).
     """
+
+    config: dict[str, Any]
+    encoder: ViT
+    decoder: ViT
+    latent_shape: tuple[int, int, int]
 
     def __init__(
         self,
@@ -450,14 +460,15 @@ class SphereEncoder(nn.Module):
                 nn.init.zeros_(vit.ffn.adaLN_modulation[1].bias)
             nn.init.zeros_(vit.ffn.linear.weight)
             nn.init.zeros_(vit.ffn.linear.bias)
-        for conv in self.encoder.x_embedder:
+        patch_embed = cast(nn.Sequential, self.encoder.x_embedder)  # the encoder's: two convolutions
+        for conv in patch_embed:
             xavier_uniform_flat_(conv.weight)
-        nn.init.zeros_(self.encoder.x_embedder[1].bias)
+        nn.init.zeros_(patch_embed[1].bias)
         for m in self.decoder.x_embedder.modules():
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight)
                 nn.init.zeros_(m.bias)
-        for m in self.decoder.out:
+        for m in cast(nn.Sequential, self.decoder.out):
             if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
                 xavier_uniform_flat_(m.weight, gain=0.01)
                 nn.init.zeros_(m.bias)

@@ -536,6 +536,9 @@ class Sampler:
     ``load_state_dict(assign=True)``) and a changed ``noise_sigma_max_angle`` are found at the next call, which
     captures again. Submodules replaced by new objects are not found: make a new Sampler then."""
 
+    model: SphereEncoder
+    use_graphs: bool
+
     def __init__(
         self,
         model: SphereEncoder,

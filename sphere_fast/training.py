@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -504,6 +504,15 @@ class Trainer:
     toward the unchanged weights.
     ``perceptual`` is a ready PerceptualLoss; without it one is loaded from config.perceptual_weights
     when the loss weights use it."""
+
+    model: SphereEncoder
+    ema: SphereEncoder
+    device: torch.device
+    dist: DistInfo
+    loss: SphereLoss
+    optimizer: torch.optim.AdamW
+    step: int
+    autocast: Callable[[], contextlib.AbstractContextManager[object]]
 
     def __init__(
         self,

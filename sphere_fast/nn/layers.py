@@ -336,6 +336,9 @@ class Block(nn.Module):
 class ModulatedLinear(nn.Module):
     """The official head: RMSNorm + AdaLN modulation + Linear when conditional, a plain Linear otherwise."""
 
+    norm: RMSNorm | None
+    adaLN_modulation: AdaLNModulation | None
+
     def __init__(self, width: int, out_features: int, modulated: bool):
         super().__init__()
         self.linear = nn.Linear(width, out_features)
