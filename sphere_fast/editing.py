@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 from collections.abc import Iterator
-from typing import cast
+from typing import SupportsIndex, cast
 
 import torch
 import torch.nn as nn
@@ -86,7 +86,7 @@ def _seeds(seeds: torch.Tensor | None, batch: int, device: torch.device) -> torc
 
 
 def _class_labels(
-    model: SphereEncoder, batch: int, labels: int | torch.Tensor, device: torch.device, name: str
+    model: SphereEncoder, batch: int, labels: SupportsIndex | torch.Tensor, device: torch.device, name: str
 ) -> torch.Tensor | None:
     """[B] labels, or one class for every image given as an int (numpy's too), checked as sample_labels does."""
     if isinstance(labels, numbers.Integral) and not isinstance(labels, bool):
@@ -96,7 +96,7 @@ def _class_labels(
 
 @torch.no_grad()
 def reconstruct_images(
-    model: SphereEncoder, images: torch.Tensor, labels: int | torch.Tensor | None = None, *,
+    model: SphereEncoder, images: torch.Tensor, labels: SupportsIndex | torch.Tensor | None = None, *,
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """x -> E(x, y) -> f -> D(., y), no noise; y is the null class unless ``labels`` ([B], or an int for every
@@ -115,7 +115,7 @@ def reconstruct_images(
 def manipulate(
     model: SphereEncoder,
     images: torch.Tensor,
-    target: int | torch.Tensor | None,
+    target: SupportsIndex | torch.Tensor | None,
     *,
     steps: int = 4,
     noise_scaler: float = 0.25,

@@ -311,7 +311,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.9997
-    loss_weights: str | dict[str, float] = "cifar10"
+    loss_weights: str | Mapping[str, float] | LossWeights = "cifar10"
     perceptual_weights: dict[str, str] | None = None
     autocast: str = "auto"  # "auto": bf16 on CUDA, fp32 on CPU; "bf16"; "off"
     seed: int = 0

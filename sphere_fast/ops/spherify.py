@@ -14,6 +14,7 @@ regenerated, never stored.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -345,7 +346,7 @@ def spherify(z: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
 
 
 def sphere_noise(
-    seeds: torch.Tensor, shape: tuple[int, ...] | torch.Size, stream: int = 0, *, backend: str | None = None
+    seeds: torch.Tensor, shape: Sequence[int], stream: int = 0, *, backend: str | None = None
 ) -> torch.Tensor:
     """[B, *shape] float32 noise e of the sphere_fast convention (``philox.sphere_noise_reference``): one
     kernel on the triton and cpp backends instead of the reference's chain of elementwise Philox ops.
