@@ -363,7 +363,7 @@ def _load_official(path: str | Path | IO[bytes]) -> Any:
         ) from None
 
 
-def _state_under(obj: Any, key: str, path: str | Path) -> dict[str, torch.Tensor]:
+def _state_under(obj: Any, key: str, path: object) -> dict[str, torch.Tensor]:
     if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
         obj = obj[key]
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -382,7 +382,7 @@ def _official_rope_tables(model: SphereEncoder) -> dict[str, torch.Tensor]:
     return {name: vit.rope_table("cpu").unsqueeze(0) for name, vit in zip(ROPE_BUFFERS, (model.encoder, model.decoder))}
 
 
-def _without_rope(state: dict[str, torch.Tensor], model: SphereEncoder | None, path: str | Path) -> dict[str, Any]:
+def _without_rope(state: dict[str, torch.Tensor], model: SphereEncoder | None, path: object) -> dict[str, Any]:
     """``state`` less the RoPE tables an official EMA dict holds (a function of the config: no state_dict has them);
     with a ``model``, each is first compared with the model's, the one place a file states its RoPE convention."""
     if model is not None:

@@ -184,6 +184,7 @@ class ViT(nn.Module):
 
     def check_input(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
         """Shapes always; label values only outside graph capture and compilation (they need a sync)."""
+        shape: tuple[int, ...]
         if self.kind == "encoder":
             name, shape = "x", (3, self.grid * self.patch_size, self.grid * self.patch_size)
         else:

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal, TypeVar, overload
+from typing import Literal, NoReturn, TypeVar, overload
 
 import torch
 
@@ -466,7 +466,7 @@ class _CapturedLoop:
     (first, final) images of its whole bucket out. Where its capture's time went is logged (INFO), with the
     seconds per phase in the record's ``capture_seconds``."""
 
-    def __init__(self, sampler: Sampler, key: GraphKey, pool: tuple[int, int], compile_first: bool):
+    def __init__(self, sampler: Sampler, key: GraphKey, pool: torch.cuda._POOL_HANDLE | None, compile_first: bool):
         device = sampler.device
         # Normal tensors even under torch.inference_mode: each call writes them, in that mode or out of it.
         with torch.inference_mode(False):
@@ -571,7 +571,7 @@ class Sampler:
         self._captured_state: tuple[float, list[int]] | None = None
         self._check_settings()
 
-    def __reduce_ex__(self, protocol: object) -> object:
+    def __reduce_ex__(self, protocol: object) -> NoReturn:
         raise TypeError("a Sampler cannot be copied or pickled: it holds captured CUDA graphs, their memory pool and "
                         "a lock. Make a new Sampler(model, ...), of a copy of the model if need be")
 

@@ -240,7 +240,7 @@ def _or(t: Tensor | None, other: Tensor) -> Tensor:
 def _triton_bwd(
     dy: Tensor, dres: Tensor | None, res: Tensor, branch: Tensor | None, gate: Tensor | None,
     weight: Tensor | None, shift: Tensor | None, scale: Tensor | None, rstd: Tensor,
-) -> tuple[Tensor, ...]:
+) -> tuple[Tensor | None, ...]:
     from sphere_fast.kernels.adaln import adaln_bwd_kernel
 
     B, S, D = res.shape
@@ -406,7 +406,8 @@ def _gated_fwd(
     scale: Tensor | None, eps: float, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     res, y, rstd = _forward(backend, x, branch, gate, weight, shift, scale, eps)
-    return res, y, rstd
+    # res is a Tensor, as a branch is given; the annotation is the op's schema, so it stays
+    return res, y, rstd  # type: ignore[return-value]
 
 
 @define_op("adaln_bwd", fake=_bwd_fake)
@@ -415,8 +416,8 @@ def _adaln_bwd(
     weight: Tensor | None, shift: Tensor | None, scale: Tensor | None, rstd: Tensor, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     grads = _backward(backend, dy, dres, res, branch, gate, weight, shift, scale, rstd)
-    # ops cannot return None: an absent input gets an empty gradient.
-    return tuple(res.new_empty(0) if g is None else g for g in grads)
+    # ops cannot return None: an absent input gets an empty gradient. Six of them (the annotation is the schema).
+    return tuple(res.new_empty(0) if g is None else g for g in grads)  # type: ignore[return-value]
 
 
 def _grad(g: Tensor, t: Tensor | None) -> Tensor | None:

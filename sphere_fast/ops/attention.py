@@ -507,7 +507,7 @@ class _RopePassAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     @first_order_only("attention")
-    def backward(ctx, do: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+    def backward(ctx, do: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, None]:
         q, k, v, o, lse, rope = ctx.saved_tensors
         dq, dk, dv = attention_triton_bwd(do, *call_op(rope_fwd, q, k, rope), v, o, lse)
         if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):  # v's alone: no RoPE pass back
