@@ -18,6 +18,7 @@ import torch
 from sphere_fast import editing
 from sphere_fast._checkout import in_checkout
 from sphere_fast._files import replaced_atomically
+from sphere_fast.model import SphereEncoder
 
 # Training presets: model constructor arguments + recipe. "fashion-mnist-demo" is the few-minute CPU
 # job of the README: 28 px garments centred on 32 px, patch 4 (8x8 tokens x 4 channels, L = 256), width 64,
@@ -120,7 +121,7 @@ def command_seeds(seed: int, count: int) -> torch.Tensor:
     return image_seeds(seed, range(count))
 
 
-def class_grid(model: torch.nn.Module, per_class: int, *, steps: int, cfg: float, seed: int) -> tuple[torch.Tensor, int]:
+def class_grid(model: SphereEncoder, per_class: int, *, steps: int, cfg: float, seed: int) -> tuple[torch.Tensor, int]:
     """Samples with one row per class (or a square grid when unconditional); (images, images a row)."""
     from sphere_fast.sampling import sample
 
@@ -138,10 +139,9 @@ def class_grid(model: torch.nn.Module, per_class: int, *, steps: int, cfg: float
     return images, nrow
 
 
-def load_model(args: argparse.Namespace, rank: int = 0) -> torch.nn.Module:
+def load_model(args: argparse.Namespace, rank: int = 0) -> SphereEncoder:
     """A model from --checkpoint (EMA weights with --ema) or, at random init, from --preset (said by rank 0)."""
     from sphere_fast.checkpoint import load_checkpoint
-    from sphere_fast.model import SphereEncoder
 
     if args.checkpoint:
         return load_checkpoint(args.checkpoint, ema=args.ema)[0].to(args.device)  # built in eval mode

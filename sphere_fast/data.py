@@ -53,7 +53,7 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     w, h = img.size
     scale = size / min(w, h)
     new = (round(w * scale), round(h * scale))  # the short side comes out exactly size
-    img = img.resize(new, Image.NEAREST if size <= 64 else Image.BICUBIC)
+    img = img.resize(new, Image.Resampling.NEAREST if size <= 64 else Image.Resampling.BICUBIC)
     left, top = (new[0] - size) // 2, (new[1] - size) // 2
     return img.crop((left, top, left + size, top + size))
 

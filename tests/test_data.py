@@ -187,7 +187,7 @@ def test_resize_center_crop_fills_the_crop_and_picks_the_filter_by_size():
     out = resize_center_crop(Image.new("RGB", (49, 147), (255, 255, 255)), 32)
     assert out.size == (32, 32) and out.getextrema() == ((255, 255),) * 3
     noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (100, 100, 3), dtype=np.uint8))
-    for size, method in ((64, Image.NEAREST), (65, Image.BICUBIC)):
+    for size, method in ((64, Image.Resampling.NEAREST), (65, Image.Resampling.BICUBIC)):
         expected = noise.resize((size, size), method)
         assert np.array_equal(np.asarray(resize_center_crop(noise, size)), np.asarray(expected))
 
