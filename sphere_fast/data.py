@@ -390,9 +390,9 @@ def make_loader(
     ``fit`` gives each process and resume its own), seeds the workers off the global RNG. A dataset's random
     transforms in the workers draw from their seeds: the same for the same ``worker_seed`` and number of workers,
     other draws with another number; without workers they draw from the global RNG. (The library's datasets draw
-    nothing: ``fit`` flips the batches from the training RNG.) ``pin_memory`` (for a GPU) lets the batch's copy to the device run
-    without the host waiting for it. ``start_method`` starts the workers by ``fork``, ``forkserver`` or ``spawn``
-    (default: Python's, forkserver on Linux from Python 3.14, spawn on macOS and Windows)."""
+    nothing: ``fit`` flips the batches from the training RNG.) ``pin_memory`` (for a GPU) lets the batch's copy to
+    the device run without the host waiting for it. ``start_method`` starts the workers by ``fork``, ``forkserver``
+    or ``spawn`` (default: Python's, forkserver on Linux from Python 3.14, spawn on macOS and Windows)."""
     check_int("workers", workers, 0)  # else refused only at the first batch
     check_start_method(start_method)
     sampler = StepBatchSampler(len(dataset), batch_per_rank, rank=rank, world_size=world_size, seed=seed, start_step=start_step)
