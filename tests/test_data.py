@@ -205,11 +205,14 @@ def test_images_are_rgb_before_the_resize(mode):
     assert np.array_equal(np.asarray(out), np.asarray(resize_center_crop(img.convert("RGB"), 80)))
 
 
+@pytest.mark.cuda_capable
 def test_pixels_become_the_models_range_as_float32_would_compute_it():
-    """Every pixel value maps to what converting before the workers gave: x / 127.5 - 1 in float32."""
-    pixels = torch.arange(256, dtype=torch.uint8)
+    """Every pixel value maps to what converting before the workers gave: x / 127.5 - 1 in float32, on the host
+    (on CUDA too, which divides by a host scalar through its reciprocal)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pixels = torch.arange(256, dtype=torch.uint8, device=device)
     expected = torch.from_numpy(np.arange(256, dtype=np.float32) / np.float32(127.5) - np.float32(1.0))
-    assert torch.equal(pixels_to_images(pixels), expected)
+    assert torch.equal(pixels_to_images(pixels).cpu(), expected)
     assert pixels_to_images(pixels)[[0, 255]].tolist() == [-1.0, 1.0]
     img = Image.fromarray(np.random.default_rng(3).integers(0, 256, (5, 7, 3), dtype=np.uint8))
     assert torch.equal(to_pixels(img), torch.from_numpy(np.array(img)).permute(2, 0, 1))
@@ -270,6 +273,10 @@ def test_a_broken_image_names_its_file(tmp_path):
     assert ds[0][0].shape == (3, 16, 16)
     with pytest.raises(OSError, match=f"^{tmp_path / 'cut.png'}: "):
         ds[1]
+    gone = FileListDataset([(tmp_path / "gone.png", 0)], ["a"], 16)
+    with pytest.raises(FileNotFoundError) as missing:  # its own type, and the path named once
+        gone[0]
+    assert str(missing.value).count("gone.png") == 1
 
 
 def test_data_arguments_are_checked_when_given():
