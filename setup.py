@@ -19,7 +19,7 @@ setup(
     packages=["sphere_fast", "sphere_fast.ops", "sphere_fast.nn", "sphere_fast.kernels", "sphere_fast.csrc"],
     package_dir={"sphere_fast.kernels": "kernels", "sphere_fast.csrc": "csrc"},
     package_data={"sphere_fast": ["presets.json", "py.typed"], "sphere_fast.csrc": ["*.h", "*.cuh", "*.cpp", "*.cu"]},
-    install_requires=["torch>=2.11", "numpy", "ninja", "safetensors", "tqdm", "pillow", "matplotlib"],
+    install_requires=["torch>=2.11", "numpy", "ninja", "safetensors", "tqdm", "pillow>=9.1", "matplotlib"],
     extras_require={
         "triton": ["triton>=3.6"],
         "test": [
