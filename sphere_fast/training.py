@@ -493,8 +493,9 @@ class Trainer:
     """Optimiser, schedule, EMA and (under torchrun) DDP around a SphereEncoder.
 
     Images are in [-1, 1] (the sampler and the edits take and give [0, 1]), or uint8 pixels, which the step
-    converts on the device (the datasets give them); the first host batch of floats (and fit's first) is checked. As the official training, a Trainer turns on TF32 for float32 matmuls and
-    convolutions on CUDA, process-wide (``torch.backends.cuda.matmul.allow_tf32``, ``cudnn.allow_tf32``).
+    converts on the device (the datasets give them); the first host batch of floats (and fit's first) is checked.
+    As the official training, a Trainer turns on TF32 for float32 matmuls and convolutions on CUDA, process-wide
+    (``torch.backends.cuda.matmul.allow_tf32``, ``cudnn.allow_tf32``).
     ``train_step(x, y)`` draws the noise levels (per process: one r = 0 and one r = 1 in each
     process's batch) and per-sample noise seeds from torch's global RNG, which the checkpoint saves;
     tests inject ``scales`` and ``noise`` (or ``seeds``) instead to make runs comparable across process counts.
