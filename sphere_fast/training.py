@@ -850,8 +850,7 @@ def fit(run: RunConfig, *, resume: bool = True, progress: bool = True) -> Traine
 def _start(run: RunConfig, info: DistInfo, resume: bool) -> tuple[Trainer, Any]:
     """The run's trainer, from its latest checkpoint when ``resume`` finds one, and its loader from that step."""
     from sphere_fast.checkpoint import latest_checkpoint, load_checkpoint
-    from sphere_fast.data import make_loader, open_dataset
-    from sphere_fast.model import SphereEncoder
+    from sphere_fast.data import make_loader, open_dataset  # at call time: tests swap them in the data module
 
     cfg = run.train
     device = torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
