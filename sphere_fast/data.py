@@ -23,7 +23,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sphere_fast._checks import check_int
-from sphere_fast._random import generator_kwargs
+from sphere_fast._random import derive_seed, generator_kwargs
 from sphere_fast._warn import warn
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -293,7 +293,8 @@ class SyntheticShapes(Dataset):
     BACKGROUND = -0.6
 
     def __init__(self, size: int = 1024, image_size: int = 32, num_classes: int = 10, seed: int = 0):
-        self.size, self.image_size = check_int("size", size), check_int("image_size", image_size)
+        # image i's generator is seeded seed * 1_000_003 + i: a larger size would draw the next seed's images
+        self.size, self.image_size = check_int("size", size, 1, 1_000_003), check_int("image_size", image_size)
         # beyond kinds x colours a class would draw exactly as an earlier one: labels no model could learn
         self.num_classes = check_int("num_classes", num_classes, 1, len(self.KINDS) * len(self.COLOURS) + 1)
         self.seed = check_int("seed", seed, 0, 2**32)  # its generators' seeds, seed * 1_000_003 + i, fit 64 bits
@@ -342,8 +343,8 @@ def open_dataset(spec: str, image_size: int, *, synthetic_fallback: bool = False
 
 
 class StepBatchSampler(Sampler[list[int]]):
-    """Endless batches of one rank: epoch e shuffles with seed + e, cuts global batches (dropping the
-    tail), and rank r takes rows [r*b, (r+1)*b) of each. It starts at global step ``start_step``, so a
+    """Endless batches of one rank: epoch e shuffles with ``derive_seed(seed, "epoch", e)``, cuts global batches
+    (dropping the tail), and rank r takes rows [r*b, (r+1)*b) of each. It starts at global step ``start_step``, so a
     resumed run reads exactly the batches an uninterrupted run would have read."""
 
     def __init__(self, n: int, batch_per_rank: int, *, rank: int = 0, world_size: int = 1, seed: int = 0, start_step: int = 0):
@@ -364,7 +365,8 @@ class StepBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         epoch, step = divmod(self.start_step, self.steps_per_epoch)
         while True:
-            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+            shuffle = torch.Generator().manual_seed(derive_seed(self.seed, "epoch", epoch))
+            perm = torch.randperm(self.n, generator=shuffle)
             for s in range(step, self.steps_per_epoch):
                 lo = s * self.global_batch + self.rank * self.b
                 yield perm[lo : lo + self.b].tolist()

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from sphere_fast import ops
 from sphere_fast._checks import check_int
 from sphere_fast._files import os_lock
-from sphere_fast._random import generator_kwargs
+from sphere_fast._random import SEED_DERIVATION, derive_seed, generator_kwargs
 from sphere_fast._warn import warn
 from sphere_fast.data import check_start_method, pixels_to_images
 from sphere_fast.model import SphereEncoder, check_label_range, labels_checked
@@ -323,7 +323,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_counts(self, ("global_batch", "total_steps", "accumulation_steps"))
         check_int("warmup_steps", self.warmup_steps, 0)
-        check_int("seed", self.seed, 0)
+        check_int("seed", self.seed, 0, 2**64)  # torch.manual_seed's range (it seeds the initial weights)
         if self.warmup_steps > self.total_steps:
             raise ValueError(f"warmup_steps must be <= total_steps ({self.total_steps}), got {self.warmup_steps}")
         for name in ("base_lr", "min_lr", "encoder_lr_scale", "weight_decay", "ema_decay", "grad_clip"):
@@ -428,9 +428,9 @@ def no_forward_buffer_sync() -> dict[str, bool]:
 def process_seed(seed: int, rank: int, step: int = 0) -> int:
     """The seed of process ``rank``'s RNG (noise levels and seeds, flips, label dropout; its data workers' too) in a
     run that starts at ``step``: 0 for a fresh run, the checkpoint's step for one resumed on another number of
-    processes (whose saved RNG states do not map onto the new ranks). Distinct for every (rank, step) with
-    rank < 1000."""
-    return seed + 1000 * rank + 1_000_000 * step
+    processes (whose saved RNG states do not map onto the new ranks). Unrelated to every other (seed, rank, step)'s
+    and to ``seed`` itself, which seeds the initial weights."""
+    return derive_seed(seed, "process", rank, step)
 
 
 def rng_state() -> dict[str, Any]:
@@ -660,13 +660,15 @@ class Trainer:
         torch._foreach_lerp_(ema, list(self.model.parameters()), 1 - self.config.ema_decay)
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything but the live weights: step, optimiser, EMA weights, this process's RNG, config."""
+        """Everything but the live weights: step, optimiser, EMA weights, this process's RNG, config, and how the
+        run's seeds derive."""
         return {
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
             "ema": self.ema.state_dict(),
             "rng": rng_state(),
             "train_config": dataclasses.asdict(self.config),
+            "seed_derivation": SEED_DERIVATION,
         }
 
     def _set_optimizer_settings(self) -> None:
@@ -700,8 +702,8 @@ class Trainer:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore ``state_dict()``'s state. This trainer's config holds wherever it differs from the saved one
         (the optimiser's settings included, which its state would bring back), and rank 0 warns naming the
-        fields. With ``state["rng"]`` None (a checkpoint of another number of processes) this process's RNG is
-        seeded with ``process_seed(config.seed, rank, step)`` instead."""
+        fields (and where the state's seeds derive otherwise). With ``state["rng"]`` None (a checkpoint of another
+        number of processes) this process's RNG is seeded with ``process_seed(config.seed, rank, step)`` instead."""
         self.check_state(state)
         changed = {
             name: (saved, value) for name, value in dataclasses.asdict(self.config).items()
@@ -715,6 +717,10 @@ class Trainer:
                 + ", ".join(f"{name} {saved!r} -> {value!r}" for name, (saved, value) in changed.items())
                 + moved
             )
+        derivation = state.get("seed_derivation", "seed + epoch")  # older checkpoints' shuffles
+        if derivation != SEED_DERIVATION and self.dist.rank == 0:
+            warn(f"the checkpoint's run derived its shuffle seeds as {derivation!r}, this sphere_fast as "
+                 f"{SEED_DERIVATION!r}: from here on the data is read in another order than the run's")
         self.step = int(state["step"])
         self.optimizer.load_state_dict(state["optimizer"])
         self._set_optimizer_settings()

@@ -245,6 +245,19 @@ def test_a_resume_takes_this_trainer_s_recipe_and_names_what_changed(tmp_path):
     )
 
 
+def test_resuming_a_checkpoint_of_the_additive_shuffle_seeds_says_the_data_order_changes(tmp_path):
+    """A checkpoint of an older sphere_fast (epoch e shuffled with seed + e) records no derivation: its resume
+    reads the rest of the data in another order than its run would have, and says so."""
+    trainer = small_trainer(1)
+    path = save_checkpoint(tmp_path, trainer.model, trainer=trainer)
+    state = torch.load(path / "trainer_state.pt", weights_only=True)
+    del state["seed_derivation"]
+    torch.save(state, path / "trainer_state.pt")
+    rehash(path)
+    with pytest.warns(UserWarning, match="derived its shuffle seeds as 'seed \\+ epoch', this sphere_fast as 'blake2b"):
+        load_checkpoint(path, trainer=small_trainer(0))
+
+
 def test_a_meta_built_model_takes_the_loaded_weights(tmp_path):
     """README's way to build a big model: on the meta device, then load. A copy into meta tensors is lost (the model
     stayed on meta, and to_empty then gave uninitialised weights): the loaded tensors are taken as they are."""

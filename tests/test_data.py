@@ -26,6 +26,7 @@ from sphere_fast.data import (
     resize_center_crop,
     to_pixels,
 )
+from sphere_fast._random import derive_seed
 
 
 def write_image(path, w, h, colour):
@@ -377,9 +378,11 @@ def test_synthetic_shapes_are_deterministic_and_open_dataset():
     colours = [tuple(ds[k][0].flatten(1).max(1).values.tolist()) for k in (0, 5)]
     assert colours[0] != colours[1]
     for kwargs, error, match in (
-        ({"size": True}, TypeError, "size must be an int >= 1"),
+        ({"size": True}, TypeError, r"size must be an int in \[1, 1000003\)"),
         ({"num_classes": 2.0}, TypeError, r"num_classes must be an int in \[1, 21\)"),
-        ({"size": 0}, ValueError, "size must be an int >= 1"),
+        ({"size": 0}, ValueError, r"size must be an int in \[1, 1000003\)"),
+        # image i of seed s is seeded s * 1_000_003 + i: image 1_000_003 would be image 0 of seed s + 1
+        ({"size": 1_000_004}, ValueError, r"size must be an int in \[1, 1000003\), got 1000004"),
         # 5 kinds x 4 colours: class 20 would draw as class 0
         ({"num_classes": 21}, ValueError, r"num_classes must be an int in \[1, 21\), got 21"),
         ({"seed": 0.5}, TypeError, "seed must be an int"),  # else refused in a worker, at the first image
@@ -412,6 +415,25 @@ def test_sampler_shards_the_global_batch_and_resumes():
     for kwargs, error, match in refused:
         with pytest.raises(error, match=match):
             StepBatchSampler(**{"n": 20, "batch_per_rank": 3, **kwargs})
+
+
+def test_runs_of_nearby_seeds_shuffle_unrelated_epochs():
+    """Epoch e shuffled with seed + e: seed 1's epochs were seed 0's from its second on, so the runs of a seed sweep
+    read the data in the same order, one epoch apart."""
+    def epochs(seed: int) -> list[list[int]]:  # one step an epoch: each batch is an epoch's whole order
+        batches = iter(StepBatchSampler(8, 8, seed=seed))
+        return [next(batches) for _ in range(4)]
+
+    zero, one = epochs(0), epochs(1)
+    assert all(one[e] != zero[e + 1] for e in range(3))
+    assert epochs(1) == one and len({tuple(b) for b in zero + one}) == 8
+
+
+def test_a_stream_seed_is_the_same_for_a_numpy_integer():
+    """A seed or index given as a numpy integer (a config read by numpy, a loop over np.arange) names the same
+    stream as its int: its repr differs, so hashing the repr would have named another."""
+    assert derive_seed(np.int64(3), "epoch", np.int32(1)) == derive_seed(3, "epoch", 1) != derive_seed(3, "epoch", 2)
+    assert 0 <= derive_seed(2**64 - 1, "process", 999, 10**9) < 2**63
 
 
 class RandomDraws(torch.utils.data.Dataset):

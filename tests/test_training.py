@@ -598,6 +598,14 @@ def test_fit_refuses_data_with_more_classes_than_the_model(tmp_path):
         fit(synthetic_run(tmp_path, 1, num_classes=5), progress=False)
 
 
+def test_process_seeds_are_unrelated_to_each_other_and_to_the_run_seed():
+    """seed + 1000 * rank + 1_000_000 * step made run 1000's rank 0 run 0's rank 1, and rank 0's seed the run's own:
+    its first noise draws redrew the numbers that had initialised the weights."""
+    seeds = [process_seed(seed, rank, step) for seed in range(1001) for rank in range(2) for step in range(2)]
+    assert len(set(seeds)) == len(seeds) and not set(seeds) & set(range(1001))
+    assert all(0 <= s < 2**63 for s in seeds) and process_seed(7, 1, 3) == process_seed(7, 1, 3)
+
+
 def test_fit_under_torchrun_builds_the_same_weights_and_draws_other_noise_on_each_process(tmp_path, monkeypatch):
     """Every process builds its model from the run's seed (the Trainer copies the EMA from it before DDP
     broadcasts rank 0's weights), then draws its own noise. The global batch must split evenly over the
@@ -765,7 +773,9 @@ def test_loss_weight_presets_and_validation():
     "field,value,match",
     [("ema_decay", 1.0, "ema_decay must be < 1"), ("autocast", "fp16", "autocast must be"),
      ("grad_clip", -1.0, "grad_clip"), ("grad_clip", 0.0, r"grad_clip must be > 0 .*float\('inf'\) turns clipping off"),
-     ("global_batch", 0, "global_batch"), ("loss_weights", "mnist", "preset"), ("seed", -1, "seed must be an int >= 0"),
+     ("global_batch", 0, "global_batch"), ("loss_weights", "mnist", "preset"),
+     ("seed", -1, r"seed must be an int in \[0, 18446744073709551616\), got -1"),
+     ("seed", 2**64, "seed must be an int in .*, got 18446744073709551616"),  # torch.manual_seed's: else fit failed
      ("betas", (0.9,), r"betas must be two numbers in \[0, 1\)"), ("betas", (0.9, 1.0), "betas must be two numbers"),
      ("warmup_steps", -1, "warmup_steps must be an int >= 0")],
 )
