@@ -242,7 +242,7 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
         weights = f"preset {args.preset} at random init, seed {args.seed}"
     start = time.perf_counter()
     written = write_sample_set(
-        model, args.out, args.num, batch_size=args.batch_size, steps=args.steps, cfg=args.cfg,
+        model, args.out, args.num_images, batch_size=args.batch_size, steps=args.steps, cfg=args.cfg,
         cfg_position=args.cfg_position, seed=args.seed, weights=weights, rank=info.rank, world_size=info.world_size,
         progress=True,
     )
@@ -250,7 +250,7 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
     if info.world_size > 1:
         torch.distributed.barrier()
     if args.npz and info.rank == 0:
-        print(pack_npz(args.out, args.num, num_classes=model.num_classes))
+        print(pack_npz(args.out, args.num_images, num_classes=model.num_classes))
     return 0
 
 
@@ -519,7 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub, "sample-set", "write NUM samples as PNGs (and .npz) for FID; under torchrun split over processes",
         cmd_sample_set, out="samples", steps=4, cfg=True,
     )
-    p.add_argument("--num", type=count, default=50_000, help="images in the set; image i has label i %% classes")
+    # not --num: torchrun's parser refuses it before starting any process (a prefix of its --numa-binding)
+    p.add_argument("--num-images", type=count, default=50_000,
+                   help="images in the set; image i has label i %% classes")
     p.add_argument("--batch-size", type=count, default=64)
     p.add_argument("--cfg-position", choices=["combo", "enc", "dec"], default="combo")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on the CPU")

@@ -2,6 +2,7 @@ import argparse
 import inspect
 import json
 import re
+import shlex
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -40,6 +41,34 @@ def test_every_command_has_help(command, capsys):
 def test_every_command_is_registered():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert sorted(sub.choices) == sorted(COMMANDS)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_option_passes_through_torchrun_to_the_command(command, capsys):
+    """torchrun's own parser classifies every argument, its script's too: an option that is an ambiguous prefix of
+    its options (sample-set's --num, of --numa-binding and --numa_binding) stopped the README's torchrun command
+    before any process started."""
+    from torch.distributed.run import get_args_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    options = [o for action in sub.choices[command]._actions for o in action.option_strings]
+    for option in options:
+        launched = get_args_parser().parse_args(["--nproc_per_node=2", "-m", "sphere_fast.cli", command, option, "1"])
+        assert launched.training_script_args == [command, option, "1"], option
+    assert capsys.readouterr().err == ""
+
+
+def test_the_readme_torchrun_commands_reach_sphere_fast():
+    from torch.distributed.run import get_args_parser
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    commands = [shlex.split(c.replace("\\\n", " ").split("#")[0])
+                for c in re.findall(r"^torchrun .*?(?<!\\)$", text, flags=re.M | re.S)]
+    assert len(commands) >= 2
+    for command in commands:
+        launched = get_args_parser().parse_args(command[1:])
+        assert launched.training_script == "sphere_fast.cli" and launched.training_script_args[0] in COMMANDS
+        cli.build_parser().parse_args(launched.training_script_args)
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +219,7 @@ def test_commands_pass_their_options_on(recorded, tmp_path):
     assert kwargs == {"rows": 2, "cols": 3, "method": "lerp", "steps": 2, "cfg": 1.2}
     assert main(["interpolate", *model, "--seeds", "3", "1", "4", "1", "--out", out]) == 0
     assert recorded["interpolate"][0][1].tolist() == [3, 1, 4, 1]
-    assert main(["sample-set", *model, "--num", "5", "--batch-size", "2", "--steps", "2", "--cfg", "1.4",
+    assert main(["sample-set", *model, "--num-images", "5", "--batch-size", "2", "--steps", "2", "--cfg", "1.4",
                  "--cfg-position", "dec", "--dtype", "fp32", "--out", str(tmp_path / "set")]) == 0
     (_, folder, num), kwargs = recorded["write_sample_set"]
     assert (folder, num) == (str(tmp_path / "set"), 5) and kwargs == {
@@ -296,12 +325,12 @@ def test_a_sample_set_is_not_finished_on_other_weights(tmp_path, capsys):
     model = tiny_model().eval()
     save_checkpoint(tmp_path / "ckpt", model, ema_weights={k: v + 0.01 for k, v in model.state_dict().items()})
     common = ["sample-set", "--checkpoint", str(tmp_path / "ckpt"), "--steps", "1", "--out", str(tmp_path / "set")]
-    assert main([*common, "--ema", "--num", "2"]) == 0
+    assert main([*common, "--ema", "--num-images", "2"]) == 0
     capsys.readouterr()
-    assert main([*common, "--num", "3"]) == 2
+    assert main([*common, "--num-images", "3"]) == 2
     assert re.search(r"other options \(weights 'sha256 \w+ \(ema\)' -> 'sha256 \w+ \(model\)'\)",
                      capsys.readouterr().err)
-    assert main([*common, "--ema", "--num", "3"]) == 0 and "wrote 1 images" in capsys.readouterr().out
+    assert main([*common, "--ema", "--num-images", "3"]) == 0 and "wrote 1 images" in capsys.readouterr().out
 
 
 def test_sample_set_under_torchrun_takes_its_rank_and_local_gpu(recorded, monkeypatch, tmp_path):
@@ -311,7 +340,7 @@ def test_sample_set_under_torchrun_takes_its_rank_and_local_gpu(recorded, monkey
                         lambda args, rank: devices.append((args.device, rank)) or tiny_model().eval())
     monkeypatch.setattr(torch.distributed, "barrier", lambda: None)
     monkeypatch.setattr(sample_set, "pack_npz", lambda *a, **k: pytest.fail("only rank 0 packs the .npz"))
-    assert main(["sample-set", "--device", "cuda", "--num", "4", "--npz", "--out", str(tmp_path)]) == 0
+    assert main(["sample-set", "--device", "cuda", "--num-images", "4", "--npz", "--out", str(tmp_path)]) == 0
     (model, _, _), kwargs = recorded["write_sample_set"]
     assert devices == [("cuda:1", 1)] and (kwargs["rank"], kwargs["world_size"]) == (1, 2)
     assert next(model.parameters()).dtype == torch.bfloat16  # the default on a GPU

@@ -251,7 +251,7 @@ def cli_worker(rank: int, world: int, port: int, args: list[str]) -> None:
 
 def test_the_command_under_two_processes_matches_one(model, tmp_path, capsys):
     save_checkpoint(tmp_path / "ckpt", model, name="perturbed")
-    common = ["sample-set", "--checkpoint", str(tmp_path / "ckpt"), "--num", "5", "--batch-size", "2", "--steps",
+    common = ["sample-set", "--checkpoint", str(tmp_path / "ckpt"), "--num-images", "5", "--batch-size", "2", "--steps",
               "1", "--cfg", "1.2", "--device", "cpu", "--npz"]
     assert main([*common, "--out", str(tmp_path / "one")]) == 0
     assert "wrote 5 images" in capsys.readouterr().out
