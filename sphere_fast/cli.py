@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing
 import subprocess
 import sys
@@ -74,6 +75,9 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int) -> Path:
     return path
 
 
+NOT_LOSSES = ("step", "time", "lr", "grad_norm", "skipped")  # the other fields of a losses.jsonl line
+
+
 def plot_losses(log_path: str | Path, png: str | Path) -> Path:
     """Loss curves (total and each term, raw and smoothed) of a ``losses.jsonl`` on a log scale."""
     import matplotlib
@@ -85,12 +89,13 @@ def plot_losses(log_path: str | Path, png: str | Path) -> Path:
     if not rows:
         raise ValueError(f"{log_path} holds no losses to plot")
     # a resume with other loss weights adds or drops terms: each term is drawn over the rows that hold it
-    keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in ("step", "lr", "grad_norm")]
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in NOT_LOSSES]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     lowest = []
     for k in keys:
         steps = [r["step"] for r in rows if k in r]
-        vals = torch.tensor([r[k] for r in rows if k in r], dtype=torch.float64)
+        # a skipped step logs its non-finite values as null (an older log as NaN)
+        vals = torch.tensor([math.nan if r[k] is None else r[k] for r in rows if k in r], dtype=torch.float64)
         window = max(1, len(vals) // 30)
         smooth = vals.unfold(0, window, 1).mean(1)
         line, = ax.plot(steps[window - 1 :], smooth.tolist(), label=k)
@@ -201,7 +206,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if trainer.dist.rank != 0:
         return 0
     out = Path(args.out)
-    print(f"trained {trainer.step - start} steps in {time.perf_counter() - clock:.0f} s")
+    print(f"trained {trainer.step - start} steps in {time.perf_counter() - clock:.0f} s (set-up and saves included)")
     try:
         print(f"loss curve: {plot_losses(out / 'losses.jsonl', out / 'loss.png')}")
     except Exception as err:  # the run is trained and saved: a failed plot must not cost the sample grids

@@ -14,6 +14,8 @@ import json
 import logging
 import math
 import os
+import sys
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -838,18 +840,23 @@ def _run_folder_lock(out: Path) -> Iterator[None]:
         yield
 
 
-def fit(run: RunConfig, *, resume: bool = True, progress: bool = True) -> Trainer:
+def fit(
+    run: RunConfig, *, resume: bool = True, progress: bool = True,
+    on_log: Callable[[dict[str, Any]], None] | None = None,
+) -> Trainer:
     """Train ``run`` to ``run.train.total_steps``, resuming from ``out/checkpoints`` when present;
-    losses go to ``out/losses.jsonl`` (one line per step) and checkpoints to ``out/checkpoints``.
+    losses go to ``out/losses.jsonl`` (one line per step, ``log_line``'s) and checkpoints to ``out/checkpoints``.
     ``resume=False`` starts afresh: the checkpoints and losses of an earlier run in ``out`` are deleted.
-    One run at a time writes to ``out``: another one there raises RuntimeError before its first write."""
+    One run at a time writes to ``out``: another one there raises RuntimeError before its first write.
+    ``progress`` shows a bar on a terminal (or a notebook) and, elsewhere (CI, nohup, SLURM), a line at most every
+    30 s. ``on_log`` is called on rank 0 with each line's dict as it is written (``wandb.log``, say)."""
     info = init_distributed()
     _check_process_batch(run.train, info.world_size)
     trainer, loader = _start(run, info, resume)
     with _run_folder_lock(Path(run.out)) if info.rank == 0 else contextlib.nullcontext():
         if info.rank == 0:
             _prepare_run_folder(run, trainer.step, resume)
-        _train_to_the_end(run, info, trainer, loader, progress)
+        _train_to_the_end(run, info, trainer, loader, progress, on_log)
     return trainer
 
 
@@ -884,7 +891,43 @@ def _start(run: RunConfig, info: DistInfo, resume: bool) -> tuple[Trainer, Any]:
     return trainer, loader
 
 
-def _train_to_the_end(run: RunConfig, info: DistInfo, trainer: Trainer, loader: Any, progress: bool) -> None:
+def log_line(step: int, losses: Mapping[str, float]) -> dict[str, Any]:
+    """The ``losses.jsonl`` line of update ``step`` (0-based: checkpoint ``step-N`` holds the weights after updates
+    0 to N-1): ``time``, when its values reached the host (Unix seconds), the losses, ``grad_norm`` (before
+    clipping) and ``lr`` (the decoder's), non-finite values as null (JSON has no NaN: strict parsers refused the
+    line), and ``skipped``, true where the update was skipped for gradients that are not finite."""
+    finite = {name: value if math.isfinite(value) else None for name, value in losses.items()}
+    return {"step": step, "time": round(time.time(), 3), **finite, "skipped": finite["grad_norm"] is None}
+
+
+class _ProgressLines:
+    """fit's progress where stderr is no terminal (CI, nohup, SLURM logs): there a bar is one line that grows by a
+    carriage return each redraw (22.8 MB for 200k steps), so a line at most every ``every`` seconds, and the last."""
+
+    def __init__(self, step: int, total: int, every: float = 30.0):
+        self.total, self.every = total, every
+        self.shown_step, self.shown_at = step, time.monotonic()
+
+    def update(self, line: Mapping[str, Any]) -> None:
+        done, now = line["step"] + 1, time.monotonic()
+        if now - self.shown_at < self.every and done < self.total:
+            return
+        rate = (done - self.shown_step) / max(now - self.shown_at, 1e-9)
+        loss = float("nan") if line["loss"] is None else line["loss"]
+        print(f"train: step {done}/{self.total}, loss {loss:.4f}, lr {line['lr']:.2e}, {rate:.2f} steps/s",
+              file=sys.stderr, flush=True)
+        self.shown_step, self.shown_at = done, now
+
+
+def _draws_a_bar(stream: Any) -> bool:
+    """A terminal, or a notebook's output (not a terminal, but it draws carriage returns in place)."""
+    return bool(getattr(stream, "isatty", lambda: False)()) or type(stream).__module__.startswith("ipykernel")
+
+
+def _train_to_the_end(
+    run: RunConfig, info: DistInfo, trainer: Trainer, loader: Any, progress: bool,
+    on_log: Callable[[dict[str, Any]], None] | None,
+) -> None:
     """Steps to ``total_steps``: rank 0 logs each step's losses and writes the checkpoints (every process takes part
     in a save)."""
     from tqdm import tqdm
@@ -895,8 +938,10 @@ def _train_to_the_end(run: RunConfig, info: DistInfo, trainer: Trainer, loader: 
     cfg, rank, model = run.train, info.rank, trainer.model
     out = Path(run.out)
     batches = iter(loader)
+    bar_drawn = progress and rank == 0 and _draws_a_bar(sys.stderr)
+    lines = _ProgressLines(trainer.step, cfg.total_steps) if progress and rank == 0 and not bar_drawn else None
     with (
-        tqdm(total=cfg.total_steps, initial=trainer.step, desc="train", disable=not progress or rank != 0,
+        tqdm(total=cfg.total_steps, initial=trainer.step, desc="train", disable=not bar_drawn,
              dynamic_ncols=True) as bar,
         _workers_stopped_after(batches),
         open(out / "losses.jsonl", "a") if rank == 0 else contextlib.nullcontext() as log,
@@ -916,10 +961,15 @@ def _train_to_the_end(run: RunConfig, info: DistInfo, trainer: Trainer, loader: 
                 step, queued = unread.pop(0)
                 if log is not None:
                     losses = queued.read()
-                    if not math.isfinite(losses["grad_norm"]):
+                    line = log_line(step, losses)
+                    if line["skipped"]:
                         logger.warning("sphere_fast: step %d's gradients are not finite (loss %s): its update was "
                                        "skipped", step, losses["loss"])
-                    log.write(json.dumps({"step": step, **losses}) + "\n")
+                    log.write(json.dumps(line, allow_nan=False) + "\n")
+                    if on_log is not None:
+                        on_log(line)
+                    if lines is not None:
+                        lines.update(line)
                     if (step + 1) % run.log_every == 0:
                         log.flush()
                         bar.set_postfix(loss=f"{losses['loss']:.4f}", lr=f"{losses['lr']:.2e}")

@@ -430,9 +430,11 @@ def test_bench_runs_the_gpu_check_script(monkeypatch, tmp_path, capsys):
 
 
 def test_plot_losses_takes_nan_and_changed_terms(tmp_path, plotted_axes):
-    """A diverged run logs NaN (axis limits refuse it), and a resume with other loss weights drops or adds terms:
-    each term is drawn where it was logged, the axis set from the finite values (or left alone without any)."""
-    rows = [{"step": 0, "loss": 1.0, "recon_perc": 0.3}, {"step": 1, "loss": float("nan"), "latent": 0.2},
+    """A skipped step logs null (an older log NaN; axis limits refuse it), and a resume with other loss weights drops
+    or adds terms: each term is drawn where it was logged, the axis set from the finite values (or left alone
+    without any). The step's time and skipped flag are not losses."""
+    rows = [{"step": 0, "time": 1e9, "loss": 1.0, "recon_perc": 0.3, "skipped": False},
+            {"step": 1, "time": 1e9, "loss": None, "latent": 0.2, "skipped": True},
             {"step": 2, "loss": 0.5, "latent": float("inf")}]
     (tmp_path / "l.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert plot_losses(tmp_path / "l.jsonl", tmp_path / "l.png").exists()

@@ -1,13 +1,17 @@
+import contextlib
 import copy
 import dataclasses
 import gc
 import importlib
+import io
+import itertools
 import json
 import logging
 import math
 import re
 import subprocess
 import sys
+import time
 import traceback
 import weakref
 
@@ -366,21 +370,65 @@ def assert_a_non_finite_step_is_skipped(device: torch.device) -> None:
     assert not all(torch.equal(v, weights[k]) for k, v in trainer.model.state_dict().items())
 
 
-def test_fit_warns_of_a_skipped_step(tmp_path, monkeypatch, caplog):
-    """fit names a step whose gradient norm it reads as not finite (here the second's, made so)."""
+def test_fit_s_progress_off_a_terminal_is_lines_not_a_bar(tmp_path, capfd):
+    """stderr to a file (CI, nohup, SLURM): a bar there is one line growing by a carriage return each redraw, with
+    no line to grep; a line at most every 30 s and the last one instead. On a terminal, the bar."""
+    fit(synthetic_run(tmp_path / "file", 3), progress=True)
+    err = capfd.readouterr().err
+    assert "\r" not in err
+    assert re.fullmatch(r"train: step 3/3, loss \d+\.\d{4}, lr \d\.\d\de-\d\d, \d+\.\d\d steps/s\n", err), err
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    with contextlib.redirect_stderr(terminal):
+        fit(synthetic_run(tmp_path / "terminal", 3), progress=True)
+    assert "\r" in terminal.getvalue() and "3/3" in terminal.getvalue() and "train: step" not in terminal.getvalue()
+
+
+def test_progress_lines_come_at_most_every_interval_and_at_the_end(monkeypatch, capsys):
+    clock = iter([100.0, 110.0, 131.0, 140.0, 150.0])  # the start, then one reading per update
+    monkeypatch.setattr(training.time, "monotonic", lambda: next(clock))
+    lines = training._ProgressLines(step=10, total=14, every=30.0)
+    for step in range(10, 14):
+        lines.update({"step": step, "loss": None if step == 13 else 0.5, "lr": 1e-4})
+    shown = capsys.readouterr().err.splitlines()
+    assert shown == ["train: step 12/14, loss 0.5000, lr 1.00e-04, 0.06 steps/s",  # 2 steps in 31 s
+                     "train: step 14/14, loss nan, lr 1.00e-04, 0.11 steps/s"]  # the last, 2 steps in 19 s
+
+
+def test_fit_hands_each_log_line_to_on_log(tmp_path):
+    seen: list[dict] = []
+    fit(synthetic_run(tmp_path, 3), progress=False, on_log=seen.append)
+    assert seen == [json.loads(line) for line in (tmp_path / "losses.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in seen] == [0, 1, 2]
+
+
+def test_fit_warns_of_a_skipped_step_and_logs_it_as_strict_json(tmp_path, monkeypatch, caplog):
+    """fit names a step whose gradient norm it reads as not finite (here the second's, made so, with an infinite
+    loss). Its line marks it skipped and holds null for those values: the NaN and Infinity that json.dumps writes by
+    default are not JSON (JavaScript's JSON.parse and Go's encoding/json refused the line)."""
     read, reads = StepLog.read, []
 
     def second_not_finite(self):
         losses = read(self)
         reads.append(losses)
-        return {**losses, "grad_norm": float("nan")} if len(reads) == 2 else losses
+        return {**losses, "loss": float("inf"), "grad_norm": float("nan")} if len(reads) == 2 else losses
 
     monkeypatch.setattr(StepLog, "read", second_not_finite)
     with caplog.at_level(logging.WARNING, logger="sphere_fast"):
         fit(synthetic_run(tmp_path, 3), progress=False)
     warned = [r.getMessage() for r in caplog.records if "not finite" in r.getMessage()]
-    loss = reads[1]["loss"]
-    assert warned == [f"sphere_fast: step 1's gradients are not finite (loss {loss}): its update was skipped"]
+    assert warned == ["sphere_fast: step 1's gradients are not finite (loss inf): its update was skipped"]
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    lines = [json.loads(line, parse_constant=refuse) for line in (tmp_path / "losses.jsonl").read_text().splitlines()]
+    assert [line["skipped"] for line in lines] == [False, True, False]
+    assert lines[1]["loss"] is None and lines[1]["grad_norm"] is None and lines[1]["recon"] == reads[1]["recon"]
 
 
 def test_rng_states_of_more_gpus_than_this_process_sees_restore_those_it_has(monkeypatch):
@@ -560,7 +608,10 @@ def test_fit_reads_each_step_s_losses_after_queuing_the_next(tmp_path, monkeypat
     assert events == [("queue", 0), ("queue", 1), ("read", 0), ("queue", 2), ("read", 1), ("read", 2),
                       ("queue", 3), ("read", 3)]
     written = [json.loads(line) for line in (tmp_path / "losses.jsonl").read_text().splitlines()]
-    assert written == [{"step": step, **losses} for step, losses in sorted(logs.items())]
+    assert [{k: v for k, v in line.items() if k not in ("time", "skipped")} for line in written] == [
+        {"step": step, **losses} for step, losses in sorted(logs.items())]
+    assert not any(line["skipped"] for line in written)
+    assert all(0 < a["time"] <= b["time"] <= time.time() for a, b in itertools.pairwise(written))
     assert written[0]["loss"] != written[1]["loss"]
 
 
