@@ -44,6 +44,7 @@ MODEL_FILE, EMA_FILE, STATE_FILE, CONFIG_FILE, MANIFEST_FILE = (
     "model.safetensors", "ema.safetensors", "trainer_state.pt", "config.json", "manifest.json",
 )
 LATEST = "latest"
+CHECKPOINT_FILES = (MODEL_FILE, EMA_FILE, STATE_FILE, CONFIG_FILE)  # what a manifest lists, and a load reads
 
 
 def sha256_file(path: Path) -> str:
@@ -191,7 +192,10 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     pointer = Path(directory) / LATEST
     if not pointer.exists():
         return None
-    path = Path(directory) / pointer.read_text().strip()
+    name = pointer.read_text().strip()
+    if name in ("", ".", "..") or name != Path(name).name:  # a checkpoint beside it: never a path elsewhere
+        raise ValueError(f"{pointer} is corrupt: it names {name!r}, not a checkpoint folder beside it")
+    path = Path(directory) / name
     if not (path / MANIFEST_FILE).exists():
         raise ValueError(f"{pointer} names {path.name}, which is not a complete checkpoint (no {MANIFEST_FILE})")
     return path
@@ -212,7 +216,8 @@ def resume_point(directory: str | Path) -> tuple[int, dict[str, Any]]:
 
 
 def verify_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The manifest of a checkpoint folder after checking its format and every file's SHA-256."""
+    """The manifest of a checkpoint folder after checking its format and every file's SHA-256 (it must list the
+    files a load reads, and only those)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -226,10 +231,22 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{manifest_path} is corrupt: {err}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise ValueError(f"{manifest_path} is corrupt: not an object with a 'files' object")
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{path}: unsupported checkpoint format {manifest.get('format')!r}, expected {FORMAT!r}")
+    # The manifest says what is checked: it must list the files a load reads, and only those (a name such as
+    # ../x or /dev/zero would be read from elsewhere, and an empty list would check nothing).
+    listed = set(manifest["files"])
+    if listed - set(CHECKPOINT_FILES):
+        raise ValueError(f"checkpoint {path} is corrupt: its manifest lists {sorted(listed - set(CHECKPOINT_FILES))}, "
+                         f"not checkpoint files ({', '.join(CHECKPOINT_FILES)})")
+    required = [f for f in CHECKPOINT_FILES if f in (MODEL_FILE, CONFIG_FILE) or (path / f).exists()]
+    unlisted = [f for f in required if f not in listed]
+    if unlisted:
+        raise ValueError(f"checkpoint {path} is corrupt: its manifest does not list {unlisted}")
     for f, digest in manifest["files"].items():
-        if not (path / f).exists():
+        if not (path / f).is_file():
             raise ValueError(f"checkpoint {path} is incomplete: {f} is missing")
         actual = sha256_file(path / f)
         if actual != digest:
@@ -290,9 +307,13 @@ def load_checkpoint(
     config = json.loads((path / CONFIG_FILE).read_text())
     if trainer is not None:
         model = trainer.model
+    built = model is None
     if model is None:
         try:
-            model = SphereEncoder(**config["model"]).eval()
+            # on the meta device: nothing is allocated (a config may ask for any size) or initialised before the
+            # weights are checked, and the loaded tensors become the model's (not copied into a second set)
+            with torch.device("meta"):
+                model = SphereEncoder(**config["model"]).eval()
         except TypeError as err:  # a key this version does not know, e.g. from a newer sphere_fast
             raise ValueError(f"checkpoint {path} holds a model config this sphere_fast cannot build: {err}") from None
     _check_config(model, config["model"], path)
@@ -304,14 +325,30 @@ def load_checkpoint(
                              "weights into a model of their own")
         if not (path / STATE_FILE).exists():
             raise ValueError(f"checkpoint {path} holds weights only (no trainer state): it cannot resume training")
+    weights = path / (EMA_FILE if ema else MODEL_FILE)
+    _check_weight_shapes(weights, model)
     state = None if trainer is None else _trainer_state(path, trainer)  # read and checked before any change
     # a model built on the meta device takes the loaded tensors themselves (a copy into meta tensors is lost)
     on_meta = any(p.is_meta for p in model.parameters())
-    model.load_state_dict(load_file(str(path / (EMA_FILE if ema else MODEL_FILE))), assign=on_meta)
+    model.load_state_dict(load_file(str(weights)), assign=on_meta)
+    if built:  # in the default dtype, as a model built here and loaded by copy was (the file's may be bf16)
+        model.to(torch.get_default_dtype())
     if state is not None:
         state["ema"] = load_file(str(path / EMA_FILE))  # after the model's weights: the two are not held at once
         trainer.load_state_dict(state)
     return model, config
+
+
+def _check_weight_shapes(file: Path, model: SphereEncoder) -> None:
+    """The file's tensors, by name and shape as its header gives them, must be the model's: weights that are not
+    what the checkpoint's config describes (a hand-edited config.json) are refused before any is read."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    with safe_open(str(file), framework="pt") as stored:
+        found = {name: tuple(stored.get_slice(name).get_shape()) for name in stored.keys()}
+    if found != expected:
+        differ = sorted(set(found.items()) ^ set(expected.items()))[:3]
+        raise ValueError(f"{file} does not hold the weights of the model its config describes (tensors that "
+                         f"differ, the file's or the model's: {differ})")
 
 
 def _trainer_state(path: Path, trainer: Trainer) -> dict[str, Any]:

@@ -2,6 +2,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sphere_fast import SphereEncoder
+from sphere_fast import SphereEncoder, checkpoint
 from sphere_fast.checkpoint import (
     OFFICIAL_EMA_KEY,
     ROPE_BUFFERS,
@@ -428,6 +429,48 @@ def test_corrupt_incomplete_and_mismatched_checkpoints_are_refused(tmp_path):
     (weights_only / "manifest.json").write_text(json.dumps({**manifest, "format": "sphere_fast-checkpoint/0"}))
     with pytest.raises(ValueError, match="unsupported checkpoint format 'sphere_fast-checkpoint/0'"):
         load_checkpoint(weights_only)
+
+
+def test_a_manifest_must_list_the_files_a_load_reads_and_only_those(tmp_path):
+    """The manifest says what is checked: with no files listed, weights replaced by zeros loaded; a name such as
+    ../x or /dev/zero was read from elsewhere (and /dev/zero hashed for ever); a manifest of another shape escaped
+    the CLI as an AttributeError. A ``latest`` naming a path outside its folder is refused too."""
+    path = save_checkpoint(tmp_path, tiny_model(seed=1), name="ckpt")
+    manifest = json.loads((path / "manifest.json").read_text())
+    (tmp_path / "elsewhere").write_text("{}")
+    for files, match in (({}, r"does not list \['model.safetensors', 'config.json'\]"),
+                         ({**manifest["files"], "/dev/zero": "0" * 64}, r"lists \['/dev/zero'\], not checkpoint files"),
+                         ({**manifest["files"], "../elsewhere": "0" * 64}, r"lists \['../elsewhere'\]")):
+        (path / "manifest.json").write_text(json.dumps({**manifest, "files": files}))
+        with pytest.raises(ValueError, match=match):
+            load_checkpoint(path)
+    for bad in ([], {"format": manifest["format"]}, {**manifest, "files": ["model.safetensors"]}):
+        (path / "manifest.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match="manifest.json is corrupt: not an object with a 'files' object"):
+            load_checkpoint(path)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    assert load_checkpoint(path)[0].config == tiny_model().config
+    for name in ("../ckpt", str(path), "."):
+        (tmp_path / "latest").write_text(name + "\n")
+        with pytest.raises(ValueError, match=f"latest is corrupt: it names {re.escape(repr(name))}, not a checkpoint"):
+            latest_checkpoint(tmp_path)
+
+
+def test_weights_that_are_not_what_the_config_describes_are_refused_before_they_are_read(tmp_path, monkeypatch):
+    """load_checkpoint built the model of config.json, at full size with its random init, before it read the weights:
+    a config edited to ask for a huge model allocated without bound (about 0.8 TB for width 16384), and a mismatch
+    came out of load_state_dict as a RuntimeError. The model is built on the meta device, its tensors compared with
+    the file's header, and a model built there comes back in the default dtype, as before."""
+    path = save_checkpoint(tmp_path, tiny_model(seed=1).to(torch.bfloat16), name="ckpt")
+    loaded, _ = load_checkpoint(path)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32} and not loaded.training
+    config = json.loads((path / "config.json").read_text())
+    config["model"]["vit_dec_model_size"] = {"width": 1024, "layers": 8, "heads": 8}
+    (path / "config.json").write_text(json.dumps(config))
+    rehash(path)
+    monkeypatch.setattr(checkpoint, "load_file", lambda *a: pytest.fail("the weights are read after the check"))
+    with pytest.raises(ValueError, match=r"model.safetensors does not hold the weights of the model its config"):
+        load_checkpoint(path)
 
 
 def test_a_path_that_is_no_checkpoint_folder_is_named_for_what_it_is(tmp_path):
