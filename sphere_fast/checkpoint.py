@@ -18,6 +18,7 @@ import json
 import os
 import pickle
 import shutil
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -382,6 +383,7 @@ def _trainer_state(path: Path, trainer: Trainer) -> dict[str, Any]:
 # ...}. The EMA dict holds every parameter and buffer by name, the RoPE tables ([1, N, 2 * head_dim]) included,
 # which state_dicts leave out (non-persistent); the official loader reads it strictly.
 OFFICIAL_EMA_KEY = "ema_model"
+CONVERTED = "converted"  # the checkpoint a conversion writes
 
 
 def _load_official(path: str | Path | IO[bytes]) -> Any:
@@ -389,8 +391,11 @@ def _load_official(path: str | Path | IO[bytes]) -> Any:
     if isinstance(path, (str, os.PathLike)) and Path(path).is_dir():
         raise ValueError(f"{path} is a folder, not an official .pth: read a sphere_fast checkpoint folder with "
                          "load_checkpoint")
+    # Mapped, not read: an official training checkpoint also holds the optimiser's moments (twice the weights).
+    # torch.save's legacy format (not a zip) cannot be mapped, nor a file object.
+    mapped = isinstance(path, (str, os.PathLike)) and zipfile.is_zipfile(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
     except pickle.UnpicklingError as err:
         reason = str(err).strip().splitlines()[0]
         raise ValueError(
@@ -434,20 +439,24 @@ def _without_rope(state: dict[str, torch.Tensor], model: SphereEncoder | None, p
 def read_official(path: str | Path | IO[bytes], key: str = "model") -> dict[str, torch.Tensor]:
     """The state_dict of an official ``.pth`` (a path or a file object, as ``torch.load`` reads): a plain
     state_dict or a dict holding it under ``key`` (``"model"``, or ``"ema_model"`` for the EMA weights of an
-    official training checkpoint)."""
-    return _without_rope(_state_under(_load_official(path), key, path), None, path)
+    official training checkpoint). Its tensors are copies, not the file's mapped pages (which a later write to that
+    file would change under them)."""
+    state = _without_rope(_state_under(_load_official(path), key, path), None, path)
+    return {name: tensor.clone() for name, tensor in state.items()}
 
 
 def official_to_checkpoint(pth: str | Path, out: str | Path, model_config: Mapping[str, Any], key: str = "model") -> Path:
     """Convert an official ``.pth`` to a weights-only sphere_fast checkpoint folder under ``out``: the weights under
     ``key``, and with the default key the file's EMA weights (``ema_model``) too, where it holds them."""
+    _check_not_a_run(Path(out))
     obj = _load_official(pth)
     state = _state_under(obj, key, pth)
-    model = SphereEncoder(**model_config)
+    with torch.device("meta"):  # it takes the file's tensors (mapped) as they are: no second set of weights
+        model = SphereEncoder(**model_config)
+    model.load_state_dict(_without_rope(state, model, pth), assign=True)
     dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
-    if len(dtypes) == 1:  # the file's dtype (bf16, say) kept, not widened to the new model's float32
-        model.to(dtypes.pop())
-    model.load_state_dict(_without_rope(state, model, pth))
+    # the file's dtype (bf16, say) kept, not widened to float32; mixed ones become the default dtype
+    model.to(dtypes.pop() if len(dtypes) == 1 else torch.get_default_dtype())
     ema = None
     official_ema = obj.get(OFFICIAL_EMA_KEY) if key == "model" and isinstance(obj, Mapping) else None
     if isinstance(official_ema, Mapping):
@@ -456,9 +465,19 @@ def official_to_checkpoint(pth: str | Path, out: str | Path, model_config: Mappi
         else:  # the EMA is a bonus here: its layout does not block the weights asked for
             warn(f"{pth}: {OFFICIAL_EMA_KEY!r} holds other objects than tensors; the weights under {key!r} are "
                  "converted without EMA weights")
-    path = save_checkpoint(out, model, name="converted", ema_weights=ema)
+    path = save_checkpoint(out, model, name=CONVERTED, ema_weights=ema)
     assert path is not None
     return path
+
+
+def _check_not_a_run(out: Path) -> None:
+    """A conversion's folder must hold no checkpoints but an earlier conversion's: saving one there would point
+    ``latest`` at weights without trainer state (a resume refuses them) and prune the run's checkpoints."""
+    others = sorted(p.name for p in out.glob("step-*"))
+    if (out / LATEST).exists() and (out / LATEST).read_text().strip() != CONVERTED:
+        others.append(LATEST)
+    if others:
+        raise ValueError(f"{out} holds a run's checkpoints ({', '.join(others)}): convert into a folder of its own")
 
 
 def checkpoint_to_official(path: str | Path, out: str | Path) -> Path:
