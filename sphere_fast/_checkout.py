@@ -1,12 +1,15 @@
 """setup.py installs the top-level folders kernels/ and csrc/ as sphere_fast.kernels and sphere_fast.csrc. When
 sphere_fast is imported from a source checkout, both come from that same checkout: without this, an editable
 install maps them to the tree it was made from, which may be another clone (the tests would then run one tree's
-Python over another's kernels) or a deleted one, and a checkout that was never installed has none."""
+Python over another's kernels) or a deleted one, and a checkout that was never installed has none.
+checkout_commit names such a checkout's commit, which a training run records."""
 
 from __future__ import annotations
 
 import importlib.abc
 import importlib.util
+import os
+import subprocess
 import sys
 from importlib.machinery import ModuleSpec
 from pathlib import Path
@@ -37,6 +40,22 @@ def in_checkout(root: Path) -> bool:
         return False
     text = setup.read_text()
     return all(name in text for name in FOLDERS)
+
+
+def checkout_commit(package_dir: Path) -> str | None:
+    """``git describe --always --dirty`` (full hash) of the source checkout ``package_dir`` (sphere_fast's folder)
+    lies in: None for an installed copy, or where git cannot say (no git, a copy without its repository)."""
+    root = package_dir.parent
+    if not in_checkout(root):
+        return None
+    # the ceiling keeps git from describing a repository above root (a copy without .git inside another project)
+    env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(root.parent)}
+    try:
+        described = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], cwd=root, env=env,
+                                   capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return described or None
 
 
 def map_checkout_folders(package_dir: Path) -> None:

@@ -58,3 +58,22 @@ def test_an_installed_copy_is_left_as_it_is(tmp_path: Path, monkeypatch) -> None
     _checkout.map_checkout_folders(installed)
     added = [f for f in sys.meta_path if isinstance(f, _checkout.CheckoutFolders)]
     assert len(added) == 1 and added[0].root == installed.parent and sys.meta_path[0] is added[0]
+
+
+def test_the_checkout_commit_is_its_own_repository_s(tmp_path: Path) -> None:
+    """checkout_commit names the checkout's HEAD; an installed copy has none, nor has a copy of the checkout
+    without its .git that lies in another project's repository (whose commit is not the package's)."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode == 0:  # the tests run from a git checkout
+        assert head.stdout.strip() in _checkout.checkout_commit(ROOT / "sphere_fast")
+    assert _checkout.checkout_commit(tmp_path / "site-packages" / "sphere_fast") is None
+    project = tmp_path / "project"
+    copy = project / "vendored"
+    for folder in ("kernels", "csrc"):
+        (copy / folder).mkdir(parents=True)
+        (copy / folder / "__init__.py").touch()
+    (copy / "setup.py").write_text((ROOT / "setup.py").read_text())
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], cwd=project, check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "other"], cwd=project, check=True)
+    assert _checkout.in_checkout(copy) and _checkout.checkout_commit(copy / "sphere_fast") is None
