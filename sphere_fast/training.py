@@ -14,10 +14,12 @@ import json
 import logging
 import math
 import os
+import platform
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +28,14 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import sphere_fast
 from sphere_fast import ops
+from sphere_fast._checkout import checkout_commit
 from sphere_fast._checks import check_int
 from sphere_fast._files import os_lock
 from sphere_fast._random import SEED_DERIVATION, derive_seed, generator_kwargs
 from sphere_fast._warn import warn
+from sphere_fast.backend import active_backend
 from sphere_fast.data import check_start_method, pixels_to_images
 from sphere_fast.model import SphereEncoder, check_label_range, labels_checked
 from sphere_fast.perceptual import LPIPS, ConvNeXt, load_state_dict_file
@@ -805,18 +810,43 @@ def _check_same_start(world_size: int, step: int, last: Path | None) -> None:
         )
 
 
-def _prepare_run_folder(run: RunConfig, step: int, resume: bool) -> None:
-    """Rank 0's writes before training, under the run folder's lock (which made the folder): the run's config, the
-    loss log cut back to ``step`` (read first: a damaged log is refused before any write but the lock's) and,
-    without ``resume``, no checkpoints of an earlier run."""
+def run_environment(device: torch.device, world_size: int) -> dict[str, Any]:
+    """What a run ran on and with, for its record: versions, device, processes, command line, start time (UTC) and
+    the git commit of the sphere_fast checkout it runs from (None for an installed copy)."""
+    return {
+        "sphere_fast": sphere_fast.__version__,
+        "git_commit": checkout_commit(Path(sphere_fast.__file__).resolve().parent),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        "world_size": world_size,
+        "backend": active_backend(),
+        "argv": list(sys.argv),
+        "start_time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _prepare_run_folder(run: RunConfig, trainer: Trainer, last: Path | None, resume: bool) -> None:
+    """Rank 0's writes before training, under the run folder's lock (which made the folder): the run's config
+    (``run_config.json``, the latest invocation's), a line for this invocation in the run's history
+    (``runs.jsonl``: start step, checkpoint ``last`` resumed from, environment and config), the loss log cut back to
+    the start step (read first: a damaged log is refused before any write but the lock's) and, without ``resume``,
+    no checkpoints or history of an earlier run."""
     from sphere_fast.checkpoint import remove_checkpoints, replace_text
 
     out = Path(run.out)
-    log_path = out / "losses.jsonl"
-    kept = _log_lines_before(log_path, step)
+    log_path, history_path = out / "losses.jsonl", out / "runs.jsonl"
+    kept = _log_lines_before(log_path, trainer.step)
     if not resume:
         remove_checkpoints(out / "checkpoints")
-    (out / "run_config.json").write_text(json.dumps(dataclasses.asdict(run), indent=1))
+    config = dataclasses.asdict(run)
+    (out / "run_config.json").write_text(json.dumps(config, indent=1))
+    resumed_from = None if last is None else last.relative_to(out).as_posix()
+    invocation = {"start_step": trainer.step, "resumed_from": resumed_from,
+                  "environment": run_environment(trainer.device, trainer.dist.world_size), "run": config}
+    history = history_path.read_text() if resume and history_path.exists() else ""
+    replace_text(history_path, history + json.dumps(invocation) + "\n")  # whole: a killed run tears no line
     replace_text(log_path, "".join(line + "\n" for line in kept))
 
 
@@ -845,23 +875,25 @@ def fit(
     on_log: Callable[[dict[str, Any]], None] | None = None,
 ) -> Trainer:
     """Train ``run`` to ``run.train.total_steps``, resuming from ``out/checkpoints`` when present;
-    losses go to ``out/losses.jsonl`` (one line per step, ``log_line``'s) and checkpoints to ``out/checkpoints``.
-    ``resume=False`` starts afresh: the checkpoints and losses of an earlier run in ``out`` are deleted.
+    losses go to ``out/losses.jsonl`` (one line per step, ``log_line``'s) and checkpoints to ``out/checkpoints``;
+    the config to ``out/run_config.json`` and a line per call (start, environment, config) to ``out/runs.jsonl``.
+    ``resume=False`` starts afresh: the checkpoints, losses and runs.jsonl of an earlier run in ``out`` are deleted.
     One run at a time writes to ``out``: another one there raises RuntimeError before its first write.
     ``progress`` shows a bar on a terminal (or a notebook) and, elsewhere (CI, nohup, SLURM), a line at most every
     30 s. ``on_log`` is called on rank 0 with each line's dict as it is written (``wandb.log``, say)."""
     info = init_distributed()
     _check_process_batch(run.train, info.world_size)
-    trainer, loader = _start(run, info, resume)
+    trainer, loader, last = _start(run, info, resume)
     with _run_folder_lock(Path(run.out)) if info.rank == 0 else contextlib.nullcontext():
         if info.rank == 0:
-            _prepare_run_folder(run, trainer.step, resume)
+            _prepare_run_folder(run, trainer, last, resume)
         _train_to_the_end(run, info, trainer, loader, progress, on_log)
     return trainer
 
 
-def _start(run: RunConfig, info: DistInfo, resume: bool) -> tuple[Trainer, Any]:
-    """The run's trainer, from its latest checkpoint when ``resume`` finds one, and its loader from that step."""
+def _start(run: RunConfig, info: DistInfo, resume: bool) -> tuple[Trainer, Any, Path | None]:
+    """The run's trainer, from its latest checkpoint when ``resume`` finds one, its loader from that step, and
+    that checkpoint (or None)."""
     from sphere_fast.checkpoint import latest_checkpoint, load_checkpoint
     from sphere_fast.data import make_loader, open_dataset  # at call time: tests swap them in the data module
 
@@ -888,7 +920,7 @@ def _start(run: RunConfig, info: DistInfo, resume: bool) -> tuple[Trainer, Any]:
         seed=cfg.seed, start_step=trainer.step, workers=run.workers, pin_memory=device.type == "cuda",
         worker_seed=process_seed(cfg.seed, info.rank, trainer.step), start_method=run.start_method,
     )
-    return trainer, loader
+    return trainer, loader, last
 
 
 def log_line(step: int, losses: Mapping[str, float]) -> dict[str, Any]:

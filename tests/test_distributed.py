@@ -188,6 +188,8 @@ def test_a_run_of_two_processes_resumes_on_one(tmp_path, monkeypatch):
         trainer = fit(run, progress=False)
     assert trainer.step == 3
     assert [json.loads(line)["step"] for line in (tmp_path / "losses.jsonl").read_text().splitlines()] == [0, 1, 2]
+    calls = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]  # rank 0's alone
+    assert [(c["start_step"], c["environment"]["world_size"]) for c in calls] == [(0, 2), (2, 1)]
     dataset = data.open_dataset("synthetic", TINY_CONFIG["input_size"])
     rows = next(iter(data.StepBatchSampler(len(dataset), 3, rank=1, world_size=2, start_step=2)))
     assert torch.equal(batches[0][3:], torch.stack([dataset[i][0] for i in rows]))  # rank 1's half of step 2

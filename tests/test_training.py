@@ -8,18 +8,22 @@ import itertools
 import json
 import logging
 import math
+import platform
 import re
 import subprocess
 import sys
 import time
 import traceback
 import weakref
+from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 import torch
 from tests.tiny import NO_PERCEPTUAL, TINY_CONFIG, no_label_dropout, tiny_batch, tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import sphere_fast
 from sphere_fast import ops, training, use_backend
 from sphere_fast.ops import spherify_noise_reference, spherify_reference
 from sphere_fast.training import (
@@ -731,6 +735,36 @@ def test_fit_without_resume_starts_afresh(tmp_path, monkeypatch):
     checkpoints = tmp_path / "checkpoints"
     assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-00000002", "step-00000003"]
     assert (checkpoints / "latest").read_text().strip() == "step-00000003"
+
+
+def test_runs_jsonl_keeps_a_line_per_call_with_its_start_and_environment(tmp_path):
+    """Each fit appends its start step, the checkpoint it resumed from, its environment and its config to
+    runs.jsonl (run_config.json, overwritten, holds the latest config only, readable as a RunConfig); a fit
+    without resume starts the history afresh, as it does the checkpoints and losses."""
+    fit(dataclasses.replace(synthetic_run(tmp_path, 2), checkpoint_every=2), progress=False)
+    with pytest.warns(UserWarning, match="total_steps 2 -> 3"):
+        fit(synthetic_run(tmp_path, 3), progress=False)
+    calls = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert [(c["start_step"], c["resumed_from"]) for c in calls] == [(0, None), (2, "checkpoints/step-00000002")]
+    assert [c["run"]["train"]["total_steps"] for c in calls] == [2, 3]
+    config = json.loads((tmp_path / "run_config.json").read_text())
+    assert config == calls[1]["run"]
+    assert RunConfig(**{**config, "train": TrainConfig(**config["train"])}) == synthetic_run(tmp_path, 3)
+    env = calls[1]["environment"]
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    assert env["sphere_fast"] == sphere_fast.__version__ and env["torch"] == torch.__version__
+    assert env["cuda"] == torch.version.cuda and env["python"] == platform.python_version()
+    assert env["device"] == device and env["world_size"] == 1 and env["argv"] == sys.argv
+    assert env["backend"] == sphere_fast.active_backend()
+    started = [datetime.fromisoformat(c["environment"]["start_time"]) for c in calls]
+    assert all(t.tzinfo == timezone.utc for t in started) and started[0] <= started[1]
+    root = Path(sphere_fast.__file__).resolve().parents[1]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+    if head.returncode == 0:  # the tests run from a git checkout
+        assert head.stdout.strip() in env["git_commit"]
+    fit(synthetic_run(tmp_path, 1), resume=False, progress=False)
+    calls = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert [(c["start_step"], c["resumed_from"]) for c in calls] == [(0, None)]
 
 
 # A process that holds a run folder's lock (argv[1]) as a training run does, until its stdin closes.
