@@ -883,7 +883,7 @@ def fit(
     30 s. ``on_log`` is called on rank 0 with each line's dict as it is written (``wandb.log``, say)."""
     info = init_distributed()
     _check_process_batch(run.train, info.world_size)
-    trainer, loader, last = _start(run, info, resume)
+    run, trainer, loader, last = _start(run, info, resume)
     with _run_folder_lock(Path(run.out)) if info.rank == 0 else contextlib.nullcontext():
         if info.rank == 0:
             _prepare_run_folder(run, trainer, last, resume)
@@ -891,17 +891,21 @@ def fit(
     return trainer
 
 
-def _start(run: RunConfig, info: DistInfo, resume: bool) -> tuple[Trainer, Any, Path | None]:
-    """The run's trainer, from its latest checkpoint when ``resume`` finds one, its loader from that step, and
-    that checkpoint (or None)."""
+def _start(run: RunConfig, info: DistInfo, resume: bool) -> tuple[RunConfig, Trainer, Any, Path | None]:
+    """The run as it reads its data (``data`` "synthetic" where Fashion-MNIST fell back to it), its trainer, from
+    its latest checkpoint when ``resume`` finds one, its loader from that step, and that checkpoint (or None)."""
     from sphere_fast.checkpoint import latest_checkpoint, load_checkpoint
-    from sphere_fast.data import make_loader, open_dataset  # at call time: tests swap them in the data module
+    from sphere_fast.data import SyntheticShapes, make_loader, open_dataset  # at call time: tests swap them
 
     cfg = run.train
     device = torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
     model = SphereEncoder(**run.model)
     dataset = open_dataset(run.data, model.input_size, synthetic_fallback=run.synthetic_fallback)
+    if run.data == "fashion-mnist" and isinstance(dataset, SyntheticShapes):
+        # the records (run_config.json, checkpoints) name the data read: a resume that finds Fashion-MNIST then
+        # warns that the data changes, and the CLI's resume keeps the synthetic shapes
+        run = dataclasses.replace(run, data="synthetic")
     if model.num_classes and getattr(dataset, "num_classes", model.num_classes) > model.num_classes:
         raise ValueError(f"the data has {dataset.num_classes} classes but the model only {model.num_classes}")
     trainer = Trainer(model, cfg, device, info)
@@ -920,7 +924,7 @@ def _start(run: RunConfig, info: DistInfo, resume: bool) -> tuple[Trainer, Any, 
         seed=cfg.seed, start_step=trainer.step, workers=run.workers, pin_memory=device.type == "cuda",
         worker_seed=process_seed(cfg.seed, info.rank, trainer.step), start_method=run.start_method,
     )
-    return trainer, loader, last
+    return run, trainer, loader, last
 
 
 def log_line(step: int, losses: Mapping[str, float]) -> dict[str, Any]:

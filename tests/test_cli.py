@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sphere_fast import checkpoint, cli, editing, sample_set, training
+from sphere_fast import checkpoint, cli, data, editing, sample_set, training
 from sphere_fast.checkpoint import save_checkpoint
 from sphere_fast.model import PRESETS, SphereEncoder
 from sphere_fast.cli import (
@@ -25,6 +25,7 @@ from sphere_fast.cli import (
     plot_losses,
     save_grid,
 )
+from tests.test_training import write_fashion_mnist
 from tests.tiny import TINY_CONFIG, tiny_model
 
 COMMANDS = ["train", "sample", "sample-set", "reconstruct", "interpolate", "crossover", "manipulate", "convert", "bench"]
@@ -557,6 +558,24 @@ def test_train_resumes_on_its_runs_data(tmp_path, capsys):
     smaller = [*run[:4], "3", *run[5:]]  # --batch-size 3
     with pytest.warns(UserWarning, match="global_batch 6 -> 3, total_steps 3 -> 4; the data is read in another order"):
         assert main([*smaller, "--steps", "4"]) == 0
+
+
+def test_train_resumes_a_run_that_fell_back_to_synthetic_data_on_synthetic_data(tmp_path, monkeypatch):
+    """The preset's Fashion-MNIST missing, the run trains on synthetic shapes and records them: a resume without
+    --data keeps them, silently, though Fashion-MNIST is there now (the record said "fashion-mnist", and the resume
+    read Fashion-MNIST without a word)."""
+    fashion = tmp_path / "fashion-mnist"
+    monkeypatch.setattr(data, "FASHION_MNIST_DIR", fashion)
+    run = ["train", "--out", str(tmp_path / "run"), "--batch-size", "6", "--workers", "0", "--model-config",
+           json.dumps(TINY_CONFIG), "--sample-steps"]
+    with pytest.warns(UserWarning, match="falling back to synthetic shapes"):
+        assert main([*run, "--steps", "1"]) == 0
+    write_fashion_mnist(fashion)
+    with pytest.warns(UserWarning) as warned:
+        assert main([*run, "--steps", "2"]) == 0
+    messages = [str(w.message) for w in warned]
+    assert messages and not any("other data" in m or "falling back" in m for m in messages)  # the recipe's only
+    assert json.loads((tmp_path / "run" / "run_config.json").read_text())["data"] == "synthetic"
 
 
 def test_train_passes_the_workers_start_method(monkeypatch, tmp_path):

@@ -18,13 +18,16 @@ import weakref
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from tests.test_data import write_idx
 from tests.tiny import NO_PERCEPTUAL, TINY_CONFIG, no_label_dropout, tiny_batch, tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sphere_fast
 from sphere_fast import ops, training, use_backend
+from sphere_fast.checkpoint import resume_point
 from sphere_fast.ops import spherify_noise_reference, spherify_reference
 from sphere_fast.training import (
     LOSS_PRESETS,
@@ -735,6 +738,45 @@ def test_fit_without_resume_starts_afresh(tmp_path, monkeypatch):
     checkpoints = tmp_path / "checkpoints"
     assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-00000002", "step-00000003"]
     assert (checkpoints / "latest").read_text().strip() == "step-00000003"
+
+
+def write_fashion_mnist(root: Path, n: int = 12) -> None:
+    """A small Fashion-MNIST install (train split only): n random 28 px images, labels 0..9 in turn."""
+    root.mkdir(parents=True, exist_ok=True)
+    write_idx(root / "train-images-idx3-ubyte.gz", np.random.default_rng(0).integers(0, 256, (n, 28, 28)))
+    write_idx(root / "train-labels-idx1-ubyte.gz", np.arange(n) % 10)
+
+
+def test_a_run_that_fell_back_to_synthetic_data_records_it_and_a_resume_warns_when_the_data_changes(
+    tmp_path, monkeypatch
+):
+    """Without Fashion-MNIST the default data falls back to synthetic shapes: run_config.json and the checkpoint
+    say "synthetic" (they said "fashion-mnist", so a resume that found Fashion-MNIST switched data silently). A
+    resume that falls back again gives no other-data warning; one that finds Fashion-MNIST warns of the change."""
+    from sphere_fast import data
+
+    fashion, out = tmp_path / "fashion-mnist", tmp_path / "run"
+    monkeypatch.setattr(data, "FASHION_MNIST_DIR", fashion)
+    run = dataclasses.replace(synthetic_run(out, 2), data="fashion-mnist", checkpoint_every=2)
+    assert run.synthetic_fallback
+    with pytest.warns(UserWarning, match="falling back to synthetic shapes"):
+        fit(run, progress=False)
+    assert json.loads((out / "run_config.json").read_text())["data"] == "synthetic"
+    assert resume_point(out / "checkpoints") == (2, json.loads((out / "run_config.json").read_text()))
+    assert run.data == "fashion-mnist"  # the caller's config is left as it is
+    with pytest.warns(UserWarning) as warned:
+        fit(dataclasses.replace(run, train=dataclasses.replace(run.train, total_steps=4)), progress=False)
+    messages = [str(w.message) for w in warned]
+    assert any("falling back" in m for m in messages) and not any("other data" in m for m in messages)
+    write_fashion_mnist(fashion)
+    with pytest.warns(UserWarning) as warned:
+        fit(dataclasses.replace(run, train=dataclasses.replace(run.train, total_steps=5)), progress=False)
+    messages = [str(w.message) for w in warned]
+    assert "resuming on other data than the checkpoint's: 'synthetic' -> 'fashion-mnist'" in messages
+    assert not any("falling back" in m for m in messages)
+    assert json.loads((out / "run_config.json").read_text())["data"] == "fashion-mnist"
+    history = [json.loads(line)["run"]["data"] for line in (out / "runs.jsonl").read_text().splitlines()]
+    assert history == ["synthetic", "synthetic", "fashion-mnist"]
 
 
 def test_runs_jsonl_keeps_a_line_per_call_with_its_start_and_environment(tmp_path):
