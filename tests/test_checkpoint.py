@@ -456,6 +456,28 @@ def test_a_manifest_must_list_the_files_a_load_reads_and_only_those(tmp_path):
             latest_checkpoint(tmp_path)
 
 
+def test_a_load_hashes_the_files_it_reads(tmp_path):
+    """Sampling from a training checkpoint's EMA weights hashed its live weights and trainer state too (three
+    quarters of its bytes: minutes for sphere-xl on network storage). A damaged file is refused by the loads that
+    read it, and only by those."""
+    trainer = small_trainer(1)
+    path = save_checkpoint(tmp_path, trainer.model, trainer=trainer)
+    for name in ("trainer_state.pt", "model.safetensors"):
+        data = bytearray((path / name).read_bytes())
+        data[-5] ^= 0xFF
+        (path / name).write_bytes(bytes(data))
+    ema, _ = load_checkpoint(path, ema=True)
+    assert all(torch.equal(ema.state_dict()[k], v) for k, v in trainer.ema.state_dict().items())
+    with pytest.raises(ValueError, match="corrupt: model.safetensors"):
+        load_checkpoint(path)
+    with pytest.raises(ValueError, match="corrupt: (model.safetensors|trainer_state.pt)"):
+        load_checkpoint(path, trainer=small_trainer(0))
+    with pytest.raises(ValueError, match="corrupt: model.safetensors"):
+        checkpoint_to_official(path, tmp_path / "back.pth")
+    with pytest.raises(ValueError, match="corrupt: trainer_state.pt"):
+        verify_checkpoint(path, ["trainer_state.pt"])
+
+
 def test_weights_that_are_not_what_the_config_describes_are_refused_before_they_are_read(tmp_path, monkeypatch):
     """load_checkpoint built the model of config.json, at full size with its random init, before it read the weights:
     a config edited to ask for a huge model allocated without bound (about 0.8 TB for width 16384), and a mismatch
