@@ -170,9 +170,15 @@ def _class_id(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+# the largest class table a list with gaps in its ids may give, whatever its number of classes (see jsonl_list)
+MAX_SPARSE_CLASS_IDS = 1024
+
+
 def jsonl_list(list_file: str | Path, image_size: int, root: str | Path | None = None) -> FileListDataset:
     """The official list format: one JSON object a line with class_id, class_name, image_path and optionally
-    is_absolute_path (default false); relative paths are taken from ``root`` (default: the list file's folder)."""
+    is_absolute_path (default false); relative paths are taken from ``root`` (default: the list file's folder).
+    Class ids number the classes 0..K-1, with gaps allowed (a missing id is named by its number) while K is at most
+    ``MAX_SPARSE_CLASS_IDS`` or twice the classes listed: a subset of ImageNet's classes keeps its ids."""
     list_file = Path(list_file)
     base = Path(root) if root is not None else list_file.parent
     items, names = [], {}
@@ -202,8 +208,14 @@ def jsonl_list(list_file: str | Path, image_size: int, root: str | Path | None =
             items.append((Path(path) if absolute else base / path, label))
     if not items:
         raise ValueError(f"{list_file} lists no images")
-    _check_some_exist(items, list_file)
     num_classes = max(names) + 1
+    # the class table gets a row per id up to the largest, as the model's label embedding would: a sparse numbering
+    # (WordNet offsets such as "01440764") would build millions of rows before any check
+    if num_classes > max(MAX_SPARSE_CLASS_IDS, 2 * len(names)):
+        raise ValueError(f"{list_file}: class ids must number the classes 0..K-1 (gaps allowed up to "
+                         f"{MAX_SPARSE_CLASS_IDS} or twice the classes): the largest is {num_classes - 1} with only "
+                         f"{len(names)} classes")
+    _check_some_exist(items, list_file)
     return FileListDataset(items, [names.get(k, str(k)) for k in range(num_classes)], image_size)
 
 

@@ -147,6 +147,25 @@ def test_list_files_skip_blank_lines_keep_class_ids_and_check_them(tmp_path):
             jsonl_list(tmp_path / "bad.jsonl", 16)
 
 
+def test_a_list_with_sparse_class_ids_is_refused_before_its_class_table_is_built(tmp_path):
+    """One id such as a WordNet offset would build a class table (and need a label embedding) of that many rows:
+    refused at once. Gaps within 1024 ids (a subset of ImageNet's classes) or twice the classes are kept."""
+    write_image(tmp_path / "a.png", 8, 8, (255, 0, 0))
+
+    def read(*ids):
+        (tmp_path / "l.jsonl").write_text("".join(
+            json.dumps({"class_id": k, "class_name": f"c{k}", "image_path": "a.png"}) + "\n" for k in ids))
+        return jsonl_list(tmp_path / "l.jsonl", 8)
+
+    assert read(0, 1023).num_classes == 1024
+    assert read(*range(0, 4000, 2)).num_classes == 3999  # 2000 classes: up to 4000 rows
+    for ids, largest, classes in (((1024,), 1024, 1), ((10**9,), 10**9, 1), ((0, "01440764"), 1440764, 2),
+                                  ((*range(0, 4000, 2), 4002), 4002, 2001)):
+        with pytest.raises(ValueError, match=f"l.jsonl: class ids must number the classes 0..K-1 .*the largest is "
+                                             f"{largest} with only {classes} classes"):
+            read(*ids)
+
+
 def test_image_folder_links_do_not_move_images_between_classes(tmp_path):
     """A link inside a class folder back up to the root (or into another class's folder) is not followed: its
     images would take this class's label; a folder linked twice gives its images once."""
