@@ -8,12 +8,14 @@ convention), so the set is the same for any batch size and any number of process
 runs every world_size-th batch of indices. Each file is written atomically and a rerun skips the indices
 already on disk, so an interrupted job resumes where it stopped; ``sample_set.json`` keeps the options (steps,
 cfg, seed, dtype, model config, and a name of the weights when given: the CLI gives their SHA-256) and a rerun with
-others is refused.
+others is refused, as is a folder holding images but no ``sample_set.json`` (another tool's: it is written before
+any image).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,6 +41,7 @@ PNG_WRITERS = 4  # threads encoding PNGs while the device samples the next batch
 # surfaces a failed write (a full disk) within a few batches rather than after the whole set is sampled.
 BATCHES_IN_FLIGHT = 2
 OPTIONS_FILE = "sample_set.json"  # the options the folder's images were made with
+IMAGE_NAME = re.compile(r"[0-9]+\.png")  # the names image_path gives
 
 
 def image_seeds(seed: int, indices: Sequence[int]) -> torch.Tensor:
@@ -79,15 +82,22 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 def _check_or_write_options(folder: Path, options: dict, rank: int) -> None:
     """A rerun fills in the images its folder lacks: with other options than the folder's (``OPTIONS_FILE``,
     written by rank 0 at the first run) it would mix two sets, so it is refused, naming the differences. An option
-    the folder's file lacks (the weights' name, which older versions did not keep) is not compared."""
+    the folder's file lacks (the weights' name, which older versions did not keep) is not compared. A folder with
+    images but no options file is refused: its images are not this set's, and a rerun would keep them as its own."""
     path = folder / OPTIONS_FILE
     options = json.loads(json.dumps(options))  # as JSON keeps them: tuples become lists
+    # looked for before the options file: rank 0 writes that before any image, so images another process of this
+    # job writes meanwhile always come with it
+    image = next((p.name for p in folder.iterdir() if IMAGE_NAME.fullmatch(p.name)), None)
     if path.exists():
         saved = json.loads(path.read_text())
         changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in options.items() if k in saved and saved[k] != v]
         if changed:
             raise ValueError(f"{folder} holds a sample set made with other options ({', '.join(changed)}): "
                              "finish it with those, or write to another folder")
+    elif image is not None:
+        raise ValueError(f"{folder} holds images ({image}) but no {OPTIONS_FILE}: not a set this command started "
+                         "(its images would be kept as the set's); write to an empty folder")
     elif rank == 0:
         with replaced_atomically(path) as partial:
             partial.write_text(json.dumps(options, indent=1))
@@ -193,7 +203,11 @@ def pack_npz(folder: str | Path, num: int, path: str | Path | None = None, num_c
     images = np.empty((num, *shape), dtype=np.uint8)
     for i in range(num):
         with Image.open(image_path(folder, i, num)) as img:
-            images[i] = np.asarray(img.convert("RGB"))
+            pixels = np.asarray(img.convert("RGB"))
+        if pixels.shape != shape:  # an image from elsewhere: named, not numpy's broadcast error
+            raise ValueError(f"{image_path(folder, i, num)} is {pixels.shape[1]}x{pixels.shape[0]} px where image 0 "
+                             f"is {shape[1]}x{shape[0]}: the images of one set have one size")
+        images[i] = pixels
     arrays = {"arr_0": images}
     labels = image_labels(num_classes, range(num))
     if labels is not None:

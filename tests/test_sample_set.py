@@ -126,6 +126,27 @@ def test_a_rerun_with_other_options_is_refused(model, tmp_path):
     assert write_sample_set(model, tmp_path, NUM + 2, steps=STEPS, cfg=CFG, seed=SEED, batch_size=4) == 3
 
 
+def test_a_folder_with_images_but_no_options_file_is_refused(model, tmp_path):
+    """Another tool's images (or another set's without its sample_set.json) would be kept as this set's and packed
+    into it: refused before anything is written. Other files (a README, a grid) are fine, and a set's own folder
+    always has the file: it is written before any image."""
+    Image.new("RGB", (16, 16), (0, 255, 0)).save(tmp_path / "000000.png")
+    foreign = (tmp_path / "000000.png").read_bytes()
+    with pytest.raises(ValueError, match=f"{tmp_path} holds images \\(000000.png\\) but no sample_set.json"):
+        write(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["000000.png"]
+    assert (tmp_path / "000000.png").read_bytes() == foreign
+    (tmp_path / "000000.png").rename(tmp_path / "grid.png")
+    assert write(model, tmp_path) == NUM
+
+
+def test_pack_npz_names_an_image_of_another_size(model, tmp_path):
+    write(model, tmp_path, batch_size=4)
+    Image.new("RGB", (24, 16)).save(image_path(tmp_path, 3, NUM))
+    with pytest.raises(ValueError, match=f"{image_path(tmp_path, 3, NUM)} is 24x16 px where image 0 is 16x16"):
+        pack_npz(tmp_path, NUM)
+
+
 def test_the_weights_name_is_compared_where_the_set_keeps_one(model, tmp_path):
     """A set names its weights when given (the CLI: their SHA-256, EMA or not), and a rerun naming others is
     refused; a set from before the name was kept is finished with any (the images are the same)."""
