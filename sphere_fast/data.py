@@ -108,6 +108,13 @@ class FileListDataset(Dataset):
             if str(path) in str(err):  # a missing file's error, or Pillow's for an unknown format, names it
                 raise
             raise OSError(f"{path}: {err}") from err
+        # not OSErrors, so named here too: Pillow's refusal of an image over twice PIL.Image.MAX_IMAGE_PIXELS (a
+        # decompression bomb, or a huge image: raise the limit), and a decoder's ValueError ("Tile cannot extend
+        # outside image")
+        except Image.DecompressionBombError as err:
+            raise Image.DecompressionBombError(f"{path}: {err}") from err
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from err
 
 
 def _is_data(name: str) -> bool:

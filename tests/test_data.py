@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
 from sphere_fast.data import (
     FASHION_MNIST_DIR,
@@ -297,6 +297,24 @@ def test_a_broken_image_names_its_file(tmp_path):
     with pytest.raises(FileNotFoundError) as missing:  # its own type, and the path named once
         gone[0]
     assert str(missing.value).count("gone.png") == 1
+
+
+def test_an_oversized_or_undecodable_image_names_its_file(tmp_path, monkeypatch):
+    """Pillow's refusal of an image over its pixel limit is not an OSError, nor is a decoder's ValueError: named
+    too, with their own types."""
+    Image.new("1", (40, 40)).save(tmp_path / "big.png")
+    ds = FileListDataset([(tmp_path / "big.png", 0)], ["a"], 16)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40 * 40 // 2 - 1)  # Pillow refuses over twice the limit
+    with pytest.raises(Image.DecompressionBombError, match=f"^{tmp_path / 'big.png'}: Image size \\(1600 pixels\\)"):
+        ds[0]
+    monkeypatch.undo()
+
+    def bad_tile(self):
+        raise ValueError("Tile cannot extend outside image")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", bad_tile)
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'big.png'}: Tile cannot extend outside image"):
+        ds[0]
 
 
 def test_data_arguments_are_checked_when_given():
