@@ -5,6 +5,7 @@ its one OS lock."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import threading
@@ -33,14 +34,27 @@ def replaced_atomically(path: Path, suffix: str = "") -> Iterator[Path]:
 def os_lock(path: Path, wait: bool = True) -> Iterator[IO[str]]:
     """An exclusive OS lock (flock) on the file ``path``, made if missing, for the block; yields the file, open for
     appending. The kernel releases it when its holder dies, so a killed process leaves no lock behind. With
-    ``wait=False`` a lock that another holder has raises BlockingIOError at once."""
+    ``wait=False`` a lock that another holder has raises BlockingIOError at once. On a filesystem without file
+    locks it raises an OSError that names ``path`` and says so."""
     with open(path, "a") as held:
         _held_locks.add(held.fileno())  # before the wait: a lock granted after a fork is the child's copy's too
         try:
-            fcntl.flock(held, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock(held, path, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
             yield held
         finally:
             _held_locks.discard(held.fileno())
+
+
+def _flock(held: IO[str], path: Path, operation: int) -> None:
+    try:
+        fcntl.flock(held, operation)
+    except OSError as err:
+        # NFS without lockd (ENOLCK), Lustre mounted noflock (ENOSYS), some FUSE mounts (EOPNOTSUPP): the bare
+        # "[Errno 37] No locks available" names neither the file nor the cause
+        if err.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
+        raise OSError(err.errno, f"cannot lock {path} ({err.strerror}): its filesystem offers no file locks (NFS "
+                      "without lockd, Lustre mounted noflock?); use a folder on one that does") from err
 
 
 # The OS locks this process holds or waits for now (their descriptors). A child forked meanwhile (a DataLoader

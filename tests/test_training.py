@@ -1,6 +1,7 @@
 import contextlib
 import copy
 import dataclasses
+import errno
 import gc
 import importlib
 import io
@@ -8,6 +9,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import platform
 import re
 import subprocess
@@ -839,6 +841,24 @@ def test_a_second_run_on_the_same_folder_is_refused_before_it_changes_anything(t
         holder.wait()
     assert fit(synthetic_run(tmp_path, 2), progress=False).step == 2
     assert fit(synthetic_run(tmp_path, 2), progress=False).step == 2  # a finished run let the lock go
+
+
+def test_a_run_folder_on_a_filesystem_without_locks_is_named(tmp_path, monkeypatch):
+    """NFS without lockd (ENOLCK) or Lustre mounted noflock (ENOSYS): the error names the lock file and the cause,
+    not a bare "[Errno 37] No locks available"; other errors of flock pass as they are."""
+    from sphere_fast import _files
+    from sphere_fast.training import _run_folder_lock
+
+    for code in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF):
+        def flock(fd, operation, code=code):
+            raise OSError(code, os.strerror(code))
+
+        monkeypatch.setattr(_files.fcntl, "flock", flock)
+        named = rf"cannot lock {re.escape(str(tmp_path / '.run.lock'))} .*filesystem offers no file locks"
+        with pytest.raises(OSError, match=named if code != errno.EBADF else rf"^\[Errno {code}\] ") as refused:
+            with _run_folder_lock(tmp_path):
+                pass
+        assert refused.value.errno == code
 
 
 def test_resume_keeps_the_log_lines_before_its_step_only_across_a_gap(tmp_path):
