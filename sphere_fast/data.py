@@ -241,18 +241,29 @@ def _check_some_exist(items: list[tuple[Path, int]], list_file: Path) -> None:
 
 
 def _read_idx(path: Path) -> np.ndarray:
+    """The array of a gzipped unsigned-byte IDX file, its size checked against its header."""
     with gzip.open(path, "rb") as fh:
-        data = fh.read()
-    if len(data) < 4:
-        raise ValueError(f"{path}: {len(data)} bytes, too short for an IDX file (a truncated download?)")
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    if data[2] != 0x08:
-        raise ValueError(f"{path}: expected an unsigned-byte IDX file, got type code {data[2]:#x}")
-    if len(data) != 4 + 4 * ndim + math.prod(dims):
-        raise ValueError(f"{path}: {len(data)} bytes where its header {dims} needs {4 + 4 * ndim + math.prod(dims)} "
-                         "(a truncated download?)")
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+        head = fh.read(4)
+        if len(head) < 4:
+            raise ValueError(f"{path}: {len(head)} bytes, too short for an IDX file (a truncated download?)")
+        if head[2] != 0x08:
+            raise ValueError(f"{path}: expected an unsigned-byte IDX file, got type code {head[2]:#x}")
+        ndim = head[3]
+        head += fh.read(4 * ndim)
+        dims = [int.from_bytes(head[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+        size = math.prod(dims)
+        # Up to one byte past the size the header gives, 16 MiB at a time: a stream that inflates to far more (a
+        # gzip bomb) is refused without inflating it all, and a header giving far more allocates nothing up front.
+        data = bytearray()
+        while len(data) <= size and (chunk := fh.read(min(1 << 24, size + 1 - len(data)))):
+            data += chunk
+    needed = 4 + 4 * ndim + size
+    if len(data) > size:
+        raise ValueError(f"{path}: more bytes than the {needed} its header {dims} gives (a damaged file?)")
+    if len(head) + len(data) != needed:
+        raise ValueError(f"{path}: {len(head) + len(data)} bytes where its header {dims} needs {needed} (a truncated "
+                         "download?)")
+    return np.frombuffer(data, dtype=np.uint8).reshape(dims)
 
 
 class FashionMNIST(Dataset):

@@ -393,6 +393,29 @@ def test_fashion_mnist_refuses_image_and_label_files_that_disagree(tmp_path):
             FashionMNIST(32, root=tmp_path)
 
 
+def test_fashion_mnist_refuses_a_file_longer_than_its_header_without_reading_it_all(tmp_path, monkeypatch):
+    """A small gzip that inflates far past its header's size (a bomb: 64 MiB of zeros here) is refused after the
+    header and one byte more; a header giving a huge size is refused without reading or allocating it."""
+    images, labels = tmp_path / "train-images-idx3-ubyte.gz", tmp_path / "train-labels-idx1-ubyte.gz"
+    write_idx(labels, np.zeros(2))
+    with gzip.open(images, "wb") as fh:
+        fh.write(bytes([0, 0, 8, 3]) + b"".join(d.to_bytes(4, "big") for d in (2, 2, 2)) + bytes(64 << 20))
+    read, returned = gzip.GzipFile.read, []
+
+    def counted(self, size=-1):
+        returned.append(len(data := read(self, size)))
+        return data
+
+    monkeypatch.setattr(gzip.GzipFile, "read", counted)
+    with pytest.raises(ValueError, match=rf"{images}: more bytes than the 24 its header \[2, 2, 2\] gives"):
+        FashionMNIST(32, root=tmp_path)
+    assert sum(returned) == 25
+    with gzip.open(images, "wb") as fh:
+        fh.write(bytes([0, 0, 8, 3]) + (2**32 - 1).to_bytes(4, "big") * 3)
+    with pytest.raises(ValueError, match=f"{images}: 16 bytes where its header .* needs {16 + (2**32 - 1) ** 3} "):
+        FashionMNIST(32, root=tmp_path)
+
+
 def test_fashion_mnist_missing_names_the_package_and_falls_back(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
         FashionMNIST(32, root=tmp_path)
