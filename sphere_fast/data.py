@@ -84,6 +84,7 @@ class FileListDataset(Dataset):
         self.class_names = list(class_names)
         self.num_classes = len(self.class_names)
         self.image_size = check_int("image_size", image_size)
+        self._warned_mode = False  # a 16-bit or float image seen: warned once (in each worker process)
 
     def __len__(self) -> int:
         return len(self._labels)
@@ -103,6 +104,12 @@ class FileListDataset(Dataset):
         path, label = self.item(i)
         try:
             with Image.open(path) as img:
+                # convert("RGB") clips these modes' values at 255 rather than scaling them (a 16-bit mid-grey turns
+                # white); kept, as the official loader does the same, but said
+                if not self._warned_mode and (img.mode in ("I", "F") or img.mode.startswith("I;16")):
+                    self._warned_mode = True
+                    warn(f"{path} has mode {img.mode}: its values are clipped at 255 as 8-bit ones (as the official "
+                         "loader does), so most of a 16-bit image turns white; convert the data set to 8 bits")
                 return to_pixels(resize_center_crop(img, self.image_size)), label
         except OSError as err:  # a truncated or unreadable file: which of the many it is (a worker hides the index)
             if str(path) in str(err):  # a missing file's error, or Pillow's for an unknown format, names it

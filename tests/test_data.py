@@ -4,6 +4,7 @@ import itertools
 import json
 import os
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -315,6 +316,22 @@ def test_an_oversized_or_undecodable_image_names_its_file(tmp_path, monkeypatch)
     monkeypatch.setattr(ImageFile.ImageFile, "load", bad_tile)
     with pytest.raises(ValueError, match=f"^{tmp_path / 'big.png'}: Tile cannot extend outside image"):
         ds[0]
+
+
+def test_a_16_bit_image_is_clipped_as_the_official_loader_does_with_one_warning(tmp_path):
+    """convert("RGB") clips 16-bit and float values at 255: a mid-grey turns white. The pixels stay as the official
+    loader makes them, but the data set warns once, naming the first such file and its mode."""
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.full((20, 20), 32768, dtype=np.uint16)).save(tmp_path / name)
+    write_image(tmp_path / "rgb.png", 20, 20, (10, 20, 30))
+    ds = FileListDataset([(tmp_path / n, 0) for n in ("rgb.png", "a.png", "b.png")], ["a"], 16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        images = [ds[i][0] for i in range(3)] + [ds[1][0]]
+    assert [str(w.message) for w in caught] == [
+        f"{tmp_path / 'a.png'} has mode I;16: its values are clipped at 255 as 8-bit ones (as the official loader "
+        "does), so most of a 16-bit image turns white; convert the data set to 8 bits"]
+    assert all((x == 255).all() for x in images[1:])
 
 
 def test_data_arguments_are_checked_when_given():
