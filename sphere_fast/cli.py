@@ -4,13 +4,15 @@ bench."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import math
 import multiprocessing
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -470,6 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sphere_fast.model import PRESETS
 
     parser = argparse.ArgumentParser(prog="sphere-fast", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show the library's INFO log: each op's backend, kernel tuning, graph captures, a run's "
+                             "start and checkpoints")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train (under torchrun: DDP), then plot losses and write sample grids")
@@ -587,10 +592,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _library_log_shown(verbose: bool) -> Iterator[None]:
+    """With ``verbose``, the library's INFO records on stderr for the command's length (without it, only its
+    warnings show: Python's last-resort handler)."""
+    if not verbose:
+        yield
+        return
+    logger, handler = logging.getLogger("sphere_fast"), logging.StreamHandler()  # stderr
+    handler.setFormatter(logging.Formatter("%(message)s"))  # the records name sphere_fast themselves
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with _library_log_shown(args.verbose):
+            return args.func(args)
     except (ValueError, TypeError, RuntimeError, OSError, NotImplementedError) as err:  # OSError: files, folders
         print(f"sphere-fast {args.command}: error: {err}", file=sys.stderr)
         return 2

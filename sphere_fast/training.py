@@ -848,6 +848,10 @@ def _prepare_run_folder(run: RunConfig, trainer: Trainer, last: Path | None, res
     history = history_path.read_text() if resume and history_path.exists() else ""
     replace_text(history_path, history + json.dumps(invocation) + "\n")  # whole: a killed run tears no line
     replace_text(log_path, "".join(line + "\n" for line in kept))
+    env = invocation["environment"]
+    logger.info("sphere_fast: training %s to step %d from %s on %d process(es), %s", out, run.train.total_steps,
+                f"{resumed_from} (step {trainer.step})" if last is not None else "step 0", env["world_size"],
+                env["device"])
 
 
 @contextlib.contextmanager
@@ -1012,7 +1016,9 @@ def _train_to_the_end(
             if checkpoint:
                 if log is not None:
                     log.flush()
-                save_checkpoint(out / "checkpoints", model, trainer=trainer, run_config=dataclasses.asdict(run))
+                saved = save_checkpoint(out / "checkpoints", model, trainer=trainer, run_config=dataclasses.asdict(run))
+                if saved is not None:  # rank 0's
+                    logger.info("sphere_fast: saved %s", saved)
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 import argparse
 import inspect
 import json
+import logging
 import re
 import shlex
 from pathlib import Path
@@ -57,6 +58,26 @@ def test_every_option_passes_through_torchrun_to_the_command(command, capsys):
         launched = get_args_parser().parse_args(["--nproc_per_node=2", "-m", "sphere_fast.cli", command, option, "1"])
         assert launched.training_script_args == [command, option, "1"], option
     assert capsys.readouterr().err == ""
+
+
+def test_verbose_shows_the_library_s_log_for_the_command_only(tmp_path, capfd, monkeypatch):
+    """The library's INFO records (each op's backend, once a process; a run's start and checkpoints) showed in no
+    command: the CLI configured no logging. With -v they go to stderr for the command's length; without it only warnings show."""
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # the CLI's process: no logging configured
+    logger = logging.getLogger("sphere_fast")
+    run = ["train", "--data", "synthetic", "--steps", "2", "--batch-size", "6", "--workers", "0",
+           "--model-config", json.dumps(TINY_CONFIG), "--sample-steps"]
+    assert main(["-v", *run, "--out", str(tmp_path / "verbose")]) == 0
+    err = capfd.readouterr().err
+    assert re.search(r"^sphere_fast: training \S+verbose to step 2 from step 0 on 1 process\(es\), cpu$", err, re.M)
+    assert re.search(r"^sphere_fast: saved \S+step-00000002$", err, re.M)
+    assert logger.handlers == [] and logger.level == logging.NOTSET
+    assert main([*run, "--out", str(tmp_path / "quiet")]) == 0
+    assert "sphere_fast: training" not in capfd.readouterr().err
+    from torch.distributed.run import get_args_parser
+
+    launched = get_args_parser().parse_args(["--nproc_per_node=2", "-m", "sphere_fast.cli", "-v", "train"])
+    assert launched.training_script_args == ["-v", "train"]
 
 
 def test_the_readme_torchrun_commands_reach_sphere_fast():
