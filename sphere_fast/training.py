@@ -798,15 +798,18 @@ def _check_process_batch(cfg: TrainConfig, world_size: int) -> None:
                          f"process; the stratified noise radii need at least {MIN_PROCESS_BATCH}")
 
 
-def _check_same_start(world_size: int, step: int, last: Path | None) -> None:
-    """Every process starts from the same step and checkpoint (a collective: all processes call it)."""
+def _check_same_start(world_size: int, step: int, last: Path | None, data: str, images: int) -> None:
+    """Every process starts from the same step and checkpoint, on the same data (a collective: all processes call
+    it). A node without the shared run folder starts afresh; one without Fashion-MNIST falls back to synthetic
+    shapes, and one with another copy of an image folder indexes other images: each would train on its own."""
     starts = [None] * world_size
-    dist.all_gather_object(starts, (step, None if last is None else str(last)))
+    dist.all_gather_object(starts, (step, None if last is None else str(last), data, images))
     if len(set(starts)) > 1:
         raise ValueError(
-            "the processes start from different points: "
-            + ", ".join(f"rank {r} at step {s} ({path or 'no checkpoint'})" for r, (s, path) in enumerate(starts))
-            + "; every process must see the same run folder (on storage all nodes share)"
+            "the processes start from different points or data: "
+            + ", ".join(f"rank {r} at step {s} ({path or 'no checkpoint'}) on {d!r} ({n} images)"
+                        for r, (s, path, d, n) in enumerate(starts))
+            + "; every process must see the same run folder and data (on storage all nodes share)"
         )
 
 
@@ -921,8 +924,8 @@ def _start(run: RunConfig, info: DistInfo, resume: bool) -> tuple[RunConfig, Tra
             warn(f"resuming on other data than the checkpoint's: {saved_data!r} -> {run.data!r}")
     else:
         torch.manual_seed(process_seed(cfg.seed, info.rank))  # per-process noise, flips and label dropout
-    if info.world_size > 1:  # a process that found another checkpoint, or none, would train other weights
-        _check_same_start(info.world_size, trainer.step, last)
+    if info.world_size > 1:  # a process that found another checkpoint or data would train other weights
+        _check_same_start(info.world_size, trainer.step, last, run.data, len(dataset))
     loader = make_loader(
         dataset, cfg.global_batch // info.world_size, rank=info.rank, world_size=info.world_size,
         seed=cfg.seed, start_step=trainer.step, workers=run.workers, pin_memory=device.type == "cuda",

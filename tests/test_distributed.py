@@ -216,9 +216,31 @@ def test_processes_that_find_different_checkpoints_are_refused(tmp_path):
     mp.spawn(split_resume_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         message = (tmp_path / f"error{rank}").read_text()
-        assert "rank 0 at step 2" in message and "rank 1 at step 0 (no checkpoint)" in message
-        assert "every process must see the same run folder" in message
+        assert "rank 0 at step 2" in message and "rank 1 at step 0 (no checkpoint) on 'synthetic'" in message
+        assert "every process must see the same run folder and data" in message
     assert not (tmp_path / "elsewhere" / "checkpoints").exists()  # stopped before any step
+
+
+def other_data_worker(rank: int, world: int, port: int, out: str) -> None:
+    join_group(rank, world, port, timedelta(seconds=60))
+    if rank == 1:  # a node whose copy of the data holds other images
+        data.open_dataset = lambda *args, **kwargs: data.SyntheticShapes(size=4000, image_size=16)
+    try:
+        fit(resumable_run(out, 2), progress=False)
+    except ValueError as err:
+        Path(out, f"error{rank}").write_text(str(err))
+    leave_distributed()
+
+
+def test_processes_that_read_other_data_are_refused(tmp_path):
+    """A node that falls back to synthetic shapes, or holds another copy of an image folder, would index other
+    images than the others under the same sampler: every process stops before training, naming each one's data."""
+    mp.spawn(other_data_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        message = (tmp_path / f"error{rank}").read_text()
+        assert "rank 0 at step 0 (no checkpoint) on 'synthetic' (4096 images)" in message
+        assert "rank 1 at step 0 (no checkpoint) on 'synthetic' (4000 images)" in message
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def autoencoder_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
