@@ -251,7 +251,7 @@ def cmd_sample_set(args: argparse.Namespace) -> int:
     written = write_sample_set(
         model, args.out, args.num_images, batch_size=args.batch_size, steps=args.steps, cfg=args.cfg,
         cfg_position=args.cfg_position, seed=args.seed, weights=weights, rank=info.rank, world_size=info.world_size,
-        progress=True,
+        progress=info.rank == 0,  # one bar, rank 0's share: the processes' bars on one terminal overwrote each other
     )
     print(f"process {info.rank}: wrote {written} images in {time.perf_counter() - start:.1f} s")
     if info.world_size > 1:

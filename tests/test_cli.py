@@ -365,6 +365,7 @@ def test_sample_set_under_torchrun_takes_its_rank_and_local_gpu(recorded, monkey
     assert main(["sample-set", "--device", "cuda", "--num-images", "4", "--npz", "--out", str(tmp_path)]) == 0
     (model, _, _), kwargs = recorded["write_sample_set"]
     assert devices == [("cuda:1", 1)] and (kwargs["rank"], kwargs["world_size"]) == (1, 2)
+    assert kwargs["progress"] is False  # rank 0's bar alone: on one terminal the processes' bars overwrote each other
     assert next(model.parameters()).dtype == torch.bfloat16  # the default on a GPU
 
 
