@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from sphere_fast._checks import check_int
 from sphere_fast._files import replaced_atomically
@@ -86,8 +87,7 @@ def _check_or_write_options(folder: Path, options: dict, rank: int) -> None:
     images but no options file is refused: its images are not this set's, and a rerun would keep them as its own."""
     path = folder / OPTIONS_FILE
     options = json.loads(json.dumps(options))  # as JSON keeps them: tuples become lists
-    # looked for before the options file: rank 0 writes that before any image, so images another process of this
-    # job writes meanwhile always come with it
+    # no process of this job writes an image before every one has made this check (write_sample_set's barrier)
     image = next((p.name for p in folder.iterdir() if IMAGE_NAME.fullmatch(p.name)), None)
     if path.exists():
         saved = json.loads(path.read_text())
@@ -138,6 +138,11 @@ def write_sample_set(
     options = {"steps": steps, "cfg": cfg, "cfg_position": cfg_position, "seed": seed, "dtype": str(dtype),
                "model": model.config}
     _check_or_write_options(folder, options if weights is None else {**options, "weights": weights}, rank)
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        # every process checks the folder before any writes an image: else a process that started writing before
+        # rank 0 made its check would have its images taken for another tool's (processes run as separate jobs,
+        # without a group, start rank 0 first)
+        dist.barrier()
     todo = [[i for i in batch if not image_path(folder, i, num).exists()]
             for batch in batches_of(num, batch_size, rank, world_size)]
     todo = [indices for indices in todo if indices]

@@ -3,6 +3,7 @@ batch size and process count; reruns resume; the .npz packs them; bad arguments 
 
 import os
 import re
+import time
 from pathlib import Path
 from unittest import mock
 
@@ -263,10 +264,13 @@ def test_out_must_be_a_folder_and_the_model_in_eval_mode(model, tmp_path):
         write_sample_set(tiny_model().train(), tmp_path / "set", NUM)
 
 
-def cli_worker(rank: int, world: int, port: int, args: list[str]) -> None:
+def cli_worker(rank: int, world: int, port: int, args: list[str], rank0_checks_late: bool = False) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    if rank0_checks_late and rank == 0:  # a slower node: the other process is ready to write first
+        check = sample_set._check_or_write_options
+        sample_set._check_or_write_options = lambda *a: time.sleep(3) or check(*a)
     assert main(args) == 0  # the group init_distributed made is left at exit
 
 
@@ -281,3 +285,15 @@ def test_the_command_under_two_processes_matches_one(model, tmp_path, capsys):
     assert one["arr_0"].shape == (5, 16, 16, 3) and one["arr_1"].tolist() == [0, 1, 2, 3, 4]
     assert len({one["arr_0"][i].tobytes() for i in range(5)}) == 5  # five different images
     assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["arr_1"], two["arr_1"])
+
+
+def test_no_process_writes_an_image_before_rank_0_has_checked_the_folder(model, tmp_path):
+    """Rank 0 refuses a folder with images but no options file; a process that wrote its first image before rank 0
+    made that check had the set refused as another tool's (and the other processes then waited at the end for
+    ever). Every process checks, then they meet, then they write."""
+    save_checkpoint(tmp_path / "ckpt", model, name="perturbed")
+    args = ["sample-set", "--checkpoint", str(tmp_path / "ckpt"), "--num-images", "4", "--batch-size", "1",
+            "--steps", "1", "--device", "cpu", "--out", str(tmp_path / "set")]
+    mp.spawn(cli_worker, args=(2, free_port(), args, True), nprocs=2, join=True)
+    assert sorted(p.name for p in (tmp_path / "set").iterdir()) == [
+        "000000.png", "000001.png", "000002.png", "000003.png", "sample_set.json"]
