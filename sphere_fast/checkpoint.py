@@ -100,12 +100,7 @@ def save_checkpoint(
     if ema_weights is not None and trainer is not None:
         raise ValueError("give ema_weights only without a trainer (a trainer's checkpoint holds its own EMA)")
     if ema_weights is not None:
-        with torch.device("meta"):  # the model's keys and shapes, checked without a second copy of the weights
-            check = SphereEncoder(**model.config)
-        try:
-            check.load_state_dict(ema_weights, assign=True)
-        except ValueError as err:
-            raise ValueError(f"ema_weights: {err}") from None
+        _check_fits(model.config, ema_weights, "ema_weights")
     directory = Path(directory)
     state = trainer.state_dict() if trainer is not None else None
     distributed = dist.is_initialized() and dist.get_world_size() > 1
@@ -216,10 +211,12 @@ def resume_point(directory: str | Path) -> tuple[int, dict[str, Any]]:
     return step, run
 
 
-def verify_checkpoint(path: str | Path, files: Collection[str] | None = None) -> dict[str, Any]:
+def verify_checkpoint(path: str | Path, *, files: Collection[str] | None = None) -> dict[str, Any]:
     """The manifest of a checkpoint folder after checking its format and the SHA-256 of ``files`` (default: every
-    file; the manifest must list the files a load reads, and only those). A load hashes the files it reads: sampling
-    from the EMA weights of a training checkpoint, a quarter of its bytes."""
+    file; ``()``: the manifest's form only). The manifest must list the files a load reads, and only those. A load
+    hashes the files it reads: sampling from the EMA weights of a training checkpoint, a quarter of its bytes."""
+    if isinstance(files, str) or not set(files or ()) <= set(CHECKPOINT_FILES):
+        raise ValueError(f"files must be a collection of {CHECKPOINT_FILES}, got {files!r}")
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -247,6 +244,8 @@ def verify_checkpoint(path: str | Path, files: Collection[str] | None = None) ->
     unlisted = [f for f in required if f not in listed]
     if unlisted:
         raise ValueError(f"checkpoint {path} is corrupt: its manifest does not list {unlisted}")
+    if files is not None and set(files) - listed:
+        raise ValueError(f"checkpoint {path} holds no {sorted(set(files) - listed)}")
     for f, digest in manifest["files"].items():
         if not (path / f).is_file():
             raise ValueError(f"checkpoint {path} is incomplete: {f} is missing")
@@ -307,53 +306,57 @@ def load_checkpoint(
     A trainer on another number of processes than the checkpoint's resumes with fresh per-process RNG
     seeds (``training.process_seed``) and a warning: its run is no longer bit-identical to an uninterrupted one."""
     path = resolve_checkpoint(path)
-    reads = [CONFIG_FILE, EMA_FILE if ema else MODEL_FILE, *([STATE_FILE, EMA_FILE] if trainer is not None else [])]
-    verify_checkpoint(path, reads)
-    config = json.loads((path / CONFIG_FILE).read_text())
-    if trainer is not None:
-        model = trainer.model
-    built = model is None
-    if model is None:
-        try:
-            # on the meta device: nothing is allocated (a config may ask for any size) or initialised before the
-            # weights are checked, and the loaded tensors become the model's (not copied into a second set)
-            with torch.device("meta"):
-                model = SphereEncoder(**config["model"]).eval()
-        except TypeError as err:  # a key this version does not know, e.g. from a newer sphere_fast
-            raise ValueError(f"checkpoint {path} holds a model config this sphere_fast cannot build: {err}") from None
-    _check_config(model, config["model"], path)
-    if ema and not (path / EMA_FILE).exists():
+    listed = verify_checkpoint(path, files=())["files"]  # the manifest's form: what the checkpoint holds
+    if ema and EMA_FILE not in listed:
         raise ValueError(f"checkpoint {path} holds no EMA weights")
     if trainer is not None:  # checked before any weight is replaced
         if ema:
             raise ValueError("ema=True with a trainer would resume training from the EMA weights: load the EMA "
                              "weights into a model of their own")
-        if not (path / STATE_FILE).exists():
+        if STATE_FILE not in listed:
             raise ValueError(f"checkpoint {path} holds weights only (no trainer state): it cannot resume training")
     weights = path / (EMA_FILE if ema else MODEL_FILE)
-    _check_weight_shapes(weights, model)
+    verify_checkpoint(path, files=[CONFIG_FILE, weights.name, *([STATE_FILE, EMA_FILE] if trainer is not None else [])])
+    config = json.loads((path / CONFIG_FILE).read_text())
+    if trainer is not None:
+        model = trainer.model
+    if model is None:
+        try:
+            # on the meta device: nothing is allocated (a config may ask for any size) or initialised before the
+            # weights are checked against it
+            with torch.device("meta"):
+                model = SphereEncoder(**config["model"]).eval()
+        except TypeError as err:  # a key this version does not know, e.g. from a newer sphere_fast
+            raise ValueError(f"checkpoint {path} holds a model config this sphere_fast cannot build: {err}") from None
+    _check_config(model, config["model"], path)
+    _check_fits(model.config, _header_tensors(weights), str(weights))
     state = None if trainer is None else _trainer_state(path, trainer)  # read and checked before any change
-    # a model built on the meta device takes the loaded tensors themselves (a copy into meta tensors is lost)
-    on_meta = any(p.is_meta for p in model.parameters())
-    model.load_state_dict(load_file(str(weights)), assign=on_meta)
-    if built:  # in the default dtype, as a model built here and loaded by copy was (the file's may be bf16)
-        model.to(torch.get_default_dtype())
+    if any(p.is_meta for p in model.parameters()):
+        # Made on the CPU, in its own dtype, and the weights copied in: tensors assigned from load_file would be
+        # views of the file's mapping, changed by a later write to the file and a crash (SIGBUS) once it is cut.
+        model.to_empty(device="cpu")
+    model.load_state_dict(load_file(str(weights)))
     if state is not None:
         state["ema"] = load_file(str(path / EMA_FILE))  # after the model's weights: the two are not held at once
         trainer.load_state_dict(state)
     return model, config
 
 
-def _check_weight_shapes(file: Path, model: SphereEncoder) -> None:
-    """The file's tensors, by name and shape as its header gives them, must be the model's: weights that are not
-    what the checkpoint's config describes (a hand-edited config.json) are refused before any is read."""
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+def _header_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors as meta tensors of their stored shapes, read from its header alone."""
     with safe_open(str(file), framework="pt") as stored:
-        found = {name: tuple(stored.get_slice(name).get_shape()) for name in stored.keys()}
-    if found != expected:
-        differ = sorted(set(found.items()) ^ set(expected.items()))[:3]
-        raise ValueError(f"{file} does not hold the weights of the model its config describes (tensors that "
-                         f"differ, the file's or the model's: {differ})")
+        return {name: torch.empty(stored.get_slice(name).get_shape(), device="meta") for name in stored.keys()}
+
+
+def _check_fits(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], what: str) -> None:
+    """``tensors`` must be the weights of the model ``config`` builds, by name and shape (checked on a meta model:
+    without a second copy of the weights)."""
+    with torch.device("meta"):
+        check = SphereEncoder(**config)
+    try:
+        check.load_state_dict(tensors, assign=True)
+    except ValueError as err:
+        raise ValueError(f"{what}: {err}") from None
 
 
 def _trainer_state(path: Path, trainer: Trainer) -> dict[str, Any]:
@@ -362,8 +365,7 @@ def _trainer_state(path: Path, trainer: Trainer) -> dict[str, Any]:
     (rank 0 warns where the process count differs)."""
     # mapped, not read: the checks read shapes only, and the model's weights load before the state is copied in
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
-    with safe_open(str(path / EMA_FILE), framework="pt") as stored:
-        state["ema"] = {name: torch.empty(stored.get_slice(name).get_shape(), device="meta") for name in stored.keys()}
+    state["ema"] = _header_tensors(path / EMA_FILE)
     trainer.check_state(state)
     rngs = state["rng"]
     if len(rngs) == trainer.dist.world_size:
@@ -488,7 +490,7 @@ def checkpoint_to_official(path: str | Path, out: str | Path) -> Path:
     """Write ``{"model": state_dict[, "ema_model": EMA weights]}`` with official keys, as the official training
     saves them (its loader takes the EMA weights, RoPE tables included, from ``ema_model``)."""
     path = resolve_checkpoint(path)
-    verify_checkpoint(path, [CONFIG_FILE, MODEL_FILE, EMA_FILE])
+    verify_checkpoint(path, files=[CONFIG_FILE, MODEL_FILE, *([EMA_FILE] if (path / EMA_FILE).exists() else [])])
     with torch.device("meta"):  # the official key order (safetensors stores keys sorted) and the tables' shapes
         model = SphereEncoder(**json.loads((path / CONFIG_FILE).read_text())["model"])
     order = list(model.state_dict())

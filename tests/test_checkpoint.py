@@ -475,7 +475,42 @@ def test_a_load_hashes_the_files_it_reads(tmp_path):
     with pytest.raises(ValueError, match="corrupt: model.safetensors"):
         checkpoint_to_official(path, tmp_path / "back.pth")
     with pytest.raises(ValueError, match="corrupt: trainer_state.pt"):
-        verify_checkpoint(path, ["trainer_state.pt"])
+        verify_checkpoint(path, files=["trainer_state.pt"])
+    assert verify_checkpoint(path, files=())["step"] == 1  # the manifest's form only
+    for files in (["model.safetensor"], "model.safetensors"):  # a typo, or a str, would check nothing
+        with pytest.raises(ValueError, match="files must be a collection of"):
+            verify_checkpoint(path, files=files)
+    weights_only = save_checkpoint(tmp_path, trainer.model, name="weights")
+    with pytest.raises(ValueError, match=r"holds no \['ema.safetensors'\]"):
+        verify_checkpoint(weights_only, files=["ema.safetensors"])
+
+
+def test_a_loaded_model_owns_its_weights(tmp_path):
+    """A model built on the meta device took load_file's tensors as they were: views of the file's mapping, so a
+    later copy over the file changed its weights, and a truncation crashed the process (SIGBUS). Its weights are
+    its own memory, the file's dtype cast to its own (a model built here: the default dtype)."""
+    path = save_checkpoint(tmp_path, tiny_model(seed=1).to(torch.bfloat16), name="ckpt")
+    other = save_checkpoint(tmp_path, tiny_model(seed=2).to(torch.bfloat16), name="other")
+    expected = {k: v.float() for k, v in tiny_model(seed=1).to(torch.bfloat16).state_dict().items()}
+    with torch.device("meta"):
+        given = SphereEncoder(**TINY_CONFIG).to(torch.bfloat16)
+    loaded = [load_checkpoint(path)[0], load_checkpoint(path, given)[0]]
+    shutil.copyfile(other / "model.safetensors", path / "model.safetensors")  # the same file, other bytes
+    assert {p.dtype for p in loaded[0].parameters()} == {torch.float32} and not loaded[0].training
+    assert {p.dtype for p in loaded[1].parameters()} == {torch.bfloat16}
+    for model in loaded:
+        assert all(torch.equal(v.float(), expected[k]) for k, v in model.state_dict().items())
+
+
+def test_a_built_model_is_never_initialised_at_full_size(tmp_path, monkeypatch):
+    """The model load_checkpoint builds is made on the meta device: no random init of a full-size model (its time,
+    and a config asking for any size would allocate it) before the weights are checked and copied in."""
+    path = save_checkpoint(tmp_path, tiny_model(seed=1), name="ckpt")
+    initialised: list[torch.device] = []
+    xavier = torch.nn.init.xavier_uniform_
+    monkeypatch.setattr(torch.nn.init, "xavier_uniform_", lambda t, *a, **k: initialised.append(t.device) or xavier(t))
+    load_checkpoint(path)
+    assert initialised and {d.type for d in initialised} == {"meta"}
 
 
 def test_weights_that_are_not_what_the_config_describes_are_refused_before_they_are_read(tmp_path, monkeypatch):
@@ -491,7 +526,7 @@ def test_weights_that_are_not_what_the_config_describes_are_refused_before_they_
     (path / "config.json").write_text(json.dumps(config))
     rehash(path)
     monkeypatch.setattr(checkpoint, "load_file", lambda *a: pytest.fail("the weights are read after the check"))
-    with pytest.raises(ValueError, match=r"model.safetensors does not hold the weights of the model its config"):
+    with pytest.raises(ValueError, match=r"model.safetensors: state_dict does not match this SphereEncoder; .*shaped"):
         load_checkpoint(path)
 
 
