@@ -43,19 +43,23 @@ def in_checkout(root: Path) -> bool:
 
 
 def checkout_commit(package_dir: Path) -> str | None:
-    """``git describe --always --dirty`` (full hash) of the source checkout ``package_dir`` (sphere_fast's folder)
-    lies in: None for an installed copy, or where git cannot say (no git, a copy without its repository)."""
+    """The commit (full hash, ``-dirty`` after it where tracked files differ) of the source checkout
+    ``package_dir`` (sphere_fast's folder) lies in: None for an installed copy, or where git cannot say (no git, a
+    copy without its repository)."""
     root = package_dir.parent
     if not in_checkout(root):
         return None
-    # the ceiling keeps git from describing a repository above root (a copy without .git inside another project)
-    env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(root.parent)}
+    # git's variables point it elsewhere (a hook's GIT_DIR names the repository the hook runs for), and the ceiling
+    # keeps it from a repository above root (a copy without .git inside another project)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    env["GIT_CEILING_DIRECTORIES"] = str(root.parent)
     try:
-        described = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], cwd=root, env=env,
-                                   capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+        head, changes = (subprocess.run(["git", *args], cwd=root, env=env, capture_output=True, text=True,
+                                        check=True, timeout=60).stdout.strip()
+                         for args in (["rev-parse", "HEAD"], ["status", "--porcelain", "--untracked-files=no"]))
     except (OSError, subprocess.SubprocessError):
         return None
-    return described or None
+    return head + "-dirty" * bool(changes)
 
 
 def map_checkout_folders(package_dir: Path) -> None:

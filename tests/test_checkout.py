@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -60,12 +61,17 @@ def test_an_installed_copy_is_left_as_it_is(tmp_path: Path, monkeypatch) -> None
     assert len(added) == 1 and added[0].root == installed.parent and sys.meta_path[0] is added[0]
 
 
-def test_the_checkout_commit_is_its_own_repository_s(tmp_path: Path) -> None:
-    """checkout_commit names the checkout's HEAD; an installed copy has none, nor has a copy of the checkout
-    without its .git that lies in another project's repository (whose commit is not the package's)."""
+def test_the_checkout_commit_is_that_of_its_own_repository(tmp_path: Path, monkeypatch) -> None:
+    """checkout_commit names the checkout's HEAD, as a full hash (git describe gave a tag alone on a tagged commit),
+    whatever GIT_DIR says (a git hook's names the hook's repository); an installed copy has none, nor has a copy
+    of the checkout without its .git that lies in another project's repository (whose commit is not the
+    package's)."""
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     if head.returncode == 0:  # the tests run from a git checkout
-        assert head.stdout.strip() in _checkout.checkout_commit(ROOT / "sphere_fast")
+        assert re.fullmatch(head.stdout.strip() + "(-dirty)?", _checkout.checkout_commit(ROOT / "sphere_fast"))
+        monkeypatch.setenv("GIT_DIR", str(tmp_path / "elsewhere"))
+        assert _checkout.checkout_commit(ROOT / "sphere_fast").startswith(head.stdout.strip())
+        monkeypatch.delenv("GIT_DIR")
     assert _checkout.checkout_commit(tmp_path / "site-packages" / "sphere_fast") is None
     project = tmp_path / "project"
     copy = project / "vendored"
