@@ -10,7 +10,7 @@ from setuptools import setup
 
 setup(
     name="sphere_fast",
-    version="0.1.0",
+    version="0.2.0",
     description="Fused Triton/CUDA kernels and a drop-in model for the Sphere Encoder image generator",
     long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",

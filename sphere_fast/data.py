@@ -71,6 +71,10 @@ def random_hflip(x: torch.Tensor, generator: torch.Generator | None = None) -> t
 class FileListDataset(Dataset):
     """Images from a list of (path, class_id) with a class-name table, as uint8 pixels [3, S, S] (``to_pixels``)."""
 
+    # a 16-bit or float image seen: warned once (in each worker process); a class default, so that a dataset
+    # pickled by an older version (without the attribute) reads its images
+    _warned_mode = False
+
     def __init__(self, items: Sequence[tuple[Path, int]], class_names: Sequence[str], image_size: int):
         if not items:
             raise ValueError("the dataset holds no images")
@@ -84,7 +88,6 @@ class FileListDataset(Dataset):
         self.class_names = list(class_names)
         self.num_classes = len(self.class_names)
         self.image_size = check_int("image_size", image_size)
-        self._warned_mode = False  # a 16-bit or float image seen: warned once (in each worker process)
 
     def __len__(self) -> int:
         return len(self._labels)
@@ -108,8 +111,9 @@ class FileListDataset(Dataset):
                 # white); kept, as the official loader does the same, but said
                 if not self._warned_mode and (img.mode in ("I", "F") or img.mode.startswith("I;16")):
                     self._warned_mode = True
-                    warn(f"{path} has mode {img.mode}: its values are clipped at 255 as 8-bit ones (as the official "
-                         "loader does), so most of a 16-bit image turns white; convert the data set to 8 bits")
+                    warn(f"{path} has mode {img.mode}: its values are clipped to [0, 255] as 8-bit ones (as the "
+                         "official loader does): most of a 16-bit image turns white, a float one in [0, 1] black; "
+                         "convert the data set to 8 bits")
                 return to_pixels(resize_center_crop(img, self.image_size)), label
         except OSError as err:  # a truncated or unreadable file: which of the many it is (a worker hides the index)
             if str(path) in str(err):  # a missing file's error, or Pillow's for an unknown format, names it

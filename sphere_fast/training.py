@@ -813,7 +813,7 @@ def _check_same_start(world_size: int, step: int, last: Path | None, data: str, 
         )
 
 
-def run_environment(device: torch.device, world_size: int) -> dict[str, Any]:
+def _run_environment(device: torch.device, world_size: int) -> dict[str, Any]:
     """What a run ran on and with, for its record: versions, device, processes, command line, start time (UTC) and
     the git commit of the sphere_fast checkout it runs from (None for an installed copy)."""
     return {
@@ -824,7 +824,7 @@ def run_environment(device: torch.device, world_size: int) -> dict[str, Any]:
         "python": platform.python_version(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
         "world_size": world_size,
-        "backend": active_backend(),
+        "backend_requested": active_backend(),  # "auto" mostly: each op's choice is logged (-v)
         "argv": list(sys.argv),
         "start_time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -847,7 +847,7 @@ def _prepare_run_folder(run: RunConfig, trainer: Trainer, last: Path | None, res
     (out / "run_config.json").write_text(json.dumps(config, indent=1))
     resumed_from = None if last is None else last.relative_to(out).as_posix()
     invocation = {"start_step": trainer.step, "resumed_from": resumed_from,
-                  "environment": run_environment(trainer.device, trainer.dist.world_size), "run": config}
+                  "environment": _run_environment(trainer.device, trainer.dist.world_size), "run": config}
     history = history_path.read_text() if resume and history_path.exists() else ""
     replace_text(history_path, history + json.dumps(invocation) + "\n")  # whole: a killed run tears no line
     replace_text(log_path, "".join(line + "\n" for line in kept))
@@ -882,12 +882,13 @@ def fit(
     on_log: Callable[[dict[str, Any]], None] | None = None,
 ) -> Trainer:
     """Train ``run`` to ``run.train.total_steps``, resuming from ``out/checkpoints`` when present;
-    losses go to ``out/losses.jsonl`` (one line per step, ``log_line``'s) and checkpoints to ``out/checkpoints``;
+    losses go to ``out/losses.jsonl`` (one line per step, ``_log_line``'s) and checkpoints to ``out/checkpoints``;
     the config to ``out/run_config.json`` and a line per call (start, environment, config) to ``out/runs.jsonl``.
     ``resume=False`` starts afresh: the checkpoints, losses and runs.jsonl of an earlier run in ``out`` are deleted.
     One run at a time writes to ``out``: another one there raises RuntimeError before its first write.
     ``progress`` shows a bar on a terminal (or a notebook) and, elsewhere (CI, nohup, SLURM), a line at most every
-    30 s. ``on_log`` is called on rank 0 with each line's dict as it is written (``wandb.log``, say)."""
+    30 s. ``on_log`` is called on rank 0 with a copy of each line's dict as it is written (``wandb.log``, say); an
+    error it raises ends rank 0's run, and the other processes then wait in their next collective until it times out."""
     info = init_distributed()
     _check_process_batch(run.train, info.world_size)
     run, trainer, loader, last = _start(run, info, resume)
@@ -909,7 +910,8 @@ def _start(run: RunConfig, info: DistInfo, resume: bool) -> tuple[RunConfig, Tra
     torch.manual_seed(cfg.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
     model = SphereEncoder(**run.model)
     dataset = open_dataset(run.data, model.input_size, synthetic_fallback=run.synthetic_fallback)
-    if run.data == "fashion-mnist" and isinstance(dataset, SyntheticShapes):
+    fell_back = run.data == "fashion-mnist" and isinstance(dataset, SyntheticShapes)
+    if fell_back:
         # the records (run_config.json, checkpoints) name the data read: a resume that finds Fashion-MNIST then
         # warns that the data changes, and the CLI's resume keeps the synthetic shapes
         run = dataclasses.replace(run, data="synthetic")
@@ -920,7 +922,10 @@ def _start(run: RunConfig, info: DistInfo, resume: bool) -> tuple[RunConfig, Tra
     if last is not None:
         _, saved = load_checkpoint(last, trainer=trainer)
         saved_data = (saved["run"] or {}).get("data", run.data)
-        if saved_data != run.data and info.rank == 0:
+        # a run folder of an older sphere_fast (no runs.jsonl) recorded the data asked for, not a fallback's: its
+        # "fashion-mnist" may well have been synthetic shapes too (the fallback has warned already)
+        unknown = fell_back and saved_data == "fashion-mnist" and not (Path(run.out) / "runs.jsonl").exists()
+        if saved_data != run.data and not unknown and info.rank == 0:
             warn(f"resuming on other data than the checkpoint's: {saved_data!r} -> {run.data!r}")
     else:
         torch.manual_seed(process_seed(cfg.seed, info.rank))  # per-process noise, flips and label dropout
@@ -934,7 +939,7 @@ def _start(run: RunConfig, info: DistInfo, resume: bool) -> tuple[RunConfig, Tra
     return run, trainer, loader, last
 
 
-def log_line(step: int, losses: Mapping[str, float]) -> dict[str, Any]:
+def _log_line(step: int, losses: Mapping[str, float]) -> dict[str, Any]:
     """The ``losses.jsonl`` line of update ``step`` (0-based: checkpoint ``step-N`` holds the weights after updates
     0 to N-1): ``time``, when its values reached the host (Unix seconds), the losses, ``grad_norm`` (before
     clipping) and ``lr`` (the decoder's), non-finite values as null (JSON has no NaN: strict parsers refused the
@@ -1004,13 +1009,13 @@ def _train_to_the_end(
                 step, queued = unread.pop(0)
                 if log is not None:
                     losses = queued.read()
-                    line = log_line(step, losses)
+                    line = _log_line(step, losses)
                     if line["skipped"]:
                         logger.warning("sphere_fast: step %d's gradients are not finite (loss %s): its update was "
                                        "skipped", step, losses["loss"])
                     log.write(json.dumps(line, allow_nan=False) + "\n")
                     if on_log is not None:
-                        on_log(line)
+                        on_log(dict(line))  # the caller's copy: wandb's d.pop("step"), say, leaves fit's alone
                     if lines is not None:
                         lines.update(line)
                     if (step + 1) % run.log_every == 0:

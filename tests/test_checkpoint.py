@@ -26,11 +26,11 @@ from sphere_fast.checkpoint import (
     official_to_checkpoint,
     read_official,
     save_checkpoint,
-    sha256_file,
     verify_checkpoint,
 )
 from sphere_fast.training import DistInfo, RunConfig, TrainConfig, Trainer, fit, process_seed
 from tests import spec_reference
+from tests.files import rehash
 from tests.tiny import NO_PERCEPTUAL, TINY_CONFIG, tiny_batch, tiny_model
 
 
@@ -139,13 +139,6 @@ def test_process_killed_during_save_leaves_previous_checkpoint_loadable(tmp_path
     # the next save sweeps the debris
     save_checkpoint(tmp_path / "ck", trainer.model, trainer=trainer, name="again")
     assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "ck").iterdir())
-
-
-def rehash(path: Path) -> None:
-    """The manifest's hashes after a test edited the checkpoint's files, as a save of that content writes them."""
-    manifest = json.loads((path / "manifest.json").read_text())
-    manifest["files"] = {name: sha256_file(path / name) for name in manifest["files"]}
-    (path / "manifest.json").write_text(json.dumps(manifest))
 
 
 def test_saves_beyond_keep_are_pruned_but_never_the_current_one(tmp_path):

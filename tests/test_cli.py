@@ -26,7 +26,7 @@ from sphere_fast.cli import (
     plot_losses,
     save_grid,
 )
-from tests.test_training import write_fashion_mnist
+from tests.files import write_fashion_mnist
 from tests.tiny import TINY_CONFIG, tiny_model
 
 COMMANDS = ["train", "sample", "sample-set", "reconstruct", "interpolate", "crossover", "manipulate", "convert", "bench"]
@@ -62,7 +62,8 @@ def test_every_option_passes_through_torchrun_to_the_command(command, capsys):
 
 def test_verbose_shows_the_library_s_log_for_the_command_only(tmp_path, capfd, monkeypatch):
     """The library's INFO records (each op's backend, once a process; a run's start and checkpoints) showed in no
-    command: the CLI configured no logging. With -v they go to stderr for the command's length; without it only warnings show."""
+    command: the CLI configured no logging. With -v they go to stderr for the command's length; without it only
+    warnings show."""
     monkeypatch.setattr(logging.getLogger(), "handlers", [])  # the CLI's process: no logging configured
     logger = logging.getLogger("sphere_fast")
     before = (list(logger.handlers), logger.level)

@@ -28,6 +28,7 @@ from sphere_fast.data import (
     to_pixels,
 )
 from sphere_fast._random import derive_seed
+from tests.files import write_idx
 
 
 def write_image(path, w, h, colour):
@@ -329,8 +330,8 @@ def test_a_16_bit_image_is_clipped_as_the_official_loader_does_with_one_warning(
         warnings.simplefilter("always")
         images = [ds[i][0] for i in range(3)] + [ds[1][0]]
     assert [str(w.message) for w in caught] == [
-        f"{tmp_path / 'a.png'} has mode I;16: its values are clipped at 255 as 8-bit ones (as the official loader "
-        "does), so most of a 16-bit image turns white; convert the data set to 8 bits"]
+        f"{tmp_path / 'a.png'} has mode I;16: its values are clipped to [0, 255] as 8-bit ones (as the official "
+        "loader does): most of a 16-bit image turns white, a float one in [0, 1] black; convert the data set to 8 bits"]
     assert all((x == 255).all() for x in images[1:])
 
 
@@ -359,13 +360,6 @@ def test_fashion_mnist_from_debian_files():
     assert x.shape == (3, 32, 32) and 0 <= y < 10
     assert x.dtype == torch.uint8 and torch.all(x[:, :2] == 0)  # the 2-px border around the 28-px image is black
     assert x.max() > 191
-
-
-def write_idx(path, array: np.ndarray, type_code: int = 0x08) -> None:
-    """An IDX file as the Fashion-MNIST ones are laid out: 0, 0, type, ndim, big-endian int32 dims, data."""
-    header = bytes([0, 0, type_code, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as fh:
-        fh.write(header + array.astype(np.uint8).tobytes())
 
 
 def test_fashion_mnist_pads_to_centre_and_resizes_by_nearest(tmp_path):

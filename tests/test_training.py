@@ -20,10 +20,9 @@ import weakref
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from tests.test_data import write_idx
+from tests.files import rehash, write_fashion_mnist
 from tests.tiny import NO_PERCEPTUAL, TINY_CONFIG, no_label_dropout, tiny_batch, tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -409,10 +408,15 @@ def test_progress_lines_come_at_most_every_interval_and_at_the_end(monkeypatch, 
 
 
 def test_fit_hands_each_log_line_to_on_log(tmp_path):
+    """A copy: wandb's usual d.pop("step") took the step from the line fit's progress lines read next (a KeyError
+    off a terminal, CI's and SLURM's case)."""
     seen: list[dict] = []
-    fit(synthetic_run(tmp_path, 3), progress=False, on_log=seen.append)
-    assert seen == [json.loads(line) for line in (tmp_path / "losses.jsonl").read_text().splitlines()]
+    fit(synthetic_run(tmp_path / "a", 3), progress=False, on_log=seen.append)
+    assert seen == [json.loads(line) for line in (tmp_path / "a" / "losses.jsonl").read_text().splitlines()]
     assert [line["step"] for line in seen] == [0, 1, 2]
+    steps: list[int] = []
+    fit(synthetic_run(tmp_path / "b", 3), progress=True, on_log=lambda line: steps.append(line.pop("step")))
+    assert steps == [0, 1, 2]
 
 
 def test_fit_warns_of_a_skipped_step_and_logs_it_as_strict_json(tmp_path, monkeypatch, caplog):
@@ -742,13 +746,6 @@ def test_fit_without_resume_starts_afresh(tmp_path, monkeypatch):
     assert (checkpoints / "latest").read_text().strip() == "step-00000003"
 
 
-def write_fashion_mnist(root: Path, n: int = 12) -> None:
-    """A small Fashion-MNIST install (train split only): n random 28 px images, labels 0..9 in turn."""
-    root.mkdir(parents=True, exist_ok=True)
-    write_idx(root / "train-images-idx3-ubyte.gz", np.random.default_rng(0).integers(0, 256, (n, 28, 28)))
-    write_idx(root / "train-labels-idx1-ubyte.gz", np.arange(n) % 10)
-
-
 def test_a_run_that_fell_back_to_synthetic_data_records_it_and_a_resume_warns_when_the_data_changes(
     tmp_path, monkeypatch
 ):
@@ -781,6 +778,27 @@ def test_a_run_that_fell_back_to_synthetic_data_records_it_and_a_resume_warns_wh
     assert history == ["synthetic", "synthetic", "fashion-mnist"]
 
 
+def test_resuming_an_older_run_that_fell_back_does_not_claim_the_data_changed(tmp_path, monkeypatch):
+    """A run folder of an older sphere_fast (no runs.jsonl) recorded "fashion-mnist" where it fell back to synthetic
+    shapes: a resume that falls back again did not change the data, and does not say it did (the fallback warns)."""
+    from sphere_fast import data
+
+    monkeypatch.setattr(data, "FASHION_MNIST_DIR", tmp_path / "missing")
+    run = dataclasses.replace(synthetic_run(tmp_path, 2), data="fashion-mnist", checkpoint_every=2)
+    with pytest.warns(UserWarning, match="falling back"):
+        fit(run, progress=False)
+    checkpoint = tmp_path / "checkpoints" / "step-00000002"
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["run"]["data"] = "fashion-mnist"  # as the older version recorded it
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    rehash(checkpoint)
+    (tmp_path / "runs.jsonl").unlink()
+    with pytest.warns(UserWarning) as warned:
+        fit(dataclasses.replace(run, train=dataclasses.replace(run.train, total_steps=3)), progress=False)
+    messages = [str(w.message) for w in warned]
+    assert any("falling back" in m for m in messages) and not any("other data" in m for m in messages)
+
+
 def test_runs_jsonl_keeps_a_line_per_call_with_its_start_and_environment(tmp_path):
     """Each fit appends its start step, the checkpoint it resumed from, its environment and its config to
     runs.jsonl (run_config.json, overwritten, holds the latest config only, readable as a RunConfig); a fit
@@ -799,7 +817,7 @@ def test_runs_jsonl_keeps_a_line_per_call_with_its_start_and_environment(tmp_pat
     assert env["sphere_fast"] == sphere_fast.__version__ and env["torch"] == torch.__version__
     assert env["cuda"] == torch.version.cuda and env["python"] == platform.python_version()
     assert env["device"] == device and env["world_size"] == 1 and env["argv"] == sys.argv
-    assert env["backend"] == sphere_fast.active_backend()
+    assert env["backend_requested"] == sphere_fast.active_backend()
     started = [datetime.fromisoformat(c["environment"]["start_time"]) for c in calls]
     assert all(t.tzinfo == timezone.utc for t in started) and started[0] <= started[1]
     root = Path(sphere_fast.__file__).resolve().parents[1]
