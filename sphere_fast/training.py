@@ -882,8 +882,9 @@ def fit(
     on_log: Callable[[dict[str, Any]], None] | None = None,
 ) -> Trainer:
     """Train ``run`` to ``run.train.total_steps``, resuming from ``out/checkpoints`` when present;
-    losses go to ``out/losses.jsonl`` (one line per step, ``_log_line``'s) and checkpoints to ``out/checkpoints``;
-    the config to ``out/run_config.json`` and a line per call (start, environment, config) to ``out/runs.jsonl``.
+    losses go to ``out/losses.jsonl`` (a line per step; the README lists its fields), checkpoints to
+    ``out/checkpoints``, the config to ``out/run_config.json`` and a line per call (start, environment, config) to
+    ``out/runs.jsonl``.
     ``resume=False`` starts afresh: the checkpoints, losses and runs.jsonl of an earlier run in ``out`` are deleted.
     One run at a time writes to ``out``: another one there raises RuntimeError before its first write.
     ``progress`` shows a bar on a terminal (or a notebook) and, elsewhere (CI, nohup, SLURM), a line at most every
