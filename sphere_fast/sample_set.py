@@ -87,15 +87,15 @@ def _check_or_write_options(folder: Path, options: dict, rank: int) -> None:
     images but no options file is refused: its images are not this set's, and a rerun would keep them as its own."""
     path = folder / OPTIONS_FILE
     options = json.loads(json.dumps(options))  # as JSON keeps them: tuples become lists
-    # no process of this job writes an image before every one has made this check (write_sample_set's barrier)
-    image = next((p.name for p in folder.iterdir() if IMAGE_NAME.fullmatch(p.name)), None)
     if path.exists():
         saved = json.loads(path.read_text())
         changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in options.items() if k in saved and saved[k] != v]
         if changed:
             raise ValueError(f"{folder} holds a sample set made with other options ({', '.join(changed)}): "
                              "finish it with those, or write to another folder")
-    elif image is not None:
+    # listed only without the options file (a set's folder holds up to 50k images); no process of this job writes
+    # an image before every one has made this check (write_sample_set's barrier)
+    elif (image := next((p.name for p in folder.iterdir() if IMAGE_NAME.fullmatch(p.name)), None)) is not None:
         raise ValueError(f"{folder} holds images ({image}) but no {OPTIONS_FILE}: not a set this command started "
                          "(its images would be kept as the set's); write to an empty folder")
     elif rank == 0:
